@@ -1,0 +1,138 @@
+// The Llama block's element-wise and attention ops on the CPU, fp32: the readable reference
+// that every other backend is checked against. Shapes are in the comments: T tokens, H hidden.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public enum CPUOps {
+    // MARK: - RMSNorm
+
+    /// y[t,:] = x[t,:] / sqrt(mean(x[t,:]²) + eps) * weight.   x, y: [T, H]; weight: [H]
+    public static func rmsNorm(_ x: UnsafePointer<Float>, weight: UnsafePointer<Float>, eps: Float,
+                               rows: Int, width: Int, into y: UnsafeMutablePointer<Float>) {
+        for t in 0..<rows {
+            let row = x + t * width
+            let out = y + t * width
+            let meanSquare = CPUMatmul.dot(row, row, width) / Float(width)
+            let inverse = 1 / (meanSquare + eps).squareRoot()
+            for i in 0..<width { out[i] = row[i] * inverse * weight[i] }
+        }
+    }
+
+    // MARK: - Rotary embeddings
+
+    /// Rotates pairs (i, i + D/2) of each head by angle position · invFreq[i], HF's `rotate_half` layout.
+    /// x: [T, heads, D], in place; positions: [T].
+    public static func applyRope(_ x: UnsafeMutablePointer<Float>, positions: UnsafePointer<Int32>, rows: Int, heads: Int,
+                                 headDim: Int, table: RopeTable) {
+        let half = headDim / 2
+        table.withValues { cosTable, sinTable in
+        for t in 0..<rows {
+            let cos = cosTable + Int(positions[t]) * headDim
+            let sin = sinTable + Int(positions[t]) * headDim
+            for h in 0..<heads {
+                let v = x + (t * heads + h) * headDim
+                for i in 0..<half {
+                    let a = v[i], b = v[i + half]
+                    v[i] = a * cos[i] - b * sin[i]
+                    v[i + half] = b * cos[i + half] + a * sin[i + half]
+                }
+            }
+        }
+        }
+    }
+
+    // MARK: - SwiGLU
+
+    /// out = silu(gate) * up, silu(g) = g / (1 + e^-g).   All [T, I].
+    public static func swiglu(gate: UnsafePointer<Float>, up: UnsafePointer<Float>, count: Int, into out: UnsafeMutablePointer<Float>) {
+        for i in 0..<count {
+            let g = gate[i]
+            out[i] = g / (1 + expf(-g)) * up[i]
+        }
+    }
+
+    // MARK: - Attention
+
+    /// Causal grouped-query attention of T new queries against a cache of keys and values.
+    ///   q: [T, heads, D]; keys, values: [S, kvHeads, D] (S ≥ positions seen so far); out: [T, heads, D]
+    /// Query t attends to cache rows `visible(t)`: for plain decoding 0...start+t; for packed
+    /// sequences only the rows of its own example.
+    public static func attention(q: UnsafePointer<Float>, keys: UnsafePointer<Float>, values: UnsafePointer<Float>,
+                                 rows: Int, heads: Int, kvHeads: Int, headDim: Int,
+                                 visible: (Int) -> Range<Int>, into out: UnsafeMutablePointer<Float>) {
+        let group = heads / kvHeads
+        let scale = 1 / Float(headDim).squareRoot()
+        let kvStride = kvHeads * headDim
+        CPUParallelism.forEach(heads, work: rows * heads * headDim * (visible(rows - 1).upperBound)) { h in
+            let g = h / group
+            var scores = [Float](repeating: 0, count: visible(rows - 1).upperBound)
+            for t in 0..<rows {
+                let range = visible(t)
+                let query = q + (t * heads + h) * headDim
+                var maximum = -Float.infinity
+                for s in range {
+                    let score = CPUMatmul.dot(query, keys + s * kvStride + g * headDim, headDim) * scale
+                    scores[s] = score
+                    maximum = max(maximum, score)
+                }
+                var total: Float = 0
+                for s in range {
+                    let e = expf(scores[s] - maximum)
+                    scores[s] = e
+                    total += e
+                }
+                let o = out + (t * heads + h) * headDim
+                for i in 0..<headDim { o[i] = 0 }
+                let inverse = 1 / total
+                for s in range {
+                    let w = scores[s] * inverse
+                    let v = values + s * kvStride + g * headDim
+                    for i in 0..<headDim { o[i] += w * v[i] }
+                }
+            }
+        }
+    }
+}
+
+/// cos/sin of position · inverse frequency, precomputed per position, duplicated over both halves.
+public final class RopeTable: @unchecked Sendable {
+    public let headDim: Int
+    public private(set) var positions: Int
+    private var cosValues: [Float] = []
+    private var sinValues: [Float] = []
+    private let inverseFrequencies: [Double]
+
+    public init(config: LlamaConfig, positions: Int = 256) {
+        headDim = config.headDim
+        inverseFrequencies = config.ropeInverseFrequencies()
+        self.positions = 0
+        grow(to: positions)
+    }
+
+    /// Extends the table so positions < `count` are available.
+    public func grow(to count: Int) {
+        guard count > positions else { return }
+        let half = headDim / 2
+        cosValues.reserveCapacity(count * headDim)
+        for p in positions..<count {
+            // transformers computes the angle in fp32: inv_freq (fp32) times the position (fp32).
+            var angles = [Float](repeating: 0, count: headDim)
+            for i in 0..<half {
+                let angle = Float(inverseFrequencies[i]) * Float(p)
+                angles[i] = angle
+                angles[i + half] = angle
+            }
+            cosValues += angles.map { cosf($0) }
+            sinValues += angles.map { sinf($0) }
+        }
+        positions = count
+    }
+
+    /// The cos and sin tables, [positions, headDim] each.
+    @inline(__always)
+    func withValues<R>(_ body: (UnsafePointer<Float>, UnsafePointer<Float>) -> R) -> R {
+        cosValues.withUnsafeBufferPointer { c in sinValues.withUnsafeBufferPointer { s in body(c.baseAddress!, s.baseAddress!) } }
+    }
+}

@@ -1,0 +1,74 @@
+import XCTest
+@testable import QLoRA
+
+final class LlamaForwardTests: XCTestCase {
+    static func loadTinyLlama() throws -> LlamaModel {
+        let dir = TestFixtures.path("tiny-llama/base")
+        return try LlamaModel(config: try LlamaConfig(directory: dir), weights: try SafeTensorsCheckpoint(directory: dir))
+    }
+
+    static func expected() throws -> SafeTensorsFile {
+        try SafeTensorsFile(path: TestFixtures.path("tiny-llama/expected.safetensors"))
+    }
+
+    /// The fixture's input ids, one array per row.
+    static func inputRows() throws -> [[Int]] {
+        let file = try expected()
+        let ids = try file.floats("input_ids").map { Int($0) }
+        let shape = file.info("input_ids")!.shape
+        return (0..<shape[0]).map { Array(ids[($0 * shape[1])..<(($0 + 1) * shape[1])]) }
+    }
+
+    func testConfigOfTinyLlama() throws {
+        let config = try LlamaConfig(directory: TestFixtures.path("tiny-llama/base"))
+        XCTAssertEqual(config.hiddenSize, 128)
+        XCTAssertEqual(config.headCount, 4)
+        XCTAssertEqual(config.kvHeadCount, 2)
+        XCTAssertEqual(config.headDim, 32)
+        XCTAssertEqual(config.ropeTheta, 10000)
+        XCTAssertFalse(config.tieWordEmbeddings)
+    }
+
+    func testUnsupportedModelTypeIsAClearError() {
+        XCTAssertThrowsError(try LlamaConfig(json: try JSONValue.parse(#"{"model_type": "gpt2", "hidden_size": 8}"#), file: "x/config.json")) {
+            XCTAssertTrue("\($0)".contains("'gpt2' is not supported"), "\($0)")
+        }
+    }
+
+    func testLlama3RopeScalingFollowsTransformers() throws {
+        let json = try JSONValue.parse(#"""
+        {"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":1,"num_attention_heads":2,
+         "vocab_size":10,"rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,"low_freq_factor":1.0,
+         "high_freq_factor":4.0,"original_max_position_embeddings":8192}}
+        """#)
+        let inv = try LlamaConfig(json: json).ropeInverseFrequencies()
+        // High frequencies stay, the lowest are divided by the factor.
+        XCTAssertEqual(inv[0], 1, accuracy: 1e-12)
+        let plain = 1 / pow(500000.0, 30.0 / 32.0)
+        XCTAssertEqual(inv[15], plain / 8, accuracy: plain * 1e-9)
+    }
+
+    func testLogitsMatchTransformersOnBF16Base() throws {
+        let model = try Self.loadTinyLlama()
+        let expected = try Self.expected()
+        let reference = try expected.floats("logits_bf16base_fp32")
+        var ours: [Float] = []
+        for row in try Self.inputRows() {
+            ours += try model.forward(tokens: row, cache: KVCache(config: model.config, capacity: row.count))
+        }
+        let error = relativeError(ours, reference)
+        XCTAssertLessThan(error, 1e-4, "relative error \(error)")
+    }
+
+    func testIncrementalDecodingEqualsOneShotForward() throws {
+        let model = try Self.loadTinyLlama()
+        let row = try Self.inputRows()[0]
+        let full = try model.forward(tokens: row, cache: KVCache(config: model.config, capacity: row.count))
+        let cache = KVCache(config: model.config, capacity: row.count)
+        _ = try model.forward(tokens: Array(row.prefix(10)), cache: cache)
+        var last: [Float] = []
+        for id in row.dropFirst(10) { last = try model.forward(tokens: [id], cache: cache, lastOnly: true) }
+        let vocab = model.config.vocabularySize
+        XCTAssertLessThan(relativeError(last, Array(full.suffix(vocab))), 1e-5)
+    }
+}
