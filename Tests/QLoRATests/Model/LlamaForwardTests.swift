@@ -72,3 +72,49 @@ final class LlamaForwardTests: XCTestCase {
         XCTAssertLessThan(relativeError(last, Array(full.suffix(vocab))), 1e-5)
     }
 }
+
+final class PEFTAdapterTests: XCTestCase {
+    func testLogitsWithReferenceAdapterMatchTransformers() throws {
+        let model = try LlamaForwardTests.loadTinyLlama()
+        let config = try PEFTAdapter.load(directory: TestFixtures.path("tiny-llama/adapter"), into: model)
+        XCTAssertEqual(config.rank, 8)
+        XCTAssertEqual(model.linearLayers.filter { $0.lora != nil }.count, 14)
+        let reference = try LlamaForwardTests.expected().floats("logits_bf16base_lora")
+        var ours: [Float] = []
+        for row in try LlamaForwardTests.inputRows() {
+            ours += try model.forward(tokens: row, cache: KVCache(config: model.config, capacity: row.count))
+        }
+        let error = relativeError(ours, reference)
+        XCTAssertLessThan(error, 1e-4, "relative error \(error)")
+    }
+
+    func testSavedAdapterRoundTripsWithPEFTKeyNames() throws {
+        let model = try LlamaForwardTests.loadTinyLlama()
+        let config = try PEFTAdapter.load(directory: TestFixtures.path("tiny-llama/adapter"), into: model)
+        let dir = try TestFixtures.temporaryDirectory()
+        try PEFTAdapter.save(model: model, config: config, to: dir)
+        let saved = try SafeTensorsFile(path: dir + "/adapter_model.safetensors")
+        let reference = try SafeTensorsFile(path: TestFixtures.path("tiny-llama/adapter/adapter_model.safetensors"))
+        XCTAssertEqual(saved.names.sorted(), reference.names.sorted())
+        XCTAssertTrue(saved.names.contains("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"))
+        for t in reference.tensors {
+            XCTAssertEqual(saved.info(t.name)?.shape, t.shape)
+            XCTAssertEqual(try saved.floats(t.name), try reference.floats(t.name), t.name)
+        }
+        let reloaded = try LlamaForwardTests.loadTinyLlama()
+        XCTAssertEqual(try PEFTAdapter.load(directory: dir, into: reloaded), config)
+    }
+
+    func testAdapterThatDoesNotFitTheBaseIsAClearError() throws {
+        let dir = try TestFixtures.temporaryDirectory()
+        try FileManager.default.copyItem(atPath: TestFixtures.path("tiny-llama/adapter/adapter_config.json"), toPath: dir + "/adapter_config.json")
+        try SafeTensorsWriter.write([
+            TensorRecord(name: "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", floats: .init(repeating: 0, count: 8 * 64), shape: [8, 64]),
+        ], to: dir + "/adapter_model.safetensors")
+        let model = try LlamaForwardTests.loadTinyLlama()
+        XCTAssertThrowsError(try PEFTAdapter.load(directory: dir, into: model)) {
+            XCTAssertTrue("\($0)".contains("does not fit the base layer"), "\($0)")
+            XCTAssertTrue("\($0)".contains("q_proj.lora_A.weight"), "\($0)")
+        }
+    }
+}
