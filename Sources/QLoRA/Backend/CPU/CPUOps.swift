@@ -24,8 +24,10 @@ public enum CPUOps {
 
     /// Rotates pairs (i, i + D/2) of each head by angle position · invFreq[i], HF's `rotate_half` layout.
     /// x: [T, heads, D], in place; positions: [T].
+    /// With `inverse`, rotates by the opposite angle: the backward of the rotation.
     public static func applyRope(_ x: UnsafeMutablePointer<Float>, positions: UnsafePointer<Int32>, rows: Int, heads: Int,
-                                 headDim: Int, table: RopeTable) {
+                                 headDim: Int, table: RopeTable, inverse: Bool = false) {
+        let direction: Float = inverse ? -1 : 1
         let half = headDim / 2
         table.withValues { cosTable, sinTable in
         for t in 0..<rows {
@@ -35,11 +37,28 @@ public enum CPUOps {
                 let v = x + (t * heads + h) * headDim
                 for i in 0..<half {
                     let a = v[i], b = v[i + half]
-                    v[i] = a * cos[i] - b * sin[i]
-                    v[i + half] = b * cos[i + half] + a * sin[i + half]
+                    v[i] = a * cos[i] - b * sin[i] * direction
+                    v[i + half] = b * cos[i + half] + a * sin[i + half] * direction
                 }
             }
         }
+        }
+    }
+
+    /// dx (+)= r·(dy⊙w) − x·r³·mean(dy⊙w⊙x), r = (mean(x²) + eps)^-½.   x, dy, dx: [T, H]
+    public static func rmsNormBackward(_ x: UnsafePointer<Float>, weight: UnsafePointer<Float>, eps: Float,
+                                       outputGradient dy: UnsafePointer<Float>, rows: Int, width: Int,
+                                       into dx: UnsafeMutablePointer<Float>, accumulate: Bool) {
+        for t in 0..<rows {
+            let row = x + t * width, g = dy + t * width, out = dx + t * width
+            let r = 1 / (CPUMatmul.dot(row, row, width) / Float(width) + eps).squareRoot()
+            var projection: Float = 0
+            for i in 0..<width { projection += g[i] * weight[i] * row[i] }
+            let correction = r * r * r * projection / Float(width)
+            for i in 0..<width {
+                let value = r * g[i] * weight[i] - row[i] * correction
+                out[i] = accumulate ? out[i] + value : value
+            }
         }
     }
 
@@ -50,6 +69,17 @@ public enum CPUOps {
         for i in 0..<count {
             let g = gate[i]
             out[i] = g / (1 + expf(-g)) * up[i]
+        }
+    }
+
+    /// du = da·silu(g); dg = da·u·σ(g)·(1 + g·(1 − σ(g))).
+    public static func swigluBackward(gate: UnsafePointer<Float>, up: UnsafePointer<Float>, outputGradient da: UnsafePointer<Float>,
+                                      count: Int, gateGradient dg: UnsafeMutablePointer<Float>, upGradient du: UnsafeMutablePointer<Float>) {
+        for i in 0..<count {
+            let g = gate[i]
+            let sigmoid = 1 / (1 + expf(-g))
+            du[i] = da[i] * g * sigmoid
+            dg[i] = da[i] * up[i] * sigmoid * (1 + g * (1 - sigmoid))
         }
     }
 
@@ -134,5 +164,60 @@ public final class RopeTable: @unchecked Sendable {
     @inline(__always)
     func withValues<R>(_ body: (UnsafePointer<Float>, UnsafePointer<Float>) -> R) -> R {
         cosValues.withUnsafeBufferPointer { c in sinValues.withUnsafeBufferPointer { s in body(c.baseAddress!, s.baseAddress!) } }
+    }
+}
+
+extension CPUOps {
+    /// The backward of `attention` for one sequence (the cache is the sequence itself, S = T):
+    /// recomputes P per query, then dV = Pᵀ·dO, dS = P⊙(dP − rowsum(dP⊙P)), dQ = dS·K·c, dK = dSᵀ·Q·c.
+    /// Gradients are written (not accumulated); key and value gradients sum over the heads of a group.
+    public static func attentionBackward(q: UnsafePointer<Float>, keys: UnsafePointer<Float>, values: UnsafePointer<Float>,
+                                         outputGradient dOut: UnsafePointer<Float>,
+                                         rows: Int, heads: Int, kvHeads: Int, headDim: Int, visible: (Int) -> Range<Int>,
+                                         queryGradient dq: UnsafeMutablePointer<Float>, keyGradient dk: UnsafeMutablePointer<Float>,
+                                         valueGradient dv: UnsafeMutablePointer<Float>) {
+        let group = heads / kvHeads
+        let scale = 1 / Float(headDim).squareRoot()
+        let kvStride = kvHeads * headDim
+        let qStride = heads * headDim
+        for i in 0..<(rows * kvStride) { dk[i] = 0; dv[i] = 0 }
+        // One task per KV head, so that no two threads write the same key/value gradient rows.
+        CPUParallelism.forEach(kvHeads, work: rows * rows * headDim * heads) { g in
+            var p = [Float](repeating: 0, count: rows)
+            var dp = [Float](repeating: 0, count: rows)
+            for h in (g * group)..<((g + 1) * group) {
+                for t in 0..<rows {
+                    let range = visible(t)
+                    let query = q + t * qStride + h * headDim
+                    let dO = dOut + t * qStride + h * headDim
+                    var maximum = -Float.infinity
+                    for s in range {
+                        p[s] = CPUMatmul.dot(query, keys + s * kvStride + g * headDim, headDim) * scale
+                        maximum = max(maximum, p[s])
+                    }
+                    var total: Float = 0
+                    for s in range { p[s] = expf(p[s] - maximum); total += p[s] }
+                    var rowSum: Float = 0
+                    for s in range {
+                        p[s] /= total
+                        dp[s] = CPUMatmul.dot(dO, values + s * kvStride + g * headDim, headDim)
+                        rowSum += dp[s] * p[s]
+                    }
+                    let dQuery = dq + t * qStride + h * headDim
+                    for i in 0..<headDim { dQuery[i] = 0 }
+                    for s in range {
+                        let dValue = dv + s * kvStride + g * headDim
+                        for i in 0..<headDim { dValue[i] += p[s] * dO[i] }
+                        let ds = p[s] * (dp[s] - rowSum) * scale
+                        let key = keys + s * kvStride + g * headDim
+                        let dKey = dk + s * kvStride + g * headDim
+                        for i in 0..<headDim {
+                            dQuery[i] += ds * key[i]
+                            dKey[i] += ds * query[i]
+                        }
+                    }
+                }
+            }
+        }
     }
 }

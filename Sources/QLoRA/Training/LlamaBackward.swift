@@ -1,0 +1,388 @@
+// Training forward and hand-written backward of the Llama decoder on the CPU, for LoRA.
+//
+// The base is frozen, so only two kinds of gradient flow: the gradient of the loss with respect
+// to each activation (to reach earlier layers), and the gradients of the LoRA matrices.
+//
+// Linear with LoRA, y = x·Wᵀ + s·(d(x)·Aᵀ)·Bᵀ, with d the dropout mask (d(x) = x·m/(1-p)) and z = d(x)·Aᵀ:
+//   dx = dy·W + d(s·(dy·B)·A)       dA = s·(dy·B)ᵀ·d(x)       dB = s·dyᵀ·z
+// RMSNorm, y = x·r·w with r = (mean(x²) + eps)^-½:
+//   dx = r·(dy⊙w) − x·r³·mean(dy⊙w⊙x)
+// SwiGLU, a = silu(g)·u with silu(g) = g·σ(g):
+//   du = da·silu(g)                 dg = da·u·σ(g)·(1 + g·(1 − σ(g)))
+// Attention per head, S = Q·Kᵀ·c (c = 1/√D, causal and example mask), P = softmax(S), O = P·V:
+//   dV = Pᵀ·dO    dP = dO·Vᵀ    dS = P⊙(dP − rowsum(dP⊙P))    dQ = dS·K·c    dK = dSᵀ·Q·c
+// RoPE is a rotation per pair, so its backward is the rotation by the opposite angle.
+// Cross-entropy over the shifted labels, mean over the counted tokens N:
+//   dlogits = (softmax(logits) − onehot(label)) / N, computed a chunk of rows at a time so the
+//   logits of the whole vocabulary never exist for all tokens at once.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The gradients of every LoRA matrix, keyed by module path.
+public final class LoRAGradients: @unchecked Sendable {
+    public private(set) var a: [String: Matrix] = [:]
+    public private(set) var b: [String: Matrix] = [:]
+
+    public init(model: LlamaModel) {
+        for layer in model.linearLayers {
+            guard let lora = layer.lora else { continue }
+            a[layer.name] = Matrix(rows: lora.a.rows, columns: lora.a.columns)
+            b[layer.name] = Matrix(rows: lora.b.rows, columns: lora.b.columns)
+        }
+    }
+
+    public func zero() {
+        for m in a.values { m.storage.update(repeating: 0) }
+        for m in b.values { m.storage.update(repeating: 0) }
+    }
+
+    /// (name, gradient) pairs in PEFT's key naming, sorted by name.
+    public var named: [(String, Matrix)] {
+        (a.map { ("base_model.model.\($0.key).lora_A.weight", $0.value) } + b.map { ("base_model.model.\($0.key).lora_B.weight", $0.value) })
+            .sorted { $0.0 < $1.0 }
+    }
+}
+
+/// How a training step runs.
+public struct TrainingStepOptions: Sendable {
+    /// Keep only each block's input and recompute the block in the backward pass.
+    public var gradientCheckpointing = true
+    /// Rows of logits computed at once by the chunked cross-entropy.
+    public var lossChunkRows = 64
+    /// Seed of this step's dropout masks (no dropout when every adapter's dropout is 0).
+    public var dropoutSeed: UInt64 = 0
+
+    public init(gradientCheckpointing: Bool = true, lossChunkRows: Int = 64, dropoutSeed: UInt64 = 0) {
+        self.gradientCheckpointing = gradientCheckpointing
+        self.lossChunkRows = lossChunkRows
+        self.dropoutSeed = dropoutSeed
+    }
+}
+
+/// The result of a forward + backward: the summed loss over `count` counted tokens.
+public struct LossSum: Sendable {
+    public var sum: Double
+    public var count: Int
+    public var mean: Double { count == 0 ? 0 : sum / Double(count) }
+}
+
+// MARK: - Activations of one block
+
+/// What the backward of one block needs from its forward. N tokens.
+final class BlockActivations {
+    let input: Matrix          // x [N, H]
+    let norm1: Matrix          // [N, H]
+    let q: Matrix              // after RoPE [N, qDim]
+    let k: Matrix              // after RoPE [N, kvDim]
+    let v: Matrix              // [N, kvDim]
+    let attended: Matrix       // attention output before o_proj [N, qDim]
+    let hidden: Matrix         // h = x + o_proj(attended) [N, H]
+    let norm2: Matrix          // [N, H]
+    let gate: Matrix           // [N, I]
+    let up: Matrix             // [N, I]
+    let activated: Matrix      // silu(gate)·up [N, I]
+    let output: Matrix         // y = h + down_proj(activated) [N, H]
+    /// LoRA intermediates per linear: the dropped-out input (nil without dropout) and z = d(x)·Aᵀ.
+    var loraInputs: [String: Matrix] = [:]
+    var loraHidden: [String: Matrix] = [:]
+    /// Each linear's dropout seed, drawn in a fixed order so that recomputation draws the same masks.
+    var dropoutSeeds: [String: UInt64] = [:]
+
+    init(config c: LlamaConfig, tokens n: Int, input: Matrix) {
+        self.input = input
+        norm1 = Matrix(rows: n, columns: c.hiddenSize)
+        q = Matrix(rows: n, columns: c.qDim)
+        k = Matrix(rows: n, columns: c.kvDim)
+        v = Matrix(rows: n, columns: c.kvDim)
+        attended = Matrix(rows: n, columns: c.qDim)
+        hidden = Matrix(rows: n, columns: c.hiddenSize)
+        norm2 = Matrix(rows: n, columns: c.hiddenSize)
+        gate = Matrix(rows: n, columns: c.intermediateSize)
+        up = Matrix(rows: n, columns: c.intermediateSize)
+        activated = Matrix(rows: n, columns: c.intermediateSize)
+        output = Matrix(rows: n, columns: c.hiddenSize)
+    }
+}
+
+extension LlamaModel {
+    /// Forward and backward over one micro-batch. Adds the LoRA gradients of
+    /// `lossSum / normalizer` into `gradients` (pass the counted tokens of all accumulated
+    /// micro-batches as `normalizer`, as transformers does) and returns the summed loss.
+    public func accumulateGradients(batch: TrainingBatch, into gradients: LoRAGradients, normalizer: Int,
+                                    options: TrainingStepOptions = TrainingStepOptions()) throws -> LossSum {
+        let c = config
+        let n = batch.tokenCount
+        let h = c.hiddenSize
+        for id in batch.tokens where id < 0 || Int(id) >= c.vocabularySize {
+            throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))")
+        }
+        rope.grow(to: Int(batch.positions.max() ?? 0) + 1)
+        var dropout = SeededGenerator(seed: options.dropoutSeed)
+
+        // Forward through the blocks, keeping what the backward needs.
+        var x = Matrix(rows: n, columns: h)
+        for (i, id) in batch.tokens.enumerated() { (x.pointer + i * h).update(from: embedding.pointer + Int(id) * h, count: h) }
+        var saved: [BlockActivations] = []
+        var inputs: [Matrix] = []
+        var dropoutSeeds: [UInt64] = []
+        for block in blocks {
+            let seed = dropout.next()
+            dropoutSeeds.append(seed)
+            let activations = blockForward(block, input: x, batch: batch, dropoutSeed: seed)
+            if options.gradientCheckpointing { inputs.append(x) } else { saved.append(activations) }
+            x = activations.output
+        }
+
+        // Head and loss, a chunk of rows at a time; dx receives the gradient of the final hidden state.
+        let dx = Matrix(rows: n, columns: h)
+        let loss = headLossAndGradient(finalHidden: x, batch: batch, normalizer: normalizer, chunkRows: options.lossChunkRows, into: dx)
+
+        // Backward through the blocks, last first.
+        var gradient = dx
+        for l in stride(from: blocks.count - 1, through: 0, by: -1) {
+            let activations = options.gradientCheckpointing
+                ? blockForward(blocks[l], input: inputs[l], batch: batch, dropoutSeed: dropoutSeeds[l])
+                : saved[l]
+            gradient = blockBackward(blocks[l], activations: activations, outputGradient: gradient, batch: batch, gradients: gradients)
+            if options.gradientCheckpointing { inputs.removeLast() } else { saved.removeLast() }
+        }
+        return loss
+    }
+
+    /// The mean loss over a batch without gradients (evaluation).
+    public func loss(batch: TrainingBatch) throws -> LossSum {
+        let c = config
+        let n = batch.tokenCount
+        rope.grow(to: Int(batch.positions.max() ?? 0) + 1)
+        var x = Matrix(rows: n, columns: c.hiddenSize)
+        for (i, id) in batch.tokens.enumerated() {
+            guard id >= 0 && Int(id) < c.vocabularySize else { throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))") }
+            (x.pointer + i * c.hiddenSize).update(from: embedding.pointer + Int(id) * c.hiddenSize, count: c.hiddenSize)
+        }
+        for block in blocks {
+            x = blockForward(block, input: x, batch: batch, dropoutSeed: nil).output
+        }
+        return headLossAndGradient(finalHidden: x, batch: batch, normalizer: 1, chunkRows: 64, into: nil)
+    }
+
+    // MARK: - Block forward
+
+    func blockForward(_ block: LlamaBlock, input: Matrix, batch: TrainingBatch, dropoutSeed: UInt64?) -> BlockActivations {
+        let c = config
+        let n = batch.tokenCount
+        let a = BlockActivations(config: c, tokens: n, input: input)
+        if let dropoutSeed {
+            var seeds = SeededGenerator(seed: dropoutSeed)
+            for layer in block.linears { a.dropoutSeeds[layer.name] = seeds.next() }
+        }
+        block.inputNorm.withUnsafeBufferPointer {
+            CPUOps.rmsNorm(input.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: n, width: c.hiddenSize, into: a.norm1.pointer)
+        }
+        linearForward(block.q, a.norm1, saving: a, into: a.q.pointer)
+        linearForward(block.k, a.norm1, saving: a, into: a.k.pointer)
+        linearForward(block.v, a.norm1, saving: a, into: a.v.pointer)
+        batch.positions.withUnsafeBufferPointer { p in
+            CPUOps.applyRope(a.q.pointer, positions: p.baseAddress!, rows: n, heads: c.headCount, headDim: c.headDim, table: rope)
+            CPUOps.applyRope(a.k.pointer, positions: p.baseAddress!, rows: n, heads: c.kvHeadCount, headDim: c.headDim, table: rope)
+        }
+        for r in 0..<batch.rows {
+            let offset = r * batch.length
+            CPUOps.attention(q: a.q.pointer + offset * c.qDim, keys: a.k.pointer + offset * c.kvDim, values: a.v.pointer + offset * c.kvDim,
+                             rows: batch.length, heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim,
+                             visible: { t in Int(batch.exampleStarts[offset + t])..<(t + 1) },
+                             into: a.attended.pointer + offset * c.qDim)
+        }
+        linearForward(block.o, a.attended, saving: a, into: a.hidden.pointer)
+        for i in 0..<(n * c.hiddenSize) { a.hidden.pointer[i] += input.pointer[i] }
+        block.postAttentionNorm.withUnsafeBufferPointer {
+            CPUOps.rmsNorm(a.hidden.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: n, width: c.hiddenSize, into: a.norm2.pointer)
+        }
+        linearForward(block.gate, a.norm2, saving: a, into: a.gate.pointer)
+        linearForward(block.up, a.norm2, saving: a, into: a.up.pointer)
+        CPUOps.swiglu(gate: a.gate.pointer, up: a.up.pointer, count: n * c.intermediateSize, into: a.activated.pointer)
+        linearForward(block.down, a.activated, saving: a, into: a.output.pointer)
+        for i in 0..<(n * c.hiddenSize) { a.output.pointer[i] += a.hidden.pointer[i] }
+        return a
+    }
+
+    /// y = x·Wᵀ (+ bias) + s·(d(x)·Aᵀ)·Bᵀ, saving the LoRA intermediates in `a`.
+    func linearForward(_ layer: Linear, _ x: Matrix, saving a: BlockActivations, into y: UnsafeMutablePointer<Float>) {
+        let n = x.rows
+        CPUMatmul.gemmNT(x.pointer, layer.weight.pointer, y, m: n, n: layer.outFeatures, k: layer.inFeatures)
+        if let bias = layer.bias {
+            for t in 0..<n { for o in 0..<layer.outFeatures { y[t * layer.outFeatures + o] += bias[o] } }
+        }
+        guard let lora = layer.lora else { return }
+        var loraInput = x
+        if lora.dropout > 0, let seed = a.dropoutSeeds[layer.name] {
+            let dropped = Matrix(rows: n, columns: layer.inFeatures)
+            var rng = SeededGenerator(seed: seed)
+            let keep = 1 - lora.dropout
+            for i in 0..<dropped.count { dropped.pointer[i] = rng.nextFloat() < keep ? x.pointer[i] / keep : 0 }
+            a.loraInputs[layer.name] = dropped
+            loraInput = dropped
+        }
+        let z = Matrix(rows: n, columns: lora.rank)
+        CPUMatmul.gemmNT(loraInput.pointer, lora.a.pointer, z.pointer, m: n, n: lora.rank, k: layer.inFeatures)
+        a.loraHidden[layer.name] = z
+        let scaled = Matrix(rows: n, columns: lora.rank)
+        for i in 0..<z.count { scaled.pointer[i] = z.pointer[i] * lora.scale }
+        CPUMatmul.gemmNT(scaled.pointer, lora.b.pointer, y, m: n, n: layer.outFeatures, k: lora.rank, accumulate: true)
+    }
+}
+
+// MARK: - Loss
+
+extension LlamaModel {
+    /// Final norm, head and cross-entropy, `chunkRows` tokens at a time. Writes d(loss/normalizer)/d(finalHidden)
+    /// into `dx` when given. Returns the summed loss and the number of counted tokens.
+    func headLossAndGradient(finalHidden x: Matrix, batch: TrainingBatch, normalizer: Int, chunkRows: Int, into dx: Matrix?) -> LossSum {
+        let c = config
+        let h = c.hiddenSize, vocab = c.vocabularySize
+        let n = batch.tokenCount
+        // target[i]: the label the logits of token i predict (the next label in the same row), or ignored.
+        var targets = [Int32](repeating: TrainingBatch.ignoreIndex, count: n)
+        for r in 0..<batch.rows { for t in 0..<(batch.length - 1) { targets[r * batch.length + t] = batch.labels[r * batch.length + t + 1] } }
+        let normed = Matrix(rows: n, columns: h)
+        finalNorm.withUnsafeBufferPointer { CPUOps.rmsNorm(x.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: n, width: h, into: normed.pointer) }
+        let scale = 1 / Float(max(normalizer, 1))
+        var total = 0.0
+        var counted = 0
+        let dNormed = Matrix(rows: n, columns: h)
+        let logits = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * vocab)
+        defer { logits.deallocate() }
+        var start = 0
+        while start < n {
+            let rows = min(chunkRows, n - start)
+            // Skip chunks in which nothing is counted: their gradient is zero.
+            if !(start..<(start + rows)).contains(where: { targets[$0] != TrainingBatch.ignoreIndex }) { start += rows; continue }
+            CPUMatmul.gemmNT(normed.pointer + start * h, head.pointer, logits, m: rows, n: vocab, k: h)
+            for r in 0..<rows {
+                let row = logits + r * vocab
+                let target = targets[start + r]
+                guard target != TrainingBatch.ignoreIndex else {
+                    for j in 0..<vocab { row[j] = 0 }
+                    continue
+                }
+                var maximum = -Float.infinity
+                for j in 0..<vocab { maximum = max(maximum, row[j]) }
+                var sum: Double = 0
+                for j in 0..<vocab { sum += Double(expf(row[j] - maximum)) }
+                let logSumExp = Double(maximum) + log(sum)
+                total += logSumExp - Double(row[Int(target)])
+                counted += 1
+                if dx != nil {
+                    // d loss / d logit_j = softmax_j − [j = target], scaled by 1/normalizer.
+                    let inverse = Float(1 / sum)
+                    for j in 0..<vocab { row[j] = expf(row[j] - maximum) * inverse * scale }
+                    row[Int(target)] -= scale
+                }
+            }
+            if dx != nil {
+                CPUMatmul.gemmNN(logits, head.pointer, dNormed.pointer + start * h, m: rows, n: h, k: vocab)
+            }
+            start += rows
+        }
+        if let dx {
+            finalNorm.withUnsafeBufferPointer {
+                CPUOps.rmsNormBackward(x.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, outputGradient: dNormed.pointer,
+                                       rows: n, width: h, into: dx.pointer, accumulate: false)
+            }
+        }
+        return LossSum(sum: total, count: counted)
+    }
+}
+
+// MARK: - Block backward
+
+extension LlamaModel {
+    /// Given dL/dy for the block output, accumulates the LoRA gradients and returns dL/dx for its input.
+    func blockBackward(_ block: LlamaBlock, activations a: BlockActivations, outputGradient dy: Matrix,
+                       batch: TrainingBatch, gradients: LoRAGradients) -> Matrix {
+        let c = config
+        let n = batch.tokenCount
+        let h = c.hiddenSize
+        // y = hidden + down(activated): the residual passes dy straight to hidden.
+        let dActivated = Matrix(rows: n, columns: c.intermediateSize)
+        linearBackward(block.down, input: a.activated, activations: a, outputGradient: dy, gradients: gradients, into: dActivated, accumulate: false)
+        let dGate = Matrix(rows: n, columns: c.intermediateSize)
+        let dUp = Matrix(rows: n, columns: c.intermediateSize)
+        CPUOps.swigluBackward(gate: a.gate.pointer, up: a.up.pointer, outputGradient: dActivated.pointer, count: n * c.intermediateSize,
+                              gateGradient: dGate.pointer, upGradient: dUp.pointer)
+        let dNorm2 = Matrix(rows: n, columns: h)
+        linearBackward(block.gate, input: a.norm2, activations: a, outputGradient: dGate, gradients: gradients, into: dNorm2, accumulate: false)
+        linearBackward(block.up, input: a.norm2, activations: a, outputGradient: dUp, gradients: gradients, into: dNorm2, accumulate: true)
+        let dHidden = Matrix(rows: n, columns: h)
+        dHidden.storage.update(fromContentsOf: dy.storage)
+        block.postAttentionNorm.withUnsafeBufferPointer {
+            CPUOps.rmsNormBackward(a.hidden.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, outputGradient: dNorm2.pointer,
+                                   rows: n, width: h, into: dHidden.pointer, accumulate: true)
+        }
+
+        // hidden = input + o(attended)
+        let dAttended = Matrix(rows: n, columns: c.qDim)
+        linearBackward(block.o, input: a.attended, activations: a, outputGradient: dHidden, gradients: gradients, into: dAttended, accumulate: false)
+        let dq = Matrix(rows: n, columns: c.qDim)
+        let dk = Matrix(rows: n, columns: c.kvDim)
+        let dv = Matrix(rows: n, columns: c.kvDim)
+        for r in 0..<batch.rows {
+            let offset = r * batch.length
+            CPUOps.attentionBackward(q: a.q.pointer + offset * c.qDim, keys: a.k.pointer + offset * c.kvDim, values: a.v.pointer + offset * c.kvDim,
+                                     outputGradient: dAttended.pointer + offset * c.qDim,
+                                     rows: batch.length, heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim,
+                                     visible: { t in Int(batch.exampleStarts[offset + t])..<(t + 1) },
+                                     queryGradient: dq.pointer + offset * c.qDim, keyGradient: dk.pointer + offset * c.kvDim,
+                                     valueGradient: dv.pointer + offset * c.kvDim)
+        }
+        batch.positions.withUnsafeBufferPointer { p in
+            CPUOps.applyRope(dq.pointer, positions: p.baseAddress!, rows: n, heads: c.headCount, headDim: c.headDim, table: rope, inverse: true)
+            CPUOps.applyRope(dk.pointer, positions: p.baseAddress!, rows: n, heads: c.kvHeadCount, headDim: c.headDim, table: rope, inverse: true)
+        }
+        let dNorm1 = Matrix(rows: n, columns: h)
+        linearBackward(block.q, input: a.norm1, activations: a, outputGradient: dq, gradients: gradients, into: dNorm1, accumulate: false)
+        linearBackward(block.k, input: a.norm1, activations: a, outputGradient: dk, gradients: gradients, into: dNorm1, accumulate: true)
+        linearBackward(block.v, input: a.norm1, activations: a, outputGradient: dv, gradients: gradients, into: dNorm1, accumulate: true)
+        let dx = dHidden  // the residual path; the norm's gradient is added on top
+        block.inputNorm.withUnsafeBufferPointer {
+            CPUOps.rmsNormBackward(a.input.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, outputGradient: dNorm1.pointer,
+                                   rows: n, width: h, into: dx.pointer, accumulate: true)
+        }
+        return dx
+    }
+
+    /// dx (+)= dy·W + d(s·(dy·B)·A); dA += s·(dy·B)ᵀ·d(x); dB += s·dyᵀ·z.
+    func linearBackward(_ layer: Linear, input x: Matrix, activations a: BlockActivations, outputGradient dy: Matrix,
+                        gradients: LoRAGradients, into dx: Matrix, accumulate: Bool) {
+        let n = x.rows
+        CPUMatmul.gemmNN(dy.pointer, layer.weight.pointer, dx.pointer, m: n, n: layer.inFeatures, k: layer.outFeatures, accumulate: accumulate)
+        guard let lora = layer.lora, let z = a.loraHidden[layer.name],
+              let dA = gradients.a[layer.name], let dB = gradients.b[layer.name] else { return }
+        let r = lora.rank
+        // dB += s·dyᵀ·z   [out, r]
+        let scaledZ = Matrix(rows: n, columns: r)
+        for i in 0..<scaledZ.count { scaledZ.pointer[i] = z.pointer[i] * lora.scale }
+        CPUMatmul.gemmTN(dy.pointer, scaledZ.pointer, dB.pointer, m: layer.outFeatures, n: r, k: n, accumulate: true)
+        // g = s·dy·B   [N, r]
+        let g = Matrix(rows: n, columns: r)
+        CPUMatmul.gemmNN(dy.pointer, lora.b.pointer, g.pointer, m: n, n: r, k: layer.outFeatures)
+        for i in 0..<g.count { g.pointer[i] *= lora.scale }
+        // dA += gᵀ·d(x)   [r, in]
+        let loraInput = a.loraInputs[layer.name] ?? x
+        CPUMatmul.gemmTN(g.pointer, loraInput.pointer, dA.pointer, m: r, n: layer.inFeatures, k: n, accumulate: true)
+        // dx += d(g·A): through the dropout mask when there is one.
+        if a.loraInputs[layer.name] != nil, let seed = a.dropoutSeeds[layer.name] {
+            let dxLoRA = Matrix(rows: n, columns: layer.inFeatures)
+            CPUMatmul.gemmNN(g.pointer, lora.a.pointer, dxLoRA.pointer, m: n, n: layer.inFeatures, k: r)
+            // The same mask as the forward: the same seed drawn in the same order.
+            var rng = SeededGenerator(seed: seed)
+            let keep = 1 - lora.dropout
+            for i in 0..<dxLoRA.count where rng.nextFloat() < keep {
+                dx.pointer[i] += dxLoRA.pointer[i] / keep
+            }
+        } else {
+            CPUMatmul.gemmNN(g.pointer, lora.a.pointer, dx.pointer, m: n, n: layer.inFeatures, k: r, accumulate: true)
+        }
+    }
+}
