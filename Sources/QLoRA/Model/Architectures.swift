@@ -1,0 +1,66 @@
+// The architectures benchmarks run with random weights: the shapes of real models, no checkpoint needed.
+
+public enum Architecture: String, CaseIterable, Sendable {
+    case smollm2_135m = "smollm2-135m"
+    case llama3_2_1b = "llama-3.2-1b"
+    case llama2_7b = "llama-2-7b"
+    case llama3_1_8b = "llama-3.1-8b"
+
+    /// config.json fields of the real model.
+    public var config: LlamaConfig {
+        let fields: [(String, JSONValue)]
+        switch self {
+        case .smollm2_135m:
+            fields = [("hidden_size", .int(576)), ("intermediate_size", .int(1536)), ("num_hidden_layers", .int(30)),
+                      ("num_attention_heads", .int(9)), ("num_key_value_heads", .int(3)), ("vocab_size", .int(49152)),
+                      ("rope_theta", .double(100000)), ("tie_word_embeddings", .bool(true)), ("rms_norm_eps", .double(1e-5)),
+                      ("max_position_embeddings", .int(8192))]
+        case .llama3_2_1b:
+            fields = [("hidden_size", .int(2048)), ("intermediate_size", .int(8192)), ("num_hidden_layers", .int(16)),
+                      ("num_attention_heads", .int(32)), ("num_key_value_heads", .int(8)), ("vocab_size", .int(128256)),
+                      ("tie_word_embeddings", .bool(true)), ("rms_norm_eps", .double(1e-5)), ("max_position_embeddings", .int(131072)),
+                      ("rope_parameters", .object(JSONObject([("rope_type", .string("llama3")), ("rope_theta", .double(500000)),
+                        ("factor", .double(32)), ("low_freq_factor", .double(1)), ("high_freq_factor", .double(4)),
+                        ("original_max_position_embeddings", .int(8192))])))]
+        case .llama2_7b:
+            fields = [("hidden_size", .int(4096)), ("intermediate_size", .int(11008)), ("num_hidden_layers", .int(32)),
+                      ("num_attention_heads", .int(32)), ("num_key_value_heads", .int(32)), ("vocab_size", .int(32000)),
+                      ("tie_word_embeddings", .bool(false)), ("rms_norm_eps", .double(1e-5)), ("max_position_embeddings", .int(4096))]
+        case .llama3_1_8b:
+            fields = [("hidden_size", .int(4096)), ("intermediate_size", .int(14336)), ("num_hidden_layers", .int(32)),
+                      ("num_attention_heads", .int(32)), ("num_key_value_heads", .int(8)), ("vocab_size", .int(128256)),
+                      ("tie_word_embeddings", .bool(false)), ("rms_norm_eps", .double(1e-5)), ("max_position_embeddings", .int(131072)),
+                      ("rope_parameters", .object(JSONObject([("rope_type", .string("llama3")), ("rope_theta", .double(500000)),
+                        ("factor", .double(8)), ("low_freq_factor", .double(1)), ("high_freq_factor", .double(4)),
+                        ("original_max_position_embeddings", .int(8192))])))]
+        }
+        // The fields are fixed above, so parsing them cannot fail.
+        return try! LlamaConfig(json: .object(JSONObject([("model_type", .string("llama"))] + fields)), file: "architecture \(rawValue)")
+    }
+}
+
+extension LlamaModel {
+    /// A model of `config`'s shape with random weights (normal-ish, std 0.02; norms 1), for benchmarks.
+    public static func random(config c: LlamaConfig, seed: UInt64 = 0) -> LlamaModel {
+        var rng = SeededGenerator(seed: seed)
+        func matrix(_ rows: Int, _ columns: Int) -> Matrix {
+            let m = Matrix(rows: rows, columns: columns)
+            // Sum of uniforms: cheap, roughly normal, std 0.02.
+            for i in 0..<m.count { m.pointer[i] = (rng.nextFloat() + rng.nextFloat() + rng.nextFloat() - 1.5) * 0.04 }
+            return m
+        }
+        func linear(_ name: String, _ out: Int, _ inFeatures: Int) -> Linear { Linear(name: name, weight: matrix(out, inFeatures)) }
+        let ones = [Float](repeating: 1, count: c.hiddenSize)
+        let blocks = (0..<c.layerCount).map { l -> LlamaBlock in
+            let p = "model.layers.\(l)."
+            return LlamaBlock(inputNorm: ones, postAttentionNorm: ones,
+                              q: linear(p + "self_attn.q_proj", c.qDim, c.hiddenSize), k: linear(p + "self_attn.k_proj", c.kvDim, c.hiddenSize),
+                              v: linear(p + "self_attn.v_proj", c.kvDim, c.hiddenSize), o: linear(p + "self_attn.o_proj", c.hiddenSize, c.qDim),
+                              gate: linear(p + "mlp.gate_proj", c.intermediateSize, c.hiddenSize), up: linear(p + "mlp.up_proj", c.intermediateSize, c.hiddenSize),
+                              down: linear(p + "mlp.down_proj", c.hiddenSize, c.intermediateSize))
+        }
+        let embedding = matrix(c.vocabularySize, c.hiddenSize)
+        return LlamaModel(config: c, embedding: embedding, blocks: blocks, finalNorm: ones,
+                          head: c.tieWordEmbeddings ? embedding : matrix(c.vocabularySize, c.hiddenSize))
+    }
+}
