@@ -1,0 +1,100 @@
+// bitsandbytes' 8-bit "dynamic" data type and its nearest-code search, as the 8-bit optimizers use them.
+//
+// The map (bitsandbytes.functional.create_dynamic_map, max_exponent_bits 7, total_bits 8): for each
+// exponent e = 0…6, the midpoints of an evenly spaced grid on [0.1, 1] (2^e + 1 points signed,
+// 2^(e+1) + 1 unsigned), scaled by 10^(e−6); negated copies for the signed map; plus 0 and 1; sorted.
+// 256 values, increasing, from −0.993 (signed) or 0 (unsigned) to 1; the signed map has 0 at index 127.
+// The grid is torch.linspace in float32 (first half fma(step, i, start), second half fma(−step, n−1−i, end)),
+// the midpoints (a + b) / 2 in float32, the scale a Double power of ten applied in float32.
+//
+// Quantizing (the optimizer kernel's quantize_2D): a 7-step binary search from index 127 that remembers
+// the last codes above and below, then the nearer of the final code and that neighbour by comparing with
+// their float midpoint. Out-of-range or NaN inputs land on index 0 or 254/255, as in the kernel.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A sorted table of 256 Float values an 8-bit code indexes.
+public struct DynamicQuantizationMap: Sendable, Equatable {
+    /// The 256 values, increasing.
+    public let values: [Float]
+    /// Whether the map covers [−1, 1] (true) or [0, 1].
+    public let signed: Bool
+
+    /// `create_dynamic_map(signed: true)`: the first-moment map of 8-bit Adam and of NF4 double quantization.
+    public static let signed = DynamicQuantizationMap(signed: true)
+    /// `create_dynamic_map(signed: false)`: the second-moment map of 8-bit Adam.
+    public static let unsigned = DynamicQuantizationMap(signed: false)
+
+    init(signed: Bool) {
+        let maxExponentBits = 7, nonSignBits = 7
+        var data: [Float] = []
+        for i in 0..<maxExponentBits {
+            let items = signed ? (1 << (i + nonSignBits - maxExponentBits)) + 1 : (1 << (i + nonSignBits - maxExponentBits + 1)) + 1
+            let grid = DynamicQuantizationMap.linspace(0.1, 1, items)
+            let scale = Float(pow(10.0, Double(-(maxExponentBits - 1) + i)))
+            for k in 0..<(items - 1) {
+                let mean = (grid[k] + grid[k + 1]) / 2
+                data.append(scale * mean)
+                if signed { data.append(-scale * mean) }
+            }
+        }
+        // additional_items = 2^(nonSignBits − maxExponentBits) − 1 = 0 for the 8-bit map.
+        data.append(0)
+        data.append(1)
+        while data.count < 256 { data.append(0) }
+        precondition(data.count == 256)
+        values = data.sorted()
+        self.signed = signed
+    }
+
+    /// torch.linspace(start, end, steps, dtype=float32) on the CPU. torch's kernel is compiled with
+    /// floating-point contraction, so `start + step·i` is one fused multiply-add (checked bit for bit
+    /// against torch 2.13 for every size the map uses).
+    static func linspace(_ start: Float, _ end: Float, _ steps: Int) -> [Float] {
+        let step = (end - start) / Float(steps - 1)
+        let halfway = steps / 2
+        return (0..<steps).map { i in
+            i < halfway ? start.addingProduct(step, Float(i)) : end.addingProduct(-step, Float(steps - i - 1))
+        }
+    }
+
+    /// The code of `x` (already divided by its block's absmax), found as the optimizer kernel does.
+    @inline(__always)
+    public func quantize(_ x: Float) -> UInt8 {
+        values.withUnsafeBufferPointer { DynamicQuantizationMap.quantize(x, $0.baseAddress!, signed: signed) }
+    }
+
+    /// bitsandbytes' quantize_2D: binary search over a 256-entry sorted `code`, then the nearer neighbour.
+    @inline(__always)
+    static func quantize(_ x: Float, _ code: UnsafePointer<Float>, signed: Bool) -> UInt8 {
+        var pivot = 127, upperPivot = 255, lowerPivot = 0
+        var lower: Float = signed ? -1 : 0
+        var upper: Float = 1
+        var val = code[127]
+        var i = 64
+        while i > 0 {
+            if x > val {
+                lowerPivot = pivot
+                lower = val
+                pivot += i
+            } else {
+                upperPivot = pivot
+                upper = val
+                pivot -= i
+            }
+            val = code[pivot]
+            i >>= 1
+        }
+        if x > val {
+            let midpoint = (upper + val) * 0.5
+            return UInt8(truncatingIfNeeded: x > midpoint ? upperPivot : pivot)
+        } else {
+            let midpoint = (lower + val) * 0.5
+            return UInt8(truncatingIfNeeded: x < midpoint ? lowerPivot : pivot)
+        }
+    }
+}
