@@ -71,6 +71,9 @@ struct TokenMatcher {
 /// Splits text around added tokens.
 struct AddedVocabulary {
     let tokens: [AddedToken]
+    /// The string each added token decodes from: its content, normalized when `normalized` is set
+    /// (tokenizers hands the decoder the normalized form, e.g. "▁foo▁bar" for "foo bar").
+    private(set) var decodeForms: [Int: [UInt8]] = [:]
     private var rawMatcher = TokenMatcher()
     private var normalizedMatcher = TokenMatcher()
 
@@ -79,9 +82,12 @@ struct AddedVocabulary {
         for (index, t) in tokens.enumerated() {
             if t.normalized {
                 let content = Array(t.content.utf8)
-                normalizedMatcher.insert(normalizer?.apply(content) ?? content, value: index)
+                let normalized = normalizer?.apply(content) ?? content
+                normalizedMatcher.insert(normalized, value: index)
+                decodeForms[t.id] = normalized
             } else {
                 rawMatcher.insert(Array(t.content.utf8), value: index)
+                decodeForms[t.id] = Array(t.content.utf8)
             }
         }
     }

@@ -24,7 +24,6 @@ public final class Tokenizer: @unchecked Sendable {
     let decoder: TokenDecoder?
     let postProcessor: PostProcessor?
     let addedVocabulary: AddedVocabulary
-    private let addedByID: [Int: AddedToken]
     private let addedByContent: [ByteString: Int]
 
     /// Special token strings from tokenizer_config.json (the model's `unk_token` when the config has none).
@@ -109,12 +108,8 @@ public final class Tokenizer: @unchecked Sendable {
             }
         }
         addedVocabulary = AddedVocabulary(tokens: added, normalizer: normalizer)
-        var byID: [Int: AddedToken] = [:], byContent: [ByteString: Int] = [:]
-        for t in added {
-            byID[t.id] = t
-            byContent[ByteString(t.content)] = t.id
-        }
-        addedByID = byID
+        var byContent: [ByteString: Int] = [:]
+        for t in added where byContent[ByteString(t.content)] == nil { byContent[ByteString(t.content)] = t.id }
         addedByContent = byContent
         vocabularySize = max(model.tokens.count, (added.map(\.id).max() ?? -1) + 1)
 
@@ -198,7 +193,7 @@ public final class Tokenizer: @unchecked Sendable {
     }
 
     private func tokenBytes(_ id: Int) -> [UInt8]? {
-        if let t = addedByID[id] { return Array(t.content.utf8) }
+        if let t = addedVocabulary.decodeForms[id] { return t }
         guard id >= 0, id < model.tokens.count else { return nil }
         return model.tokens[id]
     }
@@ -211,7 +206,8 @@ public final class Tokenizer: @unchecked Sendable {
         return addedByContent[key] ?? model.vocab[key]
     }
 
-    /// The token string of an id, or nil for an id that is not in the vocab.
+    /// The token string of an id, or nil for an id that is not in the vocab. An added token with
+    /// `normalized: true` gives its normalized form, as tokenizers' `id_to_token` does.
     public func token(forID id: Int) -> String? {
         tokenBytes(id).map { String(decoding: $0, as: UTF8.self) }
     }
