@@ -1,0 +1,166 @@
+import XCTest
+@testable import QLoRA
+
+/// One line of a goldens.jsonl file.
+struct TokenizerGolden {
+    var text: String
+    var ids: [Int]
+    var decoded: String?
+
+    /// Text lines ("text") and chat lines ("rendered") of a goldens file.
+    static func load(_ path: String) throws -> [TokenizerGolden] {
+        let content = try String(contentsOfFile: path, encoding: .utf8)
+        var out: [TokenizerGolden] = []
+        for line in content.split(separator: "\n") where !line.isEmpty {
+            let json = try JSONValue.parse(String(line))
+            let ids = try XCTUnwrap(json["ids"]?.array?.compactMap { $0.int })
+            if let text = json["text"]?.string {
+                out.append(TokenizerGolden(text: text, ids: ids, decoded: json["decoded"]?.string))
+            } else if let rendered = json["rendered"]?.string {
+                out.append(TokenizerGolden(text: rendered, ids: ids, decoded: nil))
+            }
+        }
+        return out
+    }
+}
+
+final class TokenizerTests: XCTestCase {
+    static let smol: Tokenizer? = try? Tokenizer(directory: TestFixtures.smolTokenizer)
+
+    func smolTokenizer() throws -> Tokenizer {
+        _ = try Tokenizer(directory: TestFixtures.smolTokenizer)  // surfaces the load error, if any
+        return try XCTUnwrap(Self.smol)
+    }
+
+    func testSmolGoldenTexts() throws {
+        let tokenizer = try smolTokenizer()
+        let goldens = try TokenizerGolden.load(TestFixtures.path("smollm2-tokenizer/goldens.jsonl"))
+        XCTAssertEqual(goldens.filter { $0.decoded != nil }.count, 16)
+        for g in goldens {
+            XCTAssertEqual(tokenizer.encode(g.text), g.ids, "encode \(g.text.debugDescription)")
+            if let decoded = g.decoded {
+                XCTAssertEqual(tokenizer.decode(g.ids), decoded, "decode \(g.ids)")
+            }
+        }
+    }
+
+    func testSmolSpecialTokens() throws {
+        let tokenizer = try smolTokenizer()
+        XCTAssertEqual(tokenizer.bosToken, "<|im_start|>")
+        XCTAssertEqual(tokenizer.eosToken, "<|im_end|>")
+        XCTAssertEqual(tokenizer.padToken, "<|im_end|>")
+        XCTAssertEqual(tokenizer.unkToken, "<|endoftext|>")
+        XCTAssertEqual(tokenizer.bosTokenID, 1)
+        XCTAssertEqual(tokenizer.eosTokenID, 2)
+        XCTAssertEqual(tokenizer.padTokenID, 2)
+        XCTAssertEqual(tokenizer.unkTokenID, 0)
+        XCTAssertEqual(tokenizer.vocabularySize, 49152)
+        XCTAssertEqual(tokenizer.specialTokenIDs, Set(0...16))
+        XCTAssertEqual(tokenizer.id(forToken: "<|im_end|>"), 2)
+        XCTAssertEqual(tokenizer.id(forToken: "Ġthe"), tokenizer.encode(" the").first)
+        XCTAssertEqual(tokenizer.token(forID: 1), "<|im_start|>")
+        XCTAssertEqual(tokenizer.token(forID: 216), "Ġ")
+        XCTAssertNil(tokenizer.token(forID: 49152))
+        XCTAssertNil(tokenizer.token(forID: -1))
+        XCTAssertNil(tokenizer.id(forToken: "no such token here"))
+        // The fixture's post-processor adds nothing, and the config has no add_bos_token.
+        XCTAssertEqual(tokenizer.encode("Hi", addSpecialTokens: true), tokenizer.encode("Hi"))
+        // Skipping special tokens when decoding.
+        XCTAssertEqual(tokenizer.decode([1, 4093, 198, 26843, 2, 198], skipSpecialTokens: true), "user\nHi\n")
+        // Unknown ids are left out.
+        XCTAssertEqual(tokenizer.decode([26843, 1_000_000, -5]), "Hi")
+    }
+
+    func testSmolStreamingDecoderMatchesDecode() throws {
+        let tokenizer = try smolTokenizer()
+        let goldens = try TokenizerGolden.load(TestFixtures.path("smollm2-tokenizer/goldens.jsonl"))
+        for g in goldens {
+            var stream = StreamingDecoder(tokenizer: tokenizer)
+            var pieces: [String] = []
+            for id in g.ids { pieces.append(stream.append(id)) }
+            pieces.append(stream.finish())
+            XCTAssertEqual(pieces.joined(), tokenizer.decode(g.ids), "stream \(g.text.debugDescription)")
+            // Never half a character: every piece is valid on its own (no U+FFFD made up by splitting).
+            for p in pieces { XCTAssertFalse(p.unicodeScalars.contains("\u{FFFD}"), "piece \(p.debugDescription)") }
+        }
+    }
+
+    func testStreamingDecoderHoldsBackIncompleteCharacters() throws {
+        let tokenizer = try smolTokenizer()
+        // "🤗" is 4 bytes; SmolLM2 encodes it as several byte-level tokens.
+        let ids = tokenizer.encode("🤗")
+        XCTAssertGreaterThan(ids.count, 1)
+        var stream = StreamingDecoder(tokenizer: tokenizer)
+        for id in ids.dropLast() { XCTAssertEqual(stream.append(id), "") }
+        XCTAssertEqual(stream.append(ids.last!), "🤗")
+        XCTAssertEqual(stream.finish(), "")
+        // An incomplete character at the end comes out as U+FFFD only at finish().
+        var cut = StreamingDecoder(tokenizer: tokenizer)
+        XCTAssertEqual(cut.append(ids[0]), "")
+        XCTAssertEqual(cut.finish(), "\u{FFFD}")
+    }
+
+    func testAddedTokenFlags() throws {
+        // A hand-made byte-level tokenizer: vocab of the bytes of "ab <x>", merges none.
+        func make(_ flags: String) throws -> Tokenizer {
+            let json = try JSONValue.parse("""
+            {"added_tokens": [{"id": 10, "content": "<x>", "special": true, \(flags)}],
+             "normalizer": null,
+             "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
+             "decoder": {"type": "ByteLevel"},
+             "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "Ġ": 2, "<": 3, "x": 4, ">": 5, "Ġa": 6},
+                       "merges": [["Ġ", "a"]]}}
+            """)
+            return try Tokenizer(json: json, config: nil, source: "inline")
+        }
+        let plain = try make("\"lstrip\": false, \"rstrip\": false, \"single_word\": false")
+        XCTAssertEqual(plain.encode("a <x> a"), [0, 2, 10, 6])
+        XCTAssertEqual(plain.encode("a<x>b"), [0, 10, 1])
+        let lstrip = try make("\"lstrip\": true")
+        XCTAssertEqual(lstrip.encode("a  <x> a"), [0, 10, 6])
+        let rstrip = try make("\"rstrip\": true")
+        XCTAssertEqual(rstrip.encode("a <x>  a"), [0, 2, 10, 0])
+        let single = try make("\"single_word\": true")
+        XCTAssertEqual(single.encode("a <x> a"), [0, 2, 10, 6])
+        XCTAssertEqual(single.encode("a<x>b"), [0, 3, 4, 5, 1])
+        XCTAssertEqual(single.decode([0, 10, 6]), "a<x> a")
+        XCTAssertEqual(single.decode([0, 10, 6], skipSpecialTokens: true), "a a")
+    }
+
+    func testBadTokenizerFilesGiveFileFormatErrors() throws {
+        func error(_ text: String) -> FileFormatError? {
+            do {
+                _ = try Tokenizer(json: try JSONValue.parse(text), config: nil, source: "bad/tokenizer.json")
+                return nil
+            } catch let e as FileFormatError {
+                return e
+            } catch {
+                XCTFail("unexpected error \(error)")
+                return nil
+            }
+        }
+        let missing = try XCTUnwrap(error(#"{"version": "1.0"}"#))
+        XCTAssertEqual(missing.file, "bad/tokenizer.json")
+        XCTAssertTrue(missing.message.contains("model"), missing.description)
+        let unigram = try XCTUnwrap(error(#"{"model": {"type": "Unigram", "vocab": []}}"#))
+        XCTAssertEqual(unigram.place, "model.type")
+        XCTAssertTrue(unigram.message.contains("Unigram"), unigram.description)
+        let badMerge = try XCTUnwrap(error(#"{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a", "z"]]}}"#))
+        XCTAssertEqual(badMerge.place, "model.merges[0]")
+        let badPre = try XCTUnwrap(error(#"{"model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": {"type": "Mystery"}}"#))
+        XCTAssertEqual(badPre.place, "pre_tokenizer")
+        XCTAssertTrue(badPre.message.contains("Mystery"))
+        let badVocab = try XCTUnwrap(error(#"{"model": {"type": "BPE", "vocab": {"a": "zero"}, "merges": []}}"#))
+        XCTAssertTrue(badVocab.place.hasPrefix("model.vocab"))
+
+        // A folder without tokenizer.json, and a file that is not JSON.
+        let dir = try TestFixtures.temporaryDirectory()
+        XCTAssertThrowsError(try Tokenizer(directory: dir)) { e in
+            XCTAssertTrue("\(e)".contains("tokenizer.json"), "\(e)")
+        }
+        try "{\"model\": ".write(toFile: dir + "/tokenizer.json", atomically: true, encoding: .utf8)
+        XCTAssertThrowsError(try Tokenizer(directory: dir)) { e in
+            XCTAssertTrue(e is FileFormatError, "\(e)")
+        }
+    }
+}
