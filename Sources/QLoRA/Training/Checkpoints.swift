@@ -1,0 +1,116 @@
+// Training checkpoints: `checkpoint-N/` with the adapter (PEFT format), the optimizer state and
+// the trainer state. A checkpoint is written into `checkpoint-N.partial/` and renamed into place,
+// so a crash never leaves a half-written checkpoint that resume would pick up.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The trainer's own state: what resume needs beyond the adapter and the optimizer.
+struct TrainerState {
+    var step = 0
+    var bestEvalLoss: Double?
+    var bestStep: Int?
+    var evaluationsWithoutImprovement = 0
+    var history: [StepRecord] = []
+    var evalHistory: [(step: Int, loss: Double)] = []
+
+    func json() -> JSONValue {
+        .object(JSONObject([
+            ("global_step", .int(Int64(step))),
+            ("best_metric", bestEvalLoss.map { .double($0) } ?? .null),
+            ("best_step", bestStep.map { .int(Int64($0)) } ?? .null),
+            ("evaluations_without_improvement", .int(Int64(evaluationsWithoutImprovement))),
+            ("log_history", .array(history.map { r in .object(JSONObject([
+                ("step", .int(Int64(r.step))), ("loss", .double(r.loss)), ("learning_rate", .double(r.learningRate)),
+                ("grad_norm", .double(r.gradientNorm)), ("tokens", .int(Int64(r.tokens)))])) })),
+            ("eval_history", .array(evalHistory.map { .object(JSONObject([("step", .int(Int64($0.step))), ("eval_loss", .double($0.loss))])) })),
+        ]))
+    }
+
+    init() {}
+
+    init(json: JSONValue, file: String) throws {
+        guard let step = json["global_step"]?.int else { throw FileFormatError(file: file, place: "'global_step'", "missing") }
+        self.step = step
+        bestEvalLoss = json["best_metric"]?.double
+        bestStep = json["best_step"]?.int
+        evaluationsWithoutImprovement = json["evaluations_without_improvement"]?.int ?? 0
+        history = (json["log_history"]?.array ?? []).compactMap { r in
+            guard let s = r["step"]?.int, let l = r["loss"]?.double else { return nil }
+            return StepRecord(step: s, loss: l, learningRate: r["learning_rate"]?.double ?? 0, gradientNorm: r["grad_norm"]?.double ?? 0,
+                              tokens: r["tokens"]?.int ?? 0)
+        }
+        evalHistory = (json["eval_history"]?.array ?? []).compactMap { e in
+            guard let s = e["step"]?.int, let l = e["eval_loss"]?.double else { return nil }
+            return (s, l)
+        }
+    }
+}
+
+enum Checkpoints {
+    static let prefix = "checkpoint-"
+
+    /// Steps of the complete checkpoints in `directory`, ascending.
+    static func steps(in directory: String) throws -> [Int] {
+        guard FileSystem.isDirectory(directory) else { return [] }
+        return try FileSystem.listDirectory(directory).compactMap { name in
+            guard name.hasPrefix(prefix), let step = Int(name.dropFirst(prefix.count)),
+                  FileSystem.exists(directory + "/" + name + "/trainer_state.json") else { return nil }
+            return step
+        }.sorted()
+    }
+
+    static func latest(in directory: String) throws -> String? {
+        try steps(in: directory).last.map { directory + "/" + prefix + String($0) }
+    }
+
+    static func save(step: Int, state: TrainerState, model: LlamaModel, loraConfig: LoRAConfig, optimizer: Optimizer,
+                     in directory: String, keep: Int, protectStep: Int?) throws {
+        let final = directory + "/" + prefix + String(step)
+        let partial = final + ".partial"
+        removeTree(partial)
+        try PEFTAdapter.save(model: model, config: loraConfig, to: partial)
+        try SafeTensorsWriter.write(optimizer.state(), metadata: ["optimizer": optimizer.kind.rawValue], to: partial + "/optimizer.safetensors")
+        try FileSystem.writeAtomically(partial + "/trainer_state.json", text: state.json().serialized(.init(indent: 2)) + "\n")
+        removeTree(final)
+        guard rename(partial, final) == 0 else { throw UsageError("cannot rename \(partial) to \(final): \(String(cString: strerror(errno)))") }
+        // Rotate: keep the newest `keep` checkpoints, and always the best one.
+        if keep > 0 {
+            let all = try steps(in: directory)
+            for old in all.dropLast(keep) where old != protectStep { removeTree(directory + "/" + prefix + String(old)) }
+        }
+    }
+
+    static func restore(_ checkpoint: String, model: LlamaModel, optimizer: Optimizer) throws -> TrainerState {
+        let statePath = checkpoint + "/trainer_state.json"
+        let state = try TrainerState(json: try JSONValue.parse(bytes: try FileSystem.readFile(statePath)), file: statePath)
+        try loadAdapterWeights(from: checkpoint, into: model)
+        try optimizer.load(state: try SafeTensorsFile(path: checkpoint + "/optimizer.safetensors"))
+        return state
+    }
+
+    /// Copies saved LoRA weights into the adapters already attached to `model` (same shapes required).
+    static func loadAdapterWeights(from directory: String, into model: LlamaModel) throws {
+        let path = directory + "/adapter_model.safetensors"
+        let file = try SafeTensorsFile(path: path)
+        for layer in model.linearLayers {
+            guard let lora = layer.lora else { continue }
+            for (suffix, matrix) in [("lora_A.weight", lora.a), ("lora_B.weight", lora.b)] {
+                let name = PEFTAdapter.keyPrefix + layer.name + "." + suffix
+                guard let info = file.info(name) else { throw FileFormatError(file: path, place: "tensor '\(name)'", "missing") }
+                guard info.shape == [matrix.rows, matrix.columns] else {
+                    throw FileFormatError(file: path, place: "tensor '\(name)'", "shape \(info.shape), expected \([matrix.rows, matrix.columns]) (was the run configured differently?)")
+                }
+                _ = matrix.storage.update(fromContentsOf: try file.floats(name))
+            }
+        }
+    }
+
+    /// Removes a directory tree (checkpoints hold only files, one level deep).
+    static func removeTree(_ path: String) {
+        guard FileSystem.isDirectory(path) else { return }
+        for name in (try? FileSystem.listDirectory(path)) ?? [] { unlink(path + "/" + name) }
+        rmdir(path)
+    }
+}
