@@ -387,7 +387,7 @@ struct GGUFByteReader {
     mutating func count(place: String, what: String, minimumItemSize: Int) throws -> Int {
         let raw = try u64(place: place, what: what)
         guard let n = Int(exactly: raw), n <= remaining / max(minimumItemSize, 1) else {
-            throw FileFormatError(file: file, place: place, "\(what) \(raw) is impossible: the \(remaining) bytes left hold at most \(remaining / max(minimumItemSize, 1))")
+            throw FileFormatError(file: file, place: place, "\(what) \(raw) is impossible: the \(remaining) bytes left hold at most \(remaining / max(minimumItemSize, 1)); the file is truncated or corrupt")
         }
         return n
     }
