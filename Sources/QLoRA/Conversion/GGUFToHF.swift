@@ -32,23 +32,21 @@ import Glibc
 
 /// GGUF → Hugging Face folder conversion.
 public enum GGUFConverter {
-    /// Converts `ggufPath` into an HF folder at `directory` (created if needed). Files are written atomically;
-    /// `model.safetensors` last but one, `tokenizer.json` last.
+    /// Converts `ggufPath` into an HF folder at `directory` (created if needed). Everything is built and checked
+    /// before the first file is written; each file is written atomically.
     public static func convert(gguf ggufPath: String, to directory: String, log: (String) -> Void = { _ in }) throws {
         let file = try GGUFFile(path: ggufPath)
         let hyper = try LlamaHyperParameters(file)
-        try FileSystem.createDirectory(directory)
-
         let config = try configJSON(file, hyper)
-        try FileSystem.writeAtomically(directory + "/config.json", text: pythonJSON(config))
-        try FileSystem.writeAtomically(directory + "/generation_config.json", text: pythonJSON(generationConfigJSON(file)))
-
+        let tokenizer = try GGUFTokenizerExport(file)
         log("converting \(file.tensors.count) tensors to bf16")
         let records = try tensorRecords(file, hyper)
-        try SafeTensorsWriter.write(records, metadata: ["format": "pt"], to: directory + "/model.safetensors")
 
-        let tokenizer = try GGUFTokenizerExport(file)
+        try FileSystem.createDirectory(directory)
+        try FileSystem.writeAtomically(directory + "/config.json", text: pythonJSON(config))
+        try FileSystem.writeAtomically(directory + "/generation_config.json", text: pythonJSON(generationConfigJSON(file)))
         try tokenizer.write(to: directory)
+        try SafeTensorsWriter.write(records, metadata: ["format": "pt"], to: directory + "/model.safetensors")
         log("wrote \(directory)")
     }
 

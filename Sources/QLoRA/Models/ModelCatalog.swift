@@ -50,7 +50,8 @@ public enum ModelCatalog {
     }
 
     /// A model folder for `nameOrPath`: a known short name is fetched if needed (into `cache` or the default
-    /// root); anything else is returned unchanged as a path.
+    /// root); anything else, or a name that is also an existing path, is returned unchanged as a path.
+    /// Every command's `--model` goes through this, so `--model smollm2-135m` works everywhere.
     public static func resolve(_ nameOrPath: String, cache: String? = nil, log: (String) -> Void = { _ in }) throws -> String {
         guard entry(nameOrPath) != nil, !FileSystem.exists(nameOrPath) else { return nameOrPath }
         return try fetch(nameOrPath, cache: cache, log: log)
