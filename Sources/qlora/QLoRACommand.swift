@@ -7,6 +7,8 @@ struct QLoRACommand: AsyncParsableCommand {
         commandName: "qlora",
         abstract: "QLoRA fine-tuning of Llama-family models: 4-bit NF4 base, LoRA adapters, PEFT-compatible files.",
         subcommands: [
+            FetchCommand.self,
+            ConvertCommand.self,
             InspectCommand.self,
             TokenizeCommand.self,
             BenchCommand.self,
