@@ -8,6 +8,7 @@ struct QLoRACommand: AsyncParsableCommand {
         abstract: "QLoRA fine-tuning of Llama-family models: 4-bit NF4 base, LoRA adapters, PEFT-compatible files.",
         subcommands: [
             InspectCommand.self,
+            QuantizeCommand.self,
         ]
     )
 }
