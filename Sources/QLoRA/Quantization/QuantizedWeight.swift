@@ -93,7 +93,9 @@ public struct QuantizedWeight: Sendable, Equatable {
         try values.withUnsafeBufferPointer { try quantize($0, shape: shape, type: type, blocksize: blocksize, doubleQuant: doubleQuant, dtype: dtype) }
     }
 
-    /// All elements in fp32 (bitsandbytes' `dequantize_4bit` with an fp32 output).
+    /// All elements, as bitsandbytes' `dequantize_4bit` returns them: codebook[code] * absmax in fp32,
+    /// rounded to the weight's dtype (`dtype`, the quant state's) when that is bf16 or f16, as the
+    /// CUDA kernel stores its fp32 product into a bf16/f16 output. Returned as Float either way.
     public func dequantize() -> [Float] {
         var out = [Float](repeating: 0, count: elementCount)
         out.withUnsafeMutableBufferPointer { dequantizeElements(first: 0, count: elementCount, into: $0) }
@@ -101,7 +103,7 @@ public struct QuantizedWeight: Sendable, Equatable {
     }
 
     /// Rows `rows` of the [out, in] matrix (over the first dimension) into `out`, which must hold
-    /// `rows.count * (elementCount / shape[0])` floats.
+    /// `rows.count * (elementCount / shape[0])` floats. Values as `dequantize()` gives them.
     public func dequantizeRows(_ rows: Range<Int>, into out: UnsafeMutableBufferPointer<Float>) {
         let rowCount = shape.first ?? 1
         precondition(rows.lowerBound >= 0 && rows.upperBound <= rowCount, "rows \(rows) out of 0..<\(rowCount)")
@@ -117,6 +119,12 @@ public struct QuantizedWeight: Sendable, Equatable {
             absmax.withUnsafeBufferPointer { a in
                 dequantize4Bit(packed: p, absmax: a, blocksize: blocksize, type: quantType, first: first, count: count, into: o)
             }
+        }
+        // The kernel writes its fp32 product into the output dtype (round to nearest even).
+        switch dtype {
+        case .bf16: for i in 0..<count { o[i] = roundToBF16(o[i]) }
+        case .f16: for i in 0..<count { o[i] = f16ToFloat(floatToF16(o[i])) }
+        default: break
         }
     }
 
