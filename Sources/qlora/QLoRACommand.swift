@@ -9,6 +9,7 @@ struct QLoRACommand: AsyncParsableCommand {
         subcommands: [
             InspectCommand.self,
             QuantizeCommand.self,
+            QuantizeBenchmarkCommand.self,
         ]
     )
 }

@@ -164,10 +164,7 @@ public func quantize4Bit(_ values: UnsafeBufferPointer<Float>, blocksize: Int, t
     var absmax = [Float](repeating: 0, count: blocks)
     packed.withUnsafeMutableBufferPointer { out in
         absmax.withUnsafeMutableBufferPointer { am in
-            switch type {
-            case .nf4: quantizeBlocks(values, blocksize: blocksize, packed: out, absmax: am, code: quantizeNF4)
-            case .fp4: quantizeBlocks(values, blocksize: blocksize, packed: out, absmax: am, code: quantizeFP4)
-            }
+            quantizeBlocks(values, blocksize: blocksize, type: type, packed: out, absmax: am)
         }
     }
     return Blockwise4Bit(packed: packed, absmax: absmax)
@@ -178,33 +175,86 @@ public func quantize4Bit(_ values: [Float], blocksize: Int, type: QuantType) -> 
     values.withUnsafeBufferPointer { quantize4Bit($0, blocksize: blocksize, type: type) }
 }
 
-/// The hot loop, specialized per code function (the tree is inlined).
+/// Sorted decision thresholds: the code's rank is the number of thresholds strictly below the value,
+/// which is what the kernels' trees compute (each tree is a binary search over these with `>`;
+/// NaN is below nothing, so it ranks 0 like in the trees).
+enum QuantizeThresholds {
+    /// NF4: rank = code.
+    static let nf4: [Float] = [t14, t12, t13, t8, t11, t9, t10, t0, t7, t5, t6, t1, t4, t2, t3]
+    /// FP4 on |x|: rank 0...7 → code bits (magnitudes 0, 0.0625, 2, 3, 4, 6, 8, 12 have codes 0, 1, 6, 7, 4, 5, 2, 3).
+    static let fp4: [Float] = [f6, f4, f5, f0, f3, f1, f2]
+    static let fp4RankToCode: [UInt8] = [0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011]
+}
+
+/// The hot loop. Eight elements at a time, branch-free: the absmax is a max-reduction, and each code is
+/// a count of thresholds below the scaled value (equal to the kernel's tree, checked in NF4Tests).
 @inline(__always)
 private func quantizeBlocks(
-    _ x: UnsafeBufferPointer<Float>, blocksize: Int,
-    packed: UnsafeMutableBufferPointer<UInt8>, absmax: UnsafeMutableBufferPointer<Float>,
-    code: (Float) -> UInt8
+    _ x: UnsafeBufferPointer<Float>, blocksize: Int, type: QuantType,
+    packed: UnsafeMutableBufferPointer<UInt8>, absmax: UnsafeMutableBufferPointer<Float>
 ) {
     let n = x.count
     guard let base = x.baseAddress, let out = packed.baseAddress else { return }
+    let thresholds = type == .nf4 ? QuantizeThresholds.nf4 : QuantizeThresholds.fp4
+    let t = thresholds.map { SIMD8<Float>(repeating: $0) }
+    let rankToCode = QuantizeThresholds.fp4RankToCode
+    let isNF4 = type == .nf4
+
     var start = 0
     var block = 0
     while start < n {
         let end = min(start + blocksize, n)
-        // absmax: fmaxf ignores NaN, as Float.maximum does.
-        var m: Float = 0
-        for i in start..<end { m = Float.maximum(m, abs(base[i])) }
+        // absmax: `a > m ? a : m` ignores NaN, as the kernel's fmaxf does.
+        var m8 = SIMD8<Float>(repeating: 0)
+        var i = start
+        while i + 8 <= end {
+            let a = SIMD8<Float>(UnsafeBufferPointer(start: base + i, count: 8))
+            let mag = a.replacing(with: -a, where: a .< SIMD8<Float>(repeating: 0))
+            m8.replace(with: mag, where: mag .> m8)
+            i += 8
+        }
+        var m = m8.max()
+        while i < end {
+            let a = abs(base[i])
+            if a > m { m = a }
+            i += 1
+        }
         absmax[block] = m
         let scale: Float = 1 / m
-        // Pairs inside the block (blocks start at even indices since blocksize is even).
-        var i = start
+        let scale8 = SIMD8<Float>(repeating: scale)
+
+        i = start
+        while i + 8 <= end {
+            var y = SIMD8<Float>(UnsafeBufferPointer(start: base + i, count: 8)) * scale8
+            var negative = SIMD8<Int32>(repeating: 0)
+            if !isNF4 {
+                let isNegative = y .< SIMD8<Float>(repeating: 0)
+                negative.replace(with: 0b1000, where: isNegative)
+                y.replace(with: -y, where: isNegative)
+            }
+            var rank = SIMD8<Int32>(repeating: 0)
+            for tk in t { rank &+= SIMD8<Int32>(repeating: 0).replacing(with: 1, where: y .> tk) }
+            for k in stride(from: 0, to: 8, by: 2) {
+                let hi: UInt8, lo: UInt8
+                if isNF4 {
+                    hi = UInt8(truncatingIfNeeded: rank[k])
+                    lo = UInt8(truncatingIfNeeded: rank[k + 1])
+                } else {
+                    hi = rankToCode[Int(rank[k])] | UInt8(truncatingIfNeeded: negative[k])
+                    lo = rankToCode[Int(rank[k + 1])] | UInt8(truncatingIfNeeded: negative[k + 1])
+                }
+                out[(i + k) >> 1] = (hi << 4) | lo
+            }
+            i += 8
+        }
+        // The rest of the block (fewer than 8 elements) with the kernel's tree itself.
         while i + 1 < end {
-            out[i >> 1] = (code(base[i] * scale) << 4) | code(base[i + 1] * scale)
+            out[i >> 1] = (type.code(base[i] * scale) << 4) | type.code(base[i + 1] * scale)
             i += 2
         }
         if i < end {
             // Odd total count: the low nibble holds the kernel's zero padding, scaled like the rest.
-            out[i >> 1] = (code(base[i] * scale) << 4) | code(0 * scale)
+            out[i >> 1] = (type.code(base[i] * scale) << 4) | type.code(0 * scale)
         }
         start = end
         block += 1

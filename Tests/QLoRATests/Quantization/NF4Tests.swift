@@ -143,3 +143,28 @@ final class NF4Tests: XCTestCase {
         XCTAssertEqual(plain.bitsPerParameter, 4.5, accuracy: 0.001)
     }
 }
+
+extension NF4Tests {
+    /// The vectorized quantizer (threshold counting) equals the kernel's decision trees element by element,
+    /// including thresholds ± one ulp, zeros of both signs and NaN.
+    func testVectorizedQuantizerEqualsDecisionTree() {
+        var special: [Float] = [0, -0.0, .nan, 1, -1, 0.5, -0.5]
+        for t in QuantizeThresholds.nf4 + QuantizeThresholds.fp4 + QuantizeThresholds.fp4.map({ -$0 }) {
+            special += [t, t.nextUp, t.nextDown]
+        }
+        var rng = SystemRandomNumberGenerator()
+        for type in QuantType.allCases {
+            for trial in 0..<50 {
+                // One block with absmax exactly 1 (so values are their own scaled values), then random blocks.
+                var values: [Float] = trial == 0 ? [1] + special : (0..<(64 * 3 + 8)).map { _ in Float.random(in: -3...3, using: &rng) }
+                if values.count % 2 == 1 { values.append(0.25) }
+                let q = quantize4Bit(values, blocksize: 64, type: type)
+                for (i, x) in values.enumerated() {
+                    let scale = 1 / q.absmax[i / 64]
+                    let code = i % 2 == 0 ? q.packed[i / 2] >> 4 : q.packed[i / 2] & 15
+                    XCTAssertEqual(code, type.code(x * scale), "\(type) element \(i) = \(x)")
+                }
+            }
+        }
+    }
+}
