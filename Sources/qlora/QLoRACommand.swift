@@ -11,6 +11,8 @@ struct QLoRACommand: AsyncParsableCommand {
             ConvertCommand.self,
             InspectCommand.self,
             TokenizeCommand.self,
+            QuantizeCommand.self,
+            QuantizeBenchmarkCommand.self,
             BenchCommand.self,
         ]
     )
