@@ -82,3 +82,43 @@ final class BackwardTests: XCTestCase {
         }
     }
 }
+
+/// The fixture's reference run: NF4 base (fp32 compute) with the adapter, train mode, no dropout.
+final class NF4ReferenceGradientTests: XCTestCase {
+    func check(_ loaded: LoadedModel) throws {
+        let model = loaded.model
+        try PEFTAdapter.load(directory: TestFixtures.path("tiny-llama/adapter"), into: model)
+        let expected = try LlamaForwardTests.expected()
+        let labels = try expected.floats("labels").map { Int($0) }
+        let rows = try LlamaForwardTests.inputRows()
+        let batch = TrainingBatch(examples: rows.enumerated().map { (i, r) in (r, Array(labels[(i * r.count)..<((i + 1) * r.count)])) },
+                                  length: rows[0].count, padID: 0)
+        var ours: [Float] = []
+        for row in rows { ours += try model.forward(tokens: row, cache: KVCache(config: model.config, capacity: row.count)) }
+        XCTAssertLessThan(relativeError(ours, try expected.floats("logits_nf4_lora")), 1e-4)
+        let gradients = LoRAGradients(model: model)
+        let loss = try model.accumulateGradients(batch: batch, into: gradients, normalizer: batch.countedTokens)
+        let referenceLoss = try expected.floats("loss_nf4_lora")[0]
+        XCTAssertEqual(loss.mean, Double(referenceLoss), accuracy: 1e-4 * Double(referenceLoss))
+        var checked = 0
+        for (name, gradient) in gradients.named {
+            let reference = try expected.floats("grad." + name)
+            let error = relativeError(gradient.values, reference)
+            XCTAssertLessThan(error, 1e-4, "\(name): relative error \(error)")
+            checked += 1
+        }
+        XCTAssertEqual(checked, 28)
+    }
+
+    func testPreQuantizedCheckpointMatchesBitsandbytes() throws {
+        let loaded = try ModelLoader.load(TestFixtures.path("tiny-llama/base-bnb-nf4"), quantization: .nf4)
+        XCTAssertTrue(loaded.isPreQuantized)
+        try check(loaded)
+    }
+
+    func testQuantizingOnLoadMatchesBitsandbytes() throws {
+        let loaded = try ModelLoader.load(TestFixtures.path("tiny-llama/base"), quantization: .nf4)
+        XCTAssertFalse(loaded.isPreQuantized)
+        try check(loaded)
+    }
+}
