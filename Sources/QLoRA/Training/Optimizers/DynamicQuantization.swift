@@ -29,6 +29,16 @@ public struct DynamicQuantizationMap: Sendable, Equatable {
     /// `create_dynamic_map(signed: false)`: the second-moment map of 8-bit Adam.
     public static let unsigned = DynamicQuantizationMap(signed: false)
 
+    /// The maps' values in memory that lives for the whole program, for the kernels' inner loops.
+    static let signedTable: UnsafePointer<Float> = table(DynamicQuantizationMap.signed.values)
+    static let unsignedTable: UnsafePointer<Float> = table(DynamicQuantizationMap.unsigned.values)
+
+    private static func table(_ values: [Float]) -> UnsafePointer<Float> {
+        let p = UnsafeMutablePointer<Float>.allocate(capacity: values.count)
+        p.initialize(from: values, count: values.count)
+        return UnsafePointer(p)
+    }
+
     init(signed: Bool) {
         let maxExponentBits = 7, nonSignBits = 7
         var data: [Float] = []
@@ -69,32 +79,28 @@ public struct DynamicQuantizationMap: Sendable, Equatable {
     }
 
     /// bitsandbytes' quantize_2D: binary search over a 256-entry sorted `code`, then the nearer neighbour.
+    ///
+    /// Written without branches (the comparisons are data-dependent and would mispredict). The kernel keeps
+    /// the values of the last codes above and below, starting from the sentinels 1 and −1 (signed) or 0; here
+    /// they are read from the table at the end. That is the same: the upper sentinel equals code[255] = 1, and
+    /// the lower one is only used when the search never went up, where both outcomes are index 0.
     @inline(__always)
     static func quantize(_ x: Float, _ code: UnsafePointer<Float>, signed: Bool) -> UInt8 {
         var pivot = 127, upperPivot = 255, lowerPivot = 0
-        var lower: Float = signed ? -1 : 0
-        var upper: Float = 1
         var val = code[127]
         var i = 64
         while i > 0 {
-            if x > val {
-                lowerPivot = pivot
-                lower = val
-                pivot += i
-            } else {
-                upperPivot = pivot
-                upper = val
-                pivot -= i
-            }
+            let above = x > val
+            lowerPivot = above ? pivot : lowerPivot
+            upperPivot = above ? upperPivot : pivot
+            pivot = above ? pivot + i : pivot - i
             val = code[pivot]
             i >>= 1
         }
-        if x > val {
-            let midpoint = (upper + val) * 0.5
-            return UInt8(truncatingIfNeeded: x > midpoint ? upperPivot : pivot)
-        } else {
-            let midpoint = (lower + val) * 0.5
-            return UInt8(truncatingIfNeeded: x < midpoint ? lowerPivot : pivot)
-        }
+        let above = x > val
+        let neighbour = above ? upperPivot : lowerPivot
+        let midpoint = (code[neighbour] + val) * 0.5
+        let takeNeighbour = above ? x > midpoint : x < midpoint
+        return UInt8(truncatingIfNeeded: takeNeighbour ? neighbour : pivot)
     }
 }
