@@ -71,9 +71,21 @@ final class DynamicQuantizationTests: XCTestCase {
                 }
             }
             for _ in 0..<50_000 { inputs.append(rng.normal() * Float(pow(10.0, Double.random(in: -8...0, using: &rng)))) }
-            for x in inputs {
-                XCTAssertEqual(Int(map.quantize(x)), kernel(x, map.values, signed: map.signed), "x = \(x) signed \(map.signed)")
+            // Every bucket of the shortcut table, at both ends and inside.
+            for bucket in stride(from: 0, to: 1 << 16, by: 1) {
+                inputs.append(Float(bitPattern: UInt32(bucket) << 16))
+                inputs.append(Float(bitPattern: UInt32(bucket) << 16 | 0x8000))
+                inputs.append(Float(bitPattern: UInt32(bucket) << 16 | 0xFFFF))
             }
+            var mismatches = 0
+            for x in inputs {
+                let expected = kernel(x, map.values, signed: map.signed)
+                if Int(map.quantize(x)) != expected || Int(map.quantizeBySearch(x)) != expected {
+                    mismatches += 1
+                    if mismatches < 5 { XCTFail("x = \(x) signed \(map.signed): \(map.quantize(x)) / \(map.quantizeBySearch(x)), kernel \(expected)") }
+                }
+            }
+            XCTAssertEqual(mismatches, 0)
         }
     }
 

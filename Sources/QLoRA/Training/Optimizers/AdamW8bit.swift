@@ -186,7 +186,8 @@ public final class AdamW8bit: Optimizer {
             kernels.append(Kernel(p: slot.values.baseAddress!, g: slot.gradient.baseAddress!,
                                   state1: state.state1.baseAddress!, state2: state.state2.baseAddress!,
                                   absmax1: state.absmax1.baseAddress!, absmax2: state.absmax2.baseAddress!,
-                                  map1: map1, map2: map2, n: n, c: c))
+                                  map1: map1, map2: map2, shortcut1: DynamicQuantizationMap.signedShortcut,
+                                  shortcut2: DynamicQuantizationMap.unsignedShortcut, n: n, c: c))
             firstBlock.append(firstBlock.last! + (n + blockSize - 1) / blockSize)
         }
         let totalBlocks = firstBlock.last!
@@ -214,6 +215,7 @@ public final class AdamW8bit: Optimizer {
         let state1, state2: UnsafeMutablePointer<UInt8>
         let absmax1, absmax2: UnsafeMutablePointer<Float>
         let map1, map2: UnsafePointer<Float>
+        let shortcut1, shortcut2: UnsafePointer<UInt32>
         let n: Int
         let c: BitsandbytesAdamScalars
 
@@ -256,12 +258,12 @@ public final class AdamW8bit: Optimizer {
                     if g[i].isFinite {
                         p[i] = (p[i] + c.stepSize * (mi / (vi.squareRoot() + c.epsCorrection2))) * c.decay
                     }
-                    var q1 = DynamicQuantizationMap.quantize(mi / max1, map1, signed: true)
+                    var q1 = DynamicQuantizationMap.quantize(mi / max1, map1, shortcut: shortcut1)
                     if (map1[Int(q1)].sign == .minus) != (mi.sign == .minus) {
                         q1 = mi > 0 ? q1 &+ 1 : q1 &- 1
                     }
                     state1[i] = q1
-                    state2[i] = DynamicQuantizationMap.quantize(vi / max2, map2, signed: false)
+                    state2[i] = DynamicQuantizationMap.quantize(vi / max2, map2, shortcut: shortcut2)
                 }
             }
         }
