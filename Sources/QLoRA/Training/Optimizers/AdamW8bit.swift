@@ -240,15 +240,17 @@ public final class AdamW8bit: Optimizer {
                     }
                     m[j] = mi
                     v[j] = vi
-                    max1 = Float.maximum(max1, abs(mi))
-                    max2 = Float.maximum(max2, abs(vi))
+                    // fmaxf as the kernel uses it: a NaN moment does not become the max.
+                    let size1 = abs(mi), size2 = abs(vi)
+                    max1 = size1 > max1 ? size1 : max1
+                    max2 = size2 > max2 ? size2 : max2
                 }
                 if count < AdamW8bit.blockSize {
                     // The kernel's padding of a short block: g = 0, state1 code 128, state2 code 0.
                     let pad1 = (map1[128] * a1) * c.beta1 + c.oneMinusBeta1 * 0
                     let pad2 = (map2[0] * a2) * c.beta2 + (c.oneMinusBeta2 * 0) * 0
-                    max1 = Float.maximum(max1, abs(pad1))
-                    max2 = Float.maximum(max2, abs(pad2))
+                    max1 = abs(pad1) > max1 ? abs(pad1) : max1
+                    max2 = abs(pad2) > max2 ? abs(pad2) : max2
                 }
                 absmax1[b] = max1
                 absmax2[b] = max2
