@@ -69,8 +69,9 @@ public final class AdamW: Optimizer {
     public func step(_ slots: [ParameterSlot], learningRate: Double) throws {
         try checkSlots(slots)
         let t = stepCount + 1
-        for slot in slots {
-            let state = try fetchMoments(for: slot.name, count: slot.values.count, existing: &moments)
+        // Every state first, so that a size mismatch throws before any parameter has changed.
+        let states = try slots.map { try fetchMoments(for: $0.name, count: $0.values.count, existing: &moments) }
+        for (slot, state) in zip(slots, states) {
             switch arithmetic {
             case .torch:
                 AdamW.torchUpdate(slot.values, slot.gradient, state, step: t, lr: learningRate, hyperparameters)

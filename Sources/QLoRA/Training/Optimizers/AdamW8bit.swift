@@ -74,7 +74,7 @@ public final class AdamW8bit: Optimizer {
     public let kind: OptimizerKind
     public let hyperparameters: AdamWHyperparameters
     public private(set) var stepCount = 0
-    /// Threads one large tensor's blocks are spread over.
+    /// Threads the blocks of all 8-bit tensors are spread over (2 at most by default).
     public var threads: Int
     var quantized: [String: Quantized8bitMoments] = [:]
     var small: [String: AdamMoments] = [:]
@@ -106,7 +106,7 @@ public final class AdamW8bit: Optimizer {
         for slot in slots where slot.values.count < AdamW8bit.minimum8bitSize {
             smallStates.append((slot, try fetchMoments(for: slot.name, count: slot.values.count, existing: &small)))
         }
-        // Nothing changes before every check has passed.
+        // No parameter changes before every size check has passed.
         for (slot, state) in big { quantized[slot.name] = state }
         for (slot, state) in smallStates {
             AdamW.bitsandbytesUpdate(slot.values, slot.gradient, state, step: t, lr: learningRate, hyperparameters)
