@@ -28,28 +28,40 @@ import Darwin
 #endif
 import Dispatch
 
-/// The 8-bit state of one tensor.
+/// The 8-bit state of one tensor, in buffers it owns (the kernel writes them through raw pointers).
 final class Quantized8bitMoments {
-    var state1: [UInt8]
-    var state2: [UInt8]
-    var absmax1: [Float]
-    var absmax2: [Float]
+    let state1: UnsafeMutableBufferPointer<UInt8>
+    let state2: UnsafeMutableBufferPointer<UInt8>
+    let absmax1: UnsafeMutableBufferPointer<Float>
+    let absmax2: UnsafeMutableBufferPointer<Float>
 
-    init(count: Int) {
-        // bitsandbytes starts from zero codes and zero absmax: every moment dequantizes to 0.
-        state1 = [UInt8](repeating: 0, count: count)
-        state2 = [UInt8](repeating: 0, count: count)
+    /// bitsandbytes' initial state: zero codes and zero absmax, so every moment dequantizes to 0.
+    convenience init(count: Int) {
         let blocks = (count + AdamW8bit.blockSize - 1) / AdamW8bit.blockSize
-        absmax1 = [Float](repeating: 0, count: blocks)
-        absmax2 = [Float](repeating: 0, count: blocks)
+        self.init(state1: [UInt8](repeating: 0, count: count), state2: [UInt8](repeating: 0, count: count),
+                  absmax1: [Float](repeating: 0, count: blocks), absmax2: [Float](repeating: 0, count: blocks))
     }
 
     init(state1: [UInt8], state2: [UInt8], absmax1: [Float], absmax2: [Float]) {
-        self.state1 = state1
-        self.state2 = state2
-        self.absmax1 = absmax1
-        self.absmax2 = absmax2
+        func copy<T>(_ a: [T]) -> UnsafeMutableBufferPointer<T> {
+            let b = UnsafeMutableBufferPointer<T>.allocate(capacity: a.count)
+            _ = b.initialize(from: a)
+            return b
+        }
+        self.state1 = copy(state1)
+        self.state2 = copy(state2)
+        self.absmax1 = copy(absmax1)
+        self.absmax2 = copy(absmax2)
     }
+
+    deinit {
+        state1.deallocate()
+        state2.deallocate()
+        absmax1.deallocate()
+        absmax2.deallocate()
+    }
+
+    var count: Int { state1.count }
 }
 
 /// AdamW with 8-bit blockwise-quantized moments, bit-compatible in its arithmetic with bitsandbytes.
@@ -62,7 +74,7 @@ public final class AdamW8bit: Optimizer {
     public let kind: OptimizerKind
     public let hyperparameters: AdamWHyperparameters
     public private(set) var stepCount = 0
-    /// Threads one large tensor's blocks are spread over.
+    /// Threads the blocks of all 8-bit tensors are spread over (2 at most by default).
     public var threads: Int
     var quantized: [String: Quantized8bitMoments] = [:]
     var small: [String: AdamMoments] = [:]
@@ -78,25 +90,28 @@ public final class AdamW8bit: Optimizer {
     public func step(_ slots: [ParameterSlot], learningRate: Double) throws {
         try checkSlots(slots)
         let t = stepCount + 1
-        for slot in slots {
+        var big: [(ParameterSlot, Quantized8bitMoments)] = []
+        for slot in slots where slot.values.count >= AdamW8bit.minimum8bitSize {
             let n = slot.values.count
-            if n < AdamW8bit.minimum8bitSize {
-                let state = try fetchMoments(for: slot.name, count: n, existing: &small)
-                AdamW.bitsandbytesUpdate(slot.values, slot.gradient, state, step: t, lr: learningRate, hyperparameters)
-                continue
-            }
-            let state: Quantized8bitMoments
             if let s = quantized[slot.name] {
-                guard s.state1.count == n else {
+                guard s.count == n else {
                     throw UsageError("optimizer state of '\(slot.name)' holds \(s.state1.count) values but the parameter has \(n)")
                 }
-                state = s
+                big.append((slot, s))
             } else {
-                state = Quantized8bitMoments(count: n)
-                quantized[slot.name] = state
+                big.append((slot, Quantized8bitMoments(count: n)))
             }
-            AdamW8bit.update(slot.values, slot.gradient, state, step: t, lr: learningRate, hyperparameters, threads: threads)
         }
+        var smallStates: [(ParameterSlot, AdamMoments)] = []
+        for slot in slots where slot.values.count < AdamW8bit.minimum8bitSize {
+            smallStates.append((slot, try fetchMoments(for: slot.name, count: slot.values.count, existing: &small)))
+        }
+        // No parameter changes before every size check has passed.
+        for (slot, state) in big { quantized[slot.name] = state }
+        for (slot, state) in smallStates {
+            AdamW.bitsandbytesUpdate(slot.values, slot.gradient, state, step: t, lr: learningRate, hyperparameters)
+        }
+        AdamW8bit.update(big, step: t, lr: learningRate, hyperparameters, threads: threads)
         stepCount = t
     }
 
@@ -104,10 +119,10 @@ public final class AdamW8bit: Optimizer {
         var records = [OptimizerStateRecords.step(stepCount)]
         for name in Set(quantized.keys).union(small.keys).sorted() {
             if let q = quantized[name] {
-                records.append(OptimizerStateRecords.bytes("state.\(name).state1", q.state1))
-                records.append(OptimizerStateRecords.bytes("state.\(name).state2", q.state2))
-                records.append(OptimizerStateRecords.floats("state.\(name).absmax1", q.absmax1))
-                records.append(OptimizerStateRecords.floats("state.\(name).absmax2", q.absmax2))
+                records.append(OptimizerStateRecords.bytes("state.\(name).state1", Array(q.state1)))
+                records.append(OptimizerStateRecords.bytes("state.\(name).state2", Array(q.state2)))
+                records.append(OptimizerStateRecords.floats("state.\(name).absmax1", Array(q.absmax1)))
+                records.append(OptimizerStateRecords.floats("state.\(name).absmax2", Array(q.absmax2)))
             } else if let m = small[name] {
                 records.append(OptimizerStateRecords.floats("state.\(name).exp_avg", m.expAvg))
                 records.append(OptimizerStateRecords.floats("state.\(name).exp_avg_sq", m.expAvgSq))
@@ -158,35 +173,39 @@ public final class AdamW8bit: Optimizer {
 
     // MARK: Kernel
 
-    /// One 8-bit update of a tensor, blocks spread over `threads`.
-    static func update(_ p: UnsafeMutableBufferPointer<Float>, _ g: UnsafeBufferPointer<Float>, _ state: Quantized8bitMoments,
-                       step t: Int, lr: Double, _ h: AdamWHyperparameters, threads: Int) {
-        let n = p.count
-        let blocks = (n + blockSize - 1) / blockSize
+    /// One 8-bit update of every tensor; all their blocks together are spread over `threads`.
+    static func update(_ tensors: [(ParameterSlot, Quantized8bitMoments)], step t: Int, lr: Double,
+                       _ h: AdamWHyperparameters, threads: Int) {
+        guard !tensors.isEmpty else { return }
         let c = BitsandbytesAdamScalars(step: t, lr: lr, h)
-        DynamicQuantizationMap.signed.values.withUnsafeBufferPointer { map1 in
-            DynamicQuantizationMap.unsigned.values.withUnsafeBufferPointer { map2 in
-                state.state1.withUnsafeMutableBufferPointer { s1 in
-                    state.state2.withUnsafeMutableBufferPointer { s2 in
-                        state.absmax1.withUnsafeMutableBufferPointer { a1 in
-                            state.absmax2.withUnsafeMutableBufferPointer { a2 in
-                                let k = Kernel(p: p.baseAddress!, g: g.baseAddress!, state1: s1.baseAddress!, state2: s2.baseAddress!,
-                                               absmax1: a1.baseAddress!, absmax2: a2.baseAddress!,
-                                               map1: map1.baseAddress!, map2: map2.baseAddress!, n: n, c: c)
-                                let chunks = threads > 1 && n >= 65_536 ? threads : 1
-                                if chunks == 1 {
-                                    k.run(blocks: 0..<blocks)
-                                } else {
-                                    DispatchQueue.concurrentPerform(iterations: chunks) { i in
-                                        k.run(blocks: (blocks * i / chunks)..<(blocks * (i + 1) / chunks))
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
+        let map1 = DynamicQuantizationMap.signedTable, map2 = DynamicQuantizationMap.unsignedTable
+        var kernels: [Kernel] = []
+        var firstBlock: [Int] = [0]
+        for (slot, state) in tensors {
+            let n = slot.values.count
+            kernels.append(Kernel(p: slot.values.baseAddress!, g: slot.gradient.baseAddress!,
+                                  state1: state.state1.baseAddress!, state2: state.state2.baseAddress!,
+                                  absmax1: state.absmax1.baseAddress!, absmax2: state.absmax2.baseAddress!,
+                                  map1: map1, map2: map2, shortcut1: DynamicQuantizationMap.signedShortcut,
+                                  shortcut2: DynamicQuantizationMap.unsignedShortcut, n: n, c: c))
+            firstBlock.append(firstBlock.last! + (n + blockSize - 1) / blockSize)
+        }
+        let totalBlocks = firstBlock.last!
+        // Runs the blocks [from, to) of the concatenation of all tensors' blocks.
+        func run(_ from: Int, _ to: Int) {
+            for k in kernels.indices where firstBlock[k + 1] > from && firstBlock[k] < to {
+                kernels[k].run(blocks: (max(from, firstBlock[k]) - firstBlock[k])..<(min(to, firstBlock[k + 1]) - firstBlock[k]))
             }
         }
+        let chunks = threads > 1 && totalBlocks >= 256 ? threads : 1
+        if chunks == 1 {
+            run(0, totalBlocks)
+        } else {
+            DispatchQueue.concurrentPerform(iterations: chunks) { i in
+                run(totalBlocks * i / chunks, totalBlocks * (i + 1) / chunks)
+            }
+        }
+        withExtendedLifetime(tensors) {}
     }
 
     /// Pointers and scalars of one update; `run` processes a range of blocks.
@@ -196,6 +215,7 @@ public final class AdamW8bit: Optimizer {
         let state1, state2: UnsafeMutablePointer<UInt8>
         let absmax1, absmax2: UnsafeMutablePointer<Float>
         let map1, map2: UnsafePointer<Float>
+        let shortcut1, shortcut2: UnsafePointer<UInt32>
         let n: Int
         let c: BitsandbytesAdamScalars
 
@@ -220,15 +240,17 @@ public final class AdamW8bit: Optimizer {
                     }
                     m[j] = mi
                     v[j] = vi
-                    max1 = Float.maximum(max1, abs(mi))
-                    max2 = Float.maximum(max2, abs(vi))
+                    // fmaxf as the kernel uses it: a NaN moment does not become the max.
+                    let size1 = abs(mi), size2 = abs(vi)
+                    max1 = size1 > max1 ? size1 : max1
+                    max2 = size2 > max2 ? size2 : max2
                 }
                 if count < AdamW8bit.blockSize {
                     // The kernel's padding of a short block: g = 0, state1 code 128, state2 code 0.
                     let pad1 = (map1[128] * a1) * c.beta1 + c.oneMinusBeta1 * 0
                     let pad2 = (map2[0] * a2) * c.beta2 + (c.oneMinusBeta2 * 0) * 0
-                    max1 = Float.maximum(max1, abs(pad1))
-                    max2 = Float.maximum(max2, abs(pad2))
+                    max1 = abs(pad1) > max1 ? abs(pad1) : max1
+                    max2 = abs(pad2) > max2 ? abs(pad2) : max2
                 }
                 absmax1[b] = max1
                 absmax2[b] = max2
@@ -236,16 +258,14 @@ public final class AdamW8bit: Optimizer {
                     let i = start + j
                     let mi = m[j], vi = v[j]
                     if g[i].isFinite {
-                        var pi = p[i] + c.stepSize * (mi / (vi.squareRoot() + c.epsCorrection2))
-                        if c.applyDecay { pi = pi * c.decay }
-                        p[i] = pi
+                        p[i] = (p[i] + c.stepSize * (mi / (vi.squareRoot() + c.epsCorrection2))) * c.decay
                     }
-                    var q1 = DynamicQuantizationMap.quantize(mi / max1, map1, signed: true)
+                    var q1 = DynamicQuantizationMap.quantize(mi / max1, map1, shortcut: shortcut1)
                     if (map1[Int(q1)].sign == .minus) != (mi.sign == .minus) {
                         q1 = mi > 0 ? q1 &+ 1 : q1 &- 1
                     }
                     state1[i] = q1
-                    state2[i] = DynamicQuantizationMap.quantize(vi / max2, map2, signed: false)
+                    state2[i] = DynamicQuantizationMap.quantize(vi / max2, map2, shortcut: shortcut2)
                 }
             }
         }

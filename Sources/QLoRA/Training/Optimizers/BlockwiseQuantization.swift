@@ -32,16 +32,12 @@ public enum BlockwiseQuantization {
         let blocks = (values.count + blockSize - 1) / blockSize
         var codes = [UInt8](repeating: 0, count: values.count)
         var absmax = [Float](repeating: 0, count: blocks)
-        map.values.withUnsafeBufferPointer { table in
-            for b in 0..<blocks {
-                let range = (b * blockSize)..<min(values.count, (b + 1) * blockSize)
-                var m: Float = 0
-                for i in range { m = max(m, abs(values[i])) }
-                absmax[b] = m
-                for i in range {
-                    codes[i] = DynamicQuantizationMap.quantize(values[i] / m, table.baseAddress!, signed: map.signed)
-                }
-            }
+        for b in 0..<blocks {
+            let range = (b * blockSize)..<min(values.count, (b + 1) * blockSize)
+            var m: Float = 0
+            for i in range { m = max(m, abs(values[i])) }
+            absmax[b] = m
+            for i in range { codes[i] = map.quantize(values[i] / m) }
         }
         return (codes, absmax)
     }
