@@ -11,6 +11,7 @@ struct QLoRACommand: AsyncParsableCommand {
             ConvertCommand.self,
             InspectCommand.self,
             TokenizeCommand.self,
+            GenerateCommand.self,
             QuantizeCommand.self,
             QuantizeBenchmarkCommand.self,
             BenchCommand.self,

@@ -1,0 +1,48 @@
+// Autoregressive generation with a KV cache: prefill the prompt, then one token at a time.
+
+public struct GenerationResult: Sendable {
+    public var tokens: [Int]
+    /// Why generation ended.
+    public var stoppedAtEOS: Bool
+    public var promptTokensPerSecond: Double
+    public var decodeTokensPerSecond: Double
+}
+
+public enum Generator {
+    /// Generates up to `maxTokens` tokens after `prompt`, calling `onToken` with each as it comes.
+    /// Stops at any id in `stopIDs` (which is not passed to `onToken`).
+    public static func generate(model: LlamaModel, prompt: [Int], maxTokens: Int, sampling: SamplingOptions,
+                                stopIDs: Set<Int>, onToken: (Int) -> Void = { _ in }) throws -> GenerationResult {
+        guard !prompt.isEmpty else { throw UsageError("the prompt is empty") }
+        let capacity = prompt.count + maxTokens
+        guard capacity <= model.config.maxPositionEmbeddings else {
+            throw UsageError("prompt (\(prompt.count) tokens) + max tokens (\(maxTokens)) exceed the model's \(model.config.maxPositionEmbeddings) positions")
+        }
+        let cache = KVCache(config: model.config, capacity: capacity)
+        var sampler = Sampler(sampling)
+        let start = monotonicSeconds()
+        var logits = try model.forward(tokens: prompt, cache: cache, lastOnly: true)
+        let prefillSeconds = monotonicSeconds() - start
+        var out: [Int] = []
+        var stopped = false
+        let decodeStart = monotonicSeconds()
+        while out.count < maxTokens {
+            let next = sampler.next(logits)
+            if stopIDs.contains(next) { stopped = true; break }
+            out.append(next)
+            onToken(next)
+            if out.count == maxTokens { break }
+            logits = try model.forward(tokens: [next], cache: cache, lastOnly: true)
+        }
+        let decodeSeconds = monotonicSeconds() - decodeStart
+        return GenerationResult(tokens: out, stoppedAtEOS: stopped, promptTokensPerSecond: Double(prompt.count) / max(prefillSeconds, 1e-9),
+                                decodeTokensPerSecond: Double(out.count) / max(decodeSeconds, 1e-9))
+    }
+
+    /// The ids that end generation: the config's eos ids and the tokenizer's eos token.
+    public static func stopIDs(config: LlamaConfig, tokenizer: Tokenizer) -> Set<Int> {
+        var ids = Set(config.eosTokenIDs)
+        if let eos = tokenizer.eosTokenID { ids.insert(eos) }
+        return ids
+    }
+}
