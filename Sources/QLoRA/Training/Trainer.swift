@@ -212,13 +212,7 @@ public final class Trainer {
 
     /// Mean loss over the eval batches.
     public func evaluate() throws -> Double {
-        var total = LossSum(sum: 0, count: 0)
-        for batch in eval {
-            let part = try model.loss(batch: batch)
-            total.sum += part.sum
-            total.count += part.count
-        }
-        return total.mean
+        try Evaluation.loss(model: model, batches: eval).mean
     }
 
     /// The micro-batch order of an epoch: a Fisher–Yates shuffle seeded by (seed, epoch).

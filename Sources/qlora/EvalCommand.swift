@@ -1,0 +1,48 @@
+import ArgumentParser
+import QLoRA
+
+struct EvalCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "eval",
+        abstract: "Loss and perplexity of a model (with an optional adapter) on a JSONL dataset."
+    )
+
+    @OptionGroup var modelOptions: ModelOptions
+
+    @Option(help: "The JSONL dataset (text, prompt/completion, messages, Alpaca or input_ids lines).")
+    var data: String
+
+    @Option(help: "Examples are cut to this many tokens.")
+    var maxSeqLength: Int = 1024
+
+    @Option(help: "Examples per forward pass.")
+    var batchSize: Int = 4
+
+    @Flag(inversion: .prefixedNo, help: "Count only completions / assistant turns, as training does.")
+    var completionOnly = true
+
+    @Flag(help: "Skip malformed lines instead of stopping at the first.")
+    var skipBadLines = false
+
+    @Flag(help: "Print one JSON line instead of text.")
+    var json = false
+
+    func run() throws {
+        let loaded = try modelOptions.load()
+        guard let tokenizer = loaded.tokenizer else { throw ValidationError("\(loaded.directory) has no tokenizer.json") }
+        let dataset = try SFTDataset(path: data, tokenizer: tokenizer, template: loaded.template,
+                                     formatting: SFTFormatting(completionOnly: completionOnly, maxSequenceLength: maxSeqLength, skipBadLines: skipBadLines))
+        for skipped in dataset.skippedLines { printError("skipped \(skipped)") }
+        let result = try Evaluation.loss(model: loaded.model, examples: dataset.examples, batchSize: batchSize,
+                                         padID: tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0)
+        if json {
+            print(JSONValue.object(JSONObject([
+                ("loss", .double(result.mean)), ("perplexity", .double(result.perplexity)), ("tokens", .int(Int64(result.count))),
+                ("examples", .int(Int64(dataset.examples.count))), ("skipped_lines", .int(Int64(dataset.skippedLines.count))),
+            ])).serialized(.init()))
+        } else {
+            print(String(cFormat: "loss %.4f  perplexity %.3f  (%d counted tokens, %d examples)", result.mean, result.perplexity,
+                         result.count, dataset.examples.count))
+        }
+    }
+}

@@ -1,0 +1,107 @@
+import ArgumentParser
+import QLoRA
+
+struct TrainCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "train",
+        abstract: "QLoRA supervised fine-tuning: a frozen 4-bit base, LoRA adapters saved in PEFT's format.",
+        discussion: "Settings come from --config (YAML, with the names transformers/TRL/PEFT use) and the flags below; flags win."
+    )
+
+    @Option(help: "A YAML file of settings (keys such as learning_rate, lora_r, per_device_train_batch_size).")
+    var config: String?
+
+    @Option(help: "Base model folder or known name (default smollm2-135m).") var model: String?
+    @Option(help: "Quantize the base on load: nf4 (default), fp4 or none.") var quantize: String?
+    @Option(name: .customLong("data"), help: "Training data (JSONL); repeat for several files.") var data: [String] = []
+    @Option(help: "Evaluation data (JSONL).") var evalData: String?
+    @Option(help: "Hold out this fraction of the training data for evaluation when there is no --eval-data.") var evalSplit: Double?
+    @Option(name: .customLong("lora-r"), help: "LoRA rank.") var loraR: Int?
+    @Option(help: "LoRA alpha (scale = alpha/r).") var loraAlpha: Double?
+    @Option(help: "Dropout on the LoRA input path.") var loraDropout: Double?
+    @Option(help: "Comma-separated module names (q_proj,v_proj,...) or all-linear.") var targetModules: String?
+    @Flag(help: "rsLoRA scaling: alpha/sqrt(r).") var useRslora = false
+    @Option(help: "Longest example (and packed row) in tokens.") var maxSeqLength: Int?
+    @Flag(inversion: .prefixedNo, help: "Pack examples into rows of max-seq-length tokens.") var packing: Bool?
+    @Flag(inversion: .prefixedNo, help: "Loss only on completions / assistant turns.") var completionOnly: Bool?
+    @Option(help: "Examples (or packed rows) per micro-batch.") var batchSize: Int?
+    @Option(help: "Micro-batches per optimizer step.") var gradientAccumulationSteps: Int?
+    @Option(help: "Epochs over the training data.") var epochs: Double?
+    @Option(help: "Optimizer steps (overrides --epochs).") var maxSteps: Int?
+    @Option(help: "Peak learning rate.") var learningRate: Double?
+    @Option(help: "Warmup as a fraction of the steps.") var warmupRatio: Double?
+    @Option(help: "Warmup steps (overrides --warmup-ratio).") var warmupSteps: Int?
+    @Option(help: "Schedule: constant, constant_with_warmup, linear or cosine.") var scheduler: String?
+    @Option(help: "Decoupled weight decay.") var weightDecay: Double?
+    @Option(help: "Clip the global gradient norm to this (0: no clipping).") var maxGradNorm: Double?
+    @Option(help: "adamw, adamw_8bit, paged_adamw_8bit or paged_adamw_32bit.") var optimizer: String?
+    @Flag(inversion: .prefixedNo, help: "Recompute each block in the backward pass instead of keeping its activations.") var gradientCheckpointing: Bool?
+    @Option(help: "Random seed (adapter initialisation, data order, dropout).") var seed: UInt64?
+    @Option(help: "Log every N steps.") var loggingSteps: Int?
+    @Option(help: "Evaluate every N steps (0: each epoch).") var evalSteps: Int?
+    @Option(help: "Save a checkpoint every N steps (0: each epoch).") var saveSteps: Int?
+    @Option(help: "Checkpoints to keep (the best is always kept).") var saveTotalLimit: Int?
+    @Option(help: "Stop after this many evaluations without improvement (0: never).") var earlyStoppingPatience: Int?
+    @Option(help: "Output folder: adapter, checkpoints, metrics.jsonl, report.html.") var output: String?
+    @Flag(help: "Continue from the latest checkpoint in the output folder.") var resume = false
+    @Flag(help: "Skip malformed dataset lines (and count them) instead of stopping.") var skipBadLines = false
+
+    /// The configuration: defaults, then the YAML file, then the flags given.
+    func configuration() throws -> TrainingConfiguration {
+        var c = try config.map { try TrainingConfiguration(yamlFile: $0) } ?? TrainingConfiguration()
+        func set<T>(_ value: T?, _ path: WritableKeyPath<TrainingConfiguration, T>) { if let value { c[keyPath: path] = value } }
+        set(model, \.model); set(quantize, \.quantize)
+        if !data.isEmpty { c.datasets = data }
+        if let evalData { c.evalDataset = evalData }
+        set(evalSplit, \.evalSplit); set(loraR, \.loraR); set(loraAlpha, \.loraAlpha); set(loraDropout, \.loraDropout)
+        if let targetModules { c.targetModules = targetModules.split(separator: ",").map { $0.filter { !$0.isWhitespace } } }
+        if useRslora { c.useRSLoRA = true }
+        set(maxSeqLength, \.maxSeqLength); set(packing, \.packing); set(completionOnly, \.completionOnlyLoss)
+        set(batchSize, \.batchSize); set(gradientAccumulationSteps, \.gradientAccumulationSteps); set(epochs, \.epochs)
+        set(maxSteps, \.maxSteps); set(learningRate, \.learningRate); set(warmupRatio, \.warmupRatio); set(warmupSteps, \.warmupSteps)
+        set(scheduler, \.scheduler); set(weightDecay, \.weightDecay); set(maxGradNorm, \.maxGradNorm); set(optimizer, \.optimizer)
+        set(gradientCheckpointing, \.gradientCheckpointing); set(seed, \.seed); set(loggingSteps, \.loggingSteps)
+        set(evalSteps, \.evalSteps); set(saveSteps, \.saveSteps); set(saveTotalLimit, \.saveTotalLimit)
+        set(earlyStoppingPatience, \.earlyStoppingPatience); set(output, \.outputDirectory)
+        if resume { c.resume = true }
+        if skipBadLines { c.skipBadLines = true }
+        try c.validate()
+        return c
+    }
+
+    func run() throws {
+        let c = try configuration()
+        let loaded = try ModelLoader.load(c.model, quantization: try BaseQuantization.parse(c.quantize), log: { printError($0) })
+        printError("model: \(loaded.description)")
+        guard let tokenizer = loaded.tokenizer else { throw ValidationError("\(loaded.directory) has no tokenizer.json") }
+        let formatting = SFTFormatting(completionOnly: c.completionOnlyLoss, maxSequenceLength: c.maxSeqLength, skipBadLines: c.skipBadLines)
+        var train: [TokenizedExample] = []
+        for path in c.datasets {
+            let dataset = try SFTDataset(path: path, tokenizer: tokenizer, template: loaded.template, formatting: formatting)
+            for skipped in dataset.skippedLines { printError("skipped \(skipped)") }
+            if !dataset.skippedLines.isEmpty { printError("\(path): skipped \(dataset.skippedLines.count) malformed lines") }
+            train += dataset.examples
+        }
+        var eval: [TokenizedExample] = []
+        if let evalPath = c.evalDataset {
+            eval = try SFTDataset(path: evalPath, tokenizer: tokenizer, template: loaded.template, formatting: formatting).examples
+        } else if c.evalSplit > 0 {
+            (train, eval) = DatasetSplit.holdOut(train, fraction: c.evalSplit, seed: c.seed)
+        }
+        printError("data: \(train.count) training examples (\(train.reduce(0) { $0 + $1.tokens.count }) tokens), \(eval.count) eval examples")
+        let trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval,
+                                  padID: tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0, baseDirectory: loaded.directory)
+        let summary = try trainer.run()
+        var lines = ["trained \(summary.steps) steps at \(Int(summary.tokensPerSecond)) tokens/s; adapter in \(summary.outputDirectory)"]
+        if let loss = summary.finalTrainLoss { lines.append(String(cFormat: "last train loss %.4f", loss)) }
+        if let best = summary.bestEvalLoss, let step = summary.bestStep {
+            lines.append(String(cFormat: "best eval loss %.4f (perplexity %.3f)", best, exp(best)) + " at step \(step)")
+        }
+        if summary.stoppedEarly { lines.append("stopped early") }
+        print(lines.joined(separator: "; "))
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
