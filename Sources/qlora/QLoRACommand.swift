@@ -7,6 +7,7 @@ struct QLoRACommand: AsyncParsableCommand {
         commandName: "qlora",
         abstract: "QLoRA fine-tuning of Llama-family models: 4-bit NF4 base, LoRA adapters, PEFT-compatible files.",
         subcommands: [
+            DemoCommand.self,
             FetchCommand.self,
             ConvertCommand.self,
             InspectCommand.self,
