@@ -131,8 +131,17 @@ public final class BnbCheckpoint: @unchecked Sendable {
     /// A dense tensor's values in fp32.
     public func floats(_ name: String) throws -> [Float] { try tensors.floats(name) }
 
-    /// All quantized weights' bits per parameter from their stored bytes.
+    /// All quantized weights' bits per parameter from their stored bytes (`qlora inspect`).
     public var bitsPerParameter: Double { QLoRA.bitsPerParameter(Array(quantized.values)) }
+
+    /// Parameters held in 4 bits.
+    public var quantizedParameterCount: Int { quantized.values.reduce(0) { $0 + $1.elementCount } }
+
+    /// Bytes the quantized weights take in the checkpoint (codes, absmax, nested absmax, maps).
+    public var quantizedStoredBytes: Int { quantized.values.reduce(0) { $0 + $1.storedByteCount } }
+
+    /// Bytes saved against storing the same weights in bf16 (`qlora inspect`).
+    public var bytesSavedVersusBF16: Int { quantizedParameterCount * 2 - quantizedStoredBytes }
 
     // MARK: Reading one weight
 
