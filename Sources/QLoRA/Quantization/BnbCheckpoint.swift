@@ -185,7 +185,9 @@ public final class BnbCheckpoint: @unchecked Sendable {
         guard let dtype = dtype(torchName: dtypeName) else {
             throw fail(stateKey, "dtype \"\(dtypeName)\" is not float32, bfloat16 or float16")
         }
-        let n = shape.reduce(1, *)
+        guard let n = checkedElementCount(shape) else {
+            throw fail(stateKey, "\"shape\" \(shape) is too large")
+        }
         let blocks = (n + blocksize - 1) / blocksize
 
         func tensor(_ name: String, _ dtype: DType, _ expectedShape: [Int], what: String) throws -> UnsafeRawBufferPointer {

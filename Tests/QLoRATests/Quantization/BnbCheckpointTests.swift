@@ -133,6 +133,17 @@ final class BnbCheckpointTests: XCTestCase {
         assertFileFormatError(dir, mentions: Self.w, "expected [4096, 1]")
     }
 
+    func testOverflowingQuantStateShape() throws {
+        let dir = try brokenCopy { records in
+            for i in records.indices where records[i].name == Self.w + ".quant_state.bitsandbytes__nf4" {
+                let text = String(decoding: records[i].data, as: UTF8.self)
+                    .replacingOccurrences(of: "[128, 128]", with: "[9999999999999, 9999999999999]")
+                records[i] = TensorRecord(name: records[i].name, dtype: .u8, shape: [text.utf8.count], data: Array(text.utf8))
+            }
+        }
+        assertFileFormatError(dir, mentions: Self.w + ".quant_state", "too large")
+    }
+
     func testQuantStateTypeDisagreesWithKey() throws {
         let dir = try brokenCopy { records in
             for i in records.indices where records[i].name == Self.w + ".quant_state.bitsandbytes__nf4" {
