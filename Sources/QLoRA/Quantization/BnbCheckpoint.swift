@@ -128,6 +128,16 @@ public final class BnbCheckpoint: @unchecked Sendable {
         return nil
     }
 
+    /// The 4-bit linear weights of any model folder: read directly when it is a bitsandbytes 4-bit
+    /// checkpoint, else quantized on load with `options` (which a pre-quantized folder ignores).
+    public static func quantizedWeights(directory: String, options: BnbQuantizeOptions = .init()) throws -> [String: QuantizedWeight] {
+        let tensors = try SafeTensorsCheckpoint(directory: directory)
+        if tensors.names.contains(where: { splitQuantStateKey($0) != nil }) {
+            return try BnbCheckpoint(directory: directory).quantized
+        }
+        return try BnbCheckpointWriter.quantizeAll(tensors, options: options)
+    }
+
     /// A dense tensor's values in fp32.
     public func floats(_ name: String) throws -> [Float] { try tensors.floats(name) }
 

@@ -71,6 +71,13 @@ final class BnbCheckpointTests: XCTestCase {
         XCTAssertEqual(loaded.bytesSavedVersusBF16, elements * 2 - expectedBytes)
     }
 
+    func testQuantizedWeightsOfEitherFolder() throws {
+        let direct = try BnbCheckpoint.quantizedWeights(directory: Self.reference)
+        let onLoad = try BnbCheckpoint.quantizedWeights(directory: Self.base)
+        XCTAssertEqual(direct.count, 14)
+        XCTAssertEqual(direct, onLoad)
+    }
+
     // MARK: - Bad input
 
     /// Copies the reference checkpoint with `edit` applied to its tensors; returns the folder.
