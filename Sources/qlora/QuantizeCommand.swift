@@ -38,12 +38,12 @@ struct QuantizeCommand: ParsableCommand {
         guard supported4BitBlocksizes.contains(blocksize) else {
             throw ValidationError("--blocksize must be one of \(supported4BitBlocksizes.sorted().map(String.init).joined(separator: ", "))")
         }
-        guard let compute = dtype(torchName: computeDType) else {
+        guard let compute = DType(torchName: computeDType) else {
             throw ValidationError("--compute-dtype must be float32, bfloat16 or float16, got '\(computeDType)'")
         }
         var model: DType? = nil
         if let name = modelDType {
-            guard let d = dtype(torchName: name) else {
+            guard let d = DType(torchName: name) else {
                 throw ValidationError("--dtype must be float32, bfloat16 or float16, got '\(name)'")
             }
             model = d

@@ -46,22 +46,26 @@ public struct BnbQuantizeOptions: Sendable, Equatable {
     }
 }
 
-/// The torch names of the floating-point dtypes, as configs and quant states spell them.
-public func torchDTypeName(_ dtype: DType) -> String? {
-    switch dtype {
-    case .f32: return "float32"
-    case .bf16: return "bfloat16"
-    case .f16: return "float16"
-    default: return nil
+extension DType {
+    /// The torch name of a floating-point dtype, as configs and quant states spell it
+    /// ("float32", "bfloat16", "float16"); nil for other types.
+    public var torchName: String? {
+        switch self {
+        case .f32: return "float32"
+        case .bf16: return "bfloat16"
+        case .f16: return "float16"
+        default: return nil
+        }
     }
-}
 
-public func dtype(torchName: String) -> DType? {
-    switch torchName {
-    case "float32", "float": return .f32
-    case "bfloat16": return .bf16
-    case "float16", "half": return .f16
-    default: return nil
+    /// The dtype of a torch floating-point dtype name ("float32"/"float", "bfloat16", "float16"/"half").
+    public init?(torchName: String) {
+        switch torchName {
+        case "float32", "float": self = .f32
+        case "bfloat16": self = .bf16
+        case "float16", "half": self = .f16
+        default: return nil
+        }
     }
 }
 
@@ -128,11 +132,30 @@ public final class BnbCheckpoint: @unchecked Sendable {
         return nil
     }
 
+    /// The 4-bit linear weights of any model folder: read directly when it is a bitsandbytes 4-bit
+    /// checkpoint, else quantized on load with `options` (which a pre-quantized folder ignores).
+    public static func quantizedWeights(directory: String, options: BnbQuantizeOptions = .init()) throws -> [String: QuantizedWeight] {
+        let tensors = try SafeTensorsCheckpoint(directory: directory)
+        if tensors.names.contains(where: { splitQuantStateKey($0) != nil }) {
+            return try BnbCheckpoint(directory: directory).quantized
+        }
+        return try BnbCheckpointWriter.quantizeAll(tensors, options: options)
+    }
+
     /// A dense tensor's values in fp32.
     public func floats(_ name: String) throws -> [Float] { try tensors.floats(name) }
 
-    /// All quantized weights' bits per parameter from their stored bytes.
+    /// All quantized weights' bits per parameter from their stored bytes (`qlora inspect`).
     public var bitsPerParameter: Double { QLoRA.bitsPerParameter(Array(quantized.values)) }
+
+    /// Parameters held in 4 bits.
+    public var quantizedParameterCount: Int { quantized.values.reduce(0) { $0 + $1.elementCount } }
+
+    /// Bytes the quantized weights take in the checkpoint (codes, absmax, nested absmax, maps).
+    public var quantizedStoredBytes: Int { quantized.values.reduce(0) { $0 + $1.storedByteCount } }
+
+    /// Bytes saved against storing the same weights in bf16 (`qlora inspect`).
+    public var bytesSavedVersusBF16: Int { quantizedParameterCount * 2 - quantizedStoredBytes }
 
     // MARK: Reading one weight
 
@@ -173,10 +196,12 @@ public final class BnbCheckpoint: @unchecked Sendable {
             return d
         }
         guard let dtypeName = state["dtype"]?.string else { throw fail(stateKey, "quant state has no \"dtype\"") }
-        guard let dtype = dtype(torchName: dtypeName) else {
+        guard let dtype = DType(torchName: dtypeName) else {
             throw fail(stateKey, "dtype \"\(dtypeName)\" is not float32, bfloat16 or float16")
         }
-        let n = shape.reduce(1, *)
+        guard let n = checkedElementCount(shape) else {
+            throw fail(stateKey, "\"shape\" \(shape) is too large")
+        }
         let blocks = (n + blocksize - 1) / blocksize
 
         func tensor(_ name: String, _ dtype: DType, _ expectedShape: [Int], what: String) throws -> UnsafeRawBufferPointer {
@@ -250,7 +275,7 @@ public enum BnbCheckpointWriter {
         var state = JSONObject([
             ("quant_type", .string(weight.quantType.rawValue)),
             ("blocksize", .int(Int64(weight.blocksize))),
-            ("dtype", .string(torchDTypeName(weight.dtype) ?? "float32")),
+            ("dtype", .string(weight.dtype.torchName ?? "float32")),
             ("shape", .array(weight.shape.map { .int(Int64($0)) })),
         ])
         switch weight.scales {
@@ -274,7 +299,7 @@ public enum BnbCheckpointWriter {
         .object(JSONObject([
             ("_load_in_4bit", .bool(true)),
             ("_load_in_8bit", .bool(false)),
-            ("bnb_4bit_compute_dtype", .string(torchDTypeName(options.computeDType) ?? "float32")),
+            ("bnb_4bit_compute_dtype", .string(options.computeDType.torchName ?? "float32")),
             ("bnb_4bit_quant_storage", .string("uint8")),
             ("bnb_4bit_quant_type", .string(options.quantType.rawValue)),
             ("bnb_4bit_use_double_quant", .bool(options.doubleQuant)),
@@ -345,7 +370,7 @@ public enum BnbCheckpointWriter {
         guard supported4BitBlocksizes.contains(options.blocksize) else {
             throw UsageError("blocksize \(options.blocksize) is not one of \(supported4BitBlocksizes.sorted())")
         }
-        guard let modelDTypeName = torchDTypeName(options.modelDType), torchDTypeName(options.computeDType) != nil else {
+        guard let modelDTypeName = options.modelDType.torchName, options.computeDType.torchName != nil else {
             throw UsageError("the model and compute dtypes must be float32, bfloat16 or float16")
         }
         let tensors = try SafeTensorsCheckpoint(directory: source)

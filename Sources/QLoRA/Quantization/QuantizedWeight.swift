@@ -44,7 +44,9 @@ public struct QuantizedWeight: Sendable, Equatable {
 
     /// Wraps stored parts; checks that their sizes agree.
     public init(quantType: QuantType, blocksize: Int, shape: [Int], dtype: DType, packed: [UInt8], scales: QuantizationScales) throws {
-        let n = shape.reduce(1, *)
+        guard let n = checkedElementCount(shape) else {
+            throw UsageError("shape \(shape) is not a valid tensor shape (negative or too large)")
+        }
         guard supported4BitBlocksizes.contains(blocksize) else {
             throw UsageError("4-bit blocksize \(blocksize) is not one of \(supported4BitBlocksizes.sorted())")
         }
@@ -145,6 +147,18 @@ public struct QuantizedWeight: Sendable, Equatable {
     public var bitsPerParameter: Double {
         elementCount == 0 ? 0 : Double(storedByteCount * 8) / Double(elementCount)
     }
+}
+
+/// The product of `shape`, or nil when a dimension is negative or the product overflows.
+func checkedElementCount(_ shape: [Int]) -> Int? {
+    var n = 1
+    for d in shape {
+        guard d >= 0 else { return nil }
+        let (product, overflow) = n.multipliedReportingOverflow(by: d)
+        guard !overflow, product <= Int(Int32.max) * 1024 else { return nil }
+        n = product
+    }
+    return n
 }
 
 /// Bits per parameter of a set of quantized weights: total stored bits over total elements.

@@ -30,6 +30,8 @@ final class BnbCheckpointTests: XCTestCase {
                 XCTAssertEqual(Array(try ours.bytes(name)), Array(try ref.bytes(name)), name)
             }
         }
+        // In fact the whole file is the same, header and padding included.
+        XCTAssertEqual(try FileSystem.readFile(out + "/model.safetensors"), try FileSystem.readFile(Self.reference + "/model.safetensors"))
         // config.json: same document, and the same text transformers writes.
         let configOurs = try FileSystem.readText(out + "/config.json"), configRef = try FileSystem.readText(Self.reference + "/config.json")
         XCTAssertEqual(try JSONValue.parse(configOurs), try JSONValue.parse(configRef))
@@ -57,8 +59,23 @@ final class BnbCheckpointTests: XCTestCase {
             XCTAssertEqual(weight.shape, base.info(name)?.shape)
             XCTAssertLessThan(relativeError(weight.dequantize(), try base.floats(name)), 0.15, name)
         }
-        // Bits per parameter of these small matrices: 4 + 8/64 + nested + the two maps spread over few elements.
-        XCTAssertEqual(loaded.bitsPerParameter, 4.127 + Double(16 * 4 + 256 * 4) * 8 / Double(loaded.quantized.values.reduce(0) { $0 + $1.elementCount }) * 14 , accuracy: 0.05)
+        // Bits per parameter from the stored bytes: 4 + 8/64 + the nested absmax, plus the two code maps
+        // (1,088 bytes per weight), which weigh a lot in these small matrices.
+        let elements = loaded.quantizedParameterCount
+        XCTAssertEqual(elements, 368_640)
+        let expectedBytes = loaded.quantized.values.reduce(0) { total, w in
+            total + w.elementCount / 2 + w.elementCount / 64 + 4 * ((w.elementCount / 64 + 255) / 256) + 16 * 4 + 256 * 4
+        }
+        XCTAssertEqual(loaded.quantizedStoredBytes, expectedBytes)
+        XCTAssertEqual(loaded.bitsPerParameter, Double(expectedBytes * 8) / Double(elements), accuracy: 1e-12)
+        XCTAssertEqual(loaded.bytesSavedVersusBF16, elements * 2 - expectedBytes)
+    }
+
+    func testQuantizedWeightsOfEitherFolder() throws {
+        let direct = try BnbCheckpoint.quantizedWeights(directory: Self.reference)
+        let onLoad = try BnbCheckpoint.quantizedWeights(directory: Self.base)
+        XCTAssertEqual(direct.count, 14)
+        XCTAssertEqual(direct, onLoad)
     }
 
     // MARK: - Bad input
@@ -66,7 +83,7 @@ final class BnbCheckpointTests: XCTestCase {
     /// Copies the reference checkpoint with `edit` applied to its tensors; returns the folder.
     func brokenCopy(_ edit: (inout [TensorRecord]) -> Void) throws -> String {
         let ref = try SafeTensorsFile(path: Self.reference + "/model.safetensors")
-        var records = try ref.tensors.map { TensorRecord(name: $0.name, dtype: $0.dtype, shape: $0.shape, data: Array(ref.bytes($0))) }
+        var records = ref.tensors.map { TensorRecord(name: $0.name, dtype: $0.dtype, shape: $0.shape, data: Array(ref.bytes($0))) }
         edit(&records)
         let dir = try TestFixtures.temporaryDirectory()
         try SafeTensorsWriter.write(records, metadata: ["format": "pt"], to: dir + "/model.safetensors")
@@ -121,6 +138,17 @@ final class BnbCheckpointTests: XCTestCase {
             }
         }
         assertFileFormatError(dir, mentions: Self.w, "expected [4096, 1]")
+    }
+
+    func testOverflowingQuantStateShape() throws {
+        let dir = try brokenCopy { records in
+            for i in records.indices where records[i].name == Self.w + ".quant_state.bitsandbytes__nf4" {
+                let text = String(decoding: records[i].data, as: UTF8.self)
+                    .replacingOccurrences(of: "[128, 128]", with: "[9999999999999, 9999999999999]")
+                records[i] = TensorRecord(name: records[i].name, dtype: .u8, shape: [text.utf8.count], data: Array(text.utf8))
+            }
+        }
+        assertFileFormatError(dir, mentions: Self.w + ".quant_state", "too large")
     }
 
     func testQuantStateTypeDisagreesWithKey() throws {

@@ -35,3 +35,23 @@ final class DynamicMapTests: XCTestCase {
         }
     }
 }
+
+/// torch's CUDA mean (the double-quant offset), against means an H100 computed (torch, 2026-11-23)
+/// for x[i] = fp32((i * 2654435761) mod 1000003) / 1000003 * fp32(0.1).
+final class TorchCUDAMeanTests: XCTestCase {
+    static let expected: [(Int, UInt32)] = [
+        (1, 0x0000_0000), (2, 0x3CAF_39D7), (3, 0x3D2F_39D7), (4, 0x3D20_705C), (100, 0x3D57_71BB), (127, 0x3D54_3FAA),
+        (128, 0x3D53_A5C2), (129, 0x3D54_69F8), (704, 0x3D4E_0756), (2816, 0x3D4D_5A83), (5000, 0x3D4D_0AF1),
+        (131_072, 0x3D4C_D016), (140_000, 0x3D4C_CEFB), (704_512, 0x3D4C_CD6E), (2_000_000, 0x3D4C_CCBF),
+    ]
+
+    func testMatchesH100() {
+        for (n, bits) in Self.expected {
+            let x = (0..<n).map { i -> Float in
+                let a = Float((UInt64(i) &* 2_654_435_761) % 1_000_003)
+                return a / Float(1_000_003) * Float(0.1)
+            }
+            XCTAssertEqual(torchCUDAMean(x, device: .h100).bitPattern, bits, "n = \(n)")
+        }
+    }
+}
