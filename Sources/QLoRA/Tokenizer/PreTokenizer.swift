@@ -77,7 +77,8 @@ indirect enum PreTokenizer: @unchecked Sendable {
         if case .sequence(let list) = self { return list.reduce(pieces) { $1.apply($0) } }
         var out: [Piece] = []
         out.reserveCapacity(pieces.count)
-        for piece in pieces { apply(piece, into: &out) }
+        // Empty pieces are never pre-tokenized (tokenizers drops them before, so no prefix space is added).
+        for piece in pieces where !piece.bytes.isEmpty { apply(piece, into: &out) }
         return out
     }
 
