@@ -18,17 +18,22 @@ struct TokenizeCommand: ParsableCommand {
     @Option(name: .long, help: "The text to tokenize.")
     var text: String?
 
+    @Option(name: .long, help: "A UTF-8 file whose whole content is the text to tokenize (instead of --text).")
+    var textFile: String?
+
     @Flag(name: .long, help: "Add the bos/eos tokens the tokenizer adds by default (off: the plain ids of the text).")
     var addSpecialTokens = false
 
     func validate() throws {
-        guard text != nil else { throw ValidationError("give the input with --text") }
+        let inputs = [text != nil, textFile != nil].filter { $0 }.count
+        guard inputs == 1 else { throw ValidationError("give exactly one input: --text or --text-file") }
     }
 
     /// The text to encode, from whichever input option was given.
     func inputText(_ tokenizer: Tokenizer) throws -> String {
         if let text { return text }
-        throw ValidationError("give the input with --text")
+        if let textFile { return try FileSystem.readText(textFile) }
+        throw ValidationError("give exactly one input: --text or --text-file")
     }
 
     func run() throws {
