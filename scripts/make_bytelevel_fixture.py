@@ -5,13 +5,13 @@ Tiny byte-level BPEs are trained with the Hugging Face `tokenizers` package (pip
 made with 0.23.3), one per pre-tokenizer configuration that Llama-family models use:
 
   llama3/   Sequence[Split(Llama 3 regex, Isolated), ByteLevel(use_regex false)], ignore_merges true
-  qwen2/    Sequence[Split(Qwen 2 regex, Isolated), ByteLevel(use_regex false)]
+  qwen2/    Sequence[Split(Qwen 2 regex, Isolated), ByteLevel(use_regex false)], normalizer NFC
   digits/   Sequence[Digits(individual_digits true), ByteLevel(use_regex true)] (SmolLM2's own file)
   gpt2/     ByteLevel(add_prefix_space true, use_regex true)
 
 Each has added tokens exercising the flags: <|eot|> (special), <mask> (lstrip, rstrip), <w> (single_word)
-and "hello world" (normalized, not special). goldens.jsonl holds, per text, the pre-tokenizer's pieces
-("splits"), the ids without special tokens and the decode. Texts are hand-picked edge cases plus
+and "hello world" (normalized, not special). goldens.jsonl holds, per text, the pre-tokenizer's pieces of
+the normalized text ("splits"), the ids without special tokens and the decode. Texts are hand-picked edge cases plus
 random strings drawn from letters, digits, whitespace (\r \n \t, U+00A0, U+3000), apostrophes,
 punctuation, accents, combining marks, CJK and emoji.
 
@@ -21,7 +21,7 @@ import json
 import os
 import random
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 OUT = "Tests/Fixtures/bytelevel-bpe"
 
@@ -50,6 +50,7 @@ EDGE_TEXTS = [
     "\"quoted\" (paren) [bracket] {brace} <angle>",
     "naïve café résumé — “quotes”",
     "e\u0301 combining \u0301start",
+    "Ame\u0301lie, A\u030a, \u1100\u1161\u11a8",
     "日本語のテキストと中文",
     "emoji 🤗🚀 mixed",
     "nbsp\u00a0here and ideographic\u3000space",
@@ -91,6 +92,8 @@ def build(variant):
         pre = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
     tok = Tokenizer(models.BPE(ignore_merges=(variant == "llama3")))
     tok.pre_tokenizer = pre
+    if variant == "qwen2":
+        tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=700, min_frequency=1, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|eot|>"])
@@ -113,7 +116,8 @@ def main():
             json.dump(config, f, indent=1)
         with open(os.path.join(folder, "goldens.jsonl"), "w", encoding="utf-8") as f:
             for t in EDGE_TEXTS + random_texts(rng, 150):
-                splits = [s for s, _ in tok.pre_tokenizer.pre_tokenize_str(t)]
+                normalized = tok.normalizer.normalize_str(t) if tok.normalizer else t
+                splits = [s for s, _ in tok.pre_tokenizer.pre_tokenize_str(normalized)]
                 ids = tok.encode(t, add_special_tokens=False).ids
                 f.write(json.dumps({"text": t, "splits": splits, "ids": ids,
                                     "decoded": tok.decode(ids, skip_special_tokens=False)}, ensure_ascii=False) + "\n")
