@@ -77,9 +77,10 @@ final class BPEModel: @unchecked Sendable {
         for (rank, entry) in mergeList.enumerated() {
             let left: String, right: String
             if let s = entry.string {
-                let parts = s.split(separator: " ", omittingEmptySubsequences: false)
+                // Split on the space byte, not on Characters: a space followed by a combining mark is one Character.
+                let parts = Array(s.utf8).split(separator: 0x20, omittingEmptySubsequences: false)
                 guard parts.count == 2 else { throw fail("model.merges[\(rank)]", "expected \"left right\", got \"\(s)\"") }
-                left = String(parts[0]); right = String(parts[1])
+                left = String(decoding: parts[0], as: UTF8.self); right = String(decoding: parts[1], as: UTF8.self)
             } else if let a = entry.array, a.count == 2, let l = a[0].string, let r = a[1].string {
                 left = l; right = r
             } else {

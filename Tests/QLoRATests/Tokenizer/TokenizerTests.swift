@@ -25,12 +25,9 @@ struct TokenizerGolden {
 }
 
 final class TokenizerTests: XCTestCase {
-    static let smol: Tokenizer? = try? Tokenizer(directory: TestFixtures.smolTokenizer)
+    static let smol = Result { try Tokenizer(directory: TestFixtures.smolTokenizer) }
 
-    func smolTokenizer() throws -> Tokenizer {
-        _ = try Tokenizer(directory: TestFixtures.smolTokenizer)  // surfaces the load error, if any
-        return try XCTUnwrap(Self.smol)
-    }
+    func smolTokenizer() throws -> Tokenizer { try Self.smol.get() }
 
     func testSmolGoldenTexts() throws {
         let tokenizer = try smolTokenizer()
@@ -69,6 +66,13 @@ final class TokenizerTests: XCTestCase {
         XCTAssertEqual(tokenizer.decode([1, 4093, 198, 26843, 2, 198], skipSpecialTokens: true), "user\nHi\n")
         // Unknown ids are left out.
         XCTAssertEqual(tokenizer.decode([26843, 1_000_000, -5]), "Hi")
+    }
+
+    func testLoadingFromTheFilePath() throws {
+        let tokenizer = try Tokenizer(directory: TestFixtures.path("sentencepiece-bpe/legacy/tokenizer.json"))
+        XCTAssertEqual(tokenizer.bosTokenID, 1)  // tokenizer_config.json beside it was read
+        XCTAssertEqual(tokenizer.config?["tokenizer_class"]?.string, "LlamaTokenizer")
+        XCTAssertEqual(tokenizer.encode("the", addSpecialTokens: true).first, 1)
     }
 
     func testSmolStreamingDecoderMatchesDecode() throws {
@@ -125,6 +129,26 @@ final class TokenizerTests: XCTestCase {
         XCTAssertEqual(single.encode("a<x>b"), [0, 3, 4, 5, 1])
         XCTAssertEqual(single.decode([0, 10, 6]), "a<x> a")
         XCTAssertEqual(single.decode([0, 10, 6], skipSpecialTokens: true), "a a")
+    }
+
+    func testStringMergesSplitOnTheSpaceByte() throws {
+        // "a \u{301}" is "a", " \u{301}" in Characters (a space with a combining mark); tokenizers splits bytes.
+        let json = try JSONValue.parse(#"{"model": {"type": "BPE", "vocab": {"a": 0, "\u0301": 1, "a\u0301": 2}, "merges": ["a \u0301"]}}"#)
+        let tokenizer = try Tokenizer(json: json, config: nil, source: "inline")
+        XCTAssertEqual(tokenizer.encode("a\u{301}a"), [2, 0])
+        XCTAssertEqual(tokenizer.decode([2, 0]), "a\u{301} a")  // no decoder: tokens joined by spaces
+    }
+
+    func testEncodingFromManyThreads() throws {
+        let tokenizer = try smolTokenizer()
+        let goldens = try TokenizerGolden.load(TestFixtures.path("smollm2-tokenizer/goldens.jsonl"))
+        let failures = UnsafeMutablePointer<Int>.allocate(capacity: goldens.count * 8)
+        defer { failures.deallocate() }
+        DispatchQueue.concurrentPerform(iterations: goldens.count * 8) { i in
+            let g = goldens[i % goldens.count]
+            failures[i] = tokenizer.encode(g.text) == g.ids ? 0 : 1
+        }
+        XCTAssertEqual((0..<(goldens.count * 8)).map { failures[$0] }.reduce(0, +), 0)
     }
 
     func testBadTokenizerFilesGiveFileFormatErrors() throws {
