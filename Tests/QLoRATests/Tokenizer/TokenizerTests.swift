@@ -139,6 +139,18 @@ final class TokenizerTests: XCTestCase {
         XCTAssertEqual(tokenizer.decode([2, 0]), "a\u{301} a")  // no decoder: tokens joined by spaces
     }
 
+    func testCanonicallyEquivalentVocabEntriesStayDistinct() throws {
+        // "\u00e9" and "e\u0301" are different tokens (Swift's String == would call them equal).
+        let json = try JSONValue.parse(#"{"model": {"type": "BPE", "vocab": {"e": 0, "\u0301": 1, "\u00e9": 2, "e\u0301": 3}, "merges": [["e", "\u0301"]]}}"#)
+        let tokenizer = try Tokenizer(json: json, config: nil, source: "inline")
+        XCTAssertEqual(tokenizer.vocabularySize, 4)
+        XCTAssertEqual(tokenizer.encode("\u{e9}"), [2])
+        XCTAssertEqual(tokenizer.encode("e\u{301}"), [3])
+        XCTAssertEqual(tokenizer.id(forToken: "\u{e9}"), 2)
+        XCTAssertEqual(tokenizer.id(forToken: "e\u{301}"), 3)
+        XCTAssertEqual(tokenizer.token(forID: 3).map { Array($0.utf8) }, Array("e\u{301}".utf8))
+    }
+
     func testEncodingFromManyThreads() throws {
         let tokenizer = try smolTokenizer()
         let goldens = try TokenizerGolden.load(TestFixtures.path("smollm2-tokenizer/goldens.jsonl"))
