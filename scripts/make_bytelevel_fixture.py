@@ -11,7 +11,7 @@ made with 0.23.3), one per pre-tokenizer configuration that Llama-family models 
 
 Each has added tokens exercising the flags: <|eot|> (special), <mask> (lstrip, rstrip), <w> (single_word)
 and "hello world" (normalized, not special). goldens.jsonl holds, per text, the pre-tokenizer's pieces of
-the normalized text ("splits"), the ids without special tokens and the decode. Texts are hand-picked edge cases plus
+the normalized text ("splits"), the ids without special tokens and the decode; "decode_ids" lines decode random id lists. Texts are hand-picked edge cases plus
 random strings drawn from letters, digits, whitespace (\r \n \t, U+00A0, U+3000), apostrophes,
 punctuation, accents, combining marks, CJK and emoji.
 
@@ -121,6 +121,13 @@ def main():
                 ids = tok.encode(t, add_special_tokens=False).ids
                 f.write(json.dumps({"text": t, "splits": splits, "ids": ids,
                                     "decoded": tok.decode(ids, skip_special_tokens=False)}, ensure_ascii=False) + "\n")
+            # Arbitrary id lists: byte tokens in any order make invalid UTF-8 that decoding must repair.
+            size = tok.get_vocab_size(with_added_tokens=True)
+            for _ in range(40):
+                ids = [rng.randrange(size) for _ in range(rng.randrange(1, 10))]
+                f.write(json.dumps({"decode_ids": ids, "decoded": tok.decode(ids, skip_special_tokens=False),
+                                    "decoded_skipping_special": tok.decode(ids, skip_special_tokens=True)},
+                                   ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

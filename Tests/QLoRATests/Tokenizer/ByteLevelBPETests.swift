@@ -9,9 +9,16 @@ final class ByteLevelBPETests: XCTestCase {
         let tokenizer = try Tokenizer(directory: dir)
         let pre = try XCTUnwrap(tokenizer.preTokenizer)
         let content = try String(contentsOfFile: dir + "/goldens.jsonl", encoding: .utf8)
-        var count = 0
+        var count = 0, decodes = 0
         for line in content.split(separator: "\n") {
             let g = try JSONValue.parse(String(line))
+            if let ids = g["decode_ids"]?.array?.compactMap({ $0.int }) {
+                XCTAssertEqual(tokenizer.decode(ids), g["decoded"]?.string, "\(variant): decode \(ids)")
+                XCTAssertEqual(tokenizer.decode(ids, skipSpecialTokens: true), g["decoded_skipping_special"]?.string,
+                               "\(variant): decode skipping special \(ids)")
+                decodes += 1
+                continue
+            }
             let text = try XCTUnwrap(g["text"]?.string)
             let splits = try XCTUnwrap(g["splits"]?.array?.compactMap { $0.string })
             let ids = try XCTUnwrap(g["ids"]?.array?.compactMap { $0.int })
@@ -23,6 +30,7 @@ final class ByteLevelBPETests: XCTestCase {
             count += 1
         }
         XCTAssertEqual(count, 176)
+        XCTAssertEqual(decodes, 40)
     }
 
     func testLlama3SplitRegexWithIgnoreMerges() throws { try check("llama3") }
