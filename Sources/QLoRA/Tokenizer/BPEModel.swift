@@ -148,7 +148,7 @@ final class BPEModel: @unchecked Sendable {
     func initialSymbols(_ word: [UInt8]) -> [Int32] {
         var symbols: [Int32] = []
         symbols.reserveCapacity(word.count)
-        var pendingUnk: (id: Int32, count: Int)? = nil
+        var pendingUnk: Int32? = nil  // an unk not yet added, so that the next one can fuse with it
         let simple = prefix.isEmpty && suffix.isEmpty
         word.withUnsafeBufferPointer { b in
             var i = 0
@@ -167,7 +167,7 @@ final class BPEModel: @unchecked Sendable {
                     if let found = vocab[ByteString(piece)] { id = Int32(found) }
                 }
                 if id >= 0 {
-                    if let unk = pendingUnk { symbols.append(unk.id); pendingUnk = nil }
+                    if let unk = pendingUnk { symbols.append(unk); pendingUnk = nil }
                     symbols.append(id)
                     i += l
                     continue
@@ -183,14 +183,12 @@ final class BPEModel: @unchecked Sendable {
                     }
                 }
                 if let unkID {
-                    if let unk = pendingUnk, !fuseUnk {
-                        symbols.append(unk.id)
-                    }
-                    pendingUnk = (Int32(unkID), (pendingUnk?.count ?? 0) + 1)
+                    if let unk = pendingUnk, !fuseUnk { symbols.append(unk) }
+                    pendingUnk = Int32(unkID)
                 }
             }
         }
-        if let unk = pendingUnk { symbols.append(unk.id) }
+        if let unk = pendingUnk { symbols.append(unk) }
         return symbols
     }
 

@@ -131,6 +131,19 @@ final class TokenizerTests: XCTestCase {
         XCTAssertEqual(single.decode([0, 10, 6], skipSpecialTokens: true), "a a")
     }
 
+    func testUnknownCharactersFusedOrNotAndByteFallbackOrder() throws {
+        // Expected ids from Python tokenizers 0.23.3: byte tokens go in before a pending unk.
+        for (fuse, expected1, expected2) in [(false, [0, 0, 1, 2, 0], [2, 0, 0]), (true, [0, 1, 2, 0], [2, 0])] {
+            let json = try JSONValue.parse("""
+            {"model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 1, "<0x78>": 2}, "merges": [],
+                       "unk_token": "<unk>", "fuse_unk": \(fuse), "byte_fallback": true}}
+            """)
+            let tokenizer = try Tokenizer(json: json, config: nil, source: "inline")
+            XCTAssertEqual(tokenizer.encode("yzaxy"), expected1, "fuse_unk \(fuse)")
+            XCTAssertEqual(tokenizer.encode("yxz"), expected2, "fuse_unk \(fuse)")
+        }
+    }
+
     func testStringMergesSplitOnTheSpaceByte() throws {
         // "a \u{301}" is "a", " \u{301}" in Characters (a space with a combining mark); tokenizers splits bytes.
         let json = try JSONValue.parse(#"{"model": {"type": "BPE", "vocab": {"a": 0, "\u0301": 1, "a\u0301": 2}, "merges": ["a \u0301"]}}"#)
