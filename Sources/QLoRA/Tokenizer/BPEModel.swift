@@ -28,6 +28,9 @@ final class BPEModel: @unchecked Sendable {
     /// `<0xNN>` token ids (-1 when absent).
     private let byteTokenIDs: [Int32]
 
+    /// Ids at or above this are refused (a corrupt file must not make us allocate gigabytes).
+    static let maxTokenID = 1 << 24
+
     private let cacheLock = TokenizerLock()
     private var cache: [ByteString: [Int32]] = [:]
     private static let cacheCapacity = 100_000
@@ -42,8 +45,8 @@ final class BPEModel: @unchecked Sendable {
         vocab.reserveCapacity(vocabObject.count)
         var maxID = -1
         for (token, value) in vocabObject {
-            guard let id = value.int, id >= 0, id < Int(Int32.max) else {
-                throw fail("model.vocab[\"\(token)\"]", "expected a non-negative integer id")
+            guard let id = value.int, id >= 0, id < Self.maxTokenID else {
+                throw fail("model.vocab[\"\(token)\"]", "expected an integer id from 0 to \(Self.maxTokenID - 1)")
             }
             vocab[ByteString(token)] = id
             maxID = max(maxID, id)

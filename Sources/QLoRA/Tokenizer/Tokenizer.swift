@@ -106,8 +106,8 @@ public final class Tokenizer: @unchecked Sendable {
         if let list = json["added_tokens"], !list.isNull {
             guard let array = list.array else { throw fail("added_tokens", "expected an array") }
             for (i, entry) in array.enumerated() {
-                guard let id = entry["id"]?.int, id >= 0, let content = entry["content"]?.string else {
-                    throw fail("added_tokens[\(i)]", "expected an object with \"id\" and \"content\"")
+                guard let id = entry["id"]?.int, id >= 0, id < BPEModel.maxTokenID, let content = entry["content"]?.string else {
+                    throw fail("added_tokens[\(i)]", "expected an object with \"id\" (0 to \(BPEModel.maxTokenID - 1)) and \"content\"")
                 }
                 guard !content.isEmpty else { throw fail("added_tokens[\(i)]", "empty token content") }
                 added.append(AddedToken(

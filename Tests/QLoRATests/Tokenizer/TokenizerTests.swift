@@ -201,6 +201,12 @@ final class TokenizerTests: XCTestCase {
         XCTAssertTrue(badPre.message.contains("Mystery"))
         let badVocab = try XCTUnwrap(error(#"{"model": {"type": "BPE", "vocab": {"a": "zero"}, "merges": []}}"#))
         XCTAssertTrue(badVocab.place.hasPrefix("model.vocab"))
+        let hugeID = try XCTUnwrap(error(#"{"model": {"type": "BPE", "vocab": {"a": 4000000000}, "merges": []}}"#))
+        XCTAssertTrue(hugeID.place.hasPrefix("model.vocab"))
+        let badAdded = try XCTUnwrap(error(#"{"model": {"type": "BPE", "vocab": {}, "merges": []}, "added_tokens": [{"content": "x"}]}"#))
+        XCTAssertEqual(badAdded.place, "added_tokens[0]")
+        let badRegex = try XCTUnwrap(error(#"{"model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(unclosed"}, "behavior": "Isolated"}}"#))
+        XCTAssertEqual(badRegex.place, "pre_tokenizer.pattern")
 
         // A folder without tokenizer.json, and a file that is not JSON.
         let dir = try TestFixtures.temporaryDirectory()
