@@ -84,6 +84,9 @@ final class TokenizerTests: XCTestCase {
             for id in g.ids { pieces.append(stream.append(id)) }
             pieces.append(stream.finish())
             XCTAssertEqual(pieces.joined(), tokenizer.decode(g.ids), "stream \(g.text.debugDescription)")
+            var skipping = StreamingDecoder(tokenizer: tokenizer, skipSpecialTokens: true)
+            let streamed = g.ids.map { skipping.append($0) }.joined() + skipping.finish()
+            XCTAssertEqual(streamed, tokenizer.decode(g.ids, skipSpecialTokens: true), "stream skipping special \(g.text.debugDescription)")
             // Never half a character: every piece is valid on its own (no U+FFFD made up by splitting).
             for p in pieces { XCTAssertFalse(p.unicodeScalars.contains("\u{FFFD}"), "piece \(p.debugDescription)") }
         }
