@@ -10,8 +10,10 @@ one vocab (<unk>, <s>, </s>, the 256 <0xNN> byte tokens, then the trained tokens
   metaspace/    no normalizer, pre-tokenizer Metaspace(prepend_scheme "first", split false),
                 byte_fallback (newer Llama / Mistral files).
   no-fallback/  as legacy but byte_fallback false and fuse_unk true: unknown characters become <unk>.
+  metaspace-decoder/  pre-tokenizer Metaspace(prepend_scheme "always", split true) and decoder
+                Metaspace (older Llama conversions); byte tokens stay "<0xNN>" in the decode.
 
-All have the decoder Sequence[Replace("▁" → " "), ByteFallback, Fuse, Strip(" ", 1, 0)], a special added
+All but metaspace-decoder have the decoder Sequence[Replace("▁" → " "), ByteFallback, Fuse, Strip(" ", 1, 0)], a special added
 token <|user|> and a normal added token "foo bar" (normalized: true, so it is matched after
 normalization as "▁foo▁bar"). goldens.jsonl in each holds, per text, the ids with and without special
 tokens and the decode (with and without skip_special_tokens); "decode_ids" lines decode arbitrary id
@@ -95,6 +97,9 @@ def tokenizer_json(vocab, merges, variant):
     if variant == "metaspace":
         normalizer = None
         pre = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    elif variant == "metaspace-decoder":
+        normalizer = None
+        pre = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
     else:
         normalizer = {"type": "Sequence", "normalizers": [
             {"type": "Prepend", "prepend": "▁"},
@@ -114,7 +119,8 @@ def tokenizer_json(vocab, merges, variant):
                      {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
         },
-        "decoder": {"type": "Sequence", "decoders": [
+        "decoder": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+        if variant == "metaspace-decoder" else {"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
             {"type": "ByteFallback"},
             {"type": "Fuse"},
@@ -130,7 +136,7 @@ def tokenizer_json(vocab, merges, variant):
 def main():
     vocab, merges = train()
     rng = random.Random(1234)
-    for variant in ["legacy", "metaspace", "no-fallback"]:
+    for variant in ["legacy", "metaspace", "no-fallback", "metaspace-decoder"]:
         folder = os.path.join(OUT, variant)
         os.makedirs(folder, exist_ok=True)
         data = tokenizer_json(vocab, merges, variant)

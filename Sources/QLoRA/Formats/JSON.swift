@@ -25,7 +25,20 @@ public enum JSONValue: Equatable, Sendable {
 /// An insertion-ordered JSON object.
 public struct JSONObject: Equatable, Sendable, Sequence {
     public private(set) var keys: [String] = []
-    private var storage: [String: JSONValue] = [:]
+    private var storage: [Key: JSONValue] = [:]
+
+    /// Keys compare by their UTF-8 bytes, as Python's do. (Swift's String == treats canonically
+    /// equivalent spellings such as "é" and "e\u{301}" as one key, which would merge distinct
+    /// entries of a tokenizer vocab.)
+    private struct Key: Hashable, Sendable {
+        let string: String
+        init(_ string: String) { self.string = string }
+        static func == (a: Key, b: Key) -> Bool { a.string.utf8.elementsEqual(b.string.utf8) }
+        func hash(into hasher: inout Hasher) {
+            var s = string
+            s.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer($0)) }
+        }
+    }
 
     public init() {}
     public init(_ pairs: [(String, JSONValue)]) {
@@ -33,12 +46,12 @@ public struct JSONObject: Equatable, Sendable, Sequence {
     }
 
     public subscript(key: String) -> JSONValue? {
-        get { storage[key] }
+        get { storage[Key(key)] }
         set {
             if let newValue {
-                if storage.updateValue(newValue, forKey: key) == nil { keys.append(key) }
-            } else if storage.removeValue(forKey: key) != nil {
-                keys.removeAll { $0 == key }
+                if storage.updateValue(newValue, forKey: Key(key)) == nil { keys.append(key) }
+            } else if storage.removeValue(forKey: Key(key)) != nil {
+                keys.removeAll { $0.utf8.elementsEqual(key.utf8) }
             }
         }
     }
@@ -50,7 +63,7 @@ public struct JSONObject: Equatable, Sendable, Sequence {
         return AnyIterator {
             guard i < keys.count else { return nil }
             defer { i += 1 }
-            return (keys[i], storage[keys[i]]!)
+            return (keys[i], storage[Key(keys[i])]!)
         }
     }
 }

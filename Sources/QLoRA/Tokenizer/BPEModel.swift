@@ -28,6 +28,9 @@ final class BPEModel: @unchecked Sendable {
     /// `<0xNN>` token ids (-1 when absent).
     private let byteTokenIDs: [Int32]
 
+    /// Ids at or above this are refused (a corrupt file must not make us allocate gigabytes).
+    static let maxTokenID = 1 << 24
+
     private let cacheLock = TokenizerLock()
     private var cache: [ByteString: [Int32]] = [:]
     private static let cacheCapacity = 100_000
@@ -42,8 +45,8 @@ final class BPEModel: @unchecked Sendable {
         vocab.reserveCapacity(vocabObject.count)
         var maxID = -1
         for (token, value) in vocabObject {
-            guard let id = value.int, id >= 0, id < Int(Int32.max) else {
-                throw fail("model.vocab[\"\(token)\"]", "expected a non-negative integer id")
+            guard let id = value.int, id >= 0, id < Self.maxTokenID else {
+                throw fail("model.vocab[\"\(token)\"]", "expected an integer id from 0 to \(Self.maxTokenID - 1)")
             }
             vocab[ByteString(token)] = id
             maxID = max(maxID, id)
@@ -77,9 +80,10 @@ final class BPEModel: @unchecked Sendable {
         for (rank, entry) in mergeList.enumerated() {
             let left: String, right: String
             if let s = entry.string {
-                let parts = s.split(separator: " ", omittingEmptySubsequences: false)
+                // Split on the space byte, not on Characters: a space followed by a combining mark is one Character.
+                let parts = Array(s.utf8).split(separator: 0x20, omittingEmptySubsequences: false)
                 guard parts.count == 2 else { throw fail("model.merges[\(rank)]", "expected \"left right\", got \"\(s)\"") }
-                left = String(parts[0]); right = String(parts[1])
+                left = String(decoding: parts[0], as: UTF8.self); right = String(decoding: parts[1], as: UTF8.self)
             } else if let a = entry.array, a.count == 2, let l = a[0].string, let r = a[1].string {
                 left = l; right = r
             } else {
@@ -147,7 +151,7 @@ final class BPEModel: @unchecked Sendable {
     func initialSymbols(_ word: [UInt8]) -> [Int32] {
         var symbols: [Int32] = []
         symbols.reserveCapacity(word.count)
-        var pendingUnk: (id: Int32, count: Int)? = nil
+        var pendingUnk: Int32? = nil  // an unk not yet added, so that the next one can fuse with it
         let simple = prefix.isEmpty && suffix.isEmpty
         word.withUnsafeBufferPointer { b in
             var i = 0
@@ -166,7 +170,7 @@ final class BPEModel: @unchecked Sendable {
                     if let found = vocab[ByteString(piece)] { id = Int32(found) }
                 }
                 if id >= 0 {
-                    if let unk = pendingUnk { symbols.append(unk.id); pendingUnk = nil }
+                    if let unk = pendingUnk { symbols.append(unk); pendingUnk = nil }
                     symbols.append(id)
                     i += l
                     continue
@@ -182,14 +186,12 @@ final class BPEModel: @unchecked Sendable {
                     }
                 }
                 if let unkID {
-                    if let unk = pendingUnk, !fuseUnk {
-                        symbols.append(unk.id)
-                    }
-                    pendingUnk = (Int32(unkID), (pendingUnk?.count ?? 0) + 1)
+                    if let unk = pendingUnk, !fuseUnk { symbols.append(unk) }
+                    pendingUnk = Int32(unkID)
                 }
             }
         }
-        if let unk = pendingUnk { symbols.append(unk.id) }
+        if let unk = pendingUnk { symbols.append(unk) }
         return symbols
     }
 

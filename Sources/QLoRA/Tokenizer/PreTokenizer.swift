@@ -70,14 +70,50 @@ indirect enum PreTokenizer: @unchecked Sendable {
         }
     }
 
-    private static let whitespaceRegex = try? SplitPattern.regex(#"\w+|[^\w\s]+"#)
+    /// Oniguruma's `\w`: Alphabetic, marks, decimal digits, connector punctuation, joiners.
+    private static func isWordScalar(_ v: UInt32) -> Bool {
+        if v < 0x80 {
+            let c = UInt8(v)
+            return (0x30...0x39).contains(c) || (0x41...0x5A).contains(c) || (0x61...0x7A).contains(c) || c == 0x5F
+        }
+        if v == 0x200C || v == 0x200D { return true }
+        guard let s = Unicode.Scalar(v) else { return false }
+        if s.properties.isAlphabetic { return true }
+        switch s.properties.generalCategory {
+        case .nonspacingMark, .spacingMark, .enclosingMark, .decimalNumber, .connectorPunctuation: return true
+        default: return false
+        }
+    }
+
+    /// Matches of `\w+|[^\w\s]+` (the Whitespace pre-tokenizer's regex).
+    private static func wordMatches(_ text: [UInt8]) -> [Range<Int>] {
+        text.withUnsafeBufferPointer { b in
+            var out: [Range<Int>] = []
+            var i = 0
+            while i < b.count {
+                let (v, l) = UnicodeText.scalar(b, i)
+                if UnicodeText.isWhitespace(v) { i += l; continue }
+                let word = isWordScalar(v)
+                var j = i + l
+                while j < b.count {
+                    let (v2, l2) = UnicodeText.scalar(b, j)
+                    if UnicodeText.isWhitespace(v2) || isWordScalar(v2) != word { break }
+                    j += l2
+                }
+                out.append(i..<j)
+                i = j
+            }
+            return out
+        }
+    }
 
     /// Splits every piece, in order.
     func apply(_ pieces: [Piece]) -> [Piece] {
         if case .sequence(let list) = self { return list.reduce(pieces) { $1.apply($0) } }
         var out: [Piece] = []
         out.reserveCapacity(pieces.count)
-        for piece in pieces { apply(piece, into: &out) }
+        // Empty pieces are never pre-tokenized (tokenizers drops them before, so no prefix space is added).
+        for piece in pieces where !piece.bytes.isEmpty { apply(piece, into: &out) }
         return out
     }
 
@@ -128,8 +164,7 @@ indirect enum PreTokenizer: @unchecked Sendable {
                 out.append(moved)
             }
         case .whitespace:
-            guard let regex = Self.whitespaceRegex else { out.append(piece); return }
-            splitPiece(piece, Splitting.pieces(count: bytes.count, matches: regex.matches(in: bytes), behavior: .removed, invert: true), into: &out)
+            splitPiece(piece, Splitting.pieces(count: bytes.count, matches: Self.wordMatches(bytes), behavior: .removed, invert: true), into: &out)
         case .whitespaceSplit:
             let matches = Splitting.scalarMatches(bytes, UnicodeText.isWhitespace)
             splitPiece(piece, Splitting.pieces(count: bytes.count, matches: matches, behavior: .removed), into: &out)

@@ -1,10 +1,11 @@
 // Incremental decoding for generation: text comes out as tokens arrive, never half a character.
 //
-// Method (as tokenizers' DecodeStream): keep the ids since the last emitted text plus a few earlier ones
-// as context (decoders such as Strip or Metaspace treat the first token specially, so decoding a token on
-// its own would differ from decoding it in place). Decode the window; if it is longer than the decoded
-// context and does not end in an incomplete UTF-8 sequence (or in U+FFFD, which ByteFallback makes of
-// pending byte tokens), emit the new part and move the window.
+// Method (as tokenizers' DecodeStream): keep a window of ids made of the tokens that produced the last
+// emitted text (the context) and those since. Decoders such as Strip or Metaspace treat the first token
+// specially, so a token decoded on its own could differ from the same token decoded in place; decoding it
+// after its context avoids that. When the window decodes to more than the context does and does not end
+// in an incomplete UTF-8 sequence (or in U+FFFD, which ByteFallback makes of pending byte tokens), the
+// extra text is emitted and the window moves on.
 
 public struct StreamingDecoder {
     public let tokenizer: Tokenizer
@@ -20,6 +21,8 @@ public struct StreamingDecoder {
 
     /// Adds one generated id; returns the text it completes ("" while a character is incomplete).
     public mutating func append(_ id: Int) -> String {
+        // A skipped token adds no text and no context; keeping it out stops the window from growing.
+        if skipSpecialTokens && tokenizer.specialTokenIDs.contains(id) { return "" }
         ids.append(id)
         let text = tokenizer.decodeBytes(ids, skipSpecialTokens: skipSpecialTokens)
         guard text.count > prefix.count, !text.endsIncomplete else { return "" }

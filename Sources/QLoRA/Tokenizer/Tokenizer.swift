@@ -42,17 +42,25 @@ public final class Tokenizer: @unchecked Sendable {
     public let specialTokenIDs: Set<Int>
     /// One more than the largest id of the vocab and the added tokens.
     public let vocabularySize: Int
+    /// The parsed tokenizer_config.json, when there was one (e.g. for its "chat_template").
+    public let config: JSONValue?
     /// The "added_tokens" entries, in file order.
     public var addedTokens: [AddedToken] { addedVocabulary.tokens }
 
-    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` from a folder.
+    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` from a folder. A path to a
+    /// tokenizer.json file itself is accepted too (the config is then looked for beside it).
     public convenience init(directory: String) throws {
-        let path = directory + "/tokenizer.json"
+        var folder = directory
+        var path = directory + "/tokenizer.json"
+        if !FileSystem.isDirectory(directory) && FileSystem.exists(directory) {
+            path = directory
+            if let slash = directory.lastIndex(of: "/") { folder = String(directory[..<slash]) } else { folder = "." }
+        }
         guard FileSystem.exists(path) else {
             throw FileFormatError(file: directory, place: "folder", "no tokenizer.json in this folder")
         }
         let json = try Self.readJSON(path)
-        let configPath = directory + "/tokenizer_config.json"
+        let configPath = folder + "/tokenizer_config.json"
         let config = FileSystem.exists(configPath) ? try Self.readJSON(configPath) : nil
         try self.init(json: json, config: config, source: path)
     }
@@ -70,6 +78,7 @@ public final class Tokenizer: @unchecked Sendable {
     /// - Parameter source: the file name to use in error messages.
     public init(json: JSONValue, config: JSONValue?, source: String) throws {
         self.source = source
+        self.config = config
         func fail(_ place: String, _ message: String) -> FileFormatError {
             FileFormatError(file: source, place: place, message)
         }
@@ -97,8 +106,8 @@ public final class Tokenizer: @unchecked Sendable {
         if let list = json["added_tokens"], !list.isNull {
             guard let array = list.array else { throw fail("added_tokens", "expected an array") }
             for (i, entry) in array.enumerated() {
-                guard let id = entry["id"]?.int, id >= 0, let content = entry["content"]?.string else {
-                    throw fail("added_tokens[\(i)]", "expected an object with \"id\" and \"content\"")
+                guard let id = entry["id"]?.int, id >= 0, id < BPEModel.maxTokenID, let content = entry["content"]?.string else {
+                    throw fail("added_tokens[\(i)]", "expected an object with \"id\" (0 to \(BPEModel.maxTokenID - 1)) and \"content\"")
                 }
                 guard !content.isEmpty else { throw fail("added_tokens[\(i)]", "empty token content") }
                 added.append(AddedToken(

@@ -42,6 +42,7 @@ final class SentencePieceBPETests: XCTestCase {
     func testLegacyPrependReplaceNormalizer() throws { try check("legacy") }
     func testMetaspacePreTokenizer() throws { try check("metaspace") }
     func testUnknownCharactersWithoutByteFallback() throws { try check("no-fallback") }
+    func testMetaspaceSplitAndMetaspaceDecoder() throws { try check("metaspace-decoder") }
 
     func testByteFallbackTokensForUnseenCharacters() throws {
         let tokenizer = try Tokenizer(directory: TestFixtures.path("sentencepiece-bpe/legacy"))

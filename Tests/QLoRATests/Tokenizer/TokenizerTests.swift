@@ -25,12 +25,9 @@ struct TokenizerGolden {
 }
 
 final class TokenizerTests: XCTestCase {
-    static let smol: Tokenizer? = try? Tokenizer(directory: TestFixtures.smolTokenizer)
+    static let smol = Result { try Tokenizer(directory: TestFixtures.smolTokenizer) }
 
-    func smolTokenizer() throws -> Tokenizer {
-        _ = try Tokenizer(directory: TestFixtures.smolTokenizer)  // surfaces the load error, if any
-        return try XCTUnwrap(Self.smol)
-    }
+    func smolTokenizer() throws -> Tokenizer { try Self.smol.get() }
 
     func testSmolGoldenTexts() throws {
         let tokenizer = try smolTokenizer()
@@ -71,6 +68,13 @@ final class TokenizerTests: XCTestCase {
         XCTAssertEqual(tokenizer.decode([26843, 1_000_000, -5]), "Hi")
     }
 
+    func testLoadingFromTheFilePath() throws {
+        let tokenizer = try Tokenizer(directory: TestFixtures.path("sentencepiece-bpe/legacy/tokenizer.json"))
+        XCTAssertEqual(tokenizer.bosTokenID, 1)  // tokenizer_config.json beside it was read
+        XCTAssertEqual(tokenizer.config?["tokenizer_class"]?.string, "LlamaTokenizer")
+        XCTAssertEqual(tokenizer.encode("the", addSpecialTokens: true).first, 1)
+    }
+
     func testSmolStreamingDecoderMatchesDecode() throws {
         let tokenizer = try smolTokenizer()
         let goldens = try TokenizerGolden.load(TestFixtures.path("smollm2-tokenizer/goldens.jsonl"))
@@ -80,6 +84,9 @@ final class TokenizerTests: XCTestCase {
             for id in g.ids { pieces.append(stream.append(id)) }
             pieces.append(stream.finish())
             XCTAssertEqual(pieces.joined(), tokenizer.decode(g.ids), "stream \(g.text.debugDescription)")
+            var skipping = StreamingDecoder(tokenizer: tokenizer, skipSpecialTokens: true)
+            let streamed = g.ids.map { skipping.append($0) }.joined() + skipping.finish()
+            XCTAssertEqual(streamed, tokenizer.decode(g.ids, skipSpecialTokens: true), "stream skipping special \(g.text.debugDescription)")
             // Never half a character: every piece is valid on its own (no U+FFFD made up by splitting).
             for p in pieces { XCTAssertFalse(p.unicodeScalars.contains("\u{FFFD}"), "piece \(p.debugDescription)") }
         }
@@ -127,6 +134,51 @@ final class TokenizerTests: XCTestCase {
         XCTAssertEqual(single.decode([0, 10, 6], skipSpecialTokens: true), "a a")
     }
 
+    func testUnknownCharactersFusedOrNotAndByteFallbackOrder() throws {
+        // Expected ids from Python tokenizers 0.23.3: byte tokens go in before a pending unk.
+        for (fuse, expected1, expected2) in [(false, [0, 0, 1, 2, 0], [2, 0, 0]), (true, [0, 1, 2, 0], [2, 0])] {
+            let json = try JSONValue.parse("""
+            {"model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 1, "<0x78>": 2}, "merges": [],
+                       "unk_token": "<unk>", "fuse_unk": \(fuse), "byte_fallback": true}}
+            """)
+            let tokenizer = try Tokenizer(json: json, config: nil, source: "inline")
+            XCTAssertEqual(tokenizer.encode("yzaxy"), expected1, "fuse_unk \(fuse)")
+            XCTAssertEqual(tokenizer.encode("yxz"), expected2, "fuse_unk \(fuse)")
+        }
+    }
+
+    func testStringMergesSplitOnTheSpaceByte() throws {
+        // "a \u{301}" is "a", " \u{301}" in Characters (a space with a combining mark); tokenizers splits bytes.
+        let json = try JSONValue.parse(#"{"model": {"type": "BPE", "vocab": {"a": 0, "\u0301": 1, "a\u0301": 2}, "merges": ["a \u0301"]}}"#)
+        let tokenizer = try Tokenizer(json: json, config: nil, source: "inline")
+        XCTAssertEqual(tokenizer.encode("a\u{301}a"), [2, 0])
+        XCTAssertEqual(tokenizer.decode([2, 0]), "a\u{301} a")  // no decoder: tokens joined by spaces
+    }
+
+    func testCanonicallyEquivalentVocabEntriesStayDistinct() throws {
+        // "\u00e9" and "e\u0301" are different tokens (Swift's String == would call them equal).
+        let json = try JSONValue.parse(#"{"model": {"type": "BPE", "vocab": {"e": 0, "\u0301": 1, "\u00e9": 2, "e\u0301": 3}, "merges": [["e", "\u0301"]]}}"#)
+        let tokenizer = try Tokenizer(json: json, config: nil, source: "inline")
+        XCTAssertEqual(tokenizer.vocabularySize, 4)
+        XCTAssertEqual(tokenizer.encode("\u{e9}"), [2])
+        XCTAssertEqual(tokenizer.encode("e\u{301}"), [3])
+        XCTAssertEqual(tokenizer.id(forToken: "\u{e9}"), 2)
+        XCTAssertEqual(tokenizer.id(forToken: "e\u{301}"), 3)
+        XCTAssertEqual(tokenizer.token(forID: 3).map { Array($0.utf8) }, Array("e\u{301}".utf8))
+    }
+
+    func testEncodingFromManyThreads() throws {
+        let tokenizer = try smolTokenizer()
+        let goldens = try TokenizerGolden.load(TestFixtures.path("smollm2-tokenizer/goldens.jsonl"))
+        let failures = UnsafeMutablePointer<Int>.allocate(capacity: goldens.count * 8)
+        defer { failures.deallocate() }
+        DispatchQueue.concurrentPerform(iterations: goldens.count * 8) { i in
+            let g = goldens[i % goldens.count]
+            failures[i] = tokenizer.encode(g.text) == g.ids ? 0 : 1
+        }
+        XCTAssertEqual((0..<(goldens.count * 8)).map { failures[$0] }.reduce(0, +), 0)
+    }
+
     func testBadTokenizerFilesGiveFileFormatErrors() throws {
         func error(_ text: String) -> FileFormatError? {
             do {
@@ -152,6 +204,12 @@ final class TokenizerTests: XCTestCase {
         XCTAssertTrue(badPre.message.contains("Mystery"))
         let badVocab = try XCTUnwrap(error(#"{"model": {"type": "BPE", "vocab": {"a": "zero"}, "merges": []}}"#))
         XCTAssertTrue(badVocab.place.hasPrefix("model.vocab"))
+        let hugeID = try XCTUnwrap(error(#"{"model": {"type": "BPE", "vocab": {"a": 4000000000}, "merges": []}}"#))
+        XCTAssertTrue(hugeID.place.hasPrefix("model.vocab"))
+        let badAdded = try XCTUnwrap(error(#"{"model": {"type": "BPE", "vocab": {}, "merges": []}, "added_tokens": [{"content": "x"}]}"#))
+        XCTAssertEqual(badAdded.place, "added_tokens[0]")
+        let badRegex = try XCTUnwrap(error(#"{"model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(unclosed"}, "behavior": "Isolated"}}"#))
+        XCTAssertEqual(badRegex.place, "pre_tokenizer.pattern")
 
         // A folder without tokenizer.json, and a file that is not JSON.
         let dir = try TestFixtures.temporaryDirectory()
