@@ -13,7 +13,7 @@
 
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
     const float mm = fmaxf(m, m2);
-    if (mm == -INFINITY) return;  // both empty
+    if (mm == -QLORA_INFINITY) return;  // both empty
     s = s * __expf(m - mm) + s2 * __expf(m2 - mm);
     m = mm;
 }
@@ -27,7 +27,7 @@ extern "C" __global__ void cross_entropy_forward_backward(const bf16* logits, co
     const int label = labels[row];
     const bool ignored = label == -100;
 
-    float m = -INFINITY, s = 0.0f;
+    float m = -QLORA_INFINITY, s = 0.0f;
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
         const float v = bf16_to_float(z[j]);
         if (v > m) {
@@ -47,7 +47,7 @@ extern "C" __global__ void cross_entropy_forward_backward(const bf16* logits, co
     __syncthreads();
     if (warp == 0) {
         const int warps = blockDim.x >> 5;
-        m = lane < warps ? shared_m[lane] : -INFINITY;
+        m = lane < warps ? shared_m[lane] : -QLORA_INFINITY;
         s = lane < warps ? shared_s[lane] : 0.0f;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {

@@ -7,6 +7,9 @@
 
 typedef unsigned short bf16;
 
+// math.h's INFINITY is not available without headers.
+#define QLORA_INFINITY __int_as_float(0x7f800000)
+
 __device__ __forceinline__ float bf16_to_float(bf16 x) { return __uint_as_float(((unsigned int)x) << 16); }
 
 __device__ __forceinline__ bf16 float_to_bf16(float f) {
