@@ -27,14 +27,30 @@ extern "C" __global__ void cross_entropy_forward_backward(const bf16* logits, co
     const int label = labels[row];
     const bool ignored = label == -100;
 
+    // Rows of a multiple of 8 logits (16-byte aligned) are read 8 values per access.
+    const bool vec = (vocab & 7) == 0 && aligned16(z) && (dlogits == nullptr || aligned16(dlogits + row * vocab));
     float m = -QLORA_INFINITY, s = 0.0f;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        const float v = bf16_to_float(z[j]);
-        if (v > m) {
-            s = s * __expf(m - v) + 1.0f;
-            m = v;
-        } else {
-            s += __expf(v - m);
+    if (vec) {
+        for (int j = threadIdx.x * 8; j < vocab; j += blockDim.x * 8) {
+            float f[8];
+            load_bf16x8(z + j, f);
+            float mx = f[0];
+#pragma unroll
+            for (int k = 1; k < 8; k++) mx = fmaxf(mx, f[k]);
+            float part = 0.0f;
+#pragma unroll
+            for (int k = 0; k < 8; k++) part += __expf(f[k] - mx);
+            lse_merge(m, s, mx, part);
+        }
+    } else {
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+            const float v = bf16_to_float(z[j]);
+            if (v > m) {
+                s = s * __expf(m - v) + 1.0f;
+                m = v;
+            } else {
+                s += __expf(v - m);
+            }
         }
     }
 #pragma unroll
@@ -65,10 +81,21 @@ extern "C" __global__ void cross_entropy_forward_backward(const bf16* logits, co
     if (dlogits == nullptr) return;
     const float lse = shared_lse;
     bf16* d = dlogits + row * vocab;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        float g = 0.0f;
-        if (!ignored) g = grad_scale * (__expf(bf16_to_float(z[j]) - lse) - (j == label ? 1.0f : 0.0f));
-        d[j] = float_to_bf16(g);
+    if (vec) {
+        for (int j = threadIdx.x * 8; j < vocab; j += blockDim.x * 8) {
+            float f[8];
+            load_bf16x8(z + j, f);
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                f[k] = ignored ? 0.0f : grad_scale * (__expf(f[k] - lse) - (j + k == label ? 1.0f : 0.0f));
+            store_bf16x8(d + j, f);
+        }
+    } else {
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+            float g = 0.0f;
+            if (!ignored) g = grad_scale * (__expf(bf16_to_float(z[j]) - lse) - (j == label ? 1.0f : 0.0f));
+            d[j] = float_to_bf16(g);
+        }
     }
 }
 
