@@ -30,6 +30,7 @@ let package = Package(
                 .embedInCode("Backend/CUDA/Kernels/embedding.cu"),
                 .embedInCode("Backend/CUDA/Kernels/cross_entropy.cu"),
                 .embedInCode("Backend/CUDA/Kernels/adamw.cu"),
+                .embedInCode("Backend/CUDA/Kernels/attention.cu"),
             ],
             swiftSettings: fastMath
         ),

@@ -69,7 +69,7 @@ func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeat
 func fmt(_ x: Double, _ digits: Int = 2) -> String {
     if x.isNaN { return "nan" }
     if x == 0 { return "0" }
-    if abs(x) < 1e-3 || abs(x) >= 1e6 {  // scientific, by hand (no Foundation formatting)
+    if abs(x) < 0.1 || abs(x) >= 1e6 {  // scientific with `digits` decimals, by hand (no Foundation formatting)
         var e = 0, m = abs(x)
         while m >= 10 { m /= 10; e += 1 }
         while m < 1 { m *= 10; e -= 1 }
@@ -365,6 +365,36 @@ group("gemm") {
     check("gemm batched x\(batch) bf16->fp32 \(m3)x\(n3)x\(k3)", relativeError(try c3.download(), ref3), 1e-4)
 }
 
+group("attention") {
+    let shapes: [(AttentionShape, Bool)] = [
+        (AttentionShape(batch: 2, seq: 200, heads: 4, kvHeads: 2, headDim: 64), false),
+        (AttentionShape(batch: 1, seq: 150, heads: 4, kvHeads: 1, headDim: 128), true),
+    ]
+    for (shape, packed) in shapes {
+        let qn = shape.tokens * shape.heads * shape.headDim, kn = shape.tokens * shape.kvHeads * shape.headDim
+        let (qb, q) = rng.bf16(qn, -2, 2), (kb, k) = rng.bf16(kn, -2, 2), (vb, v) = rng.bf16(kn), (db, dout) = rng.bf16(qn)
+        // Two packed sequences in one row: positions 0..<77 and 77..<seq.
+        let segments: [Int32]? = packed ? (0..<shape.tokens).map { $0 % shape.seq < 77 ? 0 : 1 } : nil
+        let name = "attention b\(shape.batch) s\(shape.seq) h\(shape.heads)/\(shape.kvHeads) d\(shape.headDim)\(packed ? " packed" : "")"
+        let ref = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: shape.batch, seq: shape.seq,
+                                                heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim)
+        let qd = try upload(qb), kd = try upload(kb), vd = try upload(vb)
+        let segd = try segments.map { try upload($0) }
+        let o = try poisoned(UInt16.self, qn), lse = try poisoned(Float.self, shape.tokens * shape.heads)
+        try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape)
+        check("\(name): o", relativeError(try downloadBF16(o), ref.o), 1e-2)
+        check("\(name): lse", relativeError(try lse.download(), ref.lse), 1e-4)
+        let grads = CPUReference.attentionBackward(q: q, k: k, v: v, dout: dout, segments: segments, batch: shape.batch,
+                                                   seq: shape.seq, heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim)
+        let dq = try poisoned(UInt16.self, qn), dk = try poisoned(UInt16.self, kn), dv = try poisoned(UInt16.self, kn)
+        try ctx.attentionBackward(q: qd, k: kd, v: vd, o: o, dout: upload(db), lse: lse, segments: segd, dq: dq, dk: dk, dv: dv,
+                                  shape: shape)
+        check("\(name): dq", relativeError(try downloadBF16(dq), grads.dq), 2e-2)
+        check("\(name): dk", relativeError(try downloadBF16(dk), grads.dk), 2e-2)
+        check("\(name): dv", relativeError(try downloadBF16(dv), grads.dv), 2e-2)
+    }
+}
+
 group("allocator") {
     let before = A.driverAllocations
     do { _ = try A.buffer(Float.self, count: 12345) }
@@ -461,6 +491,22 @@ if runBench {
             step += 1
             try ctx.adamwStep(params: p, grads: g, m: m1, v: v1, count: n, step: step, config: AdamWConfig(learningRate: 1e-4))
         }, Double(n) * 28)
+        // Attention at the Llama-3.1-8B shape, batch 2 x 2048: causal FLOPs = 4 B H S^2 D / 2 forward, 2.5x that backward.
+        let shape = AttentionShape(batch: 2, seq: 2048, heads: 32, kvHeads: 8, headDim: 128)
+        let qn = shape.tokens * shape.heads * shape.headDim, kn = shape.tokens * shape.kvHeads * shape.headDim
+        let aq = try A.buffer(UInt16.self, count: qn), ak = try A.buffer(UInt16.self, count: kn), av = try A.buffer(UInt16.self, count: kn)
+        try aq.upload(Array(host[0..<qn]))
+        try ak.upload(Array(host[qn..<(qn + kn)]))
+        try av.upload(Array(host[(qn + kn)..<(qn + 2 * kn)]))
+        let ao = try A.buffer(UInt16.self, count: qn), alse = try A.buffer(Float.self, count: shape.tokens * shape.heads)
+        let adq = try A.buffer(UInt16.self, count: qn), adk = try A.buffer(UInt16.self, count: kn), adv = try A.buffer(UInt16.self, count: kn)
+        let flops = 4 * Double(shape.batch * shape.heads) * Double(shape.seq * shape.seq) * Double(shape.headDim) / 2
+        let fwdMs = try timeMedian(5, warmup: 1) { try ctx.attentionForward(q: aq, k: ak, v: av, into: ao, lse: alse, shape: shape) }
+        print("  attention forward b2 s2048 h32/8 d128 (fp32 FMA kernel): \(fmt(fwdMs, 3)) ms = \(fmt(flops / (fwdMs / 1000) / 1e12, 1)) TFLOP/s")
+        let bwdMs = try timeMedian(5, warmup: 1) {
+            try ctx.attentionBackward(q: aq, k: ak, v: av, o: ao, dout: ao, lse: alse, dq: adq, dk: adk, dv: adv, shape: shape)
+        }
+        print("  attention backward b2 s2048 h32/8 d128: \(fmt(bwdMs, 3)) ms = \(fmt(2.5 * flops / (bwdMs / 1000) / 1e12, 1)) TFLOP/s")
         let (free, total) = try dev.memoryInfo()
         print("  allocator: in use \(fmt(Double(A.currentBytes) / Double(1 << 30))) GiB, peak \(fmt(Double(A.peakBytes) / Double(1 << 30))) GiB, "
               + "reserved peak \(fmt(Double(A.peakReservedBytes) / Double(1 << 30))) GiB; driver: \(fmt(Double(free) / Double(1 << 30))) of \(fmt(Double(total) / Double(1 << 30))) GiB free")

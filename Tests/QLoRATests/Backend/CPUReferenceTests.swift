@@ -144,4 +144,39 @@ final class CPUReferenceTests: XCTestCase {
         XCTAssertEqual(CPUReference.matmul(at, bt, m: m, n: n, k: k, transA: true, transB: true), c)
         XCTAssertEqual(c[0], (0..<k).reduce(Float(0)) { $0 + a[$1] * b[$1 * n] }, accuracy: 1e-5)
     }
+
+    func testAttentionBackwardMatchesFiniteDifferencesAndSegmentsSeparate() {
+        let (batch, seq, heads, kvHeads, d) = (1, 5, 2, 1, 4)
+        let q = random(batch * seq * heads * d, -2...2), k = random(batch * seq * kvHeads * d, -2...2)
+        let v = random(k.count), dout = random(q.count)
+        let segments: [Int32] = [0, 0, 1, 1, 1]
+        let grads = CPUReference.attentionBackward(q: q, k: k, v: v, dout: dout, segments: segments, batch: batch, seq: seq,
+                                                   heads: heads, kvHeads: kvHeads, headDim: d)
+        func loss(_ q: [Float], _ k: [Float], _ v: [Float]) -> Double {
+            let o = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: batch, seq: seq, heads: heads,
+                                                  kvHeads: kvHeads, headDim: d).o
+            return zip(o, dout).reduce(0) { $0 + Double($1.0) * Double($1.1) }
+        }
+        let h: Float = 1e-2
+        func numeric(_ which: Int, _ count: Int) -> [Float] {
+            (0..<count).map { i in
+                var qp = q, kp = k, vp = v, qm = q, km = k, vm = v
+                switch which {
+                case 0: qp[i] += h; qm[i] -= h
+                case 1: kp[i] += h; km[i] -= h
+                default: vp[i] += h; vm[i] -= h
+                }
+                return Float((loss(qp, kp, vp) - loss(qm, km, vm)) / (2 * Double(h)))
+            }
+        }
+        XCTAssertLessThan(relativeError(grads.dq, numeric(0, q.count)), 1e-3)
+        XCTAssertLessThan(relativeError(grads.dk, numeric(1, k.count)), 1e-3)
+        XCTAssertLessThan(relativeError(grads.dv, numeric(2, v.count)), 1e-3)
+        // Position 2 starts a new segment: it sees only itself, so its output is v at position 2 (per head).
+        let o = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: batch, seq: seq, heads: heads,
+                                              kvHeads: kvHeads, headDim: d).o
+        for hd in 0..<heads {
+            for x in 0..<d { XCTAssertEqual(o[(2 * heads + hd) * d + x], v[2 * d + x], accuracy: 1e-6) }
+        }
+    }
 }

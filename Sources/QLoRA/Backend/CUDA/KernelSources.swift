@@ -15,7 +15,8 @@ public enum KernelSources {
     public static let embedding = KernelSource(name: "embedding.cu", bytes: PackageResources.embedding_cu)
     public static let crossEntropy = KernelSource(name: "cross_entropy.cu", bytes: PackageResources.cross_entropy_cu)
     public static let adamw = KernelSource(name: "adamw.cu", bytes: PackageResources.adamw_cu)
+    public static let attention = KernelSource(name: "attention.cu", bytes: PackageResources.attention_cu)
 
     /// All kernel files, for checks that compile everything up front.
-    public static let all: [KernelSource] = [nf4, rmsnorm, rope, swiglu, embedding, crossEntropy, adamw]
+    public static let all: [KernelSource] = [nf4, rmsnorm, rope, swiglu, embedding, crossEntropy, adamw, attention]
 }
