@@ -31,6 +31,7 @@ let package = Package(
                 .embedInCode("Backend/CUDA/Kernels/cross_entropy.cu"),
                 .embedInCode("Backend/CUDA/Kernels/adamw.cu"),
                 .embedInCode("Backend/CUDA/Kernels/attention.cu"),
+                .embedInCode("Backend/CUDA/Kernels/convert.cu"),
             ],
             swiftSettings: fastMath
         ),

@@ -395,6 +395,45 @@ group("attention") {
     }
 }
 
+group("lora linear") {
+    let (tokens, inF, outF, r) = (300, 576, 1536, 16)
+    let scale: Float = 32 / Float(r)
+    let (xb, x) = rng.bf16(tokens * inF), (wb, w) = rng.bf16(outF * inF, -0.05, 0.05)
+    let bound = 1 / Float(inF).squareRoot()
+    let aMaster = rng.floats(r * inF, -bound, bound), bMaster = rng.floats(outF * r, -0.05, 0.05)
+    let a = aMaster.map(roundToBF16), b = bMaster.map(roundToBF16)
+    let (dyb, dy) = rng.bf16(tokens * outF)
+    // fp32 master weights -> bf16 copies on the device.
+    let aBF = try poisoned(UInt16.self, r * inF), bBF = try poisoned(UInt16.self, outF * r)
+    try ctx.convertToBF16(upload(aMaster), into: aBF, count: r * inF)
+    try ctx.convertToBF16(upload(bMaster), into: bBF, count: outF * r)
+    check("convert fp32 -> bf16 (\(r * inF))", relativeError(try downloadBF16(aBF), a), 0)
+    let back = try poisoned(Float.self, outF * r)
+    try ctx.convertToFloat(bBF, into: back, count: outF * r)
+    check("convert bf16 -> fp32 (\(outF * r))", relativeError(try back.download(), b), 0)
+
+    let lora = LoRADeviceWeights(a: aBF, b: bBF, rank: r, scale: scale)
+    let xd = try upload(xb), wd = try upload(wb)
+    let xa = try poisoned(UInt16.self, tokens * r), y = try poisoned(UInt16.self, tokens * outF)
+    try ctx.loraLinearForward(x: xd, weight: wd, lora: lora, tokens: tokens, inFeatures: inF, outFeatures: outF, xa: xa, into: y)
+    let refY = CPUReference.loraLinearForward(x: x, weight: w, a: a, b: b, scale: scale, tokens: tokens, inFeatures: inF,
+                                              outFeatures: outF, rank: r)
+    check("lora linear forward \(tokens)x\(inF)->\(outF) r\(r)", relativeError(try downloadBF16(y), refY), 1e-2)
+    let ref = CPUReference.loraLinearBackward(x: x, weight: w, a: a, b: b, scale: scale, dy: dy, tokens: tokens,
+                                              inFeatures: inF, outFeatures: outF, rank: r)
+    let dyB = try poisoned(UInt16.self, tokens * r), dx = try poisoned(UInt16.self, tokens * inF)
+    let dA = try poisoned(Float.self, r * inF), dB = try poisoned(Float.self, outF * r)
+    try ctx.loraLinearBackward(x: xd, weight: wd, lora: lora, xa: xa, dy: upload(dyb), tokens: tokens, inFeatures: inF,
+                               outFeatures: outF, dyB: dyB, dx: dx, dA: dA, dB: dB)
+    check("lora linear backward dx", relativeError(try downloadBF16(dx), ref.dx), 1e-2)
+    check("lora linear backward dA (fp32)", relativeError(try dA.download(), ref.dA), 1e-2)
+    check("lora linear backward dB (fp32)", relativeError(try dB.download(), ref.dB), 1e-2)
+    // Gradient accumulation: a second backward adds.
+    try ctx.loraLinearBackward(x: xd, weight: wd, lora: lora, xa: xa, dy: upload(dyb), tokens: tokens, inFeatures: inF,
+                               outFeatures: outF, dyB: dyB, dx: dx, dA: dA, dB: dB, accumulateGradients: true)
+    check("lora linear backward accumulates dA", relativeError(try dA.download(), ref.dA.map { 2 * $0 }), 1e-2)
+}
+
 group("allocator") {
     let before = A.driverAllocations
     do { _ = try A.buffer(Float.self, count: 12345) }
@@ -507,6 +546,35 @@ if runBench {
             try ctx.attentionBackward(q: aq, k: ak, v: av, o: ao, dout: ao, lse: alse, dq: adq, dk: adk, dv: adv, shape: shape)
         }
         print("  attention backward b2 s2048 h32/8 d128: \(fmt(bwdMs, 3)) ms = \(fmt(2.5 * flops / (bwdMs / 1000) / 1e12, 1)) TFLOP/s")
+        // QLoRA linear at the Llama-3.1-8B MLP up-projection: 4096 tokens, 4096 -> 14336, r 16; NF4 weight
+        // dequantized into a bf16 scratch buffer each call, then the LoRA linear GEMMs.
+        do {
+            let (tokens, inF, outF, r) = (4096, 4096, 14336, 16)
+            let count = inF * outF
+            let x = try A.buffer(UInt16.self, count: tokens * inF), dy = try A.buffer(UInt16.self, count: tokens * outF)
+            try x.upload(Array(host[0..<(tokens * inF)]))
+            try dy.upload(Array(host[0..<(tokens * outF)]))
+            let la = try A.buffer(UInt16.self, count: r * inF), lb = try A.buffer(UInt16.self, count: outF * r)
+            try la.upload(Array(host[0..<(r * inF)]))
+            try lb.upload(Array(host[0..<(outF * r)]))
+            let lora = LoRADeviceWeights(a: la, b: lb, rank: r, scale: 2)
+            let xa = try A.buffer(UInt16.self, count: tokens * r), y = try A.buffer(UInt16.self, count: tokens * outF)
+            let dyB = try A.buffer(UInt16.self, count: tokens * r), dx = try A.buffer(UInt16.self, count: tokens * inF)
+            let dA = try A.buffer(Float.self, count: r * inF), dB = try A.buffer(Float.self, count: outF * r)
+            let scales = NF4Scales.doubleQuant(quantized: q, code: code, nestedAbsmax: nested, offset: 0.01, nestedBlocksize: 256)
+            let fwdMs = try timeMedian(10, warmup: 2) {
+                try ctx.nf4Dequantize(packed: packed, scales: scales, count: count, into: w)
+                try ctx.loraLinearForward(x: x, weight: w, lora: lora, tokens: tokens, inFeatures: inF, outFeatures: outF, xa: xa, into: y)
+            }
+            let bwdMs = try timeMedian(10, warmup: 2) {
+                try ctx.nf4Dequantize(packed: packed, scales: scales, count: count, into: w)
+                try ctx.loraLinearBackward(x: x, weight: w, lora: lora, xa: xa, dy: dy, tokens: tokens, inFeatures: inF,
+                                           outFeatures: outF, dyB: dyB, dx: dx, dA: dA, dB: dB)
+            }
+            let baseFlops = 2 * Double(tokens) * Double(inF) * Double(outF)
+            print("  qlora linear fwd (nf4 dequant + 3 GEMMs) 4096 tok 4096->14336 r16: \(fmt(fwdMs, 3)) ms = \(fmt(baseFlops / (fwdMs / 1000) / 1e12, 1)) useful TFLOP/s")
+            print("  qlora linear bwd (nf4 dequant + 5 GEMMs, dx + dA + dB):          \(fmt(bwdMs, 3)) ms = \(fmt(baseFlops / (bwdMs / 1000) / 1e12, 1)) useful TFLOP/s")
+        }
         let (free, total) = try dev.memoryInfo()
         print("  allocator: in use \(fmt(Double(A.currentBytes) / Double(1 << 30))) GiB, peak \(fmt(Double(A.peakBytes) / Double(1 << 30))) GiB, "
               + "reserved peak \(fmt(Double(A.peakReservedBytes) / Double(1 << 30))) GiB; driver: \(fmt(Double(free) / Double(1 << 30))) of \(fmt(Double(total) / Double(1 << 30))) GiB free")

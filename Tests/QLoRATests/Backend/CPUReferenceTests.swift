@@ -179,4 +179,29 @@ final class CPUReferenceTests: XCTestCase {
             for x in 0..<d { XCTAssertEqual(o[(2 * heads + hd) * d + x], v[2 * d + x], accuracy: 1e-6) }
         }
     }
+
+    func testLoRALinearBackwardMatchesFiniteDifferences() {
+        let (tokens, inF, outF, r) = (3, 5, 4, 2)
+        let scale: Float = 1.5
+        let x = random(tokens * inF), w = random(outF * inF), a = random(r * inF), b = random(outF * r), dy = random(tokens * outF)
+        let g = CPUReference.loraLinearBackward(x: x, weight: w, a: a, b: b, scale: scale, dy: dy, tokens: tokens,
+                                                inFeatures: inF, outFeatures: outF, rank: r)
+        func loss(x: [Float], a: [Float], b: [Float]) -> Double {
+            let y = CPUReference.loraLinearForward(x: x, weight: w, a: a, b: b, scale: scale, tokens: tokens, inFeatures: inF,
+                                                   outFeatures: outF, rank: r)
+            return zip(y, dy).reduce(0) { $0 + Double($1.0) * Double($1.1) }
+        }
+        let h: Float = 1e-2
+        func numeric(_ v: [Float], _ f: ([Float]) -> Double) -> [Float] {
+            v.indices.map { i in
+                var p = v, m = v
+                p[i] += h
+                m[i] -= h
+                return Float((f(p) - f(m)) / (2 * Double(h)))
+            }
+        }
+        XCTAssertLessThan(relativeError(g.dx, numeric(x) { loss(x: $0, a: a, b: b) }), 1e-3)
+        XCTAssertLessThan(relativeError(g.dA, numeric(a) { loss(x: x, a: $0, b: b) }), 1e-3)
+        XCTAssertLessThan(relativeError(g.dB, numeric(b) { loss(x: x, a: a, b: $0) }), 1e-3)
+    }
 }

@@ -58,7 +58,7 @@ final class CUDAAvailabilityTests: XCTestCase {
     }
 
     func testEveryKernelFileIsEmbedded() {
-        XCTAssertEqual(KernelSources.all.count, 8)
+        XCTAssertEqual(KernelSources.all.count, 9)
         for source in KernelSources.all {
             XCTAssertTrue(source.text.contains("extern \"C\" __global__"), source.name)
             XCTAssertTrue(source.text.contains("#include \"qlora_prelude.cuh\""), source.name)

@@ -9,20 +9,22 @@
 // `direction` is +1 for forward and -1 for backward. cos/sin in fp32 with accurate sincosf (positions can be large).
 #include "qlora_prelude.cuh"
 
+// One thread per (token, frequency i): cos/sin are computed once and applied to every head.
 extern "C" __global__ void rope_apply(bf16* x, const int* positions, const float* inv_freq, int tokens, int heads,
                                       int head_dim, float direction) {
     const int half = head_dim / 2;
-    const long long pairs = (long long)tokens * heads * half;
-    GRID_STRIDE(idx, pairs) {
+    const long long items = (long long)tokens * half;
+    GRID_STRIDE(idx, items) {
         const int i = (int)(idx % half);
-        const long long th = idx / half;  // token * heads + head
-        const long long token = th / heads;
+        const long long token = idx / half;
         float s, c;
         sincosf((float)positions[token] * inv_freq[i], &s, &c);
         s *= direction;
-        bf16* p = x + th * head_dim;
-        const float a = bf16_to_float(p[i]), b = bf16_to_float(p[i + half]);
-        p[i] = float_to_bf16(a * c - b * s);
-        p[i + half] = float_to_bf16(b * c + a * s);
+        bf16* p = x + token * heads * head_dim;
+        for (int h = 0; h < heads; h++, p += head_dim) {
+            const float a = bf16_to_float(p[i]), b = bf16_to_float(p[i + half]);
+            p[i] = float_to_bf16(a * c - b * s);
+            p[i + half] = float_to_bf16(b * c + a * s);
+        }
     }
 }

@@ -9,8 +9,8 @@ extension CUDAContext {
         try require(headDim % 2 == 0, op, "head dimension \(headDim) must be even")
         try require(x.count >= tokens * heads * headDim, op, "x holds \(x.count) values, \(tokens)x\(heads)x\(headDim) needed")
         try require(positions.count >= tokens && inverseFrequencies.count >= headDim / 2, op, "positions or frequencies too short")
-        let pairs = tokens * heads * headDim / 2
-        try device.launch(compiler.function(KernelSources.rope, "rope_apply"), grid: (gridSize(items: pairs), 1, 1),
+        let items = tokens * headDim / 2  // one thread per (token, frequency), looping over heads
+        try device.launch(compiler.function(KernelSources.rope, "rope_apply"), grid: (gridSize(items: items), 1, 1),
                           block: (256, 1, 1), stream: stream,
                           [x.arg, positions.arg, inverseFrequencies.arg, .int(tokens), .int(heads), .int(headDim),
                            .float(backward ? -1 : 1)])
