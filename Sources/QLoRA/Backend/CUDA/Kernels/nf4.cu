@@ -49,13 +49,15 @@ __device__ __forceinline__ void nf4_write8(const float* NF4_CODE, const unsigned
 
 /// Double-quantized absmax. n: element count; blocksize must be a multiple of 8.
 extern "C" __global__ void nf4_dequantize_double_quant(
-    const unsigned char* packed, const unsigned char* absmax_q, const float* code8, const float* nested_absmax,
-    float offset, int blocksize, int nested_blocksize, bf16* out, long long n) {
+    const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q, const float* __restrict__ code8,
+    const float* __restrict__ nested_absmax, float offset, int blocksize, int nested_blocksize, bf16* __restrict__ out,
+    long long n) {
     __shared__ float code[256], nf4[16];
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = code8[i];
     if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_CODE_TABLE[threadIdx.x];
     __syncthreads();
     const long long groups = (n + 7) / 8;
+#pragma unroll 4
     GRID_STRIDE(g, groups) {
         nf4_write8(nf4, packed, out, g * 8, n, [&](long long e) {
             const long long b = e / blocksize;
@@ -65,12 +67,13 @@ extern "C" __global__ void nf4_dequantize_double_quant(
 }
 
 /// Plain fp32 absmax (no double quantization).
-extern "C" __global__ void nf4_dequantize(const unsigned char* packed, const float* absmax, int blocksize,
-                                          bf16* out, long long n) {
+extern "C" __global__ void nf4_dequantize(const unsigned char* __restrict__ packed, const float* __restrict__ absmax,
+                                          int blocksize, bf16* __restrict__ out, long long n) {
     __shared__ float nf4[16];
     if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_CODE_TABLE[threadIdx.x];
     __syncthreads();
     const long long groups = (n + 7) / 8;
+#pragma unroll 4
     GRID_STRIDE(g, groups) {
         nf4_write8(nf4, packed, out, g * 8, n, [&](long long e) { return absmax[e / blocksize]; });
     }
