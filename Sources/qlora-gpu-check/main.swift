@@ -9,7 +9,9 @@
 //   NF4 dequantization to bf16: 4e-3 (only the final rounding differs);
 //   fp32 outputs (losses, AdamW parameters and moments, fp32 GEMMs): 1e-4 / 1e-5 as stated per check;
 //   exact ops (embedding lookup, counts): 0.
-// Usage: qlora-gpu-check [--seed N] [--no-bench] [--compile-only sm_XX (NVRTC only, no GPU needed)]
+// Usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--compile-only sm_XX (NVRTC only, no GPU needed)]
+// Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, lora linear,
+// allocator, benchmarks.
 
 import QLoRA
 #if canImport(Glibc)
@@ -94,6 +96,7 @@ func checkTrue(_ name: String, _ condition: Bool, _ note: String = "") {
 
 /// Runs one group of checks; an error (compile failure, CUDA error) fails the group and the run goes on.
 func group(_ name: String, _ body: () throws -> Void) {
+    if !onlyGroups.isEmpty && !onlyGroups.contains(where: { name.contains($0) }) { return }
     do { try body() } catch {
         failed += 1
         print("FAIL  \(pad(name, 44)) \(error)")
@@ -105,14 +108,17 @@ func group(_ name: String, _ body: () throws -> Void) {
 var seed = UInt64(UInt32(truncatingIfNeeded: time(nil))) &* 2_654_435_761
 var runBench = true
 var compileOnlyArch: String? = nil
+/// Only groups whose name contains one of these run (all when empty), e.g. to run one op under compute-sanitizer.
+var onlyGroups: [String] = []
 var arguments = CommandLine.arguments.dropFirst().makeIterator()
 while let a = arguments.next() {
     switch a {
     case "--seed": seed = UInt64(arguments.next() ?? "") ?? seed
     case "--no-bench": runBench = false
     case "--compile-only": compileOnlyArch = arguments.next() ?? "sm_90a"
+    case "--only": onlyGroups += (arguments.next() ?? "").split(separator: ",").map(String.init)
     default:
-        print("usage: qlora-gpu-check [--seed N] [--no-bench] [--compile-only sm_XX]")
+        print("usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--compile-only sm_XX]")
         exit(2)
     }
 }
