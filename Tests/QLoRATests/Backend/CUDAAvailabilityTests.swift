@@ -65,4 +65,15 @@ final class CUDAAvailabilityTests: XCTestCase {
         }
         XCTAssertTrue(KernelSources.headers[0].text.contains("float_to_bf16"))
     }
+
+    func testKernelCacheStoresAtomicallyAndLoads() throws {
+        let dir = try TestFixtures.temporaryDirectory() + "/nested/kernels"
+        let cache = KernelCache(directory: dir)
+        XCTAssertNil(cache.load(key: "nf4-0123"))
+        try cache.store(key: "nf4-0123", cubin: [1, 2, 3, 4])
+        XCTAssertEqual(cache.load(key: "nf4-0123"), [1, 2, 3, 4])
+        try cache.store(key: "nf4-0123", cubin: [9])
+        XCTAssertEqual(cache.load(key: "nf4-0123"), [9])
+        XCTAssertEqual(try FileSystem.listDirectory(dir), ["nf4-0123.cubin"])  // no temporary files left behind
+    }
 }

@@ -201,24 +201,20 @@ public final class KernelCompiler {
     /// The loaded module for `source`, compiling it (or reading its cubin from the disk cache) on first use.
     public func module(_ source: KernelSource) throws -> CUDAModule {
         if let module = modules[source.name] { return module }
+        let cache = cacheDirectory.map { KernelCache(directory: $0) }
         let key = cacheKey(for: source)
-        let path = cacheDirectory.map { "\($0)/\(key).cubin" }
-        if let path, FileSystem.exists(path), let cubin = try? FileSystem.readFile(path), !cubin.isEmpty,
-           let module = try? device.loadModule(image: cubin, name: source.name) {
+        if let cubin = cache?.load(key: key), let module = try? device.loadModule(image: cubin, name: source.name) {
             cacheHits += 1
             modules[source.name] = module
             return module
         }
         let cubin = try nvrtc.compile(source: source.text, name: source.name, headers: headers, options: options)
         compilations += 1
-        if let dir = cacheDirectory, let path {
+        do {
+            try cache?.store(key: key, cubin: cubin)
+        } catch {
             // A cache that cannot be written only costs a recompile next time.
-            do {
-                try FileSystem.createDirectory(dir)
-                try FileSystem.writeAtomically(path, bytes: cubin)
-            } catch {
-                fputs("warning: kernel cache not written (\(error))\n", stderr)
-            }
+            fputs("warning: kernel cache not written (\(error))\n", stderr)
         }
         let module = try device.loadModule(image: cubin, name: source.name)
         modules[source.name] = module
@@ -228,6 +224,28 @@ public final class KernelCompiler {
     /// The kernel `symbol` from `source`.
     public func function(_ source: KernelSource, _ symbol: String) throws -> CUDAFunction {
         try module(source).function(symbol)
+    }
+}
+
+/// The on-disk cubin cache: one `<key>.cubin` file per compiled kernel file, written atomically (temporary file
+/// and rename), so concurrent processes and crashes never leave a half-written cubin under the final name.
+public struct KernelCache {
+    public let directory: String
+
+    public init(directory: String) { self.directory = directory }
+
+    public func path(key: String) -> String { "\(directory)/\(key).cubin" }
+
+    /// The cached cubin, or nil when there is none (or it cannot be read, or is empty).
+    public func load(key: String) -> [UInt8]? {
+        let file = path(key: key)
+        guard FileSystem.exists(file), let bytes = try? FileSystem.readFile(file), !bytes.isEmpty else { return nil }
+        return bytes
+    }
+
+    public func store(key: String, cubin: [UInt8]) throws {
+        try FileSystem.createDirectory(directory)
+        try FileSystem.writeAtomically(path(key: key), bytes: cubin)
     }
 }
 
