@@ -20,6 +20,7 @@ let package = Package(
     targets: [
         .target(
             name: "QLoRA",
+            exclude: ["Backend/CUDA/README.md"],
             // CUDA kernels travel inside the binary as bytes (PackageResources.<file>_cu); NVRTC compiles them at run time.
             resources: [
                 .embedInCode("Backend/CUDA/Kernels/qlora_prelude.cuh"),
