@@ -14,6 +14,7 @@ let package = Package(
     products: [
         .library(name: "QLoRA", targets: ["QLoRA"]),
         .executable(name: "qlora", targets: ["qlora"]),
+        .executable(name: "qlora-gpu-check", targets: ["qlora-gpu-check"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -21,6 +22,20 @@ let package = Package(
     targets: [
         .target(
             name: "QLoRA",
+            exclude: ["Backend/CUDA/README.md"],
+            // CUDA kernels travel inside the binary as bytes (PackageResources.<file>_cu); NVRTC compiles them at run time.
+            resources: [
+                .embedInCode("Backend/CUDA/Kernels/qlora_prelude.cuh"),
+                .embedInCode("Backend/CUDA/Kernels/nf4.cu"),
+                .embedInCode("Backend/CUDA/Kernels/rmsnorm.cu"),
+                .embedInCode("Backend/CUDA/Kernels/rope.cu"),
+                .embedInCode("Backend/CUDA/Kernels/swiglu.cu"),
+                .embedInCode("Backend/CUDA/Kernels/embedding.cu"),
+                .embedInCode("Backend/CUDA/Kernels/cross_entropy.cu"),
+                .embedInCode("Backend/CUDA/Kernels/adamw.cu"),
+                .embedInCode("Backend/CUDA/Kernels/attention.cu"),
+                .embedInCode("Backend/CUDA/Kernels/convert.cu"),
+            ],
             swiftSettings: fastMath
         ),
         .executableTarget(
@@ -29,6 +44,11 @@ let package = Package(
                 "QLoRA",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
+            swiftSettings: fastMath
+        ),
+        .executableTarget(
+            name: "qlora-gpu-check",
+            dependencies: ["QLoRA"],
             swiftSettings: fastMath
         ),
         .testTarget(

@@ -1,0 +1,96 @@
+// Causal GQA attention with optional segment ids, forward and backward, computed with the full score matrix
+// in Double (formulas in Backend/CUDA/Kernels/attention.cu).
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension CPUReference {
+    /// Whether query position i of a batch row may see key position j.
+    static func attends(_ i: Int, _ j: Int, rowStart: Int, segments: [Int32]?) -> Bool {
+        j <= i && (segments == nil || segments![rowStart + i] == segments![rowStart + j])
+    }
+
+    /// (o, lse). q: [tokens, heads, d]; k, v: [tokens, kvHeads, d]; tokens = batch * seq.
+    public static func attentionForward(q: [Float], k: [Float], v: [Float], segments: [Int32]? = nil, batch: Int, seq: Int,
+                                        heads: Int, kvHeads: Int, headDim d: Int) -> (o: [Float], lse: [Float]) {
+        var o = [Float](repeating: 0, count: batch * seq * heads * d)
+        var lse = [Float](repeating: 0, count: batch * seq * heads)
+        let scale = 1 / Double(d).squareRoot(), group = heads / kvHeads
+        for b in 0..<batch {
+            let row = b * seq
+            for h in 0..<heads {
+                let hk = h / group
+                for i in 0..<seq {
+                    let qi = ((row + i) * heads + h) * d
+                    var scores = [Double](repeating: -.infinity, count: seq)
+                    for j in 0..<seq where attends(i, j, rowStart: row, segments: segments) {
+                        let kj = ((row + j) * kvHeads + hk) * d
+                        var s = 0.0
+                        for x in 0..<d { s += Double(q[qi + x]) * Double(k[kj + x]) }
+                        scores[j] = s * scale
+                    }
+                    let m = scores.max()!
+                    let l = scores.reduce(0) { $0 + exp($1 - m) }
+                    lse[(row + i) * heads + h] = Float(m + log(l))
+                    for j in 0..<seq where scores[j] > -.infinity {
+                        let p = exp(scores[j] - m) / l
+                        let vj = ((row + j) * kvHeads + hk) * d
+                        for x in 0..<d { o[qi + x] += Float(p * Double(v[vj + x])) }
+                    }
+                }
+            }
+        }
+        return (o, lse)
+    }
+
+    /// (dq, dk, dv) for output gradient dout.
+    public static func attentionBackward(q: [Float], k: [Float], v: [Float], dout: [Float], segments: [Int32]? = nil,
+                                         batch: Int, seq: Int, heads: Int, kvHeads: Int, headDim d: Int)
+        -> (dq: [Float], dk: [Float], dv: [Float]) {
+        var dq = [Double](repeating: 0, count: q.count), dk = [Double](repeating: 0, count: k.count), dv = dk
+        let scale = 1 / Double(d).squareRoot(), group = heads / kvHeads
+        for b in 0..<batch {
+            let row = b * seq
+            for h in 0..<heads {
+                let hk = h / group
+                for i in 0..<seq {
+                    let qi = ((row + i) * heads + h) * d
+                    var p = [Double](repeating: 0, count: seq)
+                    var m = -Double.infinity
+                    for j in 0..<seq where attends(i, j, rowStart: row, segments: segments) {
+                        let kj = ((row + j) * kvHeads + hk) * d
+                        var s = 0.0
+                        for x in 0..<d { s += Double(q[qi + x]) * Double(k[kj + x]) }
+                        p[j] = s * scale
+                        m = max(m, p[j])
+                    }
+                    var l = 0.0
+                    for j in 0..<seq where attends(i, j, rowStart: row, segments: segments) {
+                        p[j] = exp(p[j] - m)
+                        l += p[j]
+                    }
+                    // dp_j = dout_i . v_j; delta = sum_j p_j dp_j (= dout_i . o_i); ds_j = p_j (dp_j - delta).
+                    var dp = [Double](repeating: 0, count: seq)
+                    var delta = 0.0
+                    for j in 0..<seq where attends(i, j, rowStart: row, segments: segments) {
+                        p[j] /= l
+                        let vj = ((row + j) * kvHeads + hk) * d
+                        for x in 0..<d { dp[j] += Double(dout[qi + x]) * Double(v[vj + x]) }
+                        delta += p[j] * dp[j]
+                    }
+                    for j in 0..<seq where attends(i, j, rowStart: row, segments: segments) {
+                        let ds = p[j] * (dp[j] - delta)
+                        let kj = ((row + j) * kvHeads + hk) * d
+                        for x in 0..<d {
+                            dq[qi + x] += scale * ds * Double(k[kj + x])
+                            dk[kj + x] += scale * ds * Double(q[qi + x])
+                            dv[kj + x] += p[j] * Double(dout[qi + x])
+                        }
+                    }
+                }
+            }
+        }
+        return (dq.map(Float.init), dk.map(Float.init), dv.map(Float.init))
+    }
+}

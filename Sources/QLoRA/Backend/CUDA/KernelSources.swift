@@ -1,0 +1,23 @@
+// The embedded kernel sources (Package.swift embeds each `.cu` file with `.embedInCode`, which generates
+// `PackageResources.<file name with '.' as '_'>` as a byte array).
+
+/// Every `.cu` file the CUDA backend compiles, one op family per file.
+public enum KernelSources {
+    /// Headers handed to NVRTC in memory; kernels `#include "qlora_prelude.cuh"`.
+    public static let headers: [(name: String, text: String)] = [
+        ("qlora_prelude.cuh", String(decoding: PackageResources.qlora_prelude_cuh, as: UTF8.self)),
+    ]
+
+    public static let nf4 = KernelSource(name: "nf4.cu", bytes: PackageResources.nf4_cu)
+    public static let rmsnorm = KernelSource(name: "rmsnorm.cu", bytes: PackageResources.rmsnorm_cu)
+    public static let rope = KernelSource(name: "rope.cu", bytes: PackageResources.rope_cu)
+    public static let swiglu = KernelSource(name: "swiglu.cu", bytes: PackageResources.swiglu_cu)
+    public static let embedding = KernelSource(name: "embedding.cu", bytes: PackageResources.embedding_cu)
+    public static let crossEntropy = KernelSource(name: "cross_entropy.cu", bytes: PackageResources.cross_entropy_cu)
+    public static let adamw = KernelSource(name: "adamw.cu", bytes: PackageResources.adamw_cu)
+    public static let attention = KernelSource(name: "attention.cu", bytes: PackageResources.attention_cu)
+    public static let convert = KernelSource(name: "convert.cu", bytes: PackageResources.convert_cu)
+
+    /// All kernel files, for checks that compile everything up front.
+    public static let all: [KernelSource] = [nf4, rmsnorm, rope, swiglu, embedding, crossEntropy, adamw, attention, convert]
+}

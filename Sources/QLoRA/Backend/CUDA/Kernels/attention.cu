@@ -1,0 +1,289 @@
+// attention.cu: causal multi-head attention with grouped KV heads (GQA), flash-attention style: the [S, S] score
+// matrix is never stored; each block walks the keys in tiles with an online softmax.
+//
+// Shapes (tokens = batch * seq, token t = b * seq + position):
+//   q, o, do, dq: [tokens, heads, D] bf16;  k, v, dk, dv: [tokens, kv_heads, D] bf16 (query head h reads kv head
+//   h / (heads / kv_heads));  lse, delta: [tokens, heads] fp32;  segments: [tokens] int or null.
+// Query i may see key j of the same batch row iff j <= i and segments[i] == segments[j] (packed sequences are kept
+// apart by giving each its own segment id). scale = 1/sqrt(D) usually.
+//
+// Forward (per query row i):  s_j = scale q_i.k_j,  m = max_j s_j,  l = sum_j exp(s_j - m),
+//                             o_i = sum_j exp(s_j - m) v_j / l,   lse_i = m + log l      (kept for the backward)
+// Backward, with p_ij = exp(s_ij - lse_i) recomputed from lse:
+//   delta_i = sum_d do_i[d] o_i[d]                         (attention_backward_delta)
+//   dp_ij = do_i . v_j,   ds_ij = p_ij (dp_ij - delta_i)
+//   dq_i = scale sum_j ds_ij k_j                             (attention_backward_dq: threads own queries)
+//   dk_j = scale sum_i ds_ij q_i,   dv_j = sum_i p_ij do_i   (attention_backward_dkdv: threads own keys, summing
+//                                                             over the query heads of the group, so no atomics)
+// Work split: a block takes 64 rows (queries or keys) of one (batch, head); 4 threads share a row, each holding
+// D/4 of its values as 16-byte chunks c = part, part+4, ... so that the 4 threads read 64 contiguous bytes.
+// The inner products are fp32 FMAs (no tensor cores yet: the faster mma/wgmma version is future work).
+#include "qlora_prelude.cuh"
+
+#define TILE 64
+#define TPR 4
+#define THREADS (TILE * TPR)
+
+/// Loads the 16-byte chunks of this thread's part of a D-row (bf16) into f (fp32), D/32 chunks of 8.
+template <int D>
+__device__ __forceinline__ void load_part(const bf16* row, int part, float* f) {
+#pragma unroll
+    for (int c = 0; c < D / 32; c++) load_bf16x8(row + (part + 4 * c) * 8, f + 8 * c);
+}
+
+template <int D>
+__device__ __forceinline__ void store_part(bf16* row, int part, const float* f) {
+#pragma unroll
+    for (int c = 0; c < D / 32; c++) store_bf16x8(row + (part + 4 * c) * 8, f + 8 * c);
+}
+
+/// Dot product of this thread's part of `a` (registers) with a shared-memory row, summed over the 4 threads.
+template <int D>
+__device__ __forceinline__ float dot_row(const float* a, const bf16* row, int part) {
+    float d = 0.0f;
+#pragma unroll
+    for (int c = 0; c < D / 32; c++) {
+        float f[8];
+        load_bf16x8(row + (part + 4 * c) * 8, f);
+#pragma unroll
+        for (int e = 0; e < 8; e++) d += a[8 * c + e] * f[e];
+    }
+    d += __shfl_xor_sync(0xffffffffu, d, 1);
+    d += __shfl_xor_sync(0xffffffffu, d, 2);
+    return d;
+}
+
+/// acc += w * row (this thread's part).
+template <int D>
+__device__ __forceinline__ void axpy_row(float* acc, float w, const bf16* row, int part) {
+#pragma unroll
+    for (int c = 0; c < D / 32; c++) {
+        float f[8];
+        load_bf16x8(row + (part + 4 * c) * 8, f);
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[8 * c + e] += w * f[e];
+    }
+}
+
+/// Copies rows [r0, r0 + TILE) of head `head` from src ([tokens, heads_in_src, D]) to shared (zeros past seq).
+template <int D>
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, long long batch_token0, int r0, int seq, int heads,
+                                          int head) {
+    for (int idx = threadIdx.x; idx < TILE * D / 8; idx += blockDim.x) {
+        const int rr = idx / (D / 8), ch = idx % (D / 8);
+        const int r = r0 + rr;
+        bf16x8_raw v = {{0u, 0u, 0u, 0u}};
+        if (r < seq) v = *reinterpret_cast<const bf16x8_raw*>(src + ((batch_token0 + r) * heads + head) * D + ch * 8);
+        *reinterpret_cast<bf16x8_raw*>(dst + rr * D + ch * 8) = v;
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void attention_forward_impl(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+                                                       const int* segments, int seq, int heads, int kv_heads, float scale) {
+    __shared__ alignas(16) bf16 ks[TILE * D];
+    __shared__ alignas(16) bf16 vs[TILE * D];
+    __shared__ int segs[TILE];
+    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * TILE;
+    const int hk = h / (heads / kv_heads);
+    const int r = threadIdx.x / TPR, part = threadIdx.x % TPR;
+    const int i = q0 + r;
+    const bool valid = i < seq;
+    const long long t0 = (long long)b * seq, ti = t0 + i;
+    float qf[D / 4], acc[D / 4];
+#pragma unroll
+    for (int x = 0; x < D / 4; x++) { qf[x] = 0.0f; acc[x] = 0.0f; }
+    if (valid) {
+        load_part<D>(q + (ti * heads + h) * D, part, qf);
+#pragma unroll
+        for (int x = 0; x < D / 4; x++) qf[x] *= scale;
+    }
+    const int seg_i = (segments && valid) ? segments[ti] : 0;
+    float m = -QLORA_INFINITY, l = 0.0f;
+    const int key_end = min(seq, q0 + TILE);
+    for (int j0 = 0; j0 < key_end; j0 += TILE) {
+        __syncthreads();
+        load_tile<D>(ks, k, t0, j0, seq, kv_heads, hk);
+        load_tile<D>(vs, v, t0, j0, seq, kv_heads, hk);
+        if (threadIdx.x < TILE) segs[threadIdx.x] = (segments && j0 + threadIdx.x < seq) ? segments[t0 + j0 + threadIdx.x] : 0;
+        __syncthreads();
+        float s[TILE];
+        float tile_max = -QLORA_INFINITY;
+#pragma unroll
+        for (int jj = 0; jj < TILE; jj++) {
+            const float d = dot_row<D>(qf, ks + jj * D, part);
+            const bool ok = valid && j0 + jj <= i && segs[jj] == seg_i;
+            s[jj] = ok ? d : -QLORA_INFINITY;
+            tile_max = fmaxf(tile_max, s[jj]);
+        }
+        const float m_new = fmaxf(m, tile_max);
+        if (m_new == -QLORA_INFINITY) continue;  // nothing visible yet in this row
+        const float alpha = __expf(m - m_new);   // 0 when m was -inf
+        l *= alpha;
+#pragma unroll
+        for (int x = 0; x < D / 4; x++) acc[x] *= alpha;
+#pragma unroll
+        for (int jj = 0; jj < TILE; jj++) {
+            const float p = __expf(s[jj] - m_new);
+            l += p;
+            axpy_row<D>(acc, p, vs + jj * D, part);
+        }
+        m = m_new;
+    }
+    if (!valid) return;
+    const float inv = 1.0f / l;
+#pragma unroll
+    for (int x = 0; x < D / 4; x++) acc[x] *= inv;
+    store_part<D>(o + (ti * heads + h) * D, part, acc);
+    if (part == 0) lse[ti * heads + h] = m + logf(l);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) attention_forward_d64(
+    const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* segments, int seq, int heads,
+    int kv_heads, float scale) {
+    attention_forward_impl<64>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) attention_forward_d128(
+    const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* segments, int seq, int heads,
+    int kv_heads, float scale) {
+    attention_forward_impl<128>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);
+}
+
+/// delta[t, h] = sum_d do[t, h, d] * o[t, h, d]. One warp per (token, head) row; rows = tokens * heads.
+extern "C" __global__ void attention_backward_delta(const bf16* o, const bf16* dout, float* delta, long long rows, int dim) {
+    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    float sum = 0.0f;
+    for (int d = lane; d < dim; d += 32) sum += bf16_to_float(o[row * dim + d]) * bf16_to_float(dout[row * dim + d]);
+    sum = warp_sum(sum);
+    if (lane == 0) delta[row] = sum;
+}
+
+template <int D>
+__device__ __forceinline__ void attention_backward_dq_impl(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                           const float* lse, const float* delta, const int* segments,
+                                                           bf16* dq, int seq, int heads, int kv_heads, float scale) {
+    __shared__ alignas(16) bf16 ks[TILE * D];
+    __shared__ alignas(16) bf16 vs[TILE * D];
+    __shared__ int segs[TILE];
+    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * TILE;
+    const int hk = h / (heads / kv_heads);
+    const int r = threadIdx.x / TPR, part = threadIdx.x % TPR;
+    const int i = q0 + r;
+    const bool valid = i < seq;
+    const long long t0 = (long long)b * seq, ti = t0 + i;
+    float qf[D / 4], df[D / 4], acc[D / 4];
+#pragma unroll
+    for (int x = 0; x < D / 4; x++) { qf[x] = 0.0f; df[x] = 0.0f; acc[x] = 0.0f; }
+    float lse_i = 0.0f, delta_i = 0.0f;
+    if (valid) {
+        load_part<D>(q + (ti * heads + h) * D, part, qf);
+        load_part<D>(dout + (ti * heads + h) * D, part, df);
+        lse_i = lse[ti * heads + h];
+        delta_i = delta[ti * heads + h];
+    }
+    const int seg_i = (segments && valid) ? segments[ti] : 0;
+    const int key_end = min(seq, q0 + TILE);
+    for (int j0 = 0; j0 < key_end; j0 += TILE) {
+        __syncthreads();
+        load_tile<D>(ks, k, t0, j0, seq, kv_heads, hk);
+        load_tile<D>(vs, v, t0, j0, seq, kv_heads, hk);
+        if (threadIdx.x < TILE) segs[threadIdx.x] = (segments && j0 + threadIdx.x < seq) ? segments[t0 + j0 + threadIdx.x] : 0;
+        __syncthreads();
+#pragma unroll 4
+        for (int jj = 0; jj < TILE; jj++) {
+            const float sd = dot_row<D>(qf, ks + jj * D, part);
+            const float dp = dot_row<D>(df, vs + jj * D, part);
+            const bool ok = valid && j0 + jj <= i && segs[jj] == seg_i;
+            const float p = ok ? __expf(sd * scale - lse_i) : 0.0f;
+            const float ds = p * (dp - delta_i);
+            axpy_row<D>(acc, ds, ks + jj * D, part);
+        }
+    }
+    if (!valid) return;
+#pragma unroll
+    for (int x = 0; x < D / 4; x++) acc[x] *= scale;
+    store_part<D>(dq + (ti * heads + h) * D, part, acc);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dq_d64(
+    const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
+    const int* segments, bf16* dq, int seq, int heads, int kv_heads, float scale) {
+    attention_backward_dq_impl<64>(q, k, v, dout, lse, delta, segments, dq, seq, heads, kv_heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dq_d128(
+    const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
+    const int* segments, bf16* dq, int seq, int heads, int kv_heads, float scale) {
+    attention_backward_dq_impl<128>(q, k, v, dout, lse, delta, segments, dq, seq, heads, kv_heads, scale);
+}
+
+template <int D>
+__device__ __forceinline__ void attention_backward_dkdv_impl(const bf16* q, const bf16* k, const bf16* v,
+                                                             const bf16* dout, const float* lse, const float* delta,
+                                                             const int* segments, bf16* dk, bf16* dv, int seq, int heads,
+                                                             int kv_heads, float scale) {
+    __shared__ alignas(16) bf16 qs[TILE * D];
+    __shared__ alignas(16) bf16 ds_[TILE * D];
+    __shared__ float lses[TILE], deltas[TILE];
+    __shared__ int segs[TILE];
+    const int b = blockIdx.z, hk = blockIdx.y, j0 = blockIdx.x * TILE;
+    const int group = heads / kv_heads;
+    const int r = threadIdx.x / TPR, part = threadIdx.x % TPR;
+    const int j = j0 + r;
+    const bool valid = j < seq;
+    const long long t0 = (long long)b * seq, tj = t0 + j;
+    float kf[D / 4], vf[D / 4], dkf[D / 4], dvf[D / 4];
+#pragma unroll
+    for (int x = 0; x < D / 4; x++) { kf[x] = 0.0f; vf[x] = 0.0f; dkf[x] = 0.0f; dvf[x] = 0.0f; }
+    if (valid) {
+        load_part<D>(k + (tj * kv_heads + hk) * D, part, kf);
+        load_part<D>(v + (tj * kv_heads + hk) * D, part, vf);
+    }
+    const int seg_j = (segments && valid) ? segments[tj] : 0;
+    for (int g = 0; g < group; g++) {
+        const int h = hk * group + g;
+        for (int i0 = j0; i0 < seq; i0 += TILE) {  // queries before j0 cannot see these keys
+            __syncthreads();
+            load_tile<D>(qs, q, t0, i0, seq, heads, h);
+            load_tile<D>(ds_, dout, t0, i0, seq, heads, h);
+            if (threadIdx.x < TILE) {
+                const int i = i0 + threadIdx.x;
+                lses[threadIdx.x] = i < seq ? lse[(t0 + i) * heads + h] : 0.0f;
+                deltas[threadIdx.x] = i < seq ? delta[(t0 + i) * heads + h] : 0.0f;
+                segs[threadIdx.x] = (segments && i < seq) ? segments[t0 + i] : 0;
+            }
+            __syncthreads();
+#pragma unroll 4
+            for (int ii = 0; ii < TILE; ii++) {
+                const int i = i0 + ii;
+                const float sd = dot_row<D>(kf, qs + ii * D, part);
+                const float dp = dot_row<D>(vf, ds_ + ii * D, part);
+                const bool ok = valid && i < seq && j <= i && segs[ii] == seg_j;
+                const float p = ok ? __expf(sd * scale - lses[ii]) : 0.0f;
+                const float dsv = p * (dp - deltas[ii]);
+                axpy_row<D>(dvf, p, ds_ + ii * D, part);
+                axpy_row<D>(dkf, dsv, qs + ii * D, part);
+            }
+        }
+    }
+    if (!valid) return;
+#pragma unroll
+    for (int x = 0; x < D / 4; x++) dkf[x] *= scale;
+    store_part<D>(dk + (tj * kv_heads + hk) * D, part, dkf);
+    store_part<D>(dv + (tj * kv_heads + hk) * D, part, dvf);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_d64(
+    const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
+    const int* segments, bf16* dk, bf16* dv, int seq, int heads, int kv_heads, float scale) {
+    attention_backward_dkdv_impl<64>(q, k, v, dout, lse, delta, segments, dk, dv, seq, heads, kv_heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_d128(
+    const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
+    const int* segments, bf16* dk, bf16* dv, int seq, int heads, int kv_heads, float scale) {
+    attention_backward_dkdv_impl<128>(q, k, v, dout, lse, delta, segments, dk, dv, seq, heads, kv_heads, scale);
+}

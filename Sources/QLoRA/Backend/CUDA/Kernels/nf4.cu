@@ -1,0 +1,80 @@
+// nf4.cu: NF4 (4-bit NormalFloat) dequantization to bf16, bitsandbytes layout.
+//
+// Layout (bitsandbytes `quantize_4bit(quant_type="nf4")`):
+//   packed[i] holds elements 2i (high nibble) and 2i+1 (low nibble) of the row-major flattened weight.
+//   Element e belongs to quantization block b = e / blocksize (blocksize 64) with scale absmax[b]:
+//       w[e] = NF4_CODE[nibble(e)] * absmax[b]
+//   With double quantization the absmax values are themselves 8-bit codes:
+//       absmax[b] = code8[absmax_q[b]] * nested_absmax[b / nested_blocksize] + offset
+//   where code8 is the 256-entry signed dynamic map (stored as `nested_quant_map`), nested_blocksize is 256
+//   and offset = mean of the original absmax values.
+// Each thread produces 8 consecutive outputs (4 packed bytes -> one 16-byte store).
+#include "qlora_prelude.cuh"
+
+// Copied to shared memory by each block: lanes index it with different codes, which constant memory serialises.
+__constant__ float NF4_CODE_TABLE[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// Writes elements [e0, e0+8) (clipped to n) given a per-element scale function.
+template <typename Scale>
+__device__ __forceinline__ void nf4_write8(const float* NF4_CODE, const unsigned char* packed, bf16* out, long long e0,
+                                           long long n, Scale scale) {
+    if (e0 + 8 <= n && (e0 & 1) == 0 && aligned16(out + e0)) {
+        float f[8];
+        const float s = scale(e0);  // blocksize is a multiple of 8, so the 8 elements share one block
+        const unsigned char* p = packed + (e0 >> 1);
+        // One 4-byte load when aligned (byte k of the word is packed[e0/2 + k]: little-endian).
+        const unsigned int word = (((unsigned long long)p) & 3ull) == 0
+                                      ? *reinterpret_cast<const unsigned int*>(p)
+                                      : (unsigned int)p[0] | ((unsigned int)p[1] << 8) | ((unsigned int)p[2] << 16) |
+                                            ((unsigned int)p[3] << 24);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const unsigned int byte = (word >> (8 * k)) & 0xffu;
+            f[2 * k] = NF4_CODE[byte >> 4] * s;
+            f[2 * k + 1] = NF4_CODE[byte & 15] * s;
+        }
+        store_bf16x8(out + e0, f);
+    } else {
+        for (long long e = e0; e < e0 + 8 && e < n; e++) {
+            const unsigned char byte = packed[e >> 1];
+            const int nibble = (e & 1) ? (byte & 15) : (byte >> 4);
+            out[e] = float_to_bf16(NF4_CODE[nibble] * scale(e));
+        }
+    }
+}
+
+/// Double-quantized absmax. n: element count; blocksize must be a multiple of 8.
+extern "C" __global__ void nf4_dequantize_double_quant(
+    const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q, const float* __restrict__ code8,
+    const float* __restrict__ nested_absmax, float offset, int blocksize, int nested_blocksize, bf16* __restrict__ out,
+    long long n) {
+    __shared__ float code[256], nf4[16];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = code8[i];
+    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_CODE_TABLE[threadIdx.x];
+    __syncthreads();
+    const long long groups = (n + 7) / 8;
+#pragma unroll 4
+    GRID_STRIDE(g, groups) {
+        nf4_write8(nf4, packed, out, g * 8, n, [&](long long e) {
+            const long long b = e / blocksize;
+            return code[absmax_q[b]] * nested_absmax[b / nested_blocksize] + offset;
+        });
+    }
+}
+
+/// Plain fp32 absmax (no double quantization).
+extern "C" __global__ void nf4_dequantize(const unsigned char* __restrict__ packed, const float* __restrict__ absmax,
+                                          int blocksize, bf16* __restrict__ out, long long n) {
+    __shared__ float nf4[16];
+    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_CODE_TABLE[threadIdx.x];
+    __syncthreads();
+    const long long groups = (n + 7) / 8;
+#pragma unroll 4
+    GRID_STRIDE(g, groups) {
+        nf4_write8(nf4, packed, out, g * 8, n, [&](long long e) { return absmax[e / blocksize]; });
+    }
+}

@@ -1,0 +1,74 @@
+// Launchers for Kernels/attention.cu: causal GQA attention, forward and backward, without storing scores.
+
+/// The shape of one attention call: `batch` rows of `seq` tokens, `heads` query heads sharing `kvHeads` KV heads.
+public struct AttentionShape {
+    public var batch: Int
+    public var seq: Int
+    public var heads: Int
+    public var kvHeads: Int
+    public var headDim: Int
+
+    public init(batch: Int, seq: Int, heads: Int, kvHeads: Int, headDim: Int) {
+        self.batch = batch
+        self.seq = seq
+        self.heads = heads
+        self.kvHeads = kvHeads
+        self.headDim = headDim
+    }
+
+    public var tokens: Int { batch * seq }
+    /// 1/sqrt(headDim), the usual softmax scale.
+    public var scale: Float { 1 / Float(headDim).squareRoot() }
+}
+
+extension CUDAContext {
+    private func checkAttention(_ s: AttentionShape, _ op: String) throws {
+        try require(s.headDim == 64 || s.headDim == 128, op, "head dimension \(s.headDim) is not supported yet (64 or 128)")
+        try require(s.kvHeads > 0 && s.heads % s.kvHeads == 0, op, "\(s.heads) query heads cannot share \(s.kvHeads) KV heads")
+        try require(s.batch > 0 && s.seq > 0, op, "empty batch")
+    }
+
+    /// o = softmax(scale q k^T + causal/segment mask) v, and lse (per token and head) for the backward.
+    /// q, o: [tokens, heads, headDim]; k, v: [tokens, kvHeads, headDim]; segments (optional): [tokens] ids that keep
+    /// packed sequences apart.
+    public func attentionForward(q: DeviceBuffer<UInt16>, k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>,
+                                 into o: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>, segments: DeviceBuffer<Int32>? = nil,
+                                 shape s: AttentionShape, stream: CUDAStream? = nil) throws {
+        let op = "attentionForward"
+        try checkAttention(s, op)
+        try require(q.count >= s.tokens * s.heads * s.headDim && o.count >= q.count && lse.count >= s.tokens * s.heads
+                        && k.count >= s.tokens * s.kvHeads * s.headDim && v.count >= k.count, op, "buffers too small")
+        try device.launch(compiler.function(KernelSources.attention, "attention_forward_d\(s.headDim)"),
+                          grid: ((s.seq + 63) / 64, s.heads, s.batch), block: (256, 1, 1), stream: stream,
+                          [q.arg, k.arg, v.arg, o.arg, lse.arg, .pointer(segments?.pointer ?? 0), .int(s.seq), .int(s.heads),
+                           .int(s.kvHeads), .float(s.scale)])
+    }
+
+    /// dq, dk, dv from dout, given the forward's inputs, output and lse. `delta` is scratch of tokens * heads floats
+    /// (taken from the allocator when not given).
+    public func attentionBackward(q: DeviceBuffer<UInt16>, k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>,
+                                  o: DeviceBuffer<UInt16>, dout: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>,
+                                  segments: DeviceBuffer<Int32>? = nil, dq: DeviceBuffer<UInt16>, dk: DeviceBuffer<UInt16>,
+                                  dv: DeviceBuffer<UInt16>, delta: DeviceBuffer<Float>? = nil, shape s: AttentionShape,
+                                  stream: CUDAStream? = nil) throws {
+        let op = "attentionBackward"
+        try checkAttention(s, op)
+        let qCount = s.tokens * s.heads * s.headDim, kCount = s.tokens * s.kvHeads * s.headDim
+        try require([q.count, o.count, dout.count, dq.count].allSatisfy { $0 >= qCount }
+                        && [k.count, v.count, dk.count, dv.count].allSatisfy { $0 >= kCount }, op, "buffers too small")
+        let rows = s.tokens * s.heads
+        let deltaBuffer = try delta ?? allocator.buffer(Float.self, count: rows)
+        try require(deltaBuffer.count >= rows, op, "delta scratch too small")
+        try device.launch(compiler.function(KernelSources.attention, "attention_backward_delta"),
+                          grid: ((rows * 32 + 255) / 256, 1, 1), block: (256, 1, 1), stream: stream,
+                          [o.arg, dout.arg, deltaBuffer.arg, .int64(Int64(rows)), .int(s.headDim)])
+        let common: [KernelArgument] = [q.arg, k.arg, v.arg, dout.arg, lse.arg, deltaBuffer.arg, .pointer(segments?.pointer ?? 0)]
+        let tail: [KernelArgument] = [.int(s.seq), .int(s.heads), .int(s.kvHeads), .float(s.scale)]
+        try device.launch(compiler.function(KernelSources.attention, "attention_backward_dq_d\(s.headDim)"),
+                          grid: ((s.seq + 63) / 64, s.heads, s.batch), block: (256, 1, 1), stream: stream,
+                          common + [dq.arg] + tail)
+        try device.launch(compiler.function(KernelSources.attention, "attention_backward_dkdv_d\(s.headDim)"),
+                          grid: ((s.seq + 63) / 64, s.kvHeads, s.batch), block: (256, 1, 1), stream: stream,
+                          common + [dk.arg, dv.arg] + tail)
+    }
+}
