@@ -32,6 +32,9 @@ import Glibc
 
 /// GGUF → Hugging Face folder conversion.
 public enum GGUFConverter {
+    /// Bumped whenever the output changes, so that cached conversions are redone.
+    public static let version = 1
+
     /// Converts `ggufPath` into an HF folder at `directory` (created if needed). Everything is built and checked
     /// before the first file is written; each file is written atomically.
     public static func convert(gguf ggufPath: String, to directory: String, log: (String) -> Void = { _ in }) throws {

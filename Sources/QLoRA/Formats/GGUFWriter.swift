@@ -16,17 +16,10 @@ public struct GGUFTensorRecord: Sendable {
         self.data = data
     }
 
-    /// A tensor of Floats stored as F32, F16 or BF16.
+    /// A tensor of Floats stored as `type` (F32, F16, BF16, or quantized to Q8_0, Q4_0, Q4_1, Q5_0, Q5_1).
     public init(name: String, floats: [Float], dimensions: [Int], type: GGMLType = .f32) {
-        let dtype: DType
-        switch type {
-        case .f32: dtype = .f32
-        case .f16: dtype = .f16
-        case .bf16: dtype = .bf16
-        default: preconditionFailure("GGUFTensorRecord(floats:) stores F32, F16 or BF16, not \(type.name)")
-        }
-        self.init(name: name, type: type, dimensions: dimensions,
-                  data: floats.withUnsafeBufferPointer { encodeFloats($0, as: dtype) })
+        precondition(type.canQuantize, "GGUFTensorRecord(floats:) cannot store \(type.name)")
+        self.init(name: name, type: type, dimensions: dimensions, data: type.quantize(floats))
     }
 }
 

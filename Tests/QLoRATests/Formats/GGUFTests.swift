@@ -180,6 +180,30 @@ final class GGUFTests: XCTestCase {
         }
     }
 
+    /// Our quantizers give the bytes gguf-py (bit-exact with ggml's reference quantizers) gave for "T.input".
+    func testQuantizationMatchesGGUFPy() throws {
+        let file = try GGUFFile(path: TestFixtures.path("gguf/quant-blocks.gguf"))
+        for type in [GGMLType.q4_0, .q4_1, .q5_0, .q5_1, .q8_0, .bf16, .f16] {
+            let input = try file.floats("\(type.name).input")
+            let raw = try XCTUnwrap(file.tensor("\(type.name).raw"))
+            XCTAssertEqual(type.quantize(input), Array(file.bytes(raw)), type.name)
+        }
+    }
+
+    func testQuantizeRoundTripsAndSurvivesOddInput() {
+        var x: [Float] = (0..<64).map { Float($0 % 7) - 3 }
+        XCTAssertEqual(GGMLType.q8_0.quantize(x).count, 68)
+        x[3] = .nan
+        x[40] = .infinity
+        for type in [GGMLType.q4_0, .q4_1, .q5_0, .q5_1, .q8_0] {
+            XCTAssertEqual(type.quantize(x).count, type.byteCount(elements: 64), type.name)  // no trap
+            let zeros = type.quantize([Float](repeating: 0, count: 32))
+            var back = [Float](repeating: 1, count: 32)
+            zeros.withUnsafeBytes { raw in back.withUnsafeMutableBufferPointer { type.dequantize(raw, into: $0) } }
+            XCTAssertEqual(back, [Float](repeating: 0, count: 32), type.name)
+        }
+    }
+
     func testUnsupportedDequantizationIsAnError() throws {
         let (file, _) = try parse(GGUFWriter.serialize(metadata: [], tensors: [
             GGUFTensorRecord(name: "iq", type: .iq4_nl, dimensions: [32], data: [UInt8](repeating: 0, count: 18))]))
