@@ -1,28 +1,19 @@
 import ArgumentParser
 import QLoRA
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
-
-private func printError(_ line: String) {
-    fputs(line + "\n", stderr)
-}
-
 /// `qlora tokenize --model DIR --text TEXT`: prints the token ids of a text as `{"ids": [...]}`.
+/// `qlora tokenize --model DIR --messages FILE.json [--add-generation-prompt]`: renders the chat template
+/// and prints `{"text": ..., "ids": [...]}`.
 ///
-/// The folder needs only tokenizer.json (tokenizer_config.json is read when present). Inputs are
-/// resolved in `inputText(_:)`; a chat input (`--messages`, rendered with the chat template) slots in
-/// there as one more case.
+/// The folder needs only the tokenizer files (tokenizer.json; tokenizer_config.json and chat_template.jinja
+/// when present).
 struct TokenizeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tokenize",
-        abstract: "Print the token ids of a text as JSON: {\"ids\": [...]}."
+        abstract: "Print the token ids of a text, or of a chat rendered with the model's template, as JSON."
     )
 
-    @Option(name: .long, help: "A model folder holding tokenizer.json (and optionally tokenizer_config.json).")
+    @Option(name: .long, help: "A model folder holding tokenizer.json (and optionally tokenizer_config.json, chat_template.jinja).")
     var model: String
 
     @Option(name: .long, help: "The text to tokenize.")
@@ -31,6 +22,12 @@ struct TokenizeCommand: ParsableCommand {
     @Option(name: .long, help: "A UTF-8 file whose whole content is the text to tokenize (instead of --text).")
     var textFile: String?
 
+    @Option(name: .long, help: "A JSON file holding an array of {\"role\", \"content\"} messages, rendered with the chat template.")
+    var messages: String?
+
+    @Flag(name: .long, help: "With --messages: end with the template's generation prompt (the assistant's turn).")
+    var addGenerationPrompt = false
+
     @Flag(name: .long, help: "Add the bos/eos tokens the tokenizer adds by default (off: the plain ids of the text).")
     var addSpecialTokens = false
 
@@ -38,32 +35,42 @@ struct TokenizeCommand: ParsableCommand {
     var timing = false
 
     func validate() throws {
-        let inputs = [text != nil, textFile != nil].filter { $0 }.count
-        guard inputs == 1 else { throw ValidationError("give exactly one input: --text or --text-file") }
+        let inputs = [text != nil, textFile != nil, messages != nil].filter { $0 }.count
+        guard inputs == 1 else { throw ValidationError("give exactly one input: --text, --text-file or --messages") }
+        if addGenerationPrompt && messages == nil { throw ValidationError("--add-generation-prompt goes with --messages") }
     }
 
     /// The text to encode, from whichever input option was given.
     func inputText(_ tokenizer: Tokenizer) throws -> String {
         if let text { return text }
         if let textFile { return try FileSystem.readText(textFile) }
-        throw ValidationError("give exactly one input: --text or --text-file")
+        guard let messages else { throw ValidationError("give exactly one input: --text, --text-file or --messages") }
+        let json: JSONValue
+        do { json = try JSONValue.parse(bytes: try FileSystem.readFile(messages)) } catch let e as JSONParseError {
+            throw FileFormatError(file: messages, place: "JSON", e.description)
+        }
+        guard let list = json.array else {
+            throw FileFormatError(file: messages, place: "top level", "expected an array of {\"role\", \"content\"} messages")
+        }
+        guard let template = try ChatTemplate.load(directory: model) else {
+            throw ValidationError("\(model) has no chat template (chat_template.jinja, or chat_template in tokenizer_config.json)")
+        }
+        return try template.render(messages: list, addGenerationPrompt: addGenerationPrompt, bosToken: tokenizer.bosToken, eosToken: tokenizer.eosToken)
     }
 
     func run() throws {
-        let clock = ContinuousClock()
-        let start = clock.now
+        let start = monotonicSeconds()
         let tokenizer = try Tokenizer(directory: model)
         let input = try inputText(tokenizer)
-        let loaded = clock.now
+        let loaded = monotonicSeconds()
         let ids = tokenizer.encode(input, addSpecialTokens: addSpecialTokens)
-        let encoded = clock.now
+        let encoded = monotonicSeconds()
         if timing {
-            func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18 }
-            let load = seconds(loaded - start), encode = seconds(encoded - loaded)
-            let rate = encode > 0 ? Int(Double(ids.count) / encode) : 0
-            printError("load \(load) s; encode \(input.utf8.count) bytes → \(ids.count) tokens in \(encode) s (\(rate) tokens/s)")
+            let rate = encoded > loaded ? Int(Double(ids.count) / (encoded - loaded)) : 0
+            printError("load \(loaded - start) s; encode \(input.utf8.count) bytes → \(ids.count) tokens in \(encoded - loaded) s (\(rate) tokens/s)")
         }
-        let json = JSONValue.object(JSONObject([("ids", .array(ids.map { .int(Int64($0)) }))]))
-        print(json.serialized(JSONValue.WriteOptions()))
+        var fields: [(String, JSONValue)] = [("ids", .array(ids.map { .int(Int64($0)) }))]
+        if messages != nil { fields.insert(("text", .string(input)), at: 0) }
+        print(JSONValue.object(JSONObject(fields)).serialized(JSONValue.WriteOptions()))
     }
 }
