@@ -251,39 +251,41 @@ extension LlamaModel {
         var total = 0.0
         var counted = 0
         let dNormed = Matrix(rows: n, columns: h)
+        // Only tokens whose target counts need logits: gather their rows, a chunk at a time.
+        let countedRows = (0..<n).filter { targets[$0] != TrainingBatch.ignoreIndex }
         let logits = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * vocab)
-        defer { logits.deallocate() }
-        var start = 0
-        while start < n {
-            let rows = min(chunkRows, n - start)
-            // Skip chunks in which nothing is counted: their gradient is zero.
-            if !(start..<(start + rows)).contains(where: { targets[$0] != TrainingBatch.ignoreIndex }) { start += rows; continue }
-            CPUMatmul.gemmNT(normed.pointer + start * h, head.pointer, logits, m: rows, n: vocab, k: h)
-            for r in 0..<rows {
+        let gathered = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * h)
+        defer { logits.deallocate(); gathered.deallocate() }
+        for chunkStart in stride(from: 0, to: countedRows.count, by: chunkRows) {
+            let chunk = countedRows[chunkStart..<min(countedRows.count, chunkStart + chunkRows)]
+            for (r, i) in chunk.enumerated() { (gathered + r * h).update(from: normed.pointer + i * h, count: h) }
+            CPUMatmul.gemmNT(gathered, head.pointer, logits, m: chunk.count, n: vocab, k: h)
+            for (r, i) in chunk.enumerated() {
                 let row = logits + r * vocab
-                let target = targets[start + r]
-                guard target != TrainingBatch.ignoreIndex else {
-                    for j in 0..<vocab { row[j] = 0 }
-                    continue
-                }
+                let target = Int(targets[i])
                 var maximum = -Float.infinity
                 for j in 0..<vocab { maximum = max(maximum, row[j]) }
+                let targetLogit = row[target]
+                // Keep e^(z - max) in place: the loss needs its sum, the gradient the values.
                 var sum: Double = 0
-                for j in 0..<vocab { sum += Double(expf(row[j] - maximum)) }
-                let logSumExp = Double(maximum) + log(sum)
-                total += logSumExp - Double(row[Int(target)])
+                for j in 0..<vocab {
+                    let e = expf(row[j] - maximum)
+                    row[j] = e
+                    sum += Double(e)
+                }
+                total += Double(maximum) + log(sum) - Double(targetLogit)
                 counted += 1
                 if dx != nil {
                     // d loss / d logit_j = softmax_j − [j = target], scaled by 1/normalizer.
-                    let inverse = Float(1 / sum)
-                    for j in 0..<vocab { row[j] = expf(row[j] - maximum) * inverse * scale }
-                    row[Int(target)] -= scale
+                    let factor = Float(1 / sum) * scale
+                    for j in 0..<vocab { row[j] *= factor }
+                    row[target] -= scale
                 }
             }
             if dx != nil {
-                CPUMatmul.gemmNN(logits, head.pointer, dNormed.pointer + start * h, m: rows, n: h, k: vocab)
+                CPUMatmul.gemmNN(logits, head.pointer, gathered, m: chunk.count, n: h, k: vocab)
+                for (r, i) in chunk.enumerated() { (dNormed.pointer + i * h).update(from: gathered + r * h, count: h) }
             }
-            start += rows
         }
         if let dx {
             finalNorm.withUnsafeBufferPointer {
