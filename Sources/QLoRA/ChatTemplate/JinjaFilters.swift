@@ -417,6 +417,12 @@ extension JinjaBuiltins {
         var t = Substring(pyStrip(s, nil, left: true, right: true))
         var negative = false
         if t.hasPrefix("-") { negative = true; t = t.dropFirst() } else if t.hasPrefix("+") { t = t.dropFirst() }
+        // A radix prefix is allowed when it matches the base ("0x1A" in base 16).
+        let prefixes = [16: "0x", 8: "0o", 2: "0b"]
+        if let p = prefixes[base], t.lowercased().hasPrefix(p) {
+            t = t.dropFirst(2)
+            if t.hasPrefix("_") { t = t.dropFirst() }
+        }
         guard !t.isEmpty, !t.hasPrefix("_"), !t.hasSuffix("_"), !t.contains("__") else { return nil }
         guard let v = Int(t.filter { $0 != "_" }, radix: base) else { return nil }
         return negative ? -v : v
@@ -566,8 +572,8 @@ extension JinjaBuiltins {
             return i % d == 0
         case "lower", "upper": return pyCharClass(v.pyStr, name == "lower" ? "islower" : "isupper")
         case "escaped": return false
-        case "filter": return filterNames.contains(try arg().pyStr)
-        case "test": return testNames.contains(try arg().pyStr)
+        case "filter": return filterNames.contains(v.pyStr)
+        case "test": return testNames.contains(v.pyStr)
         default: throw JinjaFailure("no test named '\(name)'")
         }
     }

@@ -158,9 +158,8 @@ final class JinjaInterpreter {
             _ = try exec(loop.otherwise, JinjaScope(parent: scope), &out)
             return
         }
-        var depth0 = 0
-        if case .loop(let outer)? = scope.lookup("loop") { depth0 = outer.depth0 + 1 }
-        let state = JinjaLoop(items: items, depth0: depth0)
+        // `loop.depth` only grows in recursive loops, which are not supported: always 1 here, as in jinja2.
+        let state = JinjaLoop(items: items, depth0: 0)
         for (i, item) in items.enumerated() {
             state.index0 = i
             let s = JinjaScope(parent: scope)

@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Renders the chat templates in Tests/Fixtures/chat-templates/ with Python jinja2, configured exactly as
+transformers' `apply_chat_template` configures it, and writes the expected outputs to goldens.jsonl there.
+
+transformers (utils/chat_template_utils.py, `_compile_jinja_template` and `render_jinja_template`):
+  ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[AssistantTracker, loopcontrols])
+  filters["tojson"] = json.dumps(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)
+  globals["raise_exception"] raises TemplateError; globals["strftime_now"] = datetime.now().strftime(fmt)
+  render(messages=chat, tools=<schemas or None>, documents=None, add_generation_prompt=..., **special_tokens, **kwargs)
+Here `strftime_now` is pinned to 2024-07-26 12:00:00 so the goldens are reproducible (the Swift test sets
+`fixedNow` to the same instant). Each golden line is one of:
+  {"template": file, "case": name, "messages", "extra", "add_generation_prompt", "bos_token", "eos_token",
+   "rendered": text}  or the same with "error": message and "raised": true when raise_exception fired;
+  {"snippet": template source, "context": variables, "rendered" | "error"}: small language checks.
+
+Usage: python3 scripts/make_chat_template_goldens.py   (needs jinja2 >= 3.1)
+"""
+import datetime, json, os
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Tests", "Fixtures", "chat-templates")
+FIXED_NOW = datetime.datetime(2024, 7, 26, 12, 0, 0)
+
+
+def make_env():
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return FIXED_NOW.strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env
+
+
+ENV = make_env()
+
+
+def render(source, messages, add_generation_prompt, bos_token, eos_token, extra):
+    """Mirrors ChatTemplate.render: tools and documents default to None, as in transformers."""
+    kwargs = {"tools": None, "documents": None}
+    if bos_token is not None:
+        kwargs["bos_token"] = bos_token
+    if eos_token is not None:
+        kwargs["eos_token"] = eos_token
+    kwargs.update(extra)
+    out = {}
+    try:
+        out["rendered"] = ENV.from_string(source).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
+    except jinja2.exceptions.TemplateSyntaxError:
+        raise
+    except jinja2.exceptions.TemplateError as e:
+        out["error"] = str(e)
+        out["raised"] = type(e) is jinja2.exceptions.TemplateError
+    except Exception as e:  # TypeError etc. raised while rendering
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["raised"] = False
+    return out
+
+
+TOKENS = {  # (bos, eos) each family's tokenizer passes
+    "llama-2.jinja": ("<s>", "</s>"), "llama-3.jinja": ("<|begin_of_text|>", "<|eot_id|>"),
+    "llama-3.1.jinja": ("<|begin_of_text|>", "<|eot_id|>"), "llama-3.2.jinja": ("<|begin_of_text|>", "<|eot_id|>"),
+    "mistral-7b-instruct-v0.1.jinja": ("<s>", "</s>"), "mistral-7b-instruct-v0.3.jinja": ("<s>", "</s>"),
+    "gemma.jinja": ("<bos>", "<eos>"), "gemma-3.jinja": ("<bos>", "<eos>"),
+    "phi-3.jinja": ("<s>", "<|endoftext|>"), "zephyr.jinja": ("<s>", "</s>"),
+    "qwen2.5.jinja": (None, "<|im_end|>"), "qwen3.jinja": (None, "<|im_end|>"),
+    "smollm2.jinja": ("<|im_start|>", "<|im_end|>"),
+}
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city.",
+    "parameters": {"type": "object", "properties": {
+        "location": {"type": "string", "description": "City name, e.g. \"Paris\""},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["location"]},
+    "return": {"type": "number", "description": "Temperature"}}}
+TOOL_CHAT = [
+    {"role": "user", "content": "What's the weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "call12345", "type": "function", "function": {
+        "name": "get_weather", "arguments": {"location": "Paris", "unit": "celsius"}}}]},
+    {"role": "tool", "tool_call_id": "call12345", "name": "get_weather", "content": "22.5"},
+    {"role": "assistant", "content": "It is 22.5 °C in Paris."},
+]
+
+CASES = [
+    ("single-user", [{"role": "user", "content": "Hello!"}], {}),
+    ("system-user", [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "What is 2+2?"}], {}),
+    ("multi-turn", [
+        {"role": "system", "content": "  Be brief.\n"},
+        {"role": "user", "content": "  leading and trailing spaces  "},
+        {"role": "assistant", "content": "naïve café — “quotes” 😀\nsecond line"},
+        {"role": "user", "content": "Tabs\tand\nnewlines\n\n"},
+    ], {}),
+    ("no-system-multi", [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a joke."}], {}),
+    ("bad-alternation", [{"role": "user", "content": "one"}, {"role": "user", "content": "two"}], {}),
+    ("assistant-first", [{"role": "assistant", "content": "I start."}, {"role": "user", "content": "ok"}], {}),
+    ("empty", [], {}),
+    ("tools", [{"role": "system", "content": "You can call tools."}] + TOOL_CHAT, {"tools": [WEATHER_TOOL]}),
+    ("tools-no-system", TOOL_CHAT, {"tools": [WEATHER_TOOL]}),
+    ("tools-in-system", TOOL_CHAT[:1], {"tools": [WEATHER_TOOL], "tools_in_user_message": False}),
+    ("builtin-tools", [
+        {"role": "user", "content": "Search the news."},
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+            "name": "brave_search", "arguments": {"query": "latest news"}}}]},
+        {"role": "ipython", "content": {"results": ["a", "b"]}}],
+        {"builtin_tools": ["brave_search", "code_interpreter", "wolfram_alpha"], "date_string": "01 Jan 2025"}),
+    ("thinking", [
+        {"role": "user", "content": "What is 1+1?"},
+        {"role": "assistant", "content": "<think>\nSimple sum.\n</think>\n\n2"},
+        {"role": "user", "content": "And 2+2?"}], {"enable_thinking": False}),
+    ("multimodal", [
+        {"role": "system", "content": [{"type": "text", "text": "Describe images."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " What is this? "}]}], {}),
+    ("numbers", [{"role": "user", "content": "x", "extra": [1, 2.5, True, None]}], {"date_string": "05 May 2025"}),
+]
+
+# Small checks of the language itself, rendered with the same defaults as the templates.
+SNIPPETS = [
+    ("a\n  {% if true %}\n  x\n  {% endif %}\nb", {}),
+    ("  {{ 'x' }}  \n{# c #}\n  y", {}),
+    ("a {%- if true -%} \n b {%+ endif %}  c", {}),
+    ("{% for m in [1,2] %}\n{{ m }}\n{% endfor %}\n", {}),
+    ("x\n\n", {}), ("x {# c\n #}\ny", {}), ("line1\r\nline2\r\n{% if true %}\r\nz{% endif %}", {}),
+    ("{% raw %}{{ not rendered }}{% endraw %}!", {}),
+    ("   {%- raw -%}  {% x %}  {%- endraw %}|", {}),
+    ("{{ {'a': {'b': 1}} }}", {}),
+    ("{% set x = 1 %}{% for i in [1,2,3] %}{{ x }}{% set x = x + 1 %}{{ x }};{% endfor %}{{ x }}", {}),
+    ("{% for i in [1,2,3] %}{% if i == 1 %}{% set y = 5 %}{% endif %}{{ y }};{% endfor %}", {}),
+    ("{% set x = 1 %}{% if true %}{% set x = 2 %}{% endif %}{{ x }}", {}),
+    ("{% macro m() %}{{ z }}{% endmacro %}{% set z = 3 %}{{ m() }}", {}),
+    ("{% for i in [1,2] %}{% macro m() %}{{ i }}{% endmacro %}{{ m() }}{% endfor %}", {}),
+    ("{% macro f(a, b='d') %}[{{ a }}{{ b }}{{ varargs }}{{ kwargs }}]{% endmacro %}{{ f(1) }}{{ f(1, 2) }}{{ f(1, b=3) }}{{ f(1, 2, 3, c=4) }}", {}),
+    ("{% macro box(t) %}<{{ caller() }}|{{ t }}>{% endmacro %}{% call box('x') %}inside{% endcall %}", {}),
+    ("{{ foo.bar }}", {}), ("{{ foo['bar'] }}", {}), ("{{ {}.bar.baz }}", {}),
+    ("{{ foo }}|{{ foo is defined }}|{{ foo|length }}|{{ foo|trim }}|{{ foo|default('d') }}|{% for x in foo %}x{% endfor %}", {}),
+    ("{{ 3|round }} {{ 3.5|round }} {{ 2.5|round }} {{ 2.675|round(2) }} {{ 3|round(1) }} {{ -3|abs }} {{ 2.5|round(0, 'floor') }} {{ 2.1|round(1, 'ceil') }}", {}),
+    ("{{ [1,'a',none,true,1.5,{'k':'v'}, ('t',), \"it's\"] }}", {}),
+    ("{{ (1,2) }} {{ 1,2 }} {{ 1e5 }} {{ 1e16 }} {{ 0.1+0.2 }} {{ 7/2 }} {{ 7//2 }} {{ -7//2 }} {{ -7%3 }} {{ 2**10 }} {{ 4/2 }} {{ 2**-1 }}", {}),
+    ("{{ 1e-5 }} {{ 0.0001 }} {{ 1e15 }} {{ 123456789.123 }} {{ -0.0 }} {{ 5.5 // 2 }} {{ 5.5 % 2 }} {{ -5.5 % 2 }} {{ 1.5e300 * 1e300 }}", {}),
+    ("{{ 'abc'[1:] }}{{ 'abc'[-1] }}{{ [1,2,3][::-1] }}{{ [1,2,3,4,5][1:4:2] }}{{ 'héllo'[::-2] }}{{ [1,2,3][5:] }}{{ [1,2,3][-2:] }}", {}),
+    ("{{ 'a' ~ 1 ~ none ~ foo ~ 1.0 ~ [1] }}", {}), ("{{ 'a' + 1 }}", {}), ("{{ foo + 1 }}", {}), ("{{ none + 1 }}", {}),
+    ("{{ x is iterable }} {{ foo is iterable }} {{ 'a' is sequence }} {{ true is number }} {{ true is integer }} {{ 1.0 is float }} {{ {} is mapping }} {{ none is string }}", {"x": [1]}),
+    ("{{ 'Hello World-foo bar(baz'|title }} {{ \"hello world's\".title() }} {{ 'hELLO'|capitalize }} {{ 'hELLO wORLD'.capitalize() }}", {}),
+    ("{{ [3,1,2]|sort }} {{ [3,1,2]|max }} {{ ['b','A','a']|unique|list }} {{ {'b':1,'A':2}|dictsort }} {{ ['b','a','C']|sort }} {{ [3,1,2]|sort(reverse=true) }}", {}),
+    ("{{ [{'n':2},{'n':1}]|sort(attribute='n') }} {{ {'b':1,'a':2}|dictsort(by='value') }} {{ ['x','Y']|min }} {{ [1,2,3]|sum }} {{ [{'v':2},{'v':3}]|sum(attribute='v') }}", {}),
+    ("{{ 'a\\tb\\n' }}|{{ '\\x41\\u00e9\\101\\q\\'\\\"' }}|{{ \"it's\" }}", {}),
+    ("{{ ['a\\'b', 'c\"d', 'e\\'f\"g', 'x\\ny', '\\x01', 'é', '\\u200b', '\\\\'] }}", {}),
+    ("{% for a in [1,2,3] %}{{ loop.previtem }}-{{ loop.nextitem }},{% endfor %}", {}),
+    ("{% for a in [1,2,3] if a > 1 %}{{ loop.index }}/{{ loop.length }}{% else %}none{% endfor %}", {}),
+    ("{% for a in [] %}x{% else %}empty{% endfor %}{% for a in [1] if a > 5 %}x{% else %}filtered{% endfor %}", {}),
+    ("{% for m in messages %}{{ loop.index0 }}{{ loop.index }}{{ loop.revindex }}{{ loop.revindex0 }}{{ loop.first }}{{ loop.last }}{{ loop.length }}{{ loop.cycle('a','b') }}{{ loop.depth }}{% for n in [1] %}{{ loop.depth }}{% endfor %};{% endfor %}", {"messages": [{"role": "a"}, {"role": "b"}, {"role": "c"}]}),
+    ("{% for i in range(6) %}{% if i == 1 %}{% continue %}{% endif %}{% if i == 4 %}{% break %}{% endif %}{{ i }}{% endfor %}", {}),
+    ("{% for k, v in {'a': 1, 'b': 2}.items() %}{{ k }}={{ v }};{% endfor %}{% for k, v in {'c': 3}|items %}{{ k }}{{ v }}{% endfor %}{% for k in {'x': 1, 'y': 2} %}{{ k }}{% endfor %}", {}),
+    ("{{ messages[1:] }}{{ messages[-1]['role'] }}{{ messages[0].role }}{{ messages|length }}", {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}),
+    ("{% set a, b = 1, 2 %}{{ a }}{{ b }}{% set (c, d) = [3, 4] %}{{ c }}{{ d }}", {}),
+    ("{{ 'ABC'.lower() }}{{ 'a-b-c'.replace('-', '+') }}{{ 'a-b-c'.replace('-', '+', 1) }}{{ 'abc'.startswith(('x','a')) }}{{ 'abc'.endswith('bc') }}{{ 'aXb'.title() }}{{ 'abc'.upper() }}", {}),
+    ("{{ 'a b  c'.split() }}{{ 'a,b,,c'.split(',') }}{{ 'a,b,c'.split(',', 1) }}{{ 'a,b,c'.rsplit(',', 1) }}{{ ' x '.strip() }}|{{ 'xxaxx'.lstrip('x') }}|{{ 'xxaxx'.rstrip('x') }}|{{ '\\n\\nz\\n'.strip('\\n') }}", {}),
+    ("{{ 'hello'.find('l') }}{{ 'hello'.rfind('l') }}{{ 'hello'.count('l') }}{{ '-'.join(['a','b']) }}{{ '12'.isdigit() }}{{ 'ab'.isalpha() }}{{ 'a\\nb\\r\\nc'.splitlines() }}", {}),
+    ("{{ {'a':1}.get('b', 2) }}{{ {'a':1}.get('b') }}{{ {'a':1}.get('a') }}{{ {'a':1,'b':2}.keys()|list }}{{ {'a':1,'b':2}.values()|list }}{{ {'items': 5}['items'] }}{{ {'a':1}['keys'] is defined }}", {}),
+    ("{{ [{'a':1},{'a':2}]|map(attribute='a')|list }}{{ [{'a':1},{}]|selectattr('a','defined')|list }}{{ [{'a':1},{}]|rejectattr('a')|list }}{{ [1,2,3,4]|select('odd')|list }}{{ [1,2,3,4]|reject('even')|list }}{{ [1,0,2]|select|list }}", {}),
+    ("{{ [{'a':{'b':7}}]|map(attribute='a.b')|list }}{{ [{'a':1},{}]|map(attribute='a', default='z')|list }}{{ ['x','y']|map('upper')|join(',') }}{{ [' a ']|map('trim')|list }}", {}),
+    ("{{ 'x'|tojson }}{{ {'a': [1, 2.0, 'é', none, true, 1e-7, 'q\"\\\\']}|tojson }}{{ {'a': [1, {}], 'b': []}|tojson(indent=2) }}", {}),
+    ("{{ {'b': 1, 'a': [1, 2]}|tojson(sort_keys=true) }}{{ {'b': 1, 'a': [1, 2]}|tojson(separators=(',', ':')) }}{{ 'é😀\\u0001'|tojson(ensure_ascii=true) }}{{ [1]|tojson(indent='\\t') }}{{ {'a':1}|tojson(indent=0) }}", {}),
+    ("{{ foo|tojson }}", {}),
+    ("{{ range(3)|list }}{{ range(1,7,2)|list }}{{ range(5, 0, -2)|list }}", {}),
+    ("{% set ns = namespace(x=1, y='a') %}{% set ns.x = ns.x + 1 %}{{ ns.x }}{{ ns }}{% for i in [1,2] %}{% set ns.y = ns.y ~ i %}{% endfor %}{{ ns.y }}", {}),
+    ("{% set ns = namespace() %}{% set ns.found = false %}{% for m in [1,2,3] %}{% if m == 2 %}{% set ns.found = true %}{% endif %}{% endfor %}{{ ns.found }}", {}),
+    ("{% set x = 5 %}{% set x.y = 1 %}", {}),
+    ("{{ 'ab'|indent(2, true) }}|{{ 'a\\nb\\n\\nc'|indent }}|{{ 'a\\nb'|indent(first=true, blank=true) }}|{{ 'a\\nb'|indent('> ') }}", {}),
+    ("{{ [1,2,3]|first }}{{ []|first }}{{ 'abc'|last }}{{ 3.7|int }}{{ '42'|int }}{{ 'x'|int }}{{ '3.5'|int }}{{ '3.5'|float }}{{ ' 7 '|int }}{{ 'x'|float }}{{ true|int }}{{ '0x1A'|int(base=16) }}{{ 'zz'|int(5) }}", {}),
+    ("{{ x | default('d') }}{{ none | default('d') }}{{ none | default('d', true) }}{{ '' | d('e', true) }}{{ 0 | default(1, boolean=true) }}", {"x": [1]}),
+    ("{% set x %}hello {{ 1 }}{% endset %}[{{ x }}]{% set y | upper %}shout{% endset %}{{ y }}", {}),
+    ("{% filter upper %}abc{{ 'def' }}{% endfilter %}{% filter replace('a', 'b')|upper %}aaa{% endfilter %}", {}),
+    ("{% with a = 1, b = 2 %}{{ a + b }}{% endwith %}{{ a }}", {}),
+    ("{{ true and 'x' }}{{ 0 or [] }}{{ none or 'z' }}{{ not none }}{{ 1 and 0 }}{{ '' or 0 or 'last' }}", {}),
+    ("{{ -1 }}{{ - 2 ** 2 }}{{ (-2) ** 2 }}{{ 10 % 3 }}{{ +5 }}{{ 2 * 3 + 4 }}{{ 2 + 3 * 4 }}{{ (2 + 3) * 4 }}{{ 1 - 2 - 3 }}{{ 2 ** 3 ** 2 }}", {}),
+    ("{{ 1 / 0 }}", {}), ("{{ 1 // 0 }}", {}),
+    ("{{ [1,2] == [1,2] }}{{ 1 == 1.0 }}{{ true == 1 }}{{ 'a' < 'b' }}{{ [1,2] < [1,3] }}{{ 1 < 2 < 3 }}{{ 3 > 2 > 2 }}{{ {'a':1} == {'a':1} }}{{ none == none }}{{ foo == none }}{{ foo == bar }}", {}),
+    ("{{ 1 < 'a' }}", {}), ("{{ foo < 1 }}", {}),
+    ("{{ 'abc'|length }}{{ 'héllo'|length }}{{ 'héllo'|upper }}{{ 'ß'|upper }}{{ 'ÀB'|lower }}{{ {'a':1}|length }}{{ (1,2)|count }}", {}),
+    ("{{ 5|string ~ 'x' }}{{ [1]|string }}{{ none|string }}{{ 'a'|safe }}{{ '<a href=\"x\">&'|e }}{{ 'one two  three'|wordcount }}", {}),
+    ("{{ x.foo }}|{{ none.foo }}|{{ [1][5] }}|{{ 'a'.foo }}|{{ 5.foo }}|{{ {'a':1}.b }}|{{ x.0 }}|{{ x[0] }}|{{ 'abc'.1 }}", {"x": [1]}),
+    ("{{ raise_exception('boom: ' ~ 42) }}", {}),
+    ("{{ 3 is odd }}{{ 'abc' is lower }}{{ 'ABC' is upper }}{{ none is none }}{{ none is not none }}{{ 1 is number }}{{ 1.0 is integer }}{{ 6 is divisibleby 3 }}{{ 2 is even }}", {}),
+    ("{{ 'a' is equalto 'a' }}{{ 1 is eq 1 }}{{ 1 is ne 2 }}{{ 2 is gt 1 }}{{ 2 is ge 2 }}{{ 1 is lt 2 }}{{ 1 is le 0 }}{{ 'a' is in 'cab' }}{{ false is sameas false }}{{ none is sameas none }}{{ true is boolean }}{{ true is true }}{{ 0 is false }}", {}),
+    ("{{ x is callable }}{{ range is callable }}{{ 'upper' is filter }}{{ 'odd' is test }}{{ 'nope' is filter }}", {"x": 1}),
+    ("{{ 'a' if false else 'b' if false else 'c' }}|{{ 'yes' if 1 }}|{{ ('no' if 0) is defined }}", {}),
+    ("{{ 'a' 'b' }}{{ [1,2,][1] }}{{ {'a':1,}['a'] }}{{ 1_000 }}{{ 0x1F }}{{ 0o17 }}{{ 0b101 }}{{ 1.5e3 }}{{ 1E2 }}{{ (1,) }}{{ () }}", {}),
+    ("{{ 'a' in 'cab' }} {{ 'k' in {'k':1} }} {{ 1 not in [1] }} {{ 'x' in foo }} {{ not 'a' in 'b' }} {{ 'a' not in 'b' }}", {}),
+    ("{{ 1 in 'abc' }}", {}), ("{{ 'a' in 5 }}", {}),
+    ("{{ [1,2,3]|reverse|list }}{{ 'abc'|reverse }}{{ [1,'a']|map('string')|join('-') }}{{ [1,2]|join }}{{ {'a':1}|join(',') }}{{ 'abc'|list }}{{ [{'n':'x'},{'n':'y'}]|join(', ', attribute='n') }}", {}),
+    ("{{ 'ab' * 3 }} {{ [1] * 2 }} {{ [1] + [2] }} {{ 3 * 'x' }} {{ (1,) + (2,) }} {{ 'x' * 0 }}", {}),
+    ("{{ strftime_now('%Y-%m-%d %H:%M:%S %A %B %j') }}", {}),
+    ("{{ dict(a=1, b='x') }}{{ dict(a=1)|tojson }}", {}),
+    ("{% for x in 5 %}{% endfor %}", {}),
+    ("{{ 'x'.append }}", {}),
+    ("{{ message['content'] | trim + '!' }}{{ message.content|length > 3 }}", {"message": {"content": " abc "}}),
+    ("{{- ' a ' -}}  \n {{- 'b' }}  {{ 'c' -}}\n\n d", {}),
+    ("{% if true %}\n    indented\n{% endif %}\n    {% if true %}x{% endif %}\ny", {}),
+    ("{% for i in [1, 2] -%}\n  {{ i }}\n{%- endfor %}", {}),
+    ("  {# comment #}  \n  text", {}), ("{#- c -#}   x", {}), ("x\n{# only #}\ny", {}),
+    ("{% set loop_messages = messages %}{% for m in loop_messages %}{% set content = m.content %}{% if loop.index0 == 0 %}{% set content = 'B' + content %}{% endif %}{{ content }}{% endfor %}", {"messages": [{"content": "a"}, {"content": "b"}]}),
+    ("{% set c = [1] %}{% set c = c + [2] %}{{ c }}{% set d = {'a': 1} %}{{ d.a }}{{ d['a'] }}", {}),
+    ("{{ messages[0]['content'][0]['text'] }}|{{ messages[0].content[1].type }}|{{ messages[0].missing is defined }}", {"messages": [{"content": [{"text": "T"}, {"type": "image"}]}]}),
+    ("{{ tools is none }}{{ documents is none }}{{ tools is defined }}{{ add_generation_prompt }}", {}),
+]
+
+
+def main():
+    lines = []
+    for name in sorted(os.listdir(HERE)):
+        if not name.endswith(".jinja"):
+            continue
+        source = open(os.path.join(HERE, name), encoding="utf-8").read()
+        bos, eos = TOKENS[name]
+        for case, messages, extra in CASES:
+            for agp in (False, True):
+                entry = {"template": name, "case": case, "messages": messages, "extra": extra,
+                         "add_generation_prompt": agp, "bos_token": bos, "eos_token": eos}
+                entry.update(render(source, messages, agp, bos, eos, extra))
+                lines.append(entry)
+    for source, context in SNIPPETS:
+        entry = {"snippet": source, "context": context}
+        entry.update(render(source, context.pop("messages", []) if False else context.get("messages", []), False, None, None,
+                            {k: v for k, v in context.items() if k != "messages"}))
+        lines.append(entry)
+    with open(os.path.join(HERE, "goldens.jsonl"), "w", encoding="utf-8") as f:
+        for entry in lines:
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    errors = sum(1 for e in lines if "error" in e)
+    print(f"wrote {len(lines)} goldens ({errors} expected errors) to {HERE}/goldens.jsonl")
+
+
+if __name__ == "__main__":
+    main()
