@@ -75,6 +75,9 @@ TOKENS = {  # (bos, eos) each family's tokenizer passes
     "phi-3.jinja": ("<s>", "<|endoftext|>"), "zephyr.jinja": ("<s>", "</s>"),
     "qwen2.5.jinja": (None, "<|im_end|>"), "qwen3.jinja": (None, "<|im_end|>"),
     "smollm2.jinja": ("<|im_start|>", "<|im_end|>"),
+    "mistral-small-3.1-24b-instruct-2503.jinja": ("<s>", "</s>"),
+    "deepseek-r1-distill-qwen-32b.jinja": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    "command-r7b-12-2024-tool_use.jinja": ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>"),
 }
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -90,6 +93,25 @@ TOOL_CHAT = [
         "name": "get_weather", "arguments": {"location": "Paris", "unit": "celsius"}}}]},
     {"role": "tool", "tool_call_id": "call12345", "name": "get_weather", "content": "22.5"},
     {"role": "assistant", "content": "It is 22.5 °C in Paris."},
+]
+
+PARALLEL_CHAT = [
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "content": "", "reasoning_content": "Two cities, two calls.", "tool_calls": [
+        {"id": "call_paris1", "type": "function", "function": {"name": "get_weather", "arguments": {"location": "Paris"}}},
+        {"id": "call_rome22", "type": "function", "function": {"name": "get_weather", "arguments": {"location": "Rome"}}}]},
+    {"role": "tool", "tool_call_id": "call_paris1", "content": "18"},
+    {"role": "tool", "tool_call_id": "call_rome22", "content": {"temperature": 25, "sky": "clear"}},
+    {"role": "assistant", "content": "Paris 18, Rome 25."},
+    {"role": "user", "content": "Thanks"},
+]
+STRING_ARGS_CHAT = [
+    {"role": "system", "content": "sys"},
+    {"role": "user", "content": "Weather?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "call12345", "type": "function", "function": {
+        "name": "get_weather", "arguments": "{\"location\": \"Oslo\"}"}}]},
+    {"role": "tool", "tool_call_id": "call12345", "content": "-3"},
+    {"role": "assistant", "content": "<think>cold</think>It is -3."},
 ]
 
 CASES = [
@@ -123,6 +145,10 @@ CASES = [
     ("multimodal", [
         {"role": "system", "content": [{"type": "text", "text": "Describe images."}]},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " What is this? "}]}], {}),
+    ("parallel-tools", PARALLEL_CHAT, {"tools": [WEATHER_TOOL]}),
+    ("string-args", STRING_ARGS_CHAT, {}),
+    ("documents", [{"role": "system", "content": "Use the documents."}, {"role": "user", "content": "Summarize."}],
+     {"documents": [{"title": "A", "text": "alpha"}, {"title": "B", "text": "beta \"quoted\""}], "enable_citations": True}),
     ("numbers", [{"role": "user", "content": "x", "extra": [1, 2.5, True, None]}], {"date_string": "05 May 2025"}),
 ]
 
