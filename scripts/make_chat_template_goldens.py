@@ -78,6 +78,7 @@ TOKENS = {  # (bos, eos) each family's tokenizer passes
     "mistral-small-3.1-24b-instruct-2503.jinja": ("<s>", "</s>"),
     "deepseek-r1-distill-qwen-32b.jinja": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
     "command-r7b-12-2024-tool_use.jinja": ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>"),
+    "glm-4.6.jinja": (None, "<|endoftext|>"), "kimi-k2.jinja": (None, "<|im_end|>"),
 }
 
 WEATHER_TOOL = {"type": "function", "function": {
