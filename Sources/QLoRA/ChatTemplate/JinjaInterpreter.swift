@@ -49,6 +49,9 @@ final class JinjaInterpreter {
     /// Unix seconds to use for `strftime_now` (formatted in UTC), instead of the local clock.
     let fixedNow: Int64?
     let globals: [String: JinjaValue]
+    /// Macro calls in progress; bounded like Python's recursion limit, so runaway recursion is an error, not a crash.
+    private var macroDepth = 0
+    private static let maxMacroDepth = 200
 
     init(fixedNow: Int64?) {
         self.fixedNow = fixedNow
@@ -193,6 +196,11 @@ final class JinjaInterpreter {
         // Weak: the defining scope owns the macro; both live until the render ends.
         JinjaCallable(name: def.name) { [weak self, weak scope] args, kwargs in
             guard let self, let scope else { throw JinjaFailure("macro '\(def.name)' called after its template finished") }
+            guard self.macroDepth < Self.maxMacroDepth else {
+                throw JinjaFailure("macro '\(def.name)': maximum recursion depth (\(Self.maxMacroDepth)) exceeded")
+            }
+            self.macroDepth += 1
+            defer { self.macroDepth -= 1 }
             let s = JinjaScope(parent: scope)
             var extraKw = JinjaDict()
             var given: [String: JinjaValue] = [:]

@@ -15,6 +15,14 @@ struct JinjaParser {
     private var tokens: [JinjaToken]
     private var index = 0
     private let lines: JinjaSourceLines
+    /// Nesting of expressions and blocks, bounded so a hostile template cannot overflow the stack.
+    private var depth = 0
+    private static let maxDepth = 400
+
+    private mutating func enter() throws {
+        depth += 1
+        if depth > Self.maxDepth { throw error("template nested deeper than \(Self.maxDepth) levels", at: current, kind: .unsupported) }
+    }
 
     init(tokens: [JinjaToken], lines: JinjaSourceLines) {
         self.tokens = tokens
@@ -89,6 +97,8 @@ struct JinjaParser {
 
     /// Statements up to one of the `until` tags (returned, with the stream after its name) or the end.
     private mutating func parseStatements(until: Set<String>) throws -> ([JinjaStmt], String?) {
+        try enter()
+        defer { depth -= 1 }
         var body: [JinjaStmt] = []
         while true {
             let t = current
@@ -401,6 +411,8 @@ struct JinjaParser {
     }
 
     private mutating func parseUnary(withFilters: Bool = true) throws -> JinjaExpr {
+        try enter()
+        defer { depth -= 1 }
         let t = current
         var e: JinjaExpr
         if skipOp("-") {

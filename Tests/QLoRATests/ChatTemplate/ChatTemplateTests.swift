@@ -187,6 +187,30 @@ final class ChatTemplateTests: XCTestCase {
         }
     }
 
+    func testRunawayRecursionAndNestingAreErrorsNotCrashes() throws {
+        let t = try ChatTemplate(source: "{% macro r(n) %}{{ r(n + 1) }}{% endmacro %}{{ r(0) }}")
+        XCTAssertThrowsError(try t.render(messages: [], addGenerationPrompt: false, bosToken: nil, eosToken: nil)) { error in
+            XCTAssertEqual((error as? ChatTemplateError)?.kind, .runtime, "\(error)")
+        }
+        let deep = "{{ " + String(repeating: "(", count: 5000) + "1" + String(repeating: ")", count: 5000) + " }}"
+        XCTAssertThrowsError(try ChatTemplate(source: deep))
+        let deepBlocks = String(repeating: "{% if true %}", count: 2000) + String(repeating: "{% endif %}", count: 2000)
+        XCTAssertThrowsError(try ChatTemplate(source: deepBlocks))
+        // Reasonable nesting still works.
+        let ok = try ChatTemplate(source: "{{ " + String(repeating: "(", count: 50) + "1" + String(repeating: ")", count: 50) + " }}")
+        XCTAssertEqual(try ok.render(messages: [], addGenerationPrompt: false, bosToken: nil, eosToken: nil), "1")
+    }
+
+    /// transformers' `{% generation %}` (assistant-mask marker) renders its body unchanged.
+    func testGenerationBlockRendersItsBody() throws {
+        let t = try ChatTemplate(source: "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}A:{{ m.content }}{% endgeneration %}{% else %}U:{{ m.content }}{% endif %}\n{% endfor %}")
+        let msgs: [JSONValue] = [
+            .object(JSONObject([("role", .string("user")), ("content", .string("q"))])),
+            .object(JSONObject([("role", .string("assistant")), ("content", .string("a"))])),
+        ]
+        XCTAssertEqual(try t.render(messages: msgs, addGenerationPrompt: false, bosToken: nil, eosToken: nil), "U:qA:a")  // trim_blocks eats the newlines
+    }
+
     func testStrftimeNowUsesTheClock() throws {
         let t = try ChatTemplate(source: "{{ strftime_now('%Y') }}")
         let year = try t.render(messages: [], addGenerationPrompt: false, bosToken: nil, eosToken: nil)
