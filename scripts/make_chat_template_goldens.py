@@ -275,8 +275,75 @@ SNIPPETS = [
     ("{{ 'Hello'|capitalize }}{{ 'hello world'|capitalize }}{{ 'HELLO'|title }}{{ \"they're bill's friends\"|title }}", {}),
     ("{{ 5 in [5.0] }}{{ true in [1] }}{{ '1' in [1] }}{{ [1] in [[1]] }}{{ 'ab' in ['ab'] }}", {}),
     ("{{ x['key with space'] }}{{ x.key }}", {"x": {"key with space": 1, "key": 2}}),
+    ("{{ '%s-%d' % ('a', 3) }}{{ '%s' % 'x' }}{{ '100%%' % () }}{{ '%r' % 'q' }}{{ '%d items' % 2.9 }}{{ 'none' % [1] }}", {}),
+    ("{{ '%s %s' % 'one' }}", {}), ("{{ 'x' % 1 }}", {}),
     ("{{ tools is none }}{{ documents is none }}{{ tools is defined }}{{ add_generation_prompt }}", {}),
 ]
+
+
+# Random expressions over a small grammar (fixed seed): Python semantics corners the hand-written snippets miss.
+RANDOM_CONTEXT = {"s": "Hello, World", "n": 7, "f": 2.5, "l": [3, 1, 2], "e": [], "d": {"k": "v", "n": 2},
+                  "msgs": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                  "z": 0, "t": "  pad\tme \n", "w": "ÉtÉ ß ǅ"}
+ATOMS = ["s", "n", "f", "l", "e", "d", "msgs", "z", "t", "w", "u", "none", "true", "false", "0", "1", "-3", "10",
+         "0.5", "2.0", "-1.25", "1e3", "''", "'a'", "'Hello World'", "' pad '", "'x,y'", "\"it's\"", "[1, 'a']",
+         "[2, 1]", "{'a': 1}", "(1, 2)", "'3'", "'4.5'"]
+BINOPS = ["+", "-", "*", "/", "//", "%", "~", "==", "!=", "<", "<=", ">", ">=", "in", "not in", "and", "or"]
+FILTERS = ["length", "upper", "lower", "trim", "title", "capitalize", "first", "last", "list", "sort", "reverse|list",
+           "unique|list", "join(',')", "join", "string", "int", "float", "abs", "round(1)", "round", "default('D')",
+           "default('D', true)", "tojson", "items|list", "dictsort", "sum", "min", "max", "replace('l', 'L')",
+           "indent(2)", "count", "map(attribute='role')|list", "selectattr('role', 'equalto', 'user')|list",
+           "select|list", "reject|list", "map('string')|list", "tojson(indent=1)", "wordcount", "capitalize|length"]
+INDEXES = ["0", "-1", "1:", ":-1", "::-1", "'k'", "'role'", "5"]
+TESTS = ["defined", "undefined", "none", "string", "number", "integer", "float", "mapping", "iterable", "sequence",
+         "odd", "even", "boolean", "true", "false", "eq 1", "divisibleby 2", "lower", "upper", "in [1, 2]"]
+METHODS = ["upper()", "lower()", "split(',')", "split()", "strip()", "startswith('H')", "endswith('d')",
+           "replace('o', '0')", "title()", "find('o')", "count('l')", "lstrip('H')", "rstrip('d')", "items()|list",
+           "get('k')", "get('zz', 5)", "keys()|list", "values()|list", "capitalize()", "isdigit()", "split(',', 1)",
+           "rsplit(' ', 1)", "index(1)", "count(1)", "splitlines()"]
+
+
+def random_expr(rng, depth):
+    if depth <= 0 or rng.random() < 0.25:
+        return rng.choice(ATOMS)
+    kind = rng.randrange(7)
+    a = random_expr(rng, depth - 1)
+    if kind == 0:
+        return f"({a} {rng.choice(BINOPS)} {random_expr(rng, depth - 1)})"
+    if kind == 1:
+        return f"({a}|{rng.choice(FILTERS)})"
+    if kind == 2:
+        return f"({a} is {rng.choice(['', 'not '])}{rng.choice(TESTS)})"
+    if kind == 3:
+        return f"{rng.choice(['s', 't', 'w', 'd', 'l', repr('a,b c')])}.{rng.choice(METHODS)}"
+    if kind == 4:
+        # Slices only on variables: jinja2's optimizer folds constant subscripts through the sandbox's getitem
+        # (Undefined on failure), while runtime slices are plain Python subscripts (TypeError on failure).
+        index = rng.choice(INDEXES)
+        if ":" in index:
+            return f"{rng.choice(['s', 'n', 'l', 'e', 'd', 'msgs', 't', 'w', 'u', 'z'])}[{index}]"
+        return f"({a})[{index}]"
+    if kind == 5:
+        return f"(not {a})" if rng.random() < 0.5 else f"(-{a})"
+    return f"({a} if {random_expr(rng, depth - 1)} else {random_expr(rng, depth - 1)})"
+
+
+def random_snippets(count=600, seed=1234):
+    import random
+    rng = random.Random(seed)
+    out, seen = [], set()
+    while len(out) < count:
+        expr = random_expr(rng, 3)
+        if expr in seen:
+            continue
+        seen.add(expr)
+        source = "{{ " + expr + " }}"
+        result = render(source, [], False, None, None, dict(RANDOM_CONTEXT))
+        text = result.get("rendered", "") + result.get("error", "")
+        if " at 0x" in text or "object at" in text or "generator" in text:
+            continue  # Python object reprs with addresses: not meaningful to compare
+        out.append((source, dict(RANDOM_CONTEXT)))
+    return out
 
 
 def main():
@@ -292,7 +359,7 @@ def main():
                          "add_generation_prompt": agp, "bos_token": bos, "eos_token": eos}
                 entry.update(render(source, messages, agp, bos, eos, extra))
                 lines.append(entry)
-    for source, context in SNIPPETS:
+    for source, context in SNIPPETS + random_snippets():
         entry = {"snippet": source, "context": context}
         entry.update(render(source, context.pop("messages", []) if False else context.get("messages", []), False, None, None,
                             {k: v for k, v in context.items() if k != "messages"}))

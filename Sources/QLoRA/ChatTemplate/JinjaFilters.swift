@@ -236,7 +236,12 @@ extension JinjaBuiltins {
             case .string(let s)?: indention = s
             case let w?: indention = String(repeating: " ", count: max(0, try int(w, "width") ?? 4))
             }
-            var lines = pySplitLines(v.pyStr + "\n", keepEnds: false)
+            // jinja2 appends "\n" to the value first, which only works for strings.
+            guard case .string(let text) = v else {
+                if case .undefined(let m) = v { throw JinjaFailure(m) }
+                throw JinjaFailure("unsupported operand type(s) for +=: '\(v.typeName)' and 'str'")
+            }
+            var lines = pySplitLines(text + "\n", keepEnds: false)
             var rv: String
             if b[2]?.truthy ?? false {
                 rv = lines.joined(separator: "\n" + indention)
@@ -262,6 +267,8 @@ extension JinjaBuiltins {
         case "list":
             return .list(try iterate(v, name))
         case "map":
+            // jinja2's map/select/reject yield nothing for a falsy value (`if value: for item in value: ...`).
+            guard v.truthy else { return .list([]) }
             let items = try iterate(v, name)
             if args.isEmpty, let a = kwargs.first(where: { $0.0 == "attribute" })?.1 {
                 let def = kwargs.first(where: { $0.0 == "default" })?.1
@@ -276,6 +283,7 @@ extension JinjaBuiltins {
             let rest = Array(args.dropFirst())
             return .list(try items.map { try filter(f, $0, rest, kwargs) })
         case "select", "reject", "selectattr", "rejectattr":
+            guard v.truthy else { return .list([]) }
             let items = try iterate(v, name)
             var rest = args
             var attr: JinjaValue? = nil
@@ -562,14 +570,14 @@ extension JinjaBuiltins {
         case "ge": return try compare(.ge, v, try arg())
         case "in": return try contains(try arg(), v)
         case "odd", "even", "divisibleby":
-            guard case .int(let i)? = v.numeric, !v.isFloat else {
+            // jinja2: `value % 2 == 1`, `value % 2 == 0`, `value % num == 0`, with Python's `%`.
+            guard v.numeric != nil else {
                 if case .undefined(let m) = v { throw JinjaFailure(m) }
-                throw JinjaFailure("test '\(name)' needs an integer, got '\(v.typeName)'")
+                throw JinjaFailure("test '\(name)' needs a number, got '\(v.typeName)'")
             }
-            if name == "odd" { return i % 2 != 0 }
-            if name == "even" { return i % 2 == 0 }
-            guard let d = try int(try arg(), "divisibleby"), d != 0 else { throw JinjaFailure("integer division or modulo by zero") }
-            return i % d == 0
+            let divisor = name == "divisibleby" ? try arg() : .int(2)
+            let remainder = try binary(.mod, v, divisor)
+            return remainder.pyEquals(.int(name == "odd" ? 1 : 0))
         case "lower", "upper": return pyCharClass(v.pyStr, name == "lower" ? "islower" : "isupper")
         case "escaped": return false
         case "filter": return filterNames.contains(v.pyStr)
