@@ -11,7 +11,8 @@ Here `strftime_now` is pinned to 2024-07-26 12:00:00 so the goldens are reproduc
 `fixedNow` to the same instant). Each golden line is one of:
   {"template": file, "case": name, "messages", "extra", "add_generation_prompt", "bos_token", "eos_token",
    "rendered": text}  or the same with "error": message and "raised": true when raise_exception fired;
-  {"snippet": template source, "context": variables, "rendered" | "error"}: small language checks.
+  {"snippet": template source, "context": variables, "rendered" | "error"}: small language checks
+  ("context": "random" means the variables of the {"random_context": ...} line).
 
 Usage: python3 scripts/make_chat_template_goldens.py   (needs jinja2 >= 3.1)
 """
@@ -359,8 +360,10 @@ def main():
                          "add_generation_prompt": agp, "bos_token": bos, "eos_token": eos}
                 entry.update(render(source, messages, agp, bos, eos, extra))
                 lines.append(entry)
+    lines.append({"random_context": RANDOM_CONTEXT})
     for source, context in SNIPPETS + random_snippets():
-        entry = {"snippet": source, "context": context}
+        # Random snippets all share RANDOM_CONTEXT, written once above.
+        entry = {"snippet": source, "context": "random" if context == RANDOM_CONTEXT else context}
         entry.update(render(source, context.pop("messages", []) if False else context.get("messages", []), False, None, None,
                             {k: v for k, v in context.items() if k != "messages"}))
         lines.append(entry)
