@@ -16,7 +16,7 @@ Here `strftime_now` is pinned to 2024-07-26 12:00:00 so the goldens are reproduc
 
 Usage: python3 scripts/make_chat_template_goldens.py   (needs jinja2 >= 3.1)
 """
-import datetime, json, os
+import copy, datetime, json, os
 import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -329,7 +329,7 @@ def random_expr(rng, depth):
     return f"({a} if {random_expr(rng, depth - 1)} else {random_expr(rng, depth - 1)})"
 
 
-def random_snippets(count=600, seed=1234):
+def random_snippets(count=1500, seed=1234):
     import random
     rng = random.Random(seed)
     out, seen = [], set()
@@ -339,11 +339,12 @@ def random_snippets(count=600, seed=1234):
             continue
         seen.add(expr)
         source = "{{ " + expr + " }}"
-        result = render(source, [], False, None, None, dict(RANDOM_CONTEXT))
+        # A deep copy: jinja2's `indent` does `s += "\n"`, which extends a list argument in place.
+        result = render(source, [], False, None, None, copy.deepcopy(RANDOM_CONTEXT))
         text = result.get("rendered", "") + result.get("error", "")
         if " at 0x" in text or "object at" in text or "generator" in text:
             continue  # Python object reprs with addresses: not meaningful to compare
-        out.append((source, dict(RANDOM_CONTEXT)))
+        out.append((source, RANDOM_CONTEXT))
     return out
 
 
@@ -360,11 +361,12 @@ def main():
                          "add_generation_prompt": agp, "bos_token": bos, "eos_token": eos}
                 entry.update(render(source, messages, agp, bos, eos, extra))
                 lines.append(entry)
-    lines.append({"random_context": RANDOM_CONTEXT})
+    lines.append({"random_context": copy.deepcopy(RANDOM_CONTEXT)})
     for source, context in SNIPPETS + random_snippets():
         # Random snippets all share RANDOM_CONTEXT, written once above.
-        entry = {"snippet": source, "context": "random" if context == RANDOM_CONTEXT else context}
-        entry.update(render(source, context.pop("messages", []) if False else context.get("messages", []), False, None, None,
+        entry = {"snippet": source, "context": "random" if context == RANDOM_CONTEXT else copy.deepcopy(context)}
+        context = copy.deepcopy(context)
+        entry.update(render(source, context.get("messages", []), False, None, None,
                             {k: v for k, v in context.items() if k != "messages"}))
         lines.append(entry)
     with open(os.path.join(HERE, "goldens.jsonl"), "w", encoding="utf-8") as f:

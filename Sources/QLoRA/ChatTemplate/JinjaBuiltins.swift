@@ -175,9 +175,13 @@ enum JinjaBuiltins {
         case (.mul, .string(let s), _), (.mul, _, .string(let s)):
             guard case .int(let n)? = (l.isString ? r : l).numeric, !(l.isString ? r : l).isFloat else { throw unsupported() }
             return .string(n > 0 ? String(repeating: s, count: n) : "")
-        case (.mul, .list(let a), _), (.mul, _, .list(let a)):
-            guard case .int(let n)? = (l.isList ? r : l).numeric, !(l.isList ? r : l).isFloat else { throw unsupported() }
-            return .list(n > 0 ? Array([[JinjaValue]](repeating: a, count: n).joined()) : [])
+        case (.mul, .list(let a), _), (.mul, _, .list(let a)), (.mul, .tuple(let a), _), (.mul, _, .tuple(let a)):
+            let isTuple: Bool
+            if case .tuple = l { isTuple = true } else if case .tuple = r { isTuple = true } else { isTuple = false }
+            let count = (l.isList || isTupleValue(l)) ? r : l
+            guard case .int(let n)? = count.numeric, !count.isFloat else { throw unsupported() }
+            let items = n > 0 ? Array([[JinjaValue]](repeating: a, count: n).joined()) : []
+            return isTuple ? .tuple(items) : .list(items)
         case (.mod, .string(let format), _):
             return .string(try printfFormat(format, r))
         default:
@@ -224,6 +228,8 @@ enum JinjaBuiltins {
         }
         return out
     }
+
+    private static func isTupleValue(_ v: JinjaValue) -> Bool { if case .tuple = v { return true }; return false }
 
     private static func checked(_ r: (partialValue: Int, overflow: Bool)) throws -> JinjaValue {
         .int(try checkedInt(r))
@@ -282,8 +288,11 @@ enum JinjaBuiltins {
             return Array(s.unicodeScalars).firstRange(of: Array(sub.unicodeScalars)) != nil
         case .list(let a), .tuple(let a): return a.contains { $0.pyEquals(item) }
         case .dict(let d):
-            if case .string(let k) = item { return d[k] != nil }
-            return false
+            switch item {
+            case .string(let k): return d[k] != nil
+            case .list, .dict, .namespace, .loop: throw JinjaFailure("unhashable type: '\(item.typeName)'")
+            default: return false
+            }
         case .namespace(let n):
             if case .string(let k) = item { return n.attributes[k] != nil }
             return false

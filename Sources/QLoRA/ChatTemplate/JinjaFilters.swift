@@ -212,10 +212,12 @@ extension JinjaBuiltins {
             return try iterate(v, name).last ?? .undefined("No last item, sequence was empty.")
         case "float":
             let b = try bind(name, ["default"], args, kwargs)
+            if case .undefined(let m) = v { throw JinjaFailure(m) }
             return pyFloat(v).map { .float($0) } ?? b[0] ?? .float(0)
         case "int":
             let b = try bind(name, ["default", "base"], args, kwargs)
             let base = try int(b[1], "base") ?? 10
+            if case .undefined(let m) = v { throw JinjaFailure(m) }
             if case .string(let s) = v, let i = pyParseInt(s, base: base) { return .int(i) }
             switch v {
             case .int: return v
