@@ -348,6 +348,55 @@ def random_snippets(count=1500, seed=1234):
     return out
 
 
+
+# Random templates mixing text, whitespace and tags with every whitespace-control marker (fixed seed):
+# the lexer's trim_blocks / lstrip_blocks / `-` / `+` rules, where an exact byte match is easiest to miss.
+WS = ["", " ", "  ", "\n", " \n", "\n  ", "\t\n", "\n\n", "x", " a ", "b\n", "\n\t ", "  \n  "]
+
+
+def random_layout(rng, depth):
+    def opener():
+        return rng.choice(["{%", "{%-", "{%+"])
+
+    def closer():
+        return rng.choice(["%}", "-%}", "+%}"])
+
+    out = rng.choice(WS)
+    for _ in range(rng.randrange(1, 4)):
+        kind = rng.randrange(7 if depth > 0 else 4)
+        if kind == 0:
+            out += "{{" + rng.choice(["", "-"]) + " 'v' " + rng.choice(["", "-"]) + "}}"
+        elif kind == 1:
+            out += "{#" + rng.choice(["", "-"]) + " c " + rng.choice(["", "-", "+"]) + "#}"
+        elif kind == 2:
+            out += opener() + " set q = 1 " + closer()
+        elif kind == 3:
+            out += opener() + " raw " + rng.choice(["%}", "-%}"]) + rng.choice(WS) + "{{ r }}" + rng.choice(WS) + \
+                opener() + " endraw " + closer()
+        elif kind == 4:
+            out += opener() + " if true " + closer() + random_layout(rng, depth - 1) + opener() + " endif " + closer()
+        elif kind == 5:
+            out += opener() + " for i in [1, 2] " + closer() + random_layout(rng, depth - 1) + "{{ i }}" + \
+                opener() + " endfor " + closer()
+        else:
+            out += opener() + " if false " + closer() + random_layout(rng, depth - 1) + opener() + " else " + closer() + \
+                random_layout(rng, depth - 1) + opener() + " endif " + closer()
+        out += rng.choice(WS)
+    return out
+
+
+def random_layouts(count=400, seed=4321):
+    import random
+    rng = random.Random(seed)
+    out, seen = [], set()
+    while len(out) < count:
+        source = random_layout(rng, 2)
+        if source not in seen:
+            seen.add(source)
+            out.append((source, {}))
+    return out
+
+
 def main():
     lines = []
     for name in sorted(os.listdir(HERE)):
@@ -362,7 +411,7 @@ def main():
                 entry.update(render(source, messages, agp, bos, eos, extra))
                 lines.append(entry)
     lines.append({"random_context": copy.deepcopy(RANDOM_CONTEXT)})
-    for source, context in SNIPPETS + random_snippets():
+    for source, context in SNIPPETS + random_snippets() + random_layouts():
         # Random snippets all share RANDOM_CONTEXT, written once above.
         entry = {"snippet": source, "context": "random" if context == RANDOM_CONTEXT else copy.deepcopy(context)}
         context = copy.deepcopy(context)
