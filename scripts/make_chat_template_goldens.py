@@ -278,6 +278,15 @@ SNIPPETS = [
     ("{{ x['key with space'] }}{{ x.key }}", {"x": {"key with space": 1, "key": 2}}),
     ("{{ '%s-%d' % ('a', 3) }}{{ '%s' % 'x' }}{{ '100%%' % () }}{{ '%r' % 'q' }}{{ '%d items' % 2.9 }}{{ 'none' % [1] }}", {}),
     ("{{ '%s %s' % 'one' }}", {}), ("{{ 'x' % 1 }}", {}),
+    ("{% set x = 'out' %}{% for i in [1,2] %}{% if i == 2 %}{% set x = 'in' %}{% endif %}{{ x }};{% endfor %}{{ x }}", {}),
+    ("{% for i in [1,2] %}{% if i == 2 %}{% set x = 'in' %}{% endif %}{{ x }};{% endfor %}", {"x": "ctx"}),
+    ("{% macro m() %}{% set x = 'm' %}{{ x }}{% endmacro %}{% set x = 'top' %}{{ m() }}{{ x }}", {}),
+    ("{% for i in [1] %}{% for j in [2] %}{% set k = i + j %}{% endfor %}{{ k }}{% endfor %}", {}),
+    ("{% set ns = namespace(v=0) %}{% macro inc() %}{% set ns.v = ns.v + 1 %}{% endmacro %}{{ inc() }}{{ inc() }}{{ ns.v }}", {}),
+    ("{% for i in [1,2] %}{{ loop.index }}{% for j in [1] %}{{ loop.index }}{% endfor %}{% endfor %}", {}),
+    ("{% for i in [1] %}{% set loop_messages = [1,2] %}{% endfor %}{{ loop_messages }}", {}),
+    ("{% with x = 1 %}{% set y = 2 %}{% endwith %}{{ y }}{% set a = 1 %}{% with %}{% set a = 2 %}{{ a }}{% endwith %}{{ a }}", {}),
+    ("{{ x }}{% set x = 1 %}{{ x }}{% for i in [1] %}{{ x }}{% set x = 2 %}{{ x }}{% endfor %}{{ x }}", {"x": "ctx"}),
     ("{{ tools is none }}{{ documents is none }}{{ tools is defined }}{{ add_generation_prompt }}", {}),
 ]
 
