@@ -57,8 +57,9 @@ def render(source, messages, add_generation_prompt, bos_token, eos_token, extra)
     try:
         out["rendered"] = ENV.from_string(source).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
-    except jinja2.exceptions.TemplateSyntaxError:
-        raise
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        out["error"] = f"syntax: {e}"
+        out["raised"] = False
     except jinja2.exceptions.TemplateError as e:
         out["error"] = str(e)
         out["raised"] = type(e) is jinja2.exceptions.TemplateError
@@ -406,6 +407,56 @@ def random_layouts(count=400, seed=4321):
     return out
 
 
+
+# Random programs over `set`, `if`, `for` (with `else`, filters, `break`/`continue`), namespaces, macros and
+# `with` (fixed seed): jinja2's scoping rules.
+def random_program(rng, depth, in_loop=False):
+    names = ["a", "b", "c"]
+
+    def expr():
+        return rng.choice(["a", "b", "c", "ns.v", "1", "'s'", "a ~ b", "(a is defined)", "loop.index if loop is defined else 0",
+                           "[a, b]|length", "c|default('d')", "i if i is defined else 'noi'"])
+
+    out = ""
+    for _ in range(rng.randrange(1, 4)):
+        kind = rng.randrange(9 if depth > 0 else 4)
+        if kind == 0:
+            out += "{% set " + rng.choice(names) + " = " + expr() + " %}"
+        elif kind == 1:
+            out += "{{ " + expr() + " }},"
+        elif kind == 2:
+            out += "{% set ns.v = " + expr() + " %}"
+        elif kind == 3:
+            out += ("{% break %}" if rng.random() < 0.5 else "{% continue %}") if in_loop and rng.random() < 0.3 else "{{ a }}|"
+        elif kind == 4:
+            out += "{% if " + expr() + " %}" + random_program(rng, depth - 1, in_loop) + \
+                ("{% else %}" + random_program(rng, depth - 1, in_loop) if rng.random() < 0.5 else "") + "{% endif %}"
+        elif kind == 5:
+            cond = " if x != 2" if rng.random() < 0.3 else ""
+            out += "{% for i in [1, 2, 3]" + cond + " %}" + random_program(rng, depth - 1, True) + \
+                ("{% else %}E" if rng.random() < 0.3 else "") + "{% endfor %}"
+        elif kind == 6:
+            name = rng.choice(["m1", "m2"])
+            out += "{% macro " + name + "(p='P') %}" + random_program(rng, depth - 1) + "{{ p }}{% endmacro %}{{ " + name + "() }}"
+        elif kind == 7:
+            out += "{% with " + rng.choice(names) + " = " + expr() + " %}" + random_program(rng, depth - 1, in_loop) + "{% endwith %}"
+        else:
+            out += "{% for x in [2, 3] %}{% set " + rng.choice(names) + " = x %}" + random_program(rng, depth - 1, True) + "{% endfor %}"
+    return out
+
+
+def random_programs(count=300, seed=2468):
+    import random
+    rng = random.Random(seed)
+    out, seen = [], set()
+    while len(out) < count:
+        source = "{% set ns = namespace(v=0) %}{% set a = 'A' %}" + random_program(rng, 3) + "|{{ a }}{{ b }}{{ c }}{{ ns.v }}"
+        if source not in seen:
+            seen.add(source)
+            out.append((source, {"b": "ctxB"}))
+    return out
+
+
 def main():
     lines = []
     for name in sorted(os.listdir(HERE)):
@@ -420,7 +471,7 @@ def main():
                 entry.update(render(source, messages, agp, bos, eos, extra))
                 lines.append(entry)
     lines.append({"random_context": copy.deepcopy(RANDOM_CONTEXT)})
-    for source, context in SNIPPETS + random_snippets() + random_layouts():
+    for source, context in SNIPPETS + random_snippets() + random_layouts() + random_programs():
         # Random snippets all share RANDOM_CONTEXT, written once above.
         entry = {"snippet": source, "context": "random" if context == RANDOM_CONTEXT else copy.deepcopy(context)}
         context = copy.deepcopy(context)

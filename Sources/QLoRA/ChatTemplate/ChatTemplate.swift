@@ -61,6 +61,7 @@ public struct ChatTemplate: @unchecked Sendable {
     /// The template text as given.
     public let source: String
     private let body: [JinjaStmt]
+    private let rootFrame = JinjaFrame()
 
     /// Unix time (seconds) that `strftime_now(...)` formats, in UTC, instead of the local clock.
     /// For reproducible prompts and tests; nil (the default) uses the current local time as transformers does.
@@ -74,6 +75,7 @@ public struct ChatTemplate: @unchecked Sendable {
         let tokens = try lexer.tokenize()
         var parser = JinjaParser(tokens: tokens, lines: lexer.sourceLines)
         body = try parser.parseTemplate()
+        JinjaScopeAnalysis.analyze(template: body, root: rootFrame)
     }
 
     /// Renders a conversation as transformers' `apply_chat_template(tokenize=False)` would.
@@ -87,6 +89,7 @@ public struct ChatTemplate: @unchecked Sendable {
     public func render(messages: [JSONValue], addGenerationPrompt: Bool, bosToken: String?, eosToken: String?,
                        extra: [String: JSONValue] = [:]) throws -> String {
         let interpreter = JinjaInterpreter(fixedNow: fixedNow)
+        // The render arguments sit in a scope of their own, under the template's frame (as jinja2's context).
         let scope = JinjaScope(parent: nil)
         scope.vars["messages"] = .list(messages.map(JinjaValue.init))
         scope.vars["tools"] = JinjaValue.none
@@ -96,7 +99,7 @@ public struct ChatTemplate: @unchecked Sendable {
         if let eosToken { scope.vars["eos_token"] = .string(eosToken) }
         for (k, v) in extra { scope.vars[k] = JinjaValue(v) }
         var out = ""
-        _ = try interpreter.exec(body, scope, &out)
+        _ = try interpreter.exec(body, interpreter.enter(rootFrame, scope), &out)
         return out
     }
 

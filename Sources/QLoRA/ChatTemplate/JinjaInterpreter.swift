@@ -101,17 +101,17 @@ final class JinjaInterpreter {
             case .set(let target, let e, let pos):
                 let v = try eval(e, scope)
                 try at(pos) { try assign(target, v, scope) }
-            case .setBlock(let target, let filters, let body, let pos):
+            case .setBlock(let target, let filters, let body, let frame, let pos):
                 var text = ""
-                _ = try exec(body, scope, &text)
+                _ = try exec(body, enter(frame, scope), &text)
                 var v = JinjaValue.string(text)
                 for f in filters { v = try applyFilter(f.name, v, f.args, scope, f.pos) }
                 try at(pos) { try assign(target, v, scope) }
             case .macro(let def):
                 scope.vars[def.name] = .callable(makeMacro(def, scope))
-            case .callBlock(let call, let params, let body, let pos):
+            case .callBlock(let call, let callerDef, let pos):
                 guard case .call(let callee, let args, _) = call else { break }
-                let caller = makeMacro(JinjaMacroDef(name: "caller", params: params, body: body), scope)
+                let caller = makeMacro(callerDef, scope)
                 let f = try eval(callee, scope)
                 let (positional, keyword0) = try evalArgs(args, scope)
                 let keyword = keyword0 + [("caller", JinjaValue.callable(caller))]
@@ -120,15 +120,15 @@ final class JinjaInterpreter {
                     return try c.call(positional, keyword)
                 }
                 out += v.pyStr
-            case .filterBlock(let filters, let body):
+            case .filterBlock(let filters, let body, let frame):
                 var text = ""
-                _ = try exec(body, scope, &text)
+                _ = try exec(body, enter(frame, scope), &text)
                 var v = JinjaValue.string(text)
                 for f in filters { v = try applyFilter(f.name, v, f.args, scope, f.pos) }
                 out += v.pyStr
-            case .with(let assignments, let body, let pos):
-                let inner = JinjaScope(parent: scope)
+            case .with(let assignments, let body, let frame, let pos):
                 let values = try assignments.map { try eval($0.1, scope) }
+                let inner = enter(frame, scope)
                 for (i, (target, _)) in assignments.enumerated() {
                     try at(pos) { try assign(target, values[i], inner) }
                 }
@@ -143,6 +143,14 @@ final class JinjaInterpreter {
         return .normal
     }
 
+    /// A new scope for a frame, with the frame's assigned-before-read names starting undefined (as jinja2's
+    /// `l_N_name = missing`), so they hide outer and context values until assigned.
+    func enter(_ frame: JinjaFrame, _ parent: JinjaScope) -> JinjaScope {
+        let s = JinjaScope(parent: parent)
+        for name in frame.shadowed { s.vars[name] = .undefined("'\(name)' is undefined") }
+        return s
+    }
+
     private func execFor(_ loop: JinjaForLoop, _ scope: JinjaScope, _ out: inout String) throws {
         let iterable = try eval(loop.iterable, scope)
         guard var items = iterable.pyIterate else {
@@ -151,24 +159,28 @@ final class JinjaInterpreter {
         if let condition = loop.condition {
             var kept: [JinjaValue] = []
             for item in items {
-                let s = JinjaScope(parent: scope)
+                let s = enter(loop.testFrame, scope)
                 try at(loop.pos) { try assign(loop.target, item, s) }
                 if try eval(condition, s).truthy { kept.append(item) }
             }
             items = kept
         }
-        if items.isEmpty {
-            _ = try exec(loop.otherwise, JinjaScope(parent: scope), &out)
-            return
-        }
         // `loop.depth` only grows in recursive loops, which are not supported: always 1 here, as in jinja2.
         let state = JinjaLoop(items: items, depth0: 0)
+        // jinja2 clears its "no iteration" flag at the end of the loop body, so `else` also runs when every
+        // iteration ended in `continue`/`break` before reaching the end.
+        var completedAnIteration = false
         for (i, item) in items.enumerated() {
             state.index0 = i
-            let s = JinjaScope(parent: scope)
+            let s = enter(loop.bodyFrame, scope)
             try at(loop.pos) { try assign(loop.target, item, s) }
             s.vars["loop"] = .loop(state)
-            if try exec(loop.body, s, &out) == .breakLoop { break }
+            let flow = try exec(loop.body, s, &out)
+            if flow == .breakLoop { break }
+            if flow == .normal { completedAnIteration = true }
+        }
+        if !completedAnIteration && !loop.otherwise.isEmpty {
+            _ = try exec(loop.otherwise, enter(loop.elseFrame, scope), &out)
         }
     }
 
@@ -201,7 +213,7 @@ final class JinjaInterpreter {
             }
             self.macroDepth += 1
             defer { self.macroDepth -= 1 }
-            let s = JinjaScope(parent: scope)
+            let s = self.enter(def.frame, scope)
             var extraKw = JinjaDict()
             var given: [String: JinjaValue] = [:]
             for (k, v) in kwargs {

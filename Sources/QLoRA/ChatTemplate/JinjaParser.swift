@@ -148,7 +148,7 @@ struct JinjaParser {
             try expectBlockEnd()
             let (body, _) = try parseStatements(until: ["endfilter"])
             try expectBlockEnd()
-            return .filterBlock(filters, body)
+            return .filterBlock(filters, body, JinjaFrame())
         case "with":
             var assignments: [(JinjaTarget, JinjaExpr)] = []
             while current.kind != .blockEnd {
@@ -160,7 +160,7 @@ struct JinjaParser {
             try expectBlockEnd()
             let (body, _) = try parseStatements(until: ["endwith"])
             try expectBlockEnd()
-            return .with(assignments, body, pos(tagToken))
+            return .with(assignments, body, JinjaFrame(), pos(tagToken))
         case "break", "continue":
             try expectBlockEnd()
             return tag == "break" ? .breakLoop : .continueLoop
@@ -230,7 +230,7 @@ struct JinjaParser {
         try expectBlockEnd()
         let (body, _) = try parseStatements(until: ["endset"])
         try expectBlockEnd()
-        return .setBlock(target, filters, body, pos(tagToken))
+        return .setBlock(target, filters, body, JinjaFrame(), pos(tagToken))
     }
 
     private mutating func parseMacro() throws -> JinjaStmt {
@@ -250,7 +250,7 @@ struct JinjaParser {
         try expectBlockEnd()
         let (body, _) = try parseStatements(until: ["endcall"])
         try expectBlockEnd()
-        return .callBlock(call: call, params: params, body: body, pos(tagToken))
+        return .callBlock(call: call, caller: JinjaMacroDef(name: "caller", params: params, body: body), pos(tagToken))
     }
 
     /// `(a, b=default, ...)` of a macro or call block.
