@@ -288,6 +288,7 @@ SNIPPETS = [
     ("{% for i in [1] %}{% set loop_messages = [1,2] %}{% endfor %}{{ loop_messages }}", {}),
     ("{% with x = 1 %}{% set y = 2 %}{% endwith %}{{ y }}{% set a = 1 %}{% with %}{% set a = 2 %}{{ a }}{% endwith %}{{ a }}", {}),
     ("{{ x }}{% set x = 1 %}{{ x }}{% for i in [1] %}{{ x }}{% set x = 2 %}{{ x }}{% endfor %}{{ x }}", {"x": "ctx"}),
+    ("{% set ns = namespace(f=none) %}{% set a = 'A' %}{% for i in [1, 2] %}{% macro m() %}<{{ a }}>{% endmacro %}{% set ns.f = m %}{% endfor %}{{ ns.f() }}", {}),
     ("{{ tools is none }}{{ documents is none }}{{ tools is defined }}{{ add_generation_prompt }}", {}),
 ]
 

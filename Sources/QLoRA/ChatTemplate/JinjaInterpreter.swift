@@ -204,9 +204,13 @@ final class JinjaInterpreter {
         }
     }
 
+    /// Scopes that defined macros, kept for the whole render: a macro may outlive its scope (stored in a
+    /// namespace from inside a loop), and the macro holds its scope weakly to avoid a reference cycle.
+    private var macroScopes: [JinjaScope] = []
+
     private func makeMacro(_ def: JinjaMacroDef, _ scope: JinjaScope) -> JinjaCallable {
-        // Weak: the defining scope owns the macro; both live until the render ends.
-        JinjaCallable(name: def.name) { [weak self, weak scope] args, kwargs in
+        macroScopes.append(scope)
+        return JinjaCallable(name: def.name) { [weak self, weak scope] args, kwargs in
             guard let self, let scope else { throw JinjaFailure("macro '\(def.name)' called after its template finished") }
             guard self.macroDepth < Self.maxMacroDepth else {
                 throw JinjaFailure("macro '\(def.name)': maximum recursion depth (\(Self.maxMacroDepth)) exceeded")
