@@ -8,6 +8,16 @@
 // This is our own interpreter for the subset of Jinja2 that chat templates use; constructs outside it
 // fail with a `ChatTemplateError` at load time, never a silently different prompt.
 //
+// Checked against jinja2 itself (Tests/Fixtures/chat-templates/goldens.jsonl): 18 real templates over 17
+// conversations, and thousands of hand-written and random expressions, whitespace layouts and scoping
+// programs. Known differences, all rare in chat templates: integers beyond 64 bits are an error; `range()`,
+// `d.items()`, `map(...)` and friends are lists here, so printing one directly shows a list where Python
+// shows `range(0, 3)`, `dict_items([...])` or `<generator object ...>`; jinja2's optimizer turns a failed
+// slice of a *literal* (`{{ 5[1:] }}`) into Undefined where a runtime slice raises (we always raise).
+// Not supported (a ChatTemplateError when parsed or run): include/import/extends/blocks, recursive loops,
+// `*args`/`**kwargs` in calls, `str.format`, printf flags and widths, `\N{...}` escapes, and the less common
+// filters (batch, groupby, truncate, wordwrap, format, ...).
+//
 // Where transformers keeps the template: `chat_template.jinja` in the model folder (transformers ≥ 4.5x
 // and 5), else the `chat_template` key of `tokenizer_config.json` (a string, or a list of
 // `{"name", "template"}` of which "default" is used).

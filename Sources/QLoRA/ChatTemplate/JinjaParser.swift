@@ -51,7 +51,7 @@ struct JinjaParser {
         case .blockEnd: return "end of statement block '%}'"
         case .variableEnd: return "end of print statement '}}'"
         case .string: return "string literal"
-        case .data, .rawData: return "template text"
+        case .data: return "template text"
         default: return "'\(t.text)'"
         }
     }
@@ -108,7 +108,7 @@ struct JinjaParser {
                     throw error("unexpected end of template; expected one of: \(until.sorted().map { "'\($0)'" }.joined(separator: ", "))", at: t)
                 }
                 return (body, nil)
-            case .data, .rawData:
+            case .data:
                 body.append(.text(t.text))
                 advance()
             case .variableBegin:
