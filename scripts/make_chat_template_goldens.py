@@ -81,6 +81,7 @@ TOKENS = {  # (bos, eos) each family's tokenizer passes
     "deepseek-r1-distill-qwen-32b.jinja": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
     "command-r7b-12-2024-tool_use.jinja": ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>"),
     "glm-4.6.jinja": (None, "<|endoftext|>"), "kimi-k2.jinja": (None, "<|im_end|>"),
+    "minimax-m2-unsloth.jinja": (None, "[e~["),
 }
 
 WEATHER_TOOL = {"type": "function", "function": {

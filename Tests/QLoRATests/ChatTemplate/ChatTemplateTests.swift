@@ -71,7 +71,7 @@ final class ChatTemplateTests: XCTestCase {
                 }
             }
         }
-        XCTAssertEqual(templates.count, 18)
+        XCTAssertEqual(templates.count, 19)
         XCTAssertGreaterThan(rendered, 250)
         XCTAssertGreaterThan(failures, 50)
     }
