@@ -148,6 +148,33 @@ public struct ChatTemplate: @unchecked Sendable {
         return nil
     }
 
+    /// The special tokens transformers passes to every chat template (its `special_tokens_map`), read from a
+    /// model folder's `tokenizer_config.json`: `bos_token`, `eos_token`, `unk_token`, `sep_token`, `pad_token`,
+    /// `cls_token`, `mask_token` (each a string, or an AddedToken object whose `content` is used) and
+    /// `additional_special_tokens`. Ready to pass as `render(..., extra:)`; empty if the file is missing.
+    public static func specialTokens(directory: String) throws -> [String: JSONValue] {
+        let configPath = directory + "/tokenizer_config.json"
+        guard FileSystem.exists(configPath) else { return [:] }
+        let config: JSONValue
+        do {
+            config = try JSONValue.parse(try FileSystem.readText(configPath))
+        } catch let e as JSONParseError {
+            throw FileFormatError(file: configPath, place: "byte \(e.offset)", e.message)
+        }
+        func content(_ v: JSONValue?) -> String? {
+            if let s = v?.string { return s }
+            return v?["content"]?.string
+        }
+        var out: [String: JSONValue] = [:]
+        for key in ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"] {
+            if let s = content(config[key]) { out[key] = .string(s) }
+        }
+        if let extra = config["additional_special_tokens"]?.array {
+            out["additional_special_tokens"] = .array(extra.compactMap { content($0).map(JSONValue.string) })
+        }
+        return out
+    }
+
     private static func parse(_ text: String, file: String) throws -> ChatTemplate {
         do {
             return try ChatTemplate(source: text)

@@ -213,6 +213,25 @@ final class ChatTemplateTests: XCTestCase {
         XCTAssertEqual(try t.render(messages: msgs, addGenerationPrompt: false, bosToken: nil, eosToken: nil), "U:qA:a")  // trim_blocks eats the newlines
     }
 
+    func testSpecialTokensFromTokenizerConfig() throws {
+        let tokens = try ChatTemplate.specialTokens(directory: TestFixtures.smolTokenizer)
+        XCTAssertEqual(tokens["bos_token"], .string("<|im_start|>"))
+        XCTAssertEqual(tokens["eos_token"], .string("<|im_end|>"))
+        XCTAssertEqual(tokens["unk_token"], .string("<|endoftext|>"))
+        XCTAssertEqual(tokens["pad_token"], .string("<|im_end|>"))
+        XCTAssertNil(tokens["mask_token"])
+
+        let dir = try TestFixtures.temporaryDirectory()
+        try #"{"bos_token": {"__type": "AddedToken", "content": "<s>", "lstrip": false}, "eos_token": null, "additional_special_tokens": ["<a>", {"content": "<b>"}]}"#
+            .write(toFile: dir + "/tokenizer_config.json", atomically: true, encoding: .utf8)
+        let other = try ChatTemplate.specialTokens(directory: dir)
+        XCTAssertEqual(other["bos_token"], .string("<s>"))
+        XCTAssertNil(other["eos_token"])
+        XCTAssertEqual(other["additional_special_tokens"], .array([.string("<a>"), .string("<b>")]))
+        let t = try ChatTemplate(source: "{{ bos_token }}{{ additional_special_tokens|join(',') }}")
+        XCTAssertEqual(try t.render(messages: [], addGenerationPrompt: false, bosToken: nil, eosToken: nil, extra: other), "<s><a>,<b>")
+    }
+
     func testStrftimeNowUsesTheClock() throws {
         let t = try ChatTemplate(source: "{{ strftime_now('%Y') }}")
         let year = try t.render(messages: [], addGenerationPrompt: false, bosToken: nil, eosToken: nil)
