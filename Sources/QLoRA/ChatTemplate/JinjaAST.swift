@@ -58,10 +58,17 @@ struct JinjaParam {
     var defaultValue: JinjaExpr?
 }
 
+/// A jinja2 "frame" (template, loop body, macro body, ...): the names its code assigns before any read,
+/// which jinja2 starts as undefined, hiding same-named outer or context values (filled by `JinjaScopeAnalysis`).
+final class JinjaFrame {
+    var shadowed: [String] = []
+}
+
 final class JinjaMacroDef {
     let name: String
     let params: [JinjaParam]
     let body: [JinjaStmt]
+    let frame = JinjaFrame()
     init(name: String, params: [JinjaParam], body: [JinjaStmt]) {
         self.name = name
         self.params = params
@@ -82,11 +89,12 @@ indirect enum JinjaStmt {
     case ifChain([(JinjaExpr, [JinjaStmt])], otherwise: [JinjaStmt])
     case forLoop(JinjaForLoop)
     case set(JinjaTarget, JinjaExpr, JinjaPos)
-    case setBlock(JinjaTarget, [JinjaFilterCall], [JinjaStmt], JinjaPos)
+    case setBlock(JinjaTarget, [JinjaFilterCall], [JinjaStmt], JinjaFrame, JinjaPos)
     case macro(JinjaMacroDef)
-    case callBlock(call: JinjaExpr, params: [JinjaParam], body: [JinjaStmt], JinjaPos)
-    case filterBlock([JinjaFilterCall], [JinjaStmt])
-    case with([(JinjaTarget, JinjaExpr)], [JinjaStmt], JinjaPos)
+    /// `{% call m(...) %}body{% endcall %}`: `caller` is the body as a macro.
+    case callBlock(call: JinjaExpr, caller: JinjaMacroDef, JinjaPos)
+    case filterBlock([JinjaFilterCall], [JinjaStmt], JinjaFrame)
+    case with([(JinjaTarget, JinjaExpr)], [JinjaStmt], JinjaFrame, JinjaPos)
     case breakLoop
     case continueLoop
 }
@@ -98,4 +106,7 @@ struct JinjaForLoop {
     var body: [JinjaStmt]
     var otherwise: [JinjaStmt]
     var pos: JinjaPos
+    let bodyFrame = JinjaFrame()
+    let elseFrame = JinjaFrame()
+    let testFrame = JinjaFrame()
 }

@@ -175,15 +175,61 @@ enum JinjaBuiltins {
         case (.mul, .string(let s), _), (.mul, _, .string(let s)):
             guard case .int(let n)? = (l.isString ? r : l).numeric, !(l.isString ? r : l).isFloat else { throw unsupported() }
             return .string(n > 0 ? String(repeating: s, count: n) : "")
-        case (.mul, .list(let a), _), (.mul, _, .list(let a)):
-            guard case .int(let n)? = (l.isList ? r : l).numeric, !(l.isList ? r : l).isFloat else { throw unsupported() }
-            return .list(n > 0 ? Array([[JinjaValue]](repeating: a, count: n).joined()) : [])
-        case (.mod, .string, _):
-            throw JinjaFailure("printf-style '%' string formatting is not supported")
+        case (.mul, .list(let a), _), (.mul, _, .list(let a)), (.mul, .tuple(let a), _), (.mul, _, .tuple(let a)):
+            let isTuple: Bool
+            if case .tuple = l { isTuple = true } else if case .tuple = r { isTuple = true } else { isTuple = false }
+            let count = (l.isList || isTupleValue(l)) ? r : l
+            guard case .int(let n)? = count.numeric, !count.isFloat else { throw unsupported() }
+            let items = n > 0 ? Array([[JinjaValue]](repeating: a, count: n).joined()) : []
+            return isTuple ? .tuple(items) : .list(items)
+        case (.mod, .string(let format), _):
+            return .string(try printfFormat(format, r))
         default:
             throw unsupported()
         }
     }
+
+    /// Python's `format % args` for the plain conversions `%s`, `%r`, `%d`, `%i` and `%%`
+    /// (flags, widths and `%(name)s` are reported as unsupported).
+    static func printfFormat(_ format: String, _ args: JinjaValue) throws -> String {
+        var items: [JinjaValue]
+        var isTuple = false
+        if case .tuple(let t) = args { items = t; isTuple = true } else { items = [args] }
+        var out = ""
+        var used = 0
+        var it = format.unicodeScalars.makeIterator()
+        while let c = it.next() {
+            guard c == "%" else { out.unicodeScalars.append(c); continue }
+            guard let spec = it.next() else { throw JinjaFailure("incomplete format") }
+            if spec == "%" { out += "%"; continue }
+            guard "srdi".unicodeScalars.contains(spec) else {
+                throw JinjaFailure("printf-style formatting with '%\(Character(spec))' is not supported")
+            }
+            guard used < items.count else { throw JinjaFailure("not enough arguments for format string") }
+            let item = items[used]
+            used += 1
+            switch spec {
+            case "s": out += item.pyStr
+            case "r": out += item.pyRepr
+            default:
+                switch item {
+                case .int(let i): out += String(i)
+                case .bool(let b): out += b ? "1" : "0"
+                case .float(let d) where d.isFinite: out += String(Int(d.rounded(.towardZero)))
+                default: throw JinjaFailure("%\(Character(spec)) format: a real number is required, not \(item.typeName)")
+                }
+            }
+        }
+        if used < items.count {
+            // Python tolerates an unused non-tuple argument that supports indexing (a list or dict).
+            var tolerated = false
+            if !isTuple { switch args { case .list, .dict: tolerated = true; default: break } }
+            if !tolerated { throw JinjaFailure("not all arguments converted during string formatting") }
+        }
+        return out
+    }
+
+    private static func isTupleValue(_ v: JinjaValue) -> Bool { if case .tuple = v { return true }; return false }
 
     private static func checked(_ r: (partialValue: Int, overflow: Bool)) throws -> JinjaValue {
         .int(try checkedInt(r))
@@ -242,8 +288,11 @@ enum JinjaBuiltins {
             return Array(s.unicodeScalars).firstRange(of: Array(sub.unicodeScalars)) != nil
         case .list(let a), .tuple(let a): return a.contains { $0.pyEquals(item) }
         case .dict(let d):
-            if case .string(let k) = item { return d[k] != nil }
-            return false
+            switch item {
+            case .string(let k): return d[k] != nil
+            case .list, .dict, .namespace, .loop: throw JinjaFailure("unhashable type: '\(item.typeName)'")
+            default: return false
+            }
         case .namespace(let n):
             if case .string(let k) = item { return n.attributes[k] != nil }
             return false
@@ -254,6 +303,13 @@ enum JinjaBuiltins {
 
     /// Python slicing of a list, tuple or string.
     static func slice(_ o: JinjaValue, _ start: JinjaValue?, _ stop: JinjaValue?, _ step: JinjaValue?) throws -> JinjaValue {
+        // Slices bypass the sandbox's getitem in jinja2 (plain Python subscripting), so bad ones are errors.
+        switch o {
+        case .list, .tuple, .string: break
+        case .undefined(let m): throw JinjaFailure(m)
+        case .dict: throw JinjaFailure("unhashable type: 'slice'")
+        default: throw JinjaFailure("'\(o.typeName)' object is not subscriptable")
+        }
         let st = try int(step, "slice step") ?? 1
         guard st != 0 else { throw JinjaFailure("slice step cannot be zero") }
         func indices(_ n: Int) throws -> [Int] {

@@ -212,10 +212,12 @@ extension JinjaBuiltins {
             return try iterate(v, name).last ?? .undefined("No last item, sequence was empty.")
         case "float":
             let b = try bind(name, ["default"], args, kwargs)
+            if case .undefined(let m) = v { throw JinjaFailure(m) }
             return pyFloat(v).map { .float($0) } ?? b[0] ?? .float(0)
         case "int":
             let b = try bind(name, ["default", "base"], args, kwargs)
             let base = try int(b[1], "base") ?? 10
+            if case .undefined(let m) = v { throw JinjaFailure(m) }
             if case .string(let s) = v, let i = pyParseInt(s, base: base) { return .int(i) }
             switch v {
             case .int: return v
@@ -236,7 +238,12 @@ extension JinjaBuiltins {
             case .string(let s)?: indention = s
             case let w?: indention = String(repeating: " ", count: max(0, try int(w, "width") ?? 4))
             }
-            var lines = pySplitLines(v.pyStr + "\n", keepEnds: false)
+            // jinja2 appends "\n" to the value first, which only works for strings.
+            guard case .string(let text) = v else {
+                if case .undefined(let m) = v { throw JinjaFailure(m) }
+                throw JinjaFailure("unsupported operand type(s) for +=: '\(v.typeName)' and 'str'")
+            }
+            var lines = pySplitLines(text + "\n", keepEnds: false)
             var rv: String
             if b[2]?.truthy ?? false {
                 rv = lines.joined(separator: "\n" + indention)
@@ -262,6 +269,8 @@ extension JinjaBuiltins {
         case "list":
             return .list(try iterate(v, name))
         case "map":
+            // jinja2's map/select/reject yield nothing for a falsy value (`if value: for item in value: ...`).
+            guard v.truthy else { return .list([]) }
             let items = try iterate(v, name)
             if args.isEmpty, let a = kwargs.first(where: { $0.0 == "attribute" })?.1 {
                 let def = kwargs.first(where: { $0.0 == "default" })?.1
@@ -276,6 +285,7 @@ extension JinjaBuiltins {
             let rest = Array(args.dropFirst())
             return .list(try items.map { try filter(f, $0, rest, kwargs) })
         case "select", "reject", "selectattr", "rejectattr":
+            guard v.truthy else { return .list([]) }
             let items = try iterate(v, name)
             var rest = args
             var attr: JinjaValue? = nil
@@ -417,6 +427,12 @@ extension JinjaBuiltins {
         var t = Substring(pyStrip(s, nil, left: true, right: true))
         var negative = false
         if t.hasPrefix("-") { negative = true; t = t.dropFirst() } else if t.hasPrefix("+") { t = t.dropFirst() }
+        // A radix prefix is allowed when it matches the base ("0x1A" in base 16).
+        let prefixes = [16: "0x", 8: "0o", 2: "0b"]
+        if let p = prefixes[base], t.lowercased().hasPrefix(p) {
+            t = t.dropFirst(2)
+            if t.hasPrefix("_") { t = t.dropFirst() }
+        }
         guard !t.isEmpty, !t.hasPrefix("_"), !t.hasSuffix("_"), !t.contains("__") else { return nil }
         guard let v = Int(t.filter { $0 != "_" }, radix: base) else { return nil }
         return negative ? -v : v
@@ -556,18 +572,18 @@ extension JinjaBuiltins {
         case "ge": return try compare(.ge, v, try arg())
         case "in": return try contains(try arg(), v)
         case "odd", "even", "divisibleby":
-            guard case .int(let i)? = v.numeric, !v.isFloat else {
+            // jinja2: `value % 2 == 1`, `value % 2 == 0`, `value % num == 0`, with Python's `%`.
+            guard v.numeric != nil else {
                 if case .undefined(let m) = v { throw JinjaFailure(m) }
-                throw JinjaFailure("test '\(name)' needs an integer, got '\(v.typeName)'")
+                throw JinjaFailure("test '\(name)' needs a number, got '\(v.typeName)'")
             }
-            if name == "odd" { return i % 2 != 0 }
-            if name == "even" { return i % 2 == 0 }
-            guard let d = try int(try arg(), "divisibleby"), d != 0 else { throw JinjaFailure("integer division or modulo by zero") }
-            return i % d == 0
+            let divisor = name == "divisibleby" ? try arg() : .int(2)
+            let remainder = try binary(.mod, v, divisor)
+            return remainder.pyEquals(.int(name == "odd" ? 1 : 0))
         case "lower", "upper": return pyCharClass(v.pyStr, name == "lower" ? "islower" : "isupper")
         case "escaped": return false
-        case "filter": return filterNames.contains(try arg().pyStr)
-        case "test": return testNames.contains(try arg().pyStr)
+        case "filter": return filterNames.contains(v.pyStr)
+        case "test": return testNames.contains(v.pyStr)
         default: throw JinjaFailure("no test named '\(name)'")
         }
     }

@@ -49,6 +49,9 @@ final class JinjaInterpreter {
     /// Unix seconds to use for `strftime_now` (formatted in UTC), instead of the local clock.
     let fixedNow: Int64?
     let globals: [String: JinjaValue]
+    /// Macro calls in progress; bounded like Python's recursion limit, so runaway recursion is an error, not a crash.
+    private var macroDepth = 0
+    private static let maxMacroDepth = 200
 
     init(fixedNow: Int64?) {
         self.fixedNow = fixedNow
@@ -98,17 +101,17 @@ final class JinjaInterpreter {
             case .set(let target, let e, let pos):
                 let v = try eval(e, scope)
                 try at(pos) { try assign(target, v, scope) }
-            case .setBlock(let target, let filters, let body, let pos):
+            case .setBlock(let target, let filters, let body, let frame, let pos):
                 var text = ""
-                _ = try exec(body, scope, &text)
+                _ = try exec(body, enter(frame, scope), &text)
                 var v = JinjaValue.string(text)
                 for f in filters { v = try applyFilter(f.name, v, f.args, scope, f.pos) }
                 try at(pos) { try assign(target, v, scope) }
             case .macro(let def):
                 scope.vars[def.name] = .callable(makeMacro(def, scope))
-            case .callBlock(let call, let params, let body, let pos):
+            case .callBlock(let call, let callerDef, let pos):
                 guard case .call(let callee, let args, _) = call else { break }
-                let caller = makeMacro(JinjaMacroDef(name: "caller", params: params, body: body), scope)
+                let caller = makeMacro(callerDef, scope)
                 let f = try eval(callee, scope)
                 let (positional, keyword0) = try evalArgs(args, scope)
                 let keyword = keyword0 + [("caller", JinjaValue.callable(caller))]
@@ -117,15 +120,15 @@ final class JinjaInterpreter {
                     return try c.call(positional, keyword)
                 }
                 out += v.pyStr
-            case .filterBlock(let filters, let body):
+            case .filterBlock(let filters, let body, let frame):
                 var text = ""
-                _ = try exec(body, scope, &text)
+                _ = try exec(body, enter(frame, scope), &text)
                 var v = JinjaValue.string(text)
                 for f in filters { v = try applyFilter(f.name, v, f.args, scope, f.pos) }
                 out += v.pyStr
-            case .with(let assignments, let body, let pos):
-                let inner = JinjaScope(parent: scope)
+            case .with(let assignments, let body, let frame, let pos):
                 let values = try assignments.map { try eval($0.1, scope) }
+                let inner = enter(frame, scope)
                 for (i, (target, _)) in assignments.enumerated() {
                     try at(pos) { try assign(target, values[i], inner) }
                 }
@@ -140,6 +143,14 @@ final class JinjaInterpreter {
         return .normal
     }
 
+    /// A new scope for a frame, with the frame's assigned-before-read names starting undefined (as jinja2's
+    /// `l_N_name = missing`), so they hide outer and context values until assigned.
+    func enter(_ frame: JinjaFrame, _ parent: JinjaScope) -> JinjaScope {
+        let s = JinjaScope(parent: parent)
+        for name in frame.shadowed { s.vars[name] = .undefined("'\(name)' is undefined") }
+        return s
+    }
+
     private func execFor(_ loop: JinjaForLoop, _ scope: JinjaScope, _ out: inout String) throws {
         let iterable = try eval(loop.iterable, scope)
         guard var items = iterable.pyIterate else {
@@ -148,25 +159,28 @@ final class JinjaInterpreter {
         if let condition = loop.condition {
             var kept: [JinjaValue] = []
             for item in items {
-                let s = JinjaScope(parent: scope)
+                let s = enter(loop.testFrame, scope)
                 try at(loop.pos) { try assign(loop.target, item, s) }
                 if try eval(condition, s).truthy { kept.append(item) }
             }
             items = kept
         }
-        if items.isEmpty {
-            _ = try exec(loop.otherwise, JinjaScope(parent: scope), &out)
-            return
-        }
-        var depth0 = 0
-        if case .loop(let outer)? = scope.lookup("loop") { depth0 = outer.depth0 + 1 }
-        let state = JinjaLoop(items: items, depth0: depth0)
+        // `loop.depth` only grows in recursive loops, which are not supported: always 1 here, as in jinja2.
+        let state = JinjaLoop(items: items, depth0: 0)
+        // jinja2 clears its "no iteration" flag at the end of the loop body, so `else` also runs when every
+        // iteration ended in `continue`/`break` before reaching the end.
+        var completedAnIteration = false
         for (i, item) in items.enumerated() {
             state.index0 = i
-            let s = JinjaScope(parent: scope)
+            let s = enter(loop.bodyFrame, scope)
             try at(loop.pos) { try assign(loop.target, item, s) }
             s.vars["loop"] = .loop(state)
-            if try exec(loop.body, s, &out) == .breakLoop { break }
+            let flow = try exec(loop.body, s, &out)
+            if flow == .breakLoop { break }
+            if flow == .normal { completedAnIteration = true }
+        }
+        if !completedAnIteration && !loop.otherwise.isEmpty {
+            _ = try exec(loop.otherwise, enter(loop.elseFrame, scope), &out)
         }
     }
 
@@ -190,11 +204,20 @@ final class JinjaInterpreter {
         }
     }
 
+    /// Scopes that defined macros, kept for the whole render: a macro may outlive its scope (stored in a
+    /// namespace from inside a loop), and the macro holds its scope weakly to avoid a reference cycle.
+    private var macroScopes: [JinjaScope] = []
+
     private func makeMacro(_ def: JinjaMacroDef, _ scope: JinjaScope) -> JinjaCallable {
-        // Weak: the defining scope owns the macro; both live until the render ends.
-        JinjaCallable(name: def.name) { [weak self, weak scope] args, kwargs in
+        macroScopes.append(scope)
+        return JinjaCallable(name: def.name) { [weak self, weak scope] args, kwargs in
             guard let self, let scope else { throw JinjaFailure("macro '\(def.name)' called after its template finished") }
-            let s = JinjaScope(parent: scope)
+            guard self.macroDepth < Self.maxMacroDepth else {
+                throw JinjaFailure("macro '\(def.name)': maximum recursion depth (\(Self.maxMacroDepth)) exceeded")
+            }
+            self.macroDepth += 1
+            defer { self.macroDepth -= 1 }
+            let s = self.enter(def.frame, scope)
             var extraKw = JinjaDict()
             var given: [String: JinjaValue] = [:]
             for (k, v) in kwargs {

@@ -13,7 +13,7 @@
 /// One lexical token. Data tokens hold template text; `string` tokens hold the decoded literal.
 struct JinjaToken {
     enum Kind: Equatable {
-        case data, variableBegin, variableEnd, blockBegin, blockEnd, rawData
+        case data, variableBegin, variableEnd, blockBegin, blockEnd
         case name, string, integer, float, op
         case end
     }

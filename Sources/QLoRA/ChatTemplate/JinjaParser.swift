@@ -15,6 +15,14 @@ struct JinjaParser {
     private var tokens: [JinjaToken]
     private var index = 0
     private let lines: JinjaSourceLines
+    /// Nesting of expressions and blocks, bounded so a hostile template cannot overflow the stack.
+    private var depth = 0
+    private static let maxDepth = 400
+
+    private mutating func enter() throws {
+        depth += 1
+        if depth > Self.maxDepth { throw error("template nested deeper than \(Self.maxDepth) levels", at: current, kind: .unsupported) }
+    }
 
     init(tokens: [JinjaToken], lines: JinjaSourceLines) {
         self.tokens = tokens
@@ -43,7 +51,7 @@ struct JinjaParser {
         case .blockEnd: return "end of statement block '%}'"
         case .variableEnd: return "end of print statement '}}'"
         case .string: return "string literal"
-        case .data, .rawData: return "template text"
+        case .data: return "template text"
         default: return "'\(t.text)'"
         }
     }
@@ -89,6 +97,8 @@ struct JinjaParser {
 
     /// Statements up to one of the `until` tags (returned, with the stream after its name) or the end.
     private mutating func parseStatements(until: Set<String>) throws -> ([JinjaStmt], String?) {
+        try enter()
+        defer { depth -= 1 }
         var body: [JinjaStmt] = []
         while true {
             let t = current
@@ -98,7 +108,7 @@ struct JinjaParser {
                     throw error("unexpected end of template; expected one of: \(until.sorted().map { "'\($0)'" }.joined(separator: ", "))", at: t)
                 }
                 return (body, nil)
-            case .data, .rawData:
+            case .data:
                 body.append(.text(t.text))
                 advance()
             case .variableBegin:
@@ -138,7 +148,7 @@ struct JinjaParser {
             try expectBlockEnd()
             let (body, _) = try parseStatements(until: ["endfilter"])
             try expectBlockEnd()
-            return .filterBlock(filters, body)
+            return .filterBlock(filters, body, JinjaFrame())
         case "with":
             var assignments: [(JinjaTarget, JinjaExpr)] = []
             while current.kind != .blockEnd {
@@ -150,7 +160,7 @@ struct JinjaParser {
             try expectBlockEnd()
             let (body, _) = try parseStatements(until: ["endwith"])
             try expectBlockEnd()
-            return .with(assignments, body, pos(tagToken))
+            return .with(assignments, body, JinjaFrame(), pos(tagToken))
         case "break", "continue":
             try expectBlockEnd()
             return tag == "break" ? .breakLoop : .continueLoop
@@ -220,7 +230,7 @@ struct JinjaParser {
         try expectBlockEnd()
         let (body, _) = try parseStatements(until: ["endset"])
         try expectBlockEnd()
-        return .setBlock(target, filters, body, pos(tagToken))
+        return .setBlock(target, filters, body, JinjaFrame(), pos(tagToken))
     }
 
     private mutating func parseMacro() throws -> JinjaStmt {
@@ -240,7 +250,7 @@ struct JinjaParser {
         try expectBlockEnd()
         let (body, _) = try parseStatements(until: ["endcall"])
         try expectBlockEnd()
-        return .callBlock(call: call, params: params, body: body, pos(tagToken))
+        return .callBlock(call: call, caller: JinjaMacroDef(name: "caller", params: params, body: body), pos(tagToken))
     }
 
     /// `(a, b=default, ...)` of a macro or call block.
@@ -401,6 +411,8 @@ struct JinjaParser {
     }
 
     private mutating func parseUnary(withFilters: Bool = true) throws -> JinjaExpr {
+        try enter()
+        defer { depth -= 1 }
         let t = current
         var e: JinjaExpr
         if skipOp("-") {

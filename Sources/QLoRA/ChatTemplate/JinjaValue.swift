@@ -219,7 +219,7 @@ extension JinjaValue {
     /// Python `repr(value)`.
     var pyRepr: String {
         switch self {
-        case .undefined: return ""
+        case .undefined: return "Undefined"
         case .none: return "None"
         case .bool(let b): return b ? "True" : "False"
         case .int(let i): return String(i)
