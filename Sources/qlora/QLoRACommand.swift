@@ -17,8 +17,9 @@ struct QLoRACommand: AsyncParsableCommand {
             EvalCommand.self,
             MergeCommand.self,
             QuantizeCommand.self,
-            QuantizeBenchmarkCommand.self,
             BenchCommand.self,
+            QuantizeBenchmarkCommand.self,
+            GemmBenchmarkCommand.self,
         ]
     )
 }

@@ -159,49 +159,59 @@ public enum CPUMatmul {
 
     /// Rows four at a time, columns sixteen at a time: an outer-product micro-kernel with the
     /// accumulators in registers; one row of B (two vectors) is broadcast against four A values.
+    /// The inner dimension runs in panels so that the panel of B stays in cache while every row
+    /// block of A passes over it (the head's backward has K = vocabulary size).
     @inline(__always)
     static func gemmNNStrip(
         _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>,
         m: Int, n: Int, k: Int, columns: Range<Int>, accumulate: Bool
     ) {
-        var i = 0
-        while i < m {
-            let rows = min(4, m - i)
-            var j = columns.lowerBound
-            while j < columns.upperBound {
-                if rows == 4 && j + 16 <= columns.upperBound {
-                    var c00 = SIMD8<Float>(), c01 = SIMD8<Float>(), c10 = SIMD8<Float>(), c11 = SIMD8<Float>()
-                    var c20 = SIMD8<Float>(), c21 = SIMD8<Float>(), c30 = SIMD8<Float>(), c31 = SIMD8<Float>()
-                    let a0 = a + i * k, a1 = a0 + k, a2 = a1 + k, a3 = a2 + k
-                    for p in 0..<k {
-                        let row = b + p * n + j
-                        let w0 = load8(row), w1 = load8(row + 8)
-                        let x0 = SIMD8<Float>(repeating: a0[p]), x1 = SIMD8<Float>(repeating: a1[p])
-                        let x2 = SIMD8<Float>(repeating: a2[p]), x3 = SIMD8<Float>(repeating: a3[p])
-                        c00 = c00.addingProduct(x0, w0); c01 = c01.addingProduct(x0, w1)
-                        c10 = c10.addingProduct(x1, w0); c11 = c11.addingProduct(x1, w1)
-                        c20 = c20.addingProduct(x2, w0); c21 = c21.addingProduct(x2, w1)
-                        c30 = c30.addingProduct(x3, w0); c31 = c31.addingProduct(x3, w1)
-                    }
-                    store(c00, c01, c + i * n + j, accumulate)
-                    store(c10, c11, c + (i + 1) * n + j, accumulate)
-                    store(c20, c21, c + (i + 2) * n + j, accumulate)
-                    store(c30, c31, c + (i + 3) * n + j, accumulate)
-                    j += 16
-                } else {
-                    let cols = min(16, columns.upperBound - j)
-                    for r in 0..<rows {
-                        for q in 0..<cols {
-                            var s: Float = 0
-                            for p in 0..<k { s += a[(i + r) * k + p] * b[p * n + j + q] }
-                            let index = (i + r) * n + j + q
-                            c[index] = accumulate ? c[index] + s : s
+        let panel = 256
+        var p0 = 0
+        while p0 < k || (k == 0 && p0 == 0) {
+            let p1 = min(k, p0 + panel)
+            let add = accumulate || p0 > 0
+            var i = 0
+            while i < m {
+                let rows = min(4, m - i)
+                var j = columns.lowerBound
+                while j < columns.upperBound {
+                    if rows == 4 && j + 16 <= columns.upperBound {
+                        var c00 = SIMD8<Float>(), c01 = SIMD8<Float>(), c10 = SIMD8<Float>(), c11 = SIMD8<Float>()
+                        var c20 = SIMD8<Float>(), c21 = SIMD8<Float>(), c30 = SIMD8<Float>(), c31 = SIMD8<Float>()
+                        let a0 = a + i * k, a1 = a0 + k, a2 = a1 + k, a3 = a2 + k
+                        for p in p0..<p1 {
+                            let row = b + p * n + j
+                            let w0 = load8(row), w1 = load8(row + 8)
+                            let x0 = SIMD8<Float>(repeating: a0[p]), x1 = SIMD8<Float>(repeating: a1[p])
+                            let x2 = SIMD8<Float>(repeating: a2[p]), x3 = SIMD8<Float>(repeating: a3[p])
+                            c00 = c00.addingProduct(x0, w0); c01 = c01.addingProduct(x0, w1)
+                            c10 = c10.addingProduct(x1, w0); c11 = c11.addingProduct(x1, w1)
+                            c20 = c20.addingProduct(x2, w0); c21 = c21.addingProduct(x2, w1)
+                            c30 = c30.addingProduct(x3, w0); c31 = c31.addingProduct(x3, w1)
                         }
+                        store(c00, c01, c + i * n + j, add)
+                        store(c10, c11, c + (i + 1) * n + j, add)
+                        store(c20, c21, c + (i + 2) * n + j, add)
+                        store(c30, c31, c + (i + 3) * n + j, add)
+                        j += 16
+                    } else {
+                        let cols = min(16, columns.upperBound - j)
+                        for r in 0..<rows {
+                            for q in 0..<cols {
+                                var s: Float = 0
+                                for p in p0..<p1 { s += a[(i + r) * k + p] * b[p * n + j + q] }
+                                let index = (i + r) * n + j + q
+                                c[index] = add ? c[index] + s : s
+                            }
+                        }
+                        j += cols
                     }
-                    j += cols
                 }
+                i += rows
             }
-            i += rows
+            if k == 0 { break }
+            p0 = p1
         }
     }
 
