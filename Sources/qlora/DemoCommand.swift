@@ -10,8 +10,8 @@ struct DemoCommand: ParsableCommand {
     @Option(help: "Base model folder or known name.") var model: String = ModelCatalog.defaultModel
     @Option(help: "Folder with train.jsonl and test.jsonl (messages ending with the expected answer).") var data: String = "data/dates"
     @Option(help: "Output folder for the adapter, checkpoints, metrics.jsonl and report.html.") var output: String = "runs/demo"
-    @Option(help: "Optimizer steps.") var maxSteps: Int = 40
-    @Option(help: "Examples per optimizer step.") var batchSize: Int = 8
+    @Option(help: "Optimizer steps.") var maxSteps: Int = 24
+    @Option(help: "Packed rows of 512 tokens (about 9 examples each) per optimizer step.") var batchSize: Int = 2
     @Option(help: "Peak learning rate.") var learningRate: Double = 1e-3
     @Option(help: "Held-out examples to answer (0: all).") var testExamples: Int = 0
 

@@ -54,9 +54,15 @@ public final class Trainer {
     public var log: (String) -> Void = { line in
         fputs(line + "\n", stderr)
     }
-    /// Shows the one-line progress bar (default: standard error, rewritten in place).
-    public var showProgress: (String) -> Void = { line in
-        fputs(line, stderr)
+    /// Shows the one-line progress bar (default: standard error, rewritten in place on a terminal;
+    /// elsewhere, such as a CI log, one line per logging step).
+    public lazy var showProgress: (String) -> Void = { [loggingSteps = configuration.loggingSteps, totalSteps] line in
+        if isatty(2) != 0 {
+            fputs(line, stderr)
+        } else if let step = Int(line.dropFirst("\rstep ".count).prefix { $0.isNumber }),
+                  step % max(loggingSteps, 1) == 0 || step == totalSteps {
+            fputs(String(line.dropFirst()) + "\n", stderr)
+        }
         fflush(stderr)
     }
     /// Called after each step; returning true stops the run there (after its checkpoint, if one is due).
