@@ -497,31 +497,9 @@ extension JinjaBuiltins {
         }
     }
 
+    /// A JSON string literal as Python's json.dumps writes it (the same writer JSONValue uses).
     static func writeJSONString(_ s: String, _ out: inout String, ensureASCII: Bool) {
-        out += "\""
-        for c in s.unicodeScalars {
-            switch c {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case "\u{08}": out += "\\b"
-            case "\u{0C}": out += "\\f"
-            default:
-                if c.value < 0x20 || (ensureASCII && c.value > 0x7E) {
-                    if c.value > 0xFFFF {
-                        let v = c.value - 0x10000
-                        out += "\\u" + PythonFormat.hex(0xD800 + (v >> 10), width: 4) + "\\u" + PythonFormat.hex(0xDC00 + (v & 0x3FF), width: 4)
-                    } else {
-                        out += "\\u" + PythonFormat.hex(c.value, width: 4)
-                    }
-                } else {
-                    out.unicodeScalars.append(c)
-                }
-            }
-        }
-        out += "\""
+        JSONValue.writeString(s, to: &out, ensureASCII: ensureASCII)
     }
 
     // MARK: Tests

@@ -34,18 +34,8 @@ indirect enum TokenDecoder: @unchecked Sendable {
             }
             self = .strip(content: scalar.value, start: json["start"]?.int ?? 0, stop: json["stop"]?.int ?? 0)
         case "Metaspace":
-            let rep = json["replacement"]?.string ?? "▁"
-            guard rep.unicodeScalars.count == 1, let scalar = rep.unicodeScalars.first else {
-                throw fail("Metaspace replacement must be one character")
-            }
-            var scheme = PrependScheme.always
-            if let s = json["prepend_scheme"]?.string {
-                guard let p = PrependScheme(rawValue: s) else { throw fail("unknown prepend_scheme \"\(s)\"") }
-                scheme = p
-            } else if let add = json["add_prefix_space"]?.bool {
-                scheme = add ? .always : .never
-            }
-            self = .metaspace(replacement: scalar.value, prependScheme: scheme)
+            let (scalar, scheme) = try PrependScheme.metaspaceSettings(json, fail: fail)
+            self = .metaspace(replacement: scalar, prependScheme: scheme)
         case "Sequence":
             guard let list = json["decoders"]?.array else { throw fail("Sequence needs a \"decoders\" array") }
             self = .sequence(try list.enumerated().map { try TokenDecoder(json: $1, file: file, place: "\(place).decoders[\($0)]") })

@@ -14,6 +14,23 @@ struct Piece {
 /// Metaspace's rule for adding the replacement character in front of a piece.
 enum PrependScheme: String {
     case always, first, never
+
+    /// The replacement character and prepend scheme of a `Metaspace` pre-tokenizer or decoder
+    /// (`add_prefix_space` is the older spelling of the scheme).
+    static func metaspaceSettings(_ json: JSONValue, fail: (String) -> Error) throws -> (replacement: UInt32, scheme: PrependScheme) {
+        let rep = json["replacement"]?.string ?? "▁"
+        guard rep.unicodeScalars.count == 1, let scalar = rep.unicodeScalars.first else {
+            throw fail("Metaspace replacement must be one character")
+        }
+        var scheme = PrependScheme.always
+        if let s = json["prepend_scheme"]?.string {
+            guard let p = PrependScheme(rawValue: s) else { throw fail("unknown prepend_scheme \"\(s)\"") }
+            scheme = p
+        } else if let add = json["add_prefix_space"]?.bool {
+            scheme = add ? .always : .never
+        }
+        return (scalar.value, scheme)
+    }
 }
 
 indirect enum PreTokenizer: @unchecked Sendable {
@@ -44,18 +61,8 @@ indirect enum PreTokenizer: @unchecked Sendable {
         case "Digits":
             self = .digits(individual: json["individual_digits"]?.bool ?? false)
         case "Metaspace":
-            let rep = json["replacement"]?.string ?? "▁"
-            guard rep.unicodeScalars.count == 1, let scalar = rep.unicodeScalars.first else {
-                throw fail("Metaspace replacement must be one character")
-            }
-            var scheme = PrependScheme.always
-            if let s = json["prepend_scheme"]?.string {
-                guard let p = PrependScheme(rawValue: s) else { throw fail("unknown prepend_scheme \"\(s)\"") }
-                scheme = p
-            } else if let add = json["add_prefix_space"]?.bool {
-                scheme = add ? .always : .never
-            }
-            self = .metaspace(replacement: scalar.value, prepend: scheme, split: json["split"]?.bool ?? true)
+            let (scalar, scheme) = try PrependScheme.metaspaceSettings(json, fail: fail)
+            self = .metaspace(replacement: scalar, prepend: scheme, split: json["split"]?.bool ?? true)
         case "Whitespace":
             self = .whitespace
         case "WhitespaceSplit":

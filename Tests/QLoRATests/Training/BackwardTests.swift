@@ -6,12 +6,15 @@ final class BackwardTests: XCTestCase {
     func modelAndBatch() throws -> (LlamaModel, TrainingBatch) {
         let model = try LlamaForwardTests.loadTinyLlama()
         try PEFTAdapter.load(directory: TestFixtures.path("tiny-llama/adapter"), into: model)
-        let expected = try LlamaForwardTests.expected()
-        let labels = try expected.floats("labels").map { Int($0) }
+        return (model, try Self.fixtureBatch())
+    }
+
+    /// The fixture's two rows with their labels (the first 7 of row 0 masked).
+    static func fixtureBatch() throws -> TrainingBatch {
+        let labels = try LlamaForwardTests.expected().floats("labels").map { Int($0) }
         let rows = try LlamaForwardTests.inputRows()
-        let batch = TrainingBatch(examples: rows.enumerated().map { (i, r) in (r, Array(labels[(i * r.count)..<((i + 1) * r.count)])) },
-                                  length: rows[0].count, padID: 0)
-        return (model, batch)
+        return TrainingBatch(examples: rows.enumerated().map { (i, r) in (r, Array(labels[(i * r.count)..<((i + 1) * r.count)])) },
+                             length: rows[0].count, padID: 0)
     }
 
     func testLossEqualsCrossEntropyOfReferenceLogits() throws {
@@ -89,10 +92,8 @@ final class NF4ReferenceGradientTests: XCTestCase {
         let model = loaded.model
         try PEFTAdapter.load(directory: TestFixtures.path("tiny-llama/adapter"), into: model)
         let expected = try LlamaForwardTests.expected()
-        let labels = try expected.floats("labels").map { Int($0) }
         let rows = try LlamaForwardTests.inputRows()
-        let batch = TrainingBatch(examples: rows.enumerated().map { (i, r) in (r, Array(labels[(i * r.count)..<((i + 1) * r.count)])) },
-                                  length: rows[0].count, padID: 0)
+        let batch = try BackwardTests.fixtureBatch()
         var ours: [Float] = []
         for row in rows { ours += try model.forward(tokens: row, cache: KVCache(config: model.config, capacity: row.count)) }
         XCTAssertLessThan(relativeError(ours, try expected.floats("logits_nf4_lora")), 1e-4)

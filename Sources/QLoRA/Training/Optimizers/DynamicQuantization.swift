@@ -39,37 +39,10 @@ public struct DynamicQuantizationMap: Sendable, Equatable {
         return UnsafePointer(p)
     }
 
+    /// bitsandbytes' `create_dynamic_map(signed:)` (Quantization/DynamicMap.swift builds it, bit-exact with torch).
     init(signed: Bool) {
-        let maxExponentBits = 7, nonSignBits = 7
-        var data: [Float] = []
-        for i in 0..<maxExponentBits {
-            let items = signed ? (1 << (i + nonSignBits - maxExponentBits)) + 1 : (1 << (i + nonSignBits - maxExponentBits + 1)) + 1
-            let grid = DynamicQuantizationMap.linspace(0.1, 1, items)
-            let scale = Float(pow(10.0, Double(-(maxExponentBits - 1) + i)))
-            for k in 0..<(items - 1) {
-                let mean = (grid[k] + grid[k + 1]) / 2
-                data.append(scale * mean)
-                if signed { data.append(-scale * mean) }
-            }
-        }
-        // additional_items = 2^(nonSignBits − maxExponentBits) − 1 = 0 for the 8-bit map.
-        data.append(0)
-        data.append(1)
-        while data.count < 256 { data.append(0) }
-        precondition(data.count == 256)
-        values = data.sorted()
+        values = createDynamicMap(signed: signed)
         self.signed = signed
-    }
-
-    /// torch.linspace(start, end, steps, dtype=float32) on the CPU. torch's kernel is compiled with
-    /// floating-point contraction, so `start + step·i` is one fused multiply-add (checked bit for bit
-    /// against torch 2.13 for every size the map uses).
-    static func linspace(_ start: Float, _ end: Float, _ steps: Int) -> [Float] {
-        let step = (end - start) / Float(steps - 1)
-        let halfway = steps / 2
-        return (0..<steps).map { i in
-            i < halfway ? start.addingProduct(step, Float(i)) : end.addingProduct(-step, Float(steps - i - 1))
-        }
     }
 
     /// The code of `x` (already divided by its block's absmax), found as the optimizer kernel does.
