@@ -317,7 +317,7 @@ extension LlamaModel {
         linearBackward(block.gate, input: a.norm2, activations: a, outputGradient: dGate, gradients: gradients, into: dNorm2, accumulate: false)
         linearBackward(block.up, input: a.norm2, activations: a, outputGradient: dUp, gradients: gradients, into: dNorm2, accumulate: true)
         let dHidden = Matrix(rows: n, columns: h)
-        dHidden.storage.update(fromContentsOf: dy.storage)
+        _ = dHidden.storage.update(fromContentsOf: dy.storage)
         block.postAttentionNorm.withUnsafeBufferPointer {
             CPUOps.rmsNormBackward(a.hidden.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, outputGradient: dNorm2.pointer,
                                    rows: n, width: h, into: dHidden.pointer, accumulate: true)
