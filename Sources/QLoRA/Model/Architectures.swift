@@ -49,7 +49,7 @@ extension LlamaModel {
             for i in 0..<m.count { m.pointer[i] = (rng.nextFloat() + rng.nextFloat() + rng.nextFloat() - 1.5) * 0.04 }
             return m
         }
-        func linear(_ name: String, _ out: Int, _ inFeatures: Int) -> Linear { Linear(name: name, weight: matrix(out, inFeatures)) }
+        func linear(_ name: String, _ out: Int, _ inFeatures: Int) -> Linear { Linear(name: name, weight: FrozenWeight(dense: matrix(out, inFeatures))) }
         let ones = [Float](repeating: 1, count: c.hiddenSize)
         let blocks = (0..<c.layerCount).map { l -> LlamaBlock in
             let p = "model.layers.\(l)."

@@ -49,12 +49,12 @@ public final class LoRAAdapter: @unchecked Sendable {
 public final class Linear: @unchecked Sendable {
     /// The module path, e.g. `model.layers.0.self_attn.q_proj`.
     public let name: String
-    /// The frozen base weight, [out, in], in fp32 (dequantized once when the base is 4-bit).
-    public let weight: Matrix
+    /// The frozen base weight, [out, in]: dense fp32, or 4-bit kept packed.
+    public let weight: FrozenWeight
     public let bias: [Float]?
     public var lora: LoRAAdapter?
 
-    public init(name: String, weight: Matrix, bias: [Float]? = nil) {
+    public init(name: String, weight: FrozenWeight, bias: [Float]? = nil) {
         self.name = name
         self.weight = weight
         self.bias = bias
@@ -65,7 +65,7 @@ public final class Linear: @unchecked Sendable {
 
     /// x: [T, in] → y: [T, out].
     public func forward(_ x: UnsafePointer<Float>, rows: Int, into y: UnsafeMutablePointer<Float>) {
-        CPUMatmul.gemmNT(x, weight.pointer, y, m: rows, n: outFeatures, k: inFeatures)
+        weight.multiplyTransposed(x, rows: rows, into: y)
         if let bias {
             for t in 0..<rows { for o in 0..<outFeatures { y[t * outFeatures + o] += bias[o] } }
         }

@@ -29,6 +29,12 @@ public protocol BaseWeightSource {
     func contains(_ name: String) -> Bool
     /// A tensor's values in fp32 with its shape.
     func tensor(_ name: String) throws -> (values: [Float], shape: [Int])
+    /// The 4-bit form of a linear weight, when the source holds (or makes) one; nil for dense weights.
+    func quantizedWeight(_ name: String) throws -> QuantizedWeight?
+}
+
+extension BaseWeightSource {
+    public func quantizedWeight(_ name: String) throws -> QuantizedWeight? { nil }
 }
 
 extension SafeTensorsCheckpoint: BaseWeightSource {
@@ -72,8 +78,17 @@ public final class LlamaModel: @unchecked Sendable {
         }
         let c = config
         func linear(_ module: String, out: Int, in inFeatures: Int, bias: Bool = false) throws -> Linear {
-            Linear(name: module, weight: try matrix(module + ".weight", out, inFeatures),
-                   bias: bias ? try tensor(module + ".bias", [out]) : nil)
+            let name = module + ".weight"
+            let weight: FrozenWeight
+            if let q = try source.quantizedWeight(name) {
+                guard q.shape == [out, inFeatures] else {
+                    throw FileFormatError(file: source.origin, place: "tensor '\(name)'", "shape \(q.shape), expected \([out, inFeatures]) from config.json")
+                }
+                weight = try FrozenWeight(quantized: q)
+            } else {
+                weight = FrozenWeight(dense: try matrix(name, out, inFeatures))
+            }
+            return Linear(name: module, weight: weight, bias: bias ? try tensor(module + ".bias", [out]) : nil)
         }
         let embedding = try matrix("model.embed_tokens.weight", c.vocabularySize, c.hiddenSize)
         var blocks: [LlamaBlock] = []

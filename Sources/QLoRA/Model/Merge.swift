@@ -57,7 +57,7 @@ public enum AdapterMerge {
 
     /// W + scale·B·A in fp32, as PEFT's merge computes it.
     static func mergedWeight(_ layer: Linear) -> [Float] {
-        var w = layer.weight.values
+        var w = layer.weight.values()
         guard let lora = layer.lora else { return w }
         // B·A: [out, r]·[r, in]
         let delta = Matrix(rows: layer.outFeatures, columns: layer.inFeatures)

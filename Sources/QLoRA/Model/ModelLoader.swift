@@ -84,21 +84,21 @@ extension BnbCheckpoint: BaseWeightSource {
         if let q = quantized[name] { return (q.dequantize(), q.shape) }
         return try tensors.tensor(name)
     }
+    public func quantizedWeight(_ name: String) throws -> QuantizedWeight? { quantized[name] }
 }
 
-/// A dense checkpoint whose block linear weights are quantized on load (as bitsandbytes would) and
-/// handed out dequantized: the model then computes exactly as the 4-bit model does.
+/// A dense checkpoint whose block linear weights are quantized on load, as bitsandbytes would: the
+/// model keeps them 4-bit and computes exactly as the 4-bit model does.
 struct QuantizingWeightSource: BaseWeightSource {
     let tensors: SafeTensorsCheckpoint
     let type: QuantType
     var origin: String { tensors.directory }
     func contains(_ name: String) -> Bool { tensors.contains(name) }
-    func tensor(_ name: String) throws -> (values: [Float], shape: [Int]) {
-        let (values, shape) = try tensors.tensor(name)
-        guard BnbCheckpointWriter.shouldQuantize(name: name, shape: shape) else { return (values, shape) }
+    func tensor(_ name: String) throws -> (values: [Float], shape: [Int]) { try tensors.tensor(name) }
+    func quantizedWeight(_ name: String) throws -> QuantizedWeight? {
+        guard let info = tensors.info(name), BnbCheckpointWriter.shouldQuantize(name: name, shape: info.shape) else { return nil }
         // The CPU computes in fp32, as transformers does with `torch_dtype=float32` (the fixture's setting):
         // the quant state's dtype is then float32 and dequantized values are not rounded to bf16.
-        let q = try QuantizedWeight.quantize(values, shape: shape, type: type, dtype: .f32)
-        return (q.dequantize(), shape)
+        return try QuantizedWeight.quantize(try tensors.floats(name), shape: info.shape, type: type, dtype: .f32)
     }
 }

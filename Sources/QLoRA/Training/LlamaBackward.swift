@@ -210,7 +210,7 @@ extension LlamaModel {
     /// y = x·Wᵀ (+ bias) + s·(d(x)·Aᵀ)·Bᵀ, saving the LoRA intermediates in `a`.
     func linearForward(_ layer: Linear, _ x: Matrix, saving a: BlockActivations, into y: UnsafeMutablePointer<Float>) {
         let n = x.rows
-        CPUMatmul.gemmNT(x.pointer, layer.weight.pointer, y, m: n, n: layer.outFeatures, k: layer.inFeatures)
+        layer.weight.multiplyTransposed(x.pointer, rows: n, into: y)
         if let bias = layer.bias {
             for t in 0..<n { for o in 0..<layer.outFeatures { y[t * layer.outFeatures + o] += bias[o] } }
         }
@@ -358,7 +358,7 @@ extension LlamaModel {
     func linearBackward(_ layer: Linear, input x: Matrix, activations a: BlockActivations, outputGradient dy: Matrix,
                         gradients: LoRAGradients, into dx: Matrix, accumulate: Bool) {
         let n = x.rows
-        CPUMatmul.gemmNN(dy.pointer, layer.weight.pointer, dx.pointer, m: n, n: layer.inFeatures, k: layer.outFeatures, accumulate: accumulate)
+        layer.weight.multiply(dy.pointer, rows: n, into: dx.pointer, accumulate: accumulate)
         guard let lora = layer.lora, let z = a.loraHidden[layer.name],
               let dA = gradients.a[layer.name], let dB = gradients.b[layer.name] else { return }
         let r = lora.rank

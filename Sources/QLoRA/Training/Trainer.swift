@@ -283,14 +283,14 @@ public final class Trainer {
     /// What the run will hold in memory, as PEFT/TRL users like to know before it starts.
     func memoryEstimate() -> String {
         let c = model.config
-        let weights = (model.linearLayers.reduce(0) { $0 + $1.weight.count } + model.embedding.count + (model.head === model.embedding ? 0 : model.head.count)) * 4
+        let weights = model.linearLayers.reduce(0) { $0 + $1.weight.storedBytes } + (model.embedding.count + (model.head === model.embedding ? 0 : model.head.count)) * 4
         let adapters = model.parameterCounts.trainable * 4
         let optimizerBytes = (try? OptimizerKind.parse(configuration.optimizer).stateBytes(count: model.parameterCounts.trainable)) ?? 0
         let tokens = (train.map(\.tokenCount).max() ?? 0)
         let perBlock = tokens * (6 * c.hiddenSize + 3 * c.qDim + 4 * c.intermediateSize) * 4
         let activations = configuration.gradientCheckpointing ? tokens * c.hiddenSize * 4 * c.layerCount + perBlock : perBlock * c.layerCount
         func mib(_ b: Int) -> String { String(cFormat: "%.1f MiB", Double(b) / 1_048_576) }
-        return "memory estimate: base weights \(mib(weights)) (fp32 on the CPU), adapters \(mib(adapters)), optimizer \(mib(optimizerBytes)), activations \(mib(activations)), gradients \(mib(adapters))"
+        return "memory estimate: base weights \(mib(weights)), adapters \(mib(adapters)), optimizer \(mib(optimizerBytes)), activations \(mib(activations)), gradients \(mib(adapters))"
     }
 
     func roundTo(_ x: Double, _ digits: Int) -> Double {

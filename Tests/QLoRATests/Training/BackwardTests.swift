@@ -114,12 +114,14 @@ final class NF4ReferenceGradientTests: XCTestCase {
     func testPreQuantizedCheckpointMatchesBitsandbytes() throws {
         let loaded = try ModelLoader.load(TestFixtures.path("tiny-llama/base-bnb-nf4"), quantization: .nf4)
         XCTAssertTrue(loaded.isPreQuantized)
+        XCTAssertTrue(loaded.model.linearLayers.allSatisfy { $0.weight.isQuantized }, "the base stays 4-bit in memory")
         try check(loaded)
     }
 
     func testQuantizingOnLoadMatchesBitsandbytes() throws {
         let loaded = try ModelLoader.load(TestFixtures.path("tiny-llama/base"), quantization: .nf4)
         XCTAssertFalse(loaded.isPreQuantized)
+        XCTAssertTrue(loaded.model.linearLayers.allSatisfy { $0.weight.isQuantized }, "the base stays 4-bit in memory")
         try check(loaded)
     }
 }

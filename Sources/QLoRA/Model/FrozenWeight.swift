@@ -1,0 +1,91 @@
+// The frozen base weight of a linear layer on the CPU: dense fp32, or 4-bit (NF4/FP4) kept packed.
+//
+// A 4-bit weight is never expanded whole: each product dequantizes a block of rows into a small
+// scratch buffer and multiplies with it, so the model stays at about 4.1 bits per base parameter in
+// memory. The values are exactly bitsandbytes' dequantized values (QuantizedWeight.dequantizeRows).
+
+public final class FrozenWeight: @unchecked Sendable {
+    public enum Storage {
+        case dense(Matrix)
+        case quantized(QuantizedWeight)
+    }
+
+    public let storage: Storage
+    /// [rows = out features, columns = in features]
+    public let rows: Int
+    public let columns: Int
+
+    /// Output rows dequantized at a time: big enough for efficient products, small enough for the cache.
+    static let rowBlock = 128
+
+    public init(dense matrix: Matrix) {
+        storage = .dense(matrix)
+        rows = matrix.rows
+        columns = matrix.columns
+    }
+
+    public init(quantized weight: QuantizedWeight) throws {
+        guard weight.shape.count == 2 else { throw UsageError("a 4-bit linear weight must be 2-D, got shape \(weight.shape)") }
+        storage = .quantized(weight)
+        rows = weight.shape[0]
+        columns = weight.shape[1]
+    }
+
+    public var count: Int { rows * columns }
+    public var isQuantized: Bool { if case .quantized = storage { return true }; return false }
+
+    /// Bytes the weight occupies in memory.
+    public var storedBytes: Int {
+        switch storage {
+        case .dense(let m): return m.count * 4
+        case .quantized(let q): return q.storedByteCount
+        }
+    }
+
+    /// All values in fp32 ([rows, columns] row-major): the dense values or the dequantized ones.
+    public func values() -> [Float] {
+        switch storage {
+        case .dense(let m): return m.values
+        case .quantized(let q): return q.dequantize()
+        }
+    }
+
+    /// y[m, rows] (+)= x[m, columns] · Wᵀ — the forward of the linear layer.
+    public func multiplyTransposed(_ x: UnsafePointer<Float>, rows m: Int, into y: UnsafeMutablePointer<Float>, accumulate: Bool = false) {
+        switch storage {
+        case .dense(let w):
+            CPUMatmul.gemmNT(x, w.pointer, y, m: m, n: rows, k: columns, accumulate: accumulate)
+        case .quantized(let q):
+            let block = UnsafeMutableBufferPointer<Float>.allocate(capacity: Self.rowBlock * columns)
+            let partial = UnsafeMutablePointer<Float>.allocate(capacity: m * Self.rowBlock)
+            defer { block.deallocate(); partial.deallocate() }
+            for r0 in stride(from: 0, to: rows, by: Self.rowBlock) {
+                let r = min(Self.rowBlock, rows - r0)
+                q.dequantizeRows(r0..<(r0 + r), into: UnsafeMutableBufferPointer(rebasing: block[0..<(r * columns)]))
+                CPUMatmul.gemmNT(x, block.baseAddress!, partial, m: m, n: r, k: columns)
+                for t in 0..<m {
+                    let out = y + t * rows + r0, part = partial + t * r
+                    if accumulate { for i in 0..<r { out[i] += part[i] } } else { out.update(from: part, count: r) }
+                }
+            }
+        }
+    }
+
+    /// dx[m, columns] (+)= dy[m, rows] · W — the input gradient of the linear layer.
+    public func multiply(_ dy: UnsafePointer<Float>, rows m: Int, into dx: UnsafeMutablePointer<Float>, accumulate: Bool) {
+        switch storage {
+        case .dense(let w):
+            CPUMatmul.gemmNN(dy, w.pointer, dx, m: m, n: columns, k: rows, accumulate: accumulate)
+        case .quantized(let q):
+            let block = UnsafeMutableBufferPointer<Float>.allocate(capacity: Self.rowBlock * columns)
+            let dyBlock = UnsafeMutablePointer<Float>.allocate(capacity: m * Self.rowBlock)
+            defer { block.deallocate(); dyBlock.deallocate() }
+            for r0 in stride(from: 0, to: rows, by: Self.rowBlock) {
+                let r = min(Self.rowBlock, rows - r0)
+                q.dequantizeRows(r0..<(r0 + r), into: UnsafeMutableBufferPointer(rebasing: block[0..<(r * columns)]))
+                for t in 0..<m { (dyBlock + t * r).update(from: dy + t * rows + r0, count: r) }
+                CPUMatmul.gemmNN(dyBlock, block.baseAddress!, dx, m: m, n: columns, k: r, accumulate: accumulate || r0 > 0)
+            }
+        }
+    }
+}
