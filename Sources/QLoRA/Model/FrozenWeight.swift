@@ -56,13 +56,15 @@ public final class FrozenWeight: @unchecked Sendable {
         case .dense(let w):
             CPUMatmul.gemmNT(x, w.pointer, y, m: m, n: rows, k: columns, accumulate: accumulate)
         case .quantized(let q):
-            let block = UnsafeMutableBufferPointer<Float>.allocate(capacity: Self.rowBlock * columns)
-            let partial = UnsafeMutablePointer<Float>.allocate(capacity: m * Self.rowBlock)
-            defer { block.deallocate(); partial.deallocate() }
-            for r0 in stride(from: 0, to: rows, by: Self.rowBlock) {
-                let r = min(Self.rowBlock, rows - r0)
-                q.dequantizeRows(r0..<(r0 + r), into: UnsafeMutableBufferPointer(rebasing: block[0..<(r * columns)]))
-                CPUMatmul.gemmNT(x, block.baseAddress!, partial, m: m, n: r, k: columns)
+            // Each thread takes whole blocks of output rows: dequantize them, multiply, write its columns of y.
+            let blocks = (rows + Self.rowBlock - 1) / Self.rowBlock
+            CPUParallelism.forEach(blocks, work: m * rows * columns + rows * columns) { b in
+                let r0 = b * Self.rowBlock, r = min(Self.rowBlock, rows - r0)
+                let block = UnsafeMutableBufferPointer<Float>.allocate(capacity: r * columns)
+                let partial = UnsafeMutablePointer<Float>.allocate(capacity: m * r)
+                defer { block.deallocate(); partial.deallocate() }
+                q.dequantizeRows(r0..<(r0 + r), into: block)
+                CPUMatmul.gemmNTBlock(x, block.baseAddress!, partial, m: m, n: r, k: columns, columns: 0..<r, accumulate: false)
                 for t in 0..<m {
                     let out = y + t * rows + r0, part = partial + t * r
                     if accumulate { for i in 0..<r { out[i] += part[i] } } else { out.update(from: part, count: r) }
@@ -77,12 +79,19 @@ public final class FrozenWeight: @unchecked Sendable {
         case .dense(let w):
             CPUMatmul.gemmNN(dy, w.pointer, dx, m: m, n: columns, k: rows, accumulate: accumulate)
         case .quantized(let q):
-            let block = UnsafeMutableBufferPointer<Float>.allocate(capacity: Self.rowBlock * columns)
-            let dyBlock = UnsafeMutablePointer<Float>.allocate(capacity: m * Self.rowBlock)
+            // A block of rows is a slice of the inner dimension: dequantize it (split over the threads),
+            // then one multiply-accumulate into all of dx (the matmul splits its columns over the threads).
+            let blockRows = Self.rowBlock * 4
+            let block = UnsafeMutableBufferPointer<Float>.allocate(capacity: blockRows * columns)
+            let dyBlock = UnsafeMutablePointer<Float>.allocate(capacity: m * blockRows)
             defer { block.deallocate(); dyBlock.deallocate() }
-            for r0 in stride(from: 0, to: rows, by: Self.rowBlock) {
-                let r = min(Self.rowBlock, rows - r0)
-                q.dequantizeRows(r0..<(r0 + r), into: UnsafeMutableBufferPointer(rebasing: block[0..<(r * columns)]))
+            for r0 in stride(from: 0, to: rows, by: blockRows) {
+                let r = min(blockRows, rows - r0)
+                let pieces = (r + Self.rowBlock - 1) / Self.rowBlock
+                CPUParallelism.forEach(pieces, work: r * columns * 8) { p in
+                    let p0 = p * Self.rowBlock, p1 = min(r, p0 + Self.rowBlock)
+                    q.dequantizeRows((r0 + p0)..<(r0 + p1), into: UnsafeMutableBufferPointer(rebasing: block[(p0 * columns)..<(p1 * columns)]))
+                }
                 for t in 0..<m { (dyBlock + t * r).update(from: dy + t * rows + r0, count: r) }
                 CPUMatmul.gemmNN(dyBlock, block.baseAddress!, dx, m: m, n: columns, k: r, accumulate: accumulate || r0 > 0)
             }
