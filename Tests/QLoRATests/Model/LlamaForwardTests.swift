@@ -118,3 +118,53 @@ final class PEFTAdapterTests: XCTestCase {
         }
     }
 }
+
+final class ArchitectureVariantTests: XCTestCase {
+    /// Qwen2: biases on q, k and v, GQA, tied embeddings; logits from transformers (fp32).
+    func testQwen2LogitsMatchTransformers() throws {
+        let dir = TestFixtures.path("tiny-qwen2")
+        let config = try LlamaConfig(directory: dir)
+        XCTAssertTrue(config.attentionBias)
+        XCTAssertTrue(config.tieWordEmbeddings)
+        let model = try LlamaModel(config: config, weights: try SafeTensorsCheckpoint(directory: dir))
+        XCTAssertNotNil(model.blocks[0].q.bias)
+        let expected = try SafeTensorsFile(path: dir + "/expected.safetensors")
+        let ids = try expected.floats("input_ids").map { Int($0) }
+        let logits = try model.forward(tokens: ids, cache: KVCache(config: config, capacity: ids.count))
+        XCTAssertLessThan(relativeError(logits, try expected.floats("logits")), 1e-4)
+    }
+
+    /// A checkpoint split into shards with model.safetensors.index.json loads as the single file does.
+    func testShardedCheckpointLoadsLikeTheSingleFile() throws {
+        let source = try SafeTensorsFile(path: TestFixtures.path("tiny-llama/base/model.safetensors"))
+        let dir = try TestFixtures.temporaryDirectory()
+        try FileManager.default.copyItem(atPath: TestFixtures.path("tiny-llama/base/config.json"), toPath: dir + "/config.json")
+        let names = source.names.sorted()
+        var weightMap = JSONObject()
+        for (shard, part) in [names.prefix(names.count / 2), names.dropFirst(names.count / 2)].enumerated() {
+            let file = "model-0000\(shard + 1)-of-00002.safetensors"
+            try SafeTensorsWriter.write(try part.map { n in
+                let info = source.info(n)!
+                return TensorRecord(name: n, dtype: info.dtype, shape: info.shape, data: Array(try source.bytes(n)))
+            }, to: dir + "/" + file)
+            for n in part { weightMap[n] = .string(file) }
+        }
+        try FileSystem.writeAtomically(dir + "/model.safetensors.index.json",
+                                       text: JSONValue.object(JSONObject([("metadata", .object(JSONObject())), ("weight_map", .object(weightMap))])).serialized())
+        let checkpoint = try SafeTensorsCheckpoint(directory: dir)
+        XCTAssertEqual(checkpoint.files.count, 2)
+        let model = try LlamaModel(config: try LlamaConfig(directory: dir), weights: checkpoint)
+        let row = try LlamaForwardTests.inputRows()[0]
+        let logits = try model.forward(tokens: row, cache: KVCache(config: model.config, capacity: row.count))
+        let reference = try LlamaForwardTests.expected().floats("logits_bf16base_fp32")
+        XCTAssertLessThan(relativeError(logits, Array(reference.prefix(logits.count))), 1e-4)
+
+        // An index naming a shard that lacks the tensor is an error naming both.
+        weightMap[names[0]] = .string("model-00002-of-00002.safetensors")
+        try FileSystem.writeAtomically(dir + "/model.safetensors.index.json",
+                                       text: JSONValue.object(JSONObject([("weight_map", .object(weightMap))])).serialized())
+        XCTAssertThrowsError(try SafeTensorsCheckpoint(directory: dir)) {
+            XCTAssertTrue("\($0)".contains("does not contain this tensor"), "\($0)")
+        }
+    }
+}

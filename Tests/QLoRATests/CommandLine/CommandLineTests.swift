@@ -1,0 +1,68 @@
+import XCTest
+@testable import QLoRA
+
+/// The `qlora` binary itself, built beside the test bundle: what a user types, what they see.
+final class CommandLineTests: XCTestCase {
+    /// Runs qlora with `arguments`; returns (exit status, standard output, standard error).
+    func qlora(_ arguments: [String]) throws -> (status: Int32, out: String, err: String) {
+        let bundle = URL(fileURLWithPath: CommandLine.arguments[0])
+        var binary = bundle.deletingLastPathComponent().appendingPathComponent("qlora")
+        if !FileManager.default.fileExists(atPath: binary.path) {
+            binary = bundle.deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("qlora")
+        }
+        guard FileManager.default.fileExists(atPath: binary.path) else { throw XCTSkip("the qlora binary is not built beside \(bundle.path)") }
+        let process = Process()
+        process.executableURL = binary
+        process.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let outData = out.fileHandleForReading.readDataToEndOfFile()
+        let errData = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
+    }
+
+    /// `tokenize --messages` on a folder holding only the tokenizer files equals the chat goldens (text and ids).
+    func testTokenizeMessagesMatchesTheGoldens() throws {
+        let goldens = try String(contentsOfFile: TestFixtures.path("smollm2-tokenizer/goldens.jsonl"), encoding: .utf8)
+        var checked = 0
+        for line in goldens.split(separator: "\n") {
+            let golden = try JSONValue.parse(String(line))
+            guard let chat = golden["chat"] else { continue }
+            let file = try TestFixtures.temporaryDirectory() + "/messages.json"
+            try chat.serialized().write(toFile: file, atomically: true, encoding: .utf8)
+            let generationPrompt = golden["add_generation_prompt"]?.bool ?? false
+            let result = try qlora(["tokenize", "--model", TestFixtures.smolTokenizer, "--messages", file] + (generationPrompt ? ["--add-generation-prompt"] : []))
+            XCTAssertEqual(result.status, 0, result.err)
+            let json = try JSONValue.parse(result.out.trimmingCharacters(in: .whitespacesAndNewlines))
+            XCTAssertEqual(json["text"]?.string, golden["rendered"]?.string)
+            XCTAssertEqual(json["ids"]?.array, golden["ids"]?.array)
+            checked += 1
+        }
+        XCTAssertEqual(checked, 4, "the goldens hold four chat lines")
+        let text = try qlora(["tokenize", "--model", TestFixtures.smolTokenizer, "--text", "The capital of France is Paris."])
+        XCTAssertEqual(text.out.trimmingCharacters(in: .whitespacesAndNewlines), #"{"ids": [504, 3575, 282, 4649, 314, 7042, 30]}"#)
+    }
+
+    func testInspectReportsFourBitCheckpoint() throws {
+        let result = try qlora(["inspect", TestFixtures.path("tiny-llama/base-bnb-nf4"), "--summary"])
+        XCTAssertEqual(result.status, 0, result.err)
+        XCTAssertTrue(result.out.contains("architecture: llama, 2 layers"), result.out)
+        XCTAssertTrue(result.out.contains("bits per parameter"), result.out)
+    }
+
+    func testBadDatasetLineIsReportedWithItsLineNumber() throws {
+        // A model folder: the tiny model's weights with the SmolLM2 tokenizer files (the data fails before any forward).
+        let dir = try TestFixtures.temporaryDirectory()
+        for (from, name) in [("tiny-llama/base", "config.json"), ("tiny-llama/base", "model.safetensors"),
+                             ("smollm2-tokenizer", "tokenizer.json"), ("smollm2-tokenizer", "tokenizer_config.json")] {
+            try FileManager.default.copyItem(atPath: TestFixtures.path(from + "/" + name), toPath: dir + "/" + name)
+        }
+        try "{\"text\": \"fine\"}\n{\"text\": oops}\n".write(toFile: dir + "/data.jsonl", atomically: true, encoding: .utf8)
+        let result = try qlora(["eval", "--model", dir, "--data", dir + "/data.jsonl"])
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertTrue(result.err.contains("data.jsonl: line 2: not valid JSON"), result.err)
+    }
+}
