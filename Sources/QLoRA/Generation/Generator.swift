@@ -13,15 +13,24 @@ public enum Generator {
     /// Stops at any id in `stopIDs` (which is not passed to `onToken`).
     public static func generate(model: LlamaModel, prompt: [Int], maxTokens: Int, sampling: SamplingOptions,
                                 stopIDs: Set<Int>, onToken: (Int) -> Void = { _ in }) throws -> GenerationResult {
-        guard !prompt.isEmpty else { throw UsageError("the prompt is empty") }
         let capacity = prompt.count + maxTokens
         guard capacity <= model.config.maxPositionEmbeddings else {
             throw UsageError("prompt (\(prompt.count) tokens) + max tokens (\(maxTokens)) exceed the model's \(model.config.maxPositionEmbeddings) positions")
         }
-        let cache = KVCache(config: model.config, capacity: capacity)
+        return try generate(session: CPUInferenceSession(model: model, capacity: capacity), prompt: prompt, maxTokens: maxTokens,
+                            sampling: sampling, stopIDs: stopIDs, onToken: onToken)
+    }
+
+    /// The same on any backend's session (which must have room for the prompt and `maxTokens`).
+    public static func generate(session: InferenceSession, prompt: [Int], maxTokens: Int, sampling: SamplingOptions,
+                                stopIDs: Set<Int>, onToken: (Int) -> Void = { _ in }) throws -> GenerationResult {
+        guard !prompt.isEmpty else { throw UsageError("the prompt is empty") }
+        guard session.length + prompt.count + maxTokens <= session.capacity else {
+            throw UsageError("prompt (\(prompt.count) tokens) + max tokens (\(maxTokens)) exceed the session's \(session.capacity - session.length) free positions")
+        }
         var sampler = Sampler(sampling)
         let start = monotonicSeconds()
-        var logits = try model.forward(tokens: prompt, cache: cache, lastOnly: true)
+        var logits = try session.next(prompt)
         let prefillSeconds = monotonicSeconds() - start
         var out: [Int] = []
         var stopped = false
@@ -32,7 +41,7 @@ public enum Generator {
             out.append(next)
             onToken(next)
             if out.count == maxTokens { break }
-            logits = try model.forward(tokens: [next], cache: cache, lastOnly: true)
+            logits = try session.next([next])
         }
         let decodeSeconds = monotonicSeconds() - decodeStart
         return GenerationResult(tokens: out, stoppedAtEOS: stopped, promptTokensPerSecond: Double(prompt.count) / max(prefillSeconds, 1e-9),
