@@ -112,6 +112,24 @@ final class TrainerTests: XCTestCase {
         }
     }
 
+    /// With an eval loss that cannot improve (learning rate 0 after warmup 0 → no change), patience 2 stops at step 3.
+    func testEarlyStoppingAfterPatienceEvaluationsWithoutImprovement() throws {
+        let dir = try TestFixtures.temporaryDirectory()
+        var c = configuration(dir)
+        c.maxSteps = 10
+        c.learningRate = 1e-30
+        c.warmupSteps = 0
+        c.scheduler = "constant"
+        c.evalSteps = 1
+        c.earlyStoppingPatience = 2
+        let trainer = try makeTrainer(c)
+        let summary = try trainer.run()
+        XCTAssertTrue(summary.stoppedEarly)
+        XCTAssertEqual(summary.steps, 3)
+        XCTAssertEqual(summary.bestStep, 1)
+        XCTAssertTrue(FileSystem.exists(dir + "/best/adapter_model.safetensors"))
+    }
+
     func testYAMLConfigurationAndUnknownKeys() throws {
         let dir = try TestFixtures.temporaryDirectory()
         try FileSystem.writeAtomically(dir + "/train.yaml", text: """
