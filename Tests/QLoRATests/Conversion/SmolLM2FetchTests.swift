@@ -136,4 +136,29 @@ final class SmolLM2FetchTests: XCTestCase {
         XCTAssertEqual(try ModelCatalog.resolve("smollm2-135m", cache: Self.cache), first)
         XCTAssertEqual(try ModelCatalog.resolve("/some/model/folder", cache: Self.cache), "/some/model/folder")
     }
+
+    /// Our CPU forward on the real model equals transformers on the same folder: the last position's top-20
+    /// logits, every position's logit norm, and the greedy answer.
+    func testForwardAndGreedyAnswerMatchTransformers() throws {
+        let dir = try folder()
+        let reference = try json(TestFixtures.path("gguf/smollm2-forward-reference.json"))
+        let ids = try XCTUnwrap(reference["input_ids"]?.array?.compactMap(\.int))
+        let model = try LlamaModel(config: try LlamaConfig(directory: dir), weights: try SafeTensorsCheckpoint(directory: dir))
+        let vocab = model.config.vocabularySize
+        let logits = try model.forward(tokens: ids, cache: KVCache(config: model.config, capacity: ids.count))
+        let norms = try XCTUnwrap(reference["position_logit_norms"]?.array?.compactMap(\.double))
+        for (t, expected) in norms.enumerated() {
+            let row = logits[(t * vocab)..<((t + 1) * vocab)]
+            let norm = row.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
+            XCTAssertEqual(norm, expected, accuracy: expected * 1e-4, "position \(t)")
+        }
+        let last = Array(logits.suffix(vocab))
+        let topIDs = try XCTUnwrap(reference["last_top20_ids"]?.array?.compactMap(\.int))
+        let topLogits = try XCTUnwrap(reference["last_top20_logits"]?.array?.compactMap(\.double))
+        XCTAssertLessThan(relativeError(topIDs.map { last[$0] }, topLogits.map { Float($0) }), 1e-4)
+        let tokenizer = try Tokenizer(directory: dir)
+        let answer = try Generator.generate(model: model, prompt: ids, maxTokens: 24, sampling: SamplingOptions(), stopIDs: [])
+        let greedy = try XCTUnwrap(reference["greedy_ids"]?.array?.compactMap(\.int))
+        XCTAssertEqual(Array(answer.tokens.prefix(greedy.count)), greedy, tokenizer.decode(answer.tokens))
+    }
 }
