@@ -27,6 +27,9 @@ struct BenchDecodeCommand: ParsableCommand {
     @Flag(help: "Launch the decode kernels one by one instead of replaying a CUDA graph.")
     var noGraph = false
 
+    @Flag(help: "Also time each kernel kind (events between plain launches) and print a breakdown on stderr.")
+    var profile = false
+
     func run() throws {
         guard device == "cuda" || device == "auto" else { throw ValidationError("bench-decode runs on the GPU: use --device cuda") }
         guard let architecture = Architecture(rawValue: arch) else {
@@ -90,5 +93,16 @@ struct BenchDecodeCommand: ParsableCommand {
             ("peak_gpu_bytes", .int(Int64(ctx.allocator.peakBytes))),
         ]
         print(JSONValue.object(JSONObject(fields)).serialized())
+        if profile {
+            inference.reset()
+            _ = try inference.forward(tokens: prompt, lastOnly: true)
+            let rows = try inference.profileDecode(tokens: min(32, tokens))
+            let total = rows.reduce(0) { $0 + $1.milliseconds }
+            printError("decode profile (ms per token, plain launches with events; total \(String(cFormat: "%.3f", total)) ms):")
+            for r in rows.sorted(by: { $0.milliseconds > $1.milliseconds }) {
+                let name = r.name + String(repeating: " ", count: max(0, 28 - r.name.count))
+                printError("  " + name + String(cFormat: " %8.3f ms  %5.1f%%  %d launches", r.milliseconds, 100 * r.milliseconds / total, r.launches))
+            }
+        }
     }
 }

@@ -354,39 +354,80 @@ public final class CUDAInference {
         return try logits.download()
     }
 
-    /// The kernels of one decode step (position and token read from `stepState`).
-    func decodeLaunches() throws {
+    /// The kernels of one decode step (position and token read from `stepState`). `mark` is called after each
+    /// launch with its name (profiling).
+    func decodeLaunches(mark: (String) throws -> Void = { _ in }) throws {
         let c = config, ctx = context, dev = context.device
         let h = c.hiddenSize
-        func rmsnorm(_ input: DeviceBuffer<UInt16>, _ weight: DeviceBuffer<UInt16>) throws {
-            try dev.launch(ctx.compiler.function(KernelSources.rmsnorm, "rmsnorm_forward"), grid: (1, 1, 1),
-                           block: (CUDAContext.rowThreads(h), 1, 1), [input.arg, weight.arg, normed.arg, .int(h), .float(c.rmsNormEps)])
+        /// The group's LoRA A rows with the op making its input (see lora_a_rows), writing that input to `inOut`.
+        func loraA(_ g: ProjectionGroup, mode: Int, x: CUdeviceptr, x2: CUdeviceptr = 0, norm: CUdeviceptr = 0, inOut: CUdeviceptr) throws {
+            try ctx.loraARows(a: g.loraA?.pointer ?? 0, x: x, x2: x2, normWeight: norm, inOut: inOut, xa: xa.pointer,
+                              rows: g.loraA == nil ? 0 : g.totalRank, cols: g.columns, mode: mode, eps: c.rmsNormEps)
+            try mark(mode == 1 ? "rmsnorm + lora A" : mode == 2 ? "swiglu + lora A" : "lora A")
         }
-        func project(_ g: ProjectionGroup, input: CUdeviceptr) throws {
-            if let a = g.loraA { try ctx.bf16Gemv(weight: a.pointer, x: input, out: xa.pointer, rows: g.totalRank, cols: g.columns) }
+        func gemv(_ g: ProjectionGroup, input: CUdeviceptr, _ name: String) throws {
             try ctx.nf4Gemv(tasks: g.tasks!.pointer, taskCount: g.matrices.count, blocks: g.blocks, x: input, cols: g.columns,
                             blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
+            try mark(name)
         }
         try dev.launch(ctx.compiler.function(KernelSources.embedding, "embedding_forward"), grid: (1, 1, 1), block: (128, 1, 1),
                        [.pointer(stepState.address(at: 1)), embedding.arg, x.arg, .int(c.vocabularySize), .int(h), .pointer(0)])
+        try mark("embedding")
+        let inter = c.intermediateSize
         for layer in layers {
-            try rmsnorm(x, layer.inputNorm)
-            try project(layer.qkv, input: normed.pointer)
+            try loraA(layer.qkv, mode: 1, x: x.pointer, norm: layer.inputNorm.pointer, inOut: normed.pointer)
+            try gemv(layer.qkv, input: normed.pointer, "nf4 gemv q|k|v")
             try ctx.ropeAppend(qkv: qkvRow.pointer, kcache: layer.keys.pointer, vcache: layer.values.pointer, position: stepState.pointer,
                                inverseFrequencies: inverseFrequencies.pointer, heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim)
+            try mark("rope + cache append")
             try ctx.attentionCached(q: qkvRow.pointer, qStride: c.qDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
                                     out: attended.pointer, startPointer: stepState.pointer, start: 0, tokens: 1, heads: c.headCount,
                                     kvHeads: c.kvHeadCount, headDim: c.headDim, maxKeys: capacity)
-            try project(layer.o, input: attended.pointer)
-            try rmsnorm(x, layer.postNorm)
-            try project(layer.gateUp, input: normed.pointer)
-            try dev.launch(ctx.compiler.function(KernelSources.swiglu, "swiglu_forward"),
-                           grid: (ctx.gridSize(items: (c.intermediateSize + 7) / 8), 1, 1), block: (256, 1, 1),
-                           [gateUpRow.arg, .pointer(gateUpRow.address(at: c.intermediateSize)), hidden.arg, .int64(Int64(c.intermediateSize))])
-            try project(layer.down, input: hidden.pointer)
+            try mark("attention")
+            if layer.o.loraA != nil { try loraA(layer.o, mode: 0, x: attended.pointer, inOut: 0) }
+            try gemv(layer.o, input: attended.pointer, "nf4 gemv o (+ residual)")
+            try loraA(layer.gateUp, mode: 1, x: x.pointer, norm: layer.postNorm.pointer, inOut: normed.pointer)
+            try gemv(layer.gateUp, input: normed.pointer, "nf4 gemv gate|up")
+            try loraA(layer.down, mode: 2, x: gateUpRow.pointer, x2: gateUpRow.address(at: inter), inOut: hidden.pointer)
+            try gemv(layer.down, input: hidden.pointer, "nf4 gemv down (+ residual)")
         }
-        try rmsnorm(x, finalNorm)
+        try dev.launch(ctx.compiler.function(KernelSources.rmsnorm, "rmsnorm_forward"), grid: (1, 1, 1),
+                       block: (CUDAContext.rowThreads(h), 1, 1), [x.arg, finalNorm.arg, normed.arg, .int(h), .float(c.rmsNormEps)])
+        try mark("final rmsnorm")
         try ctx.bf16Gemv(weight: head.pointer, x: normed.pointer, out: logits.pointer, rows: c.vocabularySize, cols: h)
+        try mark("head gemv (bf16)")
+    }
+
+    /// GPU milliseconds per decoded token by kernel kind, over `tokens` steps launched one by one with an event after
+    /// each kernel (the steps continue the current sequence; the totals include the gaps between launches).
+    public func profileDecode(tokens: Int, token: Int = 1) throws -> [(name: String, milliseconds: Double, launches: Int)] {
+        let dev = context.device
+        var totals: [String: (Double, Int)] = [:]
+        var order: [String] = []
+        for _ in 0..<tokens {
+            guard length < capacity else { break }
+            try stepState.upload([Int32(length), Int32(token)])
+            var events: [(String, CUDAEvent)] = []
+            let first = try CUDAEvent(device: dev)
+            try first.record(on: dev.stream)
+            try decodeLaunches { name in
+                let e = try CUDAEvent(device: dev)
+                try e.record(on: dev.stream)
+                events.append((name, e))
+            }
+            try dev.stream.synchronize()
+            var previous = first
+            for (name, e) in events {
+                let ms = try e.milliseconds(since: previous)
+                if totals[name] == nil { order.append(name) }
+                let t = totals[name] ?? (0, 0)
+                totals[name] = (t.0 + ms, t.1 + 1)
+                previous = e
+            }
+            length += 1
+        }
+        let n = Double(max(tokens, 1))
+        return order.map { ($0, totals[$0]!.0 / n, Int(Double(totals[$0]!.1) / n)) }
     }
 
     /// Several tokens with GEMMs.

@@ -55,15 +55,15 @@ __device__ __forceinline__ unsigned int pick_word(uint4 v, int k) {
     return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
 }
 
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restrict__ x, int cols, int blocksize,
-         int nested_blocksize) {
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
+nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restrict__ x, int cols, int blocksize_shift,
+         int nested_shift) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* sx = reinterpret_cast<bf16*>(smem_raw);  // cols values
     __shared__ float code[256], nf4[16];
     int ti = 0;
     while (ti + 1 < ntasks && (int)blockIdx.x >= tasks[ti + 1].first_block) ti++;
-    const Nf4GemvTask& task = tasks[ti];
+    const Nf4GemvTask task = tasks[ti];  // a copy in registers
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
     if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_VALUES[threadIdx.x];
     {
@@ -78,6 +78,8 @@ nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restri
     if (row0 >= task.rows) return;
     const int chunks = cols / 32;  // 32 elements = 16 packed bytes
     const float offset = task.offset;
+    const unsigned char* __restrict__ absmax_q = task.absmax_q;
+    const float* __restrict__ nested = task.nested_absmax;
     float acc[GEMV_ROWS];
     const uint4* prow[GEMV_ROWS];
     long long e0[GEMV_ROWS];
@@ -89,15 +91,25 @@ nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restri
         prow[r] = reinterpret_cast<const uint4*>(task.packed + e0[r] / 2);
     }
     const int rot = (lane >> 1) & 3;
+    // Software pipelining: the next chunk's packed bytes are loaded while this chunk is computed.
+    uint4 next[GEMV_ROWS];
+    if (lane < chunks) {
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) next[r] = __ldg(prow[r] + lane);
+    }
     for (int c = lane; c < chunks; c += 32) {
         uint4 w[GEMV_ROWS];
         float scale[GEMV_ROWS];
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) w[r] = __ldg(prow[r] + c);
+        for (int r = 0; r < GEMV_ROWS; r++) w[r] = next[r];
+        if (c + 32 < chunks) {
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) next[r] = __ldg(prow[r] + c + 32);
+        }
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) {
-            const long long b = (e0[r] + (long long)c * 32) / blocksize;
-            scale[r] = code[task.absmax_q[b]] * task.nested_absmax[b / nested_blocksize] + offset;
+            const long long b = (e0[r] + (long long)c * 32) >> blocksize_shift;  // blocksizes are powers of two
+            scale[r] = code[__ldg(absmax_q + b)] * __ldg(nested + (b >> nested_shift)) + offset;
         }
         const uint4* xs = reinterpret_cast<const uint4*>(sx + c * 32);
         float part[GEMV_ROWS];
@@ -118,8 +130,7 @@ nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restri
                 float s = 0.0f;
 #pragma unroll
                 for (int q = 0; q < 4; q++) {  // byte q of the word: elements 2q (high nibble), 2q+1 (low)
-                    const unsigned int byte = (word >> (8 * q)) & 0xffu;
-                    s += nf4[byte >> 4] * xf[2 * q] + nf4[byte & 15u] * xf[2 * q + 1];
+                    s += nf4[(word >> (8 * q + 4)) & 15u] * xf[2 * q] + nf4[(word >> (8 * q)) & 15u] * xf[2 * q + 1];
                 }
                 part[r] += s;
             }
@@ -142,7 +153,7 @@ nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restri
 }
 
 /// out[r] = scale * W[r, :] · x; W [rows, cols] bf16 (cols a multiple of 8), x bf16, out fp32. 4 rows per warp.
-extern "C" __global__ void __launch_bounds__(128)
+extern "C" __global__ void __launch_bounds__(128, 8)
 bf16_gemv(const bf16* __restrict__ w, const bf16* __restrict__ x, float* __restrict__ out, int rows, int cols, float scale) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int row0 = (blockIdx.x * 4 + warp) * 4;
@@ -150,6 +161,7 @@ bf16_gemv(const bf16* __restrict__ w, const bf16* __restrict__ x, float* __restr
     const int chunks = cols / 8;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const uint4* xr = reinterpret_cast<const uint4*>(x);
+#pragma unroll 2
     for (int c = lane; c < chunks; c += 32) {
         float xf[8];
         load_bf16x8(x + c * 8, xf);
@@ -295,4 +307,61 @@ attention_cached_d64(const bf16* q, int q_stride, const bf16* kcache, const bf16
 /// y = x + a (bf16, n elements): the residual add of the prefill path.
 extern "C" __global__ void add_bf16(bf16* y, const bf16* a, long long n) {
     GRID_STRIDE(e, n) y[e] = float_to_bf16(bf16_to_float(y[e]) + bf16_to_float(a[e]));
+}
+
+/// The LoRA A projections of one group, with the op that makes their input fused in (one launch instead of two):
+///   mode 0: in = x                                  (x: [cols] bf16)
+///   mode 1: in = RMSNorm(x) * norm_w  (as rmsnorm.cu: bf16(bf16(x r) w))
+///   mode 2: in = silu(x) * x2         (as swiglu.cu: gate x, up x2)
+/// Block 0 writes `in` to in_out (bf16) when in_out is not null; block b < rows writes
+/// xa[b] = A[b, :] · in (fp32). grid max(rows, 1), 256 threads, dynamic shared memory cols * 2 bytes.
+extern "C" __global__ void __launch_bounds__(256)
+lora_a_rows(const bf16* __restrict__ a, const bf16* __restrict__ x, const bf16* __restrict__ x2,
+            const bf16* __restrict__ norm_w, bf16* __restrict__ in_out, float* __restrict__ xa, int rows, int cols,
+            int mode, float eps) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sin = reinterpret_cast<bf16*>(smem_raw);
+    __shared__ float scratch[64];
+    const int tid = threadIdx.x;
+    const int groups = cols / 8;  // cols is a multiple of 8
+    float r = 1.0f;
+    if (mode == 1) {
+        float ss = 0.0f;
+        for (int i = tid; i < groups; i += blockDim.x) {
+            float f[8];
+            load_bf16x8(x + i * 8, f);
+#pragma unroll
+            for (int k = 0; k < 8; k++) ss += f[k] * f[k];
+        }
+        ss = block_sum(ss, scratch);
+        r = rsqrtf(ss / cols + eps);
+    }
+    for (int i = tid; i < groups; i += blockDim.x) {
+        float f[8], g[8];
+        load_bf16x8(x + i * 8, f);
+        if (mode == 1) {
+            load_bf16x8(norm_w + i * 8, g);
+#pragma unroll
+            for (int k = 0; k < 8; k++) f[k] = round_bf16(f[k] * r) * g[k];
+        } else if (mode == 2) {
+            load_bf16x8(x2 + i * 8, g);
+#pragma unroll
+            for (int k = 0; k < 8; k++) f[k] = f[k] * (1.0f / (1.0f + __expf(-f[k]))) * g[k];
+        }
+        store_bf16x8(sin + i * 8, f);
+        if (blockIdx.x == 0 && in_out != nullptr) store_bf16x8(in_out + i * 8, f);
+    }
+    if ((int)blockIdx.x >= rows) return;
+    __syncthreads();
+    const bf16* ar = a + (long long)blockIdx.x * cols;
+    float s = 0.0f;
+    for (int i = tid; i < groups; i += blockDim.x) {
+        float f[8], g[8];
+        load_bf16x8(sin + i * 8, f);
+        load_bf16x8(ar + i * 8, g);
+#pragma unroll
+        for (int k = 0; k < 8; k++) s += f[k] * g[k];
+    }
+    s = block_sum(s, scratch + 32);
+    if (tid == 0) xa[blockIdx.x] = s;
 }

@@ -57,13 +57,15 @@ extension CUDAContext {
     /// 16-byte aligned). cols and blocksize must be multiples of 32.
     public func nf4Gemv(tasks: CUdeviceptr, taskCount: Int, blocks: Int, x: CUdeviceptr, cols: Int, blocksize: Int = 64,
                         nestedBlocksize: Int = 256, stream: CUDAStream? = nil) throws {
-        try require(cols % 32 == 0 && blocksize % 32 == 0 && taskCount >= 1 && taskCount <= 8, "nf4Gemv",
-                    "cols \(cols) and blocksize \(blocksize) must be multiples of 32, 1...8 tasks (got \(taskCount))")
+        try require(cols % 32 == 0 && blocksize >= 32 && blocksize.nonzeroBitCount == 1 && nestedBlocksize.nonzeroBitCount == 1
+                        && taskCount >= 1 && taskCount <= 8, "nf4Gemv",
+                    "cols \(cols) must be a multiple of 32, blocksizes \(blocksize)/\(nestedBlocksize) powers of two (at least 32), 1...8 tasks (got \(taskCount))")
         let f = try compiler.function(KernelSources.decode, "nf4_gemv")
         let shared = cols * 2
         if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
         try device.launch(f, grid: (blocks, 1, 1), block: (128, 1, 1), sharedMemory: shared, stream: stream,
-                          [.pointer(tasks), .int(taskCount), .pointer(x), .int(cols), .int(blocksize), .int(nestedBlocksize)])
+                          [.pointer(tasks), .int(taskCount), .pointer(x), .int(cols), .int(blocksize.trailingZeroBitCount),
+                           .int(nestedBlocksize.trailingZeroBitCount)])
     }
 
     /// out[r] = scale · W[r, :] · x for bf16 W [rows, cols] (cols a multiple of 8) and x; fp32 out.
@@ -101,5 +103,19 @@ extension CUDAContext {
         try device.launch(f, grid: (tokens, heads, 1), block: (256, 1, 1), sharedMemory: shared, stream: stream,
                           [.pointer(q), .int(qStride), .pointer(kcache), .pointer(vcache), .pointer(out), .pointer(startPointer),
                            .int(start), .int(heads), .int(kvHeads), .float(1 / Float(headDim).squareRoot())])
+    }
+
+    /// The LoRA A rows of a group (xa[b] = A[b, :] · in, fp32) with their input made in the same launch:
+    /// mode 0 in = x, 1 in = RMSNorm(x)·normWeight, 2 in = silu(x)·x2. `inOut` (when not 0) receives `in` (bf16).
+    /// rows may be 0 (then only `in` is written).
+    public func loraARows(a: CUdeviceptr, x: CUdeviceptr, x2: CUdeviceptr = 0, normWeight: CUdeviceptr = 0, inOut: CUdeviceptr,
+                          xa: CUdeviceptr, rows: Int, cols: Int, mode: Int, eps: Float = 0, stream: CUDAStream? = nil) throws {
+        try require(cols % 8 == 0 && (0...2).contains(mode), "loraARows", "cols \(cols) must be a multiple of 8, mode 0...2")
+        let f = try compiler.function(KernelSources.decode, "lora_a_rows")
+        let shared = cols * 2
+        if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
+        try device.launch(f, grid: (max(rows, 1), 1, 1), block: (256, 1, 1), sharedMemory: shared, stream: stream,
+                          [.pointer(a), .pointer(x), .pointer(x2), .pointer(normWeight), .pointer(inOut), .pointer(xa), .int(rows),
+                           .int(cols), .int(mode), .float(eps)])
     }
 }
