@@ -60,6 +60,20 @@ func checkDecodeGemv() throws {
     check("nf4 gemv + LoRA + residual \(rows)x\(cols)", relativeError(try downloadBF16(out), ref), 1e-2)
     check("nf4 gemv, second task \(rows)x\(cols)",
           relativeError(try downloadBF16(out2), referenceGemv(wq, rows: rows, cols: cols, x: x, residual: nil, lora: nil)), 1e-2)
+    // The split-K kernel, several splits (the residual buffer is a separate copy here).
+    for splits in [1, 4, 8] {
+        let res = try upload(rb), outS = try poisoned(UInt16.self, rows)
+        var t = task
+        t.residual = res.pointer
+        t.out = outS.pointer
+        let (b2, n2) = NF4GemvTask.encode([task2, t], rowsPerBlock: NF4GemvTask.splitKRowsPerBlock(splits))
+        let td = try upload(b2)
+        try out2.fill(byte: 0xFF)
+        try ctx.nf4GemvSplitK(tasks: td.pointer, taskCount: 2, blocks: n2, x: xd.pointer, cols: cols, splits: splits)
+        check("nf4 gemv split-K \(splits) + LoRA + residual", relativeError(try downloadBF16(outS), ref), 1e-2)
+        check("nf4 gemv split-K \(splits), first task",
+              relativeError(try downloadBF16(out2), referenceGemv(wq, rows: rows, cols: cols, x: x, residual: nil, lora: nil)), 1e-2)
+    }
 }
 
 /// Compares GPU and CPU logits: a prefill of `prompt`, then `decodeSteps` tokens one at a time (greedy from the CPU).
@@ -71,27 +85,34 @@ func compareInference(_ name: String, model: LlamaModel, prompt: [Int], decodeSt
     let gpuLogits = try gpu.forward(tokens: prompt)
     check("\(name): prefill logits (\(prompt.count) tokens)", relativeError(gpuLogits, cpuLogits), threshold)
     let v = model.config.vocabularySize
+    // CPU decode, greedy; then the same tokens through each GPU GEMV kernel, with and without the graph.
     var next = argmax(Array(cpuLogits[((prompt.count - 1) * v)...]))
-    var worst = 0.0, agree = 0
-    for step in 0..<decodeSteps {
+    var fed: [Int] = [], cpuRows: [[Float]] = []
+    for _ in 0..<decodeSteps {
+        fed.append(next)
         let c = try model.forward(tokens: [next], cache: cache, lastOnly: true)
-        let g = try gpu.forward(tokens: [next], lastOnly: true)
-        worst = max(worst, relativeError(g, c))
-        if argmax(g) == argmax(c) { agree += 1 }
+        cpuRows.append(c)
         next = argmax(c)
-        _ = step
     }
-    check("\(name): decode logits (\(decodeSteps) steps, worst)", worst, threshold, "greedy token agrees \(agree)/\(decodeSteps)")
-    // The same decode without the CUDA graph.
-    gpu.reset()
-    gpu.useGraph = false
-    _ = try gpu.forward(tokens: prompt)
-    let plain = try gpu.forward(tokens: [prompt[0]], lastOnly: true)
-    gpu.reset()
-    gpu.useGraph = true
-    _ = try gpu.forward(tokens: prompt)
-    let graphed = try gpu.forward(tokens: [prompt[0]], lastOnly: true)
-    check("\(name): graph replay = plain launches", relativeError(graphed, plain), 0)
+    var graphed: [Float] = []
+    for kernel in CUDAInference.GEMVKernel.allCases {
+        for graph in [true, false] {
+            gpu.gemvKernel = kernel
+            gpu.useGraph = graph
+            gpu.reset()
+            _ = try gpu.forward(tokens: prompt)
+            var worst = 0.0, agree = 0
+            var last: [Float] = []
+            for (k, token) in fed.enumerated() {
+                last = try gpu.forward(tokens: [token], lastOnly: true)
+                worst = max(worst, relativeError(last, cpuRows[k]))
+                if argmax(last) == argmax(cpuRows[k]) { agree += 1 }
+            }
+            check("\(name): decode logits, \(kernel.rawValue)\(graph ? ", graph" : ", plain") (\(decodeSteps) steps, worst)", worst, threshold,
+                  "greedy token agrees \(agree)/\(decodeSteps)")
+            if graph { graphed = last } else { check("\(name): \(kernel.rawValue) graph replay = plain launches", relativeError(graphed, last), 0) }
+        }
+    }
 }
 
 func argmax(_ x: [Float]) -> Int {

@@ -27,6 +27,9 @@ struct BenchDecodeCommand: ParsableCommand {
     @Flag(help: "Launch the decode kernels one by one instead of replaying a CUDA graph.")
     var noGraph = false
 
+    @Option(help: "The fused NF4 GEMV: splitk (columns split over warps) or rows (4 rows per warp, x in shared memory).")
+    var gemv: String = "splitk"
+
     @Flag(help: "Also time each kernel kind (events between plain launches) and print a breakdown on stderr.")
     var profile = false
 
@@ -42,6 +45,8 @@ struct BenchDecodeCommand: ParsableCommand {
         let config = architecture.config
         let inference = try CUDAInference(context: ctx, randomConfig: config, loraRank: loraR, capacity: promptTokens + tokens + 8)
         inference.useGraph = !noGraph
+        guard let kernel = CUDAInference.GEMVKernel(rawValue: gemv) else { throw ValidationError("--gemv is splitk or rows") }
+        inference.gemvKernel = kernel
 
         // Copy bandwidth: 1 GiB device to device, bytes read + written, median of 10.
         let bytes = 1 << 30
@@ -82,7 +87,7 @@ struct BenchDecodeCommand: ParsableCommand {
         func r(_ x: Double, _ digits: Double = 1000) -> Double { (x * digits).rounded() / digits }
         let fields: [(String, JSONValue)] = [
             ("arch", .string(arch)), ("device", .string(dev.name)), ("lora_r", .int(Int64(loraR))), ("prompt_tokens", .int(Int64(promptTokens))),
-            ("tokens", .int(Int64(tokens))), ("cuda_graph", .bool(!noGraph)),
+            ("tokens", .int(Int64(tokens))), ("cuda_graph", .bool(!noGraph)), ("gemv", .string(gemv)),
             ("decode_tokens_per_s", .double(r(tokensPerSecond, 10))), ("ms_per_token", .double(r(1000 / tokensPerSecond))),
             ("prefill_tokens_per_s", .double(r(Double(promptTokens) / prefillSeconds, 10))),
             ("nf4_weight_bytes_per_token", .int(Int64(inference.nf4BytesPerToken))),

@@ -78,6 +78,10 @@ struct ProjectionGroup {
     /// The decode tasks (device copy) and the grid size, made once the output addresses are known.
     var tasks: DeviceBuffer<UInt8>?
     var blocks = 0
+    /// The same for nf4_gemv_splitk.
+    var splitKTasks: DeviceBuffer<UInt8>?
+    var splitKBlocks = 0
+    var splits = 1
 
     var totalRank: Int { lora.reduce(0) { $0 + ($1?.rank ?? 0) } }
     var columns: Int { matrices[0].columns }
@@ -104,6 +108,18 @@ public final class CUDAInference {
     public private(set) var length = 0
     /// Replay the decode step as a CUDA graph (on by default; off to time plain launches).
     public var useGraph = true
+
+    /// The fused NF4 GEMV of the decode step.
+    public enum GEMVKernel: String, CaseIterable {
+        /// nf4_gemv: 4 rows per warp, x copied to shared memory.
+        case rows
+        /// nf4_gemv_splitk: columns split over the warps of a block, x through L1.
+        case splitK = "splitk"
+    }
+    /// Which NF4 GEMV decode uses; changing it re-records the graph.
+    public var gemvKernel: GEMVKernel = .splitK {
+        didSet { if gemvKernel != oldValue { graph = nil } }
+    }
 
     var layers: [DeviceLayer]
     let embedding: DeviceBuffer<UInt16>   // [vocab, H]
@@ -267,6 +283,10 @@ public final class CUDAInference {
         let (bytes, blocks) = NF4GemvTask.encode(tasks)
         g.tasks = try context.allocator.buffer(copying: bytes)
         g.blocks = blocks
+        g.splits = NF4GemvTask.splits(cols: g.columns)
+        let (splitBytes, splitBlocks) = NF4GemvTask.encode(tasks, rowsPerBlock: NF4GemvTask.splitKRowsPerBlock(g.splits))
+        g.splitKTasks = try context.allocator.buffer(copying: splitBytes)
+        g.splitKBlocks = splitBlocks
     }
 
     /// Quantizes a linear layer's weight as bitsandbytes would (NF4, blocksize 64, double quant).
@@ -366,8 +386,15 @@ public final class CUDAInference {
             try mark(mode == 1 ? "rmsnorm + lora A" : mode == 2 ? "swiglu + lora A" : "lora A")
         }
         func gemv(_ g: ProjectionGroup, input: CUdeviceptr, _ name: String) throws {
-            try ctx.nf4Gemv(tasks: g.tasks!.pointer, taskCount: g.matrices.count, blocks: g.blocks, x: input, cols: g.columns,
-                            blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
+            switch gemvKernel {
+            case .rows:
+                try ctx.nf4Gemv(tasks: g.tasks!.pointer, taskCount: g.matrices.count, blocks: g.blocks, x: input, cols: g.columns,
+                                blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
+            case .splitK:
+                try ctx.nf4GemvSplitK(tasks: g.splitKTasks!.pointer, taskCount: g.matrices.count, blocks: g.splitKBlocks, x: input,
+                                      cols: g.columns, blocksize: g.matrices[0].blocksize,
+                                      nestedBlocksize: g.matrices[0].nestedBlocksize, splits: g.splits)
+            }
             try mark(name)
         }
         try dev.launch(ctx.compiler.function(KernelSources.embedding, "embedding_forward"), grid: (1, 1, 1), block: (128, 1, 1),

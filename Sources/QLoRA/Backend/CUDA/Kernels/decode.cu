@@ -239,7 +239,7 @@ __device__ void attention_cached_impl(const bf16* __restrict__ q, int q_stride, 
     for (int j = tid; j < keys; j += blockDim.x) {
         const bf16* kr = kcache + (long long)j * kv_dim + kvh * D;
         float s = 0.0f;
-#pragma unroll 4
+#pragma unroll  // all of the key's 16-byte loads in flight at once
         for (int d = 0; d < D; d += 8) {
             float kf[8];
             load_bf16x8(kr + d, kf);
@@ -269,7 +269,7 @@ __device__ void attention_cached_impl(const bf16* __restrict__ q, int q_stride, 
 #pragma unroll
     for (int e = 0; e < PER; e++) acc[e] = 0.0f;
     const int warps = blockDim.x >> 5;
-#pragma unroll 4
+#pragma unroll 8
     for (int j = warp; j < keys; j += warps) {
         const float p = scores[j];
         const bf16* vr = vcache + (long long)j * kv_dim + kvh * D + lane * PER;
@@ -314,8 +314,8 @@ extern "C" __global__ void add_bf16(bf16* y, const bf16* a, long long n) {
 ///   mode 1: in = RMSNorm(x) * norm_w  (as rmsnorm.cu: bf16(bf16(x r) w))
 ///   mode 2: in = silu(x) * x2         (as swiglu.cu: gate x, up x2)
 /// Block 0 writes `in` to in_out (bf16) when in_out is not null; block b < rows writes
-/// xa[b] = A[b, :] · in (fp32). grid max(rows, 1), 256 threads, dynamic shared memory cols * 2 bytes.
-extern "C" __global__ void __launch_bounds__(256)
+/// xa[b] = A[b, :] · in (fp32). grid max(rows, 1), 1024 threads, dynamic shared memory cols * 2 bytes.
+extern "C" __global__ void __launch_bounds__(1024)
 lora_a_rows(const bf16* __restrict__ a, const bf16* __restrict__ x, const bf16* __restrict__ x2,
             const bf16* __restrict__ norm_w, bf16* __restrict__ in_out, float* __restrict__ xa, int rows, int cols,
             int mode, float eps) {
@@ -364,4 +364,105 @@ lora_a_rows(const bf16* __restrict__ a, const bf16* __restrict__ x, const bf16* 
     }
     s = block_sum(s, scratch + 32);
     if (tid == 0) xa[blockIdx.x] = s;
+}
+
+/// nf4_gemv with the columns split over the warps of a block (split-K) and x read through the L1 cache instead of
+/// a shared-memory copy: a block of 8 warps computes 4 * (8 / splits) rows, each group of `splits` warps the same 4
+/// rows over 1/splits of the columns; partial sums meet in shared memory. More warps stream each matrix (the
+/// down projection has 4096 rows but 14336 columns), and no block waits for a copy of x before its first load.
+/// Tasks as for nf4_gemv, with first_block counted in blocks of 4 * (8 / splits) rows.
+extern "C" __global__ void __launch_bounds__(256, 4)
+nf4_gemv_splitk(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restrict__ x, int cols,
+                int blocksize_shift, int nested_shift, int splits) {
+    __shared__ float code[256], nf4[16], partial[8][GEMV_ROWS];
+    int ti = 0;
+    while (ti + 1 < ntasks && (int)blockIdx.x >= tasks[ti + 1].first_block) ti++;
+    const Nf4GemvTask task = tasks[ti];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int groups = 8 / splits, group = warp / splits, seg = warp % splits;
+    const int row0 = ((int)blockIdx.x - task.first_block) * (GEMV_ROWS * groups) + group * GEMV_ROWS;
+    const int chunks = cols / 32;
+    const int per_seg = (chunks + splits - 1) / splits;
+    const int c_begin = seg * per_seg, c_end = min(chunks, c_begin + per_seg);
+    const uint4* prow[GEMV_ROWS];
+    long long e0[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        const int row = min(row0 + r, task.rows - 1);
+        e0[r] = (long long)row * cols;
+        prow[r] = reinterpret_cast<const uint4*>(task.packed + e0[r] / 2);
+    }
+    // The first loads go out before the tables are staged.
+    uint4 next[GEMV_ROWS];
+    if (c_begin + lane < c_end) {
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) next[r] = __ldg(prow[r] + c_begin + lane);
+    }
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
+    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_VALUES[threadIdx.x];
+    __syncthreads();
+    const float offset = task.offset;
+    const unsigned char* __restrict__ absmax_q = task.absmax_q;
+    const float* __restrict__ nested = task.nested_absmax;
+    float acc[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.0f;
+    for (int c = c_begin + lane; c < c_end; c += 32) {
+        uint4 w[GEMV_ROWS];
+        float scale[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) w[r] = next[r];
+        if (c + 32 < c_end) {
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) next[r] = __ldg(prow[r] + c + 32);
+        }
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            const long long b = (e0[r] + (long long)c * 32) >> blocksize_shift;
+            scale[r] = code[__ldg(absmax_q + b)] * __ldg(nested + (b >> nested_shift)) + offset;
+        }
+        const uint4* xg = reinterpret_cast<const uint4*>(x + c * 32);
+        float part[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) part[r] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const uint4 xv = __ldg(xg + k);
+            float xf[8];
+            xf[0] = __uint_as_float(xv.x << 16); xf[1] = __uint_as_float(xv.x & 0xffff0000u);
+            xf[2] = __uint_as_float(xv.y << 16); xf[3] = __uint_as_float(xv.y & 0xffff0000u);
+            xf[4] = __uint_as_float(xv.z << 16); xf[5] = __uint_as_float(xv.z & 0xffff0000u);
+            xf[6] = __uint_as_float(xv.w << 16); xf[7] = __uint_as_float(xv.w & 0xffff0000u);
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                const unsigned int word = pick_word(w[r], k);
+                float s = 0.0f;
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    s += nf4[(word >> (8 * q + 4)) & 15u] * xf[2 * q] + nf4[(word >> (8 * q)) & 15u] * xf[2 * q + 1];
+                part[r] += s;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) acc[r] += part[r] * scale[r];
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        float v = acc[r];
+        const int row = row0 + r;
+        if (seg == 0 && task.lora_b != nullptr && lane < task.rank && row < task.rows)
+            v += task.lora_scale * bf16_to_float(task.lora_b[(long long)row * task.rank + lane]) * task.xa[lane];
+        v = warp_sum(v);
+        if (lane == 0) partial[warp][r] = v;
+    }
+    __syncthreads();
+    if (seg == 0 && lane < GEMV_ROWS) {
+        const int row = row0 + lane;
+        if (row < task.rows) {
+            float v = 0.0f;
+            for (int k = 0; k < splits; k++) v += partial[group * splits + k][lane];
+            if (task.residual != nullptr) v += bf16_to_float(task.residual[row]);
+            task.out[row] = float_to_bf16(v);
+        }
+    }
 }

@@ -21,6 +21,15 @@ public struct NF4GemvTask {
     public static let rowsPerBlock = 16
     static let byteCount = 88
 
+    /// Column splits of nf4_gemv_splitk for a row of `cols` values: about 32+ chunks of 32 values per warp.
+    public static func splits(cols: Int) -> Int {
+        let chunks = cols / 32
+        return chunks >= 256 ? 8 : chunks >= 128 ? 4 : chunks >= 64 ? 2 : 1
+    }
+
+    /// Rows per block of nf4_gemv_splitk: 8 warps, `splits` of them per group of 4 rows.
+    public static func splitKRowsPerBlock(_ splits: Int) -> Int { 4 * (8 / splits) }
+
     public init(packed: CUdeviceptr, absmaxCodes: CUdeviceptr, nestedAbsmax: CUdeviceptr, code: CUdeviceptr, offset: Float,
                 rows: Int, out: CUdeviceptr) {
         self.packed = packed
@@ -32,8 +41,9 @@ public struct NF4GemvTask {
         self.out = out
     }
 
-    /// The tasks as the kernel reads them (with each task's first block), and the grid size.
-    public static func encode(_ tasks: [NF4GemvTask]) -> (bytes: [UInt8], blocks: Int) {
+    /// The tasks as the kernel reads them (with each task's first block), and the grid size, for blocks of
+    /// `rowsPerBlock` rows (`rowsPerBlock` for nf4_gemv, `splitKRowsPerBlock(splits)` for nf4_gemv_splitk).
+    public static func encode(_ tasks: [NF4GemvTask], rowsPerBlock: Int = NF4GemvTask.rowsPerBlock) -> (bytes: [UInt8], blocks: Int) {
         var bytes: [UInt8] = []
         bytes.reserveCapacity(tasks.count * byteCount)
         func put<T>(_ v: T) { withUnsafeBytes(of: v) { bytes.append(contentsOf: $0) } }
@@ -114,8 +124,21 @@ extension CUDAContext {
         let f = try compiler.function(KernelSources.decode, "lora_a_rows")
         let shared = cols * 2
         if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
-        try device.launch(f, grid: (max(rows, 1), 1, 1), block: (256, 1, 1), sharedMemory: shared, stream: stream,
+        try device.launch(f, grid: (max(rows, 1), 1, 1), block: (1024, 1, 1), sharedMemory: shared, stream: stream,
                           [.pointer(a), .pointer(x), .pointer(x2), .pointer(normWeight), .pointer(inOut), .pointer(xa), .int(rows),
                            .int(cols), .int(mode), .float(eps)])
+    }
+
+    /// nf4Gemv with the columns split over `splits` (1, 2, 4 or 8) warps of each block and x read through L1;
+    /// `tasks` encoded with `rowsPerBlock: NF4GemvTask.splitKRowsPerBlock(splits)`.
+    public func nf4GemvSplitK(tasks: CUdeviceptr, taskCount: Int, blocks: Int, x: CUdeviceptr, cols: Int, blocksize: Int = 64,
+                              nestedBlocksize: Int = 256, splits: Int, stream: CUDAStream? = nil) throws {
+        try require(cols % 32 == 0 && blocksize >= 32 && blocksize.nonzeroBitCount == 1 && nestedBlocksize.nonzeroBitCount == 1
+                        && taskCount >= 1 && taskCount <= 8 && [1, 2, 4, 8].contains(splits), "nf4GemvSplitK",
+                    "cols \(cols) must be a multiple of 32, blocksizes powers of two, 1...8 tasks, splits 1/2/4/8 (got \(splits))")
+        try device.launch(compiler.function(KernelSources.decode, "nf4_gemv_splitk"), grid: (blocks, 1, 1), block: (256, 1, 1),
+                          stream: stream,
+                          [.pointer(tasks), .int(taskCount), .pointer(x), .int(cols), .int(blocksize.trailingZeroBitCount),
+                           .int(nestedBlocksize.trailingZeroBitCount), .int(splits)])
     }
 }
