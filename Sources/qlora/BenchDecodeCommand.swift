@@ -27,8 +27,8 @@ struct BenchDecodeCommand: ParsableCommand {
     @Flag(help: "Launch the decode kernels one by one instead of replaying a CUDA graph.")
     var noGraph = false
 
-    @Option(help: "The fused NF4 GEMV: splitk (columns split over warps) or rows (4 rows per warp, x in shared memory).")
-    var gemv: String = "splitk"
+    @Option(help: "The fused NF4 GEMV: rows (4 rows per warp, x in shared memory; the faster) or splitk (columns split over warps).")
+    var gemv: String = "rows"
 
     @Flag(help: "Also time each kernel kind (events between plain launches) and print a breakdown on stderr.")
     var profile = false

@@ -117,7 +117,7 @@ public final class CUDAInference {
         case splitK = "splitk"
     }
     /// Which NF4 GEMV decode uses; changing it re-records the graph.
-    public var gemvKernel: GEMVKernel = .splitK {
+    public var gemvKernel: GEMVKernel = .rows {
         didSet { if gemvKernel != oldValue { graph = nil } }
     }
 
