@@ -70,7 +70,8 @@ struct GenerateCommand: ParsableCommand {
             // The GPU holds the base in NF4 (quantized here when the model was loaded dense) and the adapter unmerged.
             let inference = try CUDAInference(context: context, model: loaded.model,
                                               capacity: min(promptIDs.count + maxTokens, loaded.model.config.maxPositionEmbeddings))
-            printError("gpu: base weights in NF4 + double quant, \(inference.weightBytesPerToken / 1_000_000) MB read per token")
+            printError("gpu: base weights in NF4 + double quant, adapter unmerged; "
+                       + String(cFormat: "%.2f MB of weights read per token", Double(inference.weightBytesPerToken) / 1e6))
             result = try Generator.generate(inference: inference, prompt: promptIDs, maxTokens: maxTokens, sampling: sampling,
                                             stopIDs: stopIDs, onToken: onToken)
         }
