@@ -35,6 +35,9 @@ let package = Package(
                 .embedInCode("Backend/CUDA/Kernels/adamw.cu"),
                 .embedInCode("Backend/CUDA/Kernels/attention.cu"),
                 .embedInCode("Backend/CUDA/Kernels/convert.cu"),
+                .embedInCode("Backend/CUDA/Kernels/decode.cu"),
+                .embedInCode("Backend/CUDA/Kernels/random.cu"),
+                .embedInCode("Backend/CUDA/Kernels/adamw8bit.cu"),
             ],
             swiftSettings: fastMath
         ),

@@ -11,7 +11,7 @@
 //   exact ops (embedding lookup, counts): 0.
 // Usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--compile-only sm_XX (NVRTC only, no GPU needed)]
 // Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, lora linear,
-// allocator, benchmarks.
+// decode gemv, inference fixture, inference random, adamw8bit, allocator, benchmarks.
 
 import QLoRA
 #if canImport(Glibc)
@@ -439,6 +439,12 @@ group("lora linear") {
                                outFeatures: outF, dyB: dyB, dx: dx, dA: dA, dB: dB, accumulateGradients: true)
     check("lora linear backward accumulates dA", relativeError(try dA.download(), ref.dA.map { 2 * $0 }), 1e-2)
 }
+
+// Generation and the GPU optimizers (InferenceChecks.swift).
+group("decode gemv") { try checkDecodeGemv() }
+group("inference fixture") { try checkInferenceFixture() }
+group("inference random") { try checkInferenceRandom() }
+group("adamw8bit") { try checkAdamW8bit() }
 
 group("allocator") {
     let before = A.driverAllocations

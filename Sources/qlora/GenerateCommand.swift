@@ -36,7 +36,11 @@ struct GenerateCommand: ParsableCommand {
     @Option(help: "Random seed for sampling.")
     var seed: UInt64 = 0
 
+    @Option(help: "Where to run: auto (the GPU when one is usable, else the CPU), cpu or cuda.")
+    var device: String = "auto"
+
     func run() throws {
+        let compute = try ComputeDevice.choose(device)
         let loaded = try modelOptions.load()
         guard let tokenizer = loaded.tokenizer else { throw ValidationError("\(loaded.directory) has no tokenizer.json") }
         var promptIDs: [Int]
@@ -51,13 +55,25 @@ struct GenerateCommand: ParsableCommand {
             promptIDs = tokenizer.encode(prompt, addSpecialTokens: true)
         }
         var decoder = StreamingDecoder(tokenizer: tokenizer, skipSpecialTokens: true)
-        let result = try Generator.generate(
-            model: loaded.model, prompt: promptIDs, maxTokens: maxTokens,
-            sampling: SamplingOptions(temperature: temperature, topK: topK, topP: topP, seed: seed),
-            stopIDs: Generator.stopIDs(config: loaded.model.config, tokenizer: tokenizer)
-        ) { id in
+        let sampling = SamplingOptions(temperature: temperature, topK: topK, topP: topP, seed: seed)
+        let stopIDs = Generator.stopIDs(config: loaded.model.config, tokenizer: tokenizer)
+        let onToken = { (id: Int) in
             print(decoder.append(id), terminator: "")
             fflush(stdout)
+        }
+        let result: GenerationResult
+        switch compute {
+        case .cpu:
+            result = try Generator.generate(model: loaded.model, prompt: promptIDs, maxTokens: maxTokens, sampling: sampling,
+                                            stopIDs: stopIDs, onToken: onToken)
+        case .cuda(let context):
+            // The GPU holds the base in NF4 (quantized here when the model was loaded dense) and the adapter unmerged.
+            let inference = try CUDAInference(context: context, model: loaded.model,
+                                              capacity: min(promptIDs.count + maxTokens, loaded.model.config.maxPositionEmbeddings))
+            printError("gpu: base weights in NF4 + double quant, adapter unmerged; "
+                       + String(cFormat: "%.2f MB of weights read per token", Double(inference.weightBytesPerToken) / 1e6))
+            result = try Generator.generate(inference: inference, prompt: promptIDs, maxTokens: maxTokens, sampling: sampling,
+                                            stopIDs: stopIDs, onToken: onToken)
         }
         print(decoder.finish())
         let speeds = String(cFormat: "%d prompt tokens at %.1f tok/s, %d generated at %.1f tok/s", promptIDs.count, result.promptTokensPerSecond,

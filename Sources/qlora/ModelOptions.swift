@@ -24,6 +24,41 @@ struct ModelOptions: ParsableArguments {
     }
 }
 
+/// Where a command computes.
+enum ComputeDevice {
+    case cpu
+    case cuda(CUDAContext)
+
+    /// Resolves `--device auto|cpu|cuda` and says on standard error which device was chosen. `auto` takes the GPU when
+    /// the driver loads, a GPU is present and the kernels' compiler (NVRTC) is found; otherwise the CPU, saying why.
+    static func choose(_ name: String) throws -> ComputeDevice {
+        switch name.lowercased() {
+        case "cpu":
+            printError("device: cpu")
+            return .cpu
+        case "cuda", "gpu":
+            let context = try CUDAContext()
+            printError("device: cuda (\(context.device.name))")
+            return .cuda(context)
+        case "auto":
+            do {
+                guard try CUDADriver.shared().deviceCount() > 0 else {
+                    printError("device: cpu (auto: the CUDA driver reports no GPU)")
+                    return .cpu
+                }
+                let context = try CUDAContext()
+                printError("device: cuda (auto: \(context.device.name))")
+                return .cuda(context)
+            } catch {
+                printError("device: cpu (auto: \(error))")
+                return .cpu
+            }
+        default:
+            throw ValidationError("unknown device '\(name)' (choose from auto, cpu, cuda)")
+        }
+    }
+}
+
 /// Writes a line to standard error (progress and diagnostics; results go to standard output).
 func printError(_ line: String) {
     var stream = StandardError()

@@ -20,6 +20,7 @@ struct QLoRACommand: AsyncParsableCommand {
             BenchCommand.self,
             QuantizeBenchmarkCommand.self,
             GemmBenchmarkCommand.self,
+            BenchDecodeCommand.self,
         ]
     )
 }

@@ -17,7 +17,11 @@ public enum KernelSources {
     public static let adamw = KernelSource(name: "adamw.cu", bytes: PackageResources.adamw_cu)
     public static let attention = KernelSource(name: "attention.cu", bytes: PackageResources.attention_cu)
     public static let convert = KernelSource(name: "convert.cu", bytes: PackageResources.convert_cu)
+    public static let decode = KernelSource(name: "decode.cu", bytes: PackageResources.decode_cu)
+    public static let random = KernelSource(name: "random.cu", bytes: PackageResources.random_cu)
+    public static let adamw8bit = KernelSource(name: "adamw8bit.cu", bytes: PackageResources.adamw8bit_cu)
 
     /// All kernel files, for checks that compile everything up front.
-    public static let all: [KernelSource] = [nf4, rmsnorm, rope, swiglu, embedding, crossEntropy, adamw, attention, convert]
+    public static let all: [KernelSource] = [nf4, rmsnorm, rope, swiglu, embedding, crossEntropy, adamw, attention, convert,
+                                          decode, random, adamw8bit]
 }

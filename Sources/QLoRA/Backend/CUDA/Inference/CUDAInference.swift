@@ -1,0 +1,570 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// Generation on the GPU with a KV cache: the CPU model's forward (Model/LlamaModel.swift `forward(tokens:cache:lastOnly:)`)
+// with the base linear weights in NF4 + double quantization (bitsandbytes' layout), an unmerged LoRA adapter,
+// bf16 activations and a bf16 KV cache.
+//
+// Prefill (several tokens): each NF4 weight is dequantized into a bf16 scratch matrix and multiplied with cuBLASLt
+// (fp32 accumulation); LoRA as two more GEMMs; attention by the flash kernel (attention.cu) when the cache was
+// empty, else by attention_cached.
+// Decode (one token): per layer 13 kernels, the projections by nf4_gemv, which reads the 4-bit weights directly
+// (q|k|v in one launch, gate|up in one, the residual added by o and down), the LoRA A projections of a group stacked
+// into one bf16 GEMV. The whole step is recorded once as a CUDA graph and replayed; the position and token live in
+// device memory.
+// The output head stays bf16 (as bitsandbytes leaves lm_head), read by bf16_gemv into fp32 logits.
+
+/// The base weight of one linear layer on the device: NF4 codes with double-quantized absmax.
+public struct DeviceNF4Matrix {
+    public let rows: Int
+    public let columns: Int
+    public let blocksize: Int
+    public let nestedBlocksize: Int
+    public let offset: Float
+    public let packed: DeviceBuffer<UInt8>
+    public let absmaxCodes: DeviceBuffer<UInt8>
+    public let nestedAbsmax: DeviceBuffer<Float>
+    public let code: DeviceBuffer<Float>
+
+    /// Bytes a GEMV reads: packed codes, absmax codes and nested absmax.
+    public var bytesRead: Int { packed.byteCount + absmaxCodes.byteCount + nestedAbsmax.byteCount }
+
+    /// Uploads a bitsandbytes NF4 weight with double quantization, [rows, columns].
+    public init(_ q: QuantizedWeight, allocator: DeviceAllocator) throws {
+        guard q.quantType == .nf4, q.shape.count == 2, case .doubleQuantized(let d) = q.scales else {
+            throw UsageError("the GPU decode path needs NF4 weights with double quantization (got \(q.quantType), shape \(q.shape))")
+        }
+        rows = q.shape[0]
+        columns = q.shape[1]
+        blocksize = q.blocksize
+        nestedBlocksize = d.blocksize
+        offset = d.offset
+        packed = try allocator.buffer(copying: q.packed)
+        absmaxCodes = try allocator.buffer(copying: d.codes)
+        nestedAbsmax = try allocator.buffer(copying: d.nestedAbsmax)
+        code = try allocator.buffer(copying: d.code)
+    }
+
+    /// Random codes and scales made on the device (benchmarks): absmax about 0.02 · |code|.
+    public init(randomRows rows: Int, columns: Int, context: CUDAContext, code: DeviceBuffer<Float>, seed: UInt64) throws {
+        self.rows = rows
+        self.columns = columns
+        blocksize = 64
+        nestedBlocksize = 256
+        offset = 0.02
+        let n = rows * columns, blocks = (n + 63) / 64
+        packed = try context.allocator.buffer(UInt8.self, count: (n + 1) / 2)
+        absmaxCodes = try context.allocator.buffer(UInt8.self, count: blocks)
+        nestedAbsmax = try context.allocator.buffer(Float.self, count: (blocks + 255) / 256)
+        self.code = code
+        try context.randomBytes(packed.pointer, count: packed.count, seed: seed)
+        try context.randomBytes(absmaxCodes.pointer, count: blocks, seed: seed &+ 1)
+        try context.randomFloat(nestedAbsmax.pointer, count: nestedAbsmax.count, lo: 0.005, hi: 0.01, seed: seed &+ 2)
+    }
+
+    var scales: NF4Scales {
+        .doubleQuant(quantized: absmaxCodes, code: code, nestedAbsmax: nestedAbsmax, offset: offset, nestedBlocksize: nestedBlocksize)
+    }
+}
+
+/// A group of projections that read the same input (q|k|v, o, gate|up, down), with their LoRA A rows stacked.
+struct ProjectionGroup {
+    var matrices: [DeviceNF4Matrix]
+    /// Stacked LoRA A of the matrices that have one, [Σ r, in] bf16; nil when none has an adapter.
+    var loraA: DeviceBuffer<UInt16>?
+    /// Per matrix: (row offset into loraA, rank, B [out, r] bf16, scale), or nil.
+    var lora: [(offset: Int, rank: Int, b: DeviceBuffer<UInt16>, scale: Float)?]
+    /// The decode tasks (device copy) and the grid size, made once the output addresses are known.
+    var tasks: DeviceBuffer<UInt8>?
+    var blocks = 0
+    /// The same for nf4_gemv_splitk.
+    var splitKTasks: DeviceBuffer<UInt8>?
+    var splitKBlocks = 0
+    var splits = 1
+
+    var totalRank: Int { lora.reduce(0) { $0 + ($1?.rank ?? 0) } }
+    var columns: Int { matrices[0].columns }
+}
+
+struct DeviceLayer {
+    var inputNorm: DeviceBuffer<UInt16>
+    var postNorm: DeviceBuffer<UInt16>
+    var qkv: ProjectionGroup
+    var o: ProjectionGroup
+    var gateUp: ProjectionGroup
+    var down: ProjectionGroup
+    var keys: DeviceBuffer<UInt16>    // [capacity, kvDim]
+    var values: DeviceBuffer<UInt16>
+}
+
+/// A Llama model held on the GPU for generation, with its own KV cache.
+public final class CUDAInference {
+    public let context: CUDAContext
+    public let config: LlamaConfig
+    /// Positions the KV cache holds.
+    public let capacity: Int
+    /// Tokens in the KV cache.
+    public private(set) var length = 0
+    /// Replay the decode step as a CUDA graph (on by default; off to time plain launches).
+    public var useGraph = true
+
+    /// The fused NF4 GEMV of the decode step.
+    public enum GEMVKernel: String, CaseIterable {
+        /// nf4_gemv: 4 rows per warp, x copied to shared memory.
+        case rows
+        /// nf4_gemv_splitk: columns split over the warps of a block, x through L1.
+        case splitK = "splitk"
+    }
+    /// Which NF4 GEMV decode uses; changing it re-records the graph.
+    public var gemvKernel: GEMVKernel = .rows {
+        didSet { if gemvKernel != oldValue { graph = nil } }
+    }
+
+    var layers: [DeviceLayer]
+    let embedding: DeviceBuffer<UInt16>   // [vocab, H]
+    let finalNorm: DeviceBuffer<UInt16>
+    let head: DeviceBuffer<UInt16>        // [vocab, H]; the embedding itself when tied
+    let inverseFrequencies: DeviceBuffer<Float>
+
+    // Decode buffers (fixed addresses, so a graph can replay them).
+    let stepState: DeviceBuffer<Int32>    // [position, token]
+    let x: DeviceBuffer<UInt16>
+    let normed: DeviceBuffer<UInt16>
+    let qkvRow: DeviceBuffer<UInt16>
+    let attended: DeviceBuffer<UInt16>
+    let gateUpRow: DeviceBuffer<UInt16>
+    let hidden: DeviceBuffer<UInt16>
+    let xa: DeviceBuffer<Float>
+    let logits: DeviceBuffer<Float>
+    private var graph: CUDAGraph?
+
+    // MARK: Building
+
+    /// Uploads `model` with each linear layer's base weight as NF4 + double quant: `quantized[name]` when given
+    /// (e.g. from `quantizeBase`), else quantized here. LoRA adapters set on the model's layers come along unmerged.
+    public convenience init(context: CUDAContext, model: LlamaModel, capacity: Int,
+                            quantized: [String: QuantizedWeight] = [:]) throws {
+        let c = model.config
+        let A = context.allocator
+        func bf16(_ values: [Float]) throws -> DeviceBuffer<UInt16> { try A.buffer(copying: values.map(floatToBF16)) }
+        func bf16(_ m: Matrix) throws -> DeviceBuffer<UInt16> {
+            let b = try A.buffer(UInt16.self, count: m.count)
+            try b.upload((0..<m.count).map { floatToBF16(m.pointer[$0]) })
+            return b
+        }
+        func group(_ linears: [Linear]) throws -> ProjectionGroup {
+            var matrices: [DeviceNF4Matrix] = []
+            var loras: [(offset: Int, rank: Int, b: DeviceBuffer<UInt16>, scale: Float)?] = []
+            var stacked: [Float] = []
+            var offset = 0
+            for l in linears {
+                guard l.bias == nil else { throw UsageError("\(l.name): linear biases are not supported on the GPU yet") }
+                let q = try quantized[l.name] ?? CUDAInference.quantize(l)
+                matrices.append(try DeviceNF4Matrix(q, allocator: A))
+                if let lora = l.lora {
+                    stacked += lora.a.values
+                    loras.append((offset, lora.rank, try bf16(lora.b), lora.scale))
+                    offset += lora.rank
+                } else {
+                    loras.append(nil)
+                }
+            }
+            return ProjectionGroup(matrices: matrices, loraA: stacked.isEmpty ? nil : try bf16(stacked), lora: loras)
+        }
+        var layers: [DeviceLayer] = []
+        for block in model.blocks {
+            layers.append(DeviceLayer(
+                inputNorm: try bf16(block.inputNorm), postNorm: try bf16(block.postAttentionNorm),
+                qkv: try group([block.q, block.k, block.v]), o: try group([block.o]),
+                gateUp: try group([block.gate, block.up]), down: try group([block.down]),
+                keys: try A.buffer(UInt16.self, count: capacity * c.kvDim), values: try A.buffer(UInt16.self, count: capacity * c.kvDim)))
+        }
+        let embedding = try bf16(model.embedding)
+        let head = model.head === model.embedding ? embedding : try bf16(model.head)
+        try self.init(context: context, config: c, capacity: capacity, layers: layers, embedding: embedding,
+                      finalNorm: try bf16(model.finalNorm), head: head)
+    }
+
+    /// A model of `config`'s shape with random NF4 weights made on the GPU and a random LoRA adapter of rank
+    /// `loraRank` (0: none) on all seven projections, for benchmarks.
+    public convenience init(context: CUDAContext, randomConfig c: LlamaConfig, loraRank: Int, capacity: Int, seed: UInt64 = 1) throws {
+        let A = context.allocator
+        var s = seed
+        func next() -> UInt64 { s &+= 0x9E37_79B9; return s }
+        func randomBF16(_ count: Int, _ lo: Float, _ hi: Float) throws -> DeviceBuffer<UInt16> {
+            let b = try A.buffer(UInt16.self, count: count)
+            try context.randomBF16(b.pointer, count: count, lo: lo, hi: hi, seed: next())
+            return b
+        }
+        let code = try A.buffer(copying: DynamicQuantizationMap.signed.values)
+        func group(_ shapes: [(Int, Int)]) throws -> ProjectionGroup {
+            let matrices = try shapes.map { try DeviceNF4Matrix(randomRows: $0.0, columns: $0.1, context: context, code: code, seed: next()) }
+            guard loraRank > 0 else { return ProjectionGroup(matrices: matrices, loraA: nil, lora: shapes.map { _ in nil }) }
+            let a = try randomBF16(loraRank * shapes.count * shapes[0].1, -0.01, 0.01)
+            let lora = try shapes.enumerated().map { (i, shape) in
+                (offset: i * loraRank, rank: loraRank, b: try randomBF16(shape.0 * loraRank, -0.01, 0.01), scale: Float(2))
+            }
+            return ProjectionGroup(matrices: matrices, loraA: a, lora: lora)
+        }
+        let h = c.hiddenSize, i = c.intermediateSize
+        var layers: [DeviceLayer] = []
+        for _ in 0..<c.layerCount {
+            layers.append(DeviceLayer(
+                inputNorm: try randomBF16(h, 0.9, 1.1), postNorm: try randomBF16(h, 0.9, 1.1),
+                qkv: try group([(c.qDim, h), (c.kvDim, h), (c.kvDim, h)]), o: try group([(h, c.qDim)]),
+                gateUp: try group([(i, h), (i, h)]), down: try group([(h, i)]),
+                keys: try A.buffer(UInt16.self, count: capacity * c.kvDim), values: try A.buffer(UInt16.self, count: capacity * c.kvDim)))
+        }
+        let embedding = try randomBF16(c.vocabularySize * h, -0.05, 0.05)
+        let head = c.tieWordEmbeddings ? embedding : try randomBF16(c.vocabularySize * h, -0.05, 0.05)
+        try self.init(context: context, config: c, capacity: capacity, layers: layers, embedding: embedding,
+                      finalNorm: try randomBF16(h, 0.9, 1.1), head: head)
+    }
+
+    private init(context: CUDAContext, config c: LlamaConfig, capacity: Int, layers: [DeviceLayer], embedding: DeviceBuffer<UInt16>,
+                 finalNorm: DeviceBuffer<UInt16>, head: DeviceBuffer<UInt16>) throws {
+        guard c.hiddenSize % 32 == 0, c.qDim % 32 == 0, c.intermediateSize % 32 == 0, [32, 64, 128].contains(c.headDim) else {
+            throw UsageError("the GPU decode path needs hidden, q and intermediate sizes that are multiples of 32 and a head dimension of 32, 64 or 128 (hidden \(c.hiddenSize), intermediate \(c.intermediateSize), head dim \(c.headDim))")
+        }
+        guard capacity > 0, capacity <= c.maxPositionEmbeddings else {
+            throw UsageError("a KV cache of \(capacity) positions does not fit the model's \(c.maxPositionEmbeddings)")
+        }
+        self.context = context
+        self.config = c
+        self.capacity = capacity
+        self.layers = layers
+        self.embedding = embedding
+        self.finalNorm = finalNorm
+        self.head = head
+        let A = context.allocator
+        inverseFrequencies = try A.buffer(copying: c.ropeInverseFrequencies().map { Float($0) })
+        stepState = try A.buffer(copying: [Int32(0), Int32(0)])
+        x = try A.buffer(UInt16.self, count: c.hiddenSize)
+        normed = try A.buffer(UInt16.self, count: max(c.hiddenSize, 8))
+        qkvRow = try A.buffer(UInt16.self, count: c.qDim + 2 * c.kvDim)
+        attended = try A.buffer(UInt16.self, count: c.qDim)
+        gateUpRow = try A.buffer(UInt16.self, count: 2 * c.intermediateSize)
+        hidden = try A.buffer(UInt16.self, count: c.intermediateSize)
+        let maxRank = layers.flatMap { [$0.qkv, $0.o, $0.gateUp, $0.down] }.map(\.totalRank).max() ?? 0
+        xa = try A.buffer(Float.self, count: max(maxRank, 1))
+        logits = try A.buffer(Float.self, count: c.vocabularySize)
+        // Decode tasks: outputs at fixed addresses.
+        let q = c.qDim, kv = c.kvDim, inter = c.intermediateSize
+        for l in self.layers.indices {
+            try makeTasks(&self.layers[l].qkv, outputs: [qkvRow.pointer, qkvRow.address(at: q), qkvRow.address(at: q + kv)], residual: 0)
+            try makeTasks(&self.layers[l].o, outputs: [x.pointer], residual: x.pointer)
+            try makeTasks(&self.layers[l].gateUp, outputs: [gateUpRow.pointer, gateUpRow.address(at: inter)], residual: 0)
+            try makeTasks(&self.layers[l].down, outputs: [x.pointer], residual: x.pointer)
+        }
+        // Compile the kernels now (nothing may compile while a graph is recorded).
+        for source in [KernelSources.decode, KernelSources.rmsnorm, KernelSources.embedding, KernelSources.swiglu,
+                       KernelSources.nf4, KernelSources.rope, KernelSources.attention] {
+            _ = try context.compiler.module(source)
+        }
+    }
+
+    private func makeTasks(_ g: inout ProjectionGroup, outputs: [CUdeviceptr], residual: CUdeviceptr) throws {
+        var tasks: [NF4GemvTask] = []
+        for (m, (matrix, out)) in zip(g.matrices, outputs).enumerated() {
+            var t = NF4GemvTask(packed: matrix.packed.pointer, absmaxCodes: matrix.absmaxCodes.pointer,
+                                nestedAbsmax: matrix.nestedAbsmax.pointer, code: matrix.code.pointer, offset: matrix.offset,
+                                rows: matrix.rows, out: out)
+            t.residual = residual
+            if let lora = g.lora[m] {
+                guard lora.rank <= 32 else { throw UsageError("LoRA rank \(lora.rank) above 32 is not supported by the GPU decode path yet") }
+                t.loraB = lora.b.pointer
+                t.xa = xa.address(at: lora.offset)
+                t.loraScale = lora.scale
+                t.rank = lora.rank
+            }
+            tasks.append(t)
+        }
+        let (bytes, blocks) = NF4GemvTask.encode(tasks)
+        g.tasks = try context.allocator.buffer(copying: bytes)
+        g.blocks = blocks
+        g.splits = NF4GemvTask.splits(cols: g.columns)
+        let (splitBytes, splitBlocks) = NF4GemvTask.encode(tasks, rowsPerBlock: NF4GemvTask.splitKRowsPerBlock(g.splits))
+        g.splitKTasks = try context.allocator.buffer(copying: splitBytes)
+        g.splitKBlocks = splitBlocks
+    }
+
+    /// Quantizes a linear layer's weight as bitsandbytes would (NF4, blocksize 64, double quant).
+    static func quantize(_ l: Linear) throws -> QuantizedWeight {
+        try QuantizedWeight.quantize(UnsafeBufferPointer(l.weight.storage), shape: [l.outFeatures, l.inFeatures], type: .nf4,
+                                     blocksize: 64, doubleQuant: true, dtype: .f32)
+    }
+
+    /// Quantizes every linear layer's base weight of `model` to NF4 + double quant. With `replacingCPUWeights`
+    /// the CPU model's weights become the dequantized values, so CPU and GPU compute with the same weights.
+    public static func quantizeBase(_ model: LlamaModel, replacingCPUWeights: Bool) throws -> [String: QuantizedWeight] {
+        var result: [String: QuantizedWeight] = [:]
+        for l in model.linearLayers {
+            let q = try quantize(l)
+            if replacingCPUWeights {
+                let values = q.dequantize()
+                for i in values.indices { l.weight.pointer[i] = values[i] }
+            }
+            result[l.name] = q
+        }
+        return result
+    }
+
+    // MARK: Sizes
+
+    /// Bytes of 4-bit weights (packed codes and their scales) read per decoded token.
+    public var nf4BytesPerToken: Int {
+        layers.reduce(0) { $0 + [$1.qkv, $1.o, $1.gateUp, $1.down].reduce(0) { $0 + $1.matrices.reduce(0) { $0 + $1.bytesRead } } }
+    }
+
+    /// All weight bytes read per decoded token: the 4-bit weights, the LoRA matrices, the norms, the bf16 head and
+    /// one embedding row.
+    public var weightBytesPerToken: Int {
+        var bytes = nf4BytesPerToken + head.byteCount + finalNorm.byteCount + config.hiddenSize * 2
+        for l in layers {
+            bytes += l.inputNorm.byteCount + l.postNorm.byteCount
+            for g in [l.qkv, l.o, l.gateUp, l.down] {
+                bytes += g.loraA?.byteCount ?? 0
+                bytes += g.lora.reduce(0) { $0 + ($1?.b.byteCount ?? 0) }
+            }
+        }
+        return bytes
+    }
+
+    // MARK: Forward
+
+    /// Empties the KV cache.
+    public func reset() { length = 0 }
+
+    /// Runs `tokens` after what the cache holds and returns their logits, [T, vocab] (the last row only when
+    /// `lastOnly`), as `LlamaModel.forward(tokens:cache:lastOnly:)` does.
+    public func forward(tokens: [Int], lastOnly: Bool = false) throws -> [Float] {
+        let c = config
+        guard !tokens.isEmpty else { return [] }
+        guard length + tokens.count <= capacity else {
+            throw UsageError("the sequence needs \(length + tokens.count) positions but the KV cache holds \(capacity)")
+        }
+        for id in tokens where id < 0 || id >= c.vocabularySize {
+            throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))")
+        }
+        if tokens.count == 1 { return try decode(token: tokens[0]) }
+        return try prefill(tokens: tokens, lastOnly: lastOnly)
+    }
+
+    /// One token through the fused decode kernels; returns its logits.
+    func decode(token: Int) throws -> [Float] {
+        let dev = context.device
+        try stepState.upload([Int32(length), Int32(token)])
+        if useGraph {
+            if graph == nil {
+                do {
+                    graph = try CUDAGraph(device: dev, stream: dev.stream) { try decodeLaunches() }
+                } catch {
+                    useGraph = false
+                    fputs("warning: CUDA graph capture failed (\(error)); decoding with plain launches\n", stderr)
+                }
+            }
+        }
+        if useGraph, let graph {
+            try graph.launch(on: dev.stream)
+        } else {
+            try decodeLaunches()
+        }
+        length += 1
+        return try logits.download()
+    }
+
+    /// The kernels of one decode step (position and token read from `stepState`). `mark` is called after each
+    /// launch with its name (profiling).
+    func decodeLaunches(mark: (String) throws -> Void = { _ in }) throws {
+        let c = config, ctx = context, dev = context.device
+        let h = c.hiddenSize
+        /// The group's LoRA A rows with the op making its input (see lora_a_rows), writing that input to `inOut`.
+        func loraA(_ g: ProjectionGroup, mode: Int, x: CUdeviceptr, x2: CUdeviceptr = 0, norm: CUdeviceptr = 0, inOut: CUdeviceptr) throws {
+            try ctx.loraARows(a: g.loraA?.pointer ?? 0, x: x, x2: x2, normWeight: norm, inOut: inOut, xa: xa.pointer,
+                              rows: g.loraA == nil ? 0 : g.totalRank, cols: g.columns, mode: mode, eps: c.rmsNormEps)
+            try mark(mode == 1 ? "rmsnorm + lora A" : mode == 2 ? "swiglu + lora A" : "lora A")
+        }
+        func gemv(_ g: ProjectionGroup, input: CUdeviceptr, _ name: String) throws {
+            switch gemvKernel {
+            case .rows:
+                try ctx.nf4Gemv(tasks: g.tasks!.pointer, taskCount: g.matrices.count, blocks: g.blocks, x: input, cols: g.columns,
+                                blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
+            case .splitK:
+                try ctx.nf4GemvSplitK(tasks: g.splitKTasks!.pointer, taskCount: g.matrices.count, blocks: g.splitKBlocks, x: input,
+                                      cols: g.columns, blocksize: g.matrices[0].blocksize,
+                                      nestedBlocksize: g.matrices[0].nestedBlocksize, splits: g.splits)
+            }
+            try mark(name)
+        }
+        try dev.launch(ctx.compiler.function(KernelSources.embedding, "embedding_forward"), grid: (1, 1, 1), block: (128, 1, 1),
+                       [.pointer(stepState.address(at: 1)), embedding.arg, x.arg, .int(c.vocabularySize), .int(h), .pointer(0)])
+        try mark("embedding")
+        let inter = c.intermediateSize
+        for layer in layers {
+            try loraA(layer.qkv, mode: 1, x: x.pointer, norm: layer.inputNorm.pointer, inOut: normed.pointer)
+            try gemv(layer.qkv, input: normed.pointer, "nf4 gemv q|k|v")
+            try ctx.ropeAppend(qkv: qkvRow.pointer, kcache: layer.keys.pointer, vcache: layer.values.pointer, position: stepState.pointer,
+                               inverseFrequencies: inverseFrequencies.pointer, heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim)
+            try mark("rope + cache append")
+            try ctx.attentionCached(q: qkvRow.pointer, qStride: c.qDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
+                                    out: attended.pointer, startPointer: stepState.pointer, start: 0, tokens: 1, heads: c.headCount,
+                                    kvHeads: c.kvHeadCount, headDim: c.headDim, maxKeys: capacity)
+            try mark("attention")
+            if layer.o.loraA != nil { try loraA(layer.o, mode: 0, x: attended.pointer, inOut: 0) }
+            try gemv(layer.o, input: attended.pointer, "nf4 gemv o (+ residual)")
+            try loraA(layer.gateUp, mode: 1, x: x.pointer, norm: layer.postNorm.pointer, inOut: normed.pointer)
+            try gemv(layer.gateUp, input: normed.pointer, "nf4 gemv gate|up")
+            try loraA(layer.down, mode: 2, x: gateUpRow.pointer, x2: gateUpRow.address(at: inter), inOut: hidden.pointer)
+            try gemv(layer.down, input: hidden.pointer, "nf4 gemv down (+ residual)")
+        }
+        try dev.launch(ctx.compiler.function(KernelSources.rmsnorm, "rmsnorm_forward"), grid: (1, 1, 1),
+                       block: (CUDAContext.rowThreads(h), 1, 1), [x.arg, finalNorm.arg, normed.arg, .int(h), .float(c.rmsNormEps)])
+        try mark("final rmsnorm")
+        try ctx.bf16Gemv(weight: head.pointer, x: normed.pointer, out: logits.pointer, rows: c.vocabularySize, cols: h)
+        try mark("head gemv (bf16)")
+    }
+
+    /// GPU milliseconds per decoded token by kernel kind, over `tokens` steps launched one by one with an event after
+    /// each kernel (the steps continue the current sequence; the totals include the gaps between launches).
+    public func profileDecode(tokens: Int, token: Int = 1) throws -> [(name: String, milliseconds: Double, launches: Int)] {
+        let dev = context.device
+        var totals: [String: (Double, Int)] = [:]
+        var order: [String] = []
+        for _ in 0..<tokens {
+            guard length < capacity else { break }
+            try stepState.upload([Int32(length), Int32(token)])
+            var events: [(String, CUDAEvent)] = []
+            let first = try CUDAEvent(device: dev)
+            try first.record(on: dev.stream)
+            try decodeLaunches { name in
+                let e = try CUDAEvent(device: dev)
+                try e.record(on: dev.stream)
+                events.append((name, e))
+            }
+            try dev.stream.synchronize()
+            var previous = first
+            for (name, e) in events {
+                let ms = try e.milliseconds(since: previous)
+                if totals[name] == nil { order.append(name) }
+                let t = totals[name] ?? (0, 0)
+                totals[name] = (t.0 + ms, t.1 + 1)
+                previous = e
+            }
+            length += 1
+        }
+        let n = Double(max(tokens, 1))
+        return order.map { ($0, totals[$0]!.0 / n, Int(Double(totals[$0]!.1) / n)) }
+    }
+
+    /// Several tokens with GEMMs.
+    func prefill(tokens: [Int], lastOnly: Bool) throws -> [Float] {
+        let c = config, ctx = context, dev = context.device, A = context.allocator
+        let t = tokens.count, start = length, h = c.hiddenSize
+        let blas = try ctx.blas()
+        let ids = try A.buffer(copying: tokens.map { Int32($0) })
+        let positions = try A.buffer(copying: (0..<t).map { Int32(start + $0) })
+        let xs = try A.buffer(UInt16.self, count: t * h)
+        let normedRows = try A.buffer(UInt16.self, count: t * h)
+        let q = try A.buffer(UInt16.self, count: t * c.qDim)
+        let att = try A.buffer(UInt16.self, count: t * c.qDim)
+        let gate = try A.buffer(UInt16.self, count: t * c.intermediateSize)
+        let up = try A.buffer(UInt16.self, count: t * c.intermediateSize)
+        let maxWeight = layers.flatMap { [$0.qkv, $0.o, $0.gateUp, $0.down] }.flatMap(\.matrices).map { $0.rows * $0.columns }.max() ?? 1
+        let w = try A.buffer(UInt16.self, count: maxWeight)
+        let xaRows = try A.buffer(UInt16.self, count: t * 64)
+        let lse = try A.buffer(Float.self, count: t * c.headCount)
+
+        /// out (= or += when accumulate) input · Wᵀ + s (input · Aᵀ) · Bᵀ for matrix m of group g.
+        func linear(_ g: ProjectionGroup, _ m: Int, input: CUdeviceptr, out: CUdeviceptr, accumulate: Bool) throws {
+            let matrix = g.matrices[m]
+            try ctx.nf4Dequantize(packed: matrix.packed, scales: matrix.scales, blocksize: matrix.blocksize,
+                                  count: matrix.rows * matrix.columns, into: w)
+            try blas.gemm(m: t, n: matrix.rows, k: matrix.columns, a: input, b: w.pointer, transB: true, c: out, beta: accumulate ? 1 : 0)
+            if let lora = g.lora[m], let a = g.loraA {
+                let aRows = a.address(at: lora.offset * matrix.columns)
+                let xaBuffer = lora.rank <= 64 ? xaRows : try A.buffer(UInt16.self, count: t * lora.rank)
+                try blas.gemm(m: t, n: lora.rank, k: matrix.columns, a: input, b: aRows, transB: true, c: xaBuffer.pointer)
+                try blas.gemm(m: t, n: matrix.rows, k: lora.rank, a: xaBuffer.pointer, b: lora.b.pointer, transB: true, c: out,
+                              alpha: lora.scale, beta: 1)
+            }
+        }
+        func rmsnorm(_ input: DeviceBuffer<UInt16>, _ weight: DeviceBuffer<UInt16>, rows: Int, into out: DeviceBuffer<UInt16>) throws {
+            try ctx.rmsNormForward(x: input, weight: weight, into: out, rows: rows, dim: h, eps: c.rmsNormEps)
+        }
+
+        try ctx.embeddingForward(ids: ids, table: embedding, into: xs, tokens: t, vocab: c.vocabularySize, dim: h)
+        let ropeFunction = try ctx.compiler.function(KernelSources.rope, "rope_apply")
+        func rope(_ pointer: CUdeviceptr, heads: Int) throws {
+            try dev.launch(ropeFunction, grid: (ctx.gridSize(items: t * c.headDim / 2), 1, 1), block: (256, 1, 1),
+                           [.pointer(pointer), positions.arg, inverseFrequencies.arg, .int(t), .int(heads), .int(c.headDim), .float(1)])
+        }
+        for layer in layers {
+            let kRows = layer.keys.address(at: start * c.kvDim), vRows = layer.values.address(at: start * c.kvDim)
+            try rmsnorm(xs, layer.inputNorm, rows: t, into: normedRows)
+            try linear(layer.qkv, 0, input: normedRows.pointer, out: q.pointer, accumulate: false)
+            try linear(layer.qkv, 1, input: normedRows.pointer, out: kRows, accumulate: false)
+            try linear(layer.qkv, 2, input: normedRows.pointer, out: vRows, accumulate: false)
+            try rope(q.pointer, heads: c.headCount)
+            try rope(kRows, heads: c.kvHeadCount)
+            if start == 0 && (c.headDim == 64 || c.headDim == 128) {
+                try dev.launch(ctx.compiler.function(KernelSources.attention, "attention_forward_d\(c.headDim)"),
+                               grid: ((t + 63) / 64, c.headCount, 1), block: (256, 1, 1),
+                               [q.arg, .pointer(layer.keys.pointer), .pointer(layer.values.pointer), att.arg, lse.arg, .pointer(0),
+                                .int(t), .int(c.headCount), .int(c.kvHeadCount), .float(1 / Float(c.headDim).squareRoot())])
+            } else {
+                try ctx.attentionCached(q: q.pointer, qStride: c.qDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
+                                        out: att.pointer, startPointer: 0, start: start, tokens: t, heads: c.headCount,
+                                        kvHeads: c.kvHeadCount, headDim: c.headDim, maxKeys: start + t)
+            }
+            try linear(layer.o, 0, input: att.pointer, out: xs.pointer, accumulate: true)
+            try rmsnorm(xs, layer.postNorm, rows: t, into: normedRows)
+            try linear(layer.gateUp, 0, input: normedRows.pointer, out: gate.pointer, accumulate: false)
+            try linear(layer.gateUp, 1, input: normedRows.pointer, out: up.pointer, accumulate: false)
+            try ctx.swigluForward(gate: gate, up: up, into: gate, count: t * c.intermediateSize)
+            try linear(layer.down, 0, input: gate.pointer, out: xs.pointer, accumulate: true)
+        }
+        length += t
+        let firstRow = lastOnly ? t - 1 : 0, rows = t - firstRow
+        let lastRows = try A.buffer(UInt16.self, count: rows * h)
+        try dev.copy(deviceTo: lastRows.pointer, from: xs.address(at: firstRow * h), bytes: rows * h * 2)
+        try rmsnorm(lastRows, finalNorm, rows: rows, into: normedRows)
+        let out = try A.buffer(Float.self, count: rows * c.vocabularySize)
+        try blas.gemm(m: rows, n: c.vocabularySize, k: h, a: normedRows.pointer, b: head.pointer, transB: true, c: out.pointer,
+                      outputType: .float32)
+        return try out.download()
+    }
+}
+
+// MARK: - Generation
+
+extension Generator {
+    /// `generate(model:...)` on the GPU: prefill the prompt, then one token at a time through the decode graph.
+    public static func generate(inference: CUDAInference, prompt: [Int], maxTokens: Int, sampling: SamplingOptions,
+                                stopIDs: Set<Int>, onToken: (Int) -> Void = { _ in }) throws -> GenerationResult {
+        guard !prompt.isEmpty else { throw UsageError("the prompt is empty") }
+        guard prompt.count + maxTokens <= inference.capacity else {
+            throw UsageError("prompt (\(prompt.count) tokens) + max tokens (\(maxTokens)) exceed the KV cache's \(inference.capacity) positions")
+        }
+        inference.reset()
+        var sampler = Sampler(sampling)
+        let start = monotonicSeconds()
+        // A one-token prompt still goes through prefill's path shape: forward handles both.
+        var logits = try inference.forward(tokens: prompt, lastOnly: true)
+        let prefillSeconds = monotonicSeconds() - start
+        var out: [Int] = []
+        var stopped = false
+        let decodeStart = monotonicSeconds()
+        while out.count < maxTokens {
+            let next = sampler.next(logits)
+            if stopIDs.contains(next) { stopped = true; break }
+            out.append(next)
+            onToken(next)
+            if out.count == maxTokens { break }
+            logits = try inference.forward(tokens: [next], lastOnly: true)
+        }
+        let decodeSeconds = monotonicSeconds() - decodeStart
+        return GenerationResult(tokens: out, stoppedAtEOS: stopped, promptTokensPerSecond: Double(prompt.count) / max(prefillSeconds, 1e-9),
+                                decodeTokensPerSecond: Double(out.count) / max(decodeSeconds, 1e-9))
+    }
+}

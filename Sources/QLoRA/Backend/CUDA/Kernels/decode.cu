@@ -1,0 +1,468 @@
+// decode.cu: the kernels of batch-1 generation with a KV cache (see Backend/CUDA/Inference/CUDAInference.swift).
+//
+// nf4_gemv — y = W x (+ s·B·xa) (+ residual) reading the 4-bit weight directly (dequantize in registers).
+//   W [rows, cols] NF4 in bitsandbytes' layout: packed[e/2] holds elements e (high nibble) and e+1 (low) of the
+//   row-major flatten; element e has scale absmax[b], b = e / blocksize, with double quantization
+//       absmax[b] = code8[absmax_q[b]] * nested_absmax[b / nested_blocksize] + offset
+//   so w[e] = NF4[nibble(e)] * absmax[b]. One launch runs up to 4 matrices that read the same x (q, k, v or
+//   gate, up): each is a task (struct Nf4GemvTask below, an array in device memory), and the blocks of the grid
+//   are dealt out to the tasks in order. Each warp owns 4 rows; lane l of a warp reads 16 packed bytes
+//   (32 elements, inside one absmax block since cols and blocksize are multiples of 32) of each row per step,
+//   so a warp has 4 independent 16-byte loads in flight and reads x once for 4 rows. x sits in shared memory
+//   as bf16, read with a per-lane rotation of its four 16-byte pieces so the 8 lanes of a shared-memory
+//   phase hit different banks. Products and sums in fp32; the LoRA term (B [rows, rank] bf16, xa [rank] fp32,
+//   from bf16_gemv) and the residual are added before the one bf16 rounding of y.
+//
+// bf16_gemv — out[r] = scale * W[r, :] · x for bf16 W [rows, cols] and bf16 x, fp32 out (the LoRA A
+//   projections stacked into one matrix, and the output head).
+//
+// rope_qk_append — one token: rotates q and k (HF rotate_half, as rope.cu) in the fused qkv row, and writes the
+//   rotated k and v into the KV cache at the position read from device memory (so a captured graph can replay).
+//
+// attention_cached — queries [t, heads, D] at positions start + i attend to cache rows 0 ... start + i
+//   (causal, GQA): scores (one thread per key), softmax, then o = Σ p_j v_j (warps split the keys, lanes own
+//   dimensions), fp32 throughout, bf16 out. `start` is read from device memory when start_ptr is not null.
+#include "qlora_prelude.cuh"
+
+__constant__ float NF4_VALUES[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// Mirrored in Swift (CUDAInference.swift, `NF4GemvTask.bytes`): 88 bytes, 8-byte aligned.
+struct Nf4GemvTask {
+    const unsigned char* packed;
+    const unsigned char* absmax_q;
+    const float* nested_absmax;
+    const float* code;        // 256-entry map of the absmax codes
+    const bf16* lora_b;       // [rows, rank] or null
+    const float* xa;          // [rank] (already includes nothing else; scaled here by lora_scale)
+    bf16* out;                // [rows]
+    const bf16* residual;     // null, or added to y (may be `out`)
+    float offset;
+    float lora_scale;
+    int rows;
+    int rank;
+    int first_block;          // first grid block of this task
+    int pad;
+};
+
+#define GEMV_WARPS 4
+#define GEMV_ROWS 4  // rows per warp
+
+__device__ __forceinline__ unsigned int pick_word(uint4 v, int k) {
+    return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
+nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restrict__ x, int cols, int blocksize_shift,
+         int nested_shift) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sx = reinterpret_cast<bf16*>(smem_raw);  // cols values
+    __shared__ float code[256], nf4[16];
+    int ti = 0;
+    while (ti + 1 < ntasks && (int)blockIdx.x >= tasks[ti + 1].first_block) ti++;
+    const Nf4GemvTask task = tasks[ti];  // a copy in registers
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
+    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_VALUES[threadIdx.x];
+    {
+        const uint4* src = reinterpret_cast<const uint4*>(x);
+        uint4* dst = reinterpret_cast<uint4*>(sx);
+        for (int i = threadIdx.x; i < cols / 8; i += blockDim.x) dst[i] = src[i];
+    }
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int row0 = ((int)blockIdx.x - task.first_block) * (GEMV_WARPS * GEMV_ROWS) + warp * GEMV_ROWS;
+    if (row0 >= task.rows) return;
+    const int chunks = cols / 32;  // 32 elements = 16 packed bytes
+    const float offset = task.offset;
+    const unsigned char* __restrict__ absmax_q = task.absmax_q;
+    const float* __restrict__ nested = task.nested_absmax;
+    float acc[GEMV_ROWS];
+    const uint4* prow[GEMV_ROWS];
+    long long e0[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        acc[r] = 0.0f;
+        const int row = min(row0 + r, task.rows - 1);  // rows past the end repeat the last (not stored)
+        e0[r] = (long long)row * cols;
+        prow[r] = reinterpret_cast<const uint4*>(task.packed + e0[r] / 2);
+    }
+    const int rot = (lane >> 1) & 3;
+    // Software pipelining: the next chunk's packed bytes are loaded while this chunk is computed.
+    uint4 next[GEMV_ROWS];
+    if (lane < chunks) {
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) next[r] = __ldg(prow[r] + lane);
+    }
+    for (int c = lane; c < chunks; c += 32) {
+        uint4 w[GEMV_ROWS];
+        float scale[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) w[r] = next[r];
+        if (c + 32 < chunks) {
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) next[r] = __ldg(prow[r] + c + 32);
+        }
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            const long long b = (e0[r] + (long long)c * 32) >> blocksize_shift;  // blocksizes are powers of two
+            scale[r] = code[__ldg(absmax_q + b)] * __ldg(nested + (b >> nested_shift)) + offset;
+        }
+        const uint4* xs = reinterpret_cast<const uint4*>(sx + c * 32);
+        float part[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) part[r] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int k = (j + rot) & 3;  // which 16-byte piece (8 elements, 4 packed bytes)
+            const uint4 xv = xs[k];
+            float xf[8];
+            xf[0] = __uint_as_float(xv.x << 16); xf[1] = __uint_as_float(xv.x & 0xffff0000u);
+            xf[2] = __uint_as_float(xv.y << 16); xf[3] = __uint_as_float(xv.y & 0xffff0000u);
+            xf[4] = __uint_as_float(xv.z << 16); xf[5] = __uint_as_float(xv.z & 0xffff0000u);
+            xf[6] = __uint_as_float(xv.w << 16); xf[7] = __uint_as_float(xv.w & 0xffff0000u);
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                const unsigned int word = pick_word(w[r], k);
+                float s = 0.0f;
+#pragma unroll
+                for (int q = 0; q < 4; q++) {  // byte q of the word: elements 2q (high nibble), 2q+1 (low)
+                    s += nf4[(word >> (8 * q + 4)) & 15u] * xf[2 * q] + nf4[(word >> (8 * q)) & 15u] * xf[2 * q + 1];
+                }
+                part[r] += s;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) acc[r] += part[r] * scale[r];
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        const int row = row0 + r;
+        float v = acc[r];
+        if (task.lora_b != nullptr && lane < task.rank && row < task.rows)
+            v += task.lora_scale * bf16_to_float(task.lora_b[(long long)row * task.rank + lane]) * task.xa[lane];
+        v = warp_sum(v);
+        if (lane == 0 && row < task.rows) {
+            if (task.residual != nullptr) v += bf16_to_float(task.residual[row]);
+            task.out[row] = float_to_bf16(v);
+        }
+    }
+}
+
+/// out[r] = scale * W[r, :] · x; W [rows, cols] bf16 (cols a multiple of 8), x bf16, out fp32. 4 rows per warp.
+extern "C" __global__ void __launch_bounds__(128, 8)
+bf16_gemv(const bf16* __restrict__ w, const bf16* __restrict__ x, float* __restrict__ out, int rows, int cols, float scale) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int row0 = (blockIdx.x * 4 + warp) * 4;
+    if (row0 >= rows) return;
+    const int chunks = cols / 8;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const uint4* xr = reinterpret_cast<const uint4*>(x);
+#pragma unroll 2
+    for (int c = lane; c < chunks; c += 32) {
+        float xf[8];
+        load_bf16x8(x + c * 8, xf);
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int row = min(row0 + r, rows - 1);
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(w + (long long)row * cols) + c);
+            const unsigned int words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                acc[r] += __uint_as_float(words[k] << 16) * xf[2 * k] + __uint_as_float(words[k] & 0xffff0000u) * xf[2 * k + 1];
+        }
+    }
+    (void)xr;
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const float v = warp_sum(acc[r]);
+        if (lane == 0 && row0 + r < rows) out[row0 + r] = v * scale;
+    }
+}
+
+/// One token. qkv: [heads*D | kv_heads*D | kv_heads*D] bf16; q and k rotated in place, then k and v copied to
+/// kcache/vcache row *pos_ptr ([capacity, kv_heads*D]).
+extern "C" __global__ void rope_qk_append(bf16* qkv, bf16* kcache, bf16* vcache, const int* pos_ptr,
+                                          const float* inv_freq, int heads, int kv_heads, int head_dim) {
+    const int half = head_dim / 2;
+    const int pos = *pos_ptr;
+    const int kv_dim = kv_heads * head_dim;
+    const int rot_items = (heads + kv_heads) * half;
+    bf16* k_row = kcache + (long long)pos * kv_dim;
+    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < rot_items + kv_dim; idx += gridDim.x * blockDim.x) {
+        if (idx < rot_items) {
+            const int h = idx / half, i = idx % half;
+            float s, c;
+            sincosf((float)pos * inv_freq[i], &s, &c);
+            bf16* p = qkv + h * head_dim;
+            const float a = bf16_to_float(p[i]), b = bf16_to_float(p[i + half]);
+            const bf16 lo = float_to_bf16(a * c - b * s), hi = float_to_bf16(b * c + a * s);
+            p[i] = lo;
+            p[i + half] = hi;
+            if (h >= heads) {
+                bf16* kd = k_row + (h - heads) * head_dim;
+                kd[i] = lo;
+                kd[i + half] = hi;
+            }
+        } else {
+            const int e = idx - rot_items;
+            vcache[(long long)pos * kv_dim + e] = qkv[(heads + kv_heads) * head_dim + e];
+        }
+    }
+}
+
+/// grid (t, heads), 256 threads; dynamic shared memory: (max keys + 8 * D + D + 64) floats.
+/// q: row i at q + i * q_stride; kcache, vcache: [capacity, kv_heads, D]; out: [t, heads, D].
+template <int D>
+__device__ void attention_cached_impl(const bf16* __restrict__ q, int q_stride, const bf16* __restrict__ kcache,
+                                      const bf16* __restrict__ vcache, bf16* __restrict__ out, const int* start_ptr,
+                                      int start_value, int heads, int kv_heads, float scale) {
+    extern __shared__ __align__(16) float smem[];
+    const int i = blockIdx.x, h = blockIdx.y;
+    const int start = start_ptr != nullptr ? *start_ptr : start_value;
+    const int keys = start + i + 1;
+    const int kvh = h / (heads / kv_heads);
+    const int kv_dim = kv_heads * D;
+    float* qs = smem;               // D
+    float* combine = qs + D;        // 8 * D
+    float* red = combine + 8 * D;   // 64
+    float* scores = red + 64;       // keys
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const bf16* qrow = q + (long long)i * q_stride + h * D;
+    for (int d = tid; d < D; d += blockDim.x) qs[d] = bf16_to_float(qrow[d]) * scale;
+    __syncthreads();
+    // Scores, one thread per key.
+    float local_max = -QLORA_INFINITY;
+    for (int j = tid; j < keys; j += blockDim.x) {
+        const bf16* kr = kcache + (long long)j * kv_dim + kvh * D;
+        float s = 0.0f;
+#pragma unroll  // all of the key's 16-byte loads in flight at once
+        for (int d = 0; d < D; d += 8) {
+            float kf[8];
+            load_bf16x8(kr + d, kf);
+#pragma unroll
+            for (int e = 0; e < 8; e++) s += qs[d + e] * kf[e];
+        }
+        scores[j] = s;
+        local_max = fmaxf(local_max, s);
+    }
+    // Block max.
+    local_max = warp_max(local_max);
+    if (lane == 0) red[warp] = local_max;
+    __syncthreads();
+    float m = red[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); w++) m = fmaxf(m, red[w]);
+    __syncthreads();
+    float local_sum = 0.0f;
+    for (int j = tid; j < keys; j += blockDim.x) {
+        const float p = __expf(scores[j] - m);
+        scores[j] = p;
+        local_sum += p;
+    }
+    const float total = block_sum(local_sum, red + 32);
+    // o = Σ p_j v_j: warp w takes keys w, w + 8, ...; lane owns D/32 dimensions.
+    constexpr int PER = D / 32;
+    float acc[PER];
+#pragma unroll
+    for (int e = 0; e < PER; e++) acc[e] = 0.0f;
+    const int warps = blockDim.x >> 5;
+#pragma unroll 8
+    for (int j = warp; j < keys; j += warps) {
+        const float p = scores[j];
+        const bf16* vr = vcache + (long long)j * kv_dim + kvh * D + lane * PER;
+#pragma unroll
+        for (int e = 0; e < PER; e++) acc[e] += p * bf16_to_float(vr[e]);
+    }
+#pragma unroll
+    for (int e = 0; e < PER; e++) combine[warp * D + lane * PER + e] = acc[e];
+    __syncthreads();
+    for (int d = tid; d < D; d += blockDim.x) {
+        float s = 0.0f;
+        for (int w = 0; w < warps; w++) s += combine[w * D + d];
+        out[((long long)i * heads + h) * D + d] = float_to_bf16(s / total);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+attention_cached_d128(const bf16* q, int q_stride, const bf16* kcache, const bf16* vcache, bf16* out, const int* start_ptr,
+                      int start_value, int heads, int kv_heads, float scale) {
+    attention_cached_impl<128>(q, q_stride, kcache, vcache, out, start_ptr, start_value, heads, kv_heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+attention_cached_d32(const bf16* q, int q_stride, const bf16* kcache, const bf16* vcache, bf16* out, const int* start_ptr,
+                     int start_value, int heads, int kv_heads, float scale) {
+    attention_cached_impl<32>(q, q_stride, kcache, vcache, out, start_ptr, start_value, heads, kv_heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+attention_cached_d64(const bf16* q, int q_stride, const bf16* kcache, const bf16* vcache, bf16* out, const int* start_ptr,
+                     int start_value, int heads, int kv_heads, float scale) {
+    attention_cached_impl<64>(q, q_stride, kcache, vcache, out, start_ptr, start_value, heads, kv_heads, scale);
+}
+
+/// y = x + a (bf16, n elements): the residual add of the prefill path.
+extern "C" __global__ void add_bf16(bf16* y, const bf16* a, long long n) {
+    GRID_STRIDE(e, n) y[e] = float_to_bf16(bf16_to_float(y[e]) + bf16_to_float(a[e]));
+}
+
+/// The LoRA A projections of one group, with the op that makes their input fused in (one launch instead of two):
+///   mode 0: in = x                                  (x: [cols] bf16)
+///   mode 1: in = RMSNorm(x) * norm_w  (as rmsnorm.cu: bf16(bf16(x r) w))
+///   mode 2: in = silu(x) * x2         (as swiglu.cu: gate x, up x2)
+/// Block 0 writes `in` to in_out (bf16) when in_out is not null; block b < rows writes
+/// xa[b] = A[b, :] · in (fp32). grid max(rows, 1), 1024 threads, dynamic shared memory cols * 2 bytes.
+extern "C" __global__ void __launch_bounds__(1024)
+lora_a_rows(const bf16* __restrict__ a, const bf16* __restrict__ x, const bf16* __restrict__ x2,
+            const bf16* __restrict__ norm_w, bf16* __restrict__ in_out, float* __restrict__ xa, int rows, int cols,
+            int mode, float eps) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sin = reinterpret_cast<bf16*>(smem_raw);
+    __shared__ float scratch[64];
+    const int tid = threadIdx.x;
+    const int groups = cols / 8;  // cols is a multiple of 8
+    float r = 1.0f;
+    if (mode == 1) {
+        float ss = 0.0f;
+        for (int i = tid; i < groups; i += blockDim.x) {
+            float f[8];
+            load_bf16x8(x + i * 8, f);
+#pragma unroll
+            for (int k = 0; k < 8; k++) ss += f[k] * f[k];
+        }
+        ss = block_sum(ss, scratch);
+        r = rsqrtf(ss / cols + eps);
+    }
+    for (int i = tid; i < groups; i += blockDim.x) {
+        float f[8], g[8];
+        load_bf16x8(x + i * 8, f);
+        if (mode == 1) {
+            load_bf16x8(norm_w + i * 8, g);
+#pragma unroll
+            for (int k = 0; k < 8; k++) f[k] = round_bf16(f[k] * r) * g[k];
+        } else if (mode == 2) {
+            load_bf16x8(x2 + i * 8, g);
+#pragma unroll
+            for (int k = 0; k < 8; k++) f[k] = f[k] * (1.0f / (1.0f + __expf(-f[k]))) * g[k];
+        }
+        store_bf16x8(sin + i * 8, f);
+        if (blockIdx.x == 0 && in_out != nullptr) store_bf16x8(in_out + i * 8, f);
+    }
+    if ((int)blockIdx.x >= rows) return;
+    __syncthreads();
+    const bf16* ar = a + (long long)blockIdx.x * cols;
+    float s = 0.0f;
+    for (int i = tid; i < groups; i += blockDim.x) {
+        float f[8], g[8];
+        load_bf16x8(sin + i * 8, f);
+        load_bf16x8(ar + i * 8, g);
+#pragma unroll
+        for (int k = 0; k < 8; k++) s += f[k] * g[k];
+    }
+    s = block_sum(s, scratch + 32);
+    if (tid == 0) xa[blockIdx.x] = s;
+}
+
+/// nf4_gemv with the columns split over the warps of a block (split-K) and x read through the L1 cache instead of
+/// a shared-memory copy: a block of 8 warps computes 4 * (8 / splits) rows, each group of `splits` warps the same 4
+/// rows over 1/splits of the columns; partial sums meet in shared memory. More warps stream each matrix (the
+/// down projection has 4096 rows but 14336 columns), and no block waits for a copy of x before its first load.
+/// Tasks as for nf4_gemv, with first_block counted in blocks of 4 * (8 / splits) rows.
+extern "C" __global__ void __launch_bounds__(256, 4)
+nf4_gemv_splitk(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restrict__ x, int cols,
+                int blocksize_shift, int nested_shift, int splits) {
+    __shared__ float code[256], nf4[16], partial[8][GEMV_ROWS];
+    int ti = 0;
+    while (ti + 1 < ntasks && (int)blockIdx.x >= tasks[ti + 1].first_block) ti++;
+    const Nf4GemvTask task = tasks[ti];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int groups = 8 / splits, group = warp / splits, seg = warp % splits;
+    const int row0 = ((int)blockIdx.x - task.first_block) * (GEMV_ROWS * groups) + group * GEMV_ROWS;
+    const int chunks = cols / 32;
+    const int per_seg = (chunks + splits - 1) / splits;
+    const int c_begin = seg * per_seg, c_end = min(chunks, c_begin + per_seg);
+    const uint4* prow[GEMV_ROWS];
+    long long e0[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        const int row = min(row0 + r, task.rows - 1);
+        e0[r] = (long long)row * cols;
+        prow[r] = reinterpret_cast<const uint4*>(task.packed + e0[r] / 2);
+    }
+    // The first loads go out before the tables are staged.
+    uint4 next[GEMV_ROWS];
+    if (c_begin + lane < c_end) {
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) next[r] = __ldg(prow[r] + c_begin + lane);
+    }
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
+    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_VALUES[threadIdx.x];
+    __syncthreads();
+    const float offset = task.offset;
+    const unsigned char* __restrict__ absmax_q = task.absmax_q;
+    const float* __restrict__ nested = task.nested_absmax;
+    float acc[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.0f;
+    for (int c = c_begin + lane; c < c_end; c += 32) {
+        uint4 w[GEMV_ROWS];
+        float scale[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) w[r] = next[r];
+        if (c + 32 < c_end) {
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) next[r] = __ldg(prow[r] + c + 32);
+        }
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            const long long b = (e0[r] + (long long)c * 32) >> blocksize_shift;
+            scale[r] = code[__ldg(absmax_q + b)] * __ldg(nested + (b >> nested_shift)) + offset;
+        }
+        const uint4* xg = reinterpret_cast<const uint4*>(x + c * 32);
+        float part[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) part[r] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const uint4 xv = __ldg(xg + k);
+            float xf[8];
+            xf[0] = __uint_as_float(xv.x << 16); xf[1] = __uint_as_float(xv.x & 0xffff0000u);
+            xf[2] = __uint_as_float(xv.y << 16); xf[3] = __uint_as_float(xv.y & 0xffff0000u);
+            xf[4] = __uint_as_float(xv.z << 16); xf[5] = __uint_as_float(xv.z & 0xffff0000u);
+            xf[6] = __uint_as_float(xv.w << 16); xf[7] = __uint_as_float(xv.w & 0xffff0000u);
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                const unsigned int word = pick_word(w[r], k);
+                float s = 0.0f;
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    s += nf4[(word >> (8 * q + 4)) & 15u] * xf[2 * q] + nf4[(word >> (8 * q)) & 15u] * xf[2 * q + 1];
+                part[r] += s;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) acc[r] += part[r] * scale[r];
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        float v = acc[r];
+        const int row = row0 + r;
+        if (seg == 0 && task.lora_b != nullptr && lane < task.rank && row < task.rows)
+            v += task.lora_scale * bf16_to_float(task.lora_b[(long long)row * task.rank + lane]) * task.xa[lane];
+        v = warp_sum(v);
+        if (lane == 0) partial[warp][r] = v;
+    }
+    __syncthreads();
+    if (seg == 0 && lane < GEMV_ROWS) {
+        const int row = row0 + lane;
+        if (row < task.rows) {
+            float v = 0.0f;
+            for (int k = 0; k < splits; k++) v += partial[group * splits + k][lane];
+            if (task.residual != nullptr) v += bf16_to_float(task.residual[row]);
+            task.out[row] = float_to_bf16(v);
+        }
+    }
+}

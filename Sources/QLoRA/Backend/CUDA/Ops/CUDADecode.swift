@@ -1,0 +1,144 @@
+// Launchers for Kernels/decode.cu: the fused NF4 GEMV, the bf16 GEMV, RoPE + KV-cache append for one token and
+// attention over the KV cache. They take raw device addresses, since generation works on rows inside larger
+// buffers (the KV cache, the fused q|k|v row); the shape checks are the caller's (CUDAInference).
+
+/// One matrix of an `nf4Gemv` launch (mirrors `struct Nf4GemvTask` in decode.cu): out = W x (+ s B xa) (+ residual).
+public struct NF4GemvTask {
+    public var packed: CUdeviceptr
+    public var absmaxCodes: CUdeviceptr
+    public var nestedAbsmax: CUdeviceptr
+    public var code: CUdeviceptr
+    public var loraB: CUdeviceptr = 0
+    public var xa: CUdeviceptr = 0
+    public var out: CUdeviceptr
+    public var residual: CUdeviceptr = 0
+    public var offset: Float
+    public var loraScale: Float = 0
+    public var rows: Int
+    public var rank: Int = 0
+
+    /// Rows one thread block computes (4 warps of 4 rows).
+    public static let rowsPerBlock = 16
+    static let byteCount = 88
+
+    /// Column splits of nf4_gemv_splitk for a row of `cols` values: about 32+ chunks of 32 values per warp.
+    public static func splits(cols: Int) -> Int {
+        let chunks = cols / 32
+        return chunks >= 256 ? 8 : chunks >= 128 ? 4 : chunks >= 64 ? 2 : 1
+    }
+
+    /// Rows per block of nf4_gemv_splitk: 8 warps, `splits` of them per group of 4 rows.
+    public static func splitKRowsPerBlock(_ splits: Int) -> Int { 4 * (8 / splits) }
+
+    public init(packed: CUdeviceptr, absmaxCodes: CUdeviceptr, nestedAbsmax: CUdeviceptr, code: CUdeviceptr, offset: Float,
+                rows: Int, out: CUdeviceptr) {
+        self.packed = packed
+        self.absmaxCodes = absmaxCodes
+        self.nestedAbsmax = nestedAbsmax
+        self.code = code
+        self.offset = offset
+        self.rows = rows
+        self.out = out
+    }
+
+    /// The tasks as the kernel reads them (with each task's first block), and the grid size, for blocks of
+    /// `rowsPerBlock` rows (`rowsPerBlock` for nf4_gemv, `splitKRowsPerBlock(splits)` for nf4_gemv_splitk).
+    public static func encode(_ tasks: [NF4GemvTask], rowsPerBlock: Int = NF4GemvTask.rowsPerBlock) -> (bytes: [UInt8], blocks: Int) {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(tasks.count * byteCount)
+        func put<T>(_ v: T) { withUnsafeBytes(of: v) { bytes.append(contentsOf: $0) } }
+        var first = 0
+        for t in tasks {
+            for p in [t.packed, t.absmaxCodes, t.nestedAbsmax, t.code, t.loraB, t.xa, t.out, t.residual] { put(p.littleEndian) }
+            put(t.offset.bitPattern.littleEndian)
+            put(t.loraScale.bitPattern.littleEndian)
+            put(Int32(t.rows).littleEndian)
+            put(Int32(t.rank).littleEndian)
+            put(Int32(first).littleEndian)
+            put(Int32(0))
+            first += (t.rows + rowsPerBlock - 1) / rowsPerBlock
+        }
+        return (bytes, first)
+    }
+}
+
+extension CUDAContext {
+    /// Runs the encoded `tasks` (a device copy of `NF4GemvTask.encode`'s bytes) over x (bf16, `cols` values,
+    /// 16-byte aligned). cols and blocksize must be multiples of 32.
+    public func nf4Gemv(tasks: CUdeviceptr, taskCount: Int, blocks: Int, x: CUdeviceptr, cols: Int, blocksize: Int = 64,
+                        nestedBlocksize: Int = 256, stream: CUDAStream? = nil) throws {
+        try require(cols % 32 == 0 && blocksize >= 32 && blocksize.nonzeroBitCount == 1 && nestedBlocksize.nonzeroBitCount == 1
+                        && taskCount >= 1 && taskCount <= 8, "nf4Gemv",
+                    "cols \(cols) must be a multiple of 32, blocksizes \(blocksize)/\(nestedBlocksize) powers of two (at least 32), 1...8 tasks (got \(taskCount))")
+        let f = try compiler.function(KernelSources.decode, "nf4_gemv")
+        let shared = cols * 2
+        if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
+        try device.launch(f, grid: (blocks, 1, 1), block: (128, 1, 1), sharedMemory: shared, stream: stream,
+                          [.pointer(tasks), .int(taskCount), .pointer(x), .int(cols), .int(blocksize.trailingZeroBitCount),
+                           .int(nestedBlocksize.trailingZeroBitCount)])
+    }
+
+    /// out[r] = scale · W[r, :] · x for bf16 W [rows, cols] (cols a multiple of 8) and x; fp32 out.
+    public func bf16Gemv(weight: CUdeviceptr, x: CUdeviceptr, out: CUdeviceptr, rows: Int, cols: Int, scale: Float = 1,
+                         stream: CUDAStream? = nil) throws {
+        try require(cols % 8 == 0, "bf16Gemv", "cols \(cols) must be a multiple of 8")
+        try device.launch(compiler.function(KernelSources.decode, "bf16_gemv"), grid: ((rows + 15) / 16, 1, 1),
+                          block: (128, 1, 1), stream: stream,
+                          [.pointer(weight), .pointer(x), .pointer(out), .int(rows), .int(cols), .float(scale)])
+    }
+
+    /// One token: rotates q and k inside the fused row qkv = [q | k | v] and writes k, v into the caches at the
+    /// position stored (as Int32) at `position`.
+    public func ropeAppend(qkv: CUdeviceptr, kcache: CUdeviceptr, vcache: CUdeviceptr, position: CUdeviceptr,
+                           inverseFrequencies: CUdeviceptr, heads: Int, kvHeads: Int, headDim: Int,
+                           stream: CUDAStream? = nil) throws {
+        let items = (heads + kvHeads) * headDim / 2 + kvHeads * headDim
+        try device.launch(compiler.function(KernelSources.decode, "rope_qk_append"), grid: ((items + 255) / 256, 1, 1),
+                          block: (256, 1, 1), stream: stream,
+                          [.pointer(qkv), .pointer(kcache), .pointer(vcache), .pointer(position), .pointer(inverseFrequencies),
+                           .int(heads), .int(kvHeads), .int(headDim)])
+    }
+
+    /// Queries [tokens, heads, D] (row stride `qStride` values) at positions start + i attend to cache rows
+    /// 0 ... start + i. `start` is read from `startPointer` (Int32) when that is not 0. `maxKeys` bounds start + tokens
+    /// (it sizes shared memory). D is 32, 64 or 128.
+    public func attentionCached(q: CUdeviceptr, qStride: Int, kcache: CUdeviceptr, vcache: CUdeviceptr, out: CUdeviceptr,
+                                startPointer: CUdeviceptr, start: Int, tokens: Int, heads: Int, kvHeads: Int, headDim: Int,
+                                maxKeys: Int, stream: CUDAStream? = nil) throws {
+        try require([32, 64, 128].contains(headDim) && kvHeads > 0 && heads % kvHeads == 0, "attentionCached",
+                    "head dimension \(headDim) (32, 64 or 128) or heads \(heads)/\(kvHeads)")
+        let f = try compiler.function(KernelSources.decode, "attention_cached_d\(headDim)")
+        let shared = (9 * headDim + 64 + maxKeys) * 4
+        if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
+        try device.launch(f, grid: (tokens, heads, 1), block: (256, 1, 1), sharedMemory: shared, stream: stream,
+                          [.pointer(q), .int(qStride), .pointer(kcache), .pointer(vcache), .pointer(out), .pointer(startPointer),
+                           .int(start), .int(heads), .int(kvHeads), .float(1 / Float(headDim).squareRoot())])
+    }
+
+    /// The LoRA A rows of a group (xa[b] = A[b, :] · in, fp32) with their input made in the same launch:
+    /// mode 0 in = x, 1 in = RMSNorm(x)·normWeight, 2 in = silu(x)·x2. `inOut` (when not 0) receives `in` (bf16).
+    /// rows may be 0 (then only `in` is written).
+    public func loraARows(a: CUdeviceptr, x: CUdeviceptr, x2: CUdeviceptr = 0, normWeight: CUdeviceptr = 0, inOut: CUdeviceptr,
+                          xa: CUdeviceptr, rows: Int, cols: Int, mode: Int, eps: Float = 0, stream: CUDAStream? = nil) throws {
+        try require(cols % 8 == 0 && (0...2).contains(mode), "loraARows", "cols \(cols) must be a multiple of 8, mode 0...2")
+        let f = try compiler.function(KernelSources.decode, "lora_a_rows")
+        let shared = cols * 2
+        if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
+        try device.launch(f, grid: (max(rows, 1), 1, 1), block: (1024, 1, 1), sharedMemory: shared, stream: stream,
+                          [.pointer(a), .pointer(x), .pointer(x2), .pointer(normWeight), .pointer(inOut), .pointer(xa), .int(rows),
+                           .int(cols), .int(mode), .float(eps)])
+    }
+
+    /// nf4Gemv with the columns split over `splits` (1, 2, 4 or 8) warps of each block and x read through L1;
+    /// `tasks` encoded with `rowsPerBlock: NF4GemvTask.splitKRowsPerBlock(splits)`.
+    public func nf4GemvSplitK(tasks: CUdeviceptr, taskCount: Int, blocks: Int, x: CUdeviceptr, cols: Int, blocksize: Int = 64,
+                              nestedBlocksize: Int = 256, splits: Int, stream: CUDAStream? = nil) throws {
+        try require(cols % 32 == 0 && blocksize >= 32 && blocksize.nonzeroBitCount == 1 && nestedBlocksize.nonzeroBitCount == 1
+                        && taskCount >= 1 && taskCount <= 8 && [1, 2, 4, 8].contains(splits), "nf4GemvSplitK",
+                    "cols \(cols) must be a multiple of 32, blocksizes powers of two, 1...8 tasks, splits 1/2/4/8 (got \(splits))")
+        try device.launch(compiler.function(KernelSources.decode, "nf4_gemv_splitk"), grid: (blocks, 1, 1), block: (256, 1, 1),
+                          stream: stream,
+                          [.pointer(tasks), .int(taskCount), .pointer(x), .int(cols), .int(blocksize.trailingZeroBitCount),
+                           .int(nestedBlocksize.trailingZeroBitCount), .int(splits)])
+    }
+}

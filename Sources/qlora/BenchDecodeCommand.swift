@@ -1,0 +1,113 @@
+import ArgumentParser
+import QLoRA
+
+/// Batch-1 decode speed on the GPU with random NF4 weights of a real architecture and an unmerged LoRA adapter,
+/// against the memory-bandwidth limit (weight bytes read per token over the measured device copy bandwidth).
+struct BenchDecodeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench-decode",
+        abstract: "Time batch-1 decode on the GPU (random NF4 weights, unmerged LoRA) and print one JSON line."
+    )
+
+    @Option(help: "Where to run: cuda (the only device this benchmark supports) or auto.")
+    var device: String = "cuda"
+
+    @Option(help: "Architecture shape: \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var arch: String = Architecture.llama3_1_8b.rawValue
+
+    @Option(help: "LoRA rank on all seven projections (0: no adapter).")
+    var loraR: Int = 16
+
+    @Option(help: "Tokens to decode (timed).")
+    var tokens: Int = 128
+
+    @Option(help: "Prompt tokens prefilled before decoding.")
+    var promptTokens: Int = 16
+
+    @Flag(help: "Launch the decode kernels one by one instead of replaying a CUDA graph.")
+    var noGraph = false
+
+    @Option(help: "The fused NF4 GEMV: rows (4 rows per warp, x in shared memory; the faster) or splitk (columns split over warps).")
+    var gemv: String = "rows"
+
+    @Flag(help: "Also time each kernel kind (events between plain launches) and print a breakdown on stderr.")
+    var profile = false
+
+    func run() throws {
+        guard device == "cuda" || device == "auto" else { throw ValidationError("bench-decode runs on the GPU: use --device cuda") }
+        guard let architecture = Architecture(rawValue: arch) else {
+            throw ValidationError("unknown architecture '\(arch)' (choose from \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")))")
+        }
+        guard tokens > 0, promptTokens > 0 else { throw ValidationError("--tokens and --prompt-tokens must be positive") }
+        let ctx = try CUDAContext()
+        let dev = ctx.device
+        printError("device: cuda (\(dev.name))")
+        let config = architecture.config
+        let inference = try CUDAInference(context: ctx, randomConfig: config, loraRank: loraR, capacity: promptTokens + tokens + 8)
+        inference.useGraph = !noGraph
+        guard let kernel = CUDAInference.GEMVKernel(rawValue: gemv) else { throw ValidationError("--gemv is splitk or rows") }
+        inference.gemvKernel = kernel
+
+        // Copy bandwidth: 1 GiB device to device, bytes read + written, median of 10.
+        let bytes = 1 << 30
+        let src = try ctx.allocator.buffer(UInt8.self, count: bytes), dst = try ctx.allocator.buffer(UInt8.self, count: bytes)
+        try src.fill(byte: 0x5A)
+        let start = try CUDAEvent(device: dev), end = try CUDAEvent(device: dev)
+        var copyTimes: [Double] = []
+        for i in 0..<12 {
+            try start.record(on: dev.stream)
+            try dev.copy(deviceTo: dst.pointer, from: src.pointer, bytes: bytes)
+            try end.record(on: dev.stream)
+            try end.synchronize()
+            if i >= 2 { copyTimes.append(try end.milliseconds(since: start)) }
+        }
+        let copyMs = copyTimes.sorted()[copyTimes.count / 2]
+        let bandwidth = 2 * Double(bytes) / (copyMs / 1000)
+
+        var rng = SeededGenerator(seed: 7)
+        let prompt = (0..<promptTokens).map { _ in Int(rng.next() % UInt64(config.vocabularySize)) }
+        func argmax(_ x: [Float]) -> Int {
+            var best = 0
+            for i in x.indices where x[i] > x[best] { best = i }
+            return best
+        }
+        // Warm-up (graph capture, first launches), then the timed run.
+        var logits = try inference.forward(tokens: prompt, lastOnly: true)
+        for _ in 0..<4 { logits = try inference.forward(tokens: [argmax(logits)], lastOnly: true) }
+        inference.reset()
+        let prefillStart = monotonicSeconds()
+        logits = try inference.forward(tokens: prompt, lastOnly: true)
+        let prefillSeconds = monotonicSeconds() - prefillStart
+        let decodeStart = monotonicSeconds()
+        for _ in 0..<tokens { logits = try inference.forward(tokens: [argmax(logits)], lastOnly: true) }
+        let decodeSeconds = monotonicSeconds() - decodeStart
+        let tokensPerSecond = Double(tokens) / decodeSeconds
+        let weightBytes = Double(inference.weightBytesPerToken)
+        let limit = bandwidth / weightBytes
+        func r(_ x: Double, _ digits: Double = 1000) -> Double { (x * digits).rounded() / digits }
+        let fields: [(String, JSONValue)] = [
+            ("arch", .string(arch)), ("device", .string(dev.name)), ("lora_r", .int(Int64(loraR))), ("prompt_tokens", .int(Int64(promptTokens))),
+            ("tokens", .int(Int64(tokens))), ("cuda_graph", .bool(!noGraph)), ("gemv", .string(gemv)),
+            ("decode_tokens_per_s", .double(r(tokensPerSecond, 10))), ("ms_per_token", .double(r(1000 / tokensPerSecond))),
+            ("prefill_tokens_per_s", .double(r(Double(promptTokens) / prefillSeconds, 10))),
+            ("nf4_weight_bytes_per_token", .int(Int64(inference.nf4BytesPerToken))),
+            ("weight_bytes_per_token", .int(Int64(inference.weightBytesPerToken))),
+            ("copy_bandwidth_gb_s", .double(r(bandwidth / 1e9, 10))),
+            ("limit_tokens_per_s", .double(r(limit, 10))),
+            ("fraction_of_limit", .double(r(tokensPerSecond / limit))),
+            ("peak_gpu_bytes", .int(Int64(ctx.allocator.peakBytes))),
+        ]
+        print(JSONValue.object(JSONObject(fields)).serialized())
+        if profile {
+            inference.reset()
+            _ = try inference.forward(tokens: prompt, lastOnly: true)
+            let rows = try inference.profileDecode(tokens: min(32, tokens))
+            let total = rows.reduce(0) { $0 + $1.milliseconds }
+            printError("decode profile (ms per token, plain launches with events; total \(String(cFormat: "%.3f", total)) ms):")
+            for r in rows.sorted(by: { $0.milliseconds > $1.milliseconds }) {
+                let name = r.name + String(repeating: " ", count: max(0, 28 - r.name.count))
+                printError("  " + name + String(cFormat: " %8.3f ms  %5.1f%%  %d launches", r.milliseconds, 100 * r.milliseconds / total, r.launches))
+            }
+        }
+    }
+}
