@@ -50,7 +50,7 @@ public final class Linear: @unchecked Sendable {
     /// The module path, e.g. `model.layers.0.self_attn.q_proj`.
     public let name: String
     /// The frozen base weight, [out, in]: dense fp32, or 4-bit kept packed.
-    public let weight: FrozenWeight
+    public var weight: FrozenWeight
     public let bias: [Float]?
     public var lora: LoRAAdapter?
 

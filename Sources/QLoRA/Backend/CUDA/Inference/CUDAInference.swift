@@ -289,22 +289,23 @@ public final class CUDAInference {
         g.splitKBlocks = splitBlocks
     }
 
-    /// Quantizes a linear layer's weight as bitsandbytes would (NF4, blocksize 64, double quant).
+    /// A linear layer's weight in NF4 (blocksize 64, double quant): the layer's own 4-bit weight when it
+    /// already is one, else quantized as bitsandbytes would.
     static func quantize(_ l: Linear) throws -> QuantizedWeight {
-        try QuantizedWeight.quantize(UnsafeBufferPointer(l.weight.storage), shape: [l.outFeatures, l.inFeatures], type: .nf4,
-                                     blocksize: 64, doubleQuant: true, dtype: .f32)
+        if case .quantized(let q) = l.weight.storage, q.quantType == .nf4, q.blocksize == 64, case .doubleQuantized = q.scales {
+            return q
+        }
+        return try QuantizedWeight.quantize(l.weight.values(), shape: [l.outFeatures, l.inFeatures], type: .nf4,
+                                            blocksize: 64, doubleQuant: true, dtype: .f32)
     }
 
     /// Quantizes every linear layer's base weight of `model` to NF4 + double quant. With `replacingCPUWeights`
-    /// the CPU model's weights become the dequantized values, so CPU and GPU compute with the same weights.
+    /// the CPU model's layers then hold the same 4-bit weights, so CPU and GPU compute with the same values.
     public static func quantizeBase(_ model: LlamaModel, replacingCPUWeights: Bool) throws -> [String: QuantizedWeight] {
         var result: [String: QuantizedWeight] = [:]
         for l in model.linearLayers {
             let q = try quantize(l)
-            if replacingCPUWeights {
-                let values = q.dequantize()
-                for i in values.indices { l.weight.pointer[i] = values[i] }
-            }
+            if replacingCPUWeights { l.weight = try FrozenWeight(quantized: q) }
             result[l.name] = q
         }
         return result
@@ -538,33 +539,16 @@ public final class CUDAInference {
 
 // MARK: - Generation
 
+/// The GPU's generation session: generation runs through `Generator.generate(session:...)` as on the CPU.
+extension CUDAInference: InferenceSession {
+    public func next(_ tokens: [Int]) throws -> [Float] { try forward(tokens: tokens, lastOnly: true) }
+}
+
 extension Generator {
-    /// `generate(model:...)` on the GPU: prefill the prompt, then one token at a time through the decode graph.
+    /// Generation on the GPU from an empty cache: prefill the prompt, then one token at a time through the decode graph.
     public static func generate(inference: CUDAInference, prompt: [Int], maxTokens: Int, sampling: SamplingOptions,
                                 stopIDs: Set<Int>, onToken: (Int) -> Void = { _ in }) throws -> GenerationResult {
-        guard !prompt.isEmpty else { throw UsageError("the prompt is empty") }
-        guard prompt.count + maxTokens <= inference.capacity else {
-            throw UsageError("prompt (\(prompt.count) tokens) + max tokens (\(maxTokens)) exceed the KV cache's \(inference.capacity) positions")
-        }
         inference.reset()
-        var sampler = Sampler(sampling)
-        let start = monotonicSeconds()
-        // A one-token prompt still goes through prefill's path shape: forward handles both.
-        var logits = try inference.forward(tokens: prompt, lastOnly: true)
-        let prefillSeconds = monotonicSeconds() - start
-        var out: [Int] = []
-        var stopped = false
-        let decodeStart = monotonicSeconds()
-        while out.count < maxTokens {
-            let next = sampler.next(logits)
-            if stopIDs.contains(next) { stopped = true; break }
-            out.append(next)
-            onToken(next)
-            if out.count == maxTokens { break }
-            logits = try inference.forward(tokens: [next], lastOnly: true)
-        }
-        let decodeSeconds = monotonicSeconds() - decodeStart
-        return GenerationResult(tokens: out, stoppedAtEOS: stopped, promptTokensPerSecond: Double(prompt.count) / max(prefillSeconds, 1e-9),
-                                decodeTokensPerSecond: Double(out.count) / max(decodeSeconds, 1e-9))
+        return try generate(session: inference, prompt: prompt, maxTokens: maxTokens, sampling: sampling, stopIDs: stopIDs, onToken: onToken)
     }
 }
