@@ -35,6 +35,7 @@ let package = Package(
                 .embedInCode("Backend/CUDA/Kernels/adamw.cu"),
                 .embedInCode("Backend/CUDA/Kernels/attention.cu"),
                 .embedInCode("Backend/CUDA/Kernels/convert.cu"),
+                .embedInCode("Backend/CUDA/Kernels/training.cu"),
             ],
             swiftSettings: fastMath
         ),

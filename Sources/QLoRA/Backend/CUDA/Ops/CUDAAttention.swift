@@ -23,7 +23,7 @@ public struct AttentionShape {
 
 extension CUDAContext {
     private func checkAttention(_ s: AttentionShape, _ op: String) throws {
-        try require(s.headDim == 64 || s.headDim == 128, op, "head dimension \(s.headDim) is not supported yet (64 or 128)")
+        try require(s.headDim == 32 || s.headDim == 64 || s.headDim == 128, op, "head dimension \(s.headDim) is not supported yet (32, 64 or 128)")
         try require(s.kvHeads > 0 && s.heads % s.kvHeads == 0, op, "\(s.heads) query heads cannot share \(s.kvHeads) KV heads")
         try require(s.batch > 0 && s.seq > 0, op, "empty batch")
     }
