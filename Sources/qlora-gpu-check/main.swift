@@ -11,7 +11,7 @@
 //   exact ops (embedding lookup, counts): 0.
 // Usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--compile-only sm_XX (NVRTC only, no GPU needed)]
 // Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, lora linear,
-// allocator, benchmarks.
+// allocator, training (fixture parity, short run, memory plan), benchmarks.
 
 import QLoRA
 #if canImport(Glibc)
@@ -447,6 +447,8 @@ group("allocator") {
     checkTrue("allocator reuses freed blocks", A.driverAllocations <= before + 1,
               "\(A.driverAllocations - before) driver allocation(s) for 2 requests; in use \(A.currentBytes) B, peak \(A.peakBytes) B")
 }
+
+runTrainingChecks(ctx)  // TrainingChecks.swift
 
 // MARK: - Microbenchmarks
 
