@@ -97,7 +97,7 @@ public final class CUDALlamaTrainer {
     /// Tokens (rows × length) one step may hold at most.
     public let capacityTokens: Int
     public let plan: CUDAMemoryPlan
-    /// LoRA parameters in all (A and B of every linear).
+    /// Length of the flat LoRA buffers: A and B of every linear, each padded to 128 elements (the padding stays 0).
     public let parameterCount: Int
     /// Completed optimizer steps.
     public private(set) var optimizerSteps = 0
@@ -186,11 +186,14 @@ public final class CUDALlamaTrainer {
             var offset = 0
             var layout: [[(aOffset: Int, bOffset: Int)]] = []
             for _ in 0..<c.layerCount {
+                // Each matrix starts on a multiple of 128 elements (256 bytes in bf16): cuBLASLt's heuristics assume
+                // 256-byte aligned operands unless told otherwise.
+                func aligned(_ x: Int) -> Int { (x + 127) / 128 * 128 }
                 layout.append(shapes.map { shape in
                     let aOffset = offset
-                    offset += rank * shape.in
+                    offset = aligned(offset + rank * shape.in)
                     let bOffset = offset
-                    offset += shape.out * rank
+                    offset = aligned(offset + shape.out * rank)
                     return (aOffset, bOffset)
                 })
             }
