@@ -34,6 +34,7 @@ let package = Package(
                 .embedInCode("Backend/CUDA/Kernels/cross_entropy.cu"),
                 .embedInCode("Backend/CUDA/Kernels/adamw.cu"),
                 .embedInCode("Backend/CUDA/Kernels/attention.cu"),
+                .embedInCode("Backend/CUDA/Kernels/attention_mma.cu"),
                 .embedInCode("Backend/CUDA/Kernels/convert.cu"),
                 .embedInCode("Backend/CUDA/Kernels/training.cu"),
             ],

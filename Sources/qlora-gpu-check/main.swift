@@ -376,28 +376,30 @@ group("attention") {
         (AttentionShape(batch: 2, seq: 200, heads: 4, kvHeads: 2, headDim: 64), false),
         (AttentionShape(batch: 1, seq: 150, heads: 4, kvHeads: 1, headDim: 128), true),
     ]
+    for tensorCores in [true, false] {
     for (shape, packed) in shapes {
         let qn = shape.tokens * shape.heads * shape.headDim, kn = shape.tokens * shape.kvHeads * shape.headDim
         let (qb, q) = rng.bf16(qn, -2, 2), (kb, k) = rng.bf16(kn, -2, 2), (vb, v) = rng.bf16(kn), (db, dout) = rng.bf16(qn)
         // Two packed sequences in one row: positions 0..<77 and 77..<seq.
         let segments: [Int32]? = packed ? (0..<shape.tokens).map { $0 % shape.seq < 77 ? 0 : 1 } : nil
-        let name = "attention b\(shape.batch) s\(shape.seq) h\(shape.heads)/\(shape.kvHeads) d\(shape.headDim)\(packed ? " packed" : "")"
+        let name = "attention\(tensorCores ? " mma" : "") b\(shape.batch) s\(shape.seq) h\(shape.heads)/\(shape.kvHeads) d\(shape.headDim)\(packed ? " packed" : "")"
         let ref = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: shape.batch, seq: shape.seq,
                                                 heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim)
         let qd = try upload(qb), kd = try upload(kb), vd = try upload(vb)
         let segd = try segments.map { try upload($0) }
         let o = try poisoned(UInt16.self, qn), lse = try poisoned(Float.self, shape.tokens * shape.heads)
-        try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape)
+        try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape, tensorCores: tensorCores)
         check("\(name): o", relativeError(try downloadBF16(o), ref.o), 1e-2)
         check("\(name): lse", relativeError(try lse.download(), ref.lse), 1e-4)
         let grads = CPUReference.attentionBackward(q: q, k: k, v: v, dout: dout, segments: segments, batch: shape.batch,
                                                    seq: shape.seq, heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim)
         let dq = try poisoned(UInt16.self, qn), dk = try poisoned(UInt16.self, kn), dv = try poisoned(UInt16.self, kn)
         try ctx.attentionBackward(q: qd, k: kd, v: vd, o: o, dout: upload(db), lse: lse, segments: segd, dq: dq, dk: dk, dv: dv,
-                                  shape: shape)
+                                  shape: shape, tensorCores: tensorCores)
         check("\(name): dq", relativeError(try downloadBF16(dq), grads.dq), 2e-2)
         check("\(name): dk", relativeError(try downloadBF16(dk), grads.dk), 2e-2)
         check("\(name): dv", relativeError(try downloadBF16(dv), grads.dv), 2e-2)
+    }
     }
 }
 
