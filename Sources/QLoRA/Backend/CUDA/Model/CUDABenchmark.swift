@@ -42,6 +42,9 @@ public struct CUDABenchmarkResult {
     public var tokensPerSecond: Double
     public var stepSeconds: Double
     public var usefulTFLOPs: Double
+    /// The same rate counted as ../shared/bench/reference_qlora.py counts it (attention 12·s·heads·D per token and
+    /// layer, no causal halving), for a like-for-like column beside the reference stack.
+    public var usefulTFLOPsReferenceFormula: Double
     /// The caching allocator's high-water mark of live bytes, and of bytes obtained from the driver.
     public var peakAllocatedBytes: Int
     public var peakReservedBytes: Int
@@ -53,6 +56,14 @@ public struct CUDABenchmarkResult {
 }
 
 public enum CUDABenchmark {
+    /// FLOPs per token as reference_qlora.py counts them: 4·(linear + head parameters) + 12·s·heads·D·layers.
+    public static func referenceFlopsPerToken(config c: LlamaConfig, sequenceLength t: Int) -> Double {
+        let linear = Double(c.layerCount) * Double(c.hiddenSize * (c.qDim + 2 * c.kvDim) + c.qDim * c.hiddenSize
+                                                   + 3 * c.hiddenSize * c.intermediateSize)
+        let head = Double(c.vocabularySize * c.hiddenSize)
+        return 4 * (linear + head) + 12 * Double(t) * Double(c.headCount * c.headDim * c.layerCount)
+    }
+
     /// Builds a random-weight trainer and runs `warmupSteps` then `steps` timed training steps (forward, backward,
     /// clipping at 1.0, AdamW) on random tokens; one host synchronisation per timed run.
     public static func training(context: CUDAContext, config: LlamaConfig, batch rows: Int, sequenceLength t: Int, rank: Int,
@@ -82,6 +93,7 @@ public enum CUDABenchmark {
         return CUDABenchmarkResult(
             tokensPerSecond: tokensPerSecond, stepSeconds: seconds,
             usefulTFLOPs: tokensPerSecond * CPUBenchmark.usefulFlopsPerToken(config: config, sequenceLength: t) / 1e12,
+            usefulTFLOPsReferenceFormula: tokensPerSecond * referenceFlopsPerToken(config: config, sequenceLength: t) / 1e12,
             peakAllocatedBytes: context.allocator.peakBytes, peakReservedBytes: context.allocator.peakReservedBytes,
             driverUsedBytes: info.total - info.free, plan: trainer.plan, firstLoss: first, lastLoss: last)
     }
