@@ -551,7 +551,7 @@ if runBench {
         let adq = try A.buffer(UInt16.self, count: qn), adk = try A.buffer(UInt16.self, count: kn), adv = try A.buffer(UInt16.self, count: kn)
         let flops = 4 * Double(shape.batch * shape.heads) * Double(shape.seq * shape.seq) * Double(shape.headDim) / 2
         let fwdMs = try timeMedian(5, warmup: 1) { try ctx.attentionForward(q: aq, k: ak, v: av, into: ao, lse: alse, shape: shape) }
-        print("  attention forward b2 s2048 h32/8 d128 (fp32 FMA kernel): \(fmt(fwdMs, 3)) ms = \(fmt(flops / (fwdMs / 1000) / 1e12, 1)) TFLOP/s")
+        print("  attention forward b2 s2048 h32/8 d128 (tensor cores): \(fmt(fwdMs, 3)) ms = \(fmt(flops / (fwdMs / 1000) / 1e12, 1)) TFLOP/s")
         let bwdMs = try timeMedian(5, warmup: 1) {
             try ctx.attentionBackward(q: aq, k: ak, v: av, o: ao, dout: ao, lse: alse, dq: adq, dk: adk, dv: adv, shape: shape)
         }

@@ -8,7 +8,8 @@
 // (each 32-bit register holds two bf16, the lower index in the low half). The C fragments of two adjacent n-tiles
 // are exactly the A fragment of one k-step, so softmax probabilities go from one product into the next in
 // registers. Operands whose pairs run along the contiguous dimension are read as 32-bit words; the others are
-// gathered from shared memory two 16-bit values at a time. Shared rows are padded by 8 values (16 bytes) so the
+// gathered from shared memory two 16-bit values at a time. Tiles are copied to shared memory with cp.async so the
+// next tile's loads overlap this tile's products (see each kernel's pipeline comment). Shared rows are padded by 8 values (16 bytes) so the
 // 8 rows a fragment reads fall in different banks.
 //
 // Kernels (4 warps; each warp owns 16 rows of the block's 64):
@@ -58,6 +59,32 @@ __device__ __forceinline__ void load_rows_shared(bf16* dst, const bf16* src, lon
     }
 }
 
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+/// As load_rows_shared, with cp.async (16 bytes per copy, zero-filled past seq): the copies run in the background
+/// until `cp_async_wait`. Every thread calls `cp_async_commit` after issuing a group (also an empty one).
+template <int D, int ROWS>
+__device__ __forceinline__ void async_rows_shared(bf16* dst, const bf16* src, long long t0, int r0, int seq, int heads, int head) {
+    constexpr int LD = D + 8;
+    for (int idx = threadIdx.x; idx < ROWS * D / 8; idx += blockDim.x) {
+        const int rr = idx / (D / 8), ch = idx % (D / 8);
+        const bool valid = r0 + rr < seq;
+        const bf16* from = valid ? src + ((t0 + r0 + rr) * heads + head) * D + ch * 8 : src;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst + rr * LD + ch * 8)), "l"(from),
+                     "r"(valid ? 16 : 0) : "memory");
+    }
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+/// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
 /// B fragment for an operand stored [k][n] in shared memory (pairs along k are in different rows).
 __device__ __forceinline__ void b_frag_kn(const bf16* s, int ld, int k0, int n0, int g, int t, unsigned& b0, unsigned& b1) {
     const bf16* p = s + (k0 + 2 * t) * ld + n0 + g;
@@ -97,11 +124,15 @@ __device__ __forceinline__ void mma_forward(const bf16* q, const bf16* k, const 
     for (int x = 0; x < D / 8; x++) oacc[x][0] = oacc[x][1] = oacc[x][2] = oacc[x][3] = 0.0f;
     float m[2] = {-QLORA_INFINITY, -QLORA_INFINITY}, l[2] = {0.0f, 0.0f};
 
+    // Pipeline (one buffer each): K(j+1) loads while softmax and P·V of tile j run, V(j+1) while S of tile j+1 runs.
+    // Groups in flight at each wait, oldest first: [K(j), V(j)] -> wait<1> gives K(j); [V(j), K(j+1)] -> V(j).
     const int key_end = min(seq, q0 + 64);
+    async_rows_shared<D, BK>(ks, k, t0, 0, seq, kv_heads, hk);
+    cp_async_commit();
+    async_rows_shared<D, BK>(vs, v, t0, 0, seq, kv_heads, hk);
+    cp_async_commit();
     for (int j0 = 0; j0 < key_end; j0 += BK) {
-        __syncthreads();
-        load_rows_shared<D, BK>(ks, k, t0, j0, seq, kv_heads, hk);
-        load_rows_shared<D, BK>(vs, v, t0, j0, seq, kv_heads, hk);
+        cp_async_wait<1>();
         if (threadIdx.x < BK) segk[threadIdx.x] = (segments && j0 + threadIdx.x < seq) ? segments[t0 + j0 + threadIdx.x] : 0;
         __syncthreads();
         float s[BK / 8][4];
@@ -115,6 +146,9 @@ __device__ __forceinline__ void mma_forward(const bf16* q, const bf16* k, const 
                 mma16816(s[nt], qa[kk], b0, b1);
             }
         }
+        __syncthreads();  // every warp is done with ks
+        if (j0 + BK < key_end) async_rows_shared<D, BK>(ks, k, t0, j0 + BK, seq, kv_heads, hk);
+        cp_async_commit();
         float mx[2] = {-QLORA_INFINITY, -QLORA_INFINITY};
 #pragma unroll
         for (int nt = 0; nt < BK / 8; nt++) {
@@ -148,6 +182,8 @@ __device__ __forceinline__ void mma_forward(const bf16* q, const bf16* k, const 
                 l[e >> 1] += p;
             }
         }
+        cp_async_wait<1>();
+        __syncthreads();  // V(j) has landed for every thread's copies
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
             const unsigned pa[4] = {pack_f2(s[2 * kk][0], s[2 * kk][1]), pack_f2(s[2 * kk][2], s[2 * kk][3]),
@@ -159,7 +195,11 @@ __device__ __forceinline__ void mma_forward(const bf16* q, const bf16* k, const 
                 mma16816(oacc[dt], pa, b0, b1);
             }
         }
+        __syncthreads();  // every warp is done with vs
+        if (j0 + BK < key_end) async_rows_shared<D, BK>(vs, v, t0, j0 + BK, seq, kv_heads, hk);
+        cp_async_commit();
     }
+    cp_async_wait<0>();
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
@@ -207,25 +247,42 @@ __device__ __forceinline__ void mma_backward_dq(const bf16* q, const bf16* k, co
 #pragma unroll
     for (int x = 0; x < D / 8; x++) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.0f;
 
+    // Pipeline (one buffer each): dP = dO Vᵀ first, then V(j+1) loads while S, dS and dQ of tile j run; K(j+1)
+    // loads while dP of tile j+1 runs. In flight at each wait, oldest first: [V(j), K(j)] -> wait<1> gives V(j);
+    // [K(j), V(j+1)] -> wait<1> gives K(j).
     const int key_end = min(seq, q0 + 64);
+    async_rows_shared<D, BK>(vs, v, t0, 0, seq, kv_heads, hk);
+    cp_async_commit();
+    async_rows_shared<D, BK>(ks, k, t0, 0, seq, kv_heads, hk);
+    cp_async_commit();
     for (int j0 = 0; j0 < key_end; j0 += BK) {
-        __syncthreads();
-        load_rows_shared<D, BK>(ks, k, t0, j0, seq, kv_heads, hk);
-        load_rows_shared<D, BK>(vs, v, t0, j0, seq, kv_heads, hk);
+        cp_async_wait<1>();
         if (threadIdx.x < BK) segk[threadIdx.x] = (segments && j0 + threadIdx.x < seq) ? segments[t0 + j0 + threadIdx.x] : 0;
         __syncthreads();
         float s[BK / 8][4], dp[BK / 8][4];
 #pragma unroll
         for (int nt = 0; nt < BK / 8; nt++) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
             dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                unsigned b0, b1;
+                b_frag_nk(vs, LD, kk * 16, nt * 8, g, t, b0, b1);
+                mma16816(dp[nt], da[kk], b0, b1);
+            }
+        }
+        __syncthreads();  // every warp is done with vs
+        if (j0 + BK < key_end) async_rows_shared<D, BK>(vs, v, t0, j0 + BK, seq, kv_heads, hk);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();  // K(j) has landed
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
                 unsigned b0, b1;
                 b_frag_nk(ks, LD, kk * 16, nt * 8, g, t, b0, b1);
                 mma16816(s[nt], qa[kk], b0, b1);
-                b_frag_nk(vs, LD, kk * 16, nt * 8, g, t, b0, b1);
-                mma16816(dp[nt], da[kk], b0, b1);
             }
 #pragma unroll
             for (int e = 0; e < 4; e++) {
@@ -246,7 +303,11 @@ __device__ __forceinline__ void mma_backward_dq(const bf16* q, const bf16* k, co
                 mma16816(acc[dt], pa, b0, b1);
             }
         }
+        __syncthreads();  // every warp is done with ks
+        if (j0 + BK < key_end) async_rows_shared<D, BK>(ks, k, t0, j0 + BK, seq, kv_heads, hk);
+        cp_async_commit();
     }
+    cp_async_wait<0>();
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         if (rows[i] >= seq) continue;
@@ -264,10 +325,10 @@ __device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, 
                                                   const float* lse, const float* delta, const int* segments, bf16* dk,
                                                   bf16* dv, int seq, int heads, int kv_heads, float scale) {
     constexpr int LD = D + 8, BQ = 32;
-    __shared__ alignas(16) bf16 qs[BQ * LD];
-    __shared__ alignas(16) bf16 dos[BQ * LD];
-    __shared__ float lse_s[BQ], delta_s[BQ];
-    __shared__ int segq_s[BQ];
+    __shared__ alignas(16) bf16 qs_buffers[2][BQ * LD];
+    __shared__ alignas(16) bf16 dos_buffers[2][BQ * LD];
+    __shared__ float lse_buffers[2][BQ], delta_buffers[2][BQ];
+    __shared__ int segq_buffers[2][BQ];
     const int b = blockIdx.z, hk = blockIdx.y, k0 = blockIdx.x * 64;
     const int group = heads / kv_heads;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -287,20 +348,36 @@ __device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, 
         dka[x][0] = dka[x][1] = dka[x][2] = dka[x][3] = 0.0f;
         dva[x][0] = dva[x][1] = dva[x][2] = dva[x][3] = 0.0f;
     }
-    for (int hh = 0; hh < group; hh++) {
-        const int h = hk * group + hh;
-        for (int i0 = k0; i0 < seq; i0 += BQ) {
-            __syncthreads();
-            load_rows_shared<D, BQ>(qs, q, t0, i0, seq, heads, h);
-            load_rows_shared<D, BQ>(dos, dout, t0, i0, seq, heads, h);
-            if (threadIdx.x < BQ) {
-                const int i = i0 + threadIdx.x;
-                const bool valid = i < seq;
-                lse_s[threadIdx.x] = valid ? lse[(t0 + i) * heads + h] : 0.0f;
-                delta_s[threadIdx.x] = valid ? delta[(t0 + i) * heads + h] : 0.0f;
-                segq_s[threadIdx.x] = (segments && valid) ? segments[t0 + i] : 0;
-            }
-            __syncthreads();
+    // Tiles (query head of the group, 32 queries from the diagonal on), double-buffered: tile n+1 loads (cp.async)
+    // while tile n is computed.
+    const int tiles_per_head = (seq - k0 + BQ - 1) / BQ, tiles = group * tiles_per_head;
+    auto issue = [&](int n, int stage) {
+        const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * BQ;
+        async_rows_shared<D, BQ>(qs_buffers[stage], q, t0, i0, seq, heads, h);
+        async_rows_shared<D, BQ>(dos_buffers[stage], dout, t0, i0, seq, heads, h);
+        if (threadIdx.x < BQ) {
+            const int i = i0 + threadIdx.x;
+            const bool valid = i < seq;
+            lse_buffers[stage][threadIdx.x] = valid ? lse[(t0 + i) * heads + h] : 0.0f;
+            delta_buffers[stage][threadIdx.x] = valid ? delta[(t0 + i) * heads + h] : 0.0f;
+            segq_buffers[stage][threadIdx.x] = (segments && valid) ? segments[t0 + i] : 0;
+        }
+    };
+    if (tiles > 0) issue(0, 0);
+    cp_async_commit();
+    for (int n = 0; n < tiles; n++) {
+        const int stage = n & 1;
+        if (n + 1 < tiles) issue(n + 1, stage ^ 1);  // its buffers were last read in tile n - 1
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();  // tile n has landed
+        const int i0 = k0 + (n % tiles_per_head) * BQ;
+        const bf16* qs = qs_buffers[stage];
+        const bf16* dos = dos_buffers[stage];
+        const float* lse_s = lse_buffers[stage];
+        const float* delta_s = delta_buffers[stage];
+        const int* segq_s = segq_buffers[stage];
+        {
             float st[BQ / 8][4], dpt[BQ / 8][4];
 #pragma unroll
             for (int nt = 0; nt < BQ / 8; nt++) {
@@ -340,7 +417,9 @@ __device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, 
                 }
             }
         }
+        __syncthreads();  // every warp is done with this stage before it is refilled
     }
+    cp_async_wait<0>();
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         if (keys[i] >= seq) continue;
