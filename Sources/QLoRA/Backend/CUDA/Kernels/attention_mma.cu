@@ -7,8 +7,8 @@
 //   C (16x8, fp32):        c[0..1] = C[g][2t..2t+1]   c[2..3] = C[g+8][2t..2t+1]
 // (each 32-bit register holds two bf16, the lower index in the low half). The C fragments of two adjacent n-tiles
 // are exactly the A fragment of one k-step, so softmax probabilities go from one product into the next in
-// registers. Operands whose pairs run along the contiguous dimension are read as 32-bit words; the others are
-// gathered from shared memory two 16-bit values at a time. Tiles are copied to shared memory with cp.async so the
+// registers. B operands come from shared memory through ldmatrix (.trans where the pairs run across rows); A
+// operands (Q, dO, K, V rows) are loaded once from global memory as 32-bit words. Tiles are copied to shared memory with cp.async so the
 // next tile's loads overlap this tile's products (see each kernel's pipeline comment). Shared rows are padded by 8 values (16 bytes) so the
 // 8 rows a fragment reads fall in different banks.
 //
@@ -24,8 +24,9 @@
 
 #define MMA_THREADS 128
 
+// Not volatile: a pure function of its registers, so the compiler may schedule fragment loads ahead of it.
 __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -85,18 +86,28 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
-/// B fragment for an operand stored [k][n] in shared memory (pairs along k are in different rows).
-__device__ __forceinline__ void b_frag_kn(const bf16* s, int ld, int k0, int n0, int g, int t, unsigned& b0, unsigned& b1) {
-    const bf16* p = s + (k0 + 2 * t) * ld + n0 + g;
-    b0 = pack2(p[0], p[ld]);
-    b1 = pack2(p[8 * ld], p[9 * ld]);
+// ldmatrix.x4: lanes 8j..8j+7 give the row addresses of 8x8 matrix j; register j of lane (g, t) receives
+// M_j[g][2t..2t+1], or with .trans M_j[2t..2t+1][g]. The memory clobber keeps them between the barriers.
+__device__ __forceinline__ void ldsm_x4(unsigned* r, const bf16* p) {
+    asm("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
 }
 
-/// B fragment for an operand stored [n][k] in shared memory (pairs along k are contiguous).
-__device__ __forceinline__ void b_frag_nk(const bf16* s, int ld, int k0, int n0, int g, int t, unsigned& b0, unsigned& b1) {
-    const bf16* p = s + (n0 + g) * ld + k0 + 2 * t;
-    b0 = ld32(p);
-    b1 = ld32(p + 8);
+__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const bf16* p) {
+    asm("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
+}
+
+/// B fragments of an operand stored [n][k] in shared memory (pairs along k contiguous), n-tile n0, for the two
+/// k-steps k0 and k0 + 16: r[0..1] and r[2..3].
+__device__ __forceinline__ void b_frags_nk(unsigned* r, const bf16* s, int ld, int k0, int n0, int lane) {
+    ldsm_x4(r, s + (n0 + (lane & 7)) * ld + k0 + (lane >> 3) * 8);
+}
+
+/// B fragments of an operand stored [k][n] in shared memory (pairs along k in different rows: transposed load),
+/// k-step k0, for the two n-tiles n0 and n0 + 8: r[0..1] and r[2..3].
+__device__ __forceinline__ void b_frags_kn(unsigned* r, const bf16* s, int ld, int k0, int n0, int lane) {
+    ldsm_x4_trans(r, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
 }
 
 // MARK: - Forward
@@ -108,7 +119,7 @@ __device__ __forceinline__ void mma_forward(const bf16* q, const bf16* k, const 
     __shared__ alignas(16) bf16 ks[BK * LD];
     __shared__ alignas(16) bf16 vs[BK * LD];
     __shared__ int segk[BK];
-    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * 64;
+    const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * 64;  // longest rows first
     const int hk = h / (heads / kv_heads);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const long long t0 = (long long)b * seq;
@@ -140,10 +151,11 @@ __device__ __forceinline__ void mma_forward(const bf16* q, const bf16* k, const 
         for (int nt = 0; nt < BK / 8; nt++) {
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                unsigned b0, b1;
-                b_frag_nk(ks, LD, kk * 16, nt * 8, g, t, b0, b1);
-                mma16816(s[nt], qa[kk], b0, b1);
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                unsigned r[4];
+                b_frags_nk(r, ks, LD, kk * 16, nt * 8, lane);
+                mma16816(s[nt], qa[kk], r[0], r[1]);
+                mma16816(s[nt], qa[kk + 1], r[2], r[3]);
             }
         }
         __syncthreads();  // every warp is done with ks
@@ -189,10 +201,11 @@ __device__ __forceinline__ void mma_forward(const bf16* q, const bf16* k, const 
             const unsigned pa[4] = {pack_f2(s[2 * kk][0], s[2 * kk][1]), pack_f2(s[2 * kk][2], s[2 * kk][3]),
                                     pack_f2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_f2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
-            for (int dt = 0; dt < D / 8; dt++) {
-                unsigned b0, b1;
-                b_frag_kn(vs, LD, kk * 16, dt * 8, g, t, b0, b1);
-                mma16816(oacc[dt], pa, b0, b1);
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                unsigned r[4];
+                b_frags_kn(r, vs, LD, kk * 16, dt * 8, lane);
+                mma16816(oacc[dt], pa, r[0], r[1]);
+                mma16816(oacc[dt + 1], pa, r[2], r[3]);
             }
         }
         __syncthreads();  // every warp is done with vs
@@ -224,7 +237,7 @@ __device__ __forceinline__ void mma_backward_dq(const bf16* q, const bf16* k, co
     __shared__ alignas(16) bf16 ks[BK * LD];
     __shared__ alignas(16) bf16 vs[BK * LD];
     __shared__ int segk[BK];
-    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * 64;
+    const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * 64;  // longest rows first
     const int hk = h / (heads / kv_heads);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const long long t0 = (long long)b * seq;
@@ -264,10 +277,11 @@ __device__ __forceinline__ void mma_backward_dq(const bf16* q, const bf16* k, co
         for (int nt = 0; nt < BK / 8; nt++) {
             dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                unsigned b0, b1;
-                b_frag_nk(vs, LD, kk * 16, nt * 8, g, t, b0, b1);
-                mma16816(dp[nt], da[kk], b0, b1);
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                unsigned r[4];
+                b_frags_nk(r, vs, LD, kk * 16, nt * 8, lane);
+                mma16816(dp[nt], da[kk], r[0], r[1]);
+                mma16816(dp[nt], da[kk + 1], r[2], r[3]);
             }
         }
         __syncthreads();  // every warp is done with vs
@@ -279,10 +293,11 @@ __device__ __forceinline__ void mma_backward_dq(const bf16* q, const bf16* k, co
         for (int nt = 0; nt < BK / 8; nt++) {
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                unsigned b0, b1;
-                b_frag_nk(ks, LD, kk * 16, nt * 8, g, t, b0, b1);
-                mma16816(s[nt], qa[kk], b0, b1);
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                unsigned r[4];
+                b_frags_nk(r, ks, LD, kk * 16, nt * 8, lane);
+                mma16816(s[nt], qa[kk], r[0], r[1]);
+                mma16816(s[nt], qa[kk + 1], r[2], r[3]);
             }
 #pragma unroll
             for (int e = 0; e < 4; e++) {
@@ -297,10 +312,11 @@ __device__ __forceinline__ void mma_backward_dq(const bf16* q, const bf16* k, co
             const unsigned pa[4] = {pack_f2(s[2 * kk][0], s[2 * kk][1]), pack_f2(s[2 * kk][2], s[2 * kk][3]),
                                     pack_f2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_f2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
-            for (int dt = 0; dt < D / 8; dt++) {
-                unsigned b0, b1;
-                b_frag_kn(ks, LD, kk * 16, dt * 8, g, t, b0, b1);
-                mma16816(acc[dt], pa, b0, b1);
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                unsigned r[4];
+                b_frags_kn(r, ks, LD, kk * 16, dt * 8, lane);
+                mma16816(acc[dt], pa, r[0], r[1]);
+                mma16816(acc[dt + 1], pa, r[2], r[3]);
             }
         }
         __syncthreads();  // every warp is done with ks
@@ -384,12 +400,14 @@ __device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, 
                 st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.0f;
                 dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.0f;
 #pragma unroll
-                for (int kk = 0; kk < D / 16; kk++) {
-                    unsigned b0, b1;
-                    b_frag_nk(qs, LD, kk * 16, nt * 8, g, t, b0, b1);
-                    mma16816(st[nt], ka[kk], b0, b1);
-                    b_frag_nk(dos, LD, kk * 16, nt * 8, g, t, b0, b1);
-                    mma16816(dpt[nt], va[kk], b0, b1);
+                for (int kk = 0; kk < D / 16; kk += 2) {
+                    unsigned r[4];
+                    b_frags_nk(r, qs, LD, kk * 16, nt * 8, lane);
+                    mma16816(st[nt], ka[kk], r[0], r[1]);
+                    mma16816(st[nt], ka[kk + 1], r[2], r[3]);
+                    b_frags_nk(r, dos, LD, kk * 16, nt * 8, lane);
+                    mma16816(dpt[nt], va[kk], r[0], r[1]);
+                    mma16816(dpt[nt], va[kk + 1], r[2], r[3]);
                 }
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
@@ -408,12 +426,14 @@ __device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, 
                                         pack_f2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
                                         pack_f2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
 #pragma unroll
-                for (int dt = 0; dt < D / 8; dt++) {
-                    unsigned b0, b1;
-                    b_frag_kn(dos, LD, kk * 16, dt * 8, g, t, b0, b1);
-                    mma16816(dva[dt], pa, b0, b1);
-                    b_frag_kn(qs, LD, kk * 16, dt * 8, g, t, b0, b1);
-                    mma16816(dka[dt], sa, b0, b1);
+                for (int dt = 0; dt < D / 8; dt += 2) {
+                    unsigned r[4];
+                    b_frags_kn(r, dos, LD, kk * 16, dt * 8, lane);
+                    mma16816(dva[dt], pa, r[0], r[1]);
+                    mma16816(dva[dt + 1], pa, r[2], r[3]);
+                    b_frags_kn(r, qs, LD, kk * 16, dt * 8, lane);
+                    mma16816(dka[dt], sa, r[0], r[1]);
+                    mma16816(dka[dt + 1], sa, r[2], r[3]);
                 }
             }
         }
