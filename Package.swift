@@ -34,10 +34,12 @@ let package = Package(
                 .embedInCode("Backend/CUDA/Kernels/cross_entropy.cu"),
                 .embedInCode("Backend/CUDA/Kernels/adamw.cu"),
                 .embedInCode("Backend/CUDA/Kernels/attention.cu"),
+                .embedInCode("Backend/CUDA/Kernels/attention_mma.cu"),
                 .embedInCode("Backend/CUDA/Kernels/convert.cu"),
                 .embedInCode("Backend/CUDA/Kernels/decode.cu"),
                 .embedInCode("Backend/CUDA/Kernels/random.cu"),
                 .embedInCode("Backend/CUDA/Kernels/adamw8bit.cu"),
+                .embedInCode("Backend/CUDA/Kernels/training.cu"),
             ],
             swiftSettings: fastMath
         ),

@@ -11,7 +11,8 @@
 //   exact ops (embedding lookup, counts): 0.
 // Usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--compile-only sm_XX (NVRTC only, no GPU needed)]
 // Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, lora linear,
-// decode gemv, inference fixture, inference random, adamw8bit, allocator, benchmarks.
+// decode gemv, inference fixture, inference random, adamw8bit, allocator, training (fixture parity, short run,
+// memory plan), benchmarks.
 
 import QLoRA
 #if canImport(Glibc)
@@ -376,28 +377,30 @@ group("attention") {
         (AttentionShape(batch: 2, seq: 200, heads: 4, kvHeads: 2, headDim: 64), false),
         (AttentionShape(batch: 1, seq: 150, heads: 4, kvHeads: 1, headDim: 128), true),
     ]
+    for tensorCores in [true, false] {
     for (shape, packed) in shapes {
         let qn = shape.tokens * shape.heads * shape.headDim, kn = shape.tokens * shape.kvHeads * shape.headDim
         let (qb, q) = rng.bf16(qn, -2, 2), (kb, k) = rng.bf16(kn, -2, 2), (vb, v) = rng.bf16(kn), (db, dout) = rng.bf16(qn)
         // Two packed sequences in one row: positions 0..<77 and 77..<seq.
         let segments: [Int32]? = packed ? (0..<shape.tokens).map { $0 % shape.seq < 77 ? 0 : 1 } : nil
-        let name = "attention b\(shape.batch) s\(shape.seq) h\(shape.heads)/\(shape.kvHeads) d\(shape.headDim)\(packed ? " packed" : "")"
+        let name = "attention\(tensorCores ? " mma" : "") b\(shape.batch) s\(shape.seq) h\(shape.heads)/\(shape.kvHeads) d\(shape.headDim)\(packed ? " packed" : "")"
         let ref = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: shape.batch, seq: shape.seq,
                                                 heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim)
         let qd = try upload(qb), kd = try upload(kb), vd = try upload(vb)
         let segd = try segments.map { try upload($0) }
         let o = try poisoned(UInt16.self, qn), lse = try poisoned(Float.self, shape.tokens * shape.heads)
-        try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape)
+        try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape, tensorCores: tensorCores)
         check("\(name): o", relativeError(try downloadBF16(o), ref.o), 1e-2)
         check("\(name): lse", relativeError(try lse.download(), ref.lse), 1e-4)
         let grads = CPUReference.attentionBackward(q: q, k: k, v: v, dout: dout, segments: segments, batch: shape.batch,
                                                    seq: shape.seq, heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim)
         let dq = try poisoned(UInt16.self, qn), dk = try poisoned(UInt16.self, kn), dv = try poisoned(UInt16.self, kn)
         try ctx.attentionBackward(q: qd, k: kd, v: vd, o: o, dout: upload(db), lse: lse, segments: segd, dq: dq, dk: dk, dv: dv,
-                                  shape: shape)
+                                  shape: shape, tensorCores: tensorCores)
         check("\(name): dq", relativeError(try downloadBF16(dq), grads.dq), 2e-2)
         check("\(name): dk", relativeError(try downloadBF16(dk), grads.dk), 2e-2)
         check("\(name): dv", relativeError(try downloadBF16(dv), grads.dv), 2e-2)
+    }
     }
 }
 
@@ -453,6 +456,8 @@ group("allocator") {
     checkTrue("allocator reuses freed blocks", A.driverAllocations <= before + 1,
               "\(A.driverAllocations - before) driver allocation(s) for 2 requests; in use \(A.currentBytes) B, peak \(A.peakBytes) B")
 }
+
+runTrainingChecks(ctx)  // TrainingChecks.swift
 
 // MARK: - Microbenchmarks
 
@@ -553,7 +558,7 @@ if runBench {
         let adq = try A.buffer(UInt16.self, count: qn), adk = try A.buffer(UInt16.self, count: kn), adv = try A.buffer(UInt16.self, count: kn)
         let flops = 4 * Double(shape.batch * shape.heads) * Double(shape.seq * shape.seq) * Double(shape.headDim) / 2
         let fwdMs = try timeMedian(5, warmup: 1) { try ctx.attentionForward(q: aq, k: ak, v: av, into: ao, lse: alse, shape: shape) }
-        print("  attention forward b2 s2048 h32/8 d128 (fp32 FMA kernel): \(fmt(fwdMs, 3)) ms = \(fmt(flops / (fwdMs / 1000) / 1e12, 1)) TFLOP/s")
+        print("  attention forward b2 s2048 h32/8 d128 (tensor cores): \(fmt(fwdMs, 3)) ms = \(fmt(flops / (fwdMs / 1000) / 1e12, 1)) TFLOP/s")
         let bwdMs = try timeMedian(5, warmup: 1) {
             try ctx.attentionBackward(q: aq, k: ak, v: av, o: ao, dout: ao, lse: alse, dq: adq, dk: adk, dv: adv, shape: shape)
         }

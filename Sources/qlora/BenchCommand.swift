@@ -4,32 +4,55 @@ import QLoRA
 struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
-        abstract: "Time QLoRA training steps (and batch-1 decoding) on random weights of a real architecture; prints one JSON line."
+        abstract: "Time QLoRA training steps (and batch-1 decoding on the CPU) on random weights of a real architecture; prints one JSON line."
     )
 
     @Option(help: "Architecture: \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")).")
     var arch: String = "smollm2-135m"
+    @Option(help: "Device: auto (the GPU when the CUDA driver loads and a GPU is present), cpu or cuda.")
+    var device: String = "auto"
     @Option(help: "Micro-batch size (rows).")
     var batch: Int = 1
     @Option(help: "Sequence length of each row.")
     var seq: Int = 256
     @Option(name: .customLong("lora-r"), help: "LoRA rank on the seven projections (alpha = 2r).")
     var loraR: Int = 16
-    @Option(help: "Timed steps after one warm-up step.")
+    @Option(help: "Timed steps after the warm-up steps.")
     var steps: Int = 2
-    @Option(help: "Tokens to decode for the batch-1 decode measurement (0 to skip).")
+    @Option(help: "Warm-up steps before timing (GPU; the CPU does one).")
+    var warmup: Int = 2
+    @Option(help: "Tokens to decode for the CPU batch-1 decode measurement (0 to skip).")
     var decodeTokens: Int = 32
 
     func run() throws {
         guard let architecture = Architecture(rawValue: arch) else {
             throw ValidationError("unknown --arch '\(arch)' (choose from \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")))")
         }
+        guard batch > 0, seq > 1, loraR > 0, steps > 0, warmup >= 0 else {
+            throw ValidationError("--batch, --lora-r and --steps must be positive, --seq at least 2")
+        }
+        switch try DeviceChoice.resolve(device) {
+        case .cuda(let context):
+            try runCUDA(architecture: architecture, context: context)
+        case .cpu:
+            try runCPU(architecture: architecture)
+        }
+    }
+
+    func runCPU(architecture: Architecture) throws {
         let model = LlamaModel.random(config: architecture.config)
         try model.attachLoRA(LoRAConfig(rank: loraR, alpha: Double(2 * loraR), targetModules: LoRAConfig.llamaProjections), seed: 0)
         let training = try CPUBenchmark.training(model: model, batch: batch, sequenceLength: seq, steps: steps)
         for layer in model.linearLayers { layer.lora = nil }
         let decode = decodeTokens > 0 ? try CPUBenchmark.decode(model: model, promptLength: 16, tokens: decodeTokens) : 0
         print(#"{"device": "cpu", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "threads": \#(CPUParallelism.threads), "tokens_per_s": \#(rounded(training.tokensPerSecond)), "step_s": \#(rounded(training.stepSeconds)), "useful_tflops": \#(rounded(training.usefulTFLOPs * 1000) / 1000), "decode_tokens_per_s": \#(rounded(decode))}"#)
+    }
+
+    func runCUDA(architecture: Architecture, context: CUDAContext) throws {
+        let result = try CUDABenchmark.training(context: context, config: architecture.config, batch: batch, sequenceLength: seq,
+                                                rank: loraR, warmupSteps: warmup, steps: steps)
+        let gib = { (b: Int) in rounded(Double(b) / Double(1 << 30)) }
+        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "loss_first": \#(rounded(result.firstLoss * 1000) / 1000), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
     }
 
     func rounded(_ x: Double) -> Double { (x * 100).rounded() / 100 }

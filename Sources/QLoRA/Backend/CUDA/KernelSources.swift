@@ -16,12 +16,15 @@ public enum KernelSources {
     public static let crossEntropy = KernelSource(name: "cross_entropy.cu", bytes: PackageResources.cross_entropy_cu)
     public static let adamw = KernelSource(name: "adamw.cu", bytes: PackageResources.adamw_cu)
     public static let attention = KernelSource(name: "attention.cu", bytes: PackageResources.attention_cu)
+    public static let attentionMMA = KernelSource(name: "attention_mma.cu", bytes: PackageResources.attention_mma_cu)
     public static let convert = KernelSource(name: "convert.cu", bytes: PackageResources.convert_cu)
     public static let decode = KernelSource(name: "decode.cu", bytes: PackageResources.decode_cu)
     public static let random = KernelSource(name: "random.cu", bytes: PackageResources.random_cu)
     public static let adamw8bit = KernelSource(name: "adamw8bit.cu", bytes: PackageResources.adamw8bit_cu)
 
+    public static let training = KernelSource(name: "training.cu", bytes: PackageResources.training_cu)
+
     /// All kernel files, for checks that compile everything up front.
-    public static let all: [KernelSource] = [nf4, rmsnorm, rope, swiglu, embedding, crossEntropy, adamw, attention, convert,
+    public static let all: [KernelSource] = [nf4, rmsnorm, rope, swiglu, embedding, crossEntropy, adamw, attention, attentionMMA, convert, training,
                                           decode, random, adamw8bit]
 }

@@ -138,6 +138,12 @@ __device__ __forceinline__ void attention_forward_impl(const bf16* q, const bf16
     if (part == 0) lse[ti * heads + h] = m + logf(l);
 }
 
+extern "C" __global__ void __launch_bounds__(THREADS) attention_forward_d32(
+    const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* segments, int seq, int heads,
+    int kv_heads, float scale) {
+    attention_forward_impl<32>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS) attention_forward_d64(
     const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* segments, int seq, int heads,
     int kv_heads, float scale) {
@@ -208,6 +214,12 @@ __device__ __forceinline__ void attention_backward_dq_impl(const bf16* q, const 
     store_part<D>(dq + (ti * heads + h) * D, part, acc);
 }
 
+extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dq_d32(
+    const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
+    const int* segments, bf16* dq, int seq, int heads, int kv_heads, float scale) {
+    attention_backward_dq_impl<32>(q, k, v, dout, lse, delta, segments, dq, seq, heads, kv_heads, scale);
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dq_d64(
     const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
     const int* segments, bf16* dq, int seq, int heads, int kv_heads, float scale) {
@@ -274,6 +286,12 @@ __device__ __forceinline__ void attention_backward_dkdv_impl(const bf16* q, cons
     for (int x = 0; x < D / 4; x++) dkf[x] *= scale;
     store_part<D>(dk + (tj * kv_heads + hk) * D, part, dkf);
     store_part<D>(dv + (tj * kv_heads + hk) * D, part, dvf);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_d32(
+    const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
+    const int* segments, bf16* dk, bf16* dv, int seq, int heads, int kv_heads, float scale) {
+    attention_backward_dkdv_impl<32>(q, k, v, dout, lse, delta, segments, dk, dv, seq, heads, kv_heads, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_d64(

@@ -1,4 +1,5 @@
-// Launchers for Kernels/attention.cu: causal GQA attention, forward and backward, without storing scores.
+// Launchers for Kernels/attention_mma.cu (tensor cores, the default) and Kernels/attention.cu (fp32 FMAs, kept as a
+// second implementation to check against): causal GQA attention, forward and backward, without storing scores.
 
 /// The shape of one attention call: `batch` rows of `seq` tokens, `heads` query heads sharing `kvHeads` KV heads.
 public struct AttentionShape {
@@ -23,7 +24,7 @@ public struct AttentionShape {
 
 extension CUDAContext {
     private func checkAttention(_ s: AttentionShape, _ op: String) throws {
-        try require(s.headDim == 64 || s.headDim == 128, op, "head dimension \(s.headDim) is not supported yet (64 or 128)")
+        try require(s.headDim == 32 || s.headDim == 64 || s.headDim == 128, op, "head dimension \(s.headDim) is not supported yet (32, 64 or 128)")
         try require(s.kvHeads > 0 && s.heads % s.kvHeads == 0, op, "\(s.heads) query heads cannot share \(s.kvHeads) KV heads")
         try require(s.batch > 0 && s.seq > 0, op, "empty batch")
     }
@@ -33,13 +34,15 @@ extension CUDAContext {
     /// packed sequences apart.
     public func attentionForward(q: DeviceBuffer<UInt16>, k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>,
                                  into o: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>, segments: DeviceBuffer<Int32>? = nil,
-                                 shape s: AttentionShape, stream: CUDAStream? = nil) throws {
+                                 shape s: AttentionShape, tensorCores: Bool = true, stream: CUDAStream? = nil) throws {
         let op = "attentionForward"
         try checkAttention(s, op)
         try require(q.count >= s.tokens * s.heads * s.headDim && o.count >= q.count && lse.count >= s.tokens * s.heads
                         && k.count >= s.tokens * s.kvHeads * s.headDim && v.count >= k.count, op, "buffers too small")
-        try device.launch(compiler.function(KernelSources.attention, "attention_forward_d\(s.headDim)"),
-                          grid: ((s.seq + 63) / 64, s.heads, s.batch), block: (256, 1, 1), stream: stream,
+        let (source, name, threads) = tensorCores ? (KernelSources.attentionMMA, "attention_mma_forward_d\(s.headDim)", 128)
+                                                  : (KernelSources.attention, "attention_forward_d\(s.headDim)", 256)
+        try device.launch(compiler.function(source, name),
+                          grid: ((s.seq + 63) / 64, s.heads, s.batch), block: (threads, 1, 1), stream: stream,
                           [q.arg, k.arg, v.arg, o.arg, lse.arg, .pointer(segments?.pointer ?? 0), .int(s.seq), .int(s.heads),
                            .int(s.kvHeads), .float(s.scale)])
     }
@@ -50,7 +53,7 @@ extension CUDAContext {
                                   o: DeviceBuffer<UInt16>, dout: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>,
                                   segments: DeviceBuffer<Int32>? = nil, dq: DeviceBuffer<UInt16>, dk: DeviceBuffer<UInt16>,
                                   dv: DeviceBuffer<UInt16>, delta: DeviceBuffer<Float>? = nil, shape s: AttentionShape,
-                                  stream: CUDAStream? = nil) throws {
+                                  tensorCores: Bool = true, stream: CUDAStream? = nil) throws {
         let op = "attentionBackward"
         try checkAttention(s, op)
         let qCount = s.tokens * s.heads * s.headDim, kCount = s.tokens * s.kvHeads * s.headDim
@@ -64,11 +67,13 @@ extension CUDAContext {
                           [o.arg, dout.arg, deltaBuffer.arg, .int64(Int64(rows)), .int(s.headDim)])
         let common: [KernelArgument] = [q.arg, k.arg, v.arg, dout.arg, lse.arg, deltaBuffer.arg, .pointer(segments?.pointer ?? 0)]
         let tail: [KernelArgument] = [.int(s.seq), .int(s.heads), .int(s.kvHeads), .float(s.scale)]
-        try device.launch(compiler.function(KernelSources.attention, "attention_backward_dq_d\(s.headDim)"),
-                          grid: ((s.seq + 63) / 64, s.heads, s.batch), block: (256, 1, 1), stream: stream,
+        let (source, prefix, threads) = tensorCores ? (KernelSources.attentionMMA, "attention_mma_backward", 128)
+                                                    : (KernelSources.attention, "attention_backward", 256)
+        try device.launch(compiler.function(source, "\(prefix)_dq_d\(s.headDim)"),
+                          grid: ((s.seq + 63) / 64, s.heads, s.batch), block: (threads, 1, 1), stream: stream,
                           common + [dq.arg] + tail)
-        try device.launch(compiler.function(KernelSources.attention, "attention_backward_dkdv_d\(s.headDim)"),
-                          grid: ((s.seq + 63) / 64, s.kvHeads, s.batch), block: (256, 1, 1), stream: stream,
+        try device.launch(compiler.function(source, "\(prefix)_dkdv_d\(s.headDim)"),
+                          grid: ((s.seq + 63) / 64, s.kvHeads, s.batch), block: (threads, 1, 1), stream: stream,
                           common + [dk.arg, dv.arg] + tail)
     }
 }

@@ -1,0 +1,478 @@
+// attention_mma.cu: the same causal GQA attention as attention.cu (shapes, masking, formulas: see there), on the
+// tensor cores: bf16 `mma.sync.aligned.m16n8k16` with fp32 accumulation, flash-attention-2 style.
+//
+// Fragments of m16n8k16 (PTX ISA, "Matrix fragments for mma.m16n8k16"), lane = 4 g + t:
+//   A (16x16, row-major):  a[0] = A[g][2t..2t+1]   a[1] = A[g+8][2t..2t+1]   a[2] = A[g][2t+8..]   a[3] = A[g+8][2t+8..]
+//   B (16x8, "col"):       b[0] = B[2t..2t+1][g]   b[1] = B[2t+8..2t+9][g]
+//   C (16x8, fp32):        c[0..1] = C[g][2t..2t+1]   c[2..3] = C[g+8][2t..2t+1]
+// (each 32-bit register holds two bf16, the lower index in the low half). The C fragments of two adjacent n-tiles
+// are exactly the A fragment of one k-step, so softmax probabilities go from one product into the next in
+// registers. B operands come from shared memory through ldmatrix (.trans where the pairs run across rows); A
+// operands (Q, dO, K, V rows) are loaded once from global memory as 32-bit words. Tiles are copied to shared memory with cp.async so the
+// next tile's loads overlap this tile's products (see each kernel's pipeline comment). Shared rows are padded by 8 values (16 bytes) so the
+// 8 rows a fragment reads fall in different banks.
+//
+// Kernels (4 warps; each warp owns 16 rows of the block's 64):
+//   attention_mma_forward:   block = 64 queries of one head; loops over key tiles of 64 up to the diagonal:
+//                            S = Q Kᵀ, online softmax (m, l per row), O += P V; writes O and lse.
+//   attention_mma_backward_dq:   block = 64 queries: S, P = exp(scale S - lse), dP = dO Vᵀ,
+//                            dS = P (dP - delta), dQ += dS K; dq = scale dQ.
+//   attention_mma_backward_dkdv: block = 64 keys of one KV head; loops over the group's query heads and query
+//                            tiles of 32 from the diagonal on: Sᵀ = K Qᵀ, Pᵀ, dV += Pᵀ dO, dPᵀ = V dOᵀ,
+//                            dSᵀ = Pᵀ (dPᵀ - delta), dK += dSᵀ Q; dk = scale dK.
+#include "qlora_prelude.cuh"
+
+#define MMA_THREADS 128
+
+// Not volatile: a pure function of its registers, so the compiler may schedule fragment loads ahead of it.
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned ld32(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
+__device__ __forceinline__ unsigned pack2(bf16 lo, bf16 hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+__device__ __forceinline__ unsigned pack_f2(float lo, float hi) { return pack2(float_to_bf16(lo), float_to_bf16(hi)); }
+
+/// A fragments of a warp's 16 rows x D from global memory rows r0 (= row g) and r0 + 8 (zeros where invalid).
+template <int D>
+__device__ __forceinline__ void load_a_rows(unsigned (*a)[4], const bf16* row0, const bf16* row1, int t) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        a[kk][0] = row0 ? ld32(row0 + kk * 16 + 2 * t) : 0u;
+        a[kk][1] = row1 ? ld32(row1 + kk * 16 + 2 * t) : 0u;
+        a[kk][2] = row0 ? ld32(row0 + kk * 16 + 2 * t + 8) : 0u;
+        a[kk][3] = row1 ? ld32(row1 + kk * 16 + 2 * t + 8) : 0u;
+    }
+}
+
+/// Copies `rows` rows of one head (row r -> token t0 + r0 + r) into shared memory with row stride LD (zeros past seq).
+template <int D, int ROWS>
+__device__ __forceinline__ void load_rows_shared(bf16* dst, const bf16* src, long long t0, int r0, int seq, int heads, int head) {
+    constexpr int LD = D + 8;
+    for (int idx = threadIdx.x; idx < ROWS * D / 8; idx += blockDim.x) {
+        const int rr = idx / (D / 8), ch = idx % (D / 8);
+        bf16x8_raw v = {{0u, 0u, 0u, 0u}};
+        if (r0 + rr < seq) v = *reinterpret_cast<const bf16x8_raw*>(src + ((t0 + r0 + rr) * heads + head) * D + ch * 8);
+        *reinterpret_cast<bf16x8_raw*>(dst + rr * LD + ch * 8) = v;
+    }
+}
+
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+/// As load_rows_shared, with cp.async (16 bytes per copy, zero-filled past seq): the copies run in the background
+/// until `cp_async_wait`. Every thread calls `cp_async_commit` after issuing a group (also an empty one).
+template <int D, int ROWS>
+__device__ __forceinline__ void async_rows_shared(bf16* dst, const bf16* src, long long t0, int r0, int seq, int heads, int head) {
+    constexpr int LD = D + 8;
+    for (int idx = threadIdx.x; idx < ROWS * D / 8; idx += blockDim.x) {
+        const int rr = idx / (D / 8), ch = idx % (D / 8);
+        const bool valid = r0 + rr < seq;
+        const bf16* from = valid ? src + ((t0 + r0 + rr) * heads + head) * D + ch * 8 : src;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst + rr * LD + ch * 8)), "l"(from),
+                     "r"(valid ? 16 : 0) : "memory");
+    }
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+/// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// ldmatrix.x4: lanes 8j..8j+7 give the row addresses of 8x8 matrix j; register j of lane (g, t) receives
+// M_j[g][2t..2t+1], or with .trans M_j[2t..2t+1][g]. The memory clobber keeps them between the barriers.
+__device__ __forceinline__ void ldsm_x4(unsigned* r, const bf16* p) {
+    asm("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const bf16* p) {
+    asm("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
+}
+
+/// B fragments of an operand stored [n][k] in shared memory (pairs along k contiguous), n-tile n0, for the two
+/// k-steps k0 and k0 + 16: r[0..1] and r[2..3].
+__device__ __forceinline__ void b_frags_nk(unsigned* r, const bf16* s, int ld, int k0, int n0, int lane) {
+    ldsm_x4(r, s + (n0 + (lane & 7)) * ld + k0 + (lane >> 3) * 8);
+}
+
+/// B fragments of an operand stored [k][n] in shared memory (pairs along k in different rows: transposed load),
+/// k-step k0, for the two n-tiles n0 and n0 + 8: r[0..1] and r[2..3].
+__device__ __forceinline__ void b_frags_kn(unsigned* r, const bf16* s, int ld, int k0, int n0, int lane) {
+    ldsm_x4_trans(r, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
+}
+
+// MARK: - Forward
+
+template <int D>
+__device__ __forceinline__ void mma_forward(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+                                            const int* segments, int seq, int heads, int kv_heads, float scale) {
+    constexpr int LD = D + 8, BK = 64;
+    __shared__ alignas(16) bf16 ks[BK * LD];
+    __shared__ alignas(16) bf16 vs[BK * LD];
+    __shared__ int segk[BK];
+    const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * 64;  // longest rows first
+    const int hk = h / (heads / kv_heads);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const long long t0 = (long long)b * seq;
+    int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+    unsigned qa[D / 16][4];
+    load_a_rows<D>(qa, rows[0] < seq ? q + ((t0 + rows[0]) * heads + h) * D : nullptr,
+                   rows[1] < seq ? q + ((t0 + rows[1]) * heads + h) * D : nullptr, t);
+    int segq[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) segq[i] = (segments && rows[i] < seq) ? segments[t0 + rows[i]] : 0;
+    float oacc[D / 8][4];
+#pragma unroll
+    for (int x = 0; x < D / 8; x++) oacc[x][0] = oacc[x][1] = oacc[x][2] = oacc[x][3] = 0.0f;
+    float m[2] = {-QLORA_INFINITY, -QLORA_INFINITY}, l[2] = {0.0f, 0.0f};
+
+    // Pipeline (one buffer each): K(j+1) loads while softmax and P·V of tile j run, V(j+1) while S of tile j+1 runs.
+    // Groups in flight at each wait, oldest first: [K(j), V(j)] -> wait<1> gives K(j); [V(j), K(j+1)] -> V(j).
+    const int key_end = min(seq, q0 + 64);
+    async_rows_shared<D, BK>(ks, k, t0, 0, seq, kv_heads, hk);
+    cp_async_commit();
+    async_rows_shared<D, BK>(vs, v, t0, 0, seq, kv_heads, hk);
+    cp_async_commit();
+    for (int j0 = 0; j0 < key_end; j0 += BK) {
+        cp_async_wait<1>();
+        if (threadIdx.x < BK) segk[threadIdx.x] = (segments && j0 + threadIdx.x < seq) ? segments[t0 + j0 + threadIdx.x] : 0;
+        __syncthreads();
+        float s[BK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                unsigned r[4];
+                b_frags_nk(r, ks, LD, kk * 16, nt * 8, lane);
+                mma16816(s[nt], qa[kk], r[0], r[1]);
+                mma16816(s[nt], qa[kk + 1], r[2], r[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with ks
+        if (j0 + BK < key_end) async_rows_shared<D, BK>(ks, k, t0, j0 + BK, seq, kv_heads, hk);
+        cp_async_commit();
+        float mx[2] = {-QLORA_INFINITY, -QLORA_INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int i = e >> 1, col = j0 + nt * 8 + 2 * t + (e & 1);
+                const bool ok = rows[i] < seq && col <= rows[i] && segk[col - j0] == segq[i];
+                s[nt][e] = ok ? s[nt][e] * scale : -QLORA_INFINITY;
+                mx[i] = fmaxf(mx[i], s[nt][e]);
+            }
+        }
+        float msub[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+            const float m_new = fmaxf(m[i], mx[i]);
+            const float alpha = m_new == -QLORA_INFINITY ? 1.0f : __expf(m[i] - m_new);
+            msub[i] = m_new == -QLORA_INFINITY ? 0.0f : m_new;
+            l[i] *= alpha;
+#pragma unroll
+            for (int x = 0; x < D / 8; x++) { oacc[x][2 * i] *= alpha; oacc[x][2 * i + 1] *= alpha; }
+            m[i] = m_new;
+        }
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float p = __expf(s[nt][e] - msub[e >> 1]);
+                s[nt][e] = p;
+                l[e >> 1] += p;
+            }
+        }
+        cp_async_wait<1>();
+        __syncthreads();  // V(j) has landed for every thread's copies
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            const unsigned pa[4] = {pack_f2(s[2 * kk][0], s[2 * kk][1]), pack_f2(s[2 * kk][2], s[2 * kk][3]),
+                                    pack_f2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_f2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                unsigned r[4];
+                b_frags_kn(r, vs, LD, kk * 16, dt * 8, lane);
+                mma16816(oacc[dt], pa, r[0], r[1]);
+                mma16816(oacc[dt + 1], pa, r[2], r[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with vs
+        if (j0 + BK < key_end) async_rows_shared<D, BK>(vs, v, t0, j0 + BK, seq, kv_heads, hk);
+        cp_async_commit();
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+        if (rows[i] >= seq) continue;
+        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+        bf16* out = o + ((t0 + rows[i]) * heads + h) * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++)
+            *reinterpret_cast<unsigned*>(out + dt * 8 + 2 * t) = pack_f2(oacc[dt][2 * i] * inv, oacc[dt][2 * i + 1] * inv);
+        if (t == 0) lse[(t0 + rows[i]) * heads + h] = m[i] + logf(l[i]);
+    }
+}
+
+// MARK: - Backward: dq
+
+template <int D>
+__device__ __forceinline__ void mma_backward_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                                                const float* delta, const int* segments, bf16* dq, int seq, int heads,
+                                                int kv_heads, float scale) {
+    constexpr int LD = D + 8, BK = 64;
+    __shared__ alignas(16) bf16 ks[BK * LD];
+    __shared__ alignas(16) bf16 vs[BK * LD];
+    __shared__ int segk[BK];
+    const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * 64;  // longest rows first
+    const int hk = h / (heads / kv_heads);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const long long t0 = (long long)b * seq;
+    int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+    unsigned qa[D / 16][4], da[D / 16][4];
+    const bf16* r0 = rows[0] < seq ? q + ((t0 + rows[0]) * heads + h) * D : nullptr;
+    const bf16* r1 = rows[1] < seq ? q + ((t0 + rows[1]) * heads + h) * D : nullptr;
+    load_a_rows<D>(qa, r0, r1, t);
+    load_a_rows<D>(da, r0 ? dout + (r0 - q) : nullptr, r1 ? dout + (r1 - q) : nullptr, t);
+    int segq[2];
+    float row_lse[2], row_delta[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const bool valid = rows[i] < seq;
+        segq[i] = (segments && valid) ? segments[t0 + rows[i]] : 0;
+        row_lse[i] = valid ? lse[(t0 + rows[i]) * heads + h] : 0.0f;
+        row_delta[i] = valid ? delta[(t0 + rows[i]) * heads + h] : 0.0f;
+    }
+    float acc[D / 8][4];
+#pragma unroll
+    for (int x = 0; x < D / 8; x++) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.0f;
+
+    // Pipeline (one buffer each): dP = dO Vᵀ first, then V(j+1) loads while S, dS and dQ of tile j run; K(j+1)
+    // loads while dP of tile j+1 runs. In flight at each wait, oldest first: [V(j), K(j)] -> wait<1> gives V(j);
+    // [K(j), V(j+1)] -> wait<1> gives K(j).
+    const int key_end = min(seq, q0 + 64);
+    async_rows_shared<D, BK>(vs, v, t0, 0, seq, kv_heads, hk);
+    cp_async_commit();
+    async_rows_shared<D, BK>(ks, k, t0, 0, seq, kv_heads, hk);
+    cp_async_commit();
+    for (int j0 = 0; j0 < key_end; j0 += BK) {
+        cp_async_wait<1>();
+        if (threadIdx.x < BK) segk[threadIdx.x] = (segments && j0 + threadIdx.x < seq) ? segments[t0 + j0 + threadIdx.x] : 0;
+        __syncthreads();
+        float s[BK / 8][4], dp[BK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                unsigned r[4];
+                b_frags_nk(r, vs, LD, kk * 16, nt * 8, lane);
+                mma16816(dp[nt], da[kk], r[0], r[1]);
+                mma16816(dp[nt], da[kk + 1], r[2], r[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with vs
+        if (j0 + BK < key_end) async_rows_shared<D, BK>(vs, v, t0, j0 + BK, seq, kv_heads, hk);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();  // K(j) has landed
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                unsigned r[4];
+                b_frags_nk(r, ks, LD, kk * 16, nt * 8, lane);
+                mma16816(s[nt], qa[kk], r[0], r[1]);
+                mma16816(s[nt], qa[kk + 1], r[2], r[3]);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int i = e >> 1, col = j0 + nt * 8 + 2 * t + (e & 1);
+                const bool ok = rows[i] < seq && col <= rows[i] && segk[col - j0] == segq[i];
+                const float p = ok ? __expf(s[nt][e] * scale - row_lse[i]) : 0.0f;
+                s[nt][e] = p * (dp[nt][e] - row_delta[i]);  // dS
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            const unsigned pa[4] = {pack_f2(s[2 * kk][0], s[2 * kk][1]), pack_f2(s[2 * kk][2], s[2 * kk][3]),
+                                    pack_f2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_f2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                unsigned r[4];
+                b_frags_kn(r, ks, LD, kk * 16, dt * 8, lane);
+                mma16816(acc[dt], pa, r[0], r[1]);
+                mma16816(acc[dt + 1], pa, r[2], r[3]);
+            }
+        }
+        __syncthreads();  // every warp is done with ks
+        if (j0 + BK < key_end) async_rows_shared<D, BK>(ks, k, t0, j0 + BK, seq, kv_heads, hk);
+        cp_async_commit();
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (rows[i] >= seq) continue;
+        bf16* out = dq + ((t0 + rows[i]) * heads + h) * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++)
+            *reinterpret_cast<unsigned*>(out + dt * 8 + 2 * t) = pack_f2(acc[dt][2 * i] * scale, acc[dt][2 * i + 1] * scale);
+    }
+}
+
+// MARK: - Backward: dk, dv
+
+template <int D>
+__device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                  const float* lse, const float* delta, const int* segments, bf16* dk,
+                                                  bf16* dv, int seq, int heads, int kv_heads, float scale) {
+    constexpr int LD = D + 8, BQ = 32;
+    __shared__ alignas(16) bf16 qs_buffers[2][BQ * LD];
+    __shared__ alignas(16) bf16 dos_buffers[2][BQ * LD];
+    __shared__ float lse_buffers[2][BQ], delta_buffers[2][BQ];
+    __shared__ int segq_buffers[2][BQ];
+    const int b = blockIdx.z, hk = blockIdx.y, k0 = blockIdx.x * 64;
+    const int group = heads / kv_heads;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const long long t0 = (long long)b * seq;
+    int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+    unsigned ka[D / 16][4], va[D / 16][4];
+    const bf16* r0 = keys[0] < seq ? k + ((t0 + keys[0]) * kv_heads + hk) * D : nullptr;
+    const bf16* r1 = keys[1] < seq ? k + ((t0 + keys[1]) * kv_heads + hk) * D : nullptr;
+    load_a_rows<D>(ka, r0, r1, t);
+    load_a_rows<D>(va, r0 ? v + (r0 - k) : nullptr, r1 ? v + (r1 - k) : nullptr, t);
+    int segk[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) segk[i] = (segments && keys[i] < seq) ? segments[t0 + keys[i]] : 0;
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int x = 0; x < D / 8; x++) {
+        dka[x][0] = dka[x][1] = dka[x][2] = dka[x][3] = 0.0f;
+        dva[x][0] = dva[x][1] = dva[x][2] = dva[x][3] = 0.0f;
+    }
+    // Tiles (query head of the group, 32 queries from the diagonal on), double-buffered: tile n+1 loads (cp.async)
+    // while tile n is computed.
+    const int tiles_per_head = (seq - k0 + BQ - 1) / BQ, tiles = group * tiles_per_head;
+    auto issue = [&](int n, int stage) {
+        const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * BQ;
+        async_rows_shared<D, BQ>(qs_buffers[stage], q, t0, i0, seq, heads, h);
+        async_rows_shared<D, BQ>(dos_buffers[stage], dout, t0, i0, seq, heads, h);
+        if (threadIdx.x < BQ) {
+            const int i = i0 + threadIdx.x;
+            const bool valid = i < seq;
+            lse_buffers[stage][threadIdx.x] = valid ? lse[(t0 + i) * heads + h] : 0.0f;
+            delta_buffers[stage][threadIdx.x] = valid ? delta[(t0 + i) * heads + h] : 0.0f;
+            segq_buffers[stage][threadIdx.x] = (segments && valid) ? segments[t0 + i] : 0;
+        }
+    };
+    if (tiles > 0) issue(0, 0);
+    cp_async_commit();
+    for (int n = 0; n < tiles; n++) {
+        const int stage = n & 1;
+        if (n + 1 < tiles) issue(n + 1, stage ^ 1);  // its buffers were last read in tile n - 1
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();  // tile n has landed
+        const int i0 = k0 + (n % tiles_per_head) * BQ;
+        const bf16* qs = qs_buffers[stage];
+        const bf16* dos = dos_buffers[stage];
+        const float* lse_s = lse_buffers[stage];
+        const float* delta_s = delta_buffers[stage];
+        const int* segq_s = segq_buffers[stage];
+        {
+            float st[BQ / 8][4], dpt[BQ / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < BQ / 8; nt++) {
+                st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.0f;
+                dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk += 2) {
+                    unsigned r[4];
+                    b_frags_nk(r, qs, LD, kk * 16, nt * 8, lane);
+                    mma16816(st[nt], ka[kk], r[0], r[1]);
+                    mma16816(st[nt], ka[kk + 1], r[2], r[3]);
+                    b_frags_nk(r, dos, LD, kk * 16, nt * 8, lane);
+                    mma16816(dpt[nt], va[kk], r[0], r[1]);
+                    mma16816(dpt[nt], va[kk + 1], r[2], r[3]);
+                }
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int i = e >> 1, cq = nt * 8 + 2 * t + (e & 1), query = i0 + cq;
+                    const bool ok = keys[i] < seq && query < seq && keys[i] <= query && segq_s[cq] == segk[i];
+                    const float p = ok ? __expf(st[nt][e] * scale - lse_s[cq]) : 0.0f;
+                    st[nt][e] = p;                              // Pᵀ
+                    dpt[nt][e] = p * (dpt[nt][e] - delta_s[cq]);  // dSᵀ
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < BQ / 16; kk++) {
+                const unsigned pa[4] = {pack_f2(st[2 * kk][0], st[2 * kk][1]), pack_f2(st[2 * kk][2], st[2 * kk][3]),
+                                        pack_f2(st[2 * kk + 1][0], st[2 * kk + 1][1]), pack_f2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+                const unsigned sa[4] = {pack_f2(dpt[2 * kk][0], dpt[2 * kk][1]), pack_f2(dpt[2 * kk][2], dpt[2 * kk][3]),
+                                        pack_f2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                                        pack_f2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+                for (int dt = 0; dt < D / 8; dt += 2) {
+                    unsigned r[4];
+                    b_frags_kn(r, dos, LD, kk * 16, dt * 8, lane);
+                    mma16816(dva[dt], pa, r[0], r[1]);
+                    mma16816(dva[dt + 1], pa, r[2], r[3]);
+                    b_frags_kn(r, qs, LD, kk * 16, dt * 8, lane);
+                    mma16816(dka[dt], sa, r[0], r[1]);
+                    mma16816(dka[dt + 1], sa, r[2], r[3]);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (keys[i] >= seq) continue;
+        bf16* outk = dk + ((t0 + keys[i]) * kv_heads + hk) * D;
+        bf16* outv = dv + ((t0 + keys[i]) * kv_heads + hk) * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            *reinterpret_cast<unsigned*>(outk + dt * 8 + 2 * t) = pack_f2(dka[dt][2 * i] * scale, dka[dt][2 * i + 1] * scale);
+            *reinterpret_cast<unsigned*>(outv + dt * 8 + 2 * t) = pack_f2(dva[dt][2 * i], dva[dt][2 * i + 1]);
+        }
+    }
+}
+
+// MARK: - Entry points
+
+#define FORWARD_ARGS const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, const int *segments, int seq, \
+                     int heads, int kv_heads, float scale
+#define DQ_ARGS const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta, \
+                const int *segments, bf16 *dq, int seq, int heads, int kv_heads, float scale
+#define DKDV_ARGS const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta, \
+                  const int *segments, bf16 *dk, bf16 *dv, int seq, int heads, int kv_heads, float scale
+
+#define ENTRY_POINTS(D)                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS) attention_mma_forward_d##D(FORWARD_ARGS) {                \
+        mma_forward<D>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);                                         \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS) attention_mma_backward_dq_d##D(DQ_ARGS) {                 \
+        mma_backward_dq<D>(q, k, v, dout, lse, delta, segments, dq, seq, heads, kv_heads, scale);                       \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS) attention_mma_backward_dkdv_d##D(DKDV_ARGS) {             \
+        mma_backward_dkdv<D>(q, k, v, dout, lse, delta, segments, dk, dv, seq, heads, kv_heads, scale);                 \
+    }
+
+ENTRY_POINTS(32)
+ENTRY_POINTS(64)
+ENTRY_POINTS(128)

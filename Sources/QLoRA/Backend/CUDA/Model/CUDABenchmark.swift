@@ -1,0 +1,100 @@
+// Timing QLoRA training steps on the GPU with random NF4 weights of a real architecture (made on the GPU), and
+// choosing the device for a command (`--device auto|cpu|cuda`).
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What `--device` resolved to.
+public enum DeviceChoice {
+    case cpu
+    case cuda(CUDAContext)
+
+    /// `auto` takes the GPU when the CUDA driver loads and a GPU is present (and says so on stderr); `cuda` requires
+    /// it (the error says what is missing); `cpu` never touches CUDA.
+    public static func resolve(_ name: String, log: (String) -> Void = { printError($0) }) throws -> DeviceChoice {
+        switch name.lowercased() {
+        case "cpu":
+            return .cpu
+        case "cuda", "gpu":
+            return .cuda(try CUDAContext())
+        case "auto":
+            do {
+                let context = try CUDAContext()
+                log("device: cuda (\(context.device.name), \(DeviceAllocator.format(context.device.totalMemory)))")
+                return .cuda(context)
+            } catch {
+                log("device: cpu (no usable GPU: \(error))")
+                return .cpu
+            }
+        default:
+            throw UsageError("unknown device '\(name)' (choose from auto, cpu, cuda)")
+        }
+    }
+
+    public static func printError(_ line: String) {
+        var text = line + "\n"
+        text.withUTF8 { _ = fwrite($0.baseAddress, 1, $0.count, stderr) }
+    }
+}
+
+public struct CUDABenchmarkResult {
+    public var tokensPerSecond: Double
+    public var stepSeconds: Double
+    public var usefulTFLOPs: Double
+    /// The same rate counted as ../shared/bench/reference_qlora.py counts it (attention 12·s·heads·D per token and
+    /// layer, no causal halving), for a like-for-like column beside the reference stack.
+    public var usefulTFLOPsReferenceFormula: Double
+    /// The caching allocator's high-water mark of live bytes, and of bytes obtained from the driver.
+    public var peakAllocatedBytes: Int
+    public var peakReservedBytes: Int
+    /// total − free from cuMemGetInfo after the timed steps (includes the CUDA context and libraries).
+    public var driverUsedBytes: Int
+    public var plan: CUDAMemoryPlan
+    public var firstLoss: Double
+    public var lastLoss: Double
+}
+
+public enum CUDABenchmark {
+    /// FLOPs per token as reference_qlora.py counts them: 4·(linear + head parameters) + 12·s·heads·D·layers.
+    public static func referenceFlopsPerToken(config c: LlamaConfig, sequenceLength t: Int) -> Double {
+        let linear = Double(c.layerCount) * Double(c.hiddenSize * (c.qDim + 2 * c.kvDim) + c.qDim * c.hiddenSize
+                                                   + 3 * c.hiddenSize * c.intermediateSize)
+        let head = Double(c.vocabularySize * c.hiddenSize)
+        return 4 * (linear + head) + 12 * Double(t) * Double(c.headCount * c.headDim * c.layerCount)
+    }
+
+    /// Builds a random-weight trainer and runs `warmupSteps` then `steps` timed training steps (forward, backward,
+    /// clipping at 1.0, AdamW) on random tokens; one host synchronisation per timed run.
+    public static func training(context: CUDAContext, config: LlamaConfig, batch rows: Int, sequenceLength t: Int, rank: Int,
+                                warmupSteps: Int, steps: Int) throws -> CUDABenchmarkResult {
+        context.allocator.resetPeak()
+        let trainer = try CUDALlamaTrainer(context: context, randomConfig: config, rank: rank, alpha: Double(2 * rank),
+                                           capacityTokens: rows * t)
+        var rng = SeededGenerator(seed: 1)
+        let tokens = (0..<(rows * t)).map { _ in Int(rng.next() % UInt64(config.vocabularySize)) }
+        let batch = TrainingBatch(examples: (0..<rows).map { r in
+            (Array(tokens[(r * t)..<((r + 1) * t)]), Array(tokens[(r * t)..<((r + 1) * t)]))
+        }, length: t, padID: 0)
+        func step() throws {
+            try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens)
+            try trainer.optimizerStep(learningRate: 2e-4, maxGradNorm: 1)
+        }
+        for _ in 0..<warmupSteps { try step() }
+        let first = warmupSteps > 0 ? try trainer.lastLoss().mean : .nan
+        try context.device.synchronize()
+        let start = monotonicSeconds()
+        for _ in 0..<steps { try step() }
+        try context.device.synchronize()
+        let seconds = (monotonicSeconds() - start) / Double(steps)
+        let last = try trainer.lastLoss().mean
+        let info = try context.device.memoryInfo()
+        let tokensPerSecond = Double(rows * t) / seconds
+        return CUDABenchmarkResult(
+            tokensPerSecond: tokensPerSecond, stepSeconds: seconds,
+            usefulTFLOPs: tokensPerSecond * CPUBenchmark.usefulFlopsPerToken(config: config, sequenceLength: t) / 1e12,
+            usefulTFLOPsReferenceFormula: tokensPerSecond * referenceFlopsPerToken(config: config, sequenceLength: t) / 1e12,
+            peakAllocatedBytes: context.allocator.peakBytes, peakReservedBytes: context.allocator.peakReservedBytes,
+            driverUsedBytes: info.total - info.free, plan: trainer.plan, firstLoss: first, lastLoss: last)
+    }
+}

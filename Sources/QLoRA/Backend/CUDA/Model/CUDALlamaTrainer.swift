@@ -1,0 +1,511 @@
+// QLoRA training of the Llama decoder on one GPU: the frozen base in NF4 + double quant, LoRA on the seven
+// projections, a forward and hand-written backward that mirror the CPU reference (Training/LlamaBackward.swift,
+// whose header derives every gradient), gradient checkpointing, chunked cross-entropy, clipping and AdamW.
+//
+// Precision: activations and GEMM operands in bf16 with fp32 accumulation (cuBLASLt), norms and softmax sums in
+// fp32 inside the kernels, LoRA masters, gradients and optimizer moments in fp32 (bf16 copies feed the GEMMs).
+//
+// One step, N = rows × length tokens, L blocks (every buffer is allocated once, in `init`, and reused):
+//   x₀ = embed(tokens)                          checkpoint[0]
+//   x_{l+1} = block_l(x_l)                      checkpoint[l+1]; nothing else of the block is kept
+//   loss = CE(head(norm(x_L))) in chunks of rows; dx_L = d loss / d x_L
+//   for l = L-1 … 0: recompute block_l(x_l) (all but down_proj's base product, whose output is not needed),
+//                    then its backward: dx_l from dx_{l+1}, LoRA gradients added into one fp32 buffer
+// Each linear's NF4 weight is dequantized into one shared bf16 scratch right before the products that read it
+// (three times per step: forward, recompute, backward), which costs far less than the GEMMs.
+//
+// Block forward (as LlamaDecoderLayer):            Block backward (g holds d/d output, updated in place):
+//   n1 = rms(x)·w1                                    dAct  = down⁻(g)                (into act's buffer)
+//   q, k, v = lin(n1); rope(q, k)                     dGate, dUp = swiglu⁻(dAct)       (into gate and up)
+//   a = attention(q, k, v)                            dN2 = gate⁻(dGate) + up⁻(dUp)
+//   h = x + o(a)                                      g  += rms⁻(h, dN2)               (g is now d/dh)
+//   n2 = rms(h)·w2                                    dA = o⁻(g); dq, dk, dv = attention⁻(dA); rope⁻(dq, dk)
+//   act = silu(gate(n2))·up(n2)                       dN1 = q⁻(dq) + k⁻(dk) + v⁻(dv)
+//   y = h + down(act)                                 g  += rms⁻(x, dN1)               (g is now d/dx)
+// where lin⁻(dy) = dy·W + s·(dy·B)·A, adding s·(dy·B)ᵀ·x to dA and s·dyᵀ·(x·Aᵀ) to dB (LoRADeviceWeights' header).
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+
+/// A frozen linear weight on the GPU as bitsandbytes stores NF4 with double quantization:
+/// packed codes (two per byte, high nibble first), 8-bit absmax codes per block of 64, fp32 nested absmax per
+/// 256 blocks and the offset (see Quantization/QuantizedWeight.swift and Kernels/nf4.cu).
+public final class CUDANF4Weight {
+    public let rows: Int
+    public let columns: Int
+    public let packed: DeviceBuffer<UInt8>
+    public let absmaxCodes: DeviceBuffer<UInt8>
+    public let nestedAbsmax: DeviceBuffer<Float>
+    public let offset: Float
+    public let blocksize: Int
+    public let nestedBlocksize: Int
+
+    init(rows: Int, columns: Int, packed: DeviceBuffer<UInt8>, absmaxCodes: DeviceBuffer<UInt8>, nestedAbsmax: DeviceBuffer<Float>,
+         offset: Float, blocksize: Int = 64, nestedBlocksize: Int = 256) {
+        self.rows = rows
+        self.columns = columns
+        self.packed = packed
+        self.absmaxCodes = absmaxCodes
+        self.nestedAbsmax = nestedAbsmax
+        self.offset = offset
+        self.blocksize = blocksize
+        self.nestedBlocksize = nestedBlocksize
+    }
+
+    public var count: Int { rows * columns }
+
+    /// Uploads a double-quantized NF4 weight.
+    static func upload(_ q: QuantizedWeight, allocator: DeviceAllocator) throws -> CUDANF4Weight {
+        guard q.quantType == .nf4, case .doubleQuantized(let d) = q.scales, q.shape.count == 2 else {
+            throw UsageError("the GPU trainer takes 2-D NF4 weights with double quantization")
+        }
+        return CUDANF4Weight(rows: q.shape[0], columns: q.shape[1], packed: try allocator.buffer(copying: q.packed),
+                             absmaxCodes: try allocator.buffer(copying: d.codes), nestedAbsmax: try allocator.buffer(copying: d.nestedAbsmax),
+                             offset: d.offset, blocksize: q.blocksize, nestedBlocksize: d.blocksize)
+    }
+}
+
+/// One linear layer in the trainer: its NF4 weight and where its LoRA matrices live in the flat parameter buffers.
+struct TrainerLinear {
+    let name: String
+    let weight: CUDANF4Weight
+    let rank: Int
+    let scale: Float
+    /// Element offsets of A [r, in] and B [out, r] in the parameter (and gradient, moment, bf16) buffers.
+    let aOffset: Int
+    let bOffset: Int
+    /// x·Aᵀ from the latest forward, [tokens, r] bf16.
+    let xa: DeviceBuffer<UInt16>
+    var inFeatures: Int { weight.columns }
+    var outFeatures: Int { weight.rows }
+}
+
+struct TrainerBlock {
+    let inputNorm: DeviceBuffer<UInt16>
+    let postAttentionNorm: DeviceBuffer<UInt16>
+    /// q, k, v, o, gate, up, down.
+    let linears: [TrainerLinear]
+}
+
+/// LoRA fine-tuning of a Llama-family model on one GPU. Use from one thread.
+public final class CUDALlamaTrainer {
+    public let context: CUDAContext
+    public let config: LlamaConfig
+    /// Tokens (rows × length) one step may hold at most.
+    public let capacityTokens: Int
+    public let plan: CUDAMemoryPlan
+    /// Length of the flat LoRA buffers: A and B of every linear, each padded to 128 elements (the padding stays 0).
+    public let parameterCount: Int
+    /// Completed optimizer steps.
+    public private(set) var optimizerSteps = 0
+
+    let blocks: [TrainerBlock]
+    let embedding: DeviceBuffer<UInt16>
+    let head: DeviceBuffer<UInt16>
+    let finalNorm: DeviceBuffer<UInt16>
+    let absmaxCode: DeviceBuffer<Float>
+    let inverseFrequencies: DeviceBuffer<Float>
+
+    // LoRA state, flat: fp32 masters, bf16 copies for the GEMMs, fp32 gradients and AdamW moments.
+    let params: DeviceBuffer<Float>
+    let params16: DeviceBuffer<UInt16>
+    let grads: DeviceBuffer<Float>
+    let moment1: DeviceBuffer<Float>
+    let moment2: DeviceBuffer<Float>
+
+    // Activations (capacity N tokens).
+    let checkpoints: [DeviceBuffer<UInt16>]  // L + 1 of [N, H]
+    let norm1: DeviceBuffer<UInt16>, hidden: DeviceBuffer<UInt16>, norm2: DeviceBuffer<UInt16>
+    let gradient: DeviceBuffer<UInt16>, dNorm: DeviceBuffer<UInt16>
+    let q: DeviceBuffer<UInt16>, attended: DeviceBuffer<UInt16>, dq: DeviceBuffer<UInt16>, dAttended: DeviceBuffer<UInt16>
+    let k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>, dk: DeviceBuffer<UInt16>, dv: DeviceBuffer<UInt16>
+    let gate: DeviceBuffer<UInt16>, up: DeviceBuffer<UInt16>, activated: DeviceBuffer<UInt16>
+    let lse: DeviceBuffer<Float>, delta: DeviceBuffer<Float>
+    let dyB: DeviceBuffer<UInt16>
+    let weightScratch: DeviceBuffer<UInt16>
+    let logits: DeviceBuffer<UInt16>
+    let lossChunkRows: Int
+    let rowLoss: DeviceBuffer<Float>
+    let lossOut: DeviceBuffer<Float>
+    let sumSquares: DeviceBuffer<Float>
+    let tokenIDs: DeviceBuffer<Int32>, targets: DeviceBuffer<Int32>, positions: DeviceBuffer<Int32>, segments: DeviceBuffer<Int32>
+
+    // MARK: - Construction
+
+    /// How the frozen weights and adapters are filled once the buffers exist.
+    enum Source {
+        case model(LlamaModel)
+        case random(seed: UInt64)
+    }
+
+    /// A trainer for `model` (its dense fp32 linear weights are quantized to NF4 + double quant here, as
+    /// bitsandbytes would; its LoRA adapters, on all seven projections, become the trained parameters).
+    public convenience init(context: CUDAContext, model: LlamaModel, capacityTokens: Int) throws {
+        guard let rank = model.linearLayers.first?.lora?.rank else {
+            throw UsageError("the GPU trainer needs LoRA adapters on the model's projections")
+        }
+        for layer in model.linearLayers {
+            guard let lora = layer.lora else { throw UsageError("the GPU trainer needs LoRA on every projection; \(layer.name) has none") }
+            guard lora.dropout == 0 else { throw UsageError("LoRA dropout is not supported on the GPU yet (\(layer.name) has \(lora.dropout))") }
+            guard layer.bias == nil else { throw UsageError("linear biases are not supported on the GPU yet (\(layer.name))") }
+            guard lora.rank == rank else { throw UsageError("the GPU trainer needs one LoRA rank for all projections") }
+        }
+        try self.init(context: context, config: model.config, rank: rank, alpha: nil, capacityTokens: capacityTokens, source: .model(model))
+    }
+
+    /// A trainer with random NF4 weights made on the GPU (for benchmarks: no checkpoint needed), LoRA rank `rank`
+    /// with alpha = `alpha` on the seven projections, A Kaiming-uniform and B zero as PEFT initialises them.
+    public convenience init(context: CUDAContext, randomConfig config: LlamaConfig, rank: Int, alpha: Double, capacityTokens: Int,
+                            seed: UInt64 = 0) throws {
+        try self.init(context: context, config: config, rank: rank, alpha: alpha, capacityTokens: capacityTokens, source: .random(seed: seed))
+    }
+
+    init(context ctx: CUDAContext, config c: LlamaConfig, rank: Int, alpha: Double?, capacityTokens n: Int, source: Source) throws {
+        guard c.headDim == 32 || c.headDim == 64 || c.headDim == 128 else {
+            throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels (32, 64 or 128)")
+        }
+        guard !c.attentionBias else { throw UsageError("attention biases are not supported on the GPU yet") }
+        guard n > 0, rank > 0 else { throw UsageError("the GPU trainer needs at least one token and a LoRA rank of at least 1") }
+        context = ctx
+        config = c
+        capacityTokens = n
+        let plan = CUDAMemoryPlan(config: c, tokens: n, rank: rank)
+        self.plan = plan
+        let free = (try? ctx.device.memoryInfo().free) ?? Int.max
+        if plan.total > free - (256 << 20) {
+            throw CUDAOutOfMemoryError(plan: plan, freeBytes: free, detail: "checked before allocating")
+        }
+        do {
+            let a = ctx.allocator
+            func bf16(_ count: Int) throws -> DeviceBuffer<UInt16> { try a.buffer(UInt16.self, count: count) }
+            // LoRA layout: for each block, for each of the seven linears, A then B.
+            let shapes = CUDAMemoryPlan.linearShapes(c)
+            var offset = 0
+            var layout: [[(aOffset: Int, bOffset: Int)]] = []
+            for _ in 0..<c.layerCount {
+                // Each matrix starts on a multiple of 128 elements (256 bytes in bf16): cuBLASLt's heuristics assume
+                // 256-byte aligned operands unless told otherwise.
+                func aligned(_ x: Int) -> Int { (x + 127) / 128 * 128 }
+                layout.append(shapes.map { shape in
+                    let aOffset = offset
+                    offset = aligned(offset + rank * shape.in)
+                    let bOffset = offset
+                    offset = aligned(offset + shape.out * rank)
+                    return (aOffset, bOffset)
+                })
+            }
+            parameterCount = offset
+            params = try a.buffer(Float.self, count: offset)
+            params16 = try bf16(offset)
+            grads = try a.buffer(Float.self, count: offset)
+            moment1 = try a.buffer(Float.self, count: offset)
+            moment2 = try a.buffer(Float.self, count: offset)
+            for buffer in [grads, moment1, moment2] { try buffer.fill(byte: 0) }
+
+            absmaxCode = try a.buffer(copying: DoubleQuantizedAbsmax.signedDynamicMap)
+            inverseFrequencies = try a.buffer(copying: c.ropeInverseFrequencies().map { Float($0) })
+            let names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+            let one = floatToBF16(1)
+            var blocks: [TrainerBlock] = []
+            var rng = SeededGenerator(seed: 0)
+            for l in 0..<c.layerCount {
+                var linears: [TrainerLinear] = []
+                for (j, shape) in shapes.enumerated() {
+                    let name = "model.layers.\(l).\(names[j])"
+                    let weight: CUDANF4Weight
+                    let scale: Float
+                    switch source {
+                    case .model(let model):
+                        let layer = model.blocks[l].linears[j]
+                        // The layer's own NF4 weight when it is one (as loaded), else quantized as bitsandbytes would.
+                        let quantized = try CUDAInference.quantize(layer)
+                        weight = try CUDANF4Weight.upload(quantized, allocator: a)
+                        scale = layer.lora?.scale ?? 1
+                    case .random(let seed):
+                        let count = shape.out * shape.in
+                        let blocksCount = (count + 63) / 64
+                        let packed = try a.buffer(UInt8.self, count: (count + 1) / 2)
+                        let codes = try a.buffer(UInt8.self, count: blocksCount)
+                        try ctx.fillRandomBytes(packed.pointer, count: packed.count, seed: seed &+ rng.next())
+                        try ctx.fillRandomBytes(codes.pointer, count: codes.count, seed: seed &+ rng.next())
+                        // absmax = code8[q]·0.01 + 0.04 ∈ [0.03, 0.05]: weights of std about 0.02, like real layers.
+                        let nested = try a.buffer(copying: [Float](repeating: 0.01, count: (blocksCount + 255) / 256))
+                        weight = CUDANF4Weight(rows: shape.out, columns: shape.in, packed: packed, absmaxCodes: codes,
+                                               nestedAbsmax: nested, offset: 0.04)
+                        scale = Float((alpha ?? Double(2 * rank)) / Double(rank))
+                    }
+                    linears.append(TrainerLinear(name: name, weight: weight, rank: rank, scale: scale,
+                                                 aOffset: layout[l][j].aOffset, bOffset: layout[l][j].bOffset, xa: try bf16(n * rank)))
+                }
+                let norms: (DeviceBuffer<UInt16>, DeviceBuffer<UInt16>)
+                switch source {
+                case .model(let model):
+                    norms = (try a.buffer(copying: model.blocks[l].inputNorm.map(floatToBF16)),
+                             try a.buffer(copying: model.blocks[l].postAttentionNorm.map(floatToBF16)))
+                case .random:
+                    norms = (try a.buffer(copying: [UInt16](repeating: one, count: c.hiddenSize)),
+                             try a.buffer(copying: [UInt16](repeating: one, count: c.hiddenSize)))
+                }
+                blocks.append(TrainerBlock(inputNorm: norms.0, postAttentionNorm: norms.1, linears: linears))
+            }
+            self.blocks = blocks
+
+            let tableCount = c.vocabularySize * c.hiddenSize
+            switch source {
+            case .model(let model):
+                embedding = try a.buffer(copying: model.embedding.values.map(floatToBF16))
+                head = model.head === model.embedding ? embedding : try a.buffer(copying: model.head.values.map(floatToBF16))
+                finalNorm = try a.buffer(copying: model.finalNorm.map(floatToBF16))
+                var host = [Float](repeating: 0, count: offset)
+                for (l, block) in blocks.enumerated() {
+                    for (j, linear) in block.linears.enumerated() {
+                        guard let lora = model.blocks[l].linears[j].lora else { continue }
+                        for i in 0..<lora.a.count { host[linear.aOffset + i] = lora.a.storage[i] }
+                        for i in 0..<lora.b.count { host[linear.bOffset + i] = lora.b.storage[i] }
+                    }
+                }
+                try params.upload(host)
+            case .random(let seed):
+                embedding = try bf16(tableCount)
+                try ctx.fillRandomBF16(embedding.pointer, count: tableCount, seed: seed &+ 101, std: 0.02)
+                if c.tieWordEmbeddings {
+                    head = embedding
+                } else {
+                    head = try bf16(tableCount)
+                    try ctx.fillRandomBF16(head.pointer, count: tableCount, seed: seed &+ 202, std: 0.02)
+                }
+                finalNorm = try a.buffer(copying: [UInt16](repeating: one, count: c.hiddenSize))
+                // PEFT: A ~ Kaiming-uniform (a = √5), i.e. U(-1/√in, 1/√in); B = 0.
+                try params.fill(byte: 0)
+                for block in blocks {
+                    for linear in block.linears {
+                        let bound = 1 / Float(linear.inFeatures).squareRoot()
+                        try ctx.fillRandomUniform(params.address(at: linear.aOffset), count: rank * linear.inFeatures,
+                                                  seed: seed &+ UInt64(linear.aOffset) &+ 303, lo: -bound, hi: bound)
+                    }
+                }
+            }
+            try ctx.convertToBF16(params, into: params16, count: offset)
+
+            let h = c.hiddenSize
+            checkpoints = try (0...c.layerCount).map { _ in try bf16(n * h) }
+            norm1 = try bf16(n * h); hidden = try bf16(n * h); norm2 = try bf16(n * h)
+            gradient = try bf16(n * h); dNorm = try bf16(n * h)
+            q = try bf16(n * c.qDim); attended = try bf16(n * c.qDim); dq = try bf16(n * c.qDim); dAttended = try bf16(n * c.qDim)
+            k = try bf16(n * c.kvDim); v = try bf16(n * c.kvDim); dk = try bf16(n * c.kvDim); dv = try bf16(n * c.kvDim)
+            gate = try bf16(n * c.intermediateSize); up = try bf16(n * c.intermediateSize); activated = try bf16(n * c.intermediateSize)
+            lse = try a.buffer(Float.self, count: n * c.headCount)
+            delta = try a.buffer(Float.self, count: n * c.headCount)
+            dyB = try bf16(n * rank)
+            weightScratch = try bf16(shapes.map { $0.out * $0.in }.max() ?? 1)
+            lossChunkRows = CUDAMemoryPlan.lossChunkRows(vocab: c.vocabularySize, tokens: n)
+            logits = try bf16(lossChunkRows * c.vocabularySize)
+            rowLoss = try a.buffer(Float.self, count: n)
+            lossOut = try a.buffer(Float.self, count: 2)
+            sumSquares = try a.buffer(Float.self, count: 1)
+            tokenIDs = try a.buffer(Int32.self, count: n)
+            targets = try a.buffer(Int32.self, count: n)
+            positions = try a.buffer(Int32.self, count: n)
+            segments = try a.buffer(Int32.self, count: n)
+            _ = try ctx.blas()
+        } catch let error as CUDAError where error.isOutOfMemory {
+            throw CUDAOutOfMemoryError(plan: plan, freeBytes: (try? ctx.device.memoryInfo().free) ?? -1, detail: error.message)
+        }
+    }
+
+    // MARK: - Linear layers with LoRA
+
+    private func dequantize(_ w: CUDANF4Weight) throws {
+        try context.nf4Dequantize(packed: w.packed, scales: .doubleQuant(quantized: w.absmaxCodes, code: absmaxCode,
+                                                                          nestedAbsmax: w.nestedAbsmax, offset: w.offset,
+                                                                          nestedBlocksize: w.nestedBlocksize),
+                                  blocksize: w.blocksize, count: w.count, into: weightScratch)
+    }
+
+    /// y (+)= x·Wᵀ + s·(x·Aᵀ)·Bᵀ for `n` tokens, keeping x·Aᵀ in `l.xa`. Without `base`, only x·Aᵀ is computed.
+    private func linearForward(_ l: TrainerLinear, x: CUdeviceptr, y: CUdeviceptr, n: Int, accumulate: Bool, base: Bool = true) throws {
+        let blas = try context.blas()
+        let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
+        try blas.gemm(m: n, n: l.rank, k: l.inFeatures, a: x, b: a16, transB: true, c: l.xa.pointer)
+        guard base else { return }
+        try dequantize(l.weight)
+        try blas.gemm(m: n, n: l.outFeatures, k: l.inFeatures, a: x, b: weightScratch.pointer, transB: true, c: y,
+                      beta: accumulate ? 1 : 0)
+        try blas.gemm(m: n, n: l.outFeatures, k: l.rank, a: l.xa.pointer, b: b16, transB: true, c: y, alpha: l.scale, beta: 1)
+    }
+
+    /// dx (+)= dy·W + s·(dy·B)·A; dA += s·(dy·B)ᵀ·x; dB += s·dyᵀ·(x·Aᵀ). dx may be x itself (x is read first).
+    private func linearBackward(_ l: TrainerLinear, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, n: Int, accumulate: Bool) throws {
+        let blas = try context.blas()
+        let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
+        try dequantize(l.weight)
+        // dB [out, r] += s·dyᵀ·xa
+        try blas.gemm(m: l.outFeatures, n: l.rank, k: n, a: dy, transA: true, b: l.xa.pointer, c: grads.address(at: l.bOffset),
+                      outputType: .float32, alpha: l.scale, beta: 1)
+        // dyB [n, r] = dy·B
+        try blas.gemm(m: n, n: l.rank, k: l.outFeatures, a: dy, b: b16, c: dyB.pointer)
+        // dA [r, in] += s·dyBᵀ·x
+        try blas.gemm(m: l.rank, n: l.inFeatures, k: n, a: dyB.pointer, transA: true, b: x, c: grads.address(at: l.aOffset),
+                      outputType: .float32, alpha: l.scale, beta: 1)
+        // dx (+)= dy·W + s·dyB·A
+        try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weightScratch.pointer, c: dx, beta: accumulate ? 1 : 0)
+        try blas.gemm(m: n, n: l.inFeatures, k: l.rank, a: dyB.pointer, b: a16, c: dx, alpha: l.scale, beta: 1)
+    }
+
+    // MARK: - Blocks
+
+    private func attentionShape(_ batch: TrainingBatch) -> AttentionShape {
+        AttentionShape(batch: batch.rows, seq: batch.length, heads: config.headCount, kvHeads: config.kvHeadCount, headDim: config.headDim)
+    }
+
+    /// The block's forward from `x`; writes the output into `output`, or, when nil (recomputation before the
+    /// backward), stops after what the backward needs.
+    private func blockForward(_ b: TrainerBlock, x: DeviceBuffer<UInt16>, output: DeviceBuffer<UInt16>?, batch: TrainingBatch) throws {
+        let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
+        let L = b.linears
+        try ctx.rmsNormForward(x: x, weight: b.inputNorm, into: norm1, rows: n, dim: h, eps: c.rmsNormEps)
+        try linearForward(L[0], x: norm1.pointer, y: q.pointer, n: n, accumulate: false)
+        try linearForward(L[1], x: norm1.pointer, y: k.pointer, n: n, accumulate: false)
+        try linearForward(L[2], x: norm1.pointer, y: v.pointer, n: n, accumulate: false)
+        try ctx.rope(q, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.headCount, headDim: c.headDim)
+        try ctx.rope(k, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.kvHeadCount, headDim: c.headDim)
+        try ctx.attentionForward(q: q, k: k, v: v, into: attended, lse: lse, segments: segments, shape: attentionShape(batch))
+        try ctx.device.copy(deviceTo: hidden.pointer, from: x.pointer, bytes: 2 * n * h)
+        try linearForward(L[3], x: attended.pointer, y: hidden.pointer, n: n, accumulate: true)
+        try ctx.rmsNormForward(x: hidden, weight: b.postAttentionNorm, into: norm2, rows: n, dim: h, eps: c.rmsNormEps)
+        try linearForward(L[4], x: norm2.pointer, y: gate.pointer, n: n, accumulate: false)
+        try linearForward(L[5], x: norm2.pointer, y: up.pointer, n: n, accumulate: false)
+        try ctx.swigluForward(gate: gate, up: up, into: activated, count: n * c.intermediateSize)
+        if let output {
+            try ctx.device.copy(deviceTo: output.pointer, from: hidden.pointer, bytes: 2 * n * h)
+            try linearForward(L[6], x: activated.pointer, y: output.pointer, n: n, accumulate: true)
+        } else {
+            try linearForward(L[6], x: activated.pointer, y: 0, n: n, accumulate: true, base: false)
+        }
+    }
+
+    /// Given d/d(block output) in `gradient`, adds the block's LoRA gradients and leaves d/d(block input) there.
+    private func blockBackward(_ b: TrainerBlock, x: DeviceBuffer<UInt16>, batch: TrainingBatch) throws {
+        let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
+        let L = b.linears
+        try linearBackward(L[6], x: activated.pointer, dy: gradient.pointer, dx: activated.pointer, n: n, accumulate: false)
+        try ctx.swigluBackward(dh: activated, gate: gate, up: up, dgate: gate, dup: up, count: n * c.intermediateSize)
+        try linearBackward(L[4], x: norm2.pointer, dy: gate.pointer, dx: dNorm.pointer, n: n, accumulate: false)
+        try linearBackward(L[5], x: norm2.pointer, dy: up.pointer, dx: dNorm.pointer, n: n, accumulate: true)
+        try ctx.rmsNormBackward(x: hidden, weight: b.postAttentionNorm, dy: dNorm, into: gradient, rows: n, dim: h, eps: c.rmsNormEps,
+                                accumulate: true)
+        try linearBackward(L[3], x: attended.pointer, dy: gradient.pointer, dx: dAttended.pointer, n: n, accumulate: false)
+        try ctx.attentionBackward(q: q, k: k, v: v, o: attended, dout: dAttended, lse: lse, segments: segments, dq: dq, dk: dk, dv: dv,
+                                  delta: delta, shape: attentionShape(batch))
+        try ctx.rope(dq, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.headCount,
+                     headDim: c.headDim, backward: true)
+        try ctx.rope(dk, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.kvHeadCount,
+                     headDim: c.headDim, backward: true)
+        try linearBackward(L[0], x: norm1.pointer, dy: dq.pointer, dx: dNorm.pointer, n: n, accumulate: false)
+        try linearBackward(L[1], x: norm1.pointer, dy: dk.pointer, dx: dNorm.pointer, n: n, accumulate: true)
+        try linearBackward(L[2], x: norm1.pointer, dy: dv.pointer, dx: dNorm.pointer, n: n, accumulate: true)
+        try ctx.rmsNormBackward(x: x, weight: b.inputNorm, dy: dNorm, into: gradient, rows: n, dim: h, eps: c.rmsNormEps, accumulate: true)
+    }
+
+    // MARK: - Step
+
+    /// Uploads the batch: token ids, shifted targets (-100 = not counted), positions and segment ids.
+    private func upload(_ batch: TrainingBatch) throws {
+        let c = config
+        guard batch.tokenCount <= capacityTokens else {
+            throw UsageError("a batch of \(batch.rows) × \(batch.length) tokens exceeds the trainer's \(capacityTokens)")
+        }
+        for id in batch.tokens where id < 0 || Int(id) >= c.vocabularySize {
+            throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))")
+        }
+        var shifted = [Int32](repeating: TrainingBatch.ignoreIndex, count: batch.tokenCount)
+        for r in 0..<batch.rows {
+            for t in 0..<max(batch.length - 1, 0) { shifted[r * batch.length + t] = batch.labels[r * batch.length + t + 1] }
+        }
+        for label in shifted where label != TrainingBatch.ignoreIndex && (label < 0 || Int(label) >= c.vocabularySize) {
+            throw UsageError("label \(label) is outside the vocabulary (0..<\(c.vocabularySize)) and is not -100")
+        }
+        try tokenIDs.upload(batch.tokens)
+        try targets.upload(shifted)
+        try positions.upload(batch.positions)
+        try segments.upload(batch.exampleStarts)
+    }
+
+    /// Forward and backward over one micro-batch: adds d(loss sum / normalizer)/d(LoRA) into the gradients (zeroed
+    /// first unless `accumulate`), as `LlamaModel.accumulateGradients` does. Queues the work without waiting;
+    /// `lastLoss()` reads the loss sum and count.
+    public func forwardBackward(batch: TrainingBatch, normalizer: Int, accumulate: Bool = false) throws {
+        let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize, vocab = c.vocabularySize
+        try upload(batch)
+        if !accumulate { try grads.fill(byte: 0) }
+        try ctx.embeddingForward(ids: tokenIDs, table: embedding, into: checkpoints[0], tokens: n, vocab: vocab, dim: h)
+        for (l, block) in blocks.enumerated() {
+            try blockForward(block, x: checkpoints[l], output: checkpoints[l + 1], batch: batch)
+        }
+
+        // Final norm, head and cross-entropy a chunk of rows at a time; dNorm receives d/d(normed).
+        let last = checkpoints[blocks.count]
+        try ctx.rmsNormForward(x: last, weight: finalNorm, into: norm1, rows: n, dim: h, eps: c.rmsNormEps)
+        let blas = try ctx.blas()
+        let scale = 1 / Float(max(normalizer, 1))
+        for start in stride(from: 0, to: n, by: lossChunkRows) {
+            let rows = min(lossChunkRows, n - start)
+            try blas.gemm(m: rows, n: vocab, k: h, a: norm1.address(at: start * h), b: head.pointer, transB: true, c: logits.pointer)
+            try ctx.crossEntropyRows(logits: logits.pointer, labels: targets.address(at: start), rows: rows, vocab: vocab,
+                                     gradScale: scale, rowLoss: rowLoss.address(at: start), withGradient: true)
+            try blas.gemm(m: rows, n: h, k: vocab, a: logits.pointer, b: head.pointer, c: dNorm.address(at: start * h))
+        }
+        try ctx.crossEntropyReduce(rowLoss: rowLoss, labels: targets, rows: n, into: lossOut)
+        try ctx.rmsNormBackward(x: last, weight: finalNorm, dy: dNorm, into: gradient, rows: n, dim: h, eps: c.rmsNormEps)
+
+        for l in stride(from: blocks.count - 1, through: 0, by: -1) {
+            try blockForward(blocks[l], x: checkpoints[l], output: nil, batch: batch)
+            try blockBackward(blocks[l], x: checkpoints[l], batch: batch)
+        }
+    }
+
+    /// The summed loss and the counted tokens of the latest `forwardBackward` (waits for the GPU).
+    public func lastLoss() throws -> LossSum {
+        let values = try lossOut.download()
+        return LossSum(sum: Double(values[0]), count: Int(values[1]))
+    }
+
+    /// Clips the gradients to global norm `maxGradNorm` (when given), then one AdamW step at `learningRate`, then
+    /// refreshes the bf16 copies. Queued without waiting.
+    public func optimizerStep(learningRate: Float, weightDecay: Float = 0, maxGradNorm: Float? = 1) throws {
+        if let maxGradNorm { try context.clipGradients(grads, count: parameterCount, maxNorm: maxGradNorm, sumSquares: sumSquares) }
+        optimizerSteps += 1
+        try context.adamwStep(params: params, grads: grads, m: moment1, v: moment2, count: parameterCount, step: optimizerSteps,
+                              config: AdamWConfig(learningRate: learningRate, weightDecay: weightDecay))
+        try context.convertToBF16(params, into: params16, count: parameterCount)
+    }
+
+    /// The global gradient norm before the latest clipping (waits for the GPU).
+    public func lastGradientNorm() throws -> Double { Double(try sumSquares.download()[0]).squareRoot() }
+
+    /// Every LoRA gradient, (module path, dA [r·in], dB [out·r]) in fp32 (waits for the GPU).
+    public func loraGradients() throws -> [(name: String, a: [Float], b: [Float])] {
+        try slices(of: grads.download())
+    }
+
+    /// Every LoRA matrix's fp32 master values, (module path, A, B).
+    public func loraParameters() throws -> [(name: String, a: [Float], b: [Float])] {
+        try slices(of: params.download())
+    }
+
+    private func slices(of all: [Float]) -> [(name: String, a: [Float], b: [Float])] {
+        var result: [(name: String, a: [Float], b: [Float])] = []
+        for block in blocks {
+            for l in block.linears {
+                let aEnd = l.aOffset + l.rank * l.inFeatures
+                let bEnd = l.bOffset + l.outFeatures * l.rank
+                result.append((l.name, Array(all[l.aOffset..<aEnd]), Array(all[l.bOffset..<bEnd])))
+            }
+        }
+        return result
+    }
+}

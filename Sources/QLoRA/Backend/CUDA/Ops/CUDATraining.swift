@@ -1,0 +1,48 @@
+// Launchers for Kernels/training.cu (random benchmark weights, gradient clipping) and pointer-level variants of
+// op launchers that the trainer calls on views into larger buffers (a chunk of rows of the cross-entropy).
+
+extension CUDAContext {
+    /// Uniform random bytes (NF4 codes of benchmark weights).
+    public func fillRandomBytes(_ pointer: CUdeviceptr, count: Int, seed: UInt64, stream: CUDAStream? = nil) throws {
+        try device.launch(compiler.function(KernelSources.training, "fill_random_bytes"), grid: (gridSize(items: count), 1, 1),
+                          block: (256, 1, 1), stream: stream, [.pointer(pointer), .int64(Int64(count)), .int64(Int64(bitPattern: seed))])
+    }
+
+    /// Roughly normal bf16 values with standard deviation `std`.
+    public func fillRandomBF16(_ pointer: CUdeviceptr, count: Int, seed: UInt64, std: Float, stream: CUDAStream? = nil) throws {
+        try device.launch(compiler.function(KernelSources.training, "fill_random_bf16"), grid: (gridSize(items: count), 1, 1),
+                          block: (256, 1, 1), stream: stream,
+                          [.pointer(pointer), .int64(Int64(count)), .int64(Int64(bitPattern: seed)), .float(std)])
+    }
+
+    /// Uniform fp32 values in [lo, hi).
+    public func fillRandomUniform(_ pointer: CUdeviceptr, count: Int, seed: UInt64, lo: Float, hi: Float,
+                                  stream: CUDAStream? = nil) throws {
+        try device.launch(compiler.function(KernelSources.training, "fill_random_uniform"), grid: (gridSize(items: count), 1, 1),
+                          block: (256, 1, 1), stream: stream,
+                          [.pointer(pointer), .int64(Int64(count)), .int64(Int64(bitPattern: seed)), .float(lo), .float(hi)])
+    }
+
+    /// Scales `grads` so their global L2 norm is at most `maxNorm` (torch's clip_grad_norm_), entirely on the device.
+    /// `sumSquares` (one float) receives the squared norm before clipping.
+    public func clipGradients(_ grads: DeviceBuffer<Float>, count: Int, maxNorm: Float, sumSquares: DeviceBuffer<Float>,
+                              stream: CUDAStream? = nil) throws {
+        try require(grads.count >= count && sumSquares.count >= 1, "clipGradients", "buffers too small")
+        try sumSquares.fill(byte: 0, stream: stream)
+        let grid = min(gridSize(items: count), device.multiprocessorCount * 4)
+        try device.launch(compiler.function(KernelSources.training, "sum_squares"), grid: (grid, 1, 1), block: (256, 1, 1),
+                          stream: stream, [grads.arg, .int64(Int64(count)), sumSquares.arg])
+        try device.launch(compiler.function(KernelSources.training, "clip_gradients"), grid: (gridSize(items: count), 1, 1),
+                          block: (256, 1, 1), stream: stream, [grads.arg, .int64(Int64(count)), sumSquares.arg, .float(maxNorm)])
+    }
+
+    /// The cross-entropy kernel on raw pointers (rows of a chunk): see `crossEntropy`. The gradient overwrites the
+    /// logits in place when `withGradient`.
+    func crossEntropyRows(logits: CUdeviceptr, labels: CUdeviceptr, rows: Int, vocab: Int, gradScale: Float,
+                          rowLoss: CUdeviceptr, withGradient: Bool, stream: CUDAStream? = nil) throws {
+        try device.launch(compiler.function(KernelSources.crossEntropy, "cross_entropy_forward_backward"),
+                          grid: (rows, 1, 1), block: (512, 1, 1), stream: stream,
+                          [.pointer(logits), .pointer(labels), .int(vocab), .float(gradScale), .pointer(rowLoss),
+                           .pointer(withGradient ? logits : 0)])
+    }
+}
