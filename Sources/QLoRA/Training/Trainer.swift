@@ -115,6 +115,7 @@ public final class Trainer {
         log("\(train.count) micro-batches of \(c.batchSize) per epoch, accumulation \(c.gradientAccumulationSteps), \(totalSteps) steps, \(eval.count) eval batches")
 
         let runStart = monotonicSeconds()
+        let firstStep = state.step  // steps before this one were done by an earlier (resumed) run
         var tokensSeen = 0
         var windowLoss = 0.0, windowSteps = 0
         var stoppedEarly = false
@@ -127,7 +128,6 @@ public final class Trainer {
             let first = (step % stepsPerEpoch) * c.gradientAccumulationSteps
             let micro = Array(order[first..<min(first + c.gradientAccumulationSteps, microBatchesPerEpoch)])
 
-            let stepStart = monotonicSeconds()
             gradients.zero()
             let normalizer = micro.reduce(0) { $0 + train[$1].countedTokens }
             var loss = LossSum(sum: 0, count: 0)
@@ -155,7 +155,7 @@ public final class Trainer {
             let elapsed = monotonicSeconds() - runStart
             let tokensPerSecond = Double(tokensSeen) / max(elapsed, 1e-9)
             progress(step: state.step, loss: record.loss, learningRate: learningRate, tokensPerSecond: tokensPerSecond,
-                     secondsPerStep: elapsed / Double(history.count - (state.history.count)), stepSeconds: monotonicSeconds() - stepStart)
+                     secondsPerStep: elapsed / Double(state.step - firstStep))
             if state.step % max(c.loggingSteps, 1) == 0 || state.step == totalSteps {
                 try appendMetrics([("step", .int(Int64(state.step))), ("epoch", .double(roundTo(Double(state.step) / Double(stepsPerEpoch), 4))),
                                    ("loss", .double(roundTo(windowLoss / Double(windowSteps), 6))), ("learning_rate", .double(learningRate)),
@@ -166,7 +166,6 @@ public final class Trainer {
 
             let endOfEpoch = state.step % stepsPerEpoch == 0 || state.step == totalSteps
             let evalDue = !eval.isEmpty && (c.evalSteps > 0 ? state.step % c.evalSteps == 0 || state.step == totalSteps : endOfEpoch)
-            var improved = false
             if evalDue {
                 let evalLoss = try evaluate()
                 evalHistory.append((state.step, evalLoss))
@@ -177,7 +176,6 @@ public final class Trainer {
                     state.bestEvalLoss = evalLoss
                     state.bestStep = state.step
                     state.evaluationsWithoutImprovement = 0
-                    improved = true
                     try saveAdapter(to: c.outputDirectory + "/best")
                 } else {
                     state.evaluationsWithoutImprovement += 1
@@ -193,7 +191,6 @@ public final class Trainer {
                                      in: c.outputDirectory, keep: c.saveTotalLimit, protectStep: state.bestStep)
                 try writeReport()
             }
-            _ = improved
             if patienceExhausted {
                 log("\nearly stopping: eval loss has not improved for \(state.evaluationsWithoutImprovement) evaluations")
                 stoppedEarly = true
@@ -269,7 +266,7 @@ public final class Trainer {
                                  to: configuration.outputDirectory + "/report.html")
     }
 
-    func progress(step: Int, loss: Double, learningRate: Double, tokensPerSecond: Double, secondsPerStep: Double, stepSeconds: Double) {
+    func progress(step: Int, loss: Double, learningRate: Double, tokensPerSecond: Double, secondsPerStep: Double) {
         let width = 24
         let done = Int(Double(width) * Double(step) / Double(totalSteps))
         let bar = String(repeating: "=", count: done) + (done < width ? ">" : "") + String(repeating: " ", count: max(0, width - done - 1))
@@ -277,7 +274,6 @@ public final class Trainer {
         let line = "\rstep \(step)/\(totalSteps) [\(bar)]" + String(cFormat: " loss %.4f lr %.2e %.0f tok/s ETA %dm%02ds ", loss,
                           learningRate, tokensPerSecond, eta / 60, eta % 60)
         showProgress(line)
-        _ = stepSeconds
     }
 
     /// What the run will hold in memory, as PEFT/TRL users like to know before it starts.
