@@ -32,6 +32,7 @@ func runTrainerEngineChecks(_ ctx: CUDAContext) {
                 let model = try ModelLoader.load(directory + "/base", quantization: .nf4).model
                 let peft = try PEFTAdapter.load(directory: directory + "/adapter", into: model)
                 var c = TrainingConfiguration()
+                c.datasets = ["in-memory"]  // the examples are given directly; validation wants a name
                 c.loraR = peft.rank
                 c.loraAlpha = peft.alpha
                 c.loraDropout = 0
