@@ -52,8 +52,14 @@ struct DemoCommand: ParsableCommand {
 
         let trainingDevice = try ComputeDevice.forTraining(device, configuration: c)
         try loaded.model.attachLoRA(c.loraConfig, seed: c.seed)  // B = 0: still the base model
-        let trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID, baseDirectory: loaded.directory,
+        let trainer: Trainer
+        do {
+            trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID, baseDirectory: loaded.directory,
                                   device: trainingDevice)
+        } catch where device.lowercased() == "auto" && trainingDevice.isCUDA {
+            printError("device: cpu after all (auto: \(error))")
+            trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID, baseDirectory: loaded.directory)
+        }
         printError("measuring the base model on \(cases.count) held-out examples...")
         let lossBefore = try trainer.evaluate()
         let before = try ExactMatch.evaluate(model: loaded.model, tokenizer: tokenizer, template: template, cases: cases)

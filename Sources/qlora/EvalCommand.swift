@@ -38,17 +38,19 @@ struct EvalCommand: ParsableCommand {
                                      formatting: SFTFormatting(completionOnly: completionOnly, maxSequenceLength: maxSeqLength, skipBadLines: skipBadLines))
         for skipped in dataset.skippedLines { printError("skipped \(skipped)") }
         let batches = Batching.paddedBatches(dataset.examples, size: max(1, batchSize), padID: tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0)
-        let result: LossSum
-        switch compute {
-        case .cpu:
-            result = try Evaluation.loss(model: loaded.model, batches: batches)
-        case .cuda(let context):
-            if modelOptions.quantize.lowercased() != "nf4" {
-                printError("note: the GPU evaluates the base in NF4 (quantized on upload as bitsandbytes would)")
+        var engine: CUDATrainingEngine?
+        if case .cuda(let context) = compute {
+            do {
+                engine = try Evaluation.cudaEngine(context: context, model: loaded.model, batches: batches)
+                if modelOptions.quantize.lowercased() != "nf4" {
+                    printError("note: the GPU evaluates the base in NF4 (quantized on upload as bitsandbytes would)")
+                }
+            } catch where device.lowercased() == "auto" {
+                printError("device: cpu after all (auto: \(error))")
             }
-            result = try Evaluation.loss(engine: try Evaluation.cudaEngine(context: context, model: loaded.model, batches: batches),
-                                         batches: batches)
         }
+        let result = try engine.map { try Evaluation.loss(engine: $0, batches: batches) }
+            ?? Evaluation.loss(model: loaded.model, batches: batches)
         if json {
             print(JSONValue.object(JSONObject([
                 ("loss", .double(result.mean)), ("perplexity", .double(result.perplexity)), ("tokens", .int(Int64(result.count))),

@@ -77,6 +77,10 @@ extension ComputeDevice {
     }
 }
 
+extension TrainingDevice {
+    var isCUDA: Bool { if case .cuda = self { return true } else { return false } }
+}
+
 /// Writes a line to standard error (progress and diagnostics; results go to standard output).
 func printError(_ line: String) {
     var stream = StandardError()

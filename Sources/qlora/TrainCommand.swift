@@ -91,9 +91,17 @@ struct TrainCommand: ParsableCommand {
             (train, eval) = DatasetSplit.holdOut(train, fraction: c.evalSplit, seed: c.seed)
         }
         printError("data: \(train.count) training examples (\(train.reduce(0) { $0 + $1.tokens.count }) tokens), \(eval.count) eval examples")
-        let trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval,
-                                  padID: tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0, baseDirectory: loaded.directory,
-                                  device: trainingDevice)
+        let padID = tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0
+        let trainer: Trainer
+        do {
+            trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID,
+                                  baseDirectory: loaded.directory, device: trainingDevice)
+        } catch where device.lowercased() == "auto" && trainingDevice.isCUDA {
+            // What the GPU trainer cannot hold or does not support (biases, memory): the CPU, saying why.
+            printError("device: cpu after all (auto: \(error))")
+            trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID,
+                                  baseDirectory: loaded.directory, device: .cpu)
+        }
         let summary = try trainer.run()
         var lines = ["trained \(summary.steps) steps at \(Int(summary.tokensPerSecond)) tokens/s; adapter in \(summary.outputDirectory)"]
         if let loss = summary.finalTrainLoss { lines.append(String(cFormat: "last train loss %.4f", loss)) }
