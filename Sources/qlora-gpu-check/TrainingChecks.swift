@@ -86,6 +86,8 @@ func runTrainingChecks(_ ctx: CUDAContext) {
                   "loss \(fmt(losses[0], 4)) -> \(fmt(losses[9], 4)) (10) -> \(fmt(losses.last!, 4)) (30); last grad norm \(fmt(norm, 3))")
     }
 
+    runTrainerEngineChecks(ctx)
+
     group("training: out-of-memory plan") {
         let config = Architecture.llama3_1_8b.config
         do {

@@ -14,6 +14,7 @@ struct DemoCommand: ParsableCommand {
     @Option(help: "Packed rows of 512 tokens (about 9 examples each) per optimizer step.") var batchSize: Int = 2
     @Option(help: "Peak learning rate.") var learningRate: Double = 1e-3
     @Option(help: "Held-out examples to answer (0: all).") var testExamples: Int = 0
+    @Option(help: "Where to train: auto (the GPU when one is usable, else the CPU), cpu or cuda.") var device: String = "auto"
 
     func run() throws {
         let start = monotonicSeconds()
@@ -49,22 +50,30 @@ struct DemoCommand: ParsableCommand {
         if testExamples > 0 { cases = Array(cases.prefix(testExamples)) }
         let padID = tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0
 
-        printError("measuring the base model on \(cases.count) held-out examples...")
-        let lossBefore = try Evaluation.loss(model: loaded.model, examples: eval, batchSize: 8, padID: padID)
+        let trainingDevice = try ComputeDevice.forTraining(device, configuration: c)
         try loaded.model.attachLoRA(c.loraConfig, seed: c.seed)  // B = 0: still the base model
+        let trainer: Trainer
+        do {
+            trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID, baseDirectory: loaded.directory,
+                                  device: trainingDevice)
+        } catch where device.lowercased() == "auto" && trainingDevice.isCUDA {
+            printError("device: cpu after all (auto: \(error))")
+            trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID, baseDirectory: loaded.directory)
+        }
+        printError("measuring the base model on \(cases.count) held-out examples...")
+        let lossBefore = try trainer.evaluate()
         let before = try ExactMatch.evaluate(model: loaded.model, tokenizer: tokenizer, template: template, cases: cases)
 
         printError("training \(maxSteps) steps on \(train.count) examples...")
-        let trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID, baseDirectory: loaded.directory)
         let summary = try trainer.run()
 
-        let lossAfter = try Evaluation.loss(model: loaded.model, examples: eval, batchSize: 8, padID: padID)
+        let lossAfter = try trainer.evaluate()
         let after = try ExactMatch.evaluate(model: loaded.model, tokenizer: tokenizer, template: template, cases: cases)
 
         print("")
         print("Task: rewrite dates as ISO 8601 (\(train.count) training examples, \(cases.count) held out)")
         print("                    before      after")
-        print(String(cFormat: "held-out loss      %7.4f    %7.4f", lossBefore.mean, lossAfter.mean))
+        print(String(cFormat: "held-out loss      %7.4f    %7.4f", lossBefore, lossAfter))
         print(String(cFormat: "exact match        %6.1f%%    %6.1f%%", 100 * before.accuracy, 100 * after.accuracy))
         print("")
         print("Some held-out answers (before → after; expected):")

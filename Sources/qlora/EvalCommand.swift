@@ -27,14 +27,30 @@ struct EvalCommand: ParsableCommand {
     @Flag(help: "Print one JSON line instead of text.")
     var json = false
 
+    @Option(help: "Where to run: auto (the GPU when one is usable, else the CPU), cpu or cuda.")
+    var device: String = "auto"
+
     func run() throws {
+        let compute = try ComputeDevice.choose(device)
         let loaded = try modelOptions.load()
         guard let tokenizer = loaded.tokenizer else { throw ValidationError("\(loaded.directory) has no tokenizer.json") }
         let dataset = try SFTDataset(path: data, tokenizer: tokenizer, template: loaded.template,
                                      formatting: SFTFormatting(completionOnly: completionOnly, maxSequenceLength: maxSeqLength, skipBadLines: skipBadLines))
         for skipped in dataset.skippedLines { printError("skipped \(skipped)") }
-        let result = try Evaluation.loss(model: loaded.model, examples: dataset.examples, batchSize: batchSize,
-                                         padID: tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0)
+        let batches = Batching.paddedBatches(dataset.examples, size: max(1, batchSize), padID: tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0)
+        var engine: CUDATrainingEngine?
+        if case .cuda(let context) = compute {
+            do {
+                engine = try Evaluation.cudaEngine(context: context, model: loaded.model, batches: batches)
+                if modelOptions.quantize.lowercased() != "nf4" {
+                    printError("note: the GPU evaluates the base in NF4 (quantized on upload as bitsandbytes would)")
+                }
+            } catch where device.lowercased() == "auto" {
+                printError("device: cpu after all (auto: \(error))")
+            }
+        }
+        let result = try engine.map { try Evaluation.loss(engine: $0, batches: batches) }
+            ?? Evaluation.loss(model: loaded.model, batches: batches)
         if json {
             print(JSONValue.object(JSONObject([
                 ("loss", .double(result.mean)), ("perplexity", .double(result.perplexity)), ("tokens", .int(Int64(result.count))),

@@ -59,6 +59,28 @@ enum ComputeDevice {
     }
 }
 
+extension ComputeDevice {
+    /// The device for training `c`: with `auto`, a configuration the GPU trainer cannot run (LoRA dropout, some
+    /// projections only) falls back to the CPU, saying why; with `cuda` it is an error.
+    static func forTraining(_ name: String, configuration c: TrainingConfiguration) throws -> TrainingDevice {
+        switch try choose(name) {
+        case .cpu:
+            return .cpu
+        case .cuda(let context):
+            if let reason = CUDATrainingEngine.unsupported(c) {
+                guard name.lowercased() == "auto" else { throw ValidationError("cannot train on the GPU: \(reason)") }
+                printError("device: cpu after all (auto: \(reason))")
+                return .cpu
+            }
+            return .cuda(context)
+        }
+    }
+}
+
+extension TrainingDevice {
+    var isCUDA: Bool { if case .cuda = self { return true } else { return false } }
+}
+
 /// Writes a line to standard error (progress and diagnostics; results go to standard output).
 func printError(_ line: String) {
     var stream = StandardError()

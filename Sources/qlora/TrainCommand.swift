@@ -44,6 +44,7 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Stop after this many evaluations without improvement (0: never).") var earlyStoppingPatience: Int?
     @Option(help: "Output folder: adapter, checkpoints, metrics.jsonl, report.html.") var output: String?
     @Flag(help: "Continue from the latest checkpoint in the output folder.") var resume = false
+    @Option(help: "Where to train: auto (the GPU when one is usable, else the CPU), cpu or cuda.") var device: String = "auto"
     @Flag(help: "Skip malformed dataset lines (and count them) instead of stopping.") var skipBadLines = false
 
     /// The configuration: defaults, then the YAML file, then the flags given.
@@ -71,6 +72,7 @@ struct TrainCommand: ParsableCommand {
 
     func run() throws {
         let c = try configuration()
+        let trainingDevice = try ComputeDevice.forTraining(device, configuration: c)
         let loaded = try ModelLoader.load(c.model, quantization: try BaseQuantization.parse(c.quantize), log: { printError($0) })
         printError("model: \(loaded.description)")
         guard let tokenizer = loaded.tokenizer else { throw ValidationError("\(loaded.directory) has no tokenizer.json") }
@@ -89,8 +91,17 @@ struct TrainCommand: ParsableCommand {
             (train, eval) = DatasetSplit.holdOut(train, fraction: c.evalSplit, seed: c.seed)
         }
         printError("data: \(train.count) training examples (\(train.reduce(0) { $0 + $1.tokens.count }) tokens), \(eval.count) eval examples")
-        let trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval,
-                                  padID: tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0, baseDirectory: loaded.directory)
+        let padID = tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0
+        let trainer: Trainer
+        do {
+            trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID,
+                                  baseDirectory: loaded.directory, device: trainingDevice)
+        } catch where device.lowercased() == "auto" && trainingDevice.isCUDA {
+            // What the GPU trainer cannot hold or does not support (biases, memory): the CPU, saying why.
+            printError("device: cpu after all (auto: \(error))")
+            trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID,
+                                  baseDirectory: loaded.directory, device: .cpu)
+        }
         let summary = try trainer.run()
         var lines = ["trained \(summary.steps) steps at \(Int(summary.tokensPerSecond)) tokens/s; adapter in \(summary.outputDirectory)"]
         if let loss = summary.finalTrainLoss { lines.append(String(cFormat: "last train loss %.4f", loss)) }

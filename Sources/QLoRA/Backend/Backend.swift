@@ -33,3 +33,36 @@ public final class CPUInferenceSession: InferenceSession {
     public func next(_ tokens: [Int]) throws -> [Float] { try model.forward(tokens: tokens, cache: cache, lastOnly: true) }
     public func reset() { cache.reset() }
 }
+
+/// Training: the compute of one LoRA fine-tuning run, driven by `Trainer` (which owns the data order, schedule,
+/// logging, evaluation and checkpoints). The CPU engine (`CPUTrainingEngine`) is the reference; the CUDA engine
+/// (`CUDATrainingEngine`) keeps the LoRA weights, gradients and optimizer state on the GPU and copies the weights
+/// back into the CPU model only when they are saved.
+public protocol TrainingEngine: AnyObject {
+    /// "cpu" or "cuda", for logs.
+    var deviceName: String { get }
+    /// The optimizer's kind, as recorded in checkpoints.
+    var optimizerKind: OptimizerKind { get }
+    /// Adds one micro-batch's gradients of (loss sum / normalizer); `first` zeroes the gradients before.
+    /// Returns the micro-batch's loss sum and counted tokens.
+    func accumulate(batch: TrainingBatch, normalizer: Int, options: TrainingStepOptions, first: Bool) throws -> LossSum
+    /// Clips the accumulated gradients to global norm `maxGradNorm` (0: no clipping), then one optimizer update at
+    /// `learningRate`. Returns the global gradient norm before clipping.
+    func step(learningRate: Double, maxGradNorm: Double) throws -> Double
+    /// Loss sum and counted tokens of a batch (no gradients kept).
+    func loss(batch: TrainingBatch) throws -> LossSum
+    /// Copies the trained LoRA weights into the CPU model's adapters (before saving them or using the model).
+    func copyWeightsToModel() throws
+    /// Takes the CPU model's adapter weights as the trained weights (after a checkpoint was loaded into the model).
+    func loadWeightsFromModel() throws
+    /// The optimizer state, named as the CPU optimizers name it (checkpoints resume on either backend).
+    func optimizerState() throws -> [TensorRecord]
+    /// Restores what `optimizerState()` saved.
+    func loadOptimizerState(_ file: SafeTensorsFile) throws
+}
+
+/// Where `Trainer` computes.
+public enum TrainingDevice {
+    case cpu
+    case cuda(CUDAContext)
+}

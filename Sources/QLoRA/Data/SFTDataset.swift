@@ -14,6 +14,12 @@ public struct TokenizedExample: Sendable, Equatable {
     public var labels: [Int]
     /// The line of the file it came from (1-based), for messages.
     public var line: Int
+
+    public init(tokens: [Int], labels: [Int], line: Int) {
+        self.tokens = tokens
+        self.labels = labels
+        self.line = line
+    }
 }
 
 /// A malformed line, reported with its file and number.

@@ -65,13 +65,13 @@ enum Checkpoints {
         try steps(in: directory).last.map { directory + "/" + prefix + String($0) }
     }
 
-    static func save(step: Int, state: TrainerState, model: LlamaModel, loraConfig: LoRAConfig, optimizer: Optimizer,
+    static func save(step: Int, state: TrainerState, model: LlamaModel, loraConfig: LoRAConfig, engine: TrainingEngine,
                      in directory: String, keep: Int, protectStep: Int?) throws {
         let final = directory + "/" + prefix + String(step)
         let partial = final + ".partial"
         removeTree(partial)
         try PEFTAdapter.save(model: model, config: loraConfig, to: partial)
-        try SafeTensorsWriter.write(optimizer.state(), metadata: ["optimizer": optimizer.kind.rawValue], to: partial + "/optimizer.safetensors")
+        try SafeTensorsWriter.write(engine.optimizerState(), metadata: ["optimizer": engine.optimizerKind.rawValue], to: partial + "/optimizer.safetensors")
         try FileSystem.writeAtomically(partial + "/trainer_state.json", text: state.json().serialized(.init(indent: 2)) + "\n")
         removeTree(final)
         guard rename(partial, final) == 0 else { throw UsageError("cannot rename \(partial) to \(final): \(String(cString: strerror(errno)))") }
@@ -82,11 +82,12 @@ enum Checkpoints {
         }
     }
 
-    static func restore(_ checkpoint: String, model: LlamaModel, optimizer: Optimizer) throws -> TrainerState {
+    static func restore(_ checkpoint: String, model: LlamaModel, engine: TrainingEngine) throws -> TrainerState {
         let statePath = checkpoint + "/trainer_state.json"
         let state = try TrainerState(json: try JSONValue.parse(bytes: try FileSystem.readFile(statePath)), file: statePath)
         try loadAdapterWeights(from: checkpoint, into: model)
-        try optimizer.load(state: try SafeTensorsFile(path: checkpoint + "/optimizer.safetensors"))
+        try engine.loadWeightsFromModel()
+        try engine.loadOptimizerState(try SafeTensorsFile(path: checkpoint + "/optimizer.safetensors"))
         return state
     }
 

@@ -23,4 +23,27 @@ public enum Evaluation {
         }
         return total
     }
+
+    /// The summed loss of `batches` computed by a training engine (CPU or GPU).
+    public static func loss(engine: TrainingEngine, batches: [TrainingBatch]) throws -> LossSum {
+        var total = LossSum(sum: 0, count: 0)
+        for batch in batches {
+            let part = try engine.loss(batch: batch)
+            total.sum += part.sum
+            total.count += part.count
+        }
+        return total
+    }
+
+    /// An engine that evaluates `model` (with its adapter, if any) on the GPU. A model without adapters gets
+    /// rank-8 LoRA with B = 0 (the base model unchanged); adapter dropout is switched off (evaluation has none).
+    /// The GPU holds the base in NF4 (a dense base is quantized as bitsandbytes would).
+    public static func cudaEngine(context: CUDAContext, model: LlamaModel, batches: [TrainingBatch]) throws -> CUDATrainingEngine {
+        if model.linearLayers.allSatisfy({ $0.lora == nil }) {
+            try model.attachLoRA(LoRAConfig(rank: 8, alpha: 16, dropout: 0, targetModules: LoRAConfig.llamaProjections), seed: 0)
+        }
+        for layer in model.linearLayers { layer.lora?.dropout = 0 }
+        return try CUDATrainingEngine(context: context, model: model, capacityTokens: batches.map(\.tokenCount).max() ?? 1,
+                                      optimizer: .adamw, hyperparameters: AdamWHyperparameters())
+    }
 }

@@ -43,9 +43,9 @@ public final class Trainer {
     let microBatchesPerEpoch: Int
     public let stepsPerEpoch: Int
     public let totalSteps: Int
-    let optimizer: Optimizer
+    /// Where the forward/backward, clipping and optimizer run (CPU or GPU).
+    public let engine: TrainingEngine
     let schedule: LearningRateSchedule
-    let gradients: LoRAGradients
     let loraConfig: LoRAConfig
     /// The base model folder, whose tokenizer files are copied beside saved adapters.
     let baseDirectory: String?
@@ -72,7 +72,7 @@ public final class Trainer {
     public private(set) var evalHistory: [(step: Int, loss: Double)] = []
 
     public init(configuration: TrainingConfiguration, model: LlamaModel, train: [TokenizedExample], eval: [TokenizedExample],
-                padID: Int, baseDirectory: String?) throws {
+                padID: Int, baseDirectory: String?, device: TrainingDevice = .cpu) throws {
         try configuration.validate()
         self.configuration = configuration
         self.model = model
@@ -88,8 +88,17 @@ public final class Trainer {
         if model.linearLayers.allSatisfy({ $0.lora == nil }) {
             try model.attachLoRA(loraConfig, seed: c.seed)
         }
-        gradients = LoRAGradients(model: model)
-        optimizer = try OptimizerKind.parse(c.optimizer).make(AdamWHyperparameters(weightDecay: c.weightDecay))
+        let optimizerKind = try OptimizerKind.parse(c.optimizer)
+        let hyperparameters = AdamWHyperparameters(weightDecay: c.weightDecay)
+        switch device {
+        case .cpu:
+            engine = CPUTrainingEngine(model: model, optimizer: try optimizerKind.make(hyperparameters))
+        case .cuda(let context):
+            if let reason = CUDATrainingEngine.unsupported(c) { throw UsageError("cannot train on the GPU: \(reason)") }
+            let capacity = (self.train + self.eval).map(\.tokenCount).max() ?? 1
+            engine = try CUDATrainingEngine(context: context, model: model, capacityTokens: capacity, optimizer: optimizerKind,
+                                            hyperparameters: hyperparameters)
+        }
         schedule = try LearningRateSchedule(kind: try ScheduleKind.parse(c.scheduler), baseLearningRate: c.learningRate,
                                             trainingSteps: totalSteps, warmupSteps: c.warmupSteps, warmupRatio: c.warmupRatio)
     }
@@ -101,7 +110,7 @@ public final class Trainer {
         try FileSystem.createDirectory(c.outputDirectory)
         var state = TrainerState()
         if c.resume, let latest = try Checkpoints.latest(in: c.outputDirectory) {
-            state = try Checkpoints.restore(latest, model: model, optimizer: optimizer)
+            state = try Checkpoints.restore(latest, model: model, engine: engine)
             history = state.history
             evalHistory = state.evalHistory
             log("resumed from \(latest) at step \(state.step)")
@@ -111,6 +120,7 @@ public final class Trainer {
         let counts = model.parameterCounts
         log(String(cFormat: "trainable params: %d || all params: %d || trainable%%: %.4f", counts.trainable, counts.total,
                    100 * Double(counts.trainable) / Double(counts.total)))
+        log("device: \(engine.deviceName)")
         log(memoryEstimate())
         log("\(train.count) micro-batches of \(c.batchSize) per epoch, accumulation \(c.gradientAccumulationSteps), \(totalSteps) steps, \(eval.count) eval batches")
 
@@ -128,23 +138,18 @@ public final class Trainer {
             let first = (step % stepsPerEpoch) * c.gradientAccumulationSteps
             let micro = Array(order[first..<min(first + c.gradientAccumulationSteps, microBatchesPerEpoch)])
 
-            gradients.zero()
             let normalizer = micro.reduce(0) { $0 + train[$1].countedTokens }
             var loss = LossSum(sum: 0, count: 0)
             for (m, index) in micro.enumerated() {
                 let options = TrainingStepOptions(gradientCheckpointing: c.gradientCheckpointing,
                                                   dropoutSeed: c.seed &* 1_000_003 &+ UInt64(step) &* 1009 &+ UInt64(m))
-                let part = try model.accumulateGradients(batch: train[index], into: gradients, normalizer: normalizer, options: options)
+                let part = try engine.accumulate(batch: train[index], normalizer: normalizer, options: options, first: m == 0)
                 loss.sum += part.sum
                 loss.count += part.count
                 tokensSeen += train[index].tokenCount
             }
-            let slots = parameterSlots()
-            let norm = c.maxGradNorm > 0
-                ? GradientClipping.clip(slots.map { UnsafeMutableBufferPointer(mutating: $0.gradient) }, maxNorm: c.maxGradNorm)
-                : GradientClipping.globalNorm(slots.map(\.gradient))
             let learningRate = schedule.learningRate(atStep: step)
-            try optimizer.step(slots, learningRate: learningRate)
+            let norm = try engine.step(learningRate: learningRate, maxGradNorm: c.maxGradNorm)
             state.step += 1
 
             let record = StepRecord(step: state.step, loss: loss.mean, learningRate: learningRate, gradientNorm: norm,
@@ -187,7 +192,8 @@ public final class Trainer {
             if saveDue || stopRequested || patienceExhausted || state.step == totalSteps {
                 state.history = history
                 state.evalHistory = evalHistory
-                try Checkpoints.save(step: state.step, state: state, model: model, loraConfig: loraConfig, optimizer: optimizer,
+                try engine.copyWeightsToModel()
+                try Checkpoints.save(step: state.step, state: state, model: model, loraConfig: loraConfig, engine: engine,
                                      in: c.outputDirectory, keep: c.saveTotalLimit, protectStep: state.bestStep)
                 try writeReport()
             }
@@ -203,6 +209,7 @@ public final class Trainer {
         // The result: the best adapter when there was evaluation, else the last.
         if state.bestStep != nil, FileSystem.exists(c.outputDirectory + "/best/adapter_model.safetensors") {
             try Checkpoints.loadAdapterWeights(from: c.outputDirectory + "/best", into: model)
+            try engine.loadWeightsFromModel()
             log("the adapter in \(c.outputDirectory) is the best by eval loss (step \(state.bestStep!))")
         }
         try saveAdapter(to: c.outputDirectory)
@@ -215,7 +222,13 @@ public final class Trainer {
 
     /// Mean loss over the eval batches.
     public func evaluate() throws -> Double {
-        try Evaluation.loss(model: model, batches: eval).mean
+        var total = LossSum(sum: 0, count: 0)
+        for batch in eval {
+            let part = try engine.loss(batch: batch)
+            total.sum += part.sum
+            total.count += part.count
+        }
+        return total.mean
     }
 
     /// The micro-batch order of an epoch: a Fisher–Yates shuffle seeded by (seed, epoch).
@@ -231,16 +244,9 @@ public final class Trainer {
         return order
     }
 
-    func parameterSlots() -> [ParameterSlot] {
-        model.linearLayers.compactMap { layer -> [ParameterSlot]? in
-            guard let lora = layer.lora, let ga = gradients.a[layer.name], let gb = gradients.b[layer.name] else { return nil }
-            return [ParameterSlot(name: layer.name + ".lora_A.weight", values: lora.a.storage, gradient: UnsafeBufferPointer(ga.storage)),
-                    ParameterSlot(name: layer.name + ".lora_B.weight", values: lora.b.storage, gradient: UnsafeBufferPointer(gb.storage))]
-        }.flatMap { $0 }
-    }
-
     /// The adapter in PEFT's format, with the base's tokenizer files beside it.
     func saveAdapter(to directory: String) throws {
+        try engine.copyWeightsToModel()
         try PEFTAdapter.save(model: model, config: loraConfig, to: directory)
         if let base = baseDirectory {
             for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"]

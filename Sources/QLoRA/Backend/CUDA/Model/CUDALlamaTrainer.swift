@@ -484,6 +484,47 @@ public final class CUDALlamaTrainer {
         try context.convertToBF16(params, into: params16, count: parameterCount)
     }
 
+    /// Clips the gradients to global norm `maxNorm` (`.infinity`: only measures the norm; `lastGradientNorm()`
+    /// reads it). Queued without waiting. For use with an external optimizer (`CUDAOptimizer` over `parameterSlots()`).
+    public func clipGradients(maxNorm: Float) throws {
+        try context.clipGradients(grads, count: parameterCount, maxNorm: maxNorm, sumSquares: sumSquares)
+    }
+
+    /// Every LoRA matrix as an optimizer slot into the flat buffers, named as the CPU trainer names them
+    /// (`<module>.lora_A.weight`, `<module>.lora_B.weight`), so optimizer state is interchangeable.
+    public func parameterSlots() -> [CUDAParameterSlot] {
+        blocks.flatMap { block in
+            block.linears.flatMap { l in
+                [CUDAParameterSlot(name: l.name + ".lora_A.weight", values: params, gradient: grads, count: l.rank * l.inFeatures,
+                                   offset: l.aOffset),
+                 CUDAParameterSlot(name: l.name + ".lora_B.weight", values: params, gradient: grads, count: l.outFeatures * l.rank,
+                                   offset: l.bOffset)]
+            }
+        }
+    }
+
+    /// Refreshes the bf16 copies the GEMMs read after the fp32 masters changed (an external optimizer step).
+    public func refreshParameterCopies() throws {
+        try context.convertToBF16(params, into: params16, count: parameterCount)
+    }
+
+    /// Replaces the fp32 masters (and bf16 copies) with `model`'s adapter weights (same layout as at creation).
+    public func setLoRAParameters(from model: LlamaModel) throws {
+        var host = [Float](repeating: 0, count: parameterCount)
+        for (l, block) in blocks.enumerated() {
+            for (j, linear) in block.linears.enumerated() {
+                guard l < model.blocks.count, j < model.blocks[l].linears.count, let lora = model.blocks[l].linears[j].lora,
+                      lora.a.count == linear.rank * linear.inFeatures, lora.b.count == linear.outFeatures * linear.rank else {
+                    throw UsageError("the model's adapter on \(linear.name) does not match the GPU trainer's layout")
+                }
+                for i in 0..<lora.a.count { host[linear.aOffset + i] = lora.a.storage[i] }
+                for i in 0..<lora.b.count { host[linear.bOffset + i] = lora.b.storage[i] }
+            }
+        }
+        try params.upload(host)
+        try refreshParameterCopies()
+    }
+
     /// The global gradient norm before the latest clipping (waits for the GPU).
     public func lastGradientNorm() throws -> Double { Double(try sumSquares.download()[0]).squareRoot() }
 

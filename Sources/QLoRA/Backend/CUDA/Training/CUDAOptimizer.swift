@@ -20,13 +20,19 @@ public struct CUDAParameterSlot {
     public var values: DeviceBuffer<Float>
     public var gradient: DeviceBuffer<Float>
     public var count: Int
+    /// Where the tensor starts in `values` and `gradient` (elements), for tensors kept in one flat buffer.
+    public var offset: Int
 
-    public init(name: String, values: DeviceBuffer<Float>, gradient: DeviceBuffer<Float>, count: Int? = nil) {
+    public init(name: String, values: DeviceBuffer<Float>, gradient: DeviceBuffer<Float>, count: Int? = nil, offset: Int = 0) {
         self.name = name
         self.values = values
         self.gradient = gradient
         self.count = count ?? values.count
+        self.offset = offset
     }
+
+    var valuesArg: KernelArgument { .pointer(values.address(at: offset)) }
+    var gradientArg: KernelArgument { .pointer(gradient.address(at: offset)) }
 }
 
 /// AdamW (torch, bitsandbytes 32-bit or 8-bit, paged or not) over device tensors.
@@ -91,7 +97,7 @@ public final class CUDAOptimizer {
         var seen = Set<String>()
         for s in slots {
             guard seen.insert(s.name).inserted else { throw UsageError("optimizer step: parameter '\(s.name)' is given twice") }
-            guard s.values.count >= s.count, s.gradient.count >= s.count else {
+            guard s.offset >= 0, s.values.count >= s.offset + s.count, s.gradient.count >= s.offset + s.count else {
                 throw UsageError("optimizer step: parameter '\(s.name)': buffers shorter than \(s.count)")
             }
             if let st = states[s.name], st.count != s.count {
@@ -126,7 +132,7 @@ public final class CUDAOptimizer {
             let f = try context.compiler.function(KernelSources.adamw, "adamw_step")
             let bc1 = 1 - pow(hyperparameters.beta1, Double(t)), bc2 = 1 - pow(hyperparameters.beta2, Double(t))
             try dev.launch(f, grid: (context.gridSize(items: n), 1, 1), block: (256, 1, 1),
-                           [s.values.arg, s.gradient.arg, .pointer(region), .pointer(region + UInt64(4 * n)), .int64(Int64(n)),
+                           [s.valuesArg, s.gradientArg, .pointer(region), .pointer(region + UInt64(4 * n)), .int64(Int64(n)),
                             .float(Float(lr)), .float(Float(hyperparameters.beta1)), .float(Float(hyperparameters.beta2)),
                             .float(Float(hyperparameters.eps)), .float(Float(hyperparameters.weightDecay)), .float(Float(bc1)),
                             .float(Float(bc2.squareRoot()))])
@@ -141,12 +147,12 @@ public final class CUDAOptimizer {
                 let absmax1 = region + UInt64(state.absmaxOffset), absmax2 = absmax1 + UInt64(4 * state.blocks)
                 try dev.launch(context.compiler.function(KernelSources.adamw8bit, "adamw8bit_blockwise"), grid: (state.blocks, 1, 1),
                                block: (AdamW8bit.blockSize, 1, 1),
-                               [s.values.arg, s.gradient.arg, .pointer(region), .pointer(region + UInt64(n)), .pointer(absmax1),
+                               [s.valuesArg, s.gradientArg, .pointer(region), .pointer(region + UInt64(n)), .pointer(absmax1),
                                 .pointer(absmax2), map1.arg, map2.arg, .int64(Int64(n))] + scalars)
             } else {
                 try dev.launch(context.compiler.function(KernelSources.adamw8bit, "adamw32_bnb"), grid: (context.gridSize(items: n), 1, 1),
                                block: (256, 1, 1),
-                               [s.values.arg, s.gradient.arg, .pointer(region), .pointer(region + UInt64(4 * n)), .int64(Int64(n))] + scalars)
+                               [s.valuesArg, s.gradientArg, .pointer(region), .pointer(region + UInt64(4 * n)), .int64(Int64(n))] + scalars)
             }
         }
         if let host = state.host {

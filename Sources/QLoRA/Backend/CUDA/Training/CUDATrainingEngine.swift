@@ -1,0 +1,69 @@
+// The CUDA training engine: `CUDALlamaTrainer` (bf16 forward/backward with fp32 LoRA masters and gradients) with
+// `CUDAOptimizer` over the trainer's flat LoRA buffers, so every optimizer kind (adamw, adamw_8bit and the paged
+// variants) runs on the GPU with the CPU's state names: a checkpoint saved on one backend resumes on the other.
+//
+// What the GPU trainer does not do is refused when the engine is made (never a silent difference): LoRA dropout,
+// linear biases, LoRA on only some projections or with different ranks (CUDALlamaTrainer's checks).
+// Evaluation runs the training forward/backward on the eval batch (the gradients are discarded: the next step
+// zeroes them before its first micro-batch).
+
+/// Training compute on one GPU.
+public final class CUDATrainingEngine: TrainingEngine {
+    public let context: CUDAContext
+    public let model: LlamaModel
+    public let trainer: CUDALlamaTrainer
+    public let optimizer: CUDAOptimizer
+
+    /// Why a configuration cannot train on the GPU, or nil when it can (for `--device auto` to fall back to the CPU).
+    public static func unsupported(_ c: TrainingConfiguration) -> String? {
+        if c.loraDropout > 0 { return "LoRA dropout \(c.loraDropout) is not supported on the GPU (use --lora-dropout 0)" }
+        if Set(c.targetModules.map { $0.lowercased() }) != Set(LoRAConfig.llamaProjections) && c.targetModules != ["all-linear"] {
+            return "the GPU trainer needs LoRA on all seven projections (target modules \(c.targetModules.joined(separator: ",")))"
+        }
+        return nil
+    }
+
+    /// An engine for `model` (adapters attached) holding batches of up to `capacityTokens` tokens.
+    public init(context: CUDAContext, model: LlamaModel, capacityTokens: Int, optimizer kind: OptimizerKind,
+                hyperparameters: AdamWHyperparameters) throws {
+        self.context = context
+        self.model = model
+        trainer = try CUDALlamaTrainer(context: context, model: model, capacityTokens: capacityTokens)
+        optimizer = try CUDAOptimizer(context: context, kind: kind, hyperparameters)
+    }
+
+    public var deviceName: String { "cuda" }
+    public var optimizerKind: OptimizerKind { optimizer.kind }
+
+    public func accumulate(batch: TrainingBatch, normalizer: Int, options: TrainingStepOptions, first: Bool) throws -> LossSum {
+        try trainer.forwardBackward(batch: batch, normalizer: normalizer, accumulate: !first)
+        return try trainer.lastLoss()
+    }
+
+    public func step(learningRate: Double, maxGradNorm: Double) throws -> Double {
+        try trainer.clipGradients(maxNorm: maxGradNorm > 0 ? Float(maxGradNorm) : .infinity)
+        try optimizer.step(trainer.parameterSlots(), learningRate: learningRate)
+        try trainer.refreshParameterCopies()
+        return try trainer.lastGradientNorm()
+    }
+
+    public func loss(batch: TrainingBatch) throws -> LossSum {
+        try trainer.forwardBackward(batch: batch, normalizer: max(batch.countedTokens, 1))
+        return try trainer.lastLoss()
+    }
+
+    public func copyWeightsToModel() throws {
+        let layers = Dictionary(model.linearLayers.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        for (name, a, b) in try trainer.loraParameters() {
+            guard let lora = layers[name]?.lora, lora.a.count == a.count, lora.b.count == b.count else {
+                throw UsageError("the GPU adapter \(name) has no CPU twin of its shape")
+            }
+            for i in 0..<a.count { lora.a.storage[i] = a[i] }
+            for i in 0..<b.count { lora.b.storage[i] = b[i] }
+        }
+    }
+
+    public func loadWeightsFromModel() throws { try trainer.setLoRAParameters(from: model) }
+    public func optimizerState() throws -> [TensorRecord] { try optimizer.state() }
+    public func loadOptimizerState(_ file: SafeTensorsFile) throws { try optimizer.load(state: file) }
+}

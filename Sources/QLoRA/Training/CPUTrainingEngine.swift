@@ -1,0 +1,46 @@
+// The CPU training engine: the model's fp32 forward/backward (Training/LlamaBackward.swift), gradient clipping
+// and the CPU optimizers, exactly as the trainer ran them before the engine seam existed.
+
+/// Training compute on the CPU, on the model's own adapters.
+public final class CPUTrainingEngine: TrainingEngine {
+    public let model: LlamaModel
+    public let gradients: LoRAGradients
+    public let optimizer: Optimizer
+
+    public init(model: LlamaModel, optimizer: Optimizer) {
+        self.model = model
+        self.optimizer = optimizer
+        gradients = LoRAGradients(model: model)
+    }
+
+    public var deviceName: String { "cpu" }
+    public var optimizerKind: OptimizerKind { optimizer.kind }
+
+    public func accumulate(batch: TrainingBatch, normalizer: Int, options: TrainingStepOptions, first: Bool) throws -> LossSum {
+        if first { gradients.zero() }
+        return try model.accumulateGradients(batch: batch, into: gradients, normalizer: normalizer, options: options)
+    }
+
+    public func step(learningRate: Double, maxGradNorm: Double) throws -> Double {
+        let slots = parameterSlots()
+        let norm = maxGradNorm > 0
+            ? GradientClipping.clip(slots.map { UnsafeMutableBufferPointer(mutating: $0.gradient) }, maxNorm: maxGradNorm)
+            : GradientClipping.globalNorm(slots.map(\.gradient))
+        try optimizer.step(slots, learningRate: learningRate)
+        return norm
+    }
+
+    public func loss(batch: TrainingBatch) throws -> LossSum { try model.loss(batch: batch) }
+    public func copyWeightsToModel() throws {}
+    public func loadWeightsFromModel() throws {}
+    public func optimizerState() throws -> [TensorRecord] { optimizer.state() }
+    public func loadOptimizerState(_ file: SafeTensorsFile) throws { try optimizer.load(state: file) }
+
+    func parameterSlots() -> [ParameterSlot] {
+        model.linearLayers.compactMap { layer -> [ParameterSlot]? in
+            guard let lora = layer.lora, let ga = gradients.a[layer.name], let gb = gradients.b[layer.name] else { return nil }
+            return [ParameterSlot(name: layer.name + ".lora_A.weight", values: lora.a.storage, gradient: UnsafeBufferPointer(ga.storage)),
+                    ParameterSlot(name: layer.name + ".lora_B.weight", values: lora.b.storage, gradient: UnsafeBufferPointer(gb.storage))]
+        }.flatMap { $0 }
+    }
+}

@@ -1,0 +1,114 @@
+// The real `Trainer` on both engines: the same run (tiny-llama fixture in NF4, the fixture's adapter as the
+// initial adapter, random token rows, gradient accumulation, clipping, cosine schedule, evaluation, checkpoints)
+// once with the CPU engine and once with the CUDA engine, for a plain and a paged 8-bit optimizer.
+// Per-step losses and the eval loss are held to 5e-2 relative (the GPU computes in bf16, the CPU in fp32; the
+// weights drift apart a little each step). The adapter saved from the GPU run must have the CPU run's PEFT keys
+// and shapes, and its values must be close to the CPU run's (relative L2 over all LoRA weights, 5e-2).
+// Last, a checkpoint the CPU engine wrote (with paged 8-bit optimizer state) resumes on the GPU engine.
+
+import QLoRA
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Random rows of `length` tokens below `vocab`, every token counted.
+func randomExamples(count: Int, length: Int, vocab: Int, seed: UInt64) -> [TokenizedExample] {
+    var rng = SeededGenerator(seed: seed)
+    return (0..<count).map { i in
+        let tokens = (0..<length).map { _ in Int(rng.next() % UInt64(vocab)) }
+        return TokenizedExample(tokens: tokens, labels: tokens, line: i + 1)
+    }
+}
+
+func runTrainerEngineChecks(_ ctx: CUDAContext) {
+    let directory = fixtureDirectory()
+    for optimizer in ["adamw", "paged_adamw_8bit"] {
+        group("training: Trainer with CPU and CUDA engines (\(optimizer))") {
+            let train = randomExamples(count: 8, length: 48, vocab: 1000, seed: 7)
+            let eval = randomExamples(count: 3, length: 40, vocab: 1000, seed: 8)
+            var histories: [[StepRecord]] = []
+            var evalLosses: [Double] = []
+            var adapters: [SafeTensorsFile] = []
+            for (label, device) in [("cpu", TrainingDevice.cpu), ("cuda", TrainingDevice.cuda(ctx))] {
+                let output = "/tmp/qlora-gpu-check-trainer-\(optimizer)-\(label)-\(getpid())"
+                let trainer = try fixtureTrainer(directory, optimizer: optimizer, device: device, output: output, train: train, eval: eval)
+                let summary = try trainer.run()
+                histories.append(trainer.history)
+                evalLosses.append(summary.bestEvalLoss ?? .nan)
+                adapters.append(try SafeTensorsFile(path: output + "/adapter_model.safetensors"))
+            }
+            let (cpu, gpu) = (histories[0], histories[1])
+            checkTrue("both runs took 6 steps", cpu.count == 6 && gpu.count == 6, "CPU \(cpu.count), GPU \(gpu.count)")
+            for (a, b) in zip(cpu, gpu) {
+                check("step \(a.step) loss (CPU \(fmt(a.loss, 5)), GPU \(fmt(b.loss, 5)))", abs(b.loss - a.loss) / abs(a.loss), 5e-2,
+                      "grad norm CPU \(fmt(a.gradientNorm, 4)) GPU \(fmt(b.gradientNorm, 4))")
+            }
+            check("eval loss (CPU \(fmt(evalLosses[0], 5)), GPU \(fmt(evalLosses[1], 5)))",
+                  abs(evalLosses[1] - evalLosses[0]) / abs(evalLosses[0]), 5e-2)
+            let cpuKeys = adapters[0].tensors.map { "\($0.name) \($0.shape)" }.sorted()
+            let gpuKeys = adapters[1].tensors.map { "\($0.name) \($0.shape)" }.sorted()
+            checkTrue("GPU adapter has the PEFT keys and shapes", cpuKeys == gpuKeys && !gpuKeys.isEmpty,
+                      "\(gpuKeys.count) tensors, e.g. \(gpuKeys.first ?? "none")")
+            var cpuValues: [Float] = [], gpuValues: [Float] = []
+            for info in adapters[0].tensors.sorted(by: { $0.name < $1.name }) {
+                cpuValues += try adapters[0].floats(info.name)
+                gpuValues += try adapters[1].floats(info.name)
+            }
+            check("GPU-trained adapter weights vs CPU", relativeError(gpuValues, cpuValues), 5e-2)
+        }
+    }
+
+    // A checkpoint written by the CPU engine (adapter + 8-bit optimizer state + trainer state) resumes on the GPU:
+    // steps 4-6 after resuming on the GPU follow the straight CPU run's steps 4-6.
+    group("training: CPU checkpoint resumes on the CUDA engine") {
+        let train = randomExamples(count: 8, length: 48, vocab: 1000, seed: 7)
+        let eval = randomExamples(count: 3, length: 40, vocab: 1000, seed: 8)
+        let base = "/tmp/qlora-gpu-check-resume-\(getpid())"
+        let straight = try fixtureTrainer(directory, optimizer: "paged_adamw_8bit", device: .cpu, output: base + "-straight",
+                                          train: train, eval: eval)
+        _ = try straight.run()
+        let first = try fixtureTrainer(directory, optimizer: "paged_adamw_8bit", device: .cpu, output: base + "-resumed",
+                                       train: train, eval: eval)
+        first.shouldStop = { $0 == 3 }
+        _ = try first.run()
+        let second = try fixtureTrainer(directory, optimizer: "paged_adamw_8bit", device: .cuda(ctx), output: base + "-resumed",
+                                        train: train, eval: eval, resume: true)
+        _ = try second.run()
+        checkTrue("resumed run ends at step 6", second.history.count == 6, "\(second.history.count) steps in its history")
+        for (a, b) in zip(straight.history, second.history).dropFirst(3) {
+            check("resumed step \(a.step) loss (CPU \(fmt(a.loss, 5)), GPU \(fmt(b.loss, 5)))", abs(b.loss - a.loss) / abs(a.loss), 5e-2)
+        }
+    }
+}
+
+/// A Trainer on the fixture (NF4 base, the fixture adapter as the initial adapter) for 6 steps of 2 micro-batches
+/// of 2 rows, with evaluation at the end and checkpoints every 3 steps.
+func fixtureTrainer(_ directory: String, optimizer: String, device: TrainingDevice, output: String, train: [TokenizedExample],
+                    eval: [TokenizedExample], resume: Bool = false) throws -> Trainer {
+    let model = try ModelLoader.load(directory + "/base", quantization: .nf4).model
+    let peft = try PEFTAdapter.load(directory: directory + "/adapter", into: model)
+    var c = TrainingConfiguration()
+    c.datasets = ["in-memory"]  // the examples are given directly; validation wants a name
+    c.loraR = peft.rank
+    c.loraAlpha = peft.alpha
+    c.loraDropout = 0
+    c.batchSize = 2
+    c.gradientAccumulationSteps = 2
+    c.maxSteps = 6
+    c.learningRate = 2e-3
+    c.warmupSteps = 1
+    c.scheduler = "cosine"
+    c.optimizer = optimizer
+    c.maxGradNorm = 0.5
+    c.packing = false
+    c.maxSeqLength = 64
+    c.evalSteps = 6
+    c.saveSteps = 3
+    c.loggingSteps = 1
+    c.outputDirectory = output
+    c.resume = resume
+    let trainer = try Trainer(configuration: c, model: model, train: train, eval: eval, padID: 0, baseDirectory: nil, device: device)
+    trainer.log = { _ in }
+    trainer.showProgress = { _ in }
+    return trainer
+}
