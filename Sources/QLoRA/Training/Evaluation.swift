@@ -15,20 +15,19 @@ public enum Evaluation {
     }
 
     public static func loss(model: LlamaModel, batches: [TrainingBatch]) throws -> LossSum {
-        var total = LossSum(sum: 0, count: 0)
-        for batch in batches {
-            let part = try model.loss(batch: batch)
-            total.sum += part.sum
-            total.count += part.count
-        }
-        return total
+        try total(batches, model.loss(batch:))
     }
 
     /// The summed loss of `batches` computed by a training engine (CPU or GPU).
     public static func loss(engine: TrainingEngine, batches: [TrainingBatch]) throws -> LossSum {
+        try total(batches, engine.loss(batch:))
+    }
+
+    /// The loss sums of every batch, added up (the mean is then over all counted tokens, as transformers computes it).
+    static func total(_ batches: [TrainingBatch], _ loss: (TrainingBatch) throws -> LossSum) rethrows -> LossSum {
         var total = LossSum(sum: 0, count: 0)
         for batch in batches {
-            let part = try engine.loss(batch: batch)
+            let part = try loss(batch)
             total.sum += part.sum
             total.count += part.count
         }
