@@ -17,6 +17,7 @@ struct DemoCommand: ParsableCommand {
     @Option(help: "Where to train: auto (the GPU when one is usable, else the CPU), cpu or cuda.") var device: String = "auto"
 
     func run() throws {
+        let answerTokens = 24
         let start = monotonicSeconds()
         let loaded = try ModelLoader.load(model, quantization: .nf4, log: { printError($0) })
         printError("model: \(loaded.description)")
@@ -50,7 +51,7 @@ struct DemoCommand: ParsableCommand {
         if testExamples > 0 { cases = Array(cases.prefix(testExamples)) }
         let padID = tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0
 
-        let trainingDevice = try ComputeDevice.forTraining(device, configuration: c)
+        var trainingDevice = try ComputeDevice.forTraining(device, configuration: c)
         try loaded.model.attachLoRA(c.loraConfig, seed: c.seed)  // B = 0: still the base model
         let trainer: Trainer
         do {
@@ -58,17 +59,33 @@ struct DemoCommand: ParsableCommand {
                                   device: trainingDevice)
         } catch where device.lowercased() == "auto" && trainingDevice.isCUDA {
             printError("device: cpu after all (auto: \(error))")
+            trainingDevice = .cpu
             trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID, baseDirectory: loaded.directory)
+        }
+        // Greedy answers run where training ran: on the GPU a decode session holds the NF4 base and the adapter unmerged,
+        // made anew after training to pick up the trained adapter.
+        let promptRoom = try ExactMatch.longestPrompt(cases, tokenizer: tokenizer, template: template) + answerTokens
+        func exactMatch() throws -> ExactMatchResult {
+            let session: InferenceSession
+            switch trainingDevice {
+            case .cpu: session = CPUInferenceSession(model: loaded.model, capacity: promptRoom)
+            case .cuda(let context): session = try CUDAInference(context: context, model: loaded.model, capacity: promptRoom)
+            }
+            return try ExactMatch.evaluate(session: session, tokenizer: tokenizer, template: template, cases: cases, maxTokens: answerTokens)
         }
         printError("measuring the base model on \(cases.count) held-out examples...")
         let lossBefore = try trainer.evaluate()
-        let before = try ExactMatch.evaluate(model: loaded.model, tokenizer: tokenizer, template: template, cases: cases)
+        var timer = monotonicSeconds()
+        let before = try exactMatch()
+        var answerSeconds = monotonicSeconds() - timer
 
         printError("training \(maxSteps) steps on \(train.count) examples...")
         let summary = try trainer.run()
 
         let lossAfter = try trainer.evaluate()
-        let after = try ExactMatch.evaluate(model: loaded.model, tokenizer: tokenizer, template: template, cases: cases)
+        timer = monotonicSeconds()
+        let after = try exactMatch()
+        answerSeconds += monotonicSeconds() - timer
 
         print("")
         print("Task: rewrite dates as ISO 8601 (\(train.count) training examples, \(cases.count) held out)")
@@ -83,7 +100,8 @@ struct DemoCommand: ParsableCommand {
             print("    after:  \(after.answers[i].answer)   (expected \(after.answers[i].expected))")
         }
         print("")
-        print(String(cFormat: "%d steps at %.0f tokens/s; total time %.0f s.", summary.steps, summary.tokensPerSecond, monotonicSeconds() - start)
+        print(String(cFormat: "%d steps at %.0f tokens/s", summary.steps, summary.tokensPerSecond) + " on the \(trainingDevice.isCUDA ? "GPU" : "CPU")"
+              + String(cFormat: "; answers in %.1f s; total time %.0f s.", answerSeconds, monotonicSeconds() - start)
               + " Adapter (PEFT format): \(output); curves: \(output)/report.html")
     }
 }

@@ -30,21 +30,38 @@ public enum ExactMatch {
         return cases
     }
 
-    /// Greedy answers (up to `maxTokens`), compared with the expected text after trimming whitespace.
+    /// Greedy answers (up to `maxTokens`) of the CPU model, compared with the expected text after trimming whitespace.
     public static func evaluate(model: LlamaModel, tokenizer: Tokenizer, template: ChatTemplate, cases: [ExactMatchCase],
                                 maxTokens: Int = 24) throws -> ExactMatchResult {
+        let session = CPUInferenceSession(model: model, capacity: try longestPrompt(cases, tokenizer: tokenizer, template: template) + maxTokens)
+        return try evaluate(session: session, tokenizer: tokenizer, template: template, cases: cases, maxTokens: maxTokens)
+    }
+
+    /// The same on any backend's session, which needs room for the longest prompt and `maxTokens`; it is reset before each case.
+    public static func evaluate(session: InferenceSession, tokenizer: Tokenizer, template: ChatTemplate, cases: [ExactMatchCase],
+                                maxTokens: Int = 24) throws -> ExactMatchResult {
         var result = ExactMatchResult(correct: 0, total: 0, answers: [])
-        let stops = Generator.stopIDs(config: model.config, tokenizer: tokenizer)
+        let stops = Generator.stopIDs(config: session.config, tokenizer: tokenizer)
         for c in cases {
-            let prompt = try template.render(messages: c.messages, addGenerationPrompt: true, bosToken: tokenizer.bosToken, eosToken: tokenizer.eosToken)
-            let generated = try Generator.generate(model: model, prompt: tokenizer.encode(prompt), maxTokens: maxTokens,
-                                                   sampling: SamplingOptions(), stopIDs: stops)
+            session.reset()
+            let generated = try Generator.generate(session: session, prompt: try promptIDs(c, tokenizer: tokenizer, template: template),
+                                                   maxTokens: maxTokens, sampling: SamplingOptions(), stopIDs: stops)
             let answer = trimmed(tokenizer.decode(generated.tokens, skipSpecialTokens: true))
             if answer == trimmed(c.expected) { result.correct += 1 }
             result.total += 1
             result.answers.append((c.messages.last?["content"]?.string ?? "", answer, c.expected))
         }
         return result
+    }
+
+    /// Tokens of the longest prompt among `cases` (to size a session).
+    public static func longestPrompt(_ cases: [ExactMatchCase], tokenizer: Tokenizer, template: ChatTemplate) throws -> Int {
+        try cases.map { try promptIDs($0, tokenizer: tokenizer, template: template).count }.max() ?? 1
+    }
+
+    static func promptIDs(_ c: ExactMatchCase, tokenizer: Tokenizer, template: ChatTemplate) throws -> [Int] {
+        let prompt = try template.render(messages: c.messages, addGenerationPrompt: true, bosToken: tokenizer.bosToken, eosToken: tokenizer.eosToken)
+        return tokenizer.encode(prompt)
     }
 
     static func trimmed(_ s: String) -> String {
