@@ -13,6 +13,8 @@
 //                    then its backward: dx_l from dx_{l+1}, LoRA gradients added into one fp32 buffer
 // Each linear's NF4 weight is dequantized into one shared bf16 scratch right before the products that read it
 // (three times per step: forward, recompute, backward), which costs far less than the GEMMs.
+// Evaluation (`forwardLoss`) runs the forward alone: x_{l+1} = block_l(x_l) through two buffers, the loss without
+// its gradient, no recomputation and no backward.
 //
 // Block forward (as LlamaDecoderLayer):            Block backward (g holds d/d output, updated in place):
 //   n1 = rms(x)·w1                                    dAct  = down⁻(g)                (into act's buffer)
@@ -419,7 +421,31 @@ public final class CUDALlamaTrainer {
         }
     }
 
-    /// The summed loss and the counted tokens of the latest `forwardBackward` (waits for the GPU).
+    /// The loss of one batch without gradients (evaluation): the forward alone, with the block outputs passed
+    /// between two buffers instead of kept as checkpoints, the cross-entropy without its gradient and no backward.
+    /// The gradients are left as they are. Queues the work without waiting; `lastLoss()` reads the loss sum and
+    /// count, which equal what `forwardBackward` reports for the same batch (the same launches up to the loss).
+    public func forwardLoss(batch: TrainingBatch) throws {
+        let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize, vocab = c.vocabularySize
+        try upload(batch)
+        // Block l reads buffers[l % 2] and writes buffers[(l + 1) % 2] (checkpoint buffers, free outside a step).
+        let buffers = [checkpoints[0], checkpoints[min(1, checkpoints.count - 1)]]
+        try ctx.embeddingForward(ids: tokenIDs, table: embedding, into: buffers[0], tokens: n, vocab: vocab, dim: h)
+        for (l, block) in blocks.enumerated() {
+            try blockForward(block, x: buffers[l % 2], output: buffers[(l + 1) % 2], batch: batch)
+        }
+        try ctx.rmsNormForward(x: buffers[blocks.count % 2], weight: finalNorm, into: norm1, rows: n, dim: h, eps: c.rmsNormEps)
+        let blas = try ctx.blas()
+        for start in stride(from: 0, to: n, by: lossChunkRows) {
+            let rows = min(lossChunkRows, n - start)
+            try blas.gemm(m: rows, n: vocab, k: h, a: norm1.address(at: start * h), b: head.pointer, transB: true, c: logits.pointer)
+            try ctx.crossEntropyRows(logits: logits.pointer, labels: targets.address(at: start), rows: rows, vocab: vocab,
+                                     gradScale: 0, rowLoss: rowLoss.address(at: start), withGradient: false)
+        }
+        try ctx.crossEntropyReduce(rowLoss: rowLoss, labels: targets, rows: n, into: lossOut)
+    }
+
+    /// The summed loss and the counted tokens of the latest `forwardBackward` or `forwardLoss` (waits for the GPU).
     public func lastLoss() throws -> LossSum {
         let values = try lossOut.download()
         return LossSum(sum: Double(values[0]), count: Int(values[1]))
