@@ -31,7 +31,7 @@ func checkDecodeGemv() throws {
     let w = rng.floats(rows * cols, -0.05, 0.05)
     let q = try QuantizedWeight.quantize(w, shape: [rows, cols])
     let wq = q.dequantize()
-    let matrix = try DeviceNF4Matrix(q, allocator: A)
+    let matrix = try CUDANF4Weight(q, allocator: A)
     let (xb, x) = rng.bf16(cols)
     let (ab, a) = rng.bf16(rank * cols, -0.05, 0.05)
     let (bb, b) = rng.bf16(rows * rank, -0.05, 0.05)

@@ -1,5 +1,6 @@
 // Training checks: the GPU trainer (CUDALlamaTrainer) against the CPU reference on the tiny-llama fixture, a
-// short real training run whose loss must go down, and the out-of-memory plan error.
+// forward-only (evaluation) loss against the forward+backward one, a short real training run whose loss must go down,
+// and the out-of-memory plan error.
 //
 // The fixture is read from Tests/Fixtures/tiny-llama under the working directory (the repository checkout) or
 // from $QLORA_FIXTURES. The CPU reference is the NF4 model (the fixture's base quantized on load, bitsandbytes-
@@ -69,6 +70,44 @@ func runTrainingChecks(_ ctx: CUDAContext) {
         }
         checkTrue("all 28 LoRA gradients compared", checked == 28,
                   "\(checked) compared; worst rel.err \(fmt(worst)), mean \(fmt(sumErrors / Double(max(checked, 1))))")
+    }
+
+    // Evaluation's forward-only loss: the same launches as the forward of forwardBackward up to the loss, so the
+    // loss sum should be the same bits (held to 1e-6 relative in case a reduction's order ever differs) and the
+    // counted tokens equal; the gradients of the preceding forwardBackward must be left exactly as they were.
+    group("training: forward-only loss") {
+        let batch = try fixtureBatch(directory)
+        let dense = try loadFixtureModel(directory, quantization: .none)
+        let trainer = try CUDALlamaTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount)
+        func compare(_ name: String, _ trainer: CUDALlamaTrainer, _ batch: TrainingBatch) throws {
+            try trainer.forwardBackward(batch: batch, normalizer: max(batch.countedTokens, 1))
+            let full = try trainer.lastLoss()
+            let gradients = try trainer.loraGradients()
+            try trainer.forwardLoss(batch: batch)
+            let forward = try trainer.lastLoss()
+            check("\(name): forward-only loss = forward+backward loss", abs(forward.sum - full.sum) / max(abs(full.sum), 1e-30), 1e-6,
+                  "sums \(fmt(forward.sum, 6)) and \(fmt(full.sum, 6))\(forward.sum == full.sum ? ", the same bits" : ""); "
+                  + "\(forward.count) and \(full.count) tokens")
+            checkTrue("\(name): forward-only loss counts the same tokens", forward.count == full.count && full.count > 0)
+            let after = try trainer.loraGradients()
+            let unchanged = gradients.count == after.count && zip(gradients, after).allSatisfy { $0.name == $1.name && $0.a == $1.a && $0.b == $1.b }
+            checkTrue("\(name): forward-only loss leaves the gradients alone", unchanged, "\(after.count) LoRA gradient pairs compared")
+        }
+        try compare("fixture", trainer, batch)
+        // After an optimizer step (B no longer zero anywhere), on a smaller batch of two of the fixture's rows.
+        try trainer.optimizerStep(learningRate: 2e-3, maxGradNorm: 1)
+        let rows = try fixtureBatch(directory)
+        let two = TrainingBatch(examples: (0..<min(2, rows.rows)).map { r in
+            (rows.tokens[(r * rows.length)..<((r + 1) * rows.length)].map { Int($0) },
+             rows.labels[(r * rows.length)..<((r + 1) * rows.length)].map { Int($0) })
+        }, length: rows.length, padID: 0)
+        try compare("fixture after a step, 2 rows", trainer, two)
+        // An odd number of blocks (the forward's two buffers end swapped), random weights.
+        var config = try LlamaConfig(directory: directory + "/base")
+        config.layerCount = 3
+        let random = try CUDALlamaTrainer(context: ctx, randomConfig: config, rank: 4, alpha: 8, capacityTokens: 4 * 40, seed: 5)
+        let examples = randomExamples(count: 4, length: 40, vocab: config.vocabularySize, seed: 9)
+        try compare("random 3 blocks", random, TrainingBatch(examples: examples.map { ($0.tokens, $0.labels) }, length: 40, padID: 0))
     }
 
     group("training: short GPU run lowers the loss") {

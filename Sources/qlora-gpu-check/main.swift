@@ -11,8 +11,8 @@
 //   exact ops (embedding lookup, counts): 0.
 // Usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--compile-only sm_XX (NVRTC only, no GPU needed)]
 // Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, lora linear,
-// decode gemv, inference fixture, inference random, adamw8bit, allocator, training (fixture parity, short run,
-// memory plan), benchmarks.
+// decode gemv, inference fixture, inference random, adamw8bit, merge (MergeChecks.swift), allocator, training
+// (fixture parity, forward-only loss, short run, memory plan), benchmarks.
 
 import QLoRA
 #if canImport(Glibc)
@@ -448,6 +448,7 @@ group("decode gemv") { try checkDecodeGemv() }
 group("inference fixture") { try checkInferenceFixture() }
 group("inference random") { try checkInferenceRandom() }
 group("adamw8bit") { try checkAdamW8bit() }
+runMergeChecks(ctx)  // MergeChecks.swift
 
 group("allocator") {
     let before = A.driverAllocations

@@ -16,14 +16,40 @@ struct MergeCommand: ParsableCommand {
     @Option(help: "The folder to write the merged model to.")
     var out: String
 
+    @Option(help: "Where to compute W + scale·B·A: auto (the GPU when one is usable, else the CPU), cpu or cuda. The files are the same up to the last bit of a few bf16 values.")
+    var device: String = "auto"
+
     func run() throws {
+        let compute = try ComputeDevice.choose(device)
         // Dense weights as stored; a bitsandbytes-only folder can only give its dequantized weights.
         let loaded = try ModelLoader.load(model, quantization: .none, log: { printError($0) })
         if loaded.isPreQuantized {
             printError("note: \(loaded.directory) holds only 4-bit weights, so this merge is of the dequantized weights (the original bf16 weights are not available)")
         }
         let config = try PEFTAdapter.load(directory: adapter, into: loaded.model)
-        let report = try AdapterMerge.write(model: loaded.model, baseDirectory: loaded.directory, fromQuantizedBase: loaded.isPreQuantized, to: out)
+        func write(on compute: ComputeDevice) throws -> MergeReport {
+            switch compute {
+            case .cpu:
+                return try AdapterMerge.write(model: loaded.model, baseDirectory: loaded.directory, fromQuantizedBase: loaded.isPreQuantized,
+                                              to: out)
+            case .cuda(let context):
+                let merge = try CUDAAdapterMerge(context: context)
+                return try AdapterMerge.write(model: loaded.model, baseDirectory: loaded.directory, fromQuantizedBase: loaded.isPreQuantized,
+                                              to: out, mergedWeight: merge.mergedWeight)
+            }
+        }
+        let report: MergeReport
+        do {
+            report = try write(on: compute)
+        } catch where device.lowercased() == "auto" && compute.isCUDA {
+            // Nothing is written before every weight is merged, so the CPU can start over.
+            printError("device: cpu after all (auto: \(error))")
+            report = try write(on: .cpu)
+        }
         print("merged \(report.mergedLayers) layers (r=\(config.rank), alpha=\(config.alpha)) into \(out): \(report.tensorsWritten) bf16 tensors")
     }
+}
+
+extension ComputeDevice {
+    var isCUDA: Bool { if case .cuda = self { return true } else { return false } }
 }

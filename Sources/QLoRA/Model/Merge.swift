@@ -18,7 +18,10 @@ public enum AdapterMerge {
 
     /// Writes `model` (with its LoRA adapters attached) merged into bf16 weights in `outputDirectory`.
     /// `baseDirectory` supplies config.json and the tokenizer files; the weights come from the model.
-    public static func write(model: LlamaModel, baseDirectory: String, fromQuantizedBase: Bool, to outputDirectory: String) throws -> MergeReport {
+    /// `mergedWeight` computes each linear layer's fp32 W + scale·B·A (default: on the CPU, `mergedWeight(_:)`;
+    /// `CUDAAdapterMerge.mergedWeight` on the GPU); the rounding to bf16 is the same either way.
+    public static func write(model: LlamaModel, baseDirectory: String, fromQuantizedBase: Bool, to outputDirectory: String,
+                             mergedWeight merge: ((Linear) throws -> [Float])? = nil) throws -> MergeReport {
         try FileSystem.createDirectory(outputDirectory)
         var records: [TensorRecord] = []
         var merged = 0
@@ -31,7 +34,10 @@ public enum AdapterMerge {
             block.inputNorm.withUnsafeBufferPointer { add(prefix + "input_layernorm.weight", $0, [$0.count]) }
             block.postAttentionNorm.withUnsafeBufferPointer { add(prefix + "post_attention_layernorm.weight", $0, [$0.count]) }
             for layer in block.linears {
-                let weight = mergedWeight(layer)
+                let weight = try merge?(layer) ?? mergedWeight(layer)
+                guard weight.count == layer.outFeatures * layer.inFeatures else {
+                    throw UsageError("\(layer.name): the merged weight has \(weight.count) values, not \(layer.outFeatures * layer.inFeatures)")
+                }
                 if layer.lora != nil { merged += 1 }
                 weight.withUnsafeBufferPointer { add(layer.name + ".weight", $0, [layer.outFeatures, layer.inFeatures]) }
                 if let bias = layer.bias { bias.withUnsafeBufferPointer { add(layer.name + ".bias", $0, [$0.count]) } }

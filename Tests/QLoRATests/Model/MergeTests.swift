@@ -31,4 +31,25 @@ final class MergeTests: XCTestCase {
         let reference2 = Array(try LlamaForwardTests.expected().floats("logits_bf16base_lora").prefix(logits.count))
         XCTAssertLessThan(relativeError(logits, reference2), 1e-2)
     }
+
+    /// The per-layer function `write` takes (the GPU merge's seam): its values are what is written, and a result of
+    /// the wrong length is refused with the layer's name.
+    func testWriteTakesTheMergedWeightsFromTheGivenFunction() throws {
+        let model = try LlamaForwardTests.loadTinyLlama()
+        try PEFTAdapter.load(directory: TestFixtures.path("tiny-llama/adapter"), into: model)
+        let base = TestFixtures.path("tiny-llama/base")
+        let plain = try TestFixtures.temporaryDirectory(), given = try TestFixtures.temporaryDirectory()
+        _ = try AdapterMerge.write(model: model, baseDirectory: base, fromQuantizedBase: false, to: plain)
+        var calls = 0
+        _ = try AdapterMerge.write(model: model, baseDirectory: base, fromQuantizedBase: false, to: given) { layer in
+            calls += 1
+            return AdapterMerge.mergedWeight(layer)
+        }
+        XCTAssertEqual(calls, model.linearLayers.count)
+        XCTAssertEqual(try FileSystem.readFile(plain + "/model.safetensors"), try FileSystem.readFile(given + "/model.safetensors"))
+        XCTAssertThrowsError(try AdapterMerge.write(model: model, baseDirectory: base, fromQuantizedBase: false,
+                                                    to: try TestFixtures.temporaryDirectory()) { _ in [1, 2, 3] }) { error in
+            XCTAssertTrue("\(error)".contains("model.layers.0.self_attn.q_proj"), "\(error)")
+        }
+    }
 }

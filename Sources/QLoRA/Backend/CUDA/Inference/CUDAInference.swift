@@ -15,62 +15,9 @@ import Glibc
 // device memory.
 // The output head stays bf16 (as bitsandbytes leaves lm_head), read by bf16_gemv into fp32 logits.
 
-/// The base weight of one linear layer on the device: NF4 codes with double-quantized absmax.
-public struct DeviceNF4Matrix {
-    public let rows: Int
-    public let columns: Int
-    public let blocksize: Int
-    public let nestedBlocksize: Int
-    public let offset: Float
-    public let packed: DeviceBuffer<UInt8>
-    public let absmaxCodes: DeviceBuffer<UInt8>
-    public let nestedAbsmax: DeviceBuffer<Float>
-    public let code: DeviceBuffer<Float>
-
-    /// Bytes a GEMV reads: packed codes, absmax codes and nested absmax.
-    public var bytesRead: Int { packed.byteCount + absmaxCodes.byteCount + nestedAbsmax.byteCount }
-
-    /// Uploads a bitsandbytes NF4 weight with double quantization, [rows, columns].
-    public init(_ q: QuantizedWeight, allocator: DeviceAllocator) throws {
-        guard q.quantType == .nf4, q.shape.count == 2, case .doubleQuantized(let d) = q.scales else {
-            throw UsageError("the GPU decode path needs NF4 weights with double quantization (got \(q.quantType), shape \(q.shape))")
-        }
-        rows = q.shape[0]
-        columns = q.shape[1]
-        blocksize = q.blocksize
-        nestedBlocksize = d.blocksize
-        offset = d.offset
-        packed = try allocator.buffer(copying: q.packed)
-        absmaxCodes = try allocator.buffer(copying: d.codes)
-        nestedAbsmax = try allocator.buffer(copying: d.nestedAbsmax)
-        code = try allocator.buffer(copying: d.code)
-    }
-
-    /// Random codes and scales made on the device (benchmarks): absmax about 0.02 · |code|.
-    public init(randomRows rows: Int, columns: Int, context: CUDAContext, code: DeviceBuffer<Float>, seed: UInt64) throws {
-        self.rows = rows
-        self.columns = columns
-        blocksize = 64
-        nestedBlocksize = 256
-        offset = 0.02
-        let n = rows * columns, blocks = (n + 63) / 64
-        packed = try context.allocator.buffer(UInt8.self, count: (n + 1) / 2)
-        absmaxCodes = try context.allocator.buffer(UInt8.self, count: blocks)
-        nestedAbsmax = try context.allocator.buffer(Float.self, count: (blocks + 255) / 256)
-        self.code = code
-        try context.randomBytes(packed.pointer, count: packed.count, seed: seed)
-        try context.randomBytes(absmaxCodes.pointer, count: blocks, seed: seed &+ 1)
-        try context.randomFloat(nestedAbsmax.pointer, count: nestedAbsmax.count, lo: 0.005, hi: 0.01, seed: seed &+ 2)
-    }
-
-    var scales: NF4Scales {
-        .doubleQuant(quantized: absmaxCodes, code: code, nestedAbsmax: nestedAbsmax, offset: offset, nestedBlocksize: nestedBlocksize)
-    }
-}
-
 /// A group of projections that read the same input (q|k|v, o, gate|up, down), with their LoRA A rows stacked.
 struct ProjectionGroup {
-    var matrices: [DeviceNF4Matrix]
+    var matrices: [CUDANF4Weight]
     /// Stacked LoRA A of the matrices that have one, [Σ r, in] bf16; nil when none has an adapter.
     var loraA: DeviceBuffer<UInt16>?
     /// Per matrix: (row offset into loraA, rank, B [out, r] bf16, scale), or nil.
@@ -153,15 +100,16 @@ public final class CUDAInference {
             try b.upload((0..<m.count).map { floatToBF16(m.pointer[$0]) })
             return b
         }
+        let code = try A.buffer(copying: DoubleQuantizedAbsmax.signedDynamicMap)
         func group(_ linears: [Linear]) throws -> ProjectionGroup {
-            var matrices: [DeviceNF4Matrix] = []
+            var matrices: [CUDANF4Weight] = []
             var loras: [(offset: Int, rank: Int, b: DeviceBuffer<UInt16>, scale: Float)?] = []
             var stacked: [Float] = []
             var offset = 0
             for l in linears {
                 guard l.bias == nil else { throw UsageError("\(l.name): linear biases are not supported on the GPU yet") }
                 let q = try quantized[l.name] ?? CUDAInference.quantize(l)
-                matrices.append(try DeviceNF4Matrix(q, allocator: A))
+                matrices.append(try CUDANF4Weight(q, allocator: A, signedDynamicMap: code))
                 if let lora = l.lora {
                     stacked += lora.a.values
                     loras.append((offset, lora.rank, try bf16(lora.b), lora.scale))
@@ -197,9 +145,11 @@ public final class CUDAInference {
             try context.randomBF16(b.pointer, count: count, lo: lo, hi: hi, seed: next())
             return b
         }
-        let code = try A.buffer(copying: DynamicQuantizationMap.signed.values)
+        let code = try A.buffer(copying: DoubleQuantizedAbsmax.signedDynamicMap)
         func group(_ shapes: [(Int, Int)]) throws -> ProjectionGroup {
-            let matrices = try shapes.map { try DeviceNF4Matrix(randomRows: $0.0, columns: $0.1, context: context, code: code, seed: next()) }
+            let matrices = try shapes.map {
+                try CUDANF4Weight(randomRows: $0.0, columns: $0.1, context: context, code: code, packedSeed: next(), absmaxSeed: next())
+            }
             guard loraRank > 0 else { return ProjectionGroup(matrices: matrices, loraA: nil, lora: shapes.map { _ in nil }) }
             let a = try randomBF16(loraRank * shapes.count * shapes[0].1, -0.01, 0.01)
             let lora = try shapes.enumerated().map { (i, shape) in
@@ -479,8 +429,7 @@ public final class CUDAInference {
         /// out (= or += when accumulate) input · Wᵀ + s (input · Aᵀ) · Bᵀ for matrix m of group g.
         func linear(_ g: ProjectionGroup, _ m: Int, input: CUdeviceptr, out: CUdeviceptr, accumulate: Bool) throws {
             let matrix = g.matrices[m]
-            try ctx.nf4Dequantize(packed: matrix.packed, scales: matrix.scales, blocksize: matrix.blocksize,
-                                  count: matrix.rows * matrix.columns, into: w)
+            try ctx.dequantize(matrix, into: w)
             try blas.gemm(m: t, n: matrix.rows, k: matrix.columns, a: input, b: w.pointer, transB: true, c: out, beta: accumulate ? 1 : 0)
             if let lora = g.lora[m], let a = g.loraA {
                 let aRows = a.address(at: lora.offset * matrix.columns)

@@ -9,6 +9,8 @@
 //   where code8 is the 256-entry signed dynamic map (stored as `nested_quant_map`), nested_blocksize is 256
 //   and offset = mean of the original absmax values.
 // Each thread produces 8 consecutive outputs (4 packed bytes -> one 16-byte store).
+// nf4_dequantize_double_quant_f32 (the GPU merge) writes fp32 with the CPU's rounding instead: every product and sum
+// rounded on its own (__fmul_rn / __fadd_rn, which the compiler may not fuse), one element per thread.
 #include "qlora_prelude.cuh"
 
 // Copied to shared memory by each block: lanes index it with different codes, which constant memory serialises.
@@ -76,5 +78,25 @@ extern "C" __global__ void nf4_dequantize(const unsigned char* __restrict__ pack
 #pragma unroll 4
     GRID_STRIDE(g, groups) {
         nf4_write8(nf4, packed, out, g * 8, n, [&](long long e) { return absmax[e / blocksize]; });
+    }
+}
+
+/// Double-quantized absmax, fp32 output equal bit for bit to the CPU's `QuantizedWeight.dequantize()`:
+///   out[e] = NF4[nibble(e)] * (code8[absmax_q[b]] * nested_absmax[b / nested_blocksize] + offset), b = e / blocksize,
+/// rounded to the nearest bf16 value (kept in fp32) when `round_bf16_output` is nonzero (a weight whose dtype is bf16).
+extern "C" __global__ void nf4_dequantize_double_quant_f32(
+    const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q, const float* __restrict__ code8,
+    const float* __restrict__ nested_absmax, float offset, int blocksize, int nested_blocksize, int round_bf16_output,
+    float* __restrict__ out, long long n) {
+    __shared__ float nf4[16];
+    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_CODE_TABLE[threadIdx.x];
+    __syncthreads();
+    GRID_STRIDE(e, n) {
+        const unsigned char byte = packed[e >> 1];
+        const int nibble = (e & 1) ? (byte & 15) : (byte >> 4);
+        const long long b = e / blocksize;
+        const float absmax = __fadd_rn(__fmul_rn(code8[absmax_q[b]], nested_absmax[b / nested_blocksize]), offset);
+        const float w = __fmul_rn(nf4[nibble], absmax);
+        out[e] = round_bf16_output ? round_bf16(w) : w;
     }
 }

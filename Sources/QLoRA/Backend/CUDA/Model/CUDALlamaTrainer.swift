@@ -13,6 +13,8 @@
 //                    then its backward: dx_l from dx_{l+1}, LoRA gradients added into one fp32 buffer
 // Each linear's NF4 weight is dequantized into one shared bf16 scratch right before the products that read it
 // (three times per step: forward, recompute, backward), which costs far less than the GEMMs.
+// Evaluation (`forwardLoss`) runs the forward alone: x_{l+1} = block_l(x_l) through two buffers, the loss without
+// its gradient, no recomputation and no backward.
 //
 // Block forward (as LlamaDecoderLayer):            Block backward (g holds d/d output, updated in place):
 //   n1 = rms(x)·w1                                    dAct  = down⁻(g)                (into act's buffer)
@@ -29,44 +31,6 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
-
-/// A frozen linear weight on the GPU as bitsandbytes stores NF4 with double quantization:
-/// packed codes (two per byte, high nibble first), 8-bit absmax codes per block of 64, fp32 nested absmax per
-/// 256 blocks and the offset (see Quantization/QuantizedWeight.swift and Kernels/nf4.cu).
-public final class CUDANF4Weight {
-    public let rows: Int
-    public let columns: Int
-    public let packed: DeviceBuffer<UInt8>
-    public let absmaxCodes: DeviceBuffer<UInt8>
-    public let nestedAbsmax: DeviceBuffer<Float>
-    public let offset: Float
-    public let blocksize: Int
-    public let nestedBlocksize: Int
-
-    init(rows: Int, columns: Int, packed: DeviceBuffer<UInt8>, absmaxCodes: DeviceBuffer<UInt8>, nestedAbsmax: DeviceBuffer<Float>,
-         offset: Float, blocksize: Int = 64, nestedBlocksize: Int = 256) {
-        self.rows = rows
-        self.columns = columns
-        self.packed = packed
-        self.absmaxCodes = absmaxCodes
-        self.nestedAbsmax = nestedAbsmax
-        self.offset = offset
-        self.blocksize = blocksize
-        self.nestedBlocksize = nestedBlocksize
-    }
-
-    public var count: Int { rows * columns }
-
-    /// Uploads a double-quantized NF4 weight.
-    static func upload(_ q: QuantizedWeight, allocator: DeviceAllocator) throws -> CUDANF4Weight {
-        guard q.quantType == .nf4, case .doubleQuantized(let d) = q.scales, q.shape.count == 2 else {
-            throw UsageError("the GPU trainer takes 2-D NF4 weights with double quantization")
-        }
-        return CUDANF4Weight(rows: q.shape[0], columns: q.shape[1], packed: try allocator.buffer(copying: q.packed),
-                             absmaxCodes: try allocator.buffer(copying: d.codes), nestedAbsmax: try allocator.buffer(copying: d.nestedAbsmax),
-                             offset: d.offset, blocksize: q.blocksize, nestedBlocksize: d.blocksize)
-    }
-}
 
 /// One linear layer in the trainer: its NF4 weight and where its LoRA matrices live in the flat parameter buffers.
 struct TrainerLinear {
@@ -223,19 +187,11 @@ public final class CUDALlamaTrainer {
                         let layer = model.blocks[l].linears[j]
                         // The layer's own NF4 weight when it is one (as loaded), else quantized as bitsandbytes would.
                         let quantized = try CUDAInference.quantize(layer)
-                        weight = try CUDANF4Weight.upload(quantized, allocator: a)
+                        weight = try CUDANF4Weight(quantized, allocator: a, signedDynamicMap: absmaxCode)
                         scale = layer.lora?.scale ?? 1
                     case .random(let seed):
-                        let count = shape.out * shape.in
-                        let blocksCount = (count + 63) / 64
-                        let packed = try a.buffer(UInt8.self, count: (count + 1) / 2)
-                        let codes = try a.buffer(UInt8.self, count: blocksCount)
-                        try ctx.fillRandomBytes(packed.pointer, count: packed.count, seed: seed &+ rng.next())
-                        try ctx.fillRandomBytes(codes.pointer, count: codes.count, seed: seed &+ rng.next())
-                        // absmax = code8[q]·0.01 + 0.04 ∈ [0.03, 0.05]: weights of std about 0.02, like real layers.
-                        let nested = try a.buffer(copying: [Float](repeating: 0.01, count: (blocksCount + 255) / 256))
-                        weight = CUDANF4Weight(rows: shape.out, columns: shape.in, packed: packed, absmaxCodes: codes,
-                                               nestedAbsmax: nested, offset: 0.04)
+                        weight = try CUDANF4Weight(randomRows: shape.out, columns: shape.in, context: ctx, code: absmaxCode,
+                                                   packedSeed: seed &+ rng.next(), absmaxSeed: seed &+ rng.next())
                         scale = Float((alpha ?? Double(2 * rank)) / Double(rank))
                     }
                     linears.append(TrainerLinear(name: name, weight: weight, rank: rank, scale: scale,
@@ -320,10 +276,7 @@ public final class CUDALlamaTrainer {
     // MARK: - Linear layers with LoRA
 
     private func dequantize(_ w: CUDANF4Weight) throws {
-        try context.nf4Dequantize(packed: w.packed, scales: .doubleQuant(quantized: w.absmaxCodes, code: absmaxCode,
-                                                                          nestedAbsmax: w.nestedAbsmax, offset: w.offset,
-                                                                          nestedBlocksize: w.nestedBlocksize),
-                                  blocksize: w.blocksize, count: w.count, into: weightScratch)
+        try context.dequantize(w, into: weightScratch)
     }
 
     /// y (+)= x·Wᵀ + s·(x·Aᵀ)·Bᵀ for `n` tokens, keeping x·Aᵀ in `l.xa`. Without `base`, only x·Aᵀ is computed.
@@ -468,7 +421,31 @@ public final class CUDALlamaTrainer {
         }
     }
 
-    /// The summed loss and the counted tokens of the latest `forwardBackward` (waits for the GPU).
+    /// The loss of one batch without gradients (evaluation): the forward alone, with the block outputs passed
+    /// between two buffers instead of kept as checkpoints, the cross-entropy without its gradient and no backward.
+    /// The gradients are left as they are. Queues the work without waiting; `lastLoss()` reads the loss sum and
+    /// count, which equal what `forwardBackward` reports for the same batch (the same launches up to the loss).
+    public func forwardLoss(batch: TrainingBatch) throws {
+        let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize, vocab = c.vocabularySize
+        try upload(batch)
+        // Block l reads buffers[l % 2] and writes buffers[(l + 1) % 2] (checkpoint buffers, free outside a step).
+        let buffers = [checkpoints[0], checkpoints[min(1, checkpoints.count - 1)]]
+        try ctx.embeddingForward(ids: tokenIDs, table: embedding, into: buffers[0], tokens: n, vocab: vocab, dim: h)
+        for (l, block) in blocks.enumerated() {
+            try blockForward(block, x: buffers[l % 2], output: buffers[(l + 1) % 2], batch: batch)
+        }
+        try ctx.rmsNormForward(x: buffers[blocks.count % 2], weight: finalNorm, into: norm1, rows: n, dim: h, eps: c.rmsNormEps)
+        let blas = try ctx.blas()
+        for start in stride(from: 0, to: n, by: lossChunkRows) {
+            let rows = min(lossChunkRows, n - start)
+            try blas.gemm(m: rows, n: vocab, k: h, a: norm1.address(at: start * h), b: head.pointer, transB: true, c: logits.pointer)
+            try ctx.crossEntropyRows(logits: logits.pointer, labels: targets.address(at: start), rows: rows, vocab: vocab,
+                                     gradScale: 0, rowLoss: rowLoss.address(at: start), withGradient: false)
+        }
+        try ctx.crossEntropyReduce(rowLoss: rowLoss, labels: targets, rows: n, into: lossOut)
+    }
+
+    /// The summed loss and the counted tokens of the latest `forwardBackward` or `forwardLoss` (waits for the GPU).
     public func lastLoss() throws -> LossSum {
         let values = try lossOut.download()
         return LossSum(sum: Double(values[0]), count: Int(values[1]))

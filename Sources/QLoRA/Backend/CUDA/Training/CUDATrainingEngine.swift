@@ -4,8 +4,7 @@
 //
 // What the GPU trainer does not do is refused when the engine is made (never a silent difference): LoRA dropout,
 // linear biases, LoRA on only some projections or with different ranks (CUDALlamaTrainer's checks).
-// Evaluation runs the training forward/backward on the eval batch (the gradients are discarded: the next step
-// zeroes them before its first micro-batch).
+// Evaluation runs the forward alone (`CUDALlamaTrainer.forwardLoss`): no backward, and the gradients are not touched.
 
 /// Training compute on one GPU.
 public final class CUDATrainingEngine: TrainingEngine {
@@ -48,7 +47,7 @@ public final class CUDATrainingEngine: TrainingEngine {
     }
 
     public func loss(batch: TrainingBatch) throws -> LossSum {
-        try trainer.forwardBackward(batch: batch, normalizer: max(batch.countedTokens, 1))
+        try trainer.forwardLoss(batch: batch)
         return try trainer.lastLoss()
     }
 
