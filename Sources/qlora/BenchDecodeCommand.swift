@@ -27,11 +27,8 @@ struct BenchDecodeCommand: ParsableCommand {
     @Flag(help: "Launch the decode kernels one by one instead of replaying a CUDA graph.")
     var noGraph = false
 
-    @Option(help: "The fused NF4 GEMV: rows (4 rows per warp, x in shared memory, a block per 16 rows), persistent (the same with a few blocks per SM looping over the rows) or splitk (columns split over warps).")
+    @Option(help: "The fused NF4 GEMV: rows (4 rows per warp, x in shared memory; the faster) or splitk (columns split over warps).")
     var gemv: String = "rows"
-
-    @Option(help: "Blocks per SM of the persistent GEMV.")
-    var gemvBlocksPerSM: Int = 8
 
     @Flag(help: "Also time each kernel kind (events between plain launches) and print a breakdown on stderr.")
     var profile = false
@@ -48,9 +45,8 @@ struct BenchDecodeCommand: ParsableCommand {
         let config = architecture.config
         let inference = try CUDAInference(context: ctx, randomConfig: config, loraRank: loraR, capacity: promptTokens + tokens + 8)
         inference.useGraph = !noGraph
-        guard let kernel = CUDAInference.GEMVKernel(rawValue: gemv) else { throw ValidationError("--gemv is rows, persistent or splitk") }
+        guard let kernel = CUDAInference.GEMVKernel(rawValue: gemv) else { throw ValidationError("--gemv is splitk or rows") }
         inference.gemvKernel = kernel
-        inference.persistentBlocksPerSM = gemvBlocksPerSM
 
         // Copy bandwidth: 1 GiB device to device, bytes read + written, median of 10.
         let bytes = 1 << 30
@@ -91,7 +87,7 @@ struct BenchDecodeCommand: ParsableCommand {
         func r(_ x: Double, _ digits: Double = 1000) -> Double { (x * digits).rounded() / digits }
         let fields: [(String, JSONValue)] = [
             ("arch", .string(arch)), ("device", .string(dev.name)), ("lora_r", .int(Int64(loraR))), ("prompt_tokens", .int(Int64(promptTokens))),
-            ("tokens", .int(Int64(tokens))), ("cuda_graph", .bool(!noGraph)), ("gemv", .string(gemv)), ("gemv_blocks_per_sm", .int(Int64(gemvBlocksPerSM))),
+            ("tokens", .int(Int64(tokens))), ("cuda_graph", .bool(!noGraph)), ("gemv", .string(gemv)),
             ("decode_tokens_per_s", .double(r(tokensPerSecond, 10))), ("ms_per_token", .double(r(1000 / tokensPerSecond))),
             ("prefill_tokens_per_s", .double(r(Double(promptTokens) / prefillSeconds, 10))),
             ("nf4_weight_bytes_per_token", .int(Int64(inference.nf4BytesPerToken))),

@@ -62,12 +62,6 @@ public final class CUDAInference {
         case rows
         /// nf4_gemv_splitk: columns split over the warps of a block, x through L1.
         case splitK = "splitk"
-        /// nf4_gemv with `persistentBlocksPerSM` blocks per SM, each looping over groups of 16 rows.
-        case persistent
-    }
-    /// Blocks per SM of the persistent GEMV; changing it re-records the graph.
-    public var persistentBlocksPerSM = 8 {
-        didSet { if persistentBlocksPerSM != oldValue { graph = nil } }
     }
     /// Which NF4 GEMV decode uses; changing it re-records the graph.
     public var gemvKernel: GEMVKernel = .rows {
@@ -344,10 +338,9 @@ public final class CUDAInference {
         }
         func gemv(_ g: ProjectionGroup, input: CUdeviceptr, _ name: String) throws {
             switch gemvKernel {
-            case .rows, .persistent:
+            case .rows:
                 try ctx.nf4Gemv(tasks: g.tasks!.pointer, taskCount: g.matrices.count, blocks: g.blocks, x: input, cols: g.columns,
-                                blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize,
-                                grid: gemvKernel == .persistent ? ctx.nf4GemvPersistentGrid(cols: g.columns, blocksPerSM: persistentBlocksPerSM) : nil)
+                                blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
             case .splitK:
                 try ctx.nf4GemvSplitK(tasks: g.splitKTasks!.pointer, taskCount: g.matrices.count, blocks: g.splitKBlocks, x: input,
                                       cols: g.columns, blocksize: g.matrices[0].blocksize,

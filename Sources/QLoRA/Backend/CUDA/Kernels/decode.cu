@@ -55,11 +55,26 @@ __device__ __forceinline__ unsigned int pick_word(uint4 v, int k) {
     return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
 }
 
-/// Rows of virtual block `vb` of `task`: each warp its GEMV_ROWS rows.
-__device__ __forceinline__ void nf4_gemv_rows(const Nf4GemvTask& task, int vb, const bf16* sx, const float* code,
-                                              const float* nf4, int cols, int blocksize_shift, int nested_shift) {
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
+nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restrict__ x, int cols, int blocksize_shift,
+         int nested_shift) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sx = reinterpret_cast<bf16*>(smem_raw);  // cols values
+    __shared__ float code[256], nf4[16];
+    int ti = 0;
+    while (ti + 1 < ntasks && (int)blockIdx.x >= tasks[ti + 1].first_block) ti++;
+    const Nf4GemvTask task = tasks[ti];  // a copy in registers
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
+    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_VALUES[threadIdx.x];
+    {
+        const uint4* src = reinterpret_cast<const uint4*>(x);
+        uint4* dst = reinterpret_cast<uint4*>(sx);
+        for (int i = threadIdx.x; i < cols / 8; i += blockDim.x) dst[i] = src[i];
+    }
+    __syncthreads();
+
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int row0 = (vb - task.first_block) * (GEMV_WARPS * GEMV_ROWS) + warp * GEMV_ROWS;
+    const int row0 = ((int)blockIdx.x - task.first_block) * (GEMV_WARPS * GEMV_ROWS) + warp * GEMV_ROWS;
     if (row0 >= task.rows) return;
     const int chunks = cols / 32;  // 32 elements = 16 packed bytes
     const float offset = task.offset;
@@ -134,36 +149,6 @@ __device__ __forceinline__ void nf4_gemv_rows(const Nf4GemvTask& task, int vb, c
             if (task.residual != nullptr) v += bf16_to_float(task.residual[row]);
             task.out[row] = float_to_bf16(v);
         }
-    }
-}
-
-// The tasks' rows come in `virtual_blocks` groups of GEMV_WARPS * GEMV_ROWS; block b computes groups b, b + grid, ...
-// With a grid of virtual_blocks each block computes one group; a smaller grid (a few blocks per SM, "persistent")
-// copies x and the absmax code map into shared memory once per block instead of once per 16 rows.
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
-nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restrict__ x, int cols, int blocksize_shift,
-         int nested_shift, int virtual_blocks) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* sx = reinterpret_cast<bf16*>(smem_raw);  // cols values
-    __shared__ float code[256], nf4[16];
-    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_VALUES[threadIdx.x];
-    {
-        const uint4* src = reinterpret_cast<const uint4*>(x);
-        uint4* dst = reinterpret_cast<uint4*>(sx);
-        for (int i = threadIdx.x; i < cols / 8; i += blockDim.x) dst[i] = src[i];
-    }
-    const float* loaded_code = nullptr;  // the task whose code map is in `code`
-    for (int vb = blockIdx.x; vb < virtual_blocks; vb += gridDim.x) {
-        int ti = 0;
-        while (ti + 1 < ntasks && vb >= tasks[ti + 1].first_block) ti++;
-        const Nf4GemvTask task = tasks[ti];  // a copy in registers
-        if (task.code != loaded_code) {      // the same for the whole block, so the barriers are reached by all
-            __syncthreads();                 // nobody reads the old map any more
-            for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
-            loaded_code = task.code;
-            __syncthreads();                 // (the first time also publishes x and nf4)
-        }
-        nf4_gemv_rows(task, vb, sx, code, nf4, cols, blocksize_shift, nested_shift);
     }
 }
 

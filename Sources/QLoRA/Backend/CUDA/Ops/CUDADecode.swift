@@ -63,20 +63,19 @@ public struct NF4GemvTask {
 }
 
 extension CUDAContext {
-    /// Runs the encoded `tasks` (a device copy of `NF4GemvTask.encode`'s bytes, `blocks` groups of 16 rows) over x
-    /// (bf16, `cols` values, 16-byte aligned). cols and blocksize must be multiples of 32. With `grid`, that many
-    /// blocks loop over the groups of rows (see `nf4GemvPersistentGrid`); without, one block per group.
+    /// Runs the encoded `tasks` (a device copy of `NF4GemvTask.encode`'s bytes) over x (bf16, `cols` values,
+    /// 16-byte aligned). cols and blocksize must be multiples of 32.
     public func nf4Gemv(tasks: CUdeviceptr, taskCount: Int, blocks: Int, x: CUdeviceptr, cols: Int, blocksize: Int = 64,
-                        nestedBlocksize: Int = 256, grid: Int? = nil, stream: CUDAStream? = nil) throws {
+                        nestedBlocksize: Int = 256, stream: CUDAStream? = nil) throws {
         try require(cols % 32 == 0 && blocksize >= 32 && blocksize.nonzeroBitCount == 1 && nestedBlocksize.nonzeroBitCount == 1
                         && taskCount >= 1 && taskCount <= 8, "nf4Gemv",
                     "cols \(cols) must be a multiple of 32, blocksizes \(blocksize)/\(nestedBlocksize) powers of two (at least 32), 1...8 tasks (got \(taskCount))")
         let f = try compiler.function(KernelSources.decode, "nf4_gemv")
         let shared = cols * 2
         if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
-        try device.launch(f, grid: (min(max(grid ?? blocks, 1), blocks), 1, 1), block: (128, 1, 1), sharedMemory: shared, stream: stream,
+        try device.launch(f, grid: (blocks, 1, 1), block: (128, 1, 1), sharedMemory: shared, stream: stream,
                           [.pointer(tasks), .int(taskCount), .pointer(x), .int(cols), .int(blocksize.trailingZeroBitCount),
-                           .int(nestedBlocksize.trailingZeroBitCount), .int(blocks)])
+                           .int(nestedBlocksize.trailingZeroBitCount)])
     }
 
     /// out[r] = scale · W[r, :] · x for bf16 W [rows, cols] (cols a multiple of 8) and x; fp32 out.
@@ -128,13 +127,6 @@ extension CUDAContext {
         try device.launch(f, grid: (max(rows, 1), 1, 1), block: (1024, 1, 1), sharedMemory: shared, stream: stream,
                           [.pointer(a), .pointer(x), .pointer(x2), .pointer(normWeight), .pointer(inOut), .pointer(xa), .int(rows),
                            .int(cols), .int(mode), .float(eps)])
-    }
-
-    /// The grid of a persistent nf4Gemv: `blocksPerSM` blocks on every SM, at most what shared memory holds (x in
-    /// bf16 plus the static code and NF4 tables per block).
-    public func nf4GemvPersistentGrid(cols: Int, blocksPerSM: Int) -> Int {
-        let fit = max(1, 220 * 1024 / (cols * 2 + 1088))
-        return device.multiprocessorCount * max(1, min(blocksPerSM, fit))
     }
 
     /// nf4Gemv with the columns split over `splits` (1, 2, 4 or 8) warps of each block and x read through L1;
