@@ -40,8 +40,14 @@ public enum DropoutMask {
         uniform(seed: seed, index: index) < keep
     }
 
+    /// The seed of block `block` in a step with dropout seed `stepSeed`.
+    public static func blockSeed(stepSeed: UInt64, block: Int) -> UInt64 { hash(seed: stepSeed, index: UInt64(block)) }
+
+    /// The mask seed of linear `linear` (0 q … 6 down) of a block with seed `blockSeed`.
+    public static func linearSeed(blockSeed: UInt64, linear: Int) -> UInt64 { hash(seed: blockSeed, index: UInt64(linear)) }
+
     /// The mask seed of linear `linear` (0 q … 6 down) in block `block` of a step with dropout seed `stepSeed`.
     public static func linearSeed(stepSeed: UInt64, block: Int, linear: Int) -> UInt64 {
-        hash(seed: hash(seed: stepSeed, index: UInt64(block)), index: UInt64(linear))
+        linearSeed(blockSeed: blockSeed(stepSeed: stepSeed, block: block), linear: linear)
     }
 }

@@ -129,7 +129,7 @@ extension LlamaModel {
         var inputs: [Matrix] = []
         var dropoutSeeds: [UInt64] = []
         for (l, block) in blocks.enumerated() {
-            let seed = DropoutMask.hash(seed: options.dropoutSeed, index: UInt64(l))  // DropoutMask's block seed
+            let seed = DropoutMask.blockSeed(stepSeed: options.dropoutSeed, block: l)
             dropoutSeeds.append(seed)
             let activations = blockForward(block, input: x, batch: batch, dropoutSeed: seed)
             if options.gradientCheckpointing { inputs.append(x) } else { saved.append(activations) }
@@ -175,7 +175,7 @@ extension LlamaModel {
         let n = batch.tokenCount
         let a = BlockActivations(config: c, tokens: n, input: input)
         if let dropoutSeed {
-            for (j, layer) in block.linears.enumerated() { a.dropoutSeeds[layer.name] = DropoutMask.hash(seed: dropoutSeed, index: UInt64(j)) }
+            for (j, layer) in block.linears.enumerated() { a.dropoutSeeds[layer.name] = DropoutMask.linearSeed(blockSeed: dropoutSeed, linear: j) }
         }
         block.inputNorm.withUnsafeBufferPointer {
             CPUOps.rmsNorm(input.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: n, width: c.hiddenSize, into: a.norm1.pointer)

@@ -20,6 +20,7 @@ final class DropoutMaskTests: XCTestCase {
         XCTAssertEqual(DropoutMask.uniform(seed: 0, index: 0), Float(14_819_496) / 16_777_216)
         XCTAssertEqual(DropoutMask.uniform(seed: 7, index: 12345), Float(10_237_005) / 16_777_216)
         XCTAssertEqual(DropoutMask.linearSeed(stepSeed: 7, block: 1, linear: 4), 0x5847_9141_8A14_2DED)
+        XCTAssertEqual(DropoutMask.blockSeed(stepSeed: 7, block: 1), DropoutMask.hash(seed: 7, index: 1))
         // u(7, 0) = 0.3898…: kept at p = 0.5, dropped at p = 0.7.
         XCTAssertTrue(DropoutMask.keeps(seed: 7, index: 0, keep: 0.5))
         XCTAssertFalse(DropoutMask.keeps(seed: 7, index: 0, keep: 0.3))
@@ -34,6 +35,20 @@ final class DropoutMaskTests: XCTestCase {
             }
             var floats = SeededGenerator(seed: seed)
             for i in 0..<100 { XCTAssertEqual(DropoutMask.uniform(seed: seed, index: i), floats.nextFloat()) }
+        }
+    }
+
+    /// The CPU's per-linear seeds are DropoutMask.linearSeed(step seed, block, linear), which the GPU trainer uses.
+    func testCPUSeedsAreTheLinearSeeds() throws {
+        let model = try LlamaForwardTests.loadTinyLlama()
+        let batch = try BackwardTests.fixtureBatch()
+        let x = Matrix(rows: batch.tokenCount, columns: model.config.hiddenSize)
+        let stepSeed: UInt64 = 99
+        for (l, block) in model.blocks.enumerated() {
+            let a = model.blockForward(block, input: x, batch: batch, dropoutSeed: DropoutMask.blockSeed(stepSeed: stepSeed, block: l))
+            for (j, layer) in block.linears.enumerated() {
+                XCTAssertEqual(a.dropoutSeeds[layer.name], DropoutMask.linearSeed(stepSeed: stepSeed, block: l, linear: j), layer.name)
+            }
         }
     }
 
