@@ -1,6 +1,7 @@
 // The real `Trainer` on both engines: the same run (tiny-llama fixture in NF4, the fixture's adapter as the
 // initial adapter, random token rows, gradient accumulation, clipping, cosine schedule, evaluation, checkpoints)
-// once with the CPU engine and once with the CUDA engine, for a plain and a paged 8-bit optimizer.
+// once with the CPU engine and once with the CUDA engine, for a plain and a paged 8-bit optimizer, and with LoRA
+// dropout 0.05 (the `qlora train` default; both engines draw the same masks from the step's dropout seed).
 // Per-step losses and the eval loss are held to 5e-2 relative (the GPU computes in bf16, the CPU in fp32; the
 // weights drift apart a little each step). The adapter saved from the GPU run must have the CPU run's PEFT keys
 // and shapes, and its values must be close to the CPU run's (relative L2 over all LoRA weights, 5e-2).
@@ -22,16 +23,18 @@ func randomExamples(count: Int, length: Int, vocab: Int, seed: UInt64) -> [Token
 
 func runTrainerEngineChecks(_ ctx: CUDAContext) {
     let directory = fixtureDirectory()
-    for optimizer in ["adamw", "paged_adamw_8bit"] {
-        group("training: Trainer with CPU and CUDA engines (\(optimizer))") {
+    for (optimizer, dropout) in [("adamw", 0), ("paged_adamw_8bit", 0), ("adamw", 0.05)] as [(String, Float)] {
+        let label = optimizer + (dropout > 0 ? ", dropout \(dropout)" : "")
+        group("training: Trainer with CPU and CUDA engines (\(label))") {
             let train = randomExamples(count: 8, length: 48, vocab: 1000, seed: 7)
             let eval = randomExamples(count: 3, length: 40, vocab: 1000, seed: 8)
             var histories: [[StepRecord]] = []
             var evalLosses: [Double] = []
             var adapters: [SafeTensorsFile] = []
-            for (label, device) in [("cpu", TrainingDevice.cpu), ("cuda", TrainingDevice.cuda(ctx))] {
-                let output = "/tmp/qlora-gpu-check-trainer-\(optimizer)-\(label)-\(getpid())"
-                let trainer = try fixtureTrainer(directory, optimizer: optimizer, device: device, output: output, train: train, eval: eval)
+            for (label, device) in [("cpu", TrainingDevice.cpu), ("cuda", TrainingDevice.cuda(ctx))] {  // shadows the group label
+                let output = "/tmp/qlora-gpu-check-trainer-\(optimizer)-\(dropout)-\(label)-\(getpid())"
+                let trainer = try fixtureTrainer(directory, optimizer: optimizer, device: device, output: output, train: train, eval: eval,
+                                                 dropout: dropout)
                 let summary = try trainer.run()
                 histories.append(trainer.history)
                 evalLosses.append(summary.bestEvalLoss ?? .nan)
@@ -81,17 +84,18 @@ func runTrainerEngineChecks(_ ctx: CUDAContext) {
     }
 }
 
-/// A Trainer on the fixture (NF4 base, the fixture adapter as the initial adapter) for 6 steps of 2 micro-batches
-/// of 2 rows, with evaluation at the end and checkpoints every 3 steps.
+/// A Trainer on the fixture (NF4 base, the fixture adapter as the initial adapter, with LoRA dropout `dropout`) for
+/// 6 steps of 2 micro-batches of 2 rows, with evaluation at the end and checkpoints every 3 steps.
 func fixtureTrainer(_ directory: String, optimizer: String, device: TrainingDevice, output: String, train: [TokenizedExample],
-                    eval: [TokenizedExample], resume: Bool = false) throws -> Trainer {
+                    eval: [TokenizedExample], resume: Bool = false, dropout: Float = 0) throws -> Trainer {
     let model = try ModelLoader.load(directory + "/base", quantization: .nf4).model
     let peft = try PEFTAdapter.load(directory: directory + "/adapter", into: model)
+    for layer in model.linearLayers { layer.lora?.dropout = dropout }
     var c = TrainingConfiguration()
     c.datasets = ["in-memory"]  // the examples are given directly; validation wants a name
     c.loraR = peft.rank
     c.loraAlpha = peft.alpha
-    c.loraDropout = 0
+    c.loraDropout = Double(dropout)
     c.batchSize = 2
     c.gradientAccumulationSteps = 2
     c.maxSteps = 6

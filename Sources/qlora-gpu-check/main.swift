@@ -11,8 +11,9 @@
 //   exact ops (embedding lookup, counts): 0.
 // Usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--compile-only sm_XX (NVRTC only, no GPU needed)]
 // Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, lora linear,
-// decode gemv, inference fixture, inference random, adamw8bit, merge (MergeChecks.swift), allocator, training
-// (fixture parity, forward-only loss, short run, memory plan), benchmarks.
+// decode gemv, inference fixture, inference random, dropout mask, adamw8bit, merge (MergeChecks.swift), allocator,
+// training (fixture parity, forward-only loss, short run, engines, dropout, LoRA ranks, memory plan), qwen2 (trainer
+// and inference with biases), benchmarks.
 
 import QLoRA
 #if canImport(Glibc)
@@ -447,6 +448,7 @@ group("lora linear") {
 group("decode gemv") { try checkDecodeGemv() }
 group("inference fixture") { try checkInferenceFixture() }
 group("inference random") { try checkInferenceRandom() }
+group("dropout mask") { try checkDropoutKernels() }  // ParityChecks.swift
 group("adamw8bit") { try checkAdamW8bit() }
 runMergeChecks(ctx)  // MergeChecks.swift
 
@@ -459,6 +461,8 @@ group("allocator") {
 }
 
 runTrainingChecks(ctx)  // TrainingChecks.swift
+runParityTrainingChecks()  // ParityChecks.swift: dropout, per-projection ranks
+runQwen2Checks()  // ParityChecks.swift: linear biases in training and generation
 
 // MARK: - Microbenchmarks
 

@@ -17,6 +17,8 @@ struct BenchCommand: ParsableCommand {
     var seq: Int = 256
     @Option(name: .customLong("lora-r"), help: "LoRA rank on the seven projections (alpha = 2r).")
     var loraR: Int = 16
+    @Option(name: .customLong("lora-dropout"), help: "LoRA dropout on the seven projections (qlora train's default is 0.05).")
+    var loraDropout: Double = 0
     @Option(help: "Timed steps after the warm-up steps.")
     var steps: Int = 2
     @Option(help: "Warm-up steps before timing (GPU; the CPU does one).")
@@ -31,6 +33,7 @@ struct BenchCommand: ParsableCommand {
         guard batch > 0, seq > 1, loraR > 0, steps > 0, warmup >= 0 else {
             throw ValidationError("--batch, --lora-r and --steps must be positive, --seq at least 2")
         }
+        guard (0..<1).contains(loraDropout) else { throw ValidationError("--lora-dropout must be in [0, 1)") }
         switch try DeviceChoice.resolve(device) {
         case .cuda(let context):
             try runCUDA(architecture: architecture, context: context)
@@ -41,18 +44,19 @@ struct BenchCommand: ParsableCommand {
 
     func runCPU(architecture: Architecture) throws {
         let model = LlamaModel.random(config: architecture.config)
-        try model.attachLoRA(LoRAConfig(rank: loraR, alpha: Double(2 * loraR), targetModules: LoRAConfig.llamaProjections), seed: 0)
+        try model.attachLoRA(LoRAConfig(rank: loraR, alpha: Double(2 * loraR), dropout: loraDropout, targetModules: LoRAConfig.llamaProjections),
+                             seed: 0)
         let training = try CPUBenchmark.training(model: model, batch: batch, sequenceLength: seq, steps: steps)
         for layer in model.linearLayers { layer.lora = nil }
         let decode = decodeTokens > 0 ? try CPUBenchmark.decode(model: model, promptLength: 16, tokens: decodeTokens) : 0
-        print(#"{"device": "cpu", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "threads": \#(CPUParallelism.threads), "tokens_per_s": \#(rounded(training.tokensPerSecond)), "step_s": \#(rounded(training.stepSeconds)), "useful_tflops": \#(rounded(training.usefulTFLOPs * 1000) / 1000), "decode_tokens_per_s": \#(rounded(decode))}"#)
+        print(#"{"device": "cpu", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "threads": \#(CPUParallelism.threads), "tokens_per_s": \#(rounded(training.tokensPerSecond)), "step_s": \#(rounded(training.stepSeconds)), "useful_tflops": \#(rounded(training.usefulTFLOPs * 1000) / 1000), "decode_tokens_per_s": \#(rounded(decode))}"#)
     }
 
     func runCUDA(architecture: Architecture, context: CUDAContext) throws {
         let result = try CUDABenchmark.training(context: context, config: architecture.config, batch: batch, sequenceLength: seq,
-                                                rank: loraR, warmupSteps: warmup, steps: steps)
+                                                rank: loraR, dropout: Float(loraDropout), warmupSteps: warmup, steps: steps)
         let gib = { (b: Int) in rounded(Double(b) / Double(1 << 30)) }
-        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "loss_first": \#(rounded(result.firstLoss * 1000) / 1000), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
+        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "loss_first": \#(rounded(result.firstLoss * 1000) / 1000), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
     }
 
     func rounded(_ x: Double) -> Double { (x * 100).rounded() / 100 }

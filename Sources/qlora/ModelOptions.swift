@@ -60,7 +60,7 @@ enum ComputeDevice {
 }
 
 extension ComputeDevice {
-    /// The device for training `c`: with `auto`, a configuration the GPU trainer cannot run (LoRA dropout, some
+    /// The device for training `c`: with `auto`, a configuration the GPU trainer cannot run (LoRA on some
     /// projections only) falls back to the CPU, saying why; with `cuda` it is an error.
     static func forTraining(_ name: String, configuration c: TrainingConfiguration) throws -> TrainingDevice {
         switch try choose(name) {

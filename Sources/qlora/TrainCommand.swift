@@ -97,7 +97,7 @@ struct TrainCommand: ParsableCommand {
             trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID,
                                   baseDirectory: loaded.directory, device: trainingDevice)
         } catch where device.lowercased() == "auto" && trainingDevice.isCUDA {
-            // What the GPU trainer cannot hold or does not support (biases, memory): the CPU, saying why.
+            // What the GPU trainer cannot hold or does not support (memory, head dimensions): the CPU, saying why.
             printError("device: cpu after all (auto: \(error))")
             trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID,
                                   baseDirectory: loaded.directory, device: .cpu)

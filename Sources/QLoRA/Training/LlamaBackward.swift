@@ -3,7 +3,8 @@
 // The base is frozen, so only two kinds of gradient flow: the gradient of the loss with respect
 // to each activation (to reach earlier layers), and the gradients of the LoRA matrices.
 //
-// Linear with LoRA, y = x·Wᵀ + s·(d(x)·Aᵀ)·Bᵀ, with d the dropout mask (d(x) = x·m/(1-p)) and z = d(x)·Aᵀ:
+// Linear with LoRA, y = x·Wᵀ + s·(d(x)·Aᵀ)·Bᵀ, with d the dropout mask (d(x) = x·m/(1-p), m from DropoutMask's
+// counter-based hash of the linear's seed and the element index) and z = d(x)·Aᵀ:
 //   dx = dy·W + d(s·(dy·B)·A)       dA = s·(dy·B)ᵀ·d(x)       dB = s·dyᵀ·z
 // RMSNorm, y = x·r·w with r = (mean(x²) + eps)^-½:
 //   dx = r·(dy⊙w) − x·r³·mean(dy⊙w⊙x)
@@ -87,7 +88,8 @@ final class BlockActivations {
     /// LoRA intermediates per linear: the dropped-out input (nil without dropout) and z = d(x)·Aᵀ.
     var loraInputs: [String: Matrix] = [:]
     var loraHidden: [String: Matrix] = [:]
-    /// Each linear's dropout seed, drawn in a fixed order so that recomputation draws the same masks.
+    /// Each linear's dropout seed (DropoutMask: a hash of the block's seed and the linear's index), so that
+    /// recomputation draws the same masks.
     var dropoutSeeds: [String: UInt64] = [:]
 
     init(config c: LlamaConfig, tokens n: Int, input: Matrix) {
@@ -119,7 +121,6 @@ extension LlamaModel {
             throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))")
         }
         rope.grow(to: Int(batch.positions.max() ?? 0) + 1)
-        var dropout = SeededGenerator(seed: options.dropoutSeed)
 
         // Forward through the blocks, keeping what the backward needs.
         var x = Matrix(rows: n, columns: h)
@@ -127,8 +128,8 @@ extension LlamaModel {
         var saved: [BlockActivations] = []
         var inputs: [Matrix] = []
         var dropoutSeeds: [UInt64] = []
-        for block in blocks {
-            let seed = dropout.next()
+        for (l, block) in blocks.enumerated() {
+            let seed = DropoutMask.blockSeed(stepSeed: options.dropoutSeed, block: l)
             dropoutSeeds.append(seed)
             let activations = blockForward(block, input: x, batch: batch, dropoutSeed: seed)
             if options.gradientCheckpointing { inputs.append(x) } else { saved.append(activations) }
@@ -174,8 +175,7 @@ extension LlamaModel {
         let n = batch.tokenCount
         let a = BlockActivations(config: c, tokens: n, input: input)
         if let dropoutSeed {
-            var seeds = SeededGenerator(seed: dropoutSeed)
-            for layer in block.linears { a.dropoutSeeds[layer.name] = seeds.next() }
+            for (j, layer) in block.linears.enumerated() { a.dropoutSeeds[layer.name] = DropoutMask.linearSeed(blockSeed: dropoutSeed, linear: j) }
         }
         block.inputNorm.withUnsafeBufferPointer {
             CPUOps.rmsNorm(input.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: n, width: c.hiddenSize, into: a.norm1.pointer)
@@ -218,9 +218,8 @@ extension LlamaModel {
         var loraInput = x
         if lora.dropout > 0, let seed = a.dropoutSeeds[layer.name] {
             let dropped = Matrix(rows: n, columns: layer.inFeatures)
-            var rng = SeededGenerator(seed: seed)
             let keep = 1 - lora.dropout
-            for i in 0..<dropped.count { dropped.pointer[i] = rng.nextFloat() < keep ? x.pointer[i] / keep : 0 }
+            for i in 0..<dropped.count { dropped.pointer[i] = DropoutMask.keeps(seed: seed, index: i, keep: keep) ? x.pointer[i] / keep : 0 }
             a.loraInputs[layer.name] = dropped
             loraInput = dropped
         }
@@ -377,10 +376,9 @@ extension LlamaModel {
         if a.loraInputs[layer.name] != nil, let seed = a.dropoutSeeds[layer.name] {
             let dxLoRA = Matrix(rows: n, columns: layer.inFeatures)
             CPUMatmul.gemmNN(g.pointer, lora.a.pointer, dxLoRA.pointer, m: n, n: layer.inFeatures, k: r)
-            // The same mask as the forward: the same seed drawn in the same order.
-            var rng = SeededGenerator(seed: seed)
+            // The same mask as the forward: the same seed and element indices (DropoutMask).
             let keep = 1 - lora.dropout
-            for i in 0..<dxLoRA.count where rng.nextFloat() < keep {
+            for i in 0..<dxLoRA.count where DropoutMask.keeps(seed: seed, index: i, keep: keep) {
                 dx.pointer[i] += dxLoRA.pointer[i] / keep
             }
         } else {

@@ -30,6 +30,26 @@ final class CUDAMemoryPlanTests: XCTestCase {
         }
     }
 
+    /// LoRA dropout adds one [tokens, largest in] bf16 scratch; per-projection ranks size the adapters per linear.
+    func testDropoutScratchAndPerProjectionRanks() {
+        let c = Architecture.llama3_1_8b.config, n = 4096
+        let plain = CUDAMemoryPlan(config: c, tokens: n, rank: 16)
+        let dropout = CUDAMemoryPlan(config: c, tokens: n, rank: 16, dropout: true)
+        XCTAssertEqual(dropout.activations - plain.activations, DeviceAllocator.sizeClass(2 * n * c.intermediateSize))
+        XCTAssertEqual(dropout.total - plain.total, dropout.activations - plain.activations)
+        let same = CUDAMemoryPlan(config: c, tokens: n, ranks: Array(repeating: Array(repeating: 16, count: 7), count: c.layerCount))
+        XCTAssertEqual(same.total, plain.total)
+        // Rank 32 on down_proj only: its (hidden + intermediate) × 16 more parameters per block.
+        let ranks = Array(repeating: [16, 16, 16, 16, 16, 16, 32], count: c.layerCount)
+        let wider = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks)
+        let lora = 32 * 16 * (2 * c.hiddenSize + 2 * (c.hiddenSize + c.kvDim) + (c.qDim + c.hiddenSize) + 3 * (c.hiddenSize + c.intermediateSize))
+        let extra = c.layerCount * 16 * (c.hiddenSize + c.intermediateSize)
+        // The allocator's size classes round each buffer up, so: at least the bytes, at most 1/3 more.
+        XCTAssertGreaterThanOrEqual(wider.optimizer, 8 * (lora + extra))
+        XCTAssertLessThan(Double(wider.optimizer), Double(8 * (lora + extra)) * 4 / 3)
+        XCTAssertGreaterThan(wider.activations, plain.activations)
+    }
+
     func testLossChunksStayUnder256MiBOfLogits() {
         for arch in Architecture.allCases {
             let c = arch.config

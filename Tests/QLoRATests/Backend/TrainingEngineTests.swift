@@ -4,10 +4,11 @@ import XCTest
 /// The training seam: what the GPU engine refuses (so `--device auto` can fall back and `--device cuda` can say why),
 /// and that the default trainer runs on the CPU engine.
 final class TrainingEngineTests: XCTestCase {
-    func testGPUTrainerRefusesDropoutAndPartialTargets() {
+    func testGPUTrainerTakesDropoutAndRefusesPartialTargets() {
         var c = TrainingConfiguration()
         c.datasets = ["synthetic"]
-        XCTAssertNotNil(CUDATrainingEngine.unsupported(c), "the default LoRA dropout 0.05 is not supported on the GPU")
+        XCTAssertEqual(c.loraDropout, 0.05)
+        XCTAssertNil(CUDATrainingEngine.unsupported(c), "the default configuration (LoRA dropout 0.05) trains on the GPU")
         c.loraDropout = 0
         XCTAssertNil(CUDATrainingEngine.unsupported(c))
         c.targetModules = ["all-linear"]

@@ -14,6 +14,9 @@ import Glibc
 // into one bf16 GEMV. The whole step is recorded once as a CUDA graph and replayed; the position and token live in
 // device memory.
 // The output head stays bf16 (as bitsandbytes leaves lm_head), read by bf16_gemv into fp32 logits.
+// Linear biases (Qwen2's q, k, v) are kept in bf16: prefill writes them into the output before the GEMM adds onto
+// it (training.cu's add_row_vector); decode passes them as the GEMV's residual term when the output has no
+// residual of its own (q, k, v, gate, up), else adds them into the residual stream right before the GEMV.
 
 /// A group of projections that read the same input (q|k|v, o, gate|up, down), with their LoRA A rows stacked.
 struct ProjectionGroup {
@@ -22,6 +25,8 @@ struct ProjectionGroup {
     var loraA: DeviceBuffer<UInt16>?
     /// Per matrix: (row offset into loraA, rank, B [out, r] bf16, scale), or nil.
     var lora: [(offset: Int, rank: Int, b: DeviceBuffer<UInt16>, scale: Float)?]
+    /// Per matrix: its bias [rows] in bf16, or nil (empty: no matrix has one).
+    var biases: [DeviceBuffer<UInt16>?] = []
     /// The decode tasks (device copy) and the grid size, made once the output addresses are known.
     var tasks: DeviceBuffer<UInt8>?
     var blocks = 0
@@ -31,6 +36,7 @@ struct ProjectionGroup {
     var splits = 1
 
     var totalRank: Int { lora.reduce(0) { $0 + ($1?.rank ?? 0) } }
+    func bias(_ m: Int) -> DeviceBuffer<UInt16>? { m < biases.count ? biases[m] : nil }
     var columns: Int { matrices[0].columns }
 }
 
@@ -104,10 +110,18 @@ public final class CUDAInference {
         func group(_ linears: [Linear]) throws -> ProjectionGroup {
             var matrices: [CUDANF4Weight] = []
             var loras: [(offset: Int, rank: Int, b: DeviceBuffer<UInt16>, scale: Float)?] = []
+            var biases: [DeviceBuffer<UInt16>?] = []
             var stacked: [Float] = []
             var offset = 0
             for l in linears {
-                guard l.bias == nil else { throw UsageError("\(l.name): linear biases are not supported on the GPU yet") }
+                if let bias = l.bias {
+                    guard bias.count == l.outFeatures else {
+                        throw UsageError("the bias of \(l.name) has \(bias.count) values for \(l.outFeatures) outputs")
+                    }
+                    biases.append(try bf16(bias))
+                } else {
+                    biases.append(nil)
+                }
                 let q = try quantized[l.name] ?? CUDAInference.quantize(l)
                 matrices.append(try CUDANF4Weight(q, allocator: A, signedDynamicMap: code))
                 if let lora = l.lora {
@@ -118,7 +132,8 @@ public final class CUDAInference {
                     loras.append(nil)
                 }
             }
-            return ProjectionGroup(matrices: matrices, loraA: stacked.isEmpty ? nil : try bf16(stacked), lora: loras)
+            return ProjectionGroup(matrices: matrices, loraA: stacked.isEmpty ? nil : try bf16(stacked), lora: loras,
+                                   biases: biases.contains { $0 != nil } ? biases : [])
         }
         var layers: [DeviceLayer] = []
         for block in model.blocks {
@@ -209,7 +224,7 @@ public final class CUDAInference {
         }
         // Compile the kernels now (nothing may compile while a graph is recorded).
         for source in [KernelSources.decode, KernelSources.rmsnorm, KernelSources.embedding, KernelSources.swiglu,
-                       KernelSources.nf4, KernelSources.rope, KernelSources.attention] {
+                       KernelSources.nf4, KernelSources.rope, KernelSources.attention, KernelSources.training] {
             _ = try context.compiler.module(source)
         }
     }
@@ -220,7 +235,8 @@ public final class CUDAInference {
             var t = NF4GemvTask(packed: matrix.packed.pointer, absmaxCodes: matrix.absmaxCodes.pointer,
                                 nestedAbsmax: matrix.nestedAbsmax.pointer, code: matrix.code.pointer, offset: matrix.offset,
                                 rows: matrix.rows, out: out)
-            t.residual = residual
+            // A bias on an output without a residual is the GEMV's residual term; else decodeLaunches adds it first.
+            t.residual = residual != 0 ? residual : g.bias(m)?.pointer ?? 0
             if let lora = g.lora[m] {
                 guard lora.rank <= 32 else { throw UsageError("LoRA rank \(lora.rank) above 32 is not supported by the GPU decode path yet") }
                 t.loraB = lora.b.pointer
@@ -348,6 +364,12 @@ public final class CUDAInference {
             }
             try mark(name)
         }
+        /// x += the bias of a group whose output is the residual stream x (o, down), before its GEMV adds onto x.
+        func residualBias(_ g: ProjectionGroup) throws {
+            guard let bias = g.bias(0) else { return }
+            try ctx.addRowVector(bias.pointer, to: x.pointer, rows: 1, columns: h, overwrite: false)
+            try mark("bias")
+        }
         try dev.launch(ctx.compiler.function(KernelSources.embedding, "embedding_forward"), grid: (1, 1, 1), block: (128, 1, 1),
                        [.pointer(stepState.address(at: 1)), embedding.arg, x.arg, .int(c.vocabularySize), .int(h), .pointer(0)])
         try mark("embedding")
@@ -363,10 +385,12 @@ public final class CUDAInference {
                                     kvHeads: c.kvHeadCount, headDim: c.headDim, maxKeys: capacity)
             try mark("attention")
             if layer.o.loraA != nil { try loraA(layer.o, mode: 0, x: attended.pointer, inOut: 0) }
+            try residualBias(layer.o)
             try gemv(layer.o, input: attended.pointer, "nf4 gemv o (+ residual)")
             try loraA(layer.gateUp, mode: 1, x: x.pointer, norm: layer.postNorm.pointer, inOut: normed.pointer)
             try gemv(layer.gateUp, input: normed.pointer, "nf4 gemv gate|up")
             try loraA(layer.down, mode: 2, x: gateUpRow.pointer, x2: gateUpRow.address(at: inter), inOut: hidden.pointer)
+            try residualBias(layer.down)
             try gemv(layer.down, input: hidden.pointer, "nf4 gemv down (+ residual)")
         }
         try dev.launch(ctx.compiler.function(KernelSources.rmsnorm, "rmsnorm_forward"), grid: (1, 1, 1),
@@ -426,11 +450,15 @@ public final class CUDAInference {
         let xaRows = try A.buffer(UInt16.self, count: t * 64)
         let lse = try A.buffer(Float.self, count: t * c.headCount)
 
-        /// out (= or += when accumulate) input · Wᵀ + s (input · Aᵀ) · Bᵀ for matrix m of group g.
+        /// out (= or += when accumulate) input · Wᵀ + bias + s (input · Aᵀ) · Bᵀ for matrix m of group g.
         func linear(_ g: ProjectionGroup, _ m: Int, input: CUdeviceptr, out: CUdeviceptr, accumulate: Bool) throws {
             let matrix = g.matrices[m]
             try ctx.dequantize(matrix, into: w)
-            try blas.gemm(m: t, n: matrix.rows, k: matrix.columns, a: input, b: w.pointer, transB: true, c: out, beta: accumulate ? 1 : 0)
+            if let bias = g.bias(m) {
+                try ctx.addRowVector(bias.pointer, to: out, rows: t, columns: matrix.rows, overwrite: !accumulate)
+            }
+            try blas.gemm(m: t, n: matrix.rows, k: matrix.columns, a: input, b: w.pointer, transB: true, c: out,
+                          beta: accumulate || g.bias(m) != nil ? 1 : 0)
             if let lora = g.lora[m], let a = g.loraA {
                 let aRows = a.address(at: lora.offset * matrix.columns)
                 let xaBuffer = lora.rank <= 64 ? xaRows : try A.buffer(UInt16.self, count: t * lora.rank)

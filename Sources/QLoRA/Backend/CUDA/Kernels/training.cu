@@ -1,5 +1,6 @@
 // training.cu: the small kernels a training step needs beside the op families: random initialisation of
-// benchmark weights on the GPU, and global-norm gradient clipping without a host round trip.
+// benchmark weights on the GPU, global-norm gradient clipping without a host round trip, LoRA dropout, and the
+// broadcast of a linear's bias over rows.
 //
 // Random numbers: a counter-based hash (SplitMix64 finaliser of seed + index), so every element is independent
 // of the launch shape and the same seed gives the same tensor.
@@ -10,6 +11,13 @@
 //   sum_squares:     out[0] += sum_i g[i]^2                        (out zeroed before; atomics across blocks)
 //   clip_gradients:  total = sqrt(out[0]), coef = min(1, max_norm / (total + 1e-6)); g *= coef
 //                    (a non-finite total leaves g unchanged, as the CPU trainer does)
+// LoRA dropout, the twin of Training/DropoutMask.swift (one definition there, this one must equal it bit for bit):
+//   dropout_hash(s, i) = mix64(s + (i + 1)·γ);  kept iff (dropout_hash >> 40) · 2^-24 < keep  (keep = 1 − p, fp32)
+//   dropout_apply:       out[i] = kept ? bf16(x[i] / keep) : 0              d(x), the LoRA path's input
+//   dropout_add_masked:  dx[i] = bf16(dx[i] + (kept ? t[i] / keep : 0))      dx += d(t), t = s·(dy·B)·A
+//   dropout_keep_mask:   out[i] = kept                                        (for the GPU check)
+//   Division by keep, not multiplication by 1/keep, exactly as the CPU does (NVRTC compiles IEEE-accurate division).
+// Bias, y = x·Wᵀ + b: add_row_vector makes y[t, o] = (overwrite ? 0 : y[t, o]) + b[o] before the GEMM adds x·Wᵀ.
 #include "qlora_prelude.cuh"
 
 __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
@@ -51,4 +59,35 @@ extern "C" __global__ void clip_gradients(float* g, long long n, const float* su
     const float coef = fminf(1.0f, max_norm / (total + 1e-6f));
     if (coef >= 1.0f) return;
     GRID_STRIDE(i, n) { g[i] *= coef; }
+}
+
+__device__ __forceinline__ unsigned long long dropout_hash(unsigned long long seed, long long i) {
+    return mix64(seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1));
+}
+
+__device__ __forceinline__ bool dropout_keeps(unsigned long long seed, long long i, float keep) {
+    return uniform01(dropout_hash(seed, i)) < keep;
+}
+
+extern "C" __global__ void dropout_apply(const bf16* __restrict__ x, bf16* __restrict__ out, long long n, unsigned long long seed,
+                                         float keep) {
+    GRID_STRIDE(i, n) { out[i] = dropout_keeps(seed, i, keep) ? float_to_bf16(bf16_to_float(x[i]) / keep) : (bf16)0; }
+}
+
+extern "C" __global__ void dropout_add_masked(bf16* __restrict__ dx, const bf16* __restrict__ t, long long n, unsigned long long seed,
+                                              float keep) {
+    GRID_STRIDE(i, n) {
+        if (dropout_keeps(seed, i, keep)) dx[i] = float_to_bf16(bf16_to_float(dx[i]) + bf16_to_float(t[i]) / keep);
+    }
+}
+
+extern "C" __global__ void dropout_keep_mask(unsigned char* out, long long n, unsigned long long seed, float keep) {
+    GRID_STRIDE(i, n) { out[i] = dropout_keeps(seed, i, keep) ? 1 : 0; }
+}
+
+extern "C" __global__ void add_row_vector(bf16* y, const bf16* __restrict__ v, long long rows, int cols, int overwrite) {
+    GRID_STRIDE(e, rows * (long long)cols) {
+        const bf16 b = v[e % cols];
+        y[e] = overwrite ? b : float_to_bf16(bf16_to_float(y[e]) + bf16_to_float(b));
+    }
 }

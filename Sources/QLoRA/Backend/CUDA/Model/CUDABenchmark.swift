@@ -65,19 +65,22 @@ public enum CUDABenchmark {
     }
 
     /// Builds a random-weight trainer and runs `warmupSteps` then `steps` timed training steps (forward, backward,
-    /// clipping at 1.0, AdamW) on random tokens; one host synchronisation per timed run.
+    /// clipping at 1.0, AdamW) on random tokens, with LoRA dropout `dropout` (a new mask seed each step); one host
+    /// synchronisation per timed run.
     public static func training(context: CUDAContext, config: LlamaConfig, batch rows: Int, sequenceLength t: Int, rank: Int,
-                                warmupSteps: Int, steps: Int) throws -> CUDABenchmarkResult {
+                                dropout: Float = 0, warmupSteps: Int, steps: Int) throws -> CUDABenchmarkResult {
         context.allocator.resetPeak()
         let trainer = try CUDALlamaTrainer(context: context, randomConfig: config, rank: rank, alpha: Double(2 * rank),
-                                           capacityTokens: rows * t)
+                                           capacityTokens: rows * t, dropout: dropout)
         var rng = SeededGenerator(seed: 1)
         let tokens = (0..<(rows * t)).map { _ in Int(rng.next() % UInt64(config.vocabularySize)) }
         let batch = TrainingBatch(examples: (0..<rows).map { r in
             (Array(tokens[(r * t)..<((r + 1) * t)]), Array(tokens[(r * t)..<((r + 1) * t)]))
         }, length: t, padID: 0)
+        var stepIndex: UInt64 = 0
         func step() throws {
-            try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens)
+            stepIndex += 1
+            try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: stepIndex)
             try trainer.optimizerStep(learningRate: 2e-4, maxGradNorm: 1)
         }
         for _ in 0..<warmupSteps { try step() }

@@ -25,6 +25,16 @@
 //   act = silu(gate(n2))·up(n2)                       dN1 = q⁻(dq) + k⁻(dk) + v⁻(dv)
 //   y = h + down(act)                                 g  += rms⁻(x, dN1)               (g is now d/dx)
 // where lin⁻(dy) = dy·W + s·(dy·B)·A, adding s·(dy·B)ᵀ·x to dA and s·dyᵀ·(x·Aᵀ) to dB (LoRADeviceWeights' header).
+//
+// LoRA dropout (training steps only, as the CPU's Training/LlamaBackward.swift): the LoRA path reads d(x) = x·m/(1−p),
+//   lin(x) = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ,   lin⁻(dy) = dy·W + d(s·(dy·B)·A),   dA += s·(dy·B)ᵀ·d(x),   dB unchanged,
+// with the mask m of each linear drawn by Training/DropoutMask.swift's counter-based hash from the step's dropout
+// seed, the block index and the linear's index (the kernels in training.cu compute the same hash), so the forward,
+// the recomputation and the backward all see the CPU's masks. d(x) is written into one [N, max in] bf16 scratch
+// right before the GEMM that reads it (regenerated in the backward rather than kept), and the backward's
+// s·(dy·B)·A goes through the same scratch before a fused mask-and-add into dx.
+// Linear biases (Qwen2's q, k, v) are frozen: written into y before the base GEMM accumulates onto it; no gradient.
+// Each linear has its own LoRA rank (its A, B and x·Aᵀ are sized by it; dy·B uses a scratch of the largest rank).
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -38,6 +48,10 @@ struct TrainerLinear {
     let weight: CUDANF4Weight
     let rank: Int
     let scale: Float
+    /// LoRA dropout probability on the LoRA path's input (training steps with a dropout seed only).
+    let dropout: Float
+    /// The frozen bias [out] in bf16, or nil.
+    let bias: DeviceBuffer<UInt16>?
     /// Element offsets of A [r, in] and B [out, r] in the parameter (and gradient, moment, bf16) buffers.
     let aOffset: Int
     let bOffset: Int
@@ -89,6 +103,10 @@ public final class CUDALlamaTrainer {
     let gate: DeviceBuffer<UInt16>, up: DeviceBuffer<UInt16>, activated: DeviceBuffer<UInt16>
     let lse: DeviceBuffer<Float>, delta: DeviceBuffer<Float>
     let dyB: DeviceBuffer<UInt16>
+    /// d(x) of the linear being computed, [N, max in] bf16 (nil when no linear has dropout).
+    let dropped: DeviceBuffer<UInt16>?
+    /// The current step's dropout seed (nil: no dropout, e.g. evaluation).
+    private var stepDropoutSeed: UInt64?
     let weightScratch: DeviceBuffer<UInt16>
     let logits: DeviceBuffer<UInt16>
     let lossChunkRows: Int
@@ -102,41 +120,60 @@ public final class CUDALlamaTrainer {
     /// How the frozen weights and adapters are filled once the buffers exist.
     enum Source {
         case model(LlamaModel)
-        case random(seed: UInt64)
+        case random(seed: UInt64, dropout: Float)
     }
 
     /// A trainer for `model` (its dense fp32 linear weights are quantized to NF4 + double quant here, as
-    /// bitsandbytes would; its LoRA adapters, on all seven projections, become the trained parameters).
+    /// bitsandbytes would; its LoRA adapters, on all seven projections, each with its own rank, scale and dropout,
+    /// become the trained parameters; its linear biases stay frozen).
     public convenience init(context: CUDAContext, model: LlamaModel, capacityTokens: Int) throws {
-        guard let rank = model.linearLayers.first?.lora?.rank else {
-            throw UsageError("the GPU trainer needs LoRA adapters on the model's projections")
+        var ranks: [[Int]] = []
+        var dropout: Float = 0
+        for block in model.blocks {
+            ranks.append(try block.linears.map { layer in
+                guard let lora = layer.lora else { throw UsageError("the GPU trainer needs LoRA on every projection; \(layer.name) has none") }
+                guard lora.dropout >= 0 && lora.dropout < 1 else {
+                    throw UsageError("LoRA dropout \(lora.dropout) on \(layer.name) is outside [0, 1)")
+                }
+                if let bias = layer.bias, bias.count != layer.outFeatures {
+                    throw UsageError("the bias of \(layer.name) has \(bias.count) values for \(layer.outFeatures) outputs")
+                }
+                dropout = max(dropout, lora.dropout)
+                return lora.rank
+            })
         }
-        for layer in model.linearLayers {
-            guard let lora = layer.lora else { throw UsageError("the GPU trainer needs LoRA on every projection; \(layer.name) has none") }
-            guard lora.dropout == 0 else { throw UsageError("LoRA dropout is not supported on the GPU yet (\(layer.name) has \(lora.dropout))") }
-            guard layer.bias == nil else { throw UsageError("linear biases are not supported on the GPU yet (\(layer.name))") }
-            guard lora.rank == rank else { throw UsageError("the GPU trainer needs one LoRA rank for all projections") }
-        }
-        try self.init(context: context, config: model.config, rank: rank, alpha: nil, capacityTokens: capacityTokens, source: .model(model))
+        try self.init(context: context, config: model.config, ranks: ranks, alpha: nil, dropout: dropout > 0,
+                      capacityTokens: capacityTokens, source: .model(model))
     }
 
     /// A trainer with random NF4 weights made on the GPU (for benchmarks: no checkpoint needed), LoRA rank `rank`
-    /// with alpha = `alpha` on the seven projections, A Kaiming-uniform and B zero as PEFT initialises them.
+    /// with alpha = `alpha` and dropout `dropout` on the seven projections, A Kaiming-uniform and B zero as PEFT
+    /// initialises them. No biases (even when `config.attentionBias`).
     public convenience init(context: CUDAContext, randomConfig config: LlamaConfig, rank: Int, alpha: Double, capacityTokens: Int,
-                            seed: UInt64 = 0) throws {
-        try self.init(context: context, config: config, rank: rank, alpha: alpha, capacityTokens: capacityTokens, source: .random(seed: seed))
+                            dropout: Float = 0, seed: UInt64 = 0) throws {
+        guard dropout >= 0 && dropout < 1 else { throw UsageError("LoRA dropout \(dropout) is outside [0, 1)") }
+        try self.init(context: context, config: config, ranks: Array(repeating: Array(repeating: rank, count: 7), count: config.layerCount),
+                      alpha: alpha, dropout: dropout > 0, capacityTokens: capacityTokens, source: .random(seed: seed, dropout: dropout))
     }
 
-    init(context ctx: CUDAContext, config c: LlamaConfig, rank: Int, alpha: Double?, capacityTokens n: Int, source: Source) throws {
+    /// `ranks[l][j]`: the LoRA rank of block l's linear j (q, k, v, o, gate, up, down); `dropout`: whether any linear
+    /// drops out (then the d(x) scratch is allocated).
+    init(context ctx: CUDAContext, config c: LlamaConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
+         source: Source) throws {
         guard c.headDim == 32 || c.headDim == 64 || c.headDim == 128 else {
             throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels (32, 64 or 128)")
         }
-        guard !c.attentionBias else { throw UsageError("attention biases are not supported on the GPU yet") }
-        guard n > 0, rank > 0 else { throw UsageError("the GPU trainer needs at least one token and a LoRA rank of at least 1") }
+        guard ranks.count == c.layerCount, ranks.allSatisfy({ $0.count == 7 }) else {
+            throw UsageError("the GPU trainer needs a LoRA rank for each of the 7 projections of all \(c.layerCount) blocks")
+        }
+        let maxRank = ranks.joined().max() ?? 0
+        guard n > 0, ranks.joined().allSatisfy({ $0 > 0 }) else {
+            throw UsageError("the GPU trainer needs at least one token and a LoRA rank of at least 1")
+        }
         context = ctx
         config = c
         capacityTokens = n
-        let plan = CUDAMemoryPlan(config: c, tokens: n, rank: rank)
+        let plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout)
         self.plan = plan
         let free = (try? ctx.device.memoryInfo().free) ?? Int.max
         if plan.total > free - (256 << 20) {
@@ -149,15 +186,15 @@ public final class CUDALlamaTrainer {
             let shapes = CUDAMemoryPlan.linearShapes(c)
             var offset = 0
             var layout: [[(aOffset: Int, bOffset: Int)]] = []
-            for _ in 0..<c.layerCount {
+            for l in 0..<c.layerCount {
                 // Each matrix starts on a multiple of 128 elements (256 bytes in bf16): cuBLASLt's heuristics assume
                 // 256-byte aligned operands unless told otherwise.
                 func aligned(_ x: Int) -> Int { (x + 127) / 128 * 128 }
-                layout.append(shapes.map { shape in
+                layout.append(shapes.enumerated().map { (j, shape) in
                     let aOffset = offset
-                    offset = aligned(offset + rank * shape.in)
+                    offset = aligned(offset + ranks[l][j] * shape.in)
                     let bOffset = offset
-                    offset = aligned(offset + shape.out * rank)
+                    offset = aligned(offset + shape.out * ranks[l][j])
                     return (aOffset, bOffset)
                 })
             }
@@ -180,8 +217,11 @@ public final class CUDALlamaTrainer {
                 var linears: [TrainerLinear] = []
                 for (j, shape) in shapes.enumerated() {
                     let name = "model.layers.\(l).\(names[j])"
+                    let rank = ranks[l][j]
                     let weight: CUDANF4Weight
                     let scale: Float
+                    var linearDropout: Float = 0
+                    var bias: DeviceBuffer<UInt16>? = nil
                     switch source {
                     case .model(let model):
                         let layer = model.blocks[l].linears[j]
@@ -189,12 +229,15 @@ public final class CUDALlamaTrainer {
                         let quantized = try CUDAInference.quantize(layer)
                         weight = try CUDANF4Weight(quantized, allocator: a, signedDynamicMap: absmaxCode)
                         scale = layer.lora?.scale ?? 1
-                    case .random(let seed):
+                        linearDropout = layer.lora?.dropout ?? 0
+                        if let values = layer.bias { bias = try a.buffer(copying: values.map(floatToBF16)) }
+                    case .random(let seed, let dropout):
+                        linearDropout = dropout
                         weight = try CUDANF4Weight(randomRows: shape.out, columns: shape.in, context: ctx, code: absmaxCode,
                                                    packedSeed: seed &+ rng.next(), absmaxSeed: seed &+ rng.next())
                         scale = Float((alpha ?? Double(2 * rank)) / Double(rank))
                     }
-                    linears.append(TrainerLinear(name: name, weight: weight, rank: rank, scale: scale,
+                    linears.append(TrainerLinear(name: name, weight: weight, rank: rank, scale: scale, dropout: linearDropout, bias: bias,
                                                  aOffset: layout[l][j].aOffset, bOffset: layout[l][j].bOffset, xa: try bf16(n * rank)))
                 }
                 let norms: (DeviceBuffer<UInt16>, DeviceBuffer<UInt16>)
@@ -225,7 +268,7 @@ public final class CUDALlamaTrainer {
                     }
                 }
                 try params.upload(host)
-            case .random(let seed):
+            case .random(let seed, _):
                 embedding = try bf16(tableCount)
                 try ctx.fillRandomBF16(embedding.pointer, count: tableCount, seed: seed &+ 101, std: 0.02)
                 if c.tieWordEmbeddings {
@@ -240,7 +283,7 @@ public final class CUDALlamaTrainer {
                 for block in blocks {
                     for linear in block.linears {
                         let bound = 1 / Float(linear.inFeatures).squareRoot()
-                        try ctx.fillRandomUniform(params.address(at: linear.aOffset), count: rank * linear.inFeatures,
+                        try ctx.fillRandomUniform(params.address(at: linear.aOffset), count: linear.rank * linear.inFeatures,
                                                   seed: seed &+ UInt64(linear.aOffset) &+ 303, lo: -bound, hi: bound)
                     }
                 }
@@ -256,7 +299,8 @@ public final class CUDALlamaTrainer {
             gate = try bf16(n * c.intermediateSize); up = try bf16(n * c.intermediateSize); activated = try bf16(n * c.intermediateSize)
             lse = try a.buffer(Float.self, count: n * c.headCount)
             delta = try a.buffer(Float.self, count: n * c.headCount)
-            dyB = try bf16(n * rank)
+            dyB = try bf16(n * maxRank)
+            dropped = dropout ? try bf16(n * (shapes.map(\.in).max() ?? 1)) : nil
             weightScratch = try bf16(shapes.map { $0.out * $0.in }.max() ?? 1)
             lossChunkRows = CUDAMemoryPlan.lossChunkRows(vocab: c.vocabularySize, tokens: n)
             logits = try bf16(lossChunkRows * c.vocabularySize)
@@ -279,20 +323,41 @@ public final class CUDALlamaTrainer {
         try context.dequantize(w, into: weightScratch)
     }
 
-    /// y (+)= x·Wᵀ + s·(x·Aᵀ)·Bᵀ for `n` tokens, keeping x·Aᵀ in `l.xa`. Without `base`, only x·Aᵀ is computed.
-    private func linearForward(_ l: TrainerLinear, x: CUdeviceptr, y: CUdeviceptr, n: Int, accumulate: Bool, base: Bool = true) throws {
+    /// The dropout mask seed of `l` in this step, or nil when its LoRA path reads x itself (no dropout on `l`, or
+    /// no dropout seed: evaluation). `seeds` are the block's per-linear seeds.
+    private func maskSeed(_ l: TrainerLinear, _ j: Int, _ seeds: [UInt64]?) -> UInt64? {
+        guard l.dropout > 0, let seeds, dropped != nil else { return nil }
+        return seeds[j]
+    }
+
+    /// The LoRA path's input: x, or d(x) = x·m/(1−p) written into `dropped` when `seed` is given.
+    private func loraInput(_ l: TrainerLinear, x: CUdeviceptr, n: Int, seed: UInt64?) throws -> CUdeviceptr {
+        guard let seed, let dropped else { return x }
+        try context.dropoutApply(x: x, into: dropped.pointer, count: n * l.inFeatures, seed: seed, keep: 1 - l.dropout)
+        return dropped.pointer
+    }
+
+    /// y (+)= x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ for `n` tokens, keeping d(x)·Aᵀ in `l.xa` (d: dropout with mask `seed`, or
+    /// none). Without `base`, only d(x)·Aᵀ is computed.
+    private func linearForward(_ l: TrainerLinear, x: CUdeviceptr, y: CUdeviceptr, n: Int, accumulate: Bool, base: Bool = true,
+                               seed: UInt64?) throws {
         let blas = try context.blas()
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
-        try blas.gemm(m: n, n: l.rank, k: l.inFeatures, a: x, b: a16, transB: true, c: l.xa.pointer)
+        try blas.gemm(m: n, n: l.rank, k: l.inFeatures, a: try loraInput(l, x: x, n: n, seed: seed), b: a16, transB: true, c: l.xa.pointer)
         guard base else { return }
+        if let bias = l.bias {
+            try context.addRowVector(bias.pointer, to: y, rows: n, columns: l.outFeatures, overwrite: !accumulate)
+        }
         try dequantize(l.weight)
         try blas.gemm(m: n, n: l.outFeatures, k: l.inFeatures, a: x, b: weightScratch.pointer, transB: true, c: y,
-                      beta: accumulate ? 1 : 0)
+                      beta: accumulate || l.bias != nil ? 1 : 0)
         try blas.gemm(m: n, n: l.outFeatures, k: l.rank, a: l.xa.pointer, b: b16, transB: true, c: y, alpha: l.scale, beta: 1)
     }
 
-    /// dx (+)= dy·W + s·(dy·B)·A; dA += s·(dy·B)ᵀ·x; dB += s·dyᵀ·(x·Aᵀ). dx may be x itself (x is read first).
-    private func linearBackward(_ l: TrainerLinear, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, n: Int, accumulate: Bool) throws {
+    /// dx (+)= dy·W + d(s·(dy·B)·A); dA += s·(dy·B)ᵀ·d(x); dB += s·dyᵀ·(d(x)·Aᵀ). dx may be x itself (x is read
+    /// first). With a mask `seed`, d(x) is regenerated from x (the forward's mask: same seed, same indices).
+    private func linearBackward(_ l: TrainerLinear, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, n: Int, accumulate: Bool,
+                                seed: UInt64?) throws {
         let blas = try context.blas()
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
         try dequantize(l.weight)
@@ -301,12 +366,18 @@ public final class CUDALlamaTrainer {
                       outputType: .float32, alpha: l.scale, beta: 1)
         // dyB [n, r] = dy·B
         try blas.gemm(m: n, n: l.rank, k: l.outFeatures, a: dy, b: b16, c: dyB.pointer)
-        // dA [r, in] += s·dyBᵀ·x
-        try blas.gemm(m: l.rank, n: l.inFeatures, k: n, a: dyB.pointer, transA: true, b: x, c: grads.address(at: l.aOffset),
-                      outputType: .float32, alpha: l.scale, beta: 1)
-        // dx (+)= dy·W + s·dyB·A
+        // dA [r, in] += s·dyBᵀ·d(x)
+        try blas.gemm(m: l.rank, n: l.inFeatures, k: n, a: dyB.pointer, transA: true, b: try loraInput(l, x: x, n: n, seed: seed),
+                      c: grads.address(at: l.aOffset), outputType: .float32, alpha: l.scale, beta: 1)
+        // dx (+)= dy·W + d(s·dyB·A)
         try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weightScratch.pointer, c: dx, beta: accumulate ? 1 : 0)
-        try blas.gemm(m: n, n: l.inFeatures, k: l.rank, a: dyB.pointer, b: a16, c: dx, alpha: l.scale, beta: 1)
+        if let seed, let dropped {
+            // t = s·dyB·A into the d(x) scratch (d(x) is no longer needed), then dx += t·m/(1−p).
+            try blas.gemm(m: n, n: l.inFeatures, k: l.rank, a: dyB.pointer, b: a16, c: dropped.pointer, alpha: l.scale)
+            try context.dropoutAddMasked(dropped.pointer, into: dx, count: n * l.inFeatures, seed: seed, keep: 1 - l.dropout)
+        } else {
+            try blas.gemm(m: n, n: l.inFeatures, k: l.rank, a: dyB.pointer, b: a16, c: dx, alpha: l.scale, beta: 1)
+        }
     }
 
     // MARK: - Blocks
@@ -315,52 +386,65 @@ public final class CUDALlamaTrainer {
         AttentionShape(batch: batch.rows, seq: batch.length, heads: config.headCount, kvHeads: config.kvHeadCount, headDim: config.headDim)
     }
 
+    /// The per-linear dropout seeds of block `index` in the current step (DropoutMask.linearSeed), or nil.
+    private func blockDropoutSeeds(_ index: Int) -> [UInt64]? {
+        guard let stepDropoutSeed, dropped != nil else { return nil }
+        return (0..<7).map { DropoutMask.linearSeed(stepSeed: stepDropoutSeed, block: index, linear: $0) }
+    }
+
     /// The block's forward from `x`; writes the output into `output`, or, when nil (recomputation before the
-    /// backward), stops after what the backward needs.
-    private func blockForward(_ b: TrainerBlock, x: DeviceBuffer<UInt16>, output: DeviceBuffer<UInt16>?, batch: TrainingBatch) throws {
+    /// backward), stops after what the backward needs. `seeds`: the block's dropout seeds (nil: no dropout).
+    private func blockForward(_ b: TrainerBlock, x: DeviceBuffer<UInt16>, output: DeviceBuffer<UInt16>?, batch: TrainingBatch,
+                              seeds: [UInt64]?) throws {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
         let L = b.linears
+        func forward(_ j: Int, x: CUdeviceptr, y: CUdeviceptr, accumulate: Bool, base: Bool = true) throws {
+            try linearForward(L[j], x: x, y: y, n: n, accumulate: accumulate, base: base, seed: maskSeed(L[j], j, seeds))
+        }
         try ctx.rmsNormForward(x: x, weight: b.inputNorm, into: norm1, rows: n, dim: h, eps: c.rmsNormEps)
-        try linearForward(L[0], x: norm1.pointer, y: q.pointer, n: n, accumulate: false)
-        try linearForward(L[1], x: norm1.pointer, y: k.pointer, n: n, accumulate: false)
-        try linearForward(L[2], x: norm1.pointer, y: v.pointer, n: n, accumulate: false)
+        try forward(0, x: norm1.pointer, y: q.pointer, accumulate: false)
+        try forward(1, x: norm1.pointer, y: k.pointer, accumulate: false)
+        try forward(2, x: norm1.pointer, y: v.pointer, accumulate: false)
         try ctx.rope(q, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.headCount, headDim: c.headDim)
         try ctx.rope(k, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.kvHeadCount, headDim: c.headDim)
         try ctx.attentionForward(q: q, k: k, v: v, into: attended, lse: lse, segments: segments, shape: attentionShape(batch))
         try ctx.device.copy(deviceTo: hidden.pointer, from: x.pointer, bytes: 2 * n * h)
-        try linearForward(L[3], x: attended.pointer, y: hidden.pointer, n: n, accumulate: true)
+        try forward(3, x: attended.pointer, y: hidden.pointer, accumulate: true)
         try ctx.rmsNormForward(x: hidden, weight: b.postAttentionNorm, into: norm2, rows: n, dim: h, eps: c.rmsNormEps)
-        try linearForward(L[4], x: norm2.pointer, y: gate.pointer, n: n, accumulate: false)
-        try linearForward(L[5], x: norm2.pointer, y: up.pointer, n: n, accumulate: false)
+        try forward(4, x: norm2.pointer, y: gate.pointer, accumulate: false)
+        try forward(5, x: norm2.pointer, y: up.pointer, accumulate: false)
         try ctx.swigluForward(gate: gate, up: up, into: activated, count: n * c.intermediateSize)
         if let output {
             try ctx.device.copy(deviceTo: output.pointer, from: hidden.pointer, bytes: 2 * n * h)
-            try linearForward(L[6], x: activated.pointer, y: output.pointer, n: n, accumulate: true)
+            try forward(6, x: activated.pointer, y: output.pointer, accumulate: true)
         } else {
-            try linearForward(L[6], x: activated.pointer, y: 0, n: n, accumulate: true, base: false)
+            try forward(6, x: activated.pointer, y: 0, accumulate: true, base: false)
         }
     }
 
     /// Given d/d(block output) in `gradient`, adds the block's LoRA gradients and leaves d/d(block input) there.
-    private func blockBackward(_ b: TrainerBlock, x: DeviceBuffer<UInt16>, batch: TrainingBatch) throws {
+    private func blockBackward(_ b: TrainerBlock, x: DeviceBuffer<UInt16>, batch: TrainingBatch, seeds: [UInt64]?) throws {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
         let L = b.linears
-        try linearBackward(L[6], x: activated.pointer, dy: gradient.pointer, dx: activated.pointer, n: n, accumulate: false)
+        func backward(_ j: Int, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, accumulate: Bool) throws {
+            try linearBackward(L[j], x: x, dy: dy, dx: dx, n: n, accumulate: accumulate, seed: maskSeed(L[j], j, seeds))
+        }
+        try backward(6, x: activated.pointer, dy: gradient.pointer, dx: activated.pointer, accumulate: false)
         try ctx.swigluBackward(dh: activated, gate: gate, up: up, dgate: gate, dup: up, count: n * c.intermediateSize)
-        try linearBackward(L[4], x: norm2.pointer, dy: gate.pointer, dx: dNorm.pointer, n: n, accumulate: false)
-        try linearBackward(L[5], x: norm2.pointer, dy: up.pointer, dx: dNorm.pointer, n: n, accumulate: true)
+        try backward(4, x: norm2.pointer, dy: gate.pointer, dx: dNorm.pointer, accumulate: false)
+        try backward(5, x: norm2.pointer, dy: up.pointer, dx: dNorm.pointer, accumulate: true)
         try ctx.rmsNormBackward(x: hidden, weight: b.postAttentionNorm, dy: dNorm, into: gradient, rows: n, dim: h, eps: c.rmsNormEps,
                                 accumulate: true)
-        try linearBackward(L[3], x: attended.pointer, dy: gradient.pointer, dx: dAttended.pointer, n: n, accumulate: false)
+        try backward(3, x: attended.pointer, dy: gradient.pointer, dx: dAttended.pointer, accumulate: false)
         try ctx.attentionBackward(q: q, k: k, v: v, o: attended, dout: dAttended, lse: lse, segments: segments, dq: dq, dk: dk, dv: dv,
                                   delta: delta, shape: attentionShape(batch))
         try ctx.rope(dq, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.headCount,
                      headDim: c.headDim, backward: true)
         try ctx.rope(dk, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.kvHeadCount,
                      headDim: c.headDim, backward: true)
-        try linearBackward(L[0], x: norm1.pointer, dy: dq.pointer, dx: dNorm.pointer, n: n, accumulate: false)
-        try linearBackward(L[1], x: norm1.pointer, dy: dk.pointer, dx: dNorm.pointer, n: n, accumulate: true)
-        try linearBackward(L[2], x: norm1.pointer, dy: dv.pointer, dx: dNorm.pointer, n: n, accumulate: true)
+        try backward(0, x: norm1.pointer, dy: dq.pointer, dx: dNorm.pointer, accumulate: false)
+        try backward(1, x: norm1.pointer, dy: dk.pointer, dx: dNorm.pointer, accumulate: true)
+        try backward(2, x: norm1.pointer, dy: dv.pointer, dx: dNorm.pointer, accumulate: true)
         try ctx.rmsNormBackward(x: x, weight: b.inputNorm, dy: dNorm, into: gradient, rows: n, dim: h, eps: c.rmsNormEps, accumulate: true)
     }
 
@@ -389,15 +473,17 @@ public final class CUDALlamaTrainer {
     }
 
     /// Forward and backward over one micro-batch: adds d(loss sum / normalizer)/d(LoRA) into the gradients (zeroed
-    /// first unless `accumulate`), as `LlamaModel.accumulateGradients` does. Queues the work without waiting;
+    /// first unless `accumulate`), as `LlamaModel.accumulateGradients` does with `TrainingStepOptions.dropoutSeed`
+    /// = `dropoutSeed` (the same masks; nil: no dropout, as in evaluation). Queues the work without waiting;
     /// `lastLoss()` reads the loss sum and count.
-    public func forwardBackward(batch: TrainingBatch, normalizer: Int, accumulate: Bool = false) throws {
+    public func forwardBackward(batch: TrainingBatch, normalizer: Int, accumulate: Bool = false, dropoutSeed: UInt64? = nil) throws {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize, vocab = c.vocabularySize
         try upload(batch)
+        stepDropoutSeed = dropoutSeed
         if !accumulate { try grads.fill(byte: 0) }
         try ctx.embeddingForward(ids: tokenIDs, table: embedding, into: checkpoints[0], tokens: n, vocab: vocab, dim: h)
         for (l, block) in blocks.enumerated() {
-            try blockForward(block, x: checkpoints[l], output: checkpoints[l + 1], batch: batch)
+            try blockForward(block, x: checkpoints[l], output: checkpoints[l + 1], batch: batch, seeds: blockDropoutSeeds(l))
         }
 
         // Final norm, head and cross-entropy a chunk of rows at a time; dNorm receives d/d(normed).
@@ -416,8 +502,9 @@ public final class CUDALlamaTrainer {
         try ctx.rmsNormBackward(x: last, weight: finalNorm, dy: dNorm, into: gradient, rows: n, dim: h, eps: c.rmsNormEps)
 
         for l in stride(from: blocks.count - 1, through: 0, by: -1) {
-            try blockForward(blocks[l], x: checkpoints[l], output: nil, batch: batch)
-            try blockBackward(blocks[l], x: checkpoints[l], batch: batch)
+            let seeds = blockDropoutSeeds(l)
+            try blockForward(blocks[l], x: checkpoints[l], output: nil, batch: batch, seeds: seeds)
+            try blockBackward(blocks[l], x: checkpoints[l], batch: batch, seeds: seeds)
         }
     }
 
@@ -432,7 +519,7 @@ public final class CUDALlamaTrainer {
         let buffers = [checkpoints[0], checkpoints[min(1, checkpoints.count - 1)]]
         try ctx.embeddingForward(ids: tokenIDs, table: embedding, into: buffers[0], tokens: n, vocab: vocab, dim: h)
         for (l, block) in blocks.enumerated() {
-            try blockForward(block, x: buffers[l % 2], output: buffers[(l + 1) % 2], batch: batch)
+            try blockForward(block, x: buffers[l % 2], output: buffers[(l + 1) % 2], batch: batch, seeds: nil)  // no dropout
         }
         try ctx.rmsNormForward(x: buffers[blocks.count % 2], weight: finalNorm, into: norm1, rows: n, dim: h, eps: c.rmsNormEps)
         let blas = try ctx.blas()

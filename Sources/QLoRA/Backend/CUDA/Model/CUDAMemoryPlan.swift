@@ -35,25 +35,41 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         return min(rows, max(tokens, 1))
     }
 
-    public init(config c: LlamaConfig, tokens n: Int, rank r: Int) {
+    /// The plan for LoRA rank `r` on every projection.
+    public init(config c: LlamaConfig, tokens n: Int, rank r: Int, dropout: Bool = false) {
+        self.init(config: c, tokens: n, ranks: Array(repeating: Array(repeating: r, count: 7), count: c.layerCount), dropout: dropout)
+    }
+
+    /// The plan for `ranks[l][j]`, the LoRA rank of block l's linear j (q, k, v, o, gate, up, down); `dropout`: some
+    /// linear drops out (one [N, largest in] bf16 scratch for d(x)).
+    public init(config c: LlamaConfig, tokens n: Int, ranks: [[Int]], dropout: Bool = false) {
         let s = DeviceAllocator.sizeClass
+        let shapes = Self.linearShapes(c)
         var w = 0
-        var loraParameters = 0
         var largest = 0
-        for (out, inF) in Self.linearShapes(c) {
+        for (out, inF) in shapes {
             w += Self.nf4Bytes(out * inF)
-            loraParameters += r * (out + inF)
             largest = max(largest, out * inF)
         }
         w *= c.layerCount
-        loraParameters *= c.layerCount
+        var loraParameters = 0
+        var xa = 0
+        for layer in ranks {
+            for (j, r) in layer.enumerated() where j < shapes.count {
+                loraParameters += r * (shapes[j].out + shapes[j].in)
+                xa += s(2 * n * r)
+            }
+        }
+        let maxRank = ranks.joined().max() ?? 0
         w += s(2 * c.vocabularySize * c.hiddenSize) * (c.tieWordEmbeddings ? 1 : 2) + (2 * c.layerCount + 1) * s(2 * c.hiddenSize)
         weights = w
         adapters = s(4 * loraParameters) * 2 + s(2 * loraParameters)
         optimizer = s(4 * loraParameters) * 2
         let h = 2 * n * c.hiddenSize, q = 2 * n * c.qDim, kv = 2 * n * c.kvDim, i = 2 * n * c.intermediateSize
+        // xa of every linear (kept from the forward), dy·B, and d(x) when dropping out.
+        let lora = xa + s(2 * n * maxRank) + (dropout ? s(2 * n * (shapes.map(\.in).max() ?? 0)) : 0)
         activations = (c.layerCount + 1) * s(h) + 5 * s(h) + 4 * s(q) + 4 * s(kv) + 3 * s(i) + 2 * s(4 * n * c.headCount)
-            + 8 * s(2 * n * r) + 5 * s(4 * n)
+            + lora + 5 * s(4 * n)
         workspace = s(2 * largest) + s(2 * Self.lossChunkRows(vocab: c.vocabularySize, tokens: n) * c.vocabularySize) + (32 << 20)
     }
 

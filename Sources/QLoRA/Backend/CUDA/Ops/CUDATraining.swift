@@ -1,4 +1,4 @@
-// Launchers for Kernels/training.cu (random benchmark weights, gradient clipping) and pointer-level variants of
+// Launchers for Kernels/training.cu (random benchmark weights, gradient clipping, LoRA dropout, bias rows) and pointer-level variants of
 // op launchers that the trainer calls on views into larger buffers (a chunk of rows of the cross-entropy).
 
 extension CUDAContext {
@@ -34,6 +34,38 @@ extension CUDAContext {
                           stream: stream, [grads.arg, .int64(Int64(count)), sumSquares.arg])
         try device.launch(compiler.function(KernelSources.training, "clip_gradients"), grid: (gridSize(items: count), 1, 1),
                           block: (256, 1, 1), stream: stream, [grads.arg, .int64(Int64(count)), sumSquares.arg, .float(maxNorm)])
+    }
+
+    /// LoRA dropout's input, `out = d(x)`: x[i] / keep where element i survives (Training/DropoutMask.swift with
+    /// `seed`), else 0; `count` bf16 values (a [tokens, in] matrix, row-major: element index = token · in + feature).
+    public func dropoutApply(x: CUdeviceptr, into out: CUdeviceptr, count: Int, seed: UInt64, keep: Float,
+                             stream: CUDAStream? = nil) throws {
+        try device.launch(compiler.function(KernelSources.training, "dropout_apply"), grid: (gridSize(items: count), 1, 1),
+                          block: (256, 1, 1), stream: stream,
+                          [.pointer(x), .pointer(out), .int64(Int64(count)), .int64(Int64(bitPattern: seed)), .float(keep)])
+    }
+
+    /// The backward of dropout into an existing gradient: dx[i] += t[i] / keep where element i survives (bf16).
+    public func dropoutAddMasked(_ t: CUdeviceptr, into dx: CUdeviceptr, count: Int, seed: UInt64, keep: Float,
+                                 stream: CUDAStream? = nil) throws {
+        try device.launch(compiler.function(KernelSources.training, "dropout_add_masked"), grid: (gridSize(items: count), 1, 1),
+                          block: (256, 1, 1), stream: stream,
+                          [.pointer(dx), .pointer(t), .int64(Int64(count)), .int64(Int64(bitPattern: seed)), .float(keep)])
+    }
+
+    /// The dropout mask itself, 1 = kept (one byte per element), for checking the GPU hash against the CPU's.
+    public func dropoutKeepMask(into out: CUdeviceptr, count: Int, seed: UInt64, keep: Float, stream: CUDAStream? = nil) throws {
+        try device.launch(compiler.function(KernelSources.training, "dropout_keep_mask"), grid: (gridSize(items: count), 1, 1),
+                          block: (256, 1, 1), stream: stream,
+                          [.pointer(out), .int64(Int64(count)), .int64(Int64(bitPattern: seed)), .float(keep)])
+    }
+
+    /// y[t, :] (+)= v for `rows` rows of `columns` bf16 values (a linear's bias; `overwrite`: y[t, :] = v).
+    public func addRowVector(_ v: CUdeviceptr, to y: CUdeviceptr, rows: Int, columns: Int, overwrite: Bool,
+                             stream: CUDAStream? = nil) throws {
+        try device.launch(compiler.function(KernelSources.training, "add_row_vector"), grid: (gridSize(items: rows * columns), 1, 1),
+                          block: (256, 1, 1), stream: stream,
+                          [.pointer(y), .pointer(v), .int64(Int64(rows)), .int(columns), .int(overwrite ? 1 : 0)])
     }
 
     /// The cross-entropy kernel on raw pointers (rows of a chunk): see `crossEntropy`. The gradient overwrites the

@@ -2,9 +2,11 @@
 // `CUDAOptimizer` over the trainer's flat LoRA buffers, so every optimizer kind (adamw, adamw_8bit and the paged
 // variants) runs on the GPU with the CPU's state names: a checkpoint saved on one backend resumes on the other.
 //
-// What the GPU trainer does not do is refused when the engine is made (never a silent difference): LoRA dropout,
-// linear biases, LoRA on only some projections or with different ranks (CUDALlamaTrainer's checks).
-// Evaluation runs the forward alone (`CUDALlamaTrainer.forwardLoss`): no backward, and the gradients are not touched.
+// LoRA dropout draws the CPU's masks (the step's dropout seed goes to the trainer), linear biases stay frozen, and
+// each projection may have its own rank. What the GPU trainer does not do is refused when the engine is made (never a
+// silent difference): LoRA on only some projections (CUDALlamaTrainer's checks).
+// Evaluation runs the forward alone (`CUDALlamaTrainer.forwardLoss`), without dropout: no backward, and the gradients
+// are not touched.
 
 /// Training compute on one GPU.
 public final class CUDATrainingEngine: TrainingEngine {
@@ -15,7 +17,6 @@ public final class CUDATrainingEngine: TrainingEngine {
 
     /// Why a configuration cannot train on the GPU, or nil when it can (for `--device auto` to fall back to the CPU).
     public static func unsupported(_ c: TrainingConfiguration) -> String? {
-        if c.loraDropout > 0 { return "LoRA dropout \(c.loraDropout) is not supported on the GPU (use --lora-dropout 0)" }
         if Set(c.targetModules.map { $0.lowercased() }) != Set(LoRAConfig.llamaProjections) && c.targetModules != ["all-linear"] {
             return "the GPU trainer needs LoRA on all seven projections (target modules \(c.targetModules.joined(separator: ",")))"
         }
@@ -35,7 +36,7 @@ public final class CUDATrainingEngine: TrainingEngine {
     public var optimizerKind: OptimizerKind { optimizer.kind }
 
     public func accumulate(batch: TrainingBatch, normalizer: Int, options: TrainingStepOptions, first: Bool) throws -> LossSum {
-        try trainer.forwardBackward(batch: batch, normalizer: normalizer, accumulate: !first)
+        try trainer.forwardBackward(batch: batch, normalizer: normalizer, accumulate: !first, dropoutSeed: options.dropoutSeed)
         return try trainer.lastLoss()
     }
 

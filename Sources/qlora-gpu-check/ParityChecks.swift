@@ -1,0 +1,227 @@
+// Parity checks for what the GPU trainer and GPU generation take over from the CPU (called from main.swift):
+//   dropout mask                  training.cu's dropout kernels vs Training/DropoutMask.swift, bit for bit: the keep
+//                                 mask on random seeds, sizes and rates, d(x) = bf16(x / keep), dx + t / keep; and
+//                                 add_row_vector (a linear's bias over rows) exactly
+//   training: dropout             CUDALlamaTrainer with LoRA dropout 0.1 on the tiny-llama fixture vs
+//                                 LlamaModel.accumulateGradients with the same dropout seed, the CPU with gradient
+//                                 checkpointing on and off (the GPU always recomputes: forward, recomputation and
+//                                 backward must all draw the CPU's masks)
+//   training: LoRA ranks          different ranks per projection (PEFT rank_pattern) on the fixture vs the CPU
+//   qwen2                         the tiny-qwen2 fixture (q, k, v biases, tied embeddings): GPU trainer loss and
+//                                 gradients vs the CPU, and CUDAInference prefill/decode logits vs LlamaModel.forward
+// The fixture's Qwen2 has head dimension 16, which the GPU attention kernels do not take (32, 64 or 128), so these
+// checks read the same weights as 2 query heads and 1 KV head of dimension 32: every weight keeps its shape, the
+// model is a valid (different) Qwen2, and CPU and GPU compute the same one.
+// Tolerances as TrainingChecks.swift: loss 1e-2 relative, each LoRA gradient 5e-2 (relative L2 per matrix; the
+// worst of all is checked); logits 3e-2 as InferenceChecks.swift.
+
+import QLoRA
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// MARK: - Dropout kernels
+
+func checkDropoutKernels() throws {
+    for (count, p) in [(1, 0.1), (4097, 0.05), (100_003, 0.1), (65_536, 0.5), (3000, 0.9)] as [(Int, Float)] {
+        let seed = rng.next()
+        let keep: Float = 1 - p
+        let mask = try poisoned(UInt8.self, count)
+        try ctx.dropoutKeepMask(into: mask.pointer, count: count, seed: seed, keep: keep)
+        let gpuMask = try mask.download()
+        var mismatches = 0, kept = 0
+        for i in 0..<count {
+            let expected: UInt8 = DropoutMask.keeps(seed: seed, index: i, keep: keep) ? 1 : 0
+            if gpuMask[i] != expected { mismatches += 1 }
+            if expected == 1 { kept += 1 }
+        }
+        checkTrue("dropout mask = DropoutMask (n \(count), p \(p))", mismatches == 0,
+                  "\(mismatches) of \(count) differ; kept \(fmt(Double(kept) / Double(count), 3)), seed \(seed)")
+
+        let (xb, x) = rng.bf16(count)
+        let xd = try upload(xb), out = try poisoned(UInt16.self, count)
+        try ctx.dropoutApply(x: xd.pointer, into: out.pointer, count: count, seed: seed, keep: keep)
+        let applied = try out.download()
+        let expectedApplied = (0..<count).map { DropoutMask.keeps(seed: seed, index: $0, keep: keep) ? floatToBF16(x[$0] / keep) : 0 }
+        checkTrue("dropout apply bit-exact (n \(count), p \(p))", applied == expectedApplied,
+                  "\(zip(applied, expectedApplied).filter { $0 != $1 }.count) of \(count) differ")
+
+        let (db, dx) = rng.bf16(count)
+        let (tb, t) = rng.bf16(count)
+        let dd = try upload(db), td = try upload(tb)
+        try ctx.dropoutAddMasked(td.pointer, into: dd.pointer, count: count, seed: seed, keep: keep)
+        let added = try dd.download()
+        let expectedAdded = (0..<count).map {
+            DropoutMask.keeps(seed: seed, index: $0, keep: keep) ? floatToBF16(dx[$0] + t[$0] / keep) : db[$0]
+        }
+        checkTrue("dropout masked add bit-exact (n \(count), p \(p))", added == expectedAdded,
+                  "\(zip(added, expectedAdded).filter { $0 != $1 }.count) of \(count) differ")
+    }
+
+    let rows = 37, columns = 96
+    let (yb, y) = rng.bf16(rows * columns)
+    let (vb, v) = rng.bf16(columns)
+    let vd = try upload(vb)
+    for overwrite in [false, true] {
+        let yd = try upload(yb)
+        try ctx.addRowVector(vd.pointer, to: yd.pointer, rows: rows, columns: columns, overwrite: overwrite)
+        let expected = (0..<(rows * columns)).map { overwrite ? vb[$0 % columns] : floatToBF16(y[$0] + v[$0 % columns]) }
+        checkTrue("add_row_vector \(rows)x\(columns)\(overwrite ? " (overwrite)" : "") bit-exact", try yd.download() == expected)
+    }
+}
+
+// MARK: - Trainer vs CPU
+
+/// The GPU trainer's loss and LoRA gradients vs the CPU backward on `model` (whose linear weights are already the
+/// NF4 values both sides use), with `dropoutSeed` (nil: no dropout on the GPU, seed 0 on the CPU, whose adapters
+/// must then have dropout 0). One check for the loss, one for the worst of all gradients.
+func compareTrainer(_ name: String, model: LlamaModel, batch: TrainingBatch, dropoutSeed: UInt64?,
+                    checkpointing: [Bool] = [true]) throws {
+    let trainer = try CUDALlamaTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount)
+    try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: dropoutSeed)
+    let gpuLoss = try trainer.lastLoss()
+    let gpuGradients = try trainer.loraGradients()
+    for recompute in checkpointing {
+        let cpuGradients = LoRAGradients(model: model)
+        let cpuLoss = try model.accumulateGradients(batch: batch, into: cpuGradients, normalizer: batch.countedTokens,
+                                                    options: TrainingStepOptions(gradientCheckpointing: recompute,
+                                                                                 dropoutSeed: dropoutSeed ?? 0))
+        let mode = checkpointing.count > 1 ? (recompute ? ", CPU checkpointing" : ", CPU no checkpointing") : ""
+        checkTrue("\(name): same counted tokens\(mode)", gpuLoss.count == cpuLoss.count, "GPU \(gpuLoss.count), CPU \(cpuLoss.count)")
+        check("\(name): loss\(mode) (GPU \(fmt(gpuLoss.mean, 5)), CPU \(fmt(cpuLoss.mean, 5)))",
+              abs(gpuLoss.mean - cpuLoss.mean) / abs(cpuLoss.mean), 1e-2)
+        var worst = 0.0, sum = 0.0, compared = 0, worstName = ""
+        for (module, a, b) in gpuGradients {
+            guard let refA = cpuGradients.a[module]?.values, let refB = cpuGradients.b[module]?.values else {
+                checkTrue("\(name): gradient of \(module) has a CPU twin", false)
+                continue
+            }
+            for (suffix, gpu, ref) in [("lora_A", a, refA), ("lora_B", b, refB)] {
+                var error = relativeError(gpu, ref)
+                if error.isNaN { error = .infinity }
+                if error >= worst { worst = error; worstName = "\(module.dropFirst("model.layers.".count)).\(suffix)" }
+                sum += error
+                compared += 1
+            }
+        }
+        let expected = model.linearLayers.filter { $0.lora != nil }.count * 2
+        check("\(name): worst of \(compared)/\(expected) LoRA gradients\(mode)", compared == expected ? worst : .infinity, 5e-2,
+              "\(worstName); mean \(fmt(sum / Double(max(compared, 1))))")
+    }
+}
+
+/// Relative L2 distance between two sets of LoRA gradients over all matrices (for the "the check can fail" notes).
+func gradientDistance(_ a: LoRAGradients, _ b: LoRAGradients) -> Double {
+    var x: [Float] = [], y: [Float] = []
+    for ((_, ga), (_, gb)) in zip(a.named, b.named) { x += ga.values; y += gb.values }
+    return relativeError(x, y)
+}
+
+func runParityTrainingChecks() {
+    let directory = fixtureDirectory()
+
+    group("training: dropout 0.1 loss and LoRA gradients vs CPU") {
+        let batch = try fixtureBatch(directory)
+        let model = try loadFixtureModel(directory, quantization: .nf4)
+        for layer in model.linearLayers { layer.lora?.dropout = 0.1 }
+        // The check can fail: dropout moves the CPU's gradients far beyond the tolerance.
+        let seed: UInt64 = 0x5EED_0000 &+ (rng.next() % 1000)
+        let withDropout = LoRAGradients(model: model), other = LoRAGradients(model: model)
+        _ = try model.accumulateGradients(batch: batch, into: withDropout, normalizer: batch.countedTokens,
+                                          options: TrainingStepOptions(dropoutSeed: seed))
+        _ = try model.accumulateGradients(batch: batch, into: other, normalizer: batch.countedTokens,
+                                          options: TrainingStepOptions(dropoutSeed: seed &+ 1))
+        let distance = gradientDistance(other, withDropout)
+        checkTrue("dropout: another seed moves the CPU gradients", distance > 0.2, "by \(fmt(distance)) (tolerance 5e-2); seed \(seed)")
+        try compareTrainer("dropout 0.1", model: model, batch: batch, dropoutSeed: seed, checkpointing: [true, false])
+    }
+
+    group("training: dropout 0.1, evaluation has none") {
+        let batch = try fixtureBatch(directory)
+        let model = try loadFixtureModel(directory, quantization: .nf4)
+        for layer in model.linearLayers { layer.lora?.dropout = 0.1 }
+        let trainer = try CUDALlamaTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount)
+        try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens)  // no dropout seed: evaluation
+        let gpu = try trainer.lastLoss()
+        let cpu = try model.loss(batch: batch)
+        check("eval loss without dropout (GPU \(fmt(gpu.mean, 5)), CPU \(fmt(cpu.mean, 5)))", abs(gpu.mean - cpu.mean) / abs(cpu.mean), 1e-2)
+    }
+
+    group("training: LoRA ranks per projection vs CPU") {
+        let batch = try fixtureBatch(directory)
+        let model = try ModelLoader.load(directory + "/base", quantization: .nf4).model
+        var lora = LoRAConfig(rank: 8, alpha: 16, targetModules: LoRAConfig.llamaProjections)
+        lora.rankPattern = ["q_proj": 4, "v_proj": 12, "down_proj": 16, "layers.1.mlp.gate_proj": 2]
+        try model.attachLoRA(lora, seed: 11)
+        randomizeB(model, seed: 12)
+        let ranks = Set(model.linearLayers.compactMap { $0.lora?.rank })
+        checkTrue("LoRA ranks differ per projection", ranks == [2, 4, 8, 12, 16], "ranks \(ranks.sorted())")
+        try compareTrainer("ranks 2-16", model: model, batch: batch, dropoutSeed: nil)
+    }
+}
+
+/// B ≠ 0 (PEFT starts from B = 0, which makes every A gradient zero and the comparison of A empty).
+func randomizeB(_ model: LlamaModel, seed: UInt64) {
+    var r = SeededGenerator(seed: seed)
+    for layer in model.linearLayers {
+        guard let b = layer.lora?.b else { continue }
+        for i in 0..<b.count { b.pointer[i] = (r.nextFloat() * 2 - 1) * 0.05 }
+    }
+}
+
+// MARK: - Qwen2 (linear biases)
+
+/// The tiny-qwen2 fixture read as 2 query heads and 1 KV head of dimension 32 (see the header), with LoRA r 8 on the
+/// seven projections (B random), its linear weights quantized to NF4 on the CPU model (the GPU quantizes the same).
+func loadQwen2ForGPU(biases: Bool = true) throws -> LlamaModel {
+    let directory = fixtureDirectory().replacingSuffix("tiny-llama", with: "tiny-qwen2")
+    guard var fields = try JSONValue.parse(bytes: FileSystem.readFile(directory + "/config.json")).object else {
+        throw UsageError("\(directory)/config.json is not a JSON object")
+    }
+    fields["num_attention_heads"] = .int(2)
+    fields["num_key_value_heads"] = .int(1)
+    fields["head_dim"] = nil
+    if !biases { fields["attention_bias"] = .bool(false) }
+    let config = try LlamaConfig(json: .object(fields), file: directory + "/config.json")
+    guard config.headDim == 32, config.attentionBias == biases else {
+        throw UsageError("tiny-qwen2 read with 2 heads: head dim \(config.headDim), attention bias \(config.attentionBias)")
+    }
+    let model = try LlamaModel(config: config, weights: try SafeTensorsCheckpoint(directory: directory))
+    try model.attachLoRA(LoRAConfig(rank: 8, alpha: 16, targetModules: LoRAConfig.llamaProjections), seed: 21)
+    randomizeB(model, seed: 22)
+    _ = try CUDAInference.quantizeBase(model, replacingCPUWeights: true)
+    return model
+}
+
+extension String {
+    func replacingSuffix(_ suffix: String, with replacement: String) -> String {
+        hasSuffix(suffix) ? String(dropLast(suffix.count)) + replacement : self
+    }
+}
+
+func runQwen2Checks() {
+    group("qwen2: trainer loss and LoRA gradients vs CPU (q, k, v biases)") {
+        let model = try loadQwen2ForGPU()
+        checkTrue("qwen2: q, k, v have biases", model.blocks.allSatisfy { $0.q.bias != nil && $0.k.bias != nil && $0.v.bias != nil })
+        let examples = randomExamples(count: 2, length: 20, vocab: model.config.vocabularySize, seed: 31)
+        let batch = TrainingBatch(examples: examples.enumerated().map { (i, e) in
+            (e.tokens, e.labels.enumerated().map { i == 0 && $0.offset < 5 ? -100 : $0.element })
+        }, length: 20, padID: 0)
+        // The check can fail: without its biases the CPU's gradients move far beyond the tolerance.
+        let unbiased = try loadQwen2ForGPU(biases: false)
+        let withBiases = LoRAGradients(model: model), without = LoRAGradients(model: unbiased)
+        _ = try model.accumulateGradients(batch: batch, into: withBiases, normalizer: batch.countedTokens)
+        _ = try unbiased.accumulateGradients(batch: batch, into: without, normalizer: batch.countedTokens)
+        let distance = gradientDistance(without, withBiases)
+        checkTrue("qwen2: the biases move the CPU gradients", distance > 0.2, "by \(fmt(distance)) (tolerance 5e-2)")
+        try compareTrainer("qwen2", model: model, batch: batch, dropoutSeed: nil)
+        for layer in model.linearLayers { layer.lora?.dropout = 0.1 }
+        try compareTrainer("qwen2 + dropout 0.1", model: model, batch: batch, dropoutSeed: 77)
+    }
+
+    group("qwen2: inference logits vs CPU (q, k, v biases)") {
+        let model = try loadQwen2ForGPU()
+        let prompt = randomExamples(count: 1, length: 12, vocab: model.config.vocabularySize, seed: 41)[0].tokens
+        try compareInference("qwen2", model: model, prompt: prompt, decodeSteps: 6, threshold: 3e-2)
+    }
+}
