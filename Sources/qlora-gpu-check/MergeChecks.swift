@@ -6,11 +6,14 @@
 //                                fixture's dense base and its bnb NF4 base, with a random adapter (the fixture adapter's
 //                                shapes, A and B uniform in ±0.1, so scale·B·A is about as large as W): same files,
 //                                same config.json, same tensor names and shapes, and every bf16 value within one ulp of
-//                                the CPU's. Why one ulp: both add the same fp32 terms, but B·A's r products are summed
-//                                in another order and the GEMM's epilogue rounds scale·sum + W its own way, so the fp32
-//                                results may differ in their last bits and the rounding to bf16 can then go the other
-//                                way. Values further apart than one ulp fail; the one-ulp flips are counted and must
-//                                stay under 1% of the elements (expected: well under 0.1%).
+//                                the CPU's plus what fp32 arithmetic allows. Why: both add the same fp32 terms, but B·A's
+//                                r products are summed in another order and the GEMM's epilogue rounds scale·sum + W its
+//                                own way, so the fp32 results may differ by a few fp32 ulps of the terms (|W| and
+//                                scale·Σ|B||A|), and the rounding to bf16 can then go the other way. Where the terms
+//                                nearly cancel, those fp32 ulps are many bf16 ulps of the small result (seen once: 16
+//                                ulps in 625 280 values), so the bound is 1 bf16 ulp of the result + 2⁻¹⁸ of the terms.
+//                                Values outside it fail; flips beyond bit-identity are counted and must stay under 1%
+//                                of the elements (expected: well under 0.1%). Tensors the merge copies must be identical.
 
 import QLoRA
 #if canImport(Glibc)
@@ -21,6 +24,27 @@ import Glibc
 func bf16Ordinal(_ x: Float) -> Int {
     let bits = Int(floatToBF16(x))
     return bits & 0x8000 != 0 ? -(bits & 0x7fff) : bits
+}
+
+/// The distance from x to the next bf16 value away from zero.
+func bf16Ulp(_ x: Float) -> Float {
+    let r = roundToBF16(abs(x))
+    return bf16ToFloat(floatToBF16(r) &+ 1) - r
+}
+
+/// |W| + |scale|·Σₖ|B[i,k]|·|A[k,j]| for each element of a merged linear weight: the size of the terms whose sum the
+/// merge rounds, which bounds how far two fp32 evaluations of the sum can drift apart.
+func mergeTermMagnitudes(_ layer: Linear) throws -> [Float] {
+    var m = try layer.weight.values().map(abs)
+    guard let lora = layer.lora else { return m }
+    let rows = lora.b.rows, rank = lora.a.rows, cols = lora.a.columns
+    for i in 0..<rows {
+        for k in 0..<rank {
+            let b = abs(lora.scale * lora.b.pointer[i * rank + k])
+            for j in 0..<cols { m[i * cols + j] += b * abs(lora.a.pointer[k * cols + j]) }
+        }
+    }
+    return m
 }
 
 func runMergeChecks(_ ctx: CUDAContext) {
@@ -94,9 +118,12 @@ func runMergeChecks(_ ctx: CUDAContext) {
                     continue
                 }
                 elements += c.count
+                let layer = model.linearLayers.first { $0.name + ".weight" == info.name }
+                let terms = try layer.map { try mergeTermMagnitudes($0) }
                 for i in c.indices where c[i].bitPattern != g[i].bitPattern {
                     let distance = abs(bf16Ordinal(c[i]) - bf16Ordinal(g[i]))
-                    if c[i].isNaN || g[i].isNaN || distance > 1 { beyond += 1 } else { flips += 1 }
+                    let allowed = bf16Ulp(max(abs(c[i]), abs(g[i]))) + (terms.map { $0[i] * 0x1p-18 } ?? 0)
+                    if c[i].isNaN || g[i].isNaN || terms == nil || abs(c[i] - g[i]) > allowed { beyond += 1 } else { flips += 1 }
                     if distance > worst { worst = distance; worstName = info.name }
                 }
                 // The adapter must actually have changed the weights it touches (else the check proves little).
@@ -110,7 +137,7 @@ func runMergeChecks(_ ctx: CUDAContext) {
             }
             checkTrue("merge \(base): the adapter changes the weights", changed > projected / 2,
                       "\(changed) of \(projected) projection values differ from the base's")
-            checkTrue("merge \(base): no value > 1 bf16 ulp from the CPU's", beyond == 0 && elements > 0,
+            checkTrue("merge \(base): no value beyond 1 bf16 ulp + fp32 rounding of the terms", beyond == 0 && elements > 0,
                       "\(beyond) of \(elements)\(worst > 1 ? ", worst \(worst) ulps in \(worstName)" : "")")
             check("merge \(base): 1-ulp flips (fraction)", Double(flips) / Double(max(elements, 1)), 1e-2,
                   "\(flips) of \(elements) values")

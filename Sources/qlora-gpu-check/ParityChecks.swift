@@ -173,7 +173,7 @@ func randomizeB(_ model: LlamaModel, seed: UInt64) {
 
 /// The tiny-qwen2 fixture read as 2 query heads and 1 KV head of dimension 32 (see the header), with LoRA r 8 on the
 /// seven projections (B random), its linear weights quantized to NF4 on the CPU model (the GPU quantizes the same).
-func loadQwen2ForGPU(biases: Bool = true) throws -> LlamaModel {
+func loadQwen2ForGPU(biases: Bool = true, roundedToBF16: Bool = true) throws -> LlamaModel {
     let directory = fixtureDirectory().replacingSuffix("tiny-llama", with: "tiny-qwen2")
     guard var fields = try JSONValue.parse(bytes: FileSystem.readFile(directory + "/config.json")).object else {
         throw UsageError("\(directory)/config.json is not a JSON object")
@@ -186,11 +186,27 @@ func loadQwen2ForGPU(biases: Bool = true) throws -> LlamaModel {
     guard config.headDim == 32, config.attentionBias == biases else {
         throw UsageError("tiny-qwen2 read with 2 heads: head dim \(config.headDim), attention bias \(config.attentionBias)")
     }
-    let model = try LlamaModel(config: config, weights: try SafeTensorsCheckpoint(directory: directory))
+    let checkpoint = try SafeTensorsCheckpoint(directory: directory)
+    let model = try LlamaModel(config: config, weights: roundedToBF16 ? BF16RoundedWeights(checkpoint) : checkpoint)
     try model.attachLoRA(LoRAConfig(rank: 8, alpha: 16, targetModules: LoRAConfig.llamaProjections), seed: 21)
     randomizeB(model, seed: 22)
     _ = try CUDAInference.quantizeBase(model, replacingCPUWeights: true)
     return model
+}
+
+/// The fixture is stored in fp32, and the GPU keeps biases, norms and the embedding in bf16; the CPU model reads the
+/// same bf16-rounded values, so that both compute one model and the check measures arithmetic, not storage. (The
+/// fixture's biases are large on purpose, N(0, 0.5) against weights of std 0.02: rounding them alone moves the
+/// layer-1 q_proj LoRA gradients by several percent; the check prints by how much.)
+struct BF16RoundedWeights: BaseWeightSource {
+    let inner: SafeTensorsCheckpoint
+    init(_ inner: SafeTensorsCheckpoint) { self.inner = inner }
+    var origin: String { inner.origin }
+    func contains(_ name: String) -> Bool { inner.contains(name) }
+    func tensor(_ name: String) throws -> (values: [Float], shape: [Int]) {
+        let (values, shape) = try inner.tensor(name)
+        return (values.map { bf16ToFloat(floatToBF16($0)) }, shape)
+    }
 }
 
 extension String {
@@ -214,6 +230,11 @@ func runQwen2Checks() {
         _ = try unbiased.accumulateGradients(batch: batch, into: without, normalizer: batch.countedTokens)
         let distance = gradientDistance(without, withBiases)
         checkTrue("qwen2: the biases move the CPU gradients", distance > 0.2, "by \(fmt(distance)) (tolerance 5e-2)")
+        // For the record: how much storing the fp32 fixture in bf16 alone moves the CPU's gradients.
+        let unrounded = try loadQwen2ForGPU(roundedToBF16: false), fp32Gradients = LoRAGradients(model: unrounded)
+        _ = try unrounded.accumulateGradients(batch: batch, into: fp32Gradients, normalizer: batch.countedTokens)
+        checkTrue("qwen2: bf16 storage of the fp32 fixture moves the CPU gradients", true,
+                  "by \(fmt(gradientDistance(fp32Gradients, withBiases))) (all LoRA gradients together, relative; the GPU reads the bf16 values)")
         try compareTrainer("qwen2", model: model, batch: batch, dropoutSeed: nil)
         for layer in model.linearLayers { layer.lora?.dropout = 0.1 }
         try compareTrainer("qwen2 + dropout 0.1", model: model, batch: batch, dropoutSeed: 77)
