@@ -417,6 +417,12 @@ public final class CUDALlamaTrainer {
         }
     }
 
+    deinit {
+        // The pinned host buffers go with the trainer: the copies that read or write them must be over first.
+        try? copyStream?.synchronize()
+        try? stagingFree?.synchronize()
+    }
+
     // MARK: - Linear layers with LoRA
 
     private func dequantize(_ w: CUDANF4Weight) throws {
