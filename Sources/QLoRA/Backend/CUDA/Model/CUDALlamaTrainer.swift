@@ -6,11 +6,18 @@
 // fp32 inside the kernels, LoRA masters, gradients and optimizer moments in fp32 (bf16 copies feed the GEMMs).
 //
 // One step, N = rows × length tokens, L blocks (every buffer is allocated once, in `init`, and reused):
-//   x₀ = embed(tokens)                          checkpoint[0]
-//   x_{l+1} = block_l(x_l)                      checkpoint[l+1]; nothing else of the block is kept
+//   x₀ = embed(tokens)                          checkpoint 0
+//   x_{l+1} = block_l(x_l)                      checkpoint l+1; nothing else of the block is kept
 //   loss = CE(head(norm(x_L))) in chunks of rows; dx_L = d loss / d x_L
 //   for l = L-1 … 0: recompute block_l(x_l) (all but down_proj's base product, whose output is not needed),
 //                    then its backward: dx_l from dx_{l+1}, LoRA gradients added into one fp32 buffer
+// Where things live (CUDATrainerMemoryOptions): checkpoints all on the GPU, or offloaded — copied to pinned host
+// memory on a second stream as the forward makes them and back ahead of the backward, through 2–3 device slots
+// (see "Checkpoint offloading" below); an untied embedding on the GPU or in host memory, its rows then gathered on
+// the host and uploaded. Only where the data lives changes: the kernels and their inputs are the same bits.
+// One block's working buffers are shared by all blocks: x·Aᵀ of its seven linears (the recomputation writes it
+// right before the block's backward reads it), and the MLP's gate/up/activated region, which the attention
+// backward's dA, dq, dk, dv reuse once the MLP's backward is done with it (BlockScratchLayout).
 // Each linear's NF4 weight is dequantized into one shared bf16 scratch right before the products that read it
 // (three times per step: forward, recompute, backward), which costs far less than the GEMMs.
 // Evaluation (`forwardLoss`) runs the forward alone: x_{l+1} = block_l(x_l) through two buffers, the loss without
