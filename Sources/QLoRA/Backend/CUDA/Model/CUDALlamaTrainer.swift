@@ -127,7 +127,8 @@ public final class CUDALlamaTrainer {
     let q: DeviceBuffer<UInt16>, attended: DeviceBuffer<UInt16>
     let k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>
     /// One region (BlockScratchLayout) holding gate, up and activated [N, I], and, once the MLP's backward is done
-    /// with them, the attention backward's dAttended, dq [N, q] and dk, dv [N, kv] (views into it).
+    /// with them, the attention backward's dAttended, dq [N, q] and dk, dv [N, kv], and between the forward and the
+    /// backward the loss's logits (views into it).
     let blockScratch: DeviceBuffer<UInt16>
     let gate: DeviceBuffer<UInt16>, up: DeviceBuffer<UInt16>, activated: DeviceBuffer<UInt16>
     let dAttended: DeviceBuffer<UInt16>, dq: DeviceBuffer<UInt16>, dk: DeviceBuffer<UInt16>, dv: DeviceBuffer<UInt16>
@@ -138,6 +139,7 @@ public final class CUDALlamaTrainer {
     /// The current step's dropout seed (nil: no dropout, e.g. evaluation).
     private var stepDropoutSeed: UInt64?
     let weightScratch: DeviceBuffer<UInt16>
+    /// One loss chunk's logits [lossChunkRows, V] (a view into `blockScratch`, dead outside the loss).
     let logits: DeviceBuffer<UInt16>
     let lossChunkRows: Int
     let rowLoss: DeviceBuffer<Float>
@@ -336,8 +338,8 @@ public final class CUDALlamaTrainer {
             dyB = try bf16(n * maxRank)
             dropped = dropout ? try bf16(n * (shapes.map(\.in).max() ?? 1)) : nil
             weightScratch = try bf16(shapes.map { $0.out * $0.in }.max() ?? 1)
-            lossChunkRows = CUDAMemoryPlan.lossChunkRows(vocab: c.vocabularySize, tokens: n)
-            logits = try bf16(lossChunkRows * c.vocabularySize)
+            lossChunkRows = scratch.lossChunkRows
+            logits = blockScratch.view(at: 0, count: lossChunkRows * c.vocabularySize)
             rowLoss = try a.buffer(Float.self, count: n)
             lossOut = try a.buffer(Float.self, count: 2)
             sumSquares = try a.buffer(Float.self, count: 1)

@@ -8,9 +8,10 @@
 //   activations  gradient checkpoints: L + 1 of [N, H], or `checkpointSlots` of them when offloaded (the others
 //                wait in pinned host memory); one block's working set: 5 [N, H], q, attended, k, v, one shared
 //                region for the MLP's gate/up/activated (3 [N, I]) that the attention backward's dA, dq, dk, dv
-//                reuse once the MLP's backward is done, lse and delta (fp32), x·Aᵀ of one block's seven linears
+//                reuse once the MLP's backward is done, and the loss's logits chunk between the forward and the
+//                backward (BlockScratchLayout), lse and delta (fp32), x·Aᵀ of one block's seven linears
 //                (recomputed before each block's backward, so shared by all blocks), dy·B, d(x) under dropout
-//   workspace    the bf16 scratch a linear weight is dequantized into, one loss chunk's logits, cuBLASLt's workspace
+//   workspace    the bf16 scratch a linear weight is dequantized into, cuBLASLt's workspace
 // Host memory (not in `total`): the offloaded checkpoints (pinned), the embedding table and its pinned staging
 // buffer for one step's rows.
 
@@ -58,13 +59,20 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
     }
 }
 
-/// Where one block's large working buffers sit in one allocation (element offsets, each on a 256-byte boundary):
-/// the MLP's gate, up and activated during the forward and the MLP's backward, then the attention backward's
-/// dA (d/d attended), dq, dk and dv over the same memory (the MLP's values are dead by then).
+/// Where one block's large working buffers sit in one allocation (element offsets, each on a 256-byte boundary),
+/// in three phases that never overlap in time:
+///   the MLP's gate, up and activated [N, I] (a block's forward, recomputation, and its backward up to the MLP's);
+///   the attention backward's dA (d/d attended), dq [N, q], dk and dv [N, kv] (the rest of the block's backward);
+///   one loss chunk's logits [rows, V] (between the last block's forward and the first backward, and evaluation).
+/// The loss chunk takes as many rows as the MLP's region holds (a multiple of 64), at most 256 MiB of logits, but at
+/// least 512 rows (fewer would make the two head GEMMs re-read the [V, H] head too often for their arithmetic):
+/// only then does the region grow for it.
 struct BlockScratchLayout: Equatable {
     var gate = 0, up = 0, activated = 0
     var dAttended = 0, dq = 0, dk = 0, dv = 0
-    /// Elements of the whole region (the larger of the two phases).
+    /// Rows of logits per cross-entropy chunk (at offset 0).
+    var lossChunkRows = 0
+    /// Elements of the whole region (the largest of the three phases).
     var count = 0
 
     init(config c: LlamaConfig, tokens n: Int) {
@@ -83,7 +91,11 @@ struct BlockScratchLayout: Equatable {
         dq = take(n * c.qDim)
         dk = take(n * c.kvDim)
         dv = take(n * c.kvDim)
-        count = max(mlp, end)
+        let shared = max(mlp, end)
+        let vocab = max(c.vocabularySize, 1)
+        let fitting = min(shared / vocab, (256 << 20) / (2 * vocab)) / 64 * 64
+        lossChunkRows = min(max(fitting, 512), max(n, 1))
+        count = max(shared, (lossChunkRows * vocab + 127) / 128 * 128)
     }
 }
 
@@ -97,7 +109,7 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     public var optimizer: Int
     /// Gradient checkpoints on the GPU (all, or the offload slots) plus one block's working activations and gradients.
     public var activations: Int
-    /// The bf16 scratch a linear weight is dequantized into, the logits of one loss chunk, cuBLASLt's workspace.
+    /// The bf16 scratch a linear weight is dequantized into, cuBLASLt's workspace.
     public var workspace: Int
     /// Host memory: offloaded checkpoints and the embedding's staging buffer (pinned), the embedding table.
     public var host: Int
@@ -120,13 +132,6 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         let blocks = (n + 63) / 64
         return DeviceAllocator.sizeClass((n + 1) / 2) + DeviceAllocator.sizeClass(blocks)
             + DeviceAllocator.sizeClass(4 * ((blocks + 255) / 256))
-    }
-
-    /// Rows of logits per cross-entropy chunk: at most 64 MiB of bf16 logits but at least 512 rows (fewer would
-    /// make the two head GEMMs re-read the [V, H] head too often for their arithmetic), a multiple of 64 rows.
-    static func lossChunkRows(vocab: Int, tokens: Int) -> Int {
-        let rows = max(512, (64 << 20) / (2 * max(vocab, 1)) / 64 * 64)
-        return min(rows, max(tokens, 1))
     }
 
     /// The largest LoRA rank of linear j (q, k, v, o, gate, up, down) over the blocks: the x·Aᵀ buffer of that
@@ -174,11 +179,11 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         let lora = xa + s(2 * n * maxRank) + (dropout ? s(2 * n * (shapes.map(\.in).max() ?? 0)) : 0)
         checkpoints = memory.deviceCheckpoints(layers: c.layerCount) * s(h)
         let scratch = BlockScratchLayout(config: c, tokens: n)
-        // norm1, hidden, norm2, gradient, dNorm; q, attended; k, v; the shared MLP / attention-gradient region;
+        // norm1, hidden, norm2, gradient, dNorm; q, attended; k, v; the shared MLP / attention-gradient / logits region;
         // lse, delta; rowLoss, token ids, targets, positions, segments.
         activations = checkpoints + 5 * s(h) + 2 * s(q) + 2 * s(kv) + s(2 * scratch.count) + 2 * s(4 * n * c.headCount)
             + lora + 5 * s(4 * n)
-        workspace = s(2 * largest) + s(2 * Self.lossChunkRows(vocab: c.vocabularySize, tokens: n) * c.vocabularySize) + (32 << 20)
+        workspace = s(2 * largest) + (32 << 20)
         host = memory.offloadedCheckpoints(layers: c.layerCount) * h
             + (memory.hostEmbedding ? 2 * c.vocabularySize * c.hiddenSize + h : 0)
     }
