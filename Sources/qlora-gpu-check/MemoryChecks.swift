@@ -107,7 +107,7 @@ func runMemoryChecks(_ ctx: CUDAContext) {
     group("memory: offload bit-identical (fixture)") {
         let batch = try fixtureBatch(directory)
         let dense = try loadFixtureModel(directory, quantization: .none)
-        let batches = [batch, firstRows(batch, 2)]
+        let batches = [batch, firstRows(batch, 1)]
         try compareVariants("fixture", [("checkpoints offloaded, 2 slots", offload2), ("host embedding", hostOnly),
                                         ("both, 2 slots", both2), ("both, 3 slots (no checkpoint leaves)", both3)],
                             make: { try CUDALlamaTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount, memory: $0) },
