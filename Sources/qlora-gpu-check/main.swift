@@ -12,8 +12,9 @@
 // Usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--compile-only sm_XX (NVRTC only, no GPU needed)]
 // Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, lora linear,
 // decode gemv, inference fixture, inference random, dropout mask, adamw8bit, merge (MergeChecks.swift), allocator,
-// training (fixture parity, forward-only loss, short run, engines, dropout, LoRA ranks, memory plan), qwen2 (trainer
-// and inference with biases), benchmarks.
+// training (fixture parity, forward-only loss, short run, engines, dropout, LoRA ranks, memory plan), memory
+// (offloaded checkpoints and the host embedding bit-identical, peak bytes; MemoryChecks.swift), qwen2 (trainer and
+// inference with biases), benchmarks.
 
 import QLoRA
 #if canImport(Glibc)
@@ -461,6 +462,7 @@ group("allocator") {
 }
 
 runTrainingChecks(ctx)  // TrainingChecks.swift
+runMemoryChecks(ctx)  // MemoryChecks.swift: checkpoint offloading, host embedding, peaks
 runParityTrainingChecks()  // ParityChecks.swift: dropout, per-projection ranks
 runQwen2Checks()  // ParityChecks.swift: linear biases in training and generation
 

@@ -25,6 +25,22 @@ struct BenchCommand: ParsableCommand {
     var warmup: Int = 2
     @Option(help: "Tokens to decode for the CPU batch-1 decode measurement (0 to skip).")
     var decodeTokens: Int = 32
+    @Option(name: .customLong("offload-checkpoints"),
+            help: "GPU: keep the gradient checkpoints in pinned host memory (on), on the GPU (off), or auto (on when the model has 3 or more blocks).")
+    var offloadCheckpoints: String = "auto"
+    @Option(name: .customLong("host-embedding"),
+            help: "GPU: keep an untied input embedding in host memory and gather the rows there (on), on the GPU (off), or auto (on when untied).")
+    var hostEmbedding: String = "auto"
+
+    /// "on", "off" or "auto" (nil).
+    static func parseSwitch(_ value: String, _ option: String) throws -> Bool? {
+        switch value.lowercased() {
+        case "on", "true", "yes": return true
+        case "off", "false", "no": return false
+        case "auto": return nil
+        default: throw ValidationError("--\(option) must be on, off or auto (got '\(value)')")
+        }
+    }
 
     func run() throws {
         guard let architecture = Architecture(rawValue: arch) else {
@@ -34,6 +50,8 @@ struct BenchCommand: ParsableCommand {
             throw ValidationError("--batch, --lora-r and --steps must be positive, --seq at least 2")
         }
         guard (0..<1).contains(loraDropout) else { throw ValidationError("--lora-dropout must be in [0, 1)") }
+        _ = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints")
+        _ = try Self.parseSwitch(hostEmbedding, "host-embedding")
         switch try DeviceChoice.resolve(device) {
         case .cuda(let context):
             try runCUDA(architecture: architecture, context: context)
@@ -53,10 +71,14 @@ struct BenchCommand: ParsableCommand {
     }
 
     func runCUDA(architecture: Architecture, context: CUDAContext) throws {
+        var memory = CUDATrainerMemoryOptions.automatic(for: architecture.config)
+        if let on = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints") { memory.offloadCheckpoints = on }
+        if let on = try Self.parseSwitch(hostEmbedding, "host-embedding") { memory.hostEmbedding = on }
         let result = try CUDABenchmark.training(context: context, config: architecture.config, batch: batch, sequenceLength: seq,
-                                                rank: loraR, dropout: Float(loraDropout), warmupSteps: warmup, steps: steps)
+                                                rank: loraR, dropout: Float(loraDropout), memory: memory, warmupSteps: warmup, steps: steps)
         let gib = { (b: Int) in rounded(Double(b) / Double(1 << 30)) }
-        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "loss_first": \#(rounded(result.firstLoss * 1000) / 1000), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
+        let used = result.plan.memory
+        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "offload_checkpoints": \#(used.offloadCheckpoints), "host_embedding": \#(used.hostEmbedding), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "planned_host_gib": \#(gib(result.plan.host)), "loss_first": \#(rounded(result.firstLoss * 1000) / 1000), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
     }
 
     func rounded(_ x: Double) -> Double { (x * 100).rounded() / 100 }

@@ -82,6 +82,7 @@ public final class CUDADriver {
     let cuStreamCreate: @convention(c) (UnsafeMutablePointer<Handle>, UInt32) -> Result
     let cuStreamDestroy: @convention(c) (Handle) -> Result
     let cuStreamSynchronize: @convention(c) (Handle) -> Result
+    let cuStreamWaitEvent: @convention(c) (Handle, Handle, UInt32) -> Result
     let cuEventCreate: @convention(c) (UnsafeMutablePointer<Handle>, UInt32) -> Result
     let cuEventDestroy: @convention(c) (Handle) -> Result
     let cuEventRecord: @convention(c) (Handle, Handle) -> Result
@@ -138,6 +139,7 @@ public final class CUDADriver {
             cuStreamCreate = try library.function("cuStreamCreate")
             cuStreamDestroy = try library.function("cuStreamDestroy_v2")
             cuStreamSynchronize = try library.function("cuStreamSynchronize")
+            cuStreamWaitEvent = try library.function("cuStreamWaitEvent")
             cuEventCreate = try library.function("cuEventCreate")
             cuEventDestroy = try library.function("cuEventDestroy_v2")
             cuEventRecord = try library.function("cuEventRecord")
@@ -420,17 +422,26 @@ public final class CUDAStream {
     public func synchronize() throws {
         try driver.check(driver.cuStreamSynchronize(handle), "cuStreamSynchronize")
     }
+
+    /// Makes work queued on this stream after this call wait until `event` completes (its latest `record` at the
+    /// time of this call; a later `record` does not move the wait). Returns at once; the host does not wait.
+    public func wait(for event: CUDAEvent) throws {
+        try driver.check(driver.cuStreamWaitEvent(handle, event.handle, 0), "cuStreamWaitEvent")
+    }
 }
 
-/// A CUDA event, for timing device work.
+/// A CUDA event: a point in a stream's work, for timing device work or ordering work across streams
+/// (`CUDAStream.wait(for:)`) and the host (`synchronize`).
 public final class CUDAEvent {
     let driver: CUDADriver
     let handle: OpaquePointer?
 
-    public init(device: CUDADevice) throws {
+    /// `timing: false` makes an event for ordering only (CU_EVENT_DISABLE_TIMING), which records and waits
+    /// more cheaply; `milliseconds(since:)` then fails.
+    public init(device: CUDADevice, timing: Bool = true) throws {
         driver = device.driver
         var e: OpaquePointer? = nil
-        try driver.check(driver.cuEventCreate(&e, 0), "cuEventCreate")
+        try driver.check(driver.cuEventCreate(&e, timing ? 0 : 2), "cuEventCreate")
         handle = e
     }
 
@@ -440,6 +451,7 @@ public final class CUDAEvent {
         try driver.check(driver.cuEventRecord(handle, stream.handle), "cuEventRecord")
     }
 
+    /// Waits on the host until the event's latest `record` has completed (at once when it was never recorded).
     public func synchronize() throws {
         try driver.check(driver.cuEventSynchronize(handle), "cuEventSynchronize")
     }

@@ -129,20 +129,42 @@ public final class DeviceAllocator {
 
 /// A typed handle to device memory from a `DeviceAllocator`; the memory goes back to the allocator's cache when
 /// the handle is released. Element types are plain values: `UInt16` for bf16, `Float`, `Int32`, `UInt8`.
+/// A view (`view(at:count:)`) is a handle to part of another buffer: it keeps that buffer alive and frees nothing.
 public final class DeviceBuffer<T> {
     public let pointer: CUdeviceptr
     public let count: Int
     let sizeClass: Int
     let allocator: DeviceAllocator
+    /// The buffer this one is a view into (nil: this handle owns its block).
+    private let parent: AnyObject?
 
     init(pointer: CUdeviceptr, count: Int, sizeClass: Int, allocator: DeviceAllocator) {
         self.pointer = pointer
         self.count = count
         self.sizeClass = sizeClass
         self.allocator = allocator
+        parent = nil
     }
 
-    deinit { allocator.releaseBlock(pointer, sizeClass: sizeClass) }
+    private init(viewOf parent: DeviceBuffer<T>, at index: Int, count: Int) {
+        pointer = parent.address(at: index)
+        self.count = count
+        sizeClass = 0
+        allocator = parent.allocator
+        self.parent = parent
+    }
+
+    deinit {
+        if parent == nil { allocator.releaseBlock(pointer, sizeClass: sizeClass) }
+    }
+
+    /// Elements `index ..< index + count` of this buffer as a buffer of their own (sharing the memory; the
+    /// allocator's accounting is unchanged).
+    public func view(at index: Int, count: Int) -> DeviceBuffer<T> {
+        precondition(index >= 0 && count >= 0 && index + count <= self.count,
+                     "view of \(count) elements at \(index) in a buffer of \(self.count)")
+        return DeviceBuffer(viewOf: self, at: index, count: count)
+    }
 
     public var byteCount: Int { count * MemoryLayout<T>.stride }
     /// The buffer as a kernel argument.

@@ -66,12 +66,13 @@ public enum CUDABenchmark {
 
     /// Builds a random-weight trainer and runs `warmupSteps` then `steps` timed training steps (forward, backward,
     /// clipping at 1.0, AdamW) on random tokens, with LoRA dropout `dropout` (a new mask seed each step); one host
-    /// synchronisation per timed run.
+    /// synchronisation per timed run. `memory`: where checkpoints and the embedding live (nil: the automatic choice).
     public static func training(context: CUDAContext, config: LlamaConfig, batch rows: Int, sequenceLength t: Int, rank: Int,
-                                dropout: Float = 0, warmupSteps: Int, steps: Int) throws -> CUDABenchmarkResult {
+                                dropout: Float = 0, memory: CUDATrainerMemoryOptions? = nil, warmupSteps: Int,
+                                steps: Int) throws -> CUDABenchmarkResult {
         context.allocator.resetPeak()
         let trainer = try CUDALlamaTrainer(context: context, randomConfig: config, rank: rank, alpha: Double(2 * rank),
-                                           capacityTokens: rows * t, dropout: dropout)
+                                           capacityTokens: rows * t, dropout: dropout, memory: memory)
         var rng = SeededGenerator(seed: 1)
         let tokens = (0..<(rows * t)).map { _ in Int(rng.next() % UInt64(config.vocabularySize)) }
         let batch = TrainingBatch(examples: (0..<rows).map { r in

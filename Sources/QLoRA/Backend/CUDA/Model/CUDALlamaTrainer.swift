@@ -6,11 +6,18 @@
 // fp32 inside the kernels, LoRA masters, gradients and optimizer moments in fp32 (bf16 copies feed the GEMMs).
 //
 // One step, N = rows × length tokens, L blocks (every buffer is allocated once, in `init`, and reused):
-//   x₀ = embed(tokens)                          checkpoint[0]
-//   x_{l+1} = block_l(x_l)                      checkpoint[l+1]; nothing else of the block is kept
+//   x₀ = embed(tokens)                          checkpoint 0
+//   x_{l+1} = block_l(x_l)                      checkpoint l+1; nothing else of the block is kept
 //   loss = CE(head(norm(x_L))) in chunks of rows; dx_L = d loss / d x_L
 //   for l = L-1 … 0: recompute block_l(x_l) (all but down_proj's base product, whose output is not needed),
 //                    then its backward: dx_l from dx_{l+1}, LoRA gradients added into one fp32 buffer
+// Where things live (CUDATrainerMemoryOptions): checkpoints all on the GPU, or offloaded — copied to pinned host
+// memory on a second stream as the forward makes them and back ahead of the backward, through 2–3 device slots
+// (see "Checkpoint offloading" below); an untied embedding on the GPU or in host memory, its rows then gathered on
+// the host and uploaded. Only where the data lives changes: the kernels and their inputs are the same bits.
+// One block's working buffers are shared by all blocks: x·Aᵀ of its seven linears (the recomputation writes it
+// right before the block's backward reads it), and the MLP's gate/up/activated region, which the attention
+// backward's dA, dq, dk, dv reuse once the MLP's backward is done with it (BlockScratchLayout).
 // Each linear's NF4 weight is dequantized into one shared bf16 scratch right before the products that read it
 // (three times per step: forward, recompute, backward), which costs far less than the GEMMs.
 // Evaluation (`forwardLoss`) runs the forward alone: x_{l+1} = block_l(x_l) through two buffers, the loss without
@@ -80,9 +87,19 @@ public final class CUDALlamaTrainer {
     /// Completed optimizer steps.
     public private(set) var optimizerSteps = 0
 
+    /// Where the checkpoints and the embedding live (the plan's; a tied embedding always stays on the GPU).
+    public let memory: CUDATrainerMemoryOptions
+
     let blocks: [TrainerBlock]
-    let embedding: DeviceBuffer<UInt16>
+    /// The input embedding [V, H] bf16 on the GPU, or nil when it lives in `hostEmbedding`.
+    let embedding: DeviceBuffer<UInt16>?
     let head: DeviceBuffer<UInt16>
+    /// The untied embedding in host memory: a step's rows are gathered into `embeddingStaging` (pinned, [N, H])
+    /// and uploaded on the main stream; `stagingFree` marks the end of the latest upload, before which the host
+    /// must not write the staging buffer again.
+    let hostEmbedding: [UInt16]?
+    let embeddingStaging: PinnedHostBuffer?
+    let stagingFree: CUDAEvent?
     let finalNorm: DeviceBuffer<UInt16>
     let absmaxCode: DeviceBuffer<Float>
     let inverseFrequencies: DeviceBuffer<Float>
@@ -95,12 +112,26 @@ public final class CUDALlamaTrainer {
     let moment2: DeviceBuffer<Float>
 
     // Activations (capacity N tokens).
-    let checkpoints: [DeviceBuffer<UInt16>]  // L + 1 of [N, H]
+    /// Device buffers of the gradient checkpoints, [N, H] each: x_l lives in `checkpointSlots[l % count]`. All
+    /// L + 1 without offloading; with it, `memory.checkpointSlots` of them and x₀ … x_{offloadedCount−1} also in
+    /// `hostCheckpoints` (see "Checkpoint offloading" below).
+    let checkpointSlots: [DeviceBuffer<UInt16>]
+    let offloadedCount: Int
+    let hostCheckpoints: PinnedHostBuffer?
+    /// The stream the checkpoint copies run on, and per slot: x written (main stream), its copy to the host done,
+    /// the slot's value dead (main stream), its copy back done.
+    let copyStream: CUDAStream?
+    let produced: [CUDAEvent], offloadDone: [CUDAEvent], slotFree: [CUDAEvent], fetched: [CUDAEvent]
     let norm1: DeviceBuffer<UInt16>, hidden: DeviceBuffer<UInt16>, norm2: DeviceBuffer<UInt16>
     let gradient: DeviceBuffer<UInt16>, dNorm: DeviceBuffer<UInt16>
-    let q: DeviceBuffer<UInt16>, attended: DeviceBuffer<UInt16>, dq: DeviceBuffer<UInt16>, dAttended: DeviceBuffer<UInt16>
-    let k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>, dk: DeviceBuffer<UInt16>, dv: DeviceBuffer<UInt16>
+    let q: DeviceBuffer<UInt16>, attended: DeviceBuffer<UInt16>
+    let k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>
+    /// One region (BlockScratchLayout) holding gate, up and activated [N, I], and, once the MLP's backward is done
+    /// with them, the attention backward's dAttended, dq [N, q] and dk, dv [N, kv], and between the forward and the
+    /// backward the loss's logits (views into it).
+    let blockScratch: DeviceBuffer<UInt16>
     let gate: DeviceBuffer<UInt16>, up: DeviceBuffer<UInt16>, activated: DeviceBuffer<UInt16>
+    let dAttended: DeviceBuffer<UInt16>, dq: DeviceBuffer<UInt16>, dk: DeviceBuffer<UInt16>, dv: DeviceBuffer<UInt16>
     let lse: DeviceBuffer<Float>, delta: DeviceBuffer<Float>
     let dyB: DeviceBuffer<UInt16>
     /// d(x) of the linear being computed, [N, max in] bf16 (nil when no linear has dropout).
@@ -108,6 +139,7 @@ public final class CUDALlamaTrainer {
     /// The current step's dropout seed (nil: no dropout, e.g. evaluation).
     private var stepDropoutSeed: UInt64?
     let weightScratch: DeviceBuffer<UInt16>
+    /// One loss chunk's logits [lossChunkRows, V] (a view into `blockScratch`, dead outside the loss).
     let logits: DeviceBuffer<UInt16>
     let lossChunkRows: Int
     let rowLoss: DeviceBuffer<Float>
@@ -125,8 +157,9 @@ public final class CUDALlamaTrainer {
 
     /// A trainer for `model` (its dense fp32 linear weights are quantized to NF4 + double quant here, as
     /// bitsandbytes would; its LoRA adapters, on all seven projections, each with its own rank, scale and dropout,
-    /// become the trained parameters; its linear biases stay frozen).
-    public convenience init(context: CUDAContext, model: LlamaModel, capacityTokens: Int) throws {
+    /// become the trained parameters; its linear biases stay frozen). `memory`: where the checkpoints and the
+    /// embedding live (nil: `CUDATrainerMemoryOptions.automatic(for:)`).
+    public convenience init(context: CUDAContext, model: LlamaModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil) throws {
         var ranks: [[Int]] = []
         var dropout: Float = 0
         for block in model.blocks {
@@ -142,24 +175,28 @@ public final class CUDALlamaTrainer {
                 return lora.rank
             })
         }
-        try self.init(context: context, config: model.config, ranks: ranks, alpha: nil, dropout: dropout > 0,
-                      capacityTokens: capacityTokens, source: .model(model))
+        // A shared table is tied whatever the config says (the plan then keeps it on the GPU, once).
+        var config = model.config
+        if model.head === model.embedding { config.tieWordEmbeddings = true }
+        try self.init(context: context, config: config, ranks: ranks, alpha: nil, dropout: dropout > 0,
+                      capacityTokens: capacityTokens, memory: memory, source: .model(model))
     }
 
     /// A trainer with random NF4 weights made on the GPU (for benchmarks: no checkpoint needed), LoRA rank `rank`
     /// with alpha = `alpha` and dropout `dropout` on the seven projections, A Kaiming-uniform and B zero as PEFT
-    /// initialises them. No biases (even when `config.attentionBias`).
+    /// initialises them. No biases (even when `config.attentionBias`). The embedding is the same wherever it lives.
     public convenience init(context: CUDAContext, randomConfig config: LlamaConfig, rank: Int, alpha: Double, capacityTokens: Int,
-                            dropout: Float = 0, seed: UInt64 = 0) throws {
+                            dropout: Float = 0, seed: UInt64 = 0, memory: CUDATrainerMemoryOptions? = nil) throws {
         guard dropout >= 0 && dropout < 1 else { throw UsageError("LoRA dropout \(dropout) is outside [0, 1)") }
         try self.init(context: context, config: config, ranks: Array(repeating: Array(repeating: rank, count: 7), count: config.layerCount),
-                      alpha: alpha, dropout: dropout > 0, capacityTokens: capacityTokens, source: .random(seed: seed, dropout: dropout))
+                      alpha: alpha, dropout: dropout > 0, capacityTokens: capacityTokens, memory: memory,
+                      source: .random(seed: seed, dropout: dropout))
     }
 
     /// `ranks[l][j]`: the LoRA rank of block l's linear j (q, k, v, o, gate, up, down); `dropout`: whether any linear
     /// drops out (then the d(x) scratch is allocated).
     init(context ctx: CUDAContext, config c: LlamaConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
-         source: Source) throws {
+         memory: CUDATrainerMemoryOptions?, source: Source) throws {
         guard c.headDim == 32 || c.headDim == 64 || c.headDim == 128 else {
             throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels (32, 64 or 128)")
         }
@@ -170,11 +207,15 @@ public final class CUDALlamaTrainer {
         guard n > 0, ranks.joined().allSatisfy({ $0 > 0 }) else {
             throw UsageError("the GPU trainer needs at least one token and a LoRA rank of at least 1")
         }
+        if let memory, memory.offloadCheckpoints, memory.checkpointSlots < 2 {
+            throw UsageError("offloaded checkpoints need at least 2 GPU slots (\(memory.checkpointSlots) asked for)")
+        }
         context = ctx
         config = c
         capacityTokens = n
-        let plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout)
+        let plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory)
         self.plan = plan
+        self.memory = plan.memory
         let free = (try? ctx.device.memoryInfo().free) ?? Int.max
         if plan.total > free - (256 << 20) {
             throw CUDAOutOfMemoryError(plan: plan, freeBytes: free, detail: "checked before allocating")
@@ -213,6 +254,9 @@ public final class CUDALlamaTrainer {
             let one = floatToBF16(1)
             var blocks: [TrainerBlock] = []
             var rng = SeededGenerator(seed: 0)
+            // x·Aᵀ is only read by the backward of the block whose recomputation just wrote it, so all blocks share
+            // one buffer per linear, sized by that linear's largest rank.
+            let sharedXA = try CUDAMemoryPlan.largestRanks(ranks).map { try bf16(n * $0) }
             for l in 0..<c.layerCount {
                 var linears: [TrainerLinear] = []
                 for (j, shape) in shapes.enumerated() {
@@ -238,7 +282,7 @@ public final class CUDALlamaTrainer {
                         scale = Float((alpha ?? Double(2 * rank)) / Double(rank))
                     }
                     linears.append(TrainerLinear(name: name, weight: weight, rank: rank, scale: scale, dropout: linearDropout, bias: bias,
-                                                 aOffset: layout[l][j].aOffset, bOffset: layout[l][j].bOffset, xa: try bf16(n * rank)))
+                                                 aOffset: layout[l][j].aOffset, bOffset: layout[l][j].bOffset, xa: sharedXA[j]))
                 }
                 let norms: (DeviceBuffer<UInt16>, DeviceBuffer<UInt16>)
                 switch source {
@@ -253,11 +297,78 @@ public final class CUDALlamaTrainer {
             }
             self.blocks = blocks
 
-            let tableCount = c.vocabularySize * c.hiddenSize
+            // Activations first: the random embedding is made in the logits buffer when it goes to the host.
+            let h = c.hiddenSize
+            let slotCount = plan.memory.deviceCheckpoints(layers: c.layerCount)
+            checkpointSlots = try (0..<slotCount).map { _ in try bf16(n * h) }
+            offloadedCount = plan.memory.offloadedCheckpoints(layers: c.layerCount)
+            func pinned(_ bytes: Int, _ what: String) throws -> PinnedHostBuffer {
+                do {
+                    return try PinnedHostBuffer(device: ctx.device, bytes: bytes)
+                } catch let error as CUDAError {
+                    // Not a GPU out-of-memory error: say which host memory could not be pinned.
+                    throw CUDAError(call: error.call, "could not pin \(DeviceAllocator.format(bytes)) of host memory for \(what): \(error.message)")
+                }
+            }
+            if offloadedCount > 0 {
+                hostCheckpoints = try pinned(offloadedCount * n * h * 2, "\(offloadedCount) offloaded gradient checkpoints")
+                copyStream = try CUDAStream(device: ctx.device)
+                func events() throws -> [CUDAEvent] { try (0..<slotCount).map { _ in try CUDAEvent(device: ctx.device, timing: false) } }
+                produced = try events(); offloadDone = try events(); slotFree = try events(); fetched = try events()
+            } else {
+                hostCheckpoints = nil
+                copyStream = nil
+                produced = []; offloadDone = []; slotFree = []; fetched = []
+            }
+            norm1 = try bf16(n * h); hidden = try bf16(n * h); norm2 = try bf16(n * h)
+            gradient = try bf16(n * h); dNorm = try bf16(n * h)
+            q = try bf16(n * c.qDim); attended = try bf16(n * c.qDim)
+            k = try bf16(n * c.kvDim); v = try bf16(n * c.kvDim)
+            let scratch = BlockScratchLayout(config: c, tokens: n)
+            blockScratch = try bf16(scratch.count)
+            gate = blockScratch.view(at: scratch.gate, count: n * c.intermediateSize)
+            up = blockScratch.view(at: scratch.up, count: n * c.intermediateSize)
+            activated = blockScratch.view(at: scratch.activated, count: n * c.intermediateSize)
+            dAttended = blockScratch.view(at: scratch.dAttended, count: n * c.qDim)
+            dq = blockScratch.view(at: scratch.dq, count: n * c.qDim)
+            dk = blockScratch.view(at: scratch.dk, count: n * c.kvDim)
+            dv = blockScratch.view(at: scratch.dv, count: n * c.kvDim)
+            lse = try a.buffer(Float.self, count: n * c.headCount)
+            delta = try a.buffer(Float.self, count: n * c.headCount)
+            dyB = try bf16(n * maxRank)
+            dropped = dropout ? try bf16(n * (shapes.map(\.in).max() ?? 1)) : nil
+            weightScratch = try bf16(shapes.map { $0.out * $0.in }.max() ?? 1)
+            lossChunkRows = scratch.lossChunkRows
+            logits = blockScratch.view(at: 0, count: lossChunkRows * c.vocabularySize)
+            rowLoss = try a.buffer(Float.self, count: n)
+            lossOut = try a.buffer(Float.self, count: 2)
+            sumSquares = try a.buffer(Float.self, count: 1)
+            tokenIDs = try a.buffer(Int32.self, count: n)
+            targets = try a.buffer(Int32.self, count: n)
+            positions = try a.buffer(Int32.self, count: n)
+            segments = try a.buffer(Int32.self, count: n)
+
+            // The tables. An untied embedding goes to the host when the plan says so.
+            let tableCount = c.vocabularySize * h
+            let onHost = plan.memory.hostEmbedding
+            if onHost {
+                embeddingStaging = try pinned(n * h * 2, "the embedding's staging buffer")
+                stagingFree = try CUDAEvent(device: ctx.device, timing: false)
+            } else {
+                embeddingStaging = nil
+                stagingFree = nil
+            }
             switch source {
             case .model(let model):
-                embedding = try a.buffer(copying: model.embedding.values.map(floatToBF16))
-                head = model.head === model.embedding ? embedding : try a.buffer(copying: model.head.values.map(floatToBF16))
+                let values = model.embedding.values.map(floatToBF16)
+                let deviceTable = onHost ? nil : try a.buffer(copying: values)
+                hostEmbedding = onHost ? values : nil
+                embedding = deviceTable
+                if model.head === model.embedding, let deviceTable {
+                    head = deviceTable
+                } else {
+                    head = try a.buffer(copying: model.head.values.map(floatToBF16))
+                }
                 finalNorm = try a.buffer(copying: model.finalNorm.map(floatToBF16))
                 var host = [Float](repeating: 0, count: offset)
                 for (l, block) in blocks.enumerated() {
@@ -269,10 +380,30 @@ public final class CUDALlamaTrainer {
                 }
                 try params.upload(host)
             case .random(let seed, _):
-                embedding = try bf16(tableCount)
-                try ctx.fillRandomBF16(embedding.pointer, count: tableCount, seed: seed &+ 101, std: 0.02)
-                if c.tieWordEmbeddings {
-                    head = embedding
+                // Made a chunk of rows at a time (each chunk its own seed), directly in the GPU table, or in the
+                // logits buffer and copied to the host: the same values either way.
+                let scratch = logits.pointer
+                let chunkRows = max(1, min(c.vocabularySize, logits.count / h))
+                var table = onHost ? [UInt16](repeating: 0, count: tableCount) : nil
+                let deviceTable = onHost ? nil : try bf16(tableCount)
+                for (index, start) in stride(from: 0, to: c.vocabularySize, by: chunkRows).enumerated() {
+                    let rows = min(chunkRows, c.vocabularySize - start)
+                    let chunkSeed = seed &+ 101 &+ UInt64(index) &* 0x9E37_79B9_7F4A_7C15
+                    if let deviceTable {
+                        try ctx.fillRandomBF16(deviceTable.address(at: start * h), count: rows * h, seed: chunkSeed, std: 0.02)
+                    } else {
+                        try ctx.fillRandomBF16(scratch, count: rows * h, seed: chunkSeed, std: 0.02)
+                        try table!.withUnsafeMutableBytes { bytes in
+                            guard let base = bytes.baseAddress else { return }
+                            try ctx.device.copy(toHost: base + 2 * start * h, from: scratch, bytes: 2 * rows * h)
+                            try ctx.device.stream.synchronize()
+                        }
+                    }
+                }
+                hostEmbedding = table
+                embedding = deviceTable
+                if c.tieWordEmbeddings, let deviceTable {
+                    head = deviceTable
                 } else {
                     head = try bf16(tableCount)
                     try ctx.fillRandomBF16(head.pointer, count: tableCount, seed: seed &+ 202, std: 0.02)
@@ -289,32 +420,16 @@ public final class CUDALlamaTrainer {
                 }
             }
             try ctx.convertToBF16(params, into: params16, count: offset)
-
-            let h = c.hiddenSize
-            checkpoints = try (0...c.layerCount).map { _ in try bf16(n * h) }
-            norm1 = try bf16(n * h); hidden = try bf16(n * h); norm2 = try bf16(n * h)
-            gradient = try bf16(n * h); dNorm = try bf16(n * h)
-            q = try bf16(n * c.qDim); attended = try bf16(n * c.qDim); dq = try bf16(n * c.qDim); dAttended = try bf16(n * c.qDim)
-            k = try bf16(n * c.kvDim); v = try bf16(n * c.kvDim); dk = try bf16(n * c.kvDim); dv = try bf16(n * c.kvDim)
-            gate = try bf16(n * c.intermediateSize); up = try bf16(n * c.intermediateSize); activated = try bf16(n * c.intermediateSize)
-            lse = try a.buffer(Float.self, count: n * c.headCount)
-            delta = try a.buffer(Float.self, count: n * c.headCount)
-            dyB = try bf16(n * maxRank)
-            dropped = dropout ? try bf16(n * (shapes.map(\.in).max() ?? 1)) : nil
-            weightScratch = try bf16(shapes.map { $0.out * $0.in }.max() ?? 1)
-            lossChunkRows = CUDAMemoryPlan.lossChunkRows(vocab: c.vocabularySize, tokens: n)
-            logits = try bf16(lossChunkRows * c.vocabularySize)
-            rowLoss = try a.buffer(Float.self, count: n)
-            lossOut = try a.buffer(Float.self, count: 2)
-            sumSquares = try a.buffer(Float.self, count: 1)
-            tokenIDs = try a.buffer(Int32.self, count: n)
-            targets = try a.buffer(Int32.self, count: n)
-            positions = try a.buffer(Int32.self, count: n)
-            segments = try a.buffer(Int32.self, count: n)
             _ = try ctx.blas()
         } catch let error as CUDAError where error.isOutOfMemory {
             throw CUDAOutOfMemoryError(plan: plan, freeBytes: (try? ctx.device.memoryInfo().free) ?? -1, detail: error.message)
         }
+    }
+
+    deinit {
+        // The pinned host buffers go with the trainer: the copies that read or write them must be over first.
+        try? copyStream?.synchronize()
+        try? stagingFree?.synchronize()
     }
 
     // MARK: - Linear layers with LoRA
@@ -481,13 +596,16 @@ public final class CUDALlamaTrainer {
         try upload(batch)
         stepDropoutSeed = dropoutSeed
         if !accumulate { try grads.fill(byte: 0) }
-        try ctx.embeddingForward(ids: tokenIDs, table: embedding, into: checkpoints[0], tokens: n, vocab: vocab, dim: h)
+        try embed(batch, into: slot(0))
+        try offload(0, tokens: n)
         for (l, block) in blocks.enumerated() {
-            try blockForward(block, x: checkpoints[l], output: checkpoints[l + 1], batch: batch, seeds: blockDropoutSeeds(l))
+            try awaitOffload(beforeWriting: l + 1)
+            try blockForward(block, x: slot(l), output: slot(l + 1), batch: batch, seeds: blockDropoutSeeds(l))
+            try offload(l + 1, tokens: n)
         }
 
         // Final norm, head and cross-entropy a chunk of rows at a time; dNorm receives d/d(normed).
-        let last = checkpoints[blocks.count]
+        let last = slot(blocks.count)
         try ctx.rmsNormForward(x: last, weight: finalNorm, into: norm1, rows: n, dim: h, eps: c.rmsNormEps)
         let blas = try ctx.blas()
         let scale = 1 / Float(max(normalizer, 1))
@@ -501,11 +619,97 @@ public final class CUDALlamaTrainer {
         try ctx.crossEntropyReduce(rowLoss: rowLoss, labels: targets, rows: n, into: lossOut)
         try ctx.rmsNormBackward(x: last, weight: finalNorm, dy: dNorm, into: gradient, rows: n, dim: h, eps: c.rmsNormEps)
 
+        // x_L is dead: its slot takes the first checkpoint back from the host.
+        try prefetch(blocks.count - checkpointSlots.count, tokens: n)
         for l in stride(from: blocks.count - 1, through: 0, by: -1) {
             let seeds = blockDropoutSeeds(l)
-            try blockForward(blocks[l], x: checkpoints[l], output: nil, batch: batch, seeds: seeds)
-            try blockBackward(blocks[l], x: checkpoints[l], batch: batch, seeds: seeds)
+            try awaitFetch(l)
+            try blockForward(blocks[l], x: slot(l), output: nil, batch: batch, seeds: seeds)
+            try blockBackward(blocks[l], x: slot(l), batch: batch, seeds: seeds)
+            try prefetch(l - checkpointSlots.count, tokens: n)
         }
+    }
+
+    // MARK: - Embedding and checkpoint offloading
+
+    /// x₀ = the batch's embedding rows, into `out`: the embedding kernel over the GPU table, or, with the table on
+    /// the host, the rows gathered there into the pinned staging buffer and uploaded on the main stream.
+    private func embed(_ batch: TrainingBatch, into out: DeviceBuffer<UInt16>) throws {
+        let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
+        if let embedding {
+            try ctx.embeddingForward(ids: tokenIDs, table: embedding, into: out, tokens: n, vocab: c.vocabularySize, dim: h)
+            return
+        }
+        guard let hostEmbedding, let staging = embeddingStaging, let stagingFree else {
+            throw CUDAError(call: "CUDALlamaTrainer", "the embedding is neither on the GPU nor on the host")
+        }
+        // The previous upload from the staging buffer must have finished before the host overwrites it (usually
+        // long done: it ran at the start of the previous step). Ids were checked against the vocabulary in upload.
+        try stagingFree.synchronize()
+        let rowBytes = 2 * h
+        hostEmbedding.withUnsafeBytes { table in
+            guard let base = table.baseAddress else { return }
+            for (t, id) in batch.tokens.enumerated() {
+                (staging.pointer + t * rowBytes).copyMemory(from: base + Int(id) * rowBytes, byteCount: rowBytes)
+            }
+        }
+        try ctx.device.copy(toDevice: out.pointer, from: staging.pointer, bytes: n * rowBytes)
+        try stagingFree.record(on: ctx.device.stream)
+    }
+
+    // Checkpoint offloading. K = checkpointSlots.count device buffers; x_l always lives in slot l % K. Without
+    // offloading K = L + 1 and none of this does anything. With it, x₀ … x_{L−K} (offloadedCount of them) also go
+    // to pinned host memory; x_{L−K+1} … x_L stay in their slots until the backward has used them. Copies run on
+    // `copyStream`, ordered against the main stream by events only (a missing wait is a silent race):
+    //   forward   x_l written (main) → record produced[s] → copy waits, copies x_l to the host → offloadDone[s]
+    //             before block l+K−1 overwrites slot s with x_{l+K}: main waits for offloadDone[s]
+    //             (so each copy has blocks l … l+K−2 to hide behind)
+    //   backward  once x_{m+K} is dead (after block m+K's backward, or the final norm's for m+K = L), record
+    //             slotFree[s] (main) → copy waits, copies x_m back into slot s → fetched[s];
+    //             before block m's recomputation: main waits for fetched[s] (blocks m+K−1 … m+1 hide the copy)
+    // Every wait binds to the latest record of its event when it is queued, and each event is recorded again only
+    // after its wait is queued, so one event per slot and kind suffices. Every copy-stream operation of a step ends
+    // before the main stream passes the last fetched wait (block 0's), so the next step, an evaluation
+    // (`forwardLoss`, which uses slots 0 and 1) or the host may reuse the slots and the host buffer freely.
+
+    /// The device buffer x_l lives in.
+    private func slot(_ l: Int) -> DeviceBuffer<UInt16> { checkpointSlots[l % checkpointSlots.count] }
+
+    /// After the main stream wrote x_l into its slot: copies it to host memory on the copy stream (when offloaded).
+    private func offload(_ l: Int, tokens n: Int) throws {
+        guard l < offloadedCount, let copy = copyStream, let host = hostCheckpoints else { return }
+        let s = l % checkpointSlots.count, bytes = 2 * n * config.hiddenSize
+        try produced[s].record(on: context.device.stream)
+        try copy.wait(for: produced[s])
+        try context.device.copy(toHost: host.pointer + l * 2 * capacityTokens * config.hiddenSize, from: slot(l).pointer,
+                                bytes: bytes, stream: copy)
+        try offloadDone[s].record(on: copy)
+    }
+
+    /// Before the main stream writes x_l into its slot: waits until the slot's previous value, x_{l−K}, has been
+    /// copied to the host.
+    private func awaitOffload(beforeWriting l: Int) throws {
+        let previous = l - checkpointSlots.count
+        guard previous >= 0, previous < offloadedCount else { return }
+        try context.device.stream.wait(for: offloadDone[l % checkpointSlots.count])
+    }
+
+    /// Once the main stream is done with the slot of x_m (it held x_{m+K}): brings x_m back from the host on the
+    /// copy stream.
+    private func prefetch(_ m: Int, tokens n: Int) throws {
+        guard m >= 0, m < offloadedCount, let copy = copyStream, let host = hostCheckpoints else { return }
+        let s = m % checkpointSlots.count, bytes = 2 * n * config.hiddenSize
+        try slotFree[s].record(on: context.device.stream)
+        try copy.wait(for: slotFree[s])
+        try context.device.copy(toDevice: slot(m).pointer, from: host.pointer + m * 2 * capacityTokens * config.hiddenSize,
+                                bytes: bytes, stream: copy)
+        try fetched[s].record(on: copy)
+    }
+
+    /// Before block l's recomputation: waits until x_l is back in its slot (when it was offloaded).
+    private func awaitFetch(_ l: Int) throws {
+        guard l < offloadedCount else { return }
+        try context.device.stream.wait(for: fetched[l % checkpointSlots.count])
     }
 
     /// The loss of one batch without gradients (evaluation): the forward alone, with the block outputs passed
@@ -515,9 +719,9 @@ public final class CUDALlamaTrainer {
     public func forwardLoss(batch: TrainingBatch) throws {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize, vocab = c.vocabularySize
         try upload(batch)
-        // Block l reads buffers[l % 2] and writes buffers[(l + 1) % 2] (checkpoint buffers, free outside a step).
-        let buffers = [checkpoints[0], checkpoints[min(1, checkpoints.count - 1)]]
-        try ctx.embeddingForward(ids: tokenIDs, table: embedding, into: buffers[0], tokens: n, vocab: vocab, dim: h)
+        // Block l reads buffers[l % 2] and writes buffers[(l + 1) % 2] (checkpoint slots, free outside a step).
+        let buffers = [checkpointSlots[0], checkpointSlots[min(1, checkpointSlots.count - 1)]]
+        try embed(batch, into: buffers[0])
         for (l, block) in blocks.enumerated() {
             try blockForward(block, x: buffers[l % 2], output: buffers[(l + 1) % 2], batch: batch, seeds: nil)  // no dropout
         }

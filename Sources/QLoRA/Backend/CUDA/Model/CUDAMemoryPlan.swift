@@ -1,19 +1,124 @@
 // What a GPU training run holds in device memory, computed before anything is allocated, so that running out of
 // memory is an error that shows the plan and says what to lower instead of a failed cuMemAlloc deep in a step.
+//
+// Device memory, N = tokens of a step, H = hidden, I = intermediate, L = blocks, V = vocabulary (bf16 unless said):
+//   weights      NF4 linears + absmax, the head [V, H], the embedding [V, H] unless it lives on the host (untied,
+//                `hostEmbedding`), the norms
+//   adapters     LoRA: fp32 masters + fp32 gradients + bf16 copies; optimizer: two fp32 moments
+//   activations  gradient checkpoints: L + 1 of [N, H], or `checkpointSlots` of them when offloaded (the others
+//                wait in pinned host memory); one block's working set: 5 [N, H], q, attended, k, v, one shared
+//                region for the MLP's gate/up/activated (3 [N, I]) that the attention backward's dA, dq, dk, dv
+//                reuse once the MLP's backward is done, and the loss's logits chunk between the forward and the
+//                backward (BlockScratchLayout), lse and delta (fp32), x·Aᵀ of one block's seven linears
+//                (recomputed before each block's backward, so shared by all blocks), dy·B, d(x) under dropout
+//   workspace    the bf16 scratch a linear weight is dequantized into, cuBLASLt's workspace
+// Host memory (not in `total`): the offloaded checkpoints (pinned), the embedding table and its pinned staging
+// buffer for one step's rows.
+
+/// Where the GPU trainer keeps what a step does not need on the GPU all the time.
+public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvertible {
+    /// Keep the gradient checkpoints (every block's input) in pinned host memory: copied out after the forward
+    /// makes them, copied back ahead of the backward, on a second stream, through `checkpointSlots` device buffers.
+    public var offloadCheckpoints: Bool
+    /// Device buffers the checkpoints rotate through when offloaded (at least 2; with 3 every copy has two blocks'
+    /// compute to hide behind).
+    public var checkpointSlots: Int
+    /// Keep an untied input embedding in host memory: the step's rows are gathered on the host into a pinned
+    /// buffer and uploaded (the embedding is frozen). A tied embedding stays on the GPU (the head reads it).
+    public var hostEmbedding: Bool
+
+    public init(offloadCheckpoints: Bool, checkpointSlots: Int = 3, hostEmbedding: Bool) {
+        self.offloadCheckpoints = offloadCheckpoints
+        self.checkpointSlots = checkpointSlots
+        self.hostEmbedding = hostEmbedding
+    }
+
+    /// Everything on the GPU.
+    public static let allOnDevice = CUDATrainerMemoryOptions(offloadCheckpoints: false, hostEmbedding: false)
+
+    /// The default: offload the checkpoints when there are more of them than slots, keep an untied embedding on
+    /// the host.
+    public static func automatic(for c: LlamaConfig) -> CUDATrainerMemoryOptions {
+        CUDATrainerMemoryOptions(offloadCheckpoints: c.layerCount + 1 > 3, checkpointSlots: 3, hostEmbedding: !c.tieWordEmbeddings)
+    }
+
+    /// Device buffers the trainer holds for checkpoints with `layers` blocks.
+    func deviceCheckpoints(layers: Int) -> Int {
+        offloadCheckpoints ? min(max(checkpointSlots, 2), layers + 1) : layers + 1
+    }
+
+    /// Checkpoints x₀ … x_{count−1} that go to host memory: those the backward finds overwritten (the last
+    /// slots − 1 block inputs and the final output stay in their slots until used).
+    func offloadedCheckpoints(layers: Int) -> Int {
+        offloadCheckpoints ? max(0, layers + 1 - deviceCheckpoints(layers: layers)) : 0
+    }
+
+    public var description: String {
+        "checkpoints " + (offloadCheckpoints ? "offloaded to host (\(checkpointSlots) GPU slots)" : "on the GPU")
+            + ", embedding " + (hostEmbedding ? "on the host" : "on the GPU")
+    }
+}
+
+/// Where one block's large working buffers sit in one allocation (element offsets, each on a 256-byte boundary),
+/// in three phases that never overlap in time:
+///   the MLP's gate, up and activated [N, I] (a block's forward, recomputation, and its backward up to the MLP's);
+///   the attention backward's dA (d/d attended), dq [N, q], dk and dv [N, kv] (the rest of the block's backward);
+///   one loss chunk's logits [rows, V] (between the last block's forward and the first backward, and evaluation).
+/// The loss chunk takes as many rows as the MLP's region holds (a multiple of 64), at most 256 MiB of logits, but at
+/// least 512 rows (fewer would make the two head GEMMs re-read the [V, H] head too often for their arithmetic):
+/// only then does the region grow for it.
+struct BlockScratchLayout: Equatable {
+    var gate = 0, up = 0, activated = 0
+    var dAttended = 0, dq = 0, dk = 0, dv = 0
+    /// Rows of logits per cross-entropy chunk (at offset 0).
+    var lossChunkRows = 0
+    /// Elements of the whole region (the largest of the three phases).
+    var count = 0
+
+    init(config c: LlamaConfig, tokens n: Int) {
+        var end = 0
+        func take(_ elements: Int) -> Int {
+            let start = end
+            end = (end + elements + 127) / 128 * 128
+            return start
+        }
+        gate = take(n * c.intermediateSize)
+        up = take(n * c.intermediateSize)
+        activated = take(n * c.intermediateSize)
+        let mlp = end
+        end = 0
+        dAttended = take(n * c.qDim)
+        dq = take(n * c.qDim)
+        dk = take(n * c.kvDim)
+        dv = take(n * c.kvDim)
+        let shared = max(mlp, end)
+        let vocab = max(c.vocabularySize, 1)
+        let fitting = min(shared / vocab, (256 << 20) / (2 * vocab)) / 64 * 64
+        lossChunkRows = min(max(fitting, 512), max(n, 1))
+        count = max(shared, (lossChunkRows * vocab + 127) / 128 * 128)
+    }
+}
 
 /// Bytes the GPU trainer will allocate, by kind.
 public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
-    /// NF4 codes + double-quantized absmax of the linear layers, bf16 embedding, head and norms.
+    /// NF4 codes + double-quantized absmax of the linear layers, bf16 head, embedding (unless on the host), norms.
     public var weights: Int
     /// LoRA matrices: fp32 master, bf16 compute copy, fp32 gradients.
     public var adapters: Int
     /// AdamW moments (two fp32 values per LoRA parameter).
     public var optimizer: Int
-    /// Block inputs kept for gradient checkpointing plus one block's working activations and gradients.
+    /// Gradient checkpoints on the GPU (all, or the offload slots) plus one block's working activations and gradients.
     public var activations: Int
-    /// The bf16 scratch a linear weight is dequantized into, the logits of one loss chunk, cuBLASLt's workspace.
+    /// The bf16 scratch a linear weight is dequantized into, cuBLASLt's workspace.
     public var workspace: Int
+    /// Host memory: offloaded checkpoints and the embedding's staging buffer (pinned), the embedding table.
+    public var host: Int
+    /// Where the checkpoints and the embedding live.
+    public var memory: CUDATrainerMemoryOptions
+    /// Device bytes of the gradient checkpoints (part of `activations`).
+    public var checkpoints: Int
 
+    /// Device memory: everything but `host`.
     public var total: Int { weights + adapters + optimizer + activations + workspace }
 
     /// Each linear layer's [out, in] shape in the order the trainer stores them.
@@ -29,20 +134,25 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
             + DeviceAllocator.sizeClass(4 * ((blocks + 255) / 256))
     }
 
-    /// Rows of logits per cross-entropy chunk: at most 256 MiB of bf16 logits, a multiple of 64 rows.
-    static func lossChunkRows(vocab: Int, tokens: Int) -> Int {
-        let rows = max(64, (256 << 20) / (2 * max(vocab, 1)) / 64 * 64)
-        return min(rows, max(tokens, 1))
+    /// The largest LoRA rank of linear j (q, k, v, o, gate, up, down) over the blocks: the x·Aᵀ buffer of that
+    /// linear, shared by all blocks, is sized by it.
+    static func largestRanks(_ ranks: [[Int]]) -> [Int] {
+        (0..<7).map { j in ranks.map { j < $0.count ? $0[j] : 0 }.max() ?? 0 }
     }
 
     /// The plan for LoRA rank `r` on every projection.
-    public init(config c: LlamaConfig, tokens n: Int, rank r: Int, dropout: Bool = false) {
-        self.init(config: c, tokens: n, ranks: Array(repeating: Array(repeating: r, count: 7), count: c.layerCount), dropout: dropout)
+    public init(config c: LlamaConfig, tokens n: Int, rank r: Int, dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil) {
+        self.init(config: c, tokens: n, ranks: Array(repeating: Array(repeating: r, count: 7), count: c.layerCount), dropout: dropout,
+                  memory: memory)
     }
 
     /// The plan for `ranks[l][j]`, the LoRA rank of block l's linear j (q, k, v, o, gate, up, down); `dropout`: some
-    /// linear drops out (one [N, largest in] bf16 scratch for d(x)).
-    public init(config c: LlamaConfig, tokens n: Int, ranks: [[Int]], dropout: Bool = false) {
+    /// linear drops out (one [N, largest in] bf16 scratch for d(x)); `memory`: where checkpoints and the embedding
+    /// live (nil: `CUDATrainerMemoryOptions.automatic(for:)`; a tied embedding stays on the GPU whatever it says).
+    public init(config c: LlamaConfig, tokens n: Int, ranks: [[Int]], dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil) {
+        var memory = memory ?? .automatic(for: c)
+        if c.tieWordEmbeddings { memory.hostEmbedding = false }
+        self.memory = memory
         let s = DeviceAllocator.sizeClass
         let shapes = Self.linearShapes(c)
         var w = 0
@@ -53,30 +163,35 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         }
         w *= c.layerCount
         var loraParameters = 0
-        var xa = 0
         for layer in ranks {
-            for (j, r) in layer.enumerated() where j < shapes.count {
-                loraParameters += r * (shapes[j].out + shapes[j].in)
-                xa += s(2 * n * r)
-            }
+            for (j, r) in layer.enumerated() where j < shapes.count { loraParameters += r * (shapes[j].out + shapes[j].in) }
         }
+        let xa = Self.largestRanks(ranks).reduce(0) { $0 + s(2 * n * $1) }
         let maxRank = ranks.joined().max() ?? 0
-        w += s(2 * c.vocabularySize * c.hiddenSize) * (c.tieWordEmbeddings ? 1 : 2) + (2 * c.layerCount + 1) * s(2 * c.hiddenSize)
+        let table = s(2 * c.vocabularySize * c.hiddenSize)
+        w += table * (c.tieWordEmbeddings || !memory.hostEmbedding ? 1 : 0) + (c.tieWordEmbeddings ? 0 : table)
+            + (2 * c.layerCount + 1) * s(2 * c.hiddenSize)
         weights = w
         adapters = s(4 * loraParameters) * 2 + s(2 * loraParameters)
         optimizer = s(4 * loraParameters) * 2
-        let h = 2 * n * c.hiddenSize, q = 2 * n * c.qDim, kv = 2 * n * c.kvDim, i = 2 * n * c.intermediateSize
-        // xa of every linear (kept from the forward), dy·B, and d(x) when dropping out.
+        let h = 2 * n * c.hiddenSize, q = 2 * n * c.qDim, kv = 2 * n * c.kvDim
+        // x·Aᵀ of one block's linears, dy·B, and d(x) when dropping out.
         let lora = xa + s(2 * n * maxRank) + (dropout ? s(2 * n * (shapes.map(\.in).max() ?? 0)) : 0)
-        activations = (c.layerCount + 1) * s(h) + 5 * s(h) + 4 * s(q) + 4 * s(kv) + 3 * s(i) + 2 * s(4 * n * c.headCount)
+        checkpoints = memory.deviceCheckpoints(layers: c.layerCount) * s(h)
+        let scratch = BlockScratchLayout(config: c, tokens: n)
+        // norm1, hidden, norm2, gradient, dNorm; q, attended; k, v; the shared MLP / attention-gradient / logits region;
+        // lse, delta; rowLoss, token ids, targets, positions, segments.
+        activations = checkpoints + 5 * s(h) + 2 * s(q) + 2 * s(kv) + s(2 * scratch.count) + 2 * s(4 * n * c.headCount)
             + lora + 5 * s(4 * n)
-        workspace = s(2 * largest) + s(2 * Self.lossChunkRows(vocab: c.vocabularySize, tokens: n) * c.vocabularySize) + (32 << 20)
+        workspace = s(2 * largest) + (32 << 20)
+        host = memory.offloadedCheckpoints(layers: c.layerCount) * h
+            + (memory.hostEmbedding ? 2 * c.vocabularySize * c.hiddenSize + h : 0)
     }
 
     public var description: String {
         let f = DeviceAllocator.format
-        return "weights \(f(weights)), adapters \(f(adapters)), optimizer \(f(optimizer)), activations \(f(activations)), "
-            + "workspace \(f(workspace)); total \(f(total))"
+        return "weights \(f(weights)), adapters \(f(adapters)), optimizer \(f(optimizer)), activations \(f(activations)) "
+            + "(checkpoints \(f(checkpoints))), workspace \(f(workspace)); total \(f(total)); host \(f(host)) (\(memory))"
     }
 }
 
@@ -88,8 +203,10 @@ public struct CUDAOutOfMemoryError: Error, CustomStringConvertible {
 
     public var description: String {
         let f = DeviceAllocator.format
+        let offload = plan.memory.offloadCheckpoints ? ""
+            : "offload the gradient checkpoints to host memory (\(f(plan.checkpoints)) on the GPU now), "
         return "out of GPU memory: the training run needs \(f(plan.total)) but the GPU has \(f(freeBytes)) free (\(detail)). "
-            + "Plan: \(plan). Lower --batch or --seq (activations grow with batch × seq), or the LoRA rank, "
+            + "Plan: \(plan). Lower --batch or --seq (activations grow with batch × seq), \(offload)or the LoRA rank, "
             + "or pick a smaller model."
     }
 }
