@@ -66,6 +66,13 @@ __device__ __forceinline__ unsigned shared_address(const void* p) {
     return a;
 }
 
+/// The shared-memory address of p for ldmatrix: with C, the compiler's own conversion, whose constant offsets it can
+/// fold and schedule freely (fewer registers in the flash forward, more in the flash backward: each picks its own).
+template <bool C>
+__device__ __forceinline__ unsigned ldsm_address(const void* p) {
+    return C ? (unsigned)__cvta_generic_to_shared(p) : shared_address(p);
+}
+
 /// As load_rows_shared, with cp.async (16 bytes per copy, zero-filled past seq): the copies run in the background
 /// until `cp_async_wait`. Every thread calls `cp_async_commit` after issuing a group (also an empty one).
 template <int D, int ROWS>
@@ -88,26 +95,30 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 // ldmatrix.x4: lanes 8j..8j+7 give the row addresses of 8x8 matrix j; register j of lane (g, t) receives
 // M_j[g][2t..2t+1], or with .trans M_j[2t..2t+1][g]. The memory clobber keeps them between the barriers.
+template <bool C = false>
 __device__ __forceinline__ void ldsm_x4(unsigned* r, const bf16* p) {
     asm("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(ldsm_address<C>(p)) : "memory");
 }
 
+template <bool C = false>
 __device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const bf16* p) {
     asm("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(ldsm_address<C>(p)) : "memory");
 }
 
 /// B fragments of an operand stored [n][k] in shared memory (pairs along k contiguous), n-tile n0, for the two
 /// k-steps k0 and k0 + 16: r[0..1] and r[2..3].
+template <bool C = false>
 __device__ __forceinline__ void b_frags_nk(unsigned* r, const bf16* s, int ld, int k0, int n0, int lane) {
-    ldsm_x4(r, s + (n0 + (lane & 7)) * ld + k0 + (lane >> 3) * 8);
+    ldsm_x4<C>(r, s + (n0 + (lane & 7)) * ld + k0 + (lane >> 3) * 8);
 }
 
 /// B fragments of an operand stored [k][n] in shared memory (pairs along k in different rows: transposed load),
 /// k-step k0, for the two n-tiles n0 and n0 + 8: r[0..1] and r[2..3].
+template <bool C = false>
 __device__ __forceinline__ void b_frags_kn(unsigned* r, const bf16* s, int ld, int k0, int n0, int lane) {
-    ldsm_x4_trans(r, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
+    ldsm_x4_trans<C>(r, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
 }
 
 // MARK: - Forward
@@ -456,8 +467,9 @@ __device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, 
 // MARK: - Flash kernels: 128-row tiles, 8 warps, fused backward
 //
 // The default path (the kernels above stay as a second tensor-core implementation to check against):
-//   attention_fa_forward:  block = 128 queries of one head (8 warps x 16 rows, Q fragments in registers); key tiles
-//                          of 64, K and V double-buffered with cp.async (tile j+1 loads while tile j is computed).
+//   attention_fa_forward:  block = 128 queries of one head (4 warps x 32 rows: two m-tiles share each K/V fragment
+//                          read from shared memory; Q stays in shared memory), two blocks per SM; key tiles of 64,
+//                          K and V double-buffered with cp.async (tile j+1 loads while tile j is computed).
 //                          Scores go to base 2 (scale·log2 e folded into one multiply, ex2.approx); the causal and
 //                          segment masks are only evaluated on tiles that cross a warp's diagonal or when segments
 //                          are given, and a warp skips key tiles entirely above its rows.
@@ -472,6 +484,7 @@ __device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, 
 // key tiles start in the first wave.
 
 #define FA_THREADS 256
+#define FA_FORWARD_THREADS 128
 
 extern __shared__ __align__(16) unsigned char fa_shared[];
 
@@ -482,46 +495,62 @@ __device__ __forceinline__ float fast_exp2(float x) {
 }
 
 /// A fragment (16 rows x 16 k) of a row-major [m][k] operand in shared memory: rows m0.., columns k0...
+template <bool C = false>
 __device__ __forceinline__ void a_frag_mk(unsigned* r, const bf16* s, int ld, int m0, int k0, int lane) {
-    ldsm_x4(r, s + (m0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
+    ldsm_x4<C>(r, s + (m0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
 }
 
 /// A fragment of an operand stored transposed, [k][m], in shared memory (ldmatrix .trans).
+template <bool C = false>
 __device__ __forceinline__ void a_frag_km(unsigned* r, const bf16* s, int ld, int m0, int k0, int lane) {
-    ldsm_x4_trans(r, s + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 + ((lane >> 3) & 1) * 8);
+    ldsm_x4_trans<C>(r, s + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 + ((lane >> 3) & 1) * 8);
+}
+
+/// B fragments of an operand stored [n][k] in shared memory, k-step k0, for the two n-tiles n0 and n0 + 8:
+/// r[0..1] and r[2..3].
+template <bool C = false>
+__device__ __forceinline__ void b_frags_nk_pair(unsigned* r, const bf16* s, int ld, int k0, int n0, int lane) {
+    ldsm_x4<C>(r, s + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
 }
 
 __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
 }
 
-/// Dynamic shared memory of attention_fa_forward for head dimension D (the launcher computes the same).
+/// Dynamic shared memory of attention_fa_forward for head dimension D (the launcher computes the same):
+/// Q (128 rows), K and V (2 stages x 64 rows), key segments (2 x 64).
 template <int D>
-constexpr int fa_forward_shared() { return 4 * 64 * (D + 8) * 2 + 2 * 64 * 4; }
+constexpr int fa_forward_shared() { return (128 + 4 * 64) * (D + 8) * 2 + 2 * 64 * 4; }
 
 template <int D>
 __device__ __forceinline__ void fa_forward(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
                                            const int* segments, int seq, int heads, int kv_heads, float scale) {
     constexpr int LD = D + 8, BM = 128, BK = 64, TILE = BK * LD;
-    bf16* ks = reinterpret_cast<bf16*>(fa_shared);  // [2][TILE]
+    bf16* qs = reinterpret_cast<bf16*>(fa_shared);  // [BM * LD]
+    bf16* ks = qs + BM * LD;                        // [2][TILE]
     bf16* vs = ks + 2 * TILE;                       // [2][TILE]
     int* segk = reinterpret_cast<int*>(vs + 2 * TILE);  // [2][BK]
     const int h = blockIdx.x, b = blockIdx.y, q0 = (gridDim.z - 1 - blockIdx.z) * BM;  // longest rows first
     const int hk = h / (heads / kv_heads);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const long long t0 = (long long)b * seq;
-    const int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
-    const int warp_first = q0 + warp * 16, warp_last = warp_first + 15;
-    unsigned qa[D / 16][4];
-    load_a_rows<D>(qa, rows[0] < seq ? q + ((t0 + rows[0]) * heads + h) * D : nullptr,
-                   rows[1] < seq ? q + ((t0 + rows[1]) * heads + h) * D : nullptr, t);
-    int segq[2];
+    // Warp w owns rows 32 w.. of the block as two m-tiles; thread rows[mi][i] = 32 w + 16 mi + g + 8 i.
+    int rows[2][2];
 #pragma unroll
-    for (int i = 0; i < 2; i++) segq[i] = (segments && rows[i] < seq) ? segments[t0 + rows[i]] : 0;
-    float oacc[D / 8][4];
+    for (int mi = 0; mi < 2; mi++) { rows[mi][0] = q0 + warp * 32 + mi * 16 + g; rows[mi][1] = rows[mi][0] + 8; }
+    const int warp_first = q0 + warp * 32, warp_last = warp_first + 31;
+    int segq[2][2];
 #pragma unroll
-    for (int x = 0; x < D / 8; x++) oacc[x][0] = oacc[x][1] = oacc[x][2] = oacc[x][3] = 0.0f;
-    float m[2] = {-QLORA_INFINITY, -QLORA_INFINITY}, l[2] = {0.0f, 0.0f};
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int i = 0; i < 2; i++) segq[mi][i] = (segments && rows[mi][i] < seq) ? segments[t0 + rows[mi][i]] : 0;
+    float oacc[2][D / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int x = 0; x < D / 8; x++) oacc[mi][x][0] = oacc[mi][x][1] = oacc[mi][x][2] = oacc[mi][x][3] = 0.0f;
+    float m[2][2] = {{-QLORA_INFINITY, -QLORA_INFINITY}, {-QLORA_INFINITY, -QLORA_INFINITY}};
+    float l[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
     const float sl2 = scale * 1.4426950408889634f;
 
     const int key_end = min(seq, q0 + BM), tiles = (key_end + BK - 1) / BK;
@@ -533,6 +562,7 @@ __device__ __forceinline__ void fa_forward(const bf16* q, const bf16* k, const b
             segk[stage * BK + threadIdx.x] = key < seq ? segments[t0 + key] : -1;
         }
     };
+    async_rows_shared<D, BM>(qs, q, t0, q0, seq, heads, h);
     issue(0, 0);
     cp_async_commit();
     for (int j = 0; j < tiles; j++) {
@@ -545,85 +575,111 @@ __device__ __forceinline__ void fa_forward(const bf16* q, const bf16* k, const b
         if (j0 > warp_last) continue;  // every key of the tile is after every row of this warp
         const bf16* kt = ks + (j & 1) * TILE;
         const bf16* vt = vs + (j & 1) * TILE;
-        float s[BK / 8][4];
+        float s[2][BK / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk += 2) {
+            for (int nt = 0; nt < BK / 8; nt++) s[mi][nt][0] = s[mi][nt][1] = s[mi][nt][2] = s[mi][nt][3] = 0.0f;
 #pragma unroll
-            for (int nt = 0; nt < BK / 8; nt++) {
+        for (int kk = 0; kk < D / 16; kk++) {
+            unsigned qa[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) a_frag_mk<true>(qa[mi], qs, LD, warp * 32 + mi * 16, kk * 16, lane);
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt += 2) {
                 unsigned r[4];
-                b_frags_nk(r, kt, LD, kk * 16, nt * 8, lane);
-                mma16816(s[nt], qa[kk], r[0], r[1]);
-                mma16816(s[nt], qa[kk + 1], r[2], r[3]);
+                b_frags_nk_pair<true>(r, kt, LD, kk * 16, nt * 8, lane);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    mma16816(s[mi][nt], qa[mi], r[0], r[1]);
+                    mma16816(s[mi][nt + 1], qa[mi], r[2], r[3]);
+                }
             }
         }
         if (segments || j0 + BK - 1 > warp_first) {  // the tile crosses this warp's diagonal (or segments apply)
             const int* sk = segk + (j & 1) * BK;
 #pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int i = e >> 1, col = j0 + nt * 8 + 2 * t + (e & 1);
+                        const bool ok = col <= rows[mi][i] && (!segments || sk[col - j0] == segq[mi][i]);
+                        if (!ok) s[mi][nt][e] = -QLORA_INFINITY;
+                    }
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++) {
+            float mx[2] = {-QLORA_INFINITY, -QLORA_INFINITY};
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++) {
+                mx[0] = fmaxf(mx[0], fmaxf(s[mi][nt][0], s[mi][nt][1]));
+                mx[1] = fmaxf(mx[1], fmaxf(s[mi][nt][2], s[mi][nt][3]));
+            }
+            float msub[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                const float m_new = fmaxf(m[mi][i], mx[i] * sl2);  // running max in base-2 units
+                msub[i] = m_new == -QLORA_INFINITY ? 0.0f : m_new;
+                const float alpha = fast_exp2(m[mi][i] - msub[i]);  // 0 on the first tile (m = -inf)
+                l[mi][i] *= alpha;
+#pragma unroll
+                for (int x = 0; x < D / 8; x++) { oacc[mi][x][2 * i] *= alpha; oacc[mi][x][2 * i + 1] *= alpha; }
+                m[mi][i] = m_new;
+            }
+#pragma unroll
             for (int nt = 0; nt < BK / 8; nt++) {
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    const int i = e >> 1, col = j0 + nt * 8 + 2 * t + (e & 1);
-                    const bool ok = col <= rows[i] && (!segments || sk[col - j0] == segq[i]);
-                    if (!ok) s[nt][e] = -QLORA_INFINITY;
+                    const float p = fast_exp2(fmaf(s[mi][nt][e], sl2, -msub[e >> 1]));
+                    s[mi][nt][e] = p;
+                    l[mi][e >> 1] += p;
                 }
-            }
-        }
-        float mx[2] = {-QLORA_INFINITY, -QLORA_INFINITY};
-#pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) {
-            mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
-            mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
-        }
-        float msub[2];
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-            const float m_new = fmaxf(m[i], mx[i] * sl2);  // running max in base-2 units
-            msub[i] = m_new == -QLORA_INFINITY ? 0.0f : m_new;
-            const float alpha = fast_exp2(m[i] - msub[i]);  // 0 on the first tile (m = -inf)
-            l[i] *= alpha;
-#pragma unroll
-            for (int x = 0; x < D / 8; x++) { oacc[x][2 * i] *= alpha; oacc[x][2 * i + 1] *= alpha; }
-            m[i] = m_new;
-        }
-#pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const float p = fast_exp2(fmaf(s[nt][e], sl2, -msub[e >> 1]));
-                s[nt][e] = p;
-                l[e >> 1] += p;
             }
         }
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
-            const unsigned pa[4] = {pack_f2(s[2 * kk][0], s[2 * kk][1]), pack_f2(s[2 * kk][2], s[2 * kk][3]),
-                                    pack_f2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_f2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            unsigned pa[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                pa[mi][0] = pack_f2(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+                pa[mi][1] = pack_f2(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+                pa[mi][2] = pack_f2(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+                pa[mi][3] = pack_f2(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int dt = 0; dt < D / 8; dt += 2) {
                 unsigned r[4];
-                b_frags_kn(r, vt, LD, kk * 16, dt * 8, lane);
-                mma16816(oacc[dt], pa, r[0], r[1]);
-                mma16816(oacc[dt + 1], pa, r[2], r[3]);
+                b_frags_kn<true>(r, vt, LD, kk * 16, dt * 8, lane);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    mma16816(oacc[mi][dt], pa[mi], r[0], r[1]);
+                    mma16816(oacc[mi][dt + 1], pa[mi], r[2], r[3]);
+                }
             }
         }
     }
     cp_async_wait<0>();
 #pragma unroll
-    for (int i = 0; i < 2; i++) {
-        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-        if (rows[i] >= seq) continue;
-        const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-        bf16* out = o + ((t0 + rows[i]) * heads + h) * D;
+    for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-        for (int dt = 0; dt < D / 8; dt++)
-            *reinterpret_cast<unsigned*>(out + dt * 8 + 2 * t) = pack_f2(oacc[dt][2 * i] * inv, oacc[dt][2 * i + 1] * inv);
-        if (t == 0) lse[(t0 + rows[i]) * heads + h] = m[i] * 0.6931471805599453f + logf(l[i]);
-    }
+        for (int i = 0; i < 2; i++) {
+            float sum = l[mi][i];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const int row = rows[mi][i];
+            if (row >= seq) continue;
+            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+            bf16* out = o + ((t0 + row) * heads + h) * D;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++)
+                *reinterpret_cast<unsigned*>(out + dt * 8 + 2 * t) =
+                    pack_f2(oacc[mi][dt][2 * i] * inv, oacc[mi][dt][2 * i + 1] * inv);
+            if (t == 0) lse[(t0 + row) * heads + h] = m[mi][i] * 0.6931471805599453f + logf(sum);
+        }
 }
 
 /// Dynamic shared memory of attention_fa_backward for head dimension D (the launcher computes the same):
@@ -843,7 +899,7 @@ extern "C" __global__ void attention_fa_dq(const float* dq_accum, bf16* dq, long
     }
 
 #define FA_ENTRY_POINTS(D)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) attention_fa_forward_d##D(FORWARD_ARGS) {              \
+    extern "C" __global__ void __launch_bounds__(FA_FORWARD_THREADS, 2) attention_fa_forward_d##D(FORWARD_ARGS) {              \
         fa_forward<D>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);                                          \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) attention_fa_backward_d##D(                            \

@@ -32,7 +32,7 @@ extension CUDAContext {
     }
 
     /// Shared memory of the flash kernels (attention_mma.cu's fa_forward_shared / fa_backward_shared).
-    private static func flashForwardShared(_ d: Int) -> Int { 4 * 64 * (d + 8) * 2 + 2 * 64 * 4 }
+    private static func flashForwardShared(_ d: Int) -> Int { (128 + 4 * 64) * (d + 8) * 2 + 2 * 64 * 4 }
     private static func flashBackwardShared(_ d: Int) -> Int { (2 * 128 + 4 * 64) * (d + 8) * 2 + 128 * 72 * 2 + 3 * 2 * 64 * 4 }
 
     /// o = softmax(scale q k^T + causal/segment mask) v, and lse (per token and head) for the backward.
@@ -51,7 +51,7 @@ extension CUDAContext {
             let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_forward_d\(s.headDim)")
             let shared = Self.flashForwardShared(s.headDim)
             if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
-            try device.launch(f, grid: (s.heads, s.batch, (s.seq + 127) / 128), block: (256, 1, 1), sharedMemory: shared,
+            try device.launch(f, grid: (s.heads, s.batch, (s.seq + 127) / 128), block: (128, 1, 1), sharedMemory: shared,
                               stream: stream,
                               [q.arg, k.arg, v.arg, o.arg, lse.arg, .pointer(segments?.pointer ?? 0), .int(s.seq), .int(s.heads),
                                .int(s.kvHeads), .float(s.scale)])
