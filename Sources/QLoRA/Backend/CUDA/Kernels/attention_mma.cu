@@ -12,6 +12,8 @@
 // next tile's loads overlap this tile's products (see each kernel's pipeline comment). Shared rows are padded by 8 values (16 bytes) so the
 // 8 rows a fragment reads fall in different banks.
 //
+// The default path is the flash section further down (attention_fa_*: 128-row tiles, fused backward); the 64-row
+// kernels below stay selectable (`flash: false` in CUDAAttention.swift) as a second tensor-core implementation.
 // Kernels (4 warps; each warp owns 16 rows of the block's 64):
 //   attention_mma_forward:   block = 64 queries of one head; loops over key tiles of 64 up to the diagonal:
 //                            S = Q Kᵀ, online softmax (m, l per row), O += P V; writes O and lse.
