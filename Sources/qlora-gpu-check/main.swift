@@ -378,31 +378,37 @@ group("attention") {
     let shapes: [(AttentionShape, Bool)] = [
         (AttentionShape(batch: 2, seq: 200, heads: 4, kvHeads: 2, headDim: 64), false),
         (AttentionShape(batch: 1, seq: 150, heads: 4, kvHeads: 1, headDim: 128), true),
+        // Several 128-row tiles: interior (unmasked) tiles, a partial last tile, GQA groups of 4; D 32 packed.
+        (AttentionShape(batch: 1, seq: 600, heads: 8, kvHeads: 2, headDim: 128), false),
+        (AttentionShape(batch: 2, seq: 300, heads: 2, kvHeads: 2, headDim: 32), true),
     ]
-    for tensorCores in [true, false] {
     for (shape, packed) in shapes {
         let qn = shape.tokens * shape.heads * shape.headDim, kn = shape.tokens * shape.kvHeads * shape.headDim
         let (qb, q) = rng.bf16(qn, -2, 2), (kb, k) = rng.bf16(kn, -2, 2), (vb, v) = rng.bf16(kn), (db, dout) = rng.bf16(qn)
         // Two packed sequences in one row: positions 0..<77 and 77..<seq.
         let segments: [Int32]? = packed ? (0..<shape.tokens).map { $0 % shape.seq < 77 ? 0 : 1 } : nil
-        let name = "attention\(tensorCores ? " mma" : "") b\(shape.batch) s\(shape.seq) h\(shape.heads)/\(shape.kvHeads) d\(shape.headDim)\(packed ? " packed" : "")"
         let ref = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: shape.batch, seq: shape.seq,
                                                 heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim)
-        let qd = try upload(qb), kd = try upload(kb), vd = try upload(vb)
-        let segd = try segments.map { try upload($0) }
-        let o = try poisoned(UInt16.self, qn), lse = try poisoned(Float.self, shape.tokens * shape.heads)
-        try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape, tensorCores: tensorCores)
-        check("\(name): o", relativeError(try downloadBF16(o), ref.o), 1e-2)
-        check("\(name): lse", relativeError(try lse.download(), ref.lse), 1e-4)
         let grads = CPUReference.attentionBackward(q: q, k: k, v: v, dout: dout, segments: segments, batch: shape.batch,
                                                    seq: shape.seq, heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim)
-        let dq = try poisoned(UInt16.self, qn), dk = try poisoned(UInt16.self, kn), dv = try poisoned(UInt16.self, kn)
-        try ctx.attentionBackward(q: qd, k: kd, v: vd, o: o, dout: upload(db), lse: lse, segments: segd, dq: dq, dk: dk, dv: dv,
-                                  shape: shape, tensorCores: tensorCores)
-        check("\(name): dq", relativeError(try downloadBF16(dq), grads.dq), 2e-2)
-        check("\(name): dk", relativeError(try downloadBF16(dk), grads.dk), 2e-2)
-        check("\(name): dv", relativeError(try downloadBF16(dv), grads.dv), 2e-2)
-    }
+        let qd = try upload(qb), kd = try upload(kb), vd = try upload(vb), dd = try upload(db)
+        let segd = try segments.map { try upload($0) }
+        // Tensor-core flash kernels (the default), the 64-row tensor-core kernels, the fp32 kernels.
+        for (tensorCores, flash) in [(true, true), (true, false), (false, false)] {
+            let kind = tensorCores ? (flash ? " flash" : " mma") : ""
+            let name = "attention\(kind) b\(shape.batch) s\(shape.seq) h\(shape.heads)/\(shape.kvHeads) d\(shape.headDim)\(packed ? " packed" : "")"
+            let o = try poisoned(UInt16.self, qn), lse = try poisoned(Float.self, shape.tokens * shape.heads)
+            try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape, tensorCores: tensorCores,
+                                     flash: flash)
+            check("\(name): o", relativeError(try downloadBF16(o), ref.o), 1e-2)
+            check("\(name): lse", relativeError(try lse.download(), ref.lse), 1e-4)
+            let dq = try poisoned(UInt16.self, qn), dk = try poisoned(UInt16.self, kn), dv = try poisoned(UInt16.self, kn)
+            try ctx.attentionBackward(q: qd, k: kd, v: vd, o: o, dout: dd, lse: lse, segments: segd, dq: dq, dk: dk, dv: dv,
+                                      shape: shape, tensorCores: tensorCores, flash: flash)
+            check("\(name): dq", relativeError(try downloadBF16(dq), grads.dq), 2e-2)
+            check("\(name): dk", relativeError(try downloadBF16(dk), grads.dk), 2e-2)
+            check("\(name): dv", relativeError(try downloadBF16(dv), grads.dv), 2e-2)
+        }
     }
 }
 
@@ -564,12 +570,19 @@ if runBench {
         let ao = try A.buffer(UInt16.self, count: qn), alse = try A.buffer(Float.self, count: shape.tokens * shape.heads)
         let adq = try A.buffer(UInt16.self, count: qn), adk = try A.buffer(UInt16.self, count: kn), adv = try A.buffer(UInt16.self, count: kn)
         let flops = 4 * Double(shape.batch * shape.heads) * Double(shape.seq * shape.seq) * Double(shape.headDim) / 2
-        let fwdMs = try timeMedian(5, warmup: 1) { try ctx.attentionForward(q: aq, k: ak, v: av, into: ao, lse: alse, shape: shape) }
-        print("  attention forward b2 s2048 h32/8 d128 (tensor cores): \(fmt(fwdMs, 3)) ms = \(fmt(flops / (fwdMs / 1000) / 1e12, 1)) TFLOP/s")
-        let bwdMs = try timeMedian(5, warmup: 1) {
-            try ctx.attentionBackward(q: aq, k: ak, v: av, o: ao, dout: ao, lse: alse, dq: adq, dk: adk, dv: adv, shape: shape)
+        let delta = try A.buffer(Float.self, count: shape.tokens * shape.heads), accumulator = try A.buffer(Float.self, count: qn)
+        for flash in [true, false] {
+            let kind = flash ? "flash" : "mma 64-row"
+            let fwdMs = try timeMedian(5, warmup: 1) {
+                try ctx.attentionForward(q: aq, k: ak, v: av, into: ao, lse: alse, shape: shape, flash: flash)
+            }
+            print("  attention forward b2 s2048 h32/8 d128 (\(kind)): \(fmt(fwdMs, 3)) ms = \(fmt(flops / (fwdMs / 1000) / 1e12, 1)) TFLOP/s")
+            let bwdMs = try timeMedian(5, warmup: 1) {
+                try ctx.attentionBackward(q: aq, k: ak, v: av, o: ao, dout: ao, lse: alse, dq: adq, dk: adk, dv: adv, delta: delta,
+                                          dqAccumulator: accumulator, shape: shape, flash: flash)
+            }
+            print("  attention backward b2 s2048 h32/8 d128 (\(kind)): \(fmt(bwdMs, 3)) ms = \(fmt(2.5 * flops / (bwdMs / 1000) / 1e12, 1)) TFLOP/s")
         }
-        print("  attention backward b2 s2048 h32/8 d128: \(fmt(bwdMs, 3)) ms = \(fmt(2.5 * flops / (bwdMs / 1000) / 1e12, 1)) TFLOP/s")
         // QLoRA linear at the Llama-3.1-8B MLP up-projection: 4096 tokens, 4096 -> 14336, r 16; NF4 weight
         // dequantized into a bf16 scratch buffer each call, then the LoRA linear GEMMs.
         do {

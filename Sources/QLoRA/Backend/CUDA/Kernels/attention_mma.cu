@@ -12,6 +12,8 @@
 // next tile's loads overlap this tile's products (see each kernel's pipeline comment). Shared rows are padded by 8 values (16 bytes) so the
 // 8 rows a fragment reads fall in different banks.
 //
+// The default path is the flash section further down (attention_fa_*: 128-row tiles, fused backward); the 64-row
+// kernels below stay selectable (`flash: false` in CUDAAttention.swift) as a second tensor-core implementation.
 // Kernels (4 warps; each warp owns 16 rows of the block's 64):
 //   attention_mma_forward:   block = 64 queries of one head; loops over key tiles of 64 up to the diagonal:
 //                            S = Q Kᵀ, online softmax (m, l per row), O += P V; writes O and lse.
@@ -66,6 +68,13 @@ __device__ __forceinline__ unsigned shared_address(const void* p) {
     return a;
 }
 
+/// The shared-memory address of p for ldmatrix: with C, the compiler's own conversion, whose constant offsets it can
+/// fold and schedule freely (fewer registers in the flash forward, more in the flash backward: each picks its own).
+template <bool C>
+__device__ __forceinline__ unsigned ldsm_address(const void* p) {
+    return C ? (unsigned)__cvta_generic_to_shared(p) : shared_address(p);
+}
+
 /// As load_rows_shared, with cp.async (16 bytes per copy, zero-filled past seq): the copies run in the background
 /// until `cp_async_wait`. Every thread calls `cp_async_commit` after issuing a group (also an empty one).
 template <int D, int ROWS>
@@ -88,26 +97,30 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 // ldmatrix.x4: lanes 8j..8j+7 give the row addresses of 8x8 matrix j; register j of lane (g, t) receives
 // M_j[g][2t..2t+1], or with .trans M_j[2t..2t+1][g]. The memory clobber keeps them between the barriers.
+template <bool C = false>
 __device__ __forceinline__ void ldsm_x4(unsigned* r, const bf16* p) {
     asm("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(ldsm_address<C>(p)) : "memory");
 }
 
+template <bool C = false>
 __device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const bf16* p) {
     asm("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)) : "memory");
+        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(ldsm_address<C>(p)) : "memory");
 }
 
 /// B fragments of an operand stored [n][k] in shared memory (pairs along k contiguous), n-tile n0, for the two
 /// k-steps k0 and k0 + 16: r[0..1] and r[2..3].
+template <bool C = false>
 __device__ __forceinline__ void b_frags_nk(unsigned* r, const bf16* s, int ld, int k0, int n0, int lane) {
-    ldsm_x4(r, s + (n0 + (lane & 7)) * ld + k0 + (lane >> 3) * 8);
+    ldsm_x4<C>(r, s + (n0 + (lane & 7)) * ld + k0 + (lane >> 3) * 8);
 }
 
 /// B fragments of an operand stored [k][n] in shared memory (pairs along k in different rows: transposed load),
 /// k-step k0, for the two n-tiles n0 and n0 + 8: r[0..1] and r[2..3].
+template <bool C = false>
 __device__ __forceinline__ void b_frags_kn(unsigned* r, const bf16* s, int ld, int k0, int n0, int lane) {
-    ldsm_x4_trans(r, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
+    ldsm_x4_trans<C>(r, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
 }
 
 // MARK: - Forward
@@ -453,6 +466,420 @@ __device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, 
     }
 }
 
+// MARK: - Flash kernels: 128-row tiles, 8 warps, fused backward
+//
+// The default path (the kernels above stay as a second tensor-core implementation to check against):
+//   attention_fa_forward:  block = 128 queries of one head (4 warps x 32 rows: two m-tiles share each K/V fragment
+//                          read from shared memory; Q stays in shared memory), two blocks per SM; key tiles of 64,
+//                          K and V double-buffered with cp.async (tile j+1 loads while tile j is computed).
+//                          Scores go to base 2 (scale·log2 e folded into one multiply, ex2.approx); the causal and
+//                          segment masks are only evaluated on tiles that cross a warp's diagonal or when segments
+//                          are given, and a warp skips key tiles entirely above its rows.
+//   attention_fa_prep:     delta = rowsum(dO ∘ O) and zeroes the fp32 dQ accumulator.
+//   attention_fa_backward: block = 128 keys of one KV head (8 warps x 16 keys); loops over the group's query heads
+//                          and query tiles of 64 from the diagonal on (Q, dO, lse, delta double-buffered):
+//                          Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, Pᵀ = exp2(Sᵀ·scale·log2 e − lse·log2 e), dSᵀ = Pᵀ ∘ (dPᵀ − delta),
+//                          dV += Pᵀ dO, dK += dSᵀ Q in registers; dSᵀ goes to shared memory and the block adds
+//                          dQ += dS K to the fp32 accumulator with vector reductions (red.global.add.v2.f32).
+//   attention_fa_dq:       dq = bf16(scale · accumulator).
+// Blocks are ordered heaviest first (the causal triangle): the forward's last query tiles and the backward's first
+// key tiles start in the first wave.
+
+#define FA_THREADS 256
+#define FA_FORWARD_THREADS 128
+
+extern __shared__ __align__(16) unsigned char fa_shared[];
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/// A fragment (16 rows x 16 k) of a row-major [m][k] operand in shared memory: rows m0.., columns k0...
+template <bool C = false>
+__device__ __forceinline__ void a_frag_mk(unsigned* r, const bf16* s, int ld, int m0, int k0, int lane) {
+    ldsm_x4<C>(r, s + (m0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
+}
+
+/// A fragment of an operand stored transposed, [k][m], in shared memory (ldmatrix .trans).
+template <bool C = false>
+__device__ __forceinline__ void a_frag_km(unsigned* r, const bf16* s, int ld, int m0, int k0, int lane) {
+    ldsm_x4_trans<C>(r, s + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 + ((lane >> 3) & 1) * 8);
+}
+
+/// B fragments of an operand stored [n][k] in shared memory, k-step k0, for the two n-tiles n0 and n0 + 8:
+/// r[0..1] and r[2..3].
+template <bool C = false>
+__device__ __forceinline__ void b_frags_nk_pair(unsigned* r, const bf16* s, int ld, int k0, int n0, int lane) {
+    ldsm_x4<C>(r, s + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+}
+
+__device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+
+/// Dynamic shared memory of attention_fa_forward for head dimension D (the launcher computes the same):
+/// Q (128 rows), K and V (2 stages x 64 rows), key segments (2 x 64).
+template <int D>
+constexpr int fa_forward_shared() { return (128 + 4 * 64) * (D + 8) * 2 + 2 * 64 * 4; }
+
+template <int D>
+__device__ __forceinline__ void fa_forward(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+                                           const int* segments, int seq, int heads, int kv_heads, float scale) {
+    constexpr int LD = D + 8, BM = 128, BK = 64, TILE = BK * LD;
+    bf16* qs = reinterpret_cast<bf16*>(fa_shared);  // [BM * LD]
+    bf16* ks = qs + BM * LD;                        // [2][TILE]
+    bf16* vs = ks + 2 * TILE;                       // [2][TILE]
+    int* segk = reinterpret_cast<int*>(vs + 2 * TILE);  // [2][BK]
+    const int h = blockIdx.x, b = blockIdx.y, q0 = (gridDim.z - 1 - blockIdx.z) * BM;  // longest rows first
+    const int hk = h / (heads / kv_heads);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const long long t0 = (long long)b * seq;
+    // Warp w owns rows 32 w.. of the block as two m-tiles; thread rows[mi][i] = 32 w + 16 mi + g + 8 i.
+    int rows[2][2];
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++) { rows[mi][0] = q0 + warp * 32 + mi * 16 + g; rows[mi][1] = rows[mi][0] + 8; }
+    const int warp_first = q0 + warp * 32, warp_last = warp_first + 31;
+    int segq[2][2];
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int i = 0; i < 2; i++) segq[mi][i] = (segments && rows[mi][i] < seq) ? segments[t0 + rows[mi][i]] : 0;
+    float oacc[2][D / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int x = 0; x < D / 8; x++) oacc[mi][x][0] = oacc[mi][x][1] = oacc[mi][x][2] = oacc[mi][x][3] = 0.0f;
+    float m[2][2] = {{-QLORA_INFINITY, -QLORA_INFINITY}, {-QLORA_INFINITY, -QLORA_INFINITY}};
+    float l[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    const float sl2 = scale * 1.4426950408889634f;
+
+    const int key_end = min(seq, q0 + BM), tiles = (key_end + BK - 1) / BK;
+    auto issue = [&](int j, int stage) {
+        async_rows_shared<D, BK>(ks + stage * TILE, k, t0, j * BK, seq, kv_heads, hk);
+        async_rows_shared<D, BK>(vs + stage * TILE, v, t0, j * BK, seq, kv_heads, hk);
+        if (segments && threadIdx.x < BK) {
+            const int key = j * BK + threadIdx.x;
+            segk[stage * BK + threadIdx.x] = key < seq ? segments[t0 + key] : -1;
+        }
+    };
+    async_rows_shared<D, BM>(qs, q, t0, q0, seq, heads, h);
+    issue(0, 0);
+    cp_async_commit();
+    for (int j = 0; j < tiles; j++) {
+        // Tile j has landed for every thread, and every warp is done with tile j - 1, whose stage is refilled next.
+        cp_async_wait<0>();
+        __syncthreads();
+        if (j + 1 < tiles) issue(j + 1, (j + 1) & 1);
+        cp_async_commit();
+        const int j0 = j * BK;
+        if (j0 > warp_last) continue;  // every key of the tile is after every row of this warp
+        const bf16* kt = ks + (j & 1) * TILE;
+        const bf16* vt = vs + (j & 1) * TILE;
+        float s[2][BK / 8][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++) s[mi][nt][0] = s[mi][nt][1] = s[mi][nt][2] = s[mi][nt][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            unsigned qa[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) a_frag_mk<true>(qa[mi], qs, LD, warp * 32 + mi * 16, kk * 16, lane);
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt += 2) {
+                unsigned r[4];
+                b_frags_nk_pair<true>(r, kt, LD, kk * 16, nt * 8, lane);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    mma16816(s[mi][nt], qa[mi], r[0], r[1]);
+                    mma16816(s[mi][nt + 1], qa[mi], r[2], r[3]);
+                }
+            }
+        }
+        if (segments || j0 + BK - 1 > warp_first) {  // the tile crosses this warp's diagonal (or segments apply)
+            const int* sk = segk + (j & 1) * BK;
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int i = e >> 1, col = j0 + nt * 8 + 2 * t + (e & 1);
+                        const bool ok = col <= rows[mi][i] && (!segments || sk[col - j0] == segq[mi][i]);
+                        if (!ok) s[mi][nt][e] = -QLORA_INFINITY;
+                    }
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++) {
+            float mx[2] = {-QLORA_INFINITY, -QLORA_INFINITY};
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++) {
+                mx[0] = fmaxf(mx[0], fmaxf(s[mi][nt][0], s[mi][nt][1]));
+                mx[1] = fmaxf(mx[1], fmaxf(s[mi][nt][2], s[mi][nt][3]));
+            }
+            float msub[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                const float m_new = fmaxf(m[mi][i], mx[i] * sl2);  // running max in base-2 units
+                msub[i] = m_new == -QLORA_INFINITY ? 0.0f : m_new;
+                const float alpha = fast_exp2(m[mi][i] - msub[i]);  // 0 on the first tile (m = -inf)
+                l[mi][i] *= alpha;
+#pragma unroll
+                for (int x = 0; x < D / 8; x++) { oacc[mi][x][2 * i] *= alpha; oacc[mi][x][2 * i + 1] *= alpha; }
+                m[mi][i] = m_new;
+            }
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float p = fast_exp2(fmaf(s[mi][nt][e], sl2, -msub[e >> 1]));
+                    s[mi][nt][e] = p;
+                    l[mi][e >> 1] += p;
+                }
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            unsigned pa[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                pa[mi][0] = pack_f2(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+                pa[mi][1] = pack_f2(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+                pa[mi][2] = pack_f2(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+                pa[mi][3] = pack_f2(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                unsigned r[4];
+                b_frags_kn<true>(r, vt, LD, kk * 16, dt * 8, lane);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+                    mma16816(oacc[mi][dt], pa[mi], r[0], r[1]);
+                    mma16816(oacc[mi][dt + 1], pa[mi], r[2], r[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            float sum = l[mi][i];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const int row = rows[mi][i];
+            if (row >= seq) continue;
+            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+            bf16* out = o + ((t0 + row) * heads + h) * D;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++)
+                *reinterpret_cast<unsigned*>(out + dt * 8 + 2 * t) =
+                    pack_f2(oacc[mi][dt][2 * i] * inv, oacc[mi][dt][2 * i + 1] * inv);
+            if (t == 0) lse[(t0 + row) * heads + h] = m[mi][i] * 0.6931471805599453f + logf(sum);
+        }
+}
+
+/// Dynamic shared memory of attention_fa_backward for head dimension D (the launcher computes the same):
+/// K and V (128 rows), Q and dO (2 stages x 64 rows), dSᵀ (128 x 72), lse/delta/segments (2 stages x 64).
+template <int D>
+constexpr int fa_backward_shared() { return (2 * 128 + 4 * 64) * (D + 8) * 2 + 128 * 72 * 2 + 3 * 2 * 64 * 4; }
+
+template <int D>
+__device__ __forceinline__ void fa_backward(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                            const float* lse, const float* delta, const int* segments, float* dq_accum,
+                                            bf16* dk, bf16* dv, int seq, int heads, int kv_heads, float scale) {
+    constexpr int LD = D + 8, BN = 128, BQ = 64, LDS = BQ + 8, QT = BQ * LD;
+    bf16* ks = reinterpret_cast<bf16*>(fa_shared);  // [BN * LD]
+    bf16* vs = ks + BN * LD;                        // [BN * LD]
+    bf16* qs = vs + BN * LD;                        // [2][QT]
+    bf16* dos = qs + 2 * QT;                        // [2][QT]
+    bf16* dst = dos + 2 * QT;                       // dSᵀ [BN][LDS]
+    float* lse_s = reinterpret_cast<float*>(dst + BN * LDS);  // [2][BQ], times log2 e
+    float* delta_s = lse_s + 2 * BQ;                           // [2][BQ]
+    int* segq_s = reinterpret_cast<int*>(delta_s + 2 * BQ);    // [2][BQ]
+    const int hk = blockIdx.x % kv_heads, b = blockIdx.x / kv_heads, k0 = blockIdx.y * BN;  // first keys first
+    const int group = heads / kv_heads;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const long long t0 = (long long)b * seq;
+    const int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+    const int warp_last = k0 + warp * 16 + 15;
+    const float sl2 = scale * 1.4426950408889634f;
+    int segk[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) segk[i] = (segments && keys[i] < seq) ? segments[t0 + keys[i]] : 0;
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int x = 0; x < D / 8; x++) {
+        dka[x][0] = dka[x][1] = dka[x][2] = dka[x][3] = 0.0f;
+        dva[x][0] = dva[x][1] = dva[x][2] = dva[x][3] = 0.0f;
+    }
+    const int tiles_per_head = (seq - k0 + BQ - 1) / BQ, tiles = group * tiles_per_head;
+    auto issue = [&](int n, int stage) {
+        const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * BQ;
+        async_rows_shared<D, BQ>(qs + stage * QT, q, t0, i0, seq, heads, h);
+        async_rows_shared<D, BQ>(dos + stage * QT, dout, t0, i0, seq, heads, h);
+        if (threadIdx.x < BQ) {
+            const int i = i0 + threadIdx.x;
+            const bool valid = i < seq;
+            lse_s[stage * BQ + threadIdx.x] = valid ? lse[(t0 + i) * heads + h] * 1.4426950408889634f : 0.0f;
+            delta_s[stage * BQ + threadIdx.x] = valid ? delta[(t0 + i) * heads + h] : 0.0f;
+            segq_s[stage * BQ + threadIdx.x] = (segments && valid) ? segments[t0 + i] : 0;
+        }
+    };
+    async_rows_shared<D, BN>(ks, k, t0, k0, seq, kv_heads, hk);
+    async_rows_shared<D, BN>(vs, v, t0, k0, seq, kv_heads, hk);
+    if (tiles > 0) issue(0, 0);
+    cp_async_commit();
+    for (int n = 0; n < tiles; n++) {
+        // Tile n has landed; every warp is done with tile n - 1 (its stage and dSᵀ are rewritten below).
+        cp_async_wait<0>();
+        __syncthreads();
+        if (n + 1 < tiles) issue(n + 1, (n + 1) & 1);
+        cp_async_commit();
+        const int stage = n & 1;
+        const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * BQ;
+        const bf16* qt = qs + stage * QT;
+        const bf16* dot = dos + stage * QT;
+        const float* lse_t = lse_s + stage * BQ;
+        const float* delta_t = delta_s + stage * BQ;
+        float st[BQ / 8][4], dpt[BQ / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BQ / 8; nt++) {
+            st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.0f;
+            dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.0f;
+        }
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk += 2) {
+            unsigned ka[2][4], va[2][4];
+            a_frag_mk(ka[0], ks, LD, warp * 16, kk * 16, lane);
+            a_frag_mk(ka[1], ks, LD, warp * 16, kk * 16 + 16, lane);
+            a_frag_mk(va[0], vs, LD, warp * 16, kk * 16, lane);
+            a_frag_mk(va[1], vs, LD, warp * 16, kk * 16 + 16, lane);
+#pragma unroll
+            for (int nt = 0; nt < BQ / 8; nt++) {
+                unsigned r[4];
+                b_frags_nk(r, qt, LD, kk * 16, nt * 8, lane);
+                mma16816(st[nt], ka[0], r[0], r[1]);
+                mma16816(st[nt], ka[1], r[2], r[3]);
+                b_frags_nk(r, dot, LD, kk * 16, nt * 8, lane);
+                mma16816(dpt[nt], va[0], r[0], r[1]);
+                mma16816(dpt[nt], va[1], r[2], r[3]);
+            }
+        }
+        const bool masked = segments || i0 < warp_last || i0 + BQ > seq;
+        const int* segq_t = segq_s + stage * BQ;
+#pragma unroll
+        for (int nt = 0; nt < BQ / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int cq = nt * 8 + 2 * t + (e & 1);
+                float p = fast_exp2(fmaf(st[nt][e], sl2, -lse_t[cq]));
+                if (masked) {
+                    const int i = e >> 1, query = i0 + cq;
+                    const bool ok = query < seq && keys[i] <= query && (!segments || segq_t[cq] == segk[i]);
+                    p = ok ? p : 0.0f;
+                }
+                st[nt][e] = p;                              // Pᵀ
+                dpt[nt][e] = p * (dpt[nt][e] - delta_t[cq]);  // dSᵀ
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; kk++) {
+            const unsigned pa[4] = {pack_f2(st[2 * kk][0], st[2 * kk][1]), pack_f2(st[2 * kk][2], st[2 * kk][3]),
+                                    pack_f2(st[2 * kk + 1][0], st[2 * kk + 1][1]), pack_f2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+            const unsigned sa[4] = {pack_f2(dpt[2 * kk][0], dpt[2 * kk][1]), pack_f2(dpt[2 * kk][2], dpt[2 * kk][3]),
+                                    pack_f2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                                    pack_f2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+            // dSᵀ rows (keys) of this warp, columns (queries) 16 kk..: the same bf16 values dK uses.
+            bf16* drow = dst + (warp * 16 + g) * LDS + kk * 16 + 2 * t;
+            *reinterpret_cast<unsigned*>(drow) = sa[0];
+            *reinterpret_cast<unsigned*>(drow + 8 * LDS) = sa[1];
+            *reinterpret_cast<unsigned*>(drow + 8) = sa[2];
+            *reinterpret_cast<unsigned*>(drow + 8 * LDS + 8) = sa[3];
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt += 2) {
+                unsigned r[4];
+                b_frags_kn(r, dot, LD, kk * 16, dt * 8, lane);
+                mma16816(dva[dt], pa, r[0], r[1]);
+                mma16816(dva[dt + 1], pa, r[2], r[3]);
+                b_frags_kn(r, qt, LD, kk * 16, dt * 8, lane);
+                mma16816(dka[dt], sa, r[0], r[1]);
+                mma16816(dka[dt + 1], sa, r[2], r[3]);
+            }
+        }
+        __syncthreads();  // dSᵀ of every warp is in shared memory
+        // dQ (64 queries x D) += dS (64 x 128 keys) K: warp w takes queries 16 (w % 4).. and columns (w / 4) D/2...
+        {
+            constexpr int NT = D / 16;  // n-tiles of 8 columns per warp
+            const int mq = (warp & 3) * 16, c0 = (warp >> 2) * (D / 2);
+            float acc[NT][4];
+#pragma unroll
+            for (int x = 0; x < NT; x++) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) {
+                unsigned a[4];
+                a_frag_km(a, dst, LDS, mq, kk * 16, lane);
+#pragma unroll
+                for (int dt = 0; dt < NT; dt += 2) {
+                    unsigned r[4];
+                    b_frags_kn(r, ks, LD, kk * 16, c0 + dt * 8, lane);
+                    mma16816(acc[dt], a, r[0], r[1]);
+                    mma16816(acc[dt + 1], a, r[2], r[3]);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const int query = i0 + mq + g + 8 * i;
+                if (query >= seq) continue;
+                float* row = dq_accum + ((t0 + query) * heads + h) * D + c0 + 2 * t;
+#pragma unroll
+                for (int dt = 0; dt < NT; dt++) red_add_v2(row + dt * 8, acc[dt][2 * i], acc[dt][2 * i + 1]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (keys[i] >= seq) continue;
+        bf16* outk = dk + ((t0 + keys[i]) * kv_heads + hk) * D;
+        bf16* outv = dv + ((t0 + keys[i]) * kv_heads + hk) * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            *reinterpret_cast<unsigned*>(outk + dt * 8 + 2 * t) = pack_f2(dka[dt][2 * i] * scale, dka[dt][2 * i + 1] * scale);
+            *reinterpret_cast<unsigned*>(outv + dt * 8 + 2 * t) = pack_f2(dva[dt][2 * i], dva[dt][2 * i + 1]);
+        }
+    }
+}
+
+/// delta[row] = Σ_d o[row][d] dout[row][d] for rows = tokens x heads (one warp per row), and accumulator row = 0.
+extern "C" __global__ void attention_fa_prep(const bf16* o, const bf16* dout, float* delta, float* dq_accum, long long rows,
+                                             int dim) {
+    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    float sum = 0.0f;
+    for (int d = lane; d < dim; d += 32) {
+        sum += bf16_to_float(o[row * dim + d]) * bf16_to_float(dout[row * dim + d]);
+        dq_accum[row * dim + d] = 0.0f;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) delta[row] = sum;
+}
+
+/// dq = bf16(scale · accumulator), `count` values (a multiple of 4).
+extern "C" __global__ void attention_fa_dq(const float* dq_accum, bf16* dq, long long count, float scale) {
+    GRID_STRIDE(i4, count / 4) {
+        const float4 a = reinterpret_cast<const float4*>(dq_accum)[i4];
+        const unsigned lo = pack_f2(a.x * scale, a.y * scale), hi = pack_f2(a.z * scale, a.w * scale);
+        reinterpret_cast<uint2*>(dq)[i4] = make_uint2(lo, hi);
+    }
+}
+
 // MARK: - Entry points
 
 #define FORWARD_ARGS const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, const int *segments, int seq, \
@@ -473,6 +900,19 @@ __device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, 
         mma_backward_dkdv<D>(q, k, v, dout, lse, delta, segments, dk, dv, seq, heads, kv_heads, scale);                 \
     }
 
+#define FA_ENTRY_POINTS(D)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FA_FORWARD_THREADS, 2) attention_fa_forward_d##D(FORWARD_ARGS) {              \
+        fa_forward<D>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);                                          \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) attention_fa_backward_d##D(                            \
+        const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta,             \
+        const int *segments, float *dq_accum, bf16 *dk, bf16 *dv, int seq, int heads, int kv_heads, float scale) {      \
+        fa_backward<D>(q, k, v, dout, lse, delta, segments, dq_accum, dk, dv, seq, heads, kv_heads, scale);             \
+    }
+
 ENTRY_POINTS(32)
 ENTRY_POINTS(64)
 ENTRY_POINTS(128)
+FA_ENTRY_POINTS(32)
+FA_ENTRY_POINTS(64)
+FA_ENTRY_POINTS(128)

@@ -1,5 +1,7 @@
-// Launchers for Kernels/attention_mma.cu (tensor cores, the default) and Kernels/attention.cu (fp32 FMAs, kept as a
-// second implementation to check against): causal GQA attention, forward and backward, without storing scores.
+// Launchers for Kernels/attention_mma.cu (tensor cores: the flash kernels `attention_fa_*` are the default, the
+// earlier 64-row `attention_mma_*` kernels stay selectable with `flash: false`) and Kernels/attention.cu (fp32 FMAs,
+// kept as a second implementation to check against): causal GQA attention, forward and backward, without storing
+// scores.
 
 /// The shape of one attention call: `batch` rows of `seq` tokens, `heads` query heads sharing `kvHeads` KV heads.
 public struct AttentionShape {
@@ -29,16 +31,32 @@ extension CUDAContext {
         try require(s.batch > 0 && s.seq > 0, op, "empty batch")
     }
 
+    /// Shared memory of the flash kernels (attention_mma.cu's fa_forward_shared / fa_backward_shared).
+    private static func flashForwardShared(_ d: Int) -> Int { (128 + 4 * 64) * (d + 8) * 2 + 2 * 64 * 4 }
+    private static func flashBackwardShared(_ d: Int) -> Int { (2 * 128 + 4 * 64) * (d + 8) * 2 + 128 * 72 * 2 + 3 * 2 * 64 * 4 }
+
     /// o = softmax(scale q k^T + causal/segment mask) v, and lse (per token and head) for the backward.
     /// q, o: [tokens, heads, headDim]; k, v: [tokens, kvHeads, headDim]; segments (optional): [tokens] ids that keep
-    /// packed sequences apart.
+    /// packed sequences apart. `flash` picks the 128-row flash kernel (default) over the 64-row one (tensor cores only).
     public func attentionForward(q: DeviceBuffer<UInt16>, k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>,
                                  into o: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>, segments: DeviceBuffer<Int32>? = nil,
-                                 shape s: AttentionShape, tensorCores: Bool = true, stream: CUDAStream? = nil) throws {
+                                 shape s: AttentionShape, tensorCores: Bool = true, flash: Bool = true,
+                                 stream: CUDAStream? = nil) throws {
         let op = "attentionForward"
         try checkAttention(s, op)
         try require(q.count >= s.tokens * s.heads * s.headDim && o.count >= q.count && lse.count >= s.tokens * s.heads
                         && k.count >= s.tokens * s.kvHeads * s.headDim && v.count >= k.count, op, "buffers too small")
+        if tensorCores && flash {
+            // Grid: (head, batch, query tile); the kernel takes the last query tiles (the longest rows) first.
+            let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_forward_d\(s.headDim)")
+            let shared = Self.flashForwardShared(s.headDim)
+            if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
+            try device.launch(f, grid: (s.heads, s.batch, (s.seq + 127) / 128), block: (128, 1, 1), sharedMemory: shared,
+                              stream: stream,
+                              [q.arg, k.arg, v.arg, o.arg, lse.arg, .pointer(segments?.pointer ?? 0), .int(s.seq), .int(s.heads),
+                               .int(s.kvHeads), .float(s.scale)])
+            return
+        }
         let (source, name, threads) = tensorCores ? (KernelSources.attentionMMA, "attention_mma_forward_d\(s.headDim)", 128)
                                                   : (KernelSources.attention, "attention_forward_d\(s.headDim)", 256)
         try device.launch(compiler.function(source, name),
@@ -47,13 +65,15 @@ extension CUDAContext {
                            .int(s.kvHeads), .float(s.scale)])
     }
 
-    /// dq, dk, dv from dout, given the forward's inputs, output and lse. `delta` is scratch of tokens * heads floats
-    /// (taken from the allocator when not given).
+    /// dq, dk, dv from dout, given the forward's inputs, output and lse. `delta` is scratch of tokens * heads floats;
+    /// `dqAccumulator` (flash kernel only) scratch of tokens * heads * headDim floats (both taken from the allocator
+    /// when not given). The flash backward adds dQ with fp32 atomics, so dq can differ in the last bits between runs.
     public func attentionBackward(q: DeviceBuffer<UInt16>, k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>,
                                   o: DeviceBuffer<UInt16>, dout: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>,
                                   segments: DeviceBuffer<Int32>? = nil, dq: DeviceBuffer<UInt16>, dk: DeviceBuffer<UInt16>,
-                                  dv: DeviceBuffer<UInt16>, delta: DeviceBuffer<Float>? = nil, shape s: AttentionShape,
-                                  tensorCores: Bool = true, stream: CUDAStream? = nil) throws {
+                                  dv: DeviceBuffer<UInt16>, delta: DeviceBuffer<Float>? = nil,
+                                  dqAccumulator: DeviceBuffer<Float>? = nil, shape s: AttentionShape,
+                                  tensorCores: Bool = true, flash: Bool = true, stream: CUDAStream? = nil) throws {
         let op = "attentionBackward"
         try checkAttention(s, op)
         let qCount = s.tokens * s.heads * s.headDim, kCount = s.tokens * s.kvHeads * s.headDim
@@ -62,6 +82,25 @@ extension CUDAContext {
         let rows = s.tokens * s.heads
         let deltaBuffer = try delta ?? allocator.buffer(Float.self, count: rows)
         try require(deltaBuffer.count >= rows, op, "delta scratch too small")
+        if tensorCores && flash {
+            let accumulator = try dqAccumulator ?? allocator.buffer(Float.self, count: qCount)
+            try require(accumulator.count >= qCount, op, "dq accumulator scratch too small")
+            try device.launch(compiler.function(KernelSources.attentionMMA, "attention_fa_prep"),
+                              grid: ((rows * 32 + 255) / 256, 1, 1), block: (256, 1, 1), stream: stream,
+                              [o.arg, dout.arg, deltaBuffer.arg, accumulator.arg, .int64(Int64(rows)), .int(s.headDim)])
+            // Grid: (batch x KV head, key block); key block 0 (the most query tiles) starts first.
+            let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_backward_d\(s.headDim)")
+            let shared = Self.flashBackwardShared(s.headDim)
+            if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
+            try device.launch(f, grid: (s.batch * s.kvHeads, (s.seq + 127) / 128, 1), block: (256, 1, 1), sharedMemory: shared,
+                              stream: stream,
+                              [q.arg, k.arg, v.arg, dout.arg, lse.arg, deltaBuffer.arg, .pointer(segments?.pointer ?? 0),
+                               accumulator.arg, dk.arg, dv.arg, .int(s.seq), .int(s.heads), .int(s.kvHeads), .float(s.scale)])
+            try device.launch(compiler.function(KernelSources.attentionMMA, "attention_fa_dq"),
+                              grid: (min((qCount / 4 + 255) / 256, 4096), 1, 1), block: (256, 1, 1), stream: stream,
+                              [accumulator.arg, dq.arg, .int64(Int64(qCount)), .float(s.scale)])
+            return
+        }
         try device.launch(compiler.function(KernelSources.attention, "attention_backward_delta"),
                           grid: ((rows * 32 + 255) / 256, 1, 1), block: (256, 1, 1), stream: stream,
                           [o.arg, dout.arg, deltaBuffer.arg, .int64(Int64(rows)), .int(s.headDim)])
