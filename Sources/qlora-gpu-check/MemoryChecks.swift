@@ -15,9 +15,9 @@
 //                                             embedding), and is within 1 MiB of the plan less cuBLASLt's 32 MiB
 //                                             workspace (made once per context; the plan leaves out a few small
 //                                             buffers: the absmax code map, RoPE frequencies, the loss sum)
-// Bit-identical needs deterministic kernels: the optimizer steps here do not clip (the norm's atomicAdd would
-// make the clip factor's last bit vary between runs), and the all-on-GPU run is repeated to show it reproduces
-// itself.
+// Bit-identical needs deterministic kernels: the trainers run with `deterministic` attention (the flash backward's
+// dQ atomics would vary the last bits), the optimizer steps here do not clip (the norm's atomicAdd would make the
+// clip factor's last bit vary between runs), and the all-on-GPU run is repeated to show it reproduces itself.
 
 import QLoRA
 #if canImport(Glibc)
@@ -91,13 +91,19 @@ func runMemoryChecks(_ ctx: CUDAContext) {
     func compareVariants(_ name: String, _ variants: [(String, CUDATrainerMemoryOptions)],
                          make: (CUDATrainerMemoryOptions) throws -> CUDALlamaTrainer,
                          run: (CUDALlamaTrainer) throws -> MemoryRunRecord) throws {
-        let reference = try run(make(.allOnDevice))
-        let repeated = try run(make(.allOnDevice))
+        // The deterministic attention kernels: the flash backward adds dQ with fp32 atomics (last bits vary by run).
+        func build(_ options: CUDATrainerMemoryOptions) throws -> CUDALlamaTrainer {
+            let trainer = try make(options)
+            trainer.deterministic = true
+            return trainer
+        }
+        let reference = try run(build(.allOnDevice))
+        let repeated = try run(build(.allOnDevice))
         checkTrue("\(name): all on the GPU reproduces itself", repeated == reference,
                   "\(repeated.differences(from: reference)) of \(reference.parameters.count) parameters, "
                   + "\(reference.gradients.count) gradient sets and \(reference.losses.count / 2) losses differ")
         for (label, options) in variants {
-            let trainer = try make(options)
+            let trainer = try build(options)
             let record = try run(trainer)
             checkTrue("\(name): \(label) = all on the GPU, bit for bit", record == reference,
                       "\(record.differences(from: reference)) values differ (\(trainer.memory); plan \(trainer.plan))")

@@ -146,7 +146,7 @@ public final class DeviceBuffer<T> {
         parent = nil
     }
 
-    private init(viewOf parent: DeviceBuffer<T>, at index: Int, count: Int) {
+    private init<P>(viewOf parent: DeviceBuffer<P>, at index: Int, count: Int) {
         pointer = parent.address(at: index)
         self.count = count
         sizeClass = 0
@@ -164,6 +164,15 @@ public final class DeviceBuffer<T> {
         precondition(index >= 0 && count >= 0 && index + count <= self.count,
                      "view of \(count) elements at \(index) in a buffer of \(self.count)")
         return DeviceBuffer(viewOf: self, at: index, count: count)
+    }
+
+    /// `count` values of type U starting at element `index` of this buffer (e.g. fp32 scratch inside a bf16 region);
+    /// the start must be aligned for U.
+    public func view<U>(as type: U.Type, at index: Int, count: Int) -> DeviceBuffer<U> {
+        precondition(index >= 0 && count >= 0 && index * MemoryLayout<T>.stride + count * MemoryLayout<U>.stride <= byteCount
+                     && (index * MemoryLayout<T>.stride) % MemoryLayout<U>.alignment == 0,
+                     "view of \(count) \(U.self) at element \(index) in a buffer of \(self.count) \(T.self)")
+        return DeviceBuffer<U>(viewOf: self, at: index, count: count)
     }
 
     public var byteCount: Int { count * MemoryLayout<T>.stride }

@@ -127,11 +127,16 @@ public final class CUDALlamaTrainer {
     let q: DeviceBuffer<UInt16>, attended: DeviceBuffer<UInt16>
     let k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>
     /// One region (BlockScratchLayout) holding gate, up and activated [N, I], and, once the MLP's backward is done
-    /// with them, the attention backward's dAttended, dq [N, q] and dk, dv [N, kv], and between the forward and the
-    /// backward the loss's logits (views into it).
+    /// with them, the attention backward's dAttended, dq [N, q], dk, dv [N, kv] and its fp32 dQ accumulator [N, q],
+    /// and between the forward and the backward the loss's logits (views into it).
     let blockScratch: DeviceBuffer<UInt16>
     let gate: DeviceBuffer<UInt16>, up: DeviceBuffer<UInt16>, activated: DeviceBuffer<UInt16>
     let dAttended: DeviceBuffer<UInt16>, dq: DeviceBuffer<UInt16>, dk: DeviceBuffer<UInt16>, dv: DeviceBuffer<UInt16>
+    let dqAccumulator: DeviceBuffer<Float>
+    /// Attention through the 64-row kernels, whose dQ is summed without atomics: the same bits on every run (the
+    /// default flash kernels add dQ with fp32 atomics, so dq may differ in its last bits between runs), about 2× slower
+    /// attention.
+    public var deterministic = false
     let lse: DeviceBuffer<Float>, delta: DeviceBuffer<Float>
     let dyB: DeviceBuffer<UInt16>
     /// d(x) of the linear being computed, [N, max in] bf16 (nil when no linear has dropout).
@@ -333,6 +338,7 @@ public final class CUDALlamaTrainer {
             dq = blockScratch.view(at: scratch.dq, count: n * c.qDim)
             dk = blockScratch.view(at: scratch.dk, count: n * c.kvDim)
             dv = blockScratch.view(at: scratch.dv, count: n * c.kvDim)
+            dqAccumulator = blockScratch.view(as: Float.self, at: scratch.dqAccumulator, count: n * c.qDim)
             lse = try a.buffer(Float.self, count: n * c.headCount)
             delta = try a.buffer(Float.self, count: n * c.headCount)
             dyB = try bf16(n * maxRank)
@@ -522,7 +528,8 @@ public final class CUDALlamaTrainer {
         try forward(2, x: norm1.pointer, y: v.pointer, accumulate: false)
         try ctx.rope(q, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.headCount, headDim: c.headDim)
         try ctx.rope(k, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.kvHeadCount, headDim: c.headDim)
-        try ctx.attentionForward(q: q, k: k, v: v, into: attended, lse: lse, segments: segments, shape: attentionShape(batch))
+        try ctx.attentionForward(q: q, k: k, v: v, into: attended, lse: lse, segments: segments, shape: attentionShape(batch),
+                                 flash: !deterministic)
         try ctx.device.copy(deviceTo: hidden.pointer, from: x.pointer, bytes: 2 * n * h)
         try forward(3, x: attended.pointer, y: hidden.pointer, accumulate: true)
         try ctx.rmsNormForward(x: hidden, weight: b.postAttentionNorm, into: norm2, rows: n, dim: h, eps: c.rmsNormEps)
@@ -552,7 +559,7 @@ public final class CUDALlamaTrainer {
                                 accumulate: true)
         try backward(3, x: attended.pointer, dy: gradient.pointer, dx: dAttended.pointer, accumulate: false)
         try ctx.attentionBackward(q: q, k: k, v: v, o: attended, dout: dAttended, lse: lse, segments: segments, dq: dq, dk: dk, dv: dv,
-                                  delta: delta, shape: attentionShape(batch))
+                                  delta: delta, dqAccumulator: dqAccumulator, shape: attentionShape(batch), flash: !deterministic)
         try ctx.rope(dq, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.headCount,
                      headDim: c.headDim, backward: true)
         try ctx.rope(dk, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.kvHeadCount,

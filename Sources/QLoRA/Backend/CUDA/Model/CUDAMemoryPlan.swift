@@ -62,7 +62,8 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
 /// Where one block's large working buffers sit in one allocation (element offsets, each on a 256-byte boundary),
 /// in three phases that never overlap in time:
 ///   the MLP's gate, up and activated [N, I] (a block's forward, recomputation, and its backward up to the MLP's);
-///   the attention backward's dA (d/d attended), dq [N, q], dk and dv [N, kv] (the rest of the block's backward);
+///   the attention backward's dA (d/d attended), dq [N, q], dk and dv [N, kv] and the fp32 dQ accumulator of the
+///   flash backward [N, q] (the rest of the block's backward);
 ///   one loss chunk's logits [rows, V] (between the last block's forward and the first backward, and evaluation).
 /// The loss chunk takes as many rows as the MLP's region holds (a multiple of 64), at most 256 MiB of logits, but at
 /// least 512 rows (fewer would make the two head GEMMs re-read the [V, H] head too often for their arithmetic):
@@ -70,6 +71,8 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
 struct BlockScratchLayout: Equatable {
     var gate = 0, up = 0, activated = 0
     var dAttended = 0, dq = 0, dk = 0, dv = 0
+    /// The fp32 dQ accumulator, in bf16 elements from the start (n * q floats).
+    var dqAccumulator = 0
     /// Rows of logits per cross-entropy chunk (at offset 0).
     var lossChunkRows = 0
     /// Elements of the whole region (the largest of the three phases).
@@ -91,6 +94,7 @@ struct BlockScratchLayout: Equatable {
         dq = take(n * c.qDim)
         dk = take(n * c.kvDim)
         dv = take(n * c.kvDim)
+        dqAccumulator = take(2 * n * c.qDim)
         let shared = max(mlp, end)
         let vocab = max(c.vocabularySize, 1)
         let fitting = min(shared / vocab, (256 << 20) / (2 * vocab)) / 64 * 64
