@@ -9,6 +9,7 @@
 //   training: LoRA ranks          different ranks per projection (PEFT rank_pattern) on the fixture vs the CPU
 //   qwen2                         the tiny-qwen2 fixture (q, k, v biases, tied embeddings): GPU trainer loss and
 //                                 gradients vs the CPU, and CUDAInference prefill/decode logits vs LlamaModel.forward
+//                                 (biases scaled by 1/4 and all values rounded to bf16: see QwenCheckWeights)
 // The fixture's Qwen2 has head dimension 16, which the GPU attention kernels do not take (32, 64 or 128), so these
 // checks read the same weights as 2 query heads and 1 KV head of dimension 32: every weight keeps its shape, the
 // model is a valid (different) Qwen2, and CPU and GPU compute the same one.
@@ -75,11 +76,8 @@ func checkDropoutKernels() throws {
 /// The GPU trainer's loss and LoRA gradients vs the CPU backward on `model` (whose linear weights are already the
 /// NF4 values both sides use), with `dropoutSeed` (nil: no dropout on the GPU, seed 0 on the CPU, whose adapters
 /// must then have dropout 0). One check for the loss, one for the worst of all gradients.
-/// `noiseFloors` (per gradient name, e.g. "1.self_attn.q_proj.lora_A"): how far the CPU's own gradient moves when its
-/// inputs move by bf16 rounding; a matrix may then be off by up to 3× its floor (at least the usual 5e-2), since an
-/// ill-conditioned gradient amplifies the GPU's bf16 activations the same way.
 func compareTrainer(_ name: String, model: LlamaModel, batch: TrainingBatch, dropoutSeed: UInt64?,
-                    checkpointing: [Bool] = [true], noiseFloors: [String: Double] = [:]) throws {
+                    checkpointing: [Bool] = [true]) throws {
     let trainer = try CUDALlamaTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount)
     try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: dropoutSeed)
     let gpuLoss = try trainer.lastLoss()
@@ -102,20 +100,13 @@ func compareTrainer(_ name: String, model: LlamaModel, batch: TrainingBatch, dro
             for (suffix, gpu, ref) in [("lora_A", a, refA), ("lora_B", b, refB)] {
                 var error = relativeError(gpu, ref)
                 if error.isNaN { error = .infinity }
-                let gradientName = "\(module.dropFirst("model.layers.".count)).\(suffix)"
-                let floor = noiseFloors[gradientName] ?? 0
-                let scaled = error * 5e-2 / max(5e-2, 3 * floor)  // error in units of this matrix's tolerance, × 5e-2
-                if scaled >= worst {
-                    worst = scaled
-                    worstName = gradientName + (floor > 0 ? String(cFormat: " (error %.3g; CPU noise floor %.3g)", error, floor) : "")
-                }
+                if error >= worst { worst = error; worstName = "\(module.dropFirst("model.layers.".count)).\(suffix)" }
                 sum += error
                 compared += 1
             }
         }
         let expected = model.linearLayers.filter { $0.lora != nil }.count * 2
-        check("\(name): worst of \(compared)/\(expected) LoRA gradients\(mode)\(noiseFloors.isEmpty ? "" : " (scaled to each floor)")",
-              compared == expected ? worst : .infinity, 5e-2,
+        check("\(name): worst of \(compared)/\(expected) LoRA gradients\(mode)", compared == expected ? worst : .infinity, 5e-2,
               "\(worstName); mean \(fmt(sum / Double(max(compared, 1))))")
     }
 }
@@ -183,7 +174,7 @@ func randomizeB(_ model: LlamaModel, seed: UInt64) {
 
 /// The tiny-qwen2 fixture read as 2 query heads and 1 KV head of dimension 32 (see the header), with LoRA r 8 on the
 /// seven projections (B random), its linear weights quantized to NF4 on the CPU model (the GPU quantizes the same).
-func loadQwen2ForGPU(biases: Bool = true, roundedToBF16: Bool = true) throws -> LlamaModel {
+func loadQwen2ForGPU(biases: Bool = true) throws -> LlamaModel {
     let directory = fixtureDirectory().replacingSuffix("tiny-llama", with: "tiny-qwen2")
     guard var fields = try JSONValue.parse(bytes: FileSystem.readFile(directory + "/config.json")).object else {
         throw UsageError("\(directory)/config.json is not a JSON object")
@@ -196,26 +187,29 @@ func loadQwen2ForGPU(biases: Bool = true, roundedToBF16: Bool = true) throws -> 
     guard config.headDim == 32, config.attentionBias == biases else {
         throw UsageError("tiny-qwen2 read with 2 heads: head dim \(config.headDim), attention bias \(config.attentionBias)")
     }
-    let checkpoint = try SafeTensorsCheckpoint(directory: directory)
-    let model = try LlamaModel(config: config, weights: roundedToBF16 ? BF16RoundedWeights(checkpoint) : checkpoint)
+    let model = try LlamaModel(config: config, weights: QwenCheckWeights(inner: try SafeTensorsCheckpoint(directory: directory), biasScale: 0.25))
     try model.attachLoRA(LoRAConfig(rank: 8, alpha: 16, targetModules: LoRAConfig.llamaProjections), seed: 21)
     randomizeB(model, seed: 22)
     _ = try CUDAInference.quantizeBase(model, replacingCPUWeights: true)
     return model
 }
 
-/// The fixture is stored in fp32, and the GPU keeps biases, norms and the embedding in bf16; the CPU model reads the
-/// same bf16-rounded values, so that both compute one model and the check measures arithmetic, not storage. (The
-/// fixture's biases are large on purpose, N(0, 0.5) against weights of std 0.02: rounding them alone moves the
-/// layer-1 q_proj LoRA gradients by several percent; the check prints by how much.)
-struct BF16RoundedWeights: BaseWeightSource {
+/// The fixture as the check reads it: its biases scaled by `biasScale`, then every value rounded to bf16. The
+/// fixture's biases are drawn N(0, 0.5) (so that a missing bias shows) next to weights of std 0.02; at that size they
+/// dominate q·k and make the attention-side LoRA gradients so ill-conditioned that bf16 storage of the inputs alone
+/// moves the CPU's own layer-1 q_proj gradient by 5%, and the GPU's bf16 activations move it by 22% (measured, with
+/// either attention kernel). Scaled by 1/4 they still change every gradient far beyond the tolerance (the check
+/// prints by how much) while the arithmetic stays comparable. The GPU keeps biases, norms and the embedding in bf16,
+/// so the CPU reads the same rounded values.
+struct QwenCheckWeights: BaseWeightSource {
     let inner: SafeTensorsCheckpoint
-    init(_ inner: SafeTensorsCheckpoint) { self.inner = inner }
+    let biasScale: Float
     var origin: String { inner.origin }
     func contains(_ name: String) -> Bool { inner.contains(name) }
     func tensor(_ name: String) throws -> (values: [Float], shape: [Int]) {
         let (values, shape) = try inner.tensor(name)
-        return (values.map { bf16ToFloat(floatToBF16($0)) }, shape)
+        let scale: Float = name.hasSuffix(".bias") ? biasScale : 1
+        return (values.map { roundToBF16($0 * scale) }, shape)
     }
 }
 
@@ -240,23 +234,9 @@ func runQwen2Checks() {
         _ = try unbiased.accumulateGradients(batch: batch, into: without, normalizer: batch.countedTokens)
         let distance = gradientDistance(without, withBiases)
         checkTrue("qwen2: the biases move the CPU gradients", distance > 0.2, "by \(fmt(distance)) (tolerance 5e-2)")
-        // The noise floor: how much storing the fp32 fixture in bf16 alone moves each of the CPU's gradients. The
-        // fixture's large biases make some attention gradients ill-conditioned (small next to the terms they sum).
-        let unrounded = try loadQwen2ForGPU(roundedToBF16: false), fp32Gradients = LoRAGradients(model: unrounded)
-        _ = try unrounded.accumulateGradients(batch: batch, into: fp32Gradients, normalizer: batch.countedTokens)
-        var floors: [String: Double] = [:]
-        for (suffix, rounded, fp32) in [("lora_A", withBiases.a, fp32Gradients.a), ("lora_B", withBiases.b, fp32Gradients.b)] {
-            for (module, gradient) in rounded {
-                guard let other = fp32[module] else { continue }
-                floors["\(module.dropFirst("model.layers.".count)).\(suffix)"] = relativeError(gradient.values, other.values)
-            }
-        }
-        let widest = floors.max { $0.value < $1.value }
-        checkTrue("qwen2: bf16 storage of the fp32 fixture moves the CPU gradients", true,
-                  "by \(fmt(gradientDistance(fp32Gradients, withBiases))) in all, at most \(fmt(widest?.value ?? 0)) (\(widest?.key ?? ""))")
-        try compareTrainer("qwen2", model: model, batch: batch, dropoutSeed: nil, noiseFloors: floors)
+        try compareTrainer("qwen2", model: model, batch: batch, dropoutSeed: nil)
         for layer in model.linearLayers { layer.lora?.dropout = 0.1 }
-        try compareTrainer("qwen2 + dropout 0.1", model: model, batch: batch, dropoutSeed: 77, noiseFloors: floors)
+        try compareTrainer("qwen2 + dropout 0.1", model: model, batch: batch, dropoutSeed: 77)
     }
 
     group("qwen2: inference logits vs CPU (q, k, v biases)") {
