@@ -73,14 +73,15 @@ final class CUDAMemoryPlanTests: XCTestCase {
         XCTAssertEqual(on.host, 0)
     }
 
-    /// The attention backward's dA, dq, dk and dv fit in the region the MLP's gate, up and activated use, for every
+    /// The attention backward's dA, dq, dk, dv and fp32 dQ accumulator fit in the region the MLP's gate, up and activated use, for every
     /// architecture; the buffers of each phase do not overlap and start on 256-byte boundaries.
     func testBlockScratchSharesTheMLPRegion() {
         for arch in Architecture.allCases {
             let c = arch.config, n = 4 * 2048
             let layout = BlockScratchLayout(config: c, tokens: n)
             let mlp = [(layout.gate, n * c.intermediateSize), (layout.up, n * c.intermediateSize), (layout.activated, n * c.intermediateSize)]
-            let attention = [(layout.dAttended, n * c.qDim), (layout.dq, n * c.qDim), (layout.dk, n * c.kvDim), (layout.dv, n * c.kvDim)]
+            let attention = [(layout.dAttended, n * c.qDim), (layout.dq, n * c.qDim), (layout.dk, n * c.kvDim), (layout.dv, n * c.kvDim),
+                             (layout.dqAccumulator, 2 * n * c.qDim)]  // fp32 dQ in bf16 elements
             for phase in [mlp, attention] {
                 for (i, (start, count)) in phase.enumerated() {
                     XCTAssertEqual(start % 128, 0, arch.rawValue)
