@@ -60,20 +60,6 @@ func checkDecodeGemv() throws {
     check("nf4 gemv + LoRA + residual \(rows)x\(cols)", relativeError(try downloadBF16(out), ref), 1e-2)
     check("nf4 gemv, second task \(rows)x\(cols)",
           relativeError(try downloadBF16(out2), referenceGemv(wq, rows: rows, cols: cols, x: x, residual: nil, lora: nil)), 1e-2)
-    // The deep-pipelined kernel on the same tasks (fresh outputs; the residual is a separate copy).
-    do {
-        let res = try upload(rb), outD = try poisoned(UInt16.self, rows), outD2 = try poisoned(UInt16.self, rows)
-        var t = task, t2 = task2
-        t.residual = res.pointer
-        t.out = outD.pointer
-        t2.out = outD2.pointer
-        let (bd3, nd3) = NF4GemvTask.encode([t, t2])
-        let td = try upload(bd3)
-        try ctx.nf4Gemv(tasks: td.pointer, taskCount: 2, blocks: nd3, x: xd.pointer, cols: cols, deep: true)
-        check("nf4 gemv deep + LoRA + residual \(rows)x\(cols)", relativeError(try downloadBF16(outD), ref), 1e-2)
-        check("nf4 gemv deep, second task",
-              relativeError(try downloadBF16(outD2), referenceGemv(wq, rows: rows, cols: cols, x: x, residual: nil, lora: nil)), 1e-2)
-    }
     // The split-K kernel, several splits (the residual buffer is a separate copy here).
     for splits in [1, 4, 8] {
         let res = try upload(rb), outS = try poisoned(UInt16.self, rows)

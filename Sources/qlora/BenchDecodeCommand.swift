@@ -27,7 +27,7 @@ struct BenchDecodeCommand: ParsableCommand {
     @Flag(help: "Launch the decode kernels one by one instead of replaying a CUDA graph.")
     var noGraph = false
 
-    @Option(help: "The fused NF4 GEMV: rows (4 rows per warp, x in shared memory), deep (rows with 4 chunks per lane in flight) or splitk (columns split over warps).")
+    @Option(help: "The fused NF4 GEMV: rows (4 rows per warp, x in shared memory; the faster) or splitk (columns split over warps).")
     var gemv: String = "rows"
 
     @Flag(help: "Also time each kernel kind (events between plain launches) and print a breakdown on stderr.")
@@ -45,7 +45,7 @@ struct BenchDecodeCommand: ParsableCommand {
         let config = architecture.config
         let inference = try CUDAInference(context: ctx, randomConfig: config, loraRank: loraR, capacity: promptTokens + tokens + 8)
         inference.useGraph = !noGraph
-        guard let kernel = CUDAInference.GEMVKernel(rawValue: gemv) else { throw ValidationError("--gemv is rows, deep or splitk") }
+        guard let kernel = CUDAInference.GEMVKernel(rawValue: gemv) else { throw ValidationError("--gemv is splitk or rows") }
         inference.gemvKernel = kernel
 
         // Copy bandwidth: 1 GiB device to device, bytes read + written, median of 10.

@@ -68,8 +68,6 @@ public final class CUDAInference {
         case rows
         /// nf4_gemv_splitk: columns split over the warps of a block, x through L1.
         case splitK = "splitk"
-        /// nf4_gemv_deep: as rows, with 4 chunks per lane in flight (scales included).
-        case deep
     }
     /// Which NF4 GEMV decode uses; changing it re-records the graph.
     public var gemvKernel: GEMVKernel = .rows {
@@ -356,10 +354,9 @@ public final class CUDAInference {
         }
         func gemv(_ g: ProjectionGroup, input: CUdeviceptr, _ name: String) throws {
             switch gemvKernel {
-            case .rows, .deep:
+            case .rows:
                 try ctx.nf4Gemv(tasks: g.tasks!.pointer, taskCount: g.matrices.count, blocks: g.blocks, x: input, cols: g.columns,
-                                blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize,
-                                deep: gemvKernel == .deep)
+                                blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
             case .splitK:
                 try ctx.nf4GemvSplitK(tasks: g.splitKTasks!.pointer, taskCount: g.matrices.count, blocks: g.splitKBlocks, x: input,
                                       cols: g.columns, blocksize: g.matrices[0].blocksize,

@@ -55,23 +55,6 @@ __device__ __forceinline__ unsigned int pick_word(uint4 v, int k) {
     return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
 }
 
-/// The end of an NF4 GEMV warp's 4 rows: each lane's partial sums plus the LoRA term (lane k < rank adds
-/// s·B[row, k]·xa[k]), summed over the warp, plus the residual, rounded once to bf16.
-__device__ __forceinline__ void nf4_gemv_store(const Nf4GemvTask& task, int row0, int lane, const float* acc) {
-#pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) {
-        const int row = row0 + r;
-        float v = acc[r];
-        if (task.lora_b != nullptr && lane < task.rank && row < task.rows)
-            v += task.lora_scale * bf16_to_float(task.lora_b[(long long)row * task.rank + lane]) * task.xa[lane];
-        v = warp_sum(v);
-        if (lane == 0 && row < task.rows) {
-            if (task.residual != nullptr) v += bf16_to_float(task.residual[row]);
-            task.out[row] = float_to_bf16(v);
-        }
-    }
-}
-
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
 nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restrict__ x, int cols, int blocksize_shift,
          int nested_shift) {
@@ -155,114 +138,18 @@ nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restri
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) acc[r] += part[r] * scale[r];
     }
-    nf4_gemv_store(task, row0, lane, acc);
-}
-
-// nf4_gemv_deep: nf4_gemv with a deeper pipeline. Each lane keeps GEMV_DEPTH chunks of its 4 rows in flight (packed
-// bytes, absmax code byte and nested absmax, so the scale's loads are not waited for either), and the first
-// GEMV_DEPTH loads are issued before the block's shared-memory prologue. On the 8B shape most rows are 4096 values:
-// 4 chunks per lane, all in flight at once.
-#define GEMV_DEPTH 4
-
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 3)
-nf4_gemv_deep(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restrict__ x, int cols, int blocksize_shift,
-              int nested_shift) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* sx = reinterpret_cast<bf16*>(smem_raw);  // cols values
-    __shared__ float code[256], nf4[16];
-    int ti = 0;
-    while (ti + 1 < ntasks && (int)blockIdx.x >= tasks[ti + 1].first_block) ti++;
-    const Nf4GemvTask task = tasks[ti];  // a copy in registers
-
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int row0 = ((int)blockIdx.x - task.first_block) * (GEMV_WARPS * GEMV_ROWS) + warp * GEMV_ROWS;
-    const bool active = row0 < task.rows;
-    const int chunks = cols / 32;  // 32 elements = 16 packed bytes
-    const unsigned char* __restrict__ absmax_q = task.absmax_q;
-    const float* __restrict__ nested = task.nested_absmax;
-    const uint4* prow[GEMV_ROWS];
-    long long e0[GEMV_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) {
-        const int row = min(row0 + r, task.rows - 1);  // rows past the end repeat the last (not stored)
-        e0[r] = (long long)row * cols;
-        prow[r] = reinterpret_cast<const uint4*>(task.packed + e0[r] / 2);
-    }
-    uint4 w[GEMV_DEPTH][GEMV_ROWS];
-    unsigned int aq[GEMV_DEPTH][GEMV_ROWS];
-    float nv[GEMV_DEPTH][GEMV_ROWS];
-    auto load = [&](int s, int c) {
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            w[s][r] = __ldg(prow[r] + c);
-            const long long b = (e0[r] + (long long)c * 32) >> blocksize_shift;  // blocksizes are powers of two
-            aq[s][r] = __ldg(absmax_q + b);
-            nv[s][r] = __ldg(nested + (b >> nested_shift));
-        }
-    };
-#pragma unroll
-    for (int s = 0; s < GEMV_DEPTH; s++) {
-        if (active && lane + 32 * s < chunks) load(s, lane + 32 * s);
-    }
-
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
-    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_VALUES[threadIdx.x];
-    {
-        const uint4* src = reinterpret_cast<const uint4*>(x);
-        uint4* dst = reinterpret_cast<uint4*>(sx);
-        for (int i = threadIdx.x; i < cols / 8; i += blockDim.x) dst[i] = src[i];
-    }
-    __syncthreads();
-    if (!active) return;
-
-    const float offset = task.offset;
-    const int rot = (lane >> 1) & 3;
-    float acc[GEMV_ROWS];
-#pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.0f;
-    for (int base = lane; base < chunks; base += 32 * GEMV_DEPTH) {
-#pragma unroll
-        for (int s = 0; s < GEMV_DEPTH; s++) {
-            const int c = base + 32 * s;
-            if (c < chunks) {
-                float scale[GEMV_ROWS];
-                uint4 cw[GEMV_ROWS];
-#pragma unroll
-                for (int r = 0; r < GEMV_ROWS; r++) {
-                    scale[r] = code[aq[s][r]] * nv[s][r] + offset;
-                    cw[r] = w[s][r];
-                }
-                if (c + 32 * GEMV_DEPTH < chunks) load(s, c + 32 * GEMV_DEPTH);  // refill this stage
-                const uint4* xs = reinterpret_cast<const uint4*>(sx + c * 32);
-                float part[GEMV_ROWS];
-#pragma unroll
-                for (int r = 0; r < GEMV_ROWS; r++) part[r] = 0.0f;
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int k = (j + rot) & 3;  // which 16-byte piece (8 elements, 4 packed bytes)
-                    const uint4 xv = xs[k];
-                    float xf[8];
-                    xf[0] = __uint_as_float(xv.x << 16); xf[1] = __uint_as_float(xv.x & 0xffff0000u);
-                    xf[2] = __uint_as_float(xv.y << 16); xf[3] = __uint_as_float(xv.y & 0xffff0000u);
-                    xf[4] = __uint_as_float(xv.z << 16); xf[5] = __uint_as_float(xv.z & 0xffff0000u);
-                    xf[6] = __uint_as_float(xv.w << 16); xf[7] = __uint_as_float(xv.w & 0xffff0000u);
-#pragma unroll
-                    for (int r = 0; r < GEMV_ROWS; r++) {
-                        const unsigned int word = pick_word(cw[r], k);
-                        float t = 0.0f;
-#pragma unroll
-                        for (int q = 0; q < 4; q++) {
-                            t += nf4[(word >> (8 * q + 4)) & 15u] * xf[2 * q] + nf4[(word >> (8 * q)) & 15u] * xf[2 * q + 1];
-                        }
-                        part[r] += t;
-                    }
-                }
-#pragma unroll
-                for (int r = 0; r < GEMV_ROWS; r++) acc[r] += part[r] * scale[r];
-            }
+        const int row = row0 + r;
+        float v = acc[r];
+        if (task.lora_b != nullptr && lane < task.rank && row < task.rows)
+            v += task.lora_scale * bf16_to_float(task.lora_b[(long long)row * task.rank + lane]) * task.xa[lane];
+        v = warp_sum(v);
+        if (lane == 0 && row < task.rows) {
+            if (task.residual != nullptr) v += bf16_to_float(task.residual[row]);
+            task.out[row] = float_to_bf16(v);
         }
     }
-    nf4_gemv_store(task, row0, lane, acc);
 }
 
 /// out[r] = scale * W[r, :] · x; W [rows, cols] bf16 (cols a multiple of 8), x bf16, out fp32. 4 rows per warp.

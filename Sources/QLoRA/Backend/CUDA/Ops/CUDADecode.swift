@@ -65,13 +65,12 @@ public struct NF4GemvTask {
 extension CUDAContext {
     /// Runs the encoded `tasks` (a device copy of `NF4GemvTask.encode`'s bytes) over x (bf16, `cols` values,
     /// 16-byte aligned). cols and blocksize must be multiples of 32.
-    /// `deep` runs nf4_gemv_deep (GEMV_DEPTH chunks in flight per lane, scales included) on the same tasks.
     public func nf4Gemv(tasks: CUdeviceptr, taskCount: Int, blocks: Int, x: CUdeviceptr, cols: Int, blocksize: Int = 64,
-                        nestedBlocksize: Int = 256, deep: Bool = false, stream: CUDAStream? = nil) throws {
+                        nestedBlocksize: Int = 256, stream: CUDAStream? = nil) throws {
         try require(cols % 32 == 0 && blocksize >= 32 && blocksize.nonzeroBitCount == 1 && nestedBlocksize.nonzeroBitCount == 1
                         && taskCount >= 1 && taskCount <= 8, "nf4Gemv",
                     "cols \(cols) must be a multiple of 32, blocksizes \(blocksize)/\(nestedBlocksize) powers of two (at least 32), 1...8 tasks (got \(taskCount))")
-        let f = try compiler.function(KernelSources.decode, deep ? "nf4_gemv_deep" : "nf4_gemv")
+        let f = try compiler.function(KernelSources.decode, "nf4_gemv")
         let shared = cols * 2
         if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
         try device.launch(f, grid: (blocks, 1, 1), block: (128, 1, 1), sharedMemory: shared, stream: stream,
