@@ -4,8 +4,10 @@ import XCTest
 /// Checks of the naive CPU references the GPU ops are compared against: gradients against finite differences,
 /// forward passes against hand-worked values.
 final class CPUReferenceTests: XCTestCase {
+    /// Seeded, so that a failure reproduces.
+    private var rng = SeededGenerator(seed: 20261123)
     private func random(_ n: Int, _ range: ClosedRange<Float> = -1...1) -> [Float] {
-        (0..<n).map { _ in Float.random(in: range) }
+        (0..<n).map { _ in Float.random(in: range, using: &rng) }
     }
 
     func testNF4DequantizeUsesHighNibbleFirst() {

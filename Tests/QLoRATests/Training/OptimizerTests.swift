@@ -27,7 +27,7 @@ final class DynamicQuantizationTests: XCTestCase {
     }
 
     func testQuantizePicksANearestCode() {
-        var rng = SystemRandomNumberGenerator()
+        var rng = SeededGenerator(seed: 20261123)
         for map in [DynamicQuantizationMap.signed, .unsigned] {
             let lowest: Float = map.signed ? -1 : 0
             for _ in 0..<20_000 {
@@ -38,7 +38,9 @@ final class DynamicQuantizationTests: XCTestCase {
                 x = max(lowest, x)
                 let code = Int(map.quantize(x))
                 let best = map.values.map { abs($0 - x) }.min()!
-                XCTAssertEqual(abs(map.values[code] - x), best, accuracy: best * 1e-6 + 1e-12, "x = \(x) got code \(code)")
+                // A value on the midpoint of two codes may go either way: the kernel compares with the midpoint
+                // rounded to fp32, and the two distances differ only by that rounding (seen at x = 0.296875).
+                XCTAssertEqual(abs(map.values[code] - x), best, accuracy: best * 1e-6 + 4 * x.magnitude.ulp + 1e-12, "x = \(x) got code \(code)")
             }
         }
     }
