@@ -21,9 +21,7 @@ public enum Architecture: String, CaseIterable, Sendable {
             fields = [("hidden_size", .int(2048)), ("intermediate_size", .int(8192)), ("num_hidden_layers", .int(16)),
                       ("num_attention_heads", .int(32)), ("num_key_value_heads", .int(8)), ("vocab_size", .int(128256)),
                       ("tie_word_embeddings", .bool(true)), ("rms_norm_eps", .double(1e-5)), ("max_position_embeddings", .int(131072)),
-                      ("rope_parameters", .object(JSONObject([("rope_type", .string("llama3")), ("rope_theta", .double(500000)),
-                        ("factor", .double(32)), ("low_freq_factor", .double(1)), ("high_freq_factor", .double(4)),
-                        ("original_max_position_embeddings", .int(8192))])))]
+                      ("rope_parameters", llama3RoPE(factor: 32))]
         case .llama2_7b:
             fields = [("hidden_size", .int(4096)), ("intermediate_size", .int(11008)), ("num_hidden_layers", .int(32)),
                       ("num_attention_heads", .int(32)), ("num_key_value_heads", .int(32)), ("vocab_size", .int(32000)),
@@ -32,20 +30,23 @@ public enum Architecture: String, CaseIterable, Sendable {
             fields = [("hidden_size", .int(4096)), ("intermediate_size", .int(14336)), ("num_hidden_layers", .int(32)),
                       ("num_attention_heads", .int(32)), ("num_key_value_heads", .int(8)), ("vocab_size", .int(128256)),
                       ("tie_word_embeddings", .bool(false)), ("rms_norm_eps", .double(1e-5)), ("max_position_embeddings", .int(131072)),
-                      ("rope_parameters", .object(JSONObject([("rope_type", .string("llama3")), ("rope_theta", .double(500000)),
-                        ("factor", .double(8)), ("low_freq_factor", .double(1)), ("high_freq_factor", .double(4)),
-                        ("original_max_position_embeddings", .int(8192))])))]
+                      ("rope_parameters", llama3RoPE(factor: 8))]
         case .llama3_1_70b:
             fields = [("hidden_size", .int(8192)), ("intermediate_size", .int(28672)), ("num_hidden_layers", .int(80)),
                       ("num_attention_heads", .int(64)), ("num_key_value_heads", .int(8)), ("vocab_size", .int(128256)),
                       ("tie_word_embeddings", .bool(false)), ("rms_norm_eps", .double(1e-5)), ("max_position_embeddings", .int(131072)),
-                      ("rope_parameters", .object(JSONObject([("rope_type", .string("llama3")), ("rope_theta", .double(500000)),
-                        ("factor", .double(8)), ("low_freq_factor", .double(1)), ("high_freq_factor", .double(4)),
-                        ("original_max_position_embeddings", .int(8192))])))]
+                      ("rope_parameters", llama3RoPE(factor: 8))]
         }
         // The fields are fixed above, so parsing them cannot fail.
         return try! LlamaConfig(json: .object(JSONObject([("model_type", .string("llama"))] + fields)), file: "architecture \(rawValue)")
     }
+}
+
+/// Llama 3's RoPE scaling (theta 500000, low/high frequency factors 1 and 4 around 8192 original positions).
+private func llama3RoPE(factor: Double) -> JSONValue {
+    .object(JSONObject([("rope_type", .string("llama3")), ("rope_theta", .double(500000)), ("factor", .double(factor)),
+                        ("low_freq_factor", .double(1)), ("high_freq_factor", .double(4)),
+                        ("original_max_position_embeddings", .int(8192))]))
 }
 
 extension LlamaModel {

@@ -125,6 +125,44 @@ __device__ __forceinline__ void b_frags_kn(unsigned* r, const bf16* s, int ld, i
 
 // MARK: - Forward
 
+/// The A fragment (16 keys × 16 queries, bf16) of k-step kk from two 16x8 fp32 accumulator tiles of Pᵀ or dSᵀ.
+__device__ __forceinline__ void pack_a_frag(unsigned* a, const float (*tiles)[4], int kk) {
+    a[0] = pack_f2(tiles[2 * kk][0], tiles[2 * kk][1]);
+    a[1] = pack_f2(tiles[2 * kk][2], tiles[2 * kk][3]);
+    a[2] = pack_f2(tiles[2 * kk + 1][0], tiles[2 * kk + 1][1]);
+    a[3] = pack_f2(tiles[2 * kk + 1][2], tiles[2 * kk + 1][3]);
+}
+
+/// dV += Pᵀ dO and dK += dSᵀ Q for k-step kk: `dos` and `qs` hold the tile's dO and Q rows (row stride ld) in shared memory.
+template <int D>
+__device__ __forceinline__ void accumulate_dkv(float (*dka)[4], float (*dva)[4], const unsigned* pa, const unsigned* sa,
+                                               const bf16* dos, const bf16* qs, int ld, int kk, int lane) {
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt += 2) {
+        unsigned r[4];
+        b_frags_kn(r, dos, ld, kk * 16, dt * 8, lane);
+        mma16816(dva[dt], pa, r[0], r[1]);
+        mma16816(dva[dt + 1], pa, r[2], r[3]);
+        b_frags_kn(r, qs, ld, kk * 16, dt * 8, lane);
+        mma16816(dka[dt], sa, r[0], r[1]);
+        mma16816(dka[dt + 1], sa, r[2], r[3]);
+    }
+}
+
+/// The start of a backward block over 16 keys per warp: each lane's two keys' segment ids (0 without segments or past
+/// the end) and its dK, dV accumulator fragments zeroed.
+template <int D>
+__device__ __forceinline__ void begin_key_rows(int* segk, float (*dka)[4], float (*dva)[4], const int* segments, long long t0,
+                                               const int* keys, int seq) {
+#pragma unroll
+    for (int i = 0; i < 2; i++) segk[i] = (segments && keys[i] < seq) ? segments[t0 + keys[i]] : 0;
+#pragma unroll
+    for (int x = 0; x < D / 8; x++) {
+        dka[x][0] = dka[x][1] = dka[x][2] = dka[x][3] = 0.0f;
+        dva[x][0] = dva[x][1] = dva[x][2] = dva[x][3] = 0.0f;
+    }
+}
+
 template <int D>
 __device__ __forceinline__ void mma_forward(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
                                             const int* segments, int seq, int heads, int kv_heads, float scale) {
@@ -369,14 +407,8 @@ __device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, 
     load_a_rows<D>(ka, r0, r1, t);
     load_a_rows<D>(va, r0 ? v + (r0 - k) : nullptr, r1 ? v + (r1 - k) : nullptr, t);
     int segk[2];
-#pragma unroll
-    for (int i = 0; i < 2; i++) segk[i] = (segments && keys[i] < seq) ? segments[t0 + keys[i]] : 0;
     float dka[D / 8][4], dva[D / 8][4];
-#pragma unroll
-    for (int x = 0; x < D / 8; x++) {
-        dka[x][0] = dka[x][1] = dka[x][2] = dka[x][3] = 0.0f;
-        dva[x][0] = dva[x][1] = dva[x][2] = dva[x][3] = 0.0f;
-    }
+    begin_key_rows<D>(segk, dka, dva, segments, t0, keys, seq);
     // Tiles (query head of the group, 32 queries from the diagonal on), double-buffered: tile n+1 loads (cp.async)
     // while tile n is computed.
     const int tiles_per_head = (seq - k0 + BQ - 1) / BQ, tiles = group * tiles_per_head;
@@ -433,21 +465,10 @@ __device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, 
             }
 #pragma unroll
             for (int kk = 0; kk < BQ / 16; kk++) {
-                const unsigned pa[4] = {pack_f2(st[2 * kk][0], st[2 * kk][1]), pack_f2(st[2 * kk][2], st[2 * kk][3]),
-                                        pack_f2(st[2 * kk + 1][0], st[2 * kk + 1][1]), pack_f2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-                const unsigned sa[4] = {pack_f2(dpt[2 * kk][0], dpt[2 * kk][1]), pack_f2(dpt[2 * kk][2], dpt[2 * kk][3]),
-                                        pack_f2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                                        pack_f2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
-#pragma unroll
-                for (int dt = 0; dt < D / 8; dt += 2) {
-                    unsigned r[4];
-                    b_frags_kn(r, dos, LD, kk * 16, dt * 8, lane);
-                    mma16816(dva[dt], pa, r[0], r[1]);
-                    mma16816(dva[dt + 1], pa, r[2], r[3]);
-                    b_frags_kn(r, qs, LD, kk * 16, dt * 8, lane);
-                    mma16816(dka[dt], sa, r[0], r[1]);
-                    mma16816(dka[dt + 1], sa, r[2], r[3]);
-                }
+                unsigned pa[4], sa[4];
+                pack_a_frag(pa, st, kk);
+                pack_a_frag(sa, dpt, kk);
+                accumulate_dkv<D>(dka, dva, pa, sa, dos, qs, LD, kk, lane);
             }
         }
         __syncthreads();  // every warp is done with this stage before it is refilled
@@ -710,14 +731,8 @@ __device__ __forceinline__ void fa_backward(const bf16* q, const bf16* k, const 
     const int warp_last = k0 + warp * 16 + 15;
     const float sl2 = scale * 1.4426950408889634f;
     int segk[2];
-#pragma unroll
-    for (int i = 0; i < 2; i++) segk[i] = (segments && keys[i] < seq) ? segments[t0 + keys[i]] : 0;
     float dka[D / 8][4], dva[D / 8][4];
-#pragma unroll
-    for (int x = 0; x < D / 8; x++) {
-        dka[x][0] = dka[x][1] = dka[x][2] = dka[x][3] = 0.0f;
-        dva[x][0] = dva[x][1] = dva[x][2] = dva[x][3] = 0.0f;
-    }
+    begin_key_rows<D>(segk, dka, dva, segments, t0, keys, seq);
     const int tiles_per_head = (seq - k0 + BQ - 1) / BQ, tiles = group * tiles_per_head;
     auto issue = [&](int n, int stage) {
         const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * BQ;
@@ -790,27 +805,16 @@ __device__ __forceinline__ void fa_backward(const bf16* q, const bf16* k, const 
         }
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; kk++) {
-            const unsigned pa[4] = {pack_f2(st[2 * kk][0], st[2 * kk][1]), pack_f2(st[2 * kk][2], st[2 * kk][3]),
-                                    pack_f2(st[2 * kk + 1][0], st[2 * kk + 1][1]), pack_f2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-            const unsigned sa[4] = {pack_f2(dpt[2 * kk][0], dpt[2 * kk][1]), pack_f2(dpt[2 * kk][2], dpt[2 * kk][3]),
-                                    pack_f2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                                    pack_f2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+            unsigned pa[4], sa[4];
+            pack_a_frag(pa, st, kk);
+            pack_a_frag(sa, dpt, kk);
             // dSᵀ rows (keys) of this warp, columns (queries) 16 kk..: the same bf16 values dK uses.
             bf16* drow = dst + (warp * 16 + g) * LDS + kk * 16 + 2 * t;
             *reinterpret_cast<unsigned*>(drow) = sa[0];
             *reinterpret_cast<unsigned*>(drow + 8 * LDS) = sa[1];
             *reinterpret_cast<unsigned*>(drow + 8) = sa[2];
             *reinterpret_cast<unsigned*>(drow + 8 * LDS + 8) = sa[3];
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt += 2) {
-                unsigned r[4];
-                b_frags_kn(r, dot, LD, kk * 16, dt * 8, lane);
-                mma16816(dva[dt], pa, r[0], r[1]);
-                mma16816(dva[dt + 1], pa, r[2], r[3]);
-                b_frags_kn(r, qt, LD, kk * 16, dt * 8, lane);
-                mma16816(dka[dt], sa, r[0], r[1]);
-                mma16816(dka[dt + 1], sa, r[2], r[3]);
-            }
+            accumulate_dkv<D>(dka, dva, pa, sa, dot, qt, LD, kk, lane);
         }
         __syncthreads();  // dSᵀ of every warp is in shared memory
         // dQ (64 queries x D) += dS (64 x 128 keys) K: warp w takes queries 16 (w % 4).. and columns (w / 4) D/2...
