@@ -16,8 +16,7 @@
 //                                             workspace (made once per context; the plan leaves out a few small
 //                                             buffers: the absmax code map, RoPE frequencies, the loss sum)
 // Bit-identical needs deterministic kernels: the trainers run with `deterministic` attention (the flash backward's
-// dQ atomics would vary the last bits), the optimizer steps here do not clip (the norm's atomicAdd would make the
-// clip factor's last bit vary between runs), and the all-on-GPU run is repeated to show it reproduces itself.
+// dQ atomics would vary the last bits), and the all-on-GPU run is repeated to show it reproduces itself.
 
 import QLoRA
 #if canImport(Glibc)

@@ -61,6 +61,32 @@ func runTrainerEngineChecks(_ ctx: CUDAContext) {
         }
     }
 
+    // `full_determinism`: two GPU runs of the same Trainer configuration (8-bit paged AdamW, dropout 0.05, clipping)
+    // give the same bits: every step's loss and gradient norm, the eval loss and the saved adapter file.
+    group("training: full determinism on the CUDA engine") {
+        let train = randomExamples(count: 8, length: 48, vocab: 1000, seed: 7)
+        let eval = randomExamples(count: 3, length: 40, vocab: 1000, seed: 8)
+        var histories: [[StepRecord]] = [], evalLosses: [Double] = [], adapters: [[UInt8]] = []
+        for run in 0..<2 {
+            let output = "/tmp/qlora-gpu-check-deterministic-\(run)-\(getpid())"
+            let trainer = try fixtureTrainer(directory, optimizer: "paged_adamw_8bit", device: .cuda(ctx), output: output,
+                                             train: train, eval: eval, dropout: 0.05, fullDeterminism: true)
+            let summary = try trainer.run()
+            histories.append(trainer.history)
+            evalLosses.append(summary.bestEvalLoss ?? .nan)
+            adapters.append(try FileSystem.readFile(output + "/adapter_model.safetensors"))
+        }
+        let differing = zip(histories[0], histories[1]).filter {
+            $0.loss.bitPattern != $1.loss.bitPattern || $0.gradientNorm.bitPattern != $1.gradientNorm.bitPattern
+        }.count
+        checkTrue("full determinism: the same step losses and gradient norms", differing == 0 && histories[0].count == 6,
+                  "\(differing) of \(histories[0].count) steps differ")
+        checkTrue("full determinism: the same eval loss", evalLosses[0].bitPattern == evalLosses[1].bitPattern,
+                  "\(evalLosses[0]) and \(evalLosses[1])")
+        checkTrue("full determinism: the same adapter bytes", adapters[0] == adapters[1] && !adapters[0].isEmpty,
+                  "\(adapters[0].count) bytes")
+    }
+
     // A checkpoint written by the CPU engine (adapter + 8-bit optimizer state + trainer state) resumes on the GPU:
     // steps 4-6 after resuming on the GPU follow the straight CPU run's steps 4-6.
     group("training: CPU checkpoint resumes on the CUDA engine") {
@@ -87,7 +113,7 @@ func runTrainerEngineChecks(_ ctx: CUDAContext) {
 /// A Trainer on the fixture (NF4 base, the fixture adapter as the initial adapter, with LoRA dropout `dropout`) for
 /// 6 steps of 2 micro-batches of 2 rows, with evaluation at the end and checkpoints every 3 steps.
 func fixtureTrainer(_ directory: String, optimizer: String, device: TrainingDevice, output: String, train: [TokenizedExample],
-                    eval: [TokenizedExample], resume: Bool = false, dropout: Float = 0) throws -> Trainer {
+                    eval: [TokenizedExample], resume: Bool = false, dropout: Float = 0, fullDeterminism: Bool = false) throws -> Trainer {
     let model = try ModelLoader.load(directory + "/base", quantization: .nf4).model
     let peft = try PEFTAdapter.load(directory: directory + "/adapter", into: model)
     for layer in model.linearLayers { layer.lora?.dropout = dropout }
@@ -111,6 +137,7 @@ func fixtureTrainer(_ directory: String, optimizer: String, device: TrainingDevi
     c.loggingSteps = 1
     c.outputDirectory = output
     c.resume = resume
+    c.fullDeterminism = fullDeterminism
     let trainer = try Trainer(configuration: c, model: model, train: train, eval: eval, padID: 0, baseDirectory: nil, device: device)
     trainer.log = { _ in }
     trainer.showProgress = { _ in }

@@ -97,7 +97,7 @@ public final class Trainer {
             if let reason = CUDATrainingEngine.unsupported(c) { throw UsageError("cannot train on the GPU: \(reason)") }
             let capacity = (self.train + self.eval).map(\.tokenCount).max() ?? 1
             engine = try CUDATrainingEngine(context: context, model: model, capacityTokens: capacity, optimizer: optimizerKind,
-                                            hyperparameters: hyperparameters)
+                                            hyperparameters: hyperparameters, deterministic: c.fullDeterminism)
         }
         schedule = try LearningRateSchedule(kind: try ScheduleKind.parse(c.scheduler), baseLearningRate: c.learningRate,
                                             trainingSteps: totalSteps, warmupSteps: c.warmupSteps, warmupRatio: c.warmupRatio)

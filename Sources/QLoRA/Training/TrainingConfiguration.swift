@@ -37,6 +37,9 @@ public struct TrainingConfiguration: Sendable, Equatable {
     public var optimizer = "paged_adamw_8bit"
     public var gradientCheckpointing = true
     public var seed: UInt64 = 42
+    /// Bit-identical runs on the GPU (transformers' `full_determinism`): attention through the kernels without
+    /// atomics, about 2× slower attention. The CPU is always deterministic.
+    public var fullDeterminism = false
 
     // Bookkeeping
     public var loggingSteps = 10
@@ -107,6 +110,7 @@ public struct TrainingConfiguration: Sendable, Equatable {
             case "optim", "optimizer": optimizer = try string()
             case "gradient_checkpointing": gradientCheckpointing = try bool()
             case "seed": seed = UInt64(try int())
+            case "full_determinism": fullDeterminism = try bool()
             case "logging_steps": loggingSteps = try int()
             case "eval_steps": evalSteps = try int()
             case "save_steps": saveSteps = try int()

@@ -143,6 +143,7 @@ final class TrainerTests: XCTestCase {
         learning_rate: 1e-4   # inline comment
         lr_scheduler_type: "linear"
         packing: true
+        full_determinism: true
         """)
         let c = try TrainingConfiguration(yamlFile: dir + "/train.yaml")
         XCTAssertEqual(c.datasets, ["a.jsonl", "b.jsonl"])
@@ -151,6 +152,8 @@ final class TrainerTests: XCTestCase {
         XCTAssertEqual(c.learningRate, 1e-4)
         XCTAssertEqual(c.scheduler, "linear")
         XCTAssertTrue(c.packing)
+        XCTAssertTrue(c.fullDeterminism)
+        XCTAssertFalse(TrainingConfiguration().fullDeterminism)
         try FileSystem.writeAtomically(dir + "/bad.yaml", text: "learning_rat: 1e-4\n")
         XCTAssertThrowsError(try TrainingConfiguration(yamlFile: dir + "/bad.yaml")) { XCTAssertTrue("\($0)".contains("'learning_rat': unknown setting")) }
     }

@@ -8,7 +8,8 @@
 //   fill_random_bf16:    p[i] = bf16(std * (u1 + u2 + u3 - 1.5) * 2)  (sum of uniforms, std `std`)
 //   fill_random_uniform: p[i] = lo + (hi - lo) * u                (fp32, e.g. Kaiming-uniform LoRA A)
 // Clipping, as torch.nn.utils.clip_grad_norm_ (norm type 2):
-//   sum_squares:     out[0] += sum_i g[i]^2                        (out zeroed before; atomics across blocks)
+//   sum_squares:     partial[b] = sum of g[i]^2 over block b's grid-stride share; then sum_partials (one block):
+//                    out[0] = sum_b partial[b], in a fixed order, so the norm has the same bits on every run
 //   clip_gradients:  total = sqrt(out[0]), coef = min(1, max_norm / (total + 1e-6)); g *= coef
 //                    (a non-finite total leaves g unchanged, as the CPU trainer does)
 // LoRA dropout, the twin of Training/DropoutMask.swift (one definition there, this one must equal it bit for bit):
@@ -45,12 +46,21 @@ extern "C" __global__ void fill_random_uniform(float* p, long long n, unsigned l
     GRID_STRIDE(i, n) { p[i] = lo + (hi - lo) * uniform01(mix64(seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1))); }
 }
 
-extern "C" __global__ void sum_squares(const float* g, long long n, float* out) {
+extern "C" __global__ void sum_squares(const float* g, long long n, float* partial) {
     __shared__ float scratch[32];
     float s = 0.0f;
     GRID_STRIDE(i, n) { s += g[i] * g[i]; }
     s = block_sum(s, scratch);
-    if (threadIdx.x == 0) atomicAdd(out, s);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+/// One block: out[0] = the sum of partial[0 ..< count].
+extern "C" __global__ void sum_partials(const float* partial, int count, float* out) {
+    __shared__ float scratch[32];
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) s += partial[i];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) out[0] = s;
 }
 
 extern "C" __global__ void clip_gradients(float* g, long long n, const float* sum_sq, float max_norm) {

@@ -133,9 +133,9 @@ public final class CUDALlamaTrainer {
     let gate: DeviceBuffer<UInt16>, up: DeviceBuffer<UInt16>, activated: DeviceBuffer<UInt16>
     let dAttended: DeviceBuffer<UInt16>, dq: DeviceBuffer<UInt16>, dk: DeviceBuffer<UInt16>, dv: DeviceBuffer<UInt16>
     let dqAccumulator: DeviceBuffer<Float>
-    /// Attention through the 64-row kernels, whose dQ is summed without atomics: the same bits on every run (the
-    /// default flash kernels add dQ with fp32 atomics, so dq may differ in its last bits between runs), about 2× slower
-    /// attention.
+    /// Attention through the 64-row kernels, whose dQ is summed without atomics: with it, a training run has the same
+    /// bits on every run (the default flash kernels add dQ with fp32 atomics, so dq may differ in its last bits between
+    /// runs; everything else, the gradient norm included, is summed in a fixed order), about 2× slower attention.
     public var deterministic = false
     let lse: DeviceBuffer<Float>, delta: DeviceBuffer<Float>
     let dyB: DeviceBuffer<UInt16>
@@ -348,7 +348,7 @@ public final class CUDALlamaTrainer {
             logits = blockScratch.view(at: 0, count: lossChunkRows * c.vocabularySize)
             rowLoss = try a.buffer(Float.self, count: n)
             lossOut = try a.buffer(Float.self, count: 2)
-            sumSquares = try a.buffer(Float.self, count: 1)
+            sumSquares = try a.buffer(Float.self, count: CUDAContext.clipScratchCount)
             tokenIDs = try a.buffer(Int32.self, count: n)
             targets = try a.buffer(Int32.self, count: n)
             positions = try a.buffer(Int32.self, count: n)

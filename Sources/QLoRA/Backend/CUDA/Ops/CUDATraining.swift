@@ -23,15 +23,20 @@ extension CUDAContext {
                           [.pointer(pointer), .int64(Int64(count)), .int64(Int64(bitPattern: seed)), .float(lo), .float(hi)])
     }
 
+    /// Floats `clipGradients` needs in its `sumSquares` buffer: the total and one partial sum per block.
+    public static let clipScratchCount = 1 + 1024
+
     /// Scales `grads` so their global L2 norm is at most `maxNorm` (torch's clip_grad_norm_), entirely on the device.
-    /// `sumSquares` (one float) receives the squared norm before clipping.
+    /// `sumSquares` (`clipScratchCount` floats) receives the squared norm before clipping in element 0; the rest holds
+    /// per-block partial sums, added in a fixed order (no atomics), so the norm is the same on every run.
     public func clipGradients(_ grads: DeviceBuffer<Float>, count: Int, maxNorm: Float, sumSquares: DeviceBuffer<Float>,
                               stream: CUDAStream? = nil) throws {
-        try require(grads.count >= count && sumSquares.count >= 1, "clipGradients", "buffers too small")
-        try sumSquares.fill(byte: 0, stream: stream)
-        let grid = min(gridSize(items: count), device.multiprocessorCount * 4)
+        try require(grads.count >= count && sumSquares.count >= CUDAContext.clipScratchCount, "clipGradients", "buffers too small")
+        let grid = max(1, min(gridSize(items: count), device.multiprocessorCount * 4, CUDAContext.clipScratchCount - 1))
         try device.launch(compiler.function(KernelSources.training, "sum_squares"), grid: (grid, 1, 1), block: (256, 1, 1),
-                          stream: stream, [grads.arg, .int64(Int64(count)), sumSquares.arg])
+                          stream: stream, [grads.arg, .int64(Int64(count)), .pointer(sumSquares.address(at: 1))])
+        try device.launch(compiler.function(KernelSources.training, "sum_partials"), grid: (1, 1, 1), block: (1024, 1, 1),
+                          stream: stream, [.pointer(sumSquares.address(at: 1)), .int(grid), sumSquares.arg])
         try device.launch(compiler.function(KernelSources.training, "clip_gradients"), grid: (gridSize(items: count), 1, 1),
                           block: (256, 1, 1), stream: stream, [grads.arg, .int64(Int64(count)), sumSquares.arg, .float(maxNorm)])
     }

@@ -24,11 +24,13 @@ public final class CUDATrainingEngine: TrainingEngine {
     }
 
     /// An engine for `model` (adapters attached) holding batches of up to `capacityTokens` tokens.
+    /// `deterministic`: the same bits on every run (see `CUDALlamaTrainer.deterministic`).
     public init(context: CUDAContext, model: LlamaModel, capacityTokens: Int, optimizer kind: OptimizerKind,
-                hyperparameters: AdamWHyperparameters) throws {
+                hyperparameters: AdamWHyperparameters, deterministic: Bool = false) throws {
         self.context = context
         self.model = model
         trainer = try CUDALlamaTrainer(context: context, model: model, capacityTokens: capacityTokens)
+        trainer.deterministic = deterministic
         optimizer = try CUDAOptimizer(context: context, kind: kind, hyperparameters)
     }
 
