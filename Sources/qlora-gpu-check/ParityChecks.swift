@@ -7,6 +7,7 @@
 //                                 checkpointing on and off (the GPU always recomputes: forward, recomputation and
 //                                 backward must all draw the CPU's masks)
 //   training: LoRA ranks          different ranks per projection (PEFT rank_pattern) on the fixture vs the CPU
+//   training: q_proj, v_proj      LoRA on two projections only (PEFT's Llama default), with and without dropout
 //   qwen2                         the tiny-qwen2 fixture (q, k, v biases, tied embeddings): GPU trainer loss and
 //                                 gradients vs the CPU, and CUDAInference prefill/decode logits vs LlamaModel.forward
 //                                 (biases scaled by 1/4 and all values rounded to bf16: see QwenCheckWeights)
@@ -158,6 +159,19 @@ func runParityTrainingChecks() {
         let ranks = Set(model.linearLayers.compactMap { $0.lora?.rank })
         checkTrue("LoRA ranks differ per projection", ranks == [2, 4, 8, 12, 16], "ranks \(ranks.sorted())")
         try compareTrainer("ranks 2-16", model: model, batch: batch, dropoutSeed: nil)
+    }
+
+    // PEFT's default for Llama: LoRA on q_proj and v_proj only; the other five projections are the frozen base alone.
+    group("training: LoRA on q_proj and v_proj only vs CPU") {
+        let batch = try fixtureBatch(directory)
+        let model = try ModelLoader.load(directory + "/base", quantization: .nf4).model
+        try model.attachLoRA(LoRAConfig(rank: 8, alpha: 16, dropout: 0.1, targetModules: ["q_proj", "v_proj"]), seed: 13)
+        randomizeB(model, seed: 14)
+        let adapted = model.linearLayers.filter { $0.lora != nil }.map(\.name)
+        checkTrue("q_proj and v_proj only", adapted.count == 2 * model.blocks.count
+                  && adapted.allSatisfy { $0.hasSuffix("q_proj") || $0.hasSuffix("v_proj") }, "\(adapted.count) adapted linears")
+        try compareTrainer("q_proj, v_proj", model: model, batch: batch, dropoutSeed: nil)
+        try compareTrainer("q_proj, v_proj + dropout 0.1", model: model, batch: batch, dropoutSeed: 91)
     }
 }
 

@@ -60,19 +60,11 @@ enum ComputeDevice {
 }
 
 extension ComputeDevice {
-    /// The device for training `c`: with `auto`, a configuration the GPU trainer cannot run (LoRA on some
-    /// projections only) falls back to the CPU, saying why; with `cuda` it is an error.
-    static func forTraining(_ name: String, configuration c: TrainingConfiguration) throws -> TrainingDevice {
-        switch try choose(name) {
-        case .cpu:
-            return .cpu
-        case .cuda(let context):
-            if let reason = CUDATrainingEngine.unsupported(c) {
-                guard name.lowercased() == "auto" else { throw ValidationError("cannot train on the GPU: \(reason)") }
-                printError("device: cpu after all (auto: \(reason))")
-                return .cpu
-            }
-            return .cuda(context)
+    /// The device for training (every configuration trains on either engine).
+    var training: TrainingDevice {
+        switch self {
+        case .cpu: return .cpu
+        case .cuda(let context): return .cuda(context)
         }
     }
 }

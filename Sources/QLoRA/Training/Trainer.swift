@@ -94,7 +94,6 @@ public final class Trainer {
         case .cpu:
             engine = CPUTrainingEngine(model: model, optimizer: try optimizerKind.make(hyperparameters))
         case .cuda(let context):
-            if let reason = CUDATrainingEngine.unsupported(c) { throw UsageError("cannot train on the GPU: \(reason)") }
             let capacity = (self.train + self.eval).map(\.tokenCount).max() ?? 1
             engine = try CUDATrainingEngine(context: context, model: model, capacityTokens: capacity, optimizer: optimizerKind,
                                             hyperparameters: hyperparameters, deterministic: c.fullDeterminism)

@@ -41,7 +41,8 @@
 // right before the GEMM that reads it (regenerated in the backward rather than kept), and the backward's
 // s·(dy·B)·A goes through the same scratch before a fused mask-and-add into dx.
 // Linear biases (Qwen2's q, k, v) are frozen: written into y before the base GEMM accumulates onto it; no gradient.
-// Each linear has its own LoRA rank (its A, B and x·Aᵀ are sized by it; dy·B uses a scratch of the largest rank).
+// Each linear has its own LoRA rank (its A, B and x·Aᵀ are sized by it; dy·B uses a scratch of the largest rank);
+// rank 0 is a linear without an adapter (PEFT's target_modules naming only some projections): the base alone.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -161,20 +162,20 @@ public final class CUDALlamaTrainer {
     }
 
     /// A trainer for `model` (its dense fp32 linear weights are quantized to NF4 + double quant here, as
-    /// bitsandbytes would; its LoRA adapters, on all seven projections, each with its own rank, scale and dropout,
-    /// become the trained parameters; its linear biases stay frozen). `memory`: where the checkpoints and the
+    /// bitsandbytes would; its LoRA adapters, on any of the seven projections, each with its own rank, scale and
+    /// dropout, become the trained parameters; its linear biases stay frozen). `memory`: where the checkpoints and the
     /// embedding live (nil: `CUDATrainerMemoryOptions.automatic(for:)`).
     public convenience init(context: CUDAContext, model: LlamaModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil) throws {
         var ranks: [[Int]] = []
         var dropout: Float = 0
         for block in model.blocks {
             ranks.append(try block.linears.map { layer in
-                guard let lora = layer.lora else { throw UsageError("the GPU trainer needs LoRA on every projection; \(layer.name) has none") }
-                guard lora.dropout >= 0 && lora.dropout < 1 else {
-                    throw UsageError("LoRA dropout \(lora.dropout) on \(layer.name) is outside [0, 1)")
-                }
                 if let bias = layer.bias, bias.count != layer.outFeatures {
                     throw UsageError("the bias of \(layer.name) has \(bias.count) values for \(layer.outFeatures) outputs")
+                }
+                guard let lora = layer.lora else { return 0 }  // no adapter: the frozen base alone
+                guard lora.dropout >= 0 && lora.dropout < 1 else {
+                    throw UsageError("LoRA dropout \(lora.dropout) on \(layer.name) is outside [0, 1)")
                 }
                 dropout = max(dropout, lora.dropout)
                 return lora.rank
@@ -198,8 +199,8 @@ public final class CUDALlamaTrainer {
                       source: .random(seed: seed, dropout: dropout))
     }
 
-    /// `ranks[l][j]`: the LoRA rank of block l's linear j (q, k, v, o, gate, up, down); `dropout`: whether any linear
-    /// drops out (then the d(x) scratch is allocated).
+    /// `ranks[l][j]`: the LoRA rank of block l's linear j (q, k, v, o, gate, up, down; 0: no adapter); `dropout`:
+    /// whether any linear drops out (then the d(x) scratch is allocated).
     init(context ctx: CUDAContext, config c: LlamaConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
          memory: CUDATrainerMemoryOptions?, source: Source) throws {
         guard c.headDim == 32 || c.headDim == 64 || c.headDim == 128 else {
@@ -209,8 +210,8 @@ public final class CUDALlamaTrainer {
             throw UsageError("the GPU trainer needs a LoRA rank for each of the 7 projections of all \(c.layerCount) blocks")
         }
         let maxRank = ranks.joined().max() ?? 0
-        guard n > 0, ranks.joined().allSatisfy({ $0 > 0 }) else {
-            throw UsageError("the GPU trainer needs at least one token and a LoRA rank of at least 1")
+        guard n > 0, ranks.joined().allSatisfy({ $0 >= 0 }), maxRank > 0 else {
+            throw UsageError("the GPU trainer needs at least one token and at least one LoRA adapter")
         }
         if let memory, memory.offloadCheckpoints, memory.checkpointSlots < 2 {
             throw UsageError("offloaded checkpoints need at least 2 GPU slots (\(memory.checkpointSlots) asked for)")
@@ -261,7 +262,7 @@ public final class CUDALlamaTrainer {
             var rng = SeededGenerator(seed: 0)
             // x·Aᵀ is only read by the backward of the block whose recomputation just wrote it, so all blocks share
             // one buffer per linear, sized by that linear's largest rank.
-            let sharedXA = try CUDAMemoryPlan.largestRanks(ranks).map { try bf16(n * $0) }
+            let sharedXA = try CUDAMemoryPlan.largestRanks(ranks).map { try bf16(max(n * $0, 1)) }
             for l in 0..<c.layerCount {
                 var linears: [TrainerLinear] = []
                 for (j, shape) in shapes.enumerated() {
@@ -284,7 +285,7 @@ public final class CUDALlamaTrainer {
                         linearDropout = dropout
                         weight = try CUDANF4Weight(randomRows: shape.out, columns: shape.in, context: ctx, code: absmaxCode,
                                                    packedSeed: seed &+ rng.next(), absmaxSeed: seed &+ rng.next())
-                        scale = Float((alpha ?? Double(2 * rank)) / Double(rank))
+                        scale = rank == 0 ? 0 : Float((alpha ?? Double(2 * rank)) / Double(rank))
                     }
                     linears.append(TrainerLinear(name: name, weight: weight, rank: rank, scale: scale, dropout: linearDropout, bias: bias,
                                                  aOffset: layout[l][j].aOffset, bOffset: layout[l][j].bOffset, xa: sharedXA[j]))
@@ -418,7 +419,7 @@ public final class CUDALlamaTrainer {
                 // PEFT: A ~ Kaiming-uniform (a = √5), i.e. U(-1/√in, 1/√in); B = 0.
                 try params.fill(byte: 0)
                 for block in blocks {
-                    for linear in block.linears {
+                    for linear in block.linears where linear.rank > 0 {
                         let bound = 1 / Float(linear.inFeatures).squareRoot()
                         try ctx.fillRandomUniform(params.address(at: linear.aOffset), count: linear.rank * linear.inFeatures,
                                                   seed: seed &+ UInt64(linear.aOffset) &+ 303, lo: -bound, hi: bound)
@@ -464,7 +465,9 @@ public final class CUDALlamaTrainer {
                                seed: UInt64?) throws {
         let blas = try context.blas()
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
-        try blas.gemm(m: n, n: l.rank, k: l.inFeatures, a: try loraInput(l, x: x, n: n, seed: seed), b: a16, transB: true, c: l.xa.pointer)
+        if l.rank > 0 {
+            try blas.gemm(m: n, n: l.rank, k: l.inFeatures, a: try loraInput(l, x: x, n: n, seed: seed), b: a16, transB: true, c: l.xa.pointer)
+        }
         guard base else { return }
         if let bias = l.bias {
             try context.addRowVector(bias.pointer, to: y, rows: n, columns: l.outFeatures, overwrite: !accumulate)
@@ -472,6 +475,7 @@ public final class CUDALlamaTrainer {
         try dequantize(l.weight)
         try blas.gemm(m: n, n: l.outFeatures, k: l.inFeatures, a: x, b: weightScratch.pointer, transB: true, c: y,
                       beta: accumulate || l.bias != nil ? 1 : 0)
+        guard l.rank > 0 else { return }
         try blas.gemm(m: n, n: l.outFeatures, k: l.rank, a: l.xa.pointer, b: b16, transB: true, c: y, alpha: l.scale, beta: 1)
     }
 
@@ -482,6 +486,10 @@ public final class CUDALlamaTrainer {
         let blas = try context.blas()
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
         try dequantize(l.weight)
+        guard l.rank > 0 else {  // no adapter: dx (+)= dy·W alone
+            try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weightScratch.pointer, c: dx, beta: accumulate ? 1 : 0)
+            return
+        }
         // dB [out, r] += s·dyᵀ·xa
         try blas.gemm(m: l.outFeatures, n: l.rank, k: n, a: dy, transA: true, b: l.xa.pointer, c: grads.address(at: l.bOffset),
                       outputType: .float32, alpha: l.scale, beta: 1)
@@ -769,7 +777,7 @@ public final class CUDALlamaTrainer {
     /// (`<module>.lora_A.weight`, `<module>.lora_B.weight`), so optimizer state is interchangeable.
     public func parameterSlots() -> [CUDAParameterSlot] {
         blocks.flatMap { block in
-            block.linears.flatMap { l in
+            block.linears.filter { $0.rank > 0 }.flatMap { l in
                 [CUDAParameterSlot(name: l.name + ".lora_A.weight", values: params, gradient: grads, count: l.rank * l.inFeatures,
                                    offset: l.aOffset),
                  CUDAParameterSlot(name: l.name + ".lora_B.weight", values: params, gradient: grads, count: l.outFeatures * l.rank,
@@ -787,7 +795,7 @@ public final class CUDALlamaTrainer {
     public func setLoRAParameters(from model: LlamaModel) throws {
         var host = [Float](repeating: 0, count: parameterCount)
         for (l, block) in blocks.enumerated() {
-            for (j, linear) in block.linears.enumerated() {
+            for (j, linear) in block.linears.enumerated() where linear.rank > 0 {
                 guard l < model.blocks.count, j < model.blocks[l].linears.count, let lora = model.blocks[l].linears[j].lora,
                       lora.a.count == linear.rank * linear.inFeatures, lora.b.count == linear.outFeatures * linear.rank else {
                     throw UsageError("the model's adapter on \(linear.name) does not match the GPU trainer's layout")
@@ -816,7 +824,7 @@ public final class CUDALlamaTrainer {
     private func slices(of all: [Float]) -> [(name: String, a: [Float], b: [Float])] {
         var result: [(name: String, a: [Float], b: [Float])] = []
         for block in blocks {
-            for l in block.linears {
+            for l in block.linears where l.rank > 0 {
                 let aEnd = l.aOffset + l.rank * l.inFeatures
                 let bEnd = l.bOffset + l.outFeatures * l.rank
                 result.append((l.name, Array(all[l.aOffset..<aEnd]), Array(all[l.bOffset..<bEnd])))

@@ -3,8 +3,7 @@
 // variants) runs on the GPU with the CPU's state names: a checkpoint saved on one backend resumes on the other.
 //
 // LoRA dropout draws the CPU's masks (the step's dropout seed goes to the trainer), linear biases stay frozen, and
-// each projection may have its own rank. What the GPU trainer does not do is refused when the engine is made (never a
-// silent difference): LoRA on only some projections (CUDALlamaTrainer's checks).
+// each projection may have its own rank or no adapter at all (PEFT's target_modules naming only some projections).
 // Evaluation runs the forward alone (`CUDALlamaTrainer.forwardLoss`), without dropout: no backward, and the gradients
 // are not touched.
 
@@ -14,14 +13,6 @@ public final class CUDATrainingEngine: TrainingEngine {
     public let model: LlamaModel
     public let trainer: CUDALlamaTrainer
     public let optimizer: CUDAOptimizer
-
-    /// Why a configuration cannot train on the GPU, or nil when it can (for `--device auto` to fall back to the CPU).
-    public static func unsupported(_ c: TrainingConfiguration) -> String? {
-        if Set(c.targetModules.map { $0.lowercased() }) != Set(LoRAConfig.llamaProjections) && c.targetModules != ["all-linear"] {
-            return "the GPU trainer needs LoRA on all seven projections (target modules \(c.targetModules.joined(separator: ",")))"
-        }
-        return nil
-    }
 
     /// An engine for `model` (adapters attached) holding batches of up to `capacityTokens` tokens.
     /// `deterministic`: the same bits on every run (see `CUDALlamaTrainer.deterministic`).
