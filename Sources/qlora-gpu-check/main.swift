@@ -23,16 +23,8 @@ import Glibc
 
 // MARK: - Random inputs
 
-/// SplitMix64: small, fast and reproducible from the printed seed.
-struct Random {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9e37_79b9_7f4a_7c15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
-    }
+/// Random inputs from the library's SplitMix64 generator: reproducible from the printed seed.
+extension SeededGenerator {
     mutating func uniform(_ lo: Float, _ hi: Float) -> Float {
         lo + (hi - lo) * Float(next() >> 40) / Float(1 << 24)
     }
@@ -125,7 +117,7 @@ while let a = arguments.next() {
         exit(2)
     }
 }
-var rng = Random(state: seed)
+var rng = SeededGenerator(seed: seed)
 
 // Without a GPU: compile every kernel with NVRTC for one architecture (catches compile errors anywhere).
 if let arch = compileOnlyArch {
@@ -505,7 +497,7 @@ if runBench {
         let s = 8192
         let a = try A.buffer(UInt16.self, count: s * s), b = try A.buffer(UInt16.self, count: s * s)
         let c = try A.buffer(UInt16.self, count: s * s)
-        var r = Random(state: seed ^ 0xabcdef)
+        var r = SeededGenerator(seed: seed ^ 0xabcdef)
         let host = (0..<(s * s)).map { _ in floatToBF16(r.uniform(-1, 1)) }
         try a.upload(host)
         try b.upload(host.reversed())

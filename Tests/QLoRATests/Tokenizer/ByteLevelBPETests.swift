@@ -45,7 +45,7 @@ final class ByteLevelBPETests: XCTestCase {
             " ", " ", "  ", "\n", "\r", "\r\n", "\t", "\u{a0}", "\u{3000}", "'", "'s", "'S", "'ll", "'RE", "'ve", ".",
             "!", "(", "\"", "é", "ß", "\u{301}", "日", "🤗", "½", "٣", "\u{1c}", "\u{85}", "𝔸", "𝟙",
         ]
-        var rng = SplitMix64(seed: 42)
+        var rng = SeededGenerator(seed: 42)
         for source in [SplitPattern.gpt2Source, SplitPattern.llama3Source, SplitPattern.qwen2Source] {
             let fast = try SplitPattern.regex(source)
             let general = try SplitPattern.regex(source, forceGeneral: true)
@@ -79,18 +79,5 @@ final class ByteLevelBPETests: XCTestCase {
         XCTAssertEqual(run(.mergedWithPrevious), [0..<2, 2..<3, 3..<5])
         XCTAssertEqual(run(.mergedWithNext), [0..<1, 1..<2, 2..<4, 4..<5])
         XCTAssertEqual(run(.contiguous), [0..<1, 1..<3, 3..<4, 4..<5])
-    }
-}
-
-/// A small seeded generator so random tests repeat.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

@@ -61,7 +61,7 @@ final class DynamicQuantizationTests: XCTestCase {
             if x > val { return x > (upper + val) * 0.5 ? upperPivot : pivot }
             return x < (lower + val) * 0.5 ? lowerPivot : pivot
         }
-        var rng = SplitMix(seed: 9)
+        var rng = SeededGenerator(seed: 9)
         for map in [DynamicQuantizationMap.signed, .unsigned] {
             var inputs: [Float] = [0, -0.0, 1, -1, 2, -2, .infinity, -.infinity, .nan, .leastNonzeroMagnitude, -.leastNonzeroMagnitude]
             for k in 0..<256 {
@@ -211,7 +211,7 @@ final class AdamW8bitTests: XCTestCase {
     /// Threads split the blocks of a tensor; the result must not depend on how many.
     func testThreadsDoNotChangeTheResult() throws {
         let n = 70_000
-        var rng = SplitMix(seed: 5)
+        var rng = SeededGenerator(seed: 5)
         let p0 = (0..<n).map { _ in rng.normal() }
         let grads = (0..<3).map { _ in (0..<n).map { _ in rng.normal() * 0.01 } }
         var results: [[Float]] = []
@@ -228,7 +228,7 @@ final class AdamW8bitTests: XCTestCase {
     /// On a quadratic bowl 8-bit AdamW follows fp32 AdamW closely over 20 steps.
     func testTracksFp32AdamWOnAQuadratic() throws {
         let n = 8192
-        var rng = SplitMix(seed: 11)
+        var rng = SeededGenerator(seed: 11)
         let curvature = (0..<n).map { _ in Float.random(in: 0.1...10, using: &rng) }
         let target = (0..<n).map { _ in rng.normal() }
         let start = (0..<n).map { _ in rng.normal() }
@@ -270,7 +270,7 @@ final class OptimizerStateTests: XCTestCase {
         let dir = try TestFixtures.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         for kind in OptimizerKind.allCases {
-            var rng = SplitMix(seed: 3)
+            var rng = SeededGenerator(seed: 3)
             let shapes = [("m.lora_A", 5000), ("m.lora_B", 700)]
             let start = shapes.map { ParameterTensor(name: $0.0, shape: [$0.1], values: (0..<$0.1).map { _ in rng.normal() }) }
             let grads = (0..<6).map { _ in shapes.map { s in (0..<s.1).map { _ in rng.normal() * 0.1 } } }
@@ -340,17 +340,8 @@ final class OptimizerStateTests: XCTestCase {
     }
 }
 
-/// A small deterministic generator for test data.
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
+/// Normal test data from the library's seeded generator (Box-Muller).
+extension SeededGenerator {
     mutating func normal() -> Float {
         let u1 = Double.random(in: Double.ulpOfOne..<1, using: &self)
         let u2 = Double.random(in: 0..<1, using: &self)
