@@ -11,6 +11,28 @@ extension CPUReference {
         j <= i && (segments == nil || segments![rowStart + i] == segments![rowStart + j])
     }
 
+    /// Row i's softmax over the keys it attends (0 elsewhere) and its log-sum-exp, for query head offset `qi` and KV
+    /// head `hk` of the batch row starting at token `row`.
+    static func probabilities(q: [Float], k: [Float], qi: Int, i: Int, row: Int, hk: Int, seq: Int, kvHeads: Int, d: Int,
+                              scale: Double, segments: [Int32]?) -> (p: [Double], lse: Double) {
+        var p = [Double](repeating: 0, count: seq)
+        var m = -Double.infinity
+        for j in 0..<seq where attends(i, j, rowStart: row, segments: segments) {
+            let kj = ((row + j) * kvHeads + hk) * d
+            var s = 0.0
+            for x in 0..<d { s += Double(q[qi + x]) * Double(k[kj + x]) }
+            p[j] = s * scale
+            m = max(m, p[j])
+        }
+        var l = 0.0
+        for j in 0..<seq where attends(i, j, rowStart: row, segments: segments) {
+            p[j] = exp(p[j] - m)
+            l += p[j]
+        }
+        for j in 0..<seq where attends(i, j, rowStart: row, segments: segments) { p[j] /= l }
+        return (p, m + log(l))
+    }
+
     /// (o, lse). q: [tokens, heads, d]; k, v: [tokens, kvHeads, d]; tokens = batch * seq.
     public static func attentionForward(q: [Float], k: [Float], v: [Float], segments: [Int32]? = nil, batch: Int, seq: Int,
                                         heads: Int, kvHeads: Int, headDim d: Int) -> (o: [Float], lse: [Float]) {
@@ -23,20 +45,12 @@ extension CPUReference {
                 let hk = h / group
                 for i in 0..<seq {
                     let qi = ((row + i) * heads + h) * d
-                    var scores = [Double](repeating: -.infinity, count: seq)
+                    let (p, rowLSE) = probabilities(q: q, k: k, qi: qi, i: i, row: row, hk: hk, seq: seq, kvHeads: kvHeads, d: d,
+                                                    scale: scale, segments: segments)
+                    lse[(row + i) * heads + h] = Float(rowLSE)
                     for j in 0..<seq where attends(i, j, rowStart: row, segments: segments) {
-                        let kj = ((row + j) * kvHeads + hk) * d
-                        var s = 0.0
-                        for x in 0..<d { s += Double(q[qi + x]) * Double(k[kj + x]) }
-                        scores[j] = s * scale
-                    }
-                    let m = scores.max()!
-                    let l = scores.reduce(0) { $0 + exp($1 - m) }
-                    lse[(row + i) * heads + h] = Float(m + log(l))
-                    for j in 0..<seq where scores[j] > -.infinity {
-                        let p = exp(scores[j] - m) / l
                         let vj = ((row + j) * kvHeads + hk) * d
-                        for x in 0..<d { o[qi + x] += Float(p * Double(v[vj + x])) }
+                        for x in 0..<d { o[qi + x] += Float(p[j] * Double(v[vj + x])) }
                     }
                 }
             }
@@ -56,25 +70,12 @@ extension CPUReference {
                 let hk = h / group
                 for i in 0..<seq {
                     let qi = ((row + i) * heads + h) * d
-                    var p = [Double](repeating: 0, count: seq)
-                    var m = -Double.infinity
-                    for j in 0..<seq where attends(i, j, rowStart: row, segments: segments) {
-                        let kj = ((row + j) * kvHeads + hk) * d
-                        var s = 0.0
-                        for x in 0..<d { s += Double(q[qi + x]) * Double(k[kj + x]) }
-                        p[j] = s * scale
-                        m = max(m, p[j])
-                    }
-                    var l = 0.0
-                    for j in 0..<seq where attends(i, j, rowStart: row, segments: segments) {
-                        p[j] = exp(p[j] - m)
-                        l += p[j]
-                    }
+                    let p = probabilities(q: q, k: k, qi: qi, i: i, row: row, hk: hk, seq: seq, kvHeads: kvHeads, d: d,
+                                          scale: scale, segments: segments).p
                     // dp_j = dout_i . v_j; delta = sum_j p_j dp_j (= dout_i . o_i); ds_j = p_j (dp_j - delta).
                     var dp = [Double](repeating: 0, count: seq)
                     var delta = 0.0
                     for j in 0..<seq where attends(i, j, rowStart: row, segments: segments) {
-                        p[j] /= l
                         let vj = ((row + j) * kvHeads + hk) * d
                         for x in 0..<d { dp[j] += Double(dout[qi + x]) * Double(v[vj + x]) }
                         delta += p[j] * dp[j]
