@@ -55,6 +55,36 @@ __device__ __forceinline__ unsigned int pick_word(uint4 v, int k) {
     return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
 }
 
+/// The absmax of chunk c (32 elements, inside one absmax block) of each of a warp's rows: code8[q] · nested + offset.
+__device__ __forceinline__ void nf4_chunk_scales(float* scale, const long long* e0, int c, const unsigned char* __restrict__ absmax_q,
+                                                 const float* __restrict__ nested, const float* code, float offset,
+                                                 int blocksize_shift, int nested_shift) {
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        const long long b = (e0[r] + (long long)c * 32) >> blocksize_shift;  // blocksizes are powers of two
+        scale[r] = code[__ldg(absmax_q + b)] * __ldg(nested + (b >> nested_shift)) + offset;
+    }
+}
+
+/// part[r] += NF4 values of word k of w[r] (8 elements, 4 packed bytes) · the 8 bf16 x values in xv.
+__device__ __forceinline__ void nf4_piece_dot(float* part, const uint4* w, uint4 xv, int k, const float* nf4) {
+    float xf[8];
+    xf[0] = __uint_as_float(xv.x << 16); xf[1] = __uint_as_float(xv.x & 0xffff0000u);
+    xf[2] = __uint_as_float(xv.y << 16); xf[3] = __uint_as_float(xv.y & 0xffff0000u);
+    xf[4] = __uint_as_float(xv.z << 16); xf[5] = __uint_as_float(xv.z & 0xffff0000u);
+    xf[6] = __uint_as_float(xv.w << 16); xf[7] = __uint_as_float(xv.w & 0xffff0000u);
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        const unsigned int word = pick_word(w[r], k);
+        float s = 0.0f;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {  // byte q of the word: elements 2q (high nibble), 2q+1 (low)
+            s += nf4[(word >> (8 * q + 4)) & 15u] * xf[2 * q] + nf4[(word >> (8 * q)) & 15u] * xf[2 * q + 1];
+        }
+        part[r] += s;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
 nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restrict__ x, int cols, int blocksize_shift,
          int nested_shift) {
@@ -106,11 +136,7 @@ nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restri
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; r++) next[r] = __ldg(prow[r] + c + 32);
         }
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            const long long b = (e0[r] + (long long)c * 32) >> blocksize_shift;  // blocksizes are powers of two
-            scale[r] = code[__ldg(absmax_q + b)] * __ldg(nested + (b >> nested_shift)) + offset;
-        }
+        nf4_chunk_scales(scale, e0, c, absmax_q, nested, code, offset, blocksize_shift, nested_shift);
         const uint4* xs = reinterpret_cast<const uint4*>(sx + c * 32);
         float part[GEMV_ROWS];
 #pragma unroll
@@ -118,22 +144,7 @@ nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restri
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const int k = (j + rot) & 3;  // which 16-byte piece (8 elements, 4 packed bytes)
-            const uint4 xv = xs[k];
-            float xf[8];
-            xf[0] = __uint_as_float(xv.x << 16); xf[1] = __uint_as_float(xv.x & 0xffff0000u);
-            xf[2] = __uint_as_float(xv.y << 16); xf[3] = __uint_as_float(xv.y & 0xffff0000u);
-            xf[4] = __uint_as_float(xv.z << 16); xf[5] = __uint_as_float(xv.z & 0xffff0000u);
-            xf[6] = __uint_as_float(xv.w << 16); xf[7] = __uint_as_float(xv.w & 0xffff0000u);
-#pragma unroll
-            for (int r = 0; r < GEMV_ROWS; r++) {
-                const unsigned int word = pick_word(w[r], k);
-                float s = 0.0f;
-#pragma unroll
-                for (int q = 0; q < 4; q++) {  // byte q of the word: elements 2q (high nibble), 2q+1 (low)
-                    s += nf4[(word >> (8 * q + 4)) & 15u] * xf[2 * q] + nf4[(word >> (8 * q)) & 15u] * xf[2 * q + 1];
-                }
-                part[r] += s;
-            }
+            nf4_piece_dot(part, w, xs[k], k, nf4);
         }
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) acc[r] += part[r] * scale[r];
@@ -416,33 +427,13 @@ nf4_gemv_splitk(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* _
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; r++) next[r] = __ldg(prow[r] + c + 32);
         }
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            const long long b = (e0[r] + (long long)c * 32) >> blocksize_shift;
-            scale[r] = code[__ldg(absmax_q + b)] * __ldg(nested + (b >> nested_shift)) + offset;
-        }
+        nf4_chunk_scales(scale, e0, c, absmax_q, nested, code, offset, blocksize_shift, nested_shift);
         const uint4* xg = reinterpret_cast<const uint4*>(x + c * 32);
         float part[GEMV_ROWS];
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) part[r] = 0.0f;
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const uint4 xv = __ldg(xg + k);
-            float xf[8];
-            xf[0] = __uint_as_float(xv.x << 16); xf[1] = __uint_as_float(xv.x & 0xffff0000u);
-            xf[2] = __uint_as_float(xv.y << 16); xf[3] = __uint_as_float(xv.y & 0xffff0000u);
-            xf[4] = __uint_as_float(xv.z << 16); xf[5] = __uint_as_float(xv.z & 0xffff0000u);
-            xf[6] = __uint_as_float(xv.w << 16); xf[7] = __uint_as_float(xv.w & 0xffff0000u);
-#pragma unroll
-            for (int r = 0; r < GEMV_ROWS; r++) {
-                const unsigned int word = pick_word(w[r], k);
-                float s = 0.0f;
-#pragma unroll
-                for (int q = 0; q < 4; q++)
-                    s += nf4[(word >> (8 * q + 4)) & 15u] * xf[2 * q] + nf4[(word >> (8 * q)) & 15u] * xf[2 * q + 1];
-                part[r] += s;
-            }
-        }
+        for (int k = 0; k < 4; k++) nf4_piece_dot(part, w, __ldg(xg + k), k, nf4);
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) acc[r] += part[r] * scale[r];
     }
