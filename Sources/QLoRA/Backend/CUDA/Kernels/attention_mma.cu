@@ -125,7 +125,7 @@ __device__ __forceinline__ void b_frags_kn(unsigned* r, const bf16* s, int ld, i
 
 // MARK: - Forward
 
-/// The A fragment (16 keys × 16 queries, bf16) of k-step kk from two 16x8 fp32 accumulator tiles of Pᵀ or dSᵀ.
+/// The A fragment (16 × 16, bf16) of k-step kk from two 16x8 fp32 accumulator tiles (P, Pᵀ or dSᵀ).
 __device__ __forceinline__ void pack_a_frag(unsigned* a, const float (*tiles)[4], int kk) {
     a[0] = pack_f2(tiles[2 * kk][0], tiles[2 * kk][1]);
     a[1] = pack_f2(tiles[2 * kk][2], tiles[2 * kk][3]);
@@ -133,7 +133,19 @@ __device__ __forceinline__ void pack_a_frag(unsigned* a, const float (*tiles)[4]
     a[3] = pack_f2(tiles[2 * kk + 1][2], tiles[2 * kk + 1][3]);
 }
 
-/// dV += Pᵀ dO and dK += dSᵀ Q for k-step kk: `dos` and `qs` hold the tile's dO and Q rows (row stride ld) in shared memory.
+/// acc (16 rows × D) += A (the 16 × 16 fragment of k-step kk) · rows kk·16 ... of `src` (shared memory, row stride ld).
+template <int D>
+__device__ __forceinline__ void mma_a_rows(float (*acc)[4], const unsigned* a, const bf16* src, int ld, int kk, int lane) {
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt += 2) {
+        unsigned r[4];
+        b_frags_kn(r, src, ld, kk * 16, dt * 8, lane);
+        mma16816(acc[dt], a, r[0], r[1]);
+        mma16816(acc[dt + 1], a, r[2], r[3]);
+    }
+}
+
+/// dV += Pᵀ dO and dK += dSᵀ Q for k-step kk (the two products interleaved, as mma_a_rows twice would not be): `dos` and `qs` hold the tile's dO and Q rows (row stride ld) in shared memory.
 template <int D>
 __device__ __forceinline__ void accumulate_dkv(float (*dka)[4], float (*dva)[4], const unsigned* pa, const unsigned* sa,
                                                const bf16* dos, const bf16* qs, int ld, int kk, int lane) {
@@ -249,15 +261,9 @@ __device__ __forceinline__ void mma_forward(const bf16* q, const bf16* k, const 
         __syncthreads();  // V(j) has landed for every thread's copies
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
-            const unsigned pa[4] = {pack_f2(s[2 * kk][0], s[2 * kk][1]), pack_f2(s[2 * kk][2], s[2 * kk][3]),
-                                    pack_f2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_f2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt += 2) {
-                unsigned r[4];
-                b_frags_kn(r, vs, LD, kk * 16, dt * 8, lane);
-                mma16816(oacc[dt], pa, r[0], r[1]);
-                mma16816(oacc[dt + 1], pa, r[2], r[3]);
-            }
+            unsigned pa[4];
+            pack_a_frag(pa, s, kk);
+            mma_a_rows<D>(oacc, pa, vs, LD, kk, lane);
         }
         __syncthreads();  // every warp is done with vs
         if (j0 + BK < key_end) async_rows_shared<D, BK>(vs, v, t0, j0 + BK, seq, kv_heads, hk);
@@ -360,15 +366,9 @@ __device__ __forceinline__ void mma_backward_dq(const bf16* q, const bf16* k, co
         }
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
-            const unsigned pa[4] = {pack_f2(s[2 * kk][0], s[2 * kk][1]), pack_f2(s[2 * kk][2], s[2 * kk][3]),
-                                    pack_f2(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_f2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt += 2) {
-                unsigned r[4];
-                b_frags_kn(r, ks, LD, kk * 16, dt * 8, lane);
-                mma16816(acc[dt], pa, r[0], r[1]);
-                mma16816(acc[dt + 1], pa, r[2], r[3]);
-            }
+            unsigned pa[4];
+            pack_a_frag(pa, s, kk);
+            mma_a_rows<D>(acc, pa, ks, LD, kk, lane);
         }
         __syncthreads();  // every warp is done with ks
         if (j0 + BK < key_end) async_rows_shared<D, BK>(ks, k, t0, j0 + BK, seq, kv_heads, hk);
@@ -668,10 +668,7 @@ __device__ __forceinline__ void fa_forward(const bf16* q, const bf16* k, const b
             unsigned pa[2][4];
 #pragma unroll
             for (int mi = 0; mi < 2; mi++) {
-                pa[mi][0] = pack_f2(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-                pa[mi][1] = pack_f2(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-                pa[mi][2] = pack_f2(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-                pa[mi][3] = pack_f2(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+                pack_a_frag(pa[mi], s[mi], kk);
             }
 #pragma unroll
             for (int dt = 0; dt < D / 8; dt += 2) {
