@@ -31,7 +31,7 @@ func runTrainerEngineChecks(_ ctx: CUDAContext) {
             var histories: [[StepRecord]] = []
             var evalLosses: [Double] = []
             var adapters: [SafeTensorsFile] = []
-            for (label, device) in [("cpu", TrainingDevice.cpu), ("cuda", TrainingDevice.cuda(ctx))] {  // shadows the group label
+            for (label, device) in [("cpu", ComputeDevice.cpu), ("cuda", ComputeDevice.cuda(ctx))] {  // shadows the group label
                 let output = "/tmp/qlora-gpu-check-trainer-\(optimizer)-\(dropout)-\(label)-\(getpid())"
                 let trainer = try fixtureTrainer(directory, optimizer: optimizer, device: device, output: output, train: train, eval: eval,
                                                  dropout: dropout)
@@ -112,7 +112,7 @@ func runTrainerEngineChecks(_ ctx: CUDAContext) {
 
 /// A Trainer on the fixture (NF4 base, the fixture adapter as the initial adapter, with LoRA dropout `dropout`) for
 /// 6 steps of 2 micro-batches of 2 rows, with evaluation at the end and checkpoints every 3 steps.
-func fixtureTrainer(_ directory: String, optimizer: String, device: TrainingDevice, output: String, train: [TokenizedExample],
+func fixtureTrainer(_ directory: String, optimizer: String, device: ComputeDevice, output: String, train: [TokenizedExample],
                     eval: [TokenizedExample], resume: Bool = false, dropout: Float = 0, fullDeterminism: Bool = false) throws -> Trainer {
     let model = try ModelLoader.load(directory + "/base", quantization: .nf4).model
     let peft = try PEFTAdapter.load(directory: directory + "/adapter", into: model)

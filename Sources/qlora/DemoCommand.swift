@@ -51,7 +51,7 @@ struct DemoCommand: ParsableCommand {
         if testExamples > 0 { cases = Array(cases.prefix(testExamples)) }
         let padID = tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0
 
-        var trainingDevice = try ComputeDevice.choose(device).training
+        var trainingDevice = try ComputeDevice.choose(device)
         try loaded.model.attachLoRA(c.loraConfig, seed: c.seed)  // B = 0: still the base model
         let trainer: Trainer
         do {

@@ -49,7 +49,3 @@ struct MergeCommand: ParsableCommand {
         print("merged \(report.mergedLayers) layers (r=\(config.rank), alpha=\(config.alpha)) into \(out): \(report.tensorsWritten) bf16 tensors")
     }
 }
-
-extension ComputeDevice {
-    var isCUDA: Bool { if case .cuda = self { return true } else { return false } }
-}

@@ -24,11 +24,7 @@ struct ModelOptions: ParsableArguments {
     }
 }
 
-/// Where a command computes.
-enum ComputeDevice {
-    case cpu
-    case cuda(CUDAContext)
-
+extension ComputeDevice {
     /// Resolves `--device auto|cpu|cuda` and says on standard error which device was chosen. `auto` takes the GPU when
     /// the driver loads, a GPU is present and the kernels' compiler (NVRTC) is found; otherwise the CPU, saying why.
     static func choose(_ name: String) throws -> ComputeDevice {
@@ -57,20 +53,6 @@ enum ComputeDevice {
             throw ValidationError("unknown device '\(name)' (choose from auto, cpu, cuda)")
         }
     }
-}
-
-extension ComputeDevice {
-    /// The device for training (every configuration trains on either engine).
-    var training: TrainingDevice {
-        switch self {
-        case .cpu: return .cpu
-        case .cuda(let context): return .cuda(context)
-        }
-    }
-}
-
-extension TrainingDevice {
-    var isCUDA: Bool { if case .cuda = self { return true } else { return false } }
 }
 
 /// Writes a line to standard error (progress and diagnostics; results go to standard output).

@@ -74,7 +74,7 @@ struct TrainCommand: ParsableCommand {
 
     func run() throws {
         let c = try configuration()
-        let trainingDevice = try ComputeDevice.choose(device).training
+        let trainingDevice = try ComputeDevice.choose(device)
         let loaded = try ModelLoader.load(c.model, quantization: try BaseQuantization.parse(c.quantize), log: { printError($0) })
         printError("model: \(loaded.description)")
         guard let tokenizer = loaded.tokenizer else { throw ValidationError("\(loaded.directory) has no tokenizer.json") }

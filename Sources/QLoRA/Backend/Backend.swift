@@ -61,8 +61,10 @@ public protocol TrainingEngine: AnyObject {
     func loadOptimizerState(_ file: SafeTensorsFile) throws
 }
 
-/// Where `Trainer` computes.
-public enum TrainingDevice {
+/// Where `Trainer` (and a command) computes.
+public enum ComputeDevice {
     case cpu
     case cuda(CUDAContext)
+
+    public var isCUDA: Bool { if case .cuda = self { return true } else { return false } }
 }

@@ -72,7 +72,7 @@ public final class Trainer {
     public private(set) var evalHistory: [(step: Int, loss: Double)] = []
 
     public init(configuration: TrainingConfiguration, model: LlamaModel, train: [TokenizedExample], eval: [TokenizedExample],
-                padID: Int, baseDirectory: String?, device: TrainingDevice = .cpu) throws {
+                padID: Int, baseDirectory: String?, device: ComputeDevice = .cpu) throws {
         try configuration.validate()
         self.configuration = configuration
         self.model = model
