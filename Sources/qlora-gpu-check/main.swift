@@ -402,7 +402,9 @@ group("attention") {
         let segd = try segments.map { try upload($0) }
         // Tensor-core flash kernels (the default), the 64-row tensor-core kernels, the fp32 kernels.
         for (tensorCores, flash) in [(true, true), (true, false), (false, false)] {
-            let kind = tensorCores ? (flash ? " flash" : " mma") : ""
+            // Where the card's shared memory cannot hold the flash kernels (99 KB cards, d128), the launcher runs the
+            // 64-row ones; the name says which ran.
+            let kind = tensorCores ? (flash ? (ctx.flashAttentionFits(headDim: shape.headDim) ? " flash" : " flash->mma") : " mma") : ""
             let name = "attention\(kind) b\(shape.batch) s\(shape.seq) h\(shape.heads)/\(shape.kvHeads) d\(shape.headDim)\(packed ? " packed" : "")"
             let o = try poisoned(UInt16.self, qn), lse = try poisoned(Float.self, shape.tokens * shape.heads)
             try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape, tensorCores: tensorCores,
@@ -579,7 +581,7 @@ if runBench {
         let flops = 4 * Double(shape.batch * shape.heads) * Double(shape.seq * shape.seq) * Double(shape.headDim) / 2
         let delta = try A.buffer(Float.self, count: shape.tokens * shape.heads), accumulator = try A.buffer(Float.self, count: qn)
         for flash in [true, false] {
-            let kind = flash ? "flash" : "mma 64-row"
+            let kind = flash ? (ctx.flashAttentionFits(headDim: shape.headDim) ? "flash" : "flash->mma 64-row") : "mma 64-row"
             let fwdMs = try timeMedian(5, warmup: 1) {
                 try ctx.attentionForward(q: aq, k: ak, v: av, into: ao, lse: alse, shape: shape, flash: flash)
             }
