@@ -31,6 +31,8 @@ struct BenchCommand: ParsableCommand {
     @Option(name: .customLong("host-embedding"),
             help: "GPU: keep an untied input embedding in host memory and gather the rows there (on), on the GPU (off), or auto (on when untied).")
     var hostEmbedding: String = "auto"
+    @Option(name: .customLong("gpu-memory"), help: "GPU: behave as a card with this many GiB (the memory plan and the allocator keep within it).")
+    var gpuMemory: Double?
 
     /// "on", "off" or "auto" (nil).
     static func parseSwitch(_ value: String, _ option: String) throws -> Bool? {
@@ -50,6 +52,7 @@ struct BenchCommand: ParsableCommand {
             throw ValidationError("--batch, --lora-r and --steps must be positive, --seq at least 2")
         }
         guard (0..<1).contains(loraDropout) else { throw ValidationError("--lora-dropout must be in [0, 1)") }
+        if let gpuMemory, !(gpuMemory > 0 && gpuMemory.isFinite) { throw ValidationError("--gpu-memory must be a positive number of GiB") }
         _ = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints")
         _ = try Self.parseSwitch(hostEmbedding, "host-embedding")
         switch try DeviceChoice.resolve(device) {
@@ -71,6 +74,7 @@ struct BenchCommand: ParsableCommand {
     }
 
     func runCUDA(architecture: Architecture, context: CUDAContext) throws {
+        if let gpuMemory { try context.setMemoryBudget(gib: gpuMemory) }
         var memory = CUDATrainerMemoryOptions.automatic(for: architecture.config)
         if let on = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints") { memory.offloadCheckpoints = on }
         if let on = try Self.parseSwitch(hostEmbedding, "host-embedding") { memory.hostEmbedding = on }
@@ -78,7 +82,7 @@ struct BenchCommand: ParsableCommand {
                                                 rank: loraR, dropout: Float(loraDropout), memory: memory, warmupSteps: warmup, steps: steps)
         let gib = { (b: Int) in rounded(Double(b) / Double(1 << 30)) }
         let used = result.plan.memory
-        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "offload_checkpoints": \#(used.offloadCheckpoints), "host_embedding": \#(used.hostEmbedding), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "planned_host_gib": \#(gib(result.plan.host)), "loss_first": \#(rounded(result.firstLoss * 1000) / 1000), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
+        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "offload_checkpoints": \#(used.offloadCheckpoints), "host_embedding": \#(used.hostEmbedding), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "planned_host_gib": \#(gib(result.plan.host)), "context_gib": \#(gib(context.contextBytes)), "budget_gib": \#(context.memoryBudget.map { "\(gib($0))" } ?? "null"), "loss_first": \#(rounded(result.firstLoss * 1000) / 1000), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
     }
 
     func rounded(_ x: Double) -> Double { (x * 100).rounded() / 100 }

@@ -18,6 +18,7 @@ struct QLoRACommand: AsyncParsableCommand {
             MergeCommand.self,
             QuantizeCommand.self,
             BenchCommand.self,
+            PlanCommand.self,
             QuantizeBenchmarkCommand.self,
             GemmBenchmarkCommand.self,
             BenchDecodeCommand.self,

@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 // Everything one GPU needs to run the backend's ops: the device, its caching allocator, the kernel compiler
 // (NVRTC + disk cache) and, on first use, cuBLASLt. The op launchers (Ops/*.swift) are extensions of this type.
 
@@ -24,6 +28,41 @@ public final class CUDAContext {
         let target = try kernelTarget ?? KernelTarget.choose(deviceMajor: major, deviceMinor: minor)
         allocator = DeviceAllocator(device: device)
         compiler = KernelCompiler(device: device, nvrtc: try NVRTC(), target: target, cacheDirectory: kernelCacheDirectory)
+        let info = try device.memoryInfo()
+        contextBytes = info.total - info.free
+        if let text = getenv("QLORA_GPU_MEMORY").map({ String(cString: $0) }), !text.isEmpty {
+            guard let gib = Double(text), gib > 0, gib.isFinite else {
+                throw UsageError("QLORA_GPU_MEMORY=\(text): expected a positive number of GiB, such as 24")
+            }
+            try setMemoryBudget(gib: gib)
+        }
+    }
+
+    /// Device memory in use when the context was made (the CUDA context itself and, on a shared card, other
+    /// processes): a budget counts it, as a card of that size would.
+    public let contextBytes: Int
+    /// Behave as a card with this much memory (bytes), or nil for the card's own.
+    public private(set) var memoryBudget: Int?
+
+    /// `--gpu-memory GiB`: the allocator holds at most the budget less what the context already uses, and the
+    /// memory plans check against it, so a run on an 80 GB card refuses or fits exactly as on a 24 GB one.
+    public func setMemoryBudget(gib: Double) throws {
+        let bytes = Int(gib * Double(1 << 30))
+        guard bytes <= device.totalMemory else {
+            throw UsageError("--gpu-memory \(gib) GiB is more than \(device.name) has (\(DeviceAllocator.format(device.totalMemory)))")
+        }
+        guard bytes > contextBytes else {
+            throw UsageError("--gpu-memory \(gib) GiB leaves nothing beyond the CUDA context's \(DeviceAllocator.format(contextBytes))")
+        }
+        memoryBudget = bytes
+        allocator.limitBytes = bytes - contextBytes
+    }
+
+    /// Bytes this program may still obtain: the driver's free memory, within the budget when there is one.
+    public func availableBytes() throws -> Int {
+        let free = try device.memoryInfo().free
+        guard let limit = allocator.limitBytes else { return free }
+        return min(free, limit - allocator.currentBytes)
     }
 
     /// What the kernels run as, for logs: "sm_90a" or "compute_86 (PTX, compiled by the driver at load)".

@@ -222,9 +222,10 @@ public final class CUDALlamaTrainer {
         let plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory)
         self.plan = plan
         self.memory = plan.memory
-        let free = (try? ctx.device.memoryInfo().free) ?? Int.max
+        let free = (try? ctx.availableBytes()) ?? Int.max
         if plan.total > free - (256 << 20) {
-            throw CUDAOutOfMemoryError(plan: plan, freeBytes: free, detail: "checked before allocating")
+            let budget = ctx.memoryBudget.map { ", a budget of \(DeviceAllocator.format($0)) (--gpu-memory)" } ?? ""
+            throw CUDAOutOfMemoryError(plan: plan, freeBytes: free, detail: "checked before allocating\(budget)")
         }
         do {
             let a = ctx.allocator
