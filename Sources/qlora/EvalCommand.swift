@@ -41,8 +41,8 @@ struct EvalCommand: ParsableCommand {
         for skipped in dataset.skippedLines { printError("skipped \(skipped)") }
         // A loss over no token would print 0 (perplexity 1) and mean nothing.
         let report = CountedTokensReport(dataset.examples)
-        for warning in report.warnings(data, maxSeqLength: maxSeqLength) { printError(warning) }
         guard report.countedTokens > 0 else { throw report.noCountedTokensError(data, maxSeqLength: maxSeqLength) }
+        for warning in report.warnings(data, maxSeqLength: maxSeqLength) { printError(warning) }
         let batches = Batching.paddedBatches(dataset.examples, size: max(1, batchSize), padID: tokenizer?.padTokenID ?? tokenizer?.eosTokenID ?? 0)
         var engine: CUDATrainingEngine?
         if case .cuda(let context) = compute {

@@ -99,9 +99,11 @@ struct TrainCommand: ParsableCommand {
             (train, eval) = DatasetSplit.holdOut(train, fraction: c.evalSplit, seed: c.seed)
         }
         printError("data: \(train.count) training examples (\(train.reduce(0) { $0 + $1.tokens.count }) tokens), \(eval.count) eval examples")
-        for warning in CountedTokensReport(train).warnings("training data", maxSeqLength: c.maxSeqLength)
-            + CountedTokensReport(eval).warnings("evaluation data", maxSeqLength: c.maxSeqLength) {
-            printError(warning)
+        // Warnings only where some token counts: the trainer turns data that counts none into an error saying why.
+        for (examples, what) in [(train, "training data"), (eval, "evaluation data")] {
+            let report = CountedTokensReport(examples)
+            guard report.countedTokens > 0 else { continue }
+            for warning in report.warnings(what, maxSeqLength: c.maxSeqLength) { printError(warning) }
         }
         let padID = tokenizer?.padTokenID ?? tokenizer?.eosTokenID ?? 0
         let trainer: Trainer

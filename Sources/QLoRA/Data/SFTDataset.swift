@@ -210,6 +210,16 @@ public struct SFTDataset: Sendable {
         guard let tokenizer else {
             throw fail("only pre-tokenized lines (\"input_ids\") can be read without a tokenizer, and the model folder has no tokenizer.json")
         }
+        let example = try tokenizeText(object, line: line, tokenizer: tokenizer, template: template, formatting: formatting, fail: fail)
+        if let vocabularySize, let id = example.tokens.first(where: { $0 >= vocabularySize }) {
+            throw fail("the tokenizer gave token id \(id), outside the model's vocabulary (0..<\(vocabularySize)): tokenizer.json does not belong to this model")
+        }
+        return example
+    }
+
+    /// A text line (text, prompt/completion, messages or Alpaca) through the tokenizer and chat template.
+    static func tokenizeText(_ object: JSONObject, line: Int, tokenizer: Tokenizer, template: ChatTemplate?,
+                             formatting: SFTFormatting, fail: (String) -> DatasetLineError) throws -> TokenizedExample {
         func string(_ key: String) throws -> String {
             guard let value = object[key] else { throw fail("missing \"\(key)\"") }
             guard let s = value.string else { throw fail("\"\(key)\" must be a string") }

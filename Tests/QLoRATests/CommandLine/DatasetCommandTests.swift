@@ -38,4 +38,15 @@ extension CommandLineTests {
         XCTAssertTrue(train.err.contains(expected), train.err)
         XCTAssertFalse(FileSystem.exists(out + "/adapter_model.safetensors"))
     }
+
+    func testManyTruncatedExamplesAreAWarning() throws {
+        let model = TestFixtures.path("tiny-llama/base")
+        let short = #"{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]}"#
+        let long = #"{"input_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "labels": [-100, 2, 3, 4, 5, 6, 7, 8, 9, 10]}"#
+        let data = try writeData([short, short, short, long])
+        let out = try TestFixtures.temporaryDirectory() + "/run"
+        let train = try qlora(["train", "--model", model, "--data", data, "--max-steps", "1", "--max-seq-length", "6", "--output", out, "--device", "cpu"])
+        XCTAssertEqual(train.status, 0, train.err)
+        XCTAssertTrue(train.err.contains("warning: training data: 1 of 4 examples (25.0%) are longer than max_seq_length 6 and were cut"), train.err)
+    }
 }

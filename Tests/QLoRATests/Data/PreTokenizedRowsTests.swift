@@ -61,3 +61,12 @@ final class PreTokenizedRowsTests: XCTestCase {
         XCTAssertEqual(message(#"{"input_ids": [1, 2.0]}"#), "no error")
     }
 }
+
+extension PreTokenizedRowsTests {
+    /// Text lines through a tokenizer whose ids do not fit the model: said on the line, not later as an index error.
+    func testATokenizerThatDoesNotFitTheModelIsNamed() {
+        XCTAssertThrowsError(try load(#"{"text": "The capital of France is Paris."}"#, vocabularySize: 1000, tokenizer: SFTDatasetTests.tokenizer)) {
+            XCTAssertEqual("\($0)", "train.jsonl: line 1: the tokenizer gave token id 3575, outside the model's vocabulary (0..<1000): tokenizer.json does not belong to this model")
+        }
+    }
+}
