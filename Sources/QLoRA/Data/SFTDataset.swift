@@ -212,7 +212,8 @@ public struct SFTDataset: Sendable {
         }
         let example = try tokenizeText(object, line: line, tokenizer: tokenizer, template: template, formatting: formatting, fail: fail)
         if let vocabularySize, let id = example.tokens.first(where: { $0 >= vocabularySize }) {
-            throw fail("the tokenizer gave token id \(id), outside the model's vocabulary (0..<\(vocabularySize)): tokenizer.json does not belong to this model")
+            throw fail("the tokenizer gave token id \(id), outside the model's vocabulary (0..<\(vocabularySize)): "
+                       + "tokenizer.json does not belong to this model")
         }
         return example
     }

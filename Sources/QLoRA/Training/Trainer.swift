@@ -83,6 +83,9 @@ public final class Trainer {
         self.train = Batching.batches(train, size: c.batchSize, packing: c.packing, length: c.maxSeqLength, padID: padID)
         self.eval = Batching.paddedBatches(eval, size: c.batchSize, padID: padID)
         guard !self.train.isEmpty else { throw UsageError("no training batches: the dataset is empty") }
+        microBatchesPerEpoch = self.train.count
+        stepsPerEpoch = (microBatchesPerEpoch + c.gradientAccumulationSteps - 1) / c.gradientAccumulationSteps
+        totalSteps = c.maxSteps > 0 ? c.maxSteps : max(1, Int((c.epochs * Double(stepsPerEpoch)).rounded(.up)))
         // A run that counts no token would report loss 0 and save an untrained adapter.
         if self.train.reduce(0, { $0 + $1.countedTokens }) == 0 {
             throw CountedTokensReport(train).noCountedTokensError("training data", maxSeqLength: c.maxSeqLength)
@@ -90,9 +93,6 @@ public final class Trainer {
         if !eval.isEmpty && self.eval.reduce(0, { $0 + $1.countedTokens }) == 0 {
             throw CountedTokensReport(eval).noCountedTokensError("evaluation data", maxSeqLength: c.maxSeqLength)
         }
-        microBatchesPerEpoch = self.train.count
-        stepsPerEpoch = (microBatchesPerEpoch + c.gradientAccumulationSteps - 1) / c.gradientAccumulationSteps
-        totalSteps = c.maxSteps > 0 ? c.maxSteps : max(1, Int((c.epochs * Double(stepsPerEpoch)).rounded(.up)))
         loraConfig = c.loraConfig
         if model.linearLayers.allSatisfy({ $0.lora == nil }) {
             try model.attachLoRA(loraConfig, seed: c.seed)
@@ -153,7 +153,8 @@ public final class Trainer {
                                                   dropoutSeed: c.seed &* 1_000_003 &+ UInt64(step) &* 1009 &+ UInt64(m))
                 let part = try engine.accumulate(batch: train[index], normalizer: normalizer, options: options, first: m == 0)
                 guard part.sum.isFinite else {
-                    throw nonFinite("the loss is \(NonFiniteError.name(part.sum)) in micro-batch \(m + 1) of \(micro.count)", step: step + 1, batches: [train[index]])
+                    throw nonFinite("the loss is \(NonFiniteError.name(part.sum)) in micro-batch \(m + 1) of \(micro.count)",
+                                    step: step + 1, batches: [train[index]])
                 }
                 loss.sum += part.sum
                 loss.count += part.count
@@ -162,7 +163,8 @@ public final class Trainer {
             let learningRate = schedule.learningRate(atStep: step)
             let norm = try engine.step(learningRate: learningRate, maxGradNorm: c.maxGradNorm)
             guard norm.isFinite else {
-                throw nonFinite("the gradient norm is \(NonFiniteError.name(norm)) (the optimizer step was not applied)", step: step + 1, batches: micro.map { train[$0] })
+                throw nonFinite("the gradient norm is \(NonFiniteError.name(norm)) (the optimizer step was not applied)",
+                                step: step + 1, batches: micro.map { train[$0] })
             }
             state.step += 1
 
@@ -186,6 +188,8 @@ public final class Trainer {
             let endOfEpoch = state.step % stepsPerEpoch == 0 || state.step == totalSteps
             let evalDue = !eval.isEmpty && (c.evalSteps > 0 ? state.step % c.evalSteps == 0 || state.step == totalSteps : endOfEpoch)
             if evalDue {
+                // A NaN or infinite adapter weight makes every eval output non-finite, so a finite eval loss also
+                // keeps best/ finite.
                 let evalLoss: Double
                 do { evalLoss = try evaluate() } catch let error as NonFiniteError {
                     throw nonFinite("after the update, \(error.message)", step: state.step, batches: [])
@@ -230,6 +234,8 @@ public final class Trainer {
             try engine.loadWeightsFromModel()
             log("the adapter in \(c.outputDirectory) is the best by eval loss (step \(state.bestStep!))")
         }
+        try engine.copyWeightsToModel()
+        try requireFiniteAdapter(step: state.step)
         try saveAdapter(to: c.outputDirectory)
         try writeReport()
         let elapsed = monotonicSeconds() - runStart
@@ -276,7 +282,6 @@ public final class Trainer {
     /// The adapter in PEFT's format, with the base's tokenizer files beside it.
     func saveAdapter(to directory: String) throws {
         try engine.copyWeightsToModel()
-        try requireFiniteAdapter(step: history.last?.step ?? 0)
         try PEFTAdapter.save(model: model, config: loraConfig, to: directory)
         if let base = baseDirectory {
             for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"]
