@@ -95,6 +95,29 @@ final class NonFiniteTrainingTests: XCTestCase {
         XCTAssertFalse(FileSystem.exists(dir + "/adapter_model.safetensors"))
     }
 
+    /// An eval loss that turns NaN mid-run (a token only the eval data uses has an infinite embedding) stops the run
+    /// before best/ or a checkpoint is written from it.
+    func testANaNEvalLossMidRunStopsBeforeBestIsSaved() throws {
+        let dir = try TestFixtures.temporaryDirectory()
+        let model = try LlamaForwardTests.loadTinyLlama()
+        let eval = (0..<2).map { TokenizedExample(tokens: [900, 901, 902], labels: [900, 901, 902], line: $0 + 1, file: "eval.jsonl") }
+        let trainer = try Trainer(configuration: configuration(dir), model: model, train: examples(8, file: "train.jsonl"), eval: eval,
+                                  padID: 0, baseDirectory: nil)
+        trainer.log = { _ in }
+        trainer.showProgress = { _ in }
+        trainer.shouldStop = { step in
+            if step == 1 { (model.embedding.pointer + 901 * model.config.hiddenSize).update(repeating: .infinity, count: model.config.hiddenSize) }
+            return false
+        }
+        XCTAssertThrowsError(try trainer.run()) { error in
+            XCTAssertTrue("\(error)".hasPrefix("step 2: after the update, evaluation: the loss of batch 1 of 1 is nan (eval.jsonl lines 1, 2); "
+                                               + "training stopped"), "\(error)")
+        }
+        XCTAssertFalse(FileSystem.exists(dir + "/best"))
+        XCTAssertEqual(try Checkpoints.steps(in: dir), [])
+        XCTAssertFalse(FileSystem.exists(dir + "/adapter_model.safetensors"))
+    }
+
     /// An evaluation whose loss is NaN is an error naming the eval lines, not a "best" eval loss.
     func testANaNEvaluationLossIsAnError() throws {
         let model = try LlamaForwardTests.loadTinyLlama()
