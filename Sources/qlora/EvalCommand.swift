@@ -33,11 +33,17 @@ struct EvalCommand: ParsableCommand {
     func run() throws {
         let compute = try ComputeDevice.choose(device)
         let loaded = try modelOptions.load()
-        guard let tokenizer = loaded.tokenizer else { throw ValidationError("\(loaded.directory) has no tokenizer.json") }
+        // Pre-tokenized data needs no tokenizer: the dataset asks for one only on a line that does.
+        let tokenizer = loaded.tokenizer
         let dataset = try SFTDataset(path: data, tokenizer: tokenizer, template: loaded.template,
-                                     formatting: SFTFormatting(completionOnly: completionOnly, maxSequenceLength: maxSeqLength, skipBadLines: skipBadLines))
+                                     formatting: SFTFormatting(completionOnly: completionOnly, maxSequenceLength: maxSeqLength, skipBadLines: skipBadLines),
+                                     vocabularySize: loaded.model.config.vocabularySize)
         for skipped in dataset.skippedLines { printError("skipped \(skipped)") }
-        let batches = Batching.paddedBatches(dataset.examples, size: max(1, batchSize), padID: tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0)
+        // A loss over no token would print 0 (perplexity 1) and mean nothing.
+        let report = CountedTokensReport(dataset.examples)
+        guard report.countedTokens > 0 else { throw report.noCountedTokensError(data, maxSeqLength: maxSeqLength) }
+        for warning in report.warnings(data, maxSeqLength: maxSeqLength) { printError(warning) }
+        let batches = Batching.paddedBatches(dataset.examples, size: max(1, batchSize), padID: tokenizer?.padTokenID ?? tokenizer?.eosTokenID ?? 0)
         var engine: CUDATrainingEngine?
         if case .cuda(let context) = compute {
             do {
@@ -51,6 +57,7 @@ struct EvalCommand: ParsableCommand {
         }
         let result = try engine.map { try Evaluation.loss(engine: $0, batches: batches) }
             ?? Evaluation.loss(model: loaded.model, batches: batches)
+        guard result.count > 0 else { throw report.noCountedTokensError(data, maxSeqLength: maxSeqLength) }
         if json {
             print(JSONValue.object(JSONObject([
                 ("loss", .double(result.mean)), ("perplexity", .double(result.perplexity)), ("tokens", .int(Int64(result.count))),

@@ -77,23 +77,35 @@ struct TrainCommand: ParsableCommand {
         let trainingDevice = try ComputeDevice.choose(device)
         let loaded = try ModelLoader.load(c.model, quantization: try BaseQuantization.parse(c.quantize), log: { printError($0) })
         printError("model: \(loaded.description)")
-        guard let tokenizer = loaded.tokenizer else { throw ValidationError("\(loaded.directory) has no tokenizer.json") }
+        // Pre-tokenized data needs no tokenizer: the dataset asks for one only on a line that does.
+        let tokenizer = loaded.tokenizer
+        let vocabularySize = loaded.model.config.vocabularySize
         let formatting = SFTFormatting(completionOnly: c.completionOnlyLoss, maxSequenceLength: c.maxSeqLength, skipBadLines: c.skipBadLines)
         var train: [TokenizedExample] = []
         for path in c.datasets {
-            let dataset = try SFTDataset(path: path, tokenizer: tokenizer, template: loaded.template, formatting: formatting)
+            let dataset = try SFTDataset(path: path, tokenizer: tokenizer, template: loaded.template, formatting: formatting,
+                                         vocabularySize: vocabularySize)
             for skipped in dataset.skippedLines { printError("skipped \(skipped)") }
             if !dataset.skippedLines.isEmpty { printError("\(path): skipped \(dataset.skippedLines.count) malformed lines") }
             train += dataset.examples
         }
         var eval: [TokenizedExample] = []
         if let evalPath = c.evalDataset {
-            eval = try SFTDataset(path: evalPath, tokenizer: tokenizer, template: loaded.template, formatting: formatting).examples
+            let dataset = try SFTDataset(path: evalPath, tokenizer: tokenizer, template: loaded.template, formatting: formatting,
+                                         vocabularySize: vocabularySize)
+            for skipped in dataset.skippedLines { printError("skipped \(skipped)") }
+            eval = dataset.examples
         } else if c.evalSplit > 0 {
             (train, eval) = DatasetSplit.holdOut(train, fraction: c.evalSplit, seed: c.seed)
         }
         printError("data: \(train.count) training examples (\(train.reduce(0) { $0 + $1.tokens.count }) tokens), \(eval.count) eval examples")
-        let padID = tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0
+        // Warnings only where some token counts: the trainer turns data that counts none into an error saying why.
+        for (examples, what) in [(train, "training data"), (eval, "evaluation data")] {
+            let report = CountedTokensReport(examples)
+            guard report.countedTokens > 0 else { continue }
+            for warning in report.warnings(what, maxSeqLength: c.maxSeqLength) { printError(warning) }
+        }
+        let padID = tokenizer?.padTokenID ?? tokenizer?.eosTokenID ?? 0
         let trainer: Trainer
         do {
             trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID,

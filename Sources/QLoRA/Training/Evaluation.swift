@@ -11,7 +11,8 @@ extension LossSum {
 public enum Evaluation {
     /// The mean loss over every counted token of `examples`, batched `batchSize` at a time.
     public static func loss(model: LlamaModel, examples: [TokenizedExample], batchSize: Int, padID: Int) throws -> LossSum {
-        try loss(model: model, batches: Batching.paddedBatches(examples, size: max(1, batchSize), padID: padID))
+        for e in examples { try e.validate(vocabularySize: model.config.vocabularySize) }
+        return try loss(model: model, batches: Batching.paddedBatches(examples, size: max(1, batchSize), padID: padID))
     }
 
     public static func loss(model: LlamaModel, batches: [TrainingBatch]) throws -> LossSum {
@@ -24,10 +25,15 @@ public enum Evaluation {
     }
 
     /// The loss sums of every batch, added up (the mean is then over all counted tokens, as transformers computes it).
-    static func total(_ batches: [TrainingBatch], _ loss: (TrainingBatch) throws -> LossSum) rethrows -> LossSum {
+    /// A NaN or infinite batch loss is an error naming the batch's dataset lines.
+    static func total(_ batches: [TrainingBatch], _ loss: (TrainingBatch) throws -> LossSum) throws -> LossSum {
         var total = LossSum(sum: 0, count: 0)
-        for batch in batches {
+        for (b, batch) in batches.enumerated() {
             let part = try loss(batch)
+            guard part.sum.isFinite else {
+                throw NonFiniteError("evaluation: the loss of batch \(b + 1) of \(batches.count) is \(NonFiniteError.name(part.sum))"
+                                     + (batch.origins.isEmpty ? "" : " (\(ExampleOrigin.describe(batch.origins)))"))
+            }
             total.sum += part.sum
             total.count += part.count
         }

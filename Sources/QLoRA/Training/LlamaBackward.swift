@@ -66,6 +66,7 @@ public struct TrainingStepOptions: Sendable {
 public struct LossSum: Sendable {
     public var sum: Double
     public var count: Int
+    /// The mean over the counted tokens; 0 when none is counted (never NaN: callers that need tokens check `count`).
     public var mean: Double { count == 0 ? 0 : sum / Double(count) }
 }
 
@@ -117,9 +118,7 @@ extension LlamaModel {
         let c = config
         let n = batch.tokenCount
         let h = c.hiddenSize
-        for id in batch.tokens where id < 0 || Int(id) >= c.vocabularySize {
-            throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))")
-        }
+        try batch.checkIDs(vocabularySize: c.vocabularySize)
         rope.grow(to: Int(batch.positions.max() ?? 0) + 1)
 
         // Forward through the blocks, keeping what the backward needs.
@@ -156,10 +155,10 @@ extension LlamaModel {
     public func loss(batch: TrainingBatch) throws -> LossSum {
         let c = config
         let n = batch.tokenCount
+        try batch.checkIDs(vocabularySize: c.vocabularySize)
         rope.grow(to: Int(batch.positions.max() ?? 0) + 1)
         var x = Matrix(rows: n, columns: c.hiddenSize)
         for (i, id) in batch.tokens.enumerated() {
-            guard id >= 0 && Int(id) < c.vocabularySize else { throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))") }
             (x.pointer + i * c.hiddenSize).update(from: embedding.pointer + Int(id) * c.hiddenSize, count: c.hiddenSize)
         }
         for block in blocks {

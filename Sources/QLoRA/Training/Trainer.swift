@@ -78,12 +78,21 @@ public final class Trainer {
         self.model = model
         self.baseDirectory = baseDirectory
         let c = configuration
+        // Ids index the embedding and the loss: every one is checked against the model before any batch is built.
+        for e in train + eval { try e.validate(vocabularySize: model.config.vocabularySize) }
         self.train = Batching.batches(train, size: c.batchSize, packing: c.packing, length: c.maxSeqLength, padID: padID)
         self.eval = Batching.paddedBatches(eval, size: c.batchSize, padID: padID)
         guard !self.train.isEmpty else { throw UsageError("no training batches: the dataset is empty") }
         microBatchesPerEpoch = self.train.count
         stepsPerEpoch = (microBatchesPerEpoch + c.gradientAccumulationSteps - 1) / c.gradientAccumulationSteps
         totalSteps = c.maxSteps > 0 ? c.maxSteps : max(1, Int((c.epochs * Double(stepsPerEpoch)).rounded(.up)))
+        // A run that counts no token would report loss 0 and save an untrained adapter.
+        if self.train.reduce(0, { $0 + $1.countedTokens }) == 0 {
+            throw CountedTokensReport(train).noCountedTokensError("training data", maxSeqLength: c.maxSeqLength)
+        }
+        if !eval.isEmpty && self.eval.reduce(0, { $0 + $1.countedTokens }) == 0 {
+            throw CountedTokensReport(eval).noCountedTokensError("evaluation data", maxSeqLength: c.maxSeqLength)
+        }
         loraConfig = c.loraConfig
         if model.linearLayers.allSatisfy({ $0.lora == nil }) {
             try model.attachLoRA(loraConfig, seed: c.seed)
@@ -143,12 +152,20 @@ public final class Trainer {
                 let options = TrainingStepOptions(gradientCheckpointing: c.gradientCheckpointing,
                                                   dropoutSeed: c.seed &* 1_000_003 &+ UInt64(step) &* 1009 &+ UInt64(m))
                 let part = try engine.accumulate(batch: train[index], normalizer: normalizer, options: options, first: m == 0)
+                guard part.sum.isFinite else {
+                    throw nonFinite("the loss is \(NonFiniteError.name(part.sum)) in micro-batch \(m + 1) of \(micro.count)",
+                                    step: step + 1, batches: [train[index]])
+                }
                 loss.sum += part.sum
                 loss.count += part.count
                 tokensSeen += train[index].tokenCount
             }
             let learningRate = schedule.learningRate(atStep: step)
             let norm = try engine.step(learningRate: learningRate, maxGradNorm: c.maxGradNorm)
+            guard norm.isFinite else {
+                throw nonFinite("the gradient norm is \(NonFiniteError.name(norm)) (the optimizer step was not applied)",
+                                step: step + 1, batches: micro.map { train[$0] })
+            }
             state.step += 1
 
             let record = StepRecord(step: state.step, loss: loss.mean, learningRate: learningRate, gradientNorm: norm,
@@ -171,7 +188,12 @@ public final class Trainer {
             let endOfEpoch = state.step % stepsPerEpoch == 0 || state.step == totalSteps
             let evalDue = !eval.isEmpty && (c.evalSteps > 0 ? state.step % c.evalSteps == 0 || state.step == totalSteps : endOfEpoch)
             if evalDue {
-                let evalLoss = try evaluate()
+                // A NaN or infinite adapter weight makes every eval output non-finite, so a finite eval loss also
+                // keeps best/ finite.
+                let evalLoss: Double
+                do { evalLoss = try evaluate() } catch let error as NonFiniteError {
+                    throw nonFinite("after the update, \(error.message)", step: state.step, batches: [])
+                }
                 evalHistory.append((state.step, evalLoss))
                 try appendMetrics([("step", .int(Int64(state.step))), ("eval_loss", .double(roundTo(evalLoss, 6))),
                                    ("eval_perplexity", .double(roundTo(exp(evalLoss), 4)))])
@@ -192,6 +214,7 @@ public final class Trainer {
                 state.history = history
                 state.evalHistory = evalHistory
                 try engine.copyWeightsToModel()
+                try requireFiniteAdapter(step: state.step)
                 try Checkpoints.save(step: state.step, state: state, model: model, loraConfig: loraConfig, engine: engine,
                                      in: c.outputDirectory, keep: c.saveTotalLimit, protectStep: state.bestStep)
                 try writeReport()
@@ -211,6 +234,8 @@ public final class Trainer {
             try engine.loadWeightsFromModel()
             log("the adapter in \(c.outputDirectory) is the best by eval loss (step \(state.bestStep!))")
         }
+        try engine.copyWeightsToModel()
+        try requireFiniteAdapter(step: state.step)
         try saveAdapter(to: c.outputDirectory)
         try writeReport()
         let elapsed = monotonicSeconds() - runStart
@@ -219,15 +244,26 @@ public final class Trainer {
                                outputDirectory: c.outputDirectory)
     }
 
-    /// Mean loss over the eval batches.
+    /// Mean loss over the eval batches (a NaN or infinite batch loss is a `NonFiniteError`).
     public func evaluate() throws -> Double {
-        var total = LossSum(sum: 0, count: 0)
-        for batch in eval {
-            let part = try engine.loss(batch: batch)
-            total.sum += part.sum
-            total.count += part.count
+        try Evaluation.loss(engine: engine, batches: eval).mean
+    }
+
+    /// The error that stops a run at a non-finite number: the step, the dataset lines, and what is left on disk
+    /// (nothing of this step is saved; the checkpoints before it are kept).
+    func nonFinite(_ what: String, step: Int, batches: [TrainingBatch]) -> NonFiniteError {
+        let origins = batches.flatMap(\.origins)
+        let lines = origins.isEmpty ? "" : " (\(ExampleOrigin.describe(origins)))"
+        let kept = (try? Checkpoints.latest(in: configuration.outputDirectory)).flatMap { $0 }
+            .map { "the last good checkpoint is \($0)" } ?? "no checkpoint had been saved yet"
+        return NonFiniteError("step \(step): \(what)\(lines); training stopped, nothing of this step was saved and \(kept)")
+    }
+
+    /// Refuses to save an adapter holding a NaN or infinite weight.
+    func requireFiniteAdapter(step: Int) throws {
+        if let name = model.firstNonFiniteAdapter() {
+            throw nonFinite("the adapter weight \(name) is not finite", step: step, batches: [])
         }
-        return total.mean
     }
 
     /// The micro-batch order of an epoch: a Fisher–Yates shuffle seeded by (seed, epoch).
