@@ -55,7 +55,7 @@ struct BenchCommand: ParsableCommand {
         if let gpuMemory, !(gpuMemory > 0 && gpuMemory.isFinite) { throw ValidationError("--gpu-memory must be a positive number of GiB") }
         _ = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints")
         _ = try Self.parseSwitch(hostEmbedding, "host-embedding")
-        switch try DeviceChoice.resolve(device) {
+        switch try ComputeDevice.choose(device) {
         case .cuda(let context):
             try runCUDA(architecture: architecture, context: context)
         case .cpu:
