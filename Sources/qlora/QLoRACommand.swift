@@ -6,6 +6,7 @@ struct QLoRACommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qlora",
         abstract: "QLoRA fine-tuning of Llama-family models: 4-bit NF4 base, LoRA adapters, PEFT-compatible files.",
+        version: BuildInfo.versionLine,
         subcommands: [
             DemoCommand.self,
             FetchCommand.self,

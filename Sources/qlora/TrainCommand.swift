@@ -47,12 +47,15 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "Continue from the latest checkpoint in the output folder.") var resume = false
     @Option(help: "Where to train: auto (the GPU when one is usable, else the CPU), cpu or cuda.") var device: String = "auto"
     @Flag(help: "Skip malformed dataset lines (and count them) instead of stopping.") var skipBadLines = false
+    @Option(help: "Where metrics go, comma-separated: jsonl (metrics.jsonl, the default), tensorboard (event files in OUTPUT/runs/), all or none.")
+    var reportTo: String?
 
     /// The configuration: defaults, then the YAML file, then the flags given.
     func configuration() throws -> TrainingConfiguration {
         var c = try config.map { try TrainingConfiguration(yamlFile: $0) } ?? TrainingConfiguration()
         func set<T>(_ value: T?, _ path: WritableKeyPath<TrainingConfiguration, T>) { if let value { c[keyPath: path] = value } }
         set(model, \.model); set(quantize, \.quantize)
+        if let reportTo { c.reportTo = try ReportTargets.parse(flag: reportTo) }
         if !data.isEmpty { c.datasets = data }
         if let evalData { c.evalDataset = evalData }
         set(evalSplit, \.evalSplit); set(loraR, \.loraR); set(loraAlpha, \.loraAlpha); set(loraDropout, \.loraDropout)

@@ -70,6 +70,8 @@ public final class Trainer {
     /// Every step's record, in order (also written to metrics.jsonl).
     public private(set) var history: [StepRecord] = []
     public private(set) var evalHistory: [(step: Int, loss: Double)] = []
+    /// This run's TensorBoard event file (report_to tensorboard), opened by `run()`; `appendMetrics` writes to it.
+    public private(set) var tensorBoard: TensorBoardWriter?
 
     public init(configuration: TrainingConfiguration, model: LlamaModel, train: [TokenizedExample], eval: [TokenizedExample],
                 padID: Int, baseDirectory: String?, device: ComputeDevice = .cpu) throws {
@@ -134,6 +136,7 @@ public final class Trainer {
 
         let runStart = monotonicSeconds()
         let firstStep = state.step  // steps before this one were done by an earlier (resumed) run
+        tensorBoard = try TensorBoardWriter.forRun(c, resumedAfter: firstStep, log: log)
         var tokensSeen = 0
         var windowLoss = 0.0, windowSteps = 0
         var stoppedEarly = false
@@ -296,6 +299,8 @@ public final class Trainer {
     var metricsPath: String { configuration.outputDirectory + "/metrics.jsonl" }
 
     func appendMetrics(_ fields: [(String, JSONValue)]) throws {
+        try tensorBoard?.addMetrics(fields)
+        guard configuration.reportTo.contains(.jsonl) else { return }
         let line = JSONValue.object(JSONObject(fields)).serialized(.init()) + "\n"
         guard let file = fopen(metricsPath, "a") else { throw UsageError("cannot append to \(metricsPath)") }
         fputs(line, file)

@@ -43,6 +43,8 @@ public struct TrainingConfiguration: Sendable, Equatable {
 
     // Bookkeeping
     public var loggingSteps = 10
+    /// Where metrics go (transformers' `report_to`): metrics.jsonl, TensorBoard event files in OUTPUT/runs/, both or neither.
+    public var reportTo: ReportTargets = .jsonl
     /// Evaluate every N steps (0: at the end of each epoch).
     public var evalSteps = 0
     /// Save a checkpoint every N steps (0: at the end of each epoch).
@@ -112,6 +114,8 @@ public struct TrainingConfiguration: Sendable, Equatable {
             case "seed": seed = UInt64(try int())
             case "full_determinism": fullDeterminism = try bool()
             case "logging_steps": loggingSteps = try int()
+            case "report_to":
+                do { reportTo = try ReportTargets.parse(try strings()) } catch let error as UsageError { throw fail("\(ReportTargets.accepted), as a string or a list (\(error.message))") }
             case "eval_steps": evalSteps = try int()
             case "save_steps": saveSteps = try int()
             case "save_total_limit": saveTotalLimit = try int()
