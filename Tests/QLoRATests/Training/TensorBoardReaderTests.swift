@@ -2,7 +2,7 @@ import XCTest
 @testable import QLoRA
 
 /// The real `tensorboard` package (pip) reads back every scalar a short CPU training wrote, at its step and with its
-/// value, also across a resume that redoes steps. tensorboard is installed with pip into .build/pydeps (kept there for
+/// value, while the run goes and across a resume that redoes steps. tensorboard is installed with pip into .build/pydeps (kept there for
 /// later runs); the test is skipped, saying why, only when pip cannot reach its package index.
 final class TensorBoardReaderTests: XCTestCase {
     static let packageRoot: String = {
@@ -84,7 +84,21 @@ final class TensorBoardReaderTests: XCTestCase {
         c.saveTotalLimit = 0
         c.optimizer = "adamw"
         c.reportTo = .all
-        _ = try trainer(c).run()
+        let script = dir + "/read_events.py", out = dir + "/events.json"
+        try Self.reader.write(toFile: script, atomically: true, encoding: .utf8)
+        // While the run goes (after step 2 of 4, the event file still open), TensorBoard already reads steps 1 and 2.
+        let first = try trainer(c)
+        var readWhileRunning: JSONValue?
+        first.shouldStop = { step in
+            if step == 2, (try? Subprocess.run([Self.python, script, pydeps, dir + "/runs", out])) == 0 {
+                readWhileRunning = try? JSONValue.parse(bytes: FileSystem.readFile(out))
+            }
+            return false
+        }
+        _ = try first.run()
+        let early = try XCTUnwrap(readWhileRunning?["scalars"]?["train/loss"]?.array, "the reader failed during the run")
+        XCTAssertEqual(early.compactMap { $0.array?.first?.int }, [1, 2])
+        XCTAssertEqual(readWhileRunning?["scalars"]?["eval/loss"]?.array?.count, 1)
         // As if the first run were killed after logging steps 3 and 4 but before its step-4 checkpoint: the resumed run
         // (now to step 6) starts again after step 2 and logs steps 3 and 4 anew.
         try FileManager.default.removeItem(atPath: dir + "/checkpoint-4")
@@ -94,8 +108,6 @@ final class TensorBoardReaderTests: XCTestCase {
         _ = try resumed.run()
         XCTAssertEqual(resumed.history.map(\.step), Array(1...6))
 
-        let script = dir + "/read_events.py", out = dir + "/events.json"
-        try Self.reader.write(toFile: script, atomically: true, encoding: .utf8)
         XCTAssertEqual(try Subprocess.run([Self.python, script, pydeps, dir + "/runs", out]), 0, "the tensorboard reader failed")
         let read = try JSONValue.parse(bytes: FileSystem.readFile(out))
 
