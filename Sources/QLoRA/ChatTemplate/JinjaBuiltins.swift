@@ -71,7 +71,9 @@ enum JinjaBuiltins {
                 out.append(.int(i))
                 // The sandbox's limit (MAX_RANGE).
                 if out.count > 100_000 { throw JinjaFailure("Range too big. The sandbox blocks ranges larger than MAX_RANGE (100000).") }
-                i += step
+                let (next, overflow) = i.addingReportingOverflow(step)
+                if overflow { break }  // past Int's end is past `stop` too
+                i = next
             }
             return .list(out)
         })
@@ -132,11 +134,13 @@ enum JinjaBuiltins {
                     return .float(Double(x) / Double(y))
                 case .floordiv:
                     guard y != 0 else { throw JinjaFailure("integer division or modulo by zero") }
+                    guard !(x == .min && y == -1) else { throw JinjaFailure("integer overflow") }
                     var q = x / y
                     if (x % y != 0) && ((x < 0) != (y < 0)) { q -= 1 }
                     return .int(q)
                 case .mod:
                     guard y != 0 else { throw JinjaFailure("integer division or modulo by zero") }
+                    if y == -1 { return .int(0) }  // Int.min % -1 would trap; the remainder is 0
                     var m = x % y
                     if m != 0 && ((m < 0) != (y < 0)) { m += y }
                     return .int(m)

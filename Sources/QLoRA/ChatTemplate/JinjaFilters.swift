@@ -142,7 +142,9 @@ extension JinjaBuiltins {
         switch name {
         case "abs":
             switch v {
-            case .int(let i): return .int(abs(i))
+            case .int(let i):
+                guard i != .min else { throw JinjaFailure("integer overflow") }
+                return .int(abs(i))
             case .float(let d): return .float(abs(d))
             case .bool(let b): return .int(b ? 1 : 0)
             case .undefined(let m): throw JinjaFailure(m)
@@ -217,6 +219,7 @@ extension JinjaBuiltins {
         case "int":
             let b = try bind(name, ["default", "base"], args, kwargs)
             let base = try int(b[1], "base") ?? 10
+            guard base == 0 || (2...36).contains(base) else { throw JinjaFailure("int() base must be >= 2 and <= 36, or 0") }
             if case .undefined(let m) = v { throw JinjaFailure(m) }
             if case .string(let s) = v, let i = pyParseInt(s, base: base) { return .int(i) }
             switch v {
@@ -427,8 +430,10 @@ extension JinjaBuiltins {
         var t = Substring(pyStrip(s, nil, left: true, right: true))
         var negative = false
         if t.hasPrefix("-") { negative = true; t = t.dropFirst() } else if t.hasPrefix("+") { t = t.dropFirst() }
-        // A radix prefix is allowed when it matches the base ("0x1A" in base 16).
+        // A radix prefix is allowed when it matches the base ("0x1A" in base 16); base 0 takes it from the prefix.
         let prefixes = [16: "0x", 8: "0o", 2: "0b"]
+        var base = base
+        if base == 0 { base = prefixes.first { t.lowercased().hasPrefix($0.value) }?.key ?? 10 }
         if let p = prefixes[base], t.lowercased().hasPrefix(p) {
             t = t.dropFirst(2)
             if t.hasPrefix("_") { t = t.dropFirst() }

@@ -292,7 +292,9 @@ final class JinjaInterpreter {
             let v = try eval(x, scope)
             return try at(pos) { () throws -> JinjaValue in
                 switch v {
-                case .int(let i): return .int(-i)
+                case .int(let i):
+                    guard i != .min else { throw JinjaFailure("integer overflow") }
+                    return .int(-i)
                 case .float(let d): return .float(-d)
                 case .bool(let b): return .int(b ? -1 : 0)
                 case .undefined(let m): throw JinjaFailure(m)

@@ -72,6 +72,7 @@ public struct LlamaConfig: Equatable, Sendable {
         layerCount = try int("num_hidden_layers")
         headCount = try int("num_attention_heads")
         kvHeadCount = json["num_key_value_heads"]?.int ?? headCount
+        guard kvHeadCount > 0 else { throw fail("num_key_value_heads", "must be positive, got \(kvHeadCount)") }
         vocabularySize = try int("vocab_size")
         if let hd = json["head_dim"]?.int { headDim = hd } else {
             guard hiddenSize % headCount == 0 else { throw fail("hidden_size", "\(hiddenSize) is not divisible by num_attention_heads \(headCount)") }
@@ -80,7 +81,9 @@ public struct LlamaConfig: Equatable, Sendable {
         guard headCount % kvHeadCount == 0 else {
             throw fail("num_key_value_heads", "\(kvHeadCount) does not divide num_attention_heads \(headCount)")
         }
-        guard headDim % 2 == 0 else { throw fail("head_dim", "must be even for rotary embeddings, got \(headDim)") }
+        guard headDim > 0, headDim <= 1 << 16, headDim % 2 == 0 else {
+            throw fail("head_dim", "must be even and in 2...65536 for rotary embeddings, got \(headDim)")
+        }
         rmsNormEps = Float(json["rms_norm_eps"]?.double ?? 1e-6)
         tieWordEmbeddings = json["tie_word_embeddings"]?.bool ?? false
         attentionBias = json["attention_bias"]?.bool ?? (modelType == "qwen2")

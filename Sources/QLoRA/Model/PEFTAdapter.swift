@@ -86,7 +86,7 @@ extension LoRAConfig {
             ("fan_in_fan_out", .bool(false)),
             ("inference_mode", .bool(true)),
             ("init_lora_weights", .bool(true)),
-            ("lora_alpha", alpha == alpha.rounded() ? .int(Int64(alpha)) : .double(alpha)),
+            ("lora_alpha", Int64(exactly: alpha).map { .int($0) } ?? .double(alpha)),
             ("lora_dropout", .double(dropout)),
             ("modules_to_save", .null),
             ("peft_type", .string("LORA")),

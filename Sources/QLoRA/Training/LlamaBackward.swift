@@ -138,7 +138,7 @@ extension LlamaModel {
 
         // Head and loss, a chunk of rows at a time; dx receives the gradient of the final hidden state.
         let dx = Matrix(rows: n, columns: h)
-        let loss = headLossAndGradient(finalHidden: x, batch: batch, normalizer: normalizer, chunkRows: options.lossChunkRows, into: dx)
+        let loss = try headLossAndGradient(finalHidden: x, batch: batch, normalizer: normalizer, chunkRows: options.lossChunkRows, into: dx)
 
         // Backward through the blocks, last first.
         var gradient = dx
@@ -165,7 +165,7 @@ extension LlamaModel {
         for block in blocks {
             x = blockForward(block, input: x, batch: batch, dropoutSeed: nil).output
         }
-        return headLossAndGradient(finalHidden: x, batch: batch, normalizer: 1, chunkRows: 64, into: nil)
+        return try headLossAndGradient(finalHidden: x, batch: batch, normalizer: 1, chunkRows: 64, into: nil)
     }
 
     // MARK: - Block forward
@@ -237,13 +237,17 @@ extension LlamaModel {
 extension LlamaModel {
     /// Final norm, head and cross-entropy, `chunkRows` tokens at a time. Writes d(loss/normalizer)/d(finalHidden)
     /// into `dx` when given. Returns the summed loss and the number of counted tokens.
-    func headLossAndGradient(finalHidden x: Matrix, batch: TrainingBatch, normalizer: Int, chunkRows: Int, into dx: Matrix?) -> LossSum {
+    func headLossAndGradient(finalHidden x: Matrix, batch: TrainingBatch, normalizer: Int, chunkRows: Int, into dx: Matrix?) throws -> LossSum {
         let c = config
         let h = c.hiddenSize, vocab = c.vocabularySize
         let n = batch.tokenCount
         // target[i]: the label the logits of token i predict (the next label in the same row), or ignored.
         var targets = [Int32](repeating: TrainingBatch.ignoreIndex, count: n)
         for r in 0..<batch.rows { for t in 0..<(batch.length - 1) { targets[r * batch.length + t] = batch.labels[r * batch.length + t + 1] } }
+        // A label indexes a row of logits through a raw pointer below: one outside the vocabulary must stop here.
+        for label in targets where label != TrainingBatch.ignoreIndex && (label < 0 || Int(label) >= vocab) {
+            throw UsageError("label \(label) is outside the vocabulary (0..<\(vocab)); a label is a token id or \(TrainingBatch.ignoreIndex)")
+        }
         let normed = Matrix(rows: n, columns: h)
         finalNorm.withUnsafeBufferPointer { CPUOps.rmsNorm(x.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: n, width: h, into: normed.pointer) }
         let scale = 1 / Float(max(normalizer, 1))

@@ -109,7 +109,9 @@ public struct TrainingConfiguration: Sendable, Equatable {
             case "max_grad_norm": maxGradNorm = try double()
             case "optim", "optimizer": optimizer = try string()
             case "gradient_checkpointing": gradientCheckpointing = try bool()
-            case "seed": seed = UInt64(try int())
+            case "seed":
+                guard let v = UInt64(exactly: try int()) else { throw fail("a non-negative integer") }
+                seed = v
             case "full_determinism": fullDeterminism = try bool()
             case "logging_steps": loggingSteps = try int()
             case "eval_steps": evalSteps = try int()
