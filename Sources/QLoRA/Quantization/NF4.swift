@@ -319,15 +319,17 @@ public func dequantize4Bit(
             let blockEnd = min((block &+ 1) &* blocksize, end)
             let scale = am[block]
             // Whole bytes inside this block: blockEnd - e is even unless blockEnd == end (odd tail).
-            let bytes = (blockEnd - e) >> 1
+            let bytes = (blockEnd &- e) >> 1
             let s = src + (e >> 1)
             let scale2 = SIMD2<Float>(repeating: scale)
-            // Wrapping index arithmetic: k < bytes, so 2k + 1 cannot overflow, and an overflow check here
-            // costs a third of the loop's speed (docs/RELIABILITY.md).
-            for k in 0..<bytes {
+            // Wrapping index arithmetic and a plain counter: k < bytes, so 2k + 1 cannot overflow, and the
+            // checks (and a Range's precondition per block) cost this loop a few per cent (docs/RELIABILITY.md).
+            var k = 0
+            while k < bytes {
                 let v = pairs[Int(s[k])] * scale2
                 o[2 &* k] = v.x
                 o[2 &* k &+ 1] = v.y
+                k &+= 1
             }
             e &+= bytes << 1
             o += bytes << 1

@@ -74,10 +74,12 @@ public enum CPUMatmul {
                     if rows == 2 && cols == 4 {
                         dotBlock2x4(a + i * k, a + (i + 1) * k, b + j * k, k: k, k8: k8, c: c, ldc: n, i: i, j: j, accumulate: accumulate)
                     } else {
+                        // Edges, and every row of a batch-1 (decode) product: wrapping index arithmetic, as the
+                        // indices stay below m·k, n·k and m·n, which the caller's buffers hold.
                         for r in 0..<rows {
                             for q in 0..<cols {
-                                let v = dot(a + (i + r) * k, b + (j + q) * k, k)
-                                let index = (i + r) * n + j + q
+                                let v = dot(a + (i &+ r) &* k, b + (j &+ q) &* k, k)
+                                let index = (i &+ r) &* n &+ j &+ q
                                 c[index] = accumulate ? c[index] + v : v
                             }
                         }
