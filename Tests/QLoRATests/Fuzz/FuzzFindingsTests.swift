@@ -47,6 +47,18 @@ final class FuzzFindingsTests: XCTestCase {
         }
     }
 
+    /// 2^62 F32 elements fit in Int, their 2^64 bytes do not: the multiplication trapped.
+    func testSafeTensorsShapeWhoseByteCountOverflowsIsAnError() throws {
+        let dir = try TestFixtures.temporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let header = Array(#"{"w": {"dtype": "F32", "shape": [4611686018427387904], "data_offsets": [0, 8]}}"#.utf8)
+        let bytes = withUnsafeBytes(of: UInt64(header.count).littleEndian, Array.init) + header + [UInt8](repeating: 0, count: 8)
+        try Data(bytes).write(to: URL(fileURLWithPath: dir + "/w.safetensors"))
+        XCTAssertThrowsError(try SafeTensorsFile(path: dir + "/w.safetensors")) { error in
+            XCTAssertTrue("\(error)".hasSuffix("tensor 'w': shape [4611686018427387904] of F32 needs too many bytes but data_offsets give 8"), "\(error)")
+        }
+    }
+
     func testAdapterConfigWithAHugeIntegralAlphaWritesBack() throws {
         var json = try fixtureJSON("tiny-llama/adapter/adapter_config.json").object!
         json["lora_alpha"] = .double(1e300)
