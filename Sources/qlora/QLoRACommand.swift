@@ -23,4 +23,18 @@ struct QLoRACommand: AsyncParsableCommand {
             BenchDecodeCommand.self,
         ]
     )
+
+    /// ArgumentParser's main, then a check that the results printed reached standard output: on a full disk
+    /// (`qlora tokenize ... > out.json`) print() fails silently, and the exit status must say so.
+    static func main() async {
+        await main(nil)
+        if fflush(stdout) != 0 || ferror(stdout) != 0 {
+            fputs("Error: cannot write the results to standard output: \(String(cString: strerror(errno)))\n", stderr)
+            exit(1)
+        }
+    }
 }
+
+#if canImport(Glibc)
+import Glibc
+#endif

@@ -72,6 +72,7 @@ struct TrainCommand: ParsableCommand {
         if skipBadLines { c.skipBadLines = true }
         if fullDeterminism { c.fullDeterminism = true }
         try c.validate()
+        try Trainer.checkOutputDirectory(c)  // before minutes of loading
         return c
     }
 

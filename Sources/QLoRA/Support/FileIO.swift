@@ -185,6 +185,9 @@ public enum FileSystem {
         guard mkdir(temporary, 0o755) == 0 else { throw UsageError("cannot create directory \(temporary): \(String(cString: strerror(errno)))") }
         do {
             try write(temporary)
+        } catch let error as UsageError {
+            removeTree(temporary)
+            throw UsageError(error.message + "; \(target) is left as it was")
         } catch {
             removeTree(temporary)
             throw error

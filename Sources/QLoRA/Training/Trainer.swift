@@ -109,11 +109,7 @@ public final class Trainer {
         try prepareOutputDirectory()
         var state = TrainerState()
         if c.resume {
-            guard let latest = try Checkpoints.latest(in: c.outputDirectory) else {
-                // As transformers' "No valid checkpoint found in output directory": never a silent fresh start.
-                throw UsageError("resume: no valid checkpoint found in \(c.outputDirectory) (no checkpoint-N folder with a trainer_state.json); "
-                                 + "drop --resume to start a new run")
-            }
+            guard let latest = try Checkpoints.latest(in: c.outputDirectory) else { throw Self.noCheckpoint(c.outputDirectory) }
             state = try Checkpoints.restore(latest, model: model, engine: engine)
             history = state.history
             evalHistory = state.evalHistory
@@ -277,9 +273,7 @@ public final class Trainer {
     func prepareOutputDirectory() throws {
         let c = configuration
         let directory = c.outputDirectory
-        guard !FileSystem.exists(directory) || FileSystem.isDirectory(directory) else {
-            throw UsageError("output_dir (--output) \(directory) exists and is not a folder")
-        }
+        try Self.checkOutputDirectory(c)
         // The run writes files into the folder (it never replaces the folder): refuse only what it would overwrite.
         try FileSystem.refuseOverwrite(output: directory, option: "output_dir (--output)",
                                        inputs: baseDirectory.map { [("base model", $0)] } ?? [], replacesFolder: false)
@@ -290,19 +284,52 @@ public final class Trainer {
         try FileSystem.createDirectory(directory)
         let names = try FileSystem.listDirectory(directory)
         // Leftovers of an interrupted save (folders written beside their place), never complete data.
-        for name in names where name.contains(".tmp-") || name.hasSuffix(".partial") || name.contains(".old-") {
-            FileSystem.removeTree(directory + "/" + name)
-        }
-        let checkpoints = try Checkpoints.steps(in: directory).map { Checkpoints.prefix + String($0) }
-        let earlier = Self.runFiles.filter { names.contains($0) } + checkpoints
-        guard !earlier.isEmpty, !c.resume else { return }
-        guard c.overwriteOutputDirectory else {
-            let shown = earlier.prefix(4).joined(separator: ", ") + (earlier.count > 4 ? ", ..." : "")
-            throw UsageError("output_dir (--output) \(directory) holds an earlier run (\(shown)): give --resume to continue it, "
-                             + "--overwrite (overwrite_output_dir: true) to replace it, or another --output")
-        }
+        for name in names where Self.isSaveLeftover(name) { FileSystem.removeTree(directory + "/" + name) }
+        let earlier = try Self.earlierRun(in: directory)
+        guard !earlier.isEmpty, c.overwriteOutputDirectory else { return }
         log("overwriting the earlier run in \(directory)")
         for name in earlier + Self.tokenizerFiles { FileSystem.removeTree(directory + "/" + name) }
+    }
+
+    /// `checkpoint-N.tmp-<pid>`, `best.old-<pid>`, `.tmp-<pid>`, `checkpoint-N.partial` (older versions): what a killed save
+    /// leaves; only these names, so that no file of the user's is touched.
+    static func isSaveLeftover(_ name: String) -> Bool {
+        let stem = name.split(separator: ".", maxSplits: 1, omittingEmptySubsequences: false)
+        guard stem.count == 2 else { return false }
+        let owner = stem[0], suffix = stem[1]
+        let ours = owner.isEmpty || owner == "best" || (owner.hasPrefix(Checkpoints.prefix) && Int(owner.dropFirst(Checkpoints.prefix.count)) != nil)
+        let temporary = ["tmp-", "old-"].contains { suffix.hasPrefix($0) && Int(suffix.dropFirst(4)) != nil } || (suffix == "partial" && !owner.isEmpty)
+        return ours && temporary
+    }
+
+    /// The files and checkpoints of an earlier run in `directory` (none when it does not exist).
+    static func earlierRun(in directory: String) throws -> [String] {
+        guard FileSystem.isDirectory(directory) else { return [] }
+        let names = try FileSystem.listDirectory(directory)
+        return runFiles.filter { names.contains($0) } + (try Checkpoints.steps(in: directory).map { Checkpoints.prefix + String($0) })
+    }
+
+    static func noCheckpoint(_ directory: String) -> UsageError {
+        // As transformers' "No valid checkpoint found in output directory": never a silent fresh start.
+        UsageError("resume: no valid checkpoint found in \(directory) (no checkpoint-N folder with a trainer_state.json); drop --resume to start a new run")
+    }
+
+    /// The output folder checks that need no model: call before loading anything, so a mistake costs no time.
+    /// An earlier run is refused unless resuming or overwriting it; resuming needs a checkpoint.
+    public static func checkOutputDirectory(_ c: TrainingConfiguration) throws {
+        let directory = c.outputDirectory
+        guard !FileSystem.exists(directory) || FileSystem.isDirectory(directory) else {
+            throw UsageError("output_dir (--output) \(directory) exists and is not a folder")
+        }
+        if c.resume {
+            guard try Checkpoints.latest(in: directory) != nil else { throw noCheckpoint(directory) }
+            return
+        }
+        let earlier = try earlierRun(in: directory)
+        guard !earlier.isEmpty, !c.overwriteOutputDirectory else { return }
+        let shown = earlier.prefix(4).joined(separator: ", ") + (earlier.count > 4 ? ", ..." : "")
+        throw UsageError("output_dir (--output) \(directory) holds an earlier run (\(shown)): give --resume to continue it, "
+                         + "--overwrite (overwrite_output_dir: true) to replace it, or another --output")
     }
 
     /// Keeps metrics.jsonl lines up to `step` (those after it were logged by the interrupted run and come again).

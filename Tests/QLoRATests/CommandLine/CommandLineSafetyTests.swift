@@ -73,3 +73,27 @@ final class CommandLineSafetyTests: XCTestCase {
         XCTAssertEqual(try FileSystem.listDirectory(root), ["base", "mine", "q"])
     }
 }
+
+extension CommandLineSafetyTests {
+    /// Results that cannot be written (standard output on a full disk) are an error, not exit status 0.
+    func testAFullStandardOutputIsAnError() throws {
+        guard let full = FileHandle(forWritingAtPath: "/dev/full") else { throw XCTSkip("no /dev/full") }
+        let bundle = URL(fileURLWithPath: CommandLine.arguments[0])
+        var binary = bundle.deletingLastPathComponent().appendingPathComponent("qlora")
+        if !FileManager.default.fileExists(atPath: binary.path) {
+            binary = bundle.deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("qlora")
+        }
+        guard FileManager.default.fileExists(atPath: binary.path) else { throw XCTSkip("the qlora binary is not built") }
+        let process = Process()
+        process.executableURL = binary
+        process.arguments = ["tokenize", "--model", TestFixtures.smolTokenizer, "--text", "The capital of France is Paris."]
+        let err = Pipe()
+        process.standardOutput = full
+        process.standardError = err
+        try process.run()
+        let message = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        XCTAssertEqual(process.terminationStatus, 1)
+        XCTAssertTrue(message.contains("cannot write the results to standard output: No space left on device"), message)
+    }
+}

@@ -103,3 +103,28 @@ final class OutputFolderTests: XCTestCase {
         XCTAssertFalse(FileSystem.exists(dir + "/checkpoint-6.tmp-12345"))
     }
 }
+
+extension OutputFolderTests {
+    func testOnlyOurOwnSaveLeftoversAreRecognised() {
+        for name in ["checkpoint-6.tmp-123", "checkpoint-6.partial", "best.tmp-77", "best.old-77", ".tmp-5", "checkpoint-12.old-9"] {
+            XCTAssertTrue(Trainer.isSaveLeftover(name), name)
+        }
+        for name in ["notes.old-1.txt", "data.tmp-3", "checkpoint-6", "best", "checkpoint-x.tmp-1", "metrics.jsonl", ".partial", "best.tmp-"] {
+            XCTAssertFalse(Trainer.isSaveLeftover(name), name)
+        }
+    }
+
+    /// The command-line check runs before anything is loaded and says the same.
+    func testTheEarlyCheckRefusesAnEarlierRunAndAResumeWithoutCheckpoint() throws {
+        let dir = try TestFixtures.temporaryDirectory()
+        var c = helper.configuration(dir)
+        XCTAssertNoThrow(try Trainer.checkOutputDirectory(c))
+        c.resume = true
+        XCTAssertThrowsError(try Trainer.checkOutputDirectory(c)) { XCTAssertTrue("\($0)".contains("no valid checkpoint"), "\($0)") }
+        c.resume = false
+        try FileSystem.writeAtomically(dir + "/metrics.jsonl", text: "")
+        XCTAssertThrowsError(try Trainer.checkOutputDirectory(c)) { XCTAssertTrue("\($0)".contains("holds an earlier run (metrics.jsonl)"), "\($0)") }
+        c.overwriteOutputDirectory = true
+        XCTAssertNoThrow(try Trainer.checkOutputDirectory(c))
+    }
+}
