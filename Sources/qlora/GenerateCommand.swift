@@ -33,7 +33,7 @@ struct GenerateCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: "Sample only from the smallest set of tokens whose probability reaches p (1: all).")
     var topP: Float = 1
 
-    @Option(parsing: .unconditional, help: "Random seed for sampling.")
+    @Option(parsing: .unconditional, help: "Random seed for sampling: an integer from 0 to 2^64-1.")
     var seed: UInt64 = 0
 
     @Option(help: "Where to run: auto (the GPU when one is usable, else the CPU), cpu or cuda.")

@@ -28,9 +28,12 @@ struct QLoRACommand: AsyncParsableCommand {
     /// (`qlora tokenize ... > out.json`) print() fails silently, and the exit status must say so.
     static func main() async {
         await main(nil)
-        if fflush(stdout) != 0 || ferror(stdout) != 0 {
-            fputs("Error: cannot write the results to standard output: \(String(cString: strerror(errno)))\n", stderr)
-            exit(1)
+        errno = 0
+        let flushed = fflush(stdout) == 0
+        let reason = flushed ? "an earlier write failed" : String(cString: strerror(errno))
+        if !flushed || ferror(stdout) != 0 {
+            fputs("Error: cannot write the results to standard output: \(reason)\n", stderr)
+            Glibc.exit(1)
         }
     }
 }

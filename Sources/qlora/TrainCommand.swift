@@ -36,7 +36,7 @@ struct TrainCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: "Clip the global gradient norm to this (0: no clipping).") var maxGradNorm: Double?
     @Option(help: "adamw, adamw_8bit, paged_adamw_8bit or paged_adamw_32bit.") var optimizer: String?
     @Flag(inversion: .prefixedNo, help: "Recompute each block in the backward pass instead of keeping its activations.") var gradientCheckpointing: Bool?
-    @Option(parsing: .unconditional, help: "Random seed (adapter initialisation, data order, dropout).") var seed: UInt64?
+    @Option(parsing: .unconditional, help: "Random seed (adapter initialisation, data order, dropout): an integer from 0 to 2^64-1.") var seed: UInt64?
     @Flag(help: "Bit-identical runs on the GPU (attention without atomics, about 2x slower attention); the CPU always is.") var fullDeterminism = false
     @Option(parsing: .unconditional, help: "Log every N steps.") var loggingSteps: Int?
     @Option(parsing: .unconditional, help: "Evaluate every N steps (0: each epoch).") var evalSteps: Int?
