@@ -200,6 +200,10 @@ public enum FileSystem {
     static func replace(_ target: String, with temporary: String) throws {
         var info = stat()
         let existed = lstat(target, &info) == 0
+        if existed && !isDirectory(target) {
+            removeTree(temporary)
+            throw UsageError("\(target) exists and is not a folder; it is left as it was")
+        }
         let aside = target + ".old-\(getpid())"
         if existed {
             removeTree(aside)

@@ -284,7 +284,13 @@ public final class Trainer {
         try FileSystem.createDirectory(directory)
         let names = try FileSystem.listDirectory(directory)
         // Leftovers of an interrupted save (folders written beside their place), never complete data.
-        for name in names where Self.isSaveLeftover(name) { FileSystem.removeTree(directory + "/" + name) }
+        for name in names where Self.isSaveLeftover(name) {
+            // A kill between the two renames of a replace leaves the old folder aside and none in place: put it back.
+            let owner = String(name.prefix { $0 != "." })
+            if name.contains(".old-"), !owner.isEmpty, !FileSystem.exists(directory + "/" + owner),
+               rename(directory + "/" + name, directory + "/" + owner) == 0 { continue }
+            FileSystem.removeTree(directory + "/" + name)
+        }
         let earlier = try Self.earlierRun(in: directory)
         guard !earlier.isEmpty, c.overwriteOutputDirectory else { return }
         log("overwriting the earlier run in \(directory)")

@@ -129,3 +129,13 @@ final class FileSystemSafetyTests: XCTestCase {
         XCTAssertEqual(try FileSystem.listDirectory(root), ["base", "merged"])
     }
 }
+
+extension FileSystemSafetyTests {
+    func testAFileIsNeverReplacedByAFolder() throws {
+        let root = try TestFixtures.temporaryDirectory()
+        try FileSystem.writeAtomically(root + "/model", text: "a file")
+        XCTAssertThrowsError(try FileSystem.writeDirectory(root + "/model") { _ in }) { XCTAssertTrue("\($0)".contains("is not a folder"), "\($0)") }
+        XCTAssertEqual(try FileSystem.readText(root + "/model"), "a file")
+        XCTAssertEqual(try FileSystem.listDirectory(root), ["model"])
+    }
+}

@@ -128,3 +128,21 @@ extension OutputFolderTests {
         XCTAssertNoThrow(try Trainer.checkOutputDirectory(c))
     }
 }
+
+extension OutputFolderTests {
+    /// Killed between moving the old best adapter aside and renaming the new one in: the next run puts the old one back.
+    func testAFolderLeftAsideByAKillIsPutBack() throws {
+        let dir = try TestFixtures.temporaryDirectory()
+        var c = helper.configuration(dir)
+        c.evalSteps = 1
+        _ = try run(c, stopAt: 3)
+        let best = try FileSystem.readFile(dir + "/best/adapter_model.safetensors")
+        XCTAssertEqual(rename(dir + "/best", dir + "/best.old-4242"), 0)
+        try FileSystem.createDirectory(dir + "/best.tmp-4242")
+        c.resume = true
+        c.maxSteps = 3
+        _ = try run(c)
+        XCTAssertEqual(try FileSystem.readFile(dir + "/best/adapter_model.safetensors"), best)
+        XCTAssertFalse(FileSystem.exists(dir + "/best.old-4242") || FileSystem.exists(dir + "/best.tmp-4242"))
+    }
+}
