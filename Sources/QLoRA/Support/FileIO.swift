@@ -164,7 +164,7 @@ public enum FileSystem {
     /// the same command wrote), so that replacing it never deletes anything else. `option` names it for the message.
     public static func checkReplaceable(_ directory: String, option: String, replaceable: Set<String>) throws {
         var info = stat()
-        guard lstat(directory, &info) == 0 || stat(directory, &info) == 0 else { return }
+        guard lstat(directory, &info) == 0 else { return }
         guard isDirectory(directory) else { throw UsageError("\(option) \(directory) exists and is not a folder") }
         let others = try listDirectory(directory).filter { !replaceable.contains($0) }
         guard others.isEmpty else {
