@@ -32,12 +32,18 @@ import Glibc
 
 /// GGUF → Hugging Face folder conversion.
 public enum GGUFConverter {
+    /// The names `convert` writes (and the catalog's marker): an existing output folder holding only these is replaced.
+    public static let outputFiles: Set<String> = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                                                  "tokenizer_config.json", "chat_template.jinja", ModelCatalog.completeMarker]
+
     /// Bumped whenever the output changes, so that cached conversions are redone.
     public static let version = 1
 
     /// Converts `ggufPath` into an HF folder at `directory` (created if needed). Everything is built and checked
     /// before the first file is written; each file is written atomically.
     public static func convert(gguf ggufPath: String, to directory: String, log: (String) -> Void = { _ in }) throws {
+        try FileSystem.refuseOverwrite(output: directory, option: "the convert output", inputs: [("GGUF file", ggufPath)])
+        try FileSystem.checkReplaceable(directory, option: "the convert output", replaceable: outputFiles)
         let file = try GGUFFile(path: ggufPath)
         let hyper = try LlamaHyperParameters(file)
         let config = try configJSON(file, hyper)
@@ -45,11 +51,13 @@ public enum GGUFConverter {
         log("converting \(file.tensors.count) tensors to bf16")
         let records = try tensorRecords(file, hyper)
 
-        try FileSystem.createDirectory(directory)
-        try FileSystem.writeAtomically(directory + "/config.json", text: pythonJSON(config))
-        try FileSystem.writeAtomically(directory + "/generation_config.json", text: pythonJSON(generationConfigJSON(file)))
-        try tokenizer.write(to: directory)
-        try SafeTensorsWriter.write(records, metadata: ["format": "pt"], to: directory + "/model.safetensors")
+        // Written beside the target and renamed into place: an interrupted convert leaves the old folder or none.
+        try FileSystem.writeDirectory(directory) { directory in
+            try FileSystem.writeAtomically(directory + "/config.json", text: pythonJSON(config))
+            try FileSystem.writeAtomically(directory + "/generation_config.json", text: pythonJSON(generationConfigJSON(file)))
+            try tokenizer.write(to: directory)
+            try SafeTensorsWriter.write(records, metadata: ["format": "pt"], to: directory + "/model.safetensors")
+        }
         log("wrote \(directory)")
     }
 

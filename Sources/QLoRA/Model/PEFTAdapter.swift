@@ -152,8 +152,14 @@ public enum PEFTAdapter {
     }
 
     /// Writes the model's adapters in PEFT's format (weights in fp32, as PEFT saves fp32 adapters).
+    /// The files go into a temporary folder first and are renamed into `directory` only once all are written, so an
+    /// interrupted save leaves the previous adapter; other files in `directory` are kept.
     public static func save(model: LlamaModel, config: LoRAConfig, to directory: String) throws {
-        try FileSystem.createDirectory(directory)
+        try FileSystem.writeFilesInto(directory) { try writeFiles(model: model, config: config, into: $0) }
+    }
+
+    /// Writes adapter_model.safetensors and adapter_config.json into the existing folder `directory`.
+    static func writeFiles(model: LlamaModel, config: LoRAConfig, into directory: String) throws {
         var records: [TensorRecord] = []
         for layer in model.linearLayers {
             guard let lora = layer.lora else { continue }

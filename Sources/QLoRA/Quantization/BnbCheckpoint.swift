@@ -363,6 +363,9 @@ public enum BnbCheckpointWriter {
         return out
     }
 
+    /// The names this writes: an existing output folder holding only these is replaced, anything else is refused.
+    public static var outputFiles: Set<String> { Set(["model.safetensors", "config.json"] + companionFiles) }
+
     /// Writes the bitsandbytes 4-bit form of the model in `source` to `destination` (created if needed):
     /// model.safetensors, config.json with `quantization_config`, and the tokenizer/generation files.
     @discardableResult
@@ -373,6 +376,8 @@ public enum BnbCheckpointWriter {
         guard let modelDTypeName = options.modelDType.torchName, options.computeDType.torchName != nil else {
             throw UsageError("the model and compute dtypes must be float32, bfloat16 or float16")
         }
+        try FileSystem.refuseOverwrite(output: destination, option: "the quantize output", inputs: [("model folder", source)])
+        try FileSystem.checkReplaceable(destination, option: "the quantize output", replaceable: outputFiles)
         let tensors = try SafeTensorsCheckpoint(directory: source)
         if let name = tensors.names.first(where: { BnbCheckpoint.splitQuantStateKey($0) != nil }) {
             throw UsageError("\(source) is already 4-bit quantized (it has '\(name)')")
@@ -398,7 +403,8 @@ public enum BnbCheckpointWriter {
         // The safetensors Python writer's order: larger element types first, then by name.
         records.sort { ($0.dtype.size, $1.name) > ($1.dtype.size, $0.name) }
 
-        try FileSystem.createDirectory(destination)
+        // Written beside the target and renamed into place: an interrupted quantize leaves the old folder or none.
+        try FileSystem.writeDirectory(destination) { destination in
         try SafeTensorsWriter.write(records, metadata: ["format": "pt"], to: destination + "/model.safetensors")
 
         // config.json: the source config with the model dtype and the quantization config.
@@ -417,6 +423,7 @@ public enum BnbCheckpointWriter {
 
         for file in companionFiles where FileSystem.exists(source + "/" + file) {
             try FileSystem.writeAtomically(destination + "/" + file, bytes: FileSystem.readFile(source + "/" + file))
+        }
         }
         return Summary(quantizedTensors: weights.count, denseTensors: dense,
                        quantizedParameters: weights.reduce(0) { $0 + $1.elementCount },
