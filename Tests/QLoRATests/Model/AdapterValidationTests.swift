@@ -99,3 +99,13 @@ final class AdapterValidationTests: XCTestCase {
         XCTAssertFalse(LoRAConfig(rank: 8, alpha: 16, targetModules: ["proj"]).targets("model.layers.0.self_attn.q_proj"))
     }
 }
+
+extension AdapterValidationTests {
+    /// Training attaches fresh adapters from target_modules: a name matching no layer is an error, not fewer adapters.
+    func testAttachingRefusesUnknownTargetModules() throws {
+        let model = try LlamaForwardTests.loadTinyLlama()
+        assertRejected(try model.attachLoRA(LoRAConfig(rank: 4, alpha: 8, targetModules: ["q_proj", "qkv_proj"]), seed: 1),
+                       "target_modules", "'qkv_proj' names no linear layer")
+        XCTAssertEqual(try model.attachLoRA(LoRAConfig(rank: 4, alpha: 8, targetModules: ["q_proj", "v_proj"]), seed: 1), 4)
+    }
+}

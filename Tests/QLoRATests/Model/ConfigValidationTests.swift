@@ -116,3 +116,10 @@ final class ConfigValidationTests: XCTestCase {
         assertRejected(try model.forward(tokens: [5], cache: cache), "sliding window of 4")
     }
 }
+
+extension ConfigValidationTests {
+    /// The benchmark architectures are built with `try!`: they must pass the checks.
+    func testBenchmarkArchitecturesAreValidConfigs() {
+        for a in Architecture.allCases { XCTAssertGreaterThan(a.config.layerCount, 0, a.rawValue) }
+    }
+}
