@@ -27,7 +27,7 @@ public protocol BaseWeightSource {
     /// The directory or file the weights were read from, for messages.
     var origin: String { get }
     func contains(_ name: String) -> Bool
-    /// A tensor's values in fp32 with its shape.
+    /// A tensor's values in fp32 with its shape, checked finite: a NaN or ±Inf is an error naming the tensor.
     func tensor(_ name: String) throws -> (values: [Float], shape: [Int])
     /// The 4-bit form of a linear weight, when the source holds (or makes) one; nil for dense weights.
     /// Its scales are checked finite (the codes cannot be otherwise).
@@ -45,7 +45,11 @@ extension SafeTensorsCheckpoint: BaseWeightSource {
     public var tensorNames: [String] { names }
     public func tensor(_ name: String) throws -> (values: [Float], shape: [Int]) {
         guard let info = info(name) else { throw FileFormatError(file: directory, place: "tensor '\(name)'", "not found in the checkpoint") }
-        return (try floats(name), info.shape)
+        let file = try file(containing: name)
+        var values = [Float](repeating: 0, count: info.elementCount)
+        let bad = values.withUnsafeMutableBufferPointer { convertToFiniteFloats(file.bytes(info), dtype: info.dtype, into: $0) }
+        if let i = bad { throw nonFiniteError(values[i], at: i, tensor: name, origin: file.path) }
+        return (values, info.shape)
     }
 }
 
@@ -83,7 +87,6 @@ public final class LlamaModel: @unchecked Sendable {
             guard actual == shape else {
                 throw FileFormatError(file: source.origin, place: "tensor '\(name)'", "shape \(actual), expected \(shape) from config.json")
             }
-            try checkFinite(values, tensor: name, origin: source.origin)
             return values
         }
         func matrix(_ name: String) throws -> Matrix {
@@ -273,7 +276,27 @@ extension LlamaModel {
 /// would give a NaN loss, or quantize to blocks of zeros.
 func checkFinite(_ values: [Float], tensor name: String, origin: String) throws {
     guard let i = values.withUnsafeBufferPointer(firstNonFiniteIndex) else { return }
-    throw FileFormatError(file: origin, place: "tensor '\(name)'", "element \(i) is \(values[i]); weights must be finite")
+    throw nonFiniteError(values[i], at: i, tensor: name, origin: origin)
+}
+
+func nonFiniteError(_ value: Float, at i: Int, tensor name: String, origin: String) -> FileFormatError {
+    FileFormatError(file: origin, place: "tensor '\(name)'", "element \(i) is \(value); weights must be finite")
+}
+
+/// `convertToFloat` a cache-sized piece at a time, each piece checked while it is still in cache, so
+/// the check costs little beside the conversion. Returns the index of the first non-finite value.
+func convertToFiniteFloats(_ bytes: UnsafeRawBufferPointer, dtype: DType, into out: UnsafeMutableBufferPointer<Float>) -> Int? {
+    let chunk = 1 << 14
+    var first: Int?
+    var start = 0
+    while start < out.count {
+        let end = min(start + chunk, out.count)
+        let piece = UnsafeMutableBufferPointer(rebasing: out[start..<end])
+        convertToFloat(UnsafeRawBufferPointer(rebasing: bytes[(start * dtype.size)..<(end * dtype.size)]), dtype: dtype, into: piece)
+        if first == nil, let i = firstNonFiniteIndex(UnsafeBufferPointer(piece)) { first = start + i }
+        start = end
+    }
+    return first
 }
 
 /// The index of the first NaN or ±Inf, nil when all are finite. Exponent bits all ones mark
