@@ -42,6 +42,8 @@ public enum AdapterMerge {
                 guard weight.count == layer.outFeatures * layer.inFeatures else {
                     throw UsageError("\(layer.name): the merged weight has \(weight.count) values, not \(layer.outFeatures * layer.inFeatures)")
                 }
+                // A base and adapter that are finite can still overflow here; such a folder would not load.
+                try checkFinite(weight, tensor: layer.name + ".weight", origin: outputDirectory + " (merged weights)")
                 if layer.lora != nil { merged += 1 }
                 weight.withUnsafeBufferPointer { add(layer.name + ".weight", $0, [layer.outFeatures, layer.inFeatures]) }
                 if let bias = layer.bias { bias.withUnsafeBufferPointer { add(layer.name + ".bias", $0, [$0.count]) } }

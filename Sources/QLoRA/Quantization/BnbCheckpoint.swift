@@ -239,13 +239,18 @@ public final class BnbCheckpoint: @unchecked Sendable {
             let nestedBlocks = (blocks + nestedBlocksize - 1) / nestedBlocksize
             let nestedAbsmax = floatArray(try tensor(weightName + ".nested_absmax", .f32, [nestedBlocks], what: "the nested absmax"))
             let nestedMap = floatArray(try tensor(weightName + ".nested_quant_map", .f32, [256], what: "the nested code map"))
+            guard offset.isFinite else { throw fail(stateKey, "\"nested_offset\" must be finite, got \(offset)") }
+            try checkFinite(nestedAbsmax, tensor: weightName + ".nested_absmax", origin: file)
+            try checkFinite(nestedMap, tensor: weightName + ".nested_quant_map", origin: file)
             scales = .doubleQuantized(DoubleQuantizedAbsmax(codes: codes, nestedAbsmax: nestedAbsmax, offset: Float(offset),
                                                             code: nestedMap, blocksize: nestedBlocksize))
         } else {
             for suffix in [".nested_quant_map"] where tensors.contains(weightName + suffix) {
                 throw fail(weightName + suffix, "present, but the weight is not double-quantized")
             }
-            scales = .plain(floatArray(try tensor(weightName + ".absmax", .f32, [blocks], what: "the absmax")))
+            let absmax = floatArray(try tensor(weightName + ".absmax", .f32, [blocks], what: "the absmax"))
+            try checkFinite(absmax, tensor: weightName + ".absmax", origin: file)
+            scales = .plain(absmax)
         }
         do {
             return try QuantizedWeight(quantType: type, blocksize: blocksize, shape: shape, dtype: dtype, packed: packed, scales: scales)
@@ -349,6 +354,7 @@ public enum BnbCheckpointWriter {
             throw FileFormatError(file: tensors.directory, place: "tensor '\(name)'", "dtype \(info.dtype.rawValue) cannot be quantized (expected a float type)")
         }
         let values = try modelValues(tensors, name, dtype: options.modelDType)
+        try checkFinite(values, tensor: name, origin: tensors.directory)
         return try QuantizedWeight.quantize(values, shape: info.shape, type: options.quantType, blocksize: options.blocksize,
                                             doubleQuant: options.doubleQuant, dtype: options.modelDType)
     }
@@ -393,6 +399,7 @@ public enum BnbCheckpointWriter {
                 records += Self.records(name: name, weight: weight)
             } else if info.dtype.isFloatingPoint {
                 let values = try tensors.floats(name)
+                try checkFinite(values, tensor: name, origin: source)
                 records.append(TensorRecord(name: name, floats: values, shape: info.shape, dtype: options.modelDType))
                 dense += 1
             } else {

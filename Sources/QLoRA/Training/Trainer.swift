@@ -83,6 +83,9 @@ public final class Trainer {
         self.train = Batching.batches(train, size: c.batchSize, packing: c.packing, length: c.maxSeqLength, padID: padID)
         self.eval = Batching.paddedBatches(eval, size: c.batchSize, padID: padID)
         guard !self.train.isEmpty else { throw UsageError("no training batches: the dataset is empty") }
+        if let longest = (self.train + self.eval).map(\.length).max() {
+            try model.config.checkSequenceLength(longest, what: "the longest batch (max_seq_length \(c.maxSeqLength))")
+        }
         microBatchesPerEpoch = self.train.count
         stepsPerEpoch = (microBatchesPerEpoch + c.gradientAccumulationSteps - 1) / c.gradientAccumulationSteps
         totalSteps = c.maxSteps > 0 ? c.maxSteps : max(1, Int((c.epochs * Double(stepsPerEpoch)).rounded(.up)))
