@@ -22,7 +22,8 @@ M=Tests/Fixtures/tiny-llama/base
 common="--model $M --data $W/data.jsonl --max-steps 40 --save-steps 5 --batch-size 4 --max-seq-length 64 --device cuda --seed 7"
 $Q train $common --output $W/full > $W/full.log 2>&1; grep -E "device|trained|Error" $W/full.log | head -3
 $Q train $common --output $W/killed > $W/k1.log 2>&1 &
-pid=$!; sleep 3; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
+pid=$!; for i in $(seq 400); do [ -d $W/killed/checkpoint-15 ] && break; sleep 0.05; done
+kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
 echo "killed after: $(ls $W/killed | grep checkpoint | tr '\n' ' ')"
 $Q train $common --output $W/killed > $W/again.log 2>&1; echo "rerun without --resume: $(grep -m1 Error $W/again.log | cut -c1-160)"
 $Q train $common --output $W/killed --resume > $W/k2.log 2>&1; grep -E "resumed|trained|Error" $W/k2.log | head -3
