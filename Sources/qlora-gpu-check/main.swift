@@ -9,7 +9,11 @@
 //   NF4 dequantization to bf16: 4e-3 (only the final rounding differs);
 //   fp32 outputs (losses, AdamW parameters and moments, fp32 GEMMs): 1e-4 / 1e-5 as stated per check;
 //   exact ops (embedding lookup, counts): 0.
-// Usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--compile-only sm_XX (NVRTC only, no GPU needed)]
+// Usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--arch compute_XY|sm_XY]
+//                        [--compile-only sm_75,sm_80,sm_86,sm_89,sm_90a (NVRTC only, no GPU needed)]
+// --arch runs every check on kernels built for that target: compute_80 gives PTX that holds only sm_80
+// instructions, which the driver compiles for the card at load, so the portable paths run for real on a newer GPU
+// (with that architecture's shared-memory limit, so launchers pick what such a card would get).
 // Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, lora linear,
 // decode gemv, inference fixture, inference random, dropout mask, adamw8bit, merge (MergeChecks.swift), allocator,
 // training (fixture parity, forward-only loss, short run, engines, dropout, LoRA ranks, memory plan), memory
@@ -102,7 +106,8 @@ func group(_ name: String, _ body: () throws -> Void) {
 
 var seed = UInt64(UInt32(truncatingIfNeeded: time(nil))) &* 2_654_435_761
 var runBench = true
-var compileOnlyArch: String? = nil
+var compileOnlyTargets: [String]? = nil
+var kernelTarget: KernelTarget? = nil
 /// Only groups whose name contains one of these run (all when empty), e.g. to run one op under compute-sanitizer.
 var onlyGroups: [String] = []
 var arguments = CommandLine.arguments.dropFirst().makeIterator()
@@ -110,25 +115,35 @@ while let a = arguments.next() {
     switch a {
     case "--seed": seed = UInt64(arguments.next() ?? "") ?? seed
     case "--no-bench": runBench = false
-    case "--compile-only": compileOnlyArch = arguments.next() ?? "sm_90a"
+    case "--compile-only": compileOnlyTargets = (arguments.next() ?? "sm_90a").split(separator: ",").map(String.init)
     case "--only": onlyGroups += (arguments.next() ?? "").split(separator: ",").map(String.init)
+    case "--arch":
+        do { kernelTarget = try KernelTarget(parsing: arguments.next() ?? "") } catch {
+            print("\(error)")
+            exit(2)
+        }
     default:
-        print("usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--compile-only sm_XX]")
+        print("usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--arch compute_XY|sm_XY] [--compile-only sm_XY,...]")
         exit(2)
     }
 }
 var rng = SeededGenerator(seed: seed)
 
-// Without a GPU: compile every kernel with NVRTC for one architecture (catches compile errors anywhere).
-if let arch = compileOnlyArch {
+// Without a GPU: compile every kernel with NVRTC, with the options the backend uses, for each listed target
+// (cubins for sm_XY run ptxas too, so an instruction a target lacks is caught here).
+if let targets = compileOnlyTargets {
     do {
         let nvrtc = try NVRTC()
-        print("NVRTC \(nvrtc.version.major).\(nvrtc.version.minor), -arch=\(arch)")
-        for source in KernelSources.all {
-            group("compile \(source.name)") {
-                let cubin = try nvrtc.compile(source: source.text, name: source.name, headers: KernelSources.headers,
-                                              options: ["-arch=\(arch)", "-std=c++17", "-default-device"])
-                checkTrue("compile \(source.name)", !cubin.isEmpty, "\(cubin.count) bytes of cubin")
+        print("NVRTC \(nvrtc.version.major).\(nvrtc.version.minor)")
+        for text in targets {
+            let target = try KernelTarget(parsing: text)
+            for source in KernelSources.all {
+                group("compile \(source.name)") {
+                    let image = try nvrtc.compile(source: source.text, name: source.name, headers: KernelSources.headers,
+                                                  options: KernelCompiler.options(for: target))
+                    checkTrue("compile \(source.name) for \(target.nvrtcArchitecture)", !image.isEmpty,
+                              "\(image.count) bytes of \(target.isVirtual ? "PTX" : "cubin")")
+                }
             }
         }
     } catch {
@@ -142,7 +157,7 @@ if let arch = compileOnlyArch {
 let cacheDir = "/tmp/qlora-gpu-check-kernels-\(getpid())"
 let ctx: CUDAContext
 do {
-    ctx = try CUDAContext(kernelCacheDirectory: cacheDir)
+    ctx = try CUDAContext(kernelCacheDirectory: cacheDir, kernelTarget: kernelTarget)
 } catch {
     print("cannot open a CUDA device: \(error)")
     print("0 passed, 1 failed")
@@ -151,7 +166,7 @@ do {
 let dev = ctx.device
 print("device: \(dev.name), compute capability \(dev.computeCapability.major).\(dev.computeCapability.minor), "
       + "\(dev.multiprocessorCount) SMs, \(fmt(Double(dev.totalMemory) / Double(1 << 30))) GiB; driver CUDA \(ctx.driver.version); "
-      + "NVRTC \(ctx.compiler.nvrtc.version.major).\(ctx.compiler.nvrtc.version.minor) -> \(dev.nvrtcArchitecture); seed \(seed)")
+      + "NVRTC \(ctx.compiler.nvrtc.version.major).\(ctx.compiler.nvrtc.version.minor) -> \(ctx.kernelDescription); seed \(seed)")
 
 let A = ctx.allocator
 
@@ -172,8 +187,8 @@ group("compile all kernels") {
     for source in KernelSources.all { _ = try ctx.compiler.module(source) }
     seconds = Double(clock() - start) / Double(CLOCKS_PER_SEC)
     checkTrue("compile all kernels (NVRTC)", ctx.compiler.compilations == KernelSources.all.count,
-              "\(ctx.compiler.compilations) files compiled for \(dev.nvrtcArchitecture) in \(fmt(seconds)) s CPU")
-    let again = KernelCompiler(device: dev, nvrtc: ctx.compiler.nvrtc, cacheDirectory: cacheDir)
+              "\(ctx.compiler.compilations) files compiled for \(ctx.compiler.target.nvrtcArchitecture) in \(fmt(seconds)) s CPU")
+    let again = KernelCompiler(device: dev, nvrtc: ctx.compiler.nvrtc, target: ctx.compiler.target, cacheDirectory: cacheDir)
     for source in KernelSources.all { _ = try again.module(source) }
     checkTrue("kernel cache reload", again.cacheHits == KernelSources.all.count && again.compilations == 0,
               "\(again.cacheHits) cubins loaded from \(cacheDir)")
@@ -387,7 +402,9 @@ group("attention") {
         let segd = try segments.map { try upload($0) }
         // Tensor-core flash kernels (the default), the 64-row tensor-core kernels, the fp32 kernels.
         for (tensorCores, flash) in [(true, true), (true, false), (false, false)] {
-            let kind = tensorCores ? (flash ? " flash" : " mma") : ""
+            // Where the card's shared memory cannot hold the flash kernels (99 KB cards, d128), the launcher runs the
+            // 64-row ones; the name says which ran.
+            let kind = tensorCores ? (flash ? (ctx.flashAttentionFits(headDim: shape.headDim) ? " flash" : " flash->mma") : " mma") : ""
             let name = "attention\(kind) b\(shape.batch) s\(shape.seq) h\(shape.heads)/\(shape.kvHeads) d\(shape.headDim)\(packed ? " packed" : "")"
             let o = try poisoned(UInt16.self, qn), lse = try poisoned(Float.self, shape.tokens * shape.heads)
             try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape, tensorCores: tensorCores,
@@ -564,7 +581,7 @@ if runBench {
         let flops = 4 * Double(shape.batch * shape.heads) * Double(shape.seq * shape.seq) * Double(shape.headDim) / 2
         let delta = try A.buffer(Float.self, count: shape.tokens * shape.heads), accumulator = try A.buffer(Float.self, count: qn)
         for flash in [true, false] {
-            let kind = flash ? "flash" : "mma 64-row"
+            let kind = flash ? (ctx.flashAttentionFits(headDim: shape.headDim) ? "flash" : "flash->mma 64-row") : "mma 64-row"
             let fwdMs = try timeMedian(5, warmup: 1) {
                 try ctx.attentionForward(q: aq, k: ak, v: av, into: ao, lse: alse, shape: shape, flash: flash)
             }

@@ -11,19 +11,19 @@ struct BenchCommand: ParsableCommand {
     var arch: String = "smollm2-135m"
     @Option(help: "Device: auto (the GPU when the CUDA driver loads and a GPU is present), cpu or cuda.")
     var device: String = "auto"
-    @Option(help: "Micro-batch size (rows).")
+    @Option(parsing: .unconditional, help: "Micro-batch size (rows).")
     var batch: Int = 1
-    @Option(help: "Sequence length of each row.")
+    @Option(parsing: .unconditional, help: "Sequence length of each row.")
     var seq: Int = 256
-    @Option(name: .customLong("lora-r"), help: "LoRA rank on the seven projections (alpha = 2r).")
+    @Option(name: .customLong("lora-r"), parsing: .unconditional, help: "LoRA rank on the seven projections (alpha = 2r).")
     var loraR: Int = 16
-    @Option(name: .customLong("lora-dropout"), help: "LoRA dropout on the seven projections (qlora train's default is 0.05).")
+    @Option(name: .customLong("lora-dropout"), parsing: .unconditional, help: "LoRA dropout on the seven projections (qlora train's default is 0.05).")
     var loraDropout: Double = 0
-    @Option(help: "Timed steps after the warm-up steps.")
+    @Option(parsing: .unconditional, help: "Timed steps after the warm-up steps.")
     var steps: Int = 2
-    @Option(help: "Warm-up steps before timing (GPU; the CPU does one).")
+    @Option(parsing: .unconditional, help: "Warm-up steps before timing (GPU; the CPU does one).")
     var warmup: Int = 2
-    @Option(help: "Tokens to decode for the CPU batch-1 decode measurement (0 to skip).")
+    @Option(parsing: .unconditional, help: "Tokens to decode for the CPU batch-1 decode measurement (0 to skip).")
     var decodeTokens: Int = 32
     @Option(name: .customLong("offload-checkpoints"),
             help: "GPU: keep the gradient checkpoints in pinned host memory (on), on the GPU (off), or auto (on when the model has 3 or more blocks).")
@@ -31,6 +31,8 @@ struct BenchCommand: ParsableCommand {
     @Option(name: .customLong("host-embedding"),
             help: "GPU: keep an untied input embedding in host memory and gather the rows there (on), on the GPU (off), or auto (on when untied).")
     var hostEmbedding: String = "auto"
+    @Option(name: .customLong("gpu-memory"), parsing: .unconditional, help: "GPU: behave as a card with this many GiB (the memory plan and the allocator keep within it).")
+    var gpuMemory: Double?
 
     /// "on", "off" or "auto" (nil).
     static func parseSwitch(_ value: String, _ option: String) throws -> Bool? {
@@ -49,10 +51,12 @@ struct BenchCommand: ParsableCommand {
         guard batch > 0, seq > 1, loraR > 0, steps > 0, warmup >= 0 else {
             throw ValidationError("--batch, --lora-r and --steps must be positive, --seq at least 2")
         }
-        guard (0..<1).contains(loraDropout) else { throw ValidationError("--lora-dropout must be in [0, 1)") }
+        guard (0..<1).contains(loraDropout) else { throw ValidationError("--lora-dropout must be in [0, 1), got \(loraDropout)") }
+        guard decodeTokens >= 0 else { throw ValidationError("--decode-tokens must be a non-negative integer (0: skip), got \(decodeTokens)") }
+        if let gpuMemory, !(gpuMemory > 0 && gpuMemory.isFinite) { throw ValidationError("--gpu-memory must be a positive number of GiB, got \(gpuMemory)") }
         _ = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints")
         _ = try Self.parseSwitch(hostEmbedding, "host-embedding")
-        switch try DeviceChoice.resolve(device) {
+        switch try ComputeDevice.choose(device) {
         case .cuda(let context):
             try runCUDA(architecture: architecture, context: context)
         case .cpu:
@@ -71,6 +75,7 @@ struct BenchCommand: ParsableCommand {
     }
 
     func runCUDA(architecture: Architecture, context: CUDAContext) throws {
+        if let gpuMemory { try context.setMemoryBudget(gib: gpuMemory) }
         var memory = CUDATrainerMemoryOptions.automatic(for: architecture.config)
         if let on = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints") { memory.offloadCheckpoints = on }
         if let on = try Self.parseSwitch(hostEmbedding, "host-embedding") { memory.hostEmbedding = on }
@@ -78,7 +83,7 @@ struct BenchCommand: ParsableCommand {
                                                 rank: loraR, dropout: Float(loraDropout), memory: memory, warmupSteps: warmup, steps: steps)
         let gib = { (b: Int) in rounded(Double(b) / Double(1 << 30)) }
         let used = result.plan.memory
-        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "offload_checkpoints": \#(used.offloadCheckpoints), "host_embedding": \#(used.hostEmbedding), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "planned_host_gib": \#(gib(result.plan.host)), "loss_first": \#(rounded(result.firstLoss * 1000) / 1000), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
+        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "offload_checkpoints": \#(used.offloadCheckpoints), "host_embedding": \#(used.hostEmbedding), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "planned_host_gib": \#(gib(result.plan.host)), "context_gib": \#(gib(context.contextBytes)), "budget_gib": \#(context.memoryBudget.map { "\(gib($0))" } ?? "null"), "loss_first": \#(rounded(result.firstLoss * 1000) / 1000), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
     }
 
     func rounded(_ x: Double) -> Double { (x * 100).rounded() / 100 }

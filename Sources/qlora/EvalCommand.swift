@@ -12,10 +12,10 @@ struct EvalCommand: ParsableCommand {
     @Option(help: "The JSONL dataset (text, prompt/completion, messages, Alpaca or input_ids lines).")
     var data: String
 
-    @Option(help: "Examples are cut to this many tokens.")
+    @Option(parsing: .unconditional, help: "Examples are cut to this many tokens.")
     var maxSeqLength: Int = 1024
 
-    @Option(help: "Examples per forward pass.")
+    @Option(parsing: .unconditional, help: "Examples per forward pass.")
     var batchSize: Int = 4
 
     @Flag(inversion: .prefixedNo, help: "Count only completions / assistant turns, as training does.")
@@ -30,14 +30,27 @@ struct EvalCommand: ParsableCommand {
     @Option(help: "Where to run: auto (the GPU when one is usable, else the CPU), cpu or cuda.")
     var device: String = "auto"
 
+    func validate() throws {
+        guard maxSeqLength >= 2 && maxSeqLength <= 1 << 20 else {
+            throw ValidationError("--max-seq-length must be an integer from 2 to 1048576, got \(maxSeqLength)")
+        }
+        guard batchSize > 0 else { throw ValidationError("--batch-size must be a positive integer, got \(batchSize)") }
+    }
+
     func run() throws {
         let compute = try ComputeDevice.choose(device)
         let loaded = try modelOptions.load()
-        guard let tokenizer = loaded.tokenizer else { throw ValidationError("\(loaded.directory) has no tokenizer.json") }
+        // Pre-tokenized data needs no tokenizer: the dataset asks for one only on a line that does.
+        let tokenizer = loaded.tokenizer
         let dataset = try SFTDataset(path: data, tokenizer: tokenizer, template: loaded.template,
-                                     formatting: SFTFormatting(completionOnly: completionOnly, maxSequenceLength: maxSeqLength, skipBadLines: skipBadLines))
+                                     formatting: SFTFormatting(completionOnly: completionOnly, maxSequenceLength: maxSeqLength, skipBadLines: skipBadLines),
+                                     vocabularySize: loaded.model.config.vocabularySize)
         for skipped in dataset.skippedLines { printError("skipped \(skipped)") }
-        let batches = Batching.paddedBatches(dataset.examples, size: max(1, batchSize), padID: tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0)
+        // A loss over no token would print 0 (perplexity 1) and mean nothing.
+        let report = CountedTokensReport(dataset.examples)
+        guard report.countedTokens > 0 else { throw report.noCountedTokensError(data, maxSeqLength: maxSeqLength) }
+        for warning in report.warnings(data, maxSeqLength: maxSeqLength) { printError(warning) }
+        let batches = Batching.paddedBatches(dataset.examples, size: max(1, batchSize), padID: tokenizer?.padTokenID ?? tokenizer?.eosTokenID ?? 0)
         var engine: CUDATrainingEngine?
         if case .cuda(let context) = compute {
             do {
@@ -51,6 +64,7 @@ struct EvalCommand: ParsableCommand {
         }
         let result = try engine.map { try Evaluation.loss(engine: $0, batches: batches) }
             ?? Evaluation.loss(model: loaded.model, batches: batches)
+        guard result.count > 0 else { throw report.noCountedTokensError(data, maxSeqLength: maxSeqLength) }
         if json {
             print(JSONValue.object(JSONObject([
                 ("loss", .double(result.mean)), ("perplexity", .double(result.perplexity)), ("tokens", .int(Int64(result.count))),

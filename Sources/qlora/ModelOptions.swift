@@ -34,7 +34,7 @@ extension ComputeDevice {
             return .cpu
         case "cuda", "gpu":
             let context = try CUDAContext()
-            printError("device: cuda (\(context.device.name))")
+            printError("device: cuda (\(context.device.name); kernels \(context.kernelDescription))")
             return .cuda(context)
         case "auto":
             do {
@@ -43,7 +43,7 @@ extension ComputeDevice {
                     return .cpu
                 }
                 let context = try CUDAContext()
-                printError("device: cuda (auto: \(context.device.name))")
+                printError("device: cuda (auto: \(context.device.name); kernels \(context.kernelDescription))")
                 return .cuda(context)
             } catch {
                 printError("device: cpu (auto: \(error))")

@@ -47,7 +47,7 @@ public protocol TrainingEngine: AnyObject {
     /// Returns the micro-batch's loss sum and counted tokens.
     func accumulate(batch: TrainingBatch, normalizer: Int, options: TrainingStepOptions, first: Bool) throws -> LossSum
     /// Clips the accumulated gradients to global norm `maxGradNorm` (0: no clipping), then one optimizer update at
-    /// `learningRate`. Returns the global gradient norm before clipping.
+    /// `learningRate`. Returns the global gradient norm before clipping; when it is not finite, nothing is updated.
     func step(learningRate: Double, maxGradNorm: Double) throws -> Double
     /// Loss sum and counted tokens of a batch (no gradients kept).
     func loss(batch: TrainingBatch) throws -> LossSum

@@ -239,7 +239,10 @@ extension JinjaBuiltins {
             switch b[0] {
             case nil: indention = "    "
             case .string(let s)?: indention = s
-            case let w?: indention = String(repeating: " ", count: max(0, try int(w, "width") ?? 4))
+            case let w?:
+                let width = max(0, try int(w, "width") ?? 4)
+                try checkRepeat(1, width, "indent")
+                indention = String(repeating: " ", count: width)
             }
             // jinja2 appends "\n" to the value first, which only works for strings.
             guard case .string(let text) = v else {
@@ -360,7 +363,10 @@ extension JinjaBuiltins {
             switch b[1] {
             case nil, .none?: indent = nil
             case .string(let s)?: indent = s
-            case let w?: indent = String(repeating: " ", count: max(0, try int(w, "indent") ?? 0))
+            case let w?:
+                let width = max(0, try int(w, "indent") ?? 0)
+                try checkRepeat(1, width, "indent")
+                indent = String(repeating: " ", count: width)
             }
             var itemSep = indent == nil ? ", " : ","
             var keySep = ": "

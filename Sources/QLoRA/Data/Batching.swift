@@ -42,14 +42,18 @@ public enum Batching {
             positions.append(Int32(positions.count) - padStart)
             starts.append(padStart)
         }
-        return TrainingBatch(rows: 1, length: length, tokens: tokens, labels: labels, positions: positions, exampleStarts: starts)
+        var batch = TrainingBatch(rows: 1, length: length, tokens: tokens, labels: labels, positions: positions, exampleStarts: starts)
+        batch.origins = examples.map(\.origin)
+        return batch
     }
 
     /// Stacks single rows (all of the same length) into one micro-batch.
     public static func stack(_ rows: [TrainingBatch]) -> TrainingBatch {
         precondition(!rows.isEmpty && rows.allSatisfy { $0.length == rows[0].length })
-        return TrainingBatch(rows: rows.reduce(0) { $0 + $1.rows }, length: rows[0].length, tokens: rows.flatMap(\.tokens),
-                             labels: rows.flatMap(\.labels), positions: rows.flatMap(\.positions), exampleStarts: rows.flatMap(\.exampleStarts))
+        var batch = TrainingBatch(rows: rows.reduce(0) { $0 + $1.rows }, length: rows[0].length, tokens: rows.flatMap(\.tokens),
+                                  labels: rows.flatMap(\.labels), positions: rows.flatMap(\.positions), exampleStarts: rows.flatMap(\.exampleStarts))
+        batch.origins = rows.flatMap(\.origins)
+        return batch
     }
 
     /// Micro-batches of `size` examples each, one example a row, padded to the longest in the batch.
@@ -57,7 +61,9 @@ public enum Batching {
         stride(from: 0, to: examples.count, by: size).map { start in
             let group = Array(examples[start..<min(examples.count, start + size)])
             let length = group.map(\.tokens.count).max() ?? 1
-            return TrainingBatch(examples: group.map { ($0.tokens, $0.labels) }, length: max(length, 2), padID: padID)
+            var batch = TrainingBatch(examples: group.map { ($0.tokens, $0.labels) }, length: max(length, 2), padID: padID)
+            batch.origins = group.map(\.origin)
+            return batch
         }
     }
 

@@ -14,11 +14,78 @@ public struct TokenizedExample: Sendable, Equatable {
     public var labels: [Int]
     /// The line of the file it came from (1-based), for messages.
     public var line: Int
+    /// The file it came from, for messages ("" when it came from no file).
+    public var file: String
+    /// What cutting the example to `max_seq_length` removed (nil: it fitted).
+    public var truncation: Truncation?
 
-    public init(tokens: [Int], labels: [Int], line: Int) {
+    /// An example cut to `max_seq_length`.
+    public struct Truncation: Sendable, Equatable {
+        /// Its length in tokens before the cut.
+        public var originalLength: Int
+        /// Tokens before its first counted one (its prompt), before the cut.
+        public var promptLength: Int
+        /// Whether the cut took every counted token (the example then teaches nothing).
+        public var completionLost: Bool
+    }
+
+    public init(tokens: [Int], labels: [Int], line: Int, file: String = "") {
         self.tokens = tokens
         self.labels = labels
         self.line = line
+        self.file = file
+    }
+
+    /// Tokens the loss counts: labels that are not -100, after the shift (the first label predicts nothing).
+    public var countedTokens: Int { labels.dropFirst().reduce(0) { $0 + ($1 == -100 ? 0 : 1) } }
+
+    public var origin: ExampleOrigin { ExampleOrigin(file: file, line: line) }
+
+    /// Checks every token id and label against the model's vocabulary, so nothing later indexes out of bounds.
+    public func validate(vocabularySize: Int) throws {
+        guard tokens.count == labels.count else {
+            throw DatasetLineError(file: file, line: line, message: "\(tokens.count) token ids but \(labels.count) labels")
+        }
+        if let id = tokens.first(where: { $0 < 0 || $0 >= vocabularySize }) {
+            throw DatasetLineError(file: file, line: line, message: "token id \(id) is outside the model's vocabulary (0..<\(vocabularySize))")
+        }
+        if let label = labels.first(where: { $0 != -100 && ($0 < 0 || $0 >= vocabularySize) }) {
+            throw DatasetLineError(file: file, line: line,
+                                   message: "label \(label) is outside the model's vocabulary (0..<\(vocabularySize)) and is not -100")
+        }
+    }
+}
+
+/// Where an example came from: a file and a line.
+public struct ExampleOrigin: Sendable, Hashable {
+    public var file: String
+    public var line: Int
+
+    public init(file: String, line: Int) {
+        self.file = file
+        self.line = line
+    }
+
+    /// "train.jsonl lines 12, 57; eval.jsonl line 3", at most `limit` lines named.
+    public static func describe(_ origins: [ExampleOrigin], limit: Int = 12) -> String {
+        var files: [String] = []
+        var lines: [String: [Int]] = [:]
+        for o in origins {
+            if lines[o.file] == nil { files.append(o.file) }
+            lines[o.file, default: []].append(o.line)
+        }
+        var named = 0
+        var parts: [String] = []
+        for file in files {
+            let all = Array(Set(lines[file]!)).sorted()
+            let shown = all.prefix(max(0, limit - named))
+            named += shown.count
+            guard !shown.isEmpty else { break }
+            let list = shown.map(String.init).joined(separator: ", ") + (shown.count < all.count ? ", …" : "")
+            parts.append((file.isEmpty ? "" : file + " ") + (all.count == 1 ? "line " : "lines ") + list)
+        }
+        let total = Set(origins).count
+        return parts.joined(separator: "; ") + (named < total ? " (\(total) in all)" : "")
     }
 }
 
@@ -63,28 +130,46 @@ public struct SFTDataset: Sendable {
         return "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n\(instruction)\n\n### Input:\n\(input)\n\n### Response:\n"
     }
 
-    /// Reads and tokenizes a JSONL file.
-    public init(path: String, tokenizer: Tokenizer, template: ChatTemplate?, formatting: SFTFormatting) throws {
+    /// Reads and tokenizes a JSONL file. `tokenizer` may be nil when every line is pre-tokenized; `vocabularySize`
+    /// (the model's) bounds pre-tokenized ids and labels.
+    public init(path: String, tokenizer: Tokenizer?, template: ChatTemplate?, formatting: SFTFormatting, vocabularySize: Int? = nil) throws {
         guard FileSystem.exists(path) else { throw UsageError("dataset \(path) does not exist") }
-        let text = try FileSystem.readText(path)
-        try self.init(jsonl: text, source: path, tokenizer: tokenizer, template: template, formatting: formatting)
+        guard !FileSystem.isDirectory(path) else { throw UsageError("dataset \(path) is a folder; expected a JSONL file") }
+        let bytes = try FileSystem.readFile(path)
+        try self.init(jsonl: bytes, source: path, tokenizer: tokenizer, template: template, formatting: formatting, vocabularySize: vocabularySize)
     }
 
-    public init(jsonl text: String, source: String, tokenizer: Tokenizer, template: ChatTemplate?, formatting: SFTFormatting) throws {
+    public init(jsonl text: String, source: String, tokenizer: Tokenizer?, template: ChatTemplate?, formatting: SFTFormatting,
+                vocabularySize: Int? = nil) throws {
+        try self.init(jsonl: Array(text.utf8), source: source, tokenizer: tokenizer, template: template, formatting: formatting,
+                      vocabularySize: vocabularySize)
+    }
+
+    public init(jsonl bytes: [UInt8], source: String, tokenizer: Tokenizer?, template: ChatTemplate?, formatting: SFTFormatting,
+                vocabularySize: Int? = nil) throws {
         self.source = source
         examples = []
-        var lineNumber = 0
-        for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
-            lineNumber += 1
-            let line = rawLine.trimmingCharacters(in: " \t\r")
-            if line.isEmpty { continue }
+        for (lineNumber, range) in Self.lines(bytes) {
+            let line = bytes[range]
+            if line.allSatisfy({ $0 == 0x20 || $0 == 0x09 }) { continue }
             do {
+                guard String(validating: line, as: UTF8.self) != nil else {
+                    throw DatasetLineError(file: source, line: lineNumber, message: "not valid UTF-8")
+                }
                 let json: JSONValue
-                do { json = try JSONValue.parse(line) } catch { throw DatasetLineError(file: source, line: lineNumber, message: "not valid JSON: \(error)") }
-                var example = try Self.tokenize(json, line: lineNumber, source: source, tokenizer: tokenizer, template: template, formatting: formatting)
-                if example.tokens.count > formatting.maxSequenceLength {
-                    example.tokens.removeLast(example.tokens.count - formatting.maxSequenceLength)
-                    example.labels.removeLast(example.labels.count - formatting.maxSequenceLength)
+                do { json = try JSONValue.parse(bytes: line) } catch { throw DatasetLineError(file: source, line: lineNumber, message: "not valid JSON: \(error)") }
+                var example = try Self.tokenize(json, line: lineNumber, source: source, tokenizer: tokenizer, template: template,
+                                                formatting: formatting, vocabularySize: vocabularySize)
+                example.file = source
+                let length = formatting.maxSequenceLength
+                if example.tokens.count > length {
+                    let countedBefore = example.countedTokens
+                    let prompt = example.labels.dropFirst().firstIndex { $0 != -100 } ?? example.tokens.count
+                    let original = example.tokens.count
+                    example.tokens.removeLast(original - length)
+                    example.labels.removeLast(original - length)
+                    example.truncation = .init(originalLength: original, promptLength: prompt,
+                                               completionLost: countedBefore > 0 && example.countedTokens == 0)
                 }
                 examples.append(example)
             } catch let error as DatasetLineError {
@@ -95,10 +180,47 @@ public struct SFTDataset: Sendable {
         guard !examples.isEmpty else { throw UsageError("\(source): no examples (\(skippedLines.count) lines skipped as malformed)") }
     }
 
-    static func tokenize(_ json: JSONValue, line: Int, source: String, tokenizer: Tokenizer, template: ChatTemplate?,
-                         formatting: SFTFormatting) throws -> TokenizedExample {
+    /// The lines of a JSONL file as (1-based number, byte range without its line ending): a leading UTF-8 byte-order
+    /// mark is skipped, and "\n", "\r\n" and a lone "\r" all end a line (JSON strings cannot hold a raw CR or LF).
+    static func lines(_ bytes: [UInt8]) -> [(number: Int, range: Range<Int>)] {
+        var start = bytes.starts(with: [0xEF, 0xBB, 0xBF]) ? 3 : 0
+        var result: [(Int, Range<Int>)] = []
+        var i = start
+        while i < bytes.count {
+            let b = bytes[i]
+            if b == 0x0A || b == 0x0D {
+                result.append((result.count + 1, start..<i))
+                i += (b == 0x0D && i + 1 < bytes.count && bytes[i + 1] == 0x0A) ? 2 : 1
+                start = i
+            } else {
+                i += 1
+            }
+        }
+        if start < bytes.count { result.append((result.count + 1, start..<bytes.count)) }
+        return result
+    }
+
+    static func tokenize(_ json: JSONValue, line: Int, source: String, tokenizer: Tokenizer?, template: ChatTemplate?,
+                         formatting: SFTFormatting, vocabularySize: Int?) throws -> TokenizedExample {
         func fail(_ message: String) -> DatasetLineError { DatasetLineError(file: source, line: line, message: message) }
         guard let object = json.object else { throw fail("expected a JSON object") }
+        if object["input_ids"] != nil {
+            return try preTokenized(object, line: line, source: source, vocabularySize: vocabularySize ?? tokenizer?.vocabularySize, fail: fail)
+        }
+        guard let tokenizer else {
+            throw fail("only pre-tokenized lines (\"input_ids\") can be read without a tokenizer, and the model folder has no tokenizer.json")
+        }
+        let example = try tokenizeText(object, line: line, tokenizer: tokenizer, template: template, formatting: formatting, fail: fail)
+        if let vocabularySize, let id = example.tokens.first(where: { $0 >= vocabularySize }) {
+            throw fail("the tokenizer gave token id \(id), outside the model's vocabulary (0..<\(vocabularySize)): "
+                       + "tokenizer.json does not belong to this model")
+        }
+        return example
+    }
+
+    /// A text line (text, prompt/completion, messages or Alpaca) through the tokenizer and chat template.
+    static func tokenizeText(_ object: JSONObject, line: Int, tokenizer: Tokenizer, template: ChatTemplate?,
+                             formatting: SFTFormatting, fail: (String) -> DatasetLineError) throws -> TokenizedExample {
         func string(_ key: String) throws -> String {
             guard let value = object[key] else { throw fail("missing \"\(key)\"") }
             guard let s = value.string else { throw fail("\"\(key)\" must be a string") }
@@ -119,20 +241,6 @@ public struct SFTDataset: Sendable {
             return TokenizedExample(tokens: tokens, labels: labels, line: line)
         }
 
-        if object["input_ids"] != nil {
-            guard let ids = object["input_ids"]?.array?.compactMap(\.int), ids.count == object["input_ids"]?.array?.count, !ids.isEmpty else {
-                throw fail("\"input_ids\" must be a non-empty array of integers")
-            }
-            for id in ids where id < 0 || id >= tokenizer.vocabularySize { throw fail("token id \(id) is outside the vocabulary (0..<\(tokenizer.vocabularySize))") }
-            var labels = ids
-            if let given = object["labels"] {
-                guard let l = given.array?.compactMap(\.int), l.count == ids.count else {
-                    throw fail("\"labels\" must be an array of integers as long as \"input_ids\" (\(ids.count))")
-                }
-                labels = l
-            }
-            return TokenizedExample(tokens: ids, labels: labels, line: line)
-        }
         if let messages = object["messages"] {
             guard let list = messages.array, !list.isEmpty else { throw fail("\"messages\" must be a non-empty array") }
             for (i, m) in list.enumerated() {
@@ -152,6 +260,35 @@ public struct SFTDataset: Sendable {
             return pieces([(try string("text"), true)], appendEOS: true)
         }
         throw fail("no known fields: expected \"text\", \"prompt\"+\"completion\", \"messages\", \"instruction\"+\"output\" or \"input_ids\" (found \(object.keys.joined(separator: ", ")))")
+    }
+
+    /// An `input_ids` line (with optional `labels`), checked against the model's vocabulary.
+    static func preTokenized(_ object: JSONObject, line: Int, source: String, vocabularySize: Int?,
+                             fail: (String) -> DatasetLineError) throws -> TokenizedExample {
+        func integers(_ key: String) throws -> [Int] {
+            guard let values = object[key]?.array else { throw fail("\"\(key)\" must be an array of integers") }
+            return try values.enumerated().map { i, v in
+                guard let n = v.int else { throw fail("\"\(key)\"[\(i)] must be an integer, not \(v.serialized(.init()))") }
+                return n
+            }
+        }
+        let ids = try integers("input_ids")
+        guard !ids.isEmpty else { throw fail("\"input_ids\" is empty") }
+        var labels = ids
+        if object["labels"] != nil {
+            labels = try integers("labels")
+            guard labels.count == ids.count else {
+                throw fail("\"labels\" has \(labels.count) values but \"input_ids\" has \(ids.count); they must be as long")
+            }
+        }
+        let vocab = vocabularySize ?? Int.max
+        if let bad = ids.enumerated().first(where: { $0.element < 0 || $0.element >= vocab }) {
+            throw fail("\"input_ids\"[\(bad.offset)] = \(bad.element) is outside the model's vocabulary (0..<\(vocab))")
+        }
+        if let bad = labels.enumerated().first(where: { $0.element != -100 && ($0.element < 0 || $0.element >= vocab) }) {
+            throw fail("\"labels\"[\(bad.offset)] = \(bad.element) is outside the model's vocabulary (0..<\(vocab)) and is not -100")
+        }
+        return TokenizedExample(tokens: ids, labels: labels, line: line)
     }
 
     /// Renders the conversation and finds each assistant turn as the text between the rendering of

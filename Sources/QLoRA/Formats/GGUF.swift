@@ -137,27 +137,6 @@ public enum GGUFValue: Equatable, Sendable {
     }
 }
 
-// Interpolated into messages, a value reads as its type and value ("u32 7", "array of 3 string"), not Swift's enum syntax.
-extension GGUFValue: CustomStringConvertible {
-    public var description: String {
-        switch self {
-        case .uint8(let v): return "u8 \(v)"
-        case .int8(let v): return "i8 \(v)"
-        case .uint16(let v): return "u16 \(v)"
-        case .int16(let v): return "i16 \(v)"
-        case .uint32(let v): return "u32 \(v)"
-        case .int32(let v): return "i32 \(v)"
-        case .uint64(let v): return "u64 \(v)"
-        case .int64(let v): return "i64 \(v)"
-        case .float32(let v): return "f32 \(v)"
-        case .float64(let v): return "f64 \(v)"
-        case .bool(let v): return "bool \(v)"
-        case .string(let s): return "string \(s.count > 64 ? s.prefix(64).debugDescription + "…" : s.debugDescription)"
-        case .array(let type, let items): return "array of \(items.count) \(type)"
-        }
-    }
-}
-
 // MARK: - Tensor infos
 
 /// Where one tensor lies in a GGUF file and how it is stored.

@@ -68,11 +68,6 @@ public struct JSONObject: Equatable, Sendable, Sequence {
     }
 }
 
-// Interpolated into messages, a value reads as the JSON it came from, not as Swift's enum syntax.
-extension JSONValue: CustomStringConvertible {
-    public var description: String { serialized(WriteOptions()) }
-}
-
 // MARK: - Accessors
 
 extension JSONValue {

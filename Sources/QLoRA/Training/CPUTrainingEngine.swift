@@ -26,6 +26,8 @@ public final class CPUTrainingEngine: TrainingEngine {
         let norm = maxGradNorm > 0
             ? GradientClipping.clip(slots.map { UnsafeMutableBufferPointer(mutating: $0.gradient) }, maxNorm: maxGradNorm)
             : GradientClipping.globalNorm(slots.map(\.gradient))
+        // A NaN or infinite gradient would poison the adapter and the optimizer state: no update (the trainer stops).
+        guard norm.isFinite else { return norm }
         try optimizer.step(slots, learningRate: learningRate)
         return norm
     }

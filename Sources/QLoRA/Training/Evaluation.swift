@@ -11,11 +11,13 @@ extension LossSum {
 public enum Evaluation {
     /// The mean loss over every counted token of `examples`, batched `batchSize` at a time.
     public static func loss(model: LlamaModel, examples: [TokenizedExample], batchSize: Int, padID: Int) throws -> LossSum {
-        try loss(model: model, batches: Batching.paddedBatches(examples, size: max(1, batchSize), padID: padID))
+        for e in examples { try e.validate(vocabularySize: model.config.vocabularySize) }
+        return try loss(model: model, batches: Batching.paddedBatches(examples, size: max(1, batchSize), padID: padID))
     }
 
     public static func loss(model: LlamaModel, batches: [TrainingBatch]) throws -> LossSum {
-        try total(batches, model.loss(batch:))
+        try checkLengths(batches, model.config)
+        return try total(batches, model.loss(batch:))
     }
 
     /// The summed loss of `batches` computed by a training engine (CPU or GPU).
@@ -23,11 +25,21 @@ public enum Evaluation {
         try total(batches, engine.loss(batch:))
     }
 
+    /// Refuses batches longer than the model's attention computes exactly (a sliding window).
+    static func checkLengths(_ batches: [TrainingBatch], _ config: LlamaConfig) throws {
+        if let longest = batches.map(\.length).max() { try config.checkSequenceLength(longest, what: "the longest evaluation batch") }
+    }
+
     /// The loss sums of every batch, added up (the mean is then over all counted tokens, as transformers computes it).
-    static func total(_ batches: [TrainingBatch], _ loss: (TrainingBatch) throws -> LossSum) rethrows -> LossSum {
+    /// A NaN or infinite batch loss is an error naming the batch's dataset lines.
+    static func total(_ batches: [TrainingBatch], _ loss: (TrainingBatch) throws -> LossSum) throws -> LossSum {
         var total = LossSum(sum: 0, count: 0)
-        for batch in batches {
+        for (b, batch) in batches.enumerated() {
             let part = try loss(batch)
+            guard part.sum.isFinite else {
+                throw NonFiniteError("evaluation: the loss of batch \(b + 1) of \(batches.count) is \(NonFiniteError.name(part.sum))"
+                                     + (batch.origins.isEmpty ? "" : " (\(ExampleOrigin.describe(batch.origins)))"))
+            }
             total.sum += part.sum
             total.count += part.count
         }
@@ -38,6 +50,7 @@ public enum Evaluation {
     /// rank-8 LoRA with B = 0 (the base model unchanged); adapter dropout is switched off (evaluation has none).
     /// The GPU holds the base in NF4 (a dense base is quantized as bitsandbytes would).
     public static func cudaEngine(context: CUDAContext, model: LlamaModel, batches: [TrainingBatch]) throws -> CUDATrainingEngine {
+        try checkLengths(batches, model.config)
         if model.linearLayers.allSatisfy({ $0.lora == nil }) {
             try model.attachLoRA(LoRAConfig(rank: 8, alpha: 16, dropout: 0, targetModules: LoRAConfig.llamaProjections), seed: 0)
         }

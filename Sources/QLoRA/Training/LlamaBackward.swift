@@ -66,6 +66,7 @@ public struct TrainingStepOptions: Sendable {
 public struct LossSum: Sendable {
     public var sum: Double
     public var count: Int
+    /// The mean over the counted tokens; 0 when none is counted (never NaN: callers that need tokens check `count`).
     public var mean: Double { count == 0 ? 0 : sum / Double(count) }
 }
 
@@ -117,9 +118,7 @@ extension LlamaModel {
         let c = config
         let n = batch.tokenCount
         let h = c.hiddenSize
-        for id in batch.tokens where id < 0 || Int(id) >= c.vocabularySize {
-            throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))")
-        }
+        try batch.checkIDs(vocabularySize: c.vocabularySize)
         rope.grow(to: Int(batch.positions.max() ?? 0) + 1)
 
         // Forward through the blocks, keeping what the backward needs.
@@ -138,7 +137,7 @@ extension LlamaModel {
 
         // Head and loss, a chunk of rows at a time; dx receives the gradient of the final hidden state.
         let dx = Matrix(rows: n, columns: h)
-        let loss = try headLossAndGradient(finalHidden: x, batch: batch, normalizer: normalizer, chunkRows: options.lossChunkRows, into: dx)
+        let loss = headLossAndGradient(finalHidden: x, batch: batch, normalizer: normalizer, chunkRows: options.lossChunkRows, into: dx)
 
         // Backward through the blocks, last first.
         var gradient = dx
@@ -156,16 +155,16 @@ extension LlamaModel {
     public func loss(batch: TrainingBatch) throws -> LossSum {
         let c = config
         let n = batch.tokenCount
+        try batch.checkIDs(vocabularySize: c.vocabularySize)
         rope.grow(to: Int(batch.positions.max() ?? 0) + 1)
         var x = Matrix(rows: n, columns: c.hiddenSize)
         for (i, id) in batch.tokens.enumerated() {
-            guard id >= 0 && Int(id) < c.vocabularySize else { throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))") }
             (x.pointer + i * c.hiddenSize).update(from: embedding.pointer + Int(id) * c.hiddenSize, count: c.hiddenSize)
         }
         for block in blocks {
             x = blockForward(block, input: x, batch: batch, dropoutSeed: nil).output
         }
-        return try headLossAndGradient(finalHidden: x, batch: batch, normalizer: 1, chunkRows: 64, into: nil)
+        return headLossAndGradient(finalHidden: x, batch: batch, normalizer: 1, chunkRows: 64, into: nil)
     }
 
     // MARK: - Block forward
@@ -237,17 +236,13 @@ extension LlamaModel {
 extension LlamaModel {
     /// Final norm, head and cross-entropy, `chunkRows` tokens at a time. Writes d(loss/normalizer)/d(finalHidden)
     /// into `dx` when given. Returns the summed loss and the number of counted tokens.
-    func headLossAndGradient(finalHidden x: Matrix, batch: TrainingBatch, normalizer: Int, chunkRows: Int, into dx: Matrix?) throws -> LossSum {
+    func headLossAndGradient(finalHidden x: Matrix, batch: TrainingBatch, normalizer: Int, chunkRows: Int, into dx: Matrix?) -> LossSum {
         let c = config
         let h = c.hiddenSize, vocab = c.vocabularySize
         let n = batch.tokenCount
         // target[i]: the label the logits of token i predict (the next label in the same row), or ignored.
         var targets = [Int32](repeating: TrainingBatch.ignoreIndex, count: n)
         for r in 0..<batch.rows { for t in 0..<(batch.length - 1) { targets[r * batch.length + t] = batch.labels[r * batch.length + t + 1] } }
-        // A label indexes a row of logits through a raw pointer below: one outside the vocabulary must stop here.
-        for label in targets where label != TrainingBatch.ignoreIndex && (label < 0 || Int(label) >= vocab) {
-            throw UsageError("label \(label) is outside the vocabulary (0..<\(vocab)); a label is a token id or \(TrainingBatch.ignoreIndex)")
-        }
         let normed = Matrix(rows: n, columns: h)
         finalNorm.withUnsafeBufferPointer { CPUOps.rmsNorm(x.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: n, width: h, into: normed.pointer) }
         let scale = 1 / Float(max(normalizer, 1))

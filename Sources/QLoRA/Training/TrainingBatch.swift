@@ -14,6 +14,8 @@ public struct TrainingBatch: Sendable, Equatable {
     public var positions: [Int32]
     /// For each token, the index within its row of its example's first token.
     public var exampleStarts: [Int32]
+    /// Where its examples came from (file and line), for messages; empty when unknown.
+    public var origins: [ExampleOrigin] = []
 
     public var tokenCount: Int { rows * length }
 
@@ -22,6 +24,18 @@ public struct TrainingBatch: Sendable, Equatable {
         var n = 0
         for r in 0..<rows { for t in 1..<max(length, 1) where labels[r * length + t] != Self.ignoreIndex { n += 1 } }
         return n
+    }
+
+    /// Throws unless every token id is in [0, vocabularySize) and every label is -100 or in [0, vocabularySize):
+    /// the embedding and the loss index by them.
+    public func checkIDs(vocabularySize: Int) throws {
+        let lines = origins.isEmpty ? "" : " (\(ExampleOrigin.describe(origins)))"
+        if let id = tokens.first(where: { $0 < 0 || Int($0) >= vocabularySize }) {
+            throw UsageError("token id \(id) is outside the vocabulary (0..<\(vocabularySize))\(lines)")
+        }
+        if let label = labels.first(where: { $0 != Self.ignoreIndex && ($0 < 0 || Int($0) >= vocabularySize) }) {
+            throw UsageError("label \(label) is outside the vocabulary (0..<\(vocabularySize)) and is not -100\(lines)")
+        }
     }
 
     public init(rows: Int, length: Int, tokens: [Int32], labels: [Int32], positions: [Int32], exampleStarts: [Int32]) {

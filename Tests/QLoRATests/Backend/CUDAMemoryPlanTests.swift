@@ -158,4 +158,29 @@ final class CUDAMemoryPlanTests: XCTestCase {
         tiny.vocabularySize = 1000
         XCTAssertEqual(BlockScratchLayout(config: tiny, tokens: 40).lossChunkRows, 40)
     }
+
+    /// What fits a card: the longest sequence and the largest batch are the last that fit (one step more does not),
+    /// offloading the checkpoints lets more fit, and the 70B shape's weights alone are over 24 GB.
+    func testLongestSequenceAndLargestBatchAreTheLastThatFit() throws {
+        let c = Architecture.llama3_1_8b.config
+        let gib24 = 24 << 30
+        for offload in [true, false] {
+            var memory = CUDATrainerMemoryOptions.automatic(for: c)
+            memory.offloadCheckpoints = offload
+            let longest = try XCTUnwrap(CUDAMemoryPlan.longestSequence(config: c, batch: 1, rank: 16, memory: memory, budgetBytes: gib24))
+            XCTAssertTrue(CUDAMemoryPlan(config: c, tokens: longest, rank: 16, memory: memory).fits(budgetBytes: gib24))
+            XCTAssertFalse(CUDAMemoryPlan(config: c, tokens: longest + 256, rank: 16, memory: memory).fits(budgetBytes: gib24))
+            let batch = CUDAMemoryPlan.largestBatch(config: c, sequenceLength: 2048, rank: 16, memory: memory, budgetBytes: gib24)
+            XCTAssertTrue(CUDAMemoryPlan(config: c, tokens: batch * 2048, rank: 16, memory: memory).fits(budgetBytes: gib24))
+            XCTAssertFalse(CUDAMemoryPlan(config: c, tokens: (batch + 1) * 2048, rank: 16, memory: memory).fits(budgetBytes: gib24))
+        }
+        var onGPU = CUDATrainerMemoryOptions.automatic(for: c)
+        onGPU.offloadCheckpoints = false
+        XCTAssertGreaterThan(CUDAMemoryPlan.longestSequence(config: c, batch: 1, rank: 16, memory: nil, budgetBytes: gib24)!,
+                             CUDAMemoryPlan.longestSequence(config: c, batch: 1, rank: 16, memory: onGPU, budgetBytes: gib24)!)
+        XCTAssertNil(CUDAMemoryPlan.longestSequence(config: Architecture.llama3_1_70b.config, batch: 1, rank: 16, memory: nil,
+                                                    budgetBytes: gib24))
+        XCTAssertEqual(CUDAMemoryPlan.largestBatch(config: Architecture.llama3_1_70b.config, sequenceLength: 2048, rank: 16, memory: nil,
+                                                   budgetBytes: gib24), 0)
+    }
 }

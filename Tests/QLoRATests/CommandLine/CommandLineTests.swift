@@ -60,7 +60,8 @@ final class CommandLineTests: XCTestCase {
                              ("smollm2-tokenizer", "tokenizer.json"), ("smollm2-tokenizer", "tokenizer_config.json")] {
             try FileManager.default.copyItem(atPath: TestFixtures.path(from + "/" + name), toPath: dir + "/" + name)
         }
-        try "{\"text\": \"fine\"}\n{\"text\": oops}\n".write(toFile: dir + "/data.jsonl", atomically: true, encoding: .utf8)
+        // Line 1 is fine ("a" is a token id the tiny model's 1000-entry vocabulary holds).
+        try "{\"text\": \"a\"}\n{\"text\": oops}\n".write(toFile: dir + "/data.jsonl", atomically: true, encoding: .utf8)
         let result = try qlora(["eval", "--model", dir, "--data", dir + "/data.jsonl"])
         XCTAssertNotEqual(result.status, 0)
         XCTAssertTrue(result.err.contains("data.jsonl: line 2: not valid JSON"), result.err)

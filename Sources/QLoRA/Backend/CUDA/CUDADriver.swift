@@ -269,10 +269,9 @@ public final class CUDADevice {
         return (free, total)
     }
 
-    /// The NVRTC target for this device: "sm_90a" on Hopper (wgmma needs the arch-specific target), else "sm_XY".
+    /// The NVRTC target for this device's own architecture: "sm_90a" on Hopper, else "sm_XY".
     public var nvrtcArchitecture: String {
-        let (major, minor) = computeCapability
-        return major == 9 && minor == 0 ? "sm_90a" : "sm_\(major)\(minor)"
+        KernelTarget.native(major: computeCapability.major, minor: computeCapability.minor).nvrtcArchitecture
     }
 
     // MARK: Raw memory (the allocator builds on these)

@@ -22,6 +22,9 @@ public final class DeviceAllocator {
     public private(set) var peakReservedBytes = 0
     /// Number of cuMemAlloc calls made (a measure of how well the cache works).
     public private(set) var driverAllocations = 0
+    /// At most this many bytes obtained from the driver (nil: as many as the GPU has). Set by a GPU memory budget
+    /// (`--gpu-memory`), so a run on a large card behaves as it would on a smaller one.
+    public var limitBytes: Int?
 
     public init(device: CUDADevice) {
         self.device = device
@@ -54,6 +57,13 @@ public final class DeviceAllocator {
     }
 
     private func driverAllocate(_ size: Int) throws -> CUdeviceptr {
+        if let limit = limitBytes, reservedBytes + size > limit {
+            releaseCache()
+            guard reservedBytes + size <= limit else {
+                throw CUDAError(call: "DeviceAllocator", "over the GPU memory budget asking for \(Self.format(size)): "
+                                    + "\(Self.format(currentBytes)) in use by this program, budget \(Self.format(limit)) (--gpu-memory)")
+            }
+        }
         do {
             let p = try device.rawAllocate(bytes: size)
             note(allocated: size)
@@ -118,6 +128,9 @@ public final class DeviceAllocator {
         try b.upload(values)
         return b
     }
+
+    /// Bytes as GiB with two decimals ("0.63").
+    public static func formatGiB(_ bytes: Int) -> String { "\((Double(bytes) / Double(1 << 30) * 100).rounded() / 100)" }
 
     static func format(_ bytes: Int) -> String {
         if bytes < 0 { return "?" }

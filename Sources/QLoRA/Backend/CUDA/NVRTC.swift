@@ -39,6 +39,8 @@ public final class NVRTC {
     let nvrtcGetProgramLog: @convention(c) (Program, UnsafeMutablePointer<CChar>) -> Result
     let nvrtcGetCUBINSize: @convention(c) (Program, UnsafeMutablePointer<Int>) -> Result
     let nvrtcGetCUBIN: @convention(c) (Program, UnsafeMutablePointer<CChar>) -> Result
+    let nvrtcGetPTXSize: @convention(c) (Program, UnsafeMutablePointer<Int>) -> Result
+    let nvrtcGetPTX: @convention(c) (Program, UnsafeMutablePointer<CChar>) -> Result
     let nvrtcDestroyProgram: @convention(c) (UnsafeMutablePointer<Program>) -> Result
 
     /// Names tried in order: the unversioned development link, then CUDA 13's and 12's sonames, then the
@@ -71,6 +73,8 @@ public final class NVRTC {
             nvrtcGetProgramLog = try library.function("nvrtcGetProgramLog")
             nvrtcGetCUBINSize = try library.function("nvrtcGetCUBINSize")
             nvrtcGetCUBIN = try library.function("nvrtcGetCUBIN")
+            nvrtcGetPTXSize = try library.function("nvrtcGetPTXSize")
+            nvrtcGetPTX = try library.function("nvrtcGetPTX")
             nvrtcDestroyProgram = try library.function("nvrtcDestroyProgram")
         } catch let error as MissingSymbolError {
             throw CUDAError(call: "dlsym", "\(error); NVRTC 12 or newer is needed (it can emit cubins)")
@@ -86,8 +90,8 @@ public final class NVRTC {
         throw CUDAError(call: call, code: result, text)
     }
 
-    /// Compiles `source` (called `name` in messages) with in-memory `headers` into a cubin for `options`'s
-    /// architecture. A compile error carries the file name and NVRTC's log.
+    /// Compiles `source` (called `name` in messages) with in-memory `headers` for `options`'s architecture: a cubin
+    /// for sm_XY, PTX (NUL-terminated) for compute_XY. A compile error carries the file name and NVRTC's log.
     public func compile(source: String, name: String, headers: [(name: String, text: String)] = [],
                         options: [String]) throws -> [UInt8] {
         var program: OpaquePointer? = nil
@@ -115,16 +119,20 @@ public final class NVRTC {
             throw CUDAError(call: "nvrtcCompileProgram(\(name))", code: status,
                             "\(text) with options \(options.joined(separator: " "))\n\(log)")
         }
+        // A virtual architecture (compute_XY) gives PTX text, which cuModuleLoadData takes NUL-terminated and the
+        // driver compiles for the card; a real one (sm_XY) a cubin.
+        let virtual = options.contains { $0.hasPrefix("-arch=compute_") }
+        let (getSize, get, what) = virtual ? (nvrtcGetPTXSize, nvrtcGetPTX, "PTX") : (nvrtcGetCUBINSize, nvrtcGetCUBIN, "CUBIN")
         var size = 0
-        try check(nvrtcGetCUBINSize(program, &size), "nvrtcGetCUBINSize(\(name))")
+        try check(getSize(program, &size), "nvrtcGet\(what)Size(\(name))")
         guard size > 0 else {
-            throw CUDAError(call: "nvrtcGetCUBIN(\(name))", "no cubin produced (was a real sm_XX architecture given?)")
+            throw CUDAError(call: "nvrtcGet\(what)(\(name))", "no \(what) produced for options \(options.joined(separator: " "))")
         }
-        var cubin = [UInt8](repeating: 0, count: size)
-        try cubin.withUnsafeMutableBytes { bytes in
-            try check(nvrtcGetCUBIN(program, bytes.baseAddress!.assumingMemoryBound(to: CChar.self)), "nvrtcGetCUBIN(\(name))")
+        var image = [UInt8](repeating: 0, count: size)
+        try image.withUnsafeMutableBytes { bytes in
+            try check(get(program, bytes.baseAddress!.assumingMemoryBound(to: CChar.self)), "nvrtcGet\(what)(\(name))")
         }
-        return cubin
+        return image
     }
 
     private func programLog(_ program: OpaquePointer?) -> String {
@@ -158,6 +166,8 @@ public struct KernelSource {
 public final class KernelCompiler {
     public let device: CUDADevice
     public let nvrtc: NVRTC
+    /// What the kernels are built for: the card's architecture, or a virtual one (`QLORA_KERNEL_ARCH`).
+    public let target: KernelTarget
     /// Where cubins are cached; nil disables the disk cache.
     public let cacheDirectory: String?
     /// Headers every kernel may include.
@@ -175,18 +185,26 @@ public final class KernelCompiler {
         return nil
     }
 
-    public init(device: CUDADevice, nvrtc: NVRTC, cacheDirectory: String? = KernelCompiler.defaultCacheDirectory,
+    public init(device: CUDADevice, nvrtc: NVRTC, target: KernelTarget? = nil,
+                cacheDirectory: String? = KernelCompiler.defaultCacheDirectory,
                 headers: [(name: String, text: String)] = KernelSources.headers) {
         self.device = device
         self.nvrtc = nvrtc
+        self.target = target ?? .native(major: device.computeCapability.major, minor: device.computeCapability.minor)
         self.cacheDirectory = cacheDirectory
         self.headers = headers
     }
 
-    /// Compiler options: the device's own architecture, C++17, IEEE-accurate math.
-    public var options: [String] {
-        ["-arch=\(device.nvrtcArchitecture)", "-std=c++17", "-default-device", "-DQLORA_NVRTC=1"]
+    /// Compiler options: the target architecture, C++17, IEEE-accurate math.
+    public var options: [String] { Self.options(for: target) }
+
+    public static func options(for target: KernelTarget) -> [String] {
+        ["-arch=\(target.nvrtcArchitecture)", "-std=c++17", "-default-device", "-DQLORA_NVRTC=1"]
     }
+
+    /// Dynamic shared memory a block may use: the card's limit, and no more than cards of the target's architecture
+    /// have (so a forced compute_86 run on an H100 picks the kernels an RTX 3090 would).
+    public var maxSharedMemoryPerBlock: Int { min(device.maxSharedMemoryPerBlockOptin, target.maxSharedMemoryPerBlock) }
 
     /// The cache key: a 128-bit hash of everything that changes the cubin.
     func cacheKey(for source: KernelSource) -> String {

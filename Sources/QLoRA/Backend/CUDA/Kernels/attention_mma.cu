@@ -536,8 +536,16 @@ __device__ __forceinline__ void b_frags_nk_pair(unsigned* r, const bf16* s, int 
     ldsm_x4<C>(r, s + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
 }
 
+/// p[0] += a, p[1] += b in global memory, with no result returned. Hopper has a vector reduction for the pair
+/// (one instruction, one L2 transaction); earlier cards (ptxas: "red instruction with vector types requires sm_90")
+/// take two scalar reductions, the same sums.
 __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p), "f"(a) : "memory");
+    asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p + 1), "f"(b) : "memory");
+#endif
 }
 
 /// Dynamic shared memory of attention_fa_forward for head dimension D (the launcher computes the same):

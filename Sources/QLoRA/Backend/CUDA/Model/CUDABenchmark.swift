@@ -1,42 +1,8 @@
-// Timing QLoRA training steps on the GPU with random NF4 weights of a real architecture (made on the GPU), and
-// choosing the device for a command (`--device auto|cpu|cuda`).
+// Timing QLoRA training steps on the GPU with random NF4 weights of a real architecture (made on the GPU).
 
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// What `--device` resolved to.
-public enum DeviceChoice {
-    case cpu
-    case cuda(CUDAContext)
-
-    /// `auto` takes the GPU when the CUDA driver loads and a GPU is present (and says so on stderr); `cuda` requires
-    /// it (the error says what is missing); `cpu` never touches CUDA.
-    public static func resolve(_ name: String, log: (String) -> Void = { printError($0) }) throws -> DeviceChoice {
-        switch name.lowercased() {
-        case "cpu":
-            return .cpu
-        case "cuda", "gpu":
-            return .cuda(try CUDAContext())
-        case "auto":
-            do {
-                let context = try CUDAContext()
-                log("device: cuda (\(context.device.name), \(DeviceAllocator.format(context.device.totalMemory)))")
-                return .cuda(context)
-            } catch {
-                log("device: cpu (no usable GPU: \(error))")
-                return .cpu
-            }
-        default:
-            throw UsageError("unknown device '\(name)' (choose from auto, cpu, cuda)")
-        }
-    }
-
-    public static func printError(_ line: String) {
-        var text = line + "\n"
-        text.withUTF8 { _ = fwrite($0.baseAddress, 1, $0.count, stderr) }
-    }
-}
 
 public struct CUDABenchmarkResult {
     public var tokensPerSecond: Double

@@ -222,9 +222,10 @@ public final class CUDALlamaTrainer {
         let plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory)
         self.plan = plan
         self.memory = plan.memory
-        let free = (try? ctx.device.memoryInfo().free) ?? Int.max
+        let free = (try? ctx.availableBytes()) ?? Int.max
         if plan.total > free - (256 << 20) {
-            throw CUDAOutOfMemoryError(plan: plan, freeBytes: free, detail: "checked before allocating")
+            let budget = ctx.memoryBudget.map { ", a budget of \(DeviceAllocator.format($0)) (--gpu-memory)" } ?? ""
+            throw CUDAOutOfMemoryError(plan: plan, freeBytes: free, detail: "checked before allocating\(budget)")
         }
         do {
             let a = ctx.allocator
@@ -586,15 +587,11 @@ public final class CUDALlamaTrainer {
         guard batch.tokenCount <= capacityTokens else {
             throw UsageError("a batch of \(batch.rows) × \(batch.length) tokens exceeds the trainer's \(capacityTokens)")
         }
-        for id in batch.tokens where id < 0 || Int(id) >= c.vocabularySize {
-            throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))")
-        }
+        // The embedding and cross-entropy kernels index by these: refuse what is out of range here, on the host.
+        try batch.checkIDs(vocabularySize: c.vocabularySize)
         var shifted = [Int32](repeating: TrainingBatch.ignoreIndex, count: batch.tokenCount)
         for r in 0..<batch.rows {
             for t in 0..<max(batch.length - 1, 0) { shifted[r * batch.length + t] = batch.labels[r * batch.length + t + 1] }
-        }
-        for label in shifted where label != TrainingBatch.ignoreIndex && (label < 0 || Int(label) >= c.vocabularySize) {
-            throw UsageError("label \(label) is outside the vocabulary (0..<\(c.vocabularySize)) and is not -100")
         }
         try tokenIDs.upload(batch.tokens)
         try targets.upload(shifted)

@@ -199,6 +199,56 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     }
 }
 
+// MARK: - What fits a card
+
+extension CUDAMemoryPlan {
+    /// What a CUDA context, NVRTC's modules and cuBLASLt take on a card before the trainer allocates anything, for
+    /// planning without a GPU (on one, `CUDAContext.contextBytes` is measured). Measured on the H100: see
+    /// docs/MEMORY.md.
+    public static let typicalContextBytes = 640 << 20
+    /// The margin the trainer keeps below the free memory when it checks a plan (CUDALlamaTrainer).
+    public static let safetyMarginBytes = 256 << 20
+
+    /// Whether the plan fits a card of `budgetBytes` whose context takes `contextBytes`.
+    public func fits(budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes) -> Bool {
+        total <= budgetBytes - contextBytes - Self.safetyMarginBytes
+    }
+
+    /// The longest sequence (a multiple of `step`, at most `limit`) whose plan at `batch` rows fits the budget, or
+    /// nil when not even `step` tokens do. The plan grows with the tokens of a step, so a binary search finds it.
+    public static func longestSequence(config c: LlamaConfig, batch: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
+                                       budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes,
+                                       step: Int = 256, limit: Int = 4 << 20) -> Int? {
+        func fits(_ units: Int) -> Bool {
+            CUDAMemoryPlan(config: c, tokens: batch * units * step, rank: rank, memory: memory)
+                .fits(budgetBytes: budgetBytes, contextBytes: contextBytes)
+        }
+        guard fits(1) else { return nil }
+        var lo = 1, hi = limit / step  // fits(lo); the answer is in lo...hi
+        while lo < hi {
+            let mid = (lo + hi + 1) / 2
+            if fits(mid) { lo = mid } else { hi = mid - 1 }
+        }
+        return lo * step
+    }
+
+    /// The largest batch of `sequenceLength`-token rows that fits the budget (at most `limit`), or 0.
+    public static func largestBatch(config c: LlamaConfig, sequenceLength t: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
+                                    budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes,
+                                    limit: Int = 1024) -> Int {
+        var lo = 0, hi = limit
+        while lo < hi {
+            let mid = (lo + hi + 1) / 2
+            if CUDAMemoryPlan(config: c, tokens: mid * t, rank: rank, memory: memory).fits(budgetBytes: budgetBytes, contextBytes: contextBytes) {
+                lo = mid
+            } else {
+                hi = mid - 1
+            }
+        }
+        return lo
+    }
+}
+
 /// Raised when the plan does not fit the GPU, or an allocation fails while following it.
 public struct CUDAOutOfMemoryError: Error, CustomStringConvertible {
     public var plan: CUDAMemoryPlan

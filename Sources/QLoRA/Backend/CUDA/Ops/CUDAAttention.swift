@@ -32,12 +32,20 @@ extension CUDAContext {
     }
 
     /// Shared memory of the flash kernels (attention_mma.cu's fa_forward_shared / fa_backward_shared).
-    private static func flashForwardShared(_ d: Int) -> Int { (128 + 4 * 64) * (d + 8) * 2 + 2 * 64 * 4 }
-    private static func flashBackwardShared(_ d: Int) -> Int { (2 * 128 + 4 * 64) * (d + 8) * 2 + 128 * 72 * 2 + 3 * 2 * 64 * 4 }
+    static func flashForwardShared(_ d: Int) -> Int { (128 + 4 * 64) * (d + 8) * 2 + 2 * 64 * 4 }
+    static func flashBackwardShared(_ d: Int) -> Int { (2 * 128 + 4 * 64) * (d + 8) * 2 + 128 * 72 * 2 + 3 * 2 * 64 * 4 }
+
+    /// Whether the flash kernels fit this card's shared memory for head dimension `d` (both directions). With
+    /// d = 128 the backward needs 155.5 KB: an A100 or H100 has it, an RTX 3090/4090 or L4 (99 KB) does not, and
+    /// gets the 64-row tensor-core kernels (static shared memory, under 48 KB).
+    public func flashAttentionFits(headDim d: Int) -> Bool {
+        max(Self.flashForwardShared(d), Self.flashBackwardShared(d)) <= compiler.maxSharedMemoryPerBlock
+    }
 
     /// o = softmax(scale q k^T + causal/segment mask) v, and lse (per token and head) for the backward.
     /// q, o: [tokens, heads, headDim]; k, v: [tokens, kvHeads, headDim]; segments (optional): [tokens] ids that keep
-    /// packed sequences apart. `flash` picks the 128-row flash kernel (default) over the 64-row one (tensor cores only).
+    /// packed sequences apart. `flash` picks the 128-row flash kernel (default) over the 64-row one (tensor cores only)
+    /// where the card's shared memory holds it (`flashAttentionFits`).
     public func attentionForward(q: DeviceBuffer<UInt16>, k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>,
                                  into o: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>, segments: DeviceBuffer<Int32>? = nil,
                                  shape s: AttentionShape, tensorCores: Bool = true, flash: Bool = true,
@@ -46,11 +54,11 @@ extension CUDAContext {
         try checkAttention(s, op)
         try require(q.count >= s.tokens * s.heads * s.headDim && o.count >= q.count && lse.count >= s.tokens * s.heads
                         && k.count >= s.tokens * s.kvHeads * s.headDim && v.count >= k.count, op, "buffers too small")
-        if tensorCores && flash {
+        if tensorCores && flash && flashAttentionFits(headDim: s.headDim) {
             // Grid: (head, batch, query tile); the kernel takes the last query tiles (the longest rows) first.
             let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_forward_d\(s.headDim)")
             let shared = Self.flashForwardShared(s.headDim)
-            if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
+            try allowSharedMemory(f, bytes: shared, op)
             try device.launch(f, grid: (s.heads, s.batch, (s.seq + 127) / 128), block: (128, 1, 1), sharedMemory: shared,
                               stream: stream,
                               [q.arg, k.arg, v.arg, o.arg, lse.arg, .pointer(segments?.pointer ?? 0), .int(s.seq), .int(s.heads),
@@ -82,7 +90,7 @@ extension CUDAContext {
         let rows = s.tokens * s.heads
         let deltaBuffer = try delta ?? allocator.buffer(Float.self, count: rows)
         try require(deltaBuffer.count >= rows, op, "delta scratch too small")
-        if tensorCores && flash {
+        if tensorCores && flash && flashAttentionFits(headDim: s.headDim) {
             let accumulator = try dqAccumulator ?? allocator.buffer(Float.self, count: qCount)
             try require(accumulator.count >= qCount, op, "dq accumulator scratch too small")
             try device.launch(compiler.function(KernelSources.attentionMMA, "attention_fa_prep"),
@@ -91,7 +99,7 @@ extension CUDAContext {
             // Grid: (batch x KV head, key block); key block 0 (the most query tiles) starts first.
             let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_backward_d\(s.headDim)")
             let shared = Self.flashBackwardShared(s.headDim)
-            if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
+            try allowSharedMemory(f, bytes: shared, op)
             try device.launch(f, grid: (s.batch * s.kvHeads, (s.seq + 127) / 128, 1), block: (256, 1, 1), sharedMemory: shared,
                               stream: stream,
                               [q.arg, k.arg, v.arg, dout.arg, lse.arg, deltaBuffer.arg, .pointer(segments?.pointer ?? 0),

@@ -72,7 +72,7 @@ extension CUDAContext {
                     "cols \(cols) must be a multiple of 32, blocksizes \(blocksize)/\(nestedBlocksize) powers of two (at least 32), 1...8 tasks (got \(taskCount))")
         let f = try compiler.function(KernelSources.decode, "nf4_gemv")
         let shared = cols * 2
-        if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
+        try allowSharedMemory(f, bytes: shared, "nf4Gemv")
         try device.launch(f, grid: (blocks, 1, 1), block: (128, 1, 1), sharedMemory: shared, stream: stream,
                           [.pointer(tasks), .int(taskCount), .pointer(x), .int(cols), .int(blocksize.trailingZeroBitCount),
                            .int(nestedBlocksize.trailingZeroBitCount)])
@@ -109,7 +109,7 @@ extension CUDAContext {
                     "head dimension \(headDim) (32, 64 or 128) or heads \(heads)/\(kvHeads)")
         let f = try compiler.function(KernelSources.decode, "attention_cached_d\(headDim)")
         let shared = (9 * headDim + 64 + maxKeys) * 4
-        if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
+        try allowSharedMemory(f, bytes: shared, "attentionCached")
         try device.launch(f, grid: (tokens, heads, 1), block: (256, 1, 1), sharedMemory: shared, stream: stream,
                           [.pointer(q), .int(qStride), .pointer(kcache), .pointer(vcache), .pointer(out), .pointer(startPointer),
                            .int(start), .int(heads), .int(kvHeads), .float(1 / Float(headDim).squareRoot())])
@@ -123,7 +123,7 @@ extension CUDAContext {
         try require(cols % 8 == 0 && (0...2).contains(mode), "loraARows", "cols \(cols) must be a multiple of 8, mode 0...2")
         let f = try compiler.function(KernelSources.decode, "lora_a_rows")
         let shared = cols * 2
-        if shared > 46 * 1024 { try f.setMaxDynamicSharedMemory(shared, driver: driver) }
+        try allowSharedMemory(f, bytes: shared, "loraARows")
         try device.launch(f, grid: (max(rows, 1), 1, 1), block: (1024, 1, 1), sharedMemory: shared, stream: stream,
                           [.pointer(a), .pointer(x), .pointer(x2), .pointer(normWeight), .pointer(inOut), .pointer(xa), .int(rows),
                            .int(cols), .int(mode), .float(eps)])

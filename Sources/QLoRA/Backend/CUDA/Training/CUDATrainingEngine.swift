@@ -35,9 +35,12 @@ public final class CUDATrainingEngine: TrainingEngine {
 
     public func step(learningRate: Double, maxGradNorm: Double) throws -> Double {
         try trainer.clipGradients(maxNorm: maxGradNorm > 0 ? Float(maxGradNorm) : .infinity)
+        // Read before the update (the step waited for it anyway): a NaN or infinite norm applies nothing.
+        let norm = try trainer.lastGradientNorm()
+        guard norm.isFinite else { return norm }
         try optimizer.step(trainer.parameterSlots(), learningRate: learningRate)
         try trainer.refreshParameterCopies()
-        return try trainer.lastGradientNorm()
+        return norm
     }
 
     public func loss(batch: TrainingBatch) throws -> LossSum {

@@ -1,0 +1,96 @@
+import ArgumentParser
+import QLoRA
+
+/// What a QLoRA run holds on the GPU, and what fits a card of a given size, computed by the trainer's own memory
+/// plan (no GPU needed). `--table` prints docs/MEMORY.md's table.
+struct PlanCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "plan",
+        abstract: "GPU memory of a QLoRA training run, and the longest sequence and largest batch that fit a card (no GPU needed).",
+        discussion: "The plan is the one `qlora train`/`bench` check before allocating (NF4 base, LoRA on the seven projections, "
+            + "gradient checkpointing, AdamW moments); a card's budget is its memory less the CUDA context (about "
+            + "\(DeviceAllocator.formatGiB(CUDAMemoryPlan.typicalContextBytes)) GiB) and a safety margin."
+    )
+
+    @Option(help: "Architecture: \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var arch: String = "llama-3.1-8b"
+    @Option(parsing: .unconditional, help: "Rows per micro-batch.") var batch: Int = 1
+    @Option(parsing: .unconditional, help: "Tokens per row.") var seq: Int = 2048
+    @Option(name: .customLong("lora-r"), parsing: .unconditional, help: "LoRA rank on the seven projections.") var loraR: Int = 16
+    @Option(name: .customLong("offload-checkpoints"), help: "Gradient checkpoints in pinned host memory: on, off or auto.")
+    var offloadCheckpoints: String = "auto"
+    @Option(name: .customLong("gpu-memory"), help: "Card sizes in GiB, comma-separated (e.g. 24 or 12,16,24,48,80).")
+    var gpuMemory: String = "12,16,24,48,80"
+    @Flag(help: "Print the markdown table of docs/MEMORY.md (every architecture, rank 16 and 64, offload on and off).")
+    var table = false
+
+    func budgets() throws -> [Double] {
+        let values = gpuMemory.split(separator: ",").map { Double($0.filter { !$0.isWhitespace }) }
+        guard !values.isEmpty, values.allSatisfy({ ($0 ?? 0) > 0 && ($0 ?? 0).isFinite }) else {
+            throw ValidationError("--gpu-memory: expected positive numbers of GiB separated by commas, got '\(gpuMemory)'")
+        }
+        return values.map { $0! }
+    }
+
+    func run() throws {
+        let budgets = try budgets()
+        guard batch > 0, seq > 0, loraR > 0 else { throw ValidationError("--batch, --seq and --lora-r must be positive") }
+        if table { return printTable(budgets: budgets) }
+        guard let architecture = Architecture(rawValue: arch) else {
+            throw ValidationError("unknown --arch '\(arch)' (choose from \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")))")
+        }
+        let config = architecture.config
+        var memory = CUDATrainerMemoryOptions.automatic(for: config)
+        if let on = try BenchCommand.parseSwitch(offloadCheckpoints, "offload-checkpoints") { memory.offloadCheckpoints = on }
+        let plan = CUDAMemoryPlan(config: config, tokens: batch * seq, rank: loraR, memory: memory)
+        print("\(arch), \(batch) x \(seq) tokens, LoRA r=\(loraR): \(plan)")
+        for gib in budgets {
+            let bytes = Int(gib * Double(1 << 30))
+            let longest = CUDAMemoryPlan.longestSequence(config: config, batch: batch, rank: loraR, memory: memory, budgetBytes: bytes)
+            let widest = CUDAMemoryPlan.largestBatch(config: config, sequenceLength: seq, rank: loraR, memory: memory, budgetBytes: bytes)
+            print("  \(gib) GiB card: \(plan.fits(budgetBytes: bytes) ? "fits" : "does not fit"); longest sequence at batch \(batch): "
+                  + (longest.map { "\($0)" } ?? "none (the weights alone do not fit)") + "; largest batch of \(seq): \(widest)")
+        }
+    }
+
+    /// Rows: architecture × rank × checkpoint placement; cells: the longest batch-1 sequence / the largest batch of
+    /// 2048-token rows.
+    func printTable(budgets: [Double]) {
+        let header = budgets.map { "\(Int($0)) GB" }
+        print("| model | LoRA r | checkpoints | " + header.joined(separator: " | ") + " |")
+        print("| --- | --- | --- | " + header.map { _ in "---" }.joined(separator: " | ") + " |")
+        for architecture in Architecture.allCases {
+            let config = architecture.config
+            for rank in [16, 64] {
+                for offload in [true, false] {
+                    var memory = CUDATrainerMemoryOptions.automatic(for: config)
+                    memory.offloadCheckpoints = offload
+                    let cells = budgets.map { gib -> String in
+                        let bytes = Int(gib * Double(1 << 30))
+                        guard let longest = CUDAMemoryPlan.longestSequence(config: config, batch: 1, rank: rank, memory: memory,
+                                                                            budgetBytes: bytes) else { return "—" }
+                        let widest = CUDAMemoryPlan.largestBatch(config: config, sequenceLength: 2048, rank: rank, memory: memory,
+                                                                 budgetBytes: bytes)
+                        // Offloaded checkpoints wait in pinned host memory: the machine needs that much RAM too.
+                        let host = CUDAMemoryPlan(config: config, tokens: longest, rank: rank, memory: memory).host
+                        return "\(longest.formatted()) / \(widest)" + (offload ? " (host \(DeviceAllocator.formatGiB(host)))" : "")
+                    }
+                    print("| \(architecture.rawValue) | \(rank) | \(offload ? "host" : "GPU") | " + cells.joined(separator: " | ") + " |")
+                }
+            }
+        }
+    }
+}
+
+private extension Int {
+    /// 131072 → "131,072".
+    func formatted() -> String {
+        let digits = String(self)
+        var out = ""
+        for (i, ch) in digits.enumerated() {
+            if i > 0 && (digits.count - i) % 3 == 0 { out.append(",") }
+            out.append(ch)
+        }
+        return out
+    }
+}

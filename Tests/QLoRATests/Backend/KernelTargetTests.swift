@@ -1,0 +1,39 @@
+import XCTest
+@testable import QLoRA
+
+/// The kernel target: what `QLORA_KERNEL_ARCH` and `qlora-gpu-check --arch` accept, what NVRTC is asked for, and
+/// the shared-memory limit that decides between the flash and the 64-row attention kernels.
+final class KernelTargetTests: XCTestCase {
+    func testParsesCubinAndPTXTargets() throws {
+        let hopper = try KernelTarget(parsing: "sm_90a")
+        XCTAssertEqual(hopper, KernelTarget(major: 9, minor: 0, isVirtual: false))
+        XCTAssertEqual(hopper.nvrtcArchitecture, "sm_90a")
+        let ada = try KernelTarget(parsing: "SM_89")
+        XCTAssertEqual(ada.nvrtcArchitecture, "sm_89")
+        let ampere = try KernelTarget(parsing: "compute_86")
+        XCTAssertTrue(ampere.isVirtual)
+        XCTAssertEqual(ampere.nvrtcArchitecture, "compute_86")
+        XCTAssertEqual(KernelCompiler.options(for: ampere).first, "-arch=compute_86")
+        XCTAssertEqual(try KernelTarget(parsing: "sm_100").major, 10)
+    }
+
+    func testRejectsWhatIsNotAnArchitecture() {
+        for text in ["", "86", "sm_", "sm_x6", "gfx90a", "compute_70", "sm_61"] {
+            XCTAssertThrowsError(try KernelTarget(parsing: text), text) { error in
+                XCTAssertTrue("\(error)".contains("kernel architecture"), "\(error)")
+            }
+        }
+    }
+
+    func testConsumerCardsGetTheirOwnSharedMemoryLimit() throws {
+        // The flash backward for head dimension 128 needs 155.5 KB: an A100 (163 KB) and an H100 (227 KB) hold it,
+        // an RTX 3090/4090 or L4 (99 KB) does not.
+        let flashBackward128 = (2 * 128 + 4 * 64) * (128 + 8) * 2 + 128 * 72 * 2 + 3 * 2 * 64 * 4
+        XCTAssertEqual(flashBackward128, 159_232)
+        XCTAssertGreaterThanOrEqual(try KernelTarget(parsing: "sm_80").maxSharedMemoryPerBlock, flashBackward128)
+        XCTAssertGreaterThanOrEqual(try KernelTarget(parsing: "sm_90a").maxSharedMemoryPerBlock, flashBackward128)
+        XCTAssertLessThan(try KernelTarget(parsing: "compute_86").maxSharedMemoryPerBlock, flashBackward128)
+        XCTAssertLessThan(try KernelTarget(parsing: "sm_89").maxSharedMemoryPerBlock, flashBackward128)
+        XCTAssertEqual(try KernelTarget(parsing: "sm_75").maxSharedMemoryPerBlock, 64 * 1024)
+    }
+}
