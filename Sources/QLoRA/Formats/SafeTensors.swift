@@ -214,6 +214,12 @@ public final class SafeTensorsCheckpoint: @unchecked Sendable {
                 guard let shardName = shard.string else {
                     throw FileFormatError(file: indexPath, place: "weight_map['\(name)']", "expected a file name")
                 }
+                // A shard is a file of this folder: a path elsewhere ("../x", "/etc/x", "sub/x") would read files the
+                // user never gave us.
+                guard !shardName.isEmpty, !shardName.contains("/"), shardName != ".", shardName != ".." else {
+                    throw FileFormatError(file: indexPath, place: "weight_map['\(name)']",
+                                          "shard '\(shardName)' is not a file name in the model folder")
+                }
                 if shardIndex[shardName] == nil {
                     shardIndex[shardName] = files.count
                     files.append(try SafeTensorsFile(path: directory + "/" + shardName))
