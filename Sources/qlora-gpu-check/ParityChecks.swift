@@ -197,12 +197,13 @@ func loadQwen2ForGPU(biases: Bool = true) throws -> LlamaModel {
     fields["num_attention_heads"] = .int(2)
     fields["num_key_value_heads"] = .int(1)
     fields["head_dim"] = nil
-    if !biases { fields["attention_bias"] = .bool(false) }
+    // Qwen2 always has q, k, v biases; the same shapes read as a Llama have none.
+    if !biases { fields["model_type"] = .string("llama") }
     let config = try LlamaConfig(json: .object(fields), file: directory + "/config.json")
     guard config.headDim == 32, config.attentionBias == biases else {
         throw UsageError("tiny-qwen2 read with 2 heads: head dim \(config.headDim), attention bias \(config.attentionBias)")
     }
-    let model = try LlamaModel(config: config, weights: QwenCheckWeights(inner: try SafeTensorsCheckpoint(directory: directory), biasScale: 0.25))
+    let model = try LlamaModel(config: config, weights: QwenCheckWeights(inner: try SafeTensorsCheckpoint(directory: directory), biasScale: 0.25, keepBiases: biases))
     try model.attachLoRA(LoRAConfig(rank: 8, alpha: 16, targetModules: LoRAConfig.llamaProjections), seed: 21)
     randomizeB(model, seed: 22)
     _ = try CUDAInference.quantizeBase(model, replacingCPUWeights: true)
@@ -219,8 +220,11 @@ func loadQwen2ForGPU(biases: Bool = true) throws -> LlamaModel {
 struct QwenCheckWeights: BaseWeightSource {
     let inner: SafeTensorsCheckpoint
     let biasScale: Float
+    /// Without them the biases are not offered, as a checkpoint without biases would not.
+    let keepBiases: Bool
     var origin: String { inner.origin }
-    func contains(_ name: String) -> Bool { inner.contains(name) }
+    var tensorNames: [String] { inner.names.filter { keepBiases || !$0.hasSuffix(".bias") } }
+    func contains(_ name: String) -> Bool { (keepBiases || !name.hasSuffix(".bias")) && inner.contains(name) }
     func tensor(_ name: String) throws -> (values: [Float], shape: [Int]) {
         let (values, shape) = try inner.tensor(name)
         let scale: Float = name.hasSuffix(".bias") ? biasScale : 1

@@ -11,19 +11,19 @@ struct BenchCommand: ParsableCommand {
     var arch: String = "smollm2-135m"
     @Option(help: "Device: auto (the GPU when the CUDA driver loads and a GPU is present), cpu or cuda.")
     var device: String = "auto"
-    @Option(help: "Micro-batch size (rows).")
+    @Option(parsing: .unconditional, help: "Micro-batch size (rows).")
     var batch: Int = 1
-    @Option(help: "Sequence length of each row.")
+    @Option(parsing: .unconditional, help: "Sequence length of each row.")
     var seq: Int = 256
-    @Option(name: .customLong("lora-r"), help: "LoRA rank on the seven projections (alpha = 2r).")
+    @Option(name: .customLong("lora-r"), parsing: .unconditional, help: "LoRA rank on the seven projections (alpha = 2r).")
     var loraR: Int = 16
-    @Option(name: .customLong("lora-dropout"), help: "LoRA dropout on the seven projections (qlora train's default is 0.05).")
+    @Option(name: .customLong("lora-dropout"), parsing: .unconditional, help: "LoRA dropout on the seven projections (qlora train's default is 0.05).")
     var loraDropout: Double = 0
-    @Option(help: "Timed steps after the warm-up steps.")
+    @Option(parsing: .unconditional, help: "Timed steps after the warm-up steps.")
     var steps: Int = 2
-    @Option(help: "Warm-up steps before timing (GPU; the CPU does one).")
+    @Option(parsing: .unconditional, help: "Warm-up steps before timing (GPU; the CPU does one).")
     var warmup: Int = 2
-    @Option(help: "Tokens to decode for the CPU batch-1 decode measurement (0 to skip).")
+    @Option(parsing: .unconditional, help: "Tokens to decode for the CPU batch-1 decode measurement (0 to skip).")
     var decodeTokens: Int = 32
     @Option(name: .customLong("offload-checkpoints"),
             help: "GPU: keep the gradient checkpoints in pinned host memory (on), on the GPU (off), or auto (on when the model has 3 or more blocks).")
@@ -31,7 +31,7 @@ struct BenchCommand: ParsableCommand {
     @Option(name: .customLong("host-embedding"),
             help: "GPU: keep an untied input embedding in host memory and gather the rows there (on), on the GPU (off), or auto (on when untied).")
     var hostEmbedding: String = "auto"
-    @Option(name: .customLong("gpu-memory"), help: "GPU: behave as a card with this many GiB (the memory plan and the allocator keep within it).")
+    @Option(name: .customLong("gpu-memory"), parsing: .unconditional, help: "GPU: behave as a card with this many GiB (the memory plan and the allocator keep within it).")
     var gpuMemory: Double?
 
     /// "on", "off" or "auto" (nil).
@@ -51,8 +51,9 @@ struct BenchCommand: ParsableCommand {
         guard batch > 0, seq > 1, loraR > 0, steps > 0, warmup >= 0 else {
             throw ValidationError("--batch, --lora-r and --steps must be positive, --seq at least 2")
         }
-        guard (0..<1).contains(loraDropout) else { throw ValidationError("--lora-dropout must be in [0, 1)") }
-        if let gpuMemory, !(gpuMemory > 0 && gpuMemory.isFinite) { throw ValidationError("--gpu-memory must be a positive number of GiB") }
+        guard (0..<1).contains(loraDropout) else { throw ValidationError("--lora-dropout must be in [0, 1), got \(loraDropout)") }
+        guard decodeTokens >= 0 else { throw ValidationError("--decode-tokens must be a non-negative integer (0: skip), got \(decodeTokens)") }
+        if let gpuMemory, !(gpuMemory > 0 && gpuMemory.isFinite) { throw ValidationError("--gpu-memory must be a positive number of GiB, got \(gpuMemory)") }
         _ = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints")
         _ = try Self.parseSwitch(hostEmbedding, "host-embedding")
         switch try ComputeDevice.choose(device) {

@@ -15,13 +15,13 @@ struct BenchDecodeCommand: ParsableCommand {
     @Option(help: "Architecture shape: \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")).")
     var arch: String = Architecture.llama3_1_8b.rawValue
 
-    @Option(help: "LoRA rank on all seven projections (0: no adapter).")
+    @Option(parsing: .unconditional, help: "LoRA rank on all seven projections (0: no adapter).")
     var loraR: Int = 16
 
-    @Option(help: "Tokens to decode (timed).")
+    @Option(parsing: .unconditional, help: "Tokens to decode (timed).")
     var tokens: Int = 128
 
-    @Option(help: "Prompt tokens prefilled before decoding.")
+    @Option(parsing: .unconditional, help: "Prompt tokens prefilled before decoding.")
     var promptTokens: Int = 16
 
     @Flag(help: "Launch the decode kernels one by one instead of replaying a CUDA graph.")
@@ -39,6 +39,7 @@ struct BenchDecodeCommand: ParsableCommand {
             throw ValidationError("unknown architecture '\(arch)' (choose from \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")))")
         }
         guard tokens > 0, promptTokens > 0 else { throw ValidationError("--tokens and --prompt-tokens must be positive") }
+        guard loraR >= 0 else { throw ValidationError("--lora-r must be a non-negative integer (0: no adapter), got \(loraR)") }
         let ctx = try CUDAContext()
         let dev = ctx.device
         printError("device: cuda (\(dev.name))")

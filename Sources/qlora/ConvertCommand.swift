@@ -14,10 +14,12 @@ struct ConvertCommand: ParsableCommand {
     @Argument(help: "The GGUF file to convert (llama architecture; F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0 or K-quant tensors).")
     var gguf: String
 
-    @Option(name: .long, help: "The folder to write; created if needed, files in it are replaced.")
+    @Option(name: .long, help: "The folder to write: a new folder, or an earlier convert output, which is replaced as a whole.")
     var out: String
 
     func run() throws {
+        try FileSystem.refuseOverwrite(output: out, option: "--out", inputs: [("GGUF file", gguf)])
+        try FileSystem.checkReplaceable(out, option: "--out", replaceable: GGUFConverter.outputFiles)
         try GGUFConverter.convert(gguf: gguf, to: out) { message in
             fputs(message + "\n", stderr)
         }

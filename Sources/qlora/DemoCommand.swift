@@ -9,15 +9,20 @@ struct DemoCommand: ParsableCommand {
 
     @Option(help: "Base model folder or known name.") var model: String = ModelCatalog.defaultModel
     @Option(help: "Folder with train.jsonl and test.jsonl (messages ending with the expected answer).") var data: String = "data/dates"
-    @Option(help: "Output folder for the adapter, checkpoints, metrics.jsonl and report.html.") var output: String = "runs/demo"
-    @Option(help: "Optimizer steps.") var maxSteps: Int = 24
-    @Option(help: "Packed rows of 512 tokens (about 9 examples each) per optimizer step.") var batchSize: Int = 2
-    @Option(help: "Peak learning rate.") var learningRate: Double = 1e-3
-    @Option(help: "Held-out examples to answer (0: all).") var testExamples: Int = 0
+    @Option(help: "Output folder for the adapter, checkpoints, metrics.jsonl and report.html (an earlier demo run there is replaced).")
+    var output: String = "runs/demo"
+    @Option(parsing: .unconditional, help: "Optimizer steps.") var maxSteps: Int = 24
+    @Option(parsing: .unconditional, help: "Packed rows of 512 tokens (about 9 examples each) per optimizer step.") var batchSize: Int = 2
+    @Option(parsing: .unconditional, help: "Peak learning rate.") var learningRate: Double = 1e-3
+    @Option(parsing: .unconditional, help: "Held-out examples to answer (0: all).") var testExamples: Int = 0
     @Option(help: "Where to train: auto (the GPU when one is usable, else the CPU), cpu or cuda.") var device: String = "auto"
 
     func run() throws {
         let answerTokens = 24
+        guard maxSteps > 0 else { throw ValidationError("--max-steps must be a positive integer, got \(maxSteps)") }
+        guard batchSize > 0 else { throw ValidationError("--batch-size must be a positive integer, got \(batchSize)") }
+        guard learningRate.isFinite && learningRate > 0 else { throw ValidationError("--learning-rate must be a positive number, got \(learningRate)") }
+        guard testExamples >= 0 else { throw ValidationError("--test-examples must be a non-negative integer (0: all), got \(testExamples)") }
         let start = monotonicSeconds()
         let loaded = try ModelLoader.load(model, quantization: .nf4, log: { printError($0) })
         printError("model: \(loaded.description)")
@@ -44,6 +49,7 @@ struct DemoCommand: ParsableCommand {
         c.loggingSteps = 5
         c.evalSteps = maxSteps
         c.saveSteps = maxSteps
+        c.overwriteOutputDirectory = true  // the demo's folder is its own: each demo replaces the last
         let formatting = SFTFormatting(completionOnly: true, maxSequenceLength: c.maxSeqLength)
         let train = try SFTDataset(path: c.datasets[0], tokenizer: tokenizer, template: template, formatting: formatting).examples
         let eval = try SFTDataset(path: c.evalDataset!, tokenizer: tokenizer, template: template, formatting: formatting).examples

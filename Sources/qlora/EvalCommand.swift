@@ -12,10 +12,10 @@ struct EvalCommand: ParsableCommand {
     @Option(help: "The JSONL dataset (text, prompt/completion, messages, Alpaca or input_ids lines).")
     var data: String
 
-    @Option(help: "Examples are cut to this many tokens.")
+    @Option(parsing: .unconditional, help: "Examples are cut to this many tokens.")
     var maxSeqLength: Int = 1024
 
-    @Option(help: "Examples per forward pass.")
+    @Option(parsing: .unconditional, help: "Examples per forward pass.")
     var batchSize: Int = 4
 
     @Flag(inversion: .prefixedNo, help: "Count only completions / assistant turns, as training does.")
@@ -29,6 +29,13 @@ struct EvalCommand: ParsableCommand {
 
     @Option(help: "Where to run: auto (the GPU when one is usable, else the CPU), cpu or cuda.")
     var device: String = "auto"
+
+    func validate() throws {
+        guard maxSeqLength >= 2 && maxSeqLength <= 1 << 20 else {
+            throw ValidationError("--max-seq-length must be an integer from 2 to 1048576, got \(maxSeqLength)")
+        }
+        guard batchSize > 0 else { throw ValidationError("--batch-size must be a positive integer, got \(batchSize)") }
+    }
 
     func run() throws {
         let compute = try ComputeDevice.choose(device)

@@ -5,12 +5,13 @@ import QLoRA
 struct GemmBenchmarkCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "bench-gemm", abstract: "CPU GEMM throughput (GFLOP/s).", shouldDisplay: false)
 
-    @Option(help: "Rows of A (tokens).") var m: Int = 512
-    @Option(help: "Columns of C (output features).") var n: Int = 1536
-    @Option(help: "Inner dimension (input features).") var k: Int = 576
-    @Option(help: "Repetitions.") var repeats: Int = 5
+    @Option(parsing: .unconditional, help: "Rows of A (tokens).") var m: Int = 512
+    @Option(parsing: .unconditional, help: "Columns of C (output features).") var n: Int = 1536
+    @Option(parsing: .unconditional, help: "Inner dimension (input features).") var k: Int = 576
+    @Option(parsing: .unconditional, help: "Repetitions.") var repeats: Int = 5
 
     func run() throws {
+        guard m > 0, n > 0, k > 0, repeats > 0 else { throw ValidationError("--m, --n, --k and --repeats must be positive integers") }
         let a = Matrix(rows: m, columns: k), bNT = Matrix(rows: n, columns: k), bNN = Matrix(rows: k, columns: n), c = Matrix(rows: m, columns: n)
         var rng = SeededGenerator(seed: 1)
         for mtx in [a, bNT, bNN] { for i in 0..<mtx.count { mtx.pointer[i] = rng.nextFloat() - 0.5 } }

@@ -21,23 +21,28 @@ struct GenerateCommand: ParsableCommand {
     @Option(help: "A system message for --chat.")
     var system: String?
 
-    @Option(help: "The most tokens to generate.")
+    @Option(parsing: .unconditional, help: "The most tokens to generate.")
     var maxTokens: Int = 256
 
-    @Option(help: "Sampling temperature; 0 is greedy.")
+    @Option(parsing: .unconditional, help: "Sampling temperature; 0 is greedy.")
     var temperature: Float = 0
 
-    @Option(help: "Sample only from the k most likely tokens (0: all).")
+    @Option(parsing: .unconditional, help: "Sample only from the k most likely tokens (0: all).")
     var topK: Int = 0
 
-    @Option(help: "Sample only from the smallest set of tokens whose probability reaches p (1: all).")
+    @Option(parsing: .unconditional, help: "Sample only from the smallest set of tokens whose probability reaches p (1: all).")
     var topP: Float = 1
 
-    @Option(help: "Random seed for sampling.")
+    @Option(parsing: .unconditional, help: "Random seed for sampling: an integer from 0 to 2^64-1.")
     var seed: UInt64 = 0
 
     @Option(help: "Where to run: auto (the GPU when one is usable, else the CPU), cpu or cuda.")
     var device: String = "auto"
+
+    func validate() throws {
+        // Before the model loads: a bad option is reported at once.
+        try Generator.validate(maxTokens: maxTokens, sampling: SamplingOptions(temperature: temperature, topK: topK, topP: topP, seed: seed))
+    }
 
     func run() throws {
         let compute = try ComputeDevice.choose(device)

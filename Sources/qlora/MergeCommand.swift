@@ -13,19 +13,23 @@ struct MergeCommand: ParsableCommand {
     @Option(help: "The PEFT LoRA adapter folder.")
     var adapter: String
 
-    @Option(help: "The folder to write the merged model to.")
+    @Option(help: "The folder to write the merged model to (a new folder, or an earlier merge output, which is replaced).")
     var out: String
 
     @Option(help: "Where to compute W + scale·B·A: auto (the GPU when one is usable, else the CPU), cpu or cuda. The files are the same up to the last bit of a few bf16 values.")
     var device: String = "auto"
 
     func run() throws {
+        // Nothing a command reads is overwritten by it: checked before the minutes of loading and merging.
+        try FileSystem.refuseOverwrite(output: out, option: "--out", inputs: [("adapter folder", adapter)] + (FileSystem.exists(model) ? [("base model folder", model)] : []))
+        try FileSystem.checkReplaceable(out, option: "--out", replaceable: AdapterMerge.outputFiles)
         let compute = try ComputeDevice.choose(device)
         // Dense weights as stored; a bitsandbytes-only folder can only give its dequantized weights.
         let loaded = try ModelLoader.load(model, quantization: .none, log: { printError($0) })
         if loaded.isPreQuantized {
             printError("note: \(loaded.directory) holds only 4-bit weights, so this merge is of the dequantized weights (the original bf16 weights are not available)")
         }
+        try FileSystem.refuseOverwrite(output: out, option: "--out", inputs: [("base model folder", loaded.directory)])
         let config = try PEFTAdapter.load(directory: adapter, into: loaded.model)
         func write(on compute: ComputeDevice) throws -> MergeReport {
             switch compute {

@@ -14,9 +14,9 @@ struct PlanCommand: ParsableCommand {
 
     @Option(help: "Architecture: \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")).")
     var arch: String = "llama-3.1-8b"
-    @Option(help: "Rows per micro-batch.") var batch: Int = 1
-    @Option(help: "Tokens per row.") var seq: Int = 2048
-    @Option(name: .customLong("lora-r"), help: "LoRA rank on the seven projections.") var loraR: Int = 16
+    @Option(parsing: .unconditional, help: "Rows per micro-batch.") var batch: Int = 1
+    @Option(parsing: .unconditional, help: "Tokens per row.") var seq: Int = 2048
+    @Option(name: .customLong("lora-r"), parsing: .unconditional, help: "LoRA rank on the seven projections.") var loraR: Int = 16
     @Option(name: .customLong("offload-checkpoints"), help: "Gradient checkpoints in pinned host memory: on, off or auto.")
     var offloadCheckpoints: String = "auto"
     @Option(name: .customLong("gpu-memory"), help: "Card sizes in GiB, comma-separated (e.g. 24 or 12,16,24,48,80).")

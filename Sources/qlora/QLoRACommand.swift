@@ -25,4 +25,21 @@ struct QLoRACommand: AsyncParsableCommand {
             BenchDecodeCommand.self,
         ]
     )
+
+    /// ArgumentParser's main, then a check that the results printed reached standard output: on a full disk
+    /// (`qlora tokenize ... > out.json`) print() fails silently, and the exit status must say so.
+    static func main() async {
+        await main(nil)
+        errno = 0
+        let flushed = fflush(stdout) == 0
+        let reason = flushed ? "an earlier write failed" : String(cString: strerror(errno))
+        if !flushed || ferror(stdout) != 0 {
+            fputs("Error: cannot write the results to standard output: \(reason)\n", stderr)
+            Glibc.exit(1)
+        }
+    }
 }
+
+#if canImport(Glibc)
+import Glibc
+#endif

@@ -12,23 +12,26 @@ struct QuantizeBenchmarkCommand: ParsableCommand {
         shouldDisplay: false
     )
 
-    @Option(help: "Rows (output features) of the random weight.")
+    @Option(parsing: .unconditional, help: "Rows (output features) of the random weight.")
     var rows: Int = 4096
 
-    @Option(help: "Columns (input features) of the random weight.")
+    @Option(parsing: .unconditional, help: "Columns (input features) of the random weight.")
     var cols: Int = 11008
 
     @Option(name: .customLong("quant-type"), help: "nf4 or fp4.")
     var quantType: String = "nf4"
 
-    @Option(help: "Repetitions; the best time is reported.")
+    @Option(parsing: .unconditional, help: "Repetitions; the best time is reported.")
     var repeats: Int = 3
 
-    @Option(name: .customLong("row-block"), help: "Rows per dequantizeRows call.")
+    @Option(name: .customLong("row-block"), parsing: .unconditional, help: "Rows per dequantizeRows call.")
     var rowBlock: Int = 64
 
     func run() throws {
         guard let type = QuantType(rawValue: quantType) else { throw ValidationError("--quant-type must be nf4 or fp4") }
+        guard rows > 0, cols > 0, repeats > 0, rowBlock > 0 else {
+            throw ValidationError("--rows, --cols, --repeats and --row-block must be positive integers")
+        }
         let n = rows * cols
         // Normal-ish weights (sum of uniforms), scaled like a real layer's.
         var state: UInt64 = 0x9E37_79B9_7F4A_7C15

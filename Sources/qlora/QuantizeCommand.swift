@@ -11,13 +11,13 @@ struct QuantizeCommand: ParsableCommand {
     @Argument(help: "The model folder (config.json and model.safetensors or shards).")
     var modelDir: String
 
-    @Option(name: .long, help: "The output folder (created if needed).")
+    @Option(name: .long, help: "The output folder: a new folder, or an earlier quantize output, which is replaced.")
     var out: String
 
     @Option(name: .customLong("quant-type"), help: "The 4-bit data type: nf4 or fp4.")
     var quantType: String = "nf4"
 
-    @Option(name: .long, help: "Elements per absmax block: 32, 64, 128, 256, 512, 1024, 2048 or 4096.")
+    @Option(name: .long, parsing: .unconditional, help: "Elements per absmax block: 32, 64, 128, 256, 512, 1024, 2048 or 4096.")
     var blocksize: Int = 64
 
     @Flag(name: .customLong("double-quant"), inversion: .prefixedNo,
@@ -48,6 +48,8 @@ struct QuantizeCommand: ParsableCommand {
             }
             model = d
         }
+        try FileSystem.refuseOverwrite(output: out, option: "--out", inputs: [("model folder", modelDir)])
+        try FileSystem.checkReplaceable(out, option: "--out", replaceable: BnbCheckpointWriter.outputFiles)
         let options = BnbQuantizeOptions(quantType: type, blocksize: blocksize, doubleQuant: doubleQuant, computeDType: compute, modelDType: model)
         let summary = try BnbCheckpointWriter.quantizeModel(from: modelDir, to: out, options: options)
         print("quantized \(summary.quantizedTensors) linear weights (\(summary.quantizedParameters) parameters, "

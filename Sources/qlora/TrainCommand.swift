@@ -15,36 +15,38 @@ struct TrainCommand: ParsableCommand {
     @Option(help: "Quantize the base on load: nf4 (default), fp4 or none.") var quantize: String?
     @Option(name: .customLong("data"), help: "Training data (JSONL); repeat for several files.") var data: [String] = []
     @Option(help: "Evaluation data (JSONL).") var evalData: String?
-    @Option(help: "Hold out this fraction of the training data for evaluation when there is no --eval-data.") var evalSplit: Double?
-    @Option(name: .customLong("lora-r"), help: "LoRA rank.") var loraR: Int?
-    @Option(help: "LoRA alpha (scale = alpha/r).") var loraAlpha: Double?
-    @Option(help: "Dropout on the LoRA input path.") var loraDropout: Double?
+    @Option(parsing: .unconditional, help: "Hold out this fraction of the training data for evaluation when there is no --eval-data.") var evalSplit: Double?
+    @Option(name: .customLong("lora-r"), parsing: .unconditional, help: "LoRA rank.") var loraR: Int?
+    @Option(parsing: .unconditional, help: "LoRA alpha (scale = alpha/r).") var loraAlpha: Double?
+    @Option(parsing: .unconditional, help: "Dropout on the LoRA input path.") var loraDropout: Double?
     @Option(help: "Comma-separated module names (q_proj,v_proj,...) or all-linear.") var targetModules: String?
     @Flag(help: "rsLoRA scaling: alpha/sqrt(r).") var useRslora = false
-    @Option(help: "Longest example (and packed row) in tokens.") var maxSeqLength: Int?
+    @Option(parsing: .unconditional, help: "Longest example (and packed row) in tokens.") var maxSeqLength: Int?
     @Flag(inversion: .prefixedNo, help: "Pack examples into rows of max-seq-length tokens.") var packing: Bool?
     @Flag(inversion: .prefixedNo, help: "Loss only on completions / assistant turns.") var completionOnly: Bool?
-    @Option(help: "Examples (or packed rows) per micro-batch.") var batchSize: Int?
-    @Option(help: "Micro-batches per optimizer step.") var gradientAccumulationSteps: Int?
-    @Option(help: "Epochs over the training data.") var epochs: Double?
-    @Option(help: "Optimizer steps (overrides --epochs).") var maxSteps: Int?
-    @Option(help: "Peak learning rate.") var learningRate: Double?
-    @Option(help: "Warmup as a fraction of the steps.") var warmupRatio: Double?
-    @Option(help: "Warmup steps (overrides --warmup-ratio).") var warmupSteps: Int?
+    @Option(parsing: .unconditional, help: "Examples (or packed rows) per micro-batch.") var batchSize: Int?
+    @Option(parsing: .unconditional, help: "Micro-batches per optimizer step.") var gradientAccumulationSteps: Int?
+    @Option(parsing: .unconditional, help: "Epochs over the training data.") var epochs: Double?
+    @Option(parsing: .unconditional, help: "Optimizer steps (overrides --epochs).") var maxSteps: Int?
+    @Option(parsing: .unconditional, help: "Peak learning rate.") var learningRate: Double?
+    @Option(parsing: .unconditional, help: "Warmup as a fraction of the steps.") var warmupRatio: Double?
+    @Option(parsing: .unconditional, help: "Warmup steps (overrides --warmup-ratio).") var warmupSteps: Int?
     @Option(help: "Schedule: constant, constant_with_warmup, linear or cosine.") var scheduler: String?
-    @Option(help: "Decoupled weight decay.") var weightDecay: Double?
-    @Option(help: "Clip the global gradient norm to this (0: no clipping).") var maxGradNorm: Double?
+    @Option(parsing: .unconditional, help: "Decoupled weight decay.") var weightDecay: Double?
+    @Option(parsing: .unconditional, help: "Clip the global gradient norm to this (0: no clipping).") var maxGradNorm: Double?
     @Option(help: "adamw, adamw_8bit, paged_adamw_8bit or paged_adamw_32bit.") var optimizer: String?
     @Flag(inversion: .prefixedNo, help: "Recompute each block in the backward pass instead of keeping its activations.") var gradientCheckpointing: Bool?
-    @Option(help: "Random seed (adapter initialisation, data order, dropout).") var seed: UInt64?
+    @Option(parsing: .unconditional, help: "Random seed (adapter initialisation, data order, dropout): an integer from 0 to 2^64-1.") var seed: UInt64?
     @Flag(help: "Bit-identical runs on the GPU (attention without atomics, about 2x slower attention); the CPU always is.") var fullDeterminism = false
-    @Option(help: "Log every N steps.") var loggingSteps: Int?
-    @Option(help: "Evaluate every N steps (0: each epoch).") var evalSteps: Int?
-    @Option(help: "Save a checkpoint every N steps (0: each epoch).") var saveSteps: Int?
-    @Option(help: "Checkpoints to keep (the best is always kept).") var saveTotalLimit: Int?
-    @Option(help: "Stop after this many evaluations without improvement (0: never).") var earlyStoppingPatience: Int?
+    @Option(parsing: .unconditional, help: "Log every N steps.") var loggingSteps: Int?
+    @Option(parsing: .unconditional, help: "Evaluate every N steps (0: each epoch).") var evalSteps: Int?
+    @Option(parsing: .unconditional, help: "Save a checkpoint every N steps (0: each epoch).") var saveSteps: Int?
+    @Option(parsing: .unconditional, help: "Checkpoints to keep (the best is always kept).") var saveTotalLimit: Int?
+    @Option(parsing: .unconditional, help: "Stop after this many evaluations without improvement (0: never).") var earlyStoppingPatience: Int?
     @Option(help: "Output folder: adapter, checkpoints, metrics.jsonl, report.html.") var output: String?
-    @Flag(help: "Continue from the latest checkpoint in the output folder.") var resume = false
+    @Flag(help: "Continue from the latest checkpoint in the output folder (an error when there is none).") var resume = false
+    @Flag(help: "Replace an earlier run in the output folder (its adapter, checkpoints and metrics); without it, or --resume, such a folder is refused.")
+    var overwrite = false
     @Option(help: "Where to train: auto (the GPU when one is usable, else the CPU), cpu or cuda.") var device: String = "auto"
     @Flag(help: "Skip malformed dataset lines (and count them) instead of stopping.") var skipBadLines = false
     @Option(help: "Where metrics go, comma-separated: jsonl (metrics.jsonl, the default), tensorboard (event files in OUTPUT/runs/), all or none.")
@@ -69,9 +71,11 @@ struct TrainCommand: ParsableCommand {
         set(evalSteps, \.evalSteps); set(saveSteps, \.saveSteps); set(saveTotalLimit, \.saveTotalLimit)
         set(earlyStoppingPatience, \.earlyStoppingPatience); set(output, \.outputDirectory)
         if resume { c.resume = true }
+        if overwrite { c.overwriteOutputDirectory = true }
         if skipBadLines { c.skipBadLines = true }
         if fullDeterminism { c.fullDeterminism = true }
         try c.validate()
+        try Trainer.checkOutputDirectory(c)  // before minutes of loading
         return c
     }
 

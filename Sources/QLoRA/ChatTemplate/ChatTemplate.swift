@@ -77,6 +77,9 @@ public struct ChatTemplate: @unchecked Sendable {
     /// For reproducible prompts and tests; nil (the default) uses the current local time as transformers does.
     public var fixedNow: Int64? = nil
 
+    /// The step, time and size limits of one render (a template is code from the internet).
+    public var budget = ChatTemplateBudget.standard
+
     /// Parses a template; throws `ChatTemplateError` (with line and column) if it is not valid or uses
     /// a construct this interpreter does not support.
     public init(source: String) throws {
@@ -98,7 +101,7 @@ public struct ChatTemplate: @unchecked Sendable {
     ///     (both None when absent), `date_string`, `enable_thinking`, other special tokens, ...
     public func render(messages: [JSONValue], addGenerationPrompt: Bool, bosToken: String?, eosToken: String?,
                        extra: [String: JSONValue] = [:]) throws -> String {
-        let interpreter = JinjaInterpreter(fixedNow: fixedNow)
+        let interpreter = JinjaInterpreter(fixedNow: fixedNow, budget: budget)
         // The render arguments sit in a scope of their own, under the template's frame (as jinja2's context).
         let scope = JinjaScope(parent: nil)
         scope.vars["messages"] = .list(messages.map(JinjaValue.init))

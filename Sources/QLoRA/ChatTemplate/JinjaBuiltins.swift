@@ -71,7 +71,9 @@ enum JinjaBuiltins {
                 out.append(.int(i))
                 // The sandbox's limit (MAX_RANGE).
                 if out.count > 100_000 { throw JinjaFailure("Range too big. The sandbox blocks ranges larger than MAX_RANGE (100000).") }
-                i += step
+                let (next, overflow) = i.addingReportingOverflow(step)
+                if overflow { break }  // past Int's end is past `stop` too
+                i = next
             }
             return .list(out)
         })
@@ -115,6 +117,17 @@ enum JinjaBuiltins {
 
     // MARK: Operators
 
+    /// The largest string (bytes) or list (16 bytes an item) one operation may build: far above any prompt, far below
+    /// what would exhaust memory (`"x" * 10**12`).
+    static let maxBuiltBytes = 64 << 20
+
+    static func checkRepeat(_ unit: Int, _ count: Int, _ what: String) throws {
+        let (total, overflow) = unit.multipliedReportingOverflow(by: max(count, 0))
+        if overflow || total > maxBuiltBytes {
+            throw JinjaFailure("the \(what) would be larger than \(maxBuiltBytes) bytes (the template's size budget)")
+        }
+    }
+
     static func binary(_ op: JinjaBinaryOp, _ l: JinjaValue, _ r: JinjaValue) throws -> JinjaValue {
         if case .undefined(let m) = l { throw JinjaFailure(m) }
         if case .undefined(let m) = r { throw JinjaFailure(m) }
@@ -132,11 +145,13 @@ enum JinjaBuiltins {
                     return .float(Double(x) / Double(y))
                 case .floordiv:
                     guard y != 0 else { throw JinjaFailure("integer division or modulo by zero") }
+                    guard !(x == .min && y == -1) else { throw JinjaFailure("integer overflow") }
                     var q = x / y
                     if (x % y != 0) && ((x < 0) != (y < 0)) { q -= 1 }
                     return .int(q)
                 case .mod:
                     guard y != 0 else { throw JinjaFailure("integer division or modulo by zero") }
+                    if y == -1 { return .int(0) }  // Int.min % -1 would trap; the remainder is 0
                     var m = x % y
                     if m != 0 && ((m < 0) != (y < 0)) { m += y }
                     return .int(m)
@@ -169,17 +184,21 @@ enum JinjaBuiltins {
             }
         }
         switch (op, l, r) {
-        case (.add, .string(let a), .string(let b)): return .string(a + b)
+        case (.add, .string(let a), .string(let b)):
+            try checkRepeat(a.utf8.count + b.utf8.count, 1, "string")
+            return .string(a + b)
         case (.add, .list(let a), .list(let b)): return .list(a + b)
         case (.add, .tuple(let a), .tuple(let b)): return .tuple(a + b)
         case (.mul, .string(let s), _), (.mul, _, .string(let s)):
             guard case .int(let n)? = (l.isString ? r : l).numeric, !(l.isString ? r : l).isFloat else { throw unsupported() }
+            try checkRepeat(s.utf8.count, n, "string")
             return .string(n > 0 ? String(repeating: s, count: n) : "")
         case (.mul, .list(let a), _), (.mul, _, .list(let a)), (.mul, .tuple(let a), _), (.mul, _, .tuple(let a)):
             let isTuple: Bool
             if case .tuple = l { isTuple = true } else if case .tuple = r { isTuple = true } else { isTuple = false }
             let count = (l.isList || isTupleValue(l)) ? r : l
             guard case .int(let n)? = count.numeric, !count.isFloat else { throw unsupported() }
+            try checkRepeat(a.count * 16, n, "list")
             let items = n > 0 ? Array([[JinjaValue]](repeating: a, count: n).joined()) : []
             return isTuple ? .tuple(items) : .list(items)
         case (.mod, .string(let format), _):

@@ -142,7 +142,9 @@ extension JinjaBuiltins {
         switch name {
         case "abs":
             switch v {
-            case .int(let i): return .int(abs(i))
+            case .int(let i):
+                guard i != .min else { throw JinjaFailure("integer overflow") }
+                return .int(abs(i))
             case .float(let d): return .float(abs(d))
             case .bool(let b): return .int(b ? 1 : 0)
             case .undefined(let m): throw JinjaFailure(m)
@@ -217,6 +219,7 @@ extension JinjaBuiltins {
         case "int":
             let b = try bind(name, ["default", "base"], args, kwargs)
             let base = try int(b[1], "base") ?? 10
+            guard base == 0 || (2...36).contains(base) else { throw JinjaFailure("int() base must be >= 2 and <= 36, or 0") }
             if case .undefined(let m) = v { throw JinjaFailure(m) }
             if case .string(let s) = v, let i = pyParseInt(s, base: base) { return .int(i) }
             switch v {
@@ -236,7 +239,10 @@ extension JinjaBuiltins {
             switch b[0] {
             case nil: indention = "    "
             case .string(let s)?: indention = s
-            case let w?: indention = String(repeating: " ", count: max(0, try int(w, "width") ?? 4))
+            case let w?:
+                let width = max(0, try int(w, "width") ?? 4)
+                try checkRepeat(1, width, "indent")
+                indention = String(repeating: " ", count: width)
             }
             // jinja2 appends "\n" to the value first, which only works for strings.
             guard case .string(let text) = v else {
@@ -357,7 +363,10 @@ extension JinjaBuiltins {
             switch b[1] {
             case nil, .none?: indent = nil
             case .string(let s)?: indent = s
-            case let w?: indent = String(repeating: " ", count: max(0, try int(w, "indent") ?? 0))
+            case let w?:
+                let width = max(0, try int(w, "indent") ?? 0)
+                try checkRepeat(1, width, "indent")
+                indent = String(repeating: " ", count: width)
             }
             var itemSep = indent == nil ? ", " : ","
             var keySep = ": "
@@ -427,8 +436,10 @@ extension JinjaBuiltins {
         var t = Substring(pyStrip(s, nil, left: true, right: true))
         var negative = false
         if t.hasPrefix("-") { negative = true; t = t.dropFirst() } else if t.hasPrefix("+") { t = t.dropFirst() }
-        // A radix prefix is allowed when it matches the base ("0x1A" in base 16).
+        // A radix prefix is allowed when it matches the base ("0x1A" in base 16); base 0 takes it from the prefix.
         let prefixes = [16: "0x", 8: "0o", 2: "0b"]
+        var base = base
+        if base == 0 { base = prefixes.first { t.lowercased().hasPrefix($0.value) }?.key ?? 10 }
         if let p = prefixes[base], t.lowercased().hasPrefix(p) {
             t = t.dropFirst(2)
             if t.hasPrefix("_") { t = t.dropFirst() }

@@ -45,17 +45,67 @@ enum JinjaFlow {
     case normal, breakLoop, continueLoop
 }
 
+/// Limits on one render, so that a template (it comes with a model from the internet) cannot hang or exhaust
+/// memory: nested `range(100000)` loops, macros calling themselves, huge string products. Real templates use a
+/// few thousand steps per conversation; the limits are far above that.
+public struct ChatTemplateBudget: Sendable, Equatable {
+    /// Loop iterations plus statements and expressions evaluated.
+    public var steps: Int
+    /// Wall-clock seconds for one render.
+    public var seconds: Double
+    /// Bytes of any one string built (the output included).
+    public var stringBytes: Int
+
+    public init(steps: Int = 5_000_000, seconds: Double = 5, stringBytes: Int = 64 << 20) {
+        self.steps = steps
+        self.seconds = seconds
+        self.stringBytes = stringBytes
+    }
+
+    public static let standard = ChatTemplateBudget()
+}
+
 final class JinjaInterpreter {
     /// Unix seconds to use for `strftime_now` (formatted in UTC), instead of the local clock.
     let fixedNow: Int64?
     let globals: [String: JinjaValue]
+    let budget: ChatTemplateBudget
+    private var steps = 0
+    private let deadline: Double
+    /// The innermost statement or loop being run, named when a budget runs out.
+    private var currentPos = JinjaPos(line: 1, column: 1)
     /// Macro calls in progress; bounded like Python's recursion limit, so runaway recursion is an error, not a crash.
     private var macroDepth = 0
     private static let maxMacroDepth = 200
 
-    init(fixedNow: Int64?) {
+    init(fixedNow: Int64?, budget: ChatTemplateBudget = .standard) {
         self.fixedNow = fixedNow
+        self.budget = budget
+        deadline = monotonicSeconds() + budget.seconds
         globals = JinjaBuiltins.globals(fixedNow: fixedNow)
+    }
+
+    /// Counts one step; throws when the step or time budget is spent.
+    @inline(__always)
+    func tick() throws {
+        steps += 1
+        if steps > budget.steps {
+            throw ChatTemplateError(kind: .runtime, line: Int(currentPos.line), column: Int(currentPos.column),
+                                    message: "exceeded \(budget.steps) steps (loop iterations and evaluations) while rendering line \(currentPos.line) of the template; it may loop without end")
+        }
+        if steps & 4095 == 0 && monotonicSeconds() > deadline {
+            throw ChatTemplateError(kind: .runtime, line: Int(currentPos.line), column: Int(currentPos.column),
+                                    message: "exceeded the time budget of \(budget.seconds) s while rendering line \(currentPos.line) of the template; it may loop without end")
+        }
+    }
+
+    /// Throws when a string being built passes the size budget.
+    @inline(__always)
+    func checkSize(_ s: String) throws {
+        if s.utf8.count > budget.stringBytes {
+            throw ChatTemplateError(kind: .runtime, line: Int(currentPos.line), column: Int(currentPos.column),
+                                    message: "the rendered text passed \(budget.stringBytes) bytes while rendering line \(currentPos.line) of the template")
+        }
     }
 
     // MARK: Errors
@@ -73,16 +123,20 @@ final class JinjaInterpreter {
 
     func exec(_ stmts: [JinjaStmt], _ scope: JinjaScope, _ out: inout String) throws -> JinjaFlow {
         for stmt in stmts {
+            try tick()
             switch stmt {
             case .text(let t):
                 out += t
+                try checkSize(out)
             case .output(let e, let pos):
+                currentPos = pos
                 let v = try eval(e, scope)
                 switch v {
                 case .string(let s): out += s
                 case .undefined: break
                 default: try at(pos) { out += v.pyStr }
                 }
+                try checkSize(out)
             case .ifChain(let branches, let otherwise):
                 var taken = false
                 for (cond, body) in branches {
@@ -99,6 +153,7 @@ final class JinjaInterpreter {
             case .forLoop(let loop):
                 try execFor(loop, scope, &out)
             case .set(let target, let e, let pos):
+                currentPos = pos
                 let v = try eval(e, scope)
                 try at(pos) { try assign(target, v, scope) }
             case .setBlock(let target, let filters, let body, let frame, let pos):
@@ -120,12 +175,14 @@ final class JinjaInterpreter {
                     return try c.call(positional, keyword)
                 }
                 out += v.pyStr
+                try checkSize(out)
             case .filterBlock(let filters, let body, let frame):
                 var text = ""
                 _ = try exec(body, enter(frame, scope), &text)
                 var v = JinjaValue.string(text)
                 for f in filters { v = try applyFilter(f.name, v, f.args, scope, f.pos) }
                 out += v.pyStr
+                try checkSize(out)
             case .with(let assignments, let body, let frame, let pos):
                 let values = try assignments.map { try eval($0.1, scope) }
                 let inner = enter(frame, scope)
@@ -159,6 +216,7 @@ final class JinjaInterpreter {
         if let condition = loop.condition {
             var kept: [JinjaValue] = []
             for item in items {
+                try tick()
                 let s = enter(loop.testFrame, scope)
                 try at(loop.pos) { try assign(loop.target, item, s) }
                 if try eval(condition, s).truthy { kept.append(item) }
@@ -171,6 +229,8 @@ final class JinjaInterpreter {
         // iteration ended in `continue`/`break` before reaching the end.
         var completedAnIteration = false
         for (i, item) in items.enumerated() {
+            currentPos = loop.pos
+            try tick()
             state.index0 = i
             let s = enter(loop.bodyFrame, scope)
             try at(loop.pos) { try assign(loop.target, item, s) }
@@ -248,6 +308,7 @@ final class JinjaInterpreter {
     // MARK: Expressions
 
     func eval(_ e: JinjaExpr, _ scope: JinjaScope) throws -> JinjaValue {
+        try tick()
         switch e {
         case .const(let v):
             return v
@@ -292,7 +353,9 @@ final class JinjaInterpreter {
             let v = try eval(x, scope)
             return try at(pos) { () throws -> JinjaValue in
                 switch v {
-                case .int(let i): return .int(-i)
+                case .int(let i):
+                    guard i != .min else { throw JinjaFailure("integer overflow") }
+                    return .int(-i)
                 case .float(let d): return .float(-d)
                 case .bool(let b): return .int(b ? -1 : 0)
                 case .undefined(let m): throw JinjaFailure(m)
@@ -323,7 +386,10 @@ final class JinjaInterpreter {
             return try at(pos) { try JinjaBuiltins.binary(op, l, r) }
         case .concat(let items, _):
             var s = ""
-            for item in items { s += try eval(item, scope).pyStr }
+            for item in items {
+                s += try eval(item, scope).pyStr
+                try checkSize(s)
+            }
             return .string(s)
         case .compare(let first, let ops, let pos):
             var left = try eval(first, scope)

@@ -32,25 +32,78 @@ import Glibc
 
 /// GGUF → Hugging Face folder conversion.
 public enum GGUFConverter {
+    /// The names `convert` writes (and the catalog's marker): an existing output folder holding only these is replaced.
+    public static let outputFiles: Set<String> = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                                                  "tokenizer_config.json", "chat_template.jinja", ModelCatalog.completeMarker]
+
     /// Bumped whenever the output changes, so that cached conversions are redone.
     public static let version = 1
 
     /// Converts `ggufPath` into an HF folder at `directory` (created if needed). Everything is built and checked
     /// before the first file is written; each file is written atomically.
     public static func convert(gguf ggufPath: String, to directory: String, log: (String) -> Void = { _ in }) throws {
+        try FileSystem.refuseOverwrite(output: directory, option: "the convert output", inputs: [("GGUF file", ggufPath)])
+        try FileSystem.checkReplaceable(directory, option: "the convert output", replaceable: outputFiles)
         let file = try GGUFFile(path: ggufPath)
+        try checkDataRanges(file)
         let hyper = try LlamaHyperParameters(file)
         let config = try configJSON(file, hyper)
+        let model = try loadableConfig(config, file)
         let tokenizer = try GGUFTokenizerExport(file)
+        if let tokens = file["tokenizer.ggml.tokens"]?.array, tokens.count > model.vocabularySize {
+            throw FileFormatError(file: file.path, place: file.place(ofKey: "tokenizer.ggml.tokens"),
+                                  "\(tokens.count) tokens but the model's vocabulary (embedding rows) is \(model.vocabularySize)")
+        }
         log("converting \(file.tensors.count) tensors to bf16")
         let records = try tensorRecords(file, hyper)
+        try checkRecords(records, model, file)
 
-        try FileSystem.createDirectory(directory)
-        try FileSystem.writeAtomically(directory + "/config.json", text: pythonJSON(config))
-        try FileSystem.writeAtomically(directory + "/generation_config.json", text: pythonJSON(generationConfigJSON(file)))
-        try tokenizer.write(to: directory)
-        try SafeTensorsWriter.write(records, metadata: ["format": "pt"], to: directory + "/model.safetensors")
+        // Written beside the target and renamed into place: an interrupted convert leaves the old folder or none.
+        try FileSystem.writeDirectory(directory) { directory in
+            try FileSystem.writeAtomically(directory + "/config.json", text: pythonJSON(config))
+            try FileSystem.writeAtomically(directory + "/generation_config.json", text: pythonJSON(generationConfigJSON(file)))
+            try tokenizer.write(to: directory)
+            try SafeTensorsWriter.write(records, metadata: ["format": "pt"], to: directory + "/model.safetensors")
+        }
         log("wrote \(directory)")
+    }
+
+    // MARK: - Checks before anything is written (the folder must load)
+
+    /// Tensor data must not overlap: llama.cpp lays tensors out one after another, and overlapping
+    /// ranges mean a corrupt or crafted file whose tensors would alias each other.
+    static func checkDataRanges(_ file: GGUFFile) throws {
+        let sorted = file.tensors.filter { !$0.dataRange.isEmpty }.sorted { $0.dataRange.lowerBound < $1.dataRange.lowerBound }
+        for (previous, next) in zip(sorted, sorted.dropFirst()) where next.dataRange.lowerBound < previous.dataRange.upperBound {
+            throw FileFormatError(file: file.path, place: "tensor '\(next.name)'",
+                                  "data [\(next.dataRange.lowerBound), \(next.dataRange.upperBound)) overlaps that of tensor '\(previous.name)' [\(previous.dataRange.lowerBound), \(previous.dataRange.upperBound))")
+        }
+    }
+
+    /// The config.json we would write, read back as the loader reads it.
+    static func loadableConfig(_ config: JSONValue, _ file: GGUFFile) throws -> LlamaConfig {
+        do {
+            return try LlamaConfig(json: config, file: "config.json")
+        } catch let e as FileFormatError {
+            throw FileFormatError(file: file.path, place: "metadata", "gives a config.json the model cannot load: \(e.place): \(e.message)")
+        }
+    }
+
+    /// Every tensor the config asks for, with its shape, and no other (block_count must agree with the tensors).
+    static func checkRecords(_ records: [TensorRecord], _ config: LlamaConfig, _ file: GGUFFile) throws {
+        var expected = LlamaModel.tensorShapes(config: config)
+        for record in records {
+            guard let shape = expected.removeValue(forKey: record.name) else {
+                throw FileFormatError(file: file.path, place: "tensor '\(record.name)'", "not part of the model the metadata describes (\(config.layerCount) blocks)")
+            }
+            guard record.shape == shape else {
+                throw FileFormatError(file: file.path, place: "tensor that becomes '\(record.name)'",
+                                      "shape \(record.shape), expected \(shape) from the metadata (\(config.hiddenSize) hidden, \(config.intermediateSize) feed-forward, \(config.headCount) × \(config.headDim) heads, \(config.kvHeadCount) KV heads, vocabulary \(config.vocabularySize))")
+            }
+        }
+        if let missing = expected.keys.sorted().first {
+            throw FileFormatError(file: file.path, place: "tensors", "missing the tensor that becomes '\(missing)' (metadata says \(config.layerCount) blocks)")
+        }
     }
 
     /// JSON text as Python's `json.dumps(value, indent=2, sort_keys=True)` + newline, as transformers writes configs.
@@ -183,6 +236,7 @@ public enum GGUFConverter {
             guard let hfName = try hfTensorName(info.name, file: file.path) else { continue }
             let place = "tensor '\(info.name)'"
             var values = try file.floats(info)
+            try checkFinite(values, tensor: info.name, origin: file.path)
             let shape = info.shape
             if let layer = layerIndex(info.name), layer >= h.layers {
                 throw FileFormatError(file: file.path, place: place, "layer \(layer) but the model has \(h.layers) layers")
@@ -286,7 +340,13 @@ struct LlamaHyperParameters {
             throw FileFormatError(file: file.path, place: "metadata", "\(heads) heads, \(kvHeads) KV heads, head size \(headDim): expected heads a multiple of KV heads and an even head size")
         }
         rmsNormEps = try file.required("\(arch).attention.layer_norm_rms_epsilon", "a number", \.double)
+        guard rmsNormEps.isFinite, rmsNormEps > 0 else {
+            throw FileFormatError(file: file.path, place: file.place(ofKey: "\(arch).attention.layer_norm_rms_epsilon"), "expected a finite number > 0, got \(rmsNormEps)")
+        }
         ropeTheta = file["\(arch).rope.freq_base"]?.double ?? 10000.0
+        guard ropeTheta.isFinite, ropeTheta > 0 else {
+            throw FileFormatError(file: file.path, place: file.place(ofKey: "\(arch).rope.freq_base"), "expected a finite number > 0, got \(ropeTheta)")
+        }
         if let v = file["\(arch).vocab_size"]?.int {
             vocabSize = v
         } else if let tokens = file["tokenizer.ggml.tokens"]?.array {

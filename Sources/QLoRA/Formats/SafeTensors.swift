@@ -95,8 +95,10 @@ public final class SafeTensorsFile: @unchecked Sendable {
                 let (p, o) = acc.0.multipliedReportingOverflow(by: d)
                 return (p, acc.1 || o)
             }
-            guard !overflow, elements * dtype.size == end - begin else {
-                throw fail(place, "shape \(shape) of \(dtypeName) needs \(overflow ? "too many" : String(elements * dtype.size)) bytes but data_offsets give \(end - begin)")
+            // The byte count can overflow even when the element count does not (a 2^62-element F32 tensor).
+            let (byteCount, byteOverflow) = elements.multipliedReportingOverflow(by: dtype.size)
+            guard !overflow, !byteOverflow, byteCount == end - begin else {
+                throw fail(place, "shape \(shape) of \(dtypeName) needs \(overflow || byteOverflow ? "too many" : String(byteCount)) bytes but data_offsets give \(end - begin)")
             }
             tensors.append(TensorInfo(name: name, dtype: dtype, shape: shape, dataRange: begin..<end))
         }
@@ -211,6 +213,12 @@ public final class SafeTensorsCheckpoint: @unchecked Sendable {
             for (name, shard) in weightMap {
                 guard let shardName = shard.string else {
                     throw FileFormatError(file: indexPath, place: "weight_map['\(name)']", "expected a file name")
+                }
+                // A shard is a file of this folder: a path elsewhere ("../x", "/etc/x", "sub/x") would read files the
+                // user never gave us.
+                guard !shardName.isEmpty, !shardName.contains("/"), shardName != ".", shardName != ".." else {
+                    throw FileFormatError(file: indexPath, place: "weight_map['\(name)']",
+                                          "shard '\(shardName)' is not a file name in the model folder")
                 }
                 if shardIndex[shardName] == nil {
                     shardIndex[shardName] = files.count

@@ -13,10 +13,12 @@ public enum Generator {
     /// Stops at any id in `stopIDs` (which is not passed to `onToken`).
     public static func generate(model: LlamaModel, prompt: [Int], maxTokens: Int, sampling: SamplingOptions,
                                 stopIDs: Set<Int>, onToken: (Int) -> Void = { _ in }) throws -> GenerationResult {
+        try validate(maxTokens: maxTokens, sampling: sampling)
         let capacity = prompt.count + maxTokens
         guard capacity <= model.config.maxPositionEmbeddings else {
             throw UsageError("prompt (\(prompt.count) tokens) + max tokens (\(maxTokens)) exceed the model's \(model.config.maxPositionEmbeddings) positions")
         }
+        try model.config.checkSequenceLength(capacity, what: "prompt (\(prompt.count) tokens) + max tokens (\(maxTokens))")
         return try generate(session: CPUInferenceSession(model: model, capacity: capacity), prompt: prompt, maxTokens: maxTokens,
                             sampling: sampling, stopIDs: stopIDs, onToken: onToken)
     }
@@ -24,6 +26,7 @@ public enum Generator {
     /// The same on any backend's session (which must have room for the prompt and `maxTokens`).
     public static func generate(session: InferenceSession, prompt: [Int], maxTokens: Int, sampling: SamplingOptions,
                                 stopIDs: Set<Int>, onToken: (Int) -> Void = { _ in }) throws -> GenerationResult {
+        try validate(maxTokens: maxTokens, sampling: sampling)
         guard !prompt.isEmpty else { throw UsageError("the prompt is empty") }
         guard session.length + prompt.count + maxTokens <= session.capacity else {
             throw UsageError("prompt (\(prompt.count) tokens) + max tokens (\(maxTokens)) exceed the session's \(session.capacity - session.length) free positions")
@@ -46,6 +49,12 @@ public enum Generator {
         let decodeSeconds = monotonicSeconds() - decodeStart
         return GenerationResult(tokens: out, stoppedAtEOS: stopped, promptTokensPerSecond: Double(prompt.count) / max(prefillSeconds, 1e-9),
                                 decodeTokensPerSecond: Double(out.count) / max(decodeSeconds, 1e-9))
+    }
+
+    /// The options' ranges: checked before anything is allocated (a negative count would size a cache of 2^64 bytes).
+    public static func validate(maxTokens: Int, sampling: SamplingOptions) throws {
+        guard maxTokens > 0 else { throw UsageError("max_tokens (--max-tokens) must be a positive integer, got \(maxTokens)") }
+        try sampling.validate()
     }
 
     /// The ids that end generation: the config's eos ids and the tokenizer's eos token.

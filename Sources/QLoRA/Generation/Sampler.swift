@@ -37,6 +37,17 @@ public struct SamplingOptions: Sendable {
         self.topP = topP
         self.seed = seed
     }
+
+    /// Rejects values the sampler cannot honour (as transformers' logits processors do), naming the option.
+    public func validate() throws {
+        guard temperature.isFinite && temperature >= 0 else {
+            throw UsageError("temperature (--temperature) must be a finite number >= 0 (0: greedy), got \(temperature)")
+        }
+        guard topK >= 0 else { throw UsageError("top_k (--top-k) must be a non-negative integer (0: no cut), got \(topK)") }
+        guard topP.isFinite && topP > 0 && topP <= 1 else {
+            throw UsageError("top_p (--top-p) must be in (0, 1] (1: no cut), got \(topP)")
+        }
+    }
 }
 
 public struct Sampler {

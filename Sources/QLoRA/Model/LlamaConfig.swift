@@ -39,6 +39,8 @@ public struct LlamaConfig: Equatable, Sendable {
     public var bosTokenID: Int?
     public var eosTokenIDs: [Int]
     public var padTokenID: Int?
+    /// Mistral's / Qwen2's attention window, when the model uses one (see `slidingWindow(_:modelType:layerCount:)`).
+    public var slidingWindow: Int?
     /// The whole file as read, so that writers can keep fields we do not model.
     public var raw: JSONValue
 
@@ -55,55 +57,168 @@ public struct LlamaConfig: Equatable, Sendable {
         try self.init(json: json, file: path)
     }
 
+    /// Reads and validates every field the model uses: a wrong type, an out-of-range value, or a value
+    /// that asks for math this code does not implement is an error naming the field.
     public init(json: JSONValue, file: String = "config.json") throws {
-        func fail(_ key: String, _ message: String) -> FileFormatError { FileFormatError(file: file, place: "'\(key)'", message) }
-        func int(_ key: String) throws -> Int {
-            guard let v = json[key]?.int else { throw fail(key, "missing or not an integer") }
-            guard v > 0 else { throw fail(key, "must be positive, got \(v)") }
-            return v
-        }
-        guard let modelType = json["model_type"]?.string else { throw fail("model_type", "missing") }
+        let fields = ConfigFields(json: json, file: file)
+        guard json.object != nil else { throw FileFormatError(file: file, place: "top level", "expected a JSON object") }
+        let modelType = try fields.string("model_type") ?? ""
         guard Self.supportedModelTypes.contains(modelType) else {
-            throw fail("model_type", "'\(modelType)' is not supported (supported: \(Self.supportedModelTypes.joined(separator: ", ")))")
+            throw fields.fail("model_type", modelType.isEmpty ? "missing"
+                : "'\(modelType)' is not supported (supported: \(Self.supportedModelTypes.joined(separator: ", ")))")
         }
         self.modelType = modelType
-        hiddenSize = try int("hidden_size")
-        intermediateSize = try int("intermediate_size")
-        layerCount = try int("num_hidden_layers")
-        headCount = try int("num_attention_heads")
-        kvHeadCount = json["num_key_value_heads"]?.int ?? headCount
-        vocabularySize = try int("vocab_size")
-        if let hd = json["head_dim"]?.int { headDim = hd } else {
-            guard hiddenSize % headCount == 0 else { throw fail("hidden_size", "\(hiddenSize) is not divisible by num_attention_heads \(headCount)") }
+        // Sizes are bounded so that no product of them can overflow (the release build does not trap).
+        hiddenSize = try fields.size("hidden_size")
+        intermediateSize = try fields.size("intermediate_size")
+        layerCount = try fields.size("num_hidden_layers", max: 1 << 16)
+        headCount = try fields.size("num_attention_heads", max: 1 << 16)
+        kvHeadCount = try fields.optionalSize("num_key_value_heads", max: 1 << 16) ?? headCount
+        vocabularySize = try fields.size("vocab_size")
+        if let hd = try fields.optionalSize("head_dim", max: 1 << 16) {
+            headDim = hd
+        } else {
+            guard hiddenSize % headCount == 0 else { throw fields.fail("hidden_size", "\(hiddenSize) is not divisible by num_attention_heads \(headCount)") }
             headDim = hiddenSize / headCount
         }
         guard headCount % kvHeadCount == 0 else {
-            throw fail("num_key_value_heads", "\(kvHeadCount) does not divide num_attention_heads \(headCount)")
+            throw fields.fail("num_key_value_heads", "\(kvHeadCount) does not divide num_attention_heads \(headCount)")
         }
-        guard headDim % 2 == 0 else { throw fail("head_dim", "must be even for rotary embeddings, got \(headDim)") }
-        rmsNormEps = Float(json["rms_norm_eps"]?.double ?? 1e-6)
-        tieWordEmbeddings = json["tie_word_embeddings"]?.bool ?? false
-        attentionBias = json["attention_bias"]?.bool ?? (modelType == "qwen2")
-        maxPositionEmbeddings = json["max_position_embeddings"]?.int ?? 2048
-        bosTokenID = json["bos_token_id"]?.int
-        if let list = json["eos_token_id"]?.array { eosTokenIDs = list.compactMap(\.int) } else { eosTokenIDs = json["eos_token_id"]?.int.map { [$0] } ?? [] }
-        padTokenID = json["pad_token_id"]?.int
+        guard headDim % 2 == 0 else { throw fields.fail("head_dim", "must be even for rotary embeddings, got \(headDim)") }
+        let eps = try fields.double("rms_norm_eps") ?? 1e-6
+        guard eps.isFinite, eps > 0, Float(eps) > 0 else { throw fields.fail("rms_norm_eps", "must be a finite number > 0 (and > 0 in float32), got \(eps)") }
+        rmsNormEps = Float(eps)
+        tieWordEmbeddings = try fields.bool("tie_word_embeddings") ?? false
+        maxPositionEmbeddings = try fields.optionalSize("max_position_embeddings") ?? 2048
+        let vocab = vocabularySize
+        func tokenID(_ key: String, _ value: JSONValue) throws -> Int {
+            guard let id = value.int else { throw fields.fail(key, "expected a token id (integer), got \(value.serialized())") }
+            guard id >= 0, id < vocab else { throw fields.fail(key, "token id \(id) is outside the vocabulary (0..<\(vocab))") }
+            return id
+        }
+        func optionalTokenID(_ key: String) throws -> Int? {
+            guard let v = json[key], !v.isNull else { return nil }
+            return try tokenID(key, v)
+        }
+        bosTokenID = try optionalTokenID("bos_token_id")
+        padTokenID = try optionalTokenID("pad_token_id")
+        if let list = json["eos_token_id"]?.array {
+            eosTokenIDs = try list.map { try tokenID("eos_token_id", $0) }
+        } else {
+            eosTokenIDs = try optionalTokenID("eos_token_id").map { [$0] } ?? []
+        }
 
-        // transformers 5 writes `rope_parameters`; earlier versions `rope_theta` + `rope_scaling`.
-        let rope = json["rope_parameters"] ?? json["rope_scaling"]
-        ropeTheta = rope?["rope_theta"]?.double ?? json["rope_theta"]?.double ?? 10000
-        let ropeType = rope?["rope_type"]?.string ?? rope?["type"]?.string ?? "default"
+        // Switches that change the math: accepted only at the values this code computes.
+        let act = try fields.string("hidden_act") ?? "silu"
+        guard act == "silu" || act == "swish" else {
+            throw fields.fail("hidden_act", "'\(act)' is not implemented (only silu, the Llama-family SwiGLU)")
+        }
+        if try fields.bool("mlp_bias") == true { throw fields.fail("mlp_bias", "biases on the MLP projections are not implemented") }
+        switch modelType {
+        case "qwen2":
+            // Qwen2 always has q, k, v biases (transformers ignores attention_bias there).
+            attentionBias = true
+        case "mistral":
+            attentionBias = false
+        default:
+            // Llama's attention_bias also puts a bias on o_proj, which is not implemented.
+            if try fields.bool("attention_bias") == true {
+                throw fields.fail("attention_bias", "Llama attention biases (on q, k, v and o_proj) are not implemented")
+            }
+            attentionBias = false
+        }
+        if let dropout = try fields.double("attention_dropout"), dropout != 0 {
+            throw fields.fail("attention_dropout", "attention dropout is not implemented (expected 0, got \(dropout))")
+        }
+        slidingWindow = try Self.slidingWindow(fields, modelType: modelType, layerCount: layerCount)
+        if let q = json["quantization_config"], !q.isNull {
+            let method = q["quant_method"]?.string ?? ""
+            guard method == "bitsandbytes" else {
+                throw fields.fail("quantization_config", "quant_method '\(method)' is not supported (only bitsandbytes 4-bit checkpoints load)")
+            }
+            if q["load_in_8bit"]?.bool == true || q["_load_in_8bit"]?.bool == true {
+                throw fields.fail("quantization_config", "8-bit bitsandbytes checkpoints are not supported (only 4-bit)")
+            }
+        }
+
+        // transformers 5 writes `rope_parameters`; earlier versions `rope_theta` + `rope_scaling` (either may be null).
+        let ropeKey = json["rope_parameters"].map { !$0.isNull } == true ? "rope_parameters" : "rope_scaling"
+        let rope = json[ropeKey].flatMap { $0.isNull ? nil : $0 }
+        if let rope, rope.object == nil { throw fields.fail(ropeKey, "expected an object, got \(rope.serialized())") }
+        let ropeFields = ConfigFields(json: rope ?? .object(JSONObject()), file: file, prefix: ropeKey + ".")
+        ropeTheta = try ropeFields.double("rope_theta") ?? fields.double("rope_theta") ?? 10000
+        guard ropeTheta.isFinite, ropeTheta > 0 else { throw fields.fail("rope_theta", "must be a finite number > 0, got \(ropeTheta)") }
+        for f in [fields, ropeFields] {
+            if let partial = try f.double("partial_rotary_factor"), partial != 1 {
+                throw f.fail("partial_rotary_factor", "partial rotary embeddings are not implemented (expected 1, got \(partial))")
+            }
+        }
+        let ropeType = try ropeFields.string("rope_type") ?? ropeFields.string("type") ?? "default"
         guard let kind = RopeScaling.Kind(rawValue: ropeType) else {
-            throw fail("rope_parameters", "rope_type '\(ropeType)' is not supported (supported: default, linear, llama3)")
+            throw fields.fail(ropeKey, "rope_type '\(ropeType)' is not supported (supported: default, linear, llama3)")
         }
         ropeScaling = RopeScaling(kind: kind)
         if kind != .default {
-            ropeScaling.factor = rope?["factor"]?.double ?? 1
-            ropeScaling.lowFrequencyFactor = rope?["low_freq_factor"]?.double ?? 1
-            ropeScaling.highFrequencyFactor = rope?["high_freq_factor"]?.double ?? 4
-            ropeScaling.originalMaxPositionEmbeddings = rope?["original_max_position_embeddings"]?.int ?? 8192
+            func positive(_ key: String, _ fallback: Double) throws -> Double {
+                let v = try ropeFields.double(key) ?? fallback
+                guard v.isFinite, v > 0 else { throw ropeFields.fail(key, "must be a finite number > 0, got \(v)") }
+                return v
+            }
+            ropeScaling.factor = try positive("factor", 1)
+            if kind == .llama3 {
+                ropeScaling.lowFrequencyFactor = try positive("low_freq_factor", 1)
+                ropeScaling.highFrequencyFactor = try positive("high_freq_factor", 4)
+                guard ropeScaling.highFrequencyFactor > ropeScaling.lowFrequencyFactor else {
+                    throw ropeFields.fail("high_freq_factor", "must be greater than low_freq_factor (\(ropeScaling.highFrequencyFactor) ≤ \(ropeScaling.lowFrequencyFactor))")
+                }
+                ropeScaling.originalMaxPositionEmbeddings = try ropeFields.optionalSize("original_max_position_embeddings") ?? 8192
+            }
         }
         raw = json
+    }
+
+    /// The attention window when the model restricts attention to the last `n` positions (Mistral's
+    /// `sliding_window`, Qwen2's with `use_sliding_window`); nil when every layer sees all positions.
+    /// Sequences no longer than the window compute exactly as full attention, so we run those and
+    /// refuse longer ones (`checkSequenceLength`) rather than compute them wrongly.
+    static func slidingWindow(_ fields: ConfigFields, modelType: String, layerCount: Int) throws -> Int? {
+        switch modelType {
+        case "mistral":
+            return try fields.optionalSize("sliding_window", max: Int.max >> 1)
+        case "qwen2":
+            guard try fields.bool("use_sliding_window") == true else { return nil }
+            let window = try fields.optionalSize("sliding_window", max: Int.max >> 1) ?? 4096
+            var sliding: Bool
+            if let types = fields.json["layer_types"], !types.isNull {
+                guard let list = types.array, list.count == layerCount else {
+                    throw fields.fail("layer_types", "expected a list of \(layerCount) layer types (num_hidden_layers)")
+                }
+                sliding = false
+                for t in list {
+                    switch t.string {
+                    case "full_attention"?: break
+                    case "sliding_attention"?: sliding = true
+                    default: throw fields.fail("layer_types", "unknown layer type \(t.serialized()) (expected full_attention or sliding_attention)")
+                    }
+                }
+            } else {
+                // Layers from max_window_layers on slide (transformers' default layer_types); 0 means all.
+                let v = fields.json["max_window_layers"].flatMap { $0.isNull ? nil : $0 } ?? .int(28)
+                guard let first = v.int, first >= 0 else { throw fields.fail("max_window_layers", "expected a non-negative integer, got \(v.serialized())") }
+                sliding = first < layerCount
+            }
+            return sliding ? window : nil
+        default:
+            return nil
+        }
+    }
+
+    /// Throws when sequences of `length` positions would need attention this code does not compute
+    /// (beyond a sliding window); `what` names the option or input that asked for them.
+    public func checkSequenceLength(_ length: Int, what: String) throws {
+        if let window = slidingWindow, length > window {
+            throw UsageError("\(what) asks for \(length) positions, but this \(modelType) model attends within a sliding window of \(window) (config.json 'sliding_window') and sliding-window attention is not implemented; use at most \(window)")
+        }
     }
 
     public var qDim: Int { headCount * headDim }
@@ -136,5 +251,58 @@ public struct LlamaConfig: Equatable, Sendable {
         let mlp = 3 * hiddenSize * intermediateSize
         let perLayer = attention + mlp + 2 * hiddenSize
         return vocabularySize * hiddenSize * (tieWordEmbeddings ? 1 : 2) + layerCount * perLayer + hiddenSize
+    }
+}
+
+/// Typed access to a config's fields: a value of the wrong JSON type is an error naming the field;
+/// absent and null fields read as nil.
+struct ConfigFields {
+    let json: JSONValue
+    let file: String
+    /// Prefix of the place in messages, for nested objects ("rope_parameters.").
+    var prefix = ""
+
+    func fail(_ key: String, _ message: String) -> FileFormatError { FileFormatError(file: file, place: "'\(prefix)\(key)'", message) }
+
+    private func value(_ key: String) -> JSONValue? {
+        guard let v = json[key], !v.isNull else { return nil }
+        return v
+    }
+
+    private func wrongType(_ key: String, _ expected: String, _ v: JSONValue) -> FileFormatError {
+        fail(key, "expected \(expected), got \(v.serialized())")
+    }
+
+    func string(_ key: String) throws -> String? {
+        guard let v = value(key) else { return nil }
+        guard let s = v.string else { throw wrongType(key, "a string", v) }
+        return s
+    }
+
+    func bool(_ key: String) throws -> Bool? {
+        guard let v = value(key) else { return nil }
+        guard let b = v.bool else { throw wrongType(key, "true or false", v) }
+        return b
+    }
+
+    func double(_ key: String) throws -> Double? {
+        guard let v = value(key) else { return nil }
+        guard let d = v.double else { throw wrongType(key, "a number", v) }
+        return d
+    }
+
+    /// A positive integer no larger than `max`, or nil when absent.
+    func optionalSize(_ key: String, max: Int = 1 << 24) throws -> Int? {
+        guard let v = value(key) else { return nil }
+        guard let n = v.int else { throw wrongType(key, "a positive integer", v) }
+        guard n > 0 else { throw fail(key, "must be positive, got \(n)") }
+        guard n <= max else { throw fail(key, "\(n) is larger than this program accepts (at most \(max))") }
+        return n
+    }
+
+    /// A required positive integer no larger than `max`.
+    func size(_ key: String, max: Int = 1 << 24) throws -> Int {
+        guard let n = try optionalSize(key, max: max) else { throw fail(key, "missing (expected a positive integer)") }
+        return n
     }
 }

@@ -27,10 +27,13 @@ public protocol BaseWeightSource {
     /// The directory or file the weights were read from, for messages.
     var origin: String { get }
     func contains(_ name: String) -> Bool
-    /// A tensor's values in fp32 with its shape.
+    /// A tensor's values in fp32 with its shape, checked finite: a NaN or ±Inf is an error naming the tensor.
     func tensor(_ name: String) throws -> (values: [Float], shape: [Int])
     /// The 4-bit form of a linear weight, when the source holds (or makes) one; nil for dense weights.
+    /// Its scales are checked finite (the codes cannot be otherwise).
     func quantizedWeight(_ name: String) throws -> QuantizedWeight?
+    /// Every weight's name as the model names it (a 4-bit weight once, under its dense name).
+    var tensorNames: [String] { get }
 }
 
 extension BaseWeightSource {
@@ -39,9 +42,14 @@ extension BaseWeightSource {
 
 extension SafeTensorsCheckpoint: BaseWeightSource {
     public var origin: String { directory }
+    public var tensorNames: [String] { names }
     public func tensor(_ name: String) throws -> (values: [Float], shape: [Int]) {
         guard let info = info(name) else { throw FileFormatError(file: directory, place: "tensor '\(name)'", "not found in the checkpoint") }
-        return (try floats(name), info.shape)
+        let file = try file(containing: name)
+        var values = [Float](repeating: 0, count: info.elementCount)
+        let bad = values.withUnsafeMutableBufferPointer { convertToFiniteFloats(file.bytes(info), dtype: info.dtype, into: $0) }
+        if let i = bad { throw nonFiniteError(values[i], at: i, tensor: name, origin: file.path) }
+        return (values, info.shape)
     }
 }
 
@@ -64,55 +72,108 @@ public final class LlamaModel: @unchecked Sendable {
         rope = RopeTable(config: config, positions: min(config.maxPositionEmbeddings, 4096))
     }
 
-    /// Loads the weights named as transformers names them from `source`.
+    /// Loads the weights named as transformers names them from `source`, checking each against the
+    /// config: every tensor the model needs present with its shape and finite values, and no tensor
+    /// left over (a layer beyond `num_hidden_layers`, a bias the config does not enable).
     public convenience init(config: LlamaConfig, weights source: BaseWeightSource) throws {
-        func tensor(_ name: String, _ shape: [Int]) throws -> [Float] {
+        let c = config
+        let expected = Self.tensorShapes(config: c)
+        func tensor(_ name: String) throws -> [Float] {
+            let shape = expected[name]!
+            guard source.contains(name) else {
+                throw FileFormatError(file: source.origin, place: "tensor '\(name)'", "missing: config.json describes a model that needs it (shape \(shape))")
+            }
             let (values, actual) = try source.tensor(name)
             guard actual == shape else {
                 throw FileFormatError(file: source.origin, place: "tensor '\(name)'", "shape \(actual), expected \(shape) from config.json")
             }
             return values
         }
-        func matrix(_ name: String, _ rows: Int, _ columns: Int) throws -> Matrix {
-            Matrix(rows: rows, columns: columns, values: try tensor(name, [rows, columns]))
+        func matrix(_ name: String) throws -> Matrix {
+            let shape = expected[name]!
+            return Matrix(rows: shape[0], columns: shape[1], values: try tensor(name))
         }
-        let c = config
-        func linear(_ module: String, out: Int, in inFeatures: Int, bias: Bool = false) throws -> Linear {
+        func linear(_ module: String) throws -> Linear {
             let name = module + ".weight"
             let weight: FrozenWeight
             if let q = try source.quantizedWeight(name) {
-                guard q.shape == [out, inFeatures] else {
-                    throw FileFormatError(file: source.origin, place: "tensor '\(name)'", "shape \(q.shape), expected \([out, inFeatures]) from config.json")
+                guard q.shape == expected[name]! else {
+                    throw FileFormatError(file: source.origin, place: "tensor '\(name)'", "shape \(q.shape), expected \(expected[name]!) from config.json")
                 }
                 weight = try FrozenWeight(quantized: q)
             } else {
-                weight = FrozenWeight(dense: try matrix(name, out, inFeatures))
+                weight = FrozenWeight(dense: try matrix(name))
             }
-            return Linear(name: module, weight: weight, bias: bias ? try tensor(module + ".bias", [out]) : nil)
+            let bias = module + ".bias"
+            return Linear(name: module, weight: weight, bias: expected[bias] != nil ? try tensor(bias) : nil)
         }
-        let embedding = try matrix("model.embed_tokens.weight", c.vocabularySize, c.hiddenSize)
+        let embedding = try matrix("model.embed_tokens.weight")
         var blocks: [LlamaBlock] = []
         for l in 0..<c.layerCount {
             let p = "model.layers.\(l)."
             blocks.append(LlamaBlock(
-                inputNorm: try tensor(p + "input_layernorm.weight", [c.hiddenSize]),
-                postAttentionNorm: try tensor(p + "post_attention_layernorm.weight", [c.hiddenSize]),
-                q: try linear(p + "self_attn.q_proj", out: c.qDim, in: c.hiddenSize, bias: c.attentionBias),
-                k: try linear(p + "self_attn.k_proj", out: c.kvDim, in: c.hiddenSize, bias: c.attentionBias),
-                v: try linear(p + "self_attn.v_proj", out: c.kvDim, in: c.hiddenSize, bias: c.attentionBias),
-                o: try linear(p + "self_attn.o_proj", out: c.hiddenSize, in: c.qDim),
-                gate: try linear(p + "mlp.gate_proj", out: c.intermediateSize, in: c.hiddenSize),
-                up: try linear(p + "mlp.up_proj", out: c.intermediateSize, in: c.hiddenSize),
-                down: try linear(p + "mlp.down_proj", out: c.hiddenSize, in: c.intermediateSize)))
+                inputNorm: try tensor(p + "input_layernorm.weight"),
+                postAttentionNorm: try tensor(p + "post_attention_layernorm.weight"),
+                q: try linear(p + "self_attn.q_proj"), k: try linear(p + "self_attn.k_proj"),
+                v: try linear(p + "self_attn.v_proj"), o: try linear(p + "self_attn.o_proj"),
+                gate: try linear(p + "mlp.gate_proj"), up: try linear(p + "mlp.up_proj"), down: try linear(p + "mlp.down_proj")))
         }
-        let finalNorm = try tensor("model.norm.weight", [c.hiddenSize])
+        let finalNorm = try tensor("model.norm.weight")
         let head: Matrix
-        if c.tieWordEmbeddings || !source.contains("lm_head.weight") {
+        if c.tieWordEmbeddings {
             head = embedding
+        } else if source.contains("lm_head.weight") {
+            head = try matrix("lm_head.weight")
         } else {
-            head = try matrix("lm_head.weight", c.vocabularySize, c.hiddenSize)
+            throw FileFormatError(file: source.origin, place: "tensor 'lm_head.weight'",
+                                  "missing, and config.json has tie_word_embeddings false (set it to true if the head is the embedding)")
         }
+        try Self.checkNoTensorIsLeftOver(source, expected: expected, config: c)
         self.init(config: c, embedding: embedding, blocks: blocks, finalNorm: finalNorm, head: head)
+    }
+
+    /// Every tensor a model of `config` reads, with its shape, by transformers' name.
+    public static func tensorShapes(config c: LlamaConfig) -> [String: [Int]] {
+        var shapes: [String: [Int]] = ["model.embed_tokens.weight": [c.vocabularySize, c.hiddenSize], "model.norm.weight": [c.hiddenSize]]
+        if !c.tieWordEmbeddings { shapes["lm_head.weight"] = [c.vocabularySize, c.hiddenSize] }
+        for l in 0..<c.layerCount {
+            let p = "model.layers.\(l)."
+            shapes[p + "input_layernorm.weight"] = [c.hiddenSize]
+            shapes[p + "post_attention_layernorm.weight"] = [c.hiddenSize]
+            for (name, out, inFeatures) in [("self_attn.q_proj", c.qDim, c.hiddenSize), ("self_attn.k_proj", c.kvDim, c.hiddenSize),
+                                            ("self_attn.v_proj", c.kvDim, c.hiddenSize), ("self_attn.o_proj", c.hiddenSize, c.qDim),
+                                            ("mlp.gate_proj", c.intermediateSize, c.hiddenSize), ("mlp.up_proj", c.intermediateSize, c.hiddenSize),
+                                            ("mlp.down_proj", c.hiddenSize, c.intermediateSize)] {
+                shapes[p + name + ".weight"] = [out, inFeatures]
+                if c.attentionBias, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"].contains(name) { shapes[p + name + ".bias"] = [out] }
+            }
+        }
+        return shapes
+    }
+
+    /// A tensor the model does not read means config.json and the weights disagree (transformers would
+    /// only warn); the few that carry nothing are allowed: a tied head's copy, old rotary caches.
+    static func checkNoTensorIsLeftOver(_ source: BaseWeightSource, expected: [String: [Int]], config c: LlamaConfig) throws {
+        for name in source.tensorNames where expected[name] == nil {
+            if name == "lm_head.weight" && c.tieWordEmbeddings { continue }
+            if name.hasSuffix(".rotary_emb.inv_freq") { continue }
+            let why: String
+            if let layer = layerIndex(of: name), layer >= c.layerCount {
+                why = "layer \(layer), but config.json has num_hidden_layers \(c.layerCount) (the checkpoint holds more layers than the config describes)"
+            } else if name.hasSuffix(".bias") {
+                why = "a bias that config.json does not enable (attention_bias, mlp_bias) and this code does not compute"
+            } else {
+                why = "not a weight of a \(c.modelType) model with this config.json"
+            }
+            throw FileFormatError(file: source.origin, place: "tensor '\(name)'", why)
+        }
+    }
+
+    /// N of a `model.layers.N.…` name.
+    static func layerIndex(of name: String) -> Int? {
+        let parts = name.split(separator: ".")
+        guard parts.count > 2, parts[0] == "model", parts[1] == "layers" else { return nil }
+        return Int(parts[2])
     }
 
     /// Every linear layer by module path (`model.layers.0.self_attn.q_proj`, ...).
@@ -149,6 +210,7 @@ extension LlamaModel {
         guard start + t <= cache.capacity else {
             throw UsageError("the sequence needs \(start + t) positions but the KV cache holds \(cache.capacity)")
         }
+        try c.checkSequenceLength(start + t, what: "the input")
         for id in tokens where id < 0 || id >= c.vocabularySize {
             throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))")
         }
@@ -206,4 +268,49 @@ extension LlamaModel {
         }
         return logits
     }
+}
+
+// MARK: - Finite values
+
+/// Throws when a weight holds NaN or ±Inf, naming the tensor and the first bad element; such a weight
+/// would give a NaN loss, or quantize to blocks of zeros.
+func checkFinite(_ values: [Float], tensor name: String, origin: String) throws {
+    guard let i = values.withUnsafeBufferPointer(firstNonFiniteIndex) else { return }
+    throw nonFiniteError(values[i], at: i, tensor: name, origin: origin)
+}
+
+func nonFiniteError(_ value: Float, at i: Int, tensor name: String, origin: String) -> FileFormatError {
+    FileFormatError(file: origin, place: "tensor '\(name)'", "element \(i) is \(value); weights must be finite")
+}
+
+/// `convertToFloat` a cache-sized piece at a time, each piece checked while it is still in cache, so
+/// the check costs little beside the conversion. Returns the index of the first non-finite value.
+func convertToFiniteFloats(_ bytes: UnsafeRawBufferPointer, dtype: DType, into out: UnsafeMutableBufferPointer<Float>) -> Int? {
+    let chunk = 1 << 14
+    var first: Int?
+    var start = 0
+    while start < out.count {
+        let end = min(start + chunk, out.count)
+        let piece = UnsafeMutableBufferPointer(rebasing: out[start..<end])
+        convertToFloat(UnsafeRawBufferPointer(rebasing: bytes[(start * dtype.size)..<(end * dtype.size)]), dtype: dtype, into: piece)
+        if first == nil, let i = firstNonFiniteIndex(UnsafeBufferPointer(piece)) { first = start + i }
+        start = end
+    }
+    return first
+}
+
+/// The index of the first NaN or ±Inf, nil when all are finite. Exponent bits all ones mark
+/// non-finite floats; a max over them is an integer reduction the compiler vectorizes.
+func firstNonFiniteIndex(_ values: UnsafeBufferPointer<Float>) -> Int? {
+    let exponent: UInt32 = 0x7F80_0000
+    let chunk = 1 << 14
+    var start = 0
+    while start < values.count {
+        let end = min(start + chunk, values.count)
+        var highest: UInt32 = 0
+        for i in start..<end { highest = max(highest, values[i].bitPattern & exponent) }
+        if highest == exponent { return (start..<end).first { !values[$0].isFinite } }
+        start = end
+    }
+    return nil
 }

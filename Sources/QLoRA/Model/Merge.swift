@@ -20,9 +20,13 @@ public enum AdapterMerge {
     /// `baseDirectory` supplies config.json and the tokenizer files; the weights come from the model.
     /// `mergedWeight` computes each linear layer's fp32 W + scale·B·A (default: on the CPU, `mergedWeight(_:)`;
     /// `CUDAAdapterMerge.mergedWeight` on the GPU); the rounding to bf16 is the same either way.
+    /// The names this writes: an existing output folder holding only these is replaced, anything else is refused.
+    public static var outputFiles: Set<String> { Set(["model.safetensors", "config.json"] + companionFiles) }
+
     public static func write(model: LlamaModel, baseDirectory: String, fromQuantizedBase: Bool, to outputDirectory: String,
                              mergedWeight merge: ((Linear) throws -> [Float])? = nil) throws -> MergeReport {
-        try FileSystem.createDirectory(outputDirectory)
+        try FileSystem.refuseOverwrite(output: outputDirectory, option: "the merge output", inputs: [("base model", baseDirectory)])
+        try FileSystem.checkReplaceable(outputDirectory, option: "the merge output", replaceable: outputFiles)
         var records: [TensorRecord] = []
         var merged = 0
         func add(_ name: String, _ values: UnsafeBufferPointer<Float>, _ shape: [Int]) {
@@ -38,6 +42,8 @@ public enum AdapterMerge {
                 guard weight.count == layer.outFeatures * layer.inFeatures else {
                     throw UsageError("\(layer.name): the merged weight has \(weight.count) values, not \(layer.outFeatures * layer.inFeatures)")
                 }
+                // A base and adapter that are finite can still overflow here; such a folder would not load.
+                try checkFinite(weight, tensor: layer.name + ".weight", origin: outputDirectory + " (merged weights)")
                 if layer.lora != nil { merged += 1 }
                 weight.withUnsafeBufferPointer { add(layer.name + ".weight", $0, [layer.outFeatures, layer.inFeatures]) }
                 if let bias = layer.bias { bias.withUnsafeBufferPointer { add(layer.name + ".bias", $0, [$0.count]) } }
@@ -47,6 +53,8 @@ public enum AdapterMerge {
         if model.head !== model.embedding {
             add("lm_head.weight", UnsafeBufferPointer(model.head.storage), [model.head.rows, model.head.columns])
         }
+        // Written beside the target and renamed into place: an interrupted merge leaves the old folder or none.
+        try FileSystem.writeDirectory(outputDirectory) { outputDirectory in
         try SafeTensorsWriter.write(records, metadata: ["format": "pt"], to: outputDirectory + "/model.safetensors")
 
         // config.json: the base's, without a quantization_config (the merged weights are bf16).
@@ -57,6 +65,7 @@ public enum AdapterMerge {
         try FileSystem.writeAtomically(outputDirectory + "/config.json", text: JSONValue.object(config).serialized(.init(indent: 2)) + "\n")
         for name in companionFiles where FileSystem.exists(baseDirectory + "/" + name) {
             try FileSystem.writeAtomically(outputDirectory + "/" + name, bytes: try FileSystem.readFile(baseDirectory + "/" + name))
+        }
         }
         return MergeReport(mergedLayers: merged, tensorsWritten: records.count, fromQuantizedBase: fromQuantizedBase)
     }

@@ -53,6 +53,10 @@ public enum ModelLoader {
             what = "bitsandbytes 4-bit checkpoint (\(String(cFormat: "%.3f", checkpoint.bitsPerParameter)) bits per quantized parameter)"
         } else {
             let tensors = try SafeTensorsCheckpoint(directory: directory)
+            if let name = tensors.names.first(where: { BnbCheckpoint.splitQuantStateKey($0) != nil }) {
+                throw FileFormatError(file: directory + "/config.json", place: "'quantization_config'",
+                                      "missing, but the weights are bitsandbytes 4-bit (tensor '\(name)'); expected quant_method \"bitsandbytes\"")
+            }
             switch quantization {
             case .none:
                 source = tensors
@@ -78,6 +82,7 @@ public enum ModelLoader {
 
 extension BnbCheckpoint: BaseWeightSource {
     public var origin: String { directory }
+    public var tensorNames: [String] { denseNames + quantized.keys.sorted() }
     public func contains(_ name: String) -> Bool { quantized[name] != nil || tensors.contains(name) }
     /// Quantized weights come back dequantized, exactly as bitsandbytes dequantizes them.
     public func tensor(_ name: String) throws -> (values: [Float], shape: [Int]) {
@@ -93,12 +98,14 @@ struct QuantizingWeightSource: BaseWeightSource {
     let tensors: SafeTensorsCheckpoint
     let type: QuantType
     var origin: String { tensors.directory }
+    var tensorNames: [String] { tensors.names }
     func contains(_ name: String) -> Bool { tensors.contains(name) }
     func tensor(_ name: String) throws -> (values: [Float], shape: [Int]) { try tensors.tensor(name) }
     func quantizedWeight(_ name: String) throws -> QuantizedWeight? {
         guard let info = tensors.info(name), BnbCheckpointWriter.shouldQuantize(name: name, shape: info.shape) else { return nil }
         // The CPU computes in fp32, as transformers does with `torch_dtype=float32` (the fixture's setting):
         // the quant state's dtype is then float32 and dequantized values are not rounded to bf16.
-        return try QuantizedWeight.quantize(try tensors.floats(name), shape: info.shape, type: type, dtype: .f32)
+        let values = try tensors.tensor(name).values  // checked finite: NaN would quantize to a block of zeros
+        return try QuantizedWeight.quantize(values, shape: info.shape, type: type, dtype: .f32)
     }
 }

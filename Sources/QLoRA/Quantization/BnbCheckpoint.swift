@@ -239,13 +239,18 @@ public final class BnbCheckpoint: @unchecked Sendable {
             let nestedBlocks = (blocks + nestedBlocksize - 1) / nestedBlocksize
             let nestedAbsmax = floatArray(try tensor(weightName + ".nested_absmax", .f32, [nestedBlocks], what: "the nested absmax"))
             let nestedMap = floatArray(try tensor(weightName + ".nested_quant_map", .f32, [256], what: "the nested code map"))
+            guard offset.isFinite else { throw fail(stateKey, "\"nested_offset\" must be finite, got \(offset)") }
+            try checkFinite(nestedAbsmax, tensor: weightName + ".nested_absmax", origin: file)
+            try checkFinite(nestedMap, tensor: weightName + ".nested_quant_map", origin: file)
             scales = .doubleQuantized(DoubleQuantizedAbsmax(codes: codes, nestedAbsmax: nestedAbsmax, offset: Float(offset),
                                                             code: nestedMap, blocksize: nestedBlocksize))
         } else {
             for suffix in [".nested_quant_map"] where tensors.contains(weightName + suffix) {
                 throw fail(weightName + suffix, "present, but the weight is not double-quantized")
             }
-            scales = .plain(floatArray(try tensor(weightName + ".absmax", .f32, [blocks], what: "the absmax")))
+            let absmax = floatArray(try tensor(weightName + ".absmax", .f32, [blocks], what: "the absmax"))
+            try checkFinite(absmax, tensor: weightName + ".absmax", origin: file)
+            scales = .plain(absmax)
         }
         do {
             return try QuantizedWeight(quantType: type, blocksize: blocksize, shape: shape, dtype: dtype, packed: packed, scales: scales)
@@ -349,6 +354,7 @@ public enum BnbCheckpointWriter {
             throw FileFormatError(file: tensors.directory, place: "tensor '\(name)'", "dtype \(info.dtype.rawValue) cannot be quantized (expected a float type)")
         }
         let values = try modelValues(tensors, name, dtype: options.modelDType)
+        try checkFinite(values, tensor: name, origin: tensors.directory)
         return try QuantizedWeight.quantize(values, shape: info.shape, type: options.quantType, blocksize: options.blocksize,
                                             doubleQuant: options.doubleQuant, dtype: options.modelDType)
     }
@@ -363,6 +369,9 @@ public enum BnbCheckpointWriter {
         return out
     }
 
+    /// The names this writes: an existing output folder holding only these is replaced, anything else is refused.
+    public static var outputFiles: Set<String> { Set(["model.safetensors", "config.json"] + companionFiles) }
+
     /// Writes the bitsandbytes 4-bit form of the model in `source` to `destination` (created if needed):
     /// model.safetensors, config.json with `quantization_config`, and the tokenizer/generation files.
     @discardableResult
@@ -373,6 +382,8 @@ public enum BnbCheckpointWriter {
         guard let modelDTypeName = options.modelDType.torchName, options.computeDType.torchName != nil else {
             throw UsageError("the model and compute dtypes must be float32, bfloat16 or float16")
         }
+        try FileSystem.refuseOverwrite(output: destination, option: "the quantize output", inputs: [("model folder", source)])
+        try FileSystem.checkReplaceable(destination, option: "the quantize output", replaceable: outputFiles)
         let tensors = try SafeTensorsCheckpoint(directory: source)
         if let name = tensors.names.first(where: { BnbCheckpoint.splitQuantStateKey($0) != nil }) {
             throw UsageError("\(source) is already 4-bit quantized (it has '\(name)')")
@@ -388,6 +399,7 @@ public enum BnbCheckpointWriter {
                 records += Self.records(name: name, weight: weight)
             } else if info.dtype.isFloatingPoint {
                 let values = try tensors.floats(name)
+                try checkFinite(values, tensor: name, origin: source)
                 records.append(TensorRecord(name: name, floats: values, shape: info.shape, dtype: options.modelDType))
                 dense += 1
             } else {
@@ -398,7 +410,8 @@ public enum BnbCheckpointWriter {
         // The safetensors Python writer's order: larger element types first, then by name.
         records.sort { ($0.dtype.size, $1.name) > ($1.dtype.size, $0.name) }
 
-        try FileSystem.createDirectory(destination)
+        // Written beside the target and renamed into place: an interrupted quantize leaves the old folder or none.
+        try FileSystem.writeDirectory(destination) { destination in
         try SafeTensorsWriter.write(records, metadata: ["format": "pt"], to: destination + "/model.safetensors")
 
         // config.json: the source config with the model dtype and the quantization config.
@@ -417,6 +430,7 @@ public enum BnbCheckpointWriter {
 
         for file in companionFiles where FileSystem.exists(source + "/" + file) {
             try FileSystem.writeAtomically(destination + "/" + file, bytes: FileSystem.readFile(source + "/" + file))
+        }
         }
         return Summary(quantizedTensors: weights.count, denseTensors: dense,
                        quantizedParameters: weights.reduce(0) { $0 + $1.elementCount },

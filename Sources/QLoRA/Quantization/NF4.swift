@@ -212,13 +212,14 @@ private func quantizeBlocks(
     while start < n {
         let end = min(start + blocksize, n)
         // absmax: `a > m ? a : m` ignores NaN, as the kernel's fmaxf does.
+        // Index arithmetic wraps (&+): every index stays below n, and checked adds slow the loop.
         var m8 = SIMD8<Float>(repeating: 0)
         var i = start
-        while i + 8 <= end {
+        while i &+ 8 <= end {
             let a = SIMD8<Float>(UnsafeBufferPointer(start: base + i, count: 8))
             let mag = a.replacing(with: -a, where: a .< SIMD8<Float>(repeating: 0))
             m8.replace(with: mag, where: mag .> m8)
-            i += 8
+            i &+= 8
         }
         var m = m8.max()
         while i < end {
@@ -231,7 +232,7 @@ private func quantizeBlocks(
         let scale8 = SIMD8<Float>(repeating: scale)
 
         i = start
-        while i + 8 <= end {
+        while i &+ 8 <= end {
             var y = SIMD8<Float>(UnsafeBufferPointer(start: base + i, count: 8)) * scale8
             var negative = SIMD8<Int32>(repeating: 0)
             if !isNF4 {
@@ -250,9 +251,9 @@ private func quantizeBlocks(
                     hi = rankToCode[Int(rank[k])] | UInt8(truncatingIfNeeded: negative[k])
                     lo = rankToCode[Int(rank[k + 1])] | UInt8(truncatingIfNeeded: negative[k + 1])
                 }
-                out[(i + k) >> 1] = (hi << 4) | lo
+                out[(i &+ k) >> 1] = (hi << 4) | lo
             }
-            i += 8
+            i &+= 8
         }
         // The rest of the block (fewer than 8 elements) with the kernel's tree itself.
         while i + 1 < end {
@@ -313,20 +314,24 @@ public func dequantize4Bit(
             o += 1
             e += 1
         }
-        while e + 1 < end {
+        while e &+ 1 < end {
             let block = e / blocksize
-            let blockEnd = min((block + 1) * blocksize, end)
+            let blockEnd = min((block &+ 1) &* blocksize, end)
             let scale = am[block]
             // Whole bytes inside this block: blockEnd - e is even unless blockEnd == end (odd tail).
-            let bytes = (blockEnd - e) >> 1
+            let bytes = (blockEnd &- e) >> 1
             let s = src + (e >> 1)
             let scale2 = SIMD2<Float>(repeating: scale)
-            for k in 0..<bytes {
+            // Wrapping index arithmetic and a plain counter: k < bytes, so 2k + 1 cannot overflow, and the
+            // checks (and a Range's precondition per block) cost this loop a few per cent (docs/RELIABILITY.md).
+            var k = 0
+            while k < bytes {
                 let v = pairs[Int(s[k])] * scale2
-                o[2 * k] = v.x
-                o[2 * k + 1] = v.y
+                o[2 &* k] = v.x
+                o[2 &* k &+ 1] = v.y
+                k &+= 1
             }
-            e += bytes << 1
+            e &+= bytes << 1
             o += bytes << 1
             if bytes == 0 { break }
         }

@@ -8,7 +8,13 @@
 public enum SimpleYAML {
     /// Parses `text` into an ordered object whose values are strings, numbers, booleans, null or lists.
     public static func parse(_ text: String, file: String) throws -> JSONObject {
+        try parseWithLines(text, file: file).object
+    }
+
+    /// The same, with the line each key is on (for errors about a value); a key given twice is an error.
+    public static func parseWithLines(_ text: String, file: String) throws -> (object: JSONObject, lines: [String: Int]) {
         var result = JSONObject()
+        var lines: [String: Int] = [:]
         var openList: String?
         for (index, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
             let lineNumber = index + 1
@@ -29,6 +35,10 @@ public enum SimpleYAML {
                 throw FileFormatError(file: file, place: "line \(lineNumber)", "expected `key: value`")
             }
             let key = String(content[..<colon]).trimmingCharacters(in: " \t\"'")
+            if let earlier = lines[key] {
+                throw FileFormatError(file: file, place: "line \(lineNumber)", "'\(key)' is set again (first on line \(earlier)); give each setting once")
+            }
+            lines[key] = lineNumber
             let value = String(content[content.index(after: colon)...]).trimmingCharacters(in: " \t")
             if value.isEmpty {
                 result[key] = .array([])
@@ -38,7 +48,7 @@ public enum SimpleYAML {
                 openList = nil
             }
         }
-        return result
+        return (result, lines)
     }
 
     static func stripComment(_ line: String) -> String {

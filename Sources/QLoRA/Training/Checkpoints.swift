@@ -1,6 +1,6 @@
 // Training checkpoints: `checkpoint-N/` with the adapter (PEFT format), the optimizer state and
-// the trainer state. A checkpoint is written into `checkpoint-N.partial/` and renamed into place,
-// so a crash never leaves a half-written checkpoint that resume would pick up.
+// the trainer state. A checkpoint is written beside its place (`checkpoint-N.tmp-<pid>/`) and renamed
+// into place, so a crash never leaves a half-written checkpoint that resume would pick up.
 
 #if canImport(Glibc)
 import Glibc
@@ -31,7 +31,9 @@ struct TrainerState {
     init() {}
 
     init(json: JSONValue, file: String) throws {
-        guard let step = json["global_step"]?.int else { throw FileFormatError(file: file, place: "'global_step'", "missing") }
+        guard let step = json["global_step"]?.int, step >= 0 else {
+            throw FileFormatError(file: file, place: "'global_step'", "expected a non-negative integer, got \(json["global_step"]?.serialized() ?? "nothing")")
+        }
         self.step = step
         bestEvalLoss = json["best_metric"]?.double
         bestStep = json["best_step"]?.int
@@ -68,13 +70,12 @@ enum Checkpoints {
     static func save(step: Int, state: TrainerState, model: LlamaModel, loraConfig: LoRAConfig, engine: TrainingEngine,
                      in directory: String, keep: Int, protectStep: Int?) throws {
         let final = directory + "/" + prefix + String(step)
-        let partial = final + ".partial"
-        removeTree(partial)
-        try PEFTAdapter.save(model: model, config: loraConfig, to: partial)
-        try SafeTensorsWriter.write(engine.optimizerState(), metadata: ["optimizer": engine.optimizerKind.rawValue], to: partial + "/optimizer.safetensors")
-        try FileSystem.writeAtomically(partial + "/trainer_state.json", text: state.json().serialized(.init(indent: 2)) + "\n")
-        removeTree(final)
-        guard rename(partial, final) == 0 else { throw UsageError("cannot rename \(partial) to \(final): \(String(cString: strerror(errno)))") }
+        try FileSystem.writeDirectory(final) { partial in
+            try PEFTAdapter.writeFiles(model: model, config: loraConfig, into: partial)
+            try SafeTensorsWriter.write(engine.optimizerState(), metadata: ["optimizer": engine.optimizerKind.rawValue],
+                                        to: partial + "/optimizer.safetensors")
+            try FileSystem.writeAtomically(partial + "/trainer_state.json", text: state.json().serialized(.init(indent: 2)) + "\n")
+        }
         // Rotate: keep the newest `keep` checkpoints, and always the best one.
         if keep > 0 {
             let all = try steps(in: directory)
@@ -84,7 +85,11 @@ enum Checkpoints {
 
     static func restore(_ checkpoint: String, model: LlamaModel, engine: TrainingEngine) throws -> TrainerState {
         let statePath = checkpoint + "/trainer_state.json"
-        let state = try TrainerState(json: try JSONValue.parse(bytes: try FileSystem.readFile(statePath)), file: statePath)
+        let json: JSONValue
+        do { json = try JSONValue.parse(bytes: try FileSystem.readFile(statePath)) } catch let e as JSONParseError {
+            throw FileFormatError(file: statePath, place: "JSON", e.description)
+        }
+        let state = try TrainerState(json: json, file: statePath)
         try loadAdapterWeights(from: checkpoint, into: model)
         try engine.loadWeightsFromModel()
         try engine.loadOptimizerState(try SafeTensorsFile(path: checkpoint + "/optimizer.safetensors"))
@@ -108,10 +113,5 @@ enum Checkpoints {
         }
     }
 
-    /// Removes a directory tree (checkpoints hold only files, one level deep).
-    static func removeTree(_ path: String) {
-        guard FileSystem.isDirectory(path) else { return }
-        for name in (try? FileSystem.listDirectory(path)) ?? [] { unlink(path + "/" + name) }
-        rmdir(path)
-    }
+    static func removeTree(_ path: String) { FileSystem.removeTree(path) }
 }

@@ -16,12 +16,18 @@ public enum Evaluation {
     }
 
     public static func loss(model: LlamaModel, batches: [TrainingBatch]) throws -> LossSum {
-        try total(batches, model.loss(batch:))
+        try checkLengths(batches, model.config)
+        return try total(batches, model.loss(batch:))
     }
 
     /// The summed loss of `batches` computed by a training engine (CPU or GPU).
     public static func loss(engine: TrainingEngine, batches: [TrainingBatch]) throws -> LossSum {
         try total(batches, engine.loss(batch:))
+    }
+
+    /// Refuses batches longer than the model's attention computes exactly (a sliding window).
+    static func checkLengths(_ batches: [TrainingBatch], _ config: LlamaConfig) throws {
+        if let longest = batches.map(\.length).max() { try config.checkSequenceLength(longest, what: "the longest evaluation batch") }
     }
 
     /// The loss sums of every batch, added up (the mean is then over all counted tokens, as transformers computes it).
@@ -44,6 +50,7 @@ public enum Evaluation {
     /// rank-8 LoRA with B = 0 (the base model unchanged); adapter dropout is switched off (evaluation has none).
     /// The GPU holds the base in NF4 (a dense base is quantized as bitsandbytes would).
     public static func cudaEngine(context: CUDAContext, model: LlamaModel, batches: [TrainingBatch]) throws -> CUDATrainingEngine {
+        try checkLengths(batches, model.config)
         if model.linearLayers.allSatisfy({ $0.lora == nil }) {
             try model.attachLoRA(LoRAConfig(rank: 8, alpha: 16, dropout: 0, targetModules: LoRAConfig.llamaProjections), seed: 0)
         }

@@ -85,6 +85,9 @@ public final class Trainer {
         self.train = Batching.batches(train, size: c.batchSize, packing: c.packing, length: c.maxSeqLength, padID: padID)
         self.eval = Batching.paddedBatches(eval, size: c.batchSize, padID: padID)
         guard !self.train.isEmpty else { throw UsageError("no training batches: the dataset is empty") }
+        if let longest = (self.train + self.eval).map(\.length).max() {
+            try model.config.checkSequenceLength(longest, what: "the longest batch (max_seq_length \(c.maxSeqLength))")
+        }
         microBatchesPerEpoch = self.train.count
         stepsPerEpoch = (microBatchesPerEpoch + c.gradientAccumulationSteps - 1) / c.gradientAccumulationSteps
         totalSteps = c.maxSteps > 0 ? c.maxSteps : max(1, Int((c.epochs * Double(stepsPerEpoch)).rounded(.up)))
@@ -117,15 +120,15 @@ public final class Trainer {
 
     public func run() throws -> TrainingSummary {
         let c = configuration
-        try FileSystem.createDirectory(c.outputDirectory)
+        try prepareOutputDirectory()
         var state = TrainerState()
-        if c.resume, let latest = try Checkpoints.latest(in: c.outputDirectory) {
+        if c.resume {
+            guard let latest = try Checkpoints.latest(in: c.outputDirectory) else { throw Self.noCheckpoint(c.outputDirectory) }
             state = try Checkpoints.restore(latest, model: model, engine: engine)
             history = state.history
             evalHistory = state.evalHistory
+            try truncateMetrics(afterStep: state.step)
             log("resumed from \(latest) at step \(state.step)")
-        } else {
-            FileSystem.remove(metricsPath)
         }
         let counts = model.parameterCounts
         log(String(cFormat: "trainable params: %d || all params: %d || trainable%%: %.4f", counts.trainable, counts.total,
@@ -205,7 +208,7 @@ public final class Trainer {
                     state.bestEvalLoss = evalLoss
                     state.bestStep = state.step
                     state.evaluationsWithoutImprovement = 0
-                    try saveAdapter(to: c.outputDirectory + "/best")
+                    try saveAdapter(to: c.outputDirectory + "/best", wholeFolder: true)
                 } else {
                     state.evaluationsWithoutImprovement += 1
                 }
@@ -282,29 +285,123 @@ public final class Trainer {
         return order
     }
 
-    /// The adapter in PEFT's format, with the base's tokenizer files beside it.
-    func saveAdapter(to directory: String) throws {
+    /// The adapter in PEFT's format, with the base's tokenizer files beside it. `best/` is a folder of its own, so it is
+    /// written beside and renamed as a whole; the final adapter goes into the output folder (with the checkpoints), so its
+    /// files are written into a temporary folder and renamed in. Either way an interrupted save keeps the previous adapter.
+    func saveAdapter(to directory: String, wholeFolder: Bool = false) throws {
         try engine.copyWeightsToModel()
-        try PEFTAdapter.save(model: model, config: loraConfig, to: directory)
-        if let base = baseDirectory {
-            for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"]
-            where FileSystem.exists(base + "/" + name) {
-                try FileSystem.writeAtomically(directory + "/" + name, bytes: try FileSystem.readFile(base + "/" + name))
+        let write = { (folder: String) throws in
+            try PEFTAdapter.writeFiles(model: self.model, config: self.loraConfig, into: folder)
+            if let base = self.baseDirectory {
+                for name in Self.tokenizerFiles where FileSystem.exists(base + "/" + name) {
+                    try FileSystem.writeAtomically(folder + "/" + name, bytes: try FileSystem.readFile(base + "/" + name))
+                }
             }
         }
+        if wholeFolder { try FileSystem.writeDirectory(directory, write) } else { try FileSystem.writeFilesInto(directory, write) }
     }
 
     // MARK: - Reporting
 
     var metricsPath: String { configuration.outputDirectory + "/metrics.jsonl" }
 
+    /// What a run writes into its output folder (besides checkpoint-N folders): an earlier run is recognised by these.
+    static let runFiles = ["adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "report.html", "best"]
+    /// Copied beside saved adapters; removed with an overwritten run.
+    static let tokenizerFiles = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"]
+
+    /// Creates the output folder, refusing one that holds an earlier run unless resuming or overwriting it; with
+    /// `overwrite_output_dir` the earlier run's files are removed first, so a later resume cannot mix two runs.
+    func prepareOutputDirectory() throws {
+        let c = configuration
+        let directory = c.outputDirectory
+        try Self.checkOutputDirectory(c)
+        // The run writes files into the folder (it never replaces the folder): refuse only what it would overwrite.
+        try FileSystem.refuseOverwrite(output: directory, option: "output_dir (--output)",
+                                       inputs: baseDirectory.map { [("base model", $0)] } ?? [], replacesFolder: false)
+        let written = Set((Self.runFiles + Self.tokenizerFiles).map { FileSystem.canonicalPath(directory + "/" + $0) })
+        for data in c.datasets + (c.evalDataset.map { [$0] } ?? []) where written.contains(FileSystem.canonicalPath(data)) {
+            throw UsageError("output_dir (--output) \(directory): the run would overwrite the dataset \(data); choose another folder")
+        }
+        try FileSystem.createDirectory(directory)
+        let names = try FileSystem.listDirectory(directory)
+        // Leftovers of an interrupted save (folders written beside their place), never complete data.
+        for name in names where Self.isSaveLeftover(name) {
+            // A kill between the two renames of a replace leaves the old folder aside and none in place: put it back.
+            let owner = String(name.prefix { $0 != "." })
+            if name.contains(".old-"), !owner.isEmpty, !FileSystem.exists(directory + "/" + owner),
+               rename(directory + "/" + name, directory + "/" + owner) == 0 { continue }
+            FileSystem.removeTree(directory + "/" + name)
+        }
+        let earlier = try Self.earlierRun(in: directory)
+        guard !earlier.isEmpty, c.overwriteOutputDirectory else { return }
+        log("overwriting the earlier run in \(directory)")
+        for name in earlier + Self.tokenizerFiles { FileSystem.removeTree(directory + "/" + name) }
+    }
+
+    /// `checkpoint-N.tmp-<pid>`, `best.old-<pid>`, `.tmp-<pid>`, `checkpoint-N.partial` (older versions): what a killed save
+    /// leaves; only these names, so that no file of the user's is touched.
+    static func isSaveLeftover(_ name: String) -> Bool {
+        let stem = name.split(separator: ".", maxSplits: 1, omittingEmptySubsequences: false)
+        guard stem.count == 2 else { return false }
+        let owner = stem[0], suffix = stem[1]
+        let ours = owner.isEmpty || owner == "best" || (owner.hasPrefix(Checkpoints.prefix) && Int(owner.dropFirst(Checkpoints.prefix.count)) != nil)
+        let temporary = ["tmp-", "old-"].contains { suffix.hasPrefix($0) && Int(suffix.dropFirst(4)) != nil } || (suffix == "partial" && !owner.isEmpty)
+        return ours && temporary
+    }
+
+    /// The files and checkpoints of an earlier run in `directory` (none when it does not exist).
+    static func earlierRun(in directory: String) throws -> [String] {
+        guard FileSystem.isDirectory(directory) else { return [] }
+        let names = try FileSystem.listDirectory(directory)
+        return runFiles.filter { names.contains($0) } + (try Checkpoints.steps(in: directory).map { Checkpoints.prefix + String($0) })
+    }
+
+    static func noCheckpoint(_ directory: String) -> UsageError {
+        // As transformers' "No valid checkpoint found in output directory": never a silent fresh start.
+        UsageError("resume: no valid checkpoint found in \(directory) (no checkpoint-N folder with a trainer_state.json); drop --resume to start a new run")
+    }
+
+    /// The output folder checks that need no model: call before loading anything, so a mistake costs no time.
+    /// An earlier run is refused unless resuming or overwriting it; resuming needs a checkpoint.
+    public static func checkOutputDirectory(_ c: TrainingConfiguration) throws {
+        let directory = c.outputDirectory
+        guard !FileSystem.exists(directory) || FileSystem.isDirectory(directory) else {
+            throw UsageError("output_dir (--output) \(directory) exists and is not a folder")
+        }
+        if c.resume {
+            guard try Checkpoints.latest(in: directory) != nil else { throw noCheckpoint(directory) }
+            return
+        }
+        let earlier = try earlierRun(in: directory)
+        guard !earlier.isEmpty, !c.overwriteOutputDirectory else { return }
+        let shown = earlier.prefix(4).joined(separator: ", ") + (earlier.count > 4 ? ", ..." : "")
+        throw UsageError("output_dir (--output) \(directory) holds an earlier run (\(shown)): give --resume to continue it, "
+                         + "--overwrite (overwrite_output_dir: true) to replace it, or another --output")
+    }
+
+    /// Keeps metrics.jsonl lines up to `step` (those after it were logged by the interrupted run and come again).
+    func truncateMetrics(afterStep step: Int) throws {
+        guard FileSystem.exists(metricsPath) else { return }
+        let text = try FileSystem.readText(metricsPath)
+        var kept = ""
+        for line in text.split(separator: "\n", omittingEmptySubsequences: true) {
+            // A line cut short by the kill (no step to read) is dropped too.
+            guard let lineStep = (try? JSONValue.parse(String(line)))?["step"]?.int, lineStep <= step else { continue }
+            kept += line + "\n"
+        }
+        try FileSystem.writeAtomically(metricsPath, text: kept)
+    }
+
     func appendMetrics(_ fields: [(String, JSONValue)]) throws {
         try tensorBoard?.addMetrics(fields)
         guard configuration.reportTo.contains(.jsonl) else { return }
         let line = JSONValue.object(JSONObject(fields)).serialized(.init()) + "\n"
-        guard let file = fopen(metricsPath, "a") else { throw UsageError("cannot append to \(metricsPath)") }
-        fputs(line, file)
-        fclose(file)
+        guard let file = fopen(metricsPath, "a") else { throw UsageError("cannot append to \(metricsPath): \(String(cString: strerror(errno)))") }
+        // A full disk shows at the write, the flush or the close: each is checked.
+        let written = fputs(line, file) >= 0 && fflush(file) == 0
+        let reason = String(cString: strerror(errno))
+        guard fclose(file) == 0, written else { throw UsageError("cannot append to \(metricsPath): \(written ? String(cString: strerror(errno)) : reason)") }
     }
 
     func writeReport() throws {

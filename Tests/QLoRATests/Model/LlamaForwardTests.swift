@@ -166,5 +166,17 @@ final class ArchitectureVariantTests: XCTestCase {
         XCTAssertThrowsError(try SafeTensorsCheckpoint(directory: dir)) {
             XCTAssertTrue("\($0)".contains("does not contain this tensor"), "\($0)")
         }
+
+        // A shard named by a path outside the folder (even one that exists and holds the tensor) is refused by name.
+        let outside = try TestFixtures.temporaryDirectory()
+        try FileManager.default.copyItem(atPath: dir + "/model-00001-of-00002.safetensors", toPath: outside + "/stolen.safetensors")
+        for path in ["../\(outside.split(separator: "/").last!)/stolen.safetensors", outside + "/stolen.safetensors", "..", ""] {
+            weightMap[names[0]] = .string(path)
+            try FileSystem.writeAtomically(dir + "/model.safetensors.index.json",
+                                           text: JSONValue.object(JSONObject([("weight_map", .object(weightMap))])).serialized())
+            XCTAssertThrowsError(try SafeTensorsCheckpoint(directory: dir), path) {
+                XCTAssertTrue("\($0)".contains("is not a file name in the model folder"), "\($0)")
+            }
+        }
     }
 }

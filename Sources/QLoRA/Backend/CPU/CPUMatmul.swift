@@ -74,10 +74,12 @@ public enum CPUMatmul {
                     if rows == 2 && cols == 4 {
                         dotBlock2x4(a + i * k, a + (i + 1) * k, b + j * k, k: k, k8: k8, c: c, ldc: n, i: i, j: j, accumulate: accumulate)
                     } else {
+                        // Edges, and every row of a batch-1 (decode) product: wrapping index arithmetic, as the
+                        // indices stay below m·k, n·k and m·n, which the caller's buffers hold.
                         for r in 0..<rows {
                             for q in 0..<cols {
-                                let v = dot(a + (i + r) * k, b + (j + q) * k, k)
-                                let index = (i + r) * n + j + q
+                                let v = dot(a + (i &+ r) &* k, b + (j &+ q) &* k, k)
+                                let index = (i &+ r) &* n &+ j &+ q
                                 c[index] = accumulate ? c[index] + v : v
                             }
                         }
@@ -103,6 +105,7 @@ public enum CPUMatmul {
         let b0 = b, b1 = b + k, b2 = b + 2 * k, b3 = b + 3 * k
         var s00 = SIMD8<Float>(), s01 = SIMD8<Float>(), s02 = SIMD8<Float>(), s03 = SIMD8<Float>()
         var s10 = SIMD8<Float>(), s11 = SIMD8<Float>(), s12 = SIMD8<Float>(), s13 = SIMD8<Float>()
+        // The inner loops count with wrapping adds (&+): p < k, and checked adds cost the micro-kernels speed.
         var p = 0
         while p < k8 {
             let x0 = load8(a0 + p), x1 = load8(a1 + p)
@@ -111,14 +114,14 @@ public enum CPUMatmul {
             s02 = s02.addingProduct(x0, w2); s03 = s03.addingProduct(x0, w3)
             s10 = s10.addingProduct(x1, w0); s11 = s11.addingProduct(x1, w1)
             s12 = s12.addingProduct(x1, w2); s13 = s13.addingProduct(x1, w3)
-            p += 8
+            p &+= 8
         }
         var r = SIMD8<Float>(s00.sum(), s01.sum(), s02.sum(), s03.sum(), s10.sum(), s11.sum(), s12.sum(), s13.sum())
         while p < k {
             let x0 = a0[p], x1 = a1[p]
             r[0] += x0 * b0[p]; r[1] += x0 * b1[p]; r[2] += x0 * b2[p]; r[3] += x0 * b3[p]
             r[4] += x1 * b0[p]; r[5] += x1 * b1[p]; r[6] += x1 * b2[p]; r[7] += x1 * b3[p]
-            p += 1
+            p &+= 1
         }
         for q in 0..<4 {
             let i0 = i * ldc + j + q, i1 = (i + 1) * ldc + j + q
@@ -132,13 +135,13 @@ public enum CPUMatmul {
     public static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ k: Int) -> Float {
         var s0 = SIMD8<Float>(), s1 = SIMD8<Float>()
         var p = 0
-        while p + 16 <= k {
+        while p &+ 16 <= k {
             s0 = s0.addingProduct(load8(a + p), load8(b + p))
-            s1 = s1.addingProduct(load8(a + p + 8), load8(b + p + 8))
-            p += 16
+            s1 = s1.addingProduct(load8(a + (p &+ 8)), load8(b + (p &+ 8)))
+            p &+= 16
         }
         var sum = (s0 + s1).sum()
-        while p < k { sum += a[p] * b[p]; p += 1 }
+        while p < k { sum += a[p] * b[p]; p &+= 1 }
         return sum
     }
 
@@ -181,7 +184,7 @@ public enum CPUMatmul {
                         var c20 = SIMD8<Float>(), c21 = SIMD8<Float>(), c30 = SIMD8<Float>(), c31 = SIMD8<Float>()
                         let a0 = a + i * k, a1 = a0 + k, a2 = a1 + k, a3 = a2 + k
                         for p in p0..<p1 {
-                            let row = b + p * n + j
+                            let row = b + (p &* n &+ j)
                             let w0 = load8(row), w1 = load8(row + 8)
                             let x0 = SIMD8<Float>(repeating: a0[p]), x1 = SIMD8<Float>(repeating: a1[p])
                             let x2 = SIMD8<Float>(repeating: a2[p]), x3 = SIMD8<Float>(repeating: a3[p])

@@ -95,11 +95,15 @@ public enum CPUOps {
         let group = heads / kvHeads
         let scale = 1 / Float(headDim).squareRoot()
         let kvStride = kvHeads * headDim
-        CPUParallelism.forEach(heads, work: rows * heads * headDim * (visible(rows - 1).upperBound)) { h in
+        let cacheRows = visible(rows - 1).upperBound
+        CPUParallelism.forEach(heads, work: rows * heads * headDim * cacheRows) { h in
             let g = h / group
-            var scores = [Float](repeating: 0, count: visible(rows - 1).upperBound)
+            // Raw scratch, no per-element bounds checks in the loops over cache rows; the range is checked once per query.
+            let scores = UnsafeMutablePointer<Float>.allocate(capacity: cacheRows)
+            defer { scores.deallocate() }
             for t in 0..<rows {
                 let range = visible(t)
+                precondition(range.lowerBound >= 0 && range.upperBound <= cacheRows, "query \(t) sees rows \(range) of \(cacheRows)")
                 let query = q + (t * heads + h) * headDim
                 var maximum = -Float.infinity
                 for s in range {
@@ -183,11 +187,14 @@ extension CPUOps {
         for i in 0..<(rows * kvStride) { dk[i] = 0; dv[i] = 0 }
         // One task per KV head, so that no two threads write the same key/value gradient rows.
         CPUParallelism.forEach(kvHeads, work: rows * rows * headDim * heads) { g in
-            var p = [Float](repeating: 0, count: rows)
-            var dp = [Float](repeating: 0, count: rows)
+            // Raw scratch, no per-element bounds checks in the loops over keys; the range is checked once per query.
+            let p = UnsafeMutablePointer<Float>.allocate(capacity: rows)
+            let dp = UnsafeMutablePointer<Float>.allocate(capacity: rows)
+            defer { p.deallocate(); dp.deallocate() }
             for h in (g * group)..<((g + 1) * group) {
                 for t in 0..<rows {
                     let range = visible(t)
+                    precondition(range.lowerBound >= 0 && range.upperBound <= rows, "query \(t) sees rows \(range) of \(rows)")
                     let query = q + t * qStride + h * headDim
                     let dO = dOut + t * qStride + h * headDim
                     var maximum = -Float.infinity

@@ -195,6 +195,7 @@ public final class CUDAInference {
         guard capacity > 0, capacity <= c.maxPositionEmbeddings else {
             throw UsageError("a KV cache of \(capacity) positions does not fit the model's \(c.maxPositionEmbeddings)")
         }
+        try c.checkSequenceLength(capacity, what: "a KV cache of \(capacity) positions")
         self.context = context
         self.config = c
         self.capacity = capacity
