@@ -27,7 +27,8 @@
 // Resume: the resumed run starts again after its checkpoint's step S, and the interrupted run may have logged steps after
 // S. Those records are cut off the earlier files (at a record boundary, as metrics.jsonl keeps its lines up to S), and the
 // new file opens with a SessionLog START at step S + 1, TensorBoard's own signal to drop any step ≥ S + 1 it had already
-// loaded (what torch's SummaryWriter(purge_step:) writes). A fresh run in a folder removes the earlier run's event files.
+// loaded (what torch's SummaryWriter(purge_step:) writes). A fresh run (the trainer allows one in a folder holding an
+// earlier run only with --overwrite) removes the earlier event files from OUTPUT/runs/.
 
 #if canImport(Glibc)
 import Glibc

@@ -76,7 +76,7 @@ public struct TrainingConfiguration: Sendable, Equatable {
         "gradient_accumulation_steps", "num_train_epochs", "epochs", "max_steps", "learning_rate", "lr", "warmup_ratio", "warmup_steps",
         "lr_scheduler_type", "scheduler", "weight_decay", "max_grad_norm", "optim", "optimizer", "gradient_checkpointing", "seed",
         "full_determinism", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "output_dir", "early_stopping_patience",
-        "resume", "resume_from_checkpoint", "overwrite_output_dir",
+        "resume", "resume_from_checkpoint", "overwrite_output_dir", "report_to",
     ]
 
     public mutating func apply(_ object: JSONObject, file: String, lines: [String: Int] = [:]) throws {
