@@ -6,11 +6,7 @@ import XCTest
 final class FormatsFuzzTests: XCTestCase {
     func testMutatedSafeTensorsFilesAreClearErrorsOrReadCorrectly() throws {
         let original = try fixtureBytes("tiny-qwen2/expected.safetensors")
-        let headerLength = original.withUnsafeBytes { Int(UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self))) }
-        let header = try JSONValue.parse(bytes: original[8..<(8 + headerLength)])
-        var headerPaths: [[Fuzzer.PathStep]] = []
-        Fuzzer.paths(header, into: &headerPaths)
-        let data = Array(original[(8 + headerLength)...])
+        let (headerLength, header, headerPaths, data) = try safeTensorsParts(original)
         let dir = try TestFixtures.temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/model.safetensors"
@@ -128,11 +124,7 @@ final class FormatsFuzzTests: XCTestCase {
     /// A bitsandbytes NF4 checkpoint: the quant-state JSON, absmax, nested absmax and code map are read from the file.
     func testMutatedBnbCheckpointsAreClearErrorsOrDequantize() throws {
         let original = try fixtureBytes("tiny-llama/base-bnb-nf4/model.safetensors")
-        let headerLength = original.withUnsafeBytes { Int(UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self))) }
-        let header = try JSONValue.parse(bytes: original[8..<(8 + headerLength)])
-        var headerPaths: [[Fuzzer.PathStep]] = []
-        Fuzzer.paths(header, into: &headerPaths)
-        let data = Array(original[(8 + headerLength)...])
+        let (headerLength, header, headerPaths, data) = try safeTensorsParts(original)
         // The quant states are small U8 tensors of JSON; mutating their bytes reaches the JSON checks.
         let states = header.object!.filter { $0.key.contains("quant_state") }.compactMap { entry -> Range<Int>? in
             guard let o = entry.value["data_offsets"]?.array, let a = o.first?.int, let b = o.last?.int else { return nil }
@@ -182,5 +174,14 @@ final class FormatsFuzzTests: XCTestCase {
             }
         }
         tally.finish()
+    }
+
+    /// A safetensors file's parts: the header's length, its JSON, the paths into it the JSON mutations take, the data.
+    func safeTensorsParts(_ bytes: [UInt8]) throws -> (headerLength: Int, header: JSONValue, paths: [[Fuzzer.PathStep]], data: [UInt8]) {
+        let headerLength = bytes.withUnsafeBytes { Int(UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self))) }
+        let header = try JSONValue.parse(bytes: bytes[8..<(8 + headerLength)])
+        var paths: [[Fuzzer.PathStep]] = []
+        Fuzzer.paths(header, into: &paths)
+        return (headerLength, header, paths, Array(bytes[(8 + headerLength)...]))
     }
 }

@@ -11,20 +11,12 @@ final class NonFiniteTrainingTests: XCTestCase {
         }
     }
 
+    /// TrainerTests' run on the tiny fixture, without dropout or warmup, evaluating and saving every 2 steps.
     func configuration(_ output: String) -> TrainingConfiguration {
-        var c = TrainingConfiguration()
-        c.model = TestFixtures.path("tiny-llama/base")
+        var c = TrainerTests(name: "configuration", testClosure: { _ in }).configuration(output)
         c.datasets = ["train.jsonl"]
-        c.outputDirectory = output
-        c.loraR = 4
-        c.loraAlpha = 8
         c.loraDropout = 0
-        c.batchSize = 2
-        c.gradientAccumulationSteps = 2
-        c.maxSteps = 6
-        c.learningRate = 5e-3
         c.warmupSteps = 0
-        c.loggingSteps = 1
         c.saveSteps = 2
         c.evalSteps = 2
         c.optimizer = "adamw"
