@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Session 3's verification on the lent GPU machine, from the repository root: the GPU check on every kernel target,
 # the reliability behaviour of `qlora train` on the GPU (pre-tokenized data without a tokenizer, kill -9 and
-# --resume to the same losses, an earlier run refused, NaN stop), and the bench workloads after the release build
-# kept Swift's bounds checks on. Usage: scripts/device/verify_session3.sh DIR (holding qlora and qlora-gpu-check)
-B=$1; Q=$B/qlora
+# --resume to the same losses, an earlier run refused), and the bench workloads after the release build
+# kept Swift's bounds checks on; `qlora` is the one pip installed from the wheel (scripts/build_wheel.sh).
+# Usage: scripts/device/verify_session3.sh WHEEL GPU_CHECK
+WHEEL=$1; G=$2
 step() { echo; echo "### $*"; }
+step "the wheel: pip install into a fresh virtual environment (no Swift on this machine)"
+rm -rf /tmp/wv; python3 -m venv /tmp/wv && /tmp/wv/bin/pip install -q --no-index "$WHEEL" && /tmp/wv/bin/qlora --version
+Q=/tmp/wv/bin/qlora; B=$(dirname $G)
 step "GPU check on sm_90a and compute_80/86/89"
-scripts/device/check_targets.sh $B/qlora-gpu-check
+scripts/device/check_targets.sh $G
 
 step "train on the GPU: tiny fixture, pre-tokenized data, no tokenizer.json"
 W=/tmp/v3; rm -rf $W; mkdir -p $W
