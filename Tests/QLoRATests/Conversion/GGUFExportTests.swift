@@ -285,8 +285,8 @@ final class GGUFExportTests: XCTestCase {
     /// (Tests/Fixtures/gguf/tiny-llama-llamacpp-*.json, made by scripts/make_gguf_export_reference.sh): the same keys
     /// with the same value types and values, the same tensors with the same types and shapes. One difference is
     /// deliberate: the converter writes the tokenizer's 652 tokens for a model of 1000 rows (its tokenizer.json path
-    /// does not pad), we pad to the model's vocab_size with "[PAD<id>]" as its other vocabulary paths do, so that every
-    /// id the model can produce has a piece.
+    /// does not pad), and llama.cpp then refuses its own file ("tensor 'token_embd.weight' has wrong shape; expected
+    /// 128, 652, got 128, 1000"); we pad to the model's vocab_size with "[PAD<id>]" as its other vocabulary paths do.
     func testTheExportMatchesWhatLlamaCppsConverterWrites() throws {
         let dir = try Self.tinyLlamaFolder()
         for type in [GGUFExportType.f16, .q8_0] {
