@@ -13,6 +13,11 @@
 #    (scripts/check_gguf_llamacpp.py): f16/bf16 within bf16 rounding (relative error ≤ 1e-2), q8_0 ≤ 3e-2 with
 #    the same greedy tokens, q4_0 reported only.
 #
+# 4. With LLAMA_CPP_SOURCE: every quantized tensor of our q8_0, q4_0 and q6_k exports (of the tiny base, and of a
+#    synthetic model with rows of 256 so that Q6_K is used) is compared byte for byte with what libggml's
+#    ggml_quantize_chunk (llama-quantize's quantizer) makes of the same values (scripts/check_ggml_quantizers.py;
+#    needs the gguf package, e.g. .build/pydeps from the test suite).
+#
 # Usage: [LLAMA_CPP_SOURCE=DIR] scripts/check_gguf_llamacpp.sh   (after `swift build -c release`)
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -46,4 +51,16 @@ done
 PYTHONPATH="$deps" python3 "$root/scripts/check_gguf_llamacpp.py" "$root/Tests/Fixtures" \
     "$work/tiny-f16.gguf:1e-2" "$work/tiny-bf16.gguf:1e-2" "$work/tiny-q8_0.gguf:3e-2" "$work/tiny-q4_0.gguf" \
     "$work/tiny-base-f16.gguf:1e-2:logits_bf16base_fp32"
+if [ -n "${LLAMA_CPP_SOURCE:-}" ]; then
+    python3 "$root/scripts/make_synthetic_llama.py" "$work/syn"
+    for t in bf16 q8_0 q4_0 q6_k; do
+        "$qlora" export --model "$model" --type $t --out "$work/base-$t.gguf" >&2
+        "$qlora" export --model "$work/syn" --type $t --out "$work/syn-$t.gguf" >&2
+    done
+    gguf=${GGUF_PYTHONPATH:-$root/.build/pydeps}
+    LIBGGML="$build/bin/libggml-base.so" PYTHONPATH="$gguf" python3 "$root/scripts/check_ggml_quantizers.py" \
+        "$work/base-bf16.gguf" "$work/base-q8_0.gguf" "$work/base-q4_0.gguf" "$work/base-q6_k.gguf"
+    LIBGGML="$build/bin/libggml-base.so" PYTHONPATH="$gguf" python3 "$root/scripts/check_ggml_quantizers.py" \
+        "$work/syn-bf16.gguf" "$work/syn-q8_0.gguf" "$work/syn-q4_0.gguf" "$work/syn-q6_k.gguf"
+fi
 rm -rf "$work"

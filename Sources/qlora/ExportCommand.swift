@@ -22,7 +22,7 @@ struct ExportCommand: ParsableCommand {
     @Option(help: "The output format: gguf.")
     var format: String = "gguf"
 
-    @Option(help: "The tensor type: f16, bf16, q8_0 or q4_0.")
+    @Option(help: "The tensor type: f16, bf16, q8_0, q4_0 or q6_k.")
     var type: String = "f16"
 
     @Option(help: "The GGUF file to write (written beside as a temporary file, then renamed).")

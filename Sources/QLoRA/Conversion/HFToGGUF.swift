@@ -22,7 +22,9 @@
 //   - f16, bf16, q8_0: every other weight in that type, token_embd and output included (convert_hf_to_gguf.py).
 //   - q4_0 (the converter has no q4_0; this is `llama-quantize`'s choice without an importance matrix): Q4_0, but
 //     output.weight (token_embd.weight when the embeddings are tied) in Q6_K when ne0 is a multiple of 256, else Q8_0.
-//   - a matrix whose ne0 is not a multiple of the block size (32) falls back to F16, as both tools do.
+//   - q6_k (llama-quantize's Q6_K): every weight Q6_K, token_embd and output included.
+//   - a matrix whose ne0 is not a multiple of the block size falls back as llama-quantize does: Q6_K to Q8_0, then
+//     (ne0 not a multiple of 32) to F16, which the converter also does.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -35,7 +37,7 @@ import Glibc
 
 /// The `--type` of a GGUF export.
 public enum GGUFExportType: String, CaseIterable, Sendable {
-    case f16, bf16, q8_0, q4_0
+    case f16, bf16, q8_0, q4_0, q6_k
 
     public static func parse(_ name: String) throws -> GGUFExportType {
         guard let t = GGUFExportType(rawValue: name.lowercased()) else {
@@ -51,6 +53,7 @@ public enum GGUFExportType: String, CaseIterable, Sendable {
         case .q4_0: return 2
         case .q8_0: return 7
         case .bf16: return 32
+        case .q6_k: return 18
         }
     }
 
@@ -61,6 +64,7 @@ public enum GGUFExportType: String, CaseIterable, Sendable {
         case .bf16: return .bf16
         case .q8_0: return .q8_0
         case .q4_0: return .q4_0
+        case .q6_k: return .q6_K
         }
     }
 }
@@ -93,6 +97,8 @@ public enum GGUFExporter {
         if type == .q4_0 && (name == "output.weight" || (tiedEmbeddings && name == "token_embd.weight")) {
             chosen = dimensions[0] % 256 == 0 ? .q6_K : .q8_0
         }
+        // llama-quantize's fallback for rows its type cannot split into blocks: Q6_K → Q8_0, then F16.
+        if chosen == .q6_K && dimensions[0] % 256 != 0 { chosen = .q8_0 }
         if dimensions[0] % chosen.blockSize != 0 { chosen = .f16 }
         return chosen
     }

@@ -241,6 +241,9 @@ final class GGUFExportTests: XCTestCase {
         XCTAssertEqual(GGUFExporter.tensorType(name: "output.weight", dimensions: [576, 10], type: .q4_0, tiedEmbeddings: false), .q8_0)
         XCTAssertEqual(GGUFExporter.tensorType(name: "blk.0.ffn_down.weight", dimensions: [40, 10], type: .q8_0, tiedEmbeddings: false), .f16)
         XCTAssertEqual(GGUFExporter.tensorType(name: "blk.0.attn_q.bias", dimensions: [64], type: .q8_0, tiedEmbeddings: false), .f32)
+        XCTAssertEqual(GGUFExporter.tensorType(name: "token_embd.weight", dimensions: [2048, 10], type: .q6_k, tiedEmbeddings: false), .q6_K)
+        XCTAssertEqual(GGUFExporter.tensorType(name: "blk.0.ffn_down.weight", dimensions: [352, 10], type: .q6_k, tiedEmbeddings: false), .q8_0)
+        XCTAssertEqual(GGUFExporter.tensorType(name: "blk.0.ffn_down.weight", dimensions: [40, 10], type: .q6_k, tiedEmbeddings: false), .f16)
     }
 
     func testQwen2IsWrittenWithItsBiasesAndWithoutTheRotaryPermutation() throws {
