@@ -11,6 +11,7 @@ struct QLoRACommand: AsyncParsableCommand {
             DemoCommand.self,
             FetchCommand.self,
             ConvertCommand.self,
+            ExportCommand.self,
             InspectCommand.self,
             TokenizeCommand.self,
             TrainCommand.self,

@@ -7,12 +7,21 @@
 //  Q4_1: d = (max − min) / 15, q = min(15, trunc((x − min) / d + 0.5)), stored m = min.
 //  Q5_1: d = (max − min) / 31, q = min(31, trunc((x − min) / d + 0.5)).
 // "/ d" is a multiplication by 1/d (0 when d is 0), and d, m are computed in f32 before being stored as f16.
+//
+// Q6_K (blocks of 256, ggml's `quantize_row_q6_K_ref`, which llama-quantize uses when it has no importance matrix):
+//  each of the 16 groups of 16 gets a scale from `make_qx_quants(16, nmax 32, rmse_type 1)`: start from
+//  iscale = −32 / m (m the value of largest |x|), then try iscale = −(32 + 0.1·is) / m for is in −9…9 and keep the
+//  one whose levels l (round half to even, clamped to −32…31) maximise (Σ w·x·l)² / Σ w·l², w = x²; the group
+//  scale is Σ w·x·l / Σ w·l². The block's d = −max_scale / 128 (max_scale the group scale of largest magnitude),
+//  the group scales become int8 min(127, round(scale / d)), and each x gets l = clamp(round(x / (d·scale_j)), −32, 31) + 32.
+//  Bytes: ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8), d (f16): element j + l + 32·k of each
+//  128-element half goes to the low/high nibble of ql[l + 32·(k & 1)] (k < 2 low) and to bits 2k..2k+1 of qh[l].
 
 extension GGMLType {
     /// Whether `quantize` handles this type.
     public var canQuantize: Bool {
         switch self {
-        case .f32, .f16, .bf16, .q8_0, .q4_0, .q4_1, .q5_0, .q5_1: return true
+        case .f32, .f16, .bf16, .q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q6_K: return true
         default: return false
         }
     }
@@ -28,6 +37,11 @@ extension GGMLType {
                 case .f32: for i in 0..<x.count { y.storeBytes(of: x[i].bitPattern.littleEndian, toByteOffset: 4 * i, as: UInt32.self) }
                 case .f16: for i in 0..<x.count { y.storeBytes(of: floatToF16(x[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
                 case .bf16: for i in 0..<x.count { y.storeBytes(of: floatToBF16(x[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
+                case .q6_K:
+                    for b in 0..<(x.count / 256) {
+                        Self.quantizeQ6_K(UnsafeBufferPointer(rebasing: x[(256 * b)..<(256 * b + 256)]),
+                                          UnsafeMutableRawBufferPointer(rebasing: y[(blockBytes * b)..<(blockBytes * (b + 1))]))
+                    }
                 default:
                     for b in 0..<(x.count / 32) {
                         let block = UnsafeBufferPointer(rebasing: x[(32 * b)..<(32 * b + 32)])
@@ -86,6 +100,84 @@ extension GGMLType {
         storeHalf(lo, y, 2)
         let q = (0..<32).map { j in clamped(((x[j] - lo) * id + 0.5).rounded(.towardZero), 0, top) }
         packNibbles(q, y, qsOffset: bits5 ? 8 : 4, qhOffset: bits5 ? 4 : nil)
+    }
+
+    /// ggml's `nearest_int`: round half to even.
+    private static func nearestInt(_ v: Float) -> Int {
+        v.isFinite ? Int(v.rounded(.toNearestOrEven)) : 0
+    }
+
+    /// ggml's `make_qx_quants(n, nmax, x, L, rmse_type = 1, NULL)`: the levels L (0…2·nmax−1) and the scale.
+    private static func makeQXQuants(_ x: UnsafeBufferPointer<Float>, nmax: Int, _ levels: inout [Int]) -> Float {
+        var maxValue: Float = 0, amax: Float = 0
+        for v in x where abs(v) > amax { amax = abs(v); maxValue = v }
+        if amax < 1e-15 {
+            for i in 0..<x.count { levels[i] = 0 }
+            return 0
+        }
+        func level(_ v: Float, _ iscale: Float) -> Int { Swift.max(-nmax, Swift.min(nmax - 1, nearestInt(iscale * v))) }
+        var iscale = Float(-nmax) / maxValue
+        var sumlx: Float = 0, suml2: Float = 0
+        for i in 0..<x.count {
+            let l = level(x[i], iscale)
+            levels[i] = l + nmax
+            let w = x[i] * x[i]
+            sumlx += w * x[i] * Float(l)
+            suml2 += w * Float(l) * Float(l)
+        }
+        var scale: Float = suml2 != 0 ? sumlx / suml2 : 0
+        var best = scale * sumlx
+        for step in -9...9 where step != 0 {
+            iscale = -(Float(nmax) + 0.1 * Float(step)) / maxValue
+            sumlx = 0; suml2 = 0
+            for i in 0..<x.count {
+                let l = level(x[i], iscale)
+                let w = x[i] * x[i]
+                sumlx += w * x[i] * Float(l)
+                suml2 += w * Float(l) * Float(l)
+            }
+            if suml2 > 0 && sumlx * sumlx > best * suml2 {
+                for i in 0..<x.count { levels[i] = nmax + level(x[i], iscale) }
+                scale = sumlx / suml2
+                best = scale * sumlx
+            }
+        }
+        return scale
+    }
+
+    /// One Q6_K block of 256 (see the header).
+    private static func quantizeQ6_K(_ x: UnsafeBufferPointer<Float>, _ y: UnsafeMutableRawBufferPointer) {
+        var levels = [Int](repeating: 0, count: 256)
+        var groupLevels = [Int](repeating: 0, count: 16)
+        var scales = [Float](repeating: 0, count: 16)
+        var maxScale: Float = 0, maxAbsScale: Float = 0
+        for g in 0..<16 {
+            let scale = makeQXQuants(UnsafeBufferPointer(rebasing: x[(16 * g)..<(16 * g + 16)]), nmax: 32, &groupLevels)
+            for i in 0..<16 { levels[16 * g + i] = groupLevels[i] }
+            scales[g] = scale
+            if abs(scale) > maxAbsScale { maxAbsScale = abs(scale); maxScale = scale }
+        }
+        for i in 0..<y.count { y[i] = 0 }
+        if maxAbsScale < 1e-15 { return }
+        let iscale = -128 / maxScale
+        storeHalf(1 / iscale, y, 208)
+        let d = f16ToFloat(floatToF16(1 / iscale))
+        for g in 0..<16 {
+            let q = Int8(Swift.min(127, nearestInt(iscale * scales[g])))
+            y[192 + g] = UInt8(bitPattern: q)
+            let dg = d * Float(q)
+            if dg == 0 { continue }
+            for i in 0..<16 { levels[16 * g + i] = Swift.max(-32, Swift.min(31, nearestInt(x[16 * g + i] / dg))) + 32 }
+        }
+        for h in 0..<2 {
+            let j = 128 * h, ql = 64 * h, qh = 128 + 32 * h
+            for l in 0..<32 {
+                let q1 = levels[j + l], q2 = levels[j + l + 32], q3 = levels[j + l + 64], q4 = levels[j + l + 96]
+                y[ql + l] = UInt8(q1 & 0xF) | UInt8(q3 & 0xF) << 4
+                y[ql + l + 32] = UInt8(q2 & 0xF) | UInt8(q4 & 0xF) << 4
+                y[qh + l] = UInt8(q1 >> 4) | UInt8(q2 >> 4) << 2 | UInt8(q3 >> 4) << 4 | UInt8(q4 >> 4) << 6
+            }
+        }
     }
 
     /// Low nibbles of elements j and j + 16 into byte j; bit 4 of element j into bit j of the u32 qh.

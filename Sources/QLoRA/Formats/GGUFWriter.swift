@@ -27,6 +27,54 @@ public enum GGUFWriter {
     /// The bytes of a GGUF file. `general.alignment` is added to the metadata when `alignment` is not 32.
     public static func serialize(metadata: [(key: String, value: GGUFValue)], tensors: [GGUFTensorRecord],
                                  alignment: Int = GGUFFile.defaultAlignment, version: UInt32 = 3) throws -> [UInt8] {
+        let layout = try header(metadata: metadata, tensors: tensors.map { ($0.name, $0.type, $0.dimensions) },
+                                alignment: alignment, version: version)
+        var out = layout.bytes
+        for (i, t) in tensors.enumerated() {
+            guard t.data.count == layout.sizes[i] else {
+                throw UsageError("GGUF tensor '\(t.name)': \(t.type.name) \(t.dimensions) needs \(layout.sizes[i]) bytes; got \(t.data.count) bytes")
+            }
+            out += [UInt8](repeating: 0, count: layout.bytes.count + layout.offsets[i] - out.count)
+            out += t.data
+        }
+        pad(&out, alignment)
+        return out
+    }
+
+    /// Writes a GGUF file atomically.
+    public static func write(metadata: [(key: String, value: GGUFValue)], tensors: [GGUFTensorRecord],
+                             alignment: Int = GGUFFile.defaultAlignment, to path: String) throws {
+        let bytes = try serialize(metadata: metadata, tensors: tensors, alignment: alignment)
+        try FileSystem.writeAtomically(path, bytes: bytes)
+    }
+
+    /// Writes a GGUF file atomically, one tensor at a time: `data(i)` gives the bytes of `tensors[i]` when they are
+    /// due, so that a model larger than memory twice over can be written. Nothing replaces `path` unless every tensor
+    /// was produced with the announced size.
+    public static func write(metadata: [(key: String, value: GGUFValue)], tensors: [(name: String, type: GGMLType, dimensions: [Int])],
+                             alignment: Int = GGUFFile.defaultAlignment, to path: String,
+                             data: (Int) throws -> [UInt8]) throws {
+        let layout = try header(metadata: metadata, tensors: tensors, alignment: alignment, version: 3)
+        try FileSystem.writeAtomically(path) { file in
+            try file.write(layout.bytes)
+            var written = 0
+            for i in tensors.indices {
+                let bytes = try data(i)
+                guard bytes.count == layout.sizes[i] else {
+                    throw UsageError("GGUF tensor '\(tensors[i].name)': \(bytes.count) bytes, expected \(layout.sizes[i])")
+                }
+                if layout.offsets[i] > written { try file.write([UInt8](repeating: 0, count: layout.offsets[i] - written)) }
+                try file.write(bytes)
+                written = layout.offsets[i] + bytes.count
+            }
+            let end = (written + alignment - 1) / alignment * alignment
+            if end > written { try file.write([UInt8](repeating: 0, count: end - written)) }
+        }
+    }
+
+    /// The header, tensor infos and padding up to the data section; each tensor's offset in the data section and its size.
+    static func header(metadata: [(key: String, value: GGUFValue)], tensors: [(name: String, type: GGMLType, dimensions: [Int])],
+                       alignment: Int, version: UInt32) throws -> (bytes: [UInt8], offsets: [Int], sizes: [Int]) {
         precondition(alignment > 0 && alignment & (alignment - 1) == 0, "alignment must be a power of two")
         var metadata = metadata
         if alignment != GGUFFile.defaultAlignment && !metadata.contains(where: { $0.key == "general.alignment" }) {
@@ -43,13 +91,12 @@ public enum GGUFWriter {
             try appendValue(value, to: &out, key: key)
         }
         var offset = 0
-        var offsets: [Int] = []
+        var offsets: [Int] = [], sizes: [Int] = []
         for t in tensors {
             let elements = t.dimensions.reduce(1, *)
             guard t.dimensions.count >= 1, t.dimensions.count <= GGUFFile.maxDimensions,
-                  t.dimensions[0] % t.type.blockSize == 0,
-                  t.type.byteCount(elements: elements) == t.data.count else {
-                throw UsageError("GGUF tensor '\(t.name)': \(t.type.name) \(t.dimensions) needs \(t.type.byteCount(elements: elements)) bytes and ne[0] a multiple of \(t.type.blockSize); got \(t.data.count) bytes")
+                  t.dimensions[0] % t.type.blockSize == 0 else {
+                throw UsageError("GGUF tensor '\(t.name)': \(t.type.name) \(t.dimensions) needs ne[0] a multiple of \(t.type.blockSize)")
             }
             appendString(t.name, to: &out)
             append(UInt32(t.dimensions.count), to: &out)
@@ -57,23 +104,11 @@ public enum GGUFWriter {
             append(t.type.rawValue, to: &out)
             append(UInt64(offset), to: &out)
             offsets.append(offset)
-            offset = (offset + t.data.count + alignment - 1) / alignment * alignment
+            sizes.append(t.type.byteCount(elements: elements))
+            offset = (offset + sizes.last! + alignment - 1) / alignment * alignment
         }
         pad(&out, alignment)
-        let dataStart = out.count
-        for (t, o) in zip(tensors, offsets) {
-            out += [UInt8](repeating: 0, count: dataStart + o - out.count)
-            out += t.data
-        }
-        pad(&out, alignment)
-        return out
-    }
-
-    /// Writes a GGUF file atomically.
-    public static func write(metadata: [(key: String, value: GGUFValue)], tensors: [GGUFTensorRecord],
-                             alignment: Int = GGUFFile.defaultAlignment, to path: String) throws {
-        let bytes = try serialize(metadata: metadata, tensors: tensors, alignment: alignment)
-        try FileSystem.writeAtomically(path, bytes: bytes)
+        return (out, offsets, sizes)
     }
 
     private static func pad(_ out: inout [UInt8], _ alignment: Int) {
