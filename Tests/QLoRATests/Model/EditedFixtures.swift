@@ -15,14 +15,21 @@ enum EditedFixtures {
     /// A copy of `tiny-llama/<folder>` (config.json, model.safetensors) with `config` and `tensors` applied.
     static func tinyLlama(_ folder: String = "base", config: (inout JSONObject) -> Void = { _ in },
                           tensors: (inout [TensorRecord]) throws -> Void = { _ in }, name: String = #function) throws -> String {
-        let source = TestFixtures.path("tiny-llama/" + folder)
+        try editedCopy("tiny-llama/" + folder, jsonFile: "config.json", tensorsFile: "model.safetensors", config: config,
+                       tensors: tensors, name: name)
+    }
+
+    /// A copy of fixture folder `source`'s JSON file and safetensors file, each edited.
+    private static func editedCopy(_ source: String, jsonFile: String, tensorsFile: String, config: (inout JSONObject) -> Void,
+                                   tensors: (inout [TensorRecord]) throws -> Void, name: String) throws -> String {
+        let source = TestFixtures.path(source)
         let dir = try TestFixtures.temporaryDirectory(name)
-        var json = try XCTUnwrap(try JSONValue.parse(bytes: FileSystem.readFile(source + "/config.json")).object)
+        var json = try XCTUnwrap(try JSONValue.parse(bytes: FileSystem.readFile(source + "/" + jsonFile)).object)
         config(&json)
-        try FileSystem.writeAtomically(dir + "/config.json", text: JSONValue.object(json).serialized(.init(indent: 2)))
-        var list = try records(source + "/model.safetensors")
+        try FileSystem.writeAtomically(dir + "/" + jsonFile, text: JSONValue.object(json).serialized(.init(indent: 2)))
+        var list = try records(source + "/" + tensorsFile)
         try tensors(&list)
-        try SafeTensorsWriter.write(list, metadata: ["format": "pt"], to: dir + "/model.safetensors")
+        try SafeTensorsWriter.write(list, metadata: ["format": "pt"], to: dir + "/" + tensorsFile)
         return dir
     }
 
@@ -37,15 +44,8 @@ enum EditedFixtures {
     /// A copy of the tiny-llama adapter with its config and tensors edited.
     static func adapter(config: (inout JSONObject) -> Void = { _ in }, tensors: (inout [TensorRecord]) throws -> Void = { _ in },
                         name: String = #function) throws -> String {
-        let source = TestFixtures.path("tiny-llama/adapter")
-        let dir = try TestFixtures.temporaryDirectory(name)
-        var json = try XCTUnwrap(try JSONValue.parse(bytes: FileSystem.readFile(source + "/adapter_config.json")).object)
-        config(&json)
-        try FileSystem.writeAtomically(dir + "/adapter_config.json", text: JSONValue.object(json).serialized(.init(indent: 2)))
-        var list = try records(source + "/adapter_model.safetensors")
-        try tensors(&list)
-        try SafeTensorsWriter.write(list, metadata: ["format": "pt"], to: dir + "/adapter_model.safetensors")
-        return dir
+        try editedCopy("tiny-llama/adapter", jsonFile: "adapter_config.json", tensorsFile: "adapter_model.safetensors",
+                       config: config, tensors: tensors, name: name)
     }
 }
 

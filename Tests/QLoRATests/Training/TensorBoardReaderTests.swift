@@ -69,20 +69,17 @@ final class TensorBoardReaderTests: XCTestCase {
     func testTensorBoardReadsEveryScalarAcrossAResume() throws {
         let pydeps = try tensorboardPath()
         let dir = try TestFixtures.temporaryDirectory()
-        var c = TrainingConfiguration()
-        c.model = TestFixtures.path("tiny-llama/base")
-        c.datasets = ["synthetic"]
-        c.outputDirectory = dir
-        c.loraR = 4
-        c.loraAlpha = 8
-        c.batchSize = 2
+        // TrainerTests' run on the tiny fixture, 4 steps, evaluated and saved every 2, reported everywhere.
+        var c = TrainerTests(name: "configuration", testClosure: { _ in }).configuration(dir)
+        c.loraDropout = 0.05
+        c.gradientAccumulationSteps = 1
         c.maxSteps = 4
-        c.learningRate = 5e-3
-        c.loggingSteps = 1
+        c.warmupSteps = 0
         c.evalSteps = 2
         c.saveSteps = 2
         c.saveTotalLimit = 0
         c.optimizer = "adamw"
+        c.seed = 42
         c.reportTo = .all
         let script = dir + "/read_events.py", out = dir + "/events.json"
         try Self.reader.write(toFile: script, atomically: true, encoding: .utf8)
