@@ -49,21 +49,9 @@ final class TensorBoardReaderTests: XCTestCase {
     json.dump({"scalars": scalars, "raw": raw}, open(out, "w"))
     """
 
-    func examples(_ count: Int, seed: UInt64) -> [TokenizedExample] {
-        var rng = SeededGenerator(seed: seed)
-        return (0..<count).map { i in
-            let start = rng.next() % 2 == 0 ? 100 : 500
-            let tokens = (0..<12).map { start + ($0 % 4) * 7 }
-            return TokenizedExample(tokens: tokens, labels: tokens, line: i + 1)
-        }
-    }
-
+    /// TrainerTests' tiny-fixture trainer on 8 training examples.
     func trainer(_ c: TrainingConfiguration) throws -> Trainer {
-        let trainer = try Trainer(configuration: c, model: try LlamaForwardTests.loadTinyLlama(), train: examples(8, seed: 1),
-                                  eval: examples(4, seed: 2), padID: 0, baseDirectory: nil)
-        trainer.log = { _ in }
-        trainer.showProgress = { _ in }
-        return trainer
+        try TrainerTests(name: "trainer", testClosure: { _ in }).makeTrainer(c, trainingExamples: 8)
     }
 
     func testTensorBoardReadsEveryScalarAcrossAResume() throws {

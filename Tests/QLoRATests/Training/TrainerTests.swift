@@ -59,9 +59,10 @@ final class TrainerTests: XCTestCase {
         return c
     }
 
-    func makeTrainer(_ c: TrainingConfiguration) throws -> Trainer {
+    func makeTrainer(_ c: TrainingConfiguration, trainingExamples: Int = 16) throws -> Trainer {
         let model = try LlamaForwardTests.loadTinyLlama()
-        let trainer = try Trainer(configuration: c, model: model, train: examples(16, seed: 1), eval: examples(4, seed: 2), padID: 0, baseDirectory: nil)
+        let trainer = try Trainer(configuration: c, model: model, train: examples(trainingExamples, seed: 1), eval: examples(4, seed: 2),
+                                  padID: 0, baseDirectory: nil)
         trainer.log = { _ in }
         trainer.showProgress = { _ in }
         return trainer
