@@ -19,7 +19,7 @@ struct PlanCommand: ParsableCommand {
     @Option(name: .customLong("lora-r"), parsing: .unconditional, help: "LoRA rank on the seven projections.") var loraR: Int = 16
     @Option(name: .customLong("offload-checkpoints"), help: "Gradient checkpoints in pinned host memory: on, off or auto.")
     var offloadCheckpoints: String = "auto"
-    @Option(name: .customLong("gpu-memory"), help: "Card sizes in GiB, comma-separated (e.g. 24 or 12,16,24,48,80).")
+    @Option(name: .customLong("gpu-memory"), parsing: .unconditional, help: "Card sizes in GiB, comma-separated (e.g. 24 or 12,16,24,48,80).")
     var gpuMemory: String = "12,16,24,48,80"
     @Flag(help: "Print the markdown table of docs/MEMORY.md (every architecture, rank 16 and 64, offload on and off).")
     var table = false

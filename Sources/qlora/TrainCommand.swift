@@ -48,6 +48,9 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "Replace an earlier run in the output folder (its adapter, checkpoints and metrics); without it, or --resume, such a folder is refused.")
     var overwrite = false
     @Option(help: "Where to train: auto (the GPU when one is usable, else the CPU), cpu or cuda.") var device: String = "auto"
+    @Option(name: .customLong("gpu-memory"), parsing: .unconditional,
+            help: "GPU: train as on a card with this many GiB (the memory plan refuses what would not fit it; also QLORA_GPU_MEMORY).")
+    var gpuMemory: Double?
     @Flag(help: "Skip malformed dataset lines (and count them) instead of stopping.") var skipBadLines = false
     @Option(help: "Where metrics go, comma-separated: jsonl (metrics.jsonl, the default), tensorboard (event files in OUTPUT/runs/), all or none.")
     var reportTo: String?
@@ -80,8 +83,12 @@ struct TrainCommand: ParsableCommand {
     }
 
     func run() throws {
+        if let gpuMemory, !(gpuMemory > 0 && gpuMemory.isFinite) {
+            throw ValidationError("--gpu-memory must be a positive number of GiB, got \(gpuMemory)")
+        }
         let c = try configuration()
         let trainingDevice = try ComputeDevice.choose(device)
+        if let gpuMemory, case .cuda(let context) = trainingDevice { try context.setMemoryBudget(gib: gpuMemory) }
         let loaded = try ModelLoader.load(c.model, quantization: try BaseQuantization.parse(c.quantize), log: { printError($0) })
         printError("model: \(loaded.description)")
         // Pre-tokenized data needs no tokenizer: the dataset asks for one only on a line that does.

@@ -16,6 +16,9 @@ final class CommandLineSafetyTests: XCTestCase {
             (["train", "--data", "x.jsonl", "--learning-rate", "-1"], "learning_rate (--learning-rate) must be a positive number, got -1.0"),
             (["train", "--data", "x.jsonl", "--lora-dropout", "1.5"], "lora_dropout (--lora-dropout) must be in [0, 1), got 1.5"),
             (["eval", "--data", "x.jsonl", "--batch-size", "-2"], "--batch-size must be a positive integer, got -2"),
+            (["train", "--data", "x.jsonl", "--gpu-memory", "-24"], "--gpu-memory must be a positive number of GiB, got -24.0"),
+            (["bench", "--gpu-memory", "0"], "--gpu-memory must be a positive number of GiB, got 0.0"),
+            (["plan", "--gpu-memory", "24,-1"], "--gpu-memory: expected positive numbers of GiB separated by commas, got '24,-1'"),
         ]
         for (arguments, message) in cases {
             let result = try cli.qlora(arguments)
