@@ -9,7 +9,8 @@
 // a match gives that template's Go-template form, anything else gives the bare `{{ .Prompt }}` template (no chat
 // format). So for the two families recognised here with certainty, the Go template is written out, and Ollama does
 // not depend on recognising the Jinja text; for other templates none is written and Ollama's own lookup decides.
-// Values are quoted as the Modelfile parser reads them: "…" normally, """…""" when the value holds a quote or a newline.
+// Values are quoted as the Modelfile parser reads them: "…" normally, """…""" when the value holds a quote or a newline;
+// the FROM path is written bare unless it holds a space or a quote.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -74,7 +75,8 @@ public enum OllamaModelfile {
         } else if template == nil {
             lines.append("# The model folder has no chat template.")
         }
-        lines.append("FROM " + (try quoted(ggufFileName.hasPrefix("/") ? ggufFileName : "./" + ggufFileName, what: "the GGUF file name")))
+        let from = ggufFileName.hasPrefix("/") ? ggufFileName : "./" + ggufFileName
+        lines.append("FROM " + (from.contains(where: { $0.isWhitespace || $0 == "\"" }) ? try quoted(from, what: "the GGUF file name") : from))
         if let goTemplate { lines.append("TEMPLATE " + (try quoted(goTemplate, what: "the template"))) }
         for stop in stops {
             do { lines.append("PARAMETER stop " + (try quoted(stop, what: "stop token"))) } catch {
