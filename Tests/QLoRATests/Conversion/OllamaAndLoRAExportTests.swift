@@ -73,9 +73,9 @@ final class GGUFLoRAExportTests: XCTestCase {
     static let names = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
 
     /// The tiny fixture with its adapter, exported as a LoRA GGUF of `type`.
-    static func exportAdapter(_ dir: String, type: GGUFLoRAType) throws -> (model: LlamaModel, file: GGUFFile) {
+    static func exportAdapter(_ dir: String, type: GGUFLoRAType, adapter: String = TestFixtures.path("tiny-llama/adapter")) throws -> (model: LlamaModel, file: GGUFFile) {
         let loaded = try ModelLoader.load(dir, quantization: .none)
-        try PEFTAdapter.load(directory: TestFixtures.path("tiny-llama/adapter"), into: loaded.model)
+        try PEFTAdapter.load(directory: adapter, into: loaded.model)
         let out = try TestFixtures.temporaryDirectory("gguf-lora-out") + "/adapter-\(type.rawValue).gguf"
         let report = try GGUFExporter.exportLoRA(model: loaded.model, type: type, to: out, name: "adapter")
         XCTAssertEqual(report.adaptedLayers, 14)
@@ -100,9 +100,7 @@ final class GGUFLoRAExportTests: XCTestCase {
         XCTAssertEqual(file.tensorNames, expectedNames)
 
         let base = try GGUFExportTests.export(dir, adapter: false, type: .f16).file
-        let merged = try GGUFExportTests.export(dir, adapter: true, type: .f16).file
         let r = 8
-        let scale = Float(16) / Float(r)
         for l in 0..<config.layerCount {
             for (n, layer) in zip(Self.names, model.blocks[l].linears) {
                 let w = "blk.\(l).\(n).weight"
@@ -119,10 +117,43 @@ final class GGUFLoRAExportTests: XCTestCase {
                 let bHF = heads > 0 ? GGUFConverter.unpermuteRotaryRows(try file.floats(b), heads: heads, headDim: config.headDim, columns: r)
                                     : try file.floats(b)
                 XCTAssertEqual(bHF, Array(layer.lora!.b.storage), w)
-                // base (in the GGUF's row order) + (alpha / r)·B·A, all from the GGUF files, is the merged export's tensor.
+                if heads > 0 { XCTAssertNotEqual(try file.floats(b), Array(layer.lora!.b.storage), w) }
+            }
+        }
+        try Self.assertBasePlusLoRAIsTheMergedExport(dir, model: model, lora: file, alpha: 16)
+    }
+
+    /// rsLoRA and alpha_pattern give layers scales other than alpha / r: folded into B, llama.cpp's one alpha still
+    /// gives the merged weights.
+    func testLayerScalesOtherThanAlphaOverRAreFoldedIntoB() throws {
+        let dir = try GGUFExportTests.tinyLlamaFolder()
+        let adapter = try EditedFixtures.adapter(config: {
+            $0["use_rslora"] = .bool(true)
+            $0["alpha_pattern"] = .object(JSONObject([("v_proj", .int(32))]))
+        })
+        let (model, file) = try Self.exportAdapter(dir, type: .f32, adapter: adapter)
+        let alpha = Float(16 / Double(8).squareRoot()) * 8  // the first layer's (q_proj's) scale · r
+        XCTAssertEqual(try XCTUnwrap(file["adapter.lora.alpha"]?.double), Double(alpha), accuracy: 1e-5)
+        XCTAssertNotEqual(model.blocks[0].linears[2].lora!.scale, model.blocks[0].linears[0].lora!.scale)
+        try Self.assertBasePlusLoRAIsTheMergedExport(dir, model: model, lora: file, alpha: Float(try XCTUnwrap(file["adapter.lora.alpha"]?.double)))
+    }
+
+    /// base (f16, in the GGUF's row order) + (alpha / r)·B·A, all read from GGUF files, is the f16 merged export of
+    /// `model` (which has the adapter attached) within f16 rounding.
+    static func assertBasePlusLoRAIsTheMergedExport(_ dir: String, model: LlamaModel, lora file: GGUFFile, alpha: Float) throws {
+        let outs = try TestFixtures.temporaryDirectory("gguf-lora-merged")
+        try GGUFExporter.export(model: model, directory: dir, type: .f16, to: outs + "/merged.gguf")
+        let merged = try GGUFFile(path: outs + "/merged.gguf")
+        let base = try GGUFExportTests.export(dir, adapter: false, type: .f16).file
+        for l in 0..<model.config.layerCount {
+            for n in names {
+                let w = "blk.\(l).\(n).weight"
+                let a = try XCTUnwrap(file.tensor(w + ".lora_a")), b = try XCTUnwrap(file.tensor(w + ".lora_b"))
+                let baseInfo = try XCTUnwrap(base.tensor(w))
                 let W = try base.floats(baseInfo), M = try merged.floats(try XCTUnwrap(merged.tensor(w)))
                 let A = try file.floats(a), B = try file.floats(b)
-                let (rows, columns) = (layer.outFeatures, layer.inFeatures)
+                let (r, rows, columns) = (b.dimensions[0], baseInfo.dimensions[1], baseInfo.dimensions[0])
+                let scale = alpha / Float(r)
                 for o in 0..<rows {
                     for i in 0..<columns {
                         var delta: Float = 0
