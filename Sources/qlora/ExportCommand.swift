@@ -4,25 +4,28 @@ import QLoRA
 struct ExportCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "export",
-        abstract: "Export a model, with a LoRA adapter merged in, as one GGUF file for llama.cpp and Ollama.",
+        abstract: "Export a model, with a LoRA adapter merged in, as one GGUF file for llama.cpp and Ollama; or the adapter alone as a llama.cpp LoRA GGUF.",
         discussion: """
-        The adapter is merged (W + scale·B·A in fp32) into the base's original weights, never into re-quantized ones, \
+        gguf: the adapter is merged (W + scale·B·A in fp32) into the base's original weights, never into re-quantized ones, \
         and the result is written with llama.cpp's tensor names and metadata, the tokenizer and the chat template. \
         Norms and other 1-D tensors stay F32. q4_0 follows llama-quantize: the output matrix (the embeddings when tied) \
-        gets more bits.
+        gets more bits. --ollama also writes a Modelfile beside it for `ollama create NAME -f Modelfile`.
+
+        gguf-lora: the adapter alone (tensors NAME.lora_a / NAME.lora_b, adapter.lora.alpha), which llama.cpp applies \
+        over the base model's GGUF at run time: llama-cli -m base.gguf --lora adapter.gguf. Types: f32, f16, bf16, q8_0.
         """
     )
 
     @Option(help: "The base model folder (or a known name). Its original weights are used, never re-quantized.")
     var model: String
 
-    @Option(help: "A PEFT LoRA adapter folder to merge in.")
+    @Option(help: "A PEFT LoRA adapter folder to merge in (gguf), or to export (gguf-lora).")
     var adapter: String?
 
-    @Option(help: "The output format: gguf.")
+    @Option(help: "The output format: gguf (the merged model) or gguf-lora (the adapter alone).")
     var format: String = "gguf"
 
-    @Option(help: "The tensor type: f16, bf16, q8_0, q4_0 or q6_k.")
+    @Option(help: "The tensor type: f16, bf16, q8_0, q4_0 or q6_k (gguf); f32, f16, bf16 or q8_0 (gguf-lora).")
     var type: String = "f16"
 
     @Option(help: "The GGUF file to write (written beside as a temporary file, then renamed).")
@@ -31,14 +34,28 @@ struct ExportCommand: ParsableCommand {
     @Option(help: "general.name in the file (default: the model folder's name).")
     var name: String?
 
+    @Flag(help: "Also write an Ollama Modelfile beside the GGUF (FROM, stop tokens, the template when needed); --format gguf only.")
+    var ollama = false
+
     func run() throws {
-        guard format.lowercased() == "gguf" else {
-            throw ValidationError("--format: '\(format)' is not supported (expected gguf)")
+        switch format.lowercased() {
+        case "gguf": try exportModel()
+        case "gguf-lora": try exportAdapter()
+        default: throw ValidationError("--format: '\(format)' is not supported (expected gguf or gguf-lora)")
         }
+    }
+
+    func exportModel() throws {
         let type = try GGUFExportType.parse(type)
         // Dense weights as stored; a bitsandbytes-only folder can only give its dequantized weights.
         let loaded = try ModelLoader.load(model, quantization: .none, log: { printError($0) })
-        try GGUFExporter.refuseOverwriting(out, inputs: [loaded.directory] + (adapter.map { [$0] } ?? []))
+        let inputs = [loaded.directory] + (adapter.map { [$0] } ?? [])
+        try GGUFExporter.refuseOverwriting(out, inputs: inputs)
+        if ollama {
+            // Checked before the export, so that a refused Modelfile leaves no GGUF behind.
+            try GGUFExporter.refuseOverwriting(try OllamaModelfile.path(besides: out), inputs: inputs, option: "--ollama's Modelfile")
+            _ = try OllamaModelfile.text(directory: loaded.directory, ggufFileName: "x.gguf")
+        }
         if loaded.isPreQuantized {
             printError("note: \(loaded.directory) holds only 4-bit weights, so the export is of the dequantized 4-bit weights (the original weights are not available), stored as \(type.rawValue)")
         }
@@ -50,5 +67,27 @@ struct ExportCommand: ParsableCommand {
                                              log: { printError($0) })
         let types = report.typeCounts.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
         print("wrote \(out): \(report.architecture), \(report.tensorCount) tensors (\(types)), \(report.mergedLayers) layers with the adapter merged, tokenizer \(report.tokenizerModel) with \(report.vocabularySize) tokens")
+        if ollama {
+            let path = try OllamaModelfile.write(besides: out, directory: loaded.directory, inputs: inputs, log: { printError($0) })
+            print("wrote \(path): ollama create NAME -f \(path)")
+        }
+    }
+
+    func exportAdapter() throws {
+        guard let adapter else {
+            throw ValidationError("--format gguf-lora exports a LoRA adapter: pass --adapter with a PEFT adapter folder")
+        }
+        guard !ollama else {
+            throw ValidationError("--ollama writes a Modelfile for a --format gguf export; for a LoRA GGUF write FROM base.gguf and ADAPTER ./\(out) yourself")
+        }
+        let type = try GGUFLoRAType.parse(type)
+        let loaded = try ModelLoader.load(model, quantization: .none, log: { printError($0) })
+        try GGUFExporter.refuseOverwriting(out, inputs: [loaded.directory, adapter])
+        let config = try PEFTAdapter.load(directory: adapter, into: loaded.model)
+        printError("adapter: \(adapter) (r=\(config.rank), alpha=\(config.alpha))")
+        let report = try GGUFExporter.exportLoRA(model: loaded.model, type: type, to: out,
+                                                 name: name ?? GGUFExporter.lastPathComponent(adapter), log: { printError($0) })
+        let types = report.typeCounts.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
+        print("wrote \(out): LoRA adapter for \(report.architecture), \(report.adaptedLayers) layers, \(report.tensorCount) tensors (\(types)), alpha \(report.alpha); run it over the base GGUF with llama.cpp's --lora \(out)")
     }
 }

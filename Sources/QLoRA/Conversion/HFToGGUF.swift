@@ -128,8 +128,7 @@ public enum GGUFExporter {
             let p = "blk.\(l)."
             let inputNorm = block.inputNorm, postNorm = block.postAttentionNorm
             plan.append((p + "attn_norm.weight", [inputNorm.count], { inputNorm }))
-            let names = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
-            for (layer, short) in zip(block.linears, names) {
+            for (layer, short) in zip(block.linears, linearNames) {
                 if layer.lora != nil { merged += 1 }
                 let heads = short == "attn_q" ? config.headCount : short == "attn_k" ? config.kvHeadCount : 0
                 let rows = layer.outFeatures, columns = layer.inFeatures
@@ -230,7 +229,7 @@ public enum GGUFExporter {
         return String(cFormat: "%.\(max(2 - integerDigits, 0))f", scaled) + suffix
     }
 
-    static func lastPathComponent(_ path: String) -> String {
+    public static func lastPathComponent(_ path: String) -> String {
         let trimmed = path.hasSuffix("/") ? String(path.dropLast()) : path
         return trimmed.split(separator: "/").last.map(String.init) ?? trimmed
     }
@@ -238,7 +237,7 @@ public enum GGUFExporter {
     // MARK: - Refusing to overwrite an input
 
     /// Throws when `out` names one of `inputs` (files or folders, or a file inside an input folder), following links.
-    public static func refuseOverwriting(_ out: String, inputs: [String]) throws {
+    public static func refuseOverwriting(_ out: String, inputs: [String], option: String = "--out") throws {
         guard let target = realPath(out) else { return }  // does not exist yet: cannot be an input
         for input in inputs {
             guard let resolved = realPath(input) else { continue }
@@ -247,7 +246,7 @@ public enum GGUFExporter {
                 candidates += ((try? FileSystem.listDirectory(resolved)) ?? []).compactMap { realPath(resolved + "/" + $0) }
             }
             if candidates.contains(target) {
-                throw UsageError("--out \(out) is one of the inputs (\(input)); choose another file name")
+                throw UsageError("\(option) \(out) is one of the inputs (\(input)); choose another file name")
             }
         }
     }

@@ -24,6 +24,33 @@ final class CommandLineTests: XCTestCase {
         return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
     }
 
+    /// `export --ollama` writes FILE.gguf and a Modelfile beside it; `export --format gguf-lora` writes the adapter alone;
+    /// refusals name the option.
+    func testExportOllamaAndGGUFLoRA() throws {
+        let dir = try GGUFExportTests.tinyLlamaFolder()
+        let adapter = TestFixtures.path("tiny-llama/adapter")
+        let out = try TestFixtures.temporaryDirectory("cli-export")
+        let merged = try qlora(["export", "--model", dir, "--adapter", adapter, "--out", out + "/m.gguf", "--ollama"])
+        XCTAssertEqual(merged.status, 0, merged.err)
+        XCTAssertTrue(FileSystem.exists(out + "/m.gguf"))
+        XCTAssertTrue(try FileSystem.readText(out + "/Modelfile").contains("\nFROM ./m.gguf\nPARAMETER stop \"</s>\"\n"))
+        let lora = try qlora(["export", "--model", dir, "--adapter", adapter, "--format", "gguf-lora", "--type", "f32", "--out", out + "/a.gguf"])
+        XCTAssertEqual(lora.status, 0, lora.err)
+        XCTAssertEqual(try GGUFFile(path: out + "/a.gguf")["general.type"]?.string, "adapter")
+        let noAdapter = try qlora(["export", "--model", dir, "--format", "gguf-lora", "--out", out + "/b.gguf"])
+        XCTAssertNotEqual(noAdapter.status, 0)
+        XCTAssertTrue(noAdapter.err.contains("--adapter"), noAdapter.err)
+        let badType = try qlora(["export", "--model", dir, "--adapter", adapter, "--format", "gguf-lora", "--type", "q4_0", "--out", out + "/b.gguf"])
+        XCTAssertTrue(badType.err.contains("--type"), badType.err)
+        // A Modelfile that is an input (inside the model folder) is refused before any GGUF is written.
+        try FileSystem.writeAtomically(dir + "/Modelfile", text: "FROM x\n")
+        let refused = try qlora(["export", "--model", dir, "--out", dir + "/m.gguf", "--ollama"])
+        XCTAssertNotEqual(refused.status, 0)
+        XCTAssertTrue(refused.err.contains("Modelfile"), refused.err)
+        XCTAssertFalse(FileSystem.exists(dir + "/m.gguf"))
+        XCTAssertFalse(FileSystem.exists(out + "/b.gguf"))
+    }
+
     /// `tokenize --messages` on a folder holding only the tokenizer files equals the chat goldens (text and ids).
     func testTokenizeMessagesMatchesTheGoldens() throws {
         let goldens = try String(contentsOfFile: TestFixtures.path("smollm2-tokenizer/goldens.jsonl"), encoding: .utf8)
