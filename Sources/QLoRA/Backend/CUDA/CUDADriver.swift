@@ -269,11 +269,6 @@ public final class CUDADevice {
         return (free, total)
     }
 
-    /// The NVRTC target for this device's own architecture: "sm_90a" on Hopper, else "sm_XY".
-    public var nvrtcArchitecture: String {
-        KernelTarget.native(major: computeCapability.major, minor: computeCapability.minor).nvrtcArchitecture
-    }
-
     // MARK: Raw memory (the allocator builds on these)
 
     /// cuMemAlloc; prefer `DeviceAllocator`, which caches blocks.
