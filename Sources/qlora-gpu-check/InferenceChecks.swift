@@ -1,6 +1,6 @@
 // GPU generation and GPU optimizer checks (called from main.swift's groups):
 //   decode gemv        nf4_gemv (+ LoRA + residual) and bf16_gemv against fp64 sums over the dequantized weight
-//   inference fixture  CUDAInference vs LlamaModel.forward on Tests/Fixtures/tiny-llama (+ its adapter), prefill and
+//   inference fixture  CUDAInference vs DecoderModel.forward on Tests/Fixtures/tiny-llama (+ its adapter), prefill and
 //                      decode logits, both with the same NF4 weights (the CPU model gets the dequantized values)
 //   inference random   the same on random weights of a larger shape (hidden 2048, GQA 16/4, head dim 128), r 16
 //   adamw8bit          CUDAOptimizer vs the CPU AdamW8bit (states within 1 code, parameters within 1e-6), paged = unpaged
@@ -77,7 +77,7 @@ func checkDecodeGemv() throws {
 }
 
 /// Compares GPU and CPU logits: a prefill of `prompt`, then `decodeSteps` tokens one at a time (greedy from the CPU).
-func compareInference(_ name: String, model: LlamaModel, prompt: [Int], decodeSteps: Int, threshold: Double) throws {
+func compareInference(_ name: String, model: DecoderModel, prompt: [Int], decodeSteps: Int, threshold: Double) throws {
     let quantized = try CUDAInference.quantizeBase(model, replacingCPUWeights: true)
     let gpu = try CUDAInference(context: ctx, model: model, capacity: prompt.count + decodeSteps + 1, quantized: quantized)
     let cache = KVCache(config: model.config, capacity: prompt.count + decodeSteps + 1)
@@ -135,8 +135,8 @@ func checkInferenceRandom() throws {
      "num_key_value_heads": 4, "vocab_size": 32000, "rope_theta": 500000.0, "tie_word_embeddings": false, "rms_norm_eps": 1e-5,
      "max_position_embeddings": 4096}
     """.utf8))
-    let config = try LlamaConfig(json: json, file: "random check")
-    let model = LlamaModel.random(config: config, seed: seed)
+    let config = try DecoderConfig(json: json, file: "random check")
+    let model = DecoderModel.random(config: config, seed: seed)
     let r = 16
     for l in model.linearLayers {
         let a = Matrix(rows: r, columns: l.inFeatures, values: rng.floats(r * l.inFeatures, -0.02, 0.02).map(roundToBF16))

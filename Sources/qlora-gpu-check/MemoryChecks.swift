@@ -48,7 +48,7 @@ struct MemoryRunRecord: Equatable {
 /// Runs `steps` optimizer steps of `batches` (the first full, the others accumulated), AdamW without clipping, with
 /// a dropout seed per step when `dropout`; records every loss and gradient when `synchronise`, else queues all the
 /// steps before reading anything back.
-func recordMemoryRun(_ trainer: CUDALlamaTrainer, batches: [TrainingBatch], steps: Int, dropout: Bool,
+func recordMemoryRun(_ trainer: CUDADecoderTrainer, batches: [TrainingBatch], steps: Int, dropout: Bool,
                      synchronise: Bool = true) throws -> MemoryRunRecord {
     var record = MemoryRunRecord()
     func flat(_ pairs: [(name: String, a: [Float], b: [Float])]) -> [UInt32] { pairs.flatMap { ($0.a + $0.b).map(\.bitPattern) } }
@@ -88,10 +88,10 @@ func runMemoryChecks(_ ctx: CUDAContext) {
 
     /// Compares each variant's record with the all-on-GPU one (and that one with a repeat of itself).
     func compareVariants(_ name: String, _ variants: [(String, CUDATrainerMemoryOptions)],
-                         make: (CUDATrainerMemoryOptions) throws -> CUDALlamaTrainer,
-                         run: (CUDALlamaTrainer) throws -> MemoryRunRecord) throws {
+                         make: (CUDATrainerMemoryOptions) throws -> CUDADecoderTrainer,
+                         run: (CUDADecoderTrainer) throws -> MemoryRunRecord) throws {
         // The deterministic attention kernels: the flash backward adds dQ with fp32 atomics (last bits vary by run).
-        func build(_ options: CUDATrainerMemoryOptions) throws -> CUDALlamaTrainer {
+        func build(_ options: CUDATrainerMemoryOptions) throws -> CUDADecoderTrainer {
             let trainer = try make(options)
             trainer.deterministic = true
             return trainer
@@ -115,24 +115,24 @@ func runMemoryChecks(_ ctx: CUDAContext) {
         let batches = [batch, firstRows(batch, 1)]
         try compareVariants("fixture", [("checkpoints offloaded, 2 slots", offload2), ("host embedding", hostOnly),
                                         ("both, 2 slots", both2), ("both, 3 slots (no checkpoint leaves)", both3)],
-                            make: { try CUDALlamaTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount, memory: $0) },
+                            make: { try CUDADecoderTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount, memory: $0) },
                             run: { try recordMemoryRun($0, batches: batches, steps: 3, dropout: false) })
-        let trainer = try CUDALlamaTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount, memory: both2)
+        let trainer = try CUDADecoderTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount, memory: both2)
         checkTrue("fixture: 2 slots offload x0, embedding on the host",
                   trainer.plan.host == batch.tokenCount * 128 * 2 * 2 + 1000 * 128 * 2 && trainer.memory.hostEmbedding,
                   "plan \(trainer.plan)")
     }
 
     group("memory: offload bit-identical (random)") {
-        var config = try LlamaConfig(directory: directory + "/base")
+        var config = try DecoderConfig(directory: directory + "/base")
         config.layerCount = 6
         config.tieWordEmbeddings = false
         let length = 40
         let examples = randomExamples(count: 4, length: length, vocab: config.vocabularySize, seed: 21)
         let full = TrainingBatch(examples: examples.map { ($0.tokens, $0.labels) }, length: length, padID: 0)
         let batches = [full, firstRows(full, 3)]
-        func make(_ options: CUDATrainerMemoryOptions) throws -> CUDALlamaTrainer {
-            try CUDALlamaTrainer(context: ctx, randomConfig: config, rank: 4, alpha: 8, capacityTokens: full.tokenCount, dropout: 0.1,
+        func make(_ options: CUDATrainerMemoryOptions) throws -> CUDADecoderTrainer {
+            try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 4, alpha: 8, capacityTokens: full.tokenCount, dropout: 0.1,
                                  seed: 7, memory: options)
         }
         let variants = [("checkpoints offloaded, 2 slots", offload2), ("checkpoints offloaded, 3 slots", offload3),
@@ -146,7 +146,7 @@ func runMemoryChecks(_ ctx: CUDAContext) {
         // A tied embedding stays on the GPU whatever the options say.
         var tied = config
         tied.tieWordEmbeddings = true
-        let trainer = try CUDALlamaTrainer(context: ctx, randomConfig: tied, rank: 4, alpha: 8, capacityTokens: full.tokenCount,
+        let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: tied, rank: 4, alpha: 8, capacityTokens: full.tokenCount,
                                            memory: both3)
         checkTrue("a tied embedding stays on the GPU", !trainer.memory.hostEmbedding && trainer.memory.offloadCheckpoints,
                   "\(trainer.memory)")
@@ -164,7 +164,7 @@ func runMemoryChecks(_ ctx: CUDAContext) {
             try ctx.device.synchronize()
             A.resetPeak()
             let base = A.currentBytes
-            let trainer = try CUDALlamaTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: tokens,
+            let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: tokens,
                                                memory: options)
             try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: nil)
             try trainer.optimizerStep(learningRate: 1e-4)

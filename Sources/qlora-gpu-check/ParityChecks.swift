@@ -2,14 +2,14 @@
 //   dropout mask                  training.cu's dropout kernels vs Training/DropoutMask.swift, bit for bit: the keep
 //                                 mask on random seeds, sizes and rates, d(x) = bf16(x / keep), dx + t / keep; and
 //                                 add_row_vector (a linear's bias over rows) exactly
-//   training: dropout             CUDALlamaTrainer with LoRA dropout 0.1 on the tiny-llama fixture vs
-//                                 LlamaModel.accumulateGradients with the same dropout seed, the CPU with gradient
+//   training: dropout             CUDADecoderTrainer with LoRA dropout 0.1 on the tiny-llama fixture vs
+//                                 DecoderModel.accumulateGradients with the same dropout seed, the CPU with gradient
 //                                 checkpointing on and off (the GPU always recomputes: forward, recomputation and
 //                                 backward must all draw the CPU's masks)
 //   training: LoRA ranks          different ranks per projection (PEFT rank_pattern) on the fixture vs the CPU
 //   training: q_proj, v_proj      LoRA on two projections only (PEFT's Llama default), with and without dropout
 //   qwen2                         the tiny-qwen2 fixture (q, k, v biases, tied embeddings): GPU trainer loss and
-//                                 gradients vs the CPU, and CUDAInference prefill/decode logits vs LlamaModel.forward
+//                                 gradients vs the CPU, and CUDAInference prefill/decode logits vs DecoderModel.forward
 //                                 (biases scaled by 1/4 and all values rounded to bf16: see QwenCheckWeights)
 // The fixture's Qwen2 has head dimension 16, which the GPU attention kernels do not take (32, 64 or 128), so these
 // checks read the same weights as 2 query heads and 1 KV head of dimension 32: every weight keeps its shape, the
@@ -77,9 +77,9 @@ func checkDropoutKernels() throws {
 /// The GPU trainer's loss and LoRA gradients vs the CPU backward on `model` (whose linear weights are already the
 /// NF4 values both sides use), with `dropoutSeed` (nil: no dropout on the GPU, seed 0 on the CPU, whose adapters
 /// must then have dropout 0). One check for the loss, one for the worst of all gradients.
-func compareTrainer(_ name: String, model: LlamaModel, batch: TrainingBatch, dropoutSeed: UInt64?,
+func compareTrainer(_ name: String, model: DecoderModel, batch: TrainingBatch, dropoutSeed: UInt64?,
                     checkpointing: [Bool] = [true]) throws {
-    let trainer = try CUDALlamaTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount)
+    let trainer = try CUDADecoderTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount)
     try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: dropoutSeed)
     let gpuLoss = try trainer.lastLoss()
     let gpuGradients = try trainer.loraGradients()
@@ -142,7 +142,7 @@ func runParityTrainingChecks() {
         let batch = try fixtureBatch(directory)
         let model = try loadFixtureModel(directory, quantization: .nf4)
         for layer in model.linearLayers { layer.lora?.dropout = 0.1 }
-        let trainer = try CUDALlamaTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount)
+        let trainer = try CUDADecoderTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount)
         try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens)  // no dropout seed: evaluation
         let gpu = try trainer.lastLoss()
         let cpu = try model.loss(batch: batch)
@@ -177,7 +177,7 @@ func runParityTrainingChecks() {
 }
 
 /// B ≠ 0 (PEFT starts from B = 0, which makes every A gradient zero and the comparison of A empty).
-func randomizeB(_ model: LlamaModel, seed: UInt64) {
+func randomizeB(_ model: DecoderModel, seed: UInt64) {
     var r = SeededGenerator(seed: seed)
     for layer in model.linearLayers {
         guard let b = layer.lora?.b else { continue }
@@ -189,7 +189,7 @@ func randomizeB(_ model: LlamaModel, seed: UInt64) {
 
 /// The tiny-qwen2 fixture read as 2 query heads and 1 KV head of dimension 32 (see the header), with LoRA r 8 on the
 /// seven projections (B random), its linear weights quantized to NF4 on the CPU model (the GPU quantizes the same).
-func loadQwen2ForGPU(biases: Bool = true) throws -> LlamaModel {
+func loadQwen2ForGPU(biases: Bool = true) throws -> DecoderModel {
     let directory = fixtureDirectory().replacingSuffix("tiny-llama", with: "tiny-qwen2")
     guard var fields = try JSONValue.parse(bytes: FileSystem.readFile(directory + "/config.json")).object else {
         throw UsageError("\(directory)/config.json is not a JSON object")
@@ -199,11 +199,11 @@ func loadQwen2ForGPU(biases: Bool = true) throws -> LlamaModel {
     fields["head_dim"] = nil
     // Qwen2 always has q, k, v biases; the same shapes read as a Llama have none.
     if !biases { fields["model_type"] = .string("llama") }
-    let config = try LlamaConfig(json: .object(fields), file: directory + "/config.json")
+    let config = try DecoderConfig(json: .object(fields), file: directory + "/config.json")
     guard config.headDim == 32, config.attentionBias == biases else {
         throw UsageError("tiny-qwen2 read with 2 heads: head dim \(config.headDim), attention bias \(config.attentionBias)")
     }
-    let model = try LlamaModel(config: config, weights: QwenCheckWeights(inner: try SafeTensorsCheckpoint(directory: directory), biasScale: 0.25, keepBiases: biases))
+    let model = try DecoderModel(config: config, weights: QwenCheckWeights(inner: try SafeTensorsCheckpoint(directory: directory), biasScale: 0.25, keepBiases: biases))
     try model.attachLoRA(LoRAConfig(rank: 8, alpha: 16, targetModules: LoRAConfig.llamaProjections), seed: 21)
     randomizeB(model, seed: 22)
     _ = try CUDAInference.quantizeBase(model, replacingCPUWeights: true)

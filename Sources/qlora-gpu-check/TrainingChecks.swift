@@ -1,4 +1,4 @@
-// Training checks: the GPU trainer (CUDALlamaTrainer) against the CPU reference on the tiny-llama fixture, a
+// Training checks: the GPU trainer (CUDADecoderTrainer) against the CPU reference on the tiny-llama fixture, a
 // forward-only (evaluation) loss against the forward+backward one, a short real training run whose loss must go down,
 // and the out-of-memory plan error.
 //
@@ -32,7 +32,7 @@ func fixtureBatch(_ directory: String) throws -> TrainingBatch {
     }, length: length, padID: 0)
 }
 
-func loadFixtureModel(_ directory: String, quantization: BaseQuantization) throws -> LlamaModel {
+func loadFixtureModel(_ directory: String, quantization: BaseQuantization) throws -> DecoderModel {
     let model = try ModelLoader.load(directory + "/base", quantization: quantization).model
     _ = try PEFTAdapter.load(directory: directory + "/adapter", into: model)
     return model
@@ -48,7 +48,7 @@ func runTrainingChecks(_ ctx: CUDAContext) {
         let cpuLoss = try reference.accumulateGradients(batch: batch, into: cpuGradients, normalizer: batch.countedTokens)
 
         let dense = try loadFixtureModel(directory, quantization: .none)
-        let trainer = try CUDALlamaTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount)
+        let trainer = try CUDADecoderTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount)
         try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens)
         let gpuLoss = try trainer.lastLoss()
         checkTrue("training counts the same tokens", gpuLoss.count == cpuLoss.count, "GPU \(gpuLoss.count), CPU \(cpuLoss.count)")
@@ -78,8 +78,8 @@ func runTrainingChecks(_ ctx: CUDAContext) {
     group("training: forward-only loss") {
         let batch = try fixtureBatch(directory)
         let dense = try loadFixtureModel(directory, quantization: .none)
-        let trainer = try CUDALlamaTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount)
-        func compare(_ name: String, _ trainer: CUDALlamaTrainer, _ batch: TrainingBatch) throws {
+        let trainer = try CUDADecoderTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount)
+        func compare(_ name: String, _ trainer: CUDADecoderTrainer, _ batch: TrainingBatch) throws {
             try trainer.forwardBackward(batch: batch, normalizer: max(batch.countedTokens, 1))
             let full = try trainer.lastLoss()
             let gradients = try trainer.loraGradients()
@@ -103,9 +103,9 @@ func runTrainingChecks(_ ctx: CUDAContext) {
         }, length: rows.length, padID: 0)
         try compare("fixture after a step, 2 rows", trainer, two)
         // An odd number of blocks (the forward's two buffers end swapped), random weights.
-        var config = try LlamaConfig(directory: directory + "/base")
+        var config = try DecoderConfig(directory: directory + "/base")
         config.layerCount = 3
-        let random = try CUDALlamaTrainer(context: ctx, randomConfig: config, rank: 4, alpha: 8, capacityTokens: 4 * 40, seed: 5)
+        let random = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 4, alpha: 8, capacityTokens: 4 * 40, seed: 5)
         let examples = randomExamples(count: 4, length: 40, vocab: config.vocabularySize, seed: 9)
         try compare("random 3 blocks", random, TrainingBatch(examples: examples.map { ($0.tokens, $0.labels) }, length: 40, padID: 0))
     }
@@ -113,7 +113,7 @@ func runTrainingChecks(_ ctx: CUDAContext) {
     group("training: short GPU run lowers the loss") {
         let batch = try fixtureBatch(directory)
         let dense = try loadFixtureModel(directory, quantization: .none)
-        let trainer = try CUDALlamaTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount)
+        let trainer = try CUDADecoderTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount)
         var losses: [Double] = []
         for _ in 0..<30 {
             try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens)
@@ -131,7 +131,7 @@ func runTrainingChecks(_ ctx: CUDAContext) {
         let config = Architecture.llama3_1_8b.config
         do {
             // 128 × 8192 tokens: about 180 GiB even with the checkpoints offloaded (more than an H200 has).
-            _ = try CUDALlamaTrainer(context: ctx, randomConfig: config, rank: 16, alpha: 32, capacityTokens: 128 * 8192)
+            _ = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 16, alpha: 32, capacityTokens: 128 * 8192)
             checkTrue("an impossible plan is refused", false, "128 x 8192 tokens of the 8B shape were accepted")
         } catch let error as CUDAOutOfMemoryError {
             let text = "\(error)"

@@ -65,7 +65,7 @@ struct BenchCommand: ParsableCommand {
     }
 
     func runCPU(architecture: Architecture) throws {
-        let model = LlamaModel.random(config: architecture.config)
+        let model = DecoderModel.random(config: architecture.config)
         try model.attachLoRA(LoRAConfig(rank: loraR, alpha: Double(2 * loraR), dropout: loraDropout, targetModules: LoRAConfig.llamaProjections),
                              seed: 0)
         let training = try CPUBenchmark.training(model: model, batch: batch, sequenceLength: seq, steps: steps)

@@ -26,7 +26,7 @@ struct InspectCommand: ParsableCommand {
     }
 
     func inspectFolder() throws {
-        let config = try LlamaConfig(directory: path)
+        let config = try DecoderConfig(directory: path)
         print("architecture: \(config.modelType), \(config.layerCount) layers, hidden \(config.hiddenSize), intermediate \(config.intermediateSize), "
               + "\(config.headCount) heads (\(config.kvHeadCount) KV, dim \(config.headDim)), vocabulary \(config.vocabularySize)"
               + (config.tieWordEmbeddings ? ", tied embeddings" : ""))

@@ -1,12 +1,12 @@
 // The seam between the model code and the devices that run it.
 //
-// The CPU backend (LlamaModel with the kernels in Backend/CPU) is the readable reference; the CUDA
+// The CPU backend (DecoderModel with the kernels in Backend/CPU) is the readable reference; the CUDA
 // backend (Backend/CUDA) implements the same two roles on the GPU. Each op of the CUDA backend is also
 // checked on its own against its CPU twin (Backend/CPU/Reference, run by qlora-gpu-check).
 
 /// Generation: a model with a KV cache that turns tokens into next-token logits.
 public protocol InferenceSession: AnyObject {
-    var config: LlamaConfig { get }
+    var config: DecoderConfig { get }
     /// Positions the session can hold.
     var capacity: Int { get }
     /// Positions already fed.
@@ -19,15 +19,15 @@ public protocol InferenceSession: AnyObject {
 
 /// The CPU session: the model's fp32 forward over a KV cache.
 public final class CPUInferenceSession: InferenceSession {
-    public let model: LlamaModel
+    public let model: DecoderModel
     let cache: KVCache
 
-    public init(model: LlamaModel, capacity: Int) {
+    public init(model: DecoderModel, capacity: Int) {
         self.model = model
         cache = KVCache(config: model.config, capacity: capacity)
     }
 
-    public var config: LlamaConfig { model.config }
+    public var config: DecoderConfig { model.config }
     public var capacity: Int { cache.capacity }
     public var length: Int { cache.length }
     public func next(_ tokens: [Int]) throws -> [Float] { try model.forward(tokens: tokens, cache: cache, lastOnly: true) }

@@ -69,7 +69,7 @@ extension GGUFExporter {
     /// Writes the LoRA adapters attached to `model` as a llama.cpp LoRA GGUF of `type` to `path` (a temporary file
     /// beside it, renamed when complete). Throws when no layer has an adapter.
     @discardableResult
-    public static func exportLoRA(model: LlamaModel, type: GGUFLoRAType, to path: String, name: String,
+    public static func exportLoRA(model: DecoderModel, type: GGUFLoRAType, to path: String, name: String,
                                   log: (String) -> Void = { _ in }) throws -> GGUFLoRAExportReport {
         let config = model.config
         let arch = try architecture(config)

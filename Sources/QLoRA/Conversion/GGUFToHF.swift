@@ -81,17 +81,17 @@ public enum GGUFConverter {
     }
 
     /// The config.json we would write, read back as the loader reads it.
-    static func loadableConfig(_ config: JSONValue, _ file: GGUFFile) throws -> LlamaConfig {
+    static func loadableConfig(_ config: JSONValue, _ file: GGUFFile) throws -> DecoderConfig {
         do {
-            return try LlamaConfig(json: config, file: "config.json")
+            return try DecoderConfig(json: config, file: "config.json")
         } catch let e as FileFormatError {
             throw FileFormatError(file: file.path, place: "metadata", "gives a config.json the model cannot load: \(e.place): \(e.message)")
         }
     }
 
     /// Every tensor the config asks for, with its shape, and no other (block_count must agree with the tensors).
-    static func checkRecords(_ records: [TensorRecord], _ config: LlamaConfig, _ file: GGUFFile) throws {
-        var expected = LlamaModel.tensorShapes(config: config)
+    static func checkRecords(_ records: [TensorRecord], _ config: DecoderConfig, _ file: GGUFFile) throws {
+        var expected = DecoderModel.tensorShapes(config: config)
         for record in records {
             guard let shape = expected.removeValue(forKey: record.name) else {
                 throw FileFormatError(file: file.path, place: "tensor '\(record.name)'", "not part of the model the metadata describes (\(config.layerCount) blocks)")

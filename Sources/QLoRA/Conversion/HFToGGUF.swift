@@ -82,7 +82,7 @@ public struct GGUFExportReport: Sendable {
 
 public enum GGUFExporter {
     /// llama.cpp's architecture for a config's `model_type`.
-    public static func architecture(_ config: LlamaConfig) throws -> String {
+    public static func architecture(_ config: DecoderConfig) throws -> String {
         switch config.modelType {
         case "llama", "mistral": return "llama"
         case "qwen2": return "qwen2"
@@ -108,7 +108,7 @@ public enum GGUFExporter {
     /// chat_template.jinja. Every tensor is merged, converted and written one at a time into a temporary file beside
     /// `path`, which is renamed over `path` only when complete.
     @discardableResult
-    public static func export(model: LlamaModel, directory: String, type: GGUFExportType, to path: String,
+    public static func export(model: DecoderModel, directory: String, type: GGUFExportType, to path: String,
                               name: String? = nil, log: (String) -> Void = { _ in }) throws -> GGUFExportReport {
         let config = model.config
         let arch = try architecture(config)
@@ -177,7 +177,7 @@ public enum GGUFExporter {
     // MARK: - Model metadata
 
     /// The `general.*` and `<arch>.*` keys, in the order and with the value types llama.cpp's converter writes.
-    static func modelMetadata(config c: LlamaConfig, architecture arch: String, type: GGUFExportType, name: String,
+    static func modelMetadata(config c: DecoderConfig, architecture arch: String, type: GGUFExportType, name: String,
                               parameterCount: Int) throws -> [(key: String, value: GGUFValue)] {
         var m: [(key: String, value: GGUFValue)] = []
         func u32(_ key: String, _ v: Int) { m.append((key, .uint32(UInt32(v)))) }
@@ -213,7 +213,7 @@ public enum GGUFExporter {
     }
 
     /// Llama 3 rope scaling as the per-frequency divisors llama.cpp reads from `rope_freqs.weight`; nil for other ropes.
-    static func ropeFrequencyFactors(_ c: LlamaConfig) throws -> [Float]? {
+    static func ropeFrequencyFactors(_ c: DecoderConfig) throws -> [Float]? {
         guard c.ropeScaling.kind == .llama3 else { return nil }
         let s = c.ropeScaling
         let scaling = LlamaRopeScaling(factor: s.factor, lowFreqFactor: s.lowFrequencyFactor, highFreqFactor: s.highFrequencyFactor,

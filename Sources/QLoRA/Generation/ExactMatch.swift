@@ -31,7 +31,7 @@ public enum ExactMatch {
     }
 
     /// Greedy answers (up to `maxTokens`) of the CPU model, compared with the expected text after trimming whitespace.
-    public static func evaluate(model: LlamaModel, tokenizer: Tokenizer, template: ChatTemplate, cases: [ExactMatchCase],
+    public static func evaluate(model: DecoderModel, tokenizer: Tokenizer, template: ChatTemplate, cases: [ExactMatchCase],
                                 maxTokens: Int = 24) throws -> ExactMatchResult {
         let session = CPUInferenceSession(model: model, capacity: try longestPrompt(cases, tokenizer: tokenizer, template: template) + maxTokens)
         return try evaluate(session: session, tokenizer: tokenizer, template: template, cases: cases, maxTokens: maxTokens)

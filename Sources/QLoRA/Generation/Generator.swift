@@ -11,7 +11,7 @@ public struct GenerationResult: Sendable {
 public enum Generator {
     /// Generates up to `maxTokens` tokens after `prompt`, calling `onToken` with each as it comes.
     /// Stops at any id in `stopIDs` (which is not passed to `onToken`).
-    public static func generate(model: LlamaModel, prompt: [Int], maxTokens: Int, sampling: SamplingOptions,
+    public static func generate(model: DecoderModel, prompt: [Int], maxTokens: Int, sampling: SamplingOptions,
                                 stopIDs: Set<Int>, onToken: (Int) -> Void = { _ in }) throws -> GenerationResult {
         try validate(maxTokens: maxTokens, sampling: sampling)
         let capacity = prompt.count + maxTokens
@@ -58,7 +58,7 @@ public enum Generator {
     }
 
     /// The ids that end generation: the config's eos ids and the tokenizer's eos token.
-    public static func stopIDs(config: LlamaConfig, tokenizer: Tokenizer) -> Set<Int> {
+    public static func stopIDs(config: DecoderConfig, tokenizer: Tokenizer) -> Set<Int> {
         var ids = Set(config.eosTokenIDs)
         if let eos = tokenizer.eosTokenID { ids.insert(eos) }
         return ids

@@ -9,7 +9,7 @@ public enum Architecture: String, CaseIterable, Sendable {
     case llama3_1_70b = "llama-3.1-70b"
 
     /// config.json fields of the real model.
-    public var config: LlamaConfig {
+    public var config: DecoderConfig {
         let fields: [(String, JSONValue)]
         switch self {
         case .smollm2_135m:
@@ -38,7 +38,7 @@ public enum Architecture: String, CaseIterable, Sendable {
                       ("rope_parameters", llama3RoPE(factor: 8))]
         }
         // The fields are fixed above, so parsing them cannot fail.
-        return try! LlamaConfig(json: .object(JSONObject([("model_type", .string("llama"))] + fields)), file: "architecture \(rawValue)")
+        return try! DecoderConfig(json: .object(JSONObject([("model_type", .string("llama"))] + fields)), file: "architecture \(rawValue)")
     }
 }
 
@@ -49,9 +49,9 @@ private func llama3RoPE(factor: Double) -> JSONValue {
                         ("original_max_position_embeddings", .int(8192))]))
 }
 
-extension LlamaModel {
+extension DecoderModel {
     /// A model of `config`'s shape with random weights (normal-ish, std 0.02; norms 1), for benchmarks.
-    public static func random(config c: LlamaConfig, seed: UInt64 = 0) -> LlamaModel {
+    public static func random(config c: DecoderConfig, seed: UInt64 = 0) -> DecoderModel {
         var rng = SeededGenerator(seed: seed)
         func matrix(_ rows: Int, _ columns: Int) -> Matrix {
             let m = Matrix(rows: rows, columns: columns)
@@ -61,16 +61,16 @@ extension LlamaModel {
         }
         func linear(_ name: String, _ out: Int, _ inFeatures: Int) -> Linear { Linear(name: name, weight: FrozenWeight(dense: matrix(out, inFeatures))) }
         let ones = [Float](repeating: 1, count: c.hiddenSize)
-        let blocks = (0..<c.layerCount).map { l -> LlamaBlock in
+        let blocks = (0..<c.layerCount).map { l -> DecoderBlock in
             let p = "model.layers.\(l)."
-            return LlamaBlock(inputNorm: ones, postAttentionNorm: ones,
+            return DecoderBlock(inputNorm: ones, postAttentionNorm: ones,
                               q: linear(p + "self_attn.q_proj", c.qDim, c.hiddenSize), k: linear(p + "self_attn.k_proj", c.kvDim, c.hiddenSize),
                               v: linear(p + "self_attn.v_proj", c.kvDim, c.hiddenSize), o: linear(p + "self_attn.o_proj", c.hiddenSize, c.qDim),
                               gate: linear(p + "mlp.gate_proj", c.intermediateSize, c.hiddenSize), up: linear(p + "mlp.up_proj", c.intermediateSize, c.hiddenSize),
                               down: linear(p + "mlp.down_proj", c.hiddenSize, c.intermediateSize))
         }
         let embedding = matrix(c.vocabularySize, c.hiddenSize)
-        return LlamaModel(config: c, embedding: embedding, blocks: blocks, finalNorm: ones,
+        return DecoderModel(config: c, embedding: embedding, blocks: blocks, finalNorm: ones,
                           head: c.tieWordEmbeddings ? embedding : matrix(c.vocabularySize, c.hiddenSize))
     }
 }

@@ -23,7 +23,7 @@ public enum AdapterMerge {
     /// The names this writes: an existing output folder holding only these is replaced, anything else is refused.
     public static var outputFiles: Set<String> { Set(["model.safetensors", "config.json"] + companionFiles) }
 
-    public static func write(model: LlamaModel, baseDirectory: String, fromQuantizedBase: Bool, to outputDirectory: String,
+    public static func write(model: DecoderModel, baseDirectory: String, fromQuantizedBase: Bool, to outputDirectory: String,
                              mergedWeight merge: ((Linear) throws -> [Float])? = nil) throws -> MergeReport {
         try FileSystem.refuseOverwrite(output: outputDirectory, option: "the merge output", inputs: [("base model", baseDirectory)])
         try FileSystem.checkReplaceable(outputDirectory, option: "the merge output", replaceable: outputFiles)

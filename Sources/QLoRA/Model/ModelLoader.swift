@@ -19,7 +19,7 @@ public enum BaseQuantization: String, Sendable, CaseIterable {
 
 /// A model with what commands need beside it.
 public struct LoadedModel {
-    public let model: LlamaModel
+    public let model: DecoderModel
     public let directory: String
     public let tokenizer: Tokenizer?
     public let template: ChatTemplate?
@@ -41,7 +41,7 @@ public enum ModelLoader {
             }
             throw UsageError("\(nameOrPath): not a model folder or a known model name (known: \(ModelCatalog.entries.map(\.name).joined(separator: ", ")))")
         }
-        let config = try LlamaConfig(directory: directory)
+        let config = try DecoderConfig(directory: directory)
         let source: BaseWeightSource
         let preQuantized = config.raw["quantization_config"]?["quant_method"]?.string == "bitsandbytes"
         let quantized: Bool
@@ -68,7 +68,7 @@ public enum ModelLoader {
                 what = "weights quantized to \(quantization.rawValue.uppercased()) on load (blocksize 64, double quant)"
             }
         }
-        let model = try LlamaModel(config: config, weights: source)
+        let model = try DecoderModel(config: config, weights: source)
         let hasTokenizer = FileSystem.exists(directory + "/tokenizer.json")
         let tokenizer = hasTokenizer ? try Tokenizer(directory: directory) : nil
         let template = hasTokenizer ? try ChatTemplate.load(directory: directory) : nil

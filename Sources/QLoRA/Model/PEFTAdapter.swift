@@ -45,7 +45,7 @@ public struct LoRAConfig: Equatable, Sendable {
     /// ending it after a dot, within `layersToTransform` when given.
     public func targets(_ modulePath: String) -> Bool {
         if let layers = layersToTransform {
-            guard let layer = LlamaModel.layerIndex(of: modulePath), layers.contains(layer) else { return false }
+            guard let layer = DecoderModel.layerIndex(of: modulePath), layers.contains(layer) else { return false }
         }
         if targetModules.contains("all-linear") { return !modulePath.hasSuffix("lm_head") }
         return targetModules.contains { Self.name($0, matches: modulePath) }
@@ -186,7 +186,7 @@ public enum PEFTAdapter {
     /// Reads an adapter folder and attaches its LoRA weights to the model's linear layers.
     /// Every adapter tensor must fit a layer of the model; a mismatch is an error naming the tensor.
     @discardableResult
-    public static func load(directory: String, into model: LlamaModel) throws -> LoRAConfig {
+    public static func load(directory: String, into model: DecoderModel) throws -> LoRAConfig {
         let configPath = directory + "/adapter_config.json"
         guard FileSystem.exists(configPath) else { throw UsageError("\(directory): no adapter_config.json (is this a PEFT adapter folder?)") }
         let json: JSONValue
@@ -247,7 +247,7 @@ public enum PEFTAdapter {
     }
 
     /// The parts of the config that refer to the model: every target module and layer index must exist.
-    static func checkConfig(_ config: LoRAConfig, against model: LlamaModel, file: String) throws {
+    static func checkConfig(_ config: LoRAConfig, against model: DecoderModel, file: String) throws {
         let names = model.linearLayers.map(\.name)
         for target in config.targetModules where target != "all-linear" {
             guard names.contains(where: { LoRAConfig.name(target, matches: $0) }) else {
@@ -263,12 +263,12 @@ public enum PEFTAdapter {
     /// Writes the model's adapters in PEFT's format (weights in fp32, as PEFT saves fp32 adapters).
     /// The files go into a temporary folder first and are renamed into `directory` only once all are written, so an
     /// interrupted save leaves the previous adapter; other files in `directory` are kept.
-    public static func save(model: LlamaModel, config: LoRAConfig, to directory: String) throws {
+    public static func save(model: DecoderModel, config: LoRAConfig, to directory: String) throws {
         try FileSystem.writeFilesInto(directory) { try writeFiles(model: model, config: config, into: $0) }
     }
 
     /// Writes adapter_model.safetensors and adapter_config.json into the existing folder `directory`.
-    static func writeFiles(model: LlamaModel, config: LoRAConfig, into directory: String) throws {
+    static func writeFiles(model: DecoderModel, config: LoRAConfig, into directory: String) throws {
         var records: [TensorRecord] = []
         for layer in model.linearLayers {
             guard let lora = layer.lora else { continue }

@@ -20,7 +20,7 @@ public struct BenchmarkResult: Sendable {
 public enum CPUBenchmark {
     /// "Useful" FLOPs per trained token as DESIGN.md counts them: forward 2N + input-gradient 2N for
     /// the linear layers and the head, plus attention (QKᵀ and PV, forward and backward: 4·2·T·D per head per token, causal half).
-    public static func usefulFlopsPerToken(config c: LlamaConfig, sequenceLength t: Int) -> Double {
+    public static func usefulFlopsPerToken(config c: DecoderConfig, sequenceLength t: Int) -> Double {
         let linear = Double(c.layerCount) * Double(c.hiddenSize * (c.qDim + 2 * c.kvDim) + c.qDim * c.hiddenSize + 3 * c.hiddenSize * c.intermediateSize)
         let head = Double(c.vocabularySize * c.hiddenSize)
         let attention = Double(c.layerCount) * Double(c.headCount * c.headDim) * Double(t) * 2 * 2 / 2
@@ -28,7 +28,7 @@ public enum CPUBenchmark {
     }
 
     /// Runs `steps` forward+backward passes (after one warm-up) on random tokens.
-    public static func training(model: LlamaModel, batch rows: Int, sequenceLength t: Int, steps: Int,
+    public static func training(model: DecoderModel, batch rows: Int, sequenceLength t: Int, steps: Int,
                                 checkpointing: Bool = true) throws -> BenchmarkResult {
         var rng = SeededGenerator(seed: 1)
         let tokens = (0..<(rows * t)).map { _ in Int(rng.next() % UInt64(model.config.vocabularySize)) }
@@ -48,7 +48,7 @@ public enum CPUBenchmark {
     }
 
     /// Batch-1 greedy decode speed after a prompt of `promptLength` tokens.
-    public static func decode(model: LlamaModel, promptLength: Int, tokens: Int) throws -> Double {
+    public static func decode(model: DecoderModel, promptLength: Int, tokens: Int) throws -> Double {
         let cache = KVCache(config: model.config, capacity: promptLength + tokens + 1)
         var logits = try model.forward(tokens: Array(repeating: 1, count: promptLength), cache: cache, lastOnly: true)
         let start = monotonicSeconds()

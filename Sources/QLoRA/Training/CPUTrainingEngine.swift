@@ -1,13 +1,13 @@
-// The CPU training engine: the model's fp32 forward/backward (Training/LlamaBackward.swift), gradient clipping
+// The CPU training engine: the model's fp32 forward/backward (Training/DecoderBackward.swift), gradient clipping
 // and the CPU optimizers, exactly as the trainer ran them before the engine seam existed.
 
 /// Training compute on the CPU, on the model's own adapters.
 public final class CPUTrainingEngine: TrainingEngine {
-    public let model: LlamaModel
+    public let model: DecoderModel
     public let gradients: LoRAGradients
     public let optimizer: Optimizer
 
-    public init(model: LlamaModel, optimizer: Optimizer) {
+    public init(model: DecoderModel, optimizer: Optimizer) {
         self.model = model
         self.optimizer = optimizer
         gradients = LoRAGradients(model: model)

@@ -67,7 +67,7 @@ enum Checkpoints {
         try steps(in: directory).last.map { directory + "/" + prefix + String($0) }
     }
 
-    static func save(step: Int, state: TrainerState, model: LlamaModel, loraConfig: LoRAConfig, engine: TrainingEngine,
+    static func save(step: Int, state: TrainerState, model: DecoderModel, loraConfig: LoRAConfig, engine: TrainingEngine,
                      in directory: String, keep: Int, protectStep: Int?) throws {
         let final = directory + "/" + prefix + String(step)
         try FileSystem.writeDirectory(final) { partial in
@@ -83,7 +83,7 @@ enum Checkpoints {
         }
     }
 
-    static func restore(_ checkpoint: String, model: LlamaModel, engine: TrainingEngine) throws -> TrainerState {
+    static func restore(_ checkpoint: String, model: DecoderModel, engine: TrainingEngine) throws -> TrainerState {
         let statePath = checkpoint + "/trainer_state.json"
         let json: JSONValue
         do { json = try JSONValue.parse(bytes: try FileSystem.readFile(statePath)) } catch let e as JSONParseError {
@@ -97,7 +97,7 @@ enum Checkpoints {
     }
 
     /// Copies saved LoRA weights into the adapters already attached to `model` (same shapes required).
-    static func loadAdapterWeights(from directory: String, into model: LlamaModel) throws {
+    static func loadAdapterWeights(from directory: String, into model: DecoderModel) throws {
         let path = directory + "/adapter_model.safetensors"
         let file = try SafeTensorsFile(path: path)
         for layer in model.linearLayers {

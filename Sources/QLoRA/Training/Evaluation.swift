@@ -10,12 +10,12 @@ extension LossSum {
 
 public enum Evaluation {
     /// The mean loss over every counted token of `examples`, batched `batchSize` at a time.
-    public static func loss(model: LlamaModel, examples: [TokenizedExample], batchSize: Int, padID: Int) throws -> LossSum {
+    public static func loss(model: DecoderModel, examples: [TokenizedExample], batchSize: Int, padID: Int) throws -> LossSum {
         for e in examples { try e.validate(vocabularySize: model.config.vocabularySize) }
         return try loss(model: model, batches: Batching.paddedBatches(examples, size: max(1, batchSize), padID: padID))
     }
 
-    public static func loss(model: LlamaModel, batches: [TrainingBatch]) throws -> LossSum {
+    public static func loss(model: DecoderModel, batches: [TrainingBatch]) throws -> LossSum {
         try checkLengths(batches, model.config)
         return try total(batches, model.loss(batch:))
     }
@@ -26,7 +26,7 @@ public enum Evaluation {
     }
 
     /// Refuses batches longer than the model's attention computes exactly (a sliding window).
-    static func checkLengths(_ batches: [TrainingBatch], _ config: LlamaConfig) throws {
+    static func checkLengths(_ batches: [TrainingBatch], _ config: DecoderConfig) throws {
         if let longest = batches.map(\.length).max() { try config.checkSequenceLength(longest, what: "the longest evaluation batch") }
     }
 
@@ -49,7 +49,7 @@ public enum Evaluation {
     /// An engine that evaluates `model` (with its adapter, if any) on the GPU. A model without adapters gets
     /// rank-8 LoRA with B = 0 (the base model unchanged); adapter dropout is switched off (evaluation has none).
     /// The GPU holds the base in NF4 (a dense base is quantized as bitsandbytes would).
-    public static func cudaEngine(context: CUDAContext, model: LlamaModel, batches: [TrainingBatch]) throws -> CUDATrainingEngine {
+    public static func cudaEngine(context: CUDAContext, model: DecoderModel, batches: [TrainingBatch]) throws -> CUDATrainingEngine {
         try checkLengths(batches, model.config)
         if model.linearLayers.allSatisfy({ $0.lora == nil }) {
             try model.attachLoRA(LoRAConfig(rank: 8, alpha: 16, dropout: 0, targetModules: LoRAConfig.llamaProjections), seed: 0)

@@ -4,7 +4,7 @@
 // U(−1/√in, 1/√in) (gain √(2/(1+5)) = √(1/3), bound = √3·gain/√in); B = 0, so the adapted model starts
 // equal to the base.
 
-extension LlamaModel {
+extension DecoderModel {
     /// Attaches adapters to every targeted linear layer. Returns how many layers got one.
     @discardableResult
     public func attachLoRA(_ config: LoRAConfig, seed: UInt64) throws -> Int {

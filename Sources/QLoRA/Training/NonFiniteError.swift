@@ -11,7 +11,7 @@ public struct NonFiniteError: Error, CustomStringConvertible {
     static func name(_ value: Double) -> String { value.isNaN ? "nan" : value > 0 ? "inf" : "-inf" }
 }
 
-extension LlamaModel {
+extension DecoderModel {
     /// The first adapter matrix holding a NaN or infinite value, if any.
     func firstNonFiniteAdapter() -> String? {
         for layer in linearLayers {

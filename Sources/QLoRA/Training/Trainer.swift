@@ -36,7 +36,7 @@ public struct StepRecord: Sendable, Equatable {
 
 public final class Trainer {
     public let configuration: TrainingConfiguration
-    public let model: LlamaModel
+    public let model: DecoderModel
     public let train: [TrainingBatch]
     public let eval: [TrainingBatch]
     /// Micro-batches in one epoch, in the unshuffled order.
@@ -73,7 +73,7 @@ public final class Trainer {
     /// This run's TensorBoard event file (report_to tensorboard), opened by `run()`; `appendMetrics` writes to it.
     public private(set) var tensorBoard: TensorBoardWriter?
 
-    public init(configuration: TrainingConfiguration, model: LlamaModel, train: [TokenizedExample], eval: [TokenizedExample],
+    public init(configuration: TrainingConfiguration, model: DecoderModel, train: [TokenizedExample], eval: [TokenizedExample],
                 padID: Int, baseDirectory: String?, device: ComputeDevice = .cpu) throws {
         try configuration.validate()
         self.configuration = configuration

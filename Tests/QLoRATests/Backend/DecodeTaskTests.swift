@@ -35,11 +35,11 @@ final class DecodeTaskTests: XCTestCase {
     /// quantizeBase hands back bitsandbytes NF4 + double quant weights and (optionally) puts their dequantized
     /// values into the CPU model, so both backends compute with the same weights.
     func testQuantizeBaseReplacesCPUWeights() throws {
-        let config = try LlamaConfig(json: try JSONValue.parse(bytes: Array("""
+        let config = try DecoderConfig(json: try JSONValue.parse(bytes: Array("""
         {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
          "num_key_value_heads": 1, "vocab_size": 50, "max_position_embeddings": 64}
         """.utf8)))
-        let model = LlamaModel.random(config: config, seed: 3)
+        let model = DecoderModel.random(config: config, seed: 3)
         let before = model.blocks[0].q.weight.values()
         let quantized = try CUDAInference.quantizeBase(model, replacingCPUWeights: true)
         XCTAssertEqual(quantized.count, 7)

@@ -20,7 +20,7 @@ final class GGUFExportTests: XCTestCase {
     }
 
     /// Exports `dir` (+ adapter) as `type`; returns the model that was exported (adapter attached) and the file.
-    static func export(_ dir: String, adapter: Bool, type: GGUFExportType) throws -> (model: LlamaModel, file: GGUFFile, report: GGUFExportReport) {
+    static func export(_ dir: String, adapter: Bool, type: GGUFExportType) throws -> (model: DecoderModel, file: GGUFFile, report: GGUFExportReport) {
         let loaded = try ModelLoader.load(dir, quantization: .none)
         if adapter { try PEFTAdapter.load(directory: TestFixtures.path("tiny-llama/adapter"), into: loaded.model) }
         let out = try TestFixtures.temporaryDirectory("gguf-export-out") + "/model-\(type.rawValue).gguf"
@@ -29,7 +29,7 @@ final class GGUFExportTests: XCTestCase {
     }
 
     /// The HF weights the exported file must hold: merged linear weights, embeddings, norms, head.
-    static func expectedTensors(_ model: LlamaModel) -> [String: (gguf: String, values: [Float])] {
+    static func expectedTensors(_ model: DecoderModel) -> [String: (gguf: String, values: [Float])] {
         var out: [String: (String, [Float])] = [:]
         out["model.embed_tokens.weight"] = ("token_embd.weight", Array(model.embedding.storage))
         for (l, block) in model.blocks.enumerated() {
@@ -45,7 +45,7 @@ final class GGUFExportTests: XCTestCase {
     }
 
     /// The GGUF tensor's values in HF layout (q/k rows un-permuted).
-    static func hfValues(_ file: GGUFFile, _ name: String, _ config: LlamaConfig) throws -> [Float] {
+    static func hfValues(_ file: GGUFFile, _ name: String, _ config: DecoderConfig) throws -> [Float] {
         let info = try XCTUnwrap(file.tensor(name), name)
         let values = try file.floats(info)
         if name.hasSuffix("attn_q.weight") || name.hasSuffix("attn_k.weight") {
@@ -81,7 +81,7 @@ final class GGUFExportTests: XCTestCase {
             // Our GGUF → HF converter gives back the config and the weights (now in bf16).
             let back = try TestFixtures.temporaryDirectory("gguf-export-back")
             try GGUFConverter.convert(gguf: file.path, to: back)
-            let original = try LlamaConfig(directory: dir), converted = try LlamaConfig(directory: back)
+            let original = try DecoderConfig(directory: dir), converted = try DecoderConfig(directory: back)
             XCTAssertEqual(converted.hiddenSize, original.hiddenSize)
             XCTAssertEqual(converted.intermediateSize, original.intermediateSize)
             XCTAssertEqual(converted.layerCount, original.layerCount)
@@ -105,7 +105,7 @@ final class GGUFExportTests: XCTestCase {
                 }
             }
             // The converted folder is the merged model: its logits are the adapter's (as MergeTests checks for merge).
-            let merged = try LlamaModel(config: converted, weights: try SafeTensorsCheckpoint(directory: back))
+            let merged = try DecoderModel(config: converted, weights: try SafeTensorsCheckpoint(directory: back))
             let row = try LlamaForwardTests.inputRows()[0]
             let logits = try merged.forward(tokens: row, cache: KVCache(config: merged.config, capacity: row.count))
             let reference = Array(try LlamaForwardTests.expected().floats("logits_bf16base_lora").prefix(logits.count))

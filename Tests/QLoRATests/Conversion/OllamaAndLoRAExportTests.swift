@@ -73,7 +73,7 @@ final class GGUFLoRAExportTests: XCTestCase {
     static let names = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
 
     /// The tiny fixture with its adapter, exported as a LoRA GGUF of `type`.
-    static func exportAdapter(_ dir: String, type: GGUFLoRAType, adapter: String = TestFixtures.path("tiny-llama/adapter")) throws -> (model: LlamaModel, file: GGUFFile) {
+    static func exportAdapter(_ dir: String, type: GGUFLoRAType, adapter: String = TestFixtures.path("tiny-llama/adapter")) throws -> (model: DecoderModel, file: GGUFFile) {
         let loaded = try ModelLoader.load(dir, quantization: .none)
         try PEFTAdapter.load(directory: adapter, into: loaded.model)
         let out = try TestFixtures.temporaryDirectory("gguf-lora-out") + "/adapter-\(type.rawValue).gguf"
@@ -140,7 +140,7 @@ final class GGUFLoRAExportTests: XCTestCase {
 
     /// base (f16, in the GGUF's row order) + (alpha / r)·B·A, all read from GGUF files, is the f16 merged export of
     /// `model` (which has the adapter attached) within f16 rounding.
-    static func assertBasePlusLoRAIsTheMergedExport(_ dir: String, model: LlamaModel, lora file: GGUFFile, alpha: Float) throws {
+    static func assertBasePlusLoRAIsTheMergedExport(_ dir: String, model: DecoderModel, lora file: GGUFFile, alpha: Float) throws {
         let outs = try TestFixtures.temporaryDirectory("gguf-lora-merged")
         try GGUFExporter.export(model: model, directory: dir, type: .f16, to: outs + "/merged.gguf")
         let merged = try GGUFFile(path: outs + "/merged.gguf")

@@ -143,7 +143,7 @@ final class SmolLM2FetchTests: XCTestCase {
         let dir = try folder()
         let reference = try json(TestFixtures.path("gguf/smollm2-forward-reference.json"))
         let ids = try XCTUnwrap(reference["input_ids"]?.array?.compactMap(\.int))
-        let model = try LlamaModel(config: try LlamaConfig(directory: dir), weights: try SafeTensorsCheckpoint(directory: dir))
+        let model = try DecoderModel(config: try DecoderConfig(directory: dir), weights: try SafeTensorsCheckpoint(directory: dir))
         let vocab = model.config.vocabularySize
         let logits = try model.forward(tokens: ids, cache: KVCache(config: model.config, capacity: ids.count))
         let norms = try XCTUnwrap(reference["position_logit_norms"]?.array?.compactMap(\.double))

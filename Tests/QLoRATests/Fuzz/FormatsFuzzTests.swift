@@ -113,7 +113,7 @@ final class FormatsFuzzTests: XCTestCase {
                 if i % 25 == 0 {
                     try Data(bytes).write(to: URL(fileURLWithPath: dir + "/model.gguf"))
                     try GGUFConverter.convert(gguf: dir + "/model.gguf", to: dir + "/out")
-                    _ = try LlamaConfig(directory: dir + "/out")
+                    _ = try DecoderConfig(directory: dir + "/out")
                     _ = try SafeTensorsCheckpoint(directory: dir + "/out")
                 }
             }

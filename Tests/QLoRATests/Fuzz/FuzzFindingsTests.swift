@@ -67,7 +67,7 @@ final class FuzzFindingsTests: XCTestCase {
     func testZeroKeyValueHeadsIsAnError() throws {
         var json = try fixtureJSON("tiny-llama/base/config.json").object!
         json["num_key_value_heads"] = .int(0)
-        XCTAssertThrowsError(try LlamaConfig(json: .object(json), file: "config.json")) { error in
+        XCTAssertThrowsError(try DecoderConfig(json: .object(json), file: "config.json")) { error in
             XCTAssertTrue(error is FileFormatError, "\(type(of: error))")
             XCTAssertTrue("\(error)".hasPrefix("config.json: 'num_key_value_heads'"), "\(error)")
         }
@@ -77,7 +77,7 @@ final class FuzzFindingsTests: XCTestCase {
         for bad: Int64 in [0, -64, 1 << 40, 63] {
             var json = try fixtureJSON("tiny-llama/base/config.json").object!
             json["head_dim"] = .int(bad)
-            XCTAssertThrowsError(try LlamaConfig(json: .object(json), file: "config.json")) { error in
+            XCTAssertThrowsError(try DecoderConfig(json: .object(json), file: "config.json")) { error in
                 XCTAssertTrue(error is FileFormatError, "\(type(of: error))")
                 XCTAssertTrue("\(error)".hasPrefix("config.json: 'head_dim'"), "\(error)")
             }

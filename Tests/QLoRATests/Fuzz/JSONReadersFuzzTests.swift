@@ -75,7 +75,7 @@ final class JSONReadersFuzzTests: XCTestCase {
             for _ in 0..<perFixture {
                 let (label, read) = try Self.mutated(json, text: text, paths: paths, &fuzzer, file: "config.json")
                 tally.run("\(fixture) \(label)") {
-                    let config = try LlamaConfig(json: try read(), file: "config.json")
+                    let config = try DecoderConfig(json: try read(), file: "config.json")
                     // What the model derives from a config that was accepted must hold together.
                     XCTAssertGreaterThan(config.headDim, 0)
                     XCTAssertGreaterThan(config.kvHeadCount, 0)

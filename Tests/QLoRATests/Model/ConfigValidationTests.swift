@@ -4,10 +4,10 @@ import XCTest
 /// config.json: every field the model reads is checked, and values it does not implement are refused by name.
 final class ConfigValidationTests: XCTestCase {
     /// The tiny-llama config with `fields` replaced (nil removes a field).
-    func config(_ fields: [String: JSONValue?]) throws -> LlamaConfig {
+    func config(_ fields: [String: JSONValue?]) throws -> DecoderConfig {
         var json = try XCTUnwrap(try JSONValue.parse(bytes: FileSystem.readFile(TestFixtures.path("tiny-llama/base/config.json"))).object)
         for (k, v) in fields { json[k] = v }
-        return try LlamaConfig(json: .object(json), file: "m/config.json")
+        return try DecoderConfig(json: .object(json), file: "m/config.json")
     }
 
     func testTheFixtureStillReads() throws {
@@ -110,7 +110,7 @@ final class ConfigValidationTests: XCTestCase {
         var json = try XCTUnwrap(try JSONValue.parse(bytes: FileSystem.readFile(dir + "/config.json")).object)
         json["model_type"] = .string("mistral")
         json["sliding_window"] = .int(4)
-        let model = try LlamaModel(config: LlamaConfig(json: .object(json)), weights: SafeTensorsCheckpoint(directory: dir))
+        let model = try DecoderModel(config: DecoderConfig(json: .object(json)), weights: SafeTensorsCheckpoint(directory: dir))
         let cache = KVCache(config: model.config, capacity: 8)
         XCTAssertNoThrow(try model.forward(tokens: [1, 2, 3, 4], cache: cache))
         assertRejected(try model.forward(tokens: [5], cache: cache), "sliding window of 4")

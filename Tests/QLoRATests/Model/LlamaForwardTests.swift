@@ -2,9 +2,9 @@ import XCTest
 @testable import QLoRA
 
 final class LlamaForwardTests: XCTestCase {
-    static func loadTinyLlama() throws -> LlamaModel {
+    static func loadTinyLlama() throws -> DecoderModel {
         let dir = TestFixtures.path("tiny-llama/base")
-        return try LlamaModel(config: try LlamaConfig(directory: dir), weights: try SafeTensorsCheckpoint(directory: dir))
+        return try DecoderModel(config: try DecoderConfig(directory: dir), weights: try SafeTensorsCheckpoint(directory: dir))
     }
 
     static func expected() throws -> SafeTensorsFile {
@@ -20,7 +20,7 @@ final class LlamaForwardTests: XCTestCase {
     }
 
     func testConfigOfTinyLlama() throws {
-        let config = try LlamaConfig(directory: TestFixtures.path("tiny-llama/base"))
+        let config = try DecoderConfig(directory: TestFixtures.path("tiny-llama/base"))
         XCTAssertEqual(config.hiddenSize, 128)
         XCTAssertEqual(config.headCount, 4)
         XCTAssertEqual(config.kvHeadCount, 2)
@@ -30,7 +30,7 @@ final class LlamaForwardTests: XCTestCase {
     }
 
     func testUnsupportedModelTypeIsAClearError() {
-        XCTAssertThrowsError(try LlamaConfig(json: try JSONValue.parse(#"{"model_type": "gpt2", "hidden_size": 8}"#), file: "x/config.json")) {
+        XCTAssertThrowsError(try DecoderConfig(json: try JSONValue.parse(#"{"model_type": "gpt2", "hidden_size": 8}"#), file: "x/config.json")) {
             XCTAssertTrue("\($0)".contains("'gpt2' is not supported"), "\($0)")
         }
     }
@@ -41,7 +41,7 @@ final class LlamaForwardTests: XCTestCase {
          "vocab_size":10,"rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,"low_freq_factor":1.0,
          "high_freq_factor":4.0,"original_max_position_embeddings":8192}}
         """#)
-        let inv = try LlamaConfig(json: json).ropeInverseFrequencies()
+        let inv = try DecoderConfig(json: json).ropeInverseFrequencies()
         // High frequencies stay, the lowest are divided by the factor.
         XCTAssertEqual(inv[0], 1, accuracy: 1e-12)
         let plain = 1 / pow(500000.0, 30.0 / 32.0)
@@ -123,10 +123,10 @@ final class ArchitectureVariantTests: XCTestCase {
     /// Qwen2: biases on q, k and v, GQA, tied embeddings; logits from transformers (fp32).
     func testQwen2LogitsMatchTransformers() throws {
         let dir = TestFixtures.path("tiny-qwen2")
-        let config = try LlamaConfig(directory: dir)
+        let config = try DecoderConfig(directory: dir)
         XCTAssertTrue(config.attentionBias)
         XCTAssertTrue(config.tieWordEmbeddings)
-        let model = try LlamaModel(config: config, weights: try SafeTensorsCheckpoint(directory: dir))
+        let model = try DecoderModel(config: config, weights: try SafeTensorsCheckpoint(directory: dir))
         XCTAssertNotNil(model.blocks[0].q.bias)
         let expected = try SafeTensorsFile(path: dir + "/expected.safetensors")
         let ids = try expected.floats("input_ids").map { Int($0) }
@@ -153,7 +153,7 @@ final class ArchitectureVariantTests: XCTestCase {
                                        text: JSONValue.object(JSONObject([("metadata", .object(JSONObject())), ("weight_map", .object(weightMap))])).serialized())
         let checkpoint = try SafeTensorsCheckpoint(directory: dir)
         XCTAssertEqual(checkpoint.files.count, 2)
-        let model = try LlamaModel(config: try LlamaConfig(directory: dir), weights: checkpoint)
+        let model = try DecoderModel(config: try DecoderConfig(directory: dir), weights: checkpoint)
         let row = try LlamaForwardTests.inputRows()[0]
         let logits = try model.forward(tokens: row, cache: KVCache(config: model.config, capacity: row.count))
         let reference = try LlamaForwardTests.expected().floats("logits_bf16base_fp32")

@@ -25,7 +25,7 @@ final class MergeTests: XCTestCase {
         }
         XCTAssertGreaterThan(Double(identical) / Double(total), 0.99, "\(identical) of \(total) identical")
         // The merged folder loads as a plain model and gives the adapter's logits.
-        let merged = try LlamaModel(config: try LlamaConfig(directory: out), weights: try SafeTensorsCheckpoint(directory: out))
+        let merged = try DecoderModel(config: try DecoderConfig(directory: out), weights: try SafeTensorsCheckpoint(directory: out))
         let row = try LlamaForwardTests.inputRows()[0]
         let logits = try merged.forward(tokens: row, cache: KVCache(config: merged.config, capacity: row.count))
         let reference2 = Array(try LlamaForwardTests.expected().floats("logits_bf16base_lora").prefix(logits.count))

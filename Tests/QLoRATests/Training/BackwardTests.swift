@@ -3,7 +3,7 @@ import XCTest
 
 final class BackwardTests: XCTestCase {
     /// The tiny model with the reference adapter (B non-zero) and the fixture's batch.
-    func modelAndBatch() throws -> (LlamaModel, TrainingBatch) {
+    func modelAndBatch() throws -> (DecoderModel, TrainingBatch) {
         let model = try LlamaForwardTests.loadTinyLlama()
         try PEFTAdapter.load(directory: TestFixtures.path("tiny-llama/adapter"), into: model)
         return (model, try Self.fixtureBatch())

@@ -24,7 +24,7 @@ final class NonFiniteTrainingTests: XCTestCase {
         return c
     }
 
-    func makeTrainer(_ c: TrainingConfiguration, model: LlamaModel? = nil) throws -> Trainer {
+    func makeTrainer(_ c: TrainingConfiguration, model: DecoderModel? = nil) throws -> Trainer {
         let trainer = try Trainer(configuration: c, model: model ?? LlamaForwardTests.loadTinyLlama(),
                                   train: examples(8, file: "train.jsonl"), eval: examples(2, file: "eval.jsonl"), padID: 0, baseDirectory: nil)
         trainer.log = { _ in }

@@ -138,7 +138,7 @@ public final class RopeTable: @unchecked Sendable {
     private var sinValues: [Float] = []
     private let inverseFrequencies: [Double]
 
-    public init(config: LlamaConfig, positions: Int = 256) {
+    public init(config: DecoderConfig, positions: Int = 256) {
         headDim = config.headDim
         inverseFrequencies = config.ropeInverseFrequencies()
         self.positions = 0

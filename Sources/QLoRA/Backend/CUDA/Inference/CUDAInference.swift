@@ -2,7 +2,7 @@
 import Glibc
 #endif
 
-// Generation on the GPU with a KV cache: the CPU model's forward (Model/LlamaModel.swift `forward(tokens:cache:lastOnly:)`)
+// Generation on the GPU with a KV cache: the CPU model's forward (Model/DecoderModel.swift `forward(tokens:cache:lastOnly:)`)
 // with the base linear weights in NF4 + double quantization (bitsandbytes' layout), an unmerged LoRA adapter,
 // bf16 activations and a bf16 KV cache.
 //
@@ -54,7 +54,7 @@ struct DeviceLayer {
 /// A Llama model held on the GPU for generation, with its own KV cache.
 public final class CUDAInference {
     public let context: CUDAContext
-    public let config: LlamaConfig
+    public let config: DecoderConfig
     /// Positions the KV cache holds.
     public let capacity: Int
     /// Tokens in the KV cache.
@@ -96,7 +96,7 @@ public final class CUDAInference {
 
     /// Uploads `model` with each linear layer's base weight as NF4 + double quant: `quantized[name]` when given
     /// (e.g. from `quantizeBase`), else quantized here. LoRA adapters set on the model's layers come along unmerged.
-    public convenience init(context: CUDAContext, model: LlamaModel, capacity: Int,
+    public convenience init(context: CUDAContext, model: DecoderModel, capacity: Int,
                             quantized: [String: QuantizedWeight] = [:]) throws {
         let c = model.config
         let A = context.allocator
@@ -151,7 +151,7 @@ public final class CUDAInference {
 
     /// A model of `config`'s shape with random NF4 weights made on the GPU and a random LoRA adapter of rank
     /// `loraRank` (0: none) on all seven projections, for benchmarks.
-    public convenience init(context: CUDAContext, randomConfig c: LlamaConfig, loraRank: Int, capacity: Int, seed: UInt64 = 1) throws {
+    public convenience init(context: CUDAContext, randomConfig c: DecoderConfig, loraRank: Int, capacity: Int, seed: UInt64 = 1) throws {
         let A = context.allocator
         var s = seed
         func next() -> UInt64 { s &+= 0x9E37_79B9; return s }
@@ -187,7 +187,7 @@ public final class CUDAInference {
                       finalNorm: try randomBF16(h, 0.9, 1.1), head: head)
     }
 
-    private init(context: CUDAContext, config c: LlamaConfig, capacity: Int, layers: [DeviceLayer], embedding: DeviceBuffer<UInt16>,
+    private init(context: CUDAContext, config c: DecoderConfig, capacity: Int, layers: [DeviceLayer], embedding: DeviceBuffer<UInt16>,
                  finalNorm: DeviceBuffer<UInt16>, head: DeviceBuffer<UInt16>) throws {
         guard c.hiddenSize % 32 == 0, c.qDim % 32 == 0, c.intermediateSize % 32 == 0, [32, 64, 128].contains(c.headDim) else {
             throw UsageError("the GPU decode path needs hidden, q and intermediate sizes that are multiples of 32 and a head dimension of 32, 64 or 128 (hidden \(c.hiddenSize), intermediate \(c.intermediateSize), head dim \(c.headDim))")
@@ -268,7 +268,7 @@ public final class CUDAInference {
 
     /// Quantizes every linear layer's base weight of `model` to NF4 + double quant. With `replacingCPUWeights`
     /// the CPU model's layers then hold the same 4-bit weights, so CPU and GPU compute with the same values.
-    public static func quantizeBase(_ model: LlamaModel, replacingCPUWeights: Bool) throws -> [String: QuantizedWeight] {
+    public static func quantizeBase(_ model: DecoderModel, replacingCPUWeights: Bool) throws -> [String: QuantizedWeight] {
         var result: [String: QuantizedWeight] = [:]
         for l in model.linearLayers {
             let q = try quantize(l)
@@ -305,7 +305,7 @@ public final class CUDAInference {
     public func reset() { length = 0 }
 
     /// Runs `tokens` after what the cache holds and returns their logits, [T, vocab] (the last row only when
-    /// `lastOnly`), as `LlamaModel.forward(tokens:cache:lastOnly:)` does.
+    /// `lastOnly`), as `DecoderModel.forward(tokens:cache:lastOnly:)` does.
     public func forward(tokens: [Int], lastOnly: Bool = false) throws -> [Float] {
         let c = config
         guard !tokens.isEmpty else { return [] }

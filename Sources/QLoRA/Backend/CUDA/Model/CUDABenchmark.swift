@@ -23,7 +23,7 @@ public struct CUDABenchmarkResult {
 
 public enum CUDABenchmark {
     /// FLOPs per token as reference_qlora.py counts them: 4·(linear + head parameters) + 12·s·heads·D·layers.
-    public static func referenceFlopsPerToken(config c: LlamaConfig, sequenceLength t: Int) -> Double {
+    public static func referenceFlopsPerToken(config c: DecoderConfig, sequenceLength t: Int) -> Double {
         let linear = Double(c.layerCount) * Double(c.hiddenSize * (c.qDim + 2 * c.kvDim) + c.qDim * c.hiddenSize
                                                    + 3 * c.hiddenSize * c.intermediateSize)
         let head = Double(c.vocabularySize * c.hiddenSize)
@@ -33,11 +33,11 @@ public enum CUDABenchmark {
     /// Builds a random-weight trainer and runs `warmupSteps` then `steps` timed training steps (forward, backward,
     /// clipping at 1.0, AdamW) on random tokens, with LoRA dropout `dropout` (a new mask seed each step); one host
     /// synchronisation per timed run. `memory`: where checkpoints and the embedding live (nil: the automatic choice).
-    public static func training(context: CUDAContext, config: LlamaConfig, batch rows: Int, sequenceLength t: Int, rank: Int,
+    public static func training(context: CUDAContext, config: DecoderConfig, batch rows: Int, sequenceLength t: Int, rank: Int,
                                 dropout: Float = 0, memory: CUDATrainerMemoryOptions? = nil, warmupSteps: Int,
                                 steps: Int) throws -> CUDABenchmarkResult {
         context.allocator.resetPeak()
-        let trainer = try CUDALlamaTrainer(context: context, randomConfig: config, rank: rank, alpha: Double(2 * rank),
+        let trainer = try CUDADecoderTrainer(context: context, randomConfig: config, rank: rank, alpha: Double(2 * rank),
                                            capacityTokens: rows * t, dropout: dropout, memory: memory)
         var rng = SeededGenerator(seed: 1)
         let tokens = (0..<(rows * t)).map { _ in Int(rng.next() % UInt64(config.vocabularySize)) }

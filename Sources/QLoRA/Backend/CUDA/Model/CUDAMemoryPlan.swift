@@ -38,7 +38,7 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
 
     /// The default: offload the checkpoints when there are more of them than slots, keep an untied embedding on
     /// the host.
-    public static func automatic(for c: LlamaConfig) -> CUDATrainerMemoryOptions {
+    public static func automatic(for c: DecoderConfig) -> CUDATrainerMemoryOptions {
         CUDATrainerMemoryOptions(offloadCheckpoints: c.layerCount + 1 > 3, checkpointSlots: 3, hostEmbedding: !c.tieWordEmbeddings)
     }
 
@@ -78,7 +78,7 @@ struct BlockScratchLayout: Equatable {
     /// Elements of the whole region (the largest of the three phases).
     var count = 0
 
-    init(config c: LlamaConfig, tokens n: Int) {
+    init(config c: DecoderConfig, tokens n: Int) {
         var end = 0
         func take(_ elements: Int) -> Int {
             let start = end
@@ -126,7 +126,7 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     public var total: Int { weights + adapters + optimizer + activations + workspace }
 
     /// Each linear layer's [out, in] shape in the order the trainer stores them.
-    static func linearShapes(_ c: LlamaConfig) -> [(out: Int, in: Int)] {
+    static func linearShapes(_ c: DecoderConfig) -> [(out: Int, in: Int)] {
         [(c.qDim, c.hiddenSize), (c.kvDim, c.hiddenSize), (c.kvDim, c.hiddenSize), (c.hiddenSize, c.qDim),
          (c.intermediateSize, c.hiddenSize), (c.intermediateSize, c.hiddenSize), (c.hiddenSize, c.intermediateSize)]
     }
@@ -145,7 +145,7 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     }
 
     /// The plan for LoRA rank `r` on every projection.
-    public init(config c: LlamaConfig, tokens n: Int, rank r: Int, dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil) {
+    public init(config c: DecoderConfig, tokens n: Int, rank r: Int, dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil) {
         self.init(config: c, tokens: n, ranks: Array(repeating: Array(repeating: r, count: 7), count: c.layerCount), dropout: dropout,
                   memory: memory)
     }
@@ -153,7 +153,7 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     /// The plan for `ranks[l][j]`, the LoRA rank of block l's linear j (q, k, v, o, gate, up, down); `dropout`: some
     /// linear drops out (one [N, largest in] bf16 scratch for d(x)); `memory`: where checkpoints and the embedding
     /// live (nil: `CUDATrainerMemoryOptions.automatic(for:)`; a tied embedding stays on the GPU whatever it says).
-    public init(config c: LlamaConfig, tokens n: Int, ranks: [[Int]], dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil) {
+    public init(config c: DecoderConfig, tokens n: Int, ranks: [[Int]], dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil) {
         var memory = memory ?? .automatic(for: c)
         if c.tieWordEmbeddings { memory.hostEmbedding = false }
         self.memory = memory
@@ -206,7 +206,7 @@ extension CUDAMemoryPlan {
     /// planning without a GPU (on one, `CUDAContext.contextBytes` is measured). Measured on the H100: see
     /// docs/MEMORY.md.
     public static let typicalContextBytes = 640 << 20
-    /// The margin the trainer keeps below the free memory when it checks a plan (CUDALlamaTrainer).
+    /// The margin the trainer keeps below the free memory when it checks a plan (CUDADecoderTrainer).
     public static let safetyMarginBytes = 256 << 20
 
     /// Whether the plan fits a card of `budgetBytes` whose context takes `contextBytes`.
@@ -216,7 +216,7 @@ extension CUDAMemoryPlan {
 
     /// The longest sequence (a multiple of `step`, at most `limit`) whose plan at `batch` rows fits the budget, or
     /// nil when not even `step` tokens do. The plan grows with the tokens of a step, so a binary search finds it.
-    public static func longestSequence(config c: LlamaConfig, batch: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
+    public static func longestSequence(config c: DecoderConfig, batch: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
                                        budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes,
                                        step: Int = 256, limit: Int = 4 << 20) -> Int? {
         func fits(_ units: Int) -> Bool {
@@ -233,7 +233,7 @@ extension CUDAMemoryPlan {
     }
 
     /// The largest batch of `sequenceLength`-token rows that fits the budget (at most `limit`), or 0.
-    public static func largestBatch(config c: LlamaConfig, sequenceLength t: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
+    public static func largestBatch(config c: DecoderConfig, sequenceLength t: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
                                     budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes,
                                     limit: Int = 1024) -> Int {
         var lo = 0, hi = limit

@@ -1,26 +1,26 @@
-// The CUDA training engine: `CUDALlamaTrainer` (bf16 forward/backward with fp32 LoRA masters and gradients) with
+// The CUDA training engine: `CUDADecoderTrainer` (bf16 forward/backward with fp32 LoRA masters and gradients) with
 // `CUDAOptimizer` over the trainer's flat LoRA buffers, so every optimizer kind (adamw, adamw_8bit and the paged
 // variants) runs on the GPU with the CPU's state names: a checkpoint saved on one backend resumes on the other.
 //
 // LoRA dropout draws the CPU's masks (the step's dropout seed goes to the trainer), linear biases stay frozen, and
 // each projection may have its own rank or no adapter at all (PEFT's target_modules naming only some projections).
-// Evaluation runs the forward alone (`CUDALlamaTrainer.forwardLoss`), without dropout: no backward, and the gradients
+// Evaluation runs the forward alone (`CUDADecoderTrainer.forwardLoss`), without dropout: no backward, and the gradients
 // are not touched.
 
 /// Training compute on one GPU.
 public final class CUDATrainingEngine: TrainingEngine {
     public let context: CUDAContext
-    public let model: LlamaModel
-    public let trainer: CUDALlamaTrainer
+    public let model: DecoderModel
+    public let trainer: CUDADecoderTrainer
     public let optimizer: CUDAOptimizer
 
     /// An engine for `model` (adapters attached) holding batches of up to `capacityTokens` tokens.
-    /// `deterministic`: the same bits on every run (see `CUDALlamaTrainer.deterministic`).
-    public init(context: CUDAContext, model: LlamaModel, capacityTokens: Int, optimizer kind: OptimizerKind,
+    /// `deterministic`: the same bits on every run (see `CUDADecoderTrainer.deterministic`).
+    public init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, optimizer kind: OptimizerKind,
                 hyperparameters: AdamWHyperparameters, deterministic: Bool = false) throws {
         self.context = context
         self.model = model
-        trainer = try CUDALlamaTrainer(context: context, model: model, capacityTokens: capacityTokens)
+        trainer = try CUDADecoderTrainer(context: context, model: model, capacityTokens: capacityTokens)
         trainer.deterministic = deterministic
         optimizer = try CUDAOptimizer(context: context, kind: kind, hyperparameters)
     }

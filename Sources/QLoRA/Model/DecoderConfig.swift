@@ -1,4 +1,4 @@
-// The Hugging Face `config.json` of the Llama family (llama, mistral, qwen2).
+// The Hugging Face `config.json` of a decoder-only model: the Llama family (llama, mistral, qwen2) and its variations.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -20,7 +20,7 @@ public struct RopeScaling: Equatable, Sendable {
 }
 
 /// The architecture fields of a Llama-family `config.json`.
-public struct LlamaConfig: Equatable, Sendable {
+public struct DecoderConfig: Equatable, Sendable {
     public var modelType: String
     public var hiddenSize: Int
     public var intermediateSize: Int

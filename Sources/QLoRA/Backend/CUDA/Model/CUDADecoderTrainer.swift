@@ -1,5 +1,5 @@
 // QLoRA training of the Llama decoder on one GPU: the frozen base in NF4 + double quant, LoRA on the seven
-// projections, a forward and hand-written backward that mirror the CPU reference (Training/LlamaBackward.swift,
+// projections, a forward and hand-written backward that mirror the CPU reference (Training/DecoderBackward.swift,
 // whose header derives every gradient), gradient checkpointing, chunked cross-entropy, clipping and AdamW.
 //
 // Precision: activations and GEMM operands in bf16 with fp32 accumulation (cuBLASLt), norms and softmax sums in
@@ -33,7 +33,7 @@
 //   y = h + down(act)                                 g  += rms⁻(x, dN1)               (g is now d/dx)
 // where lin⁻(dy) = dy·W + s·(dy·B)·A, adding s·(dy·B)ᵀ·x to dA and s·dyᵀ·(x·Aᵀ) to dB (LoRADeviceWeights' header).
 //
-// LoRA dropout (training steps only, as the CPU's Training/LlamaBackward.swift): the LoRA path reads d(x) = x·m/(1−p),
+// LoRA dropout (training steps only, as the CPU's Training/DecoderBackward.swift): the LoRA path reads d(x) = x·m/(1−p),
 //   lin(x) = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ,   lin⁻(dy) = dy·W + d(s·(dy·B)·A),   dA += s·(dy·B)ᵀ·d(x),   dB unchanged,
 // with the mask m of each linear drawn by Training/DropoutMask.swift's counter-based hash from the step's dropout
 // seed, the block index and the linear's index (the kernels in training.cu compute the same hash), so the forward,
@@ -77,9 +77,9 @@ struct TrainerBlock {
 }
 
 /// LoRA fine-tuning of a Llama-family model on one GPU. Use from one thread.
-public final class CUDALlamaTrainer {
+public final class CUDADecoderTrainer {
     public let context: CUDAContext
-    public let config: LlamaConfig
+    public let config: DecoderConfig
     /// Tokens (rows × length) one step may hold at most.
     public let capacityTokens: Int
     public let plan: CUDAMemoryPlan
@@ -157,7 +157,7 @@ public final class CUDALlamaTrainer {
 
     /// How the frozen weights and adapters are filled once the buffers exist.
     enum Source {
-        case model(LlamaModel)
+        case model(DecoderModel)
         case random(seed: UInt64, dropout: Float)
     }
 
@@ -165,7 +165,7 @@ public final class CUDALlamaTrainer {
     /// bitsandbytes would; its LoRA adapters, on any of the seven projections, each with its own rank, scale and
     /// dropout, become the trained parameters; its linear biases stay frozen). `memory`: where the checkpoints and the
     /// embedding live (nil: `CUDATrainerMemoryOptions.automatic(for:)`).
-    public convenience init(context: CUDAContext, model: LlamaModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil) throws {
+    public convenience init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil) throws {
         var ranks: [[Int]] = []
         var dropout: Float = 0
         for block in model.blocks {
@@ -191,7 +191,7 @@ public final class CUDALlamaTrainer {
     /// A trainer with random NF4 weights made on the GPU (for benchmarks: no checkpoint needed), LoRA rank `rank`
     /// with alpha = `alpha` and dropout `dropout` on the seven projections, A Kaiming-uniform and B zero as PEFT
     /// initialises them. No biases (even when `config.attentionBias`). The embedding is the same wherever it lives.
-    public convenience init(context: CUDAContext, randomConfig config: LlamaConfig, rank: Int, alpha: Double, capacityTokens: Int,
+    public convenience init(context: CUDAContext, randomConfig config: DecoderConfig, rank: Int, alpha: Double, capacityTokens: Int,
                             dropout: Float = 0, seed: UInt64 = 0, memory: CUDATrainerMemoryOptions? = nil) throws {
         guard dropout >= 0 && dropout < 1 else { throw UsageError("LoRA dropout \(dropout) is outside [0, 1)") }
         try self.init(context: context, config: config, ranks: Array(repeating: Array(repeating: rank, count: 7), count: config.layerCount),
@@ -201,7 +201,7 @@ public final class CUDALlamaTrainer {
 
     /// `ranks[l][j]`: the LoRA rank of block l's linear j (q, k, v, o, gate, up, down; 0: no adapter); `dropout`:
     /// whether any linear drops out (then the d(x) scratch is allocated).
-    init(context ctx: CUDAContext, config c: LlamaConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
+    init(context ctx: CUDAContext, config c: DecoderConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
          memory: CUDATrainerMemoryOptions?, source: Source) throws {
         guard c.headDim == 32 || c.headDim == 64 || c.headDim == 128 else {
             throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels (32, 64 or 128)")
@@ -600,7 +600,7 @@ public final class CUDALlamaTrainer {
     }
 
     /// Forward and backward over one micro-batch: adds d(loss sum / normalizer)/d(LoRA) into the gradients (zeroed
-    /// first unless `accumulate`), as `LlamaModel.accumulateGradients` does with `TrainingStepOptions.dropoutSeed`
+    /// first unless `accumulate`), as `DecoderModel.accumulateGradients` does with `TrainingStepOptions.dropoutSeed`
     /// = `dropoutSeed` (the same masks; nil: no dropout, as in evaluation). Queues the work without waiting;
     /// `lastLoss()` reads the loss sum and count.
     public func forwardBackward(batch: TrainingBatch, normalizer: Int, accumulate: Bool = false, dropoutSeed: UInt64? = nil) throws {
@@ -653,7 +653,7 @@ public final class CUDALlamaTrainer {
             return
         }
         guard let hostEmbedding, let staging = embeddingStaging, let stagingFree else {
-            throw CUDAError(call: "CUDALlamaTrainer", "the embedding is neither on the GPU nor on the host")
+            throw CUDAError(call: "CUDADecoderTrainer", "the embedding is neither on the GPU nor on the host")
         }
         // The previous upload from the staging buffer must have finished before the host overwrites it (usually
         // long done: it ran at the start of the previous step). Ids were checked against the vocabulary in upload.
@@ -789,7 +789,7 @@ public final class CUDALlamaTrainer {
     }
 
     /// Replaces the fp32 masters (and bf16 copies) with `model`'s adapter weights (same layout as at creation).
-    public func setLoRAParameters(from model: LlamaModel) throws {
+    public func setLoRAParameters(from model: DecoderModel) throws {
         var host = [Float](repeating: 0, count: parameterCount)
         for (l, block) in blocks.enumerated() {
             for (j, linear) in block.linears.enumerated() where linear.rank > 0 {

@@ -5,7 +5,7 @@
 //   y = h + down_proj(silu(gate_proj(norm2(h))) * up_proj(norm2(h)))
 
 /// One decoder block's weights.
-public final class LlamaBlock: @unchecked Sendable {
+public final class DecoderBlock: @unchecked Sendable {
     public let inputNorm: [Float]
     public let postAttentionNorm: [Float]
     public let q: Linear, k: Linear, v: Linear, o: Linear
@@ -54,16 +54,16 @@ extension SafeTensorsCheckpoint: BaseWeightSource {
 }
 
 /// A Llama-family model with its weights in fp32 on the CPU.
-public final class LlamaModel: @unchecked Sendable {
-    public let config: LlamaConfig
+public final class DecoderModel: @unchecked Sendable {
+    public let config: DecoderConfig
     public let embedding: Matrix          // [vocab, H]
-    public let blocks: [LlamaBlock]
+    public let blocks: [DecoderBlock]
     public let finalNorm: [Float]         // [H]
     /// The output head, [vocab, H]; the embedding itself when tied.
     public let head: Matrix
     public let rope: RopeTable
 
-    public init(config: LlamaConfig, embedding: Matrix, blocks: [LlamaBlock], finalNorm: [Float], head: Matrix) {
+    public init(config: DecoderConfig, embedding: Matrix, blocks: [DecoderBlock], finalNorm: [Float], head: Matrix) {
         self.config = config
         self.embedding = embedding
         self.blocks = blocks
@@ -75,7 +75,7 @@ public final class LlamaModel: @unchecked Sendable {
     /// Loads the weights named as transformers names them from `source`, checking each against the
     /// config: every tensor the model needs present with its shape and finite values, and no tensor
     /// left over (a layer beyond `num_hidden_layers`, a bias the config does not enable).
-    public convenience init(config: LlamaConfig, weights source: BaseWeightSource) throws {
+    public convenience init(config: DecoderConfig, weights source: BaseWeightSource) throws {
         let c = config
         let expected = Self.tensorShapes(config: c)
         func tensor(_ name: String) throws -> [Float] {
@@ -108,10 +108,10 @@ public final class LlamaModel: @unchecked Sendable {
             return Linear(name: module, weight: weight, bias: expected[bias] != nil ? try tensor(bias) : nil)
         }
         let embedding = try matrix("model.embed_tokens.weight")
-        var blocks: [LlamaBlock] = []
+        var blocks: [DecoderBlock] = []
         for l in 0..<c.layerCount {
             let p = "model.layers.\(l)."
-            blocks.append(LlamaBlock(
+            blocks.append(DecoderBlock(
                 inputNorm: try tensor(p + "input_layernorm.weight"),
                 postAttentionNorm: try tensor(p + "post_attention_layernorm.weight"),
                 q: try linear(p + "self_attn.q_proj"), k: try linear(p + "self_attn.k_proj"),
@@ -133,7 +133,7 @@ public final class LlamaModel: @unchecked Sendable {
     }
 
     /// Every tensor a model of `config` reads, with its shape, by transformers' name.
-    public static func tensorShapes(config c: LlamaConfig) -> [String: [Int]] {
+    public static func tensorShapes(config c: DecoderConfig) -> [String: [Int]] {
         var shapes: [String: [Int]] = ["model.embed_tokens.weight": [c.vocabularySize, c.hiddenSize], "model.norm.weight": [c.hiddenSize]]
         if !c.tieWordEmbeddings { shapes["lm_head.weight"] = [c.vocabularySize, c.hiddenSize] }
         for l in 0..<c.layerCount {
@@ -153,7 +153,7 @@ public final class LlamaModel: @unchecked Sendable {
 
     /// A tensor the model does not read means config.json and the weights disagree (transformers would
     /// only warn); the few that carry nothing are allowed: a tied head's copy, old rotary caches.
-    static func checkNoTensorIsLeftOver(_ source: BaseWeightSource, expected: [String: [Int]], config c: LlamaConfig) throws {
+    static func checkNoTensorIsLeftOver(_ source: BaseWeightSource, expected: [String: [Int]], config c: DecoderConfig) throws {
         for name in source.tensorNames where expected[name] == nil {
             if name == "lm_head.weight" && c.tieWordEmbeddings { continue }
             if name.hasSuffix(".rotary_emb.inv_freq") { continue }
@@ -189,7 +189,7 @@ public final class KVCache: @unchecked Sendable {
     let keys: [Matrix]
     let values: [Matrix]
 
-    public init(config: LlamaConfig, capacity: Int) {
+    public init(config: DecoderConfig, capacity: Int) {
         self.capacity = capacity
         keys = (0..<config.layerCount).map { _ in Matrix(rows: capacity, columns: config.kvDim) }
         values = (0..<config.layerCount).map { _ in Matrix(rows: capacity, columns: config.kvDim) }
@@ -199,7 +199,7 @@ public final class KVCache: @unchecked Sendable {
     func advance(by n: Int) { length += n }
 }
 
-extension LlamaModel {
+extension DecoderModel {
     /// Runs `tokens` after what `cache` holds and returns their logits, [T, vocab]
     /// (only the last row when `lastOnly`, as generation needs).
     public func forward(tokens: [Int], cache: KVCache, lastOnly: Bool = false) throws -> [Float] {

@@ -26,7 +26,7 @@ public final class LoRAGradients: @unchecked Sendable {
     public private(set) var a: [String: Matrix] = [:]
     public private(set) var b: [String: Matrix] = [:]
 
-    public init(model: LlamaModel) {
+    public init(model: DecoderModel) {
         for layer in model.linearLayers {
             guard let lora = layer.lora else { continue }
             a[layer.name] = Matrix(rows: lora.a.rows, columns: lora.a.columns)
@@ -93,7 +93,7 @@ final class BlockActivations {
     /// recomputation draws the same masks.
     var dropoutSeeds: [String: UInt64] = [:]
 
-    init(config c: LlamaConfig, tokens n: Int, input: Matrix) {
+    init(config c: DecoderConfig, tokens n: Int, input: Matrix) {
         self.input = input
         norm1 = Matrix(rows: n, columns: c.hiddenSize)
         q = Matrix(rows: n, columns: c.qDim)
@@ -109,7 +109,7 @@ final class BlockActivations {
     }
 }
 
-extension LlamaModel {
+extension DecoderModel {
     /// Forward and backward over one micro-batch. Adds the LoRA gradients of
     /// `lossSum / normalizer` into `gradients` (pass the counted tokens of all accumulated
     /// micro-batches as `normalizer`, as transformers does) and returns the summed loss.
@@ -169,7 +169,7 @@ extension LlamaModel {
 
     // MARK: - Block forward
 
-    func blockForward(_ block: LlamaBlock, input: Matrix, batch: TrainingBatch, dropoutSeed: UInt64?) -> BlockActivations {
+    func blockForward(_ block: DecoderBlock, input: Matrix, batch: TrainingBatch, dropoutSeed: UInt64?) -> BlockActivations {
         let c = config
         let n = batch.tokenCount
         let a = BlockActivations(config: c, tokens: n, input: input)
@@ -233,7 +233,7 @@ extension LlamaModel {
 
 // MARK: - Loss
 
-extension LlamaModel {
+extension DecoderModel {
     /// Final norm, head and cross-entropy, `chunkRows` tokens at a time. Writes d(loss/normalizer)/d(finalHidden)
     /// into `dx` when given. Returns the summed loss and the number of counted tokens.
     func headLossAndGradient(finalHidden x: Matrix, batch: TrainingBatch, normalizer: Int, chunkRows: Int, into dx: Matrix?) -> LossSum {
@@ -297,9 +297,9 @@ extension LlamaModel {
 
 // MARK: - Block backward
 
-extension LlamaModel {
+extension DecoderModel {
     /// Given dL/dy for the block output, accumulates the LoRA gradients and returns dL/dx for its input.
-    func blockBackward(_ block: LlamaBlock, activations a: BlockActivations, outputGradient dy: Matrix,
+    func blockBackward(_ block: DecoderBlock, activations a: BlockActivations, outputGradient dy: Matrix,
                        batch: TrainingBatch, gradients: LoRAGradients) -> Matrix {
         let c = config
         let n = batch.tokenCount
