@@ -73,7 +73,7 @@ final class GGUFLoRAExportTests: XCTestCase {
     static let names = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
 
     /// The tiny fixture with its adapter, exported as a LoRA GGUF of `type`.
-    static func exportAdapter(_ dir: String, type: GGUFLoRAType, adapter: String = TestFixtures.path("tiny-llama/adapter")) throws -> (model: DecoderModel, file: GGUFFile) {
+    static func exportAdapter(_ dir: String, type: GGUFExportType, adapter: String = TestFixtures.path("tiny-llama/adapter")) throws -> (model: DecoderModel, file: GGUFFile) {
         let loaded = try ModelLoader.load(dir, quantization: .none)
         try PEFTAdapter.load(directory: adapter, into: loaded.model)
         let out = try TestFixtures.temporaryDirectory("gguf-lora-out") + "/adapter-\(type.rawValue).gguf"
@@ -168,7 +168,7 @@ final class GGUFLoRAExportTests: XCTestCase {
 
     func testTypesAndRefusals() throws {
         let dir = try GGUFExportTests.tinyLlamaFolder()
-        for type in [GGUFLoRAType.f16, .bf16, .q8_0] {
+        for type in [GGUFExportType.f16, .bf16, .q8_0] {
             let (model, file) = try Self.exportAdapter(dir, type: type)
             XCTAssertEqual(file["general.file_type"]?.int, Int(type.fileType))
             for info in file.tensors {
@@ -181,9 +181,16 @@ final class GGUFLoRAExportTests: XCTestCase {
             let largest = expected.map(abs).max()!
             for i in a.indices { XCTAssertLessThanOrEqual(abs(a[i] - expected[i]), max(abs(expected[i]) * step, largest / 254) + 1e-7, "\(type) [\(i)]") }
         }
-        XCTAssertThrowsError(try GGUFLoRAType.parse("q4_0")) { XCTAssertTrue("\($0)".contains("--type") && "\($0)".contains("gguf-lora"), "\($0)") }
+        XCTAssertThrowsError(try GGUFExportType.parse("q4_0", adapter: true)) { XCTAssertTrue("\($0)".contains("--type") && "\($0)".contains("gguf-lora"), "\($0)") }
+        XCTAssertEqual(try GGUFExportType.parse("Q8_0", adapter: true), .q8_0)
+        XCTAssertEqual(try GGUFExportType.parse("q4_0"), .q4_0)
         let loaded = try ModelLoader.load(dir, quantization: .none)
         let out = try TestFixtures.temporaryDirectory("gguf-lora-none") + "/a.gguf"
+        try PEFTAdapter.load(directory: TestFixtures.path("tiny-llama/adapter"), into: loaded.model)
+        XCTAssertThrowsError(try GGUFExporter.exportLoRA(model: loaded.model, type: .q4_k_m, to: out, name: "x")) { error in
+            XCTAssertTrue("\(error)".contains("gguf-lora"), "\(error)")
+        }
+        for layer in loaded.model.blocks.flatMap(\.linears) { layer.lora = nil }
         XCTAssertThrowsError(try GGUFExporter.exportLoRA(model: loaded.model, type: .f16, to: out, name: "x")) { error in
             XCTAssertTrue("\(error)".contains("--adapter"), "\(error)")
         }
@@ -192,7 +199,7 @@ final class GGUFLoRAExportTests: XCTestCase {
 
     func testTheGGUFPackageReadsTheLoRAFile() throws {
         let dir = try GGUFExportTests.tinyLlamaFolder()
-        let files = try [GGUFLoRAType.f32, .q8_0].map { try Self.exportAdapter(dir, type: $0).file }
+        let files = try [GGUFExportType.f32, .q8_0].map { try Self.exportAdapter(dir, type: $0).file }
         let summaries = try GGUFPyReaderTests.summaries(files.map(\.path))
         XCTAssertEqual(summaries.count, files.count)
         for (ours, summary) in zip(files, summaries) {
