@@ -493,3 +493,22 @@ final class GGUFPyReaderTests: XCTestCase {
         }
     }
 }
+
+/// llama.cpp itself runs our exports, when it has been built here (scripts/build_llamacpp.sh: libllama and
+/// scripts/llamacpp_judge.c in .build/llama.cpp; building it takes minutes, so the suite does not). Runs the tiny
+/// fixture's parts of scripts/check_gguf_llamacpp.py: every export type's logits against transformers', and the LoRA
+/// GGUF applied by llama.cpp over the base against the merged model. Skips, saying so, when llama.cpp is not built.
+final class LlamaCppJudgeTests: XCTestCase {
+    func testLlamaCppRunsTheTinyExportsAndTheLoRAGGUF() throws {
+        let root = GGUFPyReaderTests.packageRoot
+        let judge = root + "/.build/llama.cpp/llamacpp_judge"
+        guard FileSystem.exists(judge) else {
+            throw XCTSkip("llama.cpp is not built here (\(judge) is missing): run scripts/build_llamacpp.sh to check the exports with llama.cpp")
+        }
+        let qlora = root + "/.build/release/qlora"
+        guard FileSystem.exists(qlora) else { throw XCTSkip("\(qlora) is not built (swift build -c release)") }
+        guard try Subprocess.run(["python3", "-c", "import numpy"]) == 0 else { throw XCTSkip("python3 has no numpy") }
+        let rc = try Subprocess.run(["env", "QLORA=\(qlora)", "python3", root + "/scripts/check_gguf_llamacpp.py", "tiny", "lora"])
+        XCTAssertEqual(rc, 0, "scripts/check_gguf_llamacpp.py tiny lora failed: llama.cpp disagrees with the exports (run it to see which)")
+    }
+}
