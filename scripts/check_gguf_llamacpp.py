@@ -48,7 +48,7 @@ failed = False
 
 def report(ok, line):
     global failed
-    failed |= not ok
+    failed |= ok is False
     print(line + ("" if ok is None else " ok" if ok else " FAILED"), flush=True)
 
 
