@@ -100,16 +100,13 @@ static int greedy(int argc, char ** argv) {
     llama_token * ids = malloc(sizeof(llama_token) * n);
     for (int i = 0; i < n; i++) ids[i] = atoi(argv[3 + i]);
     decode_all(ctx, ids, n, argv[1]);
-    int pos = n;
     llama_token next = argmax(llama_get_logits_ith(ctx, n - 1), n_vocab);
     for (int s = 0; s < steps; s++) {
         printf(s ? " %d" : "%d", next);
         if (llama_vocab_is_eog(vocab, next)) break;
-        struct llama_batch batch = llama_batch_get_one(&next, 1);
-        (void) pos;
+        struct llama_batch batch = llama_batch_get_one(&next, 1);  // at the next position of the sequence
         if (llama_decode(ctx, batch) != 0) { fprintf(stderr, "%s: llama_decode failed\n", argv[1]); return 1; }
         next = argmax(llama_get_logits_ith(ctx, -1), n_vocab);
-        pos++;
     }
     printf("\n");
     llama_free(ctx);
