@@ -13,8 +13,8 @@
 // (rsLoRA, rank_pattern, alpha_pattern) has the difference folded into its B.
 // The llama architecture stores q and k rows permuted (see HFToGGUF.swift); B's rows are the output rows, so B of
 // q_proj and k_proj is permuted the same way, and A (whose rows are the rank) is not.
-// Types (GGUFExportType.adapterTypes): f32, f16, bf16 or q8_0 for every tensor; a tensor whose ne0 is not a multiple of 32 (lora_b for r < 32, say)
-// falls back from q8_0 to f16, as the converter does.
+// Types (GGUFExportType.adapterTypes): f32, f16, bf16 or q8_0 for every tensor; a tensor whose ne0 is not a multiple
+// of 32 (lora_b for r < 32, say) falls back from q8_0 to f16, as the converter does.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
