@@ -451,7 +451,7 @@ public struct DecoderConfig: Equatable, Sendable {
     public func checkCUDASupport(sequenceLength length: Int, what: String) throws {
         let missing = variations(sequenceLength: length)
         guard missing.isEmpty else {
-            throw UsageError("the CUDA backend does not yet compute \(missing.joined(separator: ", ")) (\(modelType), \(what)); use --backend cpu")
+            throw UsageError("the CUDA backend does not yet compute \(missing.joined(separator: ", ")) (\(modelType), \(what)); use --device cpu")
         }
     }
 

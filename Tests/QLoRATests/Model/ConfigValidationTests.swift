@@ -96,7 +96,7 @@ final class ConfigValidationTests: XCTestCase {
         XCTAssertEqual(mistral.layerAttention, [.sliding(window: 16), .sliding(window: 16)])
         XCTAssertNoThrow(try mistral.checkCUDASupport(sequenceLength: 16, what: "x"))
         assertRejected(try mistral.checkCUDASupport(sequenceLength: 17, what: "max_seq_length 17"), "max_seq_length 17",
-                       "the CUDA backend does not yet compute sliding-window attention (window 16)", "--backend cpu")
+                       "the CUDA backend does not yet compute sliding-window attention (window 16)", "--device cpu")
         XCTAssertNil(try config(["model_type": .string("mistral"), "sliding_window": .null]).slidingWindow)
         // Absent, Mistral's default window (transformers' MistralConfig) applies.
         XCTAssertEqual(try config(["model_type": .string("mistral"), "sliding_window": nil]).slidingWindow, 4096)
