@@ -189,7 +189,7 @@ public enum GGUFExporter {
         plan.append(("token_embd.weight", [embedding.columns, embedding.rows], { Array(embedding.storage) }))
         for (l, block) in model.blocks.enumerated() {
             let p = "blk.\(l)."
-            let inputNorm = block.inputNorm, postNorm = block.postAttentionNorm
+            let inputNorm = block.inputNorm, postNorm = block.mlpInputNorm
             plan.append((p + "attn_norm.weight", [inputNorm.count], { inputNorm }))
             for (layer, short) in zip(block.linears, linearNames) {
                 if layer.lora != nil { merged += 1 }

@@ -63,7 +63,7 @@ extension DecoderModel {
         let ones = [Float](repeating: 1, count: c.hiddenSize)
         let blocks = (0..<c.layerCount).map { l -> DecoderBlock in
             let p = "model.layers.\(l)."
-            return DecoderBlock(inputNorm: ones, postAttentionNorm: ones,
+            return DecoderBlock(inputNorm: ones, mlpInputNorm: ones,
                               q: linear(p + "self_attn.q_proj", c.qDim, c.hiddenSize), k: linear(p + "self_attn.k_proj", c.kvDim, c.hiddenSize),
                               v: linear(p + "self_attn.v_proj", c.kvDim, c.hiddenSize), o: linear(p + "self_attn.o_proj", c.hiddenSize, c.qDim),
                               gate: linear(p + "mlp.gate_proj", c.intermediateSize, c.hiddenSize), up: linear(p + "mlp.up_proj", c.intermediateSize, c.hiddenSize),

@@ -34,7 +34,7 @@ final class GGUFExportTests: XCTestCase {
         out["model.embed_tokens.weight"] = ("token_embd.weight", Array(model.embedding.storage))
         for (l, block) in model.blocks.enumerated() {
             out["model.layers.\(l).input_layernorm.weight"] = ("blk.\(l).attn_norm.weight", block.inputNorm)
-            out["model.layers.\(l).post_attention_layernorm.weight"] = ("blk.\(l).ffn_norm.weight", block.postAttentionNorm)
+            out["model.layers.\(l).post_attention_layernorm.weight"] = ("blk.\(l).ffn_norm.weight", block.mlpInputNorm)
             for (layer, short) in zip(block.linears, ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]) {
                 out[layer.name + ".weight"] = ("blk.\(l).\(short).weight", AdapterMerge.mergedWeight(layer))
             }

@@ -45,7 +45,7 @@ final class DropoutMaskTests: XCTestCase {
         let x = Matrix(rows: batch.tokenCount, columns: model.config.hiddenSize)
         let stepSeed: UInt64 = 99
         for (l, block) in model.blocks.enumerated() {
-            let a = model.blockForward(block, input: x, batch: batch, dropoutSeed: DropoutMask.blockSeed(stepSeed: stepSeed, block: l))
+            let a = model.blockForward(block, layer: l, input: x, batch: batch, dropoutSeed: DropoutMask.blockSeed(stepSeed: stepSeed, block: l))
             for (j, layer) in block.linears.enumerated() {
                 XCTAssertEqual(a.dropoutSeeds[layer.name], DropoutMask.linearSeed(stepSeed: stepSeed, block: l, linear: j), layer.name)
             }

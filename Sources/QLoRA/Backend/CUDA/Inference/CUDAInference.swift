@@ -138,7 +138,7 @@ public final class CUDAInference {
         var layers: [DeviceLayer] = []
         for block in model.blocks {
             layers.append(DeviceLayer(
-                inputNorm: try bf16(block.inputNorm), postNorm: try bf16(block.postAttentionNorm),
+                inputNorm: try bf16(block.inputNorm), postNorm: try bf16(block.mlpInputNorm),
                 qkv: try group([block.q, block.k, block.v]), o: try group([block.o]),
                 gateUp: try group([block.gate, block.up]), down: try group([block.down]),
                 keys: try A.buffer(UInt16.self, count: capacity * c.kvDim), values: try A.buffer(UInt16.self, count: capacity * c.kvDim)))
@@ -195,7 +195,7 @@ public final class CUDAInference {
         guard capacity > 0, capacity <= c.maxPositionEmbeddings else {
             throw UsageError("a KV cache of \(capacity) positions does not fit the model's \(c.maxPositionEmbeddings)")
         }
-        try c.checkSequenceLength(capacity, what: "a KV cache of \(capacity) positions")
+        try c.checkCUDASupport(sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
         self.context = context
         self.config = c
         self.capacity = capacity

@@ -166,6 +166,8 @@ public final class CUDADecoderTrainer {
     /// dropout, become the trained parameters; its linear biases stay frozen). `memory`: where the checkpoints and the
     /// embedding live (nil: `CUDATrainerMemoryOptions.automatic(for:)`).
     public convenience init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil) throws {
+        // The kernels compute the Llama block; a sliding window is checked against the batches by the caller.
+        try model.config.checkCUDASupport(sequenceLength: 0, what: "training")
         var ranks: [[Int]] = []
         var dropout: Float = 0
         for block in model.blocks {
@@ -295,7 +297,7 @@ public final class CUDADecoderTrainer {
                 switch source {
                 case .model(let model):
                     norms = (try a.buffer(copying: model.blocks[l].inputNorm.map(floatToBF16)),
-                             try a.buffer(copying: model.blocks[l].postAttentionNorm.map(floatToBF16)))
+                             try a.buffer(copying: model.blocks[l].mlpInputNorm.map(floatToBF16)))
                 case .random:
                     norms = (try a.buffer(copying: [UInt16](repeating: one, count: c.hiddenSize)),
                              try a.buffer(copying: [UInt16](repeating: one, count: c.hiddenSize)))
