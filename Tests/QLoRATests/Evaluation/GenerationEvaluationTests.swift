@@ -42,6 +42,9 @@ final class GenerationEvaluationTests: XCTestCase {
         let messages = try JSONValue.parse(Self.evalLines[1])["messages"]!.array!.dropLast()
         XCTAssertEqual(cases[1].prompt, tokenizer.encode(try template.render(messages: Array(messages), addGenerationPrompt: true,
                                                                              bosToken: tokenizer.bosToken, eosToken: tokenizer.eosToken)))
+        // A multi-turn chat is answered at its last assistant turn: the earlier turns, the first answer included, are prompt.
+        let multiTurn = tokenizer.decode(cases[4].prompt)
+        XCTAssertTrue(multiTurn.contains("hello") && multiTurn.hasSuffix("again [/INST]"), multiTurn)
         // The Alpaca prompt after BOS, as training tokenizes it.
         XCTAssertEqual(cases[2].prompt, [tokenizer.bosTokenID!] + tokenizer.encode(SFTDataset.alpacaPrompt(instruction: "Say yes", input: "")))
         XCTAssertEqual(try GenerationEvaluation.cases(path: path, tokenizer: tokenizer, template: template, limit: 2).count, 2)
