@@ -9,7 +9,8 @@ from huggingface_hub import ModelCard
 
 
 def check(path):
-    card = ModelCard.load(path)
+    with open(path, encoding="utf-8") as f:
+        card = ModelCard(f.read())  # parsed here: ModelCard.load would ask the Hub for a path it does not find
     data = card.data.to_dict()
     assert data.get("base_model"), f"{path}: no base_model"
     assert data.get("library_name") in ("peft", "transformers"), f"{path}: library_name {data.get('library_name')!r}"

@@ -196,7 +196,7 @@ public enum ModelCard {
 
         out += "## Prompt format\n\n"
         if let template = details.chatTemplate {
-            out += "`messages` examples are rendered with the base model's chat template" + (details.chatTemplateFile.map { " (`\($0)`, copied beside this card)" } ?? "") + ":\n\n"
+            out += "`messages` examples are rendered with the base model's chat template" + (details.chatTemplateFile.map { " (the base's `\($0)`)" } ?? "") + ":\n\n"
             out += code(template, "jinja") + "\n"
         } else {
             out += "The base model has no chat template: prompts are the text as given (prompt/completion lines: BOS + prompt; Alpaca lines: the Alpaca prompt).\n\n"
