@@ -53,8 +53,7 @@ struct DemoCommand: ParsableCommand {
         let formatting = SFTFormatting(completionOnly: true, maxSequenceLength: c.maxSeqLength)
         let train = try SFTDataset(path: c.datasets[0], tokenizer: tokenizer, template: template, formatting: formatting).examples
         let eval = try SFTDataset(path: c.evalDataset!, tokenizer: tokenizer, template: template, formatting: formatting).examples
-        var cases = try ExactMatch.cases(path: c.evalDataset!)
-        if testExamples > 0 { cases = Array(cases.prefix(testExamples)) }
+        let cases = try GenerationEvaluation.cases(path: c.evalDataset!, tokenizer: tokenizer, template: template, limit: testExamples)
         let padID = tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0
 
         var trainingDevice = try ComputeDevice.choose(device)
@@ -68,42 +67,35 @@ struct DemoCommand: ParsableCommand {
             trainingDevice = .cpu
             trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID, baseDirectory: loaded.directory)
         }
-        // Greedy answers run where training ran: on the GPU a decode session holds the NF4 base and the adapter unmerged,
-        // made anew after training to pick up the trained adapter.
-        let promptRoom = try ExactMatch.longestPrompt(cases, tokenizer: tokenizer, template: template) + answerTokens
-        func exactMatch() throws -> ExactMatchResult {
-            let session: InferenceSession
-            switch trainingDevice {
-            case .cpu: session = CPUInferenceSession(model: loaded.model, capacity: promptRoom)
-            case .cuda(let context): session = try CUDAInference(context: context, model: loaded.model, capacity: promptRoom)
-            }
-            return try ExactMatch.evaluate(session: session, tokenizer: tokenizer, template: template, cases: cases, maxTokens: answerTokens)
+        // Greedy answers run where training ran, through the path `qlora eval --generate` takes; on the GPU the generator
+        // is made anew after training to pick up the trained adapter.
+        let stopIDs = Generator.stopIDs(config: loaded.model.config, tokenizer: tokenizer)
+        func exactMatch() throws -> GenerationEvaluationResult {
+            try GenerationEvaluation.run(cases: cases, metrics: [.exactMatch], generator: try trainingDevice.batchGenerator(model: loaded.model),
+                                         tokenizer: tokenizer, maxTokens: answerTokens, stopIDs: stopIDs)
         }
         printError("measuring the base model on \(cases.count) held-out examples...")
         let lossBefore = try trainer.evaluate()
-        var timer = monotonicSeconds()
         let before = try exactMatch()
-        var answerSeconds = monotonicSeconds() - timer
 
         printError("training \(maxSteps) steps on \(train.count) examples...")
         let summary = try trainer.run()
 
         let lossAfter = try trainer.evaluate()
-        timer = monotonicSeconds()
         let after = try exactMatch()
-        answerSeconds += monotonicSeconds() - timer
+        let answerSeconds = before.seconds + after.seconds
 
         print("")
         print("Task: rewrite dates as ISO 8601 (\(train.count) training examples, \(cases.count) held out)")
         print("                    before      after")
         print(String(cFormat: "held-out loss      %7.4f    %7.4f", lossBefore, lossAfter))
-        print(String(cFormat: "exact match        %6.1f%%    %6.1f%%", 100 * before.accuracy, 100 * after.accuracy))
+        print(String(cFormat: "exact match        %6.1f%%    %6.1f%%", 100 * (before.value(.exactMatch) ?? 0), 100 * (after.value(.exactMatch) ?? 0)))
         print("")
         print("Some held-out answers (before → after; expected):")
         for i in 0..<min(6, cases.count) {
-            print("  \(before.answers[i].prompt)")
-            print("    before: \(before.answers[i].answer.replacing("\n", with: " ").prefix(70))")
-            print("    after:  \(after.answers[i].answer)   (expected \(after.answers[i].expected))")
+            print("  \(cases[i].question)")
+            print("    before: \(ExactMatch.normalize(before.answers[i].text).replacing("\n", with: " ").prefix(70))")
+            print("    after:  \(ExactMatch.normalize(after.answers[i].text))   (expected \(cases[i].references[0]))")
         }
         print("")
         print(String(cFormat: "%d steps at %.0f tokens/s", summary.steps, summary.tokensPerSecond) + " on the \(trainingDevice.isCUDA ? "GPU" : "CPU")"

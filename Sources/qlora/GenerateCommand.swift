@@ -7,13 +7,24 @@ import Glibc
 struct GenerateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "generate",
-        abstract: "Generate text from a prompt (with --chat, through the model's chat template), streaming tokens as they come."
+        abstract: "Generate text from a prompt (with --chat, through the model's chat template), streaming tokens as they come.",
+        discussion: """
+        --prompts-file F.jsonl answers many prompts (one JSON object a line: "prompt", rendered as training renders it, or \
+        through the chat template with --chat; or "messages", rendered with the generation prompt) and writes one JSON line \
+        per answer ({"line", "prompt", "answer", "tokens", "stopped_at_eos"}) to standard output or --out.
+        """
     )
 
     @OptionGroup var modelOptions: ModelOptions
 
     @Option(help: "The prompt (with --chat, the user message).")
-    var prompt: String
+    var prompt: String?
+
+    @Option(help: "A JSONL file of prompts to answer, one a line ({\"prompt\": ...} or {\"messages\": [...]}); JSONL out.")
+    var promptsFile: String?
+
+    @Option(help: "With --prompts-file: write the answers' JSONL here (written beside and renamed) instead of standard output.")
+    var out: String?
 
     @Flag(help: "Apply the model's chat template to the prompt as a user message, with the generation prompt.")
     var chat = false
@@ -24,30 +35,24 @@ struct GenerateCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: "The most tokens to generate.")
     var maxTokens: Int = 256
 
-    @Option(parsing: .unconditional, help: "Sampling temperature; 0 is greedy.")
-    var temperature: Float = 0
-
-    @Option(parsing: .unconditional, help: "Sample only from the k most likely tokens (0: all).")
-    var topK: Int = 0
-
-    @Option(parsing: .unconditional, help: "Sample only from the smallest set of tokens whose probability reaches p (1: all).")
-    var topP: Float = 1
-
-    @Option(parsing: .unconditional, help: "Random seed for sampling: an integer from 0 to 2^64-1.")
-    var seed: UInt64 = 0
+    @OptionGroup var samplingArguments: SamplingArguments
 
     @Option(help: "Where to run: auto (the GPU when one is usable, else the CPU), cpu or cuda.")
     var device: String = "auto"
 
     func validate() throws {
         // Before the model loads: a bad option is reported at once.
-        try Generator.validate(maxTokens: maxTokens, sampling: SamplingOptions(temperature: temperature, topK: topK, topP: topP, seed: seed))
+        try Generator.validate(maxTokens: maxTokens, sampling: samplingArguments.options)
+        guard (prompt == nil) != (promptsFile == nil) else { throw ValidationError("give one of --prompt and --prompts-file") }
+        if out != nil && promptsFile == nil { throw ValidationError("--out goes with --prompts-file") }
     }
 
     func run() throws {
         let compute = try ComputeDevice.choose(device)
         let loaded = try modelOptions.load()
         guard let tokenizer = loaded.tokenizer else { throw ValidationError("\(loaded.directory) has no tokenizer.json") }
+        if let promptsFile { return try answerFile(promptsFile, compute: compute, loaded: loaded, tokenizer: tokenizer) }
+        let prompt = prompt ?? ""
         var promptIDs: [Int]
         if chat {
             guard let template = loaded.template else { throw ValidationError("\(loaded.directory) has no chat template; drop --chat") }
@@ -60,7 +65,7 @@ struct GenerateCommand: ParsableCommand {
             promptIDs = tokenizer.encode(prompt, addSpecialTokens: true)
         }
         var decoder = StreamingDecoder(tokenizer: tokenizer, skipSpecialTokens: true)
-        let sampling = SamplingOptions(temperature: temperature, topK: topK, topP: topP, seed: seed)
+        let sampling = samplingArguments.options
         let stopIDs = Generator.stopIDs(config: loaded.model.config, tokenizer: tokenizer)
         let onToken = { (id: Int) in
             print(decoder.append(id), terminator: "")
@@ -84,5 +89,36 @@ struct GenerateCommand: ParsableCommand {
         let speeds = String(cFormat: "%d prompt tokens at %.1f tok/s, %d generated at %.1f tok/s", promptIDs.count, result.promptTokensPerSecond,
                             result.tokens.count, result.decodeTokensPerSecond)
         printError("[" + speeds + (result.stoppedAtEOS ? ", stopped at EOS]" : "]"))
+    }
+
+    /// --prompts-file: every line's prompt through `AnswerGeneration` (the path eval --generate takes), JSONL out.
+    func answerFile(_ path: String, compute: ComputeDevice, loaded: LoadedModel, tokenizer: Tokenizer) throws {
+        if let out { try FileSystem.refuseOverwrite(output: out, option: "--out", inputs: [("prompts file", path)]) }
+        let prompts = try PromptsFile.read(path: path, tokenizer: tokenizer, template: loaded.template, chat: chat, system: system)
+        let stopIDs = Generator.stopIDs(config: loaded.model.config, tokenizer: tokenizer)
+        func answer(on compute: ComputeDevice) throws -> [GeneratedAnswer] {
+            let generator = try compute.batchGenerator(model: loaded.model)
+            printError("answering \(prompts.count) prompts on the \(generator.deviceName)...")
+            return try AnswerGeneration.generate(prompts: prompts.map(\.ids), generator: generator, tokenizer: tokenizer, maxTokens: maxTokens,
+                                                 sampling: samplingArguments.options, stopIDs: stopIDs)
+        }
+        let start = monotonicSeconds()
+        let answers: [GeneratedAnswer]
+        do {
+            answers = try answer(on: compute)
+        } catch where device.lowercased() == "auto" && compute.isCUDA {
+            printError("device: cpu after all (auto: \(error))")
+            answers = try answer(on: .cpu)
+        }
+        let seconds = monotonicSeconds() - start
+        let text = zip(prompts, answers).map { p, a in
+            JSONValue.object(JSONObject([
+                ("line", .int(Int64(p.line))), ("prompt", .string(tokenizer.decode(p.ids))), ("answer", .string(a.text)),
+                ("tokens", .int(Int64(a.tokens.count))), ("stopped_at_eos", .bool(a.stoppedAtEOS)),
+            ])).serialized(.init()) + "\n"
+        }.joined()
+        if let out { try FileSystem.writeAtomically(out, text: text) } else { print(text, terminator: "") }
+        let tokens = answers.reduce(0) { $0 + $1.tokens.count }
+        printError(String(cFormat: "[%d answers, %d tokens in %.1f s: %.1f tok/s]", answers.count, tokens, seconds, Double(tokens) / max(seconds, 1e-9)))
     }
 }

@@ -50,6 +50,17 @@ struct MergeCommand: ParsableCommand {
             printError("device: cpu after all (auto: \(error))")
             report = try write(on: .cpu)
         }
+        try writeCard(loaded: loaded, config: config, fromQuantizedBase: report.fromQuantizedBase)
         print("merged \(report.mergedLayers) layers (r=\(config.rank), alpha=\(config.alpha)) into \(out): \(report.tensorsWritten) bf16 tensors")
+    }
+
+    /// README.md in the merged folder: the model card (written beside and renamed into place).
+    func writeCard(loaded: LoadedModel, config: LoRAConfig, fromQuantizedBase: Bool) throws {
+        let adapterFiles = try ["adapter_model.safetensors", "adapter_config.json"].filter { FileSystem.exists(adapter + "/" + $0) }
+            .map { try CardFile.describe(adapter + "/" + $0) }
+        let card = try ModelCard.merged(baseName: model, baseDirectory: loaded.directory, baseFiles: try ModelCard.weightsFiles(in: loaded.directory),
+                                        adapterDirectory: adapter, adapterFiles: adapterFiles, lora: config,
+                                        chatTemplate: ModelCard.chatTemplate(in: loaded.directory)?.source, fromQuantizedBase: fromQuantizedBase)
+        try FileSystem.writeAtomically(out + "/README.md", text: card)
     }
 }

@@ -54,6 +54,16 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "Skip malformed dataset lines (and count them) instead of stopping.") var skipBadLines = false
     @Option(help: "Where metrics go, comma-separated: jsonl (metrics.jsonl, the default), tensorboard (event files in OUTPUT/runs/), all or none.")
     var reportTo: String?
+    @Option(help: "What best/ is chosen by: eval_loss (default) or a task metric of generated answers (exact_match, rouge_l, bleu, accuracy).")
+    var metricForBest: String?
+    @Option(help: "Whether a larger --metric-for-best is better: true or false (default: false for eval_loss, true for the task metrics).")
+    var greaterIsBetter: Bool?
+    @Option(help: "More task metrics to compute at each evaluation, comma-separated (exact_match, rouge_l, bleu, accuracy).")
+    var evalMetrics: String?
+    @Option(parsing: .unconditional, help: "Eval examples answered at each evaluation for the task metrics (the first N; 0: all; default 64).")
+    var generationEvalExamples: Int?
+    @Option(parsing: .unconditional, help: "The most tokens of each answer generated for the task metrics (default 64).")
+    var generationMaxNewTokens: Int?
 
     /// The configuration: defaults, then the YAML file, then the flags given.
     func configuration() throws -> TrainingConfiguration {
@@ -77,6 +87,10 @@ struct TrainCommand: ParsableCommand {
         if overwrite { c.overwriteOutputDirectory = true }
         if skipBadLines { c.skipBadLines = true }
         if fullDeterminism { c.fullDeterminism = true }
+        set(metricForBest, \.metricForBestModel)
+        if let greaterIsBetter { c.greaterIsBetter = greaterIsBetter }
+        if let evalMetrics { c.evalMetrics = evalMetrics.split(separator: ",").map { $0.filter { !$0.isWhitespace } } }
+        set(generationEvalExamples, \.generationEvalExamples); set(generationMaxNewTokens, \.generationMaxNewTokens)
         try c.validate()
         try Trainer.checkOutputDirectory(c)  // before minutes of loading
         return c
@@ -121,23 +135,60 @@ struct TrainCommand: ParsableCommand {
         }
         let padID = tokenizer?.padTokenID ?? tokenizer?.eosTokenID ?? 0
         let trainer: Trainer
+        var usedDevice = trainingDevice
         do {
             trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID,
                                   baseDirectory: loaded.directory, device: trainingDevice)
         } catch where device.lowercased() == "auto" && trainingDevice.isCUDA {
+            usedDevice = .cpu
             // What the GPU trainer cannot hold or does not support (memory, head dimensions): the CPU, saying why.
             printError("device: cpu after all (auto: \(error))")
             trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID,
                                   baseDirectory: loaded.directory, device: .cpu)
         }
+        try prepareCard(trainer, loaded: loaded, c: c, train: train, eval: eval, device: usedDevice)
         let summary = try trainer.run()
         var lines = ["trained \(summary.steps) steps at \(Int(summary.tokensPerSecond)) tokens/s; adapter in \(summary.outputDirectory)"]
         if let loss = summary.finalTrainLoss { lines.append(String(cFormat: "last train loss %.4f", loss)) }
         if let best = summary.bestEvalLoss, let step = summary.bestStep {
-            lines.append(String(cFormat: "best eval loss %.4f (perplexity %.3f)", best, exp(best)) + " at step \(step)")
+            var text = String(cFormat: "best eval loss %.4f (perplexity %.3f)", best, exp(best)) + " at step \(step)"
+            if summary.bestMetricName != "eval_loss", let value = summary.bestMetric {
+                text = "best \(summary.bestMetricName) " + String(cFormat: "%.4f", value) + " at step \(step) (eval loss " + String(cFormat: "%.4f", best) + ")"
+            }
+            lines.append(text)
         }
         if summary.stoppedEarly { lines.append("stopped early") }
         print(lines.joined(separator: "; "))
+    }
+}
+
+extension TrainCommand {
+    /// The task metrics' prompts and generator (when metric_for_best_model or eval_metrics names one), and the model
+    /// card's chat template and example prompt.
+    func prepareCard(_ trainer: Trainer, loaded: LoadedModel, c: TrainingConfiguration, train: [TokenizedExample], eval: [TokenizedExample],
+                     device: ComputeDevice) throws {
+        if let template = ModelCard.chatTemplate(in: loaded.directory) {
+            trainer.cardDetails.chatTemplate = template.source
+            trainer.cardDetails.chatTemplateFile = template.file
+        }
+        if let tokenizer = loaded.tokenizer, let example = (eval + train).first {
+            // The tokens before the first counted one: the prompt as training saw it (the whole start of a text line).
+            let first = example.labels.firstIndex { $0 != -100 } ?? example.tokens.count
+            let shown = first > 0 ? Array(example.tokens[..<first]) : Array(example.tokens.prefix(64))
+            trainer.cardDetails.examplePrompt = tokenizer.decode(shown)
+        }
+        let metrics = try c.taskMetrics
+        guard !metrics.isEmpty else { return }
+        guard let evalPath = c.evalDataset else {
+            throw ValidationError("the task metrics (\(metrics.map(\.rawValue).joined(separator: ", "))) need eval_dataset (--eval-data) "
+                                  + "with reference answers; eval_split holds out tokenized examples only")
+        }
+        guard let tokenizer = loaded.tokenizer else { throw ValidationError("\(loaded.directory) has no tokenizer.json: the task metrics need one") }
+        let cases = try GenerationEvaluation.cases(path: evalPath, tokenizer: tokenizer, template: loaded.template, limit: c.generationEvalExamples)
+        trainer.generation = TrainingGeneration(cases: cases, tokenizer: tokenizer,
+                                                stopIDs: Generator.stopIDs(config: loaded.model.config, tokenizer: tokenizer)) { model in
+            try device.batchGenerator(model: model)
+        }
     }
 }
 

@@ -34,6 +34,48 @@ public final class CPUInferenceSession: InferenceSession {
     public func reset() { cache.reset() }
 }
 
+/// Batched generation: answers for many prompts at once, the seam where a device that decodes many sequences together
+/// (the GPU's batched generator) plugs in. Every caller that scores or lists answers (`qlora eval --generate`, the demo's
+/// exact match, `generate --prompts-file`, evaluation during training) goes through `AnswerGeneration.generate`, which
+/// calls this. The CPU reference (`SessionBatchGenerator`) decodes the requests one after the other.
+///
+/// The contract, which makes the answers independent of how requests are batched: request i's tokens are what
+/// `Generator.generate(session:prompt:maxTokens:sampling:stopIDs:)` gives for its prompt and its own `sampling` (a
+/// `Sampler` seeded with `sampling.seed`, fed the logits of that sequence alone); a sequence ends at its first stop id
+/// (not included, `stoppedAtEOS` true) or after `maxTokens` tokens. Prompts may differ in length.
+public protocol BatchGenerator: AnyObject {
+    /// "cpu" or "cuda", for logs.
+    var deviceName: String { get }
+    /// The most requests one call takes; callers split longer lists (and report progress between calls).
+    var maxBatchSize: Int { get }
+    /// One answer per request, in the requests' order.
+    func generate(_ requests: [GenerationRequest], maxTokens: Int, stopIDs: Set<Int>) throws -> [GeneratedSequence]
+}
+
+/// One prompt to answer.
+public struct GenerationRequest: Sendable, Equatable {
+    public var prompt: [Int]
+    /// Greedy (temperature 0) or sampled with this request's own seed.
+    public var sampling: SamplingOptions
+
+    public init(prompt: [Int], sampling: SamplingOptions) {
+        self.prompt = prompt
+        self.sampling = sampling
+    }
+}
+
+/// The tokens generated for one request.
+public struct GeneratedSequence: Sendable, Equatable {
+    public var tokens: [Int]
+    /// True when a stop id ended it (false: it ran to `maxTokens`).
+    public var stoppedAtEOS: Bool
+
+    public init(tokens: [Int], stoppedAtEOS: Bool) {
+        self.tokens = tokens
+        self.stoppedAtEOS = stoppedAtEOS
+    }
+}
+
 /// Training: the compute of one LoRA fine-tuning run, driven by `Trainer` (which owns the data order, schedule,
 /// logging, evaluation and checkpoints). The CPU engine (`CPUTrainingEngine`) is the reference; the CUDA engine
 /// (`CUDATrainingEngine`) keeps the LoRA weights, gradients and optimizer state on the GPU and copies the weights

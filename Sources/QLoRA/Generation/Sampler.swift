@@ -22,7 +22,7 @@ public struct SeededGenerator: RandomNumberGenerator, Sendable, Equatable {
     public mutating func nextFloat() -> Float { Float(next() >> 40) * (1.0 / 16_777_216.0) }
 }
 
-public struct SamplingOptions: Sendable {
+public struct SamplingOptions: Sendable, Equatable {
     /// 0 means greedy.
     public var temperature: Float = 0
     /// 0 means no top-k cut.

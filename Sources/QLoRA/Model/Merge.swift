@@ -21,7 +21,7 @@ public enum AdapterMerge {
     /// `mergedWeight` computes each linear layer's fp32 W + scale·B·A (default: on the CPU, `mergedWeight(_:)`;
     /// `CUDAAdapterMerge.mergedWeight` on the GPU); the rounding to bf16 is the same either way.
     /// The names this writes: an existing output folder holding only these is replaced, anything else is refused.
-    public static var outputFiles: Set<String> { Set(["model.safetensors", "config.json"] + companionFiles) }
+    public static var outputFiles: Set<String> { Set(["model.safetensors", "config.json", "README.md"] + companionFiles) }
 
     public static func write(model: DecoderModel, baseDirectory: String, fromQuantizedBase: Bool, to outputDirectory: String,
                              mergedWeight merge: ((Linear) throws -> [Float])? = nil) throws -> MergeReport {

@@ -9,22 +9,27 @@ import Glibc
 /// The trainer's own state: what resume needs beyond the adapter and the optimizer.
 struct TrainerState {
     var step = 0
-    var bestEvalLoss: Double?
+    /// The best value of the best-model metric (metric_for_best_model) so far.
+    var bestMetric: Double?
     var bestStep: Int?
     var evaluationsWithoutImprovement = 0
     var history: [StepRecord] = []
     var evalHistory: [(step: Int, loss: Double)] = []
+    /// The task metrics of each evaluation (eval_<metric> keys), when there were any.
+    var metricHistory: [(step: Int, values: [(String, Double)])] = []
 
     func json() -> JSONValue {
         .object(JSONObject([
             ("global_step", .int(Int64(step))),
-            ("best_metric", bestEvalLoss.map { .double($0) } ?? .null),
+            ("best_metric", bestMetric.map { .double($0) } ?? .null),
             ("best_step", bestStep.map { .int(Int64($0)) } ?? .null),
             ("evaluations_without_improvement", .int(Int64(evaluationsWithoutImprovement))),
             ("log_history", .array(history.map { r in .object(JSONObject([
                 ("step", .int(Int64(r.step))), ("loss", .double(r.loss)), ("learning_rate", .double(r.learningRate)),
                 ("grad_norm", .double(r.gradientNorm)), ("tokens", .int(Int64(r.tokens)))])) })),
             ("eval_history", .array(evalHistory.map { .object(JSONObject([("step", .int(Int64($0.step))), ("eval_loss", .double($0.loss))])) })),
+            ("eval_metric_history", .array(metricHistory.map { entry in
+                .object(JSONObject([("step", .int(Int64(entry.step)))] + entry.values.map { ($0.0, .double($0.1)) })) })),
         ]))
     }
 
@@ -35,7 +40,7 @@ struct TrainerState {
             throw FileFormatError(file: file, place: "'global_step'", "expected a non-negative integer, got \(json["global_step"]?.serialized() ?? "nothing")")
         }
         self.step = step
-        bestEvalLoss = json["best_metric"]?.double
+        bestMetric = json["best_metric"]?.double
         bestStep = json["best_step"]?.int
         evaluationsWithoutImprovement = json["evaluations_without_improvement"]?.int ?? 0
         history = (json["log_history"]?.array ?? []).compactMap { r in
@@ -46,6 +51,10 @@ struct TrainerState {
         evalHistory = (json["eval_history"]?.array ?? []).compactMap { e in
             guard let s = e["step"]?.int, let l = e["eval_loss"]?.double else { return nil }
             return (s, l)
+        }
+        metricHistory = (json["eval_metric_history"]?.array ?? []).compactMap { e in
+            guard let s = e["step"]?.int, let object = e.object else { return nil }
+            return (s, object.compactMap { key, value in key == "step" ? nil : value.double.map { (key, $0) } })
         }
     }
 }
@@ -68,10 +77,11 @@ enum Checkpoints {
     }
 
     static func save(step: Int, state: TrainerState, model: DecoderModel, loraConfig: LoRAConfig, engine: TrainingEngine,
-                     in directory: String, keep: Int, protectStep: Int?) throws {
+                     in directory: String, keep: Int, protectStep: Int?, card: String? = nil) throws {
         let final = directory + "/" + prefix + String(step)
         try FileSystem.writeDirectory(final) { partial in
             try PEFTAdapter.writeFiles(model: model, config: loraConfig, into: partial)
+            if let card { try FileSystem.writeAtomically(partial + "/README.md", text: card) }
             try SafeTensorsWriter.write(engine.optimizerState(), metadata: ["optimizer": engine.optimizerKind.rawValue],
                                         to: partial + "/optimizer.safetensors")
             try FileSystem.writeAtomically(partial + "/trainer_state.json", text: state.json().serialized(.init(indent: 2)) + "\n")

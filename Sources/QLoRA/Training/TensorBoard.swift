@@ -156,6 +156,30 @@ public enum TensorBoardEvent {
         return event.bytes
     }
 
+    /// An Event holding one text summary (TensorBoard's text plugin renders it as Markdown): a Summary.Value with the
+    /// tag, metadata naming the "text" plugin, and a rank-0 DT_STRING tensor.
+    public static func encodeText(wallTime: Double, step: Int64, tag: String, text: String) -> [UInt8] {
+        var plugin = ProtobufWriter()
+        plugin.string(1, "text")                    // PluginData.plugin_name
+        var metadata = ProtobufWriter()
+        metadata.lengthDelimited(1, plugin.bytes)   // SummaryMetadata.plugin_data
+        var tensor = ProtobufWriter()
+        tensor.int64(1, 7)                          // TensorProto.dtype = DT_STRING
+        tensor.lengthDelimited(2, [])               // tensor_shape: rank 0
+        tensor.lengthDelimited(8, Array(text.utf8)) // string_val
+        var value = ProtobufWriter()
+        value.string(1, tag)
+        value.lengthDelimited(8, tensor.bytes)      // Summary.Value.tensor
+        value.lengthDelimited(9, metadata.bytes)    // Summary.Value.metadata
+        var summary = ProtobufWriter()
+        summary.lengthDelimited(1, value.bytes)
+        var event = ProtobufWriter()
+        event.double(1, wallTime)
+        event.int64(2, step)
+        event.lengthDelimited(5, summary.bytes)
+        return event.bytes
+    }
+
     /// The step field of an encoded Event (0 when absent, as protobuf defaults it); nil when the bytes are not an Event
     /// of the fields above (then resume leaves the record alone).
     public static func step(of data: [UInt8]) -> Int64? {
@@ -256,6 +280,11 @@ public final class TensorBoardWriter {
             return (key.hasPrefix("eval_") ? "eval/" + key.dropFirst(5) : "train/" + key, number)
         }
         try addScalars(step: step, scalars)
+    }
+
+    /// A Markdown text of one step (the text plugin's tab).
+    public func addText(step: Int, tag: String, markdown: String) throws {
+        try append(TensorBoardEvent.encodeText(wallTime: Self.wallTime(), step: Int64(step), tag: tag, text: markdown))
     }
 
     /// Frames and writes one record, straight to the file (no buffer to flush).

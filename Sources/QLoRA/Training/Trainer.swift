@@ -18,8 +18,14 @@ import Glibc
 public struct TrainingSummary: Sendable {
     public var steps: Int
     public var finalTrainLoss: Double?
+    /// The eval loss of the best evaluation (by metric_for_best_model).
     public var bestEvalLoss: Double?
     public var bestStep: Int?
+    /// The best-model metric's name (eval_loss, eval_rouge_l, ...) and best value.
+    public var bestMetricName: String
+    public var bestMetric: Double?
+    /// The task metrics of the best evaluation.
+    public var bestTaskMetrics: [(String, Double)]
     public var stoppedEarly: Bool
     public var tokensPerSecond: Double
     public var outputDirectory: String
@@ -70,6 +76,18 @@ public final class Trainer {
     /// Every step's record, in order (also written to metrics.jsonl).
     public private(set) var history: [StepRecord] = []
     public private(set) var evalHistory: [(step: Int, loss: Double)] = []
+    /// The task metrics of each evaluation (eval_<metric> keys), when generation metrics are computed.
+    public private(set) var metricHistory: [(step: Int, values: [(String, Double)])] = []
+    /// The last evaluation's sample answers (question, reference, answer).
+    public private(set) var lastSamples: [(question: String, reference: String, answer: String)] = []
+    /// How task metrics are computed during training: the eval prompts and the generator (set by the command before
+    /// `run()`; needed when metric_for_best_model or eval_metrics names a task metric).
+    public var generation: TrainingGeneration?
+    /// What model cards (README.md beside every saved adapter) say beyond the configuration: the base model's chat
+    /// template and an example prompt (set by the command; without it the card says what the trainer knows).
+    public var cardDetails = ModelCardDetails()
+    /// The base weights and data files named in model cards, hashed once per run (at the first save).
+    var cardFiles: (base: [CardFile], data: [(role: String, file: CardFile?, path: String)])?
     /// This run's TensorBoard event file (report_to tensorboard), opened by `run()`; `appendMetrics` writes to it.
     public private(set) var tensorBoard: TensorBoardWriter?
 
@@ -126,6 +144,7 @@ public final class Trainer {
             state = try Checkpoints.restore(latest, model: model, engine: engine)
             history = state.history
             evalHistory = state.evalHistory
+            metricHistory = state.metricHistory
             try truncateMetrics(afterStep: state.step)
             log("resumed from \(latest) at step \(state.step)")
         }
@@ -136,6 +155,14 @@ public final class Trainer {
         log(memoryEstimate())
         log("\(train.count) micro-batches of \(c.batchSize) per epoch, accumulation \(c.gradientAccumulationSteps), \(totalSteps) steps, \(eval.count) eval batches")
 
+        let taskMetrics = try c.taskMetrics
+        if !taskMetrics.isEmpty && !eval.isEmpty && generation == nil {
+            throw UsageError("the task metrics (\(taskMetrics.map(\.rawValue).joined(separator: ", "))) need eval prompts with reference answers: "
+                             + "give eval_dataset (--eval-data), a JSONL of prompt/completion, messages or instruction/output lines")
+        }
+        if !taskMetrics.isEmpty && eval.isEmpty {
+            log("note: \(c.bestModelMetricKey) needs evaluation, and there is no eval data: the last adapter is kept")
+        }
         let runStart = monotonicSeconds()
         let firstStep = state.step  // steps before this one were done by an earlier (resumed) run
         tensorBoard = try TensorBoardWriter.forRun(c, resumedAfter: firstStep, log: log)
@@ -203,11 +230,17 @@ public final class Trainer {
                 try appendMetrics([("step", .int(Int64(state.step))), ("eval_loss", .double(roundTo(evalLoss, 6))),
                                    ("eval_perplexity", .double(roundTo(exp(evalLoss), 4)))])
                 log(String(cFormat: "\nstep %d: eval loss %.4f, perplexity %.3f", state.step, evalLoss, exp(evalLoss)))
-                if state.bestEvalLoss.map({ evalLoss < $0 }) ?? true {
-                    state.bestEvalLoss = evalLoss
+                var current = evalLoss
+                if !taskMetrics.isEmpty, let generation {
+                    let values = try evaluateGeneration(generation, metrics: taskMetrics, step: state.step)
+                    if let best = try c.bestModelMetric { current = values.first { $0.0 == best.evalKey }?.1 ?? .nan }
+                }
+                let greater = c.bestModelGreaterIsBetter
+                if current.isFinite, state.bestMetric.map({ greater ? current > $0 : current < $0 }) ?? true {
+                    state.bestMetric = current
                     state.bestStep = state.step
                     state.evaluationsWithoutImprovement = 0
-                    try saveAdapter(to: c.outputDirectory + "/best", wholeFolder: true)
+                    try saveAdapter(to: c.outputDirectory + "/best", wholeFolder: true, step: state.step)
                 } else {
                     state.evaluationsWithoutImprovement += 1
                 }
@@ -218,14 +251,16 @@ public final class Trainer {
             if saveDue || stopRequested || patienceExhausted || state.step == totalSteps {
                 state.history = history
                 state.evalHistory = evalHistory
+                state.metricHistory = metricHistory
                 try engine.copyWeightsToModel()
                 try requireFiniteAdapter(step: state.step)
+                let card = try modelCard(kind: .checkpoint(state.step), bestStep: state.bestStep)
                 try Checkpoints.save(step: state.step, state: state, model: model, loraConfig: loraConfig, engine: engine,
-                                     in: c.outputDirectory, keep: c.saveTotalLimit, protectStep: state.bestStep)
+                                     in: c.outputDirectory, keep: c.saveTotalLimit, protectStep: state.bestStep, card: card)
                 try writeReport()
             }
             if patienceExhausted {
-                log("\nearly stopping: eval loss has not improved for \(state.evaluationsWithoutImprovement) evaluations")
+                log("\nearly stopping: \(c.bestModelMetricKey) has not improved for \(state.evaluationsWithoutImprovement) evaluations")
                 stoppedEarly = true
                 break
             }
@@ -237,17 +272,45 @@ public final class Trainer {
         if state.bestStep != nil, FileSystem.exists(c.outputDirectory + "/best/adapter_model.safetensors") {
             try Checkpoints.loadAdapterWeights(from: c.outputDirectory + "/best", into: model)
             try engine.loadWeightsFromModel()
-            log("the adapter in \(c.outputDirectory) is the best by eval loss (step \(state.bestStep!))")
+            log("the adapter in \(c.outputDirectory) is the best by \(c.bestModelMetricKey) (step \(state.bestStep!))")
         }
         try engine.copyWeightsToModel()
         try requireFiniteAdapter(step: state.step)
-        try saveAdapter(to: c.outputDirectory)
+        try saveAdapter(to: c.outputDirectory, step: state.bestStep ?? state.step)
         try writeReport()
         let elapsed = monotonicSeconds() - runStart
-        return TrainingSummary(steps: state.step, finalTrainLoss: history.last?.loss, bestEvalLoss: state.bestEvalLoss, bestStep: state.bestStep,
+        let bestLoss = state.bestStep.flatMap { best in evalHistory.last { $0.step == best }?.loss }
+        return TrainingSummary(steps: state.step, finalTrainLoss: history.last?.loss, bestEvalLoss: bestLoss, bestStep: state.bestStep,
+                               bestMetricName: c.bestModelMetricKey, bestMetric: state.bestMetric,
+                               bestTaskMetrics: state.bestStep.flatMap { best in metricHistory.last { $0.step == best }?.values } ?? [],
                                stoppedEarly: stoppedEarly, tokensPerSecond: Double(tokensSeen) / max(elapsed, 1e-9),
                                outputDirectory: c.outputDirectory)
     }
+
+    /// The task metrics on the first `generation_eval_examples` eval prompts, generated with the current adapter; logged
+    /// (metrics.jsonl, TensorBoard, the progress log) with a few sample answers. Returns the eval_<metric> values.
+    func evaluateGeneration(_ generation: TrainingGeneration, metrics: [TaskMetric], step: Int) throws -> [(String, Double)] {
+        let c = configuration
+        try engine.copyWeightsToModel()
+        let cases = c.generationEvalExamples > 0 ? Array(generation.cases.prefix(c.generationEvalExamples)) : generation.cases
+        let generator = try generation.makeGenerator(model)
+        let result = try GenerationEvaluation.run(cases: cases, metrics: metrics, generator: generator, tokenizer: generation.tokenizer,
+                                                  maxTokens: c.generationMaxNewTokens, stopIDs: generation.stopIDs)
+        let values = result.metrics.compactMap { m in m.value.map { (m.metric.evalKey, roundTo($0, 6)) } }
+        metricHistory.append((step, values))
+        try appendMetrics([("step", .int(Int64(step)))] + values.map { ($0.0, .double($0.1)) })
+        lastSamples = (0..<min(Self.sampleCount, cases.count)).map { (cases[$0].question, cases[$0].references.first ?? "", result.answers[$0].text) }
+        try appendMetrics([("step", .int(Int64(step))), ("eval_samples", .array(lastSamples.map { s in
+            .object(JSONObject([("question", .string(s.question)), ("reference", .string(s.reference)), ("answer", .string(s.answer))]))
+        }))])
+        try tensorBoard?.addText(step: step, tag: "eval/samples", markdown: TrainingReport.samplesMarkdown(lastSamples))
+        log(values.map { "\($0.0) " + String(cFormat: "%.4f", $0.1) }.joined(separator: ", ")
+            + String(cFormat: " (%d answers in %.1f s", cases.count, result.seconds) + " on the \(generator.deviceName))")
+        return values
+    }
+
+    /// Sample answers kept per evaluation (metrics.jsonl, TensorBoard, the report).
+    static let sampleCount = 4
 
     /// Mean loss over the eval batches (a NaN or infinite batch loss is a `NonFiniteError`).
     public func evaluate() throws -> Double {
@@ -287,10 +350,12 @@ public final class Trainer {
     /// The adapter in PEFT's format, with the base's tokenizer files beside it. `best/` is a folder of its own, so it is
     /// written beside and renamed as a whole; the final adapter goes into the output folder (with the checkpoints), so its
     /// files are written into a temporary folder and renamed in. Either way an interrupted save keeps the previous adapter.
-    func saveAdapter(to directory: String, wholeFolder: Bool = false) throws {
+    func saveAdapter(to directory: String, wholeFolder: Bool = false, step: Int) throws {
         try engine.copyWeightsToModel()
+        let card = try modelCard(kind: wholeFolder ? .best(step) : .final(step), bestStep: step)
         let write = { (folder: String) throws in
             try PEFTAdapter.writeFiles(model: self.model, config: self.loraConfig, into: folder)
+            try FileSystem.writeAtomically(folder + "/README.md", text: card)
             if let base = self.baseDirectory {
                 for name in Self.tokenizerFiles where FileSystem.exists(base + "/" + name) {
                     try FileSystem.writeAtomically(folder + "/" + name, bytes: try FileSystem.readFile(base + "/" + name))
@@ -404,8 +469,8 @@ public final class Trainer {
     }
 
     func writeReport() throws {
-        try TrainingReport.write(configuration: configuration, history: history, evalHistory: evalHistory,
-                                 to: configuration.outputDirectory + "/report.html")
+        try TrainingReport.write(configuration: configuration, history: history, evalHistory: evalHistory, metricHistory: metricHistory,
+                                 samples: lastSamples, to: configuration.outputDirectory + "/report.html")
     }
 
     func progress(step: Int, loss: Double, learningRate: Double, tokensPerSecond: Double, secondsPerStep: Double) {

@@ -52,8 +52,19 @@ public struct TrainingConfiguration: Sendable, Equatable {
     /// Keep at most this many checkpoints (0: all); the best one is always kept.
     public var saveTotalLimit = 2
     public var outputDirectory = "runs/qlora"
-    /// Stop when eval loss has not improved for this many evaluations (0: never).
+    /// Stop when the best-model metric has not improved for this many evaluations (0: never).
     public var earlyStoppingPatience = 0
+    /// What best/ is chosen by (transformers' `metric_for_best_model`): "loss" (eval_loss) or a task metric of generated
+    /// answers (exact_match, rouge_l, bleu, accuracy; "eval_" prefix optional).
+    public var metricForBestModel = "eval_loss"
+    /// Whether a larger best-model metric is better (transformers' `greater_is_better`); nil: true unless the metric is a loss.
+    public var greaterIsBetter: Bool?
+    /// More task metrics to compute at each evaluation (the best-model metric, when it is one, is always computed).
+    public var evalMetrics: [String] = []
+    /// Eval examples answered at each evaluation for the task metrics (the first N of eval_dataset; 0: all).
+    public var generationEvalExamples = 64
+    /// The most tokens of each answer generated for the task metrics.
+    public var generationMaxNewTokens = 64
     public var resume = false
     /// Replace an earlier run in the output folder (transformers' `overwrite_output_dir`); without it, or `resume`,
     /// such a folder is refused.
@@ -76,7 +87,8 @@ public struct TrainingConfiguration: Sendable, Equatable {
         "gradient_accumulation_steps", "num_train_epochs", "epochs", "max_steps", "learning_rate", "lr", "warmup_ratio", "warmup_steps",
         "lr_scheduler_type", "scheduler", "weight_decay", "max_grad_norm", "optim", "optimizer", "gradient_checkpointing", "seed",
         "full_determinism", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "output_dir", "early_stopping_patience",
-        "resume", "resume_from_checkpoint", "overwrite_output_dir", "report_to",
+        "resume", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "metric_for_best_model", "greater_is_better",
+        "eval_metrics", "generation_eval_examples", "generation_max_new_tokens",
     ]
 
     public mutating func apply(_ object: JSONObject, file: String, lines: [String: Int] = [:]) throws {
@@ -149,6 +161,11 @@ public struct TrainingConfiguration: Sendable, Equatable {
             case "early_stopping_patience": earlyStoppingPatience = try int()
             case "resume", "resume_from_checkpoint": try field("resume"); resume = try bool()
             case "overwrite_output_dir": overwriteOutputDirectory = try bool()
+            case "metric_for_best_model": metricForBestModel = try string()
+            case "greater_is_better": greaterIsBetter = try bool()
+            case "eval_metrics": evalMetrics = try strings()
+            case "generation_eval_examples": generationEvalExamples = try int()
+            case "generation_max_new_tokens": generationMaxNewTokens = try int()
             default:
                 let hint = Self.nearestKey(to: key).map { "; did you mean '\($0)'?" } ?? " (see `qlora train --help` for the names)"
                 throw FileFormatError(file: file, place: place, "unknown setting" + hint)
@@ -214,6 +231,10 @@ public struct TrainingConfiguration: Sendable, Equatable {
         try check(saveTotalLimit >= 0, "save_total_limit", "a non-negative integer (0: keep all)", saveTotalLimit)
         try check(earlyStoppingPatience >= 0, "early_stopping_patience", "a non-negative integer (0: never stop early)", earlyStoppingPatience)
         try check(!outputDirectory.isEmpty, "output_dir", "a folder", "an empty path")
+        _ = try bestModelMetric
+        _ = try taskMetrics
+        try check(generationEvalExamples >= 0, "generation_eval_examples", "a non-negative integer (0: all)", generationEvalExamples)
+        try check(generationMaxNewTokens > 0, "generation_max_new_tokens", "a positive integer", generationMaxNewTokens)
         if resume && overwriteOutputDirectory {
             throw UsageError("resume (--resume) continues the run in \(outputDirectory) and overwrite_output_dir (--overwrite) replaces it: give one")
         }
@@ -230,7 +251,43 @@ public struct TrainingConfiguration: Sendable, Equatable {
         "warmup_steps": "--warmup-steps", "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm",
         "logging_steps": "--logging-steps", "eval_steps": "--eval-steps", "save_steps": "--save-steps",
         "save_total_limit": "--save-total-limit", "early_stopping_patience": "--early-stopping-patience", "output_dir": "--output",
+        "metric_for_best_model": "--metric-for-best", "eval_metrics": "--eval-metrics", "generation_eval_examples": "--generation-eval-examples",
+        "generation_max_new_tokens": "--generation-max-new-tokens",
     ]
+
+    /// The best-model metric: nil for the eval loss, else a task metric.
+    public var bestModelMetric: TaskMetric? {
+        get throws {
+            let key = metricForBestModel.lowercased()
+            if key == "loss" || key == "eval_loss" { return nil }
+            guard let metric = TaskMetric.parse(metricForBestModel) else {
+                throw UsageError("metric_for_best_model (--metric-for-best) must be eval_loss or one of "
+                                 + TaskMetric.allCases.map(\.rawValue).joined(separator: ", ") + ", got '\(metricForBestModel)'")
+            }
+            return metric
+        }
+    }
+
+    /// The best-model metric's name as logged: eval_loss or eval_<metric>.
+    public var bestModelMetricKey: String { ((try? bestModelMetric) ?? nil)?.evalKey ?? "eval_loss" }
+
+    /// Whether larger is better for the best-model metric: `greater_is_better`, else as transformers defaults it (false
+    /// for a loss, true for the task metrics).
+    public var bestModelGreaterIsBetter: Bool { greaterIsBetter ?? !bestModelMetricKey.hasSuffix("loss") }
+
+    /// The task metrics computed at each evaluation: the best-model metric (when it is one), then eval_metrics.
+    public var taskMetrics: [TaskMetric] {
+        get throws {
+            var out: [TaskMetric] = []
+            if let best = try bestModelMetric { out.append(best) }
+            if !evalMetrics.isEmpty {
+                for m in try TaskMetric.parseList(evalMetrics.joined(separator: ","), option: "eval_metrics (--eval-metrics)") where !out.contains(m) {
+                    out.append(m)
+                }
+            }
+            return out
+        }
+    }
 
     public var loraConfig: LoRAConfig {
         LoRAConfig(rank: loraR, alpha: loraAlpha, dropout: loraDropout, targetModules: targetModules.sorted(), useRSLoRA: useRSLoRA, baseModelNameOrPath: model)
