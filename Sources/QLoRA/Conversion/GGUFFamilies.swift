@@ -447,6 +447,9 @@ enum GGUFFamilyConverter {
         switch family {
         case .qwen3:
             c["hidden_act"] = .string("silu")
+            // llama.cpp runs qwen3 with full attention in every layer.
+            c["layer_types"] = .array((0..<layers).map { _ in .string("full_attention") })
+            c["use_sliding_window"] = .bool(false)
             c["rope_parameters"] = .object(try ropeScaling(JSONObject([("rope_theta", .double(theta ?? 10_000))])))
         case .gemma2:
             c["hidden_activation"] = .string("gelu_pytorch_tanh")
