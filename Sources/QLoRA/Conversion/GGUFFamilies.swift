@@ -351,7 +351,14 @@ public enum GGUFFamilyExporter {
         let parameters = plan.reduce(0) { $0 + $1.dimensions.reduce(1, *) }
         var metadata = try family.metadata(config: raw, type: type, name: name ?? GGUFExporter.lastPathComponent(directory),
                                            parameterCount: parameters, file: configPath)
-        metadata += tokenizer.entries
+        var tokenizerEntries = tokenizer.entries
+        if family.isGemma && tokenizer.model == "llama" {
+            // Gemma's converters write add_space_prefix = false: its tokenizer puts no space in front of a text, and
+            // llama.cpp's SentencePiece default would.
+            tokenizerEntries.removeAll { $0.key == "tokenizer.ggml.add_space_prefix" }
+            tokenizerEntries.append(("tokenizer.ggml.add_space_prefix", .bool(false)))
+        }
+        metadata += tokenizerEntries
         var counts: [String: Int] = [:]
         for t in types { counts[t.name, default: 0] += 1 }
         log("writing \(plan.count) tensors (\(counts.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", "))) to \(path)")

@@ -35,6 +35,8 @@ final class GGUFFamilyTests: XCTestCase {
                     XCTAssertEqual(value.int, expected["value"]?.int, "\(family) \(key)")
                 }
             }
+            // llama.cpp's Gemma converters also write this tokenizer key (its SentencePiece default would add a space).
+            XCTAssertEqual(file["tokenizer.ggml.add_space_prefix"]?.bool, family.hasPrefix("gemma") ? false : nil, family)
             let tensors = try XCTUnwrap(ref["tensors"]?.array)
             XCTAssertEqual(Set(file.tensorNames), Set(tensors.compactMap { $0["name"]?.string }), family)
             for t in tensors {
