@@ -14,7 +14,11 @@ Here `strftime_now` is pinned to 2024-07-26 12:00:00 so the goldens are reproduc
   {"snippet": template source, "context": variables, "rendered" | "error"}: small language checks
   ("context": "random" means the variables of the {"random_context": ...} line).
 
-Usage: python3 scripts/make_chat_template_goldens.py   (needs jinja2 >= 3.1)
+Conversations go through transformers 5's message normalization first (None-valued keys dropped, reasoning
+aliased as reasoning_content and thinking; an empty conversation is an error), and every conversation golden is
+checked to equal what transformers' own `render_jinja_template` renders (the script stops otherwise).
+
+Usage: python3 scripts/make_chat_template_goldens.py   (needs jinja2 >= 3.1 and transformers 5)
 """
 import copy, datetime, json, os
 import jinja2
@@ -69,12 +73,69 @@ def render(source, messages, add_generation_prompt, bos_token, eos_token, extra)
     return out
 
 
+def normalize_chat(messages):
+    """What transformers 5's apply_chat_template does to the messages before rendering: keys whose value is None
+    are dropped (`_normalize_chat_messages`), and a message's reasoning under any of its names (reasoning_content,
+    thinking, reasoning; the first non-None wins) is passed as both `reasoning_content` and `thinking`
+    (`_alias_reasoning_fields`; an existing `thinking` is kept)."""
+    out = []
+    for message in messages:
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+EMPTY_CHAT_ERROR = "Cannot apply chat template to an empty conversation. Provide at least one message."
+
+
+def render_chat(source, messages, add_generation_prompt, bos_token, eos_token, extra):
+    """A conversation rendered as apply_chat_template(tokenize=False) renders it (ChatTemplate.render does the same)."""
+    if not messages:
+        return {"error": EMPTY_CHAT_ERROR, "raised": False}
+    return render(source, normalize_chat(copy.deepcopy(messages)), add_generation_prompt, bos_token, eos_token, extra)
+
+
+def transformers_render(source, messages, add_generation_prompt, bos_token, eos_token, extra):
+    """The same through transformers' own code (its message normalization and `render_jinja_template`, with
+    `strftime_now` pinned), to check that `render_chat` is what apply_chat_template renders."""
+    from transformers.utils import chat_template_utils as ctu
+
+    class FixedDatetime(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return FIXED_NOW
+
+    ctu.datetime = FixedDatetime
+    if not messages:
+        return {"error": EMPTY_CHAT_ERROR, "raised": False}
+    kwargs = dict(extra)
+    tools, documents = kwargs.pop("tools", None), kwargs.pop("documents", None)
+    if bos_token is not None:
+        kwargs["bos_token"] = bos_token
+    if eos_token is not None:
+        kwargs["eos_token"] = eos_token
+    try:
+        rendered, _ = ctu.render_jinja_template(
+            conversations=[ctu._normalize_chat_messages(copy.deepcopy(messages))], tools=tools, documents=documents,
+            chat_template=source, add_generation_prompt=add_generation_prompt, **kwargs)
+        return {"rendered": rendered[0]}
+    except jinja2.exceptions.TemplateError as e:
+        return {"error": str(e), "raised": type(e) is jinja2.exceptions.TemplateError}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}", "raised": False}
+
+
 TOKENS = {  # (bos, eos) each family's tokenizer passes
     "llama-2.jinja": ("<s>", "</s>"), "llama-3.jinja": ("<|begin_of_text|>", "<|eot_id|>"),
     "llama-3.1.jinja": ("<|begin_of_text|>", "<|eot_id|>"), "llama-3.2.jinja": ("<|begin_of_text|>", "<|eot_id|>"),
     "mistral-7b-instruct-v0.1.jinja": ("<s>", "</s>"), "mistral-7b-instruct-v0.3.jinja": ("<s>", "</s>"),
-    "gemma.jinja": ("<bos>", "<eos>"), "gemma-3.jinja": ("<bos>", "<eos>"),
-    "phi-3.jinja": ("<s>", "<|endoftext|>"), "zephyr.jinja": ("<s>", "</s>"),
+    "gemma.jinja": ("<bos>", "<eos>"), "gemma-2.jinja": ("<bos>", "<eos>"), "gemma-3.jinja": ("<bos>", "<eos>"),
+    "phi-3.jinja": ("<s>", "<|endoftext|>"), "phi-3.5-mini.jinja": ("<s>", "<|endoftext|>"),
+    "phi-4.jinja": ("<|endoftext|>", "<|im_end|>"), "phi-4-mini.jinja": ("<|endoftext|>", "<|endoftext|>"),
+    "zephyr.jinja": ("<s>", "</s>"),
     "qwen2.5.jinja": (None, "<|im_end|>"), "qwen3.jinja": (None, "<|im_end|>"),
     "smollm2.jinja": ("<|im_start|>", "<|im_end|>"),
     "mistral-small-3.1-24b-instruct-2503.jinja": ("<s>", "</s>"),
@@ -118,6 +179,15 @@ STRING_ARGS_CHAT = [
     {"role": "assistant", "content": "<think>cold</think>It is -3."},
 ]
 
+# A Qwen3-style conversation whose earlier assistant turns carry reasoning (inline <think> and the
+# reasoning_content field), for the rule that re-rendering drops the reasoning of turns before the last user query.
+REASONING_CHAT = [
+    {"role": "user", "content": "What is 1+1?"},
+    {"role": "assistant", "content": "<think>\nOne plus one.\n</think>\n\n2"},
+    {"role": "user", "content": "And 2+2?"},
+    {"role": "assistant", "content": "4", "reasoning_content": "Two plus two is four."},
+]
+
 CASES = [
     ("single-user", [{"role": "user", "content": "Hello!"}], {}),
     ("system-user", [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "What is 2+2?"}], {}),
@@ -154,6 +224,38 @@ CASES = [
     ("documents", [{"role": "system", "content": "Use the documents."}, {"role": "user", "content": "Summarize."}],
      {"documents": [{"title": "A", "text": "alpha"}, {"title": "B", "text": "beta \"quoted\""}], "enable_citations": True}),
     ("numbers", [{"role": "user", "content": "x", "extra": [1, 2.5, True, None]}], {"date_string": "05 May 2025"}),
+] + [
+    # Training conversations of the Qwen3 / Gemma / Phi families: reasoning in earlier and last turns (Qwen3 drops
+    # the reasoning of turns before the last user query), enable_thinking on, off and absent, conversations that end
+    # on the assistant (what SFT renders), system-only and whitespace-heavy turns (Gemma trims), a Phi-4-mini system
+    # message carrying its `tools` string.
+    (f"{name}{suffix}", chat, dict(extra, **thinking))
+    for name, chat, extra in [
+        ("reasoning-earlier-turns", REASONING_CHAT, {}),
+        ("reasoning-last-turn", REASONING_CHAT[:2], {}),
+        ("reasoning-field-last", [{"role": "user", "content": "2+3?"},
+                                  {"role": "assistant", "content": "5", "reasoning_content": "\nAdd them.\n"}], {}),
+        ("reasoning-system-three-rounds", [{"role": "system", "content": "Think, then answer."}] + REASONING_CHAT
+         + [{"role": "user", "content": "Last one: 9-4?"}, {"role": "assistant", "content": "<think>9-4=5</think>5"}], {}),
+        ("ends-with-assistant", [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello"},
+                                 {"role": "assistant", "content": "Bonjour"}], {}),
+        ("empty-assistant", [{"role": "user", "content": "Say nothing."}, {"role": "assistant", "content": ""}], {}),
+    ]
+    for suffix, thinking in [("", {}), ("/thinking-on", {"enable_thinking": True}), ("/thinking-off", {"enable_thinking": False})]
+] + [
+    ("system-only", [{"role": "system", "content": "Only a system message."}], {}),
+    ("whitespace-turns", [{"role": "system", "content": "\n sys \n"}, {"role": "user", "content": "\t  u1  \n"},
+                          {"role": "assistant", "content": "  a1\n\n"}, {"role": "user", "content": " u2 "}], {}),
+    ("three-rounds", [{"role": "user", "content": "One?"}, {"role": "assistant", "content": "1"},
+                      {"role": "user", "content": "Two?"}, {"role": "assistant", "content": "2"},
+                      {"role": "user", "content": "Three?"}, {"role": "assistant", "content": "3"}], {}),
+    ("system-after-start", [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Late system."},
+                            {"role": "assistant", "content": "Ok"}], {}),
+    ("phi4-mini-tools", [{"role": "system", "content": "You are a helpful assistant with some tools.",
+                          "tools": "[{\"name\": \"get_weather\", \"parameters\": {\"city\": {\"type\": \"str\"}}}]"},
+                         {"role": "user", "content": "Weather in Oslo?"}], {}),
+    ("system-tools-none", [{"role": "system", "content": "No tools.", "tools": None}, {"role": "user", "content": "Hi"}], {}),
+    ("system-empty", [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}], {}),
 ]
 
 # Small checks of the language itself, rendered with the same defaults as the templates.
@@ -470,7 +572,11 @@ def main():
             for agp in (False, True):
                 entry = {"template": name, "case": case, "messages": messages, "extra": extra,
                          "add_generation_prompt": agp, "bos_token": bos, "eos_token": eos}
-                entry.update(render(source, messages, agp, bos, eos, extra))
+                entry.update(render_chat(source, messages, agp, bos, eos, extra))
+                reference = transformers_render(source, messages, agp, bos, eos, extra)
+                if reference.get("rendered") != entry.get("rendered") or ("error" in reference) != ("error" in entry):
+                    raise SystemExit(f"{name} / {case} / agp={agp}: jinja2 as configured here and transformers differ:\n"
+                                     f"{entry}\n{reference}")
                 lines.append(entry)
     lines.append({"random_context": copy.deepcopy(RANDOM_CONTEXT)})
     for source, context in SNIPPETS + random_snippets() + random_layouts() + random_programs():

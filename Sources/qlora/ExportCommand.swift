@@ -49,6 +49,19 @@ struct ExportCommand: ParsableCommand {
 
     func exportModel() throws {
         let type = try GGUFExportType.parse(type)
+        // Qwen3, Gemma 2/3 and Phi-3 folders: tensors and metadata as llama.cpp's converter writes them, from the files.
+        let directory = try ModelCatalog.resolve(model, log: { printError($0) })
+        if let modelType = try? JSONValue.parse(bytes: try FileSystem.readFile(directory + "/config.json"))["model_type"]?.string,
+           GGUFFamily(modelType: modelType) != nil {
+            guard adapter == nil else {
+                throw ValidationError("--adapter: merging an adapter into a \(modelType) model for GGUF is not supported yet; merge first (qlora merge) and export the merged folder")
+            }
+            try GGUFExporter.refuseOverwriting(out, inputs: [directory])
+            let report = try GGUFFamilyExporter.export(directory: directory, type: type, to: out, name: name, log: { printError($0) })
+            let types = report.typeCounts.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
+            print("wrote \(out): \(report.architecture), \(report.tensorCount) tensors (\(types)), tokenizer \(report.tokenizerModel) with \(report.vocabularySize) tokens")
+            return
+        }
         // Dense weights as stored; a bitsandbytes-only folder can only give its dequantized weights.
         let loaded = try ModelLoader.load(model, quantization: .none, log: { printError($0) })
         let inputs = [loaded.directory] + (adapter.map { [$0] } ?? [])

@@ -8,8 +8,11 @@
 // This is our own interpreter for the subset of Jinja2 that chat templates use; constructs outside it
 // fail with a `ChatTemplateError` at load time, never a silently different prompt.
 //
-// Checked against jinja2 itself (Tests/Fixtures/chat-templates/goldens.jsonl): 18 real templates over 17
-// conversations, and thousands of hand-written and random expressions, whitespace layouts and scoping
+// Before rendering, the messages get transformers 5's normalization (`normalized(_:)`: null-valued keys dropped,
+// reasoning aliased), and an empty conversation is an error, as there.
+//
+// Checked against jinja2 itself and transformers' `render_jinja_template` (Tests/Fixtures/chat-templates/goldens.jsonl):
+// 23 real templates over 42 conversations, and thousands of hand-written and random expressions, whitespace layouts and scoping
 // programs. Known differences, all rare in chat templates: integers beyond 64 bits are an error; `range()`,
 // `d.items()`, `map(...)` and friends are lists here, so printing one directly shows a list where Python
 // shows `range(0, 3)`, `dict_items([...])` or `<generator object ...>`; jinja2's optimizer turns a failed
@@ -101,10 +104,23 @@ public struct ChatTemplate: @unchecked Sendable {
     ///     (both None when absent), `date_string`, `enable_thinking`, other special tokens, ...
     public func render(messages: [JSONValue], addGenerationPrompt: Bool, bosToken: String?, eosToken: String?,
                        extra: [String: JSONValue] = [:]) throws -> String {
+        guard !messages.isEmpty else {
+            // transformers' own error (a ValueError there, before the template runs).
+            throw ChatTemplateError(kind: .runtime, line: 1, column: 1,
+                                    message: "Cannot apply chat template to an empty conversation. Provide at least one message.")
+        }
+        return try renderAllowingEmpty(messages: messages, addGenerationPrompt: addGenerationPrompt, bosToken: bosToken,
+                                       eosToken: eosToken, extra: extra)
+    }
+
+    /// `render` without the empty-conversation check: what comes before a conversation's first turn (the SFT
+    /// dataset's prefix renderings) is the template run on no messages.
+    func renderAllowingEmpty(messages: [JSONValue], addGenerationPrompt: Bool, bosToken: String?, eosToken: String?,
+                             extra: [String: JSONValue] = [:]) throws -> String {
         let interpreter = JinjaInterpreter(fixedNow: fixedNow, budget: budget)
         // The render arguments sit in a scope of their own, under the template's frame (as jinja2's context).
         let scope = JinjaScope(parent: nil)
-        scope.vars["messages"] = .list(messages.map(JinjaValue.init))
+        scope.vars["messages"] = .list(Self.normalized(messages).map(JinjaValue.init))
         scope.vars["tools"] = JinjaValue.none
         scope.vars["documents"] = JinjaValue.none
         scope.vars["add_generation_prompt"] = .bool(addGenerationPrompt)
@@ -114,6 +130,24 @@ public struct ChatTemplate: @unchecked Sendable {
         var out = ""
         _ = try interpreter.exec(body, interpreter.enter(rootFrame, scope), &out)
         return out
+    }
+
+    /// The messages as transformers 5's `apply_chat_template` hands them to the template: keys whose value is null
+    /// are dropped (`_normalize_chat_messages`: many templates test `is defined`, not `is none`), and a message's
+    /// reasoning under any of its names (`reasoning_content`, `thinking`, `reasoning`; the first non-null wins) is
+    /// passed as both `reasoning_content` and `thinking` (`_alias_reasoning_fields`; an existing `thinking` is kept,
+    /// a new one goes first, as `{"thinking": r, **message, "reasoning_content": r}` orders them).
+    static func normalized(_ messages: [JSONValue]) -> [JSONValue] {
+        messages.map { message in
+            guard let object = message.object else { return message }
+            var kept = JSONObject(object.filter { !$0.value.isNull }.map { ($0.key, $0.value) })
+            guard let reasoning = ["reasoning_content", "thinking", "reasoning"].lazy.compactMap({ kept[$0] }).first else {
+                return .object(kept)
+            }
+            if kept["thinking"] == nil { kept = JSONObject([("thinking", reasoning)] + kept.map { ($0.key, $0.value) }) }
+            kept["reasoning_content"] = reasoning
+            return .object(kept)
+        }
     }
 
     /// Finds a model folder's chat template where transformers keeps it; nil if the folder has none.

@@ -46,6 +46,10 @@ public enum GGUFConverter {
         try FileSystem.checkReplaceable(directory, option: "the convert output", replaceable: outputFiles)
         let file = try GGUFFile(path: ggufPath)
         try checkDataRanges(file)
+        if let family = GGUFFamilyConverter.family(file) {
+            try convertFamily(file, family, to: directory, log: log)
+            return
+        }
         let hyper = try LlamaHyperParameters(file)
         let config = try configJSON(file, hyper)
         let model = try loadableConfig(config, file)
@@ -59,6 +63,31 @@ public enum GGUFConverter {
         try checkRecords(records, model, file)
 
         // Written beside the target and renamed into place: an interrupted convert leaves the old folder or none.
+        try FileSystem.writeDirectory(directory) { directory in
+            try FileSystem.writeAtomically(directory + "/config.json", text: pythonJSON(config))
+            try FileSystem.writeAtomically(directory + "/generation_config.json", text: pythonJSON(generationConfigJSON(file)))
+            try tokenizer.write(to: directory)
+            try SafeTensorsWriter.write(records, metadata: ["format": "pt"], to: directory + "/model.safetensors")
+        }
+        log("wrote \(directory)")
+    }
+
+    /// The qwen3, gemma2, gemma3 and phi3 architectures (GGUFFamilies.swift).
+    static func convertFamily(_ file: GGUFFile, _ family: GGUFFamily, to directory: String, log: (String) -> Void) throws {
+        let config = try GGUFFamilyConverter.configJSON(file, family)
+        let layers = config["num_hidden_layers"]?.int ?? 0
+        let tokenizer = try GGUFTokenizerExport(file)
+        let vocabulary = config["vocab_size"]?.int ?? 0
+        if let tokens = file["tokenizer.ggml.tokens"]?.array, tokens.count > vocabulary {
+            throw FileFormatError(file: file.path, place: file.place(ofKey: "tokenizer.ggml.tokens"),
+                                  "\(tokens.count) tokens but the model's vocabulary (embedding rows) is \(vocabulary)")
+        }
+        log("converting \(file.tensors.count) tensors to bf16")
+        let records = try GGUFFamilyConverter.tensorRecords(file, family, layers: layers)
+        // The loader's own shape checks, where it knows the family.
+        if DecoderConfig.supportedModelTypes.contains(config["model_type"]?.string ?? "") {
+            try checkRecords(records, try loadableConfig(config, file), file)
+        }
         try FileSystem.writeDirectory(directory) { directory in
             try FileSystem.writeAtomically(directory + "/config.json", text: pythonJSON(config))
             try FileSystem.writeAtomically(directory + "/generation_config.json", text: pythonJSON(generationConfigJSON(file)))

@@ -520,7 +520,10 @@ struct GGUFTokenizerMetadata {
         let steps = pre?["type"]?.string == "Sequence" ? (pre?["pretokenizers"]?.array ?? []) : (pre.map { [$0] } ?? [])
         let kinds = steps.map { $0["type"]?.string ?? "" }
         if let split = steps.first(where: { $0["type"]?.string == "Split" }), let regex = split["pattern"]?["Regex"]?.string {
+            // The GPT-4o (o200k) split of Phi-4-mini and others: llama.cpp's "gpt-4o" pre-tokenizer.
+            let gpt4o = "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
             if regex == llama3 { return "llama-bpe" }
+            if regex == gpt4o { return "gpt-4o" }
             if regex == qwen2 { return "qwen2" }
         }
         if kinds == ["Digits", "ByteLevel"], steps[0]["individual_digits"]?.bool == true { return "smollm" }

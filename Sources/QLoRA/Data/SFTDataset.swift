@@ -291,14 +291,24 @@ public struct SFTDataset: Sendable {
         return TokenizedExample(tokens: ids, labels: labels, line: line)
     }
 
-    /// Renders the conversation and finds each assistant turn as the text between the rendering of
-    /// the conversation before it (with the generation prompt) and the rendering including it.
+    /// Renders the conversation once (the text trained on, as transformers renders it) and finds in it each assistant
+    /// turn: it starts where the rendering of the conversation before it with the generation prompt ends, and ends
+    /// where the rendering through it ends. The counted text is what `{% generation %}` would wrap: the reply and its
+    /// end-of-turn marker, after the assistant header.
+    ///
+    /// Some templates render a turn differently once a later turn follows: Qwen3 keeps the `<think>` reasoning only
+    /// of the assistant turns after the last user message, so the rendering through an earlier turn (which is then
+    /// the last) is no prefix of the whole. The reference is the final rendering: the tokens counted are exactly those
+    /// of that turn in the whole conversation (reasoning dropped where the template drops it), as transformers'
+    /// `return_assistant_tokens_mask` (TRL's `assistant_only_loss`) marks them on the same template with
+    /// `{% generation %}` around each reply. The turn's length is then measured with a user message appended after it
+    /// (so that it renders as in the whole conversation): the rendering with the turn minus the rendering without it.
     static func chatExample(_ messages: [JSONValue], template: ChatTemplate, tokenizer: Tokenizer, formatting: SFTFormatting,
                             line: Int, fail: (String) -> DatasetLineError) throws -> TokenizedExample {
         func render(_ prefix: ArraySlice<JSONValue>, generationPrompt: Bool) throws -> String {
             do {
-                return try template.render(messages: Array(prefix), addGenerationPrompt: generationPrompt,
-                                           bosToken: tokenizer.bosToken, eosToken: tokenizer.eosToken)
+                return try template.renderAllowingEmpty(messages: Array(prefix), addGenerationPrompt: generationPrompt,
+                                                        bosToken: tokenizer.bosToken, eosToken: tokenizer.eosToken)
             } catch { throw fail("chat template: \(error)") }
         }
         let full = try render(messages[...], generationPrompt: false)
@@ -306,7 +316,20 @@ public struct SFTDataset: Sendable {
         var consumed = full.startIndex
         for (i, message) in messages.enumerated() where message["role"]?.string == "assistant" {
             let before = try render(messages[..<i], generationPrompt: true)
-            let through = try render(messages[...i], generationPrompt: false)
+            var through = try render(messages[...i], generationPrompt: false)
+            if !full.hasPrefix(through), i + 1 < messages.count, i > 0 {
+                // The turn renders differently as the last one (see above): its length as it renders before a user turn.
+                let probe: JSONValue = .object(JSONObject([("role", .string("user")), ("content", .string("?"))]))
+                let withTurn = try render(messages[...i] + [probe], generationPrompt: false)
+                let withoutTurn = try render(messages[..<i] + [probe], generationPrompt: false)
+                let header = try render(messages[..<i], generationPrompt: false)
+                let length = withTurn.count - withoutTurn.count
+                if length > 0, full.hasPrefix(header), withTurn.hasPrefix(header),
+                   full.count >= header.count + length, withTurn.count >= header.count + length,
+                   full.dropFirst(header.count).prefix(length) == withTurn.dropFirst(header.count).prefix(length) {
+                    through = String(full.prefix(header.count + length))
+                }
+            }
             guard full.hasPrefix(through), through.hasPrefix(before),
                   let start = full.index(full.startIndex, offsetBy: before.count, limitedBy: full.endIndex),
                   start >= consumed else {
