@@ -347,7 +347,8 @@ public enum GGUFFamilyExporter {
         guard plan.contains(where: { $0.name == "token_embd.weight" }) else {
             throw FileFormatError(file: directory, place: "tensors", "no model.embed_tokens.weight")
         }
-        let types = plan.map { GGUFExporter.tensorType(name: $0.name, dimensions: $0.dimensions, type: type, tiedEmbeddings: tied) }
+        let typeContext = GGUFTypeContext(layerCount: text["num_hidden_layers"]?.int ?? 0, tiedEmbeddings: tied)
+        let types = plan.map { GGUFExporter.tensorType(name: $0.name, dimensions: $0.dimensions, type: type, context: typeContext) }
         let parameters = plan.reduce(0) { $0 + $1.dimensions.reduce(1, *) }
         var metadata = try family.metadata(config: raw, type: type, name: name ?? GGUFExporter.lastPathComponent(directory),
                                            parameterCount: parameters, file: configPath)

@@ -26,7 +26,6 @@ public final class SessionBatchGenerator: BatchGenerator {
     public func generate(_ requests: [GenerationRequest], maxTokens: Int, stopIDs: Set<Int>) throws -> [GeneratedSequence] {
         guard let longest = requests.map(\.prompt.count).max() else { return [] }
         let capacity = longest + maxTokens
-        try config.checkSequenceLength(capacity, what: "the longest prompt (\(longest) tokens) + max new tokens (\(maxTokens))")
         guard capacity <= config.maxPositionEmbeddings else {
             throw UsageError("the longest prompt (\(longest) tokens) + max new tokens (\(maxTokens)) exceed the model's \(config.maxPositionEmbeddings) positions")
         }
