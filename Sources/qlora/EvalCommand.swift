@@ -29,6 +29,7 @@ struct EvalCommand: ParsableCommand {
 
     @Option(help: "Where to run: auto (the GPU when one is usable, else the CPU), cpu or cuda.")
     var device: String = "auto"
+    @OptionGroup var computeDTypeOption: ComputeDTypeOption
 
     func validate() throws {
         guard maxSeqLength >= 2 && maxSeqLength <= 1 << 20 else {
@@ -38,7 +39,7 @@ struct EvalCommand: ParsableCommand {
     }
 
     func run() throws {
-        let compute = try ComputeDevice.choose(device)
+        let compute = try ComputeDevice.choose(device, computeDType: try computeDTypeOption.choice())
         let loaded = try modelOptions.load()
         // Pre-tokenized data needs no tokenizer: the dataset asks for one only on a line that does.
         let tokenizer = loaded.tokenizer

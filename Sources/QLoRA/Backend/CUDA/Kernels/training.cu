@@ -12,6 +12,7 @@
 //                    out[0] = sum_b partial[b], in a fixed order, so the norm has the same bits on every run
 //   clip_gradients:  total = sqrt(out[0]), coef = min(1, max_norm / (total + 1e-6)); g *= coef
 //                    (a non-finite total leaves g unchanged, as the CPU trainer does)
+//   scale_values:    g[i] *= factor   (fp16 loss scaling: the gradients of S·loss times 1/S, before the norm)
 // LoRA dropout, the twin of Training/DropoutMask.swift (one definition there, this one must equal it bit for bit):
 //   dropout_hash(s, i) = mix64(s + (i + 1)·γ);  kept iff (dropout_hash >> 40) · 2^-24 < keep  (keep = 1 − p, fp32)
 //   dropout_apply:       out[i] = kept ? bf16(x[i] / keep) : 0              d(x), the LoRA path's input
@@ -69,6 +70,10 @@ extern "C" __global__ void clip_gradients(float* g, long long n, const float* su
     const float coef = fminf(1.0f, max_norm / (total + 1e-6f));
     if (coef >= 1.0f) return;
     GRID_STRIDE(i, n) { g[i] *= coef; }
+}
+
+extern "C" __global__ void scale_values(float* g, long long n, float factor) {
+    GRID_STRIDE(i, n) { g[i] *= factor; }
 }
 
 __device__ __forceinline__ unsigned long long dropout_hash(unsigned long long seed, long long i) {
