@@ -27,34 +27,12 @@
 
 #define MMA_THREADS 128
 
-#if QLORA_HALF
-#define MMA_AB_TYPES "f16.f16"
-#else
-#define MMA_AB_TYPES "bf16.bf16"
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#if !QLORA_HALF && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "bf16 tensor-core mma needs sm_80 or newer; Turing (sm_75) runs the fp16 path (-DQLORA_HALF=1, --compute-dtype fp16)"
 #endif
-#endif
 
-// Not volatile: a pure function of its registers, so the compiler may schedule fragment loads ahead of it.
-// Turing has no m16n8k16 (sm_80): there one m16n8k16 is two m16n8k8 f16 products, over k 0..7 (a[0], a[1], b0)
-// and k 8..15 (a[2], a[3], b1); m16n8k8's A fragment is {A[g][2t..], A[g+8][2t..]} and its B fragment
-// B[2t..2t+1][g], the halves of m16n8k16's, so every fragment loader stays as it is.
-__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32." MMA_AB_TYPES ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(b0));
-    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[2]), "r"(a[3]), "r"(b1));
-#endif
-}
+// One m16n8k16 product (the prelude's mma_16816_h16: bf16 or fp16, two m16n8k8 on Turing).
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) { mma_16816_h16(c, a, b0, b1); }
 
 __device__ __forceinline__ unsigned ld32(const h16* p) { return *reinterpret_cast<const unsigned*>(p); }
 __device__ __forceinline__ unsigned pack2(h16 lo, h16 hi) { return (unsigned)lo | ((unsigned)hi << 16); }

@@ -82,6 +82,31 @@ __device__ __forceinline__ void store_h16x8(h16* p, const float* f) {
     *reinterpret_cast<h16x8_raw*>(p) = v;
 }
 
+/// c += A·B on the tensor cores for one 16x8x16 tile of h16 values with fp32 accumulation (`mma.sync` m16n8k16;
+/// the fragment layout is in attention_mma.cu's header). fp16 uses the .f16 variant; Turing (sm_75, fp16 only) has no
+/// m16n8k16, so there it is two m16n8k8 products, over k 0..7 (a[0], a[1], b0) and k 8..15 (a[2], a[3], b1), whose
+/// fragments are exactly those halves. bf16 before sm_80 does not exist: a kernel using this there fails in ptxas.
+/// Not volatile: a pure function of its registers, so the compiler may schedule fragment loads ahead of it.
+__device__ __forceinline__ void mma_16816_h16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+#if QLORA_HALF && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b0));
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[2]), "r"(a[3]), "r"(b1));
+#else
+    asm(
+#if QLORA_HALF
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+#else
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+#endif
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
 // The names before the fp16 path (the storage type was bf16 only). They mean the same as the h16 names, whichever
 // format is compiled in; kept so kernels written against them still build. New code: use the h16 names.
 typedef h16 bf16;
