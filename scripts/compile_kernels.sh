@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Compiles every CUDA kernel, with the options the backend uses, for every architecture we ship for: cubins for
-# Ampere (sm_80, sm_86), Ada (sm_89) and Hopper (sm_90a), and the portable PTX for compute_80/86/89.
-# Turing (sm_75) is not in the list yet: attention_mma.cu's bf16 mma and cp.async need sm_80, and a T4 needs the
-# fp16 compute path (issue 15); `scripts/compile_kernels.sh sm_75` shows where it stands.
+# Turing (sm_75), Ampere (sm_80, sm_86), Ada (sm_89) and Hopper (sm_90a), and the portable PTX for
+# compute_75/80/86/89; each for both 16-bit storage types (bf16, and fp16 with -DQLORA_HALF=1), Turing for fp16 only
+# (it has no bf16 tensor cores: attention_mma.cu stops with an #error there). `--compute-dtype bf16|fp16` as a second
+# argument compiles one type only.
 # Needs no GPU: NVRTC alone (from the PyPI wheel nvidia-cuda-nvrtc, downloaded once into .build/nvrtc).
-# Usage: scripts/compile_kernels.sh [TARGETS]   (default: all of the above; about 45 s a target on 2 cores)
+# Usage: scripts/compile_kernels.sh [TARGETS] [--compute-dtype bf16|fp16]   (about 45 s a target and type on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TARGETS=${1:-sm_80,sm_86,sm_89,sm_90a,compute_80,compute_86,compute_89}
+TARGETS=${1:-sm_75,sm_80,sm_86,sm_89,sm_90a,compute_75,compute_80,compute_86,compute_89}
+shift || true
 NVRTC_DIR=.build/nvrtc
 if [ ! -e "$NVRTC_DIR/nvidia/cu13/lib/libnvrtc.so.13" ]; then
   mkdir -p "$NVRTC_DIR"
@@ -16,4 +18,4 @@ if [ ! -e "$NVRTC_DIR/nvidia/cu13/lib/libnvrtc.so.13" ]; then
 fi
 swift build -c release --product qlora-gpu-check
 LD_LIBRARY_PATH="$PWD/$NVRTC_DIR/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-  .build/release/qlora-gpu-check --compile-only "$TARGETS"
+  .build/release/qlora-gpu-check --compile-only "$TARGETS" "$@"

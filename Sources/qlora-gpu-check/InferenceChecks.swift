@@ -139,8 +139,8 @@ func checkInferenceRandom() throws {
     let model = DecoderModel.random(config: config, seed: seed)
     let r = 16
     for l in model.linearLayers {
-        let a = Matrix(rows: r, columns: l.inFeatures, values: rng.floats(r * l.inFeatures, -0.02, 0.02).map(roundToBF16))
-        let b = Matrix(rows: l.outFeatures, columns: r, values: rng.floats(l.outFeatures * r, -0.02, 0.02).map(roundToBF16))
+        let a = Matrix(rows: r, columns: l.inFeatures, values: rng.floats(r * l.inFeatures, -0.02, 0.02).map(dt.round))
+        let b = Matrix(rows: l.outFeatures, columns: r, values: rng.floats(l.outFeatures * r, -0.02, 0.02).map(dt.round))
         l.lora = LoRAAdapter(a: a, b: b, scale: 2)
     }
     let prompt = (0..<70).map { _ in rng.int(config.vocabularySize) }

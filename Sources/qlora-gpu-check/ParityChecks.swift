@@ -44,7 +44,7 @@ func checkDropoutKernels() throws {
         let xd = try upload(xb), out = try poisoned(UInt16.self, count)
         try ctx.dropoutApply(x: xd.pointer, into: out.pointer, count: count, seed: seed, keep: keep)
         let applied = try out.download()
-        let expectedApplied = (0..<count).map { DropoutMask.keeps(seed: seed, index: $0, keep: keep) ? floatToBF16(x[$0] / keep) : 0 }
+        let expectedApplied = (0..<count).map { DropoutMask.keeps(seed: seed, index: $0, keep: keep) ? dt.encode(x[$0] / keep) : 0 }
         checkTrue("dropout apply bit-exact (n \(count), p \(p))", applied == expectedApplied,
                   "\(zip(applied, expectedApplied).filter { $0 != $1 }.count) of \(count) differ")
 
@@ -54,7 +54,7 @@ func checkDropoutKernels() throws {
         try ctx.dropoutAddMasked(td.pointer, into: dd.pointer, count: count, seed: seed, keep: keep)
         let added = try dd.download()
         let expectedAdded = (0..<count).map {
-            DropoutMask.keeps(seed: seed, index: $0, keep: keep) ? floatToBF16(dx[$0] + t[$0] / keep) : db[$0]
+            DropoutMask.keeps(seed: seed, index: $0, keep: keep) ? dt.encode(dx[$0] + t[$0] / keep) : db[$0]
         }
         checkTrue("dropout masked add bit-exact (n \(count), p \(p))", added == expectedAdded,
                   "\(zip(added, expectedAdded).filter { $0 != $1 }.count) of \(count) differ")
@@ -67,7 +67,7 @@ func checkDropoutKernels() throws {
     for overwrite in [false, true] {
         let yd = try upload(yb)
         try ctx.addRowVector(vd.pointer, to: yd.pointer, rows: rows, columns: columns, overwrite: overwrite)
-        let expected = (0..<(rows * columns)).map { overwrite ? vb[$0 % columns] : floatToBF16(y[$0] + v[$0 % columns]) }
+        let expected = (0..<(rows * columns)).map { overwrite ? vb[$0 % columns] : dt.encode(y[$0] + v[$0 % columns]) }
         checkTrue("add_row_vector \(rows)x\(columns)\(overwrite ? " (overwrite)" : "") bit-exact", try yd.download() == expected)
     }
 }
@@ -228,7 +228,7 @@ struct QwenCheckWeights: BaseWeightSource {
     func tensor(_ name: String) throws -> (values: [Float], shape: [Int]) {
         let (values, shape) = try inner.tensor(name)
         let scale: Float = name.hasSuffix(".bias") ? biasScale : 1
-        return (values.map { roundToBF16($0 * scale) }, shape)
+        return (values.map { dt.round($0 * scale) }, shape)
     }
 }
 

@@ -6,6 +6,10 @@
 // weights drift apart a little each step). The adapter saved from the GPU run must have the CPU run's PEFT keys
 // and shapes, and its values must be close to the CPU run's (relative L2 over all LoRA weights, 5e-2).
 // Last, a checkpoint the CPU engine wrote (with paged 8-bit optimizer state) resumes on the GPU engine.
+// fp16 only (--compute-dtype fp16): a run whose first loss scale (2^40) overflows fp16 in the backward recovers
+// through the loss scaler: the first steps are skipped (each halves the scale, torch's GradScaler rule), later ones
+// update; the skipped steps are the ones with a non-finite gradient norm, metrics.jsonl counts them, the final
+// scale is 2^40 / 2^skipped, and the adapter ends finite and trained.
 
 import QLoRA
 #if canImport(Glibc)
@@ -108,12 +112,48 @@ func runTrainerEngineChecks(_ ctx: CUDAContext) {
             check("resumed step \(a.step) loss (CPU \(fmt(a.loss, 5)), GPU \(fmt(b.loss, 5)))", abs(b.loss - a.loss) / abs(a.loss), 5e-2)
         }
     }
+
+    if dt == .fp16 {
+        group("fp16: an overflowing loss scale recovers") {
+            let train = randomExamples(count: 8, length: 48, vocab: 1000, seed: 7)
+            let output = "/tmp/qlora-gpu-check-loss-scale-\(getpid())"
+            let initial: Float = 0x1p40
+            setenv("QLORA_INITIAL_LOSS_SCALE", "\(initial)", 1)
+            defer { unsetenv("QLORA_INITIAL_LOSS_SCALE") }
+            let trainer = try fixtureTrainer(directory, optimizer: "adamw", device: .cuda(ctx), output: output, train: train, eval: [],
+                                             steps: 40)  // no evaluation: the adapter at the end is the last one
+            let initialAdapter = trainer.model.linearLayers.compactMap { $0.lora }.flatMap { Array($0.a.storage) + Array($0.b.storage) }
+            let summary = try trainer.run()
+            let scaler = try XUnwrap(trainer.engine.lossScaler, "the fp16 engine has a loss scaler")
+            let skippedByNorm = trainer.history.filter { !$0.gradientNorm.isFinite }.count
+            checkTrue("fp16: overflowing steps were skipped", scaler.skippedSteps > 0 && scaler.skippedSteps < trainer.history.count,
+                      "\(scaler.skippedSteps) of \(trainer.history.count) steps skipped, loss scale now \(scaler.scale)")
+            checkTrue("fp16: skipped steps are those with a non-finite norm", skippedByNorm == scaler.skippedSteps,
+                      "\(skippedByNorm) non-finite norms")
+            checkTrue("fp16: scale halved per skip (torch's rule)", scaler.scale == initial / Float(1 << scaler.skippedSteps),
+                      "2^40 / 2^\(scaler.skippedSteps) = \(initial / Float(1 << scaler.skippedSteps)), scale \(scaler.scale)")
+            let metrics = try FileSystem.readText(output + "/metrics.jsonl").split(separator: "\n")
+            let lastStepLine = try metrics.last { $0.contains("\"skipped_steps\"") }.map { try JSONValue.parse(String($0)) }
+            checkTrue("fp16: metrics.jsonl counts the skipped steps", lastStepLine?["skipped_steps"]?.int == scaler.skippedSteps,
+                      "last line: \(lastStepLine?.serialized() ?? "none")")
+            let trained = trainer.model.linearLayers.compactMap { $0.lora }.flatMap { Array($0.a.storage) + Array($0.b.storage) }
+            checkTrue("fp16: adapter finite and trained after recovery", trained.allSatisfy(\.isFinite) && trained != initialAdapter
+                      && (summary.finalTrainLoss ?? .nan).isFinite, "final loss \(fmt(summary.finalTrainLoss ?? .nan, 5))")
+        }
+    }
+}
+
+struct MissingValue: Error, CustomStringConvertible { let description: String }
+func XUnwrap<T>(_ value: T?, _ what: String) throws -> T {
+    guard let value else { throw MissingValue(description: "missing: \(what)") }
+    return value
 }
 
 /// A Trainer on the fixture (NF4 base, the fixture adapter as the initial adapter, with LoRA dropout `dropout`) for
-/// 6 steps of 2 micro-batches of 2 rows, with evaluation at the end and checkpoints every 3 steps.
+/// 6 steps (`steps`) of 2 micro-batches of 2 rows, with evaluation at the end and checkpoints every 3 steps.
 func fixtureTrainer(_ directory: String, optimizer: String, device: ComputeDevice, output: String, train: [TokenizedExample],
-                    eval: [TokenizedExample], resume: Bool = false, dropout: Float = 0, fullDeterminism: Bool = false) throws -> Trainer {
+                    eval: [TokenizedExample], resume: Bool = false, dropout: Float = 0, fullDeterminism: Bool = false,
+                    steps: Int = 6) throws -> Trainer {
     let model = try ModelLoader.load(directory + "/base", quantization: .nf4).model
     let peft = try PEFTAdapter.load(directory: directory + "/adapter", into: model)
     for layer in model.linearLayers { layer.lora?.dropout = dropout }
@@ -124,7 +164,7 @@ func fixtureTrainer(_ directory: String, optimizer: String, device: ComputeDevic
     c.loraDropout = Double(dropout)
     c.batchSize = 2
     c.gradientAccumulationSteps = 2
-    c.maxSteps = 6
+    c.maxSteps = steps
     c.learningRate = 2e-3
     c.warmupSteps = 1
     c.scheduler = "cosine"

@@ -9,8 +9,14 @@
 //   NF4 dequantization to bf16: 4e-3 (only the final rounding differs);
 //   fp32 outputs (losses, AdamW parameters and moments, fp32 GEMMs): 1e-4 / 1e-5 as stated per check;
 //   exact ops (embedding lookup, counts): 0.
-// Usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--arch compute_XY|sm_XY]
+// With --compute-dtype fp16 every kernel and GEMM stores fp16 instead (random inputs are fp16 values, the CPU twins
+// round where the GPU stores, in fp16): the thresholds above stay as they are. fp16's rounding step is 2^-11 relative
+// (bf16's 2^-8), so an fp16 run's errors come out about 8x below a bf16 run's on the same inputs, and a kernel that
+// read fp16 bits as bf16 (or the reverse) gives errors of order 1, far above every threshold.
+// Usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--arch compute_XY|sm_XY] [--compute-dtype auto|bf16|fp16]
 //                        [--compile-only sm_75,sm_80,sm_86,sm_89,sm_90a (NVRTC only, no GPU needed)]
+// --compile-only compiles each target for both storage types (bf16 and fp16; fp16 only before 8.0), or for the one
+// --compute-dtype names.
 // --arch runs every check on kernels built for that target: compute_80 gives PTX that holds only sm_80
 // instructions, which the driver compiles for the card at load, so the portable paths run for real on a newer GPU
 // (with that architecture's shared-memory limit, so launchers pick what such a card would get).
@@ -33,15 +39,15 @@ extension SeededGenerator {
         lo + (hi - lo) * Float(next() >> 40) / Float(1 << 24)
     }
     mutating func int(_ n: Int) -> Int { Int(next() % UInt64(n)) }
-    /// n values in [lo, hi) rounded to bf16: (bits, values).
+    /// n values in [lo, hi) rounded to the run's 16-bit type `dt` (bf16 or fp16): (bits, values).
     mutating func bf16(_ n: Int, _ lo: Float = -1, _ hi: Float = 1) -> ([UInt16], [Float]) {
         var bits = [UInt16](), values = [Float]()
         bits.reserveCapacity(n)
         values.reserveCapacity(n)
         for _ in 0..<n {
-            let b = floatToBF16(uniform(lo, hi))
+            let b = dt.encode(uniform(lo, hi))
             bits.append(b)
-            values.append(bf16ToFloat(b))
+            values.append(dt.decode(b))
         }
         return (bits, values)
     }
@@ -108,6 +114,9 @@ var seed = UInt64(UInt32(truncatingIfNeeded: time(nil))) &* 2_654_435_761
 var runBench = true
 var compileOnlyTargets: [String]? = nil
 var kernelTarget: KernelTarget? = nil
+var computeDTypeChoice: ComputeDTypeChoice? = nil
+/// The 16-bit type of this run's kernels (set once the context is made): random inputs and CPU twins round to it.
+var dt = ComputeDType.bf16
 /// Only groups whose name contains one of these run (all when empty), e.g. to run one op under compute-sanitizer.
 var onlyGroups: [String] = []
 var arguments = CommandLine.arguments.dropFirst().makeIterator()
@@ -122,8 +131,14 @@ while let a = arguments.next() {
             print("\(error)")
             exit(2)
         }
+    case "--compute-dtype":
+        do { computeDTypeChoice = try ComputeDTypeChoice(parsing: arguments.next() ?? "") } catch {
+            print("\(error)")
+            exit(2)
+        }
     default:
-        print("usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--arch compute_XY|sm_XY] [--compile-only sm_XY,...]")
+        print("usage: qlora-gpu-check [--seed N] [--no-bench] [--only GROUP,...] [--arch compute_XY|sm_XY] [--compute-dtype auto|bf16|fp16] "
+              + "[--compile-only sm_XY,...]")
         exit(2)
     }
 }
@@ -137,12 +152,21 @@ if let targets = compileOnlyTargets {
         print("NVRTC \(nvrtc.version.major).\(nvrtc.version.minor)")
         for text in targets {
             let target = try KernelTarget(parsing: text)
-            for source in KernelSources.all {
-                group("compile \(source.name)") {
-                    let image = try nvrtc.compile(source: source.text, name: source.name, headers: KernelSources.headers,
-                                                  options: KernelCompiler.options(for: target))
-                    checkTrue("compile \(source.name) for \(target.nvrtcArchitecture)", !image.isEmpty,
-                              "\(image.count) bytes of \(target.isVirtual ? "PTX" : "cubin")")
+            let dtypes: [ComputeDType]
+            switch computeDTypeChoice {
+            case .fp16: dtypes = [.fp16]
+            case .bf16: dtypes = [try ComputeDTypeChoice.bf16.resolve(major: target.major, minor: target.minor, cardName: text)]
+            case .auto: dtypes = [try ComputeDTypeChoice.auto.resolve(major: target.major, minor: target.minor)]
+            case nil: dtypes = target.hasBF16TensorCores ? [.bf16, .fp16] : [.fp16]
+            }
+            for dtype in dtypes {
+                for source in KernelSources.all {
+                    group("compile \(source.name)") {
+                        let image = try nvrtc.compile(source: source.text, name: source.name, headers: KernelSources.headers,
+                                                      options: KernelCompiler.options(for: target, computeDType: dtype))
+                        checkTrue("compile \(source.name) for \(target.nvrtcArchitecture) \(dtype)", !image.isEmpty,
+                                  "\(image.count) bytes of \(target.isVirtual ? "PTX" : "cubin")")
+                    }
                 }
             }
         }
@@ -157,13 +181,14 @@ if let targets = compileOnlyTargets {
 let cacheDir = "/tmp/qlora-gpu-check-kernels-\(getpid())"
 let ctx: CUDAContext
 do {
-    ctx = try CUDAContext(kernelCacheDirectory: cacheDir, kernelTarget: kernelTarget)
+    ctx = try CUDAContext(kernelCacheDirectory: cacheDir, kernelTarget: kernelTarget, computeDType: computeDTypeChoice)
 } catch {
     print("cannot open a CUDA device: \(error)")
     print("0 passed, 1 failed")
     exit(2)
 }
 let dev = ctx.device
+dt = ctx.computeDType
 print("device: \(dev.name), compute capability \(dev.computeCapability.major).\(dev.computeCapability.minor), "
       + "\(dev.multiprocessorCount) SMs, \(fmt(Double(dev.totalMemory) / Double(1 << 30))) GiB; driver CUDA \(ctx.driver.version); "
       + "NVRTC \(ctx.compiler.nvrtc.version.major).\(ctx.compiler.nvrtc.version.minor) -> \(ctx.kernelDescription); seed \(seed)")
@@ -177,7 +202,7 @@ func poisoned<T>(_ type: T.Type, _ count: Int) throws -> DeviceBuffer<T> {
     try b.fill(byte: 0xFF)
     return b
 }
-func downloadBF16(_ b: DeviceBuffer<UInt16>) throws -> [Float] { try b.download().map(bf16ToFloat) }
+func downloadBF16(_ b: DeviceBuffer<UInt16>) throws -> [Float] { try b.download().map(dt.decode) }
 
 // MARK: - Kernel compilation and cache
 
@@ -188,7 +213,8 @@ group("compile all kernels") {
     seconds = Double(clock() - start) / Double(CLOCKS_PER_SEC)
     checkTrue("compile all kernels (NVRTC)", ctx.compiler.compilations == KernelSources.all.count,
               "\(ctx.compiler.compilations) files compiled for \(ctx.compiler.target.nvrtcArchitecture) in \(fmt(seconds)) s CPU")
-    let again = KernelCompiler(device: dev, nvrtc: ctx.compiler.nvrtc, target: ctx.compiler.target, cacheDirectory: cacheDir)
+    let again = KernelCompiler(device: dev, nvrtc: ctx.compiler.nvrtc, target: ctx.compiler.target, computeDType: ctx.computeDType,
+                               cacheDirectory: cacheDir)
     for source in KernelSources.all { _ = try again.module(source) }
     checkTrue("kernel cache reload", again.cacheHits == KernelSources.all.count && again.compilations == 0,
               "\(again.cacheHits) cubins loaded from \(cacheDir)")
@@ -243,7 +269,7 @@ group("rmsnorm") {
         let y = try poisoned(UInt16.self, rows * dim)
         try ctx.rmsNormForward(x: xd, weight: wd, into: y, rows: rows, dim: dim, eps: eps)
         check("rmsnorm forward \(rows)x\(dim)", relativeError(try downloadBF16(y),
-              CPUReference.rmsNormForward(x: x, weight: w, rows: rows, dim: dim, eps: eps)), 1e-2)
+              CPUReference.rmsNormForward(x: x, weight: w, rows: rows, dim: dim, eps: eps, round: dt.round)), 1e-2)
         let dx = try poisoned(UInt16.self, rows * dim)
         try ctx.rmsNormBackward(x: xd, weight: wd, dy: upload(dyb), into: dx, rows: rows, dim: dim, eps: eps)
         let refDx = CPUReference.rmsNormBackward(x: x, weight: w, dy: dy, rows: rows, dim: dim, eps: eps)
@@ -354,10 +380,10 @@ group("gemm") {
         let ad = try upload(ab), bd = try upload(bb)
         let c16 = try poisoned(UInt16.self, m * n)
         try blas.gemm(m: m, n: n, k: k, a: ad.pointer, transA: ta, b: bd.pointer, transB: tb, c: c16.pointer)
-        check("gemm bf16->bf16 \(m)x\(n)x\(k) tA=\(ta ? 1 : 0) tB=\(tb ? 1 : 0)", relativeError(try downloadBF16(c16), ref), 1e-2)
+        check("gemm \(dt)->\(dt) \(m)x\(n)x\(k) tA=\(ta ? 1 : 0) tB=\(tb ? 1 : 0)", relativeError(try downloadBF16(c16), ref), 1e-2)
         let c32 = try poisoned(Float.self, m * n)
         try blas.gemm(m: m, n: n, k: k, a: ad.pointer, transA: ta, b: bd.pointer, transB: tb, c: c32.pointer, outputType: .float32)
-        check("gemm bf16->fp32 \(m)x\(n)x\(k) tA=\(ta ? 1 : 0) tB=\(tb ? 1 : 0)", relativeError(try c32.download(), ref), 1e-4)
+        check("gemm \(dt)->fp32 \(m)x\(n)x\(k) tA=\(ta ? 1 : 0) tB=\(tb ? 1 : 0)", relativeError(try c32.download(), ref), 1e-4)
     }
     // fp32 GEMM with beta = 1 (accumulate), odd sizes.
     let (m2, n2, k2) = (37, 65, 129)
@@ -378,7 +404,7 @@ group("gemm") {
         ref3 += CPUReference.matmul(Array(a3[(i * m3 * k3)..<((i + 1) * m3 * k3)]), Array(b3[(i * k3 * n3)..<((i + 1) * k3 * n3)]),
                                     m: m3, n: n3, k: k3)
     }
-    check("gemm batched x\(batch) bf16->fp32 \(m3)x\(n3)x\(k3)", relativeError(try c3.download(), ref3), 1e-4)
+    check("gemm batched x\(batch) \(dt)->fp32 \(m3)x\(n3)x\(k3)", relativeError(try c3.download(), ref3), 1e-4)
 }
 
 group("attention") {
@@ -427,7 +453,7 @@ group("lora linear") {
     let (xb, x) = rng.bf16(tokens * inF), (wb, w) = rng.bf16(outF * inF, -0.05, 0.05)
     let bound = 1 / Float(inF).squareRoot()
     let aMaster = rng.floats(r * inF, -bound, bound), bMaster = rng.floats(outF * r, -0.05, 0.05)
-    let a = aMaster.map(roundToBF16), b = bMaster.map(roundToBF16)
+    let a = aMaster.map(dt.round), b = bMaster.map(dt.round)
     let (dyb, dy) = rng.bf16(tokens * outF)
     // fp32 master weights -> bf16 copies on the device.
     let aBF = try poisoned(UInt16.self, r * inF), bBF = try poisoned(UInt16.self, outF * r)
@@ -515,12 +541,12 @@ if runBench {
         let a = try A.buffer(UInt16.self, count: s * s), b = try A.buffer(UInt16.self, count: s * s)
         let c = try A.buffer(UInt16.self, count: s * s)
         var r = SeededGenerator(seed: seed ^ 0xabcdef)
-        let host = (0..<(s * s)).map { _ in floatToBF16(r.uniform(-1, 1)) }
+        let host = (0..<(s * s)).map { _ in dt.encode(r.uniform(-1, 1)) }
         try a.upload(host)
         try b.upload(host.reversed())
         for (ta, tb) in [(false, true), (false, false), (true, false)] {
             let ms = try timeMedian { try blas.gemm(m: s, n: s, k: s, a: a.pointer, transA: ta, b: b.pointer, transB: tb, c: c.pointer) }
-            print("  gemm bf16 \(s)^3 tA=\(ta ? 1 : 0) tB=\(tb ? 1 : 0): \(fmt(ms, 3)) ms = \(fmt(2 * Double(s * s) * Double(s) / (ms / 1000) / 1e12, 1)) TFLOP/s")
+            print("  gemm \(dt) \(s)^3 tA=\(ta ? 1 : 0) tB=\(tb ? 1 : 0): \(fmt(ms, 3)) ms = \(fmt(2 * Double(s * s) * Double(s) / (ms / 1000) / 1e12, 1)) TFLOP/s")
         }
 
         // Memory-bound kernels at Llama-3.1-8B sizes: achieved GB/s against the copy bandwidth.

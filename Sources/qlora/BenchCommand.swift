@@ -11,6 +11,7 @@ struct BenchCommand: ParsableCommand {
     var arch: String = "smollm2-135m"
     @Option(help: "Device: auto (the GPU when the CUDA driver loads and a GPU is present), cpu or cuda.")
     var device: String = "auto"
+    @OptionGroup var computeDTypeOption: ComputeDTypeOption
     @Option(parsing: .unconditional, help: "Micro-batch size (rows).")
     var batch: Int = 1
     @Option(parsing: .unconditional, help: "Sequence length of each row.")
@@ -56,7 +57,7 @@ struct BenchCommand: ParsableCommand {
         if let gpuMemory, !(gpuMemory > 0 && gpuMemory.isFinite) { throw ValidationError("--gpu-memory must be a positive number of GiB, got \(gpuMemory)") }
         _ = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints")
         _ = try Self.parseSwitch(hostEmbedding, "host-embedding")
-        switch try ComputeDevice.choose(device) {
+        switch try ComputeDevice.choose(device, computeDType: try computeDTypeOption.choice()) {
         case .cuda(let context):
             try runCUDA(architecture: architecture, context: context)
         case .cpu:

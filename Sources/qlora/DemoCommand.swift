@@ -16,6 +16,7 @@ struct DemoCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: "Peak learning rate.") var learningRate: Double = 1e-3
     @Option(parsing: .unconditional, help: "Held-out examples to answer (0: all).") var testExamples: Int = 0
     @Option(help: "Where to train: auto (the GPU when one is usable, else the CPU), cpu or cuda.") var device: String = "auto"
+    @OptionGroup var computeDTypeOption: ComputeDTypeOption
 
     func run() throws {
         let answerTokens = 24
@@ -56,7 +57,7 @@ struct DemoCommand: ParsableCommand {
         let cases = try GenerationEvaluation.cases(path: c.evalDataset!, tokenizer: tokenizer, template: template, limit: testExamples)
         let padID = tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0
 
-        var trainingDevice = try ComputeDevice.choose(device)
+        var trainingDevice = try ComputeDevice.choose(device, computeDType: try computeDTypeOption.choice())
         try loaded.model.attachLoRA(c.loraConfig, seed: c.seed)  // B = 0: still the base model
         let trainer: Trainer
         do {

@@ -36,6 +36,7 @@ struct EvalCommand: ParsableCommand {
 
     @Option(help: "Where to run: auto (the GPU when one is usable, else the CPU), cpu or cuda.")
     var device: String = "auto"
+    @OptionGroup var computeDTypeOption: ComputeDTypeOption
 
     @Flag(help: "Generate an answer for every example and score it with --metric.")
     var generate = false
@@ -82,7 +83,7 @@ struct EvalCommand: ParsableCommand {
         if generate && (json || answers != nil) {
             try FileSystem.refuseOverwrite(output: answersPath, option: "--answers", inputs: [("dataset", data)])
         }
-        let compute = try ComputeDevice.choose(device)
+        let compute = try ComputeDevice.choose(device, computeDType: try computeDTypeOption.choice())
         let loaded = try modelOptions.load()
         var fields: [(String, JSONValue)] = []
         var lines: [String] = []

@@ -39,6 +39,7 @@ struct GenerateCommand: ParsableCommand {
 
     @Option(help: "Where to run: auto (the GPU when one is usable, else the CPU), cpu or cuda.")
     var device: String = "auto"
+    @OptionGroup var computeDTypeOption: ComputeDTypeOption
 
     func validate() throws {
         // Before the model loads: a bad option is reported at once.
@@ -48,7 +49,7 @@ struct GenerateCommand: ParsableCommand {
     }
 
     func run() throws {
-        let compute = try ComputeDevice.choose(device)
+        let compute = try ComputeDevice.choose(device, computeDType: try computeDTypeOption.choice())
         let loaded = try modelOptions.load()
         guard let tokenizer = loaded.tokenizer else { throw ValidationError("\(loaded.directory) has no tokenizer.json") }
         if let promptsFile { return try answerFile(promptsFile, compute: compute, loaded: loaded, tokenizer: tokenizer) }

@@ -18,12 +18,13 @@ struct MergeCommand: ParsableCommand {
 
     @Option(help: "Where to compute W + scale·B·A: auto (the GPU when one is usable, else the CPU), cpu or cuda. The files are the same up to the last bit of a few bf16 values.")
     var device: String = "auto"
+    @OptionGroup var computeDTypeOption: ComputeDTypeOption
 
     func run() throws {
         // Nothing a command reads is overwritten by it: checked before the minutes of loading and merging.
         try FileSystem.refuseOverwrite(output: out, option: "--out", inputs: [("adapter folder", adapter)] + (FileSystem.exists(model) ? [("base model folder", model)] : []))
         try FileSystem.checkReplaceable(out, option: "--out", replaceable: AdapterMerge.outputFiles)
-        let compute = try ComputeDevice.choose(device)
+        let compute = try ComputeDevice.choose(device, computeDType: try computeDTypeOption.choice())
         // Dense weights as stored; a bitsandbytes-only folder can only give its dequantized weights.
         let loaded = try ModelLoader.load(model, quantization: .none, log: { printError($0) })
         if loaded.isPreQuantized {

@@ -24,16 +24,29 @@ struct ModelOptions: ParsableArguments {
     }
 }
 
+/// `--compute-dtype`, shared by the commands that run a model on the GPU.
+struct ComputeDTypeOption: ParsableArguments {
+    @Option(name: .customLong("compute-dtype"),
+            help: "GPU compute type: auto (bf16 where the card has it, compute capability 8.0+; fp16 before, e.g. a T4), bf16 or fp16 (training scales the loss dynamically). Also QLORA_COMPUTE_DTYPE.")
+    var computeDType: String?
+
+    /// The choice given, or nil (then QLORA_COMPUTE_DTYPE, else auto).
+    func choice() throws -> ComputeDTypeChoice? {
+        do { return try computeDType.map { try ComputeDTypeChoice(parsing: $0) } } catch { throw ValidationError("\(error)") }
+    }
+}
+
 extension ComputeDevice {
     /// Resolves `--device auto|cpu|cuda` and says on standard error which device was chosen. `auto` takes the GPU when
     /// the driver loads, a GPU is present and the kernels' compiler (NVRTC) is found; otherwise the CPU, saying why.
-    static func choose(_ name: String) throws -> ComputeDevice {
+    /// `computeDType`: the GPU's 16-bit type (nil: QLORA_COMPUTE_DTYPE, else auto); the CPU always computes in fp32.
+    static func choose(_ name: String, computeDType: ComputeDTypeChoice? = nil) throws -> ComputeDevice {
         switch name.lowercased() {
         case "cpu":
-            printError("device: cpu")
+            printError("device: cpu" + (computeDType.map { $0 == .auto ? "" : " (fp32; --compute-dtype \($0) applies to the GPU)" } ?? ""))
             return .cpu
         case "cuda", "gpu":
-            let context = try CUDAContext()
+            let context = try CUDAContext(computeDType: computeDType)
             printError("device: cuda (\(context.device.name); kernels \(context.kernelDescription))")
             return .cuda(context)
         case "auto":
@@ -42,7 +55,7 @@ extension ComputeDevice {
                     printError("device: cpu (auto: the CUDA driver reports no GPU)")
                     return .cpu
                 }
-                let context = try CUDAContext()
+                let context = try CUDAContext(computeDType: computeDType)
                 printError("device: cuda (auto: \(context.device.name); kernels \(context.kernelDescription))")
                 return .cuda(context)
             } catch {

@@ -48,6 +48,7 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "Replace an earlier run in the output folder (its adapter, checkpoints and metrics); without it, or --resume, such a folder is refused.")
     var overwrite = false
     @Option(help: "Where to train: auto (the GPU when one is usable, else the CPU), cpu or cuda.") var device: String = "auto"
+    @OptionGroup var computeDTypeOption: ComputeDTypeOption
     @Option(name: .customLong("gpu-memory"), parsing: .unconditional,
             help: "GPU: train as on a card with this many GiB (the memory plan refuses what would not fit it; also QLORA_GPU_MEMORY).")
     var gpuMemory: Double?
@@ -91,6 +92,7 @@ struct TrainCommand: ParsableCommand {
         if let greaterIsBetter { c.greaterIsBetter = greaterIsBetter }
         if let evalMetrics { c.evalMetrics = evalMetrics.split(separator: ",").map { $0.filter { !$0.isWhitespace } } }
         set(generationEvalExamples, \.generationEvalExamples); set(generationMaxNewTokens, \.generationMaxNewTokens)
+        if let choice = try computeDTypeOption.choice() { c.computeDType = choice }
         try c.validate()
         try Trainer.checkOutputDirectory(c)  // before minutes of loading
         return c
@@ -101,7 +103,7 @@ struct TrainCommand: ParsableCommand {
             throw ValidationError("--gpu-memory must be a positive number of GiB, got \(gpuMemory)")
         }
         let c = try configuration()
-        let trainingDevice = try ComputeDevice.choose(device)
+        let trainingDevice = try ComputeDevice.choose(device, computeDType: c.computeDType == .auto ? nil : c.computeDType)
         if let gpuMemory, case .cuda(let context) = trainingDevice { try context.setMemoryBudget(gib: gpuMemory) }
         let loaded = try ModelLoader.load(c.model, quantization: try BaseQuantization.parse(c.quantize), log: { printError($0) })
         printError("model: \(loaded.description)")

@@ -101,6 +101,19 @@ public protocol TrainingEngine: AnyObject {
     func optimizerState() throws -> [TensorRecord]
     /// Restores what `optimizerState()` saved.
     func loadOptimizerState(_ file: SafeTensorsFile) throws
+    /// The fp16 path's dynamic loss scale (nil when the engine computes in bf16 or fp32: nothing to scale).
+    var lossScaler: GradScaler? { get }
+    /// The latest `step` skipped its update because the scaled gradients overflowed (fp16 only; the loss scaler
+    /// has halved the scale). Its returned norm is then inf or nan.
+    var lastStepSkipped: Bool { get }
+    /// Takes a saved loss scaler's state (a resumed fp16 run).
+    func restoreLossScaler(scale: Float, growthTracker: Int, skippedSteps: Int)
+}
+
+extension TrainingEngine {
+    public var lossScaler: GradScaler? { nil }
+    public var lastStepSkipped: Bool { false }
+    public func restoreLossScaler(scale: Float, growthTracker: Int, skippedSteps: Int) {}
 }
 
 /// Where `Trainer` (and a command) computes.

@@ -17,9 +17,16 @@ struct TrainerState {
     var evalHistory: [(step: Int, loss: Double)] = []
     /// The task metrics of each evaluation (eval_<metric> keys), when there were any.
     var metricHistory: [(step: Int, values: [(String, Double)])] = []
+    /// The fp16 path's loss scaler (scale, growth tracker, skipped steps so far), as torch saves GradScaler's state.
+    var lossScaler: (scale: Float, growthTracker: Int, skippedSteps: Int)?
 
     func json() -> JSONValue {
-        .object(JSONObject([
+        var fields: [(String, JSONValue)] = []
+        if let s = lossScaler {
+            fields = [("loss_scale", .double(Double(s.scale))), ("loss_scale_growth_tracker", .int(Int64(s.growthTracker))),
+                      ("skipped_steps", .int(Int64(s.skippedSteps)))]
+        }
+        return .object(JSONObject(fields + [
             ("global_step", .int(Int64(step))),
             ("best_metric", bestMetric.map { .double($0) } ?? .null),
             ("best_step", bestStep.map { .int(Int64($0)) } ?? .null),
@@ -43,6 +50,12 @@ struct TrainerState {
         bestMetric = json["best_metric"]?.double
         bestStep = json["best_step"]?.int
         evaluationsWithoutImprovement = json["evaluations_without_improvement"]?.int ?? 0
+        if let scale = json["loss_scale"]?.double {
+            guard scale > 0, scale.isFinite, let tracker = json["loss_scale_growth_tracker"]?.int, tracker >= 0 else {
+                throw FileFormatError(file: file, place: "'loss_scale'", "expected a positive scale and a non-negative 'loss_scale_growth_tracker'")
+            }
+            lossScaler = (Float(scale), tracker, max(0, json["skipped_steps"]?.int ?? 0))
+        }
         history = (json["log_history"]?.array ?? []).compactMap { r in
             guard let s = r["step"]?.int, let l = r["loss"]?.double else { return nil }
             return StepRecord(step: s, loss: l, learningRate: r["learning_rate"]?.double ?? 0, gradientNorm: r["grad_norm"]?.double ?? 0,
@@ -103,6 +116,7 @@ enum Checkpoints {
         try loadAdapterWeights(from: checkpoint, into: model)
         try engine.loadWeightsFromModel()
         try engine.loadOptimizerState(try SafeTensorsFile(path: checkpoint + "/optimizer.safetensors"))
+        if let s = state.lossScaler { engine.restoreLossScaler(scale: s.scale, growthTracker: s.growthTracker, skippedSteps: s.skippedSteps) }
         return state
     }
 

@@ -194,9 +194,21 @@ public final class Trainer {
             }
             let learningRate = schedule.learningRate(atStep: step)
             let norm = try engine.step(learningRate: learningRate, maxGradNorm: c.maxGradNorm)
-            guard norm.isFinite else {
-                throw nonFinite("the gradient norm is \(NonFiniteError.name(norm)) (the optimizer step was not applied)",
-                                step: step + 1, batches: micro.map { train[$0] })
+            if engine.lastStepSkipped, let scaler = engine.lossScaler {
+                // fp16: the scaled gradients overflowed; the scaler skipped the update and halved the scale. Only a
+                // collapsed scale stops the run (Training/GradScaler.swift).
+                guard !scaler.hasCollapsed else {
+                    throw nonFinite("the fp16 loss scale fell to \(scaler.scale) after \(scaler.consecutiveSkips) skipped steps in a row "
+                                    + "(the gradient norm is \(NonFiniteError.name(norm)) even unscaled; train in bf16 where the card has it, "
+                                    + "or lower the learning rate)", step: step + 1, batches: micro.map { train[$0] })
+                }
+                log("\nstep \(step + 1): gradients overflowed fp16 (norm \(NonFiniteError.name(norm))); step skipped, loss scale now "
+                    + "\(scaler.scale) (\(scaler.skippedSteps) skipped so far)")
+            } else {
+                guard norm.isFinite else {
+                    throw nonFinite("the gradient norm is \(NonFiniteError.name(norm)) (the optimizer step was not applied)",
+                                    step: step + 1, batches: micro.map { train[$0] })
+                }
             }
             state.step += 1
 
@@ -212,7 +224,8 @@ public final class Trainer {
             if state.step % max(c.loggingSteps, 1) == 0 || state.step == totalSteps {
                 try appendMetrics([("step", .int(Int64(state.step))), ("epoch", .double(roundTo(Double(state.step) / Double(stepsPerEpoch), 4))),
                                    ("loss", .double(roundTo(windowLoss / Double(windowSteps), 6))), ("learning_rate", .double(learningRate)),
-                                   ("grad_norm", .double(roundTo(norm, 6))), ("tokens_per_second", .double(roundTo(tokensPerSecond, 1)))])
+                                   ("grad_norm", .double(roundTo(norm, 6))), ("tokens_per_second", .double(roundTo(tokensPerSecond, 1)))]
+                                  + scalerMetrics())
                 windowLoss = 0
                 windowSteps = 0
             }
@@ -252,6 +265,7 @@ public final class Trainer {
                 state.history = history
                 state.evalHistory = evalHistory
                 state.metricHistory = metricHistory
+                state.lossScaler = engine.lossScaler.map { ($0.scale, $0.growthTracker, $0.skippedSteps) }
                 try engine.copyWeightsToModel()
                 try requireFiniteAdapter(step: state.step)
                 let card = try modelCard(kind: .checkpoint(state.step), bestStep: state.bestStep)
@@ -468,6 +482,12 @@ public final class Trainer {
         guard fclose(file) == 0, written else { throw UsageError("cannot append to \(metricsPath): \(written ? String(cString: strerror(errno)) : reason)") }
     }
 
+    /// fp16: the loss scale and the steps skipped so far, for metrics.jsonl (nothing in bf16 or on the CPU).
+    func scalerMetrics() -> [(String, JSONValue)] {
+        guard let s = engine.lossScaler else { return [] }
+        return [("loss_scale", .double(Double(s.scale))), ("skipped_steps", .int(Int64(s.skippedSteps)))]
+    }
+
     func writeReport() throws {
         try TrainingReport.write(configuration: configuration, history: history, evalHistory: evalHistory, metricHistory: metricHistory,
                                  samples: lastSamples, to: configuration.outputDirectory + "/report.html")
@@ -478,8 +498,9 @@ public final class Trainer {
         let done = Int(Double(width) * Double(step) / Double(totalSteps))
         let bar = String(repeating: "=", count: done) + (done < width ? ">" : "") + String(repeating: " ", count: max(0, width - done - 1))
         let eta = Int(secondsPerStep * Double(totalSteps - step))
+        let skipped = engine.lossScaler.map { $0.skippedSteps > 0 ? "skipped \($0.skippedSteps) " : "" } ?? ""
         let line = "\rstep \(step)/\(totalSteps) [\(bar)]" + String(cFormat: " loss %.4f lr %.2e %.0f tok/s ETA %dm%02ds ", loss,
-                          learningRate, tokensPerSecond, eta / 60, eta % 60)
+                          learningRate, tokensPerSecond, eta / 60, eta % 60) + skipped
         showProgress(line)
     }
 

@@ -40,6 +40,9 @@ public struct TrainingConfiguration: Sendable, Equatable {
     /// Bit-identical runs on the GPU (transformers' `full_determinism`): attention through the kernels without
     /// atomics, about 2× slower attention. The CPU is always deterministic.
     public var fullDeterminism = false
+    /// The GPU's 16-bit compute type (`bnb_4bit_compute_dtype`, or TrainingArguments' `bf16: true` / `fp16: true`):
+    /// auto is bf16 where the card has it (compute capability 8.0+), fp16 with loss scaling before (a T4).
+    public var computeDType: ComputeDTypeChoice = .auto
 
     // Bookkeeping
     public var loggingSteps = 10
@@ -89,6 +92,7 @@ public struct TrainingConfiguration: Sendable, Equatable {
         "full_determinism", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "output_dir", "early_stopping_patience",
         "resume", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "metric_for_best_model", "greater_is_better",
         "eval_metrics", "generation_eval_examples", "generation_max_new_tokens",
+        "bnb_4bit_compute_dtype", "compute_dtype", "bf16", "fp16",
     ]
 
     public mutating func apply(_ object: JSONObject, file: String, lines: [String: Int] = [:]) throws {
@@ -166,6 +170,15 @@ public struct TrainingConfiguration: Sendable, Equatable {
             case "eval_metrics": evalMetrics = try strings()
             case "generation_eval_examples": generationEvalExamples = try int()
             case "generation_max_new_tokens": generationMaxNewTokens = try int()
+            case "bnb_4bit_compute_dtype", "compute_dtype":
+                try field("compute_dtype")
+                do { computeDType = try ComputeDTypeChoice(parsing: try string(), what: key) } catch {
+                    throw fail("auto, bfloat16 or float16")
+                }
+            case "bf16", "fp16":
+                // TrainingArguments' switches: true picks that type; false leaves the choice to the card.
+                try field("compute_dtype")
+                if try bool() { computeDType = key == "bf16" ? .bf16 : .fp16 }
             default:
                 let hint = Self.nearestKey(to: key).map { "; did you mean '\($0)'?" } ?? " (see `qlora train --help` for the names)"
                 throw FileFormatError(file: file, place: place, "unknown setting" + hint)

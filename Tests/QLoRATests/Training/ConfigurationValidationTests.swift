@@ -73,6 +73,18 @@ final class ConfigurationValidationTests: XCTestCase {
         assertYAMLError("lr: 1e-4\nlearning_rate: 2e-4\n", "line 2: 'learning_rate': sets the same setting as 'lr' (line 1); give one of them")
     }
 
+    func testYAMLComputeDType() throws {
+        XCTAssertEqual(try yaml("lora_r: 8\n").computeDType, .auto)
+        XCTAssertEqual(try yaml("bnb_4bit_compute_dtype: float16\n").computeDType, .fp16)
+        XCTAssertEqual(try yaml("bnb_4bit_compute_dtype: torch.bfloat16\n").computeDType, .bf16)
+        XCTAssertEqual(try yaml("fp16: true\n").computeDType, .fp16)
+        XCTAssertEqual(try yaml("bf16: false\n").computeDType, .auto)
+        assertYAMLError("lora_r: 8\nbnb_4bit_compute_dtype: float32\n",
+                        "line 2: 'bnb_4bit_compute_dtype': expected auto, bfloat16 or float16, got \"float32\"")
+        assertYAMLError("bf16: true\nbnb_4bit_compute_dtype: float16\n",
+                        "line 2: 'bnb_4bit_compute_dtype': sets the same setting as 'bf16' (line 1); give one of them")
+    }
+
     func testYAMLOverwriteAndSeed() throws {
         let c = try yaml("overwrite_output_dir: true\nseed: 7\n")
         XCTAssertTrue(c.overwriteOutputDirectory)

@@ -13,11 +13,15 @@ public final class CUDAContext {
     public let compiler: KernelCompiler
     private var cuBLASLt: CuBLASLt?
 
+    /// The 16-bit type activations, dequantized weights and LoRA copies are stored in (every kernel and GEMM).
+    public let computeDType: ComputeDType
+
     /// Loads the driver and NVRTC, opens device `ordinal` and makes its context current on this thread.
     /// Throws a `CUDAError` that says what to install when a library is missing, or that the card is too old.
-    /// `kernelTarget` nil: `QLORA_KERNEL_ARCH` when set, else the card's own architecture.
+    /// `kernelTarget` nil: `QLORA_KERNEL_ARCH` when set, else the card's own architecture. `computeDType` nil:
+    /// `QLORA_COMPUTE_DTYPE` when set, else auto (bf16 where the kernel target has bf16 tensor cores, else fp16).
     public init(ordinal: Int = 0, kernelCacheDirectory: String? = KernelCompiler.defaultCacheDirectory,
-                kernelTarget: KernelTarget? = nil) throws {
+                kernelTarget: KernelTarget? = nil, computeDType choice: ComputeDTypeChoice? = nil) throws {
         driver = try CUDADriver.shared()
         device = try CUDADevice(driver: driver, ordinal: ordinal)
         let (major, minor) = device.computeCapability
@@ -26,8 +30,17 @@ public final class CUDAContext {
                                 + "or newer (Turing, Ampere, Ada, Hopper, Blackwell). Use --device cpu on this machine.")
         }
         let target = try kernelTarget ?? KernelTarget.choose(deviceMajor: major, deviceMinor: minor)
+        var resolvedChoice = choice ?? .auto
+        if choice == nil, let text = getenv("QLORA_COMPUTE_DTYPE").map({ String(cString: $0) }), !text.isEmpty {
+            resolvedChoice = try ComputeDTypeChoice(parsing: text, what: "QLORA_COMPUTE_DTYPE")
+        }
+        // The kernel target decides, not the card: PTX for compute_75 on an H100 has no bf16 mma either.
+        computeDType = try resolvedChoice.resolve(major: target.major, minor: target.minor,
+                                                  cardName: target.isVirtual || (target.major, target.minor) != (major, minor)
+                                                      ? "kernel target \(target.nvrtcArchitecture)" : device.name)
         allocator = DeviceAllocator(device: device)
-        compiler = KernelCompiler(device: device, nvrtc: try NVRTC(), target: target, cacheDirectory: kernelCacheDirectory)
+        compiler = KernelCompiler(device: device, nvrtc: try NVRTC(), target: target, computeDType: computeDType,
+                                  cacheDirectory: kernelCacheDirectory)
         let info = try device.memoryInfo()
         contextBytes = info.total - info.free
         if let text = getenv("QLORA_GPU_MEMORY").map({ String(cString: $0) }), !text.isEmpty {
@@ -65,13 +78,16 @@ public final class CUDAContext {
         return min(free, limit - allocator.currentBytes)
     }
 
-    /// What the kernels run as, for logs: "sm_90a" or "compute_86 (PTX, compiled by the driver at load)".
-    public var kernelDescription: String { compiler.target.description }
+    /// What the kernels run as, for logs: "sm_90a, bf16 compute, attention: ..." or "compute_75 (PTX, compiled by the
+    /// driver at load), fp16 compute, attention: ...".
+    public var kernelDescription: String {
+        "\(compiler.target.description), \(computeDType) compute, attention: \(compiler.target.attentionPath)"
+    }
 
     /// cuBLASLt, loaded on first use.
     public func blas() throws -> CuBLASLt {
         if let b = cuBLASLt { return b }
-        let b = try CuBLASLt(device: device, allocator: allocator)
+        let b = try CuBLASLt(device: device, allocator: allocator, storage16: GEMMType(computeDType))
         cuBLASLt = b
         return b
     }

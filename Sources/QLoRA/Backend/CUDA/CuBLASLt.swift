@@ -1,4 +1,5 @@
-// cuBLASLt (libcublasLt.so), loaded with dlopen: matrix products in bf16 with fp32 accumulation.
+// cuBLASLt (libcublasLt.so), loaded with dlopen: matrix products in bf16 or fp16 (the compute dtype) with fp32
+// accumulation.
 //
 // Row-major conventions. Our tensors are row-major; cuBLAS is column-major. A row-major [r, c] matrix with
 // leading dimension c is, byte for byte, the column-major [c, r] matrix, i.e. its transpose. So the row-major
@@ -26,7 +27,11 @@ import Glibc
 public enum GEMMType: Int32 {
     case float32 = 0   // CUDA_R_32F
     case bfloat16 = 14 // CUDA_R_16BF
+    case float16 = 2   // CUDA_R_16F
     var bytes: Int { self == .float32 ? 4 : 2 }
+
+    /// The 16-bit type of a compute dtype.
+    public init(_ dtype: ComputeDType) { self = dtype == .bf16 ? .bfloat16 : .float16 }
 }
 
 /// A cuBLASLt handle with a workspace, bound to one device and stream.
@@ -75,8 +80,12 @@ public final class CuBLASLt {
     public static let defaultLibraryNames = ["libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"]
 
     /// Loads cuBLASLt and creates a handle with a `workspaceBytes` workspace (32 MiB suits Hopper).
-    public init(device: CUDADevice, allocator: DeviceAllocator, workspaceBytes: Int = 32 << 20,
+    /// The 16-bit operand and result type of `gemm` when none is named: the context's compute dtype.
+    public let storage16: GEMMType
+
+    public init(device: CUDADevice, allocator: DeviceAllocator, workspaceBytes: Int = 32 << 20, storage16: GEMMType = .bfloat16,
                 libraryNames: [String] = CuBLASLt.defaultLibraryNames) throws {
+        self.storage16 = storage16
         var errors: [String] = []
         guard let library = DynamicLibrary.open(firstOf: libraryNames, errors: &errors) else {
             throw CUDAError(call: "dlopen libcublasLt",
@@ -137,16 +146,18 @@ public final class CuBLASLt {
     /// Row-major `C[m, n] = alpha * op(A)[m, k] · op(B)[k, n] + beta * C`, fp32 accumulation.
     /// A is stored [m, k] (or [k, m] when `transA`), B [k, n] (or [n, k] when `transB`), C [m, n]; all
     /// densely packed. `batch` > 1 runs that many products with the given element strides between matrices.
-    /// A and B share one type; C may be bf16 or fp32. Runs on `stream` (default: the device's stream).
+    /// A and B share one type; C may be 16-bit or fp32. The types default to `storage16`, the context's compute
+    /// dtype. Runs on `stream` (default: the device's stream).
     public func gemm(m: Int, n: Int, k: Int,
                      a: CUdeviceptr, transA: Bool = false,
                      b: CUdeviceptr, transB: Bool = false,
                      c: CUdeviceptr,
-                     inputType: GEMMType = .bfloat16, outputType: GEMMType = .bfloat16,
+                     inputType: GEMMType? = nil, outputType: GEMMType? = nil,
                      alpha: Float = 1, beta: Float = 0,
                      batch: Int = 1, strideA: Int = 0, strideB: Int = 0, strideC: Int = 0,
                      stream: CUDAStream? = nil) throws {
         guard m > 0, n > 0, batch > 0 else { return }
+        let inputType = inputType ?? storage16, outputType = outputType ?? storage16
         let s = stream ?? device.stream!
         var desc: OpaquePointer? = nil
         try check(cublasLtMatmulDescCreate(&desc, Self.computeFloat32, GEMMType.float32.rawValue), "cublasLtMatmulDescCreate")

@@ -85,6 +85,18 @@ public struct KernelTarget: Equatable, Sendable, CustomStringConvertible {
         }
     }
 
-    /// Kernels built for this target may use bf16 tensor-core instructions (mma .bf16, sm_80 and later).
+    /// Kernels built for this target may use bf16 tensor-core instructions (mma .bf16, sm_80 and later). Turing
+    /// (7.5) runs the fp16 compute path (`ComputeDTypeChoice.resolve`).
     public var hasBF16TensorCores: Bool { major >= 8 }
+
+    /// The tensor-core attention code the kernels compile to on this target (attention_mma.cu picks it with
+    /// `__CUDA_ARCH__`), for the line the commands print once. `QLORA_KERNEL_ARCH=compute_75` (or compute_80) forces
+    /// a portable path on a newer card.
+    public var attentionPath: String {
+        switch major {
+        case ..<8: return "mma.sync m16n8k8 fp16 pairs, plain shared-memory copies (Turing path)"
+        case 8: return "mma.sync m16n8k16, cp.async (Ampere path)"
+        default: return "mma.sync m16n8k16, cp.async, vector reductions (Hopper path)"
+        }
+    }
 }

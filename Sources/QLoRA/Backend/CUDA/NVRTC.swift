@@ -168,6 +168,8 @@ public final class KernelCompiler {
     public let nvrtc: NVRTC
     /// What the kernels are built for: the card's architecture, or a virtual one (`QLORA_KERNEL_ARCH`).
     public let target: KernelTarget
+    /// The kernels' 16-bit storage type (`h16` in the prelude: bf16, or fp16 with -DQLORA_HALF=1).
+    public let computeDType: ComputeDType
     /// Where cubins are cached; nil disables the disk cache.
     public let cacheDirectory: String?
     /// Headers every kernel may include.
@@ -185,21 +187,23 @@ public final class KernelCompiler {
         return nil
     }
 
-    public init(device: CUDADevice, nvrtc: NVRTC, target: KernelTarget? = nil,
+    public init(device: CUDADevice, nvrtc: NVRTC, target: KernelTarget? = nil, computeDType: ComputeDType = .bf16,
                 cacheDirectory: String? = KernelCompiler.defaultCacheDirectory,
                 headers: [(name: String, text: String)] = KernelSources.headers) {
         self.device = device
         self.nvrtc = nvrtc
         self.target = target ?? .native(major: device.computeCapability.major, minor: device.computeCapability.minor)
+        self.computeDType = computeDType
         self.cacheDirectory = cacheDirectory
         self.headers = headers
     }
 
-    /// Compiler options: the target architecture, C++17, IEEE-accurate math.
-    public var options: [String] { Self.options(for: target) }
+    /// Compiler options: the target architecture, C++17, IEEE-accurate math, the 16-bit type.
+    public var options: [String] { Self.options(for: target, computeDType: computeDType) }
 
-    public static func options(for target: KernelTarget) -> [String] {
+    public static func options(for target: KernelTarget, computeDType: ComputeDType = .bf16) -> [String] {
         ["-arch=\(target.nvrtcArchitecture)", "-std=c++17", "-default-device", "-DQLORA_NVRTC=1"]
+            + (computeDType == .fp16 ? ["-DQLORA_HALF=1"] : [])
     }
 
     /// Dynamic shared memory a block may use: the card's limit, and no more than cards of the target's architecture

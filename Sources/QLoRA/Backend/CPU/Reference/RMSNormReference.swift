@@ -2,13 +2,15 @@
 
 extension CPUReference {
     /// y = bf16(bf16(x * r) * w) with r = 1/sqrt(mean(x^2) + eps), per row of `dim` values (HF's rounding order).
-    public static func rmsNormForward(x: [Float], weight: [Float], rows: Int, dim: Int, eps: Float) -> [Float] {
+    /// `round` is the 16-bit store (bf16 by default; `ComputeDType.fp16.round` for the fp16 path).
+    public static func rmsNormForward(x: [Float], weight: [Float], rows: Int, dim: Int, eps: Float,
+                                      round: (Float) -> Float = roundToBF16) -> [Float] {
         var y = [Float](repeating: 0, count: rows * dim)
         for row in 0..<rows {
             var ss = 0.0
             for i in 0..<dim { ss += Double(x[row * dim + i]) * Double(x[row * dim + i]) }
             let r = Float(1 / (ss / Double(dim) + Double(eps)).squareRoot())
-            for i in 0..<dim { y[row * dim + i] = roundToBF16(roundToBF16(x[row * dim + i] * r) * weight[i]) }
+            for i in 0..<dim { y[row * dim + i] = round(round(x[row * dim + i] * r) * weight[i]) }
         }
         return y
     }

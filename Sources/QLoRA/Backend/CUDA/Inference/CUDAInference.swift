@@ -100,10 +100,10 @@ public final class CUDAInference {
                             quantized: [String: QuantizedWeight] = [:]) throws {
         let c = model.config
         let A = context.allocator
-        func bf16(_ values: [Float]) throws -> DeviceBuffer<UInt16> { try A.buffer(copying: values.map(floatToBF16)) }
+        func bf16(_ values: [Float]) throws -> DeviceBuffer<UInt16> { try A.buffer(copying: values.map(context.computeDType.encode)) }
         func bf16(_ m: Matrix) throws -> DeviceBuffer<UInt16> {
             let b = try A.buffer(UInt16.self, count: m.count)
-            try b.upload((0..<m.count).map { floatToBF16(m.pointer[$0]) })
+            try b.upload((0..<m.count).map { context.computeDType.encode(m.pointer[$0]) })
             return b
         }
         let code = try A.buffer(copying: DoubleQuantizedAbsmax.signedDynamicMap)

@@ -26,25 +26,25 @@
 
 /// Loads the 16-byte chunks of this thread's part of a D-row (bf16) into f (fp32), D/32 chunks of 8.
 template <int D>
-__device__ __forceinline__ void load_part(const bf16* row, int part, float* f) {
+__device__ __forceinline__ void load_part(const h16* row, int part, float* f) {
 #pragma unroll
-    for (int c = 0; c < D / 32; c++) load_bf16x8(row + (part + 4 * c) * 8, f + 8 * c);
+    for (int c = 0; c < D / 32; c++) load_h16x8(row + (part + 4 * c) * 8, f + 8 * c);
 }
 
 template <int D>
-__device__ __forceinline__ void store_part(bf16* row, int part, const float* f) {
+__device__ __forceinline__ void store_part(h16* row, int part, const float* f) {
 #pragma unroll
-    for (int c = 0; c < D / 32; c++) store_bf16x8(row + (part + 4 * c) * 8, f + 8 * c);
+    for (int c = 0; c < D / 32; c++) store_h16x8(row + (part + 4 * c) * 8, f + 8 * c);
 }
 
 /// Dot product of this thread's part of `a` (registers) with a shared-memory row, summed over the 4 threads.
 template <int D>
-__device__ __forceinline__ float dot_row(const float* a, const bf16* row, int part) {
+__device__ __forceinline__ float dot_row(const float* a, const h16* row, int part) {
     float d = 0.0f;
 #pragma unroll
     for (int c = 0; c < D / 32; c++) {
         float f[8];
-        load_bf16x8(row + (part + 4 * c) * 8, f);
+        load_h16x8(row + (part + 4 * c) * 8, f);
 #pragma unroll
         for (int e = 0; e < 8; e++) d += a[8 * c + e] * f[e];
     }
@@ -55,11 +55,11 @@ __device__ __forceinline__ float dot_row(const float* a, const bf16* row, int pa
 
 /// acc += w * row (this thread's part).
 template <int D>
-__device__ __forceinline__ void axpy_row(float* acc, float w, const bf16* row, int part) {
+__device__ __forceinline__ void axpy_row(float* acc, float w, const h16* row, int part) {
 #pragma unroll
     for (int c = 0; c < D / 32; c++) {
         float f[8];
-        load_bf16x8(row + (part + 4 * c) * 8, f);
+        load_h16x8(row + (part + 4 * c) * 8, f);
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[8 * c + e] += w * f[e];
     }
@@ -67,22 +67,22 @@ __device__ __forceinline__ void axpy_row(float* acc, float w, const bf16* row, i
 
 /// Copies rows [r0, r0 + TILE) of head `head` from src ([tokens, heads_in_src, D]) to shared (zeros past seq).
 template <int D>
-__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, long long batch_token0, int r0, int seq, int heads,
+__device__ __forceinline__ void load_tile(h16* dst, const h16* src, long long batch_token0, int r0, int seq, int heads,
                                           int head) {
     for (int idx = threadIdx.x; idx < TILE * D / 8; idx += blockDim.x) {
         const int rr = idx / (D / 8), ch = idx % (D / 8);
         const int r = r0 + rr;
-        bf16x8_raw v = {{0u, 0u, 0u, 0u}};
-        if (r < seq) v = *reinterpret_cast<const bf16x8_raw*>(src + ((batch_token0 + r) * heads + head) * D + ch * 8);
-        *reinterpret_cast<bf16x8_raw*>(dst + rr * D + ch * 8) = v;
+        h16x8_raw v = {{0u, 0u, 0u, 0u}};
+        if (r < seq) v = *reinterpret_cast<const h16x8_raw*>(src + ((batch_token0 + r) * heads + head) * D + ch * 8);
+        *reinterpret_cast<h16x8_raw*>(dst + rr * D + ch * 8) = v;
     }
 }
 
 template <int D>
-__device__ __forceinline__ void attention_forward_impl(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+__device__ __forceinline__ void attention_forward_impl(const h16* q, const h16* k, const h16* v, h16* o, float* lse,
                                                        const int* segments, int seq, int heads, int kv_heads, float scale) {
-    __shared__ alignas(16) bf16 ks[TILE * D];
-    __shared__ alignas(16) bf16 vs[TILE * D];
+    __shared__ alignas(16) h16 ks[TILE * D];
+    __shared__ alignas(16) h16 vs[TILE * D];
     __shared__ int segs[TILE];
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * TILE;
     const int hk = h / (heads / kv_heads);
@@ -139,40 +139,40 @@ __device__ __forceinline__ void attention_forward_impl(const bf16* q, const bf16
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) attention_forward_d32(
-    const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* segments, int seq, int heads,
+    const h16* q, const h16* k, const h16* v, h16* o, float* lse, const int* segments, int seq, int heads,
     int kv_heads, float scale) {
     attention_forward_impl<32>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) attention_forward_d64(
-    const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* segments, int seq, int heads,
+    const h16* q, const h16* k, const h16* v, h16* o, float* lse, const int* segments, int seq, int heads,
     int kv_heads, float scale) {
     attention_forward_impl<64>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) attention_forward_d128(
-    const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const int* segments, int seq, int heads,
+    const h16* q, const h16* k, const h16* v, h16* o, float* lse, const int* segments, int seq, int heads,
     int kv_heads, float scale) {
     attention_forward_impl<128>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);
 }
 
 /// delta[t, h] = sum_d do[t, h, d] * o[t, h, d]. One warp per (token, head) row; rows = tokens * heads.
-extern "C" __global__ void attention_backward_delta(const bf16* o, const bf16* dout, float* delta, long long rows, int dim) {
+extern "C" __global__ void attention_backward_delta(const h16* o, const h16* dout, float* delta, long long rows, int dim) {
     const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
     float sum = 0.0f;
-    for (int d = lane; d < dim; d += 32) sum += bf16_to_float(o[row * dim + d]) * bf16_to_float(dout[row * dim + d]);
+    for (int d = lane; d < dim; d += 32) sum += h16_to_float(o[row * dim + d]) * h16_to_float(dout[row * dim + d]);
     sum = warp_sum(sum);
     if (lane == 0) delta[row] = sum;
 }
 
 template <int D>
-__device__ __forceinline__ void attention_backward_dq_impl(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+__device__ __forceinline__ void attention_backward_dq_impl(const h16* q, const h16* k, const h16* v, const h16* dout,
                                                            const float* lse, const float* delta, const int* segments,
-                                                           bf16* dq, int seq, int heads, int kv_heads, float scale) {
-    __shared__ alignas(16) bf16 ks[TILE * D];
-    __shared__ alignas(16) bf16 vs[TILE * D];
+                                                           h16* dq, int seq, int heads, int kv_heads, float scale) {
+    __shared__ alignas(16) h16 ks[TILE * D];
+    __shared__ alignas(16) h16 vs[TILE * D];
     __shared__ int segs[TILE];
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * TILE;
     const int hk = h / (heads / kv_heads);
@@ -215,30 +215,30 @@ __device__ __forceinline__ void attention_backward_dq_impl(const bf16* q, const 
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dq_d32(
-    const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
-    const int* segments, bf16* dq, int seq, int heads, int kv_heads, float scale) {
+    const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse, const float* delta,
+    const int* segments, h16* dq, int seq, int heads, int kv_heads, float scale) {
     attention_backward_dq_impl<32>(q, k, v, dout, lse, delta, segments, dq, seq, heads, kv_heads, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dq_d64(
-    const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
-    const int* segments, bf16* dq, int seq, int heads, int kv_heads, float scale) {
+    const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse, const float* delta,
+    const int* segments, h16* dq, int seq, int heads, int kv_heads, float scale) {
     attention_backward_dq_impl<64>(q, k, v, dout, lse, delta, segments, dq, seq, heads, kv_heads, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dq_d128(
-    const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
-    const int* segments, bf16* dq, int seq, int heads, int kv_heads, float scale) {
+    const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse, const float* delta,
+    const int* segments, h16* dq, int seq, int heads, int kv_heads, float scale) {
     attention_backward_dq_impl<128>(q, k, v, dout, lse, delta, segments, dq, seq, heads, kv_heads, scale);
 }
 
 template <int D>
-__device__ __forceinline__ void attention_backward_dkdv_impl(const bf16* q, const bf16* k, const bf16* v,
-                                                             const bf16* dout, const float* lse, const float* delta,
-                                                             const int* segments, bf16* dk, bf16* dv, int seq, int heads,
+__device__ __forceinline__ void attention_backward_dkdv_impl(const h16* q, const h16* k, const h16* v,
+                                                             const h16* dout, const float* lse, const float* delta,
+                                                             const int* segments, h16* dk, h16* dv, int seq, int heads,
                                                              int kv_heads, float scale) {
-    __shared__ alignas(16) bf16 qs[TILE * D];
-    __shared__ alignas(16) bf16 ds_[TILE * D];
+    __shared__ alignas(16) h16 qs[TILE * D];
+    __shared__ alignas(16) h16 ds_[TILE * D];
     __shared__ float lses[TILE], deltas[TILE];
     __shared__ int segs[TILE];
     const int b = blockIdx.z, hk = blockIdx.y, j0 = blockIdx.x * TILE;
@@ -289,19 +289,19 @@ __device__ __forceinline__ void attention_backward_dkdv_impl(const bf16* q, cons
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_d32(
-    const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
-    const int* segments, bf16* dk, bf16* dv, int seq, int heads, int kv_heads, float scale) {
+    const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse, const float* delta,
+    const int* segments, h16* dk, h16* dv, int seq, int heads, int kv_heads, float scale) {
     attention_backward_dkdv_impl<32>(q, k, v, dout, lse, delta, segments, dk, dv, seq, heads, kv_heads, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_d64(
-    const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
-    const int* segments, bf16* dk, bf16* dv, int seq, int heads, int kv_heads, float scale) {
+    const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse, const float* delta,
+    const int* segments, h16* dk, h16* dv, int seq, int heads, int kv_heads, float scale) {
     attention_backward_dkdv_impl<64>(q, k, v, dout, lse, delta, segments, dk, dv, seq, heads, kv_heads, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_d128(
-    const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta,
-    const int* segments, bf16* dk, bf16* dv, int seq, int heads, int kv_heads, float scale) {
+    const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse, const float* delta,
+    const int* segments, h16* dk, h16* dv, int seq, int heads, int kv_heads, float scale) {
     attention_backward_dkdv_impl<128>(q, k, v, dout, lse, delta, segments, dk, dv, seq, heads, kv_heads, scale);
 }

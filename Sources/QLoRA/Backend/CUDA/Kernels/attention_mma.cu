@@ -1,5 +1,6 @@
 // attention_mma.cu: the same causal GQA attention as attention.cu (shapes, masking, formulas: see there), on the
-// tensor cores: bf16 `mma.sync.aligned.m16n8k16` with fp32 accumulation, flash-attention-2 style.
+// tensor cores: `mma.sync.aligned.m16n8k16` on h16 (bf16, or fp16 with QLORA_HALF) with fp32 accumulation,
+// flash-attention-2 style. On Turing (sm_75, fp16 only) each m16n8k16 is two m16n8k8 and cp.async a plain copy.
 //
 // Fragments of m16n8k16 (PTX ISA, "Matrix fragments for mma.m16n8k16"), lane = 4 g + t:
 //   A (16x16, row-major):  a[0] = A[g][2t..2t+1]   a[1] = A[g+8][2t..2t+1]   a[2] = A[g][2t+8..]   a[3] = A[g+8][2t+8..]
@@ -26,21 +27,20 @@
 
 #define MMA_THREADS 128
 
-// Not volatile: a pure function of its registers, so the compiler may schedule fragment loads ahead of it.
-__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+#if !QLORA_HALF && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "bf16 tensor-core mma needs sm_80 or newer; Turing (sm_75) runs the fp16 path (-DQLORA_HALF=1, --compute-dtype fp16)"
+#endif
 
-__device__ __forceinline__ unsigned ld32(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
-__device__ __forceinline__ unsigned pack2(bf16 lo, bf16 hi) { return (unsigned)lo | ((unsigned)hi << 16); }
-__device__ __forceinline__ unsigned pack_f2(float lo, float hi) { return pack2(float_to_bf16(lo), float_to_bf16(hi)); }
+// One m16n8k16 product (the prelude's mma_16816_h16: bf16 or fp16, two m16n8k8 on Turing).
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) { mma_16816_h16(c, a, b0, b1); }
+
+__device__ __forceinline__ unsigned ld32(const h16* p) { return *reinterpret_cast<const unsigned*>(p); }
+__device__ __forceinline__ unsigned pack2(h16 lo, h16 hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+__device__ __forceinline__ unsigned pack_f2(float lo, float hi) { return pack2(float_to_h16(lo), float_to_h16(hi)); }
 
 /// A fragments of a warp's 16 rows x D from global memory rows r0 (= row g) and r0 + 8 (zeros where invalid).
 template <int D>
-__device__ __forceinline__ void load_a_rows(unsigned (*a)[4], const bf16* row0, const bf16* row1, int t) {
+__device__ __forceinline__ void load_a_rows(unsigned (*a)[4], const h16* row0, const h16* row1, int t) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         a[kk][0] = row0 ? ld32(row0 + kk * 16 + 2 * t) : 0u;
@@ -52,13 +52,13 @@ __device__ __forceinline__ void load_a_rows(unsigned (*a)[4], const bf16* row0, 
 
 /// Copies `rows` rows of one head (row r -> token t0 + r0 + r) into shared memory with row stride LD (zeros past seq).
 template <int D, int ROWS>
-__device__ __forceinline__ void load_rows_shared(bf16* dst, const bf16* src, long long t0, int r0, int seq, int heads, int head) {
+__device__ __forceinline__ void load_rows_shared(h16* dst, const h16* src, long long t0, int r0, int seq, int heads, int head) {
     constexpr int LD = D + 8;
     for (int idx = threadIdx.x; idx < ROWS * D / 8; idx += blockDim.x) {
         const int rr = idx / (D / 8), ch = idx % (D / 8);
-        bf16x8_raw v = {{0u, 0u, 0u, 0u}};
-        if (r0 + rr < seq) v = *reinterpret_cast<const bf16x8_raw*>(src + ((t0 + r0 + rr) * heads + head) * D + ch * 8);
-        *reinterpret_cast<bf16x8_raw*>(dst + rr * LD + ch * 8) = v;
+        h16x8_raw v = {{0u, 0u, 0u, 0u}};
+        if (r0 + rr < seq) v = *reinterpret_cast<const h16x8_raw*>(src + ((t0 + r0 + rr) * heads + head) * D + ch * 8);
+        *reinterpret_cast<h16x8_raw*>(dst + rr * LD + ch * 8) = v;
     }
 }
 
@@ -78,33 +78,49 @@ __device__ __forceinline__ unsigned ldsm_address(const void* p) {
 /// As load_rows_shared, with cp.async (16 bytes per copy, zero-filled past seq): the copies run in the background
 /// until `cp_async_wait`. Every thread calls `cp_async_commit` after issuing a group (also an empty one).
 template <int D, int ROWS>
-__device__ __forceinline__ void async_rows_shared(bf16* dst, const bf16* src, long long t0, int r0, int seq, int heads, int head) {
+__device__ __forceinline__ void async_rows_shared(h16* dst, const h16* src, long long t0, int r0, int seq, int heads, int head) {
     constexpr int LD = D + 8;
     for (int idx = threadIdx.x; idx < ROWS * D / 8; idx += blockDim.x) {
         const int rr = idx / (D / 8), ch = idx % (D / 8);
         const bool valid = r0 + rr < seq;
-        const bf16* from = valid ? src + ((t0 + r0 + rr) * heads + head) * D + ch * 8 : src;
+        const h16* from = valid ? src + ((t0 + r0 + rr) * heads + head) * D + ch * 8 : src;
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst + rr * LD + ch * 8)), "l"(from),
                      "r"(valid ? 16 : 0) : "memory");
+#else
+        // Turing has no cp.async (sm_80): a plain 16-byte load and store. The pipelines stay correct, since an
+        // asynchronous copy may land at any time before its wait, so no stage reads a buffer still being filled.
+        h16x8_raw v = {{0u, 0u, 0u, 0u}};
+        if (valid) v = *reinterpret_cast<const h16x8_raw*>(from);
+        *reinterpret_cast<h16x8_raw*>(dst + rr * LD + ch * 8) = v;
+#endif
     }
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 
-/// Waits until at most N of this thread's committed groups are still in flight.
+/// Waits until at most N of this thread's committed groups are still in flight (Turing: the copies were synchronous).
 template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void cp_async_wait() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
 
 // ldmatrix.x4: lanes 8j..8j+7 give the row addresses of 8x8 matrix j; register j of lane (g, t) receives
 // M_j[g][2t..2t+1], or with .trans M_j[2t..2t+1][g]. The memory clobber keeps them between the barriers.
 template <bool C = false>
-__device__ __forceinline__ void ldsm_x4(unsigned* r, const bf16* p) {
+__device__ __forceinline__ void ldsm_x4(unsigned* r, const h16* p) {
     asm("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
         : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(ldsm_address<C>(p)) : "memory");
 }
 
 template <bool C = false>
-__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const bf16* p) {
+__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const h16* p) {
     asm("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
         : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(ldsm_address<C>(p)) : "memory");
 }
@@ -112,14 +128,14 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const bf16* p) {
 /// B fragments of an operand stored [n][k] in shared memory (pairs along k contiguous), n-tile n0, for the two
 /// k-steps k0 and k0 + 16: r[0..1] and r[2..3].
 template <bool C = false>
-__device__ __forceinline__ void b_frags_nk(unsigned* r, const bf16* s, int ld, int k0, int n0, int lane) {
+__device__ __forceinline__ void b_frags_nk(unsigned* r, const h16* s, int ld, int k0, int n0, int lane) {
     ldsm_x4<C>(r, s + (n0 + (lane & 7)) * ld + k0 + (lane >> 3) * 8);
 }
 
 /// B fragments of an operand stored [k][n] in shared memory (pairs along k in different rows: transposed load),
 /// k-step k0, for the two n-tiles n0 and n0 + 8: r[0..1] and r[2..3].
 template <bool C = false>
-__device__ __forceinline__ void b_frags_kn(unsigned* r, const bf16* s, int ld, int k0, int n0, int lane) {
+__device__ __forceinline__ void b_frags_kn(unsigned* r, const h16* s, int ld, int k0, int n0, int lane) {
     ldsm_x4_trans<C>(r, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
 }
 
@@ -135,7 +151,7 @@ __device__ __forceinline__ void pack_a_frag(unsigned* a, const float (*tiles)[4]
 
 /// acc (16 rows × D) += A (the 16 × 16 fragment of k-step kk) · rows kk·16 ... of `src` (shared memory, row stride ld).
 template <int D>
-__device__ __forceinline__ void mma_a_rows(float (*acc)[4], const unsigned* a, const bf16* src, int ld, int kk, int lane) {
+__device__ __forceinline__ void mma_a_rows(float (*acc)[4], const unsigned* a, const h16* src, int ld, int kk, int lane) {
 #pragma unroll
     for (int dt = 0; dt < D / 8; dt += 2) {
         unsigned r[4];
@@ -148,7 +164,7 @@ __device__ __forceinline__ void mma_a_rows(float (*acc)[4], const unsigned* a, c
 /// dV += Pᵀ dO and dK += dSᵀ Q for k-step kk (the two products interleaved, as mma_a_rows twice would not be): `dos` and `qs` hold the tile's dO and Q rows (row stride ld) in shared memory.
 template <int D>
 __device__ __forceinline__ void accumulate_dkv(float (*dka)[4], float (*dva)[4], const unsigned* pa, const unsigned* sa,
-                                               const bf16* dos, const bf16* qs, int ld, int kk, int lane) {
+                                               const h16* dos, const h16* qs, int ld, int kk, int lane) {
 #pragma unroll
     for (int dt = 0; dt < D / 8; dt += 2) {
         unsigned r[4];
@@ -176,11 +192,11 @@ __device__ __forceinline__ void begin_key_rows(int* segk, float (*dka)[4], float
 }
 
 template <int D>
-__device__ __forceinline__ void mma_forward(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+__device__ __forceinline__ void mma_forward(const h16* q, const h16* k, const h16* v, h16* o, float* lse,
                                             const int* segments, int seq, int heads, int kv_heads, float scale) {
     constexpr int LD = D + 8, BK = 64;
-    __shared__ alignas(16) bf16 ks[BK * LD];
-    __shared__ alignas(16) bf16 vs[BK * LD];
+    __shared__ alignas(16) h16 ks[BK * LD];
+    __shared__ alignas(16) h16 vs[BK * LD];
     __shared__ int segk[BK];
     const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * 64;  // longest rows first
     const int hk = h / (heads / kv_heads);
@@ -276,7 +292,7 @@ __device__ __forceinline__ void mma_forward(const bf16* q, const bf16* k, const 
         l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
         if (rows[i] >= seq) continue;
         const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-        bf16* out = o + ((t0 + rows[i]) * heads + h) * D;
+        h16* out = o + ((t0 + rows[i]) * heads + h) * D;
 #pragma unroll
         for (int dt = 0; dt < D / 8; dt++)
             *reinterpret_cast<unsigned*>(out + dt * 8 + 2 * t) = pack_f2(oacc[dt][2 * i] * inv, oacc[dt][2 * i + 1] * inv);
@@ -287,12 +303,12 @@ __device__ __forceinline__ void mma_forward(const bf16* q, const bf16* k, const 
 // MARK: - Backward: dq
 
 template <int D>
-__device__ __forceinline__ void mma_backward_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                                                const float* delta, const int* segments, bf16* dq, int seq, int heads,
+__device__ __forceinline__ void mma_backward_dq(const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse,
+                                                const float* delta, const int* segments, h16* dq, int seq, int heads,
                                                 int kv_heads, float scale) {
     constexpr int LD = D + 8, BK = 64;
-    __shared__ alignas(16) bf16 ks[BK * LD];
-    __shared__ alignas(16) bf16 vs[BK * LD];
+    __shared__ alignas(16) h16 ks[BK * LD];
+    __shared__ alignas(16) h16 vs[BK * LD];
     __shared__ int segk[BK];
     const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * 64;  // longest rows first
     const int hk = h / (heads / kv_heads);
@@ -300,8 +316,8 @@ __device__ __forceinline__ void mma_backward_dq(const bf16* q, const bf16* k, co
     const long long t0 = (long long)b * seq;
     int rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
     unsigned qa[D / 16][4], da[D / 16][4];
-    const bf16* r0 = rows[0] < seq ? q + ((t0 + rows[0]) * heads + h) * D : nullptr;
-    const bf16* r1 = rows[1] < seq ? q + ((t0 + rows[1]) * heads + h) * D : nullptr;
+    const h16* r0 = rows[0] < seq ? q + ((t0 + rows[0]) * heads + h) * D : nullptr;
+    const h16* r1 = rows[1] < seq ? q + ((t0 + rows[1]) * heads + h) * D : nullptr;
     load_a_rows<D>(qa, r0, r1, t);
     load_a_rows<D>(da, r0 ? dout + (r0 - q) : nullptr, r1 ? dout + (r1 - q) : nullptr, t);
     int segq[2];
@@ -378,7 +394,7 @@ __device__ __forceinline__ void mma_backward_dq(const bf16* q, const bf16* k, co
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         if (rows[i] >= seq) continue;
-        bf16* out = dq + ((t0 + rows[i]) * heads + h) * D;
+        h16* out = dq + ((t0 + rows[i]) * heads + h) * D;
 #pragma unroll
         for (int dt = 0; dt < D / 8; dt++)
             *reinterpret_cast<unsigned*>(out + dt * 8 + 2 * t) = pack_f2(acc[dt][2 * i] * scale, acc[dt][2 * i + 1] * scale);
@@ -388,12 +404,12 @@ __device__ __forceinline__ void mma_backward_dq(const bf16* q, const bf16* k, co
 // MARK: - Backward: dk, dv
 
 template <int D>
-__device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
-                                                  const float* lse, const float* delta, const int* segments, bf16* dk,
-                                                  bf16* dv, int seq, int heads, int kv_heads, float scale) {
+__device__ __forceinline__ void mma_backward_dkdv(const h16* q, const h16* k, const h16* v, const h16* dout,
+                                                  const float* lse, const float* delta, const int* segments, h16* dk,
+                                                  h16* dv, int seq, int heads, int kv_heads, float scale) {
     constexpr int LD = D + 8, BQ = 32;
-    __shared__ alignas(16) bf16 qs_buffers[2][BQ * LD];
-    __shared__ alignas(16) bf16 dos_buffers[2][BQ * LD];
+    __shared__ alignas(16) h16 qs_buffers[2][BQ * LD];
+    __shared__ alignas(16) h16 dos_buffers[2][BQ * LD];
     __shared__ float lse_buffers[2][BQ], delta_buffers[2][BQ];
     __shared__ int segq_buffers[2][BQ];
     const int b = blockIdx.z, hk = blockIdx.y, k0 = blockIdx.x * 64;
@@ -402,8 +418,8 @@ __device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, 
     const long long t0 = (long long)b * seq;
     int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
     unsigned ka[D / 16][4], va[D / 16][4];
-    const bf16* r0 = keys[0] < seq ? k + ((t0 + keys[0]) * kv_heads + hk) * D : nullptr;
-    const bf16* r1 = keys[1] < seq ? k + ((t0 + keys[1]) * kv_heads + hk) * D : nullptr;
+    const h16* r0 = keys[0] < seq ? k + ((t0 + keys[0]) * kv_heads + hk) * D : nullptr;
+    const h16* r1 = keys[1] < seq ? k + ((t0 + keys[1]) * kv_heads + hk) * D : nullptr;
     load_a_rows<D>(ka, r0, r1, t);
     load_a_rows<D>(va, r0 ? v + (r0 - k) : nullptr, r1 ? v + (r1 - k) : nullptr, t);
     int segk[2];
@@ -433,8 +449,8 @@ __device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, 
         cp_async_wait<1>();
         __syncthreads();  // tile n has landed
         const int i0 = k0 + (n % tiles_per_head) * BQ;
-        const bf16* qs = qs_buffers[stage];
-        const bf16* dos = dos_buffers[stage];
+        const h16* qs = qs_buffers[stage];
+        const h16* dos = dos_buffers[stage];
         const float* lse_s = lse_buffers[stage];
         const float* delta_s = delta_buffers[stage];
         const int* segq_s = segq_buffers[stage];
@@ -477,8 +493,8 @@ __device__ __forceinline__ void mma_backward_dkdv(const bf16* q, const bf16* k, 
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         if (keys[i] >= seq) continue;
-        bf16* outk = dk + ((t0 + keys[i]) * kv_heads + hk) * D;
-        bf16* outv = dv + ((t0 + keys[i]) * kv_heads + hk) * D;
+        h16* outk = dk + ((t0 + keys[i]) * kv_heads + hk) * D;
+        h16* outv = dv + ((t0 + keys[i]) * kv_heads + hk) * D;
 #pragma unroll
         for (int dt = 0; dt < D / 8; dt++) {
             *reinterpret_cast<unsigned*>(outk + dt * 8 + 2 * t) = pack_f2(dka[dt][2 * i] * scale, dka[dt][2 * i + 1] * scale);
@@ -519,20 +535,20 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 /// A fragment (16 rows x 16 k) of a row-major [m][k] operand in shared memory: rows m0.., columns k0...
 template <bool C = false>
-__device__ __forceinline__ void a_frag_mk(unsigned* r, const bf16* s, int ld, int m0, int k0, int lane) {
+__device__ __forceinline__ void a_frag_mk(unsigned* r, const h16* s, int ld, int m0, int k0, int lane) {
     ldsm_x4<C>(r, s + (m0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
 }
 
 /// A fragment of an operand stored transposed, [k][m], in shared memory (ldmatrix .trans).
 template <bool C = false>
-__device__ __forceinline__ void a_frag_km(unsigned* r, const bf16* s, int ld, int m0, int k0, int lane) {
+__device__ __forceinline__ void a_frag_km(unsigned* r, const h16* s, int ld, int m0, int k0, int lane) {
     ldsm_x4_trans<C>(r, s + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 + ((lane >> 3) & 1) * 8);
 }
 
 /// B fragments of an operand stored [n][k] in shared memory, k-step k0, for the two n-tiles n0 and n0 + 8:
 /// r[0..1] and r[2..3].
 template <bool C = false>
-__device__ __forceinline__ void b_frags_nk_pair(unsigned* r, const bf16* s, int ld, int k0, int n0, int lane) {
+__device__ __forceinline__ void b_frags_nk_pair(unsigned* r, const h16* s, int ld, int k0, int n0, int lane) {
     ldsm_x4<C>(r, s + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
 }
 
@@ -554,12 +570,12 @@ template <int D>
 constexpr int fa_forward_shared() { return (128 + 4 * 64) * (D + 8) * 2 + 2 * 64 * 4; }
 
 template <int D>
-__device__ __forceinline__ void fa_forward(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+__device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16* v, h16* o, float* lse,
                                            const int* segments, int seq, int heads, int kv_heads, float scale) {
     constexpr int LD = D + 8, BM = 128, BK = 64, TILE = BK * LD;
-    bf16* qs = reinterpret_cast<bf16*>(fa_shared);  // [BM * LD]
-    bf16* ks = qs + BM * LD;                        // [2][TILE]
-    bf16* vs = ks + 2 * TILE;                       // [2][TILE]
+    h16* qs = reinterpret_cast<h16*>(fa_shared);  // [BM * LD]
+    h16* ks = qs + BM * LD;                        // [2][TILE]
+    h16* vs = ks + 2 * TILE;                       // [2][TILE]
     int* segk = reinterpret_cast<int*>(vs + 2 * TILE);  // [2][BK]
     const int h = blockIdx.x, b = blockIdx.y, q0 = (gridDim.z - 1 - blockIdx.z) * BM;  // longest rows first
     const int hk = h / (heads / kv_heads);
@@ -604,8 +620,8 @@ __device__ __forceinline__ void fa_forward(const bf16* q, const bf16* k, const b
         cp_async_commit();
         const int j0 = j * BK;
         if (j0 > warp_last) continue;  // every key of the tile is after every row of this warp
-        const bf16* kt = ks + (j & 1) * TILE;
-        const bf16* vt = vs + (j & 1) * TILE;
+        const h16* kt = ks + (j & 1) * TILE;
+        const h16* vt = vs + (j & 1) * TILE;
         float s[2][BK / 8][4];
 #pragma unroll
         for (int mi = 0; mi < 2; mi++)
@@ -701,7 +717,7 @@ __device__ __forceinline__ void fa_forward(const bf16* q, const bf16* k, const b
             const int row = rows[mi][i];
             if (row >= seq) continue;
             const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-            bf16* out = o + ((t0 + row) * heads + h) * D;
+            h16* out = o + ((t0 + row) * heads + h) * D;
 #pragma unroll
             for (int dt = 0; dt < D / 8; dt++)
                 *reinterpret_cast<unsigned*>(out + dt * 8 + 2 * t) =
@@ -716,15 +732,15 @@ template <int D>
 constexpr int fa_backward_shared() { return (2 * 128 + 4 * 64) * (D + 8) * 2 + 128 * 72 * 2 + 3 * 2 * 64 * 4; }
 
 template <int D>
-__device__ __forceinline__ void fa_backward(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+__device__ __forceinline__ void fa_backward(const h16* q, const h16* k, const h16* v, const h16* dout,
                                             const float* lse, const float* delta, const int* segments, float* dq_accum,
-                                            bf16* dk, bf16* dv, int seq, int heads, int kv_heads, float scale) {
+                                            h16* dk, h16* dv, int seq, int heads, int kv_heads, float scale) {
     constexpr int LD = D + 8, BN = 128, BQ = 64, LDS = BQ + 8, QT = BQ * LD;
-    bf16* ks = reinterpret_cast<bf16*>(fa_shared);  // [BN * LD]
-    bf16* vs = ks + BN * LD;                        // [BN * LD]
-    bf16* qs = vs + BN * LD;                        // [2][QT]
-    bf16* dos = qs + 2 * QT;                        // [2][QT]
-    bf16* dst = dos + 2 * QT;                       // dSᵀ [BN][LDS]
+    h16* ks = reinterpret_cast<h16*>(fa_shared);  // [BN * LD]
+    h16* vs = ks + BN * LD;                        // [BN * LD]
+    h16* qs = vs + BN * LD;                        // [2][QT]
+    h16* dos = qs + 2 * QT;                        // [2][QT]
+    h16* dst = dos + 2 * QT;                       // dSᵀ [BN][LDS]
     float* lse_s = reinterpret_cast<float*>(dst + BN * LDS);  // [2][BQ], times log2 e
     float* delta_s = lse_s + 2 * BQ;                           // [2][BQ]
     int* segq_s = reinterpret_cast<int*>(delta_s + 2 * BQ);    // [2][BQ]
@@ -763,8 +779,8 @@ __device__ __forceinline__ void fa_backward(const bf16* q, const bf16* k, const 
         cp_async_commit();
         const int stage = n & 1;
         const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * BQ;
-        const bf16* qt = qs + stage * QT;
-        const bf16* dot = dos + stage * QT;
+        const h16* qt = qs + stage * QT;
+        const h16* dot = dos + stage * QT;
         const float* lse_t = lse_s + stage * BQ;
         const float* delta_t = delta_s + stage * BQ;
         float st[BQ / 8][4], dpt[BQ / 8][4];
@@ -814,7 +830,7 @@ __device__ __forceinline__ void fa_backward(const bf16* q, const bf16* k, const 
             pack_a_frag(pa, st, kk);
             pack_a_frag(sa, dpt, kk);
             // dSᵀ rows (keys) of this warp, columns (queries) 16 kk..: the same bf16 values dK uses.
-            bf16* drow = dst + (warp * 16 + g) * LDS + kk * 16 + 2 * t;
+            h16* drow = dst + (warp * 16 + g) * LDS + kk * 16 + 2 * t;
             *reinterpret_cast<unsigned*>(drow) = sa[0];
             *reinterpret_cast<unsigned*>(drow + 8 * LDS) = sa[1];
             *reinterpret_cast<unsigned*>(drow + 8) = sa[2];
@@ -855,8 +871,8 @@ __device__ __forceinline__ void fa_backward(const bf16* q, const bf16* k, const 
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         if (keys[i] >= seq) continue;
-        bf16* outk = dk + ((t0 + keys[i]) * kv_heads + hk) * D;
-        bf16* outv = dv + ((t0 + keys[i]) * kv_heads + hk) * D;
+        h16* outk = dk + ((t0 + keys[i]) * kv_heads + hk) * D;
+        h16* outv = dv + ((t0 + keys[i]) * kv_heads + hk) * D;
 #pragma unroll
         for (int dt = 0; dt < D / 8; dt++) {
             *reinterpret_cast<unsigned*>(outk + dt * 8 + 2 * t) = pack_f2(dka[dt][2 * i] * scale, dka[dt][2 * i + 1] * scale);
@@ -866,14 +882,14 @@ __device__ __forceinline__ void fa_backward(const bf16* q, const bf16* k, const 
 }
 
 /// delta[row] = Σ_d o[row][d] dout[row][d] for rows = tokens x heads (one warp per row), and accumulator row = 0.
-extern "C" __global__ void attention_fa_prep(const bf16* o, const bf16* dout, float* delta, float* dq_accum, long long rows,
+extern "C" __global__ void attention_fa_prep(const h16* o, const h16* dout, float* delta, float* dq_accum, long long rows,
                                              int dim) {
     const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
     float sum = 0.0f;
     for (int d = lane; d < dim; d += 32) {
-        sum += bf16_to_float(o[row * dim + d]) * bf16_to_float(dout[row * dim + d]);
+        sum += h16_to_float(o[row * dim + d]) * h16_to_float(dout[row * dim + d]);
         dq_accum[row * dim + d] = 0.0f;
     }
     sum = warp_sum(sum);
@@ -881,7 +897,7 @@ extern "C" __global__ void attention_fa_prep(const bf16* o, const bf16* dout, fl
 }
 
 /// dq = bf16(scale · accumulator), `count` values (a multiple of 4).
-extern "C" __global__ void attention_fa_dq(const float* dq_accum, bf16* dq, long long count, float scale) {
+extern "C" __global__ void attention_fa_dq(const float* dq_accum, h16* dq, long long count, float scale) {
     GRID_STRIDE(i4, count / 4) {
         const float4 a = reinterpret_cast<const float4*>(dq_accum)[i4];
         const unsigned lo = pack_f2(a.x * scale, a.y * scale), hi = pack_f2(a.z * scale, a.w * scale);
@@ -891,12 +907,12 @@ extern "C" __global__ void attention_fa_dq(const float* dq_accum, bf16* dq, long
 
 // MARK: - Entry points
 
-#define FORWARD_ARGS const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, const int *segments, int seq, \
+#define FORWARD_ARGS const h16 *q, const h16 *k, const h16 *v, h16 *o, float *lse, const int *segments, int seq, \
                      int heads, int kv_heads, float scale
-#define DQ_ARGS const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta, \
-                const int *segments, bf16 *dq, int seq, int heads, int kv_heads, float scale
-#define DKDV_ARGS const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta, \
-                  const int *segments, bf16 *dk, bf16 *dv, int seq, int heads, int kv_heads, float scale
+#define DQ_ARGS const h16 *q, const h16 *k, const h16 *v, const h16 *dout, const float *lse, const float *delta, \
+                const int *segments, h16 *dq, int seq, int heads, int kv_heads, float scale
+#define DKDV_ARGS const h16 *q, const h16 *k, const h16 *v, const h16 *dout, const float *lse, const float *delta, \
+                  const int *segments, h16 *dk, h16 *dv, int seq, int heads, int kv_heads, float scale
 
 #define ENTRY_POINTS(D)                                                                                                 \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS) attention_mma_forward_d##D(FORWARD_ARGS) {                \
@@ -914,8 +930,8 @@ extern "C" __global__ void attention_fa_dq(const float* dq_accum, bf16* dq, long
         fa_forward<D>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);                                          \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) attention_fa_backward_d##D(                            \
-        const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse, const float *delta,             \
-        const int *segments, float *dq_accum, bf16 *dk, bf16 *dv, int seq, int heads, int kv_heads, float scale) {      \
+        const h16 *q, const h16 *k, const h16 *v, const h16 *dout, const float *lse, const float *delta,             \
+        const int *segments, float *dq_accum, h16 *dk, h16 *dv, int seq, int heads, int kv_heads, float scale) {      \
         fa_backward<D>(q, k, v, dout, lse, delta, segments, dq_accum, dk, dv, seq, heads, kv_heads, scale);             \
     }
 

@@ -18,12 +18,12 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
     m = mm;
 }
 
-extern "C" __global__ void cross_entropy_forward_backward(const bf16* logits, const int* labels, int vocab,
-                                                          float grad_scale, float* row_loss, bf16* dlogits) {
+extern "C" __global__ void cross_entropy_forward_backward(const h16* logits, const int* labels, int vocab,
+                                                          float grad_scale, float* row_loss, h16* dlogits) {
     __shared__ float shared_m[32], shared_s[32];
     __shared__ float shared_lse;
     const long long row = blockIdx.x;
-    const bf16* z = logits + row * vocab;
+    const h16* z = logits + row * vocab;
     const int label = labels[row];
     const bool ignored = label == -100;
 
@@ -33,7 +33,7 @@ extern "C" __global__ void cross_entropy_forward_backward(const bf16* logits, co
     if (vec) {
         for (int j = threadIdx.x * 8; j < vocab; j += blockDim.x * 8) {
             float f[8];
-            load_bf16x8(z + j, f);
+            load_h16x8(z + j, f);
             float mx = f[0];
 #pragma unroll
             for (int k = 1; k < 8; k++) mx = fmaxf(mx, f[k]);
@@ -44,7 +44,7 @@ extern "C" __global__ void cross_entropy_forward_backward(const bf16* logits, co
         }
     } else {
         for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-            const float v = bf16_to_float(z[j]);
+            const float v = h16_to_float(z[j]);
             if (v > m) {
                 s = s * __expf(m - v) + 1.0f;
                 m = v;
@@ -74,27 +74,27 @@ extern "C" __global__ void cross_entropy_forward_backward(const bf16* logits, co
             const float lse = m + logf(s);
             shared_lse = lse;
             const bool valid = !ignored && label >= 0 && label < vocab;
-            row_loss[row] = valid ? lse - bf16_to_float(z[label]) : 0.0f;
+            row_loss[row] = valid ? lse - h16_to_float(z[label]) : 0.0f;
         }
     }
     __syncthreads();
     if (dlogits == nullptr) return;
     const float lse = shared_lse;
-    bf16* d = dlogits + row * vocab;
+    h16* d = dlogits + row * vocab;
     if (vec) {
         for (int j = threadIdx.x * 8; j < vocab; j += blockDim.x * 8) {
             float f[8];
-            load_bf16x8(z + j, f);
+            load_h16x8(z + j, f);
 #pragma unroll
             for (int k = 0; k < 8; k++)
                 f[k] = ignored ? 0.0f : grad_scale * (__expf(f[k] - lse) - (j + k == label ? 1.0f : 0.0f));
-            store_bf16x8(d + j, f);
+            store_h16x8(d + j, f);
         }
     } else {
         for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
             float g = 0.0f;
-            if (!ignored) g = grad_scale * (__expf(bf16_to_float(z[j]) - lse) - (j == label ? 1.0f : 0.0f));
-            d[j] = float_to_bf16(g);
+            if (!ignored) g = grad_scale * (__expf(h16_to_float(z[j]) - lse) - (j == label ? 1.0f : 0.0f));
+            d[j] = float_to_h16(g);
         }
     }
 }

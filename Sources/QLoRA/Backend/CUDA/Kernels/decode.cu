@@ -36,10 +36,10 @@ struct Nf4GemvTask {
     const unsigned char* absmax_q;
     const float* nested_absmax;
     const float* code;        // 256-entry map of the absmax codes
-    const bf16* lora_b;       // [rows, rank] or null
+    const h16* lora_b;       // [rows, rank] or null
     const float* xa;          // [rank] (already includes nothing else; scaled here by lora_scale)
-    bf16* out;                // [rows]
-    const bf16* residual;     // null, or added to y (may be `out`)
+    h16* out;                // [rows]
+    const h16* residual;     // null, or added to y (may be `out`)
     float offset;
     float lora_scale;
     int rows;
@@ -69,10 +69,10 @@ __device__ __forceinline__ void nf4_chunk_scales(float* scale, const long long* 
 /// part[r] += NF4 values of word k of w[r] (8 elements, 4 packed bytes) · the 8 bf16 x values in xv.
 __device__ __forceinline__ void nf4_piece_dot(float* part, const uint4* w, uint4 xv, int k, const float* nf4) {
     float xf[8];
-    xf[0] = __uint_as_float(xv.x << 16); xf[1] = __uint_as_float(xv.x & 0xffff0000u);
-    xf[2] = __uint_as_float(xv.y << 16); xf[3] = __uint_as_float(xv.y & 0xffff0000u);
-    xf[4] = __uint_as_float(xv.z << 16); xf[5] = __uint_as_float(xv.z & 0xffff0000u);
-    xf[6] = __uint_as_float(xv.w << 16); xf[7] = __uint_as_float(xv.w & 0xffff0000u);
+    xf[0] = h16_low(xv.x); xf[1] = h16_high(xv.x);
+    xf[2] = h16_low(xv.y); xf[3] = h16_high(xv.y);
+    xf[4] = h16_low(xv.z); xf[5] = h16_high(xv.z);
+    xf[6] = h16_low(xv.w); xf[7] = h16_high(xv.w);
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) {
         const unsigned int word = pick_word(w[r], k);
@@ -86,10 +86,10 @@ __device__ __forceinline__ void nf4_piece_dot(float* part, const uint4* w, uint4
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
-nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restrict__ x, int cols, int blocksize_shift,
+nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __restrict__ x, int cols, int blocksize_shift,
          int nested_shift) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* sx = reinterpret_cast<bf16*>(smem_raw);  // cols values
+    h16* sx = reinterpret_cast<h16*>(smem_raw);  // cols values
     __shared__ float code[256], nf4[16];
     int ti = 0;
     while (ti + 1 < ntasks && (int)blockIdx.x >= tasks[ti + 1].first_block) ti++;
@@ -154,18 +154,18 @@ nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restri
         const int row = row0 + r;
         float v = acc[r];
         if (task.lora_b != nullptr && lane < task.rank && row < task.rows)
-            v += task.lora_scale * bf16_to_float(task.lora_b[(long long)row * task.rank + lane]) * task.xa[lane];
+            v += task.lora_scale * h16_to_float(task.lora_b[(long long)row * task.rank + lane]) * task.xa[lane];
         v = warp_sum(v);
         if (lane == 0 && row < task.rows) {
-            if (task.residual != nullptr) v += bf16_to_float(task.residual[row]);
-            task.out[row] = float_to_bf16(v);
+            if (task.residual != nullptr) v += h16_to_float(task.residual[row]);
+            task.out[row] = float_to_h16(v);
         }
     }
 }
 
 /// out[r] = scale * W[r, :] · x; W [rows, cols] bf16 (cols a multiple of 8), x bf16, out fp32. 4 rows per warp.
 extern "C" __global__ void __launch_bounds__(128, 8)
-bf16_gemv(const bf16* __restrict__ w, const bf16* __restrict__ x, float* __restrict__ out, int rows, int cols, float scale) {
+bf16_gemv(const h16* __restrict__ w, const h16* __restrict__ x, float* __restrict__ out, int rows, int cols, float scale) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int row0 = (blockIdx.x * 4 + warp) * 4;
     if (row0 >= rows) return;
@@ -175,7 +175,7 @@ bf16_gemv(const bf16* __restrict__ w, const bf16* __restrict__ x, float* __restr
 #pragma unroll 2
     for (int c = lane; c < chunks; c += 32) {
         float xf[8];
-        load_bf16x8(x + c * 8, xf);
+        load_h16x8(x + c * 8, xf);
 #pragma unroll
         for (int r = 0; r < 4; r++) {
             const int row = min(row0 + r, rows - 1);
@@ -183,7 +183,7 @@ bf16_gemv(const bf16* __restrict__ w, const bf16* __restrict__ x, float* __restr
             const unsigned int words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
             for (int k = 0; k < 4; k++)
-                acc[r] += __uint_as_float(words[k] << 16) * xf[2 * k] + __uint_as_float(words[k] & 0xffff0000u) * xf[2 * k + 1];
+                acc[r] += h16_low(words[k]) * xf[2 * k] + h16_high(words[k]) * xf[2 * k + 1];
         }
     }
     (void)xr;
@@ -196,25 +196,25 @@ bf16_gemv(const bf16* __restrict__ w, const bf16* __restrict__ x, float* __restr
 
 /// One token. qkv: [heads*D | kv_heads*D | kv_heads*D] bf16; q and k rotated in place, then k and v copied to
 /// kcache/vcache row *pos_ptr ([capacity, kv_heads*D]).
-extern "C" __global__ void rope_qk_append(bf16* qkv, bf16* kcache, bf16* vcache, const int* pos_ptr,
+extern "C" __global__ void rope_qk_append(h16* qkv, h16* kcache, h16* vcache, const int* pos_ptr,
                                           const float* inv_freq, int heads, int kv_heads, int head_dim) {
     const int half = head_dim / 2;
     const int pos = *pos_ptr;
     const int kv_dim = kv_heads * head_dim;
     const int rot_items = (heads + kv_heads) * half;
-    bf16* k_row = kcache + (long long)pos * kv_dim;
+    h16* k_row = kcache + (long long)pos * kv_dim;
     for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < rot_items + kv_dim; idx += gridDim.x * blockDim.x) {
         if (idx < rot_items) {
             const int h = idx / half, i = idx % half;
             float s, c;
             sincosf((float)pos * inv_freq[i], &s, &c);
-            bf16* p = qkv + h * head_dim;
-            const float a = bf16_to_float(p[i]), b = bf16_to_float(p[i + half]);
-            const bf16 lo = float_to_bf16(a * c - b * s), hi = float_to_bf16(b * c + a * s);
+            h16* p = qkv + h * head_dim;
+            const float a = h16_to_float(p[i]), b = h16_to_float(p[i + half]);
+            const h16 lo = float_to_h16(a * c - b * s), hi = float_to_h16(b * c + a * s);
             p[i] = lo;
             p[i + half] = hi;
             if (h >= heads) {
-                bf16* kd = k_row + (h - heads) * head_dim;
+                h16* kd = k_row + (h - heads) * head_dim;
                 kd[i] = lo;
                 kd[i + half] = hi;
             }
@@ -228,8 +228,8 @@ extern "C" __global__ void rope_qk_append(bf16* qkv, bf16* kcache, bf16* vcache,
 /// grid (t, heads), 256 threads; dynamic shared memory: (max keys + 8 * D + D + 64) floats.
 /// q: row i at q + i * q_stride; kcache, vcache: [capacity, kv_heads, D]; out: [t, heads, D].
 template <int D>
-__device__ void attention_cached_impl(const bf16* __restrict__ q, int q_stride, const bf16* __restrict__ kcache,
-                                      const bf16* __restrict__ vcache, bf16* __restrict__ out, const int* start_ptr,
+__device__ void attention_cached_impl(const h16* __restrict__ q, int q_stride, const h16* __restrict__ kcache,
+                                      const h16* __restrict__ vcache, h16* __restrict__ out, const int* start_ptr,
                                       int start_value, int heads, int kv_heads, float scale) {
     extern __shared__ __align__(16) float smem[];
     const int i = blockIdx.x, h = blockIdx.y;
@@ -242,18 +242,18 @@ __device__ void attention_cached_impl(const bf16* __restrict__ q, int q_stride, 
     float* red = combine + 8 * D;   // 64
     float* scores = red + 64;       // keys
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const bf16* qrow = q + (long long)i * q_stride + h * D;
-    for (int d = tid; d < D; d += blockDim.x) qs[d] = bf16_to_float(qrow[d]) * scale;
+    const h16* qrow = q + (long long)i * q_stride + h * D;
+    for (int d = tid; d < D; d += blockDim.x) qs[d] = h16_to_float(qrow[d]) * scale;
     __syncthreads();
     // Scores, one thread per key.
     float local_max = -QLORA_INFINITY;
     for (int j = tid; j < keys; j += blockDim.x) {
-        const bf16* kr = kcache + (long long)j * kv_dim + kvh * D;
+        const h16* kr = kcache + (long long)j * kv_dim + kvh * D;
         float s = 0.0f;
 #pragma unroll  // all of the key's 16-byte loads in flight at once
         for (int d = 0; d < D; d += 8) {
             float kf[8];
-            load_bf16x8(kr + d, kf);
+            load_h16x8(kr + d, kf);
 #pragma unroll
             for (int e = 0; e < 8; e++) s += qs[d + e] * kf[e];
         }
@@ -283,9 +283,9 @@ __device__ void attention_cached_impl(const bf16* __restrict__ q, int q_stride, 
 #pragma unroll 8
     for (int j = warp; j < keys; j += warps) {
         const float p = scores[j];
-        const bf16* vr = vcache + (long long)j * kv_dim + kvh * D + lane * PER;
+        const h16* vr = vcache + (long long)j * kv_dim + kvh * D + lane * PER;
 #pragma unroll
-        for (int e = 0; e < PER; e++) acc[e] += p * bf16_to_float(vr[e]);
+        for (int e = 0; e < PER; e++) acc[e] += p * h16_to_float(vr[e]);
     }
 #pragma unroll
     for (int e = 0; e < PER; e++) combine[warp * D + lane * PER + e] = acc[e];
@@ -293,31 +293,31 @@ __device__ void attention_cached_impl(const bf16* __restrict__ q, int q_stride, 
     for (int d = tid; d < D; d += blockDim.x) {
         float s = 0.0f;
         for (int w = 0; w < warps; w++) s += combine[w * D + d];
-        out[((long long)i * heads + h) * D + d] = float_to_bf16(s / total);
+        out[((long long)i * heads + h) * D + d] = float_to_h16(s / total);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-attention_cached_d128(const bf16* q, int q_stride, const bf16* kcache, const bf16* vcache, bf16* out, const int* start_ptr,
+attention_cached_d128(const h16* q, int q_stride, const h16* kcache, const h16* vcache, h16* out, const int* start_ptr,
                       int start_value, int heads, int kv_heads, float scale) {
     attention_cached_impl<128>(q, q_stride, kcache, vcache, out, start_ptr, start_value, heads, kv_heads, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-attention_cached_d32(const bf16* q, int q_stride, const bf16* kcache, const bf16* vcache, bf16* out, const int* start_ptr,
+attention_cached_d32(const h16* q, int q_stride, const h16* kcache, const h16* vcache, h16* out, const int* start_ptr,
                      int start_value, int heads, int kv_heads, float scale) {
     attention_cached_impl<32>(q, q_stride, kcache, vcache, out, start_ptr, start_value, heads, kv_heads, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-attention_cached_d64(const bf16* q, int q_stride, const bf16* kcache, const bf16* vcache, bf16* out, const int* start_ptr,
+attention_cached_d64(const h16* q, int q_stride, const h16* kcache, const h16* vcache, h16* out, const int* start_ptr,
                      int start_value, int heads, int kv_heads, float scale) {
     attention_cached_impl<64>(q, q_stride, kcache, vcache, out, start_ptr, start_value, heads, kv_heads, scale);
 }
 
 /// y = x + a (bf16, n elements): the residual add of the prefill path.
-extern "C" __global__ void add_bf16(bf16* y, const bf16* a, long long n) {
-    GRID_STRIDE(e, n) y[e] = float_to_bf16(bf16_to_float(y[e]) + bf16_to_float(a[e]));
+extern "C" __global__ void add_bf16(h16* y, const h16* a, long long n) {
+    GRID_STRIDE(e, n) y[e] = float_to_h16(h16_to_float(y[e]) + h16_to_float(a[e]));
 }
 
 /// The LoRA A projections of one group, with the op that makes their input fused in (one launch instead of two):
@@ -327,11 +327,11 @@ extern "C" __global__ void add_bf16(bf16* y, const bf16* a, long long n) {
 /// Block 0 writes `in` to in_out (bf16) when in_out is not null; block b < rows writes
 /// xa[b] = A[b, :] · in (fp32). grid max(rows, 1), 1024 threads, dynamic shared memory cols * 2 bytes.
 extern "C" __global__ void __launch_bounds__(1024)
-lora_a_rows(const bf16* __restrict__ a, const bf16* __restrict__ x, const bf16* __restrict__ x2,
-            const bf16* __restrict__ norm_w, bf16* __restrict__ in_out, float* __restrict__ xa, int rows, int cols,
+lora_a_rows(const h16* __restrict__ a, const h16* __restrict__ x, const h16* __restrict__ x2,
+            const h16* __restrict__ norm_w, h16* __restrict__ in_out, float* __restrict__ xa, int rows, int cols,
             int mode, float eps) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* sin = reinterpret_cast<bf16*>(smem_raw);
+    h16* sin = reinterpret_cast<h16*>(smem_raw);
     __shared__ float scratch[64];
     const int tid = threadIdx.x;
     const int groups = cols / 8;  // cols is a multiple of 8
@@ -340,7 +340,7 @@ lora_a_rows(const bf16* __restrict__ a, const bf16* __restrict__ x, const bf16* 
         float ss = 0.0f;
         for (int i = tid; i < groups; i += blockDim.x) {
             float f[8];
-            load_bf16x8(x + i * 8, f);
+            load_h16x8(x + i * 8, f);
 #pragma unroll
             for (int k = 0; k < 8; k++) ss += f[k] * f[k];
         }
@@ -349,27 +349,27 @@ lora_a_rows(const bf16* __restrict__ a, const bf16* __restrict__ x, const bf16* 
     }
     for (int i = tid; i < groups; i += blockDim.x) {
         float f[8], g[8];
-        load_bf16x8(x + i * 8, f);
+        load_h16x8(x + i * 8, f);
         if (mode == 1) {
-            load_bf16x8(norm_w + i * 8, g);
+            load_h16x8(norm_w + i * 8, g);
 #pragma unroll
-            for (int k = 0; k < 8; k++) f[k] = round_bf16(f[k] * r) * g[k];
+            for (int k = 0; k < 8; k++) f[k] = round_h16(f[k] * r) * g[k];
         } else if (mode == 2) {
-            load_bf16x8(x2 + i * 8, g);
+            load_h16x8(x2 + i * 8, g);
 #pragma unroll
             for (int k = 0; k < 8; k++) f[k] = f[k] * (1.0f / (1.0f + __expf(-f[k]))) * g[k];
         }
-        store_bf16x8(sin + i * 8, f);
-        if (blockIdx.x == 0 && in_out != nullptr) store_bf16x8(in_out + i * 8, f);
+        store_h16x8(sin + i * 8, f);
+        if (blockIdx.x == 0 && in_out != nullptr) store_h16x8(in_out + i * 8, f);
     }
     if ((int)blockIdx.x >= rows) return;
     __syncthreads();
-    const bf16* ar = a + (long long)blockIdx.x * cols;
+    const h16* ar = a + (long long)blockIdx.x * cols;
     float s = 0.0f;
     for (int i = tid; i < groups; i += blockDim.x) {
         float f[8], g[8];
-        load_bf16x8(sin + i * 8, f);
-        load_bf16x8(ar + i * 8, g);
+        load_h16x8(sin + i * 8, f);
+        load_h16x8(ar + i * 8, g);
 #pragma unroll
         for (int k = 0; k < 8; k++) s += f[k] * g[k];
     }
@@ -383,7 +383,7 @@ lora_a_rows(const bf16* __restrict__ a, const bf16* __restrict__ x, const bf16* 
 /// down projection has 4096 rows but 14336 columns), and no block waits for a copy of x before its first load.
 /// Tasks as for nf4_gemv, with first_block counted in blocks of 4 * (8 / splits) rows.
 extern "C" __global__ void __launch_bounds__(256, 4)
-nf4_gemv_splitk(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* __restrict__ x, int cols,
+nf4_gemv_splitk(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __restrict__ x, int cols,
                 int blocksize_shift, int nested_shift, int splits) {
     __shared__ float code[256], nf4[16], partial[8][GEMV_ROWS];
     int ti = 0;
@@ -442,7 +442,7 @@ nf4_gemv_splitk(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* _
         float v = acc[r];
         const int row = row0 + r;
         if (seg == 0 && task.lora_b != nullptr && lane < task.rank && row < task.rows)
-            v += task.lora_scale * bf16_to_float(task.lora_b[(long long)row * task.rank + lane]) * task.xa[lane];
+            v += task.lora_scale * h16_to_float(task.lora_b[(long long)row * task.rank + lane]) * task.xa[lane];
         v = warp_sum(v);
         if (lane == 0) partial[warp][r] = v;
     }
@@ -452,8 +452,8 @@ nf4_gemv_splitk(const Nf4GemvTask* __restrict__ tasks, int ntasks, const bf16* _
         if (row < task.rows) {
             float v = 0.0f;
             for (int k = 0; k < splits; k++) v += partial[group * splits + k][lane];
-            if (task.residual != nullptr) v += bf16_to_float(task.residual[row]);
-            task.out[row] = float_to_bf16(v);
+            if (task.residual != nullptr) v += h16_to_float(task.residual[row]);
+            task.out[row] = float_to_h16(v);
         }
     }
 }

@@ -5,20 +5,20 @@
 // so the host can report the bad input instead of reading out of bounds.
 #include "qlora_prelude.cuh"
 
-extern "C" __global__ void embedding_forward(const int* ids, const bf16* table, bf16* out, int vocab, int dim,
+extern "C" __global__ void embedding_forward(const int* ids, const h16* table, h16* out, int vocab, int dim,
                                              int* bad_id_flag) {
     const long long t = blockIdx.x;
     const int id = ids[t];
-    bf16* o = out + t * dim;
+    h16* o = out + t * dim;
     if (id < 0 || id >= vocab) {
         for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = 0;
         if (threadIdx.x == 0 && bad_id_flag) *bad_id_flag = 1;
         return;
     }
-    const bf16* row = table + (long long)id * dim;
+    const h16* row = table + (long long)id * dim;
     if ((dim & 7) == 0 && aligned16(row) && aligned16(o)) {
-        const bf16x8_raw* src = reinterpret_cast<const bf16x8_raw*>(row);
-        bf16x8_raw* dst = reinterpret_cast<bf16x8_raw*>(o);
+        const h16x8_raw* src = reinterpret_cast<const h16x8_raw*>(row);
+        h16x8_raw* dst = reinterpret_cast<h16x8_raw*>(o);
         for (int i = threadIdx.x; i < dim / 8; i += blockDim.x) dst[i] = src[i];
     } else {
         for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = row[i];

@@ -22,7 +22,7 @@ __constant__ float NF4_CODE_TABLE[16] = {
 
 // Writes elements [e0, e0+8) (clipped to n) given a per-element scale function.
 template <typename Scale>
-__device__ __forceinline__ void nf4_write8(const float* NF4_CODE, const unsigned char* packed, bf16* out, long long e0,
+__device__ __forceinline__ void nf4_write8(const float* NF4_CODE, const unsigned char* packed, h16* out, long long e0,
                                            long long n, Scale scale) {
     if (e0 + 8 <= n && (e0 & 1) == 0 && aligned16(out + e0)) {
         float f[8];
@@ -39,12 +39,12 @@ __device__ __forceinline__ void nf4_write8(const float* NF4_CODE, const unsigned
             f[2 * k] = NF4_CODE[byte >> 4] * s;
             f[2 * k + 1] = NF4_CODE[byte & 15] * s;
         }
-        store_bf16x8(out + e0, f);
+        store_h16x8(out + e0, f);
     } else {
         for (long long e = e0; e < e0 + 8 && e < n; e++) {
             const unsigned char byte = packed[e >> 1];
             const int nibble = (e & 1) ? (byte & 15) : (byte >> 4);
-            out[e] = float_to_bf16(NF4_CODE[nibble] * scale(e));
+            out[e] = float_to_h16(NF4_CODE[nibble] * scale(e));
         }
     }
 }
@@ -52,7 +52,7 @@ __device__ __forceinline__ void nf4_write8(const float* NF4_CODE, const unsigned
 /// Double-quantized absmax. n: element count; blocksize must be a multiple of 8.
 extern "C" __global__ void nf4_dequantize_double_quant(
     const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q, const float* __restrict__ code8,
-    const float* __restrict__ nested_absmax, float offset, int blocksize, int nested_blocksize, bf16* __restrict__ out,
+    const float* __restrict__ nested_absmax, float offset, int blocksize, int nested_blocksize, h16* __restrict__ out,
     long long n) {
     __shared__ float code[256], nf4[16];
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = code8[i];
@@ -70,7 +70,7 @@ extern "C" __global__ void nf4_dequantize_double_quant(
 
 /// Plain fp32 absmax (no double quantization).
 extern "C" __global__ void nf4_dequantize(const unsigned char* __restrict__ packed, const float* __restrict__ absmax,
-                                          int blocksize, bf16* __restrict__ out, long long n) {
+                                          int blocksize, h16* __restrict__ out, long long n) {
     __shared__ float nf4[16];
     if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_CODE_TABLE[threadIdx.x];
     __syncthreads();
@@ -97,6 +97,6 @@ extern "C" __global__ void nf4_dequantize_double_quant_f32(
         const long long b = e / blocksize;
         const float absmax = __fadd_rn(__fmul_rn(code8[absmax_q[b]], nested_absmax[b / nested_blocksize]), offset);
         const float w = __fmul_rn(nf4[nibble], absmax);
-        out[e] = round_bf16_output ? round_bf16(w) : w;
+        out[e] = round_bf16_output ? round_to_bfloat16(w) : w;  // the checkpoint's dtype, not h16
     }
 }

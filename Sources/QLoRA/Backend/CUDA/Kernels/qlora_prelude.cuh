@@ -1,48 +1,121 @@
 // qlora_prelude.cuh: the only header our kernels include (handed to NVRTC in memory; no CUDA toolkit needed).
 //
-// bf16 is kept as raw 16-bit storage (`bf16` = unsigned short): a bfloat16 is the top half of a float32, so
-// widening is a shift, and narrowing rounds to nearest-even on the dropped 16 bits (NaN kept quiet).
-// All arithmetic is done in float32.
+// `h16` is the 16-bit storage type of activations, dequantized weights and LoRA copies: bfloat16 by default, IEEE
+// half (fp16) when the kernels are compiled with -DQLORA_HALF=1 (the fp16 compute path for Turing, `--compute-dtype
+// fp16`). It is kept as raw bits (unsigned short); all arithmetic is done in float32, and only the conversions
+// below know which format the bits are.
+//   bf16: the top half of a float32, so widening is a shift, and narrowing rounds to nearest-even on the dropped
+//         16 bits (NaN kept quiet).
+//   fp16: PTX cvt (cvt.f32.f16, cvt.rn.f16.f32: round to nearest-even). A value beyond ±65504 becomes ±inf, never
+//         clamped, so an overflow reaches the loss scaler's inf check instead of hiding as a large finite number.
 #pragma once
 
-typedef unsigned short bf16;
+typedef unsigned short h16;
 
 // math.h's INFINITY is not available without headers.
 #define QLORA_INFINITY __int_as_float(0x7f800000)
 
-__device__ __forceinline__ float bf16_to_float(bf16 x) { return __uint_as_float(((unsigned int)x) << 16); }
+#if QLORA_HALF
+#define QLORA_H16_NAME "fp16"
 
-__device__ __forceinline__ bf16 float_to_bf16(float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);  // NaN: keep it a (quiet) NaN
-    u += 0x7fffu + ((u >> 16) & 1u);                                         // round to nearest, ties to even
-    return (bf16)(u >> 16);
+__device__ __forceinline__ float h16_to_float(h16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
 }
 
-/// Rounds a float to the nearest bf16 value, staying in float (for formulas that round mid-way, like HF's).
-__device__ __forceinline__ float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+__device__ __forceinline__ h16 float_to_h16(float f) {
+    h16 x;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(x) : "f"(f));
+    return x;
+}
 
-// 16-byte vector of 8 bf16 values, for coalesced 128-bit loads and stores.
-struct alignas(16) bf16x8_raw { unsigned int w[4]; };
+/// The values of the low and high halves of a 32-bit word holding two h16 (the lower index in the low half).
+__device__ __forceinline__ float h16_low(unsigned int w) { return h16_to_float((h16)(w & 0xffffu)); }
+__device__ __forceinline__ float h16_high(unsigned int w) { return h16_to_float((h16)(w >> 16)); }
+#else
+#define QLORA_H16_NAME "bf16"
+
+__device__ __forceinline__ float h16_to_float(h16 x) { return __uint_as_float(((unsigned int)x) << 16); }
+
+__device__ __forceinline__ h16 float_to_h16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (h16)((u >> 16) | 0x40u);  // NaN: keep it a (quiet) NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                                        // round to nearest, ties to even
+    return (h16)(u >> 16);
+}
+
+__device__ __forceinline__ float h16_low(unsigned int w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float h16_high(unsigned int w) { return __uint_as_float(w & 0xffff0000u); }
+#endif
+
+/// Rounds a float to the nearest bfloat16 value, whatever h16 is (a stored weight's dtype, e.g. the merge's base).
+__device__ __forceinline__ float round_to_bfloat16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return f;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return __uint_as_float(u & 0xffff0000u);
+}
+
+/// Rounds a float to the nearest h16 value, staying in float (for formulas that round mid-way, like HF's).
+__device__ __forceinline__ float round_h16(float f) { return h16_to_float(float_to_h16(f)); }
+
+// 16-byte vector of 8 h16 values, for coalesced 128-bit loads and stores.
+struct alignas(16) h16x8_raw { unsigned int w[4]; };
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (((unsigned long long)p) & 15ull) == 0; }
 
-__device__ __forceinline__ void load_bf16x8(const bf16* p, float* f) {
-    bf16x8_raw v = *reinterpret_cast<const bf16x8_raw*>(p);
+__device__ __forceinline__ void load_h16x8(const h16* p, float* f) {
+    h16x8_raw v = *reinterpret_cast<const h16x8_raw*>(p);
 #pragma unroll
     for (int k = 0; k < 4; k++) {
-        f[2 * k] = __uint_as_float(v.w[k] << 16);
-        f[2 * k + 1] = __uint_as_float(v.w[k] & 0xffff0000u);
+        f[2 * k] = h16_low(v.w[k]);
+        f[2 * k + 1] = h16_high(v.w[k]);
     }
 }
 
-__device__ __forceinline__ void store_bf16x8(bf16* p, const float* f) {
-    bf16x8_raw v;
+__device__ __forceinline__ void store_h16x8(h16* p, const float* f) {
+    h16x8_raw v;
 #pragma unroll
     for (int k = 0; k < 4; k++)
-        v.w[k] = (unsigned int)float_to_bf16(f[2 * k]) | ((unsigned int)float_to_bf16(f[2 * k + 1]) << 16);
-    *reinterpret_cast<bf16x8_raw*>(p) = v;
+        v.w[k] = (unsigned int)float_to_h16(f[2 * k]) | ((unsigned int)float_to_h16(f[2 * k + 1]) << 16);
+    *reinterpret_cast<h16x8_raw*>(p) = v;
 }
+
+/// c += A·B on the tensor cores for one 16x8x16 tile of h16 values with fp32 accumulation (`mma.sync` m16n8k16;
+/// the fragment layout is in attention_mma.cu's header). fp16 uses the .f16 variant; Turing (sm_75, fp16 only) has no
+/// m16n8k16, so there it is two m16n8k8 products, over k 0..7 (a[0], a[1], b0) and k 8..15 (a[2], a[3], b1), whose
+/// fragments are exactly those halves. bf16 before sm_80 does not exist: a kernel using this there fails in ptxas.
+/// Not volatile: a pure function of its registers, so the compiler may schedule fragment loads ahead of it.
+__device__ __forceinline__ void mma_16816_h16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+#if QLORA_HALF && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b0));
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[2]), "r"(a[3]), "r"(b1));
+#else
+    asm(
+#if QLORA_HALF
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+#else
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+#endif
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// The names before the fp16 path (the storage type was bf16 only). They mean the same as the h16 names, whichever
+// format is compiled in; kept so kernels written against them still build. New code: use the h16 names.
+typedef h16 bf16;
+typedef h16x8_raw bf16x8_raw;
+__device__ __forceinline__ float bf16_to_float(h16 x) { return h16_to_float(x); }
+__device__ __forceinline__ h16 float_to_bf16(float f) { return float_to_h16(f); }
+__device__ __forceinline__ float round_bf16(float f) { return round_h16(f); }
+__device__ __forceinline__ void load_bf16x8(const h16* p, float* f) { load_h16x8(p, f); }
+__device__ __forceinline__ void store_bf16x8(h16* p, const float* f) { store_h16x8(p, f); }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

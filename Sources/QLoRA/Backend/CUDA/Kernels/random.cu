@@ -16,10 +16,10 @@ extern "C" __global__ void random_bytes(unsigned char* out, long long n, unsigne
 }
 
 /// out[i] = bf16(uniform in [lo, hi)).
-extern "C" __global__ void random_bf16(bf16* out, long long n, float lo, float hi, unsigned long long seed) {
+extern "C" __global__ void random_bf16(h16* out, long long n, float lo, float hi, unsigned long long seed) {
     GRID_STRIDE(i, n) {
         const float u = (float)(mix64(seed ^ (unsigned long long)(i * 0x632be59bd9b4e019ll)) >> 40) * (1.0f / 16777216.0f);
-        out[i] = float_to_bf16(lo + (hi - lo) * u);
+        out[i] = float_to_h16(lo + (hi - lo) * u);
     }
 }
 

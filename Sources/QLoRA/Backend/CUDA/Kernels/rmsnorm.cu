@@ -10,23 +10,23 @@
 // Rows whose length is a multiple of 8 (and 16-byte aligned) move 8 values per 16-byte access.
 #include "qlora_prelude.cuh"
 
-extern "C" __global__ void rmsnorm_forward(const bf16* x, const bf16* w, bf16* y, int dim, float eps) {
+extern "C" __global__ void rmsnorm_forward(const h16* x, const h16* w, h16* y, int dim, float eps) {
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
-    const bf16* xr = x + row * dim;
-    bf16* yr = y + row * dim;
+    const h16* xr = x + row * dim;
+    h16* yr = y + row * dim;
     const bool vec = (dim & 7) == 0 && aligned16(xr) && aligned16(yr) && aligned16(w);
     float ss = 0.0f;
     if (vec) {
         for (int i = threadIdx.x * 8; i < dim; i += blockDim.x * 8) {
             float f[8];
-            load_bf16x8(xr + i, f);
+            load_h16x8(xr + i, f);
 #pragma unroll
             for (int k = 0; k < 8; k++) ss += f[k] * f[k];
         }
     } else {
         for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-            const float v = bf16_to_float(xr[i]);
+            const float v = h16_to_float(xr[i]);
             ss += v * v;
         }
     }
@@ -35,33 +35,33 @@ extern "C" __global__ void rmsnorm_forward(const bf16* x, const bf16* w, bf16* y
     if (vec) {
         for (int i = threadIdx.x * 8; i < dim; i += blockDim.x * 8) {
             float f[8], g[8];
-            load_bf16x8(xr + i, f);
-            load_bf16x8(w + i, g);
+            load_h16x8(xr + i, f);
+            load_h16x8(w + i, g);
 #pragma unroll
-            for (int k = 0; k < 8; k++) f[k] = round_bf16(f[k] * r) * g[k];
-            store_bf16x8(yr + i, f);
+            for (int k = 0; k < 8; k++) f[k] = round_h16(f[k] * r) * g[k];
+            store_h16x8(yr + i, f);
         }
     } else {
         for (int i = threadIdx.x; i < dim; i += blockDim.x)
-            yr[i] = float_to_bf16(round_bf16(bf16_to_float(xr[i]) * r) * bf16_to_float(w[i]));
+            yr[i] = float_to_h16(round_h16(h16_to_float(xr[i]) * r) * h16_to_float(w[i]));
     }
 }
 
-extern "C" __global__ void rmsnorm_backward(const bf16* x, const bf16* w, const bf16* dy, bf16* dx, int dim, float eps,
+extern "C" __global__ void rmsnorm_backward(const h16* x, const h16* w, const h16* dy, h16* dx, int dim, float eps,
                                             int accumulate) {
     __shared__ float scratch[32];
     const long long row = blockIdx.x;
-    const bf16* xr = x + row * dim;
-    const bf16* dyr = dy + row * dim;
-    bf16* dxr = dx + row * dim;
+    const h16* xr = x + row * dim;
+    const h16* dyr = dy + row * dim;
+    h16* dxr = dx + row * dim;
     const bool vec = (dim & 7) == 0 && aligned16(xr) && aligned16(dyr) && aligned16(dxr) && aligned16(w);
     float ss = 0.0f, dot = 0.0f;
     if (vec) {
         for (int i = threadIdx.x * 8; i < dim; i += blockDim.x * 8) {
             float xf[8], wf[8], df[8];
-            load_bf16x8(xr + i, xf);
-            load_bf16x8(w + i, wf);
-            load_bf16x8(dyr + i, df);
+            load_h16x8(xr + i, xf);
+            load_h16x8(w + i, wf);
+            load_h16x8(dyr + i, df);
 #pragma unroll
             for (int k = 0; k < 8; k++) {
                 ss += xf[k] * xf[k];
@@ -70,9 +70,9 @@ extern "C" __global__ void rmsnorm_backward(const bf16* x, const bf16* w, const 
         }
     } else {
         for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-            const float v = bf16_to_float(xr[i]);
+            const float v = h16_to_float(xr[i]);
             ss += v * v;
-            dot += bf16_to_float(w[i]) * bf16_to_float(dyr[i]) * v;
+            dot += h16_to_float(w[i]) * h16_to_float(dyr[i]) * v;
         }
     }
     ss = block_sum(ss, scratch);
@@ -82,22 +82,22 @@ extern "C" __global__ void rmsnorm_backward(const bf16* x, const bf16* w, const 
     if (vec) {
         for (int i = threadIdx.x * 8; i < dim; i += blockDim.x * 8) {
             float xf[8], wf[8], df[8], o[8];
-            load_bf16x8(xr + i, xf);
-            load_bf16x8(w + i, wf);
-            load_bf16x8(dyr + i, df);
-            if (accumulate) load_bf16x8(dxr + i, o);
+            load_h16x8(xr + i, xf);
+            load_h16x8(w + i, wf);
+            load_h16x8(dyr + i, df);
+            if (accumulate) load_h16x8(dxr + i, o);
 #pragma unroll
             for (int k = 0; k < 8; k++) {
                 const float g = r * (wf[k] * df[k] - xf[k] * c);
                 o[k] = accumulate ? o[k] + g : g;
             }
-            store_bf16x8(dxr + i, o);
+            store_h16x8(dxr + i, o);
         }
     } else {
         for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-            float g = r * (bf16_to_float(w[i]) * bf16_to_float(dyr[i]) - bf16_to_float(xr[i]) * c);
-            if (accumulate) g += bf16_to_float(dxr[i]);
-            dxr[i] = float_to_bf16(g);
+            float g = r * (h16_to_float(w[i]) * h16_to_float(dyr[i]) - h16_to_float(xr[i]) * c);
+            if (accumulate) g += h16_to_float(dxr[i]);
+            dxr[i] = float_to_h16(g);
         }
     }
 }

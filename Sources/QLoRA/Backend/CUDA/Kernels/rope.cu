@@ -10,7 +10,7 @@
 #include "qlora_prelude.cuh"
 
 // One thread per (token, frequency i): cos/sin are computed once and applied to every head.
-extern "C" __global__ void rope_apply(bf16* x, const int* positions, const float* inv_freq, int tokens, int heads,
+extern "C" __global__ void rope_apply(h16* x, const int* positions, const float* inv_freq, int tokens, int heads,
                                       int head_dim, float direction) {
     const int half = head_dim / 2;
     const long long items = (long long)tokens * half;
@@ -20,11 +20,11 @@ extern "C" __global__ void rope_apply(bf16* x, const int* positions, const float
         float s, c;
         sincosf((float)positions[token] * inv_freq[i], &s, &c);
         s *= direction;
-        bf16* p = x + token * heads * head_dim;
+        h16* p = x + token * heads * head_dim;
         for (int h = 0; h < heads; h++, p += head_dim) {
-            const float a = bf16_to_float(p[i]), b = bf16_to_float(p[i + half]);
-            p[i] = float_to_bf16(a * c - b * s);
-            p[i + half] = float_to_bf16(b * c + a * s);
+            const float a = h16_to_float(p[i]), b = h16_to_float(p[i + half]);
+            p[i] = float_to_h16(a * c - b * s);
+            p[i + half] = float_to_h16(b * c + a * s);
         }
     }
 }

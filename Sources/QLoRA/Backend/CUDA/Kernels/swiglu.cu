@@ -9,50 +9,50 @@
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
-extern "C" __global__ void swiglu_forward(const bf16* gate, const bf16* up, bf16* h, long long n) {
+extern "C" __global__ void swiglu_forward(const h16* gate, const h16* up, h16* h, long long n) {
     const bool vec = aligned16(gate) && aligned16(up) && aligned16(h);
     GRID_STRIDE(g8, (n + 7) / 8) {
         const long long e0 = g8 * 8;
         if (vec && e0 + 8 <= n) {
             float g[8], u[8], o[8];
-            load_bf16x8(gate + e0, g);
-            load_bf16x8(up + e0, u);
+            load_h16x8(gate + e0, g);
+            load_h16x8(up + e0, u);
 #pragma unroll
             for (int k = 0; k < 8; k++) o[k] = g[k] * sigmoidf(g[k]) * u[k];
-            store_bf16x8(h + e0, o);
+            store_h16x8(h + e0, o);
         } else {
             for (long long e = e0; e < e0 + 8 && e < n; e++) {
-                const float g = bf16_to_float(gate[e]);
-                h[e] = float_to_bf16(g * sigmoidf(g) * bf16_to_float(up[e]));
+                const float g = h16_to_float(gate[e]);
+                h[e] = float_to_h16(g * sigmoidf(g) * h16_to_float(up[e]));
             }
         }
     }
 }
 
-extern "C" __global__ void swiglu_backward(const bf16* dh, const bf16* gate, const bf16* up, bf16* dgate, bf16* dup,
+extern "C" __global__ void swiglu_backward(const h16* dh, const h16* gate, const h16* up, h16* dgate, h16* dup,
                                            long long n) {
     const bool vec = aligned16(dh) && aligned16(gate) && aligned16(up) && aligned16(dgate) && aligned16(dup);
     GRID_STRIDE(g8, (n + 7) / 8) {
         const long long e0 = g8 * 8;
         if (vec && e0 + 8 <= n) {
             float d[8], g[8], u[8], dg[8], du[8];
-            load_bf16x8(dh + e0, d);
-            load_bf16x8(gate + e0, g);
-            load_bf16x8(up + e0, u);
+            load_h16x8(dh + e0, d);
+            load_h16x8(gate + e0, g);
+            load_h16x8(up + e0, u);
 #pragma unroll
             for (int k = 0; k < 8; k++) {
                 const float s = sigmoidf(g[k]);
                 du[k] = d[k] * g[k] * s;
                 dg[k] = d[k] * u[k] * s * (1.0f + g[k] * (1.0f - s));
             }
-            store_bf16x8(dgate + e0, dg);
-            store_bf16x8(dup + e0, du);
+            store_h16x8(dgate + e0, dg);
+            store_h16x8(dup + e0, du);
         } else {
             for (long long e = e0; e < e0 + 8 && e < n; e++) {
-                const float d = bf16_to_float(dh[e]), g = bf16_to_float(gate[e]), u = bf16_to_float(up[e]);
+                const float d = h16_to_float(dh[e]), g = h16_to_float(gate[e]), u = h16_to_float(up[e]);
                 const float s = sigmoidf(g);
-                dup[e] = float_to_bf16(d * g * s);
-                dgate[e] = float_to_bf16(d * u * s * (1.0f + g * (1.0f - s)));
+                dup[e] = float_to_h16(d * g * s);
+                dgate[e] = float_to_h16(d * u * s * (1.0f + g * (1.0f - s)));
             }
         }
     }

@@ -12,6 +12,7 @@
 //                    out[0] = sum_b partial[b], in a fixed order, so the norm has the same bits on every run
 //   clip_gradients:  total = sqrt(out[0]), coef = min(1, max_norm / (total + 1e-6)); g *= coef
 //                    (a non-finite total leaves g unchanged, as the CPU trainer does)
+//   scale_values:    g[i] *= factor   (fp16 loss scaling: the gradients of S·loss times 1/S, before the norm)
 // LoRA dropout, the twin of Training/DropoutMask.swift (one definition there, this one must equal it bit for bit):
 //   dropout_hash(s, i) = mix64(s + (i + 1)·γ);  kept iff (dropout_hash >> 40) · 2^-24 < keep  (keep = 1 − p, fp32)
 //   dropout_apply:       out[i] = kept ? bf16(x[i] / keep) : 0              d(x), the LoRA path's input
@@ -33,12 +34,12 @@ extern "C" __global__ void fill_random_bytes(unsigned char* p, long long n, unsi
     GRID_STRIDE(i, n) { p[i] = (unsigned char)(mix64(seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1)) & 0xffu); }
 }
 
-extern "C" __global__ void fill_random_bf16(bf16* p, long long n, unsigned long long seed, float std) {
+extern "C" __global__ void fill_random_bf16(h16* p, long long n, unsigned long long seed, float std) {
     GRID_STRIDE(i, n) {
         const unsigned long long base = seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(3 * i + 1);
         const float u = uniform01(mix64(base)) + uniform01(mix64(base + 0x9e3779b97f4a7c15ull)) +
                         uniform01(mix64(base + 2 * 0x9e3779b97f4a7c15ull)) - 1.5f;
-        p[i] = float_to_bf16(u * 2.0f * std);  // the sum of 3 uniforms has std 1/2
+        p[i] = float_to_h16(u * 2.0f * std);  // the sum of 3 uniforms has std 1/2
     }
 }
 
@@ -71,6 +72,10 @@ extern "C" __global__ void clip_gradients(float* g, long long n, const float* su
     GRID_STRIDE(i, n) { g[i] *= coef; }
 }
 
+extern "C" __global__ void scale_values(float* g, long long n, float factor) {
+    GRID_STRIDE(i, n) { g[i] *= factor; }
+}
+
 __device__ __forceinline__ unsigned long long dropout_hash(unsigned long long seed, long long i) {
     return mix64(seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1));
 }
@@ -79,15 +84,15 @@ __device__ __forceinline__ bool dropout_keeps(unsigned long long seed, long long
     return uniform01(dropout_hash(seed, i)) < keep;
 }
 
-extern "C" __global__ void dropout_apply(const bf16* __restrict__ x, bf16* __restrict__ out, long long n, unsigned long long seed,
+extern "C" __global__ void dropout_apply(const h16* __restrict__ x, h16* __restrict__ out, long long n, unsigned long long seed,
                                          float keep) {
-    GRID_STRIDE(i, n) { out[i] = dropout_keeps(seed, i, keep) ? float_to_bf16(bf16_to_float(x[i]) / keep) : (bf16)0; }
+    GRID_STRIDE(i, n) { out[i] = dropout_keeps(seed, i, keep) ? float_to_h16(h16_to_float(x[i]) / keep) : (h16)0; }
 }
 
-extern "C" __global__ void dropout_add_masked(bf16* __restrict__ dx, const bf16* __restrict__ t, long long n, unsigned long long seed,
+extern "C" __global__ void dropout_add_masked(h16* __restrict__ dx, const h16* __restrict__ t, long long n, unsigned long long seed,
                                               float keep) {
     GRID_STRIDE(i, n) {
-        if (dropout_keeps(seed, i, keep)) dx[i] = float_to_bf16(bf16_to_float(dx[i]) + bf16_to_float(t[i]) / keep);
+        if (dropout_keeps(seed, i, keep)) dx[i] = float_to_h16(h16_to_float(dx[i]) + h16_to_float(t[i]) / keep);
     }
 }
 
@@ -95,9 +100,9 @@ extern "C" __global__ void dropout_keep_mask(unsigned char* out, long long n, un
     GRID_STRIDE(i, n) { out[i] = dropout_keeps(seed, i, keep) ? 1 : 0; }
 }
 
-extern "C" __global__ void add_row_vector(bf16* y, const bf16* __restrict__ v, long long rows, int cols, int overwrite) {
+extern "C" __global__ void add_row_vector(h16* y, const h16* __restrict__ v, long long rows, int cols, int overwrite) {
     GRID_STRIDE(e, rows * (long long)cols) {
-        const bf16 b = v[e % cols];
-        y[e] = overwrite ? b : float_to_bf16(bf16_to_float(y[e]) + bf16_to_float(b));
+        const h16 b = v[e % cols];
+        y[e] = overwrite ? b : float_to_h16(h16_to_float(y[e]) + h16_to_float(b));
     }
 }

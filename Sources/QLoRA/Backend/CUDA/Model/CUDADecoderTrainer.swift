@@ -138,6 +138,13 @@ public final class CUDADecoderTrainer {
     /// bits on every run (the default flash kernels add dQ with fp32 atomics, so dq may differ in its last bits between
     /// runs; everything else, the gradient norm included, is summed in a fixed order), about 2× slower attention.
     public var deterministic = false
+    /// The loss scale of the fp16 path (GradScaler's S; torch's initial 2^16 unless the engine sets another): the
+    /// backward computes d(S · loss sum / normalizer), so small fp16 gradients do not flush to zero, and the LoRA
+    /// gradients come out S times too large until `unscaleGradients()`. 1 in bf16, whose range needs no scaling.
+    public var lossScale: Float
+    /// The factor the gradient buffer holds: `lossScale` of the micro-batches since the gradients were zeroed, 1 after
+    /// `unscaleGradients()`.
+    public private(set) var gradientScale: Float = 1
     let lse: DeviceBuffer<Float>, delta: DeviceBuffer<Float>
     let dyB: DeviceBuffer<UInt16>
     /// d(x) of the linear being computed, [N, max in] bf16 (nil when no linear has dropout).
@@ -219,6 +226,7 @@ public final class CUDADecoderTrainer {
             throw UsageError("offloaded checkpoints need at least 2 GPU slots (\(memory.checkpointSlots) asked for)")
         }
         context = ctx
+        lossScale = ctx.computeDType == .fp16 ? 65536 : 1
         config = c
         capacityTokens = n
         let plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory)
@@ -260,7 +268,7 @@ public final class CUDADecoderTrainer {
             inverseFrequencies = try a.buffer(copying: c.ropeInverseFrequencies().map { Float($0) })
             let names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-            let one = floatToBF16(1)
+            let one = ctx.computeDType.encode(1)
             var blocks: [TrainerBlock] = []
             var rng = SeededGenerator(seed: 0)
             // x·Aᵀ is only read by the backward of the block whose recomputation just wrote it, so all blocks share
@@ -283,7 +291,7 @@ public final class CUDADecoderTrainer {
                         weight = try CUDANF4Weight(quantized, allocator: a, signedDynamicMap: absmaxCode)
                         scale = layer.lora?.scale ?? 1
                         linearDropout = layer.lora?.dropout ?? 0
-                        if let values = layer.bias { bias = try a.buffer(copying: values.map(floatToBF16)) }
+                        if let values = layer.bias { bias = try a.buffer(copying: values.map(ctx.computeDType.encode)) }
                     case .random(let seed, let dropout):
                         linearDropout = dropout
                         weight = try CUDANF4Weight(randomRows: shape.out, columns: shape.in, context: ctx, code: absmaxCode,
@@ -296,8 +304,8 @@ public final class CUDADecoderTrainer {
                 let norms: (DeviceBuffer<UInt16>, DeviceBuffer<UInt16>)
                 switch source {
                 case .model(let model):
-                    norms = (try a.buffer(copying: model.blocks[l].inputNorm.map(floatToBF16)),
-                             try a.buffer(copying: model.blocks[l].mlpInputNorm.map(floatToBF16)))
+                    norms = (try a.buffer(copying: model.blocks[l].inputNorm.map(ctx.computeDType.encode)),
+                             try a.buffer(copying: model.blocks[l].mlpInputNorm.map(ctx.computeDType.encode)))
                 case .random:
                     norms = (try a.buffer(copying: [UInt16](repeating: one, count: c.hiddenSize)),
                              try a.buffer(copying: [UInt16](repeating: one, count: c.hiddenSize)))
@@ -370,16 +378,16 @@ public final class CUDADecoderTrainer {
             }
             switch source {
             case .model(let model):
-                let values = model.embedding.values.map(floatToBF16)
+                let values = model.embedding.values.map(ctx.computeDType.encode)
                 let deviceTable = onHost ? nil : try a.buffer(copying: values)
                 hostEmbedding = onHost ? values : nil
                 embedding = deviceTable
                 if model.head === model.embedding, let deviceTable {
                     head = deviceTable
                 } else {
-                    head = try a.buffer(copying: model.head.values.map(floatToBF16))
+                    head = try a.buffer(copying: model.head.values.map(ctx.computeDType.encode))
                 }
-                finalNorm = try a.buffer(copying: model.finalNorm.map(floatToBF16))
+                finalNorm = try a.buffer(copying: model.finalNorm.map(ctx.computeDType.encode))
                 var host = [Float](repeating: 0, count: offset)
                 for (l, block) in blocks.enumerated() {
                     for (j, linear) in block.linears.enumerated() {
@@ -609,7 +617,12 @@ public final class CUDADecoderTrainer {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize, vocab = c.vocabularySize
         try upload(batch)
         stepDropoutSeed = dropoutSeed
-        if !accumulate { try grads.fill(byte: 0) }
+        if !accumulate {
+            try grads.fill(byte: 0)
+            gradientScale = lossScale
+        } else if gradientScale != lossScale {
+            throw CUDAError(call: "forwardBackward", "accumulating with loss scale \(lossScale) into gradients of scale \(gradientScale)")
+        }
         try embed(batch, into: slot(0))
         try offload(0, tokens: n)
         for (l, block) in blocks.enumerated() {
@@ -622,7 +635,8 @@ public final class CUDADecoderTrainer {
         let last = slot(blocks.count)
         try ctx.rmsNormForward(x: last, weight: finalNorm, into: norm1, rows: n, dim: h, eps: c.rmsNormEps)
         let blas = try ctx.blas()
-        let scale = 1 / Float(max(normalizer, 1))
+        // The loss scale (fp16: GradScaler's S; else 1) enters here, at the start of the backward.
+        let scale = lossScale / Float(max(normalizer, 1))
         for start in stride(from: 0, to: n, by: lossChunkRows) {
             let rows = min(lossChunkRows, n - start)
             try blas.gemm(m: rows, n: vocab, k: h, a: norm1.address(at: start * h), b: head.pointer, transB: true, c: logits.pointer)
@@ -759,6 +773,7 @@ public final class CUDADecoderTrainer {
     /// Clips the gradients to global norm `maxGradNorm` (when given), then one AdamW step at `learningRate`, then
     /// refreshes the bf16 copies. Queued without waiting.
     public func optimizerStep(learningRate: Float, weightDecay: Float = 0, maxGradNorm: Float? = 1) throws {
+        try unscaleGradients()
         if let maxGradNorm { try context.clipGradients(grads, count: parameterCount, maxNorm: maxGradNorm, sumSquares: sumSquares) }
         optimizerSteps += 1
         try context.adamwStep(params: params, grads: grads, m: moment1, v: moment2, count: parameterCount, step: optimizerSteps,
@@ -766,9 +781,18 @@ public final class CUDADecoderTrainer {
         try context.convertToBF16(params, into: params16, count: parameterCount)
     }
 
+    /// Divides the LoRA gradients by the loss scale they hold (nothing to do in bf16). Clipping and the optimizer
+    /// step call it first. Queued without waiting.
+    public func unscaleGradients() throws {
+        guard gradientScale != 1 else { return }
+        try context.scaleValues(grads, count: parameterCount, by: 1 / gradientScale)
+        gradientScale = 1
+    }
+
     /// Clips the gradients to global norm `maxNorm` (`.infinity`: only measures the norm; `lastGradientNorm()`
     /// reads it). Queued without waiting. For use with an external optimizer (`CUDAOptimizer` over `parameterSlots()`).
     public func clipGradients(maxNorm: Float) throws {
+        try unscaleGradients()
         try context.clipGradients(grads, count: parameterCount, maxNorm: maxNorm, sumSquares: sumSquares)
     }
 
@@ -811,8 +835,10 @@ public final class CUDADecoderTrainer {
     public func lastGradientNorm() throws -> Double { Double(try sumSquares.download()[0]).squareRoot() }
 
     /// Every LoRA gradient, (module path, dA [r·in], dB [out·r]) in fp32 (waits for the GPU).
+    /// The gradients of the loss itself: a buffer still holding the loss scale is divided by it here (not in place).
     public func loraGradients() throws -> [(name: String, a: [Float], b: [Float])] {
-        try slices(of: grads.download())
+        let scale = gradientScale
+        return try slices(of: scale == 1 ? grads.download() : grads.download().map { $0 / scale })
     }
 
     /// Every LoRA matrix's fp32 master values, (module path, A, B).

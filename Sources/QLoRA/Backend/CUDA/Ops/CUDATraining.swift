@@ -41,6 +41,14 @@ extension CUDAContext {
                           block: (256, 1, 1), stream: stream, [grads.arg, .int64(Int64(count)), sumSquares.arg, .float(maxNorm)])
     }
 
+    /// x[i] *= factor for `count` fp32 values (the fp16 path's unscaling of the gradients by 1/S; inf and nan stay
+    /// what they are, so the norm after it still shows an overflow).
+    public func scaleValues(_ x: DeviceBuffer<Float>, count: Int, by factor: Float, stream: CUDAStream? = nil) throws {
+        try require(x.count >= count, "scaleValues", "buffer shorter than \(count)")
+        try device.launch(compiler.function(KernelSources.training, "scale_values"), grid: (gridSize(items: count), 1, 1),
+                          block: (256, 1, 1), stream: stream, [x.arg, .int64(Int64(count)), .float(factor)])
+    }
+
     /// LoRA dropout's input, `out = d(x)`: x[i] / keep where element i survives (Training/DropoutMask.swift with
     /// `seed`), else 0; `count` bf16 values (a [tokens, in] matrix, row-major: element index = token · in + feature).
     public func dropoutApply(x: CUdeviceptr, into out: CUdeviceptr, count: Int, seed: UInt64, keep: Float,

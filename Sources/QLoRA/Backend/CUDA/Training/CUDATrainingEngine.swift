@@ -6,6 +6,15 @@
 // each projection may have its own rank or no adapter at all (PEFT's target_modules naming only some projections).
 // Evaluation runs the forward alone (`CUDADecoderTrainer.forwardLoss`), without dropout: no backward, and the gradients
 // are not touched.
+//
+// With fp16 compute (`CUDAContext.computeDType`) the engine scales the loss as torch.amp.GradScaler does
+// (Training/GradScaler.swift): the cross-entropy's gradient is multiplied by the scale S, the fp32 LoRA gradients
+// are multiplied by 1/S before clipping, and a step whose unscaled gradient norm is inf or nan applies nothing and
+// halves S (`lastStepSkipped`).
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Training compute on one GPU.
 public final class CUDATrainingEngine: TrainingEngine {
@@ -13,34 +22,59 @@ public final class CUDATrainingEngine: TrainingEngine {
     public let model: DecoderModel
     public let trainer: CUDADecoderTrainer
     public let optimizer: CUDAOptimizer
+    /// fp16 only: the dynamic loss scale.
+    public private(set) var lossScaler: GradScaler?
+    public private(set) var lastStepSkipped = false
+
+    /// The fp16 path's first loss scale: torch's 2^16, or `QLORA_INITIAL_LOSS_SCALE` (a positive number; a huge one
+    /// such as 1e30 makes the first steps overflow, to see the scaler skip and recover).
+    public static func initialLossScale() throws -> Float {
+        guard let text = getenv("QLORA_INITIAL_LOSS_SCALE").map({ String(cString: $0) }), !text.isEmpty else { return 65536 }
+        guard let value = Float(text), value > 0, value.isFinite else {
+            throw UsageError("QLORA_INITIAL_LOSS_SCALE=\(text): expected a positive finite number, such as 65536")
+        }
+        return value
+    }
 
     /// An engine for `model` (adapters attached) holding batches of up to `capacityTokens` tokens.
-    /// `deterministic`: the same bits on every run (see `CUDADecoderTrainer.deterministic`).
+    /// `deterministic`: the same bits on every run (see `CUDADecoderTrainer.deterministic`). `initialLossScale`
+    /// (fp16 only): nil for `initialLossScale()`.
     public init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, optimizer kind: OptimizerKind,
-                hyperparameters: AdamWHyperparameters, deterministic: Bool = false) throws {
+                hyperparameters: AdamWHyperparameters, deterministic: Bool = false, initialLossScale: Float? = nil) throws {
         self.context = context
         self.model = model
         trainer = try CUDADecoderTrainer(context: context, model: model, capacityTokens: capacityTokens)
         trainer.deterministic = deterministic
         optimizer = try CUDAOptimizer(context: context, kind: kind, hyperparameters)
+        if context.computeDType == .fp16 { lossScaler = GradScaler(initialScale: try initialLossScale ?? Self.initialLossScale()) }
     }
 
     public var deviceName: String { "cuda" }
     public var optimizerKind: OptimizerKind { optimizer.kind }
 
     public func accumulate(batch: TrainingBatch, normalizer: Int, options: TrainingStepOptions, first: Bool) throws -> LossSum {
+        if let scaler = lossScaler { trainer.lossScale = scaler.scale }
         try trainer.forwardBackward(batch: batch, normalizer: normalizer, accumulate: !first, dropoutSeed: options.dropoutSeed)
         return try trainer.lastLoss()
     }
 
     public func step(learningRate: Double, maxGradNorm: Double) throws -> Double {
+        lastStepSkipped = false
         try trainer.clipGradients(maxNorm: maxGradNorm > 0 ? Float(maxGradNorm) : .infinity)
         // Read before the update (the step waited for it anyway): a NaN or infinite norm applies nothing.
         let norm = try trainer.lastGradientNorm()
+        if var scaler = lossScaler {
+            lastStepSkipped = !scaler.update(foundInf: !norm.isFinite)
+            lossScaler = scaler
+        }
         guard norm.isFinite else { return norm }
         try optimizer.step(trainer.parameterSlots(), learningRate: learningRate)
         try trainer.refreshParameterCopies()
         return norm
+    }
+
+    public func restoreLossScaler(scale: Float, growthTracker: Int, skippedSteps: Int) {
+        lossScaler?.restore(scale: scale, growthTracker: growthTracker, skippedSteps: skippedSteps)
     }
 
     public func loss(batch: TrainingBatch) throws -> LossSum {
