@@ -158,9 +158,9 @@ func checkBatchedGeneration() throws {
         let path = fusedLimit > 0 ? "fused nf4 gemm" : "dequant + cuBLASLt"
         let batched = try CUDABatchedInference(weights: weights, slots: prompts.count, capacity: 64, prefillTokens: 128)
         batched.fusedRowLimit = fusedLimit
-        var rows: [CUDABatchedInference.Row] = [], last: [Int] = []
+        var rows: [BatchRow] = [], last: [Int] = []
         for (s, p) in prompts.enumerated() {
-            for (i, t) in p.enumerated() { rows.append(.init(token: t, slot: s, position: i)) }
+            for (i, t) in p.enumerated() { rows.append(BatchRow(token: t, slot: s, position: i)) }
             last.append(rows.count - 1)
         }
         let gpu = try batched.logits(rows: rows, logitRows: last)
@@ -173,7 +173,7 @@ func checkBatchedGeneration() throws {
         check("batched \(path): packed prefill logits (6 prompts, 1-30 tokens)", worst, 3e-2)
         // Rows in a shuffled slot order, as a running batch is after refills.
         let order = [4, 1, 5, 0, 3, 2]
-        let step = try batched.logits(rows: order.map { .init(token: firstTokens[$0], slot: $0, position: prompts[$0].count) },
+        let step = try batched.logits(rows: order.map { BatchRow(token: firstTokens[$0], slot: $0, position: prompts[$0].count) },
                                       logitRows: Array(order.indices))
         worst = 0
         for (row, s) in order.enumerated() {
@@ -184,21 +184,22 @@ func checkBatchedGeneration() throws {
     }
 
     // Greedy answers against the CPU's, 6 prompts through 3 slots, a stop id ending some answers early.
-    let cpuSession = CPUInferenceSession(model: model, capacity: 64)
-    let cpu = SequentialBatchGenerator(session: cpuSession, deviceName: "cpu")
-    let free = try cpu.generate(prompts: prompts, maxTokens: maxTokens, sampling: SamplingOptions(), stopIDs: [])
-    let stop = free.answers[1].tokens[3]
-    let reference = try cpu.generate(prompts: prompts, maxTokens: maxTokens, sampling: SamplingOptions(), stopIDs: [stop])
-    let early = reference.answers.filter { $0.stoppedAtEOS }.count
+    let greedy = [SamplingOptions](repeating: SamplingOptions(), count: prompts.count)
+    func cpuAnswers(stopIDs: Set<Int>) throws -> [GenerationResult] {
+        try prompts.map { try Generator.generate(model: model, prompt: $0, maxTokens: maxTokens, sampling: SamplingOptions(), stopIDs: stopIDs) }
+    }
+    let stop = try cpuAnswers(stopIDs: [])[1].tokens[3]
+    let reference = try cpuAnswers(stopIDs: [stop])
+    let early = reference.filter { $0.stoppedAtEOS }.count
     for (name, fusedLimit, splits) in [("fused nf4 gemm", 256, 0), ("fused nf4 gemm, 2 K splits", 256, 2), ("dequant + cuBLASLt", 0, 0)] {
         let batched = try CUDABatchedInference(weights: weights, slots: 3, capacity: 64, prefillTokens: 40)
         batched.fusedRowLimit = fusedLimit
         try batched.forceSplits(splits)
         var finishedOrder: [Int] = []
-        let result = try batched.generate(prompts: prompts, maxTokens: maxTokens, sampling: SamplingOptions(), stopIDs: [stop],
+        let result = try batched.generate(prompts: prompts, sampling: greedy, maxTokens: maxTokens, stopIDs: [stop],
                                           onAnswer: { i, _ in finishedOrder.append(i) })
         var identical = 0, nearTies: [String] = [], failures: [String] = []
-        for (i, (g, c)) in zip(result.answers, reference.answers).enumerated() {
+        for (i, (g, c)) in zip(result.answers, reference).enumerated() {
             if g.tokens == c.tokens && g.stoppedAtEOS == c.stoppedAtEOS { identical += 1; continue }
             // First difference: the CPU's logits after the common prefix; a near-tie when the gap is small.
             var k = 0
@@ -216,11 +217,11 @@ func checkBatchedGeneration() throws {
     }
 
     // Sampling: each sequence's own generator, so the answers do not depend on the slot count (3 slots vs 6).
-    let sampling = SamplingOptions(temperature: 0.8, topK: 20, topP: 0.95, seed: 42)
+    let sampling = prompts.indices.map { SamplingOptions(temperature: 0.8, topK: 20, topP: 0.95, seed: 42 + UInt64($0)) }
     let three = try CUDABatchedInference(weights: weights, slots: 3, capacity: 64, prefillTokens: 40)
     let six = try CUDABatchedInference(weights: weights, slots: 6, capacity: 64, prefillTokens: 128)
-    let a = try three.generate(prompts: prompts, maxTokens: 8, sampling: sampling, stopIDs: [])
-    let b = try six.generate(prompts: prompts, maxTokens: 8, sampling: sampling, stopIDs: [])
+    let a = try three.generate(prompts: prompts, sampling: sampling, maxTokens: 8, stopIDs: [])
+    let b = try six.generate(prompts: prompts, sampling: sampling, maxTokens: 8, stopIDs: [])
     let same = zip(a.answers, b.answers).filter { $0.tokens == $1.tokens }.count
     checkTrue("batched sampling: answers independent of the slot count", same == prompts.count, "\(same)/\(prompts.count) equal")
 }
@@ -237,15 +238,21 @@ func timeBatchedGeneration() throws {
     let single = try CUDAInference(context: ctx, randomConfig: config, loraRank: 16, capacity: promptTokens + newTokens)
     var r = SeededGenerator(seed: seed ^ 0x5eed)
     let prompts = (0..<count).map { _ in (0..<promptTokens).map { _ in r.int(config.vocabularySize) } }
-    let sequential = SequentialBatchGenerator(session: single, deviceName: "cuda")
-    _ = try sequential.generate(prompts: [prompts[0]], maxTokens: 4, sampling: SamplingOptions(), stopIDs: [])  // warm-up
-    let one = try sequential.generate(prompts: Array(prompts.prefix(8)), maxTokens: newTokens, sampling: SamplingOptions(), stopIDs: [])
+    // Batch-1: the graph-replayed decode of CUDAInference, one prompt after the other (prefill included).
+    _ = try Generator.generate(inference: single, prompt: prompts[0], maxTokens: 4, sampling: SamplingOptions(), stopIDs: [])  // warm-up
+    let start = monotonicSeconds()
+    var singleTokens = 0
+    for p in prompts.prefix(8) {
+        singleTokens += try Generator.generate(inference: single, prompt: p, maxTokens: newTokens, sampling: SamplingOptions(), stopIDs: []).tokens.count
+    }
+    let oneRate = Double(singleTokens) / (monotonicSeconds() - start)
+    let greedy = [SamplingOptions](repeating: SamplingOptions(), count: count)
     for slots in [16, 64] {
         let batched = try CUDABatchedInference(weights: single, slots: slots, capacity: promptTokens + newTokens)
-        _ = try batched.generate(prompts: Array(prompts.prefix(slots)), maxTokens: 4, sampling: SamplingOptions(), stopIDs: [])
-        let many = try batched.generate(prompts: prompts, maxTokens: newTokens, sampling: SamplingOptions(), stopIDs: [])
+        _ = try batched.generate(prompts: Array(prompts.prefix(slots)), sampling: Array(greedy.prefix(slots)), maxTokens: 4, stopIDs: [])
+        let many = try batched.generate(prompts: prompts, sampling: greedy, maxTokens: newTokens, stopIDs: [])
         print("  batched generation 2048/5632 x8 r16, \(count) prompts x \(newTokens) tokens, \(slots) slots: "
-              + "\(fmt(many.tokensPerSecond, 0)) tokens/s vs batch-1 \(fmt(one.tokensPerSecond, 0)) tokens/s = "
-              + "\(fmt(many.tokensPerSecond / one.tokensPerSecond, 1))x (prefill included)")
+              + "\(fmt(many.tokensPerSecond, 0)) tokens/s vs batch-1 \(fmt(oneRate, 0)) tokens/s = "
+              + "\(fmt(many.tokensPerSecond / oneRate, 1))x (prefill included)")
     }
 }

@@ -103,8 +103,9 @@ struct BenchDecodeCommand: ParsableCommand {
             let batched = try CUDABatchedInference(weights: inference, slots: batch, capacity: promptTokens + tokens)
             batched.fusedRowLimit = fusedRows
             let batchPrompts = (0..<prompts).map { _ in (0..<promptTokens).map { _ in Int(rng.next() % UInt64(config.vocabularySize)) } }
-            _ = try batched.generate(prompts: Array(batchPrompts.prefix(batch)), maxTokens: 2, sampling: SamplingOptions(), stopIDs: [])
-            let result = try batched.generate(prompts: batchPrompts, maxTokens: tokens, sampling: SamplingOptions(), stopIDs: [])
+            let greedy = [SamplingOptions](repeating: SamplingOptions(), count: prompts)
+            _ = try batched.generate(prompts: Array(batchPrompts.prefix(batch)), sampling: Array(greedy.prefix(batch)), maxTokens: 2, stopIDs: [])
+            let result = try batched.generate(prompts: batchPrompts, sampling: greedy, maxTokens: tokens, stopIDs: [])
             batchedFields = [
                 ("batch_slots", .int(Int64(batch))), ("batch_prompts", .int(Int64(prompts))), ("fused_rows", .int(Int64(fusedRows))),
                 ("batched_tokens_per_s", .double(r(result.tokensPerSecond, 10))), ("batched_seconds", .double(r(result.seconds))),

@@ -19,7 +19,7 @@ import Glibc
 // cuBLASLt GEMMs: xa = X·A_stackedᵀ [rows, Σr], then Y += scale·xa·B_diagᵀ with B_diag the group's B matrices on a
 // block diagonal [Σ out, Σr] (made once), so every matrix's term lands in its columns of the fused row.
 // Picking: greedy takes each row's argmax on the GPU (4 bytes per sequence come back); sampling brings the rows'
-// logits back and each sequence samples with its own generator (BatchGeneration.swift).
+// logits back and each sequence samples with its own generator (Generation/ContinuousBatching.swift).
 
 /// A projection group laid out for batched steps.
 struct BatchedProjection {
@@ -37,7 +37,7 @@ struct BatchedProjection {
     var rank: Int { group.totalRank }
 }
 
-public final class CUDABatchedInference: BatchGenerator {
+public final class CUDABatchedInference: BatchedSession {
     public let context: CUDAContext
     public let config: DecoderConfig
     /// The weights (shared with its batch-1 path).
@@ -55,11 +55,10 @@ public final class CUDABatchedInference: BatchGenerator {
     public private(set) var forcedSplits = 0
     /// Prompt tokens one prefill step packs at most.
     public let prefillTokens: Int
-    public var deviceName: String { "cuda batched" }
 
     var projections: [[BatchedProjection]] = []  // per layer: qkv, o, gateUp, down
-    var keys: [DeviceBuffer<UInt16>] = []        // per layer [slots, capacity, kvDim]
-    var values: [DeviceBuffer<UInt16>] = []
+    let keys: [DeviceBuffer<UInt16>]             // per layer [slots, capacity, kvDim]
+    let values: [DeviceBuffer<UInt16>]
     // Step buffers.
     let stepInput: DeviceBuffer<Int32>           // [tokens | slots | positions | logit rows], maxRows each
     let x: DeviceBuffer<UInt16>                  // [maxRows, hidden]
@@ -98,10 +97,8 @@ public final class CUDABatchedInference: BatchGenerator {
         maxRows = max(slots, prefillTokens, capacity)
         let A = context.allocator
         let h = c.hiddenSize, inter = c.intermediateSize, qkvDim = c.qDim + 2 * c.kvDim
-        for _ in weights.layers {
-            keys.append(try A.buffer(UInt16.self, count: slots * capacity * c.kvDim))
-            values.append(try A.buffer(UInt16.self, count: slots * capacity * c.kvDim))
-        }
+        keys = try weights.layers.map { _ in try A.buffer(UInt16.self, count: slots * capacity * c.kvDim) }
+        values = try weights.layers.map { _ in try A.buffer(UInt16.self, count: slots * capacity * c.kvDim) }
         stepInput = try A.buffer(Int32.self, count: 4 * maxRows)
         x = try A.buffer(UInt16.self, count: maxRows * h)
         normed = try A.buffer(UInt16.self, count: maxRows * max(h, c.qDim))
@@ -201,24 +198,21 @@ public final class CUDABatchedInference: BatchGenerator {
 
     // MARK: Steps
 
-    /// One row of a step: `token` of the sequence in `slot`, at `position` (its KV length before it).
-    public struct Row: Sendable {
-        public var token: Int
-        public var slot: Int
-        public var position: Int
-        public init(token: Int, slot: Int, position: Int) {
-            self.token = token
-            self.slot = slot
-            self.position = position
-        }
-    }
-
     /// Runs `rows` through the model (appending each row's k and v to its slot) and leaves the logits of the rows
     /// listed in `logitRows` (indices into `rows`, at most `slots`) in `logits`, [logitRows.count, vocab].
-    func step(_ rows: [Row], logitRows: [Int]) throws {
+    public func step(_ rows: [BatchRow], logitRows: [Int]) throws {
         let c = config, ctx = context, dev = context.device
         let r = rows.count, h = c.hiddenSize, inter = c.intermediateSize, qkvDim = c.qDim + 2 * c.kvDim
-        precondition(r > 0 && r <= maxRows && logitRows.count <= slots)
+        // Checked here, before anything indexes a cache with them.
+        for (i, row) in rows.enumerated() {
+            guard row.slot >= 0, row.slot < slots, row.position >= 0, row.position < capacity, row.token >= 0,
+                  row.token < c.vocabularySize else {
+                throw UsageError("step row \(i) (token \(row.token), slot \(row.slot), position \(row.position)) is outside the vocabulary (\(c.vocabularySize)), the \(slots) slots or their \(capacity) positions")
+            }
+        }
+        guard r > 0, r <= maxRows, logitRows.count <= slots, logitRows.allSatisfy({ rows.indices.contains($0) }) else {
+            throw UsageError("a step of \(r) rows (1...\(maxRows)) keeping \(logitRows.count) logit rows (at most \(slots), each one of the step's)")
+        }
         var input = [Int32](repeating: 0, count: 4 * maxRows)
         for (i, row) in rows.enumerated() {
             input[i] = Int32(row.token)
@@ -309,110 +303,63 @@ public final class CUDABatchedInference: BatchGenerator {
 
     // MARK: Generation
 
-    struct RunningSequence {
-        let index: Int
-        let slot: Int
-        var length: Int          // tokens in its KV cache
-        var next: Int = 0        // the last picked token, fed by the next decode step
-        var tokens: [Int] = []
-        var sampler: Sampler
+    /// Answers `prompts` through `BatchScheduler` (continuous batching over this session's slots), prompt i with
+    /// `sampling[i]`.
+    public func generate(prompts: [[Int]], sampling: [SamplingOptions], maxTokens: Int, stopIDs: Set<Int>,
+                         onAnswer: (Int, GenerationResult) -> Void = { _, _ in }) throws -> BatchedAnswers {
+        try BatchScheduler.generate(session: self, prompts: prompts, sampling: sampling, maxTokens: maxTokens, stopIDs: stopIDs,
+                                    onAnswer: onAnswer)
     }
 
-    public func generate(prompts: [[Int]], maxTokens: Int, sampling: SamplingOptions, stopIDs: Set<Int>,
-                         onAnswer: (Int, GenerationResult) -> Void) throws -> BatchGenerationResult {
-        try Generator.validate(maxTokens: maxTokens, sampling: sampling)
-        let vocab = config.vocabularySize
-        for (i, prompt) in prompts.enumerated() {
-            guard !prompt.isEmpty else { throw UsageError("prompt \(i + 1) is empty") }
-            guard prompt.count + maxTokens <= capacity else {
-                throw UsageError("prompt \(i + 1) (\(prompt.count) tokens) + max tokens (\(maxTokens)) exceed the \(capacity) positions of a batched sequence slot")
-            }
-            if let bad = prompt.first(where: { $0 < 0 || $0 >= vocab }) {
-                throw UsageError("prompt \(i + 1): token id \(bad) is outside the vocabulary (0..<\(vocab))")
-            }
-        }
-        let start = monotonicSeconds()
-        var answers = [GenerationResult?](repeating: nil, count: prompts.count)
-        var waiting = prompts.indices.makeIterator()
-        var nextWaiting = waiting.next()
-        var freeSlots = Array((0..<slots).reversed())
-        var running: [RunningSequence] = []
-        var generated = 0
+    public func greedyTokens(count: Int) throws -> [Int] {
+        try context.argmaxRows(logits: logits.pointer, out: picks.pointer, rows: count, vocab: config.vocabularySize)
+        return try picks.view(at: 0, count: count).download().map { Int($0) }
+    }
 
-        /// Takes each listed sequence's next token from the logits rows 0..<n; returns those still running.
-        func pick(_ seqs: [RunningSequence]) throws -> [RunningSequence] {
-            var seqs = seqs
-            let n = seqs.count
-            var chosen: [Int] = []
-            if sampling.temperature <= 0 {
-                try context.argmaxRows(logits: logits.pointer, out: picks.pointer, rows: n, vocab: vocab)
-                chosen = try picks.view(at: 0, count: n).download().map { Int($0) }
-            } else {
-                let rows = try logits.view(at: 0, count: n * vocab).download()
-                for i in 0..<n { chosen.append(seqs[i].sampler.next(Array(rows[(i * vocab)..<((i + 1) * vocab)]))) }
-            }
-            var still: [RunningSequence] = []
-            for (sequence, token) in zip(seqs, chosen) {
-                var s = sequence
-                let stopped = stopIDs.contains(token)
-                if !stopped { s.tokens.append(token); generated += 1 }
-                if stopped || s.tokens.count == maxTokens {
-                    let answer = GenerationResult(tokens: s.tokens, stoppedAtEOS: stopped, promptTokensPerSecond: 0, decodeTokensPerSecond: 0)
-                    answers[s.index] = answer
-                    onAnswer(s.index, answer)
-                    freeSlots.append(s.slot)
-                } else {
-                    s.next = token
-                    still.append(s)
-                }
-            }
-            return still
-        }
-
-        while nextWaiting != nil || !running.isEmpty {
-            // Admit waiting prompts into free slots, packed up to the prefill budget (a longer prompt alone).
-            var admitted: [RunningSequence] = [], rows: [Row] = [], logitRows: [Int] = []
-            while let i = nextWaiting, let slot = freeSlots.last, admitted.count < slots,
-                  rows.isEmpty || rows.count + prompts[i].count <= prefillTokens {
-                freeSlots.removeLast()
-                for (p, token) in prompts[i].enumerated() { rows.append(Row(token: token, slot: slot, position: p)) }
-                logitRows.append(rows.count - 1)
-                admitted.append(RunningSequence(index: i, slot: slot, length: prompts[i].count, sampler: Sampler(sampling.forSequence(i))))
-                nextWaiting = waiting.next()
-            }
-            if !admitted.isEmpty {
-                try step(rows, logitRows: logitRows)
-                running += try pick(admitted)
-            }
-            if !running.isEmpty {
-                try step(running.map { Row(token: $0.next, slot: $0.slot, position: $0.length) }, logitRows: Array(running.indices))
-                for i in running.indices { running[i].length += 1 }
-                running = try pick(running)
-            }
-        }
-        let seconds = monotonicSeconds() - start
-        let rate = Double(generated) / max(seconds, 1e-9)
-        let all = answers.map { a -> GenerationResult in
-            var a = a!
-            a.decodeTokensPerSecond = rate
-            return a
-        }
-        return BatchGenerationResult(answers: all, promptTokens: prompts.reduce(0) { $0 + $1.count }, generatedTokens: generated,
-                                     seconds: seconds)
+    public func keptLogits(count: Int) throws -> [Float] {
+        try logits.view(at: 0, count: count * config.vocabularySize).download()
     }
 
     /// Logits of a step for checks: runs `rows` and returns the logits of `logitRows`, [logitRows.count, vocab].
-    public func logits(rows: [Row], logitRows: [Int]) throws -> [Float] {
-        for row in rows {
-            guard row.slot >= 0, row.slot < slots, row.position >= 0, row.position < capacity, row.token >= 0,
-                  row.token < config.vocabularySize else {
-                throw UsageError("row \(row) is outside the \(slots) slots of \(capacity) positions or the vocabulary")
-            }
-        }
-        guard !rows.isEmpty, rows.count <= maxRows, logitRows.count <= slots, logitRows.allSatisfy({ rows.indices.contains($0) }) else {
-            throw UsageError("a step of \(rows.count) rows (at most \(maxRows)) with \(logitRows.count) logit rows (at most \(slots))")
-        }
+    public func logits(rows: [BatchRow], logitRows: [Int]) throws -> [Float] {
         try step(rows, logitRows: logitRows)
         return try logits.view(at: 0, count: logitRows.count * config.vocabularySize).download()
+    }
+}
+
+/// Batched generation for callers whose prompt lengths change from call to call (evaluation): keeps the weights and
+/// makes (or reuses) a `CUDABatchedInference` whose slots hold the longest prompt + `maxTokens`.
+public final class CUDABatchedGenerator {
+    public let weights: CUDAInference
+    /// Sequences decoded together.
+    public let slots: Int
+    var inference: CUDABatchedInference?
+
+    public init(weights: CUDAInference, slots: Int = 64) throws {
+        guard slots > 0 else { throw UsageError("batched generation needs at least one sequence slot, got \(slots)") }
+        self.weights = weights
+        self.slots = slots
+    }
+
+    /// The model (NF4 + double quant base, LoRA unmerged) uploaded for generation.
+    public convenience init(context: CUDAContext, model: DecoderModel, slots: Int = 64) throws {
+        try self.init(weights: CUDAInference(context: context, model: model, capacity: 1), slots: slots)
+    }
+
+    /// Answers `prompts`, prompt i sampled with `sampling[i]`.
+    public func generate(prompts: [[Int]], sampling: [SamplingOptions], maxTokens: Int, stopIDs: Set<Int>,
+                         onAnswer: (Int, GenerationResult) -> Void = { _, _ in }) throws -> BatchedAnswers {
+        guard let longest = prompts.map(\.count).max() else {
+            return BatchedAnswers(answers: [], promptTokens: 0, generatedTokens: 0, seconds: 0)
+        }
+        let capacity = longest + max(maxTokens, 1)
+        guard capacity <= weights.config.maxPositionEmbeddings else {
+            throw UsageError("the longest prompt (\(longest) tokens) + max new tokens (\(maxTokens)) exceed the model's \(weights.config.maxPositionEmbeddings) positions")
+        }
+        if inference.map({ $0.capacity < capacity }) ?? true {
+            inference = nil  // its caches go back to the allocator first
+            inference = try CUDABatchedInference(weights: weights, slots: slots, capacity: capacity)
+        }
+        return try inference!.generate(prompts: prompts, sampling: sampling, maxTokens: maxTokens, stopIDs: stopIDs, onAnswer: onAnswer)
     }
 }

@@ -35,6 +35,9 @@
 // argmax_rows — per row the index of the largest logit, the first on ties (torch.argmax, Sampler.argmax).
 //
 // gather_rows — dst[i] = src[index[i]] (rows of `cols` bf16 values): the last prompt token of each sequence.
+//
+// add_bias_rows, swiglu_rows, copy_block — a bias into a fused output row, silu(g)·u from a fused gate|up row (as
+//   swiglu.cu), and a LoRA B into its block of a group's block-diagonal B.
 #include "qlora_prelude.cuh"
 
 __constant__ float NF4_LEVELS[16] = {
