@@ -39,6 +39,7 @@ let package = Package(
                 .embedInCode("Backend/CUDA/Kernels/attention_mma.cu"),
                 .embedInCode("Backend/CUDA/Kernels/convert.cu"),
                 .embedInCode("Backend/CUDA/Kernels/decode.cu"),
+                .embedInCode("Backend/CUDA/Kernels/decode_batched.cu"),
                 .embedInCode("Backend/CUDA/Kernels/random.cu"),
                 .embedInCode("Backend/CUDA/Kernels/adamw8bit.cu"),
                 .embedInCode("Backend/CUDA/Kernels/training.cu"),

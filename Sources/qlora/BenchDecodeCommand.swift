@@ -2,11 +2,12 @@ import ArgumentParser
 import QLoRA
 
 /// Batch-1 decode speed on the GPU with random NF4 weights of a real architecture and an unmerged LoRA adapter,
-/// against the memory-bandwidth limit (weight bytes read per token over the measured device copy bandwidth).
+/// against the memory-bandwidth limit (weight bytes read per token over the measured device copy bandwidth); with
+/// --batch, also batched generation of many prompts (CUDABatchedInference) and its speed-up over batch-1.
 struct BenchDecodeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench-decode",
-        abstract: "Time batch-1 decode on the GPU (random NF4 weights, unmerged LoRA) and print one JSON line."
+        abstract: "Time batch-1 decode on the GPU (random NF4 weights, unmerged LoRA; --batch: batched generation too) and print one JSON line."
     )
 
     @Option(help: "Where to run: cuda (the only device this benchmark supports) or auto.")
@@ -30,6 +31,15 @@ struct BenchDecodeCommand: ParsableCommand {
     @Option(help: "The fused NF4 GEMV: rows (4 rows per warp, x in shared memory; the faster) or splitk (columns split over warps).")
     var gemv: String = "rows"
 
+    @Option(parsing: .unconditional, help: "Also time batched generation with this many sequence slots (0: batch-1 only): --prompts random prompts of --prompt-tokens, --tokens new tokens each, greedy.")
+    var batch: Int = 0
+
+    @Option(parsing: .unconditional, help: "Prompts of the batched run (with --batch).")
+    var prompts: Int = 1000
+
+    @Option(parsing: .unconditional, help: "Batched steps of at most this many rows use the fused NF4 small-GEMM (passes of 64 rows); larger ones dequantize + cuBLASLt (0: always).")
+    var fusedRows: Int = 256
+
     @Flag(help: "Also time each kernel kind (events between plain launches) and print a breakdown on stderr.")
     var profile = false
 
@@ -39,6 +49,7 @@ struct BenchDecodeCommand: ParsableCommand {
             throw ValidationError("unknown architecture '\(arch)' (choose from \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")))")
         }
         guard tokens > 0, promptTokens > 0 else { throw ValidationError("--tokens and --prompt-tokens must be positive") }
+        guard batch >= 0, prompts > 0, fusedRows >= 0 else { throw ValidationError("--batch and --fused-rows must be non-negative, --prompts positive") }
         guard loraR >= 0 else { throw ValidationError("--lora-r must be a non-negative integer (0: no adapter), got \(loraR)") }
         let ctx = try CUDAContext()
         let dev = ctx.device
@@ -86,6 +97,21 @@ struct BenchDecodeCommand: ParsableCommand {
         let weightBytes = Double(inference.weightBytesPerToken)
         let limit = bandwidth / weightBytes
         func r(_ x: Double, _ digits: Double = 1000) -> Double { (x * digits).rounded() / digits }
+        var batchedFields: [(String, JSONValue)] = []
+        if batch > 0 {
+            // Batched: the same weights, `batch` slots refilled as sequences end, prefill included in the time.
+            let batched = try CUDABatchedInference(weights: inference, slots: batch, capacity: promptTokens + tokens)
+            batched.fusedRowLimit = fusedRows
+            let batchPrompts = (0..<prompts).map { _ in (0..<promptTokens).map { _ in Int(rng.next() % UInt64(config.vocabularySize)) } }
+            let greedy = [SamplingOptions](repeating: SamplingOptions(), count: prompts)
+            _ = try batched.generate(prompts: Array(batchPrompts.prefix(batch)), sampling: Array(greedy.prefix(batch)), maxTokens: 2, stopIDs: [])
+            let result = try batched.generate(prompts: batchPrompts, sampling: greedy, maxTokens: tokens, stopIDs: [])
+            batchedFields = [
+                ("batch_slots", .int(Int64(batch))), ("batch_prompts", .int(Int64(prompts))), ("fused_rows", .int(Int64(fusedRows))),
+                ("batched_tokens_per_s", .double(r(result.tokensPerSecond, 10))), ("batched_seconds", .double(r(result.seconds))),
+                ("batched_speedup", .double(r(result.tokensPerSecond / tokensPerSecond, 100))),
+            ]
+        }
         let fields: [(String, JSONValue)] = [
             ("arch", .string(arch)), ("device", .string(dev.name)), ("lora_r", .int(Int64(loraR))), ("prompt_tokens", .int(Int64(promptTokens))),
             ("tokens", .int(Int64(tokens))), ("cuda_graph", .bool(!noGraph)), ("gemv", .string(gemv)),
@@ -97,7 +123,7 @@ struct BenchDecodeCommand: ParsableCommand {
             ("limit_tokens_per_s", .double(r(limit, 10))),
             ("fraction_of_limit", .double(r(tokensPerSecond / limit))),
             ("peak_gpu_bytes", .int(Int64(ctx.allocator.peakBytes))),
-        ]
+        ] + batchedFields
         print(JSONValue.object(JSONObject(fields)).serialized())
         if profile {
             inference.reset()

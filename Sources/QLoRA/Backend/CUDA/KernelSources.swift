@@ -19,6 +19,7 @@ public enum KernelSources {
     public static let attentionMMA = KernelSource(name: "attention_mma.cu", bytes: PackageResources.attention_mma_cu)
     public static let convert = KernelSource(name: "convert.cu", bytes: PackageResources.convert_cu)
     public static let decode = KernelSource(name: "decode.cu", bytes: PackageResources.decode_cu)
+    public static let decodeBatched = KernelSource(name: "decode_batched.cu", bytes: PackageResources.decode_batched_cu)
     public static let random = KernelSource(name: "random.cu", bytes: PackageResources.random_cu)
     public static let adamw8bit = KernelSource(name: "adamw8bit.cu", bytes: PackageResources.adamw8bit_cu)
 
@@ -26,5 +27,5 @@ public enum KernelSources {
 
     /// All kernel files, for checks that compile everything up front.
     public static let all: [KernelSource] = [nf4, rmsnorm, rope, swiglu, embedding, crossEntropy, adamw, attention, attentionMMA, convert, training,
-                                          decode, random, adamw8bit]
+                                          decode, decodeBatched, random, adamw8bit]
 }

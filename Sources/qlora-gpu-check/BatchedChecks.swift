@@ -1,0 +1,258 @@
+// Batched generation checks (called from main.swift's groups):
+//   batched kernels     every decode_batched.cu kernel against its CPU twin (CPUReference, BatchedDecodeReference.swift)
+//                       on random inputs: the NF4 small-GEMM (1...64 rows, two tasks, strided outputs, accumulation,
+//                       K not a multiple of 128, one and several K splits), RoPE + cache append and attention per row
+//                       (slots, positions across several key tiles, GQA, head dims 32/64/128), argmax (ties), the
+//                       strided bias, SwiGLU, gather and block copy
+//   batched generation  CUDABatchedInference on Tests/Fixtures/tiny-llama (+ adapter), the CPU model holding the same NF4
+//                       weights: packed-prefill and decode-step logits of prompts of different lengths in one step
+//                       (3e-2 relative, as the batch-1 path), then greedy answers of 6 prompts through 3 slots (slots
+//                       refilled as sequences end; a stop id that ends some early) equal to the CPU's, on the fused
+//                       GEMM (automatic and 2 K splits) and on the dequantize + cuBLASLt path; a differing answer
+//                       passes only where the CPU's own logits are a near-tie there (gap < 5% of their RMS); sampled
+//                       answers do not depend on the slot count; and a timing line, batch-1 vs batched tokens/s
+
+import QLoRA
+#if canImport(Glibc)
+import Glibc
+#endif
+
+func checkBatchedKernels() throws {
+    // NF4 small-GEMM: two tasks over one X, outputs side by side in a fused row of 272 + 8 values.
+    for (cols, rowList) in [(352, [1, 5, 8, 13]), (1024, [24, 64])] {
+        let rowsA = 200, rowsB = 72, stride = rowsA + rowsB + 8
+        let wa = rng.floats(rowsA * cols, -0.05, 0.05), wb = rng.floats(rowsB * cols, -0.05, 0.05)
+        let qa = try QuantizedWeight.quantize(wa, shape: [rowsA, cols]), qb = try QuantizedWeight.quantize(wb, shape: [rowsB, cols])
+        let ma = try CUDANF4Weight(qa, allocator: A), mb = try CUDANF4Weight(qb, allocator: A)
+        let da = qa.dequantize(), db = qb.dequantize()
+        for m in rowList {
+            let (xb, x) = rng.bf16(m * cols)
+            let (ob, old) = rng.bf16(m * stride)
+            for splits in [1, 3] {
+                let xd = try upload(xb), out = try upload(ob)
+                let tasks = [NF4GemmTask(weight: ma, out: out.pointer, outStride: stride, accumulate: false),
+                             NF4GemmTask(weight: mb, out: out.address(at: rowsA), outStride: stride, accumulate: true)]
+                let encoded = try upload(NF4GemmTask.encodedBytes(tasks))
+                let packed = try A.buffer(UInt8.self, count: NF4GemmTask.packedBytes(rows: m, cols: cols))
+                let partial = try poisoned(Float.self, splits * m * (rowsA + rowsB))
+                try ctx.nf4GemmRows(tasks: tasks, encodedTasks: encoded.pointer, x: xd.pointer, rows: m, cols: cols, packedX: packed.pointer,
+                                    splits: splits, partial: partial.pointer)
+                let got = try downloadBF16(out)
+                let refA = CPUReference.nf4GemmRows(x: x, weight: da, old: nil, rows: m, outputs: rowsA, cols: cols)
+                let oldB = (0..<m).flatMap { r in (0..<rowsB).map { old[r * stride + rowsA + $0] } }
+                let refB = CPUReference.nf4GemmRows(x: x, weight: db, old: oldB, rows: m, outputs: rowsB, cols: cols)
+                var gotA: [Float] = [], gotB: [Float] = [], untouched = true
+                for r in 0..<m {
+                    gotA += got[(r * stride)..<(r * stride + rowsA)]
+                    gotB += got[(r * stride + rowsA)..<(r * stride + rowsA + rowsB)]
+                    for c in (rowsA + rowsB)..<stride where got[r * stride + c] != old[r * stride + c] { untouched = false }
+                }
+                check("nf4 gemm rows \(m)x\(cols), \(splits) split(s): task 1", relativeError(gotA, refA), 1e-2)
+                check("nf4 gemm rows \(m)x\(cols), \(splits) split(s): task 2 (+= old)", relativeError(gotB, refB), 1e-2)
+                checkTrue("nf4 gemm rows \(m)x\(cols), \(splits) split(s): padding kept", untouched)
+            }
+        }
+    }
+
+    // RoPE + cache append and attention per row: 3 slots of 300 positions, rows at assorted positions.
+    for (heads, kvHeads, d) in [(4, 2, 32), (8, 2, 64), (4, 4, 128)] {
+        let slots = 3, capacity = 300, kvDim = kvHeads * d, stride = (heads + 2 * kvHeads) * d + 16
+        let rowSlots: [Int32] = [0, 2, 1, 2, 0, 1], rowPositions: [Int32] = [0, 5, 127, 128, 250, 299]
+        let r = rowSlots.count
+        let (qb, q) = rng.bf16(r * stride)
+        let (kb, k) = rng.bf16(slots * capacity * kvDim), (vb, v) = rng.bf16(slots * capacity * kvDim)
+        let inv = CPUReference.ropeInverseFrequencies(headDim: d, theta: 10_000)
+        let qd = try upload(qb), kd = try upload(kb), vd = try upload(vb)
+        let sd = try upload(rowSlots), pd = try upload(rowPositions), invd = try upload(inv)
+        try ctx.ropeAppendRows(qkv: qd.pointer, stride: stride, kcache: kd.pointer, vcache: vd.pointer, slots: sd.pointer, positions: pd.pointer,
+                               inverseFrequencies: invd.pointer, rows: r, capacity: capacity, heads: heads, kvHeads: kvHeads, headDim: d)
+        let ref = CPUReference.ropeAppendRows(qkv: q, stride: stride, kcache: k, vcache: v, slots: rowSlots, positions: rowPositions,
+                                              inverseFrequencies: inv, capacity: capacity, heads: heads, kvHeads: kvHeads, headDim: d)
+        check("rope append rows h\(heads)/\(kvHeads) d\(d): q|k|v rows", relativeError(try downloadBF16(qd), ref.qkv), 1e-2)
+        check("rope append rows h\(heads)/\(kvHeads) d\(d): k cache", relativeError(try downloadBF16(kd), ref.kcache), 1e-2)
+        check("rope append rows h\(heads)/\(kvHeads) d\(d): v cache", relativeError(try downloadBF16(vd), ref.vcache), 0)
+        let out = try poisoned(UInt16.self, r * heads * d)
+        try ctx.attentionRows(qkv: qd.pointer, stride: stride, kcache: kd.pointer, vcache: vd.pointer, out: out.pointer, slots: sd.pointer,
+                              positions: pd.pointer, rows: r, capacity: capacity, heads: heads, kvHeads: kvHeads, headDim: d)
+        let refOut = CPUReference.attentionRows(qkv: try downloadBF16(qd), stride: stride, kcache: try downloadBF16(kd),
+                                                vcache: try downloadBF16(vd), slots: rowSlots, positions: rowPositions, capacity: capacity,
+                                                heads: heads, kvHeads: kvHeads, headDim: d)
+        check("attention rows h\(heads)/\(kvHeads) d\(d), keys 1...300", relativeError(try downloadBF16(out), refOut), 1e-2)
+    }
+
+    // argmax with ties (the first index wins), and a row of -inf.
+    do {
+        let rows = 5, vocab = 1000
+        var logits = rng.floats(rows * vocab, -3, 3)
+        logits[1 * vocab + 10] = 7; logits[1 * vocab + 900] = 7; logits[1 * vocab + 11] = 7
+        logits[2 * vocab + 999] = 9
+        for i in 0..<vocab { logits[4 * vocab + i] = -.infinity }
+        let ld = try upload(logits), out = try poisoned(Int32.self, rows)
+        try ctx.argmaxRows(logits: ld.pointer, out: out.pointer, rows: rows, vocab: vocab)
+        let got = try out.download(), ref = CPUReference.argmaxRows(logits, rows: rows, vocab: vocab)
+        checkTrue("argmax rows (ties: first index)", got == ref, "got \(got), CPU \(ref)")
+    }
+
+    // The small helpers: strided bias, SwiGLU on fused rows, gather, block copy.
+    do {
+        let rows = 7, cols = 40, stride = 100, inter = 96
+        let (yb, y) = rng.bf16(rows * stride), (bb, b) = rng.bf16(cols)
+        let yd = try upload(yb), bd = try upload(bb)
+        try ctx.addBiasRows(bd.pointer, to: yd.address(at: 30), stride: stride, rows: rows, cols: cols, overwrite: false)
+        var ref = y
+        for r in 0..<rows { for c in 0..<cols { ref[r * stride + 30 + c] = roundToBF16(y[r * stride + 30 + c] + b[c]) } }
+        check("add bias rows (strided, +=)", relativeError(try downloadBF16(yd), ref), 0)
+        try ctx.addBiasRows(0, to: yd.pointer, stride: stride, rows: rows, cols: 20, overwrite: true)
+        for r in 0..<rows { for c in 0..<20 { ref[r * stride + c] = 0 } }
+        check("add bias rows (no bias, overwrite: zeros)", relativeError(try downloadBF16(yd), ref), 0)
+
+        let (gub, gu) = rng.bf16(rows * 2 * inter, -4, 4)
+        let gud = try upload(gub), hd = try poisoned(UInt16.self, rows * inter)
+        try ctx.swigluRows(gateUp: gud.pointer, into: hd.pointer, rows: rows, inter: inter)
+        var gate: [Float] = [], up: [Float] = []
+        for r in 0..<rows {
+            let row = r * 2 * inter
+            gate += gu[row..<(row + inter)]
+            up += gu[(row + inter)..<(row + 2 * inter)]
+        }
+        let refH = CPUReference.swigluForward(gate: gate, up: up)
+        check("swiglu rows (fused gate|up)", relativeError(try downloadBF16(hd), refH), 1e-2)
+
+        let index: [Int32] = [6, 0, 3, 3]
+        let id = try upload(index), gd = try poisoned(UInt16.self, index.count * stride)
+        try ctx.gatherRows(src: yd.pointer, dst: gd.pointer, index: id.pointer, rows: index.count, cols: stride)
+        var refGather: [Float] = []
+        for i in index { refGather += ref[(Int(i) * stride)..<((Int(i) + 1) * stride)] }
+        check("gather rows", relativeError(try downloadBF16(gd), refGather), 0)
+
+        let cd = try upload([UInt16](repeating: 0, count: rows * stride))
+        try ctx.copyBlock(bd.pointer, to: cd.pointer, rows: 5, cols: 8, dstStride: stride, dstColumn: 17)
+        var refCopy = [Float](repeating: 0, count: rows * stride)
+        for r in 0..<5 { for c in 0..<8 { refCopy[r * stride + 17 + c] = b[r * 8 + c] } }
+        check("copy block", relativeError(try downloadBF16(cd), refCopy), 0)
+    }
+}
+
+/// CPU logits of `tokens` from an empty cache (the last row).
+func cpuLastLogits(_ model: DecoderModel, _ tokens: [Int]) throws -> [Float] {
+    let cache = KVCache(config: model.config, capacity: tokens.count)
+    return try model.forward(tokens: tokens, cache: cache, lastOnly: true)
+}
+
+func rms(_ x: [Float]) -> Double { (x.reduce(0.0) { $0 + Double($1) * Double($1) } / Double(max(x.count, 1))).squareRoot() }
+
+func checkBatchedGeneration() throws {
+    let dir = "Tests/Fixtures/tiny-llama"
+    let loaded = try ModelLoader.load(dir + "/base", quantization: .none)
+    _ = try PEFTAdapter.load(directory: dir + "/adapter", into: loaded.model)
+    let model = loaded.model
+    let quantized = try CUDAInference.quantizeBase(model, replacingCPUWeights: true)
+    let weights = try CUDAInference(context: ctx, model: model, capacity: 1, quantized: quantized)
+    let vocab = model.config.vocabularySize
+    let lengths = [3, 9, 17, 1, 30, 6]
+    let prompts = lengths.map { n in (0..<n).map { _ in rng.int(vocab) } }
+    let maxTokens = 12
+
+    // Logits of one packed prefill step (all prompts, each in its slot) and of one decode step (different positions).
+    for fusedLimit in [256, 0] {
+        let path = fusedLimit > 0 ? "fused nf4 gemm" : "dequant + cuBLASLt"
+        let batched = try CUDABatchedInference(weights: weights, slots: prompts.count, capacity: 64, prefillTokens: 128)
+        batched.fusedRowLimit = fusedLimit
+        var rows: [BatchRow] = [], last: [Int] = []
+        for (s, p) in prompts.enumerated() {
+            for (i, t) in p.enumerated() { rows.append(BatchRow(token: t, slot: s, position: i)) }
+            last.append(rows.count - 1)
+        }
+        let gpu = try batched.logits(rows: rows, logitRows: last)
+        var worst = 0.0, firstTokens: [Int] = []
+        for (s, p) in prompts.enumerated() {
+            let cpu = try cpuLastLogits(model, p)
+            worst = max(worst, relativeError(Array(gpu[(s * vocab)..<((s + 1) * vocab)]), cpu))
+            firstTokens.append(argmax(cpu))
+        }
+        check("batched \(path): packed prefill logits (6 prompts, 1-30 tokens)", worst, 3e-2)
+        // Rows in a shuffled slot order, as a running batch is after refills.
+        let order = [4, 1, 5, 0, 3, 2]
+        let step = try batched.logits(rows: order.map { BatchRow(token: firstTokens[$0], slot: $0, position: prompts[$0].count) },
+                                      logitRows: Array(order.indices))
+        worst = 0
+        for (row, s) in order.enumerated() {
+            let cpu = try cpuLastLogits(model, prompts[s] + [firstTokens[s]])
+            worst = max(worst, relativeError(Array(step[(row * vocab)..<((row + 1) * vocab)]), cpu))
+        }
+        check("batched \(path): decode step logits (6 positions)", worst, 3e-2)
+    }
+
+    // Greedy answers against the CPU's, 6 prompts through 3 slots, a stop id ending some answers early.
+    let greedy = [SamplingOptions](repeating: SamplingOptions(), count: prompts.count)
+    func cpuAnswers(stopIDs: Set<Int>) throws -> [GenerationResult] {
+        try prompts.map { try Generator.generate(model: model, prompt: $0, maxTokens: maxTokens, sampling: SamplingOptions(), stopIDs: stopIDs) }
+    }
+    let stop = try cpuAnswers(stopIDs: [])[1].tokens[3]
+    let reference = try cpuAnswers(stopIDs: [stop])
+    let early = reference.filter { $0.stoppedAtEOS }.count
+    for (name, fusedLimit, splits) in [("fused nf4 gemm", 256, 0), ("fused nf4 gemm, 2 K splits", 256, 2), ("dequant + cuBLASLt", 0, 0)] {
+        let batched = try CUDABatchedInference(weights: weights, slots: 3, capacity: 64, prefillTokens: 40)
+        batched.fusedRowLimit = fusedLimit
+        try batched.forceSplits(splits)
+        var finishedOrder: [Int] = []
+        let result = try batched.generate(prompts: prompts, sampling: greedy, maxTokens: maxTokens, stopIDs: [stop],
+                                          onAnswer: { i, _ in finishedOrder.append(i) })
+        var identical = 0, nearTies: [String] = [], failures: [String] = []
+        for (i, (g, c)) in zip(result.answers, reference).enumerated() {
+            if g.tokens == c.tokens && g.stoppedAtEOS == c.stoppedAtEOS { identical += 1; continue }
+            // First difference: the CPU's logits after the common prefix; a near-tie when the gap is small.
+            var k = 0
+            while k < g.tokens.count && k < c.tokens.count && g.tokens[k] == c.tokens[k] { k += 1 }
+            let logits = try cpuLastLogits(model, prompts[i] + Array(c.tokens[0..<k]))
+            let cpuToken = k < c.tokens.count ? c.tokens[k] : stop, gpuToken = k < g.tokens.count ? g.tokens[k] : stop
+            let gap = Double(logits[cpuToken] - logits[gpuToken]), scale = rms(logits)
+            let note = "answer \(i + 1) differs at token \(k + 1): gap \(fmt(gap)) (rms \(fmt(scale)))"
+            if gap <= 0.05 * scale { nearTies.append(note) } else { failures.append(note) }
+        }
+        checkTrue("batched \(name): greedy answers = CPU (3 slots, 6 prompts)", failures.isEmpty,
+                  "\(identical)/6 identical, \(early) end at the stop id; finished in order \(finishedOrder.map { $0 + 1 })"
+                      + (nearTies.isEmpty ? "" : "; near-ties: " + nearTies.joined(separator: ", "))
+                      + (failures.isEmpty ? "" : "; " + failures.joined(separator: ", ")))
+    }
+
+    // Sampling: each sequence's own generator, so the answers do not depend on the slot count (3 slots vs 6).
+    let sampling = prompts.indices.map { SamplingOptions(temperature: 0.8, topK: 20, topP: 0.95, seed: 42 + UInt64($0)) }
+    let three = try CUDABatchedInference(weights: weights, slots: 3, capacity: 64, prefillTokens: 40)
+    let six = try CUDABatchedInference(weights: weights, slots: 6, capacity: 64, prefillTokens: 128)
+    let a = try three.generate(prompts: prompts, sampling: sampling, maxTokens: 8, stopIDs: [])
+    let b = try six.generate(prompts: prompts, sampling: sampling, maxTokens: 8, stopIDs: [])
+    let same = zip(a.answers, b.answers).filter { $0.tokens == $1.tokens }.count
+    checkTrue("batched sampling: answers independent of the slot count", same == prompts.count, "\(same)/\(prompts.count) equal")
+}
+
+/// Batch-1 vs batched greedy tokens/s on random weights of a mid-sized shape (no stop ids: every answer full length).
+func timeBatchedGeneration() throws {
+    let json = try JSONValue.parse(bytes: Array("""
+    {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 8, "num_attention_heads": 16,
+     "num_key_value_heads": 4, "vocab_size": 32000, "rope_theta": 500000.0, "tie_word_embeddings": false, "rms_norm_eps": 1e-5,
+     "max_position_embeddings": 4096}
+    """.utf8))
+    let config = try DecoderConfig(json: json, file: "batched timing")
+    let promptTokens = 32, newTokens = 32, count = 128
+    let single = try CUDAInference(context: ctx, randomConfig: config, loraRank: 16, capacity: promptTokens + newTokens)
+    var r = SeededGenerator(seed: seed ^ 0x5eed)
+    let prompts = (0..<count).map { _ in (0..<promptTokens).map { _ in r.int(config.vocabularySize) } }
+    // Batch-1: the graph-replayed decode of CUDAInference, one prompt after the other (prefill included).
+    _ = try Generator.generate(inference: single, prompt: prompts[0], maxTokens: 4, sampling: SamplingOptions(), stopIDs: [])  // warm-up
+    let start = monotonicSeconds()
+    var singleTokens = 0
+    for p in prompts.prefix(8) {
+        singleTokens += try Generator.generate(inference: single, prompt: p, maxTokens: newTokens, sampling: SamplingOptions(), stopIDs: []).tokens.count
+    }
+    let oneRate = Double(singleTokens) / (monotonicSeconds() - start)
+    let greedy = [SamplingOptions](repeating: SamplingOptions(), count: count)
+    for slots in [16, 64] {
+        let batched = try CUDABatchedInference(weights: single, slots: slots, capacity: promptTokens + newTokens)
+        _ = try batched.generate(prompts: Array(prompts.prefix(slots)), sampling: Array(greedy.prefix(slots)), maxTokens: 4, stopIDs: [])
+        let many = try batched.generate(prompts: prompts, sampling: greedy, maxTokens: newTokens, stopIDs: [])
+        print("  batched generation 2048/5632 x8 r16, \(count) prompts x \(newTokens) tokens, \(slots) slots: "
+              + "\(fmt(many.tokensPerSecond, 0)) tokens/s vs batch-1 \(fmt(oneRate, 0)) tokens/s = "
+              + "\(fmt(many.tokensPerSecond / oneRate, 1))x (prefill included)")
+    }
+}
