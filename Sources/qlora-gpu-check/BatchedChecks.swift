@@ -100,7 +100,7 @@ func checkBatchedKernels() throws {
         let yd = try upload(yb), bd = try upload(bb)
         try ctx.addBiasRows(bd.pointer, to: yd.address(at: 30), stride: stride, rows: rows, cols: cols, overwrite: false)
         var ref = y
-        for r in 0..<rows { for c in 0..<cols { ref[r * stride + 30 + c] = roundToBF16(y[r * stride + 30 + c] + b[c]) } }
+        for r in 0..<rows { for c in 0..<cols { ref[r * stride + 30 + c] = dt.round(y[r * stride + 30 + c] + b[c]) } }
         check("add bias rows (strided, +=)", relativeError(try downloadBF16(yd), ref), 0)
         try ctx.addBiasRows(0, to: yd.pointer, stride: stride, rows: rows, cols: 20, overwrite: true)
         for r in 0..<rows { for c in 0..<20 { ref[r * stride + c] = 0 } }

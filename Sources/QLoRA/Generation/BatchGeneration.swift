@@ -84,16 +84,14 @@ public enum AnswerGeneration {
 }
 
 extension ComputeDevice {
-    /// The batch generator of this device for `model` (with its adapter, unmerged): the CPU's reference, or on the GPU
-    /// the batch-1 decoder (the NF4 base read directly) driven one request at a time.
+    /// The batch generator of this device for `model` (with its adapter, unmerged): the CPU's reference (one request
+    /// at a time), or on the GPU the continuous-batching decoder (Backend/CUDA/Inference/CUDABatchedInference.swift).
     public func batchGenerator(model: DecoderModel) throws -> BatchGenerator {
         switch self {
         case .cpu:
             return SessionBatchGenerator.cpu(model)
         case .cuda(let context):
-            return SessionBatchGenerator(deviceName: "cuda", config: model.config) { capacity in
-                try CUDAInference(context: context, model: model, capacity: capacity)
-            }
+            return try CUDABatchedGenerator(context: context, model: model)
         }
     }
 }

@@ -171,7 +171,6 @@ public final class CPUBatchedSession: BatchedSession {
         guard slots > 0, capacity > 0, prefillTokens > 0 else {
             throw UsageError("a batched session needs positive slots, capacity and prefill budget (got \(slots), \(capacity), \(prefillTokens))")
         }
-        try model.config.checkSequenceLength(capacity, what: "a KV cache of \(capacity) positions")
         self.model = model
         self.slots = slots
         self.capacity = capacity

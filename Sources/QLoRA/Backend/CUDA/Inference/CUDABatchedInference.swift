@@ -86,7 +86,7 @@ public final class CUDABatchedInference: BatchedSession {
         guard capacity > 0, capacity <= c.maxPositionEmbeddings else {
             throw UsageError("a KV cache of \(capacity) positions does not fit the model's \(c.maxPositionEmbeddings)")
         }
-        try c.checkSequenceLength(capacity, what: "a KV cache of \(capacity) positions")
+        try c.checkCUDASupport(sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
         guard prefillTokens > 0 else { throw UsageError("the prefill token budget must be positive, got \(prefillTokens)") }
         context = weights.context
         config = c
@@ -144,7 +144,8 @@ public final class CUDABatchedInference: BatchedSession {
             if let lora = g.lora[m] {
                 var b = lora.b
                 if !sameScale {  // fold scale / first.scale into a scaled copy
-                    let host = try lora.b.download().map { floatToBF16(bf16ToFloat($0) * lora.scale / first.scale) }
+                    let dtype = context.computeDType
+                    let host = try lora.b.download().map { dtype.encode(dtype.decode($0) * lora.scale / first.scale) }
                     b = try context.allocator.buffer(copying: host)
                 }
                 try context.copyBlock(b.pointer, to: diag.address(at: row0 * total), rows: matrix.rows, cols: lora.rank, dstStride: total,
@@ -361,5 +362,18 @@ public final class CUDABatchedGenerator {
             inference = try CUDABatchedInference(weights: weights, slots: slots, capacity: capacity)
         }
         return try inference!.generate(prompts: prompts, sampling: sampling, maxTokens: maxTokens, stopIDs: stopIDs, onAnswer: onAnswer)
+    }
+}
+
+/// The GPU's answer to `ComputeDevice.batchGenerator`: every request through the continuous-batching slots, so
+/// `eval --generate`, the demo's exact match and `generate --prompts-file` read the 4-bit weights once per step
+/// for all the sequences in flight. The scheduler streams any number of prompts through the slots.
+extension CUDABatchedGenerator: BatchGenerator {
+    public var deviceName: String { "cuda" }
+    public var maxBatchSize: Int { 1024 }
+
+    public func generate(_ requests: [GenerationRequest], maxTokens: Int, stopIDs: Set<Int>) throws -> [GeneratedSequence] {
+        try generate(prompts: requests.map(\.prompt), sampling: requests.map(\.sampling), maxTokens: maxTokens, stopIDs: stopIDs)
+            .answers.map { GeneratedSequence(tokens: $0.tokens, stoppedAtEOS: $0.stoppedAtEOS) }
     }
 }

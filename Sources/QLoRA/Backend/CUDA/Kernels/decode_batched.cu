@@ -4,24 +4,24 @@
 // Rows. A step feeds M rows; row i is one token of the sequence held in KV-cache slot slots[i], at position
 // positions[i] (that sequence's KV length before the token). A decode step has one row per running sequence; a
 // prefill step packs all prompt tokens of the sequences it admits (each row with its own slot and position), so
-// the same kernels serve both. KV caches: [slots, capacity, kv_heads * D] bf16 per layer.
+// the same kernels serve both. KV caches: [slots, capacity, kv_heads * D] h16 per layer.
 //
-// nf4_gemm_pack_x — X [M, K] bf16 (row-major) into the B-fragment order of nf4_gemm_rows, zeros past M (up to a
+// nf4_gemm_pack_x — X [M, K] h16 (row-major) into the B-fragment order of nf4_gemm_rows, zeros past M (up to a
 //   multiple of 8 rows) and past K (up to a multiple of 128): for k-block kb (128 values), n-tile nt (8 rows),
 //   piece q (0..3) and lane L = 4g + t, the 16 bytes at uint4 index ((kb * NT + nt) * 4 + q) * 32 + L hold
 //   X[8 nt + g][128 kb + 32 t + 8 q ... + 8]; a warp's 32 lanes read 512 contiguous bytes per piece.
 //
 // nf4_gemm_rows_nN — Y[m, n] (+)= Σ_k X[m, k] W[n, k] for up to 8N rows m, W [rows, K] in NF4 + double quant
 //   (bitsandbytes' layout, as in decode.cu: w = NF4[nibble] · absmax, absmax = code8[q] · nested + offset; the
-//   high nibble of a packed byte is the first element), on the tensor cores: mma.sync m16n8k16 bf16 with fp32
+//   high nibble of a packed byte is the first element), on the tensor cores: mma.sync m16n8k16 on h16 with fp32
 //   accumulation, W as the A operand (a warp owns 16 weight rows) and Xᵀ as B (an n-tile is 8 rows of X). Each
-//   weight is dequantized once in registers (rounded to bf16) and used for all rows of X. A dot product does not
+//   weight is dequantized once in registers (rounded to h16) and used for all rows of X. A dot product does not
 //   depend on the order of k, so each lane's fragment slots take the k values it loaded itself: lane (g, t) loads
 //   16 packed bytes of weight rows g and g + 8 (values 128 kb + 32 t ... + 32); in k-step j (0..7) its slots
 //   (2t, 2t+1 | 2t+8, 2t+9) hold values 128 kb + 32 t + 4 j + (0, 1 | 2, 3), i.e. packed bytes 2j and 2j + 1, and
 //   the matching B slots are the 32-bit words 2(j%2) and 2(j%2) + 1 of X piece q = j / 2 (same lane).
 //   Several matrices reading the same X run in one launch as tasks (as decode.cu's nf4_gemv). Split-K over
-//   gridDim.y: with one split each output is rounded once to bf16 (after adding the old value when the task
+//   gridDim.y: with one split each output is rounded once to h16 (after adding the old value when the task
 //   accumulates: the residual stream, or a bias written first); with S splits each split writes fp32 partials
 //   [S, M, ldc] (ldc = the tasks' rows together, task t's columns from col0) and nf4_gemm_finish sums them in split
 //   order (deterministic: a row's result does not depend on the other rows).
@@ -34,7 +34,7 @@
 //
 // argmax_rows — per row the index of the largest logit, the first on ties (torch.argmax, Sampler.argmax).
 //
-// gather_rows — dst[i] = src[index[i]] (rows of `cols` bf16 values): the last prompt token of each sequence.
+// gather_rows — dst[i] = src[index[i]] (rows of `cols` h16 values): the last prompt token of each sequence.
 //
 // add_bias_rows, swiglu_rows, copy_block — a bias into a fused output row, silu(g)·u from a fused gate|up row (as
 //   swiglu.cu), and a LoRA B into its block of a group's block-diagonal B.
@@ -52,7 +52,7 @@ struct Nf4GemmTask {
     const unsigned char* absmax_q; // [rows * cols / blocksize]
     const float* nested_absmax;
     const float* code;             // 256-entry map of the absmax codes
-    bf16* out;                     // row m of Y at out + m * out_stride
+    h16* out;                     // row m of Y at out + m * out_stride
     float offset;
     int rows;
     int out_stride;
@@ -64,7 +64,7 @@ struct Nf4GemmTask {
 #define GEMM_WARPS 4
 #define GEMM_ROWS_PER_BLOCK (GEMM_WARPS * 16)
 
-extern "C" __global__ void nf4_gemm_pack_x(const bf16* __restrict__ x, uint4* __restrict__ xp, int m_rows, int cols, int ntiles,
+extern "C" __global__ void nf4_gemm_pack_x(const h16* __restrict__ x, uint4* __restrict__ xp, int m_rows, int cols, int ntiles,
                                            int kblocks) {
     const long long total = (long long)kblocks * ntiles * 4 * 32;
     GRID_STRIDE(idx, total) {
@@ -80,17 +80,12 @@ extern "C" __global__ void nf4_gemm_pack_x(const bf16* __restrict__ x, uint4* __
     }
 }
 
-__device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 __device__ __forceinline__ unsigned pick_u32(uint4 v, int k) { return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w; }
 
-/// The bf16 pair of one packed byte: high nibble first (low half of the register), times the block's absmax.
+/// The h16 pair of one packed byte: high nibble first (low half of the register), times the block's absmax.
 __device__ __forceinline__ unsigned nf4_byte_pair(unsigned byte, float scale, const float* nf4) {
-    const bf16 first = float_to_bf16(nf4[(byte >> 4) & 15u] * scale), second = float_to_bf16(nf4[byte & 15u] * scale);
+    const h16 first = float_to_h16(nf4[(byte >> 4) & 15u] * scale), second = float_to_h16(nf4[byte & 15u] * scale);
     return (unsigned)first | ((unsigned)second << 16);
 }
 
@@ -149,7 +144,7 @@ __device__ __forceinline__ void nf4_gemm_rows_impl(const Nf4GemmTask* __restrict
                     a[3] = nf4_byte_pair((wordb >> (16 * h + 8)) & 0xffu, sb, nf4);
 #pragma unroll
                     for (int n = 0; n < NT; n++)
-                        mma_bf16_16816(acc[n], a, h == 0 ? xv[n].x : xv[n].z, h == 0 ? xv[n].y : xv[n].w);
+                        mma_16816_h16(acc[n], a, h == 0 ? xv[n].x : xv[n].z, h == 0 ? xv[n].y : xv[n].w);
                 }
             }
         }
@@ -163,9 +158,9 @@ __device__ __forceinline__ void nf4_gemm_rows_impl(const Nf4GemmTask* __restrict
             const int m = n * 8 + 2 * t + (e & 1);
             if (col >= task.rows || m >= m_rows) continue;
             if (splits == 1) {
-                bf16* o = task.out + (long long)m * task.out_stride + col;
-                const float old = task.accumulate ? bf16_to_float(*o) : 0.0f;
-                *o = float_to_bf16(old + acc[n][e]);
+                h16* o = task.out + (long long)m * task.out_stride + col;
+                const float old = task.accumulate ? h16_to_float(*o) : 0.0f;
+                *o = float_to_h16(old + acc[n][e]);
             } else {
                 partial[((long long)split * m_rows + m) * ldc + task.col0 + col] = acc[n][e];
             }
@@ -197,15 +192,15 @@ extern "C" __global__ void nf4_gemm_finish(const Nf4GemmTask* __restrict__ tasks
         while (ti + 1 < ntasks && c >= tasks[ti + 1].col0) ti++;
         float s = 0.0f;
         for (int k = 0; k < splits; k++) s += partial[((long long)k * m_rows + m) * ldc + c];
-        bf16* o = tasks[ti].out + (long long)m * tasks[ti].out_stride + (c - tasks[ti].col0);
-        if (tasks[ti].accumulate) s = bf16_to_float(*o) + s;
-        *o = float_to_bf16(s);
+        h16* o = tasks[ti].out + (long long)m * tasks[ti].out_stride + (c - tasks[ti].col0);
+        if (tasks[ti].accumulate) s = h16_to_float(*o) + s;
+        *o = float_to_h16(s);
     }
 }
 
 /// qkv: [rows, q_stride] with [heads*D | kv_heads*D | kv_heads*D] at the start of each row; q and k rotated in
 /// place; k and v copied to kcache/vcache row (slot * capacity + position). Grid-stride over rows x items.
-extern "C" __global__ void rope_append_rows(bf16* qkv, int q_stride, bf16* kcache, bf16* vcache, const int* __restrict__ slots,
+extern "C" __global__ void rope_append_rows(h16* qkv, int q_stride, h16* kcache, h16* vcache, const int* __restrict__ slots,
                                             const int* __restrict__ positions, const float* __restrict__ inv_freq, int rows,
                                             int capacity, int heads, int kv_heads, int head_dim) {
     const int half = head_dim / 2;
@@ -215,19 +210,19 @@ extern "C" __global__ void rope_append_rows(bf16* qkv, int q_stride, bf16* kcach
     GRID_STRIDE(idx, (long long)rows * per_row) {
         const int r = (int)(idx / per_row), item = (int)(idx % per_row);
         const int pos = positions[r];
-        bf16* row = qkv + (long long)r * q_stride;
+        h16* row = qkv + (long long)r * q_stride;
         const long long cache_row = ((long long)slots[r] * capacity + pos) * kv_dim;
         if (item < rot_items) {
             const int h = item / half, i = item % half;
             float s, c;
             sincosf((float)pos * inv_freq[i], &s, &c);
-            bf16* p = row + h * head_dim;
-            const float a = bf16_to_float(p[i]), b = bf16_to_float(p[i + half]);
-            const bf16 lo = float_to_bf16(a * c - b * s), hi = float_to_bf16(b * c + a * s);
+            h16* p = row + h * head_dim;
+            const float a = h16_to_float(p[i]), b = h16_to_float(p[i + half]);
+            const h16 lo = float_to_h16(a * c - b * s), hi = float_to_h16(b * c + a * s);
             p[i] = lo;
             p[i + half] = hi;
             if (h >= heads) {
-                bf16* kd = kcache + cache_row + (h - heads) * head_dim;
+                h16* kd = kcache + cache_row + (h - heads) * head_dim;
                 kd[i] = lo;
                 kd[i + half] = hi;
             }
@@ -252,8 +247,8 @@ __device__ __forceinline__ float block_max128(float v, float* scratch) {
 
 /// grid (rows, heads), 128 threads. q: row r at qkv + r * q_stride (head h at h * D); out: [rows, heads * D].
 template <int D>
-__device__ void attention_rows_impl(const bf16* __restrict__ qkv, int q_stride, const bf16* __restrict__ kcache,
-                                    const bf16* __restrict__ vcache, bf16* __restrict__ out, const int* __restrict__ slots,
+__device__ void attention_rows_impl(const h16* __restrict__ qkv, int q_stride, const h16* __restrict__ kcache,
+                                    const h16* __restrict__ vcache, h16* __restrict__ out, const int* __restrict__ slots,
                                     const int* __restrict__ positions, int capacity, int heads, int kv_heads, float scale) {
     __shared__ float qs[D], scores[ATT_THREADS], red[64], combine[ATT_THREADS / 32][D];
     const int r = blockIdx.x, h = blockIdx.y;
@@ -262,8 +257,8 @@ __device__ void attention_rows_impl(const bf16* __restrict__ qkv, int q_stride, 
     const int kvh = h / (heads / kv_heads);
     const int kv_dim = kv_heads * D;
     const long long base = (long long)slots[r] * capacity * kv_dim + kvh * D;
-    const bf16* qrow = qkv + (long long)r * q_stride + h * D;
-    for (int d = tid; d < D; d += ATT_THREADS) qs[d] = bf16_to_float(qrow[d]) * scale;
+    const h16* qrow = qkv + (long long)r * q_stride + h * D;
+    for (int d = tid; d < D; d += ATT_THREADS) qs[d] = h16_to_float(qrow[d]) * scale;
     __syncthreads();
     constexpr int PER = D / 32;  // dimensions per lane in o
     float acc[PER];
@@ -274,12 +269,12 @@ __device__ void attention_rows_impl(const bf16* __restrict__ qkv, int q_stride, 
         const int n = min(ATT_THREADS, keys - j0);
         float s = -QLORA_INFINITY;
         if (tid < n) {
-            const bf16* kr = kcache + base + (long long)(j0 + tid) * kv_dim;
+            const h16* kr = kcache + base + (long long)(j0 + tid) * kv_dim;
             s = 0.0f;
 #pragma unroll
             for (int d = 0; d < D; d += 8) {
                 float kf[8];
-                load_bf16x8(kr + d, kf);
+                load_h16x8(kr + d, kf);
 #pragma unroll
                 for (int e = 0; e < 8; e++) s += qs[d + e] * kf[e];
             }
@@ -293,9 +288,9 @@ __device__ void attention_rows_impl(const bf16* __restrict__ qkv, int q_stride, 
         for (int e = 0; e < PER; e++) acc[e] *= alpha;
         for (int j = warp; j < n; j += ATT_THREADS / 32) {
             const float pj = scores[j];
-            const bf16* vr = vcache + base + (long long)(j0 + j) * kv_dim + lane * PER;
+            const h16* vr = vcache + base + (long long)(j0 + j) * kv_dim + lane * PER;
 #pragma unroll
-            for (int e = 0; e < PER; e++) acc[e] += pj * bf16_to_float(vr[e]);
+            for (int e = 0; e < PER; e++) acc[e] += pj * h16_to_float(vr[e]);
         }
         m_run = m_new;
         __syncthreads();  // scores[] is rewritten by the next tile
@@ -307,13 +302,13 @@ __device__ void attention_rows_impl(const bf16* __restrict__ qkv, int q_stride, 
         float o = 0.0f;
 #pragma unroll
         for (int w = 0; w < ATT_THREADS / 32; w++) o += combine[w][d];
-        out[((long long)r * heads + h) * D + d] = float_to_bf16(o / l_run);
+        out[((long long)r * heads + h) * D + d] = float_to_h16(o / l_run);
     }
 }
 
 #define ATTENTION_ROWS(D)                                                                                               \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                                           \
-    attention_rows_d##D(const bf16* qkv, int q_stride, const bf16* kcache, const bf16* vcache, bf16* out, const int* slots, \
+    attention_rows_d##D(const h16* qkv, int q_stride, const h16* kcache, const h16* vcache, h16* out, const int* slots, \
                         const int* positions, int capacity, int heads, int kv_heads, float scale) {                     \
         attention_rows_impl<D>(qkv, q_stride, kcache, vcache, out, slots, positions, capacity, heads, kv_heads, scale); \
     }
@@ -348,8 +343,8 @@ extern "C" __global__ void __launch_bounds__(256) argmax_rows(const float* __res
     }
 }
 
-/// dst[i, :] = src[index[i], :] for `rows` rows of `cols` bf16 values.
-extern "C" __global__ void gather_rows(const bf16* __restrict__ src, bf16* __restrict__ dst, const int* __restrict__ index, int rows,
+/// dst[i, :] = src[index[i], :] for `rows` rows of `cols` h16 values.
+extern "C" __global__ void gather_rows(const h16* __restrict__ src, h16* __restrict__ dst, const int* __restrict__ index, int rows,
                                        int cols) {
     GRID_STRIDE(e, (long long)rows * cols) {
         const long long i = e / cols, c = e % cols;
@@ -359,27 +354,27 @@ extern "C" __global__ void gather_rows(const bf16* __restrict__ src, bf16* __res
 
 /// y[r * stride + c] = (overwrite ? 0 : y[...]) + bias[c] (bias null: + 0) for `rows` rows of `cols` values: a
 /// linear's bias in a fused output row (q|k|v, gate|up) before the product adds onto it.
-extern "C" __global__ void add_bias_rows(bf16* y, int stride, const bf16* __restrict__ bias, int rows, int cols, int overwrite) {
+extern "C" __global__ void add_bias_rows(h16* y, int stride, const h16* __restrict__ bias, int rows, int cols, int overwrite) {
     GRID_STRIDE(e, (long long)rows * cols) {
         const long long r = e / cols, c = e % cols;
-        bf16* p = y + r * stride + c;
-        const float b = bias != nullptr ? bf16_to_float(bias[c]) : 0.0f;
-        *p = float_to_bf16((overwrite ? 0.0f : bf16_to_float(*p)) + b);
+        h16* p = y + r * stride + c;
+        const float b = bias != nullptr ? h16_to_float(bias[c]) : 0.0f;
+        *p = float_to_h16((overwrite ? 0.0f : h16_to_float(*p)) + b);
     }
 }
 
 /// h[r, i] = silu(g) · u with g = gu[r, i], u = gu[r, inter + i] (the fused gate|up row), as swiglu.cu's forward.
-extern "C" __global__ void swiglu_rows(const bf16* __restrict__ gu, bf16* __restrict__ h, int rows, int inter) {
+extern "C" __global__ void swiglu_rows(const h16* __restrict__ gu, h16* __restrict__ h, int rows, int inter) {
     GRID_STRIDE(e, (long long)rows * inter) {
         const long long r = e / inter, i = e % inter;
-        const float g = bf16_to_float(gu[r * 2 * inter + i]), u = bf16_to_float(gu[r * 2 * inter + inter + i]);
-        h[e] = float_to_bf16(g * (1.0f / (1.0f + __expf(-g))) * u);
+        const float g = h16_to_float(gu[r * 2 * inter + i]), u = h16_to_float(gu[r * 2 * inter + inter + i]);
+        h[e] = float_to_h16(g * (1.0f / (1.0f + __expf(-g))) * u);
     }
 }
 
 /// dst[r * dst_stride + dst_col + c] = src[r * cols + c] for `rows` rows of `cols` values (a LoRA B into its
 /// block of the group's block-diagonal B).
-extern "C" __global__ void copy_block(const bf16* __restrict__ src, bf16* __restrict__ dst, int rows, int cols, int dst_stride,
+extern "C" __global__ void copy_block(const h16* __restrict__ src, h16* __restrict__ dst, int rows, int cols, int dst_stride,
                                       int dst_col) {
     GRID_STRIDE(e, (long long)rows * cols) {
         const long long r = e / cols, c = e % cols;
