@@ -1,4 +1,5 @@
-// The Hugging Face `config.json` of a decoder-only model: the Llama family (llama, mistral, qwen2) and its variations.
+// The Hugging Face `config.json` of a decoder-only model: the Llama family (llama, mistral, qwen2) and its variations
+// (phi3: fused projections, partial rotary embeddings, longrope).
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -11,12 +12,17 @@ import Glibc
 
 /// RoPE frequency scaling, from `rope_parameters` (transformers 5) or `rope_scaling` (earlier).
 public struct RopeScaling: Equatable, Sendable {
-    public enum Kind: String, Sendable { case `default`, llama3, linear }
+    public enum Kind: String, Sendable { case `default`, llama3, linear, longrope }
     public var kind: Kind
     public var factor: Double = 1
     public var lowFrequencyFactor: Double = 1
     public var highFrequencyFactor: Double = 4
     public var originalMaxPositionEmbeddings: Int = 8192
+    /// longrope (Phi-3): each rotated pair's frequency is divided by `shortFactors[i]` while the sequence is at most
+    /// `originalMaxPositionEmbeddings` long and by `longFactors[i]` beyond; cos and sin are scaled by `attentionFactor`.
+    public var shortFactors: [Double] = []
+    public var longFactors: [Double] = []
+    public var attentionFactor: Double = 1
 }
 
 /// The architecture fields of a Llama-family `config.json`.
@@ -39,12 +45,20 @@ public struct DecoderConfig: Equatable, Sendable {
     public var bosTokenID: Int?
     public var eosTokenIDs: [Int]
     public var padTokenID: Int?
-    /// Mistral's / Qwen2's attention window, when the model uses one (see `slidingWindow(_:modelType:layerCount:)`).
+    /// Mistral's / Qwen2's / Phi-3's attention window, when the model uses one (see `slidingWindow(_:modelType:layerCount:)`).
     public var slidingWindow: Int?
+    /// Phi-3's fused projections: one `qkv_proj` whose output columns are q | k | v, and one `gate_up_proj` whose
+    /// output columns are gate | up (transformers splits them in that order), in place of the five separate linears.
+    public var fusedProjections = false
+    /// The leading dimensions of each head that rotary embeddings rotate: int(head_dim × partial_rotary_factor), as
+    /// transformers truncates it (Phi-4-mini: 96 of 128); the rest pass through unrotated.
+    public var rotaryDim: Int
+    /// Dropout on the two residual branches in training (Phi-3's `resid_pdrop`); 0 for the other families.
+    public var residualDropout: Double = 0
     /// The whole file as read, so that writers can keep fields we do not model.
     public var raw: JSONValue
 
-    public static let supportedModelTypes = ["llama", "mistral", "qwen2"]
+    public static let supportedModelTypes = ["llama", "mistral", "qwen2", "phi3"]
 
     /// Reads `config.json` in `directory`.
     public init(directory: String) throws {
@@ -85,11 +99,13 @@ public struct DecoderConfig: Equatable, Sendable {
             throw fields.fail("num_key_value_heads", "\(kvHeadCount) does not divide num_attention_heads \(headCount)")
         }
         guard headDim % 2 == 0 else { throw fields.fail("head_dim", "must be even for rotary embeddings, got \(headDim)") }
-        let eps = try fields.double("rms_norm_eps") ?? 1e-6
+        let isPhi3 = modelType == "phi3"
+        // Phi3Config's defaults differ from Llama's for these two.
+        let eps = try fields.double("rms_norm_eps") ?? (isPhi3 ? 1e-5 : 1e-6)
         guard eps.isFinite, eps > 0, Float(eps) > 0 else { throw fields.fail("rms_norm_eps", "must be a finite number > 0 (and > 0 in float32), got \(eps)") }
         rmsNormEps = Float(eps)
         tieWordEmbeddings = try fields.bool("tie_word_embeddings") ?? false
-        maxPositionEmbeddings = try fields.optionalSize("max_position_embeddings") ?? 2048
+        maxPositionEmbeddings = try fields.optionalSize("max_position_embeddings") ?? (isPhi3 ? 4096 : 2048)
         let vocab = vocabularySize
         func tokenID(_ key: String, _ value: JSONValue) throws -> Int {
             guard let id = value.int else { throw fields.fail(key, "expected a token id (integer), got \(value.serialized())") }
@@ -120,6 +136,14 @@ public struct DecoderConfig: Equatable, Sendable {
             attentionBias = true
         case "mistral":
             attentionBias = false
+        case "phi3":
+            // Phi-3's qkv_proj has no bias, whatever attention_bias says (transformers ignores the field there).
+            attentionBias = false
+            fusedProjections = true
+            // transformers 5 applies resid_pdrop to both residual branches in training (embd_pdrop is read by nothing).
+            let dropout = try fields.double("resid_pdrop") ?? 0
+            guard dropout >= 0, dropout < 1 else { throw fields.fail("resid_pdrop", "expected a number in [0, 1), got \(dropout)") }
+            residualDropout = dropout
         default:
             // Llama's attention_bias also puts a bias on o_proj, which is not implemented.
             if try fields.bool("attention_bias") == true {
@@ -148,17 +172,29 @@ public struct DecoderConfig: Equatable, Sendable {
         let ropeFields = ConfigFields(json: rope ?? .object(JSONObject()), file: file, prefix: ropeKey + ".")
         ropeTheta = try ropeFields.double("rope_theta") ?? fields.double("rope_theta") ?? 10000
         guard ropeTheta.isFinite, ropeTheta > 0 else { throw fields.fail("rope_theta", "must be a finite number > 0, got \(ropeTheta)") }
-        for f in [fields, ropeFields] {
-            if let partial = try f.double("partial_rotary_factor"), partial != 1 {
-                throw f.fail("partial_rotary_factor", "partial rotary embeddings are not implemented (expected 1, got \(partial))")
-            }
+        // The rope object's partial_rotary_factor wins over the top-level one (transformers copies the top-level
+        // value in only when the rope object has none).
+        let partialFields = try ropeFields.double("partial_rotary_factor") != nil ? ropeFields : fields
+        let partial = try partialFields.double("partial_rotary_factor") ?? 1
+        if partial != 1 && !isPhi3 {
+            throw partialFields.fail("partial_rotary_factor", "partial rotary embeddings are implemented for phi3 only (expected 1, got \(partial))")
         }
-        let ropeType = try ropeFields.string("rope_type") ?? ropeFields.string("type") ?? "default"
-        guard let kind = RopeScaling.Kind(rawValue: ropeType) else {
-            throw fields.fail(ropeKey, "rope_type '\(ropeType)' is not supported (supported: default, linear, llama3)")
+        guard partial > 0, partial <= 1 else { throw partialFields.fail("partial_rotary_factor", "expected a number in (0, 1], got \(partial)") }
+        rotaryDim = Int(Double(headDim) * partial)
+        guard rotaryDim >= 2, rotaryDim % 2 == 0 else {
+            throw partialFields.fail("partial_rotary_factor", "head_dim \(headDim) × \(partial) gives \(rotaryDim) rotated dimensions; expected an even number ≥ 2")
+        }
+        var ropeType = try ropeFields.string("rope_type") ?? ropeFields.string("type") ?? "default"
+        // Phi3Config renames the types early Phi-3 checkpoints wrote.
+        if isPhi3 && (ropeType == "su" || ropeType == "yarn") { ropeType = "longrope" }
+        let supportedTypes: [RopeScaling.Kind] = isPhi3 ? [.default, .longrope] : [.default, .linear, .llama3]
+        guard let kind = RopeScaling.Kind(rawValue: ropeType), supportedTypes.contains(kind) else {
+            throw fields.fail(ropeKey, "rope_type '\(ropeType)' is not supported for \(modelType) (supported: \(supportedTypes.map(\.rawValue).joined(separator: ", ")))")
         }
         ropeScaling = RopeScaling(kind: kind)
-        if kind != .default {
+        if kind == .longrope {
+            ropeScaling = try Self.longrope(fields, ropeFields, rotaryPairs: rotaryDim / 2, maxPositionEmbeddings: maxPositionEmbeddings)
+        } else if kind != .default {
             func positive(_ key: String, _ fallback: Double) throws -> Double {
                 let v = try ropeFields.double(key) ?? fallback
                 guard v.isFinite, v > 0 else { throw ropeFields.fail(key, "must be a finite number > 0, got \(v)") }
@@ -177,13 +213,59 @@ public struct DecoderConfig: Equatable, Sendable {
         raw = json
     }
 
+    /// Phi-3's longrope fields, computed as transformers' `_compute_longrope_parameters` does.
+    static func longrope(_ fields: ConfigFields, _ ropeFields: ConfigFields, rotaryPairs: Int, maxPositionEmbeddings: Int) throws -> RopeScaling {
+        var s = RopeScaling(kind: .longrope)
+        // Phi3Config always overwrites the rope object's original_max_position_embeddings with its own top-level
+        // field (default 4096), so that one is the threshold between the short and the long factors.
+        s.originalMaxPositionEmbeddings = try fields.optionalSize("original_max_position_embeddings") ?? 4096
+        func factors(_ key: String) throws -> [Double] {
+            guard let v = ropeFields.json[key], !v.isNull else { throw ropeFields.fail(key, "missing (longrope needs \(rotaryPairs) factors, one per rotated pair)") }
+            guard let list = v.array, list.count == rotaryPairs else {
+                throw ropeFields.fail(key, "expected a list of \(rotaryPairs) numbers (rotated dimensions / 2), got \(v.serialized())")
+            }
+            return try list.map { x in
+                guard let d = x.double, d.isFinite, d > 0 else { throw ropeFields.fail(key, "expected finite numbers > 0, got \(x.serialized())") }
+                return d
+            }
+        }
+        s.shortFactors = try factors("short_factor")
+        s.longFactors = try factors("long_factor")
+        // Without `factor`, the context extension is max_position_embeddings / original_max_position_embeddings.
+        s.factor = try ropeFields.double("factor") ?? Double(maxPositionEmbeddings) / Double(s.originalMaxPositionEmbeddings)
+        guard s.factor.isFinite, s.factor > 0 else { throw ropeFields.fail("factor", "must be a finite number > 0, got \(s.factor)") }
+        if let given = try ropeFields.double("attention_factor") {
+            s.attentionFactor = given
+        } else if s.factor > 1 {
+            s.attentionFactor = (1 + log(s.factor) / log(Double(s.originalMaxPositionEmbeddings))).squareRoot()
+        }
+        guard s.attentionFactor.isFinite, s.attentionFactor > 0 else {
+            throw ropeFields.fail("attention_factor", "must be a finite number > 0, got \(s.attentionFactor)")
+        }
+        return s
+    }
+
+    /// Whether a forward over positions 0..<`sequenceLength` rotates with longrope's long factors. transformers decides
+    /// once per forward call from the largest position id (+ 1) in it, for every token of the call.
+    public func usesLongRopeFactors(sequenceLength: Int) -> Bool {
+        ropeScaling.kind == .longrope && sequenceLength > ropeScaling.originalMaxPositionEmbeddings
+    }
+
+    /// Throws when training (unlike evaluation and generation) would need math this code does not compute.
+    public func checkTrainable() throws {
+        if residualDropout != 0 {
+            throw UsageError("config.json 'resid_pdrop' is \(residualDropout): dropout on the residual branches in training is not implemented; set it to 0.0 (as Phi-3 and Phi-4 checkpoints ship it)")
+        }
+    }
+
     /// The attention window when the model restricts attention to the last `n` positions (Mistral's
     /// `sliding_window`, Qwen2's with `use_sliding_window`); nil when every layer sees all positions.
     /// Sequences no longer than the window compute exactly as full attention, so we run those and
     /// refuse longer ones (`checkSequenceLength`) rather than compute them wrongly.
     static func slidingWindow(_ fields: ConfigFields, modelType: String, layerCount: Int) throws -> Int? {
         switch modelType {
-        case "mistral":
+        case "mistral", "phi3":
+            // transformers' Phi3Model masks with the window whenever sliding_window is set (Phi-3-mini-4k: 2047).
             return try fields.optionalSize("sliding_window", max: Int.max >> 1)
         case "qwen2":
             guard try fields.bool("use_sliding_window") == true else { return nil }
@@ -224,12 +306,14 @@ public struct DecoderConfig: Equatable, Sendable {
     public var qDim: Int { headCount * headDim }
     public var kvDim: Int { kvHeadCount * headDim }
 
-    /// The inverse frequencies of rotary embeddings, with llama3/linear scaling applied as transformers does.
-    public func ropeInverseFrequencies() -> [Double] {
-        var inv = (0..<(headDim / 2)).map { 1.0 / pow(ropeTheta, Double(2 * $0) / Double(headDim)) }
+    /// The inverse frequencies of rotary embeddings, one per rotated pair (`rotaryDim / 2`), with llama3/linear/longrope
+    /// scaling applied as transformers does (`long`: longrope's long factors).
+    public func ropeInverseFrequencies(long: Bool = false) -> [Double] {
+        var inv = (0..<(rotaryDim / 2)).map { 1.0 / pow(ropeTheta, Double(2 * $0) / Double(rotaryDim)) }
         switch ropeScaling.kind {
         case .default: break
         case .linear: inv = inv.map { $0 / ropeScaling.factor }
+        case .longrope: inv = zip(inv, long ? ropeScaling.longFactors : ropeScaling.shortFactors).map { $0 / $1 }
         case .llama3:
             let s = ropeScaling
             let lowWavelength = Double(s.originalMaxPositionEmbeddings) / s.lowFrequencyFactor

@@ -3,23 +3,70 @@
 // Block, as transformers' LlamaDecoderLayer computes it:
 //   h = x + o_proj(attention(rope(q_proj(norm1(x))), rope(k_proj(norm1(x))), v_proj(norm1(x))))
 //   y = h + down_proj(silu(gate_proj(norm2(h))) * up_proj(norm2(h)))
+// Phi-3 fuses the input projections: q | k | v = qkv_proj(norm1(x)) and gate | up = gate_up_proj(norm2(h)), split by
+// columns in that order; rope rotates only the first rotaryDim dimensions of each head (partial rotary), with longrope's
+// short or long factors.
 
 /// One decoder block's weights.
 public final class DecoderBlock: @unchecked Sendable {
     public let inputNorm: [Float]
     public let postAttentionNorm: [Float]
-    public let q: Linear, k: Linear, v: Linear, o: Linear
-    public let gate: Linear, up: Linear, down: Linear
+    /// The linears whose outputs, side by side, are q | k | v: q_proj, k_proj and v_proj, or Phi-3's one qkv_proj.
+    public let attentionInput: [Linear]
+    public let o: Linear
+    /// The linears whose outputs, side by side, are gate | up: gate_proj and up_proj, or Phi-3's one gate_up_proj.
+    public let mlpInput: [Linear]
+    public let down: Linear
 
+    /// A block with separate q, k, v, gate and up projections (Llama, Mistral, Qwen2).
     public init(inputNorm: [Float], postAttentionNorm: [Float], q: Linear, k: Linear, v: Linear, o: Linear, gate: Linear, up: Linear, down: Linear) {
         self.inputNorm = inputNorm
         self.postAttentionNorm = postAttentionNorm
-        self.q = q; self.k = k; self.v = v; self.o = o
-        self.gate = gate; self.up = up; self.down = down
+        attentionInput = [q, k, v]
+        self.o = o
+        mlpInput = [gate, up]
+        self.down = down
     }
 
-    /// The seven projections, in the order PEFT lists them.
-    public var linears: [Linear] { [q, k, v, o, gate, up, down] }
+    /// A block with Phi-3's fused projections: `qkv` [q + 2·kv, H] and `gateUp` [2·I, H].
+    public init(inputNorm: [Float], postAttentionNorm: [Float], qkv: Linear, o: Linear, gateUp: Linear, down: Linear) {
+        self.inputNorm = inputNorm
+        self.postAttentionNorm = postAttentionNorm
+        attentionInput = [qkv]
+        self.o = o
+        mlpInput = [gateUp]
+        self.down = down
+    }
+
+    /// The separate projections of a Llama-layout block. A fused (Phi-3) block has none of them: code that handles
+    /// both reads `attentionInput` and `mlpInput`; code that handles only the separate layout refuses fused models first.
+    public var q: Linear { separate(attentionInput, 0, "q_proj") }
+    public var k: Linear { separate(attentionInput, 1, "k_proj") }
+    public var v: Linear { separate(attentionInput, 2, "v_proj") }
+    public var gate: Linear { separate(mlpInput, 0, "gate_proj") }
+    public var up: Linear { separate(mlpInput, 1, "up_proj") }
+
+    private func separate(_ group: [Linear], _ i: Int, _ name: String) -> Linear {
+        precondition(group.count > 1, "\(name) asked of a block with fused projections (\(group[0].name))")
+        return group[i]
+    }
+
+    /// Every projection: q, k, v, o, gate, up, down (the seven of a Llama block, in the order PEFT lists them), or
+    /// Phi-3's qkv, o, gate_up, down.
+    public var linears: [Linear] { attentionInput + [o] + mlpInput + [down] }
+
+    /// Runs a projection group (`attentionInput` or `mlpInput`) on x [rows, in] into `parts` ([rows, width] each):
+    /// separate linears write their own part; a fused one writes all parts side by side, which are then split.
+    static func forward(_ group: [Linear], _ x: UnsafePointer<Float>, rows: Int, into parts: [(UnsafeMutablePointer<Float>, Int)]) {
+        if group.count == parts.count {
+            for (layer, part) in zip(group, parts) { layer.forward(x, rows: rows, into: part.0) }
+            return
+        }
+        precondition(group.count == 1, "a projection group is one fused linear or one linear per part")
+        let fused = Matrix(rows: rows, columns: group[0].outFeatures)
+        group[0].forward(x, rows: rows, into: fused.pointer)
+        CPUOps.splitColumns(fused.pointer, rows: rows, into: parts)
+    }
 }
 
 /// Where a model's frozen base weights come from: a dense checkpoint, or a 4-bit one dequantized on load.
@@ -53,7 +100,7 @@ extension SafeTensorsCheckpoint: BaseWeightSource {
     }
 }
 
-/// A Llama-family model with its weights in fp32 on the CPU.
+/// A Llama-family (or Phi-3) model with its weights in fp32 on the CPU.
 public final class DecoderModel: @unchecked Sendable {
     public let config: DecoderConfig
     public let embedding: Matrix          // [vocab, H]
@@ -111,12 +158,19 @@ public final class DecoderModel: @unchecked Sendable {
         var blocks: [DecoderBlock] = []
         for l in 0..<c.layerCount {
             let p = "model.layers.\(l)."
-            blocks.append(DecoderBlock(
-                inputNorm: try tensor(p + "input_layernorm.weight"),
-                postAttentionNorm: try tensor(p + "post_attention_layernorm.weight"),
-                q: try linear(p + "self_attn.q_proj"), k: try linear(p + "self_attn.k_proj"),
-                v: try linear(p + "self_attn.v_proj"), o: try linear(p + "self_attn.o_proj"),
-                gate: try linear(p + "mlp.gate_proj"), up: try linear(p + "mlp.up_proj"), down: try linear(p + "mlp.down_proj")))
+            let inputNorm = try tensor(p + "input_layernorm.weight"), postAttentionNorm = try tensor(p + "post_attention_layernorm.weight")
+            if c.fusedProjections {
+                blocks.append(DecoderBlock(
+                    inputNorm: inputNorm, postAttentionNorm: postAttentionNorm,
+                    qkv: try linear(p + "self_attn.qkv_proj"), o: try linear(p + "self_attn.o_proj"),
+                    gateUp: try linear(p + "mlp.gate_up_proj"), down: try linear(p + "mlp.down_proj")))
+            } else {
+                blocks.append(DecoderBlock(
+                    inputNorm: inputNorm, postAttentionNorm: postAttentionNorm,
+                    q: try linear(p + "self_attn.q_proj"), k: try linear(p + "self_attn.k_proj"),
+                    v: try linear(p + "self_attn.v_proj"), o: try linear(p + "self_attn.o_proj"),
+                    gate: try linear(p + "mlp.gate_proj"), up: try linear(p + "mlp.up_proj"), down: try linear(p + "mlp.down_proj")))
+            }
         }
         let finalNorm = try tensor("model.norm.weight")
         let head: Matrix
@@ -140,6 +194,13 @@ public final class DecoderModel: @unchecked Sendable {
             let p = "model.layers.\(l)."
             shapes[p + "input_layernorm.weight"] = [c.hiddenSize]
             shapes[p + "post_attention_layernorm.weight"] = [c.hiddenSize]
+            if c.fusedProjections {
+                shapes[p + "self_attn.qkv_proj.weight"] = [c.qDim + 2 * c.kvDim, c.hiddenSize]
+                shapes[p + "self_attn.o_proj.weight"] = [c.hiddenSize, c.qDim]
+                shapes[p + "mlp.gate_up_proj.weight"] = [2 * c.intermediateSize, c.hiddenSize]
+                shapes[p + "mlp.down_proj.weight"] = [c.hiddenSize, c.intermediateSize]
+                continue
+            }
             for (name, out, inFeatures) in [("self_attn.q_proj", c.qDim, c.hiddenSize), ("self_attn.k_proj", c.kvDim, c.hiddenSize),
                                             ("self_attn.v_proj", c.kvDim, c.hiddenSize), ("self_attn.o_proj", c.hiddenSize, c.qDim),
                                             ("mlp.gate_proj", c.intermediateSize, c.hiddenSize), ("mlp.up_proj", c.intermediateSize, c.hiddenSize),
@@ -178,6 +239,9 @@ public final class DecoderModel: @unchecked Sendable {
 
     /// Every linear layer by module path (`model.layers.0.self_attn.q_proj`, ...).
     public var linearLayers: [Linear] { blocks.flatMap(\.linears) }
+
+    /// The module names of a block's projections (`q_proj`, ..., or Phi-3's `qkv_proj`, ...), for messages.
+    public var projectionNames: [String] { (blocks.first?.linears ?? []).map { String($0.name.split(separator: ".").last ?? "") } }
 }
 
 // MARK: - Inference forward with a KV cache
@@ -188,6 +252,10 @@ public final class KVCache: @unchecked Sendable {
     public private(set) var length = 0
     let keys: [Matrix]
     let values: [Matrix]
+    /// The tokens the cache holds, so that it can be recomputed (longrope's switch to the long factors).
+    private(set) var tokens: [Int] = []
+    /// Whether the keys were rotated with longrope's long factors.
+    fileprivate(set) var usesLongRopeFactors = false
 
     public init(config: DecoderConfig, capacity: Int) {
         self.capacity = capacity
@@ -195,8 +263,8 @@ public final class KVCache: @unchecked Sendable {
         values = (0..<config.layerCount).map { _ in Matrix(rows: capacity, columns: config.kvDim) }
     }
 
-    public func reset() { length = 0 }
-    func advance(by n: Int) { length += n }
+    public func reset() { length = 0; tokens = []; usesLongRopeFactors = false }
+    func advance(with new: [Int]) { length += new.count; tokens += new }
 }
 
 extension DecoderModel {
@@ -214,6 +282,16 @@ extension DecoderModel {
         for id in tokens where id < 0 || id >= c.vocabularySize {
             throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))")
         }
+        let longRope = c.usesLongRopeFactors(sequenceLength: start + t)
+        if longRope && !cache.usesLongRopeFactors && start > 0 {
+            // The cached keys were rotated with the short factors. transformers' Phi-3 generation drops its cache when
+            // the sequence first passes original_max_position_embeddings and recomputes it all with the long factors.
+            let all = cache.tokens + tokens
+            cache.reset()
+            let logits = try forward(tokens: all, cache: cache, lastOnly: lastOnly)
+            return lastOnly ? logits : Array(logits.suffix(t * c.vocabularySize))
+        }
+        cache.usesLongRopeFactors = longRope
         rope.grow(to: start + t)
         let h = c.hiddenSize
         let x = Matrix(rows: t, columns: h)          // residual stream
@@ -234,12 +312,10 @@ extension DecoderModel {
             block.inputNorm.withUnsafeBufferPointer {
                 CPUOps.rmsNorm(x.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: t, width: h, into: normed.pointer)
             }
-            block.q.forward(normed.pointer, rows: t, into: q.pointer)
-            block.k.forward(normed.pointer, rows: t, into: newKeys)
-            block.v.forward(normed.pointer, rows: t, into: newValues)
+            DecoderBlock.forward(block.attentionInput, normed.pointer, rows: t, into: [(q.pointer, c.qDim), (newKeys, c.kvDim), (newValues, c.kvDim)])
             positions.withUnsafeBufferPointer { p in
-                CPUOps.applyRope(q.pointer, positions: p.baseAddress!, rows: t, heads: c.headCount, headDim: c.headDim, table: rope)
-                CPUOps.applyRope(newKeys, positions: p.baseAddress!, rows: t, heads: c.kvHeadCount, headDim: c.headDim, table: rope)
+                CPUOps.applyRope(q.pointer, positions: p.baseAddress!, rows: t, heads: c.headCount, headDim: c.headDim, table: rope, long: longRope)
+                CPUOps.applyRope(newKeys, positions: p.baseAddress!, rows: t, heads: c.kvHeadCount, headDim: c.headDim, table: rope, long: longRope)
             }
             CPUOps.attention(q: q.pointer, keys: keys, values: values, rows: t, heads: c.headCount, kvHeads: c.kvHeadCount,
                              headDim: c.headDim, visible: { 0..<(start + $0 + 1) }, into: attended.pointer)
@@ -249,13 +325,12 @@ extension DecoderModel {
             block.postAttentionNorm.withUnsafeBufferPointer {
                 CPUOps.rmsNorm(x.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: t, width: h, into: normed.pointer)
             }
-            block.gate.forward(normed.pointer, rows: t, into: gate.pointer)
-            block.up.forward(normed.pointer, rows: t, into: up.pointer)
+            DecoderBlock.forward(block.mlpInput, normed.pointer, rows: t, into: [(gate.pointer, c.intermediateSize), (up.pointer, c.intermediateSize)])
             CPUOps.swiglu(gate: gate.pointer, up: up.pointer, count: t * c.intermediateSize, into: gate.pointer)
             block.down.forward(gate.pointer, rows: t, into: projected.pointer)
             for i in 0..<(t * h) { x.pointer[i] += projected.pointer[i] }
         }
-        cache.advance(by: t)
+        cache.advance(with: tokens)
 
         let firstRow = lastOnly ? t - 1 : 0
         let rows = t - firstRow

@@ -51,6 +51,7 @@ public enum Evaluation {
     /// The GPU holds the base in NF4 (a dense base is quantized as bitsandbytes would).
     public static func cudaEngine(context: CUDAContext, model: DecoderModel, batches: [TrainingBatch]) throws -> CUDATrainingEngine {
         try checkLengths(batches, model.config)
+        try model.config.checkCUDASupport(for: "evaluation")
         if model.linearLayers.allSatisfy({ $0.lora == nil }) {
             try model.attachLoRA(LoRAConfig(rank: 8, alpha: 16, dropout: 0, targetModules: LoRAConfig.llamaProjections), seed: 0)
         }

@@ -88,6 +88,7 @@ public final class Trainer {
         if let longest = (self.train + self.eval).map(\.length).max() {
             try model.config.checkSequenceLength(longest, what: "the longest batch (max_seq_length \(c.maxSeqLength))")
         }
+        try model.config.checkTrainable()
         microBatchesPerEpoch = self.train.count
         stepsPerEpoch = (microBatchesPerEpoch + c.gradientAccumulationSteps - 1) / c.gradientAccumulationSteps
         totalSteps = c.maxSteps > 0 ? c.maxSteps : max(1, Int((c.epochs * Double(stepsPerEpoch)).rounded(.up)))
@@ -98,7 +99,7 @@ public final class Trainer {
         if !eval.isEmpty && self.eval.reduce(0, { $0 + $1.countedTokens }) == 0 {
             throw CountedTokensReport(eval).noCountedTokensError("evaluation data", maxSeqLength: c.maxSeqLength)
         }
-        loraConfig = c.loraConfig
+        loraConfig = c.loraConfig.resolvingDefaultTargets(for: model)
         if model.linearLayers.allSatisfy({ $0.lora == nil }) {
             try model.attachLoRA(loraConfig, seed: c.seed)
         }

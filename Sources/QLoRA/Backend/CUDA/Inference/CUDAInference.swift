@@ -99,6 +99,7 @@ public final class CUDAInference {
     public convenience init(context: CUDAContext, model: DecoderModel, capacity: Int,
                             quantized: [String: QuantizedWeight] = [:]) throws {
         let c = model.config
+        try c.checkCUDASupport(for: "generation")
         let A = context.allocator
         func bf16(_ values: [Float]) throws -> DeviceBuffer<UInt16> { try A.buffer(copying: values.map(floatToBF16)) }
         func bf16(_ m: Matrix) throws -> DeviceBuffer<UInt16> {
@@ -139,8 +140,8 @@ public final class CUDAInference {
         for block in model.blocks {
             layers.append(DeviceLayer(
                 inputNorm: try bf16(block.inputNorm), postNorm: try bf16(block.postAttentionNorm),
-                qkv: try group([block.q, block.k, block.v]), o: try group([block.o]),
-                gateUp: try group([block.gate, block.up]), down: try group([block.down]),
+                qkv: try group(block.attentionInput), o: try group([block.o]),
+                gateUp: try group(block.mlpInput), down: try group([block.down]),
                 keys: try A.buffer(UInt16.self, count: capacity * c.kvDim), values: try A.buffer(UInt16.self, count: capacity * c.kvDim)))
         }
         let embedding = try bf16(model.embedding)
@@ -189,6 +190,7 @@ public final class CUDAInference {
 
     private init(context: CUDAContext, config c: DecoderConfig, capacity: Int, layers: [DeviceLayer], embedding: DeviceBuffer<UInt16>,
                  finalNorm: DeviceBuffer<UInt16>, head: DeviceBuffer<UInt16>) throws {
+        try c.checkCUDASupport(for: "generation")
         guard c.hiddenSize % 32 == 0, c.qDim % 32 == 0, c.intermediateSize % 32 == 0, [32, 64, 128].contains(c.headDim) else {
             throw UsageError("the GPU decode path needs hidden, q and intermediate sizes that are multiples of 32 and a head dimension of 32, 64 or 128 (hidden \(c.hiddenSize), intermediate \(c.intermediateSize), head dim \(c.headDim))")
         }

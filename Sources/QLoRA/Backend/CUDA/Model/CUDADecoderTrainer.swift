@@ -166,6 +166,7 @@ public final class CUDADecoderTrainer {
     /// dropout, become the trained parameters; its linear biases stay frozen). `memory`: where the checkpoints and the
     /// embedding live (nil: `CUDATrainerMemoryOptions.automatic(for:)`).
     public convenience init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil) throws {
+        try model.config.checkCUDASupport(for: "training")
         var ranks: [[Int]] = []
         var dropout: Float = 0
         for block in model.blocks {
@@ -203,6 +204,7 @@ public final class CUDADecoderTrainer {
     /// whether any linear drops out (then the d(x) scratch is allocated).
     init(context ctx: CUDAContext, config c: DecoderConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
          memory: CUDATrainerMemoryOptions?, source: Source) throws {
+        try c.checkCUDASupport(for: "training")
         guard c.headDim == 32 || c.headDim == 64 || c.headDim == 128 else {
             throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels (32, 64 or 128)")
         }
