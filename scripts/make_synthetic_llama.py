@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Writes a small random Llama folder whose rows are multiples of 256 (hidden 256, intermediate 512, one layer, vocab
-300, bf16 weights, a plain byte-level tokenizer), so that GGUF exports of it use Q6_K where llama.cpp's tools do.
-Used by scripts/check_gguf_llamacpp.sh. Usage: python3 scripts/make_synthetic_llama.py OUT_DIR"""
+"""Writes a small random Llama folder whose rows are multiples of 256 (by default hidden 256, intermediate 512, one
+layer, 4 heads and 2 key/value heads, vocab 300, bf16 weights, a plain byte-level tokenizer), so that GGUF exports of
+it use Q4_K, Q5_K and Q6_K where llama.cpp's tools do. Used by scripts/check_gguf_llamacpp.py.
+Usage: python3 scripts/make_synthetic_llama.py OUT_DIR [LAYERS HIDDEN INTERMEDIATE HEADS KV_HEADS TIED(0/1)]"""
 import json
 import os
 import struct
@@ -12,10 +13,12 @@ import numpy as np
 out = sys.argv[1]
 os.makedirs(out, exist_ok=True)
 rng = np.random.default_rng(7)
-H, I, V, L = 256, 512, 300, 1
+L, H, I, NH, NKV, TIED = (int(a) for a in (sys.argv[2:] or [1, 256, 512, 4, 2, 0]))
+V = 300
+KV = H // NH * NKV
 config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H, "intermediate_size": I,
-          "num_hidden_layers": L, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": V,
-          "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+          "num_hidden_layers": L, "num_attention_heads": NH, "num_key_value_heads": NKV, "vocab_size": V,
+          "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": bool(TIED),
           "bos_token_id": 1, "eos_token_id": 2}
 json.dump(config, open(os.path.join(out, "config.json"), "w"))
 
@@ -25,12 +28,14 @@ def bf16(a):
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-shapes = {"model.embed_tokens.weight": (V, H), "lm_head.weight": (V, H), "model.norm.weight": (H,)}
+shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+if not TIED:
+    shapes["lm_head.weight"] = (V, H)
 for l in range(L):
     p = f"model.layers.{l}."
     shapes.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-                   p + "self_attn.q_proj.weight": (H, H), p + "self_attn.k_proj.weight": (128, H),
-                   p + "self_attn.v_proj.weight": (128, H), p + "self_attn.o_proj.weight": (H, H),
+                   p + "self_attn.q_proj.weight": (H, H), p + "self_attn.k_proj.weight": (KV, H),
+                   p + "self_attn.v_proj.weight": (KV, H), p + "self_attn.o_proj.weight": (H, H),
                    p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H), p + "mlp.down_proj.weight": (H, I)})
 header, blobs, offset = {}, [], 0
 for name, shape in sorted(shapes.items()):

@@ -8,8 +8,10 @@ struct ExportCommand: ParsableCommand {
         discussion: """
         gguf: the adapter is merged (W + scale·B·A in fp32) into the base's original weights, never into re-quantized ones, \
         and the result is written with llama.cpp's tensor names and metadata, the tokenizer and the chat template. \
-        Norms and other 1-D tensors stay F32. q4_0 follows llama-quantize: the output matrix (the embeddings when tied) \
-        gets more bits. --ollama also writes a Modelfile beside it for `ollama create NAME -f Modelfile`.
+        Norms and other 1-D tensors stay F32. q4_0, q4_k_m, q5_k_m and q6_k follow llama-quantize (without an \
+        importance matrix), tensor by tensor and byte for byte: the output matrix (the embeddings when tied) gets Q6_K, \
+        q4_k_m/q5_k_m give attn_v and ffn_down of some layers Q6_K, and rows that are not a multiple of 256 fall back \
+        to 32-element types. --ollama also writes a Modelfile beside it for `ollama create NAME -f Modelfile`.
 
         gguf-lora: the adapter alone (tensors NAME.lora_a / NAME.lora_b, adapter.lora.alpha), which llama.cpp applies \
         over the base model's GGUF at run time: llama-cli -m base.gguf --lora adapter.gguf. Types: f32, f16, bf16, q8_0.
@@ -25,7 +27,7 @@ struct ExportCommand: ParsableCommand {
     @Option(help: "The output format: gguf (the merged model) or gguf-lora (the adapter alone).")
     var format: String = "gguf"
 
-    @Option(help: "The tensor type: f16, bf16, q8_0, q4_0 or q6_k (gguf); f32, f16, bf16 or q8_0 (gguf-lora).")
+    @Option(help: "The tensor type: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (gguf); f32, f16, bf16 or q8_0 (gguf-lora).")
     var type: String = "f16"
 
     @Option(help: "The GGUF file to write (written beside as a temporary file, then renamed).")
@@ -80,7 +82,7 @@ struct ExportCommand: ParsableCommand {
         guard !ollama else {
             throw ValidationError("--ollama writes a Modelfile for a --format gguf export; for a LoRA GGUF write FROM base.gguf and ADAPTER ./\(out) yourself")
         }
-        let type = try GGUFLoRAType.parse(type)
+        let type = try GGUFExportType.parse(type, adapter: true)
         let loaded = try ModelLoader.load(model, quantization: .none, log: { printError($0) })
         try GGUFExporter.refuseOverwriting(out, inputs: [loaded.directory, adapter])
         let config = try PEFTAdapter.load(directory: adapter, into: loaded.model)

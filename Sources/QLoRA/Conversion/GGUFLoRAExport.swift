@@ -13,45 +13,14 @@
 // (rsLoRA, rank_pattern, alpha_pattern) has the difference folded into its B.
 // The llama architecture stores q and k rows permuted (see HFToGGUF.swift); B's rows are the output rows, so B of
 // q_proj and k_proj is permuted the same way, and A (whose rows are the rank) is not.
-// Types: f32, f16, bf16 or q8_0 for every tensor; a tensor whose ne0 is not a multiple of 32 (lora_b for r < 32, say)
-// falls back from q8_0 to f16, as the converter does.
+// Types (GGUFExportType.adapterTypes): f32, f16, bf16 or q8_0 for every tensor; a tensor whose ne0 is not a multiple
+// of 32 (lora_b for r < 32, say) falls back from q8_0 to f16, as the converter does.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
 #else
 import Foundation
 #endif
-
-/// The `--type` of a `--format gguf-lora` export.
-public enum GGUFLoRAType: String, CaseIterable, Sendable {
-    case f32, f16, bf16, q8_0
-
-    public static func parse(_ name: String) throws -> GGUFLoRAType {
-        guard let t = GGUFLoRAType(rawValue: name.lowercased()) else {
-            throw UsageError("--type: '\(name)' is not a type of --format gguf-lora (choose from \(allCases.map(\.rawValue).joined(separator: ", ")))")
-        }
-        return t
-    }
-
-    /// llama.cpp's `general.file_type`.
-    public var fileType: UInt32 {
-        switch self {
-        case .f32: return 0
-        case .f16: return 1
-        case .q8_0: return 7
-        case .bf16: return 32
-        }
-    }
-
-    public var weightType: GGMLType {
-        switch self {
-        case .f32: return .f32
-        case .f16: return .f16
-        case .bf16: return .bf16
-        case .q8_0: return .q8_0
-        }
-    }
-}
 
 /// What a LoRA GGUF export wrote.
 public struct GGUFLoRAExportReport: Sendable {
@@ -69,8 +38,11 @@ extension GGUFExporter {
     /// Writes the LoRA adapters attached to `model` as a llama.cpp LoRA GGUF of `type` to `path` (a temporary file
     /// beside it, renamed when complete). Throws when no layer has an adapter.
     @discardableResult
-    public static func exportLoRA(model: DecoderModel, type: GGUFLoRAType, to path: String, name: String,
+    public static func exportLoRA(model: DecoderModel, type: GGUFExportType, to path: String, name: String,
                                   log: (String) -> Void = { _ in }) throws -> GGUFLoRAExportReport {
+        guard GGUFExportType.adapterTypes.contains(type) else {
+            throw UsageError("--type: '\(type.rawValue)' is not a type of --format gguf-lora (choose from \(GGUFExportType.adapterTypes.map(\.rawValue).joined(separator: ", ")))")
+        }
         let config = model.config
         let arch = try architecture(config)
         let permute = arch == "llama"

@@ -17,14 +17,17 @@
 // and biases) with their rows permuted to ggml's adjacent-pair rotary layout (see GGUFToHF.swift's header);
 // qwen2 is run by llama.cpp with the NEOX (rotate-half) rope and keeps HF's order.
 //
-// Tensor types, as llama.cpp's tools choose them:
+// Tensor types, as llama.cpp's tools choose them (`--type`, see GGUFExportType):
 //   - 1-D tensors and norms: F32 (the converter's rule).
-//   - f16, bf16, q8_0: every other weight in that type, token_embd and output included (convert_hf_to_gguf.py).
-//   - q4_0 (the converter has no q4_0; this is `llama-quantize`'s choice without an importance matrix): Q4_0, but
-//     output.weight (token_embd.weight when the embeddings are tied) in Q6_K when ne0 is a multiple of 256, else Q8_0.
-//   - q6_k (llama-quantize's Q6_K): every weight Q6_K, token_embd and output included.
-//   - a matrix whose ne0 is not a multiple of the block size falls back as llama-quantize does: Q6_K to Q8_0, then
-//     (ne0 not a multiple of 32) to F16, which the converter also does.
+//   - f32, f16, bf16, q8_0: every other weight in that type, token_embd and output included (convert_hf_to_gguf.py).
+//   - q4_0, q4_k_m, q5_k_m, q6_k: llama-quantize's choice without an importance matrix (llama_tensor_get_type in
+//     llama.cpp's src/llama-quant.cpp, for the llama and qwen2 architectures, no experts). The bulk is Q4_0, Q4_K,
+//     Q5_K or Q6_K; output.weight (token_embd.weight when the embeddings are tied) is Q6_K (Q8_0 when ne0 is not a
+//     multiple of the bulk's block size); for q4_k_m and q5_k_m, attn_v and ffn_down of layer i of n are Q6_K when
+//     i < n/8, i ≥ 7n/8 or (i − n/8) % 3 == 2 ("use_more_bits"), and a 70B-class model (80 layers; llama with
+//     grouped-query attention) has its other attn_v in Q5_K instead of Q4_K.
+//   - then a matrix whose ne0 is not a multiple of the chosen type's block falls back as llama-quantize does: Q4_K to
+//     Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, and (ne0 not a multiple of 32) to F16, which the converter also does.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -35,13 +38,20 @@ import Foundation
 import Glibc
 #endif
 
-/// The `--type` of a GGUF export.
+/// The `--type` of a GGUF export: of the merged model (`--format gguf`, every case) or of a LoRA adapter alone
+/// (`--format gguf-lora`: f32, f16, bf16, q8_0).
 public enum GGUFExportType: String, CaseIterable, Sendable {
-    case f16, bf16, q8_0, q4_0, q6_k
+    case f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k
 
-    public static func parse(_ name: String) throws -> GGUFExportType {
-        guard let t = GGUFExportType(rawValue: name.lowercased()) else {
-            throw UsageError("--type: unknown GGUF type '\(name)' (choose from \(allCases.map(\.rawValue).joined(separator: ", ")))")
+    /// The types a LoRA GGUF may use (llama.cpp's convert_lora_to_gguf.py's).
+    public static let adapterTypes: [GGUFExportType] = [.f32, .f16, .bf16, .q8_0]
+
+    /// Parses a `--type` for the model export, or for the adapter export when `adapter` is true.
+    public static func parse(_ name: String, adapter: Bool = false) throws -> GGUFExportType {
+        let allowed = adapter ? adapterTypes : allCases
+        guard let t = GGUFExportType(rawValue: name.lowercased()), allowed.contains(t) else {
+            let format = adapter ? "--format gguf-lora" : "--format gguf"
+            throw UsageError("--type: '\(name)' is not a type of \(format) (choose from \(allowed.map(\.rawValue).joined(separator: ", ")))")
         }
         return t
     }
@@ -49,23 +59,50 @@ public enum GGUFExportType: String, CaseIterable, Sendable {
     /// llama.cpp's `general.file_type` (enum llama_ftype).
     public var fileType: UInt32 {
         switch self {
+        case .f32: return 0
         case .f16: return 1
         case .q4_0: return 2
         case .q8_0: return 7
-        case .bf16: return 32
+        case .q4_k_m: return 15
+        case .q5_k_m: return 17
         case .q6_k: return 18
+        case .bf16: return 32
         }
     }
 
-    /// The type of the bulk of the weights.
+    /// The type of the bulk of the weights (llama.cpp's `llama_ftype_get_default_type`).
     public var weightType: GGMLType {
         switch self {
+        case .f32: return .f32
         case .f16: return .f16
         case .bf16: return .bf16
         case .q8_0: return .q8_0
         case .q4_0: return .q4_0
+        case .q4_k_m: return .q4_K
+        case .q5_k_m: return .q5_K
         case .q6_k: return .q6_K
         }
+    }
+}
+
+/// What llama-quantize's choice of a tensor's type reads of the model besides the tensor's name and shape.
+public struct GGUFTypeContext: Sendable {
+    /// Layers (llama.cpp's n_attention_wv and n_ffn_down: one attn_v and one ffn_down per layer here).
+    public var layerCount: Int
+    /// No output.weight: token_embd.weight is also the output matrix and is typed as one.
+    public var tiedEmbeddings: Bool
+    /// llama.cpp's LLM_TYPE_70B: 80 layers, and for llama fewer key/value heads than query heads.
+    public var is70B: Bool
+
+    public init(layerCount: Int, tiedEmbeddings: Bool, is70B: Bool = false) {
+        self.layerCount = layerCount
+        self.tiedEmbeddings = tiedEmbeddings
+        self.is70B = is70B
+    }
+
+    public init(config: DecoderConfig, architecture: String, tiedEmbeddings: Bool) {
+        let is70B = config.layerCount == 80 && (architecture == "qwen2" || config.kvHeadCount != config.headCount)
+        self.init(layerCount: config.layerCount, tiedEmbeddings: tiedEmbeddings, is70B: is70B)
     }
 }
 
@@ -91,16 +128,42 @@ public enum GGUFExporter {
     }
 
     /// The ggml type llama.cpp gives a tensor of `dimensions` (ggml order) in an export of `type` (see the header).
-    public static func tensorType(name: String, dimensions: [Int], type: GGUFExportType, tiedEmbeddings: Bool) -> GGMLType {
+    public static func tensorType(name: String, dimensions: [Int], type: GGUFExportType, context: GGUFTypeContext) -> GGMLType {
         if dimensions.count < 2 || name.hasSuffix("_norm.weight") || !name.hasSuffix(".weight") || name == "rope_freqs.weight" { return .f32 }
-        var chosen = type.weightType
-        if type == .q4_0 && (name == "output.weight" || (tiedEmbeddings && name == "token_embd.weight")) {
-            chosen = dimensions[0] % 256 == 0 ? .q6_K : .q8_0
+        let bulk = type.weightType
+        guard bulk.blockSize > 1 else { return bulk }  // f32, f16, bf16: the converter's one type
+        var chosen = bulk
+        let mixture = type == .q4_k_m || type == .q5_k_m
+        if name == "output.weight" || (context.tiedEmbeddings && name == "token_embd.weight") {
+            chosen = bulk == .q8_0 ? .q8_0 : .q6_K
+        } else if name.hasSuffix(".attn_v.weight") {
+            if mixture, let layer = layerIndex(name), useMoreBits(layer, context.layerCount) { chosen = .q6_K }
+            if context.is70B && chosen == .q4_K { chosen = .q5_K }
+        } else if name.hasSuffix(".ffn_down.weight") {
+            if mixture, let layer = layerIndex(name), useMoreBits(layer, context.layerCount) { chosen = .q6_K }
         }
-        // llama-quantize's fallback for rows its type cannot split into blocks: Q6_K → Q8_0, then F16.
-        if chosen == .q6_K && dimensions[0] % 256 != 0 { chosen = .q8_0 }
-        if dimensions[0] % chosen.blockSize != 0 { chosen = .f16 }
+        // llama-quantize's fallback for rows its type cannot split into blocks, then F16.
+        if dimensions[0] % chosen.blockSize != 0 {
+            switch chosen {
+            case .q4_K: chosen = .q5_0
+            case .q5_K: chosen = .q5_1
+            case .q6_K: chosen = .q8_0
+            default: break
+            }
+            if dimensions[0] % chosen.blockSize != 0 { chosen = .f16 }
+        }
         return chosen
+    }
+
+    /// llama-quantize's `use_more_bits`: the first and last eighth of the layers and every third one between.
+    static func useMoreBits(_ layer: Int, _ layers: Int) -> Bool {
+        layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2
+    }
+
+    /// N of a "blk.N." tensor name.
+    static func layerIndex(_ name: String) -> Int? {
+        guard name.hasPrefix("blk.") else { return nil }
+        return Int(name.dropFirst(4).prefix { $0 != "." })
     }
 
     /// Writes `model` (with its adapters merged: W + scale·B·A in fp32, from the weights the model holds) to `path` as
@@ -126,7 +189,7 @@ public enum GGUFExporter {
         plan.append(("token_embd.weight", [embedding.columns, embedding.rows], { Array(embedding.storage) }))
         for (l, block) in model.blocks.enumerated() {
             let p = "blk.\(l)."
-            let inputNorm = block.inputNorm, postNorm = block.postAttentionNorm
+            let inputNorm = block.inputNorm, postNorm = block.mlpInputNorm
             plan.append((p + "attn_norm.weight", [inputNorm.count], { inputNorm }))
             for (layer, short) in zip(block.linears, linearNames) {
                 if layer.lora != nil { merged += 1 }
@@ -155,7 +218,8 @@ public enum GGUFExporter {
             plan.append(("output.weight", [head.columns, head.rows], { Array(head.storage) }))
         }
 
-        let types = plan.map { tensorType(name: $0.name, dimensions: $0.dimensions, type: type, tiedEmbeddings: tied) }
+        let context = GGUFTypeContext(config: config, architecture: arch, tiedEmbeddings: tied)
+        let types = plan.map { tensorType(name: $0.name, dimensions: $0.dimensions, type: type, context: context) }
         let parameters = plan.reduce(0) { $0 + $1.dimensions.reduce(1, *) }
         var metadata = try modelMetadata(config: config, architecture: arch, type: type,
                                          name: name ?? lastPathComponent(directory), parameterCount: parameters)

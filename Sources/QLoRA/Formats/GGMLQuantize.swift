@@ -16,12 +16,26 @@
 //  the group scales become int8 min(127, round(scale / d)), and each x gets l = clamp(round(x / (d·scale_j)), −32, 31) + 32.
 //  Bytes: ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8), d (f16): element j + l + 32·k of each
 //  128-element half goes to the low/high nibble of ql[l + 32·(k & 1)] (k < 2 low) and to bits 2k..2k+1 of qh[l].
+//
+// Q4_K and Q5_K (blocks of 256 in 8 sub-blocks of 32, ggml's `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref`):
+//  each sub-block gets a scale s and a minimum m (x ≈ s·l − m, l in 0…nmax, nmax 15 or 31) from `make_qkx2_quants`:
+//  weights w = sqrt(Σx²/32) + |x|; start from min(x, 0) and iscale = nmax / (max − min), then for is in 0…nstep try
+//  iscale = (rmin + 0.1·is + nmax) / (max − min) (rmin −1, nstep 20 for Q4_K; −0.5, 15 for Q5_K), fit s and min to
+//  those levels by weighted least squares (min clipped to ≤ 0) and keep the fit of least Σ w·(s·l + min − x)².
+//  The block stores d = max s / 63 and dmin = max m / 63 (f16) and each sub-block's 6-bit round(63·s / max s) and
+//  round(63·m / max m); the levels are then recomputed against the stored scales: l = round((x + dmin·m6) / (d·s6)).
+//  Scales bytes (get_scale_min_k4): sub-block j < 4 has scale = scales[j] & 63, min = scales[j + 4] & 63; j ≥ 4 has
+//  scale = scales[j + 4] & 15 | (scales[j − 4] >> 6) << 4, min = scales[j + 4] >> 4 | (scales[j] >> 6) << 4.
+//  Levels: element l + 64·c (l < 32) in the low nibble of qs[32·c + l], element l + 32 + 64·c in its high nibble;
+//  Q5_K's fifth bits go to qh[l], bit 2c for the first and 2c + 1 for the second.
+//  Layout Q4_K: d, dmin, scales[12], qs[128]; Q5_K: d, dmin, scales[12], qh[32], qs[128].
+//  Rounding is ggml's `nearest_int` (add 1.5·2^23 and read the mantissa), so the bytes match in every case.
 
 extension GGMLType {
     /// Whether `quantize` handles this type.
     public var canQuantize: Bool {
         switch self {
-        case .f32, .f16, .bf16, .q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q6_K: return true
+        case .f32, .f16, .bf16, .q8_0, .q4_0, .q4_1, .q5_0, .q5_1, .q4_K, .q5_K, .q6_K: return true
         default: return false
         }
     }
@@ -37,10 +51,11 @@ extension GGMLType {
                 case .f32: for i in 0..<x.count { y.storeBytes(of: x[i].bitPattern.littleEndian, toByteOffset: 4 * i, as: UInt32.self) }
                 case .f16: for i in 0..<x.count { y.storeBytes(of: floatToF16(x[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
                 case .bf16: for i in 0..<x.count { y.storeBytes(of: floatToBF16(x[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
-                case .q6_K:
+                case .q4_K, .q5_K, .q6_K:
                     for b in 0..<(x.count / 256) {
-                        Self.quantizeQ6_K(UnsafeBufferPointer(rebasing: x[(256 * b)..<(256 * b + 256)]),
-                                          UnsafeMutableRawBufferPointer(rebasing: y[(blockBytes * b)..<(blockBytes * (b + 1))]))
+                        let block = UnsafeBufferPointer(rebasing: x[(256 * b)..<(256 * b + 256)])
+                        let dst = UnsafeMutableRawBufferPointer(rebasing: y[(blockBytes * b)..<(blockBytes * (b + 1))])
+                        if self == .q6_K { Self.quantizeQ6_K(block, dst) } else { Self.quantizeQ45_K(block, dst, bits5: self == .q5_K) }
                     }
                 default:
                     for b in 0..<(x.count / 32) {
@@ -176,6 +191,135 @@ extension GGMLType {
                 y[ql + l] = UInt8(q1 & 0xF) | UInt8(q3 & 0xF) << 4
                 y[ql + l + 32] = UInt8(q2 & 0xF) | UInt8(q4 & 0xF) << 4
                 y[qh + l] = UInt8(q1 >> 4) | UInt8(q2 >> 4) << 2 | UInt8(q3 >> 4) << 4 | UInt8(q4 >> 4) << 6
+            }
+        }
+    }
+
+    /// ggml's `nearest_int` bit for bit: the float addition of 1.5·2^23 rounds to an integer (half to even) and the
+    /// mantissa holds it; values beyond ±2^22 (which ggml asserts away) give ggml's bits too, not a trap.
+    private static func ggmlNearestInt(_ v: Float) -> Int {
+        Int(Int32(bitPattern: (v + 12_582_912).bitPattern & 0x007F_FFFF) - 0x0040_0000)
+    }
+
+    /// ggml's `make_qkx2_quants` (use_mad false) over the 32 values at `x`: writes the levels (0…nmax) into
+    /// `levels[offset...]` and returns the scale and the minimum (as −min ≥ 0, ggml's `the_min`).
+    private static func makeQKX2Quants(_ x: UnsafeBufferPointer<Float>, weights w: [Float], nmax: Int, rmin: Float, rdelta: Float,
+                                       nstep: Int, levels: inout [Int], offset: Int) -> (scale: Float, min: Float) {
+        let n = x.count
+        var lo = x[0], hi = x[0]
+        var sumW = w[0], sumX = w[0] * x[0]
+        for i in 1..<n {
+            if x[i] < lo { lo = x[i] }
+            if x[i] > hi { hi = x[i] }
+            sumW += w[i]
+            sumX += w[i] * x[i]
+        }
+        if lo > 0 { lo = 0 }
+        if hi == lo {
+            for i in 0..<n { levels[offset + i] = 0 }
+            return (0, -lo)
+        }
+        var iscale = Float(nmax) / (hi - lo)
+        var scale = 1 / iscale
+        var bestError: Float = 0
+        for i in 0..<n {
+            let l = Swift.max(0, Swift.min(nmax, ggmlNearestInt(iscale * (x[i] - lo))))
+            levels[offset + i] = l
+            let diff = scale * Float(l) + lo - x[i]
+            bestError += w[i] * (diff * diff)
+        }
+        var trial = [Int](repeating: 0, count: n)
+        for step in 0...nstep {
+            iscale = (rmin + rdelta * Float(step) + Float(nmax)) / (hi - lo)
+            var sumL: Float = 0, sumL2: Float = 0, sumXL: Float = 0
+            for i in 0..<n {
+                let l = Swift.max(0, Swift.min(nmax, ggmlNearestInt(iscale * (x[i] - lo))))
+                trial[i] = l
+                let wl = w[i] * Float(l)
+                sumL += wl
+                sumL2 += wl * Float(l)
+                sumXL += wl * x[i]
+            }
+            let det = sumW * sumL2 - sumL * sumL
+            guard det > 0 else { continue }
+            var thisScale = (sumW * sumXL - sumX * sumL) / det
+            var thisMin = (sumL2 * sumX - sumL * sumXL) / det
+            if thisMin > 0 {
+                thisMin = 0
+                thisScale = sumXL / sumL2
+            }
+            var error: Float = 0
+            for i in 0..<n {
+                let diff = thisScale * Float(trial[i]) + thisMin - x[i]
+                error += w[i] * (diff * diff)
+            }
+            if error < bestError {
+                for i in 0..<n { levels[offset + i] = trial[i] }
+                bestError = error
+                scale = thisScale
+                lo = thisMin
+            }
+        }
+        return (scale, -lo)
+    }
+
+    /// One Q4_K or Q5_K block of 256 (see the header).
+    private static func quantizeQ45_K(_ x: UnsafeBufferPointer<Float>, _ y: UnsafeMutableRawBufferPointer, bits5: Bool) {
+        let nmax = bits5 ? 31 : 15
+        var levels = [Int](repeating: 0, count: 256)
+        var scales = [Float](repeating: 0, count: 8), mins = [Float](repeating: 0, count: 8)
+        var weights = [Float](repeating: 0, count: 32)
+        var maxScale: Float = 0, maxMin: Float = 0
+        for j in 0..<8 {
+            let sub = UnsafeBufferPointer(rebasing: x[(32 * j)..<(32 * j + 32)])
+            var sumX2: Float = 0
+            for v in sub { sumX2 += v * v }
+            let average = (sumX2 / 32).squareRoot()
+            for l in 0..<32 { weights[l] = average + abs(sub[l]) }
+            (scales[j], mins[j]) = makeQKX2Quants(sub, weights: weights, nmax: nmax, rmin: bits5 ? -0.5 : -1, rdelta: 0.1,
+                                                   nstep: bits5 ? 15 : 20, levels: &levels, offset: 32 * j)
+            if scales[j] > maxScale { maxScale = scales[j] }
+            if mins[j] > maxMin { maxMin = mins[j] }
+        }
+        let inverseScale: Float = maxScale > 0 ? 63 / maxScale : 0
+        let inverseMin: Float = maxMin > 0 ? 63 / maxMin : 0
+        var packed = [UInt8](repeating: 0, count: 12)
+        var scale6 = [UInt8](repeating: 0, count: 8), min6 = [UInt8](repeating: 0, count: 8)
+        for j in 0..<8 {
+            // ggml stores nearest_int's int in a uint8_t (mod 256) before clamping to 63.
+            let ls = Swift.min(63, UInt8(truncatingIfNeeded: ggmlNearestInt(inverseScale * scales[j])))
+            let lm = Swift.min(63, UInt8(truncatingIfNeeded: ggmlNearestInt(inverseMin * mins[j])))
+            scale6[j] = ls
+            min6[j] = lm
+            if j < 4 {
+                packed[j] = ls
+                packed[j + 4] = lm
+            } else {
+                packed[j + 4] = (ls & 0xF) | (lm & 0xF) << 4
+                packed[j - 4] |= (ls >> 4) << 6
+                packed[j] |= (lm >> 4) << 6
+            }
+        }
+        let dBits = floatToF16(maxScale / 63), dminBits = floatToF16(maxMin / 63)
+        y.storeBytes(of: dBits.littleEndian, toByteOffset: 0, as: UInt16.self)
+        y.storeBytes(of: dminBits.littleEndian, toByteOffset: 2, as: UInt16.self)
+        for i in 0..<12 { y[4 + i] = packed[i] }
+        let d = f16ToFloat(dBits), dmin = f16ToFloat(dminBits)
+        for j in 0..<8 {
+            let dj = d * Float(scale6[j])
+            if dj == 0 { continue }  // the sub-block keeps make_qkx2_quants' levels
+            let mj = dmin * Float(min6[j])
+            for i in 0..<32 { levels[32 * j + i] = Swift.max(0, Swift.min(nmax, ggmlNearestInt((x[32 * j + i] + mj) / dj))) }
+        }
+        let qs = bits5 ? 48 : 16
+        if bits5 { for i in 0..<32 { y[16 + i] = 0 } }
+        for c in 0..<4 {
+            for l in 0..<32 {
+                let low = levels[64 * c + l], high = levels[64 * c + l + 32]
+                y[qs + 32 * c + l] = UInt8(low & 0xF) | UInt8(high & 0xF) << 4
+                if bits5 {
+                    y[16 + l] |= UInt8(low >> 4) << UInt8(2 * c) | UInt8(high >> 4) << UInt8(2 * c + 1)
+                }
             }
         }
     }

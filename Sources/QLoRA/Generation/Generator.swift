@@ -18,7 +18,6 @@ public enum Generator {
         guard capacity <= model.config.maxPositionEmbeddings else {
             throw UsageError("prompt (\(prompt.count) tokens) + max tokens (\(maxTokens)) exceed the model's \(model.config.maxPositionEmbeddings) positions")
         }
-        try model.config.checkSequenceLength(capacity, what: "prompt (\(prompt.count) tokens) + max tokens (\(maxTokens))")
         return try generate(session: CPUInferenceSession(model: model, capacity: capacity), prompt: prompt, maxTokens: maxTokens,
                             sampling: sampling, stopIDs: stopIDs, onToken: onToken)
     }

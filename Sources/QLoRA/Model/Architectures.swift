@@ -64,13 +64,13 @@ extension DecoderModel {
         let blocks = (0..<c.layerCount).map { l -> DecoderBlock in
             let p = "model.layers.\(l)."
             if c.fusedProjections {
-                return DecoderBlock(inputNorm: ones, postAttentionNorm: ones,
+                return DecoderBlock(inputNorm: ones, mlpInputNorm: ones,
                                     qkv: linear(p + "self_attn.qkv_proj", c.qDim + 2 * c.kvDim, c.hiddenSize),
                                     o: linear(p + "self_attn.o_proj", c.hiddenSize, c.qDim),
                                     gateUp: linear(p + "mlp.gate_up_proj", 2 * c.intermediateSize, c.hiddenSize),
                                     down: linear(p + "mlp.down_proj", c.hiddenSize, c.intermediateSize))
             }
-            return DecoderBlock(inputNorm: ones, postAttentionNorm: ones,
+            return DecoderBlock(inputNorm: ones, mlpInputNorm: ones,
                               q: linear(p + "self_attn.q_proj", c.qDim, c.hiddenSize), k: linear(p + "self_attn.k_proj", c.kvDim, c.hiddenSize),
                               v: linear(p + "self_attn.v_proj", c.kvDim, c.hiddenSize), o: linear(p + "self_attn.o_proj", c.hiddenSize, c.qDim),
                               gate: linear(p + "mlp.gate_proj", c.intermediateSize, c.hiddenSize), up: linear(p + "mlp.up_proj", c.intermediateSize, c.hiddenSize),

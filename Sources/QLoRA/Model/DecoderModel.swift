@@ -1,16 +1,28 @@
-// The Llama-family decoder on the CPU: embedding → N × (RMSNorm, attention, RMSNorm, SwiGLU MLP) → RMSNorm → head.
+// The decoder on the CPU: embedding → N × block → RMSNorm → head, with the variations DecoderConfig describes.
 //
-// Block, as transformers' LlamaDecoderLayer computes it:
-//   h = x + o_proj(attention(rope(q_proj(norm1(x))), rope(k_proj(norm1(x))), v_proj(norm1(x))))
-//   y = h + down_proj(silu(gate_proj(norm2(h))) * up_proj(norm2(h)))
-// Phi-3 fuses the input projections: q | k | v = qkv_proj(norm1(x)) and gate | up = gate_up_proj(norm2(h)), split by
+// Block, as transformers' LlamaDecoderLayer computes it (and Gemma2/Gemma3/Qwen3DecoderLayer, in brackets):
+//   a = attention(rope([q_norm](q_proj(n1(x)))), rope([k_norm](k_proj(n1(x)))), v_proj(n1(x)))
+//   h = x + [attention-output norm](o_proj(a))
+//   y = h + [MLP-output norm](down_proj(act(gate_proj(n2(h))) * up_proj(n2(h))))
+// n1 is `input_layernorm`; n2 is Llama's `post_attention_layernorm` and Gemma's `pre_feedforward_layernorm`
+// (Gemma's `post_attention_layernorm` is the attention-output norm, its `post_feedforward_layernorm` the MLP's).
+// Phi-3 fuses the input projections: q | k | v = qkv_proj(n1(x)) and gate | up = gate_up_proj(n2(h)), split by
 // columns in that order; rope rotates only the first rotaryDim dimensions of each head (partial rotary), with longrope's
 // short or long factors.
 
-/// One decoder block's weights.
+/// One decoder block's weights. Norm weights are kept as stored (Gemma's are the w of x·(1 + w)).
 public final class DecoderBlock: @unchecked Sendable {
+    /// `input_layernorm`: before attention.
     public let inputNorm: [Float]
-    public let postAttentionNorm: [Float]
+    /// Before the MLP: Llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`.
+    public let mlpInputNorm: [Float]
+    /// Gemma's sandwich norms: on the attention output (its `post_attention_layernorm`) and on the MLP output
+    /// (`post_feedforward_layernorm`); nil elsewhere.
+    public let attentionOutputNorm: [Float]?
+    public let mlpOutputNorm: [Float]?
+    /// Per-head RMSNorm of q and k before RoPE (`self_attn.q_norm`, `self_attn.k_norm`), [head_dim]; nil elsewhere.
+    public let qNorm: [Float]?
+    public let kNorm: [Float]?
     /// The linears whose outputs, side by side, are q | k | v: q_proj, k_proj and v_proj, or Phi-3's one qkv_proj.
     public let attentionInput: [Linear]
     public let o: Linear
@@ -18,42 +30,60 @@ public final class DecoderBlock: @unchecked Sendable {
     public let mlpInput: [Linear]
     public let down: Linear
 
-    /// A block with separate q, k, v, gate and up projections (Llama, Mistral, Qwen2).
-    public init(inputNorm: [Float], postAttentionNorm: [Float], q: Linear, k: Linear, v: Linear, o: Linear, gate: Linear, up: Linear, down: Linear) {
-        self.inputNorm = inputNorm
-        self.postAttentionNorm = postAttentionNorm
-        attentionInput = [q, k, v]
-        self.o = o
-        mlpInput = [gate, up]
-        self.down = down
+    /// A block with separate q, k, v, gate and up projections (Llama, Mistral, Qwen, Gemma).
+    public convenience init(inputNorm: [Float], mlpInputNorm: [Float], attentionOutputNorm: [Float]? = nil, mlpOutputNorm: [Float]? = nil,
+                            qNorm: [Float]? = nil, kNorm: [Float]? = nil,
+                            q: Linear, k: Linear, v: Linear, o: Linear, gate: Linear, up: Linear, down: Linear) {
+        self.init(inputNorm: inputNorm, mlpInputNorm: mlpInputNorm, attentionOutputNorm: attentionOutputNorm, mlpOutputNorm: mlpOutputNorm,
+                  qNorm: qNorm, kNorm: kNorm, attentionInput: [q, k, v], o: o, mlpInput: [gate, up], down: down)
     }
 
     /// A block with Phi-3's fused projections: `qkv` [q + 2·kv, H] and `gateUp` [2·I, H].
-    public init(inputNorm: [Float], postAttentionNorm: [Float], qkv: Linear, o: Linear, gateUp: Linear, down: Linear) {
+    public convenience init(inputNorm: [Float], mlpInputNorm: [Float], qkv: Linear, o: Linear, gateUp: Linear, down: Linear) {
+        self.init(inputNorm: inputNorm, mlpInputNorm: mlpInputNorm, attentionOutputNorm: nil, mlpOutputNorm: nil,
+                  qNorm: nil, kNorm: nil, attentionInput: [qkv], o: o, mlpInput: [gateUp], down: down)
+    }
+
+    init(inputNorm: [Float], mlpInputNorm: [Float], attentionOutputNorm: [Float]?, mlpOutputNorm: [Float]?,
+         qNorm: [Float]?, kNorm: [Float]?, attentionInput: [Linear], o: Linear, mlpInput: [Linear], down: Linear) {
+        precondition(attentionInput.count == 1 || attentionInput.count == 3, "q | k | v come from one fused linear or three")
+        precondition(mlpInput.count == 1 || mlpInput.count == 2, "gate | up come from one fused linear or two")
         self.inputNorm = inputNorm
-        self.postAttentionNorm = postAttentionNorm
-        attentionInput = [qkv]
+        self.mlpInputNorm = mlpInputNorm
+        self.attentionOutputNorm = attentionOutputNorm
+        self.mlpOutputNorm = mlpOutputNorm
+        self.qNorm = qNorm
+        self.kNorm = kNorm
+        self.attentionInput = attentionInput
         self.o = o
-        mlpInput = [gateUp]
+        self.mlpInput = mlpInput
         self.down = down
     }
 
-    /// The separate projections of a Llama-layout block. A fused (Phi-3) block has none of them: code that handles
-    /// both reads `attentionInput` and `mlpInput`; code that handles only the separate layout refuses fused models first.
-    public var q: Linear { separate(attentionInput, 0, "q_proj") }
-    public var k: Linear { separate(attentionInput, 1, "k_proj") }
-    public var v: Linear { separate(attentionInput, 2, "v_proj") }
-    public var gate: Linear { separate(mlpInput, 0, "gate_proj") }
-    public var up: Linear { separate(mlpInput, 1, "up_proj") }
-
-    private func separate(_ group: [Linear], _ i: Int, _ name: String) -> Linear {
-        precondition(group.count > 1, "\(name) asked of a block with fused projections (\(group[0].name))")
-        return group[i]
-    }
+    /// The separate projections of a Llama-layout block; nil on a fused (Phi-3) block, whose code reads
+    /// `attentionInput` and `mlpInput`.
+    public var q: Linear? { attentionInput.count == 3 ? attentionInput[0] : nil }
+    public var k: Linear? { attentionInput.count == 3 ? attentionInput[1] : nil }
+    public var v: Linear? { attentionInput.count == 3 ? attentionInput[2] : nil }
+    public var gate: Linear? { mlpInput.count == 2 ? mlpInput[0] : nil }
+    public var up: Linear? { mlpInput.count == 2 ? mlpInput[1] : nil }
 
     /// Every projection: q, k, v, o, gate, up, down (the seven of a Llama block, in the order PEFT lists them), or
     /// Phi-3's qkv, o, gate_up, down.
     public var linears: [Linear] { attentionInput + [o] + mlpInput + [down] }
+
+    /// Each norm weight with its tensor name within the layer (`input_layernorm.weight`, ...), in the family's naming.
+    public func namedNorms(sandwich: Bool) -> [(String, [Float])] {
+        var norms: [(String, [Float])] = [("input_layernorm.weight", inputNorm)]
+        if sandwich, let attentionOutputNorm, let mlpOutputNorm {
+            norms += [("post_attention_layernorm.weight", attentionOutputNorm), ("pre_feedforward_layernorm.weight", mlpInputNorm),
+                      ("post_feedforward_layernorm.weight", mlpOutputNorm)]
+        } else {
+            norms.append(("post_attention_layernorm.weight", mlpInputNorm))
+        }
+        if let qNorm, let kNorm { norms += [("self_attn.q_norm.weight", qNorm), ("self_attn.k_norm.weight", kNorm)] }
+        return norms
+    }
 
     /// Runs a projection group (`attentionInput` or `mlpInput`) on x [rows, in] into `parts` ([rows, width] each):
     /// separate linears write their own part; a fused one writes all parts side by side, which are then split.
@@ -100,7 +130,7 @@ extension SafeTensorsCheckpoint: BaseWeightSource {
     }
 }
 
-/// A Llama-family (or Phi-3) model with its weights in fp32 on the CPU.
+/// A decoder-only model with its weights in fp32 on the CPU.
 public final class DecoderModel: @unchecked Sendable {
     public let config: DecoderConfig
     public let embedding: Matrix          // [vocab, H]
@@ -108,7 +138,9 @@ public final class DecoderModel: @unchecked Sendable {
     public let finalNorm: [Float]         // [H]
     /// The output head, [vocab, H]; the embedding itself when tied.
     public let head: Matrix
+    /// cos/sin of the full-attention layers' RoPE, and of the sliding layers' when it differs (Gemma 3).
     public let rope: RopeTable
+    let slidingRope: RopeTable?
 
     public init(config: DecoderConfig, embedding: Matrix, blocks: [DecoderBlock], finalNorm: [Float], head: Matrix) {
         self.config = config
@@ -116,7 +148,21 @@ public final class DecoderModel: @unchecked Sendable {
         self.blocks = blocks
         self.finalNorm = finalNorm
         self.head = head
-        rope = RopeTable(config: config, positions: min(config.maxPositionEmbeddings, 4096))
+        let positions = min(config.maxPositionEmbeddings, 4096)
+        rope = RopeTable(config: config, positions: positions)
+        slidingRope = config.slidingRope.map { RopeTable(config: config, rope: $0, positions: positions) }
+    }
+
+    /// The RoPE table of layer `l`.
+    func ropeTable(layer l: Int) -> RopeTable {
+        if let slidingRope, case .sliding = config.layerAttention[l] { return slidingRope }
+        return rope
+    }
+
+    /// Makes room for positions < `count` in every RoPE table.
+    func growRope(to count: Int) {
+        rope.grow(to: count)
+        slidingRope?.grow(to: count)
     }
 
     /// Loads the weights named as transformers names them from `source`, checking each against the
@@ -125,14 +171,21 @@ public final class DecoderModel: @unchecked Sendable {
     public convenience init(config: DecoderConfig, weights source: BaseWeightSource) throws {
         let c = config
         let expected = Self.tensorShapes(config: c)
+        /// The name the checkpoint holds a module tensor under (Gemma 3 multimodal files use an older layout).
+        func stored(_ name: String) -> String {
+            if source.contains(name) { return name }
+            let alternative = c.checkpointName(name)
+            return source.contains(alternative) ? alternative : name
+        }
         func tensor(_ name: String) throws -> [Float] {
             let shape = expected[name]!
-            guard source.contains(name) else {
+            let file = stored(name)
+            guard source.contains(file) else {
                 throw FileFormatError(file: source.origin, place: "tensor '\(name)'", "missing: config.json describes a model that needs it (shape \(shape))")
             }
-            let (values, actual) = try source.tensor(name)
+            let (values, actual) = try source.tensor(file)
             guard actual == shape else {
-                throw FileFormatError(file: source.origin, place: "tensor '\(name)'", "shape \(actual), expected \(shape) from config.json")
+                throw FileFormatError(file: source.origin, place: "tensor '\(file)'", "shape \(actual), expected \(shape) from config.json")
             }
             return values
         }
@@ -143,9 +196,9 @@ public final class DecoderModel: @unchecked Sendable {
         func linear(_ module: String) throws -> Linear {
             let name = module + ".weight"
             let weight: FrozenWeight
-            if let q = try source.quantizedWeight(name) {
+            if let q = try source.quantizedWeight(stored(name)) {
                 guard q.shape == expected[name]! else {
-                    throw FileFormatError(file: source.origin, place: "tensor '\(name)'", "shape \(q.shape), expected \(expected[name]!) from config.json")
+                    throw FileFormatError(file: source.origin, place: "tensor '\(stored(name))'", "shape \(q.shape), expected \(expected[name]!) from config.json")
                 }
                 weight = try FrozenWeight(quantized: q)
             } else {
@@ -154,46 +207,57 @@ public final class DecoderModel: @unchecked Sendable {
             let bias = module + ".bias"
             return Linear(name: module, weight: weight, bias: expected[bias] != nil ? try tensor(bias) : nil)
         }
-        let embedding = try matrix("model.embed_tokens.weight")
+        let embedding = try matrix(c.modulePrefix + "embed_tokens.weight")
         var blocks: [DecoderBlock] = []
         for l in 0..<c.layerCount {
-            let p = "model.layers.\(l)."
-            let inputNorm = try tensor(p + "input_layernorm.weight"), postAttentionNorm = try tensor(p + "post_attention_layernorm.weight")
+            let p = c.layerPrefix(l)
+            let sandwich = c.sandwichNorms
+            let inputNorm = try tensor(p + "input_layernorm.weight")
+            let mlpInputNorm = try tensor(p + (sandwich ? "pre_feedforward_layernorm.weight" : "post_attention_layernorm.weight"))
             if c.fusedProjections {
                 blocks.append(DecoderBlock(
-                    inputNorm: inputNorm, postAttentionNorm: postAttentionNorm,
+                    inputNorm: inputNorm, mlpInputNorm: mlpInputNorm,
                     qkv: try linear(p + "self_attn.qkv_proj"), o: try linear(p + "self_attn.o_proj"),
                     gateUp: try linear(p + "mlp.gate_up_proj"), down: try linear(p + "mlp.down_proj")))
-            } else {
-                blocks.append(DecoderBlock(
-                    inputNorm: inputNorm, postAttentionNorm: postAttentionNorm,
-                    q: try linear(p + "self_attn.q_proj"), k: try linear(p + "self_attn.k_proj"),
-                    v: try linear(p + "self_attn.v_proj"), o: try linear(p + "self_attn.o_proj"),
-                    gate: try linear(p + "mlp.gate_proj"), up: try linear(p + "mlp.up_proj"), down: try linear(p + "mlp.down_proj")))
+                continue
             }
+            blocks.append(DecoderBlock(
+                inputNorm: inputNorm, mlpInputNorm: mlpInputNorm,
+                attentionOutputNorm: sandwich ? try tensor(p + "post_attention_layernorm.weight") : nil,
+                mlpOutputNorm: sandwich ? try tensor(p + "post_feedforward_layernorm.weight") : nil,
+                qNorm: c.qkNorm ? try tensor(p + "self_attn.q_norm.weight") : nil,
+                kNorm: c.qkNorm ? try tensor(p + "self_attn.k_norm.weight") : nil,
+                q: try linear(p + "self_attn.q_proj"), k: try linear(p + "self_attn.k_proj"),
+                v: try linear(p + "self_attn.v_proj"), o: try linear(p + "self_attn.o_proj"),
+                gate: try linear(p + "mlp.gate_proj"), up: try linear(p + "mlp.up_proj"), down: try linear(p + "mlp.down_proj")))
         }
-        let finalNorm = try tensor("model.norm.weight")
+        let finalNorm = try tensor(c.modulePrefix + "norm.weight")
         let head: Matrix
         if c.tieWordEmbeddings {
             head = embedding
-        } else if source.contains("lm_head.weight") {
+        } else if source.contains(stored("lm_head.weight")) {
             head = try matrix("lm_head.weight")
         } else {
-            throw FileFormatError(file: source.origin, place: "tensor 'lm_head.weight'",
+            throw FileFormatError(file: source.origin, place: "tensor '\(c.headTensorName)'",
                                   "missing, and config.json has tie_word_embeddings false (set it to true if the head is the embedding)")
         }
         try Self.checkNoTensorIsLeftOver(source, expected: expected, config: c)
         self.init(config: c, embedding: embedding, blocks: blocks, finalNorm: finalNorm, head: head)
     }
 
-    /// Every tensor a model of `config` reads, with its shape, by transformers' name.
+    /// Every tensor a model of `config` reads, with its shape, by its module path as transformers names it
+    /// (`DecoderConfig.checkpointName` gives the name in an older file layout).
     public static func tensorShapes(config c: DecoderConfig) -> [String: [Int]] {
-        var shapes: [String: [Int]] = ["model.embed_tokens.weight": [c.vocabularySize, c.hiddenSize], "model.norm.weight": [c.hiddenSize]]
+        var shapes: [String: [Int]] = [c.modulePrefix + "embed_tokens.weight": [c.vocabularySize, c.hiddenSize],
+                                       c.modulePrefix + "norm.weight": [c.hiddenSize]]
         if !c.tieWordEmbeddings { shapes["lm_head.weight"] = [c.vocabularySize, c.hiddenSize] }
         for l in 0..<c.layerCount {
-            let p = "model.layers.\(l)."
-            shapes[p + "input_layernorm.weight"] = [c.hiddenSize]
-            shapes[p + "post_attention_layernorm.weight"] = [c.hiddenSize]
+            let p = c.layerPrefix(l)
+            for norm in c.normTensorNames { shapes[p + norm] = [c.hiddenSize] }
+            if c.qkNorm {
+                shapes[p + "self_attn.q_norm.weight"] = [c.headDim]
+                shapes[p + "self_attn.k_norm.weight"] = [c.headDim]
+            }
             if c.fusedProjections {
                 shapes[p + "self_attn.qkv_proj.weight"] = [c.qDim + 2 * c.kvDim, c.hiddenSize]
                 shapes[p + "self_attn.o_proj.weight"] = [c.hiddenSize, c.qDim]
@@ -213,11 +277,15 @@ public final class DecoderModel: @unchecked Sendable {
     }
 
     /// A tensor the model does not read means config.json and the weights disagree (transformers would
-    /// only warn); the few that carry nothing are allowed: a tied head's copy, old rotary caches.
+    /// only warn); the few that carry nothing are allowed: a tied head's copy, old rotary caches, and a
+    /// multimodal checkpoint's vision tower and projector (only its text model is used).
     static func checkNoTensorIsLeftOver(_ source: BaseWeightSource, expected: [String: [Int]], config c: DecoderConfig) throws {
-        for name in source.tensorNames where expected[name] == nil {
+        for stored in source.tensorNames {
+            let name = c.moduleName(ofCheckpointTensor: stored)
+            if expected[name] != nil { continue }
             if name == "lm_head.weight" && c.tieWordEmbeddings { continue }
             if name.hasSuffix(".rotary_emb.inv_freq") { continue }
+            if c.modulePrefix != "model.", c.isOutsideTextModel(stored) { continue }
             let why: String
             if let layer = layerIndex(of: name), layer >= c.layerCount {
                 why = "layer \(layer), but config.json has num_hidden_layers \(c.layerCount) (the checkpoint holds more layers than the config describes)"
@@ -226,15 +294,18 @@ public final class DecoderModel: @unchecked Sendable {
             } else {
                 why = "not a weight of a \(c.modelType) model with this config.json"
             }
-            throw FileFormatError(file: source.origin, place: "tensor '\(name)'", why)
+            throw FileFormatError(file: source.origin, place: "tensor '\(stored)'", why)
         }
     }
 
-    /// N of a `model.layers.N.…` name.
+    /// N of a `….layers.N.…` name (`model.layers.N`, `model.language_model.layers.N`, `language_model.model.layers.N`).
     static func layerIndex(of name: String) -> Int? {
         let parts = name.split(separator: ".")
-        guard parts.count > 2, parts[0] == "model", parts[1] == "layers" else { return nil }
-        return Int(parts[2])
+        for prefix in [["model", "layers"], ["model", "language_model", "layers"], ["language_model", "model", "layers"]]
+        where parts.count > prefix.count && Array(parts.prefix(prefix.count)).elementsEqual(prefix.map { Substring($0) }) {
+            return Int(parts[prefix.count])
+        }
+        return nil
     }
 
     /// Every linear layer by module path (`model.layers.0.self_attn.q_proj`, ...).
@@ -242,6 +313,38 @@ public final class DecoderModel: @unchecked Sendable {
 
     /// The module names of a block's projections (`q_proj`, ..., or Phi-3's `qkv_proj`, ...), for messages.
     public var projectionNames: [String] { (blocks.first?.linears ?? []).map { String($0.name.split(separator: ".").last ?? "") } }
+}
+
+extension DecoderConfig {
+    /// The module path of layer `l` with a trailing dot: `model.layers.l.` (or under `model.language_model.`).
+    public func layerPrefix(_ l: Int) -> String { modulePrefix + "layers.\(l)." }
+
+    /// The hidden-size norms of a layer, by tensor name within it.
+    public var normTensorNames: [String] {
+        sandwichNorms
+            ? ["input_layernorm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"]
+            : ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    }
+
+    /// A module tensor's name in the checkpoint files' layout (the same name unless the text model sits
+    /// elsewhere in them: `language_model.model.…` and `language_model.lm_head.weight` for Gemma 3 multimodal).
+    public func checkpointName(_ moduleName: String) -> String {
+        if moduleName == "lm_head.weight" { return headTensorName }
+        guard moduleName.hasPrefix(modulePrefix) else { return moduleName }
+        return checkpointPrefix + moduleName.dropFirst(modulePrefix.count)
+    }
+
+    /// The inverse of `checkpointName`.
+    public func moduleName(ofCheckpointTensor name: String) -> String {
+        if name == headTensorName { return "lm_head.weight" }
+        guard name.hasPrefix(checkpointPrefix) else { return name }
+        return modulePrefix + name.dropFirst(checkpointPrefix.count)
+    }
+
+    /// A multimodal checkpoint's tensors beside the text model (vision tower, projector), in either layout.
+    public func isOutsideTextModel(_ name: String) -> Bool {
+        ["vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."].contains { name.hasPrefix($0) }
+    }
 }
 
 // MARK: - Inference forward with a KV cache
@@ -269,7 +372,8 @@ public final class KVCache: @unchecked Sendable {
 
 extension DecoderModel {
     /// Runs `tokens` after what `cache` holds and returns their logits, [T, vocab]
-    /// (only the last row when `lastOnly`, as generation needs).
+    /// (only the last row when `lastOnly`, as generation needs). Sliding-window layers attend within their
+    /// window here too: the cache keeps every position, and each query sees only the window's rows of it.
     public func forward(tokens: [Int], cache: KVCache, lastOnly: Bool = false) throws -> [Float] {
         let c = config
         let t = tokens.count
@@ -278,7 +382,6 @@ extension DecoderModel {
         guard start + t <= cache.capacity else {
             throw UsageError("the sequence needs \(start + t) positions but the KV cache holds \(cache.capacity)")
         }
-        try c.checkSequenceLength(start + t, what: "the input")
         for id in tokens where id < 0 || id >= c.vocabularySize {
             throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))")
         }
@@ -292,8 +395,9 @@ extension DecoderModel {
             return lastOnly ? logits : Array(logits.suffix(t * c.vocabularySize))
         }
         cache.usesLongRopeFactors = longRope
-        rope.grow(to: start + t)
+        growRope(to: start + t)
         let h = c.hiddenSize
+        let offset = c.normWeightOffset
         let x = Matrix(rows: t, columns: h)          // residual stream
         let normed = Matrix(rows: t, columns: h)
         let q = Matrix(rows: t, columns: c.qDim)
@@ -303,45 +407,63 @@ extension DecoderModel {
         let up = Matrix(rows: t, columns: c.intermediateSize)
         let positions = (0..<t).map { Int32(start + $0) }
 
-        for (i, id) in tokens.enumerated() {
-            (x.pointer + i * h).update(from: embedding.pointer + id * h, count: h)
-        }
+        embed(tokens.map(Int32.init), into: x)
         for (l, block) in blocks.enumerated() {
             let keys = cache.keys[l].pointer, values = cache.values[l].pointer
             let newKeys = keys + start * c.kvDim, newValues = values + start * c.kvDim
-            block.inputNorm.withUnsafeBufferPointer {
-                CPUOps.rmsNorm(x.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: t, width: h, into: normed.pointer)
-            }
+            CPUOps.rmsNorm(x.pointer, weight: block.inputNorm, offset: offset, eps: c.rmsNormEps, rows: t, width: h, into: normed.pointer)
             DecoderBlock.forward(block.attentionInput, normed.pointer, rows: t, into: [(q.pointer, c.qDim), (newKeys, c.kvDim), (newValues, c.kvDim)])
-            positions.withUnsafeBufferPointer { p in
-                CPUOps.applyRope(q.pointer, positions: p.baseAddress!, rows: t, heads: c.headCount, headDim: c.headDim, table: rope, long: longRope)
-                CPUOps.applyRope(newKeys, positions: p.baseAddress!, rows: t, heads: c.kvHeadCount, headDim: c.headDim, table: rope, long: longRope)
+            if let qNorm = block.qNorm, let kNorm = block.kNorm {
+                // Per head: rows of head_dim.
+                CPUOps.rmsNorm(q.pointer, weight: qNorm, offset: offset, eps: c.rmsNormEps, rows: t * c.headCount, width: c.headDim, into: q.pointer)
+                CPUOps.rmsNorm(newKeys, weight: kNorm, offset: offset, eps: c.rmsNormEps, rows: t * c.kvHeadCount, width: c.headDim, into: newKeys)
             }
+            let table = ropeTable(layer: l)
+            positions.withUnsafeBufferPointer { p in
+                CPUOps.applyRope(q.pointer, positions: p.baseAddress!, rows: t, heads: c.headCount, headDim: c.headDim, table: table, long: longRope)
+                CPUOps.applyRope(newKeys, positions: p.baseAddress!, rows: t, heads: c.kvHeadCount, headDim: c.headDim, table: table, long: longRope)
+            }
+            let kind = c.layerAttention[l]
             CPUOps.attention(q: q.pointer, keys: keys, values: values, rows: t, heads: c.headCount, kvHeads: c.kvHeadCount,
-                             headDim: c.headDim, visible: { 0..<(start + $0 + 1) }, into: attended.pointer)
+                             headDim: c.headDim, scale: c.attentionScale, softcap: c.attentionSoftcap,
+                             visible: { kind.visible(position: start + $0) }, into: attended.pointer)
             block.o.forward(attended.pointer, rows: t, into: projected.pointer)
+            if let norm = block.attentionOutputNorm {
+                CPUOps.rmsNorm(projected.pointer, weight: norm, offset: offset, eps: c.rmsNormEps, rows: t, width: h, into: projected.pointer)
+            }
             for i in 0..<(t * h) { x.pointer[i] += projected.pointer[i] }
 
-            block.postAttentionNorm.withUnsafeBufferPointer {
-                CPUOps.rmsNorm(x.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: t, width: h, into: normed.pointer)
-            }
+            CPUOps.rmsNorm(x.pointer, weight: block.mlpInputNorm, offset: offset, eps: c.rmsNormEps, rows: t, width: h, into: normed.pointer)
             DecoderBlock.forward(block.mlpInput, normed.pointer, rows: t, into: [(gate.pointer, c.intermediateSize), (up.pointer, c.intermediateSize)])
-            CPUOps.swiglu(gate: gate.pointer, up: up.pointer, count: t * c.intermediateSize, into: gate.pointer)
+            CPUOps.gatedActivation(c.mlpActivation, gate: gate.pointer, up: up.pointer, count: t * c.intermediateSize, into: gate.pointer)
             block.down.forward(gate.pointer, rows: t, into: projected.pointer)
+            if let norm = block.mlpOutputNorm {
+                CPUOps.rmsNorm(projected.pointer, weight: norm, offset: offset, eps: c.rmsNormEps, rows: t, width: h, into: projected.pointer)
+            }
             for i in 0..<(t * h) { x.pointer[i] += projected.pointer[i] }
         }
         cache.advance(with: tokens)
 
         let firstRow = lastOnly ? t - 1 : 0
         let rows = t - firstRow
-        finalNorm.withUnsafeBufferPointer {
-            CPUOps.rmsNorm(x.pointer + firstRow * h, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: rows, width: h, into: normed.pointer)
-        }
+        CPUOps.rmsNorm(x.pointer + firstRow * h, weight: finalNorm, offset: offset, eps: c.rmsNormEps, rows: rows, width: h, into: normed.pointer)
         var logits = [Float](repeating: 0, count: rows * c.vocabularySize)
         logits.withUnsafeMutableBufferPointer {
             CPUMatmul.gemmNT(normed.pointer, head.pointer, $0.baseAddress!, m: rows, n: c.vocabularySize, k: h)
+            if let cap = c.finalLogitSoftcap { CPUOps.softcap($0.baseAddress!, count: $0.count, cap: cap) }
         }
         return logits
+    }
+
+    /// x[i] = embedding[ids[i]] · the family's embedding scale (√hidden for Gemma, in fp32 as the CPU computes).
+    func embed(_ ids: [Int32], into x: Matrix) {
+        let h = config.hiddenSize
+        let scale = config.embeddingScale(dtype: .f32)
+        for (i, id) in ids.enumerated() {
+            let row = x.pointer + i * h
+            row.update(from: embedding.pointer + Int(id) * h, count: h)
+            if config.scalesEmbedding { for j in 0..<h { row[j] *= scale } }
+        }
     }
 }
 

@@ -32,11 +32,15 @@ public enum AdapterMerge {
         func add(_ name: String, _ values: UnsafeBufferPointer<Float>, _ shape: [Int]) {
             records.append(TensorRecord(name: name, dtype: .bf16, shape: shape, data: encodeFloats(values, as: .bf16)))
         }
-        add("model.embed_tokens.weight", UnsafeBufferPointer(model.embedding.storage), [model.embedding.rows, model.embedding.columns])
+        // Names as the base's files hold them (Gemma 3 multimodal: `language_model.model.…`, as transformers saves it).
+        let c = model.config
+        add(c.checkpointName(c.modulePrefix + "embed_tokens.weight"), UnsafeBufferPointer(model.embedding.storage),
+            [model.embedding.rows, model.embedding.columns])
         for (l, block) in model.blocks.enumerated() {
-            let prefix = "model.layers.\(l)."
-            block.inputNorm.withUnsafeBufferPointer { add(prefix + "input_layernorm.weight", $0, [$0.count]) }
-            block.postAttentionNorm.withUnsafeBufferPointer { add(prefix + "post_attention_layernorm.weight", $0, [$0.count]) }
+            let prefix = c.layerPrefix(l)
+            for (name, weight) in block.namedNorms(sandwich: c.sandwichNorms) {
+                weight.withUnsafeBufferPointer { add(c.checkpointName(prefix + name), $0, [$0.count]) }
+            }
             for layer in block.linears {
                 let weight = try merge?(layer) ?? mergedWeight(layer)
                 guard weight.count == layer.outFeatures * layer.inFeatures else {
@@ -45,13 +49,21 @@ public enum AdapterMerge {
                 // A base and adapter that are finite can still overflow here; such a folder would not load.
                 try checkFinite(weight, tensor: layer.name + ".weight", origin: outputDirectory + " (merged weights)")
                 if layer.lora != nil { merged += 1 }
-                weight.withUnsafeBufferPointer { add(layer.name + ".weight", $0, [layer.outFeatures, layer.inFeatures]) }
-                if let bias = layer.bias { bias.withUnsafeBufferPointer { add(layer.name + ".bias", $0, [$0.count]) } }
+                weight.withUnsafeBufferPointer { add(c.checkpointName(layer.name + ".weight"), $0, [layer.outFeatures, layer.inFeatures]) }
+                if let bias = layer.bias { bias.withUnsafeBufferPointer { add(c.checkpointName(layer.name + ".bias"), $0, [$0.count]) } }
             }
         }
-        model.finalNorm.withUnsafeBufferPointer { add("model.norm.weight", $0, [$0.count]) }
+        model.finalNorm.withUnsafeBufferPointer { add(c.checkpointName(c.modulePrefix + "norm.weight"), $0, [$0.count]) }
         if model.head !== model.embedding {
-            add("lm_head.weight", UnsafeBufferPointer(model.head.storage), [model.head.rows, model.head.columns])
+            add(c.checkpointName("lm_head.weight"), UnsafeBufferPointer(model.head.storage), [model.head.rows, model.head.columns])
+        }
+        // A multimodal checkpoint's vision tower and projector are copied as stored, so the merged folder loads as the base did.
+        if c.modulePrefix != "model.", !fromQuantizedBase {
+            let base = try SafeTensorsCheckpoint(directory: baseDirectory)
+            for name in base.names.sorted() where c.isOutsideTextModel(name) {
+                let info = base.info(name)!
+                records.append(TensorRecord(name: name, dtype: info.dtype, shape: info.shape, data: Array(try base.bytes(name))))
+            }
         }
         // Written beside the target and renamed into place: an interrupted merge leaves the old folder or none.
         try FileSystem.writeDirectory(outputDirectory) { outputDirectory in

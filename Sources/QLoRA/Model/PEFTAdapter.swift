@@ -281,6 +281,12 @@ public enum PEFTAdapter {
 
     /// Writes adapter_model.safetensors and adapter_config.json into the existing folder `directory`.
     static func writeFiles(model: DecoderModel, config: LoRAConfig, into directory: String) throws {
+        var config = config
+        // PEFT resolves all-linear over the whole checkpoint, a multimodal one's vision tower included, which this adapter
+        // does not train: the text model's modules by full path make PEFT build exactly the adapters saved here.
+        if config.targetModules == ["all-linear"], model.config.modulePrefix != "model." {
+            config.targetModules = model.linearLayers.filter { $0.lora != nil }.map(\.name)
+        }
         var records: [TensorRecord] = []
         for layer in model.linearLayers {
             guard let lora = layer.lora else { continue }

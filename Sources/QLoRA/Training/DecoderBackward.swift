@@ -1,4 +1,5 @@
-// Training forward and hand-written backward of the Llama decoder (and its variations) on the CPU, for LoRA.
+// Training forward and hand-written backward of the decoder on the CPU, for LoRA, with every variation
+// DecoderConfig describes (the per-op derivatives of the variations are in CPUOps.swift's header).
 //
 // The base is frozen, so only two kinds of gradient flow: the gradient of the loss with respect
 // to each activation (to reach earlier layers), and the gradients of the LoRA matrices.
@@ -25,6 +26,18 @@
 // Cross-entropy over the shifted labels, mean over the counted tokens N:
 //   dlogits = (softmax(logits) − onehot(label)) / N, computed a chunk of rows at a time so the
 //   logits of the whole vocabulary never exist for all tokens at once.
+//
+// The variations, by the chain rule through the block of DecoderModel.swift:
+// - (1 + w) norms: RMSNorm's backward with w + 1 in place of w (every norm, q/k norms and the final norm too).
+// - q/k norm: q = rope(qn(q_proj(n1))) with qn an RMSNorm over each head's D values, so
+//   dq_proj = RMSNorm backward (rows of D, one per token and head) of rope⁻¹(dq); k likewise.
+// - Sandwich norms: h = x + n_ao(o), y = h + n_mo(m):  dh = dy + n2ᵀ(dn2),  dm = n_moᵀ(dy),  do = n_aoᵀ(dh),  dx = dh + n1ᵀ(dn1)
+//   (nᵀ(g) is the norm's backward at its input, given g at its output).
+// - GeGLU instead of SwiGLU (derivative in CPUOps.swift).
+// - Attention: logit scale query_pre_attn_scalar^-½, soft-capping c·tanh(S / c) (dS ⊙ (1 − tanh²)), and sliding
+//   windows (the same mask in backward: a query sees keys max(start, t − window + 1)…t of its example).
+// - Embedding scale √hidden: a constant on a frozen input; nothing flows back to the embedding.
+// - Final-logit soft-capping, l = c·tanh(z / c):  dz = dl·(1 − (l / c)²).
 
 #if canImport(Glibc)
 import Glibc
@@ -85,16 +98,23 @@ public struct LossSum: Sendable {
 final class BlockActivations {
     let input: Matrix          // x [N, H]
     let norm1: Matrix          // [N, H]
-    let q: Matrix              // after RoPE [N, qDim]
-    let k: Matrix              // after RoPE [N, kvDim]
+    let q: Matrix              // after (q norm and) RoPE [N, qDim]
+    let k: Matrix              // after (k norm and) RoPE [N, kvDim]
     let v: Matrix              // [N, kvDim]
+    /// q_proj and k_proj outputs before the q/k norms (nil without them).
+    let qProjected: Matrix?    // [N, qDim]
+    let kProjected: Matrix?    // [N, kvDim]
     let attended: Matrix       // attention output before o_proj [N, qDim]
-    let hidden: Matrix         // h = x + o_proj(attended) [N, H]
+    /// o_proj's output before the attention-output norm (sandwich norms only).
+    let attentionProjected: Matrix?  // [N, H]
+    let hidden: Matrix         // h = x + [n_ao](o_proj(attended)) [N, H]
     let norm2: Matrix          // [N, H]
     let gate: Matrix           // [N, I]
     let up: Matrix             // [N, I]
-    let activated: Matrix      // silu(gate)·up [N, I]
-    let output: Matrix         // y = h + down_proj(activated) [N, H]
+    let activated: Matrix      // act(gate)·up [N, I]
+    /// down_proj's output before the MLP-output norm (sandwich norms only).
+    let mlpProjected: Matrix?  // [N, H]
+    let output: Matrix         // y = h + [n_mo](down_proj(activated)) [N, H]
     /// LoRA intermediates per linear: the dropped-out input (nil without dropout) and z = d(x)·Aᵀ.
     var loraInputs: [String: Matrix] = [:]
     var loraHidden: [String: Matrix] = [:]
@@ -108,7 +128,11 @@ final class BlockActivations {
         q = Matrix(rows: n, columns: c.qDim)
         k = Matrix(rows: n, columns: c.kvDim)
         v = Matrix(rows: n, columns: c.kvDim)
+        qProjected = c.qkNorm ? Matrix(rows: n, columns: c.qDim) : nil
+        kProjected = c.qkNorm ? Matrix(rows: n, columns: c.kvDim) : nil
         attended = Matrix(rows: n, columns: c.qDim)
+        attentionProjected = c.sandwichNorms ? Matrix(rows: n, columns: c.hiddenSize) : nil
+        mlpProjected = c.sandwichNorms ? Matrix(rows: n, columns: c.hiddenSize) : nil
         hidden = Matrix(rows: n, columns: c.hiddenSize)
         norm2 = Matrix(rows: n, columns: c.hiddenSize)
         gate = Matrix(rows: n, columns: c.intermediateSize)
@@ -129,18 +153,18 @@ extension DecoderModel {
         let h = c.hiddenSize
         try batch.checkIDs(vocabularySize: c.vocabularySize)
         try c.checkTrainable()
-        rope.grow(to: Int(batch.positions.max() ?? 0) + 1)
+        growRope(to: Int(batch.positions.max() ?? 0) + 1)
 
         // Forward through the blocks, keeping what the backward needs.
         var x = Matrix(rows: n, columns: h)
-        for (i, id) in batch.tokens.enumerated() { (x.pointer + i * h).update(from: embedding.pointer + Int(id) * h, count: h) }
+        embed(batch.tokens, into: x)
         var saved: [BlockActivations] = []
         var inputs: [Matrix] = []
         var dropoutSeeds: [UInt64] = []
         for (l, block) in blocks.enumerated() {
             let seed = DropoutMask.blockSeed(stepSeed: options.dropoutSeed, block: l)
             dropoutSeeds.append(seed)
-            let activations = blockForward(block, input: x, batch: batch, dropoutSeed: seed)
+            let activations = blockForward(block, layer: l, input: x, batch: batch, dropoutSeed: seed)
             if options.gradientCheckpointing { inputs.append(x) } else { saved.append(activations) }
             x = activations.output
         }
@@ -153,9 +177,9 @@ extension DecoderModel {
         var gradient = dx
         for l in stride(from: blocks.count - 1, through: 0, by: -1) {
             let activations = options.gradientCheckpointing
-                ? blockForward(blocks[l], input: inputs[l], batch: batch, dropoutSeed: dropoutSeeds[l])
+                ? blockForward(blocks[l], layer: l, input: inputs[l], batch: batch, dropoutSeed: dropoutSeeds[l])
                 : saved[l]
-            gradient = blockBackward(blocks[l], activations: activations, outputGradient: gradient, batch: batch, gradients: gradients)
+            gradient = blockBackward(blocks[l], layer: l, activations: activations, outputGradient: gradient, batch: batch, gradients: gradients)
             if options.gradientCheckpointing { inputs.removeLast() } else { saved.removeLast() }
         }
         return loss
@@ -166,51 +190,64 @@ extension DecoderModel {
         let c = config
         let n = batch.tokenCount
         try batch.checkIDs(vocabularySize: c.vocabularySize)
-        rope.grow(to: Int(batch.positions.max() ?? 0) + 1)
+        growRope(to: Int(batch.positions.max() ?? 0) + 1)
         var x = Matrix(rows: n, columns: c.hiddenSize)
-        for (i, id) in batch.tokens.enumerated() {
-            (x.pointer + i * c.hiddenSize).update(from: embedding.pointer + Int(id) * c.hiddenSize, count: c.hiddenSize)
-        }
-        for block in blocks {
-            x = blockForward(block, input: x, batch: batch, dropoutSeed: nil).output
+        embed(batch.tokens, into: x)
+        for (l, block) in blocks.enumerated() {
+            x = blockForward(block, layer: l, input: x, batch: batch, dropoutSeed: nil).output
         }
         return headLossAndGradient(finalHidden: x, batch: batch, normalizer: 1, chunkRows: 64, into: nil)
     }
 
     // MARK: - Block forward
 
-    func blockForward(_ block: DecoderBlock, input: Matrix, batch: TrainingBatch, dropoutSeed: UInt64?) -> BlockActivations {
+    func blockForward(_ block: DecoderBlock, layer l: Int, input: Matrix, batch: TrainingBatch, dropoutSeed: UInt64?) -> BlockActivations {
         let c = config
         let n = batch.tokenCount
+        let h = c.hiddenSize
+        let offset = c.normWeightOffset
         let longRope = usesLongRopeFactors(batch)
         let a = BlockActivations(config: c, tokens: n, input: input)
         if let dropoutSeed {
             for (j, layer) in block.linears.enumerated() { a.dropoutSeeds[layer.name] = DropoutMask.linearSeed(blockSeed: dropoutSeed, linear: j) }
         }
-        block.inputNorm.withUnsafeBufferPointer {
-            CPUOps.rmsNorm(input.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: n, width: c.hiddenSize, into: a.norm1.pointer)
+        CPUOps.rmsNorm(input.pointer, weight: block.inputNorm, offset: offset, eps: c.rmsNormEps, rows: n, width: h, into: a.norm1.pointer)
+        groupForward(block.attentionInput, a.norm1, saving: a, into: [a.qProjected ?? a.q, a.kProjected ?? a.k, a.v])
+        if let qNorm = block.qNorm, let kNorm = block.kNorm, let qp = a.qProjected, let kp = a.kProjected {
+            CPUOps.rmsNorm(qp.pointer, weight: qNorm, offset: offset, eps: c.rmsNormEps, rows: n * c.headCount, width: c.headDim, into: a.q.pointer)
+            CPUOps.rmsNorm(kp.pointer, weight: kNorm, offset: offset, eps: c.rmsNormEps, rows: n * c.kvHeadCount, width: c.headDim, into: a.k.pointer)
         }
-        groupForward(block.attentionInput, a.norm1, saving: a, into: [a.q, a.k, a.v])
+        let table = ropeTable(layer: l)
         batch.positions.withUnsafeBufferPointer { p in
-            CPUOps.applyRope(a.q.pointer, positions: p.baseAddress!, rows: n, heads: c.headCount, headDim: c.headDim, table: rope, long: longRope)
-            CPUOps.applyRope(a.k.pointer, positions: p.baseAddress!, rows: n, heads: c.kvHeadCount, headDim: c.headDim, table: rope, long: longRope)
+            CPUOps.applyRope(a.q.pointer, positions: p.baseAddress!, rows: n, heads: c.headCount, headDim: c.headDim, table: table, long: longRope)
+            CPUOps.applyRope(a.k.pointer, positions: p.baseAddress!, rows: n, heads: c.kvHeadCount, headDim: c.headDim, table: table, long: longRope)
         }
+        let kind = c.layerAttention[l]
         for r in 0..<batch.rows {
             let offset = r * batch.length
             CPUOps.attention(q: a.q.pointer + offset * c.qDim, keys: a.k.pointer + offset * c.kvDim, values: a.v.pointer + offset * c.kvDim,
                              rows: batch.length, heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim,
-                             visible: { t in Int(batch.exampleStarts[offset + t])..<(t + 1) },
+                             scale: c.attentionScale, softcap: c.attentionSoftcap,
+                             visible: { t in kind.visible(position: t, first: Int(batch.exampleStarts[offset + t])) },
                              into: a.attended.pointer + offset * c.qDim)
         }
-        linearForward(block.o, a.attended, saving: a, into: a.hidden.pointer)
-        for i in 0..<(n * c.hiddenSize) { a.hidden.pointer[i] += input.pointer[i] }
-        block.postAttentionNorm.withUnsafeBufferPointer {
-            CPUOps.rmsNorm(a.hidden.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: n, width: c.hiddenSize, into: a.norm2.pointer)
+        if let norm = block.attentionOutputNorm, let projected = a.attentionProjected {
+            linearForward(block.o, a.attended, saving: a, into: projected.pointer)
+            CPUOps.rmsNorm(projected.pointer, weight: norm, offset: offset, eps: c.rmsNormEps, rows: n, width: h, into: a.hidden.pointer)
+        } else {
+            linearForward(block.o, a.attended, saving: a, into: a.hidden.pointer)
         }
+        for i in 0..<(n * h) { a.hidden.pointer[i] += input.pointer[i] }
+        CPUOps.rmsNorm(a.hidden.pointer, weight: block.mlpInputNorm, offset: offset, eps: c.rmsNormEps, rows: n, width: h, into: a.norm2.pointer)
         groupForward(block.mlpInput, a.norm2, saving: a, into: [a.gate, a.up])
-        CPUOps.swiglu(gate: a.gate.pointer, up: a.up.pointer, count: n * c.intermediateSize, into: a.activated.pointer)
-        linearForward(block.down, a.activated, saving: a, into: a.output.pointer)
-        for i in 0..<(n * c.hiddenSize) { a.output.pointer[i] += a.hidden.pointer[i] }
+        CPUOps.gatedActivation(c.mlpActivation, gate: a.gate.pointer, up: a.up.pointer, count: n * c.intermediateSize, into: a.activated.pointer)
+        if let norm = block.mlpOutputNorm, let projected = a.mlpProjected {
+            linearForward(block.down, a.activated, saving: a, into: projected.pointer)
+            CPUOps.rmsNorm(projected.pointer, weight: norm, offset: offset, eps: c.rmsNormEps, rows: n, width: h, into: a.output.pointer)
+        } else {
+            linearForward(block.down, a.activated, saving: a, into: a.output.pointer)
+        }
+        for i in 0..<(n * h) { a.output.pointer[i] += a.hidden.pointer[i] }
         return a
     }
 
@@ -270,7 +307,7 @@ extension DecoderModel {
         var targets = [Int32](repeating: TrainingBatch.ignoreIndex, count: n)
         for r in 0..<batch.rows { for t in 0..<(batch.length - 1) { targets[r * batch.length + t] = batch.labels[r * batch.length + t + 1] } }
         let normed = Matrix(rows: n, columns: h)
-        finalNorm.withUnsafeBufferPointer { CPUOps.rmsNorm(x.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, rows: n, width: h, into: normed.pointer) }
+        CPUOps.rmsNorm(x.pointer, weight: finalNorm, offset: c.normWeightOffset, eps: c.rmsNormEps, rows: n, width: h, into: normed.pointer)
         let scale = 1 / Float(max(normalizer, 1))
         var total = 0.0
         var counted = 0
@@ -279,11 +316,20 @@ extension DecoderModel {
         let countedRows = (0..<n).filter { targets[$0] != TrainingBatch.ignoreIndex }
         let logits = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * vocab)
         let gathered = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * h)
-        defer { logits.deallocate(); gathered.deallocate() }
+        // With final-logit soft-capping: 1 − tanh² of each capped logit, the cap's derivative.
+        let capSlope = c.finalLogitSoftcap != nil ? UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * vocab) : nil
+        defer { logits.deallocate(); gathered.deallocate(); capSlope?.deallocate() }
         for chunkStart in stride(from: 0, to: countedRows.count, by: chunkRows) {
             let chunk = countedRows[chunkStart..<min(countedRows.count, chunkStart + chunkRows)]
             for (r, i) in chunk.enumerated() { (gathered + r * h).update(from: normed.pointer + i * h, count: h) }
             CPUMatmul.gemmNT(gathered, head.pointer, logits, m: chunk.count, n: vocab, k: h)
+            if let cap = c.finalLogitSoftcap, let capSlope {
+                for j in 0..<(chunk.count * vocab) {
+                    let t = tanhf(logits[j] / cap)
+                    logits[j] = t * cap
+                    capSlope[j] = 1 - t * t
+                }
+            }
             for (r, i) in chunk.enumerated() {
                 let row = logits + r * vocab
                 let target = Int(targets[i])
@@ -307,15 +353,14 @@ extension DecoderModel {
                 }
             }
             if dx != nil {
+                if let capSlope { for j in 0..<(chunk.count * vocab) { logits[j] *= capSlope[j] } }
                 CPUMatmul.gemmNN(logits, head.pointer, gathered, m: chunk.count, n: h, k: vocab)
                 for (r, i) in chunk.enumerated() { (dNormed.pointer + i * h).update(from: gathered + r * h, count: h) }
             }
         }
         if let dx {
-            finalNorm.withUnsafeBufferPointer {
-                CPUOps.rmsNormBackward(x.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, outputGradient: dNormed.pointer,
-                                       rows: n, width: h, into: dx.pointer, accumulate: false)
-            }
+            CPUOps.rmsNormBackward(x.pointer, weight: finalNorm, offset: c.normWeightOffset, eps: c.rmsNormEps, outputGradient: dNormed.pointer,
+                                   rows: n, width: h, into: dx.pointer, accumulate: false)
         }
         return LossSum(sum: total, count: counted)
     }
@@ -325,56 +370,78 @@ extension DecoderModel {
 
 extension DecoderModel {
     /// Given dL/dy for the block output, accumulates the LoRA gradients and returns dL/dx for its input.
-    func blockBackward(_ block: DecoderBlock, activations a: BlockActivations, outputGradient dy: Matrix,
+    func blockBackward(_ block: DecoderBlock, layer l: Int, activations a: BlockActivations, outputGradient dy: Matrix,
                        batch: TrainingBatch, gradients: LoRAGradients) -> Matrix {
         let c = config
         let n = batch.tokenCount
         let h = c.hiddenSize
-        // y = hidden + down(activated): the residual passes dy straight to hidden.
+        let offset = c.normWeightOffset
+        // y = hidden + [n_mo](down(activated)): the residual passes dy straight to hidden.
+        var dMLPOut = dy
+        if let norm = block.mlpOutputNorm, let projected = a.mlpProjected {
+            dMLPOut = Matrix(rows: n, columns: h)
+            CPUOps.rmsNormBackward(projected.pointer, weight: norm, offset: offset, eps: c.rmsNormEps, outputGradient: dy.pointer,
+                                   rows: n, width: h, into: dMLPOut.pointer, accumulate: false)
+        }
         let dActivated = Matrix(rows: n, columns: c.intermediateSize)
-        linearBackward(block.down, input: a.activated, activations: a, outputGradient: dy, gradients: gradients, into: dActivated, accumulate: false)
+        linearBackward(block.down, input: a.activated, activations: a, outputGradient: dMLPOut, gradients: gradients, into: dActivated, accumulate: false)
         let dGate = Matrix(rows: n, columns: c.intermediateSize)
         let dUp = Matrix(rows: n, columns: c.intermediateSize)
-        CPUOps.swigluBackward(gate: a.gate.pointer, up: a.up.pointer, outputGradient: dActivated.pointer, count: n * c.intermediateSize,
-                              gateGradient: dGate.pointer, upGradient: dUp.pointer)
+        CPUOps.gatedActivationBackward(c.mlpActivation, gate: a.gate.pointer, up: a.up.pointer, outputGradient: dActivated.pointer,
+                                       count: n * c.intermediateSize, gateGradient: dGate.pointer, upGradient: dUp.pointer)
         let dNorm2 = Matrix(rows: n, columns: h)
         groupBackward(block.mlpInput, input: a.norm2, activations: a, outputGradients: [dGate, dUp], gradients: gradients, into: dNorm2)
         let dHidden = Matrix(rows: n, columns: h)
         _ = dHidden.storage.update(fromContentsOf: dy.storage)
-        block.postAttentionNorm.withUnsafeBufferPointer {
-            CPUOps.rmsNormBackward(a.hidden.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, outputGradient: dNorm2.pointer,
-                                   rows: n, width: h, into: dHidden.pointer, accumulate: true)
-        }
+        CPUOps.rmsNormBackward(a.hidden.pointer, weight: block.mlpInputNorm, offset: offset, eps: c.rmsNormEps, outputGradient: dNorm2.pointer,
+                               rows: n, width: h, into: dHidden.pointer, accumulate: true)
 
-        // hidden = input + o(attended)
+        // hidden = input + [n_ao](o(attended))
+        var dAttentionOut = dHidden
+        if let norm = block.attentionOutputNorm, let projected = a.attentionProjected {
+            dAttentionOut = Matrix(rows: n, columns: h)
+            CPUOps.rmsNormBackward(projected.pointer, weight: norm, offset: offset, eps: c.rmsNormEps, outputGradient: dHidden.pointer,
+                                   rows: n, width: h, into: dAttentionOut.pointer, accumulate: false)
+        }
         let dAttended = Matrix(rows: n, columns: c.qDim)
-        linearBackward(block.o, input: a.attended, activations: a, outputGradient: dHidden, gradients: gradients, into: dAttended, accumulate: false)
+        linearBackward(block.o, input: a.attended, activations: a, outputGradient: dAttentionOut, gradients: gradients, into: dAttended, accumulate: false)
         let dq = Matrix(rows: n, columns: c.qDim)
         let dk = Matrix(rows: n, columns: c.kvDim)
         let dv = Matrix(rows: n, columns: c.kvDim)
+        let kind = c.layerAttention[l]
         for r in 0..<batch.rows {
             let offset = r * batch.length
             CPUOps.attentionBackward(q: a.q.pointer + offset * c.qDim, keys: a.k.pointer + offset * c.kvDim, values: a.v.pointer + offset * c.kvDim,
                                      outputGradient: dAttended.pointer + offset * c.qDim,
                                      rows: batch.length, heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim,
-                                     visible: { t in Int(batch.exampleStarts[offset + t])..<(t + 1) },
+                                     scale: c.attentionScale, softcap: c.attentionSoftcap,
+                                     visible: { t in kind.visible(position: t, first: Int(batch.exampleStarts[offset + t])) },
                                      queryGradient: dq.pointer + offset * c.qDim, keyGradient: dk.pointer + offset * c.kvDim,
                                      valueGradient: dv.pointer + offset * c.kvDim)
         }
         let longRope = usesLongRopeFactors(batch)
+        let table = ropeTable(layer: l)
         batch.positions.withUnsafeBufferPointer { p in
-            CPUOps.applyRope(dq.pointer, positions: p.baseAddress!, rows: n, heads: c.headCount, headDim: c.headDim, table: rope,
+            CPUOps.applyRope(dq.pointer, positions: p.baseAddress!, rows: n, heads: c.headCount, headDim: c.headDim, table: table,
                              long: longRope, inverse: true)
-            CPUOps.applyRope(dk.pointer, positions: p.baseAddress!, rows: n, heads: c.kvHeadCount, headDim: c.headDim, table: rope,
+            CPUOps.applyRope(dk.pointer, positions: p.baseAddress!, rows: n, heads: c.kvHeadCount, headDim: c.headDim, table: table,
                              long: longRope, inverse: true)
+        }
+        var dqProjected = dq, dkProjected = dk
+        if let qNorm = block.qNorm, let kNorm = block.kNorm, let qp = a.qProjected, let kp = a.kProjected {
+            dqProjected = Matrix(rows: n, columns: c.qDim)
+            dkProjected = Matrix(rows: n, columns: c.kvDim)
+            CPUOps.rmsNormBackward(qp.pointer, weight: qNorm, offset: offset, eps: c.rmsNormEps, outputGradient: dq.pointer,
+                                   rows: n * c.headCount, width: c.headDim, into: dqProjected.pointer, accumulate: false)
+            CPUOps.rmsNormBackward(kp.pointer, weight: kNorm, offset: offset, eps: c.rmsNormEps, outputGradient: dk.pointer,
+                                   rows: n * c.kvHeadCount, width: c.headDim, into: dkProjected.pointer, accumulate: false)
         }
         let dNorm1 = Matrix(rows: n, columns: h)
-        groupBackward(block.attentionInput, input: a.norm1, activations: a, outputGradients: [dq, dk, dv], gradients: gradients, into: dNorm1)
+        groupBackward(block.attentionInput, input: a.norm1, activations: a, outputGradients: [dqProjected, dkProjected, dv],
+                      gradients: gradients, into: dNorm1)
         let dx = dHidden  // the residual path; the norm's gradient is added on top
-        block.inputNorm.withUnsafeBufferPointer {
-            CPUOps.rmsNormBackward(a.input.pointer, weight: $0.baseAddress!, eps: c.rmsNormEps, outputGradient: dNorm1.pointer,
-                                   rows: n, width: h, into: dx.pointer, accumulate: true)
-        }
+        CPUOps.rmsNormBackward(a.input.pointer, weight: block.inputNorm, offset: offset, eps: c.rmsNormEps, outputGradient: dNorm1.pointer,
+                               rows: n, width: h, into: dx.pointer, accumulate: true)
         return dx
     }
 

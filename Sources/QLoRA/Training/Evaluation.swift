@@ -16,8 +16,7 @@ public enum Evaluation {
     }
 
     public static func loss(model: DecoderModel, batches: [TrainingBatch]) throws -> LossSum {
-        try checkLengths(batches, model.config)
-        return try total(batches, model.loss(batch:))
+        try total(batches, model.loss(batch:))
     }
 
     /// The summed loss of `batches` computed by a training engine (CPU or GPU).
@@ -25,9 +24,9 @@ public enum Evaluation {
         try total(batches, engine.loss(batch:))
     }
 
-    /// Refuses batches longer than the model's attention computes exactly (a sliding window).
-    static func checkLengths(_ batches: [TrainingBatch], _ config: DecoderConfig) throws {
-        if let longest = batches.map(\.length).max() { try config.checkSequenceLength(longest, what: "the longest evaluation batch") }
+    /// Refuses what the CUDA backend does not compute yet for these batches (a family's variations, a window they exceed).
+    static func checkCUDASupport(_ batches: [TrainingBatch], _ config: DecoderConfig) throws {
+        try config.checkCUDASupport(sequenceLength: batches.map(\.length).max() ?? 0, what: "the longest evaluation batch")
     }
 
     /// The loss sums of every batch, added up (the mean is then over all counted tokens, as transformers computes it).
@@ -50,8 +49,7 @@ public enum Evaluation {
     /// rank-8 LoRA with B = 0 (the base model unchanged); adapter dropout is switched off (evaluation has none).
     /// The GPU holds the base in NF4 (a dense base is quantized as bitsandbytes would).
     public static func cudaEngine(context: CUDAContext, model: DecoderModel, batches: [TrainingBatch]) throws -> CUDATrainingEngine {
-        try checkLengths(batches, model.config)
-        try model.config.checkCUDASupport(for: "evaluation")
+        try checkCUDASupport(batches, model.config)
         if model.linearLayers.allSatisfy({ $0.lora == nil }) {
             try model.attachLoRA(LoRAConfig(rank: 8, alpha: 16, dropout: 0, targetModules: LoRAConfig.llamaProjections), seed: 0)
         }

@@ -85,9 +85,7 @@ public final class Trainer {
         self.train = Batching.batches(train, size: c.batchSize, packing: c.packing, length: c.maxSeqLength, padID: padID)
         self.eval = Batching.paddedBatches(eval, size: c.batchSize, padID: padID)
         guard !self.train.isEmpty else { throw UsageError("no training batches: the dataset is empty") }
-        if let longest = (self.train + self.eval).map(\.length).max() {
-            try model.config.checkSequenceLength(longest, what: "the longest batch (max_seq_length \(c.maxSeqLength))")
-        }
+        // Training refuses what it does not compute (evaluation and generation of the same model run).
         try model.config.checkTrainable()
         microBatchesPerEpoch = self.train.count
         stepsPerEpoch = (microBatchesPerEpoch + c.gradientAccumulationSteps - 1) / c.gradientAccumulationSteps
@@ -109,6 +107,8 @@ public final class Trainer {
         case .cpu:
             engine = CPUTrainingEngine(model: model, optimizer: try optimizerKind.make(hyperparameters))
         case .cuda(let context):
+            try model.config.checkCUDASupport(sequenceLength: (self.train + self.eval).map(\.length).max() ?? 0,
+                                              what: "the longest batch (max_seq_length \(c.maxSeqLength))")
             let capacity = (self.train + self.eval).map(\.tokenCount).max() ?? 1
             engine = try CUDATrainingEngine(context: context, model: model, capacityTokens: capacity, optimizer: optimizerKind,
                                             hyperparameters: hyperparameters, deterministic: c.fullDeterminism)

@@ -34,7 +34,7 @@ final class GGUFExportTests: XCTestCase {
         out["model.embed_tokens.weight"] = ("token_embd.weight", Array(model.embedding.storage))
         for (l, block) in model.blocks.enumerated() {
             out["model.layers.\(l).input_layernorm.weight"] = ("blk.\(l).attn_norm.weight", block.inputNorm)
-            out["model.layers.\(l).post_attention_layernorm.weight"] = ("blk.\(l).ffn_norm.weight", block.postAttentionNorm)
+            out["model.layers.\(l).post_attention_layernorm.weight"] = ("blk.\(l).ffn_norm.weight", block.mlpInputNorm)
             for (layer, short) in zip(block.linears, ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]) {
                 out[layer.name + ".weight"] = ("blk.\(l).\(short).weight", AdapterMerge.mergedWeight(layer))
             }
@@ -179,8 +179,9 @@ final class GGUFExportTests: XCTestCase {
 
     func testQuantizedExportsFollowLlamaCppTypeRulesWithinTheirBlockError() throws {
         let dir = try Self.tinyLlamaFolder()
-        for type in [GGUFExportType.q8_0, .q4_0] {
+        for type in [GGUFExportType.q8_0, .q4_0, .q4_k_m, .q5_k_m] {
             let (model, file, _) = try Self.export(dir, adapter: true, type: type)
+            XCTAssertEqual(file["general.file_type"]?.int, Int(type.fileType))
             for (hfName, e) in Self.expectedTensors(model) {
                 let info = try XCTUnwrap(file.tensor(e.gguf))
                 if info.dimensions.count == 1 {
@@ -189,12 +190,19 @@ final class GGUFExportTests: XCTestCase {
                     continue
                 }
                 // llama-quantize gives the output matrix more bits (Q6_K needs ne0 % 256 == 0; here 128, so Q8_0).
-                let expectedType: GGMLType = e.gguf == "output.weight" ? .q8_0 : type.weightType
-                XCTAssertEqual(info.type, expectedType, e.gguf)
+                // The K mixtures' Q4_K/Q5_K need rows of 256 too: rows of 128 and 352 fall back to Q5_0/Q5_1, and
+                // the layers use_more_bits picks (layer 1 of 2) have attn_v and ffn_down in Q6_K, so Q8_0.
+                var expectedType: GGMLType = e.gguf == "output.weight" ? .q8_0 : type.weightType
+                if type == .q4_k_m || type == .q5_k_m {
+                    let more = e.gguf == "blk.1.attn_v.weight" || e.gguf == "blk.1.ffn_down.weight" || e.gguf == "output.weight"
+                    expectedType = more ? .q8_0 : type == .q4_k_m ? .q5_0 : .q5_1
+                }
+                XCTAssertEqual(info.type, expectedType, "\(type) \(e.gguf)")
                 let got = try Self.hfValues(file, e.gguf, model.config)
                 // Q8_0's grid is symmetric: half a step (amax/127). Q4_0's runs from −7/8 to 8/8 of the block's
-                // extreme value, so a value of the other sign near −amax is up to a whole step (amax/8) away.
-                let bound: Float = info.type == .q8_0 ? 0.5 / 127 : 1.0 / 8
+                // extreme value, so a value of the other sign near −amax is up to a whole step (amax/8) away; Q5_0
+                // likewise amax/16. Q5_1 spans min…max in 31 steps: half a step is at most amax/31.
+                let bound: Float = [.q8_0: 0.5 / 127, .q4_0: 1.0 / 8, .q5_0: 1.0 / 16, .q5_1: 1.0 / 31][info.type]!
                 for b in 0..<(got.count / 32) {
                     let block = e.values[(32 * b)..<(32 * b + 32)]
                     let amax = block.map(abs).max()!
@@ -235,15 +243,72 @@ final class GGUFExportTests: XCTestCase {
         // Away from the outlier's block (whose small groups share its large 8-bit-quantized scale), about 1% error.
         let others = Array(0..<512) + Array(768..<values.count)
         XCTAssertLessThan(relativeError(others.map { back[$0] }, others.map { values[$0] }), 0.015)
-        XCTAssertEqual(GGUFExporter.tensorType(name: "output.weight", dimensions: [2048, 10], type: .q4_0, tiedEmbeddings: false), .q6_K)
-        XCTAssertEqual(GGUFExporter.tensorType(name: "token_embd.weight", dimensions: [2048, 10], type: .q4_0, tiedEmbeddings: true), .q6_K)
-        XCTAssertEqual(GGUFExporter.tensorType(name: "token_embd.weight", dimensions: [2048, 10], type: .q4_0, tiedEmbeddings: false), .q4_0)
-        XCTAssertEqual(GGUFExporter.tensorType(name: "output.weight", dimensions: [576, 10], type: .q4_0, tiedEmbeddings: false), .q8_0)
-        XCTAssertEqual(GGUFExporter.tensorType(name: "blk.0.ffn_down.weight", dimensions: [40, 10], type: .q8_0, tiedEmbeddings: false), .f16)
-        XCTAssertEqual(GGUFExporter.tensorType(name: "blk.0.attn_q.bias", dimensions: [64], type: .q8_0, tiedEmbeddings: false), .f32)
-        XCTAssertEqual(GGUFExporter.tensorType(name: "token_embd.weight", dimensions: [2048, 10], type: .q6_k, tiedEmbeddings: false), .q6_K)
-        XCTAssertEqual(GGUFExporter.tensorType(name: "blk.0.ffn_down.weight", dimensions: [352, 10], type: .q6_k, tiedEmbeddings: false), .q8_0)
-        XCTAssertEqual(GGUFExporter.tensorType(name: "blk.0.ffn_down.weight", dimensions: [40, 10], type: .q6_k, tiedEmbeddings: false), .f16)
+        XCTAssertEqual(GGUFExporter.tensorType(name: "output.weight", dimensions: [2048, 10], type: .q4_0, context: Self.oneLayer), .q6_K)
+        XCTAssertEqual(GGUFExporter.tensorType(name: "token_embd.weight", dimensions: [2048, 10], type: .q4_0, context: Self.oneLayerTied), .q6_K)
+        XCTAssertEqual(GGUFExporter.tensorType(name: "token_embd.weight", dimensions: [2048, 10], type: .q4_0, context: Self.oneLayer), .q4_0)
+        XCTAssertEqual(GGUFExporter.tensorType(name: "output.weight", dimensions: [576, 10], type: .q4_0, context: Self.oneLayer), .q8_0)
+        XCTAssertEqual(GGUFExporter.tensorType(name: "blk.0.ffn_down.weight", dimensions: [40, 10], type: .q8_0, context: Self.oneLayer), .f16)
+        XCTAssertEqual(GGUFExporter.tensorType(name: "blk.0.attn_q.bias", dimensions: [64], type: .q8_0, context: Self.oneLayer), .f32)
+        XCTAssertEqual(GGUFExporter.tensorType(name: "token_embd.weight", dimensions: [2048, 10], type: .q6_k, context: Self.oneLayer), .q6_K)
+        XCTAssertEqual(GGUFExporter.tensorType(name: "blk.0.ffn_down.weight", dimensions: [352, 10], type: .q6_k, context: Self.oneLayer), .q8_0)
+        XCTAssertEqual(GGUFExporter.tensorType(name: "blk.0.ffn_down.weight", dimensions: [40, 10], type: .q6_k, context: Self.oneLayer), .f16)
+    }
+
+    static let oneLayer = GGUFTypeContext(layerCount: 1, tiedEmbeddings: false)
+    static let oneLayerTied = GGUFTypeContext(layerCount: 1, tiedEmbeddings: true)
+
+    /// Our Q4_K, Q5_K and Q6_K bytes are ggml's: Tests/Fixtures/gguf/kquant-blocks.gguf holds 16 rows of 256 values
+    /// chosen to reach every branch of the reference quantizers and what libggml-base's ggml_quantize_chunk (what
+    /// llama-quantize runs) made of them (scripts/make_kquant_fixture.py).
+    func testKQuantBytesAreGGMLsReferenceQuantizers() throws {
+        let file = try GGUFFile(path: TestFixtures.path("gguf/kquant-blocks.gguf"))
+        let input = try file.floats("input")
+        XCTAssertEqual(input.count, 16 * 256)
+        for type in [GGMLType.q4_K, .q5_K, .q6_K] {
+            let info = try XCTUnwrap(file.tensor(type.name))
+            XCTAssertEqual(info.type, type)
+            let want = Array(file.bytes(info)), got = type.quantize(input)
+            XCTAssertEqual(got.count, want.count, type.name)
+            for row in 0..<16 {
+                let range = (row * type.blockBytes)..<((row + 1) * type.blockBytes)
+                XCTAssertEqual(Array(got[range]), Array(want[range]), "\(type.name) row \(row)")
+            }
+        }
+    }
+
+    /// The types llama-quantize chose, tensor by tensor, for exports of synthetic models (a 24-layer llama with
+    /// rows of 256 and 352, a tied 10-layer one with rows of 96 and 80, and an 80-layer llama with grouped-query
+    /// attention, a "70B" to llama.cpp) in each mixture (Tests/Fixtures/gguf/llama-quantize-types.json, written by
+    /// scripts/check_gguf_llamacpp.py bytes --make-type-fixture from llama_model_quantize's output) are the types we choose.
+    func testTensorTypesAreLlamaQuantizesChoices() throws {
+        let reference = try JSONValue.parse(bytes: try FileSystem.readFile(TestFixtures.path("gguf/llama-quantize-types.json")))
+        var checked = 0, mixtures = Set<String>()
+        for model in try XCTUnwrap(reference["models"]?.array) {
+            let name = try XCTUnwrap(model["name"]?.string)
+            let context = GGUFTypeContext(layerCount: try XCTUnwrap(model["layers"]?.int), tiedEmbeddings: try XCTUnwrap(model["tied"]?.bool),
+                                          is70B: try XCTUnwrap(model["is70B"]?.bool))
+            for (typeName, tensors) in try XCTUnwrap(model["types"]?.object) {
+                let type = try GGUFExportType.parse(typeName)
+                for tensor in try XCTUnwrap(tensors.array) {
+                    let tensorName = try XCTUnwrap(tensor["name"]?.string)
+                    let dimensions = try XCTUnwrap(tensor["shape"]?.array?.compactMap(\.int))
+                    let chosen = GGUFExporter.tensorType(name: tensorName, dimensions: dimensions, type: type, context: context)
+                    XCTAssertEqual(chosen.name, tensor["type"]?.string, "\(name) \(typeName) \(tensorName) \(dimensions)")
+                    checked += 1
+                }
+                mixtures.insert(typeName)
+            }
+        }
+        XCTAssertEqual(mixtures, ["q4_0", "q4_k_m", "q5_k_m", "q6_k"])
+        XCTAssertGreaterThan(checked, 1000)
+        // The context a config gives: llama.cpp's 70B class.
+        var config = try DecoderConfig(directory: TestFixtures.path("tiny-llama/base"))
+        XCTAssertFalse(GGUFTypeContext(config: config, architecture: "llama", tiedEmbeddings: false).is70B)
+        config.layerCount = 80
+        XCTAssertTrue(GGUFTypeContext(config: config, architecture: "llama", tiedEmbeddings: false).is70B)
+        config.kvHeadCount = config.headCount
+        XCTAssertFalse(GGUFTypeContext(config: config, architecture: "llama", tiedEmbeddings: false).is70B)
+        XCTAssertTrue(GGUFTypeContext(config: config, architecture: "qwen2", tiedEmbeddings: false).is70B)
     }
 
     func testQwen2IsWrittenWithItsBiasesAndWithoutTheRotaryPermutation() throws {
@@ -276,7 +341,7 @@ final class GGUFExportTests: XCTestCase {
         XCTAssertEqual(file["tokenizer.ggml.pre"]?.string, "gpt-2")
         XCTAssertEqual(file["tokenizer.ggml.eos_token_id"]?.int, 299)
         XCTAssertEqual(file["tokenizer.chat_template"]?.string, "{{ messages }}")
-        let q = loaded.model.blocks[0].q
+        let q = try XCTUnwrap(loaded.model.blocks[0].q)
         let bias = try XCTUnwrap(file.tensor("blk.0.attn_q.bias"))
         XCTAssertEqual(bias.type, .f32)
         XCTAssertEqual(try file.floats(bias), q.bias)
@@ -390,8 +455,10 @@ final class GGUFPyReaderTests: XCTestCase {
             let scale = Float(1 + i / 256)
             values[i] = Float.random(in: -1...1, using: &rng) * scale
         }
+        // And Q4_K and Q5_K tensors of the same values (the bulk of q4_k_m / q5_k_m exports with rows of 256).
         try GGUFWriter.write(metadata: [("general.architecture", .string("llama"))],
-                             tensors: [GGUFTensorRecord(name: "x", floats: values, dimensions: [512, 2], type: .q6_K)], to: q6)
+                             tensors: [GGMLType.q6_K, .q4_K, .q5_K].map { GGUFTensorRecord(name: "x.\($0.name)", floats: values, dimensions: [512, 2], type: $0) },
+                             to: q6)
         files.append(q6)
         let summaries = try Self.summaries(files)
         XCTAssertEqual(summaries.count, files.count)
@@ -424,5 +491,24 @@ final class GGUFPyReaderTests: XCTestCase {
                 XCTAssertEqual(try XCTUnwrap(t["sum"]?.double), values.reduce(0, +), accuracy: 1e-6 * max(1, sumsq.squareRoot()), info.name)
             }
         }
+    }
+}
+
+/// llama.cpp itself runs our exports, when it has been built here (scripts/build_llamacpp.sh: libllama and
+/// scripts/llamacpp_judge.c in .build/llama.cpp; building it takes minutes, so the suite does not). Runs the tiny
+/// fixture's parts of scripts/check_gguf_llamacpp.py: every export type's logits against transformers', and the LoRA
+/// GGUF applied by llama.cpp over the base against the merged model. Skips, saying so, when llama.cpp is not built.
+final class LlamaCppJudgeTests: XCTestCase {
+    func testLlamaCppRunsTheTinyExportsAndTheLoRAGGUF() throws {
+        let root = GGUFPyReaderTests.packageRoot
+        let judge = root + "/.build/llama.cpp/llamacpp_judge"
+        guard FileSystem.exists(judge) else {
+            throw XCTSkip("llama.cpp is not built here (\(judge) is missing): run scripts/build_llamacpp.sh to check the exports with llama.cpp")
+        }
+        let qlora = root + "/.build/release/qlora"
+        guard FileSystem.exists(qlora) else { throw XCTSkip("\(qlora) is not built (swift build -c release)") }
+        guard try Subprocess.run(["python3", "-c", "import numpy"]) == 0 else { throw XCTSkip("python3 has no numpy") }
+        let rc = try Subprocess.run(["env", "QLORA=\(qlora)", "python3", root + "/scripts/check_gguf_llamacpp.py", "tiny", "lora"])
+        XCTAssertEqual(rc, 0, "scripts/check_gguf_llamacpp.py tiny lora failed: llama.cpp disagrees with the exports (run it to see which)")
     }
 }

@@ -69,11 +69,141 @@ final class OllamaModelfileTests: XCTestCase {
     }
 }
 
+/// What can be checked of the Modelfile without Ollama (which is neither on PyPI, where `ollama` is only the HTTP
+/// client, nor in Debian): the Go templates we write, evaluated here, give Ollama's own rendering of its built-in
+/// ChatML and Llama 3 templates on the conversation of Ollama's template tests (template/testdata/chatml.gotmpl and
+/// llama3-instruct.gotmpl, "system-user-assistant-user", in github.com/ollama/ollama), and the model's own Jinja chat
+/// template renders the same text; the FROM path is the GGUF written beside the Modelfile, and every stop string is a
+/// control token of that GGUF's vocabulary.
+final class OllamaModelfileRenderingTests: XCTestCase {
+    static let conversation: [(role: String, content: String)] = [
+        ("system", "You are a helpful assistant."), ("user", "Hello, how are you?"),
+        ("assistant", "I'm doing great. How can I help you today?"), ("user", "I'd like to show off how chat templating works!"),
+    ]
+
+    /// Ollama's rendering of the conversation (its testdata files).
+    static let ollamaChatML = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHello, how are you?<|im_end|>\n<|im_start|>assistant\nI'm doing great. How can I help you today?<|im_end|>\n<|im_start|>user\nI'd like to show off how chat templating works!<|im_end|>\n<|im_start|>assistant\n"
+    static let ollamaLlama3 = "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHello, how are you?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nI'm doing great. How can I help you today?<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nI'd like to show off how chat templating works!<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+
+    /// Go's text/template for the subset we write: text, {{ .Role }} / {{ .Content }} inside {{ range .Messages }}…
+    /// {{ end }}, and the "{{-" / "-}}" markers that trim the white space before / after them.
+    static func renderGoTemplate(_ template: String, _ messages: [(role: String, content: String)]) throws -> String {
+        enum Piece { case text(String), field(String), range, end }
+        var pieces: [Piece] = []
+        var rest = Substring(template)
+        var trimNext = false
+        while !rest.isEmpty {
+            guard let open = rest.range(of: "{{") else {
+                pieces.append(.text(trimNext ? String(rest.drop { $0.isWhitespace }) : String(rest)))
+                break
+            }
+            var text = String(rest[..<open.lowerBound])
+            if trimNext { text = String(text.drop { $0.isWhitespace }) }
+            var action = rest[open.upperBound...]
+            let close = try XCTUnwrap(action.range(of: "}}"), "unclosed action")
+            var inside = action[..<close.lowerBound]
+            action = action[close.upperBound...]
+            if inside.hasPrefix("-") { text = String(text.reversed().drop { $0.isWhitespace }.reversed()); inside = inside.dropFirst() }
+            trimNext = inside.hasSuffix("-")
+            if trimNext { inside = inside.dropLast() }
+            pieces.append(.text(text))
+            switch inside.trimmingCharacters(in: .whitespaces) {
+            case "range .Messages": pieces.append(.range)
+            case "end": pieces.append(.end)
+            case ".Role": pieces.append(.field("Role"))
+            case ".Content": pieces.append(.field("Content"))
+            case let other: XCTFail("action {{\(other)}} is outside the subset"); return ""
+            }
+            rest = action
+        }
+        var out = ""
+        var i = 0
+        while i < pieces.count {
+            switch pieces[i] {
+            case .text(let t): out += t
+            case .range:
+                let body = pieces[(i + 1)...].prefix { if case .end = $0 { return false }; return true }
+                for m in messages {
+                    for p in body {
+                        switch p {
+                        case .text(let t): out += t
+                        case .field(let f): out += f == "Role" ? m.role : m.content
+                        default: break
+                        }
+                    }
+                }
+                i += body.count + 1
+            case .field, .end: XCTFail("a field outside range")
+            }
+            i += 1
+        }
+        return out
+    }
+
+    func testTheGoTemplatesRenderAsOllamasBuiltInsAndAsTheJinjaTemplates() throws {
+        XCTAssertEqual(try Self.renderGoTemplate(OllamaModelfile.chatMLTemplate, Self.conversation), Self.ollamaChatML)
+        XCTAssertEqual(try Self.renderGoTemplate(OllamaModelfile.llama3Template, Self.conversation), Self.ollamaLlama3)
+        let messages: [JSONValue] = Self.conversation.map { .object(JSONObject([("role", .string($0.role)), ("content", .string($0.content))])) }
+        let smollm2 = try XCTUnwrap(try ChatTemplate.load(directory: TestFixtures.path("smollm2-tokenizer")))
+        XCTAssertEqual(try smollm2.render(messages: messages, addGenerationPrompt: true, bosToken: nil, eosToken: nil), Self.ollamaChatML)
+        // Llama 3's template starts with bos_token, which llama.cpp adds when it tokenizes (add_bos_token).
+        let llama3 = try ChatTemplate(source: try FileSystem.readText(TestFixtures.path("chat-templates/llama-3.jinja")))
+        XCTAssertEqual(try llama3.render(messages: messages, addGenerationPrompt: true, bosToken: "", eosToken: nil), Self.ollamaLlama3)
+    }
+
+    func testFromNamesTheGGUFBesideItAndEveryStopIsAControlTokenOfIt() throws {
+        // The tiny model with a byte-level vocabulary that has ChatML's special tokens, and SmolLM2's template.
+        let tiny = try GGUFExportTests.tinyLlamaFolder(tokenizer: "bytelevel-bpe/llama3", template: "smollm2.jinja")
+        var tokenizer = try XCTUnwrap(JSONValue.parse(bytes: try FileSystem.readFile(tiny + "/tokenizer.json")).object)
+        var added = try XCTUnwrap(tokenizer["added_tokens"]?.array)
+        for (id, content) in [(990, "<|im_start|>"), (991, "<|im_end|>")] {
+            added.append(.object(JSONObject([("id", .int(Int64(id))), ("content", .string(content)), ("special", .bool(true)),
+                                             ("normalized", .bool(false))])))
+        }
+        tokenizer["added_tokens"] = .array(added)
+        try FileSystem.writeAtomically(tiny + "/tokenizer.json", text: JSONValue.object(tokenizer).serialized(.init()))
+        try FileSystem.writeAtomically(tiny + "/tokenizer_config.json", text: #"{"eos_token": "<|im_end|>"}"#)
+        var config = try XCTUnwrap(JSONValue.parse(bytes: try FileSystem.readFile(tiny + "/config.json")).object)
+        config["eos_token_id"] = .int(991)
+        try FileSystem.writeAtomically(tiny + "/config.json", text: JSONValue.object(config).serialized(.init()))
+        FileSystem.remove(tiny + "/generation_config.json")
+
+        let dir = try TestFixtures.temporaryDirectory("ollama-from") + "/out"
+        try FileSystem.createDirectory(dir)
+        let out = dir + "/model.gguf"
+        try GGUFExporter.export(model: try ModelLoader.load(tiny, quantization: .none).model, directory: tiny, type: .q8_0, to: out)
+        let path = try OllamaModelfile.write(besides: out, directory: tiny, inputs: [tiny])
+        let text = try FileSystem.readText(path)
+        let lines = text.split(separator: "\n").map(String.init)
+        let from = try XCTUnwrap(lines.first { $0.hasPrefix("FROM ") })
+        XCTAssertEqual(from, "FROM ./model.gguf")
+        let gguf = try GGUFFile(path: dir + "/" + String(from.dropFirst("FROM ./".count)))
+        let tokens = try XCTUnwrap(gguf["tokenizer.ggml.tokens"]?.strings), types = try XCTUnwrap(gguf["tokenizer.ggml.token_type"]?.ints)
+        let stops = lines.filter { $0.hasPrefix("PARAMETER stop ") }.map { String($0.dropFirst("PARAMETER stop ".count).dropFirst().dropLast()) }
+        XCTAssertFalse(stops.isEmpty)
+        for stop in stops {
+            let id = try XCTUnwrap(tokens.firstIndex(of: stop), stop)
+            XCTAssertEqual(types[id], 3, "\(stop) is a control token")
+        }
+        XCTAssertEqual(stops, ["<|im_end|>"])
+        XCTAssertTrue(text.contains("TEMPLATE \"\"\"" + OllamaModelfile.chatMLTemplate + "\"\"\""), text)
+        XCTAssertEqual(gguf["tokenizer.chat_template"]?.string, try FileSystem.readText(TestFixtures.path("chat-templates/smollm2.jinja")))
+        // Every line is a Modelfile instruction Ollama's parser knows (or a comment), outside the template's quotes.
+        var inQuotes = false
+        for line in lines {
+            if inQuotes { if line.contains("\"\"\"") { inQuotes = false }; continue }
+            let word = line.split(separator: " ").first.map(String.init) ?? ""
+            XCTAssertTrue(line.hasPrefix("#") || ["FROM", "TEMPLATE", "PARAMETER", "SYSTEM", "ADAPTER", "LICENSE", "MESSAGE"].contains(word), line)
+            if line.components(separatedBy: "\"\"\"").count == 2 { inQuotes = true }
+        }
+    }
+}
+
 final class GGUFLoRAExportTests: XCTestCase {
     static let names = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
 
     /// The tiny fixture with its adapter, exported as a LoRA GGUF of `type`.
-    static func exportAdapter(_ dir: String, type: GGUFLoRAType, adapter: String = TestFixtures.path("tiny-llama/adapter")) throws -> (model: DecoderModel, file: GGUFFile) {
+    static func exportAdapter(_ dir: String, type: GGUFExportType, adapter: String = TestFixtures.path("tiny-llama/adapter")) throws -> (model: DecoderModel, file: GGUFFile) {
         let loaded = try ModelLoader.load(dir, quantization: .none)
         try PEFTAdapter.load(directory: adapter, into: loaded.model)
         let out = try TestFixtures.temporaryDirectory("gguf-lora-out") + "/adapter-\(type.rawValue).gguf"
@@ -168,7 +298,7 @@ final class GGUFLoRAExportTests: XCTestCase {
 
     func testTypesAndRefusals() throws {
         let dir = try GGUFExportTests.tinyLlamaFolder()
-        for type in [GGUFLoRAType.f16, .bf16, .q8_0] {
+        for type in [GGUFExportType.f16, .bf16, .q8_0] {
             let (model, file) = try Self.exportAdapter(dir, type: type)
             XCTAssertEqual(file["general.file_type"]?.int, Int(type.fileType))
             for info in file.tensors {
@@ -181,9 +311,16 @@ final class GGUFLoRAExportTests: XCTestCase {
             let largest = expected.map(abs).max()!
             for i in a.indices { XCTAssertLessThanOrEqual(abs(a[i] - expected[i]), max(abs(expected[i]) * step, largest / 254) + 1e-7, "\(type) [\(i)]") }
         }
-        XCTAssertThrowsError(try GGUFLoRAType.parse("q4_0")) { XCTAssertTrue("\($0)".contains("--type") && "\($0)".contains("gguf-lora"), "\($0)") }
+        XCTAssertThrowsError(try GGUFExportType.parse("q4_0", adapter: true)) { XCTAssertTrue("\($0)".contains("--type") && "\($0)".contains("gguf-lora"), "\($0)") }
+        XCTAssertEqual(try GGUFExportType.parse("Q8_0", adapter: true), .q8_0)
+        XCTAssertEqual(try GGUFExportType.parse("q4_0"), .q4_0)
         let loaded = try ModelLoader.load(dir, quantization: .none)
         let out = try TestFixtures.temporaryDirectory("gguf-lora-none") + "/a.gguf"
+        try PEFTAdapter.load(directory: TestFixtures.path("tiny-llama/adapter"), into: loaded.model)
+        XCTAssertThrowsError(try GGUFExporter.exportLoRA(model: loaded.model, type: .q4_k_m, to: out, name: "x")) { error in
+            XCTAssertTrue("\(error)".contains("gguf-lora"), "\(error)")
+        }
+        for layer in loaded.model.blocks.flatMap(\.linears) { layer.lora = nil }
         XCTAssertThrowsError(try GGUFExporter.exportLoRA(model: loaded.model, type: .f16, to: out, name: "x")) { error in
             XCTAssertTrue("\(error)".contains("--adapter"), "\(error)")
         }
@@ -192,7 +329,7 @@ final class GGUFLoRAExportTests: XCTestCase {
 
     func testTheGGUFPackageReadsTheLoRAFile() throws {
         let dir = try GGUFExportTests.tinyLlamaFolder()
-        let files = try [GGUFLoRAType.f32, .q8_0].map { try Self.exportAdapter(dir, type: $0).file }
+        let files = try [GGUFExportType.f32, .q8_0].map { try Self.exportAdapter(dir, type: $0).file }
         let summaries = try GGUFPyReaderTests.summaries(files.map(\.path))
         XCTAssertEqual(summaries.count, files.count)
         for (ours, summary) in zip(files, summaries) {

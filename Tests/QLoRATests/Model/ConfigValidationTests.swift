@@ -40,8 +40,9 @@ final class ConfigValidationTests: XCTestCase {
         assertRejected(try config(["rms_norm_eps": .double(.nan)]), "'rms_norm_eps'")
         assertRejected(try config(["rms_norm_eps": .double(1e-60)]), "'rms_norm_eps'", "float32")
         assertRejected(try config(["rope_parameters": .object(JSONObject([("rope_theta", .double(0)), ("rope_type", .string("default"))]))]),
-                       "'rope_theta'", "finite number > 0, got 0.0")
-        assertRejected(try config(["rope_parameters": .object(JSONObject([("rope_theta", .double(.infinity))]))]), "'rope_theta'")
+                       "'rope_parameters.rope_theta'", "finite number > 0, got 0.0")
+        assertRejected(try config(["rope_parameters": .object(JSONObject([("rope_theta", .double(.infinity))]))]), "'rope_parameters.rope_theta'")
+        assertRejected(try config(["rope_parameters": nil, "rope_theta": .double(-1)]), "'rope_theta'", "finite number > 0")
         let llama3 = { (factor: JSONValue, low: Double, high: Double) -> JSONValue in
             .object(JSONObject([("rope_type", .string("llama3")), ("rope_theta", .double(500000)), ("factor", factor),
                                 ("low_freq_factor", .double(low)), ("high_freq_factor", .double(high))]))
@@ -66,7 +67,7 @@ final class ConfigValidationTests: XCTestCase {
         assertRejected(try config(["attention_bias": .bool(true)]), "'attention_bias'", "o_proj")
         assertRejected(try config(["attention_dropout": .double(0.1)]), "'attention_dropout'")
         assertRejected(try config(["rope_parameters": .object(JSONObject([("rope_type", .string("yarn")), ("rope_theta", .double(1e4))]))]),
-                       "rope_type 'yarn' is not supported")
+                       "'rope_parameters.rope_type'", "'yarn' is not supported")
         assertRejected(try config(["partial_rotary_factor": .double(0.5)]), "'partial_rotary_factor'")
         assertRejected(try config(["quantization_config": .object(JSONObject([("quant_method", .string("gptq"))]))]),
                        "'quantization_config'", "'gptq' is not supported")
@@ -87,33 +88,98 @@ final class ConfigValidationTests: XCTestCase {
         XCTAssertFalse(try config(["model_type": .string("mistral"), "sliding_window": .null]).attentionBias)
     }
 
-    /// Sliding-window attention is not implemented: sequences within the window compute exactly as full
-    /// attention and run; longer ones are refused wherever a sequence length is chosen.
-    func testSlidingWindowLimitsTheSequenceLength() throws {
+    /// Which layers slide, and by how much, as each family's transformers config decides it. The CPU computes
+    /// the window (DecoderFamilyTests check it against transformers); the CUDA backend refuses sequences beyond it.
+    func testSlidingWindowPerLayerFollowsTheFamily() throws {
         let mistral = try config(["model_type": .string("mistral"), "sliding_window": .int(16)])
         XCTAssertEqual(mistral.slidingWindow, 16)
-        XCTAssertNoThrow(try mistral.checkSequenceLength(16, what: "x"))
-        assertRejected(try mistral.checkSequenceLength(17, what: "max_seq_length 17"), "max_seq_length 17", "sliding window of 16")
+        XCTAssertEqual(mistral.layerAttention, [.sliding(window: 16), .sliding(window: 16)])
+        XCTAssertNoThrow(try mistral.checkCUDASupport(sequenceLength: 16, what: "x"))
+        assertRejected(try mistral.checkCUDASupport(sequenceLength: 17, what: "max_seq_length 17"), "max_seq_length 17",
+                       "the CUDA backend does not yet compute sliding-window attention (window 16)", "--device cpu")
         XCTAssertNil(try config(["model_type": .string("mistral"), "sliding_window": .null]).slidingWindow)
+        // Absent, Mistral's default window (transformers' MistralConfig) applies.
+        XCTAssertEqual(try config(["model_type": .string("mistral"), "sliding_window": nil]).slidingWindow, 4096)
 
         let qwen = ["model_type": JSONValue.string("qwen2"), "sliding_window": .int(8)]
         XCTAssertNil(try config(qwen.merging(["use_sliding_window": .bool(false)]) { $1 }).slidingWindow)
         XCTAssertNil(try config(qwen.merging(["use_sliding_window": .bool(true), "max_window_layers": .int(2)]) { $1 }).slidingWindow)
-        XCTAssertEqual(try config(qwen.merging(["use_sliding_window": .bool(true), "max_window_layers": .int(1)]) { $1 }).slidingWindow, 8)
+        XCTAssertEqual(try config(qwen.merging(["use_sliding_window": .bool(true), "max_window_layers": .int(1)]) { $1 }).layerAttention,
+                       [.full, .sliding(window: 8)])
         XCTAssertEqual(try config(qwen.merging(["use_sliding_window": .bool(true),
-                                                "layer_types": .array([.string("full_attention"), .string("sliding_attention")])]) { $1 }).slidingWindow, 8)
+                                                "layer_types": .array([.string("sliding_attention"), .string("full_attention")])]) { $1 }).layerAttention,
+                       [.sliding(window: 8), .full])
         assertRejected(try config(qwen.merging(["use_sliding_window": .bool(true), "layer_types": .array([.string("full_attention")])]) { $1 }),
                        "'layer_types'", "2 layer types")
+        assertRejected(try config(["model_type": .string("gemma2"), "layer_types": .array([.string("full_attention"), .string("local")])]),
+                       "'layer_types'", "unknown layer type \"local\"")
+        // Gemma 2: even layers slide; Gemma 3: every sixth layer is global (sliding_window_pattern).
+        XCTAssertEqual(try config(["model_type": .string("gemma2"), "sliding_window": .int(5)]).layerAttention, [.sliding(window: 5), .full])
+        let gemma3 = try config(["model_type": .string("gemma3_text"), "num_hidden_layers": .int(7), "sliding_window": .int(3)])
+        XCTAssertEqual(gemma3.layerAttention, [.sliding(window: 3), .sliding(window: 3), .sliding(window: 3), .sliding(window: 3),
+                                               .sliding(window: 3), .full, .sliding(window: 3)])
+        XCTAssertEqual(try config(["model_type": .string("gemma3_text"), "sliding_window_pattern": .int(2)]).layerAttention,
+                       [.sliding(window: 4096), .full])
+    }
 
-        // The CPU forward refuses a longer input rather than attending over all of it.
-        let dir = TestFixtures.path("tiny-llama/base")
-        var json = try XCTUnwrap(try JSONValue.parse(bytes: FileSystem.readFile(dir + "/config.json")).object)
-        json["model_type"] = .string("mistral")
-        json["sliding_window"] = .int(4)
-        let model = try DecoderModel(config: DecoderConfig(json: .object(json)), weights: SafeTensorsCheckpoint(directory: dir))
-        let cache = KVCache(config: model.config, capacity: 8)
-        XCTAssertNoThrow(try model.forward(tokens: [1, 2, 3, 4], cache: cache))
-        assertRejected(try model.forward(tokens: [5], cache: cache), "sliding window of 4")
+    /// Gemma's switches, their defaults (absent fields take transformers' config-class defaults) and their checks.
+    func testGemmaVariationsAndDefaults() throws {
+        let gemma2 = try config(["model_type": .string("gemma2"), "head_dim": nil, "tie_word_embeddings": nil])
+        XCTAssertEqual(gemma2.headDim, 256)
+        XCTAssertTrue(gemma2.tieWordEmbeddings)
+        XCTAssertEqual(gemma2.normWeightOffset, 1)
+        XCTAssertTrue(gemma2.sandwichNorms)
+        XCTAssertEqual(gemma2.mlpActivation, .geluTanh)
+        XCTAssertEqual(gemma2.attentionSoftcap, 50)
+        XCTAssertEqual(gemma2.finalLogitSoftcap, 30)
+        XCTAssertEqual(gemma2.attentionScale, 1 / 16)
+        XCTAssertFalse(gemma2.qkNorm)
+        XCTAssertNil(try config(["model_type": .string("gemma2"), "final_logit_softcapping": .null]).finalLogitSoftcap)
+        assertRejected(try config(["model_type": .string("gemma2"), "attn_logit_softcapping": .double(-1)]), "'attn_logit_softcapping'", "> 0")
+        assertRejected(try config(["model_type": .string("gemma2"), "hidden_activation": .string("gelu")]), "'hidden_activation'", "not implemented")
+        assertRejected(try config(["model_type": .string("gemma2"), "query_pre_attn_scalar": .int(0)]), "'query_pre_attn_scalar'", "> 0")
+        assertRejected(try config(["model_type": .string("gemma3_text"), "use_bidirectional_attention": .bool(true)]), "'use_bidirectional_attention'")
+        // √hidden as transformers rounds it: fp32 for an fp32 model, bf16 for a bf16 one (√3072 = 55.4256 → 55.5).
+        XCTAssertEqual(try config(["model_type": .string("gemma2"), "hidden_size": .int(3072)]).embeddingScale(dtype: .bf16), 55.5)
+        XCTAssertEqual(gemma2.embeddingScale(dtype: .f32), Float(Double(128).squareRoot()))
+
+        // Gemma 3: q/k norms, no caps, RoPE per layer type (older files: rope_theta, rope_local_base_freq, rope_scaling on global layers).
+        let gemma3 = try config(["model_type": .string("gemma3_text"), "sliding_window_pattern": .int(2), "rope_parameters": nil, "rope_scaling": .object(JSONObject([("rope_type", .string("linear")), ("factor", .double(8))]))])
+        XCTAssertTrue(gemma3.qkNorm)
+        XCTAssertNil(gemma3.attentionSoftcap)
+        XCTAssertEqual(gemma3.rope(layer: 1), RopeParameters(theta: 1_000_000, scaling: RopeScaling(kind: .linear, factor: 8)))
+        XCTAssertEqual(gemma3.rope(layer: 0), RopeParameters(theta: 10_000, scaling: RopeScaling(kind: .default)))
+        let perType = JSONValue.object(JSONObject([
+            ("full_attention", .object(JSONObject([("rope_type", .string("default")), ("rope_theta", .double(5e5))]))),
+            ("sliding_attention", .object(JSONObject([("rope_type", .string("default")), ("rope_theta", .double(1e3))])))]))
+        let typed = try config(["model_type": .string("gemma3_text"), "sliding_window_pattern": .int(2), "rope_parameters": perType])
+        XCTAssertEqual(typed.rope(layer: 0).theta, 1e3)
+        XCTAssertEqual(typed.rope(layer: 1).theta, 5e5)
+        assertRejected(try config(["model_type": .string("gemma3_text"), "rope_parameters": .object(JSONObject([("full_attention", .object(JSONObject([("rope_type", .string("yarn"))])))]))]),
+                       "'rope_parameters.full_attention.rope_type'", "'yarn' is not supported")
+
+        // Qwen3: q/k norms, head_dim 128 by default, attention_bias (which would put one on o_proj) refused.
+        let qwen3 = try config(["model_type": .string("qwen3"), "head_dim": nil])
+        XCTAssertTrue(qwen3.qkNorm)
+        XCTAssertEqual(qwen3.headDim, 128)
+        XCTAssertEqual(qwen3.normWeightOffset, 0)
+        assertRejected(try config(["model_type": .string("qwen3"), "attention_bias": .bool(true)]), "'attention_bias'")
+    }
+
+    /// A multimodal Gemma 3: the text model from `text_config`, errors named under it.
+    func testGemma3MultimodalReadsItsTextConfig() throws {
+        var text = try XCTUnwrap(try JSONValue.parse(bytes: FileSystem.readFile(TestFixtures.path("tiny-llama/base/config.json"))).object)
+        text["model_type"] = .string("gemma3_text")
+        let json = JSONValue.object(JSONObject([("model_type", .string("gemma3")), ("text_config", .object(text)), ("tie_word_embeddings", .bool(false))]))
+        let c = try DecoderConfig(json: json)
+        XCTAssertEqual(c.modulePrefix, "model.language_model.")
+        XCTAssertEqual(c.checkpointName("model.language_model.layers.0.self_attn.q_proj.weight"), "language_model.model.layers.0.self_attn.q_proj.weight")
+        XCTAssertEqual(c.checkpointName("lm_head.weight"), "language_model.lm_head.weight")
+        XCTAssertFalse(c.tieWordEmbeddings)
+        text["num_hidden_layers"] = .int(0)
+        assertRejected(try DecoderConfig(json: .object(JSONObject([("model_type", .string("gemma3")), ("text_config", .object(text))]))),
+                       "'text_config.num_hidden_layers'", "must be positive")
+        assertRejected(try DecoderConfig(json: .object(JSONObject([("model_type", .string("gemma3"))]))), "'text_config'", "missing")
     }
 }
 

@@ -313,9 +313,9 @@ final class Phi3Tests: XCTestCase {
     }
 
     func testCUDARefusesPhi3NamingWhatItLacks() throws {
-        XCTAssertNoThrow(try LlamaForwardTests.loadTinyLlama().config.checkCUDASupport(for: "training"))
-        XCTAssertThrowsError(try DecoderConfig(directory: Self.directory("phi3-longrope") + "/base").checkCUDASupport(for: "training")) {
-            for part in ["fused qkv_proj and gate_up_proj", "partial rotary embeddings", "18 of 24", "longrope", "--device cpu for training"] {
+        XCTAssertNoThrow(try LlamaForwardTests.loadTinyLlama().config.checkCUDASupport(sequenceLength: 16, what: "training"))
+        XCTAssertThrowsError(try DecoderConfig(directory: Self.directory("phi3-longrope") + "/base").checkCUDASupport(sequenceLength: 16, what: "training")) {
+            for part in ["fused qkv_proj and gate_up_proj", "partial rotary embeddings", "18 of 24", "longrope", "(phi3, training)", "--device cpu"] {
                 XCTAssertTrue("\($0)".contains(part), "\($0) lacks \(part)")
             }
         }
@@ -330,12 +330,53 @@ final class Phi3Tests: XCTestCase {
         XCTAssertLessThan(e, 0.5, "4-bit rounding of a tiny model's N(0, 0.08) weights")
     }
 
-    /// sliding_window is read for phi3 (transformers masks with it); until the window is computed, longer inputs are refused.
-    func testSlidingWindowIsRead() throws {
+    /// sliding_window slides every phi3 layer (transformers' Phi3Model masks with it whenever it is set): the `window`
+    /// set was made with sliding_window 10 on rows of 24 tokens. Logits, loss, every LoRA gradient and cached decoding.
+    func testSlidingWindowMatchesTransformers() throws {
         let dir = try Self.editedBase("phi3") { $0["sliding_window"] = .int(10) }
-        let model = try Self.load("phi3", base: dir)
-        XCTAssertEqual(model.config.slidingWindow, 10)
-        let row = try Self.rows("phi3", "main").ids[0]
-        XCTAssertThrowsError(try model.forward(tokens: row, cache: KVCache(config: model.config, capacity: row.count)))
+        let expected = try Self.expected("phi3")
+        let ids = try Self.rows("phi3", "window").ids
+        let base = try Self.load("phi3", adapter: false, base: dir), adapted = try Self.load("phi3", base: dir)
+        XCTAssertEqual(adapted.config.slidingWindow, 10)
+        XCTAssertEqual(adapted.config.layerAttention, [.sliding(window: 10), .sliding(window: 10)])
+        let e1 = relativeError(try Self.logits(base, ids), try expected.floats("window.logits_base"))
+        let e2 = relativeError(try Self.logits(adapted, ids), try expected.floats("window.logits_lora"))
+        XCTAssertLessThan(e1, 1e-5, "base")
+        XCTAssertLessThan(e2, 1e-5, "with adapter")
+        print("phi3 window: logits relative error \(e1) (base), \(e2) (adapter)")
+        // Without the window, the same rows miss transformers' numbers: the fixture checks the window.
+        XCTAssertGreaterThan(relativeError(try Self.logits(try Self.load("phi3"), ids), try expected.floats("window.logits_lora")), 1e-3)
+
+        let batch = try Self.batch("phi3", "window")
+        let reference = Double(try expected.floats("window.loss")[0])
+        for checkpointing in [true, false] {
+            let model = try Self.load("phi3", base: dir)
+            let gradients = LoRAGradients(model: model)
+            let loss = try model.accumulateGradients(batch: batch, into: gradients, normalizer: batch.countedTokens,
+                                                     options: TrainingStepOptions(gradientCheckpointing: checkpointing))
+            XCTAssertEqual(loss.mean, reference, accuracy: 1e-5 * reference)
+            XCTAssertEqual(try model.loss(batch: batch).mean, reference, accuracy: 1e-5 * reference, "eval")
+            var checked = 0, worst = 0.0
+            for (name, gradient) in gradients.named {
+                let error = relativeError(gradient.values, try expected.floats("window.grad." + name))
+                XCTAssertLessThan(error, 1e-4, "\(name): relative error \(error)")
+                checked += 1
+                worst = max(worst, error)
+            }
+            XCTAssertEqual(checked, 16)
+            print("phi3 window checkpointing \(checkpointing): loss \(loss.mean) vs \(reference), worst LoRA gradient relative error \(worst)")
+        }
+
+        // One token at a time through the KV cache, past the window: each query sees the same 10 keys.
+        let row = ids[0]
+        let full = try adapted.forward(tokens: row, cache: KVCache(config: adapted.config, capacity: row.count))
+        let cache = KVCache(config: adapted.config, capacity: row.count)
+        var stepped = try adapted.forward(tokens: Array(row.prefix(4)), cache: cache)
+        for id in row.dropFirst(4) { stepped += try adapted.forward(tokens: [id], cache: cache, lastOnly: true) }
+        XCTAssertLessThan(relativeError(stepped, full), 1e-5)
+        // The GPU does not compute the window yet: refused by name beyond it.
+        XCTAssertThrowsError(try adapted.config.checkCUDASupport(sequenceLength: 24, what: "training")) {
+            XCTAssertTrue("\($0)".contains("sliding-window attention (window 10)"), "\($0)")
+        }
     }
 }

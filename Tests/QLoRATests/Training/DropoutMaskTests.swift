@@ -45,7 +45,7 @@ final class DropoutMaskTests: XCTestCase {
         let x = Matrix(rows: batch.tokenCount, columns: model.config.hiddenSize)
         let stepSeed: UInt64 = 99
         for (l, block) in model.blocks.enumerated() {
-            let a = model.blockForward(block, input: x, batch: batch, dropoutSeed: DropoutMask.blockSeed(stepSeed: stepSeed, block: l))
+            let a = model.blockForward(block, layer: l, input: x, batch: batch, dropoutSeed: DropoutMask.blockSeed(stepSeed: stepSeed, block: l))
             for (j, layer) in block.linears.enumerated() {
                 XCTAssertEqual(a.dropoutSeeds[layer.name], DropoutMask.linearSeed(stepSeed: stepSeed, block: l, linear: j), layer.name)
             }
@@ -56,7 +56,7 @@ final class DropoutMaskTests: XCTestCase {
     func testLoRAInputIsMaskedByTheHash() throws {
         let model = try LlamaForwardTests.loadTinyLlama()
         try PEFTAdapter.load(directory: TestFixtures.path("tiny-llama/adapter"), into: model)
-        let layer = model.blocks[0].q
+        let layer = model.blocks[0].q!
         let p: Float = 0.25
         layer.lora?.dropout = p
         let n = 5

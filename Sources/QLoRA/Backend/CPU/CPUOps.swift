@@ -1,5 +1,14 @@
-// The Llama block's element-wise and attention ops on the CPU, fp32: the readable reference
+// The decoder block's element-wise and attention ops on the CPU, fp32: the readable reference
 // that every other backend is checked against. Shapes are in the comments: T tokens, H hidden.
+//
+// Variations (DecoderConfig) and their derivatives, used by DecoderBackward.swift:
+// - RMSNorm times (w + o), o = 0 (Llama) or 1 (Gemma): the Llama formulas with w + o in place of w.
+// - GeGLU, a = gelu(g)·u with gelu(g) = ½g(1 + tanh(k(g + 0.044715g³))), k = √(2/π):
+//     du = da·gelu(g)     dg = da·u·(½(1 + t) + ½g(1 − t²)·k(1 + 3·0.044715g²)),  t = tanh(k(g + 0.044715g³))
+// - Soft-capping, y = c·tanh(x / c):  dx = dy·(1 − (y / c)²)
+// - Attention with logit scale s (head_dim^-½, or query_pre_attn_scalar^-½) and optional cap c:
+//     S = cap(s·Q·Kᵀ), P = softmax(S + mask);  dS = P⊙(dP − rowsum(dP⊙P)),  dRaw = dS⊙(1 − (S / c)²),
+//     dQ = dRaw·K·s,  dK = dRawᵀ·Q·s.  The mask of a sliding-window layer hides keys more than window − 1 back.
 
 #if canImport(Glibc)
 import Glibc
@@ -18,6 +27,36 @@ public enum CPUOps {
             let inverse = 1 / (meanSquare + eps).squareRoot()
             for i in 0..<width { out[i] = row[i] * inverse * weight[i] }
         }
+    }
+
+    /// The same with the norm's weight as stored and `offset` added to it: y = x·r·(w + offset), Gemma's (1 + w) with offset 1.
+    /// `y` may be `x` (each row is read before it is written).
+    public static func rmsNorm(_ x: UnsafePointer<Float>, weight: [Float], offset: Float, eps: Float,
+                               rows: Int, width: Int, into y: UnsafeMutablePointer<Float>) {
+        precondition(weight.count == width, "norm weight of \(weight.count) for rows of \(width)")
+        weight.withUnsafeBufferPointer { w in
+            if offset == 0 { return rmsNorm(x, weight: w.baseAddress!, eps: eps, rows: rows, width: width, into: y) }
+            let shifted = w.map { $0 + offset }
+            shifted.withUnsafeBufferPointer { rmsNorm(x, weight: $0.baseAddress!, eps: eps, rows: rows, width: width, into: y) }
+        }
+    }
+
+    /// The backward of `rmsNorm(_:weight:offset:…)`.
+    public static func rmsNormBackward(_ x: UnsafePointer<Float>, weight: [Float], offset: Float, eps: Float,
+                                       outputGradient dy: UnsafePointer<Float>, rows: Int, width: Int,
+                                       into dx: UnsafeMutablePointer<Float>, accumulate: Bool) {
+        precondition(weight.count == width, "norm weight of \(weight.count) for rows of \(width)")
+        let shifted = offset == 0 ? weight : weight.map { $0 + offset }
+        shifted.withUnsafeBufferPointer {
+            rmsNormBackward(x, weight: $0.baseAddress!, eps: eps, outputGradient: dy, rows: rows, width: width, into: dx, accumulate: accumulate)
+        }
+    }
+
+    // MARK: - Soft-capping
+
+    /// x ← c·tanh(x / c), in place, as transformers computes it (divide, tanh, multiply).
+    public static func softcap(_ x: UnsafeMutablePointer<Float>, count: Int, cap: Float) {
+        for i in 0..<count { x[i] = tanhf(x[i] / cap) * cap }
     }
 
     // MARK: - Rotary embeddings
@@ -114,17 +153,64 @@ public enum CPUOps {
         }
     }
 
+    // MARK: - GeGLU (tanh GELU)
+
+    /// gelu(g) = ½·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))), PyTorch's `gelu(approximate="tanh")`.
+    @inline(__always)
+    static func geluTanh(_ g: Float) -> (value: Float, tanh: Float) {
+        let k: Float = 0.7978845608028654  // √(2/π)
+        let t = tanhf(k * (g + 0.044715 * g * g * g))
+        return (0.5 * g * (1 + t), t)
+    }
+
+    /// out = gelu(gate) * up.   All [T, I].
+    public static func geglu(gate: UnsafePointer<Float>, up: UnsafePointer<Float>, count: Int, into out: UnsafeMutablePointer<Float>) {
+        for i in 0..<count { out[i] = geluTanh(gate[i]).value * up[i] }
+    }
+
+    /// du = da·gelu(g); dg = da·u·(½(1 + t) + ½g(1 − t²)·√(2/π)·(1 + 3·0.044715·g²)).
+    public static func gegluBackward(gate: UnsafePointer<Float>, up: UnsafePointer<Float>, outputGradient da: UnsafePointer<Float>,
+                                     count: Int, gateGradient dg: UnsafeMutablePointer<Float>, upGradient du: UnsafeMutablePointer<Float>) {
+        let k: Float = 0.7978845608028654
+        for i in 0..<count {
+            let g = gate[i]
+            let (value, t) = geluTanh(g)
+            du[i] = da[i] * value
+            dg[i] = da[i] * up[i] * (0.5 * (1 + t) + 0.5 * g * (1 - t * t) * k * (1 + 3 * 0.044715 * g * g))
+        }
+    }
+
+    /// The MLP's gated activation, act(gate)·up, for the family's activation. `out` may be `gate`.
+    public static func gatedActivation(_ activation: MLPActivation, gate: UnsafePointer<Float>, up: UnsafePointer<Float>,
+                                       count: Int, into out: UnsafeMutablePointer<Float>) {
+        switch activation {
+        case .silu: swiglu(gate: gate, up: up, count: count, into: out)
+        case .geluTanh: geglu(gate: gate, up: up, count: count, into: out)
+        }
+    }
+
+    /// The backward of `gatedActivation`.
+    public static func gatedActivationBackward(_ activation: MLPActivation, gate: UnsafePointer<Float>, up: UnsafePointer<Float>,
+                                               outputGradient da: UnsafePointer<Float>, count: Int,
+                                               gateGradient dg: UnsafeMutablePointer<Float>, upGradient du: UnsafeMutablePointer<Float>) {
+        switch activation {
+        case .silu: swigluBackward(gate: gate, up: up, outputGradient: da, count: count, gateGradient: dg, upGradient: du)
+        case .geluTanh: gegluBackward(gate: gate, up: up, outputGradient: da, count: count, gateGradient: dg, upGradient: du)
+        }
+    }
+
     // MARK: - Attention
 
     /// Causal grouped-query attention of T new queries against a cache of keys and values.
     ///   q: [T, heads, D]; keys, values: [S, kvHeads, D] (S ≥ positions seen so far); out: [T, heads, D]
     /// Query t attends to cache rows `visible(t)`: for plain decoding 0...start+t; for packed
     /// sequences only the rows of its own example.
+    /// Logits are q·k times `scale` (default head_dim^-½), then c·tanh(logit / c) when `softcap` is c.
     public static func attention(q: UnsafePointer<Float>, keys: UnsafePointer<Float>, values: UnsafePointer<Float>,
-                                 rows: Int, heads: Int, kvHeads: Int, headDim: Int,
+                                 rows: Int, heads: Int, kvHeads: Int, headDim: Int, scale: Float? = nil, softcap: Float? = nil,
                                  visible: (Int) -> Range<Int>, into out: UnsafeMutablePointer<Float>) {
         let group = heads / kvHeads
-        let scale = 1 / Float(headDim).squareRoot()
+        let scale = scale ?? 1 / Float(headDim).squareRoot()
         let kvStride = kvHeads * headDim
         let cacheRows = visible(rows - 1).upperBound
         CPUParallelism.forEach(heads, work: rows * heads * headDim * cacheRows) { h in
@@ -138,7 +224,8 @@ public enum CPUOps {
                 let query = q + (t * heads + h) * headDim
                 var maximum = -Float.infinity
                 for s in range {
-                    let score = CPUMatmul.dot(query, keys + s * kvStride + g * headDim, headDim) * scale
+                    var score = CPUMatmul.dot(query, keys + s * kvStride + g * headDim, headDim) * scale
+                    if let softcap { score = tanhf(score / softcap) * softcap }
                     scores[s] = score
                     maximum = max(maximum, score)
                 }
@@ -173,13 +260,19 @@ public final class RopeTable: @unchecked Sendable {
     private let longFrequencies: [Double]?
     private let scale: Float
 
-    public init(config: DecoderConfig, positions: Int = 256) {
+    /// The table of the full-attention layers' RoPE.
+    public convenience init(config: DecoderConfig, positions: Int = 256) {
+        self.init(config: config, rope: RopeParameters(theta: config.ropeTheta, scaling: config.ropeScaling), positions: positions)
+    }
+
+    /// The table of `rope` (a layer type's own base and scaling).
+    public init(config: DecoderConfig, rope: RopeParameters, positions: Int = 256) {
         rotaryDim = config.rotaryDim
-        shortFrequencies = config.ropeInverseFrequencies()
-        let isLongrope = config.ropeScaling.kind == .longrope
-        longFrequencies = isLongrope ? config.ropeInverseFrequencies(long: true) : nil
+        shortFrequencies = config.ropeInverseFrequencies(rope)
+        let isLongrope = rope.scaling.kind == .longrope
+        longFrequencies = isLongrope ? config.ropeInverseFrequencies(rope, long: true) : nil
         if isLongrope { long = ([], []) }
-        scale = Float(isLongrope ? config.ropeScaling.attentionFactor : 1)
+        scale = Float(isLongrope ? rope.scaling.attentionFactor : 1)
         self.positions = 0
         grow(to: positions)
     }
@@ -226,13 +319,15 @@ extension CPUOps {
     /// The backward of `attention` for one sequence (the cache is the sequence itself, S = T):
     /// recomputes P per query, then dV = Pᵀ·dO, dS = P⊙(dP − rowsum(dP⊙P)), dQ = dS·K·c, dK = dSᵀ·Q·c.
     /// Gradients are written (not accumulated); key and value gradients sum over the heads of a group.
+    /// With `softcap` c, dS is multiplied by 1 − (S / c)², the derivative of the cap at the capped logit S.
     public static func attentionBackward(q: UnsafePointer<Float>, keys: UnsafePointer<Float>, values: UnsafePointer<Float>,
                                          outputGradient dOut: UnsafePointer<Float>,
-                                         rows: Int, heads: Int, kvHeads: Int, headDim: Int, visible: (Int) -> Range<Int>,
+                                         rows: Int, heads: Int, kvHeads: Int, headDim: Int, scale: Float? = nil, softcap: Float? = nil,
+                                         visible: (Int) -> Range<Int>,
                                          queryGradient dq: UnsafeMutablePointer<Float>, keyGradient dk: UnsafeMutablePointer<Float>,
                                          valueGradient dv: UnsafeMutablePointer<Float>) {
         let group = heads / kvHeads
-        let scale = 1 / Float(headDim).squareRoot()
+        let scale = scale ?? 1 / Float(headDim).squareRoot()
         let kvStride = kvHeads * headDim
         let qStride = heads * headDim
         for i in 0..<(rows * kvStride) { dk[i] = 0; dv[i] = 0 }
@@ -241,7 +336,9 @@ extension CPUOps {
             // Raw scratch, no per-element bounds checks in the loops over keys; the range is checked once per query.
             let p = UnsafeMutablePointer<Float>.allocate(capacity: rows)
             let dp = UnsafeMutablePointer<Float>.allocate(capacity: rows)
-            defer { p.deallocate(); dp.deallocate() }
+            // 1 − tanh² of each capped logit (1 without a cap).
+            let capSlope = UnsafeMutablePointer<Float>.allocate(capacity: rows)
+            defer { p.deallocate(); dp.deallocate(); capSlope.deallocate() }
             for h in (g * group)..<((g + 1) * group) {
                 for t in 0..<rows {
                     let range = visible(t)
@@ -251,6 +348,13 @@ extension CPUOps {
                     var maximum = -Float.infinity
                     for s in range {
                         p[s] = CPUMatmul.dot(query, keys + s * kvStride + g * headDim, headDim) * scale
+                        if let softcap {
+                            let t = tanhf(p[s] / softcap)
+                            p[s] = t * softcap
+                            capSlope[s] = 1 - t * t
+                        } else {
+                            capSlope[s] = 1
+                        }
                         maximum = max(maximum, p[s])
                     }
                     var total: Float = 0
@@ -266,7 +370,7 @@ extension CPUOps {
                     for s in range {
                         let dValue = dv + s * kvStride + g * headDim
                         for i in 0..<headDim { dValue[i] += p[s] * dO[i] }
-                        let ds = p[s] * (dp[s] - rowSum) * scale
+                        let ds = p[s] * (dp[s] - rowSum) * capSlope[s] * scale
                         let key = keys + s * kvStride + g * headDim
                         let dKey = dk + s * kvStride + g * headDim
                         for i in 0..<headDim {

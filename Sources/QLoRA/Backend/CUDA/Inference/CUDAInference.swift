@@ -99,7 +99,8 @@ public final class CUDAInference {
     public convenience init(context: CUDAContext, model: DecoderModel, capacity: Int,
                             quantized: [String: QuantizedWeight] = [:]) throws {
         let c = model.config
-        try c.checkCUDASupport(for: "generation")
+        // Refused before anything is uploaded.
+        try c.checkCUDASupport(sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
         let A = context.allocator
         func bf16(_ values: [Float]) throws -> DeviceBuffer<UInt16> { try A.buffer(copying: values.map(floatToBF16)) }
         func bf16(_ m: Matrix) throws -> DeviceBuffer<UInt16> {
@@ -139,7 +140,7 @@ public final class CUDAInference {
         var layers: [DeviceLayer] = []
         for block in model.blocks {
             layers.append(DeviceLayer(
-                inputNorm: try bf16(block.inputNorm), postNorm: try bf16(block.postAttentionNorm),
+                inputNorm: try bf16(block.inputNorm), postNorm: try bf16(block.mlpInputNorm),
                 qkv: try group(block.attentionInput), o: try group([block.o]),
                 gateUp: try group(block.mlpInput), down: try group([block.down]),
                 keys: try A.buffer(UInt16.self, count: capacity * c.kvDim), values: try A.buffer(UInt16.self, count: capacity * c.kvDim)))
@@ -190,14 +191,13 @@ public final class CUDAInference {
 
     private init(context: CUDAContext, config c: DecoderConfig, capacity: Int, layers: [DeviceLayer], embedding: DeviceBuffer<UInt16>,
                  finalNorm: DeviceBuffer<UInt16>, head: DeviceBuffer<UInt16>) throws {
-        try c.checkCUDASupport(for: "generation")
         guard c.hiddenSize % 32 == 0, c.qDim % 32 == 0, c.intermediateSize % 32 == 0, [32, 64, 128].contains(c.headDim) else {
             throw UsageError("the GPU decode path needs hidden, q and intermediate sizes that are multiples of 32 and a head dimension of 32, 64 or 128 (hidden \(c.hiddenSize), intermediate \(c.intermediateSize), head dim \(c.headDim))")
         }
         guard capacity > 0, capacity <= c.maxPositionEmbeddings else {
             throw UsageError("a KV cache of \(capacity) positions does not fit the model's \(c.maxPositionEmbeddings)")
         }
-        try c.checkSequenceLength(capacity, what: "a KV cache of \(capacity) positions")
+        try c.checkCUDASupport(sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
         self.context = context
         self.config = c
         self.capacity = capacity

@@ -166,7 +166,8 @@ public final class CUDADecoderTrainer {
     /// dropout, become the trained parameters; its linear biases stay frozen). `memory`: where the checkpoints and the
     /// embedding live (nil: `CUDATrainerMemoryOptions.automatic(for:)`).
     public convenience init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil) throws {
-        try model.config.checkCUDASupport(for: "training")
+        // The kernels compute the Llama block; a sliding window is checked against the batches by the caller.
+        try model.config.checkCUDASupport(sequenceLength: 0, what: "training")
         var ranks: [[Int]] = []
         var dropout: Float = 0
         for block in model.blocks {
@@ -204,7 +205,7 @@ public final class CUDADecoderTrainer {
     /// whether any linear drops out (then the d(x) scratch is allocated).
     init(context ctx: CUDAContext, config c: DecoderConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
          memory: CUDATrainerMemoryOptions?, source: Source) throws {
-        try c.checkCUDASupport(for: "training")
+        try c.checkCUDASupport(sequenceLength: 0, what: "training")
         guard c.headDim == 32 || c.headDim == 64 || c.headDim == 128 else {
             throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels (32, 64 or 128)")
         }
@@ -297,7 +298,7 @@ public final class CUDADecoderTrainer {
                 switch source {
                 case .model(let model):
                     norms = (try a.buffer(copying: model.blocks[l].inputNorm.map(floatToBF16)),
-                             try a.buffer(copying: model.blocks[l].postAttentionNorm.map(floatToBF16)))
+                             try a.buffer(copying: model.blocks[l].mlpInputNorm.map(floatToBF16)))
                 case .random:
                     norms = (try a.buffer(copying: [UInt16](repeating: one, count: c.hiddenSize)),
                              try a.buffer(copying: [UInt16](repeating: one, count: c.hiddenSize)))
