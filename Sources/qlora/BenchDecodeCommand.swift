@@ -39,6 +39,7 @@ struct BenchDecodeCommand: ParsableCommand {
             throw ValidationError("unknown architecture '\(arch)' (choose from \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")))")
         }
         guard tokens > 0, promptTokens > 0 else { throw ValidationError("--tokens and --prompt-tokens must be positive") }
+        try architecture.config.checkCUDASupport(sequenceLength: promptTokens + tokens + 8, what: "bench-decode --arch \(arch)")
         guard loraR >= 0 else { throw ValidationError("--lora-r must be a non-negative integer (0: no adapter), got \(loraR)") }
         let ctx = try CUDAContext()
         let dev = ctx.device

@@ -380,3 +380,43 @@ final class Phi3Tests: XCTestCase {
         }
     }
 }
+
+extension Phi3Tests {
+    /// `qlora bench --arch phi-4-mini`: Phi-4-mini's config.json read as transformers reads it; the GPU refuses it by name.
+    func testPhi4MiniBenchArchitecture() throws {
+        let c = Architecture.phi4_mini.config
+        XCTAssertEqual(c.modelType, "phi3")
+        XCTAssertTrue(c.fusedProjections)
+        XCTAssertEqual(c.headDim, 128)
+        XCTAssertEqual(c.rotaryDim, 96, "int(128 × 0.75)")
+        XCTAssertEqual(c.ropeScaling.kind, .longrope)
+        XCTAssertEqual(c.ropeScaling.longFactors.count, 48)
+        XCTAssertEqual(c.ropeScaling.shortFactors, Array(repeating: 1, count: 48))
+        XCTAssertEqual(c.ropeScaling.originalMaxPositionEmbeddings, 4096)
+        XCTAssertEqual(c.ropeScaling.factor, 32, "131072 / 4096")
+        XCTAssertEqual(c.ropeScaling.attentionFactor, (1 + log(32.0) / log(4096.0)).squareRoot(), accuracy: 1e-15)
+        XCTAssertEqual(c.layerAttention, Array(repeating: .sliding(window: 262144), count: 32))
+        XCTAssertTrue(c.tieWordEmbeddings)
+        // 3,836,021,760 parameters, as the checkpoint holds (fused or not, the linears have the same sizes).
+        XCTAssertEqual(c.parameterCount, 3_836_021_760)
+        // The bench's CPU path on one layer of it (a small vocabulary): random fused weights, LoRA on the four fused
+        // and unfused modules, a timed training step and decoding.
+        var one = c
+        one.layerCount = 1
+        one.layerAttention = [c.layerAttention[0]]
+        one.vocabularySize = 256
+        let model = DecoderModel.random(config: one)
+        XCTAssertEqual(model.blocks[0].attentionInput.map(\.outFeatures), [3072 + 2 * 1024])
+        XCTAssertNil(model.blocks[0].q)
+        let lora = LoRAConfig(rank: 4, alpha: 8, targetModules: LoRAConfig.llamaProjections).resolvingDefaultTargets(for: model)
+        XCTAssertEqual(try model.attachLoRA(lora, seed: 0), 4)
+        let result = try CPUBenchmark.training(model: model, batch: 1, sequenceLength: 8, steps: 1)
+        XCTAssertGreaterThan(result.tokensPerSecond, 0)
+        XCTAssertGreaterThan(try CPUBenchmark.decode(model: model, promptLength: 4, tokens: 2), 0)
+        XCTAssertThrowsError(try c.checkCUDASupport(sequenceLength: 256, what: "bench --arch phi-4-mini")) {
+            for part in ["fused qkv_proj and gate_up_proj", "96 of 128", "longrope", "bench --arch phi-4-mini", "--device cpu"] {
+                XCTAssertTrue("\($0)".contains(part), "\($0) lacks \(part)")
+            }
+        }
+    }
+}

@@ -154,6 +154,7 @@ public final class CUDAInference {
     /// A model of `config`'s shape with random NF4 weights made on the GPU and a random LoRA adapter of rank
     /// `loraRank` (0: none) on all seven projections, for benchmarks.
     public convenience init(context: CUDAContext, randomConfig c: DecoderConfig, loraRank: Int, capacity: Int, seed: UInt64 = 1) throws {
+        try c.checkCUDASupport(sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
         let A = context.allocator
         var s = seed
         func next() -> UInt64 { s &+= 0x9E37_79B9; return s }
