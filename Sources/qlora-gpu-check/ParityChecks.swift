@@ -241,7 +241,7 @@ extension String {
 func runQwen2Checks() {
     group("qwen2: trainer loss and LoRA gradients vs CPU (q, k, v biases)") {
         let model = try loadQwen2ForGPU()
-        checkTrue("qwen2: q, k, v have biases", model.blocks.allSatisfy { $0.q.bias != nil && $0.k.bias != nil && $0.v.bias != nil })
+        checkTrue("qwen2: q, k, v have biases", model.blocks.allSatisfy { $0.attentionInput.allSatisfy { $0.bias != nil } })
         let examples = randomExamples(count: 2, length: 20, vocab: model.config.vocabularySize, seed: 31)
         let batch = TrainingBatch(examples: examples.enumerated().map { (i, e) in
             (e.tokens, e.labels.enumerated().map { i == 0 && $0.offset < 5 ? -100 : $0.element })

@@ -16,7 +16,7 @@ struct BenchCommand: ParsableCommand {
     var batch: Int = 1
     @Option(parsing: .unconditional, help: "Sequence length of each row.")
     var seq: Int = 256
-    @Option(name: .customLong("lora-r"), parsing: .unconditional, help: "LoRA rank on the seven projections (alpha = 2r).")
+    @Option(name: .customLong("lora-r"), parsing: .unconditional, help: "LoRA rank on the seven projections (a fused model's four; alpha = 2r).")
     var loraR: Int = 16
     @Option(name: .customLong("lora-dropout"), parsing: .unconditional, help: "LoRA dropout on the seven projections (qlora train's default is 0.05).")
     var loraDropout: Double = 0
@@ -57,7 +57,16 @@ struct BenchCommand: ParsableCommand {
         if let gpuMemory, !(gpuMemory > 0 && gpuMemory.isFinite) { throw ValidationError("--gpu-memory must be a positive number of GiB, got \(gpuMemory)") }
         _ = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints")
         _ = try Self.parseSwitch(hostEmbedding, "host-embedding")
-        switch try ComputeDevice.choose(device, computeDType: try computeDTypeOption.choice()) {
+        var chosen = device
+        do {
+            try architecture.config.checkCUDASupport(sequenceLength: seq, what: "bench --arch \(arch)")
+        } catch {
+            // The GPU does not compute this architecture yet (phi-4-mini): cuda is refused by name before any GPU
+            // work, auto runs on the CPU.
+            if ["cuda", "gpu"].contains(device.lowercased()) { throw error }
+            chosen = "cpu"
+        }
+        switch try ComputeDevice.choose(chosen, computeDType: try computeDTypeOption.choice()) {
         case .cuda(let context):
             try runCUDA(architecture: architecture, context: context)
         case .cpu:
@@ -67,8 +76,9 @@ struct BenchCommand: ParsableCommand {
 
     func runCPU(architecture: Architecture) throws {
         let model = DecoderModel.random(config: architecture.config)
-        try model.attachLoRA(LoRAConfig(rank: loraR, alpha: Double(2 * loraR), dropout: loraDropout, targetModules: LoRAConfig.llamaProjections),
-                             seed: 0)
+        // The seven projections, or a fused model's four (qkv_proj, o_proj, gate_up_proj, down_proj).
+        let lora = LoRAConfig(rank: loraR, alpha: Double(2 * loraR), dropout: loraDropout, targetModules: LoRAConfig.llamaProjections)
+        try model.attachLoRA(lora.resolvingDefaultTargets(for: model), seed: 0)
         let training = try CPUBenchmark.training(model: model, batch: batch, sequenceLength: seq, steps: steps)
         for layer in model.linearLayers { layer.lora = nil }
         let decode = decodeTokens > 0 ? try CPUBenchmark.decode(model: model, promptLength: 16, tokens: decodeTokens) : 0

@@ -58,7 +58,7 @@ struct DemoCommand: ParsableCommand {
         let padID = tokenizer.padTokenID ?? tokenizer.eosTokenID ?? 0
 
         var trainingDevice = try ComputeDevice.choose(device, computeDType: try computeDTypeOption.choice())
-        try loaded.model.attachLoRA(c.loraConfig, seed: c.seed)  // B = 0: still the base model
+        try loaded.model.attachLoRA(c.loraConfig.resolvingDefaultTargets(for: loaded.model), seed: c.seed)  // B = 0: still the base model
         let trainer: Trainer
         do {
             trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID, baseDirectory: loaded.directory,

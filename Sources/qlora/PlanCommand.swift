@@ -40,6 +40,10 @@ struct PlanCommand: ParsableCommand {
             throw ValidationError("unknown --arch '\(arch)' (choose from \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")))")
         }
         let config = architecture.config
+        // The plan is the GPU trainer's; a model the GPU does not compute has none.
+        do { try config.checkCUDASupport(sequenceLength: seq, what: "plan --arch \(arch)") } catch {
+            throw ValidationError("\(error) (plan is the GPU trainer's memory; `qlora bench --arch \(arch) --device cpu` runs it on the CPU)")
+        }
         var memory = CUDATrainerMemoryOptions.automatic(for: config)
         if let on = try BenchCommand.parseSwitch(offloadCheckpoints, "offload-checkpoints") { memory.offloadCheckpoints = on }
         let plan = CUDAMemoryPlan(config: config, tokens: batch * seq, rank: loraR, memory: memory)
@@ -59,7 +63,8 @@ struct PlanCommand: ParsableCommand {
         let header = budgets.map { "\(Int($0)) GB" }
         print("| model | LoRA r | checkpoints | " + header.joined(separator: " | ") + " |")
         print("| --- | --- | --- | " + header.map { _ in "---" }.joined(separator: " | ") + " |")
-        for architecture in Architecture.allCases {
+        // Only the architectures the GPU trainer computes (phi-4-mini runs on the CPU for now).
+        for architecture in Architecture.allCases where (try? architecture.config.checkCUDASupport(sequenceLength: 0, what: "")) != nil {
             let config = architecture.config
             for rank in [16, 64] {
                 for offload in [true, false] {

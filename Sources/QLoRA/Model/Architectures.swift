@@ -7,6 +7,8 @@ public enum Architecture: String, CaseIterable, Sendable {
     case llama3_1_8b = "llama-3.1-8b"
     /// The size DESIGN.md wants trained in 48 GB.
     case llama3_1_70b = "llama-3.1-70b"
+    /// Phi-4-mini (phi3: fused qkv_proj / gate_up_proj, 96 of 128 head dimensions rotated, longrope); the CPU only for now.
+    case phi4_mini = "phi-4-mini"
 
     /// config.json fields of the real model.
     public var config: DecoderConfig {
@@ -36,11 +38,33 @@ public enum Architecture: String, CaseIterable, Sendable {
                       ("num_attention_heads", .int(64)), ("num_key_value_heads", .int(8)), ("vocab_size", .int(128256)),
                       ("tie_word_embeddings", .bool(false)), ("rms_norm_eps", .double(1e-5)), ("max_position_embeddings", .int(131072)),
                       ("rope_parameters", llama3RoPE(factor: 8))]
+        case .phi4_mini:
+            // microsoft/Phi-4-mini-instruct's config.json.
+            fields = [("hidden_size", .int(3072)), ("intermediate_size", .int(8192)), ("num_hidden_layers", .int(32)),
+                      ("num_attention_heads", .int(24)), ("num_key_value_heads", .int(8)), ("vocab_size", .int(200064)),
+                      ("tie_word_embeddings", .bool(true)), ("rms_norm_eps", .double(1e-5)), ("max_position_embeddings", .int(131072)),
+                      ("original_max_position_embeddings", .int(4096)), ("partial_rotary_factor", .double(0.75)),
+                      ("sliding_window", .int(262144)), ("resid_pdrop", .double(0)), ("rope_theta", .double(10000)),
+                      ("rope_scaling", .object(JSONObject([("type", .string("longrope")),
+                                                           ("short_factor", .array(Array(repeating: .double(1), count: 48))),
+                                                           ("long_factor", .array(phi4MiniLongFactors.map { .double($0) }))])))]
         }
         // The fields are fixed above, so parsing them cannot fail.
-        return try! DecoderConfig(json: .object(JSONObject([("model_type", .string("llama"))] + fields)), file: "architecture \(rawValue)")
+        return try! DecoderConfig(json: .object(JSONObject([("model_type", .string(modelType))] + fields)), file: "architecture \(rawValue)")
     }
+
+    /// The config's model_type.
+    public var modelType: String { self == .phi4_mini ? "phi3" : "llama" }
 }
+
+/// Phi-4-mini's longrope long factors, one per rotated pair (48 = 96 rotated dimensions / 2).
+private let phi4MiniLongFactors: [Double] = [
+    1, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817, 2.187582649, 2.446418898, 2.735880826,
+    3.059592084, 3.421605075, 3.826451687, 4.279200023, 4.785517845, 5.351743533, 5.984965424, 6.693110555, 7.485043894,
+    8.370679318, 9.36110372, 10.4687158, 11.70738129, 13.09260651, 14.64173252, 16.37415215, 18.31155283, 20.47818807,
+    22.90118105, 25.61086418, 28.64115884, 32.03, 32.1, 32.13, 32.23, 32.6, 32.61, 32.64, 32.66, 32.7, 32.71, 32.93, 32.97,
+    33.28, 33.49, 33.5, 44.16, 47.77,
+]
 
 /// Llama 3's RoPE scaling (theta 500000, low/high frequency factors 1 and 4 around 8192 original positions).
 private func llama3RoPE(factor: Double) -> JSONValue {
@@ -63,6 +87,13 @@ extension DecoderModel {
         let ones = [Float](repeating: 1, count: c.hiddenSize)
         let blocks = (0..<c.layerCount).map { l -> DecoderBlock in
             let p = "model.layers.\(l)."
+            if c.fusedProjections {
+                return DecoderBlock(inputNorm: ones, mlpInputNorm: ones,
+                                    qkv: linear(p + "self_attn.qkv_proj", c.qDim + 2 * c.kvDim, c.hiddenSize),
+                                    o: linear(p + "self_attn.o_proj", c.hiddenSize, c.qDim),
+                                    gateUp: linear(p + "mlp.gate_up_proj", 2 * c.intermediateSize, c.hiddenSize),
+                                    down: linear(p + "mlp.down_proj", c.hiddenSize, c.intermediateSize))
+            }
             return DecoderBlock(inputNorm: ones, mlpInputNorm: ones,
                               q: linear(p + "self_attn.q_proj", c.qDim, c.hiddenSize), k: linear(p + "self_attn.k_proj", c.kvDim, c.hiddenSize),
                               v: linear(p + "self_attn.v_proj", c.kvDim, c.hiddenSize), o: linear(p + "self_attn.o_proj", c.hiddenSize, c.qDim),

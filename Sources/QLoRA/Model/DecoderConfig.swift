@@ -1,5 +1,5 @@
 // The Hugging Face `config.json` of a decoder-only model: the Llama block and the variations of it that
-// Mistral, Qwen2/3 and Gemma 2/3 switch on.
+// Mistral, Qwen2/3, Gemma 2/3 and Phi-3 (fused projections, partial rotary embeddings, longrope) switch on.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -12,12 +12,25 @@ import Glibc
 
 /// RoPE frequency scaling, from `rope_parameters` (transformers 5) or `rope_scaling` (earlier).
 public struct RopeScaling: Equatable, Sendable {
-    public enum Kind: String, Sendable { case `default`, llama3, linear }
+    public enum Kind: String, Sendable { case `default`, llama3, linear, longrope }
     public var kind: Kind
     public var factor: Double = 1
     public var lowFrequencyFactor: Double = 1
     public var highFrequencyFactor: Double = 4
     public var originalMaxPositionEmbeddings: Int = 8192
+    /// longrope (Phi-3): each rotated pair's frequency is divided by `shortFactors[i]` while the sequence is at most
+    /// `originalMaxPositionEmbeddings` long and by `longFactors[i]` beyond; cos and sin are scaled by `attentionFactor`.
+    public var shortFactors: [Double] = []
+    public var longFactors: [Double] = []
+    public var attentionFactor: Double = 1
+}
+
+/// What Phi-3's longrope reads beside its rope object: the top-level fields (original_max_position_embeddings)
+/// and the sizes its factor lists must have.
+struct LongropeContext {
+    let fields: ConfigFields
+    let rotaryPairs: Int
+    let maxPositionEmbeddings: Int
 }
 
 /// A base frequency with its scaling: what one kind of layer rotates q and k by.
@@ -83,6 +96,14 @@ public struct DecoderConfig: Equatable, Sendable {
     public var padTokenID: Int?
     /// The window of the sliding-window layers, nil when every layer attends to all positions.
     public var slidingWindow: Int?
+    /// Phi-3's fused projections: one `qkv_proj` whose output columns are q | k | v, and one `gate_up_proj` whose
+    /// output columns are gate | up (transformers splits them in that order), in place of the five separate linears.
+    public var fusedProjections = false
+    /// The leading dimensions of each head that rotary embeddings rotate: int(head_dim × partial_rotary_factor), as
+    /// transformers truncates it (Phi-4-mini: 96 of 128); the rest pass through unrotated.
+    public var rotaryDim: Int
+    /// Dropout on the two residual branches in training (Phi-3's `resid_pdrop`); 0 for the other families.
+    public var residualDropout: Double = 0
     /// The whole file as read, so that writers can keep fields we do not model.
     public var raw: JSONValue
 
@@ -117,7 +138,7 @@ public struct DecoderConfig: Equatable, Sendable {
     /// The untied output head's tensor in the checkpoint files.
     public var headTensorName = "lm_head.weight"
 
-    public static let supportedModelTypes = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3"]
+    public static let supportedModelTypes = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3"]
 
     /// Reads `config.json` in `directory`.
     public init(directory: String) throws {
@@ -182,12 +203,14 @@ public struct DecoderConfig: Equatable, Sendable {
             throw fields.fail("num_key_value_heads", "\(kvHeadCount) does not divide num_attention_heads \(headCount)")
         }
         guard headDim % 2 == 0 else { throw fields.fail("head_dim", "must be even for rotary embeddings, got \(headDim)") }
-        let eps = try fields.double("rms_norm_eps") ?? 1e-6
+        let isPhi3 = modelType == "phi3"
+        // Phi3Config's defaults differ from Llama's for these two.
+        let eps = try fields.double("rms_norm_eps") ?? (isPhi3 ? 1e-5 : 1e-6)
         guard eps.isFinite, eps > 0, Float(eps) > 0 else { throw fields.fail("rms_norm_eps", "must be a finite number > 0 (and > 0 in float32), got \(eps)") }
         rmsNormEps = Float(eps)
         // Gemma ties by default; a multimodal Gemma 3 ties (or not) at the top level.
         tieWordEmbeddings = try top.bool("tie_word_embeddings") ?? fields.bool("tie_word_embeddings") ?? isGemma
-        maxPositionEmbeddings = try fields.optionalSize("max_position_embeddings") ?? 2048
+        maxPositionEmbeddings = try fields.optionalSize("max_position_embeddings") ?? (isPhi3 ? 4096 : 2048)
         let vocab = vocabularySize
         func tokenID(_ key: String, _ value: JSONValue) throws -> Int {
             guard let id = value.int else { throw fields.fail(key, "expected a token id (integer), got \(value.serialized())") }
@@ -227,6 +250,14 @@ public struct DecoderConfig: Equatable, Sendable {
             attentionBias = true
         case "mistral":
             attentionBias = false
+        case "phi3":
+            // Phi-3's qkv_proj has no bias, whatever attention_bias says (transformers ignores the field there).
+            attentionBias = false
+            fusedProjections = true
+            // transformers 5 applies resid_pdrop to both residual branches in training (embd_pdrop is read by nothing).
+            let dropout = try fields.double("resid_pdrop") ?? 0
+            guard dropout >= 0, dropout < 1 else { throw fields.fail("resid_pdrop", "expected a number in [0, 1), got \(dropout)") }
+            residualDropout = dropout
         default:
             // Elsewhere attention_bias also puts a bias on o_proj, which is not implemented.
             if try fields.bool("attention_bias") == true {
@@ -278,6 +309,24 @@ public struct DecoderConfig: Equatable, Sendable {
         let ropeKey = json["rope_parameters"].map { !$0.isNull } == true ? "rope_parameters" : "rope_scaling"
         let rope = json[ropeKey].flatMap { $0.isNull ? nil : $0 }
         if let rope, rope.object == nil { throw fields.fail(ropeKey, "expected an object, got \(rope.serialized())") }
+        // Phi-3's partial rotary: the rope object's partial_rotary_factor wins over the top-level one (transformers
+        // copies the top-level value in only when the rope object has none). The other families refuse it.
+        if isPhi3 {
+            let ropeFields = ConfigFields(json: rope ?? .object(JSONObject()), file: file, prefix: fields.prefix + ropeKey + ".")
+            let partialFields = try ropeFields.double("partial_rotary_factor") != nil ? ropeFields : fields
+            let partial = try partialFields.double("partial_rotary_factor") ?? 1
+            guard partial > 0, partial <= 1 else { throw partialFields.fail("partial_rotary_factor", "expected a number in (0, 1], got \(partial)") }
+            rotaryDim = Int(Double(headDim) * partial)
+            guard rotaryDim >= 2, rotaryDim % 2 == 0 else {
+                throw partialFields.fail("partial_rotary_factor", "head_dim \(headDim) × \(partial) gives \(rotaryDim) rotated dimensions; expected an even number ≥ 2")
+            }
+        } else {
+            if let partial = try fields.double("partial_rotary_factor"), partial != 1 {
+                throw fields.fail("partial_rotary_factor", "partial rotary embeddings are implemented for phi3 only (expected 1, got \(partial))")
+            }
+            rotaryDim = headDim
+        }
+        let longrope = isPhi3 ? LongropeContext(fields: fields, rotaryPairs: rotaryDim / 2, maxPositionEmbeddings: maxPositionEmbeddings) : nil
         let perLayerType = family == "gemma3_text" && ropeKey == "rope_parameters"
             && (rope?["full_attention"] != nil || rope?["sliding_attention"] != nil)
         /// One RoPE object; its theta defaults to the top-level field `thetaKey` (or `defaultTheta`), and an
@@ -293,7 +342,7 @@ public struct DecoderConfig: Equatable, Sendable {
                 theta = try fields.double(thetaKey) ?? defaultTheta
                 guard theta.isFinite, theta > 0 else { throw fields.fail(thetaKey, "must be a finite number > 0, got \(theta)") }
             }
-            return RopeParameters(theta: theta, scaling: try Self.ropeScaling(ropeFields))
+            return RopeParameters(theta: theta, scaling: try Self.ropeScaling(ropeFields, family: family, longrope: longrope))
         }
         if family == "gemma3_text" {
             let full, sliding: RopeParameters
@@ -314,20 +363,25 @@ public struct DecoderConfig: Equatable, Sendable {
             ropeTheta = parameters.theta
             ropeScaling = parameters.scaling
         }
-        if let partial = try fields.double("partial_rotary_factor"), partial != 1 {
-            throw fields.fail("partial_rotary_factor", "partial rotary embeddings are not implemented (expected 1, got \(partial))")
-        }
         raw = top.json
     }
 
     /// The scaling in one RoPE object (`rope_parameters`, `rope_scaling` or one layer type's), validated.
-    static func ropeScaling(_ ropeFields: ConfigFields) throws -> RopeScaling {
-        if let partial = try ropeFields.double("partial_rotary_factor"), partial != 1 {
-            throw ropeFields.fail("partial_rotary_factor", "partial rotary embeddings are not implemented (expected 1, got \(partial))")
+    /// `longrope`: Phi-3's context for its longrope (the rotated pairs, the top-level fields); nil for the other
+    /// families, which refuse longrope and partial rotary.
+    static func ropeScaling(_ ropeFields: ConfigFields, family: String, longrope: LongropeContext? = nil) throws -> RopeScaling {
+        if longrope == nil, let partial = try ropeFields.double("partial_rotary_factor"), partial != 1 {
+            throw ropeFields.fail("partial_rotary_factor", "partial rotary embeddings are implemented for phi3 only (expected 1, got \(partial))")
         }
-        let ropeType = try ropeFields.string("rope_type") ?? ropeFields.string("type") ?? "default"
-        guard let kind = RopeScaling.Kind(rawValue: ropeType) else {
-            throw ropeFields.fail("rope_type", "'\(ropeType)' is not supported (supported: default, linear, llama3)")
+        var ropeType = try ropeFields.string("rope_type") ?? ropeFields.string("type") ?? "default"
+        // Phi3Config renames the types early Phi-3 checkpoints wrote.
+        if longrope != nil && (ropeType == "su" || ropeType == "yarn") { ropeType = "longrope" }
+        let supportedTypes: [RopeScaling.Kind] = longrope != nil ? [.default, .longrope] : [.default, .linear, .llama3]
+        guard let kind = RopeScaling.Kind(rawValue: ropeType), supportedTypes.contains(kind) else {
+            throw ropeFields.fail("rope_type", "rope_type '\(ropeType)' is not supported for \(family) (supported: \(supportedTypes.map(\.rawValue).joined(separator: ", ")))")
+        }
+        if kind == .longrope, let longrope {
+            return try Self.longrope(longrope.fields, ropeFields, rotaryPairs: longrope.rotaryPairs, maxPositionEmbeddings: longrope.maxPositionEmbeddings)
         }
         var scaling = RopeScaling(kind: kind)
         if kind != .default {
@@ -349,11 +403,57 @@ public struct DecoderConfig: Equatable, Sendable {
         return scaling
     }
 
+    /// Phi-3's longrope fields, computed as transformers' `_compute_longrope_parameters` does.
+    static func longrope(_ fields: ConfigFields, _ ropeFields: ConfigFields, rotaryPairs: Int, maxPositionEmbeddings: Int) throws -> RopeScaling {
+        var s = RopeScaling(kind: .longrope)
+        // Phi3Config always overwrites the rope object's original_max_position_embeddings with its own top-level
+        // field (default 4096), so that one is the threshold between the short and the long factors.
+        s.originalMaxPositionEmbeddings = try fields.optionalSize("original_max_position_embeddings") ?? 4096
+        func factors(_ key: String) throws -> [Double] {
+            guard let v = ropeFields.json[key], !v.isNull else { throw ropeFields.fail(key, "missing (longrope needs \(rotaryPairs) factors, one per rotated pair)") }
+            guard let list = v.array, list.count == rotaryPairs else {
+                throw ropeFields.fail(key, "expected a list of \(rotaryPairs) numbers (rotated dimensions / 2), got \(v.serialized())")
+            }
+            return try list.map { x in
+                guard let d = x.double, d.isFinite, d > 0 else { throw ropeFields.fail(key, "expected finite numbers > 0, got \(x.serialized())") }
+                return d
+            }
+        }
+        s.shortFactors = try factors("short_factor")
+        s.longFactors = try factors("long_factor")
+        // Without `factor`, the context extension is max_position_embeddings / original_max_position_embeddings.
+        s.factor = try ropeFields.double("factor") ?? Double(maxPositionEmbeddings) / Double(s.originalMaxPositionEmbeddings)
+        guard s.factor.isFinite, s.factor > 0 else { throw ropeFields.fail("factor", "must be a finite number > 0, got \(s.factor)") }
+        if let given = try ropeFields.double("attention_factor") {
+            s.attentionFactor = given
+        } else if s.factor > 1 {
+            s.attentionFactor = (1 + log(s.factor) / log(Double(s.originalMaxPositionEmbeddings))).squareRoot()
+        }
+        guard s.attentionFactor.isFinite, s.attentionFactor > 0 else {
+            throw ropeFields.fail("attention_factor", "must be a finite number > 0, got \(s.attentionFactor)")
+        }
+        return s
+    }
+
+    /// Whether a forward over positions 0..<`sequenceLength` rotates with longrope's long factors. transformers decides
+    /// once per forward call from the largest position id (+ 1) in it, for every token of the call.
+    public func usesLongRopeFactors(sequenceLength: Int) -> Bool {
+        ropeScaling.kind == .longrope && sequenceLength > ropeScaling.originalMaxPositionEmbeddings
+    }
+
+    /// Throws when training (unlike evaluation and generation) would need math this code does not compute.
+    public func checkTrainable() throws {
+        if residualDropout != 0 {
+            throw UsageError("config.json 'resid_pdrop' is \(residualDropout): dropout on the residual branches in training is not implemented; set it to 0.0 (as Phi-3 and Phi-4 checkpoints ship it)")
+        }
+    }
+
     /// Each layer's attention, as the family's transformers config decides it:
     /// - Mistral: `sliding_window` (default 4096, null for none) on every layer;
     /// - Qwen2/Qwen3: only with `use_sliding_window`, on the layers `layer_types` marks (default: from `max_window_layers` on);
     /// - Gemma 2: `layer_types` (default: even layers slide), window `sliding_window` (default 4096);
-    /// - Gemma 3: `layer_types` (default: every `sliding_window_pattern`-th layer, default 6, is global, the rest slide).
+    /// - Gemma 3: `layer_types` (default: every `sliding_window_pattern`-th layer, default 6, is global, the rest slide);
+    /// - Phi-3: `sliding_window` (default none) on every layer (transformers' Phi3Model masks with it whenever it is set).
     static func layerAttention(_ fields: ConfigFields, family: String, layerCount: Int) throws -> [AttentionKind] {
         let all = [AttentionKind](repeating: .full, count: layerCount)
         func window(default fallback: Int?) throws -> Int? {
@@ -379,8 +479,8 @@ public struct DecoderConfig: Equatable, Sendable {
             return sliding.map { $0 ? .sliding(window: window) : .full }
         }
         switch family {
-        case "mistral":
-            guard let w = try window(default: 4096) else { return all }
+        case "mistral", "phi3":
+            guard let w = try window(default: family == "mistral" ? 4096 : nil) else { return all }
             return [AttentionKind](repeating: .sliding(window: w), count: layerCount)
         case "qwen2", "qwen3":
             let types = try layerTypes()
@@ -443,6 +543,9 @@ public struct DecoderConfig: Equatable, Sendable {
         if finalLogitSoftcap != nil { names.append("final-logit soft-capping") }
         if slidingRope != nil && slidingWindow != nil { names.append("per-layer-type RoPE") }
         if modulePrefix != "model." { names.append("a multimodal checkpoint's text model") }
+        if fusedProjections { names.append("fused qkv_proj and gate_up_proj") }
+        if rotaryDim != headDim { names.append("partial rotary embeddings (\(rotaryDim) of \(headDim) head dimensions rotated)") }
+        if ropeScaling.kind == .longrope { names.append("longrope scaling (short_factor / long_factor)") }
         return names
     }
 
@@ -458,18 +561,20 @@ public struct DecoderConfig: Equatable, Sendable {
     public var qDim: Int { headCount * headDim }
     public var kvDim: Int { kvHeadCount * headDim }
 
-    /// The inverse frequencies of rotary embeddings (of the full-attention layers), with llama3/linear scaling applied as transformers does.
-    public func ropeInverseFrequencies() -> [Double] {
-        ropeInverseFrequencies(RopeParameters(theta: ropeTheta, scaling: ropeScaling))
+    /// The inverse frequencies of rotary embeddings (of the full-attention layers), one per rotated pair
+    /// (`rotaryDim / 2`), with llama3/linear/longrope scaling applied as transformers does (`long`: longrope's long factors).
+    public func ropeInverseFrequencies(long: Bool = false) -> [Double] {
+        ropeInverseFrequencies(RopeParameters(theta: ropeTheta, scaling: ropeScaling), long: long)
     }
 
-    /// The inverse frequencies of `rope`, with llama3/linear scaling applied as transformers does.
-    public func ropeInverseFrequencies(_ rope: RopeParameters) -> [Double] {
-        var inv = (0..<(headDim / 2)).map { 1.0 / pow(rope.theta, Double(2 * $0) / Double(headDim)) }
+    /// The inverse frequencies of `rope`, with its scaling applied as transformers does.
+    public func ropeInverseFrequencies(_ rope: RopeParameters, long: Bool = false) -> [Double] {
+        var inv = (0..<(rotaryDim / 2)).map { 1.0 / pow(rope.theta, Double(2 * $0) / Double(rotaryDim)) }
         let s = rope.scaling
         switch s.kind {
         case .default: break
         case .linear: inv = inv.map { $0 / s.factor }
+        case .longrope: inv = zip(inv, long ? s.longFactors : s.shortFactors).map { $0 / $1 }
         case .llama3:
             let lowWavelength = Double(s.originalMaxPositionEmbeddings) / s.lowFrequencyFactor
             let highWavelength = Double(s.originalMaxPositionEmbeddings) / s.highFrequencyFactor

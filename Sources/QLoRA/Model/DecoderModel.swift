@@ -6,6 +6,9 @@
 //   y = h + [MLP-output norm](down_proj(act(gate_proj(n2(h))) * up_proj(n2(h))))
 // n1 is `input_layernorm`; n2 is Llama's `post_attention_layernorm` and Gemma's `pre_feedforward_layernorm`
 // (Gemma's `post_attention_layernorm` is the attention-output norm, its `post_feedforward_layernorm` the MLP's).
+// Phi-3 fuses the input projections: q | k | v = qkv_proj(n1(x)) and gate | up = gate_up_proj(n2(h)), split by
+// columns in that order; rope rotates only the first rotaryDim dimensions of each head (partial rotary), with longrope's
+// short or long factors.
 
 /// One decoder block's weights. Norm weights are kept as stored (Gemma's are the w of x·(1 + w)).
 public final class DecoderBlock: @unchecked Sendable {
@@ -20,24 +23,54 @@ public final class DecoderBlock: @unchecked Sendable {
     /// Per-head RMSNorm of q and k before RoPE (`self_attn.q_norm`, `self_attn.k_norm`), [head_dim]; nil elsewhere.
     public let qNorm: [Float]?
     public let kNorm: [Float]?
-    public let q: Linear, k: Linear, v: Linear, o: Linear
-    public let gate: Linear, up: Linear, down: Linear
+    /// The linears whose outputs, side by side, are q | k | v: q_proj, k_proj and v_proj, or Phi-3's one qkv_proj.
+    public let attentionInput: [Linear]
+    public let o: Linear
+    /// The linears whose outputs, side by side, are gate | up: gate_proj and up_proj, or Phi-3's one gate_up_proj.
+    public let mlpInput: [Linear]
+    public let down: Linear
 
-    public init(inputNorm: [Float], mlpInputNorm: [Float], attentionOutputNorm: [Float]? = nil, mlpOutputNorm: [Float]? = nil,
-                qNorm: [Float]? = nil, kNorm: [Float]? = nil,
-                q: Linear, k: Linear, v: Linear, o: Linear, gate: Linear, up: Linear, down: Linear) {
+    /// A block with separate q, k, v, gate and up projections (Llama, Mistral, Qwen, Gemma).
+    public convenience init(inputNorm: [Float], mlpInputNorm: [Float], attentionOutputNorm: [Float]? = nil, mlpOutputNorm: [Float]? = nil,
+                            qNorm: [Float]? = nil, kNorm: [Float]? = nil,
+                            q: Linear, k: Linear, v: Linear, o: Linear, gate: Linear, up: Linear, down: Linear) {
+        self.init(inputNorm: inputNorm, mlpInputNorm: mlpInputNorm, attentionOutputNorm: attentionOutputNorm, mlpOutputNorm: mlpOutputNorm,
+                  qNorm: qNorm, kNorm: kNorm, attentionInput: [q, k, v], o: o, mlpInput: [gate, up], down: down)
+    }
+
+    /// A block with Phi-3's fused projections: `qkv` [q + 2·kv, H] and `gateUp` [2·I, H].
+    public convenience init(inputNorm: [Float], mlpInputNorm: [Float], qkv: Linear, o: Linear, gateUp: Linear, down: Linear) {
+        self.init(inputNorm: inputNorm, mlpInputNorm: mlpInputNorm, attentionOutputNorm: nil, mlpOutputNorm: nil,
+                  qNorm: nil, kNorm: nil, attentionInput: [qkv], o: o, mlpInput: [gateUp], down: down)
+    }
+
+    init(inputNorm: [Float], mlpInputNorm: [Float], attentionOutputNorm: [Float]?, mlpOutputNorm: [Float]?,
+         qNorm: [Float]?, kNorm: [Float]?, attentionInput: [Linear], o: Linear, mlpInput: [Linear], down: Linear) {
+        precondition(attentionInput.count == 1 || attentionInput.count == 3, "q | k | v come from one fused linear or three")
+        precondition(mlpInput.count == 1 || mlpInput.count == 2, "gate | up come from one fused linear or two")
         self.inputNorm = inputNorm
         self.mlpInputNorm = mlpInputNorm
         self.attentionOutputNorm = attentionOutputNorm
         self.mlpOutputNorm = mlpOutputNorm
         self.qNorm = qNorm
         self.kNorm = kNorm
-        self.q = q; self.k = k; self.v = v; self.o = o
-        self.gate = gate; self.up = up; self.down = down
+        self.attentionInput = attentionInput
+        self.o = o
+        self.mlpInput = mlpInput
+        self.down = down
     }
 
-    /// The seven projections, in the order PEFT lists them.
-    public var linears: [Linear] { [q, k, v, o, gate, up, down] }
+    /// The separate projections of a Llama-layout block; nil on a fused (Phi-3) block, whose code reads
+    /// `attentionInput` and `mlpInput`.
+    public var q: Linear? { attentionInput.count == 3 ? attentionInput[0] : nil }
+    public var k: Linear? { attentionInput.count == 3 ? attentionInput[1] : nil }
+    public var v: Linear? { attentionInput.count == 3 ? attentionInput[2] : nil }
+    public var gate: Linear? { mlpInput.count == 2 ? mlpInput[0] : nil }
+    public var up: Linear? { mlpInput.count == 2 ? mlpInput[1] : nil }
+
+    /// Every projection: q, k, v, o, gate, up, down (the seven of a Llama block, in the order PEFT lists them), or
+    /// Phi-3's qkv, o, gate_up, down.
+    public var linears: [Linear] { attentionInput + [o] + mlpInput + [down] }
 
     /// Each norm weight with its tensor name within the layer (`input_layernorm.weight`, ...), in the family's naming.
     public func namedNorms(sandwich: Bool) -> [(String, [Float])] {
@@ -50,6 +83,19 @@ public final class DecoderBlock: @unchecked Sendable {
         }
         if let qNorm, let kNorm { norms += [("self_attn.q_norm.weight", qNorm), ("self_attn.k_norm.weight", kNorm)] }
         return norms
+    }
+
+    /// Runs a projection group (`attentionInput` or `mlpInput`) on x [rows, in] into `parts` ([rows, width] each):
+    /// separate linears write their own part; a fused one writes all parts side by side, which are then split.
+    static func forward(_ group: [Linear], _ x: UnsafePointer<Float>, rows: Int, into parts: [(UnsafeMutablePointer<Float>, Int)]) {
+        if group.count == parts.count {
+            for (layer, part) in zip(group, parts) { layer.forward(x, rows: rows, into: part.0) }
+            return
+        }
+        precondition(group.count == 1, "a projection group is one fused linear or one linear per part")
+        let fused = Matrix(rows: rows, columns: group[0].outFeatures)
+        group[0].forward(x, rows: rows, into: fused.pointer)
+        CPUOps.splitColumns(fused.pointer, rows: rows, into: parts)
     }
 }
 
@@ -166,9 +212,17 @@ public final class DecoderModel: @unchecked Sendable {
         for l in 0..<c.layerCount {
             let p = c.layerPrefix(l)
             let sandwich = c.sandwichNorms
+            let inputNorm = try tensor(p + "input_layernorm.weight")
+            let mlpInputNorm = try tensor(p + (sandwich ? "pre_feedforward_layernorm.weight" : "post_attention_layernorm.weight"))
+            if c.fusedProjections {
+                blocks.append(DecoderBlock(
+                    inputNorm: inputNorm, mlpInputNorm: mlpInputNorm,
+                    qkv: try linear(p + "self_attn.qkv_proj"), o: try linear(p + "self_attn.o_proj"),
+                    gateUp: try linear(p + "mlp.gate_up_proj"), down: try linear(p + "mlp.down_proj")))
+                continue
+            }
             blocks.append(DecoderBlock(
-                inputNorm: try tensor(p + "input_layernorm.weight"),
-                mlpInputNorm: try tensor(p + (sandwich ? "pre_feedforward_layernorm.weight" : "post_attention_layernorm.weight")),
+                inputNorm: inputNorm, mlpInputNorm: mlpInputNorm,
                 attentionOutputNorm: sandwich ? try tensor(p + "post_attention_layernorm.weight") : nil,
                 mlpOutputNorm: sandwich ? try tensor(p + "post_feedforward_layernorm.weight") : nil,
                 qNorm: c.qkNorm ? try tensor(p + "self_attn.q_norm.weight") : nil,
@@ -203,6 +257,13 @@ public final class DecoderModel: @unchecked Sendable {
             if c.qkNorm {
                 shapes[p + "self_attn.q_norm.weight"] = [c.headDim]
                 shapes[p + "self_attn.k_norm.weight"] = [c.headDim]
+            }
+            if c.fusedProjections {
+                shapes[p + "self_attn.qkv_proj.weight"] = [c.qDim + 2 * c.kvDim, c.hiddenSize]
+                shapes[p + "self_attn.o_proj.weight"] = [c.hiddenSize, c.qDim]
+                shapes[p + "mlp.gate_up_proj.weight"] = [2 * c.intermediateSize, c.hiddenSize]
+                shapes[p + "mlp.down_proj.weight"] = [c.hiddenSize, c.intermediateSize]
+                continue
             }
             for (name, out, inFeatures) in [("self_attn.q_proj", c.qDim, c.hiddenSize), ("self_attn.k_proj", c.kvDim, c.hiddenSize),
                                             ("self_attn.v_proj", c.kvDim, c.hiddenSize), ("self_attn.o_proj", c.hiddenSize, c.qDim),
@@ -249,6 +310,9 @@ public final class DecoderModel: @unchecked Sendable {
 
     /// Every linear layer by module path (`model.layers.0.self_attn.q_proj`, ...).
     public var linearLayers: [Linear] { blocks.flatMap(\.linears) }
+
+    /// The module names of a block's projections (`q_proj`, ..., or Phi-3's `qkv_proj`, ...), for messages.
+    public var projectionNames: [String] { (blocks.first?.linears ?? []).map { String($0.name.split(separator: ".").last ?? "") } }
 }
 
 extension DecoderConfig {
@@ -291,6 +355,10 @@ public final class KVCache: @unchecked Sendable {
     public private(set) var length = 0
     let keys: [Matrix]
     let values: [Matrix]
+    /// The tokens the cache holds, so that it can be recomputed (longrope's switch to the long factors).
+    private(set) var tokens: [Int] = []
+    /// Whether the keys were rotated with longrope's long factors.
+    fileprivate(set) var usesLongRopeFactors = false
 
     public init(config: DecoderConfig, capacity: Int) {
         self.capacity = capacity
@@ -298,8 +366,8 @@ public final class KVCache: @unchecked Sendable {
         values = (0..<config.layerCount).map { _ in Matrix(rows: capacity, columns: config.kvDim) }
     }
 
-    public func reset() { length = 0 }
-    func advance(by n: Int) { length += n }
+    public func reset() { length = 0; tokens = []; usesLongRopeFactors = false }
+    func advance(with new: [Int]) { length += new.count; tokens += new }
 }
 
 extension DecoderModel {
@@ -317,6 +385,16 @@ extension DecoderModel {
         for id in tokens where id < 0 || id >= c.vocabularySize {
             throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))")
         }
+        let longRope = c.usesLongRopeFactors(sequenceLength: start + t)
+        if longRope && !cache.usesLongRopeFactors && start > 0 {
+            // The cached keys were rotated with the short factors. transformers' Phi-3 generation drops its cache when
+            // the sequence first passes original_max_position_embeddings and recomputes it all with the long factors.
+            let all = cache.tokens + tokens
+            cache.reset()
+            let logits = try forward(tokens: all, cache: cache, lastOnly: lastOnly)
+            return lastOnly ? logits : Array(logits.suffix(t * c.vocabularySize))
+        }
+        cache.usesLongRopeFactors = longRope
         growRope(to: start + t)
         let h = c.hiddenSize
         let offset = c.normWeightOffset
@@ -334,9 +412,7 @@ extension DecoderModel {
             let keys = cache.keys[l].pointer, values = cache.values[l].pointer
             let newKeys = keys + start * c.kvDim, newValues = values + start * c.kvDim
             CPUOps.rmsNorm(x.pointer, weight: block.inputNorm, offset: offset, eps: c.rmsNormEps, rows: t, width: h, into: normed.pointer)
-            block.q.forward(normed.pointer, rows: t, into: q.pointer)
-            block.k.forward(normed.pointer, rows: t, into: newKeys)
-            block.v.forward(normed.pointer, rows: t, into: newValues)
+            DecoderBlock.forward(block.attentionInput, normed.pointer, rows: t, into: [(q.pointer, c.qDim), (newKeys, c.kvDim), (newValues, c.kvDim)])
             if let qNorm = block.qNorm, let kNorm = block.kNorm {
                 // Per head: rows of head_dim.
                 CPUOps.rmsNorm(q.pointer, weight: qNorm, offset: offset, eps: c.rmsNormEps, rows: t * c.headCount, width: c.headDim, into: q.pointer)
@@ -344,8 +420,8 @@ extension DecoderModel {
             }
             let table = ropeTable(layer: l)
             positions.withUnsafeBufferPointer { p in
-                CPUOps.applyRope(q.pointer, positions: p.baseAddress!, rows: t, heads: c.headCount, headDim: c.headDim, table: table)
-                CPUOps.applyRope(newKeys, positions: p.baseAddress!, rows: t, heads: c.kvHeadCount, headDim: c.headDim, table: table)
+                CPUOps.applyRope(q.pointer, positions: p.baseAddress!, rows: t, heads: c.headCount, headDim: c.headDim, table: table, long: longRope)
+                CPUOps.applyRope(newKeys, positions: p.baseAddress!, rows: t, heads: c.kvHeadCount, headDim: c.headDim, table: table, long: longRope)
             }
             let kind = c.layerAttention[l]
             CPUOps.attention(q: q.pointer, keys: keys, values: values, rows: t, heads: c.headCount, kvHeads: c.kvHeadCount,
@@ -358,8 +434,7 @@ extension DecoderModel {
             for i in 0..<(t * h) { x.pointer[i] += projected.pointer[i] }
 
             CPUOps.rmsNorm(x.pointer, weight: block.mlpInputNorm, offset: offset, eps: c.rmsNormEps, rows: t, width: h, into: normed.pointer)
-            block.gate.forward(normed.pointer, rows: t, into: gate.pointer)
-            block.up.forward(normed.pointer, rows: t, into: up.pointer)
+            DecoderBlock.forward(block.mlpInput, normed.pointer, rows: t, into: [(gate.pointer, c.intermediateSize), (up.pointer, c.intermediateSize)])
             CPUOps.gatedActivation(c.mlpActivation, gate: gate.pointer, up: up.pointer, count: t * c.intermediateSize, into: gate.pointer)
             block.down.forward(gate.pointer, rows: t, into: projected.pointer)
             if let norm = block.mlpOutputNorm {
@@ -367,7 +442,7 @@ extension DecoderModel {
             }
             for i in 0..<(t * h) { x.pointer[i] += projected.pointer[i] }
         }
-        cache.advance(by: t)
+        cache.advance(with: tokens)
 
         let firstRow = lastOnly ? t - 1 : 0
         let rows = t - firstRow

@@ -36,6 +36,18 @@ public struct LoRAConfig: Equatable, Sendable {
     /// The seven projections of a Llama block, the usual QLoRA target.
     public static let llamaProjections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+    /// Phi-3's fused projections, the same choice as `llamaProjections` on a fused model.
+    public static let fusedProjections = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+    /// This config for `model`: the default targets (`llamaProjections`, every projection of a block) become the
+    /// fused model's own projections (`fusedProjections`); any other list is kept, and must name the model's modules.
+    public func resolvingDefaultTargets(for model: DecoderModel) -> LoRAConfig {
+        guard model.config.fusedProjections, targetModules.sorted() == Self.llamaProjections.sorted() else { return self }
+        var resolved = self
+        resolved.targetModules = Self.fusedProjections.sorted()
+        return resolved
+    }
+
     /// The scale applied to B·A for a module.
     public func scale(rank r: Int, alpha a: Double) -> Float {
         Float(useRSLoRA ? a / Double(r).squareRoot() : a / Double(r))
@@ -252,7 +264,7 @@ public enum PEFTAdapter {
         for target in config.targetModules where target != "all-linear" {
             guard names.contains(where: { LoRAConfig.name(target, matches: $0) }) else {
                 throw FileFormatError(file: file, place: "'target_modules'",
-                                      "'\(target)' names no linear layer of the model (LoRA is supported on \(LoRAConfig.llamaProjections.joined(separator: ", ")))")
+                                      "'\(target)' names no linear layer of the model (its projections: \(model.projectionNames.joined(separator: ", ")))")
             }
         }
         for layer in config.layersToTransform ?? [] where layer >= model.blocks.count {

@@ -13,7 +13,16 @@
 //   du = da·silu(g)                 dg = da·u·σ(g)·(1 + g·(1 − σ(g)))
 // Attention per head, S = Q·Kᵀ·c (c = 1/√D, causal and example mask), P = softmax(S), O = P·V:
 //   dV = Pᵀ·dO    dP = dO·Vᵀ    dS = P⊙(dP − rowsum(dP⊙P))    dQ = dS·K·c    dK = dSᵀ·Q·c
-// RoPE is a rotation per pair, so its backward is the rotation by the opposite angle.
+// RoPE is a rotation per pair, so its backward is the rotation by the opposite angle. Partial rotary (Phi-3) rotates
+// pairs (i, i + R/2) of the first R dimensions of a head and passes the rest through: y = [m·R(θ)·x_rot, x_pass], so
+//   dx_rot = m·R(−θ)·dy_rot      dx_pass = dy_pass
+// with m longrope's attention factor on cos and sin (1 otherwise): (m·R(θ))ᵀ = m·R(−θ). The short or long factors only
+// change θ, and are chosen per forward as transformers chooses them (DecoderConfig.usesLongRopeFactors).
+// Fused projections (Phi-3), [q | k | v] = x·Wᵀ + s·(d(x)·Aᵀ)·Bᵀ with W, B the fused [q + 2kv, ·] matrices, then split by
+// columns: the split is a column selection, so the fused output's gradient is the parts' gradients side by side,
+//   dy_fused = [dq | dk | dv]       (and [dgate | dup] for gate_up_proj)
+// and the fused linear's backward above gives dx and exactly PEFT's dA, dB of the fused module (A is shared by the
+// three parts: dA = s·(dy_fused·B)ᵀ·d(x) sums their contributions; dB's rows are each part's own).
 // Cross-entropy over the shifted labels, mean over the counted tokens N:
 //   dlogits = (softmax(logits) − onehot(label)) / N, computed a chunk of rows at a time so the
 //   logits of the whole vocabulary never exist for all tokens at once.
@@ -143,6 +152,7 @@ extension DecoderModel {
         let n = batch.tokenCount
         let h = c.hiddenSize
         try batch.checkIDs(vocabularySize: c.vocabularySize)
+        try c.checkTrainable()
         growRope(to: Int(batch.positions.max() ?? 0) + 1)
 
         // Forward through the blocks, keeping what the backward needs.
@@ -196,22 +206,21 @@ extension DecoderModel {
         let n = batch.tokenCount
         let h = c.hiddenSize
         let offset = c.normWeightOffset
+        let longRope = usesLongRopeFactors(batch)
         let a = BlockActivations(config: c, tokens: n, input: input)
         if let dropoutSeed {
             for (j, layer) in block.linears.enumerated() { a.dropoutSeeds[layer.name] = DropoutMask.linearSeed(blockSeed: dropoutSeed, linear: j) }
         }
         CPUOps.rmsNorm(input.pointer, weight: block.inputNorm, offset: offset, eps: c.rmsNormEps, rows: n, width: h, into: a.norm1.pointer)
-        linearForward(block.q, a.norm1, saving: a, into: (a.qProjected ?? a.q).pointer)
-        linearForward(block.k, a.norm1, saving: a, into: (a.kProjected ?? a.k).pointer)
-        linearForward(block.v, a.norm1, saving: a, into: a.v.pointer)
+        groupForward(block.attentionInput, a.norm1, saving: a, into: [a.qProjected ?? a.q, a.kProjected ?? a.k, a.v])
         if let qNorm = block.qNorm, let kNorm = block.kNorm, let qp = a.qProjected, let kp = a.kProjected {
             CPUOps.rmsNorm(qp.pointer, weight: qNorm, offset: offset, eps: c.rmsNormEps, rows: n * c.headCount, width: c.headDim, into: a.q.pointer)
             CPUOps.rmsNorm(kp.pointer, weight: kNorm, offset: offset, eps: c.rmsNormEps, rows: n * c.kvHeadCount, width: c.headDim, into: a.k.pointer)
         }
         let table = ropeTable(layer: l)
         batch.positions.withUnsafeBufferPointer { p in
-            CPUOps.applyRope(a.q.pointer, positions: p.baseAddress!, rows: n, heads: c.headCount, headDim: c.headDim, table: table)
-            CPUOps.applyRope(a.k.pointer, positions: p.baseAddress!, rows: n, heads: c.kvHeadCount, headDim: c.headDim, table: table)
+            CPUOps.applyRope(a.q.pointer, positions: p.baseAddress!, rows: n, heads: c.headCount, headDim: c.headDim, table: table, long: longRope)
+            CPUOps.applyRope(a.k.pointer, positions: p.baseAddress!, rows: n, heads: c.kvHeadCount, headDim: c.headDim, table: table, long: longRope)
         }
         let kind = c.layerAttention[l]
         for r in 0..<batch.rows {
@@ -230,8 +239,7 @@ extension DecoderModel {
         }
         for i in 0..<(n * h) { a.hidden.pointer[i] += input.pointer[i] }
         CPUOps.rmsNorm(a.hidden.pointer, weight: block.mlpInputNorm, offset: offset, eps: c.rmsNormEps, rows: n, width: h, into: a.norm2.pointer)
-        linearForward(block.gate, a.norm2, saving: a, into: a.gate.pointer)
-        linearForward(block.up, a.norm2, saving: a, into: a.up.pointer)
+        groupForward(block.mlpInput, a.norm2, saving: a, into: [a.gate, a.up])
         CPUOps.gatedActivation(c.mlpActivation, gate: a.gate.pointer, up: a.up.pointer, count: n * c.intermediateSize, into: a.activated.pointer)
         if let norm = block.mlpOutputNorm, let projected = a.mlpProjected {
             linearForward(block.down, a.activated, saving: a, into: projected.pointer)
@@ -241,6 +249,24 @@ extension DecoderModel {
         }
         for i in 0..<(n * h) { a.output.pointer[i] += a.hidden.pointer[i] }
         return a
+    }
+
+    /// transformers picks longrope's factors from the largest position id of the whole forward call.
+    func usesLongRopeFactors(_ batch: TrainingBatch) -> Bool {
+        config.usesLongRopeFactors(sequenceLength: Int(batch.positions.max() ?? 0) + 1)
+    }
+
+    /// A projection group (`DecoderBlock.attentionInput` or `.mlpInput`) on x into `parts`: one linear per part, or
+    /// one fused linear whose output is split by columns.
+    func groupForward(_ group: [Linear], _ x: Matrix, saving a: BlockActivations, into parts: [Matrix]) {
+        if group.count == parts.count {
+            for (layer, part) in zip(group, parts) { linearForward(layer, x, saving: a, into: part.pointer) }
+            return
+        }
+        precondition(group.count == 1, "a projection group is one fused linear or one linear per part")
+        let fused = Matrix(rows: x.rows, columns: group[0].outFeatures)
+        linearForward(group[0], x, saving: a, into: fused.pointer)
+        CPUOps.splitColumns(fused.pointer, rows: x.rows, into: parts.map { ($0.pointer, $0.columns) })
     }
 
     /// y = x·Wᵀ (+ bias) + s·(d(x)·Aᵀ)·Bᵀ, saving the LoRA intermediates in `a`.
@@ -364,8 +390,7 @@ extension DecoderModel {
         CPUOps.gatedActivationBackward(c.mlpActivation, gate: a.gate.pointer, up: a.up.pointer, outputGradient: dActivated.pointer,
                                        count: n * c.intermediateSize, gateGradient: dGate.pointer, upGradient: dUp.pointer)
         let dNorm2 = Matrix(rows: n, columns: h)
-        linearBackward(block.gate, input: a.norm2, activations: a, outputGradient: dGate, gradients: gradients, into: dNorm2, accumulate: false)
-        linearBackward(block.up, input: a.norm2, activations: a, outputGradient: dUp, gradients: gradients, into: dNorm2, accumulate: true)
+        groupBackward(block.mlpInput, input: a.norm2, activations: a, outputGradients: [dGate, dUp], gradients: gradients, into: dNorm2)
         let dHidden = Matrix(rows: n, columns: h)
         _ = dHidden.storage.update(fromContentsOf: dy.storage)
         CPUOps.rmsNormBackward(a.hidden.pointer, weight: block.mlpInputNorm, offset: offset, eps: c.rmsNormEps, outputGradient: dNorm2.pointer,
@@ -394,10 +419,13 @@ extension DecoderModel {
                                      queryGradient: dq.pointer + offset * c.qDim, keyGradient: dk.pointer + offset * c.kvDim,
                                      valueGradient: dv.pointer + offset * c.kvDim)
         }
+        let longRope = usesLongRopeFactors(batch)
         let table = ropeTable(layer: l)
         batch.positions.withUnsafeBufferPointer { p in
-            CPUOps.applyRope(dq.pointer, positions: p.baseAddress!, rows: n, heads: c.headCount, headDim: c.headDim, table: table, inverse: true)
-            CPUOps.applyRope(dk.pointer, positions: p.baseAddress!, rows: n, heads: c.kvHeadCount, headDim: c.headDim, table: table, inverse: true)
+            CPUOps.applyRope(dq.pointer, positions: p.baseAddress!, rows: n, heads: c.headCount, headDim: c.headDim, table: table,
+                             long: longRope, inverse: true)
+            CPUOps.applyRope(dk.pointer, positions: p.baseAddress!, rows: n, heads: c.kvHeadCount, headDim: c.headDim, table: table,
+                             long: longRope, inverse: true)
         }
         var dqProjected = dq, dkProjected = dk
         if let qNorm = block.qNorm, let kNorm = block.kNorm, let qp = a.qProjected, let kp = a.kProjected {
@@ -409,13 +437,28 @@ extension DecoderModel {
                                    rows: n * c.kvHeadCount, width: c.headDim, into: dkProjected.pointer, accumulate: false)
         }
         let dNorm1 = Matrix(rows: n, columns: h)
-        linearBackward(block.q, input: a.norm1, activations: a, outputGradient: dqProjected, gradients: gradients, into: dNorm1, accumulate: false)
-        linearBackward(block.k, input: a.norm1, activations: a, outputGradient: dkProjected, gradients: gradients, into: dNorm1, accumulate: true)
-        linearBackward(block.v, input: a.norm1, activations: a, outputGradient: dv, gradients: gradients, into: dNorm1, accumulate: true)
+        groupBackward(block.attentionInput, input: a.norm1, activations: a, outputGradients: [dqProjected, dkProjected, dv],
+                      gradients: gradients, into: dNorm1)
         let dx = dHidden  // the residual path; the norm's gradient is added on top
         CPUOps.rmsNormBackward(a.input.pointer, weight: block.inputNorm, offset: offset, eps: c.rmsNormEps, outputGradient: dNorm1.pointer,
                                rows: n, width: h, into: dx.pointer, accumulate: true)
         return dx
+    }
+
+    /// The backward of `groupForward`: dx = Σ over the group's linears of their input gradients (written, not
+    /// accumulated); a fused linear takes the parts' gradients side by side.
+    func groupBackward(_ group: [Linear], input x: Matrix, activations a: BlockActivations, outputGradients parts: [Matrix],
+                       gradients: LoRAGradients, into dx: Matrix) {
+        if group.count == parts.count {
+            for (j, (layer, dy)) in zip(group, parts).enumerated() {
+                linearBackward(layer, input: x, activations: a, outputGradient: dy, gradients: gradients, into: dx, accumulate: j > 0)
+            }
+            return
+        }
+        precondition(group.count == 1, "a projection group is one fused linear or one linear per part")
+        let fused = Matrix(rows: x.rows, columns: group[0].outFeatures)
+        CPUOps.joinColumns(parts.map { (UnsafePointer($0.pointer), $0.columns) }, rows: x.rows, into: fused.pointer)
+        linearBackward(group[0], input: x, activations: a, outputGradient: fused, gradients: gradients, into: dx, accumulate: false)
     }
 
     /// dx (+)= dy·W + d(s·(dy·B)·A); dA += s·(dy·B)ᵀ·d(x); dB += s·dyᵀ·z.

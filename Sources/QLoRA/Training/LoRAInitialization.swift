@@ -10,7 +10,7 @@ extension DecoderModel {
     public func attachLoRA(_ config: LoRAConfig, seed: UInt64) throws -> Int {
         // A name that matches nothing (a typo, another architecture's name) must not quietly train fewer modules.
         for target in config.targetModules where target != "all-linear" && !linearLayers.contains(where: { LoRAConfig.name(target, matches: $0.name) }) {
-            throw UsageError("target_modules: '\(target)' names no linear layer of the model (LoRA is supported on \(LoRAConfig.llamaProjections.joined(separator: ", ")))")
+            throw UsageError("target_modules: '\(target)' names no linear layer of the model (its projections: \(projectionNames.joined(separator: ", ")))")
         }
         var rng = SeededGenerator(seed: seed)
         var attached = 0

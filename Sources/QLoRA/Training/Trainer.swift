@@ -103,6 +103,8 @@ public final class Trainer {
         self.train = Batching.batches(train, size: c.batchSize, packing: c.packing, length: c.maxSeqLength, padID: padID)
         self.eval = Batching.paddedBatches(eval, size: c.batchSize, padID: padID)
         guard !self.train.isEmpty else { throw UsageError("no training batches: the dataset is empty") }
+        // Training refuses what it does not compute (evaluation and generation of the same model run).
+        try model.config.checkTrainable()
         microBatchesPerEpoch = self.train.count
         stepsPerEpoch = (microBatchesPerEpoch + c.gradientAccumulationSteps - 1) / c.gradientAccumulationSteps
         totalSteps = c.maxSteps > 0 ? c.maxSteps : max(1, Int((c.epochs * Double(stepsPerEpoch)).rounded(.up)))
@@ -113,7 +115,7 @@ public final class Trainer {
         if !eval.isEmpty && self.eval.reduce(0, { $0 + $1.countedTokens }) == 0 {
             throw CountedTokensReport(eval).noCountedTokensError("evaluation data", maxSeqLength: c.maxSeqLength)
         }
-        loraConfig = c.loraConfig
+        loraConfig = c.loraConfig.resolvingDefaultTargets(for: model)
         if model.linearLayers.allSatisfy({ $0.lora == nil }) {
             try model.attachLoRA(loraConfig, seed: c.seed)
         }

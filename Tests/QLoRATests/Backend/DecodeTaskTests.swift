@@ -40,14 +40,14 @@ final class DecodeTaskTests: XCTestCase {
          "num_key_value_heads": 1, "vocab_size": 50, "max_position_embeddings": 64}
         """.utf8)))
         let model = DecoderModel.random(config: config, seed: 3)
-        let before = model.blocks[0].q.weight.values()
+        let before = model.blocks[0].q!.weight.values()
         let quantized = try CUDAInference.quantizeBase(model, replacingCPUWeights: true)
         XCTAssertEqual(quantized.count, 7)
         let q = try XCTUnwrap(quantized["model.layers.0.self_attn.q_proj"])
         XCTAssertEqual(q.shape, [64, 64])
         XCTAssertEqual(q.quantType, .nf4)
         guard case .doubleQuantized = q.scales else { return XCTFail("expected double quantization") }
-        XCTAssertEqual(model.blocks[0].q.weight.values(), q.dequantize())
-        XCTAssertNotEqual(model.blocks[0].q.weight.values(), before)
+        XCTAssertEqual(model.blocks[0].q!.weight.values(), q.dequantize())
+        XCTAssertNotEqual(model.blocks[0].q!.weight.values(), before)
     }
 }

@@ -341,7 +341,7 @@ final class GGUFExportTests: XCTestCase {
         XCTAssertEqual(file["tokenizer.ggml.pre"]?.string, "gpt-2")
         XCTAssertEqual(file["tokenizer.ggml.eos_token_id"]?.int, 299)
         XCTAssertEqual(file["tokenizer.chat_template"]?.string, "{{ messages }}")
-        let q = loaded.model.blocks[0].q
+        let q = try XCTUnwrap(loaded.model.blocks[0].q)
         let bias = try XCTUnwrap(file.tensor("blk.0.attn_q.bias"))
         XCTAssertEqual(bias.type, .f32)
         XCTAssertEqual(try file.floats(bias), q.bias)

@@ -177,7 +177,7 @@ final class DecoderFamilyTests: XCTestCase {
                 DecoderBlock(inputNorm: b.inputNorm, mlpInputNorm: b.mlpInputNorm,
                              attentionOutputNorm: sandwich ? b.attentionOutputNorm : nil, mlpOutputNorm: sandwich ? b.mlpOutputNorm : nil,
                              qNorm: qk ? b.qNorm : nil, kNorm: qk ? b.kNorm : nil,
-                             q: b.q, k: b.k, v: b.v, o: b.o, gate: b.gate, up: b.up, down: b.down)
+                             attentionInput: b.attentionInput, o: b.o, mlpInput: b.mlpInput, down: b.down)
             }
         }
         switch variation {

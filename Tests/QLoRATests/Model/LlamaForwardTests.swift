@@ -127,7 +127,7 @@ final class ArchitectureVariantTests: XCTestCase {
         XCTAssertTrue(config.attentionBias)
         XCTAssertTrue(config.tieWordEmbeddings)
         let model = try DecoderModel(config: config, weights: try SafeTensorsCheckpoint(directory: dir))
-        XCTAssertNotNil(model.blocks[0].q.bias)
+        XCTAssertNotNil(model.blocks[0].q?.bias)
         let expected = try SafeTensorsFile(path: dir + "/expected.safetensors")
         let ids = try expected.floats("input_ids").map { Int($0) }
         let logits = try model.forward(tokens: ids, cache: KVCache(config: config, capacity: ids.count))

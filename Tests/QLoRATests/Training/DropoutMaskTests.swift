@@ -56,7 +56,7 @@ final class DropoutMaskTests: XCTestCase {
     func testLoRAInputIsMaskedByTheHash() throws {
         let model = try LlamaForwardTests.loadTinyLlama()
         try PEFTAdapter.load(directory: TestFixtures.path("tiny-llama/adapter"), into: model)
-        let layer = model.blocks[0].q
+        let layer = model.blocks[0].q!
         let p: Float = 0.25
         layer.lora?.dropout = p
         let n = 5

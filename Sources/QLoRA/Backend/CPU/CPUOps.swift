@@ -61,17 +61,21 @@ public enum CPUOps {
 
     // MARK: - Rotary embeddings
 
-    /// Rotates pairs (i, i + D/2) of each head by angle position · invFreq[i], HF's `rotate_half` layout.
-    /// x: [T, heads, D], in place; positions: [T].
-    /// With `inverse`, rotates by the opposite angle: the backward of the rotation.
+    /// Rotates pairs (i, i + R/2) of the first R = `table.rotaryDim` dimensions of each head by angle
+    /// position · invFreq[i], HF's `rotate_half` layout on that slice; dimensions R..<D pass through (partial rotary).
+    /// x: [T, heads, D], in place; positions: [T]. `long`: longrope's long-factor table.
+    /// With `inverse`, applies the transpose: the rotation by the opposite angle, times the same cos/sin scale
+    /// (longrope's attention factor m: the forward is m·R(θ), whose transpose is m·R(−θ)) — the backward.
     public static func applyRope(_ x: UnsafeMutablePointer<Float>, positions: UnsafePointer<Int32>, rows: Int, heads: Int,
-                                 headDim: Int, table: RopeTable, inverse: Bool = false) {
+                                 headDim: Int, table: RopeTable, long: Bool = false, inverse: Bool = false) {
         let direction: Float = inverse ? -1 : 1
-        let half = headDim / 2
-        table.withValues { cosTable, sinTable in
+        let rotated = table.rotaryDim
+        precondition(rotated <= headDim, "rotary dimension \(rotated) exceeds the head dimension \(headDim)")
+        let half = rotated / 2
+        table.withValues(long: long) { cosTable, sinTable in
         for t in 0..<rows {
-            let cos = cosTable + Int(positions[t]) * headDim
-            let sin = sinTable + Int(positions[t]) * headDim
+            let cos = cosTable + Int(positions[t]) * rotated
+            let sin = sinTable + Int(positions[t]) * rotated
             for h in 0..<heads {
                 let v = x + (t * heads + h) * headDim
                 for i in 0..<half {
@@ -97,6 +101,33 @@ public enum CPUOps {
             for i in 0..<width {
                 let value = r * g[i] * weight[i] - row[i] * correction
                 out[i] = accumulate ? out[i] + value : value
+            }
+        }
+    }
+
+    // MARK: - Fused projections
+
+    /// Copies the column blocks of `fused` [T, Σ widths] into `parts` ([T, width] each), left to right: the split
+    /// of a fused projection's output (Phi-3's q | k | v and gate | up).
+    public static func splitColumns(_ fused: UnsafePointer<Float>, rows: Int, into parts: [(UnsafeMutablePointer<Float>, Int)]) {
+        let total = parts.reduce(0) { $0 + $1.1 }
+        for t in 0..<rows {
+            var offset = 0
+            for (part, width) in parts {
+                (part + t * width).update(from: fused + t * total + offset, count: width)
+                offset += width
+            }
+        }
+    }
+
+    /// The reverse of `splitColumns`: `parts` side by side into `fused` — the gradient of the split.
+    public static func joinColumns(_ parts: [(UnsafePointer<Float>, Int)], rows: Int, into fused: UnsafeMutablePointer<Float>) {
+        let total = parts.reduce(0) { $0 + $1.1 }
+        for t in 0..<rows {
+            var offset = 0
+            for (part, width) in parts {
+                (fused + t * total + offset).update(from: part + t * width, count: width)
+                offset += width
             }
         }
     }
@@ -217,25 +248,31 @@ public enum CPUOps {
     }
 }
 
-/// cos/sin of position · inverse frequency, precomputed per position, duplicated over both halves.
+/// cos/sin of position · inverse frequency, precomputed per position, duplicated over both halves of the rotated
+/// dimensions, times longrope's attention factor (1 otherwise). Longrope models have a second table, of the long factors.
 public final class RopeTable: @unchecked Sendable {
-    public let headDim: Int
+    /// The rotated leading dimensions of a head (`DecoderConfig.rotaryDim`).
+    public let rotaryDim: Int
     public private(set) var positions: Int
-    private var cosValues: [Float] = []
-    private var sinValues: [Float] = []
-    private let inverseFrequencies: [Double]
+    private var short: (cos: [Float], sin: [Float]) = ([], [])
+    private var long: (cos: [Float], sin: [Float])?
+    private let shortFrequencies: [Double]
+    private let longFrequencies: [Double]?
+    private let scale: Float
 
-    public init(config: DecoderConfig, positions: Int = 256) {
-        headDim = config.headDim
-        inverseFrequencies = config.ropeInverseFrequencies()
-        self.positions = 0
-        grow(to: positions)
+    /// The table of the full-attention layers' RoPE.
+    public convenience init(config: DecoderConfig, positions: Int = 256) {
+        self.init(config: config, rope: RopeParameters(theta: config.ropeTheta, scaling: config.ropeScaling), positions: positions)
     }
 
     /// The table of `rope` (a layer type's own base and scaling).
     public init(config: DecoderConfig, rope: RopeParameters, positions: Int = 256) {
-        headDim = config.headDim
-        inverseFrequencies = config.ropeInverseFrequencies(rope)
+        rotaryDim = config.rotaryDim
+        shortFrequencies = config.ropeInverseFrequencies(rope)
+        let isLongrope = rope.scaling.kind == .longrope
+        longFrequencies = isLongrope ? config.ropeInverseFrequencies(rope, long: true) : nil
+        if isLongrope { long = ([], []) }
+        scale = Float(isLongrope ? rope.scaling.attentionFactor : 1)
         self.positions = 0
         grow(to: positions)
     }
@@ -243,26 +280,38 @@ public final class RopeTable: @unchecked Sendable {
     /// Extends the table so positions < `count` are available.
     public func grow(to count: Int) {
         guard count > positions else { return }
-        let half = headDim / 2
-        cosValues.reserveCapacity(count * headDim)
-        for p in positions..<count {
-            // transformers computes the angle in fp32: inv_freq (fp32) times the position (fp32).
-            var angles = [Float](repeating: 0, count: headDim)
-            for i in 0..<half {
-                let angle = Float(inverseFrequencies[i]) * Float(p)
-                angles[i] = angle
-                angles[i + half] = angle
-            }
-            cosValues += angles.map { cosf($0) }
-            sinValues += angles.map { sinf($0) }
+        Self.append(positions..<count, frequencies: shortFrequencies, scale: scale, to: &short)
+        if let longFrequencies, var table = long {
+            long = nil  // uniquely referenced while it grows
+            Self.append(positions..<count, frequencies: longFrequencies, scale: scale, to: &table)
+            long = table
         }
         positions = count
     }
 
-    /// The cos and sin tables, [positions, headDim] each.
+    private static func append(_ range: Range<Int>, frequencies: [Double], scale: Float, to table: inout (cos: [Float], sin: [Float])) {
+        let half = frequencies.count
+        table.cos.reserveCapacity(range.upperBound * 2 * half)
+        table.sin.reserveCapacity(range.upperBound * 2 * half)
+        for p in range {
+            // transformers computes the angle in fp32: inv_freq (fp32) times the position (fp32); then cos·scale in fp32.
+            var angles = [Float](repeating: 0, count: 2 * half)
+            for i in 0..<half {
+                let angle = Float(frequencies[i]) * Float(p)
+                angles[i] = angle
+                angles[i + half] = angle
+            }
+            table.cos += angles.map { cosf($0) * scale }
+            table.sin += angles.map { sinf($0) * scale }
+        }
+    }
+
+    /// The cos and sin tables, [positions, rotaryDim] each; `long`: longrope's long-factor tables.
     @inline(__always)
-    func withValues<R>(_ body: (UnsafePointer<Float>, UnsafePointer<Float>) -> R) -> R {
-        cosValues.withUnsafeBufferPointer { c in sinValues.withUnsafeBufferPointer { s in body(c.baseAddress!, s.baseAddress!) } }
+    func withValues<R>(long useLong: Bool = false, _ body: (UnsafePointer<Float>, UnsafePointer<Float>) -> R) -> R {
+        precondition(!useLong || long != nil, "long rope factors asked of a model without longrope")
+        let table = useLong ? long! : short
+        return table.cos.withUnsafeBufferPointer { c in table.sin.withUnsafeBufferPointer { s in body(c.baseAddress!, s.baseAddress!) } }
     }
 }
 

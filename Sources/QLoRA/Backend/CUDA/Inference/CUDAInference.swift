@@ -99,6 +99,8 @@ public final class CUDAInference {
     public convenience init(context: CUDAContext, model: DecoderModel, capacity: Int,
                             quantized: [String: QuantizedWeight] = [:]) throws {
         let c = model.config
+        // Refused before anything is uploaded.
+        try c.checkCUDASupport(sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
         let A = context.allocator
         func bf16(_ values: [Float]) throws -> DeviceBuffer<UInt16> { try A.buffer(copying: values.map(context.computeDType.encode)) }
         func bf16(_ m: Matrix) throws -> DeviceBuffer<UInt16> {
@@ -139,8 +141,8 @@ public final class CUDAInference {
         for block in model.blocks {
             layers.append(DeviceLayer(
                 inputNorm: try bf16(block.inputNorm), postNorm: try bf16(block.mlpInputNorm),
-                qkv: try group([block.q, block.k, block.v]), o: try group([block.o]),
-                gateUp: try group([block.gate, block.up]), down: try group([block.down]),
+                qkv: try group(block.attentionInput), o: try group([block.o]),
+                gateUp: try group(block.mlpInput), down: try group([block.down]),
                 keys: try A.buffer(UInt16.self, count: capacity * c.kvDim), values: try A.buffer(UInt16.self, count: capacity * c.kvDim)))
         }
         let embedding = try bf16(model.embedding)
@@ -152,6 +154,7 @@ public final class CUDAInference {
     /// A model of `config`'s shape with random NF4 weights made on the GPU and a random LoRA adapter of rank
     /// `loraRank` (0: none) on all seven projections, for benchmarks.
     public convenience init(context: CUDAContext, randomConfig c: DecoderConfig, loraRank: Int, capacity: Int, seed: UInt64 = 1) throws {
+        try c.checkCUDASupport(sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
         let A = context.allocator
         var s = seed
         func next() -> UInt64 { s &+= 0x9E37_79B9; return s }

@@ -212,6 +212,7 @@ public final class CUDADecoderTrainer {
     /// whether any linear drops out (then the d(x) scratch is allocated).
     init(context ctx: CUDAContext, config c: DecoderConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
          memory: CUDATrainerMemoryOptions?, source: Source) throws {
+        try c.checkCUDASupport(sequenceLength: 0, what: "training")
         guard c.headDim == 32 || c.headDim == 64 || c.headDim == 128 else {
             throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels (32, 64 or 128)")
         }
