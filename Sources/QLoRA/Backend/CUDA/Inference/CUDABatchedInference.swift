@@ -330,20 +330,22 @@ public final class CUDABatchedInference: BatchedSession {
 
 /// Batched generation for callers whose prompt lengths change from call to call (evaluation): keeps the weights and
 /// makes (or reuses) a `CUDABatchedInference` whose slots hold the longest prompt + `maxTokens`.
+// 128 slots by default: 1,000 prompts x 64 new tokens on the 8B shape run at 19.7x batch-1 with 64 slots, 22.7x with
+// 128 (0.7 GB more), 24.1x with 256 (docs/PERFORMANCE.md, session 4).
 public final class CUDABatchedGenerator {
     public let weights: CUDAInference
     /// Sequences decoded together.
     public let slots: Int
     var inference: CUDABatchedInference?
 
-    public init(weights: CUDAInference, slots: Int = 64) throws {
+    public init(weights: CUDAInference, slots: Int = 128) throws {
         guard slots > 0 else { throw UsageError("batched generation needs at least one sequence slot, got \(slots)") }
         self.weights = weights
         self.slots = slots
     }
 
     /// The model (NF4 + double quant base, LoRA unmerged) uploaded for generation.
-    public convenience init(context: CUDAContext, model: DecoderModel, slots: Int = 64) throws {
+    public convenience init(context: CUDAContext, model: DecoderModel, slots: Int = 128) throws {
         try self.init(weights: CUDAInference(context: context, model: model, capacity: 1), slots: slots)
     }
 
