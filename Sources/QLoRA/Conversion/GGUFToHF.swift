@@ -62,7 +62,13 @@ public enum GGUFConverter {
         let records = try tensorRecords(file, hyper)
         try checkRecords(records, model, file)
 
-        // Written beside the target and renamed into place: an interrupted convert leaves the old folder or none.
+        try writeModelFolder(directory, config: config, file: file, tokenizer: tokenizer, records: records, log: log)
+    }
+
+    /// The converted folder: config, generation config, tokenizer files and bf16 weights, written beside the target and
+    /// renamed into place (an interrupted convert leaves the old folder or none).
+    static func writeModelFolder(_ directory: String, config: JSONValue, file: GGUFFile, tokenizer: GGUFTokenizerExport,
+                                 records: [TensorRecord], log: (String) -> Void) throws {
         try FileSystem.writeDirectory(directory) { directory in
             try FileSystem.writeAtomically(directory + "/config.json", text: pythonJSON(config))
             try FileSystem.writeAtomically(directory + "/generation_config.json", text: pythonJSON(generationConfigJSON(file)))
@@ -88,13 +94,7 @@ public enum GGUFConverter {
         if DecoderConfig.supportedModelTypes.contains(config["model_type"]?.string ?? "") {
             try checkRecords(records, try loadableConfig(config, file), file)
         }
-        try FileSystem.writeDirectory(directory) { directory in
-            try FileSystem.writeAtomically(directory + "/config.json", text: pythonJSON(config))
-            try FileSystem.writeAtomically(directory + "/generation_config.json", text: pythonJSON(generationConfigJSON(file)))
-            try tokenizer.write(to: directory)
-            try SafeTensorsWriter.write(records, metadata: ["format": "pt"], to: directory + "/model.safetensors")
-        }
-        log("wrote \(directory)")
+        try writeModelFolder(directory, config: config, file: file, tokenizer: tokenizer, records: records, log: log)
     }
 
     // MARK: - Checks before anything is written (the folder must load)
