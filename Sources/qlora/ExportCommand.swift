@@ -49,41 +49,49 @@ struct ExportCommand: ParsableCommand {
 
     func exportModel() throws {
         let type = try GGUFExportType.parse(type)
-        // Qwen3, Gemma 2/3 and Phi-3 folders: tensors and metadata as llama.cpp's converter writes them, from the files.
         let directory = try ModelCatalog.resolve(model, log: { printError($0) })
-        if let modelType = try? JSONValue.parse(bytes: try FileSystem.readFile(directory + "/config.json"))["model_type"]?.string,
-           GGUFFamily(modelType: modelType) != nil {
-            guard adapter == nil else {
-                throw ValidationError("--adapter: merging an adapter into a \(modelType) model for GGUF is not supported yet; merge first (qlora merge) and export the merged folder")
-            }
-            try GGUFExporter.refuseOverwriting(out, inputs: [directory])
-            let report = try GGUFFamilyExporter.export(directory: directory, type: type, to: out, name: name, log: { printError($0) })
-            let types = report.typeCounts.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
-            print("wrote \(out): \(report.architecture), \(report.tensorCount) tensors (\(types)), tokenizer \(report.tokenizerModel) with \(report.vocabularySize) tokens")
-            return
-        }
-        // Dense weights as stored; a bitsandbytes-only folder can only give its dequantized weights.
-        let loaded = try ModelLoader.load(model, quantization: .none, log: { printError($0) })
-        let inputs = [loaded.directory] + (adapter.map { [$0] } ?? [])
+        // Qwen3, Gemma 2/3 and Phi-3 folders: tensors and metadata as llama.cpp's converter writes them, read from the
+        // files, with the adapter's linears merged from the model; the Llama family's come from the model.
+        let modelType = try? JSONValue.parse(bytes: try FileSystem.readFile(directory + "/config.json"))["model_type"]?.string
+        let family = modelType.flatMap { GGUFFamily(modelType: $0) }
+        let inputs = [directory] + (adapter.map { [$0] } ?? [])
         try GGUFExporter.refuseOverwriting(out, inputs: inputs)
         if ollama {
             // Checked before the export, so that a refused Modelfile leaves no GGUF behind.
             try GGUFExporter.refuseOverwriting(try OllamaModelfile.path(besides: out), inputs: inputs, option: "--ollama's Modelfile")
-            _ = try OllamaModelfile.text(directory: loaded.directory, ggufFileName: "x.gguf")
+            _ = try OllamaModelfile.text(directory: directory, ggufFileName: "x.gguf")
         }
-        if loaded.isPreQuantized {
-            printError("note: \(loaded.directory) holds only 4-bit weights, so the export is of the dequantized 4-bit weights (the original weights are not available), stored as \(type.rawValue)")
+        // Dense weights as stored; a bitsandbytes-only folder can only give its dequantized weights.
+        var loaded: LoadedModel?
+        if family == nil || adapter != nil {
+            let model = try ModelLoader.load(directory, quantization: .none, log: { printError($0) })
+            if model.isPreQuantized {
+                guard family == nil else {
+                    throw ValidationError("--model: \(directory) holds only 4-bit weights; a \(modelType ?? "") GGUF export needs the original weights")
+                }
+                printError("note: \(directory) holds only 4-bit weights, so the export is of the dequantized 4-bit weights (the original weights are not available), stored as \(type.rawValue)")
+            }
+            if let adapter {
+                let config = try PEFTAdapter.load(directory: adapter, into: model.model)
+                printError("adapter: \(adapter) (r=\(config.rank), alpha=\(config.alpha))")
+            }
+            loaded = model
         }
-        if let adapter {
-            let config = try PEFTAdapter.load(directory: adapter, into: loaded.model)
-            printError("adapter: \(adapter) (r=\(config.rank), alpha=\(config.alpha))")
+        let report: GGUFExportReport
+        switch (family, loaded) {
+        case (nil, let loaded?):
+            report = try GGUFExporter.export(model: loaded.model, directory: directory, type: type, to: out, name: name, log: { printError($0) })
+        case (_?, let loaded?):
+            report = try GGUFFamilyExporter.export(directory: directory, merging: loaded.model, type: type, to: out, name: name,
+                                                   log: { printError($0) })
+        default:
+            report = try GGUFFamilyExporter.export(directory: directory, type: type, to: out, name: name, log: { printError($0) })
         }
-        let report = try GGUFExporter.export(model: loaded.model, directory: loaded.directory, type: type, to: out, name: name,
-                                             log: { printError($0) })
         let types = report.typeCounts.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
-        print("wrote \(out): \(report.architecture), \(report.tensorCount) tensors (\(types)), \(report.mergedLayers) layers with the adapter merged, tokenizer \(report.tokenizerModel) with \(report.vocabularySize) tokens")
+        let merged = loaded == nil ? "" : ", \(report.mergedLayers) layers with the adapter merged"
+        print("wrote \(out): \(report.architecture), \(report.tensorCount) tensors (\(types))\(merged), tokenizer \(report.tokenizerModel) with \(report.vocabularySize) tokens")
         if ollama {
-            let path = try OllamaModelfile.write(besides: out, directory: loaded.directory, inputs: inputs, log: { printError($0) })
+            let path = try OllamaModelfile.write(besides: out, directory: directory, inputs: inputs, log: { printError($0) })
             print("wrote \(path): ollama create NAME -f \(path)")
         }
     }

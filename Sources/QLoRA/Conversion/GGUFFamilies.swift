@@ -24,6 +24,8 @@
 // stores RMSNorm weights w of x·(1+w); llama.cpp's norm multiplies by its weight, so every `*norm.weight` is written
 // as w+1 (and read back as w-1). Gemma 3's embedding is cut to the tokenizer's size (tokenizer.json's vocab plus
 // added tokens) when that is smaller than vocab_size, as the converter does.
+// With a LoRA adapter, each adapted linear (Phi-3's fused ones whole) is W + scale·B·A in fp32 from the model loaded
+// from the folder, rounded once to the file's type, as GGUFExporter merges the Llama family; the rest is read as stored.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -291,6 +293,36 @@ public enum GGUFFamily: String, CaseIterable, Sendable {
 // MARK: - Export (HF folder → GGUF)
 
 public enum GGUFFamilyExporter {
+    /// Writes the model folder `directory` as `export(directory:…)` does, with `model`'s LoRA adapters merged: each
+    /// adapted linear's weight is W + scale·B·A in fp32 from the weights `model` holds (AdapterMerge.mergedWeight, as
+    /// GGUFExporter merges the Llama family), rounded once to the file's type, under llama.cpp's name and unchanged
+    /// otherwise (Gemma's +1 is for norms; Phi-3's qkv_proj and gate_up_proj stay fused). `model` must have been
+    /// loaded from `directory`'s dense weights; every other tensor is read from the files as stored.
+    @discardableResult
+    public static func export(directory: String, merging model: DecoderModel, type: GGUFExportType, to path: String,
+                              name: String? = nil, log: (String) -> Void = { _ in }) throws -> GGUFExportReport {
+        let c = model.config
+        // The adapted linears by the names their weights have in the folder's files (Gemma 3 multimodal:
+        // `language_model.model.…` for the module `model.language_model.…`).
+        var adapted: [String: Linear] = [:]
+        for layer in model.linearLayers where layer.lora != nil { adapted[c.checkpointName(layer.name + ".weight")] = layer }
+        let stored = Set(try SafeTensorsCheckpoint(directory: directory).names)
+        if let missing = adapted.keys.sorted().first(where: { !stored.contains($0) }) {
+            throw UsageError("GGUF export: the adapted layer's weight '\(missing)' is not a tensor of \(directory) (was the model loaded from another folder?)")
+        }
+        var written = Set<String>()
+        var report = try export(directory: directory, type: type, to: path, name: name, weight: { hfName in
+            guard let layer = adapted[hfName] else { return nil }
+            let merged = AdapterMerge.mergedWeight(layer)
+            // A base and adapter that are finite can still overflow here; llama.cpp would run such a file to garbage.
+            try checkFinite(merged, tensor: hfName, origin: path + " (merged weights)")
+            written.insert(hfName)
+            return merged
+        }, log: log)
+        report.mergedLayers = written.count
+        return report
+    }
+
     /// Writes the model folder `directory` (config.json, *.safetensors, tokenizer files) of a Qwen3, Gemma 2/3 or Phi-3
     /// model as one GGUF file of `type`, tensors and metadata as llama.cpp's converter writes them. `weight` may supply
     /// a tensor's values in place of the file's (an adapter merged into a projection, by HF name); the rest are read
@@ -348,10 +380,6 @@ public enum GGUFFamilyExporter {
             throw FileFormatError(file: directory, place: "tensors", "no model.embed_tokens.weight")
         }
         let typeContext = GGUFTypeContext(layerCount: text["num_hidden_layers"]?.int ?? 0, tiedEmbeddings: tied)
-        let types = plan.map { GGUFExporter.tensorType(name: $0.name, dimensions: $0.dimensions, type: type, context: typeContext) }
-        let parameters = plan.reduce(0) { $0 + $1.dimensions.reduce(1, *) }
-        var metadata = try family.metadata(config: raw, type: type, name: name ?? GGUFExporter.lastPathComponent(directory),
-                                           parameterCount: parameters, file: configPath)
         var tokenizerEntries = tokenizer.entries
         if family.isGemma && tokenizer.model == "llama" {
             // Gemma's converters write add_space_prefix = false: its tokenizer puts no space in front of a text, and
@@ -359,17 +387,10 @@ public enum GGUFFamilyExporter {
             tokenizerEntries.removeAll { $0.key == "tokenizer.ggml.add_space_prefix" }
             tokenizerEntries.append(("tokenizer.ggml.add_space_prefix", .bool(false)))
         }
-        metadata += tokenizerEntries
-        var counts: [String: Int] = [:]
-        for t in types { counts[t.name, default: 0] += 1 }
-        log("writing \(plan.count) tensors (\(counts.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", "))) to \(path)")
-        try GGUFWriter.write(metadata: metadata, tensors: zip(plan, types).map { ($0.name, $1, $0.dimensions) }, to: path) { i in
-            let tensor = try values(i)
-            guard tensor.count == plan[i].dimensions.reduce(1, *) else {
-                throw UsageError("GGUF export: tensor '\(plan[i].name)' has \(tensor.count) values, expected \(plan[i].dimensions.reduce(1, *))")
-            }
-            return types[i].quantize(tensor)
-        }
+        let counts = try GGUFExporter.writeModel(tensors: plan.map { ($0.name, $0.dimensions) }, type: type, context: typeContext, metadata: { parameters in
+            try family.metadata(config: raw, type: type, name: name ?? GGUFExporter.lastPathComponent(directory),
+                                parameterCount: parameters, file: configPath) + tokenizerEntries
+        }, to: path, log: log, values: values)
         return GGUFExportReport(architecture: family.rawValue, tensorCount: plan.count, mergedLayers: 0, typeCounts: counts,
                                 vocabularySize: vocabulary, tokenizerModel: tokenizer.model)
     }

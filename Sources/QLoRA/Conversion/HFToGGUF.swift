@@ -219,23 +219,35 @@ public enum GGUFExporter {
         }
 
         let context = GGUFTypeContext(config: config, architecture: arch, tiedEmbeddings: tied)
-        let types = plan.map { tensorType(name: $0.name, dimensions: $0.dimensions, type: type, context: context) }
-        let parameters = plan.reduce(0) { $0 + $1.dimensions.reduce(1, *) }
-        var metadata = try modelMetadata(config: config, architecture: arch, type: type,
-                                         name: name ?? lastPathComponent(directory), parameterCount: parameters)
-        metadata += tokenizer.entries
-        var counts: [String: Int] = [:]
-        for t in types { counts[t.name, default: 0] += 1 }
-        log("writing \(plan.count) tensors (\(counts.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", "))) to \(path)")
-        try GGUFWriter.write(metadata: metadata, tensors: zip(plan, types).map { ($0.name, $1, $0.dimensions) }, to: path) { i in
-            let values = try plan[i].values()
-            guard values.count == plan[i].dimensions.reduce(1, *) else {
-                throw UsageError("GGUF export: tensor '\(plan[i].name)' has \(values.count) values, expected \(plan[i].dimensions.reduce(1, *))")
-            }
-            return types[i].quantize(values)
-        }
+        let counts = try writeModel(tensors: plan.map { ($0.name, $0.dimensions) }, type: type, context: context, metadata: { parameters in
+            try modelMetadata(config: config, architecture: arch, type: type, name: name ?? lastPathComponent(directory),
+                              parameterCount: parameters) + tokenizer.entries
+        }, to: path, log: log, values: { try plan[$0].values() })
         return GGUFExportReport(architecture: arch, tensorCount: plan.count, mergedLayers: merged, typeCounts: counts,
                                 vocabularySize: config.vocabularySize, tokenizerModel: tokenizer.model)
+    }
+
+    /// Writes `tensors` (GGUF names, ggml dimensions) into the GGUF file `path`, each typed as llama.cpp types it in an
+    /// export of `type` and its values made by `values(i)` only when it is written (one tensor in memory at a time),
+    /// after `metadata(parameterCount)`. The one writing step of every model export (GGUFExporter's from a model,
+    /// GGUFFamilyExporter's from a folder); returns how many tensors of each ggml type were written.
+    static func writeModel(tensors: [(name: String, dimensions: [Int])], type: GGUFExportType, context: GGUFTypeContext,
+                           metadata: (_ parameterCount: Int) throws -> [(key: String, value: GGUFValue)], to path: String,
+                           log: (String) -> Void, values: (Int) throws -> [Float]) throws -> [String: Int] {
+        let types = tensors.map { tensorType(name: $0.name, dimensions: $0.dimensions, type: type, context: context) }
+        let keys = try metadata(tensors.reduce(0) { $0 + $1.dimensions.reduce(1, *) })
+        var counts: [String: Int] = [:]
+        for t in types { counts[t.name, default: 0] += 1 }
+        log("writing \(tensors.count) tensors (\(counts.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", "))) to \(path)")
+        try GGUFWriter.write(metadata: keys, tensors: zip(tensors, types).map { ($0.name, $1, $0.dimensions) }, to: path) { i in
+            let tensor = try values(i)
+            let count = tensors[i].dimensions.reduce(1, *)
+            guard tensor.count == count else {
+                throw UsageError("GGUF export: tensor '\(tensors[i].name)' has \(tensor.count) values, expected \(count)")
+            }
+            return types[i].quantize(tensor)
+        }
+        return counts
     }
 
     // MARK: - Model metadata

@@ -51,6 +51,24 @@ final class CommandLineTests: XCTestCase {
         XCTAssertFalse(FileSystem.exists(out + "/b.gguf"))
     }
 
+    /// `export --adapter` on a Gemma 2 folder merges the adapter (the same file as the library's merged export) and
+    /// `--ollama` writes its Modelfile with Gemma's end-of-turn stop.
+    func testExportMergesAnAdapterIntoAFamilyModel() throws {
+        let dir = try GGUFFamilyAdapterExportTests.folder(TestFixtures.path("families/gemma2/base"), tokenizer: "gemma2", name: "cli")
+        let adapter = TestFixtures.path("families/gemma2/adapter")
+        let out = try TestFixtures.temporaryDirectory("cli-export-family")
+        let run = try qlora(["export", "--model", dir, "--adapter", adapter, "--type", "f32", "--out", out + "/m.gguf", "--ollama"])
+        XCTAssertEqual(run.status, 0, run.err)
+        XCTAssertTrue(run.out.contains("14 layers with the adapter merged"), run.out)
+        XCTAssertTrue(FileSystem.exists(out + "/Modelfile"))
+        let (library, _, _) = try GGUFFamilyAdapterExportTests.exports("gemma2", tokenizer: "gemma2", type: .f32)
+        let ours = try GGUFFile(path: out + "/m.gguf"), expected = try GGUFFile(path: library)
+        XCTAssertEqual(ours.tensorNames, expected.tensorNames)
+        for info in expected.tensors {
+            XCTAssertEqual(try ours.floats(try XCTUnwrap(ours.tensor(info.name))), try expected.floats(info), info.name)
+        }
+    }
+
     /// `tokenize --messages` on a folder holding only the tokenizer files equals the chat goldens (text and ids).
     func testTokenizeMessagesMatchesTheGoldens() throws {
         let goldens = try String(contentsOfFile: TestFixtures.path("smollm2-tokenizer/goldens.jsonl"), encoding: .utf8)
