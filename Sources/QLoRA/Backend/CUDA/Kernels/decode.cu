@@ -204,7 +204,24 @@ extern "C" __global__ void rope_qk_append(h16* qkv, h16* kcache, h16* vcache, co
     const int rot_items = (heads + kv_heads) * half;
     h16* k_row = kcache + (long long)pos * kv_dim;
     for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < rot_items + kv_dim; idx += gridDim.x * blockDim.x) {
-        rope_append_item(qkv, k_row, vcache + (long long)pos * kv_dim, idx, pos, inv_freq, heads, kv_heads, head_dim);
+        if (idx < rot_items) {
+            const int h = idx / half, i = idx % half;
+            float s, c;
+            sincosf((float)pos * inv_freq[i], &s, &c);
+            h16* p = qkv + h * head_dim;
+            const float a = h16_to_float(p[i]), b = h16_to_float(p[i + half]);
+            const h16 lo = float_to_h16(a * c - b * s), hi = float_to_h16(b * c + a * s);
+            p[i] = lo;
+            p[i + half] = hi;
+            if (h >= heads) {
+                h16* kd = k_row + (h - heads) * head_dim;
+                kd[i] = lo;
+                kd[i + half] = hi;
+            }
+        } else {
+            const int e = idx - rot_items;
+            vcache[(long long)pos * kv_dim + e] = qkv[(heads + kv_heads) * head_dim + e];
+        }
     }
 }
 

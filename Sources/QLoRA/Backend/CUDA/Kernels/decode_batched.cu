@@ -212,7 +212,24 @@ extern "C" __global__ void rope_append_rows(h16* qkv, int q_stride, h16* kcache,
         const int pos = positions[r];
         h16* row = qkv + (long long)r * q_stride;
         const long long cache_row = ((long long)slots[r] * capacity + pos) * kv_dim;
-        rope_append_item(row, kcache + cache_row, vcache + cache_row, item, pos, inv_freq, heads, kv_heads, head_dim);
+        if (item < rot_items) {
+            const int h = item / half, i = item % half;
+            float s, c;
+            sincosf((float)pos * inv_freq[i], &s, &c);
+            h16* p = row + h * head_dim;
+            const float a = h16_to_float(p[i]), b = h16_to_float(p[i + half]);
+            const h16 lo = float_to_h16(a * c - b * s), hi = float_to_h16(b * c + a * s);
+            p[i] = lo;
+            p[i + half] = hi;
+            if (h >= heads) {
+                h16* kd = kcache + cache_row + (h - heads) * head_dim;
+                kd[i] = lo;
+                kd[i + half] = hi;
+            }
+        } else {
+            const int e = item - rot_items;
+            vcache[cache_row + e] = row[(heads + kv_heads) * head_dim + e];
+        }
     }
 }
 

@@ -145,30 +145,3 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 /// Grid-stride loop over [0, n).
 #define GRID_STRIDE(i, n) \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
-
-/// One work item of RoPE + KV-cache append for a token at position `pos`: items below (heads + kv_heads) * head_dim / 2
-/// rotate one (i, i + half) pair of q or k in `row` (a k pair is also written to `k_dst`, the token's cache row); the
-/// kv_heads * head_dim items after them copy v into `v_dst`. Shared by batch-1 decode and batched decode.
-__device__ __forceinline__ void rope_append_item(h16* row, h16* k_dst, h16* v_dst, int item, int pos, const float* inv_freq,
-                                                 int heads, int kv_heads, int head_dim) {
-    const int half = head_dim / 2;
-    const int rot_items = (heads + kv_heads) * half;
-    if (item < rot_items) {
-        const int h = item / half, i = item % half;
-        float s, c;
-        sincosf((float)pos * inv_freq[i], &s, &c);
-        h16* p = row + h * head_dim;
-        const float a = h16_to_float(p[i]), b = h16_to_float(p[i + half]);
-        const h16 lo = float_to_h16(a * c - b * s), hi = float_to_h16(b * c + a * s);
-        p[i] = lo;
-        p[i + half] = hi;
-        if (h >= heads) {
-            h16* kd = k_dst + (h - heads) * head_dim;
-            kd[i] = lo;
-            kd[i + half] = hi;
-        }
-    } else {
-        const int e = item - rot_items;
-        v_dst[e] = row[(heads + kv_heads) * head_dim + e];
-    }
-}
