@@ -369,6 +369,15 @@ extension DecoderModel {
 // MARK: - Block backward
 
 extension DecoderModel {
+    /// Through Gemma's norm after a sublayer (x -> n(x) before the residual add), or dy itself where the block has none.
+    func sandwichNormBackward(_ norm: [Float]?, input: Matrix?, outputGradient dy: Matrix) -> Matrix {
+        guard let norm, let input else { return dy }
+        let dx = Matrix(rows: dy.rows, columns: dy.columns)
+        CPUOps.rmsNormBackward(input.pointer, weight: norm, offset: config.normWeightOffset, eps: config.rmsNormEps,
+                               outputGradient: dy.pointer, rows: dy.rows, width: dy.columns, into: dx.pointer, accumulate: false)
+        return dx
+    }
+
     /// Given dL/dy for the block output, accumulates the LoRA gradients and returns dL/dx for its input.
     func blockBackward(_ block: DecoderBlock, layer l: Int, activations a: BlockActivations, outputGradient dy: Matrix,
                        batch: TrainingBatch, gradients: LoRAGradients) -> Matrix {
@@ -377,12 +386,7 @@ extension DecoderModel {
         let h = c.hiddenSize
         let offset = c.normWeightOffset
         // y = hidden + [n_mo](down(activated)): the residual passes dy straight to hidden.
-        var dMLPOut = dy
-        if let norm = block.mlpOutputNorm, let projected = a.mlpProjected {
-            dMLPOut = Matrix(rows: n, columns: h)
-            CPUOps.rmsNormBackward(projected.pointer, weight: norm, offset: offset, eps: c.rmsNormEps, outputGradient: dy.pointer,
-                                   rows: n, width: h, into: dMLPOut.pointer, accumulate: false)
-        }
+        let dMLPOut = sandwichNormBackward(block.mlpOutputNorm, input: a.mlpProjected, outputGradient: dy)
         let dActivated = Matrix(rows: n, columns: c.intermediateSize)
         linearBackward(block.down, input: a.activated, activations: a, outputGradient: dMLPOut, gradients: gradients, into: dActivated, accumulate: false)
         let dGate = Matrix(rows: n, columns: c.intermediateSize)
@@ -397,12 +401,7 @@ extension DecoderModel {
                                rows: n, width: h, into: dHidden.pointer, accumulate: true)
 
         // hidden = input + [n_ao](o(attended))
-        var dAttentionOut = dHidden
-        if let norm = block.attentionOutputNorm, let projected = a.attentionProjected {
-            dAttentionOut = Matrix(rows: n, columns: h)
-            CPUOps.rmsNormBackward(projected.pointer, weight: norm, offset: offset, eps: c.rmsNormEps, outputGradient: dHidden.pointer,
-                                   rows: n, width: h, into: dAttentionOut.pointer, accumulate: false)
-        }
+        let dAttentionOut = sandwichNormBackward(block.attentionOutputNorm, input: a.attentionProjected, outputGradient: dHidden)
         let dAttended = Matrix(rows: n, columns: c.qDim)
         linearBackward(block.o, input: a.attended, activations: a, outputGradient: dAttentionOut, gradients: gradients, into: dAttended, accumulate: false)
         let dq = Matrix(rows: n, columns: c.qDim)
