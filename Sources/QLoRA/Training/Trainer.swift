@@ -52,6 +52,11 @@ public final class Trainer {
     /// Where the forward/backward, clipping and optimizer run (CPU or GPU).
     public let engine: TrainingEngine
     let schedule: LearningRateSchedule
+
+    /// The step the learning-rate schedule is at: the optimizer steps actually taken. A step skipped by the fp16 loss
+    /// scaler (its gradients overflowed) does not advance the schedule, as accelerate holds the scheduler back when
+    /// `optimizer.step_was_skipped`; it still counts as a training step (global_step), as in transformers' Trainer.
+    static func schedulerStep(trainerStep: Int, skippedSteps: Int) -> Int { max(0, trainerStep - skippedSteps) }
     let loraConfig: LoRAConfig
     /// The base model folder, whose tokenizer files are copied beside saved adapters.
     let baseDirectory: String?
@@ -194,7 +199,7 @@ public final class Trainer {
                 loss.count += part.count
                 tokensSeen += train[index].tokenCount
             }
-            let learningRate = schedule.learningRate(atStep: step)
+            let learningRate = schedule.learningRate(atStep: Self.schedulerStep(trainerStep: step, skippedSteps: engine.lossScaler?.skippedSteps ?? 0))
             let norm = try engine.step(learningRate: learningRate, maxGradNorm: c.maxGradNorm)
             if engine.lastStepSkipped, let scaler = engine.lossScaler {
                 // fp16: the scaled gradients overflowed; the scaler skipped the update and halved the scale. Only a

@@ -74,4 +74,19 @@ final class GradientClippingTests: XCTestCase {
         XCTAssertTrue(GradientClipping.clip(&bad, maxNorm: 1).isNaN)
         XCTAssertEqual(bad[0][1], 1, "a non-finite norm leaves gradients as they are")
     }
+
+    /// A step skipped by the fp16 loss scaler does not advance the schedule (accelerate steps its scheduler only when
+    /// the optimizer stepped): with skips at steps 2, 3 and 7, each step's rate is the rate of the updates taken before it.
+    func testSkippedStepsHoldTheScheduleBack() throws {
+        let schedule = try LearningRateSchedule(kind: .linear, baseLearningRate: 1, trainingSteps: 10)
+        let skipped: Set<Int> = [2, 3, 7]
+        var taken = 0, skippedSoFar = 0
+        for step in 0..<10 {
+            let rate = schedule.learningRate(atStep: Trainer.schedulerStep(trainerStep: step, skippedSteps: skippedSoFar))
+            XCTAssertEqual(rate, schedule.learningRate(atStep: taken), "step \(step)")
+            if skipped.contains(step) { skippedSoFar += 1 } else { taken += 1 }
+        }
+        XCTAssertEqual(Trainer.schedulerStep(trainerStep: 4, skippedSteps: 2), 2)
+        XCTAssertEqual(schedule.learningRate(atStep: Trainer.schedulerStep(trainerStep: 9, skippedSteps: 3)), 0.4, accuracy: 1e-6)
+    }
 }
