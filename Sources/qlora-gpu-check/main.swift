@@ -25,7 +25,8 @@
 // (BatchedChecks.swift), merge (MergeChecks.swift), allocator,
 // training (fixture parity, forward-only loss, short run, engines, dropout, LoRA ranks, memory plan), memory
 // (offloaded checkpoints and the host embedding bit-identical, peak bytes; MemoryChecks.swift), qwen2 (trainer and
-// inference with biases), benchmarks.
+// inference with biases), family rmsnorm / gated activation / rope / embedding / softcap / copy columns (the model
+// families' element-wise ops; FamilyOpChecks.swift), benchmarks.
 
 import QLoRA
 #if canImport(Glibc)
@@ -509,6 +510,7 @@ runTrainingChecks(ctx)  // TrainingChecks.swift
 runMemoryChecks(ctx)  // MemoryChecks.swift: checkpoint offloading, host embedding, peaks
 runParityTrainingChecks()  // ParityChecks.swift: dropout, per-projection ranks
 runQwen2Checks()  // ParityChecks.swift: linear biases in training and generation
+runFamilyOpChecks()  // FamilyOpChecks.swift: the element-wise ops of Qwen3, Gemma 2/3 and Phi-3
 
 // MARK: - Microbenchmarks
 

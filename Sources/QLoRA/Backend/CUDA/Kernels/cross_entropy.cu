@@ -8,7 +8,11 @@
 //   Pass 2 (when dlogits is not null): dlogits_j = grad_scale * (exp(z_j - lse) - [j == label]), 0 for ignored
 //   rows. grad_scale is d(loss)/d(row_loss), e.g. 1/count for a mean. dlogits may alias logits (each element is
 //   read before it is written, by the same thread).
+// Final-logit soft-capping (Gemma 2), softcap = c > 0 (0: none): the loss is over z'_j = c tanh(z_j / c), computed in
+// fp32 from the h16 logits (transformers divides, takes tanh, multiplies), and with t_j = tanh(z_j / c)
+//   dlogits_j = grad_scale * (exp(z'_j - lse') - [j == label]) * (1 - t_j^2)      (d z'/dz = 1 - tanh^2)
 // cross_entropy_reduce then sums row losses and counts the rows that are not ignored, in a fixed order.
+// softcap_f32 / softcap_h16: x = c tanh(x / c) in place, for the logits decode samples from.
 #include "qlora_prelude.cuh"
 
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
@@ -18,8 +22,20 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
     m = mm;
 }
 
+/// The soft-capped logit c tanh(z / c), or z itself when cap is 0.
+__device__ __forceinline__ float capped_logit(float z, float cap) { return cap > 0.0f ? tanhf(z / cap) * cap : z; }
+
+/// d(loss)/dz for the logit z (before the cap): grad_scale (softmax - onehot) at the capped logit, times 1 - tanh^2.
+__device__ __forceinline__ float logit_gradient(float z, bool is_label, float lse, float grad_scale, float cap) {
+    if (cap > 0.0f) {
+        const float t = tanhf(z / cap);
+        return grad_scale * (__expf(t * cap - lse) - (is_label ? 1.0f : 0.0f)) * (1.0f - t * t);
+    }
+    return grad_scale * (__expf(z - lse) - (is_label ? 1.0f : 0.0f));
+}
+
 extern "C" __global__ void cross_entropy_forward_backward(const h16* logits, const int* labels, int vocab,
-                                                          float grad_scale, float* row_loss, h16* dlogits) {
+                                                          float grad_scale, float* row_loss, h16* dlogits, float softcap) {
     __shared__ float shared_m[32], shared_s[32];
     __shared__ float shared_lse;
     const long long row = blockIdx.x;
@@ -34,6 +50,10 @@ extern "C" __global__ void cross_entropy_forward_backward(const h16* logits, con
         for (int j = threadIdx.x * 8; j < vocab; j += blockDim.x * 8) {
             float f[8];
             load_h16x8(z + j, f);
+            if (softcap > 0.0f) {
+#pragma unroll
+                for (int k = 0; k < 8; k++) f[k] = capped_logit(f[k], softcap);
+            }
             float mx = f[0];
 #pragma unroll
             for (int k = 1; k < 8; k++) mx = fmaxf(mx, f[k]);
@@ -44,7 +64,7 @@ extern "C" __global__ void cross_entropy_forward_backward(const h16* logits, con
         }
     } else {
         for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-            const float v = h16_to_float(z[j]);
+            const float v = capped_logit(h16_to_float(z[j]), softcap);
             if (v > m) {
                 s = s * __expf(m - v) + 1.0f;
                 m = v;
@@ -74,7 +94,7 @@ extern "C" __global__ void cross_entropy_forward_backward(const h16* logits, con
             const float lse = m + logf(s);
             shared_lse = lse;
             const bool valid = !ignored && label >= 0 && label < vocab;
-            row_loss[row] = valid ? lse - h16_to_float(z[label]) : 0.0f;
+            row_loss[row] = valid ? lse - capped_logit(h16_to_float(z[label]), softcap) : 0.0f;
         }
     }
     __syncthreads();
@@ -86,14 +106,13 @@ extern "C" __global__ void cross_entropy_forward_backward(const h16* logits, con
             float f[8];
             load_h16x8(z + j, f);
 #pragma unroll
-            for (int k = 0; k < 8; k++)
-                f[k] = ignored ? 0.0f : grad_scale * (__expf(f[k] - lse) - (j + k == label ? 1.0f : 0.0f));
+            for (int k = 0; k < 8; k++) f[k] = ignored ? 0.0f : logit_gradient(f[k], j + k == label, lse, grad_scale, softcap);
             store_h16x8(d + j, f);
         }
     } else {
         for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
             float g = 0.0f;
-            if (!ignored) g = grad_scale * (__expf(h16_to_float(z[j]) - lse) - (j == label ? 1.0f : 0.0f));
+            if (!ignored) g = logit_gradient(h16_to_float(z[j]), j == label, lse, grad_scale, softcap);
             d[j] = float_to_h16(g);
         }
     }
@@ -110,4 +129,12 @@ extern "C" __global__ void cross_entropy_reduce(const float* row_loss, const int
     sum = block_sum(sum, scratch);
     count = block_sum(count, scratch);
     if (threadIdx.x == 0) { out[0] = sum; out[1] = count; }
+}
+
+extern "C" __global__ void softcap_f32(float* x, long long n, float cap) {
+    GRID_STRIDE(i, n) { x[i] = tanhf(x[i] / cap) * cap; }
+}
+
+extern "C" __global__ void softcap_h16(h16* x, long long n, float cap) {
+    GRID_STRIDE(i, n) { x[i] = float_to_h16(tanhf(h16_to_float(x[i]) / cap) * cap); }
 }

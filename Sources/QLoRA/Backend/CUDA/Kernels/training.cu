@@ -20,6 +20,9 @@
 //   dropout_keep_mask:   out[i] = kept                                        (for the GPU check)
 //   Division by keep, not multiplication by 1/keep, exactly as the CPU does (NVRTC compiles IEEE-accurate division).
 // Bias, y = x·Wᵀ + b: add_row_vector makes y[t, o] = (overwrite ? 0 : y[t, o]) + b[o] before the GEMM adds x·Wᵀ.
+// Fused projections (Phi-3's qkv_proj, gate_up_proj): copy_columns copies a [rows, columns] block of h16 values between
+// two row-major matrices of other widths, dst[r, c] = src[r, c] (row strides in elements): splitting q | k | v out of
+// the fused output, and joining dq | dk | dv back into it. 16 bytes per access when strides, width and pointers allow.
 #include "qlora_prelude.cuh"
 
 __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
@@ -104,5 +107,22 @@ extern "C" __global__ void add_row_vector(h16* y, const h16* __restrict__ v, lon
     GRID_STRIDE(e, rows * (long long)cols) {
         const h16 b = v[e % cols];
         y[e] = overwrite ? b : float_to_h16(h16_to_float(y[e]) + h16_to_float(b));
+    }
+}
+
+extern "C" __global__ void copy_columns(const h16* __restrict__ src, long long src_stride, h16* __restrict__ dst,
+                                        long long dst_stride, long long rows, long long columns) {
+    const bool vec = (columns & 7) == 0 && (src_stride & 7) == 0 && (dst_stride & 7) == 0 && aligned16(src) && aligned16(dst);
+    if (vec) {
+        const long long per_row = columns / 8;
+        GRID_STRIDE(e, rows * per_row) {
+            const long long r = e / per_row, c = (e % per_row) * 8;
+            *reinterpret_cast<h16x8_raw*>(dst + r * dst_stride + c) = *reinterpret_cast<const h16x8_raw*>(src + r * src_stride + c);
+        }
+    } else {
+        GRID_STRIDE(e, rows * columns) {
+            const long long r = e / columns, c = e % columns;
+            dst[r * dst_stride + c] = src[r * src_stride + c];
+        }
     }
 }

@@ -1,29 +1,48 @@
-// Launchers for Kernels/rmsnorm.cu: RMSNorm forward and input gradient (bf16 in and out, fp32 sums).
+// Launchers for Kernels/rmsnorm.cu: RMSNorm forward and input gradient (h16 in and out, fp32 sums), with the family
+// variations: Gemma's (1 + w) weight offset and its sandwich norm's residual add.
 
 extension CUDAContext {
-    /// y = RMSNorm(x) * weight for `rows` rows of `dim` values (HF LlamaRMSNorm rounding; see rmsnorm.cu).
+    /// y = RMSNorm(x) · (weight + weightOffset) for `rows` rows of `dim` values (the rounding of rmsnorm.cu: HF
+    /// LlamaRMSNorm's when the offset is 0, one rounding otherwise, as Gemma's norm). With `residual`,
+    /// y = h16(residual + h16(norm)); `y` may be `residual` itself. Rows as short as a head (q/k norms over
+    /// rows = tokens · heads) take a warp each.
     public func rmsNormForward(x: DeviceBuffer<UInt16>, weight: DeviceBuffer<UInt16>, into y: DeviceBuffer<UInt16>,
-                               rows: Int, dim: Int, eps: Float, stream: CUDAStream? = nil) throws {
-        try require(x.count >= rows * dim && y.count >= rows * dim && weight.count >= dim, "rmsNormForward",
+                               rows: Int, dim: Int, eps: Float, weightOffset: Float = 0, residual: DeviceBuffer<UInt16>? = nil,
+                               stream: CUDAStream? = nil) throws {
+        try require(x.count >= rows * dim && y.count >= rows * dim && weight.count >= dim
+                        && (residual?.count ?? Int.max) >= rows * dim, "rmsNormForward",
                     "buffers too small for \(rows) x \(dim)")
-        try device.launch(compiler.function(KernelSources.rmsnorm, "rmsnorm_forward"), grid: (rows, 1, 1),
-                          block: (Self.rowThreads(dim), 1, 1), stream: stream,
-                          [x.arg, weight.arg, y.arg, .int(dim), .float(eps)])
+        guard rows > 0 else { return }
+        let (grid, block, warpRows) = Self.rowLayout(rows: rows, dim: dim)
+        try device.launch(compiler.function(KernelSources.rmsnorm, "rmsnorm_forward_rows"), grid: (grid, 1, 1),
+                          block: (block, 1, 1), stream: stream,
+                          [x.arg, weight.arg, .pointer(residual?.pointer ?? 0), y.arg, .int(rows), .int(dim), .float(eps),
+                           .float(weightOffset), .int(warpRows ? 1 : 0)])
     }
 
-    /// dx (= or += when `accumulate`) the gradient of RMSNorm wrt its input, given dy.
+    /// dx (= or += when `accumulate`) the gradient of RMSNorm (with weight + weightOffset) wrt its input, given dy.
     public func rmsNormBackward(x: DeviceBuffer<UInt16>, weight: DeviceBuffer<UInt16>, dy: DeviceBuffer<UInt16>,
-                                into dx: DeviceBuffer<UInt16>, rows: Int, dim: Int, eps: Float, accumulate: Bool = false,
-                                stream: CUDAStream? = nil) throws {
+                                into dx: DeviceBuffer<UInt16>, rows: Int, dim: Int, eps: Float, weightOffset: Float = 0,
+                                accumulate: Bool = false, stream: CUDAStream? = nil) throws {
         try require(x.count >= rows * dim && dy.count >= rows * dim && dx.count >= rows * dim && weight.count >= dim,
                     "rmsNormBackward", "buffers too small for \(rows) x \(dim)")
-        try device.launch(compiler.function(KernelSources.rmsnorm, "rmsnorm_backward"), grid: (rows, 1, 1),
-                          block: (Self.rowThreads(dim), 1, 1), stream: stream,
-                          [x.arg, weight.arg, dy.arg, dx.arg, .int(dim), .float(eps), .int(accumulate ? 1 : 0)])
+        guard rows > 0 else { return }
+        let (grid, block, warpRows) = Self.rowLayout(rows: rows, dim: dim)
+        try device.launch(compiler.function(KernelSources.rmsnorm, "rmsnorm_backward"), grid: (grid, 1, 1),
+                          block: (block, 1, 1), stream: stream,
+                          [x.arg, weight.arg, dy.arg, dx.arg, .int(rows), .int(dim), .float(eps), .float(weightOffset),
+                           .int(accumulate ? 1 : 0), .int(warpRows ? 1 : 0)])
     }
 
     /// Threads for a one-block-per-row kernel: a multiple of 32, about 8 values per thread, 32...1024.
     static func rowThreads(_ dim: Int) -> Int {
         min(1024, max(32, ((dim / 8) + 31) / 32 * 32))
+    }
+
+    /// Rows of at most 256 values get one warp each (a block per row would be a single warp too: the same sums, but
+    /// 8 rows to a 256-thread block keep the SMs full); longer rows a block each.
+    static func rowLayout(rows: Int, dim: Int) -> (grid: Int, block: Int, warpRows: Bool) {
+        if dim <= 256 { return ((rows + 7) / 8, 256, true) }
+        return (rows, rowThreads(dim), false)
     }
 }

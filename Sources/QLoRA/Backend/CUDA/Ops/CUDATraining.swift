@@ -1,5 +1,6 @@
-// Launchers for Kernels/training.cu (random benchmark weights, gradient clipping, LoRA dropout, bias rows) and pointer-level variants of
-// op launchers that the trainer calls on views into larger buffers (a chunk of rows of the cross-entropy).
+// Launchers for Kernels/training.cu (random benchmark weights, gradient clipping, LoRA dropout, bias rows, column copies
+// of fused projections) and pointer-level variants of op launchers that the trainer calls on views into larger
+// buffers (a chunk of rows of the cross-entropy).
 
 extension CUDAContext {
     /// Uniform random bytes (NF4 codes of benchmark weights).
@@ -82,12 +83,37 @@ extension CUDAContext {
     }
 
     /// The cross-entropy kernel on raw pointers (rows of a chunk): see `crossEntropy`. The gradient overwrites the
-    /// logits in place when `withGradient`.
+    /// logits in place when `withGradient`; `softcap` as `crossEntropy`'s.
     func crossEntropyRows(logits: CUdeviceptr, labels: CUdeviceptr, rows: Int, vocab: Int, gradScale: Float,
-                          rowLoss: CUdeviceptr, withGradient: Bool, stream: CUDAStream? = nil) throws {
+                          rowLoss: CUdeviceptr, withGradient: Bool, softcap: Float? = nil, stream: CUDAStream? = nil) throws {
+        try crossEntropyRows(logits: logits, labels: labels, rows: rows, vocab: vocab, gradScale: gradScale, rowLoss: rowLoss,
+                             dlogits: withGradient ? logits : 0, softcap: softcap, stream: stream)
+    }
+
+    /// The launch behind both: `dlogits` 0 for the loss alone.
+    func crossEntropyRows(logits: CUdeviceptr, labels: CUdeviceptr, rows: Int, vocab: Int, gradScale: Float,
+                          rowLoss: CUdeviceptr, dlogits: CUdeviceptr, softcap: Float?, stream: CUDAStream?) throws {
+        try require(softcap.map { $0.isFinite && $0 > 0 } ?? true, "crossEntropy",
+                    "soft-cap \(softcap ?? 0) must be a finite number > 0")
+        guard rows > 0 else { return }
         try device.launch(compiler.function(KernelSources.crossEntropy, "cross_entropy_forward_backward"),
                           grid: (rows, 1, 1), block: (512, 1, 1), stream: stream,
                           [.pointer(logits), .pointer(labels), .int(vocab), .float(gradScale), .pointer(rowLoss),
-                           .pointer(withGradient ? logits : 0)])
+                           .pointer(dlogits), .float(softcap ?? 0)])
+    }
+
+    /// dst[r, c] = src[r, c] for a [rows, columns] block of h16 values between row-major matrices whose rows are
+    /// `sourceStride` and `destinationStride` elements apart: the split of a fused projection's output (Phi-3's
+    /// q | k | v, gate | up) and the join of the gradients back. The two blocks must not overlap.
+    public func copyColumns(from src: CUdeviceptr, sourceStride: Int, to dst: CUdeviceptr, destinationStride: Int, rows: Int,
+                            columns: Int, stream: CUDAStream? = nil) throws {
+        try require(columns >= 0 && rows >= 0 && columns <= sourceStride && columns <= destinationStride, "copyColumns",
+                    "\(columns) columns do not fit rows of \(sourceStride) (source) and \(destinationStride) (destination) values")
+        guard rows > 0 && columns > 0 else { return }
+        let vectors = columns % 8 == 0 && sourceStride % 8 == 0 && destinationStride % 8 == 0 ? columns / 8 : columns
+        try device.launch(compiler.function(KernelSources.training, "copy_columns"), grid: (gridSize(items: rows * vectors), 1, 1),
+                          block: (256, 1, 1), stream: stream,
+                          [.pointer(src), .int64(Int64(sourceStride)), .pointer(dst), .int64(Int64(destinationStride)),
+                           .int64(Int64(rows)), .int64(Int64(columns))])
     }
 }
