@@ -511,6 +511,7 @@ runMemoryChecks(ctx)  // MemoryChecks.swift: checkpoint offloading, host embeddi
 runParityTrainingChecks()  // ParityChecks.swift: dropout, per-projection ranks
 runQwen2Checks()  // ParityChecks.swift: linear biases in training and generation
 runFamilyOpChecks()  // FamilyOpChecks.swift: the element-wise ops of Qwen3, Gemma 2/3 and Phi-3
+runFamilyTrainingChecks()  // FamilyTrainingChecks.swift: every family's variations in the GPU trainer
 
 // MARK: - Microbenchmarks
 

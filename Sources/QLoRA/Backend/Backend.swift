@@ -83,6 +83,8 @@ public struct GeneratedSequence: Sendable, Equatable {
 public protocol TrainingEngine: AnyObject {
     /// "cpu" or "cuda", for logs.
     var deviceName: String { get }
+    /// The arithmetic of activations and products: "fp32" on the CPU, the GPU's "bf16" or "fp16" (report.html).
+    var computeType: String { get }
     /// The optimizer's kind, as recorded in checkpoints.
     var optimizerKind: OptimizerKind { get }
     /// Adds one micro-batch's gradients of (loss sum / normalizer); `first` zeroes the gradients before.

@@ -74,34 +74,44 @@ private func llama3RoPE(factor: Double) -> JSONValue {
 }
 
 extension DecoderModel {
-    /// A model of `config`'s shape with random weights (normal-ish, std 0.02; norms 1), for benchmarks.
-    public static func random(config c: DecoderConfig, seed: UInt64 = 0) -> DecoderModel {
+    /// A model of `config`'s shape with random weights, for benchmarks and GPU checks: linear weights roughly normal
+    /// with std `weightStd`, the embedding (and an untied head) with `embeddingStd` (default `weightStd`), every norm
+    /// the family has (sandwich and q/k norms included) multiplying by 1 ± `normSpread` (uniform; Gemma's stored w of
+    /// x·(1 + w) is then ±spread around 0). Values pass through `round` (e.g. to bf16, so that a GPU holding them in
+    /// 16 bits computes the same model).
+    public static func random(config c: DecoderConfig, seed: UInt64 = 0, weightStd: Float = 0.02, embeddingStd: Float? = nil,
+                              normSpread: Float = 0, round: (Float) -> Float = { $0 }) -> DecoderModel {
         var rng = SeededGenerator(seed: seed)
-        func matrix(_ rows: Int, _ columns: Int) -> Matrix {
+        func matrix(_ rows: Int, _ columns: Int, std: Float = weightStd) -> Matrix {
             let m = Matrix(rows: rows, columns: columns)
-            // Sum of uniforms: cheap, roughly normal, std 0.02.
-            for i in 0..<m.count { m.pointer[i] = (rng.nextFloat() + rng.nextFloat() + rng.nextFloat() - 1.5) * 0.04 }
+            // Sum of three uniforms: cheap, roughly normal (its std is 0.5 before scaling).
+            for i in 0..<m.count { m.pointer[i] = round((rng.nextFloat() + rng.nextFloat() + rng.nextFloat() - 1.5) * 2 * std) }
             return m
         }
-        func linear(_ name: String, _ out: Int, _ inFeatures: Int) -> Linear { Linear(name: name, weight: FrozenWeight(dense: matrix(out, inFeatures))) }
-        let ones = [Float](repeating: 1, count: c.hiddenSize)
-        let blocks = (0..<c.layerCount).map { l -> DecoderBlock in
-            let p = "model.layers.\(l)."
-            if c.fusedProjections {
-                return DecoderBlock(inputNorm: ones, mlpInputNorm: ones,
-                                    qkv: linear(p + "self_attn.qkv_proj", c.qDim + 2 * c.kvDim, c.hiddenSize),
-                                    o: linear(p + "self_attn.o_proj", c.hiddenSize, c.qDim),
-                                    gateUp: linear(p + "mlp.gate_up_proj", 2 * c.intermediateSize, c.hiddenSize),
-                                    down: linear(p + "mlp.down_proj", c.hiddenSize, c.intermediateSize))
-            }
-            return DecoderBlock(inputNorm: ones, mlpInputNorm: ones,
-                              q: linear(p + "self_attn.q_proj", c.qDim, c.hiddenSize), k: linear(p + "self_attn.k_proj", c.kvDim, c.hiddenSize),
-                              v: linear(p + "self_attn.v_proj", c.kvDim, c.hiddenSize), o: linear(p + "self_attn.o_proj", c.hiddenSize, c.qDim),
-                              gate: linear(p + "mlp.gate_proj", c.intermediateSize, c.hiddenSize), up: linear(p + "mlp.up_proj", c.intermediateSize, c.hiddenSize),
-                              down: linear(p + "mlp.down_proj", c.hiddenSize, c.intermediateSize))
+        func norm(_ count: Int) -> [Float] {
+            (0..<count).map { _ in round(1 - c.normWeightOffset + (normSpread == 0 ? 0 : (rng.nextFloat() * 2 - 1) * normSpread)) }
         }
-        let embedding = matrix(c.vocabularySize, c.hiddenSize)
-        return DecoderModel(config: c, embedding: embedding, blocks: blocks, finalNorm: ones,
-                          head: c.tieWordEmbeddings ? embedding : matrix(c.vocabularySize, c.hiddenSize))
+        func linear(_ name: String, _ out: Int, _ inFeatures: Int) -> Linear { Linear(name: name, weight: FrozenWeight(dense: matrix(out, inFeatures))) }
+        let blocks = (0..<c.layerCount).map { l -> DecoderBlock in
+            let p = c.modulePrefix + "layers.\(l)."
+            let h = c.hiddenSize
+            if c.fusedProjections {
+                return DecoderBlock(inputNorm: norm(h), mlpInputNorm: norm(h),
+                                    qkv: linear(p + "self_attn.qkv_proj", c.qDim + 2 * c.kvDim, h),
+                                    o: linear(p + "self_attn.o_proj", h, c.qDim),
+                                    gateUp: linear(p + "mlp.gate_up_proj", 2 * c.intermediateSize, h),
+                                    down: linear(p + "mlp.down_proj", h, c.intermediateSize))
+            }
+            return DecoderBlock(inputNorm: norm(h), mlpInputNorm: norm(h),
+                                attentionOutputNorm: c.sandwichNorms ? norm(h) : nil, mlpOutputNorm: c.sandwichNorms ? norm(h) : nil,
+                                qNorm: c.qkNorm ? norm(c.headDim) : nil, kNorm: c.qkNorm ? norm(c.headDim) : nil,
+                                q: linear(p + "self_attn.q_proj", c.qDim, h), k: linear(p + "self_attn.k_proj", c.kvDim, h),
+                                v: linear(p + "self_attn.v_proj", c.kvDim, h), o: linear(p + "self_attn.o_proj", h, c.qDim),
+                                gate: linear(p + "mlp.gate_proj", c.intermediateSize, h), up: linear(p + "mlp.up_proj", c.intermediateSize, h),
+                                down: linear(p + "mlp.down_proj", h, c.intermediateSize))
+        }
+        let embedding = matrix(c.vocabularySize, c.hiddenSize, std: embeddingStd ?? weightStd)
+        return DecoderModel(config: c, embedding: embedding, blocks: blocks, finalNorm: norm(c.hiddenSize),
+                            head: c.tieWordEmbeddings ? embedding : matrix(c.vocabularySize, c.hiddenSize, std: embeddingStd ?? weightStd))
     }
 }

@@ -14,6 +14,7 @@ public final class CPUTrainingEngine: TrainingEngine {
     }
 
     public var deviceName: String { "cpu" }
+    public var computeType: String { "fp32" }
     public var optimizerKind: OptimizerKind { optimizer.kind }
 
     public func accumulate(batch: TrainingBatch, normalizer: Int, options: TrainingStepOptions, first: Bool) throws -> LossSum {

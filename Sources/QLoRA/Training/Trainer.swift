@@ -497,7 +497,8 @@ public final class Trainer {
 
     func writeReport() throws {
         try TrainingReport.write(configuration: configuration, history: history, evalHistory: evalHistory, metricHistory: metricHistory,
-                                 samples: lastSamples, to: configuration.outputDirectory + "/report.html")
+                                 samples: lastSamples, device: "\(engine.deviceName) (\(engine.computeType))",
+                                 to: configuration.outputDirectory + "/report.html")
     }
 
     func progress(step: Int, loss: Double, learningRate: Double, tokensPerSecond: Double, secondsPerStep: Double) {

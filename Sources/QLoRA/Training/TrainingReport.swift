@@ -9,7 +9,8 @@ import Glibc
 enum TrainingReport {
     static func write(configuration c: TrainingConfiguration, history: [StepRecord], evalHistory: [(step: Int, loss: Double)],
                       metricHistory: [(step: Int, values: [(String, Double)])] = [],
-                      samples: [(question: String, reference: String, answer: String)] = [], to path: String) throws {
+                      samples: [(question: String, reference: String, answer: String)] = [], device: String? = nil,
+                      to path: String) throws {
         let train = history.map { (Double($0.step), $0.loss) }
         let eval = evalHistory.map { (Double($0.step), $0.loss) }
         var html = """
@@ -41,7 +42,7 @@ enum TrainingReport {
             html += "</table>\n"
         }
         html += "<h2>Settings</h2>\n<table>\n"
-        let settings: [(String, String)] = [
+        let settings: [(String, String)] = (device.map { [("device (compute type)", $0)] } ?? []) + [
             ("quantize", c.quantize), ("lora_r", "\(c.loraR)"), ("lora_alpha", "\(c.loraAlpha)"), ("lora_dropout", "\(c.loraDropout)"),
             ("target_modules", c.targetModules.joined(separator: ", ")), ("max_seq_length", "\(c.maxSeqLength)"), ("packing", "\(c.packing)"),
             ("completion_only_loss", "\(c.completionOnlyLoss)"), ("per_device_train_batch_size", "\(c.batchSize)"),

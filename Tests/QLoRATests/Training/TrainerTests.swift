@@ -86,6 +86,7 @@ final class TrainerTests: XCTestCase {
         let metrics = try FileSystem.readText(dir + "/metrics.jsonl").split(separator: "\n")
         XCTAssertEqual(metrics.filter { $0.contains("\"loss\"") }.count, 12)
         XCTAssertTrue(try FileSystem.readText(dir + "/report.html").contains("<polyline"))
+        XCTAssertTrue(try FileSystem.readText(dir + "/report.html").contains("<td>cpu (fp32)</td>"), "the report names the device and compute type")
         // Checkpoint rotation keeps two.
         XCTAssertEqual(try Checkpoints.steps(in: dir).count, 2)
     }

@@ -1,5 +1,5 @@
-// QLoRA training of the Llama decoder on one GPU: the frozen base in NF4 + double quant, LoRA on the seven
-// projections, a forward and hand-written backward that mirror the CPU reference (Training/DecoderBackward.swift,
+// QLoRA training of the decoder (every family DecoderConfig describes) on one GPU: the frozen base in NF4 + double
+// quant, LoRA on the seven projections (Phi-3: its four fused ones), a forward and hand-written backward that mirror the CPU reference (Training/DecoderBackward.swift,
 // whose header derives every gradient), gradient checkpointing, chunked cross-entropy, clipping and AdamW.
 //
 // Precision: activations and GEMM operands in bf16 with fp32 accumulation (cuBLASLt), norms and softmax sums in
@@ -32,6 +32,12 @@
 //   act = silu(gate(n2))·up(n2)                       dN1 = q⁻(dq) + k⁻(dk) + v⁻(dv)
 //   y = h + down(act)                                 g  += rms⁻(x, dN1)               (g is now d/dx)
 // where lin⁻(dy) = dy·W + s·(dy·B)·A, adding s·(dy·B)ᵀ·x to dA and s·dyᵀ·(x·Aᵀ) to dB (LoRADeviceWeights' header).
+// The families' variations (DecoderModel.swift's header; their derivatives in DecoderBackward.swift's) switch on:
+// norms x·(1 + w), q/k norms before RoPE (their inputs kept in qProjected/kProjected), partial rotary and longrope,
+// per-layer RoPE and sliding windows, the attention's logit scale and soft-cap, Gemma's sandwich norms (o_proj's and
+// down_proj's outputs kept for their norms' backward, so the recomputation runs down_proj's base product too),
+// GeGLU, the embedding's √hidden, final-logit soft-capping in the loss, and Phi-3's fused qkv_proj / gate_up_proj,
+// whose outputs are split by columns (and whose gradients are joined) through `fusedOutput`.
 //
 // LoRA dropout (training steps only, as the CPU's Training/DecoderBackward.swift): the LoRA path reads d(x) = x·m/(1−p),
 //   lin(x) = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ,   lin⁻(dy) = dy·W + d(s·(dy·B)·A),   dA += s·(dy·B)ᵀ·d(x),   dB unchanged,
@@ -71,12 +77,24 @@ struct TrainerLinear {
 
 struct TrainerBlock {
     let inputNorm: DeviceBuffer<UInt16>
-    let postAttentionNorm: DeviceBuffer<UInt16>
-    /// q, k, v, o, gate, up, down.
+    /// Before the MLP: Llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`.
+    let mlpInputNorm: DeviceBuffer<UInt16>
+    /// Gemma's sandwich norms on the attention output and the MLP output (nil elsewhere).
+    let attentionOutputNorm: DeviceBuffer<UInt16>?
+    let mlpOutputNorm: DeviceBuffer<UInt16>?
+    /// Per-head norms of q and k before RoPE, [head_dim] (Qwen3, Gemma 3; nil elsewhere).
+    let qNorm: DeviceBuffer<UInt16>?
+    let kNorm: DeviceBuffer<UInt16>?
+    /// q, k, v, o, gate, up, down; or Phi-3's qkv, o, gate_up, down (`fused`).
     let linears: [TrainerLinear]
+    /// What the layer's attention sees (full, or a sliding window).
+    let attention: AttentionKind
+    /// The layer's RoPE is the sliding layers' own (Gemma 3's local base).
+    let slidingRope: Bool
+    var fused: Bool { linears.count == 4 }
 }
 
-/// LoRA fine-tuning of a Llama-family model on one GPU. Use from one thread.
+/// LoRA fine-tuning of a decoder-only model on one GPU. Use from one thread.
 public final class CUDADecoderTrainer {
     public let context: CUDAContext
     public let config: DecoderConfig
@@ -98,12 +116,19 @@ public final class CUDADecoderTrainer {
     /// The untied embedding in host memory: a step's rows are gathered into `embeddingStaging` (pinned, [N, H])
     /// and uploaded on the main stream; `stagingFree` marks the end of the latest upload, before which the host
     /// must not write the staging buffer again.
+    /// Multiplied by √hidden (Gemma): the device table at lookup, the host table (`hostEmbedding`) once, here.
     let hostEmbedding: [UInt16]?
+    /// The embedding's multiplier in the compute type (Gemma's √hidden), or nil.
+    let embeddingScale: Float?
     let embeddingStaging: PinnedHostBuffer?
     let stagingFree: CUDAEvent?
     let finalNorm: DeviceBuffer<UInt16>
     let absmaxCode: DeviceBuffer<Float>
+    /// RoPE inverse frequencies, rotaryDim/2 each: the full-attention layers' (longrope: its short factors), longrope's
+    /// long factors, and the sliding layers' own base (Gemma 3).
     let inverseFrequencies: DeviceBuffer<Float>
+    let longInverseFrequencies: DeviceBuffer<Float>?
+    let slidingInverseFrequencies: DeviceBuffer<Float>?
 
     // LoRA state, flat: fp32 masters, bf16 copies for the GEMMs, fp32 gradients and AdamW moments.
     let params: DeviceBuffer<Float>
@@ -127,6 +152,13 @@ public final class CUDADecoderTrainer {
     let gradient: DeviceBuffer<UInt16>, dNorm: DeviceBuffer<UInt16>
     let q: DeviceBuffer<UInt16>, attended: DeviceBuffer<UInt16>
     let k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>
+    /// q_proj and k_proj outputs before the q/k norms (the norms' backward reads them); nil without q/k norms.
+    let qProjected: DeviceBuffer<UInt16>?, kProjected: DeviceBuffer<UInt16>?
+    /// o_proj's and down_proj's outputs before the sandwich norms, [N, H] each; nil without sandwich norms.
+    let attentionProjected: DeviceBuffer<UInt16>?, mlpProjected: DeviceBuffer<UInt16>?
+    /// A fused projection's output [N, q + 2kv] or [N, 2I] before it is split by columns (and its gradient, joined,
+    /// in the backward); nil without Phi-3's fused projections.
+    let fusedOutput: DeviceBuffer<UInt16>?
     /// One region (BlockScratchLayout) holding gate, up and activated [N, I], and, once the MLP's backward is done
     /// with them, the attention backward's dAttended, dq [N, q], dk, dv [N, kv] and its fp32 dQ accumulator [N, q],
     /// and between the forward and the backward the loss's logits (views into it).
@@ -173,8 +205,6 @@ public final class CUDADecoderTrainer {
     /// dropout, become the trained parameters; its linear biases stay frozen). `memory`: where the checkpoints and the
     /// embedding live (nil: `CUDATrainerMemoryOptions.automatic(for:)`).
     public convenience init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil) throws {
-        // The kernels compute the Llama block; a sliding window is checked against the batches by the caller.
-        try model.config.checkCUDASupport(sequenceLength: 0, what: "training")
         var ranks: [[Int]] = []
         var dropout: Float = 0
         for block in model.blocks {
@@ -198,26 +228,33 @@ public final class CUDADecoderTrainer {
     }
 
     /// A trainer with random NF4 weights made on the GPU (for benchmarks: no checkpoint needed), LoRA rank `rank`
-    /// with alpha = `alpha` and dropout `dropout` on the seven projections, A Kaiming-uniform and B zero as PEFT
-    /// initialises them. No biases (even when `config.attentionBias`). The embedding is the same wherever it lives.
+    /// with alpha = `alpha` and dropout `dropout` on every projection (seven, or Phi-3's four fused ones), A
+    /// Kaiming-uniform and B zero as PEFT initialises them. No biases (even when `config.attentionBias`); every norm
+    /// multiplies by 1. The embedding is the same wherever it lives.
     public convenience init(context: CUDAContext, randomConfig config: DecoderConfig, rank: Int, alpha: Double, capacityTokens: Int,
                             dropout: Float = 0, seed: UInt64 = 0, memory: CUDATrainerMemoryOptions? = nil) throws {
         guard dropout >= 0 && dropout < 1 else { throw UsageError("LoRA dropout \(dropout) is outside [0, 1)") }
-        try self.init(context: context, config: config, ranks: Array(repeating: Array(repeating: rank, count: 7), count: config.layerCount),
+        try self.init(context: context, config: config,
+                      ranks: Array(repeating: Array(repeating: rank, count: CUDAMemoryPlan.linearShapes(config).count), count: config.layerCount),
                       alpha: alpha, dropout: dropout > 0, capacityTokens: capacityTokens, memory: memory,
                       source: .random(seed: seed, dropout: dropout))
     }
 
-    /// `ranks[l][j]`: the LoRA rank of block l's linear j (q, k, v, o, gate, up, down; 0: no adapter); `dropout`:
-    /// whether any linear drops out (then the d(x) scratch is allocated).
+    /// `ranks[l][j]`: the LoRA rank of block l's linear j (q, k, v, o, gate, up, down, or Phi-3's qkv, o, gate_up,
+    /// down; 0: no adapter); `dropout`: whether any linear drops out (then the d(x) scratch is allocated).
     init(context ctx: CUDAContext, config c: DecoderConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
          memory: CUDATrainerMemoryOptions?, source: Source) throws {
-        try c.checkCUDASupport(sequenceLength: 0, what: "training")
-        guard c.headDim == 32 || c.headDim == 64 || c.headDim == 128 else {
-            throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels (32, 64 or 128)")
+        try c.checkTrainable()
+        guard CUDAContext.attentionHeadDims.contains(c.headDim) else {
+            throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels "
+                             + "(\(CUDAContext.attentionHeadDims.map(String.init).joined(separator: ", ")))")
         }
-        guard ranks.count == c.layerCount, ranks.allSatisfy({ $0.count == 7 }) else {
-            throw UsageError("the GPU trainer needs a LoRA rank for each of the 7 projections of all \(c.layerCount) blocks")
+        guard c.rotaryDim % 2 == 0, c.rotaryDim <= c.headDim else {
+            throw UsageError("rotary dimension \(c.rotaryDim) of head dimension \(c.headDim) is not even")
+        }
+        let linearCount = CUDAMemoryPlan.linearShapes(c).count
+        guard ranks.count == c.layerCount, ranks.allSatisfy({ $0.count == linearCount }) else {
+            throw UsageError("the GPU trainer needs a LoRA rank for each of the \(linearCount) projections of all \(c.layerCount) blocks")
         }
         let maxRank = ranks.joined().max() ?? 0
         guard n > 0, ranks.joined().allSatisfy({ $0 >= 0 }), maxRank > 0 else {
@@ -228,6 +265,10 @@ public final class CUDADecoderTrainer {
         }
         context = ctx
         lossScale = ctx.computeDType == .fp16 ? 65536 : 1
+        // √hidden in the compute type, as transformers multiplies (Gemma); nil: no scale.
+        let embeddingScale: Float? = c.scalesEmbedding
+            ? ctx.computeDType.decode(ctx.computeDType.encode(Float(Double(c.hiddenSize).squareRoot()))) : nil
+        self.embeddingScale = embeddingScale
         config = c
         capacityTokens = n
         let plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory)
@@ -266,10 +307,18 @@ public final class CUDADecoderTrainer {
             for buffer in [grads, moment1, moment2] { try buffer.fill(byte: 0) }
 
             absmaxCode = try a.buffer(copying: DoubleQuantizedAbsmax.signedDynamicMap)
-            inverseFrequencies = try a.buffer(copying: c.ropeInverseFrequencies().map { Float($0) })
-            let names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-            let one = ctx.computeDType.encode(1)
+            func frequencies(_ rope: RopeParameters, long: Bool = false) throws -> DeviceBuffer<Float> {
+                try a.buffer(copying: c.ropeInverseFrequencies(rope, long: long).map { Float($0) })
+            }
+            let fullRope = RopeParameters(theta: c.ropeTheta, scaling: c.ropeScaling)
+            inverseFrequencies = try frequencies(fullRope)
+            longInverseFrequencies = c.ropeScaling.kind == .longrope ? try frequencies(fullRope, long: true) : nil
+            slidingInverseFrequencies = try c.slidingRope.map { try frequencies($0) }
+            let names = c.fusedProjections
+                ? ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+                : ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+            // Random norms multiply by 1: w = 1, or w = 0 in Gemma's x·(1 + w).
+            let unitNorm = ctx.computeDType.encode(1 - c.normWeightOffset)
             var blocks: [TrainerBlock] = []
             var rng = SeededGenerator(seed: 0)
             // x·Aᵀ is only read by the backward of the block whose recomputation just wrote it, so all blocks share
@@ -278,7 +327,7 @@ public final class CUDADecoderTrainer {
             for l in 0..<c.layerCount {
                 var linears: [TrainerLinear] = []
                 for (j, shape) in shapes.enumerated() {
-                    let name = "model.layers.\(l).\(names[j])"
+                    var name = c.modulePrefix + "layers.\(l).\(names[j])"
                     let rank = ranks[l][j]
                     let weight: CUDANF4Weight
                     let scale: Float
@@ -287,6 +336,7 @@ public final class CUDADecoderTrainer {
                     switch source {
                     case .model(let model):
                         let layer = model.blocks[l].linears[j]
+                        name = layer.name
                         // The layer's own NF4 weight when it is one (as loaded), else quantized as bitsandbytes would.
                         let quantized = try CUDAInference.quantize(layer)
                         weight = try CUDANF4Weight(quantized, allocator: a, signedDynamicMap: absmaxCode)
@@ -302,16 +352,28 @@ public final class CUDADecoderTrainer {
                     linears.append(TrainerLinear(name: name, weight: weight, rank: rank, scale: scale, dropout: linearDropout, bias: bias,
                                                  aOffset: layout[l][j].aOffset, bOffset: layout[l][j].bOffset, xa: sharedXA[j]))
                 }
-                let norms: (DeviceBuffer<UInt16>, DeviceBuffer<UInt16>)
-                switch source {
-                case .model(let model):
-                    norms = (try a.buffer(copying: model.blocks[l].inputNorm.map(ctx.computeDType.encode)),
-                             try a.buffer(copying: model.blocks[l].mlpInputNorm.map(ctx.computeDType.encode)))
-                case .random:
-                    norms = (try a.buffer(copying: [UInt16](repeating: one, count: c.hiddenSize)),
-                             try a.buffer(copying: [UInt16](repeating: one, count: c.hiddenSize)))
+                // The norms as stored (Gemma's w of x·(1 + w): the kernels add the offset in fp32).
+                func norm(_ values: [Float]?, _ count: Int, _ what: String) throws -> DeviceBuffer<UInt16> {
+                    switch source {
+                    case .model:
+                        guard let values, values.count == count else {
+                            throw UsageError("block \(l)'s \(what) norm has \(values?.count ?? 0) weights for \(count) values")
+                        }
+                        return try a.buffer(copying: values.map(ctx.computeDType.encode))
+                    case .random:
+                        return try a.buffer(copying: [UInt16](repeating: unitNorm, count: count))
+                    }
                 }
-                blocks.append(TrainerBlock(inputNorm: norms.0, postAttentionNorm: norms.1, linears: linears))
+                let cpu: DecoderBlock? = { if case .model(let model) = source { return model.blocks[l] } else { return nil } }()
+                let h = c.hiddenSize
+                blocks.append(TrainerBlock(
+                    inputNorm: try norm(cpu?.inputNorm, h, "input"), mlpInputNorm: try norm(cpu?.mlpInputNorm, h, "MLP input"),
+                    attentionOutputNorm: c.sandwichNorms ? try norm(cpu?.attentionOutputNorm, h, "attention output") : nil,
+                    mlpOutputNorm: c.sandwichNorms ? try norm(cpu?.mlpOutputNorm, h, "MLP output") : nil,
+                    qNorm: c.qkNorm ? try norm(cpu?.qNorm, c.headDim, "q") : nil,
+                    kNorm: c.qkNorm ? try norm(cpu?.kNorm, c.headDim, "k") : nil,
+                    linears: linears, attention: c.layerAttention[l],
+                    slidingRope: c.slidingRope != nil && c.rope(layer: l) == c.slidingRope))
             }
             self.blocks = blocks
 
@@ -342,6 +404,11 @@ public final class CUDADecoderTrainer {
             gradient = try bf16(n * h); dNorm = try bf16(n * h)
             q = try bf16(n * c.qDim); attended = try bf16(n * c.qDim)
             k = try bf16(n * c.kvDim); v = try bf16(n * c.kvDim)
+            qProjected = c.qkNorm ? try bf16(n * c.qDim) : nil
+            kProjected = c.qkNorm ? try bf16(n * c.kvDim) : nil
+            attentionProjected = c.sandwichNorms ? try bf16(n * h) : nil
+            mlpProjected = c.sandwichNorms ? try bf16(n * h) : nil
+            fusedOutput = c.fusedProjections ? try bf16(n * CUDAMemoryPlan.fusedWidth(c)) : nil
             let scratch = BlockScratchLayout(config: c, tokens: n)
             blockScratch = try bf16(scratch.count)
             gate = blockScratch.view(at: scratch.gate, count: n * c.intermediateSize)
@@ -381,7 +448,7 @@ public final class CUDADecoderTrainer {
             case .model(let model):
                 let values = model.embedding.values.map(ctx.computeDType.encode)
                 let deviceTable = onHost ? nil : try a.buffer(copying: values)
-                hostEmbedding = onHost ? values : nil
+                hostEmbedding = onHost ? Self.scaledRows(values, by: embeddingScale, ctx.computeDType) : nil
                 embedding = deviceTable
                 if model.head === model.embedding, let deviceTable {
                     head = deviceTable
@@ -419,7 +486,7 @@ public final class CUDADecoderTrainer {
                         }
                     }
                 }
-                hostEmbedding = table
+                hostEmbedding = table.map { Self.scaledRows($0, by: embeddingScale, ctx.computeDType) }
                 embedding = deviceTable
                 if c.tieWordEmbeddings, let deviceTable {
                     head = deviceTable
@@ -427,7 +494,7 @@ public final class CUDADecoderTrainer {
                     head = try bf16(tableCount)
                     try ctx.fillRandomBF16(head.pointer, count: tableCount, seed: seed &+ 202, std: 0.02)
                 }
-                finalNorm = try a.buffer(copying: [UInt16](repeating: one, count: c.hiddenSize))
+                finalNorm = try a.buffer(copying: [UInt16](repeating: unitNorm, count: c.hiddenSize))
                 // PEFT: A ~ Kaiming-uniform (a = √5), i.e. U(-1/√in, 1/√in); B = 0.
                 try params.fill(byte: 0)
                 for block in blocks {
@@ -443,6 +510,13 @@ public final class CUDADecoderTrainer {
         } catch let error as CUDAError where error.isOutOfMemory {
             throw CUDAOutOfMemoryError(plan: plan, freeBytes: (try? ctx.device.memoryInfo().free) ?? -1, detail: error.message)
         }
+    }
+
+    /// A table's values times `scale`, each rounded to the compute type as the embedding kernel rounds them (so the
+    /// host table gives the device table's bits).
+    static func scaledRows(_ values: [UInt16], by scale: Float?, _ dtype: ComputeDType) -> [UInt16] {
+        guard let scale else { return values }
+        return values.map { dtype.encode(dtype.decode($0) * scale) }
     }
 
     deinit {
@@ -523,18 +597,76 @@ public final class CUDADecoderTrainer {
 
     // MARK: - Blocks
 
-    private func attentionShape(_ batch: TrainingBatch) -> AttentionShape {
-        AttentionShape(batch: batch.rows, seq: batch.length, heads: config.headCount, kvHeads: config.kvHeadCount, headDim: config.headDim)
+    /// The attention of block `b` over the batch: the family's logit scale and soft-cap, the layer's window.
+    private func attentionShape(_ b: TrainerBlock, _ batch: TrainingBatch) -> AttentionShape {
+        var shape = AttentionShape(batch: batch.rows, seq: batch.length, heads: config.headCount, kvHeads: config.kvHeadCount,
+                                   headDim: config.headDim)
+        shape.scale = config.attentionScale
+        shape.softcap = config.attentionSoftcap
+        if case .sliding(let window) = b.attention { shape.window = window }
+        return shape
     }
 
     /// The per-linear dropout seeds of block `index` in the current step (DropoutMask.linearSeed), or nil.
     private func blockDropoutSeeds(_ index: Int) -> [UInt64]? {
         guard let stepDropoutSeed, dropped != nil else { return nil }
-        return (0..<7).map { DropoutMask.linearSeed(stepSeed: stepDropoutSeed, block: index, linear: $0) }
+        return (0..<blocks[index].linears.count).map { DropoutMask.linearSeed(stepSeed: stepDropoutSeed, block: index, linear: $0) }
+    }
+
+    /// The current batch's choice of longrope factors (transformers: long once any position passes the original
+    /// context), set by `upload`.
+    private var longRope = false
+
+    /// Rotates q and k of block `b` in place (`backward`: by the opposite angles): the layer's frequencies, the
+    /// leading rotaryDim dimensions of each head, longrope's attention factor on cos and sin.
+    private func rope(_ b: TrainerBlock, q: DeviceBuffer<UInt16>, k: DeviceBuffer<UInt16>, tokens n: Int, backward: Bool) throws {
+        let c = config
+        let frequencies = b.slidingRope ? (slidingInverseFrequencies ?? inverseFrequencies)
+            : longRope ? (longInverseFrequencies ?? inverseFrequencies) : inverseFrequencies
+        let factor = Float(c.ropeScaling.kind == .longrope && !b.slidingRope ? c.ropeScaling.attentionFactor : 1)
+        for (x, heads) in [(q, c.headCount), (k, c.kvHeadCount)] {
+            try context.rope(x, positions: positions, inverseFrequencies: frequencies, tokens: n, heads: heads, headDim: c.headDim,
+                             rotaryDim: c.rotaryDim, attentionFactor: factor, backward: backward)
+        }
+    }
+
+    /// y = RMSNorm(x)·(w + offset) with the family's offset (Gemma: 1), over rows of `dim` (hidden, or head_dim for
+    /// q/k norms); with `residual`, y = residual + that (Gemma's sandwich norms).
+    private func norm(_ x: DeviceBuffer<UInt16>, _ w: DeviceBuffer<UInt16>, into y: DeviceBuffer<UInt16>, rows: Int, dim: Int,
+                      residual: DeviceBuffer<UInt16>? = nil) throws {
+        try context.rmsNormForward(x: x, weight: w, into: y, rows: rows, dim: dim, eps: config.rmsNormEps,
+                                   weightOffset: config.normWeightOffset, residual: residual)
+    }
+
+    /// dx (= or += with `accumulate`) the norm's input gradient given dy (dx may be dy: each row is read first).
+    private func normBackward(_ x: DeviceBuffer<UInt16>, _ w: DeviceBuffer<UInt16>, dy: DeviceBuffer<UInt16>, into dx: DeviceBuffer<UInt16>,
+                              rows: Int, dim: Int, accumulate: Bool) throws {
+        try context.rmsNormBackward(x: x, weight: w, dy: dy, into: dx, rows: rows, dim: dim, eps: config.rmsNormEps,
+                                    weightOffset: config.normWeightOffset, accumulate: accumulate)
+    }
+
+    /// Splits a fused projection's output [n, Σ widths] (in `fusedOutput`) by columns into `parts`, or, with
+    /// `join`, writes the parts side by side into it.
+    private func splitColumns(_ parts: [(DeviceBuffer<UInt16>, Int)], tokens n: Int, join: Bool = false) throws {
+        guard let fused = fusedOutput else { throw CUDAError(call: "CUDADecoderTrainer", "no fused projection buffer") }
+        let width = parts.reduce(0) { $0 + $1.1 }
+        var column = 0
+        for (part, w) in parts {
+            if join {
+                try context.copyColumns(from: part.pointer, sourceStride: w, to: fused.address(at: column), destinationStride: width,
+                                        rows: n, columns: w)
+            } else {
+                try context.copyColumns(from: fused.address(at: column), sourceStride: width, to: part.pointer, destinationStride: w,
+                                        rows: n, columns: w)
+            }
+            column += w
+        }
     }
 
     /// The block's forward from `x`; writes the output into `output`, or, when nil (recomputation before the
     /// backward), stops after what the backward needs. `seeds`: the block's dropout seeds (nil: no dropout).
+    /// With the variations (DecoderModel.swift's header): q/k norms between the projections and RoPE, the sandwich
+    /// norms on o_proj's and down_proj's outputs before their residual adds, fused projections split by columns.
     private func blockForward(_ b: TrainerBlock, x: DeviceBuffer<UInt16>, output: DeviceBuffer<UInt16>?, batch: TrainingBatch,
                               seeds: [UInt64]?) throws {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
@@ -542,52 +674,101 @@ public final class CUDADecoderTrainer {
         func forward(_ j: Int, x: CUdeviceptr, y: CUdeviceptr, accumulate: Bool, base: Bool = true) throws {
             try linearForward(L[j], x: x, y: y, n: n, accumulate: accumulate, base: base, seed: maskSeed(L[j], j, seeds))
         }
-        try ctx.rmsNormForward(x: x, weight: b.inputNorm, into: norm1, rows: n, dim: h, eps: c.rmsNormEps)
-        try forward(0, x: norm1.pointer, y: q.pointer, accumulate: false)
-        try forward(1, x: norm1.pointer, y: k.pointer, accumulate: false)
-        try forward(2, x: norm1.pointer, y: v.pointer, accumulate: false)
-        try ctx.rope(q, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.headCount, headDim: c.headDim)
-        try ctx.rope(k, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.kvHeadCount, headDim: c.headDim)
-        try ctx.attentionForward(q: q, k: k, v: v, into: attended, lse: lse, segments: segments, shape: attentionShape(batch),
-                                 flash: !deterministic)
-        try ctx.device.copy(deviceTo: hidden.pointer, from: x.pointer, bytes: 2 * n * h)
-        try forward(3, x: attended.pointer, y: hidden.pointer, accumulate: true)
-        try ctx.rmsNormForward(x: hidden, weight: b.postAttentionNorm, into: norm2, rows: n, dim: h, eps: c.rmsNormEps)
-        try forward(4, x: norm2.pointer, y: gate.pointer, accumulate: false)
-        try forward(5, x: norm2.pointer, y: up.pointer, accumulate: false)
-        try ctx.swigluForward(gate: gate, up: up, into: activated, count: n * c.intermediateSize)
-        if let output {
-            try ctx.device.copy(deviceTo: output.pointer, from: hidden.pointer, bytes: 2 * n * h)
-            try forward(6, x: activated.pointer, y: output.pointer, accumulate: true)
+        try norm(x, b.inputNorm, into: norm1, rows: n, dim: h)
+        // q and k go through their norms from the projection buffers when there are q/k norms.
+        let qOut = qProjected ?? q, kOut = kProjected ?? k
+        if b.fused {
+            try forward(0, x: norm1.pointer, y: fusedOutput!.pointer, accumulate: false)
+            try splitColumns([(qOut, c.qDim), (kOut, c.kvDim), (v, c.kvDim)], tokens: n)
         } else {
-            try forward(6, x: activated.pointer, y: 0, accumulate: true, base: false)
+            try forward(0, x: norm1.pointer, y: qOut.pointer, accumulate: false)
+            try forward(1, x: norm1.pointer, y: kOut.pointer, accumulate: false)
+            try forward(2, x: norm1.pointer, y: v.pointer, accumulate: false)
+        }
+        if let qNorm = b.qNorm, let kNorm = b.kNorm {
+            try norm(qOut, qNorm, into: q, rows: n * c.headCount, dim: c.headDim)
+            try norm(kOut, kNorm, into: k, rows: n * c.kvHeadCount, dim: c.headDim)
+        }
+        try rope(b, q: q, k: k, tokens: n, backward: false)
+        try ctx.attentionForward(q: q, k: k, v: v, into: attended, lse: lse, segments: segments, shape: attentionShape(b, batch),
+                                 flash: !deterministic)
+        let o = L.count - 3, gateUp = L.count - 2, down = L.count - 1  // o_proj, gate(_up)_proj, down_proj
+        if let projected = attentionProjected, let outputNorm = b.attentionOutputNorm {
+            try forward(o, x: attended.pointer, y: projected.pointer, accumulate: false)
+            try norm(projected, outputNorm, into: hidden, rows: n, dim: h, residual: x)
+        } else {
+            try ctx.device.copy(deviceTo: hidden.pointer, from: x.pointer, bytes: 2 * n * h)
+            try forward(o, x: attended.pointer, y: hidden.pointer, accumulate: true)
+        }
+        try norm(hidden, b.mlpInputNorm, into: norm2, rows: n, dim: h)
+        if b.fused {
+            try forward(gateUp, x: norm2.pointer, y: fusedOutput!.pointer, accumulate: false)
+            try splitColumns([(gate, c.intermediateSize), (up, c.intermediateSize)], tokens: n)
+        } else {
+            try forward(4, x: norm2.pointer, y: gate.pointer, accumulate: false)
+            try forward(5, x: norm2.pointer, y: up.pointer, accumulate: false)
+        }
+        try ctx.gatedActivationForward(c.mlpActivation, gate: gate, up: up, into: activated, count: n * c.intermediateSize)
+        if let projected = mlpProjected, let outputNorm = b.mlpOutputNorm {
+            // The backward reads down_proj's output (its norm's input), so the recomputation computes it too.
+            try forward(down, x: activated.pointer, y: projected.pointer, accumulate: false)
+            if let output { try norm(projected, outputNorm, into: output, rows: n, dim: h, residual: hidden) }
+        } else if let output {
+            try ctx.device.copy(deviceTo: output.pointer, from: hidden.pointer, bytes: 2 * n * h)
+            try forward(down, x: activated.pointer, y: output.pointer, accumulate: true)
+        } else {
+            try forward(down, x: activated.pointer, y: 0, accumulate: true, base: false)
         }
     }
 
     /// Given d/d(block output) in `gradient`, adds the block's LoRA gradients and leaves d/d(block input) there.
+    /// Sandwich norms: d/d(down_proj output) = n_moᵀ(g) and d/d(o_proj output) = n_aoᵀ(d/dh), each through `dNorm`
+    /// (free at those points); q/k norms: d/d(projection) = norm backward of rope⁻¹(dq), in place; fused projections:
+    /// the parts' gradients joined side by side are the fused output's gradient.
     private func blockBackward(_ b: TrainerBlock, x: DeviceBuffer<UInt16>, batch: TrainingBatch, seeds: [UInt64]?) throws {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
         let L = b.linears
         func backward(_ j: Int, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, accumulate: Bool) throws {
             try linearBackward(L[j], x: x, dy: dy, dx: dx, n: n, accumulate: accumulate, seed: maskSeed(L[j], j, seeds))
         }
-        try backward(6, x: activated.pointer, dy: gradient.pointer, dx: activated.pointer, accumulate: false)
-        try ctx.swigluBackward(dh: activated, gate: gate, up: up, dgate: gate, dup: up, count: n * c.intermediateSize)
-        try backward(4, x: norm2.pointer, dy: gate.pointer, dx: dNorm.pointer, accumulate: false)
-        try backward(5, x: norm2.pointer, dy: up.pointer, dx: dNorm.pointer, accumulate: true)
-        try ctx.rmsNormBackward(x: hidden, weight: b.postAttentionNorm, dy: dNorm, into: gradient, rows: n, dim: h, eps: c.rmsNormEps,
-                                accumulate: true)
-        try backward(3, x: attended.pointer, dy: gradient.pointer, dx: dAttended.pointer, accumulate: false)
+        let o = L.count - 3, gateUp = L.count - 2, down = L.count - 1
+        if let projected = mlpProjected, let outputNorm = b.mlpOutputNorm {
+            try normBackward(projected, outputNorm, dy: gradient, into: dNorm, rows: n, dim: h, accumulate: false)
+            try backward(down, x: activated.pointer, dy: dNorm.pointer, dx: activated.pointer, accumulate: false)
+        } else {
+            try backward(down, x: activated.pointer, dy: gradient.pointer, dx: activated.pointer, accumulate: false)
+        }
+        try ctx.gatedActivationBackward(c.mlpActivation, dh: activated, gate: gate, up: up, dgate: gate, dup: up, count: n * c.intermediateSize)
+        if b.fused {
+            try splitColumns([(gate, c.intermediateSize), (up, c.intermediateSize)], tokens: n, join: true)
+            try backward(gateUp, x: norm2.pointer, dy: fusedOutput!.pointer, dx: dNorm.pointer, accumulate: false)
+        } else {
+            try backward(4, x: norm2.pointer, dy: gate.pointer, dx: dNorm.pointer, accumulate: false)
+            try backward(5, x: norm2.pointer, dy: up.pointer, dx: dNorm.pointer, accumulate: true)
+        }
+        try normBackward(hidden, b.mlpInputNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: true)
+        if let projected = attentionProjected, let outputNorm = b.attentionOutputNorm {
+            try normBackward(projected, outputNorm, dy: gradient, into: dNorm, rows: n, dim: h, accumulate: false)
+            try backward(o, x: attended.pointer, dy: dNorm.pointer, dx: dAttended.pointer, accumulate: false)
+        } else {
+            try backward(o, x: attended.pointer, dy: gradient.pointer, dx: dAttended.pointer, accumulate: false)
+        }
         try ctx.attentionBackward(q: q, k: k, v: v, o: attended, dout: dAttended, lse: lse, segments: segments, dq: dq, dk: dk, dv: dv,
-                                  delta: delta, dqAccumulator: dqAccumulator, shape: attentionShape(batch), flash: !deterministic)
-        try ctx.rope(dq, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.headCount,
-                     headDim: c.headDim, backward: true)
-        try ctx.rope(dk, positions: positions, inverseFrequencies: inverseFrequencies, tokens: n, heads: c.kvHeadCount,
-                     headDim: c.headDim, backward: true)
-        try backward(0, x: norm1.pointer, dy: dq.pointer, dx: dNorm.pointer, accumulate: false)
-        try backward(1, x: norm1.pointer, dy: dk.pointer, dx: dNorm.pointer, accumulate: true)
-        try backward(2, x: norm1.pointer, dy: dv.pointer, dx: dNorm.pointer, accumulate: true)
-        try ctx.rmsNormBackward(x: x, weight: b.inputNorm, dy: dNorm, into: gradient, rows: n, dim: h, eps: c.rmsNormEps, accumulate: true)
+                                  delta: delta, dqAccumulator: dqAccumulator, shape: attentionShape(b, batch), flash: !deterministic)
+        try rope(b, q: dq, k: dk, tokens: n, backward: true)
+        if let qNorm = b.qNorm, let kNorm = b.kNorm, let qProjected, let kProjected {
+            try normBackward(qProjected, qNorm, dy: dq, into: dq, rows: n * c.headCount, dim: c.headDim, accumulate: false)
+            try normBackward(kProjected, kNorm, dy: dk, into: dk, rows: n * c.kvHeadCount, dim: c.headDim, accumulate: false)
+        }
+        if b.fused {
+            try splitColumns([(dq, c.qDim), (dk, c.kvDim), (dv, c.kvDim)], tokens: n, join: true)
+            try backward(0, x: norm1.pointer, dy: fusedOutput!.pointer, dx: dNorm.pointer, accumulate: false)
+        } else {
+            try backward(0, x: norm1.pointer, dy: dq.pointer, dx: dNorm.pointer, accumulate: false)
+            try backward(1, x: norm1.pointer, dy: dk.pointer, dx: dNorm.pointer, accumulate: true)
+            try backward(2, x: norm1.pointer, dy: dv.pointer, dx: dNorm.pointer, accumulate: true)
+        }
+        try normBackward(x, b.inputNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: true)
     }
 
     // MARK: - Step
@@ -604,6 +785,7 @@ public final class CUDADecoderTrainer {
         for r in 0..<batch.rows {
             for t in 0..<max(batch.length - 1, 0) { shifted[r * batch.length + t] = batch.labels[r * batch.length + t + 1] }
         }
+        longRope = c.usesLongRopeFactors(sequenceLength: Int(batch.positions.max() ?? 0) + 1)
         try tokenIDs.upload(batch.tokens)
         try targets.upload(shifted)
         try positions.upload(batch.positions)
@@ -634,7 +816,7 @@ public final class CUDADecoderTrainer {
 
         // Final norm, head and cross-entropy a chunk of rows at a time; dNorm receives d/d(normed).
         let last = slot(blocks.count)
-        try ctx.rmsNormForward(x: last, weight: finalNorm, into: norm1, rows: n, dim: h, eps: c.rmsNormEps)
+        try norm(last, finalNorm, into: norm1, rows: n, dim: h)
         let blas = try ctx.blas()
         // The loss scale (fp16: GradScaler's S; else 1) enters here, at the start of the backward.
         let scale = lossScale / Float(max(normalizer, 1))
@@ -642,11 +824,12 @@ public final class CUDADecoderTrainer {
             let rows = min(lossChunkRows, n - start)
             try blas.gemm(m: rows, n: vocab, k: h, a: norm1.address(at: start * h), b: head.pointer, transB: true, c: logits.pointer)
             try ctx.crossEntropyRows(logits: logits.pointer, labels: targets.address(at: start), rows: rows, vocab: vocab,
-                                     gradScale: scale, rowLoss: rowLoss.address(at: start), withGradient: true)
+                                     gradScale: scale, rowLoss: rowLoss.address(at: start), withGradient: true,
+                                     softcap: c.finalLogitSoftcap)
             try blas.gemm(m: rows, n: h, k: vocab, a: logits.pointer, b: head.pointer, c: dNorm.address(at: start * h))
         }
         try ctx.crossEntropyReduce(rowLoss: rowLoss, labels: targets, rows: n, into: lossOut)
-        try ctx.rmsNormBackward(x: last, weight: finalNorm, dy: dNorm, into: gradient, rows: n, dim: h, eps: c.rmsNormEps)
+        try normBackward(last, finalNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: false)
 
         // x_L is dead: its slot takes the first checkpoint back from the host.
         try prefetch(blocks.count - checkpointSlots.count, tokens: n)
@@ -666,7 +849,8 @@ public final class CUDADecoderTrainer {
     private func embed(_ batch: TrainingBatch, into out: DeviceBuffer<UInt16>) throws {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
         if let embedding {
-            try ctx.embeddingForward(ids: tokenIDs, table: embedding, into: out, tokens: n, vocab: c.vocabularySize, dim: h)
+            try ctx.embeddingForward(ids: tokenIDs, table: embedding, into: out, tokens: n, vocab: c.vocabularySize, dim: h,
+                                     scale: embeddingScale)
             return
         }
         guard let hostEmbedding, let staging = embeddingStaging, let stagingFree else {
@@ -754,13 +938,14 @@ public final class CUDADecoderTrainer {
         for (l, block) in blocks.enumerated() {
             try blockForward(block, x: buffers[l % 2], output: buffers[(l + 1) % 2], batch: batch, seeds: nil)  // no dropout
         }
-        try ctx.rmsNormForward(x: buffers[blocks.count % 2], weight: finalNorm, into: norm1, rows: n, dim: h, eps: c.rmsNormEps)
+        try norm(buffers[blocks.count % 2], finalNorm, into: norm1, rows: n, dim: h)
         let blas = try ctx.blas()
         for start in stride(from: 0, to: n, by: lossChunkRows) {
             let rows = min(lossChunkRows, n - start)
             try blas.gemm(m: rows, n: vocab, k: h, a: norm1.address(at: start * h), b: head.pointer, transB: true, c: logits.pointer)
             try ctx.crossEntropyRows(logits: logits.pointer, labels: targets.address(at: start), rows: rows, vocab: vocab,
-                                     gradScale: 0, rowLoss: rowLoss.address(at: start), withGradient: false)
+                                     gradScale: 0, rowLoss: rowLoss.address(at: start), withGradient: false,
+                                     softcap: c.finalLogitSoftcap)
         }
         try ctx.crossEntropyReduce(rowLoss: rowLoss, labels: targets, rows: n, into: lossOut)
     }

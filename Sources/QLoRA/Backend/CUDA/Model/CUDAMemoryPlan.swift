@@ -10,7 +10,9 @@
 //                region for the MLP's gate/up/activated (3 [N, I]) that the attention backward's dA, dq, dk, dv
 //                reuse once the MLP's backward is done, and the loss's logits chunk between the forward and the
 //                backward (BlockScratchLayout), lse and delta (fp32), x·Aᵀ of one block's seven linears
-//                (recomputed before each block's backward, so shared by all blocks), dy·B, d(x) under dropout
+//                (recomputed before each block's backward, so shared by all blocks), dy·B, d(x) under dropout;
+//                the families' variations add q and k before their norms, o_proj's and down_proj's outputs before
+//                Gemma's sandwich norms, Phi-3's fused projection output before its split
 //   workspace    the bf16 scratch a linear weight is dequantized into, cuBLASLt's workspace
 // Host memory (not in `total`): the offloaded checkpoints (pinned), the embedding table and its pinned staging
 // buffer for one step's rows.
@@ -126,10 +128,18 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     public var total: Int { weights + adapters + optimizer + activations + workspace }
 
     /// Each linear layer's [out, in] shape in the order the trainer stores them.
+    /// q, k, v, o, gate, up, down; or Phi-3's qkv [q + 2kv, H], o, gate_up [2I, H], down.
     static func linearShapes(_ c: DecoderConfig) -> [(out: Int, in: Int)] {
-        [(c.qDim, c.hiddenSize), (c.kvDim, c.hiddenSize), (c.kvDim, c.hiddenSize), (c.hiddenSize, c.qDim),
-         (c.intermediateSize, c.hiddenSize), (c.intermediateSize, c.hiddenSize), (c.hiddenSize, c.intermediateSize)]
+        if c.fusedProjections {
+            return [(c.qDim + 2 * c.kvDim, c.hiddenSize), (c.hiddenSize, c.qDim), (2 * c.intermediateSize, c.hiddenSize),
+                    (c.hiddenSize, c.intermediateSize)]
+        }
+        return [(c.qDim, c.hiddenSize), (c.kvDim, c.hiddenSize), (c.kvDim, c.hiddenSize), (c.hiddenSize, c.qDim),
+                (c.intermediateSize, c.hiddenSize), (c.intermediateSize, c.hiddenSize), (c.hiddenSize, c.intermediateSize)]
     }
+
+    /// Columns of the widest fused projection output (Phi-3's qkv_proj or gate_up_proj), split after its GEMM.
+    static func fusedWidth(_ c: DecoderConfig) -> Int { max(c.qDim + 2 * c.kvDim, 2 * c.intermediateSize) }
 
     /// Bytes of one NF4 weight of `n` values with blocksize 64 and nested blocksize 256 (rounded up per buffer).
     static func nf4Bytes(_ n: Int) -> Int {
@@ -141,12 +151,13 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     /// The largest LoRA rank of linear j (q, k, v, o, gate, up, down) over the blocks: the x·Aᵀ buffer of that
     /// linear, shared by all blocks, is sized by it.
     static func largestRanks(_ ranks: [[Int]]) -> [Int] {
-        (0..<7).map { j in ranks.map { j < $0.count ? $0[j] : 0 }.max() ?? 0 }
+        (0..<(ranks.map(\.count).max() ?? 0)).map { j in ranks.map { j < $0.count ? $0[j] : 0 }.max() ?? 0 }
     }
 
     /// The plan for LoRA rank `r` on every projection.
     public init(config c: DecoderConfig, tokens n: Int, rank r: Int, dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil) {
-        self.init(config: c, tokens: n, ranks: Array(repeating: Array(repeating: r, count: 7), count: c.layerCount), dropout: dropout,
+        self.init(config: c, tokens: n, ranks: Array(repeating: Array(repeating: r, count: Self.linearShapes(c).count), count: c.layerCount),
+                  dropout: dropout,
                   memory: memory)
     }
 
@@ -174,7 +185,7 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         let maxRank = ranks.joined().max() ?? 0
         let table = s(2 * c.vocabularySize * c.hiddenSize)
         w += table * (c.tieWordEmbeddings || !memory.hostEmbedding ? 1 : 0) + (c.tieWordEmbeddings ? 0 : table)
-            + (2 * c.layerCount + 1) * s(2 * c.hiddenSize)
+            + ((c.sandwichNorms ? 4 : 2) * c.layerCount + 1) * s(2 * c.hiddenSize) + (c.qkNorm ? 2 * c.layerCount * s(2 * c.headDim) : 0)
         weights = w
         adapters = s(4 * loraParameters) * 2 + s(2 * loraParameters)
         optimizer = s(4 * loraParameters) * 2
@@ -185,8 +196,12 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         let scratch = BlockScratchLayout(config: c, tokens: n)
         // norm1, hidden, norm2, gradient, dNorm; q, attended; k, v; the shared MLP / attention-gradient / logits region;
         // lse, delta; rowLoss, token ids, targets, positions, segments.
+        // The variations' buffers: q and k before their norms; o_proj's and down_proj's outputs before the sandwich
+        // norms; a fused projection's output before its split.
+        let variations = (c.qkNorm ? s(q) + s(kv) : 0) + (c.sandwichNorms ? 2 * s(h) : 0)
+            + (c.fusedProjections ? s(2 * n * Self.fusedWidth(c)) : 0)
         activations = checkpoints + 5 * s(h) + 2 * s(q) + 2 * s(kv) + s(2 * scratch.count) + 2 * s(4 * n * c.headCount)
-            + lora + 5 * s(4 * n)
+            + lora + 5 * s(4 * n) + variations
         workspace = s(2 * largest) + (32 << 20)
         host = memory.offloadedCheckpoints(layers: c.layerCount) * h
             + (memory.hostEmbedding ? 2 * c.vocabularySize * c.hiddenSize + h : 0)

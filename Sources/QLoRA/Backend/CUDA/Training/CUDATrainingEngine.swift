@@ -50,6 +50,7 @@ public final class CUDATrainingEngine: TrainingEngine {
     }
 
     public var deviceName: String { "cuda" }
+    public var computeType: String { context.computeDType == .fp16 ? "fp16" : "bf16" }
     public var optimizerKind: OptimizerKind { optimizer.kind }
 
     public func accumulate(batch: TrainingBatch, normalizer: Int, options: TrainingStepOptions, first: Bool) throws -> LossSum {
