@@ -20,7 +20,8 @@
 // --arch runs every check on kernels built for that target: compute_80 gives PTX that holds only sm_80
 // instructions, which the driver compiles for the card at load, so the portable paths run for real on a newer GPU
 // (with that architecture's shared-memory limit, so launchers pick what such a card would get).
-// Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, lora linear,
+// Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, attention variations
+// (scale, soft-capping, sliding window, head dims 32-256; AttentionFamilyChecks.swift), lora linear,
 // decode gemv, inference fixture, inference random, dropout mask, adamw8bit, batched kernels, batched generation
 // (BatchedChecks.swift), merge (MergeChecks.swift), allocator,
 // training (fixture parity, forward-only loss, short run, engines, dropout, LoRA ranks, memory plan), memory
@@ -449,6 +450,8 @@ group("attention") {
     }
 }
 
+group("attention variations") { try checkAttentionVariations() }  // AttentionFamilyChecks.swift
+
 group("lora linear") {
     let (tokens, inF, outF, r) = (300, 576, 1536, 16)
     let scale: Float = 32 / Float(r)
@@ -624,6 +627,7 @@ if runBench {
             }
             print("  attention backward b2 s2048 h32/8 d128 (\(kind)): \(fmt(bwdMs, 3)) ms = \(fmt(2.5 * flops / (bwdMs / 1000) / 1e12, 1)) TFLOP/s")
         }
+        try timeAttentionVariations()  // AttentionFamilyChecks.swift: d96, d256, soft-capping, a window
         // QLoRA linear at the Llama-3.1-8B MLP up-projection: 4096 tokens, 4096 -> 14336, r 16; NF4 weight
         // dequantized into a bf16 scratch buffer each call, then the LoRA linear GEMMs.
         do {

@@ -182,6 +182,70 @@ final class CPUReferenceTests: XCTestCase {
         }
     }
 
+    /// The GPU checks' twin with the families' variations (scale, soft-capping, sliding window) against the CPU
+    /// trainer's own attention (CPUOps, checked against transformers through the family fixtures), and its cap's
+    /// backward against finite differences.
+    func testAttentionVariationsMatchCPUOpsAndFiniteDifferences() {
+        let (batch, seq, heads, kvHeads, d, window) = (2, 9, 2, 1, 4, 3)
+        let q = random(batch * seq * heads * d, -2...2), k = random(batch * seq * kvHeads * d, -2...2)
+        let v = random(k.count), dout = random(q.count)
+        let segments: [Int32] = (0..<(batch * seq)).map { $0 % seq < 6 ? 0 : 1 }  // sequences of 6 and 3 per row
+        let variation = CPUReference.AttentionVariation(scale: 0.6, softcap: 1.5, window: window)
+        let ref = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: batch, seq: seq, heads: heads,
+                                                kvHeads: kvHeads, headDim: d, variation: variation)
+        let grads = CPUReference.attentionBackward(q: q, k: k, v: v, dout: dout, segments: segments, batch: batch, seq: seq,
+                                                   heads: heads, kvHeads: kvHeads, headDim: d, variation: variation)
+        var o = [Float](repeating: 0, count: q.count), dq = o, dk = [Float](repeating: 0, count: k.count), dv = dk
+        let kind = AttentionKind.sliding(window: window)
+        for b in 0..<batch {
+            let qo = b * seq * heads * d, ko = b * seq * kvHeads * d
+            let visible = { (t: Int) in kind.visible(position: t, first: t < 6 ? 0 : 6) }
+            q.withUnsafeBufferPointer { qp in k.withUnsafeBufferPointer { kp in v.withUnsafeBufferPointer { vp in
+                dout.withUnsafeBufferPointer { dp in
+                    o.withUnsafeMutableBufferPointer { op in
+                        CPUOps.attention(q: qp.baseAddress! + qo, keys: kp.baseAddress! + ko, values: vp.baseAddress! + ko, rows: seq,
+                                         heads: heads, kvHeads: kvHeads, headDim: d, scale: 0.6, softcap: 1.5, visible: visible,
+                                         into: op.baseAddress! + qo)
+                    }
+                    dq.withUnsafeMutableBufferPointer { dqp in dk.withUnsafeMutableBufferPointer { dkp in
+                        dv.withUnsafeMutableBufferPointer { dvp in
+                            CPUOps.attentionBackward(q: qp.baseAddress! + qo, keys: kp.baseAddress! + ko, values: vp.baseAddress! + ko,
+                                                     outputGradient: dp.baseAddress! + qo, rows: seq, heads: heads, kvHeads: kvHeads,
+                                                     headDim: d, scale: 0.6, softcap: 1.5, visible: visible,
+                                                     queryGradient: dqp.baseAddress! + qo, keyGradient: dkp.baseAddress! + ko,
+                                                     valueGradient: dvp.baseAddress! + ko)
+                        }
+                    } }
+                }
+            } } }
+        }
+        XCTAssertLessThan(relativeError(ref.o, o), 1e-5)
+        XCTAssertLessThan(relativeError(grads.dq, dq), 1e-5)
+        XCTAssertLessThan(relativeError(grads.dk, dk), 1e-5)
+        XCTAssertLessThan(relativeError(grads.dv, dv), 1e-5)
+        // Each variation changes the output (so each of the comparisons above would catch a twin that ignored it).
+        for other in [CPUReference.AttentionVariation(softcap: 1.5, window: window), .init(scale: 0.6, window: window),
+                      .init(scale: 0.6, softcap: 1.5)] {
+            let changed = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: batch, seq: seq,
+                                                        heads: heads, kvHeads: kvHeads, headDim: d, variation: other).o
+            XCTAssertGreaterThan(relativeError(changed, ref.o), 1e-2)
+        }
+        // dq through the cap against finite differences of the reference's forward.
+        let h: Float = 1e-2
+        func loss(_ q: [Float]) -> Double {
+            let o = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: batch, seq: seq, heads: heads,
+                                                  kvHeads: kvHeads, headDim: d, variation: variation).o
+            return zip(o, dout).reduce(0) { $0 + Double($1.0) * Double($1.1) }
+        }
+        let numeric = q.indices.map { i -> Float in
+            var p = q, m = q
+            p[i] += h
+            m[i] -= h
+            return Float((loss(p) - loss(m)) / (2 * Double(h)))
+        }
+        XCTAssertLessThan(relativeError(grads.dq, numeric), 1e-3)
+    }
+
     func testLoRALinearBackwardMatchesFiniteDifferences() {
         let (tokens, inF, outF, r) = (3, 5, 4, 2)
         let scale: Float = 1.5

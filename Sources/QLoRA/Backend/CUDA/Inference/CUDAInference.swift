@@ -493,7 +493,8 @@ public final class CUDAInference {
                 try dev.launch(ctx.compiler.function(KernelSources.attention, "attention_forward_d\(c.headDim)"),
                                grid: ((t + 63) / 64, c.headCount, 1), block: (256, 1, 1),
                                [q.arg, .pointer(layer.keys.pointer), .pointer(layer.values.pointer), att.arg, lse.arg, .pointer(0),
-                                .int(t), .int(c.headCount), .int(c.kvHeadCount), .float(1 / Float(c.headDim).squareRoot())])
+                                .int(t), .int(c.headCount), .int(c.kvHeadCount), .float(1 / Float(c.headDim).squareRoot()),
+                                .float(0), .int32(1 << 30)])  // no soft-capping, no window (attention.cu's entry points)
             } else {
                 try ctx.attentionCached(q: q.pointer, qStride: c.qDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
                                         out: att.pointer, startPointer: 0, start: start, tokens: t, heads: c.headCount,

@@ -4,25 +4,49 @@
 // Shapes (tokens = batch * seq, token t = b * seq + position):
 //   q, o, do, dq: [tokens, heads, D] bf16;  k, v, dk, dv: [tokens, kv_heads, D] bf16 (query head h reads kv head
 //   h / (heads / kv_heads));  lse, delta: [tokens, heads] fp32;  segments: [tokens] int or null.
-// Query i may see key j of the same batch row iff j <= i and segments[i] == segments[j] (packed sequences are kept
-// apart by giving each its own segment id). scale = 1/sqrt(D) usually.
+// Query i may see key j of the same batch row iff j <= i, i - window < j (sliding window; window = 1 << 30 when
+// there is none) and segments[i] == segments[j] (packed sequences are kept apart by giving each its own segment id).
+// scale = 1/sqrt(D) usually (Gemma: query_pre_attn_scalar^-1/2).
 //
-// Forward (per query row i):  s_j = scale q_i.k_j,  m = max_j s_j,  l = sum_j exp(s_j - m),
+// Forward (per query row i):  s_j = scale q_i.k_j, or with soft-capping (the `_cap` kernels, cap c)
+//                             s_j = c tanh(scale q_i.k_j / c);
+//                             m = max_j s_j,  l = sum_j exp(s_j - m),
 //                             o_i = sum_j exp(s_j - m) v_j / l,   lse_i = m + log l      (kept for the backward)
 // Backward, with p_ij = exp(s_ij - lse_i) recomputed from lse:
 //   delta_i = sum_d do_i[d] o_i[d]                         (attention_backward_delta)
-//   dp_ij = do_i . v_j,   ds_ij = p_ij (dp_ij - delta_i)
+//   dp_ij = do_i . v_j,   ds_ij = p_ij (dp_ij - delta_i) (1 - tanh^2)   (the last factor with a cap only: the
+//                                                         derivative of c tanh(x / c) at x = scale q.k)
 //   dq_i = scale sum_j ds_ij k_j                             (attention_backward_dq: threads own queries)
 //   dk_j = scale sum_i ds_ij q_i,   dv_j = sum_i p_ij do_i   (attention_backward_dkdv: threads own keys, summing
 //                                                             over the query heads of the group, so no atomics)
 // Work split: a block takes 64 rows (queries or keys) of one (batch, head); 4 threads share a row, each holding
 // D/4 of its values as 16-byte chunks c = part, part+4, ... so that the 4 threads read 64 contiguous bytes.
+// The other side (keys, or queries for dk/dv) goes through shared memory in tiles of 64 rows (32 at D = 256, to stay
+// under 48 KB of static shared memory); tiles wholly outside the window are skipped.
 // The inner products are fp32 FMAs (no tensor cores yet: the faster mma/wgmma version is future work).
 #include "qlora_prelude.cuh"
 
 #define TILE 64
 #define TPR 4
 #define THREADS (TILE * TPR)
+
+/// Rows per shared-memory tile of the other side for head dimension D.
+template <int D>
+constexpr int side_tile() { return D > 128 ? 32 : TILE; }
+
+/// The logit of a raw product q.k (see the header).
+template <bool CAP>
+__device__ __forceinline__ float logit(float raw, float scale, float cap) {
+    return CAP ? cap * tanhf(raw * scale / cap) : raw * scale;
+}
+
+/// d logit / d(scale q.k) at a raw product: 1 - tanh^2 with a cap, else 1.
+template <bool CAP>
+__device__ __forceinline__ float logit_slope(float raw, float scale, float cap) {
+    if (!CAP) return 1.0f;
+    const float th = tanhf(raw * scale / cap);
+    return 1.0f - th * th;
+}
 
 /// Loads the 16-byte chunks of this thread's part of a D-row (bf16) into f (fp32), D/32 chunks of 8.
 template <int D>
@@ -65,11 +89,11 @@ __device__ __forceinline__ void axpy_row(float* acc, float w, const h16* row, in
     }
 }
 
-/// Copies rows [r0, r0 + TILE) of head `head` from src ([tokens, heads_in_src, D]) to shared (zeros past seq).
+/// Copies rows [r0, r0 + side_tile) of head `head` from src ([tokens, heads_in_src, D]) to shared (zeros past seq).
 template <int D>
 __device__ __forceinline__ void load_tile(h16* dst, const h16* src, long long batch_token0, int r0, int seq, int heads,
                                           int head) {
-    for (int idx = threadIdx.x; idx < TILE * D / 8; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < side_tile<D>() * D / 8; idx += blockDim.x) {
         const int rr = idx / (D / 8), ch = idx % (D / 8);
         const int r = r0 + rr;
         h16x8_raw v = {{0u, 0u, 0u, 0u}};
@@ -78,12 +102,14 @@ __device__ __forceinline__ void load_tile(h16* dst, const h16* src, long long ba
     }
 }
 
-template <int D>
+template <int D, bool CAP>
 __device__ __forceinline__ void attention_forward_impl(const h16* q, const h16* k, const h16* v, h16* o, float* lse,
-                                                       const int* segments, int seq, int heads, int kv_heads, float scale) {
-    __shared__ alignas(16) h16 ks[TILE * D];
-    __shared__ alignas(16) h16 vs[TILE * D];
-    __shared__ int segs[TILE];
+                                                       const int* segments, int seq, int heads, int kv_heads, float scale,
+                                                       float softcap, int window) {
+    constexpr int KT = side_tile<D>();
+    __shared__ alignas(16) h16 ks[KT * D];
+    __shared__ alignas(16) h16 vs[KT * D];
+    __shared__ int segs[KT];
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * TILE;
     const int hk = h / (heads / kv_heads);
     const int r = threadIdx.x / TPR, part = threadIdx.x % TPR;
@@ -93,27 +119,23 @@ __device__ __forceinline__ void attention_forward_impl(const h16* q, const h16* 
     float qf[D / 4], acc[D / 4];
 #pragma unroll
     for (int x = 0; x < D / 4; x++) { qf[x] = 0.0f; acc[x] = 0.0f; }
-    if (valid) {
-        load_part<D>(q + (ti * heads + h) * D, part, qf);
-#pragma unroll
-        for (int x = 0; x < D / 4; x++) qf[x] *= scale;
-    }
+    if (valid) load_part<D>(q + (ti * heads + h) * D, part, qf);
     const int seg_i = (segments && valid) ? segments[ti] : 0;
     float m = -QLORA_INFINITY, l = 0.0f;
-    const int key_end = min(seq, q0 + TILE);
-    for (int j0 = 0; j0 < key_end; j0 += TILE) {
+    const int key_begin = max(0, q0 - window + 1) / KT * KT, key_end = min(seq, q0 + TILE);
+    for (int j0 = key_begin; j0 < key_end; j0 += KT) {
         __syncthreads();
         load_tile<D>(ks, k, t0, j0, seq, kv_heads, hk);
         load_tile<D>(vs, v, t0, j0, seq, kv_heads, hk);
-        if (threadIdx.x < TILE) segs[threadIdx.x] = (segments && j0 + threadIdx.x < seq) ? segments[t0 + j0 + threadIdx.x] : 0;
+        if (threadIdx.x < KT) segs[threadIdx.x] = (segments && j0 + threadIdx.x < seq) ? segments[t0 + j0 + threadIdx.x] : 0;
         __syncthreads();
-        float s[TILE];
+        float s[KT];
         float tile_max = -QLORA_INFINITY;
 #pragma unroll
-        for (int jj = 0; jj < TILE; jj++) {
+        for (int jj = 0; jj < KT; jj++) {
             const float d = dot_row<D>(qf, ks + jj * D, part);
-            const bool ok = valid && j0 + jj <= i && segs[jj] == seg_i;
-            s[jj] = ok ? d : -QLORA_INFINITY;
+            const bool ok = valid && j0 + jj <= i && j0 + jj > i - window && segs[jj] == seg_i;
+            s[jj] = ok ? logit<CAP>(d, scale, softcap) : -QLORA_INFINITY;
             tile_max = fmaxf(tile_max, s[jj]);
         }
         const float m_new = fmaxf(m, tile_max);
@@ -123,7 +145,7 @@ __device__ __forceinline__ void attention_forward_impl(const h16* q, const h16* 
 #pragma unroll
         for (int x = 0; x < D / 4; x++) acc[x] *= alpha;
 #pragma unroll
-        for (int jj = 0; jj < TILE; jj++) {
+        for (int jj = 0; jj < KT; jj++) {
             const float p = __expf(s[jj] - m_new);
             l += p;
             axpy_row<D>(acc, p, vs + jj * D, part);
@@ -138,23 +160,7 @@ __device__ __forceinline__ void attention_forward_impl(const h16* q, const h16* 
     if (part == 0) lse[ti * heads + h] = m + logf(l);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) attention_forward_d32(
-    const h16* q, const h16* k, const h16* v, h16* o, float* lse, const int* segments, int seq, int heads,
-    int kv_heads, float scale) {
-    attention_forward_impl<32>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS) attention_forward_d64(
-    const h16* q, const h16* k, const h16* v, h16* o, float* lse, const int* segments, int seq, int heads,
-    int kv_heads, float scale) {
-    attention_forward_impl<64>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS) attention_forward_d128(
-    const h16* q, const h16* k, const h16* v, h16* o, float* lse, const int* segments, int seq, int heads,
-    int kv_heads, float scale) {
-    attention_forward_impl<128>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);
-}
+// Entry points: at the end of the file.
 
 /// delta[t, h] = sum_d do[t, h, d] * o[t, h, d]. One warp per (token, head) row; rows = tokens * heads.
 extern "C" __global__ void attention_backward_delta(const h16* o, const h16* dout, float* delta, long long rows, int dim) {
@@ -167,13 +173,15 @@ extern "C" __global__ void attention_backward_delta(const h16* o, const h16* dou
     if (lane == 0) delta[row] = sum;
 }
 
-template <int D>
+template <int D, bool CAP>
 __device__ __forceinline__ void attention_backward_dq_impl(const h16* q, const h16* k, const h16* v, const h16* dout,
                                                            const float* lse, const float* delta, const int* segments,
-                                                           h16* dq, int seq, int heads, int kv_heads, float scale) {
-    __shared__ alignas(16) h16 ks[TILE * D];
-    __shared__ alignas(16) h16 vs[TILE * D];
-    __shared__ int segs[TILE];
+                                                           h16* dq, int seq, int heads, int kv_heads, float scale,
+                                                           float softcap, int window) {
+    constexpr int KT = side_tile<D>();
+    __shared__ alignas(16) h16 ks[KT * D];
+    __shared__ alignas(16) h16 vs[KT * D];
+    __shared__ int segs[KT];
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * TILE;
     const int hk = h / (heads / kv_heads);
     const int r = threadIdx.x / TPR, part = threadIdx.x % TPR;
@@ -191,20 +199,20 @@ __device__ __forceinline__ void attention_backward_dq_impl(const h16* q, const h
         delta_i = delta[ti * heads + h];
     }
     const int seg_i = (segments && valid) ? segments[ti] : 0;
-    const int key_end = min(seq, q0 + TILE);
-    for (int j0 = 0; j0 < key_end; j0 += TILE) {
+    const int key_begin = max(0, q0 - window + 1) / KT * KT, key_end = min(seq, q0 + TILE);
+    for (int j0 = key_begin; j0 < key_end; j0 += KT) {
         __syncthreads();
         load_tile<D>(ks, k, t0, j0, seq, kv_heads, hk);
         load_tile<D>(vs, v, t0, j0, seq, kv_heads, hk);
-        if (threadIdx.x < TILE) segs[threadIdx.x] = (segments && j0 + threadIdx.x < seq) ? segments[t0 + j0 + threadIdx.x] : 0;
+        if (threadIdx.x < KT) segs[threadIdx.x] = (segments && j0 + threadIdx.x < seq) ? segments[t0 + j0 + threadIdx.x] : 0;
         __syncthreads();
 #pragma unroll 4
-        for (int jj = 0; jj < TILE; jj++) {
+        for (int jj = 0; jj < KT; jj++) {
             const float sd = dot_row<D>(qf, ks + jj * D, part);
             const float dp = dot_row<D>(df, vs + jj * D, part);
-            const bool ok = valid && j0 + jj <= i && segs[jj] == seg_i;
-            const float p = ok ? __expf(sd * scale - lse_i) : 0.0f;
-            const float ds = p * (dp - delta_i);
+            const bool ok = valid && j0 + jj <= i && j0 + jj > i - window && segs[jj] == seg_i;
+            const float p = ok ? __expf(logit<CAP>(sd, scale, softcap) - lse_i) : 0.0f;
+            const float ds = p * (dp - delta_i) * logit_slope<CAP>(sd, scale, softcap);
             axpy_row<D>(acc, ds, ks + jj * D, part);
         }
     }
@@ -214,33 +222,16 @@ __device__ __forceinline__ void attention_backward_dq_impl(const h16* q, const h
     store_part<D>(dq + (ti * heads + h) * D, part, acc);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dq_d32(
-    const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse, const float* delta,
-    const int* segments, h16* dq, int seq, int heads, int kv_heads, float scale) {
-    attention_backward_dq_impl<32>(q, k, v, dout, lse, delta, segments, dq, seq, heads, kv_heads, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dq_d64(
-    const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse, const float* delta,
-    const int* segments, h16* dq, int seq, int heads, int kv_heads, float scale) {
-    attention_backward_dq_impl<64>(q, k, v, dout, lse, delta, segments, dq, seq, heads, kv_heads, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dq_d128(
-    const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse, const float* delta,
-    const int* segments, h16* dq, int seq, int heads, int kv_heads, float scale) {
-    attention_backward_dq_impl<128>(q, k, v, dout, lse, delta, segments, dq, seq, heads, kv_heads, scale);
-}
-
-template <int D>
+template <int D, bool CAP>
 __device__ __forceinline__ void attention_backward_dkdv_impl(const h16* q, const h16* k, const h16* v,
                                                              const h16* dout, const float* lse, const float* delta,
                                                              const int* segments, h16* dk, h16* dv, int seq, int heads,
-                                                             int kv_heads, float scale) {
-    __shared__ alignas(16) h16 qs[TILE * D];
-    __shared__ alignas(16) h16 ds_[TILE * D];
-    __shared__ float lses[TILE], deltas[TILE];
-    __shared__ int segs[TILE];
+                                                             int kv_heads, float scale, float softcap, int window) {
+    constexpr int QT = side_tile<D>();
+    __shared__ alignas(16) h16 qs[QT * D];
+    __shared__ alignas(16) h16 ds_[QT * D];
+    __shared__ float lses[QT], deltas[QT];
+    __shared__ int segs[QT];
     const int b = blockIdx.z, hk = blockIdx.y, j0 = blockIdx.x * TILE;
     const int group = heads / kv_heads;
     const int r = threadIdx.x / TPR, part = threadIdx.x % TPR;
@@ -255,13 +246,15 @@ __device__ __forceinline__ void attention_backward_dkdv_impl(const h16* q, const
         load_part<D>(v + (tj * kv_heads + hk) * D, part, vf);
     }
     const int seg_j = (segments && valid) ? segments[tj] : 0;
+    // Queries before j0 cannot see these keys, nor those past the last key's window.
+    const int query_end = min(seq, j0 + TILE + window - 1);
     for (int g = 0; g < group; g++) {
         const int h = hk * group + g;
-        for (int i0 = j0; i0 < seq; i0 += TILE) {  // queries before j0 cannot see these keys
+        for (int i0 = j0; i0 < query_end; i0 += QT) {
             __syncthreads();
             load_tile<D>(qs, q, t0, i0, seq, heads, h);
             load_tile<D>(ds_, dout, t0, i0, seq, heads, h);
-            if (threadIdx.x < TILE) {
+            if (threadIdx.x < QT) {
                 const int i = i0 + threadIdx.x;
                 lses[threadIdx.x] = i < seq ? lse[(t0 + i) * heads + h] : 0.0f;
                 deltas[threadIdx.x] = i < seq ? delta[(t0 + i) * heads + h] : 0.0f;
@@ -269,13 +262,13 @@ __device__ __forceinline__ void attention_backward_dkdv_impl(const h16* q, const
             }
             __syncthreads();
 #pragma unroll 4
-            for (int ii = 0; ii < TILE; ii++) {
+            for (int ii = 0; ii < QT; ii++) {
                 const int i = i0 + ii;
                 const float sd = dot_row<D>(kf, qs + ii * D, part);
                 const float dp = dot_row<D>(vf, ds_ + ii * D, part);
-                const bool ok = valid && i < seq && j <= i && segs[ii] == seg_j;
-                const float p = ok ? __expf(sd * scale - lses[ii]) : 0.0f;
-                const float dsv = p * (dp - deltas[ii]);
+                const bool ok = valid && i < seq && j <= i && j > i - window && segs[ii] == seg_j;
+                const float p = ok ? __expf(logit<CAP>(sd, scale, softcap) - lses[ii]) : 0.0f;
+                const float dsv = p * (dp - deltas[ii]) * logit_slope<CAP>(sd, scale, softcap);
                 axpy_row<D>(dvf, p, ds_ + ii * D, part);
                 axpy_row<D>(dkf, dsv, qs + ii * D, part);
             }
@@ -288,20 +281,32 @@ __device__ __forceinline__ void attention_backward_dkdv_impl(const h16* q, const
     store_part<D>(dv + (tj * kv_heads + hk) * D, part, dvf);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_d32(
-    const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse, const float* delta,
-    const int* segments, h16* dk, h16* dv, int seq, int heads, int kv_heads, float scale) {
-    attention_backward_dkdv_impl<32>(q, k, v, dout, lse, delta, segments, dk, dv, seq, heads, kv_heads, scale);
-}
+// MARK: - Entry points: each kernel for D = 32, 64, 96, 128, 256, as `..._d<D>` (no cap: softcap ignored) and
+// `..._cap_d<D>`.
 
-extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_d64(
-    const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse, const float* delta,
-    const int* segments, h16* dk, h16* dv, int seq, int heads, int kv_heads, float scale) {
-    attention_backward_dkdv_impl<64>(q, k, v, dout, lse, delta, segments, dk, dv, seq, heads, kv_heads, scale);
-}
+#define ENTRY_POINTS_V(D, CAP, NAME)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS) attention_forward##NAME##D(                                   \
+        const h16* q, const h16* k, const h16* v, h16* o, float* lse, const int* segments, int seq, int heads,         \
+        int kv_heads, float scale, float softcap, int window) {                                                         \
+        attention_forward_impl<D, CAP>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale, softcap, window);        \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dq##NAME##D(                               \
+        const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse, const float* delta,              \
+        const int* segments, h16* dq, int seq, int heads, int kv_heads, float scale, float softcap, int window) {      \
+        attention_backward_dq_impl<D, CAP>(q, k, v, dout, lse, delta, segments, dq, seq, heads, kv_heads, scale,       \
+                                           softcap, window);                                                            \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dkdv##NAME##D(                             \
+        const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse, const float* delta,              \
+        const int* segments, h16* dk, h16* dv, int seq, int heads, int kv_heads, float scale, float softcap,           \
+        int window) {                                                                                                   \
+        attention_backward_dkdv_impl<D, CAP>(q, k, v, dout, lse, delta, segments, dk, dv, seq, heads, kv_heads, scale, \
+                                             softcap, window);                                                          \
+    }
+#define ENTRY_POINTS(D) ENTRY_POINTS_V(D, false, _d) ENTRY_POINTS_V(D, true, _cap_d)
 
-extern "C" __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_d128(
-    const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse, const float* delta,
-    const int* segments, h16* dk, h16* dv, int seq, int heads, int kv_heads, float scale) {
-    attention_backward_dkdv_impl<128>(q, k, v, dout, lse, delta, segments, dk, dv, seq, heads, kv_heads, scale);
-}
+ENTRY_POINTS(32)
+ENTRY_POINTS(64)
+ENTRY_POINTS(96)
+ENTRY_POINTS(128)
+ENTRY_POINTS(256)

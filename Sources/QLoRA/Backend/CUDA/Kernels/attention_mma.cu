@@ -13,6 +13,11 @@
 // next tile's loads overlap this tile's products (see each kernel's pipeline comment). Shared rows are padded by 8 values (16 bytes) so the
 // 8 rows a fragment reads fall in different banks.
 //
+// Variations (formulas in attention.cu's header): any logit scale; soft-capping in the `_cap_d<D>` kernels (tanh
+// after the product, its slope 1 − tanh² on dS; the uncapped kernels have no tanh); a sliding window, whose key tiles
+// (forward) or query tiles (backward) wholly outside it are skipped. Head dims 32, 64, 96, 128 everywhere, 256 in
+// the 64-row kernels only (key tiles of 32, dk/dv query tiles of 16: static shared memory stays under 48 KB).
+//
 // The default path is the flash section further down (attention_fa_*: 128-row tiles, fused backward); the 64-row
 // kernels below stay selectable (`flash: false` in CUDAAttention.swift) as a second tensor-core implementation.
 // Kernels (4 warps; each warp owns 16 rows of the block's 64):
@@ -37,6 +42,24 @@ __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b
 __device__ __forceinline__ unsigned ld32(const h16* p) { return *reinterpret_cast<const unsigned*>(p); }
 __device__ __forceinline__ unsigned pack2(h16 lo, h16 hi) { return (unsigned)lo | ((unsigned)hi << 16); }
 __device__ __forceinline__ unsigned pack_f2(float lo, float hi) { return pack2(float_to_h16(lo), float_to_h16(hi)); }
+
+/// The logit of a raw product q·k: scale·q·k, or with soft-capping (CAP, Gemma 2) cap·tanh(scale·q·k / cap).
+template <bool CAP>
+__device__ __forceinline__ float attention_logit(float raw, float scale, float cap) {
+    return CAP ? cap * tanhf(raw * (scale / cap)) : raw * scale;
+}
+
+/// p = exp(logit − lse) of a raw product and the slope d logit / d(scale·q·k) (1 − tanh² with a cap, else 1).
+template <bool CAP>
+__device__ __forceinline__ float attention_probability(float raw, float scale, float cap, float lse, float* slope) {
+    if (CAP) {
+        const float th = tanhf(raw * (scale / cap));
+        *slope = 1.0f - th * th;
+        return __expf(cap * th - lse);
+    }
+    *slope = 1.0f;
+    return __expf(raw * scale - lse);
+}
 
 /// A fragments of a warp's 16 rows x D from global memory rows r0 (= row g) and r0 + 8 (zeros where invalid).
 template <int D>
@@ -191,10 +214,11 @@ __device__ __forceinline__ void begin_key_rows(int* segk, float (*dka)[4], float
     }
 }
 
-template <int D>
+template <int D, bool CAP>
 __device__ __forceinline__ void mma_forward(const h16* q, const h16* k, const h16* v, h16* o, float* lse,
-                                            const int* segments, int seq, int heads, int kv_heads, float scale) {
-    constexpr int LD = D + 8, BK = 64;
+                                            const int* segments, int seq, int heads, int kv_heads, float scale,
+                                            float softcap, int window) {
+    constexpr int LD = D + 8, BK = D > 128 ? 32 : 64;  // D = 256: key tiles of 32 keep K and V under 48 KB
     __shared__ alignas(16) h16 ks[BK * LD];
     __shared__ alignas(16) h16 vs[BK * LD];
     __shared__ int segk[BK];
@@ -216,12 +240,13 @@ __device__ __forceinline__ void mma_forward(const h16* q, const h16* k, const h1
 
     // Pipeline (one buffer each): K(j+1) loads while softmax and P·V of tile j run, V(j+1) while S of tile j+1 runs.
     // Groups in flight at each wait, oldest first: [K(j), V(j)] -> wait<1> gives K(j); [V(j), K(j+1)] -> V(j).
-    const int key_end = min(seq, q0 + 64);
-    async_rows_shared<D, BK>(ks, k, t0, 0, seq, kv_heads, hk);
+    // Keys before the first row's window are never loaded.
+    const int key_begin = max(0, q0 - window + 1) / BK * BK, key_end = min(seq, q0 + 64);
+    async_rows_shared<D, BK>(ks, k, t0, key_begin, seq, kv_heads, hk);
     cp_async_commit();
-    async_rows_shared<D, BK>(vs, v, t0, 0, seq, kv_heads, hk);
+    async_rows_shared<D, BK>(vs, v, t0, key_begin, seq, kv_heads, hk);
     cp_async_commit();
-    for (int j0 = 0; j0 < key_end; j0 += BK) {
+    for (int j0 = key_begin; j0 < key_end; j0 += BK) {
         cp_async_wait<1>();
         if (threadIdx.x < BK) segk[threadIdx.x] = (segments && j0 + threadIdx.x < seq) ? segments[t0 + j0 + threadIdx.x] : 0;
         __syncthreads();
@@ -246,8 +271,8 @@ __device__ __forceinline__ void mma_forward(const h16* q, const h16* k, const h1
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int i = e >> 1, col = j0 + nt * 8 + 2 * t + (e & 1);
-                const bool ok = rows[i] < seq && col <= rows[i] && segk[col - j0] == segq[i];
-                s[nt][e] = ok ? s[nt][e] * scale : -QLORA_INFINITY;
+                const bool ok = rows[i] < seq && col <= rows[i] && col > rows[i] - window && segk[col - j0] == segq[i];
+                s[nt][e] = ok ? attention_logit<CAP>(s[nt][e], scale, softcap) : -QLORA_INFINITY;
                 mx[i] = fmaxf(mx[i], s[nt][e]);
             }
         }
@@ -302,11 +327,11 @@ __device__ __forceinline__ void mma_forward(const h16* q, const h16* k, const h1
 
 // MARK: - Backward: dq
 
-template <int D>
+template <int D, bool CAP>
 __device__ __forceinline__ void mma_backward_dq(const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse,
                                                 const float* delta, const int* segments, h16* dq, int seq, int heads,
-                                                int kv_heads, float scale) {
-    constexpr int LD = D + 8, BK = 64;
+                                                int kv_heads, float scale, float softcap, int window) {
+    constexpr int LD = D + 8, BK = D > 128 ? 32 : 64;
     __shared__ alignas(16) h16 ks[BK * LD];
     __shared__ alignas(16) h16 vs[BK * LD];
     __shared__ int segk[BK];
@@ -336,12 +361,12 @@ __device__ __forceinline__ void mma_backward_dq(const h16* q, const h16* k, cons
     // Pipeline (one buffer each): dP = dO Vᵀ first, then V(j+1) loads while S, dS and dQ of tile j run; K(j+1)
     // loads while dP of tile j+1 runs. In flight at each wait, oldest first: [V(j), K(j)] -> wait<1> gives V(j);
     // [K(j), V(j+1)] -> wait<1> gives K(j).
-    const int key_end = min(seq, q0 + 64);
-    async_rows_shared<D, BK>(vs, v, t0, 0, seq, kv_heads, hk);
+    const int key_begin = max(0, q0 - window + 1) / BK * BK, key_end = min(seq, q0 + 64);
+    async_rows_shared<D, BK>(vs, v, t0, key_begin, seq, kv_heads, hk);
     cp_async_commit();
-    async_rows_shared<D, BK>(ks, k, t0, 0, seq, kv_heads, hk);
+    async_rows_shared<D, BK>(ks, k, t0, key_begin, seq, kv_heads, hk);
     cp_async_commit();
-    for (int j0 = 0; j0 < key_end; j0 += BK) {
+    for (int j0 = key_begin; j0 < key_end; j0 += BK) {
         cp_async_wait<1>();
         if (threadIdx.x < BK) segk[threadIdx.x] = (segments && j0 + threadIdx.x < seq) ? segments[t0 + j0 + threadIdx.x] : 0;
         __syncthreads();
@@ -375,9 +400,11 @@ __device__ __forceinline__ void mma_backward_dq(const h16* q, const h16* k, cons
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int i = e >> 1, col = j0 + nt * 8 + 2 * t + (e & 1);
-                const bool ok = rows[i] < seq && col <= rows[i] && segk[col - j0] == segq[i];
-                const float p = ok ? __expf(s[nt][e] * scale - row_lse[i]) : 0.0f;
+                const bool ok = rows[i] < seq && col <= rows[i] && col > rows[i] - window && segk[col - j0] == segq[i];
+                float slope = 1.0f;
+                const float p = ok ? attention_probability<CAP>(s[nt][e], scale, softcap, row_lse[i], &slope) : 0.0f;
                 s[nt][e] = p * (dp[nt][e] - row_delta[i]);  // dS
+                if (CAP) s[nt][e] *= slope;                 // through the cap
             }
         }
 #pragma unroll
@@ -403,11 +430,12 @@ __device__ __forceinline__ void mma_backward_dq(const h16* q, const h16* k, cons
 
 // MARK: - Backward: dk, dv
 
-template <int D>
+template <int D, bool CAP>
 __device__ __forceinline__ void mma_backward_dkdv(const h16* q, const h16* k, const h16* v, const h16* dout,
                                                   const float* lse, const float* delta, const int* segments, h16* dk,
-                                                  h16* dv, int seq, int heads, int kv_heads, float scale) {
-    constexpr int LD = D + 8, BQ = 32;
+                                                  h16* dv, int seq, int heads, int kv_heads, float scale, float softcap,
+                                                  int window) {
+    constexpr int LD = D + 8, BQ = D > 128 ? 16 : 32;  // D = 256: query tiles of 16 keep the buffers under 48 KB
     __shared__ alignas(16) h16 qs_buffers[2][BQ * LD];
     __shared__ alignas(16) h16 dos_buffers[2][BQ * LD];
     __shared__ float lse_buffers[2][BQ], delta_buffers[2][BQ];
@@ -425,9 +453,10 @@ __device__ __forceinline__ void mma_backward_dkdv(const h16* q, const h16* k, co
     int segk[2];
     float dka[D / 8][4], dva[D / 8][4];
     begin_key_rows<D>(segk, dka, dva, segments, t0, keys, seq);
-    // Tiles (query head of the group, 32 queries from the diagonal on), double-buffered: tile n+1 loads (cp.async)
-    // while tile n is computed.
-    const int tiles_per_head = (seq - k0 + BQ - 1) / BQ, tiles = group * tiles_per_head;
+    // Tiles (query head of the group, BQ queries from the diagonal on, up to the last query whose window reaches the
+    // block's last key), double-buffered: tile n+1 loads (cp.async) while tile n is computed.
+    const int query_end = min(seq, k0 + 64 + window - 1);
+    const int tiles_per_head = (query_end - k0 + BQ - 1) / BQ, tiles = group * tiles_per_head;
     auto issue = [&](int n, int stage) {
         const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * BQ;
         async_rows_shared<D, BQ>(qs_buffers[stage], q, t0, i0, seq, heads, h);
@@ -473,10 +502,13 @@ __device__ __forceinline__ void mma_backward_dkdv(const h16* q, const h16* k, co
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int i = e >> 1, cq = nt * 8 + 2 * t + (e & 1), query = i0 + cq;
-                    const bool ok = keys[i] < seq && query < seq && keys[i] <= query && segq_s[cq] == segk[i];
-                    const float p = ok ? __expf(st[nt][e] * scale - lse_s[cq]) : 0.0f;
+                    const bool ok = keys[i] < seq && query < seq && keys[i] <= query && keys[i] > query - window
+                                    && segq_s[cq] == segk[i];
+                    float slope = 1.0f;
+                    const float p = ok ? attention_probability<CAP>(st[nt][e], scale, softcap, lse_s[cq], &slope) : 0.0f;
                     st[nt][e] = p;                              // Pᵀ
                     dpt[nt][e] = p * (dpt[nt][e] - delta_s[cq]);  // dSᵀ
+                    if (CAP) dpt[nt][e] *= slope;
                 }
             }
 #pragma unroll
@@ -569,9 +601,10 @@ __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
 template <int D>
 constexpr int fa_forward_shared() { return (128 + 4 * 64) * (D + 8) * 2 + 2 * 64 * 4; }
 
-template <int D>
+template <int D, bool CAP>
 __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16* v, h16* o, float* lse,
-                                           const int* segments, int seq, int heads, int kv_heads, float scale) {
+                                           const int* segments, int seq, int heads, int kv_heads, float scale,
+                                           float softcap, int window) {
     constexpr int LD = D + 8, BM = 128, BK = 64, TILE = BK * LD;
     h16* qs = reinterpret_cast<h16*>(fa_shared);  // [BM * LD]
     h16* ks = qs + BM * LD;                        // [2][TILE]
@@ -598,9 +631,11 @@ __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16
         for (int x = 0; x < D / 8; x++) oacc[mi][x][0] = oacc[mi][x][1] = oacc[mi][x][2] = oacc[mi][x][3] = 0.0f;
     float m[2][2] = {{-QLORA_INFINITY, -QLORA_INFINITY}, {-QLORA_INFINITY, -QLORA_INFINITY}};
     float l[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-    const float sl2 = scale * 1.4426950408889634f;
+    // Logits to base 2: scale·log2 e, or with a cap log2 e after the cap (which takes the scale).
+    const float sl2 = (CAP ? 1.0f : scale) * 1.4426950408889634f, cap_scale = CAP ? scale / softcap : 0.0f;
 
-    const int key_end = min(seq, q0 + BM), tiles = (key_end + BK - 1) / BK;
+    // Key tiles from the one holding the block's first row's first visible key (window) to the diagonal.
+    const int key_end = min(seq, q0 + BM), tiles = (key_end + BK - 1) / BK, first_tile = max(0, q0 - window + 1) / BK;
     auto issue = [&](int j, int stage) {
         async_rows_shared<D, BK>(ks + stage * TILE, k, t0, j * BK, seq, kv_heads, hk);
         async_rows_shared<D, BK>(vs + stage * TILE, v, t0, j * BK, seq, kv_heads, hk);
@@ -610,9 +645,9 @@ __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16
         }
     };
     async_rows_shared<D, BM>(qs, q, t0, q0, seq, heads, h);
-    issue(0, 0);
+    issue(first_tile, first_tile & 1);
     cp_async_commit();
-    for (int j = 0; j < tiles; j++) {
+    for (int j = first_tile; j < tiles; j++) {
         // Tile j has landed for every thread, and every warp is done with tile j - 1, whose stage is refilled next.
         cp_async_wait<0>();
         __syncthreads();
@@ -620,6 +655,7 @@ __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16
         cp_async_commit();
         const int j0 = j * BK;
         if (j0 > warp_last) continue;  // every key of the tile is after every row of this warp
+        if (j0 + BK - 1 <= warp_first - window) continue;  // every key is before every row's window
         const h16* kt = ks + (j & 1) * TILE;
         const h16* vt = vs + (j & 1) * TILE;
         float s[2][BK / 8][4];
@@ -643,7 +679,16 @@ __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16
                 }
             }
         }
-        if (segments || j0 + BK - 1 > warp_first) {  // the tile crosses this warp's diagonal (or segments apply)
+        if (CAP) {
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) s[mi][nt][e] = softcap * tanhf(s[mi][nt][e] * cap_scale);
+        }
+        // The tile crosses this warp's diagonal or its window's lower edge (or segments apply).
+        if (segments || j0 + BK - 1 > warp_first || j0 <= warp_last - window) {
             const int* sk = segk + (j & 1) * BK;
 #pragma unroll
             for (int mi = 0; mi < 2; mi++)
@@ -652,7 +697,8 @@ __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         const int i = e >> 1, col = j0 + nt * 8 + 2 * t + (e & 1);
-                        const bool ok = col <= rows[mi][i] && (!segments || sk[col - j0] == segq[mi][i]);
+                        const bool ok = col <= rows[mi][i] && col > rows[mi][i] - window
+                                        && (!segments || sk[col - j0] == segq[mi][i]);
                         if (!ok) s[mi][nt][e] = -QLORA_INFINITY;
                     }
         }
@@ -731,10 +777,11 @@ __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16
 template <int D>
 constexpr int fa_backward_shared() { return (2 * 128 + 4 * 64) * (D + 8) * 2 + 128 * 72 * 2 + 3 * 2 * 64 * 4; }
 
-template <int D>
+template <int D, bool CAP>
 __device__ __forceinline__ void fa_backward(const h16* q, const h16* k, const h16* v, const h16* dout,
                                             const float* lse, const float* delta, const int* segments, float* dq_accum,
-                                            h16* dk, h16* dv, int seq, int heads, int kv_heads, float scale) {
+                                            h16* dk, h16* dv, int seq, int heads, int kv_heads, float scale,
+                                            float softcap, int window) {
     constexpr int LD = D + 8, BN = 128, BQ = 64, LDS = BQ + 8, QT = BQ * LD;
     h16* ks = reinterpret_cast<h16*>(fa_shared);  // [BN * LD]
     h16* vs = ks + BN * LD;                        // [BN * LD]
@@ -749,12 +796,15 @@ __device__ __forceinline__ void fa_backward(const h16* q, const h16* k, const h1
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const long long t0 = (long long)b * seq;
     const int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
-    const int warp_last = k0 + warp * 16 + 15;
+    const int warp_first = k0 + warp * 16, warp_last = warp_first + 15;
     const float sl2 = scale * 1.4426950408889634f;
+    const float cap_scale = CAP ? scale / softcap : 0.0f, cap_l2 = CAP ? softcap * 1.4426950408889634f : 0.0f;
     int segk[2];
     float dka[D / 8][4], dva[D / 8][4];
     begin_key_rows<D>(segk, dka, dva, segments, t0, keys, seq);
-    const int tiles_per_head = (seq - k0 + BQ - 1) / BQ, tiles = group * tiles_per_head;
+    // Query tiles from the diagonal up to the last query whose window reaches the block's last key.
+    const int query_end = min(seq, k0 + BN + window - 1);
+    const int tiles_per_head = (query_end - k0 + BQ - 1) / BQ, tiles = group * tiles_per_head;
     auto issue = [&](int n, int stage) {
         const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * BQ;
         async_rows_shared<D, BQ>(qs + stage * QT, q, t0, i0, seq, heads, h);
@@ -807,21 +857,30 @@ __device__ __forceinline__ void fa_backward(const h16* q, const h16* k, const h1
                 mma16816(dpt[nt], va[1], r[2], r[3]);
             }
         }
-        const bool masked = segments || i0 < warp_last || i0 + BQ > seq;
+        const bool masked = segments || i0 < warp_last || i0 + BQ > seq || i0 + BQ - 1 - window >= warp_first;
         const int* segq_t = segq_s + stage * BQ;
 #pragma unroll
         for (int nt = 0; nt < BQ / 8; nt++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int cq = nt * 8 + 2 * t + (e & 1);
-                float p = fast_exp2(fmaf(st[nt][e], sl2, -lse_t[cq]));
+                float p, slope = 1.0f;
+                if (CAP) {
+                    const float th = tanhf(st[nt][e] * cap_scale);
+                    p = fast_exp2(fmaf(th, cap_l2, -lse_t[cq]));
+                    slope = 1.0f - th * th;
+                } else {
+                    p = fast_exp2(fmaf(st[nt][e], sl2, -lse_t[cq]));
+                }
                 if (masked) {
                     const int i = e >> 1, query = i0 + cq;
-                    const bool ok = query < seq && keys[i] <= query && (!segments || segq_t[cq] == segk[i]);
+                    const bool ok = query < seq && keys[i] <= query && keys[i] > query - window
+                                    && (!segments || segq_t[cq] == segk[i]);
                     p = ok ? p : 0.0f;
                 }
                 st[nt][e] = p;                              // Pᵀ
                 dpt[nt][e] = p * (dpt[nt][e] - delta_t[cq]);  // dSᵀ
+                if (CAP) dpt[nt][e] *= slope;               // through the cap
             }
         }
 #pragma unroll
@@ -908,36 +967,49 @@ extern "C" __global__ void attention_fa_dq(const float* dq_accum, h16* dq, long 
 // MARK: - Entry points
 
 #define FORWARD_ARGS const h16 *q, const h16 *k, const h16 *v, h16 *o, float *lse, const int *segments, int seq, \
-                     int heads, int kv_heads, float scale
+                     int heads, int kv_heads, float scale, float softcap, int window
 #define DQ_ARGS const h16 *q, const h16 *k, const h16 *v, const h16 *dout, const float *lse, const float *delta, \
-                const int *segments, h16 *dq, int seq, int heads, int kv_heads, float scale
+                const int *segments, h16 *dq, int seq, int heads, int kv_heads, float scale, float softcap, int window
 #define DKDV_ARGS const h16 *q, const h16 *k, const h16 *v, const h16 *dout, const float *lse, const float *delta, \
-                  const int *segments, h16 *dk, h16 *dv, int seq, int heads, int kv_heads, float scale
+                  const int *segments, h16 *dk, h16 *dv, int seq, int heads, int kv_heads, float scale, float softcap, \
+                  int window
+#define FA_BACKWARD_ARGS const h16 *q, const h16 *k, const h16 *v, const h16 *dout, const float *lse, const float *delta, \
+                         const int *segments, float *dq_accum, h16 *dk, h16 *dv, int seq, int heads, int kv_heads, \
+                         float scale, float softcap, int window
 
-#define ENTRY_POINTS(D)                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(MMA_THREADS) attention_mma_forward_d##D(FORWARD_ARGS) {                \
-        mma_forward<D>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);                                         \
+// Each kernel twice: `..._d<D>` without a cap (softcap ignored) and `..._cap_d<D>` with it. window = the sliding
+// window in keys (1 << 30 when there is none).
+#define ENTRY_POINTS_V(D, CAP, NAME)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS) attention_mma_forward##NAME##D(FORWARD_ARGS) {            \
+        mma_forward<D, CAP>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale, softcap, window);                   \
     }                                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(MMA_THREADS) attention_mma_backward_dq_d##D(DQ_ARGS) {                 \
-        mma_backward_dq<D>(q, k, v, dout, lse, delta, segments, dq, seq, heads, kv_heads, scale);                       \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS) attention_mma_backward_dq##NAME##D(DQ_ARGS) {             \
+        mma_backward_dq<D, CAP>(q, k, v, dout, lse, delta, segments, dq, seq, heads, kv_heads, scale, softcap, window); \
     }                                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(MMA_THREADS) attention_mma_backward_dkdv_d##D(DKDV_ARGS) {             \
-        mma_backward_dkdv<D>(q, k, v, dout, lse, delta, segments, dk, dv, seq, heads, kv_heads, scale);                 \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS) attention_mma_backward_dkdv##NAME##D(DKDV_ARGS) {         \
+        mma_backward_dkdv<D, CAP>(q, k, v, dout, lse, delta, segments, dk, dv, seq, heads, kv_heads, scale, softcap,    \
+                                  window);                                                                              \
     }
+#define ENTRY_POINTS(D) ENTRY_POINTS_V(D, false, _d) ENTRY_POINTS_V(D, true, _cap_d)
 
-#define FA_ENTRY_POINTS(D)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FA_FORWARD_THREADS, 2) attention_fa_forward_d##D(FORWARD_ARGS) {              \
-        fa_forward<D>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale);                                          \
+#define FA_ENTRY_POINTS_V(D, CAP, NAME)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(FA_FORWARD_THREADS, 2) attention_fa_forward##NAME##D(FORWARD_ARGS) {   \
+        fa_forward<D, CAP>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale, softcap, window);                    \
     }                                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) attention_fa_backward_d##D(                            \
-        const h16 *q, const h16 *k, const h16 *v, const h16 *dout, const float *lse, const float *delta,             \
-        const int *segments, float *dq_accum, h16 *dk, h16 *dv, int seq, int heads, int kv_heads, float scale) {      \
-        fa_backward<D>(q, k, v, dout, lse, delta, segments, dq_accum, dk, dv, seq, heads, kv_heads, scale);             \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) attention_fa_backward##NAME##D(FA_BACKWARD_ARGS) {      \
+        fa_backward<D, CAP>(q, k, v, dout, lse, delta, segments, dq_accum, dk, dv, seq, heads, kv_heads, scale,         \
+                            softcap, window);                                                                           \
     }
+#define FA_ENTRY_POINTS(D) FA_ENTRY_POINTS_V(D, false, _d) FA_ENTRY_POINTS_V(D, true, _cap_d)
 
 ENTRY_POINTS(32)
 ENTRY_POINTS(64)
+ENTRY_POINTS(96)
 ENTRY_POINTS(128)
+ENTRY_POINTS(256)
+// Flash kernels up to 128: at 256 the backward's K, V, Q, dO tiles (290 KB) exceed every card's shared memory and
+// the 64-row kernels run (CUDAAttention's flashAttentionFits).
 FA_ENTRY_POINTS(32)
 FA_ENTRY_POINTS(64)
+FA_ENTRY_POINTS(96)
 FA_ENTRY_POINTS(128)

@@ -1,32 +1,58 @@
 // Launchers for Kernels/attention_mma.cu (tensor cores: the flash kernels `attention_fa_*` are the default, the
 // earlier 64-row `attention_mma_*` kernels stay selectable with `flash: false`) and Kernels/attention.cu (fp32 FMAs,
 // kept as a second implementation to check against): causal GQA attention, forward and backward, without storing
-// scores.
+// scores. The variations of the families (formulas in attention.cu's header): any logit scale, soft-capped logits
+// (Gemma 2: the `_cap` kernels, so that Llama's path has no tanh), and a sliding window (Mistral, Gemma, Qwen3 layer
+// types: key tiles wholly outside it are skipped, in the forward and the backward).
 
-/// The shape of one attention call: `batch` rows of `seq` tokens, `heads` query heads sharing `kvHeads` KV heads.
+/// The shape of one attention call: `batch` rows of `seq` tokens, `heads` query heads sharing `kvHeads` KV heads,
+/// and how logits are made and masked.
 public struct AttentionShape {
     public var batch: Int
     public var seq: Int
     public var heads: Int
     public var kvHeads: Int
     public var headDim: Int
+    /// Logits are `scale`·q·k: 1/√headDim by default; Gemma's is query_pre_attn_scalar^-½.
+    public var scale: Float
+    /// Soft-capping c (Gemma 2's `attn_logit_softcapping`): logits become c·tanh(scale·q·k / c). nil: none.
+    public var softcap: Float?
+    /// Sliding window: a query at position t sees keys j with t − window < j ≤ t (and its own packed sequence).
+    /// nil: every earlier key.
+    public var window: Int?
 
-    public init(batch: Int, seq: Int, heads: Int, kvHeads: Int, headDim: Int) {
+    public init(batch: Int, seq: Int, heads: Int, kvHeads: Int, headDim: Int, scale: Float? = nil, softcap: Float? = nil,
+                window: Int? = nil) {
         self.batch = batch
         self.seq = seq
         self.heads = heads
         self.kvHeads = kvHeads
         self.headDim = headDim
+        self.scale = scale ?? 1 / Float(headDim).squareRoot()
+        self.softcap = softcap
+        self.window = window
     }
 
     public var tokens: Int { batch * seq }
-    /// 1/sqrt(headDim), the usual softmax scale.
-    public var scale: Float { 1 / Float(headDim).squareRoot() }
+
+    /// The window as the kernels take it (1 << 30: none; they compare key > query − window).
+    var kernelWindow: Int32 { Int32(min(window ?? (1 << 30), 1 << 30)) }
+    /// The kernel name's variant: `_cap_d<D>` with soft-capping, `_d<D>` without.
+    var kernelSuffix: String { (softcap == nil ? "_d" : "_cap_d") + "\(headDim)" }
+    /// The variation arguments every attention kernel ends with (softcap 0 is ignored by the uncapped kernels).
+    var variationArguments: [KernelArgument] { [.float(scale), .float(softcap ?? 0), .int32(kernelWindow)] }
 }
 
 extension CUDAContext {
+    /// Head dimensions with kernels (all paths); the flash kernels stop at 128 (`flashAttentionFits`).
+    public static let attentionHeadDims = [32, 64, 96, 128, 256]
+
     private func checkAttention(_ s: AttentionShape, _ op: String) throws {
-        try require(s.headDim == 32 || s.headDim == 64 || s.headDim == 128, op, "head dimension \(s.headDim) is not supported yet (32, 64 or 128)")
+        try require(Self.attentionHeadDims.contains(s.headDim), op,
+                    "head dimension \(s.headDim) is not supported (\(Self.attentionHeadDims.map(String.init).joined(separator: ", ")))")
+        try require(s.scale.isFinite && s.scale > 0, op, "logit scale \(s.scale) is not a positive number")
+        if let c = s.softcap { try require(c.isFinite && c > 0, op, "soft-capping \(c) is not a positive number") }
+        if let w = s.window { try require(w >= 1, op, "sliding window \(w) is not at least 1") }
         try require(s.kvHeads > 0 && s.heads % s.kvHeads == 0, op, "\(s.heads) query heads cannot share \(s.kvHeads) KV heads")
         try require(s.batch > 0 && s.seq > 0, op, "empty batch")
     }
@@ -37,12 +63,14 @@ extension CUDAContext {
 
     /// Whether the flash kernels fit this card's shared memory for head dimension `d` (both directions). With
     /// d = 128 the backward needs 155.5 KB: an A100 or H100 has it, an RTX 3090/4090 or L4 (99 KB) does not, and
-    /// gets the 64-row tensor-core kernels (static shared memory, under 48 KB).
+    /// gets the 64-row tensor-core kernels (static shared memory, under 48 KB). d = 96 needs 123.5 KB (the same cards);
+    /// d = 256 would need 283.5 KB, more than any card has, and has no flash kernels: always the 64-row ones.
     public func flashAttentionFits(headDim d: Int) -> Bool {
-        max(Self.flashForwardShared(d), Self.flashBackwardShared(d)) <= compiler.maxSharedMemoryPerBlock
+        d <= 128 && max(Self.flashForwardShared(d), Self.flashBackwardShared(d)) <= compiler.maxSharedMemoryPerBlock
     }
 
-    /// o = softmax(scale q k^T + causal/segment mask) v, and lse (per token and head) for the backward.
+    /// o = softmax(logits + causal/window/segment mask) v, and lse (per token and head) for the backward; logits are
+    /// scale·q·kᵀ, soft-capped when the shape says so.
     /// q, o: [tokens, heads, headDim]; k, v: [tokens, kvHeads, headDim]; segments (optional): [tokens] ids that keep
     /// packed sequences apart. `flash` picks the 128-row flash kernel (default) over the 64-row one (tensor cores only)
     /// where the card's shared memory holds it (`flashAttentionFits`).
@@ -56,21 +84,21 @@ extension CUDAContext {
                         && k.count >= s.tokens * s.kvHeads * s.headDim && v.count >= k.count, op, "buffers too small")
         if tensorCores && flash && flashAttentionFits(headDim: s.headDim) {
             // Grid: (head, batch, query tile); the kernel takes the last query tiles (the longest rows) first.
-            let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_forward_d\(s.headDim)")
+            let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_forward\(s.kernelSuffix)")
             let shared = Self.flashForwardShared(s.headDim)
             try allowSharedMemory(f, bytes: shared, op)
             try device.launch(f, grid: (s.heads, s.batch, (s.seq + 127) / 128), block: (128, 1, 1), sharedMemory: shared,
                               stream: stream,
                               [q.arg, k.arg, v.arg, o.arg, lse.arg, .pointer(segments?.pointer ?? 0), .int(s.seq), .int(s.heads),
-                               .int(s.kvHeads), .float(s.scale)])
+                               .int(s.kvHeads)] + s.variationArguments)
             return
         }
-        let (source, name, threads) = tensorCores ? (KernelSources.attentionMMA, "attention_mma_forward_d\(s.headDim)", 128)
-                                                  : (KernelSources.attention, "attention_forward_d\(s.headDim)", 256)
+        let (source, name, threads) = tensorCores ? (KernelSources.attentionMMA, "attention_mma_forward\(s.kernelSuffix)", 128)
+                                                  : (KernelSources.attention, "attention_forward\(s.kernelSuffix)", 256)
         try device.launch(compiler.function(source, name),
                           grid: ((s.seq + 63) / 64, s.heads, s.batch), block: (threads, 1, 1), stream: stream,
                           [q.arg, k.arg, v.arg, o.arg, lse.arg, .pointer(segments?.pointer ?? 0), .int(s.seq), .int(s.heads),
-                           .int(s.kvHeads), .float(s.scale)])
+                           .int(s.kvHeads)] + s.variationArguments)
     }
 
     /// dq, dk, dv from dout, given the forward's inputs, output and lse. `delta` is scratch of tokens * heads floats;
@@ -97,13 +125,13 @@ extension CUDAContext {
                               grid: ((rows * 32 + 255) / 256, 1, 1), block: (256, 1, 1), stream: stream,
                               [o.arg, dout.arg, deltaBuffer.arg, accumulator.arg, .int64(Int64(rows)), .int(s.headDim)])
             // Grid: (batch x KV head, key block); key block 0 (the most query tiles) starts first.
-            let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_backward_d\(s.headDim)")
+            let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_backward\(s.kernelSuffix)")
             let shared = Self.flashBackwardShared(s.headDim)
             try allowSharedMemory(f, bytes: shared, op)
             try device.launch(f, grid: (s.batch * s.kvHeads, (s.seq + 127) / 128, 1), block: (256, 1, 1), sharedMemory: shared,
                               stream: stream,
                               [q.arg, k.arg, v.arg, dout.arg, lse.arg, deltaBuffer.arg, .pointer(segments?.pointer ?? 0),
-                               accumulator.arg, dk.arg, dv.arg, .int(s.seq), .int(s.heads), .int(s.kvHeads), .float(s.scale)])
+                               accumulator.arg, dk.arg, dv.arg, .int(s.seq), .int(s.heads), .int(s.kvHeads)] + s.variationArguments)
             try device.launch(compiler.function(KernelSources.attentionMMA, "attention_fa_dq"),
                               grid: (min((qCount / 4 + 255) / 256, 4096), 1, 1), block: (256, 1, 1), stream: stream,
                               [accumulator.arg, dq.arg, .int64(Int64(qCount)), .float(s.scale)])
@@ -113,13 +141,13 @@ extension CUDAContext {
                           grid: ((rows * 32 + 255) / 256, 1, 1), block: (256, 1, 1), stream: stream,
                           [o.arg, dout.arg, deltaBuffer.arg, .int64(Int64(rows)), .int(s.headDim)])
         let common: [KernelArgument] = [q.arg, k.arg, v.arg, dout.arg, lse.arg, deltaBuffer.arg, .pointer(segments?.pointer ?? 0)]
-        let tail: [KernelArgument] = [.int(s.seq), .int(s.heads), .int(s.kvHeads), .float(s.scale)]
+        let tail: [KernelArgument] = [.int(s.seq), .int(s.heads), .int(s.kvHeads)] + s.variationArguments
         let (source, prefix, threads) = tensorCores ? (KernelSources.attentionMMA, "attention_mma_backward", 128)
                                                     : (KernelSources.attention, "attention_backward", 256)
-        try device.launch(compiler.function(source, "\(prefix)_dq_d\(s.headDim)"),
+        try device.launch(compiler.function(source, "\(prefix)_dq\(s.kernelSuffix)"),
                           grid: ((s.seq + 63) / 64, s.heads, s.batch), block: (threads, 1, 1), stream: stream,
                           common + [dq.arg] + tail)
-        try device.launch(compiler.function(source, "\(prefix)_dkdv_d\(s.headDim)"),
+        try device.launch(compiler.function(source, "\(prefix)_dkdv\(s.kernelSuffix)"),
                           grid: ((s.seq + 63) / 64, s.kvHeads, s.batch), block: (threads, 1, 1), stream: stream,
                           common + [dk.arg, dv.arg] + tail)
     }

@@ -1,0 +1,91 @@
+// The attention variations of the model families (Gemma 2/3, Qwen3, Phi-3, sliding-window Mistral) against the
+// Double CPU twin (CPUReference.attentionForward/Backward with an AttentionVariation): every head dimension with
+// kernels (32, 64, 96, 128, 256) and each of {logit scale only, soft-capping, sliding window, both}, on GQA shapes
+// with packed sequences longer than the window, through the flash kernels (where they exist and fit), the 64-row
+// tensor-core kernels and the fp32 kernels; the 64-row path (the one --full-determinism takes) gives the same bits
+// twice. Thresholds as the "attention" group: o 1e-2, lse 1e-4, dq/dk/dv 2e-2.
+
+import QLoRA
+
+func checkAttentionVariations() throws {
+    // (label, soft-capping, window). Logits use scale 1/√(D/2), twice Llama's spread, so caps of 3 matter.
+    let variations: [(String, Float?, Int?)] = [("scale", nil, nil), ("softcap", 3, nil), ("window", nil, 45), ("softcap+window", 3, 45)]
+    for d in CUDAContext.attentionHeadDims {
+        // Two rows of 200 tokens, each two packed sequences (0..<77, 77..<200): the window (45) is shorter than both,
+        // so whole key tiles fall outside it (128-row flash tiles from query 128 on, 64-row tiles from 64 on).
+        let base = AttentionShape(batch: 2, seq: 200, heads: 4, kvHeads: 2, headDim: d)
+        let qn = base.tokens * base.heads * d, kn = base.tokens * base.kvHeads * d
+        let (qb, q) = rng.bf16(qn, -2, 2), (kb, k) = rng.bf16(kn, -2, 2), (vb, v) = rng.bf16(kn), (db, dout) = rng.bf16(qn)
+        let segments: [Int32] = (0..<base.tokens).map { $0 % base.seq < 77 ? 0 : 1 }
+        let qd = try upload(qb), kd = try upload(kb), vd = try upload(vb), dd = try upload(db), segd = try upload(segments)
+        let scale = 1 / (Float(d) / 2).squareRoot()
+        for (label, softcap, window) in variations {
+            var shape = base
+            shape.scale = scale
+            shape.softcap = softcap
+            shape.window = window
+            let variation = CPUReference.AttentionVariation(scale: Double(scale), softcap: softcap.map(Double.init), window: window)
+            let ref = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: shape.batch, seq: shape.seq,
+                                                    heads: shape.heads, kvHeads: shape.kvHeads, headDim: d, variation: variation)
+            let grads = CPUReference.attentionBackward(q: q, k: k, v: v, dout: dout, segments: segments, batch: shape.batch,
+                                                       seq: shape.seq, heads: shape.heads, kvHeads: shape.kvHeads, headDim: d,
+                                                       variation: variation)
+            for (tensorCores, flash) in [(true, true), (true, false), (false, false)] {
+                let kind = tensorCores ? (flash ? (ctx.flashAttentionFits(headDim: d) ? "flash" : "flash->mma") : "mma") : "fp32"
+                let name = "attn \(kind) d\(d) \(label)"
+                let o = try poisoned(UInt16.self, qn), lse = try poisoned(Float.self, shape.tokens * shape.heads)
+                try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape,
+                                         tensorCores: tensorCores, flash: flash)
+                let oValues = try o.download(), lseValues = try lse.download()
+                check("\(name): o", relativeError(oValues.map(dt.decode), ref.o), 1e-2)
+                check("\(name): lse", relativeError(lseValues, ref.lse), 1e-4)
+                let dq = try poisoned(UInt16.self, qn), dk = try poisoned(UInt16.self, kn), dv = try poisoned(UInt16.self, kn)
+                try ctx.attentionBackward(q: qd, k: kd, v: vd, o: o, dout: dd, lse: lse, segments: segd, dq: dq, dk: dk, dv: dv,
+                                          shape: shape, tensorCores: tensorCores, flash: flash)
+                let dqValues = try dq.download(), dkValues = try dk.download(), dvValues = try dv.download()
+                check("\(name): dq", relativeError(dqValues.map(dt.decode), grads.dq), 2e-2)
+                check("\(name): dk", relativeError(dkValues.map(dt.decode), grads.dk), 2e-2)
+                check("\(name): dv", relativeError(dvValues.map(dt.decode), grads.dv), 2e-2)
+                // The 64-row kernels have no atomics: a second run gives the same bits (--full-determinism's promise).
+                if tensorCores && !flash {
+                    let o2 = try poisoned(UInt16.self, qn), lse2 = try poisoned(Float.self, shape.tokens * shape.heads)
+                    try ctx.attentionForward(q: qd, k: kd, v: vd, into: o2, lse: lse2, segments: segd, shape: shape, flash: false)
+                    let dq2 = try poisoned(UInt16.self, qn), dk2 = try poisoned(UInt16.self, kn), dv2 = try poisoned(UInt16.self, kn)
+                    try ctx.attentionBackward(q: qd, k: kd, v: vd, o: o2, dout: dd, lse: lse2, segments: segd, dq: dq2, dk: dk2,
+                                              dv: dv2, shape: shape, flash: false)
+                    let same = [try o2.download() == oValues, try lse2.download().map(\.bitPattern) == lseValues.map(\.bitPattern),
+                                try dq2.download() == dqValues, try dk2.download() == dkValues, try dv2.download() == dvValues]
+                    checkTrue("\(name): bit-identical rerun", !same.contains(false),
+                              "o, lse, dq, dk, dv identical: \(same.map { $0 ? "yes" : "NO" }.joined(separator: ", "))")
+                }
+            }
+        }
+    }
+}
+
+/// Forward and backward times at a training shape (batch 2 x 2048, 8 query heads over 4 KV heads) for the new head
+/// dimensions, with soft-capping and with a window of 512 (which should take about a quarter of the causal time).
+func timeAttentionVariations() throws {
+    for (d, softcap, window) in [(96, nil, nil), (256, nil, nil), (256, Float(50), nil), (256, nil, 512)] as [(Int, Float?, Int?)] {
+        let shape = AttentionShape(batch: 2, seq: 2048, heads: 8, kvHeads: 4, headDim: d, softcap: softcap, window: window)
+        let qn = shape.tokens * shape.heads * d, kn = shape.tokens * shape.kvHeads * d
+        let q = try upload(rng.bf16(qn).0), k = try upload(rng.bf16(kn).0), v = try upload(rng.bf16(kn).0)
+        let o = try A.buffer(UInt16.self, count: qn), lse = try A.buffer(Float.self, count: shape.tokens * shape.heads)
+        let dq = try A.buffer(UInt16.self, count: qn), dk = try A.buffer(UInt16.self, count: kn), dv = try A.buffer(UInt16.self, count: kn)
+        let delta = try A.buffer(Float.self, count: shape.tokens * shape.heads), accumulator = try A.buffer(Float.self, count: qn)
+        // Causal FLOPs as the d128 line: 4 B H S² D / 2 forward, 2.5x that backward (a window: the visible keys only).
+        let visiblePairs = window.map { w in Double(shape.seq) * Double(w) - Double(w) * Double(w) / 2 } ?? Double(shape.seq * shape.seq) / 2
+        let flops = 4 * Double(shape.batch * shape.heads) * visiblePairs * Double(d)
+        let kind = ctx.flashAttentionFits(headDim: d) ? "flash" : "mma 64-row"
+        let fwdMs = try timeMedian(5, warmup: 1) {
+            try ctx.attentionForward(q: q, k: k, v: v, into: o, lse: lse, shape: shape)
+        }
+        let bwdMs = try timeMedian(5, warmup: 1) {
+            try ctx.attentionBackward(q: q, k: k, v: v, o: o, dout: o, lse: lse, dq: dq, dk: dk, dv: dv, delta: delta,
+                                      dqAccumulator: accumulator, shape: shape)
+        }
+        let label = "b2 s2048 h8/4 d\(d)" + (softcap.map { " softcap \(Int($0))" } ?? "") + (window.map { " window \($0)" } ?? "")
+        print("  attention \(label) (\(kind)): forward \(fmt(fwdMs, 3)) ms = \(fmt(flops / (fwdMs / 1000) / 1e12, 1)) TFLOP/s, "
+              + "backward \(fmt(bwdMs, 3)) ms = \(fmt(2.5 * flops / (bwdMs / 1000) / 1e12, 1)) TFLOP/s")
+    }
+}
