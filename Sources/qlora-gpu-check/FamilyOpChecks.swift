@@ -6,7 +6,8 @@
 // Where a variation changes a value by less than the 1e-2 threshold (one rounding or two; gelu's tanh form or
 // another), an agreement check asks that at least 98% of the h16 outputs have exactly the CPU twin's bits: the twin
 // rounds where the kernel rounds, so only fp32 noise at rounding ties may differ.
-// Groups: family rmsnorm, family gated activation, family rope, family embedding, family softcap, family copy columns.
+// Groups: family rmsnorm, family gated activation, family rope, family embedding, family softcap, family copy columns;
+// `timeFamilyOps` adds their timings at the new bench shapes to the benchmarks group.
 
 import QLoRA
 
@@ -333,5 +334,75 @@ func checkCopyColumns() throws {
         for (p, _) in partPointers { UnsafeMutablePointer(mutating: p).deallocate() }
         check(name + " join", relativeError(try downloadBF16(joined), refJoined), 0)
         check(name + " join equals the fused input", relativeError(try downloadBF16(joined), fused), 0)
+    }
+}
+
+// MARK: - Timings (in the benchmarks group)
+
+/// The family ops at the sizes of the new bench shapes (Qwen3-8B's q/k norms, Gemma-2-9B's hidden and MLP,
+/// Phi-4-mini's partial rotary and fused q|k|v, Gemma's 256,000-token vocabulary), as GB/s of the bytes each must move.
+func timeFamilyOps() throws {
+    func report(_ name: String, _ ms: Double, _ movedBytes: Double) {
+        print("  \(pad(name, 50)) \(pad(fmt(ms, 3) + " ms", 12)) \(fmt(movedBytes / (ms / 1000) / 1e9, 0)) GB/s")
+    }
+    func randomH16(_ count: Int, _ salt: UInt64, std: Float = 1) throws -> DeviceBuffer<UInt16> {
+        let b = try A.buffer(UInt16.self, count: count)
+        try ctx.fillRandomBF16(b.pointer, count: count, seed: seed ^ salt, std: std)
+        return b
+    }
+    // q/k norms: 8192 tokens x 32 heads of 128 (a warp per row).
+    do {
+        let rows = 8192 * 32, dim = 128
+        let x = try randomH16(rows * dim, 1), w = try randomH16(dim, 2), y = try randomH16(rows * dim, 3)
+        report("rmsnorm forward \(rows)x\(dim) (q/k norm)", try timeMedian {
+            try ctx.rmsNormForward(x: x, weight: w, into: y, rows: rows, dim: dim, eps: 1e-6)
+        }, Double(rows * dim) * 4)
+        report("rmsnorm backward \(rows)x\(dim) (q/k norm)", try timeMedian {
+            try ctx.rmsNormBackward(x: x, weight: w, dy: x, into: y, rows: rows, dim: dim, eps: 1e-6)
+        }, Double(rows * dim) * 6)
+    }
+    // Gemma's norm after attention with the residual add, 8192 x 3584.
+    do {
+        let rows = 8192, dim = 3584
+        let x = try randomH16(rows * dim, 4), w = try randomH16(dim, 5, std: 0.1), residual = try randomH16(rows * dim, 6)
+        report("rmsnorm (1 + w) + residual \(rows)x\(dim)", try timeMedian {
+            try ctx.rmsNormForward(x: x, weight: w, into: residual, rows: rows, dim: dim, eps: 1e-6, weightOffset: 1, residual: residual)
+        }, Double(rows * dim) * 6)
+    }
+    // GeGLU over 4096 tokens of Gemma-2-9B's 14336.
+    do {
+        let count = 4096 * 14336
+        let g = try randomH16(count, 7), u = try randomH16(count, 8), h = try randomH16(count, 9)
+        report("geglu forward 4096x14336", try timeMedian { try ctx.gatedActivationForward(.geluTanh, gate: g, up: u, into: h, count: count) },
+               Double(count) * 6)
+        report("geglu backward 4096x14336", try timeMedian {
+            try ctx.gatedActivationBackward(.geluTanh, dh: h, gate: g, up: u, dgate: g, dup: u, count: count)
+        }, Double(count) * 10)
+    }
+    // Phi-4-mini: 8192 tokens x 24 heads of 128, 96 rotated; its fused q|k|v (3072 | 1024 | 1024) split into q.
+    do {
+        let tokens = 8192, heads = 24, headDim = 128, rotary = 96
+        let x = try randomH16(tokens * heads * headDim, 10)
+        let positions = try upload((0..<tokens).map { Int32($0 % 4096) })
+        let inv = try upload(CPUReference.ropeInverseFrequencies(headDim: rotary, theta: 10_000))
+        report("rope \(tokens)x\(heads)x\(headDim), \(rotary) rotated, m 1.19", try timeMedian {
+            try ctx.rope(x, positions: positions, inverseFrequencies: inv, tokens: tokens, heads: heads, headDim: headDim, rotaryDim: rotary,
+                         attentionFactor: 1.19)
+        }, Double(tokens * heads * rotary) * 4)
+        let fused = try randomH16(tokens * 5120, 11), q = try randomH16(tokens * 3072, 12)
+        report("copy columns \(tokens)x3072 of 5120 (q of q|k|v)", try timeMedian {
+            try ctx.copyColumns(from: fused.pointer, sourceStride: 5120, to: q.pointer, destinationStride: 3072, rows: tokens, columns: 3072)
+        }, Double(tokens * 3072) * 4)
+    }
+    // Soft-capped cross-entropy over Gemma's vocabulary, a chunk of 256 rows, loss and gradient in place.
+    do {
+        let rows = 256, vocab = 256_000
+        let logits = try randomH16(rows * vocab, 13, std: 10)
+        let labels = try upload((0..<rows).map { Int32($0 * 997) })
+        let rowLoss = try A.buffer(Float.self, count: rows)
+        report("cross entropy softcap fwd+bwd \(rows)x\(vocab)", try timeMedian {
+            try ctx.crossEntropy(logits: logits, labels: labels, rows: rows, vocab: vocab, gradScale: 1e-3, rowLoss: rowLoss, dlogits: logits,
+                                 softcap: 30)
+        }, Double(rows * vocab) * 6)
     }
 }

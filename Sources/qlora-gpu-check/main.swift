@@ -658,6 +658,7 @@ if runBench {
             print("  qlora linear bwd (nf4 dequant + 5 GEMMs, dx + dA + dB):          \(fmt(bwdMs, 3)) ms = \(fmt(baseFlops / (bwdMs / 1000) / 1e12, 1)) useful TFLOP/s")
         }
         try timeBatchedGeneration()  // BatchedChecks.swift
+        try timeFamilyOps()  // FamilyOpChecks.swift
         let (free, total) = try dev.memoryInfo()
         print("  allocator: in use \(fmt(Double(A.currentBytes) / Double(1 << 30))) GiB, peak \(fmt(Double(A.peakBytes) / Double(1 << 30))) GiB, "
               + "reserved peak \(fmt(Double(A.peakReservedBytes) / Double(1 << 30))) GiB; driver: \(fmt(Double(free) / Double(1 << 30))) of \(fmt(Double(total) / Double(1 << 30))) GiB free")
