@@ -23,7 +23,8 @@
 // Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, attention variations
 // (scale, soft-capping, sliding window, head dims 32-256; AttentionFamilyChecks.swift), lora linear,
 // decode gemv, inference fixture, inference random, dropout mask, adamw8bit, batched kernels, batched generation
-// (BatchedChecks.swift), merge (MergeChecks.swift), allocator,
+// (BatchedChecks.swift), family generation (qwen3, gemma2, gemma3_text, phi3, phi3 longrope, mistral:
+// FamilyInferenceChecks.swift), merge (MergeChecks.swift), allocator,
 // training (fixture parity, forward-only loss, short run, engines, dropout, LoRA ranks, memory plan), memory
 // (offloaded checkpoints and the host embedding bit-identical, peak bytes; MemoryChecks.swift), qwen2 (trainer and
 // inference with biases), family rmsnorm / gated activation / rope / embedding / softcap / copy columns (the model
@@ -499,6 +500,7 @@ group("dropout mask") { try checkDropoutKernels() }  // ParityChecks.swift
 group("adamw8bit") { try checkAdamW8bit() }
 group("batched kernels") { try checkBatchedKernels() }  // BatchedChecks.swift
 group("batched generation") { try checkBatchedGeneration() }
+runFamilyInferenceChecks()  // FamilyInferenceChecks.swift: "family generation: ..." groups
 runMergeChecks(ctx)  // MergeChecks.swift
 
 group("allocator") {

@@ -57,6 +57,12 @@ public enum AttentionKind: Equatable, Sendable {
     }
 }
 
+/// What a CUDA path computes with a model: training (with loss evaluation) or generation (prefill and decode).
+public enum CUDAWork: Sendable {
+    case training
+    case generation
+}
+
 /// The activation of the gated MLP: down(act(gate(x)) · up(x)).
 public enum MLPActivation: String, Sendable {
     /// SwiGLU (Llama, Mistral, Qwen).
@@ -549,10 +555,20 @@ public struct DecoderConfig: Equatable, Sendable {
         return names
     }
 
-    /// Throws when the CUDA backend would compute this model wrongly for sequences of `length` positions:
+    /// The variations a CUDA path does not compute yet, by name, for sequences of `length` positions.
+    /// Generation (CUDAInference, CUDABatchedInference) computes every variation of the block; training and loss
+    /// evaluation (CUDADecoderTrainer) refuse the ones `variations(sequenceLength:)` names.
+    public func variationsMissingOnCUDA(for work: CUDAWork, sequenceLength length: Int) -> [String] {
+        switch work {
+        case .training: return variations(sequenceLength: length)
+        case .generation: return []
+        }
+    }
+
+    /// Throws when the CUDA backend's `work` would compute this model wrongly for sequences of `length` positions:
     /// the variations it does not compute yet are named, with the way out. `what` names the input.
-    public func checkCUDASupport(sequenceLength length: Int, what: String) throws {
-        let missing = variations(sequenceLength: length)
+    public func checkCUDASupport(for work: CUDAWork = .training, sequenceLength length: Int, what: String) throws {
+        let missing = variationsMissingOnCUDA(for: work, sequenceLength: length)
         guard missing.isEmpty else {
             throw UsageError("the CUDA backend does not yet compute \(missing.joined(separator: ", ")) (\(modelType), \(what)); use --device cpu")
         }

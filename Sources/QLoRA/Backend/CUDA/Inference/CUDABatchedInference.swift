@@ -11,8 +11,11 @@ import Glibc
 // row per running sequence, a prefill step all prompt tokens of the sequences it admits, packed (the same kernels:
 // RoPE and the cache append per row, then each row's query attends to its own slot up to its own position).
 // The forward of a step is the CPU model's (Model/DecoderModel.swift) with bf16 activations:
-//   x = embed(tokens); per layer: q|k|v = RMSNorm(x)·Wqkvᵀ (+ bias) (+ LoRA); RoPE; append k, v; attention;
-//   x += o-proj; g|u = RMSNorm(x)·Wguᵀ (+ LoRA); x += down(silu(g)·u); logits = RMSNorm(x_last)·headᵀ (fp32).
+//   x = embed(tokens) [· √hidden]; per layer: q|k|v = RMSNorm(x)·Wqkvᵀ (+ bias) (+ LoRA); [q/k norm;] RoPE; append k, v;
+//   attention [soft-capped, windowed]; x += [norm](o-proj); g|u = RMSNorm(x)·Wguᵀ (+ LoRA); x += [norm](down(act(g)·u));
+//   logits = RMSNorm(x_last)·headᵀ (fp32) [soft-capped], with every variation as CUDAInference computes it (its header).
+// longrope: every sequence rotates with the short factors, so the KV cache may not pass original_max_position_embeddings
+// (the switch to the long factors recomputes a sequence's cache; batch-1 generation does that).
 // The projections of a group (q|k|v, o, gate|up, down) write one fused row per token. Base products: steps of at
 // most `fusedRowLimit` rows run nf4_gemm_rows (the tensor-core NF4 small-GEMM, 64 rows per pass), larger steps
 // dequantize each matrix into a bf16 scratch and multiply with cuBLASLt. LoRA, unmerged, for the whole group in two
@@ -67,6 +70,8 @@ public final class CUDABatchedInference: BatchedSession {
     let attended: DeviceBuffer<UInt16>           // [maxRows, qDim]
     let gateUp: DeviceBuffer<UInt16>             // [maxRows, 2 intermediate]
     let hidden: DeviceBuffer<UInt16>             // [maxRows, intermediate]
+    let projected: DeviceBuffer<UInt16>          // [maxRows, hidden] with sandwich norms (o, down before their norm), else x
+    let ropes: [DeviceRope]                      // short factors (see the header)
     let xa: DeviceBuffer<UInt16>                 // [maxRows, max Σr]
     let lastRows: DeviceBuffer<UInt16>           // [slots, hidden]
     let lastNormed: DeviceBuffer<UInt16>
@@ -86,7 +91,10 @@ public final class CUDABatchedInference: BatchedSession {
         guard capacity > 0, capacity <= c.maxPositionEmbeddings else {
             throw UsageError("a KV cache of \(capacity) positions does not fit the model's \(c.maxPositionEmbeddings)")
         }
-        try c.checkCUDASupport(sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
+        try c.checkCUDASupport(for: .generation, sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
+        if c.ropeScaling.kind == .longrope && capacity > c.ropeScaling.originalMaxPositionEmbeddings {
+            throw UsageError("batched generation of \(capacity) positions passes longrope's original_max_position_embeddings (\(c.ropeScaling.originalMaxPositionEmbeddings)), where the long factors take over and each sequence's cache must be recomputed; batched generation does not do that yet (keep prompt + new tokens within \(c.ropeScaling.originalMaxPositionEmbeddings), or generate one prompt at a time)")
+        }
         guard prefillTokens > 0 else { throw UsageError("the prefill token budget must be positive, got \(prefillTokens)") }
         context = weights.context
         config = c
@@ -106,6 +114,8 @@ public final class CUDABatchedInference: BatchedSession {
         attended = try A.buffer(UInt16.self, count: maxRows * c.qDim)
         gateUp = try A.buffer(UInt16.self, count: maxRows * 2 * inter)
         hidden = try A.buffer(UInt16.self, count: maxRows * inter)
+        projected = c.sandwichNorms ? try A.buffer(UInt16.self, count: maxRows * h) : x
+        ropes = try weights.ropes.map { try DeviceRope(config: c, parameters: $0.parameters, allocator: A) }
         let maxRank = weights.layers.flatMap { [$0.qkv, $0.o, $0.gateUp, $0.down] }.map(\.totalRank).max() ?? 0
         xa = try A.buffer(UInt16.self, count: maxRows * max(maxRank, 1))
         lastRows = try A.buffer(UInt16.self, count: slots * h)
@@ -171,9 +181,10 @@ public final class CUDABatchedInference: BatchedSession {
         var partialCount = 1
         for l in projections.indices {
             for (k, var p) in projections[l].enumerated() {
-                // Outputs: q|k|v and gate|up into their fused rows, o and down onto the residual stream x.
-                let (out, stride): (DeviceBuffer<UInt16>, Int) = k == 0 ? (qkv, qkvDim) : k == 2 ? (gateUp, 2 * inter) : (x, h)
-                let accumulate = k == 1 || k == 3
+                // Outputs: q|k|v and gate|up into their fused rows, o and down onto the residual stream x (into
+                // `projected` for a sandwich norm to add).
+                let (out, stride) = output(k)
+                let accumulate = (k == 1 || k == 3) && !c.sandwichNorms
                 let hasBias = !p.group.biases.isEmpty
                 let (_, blocks, _) = NF4GemmTask.encode(tasks(p, out: out.pointer, stride: stride, accumulate: accumulate || hasBias))
                 p.splits = forcedSplits > 0 ? forcedSplits
@@ -189,6 +200,16 @@ public final class CUDABatchedInference: BatchedSession {
         if partial.count < partialCount { partial = try A.buffer(Float.self, count: partialCount) }
     }
 
+    /// Where group k (q|k|v, o, gate|up, down) writes, with the row stride.
+    func output(_ k: Int) -> (DeviceBuffer<UInt16>, Int) {
+        let c = config
+        switch k {
+        case 0: return (qkv, c.qDim + 2 * c.kvDim)
+        case 2: return (gateUp, 2 * c.intermediateSize)
+        default: return (c.sandwichNorms ? projected : x, c.hiddenSize)
+        }
+    }
+
     func tasks(_ p: BatchedProjection, out: CUdeviceptr, stride: Int, accumulate: Bool) -> [NF4GemmTask] {
         var column = 0
         return p.group.matrices.map { m in
@@ -202,7 +223,7 @@ public final class CUDABatchedInference: BatchedSession {
     /// Runs `rows` through the model (appending each row's k and v to its slot) and leaves the logits of the rows
     /// listed in `logitRows` (indices into `rows`, at most `slots`) in `logits`, [logitRows.count, vocab].
     public func step(_ rows: [BatchRow], logitRows: [Int]) throws {
-        let c = config, ctx = context, dev = context.device
+        let c = config, ctx = context
         let r = rows.count, h = c.hiddenSize, inter = c.intermediateSize, qkvDim = c.qDim + 2 * c.kvDim
         // Checked here, before anything indexes a cache with them.
         for (i, row) in rows.enumerated() {
@@ -225,28 +246,39 @@ public final class CUDABatchedInference: BatchedSession {
         let tokens = stepInput.pointer, slotIDs = stepInput.address(at: maxRows), positions = stepInput.address(at: 2 * maxRows)
         let fused = r <= fusedRowLimit
 
-        try dev.launch(ctx.compiler.function(KernelSources.embedding, "embedding_forward"), grid: (r, 1, 1), block: (128, 1, 1),
-                       [.pointer(tokens), weights.embedding.arg, x.arg, .int(c.vocabularySize), .int(h), .pointer(0)])
-        let rmsnorm = try ctx.compiler.function(KernelSources.rmsnorm, "rmsnorm_forward")
+        try ctx.embeddingRows(ids: tokens, table: weights.embedding.pointer, out: x.pointer, rows: r, dim: h, scale: weights.embeddingScale)
+        let offset = c.normWeightOffset
         func norm(_ input: DeviceBuffer<UInt16>, _ weight: DeviceBuffer<UInt16>, rows: Int, into out: DeviceBuffer<UInt16>) throws {
-            try dev.launch(rmsnorm, grid: (rows, 1, 1), block: (CUDAContext.rowThreads(h), 1, 1),
-                           [input.arg, weight.arg, out.arg, .int(h), .float(c.rmsNormEps)])
+            try ctx.rmsNormRows(x: input.pointer, weight: weight.pointer, out: out.pointer, rows: rows, dim: h, eps: c.rmsNormEps, offset: offset)
         }
+        /// x += Gemma's sandwich norm of `projected` (o's or down's output); nothing without one (they added onto x).
+        func sandwich(_ weight: DeviceBuffer<UInt16>?) throws {
+            guard let weight else { return }
+            try ctx.rmsNormRows(x: projected.pointer, weight: weight.pointer, out: x.pointer, rows: r, dim: h, eps: c.rmsNormEps,
+                                offset: offset, add: true)
+        }
+        let residualOut = c.sandwichNorms ? projected : x
         for (l, layer) in weights.layers.enumerated() {
             let p = projections[l]
             try norm(x, layer.inputNorm, rows: r, into: normed)
             try project(p[0], input: normed.pointer, rows: r, out: qkv, stride: qkvDim, accumulate: false, fused: fused)
+            let rope = ropes[weights.ropeOfLayer[l]]
             try ctx.ropeAppendRows(qkv: qkv.pointer, stride: qkvDim, kcache: keys[l].pointer, vcache: values[l].pointer, slots: slotIDs,
-                                   positions: positions, inverseFrequencies: weights.inverseFrequencies.pointer, rows: r, capacity: capacity,
-                                   heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim)
+                                   positions: positions, inverseFrequencies: rope.frequencies.pointer, rows: r, capacity: capacity,
+                                   heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim, rotaryDim: c.rotaryDim,
+                                   ropeScale: rope.scale, qNorm: layer.qNorm?.pointer ?? 0, kNorm: layer.kNorm?.pointer ?? 0,
+                                   normOffset: offset, eps: c.rmsNormEps)
             try ctx.attentionRows(qkv: qkv.pointer, stride: qkvDim, kcache: keys[l].pointer, vcache: values[l].pointer, out: attended.pointer,
                                   slots: slotIDs, positions: positions, rows: r, capacity: capacity, heads: c.headCount,
-                                  kvHeads: c.kvHeadCount, headDim: c.headDim)
-            try project(p[1], input: attended.pointer, rows: r, out: x, stride: h, accumulate: true, fused: fused)
+                                  kvHeads: c.kvHeadCount, headDim: c.headDim, scale: c.attentionScale, softcap: c.attentionSoftcap ?? 0,
+                                  window: weights.windows[l])
+            try project(p[1], input: attended.pointer, rows: r, out: residualOut, stride: h, accumulate: !c.sandwichNorms, fused: fused)
+            try sandwich(layer.attentionOutputNorm)
             try norm(x, layer.postNorm, rows: r, into: normed)
             try project(p[2], input: normed.pointer, rows: r, out: gateUp, stride: 2 * inter, accumulate: false, fused: fused)
-            try ctx.swigluRows(gateUp: gateUp.pointer, into: hidden.pointer, rows: r, inter: inter)
-            try project(p[3], input: hidden.pointer, rows: r, out: x, stride: h, accumulate: true, fused: fused)
+            try ctx.swigluRows(gateUp: gateUp.pointer, into: hidden.pointer, rows: r, inter: inter, activation: c.mlpActivation)
+            try project(p[3], input: hidden.pointer, rows: r, out: residualOut, stride: h, accumulate: !c.sandwichNorms, fused: fused)
+            try sandwich(layer.mlpOutputNorm)
         }
         guard !logitRows.isEmpty else { return }
         let l = logitRows.count
@@ -254,6 +286,7 @@ public final class CUDABatchedInference: BatchedSession {
         try norm(lastRows, weights.finalNorm, rows: l, into: lastNormed)
         try ctx.blas().gemm(m: l, n: c.vocabularySize, k: h, a: lastNormed.pointer, b: weights.head.pointer, transB: true,
                             c: logits.pointer, outputType: .float32)
+        if let cap = c.finalLogitSoftcap { try ctx.softcapLogits(logits.pointer, count: l * c.vocabularySize, cap: cap) }
     }
 
     /// out[:, group columns] (= or += when `accumulate`) input · Wᵀ (+ bias) (+ LoRA) for the group's fused row

@@ -4,15 +4,23 @@ import Glibc
 
 // Generation on the GPU with a KV cache: the CPU model's forward (Model/DecoderModel.swift `forward(tokens:cache:lastOnly:)`)
 // with the base linear weights in NF4 + double quantization (bitsandbytes' layout), an unmerged LoRA adapter,
-// bf16 activations and a bf16 KV cache.
+// bf16 activations and a bf16 KV cache, with every variation of the block that DecoderConfig describes:
+// (1 + w) norms, q/k norms before RoPE, Gemma's sandwich norms, GeGLU, the embedding times √hidden (rounded to the
+// compute dtype, as transformers' normalizer), query_pre_attn_scalar, attention and final-logit soft-capping, sliding
+// windows per layer (masked: the cache keeps every position), per-layer-type RoPE, partial rotary, longrope (short or
+// long factors as the CPU picks them; the cache is recomputed with the long factors when a sequence first passes
+// original_max_position_embeddings, as transformers and the CPU do), and Phi-3's fused qkv_proj / gate_up_proj.
 //
 // Prefill (several tokens): each NF4 weight is dequantized into a bf16 scratch matrix and multiplied with cuBLASLt
-// (fp32 accumulation); LoRA as two more GEMMs; attention by the flash kernel (attention.cu) when the cache was
-// empty, else by attention_cached.
-// Decode (one token): per layer 13 kernels, the projections by nf4_gemv, which reads the 4-bit weights directly
-// (q|k|v in one launch, gate|up in one, the residual added by o and down), the LoRA A projections of a group stacked
-// into one bf16 GEMV. The whole step is recorded once as a CUDA graph and replayed; the position and token live in
-// device memory.
+// (fp32 accumulation); LoRA as two more GEMMs; the outputs of a group go side by side into one fused row per token
+// (q | k | v, gate | up) as in decode; q/k norm, RoPE and the cache append by rope_append_rows; attention by the
+// flash kernel (attention.cu) when the cache was empty and the layer has no variation it lacks (soft-capping, a
+// window shorter than the prompt), else by attention_rows (decode_batched.cu).
+// Decode (one token): per layer 13 kernels (15 with sandwich norms), the projections by nf4_gemv, which reads the
+// 4-bit weights directly (q|k|v in one launch, gate|up in one, the residual added by o and down unless a sandwich
+// norm comes between), the LoRA A projections of a group stacked into one bf16 GEMV. The whole step is recorded once
+// as a CUDA graph and replayed; the position and token live in device memory, and so do the RoPE frequencies (a
+// switch to longrope's long factors rewrites them in place).
 // The output head stays bf16 (as bitsandbytes leaves lm_head), read by bf16_gemv into fp32 logits.
 // Linear biases (Qwen2's q, k, v) are kept in bf16: prefill writes them into the output before the GEMM adds onto
 // it (training.cu's add_row_vector); decode passes them as the GEMV's residual term when the output has no
@@ -42,7 +50,14 @@ struct ProjectionGroup {
 
 struct DeviceLayer {
     var inputNorm: DeviceBuffer<UInt16>
+    /// The MLP's input norm (Llama's post_attention_layernorm, Gemma's pre_feedforward_layernorm).
     var postNorm: DeviceBuffer<UInt16>
+    /// Gemma's norms on the attention output and on the MLP output (nil elsewhere).
+    var attentionOutputNorm: DeviceBuffer<UInt16>? = nil
+    var mlpOutputNorm: DeviceBuffer<UInt16>? = nil
+    /// Per-head norms of q and k before RoPE, [head_dim] (Qwen3, Gemma 3; nil elsewhere).
+    var qNorm: DeviceBuffer<UInt16>? = nil
+    var kNorm: DeviceBuffer<UInt16>? = nil
     var qkv: ProjectionGroup
     var o: ProjectionGroup
     var gateUp: ProjectionGroup
@@ -51,7 +66,28 @@ struct DeviceLayer {
     var values: DeviceBuffer<UInt16>
 }
 
-/// A Llama model held on the GPU for generation, with its own KV cache.
+/// One RoPE of the model on the device (the full-attention layers', and Gemma 3's sliding layers' when it differs):
+/// its inverse frequencies, rewritten in place when longrope switches factors, and the cos/sin scale.
+final class DeviceRope {
+    let parameters: RopeParameters
+    let frequencies: DeviceBuffer<Float>
+    /// longrope's attention factor, 1 otherwise (as RopeTable).
+    let scale: Float
+
+    init(config c: DecoderConfig, parameters: RopeParameters, allocator: DeviceAllocator) throws {
+        self.parameters = parameters
+        frequencies = try allocator.buffer(copying: c.ropeInverseFrequencies(parameters).map { Float($0) })
+        scale = Float(parameters.scaling.kind == .longrope ? parameters.scaling.attentionFactor : 1)
+    }
+
+    /// Uploads the short or long factors' frequencies (longrope only).
+    func useLongFactors(_ long: Bool, config c: DecoderConfig) throws {
+        guard parameters.scaling.kind == .longrope else { return }
+        try frequencies.upload(c.ropeInverseFrequencies(parameters, long: long).map { Float($0) })
+    }
+}
+
+/// A decoder model held on the GPU for generation, with its own KV cache.
 public final class CUDAInference {
     public let context: CUDAContext
     public let config: DecoderConfig
@@ -59,6 +95,10 @@ public final class CUDAInference {
     public let capacity: Int
     /// Tokens in the KV cache.
     public private(set) var length = 0
+    /// The tokens the cache holds (to recompute it when longrope switches to its long factors).
+    private(set) var history: [Int] = []
+    /// Whether the RoPE frequencies on the device are longrope's long factors.
+    private(set) var usesLongRopeFactors = false
     /// Replay the decode step as a CUDA graph (on by default; off to time plain launches).
     public var useGraph = true
 
@@ -78,7 +118,13 @@ public final class CUDAInference {
     let embedding: DeviceBuffer<UInt16>   // [vocab, H]
     let finalNorm: DeviceBuffer<UInt16>
     let head: DeviceBuffer<UInt16>        // [vocab, H]; the embedding itself when tied
-    let inverseFrequencies: DeviceBuffer<Float>
+    /// The RoPEs (full layers first) and which one each layer rotates by.
+    let ropes: [DeviceRope]
+    let ropeOfLayer: [Int]
+    /// Each layer's attention window (0: every earlier position).
+    let windows: [Int]
+    /// The embedding multiplier in the compute dtype (√hidden for Gemma, else 1).
+    let embeddingScale: Float
 
     // Decode buffers (fixed addresses, so a graph can replay them).
     let stepState: DeviceBuffer<Int32>    // [position, token]
@@ -88,6 +134,8 @@ public final class CUDAInference {
     let attended: DeviceBuffer<UInt16>
     let gateUpRow: DeviceBuffer<UInt16>
     let hidden: DeviceBuffer<UInt16>
+    /// The o or down output before Gemma's sandwich norm adds it to x.
+    let projected: DeviceBuffer<UInt16>
     let xa: DeviceBuffer<Float>
     let logits: DeviceBuffer<Float>
     private var graph: CUDAGraph?
@@ -100,9 +148,10 @@ public final class CUDAInference {
                             quantized: [String: QuantizedWeight] = [:]) throws {
         let c = model.config
         // Refused before anything is uploaded.
-        try c.checkCUDASupport(sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
+        try c.checkCUDASupport(for: .generation, sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
         let A = context.allocator
         func bf16(_ values: [Float]) throws -> DeviceBuffer<UInt16> { try A.buffer(copying: values.map(context.computeDType.encode)) }
+        func optionalBF16(_ values: [Float]?) throws -> DeviceBuffer<UInt16>? { try values.map { try bf16($0) } }
         func bf16(_ m: Matrix) throws -> DeviceBuffer<UInt16> {
             let b = try A.buffer(UInt16.self, count: m.count)
             try b.upload((0..<m.count).map { context.computeDType.encode(m.pointer[$0]) })
@@ -141,6 +190,8 @@ public final class CUDAInference {
         for block in model.blocks {
             layers.append(DeviceLayer(
                 inputNorm: try bf16(block.inputNorm), postNorm: try bf16(block.mlpInputNorm),
+                attentionOutputNorm: try optionalBF16(block.attentionOutputNorm), mlpOutputNorm: try optionalBF16(block.mlpOutputNorm),
+                qNorm: try optionalBF16(block.qNorm), kNorm: try optionalBF16(block.kNorm),
                 qkv: try group(block.attentionInput), o: try group([block.o]),
                 gateUp: try group(block.mlpInput), down: try group([block.down]),
                 keys: try A.buffer(UInt16.self, count: capacity * c.kvDim), values: try A.buffer(UInt16.self, count: capacity * c.kvDim)))
@@ -154,7 +205,7 @@ public final class CUDAInference {
     /// A model of `config`'s shape with random NF4 weights made on the GPU and a random LoRA adapter of rank
     /// `loraRank` (0: none) on all seven projections, for benchmarks.
     public convenience init(context: CUDAContext, randomConfig c: DecoderConfig, loraRank: Int, capacity: Int, seed: UInt64 = 1) throws {
-        try c.checkCUDASupport(sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
+        try c.checkCUDASupport(for: .generation, sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
         let A = context.allocator
         var s = seed
         func next() -> UInt64 { s &+= 0x9E37_79B9; return s }
@@ -177,28 +228,38 @@ public final class CUDAInference {
         }
         let h = c.hiddenSize, i = c.intermediateSize
         var layers: [DeviceLayer] = []
+        // Norm weights near 1 (or near 0 for Gemma's x·(1 + w)).
+        let normCenter: Float = c.normWeightOffset != 0 ? 0 : 1
+        func norm(_ count: Int) throws -> DeviceBuffer<UInt16> { try randomBF16(count, normCenter - 0.1, normCenter + 0.1) }
         for _ in 0..<c.layerCount {
             layers.append(DeviceLayer(
-                inputNorm: try randomBF16(h, 0.9, 1.1), postNorm: try randomBF16(h, 0.9, 1.1),
-                qkv: try group([(c.qDim, h), (c.kvDim, h), (c.kvDim, h)]), o: try group([(h, c.qDim)]),
-                gateUp: try group([(i, h), (i, h)]), down: try group([(h, i)]),
+                inputNorm: try norm(h), postNorm: try norm(h),
+                attentionOutputNorm: c.sandwichNorms ? try norm(h) : nil, mlpOutputNorm: c.sandwichNorms ? try norm(h) : nil,
+                qNorm: c.qkNorm ? try norm(c.headDim) : nil, kNorm: c.qkNorm ? try norm(c.headDim) : nil,
+                qkv: try group(c.fusedProjections ? [(c.qDim + 2 * c.kvDim, h)] : [(c.qDim, h), (c.kvDim, h), (c.kvDim, h)]),
+                o: try group([(h, c.qDim)]),
+                gateUp: try group(c.fusedProjections ? [(2 * i, h)] : [(i, h), (i, h)]), down: try group([(h, i)]),
                 keys: try A.buffer(UInt16.self, count: capacity * c.kvDim), values: try A.buffer(UInt16.self, count: capacity * c.kvDim)))
         }
         let embedding = try randomBF16(c.vocabularySize * h, -0.05, 0.05)
         let head = c.tieWordEmbeddings ? embedding : try randomBF16(c.vocabularySize * h, -0.05, 0.05)
         try self.init(context: context, config: c, capacity: capacity, layers: layers, embedding: embedding,
-                      finalNorm: try randomBF16(h, 0.9, 1.1), head: head)
+                      finalNorm: try norm(h), head: head)
     }
 
     private init(context: CUDAContext, config c: DecoderConfig, capacity: Int, layers: [DeviceLayer], embedding: DeviceBuffer<UInt16>,
                  finalNorm: DeviceBuffer<UInt16>, head: DeviceBuffer<UInt16>) throws {
-        guard c.hiddenSize % 32 == 0, c.qDim % 32 == 0, c.intermediateSize % 32 == 0, [32, 64, 128].contains(c.headDim) else {
-            throw UsageError("the GPU decode path needs hidden, q and intermediate sizes that are multiples of 32 and a head dimension of 32, 64 or 128 (hidden \(c.hiddenSize), intermediate \(c.intermediateSize), head dim \(c.headDim))")
+        guard c.hiddenSize % 32 == 0, c.qDim % 32 == 0, c.intermediateSize % 32 == 0, CUDAContext.decodeHeadDims.contains(c.headDim) else {
+            throw UsageError("the GPU decode path needs hidden, q and intermediate sizes that are multiples of 32 and a head dimension of 32, 64, 96, 128 or 256 (hidden \(c.hiddenSize), intermediate \(c.intermediateSize), head dim \(c.headDim))")
         }
         guard capacity > 0, capacity <= c.maxPositionEmbeddings else {
             throw UsageError("a KV cache of \(capacity) positions does not fit the model's \(c.maxPositionEmbeddings)")
         }
-        try c.checkCUDASupport(sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
+        try c.checkCUDASupport(for: .generation, sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
+        guard layers.allSatisfy({ ($0.attentionOutputNorm != nil) == c.sandwichNorms && ($0.mlpOutputNorm != nil) == c.sandwichNorms
+                                   && ($0.qNorm != nil) == c.qkNorm && ($0.kNorm != nil) == c.qkNorm }) else {
+            throw UsageError("the model's layers do not hold the norms its config describes (sandwich norms \(c.sandwichNorms), q/k norms \(c.qkNorm))")
+        }
         self.context = context
         self.config = c
         self.capacity = capacity
@@ -207,7 +268,19 @@ public final class CUDAInference {
         self.finalNorm = finalNorm
         self.head = head
         let A = context.allocator
-        inverseFrequencies = try A.buffer(copying: c.ropeInverseFrequencies().map { Float($0) })
+        var ropes = [try DeviceRope(config: c, parameters: RopeParameters(theta: c.ropeTheta, scaling: c.ropeScaling), allocator: A)]
+        if let sliding = c.slidingRope { ropes.append(try DeviceRope(config: c, parameters: sliding, allocator: A)) }
+        self.ropes = ropes
+        ropeOfLayer = (0..<c.layerCount).map { l in
+            if c.slidingRope != nil, case .sliding = c.layerAttention[l] { return 1 }
+            return 0
+        }
+        windows = c.layerAttention.map { kind in
+            if case .sliding(let window) = kind { return window }
+            return 0
+        }
+        let dtype = context.computeDType
+        embeddingScale = c.scalesEmbedding ? dtype.decode(dtype.encode(Float(Double(c.hiddenSize).squareRoot()))) : 1
         stepState = try A.buffer(copying: [Int32(0), Int32(0)])
         x = try A.buffer(UInt16.self, count: c.hiddenSize)
         normed = try A.buffer(UInt16.self, count: max(c.hiddenSize, 8))
@@ -215,6 +288,7 @@ public final class CUDAInference {
         attended = try A.buffer(UInt16.self, count: c.qDim)
         gateUpRow = try A.buffer(UInt16.self, count: 2 * c.intermediateSize)
         hidden = try A.buffer(UInt16.self, count: c.intermediateSize)
+        projected = try A.buffer(UInt16.self, count: c.hiddenSize)
         let maxRank = layers.flatMap { [$0.qkv, $0.o, $0.gateUp, $0.down] }.map(\.totalRank).max() ?? 0
         xa = try A.buffer(Float.self, count: max(maxRank, 1))
         logits = try A.buffer(Float.self, count: c.vocabularySize)
@@ -222,13 +296,15 @@ public final class CUDAInference {
         let q = c.qDim, kv = c.kvDim, inter = c.intermediateSize
         for l in self.layers.indices {
             try makeTasks(&self.layers[l].qkv, outputs: [qkvRow.pointer, qkvRow.address(at: q), qkvRow.address(at: q + kv)], residual: 0)
-            try makeTasks(&self.layers[l].o, outputs: [x.pointer], residual: x.pointer)
+            // With sandwich norms o and down write `projected`, which the norm then adds to x.
+            let (out, residual) = c.sandwichNorms ? (projected.pointer, CUdeviceptr(0)) : (x.pointer, x.pointer)
+            try makeTasks(&self.layers[l].o, outputs: [out], residual: residual)
             try makeTasks(&self.layers[l].gateUp, outputs: [gateUpRow.pointer, gateUpRow.address(at: inter)], residual: 0)
-            try makeTasks(&self.layers[l].down, outputs: [x.pointer], residual: x.pointer)
+            try makeTasks(&self.layers[l].down, outputs: [out], residual: residual)
         }
         // Compile the kernels now (nothing may compile while a graph is recorded).
-        for source in [KernelSources.decode, KernelSources.rmsnorm, KernelSources.embedding, KernelSources.swiglu,
-                       KernelSources.nf4, KernelSources.rope, KernelSources.attention, KernelSources.training] {
+        for source in [KernelSources.decode, KernelSources.decodeBatched, KernelSources.nf4, KernelSources.attention,
+                       KernelSources.training] {
             _ = try context.compiler.module(source)
         }
     }
@@ -294,6 +370,7 @@ public final class CUDAInference {
         var bytes = nf4BytesPerToken + head.byteCount + finalNorm.byteCount + config.hiddenSize * 2
         for l in layers {
             bytes += l.inputNorm.byteCount + l.postNorm.byteCount
+            for norm in [l.attentionOutputNorm, l.mlpOutputNorm, l.qNorm, l.kNorm] { bytes += norm?.byteCount ?? 0 }
             for g in [l.qkv, l.o, l.gateUp, l.down] {
                 bytes += g.loraA?.byteCount ?? 0
                 bytes += g.lora.reduce(0) { $0 + ($1?.b.byteCount ?? 0) }
@@ -305,7 +382,10 @@ public final class CUDAInference {
     // MARK: Forward
 
     /// Empties the KV cache.
-    public func reset() { length = 0 }
+    public func reset() {
+        length = 0
+        history = []
+    }
 
     /// Runs `tokens` after what the cache holds and returns their logits, [T, vocab] (the last row only when
     /// `lastOnly`), as `DecoderModel.forward(tokens:cache:lastOnly:)` does.
@@ -318,6 +398,20 @@ public final class CUDAInference {
         for id in tokens where id < 0 || id >= c.vocabularySize {
             throw UsageError("token id \(id) is outside the vocabulary (0..<\(c.vocabularySize))")
         }
+        let long = c.usesLongRopeFactors(sequenceLength: length + tokens.count)
+        if long != usesLongRopeFactors {
+            if long && length > 0 {
+                // The cached keys were rotated with the short factors: recompute the cache with the long ones, as
+                // DecoderModel.forward (and transformers' Phi-3 generation) does.
+                let all = history + tokens
+                reset()
+                let logits = try forward(tokens: all, lastOnly: lastOnly)
+                return lastOnly ? logits : Array(logits.suffix(tokens.count * c.vocabularySize))
+            }
+            for rope in ropes { try rope.useLongFactors(long, config: c) }
+            usesLongRopeFactors = long
+        }
+        history += tokens
         if tokens.count == 1 { return try decode(token: tokens[0]) }
         return try prefill(tokens: tokens, lastOnly: lastOnly)
     }
@@ -348,13 +442,14 @@ public final class CUDAInference {
     /// The kernels of one decode step (position and token read from `stepState`). `mark` is called after each
     /// launch with its name (profiling).
     func decodeLaunches(mark: (String) throws -> Void = { _ in }) throws {
-        let c = config, ctx = context, dev = context.device
-        let h = c.hiddenSize
+        let c = config, ctx = context
+        let h = c.hiddenSize, offset = c.normWeightOffset
         /// The group's LoRA A rows with the op making its input (see lora_a_rows), writing that input to `inOut`.
         func loraA(_ g: ProjectionGroup, mode: Int, x: CUdeviceptr, x2: CUdeviceptr = 0, norm: CUdeviceptr = 0, inOut: CUdeviceptr) throws {
             try ctx.loraARows(a: g.loraA?.pointer ?? 0, x: x, x2: x2, normWeight: norm, inOut: inOut, xa: xa.pointer,
-                              rows: g.loraA == nil ? 0 : g.totalRank, cols: g.columns, mode: mode, eps: c.rmsNormEps)
-            try mark(mode == 1 ? "rmsnorm + lora A" : mode == 2 ? "swiglu + lora A" : "lora A")
+                              rows: g.loraA == nil ? 0 : g.totalRank, cols: g.columns, mode: mode, eps: c.rmsNormEps, normOffset: offset,
+                              activation: c.mlpActivation)
+            try mark(mode == 1 ? "rmsnorm + lora A" : mode == 2 ? "\(c.mlpActivation == .silu ? "swiglu" : "geglu") + lora A" : "lora A")
         }
         func gemv(_ g: ProjectionGroup, input: CUdeviceptr, _ name: String) throws {
             switch gemvKernel {
@@ -374,34 +469,50 @@ public final class CUDAInference {
             try ctx.addRowVector(bias.pointer, to: x.pointer, rows: 1, columns: h, overwrite: false)
             try mark("bias")
         }
-        try dev.launch(ctx.compiler.function(KernelSources.embedding, "embedding_forward"), grid: (1, 1, 1), block: (128, 1, 1),
-                       [.pointer(stepState.address(at: 1)), embedding.arg, x.arg, .int(c.vocabularySize), .int(h), .pointer(0)])
+        /// Gemma's sandwich: x += norm(projected), after o or down wrote `projected`.
+        func sandwich(_ norm: DeviceBuffer<UInt16>?) throws {
+            guard let norm else { return }
+            try ctx.rmsNormRows(x: projected.pointer, weight: norm.pointer, out: x.pointer, rows: 1, dim: h, eps: c.rmsNormEps,
+                                offset: offset, add: true)
+            try mark("rmsnorm + residual")
+        }
+        try ctx.embeddingRows(ids: stepState.address(at: 1), table: embedding.pointer, out: x.pointer, rows: 1, dim: h, scale: embeddingScale)
         try mark("embedding")
         let inter = c.intermediateSize
-        for layer in layers {
+        for (l, layer) in layers.enumerated() {
             try loraA(layer.qkv, mode: 1, x: x.pointer, norm: layer.inputNorm.pointer, inOut: normed.pointer)
             try gemv(layer.qkv, input: normed.pointer, "nf4 gemv q|k|v")
-            try ctx.ropeAppend(qkv: qkvRow.pointer, kcache: layer.keys.pointer, vcache: layer.values.pointer, position: stepState.pointer,
-                               inverseFrequencies: inverseFrequencies.pointer, heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim)
-            try mark("rope + cache append")
+            let rope = ropes[ropeOfLayer[l]]
+            try ctx.ropeAppendRows(qkv: qkvRow.pointer, stride: c.qDim + 2 * c.kvDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
+                                   slots: 0, positions: stepState.pointer, inverseFrequencies: rope.frequencies.pointer, rows: 1,
+                                   capacity: capacity, heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim,
+                                   rotaryDim: c.rotaryDim, ropeScale: rope.scale, qNorm: layer.qNorm?.pointer ?? 0,
+                                   kNorm: layer.kNorm?.pointer ?? 0, normOffset: offset, eps: c.rmsNormEps)
+            try mark(c.qkNorm ? "q/k norm + rope + cache append" : "rope + cache append")
             try ctx.attentionCached(q: qkvRow.pointer, qStride: c.qDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
                                     out: attended.pointer, startPointer: stepState.pointer, start: 0, tokens: 1, heads: c.headCount,
-                                    kvHeads: c.kvHeadCount, headDim: c.headDim, maxKeys: capacity)
+                                    kvHeads: c.kvHeadCount, headDim: c.headDim, maxKeys: capacity, scale: c.attentionScale,
+                                    softcap: c.attentionSoftcap ?? 0, window: windows[l])
             try mark("attention")
             if layer.o.loraA != nil { try loraA(layer.o, mode: 0, x: attended.pointer, inOut: 0) }
             try residualBias(layer.o)
-            try gemv(layer.o, input: attended.pointer, "nf4 gemv o (+ residual)")
+            try gemv(layer.o, input: attended.pointer, c.sandwichNorms ? "nf4 gemv o" : "nf4 gemv o (+ residual)")
+            try sandwich(layer.attentionOutputNorm)
             try loraA(layer.gateUp, mode: 1, x: x.pointer, norm: layer.postNorm.pointer, inOut: normed.pointer)
             try gemv(layer.gateUp, input: normed.pointer, "nf4 gemv gate|up")
             try loraA(layer.down, mode: 2, x: gateUpRow.pointer, x2: gateUpRow.address(at: inter), inOut: hidden.pointer)
             try residualBias(layer.down)
-            try gemv(layer.down, input: hidden.pointer, "nf4 gemv down (+ residual)")
+            try gemv(layer.down, input: hidden.pointer, c.sandwichNorms ? "nf4 gemv down" : "nf4 gemv down (+ residual)")
+            try sandwich(layer.mlpOutputNorm)
         }
-        try dev.launch(ctx.compiler.function(KernelSources.rmsnorm, "rmsnorm_forward"), grid: (1, 1, 1),
-                       block: (CUDAContext.rowThreads(h), 1, 1), [x.arg, finalNorm.arg, normed.arg, .int(h), .float(c.rmsNormEps)])
+        try ctx.rmsNormRows(x: x.pointer, weight: finalNorm.pointer, out: normed.pointer, rows: 1, dim: h, eps: c.rmsNormEps, offset: offset)
         try mark("final rmsnorm")
         try ctx.bf16Gemv(weight: head.pointer, x: normed.pointer, out: logits.pointer, rows: c.vocabularySize, cols: h)
         try mark("head gemv (bf16)")
+        if let cap = c.finalLogitSoftcap {
+            try ctx.softcapLogits(logits.pointer, count: c.vocabularySize, cap: cap)
+            try mark("logit soft-capping")
+        }
     }
 
     /// GPU milliseconds per decoded token by kernel kind, over `tokens` steps launched one by one with an event after
@@ -439,18 +550,23 @@ public final class CUDAInference {
     /// Several tokens with GEMMs.
     func prefill(tokens: [Int], lastOnly: Bool) throws -> [Float] {
         let c = config, ctx = context, dev = context.device, A = context.allocator
-        let t = tokens.count, start = length, h = c.hiddenSize
+        let t = tokens.count, start = length, h = c.hiddenSize, offset = c.normWeightOffset, eps = c.rmsNormEps
+        let qkvDim = c.qDim + 2 * c.kvDim, inter = c.intermediateSize
         let blas = try ctx.blas()
         let ids = try A.buffer(copying: tokens.map { Int32($0) })
         let positions = try A.buffer(copying: (0..<t).map { Int32(start + $0) })
         let xs = try A.buffer(UInt16.self, count: t * h)
         let normedRows = try A.buffer(UInt16.self, count: t * h)
-        let q = try A.buffer(UInt16.self, count: t * c.qDim)
+        let qkvRows = try A.buffer(UInt16.self, count: t * qkvDim)
         let att = try A.buffer(UInt16.self, count: t * c.qDim)
-        let gate = try A.buffer(UInt16.self, count: t * c.intermediateSize)
-        let up = try A.buffer(UInt16.self, count: t * c.intermediateSize)
-        let maxWeight = layers.flatMap { [$0.qkv, $0.o, $0.gateUp, $0.down] }.flatMap(\.matrices).map { $0.rows * $0.columns }.max() ?? 1
+        let gateUp = try A.buffer(UInt16.self, count: t * 2 * inter)
+        let hiddenRows = try A.buffer(UInt16.self, count: t * inter)
+        let projectedRows = c.sandwichNorms ? try A.buffer(UInt16.self, count: t * h) : xs
+        let matrices = layers.flatMap { [$0.qkv, $0.o, $0.gateUp, $0.down] }.flatMap(\.matrices)
+        let maxWeight = matrices.map { $0.rows * $0.columns }.max() ?? 1
         let w = try A.buffer(UInt16.self, count: maxWeight)
+        // One matrix's output of a separate-projection group, before it is copied into its columns of the fused row.
+        let part = try A.buffer(UInt16.self, count: t * max(c.qDim, inter))
         let xaRows = try A.buffer(UInt16.self, count: t * 64)
         let lse = try A.buffer(Float.self, count: t * c.headCount)
 
@@ -471,50 +587,66 @@ public final class CUDAInference {
                               alpha: lora.scale, beta: 1)
             }
         }
-        func rmsnorm(_ input: DeviceBuffer<UInt16>, _ weight: DeviceBuffer<UInt16>, rows: Int, into out: DeviceBuffer<UInt16>) throws {
-            try ctx.rmsNormForward(x: input, weight: weight, into: out, rows: rows, dim: h, eps: c.rmsNormEps)
+        /// The group's outputs side by side in one fused row per token ([t, Σ rows]): a fused matrix writes it
+        /// directly; separate ones go through `part` into their columns.
+        func group(_ g: ProjectionGroup, input: CUdeviceptr, into out: DeviceBuffer<UInt16>) throws {
+            if g.matrices.count == 1 { return try linear(g, 0, input: input, out: out.pointer, accumulate: false) }
+            let width = g.matrices.reduce(0) { $0 + $1.rows }
+            var column = 0
+            for m in g.matrices.indices {
+                try linear(g, m, input: input, out: part.pointer, accumulate: false)
+                try ctx.copyBlock(part.pointer, to: out.pointer, rows: t, cols: g.matrices[m].rows, dstStride: width, dstColumn: column)
+                column += g.matrices[m].rows
+            }
+        }
+        /// x += the output projection of `input` (o or down), through Gemma's sandwich norm when it has one.
+        func residual(_ g: ProjectionGroup, input: CUdeviceptr, norm: DeviceBuffer<UInt16>?) throws {
+            guard let norm else { return try linear(g, 0, input: input, out: xs.pointer, accumulate: true) }
+            try linear(g, 0, input: input, out: projectedRows.pointer, accumulate: false)
+            try ctx.rmsNormRows(x: projectedRows.pointer, weight: norm.pointer, out: xs.pointer, rows: t, dim: h, eps: eps, offset: offset,
+                                add: true)
         }
 
-        try ctx.embeddingForward(ids: ids, table: embedding, into: xs, tokens: t, vocab: c.vocabularySize, dim: h)
-        let ropeFunction = try ctx.compiler.function(KernelSources.rope, "rope_apply")
-        func rope(_ pointer: CUdeviceptr, heads: Int) throws {
-            try dev.launch(ropeFunction, grid: (ctx.gridSize(items: t * c.headDim / 2), 1, 1), block: (256, 1, 1),
-                           [.pointer(pointer), positions.arg, inverseFrequencies.arg, .int(t), .int(heads), .int(c.headDim), .float(1)])
-        }
-        for layer in layers {
-            let kRows = layer.keys.address(at: start * c.kvDim), vRows = layer.values.address(at: start * c.kvDim)
-            try rmsnorm(xs, layer.inputNorm, rows: t, into: normedRows)
-            try linear(layer.qkv, 0, input: normedRows.pointer, out: q.pointer, accumulate: false)
-            try linear(layer.qkv, 1, input: normedRows.pointer, out: kRows, accumulate: false)
-            try linear(layer.qkv, 2, input: normedRows.pointer, out: vRows, accumulate: false)
-            try rope(q.pointer, heads: c.headCount)
-            try rope(kRows, heads: c.kvHeadCount)
-            if start == 0 && (c.headDim == 64 || c.headDim == 128) {
+        try ctx.embeddingRows(ids: ids.pointer, table: embedding.pointer, out: xs.pointer, rows: t, dim: h, scale: embeddingScale)
+        for (l, layer) in layers.enumerated() {
+            try ctx.rmsNormRows(x: xs.pointer, weight: layer.inputNorm.pointer, out: normedRows.pointer, rows: t, dim: h, eps: eps, offset: offset)
+            try group(layer.qkv, input: normedRows.pointer, into: qkvRows)
+            let rope = ropes[ropeOfLayer[l]]
+            try ctx.ropeAppendRows(qkv: qkvRows.pointer, stride: qkvDim, kcache: layer.keys.pointer, vcache: layer.values.pointer, slots: 0,
+                                   positions: positions.pointer, inverseFrequencies: rope.frequencies.pointer, rows: t, capacity: capacity,
+                                   heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim, rotaryDim: c.rotaryDim,
+                                   ropeScale: rope.scale, qNorm: layer.qNorm?.pointer ?? 0, kNorm: layer.kNorm?.pointer ?? 0,
+                                   normOffset: offset, eps: eps)
+            let window = windows[l]
+            // The flash kernel: an empty cache, no soft-capping, no window shorter than the prompt.
+            if start == 0 && (c.headDim == 64 || c.headDim == 128) && c.attentionSoftcap == nil && (window == 0 || t <= window) {
+                // q out of the fused rows into `part` (free between projection groups).
+                try ctx.copyBlock(qkvRows.pointer, to: part.pointer, rows: t, cols: c.qDim, dstStride: c.qDim, dstColumn: 0, srcStride: qkvDim)
                 try dev.launch(ctx.compiler.function(KernelSources.attention, "attention_forward_d\(c.headDim)"),
                                grid: ((t + 63) / 64, c.headCount, 1), block: (256, 1, 1),
-                               [q.arg, .pointer(layer.keys.pointer), .pointer(layer.values.pointer), att.arg, lse.arg, .pointer(0),
-                                .int(t), .int(c.headCount), .int(c.kvHeadCount), .float(1 / Float(c.headDim).squareRoot()),
+                               [part.arg, .pointer(layer.keys.pointer), .pointer(layer.values.pointer), att.arg, lse.arg, .pointer(0),
+                                .int(t), .int(c.headCount), .int(c.kvHeadCount), .float(c.attentionScale),
                                 .float(0), .int32(1 << 30)])  // no soft-capping, no window (attention.cu's entry points)
             } else {
-                try ctx.attentionCached(q: q.pointer, qStride: c.qDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
-                                        out: att.pointer, startPointer: 0, start: start, tokens: t, heads: c.headCount,
-                                        kvHeads: c.kvHeadCount, headDim: c.headDim, maxKeys: start + t)
+                try ctx.attentionRows(qkv: qkvRows.pointer, stride: qkvDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
+                                      out: att.pointer, slots: 0, positions: positions.pointer, rows: t, capacity: capacity,
+                                      heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim, scale: c.attentionScale,
+                                      softcap: c.attentionSoftcap ?? 0, window: window)
             }
-            try linear(layer.o, 0, input: att.pointer, out: xs.pointer, accumulate: true)
-            try rmsnorm(xs, layer.postNorm, rows: t, into: normedRows)
-            try linear(layer.gateUp, 0, input: normedRows.pointer, out: gate.pointer, accumulate: false)
-            try linear(layer.gateUp, 1, input: normedRows.pointer, out: up.pointer, accumulate: false)
-            try ctx.swigluForward(gate: gate, up: up, into: gate, count: t * c.intermediateSize)
-            try linear(layer.down, 0, input: gate.pointer, out: xs.pointer, accumulate: true)
+            try residual(layer.o, input: att.pointer, norm: layer.attentionOutputNorm)
+            try ctx.rmsNormRows(x: xs.pointer, weight: layer.postNorm.pointer, out: normedRows.pointer, rows: t, dim: h, eps: eps, offset: offset)
+            try group(layer.gateUp, input: normedRows.pointer, into: gateUp)
+            try ctx.swigluRows(gateUp: gateUp.pointer, into: hiddenRows.pointer, rows: t, inter: inter, activation: c.mlpActivation)
+            try residual(layer.down, input: hiddenRows.pointer, norm: layer.mlpOutputNorm)
         }
         length += t
         let firstRow = lastOnly ? t - 1 : 0, rows = t - firstRow
-        let lastRows = try A.buffer(UInt16.self, count: rows * h)
-        try dev.copy(deviceTo: lastRows.pointer, from: xs.address(at: firstRow * h), bytes: rows * h * 2)
-        try rmsnorm(lastRows, finalNorm, rows: rows, into: normedRows)
+        try ctx.rmsNormRows(x: xs.address(at: firstRow * h), weight: finalNorm.pointer, out: normedRows.pointer, rows: rows, dim: h, eps: eps,
+                            offset: offset)
         let out = try A.buffer(Float.self, count: rows * c.vocabularySize)
         try blas.gemm(m: rows, n: c.vocabularySize, k: h, a: normedRows.pointer, b: head.pointer, transB: true, c: out.pointer,
                       outputType: .float32)
+        if let cap = c.finalLogitSoftcap { try ctx.softcapLogits(out.pointer, count: rows * c.vocabularySize, cap: cap) }
         return try out.download()
     }
 }

@@ -16,13 +16,22 @@
 // bf16_gemv — out[r] = scale * W[r, :] · x for bf16 W [rows, cols] and bf16 x, fp32 out (the LoRA A
 //   projections stacked into one matrix, and the output head).
 //
-// rope_qk_append — one token: rotates q and k (HF rotate_half, as rope.cu) in the fused qkv row, and writes the
-//   rotated k and v into the KV cache at the position read from device memory (so a captured graph can replay).
+// (RoPE with the KV-cache append of a decode step is decode_batched.cu's rope_append_rows with one row, its position
+// read from device memory, so a captured graph can replay.)
 //
 // attention_cached — queries [t, heads, D] at positions start + i attend to cache rows 0 ... start + i
-//   (causal, GQA): scores (one thread per key), softmax, then o = Σ p_j v_j (warps split the keys, lanes own
-//   dimensions), fp32 throughout, bf16 out. `start` is read from device memory when start_ptr is not null.
+//   (causal, GQA; only the last `window` rows on a sliding-window layer): scores q·k · scale (one thread per key),
+//   soft-capped c·tanh(s / c) when softcap > 0 (Gemma 2), softmax, then o = Σ p_j v_j (warps split the keys, lanes
+//   own dimensions), fp32 throughout, bf16 out. `start` is read from device memory when start_ptr is not null.
+//   D 32, 64, 96, 128 or 256.
 #include "qlora_prelude.cuh"
+
+/// The gate's activation of the gated MLP: 0 silu (SwiGLU), 1 GELU with the tanh approximation (Gemma's GeGLU,
+/// PyTorch's gelu(approximate="tanh")). Same in decode_batched.cu.
+__device__ __forceinline__ float gated_activation(float g, int activation) {
+    if (activation == 1) return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    return g * (1.0f / (1.0f + __expf(-g)));
+}
 
 __constant__ float NF4_VALUES[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
@@ -194,47 +203,21 @@ bf16_gemv(const h16* __restrict__ w, const h16* __restrict__ x, float* __restric
     }
 }
 
-/// One token. qkv: [heads*D | kv_heads*D | kv_heads*D] bf16; q and k rotated in place, then k and v copied to
-/// kcache/vcache row *pos_ptr ([capacity, kv_heads*D]).
-extern "C" __global__ void rope_qk_append(h16* qkv, h16* kcache, h16* vcache, const int* pos_ptr,
-                                          const float* inv_freq, int heads, int kv_heads, int head_dim) {
-    const int half = head_dim / 2;
-    const int pos = *pos_ptr;
-    const int kv_dim = kv_heads * head_dim;
-    const int rot_items = (heads + kv_heads) * half;
-    h16* k_row = kcache + (long long)pos * kv_dim;
-    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < rot_items + kv_dim; idx += gridDim.x * blockDim.x) {
-        if (idx < rot_items) {
-            const int h = idx / half, i = idx % half;
-            float s, c;
-            sincosf((float)pos * inv_freq[i], &s, &c);
-            h16* p = qkv + h * head_dim;
-            const float a = h16_to_float(p[i]), b = h16_to_float(p[i + half]);
-            const h16 lo = float_to_h16(a * c - b * s), hi = float_to_h16(b * c + a * s);
-            p[i] = lo;
-            p[i + half] = hi;
-            if (h >= heads) {
-                h16* kd = k_row + (h - heads) * head_dim;
-                kd[i] = lo;
-                kd[i + half] = hi;
-            }
-        } else {
-            const int e = idx - rot_items;
-            vcache[(long long)pos * kv_dim + e] = qkv[(heads + kv_heads) * head_dim + e];
-        }
-    }
-}
-
 /// grid (t, heads), 256 threads; dynamic shared memory: (max keys + 8 * D + D + 64) floats.
 /// q: row i at q + i * q_stride; kcache, vcache: [capacity, kv_heads, D]; out: [t, heads, D].
 template <int D>
 __device__ void attention_cached_impl(const h16* __restrict__ q, int q_stride, const h16* __restrict__ kcache,
                                       const h16* __restrict__ vcache, h16* __restrict__ out, const int* start_ptr,
-                                      int start_value, int heads, int kv_heads, float scale) {
+                                      int start_value, int heads, int kv_heads, float scale, float softcap, int window) {
     extern __shared__ __align__(16) float smem[];
     const int i = blockIdx.x, h = blockIdx.y;
     const int start = start_ptr != nullptr ? *start_ptr : start_value;
-    const int keys = start + i + 1;
+    // Keys first ..< first + keys: the causal prefix, or its last `window` rows.
+    const int end = start + i + 1;
+    const int first = window > 0 ? max(0, end - window) : 0;
+    const int keys = end - first;
+    kcache += (long long)first * kv_heads * D;
+    vcache += (long long)first * kv_heads * D;
     const int kvh = h / (heads / kv_heads);
     const int kv_dim = kv_heads * D;
     float* qs = smem;               // D
@@ -257,6 +240,7 @@ __device__ void attention_cached_impl(const h16* __restrict__ q, int q_stride, c
 #pragma unroll
             for (int e = 0; e < 8; e++) s += qs[d + e] * kf[e];
         }
+        if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
         scores[j] = s;
         local_max = fmaxf(local_max, s);
     }
@@ -297,23 +281,18 @@ __device__ void attention_cached_impl(const h16* __restrict__ q, int q_stride, c
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-attention_cached_d128(const h16* q, int q_stride, const h16* kcache, const h16* vcache, h16* out, const int* start_ptr,
-                      int start_value, int heads, int kv_heads, float scale) {
-    attention_cached_impl<128>(q, q_stride, kcache, vcache, out, start_ptr, start_value, heads, kv_heads, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-attention_cached_d32(const h16* q, int q_stride, const h16* kcache, const h16* vcache, h16* out, const int* start_ptr,
-                     int start_value, int heads, int kv_heads, float scale) {
-    attention_cached_impl<32>(q, q_stride, kcache, vcache, out, start_ptr, start_value, heads, kv_heads, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-attention_cached_d64(const h16* q, int q_stride, const h16* kcache, const h16* vcache, h16* out, const int* start_ptr,
-                     int start_value, int heads, int kv_heads, float scale) {
-    attention_cached_impl<64>(q, q_stride, kcache, vcache, out, start_ptr, start_value, heads, kv_heads, scale);
-}
+#define ATTENTION_CACHED(D)                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256)                                                                   \
+    attention_cached_d##D(const h16* q, int q_stride, const h16* kcache, const h16* vcache, h16* out, const int* start_ptr, \
+                          int start_value, int heads, int kv_heads, float scale, float softcap, int window) {           \
+        attention_cached_impl<D>(q, q_stride, kcache, vcache, out, start_ptr, start_value, heads, kv_heads, scale,      \
+                                 softcap, window);                                                                      \
+    }
+ATTENTION_CACHED(32)
+ATTENTION_CACHED(64)
+ATTENTION_CACHED(96)
+ATTENTION_CACHED(128)
+ATTENTION_CACHED(256)
 
 /// y = x + a (bf16, n elements): the residual add of the prefill path.
 extern "C" __global__ void add_bf16(h16* y, const h16* a, long long n) {
@@ -322,14 +301,15 @@ extern "C" __global__ void add_bf16(h16* y, const h16* a, long long n) {
 
 /// The LoRA A projections of one group, with the op that makes their input fused in (one launch instead of two):
 ///   mode 0: in = x                                  (x: [cols] bf16)
-///   mode 1: in = RMSNorm(x) * norm_w  (as rmsnorm.cu: bf16(bf16(x r) w))
-///   mode 2: in = silu(x) * x2         (as swiglu.cu: gate x, up x2)
+///   mode 1: in = RMSNorm(x) * norm_w  (as rmsnorm.cu: bf16(bf16(x r) w); with norm_offset ≠ 0 Gemma's
+///                                      bf16(x r (w + offset)))
+///   mode 2: in = act(x) * x2          (as swiglu.cu: gate x, up x2; act silu, or GELU-tanh when activation is 1)
 /// Block 0 writes `in` to in_out (bf16) when in_out is not null; block b < rows writes
 /// xa[b] = A[b, :] · in (fp32). grid max(rows, 1), 1024 threads, dynamic shared memory cols * 2 bytes.
 extern "C" __global__ void __launch_bounds__(1024)
 lora_a_rows(const h16* __restrict__ a, const h16* __restrict__ x, const h16* __restrict__ x2,
             const h16* __restrict__ norm_w, h16* __restrict__ in_out, float* __restrict__ xa, int rows, int cols,
-            int mode, float eps) {
+            int mode, float eps, float norm_offset, int activation) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     h16* sin = reinterpret_cast<h16*>(smem_raw);
     __shared__ float scratch[64];
@@ -353,11 +333,11 @@ lora_a_rows(const h16* __restrict__ a, const h16* __restrict__ x, const h16* __r
         if (mode == 1) {
             load_h16x8(norm_w + i * 8, g);
 #pragma unroll
-            for (int k = 0; k < 8; k++) f[k] = round_h16(f[k] * r) * g[k];
+            for (int k = 0; k < 8; k++) f[k] = norm_offset != 0.0f ? f[k] * r * (g[k] + norm_offset) : round_h16(f[k] * r) * g[k];
         } else if (mode == 2) {
             load_h16x8(x2 + i * 8, g);
 #pragma unroll
-            for (int k = 0; k < 8; k++) f[k] = f[k] * (1.0f / (1.0f + __expf(-f[k]))) * g[k];
+            for (int k = 0; k < 8; k++) f[k] = gated_activation(f[k], activation) * g[k];
         }
         store_h16x8(sin + i * 8, f);
         if (blockIdx.x == 0 && in_out != nullptr) store_h16x8(in_out + i * 8, f);

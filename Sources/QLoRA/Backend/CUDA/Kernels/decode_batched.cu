@@ -26,19 +26,33 @@
 //   [S, M, ldc] (ldc = the tasks' rows together, task t's columns from col0) and nf4_gemm_finish sums them in split
 //   order (deterministic: a row's result does not depend on the other rows).
 //
-// rope_append_rows — per row: rotates q and k in the fused row [q | k | v] (HF rotate_half, angle position ·
-//   inv_freq[i]) and writes the rotated k and v into the row's slot at its position.
+// rope_append_rows — per row: [RMS-norms each head of q and k (Qwen3's and Gemma 3's q_norm, k_norm), then] rotates
+//   the first rotary_dim dimensions of each head of q and k in the fused row [q | k | v] (HF rotate_half over those
+//   dimensions, angle position · inv_freq[i], cos and sin times longrope's attention factor), and writes the rotated k
+//   and v into the row's slot at its position. Batch-1 generation uses it too (one row, slot 0).
 //
-// attention_rows — per (row, head): the row's query attends to keys 0 ... position of its slot (causal, GQA),
-//   softmax(q·k / √D) v in fp32 with an online softmax over tiles of 128 keys (no limit on the cache length).
+// attention_rows — per (row, head): the row's query attends to keys of its slot up to its position (causal, GQA;
+//   only the last `window` of them on a sliding-window layer), softmax(softcap(q·k · scale)) v in fp32 with an online
+//   softmax over tiles of 128 keys (no limit on the cache length). scale is head_dim^-½ or query_pre_attn_scalar^-½;
+//   softcap (Gemma 2) c·tanh(s / c), none when 0. D 32, 64, 96, 128 or 256.
 //
 // argmax_rows — per row the index of the largest logit, the first on ties (torch.argmax, Sampler.argmax).
 //
 // gather_rows — dst[i] = src[index[i]] (rows of `cols` h16 values): the last prompt token of each sequence.
 //
-// add_bias_rows, swiglu_rows, copy_block — a bias into a fused output row, silu(g)·u from a fused gate|up row (as
-//   swiglu.cu), and a LoRA B into its block of a group's block-diagonal B.
+// add_bias_rows, swiglu_rows, copy_block — a bias into a fused output row, act(g)·u from a fused gate|up row (SwiGLU
+//   as swiglu.cu, or GeGLU), and a LoRA B into its block of a group's block-diagonal B.
+//
+// rmsnorm_rows, embedding_rows, softcap_logits — the family's RMSNorm (x·w or Gemma's x·(1 + w), optionally added to
+//   the residual stream: Gemma's sandwich norms), the embedding times Gemma's √hidden, and final-logit soft-capping.
 #include "qlora_prelude.cuh"
+
+/// The gate's activation of the gated MLP: 0 silu (SwiGLU), 1 GELU with the tanh approximation (Gemma's GeGLU,
+/// PyTorch's gelu(approximate="tanh")). Same in decode.cu.
+__device__ __forceinline__ float gated_activation(float g, int activation) {
+    if (activation == 1) return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    return g * (1.0f / (1.0f + __expf(-g)));
+}
 
 __constant__ float NF4_LEVELS[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
@@ -198,39 +212,59 @@ extern "C" __global__ void nf4_gemm_finish(const Nf4GemmTask* __restrict__ tasks
     }
 }
 
-/// qkv: [rows, q_stride] with [heads*D | kv_heads*D | kv_heads*D] at the start of each row; q and k rotated in
-/// place; k and v copied to kcache/vcache row (slot * capacity + position). Grid-stride over rows x items.
-extern "C" __global__ void rope_append_rows(h16* qkv, int q_stride, h16* kcache, h16* vcache, const int* __restrict__ slots,
-                                            const int* __restrict__ positions, const float* __restrict__ inv_freq, int rows,
-                                            int capacity, int heads, int kv_heads, int head_dim) {
-    const int half = head_dim / 2;
+/// Per row (grid rows, 128 threads: a warp per head): the heads of q and k in the fused row qkv[r] = [q | k | v]
+/// are [RMS-normed per head: q_norm, k_norm; nullable] then rotated (the first rotary_dim dimensions, pairs (i, i +
+/// rotary_dim / 2), angle position · inv_freq[i], cos and sin times rope_scale), in place; the rotated k and the v go
+/// into the row's slot (slots null: slot 0) at its position. The norm rounds as the family's RMSNorm (norm_offset 0:
+/// bf16(bf16(x·r)·w), else bf16(x·r·(w + offset))) before the rotation, which rounds once.
+extern "C" __global__ void __launch_bounds__(128)
+rope_append_rows(h16* qkv, int q_stride, h16* kcache, h16* vcache, const int* __restrict__ slots,
+                 const int* __restrict__ positions, const float* __restrict__ inv_freq, int rows, int capacity, int heads,
+                 int kv_heads, int head_dim, int rotary_dim, float rope_scale, const h16* __restrict__ q_norm,
+                 const h16* __restrict__ k_norm, float norm_offset, float eps) {
+    __shared__ float buf[4][256];
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int pos = positions[r];
     const int kv_dim = kv_heads * head_dim;
-    const int rot_items = (heads + kv_heads) * half;
-    const int per_row = rot_items + kv_dim;
-    GRID_STRIDE(idx, (long long)rows * per_row) {
-        const int r = (int)(idx / per_row), item = (int)(idx % per_row);
-        const int pos = positions[r];
-        h16* row = qkv + (long long)r * q_stride;
-        const long long cache_row = ((long long)slots[r] * capacity + pos) * kv_dim;
-        if (item < rot_items) {
-            const int h = item / half, i = item % half;
-            float s, c;
-            sincosf((float)pos * inv_freq[i], &s, &c);
-            h16* p = row + h * head_dim;
-            const float a = h16_to_float(p[i]), b = h16_to_float(p[i + half]);
-            const h16 lo = float_to_h16(a * c - b * s), hi = float_to_h16(b * c + a * s);
-            p[i] = lo;
-            p[i + half] = hi;
-            if (h >= heads) {
-                h16* kd = kcache + cache_row + (h - heads) * head_dim;
-                kd[i] = lo;
-                kd[i + half] = hi;
-            }
-        } else {
-            const int e = item - rot_items;
-            vcache[cache_row + e] = row[(heads + kv_heads) * head_dim + e];
+    h16* row = qkv + (long long)r * q_stride;
+    const long long cache_row = ((long long)(slots != nullptr ? slots[r] : 0) * capacity + pos) * kv_dim;
+    const int half = rotary_dim / 2;
+    float* b = buf[warp];
+    for (int h = warp; h < heads + kv_heads; h += 4) {
+        h16* p = row + h * head_dim;
+        const h16* w = h < heads ? q_norm : k_norm;
+        float ss = 0.0f;
+        for (int d = lane; d < head_dim; d += 32) {
+            const float v = h16_to_float(p[d]);
+            b[d] = v;
+            ss += v * v;
         }
+        if (w != nullptr) {
+            const float inv = rsqrtf(warp_sum(ss) / head_dim + eps);
+            for (int d = lane; d < head_dim; d += 32) {
+                const float g = h16_to_float(w[d]);
+                b[d] = norm_offset != 0.0f ? round_h16(b[d] * inv * (g + norm_offset)) : round_h16(round_h16(b[d] * inv) * g);
+            }
+        }
+        __syncwarp();
+        for (int d = lane; d < head_dim; d += 32) {
+            float v = b[d];
+            if (d < rotary_dim) {
+                const int i = d < half ? d : d - half;
+                float sn, cs;
+                sincosf((float)pos * inv_freq[i], &sn, &cs);
+                v = d < half ? b[d] * (cs * rope_scale) - b[d + half] * (sn * rope_scale)
+                             : b[d] * (cs * rope_scale) + b[d - half] * (sn * rope_scale);
+            }
+            const h16 o = float_to_h16(v);
+            p[d] = o;
+            if (h >= heads) kcache[cache_row + (h - heads) * head_dim + d] = o;
+        }
+        __syncwarp();  // b is rewritten by the next head
     }
+    for (int e = threadIdx.x; e < kv_dim; e += blockDim.x) vcache[cache_row + e] = row[(heads + kv_heads) * head_dim + e];
 }
 
 #define ATT_THREADS 128
@@ -246,17 +280,21 @@ __device__ __forceinline__ float block_max128(float v, float* scratch) {
 }
 
 /// grid (rows, heads), 128 threads. q: row r at qkv + r * q_stride (head h at h * D); out: [rows, heads * D].
+/// slots null: slot 0. Scores s = q·k · scale, then softcap · tanh(s / softcap) when softcap > 0; with window > 0 the
+/// row at position p sees keys p − window < j ≤ p only.
 template <int D>
 __device__ void attention_rows_impl(const h16* __restrict__ qkv, int q_stride, const h16* __restrict__ kcache,
                                     const h16* __restrict__ vcache, h16* __restrict__ out, const int* __restrict__ slots,
-                                    const int* __restrict__ positions, int capacity, int heads, int kv_heads, float scale) {
+                                    const int* __restrict__ positions, int capacity, int heads, int kv_heads, float scale,
+                                    float softcap, int window) {
     __shared__ float qs[D], scores[ATT_THREADS], red[64], combine[ATT_THREADS / 32][D];
     const int r = blockIdx.x, h = blockIdx.y;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int keys = positions[r] + 1;
+    const int first = window > 0 ? max(0, keys - window) : 0;
     const int kvh = h / (heads / kv_heads);
     const int kv_dim = kv_heads * D;
-    const long long base = (long long)slots[r] * capacity * kv_dim + kvh * D;
+    const long long base = (long long)(slots != nullptr ? slots[r] : 0) * capacity * kv_dim + kvh * D;
     const h16* qrow = qkv + (long long)r * q_stride + h * D;
     for (int d = tid; d < D; d += ATT_THREADS) qs[d] = h16_to_float(qrow[d]) * scale;
     __syncthreads();
@@ -265,7 +303,7 @@ __device__ void attention_rows_impl(const h16* __restrict__ qkv, int q_stride, c
 #pragma unroll
     for (int e = 0; e < PER; e++) acc[e] = 0.0f;
     float m_run = -QLORA_INFINITY, l_run = 0.0f;
-    for (int j0 = 0; j0 < keys; j0 += ATT_THREADS) {
+    for (int j0 = first; j0 < keys; j0 += ATT_THREADS) {
         const int n = min(ATT_THREADS, keys - j0);
         float s = -QLORA_INFINITY;
         if (tid < n) {
@@ -278,6 +316,7 @@ __device__ void attention_rows_impl(const h16* __restrict__ qkv, int q_stride, c
 #pragma unroll
                 for (int e = 0; e < 8; e++) s += qs[d + e] * kf[e];
             }
+            if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
         }
         const float m_new = fmaxf(m_run, block_max128(s, red));
         const float alpha = __expf(m_run - m_new);  // 0 on the first tile (m_run = -inf)
@@ -309,12 +348,16 @@ __device__ void attention_rows_impl(const h16* __restrict__ qkv, int q_stride, c
 #define ATTENTION_ROWS(D)                                                                                               \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                                           \
     attention_rows_d##D(const h16* qkv, int q_stride, const h16* kcache, const h16* vcache, h16* out, const int* slots, \
-                        const int* positions, int capacity, int heads, int kv_heads, float scale) {                     \
-        attention_rows_impl<D>(qkv, q_stride, kcache, vcache, out, slots, positions, capacity, heads, kv_heads, scale); \
+                        const int* positions, int capacity, int heads, int kv_heads, float scale, float softcap,        \
+                        int window) {                                                                                   \
+        attention_rows_impl<D>(qkv, q_stride, kcache, vcache, out, slots, positions, capacity, heads, kv_heads, scale,  \
+                               softcap, window);                                                                        \
     }
 ATTENTION_ROWS(32)
 ATTENTION_ROWS(64)
+ATTENTION_ROWS(96)
 ATTENTION_ROWS(128)
+ATTENTION_ROWS(256)
 
 /// out[r] = the first index of the largest of logits[r, 0..vocab). grid rows, 256 threads.
 extern "C" __global__ void __launch_bounds__(256) argmax_rows(const float* __restrict__ logits, int* __restrict__ out, int vocab) {
@@ -363,21 +406,57 @@ extern "C" __global__ void add_bias_rows(h16* y, int stride, const h16* __restri
     }
 }
 
-/// h[r, i] = silu(g) · u with g = gu[r, i], u = gu[r, inter + i] (the fused gate|up row), as swiglu.cu's forward.
-extern "C" __global__ void swiglu_rows(const h16* __restrict__ gu, h16* __restrict__ h, int rows, int inter) {
+/// h[r, i] = act(g) · u with g = gu[r, i], u = gu[r, inter + i] (the fused gate|up row): act silu (activation 0, as
+/// swiglu.cu's forward) or GELU's tanh approximation (1, gated_activation above), rounded once.
+extern "C" __global__ void swiglu_rows(const h16* __restrict__ gu, h16* __restrict__ h, int rows, int inter, int activation) {
     GRID_STRIDE(e, (long long)rows * inter) {
         const long long r = e / inter, i = e % inter;
         const float g = h16_to_float(gu[r * 2 * inter + i]), u = h16_to_float(gu[r * 2 * inter + inter + i]);
-        h[e] = float_to_h16(g * (1.0f / (1.0f + __expf(-g))) * u);
+        h[e] = float_to_h16(gated_activation(g, activation) * u);
     }
 }
 
-/// dst[r * dst_stride + dst_col + c] = src[r * cols + c] for `rows` rows of `cols` values (a LoRA B into its
-/// block of the group's block-diagonal B).
+/// Per row (grid rows, 256 threads): n = RMSNorm(x)·w as the family rounds it (offset 0: bf16(bf16(x·r)·w), Llama's;
+/// else bf16(x·r·(w + offset)), Gemma's (1 + w) in fp32); out = n, or out = bf16(out + n) with `add` (Gemma's norms on
+/// the attention and MLP outputs, added to the residual stream). x and out may be the same rows when add is 0.
+extern "C" __global__ void __launch_bounds__(256)
+rmsnorm_rows(const h16* x, const h16* __restrict__ w, h16* out, int dim, float eps, float offset, int add) {
+    __shared__ float scratch[32];
+    const h16* xr = x + (long long)blockIdx.x * dim;
+    h16* o = out + (long long)blockIdx.x * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        const float v = h16_to_float(xr[i]);
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_sum(ss, scratch) / dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        const float v = h16_to_float(xr[i]), g = h16_to_float(w[i]);
+        const float n = offset != 0.0f ? round_h16(v * inv * (g + offset)) : round_h16(round_h16(v * inv) * g);
+        o[i] = float_to_h16(add ? h16_to_float(o[i]) + n : n);
+    }
+}
+
+/// out[t] = table[ids[t]] · scale (grid tokens): the embedding, scaled by Gemma's √hidden (already rounded to h16 by
+/// the caller, as transformers' normalizer tensor) and rounded once; scale 1 copies. ids are checked by the caller.
+extern "C" __global__ void embedding_rows(const int* __restrict__ ids, const h16* __restrict__ table, h16* __restrict__ out, int dim,
+                                          float scale) {
+    const h16* row = table + (long long)ids[blockIdx.x] * dim;
+    h16* o = out + (long long)blockIdx.x * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = scale == 1.0f ? row[i] : float_to_h16(h16_to_float(row[i]) * scale);
+}
+
+/// logits = cap · tanh(logits / cap) (fp32, n values): final-logit soft-capping.
+extern "C" __global__ void softcap_logits(float* logits, long long n, float cap) {
+    GRID_STRIDE(e, n) logits[e] = cap * tanhf(logits[e] / cap);
+}
+
+/// dst[r * dst_stride + dst_col + c] = src[r * src_stride + c] for `rows` rows of `cols` values (a LoRA B into its
+/// block of the group's block-diagonal B; a matrix's output into its columns of a fused row, or q out of one).
 extern "C" __global__ void copy_block(const h16* __restrict__ src, h16* __restrict__ dst, int rows, int cols, int dst_stride,
-                                      int dst_col) {
+                                      int dst_col, int src_stride) {
     GRID_STRIDE(e, (long long)rows * cols) {
         const long long r = e / cols, c = e % cols;
-        dst[r * dst_stride + dst_col + c] = src[e];
+        dst[r * dst_stride + dst_col + c] = src[r * src_stride + c];
     }
 }

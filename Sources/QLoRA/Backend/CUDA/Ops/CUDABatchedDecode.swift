@@ -117,29 +117,65 @@ extension CUDAContext {
         }
     }
 
-    /// Per row r of `rows`: rotates q and k inside the fused row qkv[r] = [q | k | v] (row stride `stride` values)
-    /// at positions[r], and writes k, v into the caches ([slots, capacity, kvHeads · headDim]) at (slots[r], positions[r]).
+    /// Per row r of `rows`: [RMS-norms each head of q and k with `qNorm`/`kNorm` (nonzero: Qwen3, Gemma 3), then]
+    /// rotates the first `rotaryDim` (default all) dimensions of each head of q and k inside the fused row qkv[r] =
+    /// [q | k | v] (row stride `stride` values) at positions[r], cos and sin times `ropeScale`, and writes k, v into the
+    /// caches ([slots, capacity, kvHeads · headDim]) at (slots[r], positions[r]); `slots` 0 means slot 0 for every row.
     public func ropeAppendRows(qkv: CUdeviceptr, stride: Int, kcache: CUdeviceptr, vcache: CUdeviceptr, slots: CUdeviceptr,
                                positions: CUdeviceptr, inverseFrequencies: CUdeviceptr, rows: Int, capacity: Int, heads: Int,
-                               kvHeads: Int, headDim: Int, stream: CUDAStream? = nil) throws {
-        let items = rows * ((heads + kvHeads) * headDim / 2 + kvHeads * headDim)
-        try device.launch(compiler.function(KernelSources.decodeBatched, "rope_append_rows"), grid: (gridSize(items: items), 1, 1),
-                          block: (256, 1, 1), stream: stream,
+                               kvHeads: Int, headDim: Int, rotaryDim: Int? = nil, ropeScale: Float = 1, qNorm: CUdeviceptr = 0,
+                               kNorm: CUdeviceptr = 0, normOffset: Float = 0, eps: Float = 0, stream: CUDAStream? = nil) throws {
+        let rotary = rotaryDim ?? headDim
+        try require(headDim <= 256 && headDim % 2 == 0 && rotary % 2 == 0 && rotary > 0 && rotary <= headDim && (qNorm == 0) == (kNorm == 0),
+                    "ropeAppendRows", "head dimension \(headDim) (even, at most 256), rotary dimensions \(rotary) (even, 1...head dim), q and k norms both or neither")
+        guard rows > 0 else { return }
+        try device.launch(compiler.function(KernelSources.decodeBatched, "rope_append_rows"), grid: (rows, 1, 1),
+                          block: (128, 1, 1), stream: stream,
                           [.pointer(qkv), .int(stride), .pointer(kcache), .pointer(vcache), .pointer(slots), .pointer(positions),
-                           .pointer(inverseFrequencies), .int(rows), .int(capacity), .int(heads), .int(kvHeads), .int(headDim)])
+                           .pointer(inverseFrequencies), .int(rows), .int(capacity), .int(heads), .int(kvHeads), .int(headDim),
+                           .int(rotary), .float(ropeScale), .pointer(qNorm), .pointer(kNorm), .float(normOffset), .float(eps)])
     }
 
     /// out [rows, heads · D]: row r's query (head h at qkv + r · stride + h · D) attends to its slot's cache rows
-    /// 0 ... positions[r]. D is 32, 64 or 128.
+    /// 0 ... positions[r] (the last `window` of them when window > 0; `slots` 0: slot 0). D is 32, 64, 96, 128 or 256.
+    /// Scores q·k · scale (default D^-½), soft-capped c·tanh(s / c) when softcap > 0.
     public func attentionRows(qkv: CUdeviceptr, stride: Int, kcache: CUdeviceptr, vcache: CUdeviceptr, out: CUdeviceptr,
                               slots: CUdeviceptr, positions: CUdeviceptr, rows: Int, capacity: Int, heads: Int, kvHeads: Int,
-                              headDim: Int, stream: CUDAStream? = nil) throws {
-        try require([32, 64, 128].contains(headDim) && kvHeads > 0 && heads % kvHeads == 0, "attentionRows",
-                    "head dimension \(headDim) (32, 64 or 128) or heads \(heads)/\(kvHeads)")
+                              headDim: Int, scale: Float? = nil, softcap: Float = 0, window: Int = 0, stream: CUDAStream? = nil) throws {
+        try require(Self.decodeHeadDims.contains(headDim) && kvHeads > 0 && heads % kvHeads == 0 && window >= 0, "attentionRows",
+                    "head dimension \(headDim) (32, 64, 96, 128 or 256), heads \(heads)/\(kvHeads) or window \(window)")
+        guard rows > 0 else { return }
         try device.launch(compiler.function(KernelSources.decodeBatched, "attention_rows_d\(headDim)"), grid: (rows, heads, 1),
                           block: (128, 1, 1), stream: stream,
                           [.pointer(qkv), .int(stride), .pointer(kcache), .pointer(vcache), .pointer(out), .pointer(slots),
-                           .pointer(positions), .int(capacity), .int(heads), .int(kvHeads), .float(1 / Float(headDim).squareRoot())])
+                           .pointer(positions), .int(capacity), .int(heads), .int(kvHeads),
+                           .float(scale ?? 1 / Float(headDim).squareRoot()), .float(softcap), .int(window)])
+    }
+
+    /// Per row: out = RMSNorm(x)·(weight + offset) as the family rounds it (offset 0: Llama's bf16(bf16(x·r)·w); else
+    /// Gemma's bf16(x·r·(w + offset))), or out = bf16(out + that) with `add` (a norm on a branch added to the residual
+    /// stream). x and out may be the same rows without `add`.
+    public func rmsNormRows(x: CUdeviceptr, weight: CUdeviceptr, out: CUdeviceptr, rows: Int, dim: Int, eps: Float, offset: Float = 0,
+                            add: Bool = false, stream: CUDAStream? = nil) throws {
+        guard rows > 0 else { return }
+        try device.launch(compiler.function(KernelSources.decodeBatched, "rmsnorm_rows"), grid: (rows, 1, 1), block: (256, 1, 1),
+                          stream: stream,
+                          [.pointer(x), .pointer(weight), .pointer(out), .int(dim), .float(eps), .float(offset), .int(add ? 1 : 0)])
+    }
+
+    /// out[t] = table[ids[t]] · scale (bf16 rows of `dim`; scale 1 copies). The ids (Int32) must be in the table.
+    public func embeddingRows(ids: CUdeviceptr, table: CUdeviceptr, out: CUdeviceptr, rows: Int, dim: Int, scale: Float = 1,
+                              stream: CUDAStream? = nil) throws {
+        guard rows > 0 else { return }
+        try device.launch(compiler.function(KernelSources.decodeBatched, "embedding_rows"), grid: (rows, 1, 1), block: (128, 1, 1),
+                          stream: stream, [.pointer(ids), .pointer(table), .pointer(out), .int(dim), .float(scale)])
+    }
+
+    /// logits = cap · tanh(logits / cap) for `count` fp32 values (final-logit soft-capping).
+    public func softcapLogits(_ logits: CUdeviceptr, count: Int, cap: Float, stream: CUDAStream? = nil) throws {
+        guard count > 0 else { return }
+        try device.launch(compiler.function(KernelSources.decodeBatched, "softcap_logits"), grid: (gridSize(items: count), 1, 1),
+                          block: (256, 1, 1), stream: stream, [.pointer(logits), .int64(Int64(count)), .float(cap)])
     }
 
     /// out[r] (Int32) = the first index of the largest value of logits row r (fp32 [rows, vocab]).
@@ -162,18 +198,20 @@ extension CUDAContext {
                           [.pointer(y), .int(stride), .pointer(bias), .int(rows), .int(cols), .int(overwrite ? 1 : 0)])
     }
 
-    /// h [rows, inter] = silu(gate) · up from fused rows gateUp [rows, 2 · inter] (gate first).
-    public func swigluRows(gateUp: CUdeviceptr, into h: CUdeviceptr, rows: Int, inter: Int, stream: CUDAStream? = nil) throws {
+    /// h [rows, inter] = act(gate) · up from fused rows gateUp [rows, 2 · inter] (gate first): SwiGLU (silu) or GeGLU.
+    public func swigluRows(gateUp: CUdeviceptr, into h: CUdeviceptr, rows: Int, inter: Int, activation: MLPActivation = .silu,
+                           stream: CUDAStream? = nil) throws {
         try device.launch(compiler.function(KernelSources.decodeBatched, "swiglu_rows"), grid: (gridSize(items: rows * inter), 1, 1),
-                          block: (256, 1, 1), stream: stream, [.pointer(gateUp), .pointer(h), .int(rows), .int(inter)])
+                          block: (256, 1, 1), stream: stream, [.pointer(gateUp), .pointer(h), .int(rows), .int(inter), .int(activation.kernelCode)])
     }
 
-    /// Copies a dense [rows, cols] bf16 matrix into columns dstColumn ..< dstColumn + cols of a matrix with row stride
-    /// `dstStride`.
+    /// Copies a [rows, cols] bf16 matrix (row stride `srcStride`, default cols: dense) into columns dstColumn ..< dstColumn
+    /// + cols of a matrix with row stride `dstStride`.
     public func copyBlock(_ src: CUdeviceptr, to dst: CUdeviceptr, rows: Int, cols: Int, dstStride: Int, dstColumn: Int,
-                          stream: CUDAStream? = nil) throws {
+                          srcStride: Int? = nil, stream: CUDAStream? = nil) throws {
+        guard rows > 0, cols > 0 else { return }
         try device.launch(compiler.function(KernelSources.decodeBatched, "copy_block"), grid: (gridSize(items: rows * cols), 1, 1),
                           block: (256, 1, 1), stream: stream,
-                          [.pointer(src), .pointer(dst), .int(rows), .int(cols), .int(dstStride), .int(dstColumn)])
+                          [.pointer(src), .pointer(dst), .int(rows), .int(cols), .int(dstStride), .int(dstColumn), .int(srcStride ?? cols)])
     }
 }

@@ -62,6 +62,11 @@ public struct NF4GemvTask {
     }
 }
 
+extension MLPActivation {
+    /// The `activation` argument of the generation kernels (gated_activation in decode.cu and decode_batched.cu).
+    var kernelCode: Int { self == .geluTanh ? 1 : 0 }
+}
+
 extension CUDAContext {
     /// Runs the encoded `tasks` (a device copy of `NF4GemvTask.encode`'s bytes) over x (bf16, `cols` values,
     /// 16-byte aligned). cols and blocksize must be multiples of 32.
@@ -87,46 +92,41 @@ extension CUDAContext {
                           [.pointer(weight), .pointer(x), .pointer(out), .int(rows), .int(cols), .float(scale)])
     }
 
-    /// One token: rotates q and k inside the fused row qkv = [q | k | v] and writes k, v into the caches at the
-    /// position stored (as Int32) at `position`.
-    public func ropeAppend(qkv: CUdeviceptr, kcache: CUdeviceptr, vcache: CUdeviceptr, position: CUdeviceptr,
-                           inverseFrequencies: CUdeviceptr, heads: Int, kvHeads: Int, headDim: Int,
-                           stream: CUDAStream? = nil) throws {
-        let items = (heads + kvHeads) * headDim / 2 + kvHeads * headDim
-        try device.launch(compiler.function(KernelSources.decode, "rope_qk_append"), grid: ((items + 255) / 256, 1, 1),
-                          block: (256, 1, 1), stream: stream,
-                          [.pointer(qkv), .pointer(kcache), .pointer(vcache), .pointer(position), .pointer(inverseFrequencies),
-                           .int(heads), .int(kvHeads), .int(headDim)])
-    }
-
     /// Queries [tokens, heads, D] (row stride `qStride` values) at positions start + i attend to cache rows
-    /// 0 ... start + i. `start` is read from `startPointer` (Int32) when that is not 0. `maxKeys` bounds start + tokens
-    /// (it sizes shared memory). D is 32, 64 or 128.
+    /// 0 ... start + i (the last `window` of them when window > 0). `start` is read from `startPointer` (Int32) when that
+    /// is not 0. `maxKeys` bounds start + tokens (it sizes shared memory). D is 32, 64, 96, 128 or 256. Scores are
+    /// q·k · scale (default D^-½), soft-capped c·tanh(s / c) when softcap > 0.
     public func attentionCached(q: CUdeviceptr, qStride: Int, kcache: CUdeviceptr, vcache: CUdeviceptr, out: CUdeviceptr,
                                 startPointer: CUdeviceptr, start: Int, tokens: Int, heads: Int, kvHeads: Int, headDim: Int,
-                                maxKeys: Int, stream: CUDAStream? = nil) throws {
-        try require([32, 64, 128].contains(headDim) && kvHeads > 0 && heads % kvHeads == 0, "attentionCached",
-                    "head dimension \(headDim) (32, 64 or 128) or heads \(heads)/\(kvHeads)")
+                                maxKeys: Int, scale: Float? = nil, softcap: Float = 0, window: Int = 0,
+                                stream: CUDAStream? = nil) throws {
+        try require(Self.decodeHeadDims.contains(headDim) && kvHeads > 0 && heads % kvHeads == 0 && window >= 0, "attentionCached",
+                    "head dimension \(headDim) (32, 64, 96, 128 or 256), heads \(heads)/\(kvHeads) or window \(window)")
         let f = try compiler.function(KernelSources.decode, "attention_cached_d\(headDim)")
         let shared = (9 * headDim + 64 + maxKeys) * 4
         try allowSharedMemory(f, bytes: shared, "attentionCached")
         try device.launch(f, grid: (tokens, heads, 1), block: (256, 1, 1), sharedMemory: shared, stream: stream,
                           [.pointer(q), .int(qStride), .pointer(kcache), .pointer(vcache), .pointer(out), .pointer(startPointer),
-                           .int(start), .int(heads), .int(kvHeads), .float(1 / Float(headDim).squareRoot())])
+                           .int(start), .int(heads), .int(kvHeads), .float(scale ?? 1 / Float(headDim).squareRoot()), .float(softcap),
+                           .int(window)])
     }
 
+    /// The head dimensions of the generation kernels (attention_cached, attention_rows, rope_append_rows).
+    public static let decodeHeadDims = [32, 64, 96, 128, 256]
+
     /// The LoRA A rows of a group (xa[b] = A[b, :] · in, fp32) with their input made in the same launch:
-    /// mode 0 in = x, 1 in = RMSNorm(x)·normWeight, 2 in = silu(x)·x2. `inOut` (when not 0) receives `in` (bf16).
-    /// rows may be 0 (then only `in` is written).
+    /// mode 0 in = x, 1 in = RMSNorm(x)·(normWeight + normOffset), 2 in = act(x)·x2. `inOut` (when not 0) receives `in`
+    /// (bf16). rows may be 0 (then only `in` is written).
     public func loraARows(a: CUdeviceptr, x: CUdeviceptr, x2: CUdeviceptr = 0, normWeight: CUdeviceptr = 0, inOut: CUdeviceptr,
-                          xa: CUdeviceptr, rows: Int, cols: Int, mode: Int, eps: Float = 0, stream: CUDAStream? = nil) throws {
+                          xa: CUdeviceptr, rows: Int, cols: Int, mode: Int, eps: Float = 0, normOffset: Float = 0,
+                          activation: MLPActivation = .silu, stream: CUDAStream? = nil) throws {
         try require(cols % 8 == 0 && (0...2).contains(mode), "loraARows", "cols \(cols) must be a multiple of 8, mode 0...2")
         let f = try compiler.function(KernelSources.decode, "lora_a_rows")
         let shared = cols * 2
         try allowSharedMemory(f, bytes: shared, "loraARows")
         try device.launch(f, grid: (max(rows, 1), 1, 1), block: (1024, 1, 1), sharedMemory: shared, stream: stream,
                           [.pointer(a), .pointer(x), .pointer(x2), .pointer(normWeight), .pointer(inOut), .pointer(xa), .int(rows),
-                           .int(cols), .int(mode), .float(eps)])
+                           .int(cols), .int(mode), .float(eps), .float(normOffset), .int(activation.kernelCode)])
     }
 
     /// nf4Gemv with the columns split over `splits` (1, 2, 4 or 8) warps of each block and x read through L1;
