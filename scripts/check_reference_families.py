@@ -6,7 +6,7 @@
 #      after quantization: prepare_model_for_kbit_training, LoRA on TARGETS (seven modules a layer, Phi-3's fused four),
 #      then a forward with labels over 48 tokens (past the window) and a backward that reaches every LoRA B.
 # Usage: python -m zipfile -e ../shared/bench/bitsandbytes-0.50.2-cuda130-slim.zip /tmp/bnb
-#        PYTHONPATH=/tmp/bnb /work/pyenv/bin/python scripts/check_reference_families.py
+#        PYTHONPATH=/tmp/bnb /work/pyenv/bin/python scripts/check_reference_families.py [NAME ...]
 import os, sys
 import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "device"))
@@ -45,7 +45,8 @@ def check(ok, what):
         failures.append(what)
 
 
-for name, (cls, attn, per_layer, layer_types) in EXPECTED.items():
+for name in sys.argv[1:] or list(EXPECTED):
+    cls, attn, per_layer, layer_types = EXPECTED[name]
     cfg, model, c = build(name, {}, "meta")
     check(type(model).__name__ == cls, f"{name}: {type(model).__name__} (expected {cls})")
     check(cfg._attn_implementation == attn, f"{name}: attention {cfg._attn_implementation} (expected {attn})")

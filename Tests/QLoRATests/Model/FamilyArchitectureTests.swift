@@ -125,6 +125,32 @@ final class FamilyArchitectureTests: XCTestCase {
         }
     }
 
+    /// What a user sees: the names in the commands' help; `plan --arch NAME` prints the GPU trainer's plan once the
+    /// trainer computes the family, and until then names what it lacks and the CPU way out (never "unknown --arch").
+    func testCommandLineKnowsTheNewArchitectures() throws {
+        let cli = CommandLineTests(name: "qlora", testClosure: { _ in })
+        let names = [Architecture.qwen3_8b, .gemma2_9b, .gemma3_12b, .phi4_mini].map(\.rawValue)
+        for command in ["bench", "plan", "bench-decode"] {
+            let help = try cli.qlora([command, "--help"])
+            XCTAssertEqual(help.status, 0, help.err)
+            // The help text wraps lines: compare without the line breaks and indentation.
+            let text = help.out.split(whereSeparator: \.isWhitespace).joined(separator: " ")
+            for name in names { XCTAssertTrue(text.contains(name), "\(command) --help lacks \(name): \(help.out)") }
+        }
+        for name in names {
+            let plan = try cli.qlora(["plan", "--arch", name, "--batch", "2", "--seq", "2048", "--gpu-memory", "80"])
+            if (try? Architecture(rawValue: name)!.config.checkCUDASupport(sequenceLength: 2048, what: "")) != nil {
+                XCTAssertEqual(plan.status, 0, plan.err)
+                XCTAssertTrue(plan.out.contains("\(name), 2 x 2048 tokens, LoRA r=16:"), plan.out)
+                XCTAssertTrue(plan.out.contains("80.0 GiB card: fits"), plan.out)
+            } else {
+                XCTAssertNotEqual(plan.status, 0, plan.out)
+                XCTAssertTrue(plan.err.contains("plan --arch \(name)") && plan.err.contains("--device cpu"), plan.err)
+            }
+            XCTAssertFalse(plan.err.contains("unknown --arch"), plan.err)
+        }
+    }
+
     /// Within 1% of the size the model is known by.
     func assertClose(_ count: Int, _ stated: Double, file: StaticString = #filePath, line: UInt = #line) {
         XCTAssertLessThan(abs(Double(count) / stated - 1), 0.01, "\(count) vs \(stated)", file: file, line: line)
