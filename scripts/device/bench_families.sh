@@ -18,6 +18,8 @@ SEQ=2048
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=$(mktemp -d)
 [ -d /tmp/bnb/bitsandbytes ] || python3 -m zipfile -e .refstack/bitsandbytes-0.50.2-cuda130-slim.zip /tmp/bnb
+PYTHONPATH=/tmp/bnb python3 -c "import torch, transformers, peft, bitsandbytes as b; print('seeds\' stack: torch', torch.__version__,
+  'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', b.__version__)" >&2
 for a in "${ARCHS[@]}"; do
   b=${BATCH[$a]:-}
   [ -n "$b" ] || { echo "unknown shape '$a' (known: ${!BATCH[*]})" >&2; exit 2; }
