@@ -61,7 +61,7 @@ struct BenchCommand: ParsableCommand {
         do {
             try architecture.config.checkCUDASupport(sequenceLength: seq, what: "bench --arch \(arch)")
         } catch {
-            // The GPU does not compute this architecture yet (phi-4-mini): cuda is refused by name before any GPU
+            // The GPU does not compute this architecture's variations yet: cuda is refused by name before any GPU
             // work, auto runs on the CPU.
             if ["cuda", "gpu"].contains(device.lowercased()) { throw error }
             chosen = "cpu"

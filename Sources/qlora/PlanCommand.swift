@@ -63,7 +63,7 @@ struct PlanCommand: ParsableCommand {
         let header = budgets.map { "\(Int($0)) GB" }
         print("| model | LoRA r | checkpoints | " + header.joined(separator: " | ") + " |")
         print("| --- | --- | --- | " + header.map { _ in "---" }.joined(separator: " | ") + " |")
-        // Only the architectures the GPU trainer computes (phi-4-mini runs on the CPU for now).
+        // Only the architectures the GPU trainer computes (the others run on the CPU for now).
         for architecture in Architecture.allCases where (try? architecture.config.checkCUDASupport(sequenceLength: 0, what: "")) != nil {
             let config = architecture.config
             for rank in [16, 64] {

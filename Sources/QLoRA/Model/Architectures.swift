@@ -9,6 +9,12 @@ public enum Architecture: String, CaseIterable, Sendable {
     case llama3_1_70b = "llama-3.1-70b"
     /// Phi-4-mini (phi3: fused qkv_proj / gate_up_proj, 96 of 128 head dimensions rotated, longrope); the CPU only for now.
     case phi4_mini = "phi-4-mini"
+    /// Qwen3-8B (q/k norms, head_dim 128 beside hidden 4096, untied).
+    case qwen3_8b = "qwen3-8b"
+    /// Gemma-2-9B (sandwich norms, GeGLU, soft-capping, every other layer sliding over 4096, head_dim 256, vocabulary 256,000).
+    case gemma2_9b = "gemma-2-9b"
+    /// Gemma-3-12B's text model (q/k norms, 5 sliding layers of 1024 to 1 global, local/global RoPE, vocabulary 262,208).
+    case gemma3_12b = "gemma-3-12b"
 
     /// config.json fields of the real model.
     public var config: DecoderConfig {
@@ -48,13 +54,45 @@ public enum Architecture: String, CaseIterable, Sendable {
                       ("rope_scaling", .object(JSONObject([("type", .string("longrope")),
                                                            ("short_factor", .array(Array(repeating: .double(1), count: 48))),
                                                            ("long_factor", .array(phi4MiniLongFactors.map { .double($0) }))])))]
+        case .qwen3_8b:
+            // Qwen/Qwen3-8B's config.json.
+            fields = [("hidden_size", .int(4096)), ("intermediate_size", .int(12288)), ("num_hidden_layers", .int(36)),
+                      ("num_attention_heads", .int(32)), ("num_key_value_heads", .int(8)), ("head_dim", .int(128)),
+                      ("vocab_size", .int(151936)), ("tie_word_embeddings", .bool(false)), ("rms_norm_eps", .double(1e-6)),
+                      ("max_position_embeddings", .int(40960)), ("rope_theta", .double(1_000_000)), ("rope_scaling", .null),
+                      ("attention_bias", .bool(false)), ("sliding_window", .null), ("use_sliding_window", .bool(false)),
+                      ("max_window_layers", .int(36)), ("bos_token_id", .int(151643)), ("eos_token_id", .int(151645))]
+        case .gemma2_9b:
+            // google/gemma-2-9b's config.json (no layer_types: Gemma2Config slides the even layers 0, 2, 4, ...).
+            fields = [("hidden_size", .int(3584)), ("intermediate_size", .int(14336)), ("num_hidden_layers", .int(42)),
+                      ("num_attention_heads", .int(16)), ("num_key_value_heads", .int(8)), ("head_dim", .int(256)),
+                      ("vocab_size", .int(256000)), ("rms_norm_eps", .double(1e-6)), ("max_position_embeddings", .int(8192)),
+                      ("rope_theta", .double(10000)), ("query_pre_attn_scalar", .int(256)), ("sliding_window", .int(4096)),
+                      ("attn_logit_softcapping", .double(50)), ("final_logit_softcapping", .double(30)),
+                      ("hidden_activation", .string("gelu_pytorch_tanh")), ("attention_bias", .bool(false)),
+                      ("bos_token_id", .int(2)), ("eos_token_id", .int(1)), ("pad_token_id", .int(0))]
+        case .gemma3_12b:
+            // google/gemma-3-12b-pt's text_config, which lists only these; Gemma3TextConfig's defaults give the rest
+            // (vocabulary 262,208, head_dim 256, query_pre_attn_scalar 256, global base 1e6, local base 10,000,
+            // every 6th layer global, eps 1e-6, tied, no soft-capping), and the test checks each of them.
+            fields = [("hidden_size", .int(3840)), ("intermediate_size", .int(15360)), ("num_hidden_layers", .int(48)),
+                      ("num_attention_heads", .int(16)), ("num_key_value_heads", .int(8)), ("sliding_window", .int(1024)),
+                      ("rope_scaling", .object(JSONObject([("factor", .double(8)), ("rope_type", .string("linear"))])))]
         }
         // The fields are fixed above, so parsing them cannot fail.
         return try! DecoderConfig(json: .object(JSONObject([("model_type", .string(modelType))] + fields)), file: "architecture \(rawValue)")
     }
 
     /// The config's model_type.
-    public var modelType: String { self == .phi4_mini ? "phi3" : "llama" }
+    public var modelType: String {
+        switch self {
+        case .phi4_mini: return "phi3"
+        case .qwen3_8b: return "qwen3"
+        case .gemma2_9b: return "gemma2"
+        case .gemma3_12b: return "gemma3_text"
+        default: return "llama"
+        }
+    }
 }
 
 /// Phi-4-mini's longrope long factors, one per rotated pair (48 = 96 rotated dimensions / 2).

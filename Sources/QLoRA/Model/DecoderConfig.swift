@@ -216,7 +216,10 @@ public struct DecoderConfig: Equatable, Sendable {
         rmsNormEps = Float(eps)
         // Gemma ties by default; a multimodal Gemma 3 ties (or not) at the top level.
         tieWordEmbeddings = try top.bool("tie_word_embeddings") ?? fields.bool("tie_word_embeddings") ?? isGemma
-        maxPositionEmbeddings = try fields.optionalSize("max_position_embeddings") ?? (isPhi3 ? 4096 : 2048)
+        // Absent (Gemma 3's pt checkpoints leave it out of text_config): the family config class's default.
+        let defaultPositions = ["mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768, "gemma2": 8192, "gemma3_text": 131_072,
+                                "phi3": 4096][family] ?? 2048
+        maxPositionEmbeddings = try fields.optionalSize("max_position_embeddings") ?? defaultPositions
         let vocab = vocabularySize
         func tokenID(_ key: String, _ value: JSONValue) throws -> Int {
             guard let id = value.int else { throw fields.fail(key, "expected a token id (integer), got \(value.serialized())") }

@@ -143,7 +143,8 @@ final class CUDAMemoryPlanTests: XCTestCase {
             for n in [2 * 2048, 4 * 2048, 64] {
                 let layout = BlockScratchLayout(config: c, tokens: n)
                 let rows = layout.lossChunkRows
-                XCTAssertLessThanOrEqual(rows * c.vocabularySize * 2, 256 << 20, arch.rawValue)
+                // 256 MiB unless the 512-row floor is more (Gemma 3's 262,208 words: 512 rows are 256.06 MiB).
+                XCTAssertLessThanOrEqual(rows * c.vocabularySize * 2, max(256 << 20, 512 * c.vocabularySize * 2), arch.rawValue)
                 XCTAssertLessThanOrEqual(rows * c.vocabularySize, layout.count, arch.rawValue)
                 XCTAssertTrue(rows % 64 == 0 || rows == n, arch.rawValue)
                 XCTAssertGreaterThanOrEqual(rows, min(512, n), arch.rawValue)
