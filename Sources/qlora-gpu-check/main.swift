@@ -21,7 +21,7 @@
 // instructions, which the driver compiles for the card at load, so the portable paths run for real on a newer GPU
 // (with that architecture's shared-memory limit, so launchers pick what such a card would get).
 // Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, lora linear,
-// decode gemv, inference fixture, inference random, dropout mask, adamw8bit, batched kernels, batched generation
+// decode gemv, inference fixture, inference random, dropout mask, lora dropout fused (DropoutChecks.swift), adamw8bit, batched kernels, batched generation
 // (BatchedChecks.swift), merge (MergeChecks.swift), allocator,
 // training (fixture parity, forward-only loss, short run, engines, dropout, LoRA ranks, memory plan), memory
 // (offloaded checkpoints and the host embedding bit-identical, peak bytes; MemoryChecks.swift), qwen2 (trainer and
@@ -492,6 +492,7 @@ group("decode gemv") { try checkDecodeGemv() }
 group("inference fixture") { try checkInferenceFixture() }
 group("inference random") { try checkInferenceRandom() }
 group("dropout mask") { try checkDropoutKernels() }  // ParityChecks.swift
+group("lora dropout fused") { try checkFusedDropoutKernels() }  // DropoutChecks.swift
 group("adamw8bit") { try checkAdamW8bit() }
 group("batched kernels") { try checkBatchedKernels() }  // BatchedChecks.swift
 group("batched generation") { try checkBatchedGeneration() }
@@ -650,6 +651,7 @@ if runBench {
             print("  qlora linear fwd (nf4 dequant + 3 GEMMs) 4096 tok 4096->14336 r16: \(fmt(fwdMs, 3)) ms = \(fmt(baseFlops / (fwdMs / 1000) / 1e12, 1)) useful TFLOP/s")
             print("  qlora linear bwd (nf4 dequant + 5 GEMMs, dx + dA + dB):          \(fmt(bwdMs, 3)) ms = \(fmt(baseFlops / (bwdMs / 1000) / 1e12, 1)) useful TFLOP/s")
         }
+        try timeLoRADropout(host)  // DropoutChecks.swift
         try timeBatchedGeneration()  // BatchedChecks.swift
         let (free, total) = try dev.memoryInfo()
         print("  allocator: in use \(fmt(Double(A.currentBytes) / Double(1 << 30))) GiB, peak \(fmt(Double(A.peakBytes) / Double(1 << 30))) GiB, "
