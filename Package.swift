@@ -43,6 +43,7 @@ let package = Package(
                 .embedInCode("Backend/CUDA/Kernels/random.cu"),
                 .embedInCode("Backend/CUDA/Kernels/adamw8bit.cu"),
                 .embedInCode("Backend/CUDA/Kernels/training.cu"),
+                .embedInCode("Backend/CUDA/Kernels/lora_dropout.cu"),
             ],
             swiftSettings: fastMath
         ),

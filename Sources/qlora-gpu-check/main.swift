@@ -22,9 +22,9 @@
 // (with that architecture's shared-memory limit, so launchers pick what such a card would get).
 // Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, attention variations
 // (scale, soft-capping, sliding window, head dims 32-256; AttentionFamilyChecks.swift), lora linear,
-// decode gemv, inference fixture, inference random, dropout mask, adamw8bit, batched kernels, batched generation
-// (BatchedChecks.swift), family generation (qwen3, gemma2, gemma3_text, phi3, phi3 longrope, mistral:
-// FamilyInferenceChecks.swift), merge (MergeChecks.swift), allocator,
+// decode gemv, inference fixture, inference random, dropout mask, lora dropout fused (DropoutChecks.swift), adamw8bit,
+// batched kernels, batched generation (BatchedChecks.swift), family generation (qwen3, gemma2, gemma3_text, phi3, phi3
+// longrope, mistral: FamilyInferenceChecks.swift), merge (MergeChecks.swift), allocator,
 // training (fixture parity, forward-only loss, short run, engines, dropout, LoRA ranks, memory plan), memory
 // (offloaded checkpoints and the host embedding bit-identical, peak bytes; MemoryChecks.swift), qwen2 (trainer and
 // inference with biases), family rmsnorm / gated activation / rope / embedding / softcap / copy columns (the model
@@ -497,6 +497,7 @@ group("decode gemv") { try checkDecodeGemv() }
 group("inference fixture") { try checkInferenceFixture() }
 group("inference random") { try checkInferenceRandom() }
 group("dropout mask") { try checkDropoutKernels() }  // ParityChecks.swift
+group("lora dropout fused") { try checkFusedDropoutKernels() }  // DropoutChecks.swift
 group("adamw8bit") { try checkAdamW8bit() }
 group("batched kernels") { try checkBatchedKernels() }  // BatchedChecks.swift
 group("batched generation") { try checkBatchedGeneration() }
@@ -659,6 +660,7 @@ if runBench {
             print("  qlora linear fwd (nf4 dequant + 3 GEMMs) 4096 tok 4096->14336 r16: \(fmt(fwdMs, 3)) ms = \(fmt(baseFlops / (fwdMs / 1000) / 1e12, 1)) useful TFLOP/s")
             print("  qlora linear bwd (nf4 dequant + 5 GEMMs, dx + dA + dB):          \(fmt(bwdMs, 3)) ms = \(fmt(baseFlops / (bwdMs / 1000) / 1e12, 1)) useful TFLOP/s")
         }
+        try timeLoRADropout(host)  // DropoutChecks.swift
         try timeBatchedGeneration()  // BatchedChecks.swift
         try timeFamilyOps()  // FamilyOpChecks.swift
         let (free, total) = try dev.memoryInfo()

@@ -12,8 +12,9 @@
 // seed S gives block l the seed hash(S, l) and that block's linear j (q, k, v, o, gate, up, down) the seed
 // hash(hash(S, l), j).
 //
-// The GPU twin is `dropout_hash` / `dropout_keeps` in Backend/CUDA/Kernels/training.cu; DropoutMaskTests pins
-// values of this one, and qlora-gpu-check's "dropout mask" group holds the GPU to it bit for bit.
+// The GPU twin is `dropout_keeps` / `dropout_keep8` in Backend/CUDA/Kernels/qlora_prelude.cuh (used by training.cu
+// and the fused lora_dropout.cu); DropoutMaskTests pins values of this one, and qlora-gpu-check's "dropout mask" and
+// "lora dropout fused" groups hold the GPU to it bit for bit.
 
 public enum DropoutMask {
     /// SplitMix64's increment.

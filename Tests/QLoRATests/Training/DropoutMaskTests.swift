@@ -1,7 +1,7 @@
 import XCTest
 @testable import QLoRA
 
-/// The counter-based dropout hash (Training/DropoutMask.swift). Its GPU twin in Kernels/training.cu must give the
+/// The counter-based dropout hash (Training/DropoutMask.swift). Its GPU twin in Kernels/qlora_prelude.cuh must give the
 /// same values: these pinned values (computed independently with Python integers) hold the Swift side, and
 /// qlora-gpu-check's "dropout mask" group holds the GPU to the Swift side bit for bit.
 final class DropoutMaskTests: XCTestCase {

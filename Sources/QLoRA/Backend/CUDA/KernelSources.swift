@@ -24,8 +24,9 @@ public enum KernelSources {
     public static let adamw8bit = KernelSource(name: "adamw8bit.cu", bytes: PackageResources.adamw8bit_cu)
 
     public static let training = KernelSource(name: "training.cu", bytes: PackageResources.training_cu)
+    public static let loraDropout = KernelSource(name: "lora_dropout.cu", bytes: PackageResources.lora_dropout_cu)
 
     /// All kernel files, for checks that compile everything up front.
     public static let all: [KernelSource] = [nf4, rmsnorm, rope, swiglu, embedding, crossEntropy, adamw, attention, attentionMMA, convert, training,
-                                          decode, decodeBatched, random, adamw8bit]
+                                          loraDropout, decode, decodeBatched, random, adamw8bit]
 }

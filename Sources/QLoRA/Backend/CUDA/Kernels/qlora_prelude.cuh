@@ -142,6 +142,36 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return v;
 }
 
+// LoRA dropout's keep mask, the twin of Training/DropoutMask.swift (bit for bit; training.cu and lora_dropout.cu use it):
+//   hash(s, i) = mix(s + (i + 1)·γ)  (SplitMix64's finaliser, γ = 0x9E3779B97F4A7C15);  kept iff (hash >> 40)·2^-24 < keep
+// with keep = 1 − p in fp32. (hash >> 40)·2^-24 < keep is tested as (float)(hash >> 40) < keep·2^24: both sides scaled
+// by a power of two, exactly.
+#define QLORA_DROPOUT_GAMMA 0x9e3779b97f4a7c15ull
+
+__device__ __forceinline__ unsigned long long dropout_mix(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ bool dropout_keeps(unsigned long long seed, long long i, float keep) {
+    const unsigned long long h = dropout_mix(seed + QLORA_DROPOUT_GAMMA * (unsigned long long)(i + 1));
+    return (float)(unsigned)(h >> 40) < keep * 16777216.0f;
+}
+
+/// The keep bits of elements i0 … i0 + 7 (bit e: element i0 + e); consecutive counters differ by γ.
+__device__ __forceinline__ unsigned dropout_keep8(unsigned long long seed, long long i0, float keep) {
+    const float threshold = keep * 16777216.0f;
+    unsigned long long z = seed + QLORA_DROPOUT_GAMMA * (unsigned long long)(i0 + 1);
+    unsigned bits = 0;
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        if ((float)(unsigned)(dropout_mix(z) >> 40) < threshold) bits |= 1u << e;
+        z += QLORA_DROPOUT_GAMMA;
+    }
+    return bits;
+}
+
 /// Grid-stride loop over [0, n).
 #define GRID_STRIDE(i, n) \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)

@@ -13,8 +13,8 @@
 //   clip_gradients:  total = sqrt(out[0]), coef = min(1, max_norm / (total + 1e-6)); g *= coef
 //                    (a non-finite total leaves g unchanged, as the CPU trainer does)
 //   scale_values:    g[i] *= factor   (fp16 loss scaling: the gradients of S·loss times 1/S, before the norm)
-// LoRA dropout, the twin of Training/DropoutMask.swift (one definition there, this one must equal it bit for bit):
-//   dropout_hash(s, i) = mix64(s + (i + 1)·γ);  kept iff (dropout_hash >> 40) · 2^-24 < keep  (keep = 1 − p, fp32)
+// LoRA dropout, with the prelude's dropout_keeps (the twin of Training/DropoutMask.swift, bit for bit); the trainer
+// fuses the mask into the LoRA products instead (lora_dropout.cu), these stay for checks and comparisons:
 //   dropout_apply:       out[i] = kept ? bf16(x[i] / keep) : 0              d(x), the LoRA path's input
 //   dropout_add_masked:  dx[i] = bf16(dx[i] + (kept ? t[i] / keep : 0))      dx += d(t), t = s·(dy·B)·A
 //   dropout_keep_mask:   out[i] = kept                                        (for the GPU check)
@@ -77,14 +77,6 @@ extern "C" __global__ void clip_gradients(float* g, long long n, const float* su
 
 extern "C" __global__ void scale_values(float* g, long long n, float factor) {
     GRID_STRIDE(i, n) { g[i] *= factor; }
-}
-
-__device__ __forceinline__ unsigned long long dropout_hash(unsigned long long seed, long long i) {
-    return mix64(seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1));
-}
-
-__device__ __forceinline__ bool dropout_keeps(unsigned long long seed, long long i, float keep) {
-    return uniform01(dropout_hash(seed, i)) < keep;
 }
 
 extern "C" __global__ void dropout_apply(const h16* __restrict__ x, h16* __restrict__ out, long long n, unsigned long long seed,

@@ -42,10 +42,10 @@
 // LoRA dropout (training steps only, as the CPU's Training/DecoderBackward.swift): the LoRA path reads d(x) = x·m/(1−p),
 //   lin(x) = x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ,   lin⁻(dy) = dy·W + d(s·(dy·B)·A),   dA += s·(dy·B)ᵀ·d(x),   dB unchanged,
 // with the mask m of each linear drawn by Training/DropoutMask.swift's counter-based hash from the step's dropout
-// seed, the block index and the linear's index (the kernels in training.cu compute the same hash), so the forward,
-// the recomputation and the backward all see the CPU's masks. d(x) is written into one [N, max in] bf16 scratch
-// right before the GEMM that reads it (regenerated in the backward rather than kept), and the backward's
-// s·(dy·B)·A goes through the same scratch before a fused mask-and-add into dx.
+// seed, the block index and the linear's index (the prelude's dropout_keep8 computes the same hash), so the forward,
+// the recomputation and the backward all see the CPU's masks. d(x) is never written: the kernels of
+// Ops/CUDALoRADropout.swift hash the mask as they read x for d(x)·Aᵀ and dA, and as they add d(s·(dy·B)·A) into dx
+// (the base GEMMs are the same with and without dropout); dA's token splits go through one fp32 scratch.
 // Linear biases (Qwen2's q, k, v) are frozen: written into y before the base GEMM accumulates onto it; no gradient.
 // Each linear has its own LoRA rank (its A, B and x·Aᵀ are sized by it; dy·B uses a scratch of the largest rank);
 // rank 0 is a linear without an adapter (PEFT's target_modules naming only some projections): the base alone.
@@ -179,8 +179,8 @@ public final class CUDADecoderTrainer {
     public private(set) var gradientScale: Float = 1
     let lse: DeviceBuffer<Float>, delta: DeviceBuffer<Float>
     let dyB: DeviceBuffer<UInt16>
-    /// d(x) of the linear being computed, [N, max in] bf16 (nil when no linear has dropout).
-    let dropped: DeviceBuffer<UInt16>?
+    /// The fused dropout's dA partial sums (loraDropoutScratchCount of the largest linear; nil when no linear has dropout).
+    let dropoutPartials: DeviceBuffer<Float>?
     /// The current step's dropout seed (nil: no dropout, e.g. evaluation).
     private var stepDropoutSeed: UInt64?
     let weightScratch: DeviceBuffer<UInt16>
@@ -422,7 +422,8 @@ public final class CUDADecoderTrainer {
             lse = try a.buffer(Float.self, count: n * c.headCount)
             delta = try a.buffer(Float.self, count: n * c.headCount)
             dyB = try bf16(n * maxRank)
-            dropped = dropout ? try bf16(n * (shapes.map(\.in).max() ?? 1)) : nil
+            dropoutPartials = dropout
+                ? try a.buffer(Float.self, count: CUDAMemoryPlan.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks)) : nil
             weightScratch = try bf16(shapes.map { $0.out * $0.in }.max() ?? 1)
             lossChunkRows = scratch.lossChunkRows
             logits = blockScratch.view(at: 0, count: lossChunkRows * c.vocabularySize)
@@ -534,15 +535,13 @@ public final class CUDADecoderTrainer {
     /// The dropout mask seed of `l` in this step, or nil when its LoRA path reads x itself (no dropout on `l`, or
     /// no dropout seed: evaluation). `seeds` are the block's per-linear seeds.
     private func maskSeed(_ l: TrainerLinear, _ j: Int, _ seeds: [UInt64]?) -> UInt64? {
-        guard l.dropout > 0, let seeds, dropped != nil else { return nil }
+        guard l.dropout > 0, let seeds, dropoutPartials != nil else { return nil }
         return seeds[j]
     }
 
-    /// The LoRA path's input: x, or d(x) = x·m/(1−p) written into `dropped` when `seed` is given.
-    private func loraInput(_ l: TrainerLinear, x: CUdeviceptr, n: Int, seed: UInt64?) throws -> CUdeviceptr {
-        guard let seed, let dropped else { return x }
-        try context.dropoutApply(x: x, into: dropped.pointer, count: n * l.inFeatures, seed: seed, keep: 1 - l.dropout)
-        return dropped.pointer
+    /// The dropout mask of `l` for `seed`, or nil (the LoRA path reads x itself).
+    private func loraInput(_ l: TrainerLinear, seed: UInt64?) -> LoRADropoutMask? {
+        seed.map { LoRADropoutMask(seed: $0, keep: 1 - l.dropout) }
     }
 
     /// y (+)= x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ for `n` tokens, keeping d(x)·Aᵀ in `l.xa` (d: dropout with mask `seed`, or
@@ -552,7 +551,11 @@ public final class CUDADecoderTrainer {
         let blas = try context.blas()
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
         if l.rank > 0 {
-            try blas.gemm(m: n, n: l.rank, k: l.inFeatures, a: try loraInput(l, x: x, n: n, seed: seed), b: a16, transB: true, c: l.xa.pointer)
+            if let mask = loraInput(l, seed: seed) {
+                try context.loraDropoutXA(x: x, a: a16, into: l.xa.pointer, tokens: n, inFeatures: l.inFeatures, rank: l.rank, mask: mask)
+            } else {
+                try blas.gemm(m: n, n: l.rank, k: l.inFeatures, a: x, b: a16, transB: true, c: l.xa.pointer)
+            }
         }
         guard base else { return }
         if let bias = l.bias {
@@ -582,14 +585,19 @@ public final class CUDADecoderTrainer {
         // dyB [n, r] = dy·B
         try blas.gemm(m: n, n: l.rank, k: l.outFeatures, a: dy, b: b16, c: dyB.pointer)
         // dA [r, in] += s·dyBᵀ·d(x)
-        try blas.gemm(m: l.rank, n: l.inFeatures, k: n, a: dyB.pointer, transA: true, b: try loraInput(l, x: x, n: n, seed: seed),
-                      c: grads.address(at: l.aOffset), outputType: .float32, alpha: l.scale, beta: 1)
+        let mask = loraInput(l, seed: seed)
+        if let mask, let dropoutPartials {
+            try context.loraDropoutGradA(x: x, dyB: dyB.pointer, into: grads.address(at: l.aOffset), scratch: dropoutPartials, tokens: n,
+                                         inFeatures: l.inFeatures, rank: l.rank, scale: l.scale, mask: mask)
+        } else {
+            try blas.gemm(m: l.rank, n: l.inFeatures, k: n, a: dyB.pointer, transA: true, b: x, c: grads.address(at: l.aOffset),
+                          outputType: .float32, alpha: l.scale, beta: 1)
+        }
         // dx (+)= dy·W + d(s·dyB·A)
         try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weightScratch.pointer, c: dx, beta: accumulate ? 1 : 0)
-        if let seed, let dropped {
-            // t = s·dyB·A into the d(x) scratch (d(x) is no longer needed), then dx += t·m/(1−p).
-            try blas.gemm(m: n, n: l.inFeatures, k: l.rank, a: dyB.pointer, b: a16, c: dropped.pointer, alpha: l.scale)
-            try context.dropoutAddMasked(dropped.pointer, into: dx, count: n * l.inFeatures, seed: seed, keep: 1 - l.dropout)
+        if let mask {
+            try context.loraDropoutAddDX(dyB: dyB.pointer, a: a16, into: dx, tokens: n, inFeatures: l.inFeatures, rank: l.rank,
+                                         scale: l.scale, mask: mask)
         } else {
             try blas.gemm(m: n, n: l.inFeatures, k: l.rank, a: dyB.pointer, b: a16, c: dx, alpha: l.scale, beta: 1)
         }
@@ -609,7 +617,7 @@ public final class CUDADecoderTrainer {
 
     /// The per-linear dropout seeds of block `index` in the current step (DropoutMask.linearSeed), or nil.
     private func blockDropoutSeeds(_ index: Int) -> [UInt64]? {
-        guard let stepDropoutSeed, dropped != nil else { return nil }
+        guard let stepDropoutSeed, dropoutPartials != nil else { return nil }
         return (0..<blocks[index].linears.count).map { DropoutMask.linearSeed(stepSeed: stepDropoutSeed, block: index, linear: $0) }
     }
 

@@ -10,9 +10,10 @@
 //                region for the MLP's gate/up/activated (3 [N, I]) that the attention backward's dA, dq, dk, dv
 //                reuse once the MLP's backward is done, and the loss's logits chunk between the forward and the
 //                backward (BlockScratchLayout), lse and delta (fp32), x·Aᵀ of one block's seven linears
-//                (recomputed before each block's backward, so shared by all blocks), dy·B, d(x) under dropout;
-//                the families' variations add q and k before their norms, o_proj's and down_proj's outputs before
-//                Gemma's sandwich norms, Phi-3's fused projection output before its split
+//                (recomputed before each block's backward, so shared by all blocks), dy·B, under dropout the fused
+//                dA's fp32 partial sums (CUDALoRADropout.swift; d(x) itself is never stored); the families'
+//                variations add q and k before their norms, o_proj's and down_proj's outputs before Gemma's
+//                sandwich norms, Phi-3's fused projection output before its split
 //   workspace    the bf16 scratch a linear weight is dequantized into, cuBLASLt's workspace
 // Host memory (not in `total`): the offloaded checkpoints (pinned), the embedding table and its pinned staging
 // buffer for one step's rows.
@@ -154,6 +155,14 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         (0..<(ranks.map(\.count).max() ?? 0)).map { j in ranks.map { j < $0.count ? $0[j] : 0 }.max() ?? 0 }
     }
 
+    /// fp32 elements of the fused LoRA dropout's dA scratch, shared by all linears: the largest
+    /// `CUDAContext.loraDropoutScratchCount` of a linear at `tokens`.
+    static func dropoutScratchCount(tokens n: Int, shapes: [(out: Int, in: Int)], ranks: [[Int]]) -> Int {
+        let largest = largestRanks(ranks)
+        let counts = shapes.indices.map { CUDAContext.loraDropoutScratchCount(tokens: n, inFeatures: shapes[$0].in, rank: largest[$0]) }
+        return max(1, counts.max() ?? 1)
+    }
+
     /// The plan for LoRA rank `r` on every projection.
     public init(config c: DecoderConfig, tokens n: Int, rank r: Int, dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil) {
         self.init(config: c, tokens: n, ranks: Array(repeating: Array(repeating: r, count: Self.linearShapes(c).count), count: c.layerCount),
@@ -162,7 +171,7 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     }
 
     /// The plan for `ranks[l][j]`, the LoRA rank of block l's linear j (q, k, v, o, gate, up, down); `dropout`: some
-    /// linear drops out (one [N, largest in] bf16 scratch for d(x)); `memory`: where checkpoints and the embedding
+    /// linear drops out (the fused dropout's fp32 dA scratch); `memory`: where checkpoints and the embedding
     /// live (nil: `CUDATrainerMemoryOptions.automatic(for:)`; a tied embedding stays on the GPU whatever it says).
     public init(config c: DecoderConfig, tokens n: Int, ranks: [[Int]], dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil) {
         var memory = memory ?? .automatic(for: c)
@@ -190,8 +199,8 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         adapters = s(4 * loraParameters) * 2 + s(2 * loraParameters)
         optimizer = s(4 * loraParameters) * 2
         let h = 2 * n * c.hiddenSize, q = 2 * n * c.qDim, kv = 2 * n * c.kvDim
-        // x·Aᵀ of one block's linears, dy·B, and d(x) when dropping out.
-        let lora = xa + s(2 * n * maxRank) + (dropout ? s(2 * n * (shapes.map(\.in).max() ?? 0)) : 0)
+        // x·Aᵀ of one block's linears, dy·B, and the fused dropout's dA scratch.
+        let lora = xa + s(2 * n * maxRank) + (dropout ? s(4 * Self.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks)) : 0)
         checkpoints = memory.deviceCheckpoints(layers: c.layerCount) * s(h)
         let scratch = BlockScratchLayout(config: c, tokens: n)
         // norm1, hidden, norm2, gradient, dNorm; q, attended; k, v; the shared MLP / attention-gradient / logits region;

@@ -1,0 +1,183 @@
+// The fused LoRA dropout kernels (Kernels/lora_dropout.cu, launched by Ops/CUDALoRADropout.swift) against CPU twins
+// that draw the mask with Training/DropoutMask.swift, on random shapes (called from main.swift, group "lora dropout"):
+//   xa = d(x)·Aᵀ            bf16 output: 1e-2 relative (main.swift's bf16 threshold; the sum itself is fp32)
+//   dA += s·dyBᵀ·d(x)       fp32 output added onto a random dA: 1e-4
+//   dx += d(s·dyB·A)        bf16: 1e-2 over the whole output, and every dropped element bit-identical to the input
+//                           dx (the mask exactly), every kept one moved (where the added term is not tiny)
+//   each run twice: the same bits (no atomics: --full-determinism)
+// Shapes cover ranks 1 … 80 (every kernel variant, ranks past one block's 64), columns that are not a multiple of 64
+// or of 8 (element-wise loads), token counts that are not a multiple of 16, and the 1/keep scaling (p 0.05 … 0.5).
+// The check can fail: a wrong seed, index or fragment layout moves xa and dA by order 1, and dx's untouched elements
+// compare bit for bit. d(x) = x·m/keep in fp32 on the CPU (exact operands: bf16 values times a power of two or a
+// division by keep in Double).
+
+import QLoRA
+
+func checkFusedDropoutKernels() throws {
+    let shapes: [(tokens: Int, inFeatures: Int, rank: Int, p: Float)] = [
+        (37, 72, 5, 0.1), (16, 64, 16, 0.5), (300, 576, 16, 0.05), (129, 520, 24, 0.1), (64, 256, 48, 0.2),
+        (45, 50, 3, 0.25), (200, 384, 80, 0.1), (1, 8, 1, 0.05),
+    ]
+    for shape in shapes {
+        let (n, inF, r) = (shape.tokens, shape.inFeatures, shape.rank)
+        let keep: Float = 1 - shape.p, seed = rng.next(), scale: Float = 2.5
+        let mask = LoRADropoutMask(seed: seed, keep: keep)
+        let label = "\(n)x\(inF) r\(r) p\(shape.p)"
+        let (xb, x) = rng.bf16(n * inF), (ab, a) = rng.bf16(r * inF), (dyBb, dyB) = rng.bf16(n * r)
+        let kept = (0..<(n * inF)).map { DropoutMask.keeps(seed: seed, index: $0, keep: keep) }
+        let dropped = (0..<(n * inF)).map { kept[$0] ? Double(x[$0]) / Double(keep) : 0 }
+        let xd = try upload(xb), ad = try upload(ab), dyBd = try upload(dyBb)
+
+        // xa = d(x)·Aᵀ
+        var xaRef = [Float](repeating: 0, count: n * r)
+        for t in 0..<n {
+            for j in 0..<r {
+                var s = 0.0
+                for i in 0..<inF { s += dropped[t * inF + i] * Double(a[j * inF + i]) }
+                xaRef[t * r + j] = Float(s)
+            }
+        }
+        var xaBits: [[UInt16]] = []
+        for _ in 0..<2 {
+            let xa = try poisoned(UInt16.self, n * r)
+            try ctx.loraDropoutXA(x: xd.pointer, a: ad.pointer, into: xa.pointer, tokens: n, inFeatures: inF, rank: r, mask: mask)
+            xaBits.append(try xa.download())
+        }
+        check("lora dropout xa = d(x)·Aᵀ \(label)", relativeError(xaBits[0].map(dt.decode), xaRef), 1e-2)
+        checkTrue("lora dropout xa same bits twice \(label)", xaBits[0] == xaBits[1])
+
+        // dA += s·dyBᵀ·d(x), onto a random dA
+        let dA0 = rng.floats(r * inF)
+        var dARef = dA0
+        for j in 0..<r {
+            for i in 0..<inF {
+                var s = 0.0
+                for t in 0..<n { s += Double(dyB[t * r + j]) * dropped[t * inF + i] }
+                dARef[j * inF + i] += Float(Double(scale) * s)
+            }
+        }
+        let scratch = try poisoned(Float.self, CUDAContext.loraDropoutScratchCount(tokens: n, inFeatures: inF, rank: r))
+        var dABits: [[Float]] = []
+        for _ in 0..<2 {
+            let dA = try upload(dA0)
+            try ctx.loraDropoutGradA(x: xd.pointer, dyB: dyBd.pointer, into: dA.pointer, scratch: scratch, tokens: n, inFeatures: inF,
+                                     rank: r, scale: scale, mask: mask)
+            dABits.append(try dA.download())
+        }
+        check("lora dropout dA += s·dyBᵀ·d(x) \(label)", relativeError(dABits[0], dARef), 1e-4,
+              "\(CUDAContext.loraDropoutSplits(tokens: n, inFeatures: inF)) token splits")
+        checkTrue("lora dropout dA same bits twice \(label)", dABits[0].map(\.bitPattern) == dABits[1].map(\.bitPattern))
+
+        // dx += d(s·dyB·A), onto a random dx
+        let (dxb, dx) = rng.bf16(n * inF)
+        var dxRef = dx
+        var added = [Double](repeating: 0, count: n * inF)
+        for t in 0..<n {
+            for i in 0..<inF where kept[t * inF + i] {
+                var s = 0.0
+                for j in 0..<r { s += Double(dyB[t * r + j]) * Double(a[j * inF + i]) }
+                added[t * inF + i] = Double(scale) * s / Double(keep)
+                dxRef[t * inF + i] = Float(Double(dx[t * inF + i]) + added[t * inF + i])
+            }
+        }
+        var dxBits: [[UInt16]] = []
+        for _ in 0..<2 {
+            let dxd = try upload(dxb)
+            try ctx.loraDropoutAddDX(dyB: dyBd.pointer, a: ad.pointer, into: dxd.pointer, tokens: n, inFeatures: inF, rank: r,
+                                     scale: scale, mask: mask)
+            dxBits.append(try dxd.download())
+        }
+        check("lora dropout dx += d(s·dyB·A) \(label)", relativeError(dxBits[0].map(dt.decode), dxRef), 1e-2)
+        var droppedChanged = 0, keptUnchanged = 0, keptVisible = 0
+        for e in 0..<(n * inF) {
+            if !kept[e] {
+                if dxBits[0][e] != dxb[e] { droppedChanged += 1 }
+            } else if abs(added[e]) > 0.05 * Double(abs(dx[e])) + 1e-3 {  // large enough to move a bf16 value
+                keptVisible += 1
+                if dxBits[0][e] == dxb[e] { keptUnchanged += 1 }
+            }
+        }
+        checkTrue("lora dropout dx mask exact \(label)", droppedChanged == 0 && keptUnchanged == 0,
+                  "\(droppedChanged) dropped elements changed, \(keptUnchanged) of \(keptVisible) kept ones unchanged")
+        checkTrue("lora dropout dx same bits twice \(label)", dxBits[0] == dxBits[1])
+    }
+}
+
+// MARK: - Benchmark
+
+/// The LoRA linear's forward + backward (bf16 weight, no NF4 dequantization: the same with and without dropout) at the
+/// Llama-3.1-8B shapes, 4096 tokens, r 16: without dropout, with dropout 0.05 fused (the trainer's path), and with the
+/// earlier unfused path (d(x) written by dropout_apply before the cuBLAS products, d(s·dyB·A) through a scratch and
+/// dropout_add_masked), so one run shows what dropout costs. `host`: random h16 values to fill the buffers from.
+func timeLoRADropout(_ host: [UInt16]) throws {
+    let (tokens, r) = (4096, 16)
+    let blas = try ctx.blas()
+    let mask = LoRADropoutMask(seed: 0x5EED, keep: 0.95)
+    for (inF, outF) in [(4096, 14336), (4096, 4096), (14336, 4096)] {
+        func filled(_ count: Int, from offset: Int = 0) throws -> DeviceBuffer<UInt16> {
+            let b = try A.buffer(UInt16.self, count: count)
+            try b.upload(Array(host[offset..<(offset + count)]))
+            return b
+        }
+        let x = try filled(tokens * inF), w = try filled(outF * inF, from: 1), dy = try filled(tokens * outF, from: 2)
+        let lora = LoRADeviceWeights(a: try filled(r * inF, from: 3), b: try filled(outF * r, from: 4), rank: r, scale: 2)
+        let xa = try A.buffer(UInt16.self, count: tokens * r), y = try A.buffer(UInt16.self, count: tokens * outF)
+        let dyB = try A.buffer(UInt16.self, count: tokens * r), dx = try A.buffer(UInt16.self, count: tokens * inF)
+        let dA = try A.buffer(Float.self, count: r * inF), dB = try A.buffer(Float.self, count: outF * r)
+        let partials = try A.buffer(Float.self, count: CUDAContext.loraDropoutScratchCount(tokens: tokens, inFeatures: inF, rank: r))
+        func step(_ dropout: LoRADropoutMask?) throws {
+            try ctx.loraLinearForward(x: x, weight: w, lora: lora, tokens: tokens, inFeatures: inF, outFeatures: outF, xa: xa, into: y,
+                                      dropout: dropout)
+            try ctx.loraLinearBackward(x: x, weight: w, lora: lora, xa: xa, dy: dy, tokens: tokens, inFeatures: inF, outFeatures: outF,
+                                       dyB: dyB, dx: dx, dA: dA, dB: dB, accumulateGradients: true, dropout: dropout,
+                                       dropoutScratch: partials)
+        }
+        let plain = try timeMedian(10, warmup: 2) { try step(nil) }
+        let fused = try timeMedian(10, warmup: 2) { try step(mask) }
+        // The earlier path, as the trainer ran it before the fused kernels.
+        let scratch = try A.buffer(UInt16.self, count: tokens * inF)
+        let unfused = try timeMedian(10, warmup: 2) {
+            try blas.gemm(m: tokens, n: outF, k: inF, a: x.pointer, b: w.pointer, transB: true, c: y.pointer)
+            try ctx.dropoutApply(x: x.pointer, into: scratch.pointer, count: tokens * inF, seed: mask.seed, keep: mask.keep)
+            try blas.gemm(m: tokens, n: r, k: inF, a: scratch.pointer, b: lora.a.pointer, transB: true, c: xa.pointer)
+            try blas.gemm(m: tokens, n: outF, k: r, a: xa.pointer, b: lora.b.pointer, transB: true, c: y.pointer, alpha: lora.scale, beta: 1)
+            try blas.gemm(m: outF, n: r, k: tokens, a: dy.pointer, transA: true, b: xa.pointer, c: dB.pointer, outputType: .float32,
+                          alpha: lora.scale, beta: 1)
+            try blas.gemm(m: tokens, n: r, k: outF, a: dy.pointer, b: lora.b.pointer, c: dyB.pointer)
+            try ctx.dropoutApply(x: x.pointer, into: scratch.pointer, count: tokens * inF, seed: mask.seed, keep: mask.keep)
+            try blas.gemm(m: r, n: inF, k: tokens, a: dyB.pointer, transA: true, b: scratch.pointer, c: dA.pointer, outputType: .float32,
+                          alpha: lora.scale, beta: 1)
+            try blas.gemm(m: tokens, n: inF, k: outF, a: dy.pointer, b: w.pointer, c: dx.pointer)
+            try blas.gemm(m: tokens, n: inF, k: r, a: dyB.pointer, b: lora.a.pointer, c: scratch.pointer, alpha: lora.scale)
+            try ctx.dropoutAddMasked(scratch.pointer, into: dx.pointer, count: tokens * inF, seed: mask.seed, keep: mask.keep)
+        }
+        // The fused kernels alone.
+        let xaMs = try timeMedian(10, warmup: 2) {
+            try ctx.loraDropoutXA(x: x.pointer, a: lora.a.pointer, into: xa.pointer, tokens: tokens, inFeatures: inF, rank: r, mask: mask)
+        }
+        let xaGemmMs = try timeMedian(10, warmup: 2) {
+            try blas.gemm(m: tokens, n: r, k: inF, a: x.pointer, b: lora.a.pointer, transB: true, c: xa.pointer)
+        }
+        let dAMs = try timeMedian(10, warmup: 2) {
+            try ctx.loraDropoutGradA(x: x.pointer, dyB: dyB.pointer, into: dA.pointer, scratch: partials, tokens: tokens, inFeatures: inF,
+                                     rank: r, scale: lora.scale, mask: mask)
+        }
+        let dAGemmMs = try timeMedian(10, warmup: 2) {
+            try blas.gemm(m: r, n: inF, k: tokens, a: dyB.pointer, transA: true, b: x.pointer, c: dA.pointer, outputType: .float32,
+                          alpha: lora.scale, beta: 1)
+        }
+        let dxMs = try timeMedian(10, warmup: 2) {
+            try ctx.loraDropoutAddDX(dyB: dyB.pointer, a: lora.a.pointer, into: dx.pointer, tokens: tokens, inFeatures: inF, rank: r,
+                                     scale: lora.scale, mask: mask)
+        }
+        let dxGemmMs = try timeMedian(10, warmup: 2) {
+            try blas.gemm(m: tokens, n: inF, k: r, a: dyB.pointer, b: lora.a.pointer, c: dx.pointer, alpha: lora.scale, beta: 1)
+        }
+        func extra(_ ms: Double) -> String { "\(fmt(ms, 3)) ms (\(ms >= plain ? "+" : "")\(fmt(100 * (ms - plain) / plain, 1))%)" }
+        print("  lora linear fwd+bwd \(tokens) tok \(inF)->\(outF) r\(r): no dropout \(fmt(plain, 3)) ms; dropout 0.05 fused "
+              + "\(extra(fused)), unfused \(extra(unfused))")
+        print("    fused kernels vs the no-dropout GEMM they replace: xa \(fmt(xaMs, 3)) vs \(fmt(xaGemmMs, 3)) ms, "
+              + "dA \(fmt(dAMs, 3)) vs \(fmt(dAGemmMs, 3)) ms, dx \(fmt(dxMs, 3)) vs \(fmt(dxGemmMs, 3)) ms; "
+              + "x read at \(fmt(2 * Double(tokens * inF) / (xaMs / 1000) / 1e9, 0)) GB/s by xa")
+    }
+}
