@@ -59,10 +59,10 @@ struct BenchCommand: ParsableCommand {
         _ = try Self.parseSwitch(hostEmbedding, "host-embedding")
         var chosen = device
         do {
-            try architecture.config.checkCUDASupport(sequenceLength: seq, what: "bench --arch \(arch)")
+            try architecture.config.checkCUDASupport(what: "bench --arch \(arch)")
         } catch {
-            // The GPU does not compute this architecture's variations yet: cuda is refused by name before any GPU
-            // work, auto runs on the CPU.
+            // The GPU kernels are not built for this architecture's head dimension: cuda is refused by name before any
+            // GPU work, auto runs on the CPU.
             if ["cuda", "gpu"].contains(device.lowercased()) { throw error }
             chosen = "cpu"
         }

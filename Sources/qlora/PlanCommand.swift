@@ -41,7 +41,7 @@ struct PlanCommand: ParsableCommand {
         }
         let config = architecture.config
         // The plan is the GPU trainer's; a model the GPU does not compute has none.
-        do { try config.checkCUDASupport(sequenceLength: seq, what: "plan --arch \(arch)") } catch {
+        do { try config.checkCUDASupport(what: "plan --arch \(arch)") } catch {
             throw ValidationError("\(error) (plan is the GPU trainer's memory; `qlora bench --arch \(arch) --device cpu` runs it on the CPU)")
         }
         var memory = CUDATrainerMemoryOptions.automatic(for: config)
@@ -64,7 +64,7 @@ struct PlanCommand: ParsableCommand {
         print("| model | LoRA r | checkpoints | " + header.joined(separator: " | ") + " |")
         print("| --- | --- | --- | " + header.map { _ in "---" }.joined(separator: " | ") + " |")
         // Only the architectures the GPU trainer computes (the others run on the CPU for now).
-        for architecture in Architecture.allCases where (try? architecture.config.checkCUDASupport(sequenceLength: 0, what: "")) != nil {
+        for architecture in Architecture.allCases where (try? architecture.config.checkCUDASupport(what: "")) != nil {
             let config = architecture.config
             for rank in [16, 64] {
                 for offload in [true, false] {

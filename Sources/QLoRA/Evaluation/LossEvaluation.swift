@@ -24,9 +24,9 @@ public enum Evaluation {
         try total(batches, engine.loss(batch:))
     }
 
-    /// Refuses what the CUDA backend does not compute yet for these batches (a family's variations, a window they exceed).
+    /// Refuses what the CUDA kernels are not built for (a head dimension).
     static func checkCUDASupport(_ batches: [TrainingBatch], _ config: DecoderConfig) throws {
-        try config.checkCUDASupport(sequenceLength: batches.map(\.length).max() ?? 0, what: "the longest evaluation batch")
+        try config.checkCUDASupport(what: "evaluation")
     }
 
     /// The loss sums of every batch, added up (the mean is then over all counted tokens, as transformers computes it).

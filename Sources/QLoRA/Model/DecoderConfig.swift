@@ -57,12 +57,6 @@ public enum AttentionKind: Equatable, Sendable {
     }
 }
 
-/// What a CUDA path computes with a model: training (with loss evaluation) or generation (prefill and decode).
-public enum CUDAWork: Sendable {
-    case training
-    case generation
-}
-
 /// The activation of the gated MLP: down(act(gate(x)) · up(x)).
 public enum MLPActivation: String, Sendable {
     /// SwiGLU (Llama, Mistral, Qwen).
@@ -537,43 +531,17 @@ public struct DecoderConfig: Equatable, Sendable {
         return RopeParameters(theta: ropeTheta, scaling: ropeScaling)
     }
 
-    /// The variations of the Llama block this model switches on, by name, for messages (the CUDA backend's refusal).
-    /// A sliding window counts only when `sequenceLength` exceeds it (shorter sequences attend exactly as full attention).
-    public func variations(sequenceLength: Int = .max) -> [String] {
-        var names: [String] = []
-        if let w = slidingWindow, sequenceLength > w { names.append("sliding-window attention (window \(w))") }
-        if qkNorm { names.append("q/k norms") }
-        if normWeightOffset != 0 { names.append("(1 + w) norms") }
-        if sandwichNorms { names.append("sandwich norms") }
-        if mlpActivation != .silu { names.append("GeGLU (\(mlpActivation.rawValue))") }
-        if scalesEmbedding { names.append("the embedding scale") }
-        if queryPreAttentionScalar.map({ $0 != Double(headDim) }) == true { names.append("query_pre_attn_scalar") }
-        if attentionSoftcap != nil { names.append("attention-logit soft-capping") }
-        if finalLogitSoftcap != nil { names.append("final-logit soft-capping") }
-        if slidingRope != nil && slidingWindow != nil { names.append("per-layer-type RoPE") }
-        if modulePrefix != "model." { names.append("a multimodal checkpoint's text model") }
-        if fusedProjections { names.append("fused qkv_proj and gate_up_proj") }
-        if rotaryDim != headDim { names.append("partial rotary embeddings (\(rotaryDim) of \(headDim) head dimensions rotated)") }
-        if ropeScaling.kind == .longrope { names.append("longrope scaling (short_factor / long_factor)") }
-        return names
-    }
-
-    /// The variations a CUDA path does not compute yet, by name, for sequences of `length` positions.
-    /// Generation (CUDAInference, CUDABatchedInference) computes every variation of the block; training and loss
-    /// evaluation (CUDADecoderTrainer) refuse the ones `variations(sequenceLength:)` names.
-    public func variationsMissingOnCUDA(for work: CUDAWork, sequenceLength length: Int) -> [String] {
-        switch work {
-        case .training: return variations(sequenceLength: length)
-        case .generation: return []
+    /// Throws when the CUDA kernels cannot compute this model. Every variation of the block is computed on the GPU,
+    /// in training, evaluation and generation; the attention kernels are built for head dimensions 32, 64, 96, 128 and
+    /// 256. `what` names the input.
+    public func checkCUDASupport(what: String) throws {
+        let dims = CUDAContext.attentionHeadDims
+        guard dims.contains(headDim) else {
+            throw UsageError("the CUDA kernels take head dimensions \(dims.map(String.init).joined(separator: ", ")), not \(headDim) "
+                             + "(\(modelType), \(what)); use --device cpu")
         }
-    }
-
-    /// Throws when the CUDA backend's `work` would compute this model wrongly for sequences of `length` positions:
-    /// the variations it does not compute yet are named, with the way out. `what` names the input.
-    public func checkCUDASupport(for work: CUDAWork = .training, sequenceLength length: Int, what: String) throws {
-        let missing = variationsMissingOnCUDA(for: work, sequenceLength: length)
-        guard missing.isEmpty else {
-            throw UsageError("the CUDA backend does not yet compute \(missing.joined(separator: ", ")) (\(modelType), \(what)); use --device cpu")
+        guard rotaryDim % 2 == 0 else {
+            throw UsageError("the CUDA kernels rotate pairs of dimensions: \(rotaryDim) rotated dimensions (\(modelType), \(what)); use --device cpu")
         }
     }
 

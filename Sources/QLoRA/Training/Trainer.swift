@@ -130,8 +130,7 @@ public final class Trainer {
         case .cpu:
             engine = CPUTrainingEngine(model: model, optimizer: try optimizerKind.make(hyperparameters))
         case .cuda(let context):
-            try model.config.checkCUDASupport(sequenceLength: (self.train + self.eval).map(\.length).max() ?? 0,
-                                              what: "the longest batch (max_seq_length \(c.maxSeqLength))")
+            try model.config.checkCUDASupport(what: "training")
             let capacity = (self.train + self.eval).map(\.tokenCount).max() ?? 1
             engine = try CUDATrainingEngine(context: context, model: model, capacityTokens: capacity, optimizer: optimizerKind,
                                             hyperparameters: hyperparameters, deterministic: c.fullDeterminism)

@@ -89,14 +89,12 @@ final class ConfigValidationTests: XCTestCase {
     }
 
     /// Which layers slide, and by how much, as each family's transformers config decides it. The CPU computes
-    /// the window (DecoderFamilyTests check it against transformers); the CUDA backend refuses sequences beyond it.
+    /// the window (DecoderFamilyTests check it against transformers), and so does the CUDA backend.
     func testSlidingWindowPerLayerFollowsTheFamily() throws {
         let mistral = try config(["model_type": .string("mistral"), "sliding_window": .int(16)])
         XCTAssertEqual(mistral.slidingWindow, 16)
         XCTAssertEqual(mistral.layerAttention, [.sliding(window: 16), .sliding(window: 16)])
-        XCTAssertNoThrow(try mistral.checkCUDASupport(sequenceLength: 16, what: "x"))
-        assertRejected(try mistral.checkCUDASupport(sequenceLength: 17, what: "max_seq_length 17"), "max_seq_length 17",
-                       "the CUDA backend does not yet compute sliding-window attention (window 16)", "--device cpu")
+        XCTAssertNoThrow(try mistral.checkCUDASupport(what: "x"), "the GPU computes sliding windows")
         XCTAssertNil(try config(["model_type": .string("mistral"), "sliding_window": .null]).slidingWindow)
         // Absent, Mistral's default window (transformers' MistralConfig) applies.
         XCTAssertEqual(try config(["model_type": .string("mistral"), "sliding_window": nil]).slidingWindow, 4096)

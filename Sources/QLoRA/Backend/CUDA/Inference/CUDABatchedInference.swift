@@ -91,7 +91,7 @@ public final class CUDABatchedInference: BatchedSession {
         guard capacity > 0, capacity <= c.maxPositionEmbeddings else {
             throw UsageError("a KV cache of \(capacity) positions does not fit the model's \(c.maxPositionEmbeddings)")
         }
-        try c.checkCUDASupport(for: .generation, sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
+        try c.checkCUDASupport(what: "a KV cache of \(capacity) positions")
         if c.ropeScaling.kind == .longrope && capacity > c.ropeScaling.originalMaxPositionEmbeddings {
             throw UsageError("batched generation of \(capacity) positions passes longrope's original_max_position_embeddings (\(c.ropeScaling.originalMaxPositionEmbeddings)), where the long factors take over and each sequence's cache must be recomputed; batched generation does not do that yet (keep prompt + new tokens within \(c.ropeScaling.originalMaxPositionEmbeddings), or generate one prompt at a time)")
         }
@@ -176,7 +176,6 @@ public final class CUDABatchedInference: BatchedSession {
     /// The fused GEMM's encoded tasks per 64-row chunk (outputs at fixed step buffers) and the split-K partials.
     func makeTasks() throws {
         let c = config, A = context.allocator
-        let qkvDim = c.qDim + 2 * c.kvDim, inter = c.intermediateSize, h = c.hiddenSize
         let chunks = (maxRows + NF4GemmTask.maxRows - 1) / NF4GemmTask.maxRows
         var partialCount = 1
         for l in projections.indices {

@@ -148,7 +148,7 @@ public final class CUDAInference {
                             quantized: [String: QuantizedWeight] = [:]) throws {
         let c = model.config
         // Refused before anything is uploaded.
-        try c.checkCUDASupport(for: .generation, sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
+        try c.checkCUDASupport(what: "a KV cache of \(capacity) positions")
         let A = context.allocator
         func bf16(_ values: [Float]) throws -> DeviceBuffer<UInt16> { try A.buffer(copying: values.map(context.computeDType.encode)) }
         func optionalBF16(_ values: [Float]?) throws -> DeviceBuffer<UInt16>? { try values.map { try bf16($0) } }
@@ -205,7 +205,7 @@ public final class CUDAInference {
     /// A model of `config`'s shape with random NF4 weights made on the GPU and a random LoRA adapter of rank
     /// `loraRank` (0: none) on all seven projections, for benchmarks.
     public convenience init(context: CUDAContext, randomConfig c: DecoderConfig, loraRank: Int, capacity: Int, seed: UInt64 = 1) throws {
-        try c.checkCUDASupport(for: .generation, sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
+        try c.checkCUDASupport(what: "a KV cache of \(capacity) positions")
         let A = context.allocator
         var s = seed
         func next() -> UInt64 { s &+= 0x9E37_79B9; return s }
@@ -255,7 +255,7 @@ public final class CUDAInference {
         guard capacity > 0, capacity <= c.maxPositionEmbeddings else {
             throw UsageError("a KV cache of \(capacity) positions does not fit the model's \(c.maxPositionEmbeddings)")
         }
-        try c.checkCUDASupport(for: .generation, sequenceLength: capacity, what: "a KV cache of \(capacity) positions")
+        try c.checkCUDASupport(what: "a KV cache of \(capacity) positions")
         guard layers.allSatisfy({ ($0.attentionOutputNorm != nil) == c.sandwichNorms && ($0.mlpOutputNorm != nil) == c.sandwichNorms
                                    && ($0.qNorm != nil) == c.qkNorm && ($0.kNorm != nil) == c.qkNorm }) else {
             throw UsageError("the model's layers do not hold the norms its config describes (sandwich norms \(c.sandwichNorms), q/k norms \(c.qkNorm))")
