@@ -50,7 +50,7 @@ struct BenchDecodeCommand: ParsableCommand {
         }
         guard tokens > 0, promptTokens > 0 else { throw ValidationError("--tokens and --prompt-tokens must be positive") }
         guard batch >= 0, prompts > 0, fusedRows >= 0 else { throw ValidationError("--batch and --fused-rows must be non-negative, --prompts positive") }
-        try architecture.config.checkCUDASupport(sequenceLength: promptTokens + tokens + 8, what: "bench-decode --arch \(arch)")
+        try architecture.config.checkCUDASupport(for: .generation, sequenceLength: promptTokens + tokens + 8, what: "bench-decode --arch \(arch)")
         guard loraR >= 0 else { throw ValidationError("--lora-r must be a non-negative integer (0: no adapter), got \(loraR)") }
         let ctx = try CUDAContext()
         let dev = ctx.device

@@ -88,6 +88,17 @@ final class ConfigValidationTests: XCTestCase {
         XCTAssertFalse(try config(["model_type": .string("mistral"), "sliding_window": .null]).attentionBias)
     }
 
+    /// GPU generation computes every variation of every family (FamilyInferenceChecks.swift checks it on the GPU), so
+    /// its check refuses none of the fixtures' configs, whatever the length; training keeps its own list.
+    func testGenerationOnCUDARefusesNoFamily() throws {
+        for family in ["qwen3", "gemma2", "gemma3_text", "gemma3", "phi3", "phi3-longrope", "mistral"] {
+            let c = try DecoderConfig(directory: TestFixtures.path("families/\(family)/base"))
+            XCTAssertEqual(c.variationsMissingOnCUDA(for: .generation, sequenceLength: 1 << 20), [], family)
+            XCTAssertNoThrow(try c.checkCUDASupport(for: .generation, sequenceLength: 1 << 20, what: "a KV cache"), family)
+            XCTAssertEqual(c.variationsMissingOnCUDA(for: .training, sequenceLength: 64), c.variations(sequenceLength: 64), family)
+        }
+    }
+
     /// Which layers slide, and by how much, as each family's transformers config decides it. The CPU computes
     /// the window (DecoderFamilyTests check it against transformers); the CUDA backend refuses sequences beyond it.
     func testSlidingWindowPerLayerFollowsTheFamily() throws {

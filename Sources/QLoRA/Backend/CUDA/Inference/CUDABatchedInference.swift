@@ -176,7 +176,6 @@ public final class CUDABatchedInference: BatchedSession {
     /// The fused GEMM's encoded tasks per 64-row chunk (outputs at fixed step buffers) and the split-K partials.
     func makeTasks() throws {
         let c = config, A = context.allocator
-        let qkvDim = c.qDim + 2 * c.kvDim, inter = c.intermediateSize, h = c.hiddenSize
         let chunks = (maxRows + NF4GemmTask.maxRows - 1) / NF4GemmTask.maxRows
         var partialCount = 1
         for l in projections.indices {
