@@ -80,6 +80,100 @@ func checkBatchedKernels() throws {
         check("attention rows h\(heads)/\(kvHeads) d\(d), keys 1...300", relativeError(try downloadBF16(out), refOut), 1e-2)
     }
 
+    // The families' variations: q/k norms (Gemma's (1 + w) and Qwen3's x·w), partial rotary, longrope's cos/sin scale,
+    // a logit scale, soft-capping and a sliding window, head dims 96 and 256; batch-1 decode's attention_cached too.
+    for (heads, kvHeads, d, offset) in [(2, 1, 96, Float(1)), (4, 2, 256, Float(0)), (2, 2, 64, Float(0))] {
+        let slots = 2, capacity = 200, kvDim = kvHeads * d, stride = (heads + 2 * kvHeads) * d
+        let rowSlots: [Int32] = [0, 1, 1, 0], rowPositions: [Int32] = [0, 7, 150, 199]
+        let r = rowSlots.count, rotary = d * 3 / 4
+        let ropeScale: Float = 1.2, scale: Float = 0.3, softcap: Float = 2, window = 40
+        let (qb, q) = rng.bf16(r * stride, -2, 2)
+        let (kb, k) = rng.bf16(slots * capacity * kvDim), (vb, v) = rng.bf16(slots * capacity * kvDim)
+        let center: Float = offset != 0 ? 0 : 1
+        let (qnb, qn) = rng.bf16(d, center - 0.5, center + 0.5), (knb, kn) = rng.bf16(d, center - 0.5, center + 0.5)
+        let inv = CPUReference.ropeInverseFrequencies(headDim: rotary, theta: 10_000)
+        let qd = try upload(qb), kd = try upload(kb), vd = try upload(vb), qnd = try upload(qnb), knd = try upload(knb)
+        let sd = try upload(rowSlots), pd = try upload(rowPositions), invd = try upload(inv)
+        let name = "h\(heads)/\(kvHeads) d\(d) (q/k norm offset \(Int(offset)), \(rotary) rotated)"
+        try ctx.ropeAppendRows(qkv: qd.pointer, stride: stride, kcache: kd.pointer, vcache: vd.pointer, slots: sd.pointer, positions: pd.pointer,
+                               inverseFrequencies: invd.pointer, rows: r, capacity: capacity, heads: heads, kvHeads: kvHeads, headDim: d,
+                               rotaryDim: rotary, ropeScale: ropeScale, qNorm: qnd.pointer, kNorm: knd.pointer, normOffset: offset, eps: 1e-6)
+        let ref = CPUReference.ropeAppendRows(qkv: q, stride: stride, kcache: k, vcache: v, slots: rowSlots, positions: rowPositions,
+                                              inverseFrequencies: inv, capacity: capacity, heads: heads, kvHeads: kvHeads, headDim: d,
+                                              rotaryDim: rotary, ropeScale: ropeScale, qNorm: qn, kNorm: kn, normOffset: offset, eps: 1e-6)
+        let gotQ = try downloadBF16(qd), gotK = try downloadBF16(kd), gotV = try downloadBF16(vd)
+        check("q/k norm + rope append rows \(name): q|k|v rows", relativeError(gotQ, ref.qkv), 1e-2)
+        check("q/k norm + rope append rows \(name): k cache", relativeError(gotK, ref.kcache), 1e-2)
+        check("q/k norm + rope append rows \(name): v cache", relativeError(gotV, ref.vcache), 0)
+        let out = try poisoned(UInt16.self, r * heads * d)
+        try ctx.attentionRows(qkv: qd.pointer, stride: stride, kcache: kd.pointer, vcache: vd.pointer, out: out.pointer, slots: sd.pointer,
+                              positions: pd.pointer, rows: r, capacity: capacity, heads: heads, kvHeads: kvHeads, headDim: d,
+                              scale: scale, softcap: softcap, window: window)
+        let refOut = CPUReference.attentionRows(qkv: gotQ, stride: stride, kcache: gotK, vcache: gotV, slots: rowSlots, positions: rowPositions,
+                                                capacity: capacity, heads: heads, kvHeads: kvHeads, headDim: d, scale: scale,
+                                                softcap: softcap, window: window)
+        check("attention rows h\(heads)/\(kvHeads) d\(d): scale, softcap 2, window 40", relativeError(try downloadBF16(out), refOut), 1e-2)
+        let plain = CPUReference.attentionRows(qkv: gotQ, stride: stride, kcache: gotK, vcache: gotV, slots: rowSlots, positions: rowPositions,
+                                               capacity: capacity, heads: heads, kvHeads: kvHeads, headDim: d, scale: scale)
+        checkTrue("attention rows d\(d): softcap and window change the result", relativeError(plain, refOut) > 0.05,
+                  "by \(fmt(relativeError(plain, refOut)))")
+        // attention_cached: slot 0's rows, one query at its position (the batch-1 decode step).
+        var worst = 0.0
+        for (i, p) in rowPositions.enumerated() where rowSlots[i] == 0 {
+            let o = try poisoned(UInt16.self, heads * d)
+            try ctx.attentionCached(q: qd.address(at: i * stride), qStride: stride, kcache: kd.pointer, vcache: vd.pointer, out: o.pointer,
+                                    startPointer: 0, start: Int(p), tokens: 1, heads: heads, kvHeads: kvHeads, headDim: d, maxKeys: capacity,
+                                    scale: scale, softcap: softcap, window: window)
+            let refRow = CPUReference.attentionRows(qkv: Array(gotQ[(i * stride)..<((i + 1) * stride)]), stride: stride, kcache: gotK,
+                                                    vcache: gotV, slots: [0], positions: [p], capacity: capacity, heads: heads,
+                                                    kvHeads: kvHeads, headDim: d, scale: scale, softcap: softcap, window: window)
+            worst = max(worst, relativeError(try downloadBF16(o), refRow))
+        }
+        check("attention cached (decode) d\(d): scale, softcap 2, window 40", worst, 1e-2)
+    }
+
+    // RMSNorm rows (x·w and Gemma's x·(1 + w), alone and added to a residual), the scaled embedding, logit
+    // soft-capping and GeGLU on fused rows.
+    do {
+        let rows = 5, dim = 96
+        let (xb, x) = rng.bf16(rows * dim, -3, 3), (resb, res) = rng.bf16(rows * dim, -3, 3)
+        for offset: Float in [0, 1] {
+            let (wb, w) = rng.bf16(dim, offset == 0 ? 0.5 : -0.5, offset == 0 ? 1.5 : 0.5)
+            let xd = try upload(xb), wd = try upload(wb), out = try poisoned(UInt16.self, rows * dim)
+            try ctx.rmsNormRows(x: xd.pointer, weight: wd.pointer, out: out.pointer, rows: rows, dim: dim, eps: 1e-6, offset: offset)
+            let ref = CPUReference.rmsNormRows(x: x, weight: w, rows: rows, dim: dim, eps: 1e-6, offset: offset)
+            check("rmsnorm rows, weight offset \(Int(offset))", relativeError(try downloadBF16(out), ref), 1e-2)
+            let sum = try upload(resb)
+            try ctx.rmsNormRows(x: xd.pointer, weight: wd.pointer, out: sum.pointer, rows: rows, dim: dim, eps: 1e-6, offset: offset, add: true)
+            let refSum = CPUReference.rmsNormRows(x: x, weight: w, rows: rows, dim: dim, eps: 1e-6, offset: offset, residual: res)
+            check("rmsnorm rows + residual, weight offset \(Int(offset))", relativeError(try downloadBF16(sum), refSum), 1e-2)
+        }
+        let vocab = 50
+        let (tb, table) = rng.bf16(vocab * dim)
+        let ids: [Int32] = [3, 49, 0, 3]
+        let td = try upload(tb), idd = try upload(ids)
+        for scale: Float in [1, dt.round(Float(96).squareRoot())] {
+            let out = try poisoned(UInt16.self, ids.count * dim)
+            try ctx.embeddingRows(ids: idd.pointer, table: td.pointer, out: out.pointer, rows: ids.count, dim: dim, scale: scale)
+            let ref = ids.flatMap { id in (0..<dim).map { dt.round(table[Int(id) * dim + $0] * scale) } }
+            check("embedding rows x \(fmt(Double(scale), 4))", relativeError(try downloadBF16(out), ref), 0)
+        }
+        let logits = rng.floats(3000, -20, 20)
+        let ld = try upload(logits)
+        try ctx.softcapLogits(ld.pointer, count: logits.count, cap: 30)
+        check("logit soft-capping (cap 30)", relativeError(try ld.download(), logits.map { 30 * tanh($0 / 30) }), 1e-6)
+        let inter = 96
+        let (gub, gu) = rng.bf16(rows * 2 * inter, -4, 4)
+        let gud = try upload(gub), hd = try poisoned(UInt16.self, rows * inter)
+        try ctx.swigluRows(gateUp: gud.pointer, into: hd.pointer, rows: rows, inter: inter, activation: .geluTanh)
+        let refH = (0..<(rows * inter)).map { e -> Float in
+            let row = e / inter, i = e % inter
+            let g = Double(gu[row * 2 * inter + i]), u = Double(gu[row * 2 * inter + inter + i])
+            return dt.round(Float(0.5 * g * (1 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))) * u))
+        }
+        check("geglu rows (gelu tanh, fused gate|up)", relativeError(try downloadBF16(hd), refH), 1e-2)
+    }
+
     // argmax with ties (the first index wins), and a row of -inf.
     do {
         let rows = 5, vocab = 1000

@@ -88,6 +88,21 @@ final class ConfigValidationTests: XCTestCase {
         XCTAssertFalse(try config(["model_type": .string("mistral"), "sliding_window": .null]).attentionBias)
     }
 
+    /// The GPU computes every variation of every family in training and generation (FamilyTrainingChecks.swift and
+    /// FamilyInferenceChecks.swift check it on the GPU), so its check passes every bench architecture and refuses the
+    /// fixtures only for their head dimensions (16 and 24), which have no attention kernels.
+    func testCUDARefusesOnlyHeadDimensionsWithoutKernels() throws {
+        for architecture in Architecture.allCases {
+            XCTAssertNoThrow(try architecture.config.checkCUDASupport(what: "bench"), architecture.rawValue)
+        }
+        for family in ["qwen3", "gemma2", "gemma3_text", "gemma3", "phi3", "phi3-longrope", "mistral"] {
+            let c = try DecoderConfig(directory: TestFixtures.path("families/\(family)/base"))
+            XCTAssertThrowsError(try c.checkCUDASupport(what: "a KV cache"), family) {
+                XCTAssertTrue("\($0)".contains("head dimensions 32, 64, 96, 128, 256, not \(c.headDim)"), "\($0)")
+            }
+        }
+    }
+
     /// Which layers slide, and by how much, as each family's transformers config decides it. The CPU computes
     /// the window (DecoderFamilyTests check it against transformers), and so does the CUDA backend.
     func testSlidingWindowPerLayerFollowsTheFamily() throws {

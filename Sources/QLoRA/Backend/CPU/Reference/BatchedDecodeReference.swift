@@ -23,25 +23,37 @@ extension CPUReference {
 
     /// qkv [rows, stride] with [q (heads·D) | k (kvHeads·D) | v] at the start of each row: returns the row with q
     /// and k rotated at each row's position, and the caches [slots · capacity, kvHeads·D] with the rotated k and v
-    /// written at row (slot · capacity + position).
+    /// written at row (slot · capacity + position). With `qNorm`/`kNorm` each head is first RMS-normed as the family
+    /// rounds it (normOffset 0: bf16(bf16(x·r)·w); else bf16(x·r·(w + offset))); only the first `rotaryDim` dimensions
+    /// rotate (pairs (i, i + rotaryDim / 2)), with cos and sin times `ropeScale`.
     public static func ropeAppendRows(qkv: [Float], stride: Int, kcache: [Float], vcache: [Float], slots: [Int32], positions: [Int32],
-                                      inverseFrequencies: [Float], capacity: Int, heads: Int, kvHeads: Int, headDim: Int)
+                                      inverseFrequencies: [Float], capacity: Int, heads: Int, kvHeads: Int, headDim: Int,
+                                      rotaryDim: Int? = nil, ropeScale: Float = 1, qNorm: [Float]? = nil, kNorm: [Float]? = nil,
+                                      normOffset: Float = 0, eps: Float = 1e-6)
         -> (qkv: [Float], kcache: [Float], vcache: [Float]) {
         var out = qkv, k = kcache, v = vcache
-        let kvDim = kvHeads * headDim, half = headDim / 2
+        let kvDim = kvHeads * headDim, half = (rotaryDim ?? headDim) / 2
         for r in slots.indices {
             let row = r * stride, cacheRow = (Int(slots[r]) * capacity + Int(positions[r])) * kvDim
             for h in 0..<(heads + kvHeads) {
+                let base = row + h * headDim
+                var x = Array(qkv[base..<(base + headDim)])
+                if let w = h < heads ? qNorm : kNorm {
+                    let ss = x.reduce(0.0) { $0 + Double($1) * Double($1) }
+                    let inv = Float(1 / (ss / Double(headDim) + Double(eps)).squareRoot())
+                    x = x.indices.map { normOffset != 0 ? roundToBF16(x[$0] * inv * (w[$0] + normOffset)) : roundToBF16(roundToBF16(x[$0] * inv) * w[$0]) }
+                }
+                var y = x
                 for i in 0..<half {
                     let angle = Double(Float(positions[r]) * inverseFrequencies[i])
-                    let a = Double(qkv[row + h * headDim + i]), b = Double(qkv[row + h * headDim + i + half])
-                    let lo = roundToBF16(Float(a * cos(angle) - b * sin(angle))), hi = roundToBF16(Float(b * cos(angle) + a * sin(angle)))
-                    out[row + h * headDim + i] = lo
-                    out[row + h * headDim + i + half] = hi
-                    if h >= heads {
-                        k[cacheRow + (h - heads) * headDim + i] = lo
-                        k[cacheRow + (h - heads) * headDim + i + half] = hi
-                    }
+                    let c = cos(angle) * Double(ropeScale), s = sin(angle) * Double(ropeScale)
+                    y[i] = Float(Double(x[i]) * c - Double(x[i + half]) * s)
+                    y[i + half] = Float(Double(x[i + half]) * c + Double(x[i]) * s)
+                }
+                for d in 0..<headDim {
+                    let o = roundToBF16(y[d])
+                    out[base + d] = o
+                    if h >= heads { k[cacheRow + (h - heads) * headDim + d] = o }
                 }
             }
             for e in 0..<kvDim { v[cacheRow + e] = qkv[row + (heads + kvHeads) * headDim + e] }
@@ -50,29 +62,53 @@ extension CPUReference {
     }
 
     /// out [rows, heads·D]: the query of row r (head h at qkv[r · stride + h · D]) attends to cache rows
-    /// slot · capacity + 0 ... position (GQA: head h reads KV head h / (heads / kvHeads)), softmax(q·k/√D) v.
+    /// slot · capacity + 0 ... position (the last `window` of them when window > 0; GQA: head h reads KV head
+    /// h / (heads / kvHeads)), softmax(softcap(q·k · scale)) v with scale D^-½ by default and softcap c·tanh(s / c) when
+    /// softcap > 0.
     public static func attentionRows(qkv: [Float], stride: Int, kcache: [Float], vcache: [Float], slots: [Int32], positions: [Int32],
-                                     capacity: Int, heads: Int, kvHeads: Int, headDim d: Int) -> [Float] {
-        let kvDim = kvHeads * d, scale = 1 / Double(d).squareRoot()
+                                     capacity: Int, heads: Int, kvHeads: Int, headDim d: Int, scale: Float? = nil, softcap: Float = 0,
+                                     window: Int = 0) -> [Float] {
+        let kvDim = kvHeads * d, scale = Double(scale ?? 1 / Float(d).squareRoot())
         var out = [Float](repeating: 0, count: slots.count * heads * d)
         for r in slots.indices {
             let keys = Int(positions[r]) + 1, base = Int(slots[r]) * capacity * kvDim
+            let first = window > 0 ? max(0, keys - window) : 0
             for h in 0..<heads {
                 let kvh = h / (heads / kvHeads), q = r * stride + h * d
-                var scores = [Double](repeating: 0, count: keys)
-                for j in 0..<keys {
+                var scores: [Double] = []
+                for j in first..<keys {
                     var s = 0.0
                     for e in 0..<d { s += Double(qkv[q + e]) * Double(kcache[base + j * kvDim + kvh * d + e]) }
-                    scores[j] = s * scale
+                    s *= scale
+                    if softcap > 0 { s = Double(softcap) * tanh(s / Double(softcap)) }
+                    scores.append(s)
                 }
                 let top = scores.max()!
                 let p = scores.map { exp($0 - top) }
                 let total = p.reduce(0, +)
                 for e in 0..<d {
                     var o = 0.0
-                    for j in 0..<keys { o += p[j] * Double(vcache[base + j * kvDim + kvh * d + e]) }
+                    for (n, j) in (first..<keys).enumerated() { o += p[n] * Double(vcache[base + j * kvDim + kvh * d + e]) }
                     out[(r * heads + h) * d + e] = Float(o / total)
                 }
+            }
+        }
+        return out
+    }
+
+    /// Per row: RMSNorm(x)·w as the family rounds it (offset 0: bf16(bf16(x·r)·w); else bf16(x·r·(w + offset))), or
+    /// bf16(residual + that) when `residual` is given (Gemma's norms on the attention and MLP outputs).
+    public static func rmsNormRows(x: [Float], weight: [Float], rows: Int, dim: Int, eps: Float, offset: Float = 0,
+                                   residual: [Float]? = nil) -> [Float] {
+        var out = [Float](repeating: 0, count: rows * dim)
+        for r in 0..<rows {
+            let row = x[(r * dim)..<((r + 1) * dim)]
+            let ss = row.reduce(0.0) { $0 + Double($1) * Double($1) }
+            let inv = Float(1 / (ss / Double(dim) + Double(eps)).squareRoot())
+            for i in 0..<dim {
+                let v = x[r * dim + i]
+                let n = offset != 0 ? roundToBF16(v * inv * (weight[i] + offset)) : roundToBF16(roundToBF16(v * inv) * weight[i])
+                out[r * dim + i] = residual.map { roundToBF16($0[r * dim + i] + n) } ?? n
             }
         }
         return out
