@@ -71,6 +71,46 @@ final class CUDAAvailabilityTests: XCTestCase {
         XCTAssertTrue(KernelSources.headers[0].text.contains("float_to_bf16"))
     }
 
+    func testEveryLaunchedKernelExists() throws {
+        // A kernel name a launcher asks for that its file lacks fails only on a GPU; catch it here. Static names:
+        // every `KernelSources.<file>, "<kernel>"` in the CUDA backend's Swift files; dynamic ones listed below.
+        let backend = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../../Sources/QLoRA/Backend/CUDA")
+        let fileNames = ["crossEntropy": "cross_entropy.cu", "attentionMMA": "attention_mma.cu", "decodeBatched": "decode_batched.cu"]
+        func source(_ property: String) -> KernelSource? {
+            KernelSources.all.first { $0.name == (fileNames[property] ?? property + ".cu") }
+        }
+        // `extern "C" __global__ void [__launch_bounds__(...)] name(`, the name possibly on the next line.
+        let definition = try NSRegularExpression(pattern: #"extern "C" __global__ void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\("#)
+        func defines(_ source: KernelSource, _ kernel: String) -> Bool {
+            let text = source.text
+            return definition.matches(in: text, range: NSRange(text.startIndex..., in: text)).contains {
+                String(text[Range($0.range(at: 1), in: text)!]) == kernel
+            }
+        }
+        // Only whole names (`function(KernelSources.x, "name")`), not prefixes a launcher completes at run time.
+        let pattern = try NSRegularExpression(pattern: #"KernelSources\.(\w+), "(\w+)"\)"#)
+        var found = 0
+        let walker = FileManager.default.enumerator(atPath: backend.path)
+        while let path = walker?.nextObject() as? String {
+            guard path.hasSuffix(".swift") else { continue }
+            let text = try String(contentsOfFile: backend.appendingPathComponent(path).path, encoding: .utf8)
+            for match in pattern.matches(in: text, range: NSRange(text.startIndex..., in: text)) {
+                let property = String(text[Range(match.range(at: 1), in: text)!]), kernel = String(text[Range(match.range(at: 2), in: text)!])
+                guard let file = source(property) else { XCTFail("\(path): KernelSources.\(property) is not a kernel file"); continue }
+                XCTAssertTrue(defines(file, kernel), "\(path) launches \(kernel), which \(file.name) does not define")
+                found += 1
+            }
+        }
+        XCTAssertGreaterThan(found, 30)
+        // Names made at run time: the gated activations and the soft-cap.
+        for activation in [MLPActivation.silu, .geluTanh] {
+            for direction in ["forward", "backward"] {
+                XCTAssertTrue(defines(KernelSources.swiglu, CUDAContext.gatedKernel(activation, direction)))
+            }
+        }
+        for kernel in ["softcap_f32", "softcap_h16"] { XCTAssertTrue(defines(KernelSources.crossEntropy, kernel), kernel) }
+    }
+
     func testKernelCacheStoresAtomicallyAndLoads() throws {
         let dir = try TestFixtures.temporaryDirectory() + "/nested/kernels"
         let cache = KernelCache(directory: dir)
