@@ -92,6 +92,8 @@ struct TrainerBlock {
     /// The layer's RoPE is the sliding layers' own (Gemma 3's local base).
     let slidingRope: Bool
     var fused: Bool { linears.count == 4 }
+    /// Where o_proj, gate_proj (Phi-3: gate_up_proj) and down_proj sit in `linears`.
+    var projectionIndices: (o: Int, gate: Int, down: Int) { fused ? (1, 2, 3) : (3, 4, 6) }
 }
 
 /// LoRA fine-tuning of a decoder-only model on one GPU. Use from one thread.
@@ -700,7 +702,7 @@ public final class CUDADecoderTrainer {
         try rope(b, q: q, k: k, tokens: n, backward: false)
         try ctx.attentionForward(q: q, k: k, v: v, into: attended, lse: lse, segments: segments, shape: attentionShape(b, batch),
                                  flash: !deterministic)
-        let o = L.count - 3, gateUp = L.count - 2, down = L.count - 1  // o_proj, gate(_up)_proj, down_proj
+        let (o, gateUp, down) = b.projectionIndices
         if let projected = attentionProjected, let outputNorm = b.attentionOutputNorm {
             try forward(o, x: attended.pointer, y: projected.pointer, accumulate: false)
             try norm(projected, outputNorm, into: hidden, rows: n, dim: h, residual: x)
@@ -739,7 +741,7 @@ public final class CUDADecoderTrainer {
         func backward(_ j: Int, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, accumulate: Bool) throws {
             try linearBackward(L[j], x: x, dy: dy, dx: dx, n: n, accumulate: accumulate, seed: maskSeed(L[j], j, seeds))
         }
-        let o = L.count - 3, gateUp = L.count - 2, down = L.count - 1
+        let (o, gateUp, down) = b.projectionIndices
         if let projected = mlpProjected, let outputNorm = b.mlpOutputNorm {
             try normBackward(projected, outputNorm, dy: gradient, into: dNorm, rows: n, dim: h, accumulate: false)
             try backward(down, x: activated.pointer, dy: dNorm.pointer, dx: activated.pointer, accumulate: false)
