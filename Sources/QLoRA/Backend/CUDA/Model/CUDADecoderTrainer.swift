@@ -541,8 +541,8 @@ public final class CUDADecoderTrainer {
         return seeds[j]
     }
 
-    /// The dropout mask of `l` for `seed`, or nil (the LoRA path reads x itself).
-    private func loraInput(_ l: TrainerLinear, seed: UInt64?) -> LoRADropoutMask? {
+    /// The dropout mask of `l`'s LoRA input for `seed`, or nil (the LoRA path reads x itself).
+    private func dropoutMask(_ l: TrainerLinear, seed: UInt64?) -> LoRADropoutMask? {
         seed.map { LoRADropoutMask(seed: $0, keep: 1 - l.dropout) }
     }
 
@@ -553,7 +553,7 @@ public final class CUDADecoderTrainer {
         let blas = try context.blas()
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
         if l.rank > 0 {
-            if let mask = loraInput(l, seed: seed) {
+            if let mask = dropoutMask(l, seed: seed) {
                 try context.loraDropoutXA(x: x, a: a16, into: l.xa.pointer, tokens: n, inFeatures: l.inFeatures, rank: l.rank, mask: mask)
             } else {
                 try blas.gemm(m: n, n: l.rank, k: l.inFeatures, a: x, b: a16, transB: true, c: l.xa.pointer)
@@ -587,7 +587,7 @@ public final class CUDADecoderTrainer {
         // dyB [n, r] = dy·B
         try blas.gemm(m: n, n: l.rank, k: l.outFeatures, a: dy, b: b16, c: dyB.pointer)
         // dA [r, in] += s·dyBᵀ·d(x)
-        let mask = loraInput(l, seed: seed)
+        let mask = dropoutMask(l, seed: seed)
         if let mask, let dropoutPartials {
             try context.loraDropoutGradA(x: x, dyB: dyB.pointer, into: grads.address(at: l.aOffset), scratch: dropoutPartials, tokens: n,
                                          inFeatures: l.inFeatures, rank: l.rank, scale: l.scale, mask: mask)
