@@ -75,9 +75,16 @@ final class CUDAAvailabilityTests: XCTestCase {
         // A kernel name a launcher asks for that its file lacks fails only on a GPU; catch it here. Static names:
         // every `KernelSources.<file>, "<kernel>"` in the CUDA backend's Swift files; dynamic ones listed below.
         let backend = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../../Sources/QLoRA/Backend/CUDA")
-        let fileNames = ["crossEntropy": "cross_entropy.cu", "attentionMMA": "attention_mma.cu", "decodeBatched": "decode_batched.cu"]
+        /// The file of `KernelSources.<property>`: snake case (crossEntropy → cross_entropy.cu, attentionMMA → attention_mma.cu).
         func source(_ property: String) -> KernelSource? {
-            KernelSources.all.first { $0.name == (fileNames[property] ?? property + ".cu") }
+            var name = ""
+            var previous: Character?
+            for c in property {
+                if c.isUppercase, let p = previous, p.isLowercase || p.isNumber { name += "_" }
+                name += c.lowercased()
+                previous = c
+            }
+            return KernelSources.all.first { $0.name == name + ".cu" }
         }
         // `extern "C" __global__ void [__launch_bounds__(...)] name(`, the name possibly on the next line.
         let definition = try NSRegularExpression(pattern: #"extern "C" __global__ void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\("#)
