@@ -78,7 +78,14 @@ public struct DecoderConfig: Equatable, Sendable {
     public var modelType: String
     public var hiddenSize: Int
     public var intermediateSize: Int
-    public var layerCount: Int
+    /// Changing it (shallower benchmark or check models) keeps the layer pattern: layer l then attends as layer
+    /// l mod the old count did, so `layerAttention` always has one entry per layer.
+    public var layerCount: Int {
+        didSet {
+            let old = layerAttention
+            layerAttention = (0..<layerCount).map { old.isEmpty ? .full : old[$0 % old.count] }
+        }
+    }
     public var headCount: Int
     public var kvHeadCount: Int
     public var headDim: Int

@@ -254,6 +254,9 @@ public final class CUDADecoderTrainer {
         guard c.rotaryDim % 2 == 0, c.rotaryDim <= c.headDim else {
             throw UsageError("rotary dimension \(c.rotaryDim) of head dimension \(c.headDim) is not even")
         }
+        guard c.layerAttention.count == c.layerCount else {
+            throw UsageError("the config describes the attention of \(c.layerAttention.count) layers for \(c.layerCount) layers")
+        }
         let linearCount = CUDAMemoryPlan.linearShapes(c).count
         guard ranks.count == c.layerCount, ranks.allSatisfy({ $0.count == linearCount }) else {
             throw UsageError("the GPU trainer needs a LoRA rank for each of the \(linearCount) projections of all \(c.layerCount) blocks")
