@@ -20,9 +20,9 @@ check)
   (time $C --no-bench) > $OUT/check.txt 2>&1
   grep -E "FAIL|rror" $OUT/check.txt | head -60; grep -E "passed, " $OUT/check.txt; tail -3 $OUT/check.txt ;;
 ports)
-  GROUPS="attention,family,training,dropout,rmsnorm,rope,swiglu,embedding,cross,batched,inference"
-  step "fp16: $GROUPS"
-  $C --no-bench --compute-dtype fp16 --only "$GROUPS" > $OUT/fp16.txt 2>&1; grep -E "FAIL|passed, " $OUT/fp16.txt | head -30
+  CHECK_GROUPS="attention,family,training,dropout,rmsnorm,rope,swiglu,embedding,cross,batched,inference"
+  step "fp16: $CHECK_GROUPS"
+  $C --no-bench --compute-dtype fp16 --only "$CHECK_GROUPS" > $OUT/fp16.txt 2>&1; grep -E "FAIL|passed, " $OUT/fp16.txt | head -30
   step "compute_86 (bf16): attention, family"
   $C --no-bench --arch compute_86 --only "attention,family" > $OUT/c86.txt 2>&1; grep -E "FAIL|passed, " $OUT/c86.txt | head -30
   step "benchmarks"
