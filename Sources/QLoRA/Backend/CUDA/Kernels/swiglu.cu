@@ -1,84 +1,54 @@
-// swiglu.cu: the gated MLP activations, forward and backward: SwiGLU (Llama, Mistral, Qwen, Phi-3) and GeGLU (Gemma,
-// below). All tensors h16, n elements.
+// swiglu.cu: the gated MLP activations, forward and backward: SwiGLU (Llama, Mistral, Qwen, Phi-3) and GeGLU (Gemma).
+// All tensors h16, n elements; h = act(g) * u.
 //
-// With s = sigmoid(g), silu(g) = g s, and d silu/dg = s (1 + g (1 - s)):
+// SwiGLU, with s = sigmoid(g), silu(g) = g s, and d silu/dg = s (1 + g (1 - s)):
 //     forward:   h  = g s u
 //     backward:  du = dh * g s
 //                dg = dh * u * s (1 + g (1 - s))
-// The backward may write dg over g and du over up (each element is read before it is written).
+// GeGLU with gelu's tanh approximation (transformers' `gelu_pytorch_tanh`, PyTorch's gelu(approximate="tanh")),
+// with k = sqrt(2/pi) and t = tanh(k (g + 0.044715 g^3)):
+//     forward:   h  = ½ g (1 + t) u
+//     backward:  du = dh * ½ g (1 + t)
+//                dg = dh * u * ( ½ (1 + t) + ½ g (1 - t^2) k (1 + 3 * 0.044715 g^2) )
+// One element loop per direction (8 values per 16-byte access where aligned) serves both; each activation is a
+// struct with its forward value and backward pair. The backward may write dg over g and du over up, the forward h
+// over g (each element is read before it is written, by the same thread).
 #include "qlora_prelude.cuh"
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
-extern "C" __global__ void swiglu_forward(const h16* gate, const h16* up, h16* h, long long n) {
-    const bool vec = aligned16(gate) && aligned16(up) && aligned16(h);
-    GRID_STRIDE(g8, (n + 7) / 8) {
-        const long long e0 = g8 * 8;
-        if (vec && e0 + 8 <= n) {
-            float g[8], u[8], o[8];
-            load_h16x8(gate + e0, g);
-            load_h16x8(up + e0, u);
-#pragma unroll
-            for (int k = 0; k < 8; k++) o[k] = g[k] * sigmoidf(g[k]) * u[k];
-            store_h16x8(h + e0, o);
-        } else {
-            for (long long e = e0; e < e0 + 8 && e < n; e++) {
-                const float g = h16_to_float(gate[e]);
-                h[e] = float_to_h16(g * sigmoidf(g) * h16_to_float(up[e]));
-            }
-        }
+struct SiLU {
+    __device__ __forceinline__ static float forward(float g, float u) { return g * sigmoidf(g) * u; }
+    __device__ __forceinline__ static void backward(float d, float g, float u, float& dg, float& du) {
+        const float s = sigmoidf(g);
+        du = d * g * s;
+        dg = d * u * s * (1.0f + g * (1.0f - s));
     }
-}
-
-extern "C" __global__ void swiglu_backward(const h16* dh, const h16* gate, const h16* up, h16* dgate, h16* dup,
-                                           long long n) {
-    const bool vec = aligned16(dh) && aligned16(gate) && aligned16(up) && aligned16(dgate) && aligned16(dup);
-    GRID_STRIDE(g8, (n + 7) / 8) {
-        const long long e0 = g8 * 8;
-        if (vec && e0 + 8 <= n) {
-            float d[8], g[8], u[8], dg[8], du[8];
-            load_h16x8(dh + e0, d);
-            load_h16x8(gate + e0, g);
-            load_h16x8(up + e0, u);
-#pragma unroll
-            for (int k = 0; k < 8; k++) {
-                const float s = sigmoidf(g[k]);
-                du[k] = d[k] * g[k] * s;
-                dg[k] = d[k] * u[k] * s * (1.0f + g[k] * (1.0f - s));
-            }
-            store_h16x8(dgate + e0, dg);
-            store_h16x8(dup + e0, du);
-        } else {
-            for (long long e = e0; e < e0 + 8 && e < n; e++) {
-                const float d = h16_to_float(dh[e]), g = h16_to_float(gate[e]), u = h16_to_float(up[e]);
-                const float s = sigmoidf(g);
-                dup[e] = float_to_h16(d * g * s);
-                dgate[e] = float_to_h16(d * u * s * (1.0f + g * (1.0f - s)));
-            }
-        }
-    }
-}
-
-// GeGLU, Gemma's MLP activation: h = gelu(g) * u with gelu's tanh approximation (transformers' `gelu_pytorch_tanh`,
-// PyTorch's gelu(approximate="tanh")). With k = sqrt(2/pi) and t = tanh(k (g + 0.044715 g^3)):
-//     forward:   h  = ½ g (1 + t) u
-//     backward:  du = dh * ½ g (1 + t)
-//                dg = dh * u * ( ½ (1 + t) + ½ g (1 - t^2) k (1 + 3 * 0.044715 g^2) )
-// Same layout and aliasing as swiglu (dg over g and du over u allowed; h over g too). tanhf is the accurate one.
-struct GeluTanh {
-    float value, slope;  // gelu(g) and d gelu / dg
 };
 
-__device__ __forceinline__ GeluTanh gelu_tanh(float g) {
-    const float k = 0.7978845608028654f;  // sqrt(2/pi)
-    const float t = tanhf(k * (g + 0.044715f * g * g * g));
-    GeluTanh r;
-    r.value = 0.5f * g * (1.0f + t);
-    r.slope = 0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * k * (1.0f + 3.0f * 0.044715f * g * g);
-    return r;
-}
+struct GeluTanh {
+    /// gelu(g) and d gelu / dg (tanhf is the accurate one).
+    __device__ __forceinline__ static void gelu(float g, float& value, float& slope) {
+        const float k = 0.7978845608028654f;  // sqrt(2/pi)
+        const float t = tanhf(k * (g + 0.044715f * g * g * g));
+        value = 0.5f * g * (1.0f + t);
+        slope = 0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * k * (1.0f + 3.0f * 0.044715f * g * g);
+    }
+    __device__ __forceinline__ static float forward(float g, float u) {
+        float value, slope;
+        gelu(g, value, slope);
+        return value * u;
+    }
+    __device__ __forceinline__ static void backward(float d, float g, float u, float& dg, float& du) {
+        float value, slope;
+        gelu(g, value, slope);
+        du = d * value;
+        dg = d * u * slope;
+    }
+};
 
-extern "C" __global__ void geglu_forward(const h16* gate, const h16* up, h16* h, long long n) {
+template <class Act>
+__device__ __forceinline__ void gated_forward(const h16* gate, const h16* up, h16* h, long long n) {
     const bool vec = aligned16(gate) && aligned16(up) && aligned16(h);
     GRID_STRIDE(g8, (n + 7) / 8) {
         const long long e0 = g8 * 8;
@@ -87,17 +57,17 @@ extern "C" __global__ void geglu_forward(const h16* gate, const h16* up, h16* h,
             load_h16x8(gate + e0, g);
             load_h16x8(up + e0, u);
 #pragma unroll
-            for (int k = 0; k < 8; k++) o[k] = gelu_tanh(g[k]).value * u[k];
+            for (int k = 0; k < 8; k++) o[k] = Act::forward(g[k], u[k]);
             store_h16x8(h + e0, o);
         } else {
             for (long long e = e0; e < e0 + 8 && e < n; e++)
-                h[e] = float_to_h16(gelu_tanh(h16_to_float(gate[e])).value * h16_to_float(up[e]));
+                h[e] = float_to_h16(Act::forward(h16_to_float(gate[e]), h16_to_float(up[e])));
         }
     }
 }
 
-extern "C" __global__ void geglu_backward(const h16* dh, const h16* gate, const h16* up, h16* dgate, h16* dup,
-                                          long long n) {
+template <class Act>
+__device__ __forceinline__ void gated_backward(const h16* dh, const h16* gate, const h16* up, h16* dgate, h16* dup, long long n) {
     const bool vec = aligned16(dh) && aligned16(gate) && aligned16(up) && aligned16(dgate) && aligned16(dup);
     GRID_STRIDE(g8, (n + 7) / 8) {
         const long long e0 = g8 * 8;
@@ -107,20 +77,32 @@ extern "C" __global__ void geglu_backward(const h16* dh, const h16* gate, const 
             load_h16x8(gate + e0, g);
             load_h16x8(up + e0, u);
 #pragma unroll
-            for (int k = 0; k < 8; k++) {
-                const GeluTanh a = gelu_tanh(g[k]);
-                du[k] = d[k] * a.value;
-                dg[k] = d[k] * u[k] * a.slope;
-            }
+            for (int k = 0; k < 8; k++) Act::backward(d[k], g[k], u[k], dg[k], du[k]);
             store_h16x8(dgate + e0, dg);
             store_h16x8(dup + e0, du);
         } else {
             for (long long e = e0; e < e0 + 8 && e < n; e++) {
-                const float d = h16_to_float(dh[e]), u = h16_to_float(up[e]);
-                const GeluTanh a = gelu_tanh(h16_to_float(gate[e]));
-                dup[e] = float_to_h16(d * a.value);
-                dgate[e] = float_to_h16(d * u * a.slope);
+                float dg, du;
+                Act::backward(h16_to_float(dh[e]), h16_to_float(gate[e]), h16_to_float(up[e]), dg, du);
+                dup[e] = float_to_h16(du);
+                dgate[e] = float_to_h16(dg);
             }
         }
     }
+}
+
+extern "C" __global__ void swiglu_forward(const h16* gate, const h16* up, h16* h, long long n) {
+    gated_forward<SiLU>(gate, up, h, n);
+}
+
+extern "C" __global__ void swiglu_backward(const h16* dh, const h16* gate, const h16* up, h16* dgate, h16* dup, long long n) {
+    gated_backward<SiLU>(dh, gate, up, dgate, dup, n);
+}
+
+extern "C" __global__ void geglu_forward(const h16* gate, const h16* up, h16* h, long long n) {
+    gated_forward<GeluTanh>(gate, up, h, n);
+}
+
+extern "C" __global__ void geglu_backward(const h16* dh, const h16* gate, const h16* up, h16* dgate, h16* dup, long long n) {
+    gated_backward<GeluTanh>(dh, gate, up, dgate, dup, n);
 }
