@@ -26,19 +26,6 @@
 //   D 32, 64, 96, 128 or 256.
 #include "qlora_prelude.cuh"
 
-/// The gate's activation of the gated MLP: 0 silu (SwiGLU), 1 GELU with the tanh approximation (Gemma's GeGLU,
-/// PyTorch's gelu(approximate="tanh")). Same in decode_batched.cu.
-__device__ __forceinline__ float gated_activation(float g, int activation) {
-    if (activation == 1) return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-    return g * (1.0f / (1.0f + __expf(-g)));
-}
-
-__constant__ float NF4_VALUES[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-
 // Mirrored in Swift (CUDAInference.swift, `NF4GemvTask.bytes`): 88 bytes, 8-byte aligned.
 struct Nf4GemvTask {
     const unsigned char* packed;
@@ -104,7 +91,7 @@ nf4_gemv(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __restric
     while (ti + 1 < ntasks && (int)blockIdx.x >= tasks[ti + 1].first_block) ti++;
     const Nf4GemvTask task = tasks[ti];  // a copy in registers
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
-    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_VALUES[threadIdx.x];
+    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_CODE_TABLE[threadIdx.x];
     {
         const uint4* src = reinterpret_cast<const uint4*>(x);
         uint4* dst = reinterpret_cast<uint4*>(sx);
@@ -180,7 +167,6 @@ bf16_gemv(const h16* __restrict__ w, const h16* __restrict__ x, float* __restric
     if (row0 >= rows) return;
     const int chunks = cols / 8;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const uint4* xr = reinterpret_cast<const uint4*>(x);
 #pragma unroll 2
     for (int c = lane; c < chunks; c += 32) {
         float xf[8];
@@ -195,7 +181,6 @@ bf16_gemv(const h16* __restrict__ w, const h16* __restrict__ x, float* __restric
                 acc[r] += h16_low(words[k]) * xf[2 * k] + h16_high(words[k]) * xf[2 * k + 1];
         }
     }
-    (void)xr;
 #pragma unroll
     for (int r = 0; r < 4; r++) {
         const float v = warp_sum(acc[r]);
@@ -390,7 +375,7 @@ nf4_gemv_splitk(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __
         for (int r = 0; r < GEMV_ROWS; r++) next[r] = __ldg(prow[r] + c_begin + lane);
     }
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
-    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_VALUES[threadIdx.x];
+    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_CODE_TABLE[threadIdx.x];
     __syncthreads();
     const float offset = task.offset;
     const unsigned char* __restrict__ absmax_q = task.absmax_q;

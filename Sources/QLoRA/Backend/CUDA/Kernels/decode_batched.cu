@@ -47,19 +47,6 @@
 //   the residual stream: Gemma's sandwich norms), the embedding times Gemma's √hidden, and final-logit soft-capping.
 #include "qlora_prelude.cuh"
 
-/// The gate's activation of the gated MLP: 0 silu (SwiGLU), 1 GELU with the tanh approximation (Gemma's GeGLU,
-/// PyTorch's gelu(approximate="tanh")). Same in decode.cu.
-__device__ __forceinline__ float gated_activation(float g, int activation) {
-    if (activation == 1) return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-    return g * (1.0f / (1.0f + __expf(-g)));
-}
-
-__constant__ float NF4_LEVELS[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-
 // Mirrored in Swift (Ops/CUDABatchedDecode.swift, `NF4GemmTask.encode`): 64 bytes, 8-byte aligned.
 struct Nf4GemmTask {
     const unsigned char* packed;   // [rows * cols / 2]
@@ -112,7 +99,7 @@ __device__ __forceinline__ void nf4_gemm_rows_impl(const Nf4GemmTask* __restrict
     while (ti + 1 < ntasks && (int)blockIdx.x >= tasks[ti + 1].first_block) ti++;
     const Nf4GemmTask task = tasks[ti];
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
-    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_LEVELS[threadIdx.x];
+    if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_CODE_TABLE[threadIdx.x];
     __syncthreads();
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -407,7 +394,7 @@ extern "C" __global__ void add_bias_rows(h16* y, int stride, const h16* __restri
 }
 
 /// h[r, i] = act(g) · u with g = gu[r, i], u = gu[r, inter + i] (the fused gate|up row): act silu (activation 0, as
-/// swiglu.cu's forward) or GELU's tanh approximation (1, gated_activation above), rounded once.
+/// swiglu.cu's forward) or GELU's tanh approximation (1, the prelude's gated_activation), rounded once.
 extern "C" __global__ void swiglu_rows(const h16* __restrict__ gu, h16* __restrict__ h, int rows, int inter, int activation) {
     GRID_STRIDE(e, (long long)rows * inter) {
         const long long r = e / inter, i = e % inter;

@@ -13,13 +13,6 @@
 // rounded on its own (__fmul_rn / __fadd_rn, which the compiler may not fuse), one element per thread.
 #include "qlora_prelude.cuh"
 
-// Copied to shared memory by each block: lanes index it with different codes, which constant memory serialises.
-__constant__ float NF4_CODE_TABLE[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
-
 // Writes elements [e0, e0+8) (clipped to n) given a per-element scale function.
 template <typename Scale>
 __device__ __forceinline__ void nf4_write8(const float* NF4_CODE, const unsigned char* packed, h16* out, long long e0,

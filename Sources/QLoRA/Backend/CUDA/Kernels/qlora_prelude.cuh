@@ -172,6 +172,21 @@ __device__ __forceinline__ unsigned dropout_keep8(unsigned long long seed, long 
     return bits;
 }
 
+/// The NF4 code book (bitsandbytes' levels, index 0..15). Kernels copy it to shared memory: lanes index it with
+/// different codes, which constant memory would serialise.
+__constant__ float NF4_CODE_TABLE[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+/// The gate's activation of the gated MLP in the decode kernels: 0 silu (SwiGLU), 1 GELU with the tanh approximation
+/// (Gemma's GeGLU, PyTorch's gelu(approximate="tanh")); the same arithmetic as swiglu.cu's forward.
+__device__ __forceinline__ float gated_activation(float g, int activation) {
+    if (activation == 1) return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    return g * (1.0f / (1.0f + __expf(-g)));
+}
+
 /// Grid-stride loop over [0, n).
 #define GRID_STRIDE(i, n) \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
