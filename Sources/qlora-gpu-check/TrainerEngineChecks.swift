@@ -141,6 +141,31 @@ func runTrainerEngineChecks(_ ctx: CUDAContext) {
                       && (summary.finalTrainLoss ?? .nan).isFinite, "final loss \(fmt(summary.finalTrainLoss ?? .nan, 5))")
         }
     }
+
+    // The task metrics during training generate with the engine's generator: it must share the trainer's NF4 base
+    // (one copy on the card) and answer exactly as a generator that uploads its own copy.
+    group("training: the engine's generator shares the trainer's NF4 base") {
+        let model = try loadFixtureModel(directory, quantization: .nf4)
+        let engine = try Evaluation.cudaEngine(context: ctx, model: model, batches: [try fixtureBatch(directory)])
+        let baseBytes = engine.trainer.frozenWeights.values.reduce(0) { $0 + $1.bytesRead }
+        let allocator = ctx.allocator
+        let before = allocator.reservedBytes
+        let shared = try engine.batchGenerator(model: model)
+        let sharedBytes = allocator.reservedBytes - before
+        let fresh = try CUDABatchedGenerator(context: ctx, model: model)
+        let freshBytes = allocator.reservedBytes - before - sharedBytes
+        checkTrue("the shared generator allocates at least the base's NF4 bytes less than an uploading one",
+                  freshBytes - sharedBytes >= baseBytes * 9 / 10,
+                  "shared \(sharedBytes) B, uploading \(freshBytes) B, NF4 base \(baseBytes) B")
+        var rng = SeededGenerator(seed: 21)
+        let requests = (0..<3).map { _ in
+            GenerationRequest(prompt: (0..<9).map { _ in Int(rng.next() % UInt64(model.config.vocabularySize)) }, sampling: SamplingOptions())
+        }
+        let a = try shared.generate(requests, maxTokens: 12, stopIDs: [])
+        let b = try fresh.generate(requests, maxTokens: 12, stopIDs: [])
+        checkTrue("shared and uploading generators give the same greedy tokens", a == b,
+                  "\(a.map(\.tokens)) vs \(b.map(\.tokens))")
+    }
 }
 
 struct MissingValue: Error, CustomStringConvertible { let description: String }

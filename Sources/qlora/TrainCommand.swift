@@ -188,9 +188,7 @@ extension TrainCommand {
         guard let tokenizer = loaded.tokenizer else { throw ValidationError("\(loaded.directory) has no tokenizer.json: the task metrics need one") }
         let cases = try GenerationEvaluation.cases(path: evalPath, tokenizer: tokenizer, template: loaded.template, limit: c.generationEvalExamples)
         trainer.generation = TrainingGeneration(cases: cases, tokenizer: tokenizer,
-                                                stopIDs: Generator.stopIDs(config: loaded.model.config, tokenizer: tokenizer)) { model in
-            try device.batchGenerator(model: model)
-        }
+                                                stopIDs: Generator.stopIDs(config: loaded.model.config, tokenizer: tokenizer))
     }
 }
 

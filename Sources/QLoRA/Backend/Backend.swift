@@ -110,6 +110,10 @@ public protocol TrainingEngine: AnyObject {
     var lastStepSkipped: Bool { get }
     /// Takes a saved loss scaler's state (a resumed fp16 run).
     func restoreLossScaler(scale: Float, growthTracker: Int, skippedSteps: Int)
+    /// A generator for `model` (whose adapter holds the trained weights, after `copyWeightsToModel`) on this engine's
+    /// device, for the task metrics during training. The GPU's shares the trainer's NF4 base instead of uploading a
+    /// second copy of it.
+    func batchGenerator(model: DecoderModel) throws -> BatchGenerator
 }
 
 extension TrainingEngine {

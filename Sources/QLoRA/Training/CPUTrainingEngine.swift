@@ -36,6 +36,7 @@ public final class CPUTrainingEngine: TrainingEngine {
     public func loss(batch: TrainingBatch) throws -> LossSum { try model.loss(batch: batch) }
     public func copyWeightsToModel() throws {}
     public func loadWeightsFromModel() throws {}
+    public func batchGenerator(model: DecoderModel) throws -> BatchGenerator { SessionBatchGenerator.cpu(model) }
     public func optimizerState() throws -> [TensorRecord] { optimizer.state() }
     public func loadOptimizerState(_ file: SafeTensorsFile) throws { try optimizer.load(state: file) }
 

@@ -304,20 +304,17 @@ public enum ModelCard {
     }
 }
 
-/// How the trainer computes task metrics at each evaluation: the eval prompts, their references, and a generator
-/// made for the current adapter weights (the CPU model's, or the GPU's).
+/// How the trainer computes task metrics at each evaluation: the eval prompts and their references. The generator is
+/// the training engine's (`TrainingEngine.batchGenerator`), made for the current adapter weights.
 public struct TrainingGeneration {
     public var cases: [GenerationCase]
     public var tokenizer: Tokenizer
     public var stopIDs: Set<Int>
-    /// Called at each evaluation, after the trained weights are copied into the model.
-    public var makeGenerator: (DecoderModel) throws -> BatchGenerator
 
-    public init(cases: [GenerationCase], tokenizer: Tokenizer, stopIDs: Set<Int>, makeGenerator: @escaping (DecoderModel) throws -> BatchGenerator) {
+    public init(cases: [GenerationCase], tokenizer: Tokenizer, stopIDs: Set<Int>) {
         self.cases = cases
         self.tokenizer = tokenizer
         self.stopIDs = stopIDs
-        self.makeGenerator = makeGenerator
     }
 }
 

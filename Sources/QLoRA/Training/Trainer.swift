@@ -313,7 +313,7 @@ public final class Trainer {
         let c = configuration
         try engine.copyWeightsToModel()
         let cases = c.generationEvalExamples > 0 ? Array(generation.cases.prefix(c.generationEvalExamples)) : generation.cases
-        let generator = try generation.makeGenerator(model)
+        let generator = try engine.batchGenerator(model: model)
         let result = try GenerationEvaluation.run(cases: cases, metrics: metrics, generator: generator, tokenizer: generation.tokenizer,
                                                   maxTokens: c.generationMaxNewTokens, stopIDs: generation.stopIDs)
         let values = result.metrics.compactMap { m in m.value.map { (m.metric.evalKey, roundTo($0, 6)) } }

@@ -149,9 +149,7 @@ final class GenerationEvaluationTests: XCTestCase {
         trainer.log = { _ in }
         trainer.showProgress = { _ in }
         trainer.generation = TrainingGeneration(cases: try GenerationEvaluation.cases(path: evalPath, tokenizer: tokenizer, template: loaded.template),
-                                                tokenizer: tokenizer, stopIDs: Generator.stopIDs(config: loaded.model.config, tokenizer: tokenizer)) {
-            SessionBatchGenerator.cpu($0)
-        }
+                                                tokenizer: tokenizer, stopIDs: Generator.stopIDs(config: loaded.model.config, tokenizer: tokenizer))
         return (trainer, out, loaded)
     }
 

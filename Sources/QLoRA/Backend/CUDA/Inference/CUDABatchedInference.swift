@@ -377,8 +377,9 @@ public final class CUDABatchedGenerator {
     }
 
     /// The model (NF4 + double quant base, LoRA unmerged) uploaded for generation.
-    public convenience init(context: CUDAContext, model: DecoderModel, slots: Int = 128) throws {
-        try self.init(weights: CUDAInference(context: context, model: model, capacity: 1), slots: slots)
+    /// `sharing`: NF4 base weights already on the GPU by layer name (the trainer's), used instead of uploading them again.
+    public convenience init(context: CUDAContext, model: DecoderModel, slots: Int = 128, sharing frozen: [String: CUDANF4Weight] = [:]) throws {
+        try self.init(weights: CUDAInference(context: context, model: model, capacity: 1, sharing: frozen), slots: slots)
     }
 
     /// Answers `prompts`, prompt i sampled with `sampling[i]`.

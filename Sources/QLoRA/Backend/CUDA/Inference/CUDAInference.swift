@@ -144,8 +144,10 @@ public final class CUDAInference {
 
     /// Uploads `model` with each linear layer's base weight as NF4 + double quant: `quantized[name]` when given
     /// (e.g. from `quantizeBase`), else quantized here. LoRA adapters set on the model's layers come along unmerged.
+    /// `sharing[name]`, when given, is that layer's NF4 weight already on the GPU (the trainer's during training),
+    /// used as it is: one copy of the base on the card.
     public convenience init(context: CUDAContext, model: DecoderModel, capacity: Int,
-                            quantized: [String: QuantizedWeight] = [:]) throws {
+                            quantized: [String: QuantizedWeight] = [:], sharing frozen: [String: CUDANF4Weight] = [:]) throws {
         let c = model.config
         // Refused before anything is uploaded.
         try c.checkCUDASupport(what: "a KV cache of \(capacity) positions")
@@ -173,8 +175,16 @@ public final class CUDAInference {
                 } else {
                     biases.append(nil)
                 }
-                let q = try quantized[l.name] ?? CUDAInference.quantize(l)
-                matrices.append(try CUDANF4Weight(q, allocator: A, signedDynamicMap: code))
+                if let shared = frozen[l.name] {
+                    guard shared.rows == l.outFeatures, shared.columns == l.inFeatures else {
+                        throw UsageError("the GPU's NF4 weight of \(l.name) is \(shared.rows) × \(shared.columns), the model's layer "
+                                         + "\(l.outFeatures) × \(l.inFeatures)")
+                    }
+                    matrices.append(shared)
+                } else {
+                    let q = try quantized[l.name] ?? CUDAInference.quantize(l)
+                    matrices.append(try CUDANF4Weight(q, allocator: A, signedDynamicMap: code))
+                }
                 if let lora = l.lora {
                     stacked += lora.a.values
                     loras.append((offset, lora.rank, try bf16(lora.b), lora.scale))

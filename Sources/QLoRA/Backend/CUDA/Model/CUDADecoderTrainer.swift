@@ -112,6 +112,10 @@ public final class CUDADecoderTrainer {
     public let memory: CUDATrainerMemoryOptions
 
     let blocks: [TrainerBlock]
+    /// Every linear layer's NF4 base weight by its name (generation during training shares them).
+    public var frozenWeights: [String: CUDANF4Weight] {
+        Dictionary(blocks.flatMap { $0.linears.map { ($0.name, $0.weight) } }, uniquingKeysWith: { first, _ in first })
+    }
     /// The input embedding [V, H] bf16 on the GPU, or nil when it lives in `hostEmbedding`.
     let embedding: DeviceBuffer<UInt16>?
     let head: DeviceBuffer<UInt16>

@@ -83,6 +83,10 @@ public final class CUDATrainingEngine: TrainingEngine {
         return try trainer.lastLoss()
     }
 
+    public func batchGenerator(model: DecoderModel) throws -> BatchGenerator {
+        try CUDABatchedGenerator(context: trainer.context, model: model, sharing: trainer.frozenWeights)
+    }
+
     public func copyWeightsToModel() throws {
         let layers = Dictionary(model.linearLayers.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
         for (name, a, b) in try trainer.loraParameters() {
