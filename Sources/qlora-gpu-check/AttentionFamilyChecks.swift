@@ -89,3 +89,79 @@ func timeAttentionVariations() throws {
               + "backward \(fmt(bwdMs, 3)) ms = \(fmt(2.5 * flops / (bwdMs / 1000) / 1e12, 1)) TFLOP/s")
     }
 }
+
+/// Head dimension 256 (Gemma 2/3) on the flash path (the 8-warp forward, the split-column backward): lengths that
+/// are not multiples of its tiles (forward 128 queries x 32 keys, backward 64 keys x 32 queries), GQA groups of 1, 2
+/// and 4, several key blocks, windows that skip whole tiles in both directions, soft-capping, packed sequences, and
+/// the 64-row kernels beside it as a second opinion. Thresholds as the "attention" group.
+func checkAttentionWide() throws {
+    // (batch, seq, heads, kvHeads, soft-capping, window, packed)
+    let cases: [(Int, Int, Int, Int, Float?, Int?, Bool)] = [
+        (1, 333, 8, 2, nil, nil, false),
+        (2, 97, 2, 1, 3, nil, true),
+        (1, 333, 4, 2, nil, 100, false),
+        (1, 390, 4, 4, 3, 70, true),
+    ]
+    let d = 256
+    for (batch, seq, heads, kvHeads, softcap, window, packed) in cases {
+        var shape = AttentionShape(batch: batch, seq: seq, heads: heads, kvHeads: kvHeads, headDim: d, softcap: softcap,
+                                   window: window)
+        shape.scale = 1 / (Float(d) / 2).squareRoot()  // twice the default spread, so a cap of 3 matters
+        let qn = shape.tokens * heads * d, kn = shape.tokens * kvHeads * d
+        let (qb, q) = rng.bf16(qn, -2, 2), (kb, k) = rng.bf16(kn, -2, 2), (vb, v) = rng.bf16(kn), (db, dout) = rng.bf16(qn)
+        let segments: [Int32]? = packed ? (0..<shape.tokens).map { $0 % seq < 77 ? 0 : 1 } : nil
+        let variation = CPUReference.AttentionVariation(scale: Double(shape.scale), softcap: softcap.map(Double.init), window: window)
+        let ref = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: batch, seq: seq, heads: heads,
+                                                kvHeads: kvHeads, headDim: d, variation: variation)
+        let grads = CPUReference.attentionBackward(q: q, k: k, v: v, dout: dout, segments: segments, batch: batch, seq: seq,
+                                                   heads: heads, kvHeads: kvHeads, headDim: d, variation: variation)
+        let qd = try upload(qb), kd = try upload(kb), vd = try upload(vb), dd = try upload(db)
+        let segd = try segments.map { try upload($0) }
+        let label = "b\(batch) s\(seq) h\(heads)/\(kvHeads) d\(d)" + (softcap.map { " softcap \(Int($0))" } ?? "")
+            + (window.map { " window \($0)" } ?? "") + (packed ? " packed" : "")
+        for flash in [true, false] {
+            let kind = flash ? (ctx.flashAttentionFits(headDim: d) ? "flash" : "flash->mma") : "mma"
+            let name = "attn \(kind) \(label)"
+            let o = try poisoned(UInt16.self, qn), lse = try poisoned(Float.self, shape.tokens * heads)
+            try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape, flash: flash)
+            check("\(name): o", relativeError(try downloadBF16(o), ref.o), 1e-2)
+            check("\(name): lse", relativeError(try lse.download(), ref.lse), 1e-4)
+            let dq = try poisoned(UInt16.self, qn), dk = try poisoned(UInt16.self, kn), dv = try poisoned(UInt16.self, kn)
+            try ctx.attentionBackward(q: qd, k: kd, v: vd, o: o, dout: dd, lse: lse, segments: segd, dq: dq, dk: dk, dv: dv,
+                                      shape: shape, flash: flash)
+            check("\(name): dq", relativeError(try downloadBF16(dq), grads.dq), 2e-2)
+            check("\(name): dk", relativeError(try downloadBF16(dk), grads.dk), 2e-2)
+            check("\(name): dv", relativeError(try downloadBF16(dv), grads.dv), 2e-2)
+        }
+    }
+}
+
+/// Attention at the Gemma-2-9B shape (16 query heads over 8 KV heads, head dimension 256, scale 256^-½), batch
+/// 2 x 2048: causal, and as its layers run it (soft-cap 50, the sliding layers' window of 4096, which at 2048 tokens
+/// hides nothing), on the flash kernels and the 64-row ones.
+func timeAttentionGemma2() throws {
+    for softcap in [nil, Float(50)] as [Float?] {
+        let shape = AttentionShape(batch: 2, seq: 2048, heads: 16, kvHeads: 8, headDim: 256, softcap: softcap,
+                                   window: softcap == nil ? nil : 4096)
+        let d = shape.headDim, qn = shape.tokens * shape.heads * d, kn = shape.tokens * shape.kvHeads * d
+        let q = try upload(rng.bf16(qn).0), k = try upload(rng.bf16(kn).0), v = try upload(rng.bf16(kn).0)
+        let o = try A.buffer(UInt16.self, count: qn), lse = try A.buffer(Float.self, count: shape.tokens * shape.heads)
+        let dq = try A.buffer(UInt16.self, count: qn), dk = try A.buffer(UInt16.self, count: kn), dv = try A.buffer(UInt16.self, count: kn)
+        let delta = try A.buffer(Float.self, count: shape.tokens * shape.heads), accumulator = try A.buffer(Float.self, count: qn)
+        // Causal FLOPs (the window is longer than the sequence): 4 B H S² D / 2 forward, 2.5x that backward.
+        let flops = 4 * Double(shape.batch * shape.heads) * Double(shape.seq * shape.seq) / 2 * Double(d)
+        let label = "b2 s2048 h16/8 d256 (gemma-2-9b)" + (softcap == nil ? " causal" : " softcap 50 window 4096")
+        for flash in [true, false] {
+            let kind = flash ? (ctx.flashAttentionFits(headDim: d) ? "flash" : "flash->mma 64-row") : "mma 64-row"
+            let fwdMs = try timeMedian(5, warmup: 1) {
+                try ctx.attentionForward(q: q, k: k, v: v, into: o, lse: lse, shape: shape, flash: flash)
+            }
+            let bwdMs = try timeMedian(5, warmup: 1) {
+                try ctx.attentionBackward(q: q, k: k, v: v, o: o, dout: o, lse: lse, dq: dq, dk: dk, dv: dv, delta: delta,
+                                          dqAccumulator: accumulator, shape: shape, flash: flash)
+            }
+            print("  attention \(label) (\(kind)): forward \(fmt(fwdMs, 3)) ms = \(fmt(flops / (fwdMs / 1000) / 1e12, 1)) TFLOP/s, "
+                  + "backward \(fmt(bwdMs, 3)) ms = \(fmt(2.5 * flops / (bwdMs / 1000) / 1e12, 1)) TFLOP/s")
+        }
+    }
+}

@@ -21,7 +21,8 @@
 // instructions, which the driver compiles for the card at load, so the portable paths run for real on a newer GPU
 // (with that architecture's shared-memory limit, so launchers pick what such a card would get).
 // Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, attention variations
-// (scale, soft-capping, sliding window, head dims 32-256; AttentionFamilyChecks.swift), lora linear,
+// (scale, soft-capping, sliding window, head dims 32-256; AttentionFamilyChecks.swift), attention d256 (the flash
+// kernels at Gemma's head dimension: tiles, GQA, windows, caps; AttentionFamilyChecks.swift), lora linear,
 // decode gemv, inference fixture, inference random, dropout mask, lora dropout fused (DropoutChecks.swift), adamw8bit,
 // batched kernels, batched generation (BatchedChecks.swift), family generation (qwen3, gemma2, gemma3_text, phi3, phi3
 // longrope, mistral: FamilyInferenceChecks.swift), merge (MergeChecks.swift), allocator,
@@ -452,6 +453,7 @@ group("attention") {
 }
 
 group("attention variations") { try checkAttentionVariations() }  // AttentionFamilyChecks.swift
+group("attention d256") { try checkAttentionWide() }  // AttentionFamilyChecks.swift
 
 group("lora linear") {
     let (tokens, inF, outF, r) = (300, 576, 1536, 16)
@@ -631,6 +633,7 @@ if runBench {
             print("  attention backward b2 s2048 h32/8 d128 (\(kind)): \(fmt(bwdMs, 3)) ms = \(fmt(2.5 * flops / (bwdMs / 1000) / 1e12, 1)) TFLOP/s")
         }
         try timeAttentionVariations()  // AttentionFamilyChecks.swift: d96, d256, soft-capping, a window
+        try timeAttentionGemma2()  // AttentionFamilyChecks.swift: d256 at the Gemma-2-9B shape, flash and 64-row
         // QLoRA linear at the Llama-3.1-8B MLP up-projection: 4096 tokens, 4096 -> 14336, r 16; NF4 weight
         // dequantized into a bf16 scratch buffer each call, then the LoRA linear GEMMs.
         do {

@@ -15,8 +15,9 @@
 //
 // Variations (formulas in attention.cu's header): any logit scale; soft-capping in the `_cap_d<D>` kernels (tanh
 // after the product, its slope 1 − tanh² on dS; the uncapped kernels have no tanh); a sliding window, whose key tiles
-// (forward) or query tiles (backward) wholly outside it are skipped. Head dims 32, 64, 96, 128 everywhere, 256 in
-// the 64-row kernels only (key tiles of 32, dk/dv query tiles of 16: static shared memory stays under 48 KB).
+// (forward) or query tiles (backward) wholly outside it are skipped. Head dims 32, 64, 96, 128 and 256 everywhere (the
+// 64-row kernels at 256: key tiles of 32, dk/dv query tiles of 16, so static shared memory stays under 48 KB; the
+// flash kernels at 256: 8-warp forward blocks and a backward that splits the head dimension, see fa_backward_wide).
 //
 // The default path is the flash section further down (attention_fa_*: 128-row tiles, fused backward); the 64-row
 // kernels below stay selectable (`flash: false` in CUDAAttention.swift) as a second tensor-core implementation.
@@ -539,13 +540,15 @@ __device__ __forceinline__ void mma_backward_dkdv(const h16* q, const h16* k, co
 //
 // The default path (the kernels above stay as a second tensor-core implementation to check against):
 //   attention_fa_forward:  block = 128 queries of one head (4 warps x 32 rows: two m-tiles share each K/V fragment
-//                          read from shared memory; Q stays in shared memory), two blocks per SM; key tiles of 64,
+//                          read from shared memory; Q stays in shared memory), two blocks per SM; key tiles of 64
+//                          (at D = 256: 8 warps x 16 rows, one block per SM, key tiles of 32),
 //                          K and V double-buffered with cp.async (tile j+1 loads while tile j is computed).
 //                          Scores go to base 2 (scale·log2 e folded into one multiply, ex2.approx); the causal and
 //                          segment masks are only evaluated on tiles that cross a warp's diagonal or when segments
 //                          are given, and a warp skips key tiles entirely above its rows.
 //   attention_fa_prep:     delta = rowsum(dO ∘ O) and zeroes the fp32 dQ accumulator.
-//   attention_fa_backward: block = 128 keys of one KV head (8 warps x 16 keys); loops over the group's query heads
+//   attention_fa_backward: (D = 256: fa_backward_wide, further down)
+//                          block = 128 keys of one KV head (8 warps x 16 keys); loops over the group's query heads
 //                          and query tiles of 64 from the diagonal on (Q, dO, lse, delta double-buffered):
 //                          Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, Pᵀ = exp2(Sᵀ·scale·log2 e − lse·log2 e), dSᵀ = Pᵀ ∘ (dPᵀ − delta),
 //                          dV += Pᵀ dO, dK += dSᵀ Q in registers; dSᵀ goes to shared memory and the block adds
@@ -555,7 +558,6 @@ __device__ __forceinline__ void mma_backward_dkdv(const h16* q, const h16* k, co
 // key tiles start in the first wave.
 
 #define FA_THREADS 256
-#define FA_FORWARD_THREADS 128
 
 extern __shared__ __align__(16) unsigned char fa_shared[];
 
@@ -596,16 +598,26 @@ __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
 #endif
 }
 
+/// The forward's shape by head dimension: up to 128, 4 warps of two m-tiles (32 rows) and key tiles of 64; at 256
+/// (Gemma 2/3) the output accumulator of two m-tiles (2 x 128 registers) would spill, so 8 warps of one m-tile
+/// (16 rows: 128 accumulator registers) share the block's 128 rows, and key tiles of 32 keep the double-buffered
+/// K and V beside Q within an A100's 163 KB.
+template <int D> constexpr int fa_forward_mtiles() { return D > 128 ? 1 : 2; }
+template <int D> constexpr int fa_forward_keys() { return D > 128 ? 32 : 64; }
+#define FA_FORWARD_THREADS(D) ((D) > 128 ? 256 : 128)
+#define FA_FORWARD_MIN_BLOCKS(D) ((D) > 128 ? 1 : 2)
+
 /// Dynamic shared memory of attention_fa_forward for head dimension D (the launcher computes the same):
-/// Q (128 rows), K and V (2 stages x 64 rows), key segments (2 x 64).
+/// Q (128 rows), K and V (2 stages x BK rows), key segments (2 x BK).
 template <int D>
-constexpr int fa_forward_shared() { return (128 + 4 * 64) * (D + 8) * 2 + 2 * 64 * 4; }
+constexpr int fa_forward_shared() { return (128 + 4 * fa_forward_keys<D>()) * (D + 8) * 2 + 2 * fa_forward_keys<D>() * 4; }
 
 template <int D, bool CAP>
 __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16* v, h16* o, float* lse,
                                            const int* segments, int seq, int heads, int kv_heads, float scale,
                                            float softcap, int window) {
-    constexpr int LD = D + 8, BM = 128, BK = 64, TILE = BK * LD;
+    constexpr int LD = D + 8, BM = 128, BK = fa_forward_keys<D>(), TILE = BK * LD;
+    constexpr int MI = fa_forward_mtiles<D>(), WR = 16 * MI;  // m-tiles and rows per warp
     h16* qs = reinterpret_cast<h16*>(fa_shared);  // [BM * LD]
     h16* ks = qs + BM * LD;                        // [2][TILE]
     h16* vs = ks + 2 * TILE;                       // [2][TILE]
@@ -614,23 +626,24 @@ __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16
     const int hk = h / (heads / kv_heads);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const long long t0 = (long long)b * seq;
-    // Warp w owns rows 32 w.. of the block as two m-tiles; thread rows[mi][i] = 32 w + 16 mi + g + 8 i.
-    int rows[2][2];
+    // Warp w owns rows WR w.. of the block as MI m-tiles; thread rows[mi][i] = WR w + 16 mi + g + 8 i.
+    int rows[MI][2];
 #pragma unroll
-    for (int mi = 0; mi < 2; mi++) { rows[mi][0] = q0 + warp * 32 + mi * 16 + g; rows[mi][1] = rows[mi][0] + 8; }
-    const int warp_first = q0 + warp * 32, warp_last = warp_first + 31;
-    int segq[2][2];
+    for (int mi = 0; mi < MI; mi++) { rows[mi][0] = q0 + warp * WR + mi * 16 + g; rows[mi][1] = rows[mi][0] + 8; }
+    const int warp_first = q0 + warp * WR, warp_last = warp_first + WR - 1;
+    int segq[MI][2];
 #pragma unroll
-    for (int mi = 0; mi < 2; mi++)
+    for (int mi = 0; mi < MI; mi++)
 #pragma unroll
         for (int i = 0; i < 2; i++) segq[mi][i] = (segments && rows[mi][i] < seq) ? segments[t0 + rows[mi][i]] : 0;
-    float oacc[2][D / 8][4];
+    float oacc[MI][D / 8][4];
 #pragma unroll
-    for (int mi = 0; mi < 2; mi++)
+    for (int mi = 0; mi < MI; mi++)
 #pragma unroll
         for (int x = 0; x < D / 8; x++) oacc[mi][x][0] = oacc[mi][x][1] = oacc[mi][x][2] = oacc[mi][x][3] = 0.0f;
-    float m[2][2] = {{-QLORA_INFINITY, -QLORA_INFINITY}, {-QLORA_INFINITY, -QLORA_INFINITY}};
-    float l[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    float m[MI][2], l[MI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; mi++) { m[mi][0] = m[mi][1] = -QLORA_INFINITY; l[mi][0] = l[mi][1] = 0.0f; }
     // Logits to base 2: scale·log2 e, or with a cap log2 e after the cap (which takes the scale).
     const float sl2 = (CAP ? 1.0f : scale) * 1.4426950408889634f, cap_scale = CAP ? scale / softcap : 0.0f;
 
@@ -658,22 +671,22 @@ __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16
         if (j0 + BK - 1 <= warp_first - window) continue;  // every key is before every row's window
         const h16* kt = ks + (j & 1) * TILE;
         const h16* vt = vs + (j & 1) * TILE;
-        float s[2][BK / 8][4];
+        float s[MI][BK / 8][4];
 #pragma unroll
-        for (int mi = 0; mi < 2; mi++)
+        for (int mi = 0; mi < MI; mi++)
 #pragma unroll
             for (int nt = 0; nt < BK / 8; nt++) s[mi][nt][0] = s[mi][nt][1] = s[mi][nt][2] = s[mi][nt][3] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
-            unsigned qa[2][4];
+            unsigned qa[MI][4];
 #pragma unroll
-            for (int mi = 0; mi < 2; mi++) a_frag_mk<true>(qa[mi], qs, LD, warp * 32 + mi * 16, kk * 16, lane);
+            for (int mi = 0; mi < MI; mi++) a_frag_mk<true>(qa[mi], qs, LD, warp * WR + mi * 16, kk * 16, lane);
 #pragma unroll
             for (int nt = 0; nt < BK / 8; nt += 2) {
                 unsigned r[4];
                 b_frags_nk_pair<true>(r, kt, LD, kk * 16, nt * 8, lane);
 #pragma unroll
-                for (int mi = 0; mi < 2; mi++) {
+                for (int mi = 0; mi < MI; mi++) {
                     mma16816(s[mi][nt], qa[mi], r[0], r[1]);
                     mma16816(s[mi][nt + 1], qa[mi], r[2], r[3]);
                 }
@@ -681,7 +694,7 @@ __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16
         }
         if (CAP) {
 #pragma unroll
-            for (int mi = 0; mi < 2; mi++)
+            for (int mi = 0; mi < MI; mi++)
 #pragma unroll
                 for (int nt = 0; nt < BK / 8; nt++)
 #pragma unroll
@@ -691,7 +704,7 @@ __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16
         if (segments || j0 + BK - 1 > warp_first || j0 <= warp_last - window) {
             const int* sk = segk + (j & 1) * BK;
 #pragma unroll
-            for (int mi = 0; mi < 2; mi++)
+            for (int mi = 0; mi < MI; mi++)
 #pragma unroll
                 for (int nt = 0; nt < BK / 8; nt++)
 #pragma unroll
@@ -703,7 +716,7 @@ __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16
                     }
         }
 #pragma unroll
-        for (int mi = 0; mi < 2; mi++) {
+        for (int mi = 0; mi < MI; mi++) {
             float mx[2] = {-QLORA_INFINITY, -QLORA_INFINITY};
 #pragma unroll
             for (int nt = 0; nt < BK / 8; nt++) {
@@ -735,9 +748,9 @@ __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16
         }
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
-            unsigned pa[2][4];
+            unsigned pa[MI][4];
 #pragma unroll
-            for (int mi = 0; mi < 2; mi++) {
+            for (int mi = 0; mi < MI; mi++) {
                 pack_a_frag(pa[mi], s[mi], kk);
             }
 #pragma unroll
@@ -745,7 +758,7 @@ __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16
                 unsigned r[4];
                 b_frags_kn<true>(r, vt, LD, kk * 16, dt * 8, lane);
 #pragma unroll
-                for (int mi = 0; mi < 2; mi++) {
+                for (int mi = 0; mi < MI; mi++) {
                     mma16816(oacc[mi][dt], pa[mi], r[0], r[1]);
                     mma16816(oacc[mi][dt + 1], pa[mi], r[2], r[3]);
                 }
@@ -754,7 +767,7 @@ __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16
     }
     cp_async_wait<0>();
 #pragma unroll
-    for (int mi = 0; mi < 2; mi++)
+    for (int mi = 0; mi < MI; mi++)
 #pragma unroll
         for (int i = 0; i < 2; i++) {
             float sum = l[mi][i];
@@ -940,6 +953,223 @@ __device__ __forceinline__ void fa_backward(const h16* q, const h16* k, const h1
     }
 }
 
+// MARK: - Flash backward for wide heads (D = 256)
+//
+// fa_backward keeps a warp's 16 keys' dK and dV rows in registers: 2 x D/2 = 256 registers at D = 256, which spill.
+// Here the head dimension is split between warp pairs instead. Block = 64 keys of one KV head, 8 warps; warps w and
+// w + 4 share keys 16 w.. (w < 4): warp w owns columns 0..D/2 of their dK and dV, warp w + 4 columns D/2..D
+// (2 x D/4 = 128 accumulator registers). Per query tile of 32 (Q, dO, lse, delta double-buffered), the pair splits
+// the two score-shaped products rather than computing both twice:
+//   warp w:     Sᵀ = K Qᵀ (16 keys x 32 queries, over all of D), Pᵀ = exp2(Sᵀ·scale·log2 e − lse·log2 e) (masked;
+//               with a cap Pᵀ = exp2(cap·tanh(scale Sᵀ / cap)·log2 e − lse·log2 e) and slope 1 − tanh²):
+//               Pᵀ to shared memory as bf16, Pᵀ·slope as fp32 (in the lanes' own fragment order);
+//   warp w + 4: dPᵀ = V dOᵀ, then (after the barrier) dSᵀ = Pᵀ·slope ∘ (dPᵀ − delta), to shared memory as bf16;
+//   both:       dV[:, own columns] += Pᵀ dO[:, own columns], dK[:, own columns] += dSᵀ Q[:, own columns], with Pᵀ and
+//               dSᵀ read back as A fragments (the same bf16 values the 128-key kernel packs from registers);
+//   all 8:      dQ (32 queries x D) += dS (32 x 64 keys) K, warp w taking queries 16 (w % 2).. and columns
+//               (w / 2) D/4.., added to the fp32 accumulator (red.global.add), as in fa_backward.
+// dk = scale dK, dv = dV written by each warp for its columns. Shared memory (fa_backward_wide_shared): 150.75 KB,
+// within an A100's 163 KB and an H100's 227 KB; 99 KB cards take the 64-row kernels.
+
+/// Dynamic shared memory of attention_fa_backward at D = 256 (the launcher computes the same): K and V (64 rows),
+/// Q and dO (2 stages x 32 rows), Pᵀ and dSᵀ (64 x 40 bf16), the Pᵀ·slope exchange (4 warps x 16 x 32 lanes fp32),
+/// lse/delta/segments (2 stages x 32).
+template <int D>
+constexpr int fa_backward_wide_shared() {
+    return (2 * 64 + 4 * 32) * (D + 8) * 2 + 2 * 64 * 40 * 2 + 4 * 16 * 32 * 4 + 3 * 2 * 32 * 4;
+}
+
+template <int D, bool CAP>
+__device__ __forceinline__ void fa_backward_wide(const h16* q, const h16* k, const h16* v, const h16* dout,
+                                                 const float* lse, const float* delta, const int* segments,
+                                                 float* dq_accum, h16* dk, h16* dv, int seq, int heads, int kv_heads,
+                                                 float scale, float softcap, int window) {
+    constexpr int LD = D + 8, BN = 64, BQ = 32, LDS = BQ + 8, QT = BQ * LD, HALF = D / 2;
+    h16* ks = reinterpret_cast<h16*>(fa_shared);  // [BN * LD]
+    h16* vs = ks + BN * LD;                        // [BN * LD]
+    h16* qs = vs + BN * LD;                        // [2][QT]
+    h16* dos = qs + 2 * QT;                        // [2][QT]
+    h16* pst = dos + 2 * QT;                       // Pᵀ [BN][LDS]
+    h16* dst = pst + BN * LDS;                     // dSᵀ [BN][LDS]
+    float* ps_x = reinterpret_cast<float*>(dst + BN * LDS);  // Pᵀ·slope [4 warps][BQ / 8 * 4][32 lanes]
+    float* lse_s = ps_x + 4 * (BQ / 2) * 32;                  // [2][BQ], times log2 e
+    float* delta_s = lse_s + 2 * BQ;                          // [2][BQ]
+    int* segq_s = reinterpret_cast<int*>(delta_s + 2 * BQ);   // [2][BQ]
+    const int hk = blockIdx.x % kv_heads, b = blockIdx.x / kv_heads, k0 = blockIdx.y * BN;  // first keys first
+    const int group = heads / kv_heads;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int kw = warp & 3, half = warp >> 2, c0 = half * HALF;  // key rows 16 kw.., dK/dV columns c0..c0 + D/2
+    const long long t0 = (long long)b * seq;
+    const int keys[2] = {k0 + kw * 16 + g, k0 + kw * 16 + g + 8};
+    const int warp_first = k0 + kw * 16, warp_last = warp_first + 15;
+    const float sl2 = scale * 1.4426950408889634f;
+    const float cap_scale = CAP ? scale / softcap : 0.0f, cap_l2 = CAP ? softcap * 1.4426950408889634f : 0.0f;
+    int segk[2];
+    float dka[HALF / 8][4], dva[HALF / 8][4];
+    begin_key_rows<HALF>(segk, dka, dva, segments, t0, keys, seq);
+    // Query tiles from the diagonal up to the last query whose window reaches the block's last key.
+    const int query_end = min(seq, k0 + BN + window - 1);
+    const int tiles_per_head = (query_end - k0 + BQ - 1) / BQ, tiles = group * tiles_per_head;
+    auto issue = [&](int n, int stage) {
+        const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * BQ;
+        async_rows_shared<D, BQ>(qs + stage * QT, q, t0, i0, seq, heads, h);
+        async_rows_shared<D, BQ>(dos + stage * QT, dout, t0, i0, seq, heads, h);
+        if (threadIdx.x < BQ) {
+            const int i = i0 + threadIdx.x;
+            const bool valid = i < seq;
+            lse_s[stage * BQ + threadIdx.x] = valid ? lse[(t0 + i) * heads + h] * 1.4426950408889634f : 0.0f;
+            delta_s[stage * BQ + threadIdx.x] = valid ? delta[(t0 + i) * heads + h] : 0.0f;
+            segq_s[stage * BQ + threadIdx.x] = (segments && valid) ? segments[t0 + i] : 0;
+        }
+    };
+    async_rows_shared<D, BN>(ks, k, t0, k0, seq, kv_heads, hk);
+    async_rows_shared<D, BN>(vs, v, t0, k0, seq, kv_heads, hk);
+    if (tiles > 0) issue(0, 0);
+    cp_async_commit();
+    float* my_ps = ps_x + kw * (BQ / 2) * 32 + lane;  // this lane's Pᵀ·slope values, stride 32
+    for (int n = 0; n < tiles; n++) {
+        // Tile n has landed; every warp is done with tile n - 1 (its stage, Pᵀ, dSᵀ and the exchange are rewritten).
+        cp_async_wait<0>();
+        __syncthreads();
+        if (n + 1 < tiles) issue(n + 1, (n + 1) & 1);
+        cp_async_commit();
+        const int stage = n & 1;
+        const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * BQ;
+        const h16* qt = qs + stage * QT;
+        const h16* dot = dos + stage * QT;
+        const float* lse_t = lse_s + stage * BQ;
+        const float* delta_t = delta_s + stage * BQ;
+        const int* segq_t = segq_s + stage * BQ;
+        // Sᵀ (first warp of the pair) or dPᵀ (second): 16 keys x BQ queries over the whole head dimension.
+        float acc[BQ / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BQ / 8; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+        {
+            const h16* rows_a = half ? vs : ks;
+            const h16* rows_b = half ? dot : qt;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk += 2) {
+                unsigned a0[4], a1[4];
+                a_frag_mk(a0, rows_a, LD, kw * 16, kk * 16, lane);
+                a_frag_mk(a1, rows_a, LD, kw * 16, kk * 16 + 16, lane);
+#pragma unroll
+                for (int nt = 0; nt < BQ / 8; nt++) {
+                    unsigned r[4];
+                    b_frags_nk(r, rows_b, LD, kk * 16, nt * 8, lane);
+                    mma16816(acc[nt], a0, r[0], r[1]);
+                    mma16816(acc[nt], a1, r[2], r[3]);
+                }
+            }
+        }
+        if (half == 0) {
+            const bool masked = segments || i0 < warp_last || i0 + BQ > seq || i0 + BQ - 1 - window >= warp_first;
+#pragma unroll
+            for (int nt = 0; nt < BQ / 8; nt++) {
+                float p[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int cq = nt * 8 + 2 * t + (e & 1);
+                    float slope = 1.0f;
+                    if (CAP) {
+                        const float th = tanhf(acc[nt][e] * cap_scale);
+                        p[e] = fast_exp2(fmaf(th, cap_l2, -lse_t[cq]));
+                        slope = 1.0f - th * th;
+                    } else {
+                        p[e] = fast_exp2(fmaf(acc[nt][e], sl2, -lse_t[cq]));
+                    }
+                    if (masked) {
+                        const int i = e >> 1, query = i0 + cq;
+                        const bool ok = query < seq && keys[i] <= query && keys[i] > query - window
+                                        && (!segments || segq_t[cq] == segk[i]);
+                        p[e] = ok ? p[e] : 0.0f;
+                    }
+                    my_ps[(nt * 4 + e) * 32] = p[e] * slope;
+                }
+                h16* prow = pst + (kw * 16 + g) * LDS + nt * 8 + 2 * t;
+                *reinterpret_cast<unsigned*>(prow) = pack_f2(p[0], p[1]);
+                *reinterpret_cast<unsigned*>(prow + 8 * LDS) = pack_f2(p[2], p[3]);
+            }
+        }
+        __syncthreads();  // Pᵀ and Pᵀ·slope of every pair are in shared memory
+        if (half == 1) {
+#pragma unroll
+            for (int nt = 0; nt < BQ / 8; nt++) {
+                float ds[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int cq = nt * 8 + 2 * t + (e & 1);
+                    ds[e] = my_ps[(nt * 4 + e) * 32] * (acc[nt][e] - delta_t[cq]);  // dSᵀ (masked: Pᵀ = 0)
+                }
+                h16* drow = dst + (kw * 16 + g) * LDS + nt * 8 + 2 * t;
+                *reinterpret_cast<unsigned*>(drow) = pack_f2(ds[0], ds[1]);
+                *reinterpret_cast<unsigned*>(drow + 8 * LDS) = pack_f2(ds[2], ds[3]);
+            }
+        }
+        __syncthreads();  // dSᵀ of every pair is in shared memory
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; kk++) {
+            unsigned pa[4], sa[4];
+            a_frag_mk(pa, pst, LDS, kw * 16, kk * 16, lane);
+            a_frag_mk(sa, dst, LDS, kw * 16, kk * 16, lane);
+            accumulate_dkv<HALF>(dka, dva, pa, sa, dot + c0, qt + c0, LD, kk, lane);
+        }
+        // dQ (BQ queries x D) += dS (BQ x 64 keys) K: warp w takes queries 16 (w % 2).. and columns (w / 2) D/4...
+        {
+            constexpr int NT = D / 32;  // n-tiles of 8 columns per warp
+            const int mq = (warp & 1) * 16, cd = (warp >> 1) * (D / 4);
+            float dqa[NT][4];
+#pragma unroll
+            for (int x = 0; x < NT; x++) dqa[x][0] = dqa[x][1] = dqa[x][2] = dqa[x][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) {
+                unsigned a[4];
+                a_frag_km(a, dst, LDS, mq, kk * 16, lane);
+#pragma unroll
+                for (int dt = 0; dt < NT; dt += 2) {
+                    unsigned r[4];
+                    b_frags_kn(r, ks, LD, kk * 16, cd + dt * 8, lane);
+                    mma16816(dqa[dt], a, r[0], r[1]);
+                    mma16816(dqa[dt + 1], a, r[2], r[3]);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const int query = i0 + mq + g + 8 * i;
+                if (query >= seq) continue;
+                float* row = dq_accum + ((t0 + query) * heads + h) * D + cd + 2 * t;
+#pragma unroll
+                for (int dt = 0; dt < NT; dt++) red_add_v2(row + dt * 8, dqa[dt][2 * i], dqa[dt][2 * i + 1]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (keys[i] >= seq) continue;
+        h16* outk = dk + ((t0 + keys[i]) * kv_heads + hk) * D + c0;
+        h16* outv = dv + ((t0 + keys[i]) * kv_heads + hk) * D + c0;
+#pragma unroll
+        for (int dt = 0; dt < HALF / 8; dt++) {
+            *reinterpret_cast<unsigned*>(outk + dt * 8 + 2 * t) = pack_f2(dka[dt][2 * i] * scale, dka[dt][2 * i + 1] * scale);
+            *reinterpret_cast<unsigned*>(outv + dt * 8 + 2 * t) = pack_f2(dva[dt][2 * i], dva[dt][2 * i + 1]);
+        }
+    }
+}
+
+/// The backward of head dimension D: the 128-key kernel up to 128, the split-column one above.
+template <int D, bool CAP>
+__device__ __forceinline__ void fa_backward_any(const h16* q, const h16* k, const h16* v, const h16* dout,
+                                                const float* lse, const float* delta, const int* segments,
+                                                float* dq_accum, h16* dk, h16* dv, int seq, int heads, int kv_heads,
+                                                float scale, float softcap, int window) {
+    if constexpr (D > 128)
+        fa_backward_wide<D, CAP>(q, k, v, dout, lse, delta, segments, dq_accum, dk, dv, seq, heads, kv_heads, scale,
+                                 softcap, window);
+    else
+        fa_backward<D, CAP>(q, k, v, dout, lse, delta, segments, dq_accum, dk, dv, seq, heads, kv_heads, scale,
+                            softcap, window);
+}
+
 /// delta[row] = Σ_d o[row][d] dout[row][d] for rows = tokens x heads (one warp per row), and accumulator row = 0.
 extern "C" __global__ void attention_fa_prep(const h16* o, const h16* dout, float* delta, float* dq_accum, long long rows,
                                              int dim) {
@@ -993,12 +1223,13 @@ extern "C" __global__ void attention_fa_dq(const float* dq_accum, h16* dq, long 
 #define ENTRY_POINTS(D) ENTRY_POINTS_V(D, false, _d) ENTRY_POINTS_V(D, true, _cap_d)
 
 #define FA_ENTRY_POINTS_V(D, CAP, NAME)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(FA_FORWARD_THREADS, 2) attention_fa_forward##NAME##D(FORWARD_ARGS) {   \
+    extern "C" __global__ void __launch_bounds__(FA_FORWARD_THREADS(D), FA_FORWARD_MIN_BLOCKS(D))                     \
+        attention_fa_forward##NAME##D(FORWARD_ARGS) {                                                                   \
         fa_forward<D, CAP>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale, softcap, window);                    \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) attention_fa_backward##NAME##D(FA_BACKWARD_ARGS) {      \
-        fa_backward<D, CAP>(q, k, v, dout, lse, delta, segments, dq_accum, dk, dv, seq, heads, kv_heads, scale,         \
-                            softcap, window);                                                                           \
+        fa_backward_any<D, CAP>(q, k, v, dout, lse, delta, segments, dq_accum, dk, dv, seq, heads, kv_heads, scale,     \
+                                softcap, window);                                                                       \
     }
 #define FA_ENTRY_POINTS(D) FA_ENTRY_POINTS_V(D, false, _d) FA_ENTRY_POINTS_V(D, true, _cap_d)
 
@@ -1007,9 +1238,10 @@ ENTRY_POINTS(64)
 ENTRY_POINTS(96)
 ENTRY_POINTS(128)
 ENTRY_POINTS(256)
-// Flash kernels up to 128: at 256 the backward's K, V, Q, dO tiles (290 KB) exceed every card's shared memory and
-// the 64-row kernels run (CUDAAttention's flashAttentionFits).
+// Flash kernels for every head dimension; at 256 the 8-warp forward and the split-column backward (132.25 and
+// 150.75 KB of shared memory: cards with less, 99 KB ones, run the 64-row kernels: CUDAAttention's flashAttentionFits).
 FA_ENTRY_POINTS(32)
 FA_ENTRY_POINTS(64)
 FA_ENTRY_POINTS(96)
 FA_ENTRY_POINTS(128)
+FA_ENTRY_POINTS(256)

@@ -44,7 +44,8 @@ public struct AttentionShape {
 }
 
 extension CUDAContext {
-    /// Head dimensions with kernels (all paths); the flash kernels stop at 128 (`flashAttentionFits`).
+    /// Head dimensions with kernels (all paths; the flash kernels where the card's shared memory holds them,
+    /// `flashAttentionFits`).
     public static let attentionHeadDims = [32, 64, 96, 128, 256]
 
     private func checkAttention(_ s: AttentionShape, _ op: String) throws {
@@ -57,16 +58,28 @@ extension CUDAContext {
         try require(s.batch > 0 && s.seq > 0, op, "empty batch")
     }
 
-    /// Shared memory of the flash kernels (attention_mma.cu's fa_forward_shared / fa_backward_shared).
-    static func flashForwardShared(_ d: Int) -> Int { (128 + 4 * 64) * (d + 8) * 2 + 2 * 64 * 4 }
-    static func flashBackwardShared(_ d: Int) -> Int { (2 * 128 + 4 * 64) * (d + 8) * 2 + 128 * 72 * 2 + 3 * 2 * 64 * 4 }
+    /// Shared memory of the flash kernels (attention_mma.cu's fa_forward_shared, and fa_backward_shared up to
+    /// d = 128 or fa_backward_wide_shared at 256).
+    static func flashForwardShared(_ d: Int) -> Int {
+        let keys = d > 128 ? 32 : 64
+        return (128 + 4 * keys) * (d + 8) * 2 + 2 * keys * 4
+    }
+    static func flashBackwardShared(_ d: Int) -> Int {
+        d > 128 ? (2 * 64 + 4 * 32) * (d + 8) * 2 + 2 * 64 * 40 * 2 + 4 * 16 * 32 * 4 + 3 * 2 * 32 * 4
+                : (2 * 128 + 4 * 64) * (d + 8) * 2 + 128 * 72 * 2 + 3 * 2 * 64 * 4
+    }
+    /// Threads of a flash forward block: 4 warps of 32 rows, or at d = 256 8 warps of 16 rows (the accumulators of
+    /// 32 rows would spill).
+    static func flashForwardThreads(_ d: Int) -> Int { d > 128 ? 256 : 128 }
+    /// Keys of a flash backward block: 128 (8 warps x 16), or at d = 256 64 (8 warps, pairs splitting the columns).
+    static func flashBackwardKeys(_ d: Int) -> Int { d > 128 ? 64 : 128 }
 
     /// Whether the flash kernels fit this card's shared memory for head dimension `d` (both directions). With
     /// d = 128 the backward needs 155.5 KB: an A100 or H100 has it, an RTX 3090/4090 or L4 (99 KB) does not, and
     /// gets the 64-row tensor-core kernels (static shared memory, under 48 KB). d = 96 needs 123.5 KB (the same cards);
-    /// d = 256 would need 283.5 KB, more than any card has, and has no flash kernels: always the 64-row ones.
+    /// d = 256 132.25 KB forward and 150.75 KB backward (the same cards).
     public func flashAttentionFits(headDim d: Int) -> Bool {
-        d <= 128 && max(Self.flashForwardShared(d), Self.flashBackwardShared(d)) <= compiler.maxSharedMemoryPerBlock
+        max(Self.flashForwardShared(d), Self.flashBackwardShared(d)) <= compiler.maxSharedMemoryPerBlock
     }
 
     /// o = softmax(logits + causal/window/segment mask) v, and lse (per token and head) for the backward; logits are
@@ -87,7 +100,8 @@ extension CUDAContext {
             let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_forward\(s.kernelSuffix)")
             let shared = Self.flashForwardShared(s.headDim)
             try allowSharedMemory(f, bytes: shared, op)
-            try device.launch(f, grid: (s.heads, s.batch, (s.seq + 127) / 128), block: (128, 1, 1), sharedMemory: shared,
+            try device.launch(f, grid: (s.heads, s.batch, (s.seq + 127) / 128), block: (Self.flashForwardThreads(s.headDim), 1, 1),
+                              sharedMemory: shared,
                               stream: stream,
                               [q.arg, k.arg, v.arg, o.arg, lse.arg, .pointer(segments?.pointer ?? 0), .int(s.seq), .int(s.heads),
                                .int(s.kvHeads)] + s.variationArguments)
@@ -128,7 +142,8 @@ extension CUDAContext {
             let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_backward\(s.kernelSuffix)")
             let shared = Self.flashBackwardShared(s.headDim)
             try allowSharedMemory(f, bytes: shared, op)
-            try device.launch(f, grid: (s.batch * s.kvHeads, (s.seq + 127) / 128, 1), block: (256, 1, 1), sharedMemory: shared,
+            let keys = Self.flashBackwardKeys(s.headDim)
+            try device.launch(f, grid: (s.batch * s.kvHeads, (s.seq + keys - 1) / keys, 1), block: (256, 1, 1), sharedMemory: shared,
                               stream: stream,
                               [q.arg, k.arg, v.arg, dout.arg, lse.arg, deltaBuffer.arg, .pointer(segments?.pointer ?? 0),
                                accumulator.arg, dk.arg, dv.arg, .int(s.seq), .int(s.heads), .int(s.kvHeads)] + s.variationArguments)
