@@ -350,3 +350,103 @@ func timeBatchedGeneration() throws {
               + "\(fmt(many.tokensPerSecond / oneRate, 1))x (prefill included)")
     }
 }
+
+/// The sliding layers' ring caches (decode_batched.cu's header): a step whose slot 0 runs 50 rows at positions 30...79
+/// (longer than the ring of 40 rows, so its queries read the run's keys from the step's rows) and whose slot 1 decodes one
+/// row at position 133 (its ring wrapped three times). The ring path (rope without append, attention with run starts,
+/// kv_append_rows) against a cache that keeps every position (rope_append_rows, attention): the same attention output and
+/// rotated rows bit for bit, and the ring holding the last 40 positions of each slot; each kernel against its CPU twin;
+/// longrope's per-row long factors (slot 0's rows) against the short ones; attention_cached (batch-1 decode) on a ring.
+func checkRingKernels() throws {
+    for (heads, kvHeads, d) in [(4, 2, 32), (2, 1, 96), (2, 1, 256)] {
+        let slots = 2, capacity = 200, ring = 40, window = 40, kvDim = kvHeads * d, stride = (heads + 2 * kvHeads) * d
+        let rowSlots = [Int32](repeating: 0, count: 50) + [1], rowPositions = (30..<80).map { Int32($0) } + [133]
+        let runStart = [Int32](repeating: 0, count: 50) + [50], runEnd = [Int32](repeating: 50, count: 50) + [51]
+        let longRows = [Int32](repeating: 1, count: 50) + [0]
+        let r = rowSlots.count, rotary = d / 2
+        let name = "h\(heads)/\(kvHeads) d\(d)"
+        let (qb, q) = rng.bf16(r * stride, -2, 2)
+        // Every position's k and v (rotated already) in a full cache; the ring holds positions p at row p mod 40 of
+        // those before each run (slot 0: 0...29, rows 30...39 stale; slot 1: 93...132).
+        let (fullKB, _) = rng.bf16(slots * capacity * kvDim), (fullVB, _) = rng.bf16(slots * capacity * kvDim)
+        var (ringKB, _) = rng.bf16(slots * ring * kvDim), (ringVB, _) = rng.bf16(slots * ring * kvDim)
+        for (slot, held) in [(0, 0..<30), (1, 93..<133)] {
+            for p in held {
+                for e in 0..<kvDim {
+                    ringKB[(slot * ring + p % ring) * kvDim + e] = fullKB[(slot * capacity + p) * kvDim + e]
+                    ringVB[(slot * ring + p % ring) * kvDim + e] = fullVB[(slot * capacity + p) * kvDim + e]
+                }
+            }
+        }
+        let short = CPUReference.ropeInverseFrequencies(headDim: rotary, theta: 10_000)
+        let table = short + short.enumerated().map { $1 / (1 + 0.7 * Float($0)) }  // [short | long]
+        let sd = try upload(rowSlots), pd = try upload(rowPositions), starts = try upload(runStart), ends = try upload(runEnd)
+        let longs = try upload(longRows), tabled = try upload(table)
+        // Full cache.
+        let qFull = try upload(qb), kFull = try upload(fullKB), vFull = try upload(fullVB), outFull = try poisoned(UInt16.self, r * heads * d)
+        try ctx.ropeAppendRows(qkv: qFull.pointer, stride: stride, kcache: kFull.pointer, vcache: vFull.pointer, slots: sd.pointer,
+                               positions: pd.pointer, inverseFrequencies: tabled.pointer, rows: r, capacity: capacity, heads: heads,
+                               kvHeads: kvHeads, headDim: d, rotaryDim: rotary, longRows: longs.pointer)
+        try ctx.attentionRows(qkv: qFull.pointer, stride: stride, kcache: kFull.pointer, vcache: vFull.pointer, out: outFull.pointer,
+                              slots: sd.pointer, positions: pd.pointer, rows: r, capacity: capacity, heads: heads, kvHeads: kvHeads,
+                              headDim: d, window: window)
+        // Ring.
+        let qRing = try upload(qb), kRing = try upload(ringKB), vRing = try upload(ringVB), outRing = try poisoned(UInt16.self, r * heads * d)
+        try ctx.ropeAppendRows(qkv: qRing.pointer, stride: stride, kcache: 0, vcache: 0, slots: sd.pointer, positions: pd.pointer,
+                               inverseFrequencies: tabled.pointer, rows: r, capacity: ring, heads: heads, kvHeads: kvHeads, headDim: d,
+                               rotaryDim: rotary, longRows: longs.pointer)
+        let rotated = try downloadBF16(qRing)
+        try ctx.attentionRows(qkv: qRing.pointer, stride: stride, kcache: kRing.pointer, vcache: vRing.pointer, out: outRing.pointer,
+                              slots: sd.pointer, positions: pd.pointer, rows: r, capacity: ring, heads: heads, kvHeads: kvHeads,
+                              headDim: d, window: window, runStart: starts.pointer)
+        try ctx.kvAppendRows(qkv: qRing.pointer, stride: stride, kcache: kRing.pointer, vcache: vRing.pointer, slots: sd.pointer,
+                             positions: pd.pointer, runEnd: ends.pointer, rows: r, capacity: ring, heads: heads, kvHeads: kvHeads, headDim: d)
+        let gotRing = try downloadBF16(outRing), gotFull = try downloadBF16(outFull)
+        check("ring \(name): attention = the full cache's (bit for bit)", relativeError(gotRing, gotFull), 0)
+        check("ring \(name): rotated rows = the full cache path's", relativeError(rotated, try downloadBF16(qFull)), 0)
+        // The ring holds each slot's last 40 positions, as the full cache holds them.
+        let kr = try downloadBF16(kRing), vr = try downloadBF16(vRing), kf = try downloadBF16(kFull), vf = try downloadBF16(vFull)
+        var mismatches = 0
+        for (slot, end) in [(0, 80), (1, 134)] {
+            for p in (end - ring)..<end {
+                for e in 0..<kvDim {
+                    if kr[(slot * ring + p % ring) * kvDim + e] != kf[(slot * capacity + p) * kvDim + e] { mismatches += 1 }
+                    if vr[(slot * ring + p % ring) * kvDim + e] != vf[(slot * capacity + p) * kvDim + e] { mismatches += 1 }
+                }
+            }
+        }
+        checkTrue("ring \(name): holds each slot's last \(ring) positions", mismatches == 0, "\(mismatches) values differ")
+        // Twins.
+        let refRope = CPUReference.ropeAppendRows(qkv: q, stride: stride, kcache: [], vcache: [], slots: rowSlots, positions: rowPositions,
+                                                  inverseFrequencies: table, capacity: ring, heads: heads, kvHeads: kvHeads, headDim: d,
+                                                  rotaryDim: rotary, longRows: longRows, append: false)
+        check("ring \(name): rope rows (long factors on slot 0's rows) vs CPU", relativeError(rotated, refRope.qkv), 1e-2)
+        let ringBefore = (ringKB.map(dt.decode), ringVB.map(dt.decode))
+        let refOut = CPUReference.attentionRows(qkv: rotated, stride: stride, kcache: ringBefore.0, vcache: ringBefore.1, slots: rowSlots,
+                                                positions: rowPositions, capacity: ring, heads: heads, kvHeads: kvHeads, headDim: d,
+                                                window: window, runStart: runStart)
+        check("ring \(name): attention rows with run starts vs CPU", relativeError(gotRing, refOut), 1e-2)
+        let refAppend = CPUReference.kvAppendRows(qkv: rotated, stride: stride, kcache: ringBefore.0, vcache: ringBefore.1, slots: rowSlots,
+                                                  positions: rowPositions, runEnd: runEnd, capacity: ring, heads: heads, kvHeads: kvHeads,
+                                                  headDim: d)
+        check("ring \(name): kv append rows vs CPU", relativeError(kr + vr, refAppend.kcache + refAppend.vcache), 0)
+        let shortOnly = CPUReference.ropeAppendRows(qkv: q, stride: stride, kcache: [], vcache: [], slots: rowSlots, positions: rowPositions,
+                                                    inverseFrequencies: table, capacity: ring, heads: heads, kvHeads: kvHeads, headDim: d,
+                                                    rotaryDim: rotary, append: false)
+        checkTrue("ring \(name): the long rows' factors change the rotation", relativeError(shortOnly.qkv, refRope.qkv) > 0.05,
+                  "by \(fmt(relativeError(shortOnly.qkv, refRope.qkv)))")
+        // attention_cached (batch-1 decode) on slot 1's ring after the step: its query at 133 vs the full cache.
+        let row = 50
+        let oRing = try poisoned(UInt16.self, heads * d), oFull = try poisoned(UInt16.self, heads * d)
+        try ctx.attentionCached(q: qRing.address(at: row * stride), qStride: stride, kcache: kRing.address(at: ring * kvDim),
+                                vcache: vRing.address(at: ring * kvDim), out: oRing.pointer, startPointer: 0, start: 133, tokens: 1,
+                                heads: heads, kvHeads: kvHeads, headDim: d, maxKeys: capacity, window: window, ring: ring)
+        try ctx.attentionCached(q: qFull.address(at: row * stride), qStride: stride, kcache: kFull.address(at: capacity * kvDim),
+                                vcache: vFull.address(at: capacity * kvDim), out: oFull.pointer, startPointer: 0, start: 133, tokens: 1,
+                                heads: heads, kvHeads: kvHeads, headDim: d, maxKeys: capacity, window: window)
+        let cachedRing = try downloadBF16(oRing)
+        check("ring \(name): attention cached (decode) on the ring = the full cache's", relativeError(cachedRing, try downloadBF16(oFull)), 0)
+        check("ring \(name): attention cached (decode) on the ring vs attention rows",
+              relativeError(cachedRing, Array(gotFull[(row * heads * d)...])), 1e-2)
+    }
+}

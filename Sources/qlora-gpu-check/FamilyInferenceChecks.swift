@@ -12,9 +12,12 @@
 //   - greedy answers of 16+ tokens, batch-1 (CUDAInference) and batched (CUDABatchedInference, 3 slots, 4 prompts),
 //     equal to the CPU's (a first difference at a near-tie, gap ≤ 5% of the logits' rms, is reported and allowed, as
 //     BatchedChecks.swift does); the packed prefill logits of the batched path vs the CPU.
-// Prompts are longer than the sliding windows. phi3 with longrope: prefill and decode cross
-// original_max_position_embeddings (16), where the cache is recomputed with the long factors; batched generation keeps
-// within it (it refuses to cross, which is checked too).
+// Prompts are longer than the sliding windows and prompt + answer several windows long (up to 55 positions over
+// windows of 5 and 6), so the sliding layers' ring caches (min(window, capacity) rows, checked allocated so on both
+// paths) wrap many times, in prefill and in decode. phi3 with longrope: prefill and decode cross
+// original_max_position_embeddings (16), where the cache is recomputed with the long factors, batch-1 and batched (the
+// scheduler feeds a crossing sequence again from position 0; a step that would continue it is refused, checked too),
+// with and without a sliding window.
 
 import QLoRA
 #if canImport(Glibc)
@@ -139,7 +142,12 @@ func checkGreedy(_ name: String, model: DecoderModel, prompts: [[Int]], answers:
 func checkFamilyGeneration(_ name: String, model: DecoderModel, quantized: [String: QuantizedWeight], prompts: [[Int]],
                            maxTokens: Int, batched: Bool = true) throws {
     let longest = prompts.map(\.count).max()!
-    let single = try CUDAInference(context: ctx, model: model, capacity: longest + maxTokens, quantized: quantized)
+    let c = model.config, capacity = longest + maxTokens
+    let single = try CUDAInference(context: ctx, model: model, capacity: capacity, quantized: quantized)
+    let cacheRows = c.layerAttention.map { $0.cacheRows(capacity: capacity) }
+    checkTrue("\(name): batch-1 KV cache rows per layer = min(window, \(capacity))", single.layerRows == cacheRows
+                  && single.kvCacheBytes == c.kvCacheBytes(capacity: capacity),
+              "rows \(single.layerRows), expected \(cacheRows); \(single.kvCacheBytes) bytes, expected \(c.kvCacheBytes(capacity: capacity))")
     let answers = try prompts.map {
         try Generator.generate(inference: single, prompt: $0, maxTokens: maxTokens, sampling: SamplingOptions(), stopIDs: [])
     }
@@ -163,6 +171,9 @@ func checkFamilyGeneration(_ name: String, model: DecoderModel, quantized: [Stri
         check("\(name) batched \(path): packed prefill logits", worst, 3e-2)
         let slots = try CUDABatchedInference(weights: weights, slots: 3, capacity: longest + maxTokens, prefillTokens: 40)
         slots.fusedRowLimit = fusedLimit
+        checkTrue("\(name) batched: KV cache rows per layer and slot = min(window, \(capacity))", slots.layerRows == cacheRows
+                      && slots.kvCacheBytes == c.kvCacheBytes(capacity: capacity, slots: 3),
+                  "rows \(slots.layerRows), expected \(cacheRows); \(slots.kvCacheBytes) bytes, expected \(c.kvCacheBytes(capacity: capacity, slots: 3))")
         let greedy = [SamplingOptions](repeating: SamplingOptions(), count: prompts.count)
         let result = try slots.generate(prompts: prompts, sampling: greedy, maxTokens: maxTokens, stopIDs: [])
         try checkGreedy("\(name) batched \(path), 3 slots", model: model, prompts: prompts, answers: result.answers, maxTokens: maxTokens)
@@ -175,7 +186,8 @@ func prompts(_ lengths: [Int], vocab: Int, seed: UInt64) -> [[Int]] {
 }
 
 func runFamilyInferenceChecks() {
-    let lengths = [9, 14, 20, 7]  // longer than the windows (5, 6)
+    let lengths = [9, 14, 31, 7]  // longer than the windows (5, 6); with 24 new tokens up to 55 positions
+    let newTokens = 24
 
     group("family generation: qwen3 (q/k norms, sliding window on layer 1)") {
         let c = try familyConfig("qwen3", ["hidden_size": .int(64), "intermediate_size": .int(96), "head_dim": .int(32),
@@ -187,7 +199,7 @@ func runFamilyInferenceChecks() {
             ("the sliding window", variant(model, { $0.layerAttention = $0.layerAttention.map { _ in .full } })),
         ])
         try compareInference("qwen3", model: model, prompt: ps[2], decodeSteps: 8, threshold: 3e-2)
-        try checkFamilyGeneration("qwen3", model: model, quantized: quantized, prompts: ps, maxTokens: 16)
+        try checkFamilyGeneration("qwen3", model: model, quantized: quantized, prompts: ps, maxTokens: newTokens)
     }
 
     group("family generation: gemma2 (head dim 256, soft-capping, sandwich norms, GeGLU, window)") {
@@ -207,7 +219,7 @@ func runFamilyInferenceChecks() {
             ("the sliding window", variant(model, { $0.layerAttention = $0.layerAttention.map { _ in .full } })),
         ])
         try compareInference("gemma2", model: model, prompt: ps[2], decodeSteps: 8, threshold: 3e-2)
-        try checkFamilyGeneration("gemma2", model: model, quantized: quantized, prompts: ps, maxTokens: 16)
+        try checkFamilyGeneration("gemma2", model: model, quantized: quantized, prompts: ps, maxTokens: newTokens)
     }
 
     group("family generation: gemma3_text (head dim 96, q/k norms, per-layer-type RoPE, window)") {
@@ -221,7 +233,7 @@ func runFamilyInferenceChecks() {
             ("the sliding window", variant(model, { $0.layerAttention = $0.layerAttention.map { _ in .full } })),
         ])
         try compareInference("gemma3_text", model: model, prompt: ps[2], decodeSteps: 8, threshold: 3e-2)
-        try checkFamilyGeneration("gemma3_text", model: model, quantized: quantized, prompts: ps, maxTokens: 16)
+        try checkFamilyGeneration("gemma3_text", model: model, quantized: quantized, prompts: ps, maxTokens: newTokens)
     }
 
     group("family generation: phi3 (fused projections, head dim 96, 72 dims rotated)") {
@@ -235,7 +247,7 @@ func runFamilyInferenceChecks() {
             ("partial rotary", variant(model, { $0.rotaryDim = $0.headDim })),
         ])
         try compareInference("phi3", model: model, prompt: ps[2], decodeSteps: 8, threshold: 3e-2)
-        try checkFamilyGeneration("phi3", model: model, quantized: quantized, prompts: ps, maxTokens: 16)
+        try checkFamilyGeneration("phi3", model: model, quantized: quantized, prompts: ps, maxTokens: newTokens)
     }
 
     group("family generation: phi3 longrope (short/long factors, the cache recomputed at 16 positions)") {
@@ -258,18 +270,35 @@ func runFamilyInferenceChecks() {
         // 12 prompt tokens then 8 steps: the step to position 16 recomputes the cache with the long factors.
         try compareInference("phi3 longrope, crossing", model: model, prompt: ps[0], decodeSteps: 8, threshold: 3e-2)
         try compareInference("phi3 longrope, long prompt", model: model, prompt: ps[1], decodeSteps: 4, threshold: 3e-2)
-        try checkFamilyGeneration("phi3 longrope, crossing", model: model, quantized: quantized, prompts: ps, maxTokens: 16, batched: false)
-        // Batched: within the short range (prompt + answer ≤ 16), and a clear refusal beyond it.
+        // Batch-1 and batched: prompts of 3...20 tokens (20: long factors from the start), answers crossing 16.
+        let crossing = ps + prompts([3, 9], vocab: c.vocabularySize, seed: seed ^ 0x73)
+        try checkFamilyGeneration("phi3 longrope, crossing", model: model, quantized: quantized, prompts: crossing, maxTokens: 16)
+        // Within the short range (prompt + answer ≤ 16).
         try checkFamilyGeneration("phi3 longrope, short", model: model, quantized: quantized,
                                   prompts: prompts([3, 7, 5, 6], vocab: c.vocabularySize, seed: seed ^ 0x73), maxTokens: 9)
+        // The batched session refuses to continue a sequence past 16 on short-factor keys (the scheduler feeds it again).
         let weights = try CUDAInference(context: ctx, model: model, capacity: 1, quantized: quantized)
+        let session = try CUDABatchedInference(weights: weights, slots: 1, capacity: 30)
+        let prompt = prompts([15], vocab: c.vocabularySize, seed: seed ^ 0x74)[0]
+        try session.step(prompt.enumerated().map { BatchRow(token: $1, slot: 0, position: $0) }, logitRows: [14])
+        try session.step([BatchRow(token: 1, slot: 0, position: 15)], logitRows: [0])
         do {
-            _ = try CUDABatchedInference(weights: weights, slots: 2, capacity: 30)
-            checkTrue("phi3 longrope: batched generation past 16 positions is refused", false, "it was accepted")
+            try session.step([BatchRow(token: 2, slot: 0, position: 16)], logitRows: [0])
+            checkTrue("phi3 longrope: a batched step past 16 on short-factor keys is refused", false, "it was accepted")
         } catch {
-            checkTrue("phi3 longrope: batched generation past 16 positions is refused", "\(error)".contains("original_max_position_embeddings"),
-                      "\(error)")
+            checkTrue("phi3 longrope: a batched step past 16 on short-factor keys is refused",
+                      "\(error)".contains("original_max_position_embeddings"), "\(error)")
         }
+        // With a sliding window of 6 as well: ring caches recomputed at the switch.
+        let windowed = try familyConfig("phi3-longrope", ["hidden_size": .int(128), "intermediate_size": .int(128), "num_attention_heads": .int(2),
+                                                          "num_key_value_heads": .int(1), "rope_parameters": rope, "sliding_window": .int(6)])
+        let (windowModel, windowQuantized) = try randomFamilyModel(windowed, seed: seed ^ 0x75, weightScale: 0.08, embeddingScale: 0.5)
+        try checkVariationsMatter("phi3 longrope + window 6", windowModel, quantized: windowQuantized, prompt: ps[1], [
+            ("the sliding window", variant(windowModel, { $0.layerAttention = $0.layerAttention.map { _ in .full } })),
+        ])
+        try compareInference("phi3 longrope + window 6, crossing", model: windowModel, prompt: ps[0], decodeSteps: 8, threshold: 3e-2)
+        try checkFamilyGeneration("phi3 longrope + window 6, crossing", model: windowModel, quantized: windowQuantized, prompts: crossing,
+                                  maxTokens: 16)
     }
 
     group("family generation: mistral (window 6, shorter than the prompts)") {
@@ -281,6 +310,6 @@ func runFamilyInferenceChecks() {
             ("the sliding window", variant(model, { $0.layerAttention = $0.layerAttention.map { _ in .full } })),
         ])
         try compareInference("mistral window 6", model: model, prompt: ps[2], decodeSteps: 8, threshold: 3e-2)
-        try checkFamilyGeneration("mistral window 6", model: model, quantized: quantized, prompts: ps, maxTokens: 16)
+        try checkFamilyGeneration("mistral window 6", model: model, quantized: quantized, prompts: ps, maxTokens: newTokens)
     }
 }

@@ -502,6 +502,7 @@ group("dropout mask") { try checkDropoutKernels() }  // ParityChecks.swift
 group("lora dropout fused") { try checkFusedDropoutKernels() }  // DropoutChecks.swift
 group("adamw8bit") { try checkAdamW8bit() }
 group("batched kernels") { try checkBatchedKernels() }  // BatchedChecks.swift
+group("ring kv kernels") { try checkRingKernels() }  // BatchedChecks.swift
 group("batched generation") { try checkBatchedGeneration() }
 runFamilyInferenceChecks()  // FamilyInferenceChecks.swift: "family generation: ..." groups
 runMergeChecks(ctx)  // MergeChecks.swift

@@ -111,6 +111,7 @@ struct BenchDecodeCommand: ParsableCommand {
                 ("batch_slots", .int(Int64(batch))), ("batch_prompts", .int(Int64(prompts))), ("fused_rows", .int(Int64(fusedRows))),
                 ("batched_tokens_per_s", .double(r(result.tokensPerSecond, 10))), ("batched_seconds", .double(r(result.seconds))),
                 ("batched_speedup", .double(r(result.tokensPerSecond / tokensPerSecond, 100))),
+                ("batched_kv_cache_bytes", .int(Int64(batched.kvCacheBytes))),
             ]
         }
         let fields: [(String, JSONValue)] = [
@@ -123,6 +124,7 @@ struct BenchDecodeCommand: ParsableCommand {
             ("copy_bandwidth_gb_s", .double(r(bandwidth / 1e9, 10))),
             ("limit_tokens_per_s", .double(r(limit, 10))),
             ("fraction_of_limit", .double(r(tokensPerSecond / limit))),
+            ("kv_cache_bytes", .int(Int64(inference.kvCacheBytes))),
             ("peak_gpu_bytes", .int(Int64(ctx.allocator.peakBytes))),
         ] + batchedFields
         print(JSONValue.object(JSONObject(fields)).serialized())

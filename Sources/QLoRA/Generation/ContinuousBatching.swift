@@ -2,6 +2,9 @@
 // `CUDABatchedInference`; `CPUBatchedSession` is the CPU's reference of the same steps). `BatchScheduler` admits
 // waiting prompts into free KV-cache slots (their prompts packed into one prefill step), advances every running
 // sequence one token per decode step, and hands a finished sequence's slot to the next waiting prompt.
+// longrope (Phi-3): a sequence whose keys were rotated with the short factors and whose next token passes
+// original_max_position_embeddings is fed again from position 0, all its tokens in a prefill step (rotated with the long
+// factors), as batch-1 generation and transformers recompute its cache; its answer goes on from the logits of that step.
 //
 // Answers do not depend on the batching: prompt i is answered with its own `SamplingOptions` (its own seed, so its own
 // `Sampler` stream), fed the logits of its own sequence, ending at its first stop id (not included) or after
@@ -67,6 +70,7 @@ public enum BatchScheduler {
         var next = 0             // the last picked token, fed by the next decode step
         var tokens: [Int] = []
         var sampler: Sampler
+        var usesLongRopeFactors: Bool   // whether its cache was rotated with longrope's long factors
     }
 
     /// Answers `prompts` (token ids), prompt i sampled with `sampling[i]` (greedy at temperature 0); `onAnswer(i, answer)`
@@ -93,7 +97,10 @@ public enum BatchScheduler {
         var nextWaiting = waiting.next()
         var freeSlots = Array((0..<slots).reversed())
         var running: [Running] = []
+        /// Sequences to feed again from position 0 (longrope's switch), with the token that made them switch.
+        var refeeding: [Running] = []
         var generated = 0
+        let config = session.config
 
         /// Picks each listed sequence's next token from the kept logit rows 0..<n; returns those still running.
         func pick(_ sequences: [Running]) throws -> [Running] {
@@ -127,19 +134,36 @@ public enum BatchScheduler {
             return still
         }
 
-        while nextWaiting != nil || !running.isEmpty {
-            // Admit waiting prompts into free slots, packed up to the prefill budget.
+        while nextWaiting != nil || !running.isEmpty || !refeeding.isEmpty {
+            // Feed switching sequences again, then admit waiting prompts into free slots, packed up to the prefill budget.
             var admitted: [Running] = [], rows: [BatchRow] = [], logitRows: [Int] = []
-            while let i = nextWaiting, let slot = freeSlots.last, rows.isEmpty || rows.count + prompts[i].count <= session.prefillTokens {
+            func fits(_ count: Int) -> Bool { rows.isEmpty || rows.count + count <= session.prefillTokens }
+            while let s = refeeding.first, fits(s.length + 1) {
+                refeeding.removeFirst()
+                for (p, token) in (prompts[s.index] + s.tokens).enumerated() { rows.append(BatchRow(token: token, slot: s.slot, position: p)) }
+                logitRows.append(rows.count - 1)
+                var fed = s
+                fed.length += 1
+                fed.usesLongRopeFactors = true
+                admitted.append(fed)
+            }
+            while refeeding.isEmpty, let i = nextWaiting, let slot = freeSlots.last, fits(prompts[i].count) {
                 freeSlots.removeLast()
                 for (p, token) in prompts[i].enumerated() { rows.append(BatchRow(token: token, slot: slot, position: p)) }
                 logitRows.append(rows.count - 1)
-                admitted.append(Running(index: i, slot: slot, length: prompts[i].count, sampler: Sampler(sampling[i])))
+                admitted.append(Running(index: i, slot: slot, length: prompts[i].count, sampler: Sampler(sampling[i]),
+                                        usesLongRopeFactors: config.usesLongRopeFactors(sequenceLength: prompts[i].count)))
                 nextWaiting = waiting.next()
             }
             if !admitted.isEmpty {
                 try session.step(rows, logitRows: logitRows)
                 running += try pick(admitted)
+            }
+            // A sequence whose next token passes longrope's original length on short-factor keys waits to be fed again.
+            let switching = running.filter { !$0.usesLongRopeFactors && config.usesLongRopeFactors(sequenceLength: $0.length + 1) }
+            if !switching.isEmpty {
+                refeeding += switching
+                running.removeAll { !$0.usesLongRopeFactors && config.usesLongRopeFactors(sequenceLength: $0.length + 1) }
             }
             if !running.isEmpty {
                 try session.step(running.map { BatchRow(token: $0.next, slot: $0.slot, position: $0.length) }, logitRows: Array(running.indices))
@@ -158,7 +182,7 @@ public enum BatchScheduler {
 }
 
 /// The CPU's batched session: the model's fp32 forward with a KV cache per slot, each slot's rows run in order (the
-/// reference of the scheduler; the GPU's session runs the same rows as one step).
+/// reference of the scheduler; the GPU's session runs the same rows as one step, and refuses the same rows).
 public final class CPUBatchedSession: BatchedSession {
     public let model: DecoderModel
     public let slots: Int
@@ -182,6 +206,7 @@ public final class CPUBatchedSession: BatchedSession {
 
     public func step(_ rows: [BatchRow], logitRows: [Int]) throws {
         var logits: [Int: [Float]] = [:]
+        var seen = Set<Int>()
         var i = 0
         while i < rows.count {
             // A run of rows of one slot at consecutive positions goes through one forward.
@@ -189,10 +214,17 @@ public final class CPUBatchedSession: BatchedSession {
             while j < rows.count && rows[j].slot == rows[i].slot && rows[j].position == rows[j - 1].position + 1 { j += 1 }
             let slot = rows[i].slot
             guard slot >= 0 && slot < slots else { throw UsageError("row \(i): slot \(slot) outside 0..<\(slots)") }
+            guard seen.insert(slot).inserted else {
+                throw UsageError("row \(i): slot \(slot) has two runs in one step (its rows must be consecutive, at consecutive positions)")
+            }
             let cache = caches[slot]
             if rows[i].position == 0 { cache.reset() }
             guard rows[i].position == cache.length else {
                 throw UsageError("row \(i): position \(rows[i].position) of slot \(slot), whose cache holds \(cache.length)")
+            }
+            // As the GPU's session: a sequence does not pass longrope's switch on short-factor keys (the scheduler feeds it again).
+            if rows[i].position > 0 && config.usesLongRopeFactors(sequenceLength: rows[j - 1].position + 1) != cache.usesLongRopeFactors {
+                throw UsageError("row \(i): slot \(slot) passes longrope's original_max_position_embeddings (\(config.ropeScaling.originalMaxPositionEmbeddings)) at position \(rows[j - 1].position); its keys were rotated with the short factors, so its sequence must be fed again from position 0 (BatchScheduler does)")
             }
             // Only the run's last row wanted (as the scheduler asks): the forward generation runs, lastOnly.
             let vocab = config.vocabularySize

@@ -349,10 +349,14 @@ extension DecoderConfig {
 
 // MARK: - Inference forward with a KV cache
 
-/// Keys and values of the tokens seen so far, per layer: [capacity, kvHeads·D].
+/// Keys and values of the tokens seen so far, per layer. A full-attention layer holds every position, [capacity,
+/// kvHeads·D]; a sliding layer holds only its window, [min(window, capacity), kvHeads·D], as a ring: position p at row
+/// p mod rows (no query ever looks further back, so memory stays bounded by the window however long the sequence).
 public final class KVCache: @unchecked Sendable {
     public let capacity: Int
     public private(set) var length = 0
+    /// Rows each layer holds: `capacity`, or min(window, capacity) on a sliding layer.
+    public let layerRows: [Int]
     let keys: [Matrix]
     let values: [Matrix]
     /// The tokens the cache holds, so that it can be recomputed (longrope's switch to the long factors).
@@ -360,20 +364,69 @@ public final class KVCache: @unchecked Sendable {
     /// Whether the keys were rotated with longrope's long factors.
     fileprivate(set) var usesLongRopeFactors = false
 
-    public init(config: DecoderConfig, capacity: Int) {
+    /// `slidingRing` false keeps every position on the sliding layers too (masked to the window as with the ring): the
+    /// reference the ring is tested against.
+    public init(config: DecoderConfig, capacity: Int, slidingRing: Bool = true) {
         self.capacity = capacity
-        keys = (0..<config.layerCount).map { _ in Matrix(rows: capacity, columns: config.kvDim) }
-        values = (0..<config.layerCount).map { _ in Matrix(rows: capacity, columns: config.kvDim) }
+        layerRows = config.layerAttention.map { slidingRing ? $0.cacheRows(capacity: capacity) : capacity }
+        keys = layerRows.map { Matrix(rows: $0, columns: config.kvDim) }
+        values = layerRows.map { Matrix(rows: $0, columns: config.kvDim) }
     }
+
+    /// Key and value rows held over all layers (each row kvHeads·D values).
+    public var rowCount: Int { layerRows.reduce(0, +) }
 
     public func reset() { length = 0; tokens = []; usesLongRopeFactors = false }
     func advance(with new: [Int]) { length += new.count; tokens += new }
+
+    /// Whether layer `l` is a ring (a sliding window shorter than the capacity).
+    func isRing(_ l: Int) -> Bool { layerRows[l] < capacity }
+
+    /// Copies layer `l`'s keys and values of `positions` (held by the ring) into consecutive rows of `keys`/`values`.
+    func gather(layer l: Int, positions: Range<Int>, keys k: UnsafeMutablePointer<Float>, values v: UnsafeMutablePointer<Float>) {
+        let width = self.keys[l].columns, rows = layerRows[l]
+        precondition(positions.lowerBound >= length - rows && positions.upperBound <= length, "positions \(positions) left the ring")
+        for (i, p) in positions.enumerated() {
+            (k + i * width).update(from: self.keys[l].pointer + (p % rows) * width, count: width)
+            (v + i * width).update(from: self.values[l].pointer + (p % rows) * width, count: width)
+        }
+    }
+
+    /// Stores consecutive rows of `keys`/`values` as layer `l`'s positions `positions` (at most the ring's rows).
+    func store(layer l: Int, positions: Range<Int>, keys k: UnsafePointer<Float>, values v: UnsafePointer<Float>) {
+        let width = self.keys[l].columns, rows = layerRows[l]
+        precondition(positions.count <= rows, "\(positions.count) positions into a ring of \(rows)")
+        for (i, p) in positions.enumerated() {
+            (self.keys[l].pointer + (p % rows) * width).update(from: k + i * width, count: width)
+            (self.values[l].pointer + (p % rows) * width).update(from: v + i * width, count: width)
+        }
+    }
+}
+
+extension AttentionKind {
+    /// Positions a KV cache of `capacity` keeps for this kind of layer: all of them, or the last `window`.
+    public func cacheRows(capacity: Int) -> Int {
+        switch self {
+        case .full: return capacity
+        case .sliding(let window): return min(window, capacity)
+        }
+    }
+}
+
+extension DecoderConfig {
+    /// Bytes of the KV caches of `slots` sequences of up to `capacity` positions, `bytesPerValue` per value (2 on the
+    /// GPU, bf16 or fp16; 4 on the CPU): keys and values of every layer, a sliding layer holding only its window.
+    public func kvCacheBytes(capacity: Int, slots: Int = 1, bytesPerValue: Int = 2) -> Int {
+        layerAttention.reduce(0) { $0 + 2 * slots * $1.cacheRows(capacity: capacity) * kvDim * bytesPerValue }
+    }
 }
 
 extension DecoderModel {
     /// Runs `tokens` after what `cache` holds and returns their logits, [T, vocab]
     /// (only the last row when `lastOnly`, as generation needs). Sliding-window layers attend within their
-    /// window here too: the cache keeps every position, and each query sees only the window's rows of it.
+    /// window here too, and their cache is a ring of the window's rows: the chunk's queries attend over a window view,
+    /// the ring's last `window − 1` positions gathered in position order followed by the chunk's own keys (so the sums
+    /// run in the order of a cache that kept every position), and the chunk's last `window` keys then go into the ring.
     public func forward(tokens: [Int], cache: KVCache, lastOnly: Bool = false) throws -> [Float] {
         let c = config
         let t = tokens.count
@@ -406,11 +459,25 @@ extension DecoderModel {
         let gate = Matrix(rows: t, columns: c.intermediateSize)
         let up = Matrix(rows: t, columns: c.intermediateSize)
         let positions = (0..<t).map { Int32(start + $0) }
+        // The window view of the ring layers: up to window − 1 earlier positions, then the chunk.
+        let viewRows = (0..<c.layerCount).filter(cache.isRing).map { min(start, cache.layerRows[$0] - 1) + t }.max() ?? 0
+        let windowKeys = Matrix(rows: viewRows, columns: c.kvDim), windowValues = Matrix(rows: viewRows, columns: c.kvDim)
 
         embed(tokens.map(Int32.init), into: x)
         for (l, block) in blocks.enumerated() {
-            let keys = cache.keys[l].pointer, values = cache.values[l].pointer
-            let newKeys = keys + start * c.kvDim, newValues = values + start * c.kvDim
+            // keys/values row i holds position first + i.
+            let keys: UnsafeMutablePointer<Float>, values: UnsafeMutablePointer<Float>, first: Int
+            if cache.isRing(l) {
+                first = start - min(start, cache.layerRows[l] - 1)
+                keys = windowKeys.pointer
+                values = windowValues.pointer
+                cache.gather(layer: l, positions: first..<start, keys: keys, values: values)
+            } else {
+                first = 0
+                keys = cache.keys[l].pointer
+                values = cache.values[l].pointer
+            }
+            let newKeys = keys + (start - first) * c.kvDim, newValues = values + (start - first) * c.kvDim
             CPUOps.rmsNorm(x.pointer, weight: block.inputNorm, offset: offset, eps: c.rmsNormEps, rows: t, width: h, into: normed.pointer)
             DecoderBlock.forward(block.attentionInput, normed.pointer, rows: t, into: [(q.pointer, c.qDim), (newKeys, c.kvDim), (newValues, c.kvDim)])
             if let qNorm = block.qNorm, let kNorm = block.kNorm {
@@ -426,7 +493,13 @@ extension DecoderModel {
             let kind = c.layerAttention[l]
             CPUOps.attention(q: q.pointer, keys: keys, values: values, rows: t, heads: c.headCount, kvHeads: c.kvHeadCount,
                              headDim: c.headDim, scale: c.attentionScale, softcap: c.attentionSoftcap,
-                             visible: { kind.visible(position: start + $0) }, into: attended.pointer)
+                             visible: { let r = kind.visible(position: start + $0); return (r.lowerBound - first)..<(r.upperBound - first) },
+                             into: attended.pointer)
+            if cache.isRing(l) {
+                let kept = max(start, start + t - cache.layerRows[l])..<(start + t)
+                cache.store(layer: l, positions: kept, keys: keys + (kept.lowerBound - first) * c.kvDim,
+                            values: values + (kept.lowerBound - first) * c.kvDim)
+            }
             block.o.forward(attended.pointer, rows: t, into: projected.pointer)
             if let norm = block.attentionOutputNorm {
                 CPUOps.rmsNorm(projected.pointer, weight: norm, offset: offset, eps: c.rmsNormEps, rows: t, width: h, into: projected.pointer)

@@ -23,18 +23,20 @@ extension CPUReference {
 
     /// qkv [rows, stride] with [q (heads·D) | k (kvHeads·D) | v] at the start of each row: returns the row with q
     /// and k rotated at each row's position, and the caches [slots · capacity, kvHeads·D] with the rotated k and v
-    /// written at row (slot · capacity + position). With `qNorm`/`kNorm` each head is first RMS-normed as the family
-    /// rounds it (normOffset 0: bf16(bf16(x·r)·w); else bf16(x·r·(w + offset))); only the first `rotaryDim` dimensions
-    /// rotate (pairs (i, i + rotaryDim / 2)), with cos and sin times `ropeScale`.
+    /// written at row (slot · capacity + position mod capacity) unless `append` is false. With `qNorm`/`kNorm` each head
+    /// is first RMS-normed as the family rounds it (normOffset 0: bf16(bf16(x·r)·w); else bf16(x·r·(w + offset))); only
+    /// the first `rotaryDim` dimensions rotate (pairs (i, i + rotaryDim / 2)), with cos and sin times `ropeScale`, at
+    /// inverseFrequencies[i], or inverseFrequencies[rotaryDim / 2 + i] for a row with longRows[r] nonzero.
     public static func ropeAppendRows(qkv: [Float], stride: Int, kcache: [Float], vcache: [Float], slots: [Int32], positions: [Int32],
                                       inverseFrequencies: [Float], capacity: Int, heads: Int, kvHeads: Int, headDim: Int,
                                       rotaryDim: Int? = nil, ropeScale: Float = 1, qNorm: [Float]? = nil, kNorm: [Float]? = nil,
-                                      normOffset: Float = 0, eps: Float = 1e-6)
+                                      normOffset: Float = 0, eps: Float = 1e-6, longRows: [Int32]? = nil, append: Bool = true)
         -> (qkv: [Float], kcache: [Float], vcache: [Float]) {
         var out = qkv, k = kcache, v = vcache
         let kvDim = kvHeads * headDim, half = (rotaryDim ?? headDim) / 2
         for r in slots.indices {
-            let row = r * stride, cacheRow = (Int(slots[r]) * capacity + Int(positions[r])) * kvDim
+            let row = r * stride, cacheRow = (Int(slots[r]) * capacity + Int(positions[r]) % capacity) * kvDim
+            let frequencies = (longRows?[r] ?? 0) != 0 ? half : 0
             for h in 0..<(heads + kvHeads) {
                 let base = row + h * headDim
                 var x = Array(qkv[base..<(base + headDim)])
@@ -45,7 +47,7 @@ extension CPUReference {
                 }
                 var y = x
                 for i in 0..<half {
-                    let angle = Double(Float(positions[r]) * inverseFrequencies[i])
+                    let angle = Double(Float(positions[r]) * inverseFrequencies[frequencies + i])
                     let c = cos(angle) * Double(ropeScale), s = sin(angle) * Double(ropeScale)
                     y[i] = Float(Double(x[i]) * c - Double(x[i + half]) * s)
                     y[i + half] = Float(Double(x[i + half]) * c + Double(x[i]) * s)
@@ -53,32 +55,40 @@ extension CPUReference {
                 for d in 0..<headDim {
                     let o = roundToBF16(y[d])
                     out[base + d] = o
-                    if h >= heads { k[cacheRow + (h - heads) * headDim + d] = o }
+                    if h >= heads && append { k[cacheRow + (h - heads) * headDim + d] = o }
                 }
             }
-            for e in 0..<kvDim { v[cacheRow + e] = qkv[row + (heads + kvHeads) * headDim + e] }
+            if append { for e in 0..<kvDim { v[cacheRow + e] = qkv[row + (heads + kvHeads) * headDim + e] } }
         }
         return (out, k, v)
     }
 
-    /// out [rows, heads·D]: the query of row r (head h at qkv[r · stride + h · D]) attends to cache rows
-    /// slot · capacity + 0 ... position (the last `window` of them when window > 0; GQA: head h reads KV head
-    /// h / (heads / kvHeads)), softmax(softcap(q·k · scale)) v with scale D^-½ by default and softcap c·tanh(s / c) when
-    /// softcap > 0.
+    /// out [rows, heads·D]: the query of row r (head h at qkv[r · stride + h · D]) attends to the keys of positions
+    /// 0 ... position (the last `window` of them when window > 0; GQA: head h reads KV head h / (heads / kvHeads)),
+    /// softmax(softcap(q·k · scale)) v with scale D^-½ by default and softcap c·tanh(s / c) when softcap > 0. Position j
+    /// is at cache row slot · capacity + j mod capacity, or, with `runStart` and j at or after the position of row
+    /// runStart[r], in the k | v of row r − (position − j) of qkv.
     public static func attentionRows(qkv: [Float], stride: Int, kcache: [Float], vcache: [Float], slots: [Int32], positions: [Int32],
                                      capacity: Int, heads: Int, kvHeads: Int, headDim d: Int, scale: Float? = nil, softcap: Float = 0,
-                                     window: Int = 0) -> [Float] {
+                                     window: Int = 0, runStart: [Int32]? = nil) -> [Float] {
         let kvDim = kvHeads * d, scale = Double(scale ?? 1 / Float(d).squareRoot())
         var out = [Float](repeating: 0, count: slots.count * heads * d)
         for r in slots.indices {
             let keys = Int(positions[r]) + 1, base = Int(slots[r]) * capacity * kvDim
             let first = window > 0 ? max(0, keys - window) : 0
+            let inRows = runStart.map { Int(positions[Int($0[r])]) } ?? keys
+            /// Key j's k (v: kvDim further in a row; the same index of vcache in the cache), without the head offset.
+            func key(_ j: Int) -> (fromRows: Bool, index: Int) {
+                j >= inRows ? (true, (r - (keys - 1 - j)) * stride + heads * d) : (false, base + (j % capacity) * kvDim)
+            }
+            func k(_ j: Int, _ e: Int) -> Float { let (rows, i) = key(j); return rows ? qkv[i + e] : kcache[i + e] }
+            func v(_ j: Int, _ e: Int) -> Float { let (rows, i) = key(j); return rows ? qkv[i + kvDim + e] : vcache[i + e] }
             for h in 0..<heads {
                 let kvh = h / (heads / kvHeads), q = r * stride + h * d
                 var scores: [Double] = []
                 for j in first..<keys {
                     var s = 0.0
-                    for e in 0..<d { s += Double(qkv[q + e]) * Double(kcache[base + j * kvDim + kvh * d + e]) }
+                    for e in 0..<d { s += Double(qkv[q + e]) * Double(k(j, kvh * d + e)) }
                     s *= scale
                     if softcap > 0 { s = Double(softcap) * tanh(s / Double(softcap)) }
                     scores.append(s)
@@ -88,12 +98,29 @@ extension CPUReference {
                 let total = p.reduce(0, +)
                 for e in 0..<d {
                     var o = 0.0
-                    for (n, j) in (first..<keys).enumerated() { o += p[n] * Double(vcache[base + j * kvDim + kvh * d + e]) }
+                    for (n, j) in (first..<keys).enumerated() { o += p[n] * Double(v(j, kvh * d + e)) }
                     out[(r * heads + h) * d + e] = Float(o / total)
                 }
             }
         }
         return out
+    }
+
+    /// The caches [slots · capacity, kvHeads·D] with the k and v of each row (from its qkv row [q | k | v]) written at
+    /// row slot · capacity + position mod capacity, for the rows among the last `capacity` of their run (row r's run ends
+    /// before row runEnd[r]): a ring layer's append after its attention.
+    public static func kvAppendRows(qkv: [Float], stride: Int, kcache: [Float], vcache: [Float], slots: [Int32], positions: [Int32],
+                                    runEnd: [Int32], capacity: Int, heads: Int, kvHeads: Int, headDim: Int) -> (kcache: [Float], vcache: [Float]) {
+        var k = kcache, v = vcache
+        let kvDim = kvHeads * headDim
+        for r in slots.indices where Int(runEnd[r]) - r <= capacity {
+            let cacheRow = (Int(slots[r]) * capacity + Int(positions[r]) % capacity) * kvDim, row = r * stride + heads * headDim
+            for e in 0..<kvDim {
+                k[cacheRow + e] = qkv[row + e]
+                v[cacheRow + e] = qkv[row + kvDim + e]
+            }
+        }
+        return (k, v)
     }
 
     /// Per row: RMSNorm(x)·w as the family rounds it (offset 0: bf16(bf16(x·r)·w); else bf16(x·r·(w + offset))), or

@@ -6,16 +6,21 @@ import Glibc
 // them (continuous batching: a sequence that ends frees its KV-cache slot, and the next waiting prompt takes it).
 //
 // The weights are a `CUDAInference`'s (NF4 + double quant base, bf16 norms, embedding and head, LoRA unmerged);
-// this class adds a KV cache per slot ([slots, capacity, kvDim] bf16 per layer) and step buffers. A step feeds
-// rows, each one token of one sequence with its own slot and position (decode_batched.cu's header): a decode step one
-// row per running sequence, a prefill step all prompt tokens of the sequences it admits, packed (the same kernels:
-// RoPE and the cache append per row, then each row's query attends to its own slot up to its own position).
+// this class adds a KV cache per slot ([slots, rows, kvDim] bf16 per layer: rows = capacity, or min(window, capacity) on
+// a sliding layer, a ring with position p at row p mod rows) and step buffers. A step feeds rows, each one token of one
+// sequence with its own slot and position (decode_batched.cu's header): a decode step one row per running sequence, a
+// prefill step all prompt tokens of the sequences it admits, packed (the same kernels: RoPE and the cache append per
+// row, then each row's query attends to its own slot up to its own position). A sequence's rows in a step are one run
+// (consecutive rows, consecutive positions, continuing what its slot holds); on a ring layer the run's keys are read
+// from its rows and its last `window` rows appended after the attention (CUDAInference's header says why).
 // The forward of a step is the CPU model's (Model/DecoderModel.swift) with bf16 activations:
 //   x = embed(tokens) [· √hidden]; per layer: q|k|v = RMSNorm(x)·Wqkvᵀ (+ bias) (+ LoRA); [q/k norm;] RoPE; append k, v;
 //   attention [soft-capped, windowed]; x += [norm](o-proj); g|u = RMSNorm(x)·Wguᵀ (+ LoRA); x += [norm](down(act(g)·u));
 //   logits = RMSNorm(x_last)·headᵀ (fp32) [soft-capped], with every variation as CUDAInference computes it (its header).
-// longrope: every sequence rotates with the short factors, so the KV cache may not pass original_max_position_embeddings
-// (the switch to the long factors recomputes a sequence's cache; batch-1 generation does that).
+// longrope: each run rotates with the short factors while its sequence is at most original_max_position_embeddings
+// long, else with the long ones (the frequency table holds both; a flag per row picks). A sequence whose cache was
+// rotated with the short factors and grows past that length must be fed again from position 0 (as transformers and
+// batch-1 generation recompute it): BatchScheduler does so, and a step that would continue it is refused.
 // The projections of a group (q|k|v, o, gate|up, down) write one fused row per token. Base products: steps of at
 // most `fusedRowLimit` rows run nf4_gemm_rows (the tensor-core NF4 small-GEMM, 64 rows per pass), larger steps
 // dequantize each matrix into a bf16 scratch and multiply with cuBLASLt. LoRA, unmerged, for the whole group in two
@@ -60,10 +65,15 @@ public final class CUDABatchedInference: BatchedSession {
     public let prefillTokens: Int
 
     var projections: [[BatchedProjection]] = []  // per layer: qkv, o, gateUp, down
-    let keys: [DeviceBuffer<UInt16>]             // per layer [slots, capacity, kvDim]
+    /// Per layer: the KV-cache rows of a slot, `capacity` or min(window, capacity) on a sliding layer (a ring).
+    public let layerRows: [Int]
+    let keys: [DeviceBuffer<UInt16>]             // per layer [slots, layerRows[l], kvDim]
     let values: [DeviceBuffer<UInt16>]
+    /// Per slot: the positions its cache holds and whether their keys were rotated with longrope's long factors.
+    var slotLengths: [Int]
+    var slotUsesLongFactors: [Bool]
     // Step buffers.
-    let stepInput: DeviceBuffer<Int32>           // [tokens | slots | positions | logit rows], maxRows each
+    let stepInput: DeviceBuffer<Int32>           // [tokens | slots | positions | logit rows | run starts | run ends | long], maxRows each
     let x: DeviceBuffer<UInt16>                  // [maxRows, hidden]
     let normed: DeviceBuffer<UInt16>
     let qkv: DeviceBuffer<UInt16>                // [maxRows, qDim + 2 kvDim]
@@ -71,7 +81,8 @@ public final class CUDABatchedInference: BatchedSession {
     let gateUp: DeviceBuffer<UInt16>             // [maxRows, 2 intermediate]
     let hidden: DeviceBuffer<UInt16>             // [maxRows, intermediate]
     let projected: DeviceBuffer<UInt16>          // [maxRows, hidden] with sandwich norms (o, down before their norm), else x
-    let ropes: [DeviceRope]                      // short factors (see the header)
+    /// Per RoPE of the model (weights.ropes): its inverse frequencies, [short | long] with longrope, else [short].
+    let ropeFrequencies: [DeviceBuffer<Float>]
     let xa: DeviceBuffer<UInt16>                 // [maxRows, max Σr]
     let lastRows: DeviceBuffer<UInt16>           // [slots, hidden]
     let lastNormed: DeviceBuffer<UInt16>
@@ -92,9 +103,6 @@ public final class CUDABatchedInference: BatchedSession {
             throw UsageError("a KV cache of \(capacity) positions does not fit the model's \(c.maxPositionEmbeddings)")
         }
         try c.checkCUDASupport(what: "a KV cache of \(capacity) positions")
-        if c.ropeScaling.kind == .longrope && capacity > c.ropeScaling.originalMaxPositionEmbeddings {
-            throw UsageError("batched generation of \(capacity) positions passes longrope's original_max_position_embeddings (\(c.ropeScaling.originalMaxPositionEmbeddings)), where the long factors take over and each sequence's cache must be recomputed; batched generation does not do that yet (keep prompt + new tokens within \(c.ropeScaling.originalMaxPositionEmbeddings), or generate one prompt at a time)")
-        }
         guard prefillTokens > 0 else { throw UsageError("the prefill token budget must be positive, got \(prefillTokens)") }
         context = weights.context
         config = c
@@ -105,9 +113,12 @@ public final class CUDABatchedInference: BatchedSession {
         maxRows = max(slots, prefillTokens, capacity)
         let A = context.allocator
         let h = c.hiddenSize, inter = c.intermediateSize, qkvDim = c.qDim + 2 * c.kvDim
-        keys = try weights.layers.map { _ in try A.buffer(UInt16.self, count: slots * capacity * c.kvDim) }
-        values = try weights.layers.map { _ in try A.buffer(UInt16.self, count: slots * capacity * c.kvDim) }
-        stepInput = try A.buffer(Int32.self, count: 4 * maxRows)
+        layerRows = c.layerAttention.map { $0.cacheRows(capacity: capacity) }
+        keys = try layerRows.map { try A.buffer(UInt16.self, count: slots * $0 * c.kvDim) }
+        values = try layerRows.map { try A.buffer(UInt16.self, count: slots * $0 * c.kvDim) }
+        slotLengths = Array(repeating: 0, count: slots)
+        slotUsesLongFactors = Array(repeating: false, count: slots)
+        stepInput = try A.buffer(Int32.self, count: 7 * maxRows)
         x = try A.buffer(UInt16.self, count: maxRows * h)
         normed = try A.buffer(UInt16.self, count: maxRows * max(h, c.qDim))
         qkv = try A.buffer(UInt16.self, count: maxRows * qkvDim)
@@ -115,7 +126,11 @@ public final class CUDABatchedInference: BatchedSession {
         gateUp = try A.buffer(UInt16.self, count: maxRows * 2 * inter)
         hidden = try A.buffer(UInt16.self, count: maxRows * inter)
         projected = c.sandwichNorms ? try A.buffer(UInt16.self, count: maxRows * h) : x
-        ropes = try weights.ropes.map { try DeviceRope(config: c, parameters: $0.parameters, allocator: A) }
+        ropeFrequencies = try weights.ropes.map { rope in
+            let short = c.ropeInverseFrequencies(rope.parameters).map { Float($0) }
+            let long = rope.parameters.scaling.kind == .longrope ? c.ropeInverseFrequencies(rope.parameters, long: true).map { Float($0) } : []
+            return try A.buffer(copying: short + long)
+        }
         let maxRank = weights.layers.flatMap { [$0.qkv, $0.o, $0.gateUp, $0.down] }.map(\.totalRank).max() ?? 0
         xa = try A.buffer(UInt16.self, count: maxRows * max(maxRank, 1))
         lastRows = try A.buffer(UInt16.self, count: slots * h)
@@ -234,15 +249,44 @@ public final class CUDABatchedInference: BatchedSession {
         guard r > 0, r <= maxRows, logitRows.count <= slots, logitRows.allSatisfy({ rows.indices.contains($0) }) else {
             throw UsageError("a step of \(r) rows (1...\(maxRows)) keeping \(logitRows.count) logit rows (at most \(slots), each one of the step's)")
         }
-        var input = [Int32](repeating: 0, count: 4 * maxRows)
+        var input = [Int32](repeating: 0, count: 7 * maxRows)
         for (i, row) in rows.enumerated() {
             input[i] = Int32(row.token)
             input[maxRows + i] = Int32(row.slot)
             input[2 * maxRows + i] = Int32(row.position)
         }
         for (i, index) in logitRows.enumerated() { input[3 * maxRows + i] = Int32(index) }
+        // Runs: each sequence's rows, consecutive at consecutive positions, continuing its slot (position 0 starts it anew).
+        var lengths = slotLengths, long = slotUsesLongFactors, seen = Set<Int>()
+        var i = 0
+        while i < r {
+            var j = i + 1
+            while j < r && rows[j].slot == rows[i].slot && rows[j].position == rows[j - 1].position + 1 { j += 1 }
+            let slot = rows[i].slot, first = rows[i].position, end = rows[j - 1].position + 1
+            guard seen.insert(slot).inserted else {
+                throw UsageError("step row \(i): slot \(slot) has two runs in one step (its rows must be consecutive, at consecutive positions)")
+            }
+            guard first == 0 || first == slotLengths[slot] else {
+                throw UsageError("step row \(i): position \(first) of slot \(slot), whose cache holds \(slotLengths[slot]) positions")
+            }
+            let usesLong = c.usesLongRopeFactors(sequenceLength: end)
+            if first > 0 && usesLong != slotUsesLongFactors[slot] {
+                throw UsageError("step row \(i): slot \(slot) passes longrope's original_max_position_embeddings (\(c.ropeScaling.originalMaxPositionEmbeddings)) at position \(end - 1); its keys were rotated with the short factors, so its sequence must be fed again from position 0 (BatchScheduler does)")
+            }
+            lengths[slot] = end
+            long[slot] = usesLong
+            for k in i..<j {
+                input[4 * maxRows + k] = Int32(i)
+                input[5 * maxRows + k] = Int32(j)
+                input[6 * maxRows + k] = usesLong ? 1 : 0
+            }
+            i = j
+        }
         try stepInput.upload(Array(input[0..<(3 * maxRows + logitRows.count)]))
+        try stepInput.view(at: 4 * maxRows, count: 2 * maxRows + r).upload(Array(input[(4 * maxRows)..<(6 * maxRows + r)]))
         let tokens = stepInput.pointer, slotIDs = stepInput.address(at: maxRows), positions = stepInput.address(at: 2 * maxRows)
+        let runStart = stepInput.address(at: 4 * maxRows), runEnd = stepInput.address(at: 5 * maxRows)
+        let longRows = c.ropeScaling.kind == .longrope ? stepInput.address(at: 6 * maxRows) : 0
         let fused = r <= fusedRowLimit
 
         try ctx.embeddingRows(ids: tokens, table: weights.embedding.pointer, out: x.pointer, rows: r, dim: h, scale: weights.embeddingScale)
@@ -261,16 +305,23 @@ public final class CUDABatchedInference: BatchedSession {
             let p = projections[l]
             try norm(x, layer.inputNorm, rows: r, into: normed)
             try project(p[0], input: normed.pointer, rows: r, out: qkv, stride: qkvDim, accumulate: false, fused: fused)
-            let rope = ropes[weights.ropeOfLayer[l]]
-            try ctx.ropeAppendRows(qkv: qkv.pointer, stride: qkvDim, kcache: keys[l].pointer, vcache: values[l].pointer, slots: slotIDs,
-                                   positions: positions, inverseFrequencies: rope.frequencies.pointer, rows: r, capacity: capacity,
-                                   heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim, rotaryDim: c.rotaryDim,
-                                   ropeScale: rope.scale, qNorm: layer.qNorm?.pointer ?? 0, kNorm: layer.kNorm?.pointer ?? 0,
-                                   normOffset: offset, eps: c.rmsNormEps)
+            let rope = weights.ropeOfLayer[l]
+            // A ring layer appends after its attention (the header).
+            let ring = layerRows[l] < capacity
+            try ctx.ropeAppendRows(qkv: qkv.pointer, stride: qkvDim, kcache: ring ? 0 : keys[l].pointer, vcache: ring ? 0 : values[l].pointer,
+                                   slots: slotIDs, positions: positions, inverseFrequencies: ropeFrequencies[rope].pointer, rows: r,
+                                   capacity: layerRows[l], heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim,
+                                   rotaryDim: c.rotaryDim, ropeScale: weights.ropes[rope].scale, qNorm: layer.qNorm?.pointer ?? 0,
+                                   kNorm: layer.kNorm?.pointer ?? 0, normOffset: offset, eps: c.rmsNormEps, longRows: longRows)
             try ctx.attentionRows(qkv: qkv.pointer, stride: qkvDim, kcache: keys[l].pointer, vcache: values[l].pointer, out: attended.pointer,
-                                  slots: slotIDs, positions: positions, rows: r, capacity: capacity, heads: c.headCount,
+                                  slots: slotIDs, positions: positions, rows: r, capacity: layerRows[l], heads: c.headCount,
                                   kvHeads: c.kvHeadCount, headDim: c.headDim, scale: c.attentionScale, softcap: c.attentionSoftcap ?? 0,
-                                  window: weights.windows[l])
+                                  window: weights.windows[l], runStart: ring ? runStart : 0)
+            if ring {
+                try ctx.kvAppendRows(qkv: qkv.pointer, stride: qkvDim, kcache: keys[l].pointer, vcache: values[l].pointer, slots: slotIDs,
+                                     positions: positions, runEnd: runEnd, rows: r, capacity: layerRows[l], heads: c.headCount,
+                                     kvHeads: c.kvHeadCount, headDim: c.headDim)
+            }
             try project(p[1], input: attended.pointer, rows: r, out: residualOut, stride: h, accumulate: !c.sandwichNorms, fused: fused)
             try sandwich(layer.attentionOutputNorm)
             try norm(x, layer.postNorm, rows: r, into: normed)
@@ -279,6 +330,8 @@ public final class CUDABatchedInference: BatchedSession {
             try project(p[3], input: hidden.pointer, rows: r, out: residualOut, stride: h, accumulate: !c.sandwichNorms, fused: fused)
             try sandwich(layer.mlpOutputNorm)
         }
+        slotLengths = lengths
+        slotUsesLongFactors = long
         guard !logitRows.isEmpty else { return }
         let l = logitRows.count
         try ctx.gatherRows(src: x.pointer, dst: lastRows.pointer, index: stepInput.address(at: 3 * maxRows), rows: l, cols: h)
@@ -333,6 +386,9 @@ public final class CUDABatchedInference: BatchedSession {
             try blas.gemm(m: r, n: p.columns, k: p.rank, a: xa.pointer, b: b.pointer, transB: true, c: out.pointer, alpha: p.loraScale, beta: 1)
         }
     }
+
+    /// Bytes of the KV caches (every slot, every layer): `DecoderConfig.kvCacheBytes(capacity:slots:)`.
+    public var kvCacheBytes: Int { zip(keys, values).reduce(0) { $0 + $1.0.byteCount + $1.1.byteCount } }
 
     // MARK: Generation
 

@@ -7,7 +7,8 @@ import Glibc
 // bf16 activations and a bf16 KV cache, with every variation of the block that DecoderConfig describes:
 // (1 + w) norms, q/k norms before RoPE, Gemma's sandwich norms, GeGLU, the embedding times √hidden (rounded to the
 // compute dtype, as transformers' normalizer), query_pre_attn_scalar, attention and final-logit soft-capping, sliding
-// windows per layer (masked: the cache keeps every position), per-layer-type RoPE, partial rotary, longrope (short or
+// windows per layer (a sliding layer's cache is a ring of min(window, capacity) rows, position p at row p mod rows; see
+// the ring below), per-layer-type RoPE, partial rotary, longrope (short or
 // long factors as the CPU picks them; the cache is recomputed with the long factors when a sequence first passes
 // original_max_position_embeddings, as transformers and the CPU do), and Phi-3's fused qkv_proj / gate_up_proj.
 //
@@ -15,7 +16,10 @@ import Glibc
 // (fp32 accumulation); LoRA as two more GEMMs; the outputs of a group go side by side into one fused row per token
 // (q | k | v, gate | up) as in decode; q/k norm, RoPE and the cache append by rope_append_rows; attention by the
 // flash kernel (attention.cu) when the cache was empty and the layer has no variation it lacks (soft-capping, a
-// window shorter than the prompt), else by attention_rows (decode_batched.cu).
+// window shorter than the prompt), else by attention_rows (decode_batched.cu). A ring layer's prefill rotates without
+// appending, attends with the chunk's own keys read from its rows (writing them first would overwrite ring rows the
+// chunk's earlier queries still see), then appends the chunk's last `window` keys (kv_append_rows). A decode step
+// appends first: its one key lands on the row of position p − window, which its query no longer sees.
 // Decode (one token): per layer 13 kernels (15 with sandwich norms), the projections by nf4_gemv, which reads the
 // 4-bit weights directly (q|k|v in one launch, gate|up in one, the residual added by o and down unless a sandwich
 // norm comes between), the LoRA A projections of a group stacked into one bf16 GEMV. The whole step is recorded once
@@ -62,7 +66,7 @@ struct DeviceLayer {
     var o: ProjectionGroup
     var gateUp: ProjectionGroup
     var down: ProjectionGroup
-    var keys: DeviceBuffer<UInt16>    // [capacity, kvDim]
+    var keys: DeviceBuffer<UInt16>    // [cache rows, kvDim]: capacity, or min(window, capacity) on a sliding layer
     var values: DeviceBuffer<UInt16>
 }
 
@@ -123,6 +127,8 @@ public final class CUDAInference {
     let ropeOfLayer: [Int]
     /// Each layer's attention window (0: every earlier position).
     let windows: [Int]
+    /// Each layer's KV-cache rows: `capacity`, or min(window, capacity) on a sliding layer (a ring).
+    public let layerRows: [Int]
     /// The embedding multiplier in the compute dtype (√hidden for Gemma, else 1).
     let embeddingScale: Float
 
@@ -197,14 +203,15 @@ public final class CUDAInference {
                                    biases: biases.contains { $0 != nil } ? biases : [])
         }
         var layers: [DeviceLayer] = []
-        for block in model.blocks {
+        for (l, block) in model.blocks.enumerated() {
+            let cacheRows = c.layerAttention[l].cacheRows(capacity: capacity)
             layers.append(DeviceLayer(
                 inputNorm: try bf16(block.inputNorm), postNorm: try bf16(block.mlpInputNorm),
                 attentionOutputNorm: try optionalBF16(block.attentionOutputNorm), mlpOutputNorm: try optionalBF16(block.mlpOutputNorm),
                 qNorm: try optionalBF16(block.qNorm), kNorm: try optionalBF16(block.kNorm),
                 qkv: try group(block.attentionInput), o: try group([block.o]),
                 gateUp: try group(block.mlpInput), down: try group([block.down]),
-                keys: try A.buffer(UInt16.self, count: capacity * c.kvDim), values: try A.buffer(UInt16.self, count: capacity * c.kvDim)))
+                keys: try A.buffer(UInt16.self, count: cacheRows * c.kvDim), values: try A.buffer(UInt16.self, count: cacheRows * c.kvDim)))
         }
         let embedding = try bf16(model.embedding)
         let head = model.head === model.embedding ? embedding : try bf16(model.head)
@@ -241,7 +248,8 @@ public final class CUDAInference {
         // Norm weights near 1 (or near 0 for Gemma's x·(1 + w)).
         let normCenter: Float = c.normWeightOffset != 0 ? 0 : 1
         func norm(_ count: Int) throws -> DeviceBuffer<UInt16> { try randomBF16(count, normCenter - 0.1, normCenter + 0.1) }
-        for _ in 0..<c.layerCount {
+        for l in 0..<c.layerCount {
+            let cacheRows = c.layerAttention[l].cacheRows(capacity: capacity)
             layers.append(DeviceLayer(
                 inputNorm: try norm(h), postNorm: try norm(h),
                 attentionOutputNorm: c.sandwichNorms ? try norm(h) : nil, mlpOutputNorm: c.sandwichNorms ? try norm(h) : nil,
@@ -249,7 +257,7 @@ public final class CUDAInference {
                 qkv: try group(c.fusedProjections ? [(c.qDim + 2 * c.kvDim, h)] : [(c.qDim, h), (c.kvDim, h), (c.kvDim, h)]),
                 o: try group([(h, c.qDim)]),
                 gateUp: try group(c.fusedProjections ? [(2 * i, h)] : [(i, h), (i, h)]), down: try group([(h, i)]),
-                keys: try A.buffer(UInt16.self, count: capacity * c.kvDim), values: try A.buffer(UInt16.self, count: capacity * c.kvDim)))
+                keys: try A.buffer(UInt16.self, count: cacheRows * c.kvDim), values: try A.buffer(UInt16.self, count: cacheRows * c.kvDim)))
         }
         let embedding = try randomBF16(c.vocabularySize * h, -0.05, 0.05)
         let head = c.tieWordEmbeddings ? embedding : try randomBF16(c.vocabularySize * h, -0.05, 0.05)
@@ -288,6 +296,10 @@ public final class CUDAInference {
         windows = c.layerAttention.map { kind in
             if case .sliding(let window) = kind { return window }
             return 0
+        }
+        layerRows = c.layerAttention.map { $0.cacheRows(capacity: capacity) }
+        guard zip(layers, layerRows).allSatisfy({ $0.keys.count == $1 * c.kvDim && $0.values.count == $1 * c.kvDim }) else {
+            throw UsageError("the KV caches do not hold each layer's \(layerRows) rows of \(c.kvDim) values")
         }
         let dtype = context.computeDType
         embeddingScale = c.scalesEmbedding ? dtype.decode(dtype.encode(Float(Double(c.hiddenSize).squareRoot()))) : 1
@@ -368,6 +380,9 @@ public final class CUDAInference {
     }
 
     // MARK: Sizes
+
+    /// Bytes of the KV cache (keys and values of every layer): `DecoderConfig.kvCacheBytes(capacity:)`.
+    public var kvCacheBytes: Int { layers.reduce(0) { $0 + $1.keys.byteCount + $1.values.byteCount } }
 
     /// Bytes of 4-bit weights (packed codes and their scales) read per decoded token.
     public var nf4BytesPerToken: Int {
@@ -495,14 +510,14 @@ public final class CUDAInference {
             let rope = ropes[ropeOfLayer[l]]
             try ctx.ropeAppendRows(qkv: qkvRow.pointer, stride: c.qDim + 2 * c.kvDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
                                    slots: 0, positions: stepState.pointer, inverseFrequencies: rope.frequencies.pointer, rows: 1,
-                                   capacity: capacity, heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim,
+                                   capacity: layerRows[l], heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim,
                                    rotaryDim: c.rotaryDim, ropeScale: rope.scale, qNorm: layer.qNorm?.pointer ?? 0,
                                    kNorm: layer.kNorm?.pointer ?? 0, normOffset: offset, eps: c.rmsNormEps)
             try mark(c.qkNorm ? "q/k norm + rope + cache append" : "rope + cache append")
             try ctx.attentionCached(q: qkvRow.pointer, qStride: c.qDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
                                     out: attended.pointer, startPointer: stepState.pointer, start: 0, tokens: 1, heads: c.headCount,
                                     kvHeads: c.kvHeadCount, headDim: c.headDim, maxKeys: capacity, scale: c.attentionScale,
-                                    softcap: c.attentionSoftcap ?? 0, window: windows[l])
+                                    softcap: c.attentionSoftcap ?? 0, window: windows[l], ring: layerRows[l])
             try mark("attention")
             if layer.o.loraA != nil { try loraA(layer.o, mode: 0, x: attended.pointer, inOut: 0) }
             try residualBias(layer.o)
@@ -579,6 +594,10 @@ public final class CUDAInference {
         let part = try A.buffer(UInt16.self, count: t * max(c.qDim, inter))
         let xaRows = try A.buffer(UInt16.self, count: t * 64)
         let lse = try A.buffer(Float.self, count: t * c.headCount)
+        // The chunk is one run (decode_batched.cu's header): every row's run starts at row 0 and ends at row t.
+        let rings = layerRows.contains { $0 < capacity }
+        let runStart = rings ? try A.buffer(copying: [Int32](repeating: 0, count: t)) : nil
+        let runEnd = rings ? try A.buffer(copying: [Int32](repeating: Int32(t), count: t)) : nil
 
         /// out (= or += when accumulate) input · Wᵀ + bias + s (input · Aᵀ) · Bᵀ for matrix m of group g.
         func linear(_ g: ProjectionGroup, _ m: Int, input: CUdeviceptr, out: CUdeviceptr, accumulate: Bool) throws {
@@ -622,14 +641,18 @@ public final class CUDAInference {
             try ctx.rmsNormRows(x: xs.pointer, weight: layer.inputNorm.pointer, out: normedRows.pointer, rows: t, dim: h, eps: eps, offset: offset)
             try group(layer.qkv, input: normedRows.pointer, into: qkvRows)
             let rope = ropes[ropeOfLayer[l]]
-            try ctx.ropeAppendRows(qkv: qkvRows.pointer, stride: qkvDim, kcache: layer.keys.pointer, vcache: layer.values.pointer, slots: 0,
-                                   positions: positions.pointer, inverseFrequencies: rope.frequencies.pointer, rows: t, capacity: capacity,
+            let window = windows[l], cacheRows = layerRows[l]
+            // The flash kernel: an empty cache, no soft-capping, no window shorter than the prompt (so no ring wraps).
+            let flash = start == 0 && (c.headDim == 64 || c.headDim == 128) && c.attentionSoftcap == nil && (window == 0 || t <= window)
+            // A ring layer outside the flash path appends after its attention (see the header).
+            let appendAfter = cacheRows < capacity && !flash
+            try ctx.ropeAppendRows(qkv: qkvRows.pointer, stride: qkvDim, kcache: appendAfter ? 0 : layer.keys.pointer,
+                                   vcache: appendAfter ? 0 : layer.values.pointer, slots: 0,
+                                   positions: positions.pointer, inverseFrequencies: rope.frequencies.pointer, rows: t, capacity: cacheRows,
                                    heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim, rotaryDim: c.rotaryDim,
                                    ropeScale: rope.scale, qNorm: layer.qNorm?.pointer ?? 0, kNorm: layer.kNorm?.pointer ?? 0,
                                    normOffset: offset, eps: eps)
-            let window = windows[l]
-            // The flash kernel: an empty cache, no soft-capping, no window shorter than the prompt.
-            if start == 0 && (c.headDim == 64 || c.headDim == 128) && c.attentionSoftcap == nil && (window == 0 || t <= window) {
+            if flash {
                 // q out of the fused rows into `part` (free between projection groups).
                 try ctx.copyBlock(qkvRows.pointer, to: part.pointer, rows: t, cols: c.qDim, dstStride: c.qDim, dstColumn: 0, srcStride: qkvDim)
                 try dev.launch(ctx.compiler.function(KernelSources.attention, "attention_forward_d\(c.headDim)"),
@@ -639,9 +662,14 @@ public final class CUDAInference {
                                 .float(0), .int32(1 << 30)])  // no soft-capping, no window (attention.cu's entry points)
             } else {
                 try ctx.attentionRows(qkv: qkvRows.pointer, stride: qkvDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
-                                      out: att.pointer, slots: 0, positions: positions.pointer, rows: t, capacity: capacity,
+                                      out: att.pointer, slots: 0, positions: positions.pointer, rows: t, capacity: cacheRows,
                                       heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim, scale: c.attentionScale,
-                                      softcap: c.attentionSoftcap ?? 0, window: window)
+                                      softcap: c.attentionSoftcap ?? 0, window: window, runStart: appendAfter ? runStart!.pointer : 0)
+                if appendAfter {
+                    try ctx.kvAppendRows(qkv: qkvRows.pointer, stride: qkvDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
+                                         slots: 0, positions: positions.pointer, runEnd: runEnd!.pointer, rows: t, capacity: cacheRows,
+                                         heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim)
+                }
             }
             try residual(layer.o, input: att.pointer, norm: layer.attentionOutputNorm)
             try ctx.rmsNormRows(x: xs.pointer, weight: layer.postNorm.pointer, out: normedRows.pointer, rows: t, dim: h, eps: eps, offset: offset)

@@ -19,8 +19,9 @@
 // (RoPE with the KV-cache append of a decode step is decode_batched.cu's rope_append_rows with one row, its position
 // read from device memory, so a captured graph can replay.)
 //
-// attention_cached — queries [t, heads, D] at positions start + i attend to cache rows 0 ... start + i
-//   (causal, GQA; only the last `window` rows on a sliding-window layer): scores q·k · scale (one thread per key),
+// attention_cached — queries [t, heads, D] at positions start + i attend to the keys of positions 0 ... start + i
+//   (causal, GQA; only the last `window` on a sliding-window layer), position j at cache row j mod ring (a sliding
+//   layer's cache is a ring of its window's rows; ring = capacity elsewhere): scores q·k · scale (one thread per key),
 //   soft-capped c·tanh(s / c) when softcap > 0 (Gemma 2), softmax, then o = Σ p_j v_j (warps split the keys, lanes
 //   own dimensions), fp32 throughout, bf16 out. `start` is read from device memory when start_ptr is not null.
 //   D 32, 64, 96, 128 or 256.
@@ -189,20 +190,20 @@ bf16_gemv(const h16* __restrict__ w, const h16* __restrict__ x, float* __restric
 }
 
 /// grid (t, heads), 256 threads; dynamic shared memory: (max keys + 8 * D + D + 64) floats.
-/// q: row i at q + i * q_stride; kcache, vcache: [capacity, kv_heads, D]; out: [t, heads, D].
+/// q: row i at q + i * q_stride; kcache, vcache: [ring, kv_heads, D]; out: [t, heads, D].
 template <int D>
 __device__ void attention_cached_impl(const h16* __restrict__ q, int q_stride, const h16* __restrict__ kcache,
                                       const h16* __restrict__ vcache, h16* __restrict__ out, const int* start_ptr,
-                                      int start_value, int heads, int kv_heads, float scale, float softcap, int window) {
+                                      int start_value, int heads, int kv_heads, float scale, float softcap, int window,
+                                      int ring) {
     extern __shared__ __align__(16) float smem[];
     const int i = blockIdx.x, h = blockIdx.y;
     const int start = start_ptr != nullptr ? *start_ptr : start_value;
-    // Keys first ..< first + keys: the causal prefix, or its last `window` rows.
+    // Keys of positions first ..< first + keys: the causal prefix, or its last `window`; key j at row (first + j) mod ring.
     const int end = start + i + 1;
     const int first = window > 0 ? max(0, end - window) : 0;
     const int keys = end - first;
-    kcache += (long long)first * kv_heads * D;
-    vcache += (long long)first * kv_heads * D;
+    const int first_row = first % ring;
     const int kvh = h / (heads / kv_heads);
     const int kv_dim = kv_heads * D;
     float* qs = smem;               // D
@@ -216,7 +217,8 @@ __device__ void attention_cached_impl(const h16* __restrict__ q, int q_stride, c
     // Scores, one thread per key.
     float local_max = -QLORA_INFINITY;
     for (int j = tid; j < keys; j += blockDim.x) {
-        const h16* kr = kcache + (long long)j * kv_dim + kvh * D;
+        const int row = first_row + j < ring ? first_row + j : first_row + j - ring;
+        const h16* kr = kcache + (long long)row * kv_dim + kvh * D;
         float s = 0.0f;
 #pragma unroll  // all of the key's 16-byte loads in flight at once
         for (int d = 0; d < D; d += 8) {
@@ -252,7 +254,8 @@ __device__ void attention_cached_impl(const h16* __restrict__ q, int q_stride, c
 #pragma unroll 8
     for (int j = warp; j < keys; j += warps) {
         const float p = scores[j];
-        const h16* vr = vcache + (long long)j * kv_dim + kvh * D + lane * PER;
+        const int row = first_row + j < ring ? first_row + j : first_row + j - ring;
+        const h16* vr = vcache + (long long)row * kv_dim + kvh * D + lane * PER;
 #pragma unroll
         for (int e = 0; e < PER; e++) acc[e] += p * h16_to_float(vr[e]);
     }
@@ -269,9 +272,9 @@ __device__ void attention_cached_impl(const h16* __restrict__ q, int q_stride, c
 #define ATTENTION_CACHED(D)                                                                                             \
     extern "C" __global__ void __launch_bounds__(256)                                                                   \
     attention_cached_d##D(const h16* q, int q_stride, const h16* kcache, const h16* vcache, h16* out, const int* start_ptr, \
-                          int start_value, int heads, int kv_heads, float scale, float softcap, int window) {           \
+                          int start_value, int heads, int kv_heads, float scale, float softcap, int window, int ring) { \
         attention_cached_impl<D>(q, q_stride, kcache, vcache, out, start_ptr, start_value, heads, kv_heads, scale,      \
-                                 softcap, window);                                                                      \
+                                 softcap, window, ring);                                                                \
     }
 ATTENTION_CACHED(32)
 ATTENTION_CACHED(64)

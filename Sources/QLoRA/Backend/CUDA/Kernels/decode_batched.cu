@@ -4,7 +4,10 @@
 // Rows. A step feeds M rows; row i is one token of the sequence held in KV-cache slot slots[i], at position
 // positions[i] (that sequence's KV length before the token). A decode step has one row per running sequence; a
 // prefill step packs all prompt tokens of the sequences it admits (each row with its own slot and position), so
-// the same kernels serve both. KV caches: [slots, capacity, kv_heads * D] h16 per layer.
+// the same kernels serve both. The rows of one sequence in a step are a run: consecutive rows at consecutive positions.
+// KV caches: [slots, capacity, kv_heads * D] h16 per layer, position p at row p mod capacity. A full-attention layer's
+// capacity is the sequence's, so that is p; a sliding layer's is min(window, the sequence's), a ring of the last
+// `window` positions (no query looks further back).
 //
 // nf4_gemm_pack_x — X [M, K] h16 (row-major) into the B-fragment order of nf4_gemm_rows, zeros past M (up to a
 //   multiple of 8 rows) and past K (up to a multiple of 128): for k-block kb (128 values), n-tile nt (8 rows),
@@ -28,13 +31,19 @@
 //
 // rope_append_rows — per row: [RMS-norms each head of q and k (Qwen3's and Gemma 3's q_norm, k_norm), then] rotates
 //   the first rotary_dim dimensions of each head of q and k in the fused row [q | k | v] (HF rotate_half over those
-//   dimensions, angle position · inv_freq[i], cos and sin times longrope's attention factor), and writes the rotated k
-//   and v into the row's slot at its position. Batch-1 generation uses it too (one row, slot 0).
+//   dimensions, angle position · inv_freq[i], cos and sin times longrope's attention factor; a row flagged in long_rows
+//   takes the second half of inv_freq, longrope's long factors), and writes the rotated k and v into the row's slot at
+//   its position (no cache: only rotates). Batch-1 generation uses it too (one row, slot 0).
 //
 // attention_rows — per (row, head): the row's query attends to keys of its slot up to its position (causal, GQA;
 //   only the last `window` of them on a sliding-window layer), softmax(softcap(q·k · scale)) v in fp32 with an online
 //   softmax over tiles of 128 keys (no limit on the cache length). scale is head_dim^-½ or query_pre_attn_scalar^-½;
-//   softcap (Gemma 2) c·tanh(s / c), none when 0. D 32, 64, 96, 128 or 256.
+//   softcap (Gemma 2) c·tanh(s / c), none when 0. D 32, 64, 96, 128 or 256. With run_start (a ring layer), the keys
+//   and values of the row's own run come from the step's rows (row r − (p − j) holds position j), the earlier ones
+//   from the cache: a run longer than one row would otherwise overwrite ring rows its earlier queries still read.
+//
+// kv_append_rows — after attention on a ring layer: the rotated k and the v of each row among the last `capacity` of
+//   its run into its slot (the earlier rows of a long run would land on the same ring rows).
 //
 // argmax_rows — per row the index of the largest logit, the first on ties (torch.argmax, Sampler.argmax).
 //
@@ -201,14 +210,15 @@ extern "C" __global__ void nf4_gemm_finish(const Nf4GemmTask* __restrict__ tasks
 
 /// Per row (grid rows, 128 threads: a warp per head): the heads of q and k in the fused row qkv[r] = [q | k | v]
 /// are [RMS-normed per head: q_norm, k_norm; nullable] then rotated (the first rotary_dim dimensions, pairs (i, i +
-/// rotary_dim / 2), angle position · inv_freq[i], cos and sin times rope_scale), in place; the rotated k and the v go
-/// into the row's slot (slots null: slot 0) at its position. The norm rounds as the family's RMSNorm (norm_offset 0:
+/// rotary_dim / 2), angle position · inv_freq[i], or inv_freq[rotary_dim / 2 + i] when long_rows[r] is set (nullable),
+/// cos and sin times rope_scale), in place; the rotated k and the v go into the row's slot (slots null: slot 0) at
+/// row position mod capacity, unless kcache is null. The norm rounds as the family's RMSNorm (norm_offset 0:
 /// bf16(bf16(x·r)·w), else bf16(x·r·(w + offset))) before the rotation, which rounds once.
 extern "C" __global__ void __launch_bounds__(128)
 rope_append_rows(h16* qkv, int q_stride, h16* kcache, h16* vcache, const int* __restrict__ slots,
                  const int* __restrict__ positions, const float* __restrict__ inv_freq, int rows, int capacity, int heads,
                  int kv_heads, int head_dim, int rotary_dim, float rope_scale, const h16* __restrict__ q_norm,
-                 const h16* __restrict__ k_norm, float norm_offset, float eps) {
+                 const h16* __restrict__ k_norm, float norm_offset, float eps, const int* __restrict__ long_rows) {
     __shared__ float buf[4][256];
     const int r = blockIdx.x;
     if (r >= rows) return;
@@ -216,8 +226,9 @@ rope_append_rows(h16* qkv, int q_stride, h16* kcache, h16* vcache, const int* __
     const int pos = positions[r];
     const int kv_dim = kv_heads * head_dim;
     h16* row = qkv + (long long)r * q_stride;
-    const long long cache_row = ((long long)(slots != nullptr ? slots[r] : 0) * capacity + pos) * kv_dim;
+    const long long cache_row = ((long long)(slots != nullptr ? slots[r] : 0) * capacity + pos % capacity) * kv_dim;
     const int half = rotary_dim / 2;
+    if (long_rows != nullptr && long_rows[r] != 0) inv_freq += half;
     float* b = buf[warp];
     for (int h = warp; h < heads + kv_heads; h += 4) {
         h16* p = row + h * head_dim;
@@ -247,11 +258,32 @@ rope_append_rows(h16* qkv, int q_stride, h16* kcache, h16* vcache, const int* __
             }
             const h16 o = float_to_h16(v);
             p[d] = o;
-            if (h >= heads) kcache[cache_row + (h - heads) * head_dim + d] = o;
+            if (h >= heads && kcache != nullptr) kcache[cache_row + (h - heads) * head_dim + d] = o;
         }
         __syncwarp();  // b is rewritten by the next head
     }
+    if (kcache == nullptr) return;
     for (int e = threadIdx.x; e < kv_dim; e += blockDim.x) vcache[cache_row + e] = row[(heads + kv_heads) * head_dim + e];
+}
+
+/// Per row (grid rows, 128 threads): when the row is among the last `capacity` of its run (its rows end before row
+/// run_end[r]), its rotated k and its v (fused row [q | k | v], stride q_stride) go into its slot at row position mod
+/// capacity. The ring layers' append, after their attention read the run's keys from the rows.
+extern "C" __global__ void __launch_bounds__(128)
+kv_append_rows(const h16* __restrict__ qkv, int q_stride, h16* kcache, h16* vcache, const int* __restrict__ slots,
+               const int* __restrict__ positions, const int* __restrict__ run_end, int rows, int capacity, int heads,
+               int kv_heads, int head_dim) {
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const int pos = positions[r];
+    if (run_end[r] - r > capacity) return;  // a later row of the run takes this ring row
+    const int kv_dim = kv_heads * head_dim;
+    const h16* k = qkv + (long long)r * q_stride + heads * head_dim;
+    const long long cache_row = ((long long)(slots != nullptr ? slots[r] : 0) * capacity + pos % capacity) * kv_dim;
+    for (int e = threadIdx.x; e < kv_dim; e += blockDim.x) {
+        kcache[cache_row + e] = k[e];
+        vcache[cache_row + e] = k[kv_dim + e];
+    }
 }
 
 #define ATT_THREADS 128
@@ -268,12 +300,13 @@ __device__ __forceinline__ float block_max128(float v, float* scratch) {
 
 /// grid (rows, heads), 128 threads. q: row r at qkv + r * q_stride (head h at h * D); out: [rows, heads * D].
 /// slots null: slot 0. Scores s = q·k · scale, then softcap · tanh(s / softcap) when softcap > 0; with window > 0 the
-/// row at position p sees keys p − window < j ≤ p only.
+/// row at position p sees keys p − window < j ≤ p only. Key j is at cache row j mod capacity, or, with run_start
+/// (nullable) and j at or after the position of row run_start[r] (the first of r's run), in the k and v of row r − (p − j).
 template <int D>
 __device__ void attention_rows_impl(const h16* __restrict__ qkv, int q_stride, const h16* __restrict__ kcache,
                                     const h16* __restrict__ vcache, h16* __restrict__ out, const int* __restrict__ slots,
                                     const int* __restrict__ positions, int capacity, int heads, int kv_heads, float scale,
-                                    float softcap, int window) {
+                                    float softcap, int window, const int* __restrict__ run_start) {
     __shared__ float qs[D], scores[ATT_THREADS], red[64], combine[ATT_THREADS / 32][D];
     const int r = blockIdx.x, h = blockIdx.y;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -282,6 +315,17 @@ __device__ void attention_rows_impl(const h16* __restrict__ qkv, int q_stride, c
     const int kvh = h / (heads / kv_heads);
     const int kv_dim = kv_heads * D;
     const long long base = (long long)(slots != nullptr ? slots[r] : 0) * capacity * kv_dim + kvh * D;
+    // Positions from `in_rows` on are the run's own rows.
+    const int in_rows = run_start != nullptr ? positions[run_start[r]] : keys;
+    // Key j's k and v: in its step row [q | k | v], or in the cache.
+    auto k_at = [&](int j) -> const h16* {
+        return j >= in_rows ? qkv + (long long)(r - (keys - 1 - j)) * q_stride + heads * D + kvh * D
+                            : kcache + base + (long long)(j % capacity) * kv_dim;
+    };
+    auto v_at = [&](int j) -> const h16* {
+        return j >= in_rows ? qkv + (long long)(r - (keys - 1 - j)) * q_stride + heads * D + kv_dim + kvh * D
+                            : vcache + base + (long long)(j % capacity) * kv_dim;
+    };
     const h16* qrow = qkv + (long long)r * q_stride + h * D;
     for (int d = tid; d < D; d += ATT_THREADS) qs[d] = h16_to_float(qrow[d]) * scale;
     __syncthreads();
@@ -294,7 +338,7 @@ __device__ void attention_rows_impl(const h16* __restrict__ qkv, int q_stride, c
         const int n = min(ATT_THREADS, keys - j0);
         float s = -QLORA_INFINITY;
         if (tid < n) {
-            const h16* kr = kcache + base + (long long)(j0 + tid) * kv_dim;
+            const h16* kr = k_at(j0 + tid);
             s = 0.0f;
 #pragma unroll
             for (int d = 0; d < D; d += 8) {
@@ -314,7 +358,7 @@ __device__ void attention_rows_impl(const h16* __restrict__ qkv, int q_stride, c
         for (int e = 0; e < PER; e++) acc[e] *= alpha;
         for (int j = warp; j < n; j += ATT_THREADS / 32) {
             const float pj = scores[j];
-            const h16* vr = vcache + base + (long long)(j0 + j) * kv_dim + lane * PER;
+            const h16* vr = v_at(j0 + j) + lane * PER;
 #pragma unroll
             for (int e = 0; e < PER; e++) acc[e] += pj * h16_to_float(vr[e]);
         }
@@ -336,9 +380,9 @@ __device__ void attention_rows_impl(const h16* __restrict__ qkv, int q_stride, c
     extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                                           \
     attention_rows_d##D(const h16* qkv, int q_stride, const h16* kcache, const h16* vcache, h16* out, const int* slots, \
                         const int* positions, int capacity, int heads, int kv_heads, float scale, float softcap,        \
-                        int window) {                                                                                   \
+                        int window, const int* run_start) {                                                             \
         attention_rows_impl<D>(qkv, q_stride, kcache, vcache, out, slots, positions, capacity, heads, kv_heads, scale,  \
-                               softcap, window);                                                                        \
+                               softcap, window, run_start);                                                             \
     }
 ATTENTION_ROWS(32)
 ATTENTION_ROWS(64)

@@ -120,36 +120,59 @@ extension CUDAContext {
     /// Per row r of `rows`: [RMS-norms each head of q and k with `qNorm`/`kNorm` (nonzero: Qwen3, Gemma 3), then]
     /// rotates the first `rotaryDim` (default all) dimensions of each head of q and k inside the fused row qkv[r] =
     /// [q | k | v] (row stride `stride` values) at positions[r], cos and sin times `ropeScale`, and writes k, v into the
-    /// caches ([slots, capacity, kvHeads · headDim]) at (slots[r], positions[r]); `slots` 0 means slot 0 for every row.
+    /// caches ([slots, capacity, kvHeads · headDim]) at (slots[r], positions[r] mod capacity); `slots` 0 means slot 0 for
+    /// every row; `kcache` 0: rotates only (a ring layer's step, appended after its attention by kvAppendRows).
+    /// `longRows` (Int32 per row, nonzero: longrope's long factors) picks the second half of `inverseFrequencies`
+    /// ([2, rotaryDim / 2]: short, then long) for its rows; 0: every row takes the first.
     public func ropeAppendRows(qkv: CUdeviceptr, stride: Int, kcache: CUdeviceptr, vcache: CUdeviceptr, slots: CUdeviceptr,
                                positions: CUdeviceptr, inverseFrequencies: CUdeviceptr, rows: Int, capacity: Int, heads: Int,
                                kvHeads: Int, headDim: Int, rotaryDim: Int? = nil, ropeScale: Float = 1, qNorm: CUdeviceptr = 0,
-                               kNorm: CUdeviceptr = 0, normOffset: Float = 0, eps: Float = 0, stream: CUDAStream? = nil) throws {
+                               kNorm: CUdeviceptr = 0, normOffset: Float = 0, eps: Float = 0, longRows: CUdeviceptr = 0,
+                               stream: CUDAStream? = nil) throws {
         let rotary = rotaryDim ?? headDim
-        try require(headDim <= 256 && headDim % 2 == 0 && rotary % 2 == 0 && rotary > 0 && rotary <= headDim && (qNorm == 0) == (kNorm == 0),
-                    "ropeAppendRows", "head dimension \(headDim) (even, at most 256), rotary dimensions \(rotary) (even, 1...head dim), q and k norms both or neither")
+        try require(headDim <= 256 && headDim % 2 == 0 && rotary % 2 == 0 && rotary > 0 && rotary <= headDim && (qNorm == 0) == (kNorm == 0)
+                        && capacity > 0 && (kcache == 0) == (vcache == 0),
+                    "ropeAppendRows", "head dimension \(headDim) (even, at most 256), rotary dimensions \(rotary) (even, 1...head dim), q and k norms both or neither, capacity \(capacity) positive, both caches or neither")
         guard rows > 0 else { return }
         try device.launch(compiler.function(KernelSources.decodeBatched, "rope_append_rows"), grid: (rows, 1, 1),
                           block: (128, 1, 1), stream: stream,
                           [.pointer(qkv), .int(stride), .pointer(kcache), .pointer(vcache), .pointer(slots), .pointer(positions),
                            .pointer(inverseFrequencies), .int(rows), .int(capacity), .int(heads), .int(kvHeads), .int(headDim),
-                           .int(rotary), .float(ropeScale), .pointer(qNorm), .pointer(kNorm), .float(normOffset), .float(eps)])
+                           .int(rotary), .float(ropeScale), .pointer(qNorm), .pointer(kNorm), .float(normOffset), .float(eps),
+                           .pointer(longRows)])
     }
 
-    /// out [rows, heads · D]: row r's query (head h at qkv + r · stride + h · D) attends to its slot's cache rows
-    /// 0 ... positions[r] (the last `window` of them when window > 0; `slots` 0: slot 0). D is 32, 64, 96, 128 or 256.
-    /// Scores q·k · scale (default D^-½), soft-capped c·tanh(s / c) when softcap > 0.
+    /// out [rows, heads · D]: row r's query (head h at qkv + r · stride + h · D) attends to its slot's keys of positions
+    /// 0 ... positions[r] (the last `window` of them when window > 0; `slots` 0: slot 0), position j at cache row j mod
+    /// `capacity`. With `runStart` (Int32 per row: the index of the first row of its run, the rows of its sequence in this
+    /// step), positions from that row's on are read from the step's rows (a ring layer, whose rows are appended after).
+    /// D is 32, 64, 96, 128 or 256. Scores q·k · scale (default D^-½), soft-capped c·tanh(s / c) when softcap > 0.
     public func attentionRows(qkv: CUdeviceptr, stride: Int, kcache: CUdeviceptr, vcache: CUdeviceptr, out: CUdeviceptr,
                               slots: CUdeviceptr, positions: CUdeviceptr, rows: Int, capacity: Int, heads: Int, kvHeads: Int,
-                              headDim: Int, scale: Float? = nil, softcap: Float = 0, window: Int = 0, stream: CUDAStream? = nil) throws {
-        try require(Self.decodeHeadDims.contains(headDim) && kvHeads > 0 && heads % kvHeads == 0 && window >= 0, "attentionRows",
-                    "head dimension \(headDim) (32, 64, 96, 128 or 256), heads \(heads)/\(kvHeads) or window \(window)")
+                              headDim: Int, scale: Float? = nil, softcap: Float = 0, window: Int = 0, runStart: CUdeviceptr = 0,
+                              stream: CUDAStream? = nil) throws {
+        try require(Self.decodeHeadDims.contains(headDim) && kvHeads > 0 && heads % kvHeads == 0 && window >= 0 && capacity > 0,
+                    "attentionRows", "head dimension \(headDim) (32, 64, 96, 128 or 256), heads \(heads)/\(kvHeads), window \(window) or capacity \(capacity)")
         guard rows > 0 else { return }
         try device.launch(compiler.function(KernelSources.decodeBatched, "attention_rows_d\(headDim)"), grid: (rows, heads, 1),
                           block: (128, 1, 1), stream: stream,
                           [.pointer(qkv), .int(stride), .pointer(kcache), .pointer(vcache), .pointer(out), .pointer(slots),
                            .pointer(positions), .int(capacity), .int(heads), .int(kvHeads),
-                           .float(scale ?? 1 / Float(headDim).squareRoot()), .float(softcap), .int(window)])
+                           .float(scale ?? 1 / Float(headDim).squareRoot()), .float(softcap), .int(window), .pointer(runStart)])
+    }
+
+    /// A ring layer's append after its attention: each row among the last `capacity` of its run (`runEnd`, Int32 per
+    /// row: one past the index of its run's last row) writes its k and v (from the fused row [q | k | v], already
+    /// rotated by ropeAppendRows) into its slot at positions[r] mod capacity.
+    public func kvAppendRows(qkv: CUdeviceptr, stride: Int, kcache: CUdeviceptr, vcache: CUdeviceptr, slots: CUdeviceptr,
+                             positions: CUdeviceptr, runEnd: CUdeviceptr, rows: Int, capacity: Int, heads: Int, kvHeads: Int,
+                             headDim: Int, stream: CUDAStream? = nil) throws {
+        try require(capacity > 0 && kvHeads > 0 && runEnd != 0, "kvAppendRows", "capacity \(capacity), kv heads \(kvHeads), run ends given")
+        guard rows > 0 else { return }
+        try device.launch(compiler.function(KernelSources.decodeBatched, "kv_append_rows"), grid: (rows, 1, 1),
+                          block: (128, 1, 1), stream: stream,
+                          [.pointer(qkv), .int(stride), .pointer(kcache), .pointer(vcache), .pointer(slots), .pointer(positions),
+                           .pointer(runEnd), .int(rows), .int(capacity), .int(heads), .int(kvHeads), .int(headDim)])
     }
 
     /// Per row: out = RMSNorm(x)·(weight + offset) as the family rounds it (offset 0: Llama's bf16(bf16(x·r)·w); else

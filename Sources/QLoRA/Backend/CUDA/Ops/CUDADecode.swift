@@ -92,23 +92,26 @@ extension CUDAContext {
                           [.pointer(weight), .pointer(x), .pointer(out), .int(rows), .int(cols), .float(scale)])
     }
 
-    /// Queries [tokens, heads, D] (row stride `qStride` values) at positions start + i attend to cache rows
-    /// 0 ... start + i (the last `window` of them when window > 0). `start` is read from `startPointer` (Int32) when that
-    /// is not 0. `maxKeys` bounds start + tokens (it sizes shared memory). D is 32, 64, 96, 128 or 256. Scores are
-    /// q·k · scale (default D^-½), soft-capped c·tanh(s / c) when softcap > 0.
+    /// Queries [tokens, heads, D] (row stride `qStride` values) at positions start + i attend to the keys of positions
+    /// 0 ... start + i (the last `window` of them when window > 0), position j at cache row j mod `ring` (a sliding
+    /// layer's ring of its window's rows; nil: `maxKeys`, the cache holds every position). `start` is read from
+    /// `startPointer` (Int32) when that is not 0. `maxKeys` bounds start + tokens (it sizes shared memory). D is 32, 64,
+    /// 96, 128 or 256. Scores are q·k · scale (default D^-½), soft-capped c·tanh(s / c) when softcap > 0.
     public func attentionCached(q: CUdeviceptr, qStride: Int, kcache: CUdeviceptr, vcache: CUdeviceptr, out: CUdeviceptr,
                                 startPointer: CUdeviceptr, start: Int, tokens: Int, heads: Int, kvHeads: Int, headDim: Int,
-                                maxKeys: Int, scale: Float? = nil, softcap: Float = 0, window: Int = 0,
+                                maxKeys: Int, scale: Float? = nil, softcap: Float = 0, window: Int = 0, ring: Int? = nil,
                                 stream: CUDAStream? = nil) throws {
-        try require(Self.decodeHeadDims.contains(headDim) && kvHeads > 0 && heads % kvHeads == 0 && window >= 0, "attentionCached",
-                    "head dimension \(headDim) (32, 64, 96, 128 or 256), heads \(heads)/\(kvHeads) or window \(window)")
+        let ring = ring ?? maxKeys
+        try require(Self.decodeHeadDims.contains(headDim) && kvHeads > 0 && heads % kvHeads == 0 && window >= 0
+                        && ring > 0 && (ring >= maxKeys || (window > 0 && ring >= window)), "attentionCached",
+                    "head dimension \(headDim) (32, 64, 96, 128 or 256), heads \(heads)/\(kvHeads), window \(window) or ring \(ring) (every position, or at least the window)")
         let f = try compiler.function(KernelSources.decode, "attention_cached_d\(headDim)")
         let shared = (9 * headDim + 64 + maxKeys) * 4
         try allowSharedMemory(f, bytes: shared, "attentionCached")
         try device.launch(f, grid: (tokens, heads, 1), block: (256, 1, 1), sharedMemory: shared, stream: stream,
                           [.pointer(q), .int(qStride), .pointer(kcache), .pointer(vcache), .pointer(out), .pointer(startPointer),
                            .int(start), .int(heads), .int(kvHeads), .float(scale ?? 1 / Float(headDim).squareRoot()), .float(softcap),
-                           .int(window)])
+                           .int(window), .int(ring)])
     }
 
     /// The head dimensions of the generation kernels (attention_cached, attention_rows, rope_append_rows).
