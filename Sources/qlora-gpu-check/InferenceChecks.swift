@@ -1,5 +1,8 @@
 // GPU generation and GPU optimizer checks (called from main.swift's groups):
-//   decode gemv        nf4_gemv (+ LoRA + residual) and bf16_gemv against fp64 sums over the dequantized weight
+//   decode gemv        nf4_gemv (+ LoRA + residual) and bf16_gemv against fp64 sums over the dequantized weight;
+//                      nf4_gemv_mma the same on weights with block scales spread 40x, over shapes that exercise its
+//                      partial cycles, idle warps, short blocks and blocksize 128 (checkDecodeGemvMMA); lora_a_rows
+//                      in every mode against the CPU (checkLoRAARows)
 //   inference fixture  CUDAInference vs DecoderModel.forward on Tests/Fixtures/tiny-llama (+ its adapter), prefill and
 //                      decode logits, both with the same NF4 weights (the CPU model gets the dequantized values)
 //   inference random   the same on random weights of a larger shape (hidden 2048, GQA 16/4, head dim 128), r 16
@@ -73,6 +76,186 @@ func checkDecodeGemv() throws {
         check("nf4 gemv split-K \(splits) + LoRA + residual", relativeError(try downloadBF16(outS), ref), 1e-2)
         check("nf4 gemv split-K \(splits), first task",
               relativeError(try downloadBF16(out2), referenceGemv(wq, rows: rows, cols: cols, x: x, residual: nil, lora: nil)), 1e-2)
+    }
+}
+
+/// nf4_gemv_mma (pair lookup + tensor cores) against fp64 sums over the dequantized weight. The weights' 64-value
+/// blocks get scales spread over 0.05x..2x, so a group summed with a neighbour's absmax shows; shapes: the two-task
+/// launch with LoRA and residual, partial cycles of 4 groups (cols 64 · 37: warps own 8, 8, 8, 8 and 5 groups), one
+/// group per row (cols 64, four warps idle), rows fewer than a block and not a multiple of 16, blocksize 128.
+func checkDecodeGemvMMA() throws {
+    guard ctx.nf4GemvMMASupported(cols: 64, blocksize: 64) else {
+        checkTrue("nf4 gemv mma: not run (\(dt) on \(ctx.compiler.target.nvrtcArchitecture) has no tensor-core path)", true)
+        return
+    }
+    let shapes: [(rows: Int, cols: Int, blocksize: Int, lora: Bool)] = [
+        (300, 1024, 64, true), (77, 64 * 37, 64, true), (5, 64, 64, false), (40, 4096, 128, true), (1000, 64 * 6, 64, false),
+    ]
+    for (rows, cols, blocksize, withLoRA) in shapes {
+        let rank = 16
+        var w = rng.floats(rows * cols, -1, 1)
+        for b in 0..<(rows * cols / 64) {
+            let s = rng.uniform(0.05, 2) * 0.05
+            for i in (b * 64)..<((b + 1) * 64) { w[i] *= s }
+        }
+        let q = try QuantizedWeight.quantize(w, shape: [rows, cols], blocksize: blocksize)
+        let wq = q.dequantize()
+        let matrix = try CUDANF4Weight(q, allocator: A)
+        let (xb, x) = rng.bf16(cols)
+        let (ab, a) = rng.bf16(rank * cols, -0.05, 0.05)
+        let (bb, b) = rng.bf16(rows * rank, -0.05, 0.05)
+        let (rb, residual) = rng.bf16(rows)
+        let xd = try upload(xb), ad = try upload(ab), bd = try upload(bb)
+        let xa = try poisoned(Float.self, rank)
+        try ctx.bf16Gemv(weight: ad.pointer, x: xd.pointer, out: xa.pointer, rows: rank, cols: cols)
+        let res = try upload(rb), out = try poisoned(UInt16.self, rows), out2 = try poisoned(UInt16.self, rows)
+        var task = NF4GemvTask(packed: matrix.packed.pointer, absmaxCodes: matrix.absmaxCodes.pointer, nestedAbsmax: matrix.nestedAbsmax.pointer,
+                               code: matrix.code.pointer, offset: matrix.offset, rows: rows, out: out.pointer)
+        if withLoRA {
+            task.residual = res.pointer
+            task.loraB = bd.pointer
+            task.xa = xa.pointer
+            task.loraScale = 2
+            task.rank = rank
+        }
+        var plain = task
+        plain.out = out2.pointer
+        plain.residual = 0
+        plain.loraB = 0
+        plain.xa = 0
+        plain.rank = 0
+        let (bytes, blocks) = NF4GemvTask.encode([plain, task])
+        let tasks = try upload(bytes)
+        try ctx.nf4GemvMMA(tasks: tasks.pointer, taskCount: 2, blocks: blocks, x: xd.pointer, cols: cols, blocksize: blocksize,
+                           nestedBlocksize: matrix.nestedBlocksize)
+        let name = "nf4 gemv mma \(rows)x\(cols) blocksize \(blocksize)"
+        let ref = referenceGemv(wq, rows: rows, cols: cols, x: x, residual: withLoRA ? residual : nil, lora: withLoRA ? (a, b, rank, 2) : nil)
+        check(name + (withLoRA ? " + LoRA + residual" : ""), relativeError(try downloadBF16(out), ref), 1e-2)
+        check(name + ", first task", relativeError(try downloadBF16(out2),
+                                                   referenceGemv(wq, rows: rows, cols: cols, x: x, residual: nil, lora: nil)), 1e-2)
+    }
+}
+
+/// lora_a_rows (a group's LoRA A rows with the op making their input fused in) against the CPU in fp64, every mode:
+/// plain x, RMSNorm (Llama's bf16(bf16(x r) w) and Gemma's x r (w + 1)), SwiGLU and GeGLU; cols 4096 (each thread's
+/// groups held in registers), 20480 (groups beyond those, in the loops), 72 (one warp); rows 0 (only `in` written).
+func checkLoRAARows() throws {
+    func round(_ v: Float) -> Float { dt.decode(dt.encode(v)) }
+    let modes: [(mode: Int, offset: Float, activation: MLPActivation, label: String)] = [
+        (0, 0, .silu, "x"), (1, 0, .silu, "rmsnorm"), (1, 1, .silu, "rmsnorm (1 + w)"), (2, 0, .silu, "swiglu"), (2, 0, .geluTanh, "geglu"),
+    ]
+    for (cols, rows) in [(4096, 48), (20480, 16), (72, 3), (4096, 0)] {
+        let (xb, x) = rng.bf16(cols, -2, 2)
+        let (x2b, x2) = rng.bf16(cols, -1, 1)
+        let (wb, w) = rng.bf16(cols, 0.5, 1.5)
+        let (ab, a) = rng.bf16(max(rows, 1) * cols, -0.05, 0.05)
+        let xd = try upload(xb), x2d = try upload(x2b), wd = try upload(wb), ad = try upload(ab)
+        for m in modes {
+            let inOut = try poisoned(UInt16.self, cols), xa = try poisoned(Float.self, max(rows, 1))
+            try ctx.loraARows(a: ad.pointer, x: xd.pointer, x2: x2d.pointer, normWeight: wd.pointer, inOut: inOut.pointer, xa: xa.pointer,
+                              rows: rows, cols: cols, mode: m.mode, eps: 1e-5, normOffset: m.offset, activation: m.activation)
+            var r: Float = 1
+            if m.mode == 1 {
+                var ss = 0.0
+                for v in x { ss += Double(v) * Double(v) }
+                r = Float(1 / (ss / Double(cols) + 1e-5).squareRoot())
+            }
+            var inRef = [Float](repeating: 0, count: cols)
+            for i in 0..<cols {
+                switch m.mode {
+                case 1: inRef[i] = m.offset != 0 ? round(x[i] * r * (w[i] + m.offset)) : round(round(x[i] * r) * w[i])
+                case 2:
+                    let g = x[i]
+                    let act = m.activation == .silu ? g / (1 + expf(-g)) : 0.5 * g * (1 + tanhf(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+                    inRef[i] = round(act * x2[i])
+                default: inRef[i] = x[i]
+                }
+            }
+            let name = "lora A rows, \(m.label), \(rows)x\(cols)"
+            check(name + ": in", relativeError(try downloadBF16(inOut), inRef), 5e-3)
+            if rows > 0 {
+                var xaRef = [Float](repeating: 0, count: rows)
+                for b in 0..<rows {
+                    var s = 0.0
+                    for i in 0..<cols { s += Double(a[b * cols + i]) * Double(inRef[i]) }
+                    xaRef[b] = Float(s)
+                }
+                check(name + ": xa", relativeError(Array(try xa.download()[0..<rows]), xaRef), 5e-3)
+            }
+        }
+    }
+}
+
+/// The NF4 GEMVs of batch-1 decode at the Llama-3.1-8B layer shapes, each kernel on the same random codes and scales,
+/// as the decode step launches them (q|k|v and gate|up as one launch of several tasks, LoRA r 16 on every matrix, the
+/// residual on o and down). Several copies of each weight are cycled so the bytes come from HBM, not the 50 MB L2, as
+/// in a decode step. GB/s counts the weight bytes read: packed codes, absmax codes, nested absmax.
+func timeDecodeGemvs() throws {
+    let shapes: [(name: String, cols: Int, parts: [Int])] = [
+        ("q|k|v 4096->6144", 4096, [4096, 1024, 1024]), ("o 4096->4096", 4096, [4096]),
+        ("gate|up 4096->28672", 4096, [14336, 14336]), ("down 14336->4096", 14336, [4096]),
+    ]
+    let budget = 160 << 20  // packed bytes of all copies of a shape
+    var r = SeededGenerator(seed: seed ^ 0x6e6d76)
+    let packed = try upload((0..<(budget / 8)).map { _ in r.next() })
+    let absmax = try upload((0..<(budget / 32 / 8 + 1)).map { _ in r.next() })
+    let nested = try upload((0..<(budget / 32 / 256 + 1)).map { _ in r.uniform(0.005, 0.02) })
+    let code = try upload((0..<256).map { Float($0 - 128) / 128 })
+    let rank = 16
+    let loraB = try upload((0..<(28672 * rank)).map { _ in dt.encode(r.uniform(-0.05, 0.05)) })
+    let xa = try upload((0..<rank).map { _ in r.uniform(-1, 1) })
+    let x = try upload((0..<14336).map { _ in dt.encode(r.uniform(-1, 1)) })
+    let out = try A.buffer(UInt16.self, count: 28672), residual = try upload([UInt16](repeating: dt.encode(0.5), count: 4096))
+    for (name, cols, parts) in shapes {
+        let rows = parts.reduce(0, +)
+        let bytes = rows * cols / 2
+        let copies = max(2, budget / bytes)
+        var perKernel: [(tasks: [DeviceBuffer<UInt8>], blocks: Int)] = []
+        for rowsPerBlock in [NF4GemvTask.rowsPerBlock, NF4GemvTask.splitKRowsPerBlock(NF4GemvTask.splits(cols: cols))] {
+            var buffers: [DeviceBuffer<UInt8>] = [], blocks = 0
+            for c in 0..<copies {
+                var tasks: [NF4GemvTask] = [], row = 0
+                for p in parts {
+                    let e0 = c * bytes * 2 + row * cols  // first element of this matrix in the copy
+                    var t = NF4GemvTask(packed: packed.pointer + UInt64(e0 / 2), absmaxCodes: absmax.pointer + UInt64(e0 / 64),
+                                        nestedAbsmax: nested.pointer, code: code.pointer, offset: 0.01, rows: p, out: out.address(at: row))
+                    t.loraB = loraB.pointer
+                    t.xa = xa.pointer
+                    t.loraScale = 2
+                    t.rank = rank
+                    if parts.count == 1 { t.residual = residual.pointer }
+                    tasks.append(t)
+                    row += p
+                }
+                let (encoded, n) = NF4GemvTask.encode(tasks, rowsPerBlock: rowsPerBlock)
+                buffers.append(try upload(encoded))
+                blocks = n
+            }
+            perKernel.append((buffers, blocks))
+        }
+        let weightBytes = Double(bytes) + Double(rows * cols) / 64 + Double(rows * cols) / 64 / 256 * 4
+        var timings: [(String, Double)] = []
+        var k = 0
+        timings.append(("rows", try timeMedian {
+            k += 1
+            try ctx.nf4Gemv(tasks: perKernel[0].tasks[k % copies].pointer, taskCount: parts.count, blocks: perKernel[0].blocks,
+                            x: x.pointer, cols: cols)
+        }))
+        timings.append(("splitk", try timeMedian {
+            k += 1
+            try ctx.nf4GemvSplitK(tasks: perKernel[1].tasks[k % copies].pointer, taskCount: parts.count, blocks: perKernel[1].blocks,
+                                  x: x.pointer, cols: cols, splits: NF4GemvTask.splits(cols: cols))
+        }))
+        if ctx.nf4GemvMMASupported(cols: cols, blocksize: 64) {
+            timings.append(("mma", try timeMedian {
+                k += 1
+                try ctx.nf4GemvMMA(tasks: perKernel[0].tasks[k % copies].pointer, taskCount: parts.count, blocks: perKernel[0].blocks,
+                                   x: x.pointer, cols: cols)
+            }))
+        }
+        for (kernel, ms) in timings {
+            print("  \(pad("nf4 gemv " + name + " (" + kernel + ")", 50)) \(pad(fmt(ms * 1000, 1) + " us", 12)) \(fmt(weightBytes / (ms / 1000) / 1e9, 0)) GB/s")
+        }
     }
 }
 

@@ -495,7 +495,11 @@ group("lora linear") {
 }
 
 // Generation and the GPU optimizers (InferenceChecks.swift).
-group("decode gemv") { try checkDecodeGemv() }
+group("decode gemv") {
+    try checkDecodeGemv()
+    try checkDecodeGemvMMA()
+    try checkLoRAARows()
+}
 group("inference fixture") { try checkInferenceFixture() }
 group("inference random") { try checkInferenceRandom() }
 group("dropout mask") { try checkDropoutKernels() }  // ParityChecks.swift
@@ -635,6 +639,7 @@ if runBench {
         }
         try timeAttentionVariations()  // AttentionFamilyChecks.swift: d96, d256, soft-capping, a window
         try timeAttentionGemma2()  // AttentionFamilyChecks.swift: d256 at the Gemma-2-9B shape, flash and 64-row
+        try timeDecodeGemvs()  // InferenceChecks.swift: the NF4 GEMV kernels at the 8B layer shapes
         // QLoRA linear at the Llama-3.1-8B MLP up-projection: 4096 tokens, 4096 -> 14336, r 16; NF4 weight
         // dequantized into a bf16 scratch buffer each call, then the LoRA linear GEMMs.
         do {

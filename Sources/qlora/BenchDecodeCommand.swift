@@ -28,8 +28,8 @@ struct BenchDecodeCommand: ParsableCommand {
     @Flag(help: "Launch the decode kernels one by one instead of replaying a CUDA graph.")
     var noGraph = false
 
-    @Option(help: "The fused NF4 GEMV: rows (4 rows per warp, x in shared memory; the faster) or splitk (columns split over warps).")
-    var gemv: String = "rows"
+    @Option(help: "The fused NF4 GEMV: mma (pair lookup + tensor cores; rows where a shape does not allow it), rows (4 rows per warp, x in shared memory) or splitk (columns split over warps).")
+    var gemv: String = "mma"
 
     @Option(parsing: .unconditional, help: "Also time batched generation with this many sequence slots (0: batch-1 only): --prompts random prompts of --prompt-tokens, --tokens new tokens each, greedy.")
     var batch: Int = 0
@@ -58,7 +58,7 @@ struct BenchDecodeCommand: ParsableCommand {
         let config = architecture.config
         let inference = try CUDAInference(context: ctx, randomConfig: config, loraRank: loraR, capacity: promptTokens + tokens + 8)
         inference.useGraph = !noGraph
-        guard let kernel = CUDAInference.GEMVKernel(rawValue: gemv) else { throw ValidationError("--gemv is splitk or rows") }
+        guard let kernel = CUDAInference.GEMVKernel(rawValue: gemv) else { throw ValidationError("--gemv is mma, rows or splitk") }
         inference.gemvKernel = kernel
 
         // Copy bandwidth: 1 GiB device to device, bytes read + written, median of 10.

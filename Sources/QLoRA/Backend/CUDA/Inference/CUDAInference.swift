@@ -20,9 +20,10 @@ import Glibc
 // appending, attends with the chunk's own keys read from its rows (writing them first would overwrite ring rows the
 // chunk's earlier queries still see), then appends the chunk's last `window` keys (kv_append_rows). A decode step
 // appends first: its one key lands on the row of position p − window, which its query no longer sees.
-// Decode (one token): per layer 13 kernels (15 with sandwich norms), the projections by nf4_gemv, which reads the
-// 4-bit weights directly (q|k|v in one launch, gate|up in one, the residual added by o and down unless a sandwich
-// norm comes between), the LoRA A projections of a group stacked into one bf16 GEMV. The whole step is recorded once
+// Decode (one token): per layer 13 kernels (15 with sandwich norms), the projections by nf4_gemv_mma (nf4_gemv where a
+// shape or the card does not allow it; `gemvKernel` picks), which reads the 4-bit weights directly (q|k|v in one
+// launch, gate|up in one, the residual added by o and down unless a sandwich norm comes between), the LoRA A
+// projections of a group stacked into one bf16 GEMV. The whole step is recorded once
 // as a CUDA graph and replayed; the position and token live in device memory, and so do the RoPE frequencies (a
 // switch to longrope's long factors rewrites them in place).
 // The output head stays bf16 (as bitsandbytes leaves lm_head), read by bf16_gemv into fp32 logits.
@@ -112,9 +113,12 @@ public final class CUDAInference {
         case rows
         /// nf4_gemv_splitk: columns split over the warps of a block, x through L1.
         case splitK = "splitk"
+        /// nf4_gemv_mma: two codes per table load, the dot products on the tensor cores (rows where a group's shape or
+        /// the card does not allow it: see `CUDAContext.nf4GemvMMASupported`).
+        case mma
     }
     /// Which NF4 GEMV decode uses; changing it re-records the graph.
-    public var gemvKernel: GEMVKernel = .rows {
+    public var gemvKernel: GEMVKernel = .mma {
         didSet { if gemvKernel != oldValue { graph = nil } }
     }
 
@@ -478,7 +482,10 @@ public final class CUDAInference {
         }
         func gemv(_ g: ProjectionGroup, input: CUdeviceptr, _ name: String) throws {
             switch gemvKernel {
-            case .rows:
+            case .mma where ctx.nf4GemvMMASupported(cols: g.columns, blocksize: g.matrices[0].blocksize):
+                try ctx.nf4GemvMMA(tasks: g.tasks!.pointer, taskCount: g.matrices.count, blocks: g.blocks, x: input, cols: g.columns,
+                                   blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
+            case .rows, .mma:
                 try ctx.nf4Gemv(tasks: g.tasks!.pointer, taskCount: g.matrices.count, blocks: g.blocks, x: input, cols: g.columns,
                                 blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
             case .splitK:

@@ -13,6 +13,28 @@
 //   phase hit different banks. Products and sums in fp32; the LoRA term (B [rows, rank] bf16, xa [rank] fp32,
 //   from bf16_gemv) and the residual are added before the one bf16 rounding of y.
 //
+// nf4_gemv_mma — the same product and tasks (16 rows per block), with the dequantization two codes per shared-memory
+//   load and the dot products on the tensor cores (mma.sync m16n8k16, fp32 accumulation). nf4_gemv spends ~5
+//   instructions per element (nibble extract, table load, FMA); this one ~1.5 per element, so it can stream at the
+//   memory's speed.
+//   Lookup: a packed byte v holds two consecutive elements, and entry v of a 256-entry table is the h16 pair
+//   (NF4[v >> 4], NF4[v & 15]): one load dequantizes both, straight into an mma A register (low half = first k).
+//   The table is replicated 32 times so that lane l always reads bank l (no conflicts whatever the codes): entry v of
+//   lane l sits at byte 256 v + 4 l, an address one byte_perm forms from the packed word (64 KiB per block; the upper
+//   half of each 256-byte row is unused).
+//   Fragments: a warp owns 16 rows (mma M) over 1/8 of the columns. Lane (g, t) = (lane / 4, lane % 4) loads 8 packed
+//   bytes of rows g and g + 8 per 64-value group kb (values 64 kb + 16 t ... + 16); k-step s (0..3) of the group puts
+//   bytes 2s, 2s + 1 in its A slots (k 2t, 2t + 1 | 2t + 8, 2t + 9) and the x values 64 kb + 16 t + 4s + (0, 1 | 2, 3)
+//   in its B slots. A dot product does not depend on the order of k, so this is W x.
+//   Scales: the absmax multiplies a group's fp32 partial sum, not each element. Groups run in cycles of 4; group i of a
+//   cycle accumulates only into mma columns 2i, 2i + 1 (lanes g = 2i, 2i + 1 give x as their B operand in its steps,
+//   every other lane gives zeros), so after the cycle column 2t holds group t's sums: lane (g, t) scales c[0] (row g)
+//   and c[2] (row g + 8) by that group's absmax and adds them to its fp32 accumulators; the 4 lanes of a row and the 8
+//   warps are summed at the end, then the LoRA term and the residual as nf4_gemv. Products are exact in the mma;
+//   the only rounding beyond nf4_gemv's is the NF4 values' own to h16 (bf16: at most 0.31% for code 2, fp16: none
+//   above 2^-11), as bitsandbytes' kernels round their dequantized weights.
+//   Needs cols % 64 == 0, a blocksize of at least 64 (a power of two) and, for bf16, sm_80 (Turing runs fp16).
+//
 // bf16_gemv — out[r] = scale * W[r, :] · x for bf16 W [rows, cols] and bf16 x, fp32 out (the LoRA A
 //   projections stacked into one matrix, and the output head).
 //
@@ -293,54 +315,87 @@ extern "C" __global__ void add_bf16(h16* y, const h16* a, long long n) {
 ///                                      bf16(x r (w + offset)))
 ///   mode 2: in = act(x) * x2          (as swiglu.cu: gate x, up x2; act silu, or GELU-tanh when activation is 1)
 /// Block 0 writes `in` to in_out (bf16) when in_out is not null; block b < rows writes
-/// xa[b] = A[b, :] · in (fp32). grid max(rows, 1), 1024 threads, dynamic shared memory cols * 2 bytes.
+/// xa[b] = A[b, :] · in (fp32). grid max(rows, 1), any multiple of 32 threads up to 1024 (the launcher gives about 2
+/// groups of 8 values per thread). Each thread keeps its own values of in, so no shared copy is needed; the loads of
+/// its first LORA_A_REG_GROUPS groups (x, the norm weight or x2, and its A row) all go out at the start, since none
+/// depends on another, and only groups beyond those (cols > 8 · 2 · threads) are loaded in the loops.
+#define LORA_A_REG_GROUPS 2
+__device__ __forceinline__ void lora_a_input(float* f, const float* g, int mode, float r, float norm_offset, int activation) {
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        if (mode == 1) f[k] = norm_offset != 0.0f ? f[k] * r * (g[k] + norm_offset) : round_h16(f[k] * r) * g[k];
+        else if (mode == 2) f[k] = gated_activation(f[k], activation) * g[k];
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(1024)
 lora_a_rows(const h16* __restrict__ a, const h16* __restrict__ x, const h16* __restrict__ x2,
             const h16* __restrict__ norm_w, h16* __restrict__ in_out, float* __restrict__ xa, int rows, int cols,
             int mode, float eps, float norm_offset, int activation) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    h16* sin = reinterpret_cast<h16*>(smem_raw);
     __shared__ float scratch[64];
-    const int tid = threadIdx.x;
+    const int tid = threadIdx.x, threads = blockDim.x;
     const int groups = cols / 8;  // cols is a multiple of 8
+    const bool has_row = (int)blockIdx.x < rows;
+    const h16* ar = a + (long long)blockIdx.x * cols;
+    const h16* second = mode == 1 ? norm_w : x2;
+    float f[LORA_A_REG_GROUPS][8], g[LORA_A_REG_GROUPS][8], w[LORA_A_REG_GROUPS][8];
+#pragma unroll
+    for (int k = 0; k < LORA_A_REG_GROUPS; k++) {
+        const int i = tid + k * threads;
+        if (i < groups) {
+            load_h16x8(x + i * 8, f[k]);
+            if (mode != 0) load_h16x8(second + i * 8, g[k]);
+            if (has_row) load_h16x8(ar + i * 8, w[k]);
+        }
+    }
     float r = 1.0f;
     if (mode == 1) {
         float ss = 0.0f;
-        for (int i = tid; i < groups; i += blockDim.x) {
-            float f[8];
-            load_h16x8(x + i * 8, f);
 #pragma unroll
-            for (int k = 0; k < 8; k++) ss += f[k] * f[k];
+        for (int k = 0; k < LORA_A_REG_GROUPS; k++) {
+            if (tid + k * threads < groups) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) ss += f[k][e] * f[k][e];
+            }
+        }
+        for (int i = tid + LORA_A_REG_GROUPS * threads; i < groups; i += threads) {
+            float h[8];
+            load_h16x8(x + i * 8, h);
+#pragma unroll
+            for (int e = 0; e < 8; e++) ss += h[e] * h[e];
         }
         ss = block_sum(ss, scratch);
         r = rsqrtf(ss / cols + eps);
     }
-    for (int i = tid; i < groups; i += blockDim.x) {
-        float f[8], g[8];
-        load_h16x8(x + i * 8, f);
-        if (mode == 1) {
-            load_h16x8(norm_w + i * 8, g);
-#pragma unroll
-            for (int k = 0; k < 8; k++) f[k] = norm_offset != 0.0f ? f[k] * r * (g[k] + norm_offset) : round_h16(f[k] * r) * g[k];
-        } else if (mode == 2) {
-            load_h16x8(x2 + i * 8, g);
-#pragma unroll
-            for (int k = 0; k < 8; k++) f[k] = gated_activation(f[k], activation) * g[k];
-        }
-        store_h16x8(sin + i * 8, f);
-        if (blockIdx.x == 0 && in_out != nullptr) store_h16x8(in_out + i * 8, f);
-    }
-    if ((int)blockIdx.x >= rows) return;
-    __syncthreads();
-    const h16* ar = a + (long long)blockIdx.x * cols;
+    const bool writes_in = blockIdx.x == 0 && in_out != nullptr;
     float s = 0.0f;
-    for (int i = tid; i < groups; i += blockDim.x) {
-        float f[8], g[8];
-        load_h16x8(sin + i * 8, f);
-        load_h16x8(ar + i * 8, g);
 #pragma unroll
-        for (int k = 0; k < 8; k++) s += f[k] * g[k];
+    for (int k = 0; k < LORA_A_REG_GROUPS; k++) {
+        const int i = tid + k * threads;
+        if (i < groups) {
+            lora_a_input(f[k], g[k], mode, r, norm_offset, activation);
+            if (writes_in) store_h16x8(in_out + i * 8, f[k]);
+            if (has_row) {
+                // The product uses `in` rounded to h16, as the GEMVs that read in_out do.
+#pragma unroll
+                for (int e = 0; e < 8; e++) s += round_h16(f[k][e]) * w[k][e];
+            }
+        }
     }
+    for (int i = tid + LORA_A_REG_GROUPS * threads; i < groups; i += threads) {
+        float h[8], q[8];
+        load_h16x8(x + i * 8, h);
+        if (mode != 0) load_h16x8(second + i * 8, q);
+        lora_a_input(h, q, mode, r, norm_offset, activation);
+        if (writes_in) store_h16x8(in_out + i * 8, h);
+        if (has_row) {
+            float v[8];
+            load_h16x8(ar + i * 8, v);
+#pragma unroll
+            for (int e = 0; e < 8; e++) s += round_h16(h[e]) * v[e];
+        }
+    }
+    if (!has_row) return;
     s = block_sum(s, scratch + 32);
     if (tid == 0) xa[blockIdx.x] = s;
 }
@@ -425,3 +480,163 @@ nf4_gemv_splitk(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// nf4_gemv_mma: nf4_gemv's product (same tasks, 16 rows per block) with a pair lookup and the tensor cores.
+
+#define GEMV_MMA_WARPS 8
+#define GEMV_MMA_LUT_BYTES (256 * 256)  // 256 entries, 256 bytes apart (128 used: 32 copies of 4 bytes)
+#define GEMV_MMA_SHARED (GEMV_MMA_LUT_BYTES + 512 * 4 + GEMV_MMA_WARPS * 16 * 4)  // + code, pairs, partial sums
+
+// The B operand of the lanes whose mma column is idle in a step (see nf4_gemv_mma): 16 zero values.
+__device__ __align__(16) unsigned int gemv_mma_zeros[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+
+/// The table entry of byte q of `word` for this lane: at byte 256 · byte + 4 · lane, an address one byte_perm
+/// forms (byte 0 = lane4 = 4 · lane, byte 1 = the packed byte, bytes 2 and 3 = byte 1 of lane4, which is 0).
+__device__ __forceinline__ unsigned gemv_lut(const unsigned char* lut, unsigned word, unsigned lane4, int q) {
+    const unsigned addr = __byte_perm(word, lane4, 0x5504u | ((unsigned)q << 4));
+    return *reinterpret_cast<const unsigned*>(lut + addr);
+}
+
+/// One k-step: A slots (row g, k 2t..2t+1 | row g+8 | row g, k 2t+8.. | row g+8) from packed bytes q and q + 1 of
+/// the rows' words; B slots b0, b1 (x values matching those bytes, or zeros).
+__device__ __forceinline__ void gemv_mma_step(float* c, const unsigned char* lut, unsigned lane4, unsigned wa, unsigned wb,
+                                              int q, unsigned b0, unsigned b1) {
+    unsigned a[4];
+    a[0] = gemv_lut(lut, wa, lane4, q);
+    a[1] = gemv_lut(lut, wb, lane4, q);
+    a[2] = gemv_lut(lut, wa, lane4, q + 1);
+    a[3] = gemv_lut(lut, wb, lane4, q + 1);
+    mma_16816_h16(c, a, b0, b1);
+}
+
+#if QLORA_HALF || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // bf16 mma needs sm_80 (Turing runs fp16)
+extern "C" __global__ void __launch_bounds__(GEMV_MMA_WARPS * 32, 3)
+nf4_gemv_mma(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __restrict__ x, int cols, int blocksize_shift,
+             int nested_shift) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char* lut = smem_raw;
+    float* code = reinterpret_cast<float*>(smem_raw + GEMV_MMA_LUT_BYTES);  // 256
+    unsigned* pairs = reinterpret_cast<unsigned*>(code + 256);              // 256
+    float* partial = code + 512;                                            // [warp][16 rows]
+    int ti = 0;
+    while (ti + 1 < ntasks && (int)blockIdx.x >= tasks[ti + 1].first_block) ti++;
+    const Nf4GemvTask task = tasks[ti];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int row0 = ((int)blockIdx.x - task.first_block) * 16;
+    // Rows past the end repeat the last row (loaded, never stored).
+    const int ra = min(row0 + g, task.rows - 1), rb = min(row0 + g + 8, task.rows - 1);
+    const long long ea = (long long)ra * cols, eb = (long long)rb * cols;
+    // This lane's 8 bytes of group kb of rows g and g + 8 are at pa + 32 kb, pb + 32 kb (values 64 kb + 16 t ...).
+    const unsigned char* __restrict__ pa = task.packed + ea / 2 + t * 8;
+    const unsigned char* __restrict__ pb = task.packed + eb / 2 + t * 8;
+    // Warp w takes groups [gb, ge) of the row (64 values each), a multiple of 4 of them where the row allows.
+    const int groups = cols >> 6;
+    const int per_warp = (((groups + GEMV_MMA_WARPS - 1) / GEMV_MMA_WARPS) + 3) & ~3;
+    const int gb = min(groups, warp * per_warp), ge = min(groups, gb + per_warp);
+
+    // The first cycle's loads go out before the tables are built; later ones a cycle (4 groups) ahead: the packed
+    // bytes, and the absmax code and nested absmax of the group whose sums this lane scales (group c0 + t).
+    uint2 wa[4], wb[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        wa[i] = wb[i] = make_uint2(0u, 0u);
+        if (gb + i < ge) {
+            wa[i] = __ldg(reinterpret_cast<const uint2*>(pa + (gb + i) * 32));
+            wb[i] = __ldg(reinterpret_cast<const uint2*>(pb + (gb + i) * 32));
+        }
+    }
+    const unsigned char* __restrict__ absmax_q = task.absmax_q;
+    const float* __restrict__ nested = task.nested_absmax;
+    unsigned qa = 0u, qb = 0u;
+    float na = 0.0f, nb = 0.0f;
+    if (gb + t < ge) {
+        const long long ba = (ea + (long long)(gb + t) * 64) >> blocksize_shift, bb = (eb + (long long)(gb + t) * 64) >> blocksize_shift;
+        qa = __ldg(absmax_q + ba);
+        qb = __ldg(absmax_q + bb);
+        na = __ldg(nested + (ba >> nested_shift));
+        nb = __ldg(nested + (bb >> nested_shift));
+    }
+    // The epilogue's inputs too: warp w finishes rows 2w, 2w + 1 (LoRA B row entry `lane`, xa[lane], the residual).
+    float lora_term[2] = {0.0f, 0.0f}, residual[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const int row = row0 + warp * 2 + j;
+        if (task.lora_b != nullptr && lane < task.rank && row < task.rows)
+            lora_term[j] = task.lora_scale * h16_to_float(task.lora_b[(long long)row * task.rank + lane]) * task.xa[lane];
+        if (task.residual != nullptr && lane == 0 && row < task.rows) residual[j] = h16_to_float(task.residual[row]);
+    }
+    // Entry v: (NF4[v >> 4], NF4[v & 15]) as h16 in the low and high half, made once (pairs), then copied 32 times
+    // (thread j writes 4 copies of entry j / 8: a warp fills 4 whole rows per store, no bank conflicts).
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        code[i] = task.code[i];
+        pairs[i] = (unsigned)float_to_h16(NF4_CODE_TABLE[i >> 4]) | ((unsigned)float_to_h16(NF4_CODE_TABLE[i & 15]) << 16);
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < 256 * 8; j += blockDim.x) {
+        const unsigned pair = pairs[j >> 3];
+        *reinterpret_cast<uint4*>(lut + (j >> 3) * 256 + (j & 7) * 16) = make_uint4(pair, pair, pair, pair);
+    }
+    __syncthreads();
+
+    const unsigned lane4 = (unsigned)lane * 4u;
+    const float offset = task.offset;
+    const uint4* zeros = reinterpret_cast<const uint4*>(gemv_mma_zeros);
+    float acc_a = 0.0f, acc_b = 0.0f;  // rows g and g + 8, groups ≡ t (mod 4) of [gb, ge)
+    for (int c0 = gb; c0 < ge; c0 += 4) {
+        // Group c0 + i goes to mma columns 2i, 2i + 1: only lanes g = 2i, 2i + 1 give x as B in step i.
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        // This cycle's scales (from last cycle's loads), then the next cycle's scale loads.
+        const bool scaled = c0 + t < ge;
+        const float scale_a = code[qa] * na + offset, scale_b = code[qb] * nb + offset;
+        if (c0 + 4 + t < ge) {
+            const long long ba = (ea + (long long)(c0 + 4 + t) * 64) >> blocksize_shift;
+            const long long bb = (eb + (long long)(c0 + 4 + t) * 64) >> blocksize_shift;
+            qa = __ldg(absmax_q + ba);
+            qb = __ldg(absmax_q + bb);
+            na = __ldg(nested + (ba >> nested_shift));
+            nb = __ldg(nested + (bb >> nested_shift));
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int kb = c0 + i;
+            if (kb < ge) {  // the same for the whole warp
+                const uint2 a2 = wa[i], b2 = wb[i];
+                if (kb + 4 < ge) {
+                    wa[i] = __ldg(reinterpret_cast<const uint2*>(pa + (kb + 4) * 32));
+                    wb[i] = __ldg(reinterpret_cast<const uint2*>(pb + (kb + 4) * 32));
+                }
+                const uint4* xs = (g >> 1) == i ? reinterpret_cast<const uint4*>(x + kb * 64 + t * 16) : zeros;
+                const uint4 x0 = __ldg(xs), x1 = __ldg(xs + 1);
+                // k-step s: packed bytes 2s, 2s + 1; x values 4s + (0, 1 | 2, 3) of this lane's 16.
+                gemv_mma_step(c, lut, lane4, a2.x, b2.x, 0, x0.x, x0.y);
+                gemv_mma_step(c, lut, lane4, a2.x, b2.x, 2, x0.z, x0.w);
+                gemv_mma_step(c, lut, lane4, a2.y, b2.y, 0, x1.x, x1.y);
+                gemv_mma_step(c, lut, lane4, a2.y, b2.y, 2, x1.z, x1.w);
+            }
+        }
+        // c[0] (row g) and c[2] (row g + 8) are column 2t: group c0 + t's partial sums; its absmax scales them.
+        if (scaled) {
+            acc_a += c[0] * scale_a;
+            acc_b += c[2] * scale_b;
+        }
+    }
+    acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
+    acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 2);
+    acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
+    acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 2);
+    if (t == 0) {
+        partial[warp * 16 + g] = acc_a;
+        partial[warp * 16 + g + 8] = acc_b;
+    }
+    __syncthreads();
+    // Warp w finishes rows 2w, 2w + 1: the warps' partial sums, the LoRA term, the residual, one rounding.
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const int r = warp * 2 + j, row = row0 + r;
+        float v = (lane < GEMV_MMA_WARPS ? partial[lane * 16 + r] : 0.0f) + lora_term[j];
+        v = warp_sum(v);
+        if (lane == 0 && row < task.rows) task.out[row] = float_to_h16(v + residual[j]);
+    }
+}
+#endif

@@ -1,4 +1,4 @@
-// Launchers for Kernels/decode.cu: the fused NF4 GEMV, the bf16 GEMV, RoPE + KV-cache append for one token and
+// Launchers for Kernels/decode.cu: the fused NF4 GEMVs (rows, split-K, tensor cores), the bf16 GEMV, RoPE + KV-cache append for one token and
 // attention over the KV cache. They take raw device addresses, since generation works on rows inside larger
 // buffers (the KV cache, the fused q|k|v row); the shape checks are the caller's (CUDAInference).
 
@@ -83,6 +83,33 @@ extension CUDAContext {
                            .int(nestedBlocksize.trailingZeroBitCount)])
     }
 
+    /// nf4Gemv on the tensor cores (nf4_gemv_mma: two codes per table load, mma.sync with fp32 sums, the absmax applied
+    /// per 64-value group): the same tasks and grid (`NF4GemvTask.encode(tasks)`, 16 rows per block), 256 threads and
+    /// 66 KiB of shared memory per block. Only where `nf4GemvMMASupported` says so.
+    public func nf4GemvMMA(tasks: CUdeviceptr, taskCount: Int, blocks: Int, x: CUdeviceptr, cols: Int, blocksize: Int = 64,
+                           nestedBlocksize: Int = 256, stream: CUDAStream? = nil) throws {
+        try require(nf4GemvMMASupported(cols: cols, blocksize: blocksize) && nestedBlocksize.nonzeroBitCount == 1
+                        && taskCount >= 1 && taskCount <= 8, "nf4GemvMMA",
+                    "cols \(cols) must be a multiple of 64, blocksize \(blocksize) a power of two of at least 64, nested blocksize \(nestedBlocksize) a power of two, 1...8 tasks (got \(taskCount)), and bf16 needs sm_80 or newer")
+        let f = try compiler.function(KernelSources.decode, "nf4_gemv_mma")
+        let shared = Self.nf4GemvMMASharedBytes
+        try allowSharedMemory(f, bytes: shared, "nf4GemvMMA")
+        try device.launch(f, grid: (blocks, 1, 1), block: (256, 1, 1), sharedMemory: shared, stream: stream,
+                          [.pointer(tasks), .int(taskCount), .pointer(x), .int(cols), .int(blocksize.trailingZeroBitCount),
+                           .int(nestedBlocksize.trailingZeroBitCount)])
+    }
+
+    /// GEMV_MMA_SHARED in decode.cu: the replicated pair table (64 KiB), the absmax code map, the pairs, 8 × 16 partial sums.
+    static let nf4GemvMMASharedBytes = 256 * 256 + 512 * 4 + 8 * 16 * 4
+
+    /// Whether nf4_gemv_mma runs this shape here: cols a multiple of 64, blocksize a power of two ≥ 64, tensor cores
+    /// for the compute type (bf16 mma needs sm_80) and 66 KiB of shared memory per block (Turing has 64).
+    public func nf4GemvMMASupported(cols: Int, blocksize: Int) -> Bool {
+        cols > 0 && cols % 64 == 0 && blocksize >= 64 && blocksize.nonzeroBitCount == 1
+            && (computeDType == .fp16 || compiler.target.major >= 8)
+            && Self.nf4GemvMMASharedBytes <= compiler.maxSharedMemoryPerBlock
+    }
+
     /// out[r] = scale · W[r, :] · x for bf16 W [rows, cols] (cols a multiple of 8) and x; fp32 out.
     public func bf16Gemv(weight: CUdeviceptr, x: CUdeviceptr, out: CUdeviceptr, rows: Int, cols: Int, scale: Float = 1,
                          stream: CUDAStream? = nil) throws {
@@ -124,10 +151,10 @@ extension CUDAContext {
                           xa: CUdeviceptr, rows: Int, cols: Int, mode: Int, eps: Float = 0, normOffset: Float = 0,
                           activation: MLPActivation = .silu, stream: CUDAStream? = nil) throws {
         try require(cols % 8 == 0 && (0...2).contains(mode), "loraARows", "cols \(cols) must be a multiple of 8, mode 0...2")
-        let f = try compiler.function(KernelSources.decode, "lora_a_rows")
-        let shared = cols * 2
-        try allowSharedMemory(f, bytes: shared, "loraARows")
-        try device.launch(f, grid: (max(rows, 1), 1, 1), block: (1024, 1, 1), sharedMemory: shared, stream: stream,
+        // About 2 groups of 8 values per thread: each thread's loads then all go out at once (see lora_a_rows).
+        let threads = min(1024, max(32, ((cols / 8 + 1) / 2 + 31) / 32 * 32))
+        try device.launch(compiler.function(KernelSources.decode, "lora_a_rows"), grid: (max(rows, 1), 1, 1), block: (threads, 1, 1),
+                          stream: stream,
                           [.pointer(a), .pointer(x), .pointer(x2), .pointer(normWeight), .pointer(inOut), .pointer(xa), .int(rows),
                            .int(cols), .int(mode), .float(eps), .float(normOffset), .int(activation.kernelCode)])
     }
