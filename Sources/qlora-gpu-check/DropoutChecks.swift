@@ -5,6 +5,9 @@
 //   dx += d(s·dyB·A)        bf16: 1e-2 over the whole output, and every dropped element bit-identical to the input
 //                           dx (the mask exactly), every kept one moved (where the added term is not tiny)
 //   each run twice: the same bits (no atomics: --full-determinism)
+//   mask bits               dA's kernel writing the mask as bits (the trainer's backward): the bytes equal the CPU's
+//                           mask packed 8 columns a byte (bit for bit, 0 past `in`), dA unchanged by writing them,
+//                           and dx from those bits bit-identical to dx that hashes (and untouched from all-zero bits)
 // Shapes cover ranks 1 … 80 (every kernel variant, ranks past one block's 64), columns that are not a multiple of 64
 // or of 8 (element-wise loads), token counts that are not a multiple of 16, and the 1/keep scaling (p 0.05 … 0.5).
 // The check can fail: a wrong seed, index or fragment layout moves xa and dA by order 1, and dx's untouched elements
@@ -68,6 +71,22 @@ func checkFusedDropoutKernels() throws {
               "\(CUDAContext.loraDropoutSplits(tokens: n, inFeatures: inF)) token splits")
         checkTrue("lora dropout dA same bits twice \(label)", dABits[0].map(\.bitPattern) == dABits[1].map(\.bitPattern))
 
+        // The mask as bits, written by dA's kernel (bit e of byte b in row t: column 8b + e).
+        let stride = (inF + 7) / 8, maskBytes = CUDAContext.loraDropoutMaskBytes(tokens: n, inFeatures: inF)
+        var packed = [UInt8](repeating: 0, count: maskBytes)
+        for t in 0..<n {
+            for i in 0..<inF where kept[t * inF + i] { packed[t * stride + i / 8] |= UInt8(1) << UInt8(i % 8) }
+        }
+        let maskBits = try poisoned(UInt8.self, maskBytes)
+        let dAWithBits = try upload(dA0)
+        try ctx.loraDropoutGradA(x: xd.pointer, dyB: dyBd.pointer, into: dAWithBits.pointer, scratch: scratch, tokens: n, inFeatures: inF,
+                                 rank: r, scale: scale, mask: mask, maskBits: maskBits)
+        let gotBits = try maskBits.download()
+        let wrongBytes = zip(gotBits, packed).filter { $0 != $1 }.count
+        checkTrue("lora dropout mask bits = DropoutMask \(label)", wrongBytes == 0, "\(wrongBytes) of \(maskBytes) bytes differ")
+        checkTrue("lora dropout dA writing bits same bits \(label)",
+                  try dAWithBits.download().map(\.bitPattern) == dABits[0].map(\.bitPattern))
+
         // dx += d(s·dyB·A), onto a random dx
         let (dxb, dx) = rng.bf16(n * inF)
         var dxRef = dx
@@ -100,15 +119,32 @@ func checkFusedDropoutKernels() throws {
         checkTrue("lora dropout dx mask exact \(label)", droppedChanged == 0 && keptUnchanged == 0,
                   "\(droppedChanged) dropped elements changed, \(keptUnchanged) of \(keptVisible) kept ones unchanged")
         checkTrue("lora dropout dx same bits twice \(label)", dxBits[0] == dxBits[1])
+        let dxFromBits = try upload(dxb)
+        try ctx.loraDropoutAddDX(dyB: dyBd.pointer, a: ad.pointer, into: dxFromBits.pointer, tokens: n, inFeatures: inF, rank: r,
+                                 scale: scale, mask: mask, maskBits: maskBits)
+        let fromBits = try dxFromBits.download()
+        // All bits clear: every element dropped, dx untouched (so the bits, not the hash, decide).
+        try maskBits.fill(byte: 0)
+        let dxNoneKept = try upload(dxb)
+        try ctx.loraDropoutAddDX(dyB: dyBd.pointer, a: ad.pointer, into: dxNoneKept.pointer, tokens: n, inFeatures: inF, rank: r,
+                                 scale: scale, mask: mask, maskBits: maskBits)
+        checkTrue("lora dropout dx reads the mask bits \(label)", try dxNoneKept.download() == dxb)
+        checkTrue("lora dropout dx from mask bits = hashed \(label)", fromBits == dxBits[0],
+                  "\(zip(fromBits, dxBits[0]).filter { $0 != $1 }.count) of \(n * inF) elements differ")
     }
 }
 
 // MARK: - Benchmark
 
-/// The LoRA linear's forward + backward (bf16 weight, no NF4 dequantization: the same with and without dropout) at the
-/// Llama-3.1-8B shapes, 4096 tokens, r 16: without dropout, with dropout 0.05 fused (the trainer's path), and with the
-/// earlier unfused path (d(x) written by dropout_apply before the cuBLAS products, d(s·dyB·A) through a scratch and
-/// dropout_add_masked), so one run shows what dropout costs. `host`: random h16 values to fill the buffers from.
+/// A LoRA linear's work in one training step with gradient checkpointing (forward, recomputation, backward; bf16
+/// weight, no NF4 dequantization: the same with and without dropout) at the Llama-3.1-8B shapes, 4096 tokens, r 16:
+///   no dropout      x·Aᵀ twice (forward, recomputation), dA and dx through cuBLAS
+///   dropout 0.05    the trainer's path: x·Aᵀ fused once (the recomputation reuses the forward's), dA fused writing
+///                   the mask bits, dx fused reading them: each element hashed twice
+///   hashing 4×      the fused kernels as before the mask bits: hashed in the forward, the recomputation, dA and dx
+///   unfused         d(x) written by dropout_apply before the cuBLAS products, d(s·dyB·A) through dropout_add_masked
+/// then each fused kernel beside the cuBLAS GEMM it replaces, with its time and effective bandwidth (the bytes it
+/// must move: x or dx, the small operands, dA's partial sums, the mask bits). `host`: random h16 values.
 func timeLoRADropout(_ host: [UInt16]) throws {
     let (tokens, r) = (4096, 16)
     let blas = try ctx.blas()
@@ -124,23 +160,46 @@ func timeLoRADropout(_ host: [UInt16]) throws {
         let xa = try A.buffer(UInt16.self, count: tokens * r), y = try A.buffer(UInt16.self, count: tokens * outF)
         let dyB = try A.buffer(UInt16.self, count: tokens * r), dx = try A.buffer(UInt16.self, count: tokens * inF)
         let dA = try A.buffer(Float.self, count: r * inF), dB = try A.buffer(Float.self, count: outF * r)
-        let partials = try A.buffer(Float.self, count: CUDAContext.loraDropoutScratchCount(tokens: tokens, inFeatures: inF, rank: r))
-        func step(_ dropout: LoRADropoutMask?) throws {
+        let partialCount = CUDAContext.loraDropoutScratchCount(tokens: tokens, inFeatures: inF, rank: r)
+        let partials = try A.buffer(Float.self, count: partialCount)
+        let maskBytes = CUDAContext.loraDropoutMaskBytes(tokens: tokens, inFeatures: inF)
+        let maskBits = try A.buffer(UInt8.self, count: maskBytes)
+        func forward(_ dropout: LoRADropoutMask?) throws {
             try ctx.loraLinearForward(x: x, weight: w, lora: lora, tokens: tokens, inFeatures: inF, outFeatures: outF, xa: xa, into: y,
                                       dropout: dropout)
+        }
+        func backward(_ dropout: LoRADropoutMask?, bits: DeviceBuffer<UInt8>?) throws {
             try ctx.loraLinearBackward(x: x, weight: w, lora: lora, xa: xa, dy: dy, tokens: tokens, inFeatures: inF, outFeatures: outF,
                                        dyB: dyB, dx: dx, dA: dA, dB: dB, accumulateGradients: true, dropout: dropout,
-                                       dropoutScratch: partials)
+                                       dropoutScratch: partials, dropoutMaskBits: bits)
         }
-        let plain = try timeMedian(10, warmup: 2) { try step(nil) }
-        let fused = try timeMedian(10, warmup: 2) { try step(mask) }
-        // The earlier path, as the trainer ran it before the fused kernels.
+        let plain = try timeMedian(10, warmup: 2) {
+            try forward(nil)
+            try forward(nil)
+            try backward(nil, bits: nil)
+        }
+        let trainerPath = try timeMedian(10, warmup: 2) {
+            try forward(mask)
+            // The recomputation with the forward's x·Aᵀ: the base product and the LoRA B product only.
+            try blas.gemm(m: tokens, n: outF, k: inF, a: x.pointer, b: w.pointer, transB: true, c: y.pointer)
+            try blas.gemm(m: tokens, n: outF, k: r, a: xa.pointer, b: lora.b.pointer, transB: true, c: y.pointer, alpha: lora.scale, beta: 1)
+            try backward(mask, bits: maskBits)
+        }
+        let hashing4 = try timeMedian(10, warmup: 2) {
+            try forward(mask)
+            try forward(mask)
+            try backward(mask, bits: nil)
+        }
+        // The unfused path, as the trainer ran it before the fused kernels (forward and recomputation alike).
         let scratch = try A.buffer(UInt16.self, count: tokens * inF)
         let unfused = try timeMedian(10, warmup: 2) {
-            try blas.gemm(m: tokens, n: outF, k: inF, a: x.pointer, b: w.pointer, transB: true, c: y.pointer)
-            try ctx.dropoutApply(x: x.pointer, into: scratch.pointer, count: tokens * inF, seed: mask.seed, keep: mask.keep)
-            try blas.gemm(m: tokens, n: r, k: inF, a: scratch.pointer, b: lora.a.pointer, transB: true, c: xa.pointer)
-            try blas.gemm(m: tokens, n: outF, k: r, a: xa.pointer, b: lora.b.pointer, transB: true, c: y.pointer, alpha: lora.scale, beta: 1)
+            for _ in 0..<2 {
+                try blas.gemm(m: tokens, n: outF, k: inF, a: x.pointer, b: w.pointer, transB: true, c: y.pointer)
+                try ctx.dropoutApply(x: x.pointer, into: scratch.pointer, count: tokens * inF, seed: mask.seed, keep: mask.keep)
+                try blas.gemm(m: tokens, n: r, k: inF, a: scratch.pointer, b: lora.a.pointer, transB: true, c: xa.pointer)
+                try blas.gemm(m: tokens, n: outF, k: r, a: xa.pointer, b: lora.b.pointer, transB: true, c: y.pointer, alpha: lora.scale,
+                              beta: 1)
+            }
             try blas.gemm(m: outF, n: r, k: tokens, a: dy.pointer, transA: true, b: xa.pointer, c: dB.pointer, outputType: .float32,
                           alpha: lora.scale, beta: 1)
             try blas.gemm(m: tokens, n: r, k: outF, a: dy.pointer, b: lora.b.pointer, c: dyB.pointer)
@@ -151,33 +210,47 @@ func timeLoRADropout(_ host: [UInt16]) throws {
             try blas.gemm(m: tokens, n: inF, k: r, a: dyB.pointer, b: lora.a.pointer, c: scratch.pointer, alpha: lora.scale)
             try ctx.dropoutAddMasked(scratch.pointer, into: dx.pointer, count: tokens * inF, seed: mask.seed, keep: mask.keep)
         }
-        // The fused kernels alone.
+        func extra(_ ms: Double) -> String { "\(fmt(ms, 3)) ms (\(ms >= plain ? "+" : "")\(fmt(100 * (ms - plain) / plain, 1))%)" }
+        print("  lora linear step (fwd + recompute + bwd) \(tokens) tok \(inF)->\(outF) r\(r): no dropout \(fmt(plain, 3)) ms; "
+              + "dropout 0.05 \(extra(trainerPath)), hashing 4x \(extra(hashing4)), unfused \(extra(unfused))")
+
+        // Each fused kernel beside the GEMM it replaces. Bytes: x (or dx read and written), A, xa / dyB, dA, the
+        // partial sums (written and read), the mask bits.
+        let xBytes = 2.0 * Double(tokens * inF), small = 2.0 * Double(r * inF + tokens * r), dABytes = 8.0 * Double(r * inF)
+        func line(_ name: String, _ ms: Double, _ bytes: Double, _ gemmMs: Double, _ gemmBytes: Double) {
+            print("    \(pad(name, 26)) \(fmt(ms, 4)) ms \(pad(fmt(bytes / (ms / 1000) / 1e9, 0), 5)) GB/s  |  cuBLAS "
+                  + "\(fmt(gemmMs, 4)) ms \(pad(fmt(gemmBytes / (gemmMs / 1000) / 1e9, 0), 5)) GB/s  |  \(fmt(ms / gemmMs, 2))x")
+        }
         let xaMs = try timeMedian(10, warmup: 2) {
             try ctx.loraDropoutXA(x: x.pointer, a: lora.a.pointer, into: xa.pointer, tokens: tokens, inFeatures: inF, rank: r, mask: mask)
         }
         let xaGemmMs = try timeMedian(10, warmup: 2) {
             try blas.gemm(m: tokens, n: r, k: inF, a: x.pointer, b: lora.a.pointer, transB: true, c: xa.pointer)
         }
-        let dAMs = try timeMedian(10, warmup: 2) {
+        func gradA(_ bits: DeviceBuffer<UInt8>?) throws {
             try ctx.loraDropoutGradA(x: x.pointer, dyB: dyB.pointer, into: dA.pointer, scratch: partials, tokens: tokens, inFeatures: inF,
-                                     rank: r, scale: lora.scale, mask: mask)
+                                     rank: r, scale: lora.scale, mask: mask, maskBits: bits)
         }
+        let dAMs = try timeMedian(10, warmup: 2) { try gradA(nil) }
+        let dABitsMs = try timeMedian(10, warmup: 2) { try gradA(maskBits) }
         let dAGemmMs = try timeMedian(10, warmup: 2) {
             try blas.gemm(m: r, n: inF, k: tokens, a: dyB.pointer, transA: true, b: x.pointer, c: dA.pointer, outputType: .float32,
                           alpha: lora.scale, beta: 1)
         }
-        let dxMs = try timeMedian(10, warmup: 2) {
+        func addDX(_ bits: DeviceBuffer<UInt8>?) throws {
             try ctx.loraDropoutAddDX(dyB: dyB.pointer, a: lora.a.pointer, into: dx.pointer, tokens: tokens, inFeatures: inF, rank: r,
-                                     scale: lora.scale, mask: mask)
+                                     scale: lora.scale, mask: mask, maskBits: bits)
         }
+        let dxMs = try timeMedian(10, warmup: 2) { try addDX(nil) }
+        let dxBitsMs = try timeMedian(10, warmup: 2) { try addDX(maskBits) }
         let dxGemmMs = try timeMedian(10, warmup: 2) {
             try blas.gemm(m: tokens, n: inF, k: r, a: dyB.pointer, b: lora.a.pointer, c: dx.pointer, alpha: lora.scale, beta: 1)
         }
-        func extra(_ ms: Double) -> String { "\(fmt(ms, 3)) ms (\(ms >= plain ? "+" : "")\(fmt(100 * (ms - plain) / plain, 1))%)" }
-        print("  lora linear fwd+bwd \(tokens) tok \(inF)->\(outF) r\(r): no dropout \(fmt(plain, 3)) ms; dropout 0.05 fused "
-              + "\(extra(fused)), unfused \(extra(unfused))")
-        print("    fused kernels vs the no-dropout GEMM they replace: xa \(fmt(xaMs, 3)) vs \(fmt(xaGemmMs, 3)) ms, "
-              + "dA \(fmt(dAMs, 3)) vs \(fmt(dAGemmMs, 3)) ms, dx \(fmt(dxMs, 3)) vs \(fmt(dxGemmMs, 3)) ms; "
-              + "x read at \(fmt(2 * Double(tokens * inF) / (xaMs / 1000) / 1e9, 0)) GB/s by xa")
+        let partialBytes = 8.0 * Double(partialCount), bitBytes = Double(maskBytes)
+        line("xa = d(x)·Aᵀ (hash)", xaMs, xBytes + small, xaGemmMs, xBytes + small)
+        line("dA (hash)", dAMs, xBytes + small + partialBytes + dABytes, dAGemmMs, xBytes + small + dABytes)
+        line("dA (hash, write bits)", dABitsMs, xBytes + small + partialBytes + dABytes + bitBytes, dAGemmMs, xBytes + small + dABytes)
+        line("dx (hash)", dxMs, 2 * xBytes + small, dxGemmMs, 2 * xBytes + small)
+        line("dx (read bits)", dxBitsMs, 2 * xBytes + small + bitBytes, dxGemmMs, 2 * xBytes + small)
     }
 }

@@ -8,7 +8,7 @@ Q=${1:-./qlora}
 C=${2:-./qlora-gpu-check}
 $C --no-bench --only "dropout,training,memory,qwen2" | grep -E "FAIL|dropout|passed"
 $C --no-bench --compute-dtype fp16 --only "dropout" | grep -E "FAIL|passed"
-$C --only benchmarks | grep -E "FAIL|lora linear|fused kernels|passed"
+$C --only benchmarks | grep -E "FAIL|lora linear|cuBLAS|passed"
 for p in 0 0.05 0 0.05; do
   $Q bench --device cuda --arch llama-3.1-8b --batch 2 --seq 2048 --lora-r 16 --steps 5 --lora-dropout $p 2>/dev/null | tail -1
 done

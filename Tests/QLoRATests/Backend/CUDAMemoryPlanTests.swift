@@ -110,8 +110,9 @@ final class CUDAMemoryPlanTests: XCTestCase {
         XCTAssertTrue(advice.contains("offload the gradient checkpoints"), advice)
     }
 
-    /// LoRA dropout adds the fused kernels' fp32 dA scratch (token splits x rank x in of the largest linear), far
-    /// less than a [tokens, largest in] copy of d(x); per-projection ranks size the adapters per linear.
+    /// LoRA dropout adds the fused kernels' fp32 dA scratch (token splits x rank x in of the largest linear), one
+    /// linear's mask bits and every block's own d(x)·Aᵀ, together less than half a [tokens, largest in] copy of d(x);
+    /// per-projection ranks size the adapters per linear.
     func testDropoutScratchAndPerProjectionRanks() {
         let c = Architecture.llama3_1_8b.config, n = 4096
         let plain = CUDAMemoryPlan(config: c, tokens: n, rank: 16)
@@ -119,8 +120,12 @@ final class CUDAMemoryPlanTests: XCTestCase {
         // down_proj (in 14336, 56 blocks of 256 columns) takes 7 token splits, the others (in 4096) 24: 7·16·14336 floats.
         XCTAssertEqual(CUDAContext.loraDropoutSplits(tokens: n, inFeatures: c.intermediateSize), 7)
         XCTAssertEqual(CUDAContext.loraDropoutSplits(tokens: n, inFeatures: c.hiddenSize), 24)
-        XCTAssertEqual(dropout.activations - plain.activations, DeviceAllocator.sizeClass(4 * 7 * 16 * c.intermediateSize))
-        XCTAssertLessThan(dropout.activations - plain.activations, 2 * n * c.intermediateSize / 10)
+        XCTAssertEqual(CUDAContext.loraDropoutMaskBytes(tokens: n, inFeatures: c.intermediateSize), n * 14336 / 8)
+        XCTAssertEqual(CUDAContext.loraDropoutMaskBytes(tokens: 3, inFeatures: 9), 6)  // rows of ⌈9/8⌉ bytes
+        let s = DeviceAllocator.sizeClass
+        XCTAssertEqual(dropout.activations - plain.activations,
+                       s(4 * 7 * 16 * c.intermediateSize) + s(n * c.intermediateSize / 8) + c.layerCount * 7 * s(2 * n * 16))
+        XCTAssertLessThan(dropout.activations - plain.activations, 2 * n * c.intermediateSize / 2)
         // Fewer tokens never need more splits (a trainer's scratch, sized at its capacity, fits every batch).
         for tokens in [1, 100, 1000, 2048, 4095] {
             XCTAssertLessThanOrEqual(CUDAContext.loraDropoutSplits(tokens: tokens, inFeatures: c.hiddenSize),
@@ -129,7 +134,6 @@ final class CUDAMemoryPlanTests: XCTestCase {
         // x·Aᵀ is kept for one block only (shared): one [n, largest rank of the linear] buffer per projection.
         // Rank 8 instead of 16 saves 7 of those buffers' halves, plus dy·B's.
         let narrow = CUDAMemoryPlan(config: c, tokens: n, rank: 8)
-        let s = DeviceAllocator.sizeClass
         XCTAssertEqual(plain.activations - narrow.activations, 8 * (s(2 * n * 16) - s(2 * n * 8)))
         XCTAssertEqual(dropout.total - plain.total, dropout.activations - plain.activations)
         let same = CUDAMemoryPlan(config: c, tokens: n, ranks: Array(repeating: Array(repeating: 16, count: 7), count: c.layerCount))

@@ -3,10 +3,15 @@
 // hash of seed and element index token·in + column, bit for bit), keep = 1 − p, A [r, in], dyB = dy·B [tokens, r],
 // s the LoRA scale. Because m only selects, the 1/keep comes out of every sum: (m⊙x)·Aᵀ/keep is d(x)·Aᵀ.
 //   lora_dropout_xa_rN:     xa = h16((m⊙x)·Aᵀ / keep)                        [tokens, r]  (forward)
-//   lora_dropout_da_rN:     P[sp] = dyB[rows of split sp]ᵀ · (m⊙x)[same rows]  [splits, r, in] fp32 partial sums
+//   lora_dropout_da_rN:     P[sp] = dyB[rows of split sp]ᵀ · (m⊙x)[same rows]  [splits, r, in] fp32 partial sums,
+//                           and, given `mask_out`, m itself as bits for lora_dropout_dx (below)
 //   lora_dropout_da_finish: dA += s · (Σ_sp P[sp]) / keep, the splits added in order (no atomics: same bits every run)
-//   lora_dropout_dx:        dx = h16(dx + m ⊙ (dyB·A) · s/keep)                 [tokens, in] (d/dx of the LoRA path)
-// Each reads x (or dx) once with 16-byte loads and hashes each element once; the products run on the tensor cores
+//   lora_dropout_dx:        dx = h16(dx + m ⊙ (dyB·A) · s/keep)                 [tokens, in] (d/dx of the LoRA path),
+//                           m hashed again or read from the bits lora_dropout_da wrote
+// The mask bits: [tokens, ⌈in/8⌉] bytes, bit e of byte b of row t = m[t][8b + e] (0 past `in`): 1/16 of x's bytes, so
+// the backward hashes each element once (the hash is what the fused kernels spend their time on; the trainer keeps
+// the forward's xa for the backward, so that the recomputation does not hash again either).
+// Each reads x (or dx) once with 16-byte loads and hashes each element at most once; the products run on the tensor cores
 // (the prelude's mma_16816_h16, fp32 accumulation). An mma's k (and the m or n of its output) may be numbered in any
 // order as long as both operands agree, so each lane takes 8 consecutive columns of a row in one 16-byte load:
 //   xa:  k = columns of x and A. In a 32-column step, lane (g = lane/4, t = lane%4) loads columns 8t … 8t+7 of x rows g
@@ -71,6 +76,7 @@ __device__ __forceinline__ void dropout_xa(const h16* __restrict__ x, const h16*
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int row0 = blockIdx.x * 16 + g, row1 = row0 + 8, jbase = blockIdx.y * NT * 8;
     const bool vec = (in & 7) == 0 && aligned16(x) && aligned16(a);
+    const unsigned limit = dropout_limit(keep);
     const h16* x0 = row0 < tokens ? x + (long long)row0 * in : nullptr;
     const h16* x1 = row1 < tokens ? x + (long long)row1 * in : nullptr;
     const h16* arow[NT];
@@ -86,8 +92,8 @@ __device__ __forceinline__ void dropout_xa(const h16* __restrict__ x, const h16*
     for (int k0 = warp * 32; k0 < in; k0 += XA_WARPS * 32) {
         const int c = k0 + 8 * t;
         h16x8_raw v0 = load_row8(x0, c, in, vec), v1 = load_row8(x1, c, in, vec);
-        if (x0 && c < in) mask_row8(v0, dropout_keep8(seed, (long long)row0 * in + c, keep));
-        if (x1 && c < in) mask_row8(v1, dropout_keep8(seed, (long long)row1 * in + c, keep));
+        if (x0 && c < in) mask_row8(v0, dropout_keep8(seed, (long long)row0 * in + c, limit));
+        if (x1 && c < in) mask_row8(v1, dropout_keep8(seed, (long long)row1 * in + c, limit));
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
             const h16x8_raw b = load_row8(arow[nt], c, in, vec);
@@ -131,14 +137,19 @@ lora_dropout_xa_r64(const h16* x, const h16* a, h16* xa, int tokens, int in, int
 
 // MARK: - Backward: dA partial sums over token splits
 
-/// Warp (blockIdx.x·DA_WARPS + warp) takes 64 columns, blockIdx.y the token split, blockIdx.z the chunk of 8·NT ranks.
+/// Warp (blockIdx.x·DA_WARPS + warp) takes 64 columns, blockIdx.y the token split, blockIdx.z the chunk of 8·NT ranks;
+/// the blocks of rank chunk 0 write the mask bits when `mask_out` is not null.
 template <int NT>
 __device__ __forceinline__ void dropout_da(const h16* __restrict__ x, const h16* __restrict__ dyB, float* __restrict__ partial,
-                                           int tokens, int in, int rank, int splits, unsigned long long seed, float keep) {
+                                           unsigned char* __restrict__ mask_out, int tokens, int in, int rank, int splits,
+                                           unsigned long long seed, float keep) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int col0 = (blockIdx.x * DA_WARPS + warp) * COLS_PER_WARP, c = col0 + 8 * g, jbase = blockIdx.z * NT * 8;
     if (col0 >= in) return;
     const bool vec = (in & 7) == 0 && aligned16(x);
+    const unsigned limit = dropout_limit(keep);
+    const long long mask_stride = (in + 7) >> 3;
+    unsigned char* const bits_out = blockIdx.z == 0 ? mask_out : nullptr;
     const int per = (((tokens + splits - 1) / splits) + 15) & ~15;
     const int first = blockIdx.y * per, end = min(tokens, first + per);
     float acc[4][NT][4];
@@ -153,7 +164,12 @@ __device__ __forceinline__ void dropout_da(const h16* __restrict__ x, const h16*
         for (int e = 0; e < 4; e++) {
             const int token = t0 + 4 * t + e;
             v[e] = load_row8(token < end ? x + (long long)token * in : nullptr, c, in, vec);
-            if (token < end && c < in) mask_row8(v[e], dropout_keep8(seed, (long long)token * in + c, keep));
+            if (token < end && c < in) {
+                unsigned bits = dropout_keep8(seed, (long long)token * in + c, limit);
+                if (c + 8 > in) bits &= (1u << (in - c)) - 1u;  // columns past `in` are no part of the mask
+                if (bits_out) bits_out[token * mask_stride + (c >> 3)] = (unsigned char)bits;
+                mask_row8(v[e], bits);
+            }
         }
         unsigned b[NT][2];
 #pragma unroll
@@ -184,14 +200,14 @@ __device__ __forceinline__ void dropout_da(const h16* __restrict__ x, const h16*
 }
 
 extern "C" __global__ void __launch_bounds__(DA_WARPS * 32)
-lora_dropout_da_r16(const h16* x, const h16* dyB, float* partial, int tokens, int in, int rank, int splits, unsigned long long seed,
-                    float keep) {
-    dropout_da<2>(x, dyB, partial, tokens, in, rank, splits, seed, keep);
+lora_dropout_da_r16(const h16* x, const h16* dyB, float* partial, unsigned char* mask_out, int tokens, int in, int rank, int splits,
+                    unsigned long long seed, float keep) {
+    dropout_da<2>(x, dyB, partial, mask_out, tokens, in, rank, splits, seed, keep);
 }
 extern "C" __global__ void __launch_bounds__(DA_WARPS * 32)
-lora_dropout_da_r32(const h16* x, const h16* dyB, float* partial, int tokens, int in, int rank, int splits, unsigned long long seed,
-                    float keep) {
-    dropout_da<4>(x, dyB, partial, tokens, in, rank, splits, seed, keep);
+lora_dropout_da_r32(const h16* x, const h16* dyB, float* partial, unsigned char* mask_out, int tokens, int in, int rank, int splits,
+                    unsigned long long seed, float keep) {
+    dropout_da<4>(x, dyB, partial, mask_out, tokens, in, rank, splits, seed, keep);
 }
 
 /// dA[i] += scale · (Σ_sp partial[sp][i]) / keep over the r·in elements, the splits in index order.
@@ -207,14 +223,16 @@ extern "C" __global__ void lora_dropout_da_finish(const float* __restrict__ part
 // MARK: - Backward: dx += m ⊙ (dyB·A) · s/keep
 
 /// Warp (blockIdx.x·DA_WARPS + warp) takes 64 columns; blocks along y take 16-token tiles in turn. All ranks summed
-/// before the one rounding of dx.
+/// before the one rounding of dx. The mask comes from `mask_in` (lora_dropout_da's bits) or, when null, the hash.
 extern "C" __global__ void __launch_bounds__(DA_WARPS * 32)
-lora_dropout_dx(const h16* __restrict__ dyB, const h16* __restrict__ a, h16* __restrict__ dx, int tokens, int in, int rank,
-                unsigned long long seed, float keep, float factor) {
+lora_dropout_dx(const h16* __restrict__ dyB, const h16* __restrict__ a, h16* __restrict__ dx, const unsigned char* __restrict__ mask_in,
+                int tokens, int in, int rank, unsigned long long seed, float keep, float factor) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int col0 = (blockIdx.x * DA_WARPS + warp) * COLS_PER_WARP, c = col0 + 8 * g;
     if (col0 >= in) return;
     const bool vec = (in & 7) == 0 && aligned16(a) && aligned16(dx);
+    const unsigned limit = dropout_limit(keep);
+    const long long mask_stride = (in + 7) >> 3;
     const int ksteps = (rank + 15) / 16;
     for (int t0 = blockIdx.y * 16; t0 < tokens; t0 += gridDim.y * 16) {
         float acc[4][2][4];
@@ -252,7 +270,8 @@ lora_dropout_dx(const h16* __restrict__ dyB, const h16* __restrict__ a, h16* __r
                 const int token = t0 + nt * 8 + 2 * t + half;
                 if (token >= tokens || c >= in) continue;
                 h16* row = dx + (long long)token * in;
-                const unsigned bits = dropout_keep8(seed, (long long)token * in + c, keep);
+                const unsigned bits = mask_in ? (unsigned)mask_in[token * mask_stride + (c >> 3)]
+                                              : dropout_keep8(seed, (long long)token * in + c, limit);
                 h16x8_raw v = load_row8(row, c, in, vec);
                 float f[8];
 #pragma unroll

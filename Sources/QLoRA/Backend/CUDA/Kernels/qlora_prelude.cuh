@@ -144,29 +144,39 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 
 // LoRA dropout's keep mask, the twin of Training/DropoutMask.swift (bit for bit; training.cu and lora_dropout.cu use it):
 //   hash(s, i) = mix(s + (i + 1)·γ)  (SplitMix64's finaliser, γ = 0x9E3779B97F4A7C15);  kept iff (hash >> 40)·2^-24 < keep
-// with keep = 1 − p in fp32. (hash >> 40)·2^-24 < keep is tested as (float)(hash >> 40) < keep·2^24: both sides scaled
-// by a power of two, exactly.
+// with keep = 1 − p in fp32. Evaluated with less integer work than the definition, the same bits:
+//   mix(z) = w ⊕ (w >> 31) with w = y·0x94D049BB133111EB; bits 40…63 of w >> 31 come from bits 71… of w, which are 0,
+//   so hash >> 40 = w >> 40 = hi(w) >> 8, and only the high word of the last product is needed (3 multiplies);
+//   u = hash >> 40 is an integer, and keep·2^24 is exact in fp32 (a power-of-two scale), so
+//   u < keep·2^24  ⟺  u < T = ⌈keep·2^24⌉  ⟺  hi(w) < 256·T  ⟺  hi(w) ≤ limit = 256·T − 1  (keep 1: limit 2^32 − 1).
 #define QLORA_DROPOUT_GAMMA 0x9e3779b97f4a7c15ull
 
-__device__ __forceinline__ unsigned long long dropout_mix(unsigned long long z) {
+/// The largest hi(w) that keeps an element at keep probability `keep` in (0, 1].
+__device__ __forceinline__ unsigned dropout_limit(float keep) {
+    return (unsigned)(256ull * (unsigned long long)ceilf(keep * 16777216.0f) - 1ull);
+}
+
+/// hi(w): the high 32 bits of mix's last product for counter value z (hash(s, i) >> 40 = hi(w) >> 8).
+__device__ __forceinline__ unsigned dropout_high(unsigned long long z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    z ^= z >> 27;
+    // High word of z·M mod 2^64 with M = 0x94D049BB·2^32 + 0x133111EB: the carry of lo·M_lo plus the cross terms.
+    const unsigned lo = (unsigned)z, hi = (unsigned)(z >> 32);
+    return __umulhi(lo, 0x133111ebu) + lo * 0x94d049bbu + hi * 0x133111ebu;
 }
 
 __device__ __forceinline__ bool dropout_keeps(unsigned long long seed, long long i, float keep) {
-    const unsigned long long h = dropout_mix(seed + QLORA_DROPOUT_GAMMA * (unsigned long long)(i + 1));
-    return (float)(unsigned)(h >> 40) < keep * 16777216.0f;
+    return dropout_high(seed + QLORA_DROPOUT_GAMMA * (unsigned long long)(i + 1)) <= dropout_limit(keep);
 }
 
-/// The keep bits of elements i0 … i0 + 7 (bit e: element i0 + e); consecutive counters differ by γ.
-__device__ __forceinline__ unsigned dropout_keep8(unsigned long long seed, long long i0, float keep) {
-    const float threshold = keep * 16777216.0f;
+/// The keep bits of elements i0 … i0 + 7 (bit e: element i0 + e); consecutive counters differ by γ. `limit`:
+/// dropout_limit(keep).
+__device__ __forceinline__ unsigned dropout_keep8(unsigned long long seed, long long i0, unsigned limit) {
     unsigned long long z = seed + QLORA_DROPOUT_GAMMA * (unsigned long long)(i0 + 1);
     unsigned bits = 0;
 #pragma unroll
     for (int e = 0; e < 8; e++) {
-        if ((float)(unsigned)(dropout_mix(z) >> 40) < threshold) bits |= 1u << e;
+        if (dropout_high(z) <= limit) bits |= 1u << e;
         z += QLORA_DROPOUT_GAMMA;
     }
     return bits;

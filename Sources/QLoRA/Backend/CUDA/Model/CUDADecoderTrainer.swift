@@ -44,8 +44,11 @@
 // with the mask m of each linear drawn by Training/DropoutMask.swift's counter-based hash from the step's dropout
 // seed, the block index and the linear's index (the prelude's dropout_keep8 computes the same hash), so the forward,
 // the recomputation and the backward all see the CPU's masks. d(x) is never written: the kernels of
-// Ops/CUDALoRADropout.swift hash the mask as they read x for d(x)·Aᵀ and dA, and as they add d(s·(dy·B)·A) into dx
-// (the base GEMMs are the same with and without dropout); dA's token splits go through one fp32 scratch.
+// Ops/CUDALoRADropout.swift hash the mask as they read x for d(x)·Aᵀ and dA, and dA writes it as bits
+// (`dropoutMaskBits`, 1 bit per element) that the add of d(s·(dy·B)·A) into dx reads (the base GEMMs are the same
+// with and without dropout); dA's token splits go through one fp32 scratch. Hashing is what dropout costs, so each
+// element is hashed twice a step, not four times: d(x)·Aᵀ of every block is kept from the forward to the backward
+// (`droppedXA`, r/hidden of a checkpoint per linear), so the recomputation reuses it instead of hashing again.
 // Linear biases (Qwen2's q, k, v) are frozen: written into y before the base GEMM accumulates onto it; no gradient.
 // Each linear has its own LoRA rank (its A, B and x·Aᵀ are sized by it; dy·B uses a scratch of the largest rank);
 // rank 0 is a linear without an adapter (PEFT's target_modules naming only some projections): the base alone.
@@ -71,6 +74,9 @@ struct TrainerLinear {
     let bOffset: Int
     /// x·Aᵀ from the latest forward, [tokens, r] bf16.
     let xa: DeviceBuffer<UInt16>
+    /// Under dropout: this block's own d(x)·Aᵀ [tokens, r], written by the step's forward and read by the
+    /// recomputation and the backward (nil when the trainer has no dropout).
+    let droppedXA: DeviceBuffer<UInt16>?
     var inFeatures: Int { weight.columns }
     var outFeatures: Int { weight.rows }
 }
@@ -187,6 +193,9 @@ public final class CUDADecoderTrainer {
     let dyB: DeviceBuffer<UInt16>
     /// The fused dropout's dA partial sums (loraDropoutScratchCount of the largest linear; nil when no linear has dropout).
     let dropoutPartials: DeviceBuffer<Float>?
+    /// The mask of the linear in the backward as bits, from dA's kernel to dx's (loraDropoutMaskBytes of the widest
+    /// input; nil when no linear has dropout).
+    let dropoutMaskBits: DeviceBuffer<UInt8>?
     /// The current step's dropout seed (nil: no dropout, e.g. evaluation).
     private var stepDropoutSeed: UInt64?
     let weightScratch: DeviceBuffer<UInt16>
@@ -331,7 +340,8 @@ public final class CUDADecoderTrainer {
             var blocks: [TrainerBlock] = []
             var rng = SeededGenerator(seed: 0)
             // x·Aᵀ is only read by the backward of the block whose recomputation just wrote it, so all blocks share
-            // one buffer per linear, sized by that linear's largest rank.
+            // one buffer per linear, sized by that linear's largest rank (under dropout, each block keeps its own
+            // d(x)·Aᵀ from the forward instead: `droppedXA`).
             let sharedXA = try CUDAMemoryPlan.largestRanks(ranks).map { try bf16(max(n * $0, 1)) }
             for l in 0..<c.layerCount {
                 var linears: [TrainerLinear] = []
@@ -358,8 +368,11 @@ public final class CUDADecoderTrainer {
                                                    packedSeed: seed &+ rng.next(), absmaxSeed: seed &+ rng.next())
                         scale = rank == 0 ? 0 : Float((alpha ?? Double(2 * rank)) / Double(rank))
                     }
+                    // Every adapter gets one when the trainer has dropout, as CUDAMemoryPlan counts them.
+                    let droppedXA = dropout && rank > 0 ? try bf16(n * rank) : nil
                     linears.append(TrainerLinear(name: name, weight: weight, rank: rank, scale: scale, dropout: linearDropout, bias: bias,
-                                                 aOffset: layout[l][j].aOffset, bOffset: layout[l][j].bOffset, xa: sharedXA[j]))
+                                                 aOffset: layout[l][j].aOffset, bOffset: layout[l][j].bOffset, xa: sharedXA[j],
+                                                 droppedXA: droppedXA))
                 }
                 // The norms as stored (Gemma's w of x·(1 + w): the kernels add the offset in fp32).
                 func norm(_ values: [Float]?, _ count: Int, _ what: String) throws -> DeviceBuffer<UInt16> {
@@ -433,6 +446,7 @@ public final class CUDADecoderTrainer {
             dyB = try bf16(n * maxRank)
             dropoutPartials = dropout
                 ? try a.buffer(Float.self, count: CUDAMemoryPlan.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks)) : nil
+            dropoutMaskBits = dropout ? try a.buffer(UInt8.self, count: CUDAMemoryPlan.dropoutMaskBytes(tokens: n, shapes: shapes)) : nil
             weightScratch = try bf16(shapes.map { $0.out * $0.in }.max() ?? 1)
             lossChunkRows = scratch.lossChunkRows
             logits = blockScratch.view(at: 0, count: lossChunkRows * c.vocabularySize)
@@ -544,7 +558,7 @@ public final class CUDADecoderTrainer {
     /// The dropout mask seed of `l` in this step, or nil when its LoRA path reads x itself (no dropout on `l`, or
     /// no dropout seed: evaluation). `seeds` are the block's per-linear seeds.
     private func maskSeed(_ l: TrainerLinear, _ j: Int, _ seeds: [UInt64]?) -> UInt64? {
-        guard l.dropout > 0, let seeds, dropoutPartials != nil else { return nil }
+        guard l.dropout > 0, let seeds, dropoutPartials != nil, l.droppedXA != nil else { return nil }
         return seeds[j]
     }
 
@@ -553,17 +567,26 @@ public final class CUDADecoderTrainer {
         seed.map { LoRADropoutMask(seed: $0, keep: 1 - l.dropout) }
     }
 
-    /// y (+)= x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ for `n` tokens, keeping d(x)·Aᵀ in `l.xa` (d: dropout with mask `seed`, or
-    /// none). Without `base`, only d(x)·Aᵀ is computed.
+    /// The buffer that holds `l`'s d(x)·Aᵀ from its forward to its backward: the block's own under dropout.
+    private func xaBuffer(_ l: TrainerLinear, seed: UInt64?) -> DeviceBuffer<UInt16> {
+        seed != nil ? l.droppedXA ?? l.xa : l.xa
+    }
+
+    /// y (+)= x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ for `n` tokens, keeping d(x)·Aᵀ in `xaBuffer` (d: dropout with mask `seed`, or
+    /// none). Without `base`, only d(x)·Aᵀ is computed. `recompute`: the recomputation before the block's backward,
+    /// which finds a dropped-out d(x)·Aᵀ where this step's forward left it (same x, same mask: the same bits).
     private func linearForward(_ l: TrainerLinear, x: CUdeviceptr, y: CUdeviceptr, n: Int, accumulate: Bool, base: Bool = true,
-                               seed: UInt64?) throws {
+                               recompute: Bool = false, seed: UInt64?) throws {
         let blas = try context.blas()
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
+        let xa = xaBuffer(l, seed: seed)
         if l.rank > 0 {
             if let mask = dropoutMask(l, seed: seed) {
-                try context.loraDropoutXA(x: x, a: a16, into: l.xa.pointer, tokens: n, inFeatures: l.inFeatures, rank: l.rank, mask: mask)
+                if !recompute {
+                    try context.loraDropoutXA(x: x, a: a16, into: xa.pointer, tokens: n, inFeatures: l.inFeatures, rank: l.rank, mask: mask)
+                }
             } else {
-                try blas.gemm(m: n, n: l.rank, k: l.inFeatures, a: x, b: a16, transB: true, c: l.xa.pointer)
+                try blas.gemm(m: n, n: l.rank, k: l.inFeatures, a: x, b: a16, transB: true, c: xa.pointer)
             }
         }
         guard base else { return }
@@ -574,7 +597,7 @@ public final class CUDADecoderTrainer {
         try blas.gemm(m: n, n: l.outFeatures, k: l.inFeatures, a: x, b: weightScratch.pointer, transB: true, c: y,
                       beta: accumulate || l.bias != nil ? 1 : 0)
         guard l.rank > 0 else { return }
-        try blas.gemm(m: n, n: l.outFeatures, k: l.rank, a: l.xa.pointer, b: b16, transB: true, c: y, alpha: l.scale, beta: 1)
+        try blas.gemm(m: n, n: l.outFeatures, k: l.rank, a: xa.pointer, b: b16, transB: true, c: y, alpha: l.scale, beta: 1)
     }
 
     /// dx (+)= dy·W + d(s·(dy·B)·A); dA += s·(dy·B)ᵀ·d(x); dB += s·dyᵀ·(d(x)·Aᵀ). dx may be x itself (x is read
@@ -589,15 +612,15 @@ public final class CUDADecoderTrainer {
             return
         }
         // dB [out, r] += s·dyᵀ·xa
-        try blas.gemm(m: l.outFeatures, n: l.rank, k: n, a: dy, transA: true, b: l.xa.pointer, c: grads.address(at: l.bOffset),
+        try blas.gemm(m: l.outFeatures, n: l.rank, k: n, a: dy, transA: true, b: xaBuffer(l, seed: seed).pointer, c: grads.address(at: l.bOffset),
                       outputType: .float32, alpha: l.scale, beta: 1)
         // dyB [n, r] = dy·B
         try blas.gemm(m: n, n: l.rank, k: l.outFeatures, a: dy, b: b16, c: dyB.pointer)
-        // dA [r, in] += s·dyBᵀ·d(x)
+        // dA [r, in] += s·dyBᵀ·d(x), the mask into dropoutMaskBits for dx (dx may be x: it is written after this)
         let mask = dropoutMask(l, seed: seed)
         if let mask, let dropoutPartials {
             try context.loraDropoutGradA(x: x, dyB: dyB.pointer, into: grads.address(at: l.aOffset), scratch: dropoutPartials, tokens: n,
-                                         inFeatures: l.inFeatures, rank: l.rank, scale: l.scale, mask: mask)
+                                         inFeatures: l.inFeatures, rank: l.rank, scale: l.scale, mask: mask, maskBits: dropoutMaskBits)
         } else {
             try blas.gemm(m: l.rank, n: l.inFeatures, k: n, a: dyB.pointer, transA: true, b: x, c: grads.address(at: l.aOffset),
                           outputType: .float32, alpha: l.scale, beta: 1)
@@ -606,7 +629,7 @@ public final class CUDADecoderTrainer {
         try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weightScratch.pointer, c: dx, beta: accumulate ? 1 : 0)
         if let mask {
             try context.loraDropoutAddDX(dyB: dyB.pointer, a: a16, into: dx, tokens: n, inFeatures: l.inFeatures, rank: l.rank,
-                                         scale: l.scale, mask: mask)
+                                         scale: l.scale, mask: mask, maskBits: dropoutMaskBits)
         } else {
             try blas.gemm(m: n, n: l.inFeatures, k: l.rank, a: dyB.pointer, b: a16, c: dx, alpha: l.scale, beta: 1)
         }
@@ -689,7 +712,8 @@ public final class CUDADecoderTrainer {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
         let L = b.linears
         func forward(_ j: Int, x: CUdeviceptr, y: CUdeviceptr, accumulate: Bool, base: Bool = true) throws {
-            try linearForward(L[j], x: x, y: y, n: n, accumulate: accumulate, base: base, seed: maskSeed(L[j], j, seeds))
+            try linearForward(L[j], x: x, y: y, n: n, accumulate: accumulate, base: base, recompute: output == nil,
+                              seed: maskSeed(L[j], j, seeds))
         }
         try norm(x, b.inputNorm, into: norm1, rows: n, dim: h)
         // q and k go through their norms from the projection buffers when there are q/k norms.

@@ -11,7 +11,9 @@
 //                reuse once the MLP's backward is done, and the loss's logits chunk between the forward and the
 //                backward (BlockScratchLayout), lse and delta (fp32), x·Aᵀ of one block's seven linears
 //                (recomputed before each block's backward, so shared by all blocks), dy·B, under dropout the fused
-//                dA's fp32 partial sums (CUDALoRADropout.swift; d(x) itself is never stored); the families'
+//                dA's fp32 partial sums and the mask bits of one linear (CUDALoRADropout.swift; d(x) itself is never
+//                stored) and every block's own d(x)·Aᵀ (kept from the forward, so the recomputation does not hash the
+//                mask again: L·Σ 2·N·r, r/H of the checkpoints per linear); the families'
 //                variations add q and k before their norms, o_proj's and down_proj's outputs before Gemma's
 //                sandwich norms, Phi-3's fused projection output before its split
 //   workspace    the bf16 scratch a linear weight is dequantized into, cuBLASLt's workspace
@@ -163,6 +165,11 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         return max(1, counts.max() ?? 1)
     }
 
+    /// Bytes of the fused dropout's mask bits: one linear's [tokens, in] at one bit per element, the widest input.
+    static func dropoutMaskBytes(tokens n: Int, shapes: [(out: Int, in: Int)]) -> Int {
+        max(1, shapes.map { CUDAContext.loraDropoutMaskBytes(tokens: n, inFeatures: $0.in) }.max() ?? 1)
+    }
+
     /// The plan for LoRA rank `r` on every projection.
     public init(config c: DecoderConfig, tokens n: Int, rank r: Int, dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil) {
         self.init(config: c, tokens: n, ranks: Array(repeating: Array(repeating: r, count: Self.linearShapes(c).count), count: c.layerCount),
@@ -200,7 +207,10 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         optimizer = s(4 * loraParameters) * 2
         let h = 2 * n * c.hiddenSize, q = 2 * n * c.qDim, kv = 2 * n * c.kvDim
         // x·Aᵀ of one block's linears, dy·B, and the fused dropout's dA scratch.
-        let lora = xa + s(2 * n * maxRank) + (dropout ? s(4 * Self.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks)) : 0)
+        let droppedXA = ranks.joined().reduce(0) { $0 + ($1 > 0 ? s(2 * n * $1) : 0) }
+        let lora = xa + s(2 * n * maxRank)
+            + (dropout ? s(4 * Self.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks))
+                + s(Self.dropoutMaskBytes(tokens: n, shapes: shapes)) + droppedXA : 0)
         checkpoints = memory.deviceCheckpoints(layers: c.layerCount) * s(h)
         let scratch = BlockScratchLayout(config: c, tokens: n)
         // norm1, hidden, norm2, gradient, dNorm; q, attended; k, v; the shared MLP / attention-gradient / logits region;

@@ -7,7 +7,8 @@
 //   backward, dA     dA += s·dyBᵀ·(m⊙x) / keep                 = s·dyBᵀ·d(x)
 //   backward, dx     dx += m ⊙ (s·dyB·A) / keep                = d(s·dyB·A)
 // Each reads its [tokens, in] operand once. dA sums token splits into an fp32 scratch and adds the splits in order
-// (`loraDropoutScratchCount` floats), so a run has the same bits every time.
+// (`loraDropoutScratchCount` floats), so a run has the same bits every time. The backward can hash the mask once:
+// dA writes it as bits (`loraDropoutMaskBytes`: one bit per element) and dx reads them instead of hashing again.
 
 /// The LoRA dropout of one linear in one step: the mask's seed (`DropoutMask.linearSeed`) and keep = 1 − p (fp32).
 public struct LoRADropoutMask {
@@ -34,6 +35,17 @@ extension CUDAContext {
         loraDropoutSplits(tokens: tokens, inFeatures: inFeatures) * rank * inFeatures
     }
 
+    /// Bytes of the mask bits of `tokens` x `inFeatures` (bit e of byte b in row t: element t·in + 8b + e).
+    public static func loraDropoutMaskBytes(tokens: Int, inFeatures: Int) -> Int {
+        tokens * ((inFeatures + 7) / 8)
+    }
+
+    private func checkMaskBits(_ op: String, _ bits: DeviceBuffer<UInt8>?, tokens: Int, inFeatures: Int) throws {
+        guard let bits else { return }
+        let bytes = CUDAContext.loraDropoutMaskBytes(tokens: tokens, inFeatures: inFeatures)
+        try require(bits.count >= bytes, op, "mask bits of \(bits.count) bytes are fewer than \(bytes) for \(tokens) x \(inFeatures)")
+    }
+
     private func checkLoRADropout(_ op: String, tokens: Int, inFeatures: Int, rank: Int, mask: LoRADropoutMask) throws {
         try require(tokens > 0 && inFeatures > 0 && rank > 0, op, "empty shape: \(tokens) tokens, in \(inFeatures), rank \(rank)")
         try require(mask.keep > 0 && mask.keep <= 1, op, "keep probability \(mask.keep) is outside (0, 1]")
@@ -52,17 +64,21 @@ extension CUDAContext {
                            .int64(Int64(bitPattern: mask.seed)), .float(mask.keep)])
     }
 
-    /// dA [rank, inFeatures] (fp32) += scale·dyBᵀ·d(x), through `scratch` (`loraDropoutScratchCount` floats).
+    /// dA [rank, inFeatures] (fp32) += scale·dyBᵀ·d(x), through `scratch` (`loraDropoutScratchCount` floats); writes
+    /// the mask into `maskBits` (`loraDropoutMaskBytes`) when given, for `loraDropoutAddDX`.
     public func loraDropoutGradA(x: CUdeviceptr, dyB: CUdeviceptr, into dA: CUdeviceptr, scratch: DeviceBuffer<Float>, tokens: Int,
-                                 inFeatures: Int, rank: Int, scale: Float, mask: LoRADropoutMask, stream: CUDAStream? = nil) throws {
+                                 inFeatures: Int, rank: Int, scale: Float, mask: LoRADropoutMask, maskBits: DeviceBuffer<UInt8>? = nil,
+                                 stream: CUDAStream? = nil) throws {
         try checkLoRADropout("loraDropoutGradA", tokens: tokens, inFeatures: inFeatures, rank: rank, mask: mask)
+        try checkMaskBits("loraDropoutGradA", maskBits, tokens: tokens, inFeatures: inFeatures)
         let splits = CUDAContext.loraDropoutSplits(tokens: tokens, inFeatures: inFeatures)
         try require(scratch.count >= splits * rank * inFeatures, "loraDropoutGradA",
                     "scratch of \(scratch.count) floats is smaller than \(splits) splits x \(rank) x \(inFeatures)")
         let tile = rank <= 16 ? 16 : 32
         try device.launch(compiler.function(KernelSources.loraDropout, "lora_dropout_da_r\(tile)"),
                           grid: ((inFeatures + 255) / 256, splits, (rank + tile - 1) / tile), block: (128, 1, 1), stream: stream,
-                          [.pointer(x), .pointer(dyB), scratch.arg, .int(tokens), .int(inFeatures), .int(rank), .int(splits),
+                          [.pointer(x), .pointer(dyB), scratch.arg, .pointer(maskBits?.pointer ?? 0), .int(tokens), .int(inFeatures),
+                           .int(rank), .int(splits),
                            .int64(Int64(bitPattern: mask.seed)), .float(mask.keep)])
         let count = rank * inFeatures
         try device.launch(compiler.function(KernelSources.loraDropout, "lora_dropout_da_finish"), grid: (gridSize(items: count), 1, 1),
@@ -70,15 +86,19 @@ extension CUDAContext {
                           [scratch.arg, .pointer(dA), .int64(Int64(count)), .int(splits), .float(scale), .float(mask.keep)])
     }
 
-    /// dx [tokens, inFeatures] (h16) += d(scale·dyB·A), rounding dx once per element.
+    /// dx [tokens, inFeatures] (h16) += d(scale·dyB·A), rounding dx once per element. The mask: `maskBits` written by
+    /// `loraDropoutGradA` with the same `mask` and shape, or, when nil, hashed here.
     public func loraDropoutAddDX(dyB: CUdeviceptr, a: CUdeviceptr, into dx: CUdeviceptr, tokens: Int, inFeatures: Int, rank: Int,
-                                 scale: Float, mask: LoRADropoutMask, stream: CUDAStream? = nil) throws {
+                                 scale: Float, mask: LoRADropoutMask, maskBits: DeviceBuffer<UInt8>? = nil,
+                                 stream: CUDAStream? = nil) throws {
         try checkLoRADropout("loraDropoutAddDX", tokens: tokens, inFeatures: inFeatures, rank: rank, mask: mask)
+        try checkMaskBits("loraDropoutAddDX", maskBits, tokens: tokens, inFeatures: inFeatures)
         let columnBlocks = (inFeatures + 255) / 256
         let tokenBlocks = min((tokens + 15) / 16, max(1, (4 * device.multiprocessorCount + columnBlocks - 1) / columnBlocks))
         try device.launch(compiler.function(KernelSources.loraDropout, "lora_dropout_dx"), grid: (columnBlocks, tokenBlocks, 1),
                           block: (128, 1, 1), stream: stream,
-                          [.pointer(dyB), .pointer(a), .pointer(dx), .int(tokens), .int(inFeatures), .int(rank),
+                          [.pointer(dyB), .pointer(a), .pointer(dx), .pointer(maskBits?.pointer ?? 0), .int(tokens), .int(inFeatures),
+                           .int(rank),
                            .int64(Int64(bitPattern: mask.seed)), .float(mask.keep), .float(scale / mask.keep)])
     }
 }

@@ -52,13 +52,14 @@ extension CUDAContext {
     }
 
     /// dx (bf16), dA and dB (fp32; added to when `accumulateGradients`) from dy. `dyB` is [tokens, r] bf16 scratch.
-    /// With `dropout`, `dropoutScratch` holds `CUDAContext.loraDropoutScratchCount` floats.
+    /// With `dropout`, `dropoutScratch` holds `CUDAContext.loraDropoutScratchCount` floats; with `dropoutMaskBits`
+    /// (`CUDAContext.loraDropoutMaskBytes`) the mask is hashed once, by dA's kernel, and dx's reads it as bits.
     public func loraLinearBackward(x: DeviceBuffer<UInt16>, weight: DeviceBuffer<UInt16>, lora: LoRADeviceWeights,
                                    xa: DeviceBuffer<UInt16>, dy: DeviceBuffer<UInt16>, tokens: Int, inFeatures: Int,
                                    outFeatures: Int, dyB: DeviceBuffer<UInt16>, dx: DeviceBuffer<UInt16>,
                                    dA: DeviceBuffer<Float>, dB: DeviceBuffer<Float>, accumulateGradients: Bool = false,
                                    dropout: LoRADropoutMask? = nil, dropoutScratch: DeviceBuffer<Float>? = nil,
-                                   stream: CUDAStream? = nil) throws {
+                                   dropoutMaskBits: DeviceBuffer<UInt8>? = nil, stream: CUDAStream? = nil) throws {
         let r = lora.rank
         try require(dy.count >= tokens * outFeatures && dx.count >= tokens * inFeatures && dyB.count >= tokens * r
                         && dA.count >= r * inFeatures && dB.count >= outFeatures * r,
@@ -75,7 +76,7 @@ extension CUDAContext {
             guard let dropoutScratch else { throw CUDAError(call: "loraLinearBackward", "dropout needs a dropoutScratch buffer") }
             if !accumulateGradients { try device.memset(dA.pointer, value: 0, bytes: 4 * r * inFeatures, stream: stream) }
             try loraDropoutGradA(x: x.pointer, dyB: dyB.pointer, into: dA.pointer, scratch: dropoutScratch, tokens: tokens,
-                                 inFeatures: inFeatures, rank: r, scale: lora.scale, mask: dropout, stream: stream)
+                                 inFeatures: inFeatures, rank: r, scale: lora.scale, mask: dropout, maskBits: dropoutMaskBits, stream: stream)
         } else {
             try blas.gemm(m: r, n: inFeatures, k: tokens, a: dyB.pointer, transA: true, b: x.pointer, c: dA.pointer,
                           outputType: .float32, alpha: lora.scale, beta: beta, stream: stream)
@@ -84,7 +85,7 @@ extension CUDAContext {
         try blas.gemm(m: tokens, n: inFeatures, k: outFeatures, a: dy.pointer, b: weight.pointer, c: dx.pointer, stream: stream)
         if let dropout {
             try loraDropoutAddDX(dyB: dyB.pointer, a: lora.a.pointer, into: dx.pointer, tokens: tokens, inFeatures: inFeatures, rank: r,
-                                 scale: lora.scale, mask: dropout, stream: stream)
+                                 scale: lora.scale, mask: dropout, maskBits: dropoutMaskBits, stream: stream)
         } else {
             try blas.gemm(m: tokens, n: inFeatures, k: r, a: dyB.pointer, b: lora.a.pointer, c: dx.pointer, alpha: lora.scale,
                           beta: 1, stream: stream)
