@@ -170,7 +170,7 @@ public enum Launcher {
             // The rank whose own error started it wrote it (ranks stopped by another's failure write nothing); when
             // none did (a crash), the first rank seen to fail.
             let origin = ranks.map(\.rank).lazy.compactMap { rank -> (Int, String)? in
-                let text = ((try? FileSystem.readText(errorDirectory + "/rank-\(rank).error")) ?? "").trimmingCharacters(in: " \t\r\n")
+                let text = ((try? FileSystem.readText(errorDirectory + "/rank-\(rank).error")) ?? "").trimmingCharacters(in: " \t\n\r")
                 return text.isEmpty ? nil : (rank, text)
             }.first
             let how = exited ? "exited with status \(code)" : "was killed by signal \(signal)"

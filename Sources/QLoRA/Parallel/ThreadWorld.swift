@@ -104,8 +104,9 @@ public final class ThreadWorld: @unchecked Sendable {
             pthread_cond_broadcast(condition)
         } else {
             while generation == mine && failure == nil { pthread_cond_wait(condition, mutex) }
+            // A rendezvous every rank reached has happened, even if a rank failed right after it.
+            if generation == mine, let failure { throw failure }
         }
-        if let failure { throw failure }
     }
 
     private func rendezvous() throws {
