@@ -29,7 +29,8 @@
 // training (fixture parity, forward-only loss, short run, engines, dropout, LoRA ranks, memory plan), memory
 // (offloaded checkpoints and the host embedding bit-identical, peak bytes; MemoryChecks.swift), qwen2 (trainer and
 // inference with biases), family rmsnorm / gated activation / rope / embedding / softcap / copy columns (the model
-// families' element-wise ops; FamilyOpChecks.swift), benchmarks.
+// families' element-wise ops; FamilyOpChecks.swift), nccl (a world of one and the Trainer's data-parallel path;
+// NCCLChecks.swift), benchmarks.
 
 import QLoRA
 #if canImport(Glibc)
@@ -525,6 +526,7 @@ runParityTrainingChecks()  // ParityChecks.swift: dropout, per-projection ranks
 runQwen2Checks()  // ParityChecks.swift: linear biases in training and generation
 runFamilyOpChecks()  // FamilyOpChecks.swift: the element-wise ops of Qwen3, Gemma 2/3 and Phi-3
 runFamilyTrainingChecks()  // FamilyTrainingChecks.swift: every family's variations in the GPU trainer
+runNCCLChecks(ctx)  // NCCLChecks.swift: NCCL in a world of one, the Trainer's data-parallel path
 
 // MARK: - Microbenchmarks
 

@@ -65,9 +65,14 @@ struct TrainCommand: ParsableCommand {
     var generationEvalExamples: Int?
     @Option(parsing: .unconditional, help: "The most tokens of each answer generated for the task metrics (default 64).")
     var generationMaxNewTokens: Int?
+    @Option(help: "Data parallel on this machine's GPUs: a count (the first N) or indices such as 0,2,3. One process per GPU, the LoRA gradients summed through NCCL; the global batch is batch × accumulation × GPUs (docs/MULTI_GPU.md).")
+    var gpus: String?
+    @Option(parsing: .unconditional, help: "Data parallel over N CPU processes on this machine, the gradients summed over local sockets (the multi-process path without GPUs).")
+    var world: Int?
 
-    /// The configuration: defaults, then the YAML file, then the flags given.
-    func configuration() throws -> TrainingConfiguration {
+    /// The configuration: defaults, then the YAML file, then the flags given. `checkOutput`: refuse an output folder
+    /// holding an earlier run (every rank but 0 skips it: rank 0 may already be writing there).
+    func configuration(checkOutput: Bool = true) throws -> TrainingConfiguration {
         var c = try config.map { try TrainingConfiguration(yamlFile: $0) } ?? TrainingConfiguration()
         func set<T>(_ value: T?, _ path: WritableKeyPath<TrainingConfiguration, T>) { if let value { c[keyPath: path] = value } }
         set(model, \.model); set(quantize, \.quantize)
@@ -94,7 +99,7 @@ struct TrainCommand: ParsableCommand {
         set(generationEvalExamples, \.generationEvalExamples); set(generationMaxNewTokens, \.generationMaxNewTokens)
         if let choice = try computeDTypeOption.choice() { c.computeDType = choice }
         try c.validate()
-        try Trainer.checkOutputDirectory(c)  // before minutes of loading
+        if checkOutput { try Trainer.checkOutputDirectory(c) }  // before minutes of loading
         return c
     }
 
@@ -102,8 +107,41 @@ struct TrainCommand: ParsableCommand {
         if let gpuMemory, !(gpuMemory > 0 && gpuMemory.isFinite) {
             throw ValidationError("--gpu-memory must be a positive number of GiB, got \(gpuMemory)")
         }
-        let c = try configuration()
+        let environment = LaunchEnvironment.processEnvironment()
+        if let job = try LaunchEnvironment.from(environment) {
+            // One rank of a job (started by --gpus/--world, torchrun or SLURM): its error goes to the launcher too.
+            do { try train(job: job) } catch {
+                // A rank stopped by another's failure leaves the report to that rank.
+                if !(error is RankFailedError) { Launcher.reportRankError("\(error)") }
+                throw error
+            }
+        } else if gpus != nil || world != nil {
+            try launch(environment)
+        } else {
+            try train(job: nil)
+        }
+    }
+
+    func train(job: LaunchEnvironment?) throws {
+        let rank = job?.rank ?? 0
+        let say: (String) -> Void = rank == 0 ? { printError($0) } : { _ in }
+        let c = try configuration(checkOutput: rank == 0)
+        if let job, device.lowercased() != "cpu" {
+            // Before CUDA starts: this rank's GPU (the one the launcher gave it, or the LOCAL_RANK-th visible one).
+            let visible = getenv("CUDA_VISIBLE_DEVICES").map { String(cString: $0) }
+            setenv("CUDA_VISIBLE_DEVICES", try LaunchEnvironment.visibleDevice(localRank: job.localRank, visible: visible), 1)
+        }
         let trainingDevice = try ComputeDevice.choose(device, computeDType: c.computeDType == .auto ? nil : c.computeDType)
+        let collective: Collective = try job.map { try Self.joinJob($0, device: trainingDevice) } ?? LocalCollective()
+        do {
+            try train(c, device: trainingDevice, collective: collective, say: say)
+        } catch {
+            collective.abort("\(error)")
+            throw error
+        }
+    }
+
+    func train(_ c: TrainingConfiguration, device trainingDevice: ComputeDevice, collective: Collective, say printError: @escaping (String) -> Void) throws {
         if let gpuMemory, case .cuda(let context) = trainingDevice { try context.setMemoryBudget(gib: gpuMemory) }
         let loaded = try ModelLoader.load(c.model, quantization: try BaseQuantization.parse(c.quantize), log: { printError($0) })
         printError("model: \(loaded.description)")
@@ -140,8 +178,8 @@ struct TrainCommand: ParsableCommand {
         var usedDevice = trainingDevice
         do {
             trainer = try Trainer(configuration: c, model: loaded.model, train: train, eval: eval, padID: padID,
-                                  baseDirectory: loaded.directory, device: trainingDevice)
-        } catch where device.lowercased() == "auto" && trainingDevice.isCUDA {
+                                  baseDirectory: loaded.directory, device: trainingDevice, collective: collective)
+        } catch where device.lowercased() == "auto" && trainingDevice.isCUDA && collective.worldSize == 1 {
             usedDevice = .cpu
             // What the GPU trainer cannot hold or does not support (memory, head dimensions): the CPU, saying why.
             printError("device: cpu after all (auto: \(error))")
@@ -149,7 +187,19 @@ struct TrainCommand: ParsableCommand {
                                   baseDirectory: loaded.directory, device: .cpu)
         }
         try prepareCard(trainer, loaded: loaded, c: c, train: train, eval: eval, device: usedDevice)
+        if !collective.isMainRank {
+            trainer.log = { _ in }
+            trainer.showProgress = { _ in }
+        }
+        if let failure = Self.testFailure(rank: collective.rank) {
+            // A test hook (QLORA_TEST_FAIL_RANK=RANK:STEP): this rank dies at that step, as a crashed rank would.
+            trainer.shouldStop = { step in
+                if step == failure { Launcher.reportRankError("test failure of rank \(collective.rank) at step \(step)"); Glibc.exit(3) }
+                return false
+            }
+        }
         let summary = try trainer.run()
+        guard collective.isMainRank else { return }
         var lines = ["trained \(summary.steps) steps at \(Int(summary.tokensPerSecond)) tokens/s; adapter in \(summary.outputDirectory)"]
         if let loss = summary.finalTrainLoss { lines.append(String(cFormat: "last train loss %.4f", loss)) }
         if let best = summary.bestEvalLoss, let step = summary.bestStep {
@@ -160,7 +210,101 @@ struct TrainCommand: ParsableCommand {
             lines.append(text)
         }
         if summary.stoppedEarly { lines.append("stopped early") }
+        if collective.worldSize > 1 { lines.append("\(collective.worldSize) ranks") }
         print(lines.joined(separator: "; "))
+    }
+}
+
+// MARK: - Data parallel
+
+extension TrainCommand {
+    /// The collective of this rank: NCCL on a GPU (rank 0's unique id handed out at the rendezvous), sockets on the CPU.
+    static func joinJob(_ job: LaunchEnvironment, device: ComputeDevice) throws -> Collective {
+        guard job.worldSize > 1 else { return LocalCollective() }
+        let timeout = try Rendezvous.defaultTimeout()
+        switch device {
+        case .cpu:
+            return try SocketCollective(rank: job.rank, worldSize: job.worldSize, host: job.masterAddress, port: job.masterPort, timeout: timeout)
+        case .cuda(let context):
+            let nccl = try NCCLLibrary()
+            let id = job.rank == 0 ? try nccl.uniqueID() : []
+            let meeting = try SocketCollective(rank: job.rank, worldSize: job.worldSize, host: job.masterAddress, port: job.masterPort,
+                                               payload: id, payloadBytes: NCCLLibrary.uniqueIDBytes, timeout: timeout)
+            if job.rank == 0 { printError("data parallel: NCCL \(nccl.versionString), \(job.worldSize) ranks") }
+            return try NCCLCollective(nccl: nccl, context: context, rank: job.rank, worldSize: job.worldSize, uniqueID: meeting.payload)
+        }
+    }
+
+    /// QLORA_TEST_FAIL_RANK=RANK:STEP (tests only): the step at which `rank` dies.
+    static func testFailure(rank: Int) -> Int? {
+        guard let text = getenv("QLORA_TEST_FAIL_RANK").map({ String(cString: $0) }) else { return nil }
+        let parts = text.split(separator: ":").compactMap { Int($0) }
+        return parts.count == 2 && parts[0] == rank ? parts[1] : nil
+    }
+
+    /// The GPU indices of --gpus: "N" is the first N, "0,2,3" those.
+    static func gpuList(_ text: String) throws -> [Int] {
+        if !text.contains(","), let n = Int(text) {
+            guard n >= 1 else { throw ValidationError("--gpus \(text): expected a count of at least 1 or a list of GPU indices such as 0,2,3") }
+            return Array(0..<n)
+        }
+        let ids = text.split(separator: ",").map { Int($0.filter { !$0.isWhitespace }) }
+        guard !ids.isEmpty, ids.allSatisfy({ ($0 ?? -1) >= 0 }) else {
+            throw ValidationError("--gpus \(text): expected a count or a list of GPU indices such as 0,2,3")
+        }
+        let list = ids.map { $0! }
+        guard Set(list).count == list.count else { throw ValidationError("--gpus \(text): a GPU is listed twice") }
+        return list
+    }
+
+    /// The arguments of the children: these, without the launcher's own options (and --device, which it sets).
+    static func childArguments(_ arguments: [String]) -> [String] {
+        var result: [String] = []
+        var skipNext = false
+        for argument in arguments {
+            if skipNext { skipNext = false; continue }
+            if ["--gpus", "--world", "--device"].contains(argument) { skipNext = true; continue }
+            if ["--gpus=", "--world=", "--device="].contains(where: { argument.hasPrefix($0) }) { continue }
+            result.append(argument)
+        }
+        return result
+    }
+
+    /// `--gpus` / `--world`: starts one rank per GPU (or CPU process) and watches them.
+    func launch(_ environment: [String: String]) throws {
+        guard gpus == nil || world == nil else { throw ValidationError("--gpus and --world exclude each other: --gpus for GPUs, --world for CPU processes") }
+        _ = try configuration()  // the settings and the output folder are checked once, before any rank starts
+        var ranks: [Launcher.Rank] = []
+        var arguments = Self.childArguments(Array(CommandLine.arguments.dropFirst()))
+        if let gpus {
+            let list = try Self.gpuList(gpus)
+            let available: Int
+            do { available = try CUDADriver.shared().deviceCount() } catch {
+                throw ValidationError("--gpus \(gpus): no usable GPU on this machine (\(error)); train on the CPU without --gpus, or with --world N for CPU processes")
+            }
+            guard available > 0 else { throw ValidationError("--gpus \(gpus): the CUDA driver reports no GPU on this machine; train without --gpus") }
+            if let missing = list.first(where: { $0 >= available }) {
+                throw ValidationError("--gpus \(gpus): GPU \(missing) does not exist; this machine shows \(available) GPU(s), 0 to \(available - 1)")
+            }
+            arguments += ["--device", "cuda"]
+            ranks = list.enumerated().map { Launcher.Rank(rank: $0.offset, environment: ["CUDA_VISIBLE_DEVICES": String($0.element)]) }
+        } else if let world {
+            guard world >= 1 else { throw ValidationError("--world \(world): expected at least 1 process") }
+            arguments += ["--device", "cpu"]
+            ranks = (0..<world).map { Launcher.Rank(rank: $0, environment: [:]) }
+        }
+        var common = environment
+        common["WORLD_SIZE"] = String(ranks.count)
+        common["LOCAL_WORLD_SIZE"] = String(ranks.count)
+        common["MASTER_ADDR"] = environment["MASTER_ADDR"] ?? "127.0.0.1"
+        common["MASTER_PORT"] = try environment["MASTER_PORT"] ?? String(Launcher.freePort())
+        common["NCCL_NVLS_ENABLE"] = "0"
+        for i in ranks.indices {
+            ranks[i].environment["RANK"] = String(ranks[i].rank)
+            ranks[i].environment["LOCAL_RANK"] = String(ranks[i].rank)
+        }
+        printError("data parallel: \(ranks.count) \(gpus != nil ? "GPU" : "CPU") ranks, rendezvous at \(common["MASTER_ADDR"]!):\(common["MASTER_PORT"]!)")
+        try Launcher.run(executable: try Launcher.currentExecutable(), arguments: arguments, environment: common, ranks: ranks) { printError($0) }
     }
 }
 

@@ -114,9 +114,16 @@ public protocol TrainingEngine: AnyObject {
     /// device, for the task metrics during training. The GPU's shares the trainer's NF4 base instead of uploading a
     /// second copy of it.
     func batchGenerator(model: DecoderModel) throws -> BatchGenerator
+    /// Data parallel: the next `accumulate` is the step's last micro-batch. An engine that overlaps communication with
+    /// the backward starts summing each block's finished LoRA gradients over `collective` as the backward goes;
+    /// `reduceGradients` completes the sum. (Default: nothing; `reduceGradients` does all.)
+    func prepareGradientReduction(over collective: Collective) throws
+    /// Data parallel: replaces the accumulated LoRA gradients by their sum over the ranks of `collective` (before `step`).
+    func reduceGradients(over collective: Collective) throws
 }
 
 extension TrainingEngine {
+    public func prepareGradientReduction(over collective: Collective) throws {}
     public var lossScaler: GradScaler? { nil }
     public var lastStepSkipped: Bool { false }
     public func restoreLossScaler(scale: Float, growthTracker: Int, skippedSteps: Int) {}

@@ -48,3 +48,44 @@ public final class CPUTrainingEngine: TrainingEngine {
         }.flatMap { $0 }
     }
 }
+
+// MARK: - Data parallel
+
+extension CPUTrainingEngine {
+    /// Floats summed per collective call: large enough that the per-call cost vanishes, small enough to bound the copy.
+    static let bucketElements = 1 << 20
+
+    /// Sums the LoRA gradients over the ranks in buckets: the gradients (in `parameterSlots` order, the same on every
+    /// rank) are packed into a bucket, reduced, and unpacked. On the CPU the reduction follows the backward (no overlap).
+    public func reduceGradients(over collective: Collective) throws {
+        guard !(collective is LocalCollective) else { return }
+        let slots = parameterSlots()
+        var bucket = [Float](repeating: 0, count: min(Self.bucketElements, max(1, slots.reduce(0) { $0 + $1.gradient.count })))
+        var pending: [(slot: Int, start: Int, count: Int)] = []
+        var filled = 0
+        func flush() throws {
+            guard filled > 0 else { return }
+            try bucket.withUnsafeMutableBufferPointer { try collective.allReduce(UnsafeMutableBufferPointer(rebasing: $0[0..<filled]), .sum) }
+            var offset = 0
+            for piece in pending {
+                let target = UnsafeMutableBufferPointer(mutating: slots[piece.slot].gradient)
+                for i in 0..<piece.count { target[piece.start + i] = bucket[offset + i] }
+                offset += piece.count
+            }
+            pending.removeAll(keepingCapacity: true)
+            filled = 0
+        }
+        for (s, slot) in slots.enumerated() {
+            var start = 0
+            while start < slot.gradient.count {
+                let count = min(slot.gradient.count - start, bucket.count - filled)
+                for i in 0..<count { bucket[filled + i] = slot.gradient[start + i] }
+                pending.append((s, start, count))
+                filled += count
+                start += count
+                if filled == bucket.count { try flush() }
+            }
+        }
+        try flush()
+    }
+}

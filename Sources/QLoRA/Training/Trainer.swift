@@ -4,6 +4,17 @@
 // Determinism is what makes resume exact: the data order of epoch e is a shuffle seeded by
 // (seed, e), and the dropout masks of a micro-batch are seeded by (seed, step, micro-batch), so
 // the state to save is only the adapter, the optimizer and the step counter.
+//
+// Data parallel (a `Collective` of W ranks, Parallel/): every rank holds the whole data set and the same adapter; the
+// epoch order is sharded as torch's DistributedSampler shards it (Parallel/DistributedSampling.swift), so at step s the
+// W ranks with accumulation A take together the micro-batches one process with accumulation A·W takes. Each rank
+// divides its loss by the counted tokens of the whole global batch (all ranks' micro-batches, known to every rank), so
+// the sum of the ranks' gradients is the one-process gradient: d(Σ_r Σ_m loss_rm / N) = Σ_r d(Σ_m loss_rm / N).
+// (transformers gets the same by multiplying the loss by W before DDP averages.) The dropout seed of rank r's m-th
+// micro-batch is the one-process seed of micro-batch m·W + r. The steps per epoch are ceil(ceil(M/W)/A) for M
+// micro-batches; logged losses and tokens are reduced over the ranks; evaluation is sharded (without padding) and its
+// loss sums reduced. Rank 0 alone writes files (metrics, TensorBoard, checkpoints, best/, the adapter, the report);
+// every rank restores a checkpoint on resume.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -45,8 +56,10 @@ public final class Trainer {
     public let model: DecoderModel
     public let train: [TrainingBatch]
     public let eval: [TrainingBatch]
-    /// Micro-batches in one epoch, in the unshuffled order.
+    /// Micro-batches in one epoch, in the unshuffled order (all ranks together).
     let microBatchesPerEpoch: Int
+    /// The data-parallel world this trainer is one rank of (`LocalCollective`: a plain single-process run).
+    public let collective: Collective
     public let stepsPerEpoch: Int
     public let totalSteps: Int
     /// Where the forward/backward, clipping and optimizer run (CPU or GPU).
@@ -97,11 +110,12 @@ public final class Trainer {
     public private(set) var tensorBoard: TensorBoardWriter?
 
     public init(configuration: TrainingConfiguration, model: DecoderModel, train: [TokenizedExample], eval: [TokenizedExample],
-                padID: Int, baseDirectory: String?, device: ComputeDevice = .cpu) throws {
+                padID: Int, baseDirectory: String?, device: ComputeDevice = .cpu, collective: Collective = LocalCollective()) throws {
         try configuration.validate()
         self.configuration = configuration
         self.model = model
         self.baseDirectory = baseDirectory
+        self.collective = collective
         let c = configuration
         // Ids index the embedding and the loss: every one is checked against the model before any batch is built.
         for e in train + eval { try e.validate(vocabularySize: model.config.vocabularySize) }
@@ -111,7 +125,9 @@ public final class Trainer {
         // Training refuses what it does not compute (evaluation and generation of the same model run).
         try model.config.checkTrainable()
         microBatchesPerEpoch = self.train.count
-        stepsPerEpoch = (microBatchesPerEpoch + c.gradientAccumulationSteps - 1) / c.gradientAccumulationSteps
+        // Each rank's share of an epoch (padded as DistributedSampler pads), then its accumulation.
+        let perRank = DistributedSampling.itemsPerRank(count: microBatchesPerEpoch, worldSize: collective.worldSize)
+        stepsPerEpoch = (perRank + c.gradientAccumulationSteps - 1) / c.gradientAccumulationSteps
         totalSteps = c.maxSteps > 0 ? c.maxSteps : max(1, Int((c.epochs * Double(stepsPerEpoch)).rounded(.up)))
         // A run that counts no token would report loss 0 and save an untrained adapter.
         if self.train.reduce(0, { $0 + $1.countedTokens }) == 0 {
@@ -143,7 +159,9 @@ public final class Trainer {
 
     public func run() throws -> TrainingSummary {
         let c = configuration
-        try prepareOutputDirectory()
+        // Rank 0 prepares the folder (it may remove an interrupted save's leftovers) before any rank reads a checkpoint.
+        if collective.isMainRank { try prepareOutputDirectory() }
+        try collective.barrier()
         var state = TrainerState()
         if c.resume {
             guard let latest = try Checkpoints.latest(in: c.outputDirectory) else { throw Self.noCheckpoint(c.outputDirectory) }
@@ -151,7 +169,7 @@ public final class Trainer {
             history = state.history
             evalHistory = state.evalHistory
             metricHistory = state.metricHistory
-            try truncateMetrics(afterStep: state.step)
+            if collective.isMainRank { try truncateMetrics(afterStep: state.step) }
             log("resumed from \(latest) at step \(state.step)")
         }
         let counts = model.parameterCounts
@@ -160,6 +178,14 @@ public final class Trainer {
         log("device: \(engine.deviceName)")
         log(memoryEstimate())
         log("\(train.count) micro-batches of \(c.batchSize) per epoch, accumulation \(c.gradientAccumulationSteps), \(totalSteps) steps, \(eval.count) eval batches")
+        let world = collective.worldSize, rank = collective.rank
+        // Any collective but the single-process one takes the data-parallel path, also a world of one (the GPU check
+        // runs NCCL's path that way on one GPU).
+        let parallel = !(collective is LocalCollective)
+        if world > 1 {
+            log("data parallel: rank \(rank) of \(world), global batch \(c.batchSize) × \(c.gradientAccumulationSteps) × \(world) = "
+                + "\(c.batchSize * c.gradientAccumulationSteps * world) rows a step, \(DistributedSampling.itemsPerRank(count: train.count, worldSize: world)) micro-batches per rank and epoch")
+        }
 
         let taskMetrics = try c.taskMetrics
         if !taskMetrics.isEmpty && !eval.isEmpty && generation == nil {
@@ -171,24 +197,33 @@ public final class Trainer {
         }
         let runStart = monotonicSeconds()
         let firstStep = state.step  // steps before this one were done by an earlier (resumed) run
-        tensorBoard = try TensorBoardWriter.forRun(c, resumedAfter: firstStep, log: log)
+        tensorBoard = collective.isMainRank ? try TensorBoardWriter.forRun(c, resumedAfter: firstStep, log: log) : nil
         var tokensSeen = 0
         var windowLoss = 0.0, windowSteps = 0
         var stoppedEarly = false
         var currentEpoch = -1
-        var order: [Int] = []
+        var order: [Int] = []        // this rank's micro-batches of the epoch
+        var globalOrder: [Int] = []  // every rank's, padded: rank r's i-th is globalOrder[i·W + r]
         while state.step < totalSteps {
             let step = state.step
             let epoch = step / stepsPerEpoch
-            if epoch != currentEpoch { order = epochOrder(epoch); currentEpoch = epoch }
+            if epoch != currentEpoch {
+                globalOrder = DistributedSampling.padded(epochOrder(epoch), worldSize: world)
+                order = DistributedSampling.shard(epochOrder(epoch), rank: rank, worldSize: world)
+                currentEpoch = epoch
+            }
             let first = (step % stepsPerEpoch) * c.gradientAccumulationSteps
-            let micro = Array(order[first..<min(first + c.gradientAccumulationSteps, microBatchesPerEpoch)])
+            let end = min(first + c.gradientAccumulationSteps, order.count)
+            let micro = Array(order[first..<end])
 
-            let normalizer = micro.reduce(0) { $0 + train[$1].countedTokens }
+            // The counted tokens of the whole global batch (every rank's micro-batches of this step).
+            let normalizer = globalOrder[(first * world)..<(end * world)].reduce(0) { $0 + train[$1].countedTokens }
             var loss = LossSum(sum: 0, count: 0)
+            var stepTokens = 0
             for (m, index) in micro.enumerated() {
                 let options = TrainingStepOptions(gradientCheckpointing: c.gradientCheckpointing,
-                                                  dropoutSeed: c.seed &* 1_000_003 &+ UInt64(step) &* 1009 &+ UInt64(m))
+                                                  dropoutSeed: c.seed &* 1_000_003 &+ UInt64(step) &* 1009 &+ UInt64(m * world + rank))
+                if parallel && m == micro.count - 1 { try engine.prepareGradientReduction(over: collective) }
                 let part = try engine.accumulate(batch: train[index], normalizer: normalizer, options: options, first: m == 0)
                 guard part.sum.isFinite else {
                     throw nonFinite("the loss is \(NonFiniteError.name(part.sum)) in micro-batch \(m + 1) of \(micro.count)",
@@ -196,8 +231,17 @@ public final class Trainer {
                 }
                 loss.sum += part.sum
                 loss.count += part.count
-                tokensSeen += train[index].tokenCount
+                stepTokens += train[index].tokenCount
             }
+            if parallel {
+                // The gradients summed over the ranks (see the header); the logged loss and tokens are the global batch's.
+                try engine.reduceGradients(over: collective)
+                var sums = [loss.sum, Double(loss.count), Double(stepTokens)]
+                try collective.allReduce(&sums, .sum)
+                loss = LossSum(sum: sums[0], count: Int(sums[1]))
+                stepTokens = Int(sums[2])
+            }
+            tokensSeen += stepTokens
             let learningRate = schedule.learningRate(atStep: Self.schedulerStep(trainerStep: step, skippedSteps: engine.lossScaler?.skippedSteps ?? 0))
             let norm = try engine.step(learningRate: learningRate, maxGradNorm: c.maxGradNorm)
             if engine.lastStepSkipped, let scaler = engine.lossScaler {
@@ -218,8 +262,7 @@ public final class Trainer {
             }
             state.step += 1
 
-            let record = StepRecord(step: state.step, loss: loss.mean, learningRate: learningRate, gradientNorm: norm,
-                                    tokens: micro.reduce(0) { $0 + train[$1].tokenCount })
+            let record = StepRecord(step: state.step, loss: loss.mean, learningRate: learningRate, gradientNorm: norm, tokens: stepTokens)
             history.append(record)
             windowLoss += record.loss
             windowSteps += 1
@@ -250,22 +293,26 @@ public final class Trainer {
                                    ("eval_perplexity", .double(roundTo(exp(evalLoss), 4)))])
                 log(String(cFormat: "\nstep %d: eval loss %.4f, perplexity %.3f", state.step, evalLoss, exp(evalLoss)))
                 var current = evalLoss
-                if !taskMetrics.isEmpty, let generation {
-                    let values = try evaluateGeneration(generation, metrics: taskMetrics, step: state.step)
-                    if let best = try c.bestModelMetric { current = values.first { $0.0 == best.evalKey }?.1 ?? .nan }
+                if !taskMetrics.isEmpty {
+                    // Generation runs on rank 0 (it needs no gradients); the others take its metric.
+                    if collective.isMainRank, let generation {
+                        let values = try evaluateGeneration(generation, metrics: taskMetrics, step: state.step)
+                        if let best = try c.bestModelMetric { current = values.first { $0.0 == best.evalKey }?.1 ?? .nan }
+                    }
+                    if world > 1 { current = try collective.broadcast(current, root: 0) }
                 }
                 let greater = c.bestModelGreaterIsBetter
                 if current.isFinite, state.bestMetric.map({ greater ? current > $0 : current < $0 }) ?? true {
                     state.bestMetric = current
                     state.bestStep = state.step
                     state.evaluationsWithoutImprovement = 0
-                    try saveAdapter(to: c.outputDirectory + "/best", wholeFolder: true, step: state.step)
+                    if collective.isMainRank { try saveAdapter(to: c.outputDirectory + "/best", wholeFolder: true, step: state.step) }
                 } else {
                     state.evaluationsWithoutImprovement += 1
                 }
             }
             let saveDue = c.saveSteps > 0 ? state.step % c.saveSteps == 0 : endOfEpoch
-            let stopRequested = shouldStop(state.step)
+            let stopRequested = try collective.any(shouldStop(state.step))
             let patienceExhausted = c.earlyStoppingPatience > 0 && state.evaluationsWithoutImprovement >= c.earlyStoppingPatience
             if saveDue || stopRequested || patienceExhausted || state.step == totalSteps {
                 state.history = history
@@ -274,10 +321,12 @@ public final class Trainer {
                 state.lossScaler = engine.lossScaler.map { ($0.scale, $0.growthTracker, $0.skippedSteps) }
                 try engine.copyWeightsToModel()
                 try requireFiniteAdapter(step: state.step)
-                let card = try modelCard(kind: .checkpoint(state.step), bestStep: state.bestStep)
-                try Checkpoints.save(step: state.step, state: state, model: model, loraConfig: loraConfig, engine: engine,
-                                     in: c.outputDirectory, keep: c.saveTotalLimit, protectStep: state.bestStep, card: card)
-                try writeReport()
+                if collective.isMainRank {
+                    let card = try modelCard(kind: .checkpoint(state.step), bestStep: state.bestStep)
+                    try Checkpoints.save(step: state.step, state: state, model: model, loraConfig: loraConfig, engine: engine,
+                                         in: c.outputDirectory, keep: c.saveTotalLimit, protectStep: state.bestStep, card: card)
+                    try writeReport()
+                }
             }
             if patienceExhausted {
                 log("\nearly stopping: \(c.bestModelMetricKey) has not improved for \(state.evaluationsWithoutImprovement) evaluations")
@@ -288,16 +337,22 @@ public final class Trainer {
         }
         log("")
 
-        // The result: the best adapter when there was evaluation, else the last.
-        if state.bestStep != nil, FileSystem.exists(c.outputDirectory + "/best/adapter_model.safetensors") {
-            try Checkpoints.loadAdapterWeights(from: c.outputDirectory + "/best", into: model)
-            try engine.loadWeightsFromModel()
-            log("the adapter in \(c.outputDirectory) is the best by \(c.bestModelMetricKey) (step \(state.bestStep!))")
+        // The result: the best adapter when there was evaluation, else the last (written by rank 0; the others wait, so
+        // a failed save stops them with its error).
+        if collective.isMainRank {
+            if state.bestStep != nil, FileSystem.exists(c.outputDirectory + "/best/adapter_model.safetensors") {
+                try Checkpoints.loadAdapterWeights(from: c.outputDirectory + "/best", into: model)
+                try engine.loadWeightsFromModel()
+                log("the adapter in \(c.outputDirectory) is the best by \(c.bestModelMetricKey) (step \(state.bestStep!))")
+            }
+            try engine.copyWeightsToModel()
+            try requireFiniteAdapter(step: state.step)
+            try saveAdapter(to: c.outputDirectory, step: state.bestStep ?? state.step)
+            try writeReport()
+        } else {
+            try engine.copyWeightsToModel()
         }
-        try engine.copyWeightsToModel()
-        try requireFiniteAdapter(step: state.step)
-        try saveAdapter(to: c.outputDirectory, step: state.bestStep ?? state.step)
-        try writeReport()
+        try collective.barrier()
         let elapsed = monotonicSeconds() - runStart
         let bestLoss = state.bestStep.flatMap { best in evalHistory.last { $0.step == best }?.loss }
         return TrainingSummary(steps: state.step, finalTrainLoss: history.last?.loss, bestEvalLoss: bestLoss, bestStep: state.bestStep,
@@ -332,9 +387,16 @@ public final class Trainer {
     /// Sample answers kept per evaluation (metrics.jsonl, TensorBoard, the report).
     static let sampleCount = 4
 
-    /// Mean loss over the eval batches (a NaN or infinite batch loss is a `NonFiniteError`).
+    /// Mean loss over the eval batches (a NaN or infinite batch loss is a `NonFiniteError`). Data parallel: each rank
+    /// computes batches rank, rank + W, ... (each batch once) and the loss sums and counts are added over the ranks.
     public func evaluate() throws -> Double {
-        try Evaluation.loss(engine: engine, batches: eval).mean
+        let world = collective.worldSize
+        guard !(collective is LocalCollective) else { return try Evaluation.loss(engine: engine, batches: eval).mean }
+        let mine = DistributedSampling.shardWithoutPadding(count: eval.count, rank: collective.rank, worldSize: world).map { eval[$0] }
+        let part = try Evaluation.loss(engine: engine, batches: mine)
+        var sums = [part.sum, Double(part.count)]
+        try collective.allReduce(&sums, .sum)
+        return LossSum(sum: sums[0], count: Int(sums[1])).mean
     }
 
     /// The error that stops a run at a non-finite number: the step, the dataset lines, and what is left on disk
@@ -478,6 +540,7 @@ public final class Trainer {
     }
 
     func appendMetrics(_ fields: [(String, JSONValue)]) throws {
+        guard collective.isMainRank else { return }  // rank 0 writes the job's metrics
         try tensorBoard?.addMetrics(fields)
         guard configuration.reportTo.contains(.jsonl) else { return }
         let line = JSONValue.object(JSONObject(fields)).serialized(.init()) + "\n"

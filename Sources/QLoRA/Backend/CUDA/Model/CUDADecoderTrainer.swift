@@ -879,6 +879,7 @@ public final class CUDADecoderTrainer {
             try awaitFetch(l)
             try blockForward(blocks[l], x: slot(l), output: nil, batch: batch, seeds: seeds)
             try blockBackward(blocks[l], x: slot(l), batch: batch, seeds: seeds)
+            try afterBlockBackward?(l)
             try prefetch(l - checkpointSlots.count, tokens: n)
         }
     }
@@ -1056,6 +1057,20 @@ public final class CUDADecoderTrainer {
         }
         try params.upload(host)
         try refreshParameterCopies()
+    }
+
+    // MARK: - Data parallel
+
+    /// Called once block l's backward is queued on the main stream: from there on the main stream writes no more of
+    /// block l's LoRA gradients (`gradientRange(ofBlock:)`) in this micro-batch. The data-parallel engine starts their
+    /// all-reduce here, on a stream of its own, while the backward of the blocks below goes on.
+    public var afterBlockBackward: ((_ block: Int) throws -> Void)?
+
+    /// Block l's elements of the flat LoRA buffers (blocks lie in order, each block's linears A then B).
+    public func gradientRange(ofBlock l: Int) -> Range<Int> {
+        let start = blocks[l].linears.map(\.aOffset).min() ?? 0
+        let end = l + 1 < blocks.count ? (blocks[l + 1].linears.map(\.aOffset).min() ?? parameterCount) : parameterCount
+        return start..<end
     }
 
     /// The global gradient norm before the latest clipping (waits for the GPU).

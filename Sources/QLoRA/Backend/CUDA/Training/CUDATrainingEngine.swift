@@ -25,6 +25,10 @@ public final class CUDATrainingEngine: TrainingEngine {
     /// fp16 only: the dynamic loss scale.
     public private(set) var lossScaler: GradScaler?
     public private(set) var lastStepSkipped = false
+    /// Data parallel: the NCCL reduction that overlaps the current backward (set by `prepareGradientReduction`).
+    var overlappedReduction: GradientReduction?
+    /// Data parallel: gradient elements per NCCL all-reduce (a bucket closes at the first block boundary past it).
+    public var gradientBucketElements = CUDATrainingEngine.bucketElements
 
     /// The fp16 path's first loss scale: torch's 2^16, or `QLORA_INITIAL_LOSS_SCALE` (a positive number; a huge one
     /// such as 1e30 makes the first steps overflow, to see the scaler skip and recover).
@@ -101,4 +105,68 @@ public final class CUDATrainingEngine: TrainingEngine {
     public func loadWeightsFromModel() throws { try trainer.setLoRAParameters(from: model) }
     public func optimizerState() throws -> [TensorRecord] { try optimizer.state() }
     public func loadOptimizerState(_ file: SafeTensorsFile) throws { try optimizer.load(state: file) }
+}
+
+// MARK: - Data parallel
+
+/// The LoRA gradients summed over the ranks. With NCCL the sum overlaps the backward of the step's last micro-batch:
+/// once the backward of block l is queued, the finished gradients above it (blocks l..<L, contiguous at the end of
+/// the flat buffer) are reduced in place on the collective's stream once they reach `bucketElements` (and at block 0),
+/// ordered after the main stream by an event; `reduceGradients` makes the main stream wait for the last bucket. With
+/// another collective (threads, sockets) the gradients go through the host.
+extension CUDATrainingEngine {
+    /// 25 MiB of fp32 gradients per all-reduce, as torch's DDP buckets them.
+    public static let bucketElements = 25 << 18
+
+    final class GradientReduction {
+        let collective: NCCLCollective
+        let mainDone: CUDAEvent
+        let commDone: CUDAEvent
+        /// Elements [pendingStart, pendingEnd) are final and not yet queued for reduction.
+        var pendingEnd: Int
+        init(collective: NCCLCollective, parameterCount: Int) throws {
+            self.collective = collective
+            mainDone = try CUDAEvent(device: collective.context.device, timing: false)
+            commDone = try CUDAEvent(device: collective.context.device, timing: false)
+            pendingEnd = parameterCount
+        }
+    }
+
+    public func prepareGradientReduction(over collective: Collective) throws {
+        guard let nccl = collective as? NCCLCollective else { return }
+        let reduction = try GradientReduction(collective: nccl, parameterCount: trainer.parameterCount)
+        overlappedReduction = reduction
+        let bucket = max(1, gradientBucketElements)
+        trainer.afterBlockBackward = { [unowned trainer = self.trainer] block in
+            let start = trainer.gradientRange(ofBlock: block).lowerBound
+            guard reduction.pendingEnd - start >= bucket || block == 0 else { return }
+            try Self.queueBucket(reduction, trainer: trainer, from: start)
+        }
+    }
+
+    /// Queues the all-reduce of gradients [start, pendingEnd) after everything the main stream has queued so far.
+    static func queueBucket(_ r: GradientReduction, trainer: CUDADecoderTrainer, from start: Int) throws {
+        guard r.pendingEnd > start else { return }
+        try r.mainDone.record(on: r.collective.context.device.stream)
+        try r.collective.stream.wait(for: r.mainDone)
+        try r.collective.reduceDevice(trainer.grads.address(at: start), count: r.pendingEnd - start, .sum)
+        r.pendingEnd = start
+    }
+
+    public func reduceGradients(over collective: Collective) throws {
+        guard !(collective is LocalCollective) else { return }
+        trainer.afterBlockBackward = nil
+        if let nccl = collective as? NCCLCollective {
+            let r = try overlappedReduction ?? GradientReduction(collective: nccl, parameterCount: trainer.parameterCount)
+            overlappedReduction = nil
+            try Self.queueBucket(r, trainer: trainer, from: 0)
+            try r.commDone.record(on: nccl.stream)
+            try nccl.context.device.stream.wait(for: r.commDone)
+            return
+        }
+        // Through the host: the gradients (with whatever loss scale they hold, the same on every rank) summed in place.
+        var values = try trainer.grads.download()
+        try collective.allReduce(&values, .sum)
+        try trainer.grads.upload(values)
+    }
 }

@@ -1,0 +1,120 @@
+// The data-parallel contract: what every rank of a training job can ask of the others.
+//
+// A rank is one trainer with its own engine and its own copy of the adapter. The ranks stay identical because they
+// start from the same adapter (the same seed, or the same checkpoint) and apply the same summed gradients with the
+// same optimizer. Everything they exchange goes through a `Collective`:
+//   - `allReduce`: every rank ends with the elementwise sum (or mean) of every rank's buffer. Implementations add the
+//     contributions in rank order (0, 1, ..., W−1), so every rank holds the same bits afterwards.
+//   - `broadcast`: every rank ends with the root's bytes.
+//   - `barrier`: no rank passes until every rank has arrived.
+//   - `abort`: this rank failed; the others' next (or pending) call throws `RankFailedError` with the message, so a
+//     failing rank stops the job instead of leaving the others waiting.
+//
+// Implementations: `LocalCollective` (a world of one: the plain single-process run), `ThreadWorld` (N ranks as
+// threads of one process, for tests), `SocketCollective` (N processes over TCP, CPU ranks) and, on GPUs,
+// `NCCLCollective` (Backend/CUDA/NCCL.swift), which also reduces device buffers on a stream.
+
+/// How `allReduce` combines the ranks' buffers.
+public enum ReduceOperation: Sendable {
+    case sum
+    /// The sum divided by the world size.
+    case average
+}
+
+/// The messages that cross ranks: a sum (or mean) of float buffers, one rank's bytes, a rendezvous point.
+public protocol Collective: AnyObject {
+    /// This process's (or thread's) rank, 0..<worldSize.
+    var rank: Int { get }
+    var worldSize: Int { get }
+    /// In place: every rank's `values` become the elementwise sum (mean) of all ranks' `values` (same count on every rank).
+    func allReduce(_ values: UnsafeMutableBufferPointer<Float>, _ operation: ReduceOperation) throws
+    func allReduce(_ values: UnsafeMutableBufferPointer<Double>, _ operation: ReduceOperation) throws
+    /// In place: every rank's `bytes` become the `root` rank's (same count on every rank).
+    func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws
+    /// Returns once every rank has called it.
+    func barrier() throws
+    /// Tells the other ranks that this one failed with `message` (best effort; never throws).
+    func abort(_ message: String)
+}
+
+extension Collective {
+    public var isMainRank: Bool { rank == 0 }
+
+    public func allReduce(_ values: inout [Float], _ operation: ReduceOperation = .sum) throws {
+        try values.withUnsafeMutableBufferPointer { try allReduce($0, operation) }
+    }
+
+    public func allReduce(_ values: inout [Double], _ operation: ReduceOperation = .sum) throws {
+        try values.withUnsafeMutableBufferPointer { try allReduce($0, operation) }
+    }
+
+    /// The root's value of a Double (every rank passes its own; all get the root's).
+    public func broadcast(_ value: Double, root: Int = 0) throws -> Double {
+        var v = value
+        try withUnsafeMutableBytes(of: &v) { try broadcast($0, root: root) }
+        return v
+    }
+
+    /// The root's bytes (every rank passes a buffer of the same count).
+    public func broadcast(_ bytes: [UInt8], root: Int = 0) throws -> [UInt8] {
+        var b = bytes
+        try b.withUnsafeMutableBytes { try broadcast($0, root: root) }
+        return b
+    }
+
+    /// True on every rank when any rank passes true.
+    public func any(_ flag: Bool) throws -> Bool {
+        guard worldSize > 1 else { return flag }
+        var v = [flag ? 1.0 : 0.0]
+        try allReduce(&v, .sum)
+        return v[0] > 0
+    }
+}
+
+/// A world of one: the single-process run. Every operation leaves the buffers as they are.
+public final class LocalCollective: Collective {
+    public init() {}
+    public var rank: Int { 0 }
+    public var worldSize: Int { 1 }
+    public func allReduce(_ values: UnsafeMutableBufferPointer<Float>, _ operation: ReduceOperation) throws {}
+    public func allReduce(_ values: UnsafeMutableBufferPointer<Double>, _ operation: ReduceOperation) throws {}
+    public func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws {
+        guard root == 0 else { throw UsageError("broadcast from rank \(root) in a world of one rank") }
+    }
+    public func barrier() throws {}
+    public func abort(_ message: String) {}
+}
+
+/// Another rank failed (or went away): this rank stops too, with that rank's message.
+public struct RankFailedError: Error, CustomStringConvertible {
+    /// The rank that failed, when known.
+    public let rank: Int?
+    public let message: String
+    public init(rank: Int?, _ message: String) {
+        self.rank = rank
+        self.message = message
+    }
+    public var description: String { rank.map { "rank \($0) failed: \(message)" } ?? message }
+}
+
+/// Buffers of different ranks disagree in size: a bug or mismatched launches, never a silent truncation.
+func checkSameCount(_ counts: [Int], what: String) throws {
+    guard let first = counts.first, counts.allSatisfy({ $0 == first }) else {
+        throw UsageError("\(what): the ranks passed buffers of different sizes (\(counts.map(String.init).joined(separator: ", ")) elements); "
+                         + "every rank must run the same configuration")
+    }
+}
+
+/// Adds the ranks' buffers in rank order into `result` (so every rank computes the same bits), then divides for a mean.
+func reduceInRankOrder<T: BinaryFloatingPoint>(_ sources: [UnsafeBufferPointer<T>], into result: UnsafeMutableBufferPointer<T>,
+                                              _ operation: ReduceOperation) {
+    guard let first = sources.first else { return }
+    for i in 0..<result.count { result[i] = first[i] }
+    for source in sources.dropFirst() {
+        for i in 0..<result.count { result[i] += source[i] }
+    }
+    if operation == .average {
+        let w = T(sources.count)
+        for i in 0..<result.count { result[i] /= w }
+    }
+}
