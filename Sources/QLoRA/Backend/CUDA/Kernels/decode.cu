@@ -488,9 +488,6 @@ nf4_gemv_splitk(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __
 #define GEMV_MMA_LUT_BYTES (256 * 256)  // 256 entries, 256 bytes apart (128 used: 32 copies of 4 bytes)
 #define GEMV_MMA_SHARED (GEMV_MMA_LUT_BYTES + 512 * 4 + GEMV_MMA_WARPS * 16 * 4)  // + code, pairs, partial sums
 
-// The B operand of the lanes whose mma column is idle in a step (see nf4_gemv_mma): 16 zero values.
-__device__ __align__(16) unsigned int gemv_mma_zeros[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
-
 /// The table entry of byte q of `word` for this lane: at byte 256 · byte + 4 · lane, an address one byte_perm
 /// forms (byte 0 = lane4 = 4 · lane, byte 1 = the packed byte, bytes 2 and 3 = byte 1 of lane4, which is 0).
 __device__ __forceinline__ unsigned gemv_lut(const unsigned char* lut, unsigned word, unsigned lane4, int q) {
@@ -546,6 +543,15 @@ nf4_gemv_mma(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __res
             wb[i] = __ldg(reinterpret_cast<const uint2*>(pb + (gb + i) * 32));
         }
     }
+    // x: lane (g, t) is the B operand of columns g only in step g / 2 of a cycle, so it needs one 16-value piece of x
+    // per cycle (group c0 + g / 2, values 16 t ...): loaded a cycle ahead too.
+    const int my_step = g >> 1;
+    const uint4* __restrict__ xl = reinterpret_cast<const uint4*>(x + t * 16);
+    uint4 xn0 = make_uint4(0u, 0u, 0u, 0u), xn1 = xn0;
+    if (gb + my_step < ge) {
+        xn0 = __ldg(xl + (gb + my_step) * 8);
+        xn1 = __ldg(xl + (gb + my_step) * 8 + 1);
+    }
     const unsigned char* __restrict__ absmax_q = task.absmax_q;
     const float* __restrict__ nested = task.nested_absmax;
     unsigned qa = 0u, qb = 0u;
@@ -581,12 +587,16 @@ nf4_gemv_mma(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __res
 
     const unsigned lane4 = (unsigned)lane * 4u;
     const float offset = task.offset;
-    const uint4* zeros = reinterpret_cast<const uint4*>(gemv_mma_zeros);
     float acc_a = 0.0f, acc_b = 0.0f;  // rows g and g + 8, groups ≡ t (mod 4) of [gb, ge)
     for (int c0 = gb; c0 < ge; c0 += 4) {
         // Group c0 + i goes to mma columns 2i, 2i + 1: only lanes g = 2i, 2i + 1 give x as B in step i.
         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        // This cycle's scales (from last cycle's loads), then the next cycle's scale loads.
+        // This cycle's x piece and scales (from last cycle's loads), then the next cycle's loads.
+        const uint4 x0 = xn0, x1 = xn1;
+        if (c0 + 4 + my_step < ge) {
+            xn0 = __ldg(xl + (c0 + 4 + my_step) * 8);
+            xn1 = __ldg(xl + (c0 + 4 + my_step) * 8 + 1);
+        }
         const bool scaled = c0 + t < ge;
         const float scale_a = code[qa] * na + offset, scale_b = code[qb] * nb + offset;
         if (c0 + 4 + t < ge) {
@@ -606,13 +616,12 @@ nf4_gemv_mma(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __res
                     wa[i] = __ldg(reinterpret_cast<const uint2*>(pa + (kb + 4) * 32));
                     wb[i] = __ldg(reinterpret_cast<const uint2*>(pb + (kb + 4) * 32));
                 }
-                const uint4* xs = (g >> 1) == i ? reinterpret_cast<const uint4*>(x + kb * 64 + t * 16) : zeros;
-                const uint4 x0 = __ldg(xs), x1 = __ldg(xs + 1);
-                // k-step s: packed bytes 2s, 2s + 1; x values 4s + (0, 1 | 2, 3) of this lane's 16.
-                gemv_mma_step(c, lut, lane4, a2.x, b2.x, 0, x0.x, x0.y);
-                gemv_mma_step(c, lut, lane4, a2.x, b2.x, 2, x0.z, x0.w);
-                gemv_mma_step(c, lut, lane4, a2.y, b2.y, 0, x1.x, x1.y);
-                gemv_mma_step(c, lut, lane4, a2.y, b2.y, 2, x1.z, x1.w);
+                // k-step s: packed bytes 2s, 2s + 1; x values 4s + (0, 1 | 2, 3) of this lane's 16, or zeros.
+                const unsigned keep = my_step == i ? 0xffffffffu : 0u;
+                gemv_mma_step(c, lut, lane4, a2.x, b2.x, 0, x0.x & keep, x0.y & keep);
+                gemv_mma_step(c, lut, lane4, a2.x, b2.x, 2, x0.z & keep, x0.w & keep);
+                gemv_mma_step(c, lut, lane4, a2.y, b2.y, 0, x1.x & keep, x1.y & keep);
+                gemv_mma_step(c, lut, lane4, a2.y, b2.y, 2, x1.z & keep, x1.w & keep);
             }
         }
         // c[0] (row g) and c[2] (row g + 8) are column 2t: group c0 + t's partial sums; its absmax scales them.
