@@ -28,8 +28,8 @@ struct BenchDecodeCommand: ParsableCommand {
     @Flag(help: "Launch the decode kernels one by one instead of replaying a CUDA graph.")
     var noGraph = false
 
-    @Option(help: "The fused NF4 GEMV: mma (pair lookup + tensor cores; rows where a shape does not allow it), rows (4 rows per warp, x in shared memory) or splitk (columns split over warps).")
-    var gemv: String = "mma"
+    @Option(help: "The fused NF4 GEMV: rows (4 rows per warp, x in shared memory), mma (pair lookup + tensor cores; rows where a shape does not allow it) or splitk (columns split over warps).")
+    var gemv: String = "rows"
 
     @Option(parsing: .unconditional, help: "Also time batched generation with this many sequence slots (0: batch-1 only): --prompts random prompts of --prompt-tokens, --tokens new tokens each, greedy.")
     var batch: Int = 0

@@ -20,8 +20,8 @@ import Glibc
 // appending, attends with the chunk's own keys read from its rows (writing them first would overwrite ring rows the
 // chunk's earlier queries still see), then appends the chunk's last `window` keys (kv_append_rows). A decode step
 // appends first: its one key lands on the row of position p − window, which its query no longer sees.
-// Decode (one token): per layer 13 kernels (15 with sandwich norms), the projections by nf4_gemv_mma (nf4_gemv where a
-// shape or the card does not allow it; `gemvKernel` picks), which reads the 4-bit weights directly (q|k|v in one
+// Decode (one token): per layer 13 kernels (15 with sandwich norms), the projections by nf4_gemv (or nf4_gemv_mma,
+// where a shape and the card allow it; `gemvKernel` picks), which reads the 4-bit weights directly (q|k|v in one
 // launch, gate|up in one, the residual added by o and down unless a sandwich norm comes between), the LoRA A
 // projections of a group stacked into one bf16 GEMV. The whole step is recorded once
 // as a CUDA graph and replayed; the position and token live in device memory, and so do the RoPE frequencies (a
@@ -117,8 +117,9 @@ public final class CUDAInference {
         /// the card does not allow it: see `CUDAContext.nf4GemvMMASupported`).
         case mma
     }
-    /// Which NF4 GEMV decode uses; changing it re-records the graph.
-    public var gemvKernel: GEMVKernel = .mma {
+    /// Which NF4 GEMV decode uses; changing it re-records the graph. `rows` until `mma` measures faster: on the H100
+    /// (session 6) mma was even on q|k|v, o and down and 15% slower on gate|up (docs/PERFORMANCE.md).
+    public var gemvKernel: GEMVKernel = .rows {
         didSet { if gemvKernel != oldValue { graph = nil } }
     }
 
