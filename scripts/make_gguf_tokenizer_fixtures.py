@@ -4,8 +4,8 @@ layouts and the `tokenizer.*` metadata llama.cpp's own converter (convert_hf_to_
 sdist, its set_vocab, run with --vocab-only) writes for each.
 
   gemma2/     tokenizer.model: a SentencePiece BPE trained here with the `sentencepiece` package in Gemma's layout
-              (<pad> <eos> <bos> <unk> at 0..3, a control piece <ctrl9> at 4, user-defined <mask> <start_of_turn> <end_of_turn> <unused0> at
-              5..8, byte fallback, no dummy prefix, identity normalization); tokenizer.json made from
+              (<pad> <eos> <bos> <unk> at 0..3, a control piece <ctrl9> at 4, user-defined <mask> <start_of_turn> <end_of_turn> <unused0> <unused1>
+              at 5..9 (<unused1> in no added_tokens_decoder, so it stays a NORMAL token), byte fallback, no dummy prefix, identity normalization); tokenizer.json made from
               it by transformers' SpmConverter; tokenizer_config.json with added_tokens_decoder as Gemma's repos have it
               (<mask> and <unused0> not marked special, which the converter still makes control tokens; a user-defined
               "▁hi▁there" at id 421, beyond the SentencePiece vocabulary), Gemma's chat template; config.json of a
@@ -92,7 +92,7 @@ def make_gemma(work, folder):
     from transformers import GemmaTokenizer
     model = train_sentencepiece(work, "gemma", 420, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
                                 eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-                                user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>", "<unused0>"],
+                                user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>", "<unused0>", "<unused1>"],
                                 control_symbols=["<ctrl9>"], add_dummy_prefix=False, remove_extra_whitespaces=False)
     tok = GemmaTokenizer(tokenizer_object=fast_tokenizer(model), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                          unk_token="<unk>", mask_token="<mask>", add_bos_token=True)
