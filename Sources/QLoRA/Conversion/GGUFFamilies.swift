@@ -22,8 +22,9 @@
 //
 // Values: none of these architectures permutes q/k rows (llama.cpp runs them with the NEOX rope, as HF does). Gemma
 // stores RMSNorm weights w of x·(1+w); llama.cpp's norm multiplies by its weight, so every `*norm.weight` is written
-// as w+1 (and read back as w-1). Gemma 3's embedding is cut to the tokenizer's size (tokenizer.json's vocab plus
-// added tokens) when that is smaller than vocab_size, as the converter does.
+// as w+1 (and read back as w-1). Without tokenizer.model, Gemma 3's embedding is cut to the tokenizer's size
+// (tokenizer.json's vocab plus added tokens) when that is smaller than vocab_size, as the converter does.
+// The tokenizer keys: GGUFTokenizerVocab.swift (tokenizer.model or tokenizer.json, as the converter picks per family).
 // With a LoRA adapter, each adapted linear (Phi-3's fused ones whole) is W + scale·B·A in fp32 from the model loaded
 // from the folder, rounded once to the file's type, as GGUFExporter merges the Llama family; the rest is read as stored.
 
@@ -343,15 +344,16 @@ public enum GGUFFamilyExporter {
         let checkpoint = try SafeTensorsCheckpoint(directory: directory)
         let tied = text["tie_word_embeddings"]?.bool ?? (family.isGemma)
 
-        // Gemma 3: the embedding rows beyond the tokenizer's tokens are cut, as the converter does.
+        // Gemma 3: the embedding rows beyond the tokenizer's tokens are cut, as the converter does (with tokenizer.model
+        // its vocabulary is vocab_size long, so nothing is cut).
         var vocabulary = text["vocab_size"]?.int ?? 0
         var keepRows: Int? = nil
-        if family == .gemma3, let json = try? JSONValue.parse(bytes: try FileSystem.readFile(directory + "/tokenizer.json")),
+        if family == .gemma3, !FileSystem.exists(directory + "/tokenizer.model"), let json = try? JSONValue.parse(bytes: try FileSystem.readFile(directory + "/tokenizer.json")),
            let count = json["model"]?["vocab"]?.object?.count {
             let real = count + (json["added_tokens"]?.array?.count ?? 0)
             if real < vocabulary { keepRows = real; vocabulary = real }
         }
-        let tokenizer = try GGUFTokenizerMetadata(directory: directory, vocabularySize: vocabulary, log: log)
+        let tokenizer = try GGUFTokenizerMetadata(family: family, directory: directory, vocabularySize: vocabulary, log: log)
 
         // Each tensor: its GGUF name and dims, and where its values come from (the rope factors, or an HF tensor
         // with the rows kept and the norm shift).
@@ -380,13 +382,7 @@ public enum GGUFFamilyExporter {
             throw FileFormatError(file: directory, place: "tensors", "no model.embed_tokens.weight")
         }
         let typeContext = GGUFTypeContext(layerCount: text["num_hidden_layers"]?.int ?? 0, tiedEmbeddings: tied)
-        var tokenizerEntries = tokenizer.entries
-        if family.isGemma && tokenizer.model == "llama" {
-            // Gemma's converters write add_space_prefix = false: its tokenizer puts no space in front of a text, and
-            // llama.cpp's SentencePiece default would.
-            tokenizerEntries.removeAll { $0.key == "tokenizer.ggml.add_space_prefix" }
-            tokenizerEntries.append(("tokenizer.ggml.add_space_prefix", .bool(false)))
-        }
+        let tokenizerEntries = tokenizer.entries
         let counts = try GGUFExporter.writeModel(tensors: plan.map { ($0.name, $0.dimensions) }, type: type, context: typeContext, metadata: { parameters in
             try family.metadata(config: raw, type: type, name: name ?? GGUFExporter.lastPathComponent(directory),
                                 parameterCount: parameters, file: configPath) + tokenizerEntries

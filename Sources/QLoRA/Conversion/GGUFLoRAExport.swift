@@ -11,6 +11,8 @@
 // llama.cpp checks W.ne0 == lora_a.ne0, W.ne1 == lora_b.ne1 and lora_a.ne1 == lora_b.ne0, and applies
 // W·x + (alpha / r)·B·(A·x) with r = lora_b.ne0, so one alpha serves the file: a layer whose scale is not alpha / r
 // (rsLoRA, rank_pattern, alpha_pattern) has the difference folded into its B.
+// Qwen3, Gemma 2/3 and Phi-3 (general.architecture qwen3, gemma2, gemma3, phi3) name W as GGUFFamily does, rows
+// unpermuted; Phi-3's fused qkv_proj and gate_up_proj adapters are the A and B of blk.N.attn_qkv and blk.N.ffn_up.
 // The llama architecture stores q and k rows permuted (see HFToGGUF.swift); B's rows are the output rows, so B of
 // q_proj and k_proj is permuted the same way, and A (whose rows are the rank) is not.
 // Types (GGUFExportType.adapterTypes): f32, f16, bf16 or q8_0 for every tensor; a tensor whose ne0 is not a multiple
@@ -44,14 +46,22 @@ extension GGUFExporter {
             throw UsageError("--type: '\(type.rawValue)' is not a type of --format gguf-lora (choose from \(GGUFExportType.adapterTypes.map(\.rawValue).joined(separator: ", ")))")
         }
         let config = model.config
-        let arch = try architecture(config)
+        // Qwen3, Gemma 2/3 and Phi-3: the base tensor names of GGUFFamily (Phi-3's fused attn_qkv and ffn_up whole).
+        let family = GGUFFamily(modelType: config.modelType)
+        let arch = try family?.rawValue ?? architecture(config)
         let permute = arch == "llama"
         var layers: [(name: String, layer: Linear, adapter: LoRAAdapter, heads: Int)] = []
         for (l, block) in model.blocks.enumerated() {
-            for (layer, short) in zip(block.linears, linearNames) {
+            for (i, layer) in block.linears.enumerated() {
                 guard let adapter = layer.lora else { continue }
-                let heads = short == "attn_q" ? config.headCount : short == "attn_k" ? config.kvHeadCount : 0
-                layers.append(("blk.\(l).\(short).weight", layer, adapter, heads))
+                if let family {
+                    guard let name = try family.ggufName(layer.name + ".weight", file: "the model") else { continue }
+                    layers.append((name, layer, adapter, 0))
+                } else {
+                    let short = linearNames[i]
+                    let heads = short == "attn_q" ? config.headCount : short == "attn_k" ? config.kvHeadCount : 0
+                    layers.append(("blk.\(l).\(short).weight", layer, adapter, heads))
+                }
             }
         }
         guard let first = layers.first else {

@@ -392,13 +392,11 @@ struct GGUFTokenizerMetadata {
                 types[id] = .byte
             }
         }
-        var addedByContent: [String: Int] = [:]
         for (i, added) in (json["added_tokens"]?.array ?? []).enumerated() {
             guard let id = added["id"]?.int, id >= 0, var content = added["content"]?.string else {
                 throw fail("added_tokens[\(i)]", "expected an id and a content")
             }
             guard id < vocabularySize else { throw fail("added_tokens[\(i)]", "id \(id) is not below config.json's vocab_size \(vocabularySize)") }
-            if addedByContent[content] == nil { addedByContent[content] = id }
             if added["special"]?.bool == true || Self.looksSpecial(content) {
                 types[id] = .control
             } else {
@@ -408,55 +406,7 @@ struct GGUFTokenizerMetadata {
             tokens[id] = content
         }
 
-        // Special tokens: tokenizer_config.json names them (looked up among the added tokens), config.json's ids fill gaps.
-        var special: [(kind: String, key: String, id: Int)] = []
-        let kinds = [("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"), ("sep", "seperator_token_id"),
-                     ("pad", "padding_token_id"), ("cls", "cls_token_id"), ("mask", "mask_token_id")]
-        for (kind, key) in kinds {
-            var id: Int?
-            let entry = tokenizerConfig?["\(kind)_token"]
-            if let content = entry?.string ?? entry?["content"]?.string { id = addedByContent[content] }
-            if id == nil, let fromConfig = modelConfig?["\(kind)_token_id"]?.int, fromConfig >= 0, fromConfig < vocabularySize { id = fromConfig }
-            if let id { special.append((kind, "tokenizer.ggml." + key, id)) }
-        }
         if sentencePiece, let unk = bpe["unk_token"]?.string, let id = vocab[unk]?.int, id < vocabularySize { types[id] = .unknown }
-
-        // add_bos / add_eos: what the post-processor adds, else tokenizer_config.json.
-        var addBOS: Bool?, addEOS: Bool?, addSEP: Bool?
-        let specialContent = Dictionary(special.map { ($0.kind, tokens[$0.id] ?? "") }, uniquingKeysWith: { a, _ in a })
-        if let post = json["post_processor"], post != .null {
-            let processors = post["type"]?.string == "Sequence" ? (post["processors"]?.array ?? []) : [post]
-            for p in processors {
-                switch p["type"]?.string {
-                case "ByteLevel"?:
-                    if addBOS == nil { addBOS = false }
-                    if addEOS == nil { addEOS = false }
-                case "TemplateProcessing"?:
-                    let single = p["single"]?.array ?? []
-                    var first: String?, last: String?
-                    if single.count > 1 {
-                        first = single.first?["SpecialToken"]?["id"]?.string
-                        last = single.last?["SpecialToken"]?["id"]?.string
-                        if let first { addBOS = first == specialContent["bos"] }
-                        if let last { addEOS = last == specialContent["eos"] }
-                    }
-                    // The pair template without the single template's ends: "A [sep] B" says whether a separator is added.
-                    var pair = p["pair"]?.array ?? []
-                    if first != nil, pair.first?["SpecialToken"]?["id"]?.string == first { pair.removeFirst() }
-                    if last != nil, pair.last?["SpecialToken"]?["id"]?.string == last { pair.removeLast() }
-                    if pair.count > 2, pair.first?["Sequence"]?["id"]?.string == "A", pair.last?["Sequence"]?["id"]?.string == "B" {
-                        let separators = [specialContent["sep"], specialContent["eos"]].compactMap { $0 }
-                        let middle = pair.dropFirst().dropLast().prefix(2).compactMap { $0["SpecialToken"]?["id"]?.string }
-                        addSEP = (last == nil && middle.first.map(separators.contains) == true)
-                            || (middle.count == 2 && separators.contains(middle[1]))
-                    }
-                default: break
-                }
-            }
-        }
-        if addBOS == nil { addBOS = tokenizerConfig?["add_bos_token"]?.bool }
-        if addEOS == nil { addEOS = tokenizerConfig?["add_eos_token"]?.bool }
-        if addSEP == nil { addSEP = tokenizerConfig?["add_sep_token"]?.bool }
 
         let names = tokens.enumerated().map { $0.element ?? "[PAD\($0.offset)]" }
         entries.append(("tokenizer.ggml.model", .string(model)))
@@ -482,25 +432,11 @@ struct GGUFTokenizerMetadata {
             }
             entries.append(("tokenizer.ggml.merges", .array(.string, encoded.map { .string($0) })))
         }
-        for s in special { entries.append((s.key, .uint32(UInt32(s.id)))) }
-        if let addBOS { entries.append(("tokenizer.ggml.add_bos_token", .bool(addBOS))) }
-        if let addSEP { entries.append(("tokenizer.ggml.add_sep_token", .bool(addSEP))) }
-        if let addEOS { entries.append(("tokenizer.ggml.add_eos_token", .bool(addEOS))) }
+        // Special tokens, add_*_token and the chat template as gguf-py's SpecialVocab reads them (GGUFTokenizerVocab.swift).
+        entries += try Self.specialVocab(tokenizer: json, tokenizerConfig: tokenizerConfig, modelConfig: modelConfig,
+                                         directory: directory, vocabularySize: vocabularySize)
         if sentencePiece, let prefix = tokenizerConfig?["add_prefix_space"]?.bool {
             entries.append(("tokenizer.ggml.add_space_prefix", .bool(prefix)))
-        }
-        if let template = tokenizerConfig?["chat_template"] {
-            if let text = template.string {
-                entries.append(("tokenizer.chat_template", .string(text)))
-            } else if let list = template.array {
-                // Named templates: "default" is the chat template, the others tokenizer.chat_template.<name>.
-                for item in list {
-                    guard let name = item["name"]?.string, let text = item["template"]?.string else { continue }
-                    entries.append((name == "default" ? "tokenizer.chat_template" : "tokenizer.chat_template.\(name)", .string(text)))
-                }
-            }
-        } else if FileSystem.exists(directory + "/chat_template.jinja") {
-            entries.append(("tokenizer.chat_template", .string(try FileSystem.readText(directory + "/chat_template.jinja"))))
         }
     }
 

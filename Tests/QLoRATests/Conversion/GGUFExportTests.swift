@@ -499,7 +499,8 @@ final class GGUFPyReaderTests: XCTestCase {
 /// fixture's parts of scripts/check_gguf_llamacpp.py: every export type's logits against transformers', and the LoRA
 /// GGUF applied by llama.cpp over the base against the merged model. Skips, saying so, when llama.cpp is not built.
 final class LlamaCppJudgeTests: XCTestCase {
-    func testLlamaCppRunsTheTinyExportsAndTheLoRAGGUF() throws {
+    /// Runs scripts/check_gguf_llamacpp.py's `parts`; skips, saying why, when llama.cpp, qlora or numpy is missing.
+    func judge(_ parts: [String]) throws {
         let root = GGUFPyReaderTests.packageRoot
         let judge = root + "/.build/llama.cpp/llamacpp_judge"
         guard FileSystem.exists(judge) else {
@@ -508,7 +509,17 @@ final class LlamaCppJudgeTests: XCTestCase {
         let qlora = root + "/.build/release/qlora"
         guard FileSystem.exists(qlora) else { throw XCTSkip("\(qlora) is not built (swift build -c release)") }
         guard try Subprocess.run(["python3", "-c", "import numpy"]) == 0 else { throw XCTSkip("python3 has no numpy") }
-        let rc = try Subprocess.run(["env", "QLORA=\(qlora)", "python3", root + "/scripts/check_gguf_llamacpp.py", "tiny", "lora"])
-        XCTAssertEqual(rc, 0, "scripts/check_gguf_llamacpp.py tiny lora failed: llama.cpp disagrees with the exports (run it to see which)")
+        let rc = try Subprocess.run(["env", "QLORA=\(qlora)", "python3", root + "/scripts/check_gguf_llamacpp.py"] + parts)
+        XCTAssertEqual(rc, 0, "scripts/check_gguf_llamacpp.py \(parts.joined(separator: " ")) failed: llama.cpp disagrees with the exports (run it to see which)")
+    }
+
+    func testLlamaCppRunsTheTinyExportsAndTheLoRAGGUF() throws {
+        try judge(["tiny", "lora"])
+    }
+
+    /// The family fixtures (Qwen3, Mistral, Gemma 2, Gemma 3 text and multimodal, Phi-3 and Phi-3 longrope) as f16 and
+    /// q8_0 GGUFs, merged with their adapter, and with the adapter as a LoRA GGUF, against transformers' logits.
+    func testLlamaCppRunsTheFamilyExportsAndTheirLoRAGGUFs() throws {
+        try judge(["families"])
     }
 }
