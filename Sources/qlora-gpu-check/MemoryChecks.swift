@@ -160,13 +160,13 @@ func runMemoryChecks(_ ctx: CUDAContext) {
         let batch = TrainingBatch(examples: examples.map { ($0.tokens, $0.labels) }, length: length, padID: 0)
         _ = try ctx.blas()  // its workspace is made once per context, before any measurement
         let A = ctx.allocator
-        func peak(_ options: CUDATrainerMemoryOptions) throws -> (bytes: Int, plan: CUDAMemoryPlan) {
+        func peak(_ options: CUDATrainerMemoryOptions, dropout: Float = 0) throws -> (bytes: Int, plan: CUDAMemoryPlan) {
             try ctx.device.synchronize()
             A.resetPeak()
             let base = A.currentBytes
             let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: tokens,
-                                               memory: options)
-            try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: nil)
+                                               dropout: dropout, memory: options)
+            try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: dropout > 0 ? 5 : nil)
             try trainer.optimizerStep(learningRate: 1e-4)
             try trainer.forwardLoss(batch: batch)
             _ = try trainer.lastLoss()
@@ -189,5 +189,15 @@ func runMemoryChecks(_ ctx: CUDAContext) {
                       "peak \(mib(device.bytes)) -> \(mib(measured.bytes)): \(mib(drop)) less; plan \(mib(device.plan.total - measured.plan.total)), "
                       + "expected \(mib(expected)); host \(mib(measured.plan.host))")
         }
+        // LoRA dropout: dA's partial sums, one linear's mask bits, every block's own d(x)·Aᵀ.
+        let dropped = try peak(.allOnDevice, dropout: 0.05)
+        let inputs = [config.hiddenSize, config.qDim, config.intermediateSize]
+        let extra = s(4 * inputs.map { CUDAContext.loraDropoutScratchCount(tokens: tokens, inFeatures: $0, rank: 8) }.max()!)
+            + s(inputs.map { CUDAContext.loraDropoutMaskBytes(tokens: tokens, inFeatures: $0) }.max()!)
+            + config.layerCount * 7 * s(2 * tokens * 8)
+        checkTrue("peak: LoRA dropout adds what the plan says", dropped.bytes - device.bytes == dropped.plan.total - device.plan.total
+                      && dropped.plan.total - device.plan.total == extra,
+                  "peak \(mib(device.bytes)) -> \(mib(dropped.bytes)); plan \(mib(dropped.plan.total - device.plan.total)) more, "
+                  + "expected \(mib(extra))")
     }
 }

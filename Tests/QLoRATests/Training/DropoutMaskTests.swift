@@ -26,6 +26,49 @@ final class DropoutMaskTests: XCTestCase {
         XCTAssertFalse(DropoutMask.keeps(seed: 7, index: 0, keep: 0.3))
     }
 
+    /// The GPU evaluates the keep test with less integer work (Kernels/qlora_prelude.cuh: `dropout_high`,
+    /// `dropout_limit`, `dropout_keep8`): only the high word of the last product, the shifts as 32-bit multiplies'
+    /// high halves, an integer threshold, and the drop bits as the carries of hi(w) + ~limit. The same steps in 32-bit
+    /// Swift arithmetic give DropoutMask.keeps for every element, at keep probabilities from 2⁻²⁴ to 1 (the kernels'
+    /// checks hold the GPU to the same masks).
+    func testGPUFormulationEqualsTheDefinition() {
+        func umulhi(_ a: UInt32, _ b: UInt32) -> UInt32 { UInt32((UInt64(a) * UInt64(b)) >> 32) }
+        func high(_ z: UInt64) -> UInt32 {
+            let lo = UInt32(truncatingIfNeeded: z), hi = UInt32(z >> 32)
+            let xlo = lo ^ umulhi(lo, 4) ^ (hi << 2), xhi = hi ^ umulhi(hi, 4)
+            let p = UInt64(xlo) * 0x1CE4_E5B9
+            let z1lo = UInt32(truncatingIfNeeded: p), z1hi = UInt32(p >> 32) &+ xlo &* 0xBF58_476D &+ xhi &* 0x1CE4_E5B9
+            let ylo = z1lo ^ umulhi(z1lo, 32) ^ (z1hi << 5), yhi = z1hi ^ umulhi(z1hi, 32)
+            return umulhi(ylo, 0x1331_11EB) &+ ylo &* 0x94D0_49BB &+ yhi &* 0x1331_11EB
+        }
+        func limit(_ keep: Float) -> UInt32 { UInt32(truncatingIfNeeded: 256 * UInt64((keep * 16_777_216).rounded(.up)) - 1) }
+        func keep8(seed: UInt64, index i0: Int, keep: Float) -> UInt8 {
+            let z0 = seed &+ DropoutMask.gamma &* UInt64(i0 + 1), above = ~limit(keep)
+            var drops: UInt32 = 0
+            for e in stride(from: 7, through: 0, by: -1) {
+                let carry: UInt32 = high(z0 &+ DropoutMask.gamma &* UInt64(e)).addingReportingOverflow(above).overflow ? 1 : 0
+                drops = drops &+ drops &+ carry
+            }
+            return UInt8(truncatingIfNeeded: ~drops)
+        }
+        var rng = SeededGenerator(seed: 11)
+        let keeps: [Float] = [0.95, 0.9, 0.5, 0.1, 1, 1 - 0x1p-24, 0x1p-24, 0.3]
+        var compared = 0
+        for keep in keeps {
+            for _ in 0..<500 {
+                let seed = rng.next(), i0 = Int(rng.next() >> 24)
+                let bits = keep8(seed: seed, index: i0, keep: keep)
+                for e in 0..<8 {
+                    let expected = DropoutMask.keeps(seed: seed, index: i0 + e, keep: keep)
+                    XCTAssertEqual((bits >> e) & 1 == 1, expected, "seed \(seed), index \(i0 + e), keep \(keep)")
+                    XCTAssertEqual(high(seed &+ DropoutMask.gamma &* UInt64(i0 + e + 1)) <= limit(keep), expected)
+                    compared += 1
+                }
+            }
+        }
+        XCTAssertEqual(compared, keeps.count * 4000)
+    }
+
     /// hash(s, i) is the (i + 1)-th draw of SeededGenerator(seed: s): the masks the CPU drew before are unchanged.
     func testHashIsTheSeededGeneratorStream() {
         for seed: UInt64 in [0, 1, 42, 0xFFFF_FFFF_FFFF_FFFF] {
