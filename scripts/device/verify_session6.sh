@@ -8,6 +8,8 @@
 #   bench      qlora-gpu-check --only benchmarks
 #   dropout    the 8B bench with LoRA dropout 0 and 0.05, twice each, interleaved
 #   decode     bench-decode on the 8B shape (LoRA r16 unmerged, 128 tokens)
+#   changed    fp16 and compute_86 of the groups the helpers' branches added or changed
+#   speed      dropout 0 / 0.05 on the 8B shape, decode with both GEMVs, the Gemma shapes (head dim 256 flash)
 #   unsloth    the 8B bench (dropout 0) beside Unsloth's run_unsloth.sh llama-3.1-8b (needs .refstack = ../shared/bench)
 DIR=$1; PART=$2
 for f in qlora qlora-gpu-check; do
@@ -48,6 +50,24 @@ dropout)
 decode)
   step "bench-decode 8B, r16 unmerged"
   $Q bench-decode --device cuda --arch llama-3.1-8b --lora-r 16 --tokens 128 2>&1 | tail -3 ;;
+changed)
+  G="attention d256,attention variations,ring kv kernels,family generation,decode gemv,lora dropout,dropout,nccl"
+  step "fp16: $G"
+  $C --no-bench --compute-dtype fp16 --only "$G" > $OUT/fp16.txt 2>&1; grep -E "FAIL|passed, " $OUT/fp16.txt | head -30
+  G86="attention d256,ring kv kernels,family generation,decode gemv"
+  step "compute_86 (bf16): $G86"
+  $C --no-bench --arch compute_86 --only "$G86" > $OUT/c86.txt 2>&1; grep -E "FAIL|passed, " $OUT/c86.txt | head -30 ;;
+speed)
+  step "8B shape, LoRA dropout 0 and 0.05 (twice each, interleaved)"
+  for p in 0 0.05 0 0.05; do
+    $Q bench --device cuda --arch llama-3.1-8b --batch 2 --seq 2048 --lora-r 16 --steps 5 --lora-dropout $p 2>/dev/null | tail -1
+  done
+  step "bench-decode 8B, r16 unmerged, rows then mma"
+  for k in rows mma; do $Q bench-decode --device cuda --arch llama-3.1-8b --lora-r 16 --tokens 128 --gemv $k 2>&1 | tail -1; done
+  step "Gemma shapes (head dim 256), 2 x 2048, r16"
+  for a in gemma-2-9b gemma-3-12b; do
+    $Q bench --device cuda --arch $a --batch 2 --seq 2048 --lora-r 16 --steps 3 2>/dev/null | tail -1
+  done ;;
 unsloth)
   step "ours, 8B 2×2048 r16"
   $Q bench --device cuda --arch llama-3.1-8b --batch 2 --seq 2048 --lora-r 16 --steps 5 2>/dev/null | tail -1
