@@ -29,19 +29,36 @@ func referenceGemv(_ w: [Float], rows: Int, cols: Int, x: [Float], residual: [Fl
     }
 }
 
+/// A decode GEMV case on the host (for the CPU twin) and the device: the NF4 weight of `w` and its dequantized values,
+/// a bf16 x, a rank-`rank` LoRA (A, B) with xa = A·x made on the GPU by bf16_gemv, and a residual row.
+struct GemvCase {
+    let matrix: CUDANF4Weight
+    let wq: [Float], x: [Float], a: [Float], b: [Float], residual: [Float]
+    let residualBits: [UInt16]
+    let xd: DeviceBuffer<UInt16>, bd: DeviceBuffer<UInt16>
+    let xa: DeviceBuffer<Float>
+
+    init(_ w: [Float], rows: Int, cols: Int, blocksize: Int = 64, rank: Int) throws {
+        let q = try QuantizedWeight.quantize(w, shape: [rows, cols], blocksize: blocksize)
+        wq = q.dequantize()
+        matrix = try CUDANF4Weight(q, allocator: A)
+        let (xb, x) = rng.bf16(cols)
+        let (ab, a) = rng.bf16(rank * cols, -0.05, 0.05)
+        let (bb, b) = rng.bf16(rows * rank, -0.05, 0.05)
+        (residualBits, residual) = rng.bf16(rows)
+        (self.x, self.a, self.b) = (x, a, b)
+        xd = try upload(xb)
+        bd = try upload(bb)
+        let ad = try upload(ab)
+        xa = try poisoned(Float.self, rank)
+        try ctx.bf16Gemv(weight: ad.pointer, x: xd.pointer, out: xa.pointer, rows: rank, cols: cols)
+    }
+}
+
 func checkDecodeGemv() throws {
     let rows = 300, cols = 1024, rank = 16
-    let w = rng.floats(rows * cols, -0.05, 0.05)
-    let q = try QuantizedWeight.quantize(w, shape: [rows, cols])
-    let wq = q.dequantize()
-    let matrix = try CUDANF4Weight(q, allocator: A)
-    let (xb, x) = rng.bf16(cols)
-    let (ab, a) = rng.bf16(rank * cols, -0.05, 0.05)
-    let (bb, b) = rng.bf16(rows * rank, -0.05, 0.05)
-    let (rb, residual) = rng.bf16(rows)
-    let xd = try upload(xb), ad = try upload(ab), bd = try upload(bb)
-    let xa = try poisoned(Float.self, rank)
-    try ctx.bf16Gemv(weight: ad.pointer, x: xd.pointer, out: xa.pointer, rows: rank, cols: cols)
+    let c = try GemvCase(rng.floats(rows * cols, -0.05, 0.05), rows: rows, cols: cols, rank: rank)
+    let (matrix, wq, x, a, b, residual, rb, xd, bd, xa) = (c.matrix, c.wq, c.x, c.a, c.b, c.residual, c.residualBits, c.xd, c.bd, c.xa)
     let refXa = referenceGemv(a, rows: rank, cols: cols, x: x, residual: nil, lora: nil)
     check("bf16 gemv (LoRA A) \(rank)x\(cols)", relativeError(try xa.download(), refXa), 1e-5)
     let out = try upload(rb)
@@ -98,16 +115,8 @@ func checkDecodeGemvMMA() throws {
             let s = rng.uniform(0.05, 2) * 0.05
             for i in (b * 64)..<((b + 1) * 64) { w[i] *= s }
         }
-        let q = try QuantizedWeight.quantize(w, shape: [rows, cols], blocksize: blocksize)
-        let wq = q.dequantize()
-        let matrix = try CUDANF4Weight(q, allocator: A)
-        let (xb, x) = rng.bf16(cols)
-        let (ab, a) = rng.bf16(rank * cols, -0.05, 0.05)
-        let (bb, b) = rng.bf16(rows * rank, -0.05, 0.05)
-        let (rb, residual) = rng.bf16(rows)
-        let xd = try upload(xb), ad = try upload(ab), bd = try upload(bb)
-        let xa = try poisoned(Float.self, rank)
-        try ctx.bf16Gemv(weight: ad.pointer, x: xd.pointer, out: xa.pointer, rows: rank, cols: cols)
+        let c = try GemvCase(w, rows: rows, cols: cols, blocksize: blocksize, rank: rank)
+        let (matrix, wq, x, a, b, residual, rb, xd, bd, xa) = (c.matrix, c.wq, c.x, c.a, c.b, c.residual, c.residualBits, c.xd, c.bd, c.xa)
         let res = try upload(rb), out = try poisoned(UInt16.self, rows), out2 = try poisoned(UInt16.self, rows)
         var task = NF4GemvTask(packed: matrix.packed.pointer, absmaxCodes: matrix.absmaxCodes.pointer, nestedAbsmax: matrix.nestedAbsmax.pointer,
                                code: matrix.code.pointer, offset: matrix.offset, rows: rows, out: out.pointer)

@@ -598,6 +598,38 @@ __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
 #endif
 }
 
+/// dQ of one warp's 16 queries (rows mq.. of the block's dS, stored [query][key] at `ds` with stride lds) and NT
+/// n-tiles of 8 columns from c0: dQ += dS (16 x BN keys) K (`ks`, [key][D] with stride ld), summed into the fp32
+/// dq_accum rows of the block's queries i0.. (those below seq) by vector reductions, as the flash backward kernels do.
+template <int NT, int BN>
+__device__ __forceinline__ void add_dq_rows(float* dq_accum, const h16* ds, int lds, const h16* ks, int ld, int mq, int c0,
+                                            int i0, int seq, long long t0, int heads, int h, int D, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    float acc[NT][4];
+#pragma unroll
+    for (int x = 0; x < NT; x++) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; kk++) {
+        unsigned a[4];
+        a_frag_km(a, ds, lds, mq, kk * 16, lane);
+#pragma unroll
+        for (int dt = 0; dt < NT; dt += 2) {
+            unsigned r[4];
+            b_frags_kn(r, ks, ld, kk * 16, c0 + dt * 8, lane);
+            mma16816(acc[dt], a, r[0], r[1]);
+            mma16816(acc[dt + 1], a, r[2], r[3]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int query = i0 + mq + g + 8 * i;
+        if (query >= seq) continue;
+        float* row = dq_accum + ((t0 + query) * heads + h) * D + c0 + 2 * t;
+#pragma unroll
+        for (int dt = 0; dt < NT; dt++) red_add_v2(row + dt * 8, acc[dt][2 * i], acc[dt][2 * i + 1]);
+    }
+}
+
 /// The forward's shape by head dimension: up to 128, 4 warps of two m-tiles (32 rows) and key tiles of 64; at 256
 /// (Gemma 2/3) the output accumulator of two m-tiles (2 x 128 registers) would spill, so 8 warps of one m-tile
 /// (16 rows: 128 accumulator registers) share the block's 128 rows, and key tiles of 32 keep the double-buffered
@@ -911,33 +943,7 @@ __device__ __forceinline__ void fa_backward(const h16* q, const h16* k, const h1
         }
         __syncthreads();  // dSᵀ of every warp is in shared memory
         // dQ (64 queries x D) += dS (64 x 128 keys) K: warp w takes queries 16 (w % 4).. and columns (w / 4) D/2...
-        {
-            constexpr int NT = D / 16;  // n-tiles of 8 columns per warp
-            const int mq = (warp & 3) * 16, c0 = (warp >> 2) * (D / 2);
-            float acc[NT][4];
-#pragma unroll
-            for (int x = 0; x < NT; x++) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) {
-                unsigned a[4];
-                a_frag_km(a, dst, LDS, mq, kk * 16, lane);
-#pragma unroll
-                for (int dt = 0; dt < NT; dt += 2) {
-                    unsigned r[4];
-                    b_frags_kn(r, ks, LD, kk * 16, c0 + dt * 8, lane);
-                    mma16816(acc[dt], a, r[0], r[1]);
-                    mma16816(acc[dt + 1], a, r[2], r[3]);
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                const int query = i0 + mq + g + 8 * i;
-                if (query >= seq) continue;
-                float* row = dq_accum + ((t0 + query) * heads + h) * D + c0 + 2 * t;
-#pragma unroll
-                for (int dt = 0; dt < NT; dt++) red_add_v2(row + dt * 8, acc[dt][2 * i], acc[dt][2 * i + 1]);
-            }
-        }
+        add_dq_rows<D / 16, BN>(dq_accum, dst, LDS, ks, LD, (warp & 3) * 16, (warp >> 2) * (D / 2), i0, seq, t0, heads, h, D, lane);
     }
     cp_async_wait<0>();
 #pragma unroll
@@ -1114,33 +1120,7 @@ __device__ __forceinline__ void fa_backward_wide(const h16* q, const h16* k, con
             accumulate_dkv<HALF>(dka, dva, pa, sa, dot + c0, qt + c0, LD, kk, lane);
         }
         // dQ (BQ queries x D) += dS (BQ x 64 keys) K: warp w takes queries 16 (w % 2).. and columns (w / 2) D/4...
-        {
-            constexpr int NT = D / 32;  // n-tiles of 8 columns per warp
-            const int mq = (warp & 1) * 16, cd = (warp >> 1) * (D / 4);
-            float dqa[NT][4];
-#pragma unroll
-            for (int x = 0; x < NT; x++) dqa[x][0] = dqa[x][1] = dqa[x][2] = dqa[x][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) {
-                unsigned a[4];
-                a_frag_km(a, dst, LDS, mq, kk * 16, lane);
-#pragma unroll
-                for (int dt = 0; dt < NT; dt += 2) {
-                    unsigned r[4];
-                    b_frags_kn(r, ks, LD, kk * 16, cd + dt * 8, lane);
-                    mma16816(dqa[dt], a, r[0], r[1]);
-                    mma16816(dqa[dt + 1], a, r[2], r[3]);
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                const int query = i0 + mq + g + 8 * i;
-                if (query >= seq) continue;
-                float* row = dq_accum + ((t0 + query) * heads + h) * D + cd + 2 * t;
-#pragma unroll
-                for (int dt = 0; dt < NT; dt++) red_add_v2(row + dt * 8, dqa[dt][2 * i], dqa[dt][2 * i + 1]);
-            }
-        }
+        add_dq_rows<D / 32, BN>(dq_accum, dst, LDS, ks, LD, (warp & 1) * 16, (warp >> 1) * (D / 4), i0, seq, t0, heads, h, D, lane);
     }
     cp_async_wait<0>();
 #pragma unroll
