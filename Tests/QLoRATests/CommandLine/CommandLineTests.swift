@@ -3,8 +3,9 @@ import XCTest
 
 /// The `qlora` binary itself, built beside the test bundle: what a user types, what they see.
 final class CommandLineTests: XCTestCase {
-    /// Runs qlora with `arguments`; returns (exit status, standard output, standard error).
-    func qlora(_ arguments: [String]) throws -> (status: Int32, out: String, err: String) {
+    /// Runs qlora with `arguments` (and `extra` in its environment, without the data-parallel launch variables of the
+    /// test's own environment); returns (exit status, standard output, standard error).
+    func qlora(_ arguments: [String], environment extra: [String: String] = [:]) throws -> (status: Int32, out: String, err: String) {
         let bundle = URL(fileURLWithPath: CommandLine.arguments[0])
         var binary = bundle.deletingLastPathComponent().appendingPathComponent("qlora")
         if !FileManager.default.fileExists(atPath: binary.path) {
@@ -14,6 +15,9 @@ final class CommandLineTests: XCTestCase {
         let process = Process()
         process.executableURL = binary
         process.arguments = arguments
+        var environment = ProcessInfo.processInfo.environment
+        for key in ["WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "MASTER_ADDR", "MASTER_PORT"] { environment[key] = nil }
+        process.environment = environment.merging(extra) { _, new in new }
         let out = Pipe(), err = Pipe()
         process.standardOutput = out
         process.standardError = err

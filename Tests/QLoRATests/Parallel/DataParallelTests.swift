@@ -299,29 +299,6 @@ final class DataParallelTests: XCTestCase {
 
 /// `qlora train --world N` (CPU processes over loopback sockets) and the launcher's handling of a failing rank.
 extension CommandLineTests {
-    func run(_ arguments: [String], environment extra: [String: String] = [:]) throws -> (status: Int32, out: String, err: String) {
-        let bundle = URL(fileURLWithPath: CommandLine.arguments[0])
-        var binary = bundle.deletingLastPathComponent().appendingPathComponent("qlora")
-        if !FileManager.default.fileExists(atPath: binary.path) {
-            binary = bundle.deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("qlora")
-        }
-        guard FileManager.default.fileExists(atPath: binary.path) else { throw XCTSkip("the qlora binary is not built beside \(bundle.path)") }
-        let process = Process()
-        process.executableURL = binary
-        process.arguments = arguments
-        var environment = ProcessInfo.processInfo.environment
-        for key in ["WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "MASTER_ADDR", "MASTER_PORT"] { environment[key] = nil }
-        process.environment = environment.merging(extra) { _, new in new }
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        let outData = out.fileHandleForReading.readDataToEndOfFile()
-        let errData = err.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
-    }
-
     func losses(_ directory: String) throws -> [Double] {
         try FileSystem.readText(directory + "/metrics.jsonl").split(separator: "\n").compactMap { try JSONValue.parse(String($0))["loss"]?.double }
     }
@@ -334,10 +311,10 @@ extension CommandLineTests {
         let common = ["train", "--model", model, "--data", data, "--max-steps", "3", "--batch-size", "1", "--learning-rate", "1e-2",
                       "--logging-steps", "1", "--lora-dropout", "0", "--optimizer", "adamw"]
         let singleDir = try TestFixtures.temporaryDirectory("cli-dp-single") + "/run"
-        let single = try run(common + ["--gradient-accumulation-steps", "2", "--output", singleDir, "--device", "cpu"])
+        let single = try qlora(common + ["--gradient-accumulation-steps", "2", "--output", singleDir, "--device", "cpu"])
         XCTAssertEqual(single.status, 0, single.err)
         let worldDir = try TestFixtures.temporaryDirectory("cli-dp-world") + "/run"
-        let world = try run(common + ["--gradient-accumulation-steps", "1", "--output", worldDir, "--world", "2"])
+        let world = try qlora(common + ["--gradient-accumulation-steps", "1", "--output", worldDir, "--world", "2"])
         XCTAssertEqual(world.status, 0, world.err)
         XCTAssertTrue(world.err.contains("data parallel: 2 CPU ranks"), world.err)
         XCTAssertTrue(world.out.contains("2 ranks"), world.out)
@@ -348,13 +325,13 @@ extension CommandLineTests {
         XCTAssertTrue(FileSystem.exists(worldDir + "/adapter_model.safetensors"))
 
         let failingDir = try TestFixtures.temporaryDirectory("cli-dp-fail") + "/run"
-        let failing = try run(common + ["--max-steps", "20", "--output", failingDir, "--world", "3"], environment: ["QLORA_TEST_FAIL_RANK": "1:2"])
+        let failing = try qlora(common + ["--max-steps", "20", "--output", failingDir, "--world", "3"], environment: ["QLORA_TEST_FAIL_RANK": "1:2"])
         XCTAssertNotEqual(failing.status, 0)
         XCTAssertTrue(failing.err.contains("rank 1 failed: test failure of rank 1 at step 2 (the other rank(s) were stopped)"), failing.err)
         XCTAssertTrue(failing.err.contains("were stopped"), failing.err)
         XCTAssertFalse(FileSystem.exists(failingDir + "/adapter_model.safetensors"))
 
-        let gpus = try run(common + ["--output", failingDir + "-gpus", "--gpus", "2"])
+        let gpus = try qlora(common + ["--output", failingDir + "-gpus", "--gpus", "2"])
         XCTAssertNotEqual(gpus.status, 0)
         XCTAssertTrue(gpus.err.contains("--gpus 2:"), gpus.err)
     }
