@@ -5,9 +5,12 @@
 //   dx += d(s·dyB·A)        bf16: 1e-2 over the whole output, and every dropped element bit-identical to the input
 //                           dx (the mask exactly), every kept one moved (where the added term is not tiny)
 //   each run twice: the same bits (no atomics: --full-determinism)
-//   mask bits               dA's kernel writing the mask as bits (the trainer's backward): the bytes equal the CPU's
-//                           mask packed 8 columns a byte (bit for bit, 0 past `in`), dA unchanged by writing them,
-//                           and dx from those bits bit-identical to dx that hashes (and untouched from all-zero bits)
+//   mask bits               dA's kernel writing the mask as bits (the trainer's backward when the bits are not kept):
+//                           the bytes equal the CPU's mask packed 8 columns a byte (bit for bit, 0 past `in`), dA
+//                           unchanged by writing them, and dx from those bits bit-identical to dx that hashes (and
+//                           untouched from all-zero bits); xa's kernel writing them (the trainer's forward): the same
+//                           bytes, xa unchanged, and dA reading them bit-identical to dA that hashes (and dA
+//                           untouched from all-zero bits)
 // Shapes cover ranks 1 … 80 (every kernel variant, ranks past one block's 64), columns that are not a multiple of 64
 // or of 8 (element-wise loads), token counts that are not a multiple of 16, and the 1/keep scaling (p 0.05 … 0.5).
 // The check can fail: a wrong seed, index or fragment layout moves xa and dA by order 1, and dx's untouched elements
@@ -87,6 +90,29 @@ func checkFusedDropoutKernels() throws {
         checkTrue("lora dropout dA writing bits same bits \(label)",
                   try dAWithBits.download().map(\.bitPattern) == dABits[0].map(\.bitPattern))
 
+        // The forward writing the bits, dA reading them (the trainer's path when it keeps every block's masks).
+        let forwardBits = try poisoned(UInt8.self, maskBytes), xaWithBits = try poisoned(UInt16.self, n * r)
+        try ctx.loraDropoutXA(x: xd.pointer, a: ad.pointer, into: xaWithBits.pointer, tokens: n, inFeatures: inF, rank: r, mask: mask,
+                              maskBits: forwardBits)
+        let gotForwardBits = try forwardBits.download()
+        let wrongForwardBytes = zip(gotForwardBits, packed).filter { $0 != $1 }.count
+        checkTrue("lora dropout xa mask bits = DropoutMask \(label)", wrongForwardBytes == 0,
+                  "\(wrongForwardBytes) of \(maskBytes) bytes differ")
+        checkTrue("lora dropout xa writing bits same bits \(label)", try xaWithBits.download() == xaBits[0])
+        let dAFromBits = try upload(dA0)
+        try ctx.loraDropoutGradA(x: xd.pointer, dyB: dyBd.pointer, into: dAFromBits.pointer, scratch: scratch, tokens: n, inFeatures: inF,
+                                 rank: r, scale: scale, mask: mask, storedMaskBits: forwardBits)
+        let fromForwardBits = try dAFromBits.download()
+        checkTrue("lora dropout dA from mask bits = hashed \(label)", fromForwardBits.map(\.bitPattern) == dABits[0].map(\.bitPattern),
+                  "\(zip(fromForwardBits, dABits[0]).filter { $0.bitPattern != $1.bitPattern }.count) of \(r * inF) values differ")
+        // All bits clear: every element dropped, dA += 0 (so the bits, not the hash, decide).
+        let noBits = try poisoned(UInt8.self, maskBytes)
+        try noBits.fill(byte: 0)
+        let dANoneKept = try upload(dA0)
+        try ctx.loraDropoutGradA(x: xd.pointer, dyB: dyBd.pointer, into: dANoneKept.pointer, scratch: scratch, tokens: n, inFeatures: inF,
+                                 rank: r, scale: scale, mask: mask, storedMaskBits: noBits)
+        checkTrue("lora dropout dA reads the mask bits \(label)", try dANoneKept.download().map(\.bitPattern) == dA0.map(\.bitPattern))
+
         // dx += d(s·dyB·A), onto a random dx
         let (dxb, dx) = rng.bf16(n * inF)
         var dxRef = dx
@@ -139,8 +165,10 @@ func checkFusedDropoutKernels() throws {
 /// A LoRA linear's work in one training step with gradient checkpointing (forward, recomputation, backward; bf16
 /// weight, no NF4 dequantization: the same with and without dropout) at the Llama-3.1-8B shapes, 4096 tokens, r 16:
 ///   no dropout      x·Aᵀ twice (forward, recomputation), dA and dx through cuBLAS
-///   dropout 0.05    the trainer's path: x·Aᵀ fused once (the recomputation reuses the forward's), dA fused writing
-///                   the mask bits, dx fused reading them: each element hashed twice
+///   dropout 0.05    the trainer's path: x·Aᵀ fused once writing the mask bits (the recomputation reuses the
+///                   forward's x·Aᵀ), dA and dx fused reading them: each element hashed once
+///   hashing 2x      the trainer's path when the bits are not kept: x·Aᵀ fused once, dA fused writing the mask
+///                   bits, dx fused reading them (session 6's path)
 ///   hashing 4×      the fused kernels as before the mask bits: hashed in the forward, the recomputation, dA and dx
 ///   unfused         d(x) written by dropout_apply before the cuBLAS products, d(s·dyB·A) through dropout_add_masked
 /// then each fused kernel beside the cuBLAS GEMM it replaces, with its time and effective bandwidth (the bytes it
@@ -178,11 +206,22 @@ func timeLoRADropout(_ host: [UInt16]) throws {
             try forward(nil)
             try backward(nil, bits: nil)
         }
-        let trainerPath = try timeMedian(10, warmup: 2) {
-            try forward(mask)
-            // The recomputation with the forward's x·Aᵀ: the base product and the LoRA B product only.
+        // The recomputation with the forward's x·Aᵀ: the base product and the LoRA B product only.
+        func recomputation() throws {
             try blas.gemm(m: tokens, n: outF, k: inF, a: x.pointer, b: w.pointer, transB: true, c: y.pointer)
             try blas.gemm(m: tokens, n: outF, k: r, a: xa.pointer, b: lora.b.pointer, transB: true, c: y.pointer, alpha: lora.scale, beta: 1)
+        }
+        let trainerPath = try timeMedian(10, warmup: 2) {
+            try ctx.loraLinearForward(x: x, weight: w, lora: lora, tokens: tokens, inFeatures: inF, outFeatures: outF, xa: xa, into: y,
+                                      dropout: mask, dropoutMaskBits: maskBits)
+            try recomputation()
+            try ctx.loraLinearBackward(x: x, weight: w, lora: lora, xa: xa, dy: dy, tokens: tokens, inFeatures: inF, outFeatures: outF,
+                                       dyB: dyB, dx: dx, dA: dA, dB: dB, accumulateGradients: true, dropout: mask,
+                                       dropoutScratch: partials, dropoutMaskBits: maskBits, maskBitsFromForward: true)
+        }
+        let hashing2 = try timeMedian(10, warmup: 2) {
+            try forward(mask)
+            try recomputation()
             try backward(mask, bits: maskBits)
         }
         let hashing4 = try timeMedian(10, warmup: 2) {
@@ -212,7 +251,7 @@ func timeLoRADropout(_ host: [UInt16]) throws {
         }
         func extra(_ ms: Double) -> String { "\(fmt(ms, 3)) ms (\(ms >= plain ? "+" : "")\(fmt(100 * (ms - plain) / plain, 1))%)" }
         print("  lora linear step (fwd + recompute + bwd) \(tokens) tok \(inF)->\(outF) r\(r): no dropout \(fmt(plain, 3)) ms; "
-              + "dropout 0.05 \(extra(trainerPath)), hashing 4x \(extra(hashing4)), unfused \(extra(unfused))")
+              + "dropout 0.05 \(extra(trainerPath)), hashing 2x \(extra(hashing2)), hashing 4x \(extra(hashing4)), unfused \(extra(unfused))")
 
         // Each fused kernel beside the GEMM it replaces. Bytes: x (or dx read and written), A, xa / dyB, dA, the
         // partial sums (written and read), the mask bits.
@@ -224,15 +263,20 @@ func timeLoRADropout(_ host: [UInt16]) throws {
         let xaMs = try timeMedian(10, warmup: 2) {
             try ctx.loraDropoutXA(x: x.pointer, a: lora.a.pointer, into: xa.pointer, tokens: tokens, inFeatures: inF, rank: r, mask: mask)
         }
+        let xaBitsMs = try timeMedian(10, warmup: 2) {
+            try ctx.loraDropoutXA(x: x.pointer, a: lora.a.pointer, into: xa.pointer, tokens: tokens, inFeatures: inF, rank: r, mask: mask,
+                                  maskBits: maskBits)
+        }
         let xaGemmMs = try timeMedian(10, warmup: 2) {
             try blas.gemm(m: tokens, n: r, k: inF, a: x.pointer, b: lora.a.pointer, transB: true, c: xa.pointer)
         }
-        func gradA(_ bits: DeviceBuffer<UInt8>?) throws {
+        func gradA(_ bits: DeviceBuffer<UInt8>?, stored: DeviceBuffer<UInt8>? = nil) throws {
             try ctx.loraDropoutGradA(x: x.pointer, dyB: dyB.pointer, into: dA.pointer, scratch: partials, tokens: tokens, inFeatures: inF,
-                                     rank: r, scale: lora.scale, mask: mask, maskBits: bits)
+                                     rank: r, scale: lora.scale, mask: mask, maskBits: bits, storedMaskBits: stored)
         }
         let dAMs = try timeMedian(10, warmup: 2) { try gradA(nil) }
         let dABitsMs = try timeMedian(10, warmup: 2) { try gradA(maskBits) }
+        let dAReadMs = try timeMedian(10, warmup: 2) { try gradA(nil, stored: maskBits) }
         let dAGemmMs = try timeMedian(10, warmup: 2) {
             try blas.gemm(m: r, n: inF, k: tokens, a: dyB.pointer, transA: true, b: x.pointer, c: dA.pointer, outputType: .float32,
                           alpha: lora.scale, beta: 1)
@@ -248,8 +292,10 @@ func timeLoRADropout(_ host: [UInt16]) throws {
         }
         let partialBytes = 8.0 * Double(partialCount), bitBytes = Double(maskBytes)
         line("xa = d(x)·Aᵀ (hash)", xaMs, xBytes + small, xaGemmMs, xBytes + small)
+        line("xa (hash, write bits)", xaBitsMs, xBytes + small + bitBytes, xaGemmMs, xBytes + small)
         line("dA (hash)", dAMs, xBytes + small + partialBytes + dABytes, dAGemmMs, xBytes + small + dABytes)
         line("dA (hash, write bits)", dABitsMs, xBytes + small + partialBytes + dABytes + bitBytes, dAGemmMs, xBytes + small + dABytes)
+        line("dA (read bits)", dAReadMs, xBytes + small + partialBytes + dABytes + bitBytes, dAGemmMs, xBytes + small + dABytes)
         line("dx (hash)", dxMs, 2 * xBytes + small, dxGemmMs, 2 * xBytes + small)
         line("dx (read bits)", dxBitsMs, 2 * xBytes + small + bitBytes, dxGemmMs, 2 * xBytes + small)
     }

@@ -8,7 +8,8 @@
 //                                             per step: the same with 2 and 3 slots, the host embedding, and a run
 //                                             queued without any host synchronisation between steps (a missing
 //                                             event wait shows up as a difference here, or run it under
-//                                             compute-sanitizer); a tied embedding stays on the GPU
+//                                             compute-sanitizer), and the dropout masks hashed again by the backward
+//                                             instead of kept from the forward; a tied embedding stays on the GPU
 //   memory: peak allocator bytes              the SmolLM2-135M shape made untied, 2 × 512 tokens: the allocator's peak
 //                                             over construction and a step drops by exactly what the plan says
 //                                             ((L + 1 − 3) checkpoints for offloading, the [V, H] table for the host
@@ -135,8 +136,10 @@ func runMemoryChecks(_ ctx: CUDAContext) {
             try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 4, alpha: 8, capacityTokens: full.tokenCount, dropout: 0.1,
                                  seed: 7, memory: options)
         }
+        var rehashedMasks = CUDATrainerMemoryOptions.allOnDevice
+        rehashedMasks.keepDropoutMasks = false
         let variants = [("checkpoints offloaded, 2 slots", offload2), ("checkpoints offloaded, 3 slots", offload3),
-                        ("host embedding", hostOnly), ("both, 3 slots", both3)]
+                        ("host embedding", hostOnly), ("both, 3 slots", both3), ("dropout masks rehashed", rehashedMasks)]
         try compareVariants("random 6 blocks", variants, make: make,
                             run: { try recordMemoryRun($0, batches: batches, steps: 3, dropout: true) })
         // Queued without synchronising between steps: the copies of one step overlap the next step's host work.
@@ -189,15 +192,26 @@ func runMemoryChecks(_ ctx: CUDAContext) {
                       "peak \(mib(device.bytes)) -> \(mib(measured.bytes)): \(mib(drop)) less; plan \(mib(device.plan.total - measured.plan.total)), "
                       + "expected \(mib(expected)); host \(mib(measured.plan.host))")
         }
-        // LoRA dropout: dA's partial sums, one linear's mask bits, every block's own d(x)·Aᵀ.
-        let dropped = try peak(.allOnDevice, dropout: 0.05)
+        // LoRA dropout: dA's partial sums, every block's own d(x)·Aᵀ, and the mask bits: every block's, kept from the
+        // forward (the default), or one linear's, hashed again by the backward (keepDropoutMasks off).
         let inputs = [config.hiddenSize, config.qDim, config.intermediateSize]
-        let extra = s(4 * inputs.map { CUDAContext.loraDropoutScratchCount(tokens: tokens, inFeatures: $0, rank: 8) }.max()!)
-            + s(inputs.map { CUDAContext.loraDropoutMaskBytes(tokens: tokens, inFeatures: $0) }.max()!)
+        let common = s(4 * inputs.map { CUDAContext.loraDropoutScratchCount(tokens: tokens, inFeatures: $0, rank: 8) }.max()!)
             + config.layerCount * 7 * s(2 * tokens * 8)
-        checkTrue("peak: LoRA dropout adds what the plan says", dropped.bytes - device.bytes == dropped.plan.total - device.plan.total
-                      && dropped.plan.total - device.plan.total == extra,
-                  "peak \(mib(device.bytes)) -> \(mib(dropped.bytes)); plan \(mib(dropped.plan.total - device.plan.total)) more, "
-                  + "expected \(mib(extra))")
+        let blockInputs = [config.hiddenSize, config.hiddenSize, config.hiddenSize, config.qDim, config.hiddenSize, config.hiddenSize,
+                           config.intermediateSize]
+        let keptBits = config.layerCount * blockInputs.map { (CUDAContext.loraDropoutMaskBytes(tokens: tokens, inFeatures: $0) + 255) / 256 * 256 }
+            .reduce(0, +)
+        let oneLinearBits = inputs.map { CUDAContext.loraDropoutMaskBytes(tokens: tokens, inFeatures: $0) }.max()!
+        var rehashing = CUDATrainerMemoryOptions.allOnDevice
+        rehashing.keepDropoutMasks = false
+        for (label, options, bits) in [("masks kept", CUDATrainerMemoryOptions.allOnDevice, keptBits), ("masks rehashed", rehashing, oneLinearBits)] {
+            let dropped = try peak(options, dropout: 0.05)
+            let extra = common + s(bits)
+            checkTrue("peak: LoRA dropout (\(label)) adds what the plan says",
+                      dropped.bytes - device.bytes == dropped.plan.total - device.plan.total
+                          && dropped.plan.total - device.plan.total == extra && dropped.plan.memory.keepDropoutMasks == options.keepDropoutMasks,
+                      "peak \(mib(device.bytes)) -> \(mib(dropped.bytes)); plan \(mib(dropped.plan.total - device.plan.total)) more, "
+                      + "expected \(mib(extra))")
+        }
     }
 }

@@ -7,6 +7,8 @@
 #   ports      fp16 and compute_86 (99 KB shared memory) of the groups GROUPS names (default: all but benchmarks)
 #   bench      qlora-gpu-check --only benchmarks
 #   dropout    the 8B bench with LoRA dropout 0 and 0.05, twice each, interleaved
+#   dropoutmasks  the same with 0.05 twice over: the masks kept as bits (hashed once a step, the default) and
+#              --keep-dropout-masks off (hashed again in the backward, session 6's path), interleaved twice
 #   decode     bench-decode on the 8B shape (LoRA r16 unmerged, 128 tokens)
 #   changed    fp16 and compute_86 of the groups the helpers' branches added or changed
 #   speed      dropout 0 / 0.05 on the 8B shape, decode with both GEMVs, the Gemma shapes (head dim 256 flash)
@@ -46,6 +48,12 @@ dropout)
   step "8B shape, LoRA dropout 0 and 0.05 (twice each, interleaved)"
   for p in 0 0.05 0 0.05; do
     $Q bench --device cuda --arch llama-3.1-8b --batch 2 --seq 2048 --lora-r 16 --steps 5 --lora-dropout $p 2>/dev/null | tail -1
+  done ;;
+dropoutmasks)
+  step "8B shape, LoRA dropout 0 / 0.05 masks kept / 0.05 rehashed (twice each, interleaved)"
+  for m in "0 auto" "0.05 auto" "0.05 off" "0 auto" "0.05 auto" "0.05 off"; do
+    set -- $m
+    $Q bench --device cuda --arch llama-3.1-8b --batch 2 --seq 2048 --lora-r 16 --steps 5 --lora-dropout $1 --keep-dropout-masks $2 2>/dev/null | tail -1
   done ;;
 decode)
   step "bench-decode 8B, r16 unmerged"

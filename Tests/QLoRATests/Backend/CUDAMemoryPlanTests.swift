@@ -110,9 +110,25 @@ final class CUDAMemoryPlanTests: XCTestCase {
         XCTAssertTrue(advice.contains("offload the gradient checkpoints"), advice)
     }
 
-    /// LoRA dropout adds the fused kernels' fp32 dA scratch (token splits x rank x in of the largest linear), one
-    /// linear's mask bits and every block's own d(x)·Aᵀ, together less than half a [tokens, largest in] copy of d(x);
-    /// per-projection ranks size the adapters per linear.
+    /// The kept dropout masks' layout: one [tokens, ⌈in/8⌉] region per adapter (none for rank 0), in block and linear
+    /// order, each on a 256-byte boundary, none overlapping.
+    func testKeptDropoutMaskLayout() {
+        let shapes: [(out: Int, in: Int)] = [(8, 9), (4, 1000), (5, 64)]
+        let ranks = [[2, 0, 3], [0, 0, 1]]
+        let n = 7
+        let layout = CUDAMemoryPlan.keptMaskLayout(tokens: n, shapes: shapes, ranks: ranks)
+        // 7 · 2 = 14 → 256; 7 · 8 = 56 → 256; then 256.
+        XCTAssertEqual(layout.offsets.map { $0.map { $0 ?? -1 } }, [[0, -1, 256], [-1, -1, 512]])
+        XCTAssertEqual(layout.bytes, 768)
+        XCTAssertEqual(CUDAContext.loraDropoutMaskBytes(tokens: n, inFeatures: 9), 14)
+        XCTAssertEqual(CUDAMemoryPlan.keptMaskLayout(tokens: 4096, shapes: shapes, ranks: [[16, 16, 16]]).offsets[0],
+                       [0, 8192, 8192 + 4096 * 125])
+    }
+
+    /// LoRA dropout adds the fused kernels' fp32 dA scratch (token splits x rank x in of the largest linear), every
+    /// block's own d(x)·Aᵀ, and the mask bits: every block's (kept from the forward, the default: 1/16 of the
+    /// adapters' inputs), or one linear's (hashed again by the backward), then together less than half a [tokens,
+    /// largest in] copy of d(x); per-projection ranks size the adapters per linear.
     func testDropoutScratchAndPerProjectionRanks() {
         let c = Architecture.llama3_1_8b.config, n = 4096
         let plain = CUDAMemoryPlan(config: c, tokens: n, rank: 16)
@@ -123,9 +139,19 @@ final class CUDAMemoryPlanTests: XCTestCase {
         XCTAssertEqual(CUDAContext.loraDropoutMaskBytes(tokens: n, inFeatures: c.intermediateSize), n * 14336 / 8)
         XCTAssertEqual(CUDAContext.loraDropoutMaskBytes(tokens: 3, inFeatures: 9), 6)  // rows of ⌈9/8⌉ bytes
         let s = DeviceAllocator.sizeClass
-        XCTAssertEqual(dropout.activations - plain.activations,
-                       s(4 * 7 * 16 * c.intermediateSize) + s(n * c.intermediateSize / 8) + c.layerCount * 7 * s(2 * n * 16))
-        XCTAssertLessThan(dropout.activations - plain.activations, 2 * n * c.intermediateSize / 2)
+        let scratch = s(4 * 7 * 16 * c.intermediateSize), droppedXA = c.layerCount * 7 * s(2 * n * 16)
+        XCTAssertTrue(dropout.memory.keepDropoutMasks)
+        let keptBits = c.layerCount * (6 * n * c.hiddenSize + n * c.intermediateSize) / 8
+        XCTAssertEqual(dropout.activations - plain.activations, scratch + s(keptBits) + droppedXA)
+        // 59% of a checkpoint per block at this shape (38,912 input columns of the seven adapters against 4096 · 16 bits).
+        XCTAssertLessThan(keptBits, c.layerCount * 2 * n * c.hiddenSize * 6 / 10)
+        var rehashingOptions = CUDATrainerMemoryOptions.automatic(for: c)
+        rehashingOptions.keepDropoutMasks = false
+        let rehashing = CUDAMemoryPlan(config: c, tokens: n, rank: 16, dropout: true, memory: rehashingOptions)
+        XCTAssertEqual(rehashing.activations - plain.activations, scratch + s(n * c.intermediateSize / 8) + droppedXA)
+        XCTAssertLessThan(rehashing.activations - plain.activations, 2 * n * c.intermediateSize / 2)
+        // Without dropout the option changes nothing.
+        XCTAssertEqual(CUDAMemoryPlan(config: c, tokens: n, rank: 16, memory: rehashingOptions).total, plain.total)
         // Fewer tokens never need more splits (a trainer's scratch, sized at its capacity, fits every batch).
         for tokens in [1, 100, 1000, 2048, 4095] {
             XCTAssertLessThanOrEqual(CUDAContext.loraDropoutSplits(tokens: tokens, inFeatures: c.hiddenSize),

@@ -2,15 +2,18 @@
 // x [tokens, in] is the LoRA path's input, m its keep mask (dropout_keep8 in the prelude: Training/DropoutMask.swift's
 // hash of seed and element index token·in + column, bit for bit), keep = 1 − p, A [r, in], dyB = dy·B [tokens, r],
 // s the LoRA scale. Because m only selects, the 1/keep comes out of every sum: (m⊙x)·Aᵀ/keep is d(x)·Aᵀ.
-//   lora_dropout_xa_rN:     xa = h16((m⊙x)·Aᵀ / keep)                        [tokens, r]  (forward)
-//   lora_dropout_da_rN:     P[sp] = dyB[rows of split sp]ᵀ · (m⊙x)[same rows]  [splits, r, in] fp32 partial sums,
-//                           and, given `mask_out`, m itself as bits for lora_dropout_dx (below)
+//   lora_dropout_xa_rN:     xa = h16((m⊙x)·Aᵀ / keep)                        [tokens, r]  (forward), and, given
+//                           `mask_out`, m itself as bits (below) for the backward's dA and dx
+//   lora_dropout_da_rN:     P[sp] = dyB[rows of split sp]ᵀ · (m⊙x)[same rows]  [splits, r, in] fp32 partial sums;
+//                           m read from `mask_in` (the forward's bits), or hashed and, given `mask_out`, written as
+//                           bits for lora_dropout_dx
 //   lora_dropout_da_finish: dA += s · (Σ_sp P[sp]) / keep, the splits added in order (no atomics: same bits every run)
 //   lora_dropout_dx:        dx = h16(dx + m ⊙ (dyB·A) · s/keep)                 [tokens, in] (d/dx of the LoRA path),
 //                           m hashed again or read from the bits lora_dropout_da wrote
-// The mask bits: [tokens, ⌈in/8⌉] bytes, bit e of byte b of row t = m[t][8b + e] (0 past `in`): 1/16 of x's bytes, so
-// the backward hashes each element once (the hash is what the fused kernels spend their time on; the trainer keeps
-// the forward's xa for the backward, so that the recomputation does not hash again either).
+// The mask bits: [tokens, ⌈in/8⌉] bytes, bit e of byte b of row t = m[t][8b + e] (0 past `in`): 1/16 of x's bytes.
+// The hash (about 18 integer operations an element) is what the fused kernels spend their time on, so the trainer
+// hashes each element once a step: the forward's xa writes the bits, dA and dx read them, and the recomputation
+// reuses the forward's xa (when the bits do not fit in memory, dA hashes again and writes them for dx).
 // Each reads x (or dx) once with 16-byte loads and hashes each element at most once; the products run on the tensor cores
 // (the prelude's mma_16816_h16, fp32 accumulation). An mma's k (and the m or n of its output) may be numbered in any
 // order as long as both operands agree, so each lane takes 8 consecutive columns of a row in one 16-byte load:
@@ -20,13 +23,15 @@
 //   dA:  C[m = column][n = rank], k = tokens. Lane (g, t) loads columns 8g … 8g+7 of tokens 4t … 4t+3; m-tile i's row g
 //        is column 8g+2i, row g+8 column 8g+2i+1; k pairs (2t, 2t+1), (2t+8, 2t+9) are tokens 4t+{0,1}, 4t+{2,3}
 //        (pairs of two tokens' halves: __byte_perm); n = q of n-tile nt is rank q·NT + nt, so lane g reads dyB's
-//        ranks g·NT … g·NT+NT−1.
+//        ranks g·NT … g·NT+NT−1 of a token in one 2·NT-byte load.
 //   dx:  C[m = column][n = token], k = ranks: columns as in dA, k pairs (2t, 2t+1), (2t+8, 2t+9) are ranks 4t+{0,1},
 //        4t+{2,3}, so lane (g, t) holds tokens 2t and 2t+1 of each 8-token n-tile at its 8 columns: one 16-byte
-//        read-modify-write per token.
+//        read-modify-write per token; its dyB ranks 4t … 4t+3 of a token are one 8-byte load, and at rank ≤ 16 its A
+//        fragment is loaded once for all its token tiles.
 // Sums are in a fixed order everywhere (per warp in k order, warps of a block in index order, splits in index order).
 // Bounds: rows past `tokens`, columns past `in` and ranks past r read as 0 and are not written; when `in` is not a
-// multiple of 8 (or a pointer not 16-byte aligned) the loads go element by element.
+// multiple of 8 (or a pointer not 16-byte aligned) the loads go element by element, and dyB's when r is not a
+// multiple of the ranks a lane loads at once.
 #include "qlora_prelude.cuh"
 
 #if !QLORA_HALF && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -61,22 +66,54 @@ __device__ __forceinline__ void mask_row8(h16x8_raw& v, unsigned bits) {
 template <int HIGH>
 __device__ __forceinline__ unsigned pair_halves(unsigned a, unsigned b) { return __byte_perm(a, b, HIGH ? 0x7632 : 0x5410); }
 
-/// dyB[token][rank], 0 outside [0, tokens) x [0, rank).
-__device__ __forceinline__ unsigned dyb_at(const h16* dyB, int token, int tokens, int j, int rank) {
-    return token < tokens && j < rank ? (unsigned)dyB[(long long)token * rank + j] : 0u;
+/// dyB[token][j0 … j0+N−1] (N = 2, 4 or 8), two h16 a word (the lower rank in the low half), 0 outside
+/// [0, tokens) x [0, rank). `vec`: rank is a multiple of N and dyB 2·N-byte aligned, so that with j0 a multiple of
+/// N the N values are one aligned load, all inside the rank or all past it.
+template <int N>
+__device__ __forceinline__ void dyb_ranks(const h16* dyB, int token, int tokens, int j0, int rank, bool vec, unsigned (&w)[N / 2]) {
+#pragma unroll
+    for (int q = 0; q < N / 2; q++) w[q] = 0u;
+    if (token >= tokens || j0 >= rank) return;
+    const h16* p = dyB + (long long)token * rank + j0;
+    if (vec) {
+        if constexpr (N == 2) {
+            w[0] = *reinterpret_cast<const unsigned*>(p);
+        } else if constexpr (N == 4) {
+            const uint2 u = *reinterpret_cast<const uint2*>(p);
+            w[0] = u.x; w[1] = u.y;
+        } else {
+            const uint4 u = *reinterpret_cast<const uint4*>(p);
+            w[0] = u.x; w[1] = u.y; w[2] = u.z; w[3] = u.w;
+        }
+        return;
+    }
+#pragma unroll
+    for (int e = 0; e < N; e++)
+        if (j0 + e < rank) w[e >> 1] |= (unsigned)p[e] << (16 * (e & 1));
+}
+
+/// The keep bits of columns c … c+7 (`in` > c), those past `in` cleared: the byte the mask bits hold.
+__device__ __forceinline__ unsigned keep_byte(unsigned long long seed, long long row_start, int c, int in, unsigned limit) {
+    unsigned bits = dropout_keep8(seed, row_start + c, limit);
+    if (c + 8 > in) bits &= (1u << (in - c)) - 1u;
+    return bits;
 }
 
 // MARK: - Forward: xa = (m⊙x)·Aᵀ / keep
 
 /// One block: 16 rows x 8·NT ranks (rank chunk blockIdx.y); warp w takes the 32-column steps w, w + XA_WARPS, ….
+/// The blocks of rank chunk 0 write the mask bits when `mask_out` is not null.
 template <int NT>
-__device__ __forceinline__ void dropout_xa(const h16* __restrict__ x, const h16* __restrict__ a, h16* __restrict__ xa, int tokens,
-                                           int in, int rank, unsigned long long seed, float keep) {
+__device__ __forceinline__ void dropout_xa(const h16* __restrict__ x, const h16* __restrict__ a, h16* __restrict__ xa,
+                                           unsigned char* __restrict__ mask_out, int tokens, int in, int rank,
+                                           unsigned long long seed, float keep) {
     __shared__ float sum[16][NT * 8];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int row0 = blockIdx.x * 16 + g, row1 = row0 + 8, jbase = blockIdx.y * NT * 8;
     const bool vec = (in & 7) == 0 && aligned16(x) && aligned16(a);
     const unsigned limit = dropout_limit(keep);
+    const long long mask_stride = (in + 7) >> 3;
+    unsigned char* const bits_out = blockIdx.y == 0 ? mask_out : nullptr;
     const h16* x0 = row0 < tokens ? x + (long long)row0 * in : nullptr;
     const h16* x1 = row1 < tokens ? x + (long long)row1 * in : nullptr;
     const h16* arow[NT];
@@ -92,8 +129,16 @@ __device__ __forceinline__ void dropout_xa(const h16* __restrict__ x, const h16*
     for (int k0 = warp * 32; k0 < in; k0 += XA_WARPS * 32) {
         const int c = k0 + 8 * t;
         h16x8_raw v0 = load_row8(x0, c, in, vec), v1 = load_row8(x1, c, in, vec);
-        if (x0 && c < in) mask_row8(v0, dropout_keep8(seed, (long long)row0 * in + c, limit));
-        if (x1 && c < in) mask_row8(v1, dropout_keep8(seed, (long long)row1 * in + c, limit));
+        if (x0 && c < in) {
+            const unsigned bits = keep_byte(seed, (long long)row0 * in, c, in, limit);
+            if (bits_out) bits_out[row0 * mask_stride + (c >> 3)] = (unsigned char)bits;
+            mask_row8(v0, bits);
+        }
+        if (x1 && c < in) {
+            const unsigned bits = keep_byte(seed, (long long)row1 * in, c, in, limit);
+            if (bits_out) bits_out[row1 * mask_stride + (c >> 3)] = (unsigned char)bits;
+            mask_row8(v1, bits);
+        }
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
             const h16x8_raw b = load_row8(arow[nt], c, in, vec);
@@ -123,33 +168,38 @@ __device__ __forceinline__ void dropout_xa(const h16* __restrict__ x, const h16*
 }
 
 extern "C" __global__ void __launch_bounds__(XA_WARPS * 32)
-lora_dropout_xa_r16(const h16* x, const h16* a, h16* xa, int tokens, int in, int rank, unsigned long long seed, float keep) {
-    dropout_xa<2>(x, a, xa, tokens, in, rank, seed, keep);
+lora_dropout_xa_r16(const h16* x, const h16* a, h16* xa, unsigned char* mask_out, int tokens, int in, int rank,
+                    unsigned long long seed, float keep) {
+    dropout_xa<2>(x, a, xa, mask_out, tokens, in, rank, seed, keep);
 }
 extern "C" __global__ void __launch_bounds__(XA_WARPS * 32)
-lora_dropout_xa_r32(const h16* x, const h16* a, h16* xa, int tokens, int in, int rank, unsigned long long seed, float keep) {
-    dropout_xa<4>(x, a, xa, tokens, in, rank, seed, keep);
+lora_dropout_xa_r32(const h16* x, const h16* a, h16* xa, unsigned char* mask_out, int tokens, int in, int rank,
+                    unsigned long long seed, float keep) {
+    dropout_xa<4>(x, a, xa, mask_out, tokens, in, rank, seed, keep);
 }
 extern "C" __global__ void __launch_bounds__(XA_WARPS * 32)
-lora_dropout_xa_r64(const h16* x, const h16* a, h16* xa, int tokens, int in, int rank, unsigned long long seed, float keep) {
-    dropout_xa<8>(x, a, xa, tokens, in, rank, seed, keep);
+lora_dropout_xa_r64(const h16* x, const h16* a, h16* xa, unsigned char* mask_out, int tokens, int in, int rank,
+                    unsigned long long seed, float keep) {
+    dropout_xa<8>(x, a, xa, mask_out, tokens, in, rank, seed, keep);
 }
 
 // MARK: - Backward: dA partial sums over token splits
 
-/// Warp (blockIdx.x·DA_WARPS + warp) takes 64 columns, blockIdx.y the token split, blockIdx.z the chunk of 8·NT ranks;
-/// the blocks of rank chunk 0 write the mask bits when `mask_out` is not null.
+/// Warp (blockIdx.x·DA_WARPS + warp) takes 64 columns, blockIdx.y the token split, blockIdx.z the chunk of 8·NT ranks.
+/// The mask: read from `mask_in` when not null; else hashed, and written by the blocks of rank chunk 0 into `mask_out`
+/// when that is not null.
 template <int NT>
 __device__ __forceinline__ void dropout_da(const h16* __restrict__ x, const h16* __restrict__ dyB, float* __restrict__ partial,
-                                           unsigned char* __restrict__ mask_out, int tokens, int in, int rank, int splits,
-                                           unsigned long long seed, float keep) {
+                                           const unsigned char* __restrict__ mask_in, unsigned char* __restrict__ mask_out,
+                                           int tokens, int in, int rank, int splits, unsigned long long seed, float keep) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int col0 = (blockIdx.x * DA_WARPS + warp) * COLS_PER_WARP, c = col0 + 8 * g, jbase = blockIdx.z * NT * 8;
     if (col0 >= in) return;
     const bool vec = (in & 7) == 0 && aligned16(x);
+    const bool dyb_vec = rank % NT == 0 && (((unsigned long long)dyB) & (2 * NT - 1)) == 0;
     const unsigned limit = dropout_limit(keep);
     const long long mask_stride = (in + 7) >> 3;
-    unsigned char* const bits_out = blockIdx.z == 0 ? mask_out : nullptr;
+    unsigned char* const bits_out = blockIdx.z == 0 && mask_in == nullptr ? mask_out : nullptr;
     const int per = (((tokens + splits - 1) / splits) + 15) & ~15;
     const int first = blockIdx.y * per, end = min(tokens, first + per);
     float acc[4][NT][4];
@@ -165,18 +215,26 @@ __device__ __forceinline__ void dropout_da(const h16* __restrict__ x, const h16*
             const int token = t0 + 4 * t + e;
             v[e] = load_row8(token < end ? x + (long long)token * in : nullptr, c, in, vec);
             if (token < end && c < in) {
-                unsigned bits = dropout_keep8(seed, (long long)token * in + c, limit);
-                if (c + 8 > in) bits &= (1u << (in - c)) - 1u;  // columns past `in` are no part of the mask
-                if (bits_out) bits_out[token * mask_stride + (c >> 3)] = (unsigned char)bits;
+                unsigned bits;
+                if (mask_in) {
+                    bits = mask_in[token * mask_stride + (c >> 3)];
+                } else {
+                    bits = keep_byte(seed, (long long)token * in, c, in, limit);
+                    if (bits_out) bits_out[token * mask_stride + (c >> 3)] = (unsigned char)bits;
+                }
                 mask_row8(v[e], bits);
             }
         }
+        // Ranks jbase + g·NT … + NT − 1 of tokens t0 + 4t … t0 + 4t + 3; b[nt] pairs two tokens' rank jbase + g·NT + nt.
+        unsigned w[4][NT / 2];
+#pragma unroll
+        for (int e = 0; e < 4; e++) dyb_ranks<NT>(dyB, t0 + 4 * t + e, end, jbase + g * NT, rank, dyb_vec, w[e]);
         unsigned b[NT][2];
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
-            const int j = jbase + g * NT + nt, token = t0 + 4 * t;
-            b[nt][0] = dyb_at(dyB, token, end, j, rank) | (dyb_at(dyB, token + 1, end, j, rank) << 16);
-            b[nt][1] = dyb_at(dyB, token + 2, end, j, rank) | (dyb_at(dyB, token + 3, end, j, rank) << 16);
+            const int q = nt >> 1;
+            b[nt][0] = nt & 1 ? pair_halves<1>(w[0][q], w[1][q]) : pair_halves<0>(w[0][q], w[1][q]);
+            b[nt][1] = nt & 1 ? pair_halves<1>(w[2][q], w[3][q]) : pair_halves<0>(w[2][q], w[3][q]);
         }
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -200,14 +258,14 @@ __device__ __forceinline__ void dropout_da(const h16* __restrict__ x, const h16*
 }
 
 extern "C" __global__ void __launch_bounds__(DA_WARPS * 32)
-lora_dropout_da_r16(const h16* x, const h16* dyB, float* partial, unsigned char* mask_out, int tokens, int in, int rank, int splits,
-                    unsigned long long seed, float keep) {
-    dropout_da<2>(x, dyB, partial, mask_out, tokens, in, rank, splits, seed, keep);
+lora_dropout_da_r16(const h16* x, const h16* dyB, float* partial, const unsigned char* mask_in, unsigned char* mask_out, int tokens,
+                    int in, int rank, int splits, unsigned long long seed, float keep) {
+    dropout_da<2>(x, dyB, partial, mask_in, mask_out, tokens, in, rank, splits, seed, keep);
 }
 extern "C" __global__ void __launch_bounds__(DA_WARPS * 32)
-lora_dropout_da_r32(const h16* x, const h16* dyB, float* partial, unsigned char* mask_out, int tokens, int in, int rank, int splits,
-                    unsigned long long seed, float keep) {
-    dropout_da<4>(x, dyB, partial, mask_out, tokens, in, rank, splits, seed, keep);
+lora_dropout_da_r32(const h16* x, const h16* dyB, float* partial, const unsigned char* mask_in, unsigned char* mask_out, int tokens,
+                    int in, int rank, int splits, unsigned long long seed, float keep) {
+    dropout_da<4>(x, dyB, partial, mask_in, mask_out, tokens, in, rank, splits, seed, keep);
 }
 
 /// dA[i] += scale · (Σ_sp partial[sp][i]) / keep over the r·in elements, the splits in index order.
@@ -231,9 +289,14 @@ lora_dropout_dx(const h16* __restrict__ dyB, const h16* __restrict__ a, h16* __r
     const int col0 = (blockIdx.x * DA_WARPS + warp) * COLS_PER_WARP, c = col0 + 8 * g;
     if (col0 >= in) return;
     const bool vec = (in & 7) == 0 && aligned16(a) && aligned16(dx);
+    const bool dyb_vec = (rank & 3) == 0 && (((unsigned long long)dyB) & 7) == 0;
     const unsigned limit = dropout_limit(keep);
     const long long mask_stride = (in + 7) >> 3;
     const int ksteps = (rank + 15) / 16;
+    // A's rows 4t … 4t+3 at columns c … c+7: the whole fragment when the rank fits one k step, kept for every tile.
+    h16x8_raw a_once[4];
+#pragma unroll
+    for (int e = 0; e < 4; e++) a_once[e] = load_row8(ksteps == 1 && 4 * t + e < rank ? a + (long long)(4 * t + e) * in : nullptr, c, in, vec);
     for (int t0 = blockIdx.y * 16; t0 < tokens; t0 += gridDim.y * 16) {
         float acc[4][2][4];
 #pragma unroll
@@ -245,15 +308,11 @@ lora_dropout_dx(const h16* __restrict__ dyB, const h16* __restrict__ a, h16* __r
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int j = ks * 16 + 4 * t + e;
-                av[e] = load_row8(j < rank ? a + (long long)j * in : nullptr, c, in, vec);
+                av[e] = ksteps == 1 ? a_once[e] : load_row8(j < rank ? a + (long long)j * in : nullptr, c, in, vec);
             }
             unsigned b[2][2];
 #pragma unroll
-            for (int nt = 0; nt < 2; nt++) {
-                const int token = t0 + nt * 8 + g, j = ks * 16 + 4 * t;
-                b[nt][0] = dyb_at(dyB, token, tokens, j, rank) | (dyb_at(dyB, token, tokens, j + 1, rank) << 16);
-                b[nt][1] = dyb_at(dyB, token, tokens, j + 2, rank) | (dyb_at(dyB, token, tokens, j + 3, rank) << 16);
-            }
+            for (int nt = 0; nt < 2; nt++) dyb_ranks<4>(dyB, t0 + nt * 8 + g, tokens, ks * 16 + 4 * t, rank, dyb_vec, b[nt]);
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const unsigned f[4] = {pair_halves<0>(av[0].w[i], av[1].w[i]), pair_halves<1>(av[0].w[i], av[1].w[i]),

@@ -44,11 +44,13 @@
 // with the mask m of each linear drawn by Training/DropoutMask.swift's counter-based hash from the step's dropout
 // seed, the block index and the linear's index (the prelude's dropout_keep8 computes the same hash), so the forward,
 // the recomputation and the backward all see the CPU's masks. d(x) is never written: the kernels of
-// Ops/CUDALoRADropout.swift hash the mask as they read x for d(x)·Aᵀ and dA, and dA writes it as bits
-// (`dropoutMaskBits`, 1 bit per element) that the add of d(s·(dy·B)·A) into dx reads (the base GEMMs are the same
-// with and without dropout); dA's token splits go through one fp32 scratch. Hashing is what dropout costs, so each
-// element is hashed twice a step, not four times: d(x)·Aᵀ of every block is kept from the forward to the backward
-// (`droppedXA`, r/hidden of a checkpoint per linear), so the recomputation reuses it instead of hashing again.
+// Ops/CUDALoRADropout.swift hash the mask as the forward reads x for d(x)·Aᵀ and write it as bits (`maskBits`, 1 bit
+// per element, every block's kept until its backward: 1/16 of the linear's input) that dA and the add of
+// d(s·(dy·B)·A) into dx read (the base GEMMs are the same with and without dropout); dA's token splits go through
+// one fp32 scratch. Hashing is what dropout costs, so each element is hashed once a step: d(x)·Aᵀ of every block is
+// kept from the forward to the backward too (`droppedXA`, r/hidden of a checkpoint per linear), so the recomputation
+// reuses it. When the bits do not fit (`CUDATrainerMemoryOptions.keepDropoutMasks` off), dA hashes the mask again and
+// writes it into one linear's `dropoutMaskBits` for dx: twice a step.
 // Linear biases (Qwen2's q, k, v) are frozen: written into y before the base GEMM accumulates onto it; no gradient.
 // Each linear has its own LoRA rank (its A, B and x·Aᵀ are sized by it; dy·B uses a scratch of the largest rank);
 // rank 0 is a linear without an adapter (PEFT's target_modules naming only some projections): the base alone.
@@ -77,6 +79,9 @@ struct TrainerLinear {
     /// Under dropout: this block's own d(x)·Aᵀ [tokens, r], written by the step's forward and read by the
     /// recomputation and the backward (nil when the trainer has no dropout).
     let droppedXA: DeviceBuffer<UInt16>?
+    /// Under dropout with `keepDropoutMasks`: this block's mask as bits [tokens, ⌈in/8⌉], written by the step's
+    /// forward and read by the backward's dA and dx (a view into `keptDropoutMasks`; nil otherwise).
+    let maskBits: DeviceBuffer<UInt8>?
     var inFeatures: Int { weight.columns }
     var outFeatures: Int { weight.rows }
 }
@@ -194,8 +199,11 @@ public final class CUDADecoderTrainer {
     /// The fused dropout's dA partial sums (loraDropoutScratchCount of the largest linear; nil when no linear has dropout).
     let dropoutPartials: DeviceBuffer<Float>?
     /// The mask of the linear in the backward as bits, from dA's kernel to dx's (loraDropoutMaskBytes of the widest
-    /// input; nil when no linear has dropout).
+    /// input; nil without dropout, or when every block's masks are kept from the forward).
     let dropoutMaskBits: DeviceBuffer<UInt8>?
+    /// Every block's masks as bits from the forward to the backward (CUDAMemoryPlan.keptMaskLayout; nil without
+    /// dropout or `keepDropoutMasks`).
+    let keptDropoutMasks: DeviceBuffer<UInt8>?
     /// The current step's dropout seed (nil: no dropout, e.g. evaluation).
     private var stepDropoutSeed: UInt64?
     let weightScratch: DeviceBuffer<UInt16>
@@ -289,10 +297,16 @@ public final class CUDADecoderTrainer {
         self.embeddingScale = embeddingScale
         config = c
         capacityTokens = n
-        let plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory)
+        var plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory)
+        let free = (try? ctx.availableBytes()) ?? Int.max
+        if dropout && plan.memory.keepDropoutMasks && plan.total > free - (256 << 20) {
+            // Every block's mask bits do not fit: the backward hashes the masks again instead.
+            var rehashing = plan.memory
+            rehashing.keepDropoutMasks = false
+            plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: rehashing)
+        }
         self.plan = plan
         self.memory = plan.memory
-        let free = (try? ctx.availableBytes()) ?? Int.max
         if plan.total > free - (256 << 20) {
             let budget = ctx.memoryBudget.map { ", a budget of \(DeviceAllocator.format($0)) (--gpu-memory)" } ?? ""
             throw CUDAOutOfMemoryError(plan: plan, freeBytes: free, detail: "checked before allocating\(budget)")
@@ -343,6 +357,10 @@ public final class CUDADecoderTrainer {
             // one buffer per linear, sized by that linear's largest rank (under dropout, each block keeps its own
             // d(x)·Aᵀ from the forward instead: `droppedXA`).
             let sharedXA = try CUDAMemoryPlan.largestRanks(ranks).map { try bf16(max(n * $0, 1)) }
+            let keepMasks = dropout && plan.memory.keepDropoutMasks
+            let maskLayout = CUDAMemoryPlan.keptMaskLayout(tokens: n, shapes: shapes, ranks: ranks)
+            let keptMasks = keepMasks ? try a.buffer(UInt8.self, count: maskLayout.bytes) : nil
+            keptDropoutMasks = keptMasks
             for l in 0..<c.layerCount {
                 var linears: [TrainerLinear] = []
                 for (j, shape) in shapes.enumerated() {
@@ -370,9 +388,12 @@ public final class CUDADecoderTrainer {
                     }
                     // Every adapter gets one when the trainer has dropout, as CUDAMemoryPlan counts them.
                     let droppedXA = dropout && rank > 0 ? try bf16(n * rank) : nil
+                    let maskBits = maskLayout.offsets[l][j].flatMap { offset in
+                        keptMasks?.view(at: offset, count: CUDAContext.loraDropoutMaskBytes(tokens: n, inFeatures: shape.in))
+                    }
                     linears.append(TrainerLinear(name: name, weight: weight, rank: rank, scale: scale, dropout: linearDropout, bias: bias,
                                                  aOffset: layout[l][j].aOffset, bOffset: layout[l][j].bOffset, xa: sharedXA[j],
-                                                 droppedXA: droppedXA))
+                                                 droppedXA: droppedXA, maskBits: maskBits))
                 }
                 // The norms as stored (Gemma's w of x·(1 + w): the kernels add the offset in fp32).
                 func norm(_ values: [Float]?, _ count: Int, _ what: String) throws -> DeviceBuffer<UInt16> {
@@ -446,7 +467,8 @@ public final class CUDADecoderTrainer {
             dyB = try bf16(n * maxRank)
             dropoutPartials = dropout
                 ? try a.buffer(Float.self, count: CUDAMemoryPlan.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks)) : nil
-            dropoutMaskBits = dropout ? try a.buffer(UInt8.self, count: CUDAMemoryPlan.dropoutMaskBytes(tokens: n, shapes: shapes)) : nil
+            dropoutMaskBits = dropout && !keepMasks
+                ? try a.buffer(UInt8.self, count: CUDAMemoryPlan.dropoutMaskBytes(tokens: n, shapes: shapes)) : nil
             weightScratch = try bf16(shapes.map { $0.out * $0.in }.max() ?? 1)
             lossChunkRows = scratch.lossChunkRows
             logits = blockScratch.view(at: 0, count: lossChunkRows * c.vocabularySize)
@@ -583,7 +605,8 @@ public final class CUDADecoderTrainer {
         if l.rank > 0 {
             if let mask = dropoutMask(l, seed: seed) {
                 if !recompute {
-                    try context.loraDropoutXA(x: x, a: a16, into: xa.pointer, tokens: n, inFeatures: l.inFeatures, rank: l.rank, mask: mask)
+                    try context.loraDropoutXA(x: x, a: a16, into: xa.pointer, tokens: n, inFeatures: l.inFeatures, rank: l.rank, mask: mask,
+                                              maskBits: l.maskBits)
                 }
             } else {
                 try blas.gemm(m: n, n: l.rank, k: l.inFeatures, a: x, b: a16, transB: true, c: xa.pointer)
@@ -616,11 +639,14 @@ public final class CUDADecoderTrainer {
                       outputType: .float32, alpha: l.scale, beta: 1)
         // dyB [n, r] = dy·B
         try blas.gemm(m: n, n: l.rank, k: l.outFeatures, a: dy, b: b16, c: dyB.pointer)
-        // dA [r, in] += s·dyBᵀ·d(x), the mask into dropoutMaskBits for dx (dx may be x: it is written after this)
+        // dA [r, in] += s·dyBᵀ·d(x), the mask read from the forward's bits, or hashed into dropoutMaskBits for dx (dx may
+        // be x: it is written after this)
         let mask = dropoutMask(l, seed: seed)
+        let maskBits = l.maskBits ?? dropoutMaskBits
         if let mask, let dropoutPartials {
             try context.loraDropoutGradA(x: x, dyB: dyB.pointer, into: grads.address(at: l.aOffset), scratch: dropoutPartials, tokens: n,
-                                         inFeatures: l.inFeatures, rank: l.rank, scale: l.scale, mask: mask, maskBits: dropoutMaskBits)
+                                         inFeatures: l.inFeatures, rank: l.rank, scale: l.scale, mask: mask,
+                                         maskBits: l.maskBits == nil ? dropoutMaskBits : nil, storedMaskBits: l.maskBits)
         } else {
             try blas.gemm(m: l.rank, n: l.inFeatures, k: n, a: dyB.pointer, transA: true, b: x, c: grads.address(at: l.aOffset),
                           outputType: .float32, alpha: l.scale, beta: 1)
@@ -629,7 +655,7 @@ public final class CUDADecoderTrainer {
         try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weightScratch.pointer, c: dx, beta: accumulate ? 1 : 0)
         if let mask {
             try context.loraDropoutAddDX(dyB: dyB.pointer, a: a16, into: dx, tokens: n, inFeatures: l.inFeatures, rank: l.rank,
-                                         scale: l.scale, mask: mask, maskBits: dropoutMaskBits)
+                                         scale: l.scale, mask: mask, maskBits: maskBits)
         } else {
             try blas.gemm(m: n, n: l.inFeatures, k: l.rank, a: dyB.pointer, b: a16, c: dx, alpha: l.scale, beta: 1)
         }

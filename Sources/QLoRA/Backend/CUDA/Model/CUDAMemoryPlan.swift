@@ -11,9 +11,11 @@
 //                reuse once the MLP's backward is done, and the loss's logits chunk between the forward and the
 //                backward (BlockScratchLayout), lse and delta (fp32), x·Aᵀ of one block's seven linears
 //                (recomputed before each block's backward, so shared by all blocks), dy·B, under dropout the fused
-//                dA's fp32 partial sums and the mask bits of one linear (CUDALoRADropout.swift; d(x) itself is never
-//                stored) and every block's own d(x)·Aᵀ (kept from the forward, so the recomputation does not hash the
-//                mask again: L·Σ 2·N·r, r/H of the checkpoints per linear); the families'
+//                dA's fp32 partial sums, every block's own d(x)·Aᵀ (kept from the forward, so the recomputation does
+//                not hash the mask again: L·Σ 2·N·r, r/H of the checkpoints per linear) and the masks as bits
+//                (CUDALoRADropout.swift; d(x) itself is never stored): every block's, kept from the forward to the
+//                backward so that a step hashes each mask once (L·Σ N·in/8, `keepDropoutMasks`), or one linear's,
+//                hashed again by the backward; the families'
 //                variations add q and k before their norms, o_proj's and down_proj's outputs before Gemma's
 //                sandwich norms, Phi-3's fused projection output before its split
 //   workspace    the bf16 scratch a linear weight is dequantized into, cuBLASLt's workspace
@@ -31,11 +33,16 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
     /// Keep an untied input embedding in host memory: the step's rows are gathered on the host into a pinned
     /// buffer and uploaded (the embedding is frozen). A tied embedding stays on the GPU (the head reads it).
     public var hostEmbedding: Bool
+    /// Under LoRA dropout, keep every block's masks as bits (one bit per element of each adapter's input) from the
+    /// forward, which hashes them, to the backward, which reads them; else the backward hashes them again (hashing
+    /// is most of what dropout costs). The trainer turns it off when the bits do not fit.
+    public var keepDropoutMasks: Bool
 
-    public init(offloadCheckpoints: Bool, checkpointSlots: Int = 3, hostEmbedding: Bool) {
+    public init(offloadCheckpoints: Bool, checkpointSlots: Int = 3, hostEmbedding: Bool, keepDropoutMasks: Bool = true) {
         self.offloadCheckpoints = offloadCheckpoints
         self.checkpointSlots = checkpointSlots
         self.hostEmbedding = hostEmbedding
+        self.keepDropoutMasks = keepDropoutMasks
     }
 
     /// Everything on the GPU.
@@ -170,6 +177,22 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         max(1, shapes.map { CUDAContext.loraDropoutMaskBytes(tokens: n, inFeatures: $0.in) }.max() ?? 1)
     }
 
+    /// Where every adapter's mask bits sit in the one buffer that keeps them from the forward to the backward
+    /// (`keepDropoutMasks`): byte offsets by block and linear (nil: no adapter), each [tokens, ⌈in/8⌉] bytes on a
+    /// 256-byte boundary, and the buffer's bytes.
+    static func keptMaskLayout(tokens n: Int, shapes: [(out: Int, in: Int)], ranks: [[Int]]) -> (offsets: [[Int?]], bytes: Int) {
+        var end = 0
+        let offsets = ranks.map { layer in
+            layer.indices.map { j -> Int? in
+                guard layer[j] > 0, j < shapes.count else { return nil }
+                let start = end
+                end += (CUDAContext.loraDropoutMaskBytes(tokens: n, inFeatures: shapes[j].in) + 255) / 256 * 256
+                return start
+            }
+        }
+        return (offsets, max(end, 1))
+    }
+
     /// The plan for LoRA rank `r` on every projection.
     public init(config c: DecoderConfig, tokens n: Int, rank r: Int, dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil) {
         self.init(config: c, tokens: n, ranks: Array(repeating: Array(repeating: r, count: Self.linearShapes(c).count), count: c.layerCount),
@@ -208,9 +231,10 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         let h = 2 * n * c.hiddenSize, q = 2 * n * c.qDim, kv = 2 * n * c.kvDim
         // x·Aᵀ of one block's linears, dy·B, and the fused dropout's dA scratch.
         let droppedXA = ranks.joined().reduce(0) { $0 + ($1 > 0 ? s(2 * n * $1) : 0) }
+        let maskBits = memory.keepDropoutMasks ? Self.keptMaskLayout(tokens: n, shapes: shapes, ranks: ranks).bytes
+            : Self.dropoutMaskBytes(tokens: n, shapes: shapes)
         let lora = xa + s(2 * n * maxRank)
-            + (dropout ? s(4 * Self.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks))
-                + s(Self.dropoutMaskBytes(tokens: n, shapes: shapes)) + droppedXA : 0)
+            + (dropout ? s(4 * Self.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks)) + s(maskBits) + droppedXA : 0)
         checkpoints = memory.deviceCheckpoints(layers: c.layerCount) * s(h)
         let scratch = BlockScratchLayout(config: c, tokens: n)
         // norm1, hidden, norm2, gradient, dNorm; q, attended; k, v; the shared MLP / attention-gradient / logits region;

@@ -7,8 +7,10 @@
 //   backward, dA     dA += s·dyBᵀ·(m⊙x) / keep                 = s·dyBᵀ·d(x)
 //   backward, dx     dx += m ⊙ (s·dyB·A) / keep                = d(s·dyB·A)
 // Each reads its [tokens, in] operand once. dA sums token splits into an fp32 scratch and adds the splits in order
-// (`loraDropoutScratchCount` floats), so a run has the same bits every time. The backward can hash the mask once:
-// dA writes it as bits (`loraDropoutMaskBytes`: one bit per element) and dx reads them instead of hashing again.
+// (`loraDropoutScratchCount` floats), so a run has the same bits every time. Hashing the mask is most of what these
+// kernels cost, so it can be hashed once a step: the forward's xa writes it as bits (`loraDropoutMaskBytes`: one bit
+// per element) and dA and dx read them; or, when the bits cannot be kept until the backward, dA hashes it again and
+// writes the bits for dx.
 
 /// The LoRA dropout of one linear in one step: the mask's seed (`DropoutMask.linearSeed`) and keep = 1 − p (fp32).
 public struct LoRADropoutMask {
@@ -52,33 +54,38 @@ extension CUDAContext {
         try require(tokens <= Int(Int32.max) && inFeatures <= Int(Int32.max) && rank <= Int(Int32.max), op, "shape exceeds 32-bit indices")
     }
 
-    /// xa [tokens, rank] = d(x)·Aᵀ for x [tokens, inFeatures] and A [rank, inFeatures] (h16 each).
+    /// xa [tokens, rank] = d(x)·Aᵀ for x [tokens, inFeatures] and A [rank, inFeatures] (h16 each); writes the mask into
+    /// `maskBits` (`loraDropoutMaskBytes`) when given, for `loraDropoutGradA` and `loraDropoutAddDX`.
     public func loraDropoutXA(x: CUdeviceptr, a: CUdeviceptr, into xa: CUdeviceptr, tokens: Int, inFeatures: Int, rank: Int,
-                              mask: LoRADropoutMask, stream: CUDAStream? = nil) throws {
+                              mask: LoRADropoutMask, maskBits: DeviceBuffer<UInt8>? = nil, stream: CUDAStream? = nil) throws {
         try checkLoRADropout("loraDropoutXA", tokens: tokens, inFeatures: inFeatures, rank: rank, mask: mask)
+        try checkMaskBits("loraDropoutXA", maskBits, tokens: tokens, inFeatures: inFeatures)
         // Ranks per block: 16, 32 or 64 (the kernel's NT = 2, 4, 8 mma tiles of 8); larger ranks in chunks of 64.
         let tile = rank <= 16 ? 16 : rank <= 32 ? 32 : 64
         try device.launch(compiler.function(KernelSources.loraDropout, "lora_dropout_xa_r\(tile)"),
                           grid: ((tokens + 15) / 16, (rank + tile - 1) / tile, 1), block: (256, 1, 1), stream: stream,
-                          [.pointer(x), .pointer(a), .pointer(xa), .int(tokens), .int(inFeatures), .int(rank),
-                           .int64(Int64(bitPattern: mask.seed)), .float(mask.keep)])
+                          [.pointer(x), .pointer(a), .pointer(xa), .pointer(maskBits?.pointer ?? 0), .int(tokens), .int(inFeatures),
+                           .int(rank), .int64(Int64(bitPattern: mask.seed)), .float(mask.keep)])
     }
 
-    /// dA [rank, inFeatures] (fp32) += scale·dyBᵀ·d(x), through `scratch` (`loraDropoutScratchCount` floats); writes
-    /// the mask into `maskBits` (`loraDropoutMaskBytes`) when given, for `loraDropoutAddDX`.
+    /// dA [rank, inFeatures] (fp32) += scale·dyBᵀ·d(x), through `scratch` (`loraDropoutScratchCount` floats). The mask:
+    /// `storedMaskBits` written by `loraDropoutXA` with the same `mask` and shape, or, when nil, hashed here and written
+    /// into `maskBits` (`loraDropoutMaskBytes`) when given, for `loraDropoutAddDX`.
     public func loraDropoutGradA(x: CUdeviceptr, dyB: CUdeviceptr, into dA: CUdeviceptr, scratch: DeviceBuffer<Float>, tokens: Int,
                                  inFeatures: Int, rank: Int, scale: Float, mask: LoRADropoutMask, maskBits: DeviceBuffer<UInt8>? = nil,
-                                 stream: CUDAStream? = nil) throws {
+                                 storedMaskBits: DeviceBuffer<UInt8>? = nil, stream: CUDAStream? = nil) throws {
         try checkLoRADropout("loraDropoutGradA", tokens: tokens, inFeatures: inFeatures, rank: rank, mask: mask)
+        try require(maskBits == nil || storedMaskBits == nil, "loraDropoutGradA", "mask bits to write and to read: give one of them")
         try checkMaskBits("loraDropoutGradA", maskBits, tokens: tokens, inFeatures: inFeatures)
+        try checkMaskBits("loraDropoutGradA", storedMaskBits, tokens: tokens, inFeatures: inFeatures)
         let splits = CUDAContext.loraDropoutSplits(tokens: tokens, inFeatures: inFeatures)
         try require(scratch.count >= splits * rank * inFeatures, "loraDropoutGradA",
                     "scratch of \(scratch.count) floats is smaller than \(splits) splits x \(rank) x \(inFeatures)")
         let tile = rank <= 16 ? 16 : 32
         try device.launch(compiler.function(KernelSources.loraDropout, "lora_dropout_da_r\(tile)"),
                           grid: ((inFeatures + 255) / 256, splits, (rank + tile - 1) / tile), block: (128, 1, 1), stream: stream,
-                          [.pointer(x), .pointer(dyB), scratch.arg, .pointer(maskBits?.pointer ?? 0), .int(tokens), .int(inFeatures),
-                           .int(rank), .int(splits),
+                          [.pointer(x), .pointer(dyB), scratch.arg, .pointer(storedMaskBits?.pointer ?? 0), .pointer(maskBits?.pointer ?? 0),
+                           .int(tokens), .int(inFeatures), .int(rank), .int(splits),
                            .int64(Int64(bitPattern: mask.seed)), .float(mask.keep)])
         let count = rank * inFeatures
         try device.launch(compiler.function(KernelSources.loraDropout, "lora_dropout_da_finish"), grid: (gridSize(items: count), 1, 1),
@@ -87,7 +94,7 @@ extension CUDAContext {
     }
 
     /// dx [tokens, inFeatures] (h16) += d(scale·dyB·A), rounding dx once per element. The mask: `maskBits` written by
-    /// `loraDropoutGradA` with the same `mask` and shape, or, when nil, hashed here.
+    /// `loraDropoutXA` or `loraDropoutGradA` with the same `mask` and shape, or, when nil, hashed here.
     public func loraDropoutAddDX(dyB: CUdeviceptr, a: CUdeviceptr, into dx: CUdeviceptr, tokens: Int, inFeatures: Int, rank: Int,
                                  scale: Float, mask: LoRADropoutMask, maskBits: DeviceBuffer<UInt8>? = nil,
                                  stream: CUDAStream? = nil) throws {

@@ -30,10 +30,11 @@ public struct LoRADeviceWeights {
 
 extension CUDAContext {
     /// y = x W^T + s (d(x) A^T) B^T; writes xa = d(x) A^T (bf16, [tokens, r]) for the backward (d(x) = x without
-    /// `dropout`).
+    /// `dropout`), and the dropout mask as bits into `dropoutMaskBits` (`CUDAContext.loraDropoutMaskBytes`) when given.
     public func loraLinearForward(x: DeviceBuffer<UInt16>, weight: DeviceBuffer<UInt16>, lora: LoRADeviceWeights,
                                   tokens: Int, inFeatures: Int, outFeatures: Int, xa: DeviceBuffer<UInt16>,
-                                  into y: DeviceBuffer<UInt16>, dropout: LoRADropoutMask? = nil, stream: CUDAStream? = nil) throws {
+                                  into y: DeviceBuffer<UInt16>, dropout: LoRADropoutMask? = nil,
+                                  dropoutMaskBits: DeviceBuffer<UInt8>? = nil, stream: CUDAStream? = nil) throws {
         let r = lora.rank
         try require(x.count >= tokens * inFeatures && weight.count >= outFeatures * inFeatures && y.count >= tokens * outFeatures
                         && lora.a.count >= r * inFeatures && lora.b.count >= outFeatures * r && xa.count >= tokens * r,
@@ -43,7 +44,7 @@ extension CUDAContext {
                       stream: stream)
         if let dropout {
             try loraDropoutXA(x: x.pointer, a: lora.a.pointer, into: xa.pointer, tokens: tokens, inFeatures: inFeatures, rank: r,
-                              mask: dropout, stream: stream)
+                              mask: dropout, maskBits: dropoutMaskBits, stream: stream)
         } else {
             try blas.gemm(m: tokens, n: r, k: inFeatures, a: x.pointer, b: lora.a.pointer, transB: true, c: xa.pointer, stream: stream)
         }
@@ -53,13 +54,15 @@ extension CUDAContext {
 
     /// dx (bf16), dA and dB (fp32; added to when `accumulateGradients`) from dy. `dyB` is [tokens, r] bf16 scratch.
     /// With `dropout`, `dropoutScratch` holds `CUDAContext.loraDropoutScratchCount` floats; with `dropoutMaskBits`
-    /// (`CUDAContext.loraDropoutMaskBytes`) the mask is hashed once, by dA's kernel, and dx's reads it as bits.
+    /// (`CUDAContext.loraDropoutMaskBytes`) dA and dx read the mask as bits: written by the forward when
+    /// `maskBitsFromForward`, else by dA's kernel (which hashes it once for both).
     public func loraLinearBackward(x: DeviceBuffer<UInt16>, weight: DeviceBuffer<UInt16>, lora: LoRADeviceWeights,
                                    xa: DeviceBuffer<UInt16>, dy: DeviceBuffer<UInt16>, tokens: Int, inFeatures: Int,
                                    outFeatures: Int, dyB: DeviceBuffer<UInt16>, dx: DeviceBuffer<UInt16>,
                                    dA: DeviceBuffer<Float>, dB: DeviceBuffer<Float>, accumulateGradients: Bool = false,
                                    dropout: LoRADropoutMask? = nil, dropoutScratch: DeviceBuffer<Float>? = nil,
-                                   dropoutMaskBits: DeviceBuffer<UInt8>? = nil, stream: CUDAStream? = nil) throws {
+                                   dropoutMaskBits: DeviceBuffer<UInt8>? = nil, maskBitsFromForward: Bool = false,
+                                   stream: CUDAStream? = nil) throws {
         let r = lora.rank
         try require(dy.count >= tokens * outFeatures && dx.count >= tokens * inFeatures && dyB.count >= tokens * r
                         && dA.count >= r * inFeatures && dB.count >= outFeatures * r,
@@ -76,7 +79,9 @@ extension CUDAContext {
             guard let dropoutScratch else { throw CUDAError(call: "loraLinearBackward", "dropout needs a dropoutScratch buffer") }
             if !accumulateGradients { try device.memset(dA.pointer, value: 0, bytes: 4 * r * inFeatures, stream: stream) }
             try loraDropoutGradA(x: x.pointer, dyB: dyB.pointer, into: dA.pointer, scratch: dropoutScratch, tokens: tokens,
-                                 inFeatures: inFeatures, rank: r, scale: lora.scale, mask: dropout, maskBits: dropoutMaskBits, stream: stream)
+                                 inFeatures: inFeatures, rank: r, scale: lora.scale, mask: dropout,
+                                 maskBits: maskBitsFromForward ? nil : dropoutMaskBits,
+                                 storedMaskBits: maskBitsFromForward ? dropoutMaskBits : nil, stream: stream)
         } else {
             try blas.gemm(m: r, n: inFeatures, k: tokens, a: dyB.pointer, transA: true, b: x.pointer, c: dA.pointer,
                           outputType: .float32, alpha: lora.scale, beta: beta, stream: stream)
