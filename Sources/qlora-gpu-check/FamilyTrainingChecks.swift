@@ -110,6 +110,19 @@ func checkFamilyTrainer(_ name: String, fixture: String, headDim: Int, heads: In
     try trainer.forwardLoss(batch: batch)
     let eval = try trainer.lastLoss()
     check("\(name): forward-only loss (GPU \(fmt(eval.mean, 5)), CPU \(fmt(loss, 5)))", abs(eval.mean - loss) / abs(loss), 1e-2)
+    // A block's dequantized weights kept for its backward (the default) or dequantized again: the same bits, with
+    // this family's sandwich norms (down_proj's base recomputed) or fused projections.
+    func run(keep: Bool) throws -> (MemoryRunRecord, CUDATrainerMemoryOptions) {
+        var memory = CUDATrainerMemoryOptions.allOnDevice
+        memory.keepBlockWeights = keep
+        let trainer = try CUDADecoderTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount, memory: memory)
+        trainer.deterministic = true
+        return (try recordMemoryRun(trainer, batches: [batch, firstRows(batch, 1)], steps: 2, dropout: false), trainer.memory)
+    }
+    let (kept, keptMemory) = try run(keep: true), (again, againMemory) = try run(keep: false)
+    checkTrue("\(name): weights kept per block = dequantized again, bit for bit",
+              kept == again && keptMemory.keepBlockWeights && !againMemory.keepBlockWeights,
+              "\(kept.differences(from: again)) values differ (\(keptMemory); \(againMemory))")
 }
 
 func runFamilyTrainingChecks() {

@@ -86,6 +86,8 @@ func runMemoryChecks(_ ctx: CUDAContext) {
     let hostOnly = CUDATrainerMemoryOptions(offloadCheckpoints: false, hostEmbedding: true)
     let both2 = CUDATrainerMemoryOptions(offloadCheckpoints: true, checkpointSlots: 2, hostEmbedding: true)
     let both3 = CUDATrainerMemoryOptions(offloadCheckpoints: true, checkpointSlots: 3, hostEmbedding: true)
+    // The reference (allOnDevice) keeps a block's dequantized weights for its backward; this dequantizes them again.
+    let dequantizeAgain = CUDATrainerMemoryOptions(offloadCheckpoints: false, hostEmbedding: false, keepBlockWeights: false)
 
     /// Compares each variant's record with the all-on-GPU one (and that one with a repeat of itself).
     func compareVariants(_ name: String, _ variants: [(String, CUDATrainerMemoryOptions)],
@@ -115,7 +117,8 @@ func runMemoryChecks(_ ctx: CUDAContext) {
         let dense = try loadFixtureModel(directory, quantization: .none)
         let batches = [batch, firstRows(batch, 1)]
         try compareVariants("fixture", [("checkpoints offloaded, 2 slots", offload2), ("host embedding", hostOnly),
-                                        ("both, 2 slots", both2), ("both, 3 slots (no checkpoint leaves)", both3)],
+                                        ("both, 2 slots", both2), ("both, 3 slots (no checkpoint leaves)", both3),
+                                        ("weights dequantized again in the backward", dequantizeAgain)],
                             make: { try CUDADecoderTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount, memory: $0) },
                             run: { try recordMemoryRun($0, batches: batches, steps: 3, dropout: false) })
         let trainer = try CUDADecoderTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount, memory: both2)
@@ -139,7 +142,8 @@ func runMemoryChecks(_ ctx: CUDAContext) {
         var rehashedMasks = CUDATrainerMemoryOptions.allOnDevice
         rehashedMasks.keepDropoutMasks = false
         let variants = [("checkpoints offloaded, 2 slots", offload2), ("checkpoints offloaded, 3 slots", offload3),
-                        ("host embedding", hostOnly), ("both, 3 slots", both3), ("dropout masks rehashed", rehashedMasks)]
+                        ("host embedding", hostOnly), ("both, 3 slots", both3), ("dropout masks rehashed", rehashedMasks),
+                        ("weights dequantized again in the backward", dequantizeAgain)]
         try compareVariants("random 6 blocks", variants, make: make,
                             run: { try recordMemoryRun($0, batches: batches, steps: 3, dropout: true) })
         // Queued without synchronising between steps: the copies of one step overlap the next step's host work.

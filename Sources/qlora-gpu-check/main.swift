@@ -20,7 +20,7 @@
 // --arch runs every check on kernels built for that target: compute_80 gives PTX that holds only sm_80
 // instructions, which the driver compiles for the card at load, so the portable paths run for real on a newer GPU
 // (with that architecture's shared-memory limit, so launchers pick what such a card would get).
-// Groups: compile, nf4, rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, attention variations
+// Groups: compile, nf4 (and the trainer's tiles kernel: NF4Checks.swift), rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, attention variations
 // (scale, soft-capping, sliding window, head dims 32-256; AttentionFamilyChecks.swift), attention d256 (the flash
 // kernels at Gemma's head dimension: tiles, GQA, windows, caps; AttentionFamilyChecks.swift), lora linear,
 // decode gemv, inference fixture, inference random, dropout mask, lora dropout fused (DropoutChecks.swift), adamw8bit,
@@ -263,6 +263,7 @@ group("nf4") {
     try ctx.nf4Dequantize(packed: upload(packed2), scales: .float32(absmax: upload(absmax2)), count: ragged, into: out2)
     check("nf4 dequantize, fp32 absmax, ragged (\(ragged))",
           relativeError(try downloadBF16(out2), CPUReference.nf4Dequantize(packed: packed2, absmax: absmax2, count: ragged)), 4e-3)
+    try checkNF4Tiles()  // NF4Checks.swift: the trainer's tiles kernel, bit for bit
 }
 
 group("rmsnorm") {
@@ -585,6 +586,7 @@ if runBench {
                                                                      nestedBlocksize: 256), count: count, into: w)
         }
         report("nf4 dequantize 4096x14336 -> bf16", nf4Ms, Double(count) / 2 + Double(count) * 2 + Double(count) / 64)
+        try timeNF4Dequantize()  // NF4Checks.swift: tiles vs the old kernel at each 8B shape
         let tokens = 8192, hidden = 4096
         let x = try A.buffer(UInt16.self, count: tokens * hidden), y = try A.buffer(UInt16.self, count: tokens * hidden)
         try x.upload(Array(host[0..<(tokens * hidden)]))

@@ -52,7 +52,11 @@ struct PlanCommand: ParsableCommand {
             let bytes = Int(gib * Double(1 << 30))
             let longest = CUDAMemoryPlan.longestSequence(config: config, batch: batch, rank: loraR, memory: memory, budgetBytes: bytes)
             let widest = CUDAMemoryPlan.largestBatch(config: config, sequenceLength: seq, rank: loraR, memory: memory, budgetBytes: bytes)
-            print("  \(gib) GiB card: \(plan.fits(budgetBytes: bytes) ? "fits" : "does not fit"); longest sequence at batch \(batch): "
+            // Without room for a block's dequantized weights the trainer drops back to dequantizing them again.
+            let fitted = plan.fitting(budgetBytes: bytes)
+            let path = fitted.memory.keepBlockWeights ? "a block's dequantized weights kept for its backward"
+                : "weights dequantized again in the backward (no room to keep a block's)"
+            print("  \(gib) GiB card: \(fitted.fits(budgetBytes: bytes) ? "fits, \(path)" : "does not fit"); longest sequence at batch \(batch): "
                   + (longest.map { "\($0)" } ?? "none (the weights alone do not fit)") + "; largest batch of \(seq): \(widest)")
         }
     }

@@ -18,8 +18,11 @@
 // One block's working buffers are shared by all blocks: x·Aᵀ of its seven linears (the recomputation writes it
 // right before the block's backward reads it), and the MLP's gate/up/activated region, which the attention
 // backward's dA, dq, dk, dv reuse once the MLP's backward is done with it (BlockScratchLayout).
-// Each linear's NF4 weight is dequantized into one shared bf16 scratch right before the products that read it
-// (three times per step: forward, recompute, backward), which costs far less than the GEMMs.
+// Each linear's NF4 weight is dequantized into a bf16 scratch right before the products that read it: forward,
+// recomputation (all but down_proj's) and backward. When the plan has room (`memory.keepBlockWeights`), each linear
+// of a block has its own scratch (`weightSlots`), so the backward reads what the block's recomputation dequantized
+// right before it (`weightSlotValid`) and dequantizes down_proj's alone, and q, k, v (gate, up) are dequantized in
+// one launch; otherwise all share one scratch and every product dequantizes its weight. The same bits either way.
 // Evaluation (`forwardLoss`) runs the forward alone: x_{l+1} = block_l(x_l) through two buffers, the loss without
 // its gradient, no recomputation and no backward.
 //
@@ -206,7 +209,12 @@ public final class CUDADecoderTrainer {
     let keptDropoutMasks: DeviceBuffer<UInt8>?
     /// The current step's dropout seed (nil: no dropout, e.g. evaluation).
     private var stepDropoutSeed: UInt64?
-    let weightScratch: DeviceBuffer<UInt16>
+    /// Where each linear j of the block at work has its weight dequantized: views into one scratch, a block's own
+    /// region per linear when `memory.keepBlockWeights`, else all the start of one weight's scratch.
+    let weightSlots: [DeviceBuffer<UInt16>]
+    /// Whether weightSlots[j] holds linear j's weight of the block at work (kept weights only; reset by each block's
+    /// forward or recomputation).
+    private var weightSlotValid: [Bool]
     /// One loss chunk's logits [lossChunkRows, V] (a view into `blockScratch`, dead outside the loss).
     let logits: DeviceBuffer<UInt16>
     let lossChunkRows: Int
@@ -305,6 +313,8 @@ public final class CUDADecoderTrainer {
             rehashing.keepDropoutMasks = false
             plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: rehashing)
         }
+        // Kept block weights only where they fit: else one scratch, and each product dequantizes its weight.
+        if plan.memory.keepBlockWeights && plan.total > free - (256 << 20) { plan = plan.withoutBlockWeights() }
         self.plan = plan
         self.memory = plan.memory
         if plan.total > free - (256 << 20) {
@@ -469,7 +479,11 @@ public final class CUDADecoderTrainer {
                 ? try a.buffer(Float.self, count: CUDAMemoryPlan.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks)) : nil
             dropoutMaskBits = dropout && !keepMasks
                 ? try a.buffer(UInt8.self, count: CUDAMemoryPlan.dropoutMaskBytes(tokens: n, shapes: shapes)) : nil
-            weightScratch = try bf16(shapes.map { $0.out * $0.in }.max() ?? 1)
+            let slots = CUDAMemoryPlan.blockWeightSlots(c)
+            let keep = plan.memory.keepBlockWeights
+            let weightScratch = try bf16(keep ? slots.count : shapes.map { $0.out * $0.in }.max() ?? 1)
+            weightSlots = shapes.indices.map { weightScratch.view(at: keep ? slots.offsets[$0] : 0, count: shapes[$0].out * shapes[$0].in) }
+            weightSlotValid = Array(repeating: false, count: shapes.count)
             lossChunkRows = scratch.lossChunkRows
             logits = blockScratch.view(at: 0, count: lossChunkRows * c.vocabularySize)
             rowLoss = try a.buffer(Float.self, count: n)
@@ -573,8 +587,23 @@ public final class CUDADecoderTrainer {
 
     // MARK: - Linear layers with LoRA
 
-    private func dequantize(_ w: CUDANF4Weight) throws {
-        try context.dequantize(w, into: weightScratch)
+    /// Linear j's weight into its slot, unless the slot still holds it (kept weights: from the block's recomputation).
+    private func dequantize(_ l: TrainerLinear, _ j: Int) throws {
+        if memory.keepBlockWeights {
+            try dequantizeKept([(l, j)])
+        } else {
+            try context.dequantize(l.weight, into: weightSlots[j])
+        }
+    }
+
+    /// With kept weights, the linears' weights their slots do not hold yet, in as few launches as the tiles kernel
+    /// takes (q, k, v in one); without, nothing (each product dequantizes its own weight into the one scratch).
+    private func dequantizeKept(_ linears: [(TrainerLinear, Int)]) throws {
+        guard memory.keepBlockWeights else { return }
+        let needed = linears.filter { !weightSlotValid[$0.1] }
+        guard !needed.isEmpty else { return }
+        try context.dequantize(needed.map { ($0.0.weight, weightSlots[$0.1]) })
+        for (_, j) in needed { weightSlotValid[j] = true }
     }
 
     /// The dropout mask seed of `l` in this step, or nil when its LoRA path reads x itself (no dropout on `l`, or
@@ -597,7 +626,7 @@ public final class CUDADecoderTrainer {
     /// y (+)= x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ for `n` tokens, keeping d(x)·Aᵀ in `xaBuffer` (d: dropout with mask `seed`, or
     /// none). Without `base`, only d(x)·Aᵀ is computed. `recompute`: the recomputation before the block's backward,
     /// which finds a dropped-out d(x)·Aᵀ where this step's forward left it (same x, same mask: the same bits).
-    private func linearForward(_ l: TrainerLinear, x: CUdeviceptr, y: CUdeviceptr, n: Int, accumulate: Bool, base: Bool = true,
+    private func linearForward(_ l: TrainerLinear, _ j: Int, x: CUdeviceptr, y: CUdeviceptr, n: Int, accumulate: Bool, base: Bool = true,
                                recompute: Bool = false, seed: UInt64?) throws {
         let blas = try context.blas()
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
@@ -616,8 +645,8 @@ public final class CUDADecoderTrainer {
         if let bias = l.bias {
             try context.addRowVector(bias.pointer, to: y, rows: n, columns: l.outFeatures, overwrite: !accumulate)
         }
-        try dequantize(l.weight)
-        try blas.gemm(m: n, n: l.outFeatures, k: l.inFeatures, a: x, b: weightScratch.pointer, transB: true, c: y,
+        try dequantize(l, j)
+        try blas.gemm(m: n, n: l.outFeatures, k: l.inFeatures, a: x, b: weightSlots[j].pointer, transB: true, c: y,
                       beta: accumulate || l.bias != nil ? 1 : 0)
         guard l.rank > 0 else { return }
         try blas.gemm(m: n, n: l.outFeatures, k: l.rank, a: xa.pointer, b: b16, transB: true, c: y, alpha: l.scale, beta: 1)
@@ -625,13 +654,14 @@ public final class CUDADecoderTrainer {
 
     /// dx (+)= dy·W + d(s·(dy·B)·A); dA += s·(dy·B)ᵀ·d(x); dB += s·dyᵀ·(d(x)·Aᵀ). dx may be x itself (x is read
     /// first). With a mask `seed`, d(x) is regenerated from x (the forward's mask: same seed, same indices).
-    private func linearBackward(_ l: TrainerLinear, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, n: Int, accumulate: Bool,
+    private func linearBackward(_ l: TrainerLinear, _ j: Int, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, n: Int, accumulate: Bool,
                                 seed: UInt64?) throws {
         let blas = try context.blas()
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
-        try dequantize(l.weight)
+        try dequantize(l, j)
+        let weight = weightSlots[j].pointer
         guard l.rank > 0 else {  // no adapter: dx (+)= dy·W alone
-            try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weightScratch.pointer, c: dx, beta: accumulate ? 1 : 0)
+            try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0)
             return
         }
         // dB [out, r] += s·dyᵀ·xa
@@ -652,7 +682,7 @@ public final class CUDADecoderTrainer {
                           outputType: .float32, alpha: l.scale, beta: 1)
         }
         // dx (+)= dy·W + d(s·dyB·A)
-        try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weightScratch.pointer, c: dx, beta: accumulate ? 1 : 0)
+        try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0)
         if let mask {
             try context.loraDropoutAddDX(dyB: dyB.pointer, a: a16, into: dx, tokens: n, inFeatures: l.inFeatures, rank: l.rank,
                                          scale: l.scale, mask: mask, maskBits: maskBits)
@@ -738,16 +768,18 @@ public final class CUDADecoderTrainer {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
         let L = b.linears
         func forward(_ j: Int, x: CUdeviceptr, y: CUdeviceptr, accumulate: Bool, base: Bool = true) throws {
-            try linearForward(L[j], x: x, y: y, n: n, accumulate: accumulate, base: base, recompute: output == nil,
+            try linearForward(L[j], j, x: x, y: y, n: n, accumulate: accumulate, base: base, recompute: output == nil,
                               seed: maskSeed(L[j], j, seeds))
         }
         try norm(x, b.inputNorm, into: norm1, rows: n, dim: h)
         // q and k go through their norms from the projection buffers when there are q/k norms.
         let qOut = qProjected ?? q, kOut = kProjected ?? k
+        weightSlotValid = weightSlotValid.map { _ in false }  // this block's weights from here on
         if b.fused {
             try forward(0, x: norm1.pointer, y: fusedOutput!.pointer, accumulate: false)
             try splitColumns([(qOut, c.qDim), (kOut, c.kvDim), (v, c.kvDim)], tokens: n)
         } else {
+            try dequantizeKept([(L[0], 0), (L[1], 1), (L[2], 2)])  // one launch (kept weights only)
             try forward(0, x: norm1.pointer, y: qOut.pointer, accumulate: false)
             try forward(1, x: norm1.pointer, y: kOut.pointer, accumulate: false)
             try forward(2, x: norm1.pointer, y: v.pointer, accumulate: false)
@@ -772,6 +804,7 @@ public final class CUDADecoderTrainer {
             try forward(gateUp, x: norm2.pointer, y: fusedOutput!.pointer, accumulate: false)
             try splitColumns([(gate, c.intermediateSize), (up, c.intermediateSize)], tokens: n)
         } else {
+            try dequantizeKept([(L[4], 4), (L[5], 5)])
             try forward(4, x: norm2.pointer, y: gate.pointer, accumulate: false)
             try forward(5, x: norm2.pointer, y: up.pointer, accumulate: false)
         }
@@ -796,7 +829,7 @@ public final class CUDADecoderTrainer {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
         let L = b.linears
         func backward(_ j: Int, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, accumulate: Bool) throws {
-            try linearBackward(L[j], x: x, dy: dy, dx: dx, n: n, accumulate: accumulate, seed: maskSeed(L[j], j, seeds))
+            try linearBackward(L[j], j, x: x, dy: dy, dx: dx, n: n, accumulate: accumulate, seed: maskSeed(L[j], j, seeds))
         }
         let (o, gateUp, down) = b.projectionIndices
         if let projected = mlpProjected, let outputNorm = b.mlpOutputNorm {

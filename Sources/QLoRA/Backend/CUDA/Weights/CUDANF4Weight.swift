@@ -87,6 +87,30 @@ extension CUDAContext {
                           into: out, stream: stream)
     }
 
+    /// Dequantizes each weight into its output (at least `weight.count` values), up to three per launch when the
+    /// tiles kernel takes their block sizes (a block's q, k, v; gate, up): the same bits as one
+    /// `dequantize(_:into:)` each.
+    public func dequantize(_ jobs: [(weight: CUDANF4Weight, out: DeviceBuffer<UInt16>)], stream: CUDAStream? = nil) throws {
+        var pending: [NF4DequantizeTask] = []
+        func flush() throws {
+            if !pending.isEmpty { try nf4DequantizeTiles(pending, stream: stream) }
+            pending = []
+        }
+        for (w, out) in jobs {
+            guard Self.nf4TilesTake(blocksize: w.blocksize, nestedBlocksize: w.nestedBlocksize) else {
+                try dequantize(w, into: out, stream: stream)
+                continue
+            }
+            if let first = pending.first, pending.count == 3 || first.blocksize != w.blocksize || first.nestedBlocksize != w.nestedBlocksize {
+                try flush()
+            }
+            pending.append(NF4DequantizeTask(packed: w.packed, quantized: w.absmaxCodes, code: w.code, nestedAbsmax: w.nestedAbsmax,
+                                             offset: w.offset, blocksize: w.blocksize, nestedBlocksize: w.nestedBlocksize, count: w.count,
+                                             out: out))
+        }
+        try flush()
+    }
+
     /// Dequantizes `weight` into fp32 `out` with the CPU's rounding: `QuantizedWeight.dequantize()` bit for bit when
     /// `roundingToBF16` matches the weight's dtype being bf16.
     public func dequantize(_ weight: CUDANF4Weight, into out: DeviceBuffer<Float>, roundingToBF16: Bool,

@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Counts one QLoRA training step's work on the GPU trainer, per kind, from the architecture's shapes and what
+CUDADecoderTrainer.forwardBackward launches (forward, recomputation without down_proj's base product, backward),
+and turns it into milliseconds at an assumed GEMM rate and memory bandwidth. docs/PERFORMANCE.md (session 7) holds
+its output for the 1B and 8B shapes. Counts, not measurements: the profile (Nsight Compute) is the judge.
+
+Usage: python3 scripts/count_step_work.py
+"""
+def shape(name, L, H, I, q, kv, V, N, hd, heads, B, S):
+    lin = [(q,H),(kv,H),(kv,H),(H,q),(I,H),(I,H),(H,I)]  # (out,in)
+    P = sum(o*i for o,i in lin)
+    # base GEMM flops: forward 2NP, recompute 2N(P - down), backward dx 2NP
+    down = H*I
+    base = L*(2*N*P + 2*N*(P-down) + 2*N*P)
+    head = 2*2*N*V*H
+    # attention (causal) fwd 4*B*heads*S^2*hd/2, recompute fwd again, bwd 2.5x
+    att = L*(4*B*heads*S*S*hd/2)*(1+1+2.5)
+    # LoRA GEMMs: bytes (bf16) per linear: fwd: read x (xA), read+write y (beta=1) ; recompute same (down: xA only);
+    # bwd: read dy twice (dB, dyB), read x (dA), read+write dx (dyB*A, beta=1)
+    lora = 0
+    for j,(o,i) in enumerate(lin):
+        fwd = i + 2*o
+        rec = i + (0 if j==6 else 2*o)
+        bwd = 2*o + i + 2*i
+        lora += 2*N*(fwd+rec+bwd)
+    lora *= L
+    # CE: logits chunk written by GEMM, read+written by CE kernel, read by dNorm GEMM: 4 * N*V*2 bytes
+    ce = 4*N*V*2
+    # dequantization, 0.5 + 2 bytes per element (+ absmax codes): before, 20 per block (forward 7, recomputation 6,
+    # backward 7); with kept block weights 14 (the backward dequantizes down_proj alone)
+    dq_old = L*(P + (P-down) + P)*2.52
+    dq_new = L*(P + (P-down) + down)*2.52
+    # swiglu: fwd read gate, up write act (x2 fwd+rec), bwd read dh, gate, up, write dgate, dup
+    sw = L*N*I*2*(3+3+5)
+    # rmsnorm: 2 per block fwd (+rec) read x write y, bwd read x, dy, (dx accum r/w) ~ 4
+    rms = L*N*H*2*(2*2*2 + 2*5)
+    rope = L*N*(q+kv)*2*2*3
+    return dict(name=name, base=base, head=head, att=att, lora=lora, ce=ce, dq_old=dq_old, dq_new=dq_new, sw=sw, rms=rms, rope=rope, N=N)
+
+for s, step_ms, uns_ms in [(shape("llama-3.2-1b",16,2048,8192,2048,512,128256,8192,64,32,4,2048), 8192/47282*1e3, 8192/47732*1e3),
+          (shape("llama-3.1-8b",32,4096,14336,4096,1024,128256,4096,128,32,2,2048), 4096/10031*1e3, 4096/9733*1e3)]:
+    gemm_rate=615e12; bw=2.8e12
+    t = {}
+    t['base GEMMs'] = s['base']/gemm_rate
+    t['head GEMMs'] = s['head']/gemm_rate
+    t['LoRA GEMMs (memory)'] = s['lora']/bw
+    t['cross-entropy logits traffic'] = s['ce']/bw
+    t['dequant (old, 1.6 TB/s)'] = s['dq_old']/1.6e12
+    t['swiglu'] = s['sw']/bw
+    t['rmsnorm'] = s['rms']/bw
+    t['rope'] = s['rope']/bw
+    print(s['name'], "step %.1f ms (Unsloth %.1f)"%(step_ms, uns_ms))
+    tot=0
+    for k,v in t.items():
+        print("  %-32s %7.1f ms  %5.1f%%"%(k, v*1e3, v*1e3/step_ms*100)); tot+=v*1e3
+    print("  attention FLOPs %.1f TFLOP (%.1f ms at 200 TFLOP/s)"%(s['att']/1e12, s['att']/200e12*1e3))
+    print("  sum of the estimates above %.1f ms; base %.2f TFLOP, head %.2f TFLOP, LoRA %.1f GB, CE %.1f GB, dq old %.1f GB new %.1f GB"%(tot, s['base']/1e12, s['head']/1e12, s['lora']/1e9, s['ce']/1e9, s['dq_old']/1e9, s['dq_new']/1e9))
