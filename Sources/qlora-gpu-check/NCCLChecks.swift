@@ -3,8 +3,11 @@
 // (an NCCLCollective of one rank: gradient buckets all-reduced on NCCL's stream as the backward finishes each block,
 // the loss reduced) gives the same bits as the plain path: with full determinism the losses, gradient norms, eval loss
 // and adapter bytes of the two runs must be identical, for one bucket and for buckets of one block each.
-// What a world of one cannot check (sums over several GPUs, the launcher's processes) waits for a machine with
-// several GPUs: docs/MULTI_GPU.md.
+// The sharded base (Weights/CUDAShardedBase.swift) in a world of one: ncclAllGather of device and host buffers, and
+// the Trainer with its base sharded (every block gathered into the two staging buffers on NCCL's stream before use)
+// against the plain path, bit for bit under full determinism; the sharded trainer's peak memory against its plan.
+// What a world of one cannot check (sums over several GPUs, shards of several ranks, the launcher's processes) waits
+// for a machine with several GPUs: docs/MULTI_GPU.md.
 
 import QLoRA
 #if canImport(Glibc)
@@ -36,6 +39,23 @@ func runNCCLChecks(_ ctx: CUDAContext) {
         checkTrue("broadcast of host bytes from rank 0", try world.broadcast(bytes, root: 0) == bytes)
         try world.barrier()
         checkTrue("barrier returns", true)
+        // All-gather: a world of one gathers its own shard, out of place and in place (the shard inside the result).
+        let shard = rng.bytes(1_000_003)
+        let source = try ctx.allocator.buffer(copying: shard)
+        let gathered = try ctx.allocator.buffer(UInt8.self, count: shard.count)
+        try gathered.fill(byte: 0)
+        try world.allGatherDevice(source.pointer, into: gathered.pointer, bytes: shard.count)
+        try world.stream.synchronize()
+        let out = try gathered.download()
+        checkTrue("ncclAllGather of 1,000,003 bytes (device)", out == shard,
+                  "\(zip(out, shard).filter { $0 != $1 }.count) bytes differ")
+        try world.allGatherDevice(source.pointer, into: source.pointer, bytes: shard.count)
+        try world.stream.synchronize()
+        checkTrue("ncclAllGather in place (device)", try source.download() == shard)
+        var hostGathered = [UInt8](repeating: 0, count: 4099)
+        let hostShard = rng.bytes(4099)
+        try hostShard.withUnsafeBytes { s in try hostGathered.withUnsafeMutableBytes { try world.allGather(s, into: $0) } }
+        checkTrue("allGather of host bytes (staged)", hostGathered == hostShard)
     }
 
     for bucket in [CUDATrainingEngine.bucketElements, 1] {
@@ -71,5 +91,73 @@ func runNCCLChecks(_ ctx: CUDAContext) {
             checkTrue("data-parallel path (\(label)): the same adapter bytes", adapters[0] == adapters[1] && !adapters[0].isEmpty,
                       "\(adapters[0].count) and \(adapters[1].count) bytes")
         }
+    }
+
+    group("nccl: Trainer with the base sharded (world of one) = plain path") {
+        let directory = fixtureDirectory()
+        let train = randomExamples(count: 8, length: 48, vocab: 1000, seed: 7)
+        let eval = randomExamples(count: 3, length: 40, vocab: 1000, seed: 8)
+        let nccl = try NCCLLibrary()
+        var histories: [[StepRecord]] = [], evalLosses: [Double] = [], adapters: [[UInt8]] = [], gathers: [Int] = []
+        for sharded in [false, true] {
+            let output = "/tmp/qlora-gpu-check-shard-\(sharded)-\(getpid())"
+            let collective: Collective = sharded
+                ? try NCCLCollective(nccl: nccl, context: ctx, rank: 0, worldSize: 1, uniqueID: try nccl.uniqueID())
+                : LocalCollective()
+            let trainer = try fixtureTrainer(directory, optimizer: "paged_adamw_8bit", device: .cuda(ctx), output: output,
+                                             train: train, eval: eval, dropout: 0.05, fullDeterminism: true, collective: collective,
+                                             shardBase: sharded)
+            let summary = try trainer.run()
+            histories.append(trainer.history)
+            evalLosses.append(summary.bestEvalLoss ?? .nan)
+            adapters.append(try FileSystem.readFile(output + "/adapter_model.safetensors"))
+            gathers.append((trainer.engine as? CUDATrainingEngine)?.trainer.baseGathers ?? -1)
+        }
+        // 6 steps of 2 micro-batches and an evaluation: every block gathered at least once per forward and backward,
+        // less the blocks still in their staging buffers.
+        checkTrue("sharded base: the blocks were gathered (plain path: none)", gathers[0] == 0 && gathers[1] > 0,
+                  "plain \(gathers[0]), sharded \(gathers[1]) gathers")
+        let differing = zip(histories[0], histories[1]).filter {
+            $0.loss.bitPattern != $1.loss.bitPattern || $0.gradientNorm.bitPattern != $1.gradientNorm.bitPattern
+        }
+        checkTrue("sharded base: the plain path's step losses and gradient norms", differing.isEmpty && histories[1].count == 6,
+                  "\(differing.count) of \(histories[0].count) steps differ"
+                  + (differing.first.map { ", e.g. step \($0.0.step): loss \($0.0.loss) vs \($0.1.loss), norm \($0.0.gradientNorm) vs \($0.1.gradientNorm)" } ?? ""))
+        checkTrue("sharded base: the same eval loss", evalLosses[0].bitPattern == evalLosses[1].bitPattern,
+                  "\(evalLosses[0]) and \(evalLosses[1])")
+        checkTrue("sharded base: the same adapter bytes", adapters[0] == adapters[1] && !adapters[0].isEmpty,
+                  "\(adapters[0].count) and \(adapters[1].count) bytes")
+    }
+
+    group("nccl: sharded base's memory = its plan (random weights, world of one)") {
+        var config = Architecture.smollm2_135m.config
+        config.tieWordEmbeddings = false
+        let rows = 2, length = 256, tokens = rows * length
+        let examples = randomExamples(count: rows, length: length, vocab: config.vocabularySize, seed: 3)
+        let batch = TrainingBatch(examples: examples.map { ($0.tokens, $0.labels) }, length: length, padID: 0)
+        _ = try ctx.blas()
+        let nccl = try NCCLLibrary()
+        let world = try NCCLCollective(nccl: nccl, context: ctx, rank: 0, worldSize: 1, uniqueID: try nccl.uniqueID())
+        let A = ctx.allocator
+        func peak(_ sharding: NCCLCollective?) throws -> (bytes: Int, plan: CUDAMemoryPlan, loss: Double, gathers: Int) {
+            try ctx.device.synchronize()
+            A.resetPeak()
+            let base = A.currentBytes
+            let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: tokens,
+                                                 memory: .allOnDevice, sharding: sharding)
+            try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens)
+            try trainer.optimizerStep(learningRate: 1e-4)
+            try trainer.forwardLoss(batch: batch)
+            return (A.peakBytes - base, trainer.plan, try trainer.lastLoss().mean, trainer.baseGathers)
+        }
+        let plain = try peak(nil)
+        let sharded = try peak(world)
+        let mib = { (b: Int) in fmt(Double(b) / Double(1 << 20), 2) + " MiB" }
+        checkTrue("sharded base (random weights) trains: a finite loss", sharded.loss.isFinite && sharded.gathers > 0,
+                  "loss \(sharded.loss), \(sharded.gathers) gathers")
+        checkTrue("sharded base: the peak changes by what the plan says",
+                  plain.bytes - sharded.bytes == plain.plan.total - sharded.plan.total,
+                  "peak \(mib(plain.bytes)) -> \(mib(sharded.bytes)); plan \(mib(plain.plan.total)) -> \(mib(sharded.plan.total)) "
+                  + "(shards \(mib(sharded.plan.baseShards)), staging \(mib(sharded.plan.baseStaging)))")
     }
 }

@@ -23,6 +23,10 @@ struct PlanCommand: ParsableCommand {
     var gpuMemory: String = "12,16,24,48,80"
     @Flag(help: "Print the markdown table of docs/MEMORY.md (every architecture, rank 16 and 64, offload on and off).")
     var table = false
+    @Option(parsing: .unconditional, help: "GPUs of the job (data parallel: the plan is each rank's; --batch is per GPU).")
+    var gpus: Int = 1
+    @Flag(help: "The base sharded over the --gpus ranks (train --shard-base): each rank holds 1/N of the blocks and two gathered blocks. With one --gpu-memory, refuses (exit status 1) when a rank does not fit.")
+    var shardBase = false
 
     func budgets() throws -> [Double] {
         let values = gpuMemory.split(separator: ",").map { Double($0.filter { !$0.isWhitespace }) }
@@ -44,21 +48,46 @@ struct PlanCommand: ParsableCommand {
         do { try config.checkCUDASupport(what: "plan --arch \(arch)") } catch {
             throw ValidationError("\(error) (plan is the GPU trainer's memory; `qlora bench --arch \(arch) --device cpu` runs it on the CPU)")
         }
+        guard gpus >= 1 else { throw ValidationError("--gpus must be at least 1, got \(gpus)") }
         var memory = CUDATrainerMemoryOptions.automatic(for: config)
         if let on = try BenchCommand.parseSwitch(offloadCheckpoints, "offload-checkpoints") { memory.offloadCheckpoints = on }
-        let plan = CUDAMemoryPlan(config: config, tokens: batch * seq, rank: loraR, memory: memory)
-        print("\(arch), \(batch) x \(seq) tokens, LoRA r=\(loraR): \(plan)")
+        let world: Int? = shardBase ? gpus : nil
+        let plan = CUDAMemoryPlan(config: config, tokens: batch * seq, rank: loraR, memory: memory, shardedOver: world)
+        let job = gpus > 1 || shardBase ? " per rank of \(gpus) GPU\(gpus > 1 ? "s" : "")" + (shardBase ? ", base sharded" : ", whole base on each") : ""
+        print("\(arch), \(batch) x \(seq) tokens\(job), LoRA r=\(loraR): \(plan)")
         for gib in budgets {
             let bytes = Int(gib * Double(1 << 30))
-            let longest = CUDAMemoryPlan.longestSequence(config: config, batch: batch, rank: loraR, memory: memory, budgetBytes: bytes)
-            let widest = CUDAMemoryPlan.largestBatch(config: config, sequenceLength: seq, rank: loraR, memory: memory, budgetBytes: bytes)
+            let longest = CUDAMemoryPlan.longestSequence(config: config, batch: batch, rank: loraR, memory: memory, budgetBytes: bytes,
+                                                         shardedOver: world)
+            let widest = CUDAMemoryPlan.largestBatch(config: config, sequenceLength: seq, rank: loraR, memory: memory, budgetBytes: bytes,
+                                                     shardedOver: world)
             // Without room for a block's dequantized weights the trainer drops back to dequantizing them again.
             let fitted = plan.fitting(budgetBytes: bytes)
-            let path = fitted.memory.keepBlockWeights ? "a block's dequantized weights kept for its backward"
-                : "weights dequantized again in the backward (no room to keep a block's)"
-            print("  \(gib) GiB card: \(fitted.fits(budgetBytes: bytes) ? "fits, \(path)" : "does not fit"); longest sequence at batch \(batch): "
+            let path = !fitted.fits(budgetBytes: bytes) ? ""
+                : fitted.memory.keepBlockWeights ? ", a block's dequantized weights kept for its backward"
+                : ", weights dequantized again in the backward (no room to keep a block's)"
+            print("  \(gib) GiB card: \(Self.verdict(fitted, budgetBytes: bytes))\(path); longest sequence at batch \(batch): "
                   + (longest.map { "\($0)" } ?? "none (the weights alone do not fit)") + "; largest batch of \(seq): \(widest)")
         }
+        // One card size asked about a job: an answer a script can act on.
+        if budgets.count == 1, gpus > 1 || shardBase {
+            let bytes = Int(budgets[0] * Double(1 << 30))
+            let fitted = plan.fitting(budgetBytes: bytes)
+            guard fitted.fits(budgetBytes: bytes) else {
+                throw ValidationError("\(arch) at \(batch) x \(seq) does not fit \(gpus) card\(gpus > 1 ? "s" : "") of \(budgets[0]) GiB: "
+                                      + "each rank needs \(DeviceAllocator.formatGiB(fitted.total)) GiB besides the CUDA context and margin "
+                                      + "(\(DeviceAllocator.formatGiB(CUDAMemoryPlan.typicalContextBytes + CUDAMemoryPlan.safetyMarginBytes)) GiB), "
+                                      + "\(DeviceAllocator.formatGiB(-fitted.spareBytes(budgetBytes: bytes))) GiB too much. "
+                                      + (shardBase ? "" : "Shard the base over the GPUs (--shard-base), ")
+                                      + "use more GPUs, lower --batch or --seq, or the LoRA rank")
+            }
+        }
+    }
+
+    /// "fits, 1.2 GiB to spare" or "does not fit, 3.4 GiB short".
+    static func verdict(_ plan: CUDAMemoryPlan, budgetBytes: Int) -> String {
+        let spare = plan.spareBytes(budgetBytes: budgetBytes)
+        return spare >= 0 ? "fits, \(DeviceAllocator.formatGiB(spare)) GiB to spare" : "does not fit, \(DeviceAllocator.formatGiB(-spare)) GiB short"
     }
 
     /// Rows: architecture × rank × checkpoint placement; cells: the longest batch-1 sequence / the largest batch of

@@ -1,5 +1,8 @@
 import ArgumentParser
 import QLoRA
+#if canImport(Glibc)
+import Glibc
+#endif
 
 struct TrainCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -38,6 +41,8 @@ struct TrainCommand: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Recompute each block in the backward pass instead of keeping its activations.") var gradientCheckpointing: Bool?
     @Option(parsing: .unconditional, help: "Random seed (adapter initialisation, data order, dropout): an integer from 0 to 2^64-1.") var seed: UInt64?
     @Flag(help: "Bit-identical runs on the GPU (attention without atomics, about 2x slower attention); the CPU always is.") var fullDeterminism = false
+    @Flag(help: "Shard the frozen base's blocks over the ranks of --world (FSDP's FULL_SHARD for the 4-bit base): each rank keeps 1/N of every block and gathers a block before its use.")
+    var shardBase = false
     @Option(parsing: .unconditional, help: "Log every N steps.") var loggingSteps: Int?
     @Option(parsing: .unconditional, help: "Evaluate every N steps (0: each epoch).") var evalSteps: Int?
     @Option(parsing: .unconditional, help: "Save a checkpoint every N steps (0: each epoch).") var saveSteps: Int?
@@ -93,6 +98,7 @@ struct TrainCommand: ParsableCommand {
         if overwrite { c.overwriteOutputDirectory = true }
         if skipBadLines { c.skipBadLines = true }
         if fullDeterminism { c.fullDeterminism = true }
+        if shardBase { c.shardBase = true }
         set(metricForBest, \.metricForBestModel)
         if let greaterIsBetter { c.greaterIsBetter = greaterIsBetter }
         if let evalMetrics { c.evalMetrics = evalMetrics.split(separator: ",").map { $0.filter { !$0.isWhitespace } } }
@@ -188,8 +194,11 @@ struct TrainCommand: ParsableCommand {
         }
         try prepareCard(trainer, loaded: loaded, c: c, train: train, eval: eval, device: usedDevice)
         if !collective.isMainRank {
-            trainer.log = { _ in }
-            trainer.showProgress = { _ in }
+            // Rank 0 prints the job's lines; each other rank keeps its own in OUTPUT/rank-R.log (its device, its
+            // progress: the same global losses and tokens/s, so a rank that lags or stops shows there).
+            let rankLog = RankLog(path: c.outputDirectory + "/rank-\(collective.rank).log")
+            trainer.log = { rankLog.append($0) }
+            trainer.showProgress = { rankLog.append($0) }
         }
         if let failure = Self.testFailure(rank: collective.rank) {
             // A test hook (QLORA_TEST_FAIL_RANK=RANK:STEP): this rank dies at that step, as a crashed rank would.
@@ -210,7 +219,12 @@ struct TrainCommand: ParsableCommand {
             lines.append(text)
         }
         if summary.stoppedEarly { lines.append("stopped early") }
-        if collective.worldSize > 1 { lines.append("\(collective.worldSize) ranks") }
+        if collective.worldSize > 1 {
+            // The job's summary: tokens of all ranks, and each rank's peak memory.
+            let peaks = summary.rankPeakBytes.map { DeviceAllocator.formatGiB($0) }.joined(separator: ", ")
+            lines.append("\(collective.worldSize) ranks\(c.shardBase ? " (base sharded)" : ""), "
+                         + "\(Int(summary.tokensPerSecond / Double(collective.worldSize))) tokens/s per rank, peak memory per rank \(peaks) GiB")
+        }
         print(lines.joined(separator: "; "))
     }
 }
@@ -339,3 +353,24 @@ extension TrainCommand {
 #if canImport(Glibc)
 import Glibc
 #endif
+
+/// A non-main rank's log file: each line appended as it comes (a progress line without its carriage return). A file
+/// that cannot be written is said once on stderr; training goes on.
+final class RankLog: @unchecked Sendable {
+    let path: String
+    private var failed = false
+
+    init(path: String) { self.path = path }
+
+    func append(_ line: String) {
+        guard !failed else { return }
+        let text = (line.hasPrefix("\r") ? String(line.dropFirst()) : line) + "\n"
+        guard let file = fopen(path, "a") else {
+            failed = true
+            printError("cannot write this rank's log \(path): \(String(cString: strerror(errno)))")
+            return
+        }
+        fputs(text, file)
+        fclose(file)
+    }
+}

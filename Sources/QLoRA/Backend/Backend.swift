@@ -4,6 +4,10 @@
 // backend (Backend/CUDA) implements the same two roles on the GPU. Each op of the CUDA backend is also
 // checked on its own against its CPU twin (Backend/CPU/Reference, run by qlora-gpu-check).
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Generation: a model with a KV cache that turns tokens into next-token logits.
 public protocol InferenceSession: AnyObject {
     var config: DecoderConfig { get }
@@ -120,9 +124,18 @@ public protocol TrainingEngine: AnyObject {
     func prepareGradientReduction(over collective: Collective) throws
     /// Data parallel: replaces the accumulated LoRA gradients by their sum over the ranks of `collective` (before `step`).
     func reduceGradients(over collective: Collective) throws
+    /// The most memory this engine's device has held so far (the GPU allocator's high-water mark; on the CPU the
+    /// process's peak resident memory), for the job summary.
+    var peakMemoryBytes: Int { get }
 }
 
 extension TrainingEngine {
+    /// The process's peak resident memory (getrusage: ru_maxrss is in KiB on Linux).
+    public var peakMemoryBytes: Int {
+        var usage = rusage()
+        guard getrusage(RUSAGE_SELF.rawValue, &usage) == 0 else { return 0 }
+        return Int(usage.ru_maxrss) * 1024
+    }
     public func prepareGradientReduction(over collective: Collective) throws {}
     public var lossScaler: GradScaler? { nil }
     public var lastStepSkipped: Bool { false }

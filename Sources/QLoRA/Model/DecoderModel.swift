@@ -141,6 +141,9 @@ public final class DecoderModel: @unchecked Sendable {
     /// cos/sin of the full-attention layers' RoPE, and of the sliding layers' when it differs (Gemma 3).
     public let rope: RopeTable
     let slidingRope: RopeTable?
+    /// Set when the ranks hold the blocks' base weights in shards (Parallel/ShardedBase.swift): training and
+    /// evaluation gather each block around its use.
+    public internal(set) var shardedBase: ShardedDecoderBase?
 
     public init(config: DecoderConfig, embedding: Matrix, blocks: [DecoderBlock], finalNorm: [Float], head: Matrix) {
         self.config = config

@@ -3,11 +3,16 @@
 // A 4-bit weight is never expanded whole: each product dequantizes a block of rows into a small
 // scratch buffer and multiplies with it, so the model stays at about 4.1 bits per base parameter in
 // memory. The values are exactly bitsandbytes' dequantized values (QuantizedWeight.dequantizeRows).
+//
+// With a sharded base (Parallel/ShardedBase.swift) a weight's storage lives spread over the ranks between uses:
+// `.sharded` keeps only the shape, and the block's weights are gathered back before its products run.
 
 public final class FrozenWeight: @unchecked Sendable {
     public enum Storage {
         case dense(Matrix)
         case quantized(QuantizedWeight)
+        /// Held by the ranks in shards (ShardedBase): not usable until gathered.
+        case sharded
     }
 
     public let storage: Storage
@@ -22,6 +27,20 @@ public final class FrozenWeight: @unchecked Sendable {
         storage = .dense(matrix)
         rows = matrix.rows
         columns = matrix.columns
+    }
+
+    /// The placeholder of a weight whose storage the ranks hold in shards.
+    public init(shardedRows rows: Int, columns: Int) {
+        storage = .sharded
+        self.rows = rows
+        self.columns = columns
+    }
+
+    public var isSharded: Bool { if case .sharded = storage { return true }; return false }
+
+    /// A product on a weight that was not gathered is a bug in the caller (the gather hook was skipped).
+    func notGathered() -> Never {
+        preconditionFailure("a \(rows)×\(columns) base weight was used while sharded across ranks: its block must be gathered first")
     }
 
     public init(quantized weight: QuantizedWeight) throws {
@@ -39,6 +58,7 @@ public final class FrozenWeight: @unchecked Sendable {
         switch storage {
         case .dense(let m): return m.count * 4
         case .quantized(let q): return q.storedByteCount
+        case .sharded: return 0
         }
     }
 
@@ -47,6 +67,7 @@ public final class FrozenWeight: @unchecked Sendable {
         switch storage {
         case .dense(let m): return m.values
         case .quantized(let q): return q.dequantize()
+        case .sharded: notGathered()
         }
     }
 
@@ -70,6 +91,8 @@ public final class FrozenWeight: @unchecked Sendable {
                     if accumulate { for i in 0..<r { out[i] += part[i] } } else { out.update(from: part, count: r) }
                 }
             }
+        case .sharded:
+            notGathered()
         }
     }
 
@@ -95,6 +118,8 @@ public final class FrozenWeight: @unchecked Sendable {
                 for t in 0..<m { (dyBlock + t * r).update(from: dy + t * rows + r0, count: r) }
                 CPUMatmul.gemmNN(dyBlock, block.baseAddress!, dx, m: m, n: columns, k: r, accumulate: accumulate || r0 > 0)
             }
+        case .sharded:
+            notGathered()
         }
     }
 }

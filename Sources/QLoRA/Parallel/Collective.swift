@@ -6,6 +6,8 @@
 //   - `allReduce`: every rank ends with the elementwise sum (or mean) of every rank's buffer. Implementations add the
 //     contributions in rank order (0, 1, ..., W−1), so every rank holds the same bits afterwards.
 //   - `broadcast`: every rank ends with the root's bytes.
+//   - `allGather`: every rank ends with all ranks' shards (bytes, the same count on every rank) concatenated in rank
+//     order; the sharded base (ShardedBase.swift) rebuilds a block's frozen weights from its shards this way.
 //   - `barrier`: no rank passes until every rank has arrived.
 //   - `abort`: this rank failed; the others' next (or pending) call throws `RankFailedError` with the message, so a
 //     failing rank stops the job instead of leaving the others waiting.
@@ -31,6 +33,9 @@ public protocol Collective: AnyObject {
     func allReduce(_ values: UnsafeMutableBufferPointer<Double>, _ operation: ReduceOperation) throws
     /// In place: every rank's `bytes` become the `root` rank's (same count on every rank).
     func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws
+    /// Every rank's `shard` (the same byte count on every rank) concatenated in rank order into `gathered`, which
+    /// holds worldSize × shard.count bytes.
+    func allGather(_ shard: UnsafeRawBufferPointer, into gathered: UnsafeMutableRawBufferPointer) throws
     /// Returns once every rank has called it.
     func barrier() throws
     /// Tells the other ranks that this one failed with `message` (best effort; never throws).
@@ -81,8 +86,19 @@ public final class LocalCollective: Collective {
     public func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws {
         guard root == 0 else { throw UsageError("broadcast from rank \(root) in a world of one rank") }
     }
+    public func allGather(_ shard: UnsafeRawBufferPointer, into gathered: UnsafeMutableRawBufferPointer) throws {
+        try checkGatherSizes(shard: shard.count, gathered: gathered.count, worldSize: 1)
+        if shard.count > 0 { gathered.copyMemory(from: shard) }
+    }
     public func barrier() throws {}
     public func abort(_ message: String) {}
+}
+
+/// The gathered buffer holds exactly one shard per rank.
+func checkGatherSizes(shard: Int, gathered: Int, worldSize: Int) throws {
+    guard gathered == shard * worldSize else {
+        throw UsageError("allGather: a buffer of \(gathered) bytes for \(worldSize) shards of \(shard) bytes; expected \(shard * worldSize)")
+    }
 }
 
 /// Another rank failed (or went away): this rank stops too, with that rank's message.

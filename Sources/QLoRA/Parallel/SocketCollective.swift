@@ -1,7 +1,8 @@
 // The collective of CPU ranks in separate processes (or machines), over the rendezvous connections: a star around
 // rank 0, as simple as a collective gets. allReduce: every other rank sends its buffer to rank 0, which adds them in
 // rank order (0, 1, ..., W−1: the bits of `ThreadWorld` and of every rank alike) and sends the result back. broadcast:
-// the root's bytes go through rank 0 to all. A failure travels as an error frame, so each rank stops with the failing
+// the root's bytes go through rank 0 to all. allGather: every rank sends its shard to rank 0, which puts them in rank
+// order and sends the whole to all. A failure travels as an error frame, so each rank stops with the failing
 // rank's message; a process that dies closes its connection, which stops the others too.
 //
 // It moves O(W · bytes) through rank 0, fine for LoRA gradients of CPU-sized models; GPUs use NCCL.
@@ -87,6 +88,28 @@ public final class SocketCollective: Collective {
         do {
             if root != 0 { try peers[root]!.receiveData(into: bytes) }
             for peer in peers.dropFirst() { try peer!.sendFrame(kind: TCPConnection.data, UnsafeRawBufferPointer(bytes)) }
+        } catch { throw spread(error) }
+    }
+
+    public func allGather(_ shard: UnsafeRawBufferPointer, into gathered: UnsafeMutableRawBufferPointer) throws {
+        try checkGatherSizes(shard: shard.count, gathered: gathered.count, worldSize: worldSize)
+        try guardNotFailed()
+        let size = shard.count
+        if rank != 0 {
+            do {
+                try peers[0]!.sendFrame(kind: TCPConnection.data, shard)
+                try peers[0]!.receiveData(into: gathered)
+            } catch { failed = (error as? RankFailedError) ?? RankFailedError(rank: 0, "\(error)"); throw error }
+            return
+        }
+        do {
+            if size > 0, let base = shard.baseAddress, UnsafeRawPointer(gathered.baseAddress!) != base {
+                UnsafeMutableRawBufferPointer(rebasing: gathered[0..<size]).copyMemory(from: shard)
+            }
+            for r in 1..<worldSize {
+                try peers[r]!.receiveData(into: UnsafeMutableRawBufferPointer(rebasing: gathered[(r * size)..<((r + 1) * size)]))
+            }
+            for peer in peers.dropFirst() { try peer!.sendFrame(kind: TCPConnection.data, UnsafeRawBufferPointer(gathered)) }
         } catch { throw spread(error) }
     }
 

@@ -174,6 +174,23 @@ public final class ThreadCollective: Collective {
         if bytes.count > 0 { bytes.copyMemory(from: UnsafeRawBufferPointer(copy)) }
     }
 
+    public func allGather(_ shard: UnsafeRawBufferPointer, into gathered: UnsafeMutableRawBufferPointer) throws {
+        try checkGatherSizes(shard: shard.count, gathered: gathered.count, worldSize: worldSize)
+        // Each rank reads every rank's shard into its own result while all shards are held still (the exchange's
+        // second rendezvous). The shard may lie inside `gathered` (in place, as NCCL allows): only the other ranks'
+        // parts are written, and no rank reads them.
+        let size = shard.count
+        try world.exchange(rank: rank, shard.baseAddress, count: size, what: "allGather") { pointers in
+            guard size > 0 else { return }
+            for (r, p) in pointers.enumerated() {
+                guard let p else { throw UsageError("allGather: rank \(r) passed no buffer") }
+                let target = gathered.baseAddress! + r * size
+                if UnsafeRawPointer(target) == p { continue }  // in place: this rank's shard is already there
+                UnsafeMutableRawBufferPointer(rebasing: gathered[(r * size)..<((r + 1) * size)]).copyMemory(from: UnsafeRawBufferPointer(start: p, count: size))
+            }
+        }
+    }
+
     public func barrier() throws {
         try world.exchange(rank: rank, nil, count: 0, what: "barrier") { _ in }
     }

@@ -164,7 +164,10 @@ extension DecoderModel {
         for (l, block) in blocks.enumerated() {
             let seed = DropoutMask.blockSeed(stepSeed: options.dropoutSeed, block: l)
             dropoutSeeds.append(seed)
+            try shardedBase?.gather(l)
             let activations = blockForward(block, layer: l, input: x, batch: batch, dropoutSeed: seed)
+            // Without checkpointing the last block's backward follows at once: it keeps its gathered weights.
+            if l < blocks.count - 1 || options.gradientCheckpointing { shardedBase?.release(l) }
             if options.gradientCheckpointing { inputs.append(x) } else { saved.append(activations) }
             x = activations.output
         }
@@ -176,6 +179,8 @@ extension DecoderModel {
         // Backward through the blocks, last first.
         var gradient = dx
         for l in stride(from: blocks.count - 1, through: 0, by: -1) {
+            try shardedBase?.gather(l)
+            defer { shardedBase?.release(l) }
             let activations = options.gradientCheckpointing
                 ? blockForward(blocks[l], layer: l, input: inputs[l], batch: batch, dropoutSeed: dropoutSeeds[l])
                 : saved[l]
@@ -194,7 +199,9 @@ extension DecoderModel {
         var x = Matrix(rows: n, columns: c.hiddenSize)
         embed(batch.tokens, into: x)
         for (l, block) in blocks.enumerated() {
+            try shardedBase?.gather(l)
             x = blockForward(block, layer: l, input: x, batch: batch, dropoutSeed: nil).output
+            shardedBase?.release(l)
         }
         return headLossAndGradient(finalHidden: x, batch: batch, normalizer: 1, chunkRows: 64, into: nil)
     }

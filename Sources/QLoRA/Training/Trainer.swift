@@ -38,8 +38,11 @@ public struct TrainingSummary: Sendable {
     /// The task metrics of the best evaluation.
     public var bestTaskMetrics: [(String, Double)]
     public var stoppedEarly: Bool
+    /// Tokens per second of the whole job (every rank's tokens).
     public var tokensPerSecond: Double
     public var outputDirectory: String
+    /// Each rank's peak memory (`TrainingEngine.peakMemoryBytes`), by rank; one entry in a single process.
+    public var rankPeakBytes: [Int] = []
 }
 
 /// One step's numbers.
@@ -142,14 +145,33 @@ public final class Trainer {
         }
         let optimizerKind = try OptimizerKind.parse(c.optimizer)
         let hyperparameters = AdamWHyperparameters(weightDecay: c.weightDecay)
+        if c.shardBase {
+            // Every forward gathers blocks on every rank, so every rank must make the same forwards: generation on
+            // rank 0 alone (the task metrics) would leave the others behind.
+            let metrics = try c.taskMetrics
+            if !metrics.isEmpty {
+                throw UsageError("shard_base (--shard-base) trains with the base sharded over the ranks, and the task metrics "
+                                 + "(\(metrics.map(\.rawValue).joined(separator: ", "))) generate on rank 0 alone: "
+                                 + "use eval_loss (metric_for_best_model) with a sharded base")
+            }
+        }
         switch device {
         case .cpu:
             engine = CPUTrainingEngine(model: model, optimizer: try optimizerKind.make(hyperparameters))
+            if c.shardBase { _ = try ShardedDecoderBase(model: model, collective: collective) }
         case .cuda(let context):
+            var sharding: NCCLCollective? = nil
+            if c.shardBase {
+                guard let nccl = collective as? NCCLCollective else {
+                    throw UsageError("shard_base (--shard-base) on the GPU shards the base over NCCL ranks: start the job with --gpus N "
+                                     + "(or a launcher), or train on the CPU ranks of --world N")
+                }
+                sharding = nccl
+            }
             try model.config.checkCUDASupport(what: "training")
             let capacity = (self.train + self.eval).map(\.tokenCount).max() ?? 1
             engine = try CUDATrainingEngine(context: context, model: model, capacityTokens: capacity, optimizer: optimizerKind,
-                                            hyperparameters: hyperparameters, deterministic: c.fullDeterminism)
+                                            hyperparameters: hyperparameters, deterministic: c.fullDeterminism, sharding: sharding)
         }
         schedule = try LearningRateSchedule(kind: try ScheduleKind.parse(c.scheduler), baseLearningRate: c.learningRate,
                                             trainingSteps: totalSteps, warmupSteps: c.warmupSteps, warmupRatio: c.warmupRatio)
@@ -185,6 +207,12 @@ public final class Trainer {
         if world > 1 {
             log("data parallel: rank \(rank) of \(world), global batch \(c.batchSize) × \(c.gradientAccumulationSteps) × \(world) = "
                 + "\(c.batchSize * c.gradientAccumulationSteps * world) rows a step, \(DistributedSampling.itemsPerRank(count: train.count, worldSize: world)) micro-batches per rank and epoch")
+        }
+
+        if let shards = model.shardedBase {
+            func mib(_ b: Int) -> String { String(cFormat: "%.1f MiB", Double(b) / 1_048_576) }
+            log("sharded base: rank \(rank) keeps \(mib(shards.shardBytes)) of the blocks' \(mib(shards.wholeBytes)), gathering each block "
+                + "before its forward, recomputation and backward")
         }
 
         let taskMetrics = try c.taskMetrics
@@ -352,14 +380,17 @@ public final class Trainer {
         } else {
             try engine.copyWeightsToModel()
         }
-        try collective.barrier()
+        // Each rank's peak, summed into its own slot so every rank knows all (also the barrier after the save).
+        var peaks = [Double](repeating: 0, count: collective.worldSize)
+        peaks[collective.rank] = Double(engine.peakMemoryBytes)
+        try collective.allReduce(&peaks, .sum)
         let elapsed = monotonicSeconds() - runStart
         let bestLoss = state.bestStep.flatMap { best in evalHistory.last { $0.step == best }?.loss }
         return TrainingSummary(steps: state.step, finalTrainLoss: history.last?.loss, bestEvalLoss: bestLoss, bestStep: state.bestStep,
                                bestMetricName: c.bestModelMetricKey, bestMetric: state.bestMetric,
                                bestTaskMetrics: state.bestStep.flatMap { best in metricHistory.last { $0.step == best }?.values } ?? [],
                                stoppedEarly: stoppedEarly, tokensPerSecond: Double(tokensSeen) / max(elapsed, 1e-9),
-                               outputDirectory: c.outputDirectory)
+                               outputDirectory: c.outputDirectory, rankPeakBytes: peaks.map { Int($0) })
     }
 
     /// The task metrics on the first `generation_eval_examples` eval prompts, generated with the current adapter; logged
@@ -394,6 +425,11 @@ public final class Trainer {
         guard !(collective is LocalCollective) else { return try Evaluation.loss(engine: engine, batches: eval).mean }
         let mine = DistributedSampling.shardWithoutPadding(count: eval.count, rank: collective.rank, worldSize: world).map { eval[$0] }
         let part = try Evaluation.loss(engine: engine, batches: mine)
+        if model.shardedBase != nil, let first = eval.first {
+            // Every forward gathers blocks from every rank: a rank with a batch fewer makes one more forward, and
+            // drops its loss, so all ranks make the same all-gathers.
+            for _ in mine.count..<DistributedSampling.itemsPerRank(count: eval.count, worldSize: world) { _ = try engine.loss(batch: first) }
+        }
         var sums = [part.sum, Double(part.count)]
         try collective.allReduce(&sums, .sum)
         return LossSum(sum: sums[0], count: Int(sums[1])).mean
@@ -577,7 +613,7 @@ public final class Trainer {
     /// What the run will hold in memory, as PEFT/TRL users like to know before it starts.
     func memoryEstimate() -> String {
         let c = model.config
-        let weights = model.linearLayers.reduce(0) { $0 + $1.weight.storedBytes } + (model.embedding.count + (model.head === model.embedding ? 0 : model.head.count)) * 4
+        let weights = model.linearLayers.reduce(0) { $0 + $1.weight.storedBytes } + (model.shardedBase?.shardBytes ?? 0) + (model.embedding.count + (model.head === model.embedding ? 0 : model.head.count)) * 4
         let adapters = model.parameterCounts.trainable * 4
         let optimizerBytes = (try? OptimizerKind.parse(configuration.optimizer).stateBytes(count: model.parameterCounts.trainable)) ?? 0
         let tokens = (train.map(\.tokenCount).max() ?? 0)

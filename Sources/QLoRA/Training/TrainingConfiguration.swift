@@ -40,6 +40,9 @@ public struct TrainingConfiguration: Sendable, Equatable {
     /// Bit-identical runs on the GPU (transformers' `full_determinism`): attention through the kernels without
     /// atomics, about 2× slower attention. The CPU is always deterministic.
     public var fullDeterminism = false
+    /// Shard the frozen base's blocks over the data-parallel ranks (fsdp_qlora's FULL_SHARD for the 4-bit base): each
+    /// rank keeps 1/W of every block and gathers a block just before its use (Parallel/ShardedBase.swift).
+    public var shardBase = false
     /// The GPU's 16-bit compute type (`bnb_4bit_compute_dtype`, or TrainingArguments' `bf16: true` / `fp16: true`):
     /// auto is bf16 where the card has it (compute capability 8.0+), fp16 with loss scaling before (a T4).
     public var computeDType: ComputeDTypeChoice = .auto
@@ -155,6 +158,7 @@ public struct TrainingConfiguration: Sendable, Equatable {
                 guard let v = value.int, v >= 0 else { throw fail("a non-negative integer") }
                 seed = UInt64(v)
             case "full_determinism": fullDeterminism = try bool()
+            case "shard_base": shardBase = try bool()
             case "logging_steps": loggingSteps = try int()
             case "report_to":
                 do { reportTo = try ReportTargets.parse(try strings()) } catch let error as UsageError { throw fail("\(ReportTargets.accepted), as a string or a list (\(error.message))") }
@@ -265,7 +269,7 @@ public struct TrainingConfiguration: Sendable, Equatable {
         "logging_steps": "--logging-steps", "eval_steps": "--eval-steps", "save_steps": "--save-steps",
         "save_total_limit": "--save-total-limit", "early_stopping_patience": "--early-stopping-patience", "output_dir": "--output",
         "metric_for_best_model": "--metric-for-best", "eval_metrics": "--eval-metrics", "generation_eval_examples": "--generation-eval-examples",
-        "generation_max_new_tokens": "--generation-max-new-tokens",
+        "generation_max_new_tokens": "--generation-max-new-tokens", "shard_base": "--shard-base",
     ]
 
     /// The best-model metric: nil for the eval loss, else a task metric.

@@ -30,6 +30,8 @@ public final class NCCLLibrary {
     let ncclCommInitRankScalable: @convention(c) (UnsafeMutablePointer<Comm>, Int32, Int32, Int32, UnsafeMutableRawPointer, UnsafeMutableRawPointer?) -> Result
     let ncclAllReduce: @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?, Int, Int32, Int32, Comm, OpaquePointer?) -> Result
     let ncclBroadcast: @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?, Int, Int32, Int32, Comm, OpaquePointer?) -> Result
+    /// ncclAllGather(sendbuff, recvbuff, sendcount, datatype, comm, stream): recvbuff[r·sendcount ...] = rank r's sendbuff.
+    let ncclAllGather: @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?, Int, Int32, Comm, OpaquePointer?) -> Result
     let ncclGroupStart: @convention(c) () -> Result
     let ncclGroupEnd: @convention(c) () -> Result
     let ncclCommDestroy: @convention(c) (Comm) -> Result
@@ -89,6 +91,7 @@ public final class NCCLLibrary {
             ncclGetUniqueId = try library.function("ncclGetUniqueId")
             ncclAllReduce = try library.function("ncclAllReduce")
             ncclBroadcast = try library.function("ncclBroadcast")
+            ncclAllGather = try library.function("ncclAllGather")
             ncclGroupStart = try library.function("ncclGroupStart")
             ncclGroupEnd = try library.function("ncclGroupEnd")
             ncclCommDestroy = try library.function("ncclCommDestroy")
@@ -180,6 +183,16 @@ public final class NCCLCollective: Collective {
                        "ncclBroadcast(\(bytes) bytes from rank \(root))", comm: comm)
     }
 
+    /// Queues an all-gather of `bytes` bytes per rank from `shard` into `gathered` (worldSize × bytes; rank r's part at
+    /// r × bytes) on `stream` (default: this collective's); returns without waiting. In place when `shard` is
+    /// `gathered + rank × bytes`, as NCCL allows.
+    public func allGatherDevice(_ shard: CUdeviceptr, into gathered: CUdeviceptr, bytes: Int, stream: CUDAStream? = nil) throws {
+        guard bytes > 0 else { return }
+        try nccl.check(nccl.ncclAllGather(UnsafeRawPointer(bitPattern: UInt(shard)), UnsafeMutableRawPointer(bitPattern: UInt(gathered)),
+                                          bytes, NCCLLibrary.uint8, comm, (stream ?? self.stream).handle),
+                       "ncclAllGather(\(bytes) bytes from each of \(worldSize) ranks)", comm: comm)
+    }
+
     private func stagingBuffer(bytes: Int) throws -> DeviceBuffer<UInt8> {
         if let staging, staging.count >= bytes { return staging }
         let buffer = try context.allocator.buffer(UInt8.self, count: max(bytes, 256))
@@ -214,6 +227,18 @@ public final class NCCLCollective: Collective {
         try context.device.copy(toDevice: buffer.pointer, from: base, bytes: bytes.count, stream: stream)
         try broadcastDevice(buffer.pointer, bytes: bytes.count, root: root)
         try context.device.copy(toHost: base, from: buffer.pointer, bytes: bytes.count, stream: stream)
+        try stream.synchronize()
+    }
+
+    public func allGather(_ shard: UnsafeRawBufferPointer, into gathered: UnsafeMutableRawBufferPointer) throws {
+        try checkGatherSizes(shard: shard.count, gathered: gathered.count, worldSize: worldSize)
+        guard let source = shard.baseAddress, let target = gathered.baseAddress, shard.count > 0 else { return }
+        // The staging buffer holds the gathered bytes; this rank's shard is uploaded into its own place (in place).
+        let buffer = try stagingBuffer(bytes: gathered.count)
+        let mine = buffer.pointer + CUdeviceptr(rank * shard.count)
+        try context.device.copy(toDevice: mine, from: source, bytes: shard.count, stream: stream)
+        try allGatherDevice(mine, into: buffer.pointer, bytes: shard.count)
+        try context.device.copy(toHost: target, from: buffer.pointer, bytes: gathered.count, stream: stream)
         try stream.synchronize()
     }
 

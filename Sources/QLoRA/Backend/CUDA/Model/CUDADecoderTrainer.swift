@@ -57,6 +57,9 @@
 // Linear biases (Qwen2's q, k, v) are frozen: written into y before the base GEMM accumulates onto it; no gradient.
 // Each linear has its own LoRA rank (its A, B and x·Aᵀ are sized by it; dy·B uses a scratch of the largest rank);
 // rank 0 is a linear without an adapter (PEFT's target_modules naming only some projections): the base alone.
+// Sharded base (`sharding`, Weights/CUDAShardedBase.swift): each rank keeps 1/W of every block's NF4 storage, and the
+// linears' weights are views into two staging buffers that each block is all-gathered into just before its forward,
+// its recomputation and backward, and its evaluation forward, the next block's gather overlapping on NCCL's stream.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -126,6 +129,10 @@ public final class CUDADecoderTrainer {
     public let memory: CUDATrainerMemoryOptions
 
     let blocks: [TrainerBlock]
+    /// The base sharded over the ranks (nil: every weight whole on this GPU).
+    let shardedBase: CUDAShardedBase?
+    /// Blocks all-gathered so far with a sharded base (0 without one).
+    public var baseGathers: Int { shardedBase?.gatherCount ?? 0 }
     /// Every linear layer's NF4 base weight by its name (generation during training shares them).
     public var frozenWeights: [String: CUDANF4Weight] {
         Dictionary(blocks.flatMap { $0.linears.map { ($0.name, $0.weight) } }, uniquingKeysWith: { first, _ in first })
@@ -235,7 +242,9 @@ public final class CUDADecoderTrainer {
     /// bitsandbytes would; its LoRA adapters, on any of the seven projections, each with its own rank, scale and
     /// dropout, become the trained parameters; its linear biases stay frozen). `memory`: where the checkpoints and the
     /// embedding live (nil: `CUDATrainerMemoryOptions.automatic(for:)`).
-    public convenience init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil) throws {
+    /// `sharding`: shard the NF4 base over this communicator's ranks (every rank builds its trainer alike).
+    public convenience init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil,
+                            sharding: NCCLCollective? = nil) throws {
         var ranks: [[Int]] = []
         var dropout: Float = 0
         for block in model.blocks {
@@ -255,7 +264,7 @@ public final class CUDADecoderTrainer {
         var config = model.config
         if model.head === model.embedding { config.tieWordEmbeddings = true }
         try self.init(context: context, config: config, ranks: ranks, alpha: nil, dropout: dropout > 0,
-                      capacityTokens: capacityTokens, memory: memory, source: .model(model))
+                      capacityTokens: capacityTokens, memory: memory, source: .model(model), sharding: sharding)
     }
 
     /// A trainer with random NF4 weights made on the GPU (for benchmarks: no checkpoint needed), LoRA rank `rank`
@@ -263,18 +272,19 @@ public final class CUDADecoderTrainer {
     /// Kaiming-uniform and B zero as PEFT initialises them. No biases (even when `config.attentionBias`); every norm
     /// multiplies by 1. The embedding is the same wherever it lives.
     public convenience init(context: CUDAContext, randomConfig config: DecoderConfig, rank: Int, alpha: Double, capacityTokens: Int,
-                            dropout: Float = 0, seed: UInt64 = 0, memory: CUDATrainerMemoryOptions? = nil) throws {
+                            dropout: Float = 0, seed: UInt64 = 0, memory: CUDATrainerMemoryOptions? = nil,
+                            sharding: NCCLCollective? = nil) throws {
         guard dropout >= 0 && dropout < 1 else { throw UsageError("LoRA dropout \(dropout) is outside [0, 1)") }
         try self.init(context: context, config: config,
                       ranks: Array(repeating: Array(repeating: rank, count: CUDAMemoryPlan.linearShapes(config).count), count: config.layerCount),
                       alpha: alpha, dropout: dropout > 0, capacityTokens: capacityTokens, memory: memory,
-                      source: .random(seed: seed, dropout: dropout))
+                      source: .random(seed: seed, dropout: dropout), sharding: sharding)
     }
 
     /// `ranks[l][j]`: the LoRA rank of block l's linear j (q, k, v, o, gate, up, down, or Phi-3's qkv, o, gate_up,
     /// down; 0: no adapter); `dropout`: whether any linear drops out (then the d(x) scratch is allocated).
     init(context ctx: CUDAContext, config c: DecoderConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
-         memory: CUDATrainerMemoryOptions?, source: Source) throws {
+         memory: CUDATrainerMemoryOptions?, source: Source, sharding: NCCLCollective? = nil) throws {
         try c.checkTrainable()
         guard CUDAContext.attentionHeadDims.contains(c.headDim) else {
             throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels "
@@ -305,13 +315,14 @@ public final class CUDADecoderTrainer {
         self.embeddingScale = embeddingScale
         config = c
         capacityTokens = n
-        var plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory)
+        var plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory, shardedOver: sharding?.worldSize)
         let free = (try? ctx.availableBytes()) ?? Int.max
         if dropout && plan.memory.keepDropoutMasks && plan.total > free - (256 << 20) {
             // Every block's mask bits do not fit: the backward hashes the masks again instead.
             var rehashing = plan.memory
             rehashing.keepDropoutMasks = false
-            plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: rehashing)
+            plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: rehashing,
+                                  shardedOver: sharding?.worldSize)
         }
         // Kept block weights only where they fit: else one scratch, and each product dequantizes its weight.
         if plan.memory.keepBlockWeights && plan.total > free - (256 << 20) { plan = plan.withoutBlockWeights() }
@@ -363,6 +374,18 @@ public final class CUDADecoderTrainer {
             let unitNorm = ctx.computeDType.encode(1 - c.normWeightOffset)
             var blocks: [TrainerBlock] = []
             var rng = SeededGenerator(seed: 0)
+            if let sharding {
+                switch source {
+                case .model(let model):
+                    shardedBase = try CUDAShardedBase(blocks: model.blocks.map { try $0.linears.map(CUDAInference.quantize) },
+                                                      collective: sharding, code: absmaxCode)
+                case .random(let seed, _):
+                    shardedBase = try CUDAShardedBase(randomShapes: Array(repeating: shapes, count: c.layerCount), collective: sharding,
+                                                      code: absmaxCode, seed: seed)
+                }
+            } else {
+                shardedBase = nil
+            }
             // x·Aᵀ is only read by the backward of the block whose recomputation just wrote it, so all blocks share
             // one buffer per linear, sized by that linear's largest rank (under dropout, each block keeps its own
             // d(x)·Aᵀ from the forward instead: `droppedXA`).
@@ -385,15 +408,22 @@ public final class CUDADecoderTrainer {
                         let layer = model.blocks[l].linears[j]
                         name = layer.name
                         // The layer's own NF4 weight when it is one (as loaded), else quantized as bitsandbytes would.
-                        let quantized = try CUDAInference.quantize(layer)
-                        weight = try CUDANF4Weight(quantized, allocator: a, signedDynamicMap: absmaxCode)
+                        if let shardedBase {
+                            weight = shardedBase.weights[l][j]
+                        } else {
+                            weight = try CUDANF4Weight(try CUDAInference.quantize(layer), allocator: a, signedDynamicMap: absmaxCode)
+                        }
                         scale = layer.lora?.scale ?? 1
                         linearDropout = layer.lora?.dropout ?? 0
                         if let values = layer.bias { bias = try a.buffer(copying: values.map(ctx.computeDType.encode)) }
                     case .random(let seed, let dropout):
                         linearDropout = dropout
-                        weight = try CUDANF4Weight(randomRows: shape.out, columns: shape.in, context: ctx, code: absmaxCode,
-                                                   packedSeed: seed &+ rng.next(), absmaxSeed: seed &+ rng.next())
+                        if let shardedBase {
+                            weight = shardedBase.weights[l][j]
+                        } else {
+                            weight = try CUDANF4Weight(randomRows: shape.out, columns: shape.in, context: ctx, code: absmaxCode,
+                                                       packedSeed: seed &+ rng.next(), absmaxSeed: seed &+ rng.next())
+                        }
                         scale = rank == 0 ? 0 : Float((alpha ?? Double(2 * rank)) / Double(rank))
                     }
                     // Every adapter gets one when the trainer has dropout, as CUDAMemoryPlan counts them.
@@ -582,6 +612,7 @@ public final class CUDADecoderTrainer {
     deinit {
         // The pinned host buffers go with the trainer: the copies that read or write them must be over first.
         try? copyStream?.synchronize()
+        try? shardedBase?.synchronize()
         try? stagingFree?.synchronize()
     }
 
@@ -910,7 +941,9 @@ public final class CUDADecoderTrainer {
         try offload(0, tokens: n)
         for (l, block) in blocks.enumerated() {
             try awaitOffload(beforeWriting: l + 1)
+            try shardedBase?.acquire(l, next: l + 1 < blocks.count ? l + 1 : nil)
             try blockForward(block, x: slot(l), output: slot(l + 1), batch: batch, seeds: blockDropoutSeeds(l))
+            try shardedBase?.release(l)
             try offload(l + 1, tokens: n)
         }
 
@@ -936,8 +969,10 @@ public final class CUDADecoderTrainer {
         for l in stride(from: blocks.count - 1, through: 0, by: -1) {
             let seeds = blockDropoutSeeds(l)
             try awaitFetch(l)
+            try shardedBase?.acquire(l, next: l > 0 ? l - 1 : nil)
             try blockForward(blocks[l], x: slot(l), output: nil, batch: batch, seeds: seeds)
             try blockBackward(blocks[l], x: slot(l), batch: batch, seeds: seeds)
+            try shardedBase?.release(l)
             try afterBlockBackward?(l)
             try prefetch(l - checkpointSlots.count, tokens: n)
         }
@@ -1037,7 +1072,9 @@ public final class CUDADecoderTrainer {
         let buffers = [checkpointSlots[0], checkpointSlots[min(1, checkpointSlots.count - 1)]]
         try embed(batch, into: buffers[0])
         for (l, block) in blocks.enumerated() {
+            try shardedBase?.acquire(l, next: l + 1 < blocks.count ? l + 1 : nil)
             try blockForward(block, x: buffers[l % 2], output: buffers[(l + 1) % 2], batch: batch, seeds: nil)  // no dropout
+            try shardedBase?.release(l)
         }
         try norm(buffers[blocks.count % 2], finalNorm, into: norm1, rows: n, dim: h)
         let blas = try ctx.blas()

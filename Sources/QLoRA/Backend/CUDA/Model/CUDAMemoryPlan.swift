@@ -23,6 +23,10 @@
 //                weights the recomputation dequantizes serve the block's backward too (only down_proj's, which the
 //                recomputation skips, is dequantized again): 14 dequantizations a block per step instead of 20. The
 //                trainer drops back to the one scratch when the plan with them does not fit (`withoutBlockWeights`).
+// With the base sharded over W ranks (`shardedOver`), each rank's weights hold, instead of the NF4 linears, its
+// shard of every block (ShardedBlockLayout: 1/W of the block's bytes, padded to 16 per shard) and two staging buffers
+// of one whole block (the block in use and the next one being gathered); the embedding, head and norms stay whole on
+// every rank (bf16: the head of a 70B model is 2 × 128,256 × 8,192 bytes = 2 GiB, the same as 1/40 of its blocks).
 // Host memory (not in `total`): the offloaded checkpoints (pinned), the embedding table and its pinned staging
 // buffer for one step's rows.
 
@@ -146,6 +150,11 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     public var memory: CUDATrainerMemoryOptions
     /// Device bytes of the gradient checkpoints (part of `activations`).
     public var checkpoints: Int
+    /// The ranks the base is sharded over (1: not sharded).
+    public var shardedWorld: Int = 1
+    /// With a sharded base: this rank's shards of the blocks and the two staging buffers (part of `weights`).
+    public var baseShards: Int = 0
+    public var baseStaging: Int = 0
 
     /// Device memory: everything but `host`.
     public var total: Int { weights + adapters + optimizer + activations + workspace }
@@ -233,16 +242,23 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     }
 
     /// The plan for LoRA rank `r` on every projection.
-    public init(config c: DecoderConfig, tokens n: Int, rank r: Int, dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil) {
+    public init(config c: DecoderConfig, tokens n: Int, rank r: Int, dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil,
+                shardedOver world: Int? = nil) {
         self.init(config: c, tokens: n, ranks: Array(repeating: Array(repeating: r, count: Self.linearShapes(c).count), count: c.layerCount),
-                  dropout: dropout,
-                  memory: memory)
+                  dropout: dropout, memory: memory, shardedOver: world)
+    }
+
+    /// The sharded layout of one block's NF4 linears over `world` ranks (every block has the same shapes).
+    static func shardedBlockLayout(_ c: DecoderConfig, world: Int) -> ShardedBlockLayout? {
+        try? ShardedBlockLayout(skeletons: linearShapes(c).map { ShardedBlockLayout.nf4Skeleton(rows: $0.out, columns: $0.in) },
+                                worldSize: max(world, 1))
     }
 
     /// The plan for `ranks[l][j]`, the LoRA rank of block l's linear j (q, k, v, o, gate, up, down); `dropout`: some
     /// linear drops out (the fused dropout's fp32 dA scratch); `memory`: where checkpoints and the embedding
     /// live (nil: `CUDATrainerMemoryOptions.automatic(for:)`; a tied embedding stays on the GPU whatever it says).
-    public init(config c: DecoderConfig, tokens n: Int, ranks: [[Int]], dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil) {
+    public init(config c: DecoderConfig, tokens n: Int, ranks: [[Int]], dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil,
+                shardedOver world: Int? = nil) {
         var memory = memory ?? .automatic(for: c)
         if c.tieWordEmbeddings { memory.hostEmbedding = false }
         self.memory = memory
@@ -255,6 +271,12 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
             largest = max(largest, out * inF)
         }
         w *= c.layerCount
+        if let world, let layout = Self.shardedBlockLayout(c, world: world) {
+            shardedWorld = world
+            baseShards = c.layerCount * s(layout.shardBytes)
+            baseStaging = 2 * s(layout.paddedBytes)
+            w = baseShards + baseStaging
+        }
         var loraParameters = 0
         for layer in ranks {
             for (j, r) in layer.enumerated() where j < shapes.count { loraParameters += r * (shapes[j].out + shapes[j].in) }
@@ -293,7 +315,9 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
 
     public var description: String {
         let f = DeviceAllocator.format
-        return "weights \(f(weights)), adapters \(f(adapters)), optimizer \(f(optimizer)), activations \(f(activations)) "
+        let sharded = shardedWorld > 1 || baseShards > 0
+            ? " (base sharded over \(shardedWorld) ranks: shards \(f(baseShards)), staging \(f(baseStaging)))" : ""
+        return "weights \(f(weights))\(sharded), adapters \(f(adapters)), optimizer \(f(optimizer)), activations \(f(activations)) "
             + "(checkpoints \(f(checkpoints))), workspace \(f(workspace)); total \(f(total)); host \(f(host)) (\(memory))"
     }
 }
@@ -310,16 +334,21 @@ extension CUDAMemoryPlan {
 
     /// Whether the plan fits a card of `budgetBytes` whose context takes `contextBytes`.
     public func fits(budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes) -> Bool {
-        total <= budgetBytes - contextBytes - Self.safetyMarginBytes
+        spareBytes(budgetBytes: budgetBytes, contextBytes: contextBytes) >= 0
+    }
+
+    /// What is left of a card of `budgetBytes` after the context, the safety margin and the plan (negative: short by).
+    public func spareBytes(budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes) -> Int {
+        budgetBytes - contextBytes - Self.safetyMarginBytes - total
     }
 
     /// The longest sequence (a multiple of `step`, at most `limit`) whose plan at `batch` rows fits the budget, or
     /// nil when not even `step` tokens do. The plan grows with the tokens of a step, so a binary search finds it.
     public static func longestSequence(config c: DecoderConfig, batch: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
                                        budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes,
-                                       step: Int = 256, limit: Int = 4 << 20) -> Int? {
+                                       step: Int = 256, limit: Int = 4 << 20, shardedOver world: Int? = nil) -> Int? {
         func fits(_ units: Int) -> Bool {
-            CUDAMemoryPlan(config: c, tokens: batch * units * step, rank: rank, memory: memory)
+            CUDAMemoryPlan(config: c, tokens: batch * units * step, rank: rank, memory: memory, shardedOver: world)
                 .fitting(budgetBytes: budgetBytes, contextBytes: contextBytes).fits(budgetBytes: budgetBytes, contextBytes: contextBytes)
         }
         guard fits(1) else { return nil }
@@ -334,11 +363,11 @@ extension CUDAMemoryPlan {
     /// The largest batch of `sequenceLength`-token rows that fits the budget (at most `limit`), or 0.
     public static func largestBatch(config c: DecoderConfig, sequenceLength t: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
                                     budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes,
-                                    limit: Int = 1024) -> Int {
+                                    limit: Int = 1024, shardedOver world: Int? = nil) -> Int {
         var lo = 0, hi = limit
         while lo < hi {
             let mid = (lo + hi + 1) / 2
-            if CUDAMemoryPlan(config: c, tokens: mid * t, rank: rank, memory: memory)
+            if CUDAMemoryPlan(config: c, tokens: mid * t, rank: rank, memory: memory, shardedOver: world)
                 .fitting(budgetBytes: budgetBytes, contextBytes: contextBytes).fits(budgetBytes: budgetBytes, contextBytes: contextBytes) {
                 lo = mid
             } else {

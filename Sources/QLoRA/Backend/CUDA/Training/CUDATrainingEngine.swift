@@ -44,16 +44,18 @@ public final class CUDATrainingEngine: TrainingEngine {
     /// `deterministic`: the same bits on every run (see `CUDADecoderTrainer.deterministic`). `initialLossScale`
     /// (fp16 only): nil for `initialLossScale()`.
     public init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, optimizer kind: OptimizerKind,
-                hyperparameters: AdamWHyperparameters, deterministic: Bool = false, initialLossScale: Float? = nil) throws {
+                hyperparameters: AdamWHyperparameters, deterministic: Bool = false, initialLossScale: Float? = nil,
+                sharding: NCCLCollective? = nil) throws {
         self.context = context
         self.model = model
-        trainer = try CUDADecoderTrainer(context: context, model: model, capacityTokens: capacityTokens)
+        trainer = try CUDADecoderTrainer(context: context, model: model, capacityTokens: capacityTokens, sharding: sharding)
         trainer.deterministic = deterministic
         optimizer = try CUDAOptimizer(context: context, kind: kind, hyperparameters)
         if context.computeDType == .fp16 { lossScaler = GradScaler(initialScale: try initialLossScale ?? Self.initialLossScale()) }
     }
 
     public var deviceName: String { "cuda" }
+    public var peakMemoryBytes: Int { context.allocator.peakBytes }
     public var computeType: String { context.computeDType == .fp16 ? "fp16" : "bf16" }
     public var optimizerKind: OptimizerKind { optimizer.kind }
 
@@ -88,7 +90,11 @@ public final class CUDATrainingEngine: TrainingEngine {
     }
 
     public func batchGenerator(model: DecoderModel) throws -> BatchGenerator {
-        try CUDABatchedGenerator(context: trainer.context, model: model, sharing: trainer.frozenWeights)
+        // The trainer's weights are views into staging buffers that hold whichever block was gathered last.
+        guard trainer.shardedBase == nil else {
+            throw UsageError("generation during training needs the whole base on the GPU; with a sharded base (--shard-base) use eval_loss")
+        }
+        return try CUDABatchedGenerator(context: trainer.context, model: model, sharing: trainer.frozenWeights)
     }
 
     public func copyWeightsToModel() throws {
@@ -112,7 +118,8 @@ public final class CUDATrainingEngine: TrainingEngine {
 /// The LoRA gradients summed over the ranks. With NCCL the sum overlaps the backward of the step's last micro-batch:
 /// once the backward of block l is queued, the finished gradients above it (blocks l..<L, contiguous at the end of
 /// the flat buffer) are reduced in place on the collective's stream once they reach `bucketElements` (and at block 0),
-/// ordered after the main stream by an event; `reduceGradients` makes the main stream wait for the last bucket. With
+/// ordered after the main stream by an event (a sharded base's all-gathers share that stream, so every rank issues
+/// NCCL's calls on one stream in one order); `reduceGradients` makes the main stream wait for the last bucket. With
 /// another collective (threads, sockets) the gradients go through the host.
 extension CUDATrainingEngine {
     /// 25 MiB of fp32 gradients per all-reduce, as torch's DDP buckets them.

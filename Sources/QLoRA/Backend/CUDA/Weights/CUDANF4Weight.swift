@@ -59,6 +59,21 @@ public final class CUDANF4Weight {
         }
     }
 
+    /// A weight over buffers that already hold its parts (views into a sharded base's staging buffer: the weight's
+    /// values are whatever the buffer holds when a kernel reads it).
+    init(rows: Int, columns: Int, blocksize: Int, nestedBlocksize: Int, offset: Float, packed: DeviceBuffer<UInt8>,
+         absmaxCodes: DeviceBuffer<UInt8>, nestedAbsmax: DeviceBuffer<Float>, code: DeviceBuffer<Float>) {
+        self.rows = rows
+        self.columns = columns
+        self.blocksize = blocksize
+        self.nestedBlocksize = nestedBlocksize
+        self.offset = offset
+        self.packed = packed
+        self.absmaxCodes = absmaxCodes
+        self.nestedAbsmax = nestedAbsmax
+        self.code = code
+    }
+
     /// Random codes made on the device, for benchmarks (no checkpoint needed): uniform 4-bit codes and absmax codes,
     /// nested absmax 0.01 and offset 0.04, so absmax = code[q]·0.01 + 0.04 ∈ [0.03, 0.05] and the weights have a
     /// standard deviation of about 0.02, like real layers. `code` must hold the signed dynamic map.

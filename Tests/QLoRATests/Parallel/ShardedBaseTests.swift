@@ -1,0 +1,213 @@
+import XCTest
+@testable import QLoRA
+
+/// The sharded base on the CPU (ranks as threads): the gathered shards are the whole weights bit for bit, and a
+/// training run with the base sharded over 2 and 3 ranks is the data-parallel run without sharding (bit for bit) and
+/// the one-process run with the same global batch (within float rounding).
+final class ShardedBaseTests: XCTestCase {
+    static func nf4TinyLlama() throws -> DecoderModel {
+        try ModelLoader.load(TestFixtures.path("tiny-llama/base"), quantization: .nf4).model
+    }
+
+    /// Weights of awkward sizes, so the flat bytes do not divide by the world size: a dense one, a 4-bit one with
+    /// plain fp32 absmax, and NF4 with double quantization of an odd element count (half a byte of packing).
+    func awkwardWeights() throws -> [FrozenWeight] {
+        var rng = SeededGenerator(seed: 5)
+        func values(_ n: Int) -> [Float] { (0..<n).map { _ in Float(Int(rng.next() % 2001) - 1000) / 1000 } }
+        let dense = FrozenWeight(dense: Matrix(rows: 3, columns: 5, values: values(15)))
+        let plain = try values(7 * 9).withUnsafeBufferPointer {
+            try QuantizedWeight.quantize($0, shape: [7, 9], type: .fp4, blocksize: 64, doubleQuant: false)
+        }
+        let nested = try values(33 * 65).withUnsafeBufferPointer {
+            try QuantizedWeight.quantize($0, shape: [33, 65], type: .nf4, blocksize: 64, doubleQuant: true)
+        }
+        return [dense, try FrozenWeight(quantized: plain), try FrozenWeight(quantized: nested)]
+    }
+
+    func assertSameStorage(_ a: FrozenWeight, _ b: FrozenWeight, _ what: String) {
+        switch (a.storage, b.storage) {
+        case (.dense(let x), .dense(let y)):
+            XCTAssertEqual(x.values.map(\.bitPattern), y.values.map(\.bitPattern), what)
+        case (.quantized(let x), .quantized(let y)):
+            XCTAssertEqual(x, y, what)
+        default:
+            XCTFail("\(what): \(a.storage) against \(b.storage)")
+        }
+    }
+
+    /// Every world size from 1 to 4 shards unevenly (padding in the last shard) and gathers back the same bytes.
+    func testLayoutShardsAndRebuildsAwkwardWeights() throws {
+        let weights = try awkwardWeights()
+        for world in 1...4 {
+            let layout = try ShardedBlockLayout(weights: weights, worldSize: world)
+            XCTAssertEqual(layout.paddedBytes, layout.shardBytes * world)
+            XCTAssertGreaterThanOrEqual(layout.paddedBytes, layout.bytes)
+            XCTAssertLessThan(layout.paddedBytes - layout.bytes, 16 * world, "world \(world): the padding is less than one alignment a shard")
+            XCTAssertEqual(layout.shardBytes % 16, 0)
+            let flat = layout.flatten(weights)
+            // The ranks' shards are contiguous, equal, and cover the flat bytes in rank order.
+            let joined = (0..<world).flatMap { Array(flat[layout.shardRange(rank: $0)]) }
+            XCTAssertEqual(joined, flat)
+            let rebuilt = try flat.withUnsafeBytes { try layout.weights(from: $0) }
+            for (j, (a, b)) in zip(weights, rebuilt).enumerated() { assertSameStorage(a, b, "world \(world), weight \(j)") }
+        }
+        // 3 × 5 fp32 = 60 bytes → 64; the fp4 weight's 32 packed bytes; its single fp32 absmax: part offsets on 16 bytes.
+        let layout = try ShardedBlockLayout(weights: weights, worldSize: 3)
+        XCTAssertEqual(layout.parts.map { $0.map(\.offset) }.joined().allSatisfy { $0 % 16 == 0 }, true)
+        XCTAssertNotEqual(layout.bytes % 3, 0, "the layout must not divide evenly, or the padding goes untested")
+        XCTAssertThrowsError(try flat(short: layout))
+    }
+
+    func flat(short layout: ShardedBlockLayout) throws -> [FrozenWeight] {
+        let bytes = [UInt8](repeating: 0, count: layout.bytes - 1)
+        return try bytes.withUnsafeBytes { try layout.weights(from: $0) }
+    }
+
+    /// The tiny Llama in NF4, sharded over 1–4 thread-ranks: each rank holds only its shard (its linears hold
+    /// placeholders), and every block gathered on every rank is the unsharded model's block, bit for bit.
+    func testGatheredBlocksAreTheUnshardedWeightsBitForBit() throws {
+        let reference = try Self.nf4TinyLlama()
+        XCTAssertTrue(reference.linearLayers.allSatisfy { $0.weight.isQuantized })
+        for world in 1...4 {
+            let results = try ThreadWorld.run(size: world) { collective -> (shardBytes: Int, whole: Int, sharded: Bool, unequal: [String]) in
+                let model = try Self.nf4TinyLlama()
+                let base = try ShardedDecoderBase(model: model, collective: collective)
+                let sharded = model.linearLayers.allSatisfy(\.weight.isSharded)
+                var unequal: [String] = []
+                for l in model.blocks.indices {
+                    try base.gather(l)
+                    for (j, (a, b)) in zip(reference.blocks[l].linears, model.blocks[l].linears).enumerated() {
+                        guard case .quantized(let x) = a.weight.storage, case .quantized(let y) = b.weight.storage, x == y else {
+                            unequal.append("block \(l), linear \(j)")
+                            continue
+                        }
+                    }
+                    base.release(l)
+                    if !model.blocks[l].linears.allSatisfy(\.weight.isSharded) { unequal.append("block \(l) not released") }
+                }
+                return (base.shardBytes, base.wholeBytes, sharded, unequal)
+            }
+            for (rank, r) in results.enumerated() {
+                XCTAssertTrue(r.sharded, "world \(world), rank \(rank): the linears hold placeholders after sharding")
+                XCTAssertEqual(r.unequal, [], "world \(world), rank \(rank)")
+                // Each rank keeps 1/W of the blocks (plus at most one alignment of padding per block).
+                XCTAssertLessThanOrEqual(r.shardBytes * world - r.whole, 16 * world * reference.blocks.count, "world \(world)")
+                XCTAssertGreaterThanOrEqual(r.shardBytes * world, r.whole)
+            }
+            let whole = reference.linearLayers.reduce(0) { $0 + $1.weight.storedBytes }
+            XCTAssertLessThan(results[0].shardBytes, whole / world + 16 * reference.blocks.count + 4096, "world \(world)")
+        }
+    }
+
+    // MARK: Training
+
+    func examples(_ count: Int, seed: UInt64) -> [TokenizedExample] {
+        var rng = SeededGenerator(seed: seed)
+        return (0..<count).map { i in
+            let length = 6 + Int(rng.next() % 9)
+            let tokens = (0..<length).map { _ in Int(rng.next() % 900) + 10 }
+            return TokenizedExample(tokens: tokens, labels: tokens.enumerated().map { $0.offset < 2 ? -100 : $0.element }, line: i + 1)
+        }
+    }
+
+    /// DataParallelTests' run: LoRA r 4 with dropout 0.1, batch 2, 4 steps, clipping, eval and saves every 2 steps.
+    func configuration(_ output: String, accumulation: Int, shard: Bool) -> TrainingConfiguration {
+        var c = TrainingConfiguration()
+        c.model = TestFixtures.path("tiny-llama/base")
+        c.datasets = ["synthetic"]
+        c.outputDirectory = output
+        c.loraR = 4
+        c.loraAlpha = 8
+        c.loraDropout = 0.1
+        c.batchSize = 2
+        c.packing = false
+        c.gradientAccumulationSteps = accumulation
+        c.maxSteps = 4
+        c.learningRate = 5e-3
+        c.warmupSteps = 1
+        c.loggingSteps = 1
+        c.saveSteps = 2
+        c.evalSteps = 2
+        c.maxGradNorm = 0.5
+        c.optimizer = "adamw"
+        c.seed = 11
+        c.shardBase = shard
+        return c
+    }
+
+    func adapterValues(_ directory: String) throws -> [String: [Float]] {
+        let file = try SafeTensorsFile(path: directory + "/adapter_model.safetensors")
+        return try Dictionary(uniqueKeysWithValues: file.tensors.map { ($0.name, try file.floats($0.name)) })
+    }
+
+    func trainer(_ c: TrainingConfiguration, collective: Collective = LocalCollective()) throws -> Trainer {
+        let t = try Trainer(configuration: c, model: try Self.nf4TinyLlama(), train: self.examples(12, seed: 1),
+                            eval: self.examples(5, seed: 2), padID: 0, baseDirectory: nil, collective: collective)
+        t.log = { _ in }
+        t.showProgress = { _ in }
+        return t
+    }
+
+    /// 12 examples in batches of 2 are 6 micro-batches an epoch: one process with accumulation 6, 2 ranks with 3 and 3
+    /// ranks with 2 take the same 6 a step. With the base sharded, 2 and 3 ranks give the unsharded data-parallel run's
+    /// losses, norms, eval losses and adapter bit for bit (the same weights, the same sums), and the one-process run's
+    /// within float rounding (the ranks add their gradients in another order). 3 eval batches over 2 ranks: the rank
+    /// with one fewer makes an extra forward, or the all-gathers would not pair up.
+    func testShardedBaseTrainsAsTheOneProcessRun() throws {
+        let singleDir = try TestFixtures.temporaryDirectory("shard-single")
+        let single = try trainer(configuration(singleDir, accumulation: 6, shard: false))
+        _ = try single.run()
+        XCTAssertEqual(single.history.count, 4)
+        let singleAdapter = try self.adapterValues(singleDir)
+        for world in [2, 3] {
+            let plainDir = try TestFixtures.temporaryDirectory("shard-plain\(world)")
+            let plain = try ThreadWorld.run(size: world) { collective -> Trainer in
+                let t = try self.trainer(self.configuration(plainDir, accumulation: 6 / world, shard: false), collective: collective)
+                _ = try t.run()
+                return t
+            }
+            let dir = try TestFixtures.temporaryDirectory("shard-world\(world)")
+            let sharded = try ThreadWorld.run(size: world) { collective -> (Trainer, Int, Bool) in
+                let t = try self.trainer(self.configuration(dir, accumulation: 6 / world, shard: true), collective: collective)
+                _ = try t.run()
+                let base = try XCTUnwrap(t.model.shardedBase)
+                return (t, base.gatherCount, t.model.linearLayers.allSatisfy(\.weight.isSharded))
+            }
+            for (rank, (t, gathers, released)) in sharded.enumerated() {
+                XCTAssertTrue(released, "world \(world), rank \(rank): no block stays gathered after the run")
+                // Per micro-batch with checkpointing: L forward gathers and L backward ones; per eval forward L.
+                let blocks = t.model.blocks.count
+                XCTAssertEqual(gathers, blocks * (2 * 4 * (6 / world) + 2 * ((3 + world - 1) / world)), "world \(world), rank \(rank)")
+                XCTAssertEqual(t.history, plain[rank].history, "world \(world), rank \(rank): sharded against unsharded, bit for bit")
+                XCTAssertEqual(t.evalHistory.map(\.loss), plain[rank].evalHistory.map(\.loss), "world \(world), rank \(rank)")
+                XCTAssertEqual(t.history.count, single.history.count)
+                for (a, b) in zip(single.history, t.history) {
+                    XCTAssertEqual(b.loss, a.loss, accuracy: 1e-5 * a.loss, "world \(world), rank \(rank), step \(a.step)")
+                    XCTAssertEqual(b.gradientNorm, a.gradientNorm, accuracy: 1e-4 * a.gradientNorm, "world \(world), rank \(rank), step \(a.step)")
+                    XCTAssertEqual(b.tokens, a.tokens)
+                }
+                XCTAssertEqual(t.evalHistory.map(\.step), single.evalHistory.map(\.step))
+                for (a, b) in zip(single.evalHistory, t.evalHistory) {
+                    XCTAssertEqual(b.loss, a.loss, accuracy: 1e-5 * a.loss, "world \(world), rank \(rank), eval at step \(a.step)")
+                }
+            }
+            let adapter = try self.adapterValues(dir)
+            XCTAssertEqual(adapter, try self.adapterValues(plainDir), "world \(world): the adapter bit for bit")
+            var worst = 0.0
+            for (name, values) in singleAdapter {
+                for (x, y) in zip(values, adapter[name]!) { worst = max(worst, Double(abs(x - y)) / max(Double(abs(x)), 1e-3)) }
+            }
+            XCTAssertLessThan(worst, 1e-3, "world \(world): the adapter's largest relative difference from one process")
+            print("sharded base, world \(world): adapter's largest relative difference from one process \(worst)")
+        }
+    }
+
+    /// Task metrics generate on rank 0 alone, which a sharded base cannot follow: refused with the way out.
+    func testTaskMetricsWithAShardedBaseAreRefused() throws {
+        var c = configuration(try TestFixtures.temporaryDirectory("shard-metrics"), accumulation: 1, shard: true)
+        c.metricForBestModel = "rouge_l"
+        XCTAssertThrowsError(try trainer(c)) { error in
+            XCTAssertTrue("\(error)".contains("--shard-base") && "\(error)".contains("eval_loss"), "\(error)")
+        }
+    }
+}
