@@ -68,12 +68,13 @@ struct PlanCommand: ParsableCommand {
         if budgets.count == 1, gpus > 1 || shardBase {
             let bytes = Int(budgets[0] * Double(1 << 30))
             guard plan.fits(budgetBytes: bytes) else {
-                throw ValidationError("\(arch) at \(batch) x \(seq) does not fit \(gpus) card\(gpus > 1 ? "s" : "") of \(budgets[0]) GiB: "
-                                      + "each rank needs \(DeviceAllocator.formatGiB(plan.total)) GiB besides the CUDA context and margin "
-                                      + "(\(DeviceAllocator.formatGiB(CUDAMemoryPlan.typicalContextBytes + CUDAMemoryPlan.safetyMarginBytes)) GiB), "
-                                      + "\(DeviceAllocator.formatGiB(-plan.spareBytes(budgetBytes: bytes))) GiB too much. "
-                                      + (shardBase ? "" : "Shard the base over the GPUs (--shard-base), ")
-                                      + "use more GPUs, lower --batch or --seq, or the LoRA rank")
+                // Not a usage mistake (no usage text): an answer, with the exit status a script can test.
+                throw UsageError("\(arch) at \(batch) x \(seq) does not fit \(gpus) card\(gpus > 1 ? "s" : "") of \(budgets[0]) GiB: "
+                                 + "each rank needs \(DeviceAllocator.formatGiB(plan.total)) GiB besides the CUDA context and margin "
+                                 + "(\(DeviceAllocator.formatGiB(CUDAMemoryPlan.typicalContextBytes + CUDAMemoryPlan.safetyMarginBytes)) GiB), "
+                                 + "\(DeviceAllocator.formatGiB(-plan.spareBytes(budgetBytes: bytes))) GiB too much. "
+                                 + (shardBase ? "Use" : "Shard the base over the GPUs (--shard-base), use")
+                                 + " more GPUs, or lower --batch, --seq or --lora-r")
             }
         }
     }
