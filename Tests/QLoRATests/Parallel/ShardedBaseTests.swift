@@ -309,3 +309,30 @@ final class ShardedBaseTests: XCTestCase {
         XCTAssertTrue(four.out.contains("24.0 GiB card: fits, 6.04 GiB to spare"), four.out)
     }
 }
+
+/// `qlora train --world 3 --shard-base`: three CPU processes, each with a third of the NF4 base, gather over sockets
+/// and log one process's losses; ranks 1 and 2 keep their lines in OUTPUT/rank-R.log; the summary has each rank's peak.
+extension CommandLineTests {
+    func testTrainWorldWithAShardedBaseMatchesOneProcess() throws {
+        let model = TestFixtures.path("tiny-llama/base")
+        let data = try writeData((0..<9).map { i in #"{"input_ids": [\#(i + 1), \#(20 + i), 30, \#(40 + 2 * i), 50, 60], "labels": [-100, \#(20 + i), 30, \#(40 + 2 * i), 50, 60]}"# })
+        let common = ["train", "--model", model, "--data", data, "--max-steps", "3", "--batch-size", "1", "--learning-rate", "1e-2",
+                      "--logging-steps", "1", "--lora-dropout", "0", "--optimizer", "adamw", "--quantize", "nf4"]
+        let singleDir = try TestFixtures.temporaryDirectory("cli-shard-single") + "/run"
+        let single = try qlora(common + ["--gradient-accumulation-steps", "3", "--output", singleDir, "--device", "cpu"])
+        XCTAssertEqual(single.status, 0, single.err)
+        let worldDir = try TestFixtures.temporaryDirectory("cli-shard-world") + "/run"
+        let world = try qlora(common + ["--gradient-accumulation-steps", "1", "--output", worldDir, "--world", "3", "--shard-base"])
+        XCTAssertEqual(world.status, 0, world.err)
+        XCTAssertTrue(world.err.contains("sharded base: rank 0 keeps"), world.err)
+        XCTAssertTrue(world.out.contains("3 ranks (base sharded)") && world.out.contains("peak memory per rank"), world.out)
+        let (a, b) = (try losses(singleDir), try losses(worldDir))
+        XCTAssertEqual(a.count, 3)
+        XCTAssertEqual(b.count, 3)
+        for (x, y) in zip(a, b) { XCTAssertEqual(x, y, accuracy: 1e-5 * x) }
+        for rank in 1...2 {
+            let log = try FileSystem.readText(worldDir + "/rank-\(rank).log")
+            XCTAssertTrue(log.contains("sharded base: rank \(rank) keeps") && log.contains("step 3/3"), log)
+        }
+    }
+}
