@@ -74,12 +74,13 @@ struct PlanCommand: ParsableCommand {
             let bytes = Int(budgets[0] * Double(1 << 30))
             let fitted = plan.fitting(budgetBytes: bytes)
             guard fitted.fits(budgetBytes: bytes) else {
-                throw ValidationError("\(arch) at \(batch) x \(seq) does not fit \(gpus) card\(gpus > 1 ? "s" : "") of \(budgets[0]) GiB: "
-                                      + "each rank needs \(DeviceAllocator.formatGiB(fitted.total)) GiB besides the CUDA context and margin "
-                                      + "(\(DeviceAllocator.formatGiB(CUDAMemoryPlan.typicalContextBytes + CUDAMemoryPlan.safetyMarginBytes)) GiB), "
-                                      + "\(DeviceAllocator.formatGiB(-fitted.spareBytes(budgetBytes: bytes))) GiB too much. "
-                                      + (shardBase ? "" : "Shard the base over the GPUs (--shard-base), ")
-                                      + "use more GPUs, lower --batch or --seq, or the LoRA rank")
+                // Not a usage mistake (no usage text): an answer, with the exit status a script can test.
+                throw UsageError("\(arch) at \(batch) x \(seq) does not fit \(gpus) card\(gpus > 1 ? "s" : "") of \(budgets[0]) GiB: "
+                                 + "each rank needs \(DeviceAllocator.formatGiB(fitted.total)) GiB besides the CUDA context and margin "
+                                 + "(\(DeviceAllocator.formatGiB(CUDAMemoryPlan.typicalContextBytes + CUDAMemoryPlan.safetyMarginBytes)) GiB), "
+                                 + "\(DeviceAllocator.formatGiB(-fitted.spareBytes(budgetBytes: bytes))) GiB too much. "
+                                 + (shardBase ? "Use" : "Shard the base over the GPUs (--shard-base), use")
+                                 + " more GPUs, or lower --batch, --seq or --lora-r")
             }
         }
     }

@@ -425,9 +425,9 @@ public final class Trainer {
         guard !(collective is LocalCollective) else { return try Evaluation.loss(engine: engine, batches: eval).mean }
         let mine = DistributedSampling.shardWithoutPadding(count: eval.count, rank: collective.rank, worldSize: world).map { eval[$0] }
         let part = try Evaluation.loss(engine: engine, batches: mine)
-        if model.shardedBase != nil, let first = eval.first {
-            // Every forward gathers blocks from every rank: a rank with a batch fewer makes one more forward, and
-            // drops its loss, so all ranks make the same all-gathers.
+        if configuration.shardBase, let first = eval.first {
+            // Every forward gathers blocks from every rank (the CPU model's shards or the GPU trainer's): a rank with
+            // a batch fewer makes one more forward, and drops its loss, so all ranks make the same all-gathers.
             for _ in mine.count..<DistributedSampling.itemsPerRank(count: eval.count, worldSize: world) { _ = try engine.loss(batch: first) }
         }
         var sums = [part.sum, Double(part.count)]

@@ -50,6 +50,16 @@ final class ShardedBaseTests: XCTestCase {
             XCTAssertEqual(joined, flat)
             let rebuilt = try flat.withUnsafeBytes { try layout.weights(from: $0) }
             for (j, (a, b)) in zip(weights, rebuilt).enumerated() { assertSameStorage(a, b, "world \(world), weight \(j)") }
+            // The comparison can fail: shards joined in another order give other weights.
+            if world > 1 {
+                let swapped = (0..<world).reversed().flatMap { Array(flat[layout.shardRange(rank: $0)]) }
+                let wrong = try swapped.withUnsafeBytes { try layout.weights(from: $0) }
+                XCTAssertFalse(zip(weights, wrong).allSatisfy { a, b in
+                    if case .quantized(let x) = a.storage, case .quantized(let y) = b.storage { return x == y }
+                    if case .dense(let x) = a.storage, case .dense(let y) = b.storage { return x.values == y.values }
+                    return false
+                }, "world \(world): shards in reverse order must not rebuild the weights")
+            }
         }
         // 3 × 5 fp32 = 60 bytes → 64; the fp4 weight's 32 packed bytes; its single fp32 absmax: part offsets on 16 bytes.
         let layout = try ShardedBlockLayout(weights: weights, worldSize: 3)
@@ -208,6 +218,121 @@ final class ShardedBaseTests: XCTestCase {
         c.metricForBestModel = "rouge_l"
         XCTAssertThrowsError(try trainer(c)) { error in
             XCTAssertTrue("\(error)".contains("--shard-base") && "\(error)".contains("eval_loss"), "\(error)")
+        }
+    }
+
+    // MARK: All-gather
+
+    /// Each rank's shard in rank order on every rank, through threads and through sockets over loopback; in place
+    /// (the shard inside the result, as NCCL allows); a gathered buffer of the wrong size is an error.
+    func testAllGatherOverThreadsAndSockets() throws {
+        func gather(_ collective: Collective) throws -> [[UInt8]] {
+            let shard = (0..<7).map { UInt8(collective.rank * 10 + $0) }
+            var gathered = [UInt8](repeating: 0, count: 7 * collective.worldSize)
+            try shard.withUnsafeBytes { s in try gathered.withUnsafeMutableBytes { try collective.allGather(s, into: $0) } }
+            // In place: this rank's shard already at its place in the result.
+            var inPlace = [UInt8](repeating: 0, count: 7 * collective.worldSize)
+            inPlace.replaceSubrange((7 * collective.rank)..<(7 * collective.rank + 7), with: shard)
+            try inPlace.withUnsafeMutableBytes { all in
+                try collective.allGather(UnsafeRawBufferPointer(rebasing: all[(7 * collective.rank)..<(7 * collective.rank + 7)]), into: all)
+            }
+            return [gathered, inPlace]
+        }
+        let expected = (0..<3).flatMap { r in (0..<7).map { UInt8(r * 10 + $0) } }
+        for result in try ThreadWorld.run(size: 3, { try gather($0) }) { XCTAssertEqual(result, [expected, expected]) }
+        let port = try Launcher.freePort()
+        let overSockets = try ThreadWorld.run(size: 3) { thread -> [[UInt8]] in
+            try gather(try SocketCollective(rank: thread.rank, worldSize: 3, host: "127.0.0.1", port: port, timeout: 20))
+        }
+        for result in overSockets { XCTAssertEqual(result, [expected, expected]) }
+        XCTAssertEqual(try gather(LocalCollective()), [Array(expected.prefix(7)), Array(expected.prefix(7))])
+        XCTAssertThrowsError(try ThreadWorld.run(size: 2) { collective -> Int in
+            var wrong = [UInt8](repeating: 0, count: 5)
+            try [UInt8](repeating: 1, count: 3).withUnsafeBytes { s in try wrong.withUnsafeMutableBytes { try collective.allGather(s, into: $0) } }
+            return 0
+        }) { error in XCTAssertTrue("\(error)".contains("allGather") && "\(error)".contains("expected 6"), "\(error)") }
+    }
+
+    // MARK: The plan per rank
+
+    /// Each rank holds its shard of every block and two staging blocks instead of the whole base; the 70B shape at
+    /// 2 × 2048 (LoRA r 16) over two ranks needs 25.83 GiB a rank: 2.71 GiB over a 24 GiB card (its context and
+    /// margin taken), within a 48 GiB card's budget, and three 24 GiB cards fit it.
+    func testShardedPlanPerRank() throws {
+        let c = Architecture.llama3_1_70b.config
+        let s = DeviceAllocator.sizeClass
+        let whole = CUDAMemoryPlan(config: c, tokens: 4096, rank: 16)
+        let layout = try XCTUnwrap(CUDAMemoryPlan.shardedBlockLayout(c, world: 2))
+        let blockBytes = CUDAMemoryPlan.linearShapes(c).reduce(0) { $0 + CUDAMemoryPlan.nf4Bytes($1.out * $1.in) }
+        // The shard of a block is half its flat bytes (each part on 16 bytes, then padded to 16 per shard); the flat
+        // bytes are the parts' exact sizes, a little under the allocator's rounding of separate buffers.
+        let exact = CUDAMemoryPlan.linearShapes(c).reduce(0) { total, shape in
+            let n = shape.out * shape.in, blocks = (n + 63) / 64
+            return total + (n + 1) / 2 + blocks + 4 * ((blocks + 255) / 256)
+        }
+        XCTAssertGreaterThanOrEqual(layout.bytes, exact)
+        XCTAssertLessThan(layout.bytes, exact + 16 * 3 * 7)
+        XCTAssertEqual(layout.shardBytes, (layout.bytes / 2 + 15) / 16 * 16)
+        XCTAssertLessThan(layout.bytes, blockBytes)
+        let two = CUDAMemoryPlan(config: c, tokens: 4096, rank: 16, shardedOver: 2)
+        XCTAssertEqual(two.baseShards, c.layerCount * s(layout.shardBytes))
+        XCTAssertEqual(two.baseStaging, 2 * s(layout.paddedBytes))
+        XCTAssertEqual(whole.weights - two.weights, c.layerCount * blockBytes - two.baseShards - two.baseStaging)
+        XCTAssertEqual(two.total - two.weights, whole.total - whole.weights, "only the base's bytes change")
+        let gib = Double(1 << 30)
+        XCTAssertEqual(Double(two.total) / gib, 25.83, accuracy: 0.01)
+        XCTAssertEqual(Double(two.spareBytes(budgetBytes: 24 << 30)) / gib, -2.71, accuracy: 0.01)
+        XCTAssertFalse(two.fits(budgetBytes: 24 << 30))
+        XCTAssertTrue(two.fits(budgetBytes: 48 << 30))
+        let three = CUDAMemoryPlan(config: c, tokens: 4096, rank: 16, shardedOver: 3)
+        XCTAssertTrue(three.fits(budgetBytes: 24 << 30))
+        XCTAssertEqual(Double(three.spareBytes(budgetBytes: 24 << 30)) / gib, 3.54, accuracy: 0.01)
+        // A world of one keeps the whole base in its one shard, plus the staging.
+        let one = CUDAMemoryPlan(config: c, tokens: 4096, rank: 16, shardedOver: 1)
+        XCTAssertGreaterThan(one.weights, whole.weights)
+        XCTAssertEqual(one.weights - whole.weights, one.baseShards + one.baseStaging - c.layerCount * blockBytes)
+    }
+
+    /// `qlora plan --gpus 2 --shard-base --gpu-memory 24` answers for the job: the 70B shape does not fit, by how much
+    /// and what to change (exit status 1); with four cards it fits, with what to spare.
+    func testPlanCommandAnswersForTheJob() throws {
+        let cli = CommandLineTests(name: "qlora", testClosure: { _ in })
+        let args = ["plan", "--arch", "llama-3.1-70b", "--shard-base", "--gpu-memory", "24", "--batch", "2", "--seq", "2048"]
+        let two = try cli.qlora(args + ["--gpus", "2"])
+        XCTAssertEqual(two.status, 1, two.out + two.err)
+        XCTAssertTrue(two.out.contains("per rank of 2 GPUs, base sharded") && two.out.contains("does not fit, 2.71 GiB short"), two.out)
+        XCTAssertTrue(two.err.contains("does not fit 2 cards of 24.0 GiB") && two.err.contains("2.71 GiB too much")
+                      && two.err.contains("more GPUs"), two.err)
+        XCTAssertFalse(two.err.contains("Usage:"), two.err)
+        let four = try cli.qlora(args + ["--gpus", "4"])
+        XCTAssertEqual(four.status, 0, four.err)
+        XCTAssertTrue(four.out.contains("24.0 GiB card: fits, 6.04 GiB to spare"), four.out)
+    }
+}
+
+/// `qlora train --world 3 --shard-base`: three CPU processes, each with a third of the NF4 base, gather over sockets
+/// and log one process's losses; ranks 1 and 2 keep their lines in OUTPUT/rank-R.log; the summary has each rank's peak.
+extension CommandLineTests {
+    func testTrainWorldWithAShardedBaseMatchesOneProcess() throws {
+        let model = TestFixtures.path("tiny-llama/base")
+        let data = try writeData((0..<9).map { i in #"{"input_ids": [\#(i + 1), \#(20 + i), 30, \#(40 + 2 * i), 50, 60], "labels": [-100, \#(20 + i), 30, \#(40 + 2 * i), 50, 60]}"# })
+        let common = ["train", "--model", model, "--data", data, "--max-steps", "3", "--batch-size", "1", "--learning-rate", "1e-2",
+                      "--logging-steps", "1", "--lora-dropout", "0", "--optimizer", "adamw", "--quantize", "nf4"]
+        let singleDir = try TestFixtures.temporaryDirectory("cli-shard-single") + "/run"
+        let single = try qlora(common + ["--gradient-accumulation-steps", "3", "--output", singleDir, "--device", "cpu"])
+        XCTAssertEqual(single.status, 0, single.err)
+        let worldDir = try TestFixtures.temporaryDirectory("cli-shard-world") + "/run"
+        let world = try qlora(common + ["--gradient-accumulation-steps", "1", "--output", worldDir, "--world", "3", "--shard-base"])
+        XCTAssertEqual(world.status, 0, world.err)
+        XCTAssertTrue(world.err.contains("sharded base: rank 0 keeps"), world.err)
+        XCTAssertTrue(world.out.contains("3 ranks (base sharded)") && world.out.contains("peak memory per rank"), world.out)
+        let (a, b) = (try losses(singleDir), try losses(worldDir))
+        XCTAssertEqual(a.count, 3)
+        XCTAssertEqual(b.count, 3)
+        for (x, y) in zip(a, b) { XCTAssertEqual(x, y, accuracy: 1e-5 * x) }
+        for rank in 1...2 {
+            let log = try FileSystem.readText(worldDir + "/rank-\(rank).log")
+            XCTAssertTrue(log.contains("sharded base: rank \(rank) keeps") && log.contains("step 3/3"), log)
         }
     }
 }
