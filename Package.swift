@@ -37,6 +37,7 @@ let package = Package(
                 .embedInCode("Backend/CUDA/Kernels/adamw.cu"),
                 .embedInCode("Backend/CUDA/Kernels/attention.cu"),
                 .embedInCode("Backend/CUDA/Kernels/attention_mma.cu"),
+                .embedInCode("Backend/CUDA/Kernels/attention_wgmma.cu"),
                 .embedInCode("Backend/CUDA/Kernels/convert.cu"),
                 .embedInCode("Backend/CUDA/Kernels/decode.cu"),
                 .embedInCode("Backend/CUDA/Kernels/decode_batched.cu"),

@@ -22,7 +22,8 @@
 // (with that architecture's shared-memory limit, so launchers pick what such a card would get).
 // Groups: compile, nf4 (and the trainer's tiles kernel: NF4Checks.swift), rmsnorm, rope, swiglu, embedding, cross entropy, adamw, gemm, attention, attention variations
 // (scale, soft-capping, sliding window, head dims 32-256; AttentionFamilyChecks.swift), attention d256 (the flash
-// kernels at Gemma's head dimension: tiles, GQA, windows, caps; AttentionFamilyChecks.swift), lora linear,
+// kernels at Gemma's head dimension: tiles, GQA, windows, caps; AttentionFamilyChecks.swift), attention wgmma (the
+// Hopper d128 forward on wgmma against the CPU twin and the mma.sync kernel; AttentionWGMMAChecks.swift), lora linear,
 // decode gemv, inference fixture, inference random, dropout mask, lora dropout fused (DropoutChecks.swift), adamw8bit,
 // batched kernels, batched generation (BatchedChecks.swift), family generation (qwen3, gemma2, gemma3_text, phi3, phi3
 // longrope, mistral: FamilyInferenceChecks.swift), merge (MergeChecks.swift), allocator,
@@ -456,6 +457,10 @@ group("attention") {
 
 group("attention variations") { try checkAttentionVariations() }  // AttentionFamilyChecks.swift
 group("attention d256") { try checkAttentionWide() }  // AttentionFamilyChecks.swift
+group("attention wgmma") {  // AttentionWGMMAChecks.swift: checks, then (unless --no-bench) the 8B-shape timings
+    try checkAttentionWGMMA()
+    if runBench { try timeAttentionWGMMA() }
+}
 
 group("lora linear") {
     let (tokens, inF, outF, r) = (300, 576, 1536, 16)

@@ -36,4 +36,26 @@ final class KernelTargetTests: XCTestCase {
         XCTAssertLessThan(try KernelTarget(parsing: "sm_89").maxSharedMemoryPerBlock, flashBackward128)
         XCTAssertEqual(try KernelTarget(parsing: "sm_75").maxSharedMemoryPerBlock, 64 * 1024)
     }
+
+    func testAttentionKernelChoice() throws {
+        // QLORA_ATTENTION=mma|wgmma picks the Hopper d128 flash forward; anything else is a usage error naming it.
+        XCTAssertEqual(try AttentionKernel(parsing: "wgmma"), .wgmma)
+        XCTAssertEqual(try AttentionKernel(parsing: "MMA"), .mma)
+        XCTAssertThrowsError(try AttentionKernel(parsing: "fa3")) { error in
+            XCTAssertTrue(error is UsageError)
+            XCTAssertTrue("\(error)".contains("QLORA_ATTENTION=fa3"), "\(error)")
+        }
+        setenv("QLORA_ATTENTION", "wgmma", 1)
+        defer { unsetenv("QLORA_ATTENTION") }
+        XCTAssertEqual(try AttentionKernel.fromEnvironment(), .wgmma)
+        setenv("QLORA_ATTENTION", "", 1)
+        XCTAssertEqual(try AttentionKernel.fromEnvironment(), .mma)
+        setenv("QLORA_ATTENTION", "flash3", 1)
+        XCTAssertThrowsError(try AttentionKernel.fromEnvironment())
+        // The launcher's shared memory is the kernel's WG_SHARED (the same expression) and fits Hopper's 227 KB.
+        XCTAssertTrue(KernelSources.attentionWGMMA.text.contains("#define WG_SHARED (5 * WG_TILE_BYTES + 2 * WG_KEYS * 4 + 1024)"))
+        XCTAssertTrue(KernelSources.attentionWGMMA.text.contains("#define WG_TILE_BYTES (128 * 128 * 2)"))
+        XCTAssertEqual(CUDAContext.wgmmaForwardShared, 5 * (128 * 128 * 2) + 2 * 128 * 4 + 1024)
+        XCTAssertLessThanOrEqual(CUDAContext.wgmmaForwardShared, try KernelTarget(parsing: "sm_90a").maxSharedMemoryPerBlock)
+    }
 }

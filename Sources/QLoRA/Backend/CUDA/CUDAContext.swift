@@ -81,7 +81,10 @@ public final class CUDAContext {
     /// What the kernels run as, for logs: "sm_90a, bf16 compute, attention: ..." or "compute_75 (PTX, compiled by the
     /// driver at load), fp16 compute, attention: ...".
     public var kernelDescription: String {
-        "\(compiler.target.description), \(computeDType) compute, attention: \(compiler.target.attentionPath)"
+        let wgmma = (try? AttentionKernel.fromEnvironment()) == .wgmma
+            && wgmmaAttentionApplies(AttentionShape(batch: 1, seq: 1, heads: 1, kvHeads: 1, headDim: 128))
+        return "\(compiler.target.description), \(computeDType) compute, attention: \(compiler.target.attentionPath)"
+            + (wgmma ? "; d128 flash forward on wgmma (QLORA_ATTENTION)" : "")
     }
 
     /// cuBLASLt, loaded on first use.

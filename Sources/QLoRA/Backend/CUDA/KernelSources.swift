@@ -17,6 +17,8 @@ public enum KernelSources {
     public static let adamw = KernelSource(name: "adamw.cu", bytes: PackageResources.adamw_cu)
     public static let attention = KernelSource(name: "attention.cu", bytes: PackageResources.attention_cu)
     public static let attentionMMA = KernelSource(name: "attention_mma.cu", bytes: PackageResources.attention_mma_cu)
+    /// Hopper only (sm_90a): other targets compile it to an empty module.
+    public static let attentionWGMMA = KernelSource(name: "attention_wgmma.cu", bytes: PackageResources.attention_wgmma_cu)
     public static let convert = KernelSource(name: "convert.cu", bytes: PackageResources.convert_cu)
     public static let decode = KernelSource(name: "decode.cu", bytes: PackageResources.decode_cu)
     public static let decodeBatched = KernelSource(name: "decode_batched.cu", bytes: PackageResources.decode_batched_cu)
@@ -27,6 +29,6 @@ public enum KernelSources {
     public static let loraDropout = KernelSource(name: "lora_dropout.cu", bytes: PackageResources.lora_dropout_cu)
 
     /// All kernel files, for checks that compile everything up front.
-    public static let all: [KernelSource] = [nf4, rmsnorm, rope, swiglu, embedding, crossEntropy, adamw, attention, attentionMMA, convert, training,
+    public static let all: [KernelSource] = [nf4, rmsnorm, rope, swiglu, embedding, crossEntropy, adamw, attention, attentionMMA, attentionWGMMA, convert, training,
                                           loraDropout, decode, decodeBatched, random, adamw8bit]
 }

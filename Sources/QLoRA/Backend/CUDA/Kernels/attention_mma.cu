@@ -630,6 +630,27 @@ __device__ __forceinline__ void add_dq_rows(float* dq_accum, const h16* ds, int 
     }
 }
 
+/// Starts loading query tile n of a flash backward block into `stage`: tile n is query head h0 + n / tiles_per_head
+/// (h0 = the block's KV head x group), queries i0 = k0 + (n mod tiles_per_head)·BQ..; Q and dO rows by cp.async, lse
+/// (times log2 e), delta and the query segments by plain stores (zeros past seq). Both backward kernels use it.
+template <int D, int BQ>
+__device__ __forceinline__ void fa_issue_query_tile(h16* qs, h16* dos, float* lse_s, float* delta_s, int* segq_s,
+                                                    const h16* q, const h16* dout, const float* lse, const float* delta,
+                                                    const int* segments, int n, int stage, int tiles_per_head, int h0,
+                                                    int k0, long long t0, int seq, int heads) {
+    constexpr int QT = BQ * (D + 8);
+    const int h = h0 + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * BQ;
+    async_rows_shared<D, BQ>(qs + stage * QT, q, t0, i0, seq, heads, h);
+    async_rows_shared<D, BQ>(dos + stage * QT, dout, t0, i0, seq, heads, h);
+    if (threadIdx.x < BQ) {
+        const int i = i0 + threadIdx.x;
+        const bool valid = i < seq;
+        lse_s[stage * BQ + threadIdx.x] = valid ? lse[(t0 + i) * heads + h] * 1.4426950408889634f : 0.0f;
+        delta_s[stage * BQ + threadIdx.x] = valid ? delta[(t0 + i) * heads + h] : 0.0f;
+        segq_s[stage * BQ + threadIdx.x] = (segments && valid) ? segments[t0 + i] : 0;
+    }
+}
+
 /// The forward's shape by head dimension: up to 128, 4 warps of two m-tiles (32 rows) and key tiles of 64; at 256
 /// (Gemma 2/3) the output accumulator of two m-tiles (2 x 128 registers) would spill, so 8 warps of one m-tile
 /// (16 rows: 128 accumulator registers) share the block's 128 rows, and key tiles of 32 keep the double-buffered
@@ -851,16 +872,8 @@ __device__ __forceinline__ void fa_backward(const h16* q, const h16* k, const h1
     const int query_end = min(seq, k0 + BN + window - 1);
     const int tiles_per_head = (query_end - k0 + BQ - 1) / BQ, tiles = group * tiles_per_head;
     auto issue = [&](int n, int stage) {
-        const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * BQ;
-        async_rows_shared<D, BQ>(qs + stage * QT, q, t0, i0, seq, heads, h);
-        async_rows_shared<D, BQ>(dos + stage * QT, dout, t0, i0, seq, heads, h);
-        if (threadIdx.x < BQ) {
-            const int i = i0 + threadIdx.x;
-            const bool valid = i < seq;
-            lse_s[stage * BQ + threadIdx.x] = valid ? lse[(t0 + i) * heads + h] * 1.4426950408889634f : 0.0f;
-            delta_s[stage * BQ + threadIdx.x] = valid ? delta[(t0 + i) * heads + h] : 0.0f;
-            segq_s[stage * BQ + threadIdx.x] = (segments && valid) ? segments[t0 + i] : 0;
-        }
+        fa_issue_query_tile<D, BQ>(qs, dos, lse_s, delta_s, segq_s, q, dout, lse, delta, segments, n, stage, tiles_per_head,
+                                   hk * group, k0, t0, seq, heads);
     };
     async_rows_shared<D, BN>(ks, k, t0, k0, seq, kv_heads, hk);
     async_rows_shared<D, BN>(vs, v, t0, k0, seq, kv_heads, hk);
@@ -1017,16 +1030,8 @@ __device__ __forceinline__ void fa_backward_wide(const h16* q, const h16* k, con
     const int query_end = min(seq, k0 + BN + window - 1);
     const int tiles_per_head = (query_end - k0 + BQ - 1) / BQ, tiles = group * tiles_per_head;
     auto issue = [&](int n, int stage) {
-        const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * BQ;
-        async_rows_shared<D, BQ>(qs + stage * QT, q, t0, i0, seq, heads, h);
-        async_rows_shared<D, BQ>(dos + stage * QT, dout, t0, i0, seq, heads, h);
-        if (threadIdx.x < BQ) {
-            const int i = i0 + threadIdx.x;
-            const bool valid = i < seq;
-            lse_s[stage * BQ + threadIdx.x] = valid ? lse[(t0 + i) * heads + h] * 1.4426950408889634f : 0.0f;
-            delta_s[stage * BQ + threadIdx.x] = valid ? delta[(t0 + i) * heads + h] : 0.0f;
-            segq_s[stage * BQ + threadIdx.x] = (segments && valid) ? segments[t0 + i] : 0;
-        }
+        fa_issue_query_tile<D, BQ>(qs, dos, lse_s, delta_s, segq_s, q, dout, lse, delta, segments, n, stage, tiles_per_head,
+                                   hk * group, k0, t0, seq, heads);
     };
     async_rows_shared<D, BN>(ks, k, t0, k0, seq, kv_heads, hk);
     async_rows_shared<D, BN>(vs, v, t0, k0, seq, kv_heads, hk);

@@ -4,6 +4,36 @@
 // scores. The variations of the families (formulas in attention.cu's header): any logit scale, soft-capped logits
 // (Gemma 2: the `_cap` kernels, so that Llama's path has no tanh), and a sliding window (Mistral, Gemma, Qwen3 layer
 // types: key tiles wholly outside it are skipped, in the forward and the backward).
+// On Hopper (sm_90a kernels) the flash forward at head dimension 128 without soft-capping can run on wgmma instead
+// (Kernels/attention_wgmma.cu): `kernel: .wgmma`, or QLORA_ATTENTION=wgmma for every call that does not name one
+// (the trainer's, so `qlora bench` and `qlora train`). The mma.sync kernels stay the default; every other shape,
+// card and the backward keep them.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Which flash forward runs where the wgmma one applies (`CUDAContext.wgmmaAttentionApplies`).
+public enum AttentionKernel: String, Sendable, CaseIterable {
+    /// attention_mma.cu's `attention_fa_forward` (mma.sync m16n8k16): the default.
+    case mma
+    /// attention_wgmma.cu's `attention_wgmma_forward_d128` (wgmma m64n128k16).
+    case wgmma
+
+    /// A value of QLORA_ATTENTION.
+    public init(parsing text: String) throws {
+        guard let kernel = AttentionKernel(rawValue: text.lowercased()) else {
+            throw UsageError("QLORA_ATTENTION=\(text) is not an attention kernel (expected mma or wgmma)")
+        }
+        self = kernel
+    }
+
+    /// QLORA_ATTENTION's choice: mma when it is unset or empty.
+    public static func fromEnvironment() throws -> AttentionKernel {
+        guard let text = getenv("QLORA_ATTENTION").map({ String(cString: $0) }), !text.isEmpty else { return .mma }
+        return try AttentionKernel(parsing: text)
+    }
+}
 
 /// The shape of one attention call: `batch` rows of `seq` tokens, `heads` query heads sharing `kvHeads` KV heads,
 /// and how logits are made and masked.
@@ -68,6 +98,18 @@ extension CUDAContext {
         d > 128 ? (2 * 64 + 4 * 32) * (d + 8) * 2 + 2 * 64 * 40 * 2 + 4 * 16 * 32 * 4 + 3 * 2 * 32 * 4
                 : (2 * 128 + 4 * 64) * (d + 8) * 2 + 128 * 72 * 2 + 3 * 2 * 64 * 4
     }
+    /// Shared memory of attention_wgmma.cu's forward (its WG_SHARED): Q and two stages of K and V (128 x 128 values
+    /// each), two stages of key segments, and 1024 bytes to start the tiles on the swizzle pattern's 1024-byte boundary.
+    static let wgmmaForwardShared = 5 * 128 * 128 * 2 + 2 * 128 * 4 + 1024
+
+    /// Whether the wgmma forward can run this shape: Hopper kernels (sm_90a cubins: wgmma is not in PTX for
+    /// compute_90 nor on other cards), head dimension 128, no soft-capping. Windows and packed segments are supported.
+    public func wgmmaAttentionApplies(_ s: AttentionShape) -> Bool {
+        let target = compiler.target
+        return target.major == 9 && target.minor == 0 && !target.isVirtual && s.headDim == 128 && s.softcap == nil
+            && Self.wgmmaForwardShared <= compiler.maxSharedMemoryPerBlock
+    }
+
     /// Threads of a flash forward block: 4 warps of 32 rows, or at d = 256 8 warps of 16 rows (the accumulators of
     /// 32 rows would spill).
     static func flashForwardThreads(_ d: Int) -> Int { d > 128 ? 256 : 128 }
@@ -86,15 +128,27 @@ extension CUDAContext {
     /// scale·q·kᵀ, soft-capped when the shape says so.
     /// q, o: [tokens, heads, headDim]; k, v: [tokens, kvHeads, headDim]; segments (optional): [tokens] ids that keep
     /// packed sequences apart. `flash` picks the 128-row flash kernel (default) over the 64-row one (tensor cores only)
-    /// where the card's shared memory holds it (`flashAttentionFits`).
+    /// where the card's shared memory holds it (`flashAttentionFits`); `kernel` (nil: QLORA_ATTENTION, else mma) picks
+    /// the flash forward's instruction family where the wgmma kernel applies (`wgmmaAttentionApplies`).
     public func attentionForward(q: DeviceBuffer<UInt16>, k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>,
                                  into o: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>, segments: DeviceBuffer<Int32>? = nil,
                                  shape s: AttentionShape, tensorCores: Bool = true, flash: Bool = true,
-                                 stream: CUDAStream? = nil) throws {
+                                 kernel: AttentionKernel? = nil, stream: CUDAStream? = nil) throws {
         let op = "attentionForward"
         try checkAttention(s, op)
         try require(q.count >= s.tokens * s.heads * s.headDim && o.count >= q.count && lse.count >= s.tokens * s.heads
                         && k.count >= s.tokens * s.kvHeads * s.headDim && v.count >= k.count, op, "buffers too small")
+        let choice = try kernel ?? AttentionKernel.fromEnvironment()
+        if tensorCores && flash && choice == .wgmma && wgmmaAttentionApplies(s) {
+            // Grid as the mma.sync flash forward: (head, batch, query tile of 128), the last tiles first.
+            let f = try compiler.function(KernelSources.attentionWGMMA, "attention_wgmma_forward_d128")
+            try allowSharedMemory(f, bytes: Self.wgmmaForwardShared, op)
+            try device.launch(f, grid: (s.heads, s.batch, (s.seq + 127) / 128), block: (256, 1, 1),
+                              sharedMemory: Self.wgmmaForwardShared, stream: stream,
+                              [q.arg, k.arg, v.arg, o.arg, lse.arg, .pointer(segments?.pointer ?? 0), .int(s.seq), .int(s.heads),
+                               .int(s.kvHeads)] + s.variationArguments)
+            return
+        }
         if tensorCores && flash && flashAttentionFits(headDim: s.headDim) {
             // Grid: (head, batch, query tile); the kernel takes the last query tiles (the longest rows) first.
             let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_forward\(s.kernelSuffix)")

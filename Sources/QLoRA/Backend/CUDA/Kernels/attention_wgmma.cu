@@ -1,0 +1,251 @@
+// attention_wgmma.cu: the flash-attention forward of attention_mma.cu's attention_fa_forward (same inputs, outputs
+// and formulas: see attention.cu's header) for Hopper (sm_90a) at head dimension 128, on the warpgroup tensor-core
+// instruction `wgmma.mma_async` (PTX ISA 8.x, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"). Other
+// targets compile this file to nothing; CUDAAttention.swift launches it only on sm_90a, for d = 128 without
+// soft-capping (causal, GQA, packed segments and sliding windows are supported; soft-capped calls and every other
+// head dimension take the mma.sync flash kernels).
+//
+// Block = 128 queries of one head, 2 warpgroups (256 threads); warpgroup w owns query rows 64 w.. of the block.
+// Key tiles of 128 keys, double-buffered with cp.async (tile j + 1 loads while tile j is computed):
+//   S = Q Kᵀ      wgmma m64n128k16, A = Q and B = K from shared memory (both K-major: d contiguous), 8 k-steps;
+//   P = exp2(S·scale·log2 e − m) with the running row max m (base-2 units) and sum l (online softmax, masked by
+//                 causality, window and segments only on tiles that need it);
+//   O += P V      wgmma m64n128k16, A = P from registers (the fp32 accumulator fragment of two adjacent n8 column
+//                 groups is exactly the A fragment of one k-step, as for mma.sync), B = V from shared memory read
+//                 N-major (d contiguous per key: the transposed-B form), 8 k-steps over the tile's keys.
+// Then o = O / l and lse = (m + log2 l)·ln 2. Blocks start with the last query tiles (the longest rows).
+//
+// Shared-memory tiles use the 128-byte swizzle that the wgmma descriptors name. A tile of R rows x 128 values is
+// stored as two column halves of 64 values (128 bytes a row); in half c, row r's 16-byte chunk x (values 8x..8x+7)
+// sits at byte  c·R·128 + r·128 + 16·(x XOR (r mod 8)).  The hardware applies that XOR to address bits [4,7) from
+// bits [7,10), so every tile starts on a 1024-byte boundary. Descriptor fields (PTX ISA "Matrix Descriptor Format"):
+// start address >> 4 in bits 0-13, leading byte offset (LBO) >> 4 in 16-29, stride byte offset (SBO) >> 4 in
+// 32-45, swizzle mode 1 (128 B) in bits 62-63. Canonical layouts in 16-bit values:
+//   K-major  (Q, K):  ((8, m), (8, 2)) : ((64, SBO), (1, 8))        SBO = 1024 B (next 8 rows); LBO unused (16 B);
+//                     a k-step of 16 within a 64-value half moves the start by 32 B, the next half by R·128 B.
+//   N-major  (V):     ((8, 8, n), (8, k)) : ((1, 8, LBO), (64, SBO))  LBO = R·128 B (the next 64 columns of d),
+//                     SBO = 1024 B (the next 8 keys); the k-step over keys 16 kk.. moves the start by 2048 B.
+// Accumulator fragment of m64nNk16 (warp v of the warpgroup, lane = 4 g + t): d[4 n + 0..1] = row 16 v + g, columns
+// 8 n + 2 t, +1; d[4 n + 2..3] = row 16 v + g + 8. Ordering: cp.async data is made visible to the async proxy
+// (fence.proxy.async) before the barrier that precedes the wgmma reading it; each batch of wgmma is opened by
+// wgmma.fence and closed by commit_group + wait_group 0, and the accumulator registers are pinned around them
+// (empty asm with "+f") so the compiler cannot move their reads or writes across the asynchronous product.
+#include "qlora_prelude.cuh"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+#if QLORA_HALF
+#define WG_TYPE "f16"
+#else
+#define WG_TYPE "bf16"
+#endif
+
+#define WG_THREADS 256
+#define WG_ROWS 128  // queries per block
+#define WG_KEYS 128  // keys per tile
+#define WG_TILE_BYTES (128 * 128 * 2)
+// Q, 2 stages of K and V, 2 stages of key segments, and slack to align the base to 1024 bytes (CUDAAttention
+// computes the same: wgmmaForwardShared).
+#define WG_SHARED (5 * WG_TILE_BYTES + 2 * WG_KEYS * 4 + 1024)
+
+extern __shared__ __align__(1024) unsigned char wg_shared[];
+
+__device__ __forceinline__ unsigned wg_shared_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+/// Byte offset of 16-byte chunk x (0..15: values 8x..8x+7 of d = 128) of row r in a swizzled tile of `rows` rows.
+__device__ __forceinline__ unsigned wg_chunk_offset(int r, int x, int rows) {
+    return (unsigned)((x >> 3) * rows * 128 + r * 128 + (((x & 7) ^ (r & 7)) << 4));
+}
+
+/// Copies rows r0.. (token t0 + r0 + r, head `head`, d = 128) into the swizzled tile at shared address `dst`
+/// with cp.async, zero-filled past seq.
+template <int ROWS>
+__device__ __forceinline__ void wg_async_rows(unsigned dst, const h16* src, long long t0, int r0, int seq, int heads, int head) {
+    for (int idx = threadIdx.x; idx < ROWS * 16; idx += WG_THREADS) {
+        const int rr = idx >> 4, x = idx & 15;
+        const bool valid = r0 + rr < seq;
+        const h16* from = valid ? src + ((t0 + r0 + rr) * heads + head) * 128 + x * 8 : src;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + wg_chunk_offset(rr, x, ROWS)), "l"(from),
+                     "r"(valid ? 16 : 0) : "memory");
+    }
+}
+
+/// A shared-memory matrix descriptor with the 128-byte swizzle.
+__device__ __forceinline__ unsigned long long wg_descriptor(unsigned address, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((address & 0x3ffffu) >> 4) | ((unsigned long long)((lbo >> 4) & 0x3fffu) << 16)
+           | ((unsigned long long)((sbo >> 4) & 0x3fffu) << 32) | (1ull << 62);
+}
+
+/// Keeps the compiler from moving accesses of v across the asynchronous products (see the header).
+__device__ __forceinline__ void wg_pin(float (&v)[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; i++) asm volatile("" : "+f"(v[i])::"memory");
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit_and_wait() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+
+/// d (64 x 128, fp32) = (accumulate ? d : 0) + A B with A (64 x 16) and B (16 x 128) both K-major in shared memory.
+__device__ __forceinline__ void wgmma_ss(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." WG_TYPE "." WG_TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
+
+/// d (64 x 128, fp32) += A B with A (64 x 16) from registers (the mma.sync A fragment of each warp's 16 rows) and
+/// B (16 x 128) N-major in shared memory (imm-trans-b = 1).
+__device__ __forceinline__ void wgmma_rs(float (&d)[64], const unsigned (&a)[4], unsigned long long b) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." WG_TYPE "." WG_TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+
+__device__ __forceinline__ float wg_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ unsigned wg_pack(float lo, float hi) {
+    return (unsigned)float_to_h16(lo) | ((unsigned)float_to_h16(hi) << 16);
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+attention_wgmma_forward_d128(const h16* q, const h16* k, const h16* v, h16* o, float* lse, const int* segments, int seq,
+                             int heads, int kv_heads, float scale, float softcap, int window) {
+    (void)softcap;  // soft-capped calls take the mma.sync kernels
+    // The dynamic shared memory, from its first 1024-byte boundary.
+    const unsigned raw = wg_shared_address(wg_shared);
+    const unsigned pad = (1024u - (raw & 1023u)) & 1023u;
+    const unsigned qs = raw + pad, ks = qs + WG_TILE_BYTES, vs = ks + 2 * WG_TILE_BYTES;  // shared addresses
+    int* segk = reinterpret_cast<int*>(wg_shared + pad + 5 * WG_TILE_BYTES);           // [2][WG_KEYS]
+
+    const int h = blockIdx.x, b = blockIdx.y, q0 = (gridDim.z - 1 - blockIdx.z) * WG_ROWS;  // longest rows first
+    const int hk = h / (heads / kv_heads);
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const long long t0 = (long long)b * seq;
+    const int wg_first = q0 + 64 * wg, wg_last = wg_first + 63;
+    const int rows[2] = {wg_first + 16 * warp + g, wg_first + 16 * warp + g + 8};
+    int segq[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) segq[i] = (segments && rows[i] < seq) ? segments[t0 + rows[i]] : 0;
+
+    float oacc[64], s[64];
+#pragma unroll
+    for (int x = 0; x < 64; x++) oacc[x] = 0.0f;
+    float m[2] = {-QLORA_INFINITY, -QLORA_INFINITY}, l[2] = {0.0f, 0.0f};
+    const float sl2 = scale * 1.4426950408889634f;  // logits to base 2
+
+    // Key tiles from the one holding the block's first row's first visible key (window) to the diagonal.
+    const int key_end = min(seq, q0 + WG_ROWS), tiles = (key_end + WG_KEYS - 1) / WG_KEYS;
+    const int first_tile = max(0, q0 - window + 1) / WG_KEYS;
+    auto issue = [&](int j, int stage) {
+        wg_async_rows<WG_KEYS>(ks + stage * WG_TILE_BYTES, k, t0, j * WG_KEYS, seq, kv_heads, hk);
+        wg_async_rows<WG_KEYS>(vs + stage * WG_TILE_BYTES, v, t0, j * WG_KEYS, seq, kv_heads, hk);
+        if (segments && threadIdx.x < WG_KEYS) {
+            const int key = j * WG_KEYS + threadIdx.x;
+            segk[stage * WG_KEYS + threadIdx.x] = key < seq ? segments[t0 + key] : -1;
+        }
+    };
+    wg_async_rows<WG_ROWS>(qs, q, t0, q0, seq, heads, h);
+    issue(first_tile, first_tile & 1);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    for (int j = first_tile; j < tiles; j++) {
+        // Tile j has landed for every thread and is visible to the tensor cores' (async) proxy; every warpgroup is
+        // done with tile j - 1, whose stage is refilled next.
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        if (j + 1 < tiles) issue(j + 1, (j + 1) & 1);
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+        const int j0 = j * WG_KEYS, stage = j & 1;
+        if (j0 > wg_last) continue;                      // every key is after every row of this warpgroup
+        if (j0 + WG_KEYS - 1 <= wg_first - window) continue;  // every key is before every row's window
+
+        // S = Q Kᵀ over d = 128: 8 k-steps, two per 16 values of each 64-value half.
+        const unsigned ktile = ks + stage * WG_TILE_BYTES, vtile = vs + stage * WG_TILE_BYTES;
+        wg_pin(s);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {
+            const unsigned step = (kk >> 2) * WG_TILE_BYTES / 2 + (kk & 3) * 32;
+            wgmma_ss(s, wg_descriptor(qs + 64 * wg * 128 + step, 16, 1024), wg_descriptor(ktile + step, 16, 1024), kk > 0);
+        }
+        wg_commit_and_wait();
+        wg_pin(s);
+
+        // Mask where the tile crosses this warpgroup's diagonal or its window's lower edge (or segments apply).
+        if (segments || j0 + WG_KEYS - 1 > wg_first || j0 <= wg_last - window) {
+            const int* sk = segk + stage * WG_KEYS;
+#pragma unroll
+            for (int x = 0; x < 64; x++) {
+                const int i = (x >> 1) & 1, col = j0 + (x >> 2) * 8 + 2 * t + (x & 1);
+                const bool ok = col <= rows[i] && col > rows[i] - window && (!segments || sk[col - j0] == segq[i]);
+                if (!ok) s[x] = -QLORA_INFINITY;
+            }
+        }
+        // Online softmax per row (rows g and g + 8 of the warp; a row's 128 values are spread over the 4 lanes t).
+        float mx[2] = {-QLORA_INFINITY, -QLORA_INFINITY};
+#pragma unroll
+        for (int x = 0; x < 64; x++) mx[(x >> 1) & 1] = fmaxf(mx[(x >> 1) & 1], s[x]);
+        float msub[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+            const float m_new = fmaxf(m[i], mx[i] * sl2);  // running max in base-2 units
+            msub[i] = m_new == -QLORA_INFINITY ? 0.0f : m_new;
+            const float alpha = wg_exp2(m[i] - msub[i]);  // 0 on the first tile (m = -inf)
+            l[i] *= alpha;
+            m[i] = m_new;
+#pragma unroll
+            for (int x = 0; x < 64; x++)
+                if (((x >> 1) & 1) == i) oacc[x] *= alpha;
+        }
+#pragma unroll
+        for (int x = 0; x < 64; x++) {
+            const float p = wg_exp2(fmaf(s[x], sl2, -msub[(x >> 1) & 1]));
+            s[x] = p;
+            l[(x >> 1) & 1] += p;
+        }
+
+        // O += P V: k-step kk covers keys 16 kk..16 kk + 15, whose probabilities are s[8 kk .. 8 kk + 7].
+        // All of P is packed before the products start (registers written between them would make ptxas insert
+        // a warpgroup.arrive before each).
+        unsigned pa[8][4];
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {
+            pa[kk][0] = wg_pack(s[8 * kk], s[8 * kk + 1]);
+            pa[kk][1] = wg_pack(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = wg_pack(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = wg_pack(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+        wg_pin(oacc);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) wgmma_rs(oacc, pa[kk], wg_descriptor(vtile + kk * 2048, WG_TILE_BYTES / 2, 1024));
+        wg_commit_and_wait();
+        wg_pin(oacc);
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        float sum = l[i];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const int row = rows[i];
+        if (row >= seq) continue;
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        h16* out = o + ((t0 + row) * heads + h) * 128;
+#pragma unroll
+        for (int n = 0; n < 16; n++)
+            *reinterpret_cast<unsigned*>(out + n * 8 + 2 * t) = wg_pack(oacc[4 * n + 2 * i] * inv, oacc[4 * n + 2 * i + 1] * inv);
+        if (t == 0) lse[(t0 + row) * heads + h] = m[i] * 0.6931471805599453f + logf(sum);
+    }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
