@@ -1,7 +1,9 @@
 // GPU generation and GPU optimizer checks (called from main.swift's groups):
 //   decode gemv        nf4_gemv (+ LoRA + residual) and bf16_gemv against fp64 sums over the dequantized weight;
 //                      nf4_gemv_mma the same on weights with block scales spread 40x, over shapes that exercise its
-//                      partial cycles, idle warps, short blocks and blocksize 128 (checkDecodeGemvMMA); lora_a_rows
+//                      partial cycles, idle warps, short blocks and blocksize 128 (checkDecodeGemvMMA), and nf4_gemv_stream
+//                      on the same shapes plus a persistent grid whose blocks cross tasks with different code maps
+//                      (checkDecodeGemvStream); lora_a_rows
 //                      in every mode against the CPU (checkLoRAARows)
 //   inference fixture  CUDAInference vs DecoderModel.forward on Tests/Fixtures/tiny-llama (+ its adapter), prefill and
 //                      decode logits, both with the same NF4 weights (the CPU model gets the dequantized values)
@@ -35,7 +37,7 @@ struct GemvCase {
     let matrix: CUDANF4Weight
     let wq: [Float], x: [Float], a: [Float], b: [Float], residual: [Float]
     let residualBits: [UInt16]
-    let xd: DeviceBuffer<UInt16>, bd: DeviceBuffer<UInt16>
+    let xd: DeviceBuffer<UInt16>, ad: DeviceBuffer<UInt16>, bd: DeviceBuffer<UInt16>
     let xa: DeviceBuffer<Float>
 
     init(_ w: [Float], rows: Int, cols: Int, blocksize: Int = 64, rank: Int) throws {
@@ -49,7 +51,7 @@ struct GemvCase {
         (self.x, self.a, self.b) = (x, a, b)
         xd = try upload(xb)
         bd = try upload(bb)
-        let ad = try upload(ab)
+        ad = try upload(ab)
         xa = try poisoned(Float.self, rank)
         try ctx.bf16Gemv(weight: ad.pointer, x: xd.pointer, out: xa.pointer, rows: rank, cols: cols)
     }
@@ -105,6 +107,11 @@ func checkDecodeGemvMMA() throws {
         checkTrue("nf4 gemv mma: not run (\(dt) on \(ctx.compiler.target.nvrtcArchitecture) has no tensor-core path)", true)
         return
     }
+    for kernel in ["mma", "stream"] { try checkDecodeGemvTensorCores(kernel) }
+}
+
+/// The mma shapes above for one of the tensor-core kernels ("mma" or "stream", launched with its default grid).
+func checkDecodeGemvTensorCores(_ kernel: String) throws {
     let shapes: [(rows: Int, cols: Int, blocksize: Int, lora: Bool)] = [
         (300, 1024, 64, true), (77, 64 * 37, 64, true), (5, 64, 64, false), (40, 4096, 128, true), (1000, 64 * 6, 64, false),
     ]
@@ -135,13 +142,73 @@ func checkDecodeGemvMMA() throws {
         plain.rank = 0
         let (bytes, blocks) = NF4GemvTask.encode([plain, task])
         let tasks = try upload(bytes)
-        try ctx.nf4GemvMMA(tasks: tasks.pointer, taskCount: 2, blocks: blocks, x: xd.pointer, cols: cols, blocksize: blocksize,
-                           nestedBlocksize: matrix.nestedBlocksize)
-        let name = "nf4 gemv mma \(rows)x\(cols) blocksize \(blocksize)"
+        if kernel == "stream" {
+            try ctx.nf4GemvStream(tasks: tasks.pointer, taskCount: 2, tiles: blocks, x: xd.pointer, cols: cols, blocksize: blocksize,
+                                  nestedBlocksize: matrix.nestedBlocksize)
+        } else {
+            try ctx.nf4GemvMMA(tasks: tasks.pointer, taskCount: 2, blocks: blocks, x: xd.pointer, cols: cols, blocksize: blocksize,
+                               nestedBlocksize: matrix.nestedBlocksize)
+        }
+        let name = "nf4 gemv \(kernel) \(rows)x\(cols) blocksize \(blocksize)"
         let ref = referenceGemv(wq, rows: rows, cols: cols, x: x, residual: withLoRA ? residual : nil, lora: withLoRA ? (a, b, rank, 2) : nil)
         check(name + (withLoRA ? " + LoRA + residual" : ""), relativeError(try downloadBF16(out), ref), 1e-2)
         check(name + ", first task", relativeError(try downloadBF16(out2),
                                                    referenceGemv(wq, rows: rows, cols: cols, x: x, residual: nil, lora: nil)), 1e-2)
+    }
+}
+
+/// nf4_gemv_stream on a grid smaller than its tiles, so each block runs many tiles in turn and crosses from one task to
+/// the next: three tasks (q|k|v-like: 200, 72 and 72 rows of 64 · 20 values, LoRA on the first, a residual on the last)
+/// where the second reads the first's weight through a code map doubled and a nested absmax halved (the same scales; a
+/// block that kept the previous task's code map gets them twice too large), on 1, 3 and 7 blocks and the default grid.
+/// Also that the launch with programmatic stream serialization, where the card takes it, follows a kernel that
+/// writes its x and xa (a GEMV that read them before waiting would see the poison left there).
+func checkDecodeGemvStream() throws {
+    guard ctx.nf4GemvMMASupported(cols: 64, blocksize: 64) else {
+        checkTrue("nf4 gemv stream: not run (\(dt) on \(ctx.compiler.target.nvrtcArchitecture) has no tensor-core path)", true)
+        return
+    }
+    let cols = 64 * 20, rank = 16
+    var w = rng.floats(200 * cols, -1, 1)
+    for b in 0..<(w.count / 64) {
+        let s = rng.uniform(0.05, 2) * 0.05
+        for i in (b * 64)..<((b + 1) * 64) { w[i] *= s }
+    }
+    let c = try GemvCase(w, rows: 200, cols: cols, rank: rank)
+    let third = try GemvCase(rng.floats(72 * cols, -0.05, 0.05), rows: 72, cols: cols, rank: rank)
+    let m = c.matrix
+    let code2 = try upload(try m.code.download().map { $0 * 2 })
+    let nested2 = try upload(try m.nestedAbsmax.download().map { $0 / 2 })
+    let ref1 = referenceGemv(c.wq, rows: 200, cols: cols, x: c.x, residual: nil, lora: (c.a, c.b, rank, 2))
+    let ref2 = Array(referenceGemv(c.wq, rows: 200, cols: cols, x: c.x, residual: nil, lora: nil)[0..<72])
+    let residual3 = Array(c.residual[0..<72])
+    let ref3 = referenceGemv(third.wq, rows: 72, cols: cols, x: c.x, residual: residual3, lora: nil)
+    for blocks in [1, 3, 7, 0] {
+        let out1 = try poisoned(UInt16.self, 200), out2 = try poisoned(UInt16.self, 72)
+        let out3 = try upload(Array(c.residualBits[0..<72]))
+        var t1 = NF4GemvTask(packed: m.packed.pointer, absmaxCodes: m.absmaxCodes.pointer, nestedAbsmax: m.nestedAbsmax.pointer,
+                             code: m.code.pointer, offset: m.offset, rows: 200, out: out1.pointer)
+        t1.loraB = c.bd.pointer
+        t1.loraScale = 2
+        t1.rank = rank
+        let t2 = NF4GemvTask(packed: m.packed.pointer, absmaxCodes: m.absmaxCodes.pointer, nestedAbsmax: nested2.pointer,
+                             code: code2.pointer, offset: m.offset, rows: 72, out: out2.pointer)
+        let m3 = third.matrix
+        var t3 = NF4GemvTask(packed: m3.packed.pointer, absmaxCodes: m3.absmaxCodes.pointer, nestedAbsmax: m3.nestedAbsmax.pointer,
+                             code: m3.code.pointer, offset: m3.offset, rows: 72, out: out3.pointer)
+        t3.residual = out3.pointer
+        // x and xa are written by the kernel right before, lora_a_rows (mode 0: x copied, xa = A x), as in a decode step.
+        let xd = try poisoned(UInt16.self, cols), xa = try poisoned(Float.self, rank)
+        t1.xa = xa.pointer
+        let (bytes, tiles) = NF4GemvTask.encode([t1, t2, t3])
+        let tasks = try upload(bytes)
+        try ctx.loraARows(a: c.ad.pointer, x: c.xd.pointer, inOut: xd.pointer, xa: xa.pointer, rows: rank, cols: cols, mode: 0)
+        try ctx.nf4GemvStream(tasks: tasks.pointer, taskCount: 3, tiles: tiles, x: xd.pointer, cols: cols,
+                              blocks: blocks == 0 ? nil : blocks)
+        let name = "nf4 gemv stream, 3 tasks, \(tiles) tiles on \(blocks == 0 ? "the default grid" : "\(blocks) blocks")"
+        check(name + ": LoRA", relativeError(try downloadBF16(out1), ref1), 1e-2)
+        check(name + ": doubled code map", relativeError(try downloadBF16(out2), ref2), 1e-2)
+        check(name + ": residual", relativeError(try downloadBF16(out3), ref3), 1e-2)
     }
 }
 
@@ -243,27 +310,38 @@ func timeDecodeGemvs() throws {
             perKernel.append((buffers, blocks))
         }
         let weightBytes = Double(bytes) + Double(rows * cols) / 64 + Double(rows * cols) / 64 / 256 * 4
-        var timings: [(String, Double)] = []
+        // Each kernel alone (events around one launch: its latency counts in full) and 8 launches in a row, cycling the
+        // copies (per launch: as in a decode step, where a launch follows another kernel and nf4_gemv_stream overlaps it).
+        var kernels: [(String, () throws -> Void)] = []
         var k = 0
-        timings.append(("rows", try timeMedian {
+        kernels.append(("rows", {
             k += 1
             try ctx.nf4Gemv(tasks: perKernel[0].tasks[k % copies].pointer, taskCount: parts.count, blocks: perKernel[0].blocks,
                             x: x.pointer, cols: cols)
         }))
-        timings.append(("splitk", try timeMedian {
+        kernels.append(("splitk", {
             k += 1
             try ctx.nf4GemvSplitK(tasks: perKernel[1].tasks[k % copies].pointer, taskCount: parts.count, blocks: perKernel[1].blocks,
                                   x: x.pointer, cols: cols, splits: NF4GemvTask.splits(cols: cols))
         }))
         if ctx.nf4GemvMMASupported(cols: cols, blocksize: 64) {
-            timings.append(("mma", try timeMedian {
+            kernels.append(("mma", {
                 k += 1
                 try ctx.nf4GemvMMA(tasks: perKernel[0].tasks[k % copies].pointer, taskCount: parts.count, blocks: perKernel[0].blocks,
                                    x: x.pointer, cols: cols)
             }))
+            kernels.append(("stream", {
+                k += 1
+                try ctx.nf4GemvStream(tasks: perKernel[0].tasks[k % copies].pointer, taskCount: parts.count, tiles: perKernel[0].blocks,
+                                      x: x.pointer, cols: cols)
+            }))
         }
-        for (kernel, ms) in timings {
-            print("  \(pad("nf4 gemv " + name + " (" + kernel + ")", 50)) \(pad(fmt(ms * 1000, 1) + " us", 12)) \(fmt(weightBytes / (ms / 1000) / 1e9, 0)) GB/s")
+        for (kernel, launch) in kernels {
+            let single = try timeMedian { try launch() }
+            let inRow = try timeMedian { for _ in 0..<8 { try launch() } } / 8
+            print("  \(pad("nf4 gemv " + name + " (" + kernel + ")", 50)) \(pad(fmt(single * 1000, 1) + " us", 12)) "
+                  + "\(pad(fmt(weightBytes / (single / 1000) / 1e9, 0) + " GB/s", 11)) 8 in a row: \(pad(fmt(inRow * 1000, 1) + " us", 12)) "
+                  + "\(fmt(weightBytes / (inRow / 1000) / 1e9, 0)) GB/s")
         }
     }
 }

@@ -506,6 +506,7 @@ group("lora linear") {
 group("decode gemv") {
     try checkDecodeGemv()
     try checkDecodeGemvMMA()
+    try checkDecodeGemvStream()
     try checkLoRAARows()
 }
 group("inference fixture") { try checkInferenceFixture() }

@@ -20,8 +20,8 @@ import Glibc
 // appending, attends with the chunk's own keys read from its rows (writing them first would overwrite ring rows the
 // chunk's earlier queries still see), then appends the chunk's last `window` keys (kv_append_rows). A decode step
 // appends first: its one key lands on the row of position p − window, which its query no longer sees.
-// Decode (one token): per layer 13 kernels (15 with sandwich norms), the projections by nf4_gemv (or nf4_gemv_mma,
-// where a shape and the card allow it; `gemvKernel` picks), which reads the 4-bit weights directly (q|k|v in one
+// Decode (one token): per layer 13 kernels (15 with sandwich norms), the projections by nf4_gemv (or nf4_gemv_mma /
+// nf4_gemv_stream, where a shape and the card allow it; `gemvKernel` picks), which reads the 4-bit weights directly (q|k|v in one
 // launch, gate|up in one, the residual added by o and down unless a sandwich norm comes between), the LoRA A
 // projections of a group stacked into one bf16 GEMV. The whole step is recorded once
 // as a CUDA graph and replayed; the position and token live in device memory, and so do the RoPE frequencies (a
@@ -116,6 +116,9 @@ public final class CUDAInference {
         /// nf4_gemv_mma: two codes per table load, the dot products on the tensor cores (rows where a group's shape or
         /// the card does not allow it: see `CUDAContext.nf4GemvMMASupported`).
         case mma
+        /// nf4_gemv_stream: nf4_gemv_mma's product on a persistent grid that prefetches its tiles into L2, launched with
+        /// programmatic dependent launch on Hopper (rows where mma is not supported).
+        case stream
     }
     /// Which NF4 GEMV decode uses; changing it re-records the graph. `rows` until `mma` measures faster: on the H100
     /// (session 6) mma was even on q|k|v, o and down and 15% slower on gate|up (docs/PERFORMANCE.md).
@@ -474,11 +477,15 @@ public final class CUDAInference {
     func decodeLaunches(mark: (String) throws -> Void = { _ in }) throws {
         let c = config, ctx = context
         let h = c.hiddenSize, offset = c.normWeightOffset
+        // With nf4_gemv_stream the kernels of a layer launch as programmatic dependents of the one before (Hopper): each
+        // lets the next launch at its start and waits for the previous before it reads anything (decode.cu), so a
+        // launch and a GEMV's weight prefetch overlap the kernel before.
+        let overlap = gemvKernel == .stream
         /// The group's LoRA A rows with the op making its input (see lora_a_rows), writing that input to `inOut`.
         func loraA(_ g: ProjectionGroup, mode: Int, x: CUdeviceptr, x2: CUdeviceptr = 0, norm: CUdeviceptr = 0, inOut: CUdeviceptr) throws {
             try ctx.loraARows(a: g.loraA?.pointer ?? 0, x: x, x2: x2, normWeight: norm, inOut: inOut, xa: xa.pointer,
                               rows: g.loraA == nil ? 0 : g.totalRank, cols: g.columns, mode: mode, eps: c.rmsNormEps, normOffset: offset,
-                              activation: c.mlpActivation)
+                              activation: c.mlpActivation, programmaticDependency: overlap)
             try mark(mode == 1 ? "rmsnorm + lora A" : mode == 2 ? "\(c.mlpActivation == .silu ? "swiglu" : "geglu") + lora A" : "lora A")
         }
         func gemv(_ g: ProjectionGroup, input: CUdeviceptr, _ name: String) throws {
@@ -486,7 +493,10 @@ public final class CUDAInference {
             case .mma where ctx.nf4GemvMMASupported(cols: g.columns, blocksize: g.matrices[0].blocksize):
                 try ctx.nf4GemvMMA(tasks: g.tasks!.pointer, taskCount: g.matrices.count, blocks: g.blocks, x: input, cols: g.columns,
                                    blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
-            case .rows, .mma:
+            case .stream where ctx.nf4GemvMMASupported(cols: g.columns, blocksize: g.matrices[0].blocksize):
+                try ctx.nf4GemvStream(tasks: g.tasks!.pointer, taskCount: g.matrices.count, tiles: g.blocks, x: input, cols: g.columns,
+                                      blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
+            case .rows, .mma, .stream:
                 try ctx.nf4Gemv(tasks: g.tasks!.pointer, taskCount: g.matrices.count, blocks: g.blocks, x: input, cols: g.columns,
                                 blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
             case .splitK:
@@ -520,12 +530,14 @@ public final class CUDAInference {
                                    slots: 0, positions: stepState.pointer, inverseFrequencies: rope.frequencies.pointer, rows: 1,
                                    capacity: layerRows[l], heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim,
                                    rotaryDim: c.rotaryDim, ropeScale: rope.scale, qNorm: layer.qNorm?.pointer ?? 0,
-                                   kNorm: layer.kNorm?.pointer ?? 0, normOffset: offset, eps: c.rmsNormEps)
+                                   kNorm: layer.kNorm?.pointer ?? 0, normOffset: offset, eps: c.rmsNormEps,
+                                   programmaticDependency: overlap)
             try mark(c.qkNorm ? "q/k norm + rope + cache append" : "rope + cache append")
             try ctx.attentionCached(q: qkvRow.pointer, qStride: c.qDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
                                     out: attended.pointer, startPointer: stepState.pointer, start: 0, tokens: 1, heads: c.headCount,
                                     kvHeads: c.kvHeadCount, headDim: c.headDim, maxKeys: capacity, scale: c.attentionScale,
-                                    softcap: c.attentionSoftcap ?? 0, window: windows[l], ring: layerRows[l])
+                                    softcap: c.attentionSoftcap ?? 0, window: windows[l], ring: layerRows[l],
+                                    programmaticDependency: overlap)
             try mark("attention")
             if layer.o.loraA != nil { try loraA(layer.o, mode: 0, x: attended.pointer, inOut: 0) }
             try residualBias(layer.o)

@@ -35,6 +35,9 @@
 //   above 2^-11), as bitsandbytes' kernels round their dequantized weights.
 //   Needs cols % 64 == 0, a blocksize of at least 64 (a power of two) and, for bf16, sm_80 (Turing runs fp16).
 //
+// nf4_gemv_stream — nf4_gemv_mma's tiles and product on a persistent grid that asks L2 for each tile before reading it
+//   and, on Hopper, starts while the previous kernel still runs (programmatic dependent launch); see its section.
+//
 // bf16_gemv — out[r] = scale * W[r, :] · x for bf16 W [rows, cols] and bf16 x, fp32 out (the LoRA A
 //   projections stacked into one matrix, and the output head).
 //
@@ -66,6 +69,21 @@ struct Nf4GemvTask {
     int first_block;          // first grid block of this task
     int pad;
 };
+
+// Programmatic dependent launch (Hopper): see nf4_gemv_stream.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+/// Lets a kernel launched after this one with programmatic stream serialization start now (it waits for this one's
+/// results with griddepcontrol.wait). No effect on a dependent launched without the attribute.
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 #define GEMV_WARPS 4
 #define GEMV_ROWS 4  // rows per warp
@@ -220,6 +238,10 @@ __device__ void attention_cached_impl(const h16* __restrict__ q, int q_stride, c
                                       int ring) {
     extern __shared__ __align__(16) float smem[];
     const int i = blockIdx.x, h = blockIdx.y;
+    // The next kernel may launch now; launched as a dependent itself (decode with nf4_gemv_stream), this waits for the
+    // kernel before it here, before it reads anything (see nf4_gemv_stream).
+    grid_dependents_launch();
+    grid_dependency_wait();
     const int start = start_ptr != nullptr ? *start_ptr : start_value;
     // Keys of positions first ..< first + keys: the causal prefix, or its last `window`; key j at row (first + j) mod ring.
     const int end = start + i + 1;
@@ -334,6 +356,10 @@ lora_a_rows(const h16* __restrict__ a, const h16* __restrict__ x, const h16* __r
             int mode, float eps, float norm_offset, int activation) {
     __shared__ float scratch[64];
     const int tid = threadIdx.x, threads = blockDim.x;
+    // The GEMV after this may start its weight prefetch now; launched as a dependent itself (decode with
+    // nf4_gemv_stream), this waits for the kernel before it here, before it reads anything (see nf4_gemv_stream).
+    grid_dependents_launch();
+    grid_dependency_wait();
     const int groups = cols / 8;  // cols is a multiple of 8
     const bool has_row = (int)blockIdx.x < rows;
     const h16* ar = a + (long long)blockIdx.x * cols;
@@ -508,113 +534,129 @@ __device__ __forceinline__ void gemv_mma_step(float* c, const unsigned char* lut
 }
 
 #if QLORA_HALF || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // bf16 mma needs sm_80 (Turing runs fp16)
-extern "C" __global__ void __launch_bounds__(GEMV_MMA_WARPS * 32, 3)
-nf4_gemv_mma(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __restrict__ x, int cols, int blocksize_shift,
-             int nested_shift) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    unsigned char* lut = smem_raw;
-    float* code = reinterpret_cast<float*>(smem_raw + GEMV_MMA_LUT_BYTES);  // 256
-    unsigned* pairs = reinterpret_cast<unsigned*>(code + 256);              // 256
-    float* partial = code + 512;                                            // [warp][16 rows]
-    int ti = 0;
-    while (ti + 1 < ntasks && (int)blockIdx.x >= tasks[ti + 1].first_block) ti++;
-    const Nf4GemvTask task = tasks[ti];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int row0 = ((int)blockIdx.x - task.first_block) * 16;
+/// A 16-row tile of nf4_gemv_mma / nf4_gemv_stream as one warp sees it: addresses, the warp's groups [gb, ge), and the
+/// loads kept a cycle (4 groups) ahead: packed bytes, this lane's x piece, the absmax code and nested absmax of the
+/// group whose sums this lane scales (group c0 + t); and the epilogue's LoRA term and residual.
+struct GemvMmaTile {
+    const unsigned char* pa;
+    const unsigned char* pb;
+    const uint4* xl;
+    long long ea, eb;
+    int row0, gb, ge, my_step;
+    uint2 wa[4], wb[4];
+    uint4 xn0, xn1;
+    unsigned qa, qb;
+    float na, nb;
+    float lora_term[2], residual[2];
+};
+
+/// Sets up tile rows row0 ... row0 + 15 of `task` for this warp and issues the first cycle's loads and the epilogue's.
+__device__ __forceinline__ void gemv_mma_begin(GemvMmaTile& s, const Nf4GemvTask& task, int row0, const h16* __restrict__ x,
+                                               int cols, int blocksize_shift, int nested_shift, int warp, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    s.row0 = row0;
     // Rows past the end repeat the last row (loaded, never stored).
     const int ra = min(row0 + g, task.rows - 1), rb = min(row0 + g + 8, task.rows - 1);
-    const long long ea = (long long)ra * cols, eb = (long long)rb * cols;
+    s.ea = (long long)ra * cols;
+    s.eb = (long long)rb * cols;
     // This lane's 8 bytes of group kb of rows g and g + 8 are at pa + 32 kb, pb + 32 kb (values 64 kb + 16 t ...).
-    const unsigned char* __restrict__ pa = task.packed + ea / 2 + t * 8;
-    const unsigned char* __restrict__ pb = task.packed + eb / 2 + t * 8;
+    s.pa = task.packed + s.ea / 2 + t * 8;
+    s.pb = task.packed + s.eb / 2 + t * 8;
     // Warp w takes groups [gb, ge) of the row (64 values each), a multiple of 4 of them where the row allows.
     const int groups = cols >> 6;
     const int per_warp = (((groups + GEMV_MMA_WARPS - 1) / GEMV_MMA_WARPS) + 3) & ~3;
-    const int gb = min(groups, warp * per_warp), ge = min(groups, gb + per_warp);
-
-    // The first cycle's loads go out before the tables are built; later ones a cycle (4 groups) ahead: the packed
-    // bytes, and the absmax code and nested absmax of the group whose sums this lane scales (group c0 + t).
-    uint2 wa[4], wb[4];
+    s.gb = min(groups, warp * per_warp);
+    s.ge = min(groups, s.gb + per_warp);
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        wa[i] = wb[i] = make_uint2(0u, 0u);
-        if (gb + i < ge) {
-            wa[i] = __ldg(reinterpret_cast<const uint2*>(pa + (gb + i) * 32));
-            wb[i] = __ldg(reinterpret_cast<const uint2*>(pb + (gb + i) * 32));
+        s.wa[i] = s.wb[i] = make_uint2(0u, 0u);
+        if (s.gb + i < s.ge) {
+            s.wa[i] = __ldg(reinterpret_cast<const uint2*>(s.pa + (s.gb + i) * 32));
+            s.wb[i] = __ldg(reinterpret_cast<const uint2*>(s.pb + (s.gb + i) * 32));
         }
     }
     // x: lane (g, t) is the B operand of columns g only in step g / 2 of a cycle, so it needs one 16-value piece of x
-    // per cycle (group c0 + g / 2, values 16 t ...): loaded a cycle ahead too.
-    const int my_step = g >> 1;
-    const uint4* __restrict__ xl = reinterpret_cast<const uint4*>(x + t * 16);
-    uint4 xn0 = make_uint4(0u, 0u, 0u, 0u), xn1 = xn0;
-    if (gb + my_step < ge) {
-        xn0 = __ldg(xl + (gb + my_step) * 8);
-        xn1 = __ldg(xl + (gb + my_step) * 8 + 1);
+    // per cycle (group c0 + g / 2, values 16 t ...).
+    s.my_step = g >> 1;
+    s.xl = reinterpret_cast<const uint4*>(x + t * 16);
+    s.xn0 = s.xn1 = make_uint4(0u, 0u, 0u, 0u);
+    if (s.gb + s.my_step < s.ge) {
+        s.xn0 = __ldg(s.xl + (s.gb + s.my_step) * 8);
+        s.xn1 = __ldg(s.xl + (s.gb + s.my_step) * 8 + 1);
     }
-    const unsigned char* __restrict__ absmax_q = task.absmax_q;
-    const float* __restrict__ nested = task.nested_absmax;
-    unsigned qa = 0u, qb = 0u;
-    float na = 0.0f, nb = 0.0f;
-    if (gb + t < ge) {
-        const long long ba = (ea + (long long)(gb + t) * 64) >> blocksize_shift, bb = (eb + (long long)(gb + t) * 64) >> blocksize_shift;
-        qa = __ldg(absmax_q + ba);
-        qb = __ldg(absmax_q + bb);
-        na = __ldg(nested + (ba >> nested_shift));
-        nb = __ldg(nested + (bb >> nested_shift));
+    s.qa = s.qb = 0u;
+    s.na = s.nb = 0.0f;
+    if (s.gb + t < s.ge) {
+        const long long ba = (s.ea + (long long)(s.gb + t) * 64) >> blocksize_shift;
+        const long long bb = (s.eb + (long long)(s.gb + t) * 64) >> blocksize_shift;
+        s.qa = __ldg(task.absmax_q + ba);
+        s.qb = __ldg(task.absmax_q + bb);
+        s.na = __ldg(task.nested_absmax + (ba >> nested_shift));
+        s.nb = __ldg(task.nested_absmax + (bb >> nested_shift));
     }
-    // The epilogue's inputs too: warp w finishes rows 2w, 2w + 1 (LoRA B row entry `lane`, xa[lane], the residual).
-    float lora_term[2] = {0.0f, 0.0f}, residual[2] = {0.0f, 0.0f};
+    // Warp w finishes rows 2w, 2w + 1: LoRA B row entry `lane` times xa[lane], and the residual.
 #pragma unroll
     for (int j = 0; j < 2; j++) {
         const int row = row0 + warp * 2 + j;
+        s.lora_term[j] = s.residual[j] = 0.0f;
         if (task.lora_b != nullptr && lane < task.rank && row < task.rows)
-            lora_term[j] = task.lora_scale * h16_to_float(task.lora_b[(long long)row * task.rank + lane]) * task.xa[lane];
-        if (task.residual != nullptr && lane == 0 && row < task.rows) residual[j] = h16_to_float(task.residual[row]);
+            s.lora_term[j] = task.lora_scale * h16_to_float(task.lora_b[(long long)row * task.rank + lane]) * task.xa[lane];
+        if (task.residual != nullptr && lane == 0 && row < task.rows) s.residual[j] = h16_to_float(task.residual[row]);
     }
-    // Entry v: (NF4[v >> 4], NF4[v & 15]) as h16 in the low and high half, made once (pairs), then copied 32 times
-    // (thread j writes 4 copies of entry j / 8: a warp fills 4 whole rows per store, no bank conflicts).
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-        code[i] = task.code[i];
+}
+
+/// The pair table: entry v = (NF4[v >> 4], NF4[v & 15]) as h16 in the low and high half, made once (pairs), then copied
+/// 32 times (thread j writes 4 copies of entry j / 8: a warp fills 4 whole rows per store, no bank conflicts). Ends
+/// with a barrier.
+__device__ __forceinline__ void gemv_mma_build_table(unsigned char* lut, unsigned* pairs) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
         pairs[i] = (unsigned)float_to_h16(NF4_CODE_TABLE[i >> 4]) | ((unsigned)float_to_h16(NF4_CODE_TABLE[i & 15]) << 16);
-    }
     __syncthreads();
     for (int j = threadIdx.x; j < 256 * 8; j += blockDim.x) {
         const unsigned pair = pairs[j >> 3];
         *reinterpret_cast<uint4*>(lut + (j >> 3) * 256 + (j & 7) * 16) = make_uint4(pair, pair, pair, pair);
     }
     __syncthreads();
+}
 
+/// The warp's dot products over its groups of the tile: acc_a, acc_b = rows g and g + 8, groups ≡ t (mod 4), scaled.
+__device__ __forceinline__ void gemv_mma_cycles(GemvMmaTile& s, float& acc_a, float& acc_b, const unsigned char* lut,
+                                                const float* code, const Nf4GemvTask& task, int blocksize_shift,
+                                                int nested_shift, int lane) {
+    const int t = lane & 3;
     const unsigned lane4 = (unsigned)lane * 4u;
     const float offset = task.offset;
-    float acc_a = 0.0f, acc_b = 0.0f;  // rows g and g + 8, groups ≡ t (mod 4) of [gb, ge)
+    const unsigned char* __restrict__ absmax_q = task.absmax_q;
+    const float* __restrict__ nested = task.nested_absmax;
+    const int gb = s.gb, ge = s.ge, my_step = s.my_step;
+    acc_a = acc_b = 0.0f;
     for (int c0 = gb; c0 < ge; c0 += 4) {
         // Group c0 + i goes to mma columns 2i, 2i + 1: only lanes g = 2i, 2i + 1 give x as B in step i.
         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         // This cycle's x piece and scales (from last cycle's loads), then the next cycle's loads.
-        const uint4 x0 = xn0, x1 = xn1;
+        const uint4 x0 = s.xn0, x1 = s.xn1;
         if (c0 + 4 + my_step < ge) {
-            xn0 = __ldg(xl + (c0 + 4 + my_step) * 8);
-            xn1 = __ldg(xl + (c0 + 4 + my_step) * 8 + 1);
+            s.xn0 = __ldg(s.xl + (c0 + 4 + my_step) * 8);
+            s.xn1 = __ldg(s.xl + (c0 + 4 + my_step) * 8 + 1);
         }
         const bool scaled = c0 + t < ge;
-        const float scale_a = code[qa] * na + offset, scale_b = code[qb] * nb + offset;
+        const float scale_a = code[s.qa] * s.na + offset, scale_b = code[s.qb] * s.nb + offset;
         if (c0 + 4 + t < ge) {
-            const long long ba = (ea + (long long)(c0 + 4 + t) * 64) >> blocksize_shift;
-            const long long bb = (eb + (long long)(c0 + 4 + t) * 64) >> blocksize_shift;
-            qa = __ldg(absmax_q + ba);
-            qb = __ldg(absmax_q + bb);
-            na = __ldg(nested + (ba >> nested_shift));
-            nb = __ldg(nested + (bb >> nested_shift));
+            const long long ba = (s.ea + (long long)(c0 + 4 + t) * 64) >> blocksize_shift;
+            const long long bb = (s.eb + (long long)(c0 + 4 + t) * 64) >> blocksize_shift;
+            s.qa = __ldg(absmax_q + ba);
+            s.qb = __ldg(absmax_q + bb);
+            s.na = __ldg(nested + (ba >> nested_shift));
+            s.nb = __ldg(nested + (bb >> nested_shift));
         }
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             const int kb = c0 + i;
             if (kb < ge) {  // the same for the whole warp
-                const uint2 a2 = wa[i], b2 = wb[i];
+                const uint2 a2 = s.wa[i], b2 = s.wb[i];
                 if (kb + 4 < ge) {
-                    wa[i] = __ldg(reinterpret_cast<const uint2*>(pa + (kb + 4) * 32));
-                    wb[i] = __ldg(reinterpret_cast<const uint2*>(pb + (kb + 4) * 32));
+                    s.wa[i] = __ldg(reinterpret_cast<const uint2*>(s.pa + (kb + 4) * 32));
+                    s.wb[i] = __ldg(reinterpret_cast<const uint2*>(s.pb + (kb + 4) * 32));
                 }
                 // k-step s: packed bytes 2s, 2s + 1; x values 4s + (0, 1 | 2, 3) of this lane's 16, or zeros.
                 const unsigned keep = my_step == i ? 0xffffffffu : 0u;
@@ -630,6 +672,13 @@ nf4_gemv_mma(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __res
             acc_b += c[2] * scale_b;
         }
     }
+}
+
+/// Sums a tile's rows over the 4 lanes of a row and the 8 warps (through `partial`, with a barrier), adds the LoRA term
+/// and the residual, rounds once and stores: warp w finishes rows 2w, 2w + 1.
+__device__ __forceinline__ void gemv_mma_finish(const GemvMmaTile& s, float acc_a, float acc_b, float* partial,
+                                                const Nf4GemvTask& task, int warp, int lane) {
+    const int g = lane >> 2, t = lane & 3;
     acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
     acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 2);
     acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
@@ -639,13 +688,118 @@ nf4_gemv_mma(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __res
         partial[warp * 16 + g + 8] = acc_b;
     }
     __syncthreads();
-    // Warp w finishes rows 2w, 2w + 1: the warps' partial sums, the LoRA term, the residual, one rounding.
 #pragma unroll
     for (int j = 0; j < 2; j++) {
-        const int r = warp * 2 + j, row = row0 + r;
-        float v = (lane < GEMV_MMA_WARPS ? partial[lane * 16 + r] : 0.0f) + lora_term[j];
+        const int r = warp * 2 + j, row = s.row0 + r;
+        float v = (lane < GEMV_MMA_WARPS ? partial[lane * 16 + r] : 0.0f) + s.lora_term[j];
         v = warp_sum(v);
-        if (lane == 0 && row < task.rows) task.out[row] = float_to_h16(v + residual[j]);
+        if (lane == 0 && row < task.rows) task.out[row] = float_to_h16(v + s.residual[j]);
+    }
+}
+
+/// The task of grid block (or tile) `block`: tasks are dealt consecutive blocks in order.
+__device__ __forceinline__ int gemv_task_of(const Nf4GemvTask* __restrict__ tasks, int ntasks, int block) {
+    int ti = 0;
+    while (ti + 1 < ntasks && block >= tasks[ti + 1].first_block) ti++;
+    return ti;
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_MMA_WARPS * 32, 3)
+nf4_gemv_mma(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __restrict__ x, int cols, int blocksize_shift,
+             int nested_shift) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char* lut = smem_raw;
+    float* code = reinterpret_cast<float*>(smem_raw + GEMV_MMA_LUT_BYTES);  // 256
+    unsigned* pairs = reinterpret_cast<unsigned*>(code + 256);              // 256
+    float* partial = code + 512;                                            // [warp][16 rows]
+    const Nf4GemvTask task = tasks[gemv_task_of(tasks, ntasks, blockIdx.x)];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // The first cycle's loads and the epilogue's go out before the tables are built.
+    GemvMmaTile s;
+    gemv_mma_begin(s, task, ((int)blockIdx.x - task.first_block) * 16, x, cols, blocksize_shift, nested_shift, warp, lane);
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
+    gemv_mma_build_table(lut, pairs);
+    float acc_a, acc_b;
+    gemv_mma_cycles(s, acc_a, acc_b, lut, code, task, blocksize_shift, nested_shift, lane);
+    gemv_mma_finish(s, acc_a, acc_b, partial, task, warp, lane);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// nf4_gemv_stream: nf4_gemv_mma's tiles (16 rows, the same tasks and product), arranged so that HBM streams without
+// waiting on the kernel's own latencies. nf4_gemv_mma moves 0.6-1.2 TB/s although its loads alone could go at 3: each
+// block waits for its own chain (task, first loads, table build, a cycle of loads, the next), and a warp has only one
+// cycle (2 KB) in flight, so the small GEMVs (8-13 MB, 256-384 blocks) pay several memory latencies and the launch of
+// every kernel in full. Here:
+//   - L2 prefetch: a block asks L2 for a whole tile (16 rows: the packed bytes and the absmax codes, two contiguous
+//     ranges) before it reads any of it: on Hopper one cp.async.bulk.prefetch.L2 per range (the copy engine, one
+//     instruction), elsewhere one prefetch.global.L2 per 128-byte line. The next tile is requested when a tile begins,
+//     so HBM sees the block's whole stream at once and the loads of the product hit L2.
+//   - Persistent blocks: the grid is at most 3 blocks per SM (the table's 64 KiB allow 3), each taking tiles
+//     blockIdx.x, + gridDim.x, ...: the table is built once per block, not once per 16 rows (1792 times for gate|up).
+//   - Programmatic dependent launch (Hopper, launched with the attribute): the prefetch of the first tile and the
+//     table are made before griddepcontrol.wait, i.e. while the previous kernel (lora_a_rows, attention_cached, which
+//     let their dependents launch at their start) still runs; everything that reads its outputs (x, xa, the residual)
+//     comes after the wait. Without the attribute the wait returns at once. After its wait it lets its own dependent
+//     launch (the decode step launches the next lora_a_rows as one), so that kernel's launch overlaps this one's end.
+// `tiles` = Σ ceil(rows / 16) over the tasks (NF4GemvTask.encode's block count).
+
+/// Asks L2 to fetch [p, p + bytes) (called by the whole block).
+__device__ __forceinline__ void prefetch_l2(const unsigned char* p, long long bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (threadIdx.x == 0) {
+        // The bulk prefetch needs 16-byte alignment: only whole 16-byte pieces inside the range.
+        const unsigned long long begin = ((unsigned long long)p + 15ull) & ~15ull;
+        const unsigned long long end = ((unsigned long long)p + (unsigned long long)bytes) & ~15ull;
+        if (end > begin)
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(begin), "r"((unsigned)(end - begin)) : "memory");
+    }
+#else
+    for (long long off = (long long)threadIdx.x * 128; off < bytes; off += (long long)blockDim.x * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
+#endif
+}
+
+/// The L2 prefetch of tile `tile` (nothing past the last).
+__device__ __forceinline__ void gemv_prefetch_tile(const Nf4GemvTask* __restrict__ tasks, int ntasks, int tile, int tiles, int cols,
+                                                   int blocksize_shift) {
+    if (tile >= tiles) return;
+    const Nf4GemvTask& t = tasks[gemv_task_of(tasks, ntasks, tile)];
+    const int row0 = (tile - t.first_block) * 16, rows = min(16, t.rows - row0);
+    const long long e0 = (long long)row0 * cols, n = (long long)rows * cols;
+    prefetch_l2(t.packed + e0 / 2, n / 2);
+    prefetch_l2(t.absmax_q + (e0 >> blocksize_shift), n >> blocksize_shift);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_MMA_WARPS * 32, 3)
+nf4_gemv_stream(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __restrict__ x, int cols, int blocksize_shift,
+                int nested_shift, int tiles) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char* lut = smem_raw;
+    float* code = reinterpret_cast<float*>(smem_raw + GEMV_MMA_LUT_BYTES);  // 256: the code map of task `code_of`
+    unsigned* pairs = reinterpret_cast<unsigned*>(code + 256);              // 256
+    float* partial = code + 512;                                            // [warp][16 rows]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // Nothing here reads what the previous kernel writes: the weights' L2 prefetch and the table go before the wait.
+    gemv_prefetch_tile(tasks, ntasks, blockIdx.x, tiles, cols, blocksize_shift);
+    gemv_mma_build_table(lut, pairs);
+    grid_dependency_wait();
+    grid_dependents_launch();  // the next kernel (lora_a_rows, launched as a dependent) may take SMs as blocks leave
+    const float* code_of = nullptr;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        gemv_prefetch_tile(tasks, ntasks, tile + gridDim.x, tiles, cols, blocksize_shift);
+        const Nf4GemvTask task = tasks[gemv_task_of(tasks, ntasks, tile)];
+        GemvMmaTile s;
+        gemv_mma_begin(s, task, (tile - task.first_block) * 16, x, cols, blocksize_shift, nested_shift, warp, lane);
+        // The previous tile's barrier (in gemv_mma_finish) ended every read of `code`; this one's makes the new map
+        // and the free `partial` visible.
+        if (task.code != code_of) {  // the same for the whole block
+            for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
+            code_of = task.code;
+        }
+        __syncthreads();
+        float acc_a, acc_b;
+        gemv_mma_cycles(s, acc_a, acc_b, lut, code, task, blocksize_shift, nested_shift, lane);
+        gemv_mma_finish(s, acc_a, acc_b, partial, task, warp, lane);
     }
 }
 #endif

@@ -33,7 +33,9 @@
 //   the first rotary_dim dimensions of each head of q and k in the fused row [q | k | v] (HF rotate_half over those
 //   dimensions, angle position · inv_freq[i], cos and sin times longrope's attention factor; a row flagged in long_rows
 //   takes the second half of inv_freq, longrope's long factors), and writes the rotated k and v into the row's slot at
-//   its position (no cache: only rotates). Batch-1 generation uses it too (one row, slot 0).
+//   its position (no cache: only rotates). Batch-1 generation uses it too (one row, slot 0). grid (rows, head groups):
+//   block y takes heads 4y ... 4y + 3 of q and k (a warp each) and its share of v, so one row spreads over
+//   ceil((heads + kv_heads) / 4) blocks (batch-1 decode on one block took 18 µs a layer, its heads one after another).
 //
 // attention_rows — per (row, head): the row's query attends to keys of its slot up to its position (causal, GQA;
 //   only the last `window` of them on a sliding-window layer), softmax(softcap(q·k · scale)) v in fp32 with an online
@@ -208,8 +210,8 @@ extern "C" __global__ void nf4_gemm_finish(const Nf4GemmTask* __restrict__ tasks
     }
 }
 
-/// Per row (grid rows, 128 threads: a warp per head): the heads of q and k in the fused row qkv[r] = [q | k | v]
-/// are [RMS-normed per head: q_norm, k_norm; nullable] then rotated (the first rotary_dim dimensions, pairs (i, i +
+/// Per row (grid (rows, ceil((heads + kv_heads) / 4)), 128 threads: a warp per head): the heads of q and k in the
+/// fused row qkv[r] = [q | k | v] are [RMS-normed per head: q_norm, k_norm; nullable] then rotated (the first rotary_dim dimensions, pairs (i, i +
 /// rotary_dim / 2), angle position · inv_freq[i], or inv_freq[rotary_dim / 2 + i] when long_rows[r] is set (nullable),
 /// cos and sin times rope_scale), in place; the rotated k and the v go into the row's slot (slots null: slot 0) at
 /// row position mod capacity, unless kcache is null. The norm rounds as the family's RMSNorm (norm_offset 0:
@@ -220,6 +222,12 @@ rope_append_rows(h16* qkv, int q_stride, h16* kcache, h16* vcache, const int* __
                  int kv_heads, int head_dim, int rotary_dim, float rope_scale, const h16* __restrict__ q_norm,
                  const h16* __restrict__ k_norm, float norm_offset, float eps, const int* __restrict__ long_rows) {
     __shared__ float buf[4][256];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // Batch-1 decode may launch this as a programmatic dependent of the GEMV before it (decode.cu's nf4_gemv_stream):
+    // let the next kernel launch, then wait for the previous one before reading anything. No-ops otherwise.
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
     const int r = blockIdx.x;
     if (r >= rows) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -230,7 +238,7 @@ rope_append_rows(h16* qkv, int q_stride, h16* kcache, h16* vcache, const int* __
     const int half = rotary_dim / 2;
     if (long_rows != nullptr && long_rows[r] != 0) inv_freq += half;
     float* b = buf[warp];
-    for (int h = warp; h < heads + kv_heads; h += 4) {
+    for (int h = blockIdx.y * 4 + warp; h < heads + kv_heads; h += 4 * gridDim.y) {
         h16* p = row + h * head_dim;
         const h16* w = h < heads ? q_norm : k_norm;
         float ss = 0.0f;
@@ -263,7 +271,8 @@ rope_append_rows(h16* qkv, int q_stride, h16* kcache, h16* vcache, const int* __
         __syncwarp();  // b is rewritten by the next head
     }
     if (kcache == nullptr) return;
-    for (int e = threadIdx.x; e < kv_dim; e += blockDim.x) vcache[cache_row + e] = row[(heads + kv_heads) * head_dim + e];
+    for (int e = blockIdx.y * blockDim.x + threadIdx.x; e < kv_dim; e += blockDim.x * gridDim.y)
+        vcache[cache_row + e] = row[(heads + kv_heads) * head_dim + e];
 }
 
 /// Per row (grid rows, 128 threads): when the row is among the last `capacity` of its run (its rows end before row

@@ -1,4 +1,8 @@
-// Launchers for Kernels/decode.cu: the fused NF4 GEMVs (rows, split-K, tensor cores), the bf16 GEMV, RoPE + KV-cache append for one token and
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// Launchers for Kernels/decode.cu: the fused NF4 GEMVs (rows, split-K, tensor cores, streaming), the bf16 GEMV, RoPE + KV-cache append for one token and
 // attention over the KV cache. They take raw device addresses, since generation works on rows inside larger
 // buffers (the KV cache, the fused q|k|v row); the shape checks are the caller's (CUDAInference).
 
@@ -99,6 +103,32 @@ extension CUDAContext {
                            .int(nestedBlocksize.trailingZeroBitCount)])
     }
 
+    /// nf4_gemv_stream: nf4GemvMMA's product and tasks (`NF4GemvTask.encode(tasks)`: `tiles` is its block count) on a
+    /// persistent grid of at most `blocksPerSM` blocks per SM that prefetches each 16-row tile into L2 before reading
+    /// it; where the kernels are built for Hopper (sm_90+) and the driver has cuLaunchKernelEx, launched with
+    /// programmatic stream serialization, so its prologue overlaps the previous kernel (decode.cu). Only where
+    /// `nf4GemvMMASupported` says so. `blocks` overrides the grid (the check runs many tiles per block with it).
+    public func nf4GemvStream(tasks: CUdeviceptr, taskCount: Int, tiles: Int, x: CUdeviceptr, cols: Int, blocksize: Int = 64,
+                              nestedBlocksize: Int = 256, blocksPerSM: Int = 3, blocks: Int? = nil, stream: CUDAStream? = nil) throws {
+        try require(nf4GemvMMASupported(cols: cols, blocksize: blocksize) && nestedBlocksize.nonzeroBitCount == 1
+                        && taskCount >= 1 && taskCount <= 8 && (1...3).contains(blocksPerSM) && (blocks ?? 1) >= 1, "nf4GemvStream",
+                    "cols \(cols) must be a multiple of 64, blocksize \(blocksize) a power of two of at least 64, nested blocksize \(nestedBlocksize) a power of two, 1...8 tasks (got \(taskCount)), 1...3 blocks per SM (got \(blocksPerSM)), a positive grid (got \(blocks ?? 1)), and bf16 needs sm_80 or newer")
+        let f = try compiler.function(KernelSources.decode, "nf4_gemv_stream")
+        let shared = Self.nf4GemvMMASharedBytes
+        try allowSharedMemory(f, bytes: shared, "nf4GemvStream")
+        try device.launch(f, grid: (min(tiles, blocks ?? blocksPerSM * device.multiprocessorCount), 1, 1), block: (256, 1, 1),
+                          sharedMemory: shared, stream: stream, programmaticDependency: usesProgrammaticDependency,
+                          [.pointer(tasks), .int(taskCount), .pointer(x), .int(cols), .int(blocksize.trailingZeroBitCount),
+                           .int(nestedBlocksize.trailingZeroBitCount), .int(tiles)])
+    }
+
+    /// Whether kernels that wait with griddepcontrol.wait are launched with programmatic stream serialization: the wait
+    /// is compiled only for sm_90 and newer (decode.cu), and the driver must have cuLaunchKernelEx. QLORA_NO_PDL=1
+    /// turns it off (to measure what it gives).
+    var usesProgrammaticDependency: Bool {
+        compiler.target.major >= 9 && device.supportsProgrammaticDependency && getenv("QLORA_NO_PDL").map { String(cString: $0) } != "1"
+    }
+
     /// GEMV_MMA_SHARED in decode.cu: the replicated pair table (64 KiB), the absmax code map, the pairs, 8 × 16 partial sums.
     static let nf4GemvMMASharedBytes = 256 * 256 + 512 * 4 + 8 * 16 * 4
 
@@ -124,10 +154,11 @@ extension CUDAContext {
     /// layer's ring of its window's rows; nil: `maxKeys`, the cache holds every position). `start` is read from
     /// `startPointer` (Int32) when that is not 0. `maxKeys` bounds start + tokens (it sizes shared memory). D is 32, 64,
     /// 96, 128 or 256. Scores are q·k · scale (default D^-½), soft-capped c·tanh(s / c) when softcap > 0.
+    /// `programmaticDependency`: launched as a dependent of the kernel before it (see `loraARows`).
     public func attentionCached(q: CUdeviceptr, qStride: Int, kcache: CUdeviceptr, vcache: CUdeviceptr, out: CUdeviceptr,
                                 startPointer: CUdeviceptr, start: Int, tokens: Int, heads: Int, kvHeads: Int, headDim: Int,
                                 maxKeys: Int, scale: Float? = nil, softcap: Float = 0, window: Int = 0, ring: Int? = nil,
-                                stream: CUDAStream? = nil) throws {
+                                programmaticDependency: Bool = false, stream: CUDAStream? = nil) throws {
         let ring = ring ?? maxKeys
         try require(Self.decodeHeadDims.contains(headDim) && kvHeads > 0 && heads % kvHeads == 0 && window >= 0
                         && ring > 0 && (ring >= maxKeys || (window > 0 && ring >= window)), "attentionCached",
@@ -136,6 +167,7 @@ extension CUDAContext {
         let shared = (9 * headDim + 64 + maxKeys) * 4
         try allowSharedMemory(f, bytes: shared, "attentionCached")
         try device.launch(f, grid: (tokens, heads, 1), block: (256, 1, 1), sharedMemory: shared, stream: stream,
+                          programmaticDependency: programmaticDependency && usesProgrammaticDependency,
                           [.pointer(q), .int(qStride), .pointer(kcache), .pointer(vcache), .pointer(out), .pointer(startPointer),
                            .int(start), .int(heads), .int(kvHeads), .float(scale ?? 1 / Float(headDim).squareRoot()), .float(softcap),
                            .int(window), .int(ring)])
@@ -146,15 +178,16 @@ extension CUDAContext {
 
     /// The LoRA A rows of a group (xa[b] = A[b, :] · in, fp32) with their input made in the same launch:
     /// mode 0 in = x, 1 in = RMSNorm(x)·(normWeight + normOffset), 2 in = act(x)·x2. `inOut` (when not 0) receives `in`
-    /// (bf16). rows may be 0 (then only `in` is written).
+    /// (bf16). rows may be 0 (then only `in` is written). `programmaticDependency`: launched as a dependent of the kernel
+    /// before it (it waits for that one before reading anything), where `usesProgrammaticDependency`.
     public func loraARows(a: CUdeviceptr, x: CUdeviceptr, x2: CUdeviceptr = 0, normWeight: CUdeviceptr = 0, inOut: CUdeviceptr,
                           xa: CUdeviceptr, rows: Int, cols: Int, mode: Int, eps: Float = 0, normOffset: Float = 0,
-                          activation: MLPActivation = .silu, stream: CUDAStream? = nil) throws {
+                          activation: MLPActivation = .silu, programmaticDependency: Bool = false, stream: CUDAStream? = nil) throws {
         try require(cols % 8 == 0 && (0...2).contains(mode), "loraARows", "cols \(cols) must be a multiple of 8, mode 0...2")
         // About 2 groups of 8 values per thread: each thread's loads then all go out at once (see lora_a_rows).
         let threads = min(1024, max(32, ((cols / 8 + 1) / 2 + 31) / 32 * 32))
         try device.launch(compiler.function(KernelSources.decode, "lora_a_rows"), grid: (max(rows, 1), 1, 1), block: (threads, 1, 1),
-                          stream: stream,
+                          stream: stream, programmaticDependency: programmaticDependency && usesProgrammaticDependency,
                           [.pointer(a), .pointer(x), .pointer(x2), .pointer(normWeight), .pointer(inOut), .pointer(xa), .int(rows),
                            .int(cols), .int(mode), .float(eps), .float(normOffset), .int(activation.kernelCode)])
     }
