@@ -48,23 +48,6 @@ func checkAttentionWGMMA() throws {
         (1, 600, 4, 1, 200, [], nil),              // window over tile edges
         (1, 300, 4, 2, nil, [], 3),                // soft-capped: falls back to the mma.sync flash forward
     ]
-    try checkAttentionForwardKernel(.wgmma, cases)
-}
-
-/// The d128 mma.sync flash forward on key tiles of 32 (QLORA_ATTENTION=mma-k32) on the wgmma check's cases: it runs
-/// soft-capped shapes too, so every case takes the k32 kernel.
-func checkAttentionK32() throws {
-    let cases: [(Int, Int, Int, Int, Int?, [Int], Float?)] = [
-        (1, 1, 4, 2, nil, [], nil), (1, 127, 4, 2, nil, [], nil), (2, 129, 4, 4, nil, [], nil), (2, 200, 4, 2, nil, [77], nil),
-        (1, 600, 8, 2, nil, [5, 130, 131, 400], nil), (2, 400, 4, 2, 45, [77], nil), (1, 600, 4, 1, 200, [], nil),
-        (1, 300, 4, 2, nil, [], 3), (1, 300, 4, 2, 70, [100], 50),
-    ]
-    try checkAttentionForwardKernel(.mmaK32, cases)
-}
-
-/// `kernel`'s forward on each case against the CPU twin and beside the default mma.sync flash forward, and the
-/// backward from its o and lse; where `kernel` does not apply, the fallback must be the default bit for bit.
-func checkAttentionForwardKernel(_ kernel: AttentionKernel, _ cases: [(Int, Int, Int, Int, Int?, [Int], Float?)]) throws {
     let d = 128
     for (batch, seq, heads, kvHeads, window, starts, softcap) in cases {
         let shape = AttentionShape(batch: batch, seq: seq, heads: heads, kvHeads: kvHeads, headDim: d, softcap: softcap,
@@ -79,14 +62,13 @@ func checkAttentionForwardKernel(_ kernel: AttentionKernel, _ cases: [(Int, Int,
                                                    heads: heads, kvHeads: kvHeads, headDim: d, variation: variation)
         let qd = try upload(qb), kd = try upload(kb), vd = try upload(vb), dd = try upload(db)
         let segd = try segments.map { try upload($0) }
-        let applies = ctx.attentionKernelApplies(kernel, shape)
-        let name = "attn \(applies ? kernel.rawValue : "\(kernel.rawValue)->flash") b\(batch) s\(seq) h\(heads)/\(kvHeads) d\(d)"
+        let applies = ctx.wgmmaAttentionApplies(shape)
+        let name = "attn \(applies ? "wgmma" : "wgmma->flash") b\(batch) s\(seq) h\(heads)/\(kvHeads) d\(d)"
             + (window.map { " window \($0)" } ?? "") + (softcap.map { " softcap \(Int($0))" } ?? "")
             + (starts.isEmpty ? "" : " packed \(starts.count + 1)")
-        checkTrue("\(name): path", applies == (kernel == .mmaK32 || softcap == nil),
-                  applies ? "\(kernel.rawValue) kernel" : "mma.sync flash kernel (fallback)")
+        checkTrue("\(name): path", applies == (softcap == nil), applies ? "wgmma kernel" : "mma.sync flash kernel (fallback)")
         let o = try poisoned(UInt16.self, qn), lse = try poisoned(Float.self, shape.tokens * heads)
-        try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape, kernel: kernel)
+        try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape, kernel: .wgmma)
         let oValues = try downloadBF16(o), lseValues = try lse.download()
         check("\(name): o", relativeError(oValues, ref.o), 1e-2,
               attentionErrorNote(oValues, ref.o, seq: seq, heads: heads, cols: d, tolerance: 0.05))
@@ -130,11 +112,11 @@ func timeAttentionWGMMA() throws {
         let o = try A.buffer(UInt16.self, count: qn), lse = try A.buffer(Float.self, count: shape.tokens * shape.heads)
         let flops = 4 * Double(batch * shape.heads) * Double(seq) * Double(seq) * 128 / 2
         var line = "  attention forward b\(batch) s\(seq) h32/8 d128:"
-        for kernel in [AttentionKernel.mma, .mmaK32, .wgmma] {
+        for kernel in [AttentionKernel.mma, .wgmma] {
             let ms = try timeMedian(seq > 4096 ? 5 : 10, warmup: 1) {
                 try ctx.attentionForward(q: q, k: k, v: v, into: o, lse: lse, shape: shape, kernel: kernel)
             }
-            line += " \(kernel == .mma ? "mma.sync flash" : kernel.rawValue) \(fmt(ms, 3)) ms = \(fmt(flops / (ms / 1000) / 1e12, 1)) TFLOP/s;"
+            line += " \(kernel == .mma ? "mma.sync flash" : "wgmma") \(fmt(ms, 3)) ms = \(fmt(flops / (ms / 1000) / 1e12, 1)) TFLOP/s;"
         }
         print(line)
     }

@@ -461,7 +461,6 @@ group("attention wgmma") {  // AttentionWGMMAChecks.swift: checks, then (unless 
     try checkAttentionWGMMA()
     if runBench { try timeAttentionWGMMA() }
 }
-group("attention k32") { try checkAttentionK32() }  // AttentionWGMMAChecks.swift: the d128 flash forward on key tiles of 32
 
 group("lora linear") {
     let (tokens, inF, outF, r) = (300, 576, 1536, 16)

@@ -41,7 +41,6 @@ final class KernelTargetTests: XCTestCase {
         // QLORA_ATTENTION=mma|wgmma picks the Hopper d128 flash forward; anything else is a usage error naming it.
         XCTAssertEqual(try AttentionKernel(parsing: "wgmma"), .wgmma)
         XCTAssertEqual(try AttentionKernel(parsing: "MMA"), .mma)
-        XCTAssertEqual(try AttentionKernel(parsing: "mma-k32"), .mmaK32)
         XCTAssertThrowsError(try AttentionKernel(parsing: "fa3")) { error in
             XCTAssertTrue(error is UsageError)
             XCTAssertTrue("\(error)".contains("QLORA_ATTENTION=fa3"), "\(error)")

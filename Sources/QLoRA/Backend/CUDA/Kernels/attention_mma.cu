@@ -660,20 +660,16 @@ template <int D> constexpr int fa_forward_keys() { return D > 128 ? 32 : 64; }
 #define FA_FORWARD_THREADS(D) ((D) > 128 ? 256 : 128)
 #define FA_FORWARD_MIN_BLOCKS(D) ((D) > 128 ? 1 : 2)
 
-/// Dynamic shared memory of attention_fa_forward for head dimension D and key tiles of BK (the launcher computes the
-/// same): Q (128 rows), K and V (2 stages x BK rows), key segments (2 x BK).
-template <int D, int BK = fa_forward_keys<D>()>
-constexpr int fa_forward_shared() { return (128 + 4 * BK) * (D + 8) * 2 + 2 * BK * 4; }
+/// Dynamic shared memory of attention_fa_forward for head dimension D (the launcher computes the same):
+/// Q (128 rows), K and V (2 stages x BK rows), key segments (2 x BK).
+template <int D>
+constexpr int fa_forward_shared() { return (128 + 4 * fa_forward_keys<D>()) * (D + 8) * 2 + 2 * fa_forward_keys<D>() * 4; }
 
-// BK: keys per tile. At d128 the default 64 needs more than 255 registers (S of two m-tiles, 64 floats, beside
-// O's 128 and Q's 64 fragment registers) and spills in the key loop (ptxas, sm_90a: 80 bytes a thread); the
-// `_k32` entry points (QLORA_ATTENTION=mma-k32) take tiles of 32 keys: 246 registers, no spills, twice the
-// tiles and the online-softmax rescales.
-template <int D, bool CAP, int BK = fa_forward_keys<D>()>
+template <int D, bool CAP>
 __device__ __forceinline__ void fa_forward(const h16* q, const h16* k, const h16* v, h16* o, float* lse,
                                            const int* segments, int seq, int heads, int kv_heads, float scale,
                                            float softcap, int window) {
-    constexpr int LD = D + 8, BM = 128, TILE = BK * LD;
+    constexpr int LD = D + 8, BM = 128, BK = fa_forward_keys<D>(), TILE = BK * LD;
     constexpr int MI = fa_forward_mtiles<D>(), WR = 16 * MI;  // m-tiles and rows per warp
     h16* qs = reinterpret_cast<h16*>(fa_shared);  // [BM * LD]
     h16* ks = qs + BM * LD;                        // [2][TILE]
@@ -1234,10 +1230,3 @@ FA_ENTRY_POINTS(64)
 FA_ENTRY_POINTS(96)
 FA_ENTRY_POINTS(128)
 FA_ENTRY_POINTS(256)
-// The d128 forward on key tiles of 32 (no spills; see fa_forward), selectable beside the default for measurement.
-#define FA_FORWARD_K32_V(CAP, NAME)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(128, 2) attention_fa_forward_k32##NAME##128(FORWARD_ARGS) {         \
-        fa_forward<128, CAP, 32>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale, softcap, window);              \
-    }
-FA_FORWARD_K32_V(false, _d)
-FA_FORWARD_K32_V(true, _cap_d)

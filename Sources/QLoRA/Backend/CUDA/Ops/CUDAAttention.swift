@@ -19,14 +19,11 @@ public enum AttentionKernel: String, Sendable, CaseIterable {
     case mma
     /// attention_wgmma.cu's `attention_wgmma_forward_d128` (wgmma m64n128k16).
     case wgmma
-    /// attention_mma.cu's `attention_fa_forward_k32` at d128: the mma.sync flash forward on key tiles of 32, which
-    /// fits its registers (the default's tiles of 64 spill at d128).
-    case mmaK32 = "mma-k32"
 
     /// A value of QLORA_ATTENTION.
     public init(parsing text: String) throws {
         guard let kernel = AttentionKernel(rawValue: text.lowercased()) else {
-            throw UsageError("QLORA_ATTENTION=\(text) is not an attention kernel (expected mma, mma-k32 or wgmma)")
+            throw UsageError("QLORA_ATTENTION=\(text) is not an attention kernel (expected mma or wgmma)")
         }
         self = kernel
     }
@@ -93,18 +90,9 @@ extension CUDAContext {
 
     /// Shared memory of the flash kernels (attention_mma.cu's fa_forward_shared, and fa_backward_shared up to
     /// d = 128 or fa_backward_wide_shared at 256).
-    static func flashForwardShared(_ d: Int, keys: Int? = nil) -> Int {
-        let keys = keys ?? (d > 128 ? 32 : 64)
+    static func flashForwardShared(_ d: Int) -> Int {
+        let keys = d > 128 ? 32 : 64
         return (128 + 4 * keys) * (d + 8) * 2 + 2 * keys * 4
-    }
-
-    /// Whether `kernel` itself runs this shape's flash forward (else the launcher falls back to the mma.sync default).
-    public func attentionKernelApplies(_ kernel: AttentionKernel, _ s: AttentionShape) -> Bool {
-        switch kernel {
-        case .mma: return flashAttentionFits(headDim: s.headDim)
-        case .wgmma: return wgmmaAttentionApplies(s)
-        case .mmaK32: return s.headDim == 128 && flashAttentionFits(headDim: s.headDim)
-        }
     }
     static func flashBackwardShared(_ d: Int) -> Int {
         d > 128 ? (2 * 64 + 4 * 32) * (d + 8) * 2 + 2 * 64 * 40 * 2 + 4 * 16 * 32 * 4 + 3 * 2 * 32 * 4
@@ -163,9 +151,8 @@ extension CUDAContext {
         }
         if tensorCores && flash && flashAttentionFits(headDim: s.headDim) {
             // Grid: (head, batch, query tile); the kernel takes the last query tiles (the longest rows) first.
-            let k32 = choice == .mmaK32 && attentionKernelApplies(.mmaK32, s)
-            let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_forward\(k32 ? "_k32" : "")\(s.kernelSuffix)")
-            let shared = Self.flashForwardShared(s.headDim, keys: k32 ? 32 : nil)
+            let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_forward\(s.kernelSuffix)")
+            let shared = Self.flashForwardShared(s.headDim)
             try allowSharedMemory(f, bytes: shared, op)
             try device.launch(f, grid: (s.heads, s.batch, (s.seq + 127) / 128), block: (Self.flashForwardThreads(s.headDim), 1, 1),
                               sharedMemory: shared,
