@@ -33,12 +33,12 @@ struct BenchCommand: ParsableCommand {
             help: "GPU: keep an untied input embedding in host memory and gather the rows there (on), on the GPU (off), or auto (on when untied).")
     var hostEmbedding: String = "auto"
     @Option(name: .customLong("keep-dropout-masks"),
-            help: "GPU, with --lora-dropout: keep every block's masks as bits from the forward to the backward, hashing them once a step (on or auto: when they fit), or hash them again in the backward (off).")
+            help: "GPU, with --lora-dropout: keep every block's masks as bits from the forward to the backward, hashing them once a step (on: when they fit), or hash them again in the backward (off, or auto: the default).")
     var keepDropoutMasks: String = "auto"
     @Option(name: .customLong("gpu-memory"), parsing: .unconditional, help: "GPU: behave as a card with this many GiB (the memory plan and the allocator keep within it).")
     var gpuMemory: Double?
     @Option(name: .customLong("keep-block-weights"),
-            help: "GPU: keep a block's dequantized weights from its recomputation for its backward when the memory plan has room (auto, on), or dequantize them again (off).")
+            help: "GPU: keep a block's dequantized weights from its recomputation for its backward when the memory plan has room (on), or dequantize them again (off, or auto: the default).")
     var keepBlockWeights: String = "auto"
 
     /// "on", "off" or "auto" (nil).

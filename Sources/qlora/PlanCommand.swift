@@ -63,7 +63,7 @@ struct PlanCommand: ParsableCommand {
                                                      shardedOver: world)
             // Without room for a block's dequantized weights the trainer drops back to dequantizing them again.
             let fitted = plan.fitting(budgetBytes: bytes)
-            let path = !fitted.fits(budgetBytes: bytes) ? ""
+            let path = !fitted.fits(budgetBytes: bytes) || !plan.memory.keepBlockWeights ? ""
                 : fitted.memory.keepBlockWeights ? ", a block's dequantized weights kept for its backward"
                 : ", weights dequantized again in the backward (no room to keep a block's)"
             print("  \(gib) GiB card: \(Self.verdict(fitted, budgetBytes: bytes))\(path); longest sequence at batch \(batch): "

@@ -45,11 +45,11 @@ final class KernelTargetTests: XCTestCase {
             XCTAssertTrue(error is UsageError)
             XCTAssertTrue("\(error)".contains("QLORA_ATTENTION=fa3"), "\(error)")
         }
-        setenv("QLORA_ATTENTION", "wgmma", 1)
+        setenv("QLORA_ATTENTION", "mma", 1)
         defer { unsetenv("QLORA_ATTENTION") }
-        XCTAssertEqual(try AttentionKernel.fromEnvironment(), .wgmma)
-        setenv("QLORA_ATTENTION", "", 1)
         XCTAssertEqual(try AttentionKernel.fromEnvironment(), .mma)
+        setenv("QLORA_ATTENTION", "", 1)
+        XCTAssertEqual(try AttentionKernel.fromEnvironment(), .wgmma, "wgmma where it applies is the default")
         setenv("QLORA_ATTENTION", "flash3", 1)
         XCTAssertThrowsError(try AttentionKernel.fromEnvironment())
         // The launcher's shared memory is the kernel's WG_SHARED (the same expression) and fits Hopper's 227 KB.

@@ -280,17 +280,13 @@ final class ShardedBaseTests: XCTestCase {
         XCTAssertEqual(whole.weights - two.weights, c.layerCount * blockBytes - two.baseShards - two.baseStaging)
         XCTAssertEqual(two.total - two.weights, whole.total - whole.weights, "only the base's bytes change")
         let gib = Double(1 << 30)
-        // Without room for a block's dequantized weights (1.19 GiB at 70B) the trainer drops them (`fitting`).
-        let twoFitted = two.fitting(budgetBytes: 24 << 30)
-        XCTAssertFalse(twoFitted.memory.keepBlockWeights)
-        XCTAssertEqual(Double(twoFitted.total) / gib, 25.83, accuracy: 0.01)
-        XCTAssertEqual(Double(twoFitted.spareBytes(budgetBytes: 24 << 30)) / gib, -2.71, accuracy: 0.01)
+        XCTAssertEqual(Double(two.total) / gib, 25.83, accuracy: 0.01)
+        XCTAssertEqual(Double(two.spareBytes(budgetBytes: 24 << 30)) / gib, -2.71, accuracy: 0.01)
         XCTAssertFalse(two.fits(budgetBytes: 24 << 30))
         XCTAssertTrue(two.fits(budgetBytes: 48 << 30))
         let three = CUDAMemoryPlan(config: c, tokens: 4096, rank: 16, shardedOver: 3)
         XCTAssertTrue(three.fits(budgetBytes: 24 << 30))
-        XCTAssertEqual(Double(three.spareBytes(budgetBytes: 24 << 30)) / gib, 2.35, accuracy: 0.01, "with the kept weights")
-        XCTAssertEqual(Double(three.withoutBlockWeights().spareBytes(budgetBytes: 24 << 30)) / gib, 3.54, accuracy: 0.01)
+        XCTAssertEqual(Double(three.spareBytes(budgetBytes: 24 << 30)) / gib, 3.54, accuracy: 0.01)
         // A world of one keeps the whole base in its one shard, plus the staging.
         let one = CUDAMemoryPlan(config: c, tokens: 4096, rank: 16, shardedOver: 1)
         XCTAssertGreaterThan(one.weights, whole.weights)
@@ -310,7 +306,7 @@ final class ShardedBaseTests: XCTestCase {
         XCTAssertFalse(two.err.contains("Usage:"), two.err)
         let four = try cli.qlora(args + ["--gpus", "4"])
         XCTAssertEqual(four.status, 0, four.err)
-        XCTAssertTrue(four.out.contains("24.0 GiB card: fits, 4.85 GiB to spare, a block's dequantized weights kept"), four.out)
+        XCTAssertTrue(four.out.contains("24.0 GiB card: fits, 6.04 GiB to spare"), four.out)
     }
 }
 
