@@ -155,7 +155,8 @@ final class DataParallelTests: XCTestCase {
 
     // MARK: Training
 
-    func examples(_ count: Int, seed: UInt64) -> [TokenizedExample] {
+    /// Token rows of different lengths (shared with ShardedBaseTests).
+    static func examples(_ count: Int, seed: UInt64) -> [TokenizedExample] {
         var rng = SeededGenerator(seed: seed)
         return (0..<count).map { i in
             // Different lengths, so that micro-batches count different tokens (the global normalizer matters).
@@ -165,7 +166,8 @@ final class DataParallelTests: XCTestCase {
         }
     }
 
-    func configuration(_ output: String, accumulation: Int, steps: Int = 4) -> TrainingConfiguration {
+    /// LoRA r 4 with dropout 0.1, batch 2, clipping, eval and saves every 2 steps (shared with ShardedBaseTests).
+    static func configuration(_ output: String, accumulation: Int, steps: Int = 4, shardBase: Bool = false) -> TrainingConfiguration {
         var c = TrainingConfiguration()
         c.model = TestFixtures.path("tiny-llama/base")
         c.datasets = ["synthetic"]
@@ -185,11 +187,12 @@ final class DataParallelTests: XCTestCase {
         c.maxGradNorm = 0.5
         c.optimizer = "adamw"
         c.seed = 11
+        c.shardBase = shardBase
         return c
     }
 
     func trainer(_ c: TrainingConfiguration, collective: Collective = LocalCollective()) throws -> Trainer {
-        let t = try Trainer(configuration: c, model: try LlamaForwardTests.loadTinyLlama(), train: examples(16, seed: 1), eval: examples(5, seed: 2),
+        let t = try Trainer(configuration: c, model: try LlamaForwardTests.loadTinyLlama(), train: Self.examples(16, seed: 1), eval: Self.examples(5, seed: 2),
                             padID: 0, baseDirectory: nil, collective: collective)
         t.log = { _ in }
         t.showProgress = { _ in }
@@ -206,14 +209,14 @@ final class DataParallelTests: XCTestCase {
     /// within float rounding (the ranks add their gradients in another order). Only rank 0 writes files.
     func testTwoAndFourRanksGiveTheOneProcessRun() throws {
         let singleDir = try TestFixtures.temporaryDirectory("dp-single")
-        let single = try trainer(configuration(singleDir, accumulation: 4))
+        let single = try trainer(Self.configuration(singleDir, accumulation: 4))
         _ = try single.run()
         XCTAssertEqual(single.history.count, 4)
         let singleAdapter = try adapterValues(singleDir)
         for world in [2, 4] {
             let dir = try TestFixtures.temporaryDirectory("dp-world\(world)")
             let trainers = try ThreadWorld.run(size: world) { collective -> Trainer in
-                let t = try self.trainer(self.configuration(dir, accumulation: 4 / world), collective: collective)
+                let t = try self.trainer(Self.configuration(dir, accumulation: 4 / world), collective: collective)
                 _ = try t.run()
                 return t
             }
@@ -248,20 +251,20 @@ final class DataParallelTests: XCTestCase {
     func testResumeRestoresEveryRank() throws {
         let straightDir = try TestFixtures.temporaryDirectory("dp-straight")
         let straight = try ThreadWorld.run(size: 2) { collective -> [StepRecord] in
-            let t = try self.trainer(self.configuration(straightDir, accumulation: 2), collective: collective)
+            let t = try self.trainer(Self.configuration(straightDir, accumulation: 2), collective: collective)
             _ = try t.run()
             return t.history
         }
         let dir = try TestFixtures.temporaryDirectory("dp-resumed")
         _ = try ThreadWorld.run(size: 2) { collective -> Int in
-            let t = try self.trainer(self.configuration(dir, accumulation: 2), collective: collective)
+            let t = try self.trainer(Self.configuration(dir, accumulation: 2), collective: collective)
             if collective.rank == 0 { t.shouldStop = { $0 == 2 } }  // one rank asks; every rank stops
             _ = try t.run()
             XCTAssertEqual(t.history.count, 2)
             return 0
         }
         let resumed = try ThreadWorld.run(size: 2) { collective -> [StepRecord] in
-            var c = self.configuration(dir, accumulation: 2)
+            var c = Self.configuration(dir, accumulation: 2)
             c.resume = true
             let t = try self.trainer(c, collective: collective)
             _ = try t.run()
@@ -281,10 +284,10 @@ final class DataParallelTests: XCTestCase {
     func testUnevenShardsArePadded() throws {
         let dir = try TestFixtures.temporaryDirectory("dp-uneven")
         let trainers = try ThreadWorld.run(size: 2) { collective -> Trainer in
-            var c = self.configuration(dir, accumulation: 2, steps: 0)
+            var c = Self.configuration(dir, accumulation: 2, steps: 0)
             c.maxSteps = 0
             c.epochs = 1
-            let t = try Trainer(configuration: c, model: try LlamaForwardTests.loadTinyLlama(), train: self.examples(14, seed: 1),
+            let t = try Trainer(configuration: c, model: try LlamaForwardTests.loadTinyLlama(), train: Self.examples(14, seed: 1),
                                 eval: [], padID: 0, baseDirectory: nil, collective: collective)
             t.log = { _ in }
             t.showProgress = { _ in }

@@ -111,48 +111,14 @@ final class ShardedBaseTests: XCTestCase {
 
     // MARK: Training
 
-    func examples(_ count: Int, seed: UInt64) -> [TokenizedExample] {
-        var rng = SeededGenerator(seed: seed)
-        return (0..<count).map { i in
-            let length = 6 + Int(rng.next() % 9)
-            let tokens = (0..<length).map { _ in Int(rng.next() % 900) + 10 }
-            return TokenizedExample(tokens: tokens, labels: tokens.enumerated().map { $0.offset < 2 ? -100 : $0.element }, line: i + 1)
-        }
-    }
-
-    /// DataParallelTests' run: LoRA r 4 with dropout 0.1, batch 2, 4 steps, clipping, eval and saves every 2 steps.
-    func configuration(_ output: String, accumulation: Int, shard: Bool) -> TrainingConfiguration {
-        var c = TrainingConfiguration()
-        c.model = TestFixtures.path("tiny-llama/base")
-        c.datasets = ["synthetic"]
-        c.outputDirectory = output
-        c.loraR = 4
-        c.loraAlpha = 8
-        c.loraDropout = 0.1
-        c.batchSize = 2
-        c.packing = false
-        c.gradientAccumulationSteps = accumulation
-        c.maxSteps = 4
-        c.learningRate = 5e-3
-        c.warmupSteps = 1
-        c.loggingSteps = 1
-        c.saveSteps = 2
-        c.evalSteps = 2
-        c.maxGradNorm = 0.5
-        c.optimizer = "adamw"
-        c.seed = 11
-        c.shardBase = shard
-        return c
-    }
-
     func adapterValues(_ directory: String) throws -> [String: [Float]] {
         let file = try SafeTensorsFile(path: directory + "/adapter_model.safetensors")
         return try Dictionary(uniqueKeysWithValues: file.tensors.map { ($0.name, try file.floats($0.name)) })
     }
 
     func trainer(_ c: TrainingConfiguration, collective: Collective = LocalCollective()) throws -> Trainer {
-        let t = try Trainer(configuration: c, model: try Self.nf4TinyLlama(), train: self.examples(12, seed: 1),
-                            eval: self.examples(5, seed: 2), padID: 0, baseDirectory: nil, collective: collective)
+        let t = try Trainer(configuration: c, model: try Self.nf4TinyLlama(), train: DataParallelTests.examples(12, seed: 1),
+                            eval: DataParallelTests.examples(5, seed: 2), padID: 0, baseDirectory: nil, collective: collective)
         t.log = { _ in }
         t.showProgress = { _ in }
         return t
@@ -165,20 +131,20 @@ final class ShardedBaseTests: XCTestCase {
     /// with one fewer makes an extra forward, or the all-gathers would not pair up.
     func testShardedBaseTrainsAsTheOneProcessRun() throws {
         let singleDir = try TestFixtures.temporaryDirectory("shard-single")
-        let single = try trainer(configuration(singleDir, accumulation: 6, shard: false))
+        let single = try trainer(DataParallelTests.configuration(singleDir, accumulation: 6, shardBase: false))
         _ = try single.run()
         XCTAssertEqual(single.history.count, 4)
         let singleAdapter = try self.adapterValues(singleDir)
         for world in [2, 3] {
             let plainDir = try TestFixtures.temporaryDirectory("shard-plain\(world)")
             let plain = try ThreadWorld.run(size: world) { collective -> Trainer in
-                let t = try self.trainer(self.configuration(plainDir, accumulation: 6 / world, shard: false), collective: collective)
+                let t = try self.trainer(DataParallelTests.configuration(plainDir, accumulation: 6 / world, shardBase: false), collective: collective)
                 _ = try t.run()
                 return t
             }
             let dir = try TestFixtures.temporaryDirectory("shard-world\(world)")
             let sharded = try ThreadWorld.run(size: world) { collective -> (Trainer, Int, Bool) in
-                let t = try self.trainer(self.configuration(dir, accumulation: 6 / world, shard: true), collective: collective)
+                let t = try self.trainer(DataParallelTests.configuration(dir, accumulation: 6 / world, shardBase: true), collective: collective)
                 _ = try t.run()
                 let base = try XCTUnwrap(t.model.shardedBase)
                 return (t, base.gatherCount, t.model.linearLayers.allSatisfy(\.weight.isSharded))
@@ -214,7 +180,7 @@ final class ShardedBaseTests: XCTestCase {
 
     /// Task metrics generate on rank 0 alone, which a sharded base cannot follow: refused with the way out.
     func testTaskMetricsWithAShardedBaseAreRefused() throws {
-        var c = configuration(try TestFixtures.temporaryDirectory("shard-metrics"), accumulation: 1, shard: true)
+        var c = DataParallelTests.configuration(try TestFixtures.temporaryDirectory("shard-metrics"), accumulation: 1, shardBase: true)
         c.metricForBestModel = "rouge_l"
         XCTAssertThrowsError(try trainer(c)) { error in
             XCTAssertTrue("\(error)".contains("--shard-base") && "\(error)".contains("eval_loss"), "\(error)")
