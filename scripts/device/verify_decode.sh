@@ -6,15 +6,8 @@
 #   bench    the GEMV microbenchmarks (qlora-gpu-check --only benchmarks, the nf4 gemv lines)
 #   speed    bench-decode on the 8B shape with each GEMV, stream also without PDL, each twice, interleaved
 #   profile  per-kernel split (--profile) and Nsight Compute on nf4_gemv_stream and rope_append_rows
-DIR=$1; PART=$2
-for f in qlora qlora-gpu-check; do
-  [ -e "$DIR/$f" ] || { [ -e "$DIR/$f.xz" ] && xz -dk "$DIR/$f.xz"; }
-  [ -e "$DIR/$f" ] && chmod +x "$DIR/$f"
-done
-Q=$DIR/qlora; C=$DIR/qlora-gpu-check
+source "$(dirname "$0")/binaries.sh"
 OUT=${OUT:-/tmp}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-step() { echo; echo "### $*"; }
 D="decode gemv,inference fixture,inference random,batched,family generation"
 B="--device cuda --arch llama-3.1-8b --lora-r 16 --tokens 128"
 case $PART in

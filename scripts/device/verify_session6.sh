@@ -13,14 +13,7 @@
 #   changed    fp16 and compute_86 of the groups the helpers' branches added or changed
 #   speed      dropout 0 / 0.05 on the 8B shape, decode with both GEMVs, the Gemma shapes (head dim 256 flash)
 #   unsloth    the 8B bench (dropout 0) beside Unsloth's run_unsloth.sh llama-3.1-8b (needs .refstack = ../shared/bench)
-DIR=$1; PART=$2
-for f in qlora qlora-gpu-check; do
-  [ -e "$DIR/$f" ] || { [ -e "$DIR/$f.xz" ] && xz -dk "$DIR/$f.xz"; }
-  [ -e "$DIR/$f" ] && chmod +x "$DIR/$f"
-done
-Q=$DIR/qlora; C=$DIR/qlora-gpu-check
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-step() { echo; echo "### $*"; }
+source "$(dirname "$0")/binaries.sh"
 case $PART in
 check)
   step "qlora-gpu-check --no-bench"

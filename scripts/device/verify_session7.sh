@@ -12,14 +12,7 @@
 #   unsloth    ours on the four workloads of DESIGN.md's table, then Unsloth's run_unsloth.sh as it is (needs .refstack)
 #   seeds      ours on the four workloads, then the seeds' reference_qlora.py (needs .refstack)
 #   seventy    the 70B shape at 2×2048 (the issue's 48 GB budget) and its plan
-DIR=$1; PART=$2
-for f in qlora qlora-gpu-check; do
-  [ -e "$DIR/$f" ] || { [ -e "$DIR/$f.xz" ] && xz -dk "$DIR/$f.xz"; }
-  [ -e "$DIR/$f" ] && chmod +x "$DIR/$f"
-done
-Q=$DIR/qlora; C=$DIR/qlora-gpu-check
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-step() { echo; echo "### $*"; }
+source "$(dirname "$0")/binaries.sh"
 four() { for a in smollm2-135m:4 llama-3.2-1b:4 llama-2-7b:2 llama-3.1-8b:2; do
   $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 --warmup 2 2>/dev/null | tail -1; done; }
 case $PART in
