@@ -16,6 +16,7 @@ if [ ! -e "$NVRTC_DIR/nvidia/cu13/lib/libnvrtc.so.13" ]; then
   python3 -m pip download -q --no-deps -d "$NVRTC_DIR" "nvidia-cuda-nvrtc==13.0.*"
   (cd "$NVRTC_DIR" && python3 -m zipfile -e nvidia_cuda_nvrtc-*.whl .)
 fi
-swift build -c release --product qlora-gpu-check
+# The test build's flags (-enable-testing), so that a build after `swift build --build-tests` reuses its objects.
+swift build -c release -Xswiftc -enable-testing --product qlora-gpu-check
 LD_LIBRARY_PATH="$PWD/$NVRTC_DIR/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   .build/release/qlora-gpu-check --compile-only "$TARGETS" "$@"

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Session 8's verification on the lent GPU machine (no Swift, no internet), from the repository root. PARTS is a
+# comma-separated list run in order (each writes its full output under $OUT and prints a summary).
+# Usage: scripts/device/verify_session8.sh DIR PARTS   (DIR holds qlora and qlora-gpu-check, xz'd or not)
+#   check      qlora-gpu-check --no-bench, bf16 on the card's own target
+#   changed    fp16 and compute_86 of the groups in $GROUPS (comma-separated)
+#   bench      qlora-gpu-check --only benchmarks (the kernels' microbenchmarks, old beside new)
+#   seeds      ours on the four workloads of DESIGN.md's table, then the seeds' reference_qlora.py (needs .refstack)
+#   unsloth    ours on the four workloads, then Unsloth's run_unsloth.sh as it is (needs .refstack)
+#   seventy    the 70B shape at 2×2048 under --gpu-memory 48 and its plan
+#   longctx    the 8B shape at 1×32,768 (and 1×131,072 when LONG131=1: ~2.5 minutes a step) with $ATTENTIONS
+#   decode     bench-decode on the 8B shape (LoRA r16 unmerged, 128 tokens) with each GEMV in $GEMVS
+#   ab         the 8B and 1B benches with each value of $AB_FLAG in $AB_VALUES, twice, interleaved
+source "$(dirname "$0")/binaries.sh"
+four() { for a in smollm2-135m:4 llama-3.2-1b:4 llama-2-7b:2 llama-3.1-8b:2; do
+  $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 --warmup 2 2>/dev/null | tail -1; done; }
+for part in ${PART//,/ }; do case $part in
+check)
+  step "qlora-gpu-check --no-bench"
+  (time $C --no-bench) > $OUT/check.txt 2>&1
+  grep -E "FAIL|rror" $OUT/check.txt | head -60; grep -E "passed, " $OUT/check.txt; tail -3 $OUT/check.txt ;;
+changed)
+  step "fp16: $GROUPS"
+  $C --no-bench --compute-dtype fp16 --only "$GROUPS" > $OUT/fp16.txt 2>&1; grep -E "FAIL|passed, " $OUT/fp16.txt | head -30
+  step "compute_86 (bf16): $GROUPS"
+  $C --no-bench --arch compute_86 --only "$GROUPS" > $OUT/c86.txt 2>&1; grep -E "FAIL|passed, " $OUT/c86.txt | head -30 ;;
+bench)
+  step "benchmarks"
+  $C --only benchmarks > $OUT/bench.txt 2>&1; grep -vE "^PASS" $OUT/bench.txt | tail -100 ;;
+seeds)
+  step "ours, four workloads"; four
+  step "the seeds' stack (reference_qlora.py)"
+  python3 -m zipfile -e .refstack/bitsandbytes-0.50.2-cuda130-slim.zip /tmp/bnb
+  PYTHONPATH=/tmp/bnb PYTHONUNBUFFERED=1 python3 .refstack/reference_qlora.py smollm2-135m,llama-3.2-1b,llama-2-7b,llama-3.1-8b 2>&1 | grep -E '^\{|rror' ;;
+unsloth)
+  step "ours, four workloads"; four
+  step "Unsloth (run_unsloth.sh)"; bash .refstack/run_unsloth.sh 2>&1 | grep -E '^\{|failed' ;;
+seventy)
+  step "70B plan"; $Q plan --arch llama-3.1-70b --batch 2 --seq 2048 --gpu-memory 48,80 | tail -12
+  step "70B 2×2048 under --gpu-memory 48"
+  $Q bench --device cuda --arch llama-3.1-70b --batch 2 --seq 2048 --lora-r 16 --steps 3 --warmup 1 --gpu-memory 48 2>$OUT/t70.txt | tail -1
+  grep -E "rror" $OUT/t70.txt | head ;;
+longctx)
+  for k in ${ATTENTIONS:-default}; do
+    step "QLORA_ATTENTION=$k: 8B 1×32,768"
+    if [ "$k" = default ]; then E=(); else E=(QLORA_ATTENTION=$k); fi
+    env "${E[@]}" $Q bench --device cuda --arch llama-3.1-8b --batch 1 --seq 32768 --steps 1 --warmup 1 2>/dev/null | tail -1
+    if [ "${LONG131:-0}" = 1 ]; then
+      step "QLORA_ATTENTION=$k: 8B 1×131,072 (one step, after one warm-up step)"
+      env "${E[@]}" $Q bench --device cuda --arch llama-3.1-8b --batch 1 --seq 131072 --steps 1 --warmup 1 2>/dev/null | tail -1
+    fi
+  done ;;
+decode)
+  for k in ${GEMVS:-rows mma}; do
+    step "bench-decode 8B, r16 unmerged, --gemv $k"
+    $Q bench-decode --device cuda --arch llama-3.1-8b --lora-r 16 --tokens 128 --gemv $k 2>&1 | tail -1
+  done ;;
+ab)
+  for r in 1 2; do for a in llama-3.1-8b:2 llama-3.2-1b:4; do for v in $AB_VALUES; do
+    step "$AB_FLAG $v ${a%:*}"
+    $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 $AB_FLAG $v 2>/dev/null | tail -1
+  done; done; done ;;
+*) echo "unknown part $part" ;;
+esac; done
