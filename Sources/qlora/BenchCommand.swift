@@ -9,6 +9,8 @@ struct BenchCommand: ParsableCommand {
 
     @Option(help: "Architecture: \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")).")
     var arch: String = "smollm2-135m"
+    @Option(help: "Only the first N blocks of the architecture (its layer pattern kept): a long sequence's working set and time per block without the other blocks' minutes (their weights add what the plan counts).")
+    var layers: Int?
     @Option(help: "Device: auto (the GPU when the CUDA driver loads and a GPU is present), cpu or cuda.")
     var device: String = "auto"
     @OptionGroup var computeDTypeOption: ComputeDTypeOption
@@ -58,6 +60,9 @@ struct BenchCommand: ParsableCommand {
         guard batch > 0, seq > 1, loraR > 0, steps > 0, warmup >= 0 else {
             throw ValidationError("--batch, --lora-r and --steps must be positive, --seq at least 2")
         }
+        if let layers, !(1...architecture.config.layerCount).contains(layers) {
+            throw ValidationError("--layers must be 1...\(architecture.config.layerCount) for \(arch), got \(layers)")
+        }
         guard (0..<1).contains(loraDropout) else { throw ValidationError("--lora-dropout must be in [0, 1), got \(loraDropout)") }
         guard decodeTokens >= 0 else { throw ValidationError("--decode-tokens must be a non-negative integer (0: skip), got \(decodeTokens)") }
         if let gpuMemory, !(gpuMemory > 0 && gpuMemory.isFinite) { throw ValidationError("--gpu-memory must be a positive number of GiB, got \(gpuMemory)") }
@@ -82,29 +87,38 @@ struct BenchCommand: ParsableCommand {
         }
     }
 
+    /// The architecture's configuration, cut to `--layers` blocks.
+    func config(_ architecture: Architecture) -> DecoderConfig {
+        var config = architecture.config
+        if let layers { config.layerCount = layers }
+        return config
+    }
+
     func runCPU(architecture: Architecture) throws {
-        let model = DecoderModel.random(config: architecture.config)
+        let config = config(architecture)
+        let model = DecoderModel.random(config: config)
         // The seven projections, or a fused model's four (qkv_proj, o_proj, gate_up_proj, down_proj).
         let lora = LoRAConfig(rank: loraR, alpha: Double(2 * loraR), dropout: loraDropout, targetModules: LoRAConfig.llamaProjections)
         try model.attachLoRA(lora.resolvingDefaultTargets(for: model), seed: 0)
         let training = try CPUBenchmark.training(model: model, batch: batch, sequenceLength: seq, steps: steps)
         for layer in model.linearLayers { layer.lora = nil }
         let decode = decodeTokens > 0 ? try CPUBenchmark.decode(model: model, promptLength: 16, tokens: decodeTokens) : 0
-        print(#"{"device": "cpu", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "threads": \#(CPUParallelism.threads), "tokens_per_s": \#(rounded(training.tokensPerSecond)), "step_s": \#(rounded(training.stepSeconds)), "useful_tflops": \#(rounded(training.usefulTFLOPs * 1000) / 1000), "decode_tokens_per_s": \#(rounded(decode))}"#)
+        print(#"{"device": "cpu", "arch": "\#(arch)", "layers": \#(config.layerCount), "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "threads": \#(CPUParallelism.threads), "tokens_per_s": \#(rounded(training.tokensPerSecond)), "step_s": \#(rounded(training.stepSeconds)), "useful_tflops": \#(rounded(training.usefulTFLOPs * 1000) / 1000), "decode_tokens_per_s": \#(rounded(decode))}"#)
     }
 
     func runCUDA(architecture: Architecture, context: CUDAContext) throws {
         if let gpuMemory { try context.setMemoryBudget(gib: gpuMemory) }
-        var memory = CUDATrainerMemoryOptions.automatic(for: architecture.config)
+        let config = config(architecture)
+        var memory = CUDATrainerMemoryOptions.automatic(for: config)
         if let on = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints") { memory.offloadCheckpoints = on }
         if let on = try Self.parseSwitch(hostEmbedding, "host-embedding") { memory.hostEmbedding = on }
         if let on = try Self.parseSwitch(keepDropoutMasks, "keep-dropout-masks") { memory.keepDropoutMasks = on }
         if let on = try Self.parseSwitch(keepBlockWeights, "keep-block-weights") { memory.keepBlockWeights = on }
-        let result = try CUDABenchmark.training(context: context, config: architecture.config, batch: batch, sequenceLength: seq,
+        let result = try CUDABenchmark.training(context: context, config: config, batch: batch, sequenceLength: seq,
                                                 rank: loraR, dropout: Float(loraDropout), memory: memory, warmupSteps: warmup, steps: steps)
         let gib = { (b: Int) in rounded(Double(b) / Double(1 << 30)) }
         let used = result.plan.memory
-        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "dropout_masks_kept": \#(loraDropout > 0 && used.keepDropoutMasks), "block_weights_kept": \#(used.keepBlockWeights), "offload_checkpoints": \#(used.offloadCheckpoints), "host_embedding": \#(used.hostEmbedding), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "planned_host_gib": \#(gib(result.plan.host)), "context_gib": \#(gib(context.contextBytes)), "budget_gib": \#(context.memoryBudget.map { "\(gib($0))" } ?? "null"), "loss_first": \#(result.firstLoss.isFinite ? "\(rounded(result.firstLoss * 1000) / 1000)" : "null"), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
+        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "layers": \#(config.layerCount), "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "dropout_masks_kept": \#(loraDropout > 0 && used.keepDropoutMasks), "block_weights_kept": \#(used.keepBlockWeights), "offload_checkpoints": \#(used.offloadCheckpoints), "host_embedding": \#(used.hostEmbedding), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "planned_host_gib": \#(gib(result.plan.host)), "context_gib": \#(gib(context.contextBytes)), "budget_gib": \#(context.memoryBudget.map { "\(gib($0))" } ?? "null"), "loss_first": \#(result.firstLoss.isFinite ? "\(rounded(result.firstLoss * 1000) / 1000)" : "null"), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
     }
 
     func rounded(_ x: Double) -> Double { (x * 100).rounded() / 100 }

@@ -18,6 +18,7 @@ final class CommandLineSafetyTests: XCTestCase {
             (["eval", "--data", "x.jsonl", "--batch-size", "-2"], "--batch-size must be a positive integer, got -2"),
             (["train", "--data", "x.jsonl", "--gpu-memory", "-24"], "--gpu-memory must be a positive number of GiB, got -24.0"),
             (["bench", "--gpu-memory", "0"], "--gpu-memory must be a positive number of GiB, got 0.0"),
+            (["bench", "--arch", "llama-3.1-8b", "--layers", "40"], "--layers must be 1...32 for llama-3.1-8b, got 40"),
             (["plan", "--gpu-memory", "24,-1"], "--gpu-memory: expected positive numbers of GiB separated by commas, got '24,-1'"),
         ]
         for (arguments, message) in cases {
@@ -34,6 +35,15 @@ final class CommandLineSafetyTests: XCTestCase {
         let help = try cli.qlora(["generate", "--help"])
         XCTAssertEqual(help.status, 0)
         XCTAssertTrue(help.out.contains("--temperature"), help.out)
+    }
+
+    /// `bench --layers N` times the first N blocks of the architecture (the long-sequence working set without the
+    /// other blocks' minutes).
+    func testBenchLayersCutsTheArchitecture() throws {
+        let result = try cli.qlora(["bench", "--device", "cpu", "--arch", "smollm2-135m", "--layers", "2", "--seq", "8", "--steps", "1",
+                                    "--decode-tokens", "0"])
+        XCTAssertEqual(result.status, 0, result.err)
+        XCTAssertTrue(result.out.contains(#""layers": 2,"#), result.out)
     }
 
     func testAFolderGivenAsDataSaysSo() throws {
