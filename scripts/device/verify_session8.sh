@@ -9,6 +9,9 @@
 #   unsloth    ours on the four workloads, then Unsloth's run_unsloth.sh as it is (needs .refstack)
 #   seventy    the 70B shape at 2×2048 under --gpu-memory 48 and its plan
 #   longctx    the 8B shape at 1×32,768 (and 1×131,072 when LONG131=1: ~2.5 minutes a step) with $ATTENTIONS
+#   longseq    the 8B shape's planned longest sequences for 48 and 80 GiB cards (qlora plan) on its first 2 blocks
+#              (bench --layers 2: the same working set per block; the other 30 blocks add their weights, counted by
+#              the plan, and ~15× the time: a full step would take 8-25 minutes, past a call's limit)
 #   decode     bench-decode on the 8B shape (LoRA r16 unmerged, 128 tokens) with each GEMV in $GEMVS
 #   ab         the 8B and 1B benches with each value of $AB_FLAG in $AB_VALUES, twice, interleaved
 source "$(dirname "$0")/binaries.sh"
@@ -49,6 +52,12 @@ longctx)
       step "QLORA_ATTENTION=$k: 8B 1×131,072 (one step, after one warm-up step)"
       env "${E[@]}" $Q bench --device cuda --arch llama-3.1-8b --batch 1 --seq 131072 --steps 1 --warmup 1 2>/dev/null | tail -1
     fi
+  done ;;
+longseq)
+  for gs in 48:249600 80:449280; do
+    step "8B, first 2 blocks, 1×${gs#*:} under --gpu-memory ${gs%:*}"
+    /usr/bin/time -f "host peak %M KiB, %e s" $Q bench --device cuda --arch llama-3.1-8b --layers 2 --batch 1 --seq ${gs#*:} --steps 1 --warmup 0 --gpu-memory ${gs%:*} 2>$OUT/longseq.err | tail -1
+    grep -E "rror|host peak" $OUT/longseq.err | head -5
   done ;;
 decode)
   for k in ${GEMVS:-rows mma}; do
