@@ -5,7 +5,8 @@
 #   check      qlora-gpu-check --no-bench, bf16 on the card's own target
 #   changed    fp16 and compute_86 of the groups in $GROUPS (comma-separated)
 #   bench      qlora-gpu-check --only benchmarks (the kernels' microbenchmarks, old beside new)
-#   seeds      ours on the four workloads of DESIGN.md's table, then the seeds' reference_qlora.py (needs .refstack)
+#   seeds      ours on the four workloads of DESIGN.md's table (unless unsloth ran them in this call), then the
+#              seeds' reference_qlora.py (needs .refstack)
 #   unsloth    ours on the four workloads, then Unsloth's run_unsloth.sh as it is (needs .refstack)
 #   seventy    the 70B shape at 2×2048 under --gpu-memory 48 and its plan
 #   longctx    the 8B shape at 1×32,768 (and 1×131,072 when LONG131=1: ~2.5 minutes a step) with $ATTENTIONS
@@ -31,7 +32,7 @@ bench)
   step "benchmarks"
   $C --only benchmarks > $OUT/bench.txt 2>&1; grep -vE "^PASS" $OUT/bench.txt | tail -100 ;;
 seeds)
-  step "ours, four workloads"; four
+  [[ ",$PART," == *,unsloth,* ]] || { step "ours, four workloads"; four; }
   step "the seeds' stack (reference_qlora.py)"
   python3 -m zipfile -e .refstack/bitsandbytes-0.50.2-cuda130-slim.zip /tmp/bnb
   PYTHONPATH=/tmp/bnb PYTHONUNBUFFERED=1 python3 .refstack/reference_qlora.py smollm2-135m,llama-3.2-1b,llama-2-7b,llama-3.1-8b 2>&1 | grep -E '^\{|rror' ;;
