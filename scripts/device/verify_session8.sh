@@ -13,6 +13,9 @@
 #   longseq    the 8B shape's planned longest sequences for 48 and 80 GiB cards (qlora plan) on its first 2 blocks
 #              (bench --layers 2: the same working set per block; the other 30 blocks add their weights, counted by
 #              the plan, and ~15× the time: a full step would take 8-25 minutes, past a call's limit)
+#   keepattn   the wgmma backward (QLORA_ATTENTION=wgmma) through the trainer's checks, fp16, its timings; then the 8B
+#              shape at 2×2048 and 1×32,768 and the 1B at 4×2048 with QLORA_ATTENTION wgmma-forward / wgmma and
+#              --keep-attention off / on
 #   decode     bench-decode on the 8B shape (LoRA r16 unmerged, 128 tokens) with each GEMV in $GEMVS
 #   ab         the 8B and 1B benches with each value of $AB_FLAG in $AB_VALUES, twice, interleaved
 source "$(dirname "$0")/binaries.sh"
@@ -59,6 +62,23 @@ longseq)
     step "8B, first 2 blocks, 1×${gs#*:} under --gpu-memory ${gs%:*}"
     /usr/bin/time -f "host peak %M KiB, %e s" $Q bench --device cuda --arch llama-3.1-8b --layers 2 --batch 1 --seq ${gs#*:} --steps 1 --warmup 0 --gpu-memory ${gs%:*} 2>$OUT/longseq.err | tail -1
     grep -E "rror|host peak" $OUT/longseq.err | head -5
+  done ;;
+keepattn)
+  step "QLORA_ATTENTION=wgmma: attention, training and families through the wgmma backward"
+  QLORA_ATTENTION=wgmma $C --no-bench --only "attention,training,families,memory" > $OUT/wgmma_bwd.txt 2>&1
+  grep -E "FAIL|passed, " $OUT/wgmma_bwd.txt | head -30
+  step "fp16: attention wgmma"
+  $C --no-bench --compute-dtype fp16 --only "attention wgmma" > $OUT/wgmma_fp16.txt 2>&1; grep -E "FAIL|passed, " $OUT/wgmma_fp16.txt | head
+  step "attention wgmma timings"
+  $C --only "attention wgmma" 2>&1 | grep -E "attention (forward|backward)|FAIL" | head -20
+  for a in wgmma-forward wgmma; do for k in off on; do
+    step "QLORA_ATTENTION=$a --keep-attention $k: 8B 2×2048, 1B 4×2048"
+    QLORA_ATTENTION=$a $Q bench --device cuda --arch llama-3.1-8b --batch 2 --seq 2048 --lora-r 16 --steps 5 --keep-attention $k 2>/dev/null | tail -1
+    QLORA_ATTENTION=$a $Q bench --device cuda --arch llama-3.2-1b --batch 4 --seq 2048 --lora-r 16 --steps 5 --keep-attention $k 2>/dev/null | tail -1
+  done; done
+  for ak in wgmma-forward:off wgmma:off wgmma:on; do
+    step "QLORA_ATTENTION=${ak%:*} --keep-attention ${ak#*:}: 8B 1×32,768"
+    QLORA_ATTENTION=${ak%:*} $Q bench --device cuda --arch llama-3.1-8b --batch 1 --seq 32768 --steps 1 --warmup 1 --keep-attention ${ak#*:} 2>/dev/null | tail -1
   done ;;
 decode)
   for k in ${GEMVS:-rows mma}; do
