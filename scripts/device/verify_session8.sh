@@ -81,7 +81,7 @@ keepattn)
     QLORA_ATTENTION=${ak%:*} $Q bench --device cuda --arch llama-3.1-8b --batch 1 --seq 32768 --steps 1 --warmup 1 --keep-attention ${ak#*:} 2>/dev/null | tail -1
   done ;;
 decode)
-  for k in ${GEMVS:-rows mma}; do
+  for k in ${GEMVS:-rows mma fused}; do
     step "bench-decode 8B, r16 unmerged, --gemv $k"
     $Q bench-decode --device cuda --arch llama-3.1-8b --lora-r 16 --tokens 128 --gemv $k 2>&1 | tail -1
   done ;;
