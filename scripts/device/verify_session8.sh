@@ -16,6 +16,7 @@
 #   keepattn   the wgmma backward (QLORA_ATTENTION=wgmma) through the trainer's checks, fp16, its timings; then the 8B
 #              shape at 2×2048 and 1×32,768 and the 1B at 4×2048 with QLORA_ATTENTION wgmma-forward / wgmma and
 #              --keep-attention off / on
+#   fold       the 8B and 1B shapes with --fold-lora off / on
 #   decode     bench-decode on the 8B shape (LoRA r16 unmerged, 128 tokens) with each GEMV in $GEMVS
 #   ab         the 8B and 1B benches with each value of $AB_FLAG in $AB_VALUES, twice, interleaved
 source "$(dirname "$0")/binaries.sh"
@@ -80,6 +81,11 @@ keepattn)
     step "QLORA_ATTENTION=${ak%:*} --keep-attention ${ak#*:}: 8B 1×32,768"
     QLORA_ATTENTION=${ak%:*} $Q bench --device cuda --arch llama-3.1-8b --batch 1 --seq 32768 --steps 1 --warmup 1 --keep-attention ${ak#*:} 2>/dev/null | tail -1
   done ;;
+fold)
+  for a in llama-3.1-8b:2 llama-3.2-1b:4; do for f in off on; do
+    step "--fold-lora $f ${a%:*}"
+    $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 --fold-lora $f 2>/dev/null | tail -1
+  done; done ;;
 decode)
   for k in ${GEMVS:-rows mma fused}; do
     step "bench-decode 8B, r16 unmerged, --gemv $k"
