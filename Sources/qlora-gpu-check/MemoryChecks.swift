@@ -88,6 +88,14 @@ func runMemoryChecks(_ ctx: CUDAContext) {
     let both3 = CUDATrainerMemoryOptions(offloadCheckpoints: true, checkpointSlots: 3, hostEmbedding: true)
     // The reference (allOnDevice) keeps a block's dequantized weights for its backward; this dequantizes them again.
     let dequantizeAgain = CUDATrainerMemoryOptions(offloadCheckpoints: false, hostEmbedding: false, keepBlockWeights: false)
+    // Every block's attention output and lse kept for its recomputation: each block's own on the GPU, or two slots
+    // offloaded to the host with the checkpoints.
+    func keepingAttention(_ options: CUDATrainerMemoryOptions) -> CUDATrainerMemoryOptions {
+        var kept = options
+        kept.keepAttentionOutputs = true
+        return kept
+    }
+    let attentionOnDevice = keepingAttention(.allOnDevice)
 
     /// Compares each variant's record with the all-on-GPU one (and that one with a repeat of itself).
     func compareVariants(_ name: String, _ variants: [(String, CUDATrainerMemoryOptions)],
@@ -118,7 +126,9 @@ func runMemoryChecks(_ ctx: CUDAContext) {
         let batches = [batch, firstRows(batch, 1)]
         try compareVariants("fixture", [("checkpoints offloaded, 2 slots", offload2), ("host embedding", hostOnly),
                                         ("both, 2 slots", both2), ("both, 3 slots (no checkpoint leaves)", both3),
-                                        ("weights dequantized again in the backward", dequantizeAgain)],
+                                        ("weights dequantized again in the backward", dequantizeAgain),
+                                        ("attention outputs kept on the GPU", attentionOnDevice),
+                                        ("attention outputs kept, both offloaded, 2 slots", keepingAttention(both2))],
                             make: { try CUDADecoderTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount, memory: $0) },
                             run: { try recordMemoryRun($0, batches: batches, steps: 3, dropout: false) })
         let trainer = try CUDADecoderTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount, memory: both2)
@@ -143,11 +153,14 @@ func runMemoryChecks(_ ctx: CUDAContext) {
         rehashedMasks.keepDropoutMasks = false
         let variants = [("checkpoints offloaded, 2 slots", offload2), ("checkpoints offloaded, 3 slots", offload3),
                         ("host embedding", hostOnly), ("both, 3 slots", both3), ("dropout masks rehashed", rehashedMasks),
-                        ("weights dequantized again in the backward", dequantizeAgain)]
+                        ("weights dequantized again in the backward", dequantizeAgain),
+                        ("attention outputs kept on the GPU", attentionOnDevice),
+                        ("attention outputs kept, checkpoints offloaded, 3 slots", keepingAttention(offload3))]
         try compareVariants("random 6 blocks", variants, make: make,
                             run: { try recordMemoryRun($0, batches: batches, steps: 3, dropout: true) })
         // Queued without synchronising between steps: the copies of one step overlap the next step's host work.
-        try compareVariants("random 6 blocks, no sync between steps", [("both, 2 slots", both2), ("both, 3 slots", both3)],
+        try compareVariants("random 6 blocks, no sync between steps", [("both, 2 slots", both2), ("both, 3 slots", both3),
+                                                                       ("both, 2 slots, attention outputs kept", keepingAttention(both2))],
                             make: make,
                             run: { try recordMemoryRun($0, batches: batches, steps: 4, dropout: true, synchronise: false) })
         // A tied embedding stays on the GPU whatever the options say.
@@ -187,7 +200,11 @@ func runMemoryChecks(_ ctx: CUDAContext) {
         checkTrue("peak: all on the GPU within 1 MiB of the plan",
                   abs(device.bytes - (device.plan.total - workspace)) <= 1 << 20,
                   "peak \(mib(device.bytes)), plan \(mib(device.plan.total)) less the 32 MiB cuBLASLt workspace")
+        // Kept attention outputs, offloaded: one more o and lse slot on the GPU than the block in hand's.
+        let attentionSlot = s(2 * tokens * config.qDim) + s(4 * tokens * config.headCount)
         for (label, options, expected) in [("offloaded checkpoints", offload3, (config.layerCount + 1 - 3) * checkpoint),
+                                           ("offloaded checkpoints and attention outputs", keepingAttention(offload3),
+                                            (config.layerCount + 1 - 3) * checkpoint - attentionSlot),
                                            ("host embedding", hostOnly, table),
                                            ("both", both3, (config.layerCount + 1 - 3) * checkpoint + table)] {
             let measured = try peak(options)

@@ -112,6 +112,29 @@ final class CUDAMemoryPlanTests: XCTestCase {
         XCTAssertEqual(Double(device.total - both.total) / Double(1 << 30), 1.94, accuracy: 0.01)
     }
 
+    /// Kept attention outputs: with offloaded checkpoints one more o and lse slot on the GPU and every block but the
+    /// last two on the host; without, every block's own on the GPU.
+    func testKeptAttentionOutputs() {
+        let c = Architecture.llama3_1_8b.config, n = 4096
+        let s = DeviceAllocator.sizeClass
+        let o = 2 * n * c.qDim, lse = 4 * n * c.headCount
+        let offload = CUDATrainerMemoryOptions(offloadCheckpoints: true, hostEmbedding: false)
+        var kept = offload
+        kept.keepAttentionOutputs = true
+        let plain = CUDAMemoryPlan(config: c, tokens: n, rank: 16, memory: offload)
+        let keeping = CUDAMemoryPlan(config: c, tokens: n, rank: 16, memory: kept)
+        XCTAssertEqual(keeping.total - plain.total, s(o) + s(lse))
+        XCTAssertEqual(keeping.host - plain.host, 30 * (o + lse))
+        XCTAssertTrue(keeping.description.contains("attention outputs kept (offloaded)"), keeping.description)
+        var onDevice = CUDATrainerMemoryOptions.allOnDevice
+        onDevice.keepAttentionOutputs = true
+        let device = CUDAMemoryPlan(config: c, tokens: n, rank: 16, memory: .allOnDevice)
+        let deviceKept = CUDAMemoryPlan(config: c, tokens: n, rank: 16, memory: onDevice)
+        XCTAssertEqual(deviceKept.total - device.total, 31 * (s(o) + s(lse)))
+        XCTAssertEqual(deviceKept.host, 0)
+        XCTAssertFalse(CUDATrainerMemoryOptions.automatic(for: c).keepAttentionOutputs, "off unless asked")
+    }
+
     /// A tied embedding stays on the GPU (the head reads it) whatever the options say; with no more checkpoints
     /// than slots nothing is offloaded, and the automatic choice leaves offloading off.
     func testTiedEmbeddingsAndShallowModelsStayOnTheGPU() {

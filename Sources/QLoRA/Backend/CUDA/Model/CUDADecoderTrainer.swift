@@ -177,7 +177,16 @@ public final class CUDADecoderTrainer {
     let produced: [CUDAEvent], offloadDone: [CUDAEvent], slotFree: [CUDAEvent], fetched: [CUDAEvent]
     let norm1: DeviceBuffer<UInt16>, hidden: DeviceBuffer<UInt16>, norm2: DeviceBuffer<UInt16>
     let gradient: DeviceBuffer<UInt16>, dNorm: DeviceBuffer<UInt16>
-    let q: DeviceBuffer<UInt16>, attended: DeviceBuffer<UInt16>
+    let q: DeviceBuffer<UInt16>
+    /// The attention output o of the block in hand and its log-sum-exp: `attentionOutputSlots[l % S]` for block l
+    /// (see "Kept attention outputs" below).
+    private(set) var attended: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>
+    let attentionOutputSlots: [(o: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>)]
+    /// Blocks 0 ..< offloadedAttentionCount send their o and lse to `hostAttention` (o of every such block, then
+    /// their lse), with per slot: o written, its copy to the host done, the slot free again, its copy back done.
+    let offloadedAttentionCount: Int
+    let hostAttention: PinnedHostBuffer?
+    let attentionProduced: [CUDAEvent], attentionOffloadDone: [CUDAEvent], attentionSlotFree: [CUDAEvent], attentionFetched: [CUDAEvent]
     let k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>
     /// q_proj and k_proj outputs before the q/k norms (the norms' backward reads them); nil without q/k norms.
     let qProjected: DeviceBuffer<UInt16>?, kProjected: DeviceBuffer<UInt16>?
@@ -204,7 +213,7 @@ public final class CUDADecoderTrainer {
     /// The factor the gradient buffer holds: `lossScale` of the micro-batches since the gradients were zeroed, 1 after
     /// `unscaleGradients()`.
     public private(set) var gradientScale: Float = 1
-    let lse: DeviceBuffer<Float>, delta: DeviceBuffer<Float>
+    let delta: DeviceBuffer<Float>
     let dyB: DeviceBuffer<UInt16>
     /// The fused dropout's dA partial sums (loraDropoutScratchCount of the largest linear; nil when no linear has dropout).
     let dropoutPartials: DeviceBuffer<Float>?
@@ -473,19 +482,34 @@ public final class CUDADecoderTrainer {
                     throw CUDAError(call: error.call, "could not pin \(DeviceAllocator.format(bytes)) of host memory for \(what): \(error.message)")
                 }
             }
+            func events(_ count: Int) throws -> [CUDAEvent] { try (0..<count).map { _ in try CUDAEvent(device: ctx.device, timing: false) } }
+            offloadedAttentionCount = plan.memory.offloadedAttentionOutputs(layers: c.layerCount)
+            copyStream = offloadedCount > 0 || offloadedAttentionCount > 0 ? try CUDAStream(device: ctx.device) : nil
             if offloadedCount > 0 {
                 hostCheckpoints = try pinned(offloadedCount * n * h * 2, "\(offloadedCount) offloaded gradient checkpoints")
-                copyStream = try CUDAStream(device: ctx.device)
-                func events() throws -> [CUDAEvent] { try (0..<slotCount).map { _ in try CUDAEvent(device: ctx.device, timing: false) } }
-                produced = try events(); offloadDone = try events(); slotFree = try events(); fetched = try events()
+                produced = try events(slotCount); offloadDone = try events(slotCount); slotFree = try events(slotCount); fetched = try events(slotCount)
             } else {
                 hostCheckpoints = nil
-                copyStream = nil
                 produced = []; offloadDone = []; slotFree = []; fetched = []
+            }
+            let attentionSlotCount = plan.memory.attentionOutputSlots(layers: c.layerCount)
+            let attentionSlots = try (0..<attentionSlotCount).map { _ in
+                (o: try bf16(n * c.qDim), lse: try a.buffer(Float.self, count: n * c.headCount))
+            }
+            attentionOutputSlots = attentionSlots
+            (attended, lse) = attentionSlots[0]
+            if offloadedAttentionCount > 0 {
+                hostAttention = try pinned(offloadedAttentionCount * n * (2 * c.qDim + 4 * c.headCount),
+                                           "\(offloadedAttentionCount) blocks' kept attention outputs")
+                attentionProduced = try events(2); attentionOffloadDone = try events(2)
+                attentionSlotFree = try events(2); attentionFetched = try events(2)
+            } else {
+                hostAttention = nil
+                attentionProduced = []; attentionOffloadDone = []; attentionSlotFree = []; attentionFetched = []
             }
             norm1 = try bf16(n * h); hidden = try bf16(n * h); norm2 = try bf16(n * h)
             gradient = try bf16(n * h); dNorm = try bf16(n * h)
-            q = try bf16(n * c.qDim); attended = try bf16(n * c.qDim)
+            q = try bf16(n * c.qDim)
             k = try bf16(n * c.kvDim); v = try bf16(n * c.kvDim)
             qProjected = c.qkNorm ? try bf16(n * c.qDim) : nil
             kProjected = c.qkNorm ? try bf16(n * c.kvDim) : nil
@@ -502,7 +526,6 @@ public final class CUDADecoderTrainer {
             dk = blockScratch.view(at: scratch.dk, count: n * c.kvDim)
             dv = blockScratch.view(at: scratch.dv, count: n * c.kvDim)
             dqAccumulator = blockScratch.view(as: Float.self, at: scratch.dqAccumulator, count: n * c.qDim)
-            lse = try a.buffer(Float.self, count: n * c.headCount)
             delta = try a.buffer(Float.self, count: n * c.headCount)
             dyB = try bf16(n * maxRank)
             dropoutPartials = dropout
@@ -820,8 +843,11 @@ public final class CUDADecoderTrainer {
             try norm(kOut, kNorm, into: k, rows: n * c.kvHeadCount, dim: c.headDim)
         }
         try rope(b, q: q, k: k, tokens: n, backward: false)
-        try ctx.attentionForward(q: q, k: k, v: v, into: attended, lse: lse, segments: segments, shape: attentionShape(b, batch),
-                                 flash: !deterministic)
+        // The recomputation finds o and lse kept from the forward (`keepAttentionOutputs`).
+        if output != nil || !memory.keepAttentionOutputs {
+            try ctx.attentionForward(q: q, k: k, v: v, into: attended, lse: lse, segments: segments, shape: attentionShape(b, batch),
+                                     flash: !deterministic)
+        }
         let (o, gateUp, down) = b.projectionIndices
         if let projected = attentionProjected, let outputNorm = b.attentionOutputNorm {
             try forward(o, x: attended.pointer, y: projected.pointer, accumulate: false)
@@ -941,10 +967,12 @@ public final class CUDADecoderTrainer {
         try offload(0, tokens: n)
         for (l, block) in blocks.enumerated() {
             try awaitOffload(beforeWriting: l + 1)
+            try useAttentionSlot(of: l, forward: true)
             try shardedBase?.acquire(l, next: l + 1 < blocks.count ? l + 1 : nil)
             try blockForward(block, x: slot(l), output: slot(l + 1), batch: batch, seeds: blockDropoutSeeds(l))
             try shardedBase?.release(l)
             try offload(l + 1, tokens: n)
+            try offloadAttention(l, tokens: n)
         }
 
         // Final norm, head and cross-entropy a chunk of rows at a time; dNorm receives d/d(normed).
@@ -969,12 +997,14 @@ public final class CUDADecoderTrainer {
         for l in stride(from: blocks.count - 1, through: 0, by: -1) {
             let seeds = blockDropoutSeeds(l)
             try awaitFetch(l)
+            try useAttentionSlot(of: l, forward: false)
             try shardedBase?.acquire(l, next: l > 0 ? l - 1 : nil)
             try blockForward(blocks[l], x: slot(l), output: nil, batch: batch, seeds: seeds)
             try blockBackward(blocks[l], x: slot(l), batch: batch, seeds: seeds)
             try shardedBase?.release(l)
             try afterBlockBackward?(l)
             try prefetch(l - checkpointSlots.count, tokens: n)
+            try prefetchAttention(l - 2, tokens: n)
         }
     }
 
@@ -1059,6 +1089,59 @@ public final class CUDADecoderTrainer {
     private func awaitFetch(_ l: Int) throws {
         guard l < offloadedCount else { return }
         try context.device.stream.wait(for: fetched[l % checkpointSlots.count])
+    }
+
+    // Kept attention outputs (`memory.keepAttentionOutputs`). Block l's o and lse live in attentionOutputSlots[l % S]
+    // from its forward to its backward, whose recomputation then skips the attention forward. Without offloading,
+    // S = L (each block its own, nothing to copy). With it, S = 2, and the blocks whose slot block l+2 overwrites
+    // (l < L − 2) go to pinned host memory and back on `copyStream`, ordered by events as the checkpoints are:
+    //   forward   o_l, lse_l written (main) → record attentionProduced[s] → copy waits, copies to the host →
+    //             attentionOffloadDone[s]; before block l+2's forward: main waits for attentionOffloadDone[s]
+    //   backward  blocks L−1 and L−2 find theirs still in their slots; after block l's backward, record
+    //             attentionSlotFree[s] (main) → copy waits, brings block l−2's back into slot s → attentionFetched[s];
+    //             before block l−2's recomputation: main waits for attentionFetched[s]
+    // The last fetch (block 0's or 1's) is waited for before its recomputation, so a step leaves no copy pending.
+
+    /// Points `attended` and `lse` at block l's slot; with offloading, first waits until the slot may be written
+    /// (forward: block l−2's copy out is done) or holds block l's values again (backward).
+    private func useAttentionSlot(of l: Int, forward: Bool) throws {
+        guard memory.keepAttentionOutputs else { return }
+        let s = l % attentionOutputSlots.count
+        (attended, lse) = attentionOutputSlots[s]
+        guard offloadedAttentionCount > 0 else { return }
+        if forward, l >= 2, l - 2 < offloadedAttentionCount {
+            try context.device.stream.wait(for: attentionOffloadDone[s])
+        } else if !forward, l < offloadedAttentionCount {
+            try context.device.stream.wait(for: attentionFetched[s])
+        }
+    }
+
+    /// Host offsets of block l's o and lse in `hostAttention` (room for the capacity's tokens).
+    private func hostAttentionOffsets(_ l: Int) -> (o: Int, lse: Int) {
+        let c = config, oBytes = 2 * capacityTokens * c.qDim
+        return (l * oBytes, offloadedAttentionCount * oBytes + l * 4 * capacityTokens * c.headCount)
+    }
+
+    /// After block l's forward: its o and lse to the host on the copy stream (when its slot will be overwritten).
+    private func offloadAttention(_ l: Int, tokens n: Int) throws {
+        guard l < offloadedAttentionCount, let copy = copyStream, let host = hostAttention else { return }
+        let s = l % attentionOutputSlots.count, (o, lse) = attentionOutputSlots[s], at = hostAttentionOffsets(l)
+        try attentionProduced[s].record(on: context.device.stream)
+        try copy.wait(for: attentionProduced[s])
+        try context.device.copy(toHost: host.pointer + at.o, from: o.pointer, bytes: 2 * n * config.qDim, stream: copy)
+        try context.device.copy(toHost: host.pointer + at.lse, from: lse.pointer, bytes: 4 * n * config.headCount, stream: copy)
+        try attentionOffloadDone[s].record(on: copy)
+    }
+
+    /// After block m+2's backward (the slot's last reader): block m's o and lse back into their slot.
+    private func prefetchAttention(_ m: Int, tokens n: Int) throws {
+        guard m >= 0, m < offloadedAttentionCount, let copy = copyStream, let host = hostAttention else { return }
+        let s = m % attentionOutputSlots.count, (o, lse) = attentionOutputSlots[s], at = hostAttentionOffsets(m)
+        try attentionSlotFree[s].record(on: context.device.stream)
+        try copy.wait(for: attentionSlotFree[s])
+        try context.device.copy(toDevice: o.pointer, from: host.pointer + at.o, bytes: 2 * n * config.qDim, stream: copy)
+        try context.device.copy(toDevice: lse.pointer, from: host.pointer + at.lse, bytes: 4 * n * config.headCount, stream: copy)
+        try attentionFetched[s].record(on: copy)
     }
 
     /// The loss of one batch without gradients (evaluation): the forward alone, with the block outputs passed

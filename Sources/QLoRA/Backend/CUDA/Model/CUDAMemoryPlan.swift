@@ -48,14 +48,20 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
     /// Keep each linear's dequantized weight of a block from its recomputation to its backward (one bf16 scratch
     /// per linear), when the plan has room for it: the same bits reach the same GEMMs, with fewer dequantizations.
     public var keepBlockWeights: Bool
+    /// Keep every block's attention output o and its log-sum-exp from the forward to the block's backward, so the
+    /// recomputation before it skips the attention forward (a third of the attention's time, most of a long
+    /// sequence's step): with offloaded checkpoints they go to pinned host memory beside them through two device
+    /// slots; without, each block keeps its own on the GPU.
+    public var keepAttentionOutputs: Bool
 
     public init(offloadCheckpoints: Bool, checkpointSlots: Int = 3, hostEmbedding: Bool, keepDropoutMasks: Bool = true,
-                keepBlockWeights: Bool = true) {
+                keepBlockWeights: Bool = true, keepAttentionOutputs: Bool = false) {
         self.offloadCheckpoints = offloadCheckpoints
         self.checkpointSlots = checkpointSlots
         self.hostEmbedding = hostEmbedding
         self.keepDropoutMasks = keepDropoutMasks
         self.keepBlockWeights = keepBlockWeights
+        self.keepAttentionOutputs = keepAttentionOutputs
     }
 
     /// Everything on the GPU.
@@ -76,6 +82,17 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
         offloadCheckpoints ? min(max(checkpointSlots, 2), layers + 1) : layers + 1
     }
 
+    /// Device buffers for the blocks' attention outputs (o and lse): one without `keepAttentionOutputs` (the block
+    /// in hand's), two when they are offloaded, one per block when they stay on the GPU.
+    func attentionOutputSlots(layers: Int) -> Int {
+        keepAttentionOutputs ? (offloadCheckpoints ? min(2, layers) : max(layers, 1)) : 1
+    }
+
+    /// Blocks whose attention outputs go to host memory: those whose slot a later block's forward overwrites.
+    func offloadedAttentionOutputs(layers: Int) -> Int {
+        keepAttentionOutputs && offloadCheckpoints ? max(layers - 2, 0) : 0
+    }
+
     /// Checkpoints x₀ … x_{count−1} that go to host memory: those the backward finds overwritten (the last
     /// slots − 1 block inputs and the final output stay in their slots until used).
     func offloadedCheckpoints(layers: Int) -> Int {
@@ -86,6 +103,7 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
         "checkpoints " + (offloadCheckpoints ? "offloaded to host (\(checkpointSlots) GPU slots)" : "on the GPU")
             + ", embedding " + (hostEmbedding ? "on the host" : "on the GPU")
             + (keepBlockWeights ? ", a block's dequantized weights kept for its backward" : "")
+            + (keepAttentionOutputs ? ", attention outputs kept" + (offloadCheckpoints ? " (offloaded)" : "") : "")
     }
 }
 
@@ -308,12 +326,16 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         // norms; a fused projection's output before its split.
         let variations = (c.qkNorm ? s(q) + s(kv) : 0) + (c.sandwichNorms ? 2 * s(h) : 0)
             + (c.fusedProjections ? s(2 * n * Self.fusedWidth(c)) : 0)
+        // Kept attention outputs: slots beyond the one o and lse every block uses.
+        let attentionOutput = s(q) + s(4 * n * c.headCount)
+        let keptAttention = (memory.attentionOutputSlots(layers: c.layerCount) - 1) * attentionOutput
         activations = checkpoints + 5 * s(h) + 2 * s(q) + 2 * s(kv) + s(2 * scratch.count) + 2 * s(4 * n * c.headCount)
-            + lora + 5 * s(4 * n) + variations
+            + lora + 5 * s(4 * n) + variations + keptAttention
         let oneWeight = s(2 * largest)
         blockWeightBytes = memory.keepBlockWeights ? s(2 * Self.blockWeightSlots(c).count) - oneWeight : 0
         workspace = oneWeight + blockWeightBytes + (32 << 20)
         host = memory.offloadedCheckpoints(layers: c.layerCount) * h
+            + memory.offloadedAttentionOutputs(layers: c.layerCount) * (q + 4 * n * c.headCount)
             + (memory.hostEmbedding ? 2 * c.vocabularySize * c.hiddenSize + h : 0)
     }
 
