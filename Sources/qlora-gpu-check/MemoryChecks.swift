@@ -15,7 +15,10 @@
 //                                             ((L + 1 − 3) checkpoints for offloading, the [V, H] table for the host
 //                                             embedding), and is within 1 MiB of the plan less cuBLASLt's 32 MiB
 //                                             workspace (made once per context; the plan leaves out a few small
-//                                             buffers: the absmax code map, RoPE frequencies, the loss sum)
+//                                             buffers: the absmax code map, RoPE frequencies, the loss sum); a
+//                                             trainer made for adamw or paged_adamw_8bit allocates no moments of its
+//                                             own, and the peak over a step with that CUDAOptimizer drops by what
+//                                             the plan says (paged: only a staging buffer on the GPU)
 // Bit-identical needs deterministic kernels: the trainers run with `deterministic` attention (the flash backward's
 // dQ atomics would vary the last bits), and the all-on-GPU run is repeated to show it reproduces itself.
 
@@ -212,6 +215,28 @@ func runMemoryChecks(_ ctx: CUDAContext) {
             checkTrue("peak: \(label) saves what the plan says", drop == device.plan.total - measured.plan.total && drop == expected,
                       "peak \(mib(device.bytes)) -> \(mib(measured.bytes)): \(mib(drop)) less; plan \(mib(device.plan.total - measured.plan.total)), "
                       + "expected \(mib(expected)); host \(mib(measured.plan.host))")
+        }
+        // The optimizer in use keeps its own state: the trainer made for it holds no moments, and one step through
+        // CUDAOptimizer peaks where the plan says (paged: the largest tensor's staging buffer, the rest on the host).
+        for kind in [OptimizerKind.adamw, .pagedAdamw8bit] {
+            try ctx.device.synchronize()
+            A.resetPeak()
+            let base = A.currentBytes
+            let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: tokens,
+                                               memory: .allOnDevice, optimizer: kind)
+            let optimizer = try CUDAOptimizer(context: ctx, kind: kind)
+            try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: nil)
+            try trainer.clipGradients(maxNorm: 1)
+            try optimizer.step(trainer.parameterSlots(), learningRate: 1e-4)
+            try trainer.refreshParameterCopies()
+            try trainer.forwardLoss(batch: batch)
+            _ = try trainer.lastLoss()
+            let bytes = A.peakBytes - base
+            let drop = device.bytes - bytes, planned = device.plan.total - trainer.plan.total
+            checkTrue("peak: \(kind.rawValue) state as the plan says", drop == planned && optimizer.deviceStateBytes <= trainer.plan.optimizer,
+                      "peak \(mib(device.bytes)) -> \(mib(bytes)): \(mib(drop)) less; plan \(mib(planned)) less "
+                      + "(optimizer \(mib(device.plan.optimizer)) -> \(mib(trainer.plan.optimizer)), host \(mib(trainer.plan.optimizerHost)))")
+            checkTrue("\(kind.rawValue): the trainer's own optimizerStep refuses", (try? trainer.optimizerStep(learningRate: 1e-4)) == nil)
         }
         // LoRA dropout: dA's partial sums, every block's own d(x)·Aᵀ, and the mask bits: every block's, kept from the
         // forward (the default), or one linear's, hashed again by the backward (keepDropoutMasks off).

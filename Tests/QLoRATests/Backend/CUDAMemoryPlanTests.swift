@@ -313,4 +313,112 @@ final class CUDAMemoryPlanTests: XCTestCase {
         XCTAssertEqual(CUDAMemoryPlan.largestBatch(config: Architecture.llama3_1_70b.config, sequenceLength: 2048, rank: 16, memory: nil,
                                                    budgetBytes: gib24), 0)
     }
+
+    // MARK: Optimizer state, the savers' one rule, dropout in the searches
+
+    /// The optimizer state counted as CUDAOptimizer allocates it, by kind: one region per LoRA tensor (A [r, in] and
+    /// B [out, r] of each linear); the paged kinds hold only the largest tensor's region on the GPU (a staging
+    /// buffer) and the rest in pinned host memory. 70B, r 16: paged_adamw_8bit saves the 1.63 GiB of fp32 moments.
+    func testOptimizerStateByKind() throws {
+        let c = Architecture.llama3_1_70b.config, n = 4096, r = 16
+        let s = DeviceAllocator.sizeClass
+        let shapes = CUDAMemoryPlan.linearShapes(c)
+        let tensors = (0..<c.layerCount).flatMap { _ in shapes.flatMap { [r * $0.in, $0.out * r] } }
+        let parameters = tensors.reduce(0, +)
+        XCTAssertEqual(parameters, 80 * 16 * (2 * (8192 + 8192) + 2 * (8192 + 1024) + 3 * (8192 + 28672)))
+        func eightBit(_ n: Int) -> Int { n < 4096 ? 8 * n : (2 * n + 15) / 16 * 16 + 8 * ((n + 255) / 256) }
+        let own = CUDAMemoryPlan(config: c, tokens: n, rank: r)
+        XCTAssertNil(own.optimizerKind)
+        XCTAssertEqual(own.optimizer, 2 * s(4 * parameters), "the trainer's own AdamW: two fp32 moments over the flat buffers")
+        let adamw = CUDAMemoryPlan(config: c, tokens: n, rank: r, optimizer: .adamw)
+        XCTAssertEqual(adamw.optimizer, tensors.reduce(0) { $0 + s(8 * $1) })
+        XCTAssertEqual(adamw.optimizerHost, 0)
+        let bnb = CUDAMemoryPlan(config: c, tokens: n, rank: r, optimizer: .adamw8bit)
+        XCTAssertEqual(bnb.optimizer, tensors.reduce(0) { $0 + s(eightBit($1)) } + 2 * s(1024), "8-bit regions and the two code maps")
+        let paged = CUDAMemoryPlan(config: c, tokens: n, rank: r, optimizer: .pagedAdamw8bit)
+        // down_proj's A [16, 28672] and gate/up's B [28672, 16] are the largest: 458,752 values, 931,840 bytes of state.
+        XCTAssertEqual(eightBit(458_752), 931_840)
+        XCTAssertEqual(paged.optimizer, s(931_840) + 2 * s(1024))
+        XCTAssertEqual(paged.optimizerHost, tensors.reduce(0) { $0 + eightBit($1) })
+        XCTAssertEqual(paged.host - own.host, paged.optimizerHost, "the paged state is host memory")
+        let paged32 = CUDAMemoryPlan(config: c, tokens: n, rank: r, optimizer: .pagedAdamw32bit)
+        XCTAssertEqual(paged32.optimizer, s(8 * 458_752))
+        XCTAssertEqual(paged32.optimizerHost, 8 * parameters)
+        for plan in [adamw, bnb, paged, paged32] {
+            XCTAssertEqual(plan.total - plan.optimizer, own.total - own.optimizer, "only the optimizer's bytes change")
+        }
+        XCTAssertEqual(Double(own.optimizer - paged.optimizer) / Double(1 << 30), 1.63, accuracy: 0.01)
+        XCTAssertTrue("\(paged)".contains("(paged_adamw_8bit: state ") && "\(paged)".contains("in pinned host memory"), "\(paged)")
+        XCTAssertEqual(paged.replanned(optimizer: .some(nil)).optimizer, own.optimizer)
+        // Tensors under 4096 values keep fp32 state in the 8-bit kinds: on the tiny fixture at rank 1, all of them.
+        let tiny = try DecoderConfig(directory: TestFixtures.path("tiny-llama/base"))
+        let small = CUDAMemoryPlan(config: tiny, tokens: 64, rank: 1, optimizer: .adamw8bit)
+        let smallTensors = (0..<tiny.layerCount).flatMap { _ in CUDAMemoryPlan.linearShapes(tiny).flatMap { [$0.in, $0.out] } }
+        XCTAssertTrue(smallTensors.allSatisfy { $0 < 4096 })
+        XCTAssertEqual(small.optimizer, smallTensors.reduce(0) { $0 + s(8 * $1) }, "no 8-bit tensor: no code maps either")
+    }
+
+    /// `fitting` drops the optional savers in one order: a block's kept weights first, then every block's kept
+    /// dropout masks; without dropout the masks cost nothing and are left as asked.
+    func testFittingDropsKeptWeightsThenKeptMasks() {
+        let c = Architecture.llama3_1_8b.config, n = 4096
+        func plan(weights: Bool, masks: Bool, dropout: Bool = true) -> CUDAMemoryPlan {
+            CUDAMemoryPlan(config: c, tokens: n, rank: 16, dropout: dropout,
+                           memory: CUDATrainerMemoryOptions(offloadCheckpoints: true, hostEmbedding: true, keepDropoutMasks: masks,
+                                                            keepBlockWeights: weights))
+        }
+        let both = plan(weights: true, masks: true), masksOnly = plan(weights: false, masks: true), neither = plan(weights: false, masks: false)
+        XCTAssertGreaterThan(both.total, masksOnly.total)
+        XCTAssertGreaterThan(masksOnly.total, neither.total)
+        let overhead = CUDAMemoryPlan.typicalContextBytes + CUDAMemoryPlan.safetyMarginBytes
+        let roomy = both.fitting(budgetBytes: both.total + overhead)
+        XCTAssertTrue(roomy.memory.keepBlockWeights && roomy.memory.keepDropoutMasks)
+        let first = both.fitting(budgetBytes: masksOnly.total + overhead)
+        XCTAssertFalse(first.memory.keepBlockWeights)
+        XCTAssertTrue(first.memory.keepDropoutMasks, "the kept weights go first")
+        XCTAssertEqual(first.total, masksOnly.total)
+        let second = both.fitting(budgetBytes: masksOnly.total + overhead - 1)
+        XCTAssertFalse(second.memory.keepBlockWeights || second.memory.keepDropoutMasks)
+        XCTAssertEqual(second.total, neither.total)
+        XCTAssertEqual(masksOnly.withoutKeptDropoutMasks().total, neither.total)
+        // Nothing fits: both savers dropped, the plan as small as it gets (the caller reports it).
+        XCTAssertEqual(both.fitting(budgetBytes: 1 << 30).total, neither.total)
+        let dry = plan(weights: true, masks: true, dropout: false)
+        let dryFitted = dry.fitting(budgetBytes: 1 << 30)
+        XCTAssertFalse(dryFitted.memory.keepBlockWeights)
+        XCTAssertTrue(dryFitted.memory.keepDropoutMasks, "no dropout: nothing to drop")
+        XCTAssertEqual(dryFitted.total, plan(weights: false, masks: false, dropout: false).total)
+    }
+
+    /// The searches count LoRA dropout's buffers (`qlora train` defaults to dropout 0.05) and the optimizer's state.
+    func testSearchesCountDropoutAndTheOptimizer() throws {
+        let c = Architecture.llama3_1_8b.config
+        let gib24 = 24 << 30
+        let memory = CUDATrainerMemoryOptions.automatic(for: c)
+        func fits(_ tokens: Int, dropout: Bool, optimizer: OptimizerKind?) -> Bool {
+            CUDAMemoryPlan(config: c, tokens: tokens, rank: 16, dropout: dropout, memory: memory, optimizer: optimizer)
+                .fitting(budgetBytes: gib24).fits(budgetBytes: gib24)
+        }
+        let plain = try XCTUnwrap(CUDAMemoryPlan.longestSequence(config: c, batch: 1, rank: 16, memory: memory, budgetBytes: gib24))
+        let dropped = try XCTUnwrap(CUDAMemoryPlan.longestSequence(config: c, batch: 1, rank: 16, memory: memory, budgetBytes: gib24,
+                                                                   dropout: true))
+        XCTAssertLessThan(dropped, plain, "dropout's d(x)·Aᵀ of every block, mask bits and scratch take room")
+        XCTAssertTrue(fits(dropped, dropout: true, optimizer: nil))
+        XCTAssertFalse(fits(dropped + 256, dropout: true, optimizer: nil))
+        let paged = try XCTUnwrap(CUDAMemoryPlan.longestSequence(config: c, batch: 1, rank: 16, memory: memory, budgetBytes: gib24,
+                                                                 dropout: true, optimizer: .pagedAdamw8bit))
+        // The paged state leaves the GPU (0.31 GiB here; the longest sequence moves only when that crosses one of the
+        // allocator's size classes, which grow in steps at these sizes).
+        XCTAssertGreaterThanOrEqual(paged, dropped)
+        let fp32 = CUDAMemoryPlan(config: c, tokens: dropped, rank: 16, dropout: true, memory: memory)
+        let eightBit = CUDAMemoryPlan(config: c, tokens: dropped, rank: 16, dropout: true, memory: memory, optimizer: .pagedAdamw8bit)
+        XCTAssertEqual(fp32.total - eightBit.total, fp32.optimizer - eightBit.optimizer)
+        XCTAssertGreaterThan(fp32.optimizer - eightBit.optimizer, 300 << 20)
+        XCTAssertTrue(fits(paged, dropout: true, optimizer: .pagedAdamw8bit))
+        XCTAssertFalse(fits(paged + 256, dropout: true, optimizer: .pagedAdamw8bit))
+        let batch = CUDAMemoryPlan.largestBatch(config: c, sequenceLength: 2048, rank: 16, memory: memory, budgetBytes: gib24,
+                                                dropout: true, optimizer: .pagedAdamw8bit)
+        XCTAssertTrue(fits(batch * 2048, dropout: true, optimizer: .pagedAdamw8bit))
+        XCTAssertFalse(fits((batch + 1) * 2048, dropout: true, optimizer: .pagedAdamw8bit))
+    }
 }

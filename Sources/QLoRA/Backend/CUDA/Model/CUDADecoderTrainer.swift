@@ -157,12 +157,13 @@ public final class CUDADecoderTrainer {
     let longInverseFrequencies: DeviceBuffer<Float>?
     let slidingInverseFrequencies: DeviceBuffer<Float>?
 
-    // LoRA state, flat: fp32 masters, bf16 copies for the GEMMs, fp32 gradients and AdamW moments.
+    // LoRA state, flat: fp32 masters, bf16 copies for the GEMMs, fp32 gradients, and the AdamW moments of
+    // `optimizerStep` (nil when the trainer was made for an external optimizer, which holds its own state).
     let params: DeviceBuffer<Float>
     let params16: DeviceBuffer<UInt16>
     let grads: DeviceBuffer<Float>
-    let moment1: DeviceBuffer<Float>
-    let moment2: DeviceBuffer<Float>
+    let moment1: DeviceBuffer<Float>?
+    let moment2: DeviceBuffer<Float>?
 
     // Activations (capacity N tokens).
     /// Device buffers of the gradient checkpoints, [N, H] each: x_l lives in `checkpointSlots[l % count]`. All
@@ -252,8 +253,10 @@ public final class CUDADecoderTrainer {
     /// dropout, become the trained parameters; its linear biases stay frozen). `memory`: where the checkpoints and the
     /// embedding live (nil: `CUDATrainerMemoryOptions.automatic(for:)`).
     /// `sharding`: shard the NF4 base over this communicator's ranks (every rank builds its trainer alike).
+    /// `optimizer`: the kind a `CUDAOptimizer` over `parameterSlots()` will step with (its state is its own: the
+    /// trainer then allocates no moments and the plan counts that kind's state); nil: `optimizerStep`'s fp32 AdamW.
     public convenience init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil,
-                            sharding: NCCLCollective? = nil) throws {
+                            sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil) throws {
         var ranks: [[Int]] = []
         var dropout: Float = 0
         for block in model.blocks {
@@ -273,7 +276,7 @@ public final class CUDADecoderTrainer {
         var config = model.config
         if model.head === model.embedding { config.tieWordEmbeddings = true }
         try self.init(context: context, config: config, ranks: ranks, alpha: nil, dropout: dropout > 0,
-                      capacityTokens: capacityTokens, memory: memory, source: .model(model), sharding: sharding)
+                      capacityTokens: capacityTokens, memory: memory, source: .model(model), sharding: sharding, optimizer: optimizer)
     }
 
     /// A trainer with random NF4 weights made on the GPU (for benchmarks: no checkpoint needed), LoRA rank `rank`
@@ -282,18 +285,18 @@ public final class CUDADecoderTrainer {
     /// multiplies by 1. The embedding is the same wherever it lives.
     public convenience init(context: CUDAContext, randomConfig config: DecoderConfig, rank: Int, alpha: Double, capacityTokens: Int,
                             dropout: Float = 0, seed: UInt64 = 0, memory: CUDATrainerMemoryOptions? = nil,
-                            sharding: NCCLCollective? = nil) throws {
+                            sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil) throws {
         guard dropout >= 0 && dropout < 1 else { throw UsageError("LoRA dropout \(dropout) is outside [0, 1)") }
         try self.init(context: context, config: config,
                       ranks: Array(repeating: Array(repeating: rank, count: CUDAMemoryPlan.linearShapes(config).count), count: config.layerCount),
                       alpha: alpha, dropout: dropout > 0, capacityTokens: capacityTokens, memory: memory,
-                      source: .random(seed: seed, dropout: dropout), sharding: sharding)
+                      source: .random(seed: seed, dropout: dropout), sharding: sharding, optimizer: optimizer)
     }
 
     /// `ranks[l][j]`: the LoRA rank of block l's linear j (q, k, v, o, gate, up, down, or Phi-3's qkv, o, gate_up,
     /// down; 0: no adapter); `dropout`: whether any linear drops out (then the d(x) scratch is allocated).
     init(context ctx: CUDAContext, config c: DecoderConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
-         memory: CUDATrainerMemoryOptions?, source: Source, sharding: NCCLCollective? = nil) throws {
+         memory: CUDATrainerMemoryOptions?, source: Source, sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil) throws {
         try c.checkTrainable()
         guard CUDAContext.attentionHeadDims.contains(c.headDim) else {
             throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels "
@@ -324,17 +327,12 @@ public final class CUDADecoderTrainer {
         self.embeddingScale = embeddingScale
         config = c
         capacityTokens = n
-        var plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory, shardedOver: sharding?.worldSize)
         let free = (try? ctx.availableBytes()) ?? Int.max
-        if dropout && plan.memory.keepDropoutMasks && plan.total > free - (256 << 20) {
-            // Every block's mask bits do not fit: the backward hashes the masks again instead.
-            var rehashing = plan.memory
-            rehashing.keepDropoutMasks = false
-            plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: rehashing,
-                                  shardedOver: sharding?.worldSize)
-        }
-        // Kept block weights only where they fit: else one scratch, and each product dequantizes its weight.
-        if plan.memory.keepBlockWeights && plan.total > free - (256 << 20) { plan = plan.withoutBlockWeights() }
+        // Kept block weights, then kept dropout masks, only where they fit (the plan's one rule): else one weight's
+        // scratch, each product dequantizing its weight, and masks hashed again by the backward.
+        let plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory, shardedOver: sharding?.worldSize,
+                                  optimizer: optimizer)
+            .fitting(budgetBytes: free, contextBytes: 0)
         self.plan = plan
         self.memory = plan.memory
         if plan.total > free - (256 << 20) {
@@ -364,9 +362,14 @@ public final class CUDADecoderTrainer {
             params = try a.buffer(Float.self, count: offset)
             params16 = try bf16(offset)
             grads = try a.buffer(Float.self, count: offset)
-            moment1 = try a.buffer(Float.self, count: offset)
-            moment2 = try a.buffer(Float.self, count: offset)
-            for buffer in [grads, moment1, moment2] { try buffer.fill(byte: 0) }
+            try grads.fill(byte: 0)
+            if optimizer == nil {
+                let m = try a.buffer(Float.self, count: offset), v = try a.buffer(Float.self, count: offset)
+                for buffer in [m, v] { try buffer.fill(byte: 0) }
+                (moment1, moment2) = (m, v)
+            } else {
+                (moment1, moment2) = (nil, nil)
+            }
 
             absmaxCode = try a.buffer(copying: DoubleQuantizedAbsmax.signedDynamicMap)
             func frequencies(_ rope: RopeParameters, long: Bool = false) throws -> DeviceBuffer<Float> {
@@ -1180,6 +1183,10 @@ public final class CUDADecoderTrainer {
     /// Clips the gradients to global norm `maxGradNorm` (when given), then one AdamW step at `learningRate`, then
     /// refreshes the bf16 copies. Queued without waiting.
     public func optimizerStep(learningRate: Float, weightDecay: Float = 0, maxGradNorm: Float? = 1) throws {
+        guard let moment1, let moment2 else {
+            throw UsageError("this GPU trainer was made for the optimizer \(plan.optimizerKind?.rawValue ?? "?") and holds no AdamW moments: "
+                             + "step with a CUDAOptimizer over parameterSlots()")
+        }
         try unscaleGradients()
         if let maxGradNorm { try context.clipGradients(grads, count: parameterCount, maxNorm: maxGradNorm, sumSquares: sumSquares) }
         optimizerSteps += 1

@@ -4,7 +4,13 @@
 // Device memory, N = tokens of a step, H = hidden, I = intermediate, L = blocks, V = vocabulary (bf16 unless said):
 //   weights      NF4 linears + absmax, the head [V, H], the embedding [V, H] unless it lives on the host (untied,
 //                `hostEmbedding`), the norms
-//   adapters     LoRA: fp32 masters + fp32 gradients + bf16 copies; optimizer: two fp32 moments
+//   adapters     LoRA: fp32 masters + fp32 gradients + bf16 copies
+//   optimizer    by the optimizer in use (CUDAOptimizer's layout, one region per LoRA tensor): adamw two fp32 moments;
+//                adamw_8bit two bytes per value and two fp32 absmax per 256 (tensors under 4096 values: fp32), and
+//                the two 8-bit code maps; the paged kinds keep all of it in pinned host memory and hold on the
+//                device only a staging buffer of the largest tensor's state (70B, r 16: 1.63 GiB of device memory
+//                that paged_adamw_8bit does not need). Without a kind (nil), the trainer's own fp32 AdamW
+//                (`CUDADecoderTrainer.optimizerStep`): two fp32 moments over the flat buffers.
 //   activations  gradient checkpoints: L + 1 of [N, H], or `checkpointSlots` of them when offloaded (the others
 //                wait in pinned host memory); one block's working set: 5 [N, H], q, attended, k, v, one shared
 //                region for the MLP's gate/up/activated (3 [N, I]) that the attention backward's dA, dq, dk, dv
@@ -28,7 +34,9 @@
 // of one whole block (the block in use and the next one being gathered); the embedding, head and norms stay whole on
 // every rank (bf16: the head of a 70B model is 2 × 128,256 × 8,192 bytes = 2 GiB, the same as 1/40 of its blocks).
 // Host memory (not in `total`): the offloaded checkpoints (pinned), the embedding table and its pinned staging
-// buffer for one step's rows.
+// buffer for one step's rows, a paged optimizer's state (pinned).
+// The optional savers of speed (`keepBlockWeights`, then `keepDropoutMasks`) are dropped by one rule, `fitting`,
+// which the trainer, `qlora plan` and the longest-sequence / largest-batch searches share.
 
 /// Where the GPU trainer keeps what a step does not need on the GPU all the time.
 public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvertible {
@@ -157,8 +165,12 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     public var weights: Int
     /// LoRA matrices: fp32 master, bf16 compute copy, fp32 gradients.
     public var adapters: Int
-    /// AdamW moments (two fp32 values per LoRA parameter).
+    /// Optimizer state on the device, by `optimizerKind` (a paged kind: only its staging buffer).
     public var optimizer: Int
+    /// The optimizer the plan counts (nil: the trainer's own fp32 AdamW, `CUDADecoderTrainer.optimizerStep`).
+    public var optimizerKind: OptimizerKind?
+    /// Bytes of a paged optimizer's state in pinned host memory (part of `host`; 0 for the other kinds).
+    public var optimizerHost: Int = 0
     /// Gradient checkpoints on the GPU (all, or the offload slots) plus one block's working activations and gradients.
     public var activations: Int
     /// The bf16 scratch a linear weight is dequantized into (one per linear of a block with
@@ -177,6 +189,17 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     /// With a sharded base: this rank's shards of the blocks and the two staging buffers (part of `weights`).
     public var baseShards: Int = 0
     public var baseStaging: Int = 0
+
+    /// What the plan was made for, so that `fitting` can plan again with fewer savers.
+    struct Request: Sendable {
+        var config: DecoderConfig
+        var tokens: Int
+        var ranks: [[Int]]
+        var dropout: Bool
+        var world: Int?
+        var optimizer: OptimizerKind?
+    }
+    var request: Request
 
     /// Device memory: everything but `host`.
     public var total: Int { weights + adapters + optimizer + activations + workspace }
@@ -213,9 +236,50 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         return plan
     }
 
-    /// This plan, or, when it keeps a block's dequantized weights and does not fit the budget, the plan without them.
+    /// This plan with the dropout masks hashed again by the backward instead of every block's kept from the forward
+    /// (`keepDropoutMasks` off).
+    public func withoutKeptDropoutMasks() -> CUDAMemoryPlan {
+        var options = memory
+        options.keepDropoutMasks = false
+        return replanned(memory: options)
+    }
+
+    /// The same request planned again with other options, sharding or optimizer (what a saving is measured against).
+    public func replanned(memory options: CUDATrainerMemoryOptions? = nil, shardedOver world: Int?? = nil,
+                          optimizer kind: OptimizerKind?? = nil, dropout: Bool? = nil) -> CUDAMemoryPlan {
+        let r = request
+        return CUDAMemoryPlan(config: r.config, tokens: r.tokens, ranks: r.ranks, dropout: dropout ?? r.dropout, memory: options ?? memory,
+                              shardedOver: world ?? r.world, optimizer: kind ?? r.optimizer)
+    }
+
+    /// The one rule for the optional savers of time that cost memory: while the plan does not fit the budget, drop
+    /// a block's kept dequantized weights first (0.30 GiB on the 8B shape, under 1% of tokens/s), then every block's
+    /// kept dropout masks (0.62 GiB there). The trainer, `qlora plan` and the searches all plan through it.
     public func fitting(budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes) -> CUDAMemoryPlan {
-        memory.keepBlockWeights && !fits(budgetBytes: budgetBytes, contextBytes: contextBytes) ? withoutBlockWeights() : self
+        var plan = self
+        if plan.memory.keepBlockWeights && !plan.fits(budgetBytes: budgetBytes, contextBytes: contextBytes) {
+            plan = plan.withoutBlockWeights()
+        }
+        if plan.request.dropout && plan.memory.keepDropoutMasks && !plan.fits(budgetBytes: budgetBytes, contextBytes: contextBytes) {
+            plan = plan.withoutKeptDropoutMasks()
+        }
+        return plan
+    }
+
+    /// Device and host bytes of the optimizer state for LoRA tensors of `tensors` values each, as CUDAOptimizer
+    /// allocates it (kind nil: the trainer's two fp32 moments over `flatCount` values).
+    static func optimizerBytes(_ kind: OptimizerKind?, tensors: [Int], flatCount: Int) -> (device: Int, host: Int) {
+        let s = DeviceAllocator.sizeClass
+        guard let kind else { return (2 * s(4 * flatCount), 0) }
+        let regions = tensors.map { CUDAOptimizer.TensorState.bytes(count: $0, is8bit: kind.is8bit && $0 >= AdamW8bit.minimum8bitSize) }
+        // The signed and unsigned code maps (256 fp32 each), uploaded once some tensor has 8-bit state.
+        let maps = kind.is8bit && tensors.contains(where: { $0 >= AdamW8bit.minimum8bitSize }) ? 2 * s(4 * 256) : 0
+        switch kind {
+        case .adamw, .adamw8bit:
+            return (regions.reduce(0) { $0 + s($1) } + maps, 0)
+        case .pagedAdamw8bit, .pagedAdamw32bit:
+            return ((regions.max().map(s) ?? 0) + maps, regions.reduce(0, +))
+        }
     }
 
     /// Columns of the widest fused projection output (Phi-3's qkv_proj or gate_up_proj), split after its GEMM.
@@ -265,9 +329,9 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
 
     /// The plan for LoRA rank `r` on every projection.
     public init(config c: DecoderConfig, tokens n: Int, rank r: Int, dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil,
-                shardedOver world: Int? = nil) {
+                shardedOver world: Int? = nil, optimizer: OptimizerKind? = nil) {
         self.init(config: c, tokens: n, ranks: Array(repeating: Array(repeating: r, count: Self.linearShapes(c).count), count: c.layerCount),
-                  dropout: dropout, memory: memory, shardedOver: world)
+                  dropout: dropout, memory: memory, shardedOver: world, optimizer: optimizer)
     }
 
     /// The sharded layout of one block's NF4 linears over `world` ranks (every block has the same shapes).
@@ -278,9 +342,12 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
 
     /// The plan for `ranks[l][j]`, the LoRA rank of block l's linear j (q, k, v, o, gate, up, down); `dropout`: some
     /// linear drops out (the fused dropout's fp32 dA scratch); `memory`: where checkpoints and the embedding
-    /// live (nil: `CUDATrainerMemoryOptions.automatic(for:)`; a tied embedding stays on the GPU whatever it says).
+    /// live (nil: `CUDATrainerMemoryOptions.automatic(for:)`; a tied embedding stays on the GPU whatever it says);
+    /// `optimizer`: the kind whose state is counted (nil: the trainer's own fp32 AdamW).
     public init(config c: DecoderConfig, tokens n: Int, ranks: [[Int]], dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil,
-                shardedOver world: Int? = nil) {
+                shardedOver world: Int? = nil, optimizer: OptimizerKind? = nil) {
+        request = Request(config: c, tokens: n, ranks: ranks, dropout: dropout, world: world, optimizer: optimizer)
+        optimizerKind = optimizer
         var memory = memory ?? .automatic(for: c)
         if c.tieWordEmbeddings { memory.hostEmbedding = false }
         self.memory = memory
@@ -299,9 +366,14 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
             baseStaging = 2 * s(layout.paddedBytes)
             w = baseShards + baseStaging
         }
+        // The trainer's flat LoRA buffers: every A and B on a multiple of 128 elements (CUDADecoderTrainer's layout).
         var loraParameters = 0
+        var tensors: [Int] = []  // A and B of every adapter, in the optimizer's order
         for layer in ranks {
-            for (j, r) in layer.enumerated() where j < shapes.count { loraParameters += r * (shapes[j].out + shapes[j].in) }
+            for (j, r) in layer.enumerated() where j < shapes.count && r > 0 {
+                loraParameters += (r * shapes[j].in + 127) / 128 * 128 + (shapes[j].out * r + 127) / 128 * 128
+                tensors += [r * shapes[j].in, shapes[j].out * r]
+            }
         }
         let xa = Self.largestRanks(ranks).reduce(0) { $0 + s(2 * n * $1) }
         let maxRank = ranks.joined().max() ?? 0
@@ -310,7 +382,9 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
             + ((c.sandwichNorms ? 4 : 2) * c.layerCount + 1) * s(2 * c.hiddenSize) + (c.qkNorm ? 2 * c.layerCount * s(2 * c.headDim) : 0)
         weights = w
         adapters = s(4 * loraParameters) * 2 + s(2 * loraParameters)
-        optimizer = s(4 * loraParameters) * 2
+        let state = Self.optimizerBytes(optimizer, tensors: tensors, flatCount: loraParameters)
+        self.optimizer = state.device
+        optimizerHost = state.host
         let h = 2 * n * c.hiddenSize, q = 2 * n * c.qDim, kv = 2 * n * c.kvDim
         // x·Aᵀ of one block's linears, dy·B, and the fused dropout's dA scratch.
         let droppedXA = ranks.joined().reduce(0) { $0 + ($1 > 0 ? s(2 * n * $1) : 0) }
@@ -336,14 +410,17 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         workspace = oneWeight + blockWeightBytes + (32 << 20)
         host = memory.offloadedCheckpoints(layers: c.layerCount) * h
             + memory.offloadedAttentionOutputs(layers: c.layerCount) * (q + 4 * n * c.headCount)
-            + (memory.hostEmbedding ? 2 * c.vocabularySize * c.hiddenSize + h : 0)
+            + (memory.hostEmbedding ? 2 * c.vocabularySize * c.hiddenSize + h : 0) + optimizerHost
     }
 
     public var description: String {
         let f = DeviceAllocator.format
         let sharded = shardedWorld > 1 || baseShards > 0
             ? " (base sharded over \(shardedWorld) ranks: shards \(f(baseShards)), staging \(f(baseStaging)))" : ""
-        return "weights \(f(weights))\(sharded), adapters \(f(adapters)), optimizer \(f(optimizer)), activations \(f(activations)) "
+        let state = optimizerKind.map { kind in
+            " (\(kind.rawValue)" + (optimizerHost > 0 ? ": state \(f(optimizerHost)) in pinned host memory, a staging buffer on the GPU)" : ")")
+        } ?? ""
+        return "weights \(f(weights))\(sharded), adapters \(f(adapters)), optimizer \(f(optimizer))\(state), activations \(f(activations)) "
             + "(checkpoints \(f(checkpoints))), workspace \(f(workspace)); total \(f(total)); host \(f(host)) (\(memory))"
     }
 }
@@ -370,11 +447,14 @@ extension CUDAMemoryPlan {
 
     /// The longest sequence (a multiple of `step`, at most `limit`) whose plan at `batch` rows fits the budget, or
     /// nil when not even `step` tokens do. The plan grows with the tokens of a step, so a binary search finds it.
+    /// `dropout`: LoRA dropout on (its scratch, mask bits and every block's d(x)·Aᵀ); `optimizer`: as in `init`.
     public static func longestSequence(config c: DecoderConfig, batch: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
                                        budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes,
-                                       step: Int = 256, limit: Int = 4 << 20, shardedOver world: Int? = nil) -> Int? {
+                                       step: Int = 256, limit: Int = 4 << 20, shardedOver world: Int? = nil,
+                                       dropout: Bool = false, optimizer: OptimizerKind? = nil) -> Int? {
         func fits(_ units: Int) -> Bool {
-            CUDAMemoryPlan(config: c, tokens: batch * units * step, rank: rank, memory: memory, shardedOver: world)
+            CUDAMemoryPlan(config: c, tokens: batch * units * step, rank: rank, dropout: dropout, memory: memory, shardedOver: world,
+                           optimizer: optimizer)
                 .fitting(budgetBytes: budgetBytes, contextBytes: contextBytes).fits(budgetBytes: budgetBytes, contextBytes: contextBytes)
         }
         guard fits(1) else { return nil }
@@ -389,11 +469,13 @@ extension CUDAMemoryPlan {
     /// The largest batch of `sequenceLength`-token rows that fits the budget (at most `limit`), or 0.
     public static func largestBatch(config c: DecoderConfig, sequenceLength t: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
                                     budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes,
-                                    limit: Int = 1024, shardedOver world: Int? = nil) -> Int {
+                                    limit: Int = 1024, shardedOver world: Int? = nil, dropout: Bool = false,
+                                    optimizer: OptimizerKind? = nil) -> Int {
         var lo = 0, hi = limit
         while lo < hi {
             let mid = (lo + hi + 1) / 2
-            if CUDAMemoryPlan(config: c, tokens: mid * t, rank: rank, memory: memory, shardedOver: world)
+            if CUDAMemoryPlan(config: c, tokens: mid * t, rank: rank, dropout: dropout, memory: memory, shardedOver: world,
+                              optimizer: optimizer)
                 .fitting(budgetBytes: budgetBytes, contextBytes: contextBytes).fits(budgetBytes: budgetBytes, contextBytes: contextBytes) {
                 lo = mid
             } else {
