@@ -505,7 +505,7 @@ group("lora linear") {
 group("decode gemv") {
     try checkDecodeGemv()
     try checkDecodeGemvMMA()
-    try checkDecodeGemvStream()
+    try checkDecodeGemvFused()
     try checkLoRAARows()
 }
 group("inference fixture") { try checkInferenceFixture() }
