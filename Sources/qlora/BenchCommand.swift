@@ -40,6 +40,9 @@ struct BenchCommand: ParsableCommand {
     @Option(name: .customLong("keep-block-weights"),
             help: "GPU: keep a block's dequantized weights from its recomputation for its backward when the memory plan has room (on), or dequantize them again (off, or auto: the default).")
     var keepBlockWeights: String = "auto"
+    @Option(name: .customLong("fold-lora"),
+            help: "GPU: fold the LoRA rank-r products into the base GEMMs by concatenating along K (on, or auto: the default), or run them as their own GEMMs adding onto the output (off).")
+    var foldLoRA: String = "auto"
 
     /// "on", "off" or "auto" (nil).
     static func parseSwitch(_ value: String, _ option: String) throws -> Bool? {
@@ -65,6 +68,7 @@ struct BenchCommand: ParsableCommand {
         _ = try Self.parseSwitch(hostEmbedding, "host-embedding")
         _ = try Self.parseSwitch(keepDropoutMasks, "keep-dropout-masks")
         _ = try Self.parseSwitch(keepBlockWeights, "keep-block-weights")
+        _ = try Self.parseSwitch(foldLoRA, "fold-lora")
         var chosen = device
         do {
             try architecture.config.checkCUDASupport(what: "bench --arch \(arch)")
@@ -100,11 +104,12 @@ struct BenchCommand: ParsableCommand {
         if let on = try Self.parseSwitch(hostEmbedding, "host-embedding") { memory.hostEmbedding = on }
         if let on = try Self.parseSwitch(keepDropoutMasks, "keep-dropout-masks") { memory.keepDropoutMasks = on }
         if let on = try Self.parseSwitch(keepBlockWeights, "keep-block-weights") { memory.keepBlockWeights = on }
+        if let on = try Self.parseSwitch(foldLoRA, "fold-lora") { memory.foldLoRA = on }
         let result = try CUDABenchmark.training(context: context, config: architecture.config, batch: batch, sequenceLength: seq,
                                                 rank: loraR, dropout: Float(loraDropout), memory: memory, warmupSteps: warmup, steps: steps)
         let gib = { (b: Int) in rounded(Double(b) / Double(1 << 30)) }
         let used = result.plan.memory
-        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "dropout_masks_kept": \#(loraDropout > 0 && used.keepDropoutMasks), "block_weights_kept": \#(used.keepBlockWeights), "offload_checkpoints": \#(used.offloadCheckpoints), "host_embedding": \#(used.hostEmbedding), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "planned_host_gib": \#(gib(result.plan.host)), "context_gib": \#(gib(context.contextBytes)), "budget_gib": \#(context.memoryBudget.map { "\(gib($0))" } ?? "null"), "loss_first": \#(result.firstLoss.isFinite ? "\(rounded(result.firstLoss * 1000) / 1000)" : "null"), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
+        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "dropout_masks_kept": \#(loraDropout > 0 && used.keepDropoutMasks), "block_weights_kept": \#(used.keepBlockWeights), "lora_folded": \#(used.foldLoRA), "offload_checkpoints": \#(used.offloadCheckpoints), "host_embedding": \#(used.hostEmbedding), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "planned_host_gib": \#(gib(result.plan.host)), "context_gib": \#(gib(context.contextBytes)), "budget_gib": \#(context.memoryBudget.map { "\(gib($0))" } ?? "null"), "loss_first": \#(result.firstLoss.isFinite ? "\(rounded(result.firstLoss * 1000) / 1000)" : "null"), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
     }
 
     func rounded(_ x: Double) -> Double { (x * 100).rounded() / 100 }
