@@ -47,6 +47,9 @@ struct BenchCommand: ParsableCommand {
     @Option(name: .customLong("keep-attention"),
             help: "GPU: keep every block's attention output and log-sum-exp from the forward for its backward, offloaded to host memory with the checkpoints (on), so the recomputation skips the attention forward, or recompute it (off, or auto: the default).")
     var keepAttention: String = "auto"
+    @Option(name: .customLong("fold-lora"),
+            help: "GPU: fold the LoRA rank-r products into the base GEMMs by concatenating along K (on), or run them as their own GEMMs adding onto the output (off, or auto: the default until measured).")
+    var foldLoRA: String = "auto"
 
     /// "on", "off" or "auto" (nil).
     static func parseSwitch(_ value: String, _ option: String) throws -> Bool? {
@@ -77,6 +80,7 @@ struct BenchCommand: ParsableCommand {
         _ = try Self.parseSwitch(keepDropoutMasks, "keep-dropout-masks")
         _ = try Self.parseSwitch(keepBlockWeights, "keep-block-weights")
         _ = try Self.parseSwitch(keepAttention, "keep-attention")
+        _ = try Self.parseSwitch(foldLoRA, "fold-lora")
         var chosen = device
         do {
             try architecture.config.checkCUDASupport(what: "bench --arch \(arch)")
@@ -122,12 +126,13 @@ struct BenchCommand: ParsableCommand {
         if let on = try Self.parseSwitch(keepDropoutMasks, "keep-dropout-masks") { memory.keepDropoutMasks = on }
         if let on = try Self.parseSwitch(keepBlockWeights, "keep-block-weights") { memory.keepBlockWeights = on }
         if let on = try Self.parseSwitch(keepAttention, "keep-attention") { memory.keepAttentionOutputs = on }
+        if let on = try Self.parseSwitch(foldLoRA, "fold-lora") { memory.foldLoRA = on }
         let result = try CUDABenchmark.training(context: context, config: config, batch: batch, sequenceLength: seq,
                                                 rank: loraR, dropout: Float(loraDropout), memory: memory,
                                                 optimizer: try optimizer.map(OptimizerKind.parse), warmupSteps: warmup, steps: steps)
         let gib = { (b: Int) in rounded(Double(b) / Double(1 << 30)) }
         let used = result.plan.memory
-        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "layers": \#(config.layerCount), "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "optimizer": "\#(optimizer ?? "fused_adamw")", "dropout_masks_kept": \#(loraDropout > 0 && used.keepDropoutMasks), "block_weights_kept": \#(used.keepBlockWeights), "attention_outputs_kept": \#(used.keepAttentionOutputs), "offload_checkpoints": \#(used.offloadCheckpoints), "host_embedding": \#(used.hostEmbedding), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "planned_host_gib": \#(gib(result.plan.host)), "context_gib": \#(gib(context.contextBytes)), "budget_gib": \#(context.memoryBudget.map { "\(gib($0))" } ?? "null"), "loss_first": \#(result.firstLoss.isFinite ? "\(rounded(result.firstLoss * 1000) / 1000)" : "null"), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
+        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "layers": \#(config.layerCount), "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "optimizer": "\#(optimizer ?? "fused_adamw")", "dropout_masks_kept": \#(loraDropout > 0 && used.keepDropoutMasks), "block_weights_kept": \#(used.keepBlockWeights), "attention_outputs_kept": \#(used.keepAttentionOutputs), "lora_folded": \#(used.foldLoRA), "offload_checkpoints": \#(used.offloadCheckpoints), "host_embedding": \#(used.hostEmbedding), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "planned_host_gib": \#(gib(result.plan.host)), "context_gib": \#(gib(context.contextBytes)), "budget_gib": \#(context.memoryBudget.map { "\(gib($0))" } ?? "null"), "loss_first": \#(result.firstLoss.isFinite ? "\(rounded(result.firstLoss * 1000) / 1000)" : "null"), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
     }
 
     func rounded(_ x: Double) -> Double { (x * 100).rounded() / 100 }

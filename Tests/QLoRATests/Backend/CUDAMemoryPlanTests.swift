@@ -37,12 +37,14 @@ final class CUDAMemoryPlanTests: XCTestCase {
     /// Keeping a block's dequantized weights: one scratch per linear (8B: q, o 4096², k, v 1024 × 4096, gate, up,
     /// down 14336 × 4096, 436 MB in all) instead of the largest weight's (117 MB); under a budget that cannot hold
     /// them the plan drops back to one scratch, and the searches for the longest sequence and largest batch take
-    /// that fallback (so they find what they found before).
+    /// that fallback (so they find what they found before). Unfolded weights (the folded ones' slots:
+    /// testFoldedLoRALayoutAndItsBytes).
     func testKeptBlockWeightsAndTheFallback() {
         let c = Architecture.llama3_1_8b.config, n = 4096
         let s = DeviceAllocator.sizeClass
         let kept = CUDAMemoryPlan(config: c, tokens: n, rank: 16,
-                                  memory: CUDATrainerMemoryOptions(offloadCheckpoints: true, hostEmbedding: true, keepBlockWeights: true))
+                                  memory: CUDATrainerMemoryOptions(offloadCheckpoints: true, hostEmbedding: true, keepBlockWeights: true,
+                                                                   foldLoRA: false))
         XCTAssertTrue(kept.memory.keepBlockWeights)
         XCTAssertFalse(CUDAMemoryPlan(config: c, tokens: n, rank: 16).memory.keepBlockWeights, "off by default")
         let slots = CUDAMemoryPlan.blockWeightSlots(c)
@@ -54,7 +56,8 @@ final class CUDAMemoryPlanTests: XCTestCase {
         XCTAssertEqual(kept.blockWeightBytes, s(2 * elements) - s(2 * 14336 * 4096))
         XCTAssertEqual(Double(2 * elements) / 1e6, 436.2, accuracy: 0.1)
         let again = CUDAMemoryPlan(config: c, tokens: n, rank: 16,
-                                   memory: CUDATrainerMemoryOptions(offloadCheckpoints: true, hostEmbedding: true, keepBlockWeights: false))
+                                   memory: CUDATrainerMemoryOptions(offloadCheckpoints: true, hostEmbedding: true, keepBlockWeights: false,
+                                                                    foldLoRA: false))
         XCTAssertEqual(again.blockWeightBytes, 0)
         XCTAssertEqual(kept.total - again.total, kept.blockWeightBytes)
         XCTAssertEqual(kept.withoutBlockWeights().total, again.total)
@@ -258,6 +261,69 @@ final class CUDAMemoryPlanTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(wider.optimizer, 8 * (lora + extra))
         XCTAssertLessThan(Double(wider.optimizer), Double(8 * (lora + extra)) * 4 / 3)
         XCTAssertGreaterThan(wider.activations, plain.activations)
+    }
+
+    /// The folded LoRA (LoRAFoldLayout): where each x·Aᵀ sits after its input's row, each product's K, and exactly
+    /// what the plan adds for it (norm1 and norm2 rows of H + 3r and H + 2r, activated rows of I + r, each weight
+    /// scratch rows of its widest K).
+    func testFoldedLoRALayoutAndItsBytes() {
+        let c = Architecture.llama3_1_8b.config, n = 4096, h = c.hiddenSize, i = c.intermediateSize
+        let layout = LoRAFoldLayout(config: c, ranks: Array(repeating: 16, count: 7))
+        XCTAssertEqual(layout.tailStart, [0, 16, 32, nil, 0, 16, 0])
+        XCTAssertEqual(layout.inputStride, [h + 48, h + 48, h + 48, c.qDim, h + 32, h + 32, i + 16])
+        XCTAssertEqual(layout.groupColumns, [48, 32, 16])
+        XCTAssertEqual((0..<7).map { layout.foldedK($0, in: CUDAMemoryPlan.linearShapes(c)[$0].in, rank: 16) },
+                       [h + 16, h + 32, h + 48, c.qDim, h + 16, h + 32, i + 16])
+        // Adapters on some projections: k (rank 0) takes no columns but reads norm1's rows as they are; gate none.
+        let gaps = LoRAFoldLayout(config: c, ranks: [8, 0, 4, 8, 0, 8, 0])
+        XCTAssertEqual(gaps.tailStart, [0, nil, 8, nil, nil, 0, nil])
+        XCTAssertEqual(gaps.groupColumns, [12, 8, 0])
+        XCTAssertEqual(gaps.inputStride, [h + 12, h + 12, h + 12, c.qDim, h + 8, h + 8, i])
+        XCTAssertEqual(gaps.foldedK(1, in: h, rank: 0), h)
+        // The buffers are sized by the widest block.
+        XCTAssertEqual(LoRAFoldLayout.widestColumns(c, ranks: [[8, 0, 4, 8, 0, 8, 0], Array(repeating: 16, count: 7)]), [48, 32, 16])
+        XCTAssertEqual(LoRAFoldLayout.widestK(c, ranks: [[8, 0, 4, 8, 0, 8, 0], [4, 4, 4, 4, 4, 4, 4]]),
+                       [h + 8, h + 8, h + 12, c.qDim, h + 4, h + 8, i + 4])
+        // Phi-3's fused projections: qkv, gate_up and down each alone.
+        if let phi = Architecture.allCases.map(\.config).first(where: { $0.fusedProjections }) {
+            let fused = LoRAFoldLayout(config: phi, ranks: [16, 16, 16, 16])
+            XCTAssertEqual(fused.tailStart, [0, nil, 0, 0])
+            XCTAssertEqual(fused.groupColumns, [16, 16, 16])
+        }
+        // The plan with and without: exactly the wider buffers.
+        let s = DeviceAllocator.sizeClass
+        var off = CUDATrainerMemoryOptions.automatic(for: c)
+        XCTAssertFalse(off.foldLoRA, "off until measured on the GPU")
+        var on = off
+        on.foldLoRA = true
+        let folded = CUDAMemoryPlan(config: c, tokens: n, rank: 16, memory: on), plain = CUDAMemoryPlan(config: c, tokens: n, rank: 16, memory: off)
+        XCTAssertTrue(folded.memory.foldLoRA)
+        XCTAssertTrue("\(folded)".contains("LoRA folded"), "\(folded)")
+        XCTAssertFalse("\(plain)".contains("LoRA folded"), "\(plain)")
+        let scratch = s(2 * BlockScratchLayout(config: c, tokens: n, foldedColumns: 16).count) - s(2 * BlockScratchLayout(config: c, tokens: n).count)
+        XCTAssertEqual(BlockScratchLayout(config: c, tokens: n, foldedColumns: 16).activated + n * (i + 16),
+                       BlockScratchLayout(config: c, tokens: n, foldedColumns: 16).count)
+        XCTAssertEqual(folded.activations - plain.activations,
+                       s(2 * n * (h + 48)) - s(2 * n * h) + s(2 * n * (h + 32)) - s(2 * n * h) + scratch)
+        // One weight's scratch: gate's rows of H + 32 (14336 × 4128) are the largest.
+        XCTAssertEqual(folded.workspace - plain.workspace, s(2 * i * (h + 32)) - s(2 * i * h))
+        XCTAssertEqual(folded.weights, plain.weights)
+        // Kept block weights: every slot with its folded rows.
+        var keeping = off
+        keeping.keepBlockWeights = true
+        var keepingFolded = keeping
+        keepingFolded.foldLoRA = true
+        let keptPlain = CUDAMemoryPlan(config: c, tokens: n, rank: 16, memory: keeping)
+        let keptFolded = CUDAMemoryPlan(config: c, tokens: n, rank: 16, memory: keepingFolded)
+        let widths = LoRAFoldLayout.widestK(c, ranks: Array(repeating: Array(repeating: 16, count: 7), count: c.layerCount))
+        XCTAssertEqual(CUDAMemoryPlan.blockWeightSlots(c, columns: widths).count,
+                       zip(CUDAMemoryPlan.linearShapes(c), widths).map { ($0.0.out * $0.1 + 127) / 128 * 128 }.reduce(0, +))
+        XCTAssertEqual(keptFolded.blockWeightBytes, s(2 * CUDAMemoryPlan.blockWeightSlots(c, columns: widths).count) - s(2 * i * (h + 32)))
+        XCTAssertEqual(keptFolded.workspace - keptPlain.workspace,
+                       s(2 * CUDAMemoryPlan.blockWeightSlots(c, columns: widths).count) - s(2 * CUDAMemoryPlan.blockWeightSlots(c).count))
+        // 1.7 MB of wider rows on the 8B shape at 2 × 2048; the allocator's size classes round norm1, norm2 and the
+        // weight scratch up to their next class: 16 MiB.
+        XCTAssertEqual(folded.total - plain.total, (4 + 4 + 8) << 20)
     }
 
     /// The loss chunk's logits live in the block's shared region: as many rows as the MLP's region holds, at most

@@ -61,9 +61,14 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
     /// sequence's step): with offloaded checkpoints they go to pinned host memory beside them through two device
     /// slots; without, each block keeps its own on the GPU.
     public var keepAttentionOutputs: Bool
+    /// Fold the LoRA rank-r products into the base GEMMs by concatenating along K (LoRAFoldLayout.swift): the inputs
+    /// of q, k, v, gate, up and down get rows of in + R values (their x·Aᵀ after x), each weight scratch rows of
+    /// in + its tail (W, then s·B), and y is written once by one GEMM (o_proj apart; the backward's s·dyB·A apart).
+    public var foldLoRA: Bool
 
     public init(offloadCheckpoints: Bool, checkpointSlots: Int = 3, hostEmbedding: Bool, keepDropoutMasks: Bool = true,
-                keepBlockWeights: Bool = true, keepAttentionOutputs: Bool = false) {
+                keepBlockWeights: Bool = true, keepAttentionOutputs: Bool = false, foldLoRA: Bool = false) {
+        self.foldLoRA = foldLoRA
         self.offloadCheckpoints = offloadCheckpoints
         self.checkpointSlots = checkpointSlots
         self.hostEmbedding = hostEmbedding
@@ -112,6 +117,7 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
             + ", embedding " + (hostEmbedding ? "on the host" : "on the GPU")
             + (keepBlockWeights ? ", a block's dequantized weights kept for its backward" : "")
             + (keepAttentionOutputs ? ", attention outputs kept" + (offloadCheckpoints ? " (offloaded)" : "") : "")
+            + (foldLoRA ? ", LoRA folded into the base GEMMs" : "")
     }
 }
 
@@ -134,7 +140,8 @@ struct BlockScratchLayout: Equatable {
     /// Elements of the whole region (the largest of the three phases).
     var count = 0
 
-    init(config c: DecoderConfig, tokens n: Int) {
+    /// `foldedColumns`: x·Aᵀ columns after each row of `activated` (folded LoRA: down_proj's R; rows of I + R).
+    init(config c: DecoderConfig, tokens n: Int, foldedColumns: Int = 0) {
         var end = 0
         func take(_ elements: Int) -> Int {
             let start = end
@@ -143,7 +150,7 @@ struct BlockScratchLayout: Equatable {
         }
         gate = take(n * c.intermediateSize)
         up = take(n * c.intermediateSize)
-        activated = take(n * c.intermediateSize)
+        activated = take(n * (c.intermediateSize + foldedColumns))
         let mlp = end
         end = 0
         dAttended = take(n * c.qDim)
@@ -217,11 +224,12 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
 
     /// Element offsets of each linear's dequantized weight in the scratch that keeps a block's weights (each on a
     /// 256-byte boundary), and the scratch's elements.
-    static func blockWeightSlots(_ c: DecoderConfig) -> (offsets: [Int], count: Int) {
+    /// `columns[j]`: linear j's row length in its scratch (folded LoRA: LoRAFoldLayout.widestK; default `in`).
+    static func blockWeightSlots(_ c: DecoderConfig, columns: [Int]? = nil) -> (offsets: [Int], count: Int) {
         var end = 0
-        let offsets = linearShapes(c).map { shape -> Int in
+        let offsets = linearShapes(c).enumerated().map { (j, shape) -> Int in
             let start = end
-            end = (end + shape.out * shape.in + 127) / 128 * 128
+            end = (end + shape.out * (columns?[j] ?? shape.in) + 127) / 128 * 128
             return start
         }
         return (offsets, end)
@@ -393,7 +401,12 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         let lora = xa + s(2 * n * maxRank)
             + (dropout ? s(4 * Self.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks)) + s(maskBits) + droppedXA : 0)
         checkpoints = memory.deviceCheckpoints(layers: c.layerCount) * s(h)
-        let scratch = BlockScratchLayout(config: c, tokens: n)
+        // Folded LoRA: norm1, norm2 and activated have rows of in + R, each weight scratch rows of its widest K.
+        let foldColumns = memory.foldLoRA ? LoRAFoldLayout.widestColumns(c, ranks: ranks) : [0, 0, 0]
+        let weightColumns = memory.foldLoRA ? LoRAFoldLayout.widestK(c, ranks: ranks) : shapes.map(\.in)
+        largest = zip(shapes, weightColumns).map { $0.0.out * $0.1 }.max() ?? largest
+        let n1 = 2 * n * (c.hiddenSize + foldColumns[0]), n2 = 2 * n * (c.hiddenSize + foldColumns[1])
+        let scratch = BlockScratchLayout(config: c, tokens: n, foldedColumns: foldColumns[2])
         // norm1, hidden, norm2, gradient, dNorm; q, attended; k, v; the shared MLP / attention-gradient / logits region;
         // lse, delta; rowLoss, token ids, targets, positions, segments.
         // The variations' buffers: q and k before their norms; o_proj's and down_proj's outputs before the sandwich
@@ -403,10 +416,10 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         // Kept attention outputs: slots beyond the one o and lse every block uses.
         let attentionOutput = s(q) + s(4 * n * c.headCount)
         let keptAttention = (memory.attentionOutputSlots(layers: c.layerCount) - 1) * attentionOutput
-        activations = checkpoints + 5 * s(h) + 2 * s(q) + 2 * s(kv) + s(2 * scratch.count) + 2 * s(4 * n * c.headCount)
+        activations = checkpoints + 3 * s(h) + s(n1) + s(n2) + 2 * s(q) + 2 * s(kv) + s(2 * scratch.count) + 2 * s(4 * n * c.headCount)
             + lora + 5 * s(4 * n) + variations + keptAttention
         let oneWeight = s(2 * largest)
-        blockWeightBytes = memory.keepBlockWeights ? s(2 * Self.blockWeightSlots(c).count) - oneWeight : 0
+        blockWeightBytes = memory.keepBlockWeights ? s(2 * Self.blockWeightSlots(c, columns: weightColumns).count) - oneWeight : 0
         workspace = oneWeight + blockWeightBytes + (32 << 20)
         host = memory.offloadedCheckpoints(layers: c.layerCount) * h
             + memory.offloadedAttentionOutputs(layers: c.layerCount) * (q + 4 * n * c.headCount)
