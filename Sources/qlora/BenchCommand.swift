@@ -45,10 +45,10 @@ struct BenchCommand: ParsableCommand {
             help: "GPU: keep a block's dequantized weights from its recomputation for its backward when the memory plan has room (on), or dequantize them again (off, or auto: the default).")
     var keepBlockWeights: String = "auto"
     @Option(name: .customLong("keep-attention"),
-            help: "GPU: keep every block's attention output and log-sum-exp from the forward for its backward, offloaded to host memory with the checkpoints (on), so the recomputation skips the attention forward, or recompute it (off, or auto: the default).")
+            help: "GPU: keep every block's attention output and log-sum-exp from the forward for its backward, offloaded to host memory with the checkpoints (on, or auto: the default where checkpoints are offloaded), so the recomputation skips the attention forward, or recompute it (off).")
     var keepAttention: String = "auto"
     @Option(name: .customLong("fold-lora"),
-            help: "GPU: fold the LoRA rank-r products into the base GEMMs by concatenating along K (on), or run them as their own GEMMs adding onto the output (off, or auto: the default until measured).")
+            help: "GPU: fold the LoRA rank-r products into the base GEMMs by concatenating along K (on, or auto: the default), or run them as their own GEMMs adding onto the output (off).")
     var foldLoRA: String = "auto"
 
     /// "on", "off" or "auto" (nil).

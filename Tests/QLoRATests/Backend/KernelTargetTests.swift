@@ -53,7 +53,7 @@ final class KernelTargetTests: XCTestCase {
         defer { unsetenv("QLORA_ATTENTION") }
         XCTAssertEqual(try AttentionKernel.fromEnvironment(), .mma)
         setenv("QLORA_ATTENTION", "", 1)
-        XCTAssertEqual(try AttentionKernel.fromEnvironment(), .wgmmaForward, "the wgmma forward where it applies is the default")
+        XCTAssertEqual(try AttentionKernel.fromEnvironment(), .wgmma, "the wgmma forward and backward where they apply are the default")
         setenv("QLORA_ATTENTION", "wgmma", 1)
         XCTAssertEqual(try AttentionKernel.fromEnvironment(), .wgmma)
         setenv("QLORA_ATTENTION", "flash3", 1)

@@ -42,7 +42,7 @@ public enum AttentionKernel: String, Sendable, CaseIterable {
     /// QLORA_ATTENTION's choice: wgmma-forward when it is unset or empty (the launcher runs mma where wgmma does not
     /// apply).
     public static func fromEnvironment() throws -> AttentionKernel {
-        guard let text = getenv("QLORA_ATTENTION").map({ String(cString: $0) }), !text.isEmpty else { return .wgmmaForward }
+        guard let text = getenv("QLORA_ATTENTION").map({ String(cString: $0) }), !text.isEmpty else { return .wgmma }
         return try AttentionKernel(parsing: text)
     }
 }
