@@ -4,8 +4,16 @@ CUDADecoderTrainer.forwardBackward launches (forward, recomputation without down
 and turns it into milliseconds at an assumed GEMM rate and memory bandwidth. docs/PERFORMANCE.md (session 7) holds
 its output for the 1B and 8B shapes. Counts, not measurements: the profile (Nsight Compute) is the judge.
 
-Usage: python3 scripts/count_step_work.py
+With --fold, also the LoRA traffic with the rank-r products folded into the base GEMMs (CUDATrainerMemoryOptions.foldLoRA,
+Model/LoRAFoldLayout.swift): the forward and the recomputation no longer re-read and re-write y for q, k, v, gate, up,
+down (o_proj stays apart), for K grown by each folded linear's tail (its x·Aᵀ and those before it in its group).
+
+Usage: python3 scripts/count_step_work.py [--fold] [--rank R]
 """
+import sys
+FOLD = "--fold" in sys.argv
+R = int(sys.argv[sys.argv.index("--rank") + 1]) if "--rank" in sys.argv else 16
+
 def shape(name, L, H, I, q, kv, V, N, hd, heads, B, S):
     lin = [(q,H),(kv,H),(kv,H),(H,q),(I,H),(I,H),(H,I)]  # (out,in)
     P = sum(o*i for o,i in lin)
@@ -24,6 +32,26 @@ def shape(name, L, H, I, q, kv, V, N, hd, heads, B, S):
         bwd = 2*o + i + 2*i
         lora += 2*N*(fwd+rec+bwd)
     lora *= L
+    # Folded (no dropout): per pass, each folded linear's x·Aᵀ reads x and writes r columns into it, its base GEMM reads
+    # tail + r more columns of x and of the weight, and y is written once by the base GEMM: 2·o bytes per token saved.
+    # Groups: q, k, v (tails 0, r, 2r); gate, up (0, r); down (0); o_proj apart. The weight scratch's tail (out × (tail
+    # + r)) is written by lora_fold_tail and read by the GEMM: counted with the dequantization's bytes.
+    tails = [0, R, 2*R, None, 0, R, 0]
+    lora_folded = 0
+    fold_flops = 0
+    for j,(o,i) in enumerate(lin):
+        t = tails[j]
+        if t is None:
+            fwd = i + 2*o; rec = i + 2*o
+        else:
+            fwd = i + (t + R)
+            rec = i + (0 if j==6 else (t + R))
+            fold_flops += 2*N*o*(t + R) * (1 if j==6 else 2)  # forward, and the recomputation but for down_proj's
+        bwd = 2*o + i + 2*i
+        lora_folded += 2*N*(fwd+rec+bwd)
+    lora_folded *= L
+    fold_flops *= L
+    fold_tail_bytes = L*2*sum(o*((tails[j] or 0) + R)*2 for j,(o,i) in enumerate(lin) if tails[j] is not None)*2
     # CE: logits chunk written by GEMM, read+written by CE kernel, read by dNorm GEMM: 4 * N*V*2 bytes
     ce = 4*N*V*2
     # dequantization, 0.5 + 2 bytes per element (+ absmax codes): before, 20 per block (forward 7, recomputation 6,
@@ -35,9 +63,11 @@ def shape(name, L, H, I, q, kv, V, N, hd, heads, B, S):
     # rmsnorm: 2 per block fwd (+rec) read x write y, bwd read x, dy, (dx accum r/w) ~ 4
     rms = L*N*H*2*(2*2*2 + 2*5)
     rope = L*N*(q+kv)*2*2*3
-    return dict(name=name, base=base, head=head, att=att, lora=lora, ce=ce, dq_old=dq_old, dq_new=dq_new, sw=sw, rms=rms, rope=rope, N=N)
+    return dict(name=name, base=base, head=head, att=att, lora=lora, ce=ce, dq_old=dq_old, dq_new=dq_new, sw=sw, rms=rms, rope=rope, N=N,
+                lora_folded=lora_folded, fold_flops=fold_flops, fold_tail_bytes=fold_tail_bytes)
 
 for s, step_ms, uns_ms in [(shape("llama-3.2-1b",16,2048,8192,2048,512,128256,8192,64,32,4,2048), 8192/47282*1e3, 8192/47732*1e3),
+          (shape("llama-2-7b",32,4096,11008,4096,4096,32000,4096,128,32,2,2048), 4096/10583*1e3, 4096/10319*1e3),
           (shape("llama-3.1-8b",32,4096,14336,4096,1024,128256,4096,128,32,2,2048), 4096/10031*1e3, 4096/9733*1e3)]:
     gemm_rate=615e12; bw=2.8e12
     t = {}
@@ -55,3 +85,10 @@ for s, step_ms, uns_ms in [(shape("llama-3.2-1b",16,2048,8192,2048,512,128256,81
         print("  %-32s %7.1f ms  %5.1f%%"%(k, v*1e3, v*1e3/step_ms*100)); tot+=v*1e3
     print("  attention FLOPs %.1f TFLOP (%.1f ms at 200 TFLOP/s)"%(s['att']/1e12, s['att']/200e12*1e3))
     print("  sum of the estimates above %.1f ms; base %.2f TFLOP, head %.2f TFLOP, LoRA %.1f GB, CE %.1f GB, dq old %.1f GB new %.1f GB"%(tot, s['base']/1e12, s['head']/1e12, s['lora']/1e9, s['ce']/1e9, s['dq_old']/1e9, s['dq_new']/1e9))
+    if FOLD:
+        saved = s['lora'] - s['lora_folded']
+        print("  folded LoRA (r %d): LoRA GEMM traffic %.1f GB -> %.1f GB (%.1f GB saved, %.1f ms at %.1f TB/s, %.1f%% of the step);"
+              % (R, s['lora']/1e9, s['lora_folded']/1e9, saved/1e9, saved/bw*1e3, bw/1e12, saved/bw*1e3/step_ms*100))
+        print("  its cost: %.3f TFLOP more in the base GEMMs (%.1f ms at %.0f TFLOP/s, +%.2f%% of the base FLOPs), %.2f GB of weight tails (%.2f ms)"
+              % (s['fold_flops']/1e12, s['fold_flops']/gemm_rate*1e3, gemm_rate/1e12, s['fold_flops']/s['base']*100,
+                 s['fold_tail_bytes']/1e9, s['fold_tail_bytes']/bw*1e3))

@@ -7,6 +7,46 @@
 
 import QLoRA
 
+/// One attention check's inputs: random q, k (in ±2) and v, dout (in ±1) of the run's 16-bit type, optional packed
+/// segment ids, uploaded; `reference` gives the Double CPU twin's o, lse and gradients for a shape with these sizes
+/// (the variation checks reuse one case for several scales, caps and windows).
+struct AttentionCase {
+    let shape: AttentionShape
+    let q: [Float], k: [Float], v: [Float], dout: [Float]
+    let segments: [Int32]?
+    let qd: DeviceBuffer<UInt16>, kd: DeviceBuffer<UInt16>, vd: DeviceBuffer<UInt16>, dd: DeviceBuffer<UInt16>
+    let segd: DeviceBuffer<Int32>?
+    var qCount: Int { shape.tokens * shape.heads * shape.headDim }
+    var kCount: Int { shape.tokens * shape.kvHeads * shape.headDim }
+
+    init(_ shape: AttentionShape, segments: [Int32]?) throws {
+        self.shape = shape
+        self.segments = segments
+        let qn = shape.tokens * shape.heads * shape.headDim, kn = shape.tokens * shape.kvHeads * shape.headDim
+        let (qb, q) = rng.bf16(qn, -2, 2), (kb, k) = rng.bf16(kn, -2, 2), (vb, v) = rng.bf16(kn), (db, dout) = rng.bf16(qn)
+        self.q = q
+        self.k = k
+        self.v = v
+        self.dout = dout
+        qd = try upload(qb)
+        kd = try upload(kb)
+        vd = try upload(vb)
+        dd = try upload(db)
+        segd = try segments.map { try upload($0) }
+    }
+
+    /// The CPU twin at `shape`'s scale, soft-capping and window (its sizes must be this case's).
+    func reference(_ shape: AttentionShape? = nil) -> (o: [Float], lse: [Float], dq: [Float], dk: [Float], dv: [Float]) {
+        let s = shape ?? self.shape
+        let variation = CPUReference.AttentionVariation(scale: Double(s.scale), softcap: s.softcap.map(Double.init), window: s.window)
+        let forward = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: s.batch, seq: s.seq, heads: s.heads,
+                                                    kvHeads: s.kvHeads, headDim: s.headDim, variation: variation)
+        let grads = CPUReference.attentionBackward(q: q, k: k, v: v, dout: dout, segments: segments, batch: s.batch, seq: s.seq,
+                                                   heads: s.heads, kvHeads: s.kvHeads, headDim: s.headDim, variation: variation)
+        return (forward.o, forward.lse, grads.dq, grads.dk, grads.dv)
+    }
+}
+
 func checkAttentionVariations() throws {
     // (label, soft-capping, window). Logits use scale 1/√(D/2), twice Llama's spread, so caps of 3 matter.
     let variations: [(String, Float?, Int?)] = [("scale", nil, nil), ("softcap", 3, nil), ("window", nil, 45), ("softcap+window", 3, 45)]
@@ -14,22 +54,16 @@ func checkAttentionVariations() throws {
         // Two rows of 200 tokens, each two packed sequences (0..<77, 77..<200): the window (45) is shorter than both,
         // so whole key tiles fall outside it (128-row flash tiles from query 128 on, 64-row tiles from 64 on).
         let base = AttentionShape(batch: 2, seq: 200, heads: 4, kvHeads: 2, headDim: d)
-        let qn = base.tokens * base.heads * d, kn = base.tokens * base.kvHeads * d
-        let (qb, q) = rng.bf16(qn, -2, 2), (kb, k) = rng.bf16(kn, -2, 2), (vb, v) = rng.bf16(kn), (db, dout) = rng.bf16(qn)
-        let segments: [Int32] = (0..<base.tokens).map { $0 % base.seq < 77 ? 0 : 1 }
-        let qd = try upload(qb), kd = try upload(kb), vd = try upload(vb), dd = try upload(db), segd = try upload(segments)
+        let inputs = try AttentionCase(base, segments: (0..<base.tokens).map { $0 % base.seq < 77 ? 0 : 1 })
+        let (qn, kn) = (inputs.qCount, inputs.kCount)
+        let (qd, kd, vd, dd, segd) = (inputs.qd, inputs.kd, inputs.vd, inputs.dd, inputs.segd)
         let scale = 1 / (Float(d) / 2).squareRoot()
         for (label, softcap, window) in variations {
             var shape = base
             shape.scale = scale
             shape.softcap = softcap
             shape.window = window
-            let variation = CPUReference.AttentionVariation(scale: Double(scale), softcap: softcap.map(Double.init), window: window)
-            let ref = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: shape.batch, seq: shape.seq,
-                                                    heads: shape.heads, kvHeads: shape.kvHeads, headDim: d, variation: variation)
-            let grads = CPUReference.attentionBackward(q: q, k: k, v: v, dout: dout, segments: segments, batch: shape.batch,
-                                                       seq: shape.seq, heads: shape.heads, kvHeads: shape.kvHeads, headDim: d,
-                                                       variation: variation)
+            let ref = inputs.reference(shape)
             for (tensorCores, flash) in [(true, true), (true, false), (false, false)] {
                 let kind = tensorCores ? (flash ? (ctx.flashAttentionFits(headDim: d) ? "flash" : "flash->mma") : "mma") : "fp32"
                 let name = "attn \(kind) d\(d) \(label)"
@@ -43,9 +77,9 @@ func checkAttentionVariations() throws {
                 try ctx.attentionBackward(q: qd, k: kd, v: vd, o: o, dout: dd, lse: lse, segments: segd, dq: dq, dk: dk, dv: dv,
                                           shape: shape, tensorCores: tensorCores, flash: flash)
                 let dqValues = try dq.download(), dkValues = try dk.download(), dvValues = try dv.download()
-                check("\(name): dq", relativeError(dqValues.map(dt.decode), grads.dq), 2e-2)
-                check("\(name): dk", relativeError(dkValues.map(dt.decode), grads.dk), 2e-2)
-                check("\(name): dv", relativeError(dvValues.map(dt.decode), grads.dv), 2e-2)
+                check("\(name): dq", relativeError(dqValues.map(dt.decode), ref.dq), 2e-2)
+                check("\(name): dk", relativeError(dkValues.map(dt.decode), ref.dk), 2e-2)
+                check("\(name): dv", relativeError(dvValues.map(dt.decode), ref.dv), 2e-2)
                 // The 64-row kernels have no atomics: a second run gives the same bits (--full-determinism's promise).
                 if tensorCores && !flash {
                     let o2 = try poisoned(UInt16.self, qn), lse2 = try poisoned(Float.self, shape.tokens * shape.heads)
@@ -107,16 +141,10 @@ func checkAttentionWide() throws {
         var shape = AttentionShape(batch: batch, seq: seq, heads: heads, kvHeads: kvHeads, headDim: d, softcap: softcap,
                                    window: window)
         shape.scale = 1 / (Float(d) / 2).squareRoot()  // twice the default spread, so a cap of 3 matters
-        let qn = shape.tokens * heads * d, kn = shape.tokens * kvHeads * d
-        let (qb, q) = rng.bf16(qn, -2, 2), (kb, k) = rng.bf16(kn, -2, 2), (vb, v) = rng.bf16(kn), (db, dout) = rng.bf16(qn)
-        let segments: [Int32]? = packed ? (0..<shape.tokens).map { $0 % seq < 77 ? 0 : 1 } : nil
-        let variation = CPUReference.AttentionVariation(scale: Double(shape.scale), softcap: softcap.map(Double.init), window: window)
-        let ref = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: batch, seq: seq, heads: heads,
-                                                kvHeads: kvHeads, headDim: d, variation: variation)
-        let grads = CPUReference.attentionBackward(q: q, k: k, v: v, dout: dout, segments: segments, batch: batch, seq: seq,
-                                                   heads: heads, kvHeads: kvHeads, headDim: d, variation: variation)
-        let qd = try upload(qb), kd = try upload(kb), vd = try upload(vb), dd = try upload(db)
-        let segd = try segments.map { try upload($0) }
+        let inputs = try AttentionCase(shape, segments: packed ? (0..<shape.tokens).map { $0 % seq < 77 ? 0 : 1 } : nil)
+        let (qn, kn) = (inputs.qCount, inputs.kCount)
+        let (qd, kd, vd, dd, segd) = (inputs.qd, inputs.kd, inputs.vd, inputs.dd, inputs.segd)
+        let ref = inputs.reference()
         let label = "b\(batch) s\(seq) h\(heads)/\(kvHeads) d\(d)" + (softcap.map { " softcap \(Int($0))" } ?? "")
             + (window.map { " window \($0)" } ?? "") + (packed ? " packed" : "")
         for flash in [true, false] {
@@ -129,9 +157,9 @@ func checkAttentionWide() throws {
             let dq = try poisoned(UInt16.self, qn), dk = try poisoned(UInt16.self, kn), dv = try poisoned(UInt16.self, kn)
             try ctx.attentionBackward(q: qd, k: kd, v: vd, o: o, dout: dd, lse: lse, segments: segd, dq: dq, dk: dk, dv: dv,
                                       shape: shape, flash: flash)
-            check("\(name): dq", relativeError(try downloadBF16(dq), grads.dq), 2e-2)
-            check("\(name): dk", relativeError(try downloadBF16(dk), grads.dk), 2e-2)
-            check("\(name): dv", relativeError(try downloadBF16(dv), grads.dv), 2e-2)
+            check("\(name): dq", relativeError(try downloadBF16(dq), ref.dq), 2e-2)
+            check("\(name): dk", relativeError(try downloadBF16(dk), ref.dk), 2e-2)
+            check("\(name): dv", relativeError(try downloadBF16(dv), ref.dv), 2e-2)
         }
     }
 }

@@ -1,11 +1,12 @@
-// The Hopper flash forward on wgmma (Kernels/attention_wgmma.cu, QLORA_ATTENTION=wgmma) against the Double CPU twin
-// (CPUReference.attentionForward) and beside the mma.sync flash forward: head dimension 128, lengths off its
-// 128-query / 128-key tiles (1, 127, 129, 200, 600), GQA groups of 1, 2 and 4, several batch rows, packed
-// sequences, sliding windows that skip whole key tiles, and a soft-capped call that must fall back to the mma.sync
-// kernels (bit-identical to them). Each output starts poisoned (NaN), so an unwritten row fails. The backward (the
-// mma.sync flash backward, which wgmma does not replace yet) runs on the wgmma forward's o and lse, so a wrong lse
-// shows in dq/dk/dv too. Thresholds as the "attention" group: o 1e-2, lse 1e-4, dq/dk/dv 2e-2; every line also
-// prints the largest error and where it is (batch row, token, head, column), so one run tells what to fix.
+// The Hopper flash kernels on wgmma (Kernels/attention_wgmma.cu: QLORA_ATTENTION=wgmma runs the forward and the
+// backward there, wgmma-forward only the forward) against the Double CPU twin (CPUReference.attentionForward /
+// attentionBackward) and beside the mma.sync flash kernels: head dimension 128, lengths off their tiles (forward: 128
+// queries x 128 keys; backward: 128 keys x 64 queries; 1, 127, 129, 200, 600), GQA groups of 1, 2 and 4, several batch
+// rows, packed sequences, sliding windows that skip whole tiles, and a soft-capped call that must fall back to the
+// mma.sync kernels (bit-identical to them where they have no atomics). Each output starts poisoned (NaN), so an
+// unwritten row fails. The backward runs on the wgmma forward's o and lse, so a wrong lse shows in dq/dk/dv too.
+// Thresholds as the "attention" group: o 1e-2, lse 1e-4, dq/dk/dv 2e-2; every line also prints the largest error and
+// the first element over the tolerance with where it is (batch row, token, head, column), so one run tells what to fix.
 
 import QLoRA
 
@@ -52,21 +53,16 @@ func checkAttentionWGMMA() throws {
     for (batch, seq, heads, kvHeads, window, starts, softcap) in cases {
         let shape = AttentionShape(batch: batch, seq: seq, heads: heads, kvHeads: kvHeads, headDim: d, softcap: softcap,
                                    window: window)
-        let qn = shape.tokens * heads * d, kn = shape.tokens * kvHeads * d
-        let (qb, q) = rng.bf16(qn, -2, 2), (kb, k) = rng.bf16(kn, -2, 2), (vb, v) = rng.bf16(kn), (db, dout) = rng.bf16(qn)
         let segments: [Int32]? = starts.isEmpty ? nil : (0..<shape.tokens).map { i in Int32(starts.filter { $0 <= i % seq }.count) }
-        let variation = CPUReference.AttentionVariation(scale: Double(shape.scale), softcap: softcap.map(Double.init), window: window)
-        let ref = CPUReference.attentionForward(q: q, k: k, v: v, segments: segments, batch: batch, seq: seq, heads: heads,
-                                                kvHeads: kvHeads, headDim: d, variation: variation)
-        let grads = CPUReference.attentionBackward(q: q, k: k, v: v, dout: dout, segments: segments, batch: batch, seq: seq,
-                                                   heads: heads, kvHeads: kvHeads, headDim: d, variation: variation)
-        let qd = try upload(qb), kd = try upload(kb), vd = try upload(vb), dd = try upload(db)
-        let segd = try segments.map { try upload($0) }
+        let inputs = try AttentionCase(shape, segments: segments)
+        let ref = inputs.reference()
+        let (qn, kn) = (inputs.qCount, inputs.kCount)
+        let (qd, kd, vd, dd, segd) = (inputs.qd, inputs.kd, inputs.vd, inputs.dd, inputs.segd)
         let applies = ctx.wgmmaAttentionApplies(shape)
         let name = "attn \(applies ? "wgmma" : "wgmma->flash") b\(batch) s\(seq) h\(heads)/\(kvHeads) d\(d)"
             + (window.map { " window \($0)" } ?? "") + (softcap.map { " softcap \(Int($0))" } ?? "")
             + (starts.isEmpty ? "" : " packed \(starts.count + 1)")
-        checkTrue("\(name): path", applies == (softcap == nil), applies ? "wgmma kernel" : "mma.sync flash kernel (fallback)")
+        checkTrue("\(name): path", applies == (softcap == nil), applies ? "wgmma kernels" : "mma.sync flash kernels (fallback)")
         let o = try poisoned(UInt16.self, qn), lse = try poisoned(Float.self, shape.tokens * heads)
         try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape, kernel: .wgmma)
         let oValues = try downloadBF16(o), lseValues = try lse.download()
@@ -85,18 +81,32 @@ func checkAttentionWGMMA() throws {
             checkTrue("\(name): fallback bit-identical", oValues.map(\.bitPattern) == o2Values.map(\.bitPattern)
                         && lseValues.map(\.bitPattern) == lse2Values.map(\.bitPattern))
         }
-        let dq = try poisoned(UInt16.self, qn), dk = try poisoned(UInt16.self, kn), dv = try poisoned(UInt16.self, kn)
-        try ctx.attentionBackward(q: qd, k: kd, v: vd, o: o, dout: dd, lse: lse, segments: segd, dq: dq, dk: dk, dv: dv, shape: shape)
-        for (label, buffer, want, h) in [("dq", dq, grads.dq, heads), ("dk", dk, grads.dk, kvHeads), ("dv", dv, grads.dv, kvHeads)] {
-            let got = try downloadBF16(buffer)
-            check("\(name): \(label) (from its o, lse)", relativeError(got, want), 2e-2,
-                  attentionErrorNote(got, want, seq: seq, heads: h, cols: d, tolerance: 0.1))
+        // The backward on the wgmma forward's o and lse: the wgmma backward (or its fallback), then the mma.sync flash
+        // backward on the same o and lse as a second opinion.
+        var backward: [AttentionKernel: [Float]] = [:]
+        for kernel in [AttentionKernel.wgmma, .mma] {
+            let dq = try poisoned(UInt16.self, qn), dk = try poisoned(UInt16.self, kn), dv = try poisoned(UInt16.self, kn)
+            try ctx.attentionBackward(q: qd, k: kd, v: vd, o: o, dout: dd, lse: lse, segments: segd, dq: dq, dk: dk, dv: dv,
+                                      shape: shape, kernel: kernel)
+            let values = [try downloadBF16(dq), try downloadBF16(dk), try downloadBF16(dv)]
+            backward[kernel] = values.flatMap { $0 }
+            let label = kernel == .wgmma ? (applies ? "wgmma backward" : "wgmma->flash backward") : "mma.sync flash backward"
+            for (index, (gradient, want, h)) in [("dq", ref.dq, heads), ("dk", ref.dk, kvHeads), ("dv", ref.dv, kvHeads)].enumerated() {
+                check("\(name): \(gradient) (\(label))", relativeError(values[index], want), 2e-2,
+                      attentionErrorNote(values[index], want, seq: seq, heads: h, cols: d, tolerance: 0.1))
+            }
+        }
+        // dk and dv have no atomics in either kernel: where the launcher fell back, the same bits.
+        if !applies, let a = backward[.wgmma], let b = backward[.mma] {
+            checkTrue("\(name): backward fallback dk, dv bit-identical",
+                      a[qn...].map(\.bitPattern) == b[qn...].map(\.bitPattern))
         }
     }
 }
 
-/// The forward at the Llama-3.1-8B shape (32 query heads over 8 KV heads, d 128, causal): b2 s2048 and b1 s16384,
-/// the mma.sync flash kernel and the wgmma one, useful TFLOP/s = 4 B H S² D / 2 over the time.
+/// The forward and the backward at the Llama-3.1-8B shape (32 query heads over 8 KV heads, d 128, causal): b2 s2048
+/// and b1 s16384, the mma.sync flash kernels and the wgmma ones; useful TFLOP/s = 4 B H S² D / 2 over the forward's
+/// time, 2.5 times that over the backward's (delta, the dQ accumulator and its conversion included).
 func timeAttentionWGMMA() throws {
     guard ctx.wgmmaAttentionApplies(AttentionShape(batch: 1, seq: 1, heads: 1, kvHeads: 1, headDim: 128)) else {
         print("  attention wgmma: skipped (needs sm_90a kernels; this run: \(ctx.compiler.target))")
@@ -110,13 +120,26 @@ func timeAttentionWGMMA() throws {
         try ctx.fillRandomBF16(k.pointer, count: kn, seed: seed ^ 0x52, std: 0.5)
         try ctx.fillRandomBF16(v.pointer, count: kn, seed: seed ^ 0x53, std: 0.5)
         let o = try A.buffer(UInt16.self, count: qn), lse = try A.buffer(Float.self, count: shape.tokens * shape.heads)
+        let dq = try A.buffer(UInt16.self, count: qn), dk = try A.buffer(UInt16.self, count: kn), dv = try A.buffer(UInt16.self, count: kn)
+        let delta = try A.buffer(Float.self, count: shape.tokens * shape.heads), accumulator = try A.buffer(Float.self, count: qn)
         let flops = 4 * Double(batch * shape.heads) * Double(seq) * Double(seq) * 128 / 2
+        let iterations = seq > 4096 ? 5 : 10
         var line = "  attention forward b\(batch) s\(seq) h32/8 d128:"
         for kernel in [AttentionKernel.mma, .wgmma] {
-            let ms = try timeMedian(seq > 4096 ? 5 : 10, warmup: 1) {
+            let ms = try timeMedian(iterations, warmup: 1) {
                 try ctx.attentionForward(q: q, k: k, v: v, into: o, lse: lse, shape: shape, kernel: kernel)
             }
             line += " \(kernel == .mma ? "mma.sync flash" : "wgmma") \(fmt(ms, 3)) ms = \(fmt(flops / (ms / 1000) / 1e12, 1)) TFLOP/s;"
+        }
+        print(line)
+        // dout = o (any bf16 tensor of the right size times the same).
+        line = "  attention backward b\(batch) s\(seq) h32/8 d128:"
+        for kernel in [AttentionKernel.mma, .wgmma] {
+            let ms = try timeMedian(iterations, warmup: 1) {
+                try ctx.attentionBackward(q: q, k: k, v: v, o: o, dout: o, lse: lse, dq: dq, dk: dk, dv: dv, delta: delta,
+                                          dqAccumulator: accumulator, shape: shape, kernel: kernel)
+            }
+            line += " \(kernel == .mma ? "mma.sync flash" : "wgmma") \(fmt(ms, 3)) ms = \(fmt(2.5 * flops / (ms / 1000) / 1e12, 1)) TFLOP/s;"
         }
         print(line)
     }

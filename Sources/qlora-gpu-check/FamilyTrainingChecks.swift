@@ -112,9 +112,10 @@ func checkFamilyTrainer(_ name: String, fixture: String, headDim: Int, heads: In
     check("\(name): forward-only loss (GPU \(fmt(eval.mean, 5)), CPU \(fmt(loss, 5)))", abs(eval.mean - loss) / abs(loss), 1e-2)
     // A block's dequantized weights kept for its backward (the default) or dequantized again: the same bits, with
     // this family's sandwich norms (down_proj's base recomputed) or fused projections.
-    func run(keep: Bool) throws -> (MemoryRunRecord, CUDATrainerMemoryOptions) {
+    func run(keep: Bool, keepAttention: Bool = false) throws -> (MemoryRunRecord, CUDATrainerMemoryOptions) {
         var memory = CUDATrainerMemoryOptions.allOnDevice
         memory.keepBlockWeights = keep
+        memory.keepAttentionOutputs = keepAttention
         let trainer = try CUDADecoderTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount, memory: memory)
         trainer.deterministic = true
         return (try recordMemoryRun(trainer, batches: [batch, firstRows(batch, 1)], steps: 2, dropout: false), trainer.memory)
@@ -123,6 +124,11 @@ func checkFamilyTrainer(_ name: String, fixture: String, headDim: Int, heads: In
     checkTrue("\(name): weights kept per block = dequantized again, bit for bit",
               kept == again && keptMemory.keepBlockWeights && !againMemory.keepBlockWeights,
               "\(kept.differences(from: again)) values differ (\(keptMemory); \(againMemory))")
+    // Every block's attention output kept for its recomputation (which then skips the attention forward).
+    let (attentionKept, attentionMemory) = try run(keep: true, keepAttention: true)
+    checkTrue("\(name): attention outputs kept = recomputed, bit for bit",
+              attentionKept == kept && attentionMemory.keepAttentionOutputs,
+              "\(attentionKept.differences(from: kept)) values differ (\(attentionMemory))")
 }
 
 func runFamilyTrainingChecks() {

@@ -1,10 +1,9 @@
 // GPU generation and GPU optimizer checks (called from main.swift's groups):
 //   decode gemv        nf4_gemv (+ LoRA + residual) and bf16_gemv against fp64 sums over the dequantized weight;
 //                      nf4_gemv_mma the same on weights with block scales spread 40x, over shapes that exercise its
-//                      partial cycles, idle warps, short blocks and blocksize 128 (checkDecodeGemvMMA), and nf4_gemv_stream
-//                      on the same shapes plus a persistent grid whose blocks cross tasks with different code maps
-//                      (checkDecodeGemvStream); lora_a_rows
-//                      in every mode against the CPU (checkLoRAARows)
+//                      partial cycles, idle warps, short blocks and blocksize 128 (checkDecodeGemvMMA); nf4_gemv_fused
+//                      with its input op in every mode and its LoRA A rows made in the same launch, over several tasks,
+//                      launched twice (checkDecodeGemvFused); lora_a_rows in every mode against the CPU (checkLoRAARows)
 //   inference fixture  CUDAInference vs DecoderModel.forward on Tests/Fixtures/tiny-llama (+ its adapter), prefill and
 //                      decode logits, both with the same NF4 weights (the CPU model gets the dequantized values)
 //   inference random   the same on random weights of a larger shape (hidden 2048, GQA 16/4, head dim 128), r 16
@@ -107,11 +106,7 @@ func checkDecodeGemvMMA() throws {
         checkTrue("nf4 gemv mma: not run (\(dt) on \(ctx.compiler.target.nvrtcArchitecture) has no tensor-core path)", true)
         return
     }
-    for kernel in ["mma", "stream"] { try checkDecodeGemvTensorCores(kernel) }
-}
-
-/// The mma shapes above for one of the tensor-core kernels ("mma" or "stream", launched with its default grid).
-func checkDecodeGemvTensorCores(_ kernel: String) throws {
+    let kernel = "mma"
     let shapes: [(rows: Int, cols: Int, blocksize: Int, lora: Bool)] = [
         (300, 1024, 64, true), (77, 64 * 37, 64, true), (5, 64, 64, false), (40, 4096, 128, true), (1000, 64 * 6, 64, false),
     ]
@@ -142,13 +137,8 @@ func checkDecodeGemvTensorCores(_ kernel: String) throws {
         plain.rank = 0
         let (bytes, blocks) = NF4GemvTask.encode([plain, task])
         let tasks = try upload(bytes)
-        if kernel == "stream" {
-            try ctx.nf4GemvStream(tasks: tasks.pointer, taskCount: 2, tiles: blocks, x: xd.pointer, cols: cols, blocksize: blocksize,
-                                  nestedBlocksize: matrix.nestedBlocksize)
-        } else {
-            try ctx.nf4GemvMMA(tasks: tasks.pointer, taskCount: 2, blocks: blocks, x: xd.pointer, cols: cols, blocksize: blocksize,
-                               nestedBlocksize: matrix.nestedBlocksize)
-        }
+        try ctx.nf4GemvMMA(tasks: tasks.pointer, taskCount: 2, blocks: blocks, x: xd.pointer, cols: cols, blocksize: blocksize,
+                           nestedBlocksize: matrix.nestedBlocksize)
         let name = "nf4 gemv \(kernel) \(rows)x\(cols) blocksize \(blocksize)"
         let ref = referenceGemv(wq, rows: rows, cols: cols, x: x, residual: withLoRA ? residual : nil, lora: withLoRA ? (a, b, rank, 2) : nil)
         check(name + (withLoRA ? " + LoRA + residual" : ""), relativeError(try downloadBF16(out), ref), 1e-2)
@@ -157,58 +147,127 @@ func checkDecodeGemvTensorCores(_ kernel: String) throws {
     }
 }
 
-/// nf4_gemv_stream on a grid smaller than its tiles, so each block runs many tiles in turn and crosses from one task to
-/// the next: three tasks (q|k|v-like: 200, 72 and 72 rows of 64 · 20 values, LoRA on the first, a residual on the last)
-/// where the second reads the first's weight through a code map doubled and a nested absmax halved (the same scales; a
-/// block that kept the previous task's code map gets them twice too large), on 1, 3 and 7 blocks and the default grid.
-/// Also that the launch with programmatic stream serialization, where the card takes it, follows a kernel that
-/// writes its x and xa (a GEMV that read them before waiting would see the poison left there).
-func checkDecodeGemvStream() throws {
-    guard ctx.nf4GemvMMASupported(cols: 64, blocksize: 64) else {
-        checkTrue("nf4 gemv stream: not run (\(dt) on \(ctx.compiler.target.nvrtcArchitecture) has no tensor-core path)", true)
+/// The input of a group's projection as lora_a_rows and nf4_gemv_fused make it, on the CPU: mode 0 x, 1 RMSNorm(x)·w
+/// (bf16(bf16(x r) w), or bf16(x r (w + offset)) with a norm offset), 2 act(x)·x2 (SiLU or GELU-tanh), rounded to h16.
+func referenceDecodeInput(mode: Int, x: [Float], x2: [Float], w: [Float], offset: Float, activation: MLPActivation) -> [Float] {
+    func round(_ v: Float) -> Float { dt.decode(dt.encode(v)) }
+    var r: Float = 1
+    if mode == 1 {
+        var ss = 0.0
+        for v in x { ss += Double(v) * Double(v) }
+        r = Float(1 / (ss / Double(x.count) + 1e-5).squareRoot())
+    }
+    return x.indices.map { i in
+        switch mode {
+        case 1: return offset != 0 ? round(x[i] * r * (w[i] + offset)) : round(round(x[i] * r) * w[i])
+        case 2:
+            let g = x[i]
+            let act = activation == .silu ? g / (1 + expf(-g)) : 0.5 * g * (1 + tanhf(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+            return round(act * x2[i])
+        default: return x[i]
+        }
+    }
+}
+
+/// nf4_gemv_fused against fp64 sums on the CPU: the group's input made in every block in each mode (plain x, RMSNorm
+/// without and with a norm offset, SwiGLU, GeGLU), the LoRA A rows made by the launch's first blocks (xa itself checked
+/// too) and waited for by the tiles' epilogues. Groups: three tasks (q|k|v-like, LoRA ranks 16 and 8 on the first two,
+/// none on the third, which adds a residual; 24 A rows = 3 LoRA blocks), one task of 64 · 37 columns (partial cycles),
+/// two tasks at blocksize 128 (24 A rows), one short task without LoRA (no LoRA blocks, no counters). Block scales spread
+/// 40x, as for nf4_gemv_mma. Each launch runs twice with xa and the outputs poisoned in between: a second launch that
+/// found the counters not reset to zero would read the poison (and the counters are read back: zero).
+func checkDecodeGemvFused() throws {
+    guard ctx.nf4GemvFusedSupported(cols: 64, blocksize: 64) else {
+        checkTrue("nf4 gemv fused: not run (\(dt) on \(ctx.compiler.target.nvrtcArchitecture) has no tensor-core path)", true)
         return
     }
-    let cols = 64 * 20, rank = 16
-    var w = rng.floats(200 * cols, -1, 1)
-    for b in 0..<(w.count / 64) {
-        let s = rng.uniform(0.05, 2) * 0.05
-        for i in (b * 64)..<((b + 1) * 64) { w[i] *= s }
-    }
-    let c = try GemvCase(w, rows: 200, cols: cols, rank: rank)
-    let third = try GemvCase(rng.floats(72 * cols, -0.05, 0.05), rows: 72, cols: cols, rank: rank)
-    let m = c.matrix
-    let code2 = try upload(try m.code.download().map { $0 * 2 })
-    let nested2 = try upload(try m.nestedAbsmax.download().map { $0 / 2 })
-    let ref1 = referenceGemv(c.wq, rows: 200, cols: cols, x: c.x, residual: nil, lora: (c.a, c.b, rank, 2))
-    let ref2 = Array(referenceGemv(c.wq, rows: 200, cols: cols, x: c.x, residual: nil, lora: nil)[0..<72])
-    let residual3 = Array(c.residual[0..<72])
-    let ref3 = referenceGemv(third.wq, rows: 72, cols: cols, x: c.x, residual: residual3, lora: nil)
-    for blocks in [1, 3, 7, 0] {
-        let out1 = try poisoned(UInt16.self, 200), out2 = try poisoned(UInt16.self, 72)
-        let out3 = try upload(Array(c.residualBits[0..<72]))
-        var t1 = NF4GemvTask(packed: m.packed.pointer, absmaxCodes: m.absmaxCodes.pointer, nestedAbsmax: m.nestedAbsmax.pointer,
-                             code: m.code.pointer, offset: m.offset, rows: 200, out: out1.pointer)
-        t1.loraB = c.bd.pointer
-        t1.loraScale = 2
-        t1.rank = rank
-        let t2 = NF4GemvTask(packed: m.packed.pointer, absmaxCodes: m.absmaxCodes.pointer, nestedAbsmax: nested2.pointer,
-                             code: code2.pointer, offset: m.offset, rows: 72, out: out2.pointer)
-        let m3 = third.matrix
-        var t3 = NF4GemvTask(packed: m3.packed.pointer, absmaxCodes: m3.absmaxCodes.pointer, nestedAbsmax: m3.nestedAbsmax.pointer,
-                             code: m3.code.pointer, offset: m3.offset, rows: 72, out: out3.pointer)
-        t3.residual = out3.pointer
-        // x and xa are written by the kernel right before, lora_a_rows (mode 0: x copied, xa = A x), as in a decode step.
-        let xd = try poisoned(UInt16.self, cols), xa = try poisoned(Float.self, rank)
-        t1.xa = xa.pointer
-        let (bytes, tiles) = NF4GemvTask.encode([t1, t2, t3])
-        let tasks = try upload(bytes)
-        try ctx.loraARows(a: c.ad.pointer, x: c.xd.pointer, inOut: xd.pointer, xa: xa.pointer, rows: rank, cols: cols, mode: 0)
-        try ctx.nf4GemvStream(tasks: tasks.pointer, taskCount: 3, tiles: tiles, x: xd.pointer, cols: cols,
-                              blocks: blocks == 0 ? nil : blocks)
-        let name = "nf4 gemv stream, 3 tasks, \(tiles) tiles on \(blocks == 0 ? "the default grid" : "\(blocks) blocks")"
-        check(name + ": LoRA", relativeError(try downloadBF16(out1), ref1), 1e-2)
-        check(name + ": doubled code map", relativeError(try downloadBF16(out2), ref2), 1e-2)
-        check(name + ": residual", relativeError(try downloadBF16(out3), ref3), 1e-2)
+    let modes: [(mode: Int, offset: Float, activation: MLPActivation, label: String)] = [
+        (0, 0, .silu, "x"), (1, 0, .silu, "rmsnorm"), (1, 1, .silu, "rmsnorm (1 + w)"), (2, 0, .silu, "swiglu"), (2, 0, .geluTanh, "geglu"),
+    ]
+    let groups: [(rows: [Int], ranks: [Int], cols: Int, blocksize: Int)] = [
+        ([200, 72, 40], [16, 8, 0], 64 * 20, 64), ([77], [16], 64 * 37, 64), ([40, 24], [16, 8], 4096, 128), ([5], [0], 64, 64),
+    ]
+    let sync = try upload([Int32(0), Int32(0)])
+    for (rowsList, ranks, cols, blocksize) in groups {
+        var matrices: [GemvCase] = []
+        for (rows, rank) in zip(rowsList, ranks) {
+            var w = rng.floats(rows * cols, -1, 1)
+            for b in 0..<(rows * cols / 64) {
+                let s = rng.uniform(0.05, 2) * 0.05
+                for i in (b * 64)..<((b + 1) * 64) { w[i] *= s }
+            }
+            matrices.append(try GemvCase(w, rows: rows, cols: cols, blocksize: blocksize, rank: max(rank, 1)))
+        }
+        let loraRows = ranks.reduce(0, +)
+        // The group's A rows stacked (the tasks' xa point at their offsets), as CUDAInference stacks them.
+        var stacked: [Float] = [], offsets: [Int] = []
+        for (m, rank) in zip(matrices, ranks) {
+            offsets.append(stacked.count / cols)
+            stacked += m.a.prefix(rank * cols)
+        }
+        let ad = try upload(stacked.isEmpty ? [dt.encode(0)] : stacked.map(dt.encode))
+        let (xb, x) = rng.bf16(cols, -2, 2)
+        let (x2b, x2) = rng.bf16(cols, -1, 1)
+        let (wb, nw) = rng.bf16(cols, 0.5, 1.5)
+        let xd = try upload(xb), x2d = try upload(x2b), wd = try upload(wb)
+        let shape = "\(rowsList.map(String.init).joined(separator: "|"))x\(cols) blocksize \(blocksize)"
+        for m in modes {
+            let input = referenceDecodeInput(mode: m.mode, x: x, x2: x2, w: nw, offset: m.offset, activation: m.activation)
+            let xa = try poisoned(Float.self, max(loraRows, 1))
+            var outs: [DeviceBuffer<UInt16>] = [], tasks: [NF4GemvTask] = [], refs: [[Float]] = []
+            for (k, (c, rank)) in zip(matrices, ranks).enumerated() {
+                let rows = rowsList[k]
+                let residual = k == 2 ? c.residual : nil
+                let out = try residual != nil ? upload(c.residualBits) : poisoned(UInt16.self, rows)
+                var t = NF4GemvTask(packed: c.matrix.packed.pointer, absmaxCodes: c.matrix.absmaxCodes.pointer,
+                                    nestedAbsmax: c.matrix.nestedAbsmax.pointer, code: c.matrix.code.pointer, offset: c.matrix.offset,
+                                    rows: rows, out: out.pointer)
+                if residual != nil { t.residual = out.pointer }
+                if rank > 0 {
+                    t.loraB = c.bd.pointer  // [rows, 16]: the first `rank` columns are B when rank < 16
+                    t.xa = xa.address(at: offsets[k])
+                    t.loraScale = 2
+                    t.rank = rank
+                }
+                outs.append(out)
+                tasks.append(t)
+                // B as the kernel reads it: row r's entries at r · rank (a [rows, rank] matrix over the same buffer).
+                let b = Array(c.b.prefix(rows * rank))
+                refs.append(referenceGemv(c.wq, rows: rows, cols: cols, x: input, residual: residual,
+                                          lora: rank > 0 ? (Array(c.a.prefix(rank * cols)), b, rank, 2) : nil))
+            }
+            let (bytes, tiles) = NF4GemvTask.encode(tasks)
+            let td = try upload(bytes)
+            for launch in 1...2 {
+                if launch == 2 {
+                    try xa.fill(byte: 0xFF)
+                    for (k, out) in outs.enumerated() {
+                        if k == 2 { try out.upload(matrices[k].residualBits) } else { try out.fill(byte: 0xFF) }
+                    }
+                }
+                try ctx.nf4GemvFused(tasks: td.pointer, taskCount: tasks.count, tiles: tiles, x: xd.pointer, x2: x2d.pointer,
+                                     normWeight: wd.pointer, mode: m.mode, eps: 1e-5, normOffset: m.offset, activation: m.activation,
+                                     loraA: loraRows > 0 ? ad.pointer : 0, loraRows: loraRows, xa: loraRows > 0 ? xa.pointer : 0,
+                                     sync: loraRows > 0 ? sync.pointer : 0, cols: cols, blocksize: blocksize,
+                                     nestedBlocksize: matrices[0].matrix.nestedBlocksize)
+                let name = "nf4 gemv fused \(shape), \(m.label)\(launch == 2 ? ", second launch" : "")"
+                for (k, out) in outs.enumerated() {
+                    let what = ranks[k] > 0 ? "LoRA r\(ranks[k])" : k == 2 ? "residual" : "plain"
+                    check(name + ": task \(k + 1) (\(what))", relativeError(try downloadBF16(out), refs[k]), 1e-2)
+                }
+                if loraRows > 0 {
+                    var xaRef = [Float](repeating: 0, count: loraRows)
+                    for j in 0..<loraRows {
+                        var s = 0.0
+                        for i in 0..<cols { s += Double(stacked[j * cols + i]) * Double(input[i]) }
+                        xaRef[j] = Float(s)
+                    }
+                    check(name + ": xa", relativeError(Array(try xa.download()[0..<loraRows]), xaRef), 5e-3)
+                    let counters = try sync.download()
+                    checkTrue(name + ": counters back to zero", counters == [0, 0], "\(counters)")
+                }
+            }
+        }
     }
 }
 
@@ -216,7 +275,6 @@ func checkDecodeGemvStream() throws {
 /// plain x, RMSNorm (Llama's bf16(bf16(x r) w) and Gemma's x r (w + 1)), SwiGLU and GeGLU; cols 4096 (each thread's
 /// groups held in registers), 20480 (groups beyond those, in the loops), 72 (one warp); rows 0 (only `in` written).
 func checkLoRAARows() throws {
-    func round(_ v: Float) -> Float { dt.decode(dt.encode(v)) }
     let modes: [(mode: Int, offset: Float, activation: MLPActivation, label: String)] = [
         (0, 0, .silu, "x"), (1, 0, .silu, "rmsnorm"), (1, 1, .silu, "rmsnorm (1 + w)"), (2, 0, .silu, "swiglu"), (2, 0, .geluTanh, "geglu"),
     ]
@@ -230,23 +288,7 @@ func checkLoRAARows() throws {
             let inOut = try poisoned(UInt16.self, cols), xa = try poisoned(Float.self, max(rows, 1))
             try ctx.loraARows(a: ad.pointer, x: xd.pointer, x2: x2d.pointer, normWeight: wd.pointer, inOut: inOut.pointer, xa: xa.pointer,
                               rows: rows, cols: cols, mode: m.mode, eps: 1e-5, normOffset: m.offset, activation: m.activation)
-            var r: Float = 1
-            if m.mode == 1 {
-                var ss = 0.0
-                for v in x { ss += Double(v) * Double(v) }
-                r = Float(1 / (ss / Double(cols) + 1e-5).squareRoot())
-            }
-            var inRef = [Float](repeating: 0, count: cols)
-            for i in 0..<cols {
-                switch m.mode {
-                case 1: inRef[i] = m.offset != 0 ? round(x[i] * r * (w[i] + m.offset)) : round(round(x[i] * r) * w[i])
-                case 2:
-                    let g = x[i]
-                    let act = m.activation == .silu ? g / (1 + expf(-g)) : 0.5 * g * (1 + tanhf(0.7978845608028654 * (g + 0.044715 * g * g * g)))
-                    inRef[i] = round(act * x2[i])
-                default: inRef[i] = x[i]
-                }
-            }
+            let inRef = referenceDecodeInput(mode: m.mode, x: x, x2: x2, w: w, offset: m.offset, activation: m.activation)
             let name = "lora A rows, \(m.label), \(rows)x\(cols)"
             check(name + ": in", relativeError(try downloadBF16(inOut), inRef), 5e-3)
             if rows > 0 {
@@ -279,11 +321,18 @@ func timeDecodeGemvs() throws {
     let code = try upload((0..<256).map { Float($0 - 128) / 128 })
     let rank = 16
     let loraB = try upload((0..<(28672 * rank)).map { _ in dt.encode(r.uniform(-0.05, 0.05)) })
-    let xa = try upload((0..<rank).map { _ in r.uniform(-1, 1) })
+    let xa = try upload((0..<64).map { _ in r.uniform(-1, 1) })
     let x = try upload((0..<14336).map { _ in dt.encode(r.uniform(-1, 1)) })
+    // The LoRA A rows and the input ops of the fused kernel and of lora_a_rows (the pair decode launches without it).
+    let loraA = try upload((0..<(3 * rank * 14336)).map { _ in dt.encode(r.uniform(-0.05, 0.05)) })
+    let normWeight = try upload((0..<14336).map { _ in dt.encode(r.uniform(0.5, 1.5)) })
+    let inOut = try A.buffer(UInt16.self, count: 14336)
+    let sync = try upload([Int32(0), Int32(0)])
     let out = try A.buffer(UInt16.self, count: 28672), residual = try upload([UInt16](repeating: dt.encode(0.5), count: 4096))
     for (name, cols, parts) in shapes {
         let rows = parts.reduce(0, +)
+        // As decode makes each group's input: q|k|v and gate|up RMSNorm, o plain, down the gated activation.
+        let mode = name.hasPrefix("o ") ? 0 : name.hasPrefix("down") ? 2 : 1
         let bytes = rows * cols / 2
         let copies = max(2, budget / bytes)
         var perKernel: [(tasks: [DeviceBuffer<UInt8>], blocks: Int)] = []
@@ -311,7 +360,9 @@ func timeDecodeGemvs() throws {
         }
         let weightBytes = Double(bytes) + Double(rows * cols) / 64 + Double(rows * cols) / 64 / 256 * 4
         // Each kernel alone (events around one launch: its latency counts in full) and 8 launches in a row, cycling the
-        // copies (per launch: as in a decode step, where a launch follows another kernel and nf4_gemv_stream overlaps it).
+        // copies (per launch: as in a decode step, where a launch follows another kernel). "lora A + mma" is the pair of
+        // launches decode makes without the fused kernel (lora_a_rows: the input op and xa; then the GEMV), "fused" the
+        // one launch that replaces them.
         var kernels: [(String, () throws -> Void)] = []
         var k = 0
         kernels.append(("rows", {
@@ -330,10 +381,20 @@ func timeDecodeGemvs() throws {
                 try ctx.nf4GemvMMA(tasks: perKernel[0].tasks[k % copies].pointer, taskCount: parts.count, blocks: perKernel[0].blocks,
                                    x: x.pointer, cols: cols)
             }))
-            kernels.append(("stream", {
+            kernels.append(("lora A + mma", {
                 k += 1
-                try ctx.nf4GemvStream(tasks: perKernel[0].tasks[k % copies].pointer, taskCount: parts.count, tiles: perKernel[0].blocks,
-                                      x: x.pointer, cols: cols)
+                try ctx.loraARows(a: loraA.pointer, x: x.pointer, x2: x.pointer, normWeight: normWeight.pointer, inOut: inOut.pointer,
+                                  xa: xa.pointer, rows: parts.count * rank, cols: cols, mode: mode, eps: 1e-5)
+                try ctx.nf4GemvMMA(tasks: perKernel[0].tasks[k % copies].pointer, taskCount: parts.count, blocks: perKernel[0].blocks,
+                                   x: mode == 0 ? x.pointer : inOut.pointer, cols: cols)
+            }))
+        }
+        if ctx.nf4GemvFusedSupported(cols: cols, blocksize: 64) {
+            kernels.append(("fused", {
+                k += 1
+                try ctx.nf4GemvFused(tasks: perKernel[0].tasks[k % copies].pointer, taskCount: parts.count, tiles: perKernel[0].blocks,
+                                     x: x.pointer, x2: x.pointer, normWeight: normWeight.pointer, mode: mode, eps: 1e-5,
+                                     loraA: loraA.pointer, loraRows: parts.count * rank, xa: xa.pointer, sync: sync.pointer, cols: cols)
             }))
         }
         for (kernel, launch) in kernels {

@@ -15,7 +15,10 @@
 //                                             ((L + 1 − 3) checkpoints for offloading, the [V, H] table for the host
 //                                             embedding), and is within 1 MiB of the plan less cuBLASLt's 32 MiB
 //                                             workspace (made once per context; the plan leaves out a few small
-//                                             buffers: the absmax code map, RoPE frequencies, the loss sum)
+//                                             buffers: the absmax code map, RoPE frequencies, the loss sum); a
+//                                             trainer made for adamw or paged_adamw_8bit allocates no moments of its
+//                                             own, and the peak over a step with that CUDAOptimizer drops by what
+//                                             the plan says (paged: only a staging buffer on the GPU)
 // Bit-identical needs deterministic kernels: the trainers run with `deterministic` attention (the flash backward's
 // dQ atomics would vary the last bits), and the all-on-GPU run is repeated to show it reproduces itself.
 
@@ -88,6 +91,14 @@ func runMemoryChecks(_ ctx: CUDAContext) {
     let both3 = CUDATrainerMemoryOptions(offloadCheckpoints: true, checkpointSlots: 3, hostEmbedding: true)
     // The reference (allOnDevice) keeps a block's dequantized weights for its backward; this dequantizes them again.
     let dequantizeAgain = CUDATrainerMemoryOptions(offloadCheckpoints: false, hostEmbedding: false, keepBlockWeights: false)
+    // Every block's attention output and lse kept for its recomputation: each block's own on the GPU, or two slots
+    // offloaded to the host with the checkpoints.
+    func keepingAttention(_ options: CUDATrainerMemoryOptions) -> CUDATrainerMemoryOptions {
+        var kept = options
+        kept.keepAttentionOutputs = true
+        return kept
+    }
+    let attentionOnDevice = keepingAttention(.allOnDevice)
 
     /// Compares each variant's record with the all-on-GPU one (and that one with a repeat of itself).
     func compareVariants(_ name: String, _ variants: [(String, CUDATrainerMemoryOptions)],
@@ -118,7 +129,9 @@ func runMemoryChecks(_ ctx: CUDAContext) {
         let batches = [batch, firstRows(batch, 1)]
         try compareVariants("fixture", [("checkpoints offloaded, 2 slots", offload2), ("host embedding", hostOnly),
                                         ("both, 2 slots", both2), ("both, 3 slots (no checkpoint leaves)", both3),
-                                        ("weights dequantized again in the backward", dequantizeAgain)],
+                                        ("weights dequantized again in the backward", dequantizeAgain),
+                                        ("attention outputs kept on the GPU", attentionOnDevice),
+                                        ("attention outputs kept, both offloaded, 2 slots", keepingAttention(both2))],
                             make: { try CUDADecoderTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount, memory: $0) },
                             run: { try recordMemoryRun($0, batches: batches, steps: 3, dropout: false) })
         let trainer = try CUDADecoderTrainer(context: ctx, model: dense, capacityTokens: batch.tokenCount, memory: both2)
@@ -143,11 +156,14 @@ func runMemoryChecks(_ ctx: CUDAContext) {
         rehashedMasks.keepDropoutMasks = false
         let variants = [("checkpoints offloaded, 2 slots", offload2), ("checkpoints offloaded, 3 slots", offload3),
                         ("host embedding", hostOnly), ("both, 3 slots", both3), ("dropout masks rehashed", rehashedMasks),
-                        ("weights dequantized again in the backward", dequantizeAgain)]
+                        ("weights dequantized again in the backward", dequantizeAgain),
+                        ("attention outputs kept on the GPU", attentionOnDevice),
+                        ("attention outputs kept, checkpoints offloaded, 3 slots", keepingAttention(offload3))]
         try compareVariants("random 6 blocks", variants, make: make,
                             run: { try recordMemoryRun($0, batches: batches, steps: 3, dropout: true) })
         // Queued without synchronising between steps: the copies of one step overlap the next step's host work.
-        try compareVariants("random 6 blocks, no sync between steps", [("both, 2 slots", both2), ("both, 3 slots", both3)],
+        try compareVariants("random 6 blocks, no sync between steps", [("both, 2 slots", both2), ("both, 3 slots", both3),
+                                                                       ("both, 2 slots, attention outputs kept", keepingAttention(both2))],
                             make: make,
                             run: { try recordMemoryRun($0, batches: batches, steps: 4, dropout: true, synchronise: false) })
         // A tied embedding stays on the GPU whatever the options say.
@@ -187,7 +203,11 @@ func runMemoryChecks(_ ctx: CUDAContext) {
         checkTrue("peak: all on the GPU within 1 MiB of the plan",
                   abs(device.bytes - (device.plan.total - workspace)) <= 1 << 20,
                   "peak \(mib(device.bytes)), plan \(mib(device.plan.total)) less the 32 MiB cuBLASLt workspace")
+        // Kept attention outputs, offloaded: one more o and lse slot on the GPU than the block in hand's.
+        let attentionSlot = s(2 * tokens * config.qDim) + s(4 * tokens * config.headCount)
         for (label, options, expected) in [("offloaded checkpoints", offload3, (config.layerCount + 1 - 3) * checkpoint),
+                                           ("offloaded checkpoints and attention outputs", keepingAttention(offload3),
+                                            (config.layerCount + 1 - 3) * checkpoint - attentionSlot),
                                            ("host embedding", hostOnly, table),
                                            ("both", both3, (config.layerCount + 1 - 3) * checkpoint + table)] {
             let measured = try peak(options)
@@ -195,6 +215,28 @@ func runMemoryChecks(_ ctx: CUDAContext) {
             checkTrue("peak: \(label) saves what the plan says", drop == device.plan.total - measured.plan.total && drop == expected,
                       "peak \(mib(device.bytes)) -> \(mib(measured.bytes)): \(mib(drop)) less; plan \(mib(device.plan.total - measured.plan.total)), "
                       + "expected \(mib(expected)); host \(mib(measured.plan.host))")
+        }
+        // The optimizer in use keeps its own state: the trainer made for it holds no moments, and one step through
+        // CUDAOptimizer peaks where the plan says (paged: the largest tensor's staging buffer, the rest on the host).
+        for kind in [OptimizerKind.adamw, .pagedAdamw8bit] {
+            try ctx.device.synchronize()
+            A.resetPeak()
+            let base = A.currentBytes
+            let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: tokens,
+                                               memory: .allOnDevice, optimizer: kind)
+            let optimizer = try CUDAOptimizer(context: ctx, kind: kind)
+            try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: nil)
+            try trainer.clipGradients(maxNorm: 1)
+            try optimizer.step(trainer.parameterSlots(), learningRate: 1e-4)
+            try trainer.refreshParameterCopies()
+            try trainer.forwardLoss(batch: batch)
+            _ = try trainer.lastLoss()
+            let bytes = A.peakBytes - base
+            let drop = device.bytes - bytes, planned = device.plan.total - trainer.plan.total
+            checkTrue("peak: \(kind.rawValue) state as the plan says", drop == planned && optimizer.deviceStateBytes <= trainer.plan.optimizer,
+                      "peak \(mib(device.bytes)) -> \(mib(bytes)): \(mib(drop)) less; plan \(mib(planned)) less "
+                      + "(optimizer \(mib(device.plan.optimizer)) -> \(mib(trainer.plan.optimizer)), host \(mib(trainer.plan.optimizerHost)))")
+            checkTrue("\(kind.rawValue): the trainer's own optimizerStep refuses", (try? trainer.optimizerStep(learningRate: 1e-4)) == nil)
         }
         // LoRA dropout: dA's partial sums, every block's own d(x)·Aᵀ, and the mask bits: every block's, kept from the
         // forward (the default), or one linear's, hashed again by the backward (keepDropoutMasks off).

@@ -136,13 +136,13 @@ func runParityTrainingChecks() {
         let distance = gradientDistance(other, withDropout)
         checkTrue("dropout: another seed moves the CPU gradients", distance > 0.2, "by \(fmt(distance)) (tolerance 5e-2); seed \(seed)")
         try compareTrainer("dropout 0.1", model: model, batch: batch, dropoutSeed: seed, checkpointing: [true, false])
-        // Every block's masks kept as bits from the forward (the default) or hashed again by the backward (when the
-        // bits do not fit): the same masks, so the same loss and gradients bit for bit.
-        var rehashing = CUDATrainerMemoryOptions.automatic(for: model.config)
-        rehashing.keepDropoutMasks = false
-        let kept = try CUDADecoderTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount)
-        let rehashed = try CUDADecoderTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount, memory: rehashing)
-        checkTrue("dropout: masks kept by default, rehashed when asked", kept.memory.keepDropoutMasks && !rehashed.memory.keepDropoutMasks)
+        // Every block's masks kept as bits from the forward (when asked) or hashed again by the backward (the
+        // default): the same masks, so the same loss and gradients bit for bit.
+        var keeping = CUDATrainerMemoryOptions.automatic(for: model.config)
+        keeping.keepDropoutMasks = true
+        let kept = try CUDADecoderTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount, memory: keeping)
+        let rehashed = try CUDADecoderTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount)
+        checkTrue("dropout: masks rehashed by default, kept when asked", kept.memory.keepDropoutMasks && !rehashed.memory.keepDropoutMasks)
         for trainer in [kept, rehashed] { try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: seed) }
         let (keptLoss, rehashedLoss) = (try kept.lastLoss(), try rehashed.lastLoss())
         checkTrue("dropout: kept masks give the rehashed loss bit for bit", keptLoss.mean.bitPattern == rehashedLoss.mean.bitPattern,

@@ -505,7 +505,7 @@ group("lora linear") {
 group("decode gemv") {
     try checkDecodeGemv()
     try checkDecodeGemvMMA()
-    try checkDecodeGemvStream()
+    try checkDecodeGemvFused()
     try checkLoRAARows()
 }
 group("inference fixture") { try checkInferenceFixture() }
@@ -533,6 +533,7 @@ runParityTrainingChecks()  // ParityChecks.swift: dropout, per-projection ranks
 runQwen2Checks()  // ParityChecks.swift: linear biases in training and generation
 runFamilyOpChecks()  // FamilyOpChecks.swift: the element-wise ops of Qwen3, Gemma 2/3 and Phi-3
 runFamilyTrainingChecks()  // FamilyTrainingChecks.swift: every family's variations in the GPU trainer
+runFoldChecks()  // FoldChecks.swift: the folded LoRA's strided kernels, and the folded trainer against the unfolded one
 runNCCLChecks(ctx)  // NCCLChecks.swift: NCCL in a world of one, the Trainer's data-parallel path
 
 // MARK: - Microbenchmarks

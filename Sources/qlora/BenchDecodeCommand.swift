@@ -28,7 +28,7 @@ struct BenchDecodeCommand: ParsableCommand {
     @Flag(help: "Launch the decode kernels one by one instead of replaying a CUDA graph.")
     var noGraph = false
 
-    @Option(help: "The fused NF4 GEMV: rows (4 rows per warp, x in shared memory), mma (pair lookup + tensor cores; rows where a shape does not allow it), stream (mma's product on a persistent grid with L2 prefetch and, on Hopper, programmatic dependent launch; QLORA_NO_PDL=1 turns the latter off) or splitk (columns split over warps).")
+    @Option(help: "The fused NF4 GEMV: rows (4 rows per warp, x in shared memory), mma (pair lookup + tensor cores; rows where a shape does not allow it), fused (mma's product with each group's RMSNorm or gated activation and its LoRA A product in the same launch: one launch per group instead of two) or splitk (columns split over warps).")
     var gemv: String = "rows"
 
     @Option(parsing: .unconditional, help: "Also time batched generation with this many sequence slots (0: batch-1 only): --prompts random prompts of --prompt-tokens, --tokens new tokens each, greedy.")

@@ -8,7 +8,8 @@ struct PlanCommand: ParsableCommand {
         commandName: "plan",
         abstract: "GPU memory of a QLoRA training run, and the longest sequence and largest batch that fit a card (no GPU needed).",
         discussion: "The plan is the one `qlora train`/`bench` check before allocating (NF4 base, LoRA on the seven projections, "
-            + "gradient checkpointing, AdamW moments); a card's budget is its memory less the CUDA context (about "
+            + "gradient checkpointing, the optimizer's state, LoRA dropout's buffers; --optimizer and --lora-dropout default as "
+            + "`qlora train` does); a card's budget is its memory less the CUDA context (about "
             + "\(DeviceAllocator.formatGiB(CUDAMemoryPlan.typicalContextBytes)) GiB) and a safety margin."
     )
 
@@ -25,6 +26,10 @@ struct PlanCommand: ParsableCommand {
     var table = false
     @Option(parsing: .unconditional, help: "GPUs of the job (data parallel: the plan is each rank's; --batch is per GPU).")
     var gpus: Int = 1
+    @Option(help: "The optimizer whose state is counted: adamw, adamw_8bit, paged_adamw_8bit (train's default: state in pinned host memory) or paged_adamw_32bit.")
+    var optimizer: String = TrainingConfiguration().optimizer
+    @Option(name: .customLong("lora-dropout"), parsing: .unconditional, help: "LoRA dropout (train's default; above 0 the plan counts its scratch and mask bits).")
+    var loraDropout: Double = TrainingConfiguration().loraDropout
     @Flag(help: "The base sharded over the --gpus ranks (train --shard-base): each rank holds 1/N of the blocks and two gathered blocks. With one --gpu-memory, refuses (exit status 1) when a rank does not fit.")
     var shardBase = false
 
@@ -39,7 +44,13 @@ struct PlanCommand: ParsableCommand {
     func run() throws {
         let budgets = try budgets()
         guard batch > 0, seq > 0, loraR > 0 else { throw ValidationError("--batch, --seq and --lora-r must be positive") }
-        if table { return printTable(budgets: budgets) }
+        let kind: OptimizerKind
+        do { kind = try OptimizerKind.parse(optimizer) } catch { throw ValidationError("--optimizer: \(error)") }
+        guard loraDropout.isFinite, loraDropout >= 0, loraDropout < 1 else {
+            throw ValidationError("--lora-dropout must be in [0, 1), got \(loraDropout)")
+        }
+        let dropout = loraDropout > 0
+        if table { return printTable(budgets: budgets, dropout: dropout, optimizer: kind) }
         guard let architecture = Architecture(rawValue: arch) else {
             throw ValidationError("unknown --arch '\(arch)' (choose from \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")))")
         }
@@ -52,20 +63,33 @@ struct PlanCommand: ParsableCommand {
         var memory = CUDATrainerMemoryOptions.automatic(for: config)
         if let on = try BenchCommand.parseSwitch(offloadCheckpoints, "offload-checkpoints") { memory.offloadCheckpoints = on }
         let world: Int? = shardBase ? gpus : nil
-        let plan = CUDAMemoryPlan(config: config, tokens: batch * seq, rank: loraR, memory: memory, shardedOver: world)
+        let plan = CUDAMemoryPlan(config: config, tokens: batch * seq, rank: loraR, dropout: dropout, memory: memory, shardedOver: world,
+                                  optimizer: kind)
         let job = gpus > 1 || shardBase ? " per rank of \(gpus) GPU\(gpus > 1 ? "s" : "")" + (shardBase ? ", base sharded" : ", whole base on each") : ""
         print("\(arch), \(batch) x \(seq) tokens\(job), LoRA r=\(loraR): \(plan)")
+        if dropout {
+            let cost = plan.total - plan.replanned(dropout: false).total
+            print("  counted: LoRA dropout \(loraDropout) (qlora train's default 0.05; --lora-dropout 0 leaves it out): its scratch, mask "
+                  + "bits and every block's d(x)·Aᵀ, \(DeviceAllocator.formatGiB(cost)) GiB")
+        }
+        for line in Self.savings(plan) { print("  " + line) }
         for gib in budgets {
             let bytes = Int(gib * Double(1 << 30))
             let longest = CUDAMemoryPlan.longestSequence(config: config, batch: batch, rank: loraR, memory: memory, budgetBytes: bytes,
-                                                         shardedOver: world)
+                                                         shardedOver: world, dropout: dropout, optimizer: kind)
             let widest = CUDAMemoryPlan.largestBatch(config: config, sequenceLength: seq, rank: loraR, memory: memory, budgetBytes: bytes,
-                                                     shardedOver: world)
+                                                     shardedOver: world, dropout: dropout, optimizer: kind)
             // Without room for a block's dequantized weights the trainer drops back to dequantizing them again.
             let fitted = plan.fitting(budgetBytes: bytes)
-            let path = !fitted.fits(budgetBytes: bytes) || !plan.memory.keepBlockWeights ? ""
-                : fitted.memory.keepBlockWeights ? ", a block's dequantized weights kept for its backward"
-                : ", weights dequantized again in the backward (no room to keep a block's)"
+            var path = ""
+            if fitted.fits(budgetBytes: bytes) && plan.memory.keepBlockWeights {
+                path += fitted.memory.keepBlockWeights ? ", a block's dequantized weights kept for its backward"
+                    : ", weights dequantized again in the backward (no room to keep a block's)"
+            }
+            if fitted.fits(budgetBytes: bytes) && dropout && plan.memory.keepDropoutMasks {
+                path += fitted.memory.keepDropoutMasks ? ", every block's dropout masks kept"
+                    : ", dropout masks hashed again in the backward (no room to keep every block's)"
+            }
             print("  \(gib) GiB card: \(Self.verdict(fitted, budgetBytes: bytes))\(path); longest sequence at batch \(batch): "
                   + (longest.map { "\($0)" } ?? "none (the weights alone do not fit)") + "; largest batch of \(seq): \(widest)")
         }
@@ -85,6 +109,25 @@ struct PlanCommand: ParsableCommand {
         }
     }
 
+    /// What the plan saves against the whole-state, whole-base layout, one line each (empty when nothing is saved).
+    static func savings(_ plan: CUDAMemoryPlan) -> [String] {
+        let g = { (b: Int) in DeviceAllocator.formatGiB(b) + " GiB" }
+        var lines: [String] = []
+        let unpaged = plan.replanned(optimizer: .some(.adamw))
+        if plan.optimizer < unpaged.optimizer, let kind = plan.optimizerKind {
+            lines.append("saved: \(g(unpaged.optimizer - plan.optimizer)) of optimizer state that \(kind.rawValue) keeps "
+                         + (plan.optimizerHost > 0 ? "in pinned host memory (\(g(plan.optimizerHost)) there)" : "in 8 bits")
+                         + " instead of adamw's fp32 moments on the GPU")
+        }
+        if plan.baseShards > 0 {
+            let whole = plan.replanned(shardedOver: .some(nil))
+            if whole.weights > plan.weights {
+                lines.append("saved: \(g(whole.weights - plan.weights)) of NF4 base by sharding its blocks over \(plan.shardedWorld) ranks")
+            }
+        }
+        return lines
+    }
+
     /// "fits, 1.2 GiB to spare" or "does not fit, 3.4 GiB short".
     static func verdict(_ plan: CUDAMemoryPlan, budgetBytes: Int) -> String {
         let spare = plan.spareBytes(budgetBytes: budgetBytes)
@@ -93,7 +136,7 @@ struct PlanCommand: ParsableCommand {
 
     /// Rows: architecture × rank × checkpoint placement; cells: the longest batch-1 sequence / the largest batch of
     /// 2048-token rows.
-    func printTable(budgets: [Double]) {
+    func printTable(budgets: [Double], dropout: Bool, optimizer: OptimizerKind) {
         let header = budgets.map { "\(Int($0)) GB" }
         print("| model | LoRA r | checkpoints | " + header.joined(separator: " | ") + " |")
         print("| --- | --- | --- | " + header.map { _ in "---" }.joined(separator: " | ") + " |")
@@ -107,11 +150,14 @@ struct PlanCommand: ParsableCommand {
                     let cells = budgets.map { gib -> String in
                         let bytes = Int(gib * Double(1 << 30))
                         guard let longest = CUDAMemoryPlan.longestSequence(config: config, batch: 1, rank: rank, memory: memory,
-                                                                            budgetBytes: bytes) else { return "—" }
+                                                                            budgetBytes: bytes, dropout: dropout, optimizer: optimizer)
+                        else { return "—" }
                         let widest = CUDAMemoryPlan.largestBatch(config: config, sequenceLength: 2048, rank: rank, memory: memory,
-                                                                 budgetBytes: bytes)
-                        // Offloaded checkpoints wait in pinned host memory: the machine needs that much RAM too.
-                        let host = CUDAMemoryPlan(config: config, tokens: longest, rank: rank, memory: memory).host
+                                                                 budgetBytes: bytes, dropout: dropout, optimizer: optimizer)
+                        // Offloaded checkpoints (and a paged optimizer's state) wait in pinned host memory: the
+                        // machine needs that much RAM too.
+                        let host = CUDAMemoryPlan(config: config, tokens: longest, rank: rank, dropout: dropout, memory: memory,
+                                                  optimizer: optimizer).host
                         return "\(longest.formatted()) / \(widest)" + (offload ? " (host \(DeviceAllocator.formatGiB(host)))" : "")
                     }
                     print("| \(architecture.rawValue) | \(rank) | \(offload ? "host" : "GPU") | " + cells.joined(separator: " | ") + " |")

@@ -6,6 +6,9 @@
 //   - `allReduce`: every rank ends with the elementwise sum (or mean) of every rank's buffer. Implementations add the
 //     contributions in rank order (0, 1, ..., W−1), so every rank holds the same bits afterwards.
 //   - `broadcast`: every rank ends with the root's bytes.
+//   - `reduceScatter`: every rank passes W equal parts and ends with its own part (rank r: part r) of the sum (or
+//     mean) over the ranks, added in rank order: the same bits as that part of `allReduce`'s result. ZeRO-style
+//     sharding of the adapters reduces each rank's gradients this way instead of all-reducing them.
 //   - `allGather`: every rank ends with all ranks' shards (bytes, the same count on every rank) concatenated in rank
 //     order; the sharded base (ShardedBase.swift) rebuilds a block's frozen weights from its shards this way.
 //   - `barrier`: no rank passes until every rank has arrived.
@@ -31,6 +34,9 @@ public protocol Collective: AnyObject {
     /// In place: every rank's `values` become the elementwise sum (mean) of all ranks' `values` (same count on every rank).
     func allReduce(_ values: UnsafeMutableBufferPointer<Float>, _ operation: ReduceOperation) throws
     func allReduce(_ values: UnsafeMutableBufferPointer<Double>, _ operation: ReduceOperation) throws
+    /// `values` (worldSize × shard.count, the same count on every rank) summed (averaged) over the ranks in rank order;
+    /// this rank receives its part, elements [rank · shard.count, (rank + 1) · shard.count) of the sum, in `shard`.
+    func reduceScatter(_ values: UnsafeBufferPointer<Float>, into shard: UnsafeMutableBufferPointer<Float>, _ operation: ReduceOperation) throws
     /// In place: every rank's `bytes` become the `root` rank's (same count on every rank).
     func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws
     /// Every rank's `shard` (the same byte count on every rank) concatenated in rank order into `gathered`, which
@@ -51,6 +57,13 @@ extension Collective {
 
     public func allReduce(_ values: inout [Double], _ operation: ReduceOperation = .sum) throws {
         try values.withUnsafeMutableBufferPointer { try allReduce($0, operation) }
+    }
+
+    /// This rank's part of the sum (mean) of every rank's `values` (worldSize equal parts).
+    public func reduceScatter(_ values: [Float], _ operation: ReduceOperation = .sum) throws -> [Float] {
+        var shard = [Float](repeating: 0, count: values.count / max(worldSize, 1))
+        try values.withUnsafeBufferPointer { v in try shard.withUnsafeMutableBufferPointer { try reduceScatter(v, into: $0, operation) } }
+        return shard
     }
 
     /// The root's value of a Double (every rank passes its own; all get the root's).
@@ -83,6 +96,11 @@ public final class LocalCollective: Collective {
     public var worldSize: Int { 1 }
     public func allReduce(_ values: UnsafeMutableBufferPointer<Float>, _ operation: ReduceOperation) throws {}
     public func allReduce(_ values: UnsafeMutableBufferPointer<Double>, _ operation: ReduceOperation) throws {}
+    public func reduceScatter(_ values: UnsafeBufferPointer<Float>, into shard: UnsafeMutableBufferPointer<Float>,
+                              _ operation: ReduceOperation) throws {
+        try checkScatterSizes(values: values.count, shard: shard.count, worldSize: 1)
+        for i in 0..<shard.count { shard[i] = values[i] }
+    }
     public func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws {
         guard root == 0 else { throw UsageError("broadcast from rank \(root) in a world of one rank") }
     }
@@ -98,6 +116,13 @@ public final class LocalCollective: Collective {
 func checkGatherSizes(shard: Int, gathered: Int, worldSize: Int) throws {
     guard gathered == shard * worldSize else {
         throw UsageError("allGather: a buffer of \(gathered) bytes for \(worldSize) shards of \(shard) bytes; expected \(shard * worldSize)")
+    }
+}
+
+/// The reduced buffer holds exactly one part per rank.
+func checkScatterSizes(values: Int, shard: Int, worldSize: Int) throws {
+    guard values == shard * worldSize else {
+        throw UsageError("reduceScatter: \(values) values for \(worldSize) parts of \(shard); expected \(shard * worldSize)")
     }
 }
 

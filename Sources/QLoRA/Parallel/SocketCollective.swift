@@ -1,6 +1,7 @@
 // The collective of CPU ranks in separate processes (or machines), over the rendezvous connections: a star around
 // rank 0, as simple as a collective gets. allReduce: every other rank sends its buffer to rank 0, which adds them in
-// rank order (0, 1, ..., W−1: the bits of `ThreadWorld` and of every rank alike) and sends the result back. broadcast:
+// rank order (0, 1, ..., W−1: the bits of `ThreadWorld` and of every rank alike) and sends the result back;
+// reduceScatter the same, sending each rank only its part. broadcast:
 // the root's bytes go through rank 0 to all. allGather: every rank sends its shard to rank 0, which puts them in rank
 // order and sends the whole to all. A failure travels as an error frame, so each rank stops with the failing
 // rank's message; a process that dies closes its connection, which stops the others too.
@@ -74,6 +75,36 @@ public final class SocketCollective: Collective {
 
     public func allReduce(_ values: UnsafeMutableBufferPointer<Float>, _ operation: ReduceOperation) throws { try reduce(values, operation) }
     public func allReduce(_ values: UnsafeMutableBufferPointer<Double>, _ operation: ReduceOperation) throws { try reduce(values, operation) }
+
+    public func reduceScatter(_ values: UnsafeBufferPointer<Float>, into shard: UnsafeMutableBufferPointer<Float>,
+                              _ operation: ReduceOperation) throws {
+        try checkScatterSizes(values: values.count, shard: shard.count, worldSize: worldSize)
+        try guardNotFailed()
+        let part = shard.count
+        if rank != 0 {
+            do {
+                try peers[0]!.sendFrame(kind: TCPConnection.data, UnsafeRawBufferPointer(values))
+                try peers[0]!.receiveData(into: UnsafeMutableRawBufferPointer(shard))
+            } catch { failed = (error as? RankFailedError) ?? RankFailedError(rank: 0, "\(error)"); throw error }
+            return
+        }
+        do {
+            var others: [UnsafeMutableBufferPointer<Float>] = []
+            defer { for o in others { o.deallocate() } }
+            for peer in peers.dropFirst() {
+                let buffer = UnsafeMutableBufferPointer<Float>.allocate(capacity: values.count)
+                others.append(buffer)
+                try peer!.receiveData(into: UnsafeMutableRawBufferPointer(buffer))
+            }
+            let result = UnsafeMutableBufferPointer<Float>.allocate(capacity: values.count)
+            defer { result.deallocate() }
+            reduceInRankOrder([values] + others.map { UnsafeBufferPointer($0) }, into: result, operation)
+            for i in 0..<part { shard[i] = result[i] }
+            for r in 1..<worldSize {
+                try peers[r]!.sendFrame(kind: TCPConnection.data, UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(result)[(r * part * 4)..<((r + 1) * part * 4)]))
+            }
+        } catch { throw spread(error) }
+    }
 
     public func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws {
         guard (0..<worldSize).contains(root) else { throw UsageError("broadcast from rank \(root) in a world of \(worldSize) ranks") }

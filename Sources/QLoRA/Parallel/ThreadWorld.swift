@@ -164,6 +164,22 @@ public final class ThreadCollective: Collective {
         for i in 0..<values.count { values[i] = result[i] }
     }
 
+    public func reduceScatter(_ values: UnsafeBufferPointer<Float>, into shard: UnsafeMutableBufferPointer<Float>,
+                              _ operation: ReduceOperation) throws {
+        try checkScatterSizes(values: values.count, shard: shard.count, worldSize: worldSize)
+        let part = shard.count, start = rank * part
+        let result = UnsafeMutableBufferPointer<Float>.allocate(capacity: part)
+        defer { result.deallocate() }
+        // Each rank adds only its own part of every rank's buffer, in rank order (the bits of allReduce's part).
+        try world.exchange(rank: rank, values.baseAddress.map(UnsafeRawPointer.init), count: values.count, what: "reduceScatter") { pointers in
+            let sources = pointers.map { p in
+                UnsafeBufferPointer(start: p?.assumingMemoryBound(to: Float.self).advanced(by: start), count: part)
+            }
+            reduceInRankOrder(sources, into: result, operation)
+        }
+        for i in 0..<part { shard[i] = result[i] }
+    }
+
     public func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws {
         guard (0..<worldSize).contains(root) else { throw UsageError("broadcast from rank \(root) in a world of \(worldSize) ranks") }
         let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 16)

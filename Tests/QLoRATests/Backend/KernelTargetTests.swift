@@ -38,9 +38,13 @@ final class KernelTargetTests: XCTestCase {
     }
 
     func testAttentionKernelChoice() throws {
-        // QLORA_ATTENTION=mma|wgmma picks the Hopper d128 flash forward; anything else is a usage error naming it.
+        // QLORA_ATTENTION=mma|wgmma-forward|wgmma picks the Hopper d128 flash kernels (mma: neither on wgmma,
+        // wgmma-forward: the forward, wgmma: both); anything else is a usage error naming it.
         XCTAssertEqual(try AttentionKernel(parsing: "wgmma"), .wgmma)
+        XCTAssertEqual(try AttentionKernel(parsing: "WGMMA-forward"), .wgmmaForward)
         XCTAssertEqual(try AttentionKernel(parsing: "MMA"), .mma)
+        XCTAssertEqual(AttentionKernel.allCases.map { [$0.forwardOnWGMMA, $0.backwardOnWGMMA] },
+                       [[false, false], [true, false], [true, true]])
         XCTAssertThrowsError(try AttentionKernel(parsing: "fa3")) { error in
             XCTAssertTrue(error is UsageError)
             XCTAssertTrue("\(error)".contains("QLORA_ATTENTION=fa3"), "\(error)")
@@ -49,7 +53,9 @@ final class KernelTargetTests: XCTestCase {
         defer { unsetenv("QLORA_ATTENTION") }
         XCTAssertEqual(try AttentionKernel.fromEnvironment(), .mma)
         setenv("QLORA_ATTENTION", "", 1)
-        XCTAssertEqual(try AttentionKernel.fromEnvironment(), .wgmma, "wgmma where it applies is the default")
+        XCTAssertEqual(try AttentionKernel.fromEnvironment(), .wgmma, "the wgmma forward and backward where they apply are the default")
+        setenv("QLORA_ATTENTION", "wgmma", 1)
+        XCTAssertEqual(try AttentionKernel.fromEnvironment(), .wgmma)
         setenv("QLORA_ATTENTION", "flash3", 1)
         XCTAssertThrowsError(try AttentionKernel.fromEnvironment())
         // The launcher's shared memory is the kernel's WG_SHARED (the same expression) and fits Hopper's 227 KB.
@@ -57,5 +63,13 @@ final class KernelTargetTests: XCTestCase {
         XCTAssertTrue(KernelSources.attentionWGMMA.text.contains("#define WG_TILE_BYTES (128 * 128 * 2)"))
         XCTAssertEqual(CUDAContext.wgmmaForwardShared, 5 * (128 * 128 * 2) + 2 * 128 * 4 + 1024)
         XCTAssertLessThanOrEqual(CUDAContext.wgmmaForwardShared, try KernelTarget(parsing: "sm_90a").maxSharedMemoryPerBlock)
+        // The same for the backward's WGB_SHARED.
+        XCTAssertTrue(KernelSources.attentionWGMMA.text.contains(
+            "#define WGB_SHARED (2 * WG_TILE_BYTES + 4 * WGB_QTILE_BYTES + WGB_DS_BYTES + 3 * 2 * WGB_QUERIES * 4 + 1024)"))
+        XCTAssertTrue(KernelSources.attentionWGMMA.text.contains("#define WGB_QTILE_BYTES (WGB_QUERIES * 128 * 2)"))
+        XCTAssertTrue(KernelSources.attentionWGMMA.text.contains("#define WGB_DS_BYTES (128 * WGB_QUERIES * 2)"))
+        XCTAssertTrue(KernelSources.attentionWGMMA.text.contains("#define WGB_QUERIES 64 "))
+        XCTAssertEqual(CUDAContext.wgmmaBackwardShared, 150_016)
+        XCTAssertLessThanOrEqual(CUDAContext.wgmmaBackwardShared, try KernelTarget(parsing: "sm_90a").maxSharedMemoryPerBlock)
     }
 }

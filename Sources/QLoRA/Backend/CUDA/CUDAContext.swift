@@ -81,10 +81,12 @@ public final class CUDAContext {
     /// What the kernels run as, for logs: "sm_90a, bf16 compute, attention: ..." or "compute_75 (PTX, compiled by the
     /// driver at load), fp16 compute, attention: ...".
     public var kernelDescription: String {
-        let wgmma = (try? AttentionKernel.fromEnvironment()) == .wgmma
-            && wgmmaAttentionApplies(AttentionShape(batch: 1, seq: 1, heads: 1, kvHeads: 1, headDim: 128))
-        return "\(compiler.target.description), \(computeDType) compute, attention: \(compiler.target.attentionPath)"
-            + (wgmma ? "; d128 flash forward on wgmma (QLORA_ATTENTION)" : "")
+        let choice = (try? AttentionKernel.fromEnvironment()) ?? .mma
+        let wgmma = wgmmaAttentionApplies(AttentionShape(batch: 1, seq: 1, heads: 1, kvHeads: 1, headDim: 128))
+        let note = !wgmma || !choice.forwardOnWGMMA ? ""
+            : choice.backwardOnWGMMA ? "; d128 flash forward and backward on wgmma (QLORA_ATTENTION)"
+            : "; d128 flash forward on wgmma (QLORA_ATTENTION)"
+        return "\(compiler.target.description), \(computeDType) compute, attention: \(compiler.target.attentionPath)" + note
     }
 
     /// cuBLASLt, loaded on first use.

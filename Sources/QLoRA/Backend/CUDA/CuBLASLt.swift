@@ -74,6 +74,7 @@ public final class CuBLASLt {
     static let layoutBatchCount: Int32 = 5         // CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT (int32)
     static let layoutBatchStride: Int32 = 6        // CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET (int64)
     static let prefMaxWorkspace: Int32 = 1         // CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES (uint64)
+    static let prefMinAlignmentA: Int32 = 5        // CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES (uint32; B, C, D follow)
     /// sizeof(cublasLtMatmulHeuristicResult_t): algo (8 x uint64), size_t workspaceSize, status, float waves, int[4].
     static let heuristicResultSize = 96
 
@@ -144,8 +145,8 @@ public final class CuBLASLt {
     }
 
     /// Row-major `C[m, n] = alpha * op(A)[m, k] · op(B)[k, n] + beta * C`, fp32 accumulation.
-    /// A is stored [m, k] (or [k, m] when `transA`), B [k, n] (or [n, k] when `transB`), C [m, n]; all
-    /// densely packed. `batch` > 1 runs that many products with the given element strides between matrices.
+    /// A is stored [m, k] (or [k, m] when `transA`), B [k, n] (or [n, k] when `transB`), C [m, n]; densely
+    /// packed, or with rows `lda`, `ldb`, `ldc` elements apart (at least the stored row length). `batch` > 1 runs that many products with the given element strides between matrices.
     /// A and B share one type; C may be 16-bit or fp32. The types default to `storage16`, the context's compute
     /// dtype. Runs on `stream` (default: the device's stream).
     public func gemm(m: Int, n: Int, k: Int,
@@ -155,8 +156,15 @@ public final class CuBLASLt {
                      inputType: GEMMType? = nil, outputType: GEMMType? = nil,
                      alpha: Float = 1, beta: Float = 0,
                      batch: Int = 1, strideA: Int = 0, strideB: Int = 0, strideC: Int = 0,
+                     lda: Int? = nil, ldb: Int? = nil, ldc: Int? = nil,
                      stream: CUDAStream? = nil) throws {
         guard m > 0, n > 0, batch > 0 else { return }
+        // The stored rows' lengths, and how far apart they are.
+        let rowA = transA ? m : k, rowB = transB ? k : n
+        let ldA = lda ?? rowA, ldB = ldb ?? rowB, ldC = ldc ?? n
+        guard ldA >= rowA, ldB >= rowB, ldC >= n else {
+            throw CUDAError(call: "gemm", "row strides \(ldA), \(ldB), \(ldC) shorter than the rows \(rowA), \(rowB), \(n)")
+        }
         let inputType = inputType ?? storage16, outputType = outputType ?? storage16
         let s = stream ?? device.stream!
         var desc: OpaquePointer? = nil
@@ -180,16 +188,21 @@ public final class CuBLASLt {
             }
             return l
         }
-        let layoutA = transB ? try layout(inputType, rows: k, cols: n, ld: k, stride: strideB)
-                             : try layout(inputType, rows: n, cols: k, ld: n, stride: strideB)
+        let layoutA = transB ? try layout(inputType, rows: k, cols: n, ld: ldB, stride: strideB)
+                             : try layout(inputType, rows: n, cols: k, ld: ldB, stride: strideB)
         defer { _ = cublasLtMatrixLayoutDestroy(layoutA) }
-        let layoutB = transA ? try layout(inputType, rows: m, cols: k, ld: m, stride: strideA)
-                             : try layout(inputType, rows: k, cols: m, ld: k, stride: strideA)
+        let layoutB = transA ? try layout(inputType, rows: m, cols: k, ld: ldA, stride: strideA)
+                             : try layout(inputType, rows: k, cols: m, ld: ldA, stride: strideA)
         defer { _ = cublasLtMatrixLayoutDestroy(layoutB) }
-        let layoutC = try layout(outputType, rows: n, cols: m, ld: n, stride: strideC)
+        let layoutC = try layout(outputType, rows: n, cols: m, ld: ldC, stride: strideC)
         defer { _ = cublasLtMatrixLayoutDestroy(layoutC) }
 
-        let key = "\(m),\(n),\(k),\(transA),\(transB),\(inputType),\(outputType),\(batch),\(beta != 0)"
+        // Operands inside a row (the folded LoRA's x·Aᵀ columns) are less aligned than the 256 bytes the heuristics
+        // assume by default: ask for algorithms that take their alignment (cuBLAS's A is our B, its B our A).
+        func alignment(_ p: CUdeviceptr) -> UInt32 { p == 0 ? 256 : UInt32(min(256, p & (~p &+ 1))) }
+        let alignments = [alignment(b), alignment(a), alignment(c), alignment(c)]
+        let key = "\(m),\(n),\(k),\(transA),\(transB),\(inputType),\(outputType),\(batch),\(beta != 0),\(ldA),\(ldB),\(ldC)"
+            + (alignments.allSatisfy { $0 == 256 } ? "" : ",\(alignments)")
         var algo: [UInt8]
         if let cached = algorithmCache[key] {
             algo = cached
@@ -200,6 +213,11 @@ public final class CuBLASLt {
             var wsBytes = UInt64(workspace.count)
             try check(cublasLtMatmulPreferenceSetAttribute(pref, Self.prefMaxWorkspace, &wsBytes, 8),
                       "cublasLtMatmulPreferenceSetAttribute(MAX_WORKSPACE_BYTES)")
+            for (i, bytes) in alignments.enumerated() where bytes < 256 {
+                var value = bytes
+                try check(cublasLtMatmulPreferenceSetAttribute(pref, Self.prefMinAlignmentA + Int32(i), &value, 4),
+                          "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_\(["A", "B", "C", "D"][i])_BYTES = \(bytes))")
+            }
             let result = UnsafeMutableRawPointer.allocate(byteCount: Self.heuristicResultSize, alignment: 16)
             defer { result.deallocate() }
             var returned: Int32 = 0

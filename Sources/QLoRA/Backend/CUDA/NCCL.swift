@@ -29,6 +29,9 @@ public final class NCCLLibrary {
     let ncclGetUniqueId: @convention(c) (UnsafeMutableRawPointer) -> Result
     let ncclCommInitRankScalable: @convention(c) (UnsafeMutablePointer<Comm>, Int32, Int32, Int32, UnsafeMutableRawPointer, UnsafeMutableRawPointer?) -> Result
     let ncclAllReduce: @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?, Int, Int32, Int32, Comm, OpaquePointer?) -> Result
+    /// ncclReduceScatter(sendbuff, recvbuff, recvcount, datatype, op, comm, stream): recvbuff = part `rank` (recvcount
+    /// values) of the reduction of every rank's sendbuff (worldSize × recvcount values).
+    let ncclReduceScatter: @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?, Int, Int32, Int32, Comm, OpaquePointer?) -> Result
     let ncclBroadcast: @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?, Int, Int32, Int32, Comm, OpaquePointer?) -> Result
     /// ncclAllGather(sendbuff, recvbuff, sendcount, datatype, comm, stream): recvbuff[r·sendcount ...] = rank r's sendbuff.
     let ncclAllGather: @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?, Int, Int32, Comm, OpaquePointer?) -> Result
@@ -90,6 +93,7 @@ public final class NCCLLibrary {
             ncclGetVersion = try library.function("ncclGetVersion")
             ncclGetUniqueId = try library.function("ncclGetUniqueId")
             ncclAllReduce = try library.function("ncclAllReduce")
+            ncclReduceScatter = try library.function("ncclReduceScatter")
             ncclBroadcast = try library.function("ncclBroadcast")
             ncclAllGather = try library.function("ncclAllGather")
             ncclGroupStart = try library.function("ncclGroupStart")
@@ -175,6 +179,18 @@ public final class NCCLCollective: Collective {
                                           comm, (stream ?? self.stream).handle), "ncclAllReduce(\(count) floats)", comm: comm)
     }
 
+    /// Queues a reduce-scatter of `worldSize × count` fp32 values at `values` into this rank's part, `count` values at
+    /// `shard`, on `stream` (this collective's own when nil); returns without waiting. In place when `shard` is
+    /// `values + rank × count` floats, as NCCL allows.
+    public func reduceScatterDevice(_ values: CUdeviceptr, into shard: CUdeviceptr, count: Int, _ operation: ReduceOperation,
+                                    stream: CUDAStream? = nil) throws {
+        guard count > 0 else { return }
+        try nccl.check(nccl.ncclReduceScatter(UnsafeRawPointer(bitPattern: UInt(values)), UnsafeMutableRawPointer(bitPattern: UInt(shard)),
+                                              count, NCCLLibrary.float32, operation == .sum ? NCCLLibrary.sum : NCCLLibrary.average,
+                                              comm, (stream ?? self.stream).handle),
+                       "ncclReduceScatter(\(count) floats to each of \(worldSize) ranks)", comm: comm)
+    }
+
     /// Queues an in-place broadcast of `bytes` bytes at `pointer` from `root` on `stream` (default: this collective's).
     public func broadcastDevice(_ pointer: CUdeviceptr, bytes: Int, root: Int, stream: CUDAStream? = nil) throws {
         guard bytes > 0 else { return }
@@ -219,6 +235,19 @@ public final class NCCLCollective: Collective {
 
     public func allReduce(_ values: UnsafeMutableBufferPointer<Double>, _ operation: ReduceOperation) throws {
         try reduceHost(values.baseAddress.map(UnsafeMutableRawPointer.init), count: values.count, elementBytes: 8, type: NCCLLibrary.float64, operation)
+    }
+
+    public func reduceScatter(_ values: UnsafeBufferPointer<Float>, into shard: UnsafeMutableBufferPointer<Float>,
+                              _ operation: ReduceOperation) throws {
+        try checkScatterSizes(values: values.count, shard: shard.count, worldSize: worldSize)
+        guard let source = values.baseAddress, let target = shard.baseAddress, shard.count > 0 else { return }
+        // The staging buffer holds every part; this rank's part of the sum lands in its own place (in place).
+        let buffer = try stagingBuffer(bytes: 4 * values.count)
+        try context.device.copy(toDevice: buffer.pointer, from: source, bytes: 4 * values.count, stream: stream)
+        let mine = buffer.pointer + CUdeviceptr(4 * rank * shard.count)
+        try reduceScatterDevice(buffer.pointer, into: mine, count: shard.count, operation)
+        try context.device.copy(toHost: target, from: mine, bytes: 4 * shard.count, stream: stream)
+        try stream.synchronize()
     }
 
     public func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws {

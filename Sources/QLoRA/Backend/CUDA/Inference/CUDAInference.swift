@@ -20,10 +20,12 @@ import Glibc
 // appending, attends with the chunk's own keys read from its rows (writing them first would overwrite ring rows the
 // chunk's earlier queries still see), then appends the chunk's last `window` keys (kv_append_rows). A decode step
 // appends first: its one key lands on the row of position p − window, which its query no longer sees.
-// Decode (one token): per layer 13 kernels (15 with sandwich norms), the projections by nf4_gemv (or nf4_gemv_mma /
-// nf4_gemv_stream, where a shape and the card allow it; `gemvKernel` picks), which reads the 4-bit weights directly (q|k|v in one
-// launch, gate|up in one, the residual added by o and down unless a sandwich norm comes between), the LoRA A
-// projections of a group stacked into one bf16 GEMV. The whole step is recorded once
+// Decode (one token): per layer 10 kernels (12 with sandwich norms; 6 and 8 with `GEMVKernel.fused`), the projections by
+// nf4_gemv (or nf4_gemv_mma / nf4_gemv_fused, where a shape and the card allow it; `gemvKernel` picks), which reads the
+// 4-bit weights directly (q|k|v in one launch, gate|up in one, the residual added by o and down unless a sandwich norm
+// comes between), the LoRA A projections of a group stacked into one matrix: lora_a_rows makes a group's input
+// (RMSNorm, the gated activation) and xa before its GEMV, or nf4_gemv_fused does both inside the GEMV's launch.
+// The whole step is recorded once
 // as a CUDA graph and replayed; the position and token live in device memory, and so do the RoPE frequencies (a
 // switch to longrope's long factors rewrites them in place).
 // The output head stays bf16 (as bitsandbytes leaves lm_head), read by bf16_gemv into fp32 logits.
@@ -116,9 +118,10 @@ public final class CUDAInference {
         /// nf4_gemv_mma: two codes per table load, the dot products on the tensor cores (rows where a group's shape or
         /// the card does not allow it: see `CUDAContext.nf4GemvMMASupported`).
         case mma
-        /// nf4_gemv_stream: nf4_gemv_mma's product on a persistent grid that prefetches its tiles into L2, launched with
-        /// programmatic dependent launch on Hopper (rows where mma is not supported).
-        case stream
+        /// nf4_gemv_fused: nf4_gemv_mma's product with the op that makes the group's input (RMSNorm, the gated
+        /// activation) and its LoRA A product in the same launch: one launch per projection group instead of two (where
+        /// it does not run: mma, or rows, with lora_a_rows before).
+        case fused
     }
     /// Which NF4 GEMV decode uses; changing it re-records the graph. `rows` until `mma` measures faster: on the H100
     /// (session 6) mma was even on q|k|v, o and down and 15% slower on gate|up (docs/PERFORMANCE.md).
@@ -152,6 +155,8 @@ public final class CUDAInference {
     let projected: DeviceBuffer<UInt16>
     let xa: DeviceBuffer<Float>
     let logits: DeviceBuffer<Float>
+    /// nf4_gemv_fused's two counters (zero between launches).
+    let gemvSync: DeviceBuffer<Int32>
     private var graph: CUDAGraph?
 
     // MARK: Building
@@ -322,6 +327,7 @@ public final class CUDAInference {
         let maxRank = layers.flatMap { [$0.qkv, $0.o, $0.gateUp, $0.down] }.map(\.totalRank).max() ?? 0
         xa = try A.buffer(Float.self, count: max(maxRank, 1))
         logits = try A.buffer(Float.self, count: c.vocabularySize)
+        gemvSync = try A.buffer(copying: [Int32(0), Int32(0)])
         // Decode tasks: outputs at fixed addresses.
         let q = c.qDim, kv = c.kvDim, inter = c.intermediateSize
         for l in self.layers.indices {
@@ -477,26 +483,20 @@ public final class CUDAInference {
     func decodeLaunches(mark: (String) throws -> Void = { _ in }) throws {
         let c = config, ctx = context
         let h = c.hiddenSize, offset = c.normWeightOffset
-        // With nf4_gemv_stream the kernels of a layer launch as programmatic dependents of the one before (Hopper): each
-        // lets the next launch at its start and waits for the previous before it reads anything (decode.cu), so a
-        // launch and a GEMV's weight prefetch overlap the kernel before.
-        let overlap = gemvKernel == .stream
         /// The group's LoRA A rows with the op making its input (see lora_a_rows), writing that input to `inOut`.
         func loraA(_ g: ProjectionGroup, mode: Int, x: CUdeviceptr, x2: CUdeviceptr = 0, norm: CUdeviceptr = 0, inOut: CUdeviceptr) throws {
             try ctx.loraARows(a: g.loraA?.pointer ?? 0, x: x, x2: x2, normWeight: norm, inOut: inOut, xa: xa.pointer,
                               rows: g.loraA == nil ? 0 : g.totalRank, cols: g.columns, mode: mode, eps: c.rmsNormEps, normOffset: offset,
-                              activation: c.mlpActivation, programmaticDependency: overlap)
+                              activation: c.mlpActivation)
             try mark(mode == 1 ? "rmsnorm + lora A" : mode == 2 ? "\(c.mlpActivation == .silu ? "swiglu" : "geglu") + lora A" : "lora A")
         }
         func gemv(_ g: ProjectionGroup, input: CUdeviceptr, _ name: String) throws {
             switch gemvKernel {
-            case .mma where ctx.nf4GemvMMASupported(cols: g.columns, blocksize: g.matrices[0].blocksize):
+            case .mma where ctx.nf4GemvMMASupported(cols: g.columns, blocksize: g.matrices[0].blocksize),
+                 .fused where ctx.nf4GemvMMASupported(cols: g.columns, blocksize: g.matrices[0].blocksize):
                 try ctx.nf4GemvMMA(tasks: g.tasks!.pointer, taskCount: g.matrices.count, blocks: g.blocks, x: input, cols: g.columns,
                                    blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
-            case .stream where ctx.nf4GemvMMASupported(cols: g.columns, blocksize: g.matrices[0].blocksize):
-                try ctx.nf4GemvStream(tasks: g.tasks!.pointer, taskCount: g.matrices.count, tiles: g.blocks, x: input, cols: g.columns,
-                                      blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
-            case .rows, .mma, .stream:
+            case .rows, .mma, .fused:
                 try ctx.nf4Gemv(tasks: g.tasks!.pointer, taskCount: g.matrices.count, blocks: g.blocks, x: input, cols: g.columns,
                                 blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
             case .splitK:
@@ -519,35 +519,50 @@ public final class CUDAInference {
                                 offset: offset, add: true)
             try mark("rmsnorm + residual")
         }
+        /// A group's projection with the op that makes its input (mode as lora_a_rows: 0 in = `input`, 1 RMSNorm(input)·norm,
+        /// 2 act(input)·x2) and its LoRA A product: one nf4_gemv_fused launch where it runs, else lora_a_rows (writing the
+        /// input to `inOut` and xa) and the GEMV. `bias`: the group's output is the residual stream x (o, down), whose bias
+        /// is added to x first.
+        func project(_ g: ProjectionGroup, mode: Int, input: CUdeviceptr, x2: CUdeviceptr = 0, norm: CUdeviceptr = 0, inOut: CUdeviceptr,
+                     bias: Bool, _ name: String) throws {
+            if bias { try residualBias(g) }
+            if gemvKernel == .fused, ctx.nf4GemvFusedSupported(cols: g.columns, blocksize: g.matrices[0].blocksize) {
+                try ctx.nf4GemvFused(tasks: g.tasks!.pointer, taskCount: g.matrices.count, tiles: g.blocks, x: input, x2: x2, normWeight: norm,
+                                     mode: mode, eps: c.rmsNormEps, normOffset: offset, activation: c.mlpActivation,
+                                     loraA: g.loraA?.pointer ?? 0, loraRows: g.loraA == nil ? 0 : g.totalRank, xa: xa.pointer,
+                                     sync: gemvSync.pointer, cols: g.columns, blocksize: g.matrices[0].blocksize,
+                                     nestedBlocksize: g.matrices[0].nestedBlocksize)
+                try mark(name + (mode == 1 ? " + rmsnorm" : mode == 2 ? " + \(c.mlpActivation == .silu ? "swiglu" : "geglu")" : "")
+                         + (g.loraA != nil ? " + lora A" : "") + " (fused)")
+                return
+            }
+            if mode != 0 || g.loraA != nil { try loraA(g, mode: mode, x: input, x2: x2, norm: norm, inOut: mode == 0 ? 0 : inOut) }
+            try gemv(g, input: mode == 0 ? input : inOut, name)
+        }
         try ctx.embeddingRows(ids: stepState.address(at: 1), table: embedding.pointer, out: x.pointer, rows: 1, dim: h, scale: embeddingScale)
         try mark("embedding")
         let inter = c.intermediateSize
         for (l, layer) in layers.enumerated() {
-            try loraA(layer.qkv, mode: 1, x: x.pointer, norm: layer.inputNorm.pointer, inOut: normed.pointer)
-            try gemv(layer.qkv, input: normed.pointer, "nf4 gemv q|k|v")
+            try project(layer.qkv, mode: 1, input: x.pointer, norm: layer.inputNorm.pointer, inOut: normed.pointer, bias: false, "nf4 gemv q|k|v")
             let rope = ropes[ropeOfLayer[l]]
             try ctx.ropeAppendRows(qkv: qkvRow.pointer, stride: c.qDim + 2 * c.kvDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
                                    slots: 0, positions: stepState.pointer, inverseFrequencies: rope.frequencies.pointer, rows: 1,
                                    capacity: layerRows[l], heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim,
                                    rotaryDim: c.rotaryDim, ropeScale: rope.scale, qNorm: layer.qNorm?.pointer ?? 0,
-                                   kNorm: layer.kNorm?.pointer ?? 0, normOffset: offset, eps: c.rmsNormEps,
-                                   programmaticDependency: overlap)
+                                   kNorm: layer.kNorm?.pointer ?? 0, normOffset: offset, eps: c.rmsNormEps)
             try mark(c.qkNorm ? "q/k norm + rope + cache append" : "rope + cache append")
             try ctx.attentionCached(q: qkvRow.pointer, qStride: c.qDim, kcache: layer.keys.pointer, vcache: layer.values.pointer,
                                     out: attended.pointer, startPointer: stepState.pointer, start: 0, tokens: 1, heads: c.headCount,
                                     kvHeads: c.kvHeadCount, headDim: c.headDim, maxKeys: capacity, scale: c.attentionScale,
-                                    softcap: c.attentionSoftcap ?? 0, window: windows[l], ring: layerRows[l],
-                                    programmaticDependency: overlap)
+                                    softcap: c.attentionSoftcap ?? 0, window: windows[l], ring: layerRows[l])
             try mark("attention")
-            if layer.o.loraA != nil { try loraA(layer.o, mode: 0, x: attended.pointer, inOut: 0) }
-            try residualBias(layer.o)
-            try gemv(layer.o, input: attended.pointer, c.sandwichNorms ? "nf4 gemv o" : "nf4 gemv o (+ residual)")
+            try project(layer.o, mode: 0, input: attended.pointer, inOut: 0, bias: true,
+                        c.sandwichNorms ? "nf4 gemv o" : "nf4 gemv o (+ residual)")
             try sandwich(layer.attentionOutputNorm)
-            try loraA(layer.gateUp, mode: 1, x: x.pointer, norm: layer.postNorm.pointer, inOut: normed.pointer)
-            try gemv(layer.gateUp, input: normed.pointer, "nf4 gemv gate|up")
-            try loraA(layer.down, mode: 2, x: gateUpRow.pointer, x2: gateUpRow.address(at: inter), inOut: hidden.pointer)
-            try residualBias(layer.down)
-            try gemv(layer.down, input: hidden.pointer, c.sandwichNorms ? "nf4 gemv down" : "nf4 gemv down (+ residual)")
+            try project(layer.gateUp, mode: 1, input: x.pointer, norm: layer.postNorm.pointer, inOut: normed.pointer, bias: false,
+                        "nf4 gemv gate|up")
+            try project(layer.down, mode: 2, input: gateUpRow.pointer, x2: gateUpRow.address(at: inter), inOut: hidden.pointer, bias: true,
+                        c.sandwichNorms ? "nf4 gemv down" : "nf4 gemv down (+ residual)")
             try sandwich(layer.mlpOutputNorm)
         }
         try ctx.rmsNormRows(x: x.pointer, weight: finalNorm.pointer, out: normed.pointer, rows: 1, dim: h, eps: c.rmsNormEps, offset: offset)

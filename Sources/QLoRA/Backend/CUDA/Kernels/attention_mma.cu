@@ -651,6 +651,45 @@ __device__ __forceinline__ void fa_issue_query_tile(h16* qs, h16* dos, float* ls
     }
 }
 
+/// What a flash backward block derives from its index: KV head hk of batch row b (token offset t0), keys k0..k0 + BN
+/// (the first key blocks, which see the most queries, start first), a warp's 16 key rows from k0 + 16 kw, and the
+/// query tiles of BQ it visits: per head of the group, from the diagonal to the last query whose window reaches the
+/// block's last key.
+struct FaBackwardBlock {
+    int hk, group, k0, tiles_per_head, tiles, warp_first, warp_last;
+    int keys[2];
+    long long t0;
+};
+
+/// The start both flash backward kernels share: the block's indices (FaBackwardBlock) and the cp.async loads of its
+/// K and V rows and of query tile 0 into stage 0, committed as one group.
+template <int D, int BN, int BQ>
+__device__ __forceinline__ FaBackwardBlock fa_backward_begin(h16* ks, h16* vs, h16* qs, h16* dos, float* lse_s,
+                                                             float* delta_s, int* segq_s, const h16* q, const h16* k,
+                                                             const h16* v, const h16* dout, const float* lse,
+                                                             const float* delta, const int* segments, int kw, int g,
+                                                             int seq, int heads, int kv_heads, int window) {
+    FaBackwardBlock blk;
+    blk.hk = blockIdx.x % kv_heads;
+    blk.group = heads / kv_heads;
+    blk.k0 = blockIdx.y * BN;
+    blk.t0 = (long long)(blockIdx.x / kv_heads) * seq;
+    blk.warp_first = blk.k0 + kw * 16;
+    blk.warp_last = blk.warp_first + 15;
+    blk.keys[0] = blk.warp_first + g;
+    blk.keys[1] = blk.warp_first + g + 8;
+    const int query_end = min(seq, blk.k0 + BN + window - 1);
+    blk.tiles_per_head = (query_end - blk.k0 + BQ - 1) / BQ;
+    blk.tiles = blk.group * blk.tiles_per_head;
+    async_rows_shared<D, BN>(ks, k, blk.t0, blk.k0, seq, kv_heads, blk.hk);
+    async_rows_shared<D, BN>(vs, v, blk.t0, blk.k0, seq, kv_heads, blk.hk);
+    if (blk.tiles > 0)
+        fa_issue_query_tile<D, BQ>(qs, dos, lse_s, delta_s, segq_s, q, dout, lse, delta, segments, 0, 0, blk.tiles_per_head,
+                                   blk.hk * blk.group, blk.k0, blk.t0, seq, heads);
+    cp_async_commit();
+    return blk;
+}
+
 /// The forward's shape by head dimension: up to 128, 4 warps of two m-tiles (32 rows) and key tiles of 64; at 256
 /// (Gemma 2/3) the output accumulator of two m-tiles (2 x 128 registers) would spill, so 8 warps of one m-tile
 /// (16 rows: 128 accumulator registers) share the block's 128 rows, and key tiles of 32 keep the double-buffered
@@ -857,28 +896,21 @@ __device__ __forceinline__ void fa_backward(const h16* q, const h16* k, const h1
     float* lse_s = reinterpret_cast<float*>(dst + BN * LDS);  // [2][BQ], times log2 e
     float* delta_s = lse_s + 2 * BQ;                           // [2][BQ]
     int* segq_s = reinterpret_cast<int*>(delta_s + 2 * BQ);    // [2][BQ]
-    const int hk = blockIdx.x % kv_heads, b = blockIdx.x / kv_heads, k0 = blockIdx.y * BN;  // first keys first
-    const int group = heads / kv_heads;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const long long t0 = (long long)b * seq;
-    const int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
-    const int warp_first = k0 + warp * 16, warp_last = warp_first + 15;
+    const FaBackwardBlock blk = fa_backward_begin<D, BN, BQ>(ks, vs, qs, dos, lse_s, delta_s, segq_s, q, k, v, dout, lse,
+                                                             delta, segments, warp, g, seq, heads, kv_heads, window);
+    const int hk = blk.hk, group = blk.group, k0 = blk.k0, tiles_per_head = blk.tiles_per_head, tiles = blk.tiles;
+    const int warp_first = blk.warp_first, warp_last = blk.warp_last, keys[2] = {blk.keys[0], blk.keys[1]};
+    const long long t0 = blk.t0;
     const float sl2 = scale * 1.4426950408889634f;
     const float cap_scale = CAP ? scale / softcap : 0.0f, cap_l2 = CAP ? softcap * 1.4426950408889634f : 0.0f;
     int segk[2];
     float dka[D / 8][4], dva[D / 8][4];
     begin_key_rows<D>(segk, dka, dva, segments, t0, keys, seq);
-    // Query tiles from the diagonal up to the last query whose window reaches the block's last key.
-    const int query_end = min(seq, k0 + BN + window - 1);
-    const int tiles_per_head = (query_end - k0 + BQ - 1) / BQ, tiles = group * tiles_per_head;
     auto issue = [&](int n, int stage) {
         fa_issue_query_tile<D, BQ>(qs, dos, lse_s, delta_s, segq_s, q, dout, lse, delta, segments, n, stage, tiles_per_head,
                                    hk * group, k0, t0, seq, heads);
     };
-    async_rows_shared<D, BN>(ks, k, t0, k0, seq, kv_heads, hk);
-    async_rows_shared<D, BN>(vs, v, t0, k0, seq, kv_heads, hk);
-    if (tiles > 0) issue(0, 0);
-    cp_async_commit();
     for (int n = 0; n < tiles; n++) {
         // Tile n has landed; every warp is done with tile n - 1 (its stage and dSᵀ are rewritten below).
         cp_async_wait<0>();
@@ -1014,29 +1046,22 @@ __device__ __forceinline__ void fa_backward_wide(const h16* q, const h16* k, con
     float* lse_s = ps_x + 4 * (BQ / 2) * 32;                  // [2][BQ], times log2 e
     float* delta_s = lse_s + 2 * BQ;                          // [2][BQ]
     int* segq_s = reinterpret_cast<int*>(delta_s + 2 * BQ);   // [2][BQ]
-    const int hk = blockIdx.x % kv_heads, b = blockIdx.x / kv_heads, k0 = blockIdx.y * BN;  // first keys first
-    const int group = heads / kv_heads;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int kw = warp & 3, half = warp >> 2, c0 = half * HALF;  // key rows 16 kw.., dK/dV columns c0..c0 + D/2
-    const long long t0 = (long long)b * seq;
-    const int keys[2] = {k0 + kw * 16 + g, k0 + kw * 16 + g + 8};
-    const int warp_first = k0 + kw * 16, warp_last = warp_first + 15;
+    const FaBackwardBlock blk = fa_backward_begin<D, BN, BQ>(ks, vs, qs, dos, lse_s, delta_s, segq_s, q, k, v, dout, lse,
+                                                             delta, segments, kw, g, seq, heads, kv_heads, window);
+    const int hk = blk.hk, group = blk.group, k0 = blk.k0, tiles_per_head = blk.tiles_per_head, tiles = blk.tiles;
+    const int warp_first = blk.warp_first, warp_last = blk.warp_last, keys[2] = {blk.keys[0], blk.keys[1]};
+    const long long t0 = blk.t0;
     const float sl2 = scale * 1.4426950408889634f;
     const float cap_scale = CAP ? scale / softcap : 0.0f, cap_l2 = CAP ? softcap * 1.4426950408889634f : 0.0f;
     int segk[2];
     float dka[HALF / 8][4], dva[HALF / 8][4];
     begin_key_rows<HALF>(segk, dka, dva, segments, t0, keys, seq);
-    // Query tiles from the diagonal up to the last query whose window reaches the block's last key.
-    const int query_end = min(seq, k0 + BN + window - 1);
-    const int tiles_per_head = (query_end - k0 + BQ - 1) / BQ, tiles = group * tiles_per_head;
     auto issue = [&](int n, int stage) {
         fa_issue_query_tile<D, BQ>(qs, dos, lse_s, delta_s, segq_s, q, dout, lse, delta, segments, n, stage, tiles_per_head,
                                    hk * group, k0, t0, seq, heads);
     };
-    async_rows_shared<D, BN>(ks, k, t0, k0, seq, kv_heads, hk);
-    async_rows_shared<D, BN>(vs, v, t0, k0, seq, kv_heads, hk);
-    if (tiles > 0) issue(0, 0);
-    cp_async_commit();
     float* my_ps = ps_x + kw * (BQ / 2) * 32 + lane;  // this lane's Pᵀ·slope values, stride 32
     for (int n = 0; n < tiles; n++) {
         // Tile n has landed; every warp is done with tile n - 1 (its stage, Pᵀ, dSᵀ and the exchange are rewritten).

@@ -1,9 +1,10 @@
-// attention_wgmma.cu: the flash-attention forward of attention_mma.cu's attention_fa_forward (same inputs, outputs
-// and formulas: see attention.cu's header) for Hopper (sm_90a) at head dimension 128, on the warpgroup tensor-core
-// instruction `wgmma.mma_async` (PTX ISA 8.x, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"). Other
-// targets compile this file to nothing; CUDAAttention.swift launches it only on sm_90a, for d = 128 without
-// soft-capping (causal, GQA, packed segments and sliding windows are supported; soft-capped calls and every other
-// head dimension take the mma.sync flash kernels).
+// attention_wgmma.cu: the flash-attention forward and backward of attention_mma.cu's attention_fa_forward and
+// attention_fa_backward (same inputs, outputs and formulas: see attention.cu's header) for Hopper (sm_90a) at head
+// dimension 128, on the warpgroup tensor-core instruction `wgmma.mma_async` (PTX ISA 8.x, "Asynchronous Warpgroup
+// Level Matrix Multiply-Accumulate"). Other targets compile this file to nothing; CUDAAttention.swift launches it only
+// on sm_90a, for d = 128 without soft-capping (causal, GQA, packed segments and sliding windows are supported;
+// soft-capped calls and every other head dimension take the mma.sync flash kernels). The backward is described
+// under "MARK: - Backward" below; the forward here.
 //
 // Block = 128 queries of one head, 2 warpgroups (256 threads); warpgroup w owns query rows 64 w.. of the block.
 // Key tiles of 128 keys, double-buffered with cp.async (tile j + 1 loads while tile j is computed):
@@ -245,6 +246,225 @@ attention_wgmma_forward_d128(const h16* q, const h16* k, const h16* v, h16* o, f
         for (int n = 0; n < 16; n++)
             *reinterpret_cast<unsigned*>(out + n * 8 + 2 * t) = wg_pack(oacc[4 * n + 2 * i] * inv, oacc[4 * n + 2 * i + 1] * inv);
         if (t == 0) lse[(t0 + row) * heads + h] = m[i] * 0.6931471805599453f + logf(sum);
+    }
+}
+
+// MARK: - Backward
+//
+// attention_wgmma_backward_d128: the fused flash backward of attention_mma.cu's attention_fa_backward (same inputs and
+// outputs; delta = rowsum(dO ∘ O) and the zeroed fp32 dQ accumulator come from attention_fa_prep, dq = scale·dQ from
+// attention_fa_dq) on wgmma. Math (per query head h of the KV head's group, query i, key j, s = scale):
+//   P[i][j]  = exp2(s·log2 e·(q_i·k_j) − log2 e·lse_i)      (0 where masked: causal, window, segments, i ≥ seq)
+//   dP[i][j] = dO_i·v_j,   dS[i][j] = P[i][j]·(dP[i][j] − δ_i),   δ_i = Σ_d dO_i[d]·O_i[d]
+//   dV_j += Σ_i P[i][j]·dO_i,   dK_j += Σ_i dS[i][j]·q_i,   dQ_i += Σ_j dS[i][j]·k_j;   dk = s·dK, dv = dV, dq = s·dQ.
+// Block = 128 keys of one KV head (key tile blockIdx.y, the first tiles, which see the most queries, start first),
+// 2 warpgroups (256 threads); warpgroup w owns keys 64 w.. of the block. K and V stay in shared memory (swizzled as
+// the forward's tiles); the block loops over the group's query heads and, per head, the query tiles of 64 from the
+// diagonal to the last query whose window reaches the block (Q, dO, lse·log2 e, delta and query segments
+// double-buffered by cp.async and plain stores). Per query tile, each warpgroup:
+//   Sᵀ = K Qᵀ and dPᵀ = V dOᵀ   wgmma m64n64k16 from shared memory (A = its 64 K or V rows, B = Q or dO, both
+//                               K-major: d contiguous), 8 k-steps each;
+//   Pᵀ, dSᵀ in registers        (keys are the fragment's rows, queries its columns; lse and δ are per column);
+//   dV += Pᵀ dO, dK += dSᵀ Q    wgmma m64n128k16 with A = Pᵀ / dSᵀ from registers (the accumulator fragment of two
+//                               adjacent n8 groups is the A fragment of one k-step, as in the forward's P V) and
+//                               B = dO / Q read N-major (the transposed-B form of the forward's V), 4 k-steps;
+//   dSᵀ to shared memory        as a swizzled [128 keys][64 queries] tile (128 bytes a key);
+// then, after a barrier (every key's dSᵀ is needed), warpgroup w adds dQ[:, 64 w..64 w + 63] += dS K over the 128
+// keys: wgmma m64n64k16 with A = dS read from the dSᵀ tile through the transposed-A form (imm-trans-a = 1: the tile is
+// M-major, queries contiguous; 16-bit types allow it for A and B) and B = K's column half w, N-major (imm-trans-b =
+// 1), 8 k-steps; the fp32 result goes to the dQ accumulator by red.global.add.v2.f32, as fa_backward does.
+// M-major (transposed) descriptors use the forward's N-major V layout: LBO = the next 64 values of M or N (unused
+// when the product spans 64), SBO = 1024 B (the next 8 rows of K), a k-step of 16 rows = 2048 B.
+// Shared memory (WGB_SHARED, CUDAAttention's wgmmaBackwardShared): K and V (128 rows), Q and dO (2 stages x 64 rows),
+// dSᵀ (128 x 64), lse/delta/segments (2 stages x 64), 1024 bytes of alignment slack: 150,016 bytes.
+
+#define WGB_QUERIES 64                              // queries per tile
+#define WGB_QTILE_BYTES (WGB_QUERIES * 128 * 2)     // a Q or dO tile: 64 rows x 128 values
+#define WGB_DS_BYTES (128 * WGB_QUERIES * 2)        // dSᵀ: 128 keys x 64 queries
+#define WGB_SHARED (2 * WG_TILE_BYTES + 4 * WGB_QTILE_BYTES + WGB_DS_BYTES + 3 * 2 * WGB_QUERIES * 4 + 1024)
+
+/// Keeps the compiler from moving accesses of v across the asynchronous products (see the header).
+__device__ __forceinline__ void wg_pin32(float (&v)[32]) {
+#pragma unroll
+    for (int i = 0; i < 32; i++) asm volatile("" : "+f"(v[i])::"memory");
+}
+
+/// d (64 x 64, fp32) = (accumulate ? d : 0) + A B, A (64 x 16) and B (16 x 64) from shared memory; TA / TB: the
+/// operand is stored M- / N-major (imm-trans-a / imm-trans-b).
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." WG_TYPE "." WG_TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB));
+}
+
+/// The [key][query] offset of dSᵀ value pair (key r, queries 8 x + 2 t, +1) in the swizzled 128 x 64 tile.
+__device__ __forceinline__ unsigned wgb_ds_offset(int r, int x, int t) {
+    return (unsigned)(r * 128 + ((x ^ (r & 7)) << 4) + 4 * t);
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+attention_wgmma_backward_d128(const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse,
+                              const float* delta, const int* segments, float* dq_accum, h16* dk, h16* dv, int seq,
+                              int heads, int kv_heads, float scale, float softcap, int window) {
+    (void)softcap;  // soft-capped calls take the mma.sync kernels
+    const unsigned raw = wg_shared_address(wg_shared);
+    const unsigned pad = (1024u - (raw & 1023u)) & 1023u;
+    const unsigned ks = raw + pad, vs = ks + WG_TILE_BYTES;                        // shared addresses
+    const unsigned qs = vs + WG_TILE_BYTES, dos = qs + 2 * WGB_QTILE_BYTES;         // [2] stages each
+    const unsigned dss = dos + 2 * WGB_QTILE_BYTES;                                 // dSᵀ
+    unsigned char* base = wg_shared + pad;
+    unsigned char* ds_tile = base + (dss - ks);
+    float* lse_s = reinterpret_cast<float*>(ds_tile + WGB_DS_BYTES);  // [2][64], times log2 e
+    float* delta_s = lse_s + 2 * WGB_QUERIES;                          // [2][64]
+    int* segq_s = reinterpret_cast<int*>(delta_s + 2 * WGB_QUERIES);   // [2][64]
+
+    const int hk = blockIdx.x % kv_heads, b = blockIdx.x / kv_heads, k0 = blockIdx.y * WG_KEYS;
+    const int group = heads / kv_heads;
+    const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const long long t0 = (long long)b * seq;
+    const int wg_first = k0 + 64 * wg, wg_last = wg_first + 63;  // this warpgroup's keys
+    const int keys[2] = {wg_first + 16 * warp + g, wg_first + 16 * warp + g + 8};
+    int segk[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) segk[i] = (segments && keys[i] < seq) ? segments[t0 + keys[i]] : -1;
+    const float sl2 = scale * 1.4426950408889634f;
+
+    float dka[64], dva[64], st[32], dpt[32], dqa[32];
+#pragma unroll
+    for (int x = 0; x < 64; x++) dka[x] = dva[x] = 0.0f;
+
+    // Query tiles from the diagonal up to the last query whose window reaches the block's last key, per head.
+    const int query_end = min(seq, k0 + WG_KEYS + window - 1);
+    const int tiles_per_head = (query_end - k0 + WGB_QUERIES - 1) / WGB_QUERIES, tiles = group * tiles_per_head;
+    auto issue = [&](int n, int stage) {
+        const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * WGB_QUERIES;
+        wg_async_rows<WGB_QUERIES>(qs + stage * WGB_QTILE_BYTES, q, t0, i0, seq, heads, h);
+        wg_async_rows<WGB_QUERIES>(dos + stage * WGB_QTILE_BYTES, dout, t0, i0, seq, heads, h);
+        if (threadIdx.x < WGB_QUERIES) {
+            const int i = i0 + threadIdx.x;
+            const bool valid = i < seq;
+            lse_s[stage * WGB_QUERIES + threadIdx.x] = valid ? lse[(t0 + i) * heads + h] * 1.4426950408889634f : 0.0f;
+            delta_s[stage * WGB_QUERIES + threadIdx.x] = valid ? delta[(t0 + i) * heads + h] : 0.0f;
+            segq_s[stage * WGB_QUERIES + threadIdx.x] = (segments && valid) ? segments[t0 + i] : 0;
+        }
+    };
+    wg_async_rows<WG_KEYS>(ks, k, t0, k0, seq, kv_heads, hk);
+    wg_async_rows<WG_KEYS>(vs, v, t0, k0, seq, kv_heads, hk);
+    if (tiles > 0) issue(0, 0);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    for (int n = 0; n < tiles; n++) {
+        // Tile n has landed and is visible to the async proxy; every warpgroup is done with tile n - 1 (its stage,
+        // refilled next, and the dSᵀ tile, rewritten below).
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        if (n + 1 < tiles) issue(n + 1, (n + 1) & 1);
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+        const int stage = n & 1;
+        const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * WGB_QUERIES;
+        const unsigned qtile = qs + stage * WGB_QTILE_BYTES, dotile = dos + stage * WGB_QTILE_BYTES;
+        const float* lse_t = lse_s + stage * WGB_QUERIES;
+        const float* delta_t = delta_s + stage * WGB_QUERIES;
+        const int* segq_t = segq_s + stage * WGB_QUERIES;
+
+        // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ over d = 128 (k-step kk: half kk / 4 of the rows, 32 bytes per 16 values).
+        wg_pin32(st);
+        wg_pin32(dpt);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {
+            const unsigned key_step = (kk >> 2) * (WG_TILE_BYTES / 2) + 64 * wg * 128 + (kk & 3) * 32;
+            const unsigned query_step = (kk >> 2) * (WGB_QTILE_BYTES / 2) + (kk & 3) * 32;
+            wgmma_ss_n64<0, 0>(st, wg_descriptor(ks + key_step, 16, 1024), wg_descriptor(qtile + query_step, 16, 1024), kk > 0);
+            wgmma_ss_n64<0, 0>(dpt, wg_descriptor(vs + key_step, 16, 1024), wg_descriptor(dotile + query_step, 16, 1024), kk > 0);
+        }
+        wg_commit_and_wait();
+        wg_pin32(st);
+        wg_pin32(dpt);
+
+        // Pᵀ and dSᵀ: fragment value x is key row keys[(x >> 1) & 1], query column 8 (x >> 2) + 2 t + (x & 1).
+        const bool masked = segments || i0 < wg_last || i0 + WGB_QUERIES > seq || i0 + WGB_QUERIES - 1 - window >= wg_first;
+#pragma unroll
+        for (int x = 0; x < 32; x++) {
+            const int cq = (x >> 2) * 8 + 2 * t + (x & 1);
+            float p = wg_exp2(fmaf(st[x], sl2, -lse_t[cq]));
+            if (masked) {
+                const int i = (x >> 1) & 1, query = i0 + cq;
+                const bool ok = query < seq && keys[i] <= query && keys[i] > query - window
+                                && (!segments || segq_t[cq] == segk[i]);
+                p = ok ? p : 0.0f;
+            }
+            st[x] = p;                              // Pᵀ
+            dpt[x] = p * (dpt[x] - delta_t[cq]);    // dSᵀ
+        }
+        // A fragments of the k-steps over the tile's 64 queries, and dSᵀ (the same bf16 values) into shared memory.
+        unsigned pa[4][4], sa[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                pa[kk][r] = wg_pack(st[8 * kk + 2 * r], st[8 * kk + 2 * r + 1]);
+                sa[kk][r] = wg_pack(dpt[8 * kk + 2 * r], dpt[8 * kk + 2 * r + 1]);
+            }
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                // register r: key row 16 warp + g (+8 for r odd), queries 16 kk + 8 (r >> 1) + 2 t..
+                const int row = 64 * wg + 16 * warp + g + 8 * (r & 1);
+                *reinterpret_cast<unsigned*>(ds_tile + wgb_ds_offset(row, 2 * kk + (r >> 1), t)) = sa[kk][r];
+            }
+
+        // dV += Pᵀ dO and dK += dSᵀ Q: B = the dO / Q tile N-major (d contiguous per query), k-step = 16 queries.
+        wg_pin(dva);
+        wg_pin(dka);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            wgmma_rs(dva, pa[kk], wg_descriptor(dotile + kk * 2048, WGB_QTILE_BYTES / 2, 1024));
+            wgmma_rs(dka, sa[kk], wg_descriptor(qtile + kk * 2048, WGB_QTILE_BYTES / 2, 1024));
+        }
+        wg_commit_and_wait();
+        wg_pin(dva);
+        wg_pin(dka);
+
+        // Every warpgroup's dSᵀ is written and visible to the async proxy.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        // dQ[:, 64 wg..] = dS K over the 128 keys: A = dS (M-major: the dSᵀ tile), B = K's column half wg (N-major).
+        wg_pin32(dqa);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++)
+            wgmma_ss_n64<1, 1>(dqa, wg_descriptor(dss + kk * 2048, WGB_DS_BYTES, 1024),
+                               wg_descriptor(ks + wg * (WG_TILE_BYTES / 2) + kk * 2048, WG_TILE_BYTES / 2, 1024), kk > 0);
+        wg_commit_and_wait();
+        wg_pin32(dqa);
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int query = i0 + 16 * warp + g + 8 * i;
+            if (query >= seq) continue;
+            float* row = dq_accum + ((t0 + query) * heads + h) * 128 + 64 * wg + 2 * t;
+#pragma unroll
+            for (int nn = 0; nn < 8; nn++)
+                asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(row + 8 * nn), "f"(dqa[4 * nn + 2 * i]),
+                             "f"(dqa[4 * nn + 2 * i + 1]) : "memory");
+        }
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    // dk = scale·dK, dv = dV: fragment value 4 n + 2 i + c is key keys[i], column 8 n + 2 t + c.
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (keys[i] >= seq) continue;
+        h16* outk = dk + ((t0 + keys[i]) * kv_heads + hk) * 128;
+        h16* outv = dv + ((t0 + keys[i]) * kv_heads + hk) * 128;
+#pragma unroll
+        for (int nn = 0; nn < 16; nn++) {
+            *reinterpret_cast<unsigned*>(outk + nn * 8 + 2 * t) = wg_pack(dka[4 * nn + 2 * i] * scale, dka[4 * nn + 2 * i + 1] * scale);
+            *reinterpret_cast<unsigned*>(outv + nn * 8 + 2 * t) = wg_pack(dva[4 * nn + 2 * i], dva[4 * nn + 2 * i + 1]);
+        }
     }
 }
 

@@ -35,8 +35,9 @@
 //   above 2^-11), as bitsandbytes' kernels round their dequantized weights.
 //   Needs cols % 64 == 0, a blocksize of at least 64 (a power of two) and, for bf16, sm_80 (Turing runs fp16).
 //
-// nf4_gemv_stream — nf4_gemv_mma's tiles and product on a persistent grid that asks L2 for each tile before reading it
-//   and, on Hopper, starts while the previous kernel still runs (programmatic dependent launch); see its section.
+// nf4_gemv_fused — nf4_gemv_mma's tiles and product with the two things decode launched before each GEMV folded in:
+//   the op that makes the GEMV's input (RMSNorm or the gated activation, as lora_a_rows) and the group's LoRA A
+//   product xa = A·in; see its section. One launch per projection group instead of two.
 //
 // bf16_gemv — out[r] = scale * W[r, :] · x for bf16 W [rows, cols] and bf16 x, fp32 out (the LoRA A
 //   projections stacked into one matrix, and the output head).
@@ -69,21 +70,6 @@ struct Nf4GemvTask {
     int first_block;          // first grid block of this task
     int pad;
 };
-
-// Programmatic dependent launch (Hopper): see nf4_gemv_stream.
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-/// Lets a kernel launched after this one with programmatic stream serialization start now (it waits for this one's
-/// results with griddepcontrol.wait). No effect on a dependent launched without the attribute.
-__device__ __forceinline__ void grid_dependents_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
 
 #define GEMV_WARPS 4
 #define GEMV_ROWS 4  // rows per warp
@@ -238,10 +224,6 @@ __device__ void attention_cached_impl(const h16* __restrict__ q, int q_stride, c
                                       int ring) {
     extern __shared__ __align__(16) float smem[];
     const int i = blockIdx.x, h = blockIdx.y;
-    // The next kernel may launch now; launched as a dependent itself (decode with nf4_gemv_stream), this waits for the
-    // kernel before it here, before it reads anything (see nf4_gemv_stream).
-    grid_dependents_launch();
-    grid_dependency_wait();
     const int start = start_ptr != nullptr ? *start_ptr : start_value;
     // Keys of positions first ..< first + keys: the causal prefix, or its last `window`; key j at row (first + j) mod ring.
     const int end = start + i + 1;
@@ -356,10 +338,6 @@ lora_a_rows(const h16* __restrict__ a, const h16* __restrict__ x, const h16* __r
             int mode, float eps, float norm_offset, int activation) {
     __shared__ float scratch[64];
     const int tid = threadIdx.x, threads = blockDim.x;
-    // The GEMV after this may start its weight prefetch now; launched as a dependent itself (decode with
-    // nf4_gemv_stream), this waits for the kernel before it here, before it reads anything (see nf4_gemv_stream).
-    grid_dependents_launch();
-    grid_dependency_wait();
     const int groups = cols / 8;  // cols is a multiple of 8
     const bool has_row = (int)blockIdx.x < rows;
     const h16* ar = a + (long long)blockIdx.x * cols;
@@ -534,7 +512,7 @@ __device__ __forceinline__ void gemv_mma_step(float* c, const unsigned char* lut
 }
 
 #if QLORA_HALF || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // bf16 mma needs sm_80 (Turing runs fp16)
-/// A 16-row tile of nf4_gemv_mma / nf4_gemv_stream as one warp sees it: addresses, the warp's groups [gb, ge), and the
+/// A 16-row tile of nf4_gemv_mma / nf4_gemv_fused as one warp sees it: addresses, the warp's groups [gb, ge), and the
 /// loads kept a cycle (4 groups) ahead: packed bytes, this lane's x piece, the absmax code and nested absmax of the
 /// group whose sums this lane scales (group c0 + t); and the epilogue's LoRA term and residual.
 struct GemvMmaTile {
@@ -550,9 +528,9 @@ struct GemvMmaTile {
     float lora_term[2], residual[2];
 };
 
-/// Sets up tile rows row0 ... row0 + 15 of `task` for this warp and issues the first cycle's loads and the epilogue's.
-__device__ __forceinline__ void gemv_mma_begin(GemvMmaTile& s, const Nf4GemvTask& task, int row0, const h16* __restrict__ x,
-                                               int cols, int blocksize_shift, int nested_shift, int warp, int lane) {
+/// Sets up tile rows row0 ... row0 + 15 of `task` for this warp and issues the first cycle's loads of packed bytes.
+__device__ __forceinline__ void gemv_mma_begin_weights(GemvMmaTile& s, const Nf4GemvTask& task, int row0, int cols,
+                                                       int warp, int lane) {
     const int g = lane >> 2, t = lane & 3;
     s.row0 = row0;
     // Rows past the end repeat the last row (loaded, never stored).
@@ -575,15 +553,13 @@ __device__ __forceinline__ void gemv_mma_begin(GemvMmaTile& s, const Nf4GemvTask
             s.wb[i] = __ldg(reinterpret_cast<const uint2*>(s.pb + (s.gb + i) * 32));
         }
     }
-    // x: lane (g, t) is the B operand of columns g only in step g / 2 of a cycle, so it needs one 16-value piece of x
-    // per cycle (group c0 + g / 2, values 16 t ...).
     s.my_step = g >> 1;
-    s.xl = reinterpret_cast<const uint4*>(x + t * 16);
-    s.xn0 = s.xn1 = make_uint4(0u, 0u, 0u, 0u);
-    if (s.gb + s.my_step < s.ge) {
-        s.xn0 = __ldg(s.xl + (s.gb + s.my_step) * 8);
-        s.xn1 = __ldg(s.xl + (s.gb + s.my_step) * 8 + 1);
-    }
+}
+
+/// The absmax code and nested absmax of the group whose sums this lane scales in the first cycle (group gb + t).
+__device__ __forceinline__ void gemv_mma_begin_scales(GemvMmaTile& s, const Nf4GemvTask& task, int blocksize_shift,
+                                                      int nested_shift, int lane) {
+    const int t = lane & 3;
     s.qa = s.qb = 0u;
     s.na = s.nb = 0.0f;
     if (s.gb + t < s.ge) {
@@ -594,15 +570,51 @@ __device__ __forceinline__ void gemv_mma_begin(GemvMmaTile& s, const Nf4GemvTask
         s.na = __ldg(task.nested_absmax + (ba >> nested_shift));
         s.nb = __ldg(task.nested_absmax + (bb >> nested_shift));
     }
-    // Warp w finishes rows 2w, 2w + 1: LoRA B row entry `lane` times xa[lane], and the residual.
+}
+
+/// x: lane (g, t) is the B operand of columns g only in step g / 2 of a cycle, so it needs one 16-value piece of x
+/// per cycle (group c0 + g / 2, values 16 t ...); the first cycle's piece is loaded here. X_SHARED: x is the block's
+/// shared copy (nf4_gemv_fused), else global memory read through the non-coherent cache.
+template <bool X_SHARED>
+__device__ __forceinline__ uint4 gemv_mma_load_x(const uint4* p) {
+    if (X_SHARED) return *p;
+    return __ldg(p);
+}
+
+template <bool X_SHARED>
+__device__ __forceinline__ void gemv_mma_begin_x(GemvMmaTile& s, const h16* __restrict__ x, int lane) {
+    const int t = lane & 3;
+    s.xl = reinterpret_cast<const uint4*>(x + t * 16);
+    s.xn0 = s.xn1 = make_uint4(0u, 0u, 0u, 0u);
+    if (s.gb + s.my_step < s.ge) {
+        s.xn0 = gemv_mma_load_x<X_SHARED>(s.xl + (s.gb + s.my_step) * 8);
+        s.xn1 = gemv_mma_load_x<X_SHARED>(s.xl + (s.gb + s.my_step) * 8 + 1);
+    }
+}
+
+/// The epilogue's LoRA term (B row entry `lane` times xa[lane], scaled) and residual of rows 2w, 2w + 1, which warp w
+/// finishes. XA_L2: xa read through L2 (__ldcg), as nf4_gemv_fused must (other blocks of the same launch wrote it).
+template <bool XA_L2>
+__device__ __forceinline__ void gemv_mma_epilogue_terms(GemvMmaTile& s, const Nf4GemvTask& task, int row0, int warp, int lane) {
 #pragma unroll
     for (int j = 0; j < 2; j++) {
         const int row = row0 + warp * 2 + j;
         s.lora_term[j] = s.residual[j] = 0.0f;
-        if (task.lora_b != nullptr && lane < task.rank && row < task.rows)
-            s.lora_term[j] = task.lora_scale * h16_to_float(task.lora_b[(long long)row * task.rank + lane]) * task.xa[lane];
+        if (task.lora_b != nullptr && lane < task.rank && row < task.rows) {
+            const float xa = XA_L2 ? __ldcg(task.xa + lane) : task.xa[lane];
+            s.lora_term[j] = task.lora_scale * h16_to_float(task.lora_b[(long long)row * task.rank + lane]) * xa;
+        }
         if (task.residual != nullptr && lane == 0 && row < task.rows) s.residual[j] = h16_to_float(task.residual[row]);
     }
+}
+
+/// All of the first cycle's loads of nf4_gemv_mma (x from global memory) and the epilogue's.
+__device__ __forceinline__ void gemv_mma_begin(GemvMmaTile& s, const Nf4GemvTask& task, int row0, const h16* __restrict__ x,
+                                               int cols, int blocksize_shift, int nested_shift, int warp, int lane) {
+    gemv_mma_begin_weights(s, task, row0, cols, warp, lane);
+    gemv_mma_begin_x<false>(s, x, lane);
+    gemv_mma_begin_scales(s, task, blocksize_shift, nested_shift, lane);
+    gemv_mma_epilogue_terms<false>(s, task, row0, warp, lane);
 }
 
 /// The pair table: entry v = (NF4[v >> 4], NF4[v & 15]) as h16 in the low and high half, made once (pairs), then copied
@@ -620,6 +632,7 @@ __device__ __forceinline__ void gemv_mma_build_table(unsigned char* lut, unsigne
 }
 
 /// The warp's dot products over its groups of the tile: acc_a, acc_b = rows g and g + 8, groups ≡ t (mod 4), scaled.
+template <bool X_SHARED>
 __device__ __forceinline__ void gemv_mma_cycles(GemvMmaTile& s, float& acc_a, float& acc_b, const unsigned char* lut,
                                                 const float* code, const Nf4GemvTask& task, int blocksize_shift,
                                                 int nested_shift, int lane) {
@@ -636,8 +649,8 @@ __device__ __forceinline__ void gemv_mma_cycles(GemvMmaTile& s, float& acc_a, fl
         // This cycle's x piece and scales (from last cycle's loads), then the next cycle's loads.
         const uint4 x0 = s.xn0, x1 = s.xn1;
         if (c0 + 4 + my_step < ge) {
-            s.xn0 = __ldg(s.xl + (c0 + 4 + my_step) * 8);
-            s.xn1 = __ldg(s.xl + (c0 + 4 + my_step) * 8 + 1);
+            s.xn0 = gemv_mma_load_x<X_SHARED>(s.xl + (c0 + 4 + my_step) * 8);
+            s.xn1 = gemv_mma_load_x<X_SHARED>(s.xl + (c0 + 4 + my_step) * 8 + 1);
         }
         const bool scaled = c0 + t < ge;
         const float scale_a = code[s.qa] * s.na + offset, scale_b = code[s.qb] * s.nb + offset;
@@ -720,86 +733,150 @@ nf4_gemv_mma(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __res
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
     gemv_mma_build_table(lut, pairs);
     float acc_a, acc_b;
-    gemv_mma_cycles(s, acc_a, acc_b, lut, code, task, blocksize_shift, nested_shift, lane);
+    gemv_mma_cycles<false>(s, acc_a, acc_b, lut, code, task, blocksize_shift, nested_shift, lane);
     gemv_mma_finish(s, acc_a, acc_b, partial, task, warp, lane);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// nf4_gemv_stream: nf4_gemv_mma's tiles (16 rows, the same tasks and product), arranged so that HBM streams without
-// waiting on the kernel's own latencies. nf4_gemv_mma moves 0.6-1.2 TB/s although its loads alone could go at 3: each
-// block waits for its own chain (task, first loads, table build, a cycle of loads, the next), and a warp has only one
-// cycle (2 KB) in flight, so the small GEMVs (8-13 MB, 256-384 blocks) pay several memory latencies and the launch of
-// every kernel in full. Here:
-//   - L2 prefetch: a block asks L2 for a whole tile (16 rows: the packed bytes and the absmax codes, two contiguous
-//     ranges) before it reads any of it: on Hopper one cp.async.bulk.prefetch.L2 per range (the copy engine, one
-//     instruction), elsewhere one prefetch.global.L2 per 128-byte line. The next tile is requested when a tile begins,
-//     so HBM sees the block's whole stream at once and the loads of the product hit L2.
-//   - Persistent blocks: the grid is at most 3 blocks per SM (the table's 64 KiB allow 3), each taking tiles
-//     blockIdx.x, + gridDim.x, ...: the table is built once per block, not once per 16 rows (1792 times for gate|up).
-//   - Programmatic dependent launch (Hopper, launched with the attribute): the prefetch of the first tile and the
-//     table are made before griddepcontrol.wait, i.e. while the previous kernel (lora_a_rows, attention_cached, which
-//     let their dependents launch at their start) still runs; everything that reads its outputs (x, xa, the residual)
-//     comes after the wait. Without the attribute the wait returns at once. After its wait it lets its own dependent
-//     launch (the decode step launches the next lora_a_rows as one), so that kernel's launch overlaps this one's end.
-// `tiles` = Σ ceil(rows / 16) over the tasks (NF4GemvTask.encode's block count).
+// nf4_gemv_fused: one launch per projection group of a decode step, where decode launched two (lora_a_rows, then the
+// GEMV): those small launches cost ~0.74 ms of a 4.4 ms token on the 8B shape (4 a layer, 4.5-7.4 us each, mostly
+// launch and latency). The grid is `a_blocks` LoRA blocks followed by one block per 16-row tile (nf4_gemv_mma's tiles,
+// tasks and product). Every block:
+//   1. issues its tile's first cycle of weight loads (they do not depend on the input);
+//   2. makes the GEMV's input into shared memory from x (in L2: 8-56 KB), as lora_a_rows does:
+//        mode 0 in = x;  1 in = RMSNorm(x)·w (bf16(bf16(x r) w), or bf16(x r (w + offset)) with a norm offset);
+//        2 in = act(x)·x2 (gate, up; SiLU or GELU-tanh);
+//      each block computes the same values in the same order, so every block holds the same `in`.
+//   LoRA blocks then compute xa[j] = A[j, :] · in for the group's stacked A rows (a warp per row, fp32 sums; the
+//   product uses in as rounded to h16, as lora_a_rows), store them, and publish: __threadfence, then one atomicAdd on
+//   sync[0] per block (release).
+//   Tile blocks run the tensor-core product with x from shared memory; before the epilogue adds s·B[row]·xa, a warp
+//   whose task has LoRA waits until sync[0] == a_blocks (acquire loads). The LoRA blocks come first in the grid, so
+//   they are dispatched before any tile block that could wait on them (blocks are dispatched in index order), and
+//   they wait on nothing: no deadlock. By the time a tile's product is done they have long finished (their work is
+//   a few KB per warp).
+//   Every block finally counts itself in sync[1]; the last one resets both counters to 0, so the next launch (a graph
+//   replay) starts from zero. sync may be null when a_blocks is 0 (then no block touches it).
+// Shared memory: nf4_gemv_mma's (table, code map, pairs, partial sums), 64 floats of reduction scratch, then `in`
+// (cols h16 values). Same bits of the product as nf4_gemv_mma for the same input.
 
-/// Asks L2 to fetch [p, p + bytes) (called by the whole block).
-__device__ __forceinline__ void prefetch_l2(const unsigned char* p, long long bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (threadIdx.x == 0) {
-        // The bulk prefetch needs 16-byte alignment: only whole 16-byte pieces inside the range.
-        const unsigned long long begin = ((unsigned long long)p + 15ull) & ~15ull;
-        const unsigned long long end = ((unsigned long long)p + (unsigned long long)bytes) & ~15ull;
-        if (end > begin)
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(begin), "r"((unsigned)(end - begin)) : "memory");
+#define GEMV_FUSED_SHARED_FIXED (GEMV_MMA_SHARED + 64 * 4)
+
+/// in = the GEMV's input (see above) into sin, for the whole block; ends with a barrier.
+__device__ __forceinline__ void gemv_fused_input(h16* sin, float* red, const h16* __restrict__ x, const h16* __restrict__ x2,
+                                                 const h16* __restrict__ norm_w, int cols, int mode, float eps,
+                                                 float norm_offset, int activation) {
+    const int groups = cols / 8;
+    float r = 1.0f;
+    if (mode == 1) {
+        float ss = 0.0f;
+        for (int i = threadIdx.x; i < groups; i += blockDim.x) {
+            float f[8];
+            load_h16x8(x + i * 8, f);
+#pragma unroll
+            for (int e = 0; e < 8; e++) ss += f[e] * f[e];
+        }
+        ss = block_sum(ss, red);
+        r = rsqrtf(ss / cols + eps);
     }
-#else
-    for (long long off = (long long)threadIdx.x * 128; off < bytes; off += (long long)blockDim.x * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
-#endif
+    const h16* second = mode == 1 ? norm_w : x2;
+    for (int i = threadIdx.x; i < groups; i += blockDim.x) {
+        float f[8], g[8];
+        load_h16x8(x + i * 8, f);
+        if (mode != 0) load_h16x8(second + i * 8, g);
+        lora_a_input(f, g, mode, r, norm_offset, activation);
+        store_h16x8(sin + i * 8, f);
+    }
+    __syncthreads();
 }
 
-/// The L2 prefetch of tile `tile` (nothing past the last).
-__device__ __forceinline__ void gemv_prefetch_tile(const Nf4GemvTask* __restrict__ tasks, int ntasks, int tile, int tiles, int cols,
-                                                   int blocksize_shift) {
-    if (tile >= tiles) return;
-    const Nf4GemvTask& t = tasks[gemv_task_of(tasks, ntasks, tile)];
-    const int row0 = (tile - t.first_block) * 16, rows = min(16, t.rows - row0);
-    const long long e0 = (long long)row0 * cols, n = (long long)rows * cols;
-    prefetch_l2(t.packed + e0 / 2, n / 2);
-    prefetch_l2(t.absmax_q + (e0 >> blocksize_shift), n >> blocksize_shift);
+__device__ __forceinline__ int gemv_load_acquire(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+/// xa[j] = A[j, :] · in for rows j = blockIdx.x · 8 + warp (< lora_rows): a warp per row, 8 independent 16-byte loads a
+/// lane in flight, fp32 sums.
+__device__ __forceinline__ void gemv_fused_lora_rows(const h16* __restrict__ lora_a, int lora_rows, const h16* sin, float* xa,
+                                                     int cols, int warp, int lane) {
+    const int j = (int)blockIdx.x * GEMV_MMA_WARPS + warp;
+    if (j >= lora_rows) return;
+    const uint4* ar = reinterpret_cast<const uint4*>(lora_a + (long long)j * cols);
+    const uint4* xs = reinterpret_cast<const uint4*>(sin);
+    const int pieces = cols / 8;
+    float s = 0.0f;
+    for (int base = 0; base < pieces; base += 32 * 8) {
+        uint4 w[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int i = base + u * 32 + lane;
+            w[u] = i < pieces ? __ldg(ar + i) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int i = base + u * 32 + lane;
+            if (i < pieces) {
+                const uint4 v = xs[i];
+                const unsigned ww[4] = {w[u].x, w[u].y, w[u].z, w[u].w}, vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int k = 0; k < 4; k++) s += h16_low(ww[k]) * h16_low(vv[k]) + h16_high(ww[k]) * h16_high(vv[k]);
+            }
+        }
+    }
+    s = warp_sum(s);
+    if (lane == 0) {
+        xa[j] = s;
+        __threadfence();
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_MMA_WARPS * 32, 3)
-nf4_gemv_stream(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __restrict__ x, int cols, int blocksize_shift,
-                int nested_shift, int tiles) {
+nf4_gemv_fused(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __restrict__ x, const h16* __restrict__ x2,
+               const h16* __restrict__ norm_w, int mode, float eps, float norm_offset, int activation,
+               const h16* __restrict__ lora_a, int lora_rows, float* xa, int a_blocks, int* sync, int cols,
+               int blocksize_shift, int nested_shift) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     unsigned char* lut = smem_raw;
-    float* code = reinterpret_cast<float*>(smem_raw + GEMV_MMA_LUT_BYTES);  // 256: the code map of task `code_of`
+    float* code = reinterpret_cast<float*>(smem_raw + GEMV_MMA_LUT_BYTES);  // 256
     unsigned* pairs = reinterpret_cast<unsigned*>(code + 256);              // 256
     float* partial = code + 512;                                            // [warp][16 rows]
+    float* red = reinterpret_cast<float*>(smem_raw + GEMV_MMA_SHARED);      // 64
+    h16* sin = reinterpret_cast<h16*>(smem_raw + GEMV_FUSED_SHARED_FIXED);  // cols
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    // Nothing here reads what the previous kernel writes: the weights' L2 prefetch and the table go before the wait.
-    gemv_prefetch_tile(tasks, ntasks, blockIdx.x, tiles, cols, blocksize_shift);
-    gemv_mma_build_table(lut, pairs);
-    grid_dependency_wait();
-    grid_dependents_launch();  // the next kernel (lora_a_rows, launched as a dependent) may take SMs as blocks leave
-    const float* code_of = nullptr;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        gemv_prefetch_tile(tasks, ntasks, tile + gridDim.x, tiles, cols, blocksize_shift);
+    if ((int)blockIdx.x < a_blocks) {
+        gemv_fused_input(sin, red, x, x2, norm_w, cols, mode, eps, norm_offset, activation);
+        gemv_fused_lora_rows(lora_a, lora_rows, sin, xa, cols, warp, lane);
+        __syncthreads();  // every xa of this block stored (and fenced)
+        if (threadIdx.x == 0) atomicAdd(sync, 1);
+    } else {
+        const int tile = (int)blockIdx.x - a_blocks;
         const Nf4GemvTask task = tasks[gemv_task_of(tasks, ntasks, tile)];
         GemvMmaTile s;
-        gemv_mma_begin(s, task, (tile - task.first_block) * 16, x, cols, blocksize_shift, nested_shift, warp, lane);
-        // The previous tile's barrier (in gemv_mma_finish) ended every read of `code`; this one's makes the new map
-        // and the free `partial` visible.
-        if (task.code != code_of) {  // the same for the whole block
-            for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
-            code_of = task.code;
-        }
-        __syncthreads();
+        gemv_mma_begin_weights(s, task, (tile - task.first_block) * 16, cols, warp, lane);
+        gemv_mma_begin_scales(s, task, blocksize_shift, nested_shift, lane);
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
+        gemv_fused_input(sin, red, x, x2, norm_w, cols, mode, eps, norm_offset, activation);
+        gemv_mma_begin_x<true>(s, sin, lane);
+        gemv_mma_build_table(lut, pairs);
         float acc_a, acc_b;
-        gemv_mma_cycles(s, acc_a, acc_b, lut, code, task, blocksize_shift, nested_shift, lane);
+        gemv_mma_cycles<true>(s, acc_a, acc_b, lut, code, task, blocksize_shift, nested_shift, lane);
+        // xa comes from the LoRA blocks of this launch: wait for all of them (each lane acquires for itself).
+        if (a_blocks > 0 && task.lora_b != nullptr) {
+            while (gemv_load_acquire(sync) < a_blocks) {
+            }
+        }
+        gemv_mma_epilogue_terms<true>(s, task, s.row0, warp, lane);
         gemv_mma_finish(s, acc_a, acc_b, partial, task, warp, lane);
+    }
+    if (a_blocks > 0) {
+        __syncthreads();  // every warp of this block is past its last read of sync[0]
+        if (threadIdx.x == 0 && atomicAdd(sync + 1, 1) == (int)gridDim.x - 1) {
+            // The last block: all others have counted themselves, so nobody reads the counters again in this launch.
+            sync[0] = 0;
+            sync[1] = 0;
+            __threadfence();
+        }
     }
 }
 #endif

@@ -222,12 +222,6 @@ rope_append_rows(h16* qkv, int q_stride, h16* kcache, h16* vcache, const int* __
                  int kv_heads, int head_dim, int rotary_dim, float rope_scale, const h16* __restrict__ q_norm,
                  const h16* __restrict__ k_norm, float norm_offset, float eps, const int* __restrict__ long_rows) {
     __shared__ float buf[4][256];
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // Batch-1 decode may launch this as a programmatic dependent of the GEMV before it (decode.cu's nf4_gemv_stream):
-    // let the next kernel launch, then wait for the previous one before reading anything. No-ops otherwise.
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
     const int r = blockIdx.x;
     if (r >= rows) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -29,6 +29,8 @@
 //        read-modify-write per token; its dyB ranks 4t … 4t+3 of a token are one 8-byte load, and at rank ≤ 16 its A
 //        fragment is loaded once for all its token tiles.
 // Sums are in a fixed order everywhere (per warp in k order, warps of a block in index order, splits in index order).
+// x's rows are `ldx` ≥ in apart (the trainer's folded LoRA keeps x·Aᵀ in the columns past in); the mask's element
+// index stays token·in + column.
 // Bounds: rows past `tokens`, columns past `in` and ranks past r read as 0 and are not written; when `in` is not a
 // multiple of 8 (or a pointer not 16-byte aligned) the loads go element by element, and dyB's when r is not a
 // multiple of the ranks a lane loads at once.
@@ -106,16 +108,16 @@ __device__ __forceinline__ unsigned keep_byte(unsigned long long seed, long long
 template <int NT>
 __device__ __forceinline__ void dropout_xa(const h16* __restrict__ x, const h16* __restrict__ a, h16* __restrict__ xa,
                                            unsigned char* __restrict__ mask_out, int tokens, int in, int rank,
-                                           unsigned long long seed, float keep) {
+                                           unsigned long long seed, float keep, long long ldx) {
     __shared__ float sum[16][NT * 8];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int row0 = blockIdx.x * 16 + g, row1 = row0 + 8, jbase = blockIdx.y * NT * 8;
-    const bool vec = (in & 7) == 0 && aligned16(x) && aligned16(a);
+    const bool vec = (in & 7) == 0 && (ldx & 7) == 0 && aligned16(x) && aligned16(a);
     const unsigned limit = dropout_limit(keep);
     const long long mask_stride = (in + 7) >> 3;
     unsigned char* const bits_out = blockIdx.y == 0 ? mask_out : nullptr;
-    const h16* x0 = row0 < tokens ? x + (long long)row0 * in : nullptr;
-    const h16* x1 = row1 < tokens ? x + (long long)row1 * in : nullptr;
+    const h16* x0 = row0 < tokens ? x + (long long)row0 * ldx : nullptr;
+    const h16* x1 = row1 < tokens ? x + (long long)row1 * ldx : nullptr;
     const h16* arow[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
@@ -169,18 +171,18 @@ __device__ __forceinline__ void dropout_xa(const h16* __restrict__ x, const h16*
 
 extern "C" __global__ void __launch_bounds__(XA_WARPS * 32)
 lora_dropout_xa_r16(const h16* x, const h16* a, h16* xa, unsigned char* mask_out, int tokens, int in, int rank,
-                    unsigned long long seed, float keep) {
-    dropout_xa<2>(x, a, xa, mask_out, tokens, in, rank, seed, keep);
+                    unsigned long long seed, float keep, long long ldx) {
+    dropout_xa<2>(x, a, xa, mask_out, tokens, in, rank, seed, keep, ldx);
 }
 extern "C" __global__ void __launch_bounds__(XA_WARPS * 32)
 lora_dropout_xa_r32(const h16* x, const h16* a, h16* xa, unsigned char* mask_out, int tokens, int in, int rank,
-                    unsigned long long seed, float keep) {
-    dropout_xa<4>(x, a, xa, mask_out, tokens, in, rank, seed, keep);
+                    unsigned long long seed, float keep, long long ldx) {
+    dropout_xa<4>(x, a, xa, mask_out, tokens, in, rank, seed, keep, ldx);
 }
 extern "C" __global__ void __launch_bounds__(XA_WARPS * 32)
 lora_dropout_xa_r64(const h16* x, const h16* a, h16* xa, unsigned char* mask_out, int tokens, int in, int rank,
-                    unsigned long long seed, float keep) {
-    dropout_xa<8>(x, a, xa, mask_out, tokens, in, rank, seed, keep);
+                    unsigned long long seed, float keep, long long ldx) {
+    dropout_xa<8>(x, a, xa, mask_out, tokens, in, rank, seed, keep, ldx);
 }
 
 // MARK: - Backward: dA partial sums over token splits
@@ -191,11 +193,12 @@ lora_dropout_xa_r64(const h16* x, const h16* a, h16* xa, unsigned char* mask_out
 template <int NT>
 __device__ __forceinline__ void dropout_da(const h16* __restrict__ x, const h16* __restrict__ dyB, float* __restrict__ partial,
                                            const unsigned char* __restrict__ mask_in, unsigned char* __restrict__ mask_out,
-                                           int tokens, int in, int rank, int splits, unsigned long long seed, float keep) {
+                                           int tokens, int in, int rank, int splits, unsigned long long seed, float keep,
+                                           long long ldx) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int col0 = (blockIdx.x * DA_WARPS + warp) * COLS_PER_WARP, c = col0 + 8 * g, jbase = blockIdx.z * NT * 8;
     if (col0 >= in) return;
-    const bool vec = (in & 7) == 0 && aligned16(x);
+    const bool vec = (in & 7) == 0 && (ldx & 7) == 0 && aligned16(x);
     const bool dyb_vec = rank % NT == 0 && (((unsigned long long)dyB) & (2 * NT - 1)) == 0;
     const unsigned limit = dropout_limit(keep);
     const long long mask_stride = (in + 7) >> 3;
@@ -213,7 +216,7 @@ __device__ __forceinline__ void dropout_da(const h16* __restrict__ x, const h16*
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const int token = t0 + 4 * t + e;
-            v[e] = load_row8(token < end ? x + (long long)token * in : nullptr, c, in, vec);
+            v[e] = load_row8(token < end ? x + (long long)token * ldx : nullptr, c, in, vec);
             if (token < end && c < in) {
                 unsigned bits;
                 if (mask_in) {
@@ -259,13 +262,13 @@ __device__ __forceinline__ void dropout_da(const h16* __restrict__ x, const h16*
 
 extern "C" __global__ void __launch_bounds__(DA_WARPS * 32)
 lora_dropout_da_r16(const h16* x, const h16* dyB, float* partial, const unsigned char* mask_in, unsigned char* mask_out, int tokens,
-                    int in, int rank, int splits, unsigned long long seed, float keep) {
-    dropout_da<2>(x, dyB, partial, mask_in, mask_out, tokens, in, rank, splits, seed, keep);
+                    int in, int rank, int splits, unsigned long long seed, float keep, long long ldx) {
+    dropout_da<2>(x, dyB, partial, mask_in, mask_out, tokens, in, rank, splits, seed, keep, ldx);
 }
 extern "C" __global__ void __launch_bounds__(DA_WARPS * 32)
 lora_dropout_da_r32(const h16* x, const h16* dyB, float* partial, const unsigned char* mask_in, unsigned char* mask_out, int tokens,
-                    int in, int rank, int splits, unsigned long long seed, float keep) {
-    dropout_da<4>(x, dyB, partial, mask_in, mask_out, tokens, in, rank, splits, seed, keep);
+                    int in, int rank, int splits, unsigned long long seed, float keep, long long ldx) {
+    dropout_da<4>(x, dyB, partial, mask_in, mask_out, tokens, in, rank, splits, seed, keep, ldx);
 }
 
 /// dA[i] += scale · (Σ_sp partial[sp][i]) / keep over the r·in elements, the splits in index order.

@@ -110,6 +110,9 @@ extern "C" __global__ void nf4_dequantize_double_quant_f32(
 // multiply-add the compiler makes of it) of nf4_dequantize_double_quant, so the two kernels give the same bits.
 // A tile the vector path cannot take (the last, partial one; a misaligned tensor) goes element by element.
 // Tensors: blockIdx.x < cta1 is tensor 0, < cta2 tensor 1, the rest tensor 2 (one launch for q, k, v or gate, up).
+// Each tensor's output may have rows of `cols` values `ld` apart (ld = cols: dense; the trainer's folded LoRA puts
+// s·B in the columns past cols): element e goes to (e / cols)·ld + e % cols, 8 at a time when cols and ld are
+// multiples of 8, else element by element.
 
 #define NF4_TILE 2048
 #define NF4_TILE_WARPS 8
@@ -122,7 +125,16 @@ struct NF4DoubleQuantTensor {
     float offset;
     h16* out;
     long long n;
+    int cols;
+    long long ld;
 };
+
+/// Where element e of the tensor goes in its (possibly strided) output.
+__device__ __forceinline__ long long nf4_out_index(const NF4DoubleQuantTensor& t, long long e) {
+    if (t.ld == t.cols) return e;
+    const long long row = t.n <= 0xffffffffll ? (long long)((unsigned)e / (unsigned)t.cols) : e / t.cols;
+    return row * t.ld + (e - row * t.cols);
+}
 
 __device__ __forceinline__ float nf4_block_absmax(const NF4DoubleQuantTensor& t, long long b, int log_nested) {
     return fmaf(t.code8[t.absmax_q[b]], t.nested_absmax[b >> log_nested], t.offset);
@@ -135,12 +147,13 @@ __device__ __forceinline__ void nf4_dequantize_tile(const float* nf4, const NF4D
     if (e0 >= t.n) return;
     const long long blocks = (t.n + (1ll << log_blocksize) - 1) >> log_blocksize;
     const long long firstBlock = e0 >> log_blocksize;
-    const bool vector = e0 + NF4_TILE <= t.n && ((unsigned long long)t.packed & 3ull) == 0 && aligned16(t.out);
+    const bool vector = e0 + NF4_TILE <= t.n && ((unsigned long long)t.packed & 3ull) == 0 && aligned16(t.out)
+                        && (t.ld == t.cols || ((t.cols & 7) == 0 && (t.ld & 7) == 0));
     if (!vector) {  // element by element (uniform per warp: same tile)
         for (long long e = e0 + lane; e < e0 + NF4_TILE && e < t.n; e += 32) {
             const unsigned char byte = t.packed[e >> 1];
             const int nibble = (e & 1) ? (byte & 15) : (byte >> 4);
-            t.out[e] = float_to_h16(nf4[nibble] * nf4_block_absmax(t, e >> log_blocksize, log_nested));
+            t.out[nf4_out_index(t, e)] = float_to_h16(nf4[nibble] * nf4_block_absmax(t, e >> log_blocksize, log_nested));
         }
         return;
     }
@@ -165,7 +178,7 @@ __device__ __forceinline__ void nf4_dequantize_tile(const float* nf4, const NF4D
             f[2 * k] = nf4[byte >> 4] * s;
             f[2 * k + 1] = nf4[byte & 15] * s;
         }
-        store_h16x8(t.out + e, f);
+        store_h16x8(t.out + nf4_out_index(t, e), f);
     }
 }
 
@@ -173,11 +186,11 @@ __device__ __forceinline__ void nf4_dequantize_tile(const float* nf4, const NF4D
 /// 1 << log_nested. Grid: cta2 + ceil(tiles of tensor 2 / NF4_TILE_WARPS) blocks of 32·NF4_TILE_WARPS threads.
 extern "C" __global__ void nf4_dequantize_double_quant_tiles(
     const unsigned char* packed0, const unsigned char* absmax_q0, const float* code0, const float* nested0, float offset0,
-    h16* out0, long long n0,
+    h16* out0, long long n0, int cols0, long long ld0,
     const unsigned char* packed1, const unsigned char* absmax_q1, const float* code1, const float* nested1, float offset1,
-    h16* out1, long long n1,
+    h16* out1, long long n1, int cols1, long long ld1,
     const unsigned char* packed2, const unsigned char* absmax_q2, const float* code2, const float* nested2, float offset2,
-    h16* out2, long long n2,
+    h16* out2, long long n2, int cols2, long long ld2,
     int cta1, int cta2, int log_blocksize, int log_nested) {
     __shared__ float nf4[16];
     if (threadIdx.x < 16) nf4[threadIdx.x] = NF4_CODE_TABLE[threadIdx.x];
@@ -186,9 +199,9 @@ extern "C" __global__ void nf4_dequantize_double_quant_tiles(
     const int index = cta < cta1 ? 0 : cta < cta2 ? 1 : 2;
     const int first = index == 0 ? 0 : index == 1 ? cta1 : cta2;
     NF4DoubleQuantTensor t;
-    if (index == 0) t = {packed0, absmax_q0, code0, nested0, offset0, out0, n0};
-    else if (index == 1) t = {packed1, absmax_q1, code1, nested1, offset1, out1, n1};
-    else t = {packed2, absmax_q2, code2, nested2, offset2, out2, n2};
+    if (index == 0) t = {packed0, absmax_q0, code0, nested0, offset0, out0, n0, cols0, ld0};
+    else if (index == 1) t = {packed1, absmax_q1, code1, nested1, offset1, out1, n1, cols1, ld1};
+    else t = {packed2, absmax_q2, code2, nested2, offset2, out2, n2, cols2, ld2};
     const long long tile = (long long)(cta - first) * NF4_TILE_WARPS + (threadIdx.x >> 5);
     nf4_dequantize_tile(nf4, t, tile, log_blocksize, log_nested);
 }

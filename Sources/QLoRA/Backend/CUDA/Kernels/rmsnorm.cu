@@ -1,6 +1,6 @@
 // rmsnorm.cu: RMSNorm forward and input-gradient backward (the norm weight is frozen in QLoRA).
 //
-// x, y, dy, dx, residual: [rows, dim] h16; w: [dim] h16. fp32 accumulation.
+// x, y, dy, dx, residual: [rows, dim] h16 (the forward's y may have a longer row stride); w: [dim] h16. fp32 accumulation.
 // Forward, with r = 1 / sqrt(mean(x^2) + eps) per row and the weight offset o:
 //     o = 0 (HF LlamaRMSNorm, also Qwen3's q/k norms: normalise in fp32, round, then scale by the weight):
 //         n_i = h16( h16(x_i * r) * w_i )
@@ -54,9 +54,9 @@ __device__ __forceinline__ float norm_value(float x, float r, float w, float off
 
 /// One row of the forward, by the row's threads.
 __device__ __forceinline__ void rmsnorm_forward_row(const RowThreads& t, const h16* x, const h16* w, const h16* residual,
-                                                    h16* y, int dim, float eps, float offset, float* scratch) {
+                                                    h16* y, int dim, long long y_stride, float eps, float offset, float* scratch) {
     const h16* xr = x + t.row * dim;
-    h16* yr = y + t.row * dim;
+    h16* yr = y + t.row * y_stride;
     const h16* rr = residual ? residual + t.row * dim : nullptr;
     const bool vec = (dim & 7) == 0 && aligned16(xr) && aligned16(yr) && aligned16(w) && (!rr || aligned16(rr));
     float ss = 0.0f;
@@ -100,16 +100,17 @@ __device__ __forceinline__ void rmsnorm_forward_row(const RowThreads& t, const h
 // The Llama norm, one block per row (offset 0, no residual); decode launches this one directly with these arguments.
 extern "C" __global__ void rmsnorm_forward(const h16* x, const h16* w, h16* y, int dim, float eps) {
     __shared__ float scratch[32];
-    rmsnorm_forward_row(row_threads(0), x, w, nullptr, y, dim, eps, 0.0f, scratch);
+    rmsnorm_forward_row(row_threads(0), x, w, nullptr, y, dim, dim, eps, 0.0f, scratch);
 }
 
-// Every variation: `offset` (0 or Gemma's 1), `residual` (null for none), a warp per row when `warp_rows`.
+// Every variation: `offset` (0 or Gemma's 1), `residual` (null for none), a warp per row when `warp_rows`; y's rows
+// `y_stride` apart (≥ dim: the trainer's folded LoRA writes x·Aᵀ into the columns past dim).
 extern "C" __global__ void rmsnorm_forward_rows(const h16* x, const h16* w, const h16* residual, h16* y, int rows, int dim,
-                                                float eps, float offset, int warp_rows) {
+                                                float eps, float offset, int warp_rows, long long y_stride) {
     __shared__ float scratch[32];
     const RowThreads t = row_threads(warp_rows);
     if (t.warp && t.row >= rows) return;  // whole warps leave; the block path has exactly `rows` blocks
-    rmsnorm_forward_row(t, x, w, residual, y, dim, eps, offset, scratch);
+    rmsnorm_forward_row(t, x, w, residual, y, dim, y_stride, eps, offset, scratch);
 }
 
 extern "C" __global__ void rmsnorm_backward(const h16* x, const h16* w, const h16* dy, h16* dx, int rows, int dim, float eps,

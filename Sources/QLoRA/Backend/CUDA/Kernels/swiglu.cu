@@ -1,5 +1,7 @@
 // swiglu.cu: the gated MLP activations, forward and backward: SwiGLU (Llama, Mistral, Qwen, Phi-3) and GeGLU (Gemma).
-// All tensors h16, n elements; h = act(g) * u.
+// All tensors h16, n elements; h = act(g) * u. The forward's h may have rows of `cols` values `h_stride` apart
+// (the trainer's folded LoRA: x·Aᵀ of down_proj sits in the columns past cols); the forward may write h over g
+// only when it is dense.
 //
 // SwiGLU, with s = sigmoid(g), silu(g) = g s, and d silu/dg = s (1 + g (1 - s)):
 //     forward:   h  = g s u
@@ -47,9 +49,18 @@ struct GeluTanh {
     }
 };
 
+/// h's index of element e of gate and up ([rows, cols] dense): h's rows are `h_stride` apart (the trainer's folded LoRA
+/// writes x·Aᵀ into the columns past cols); 32-bit division while the indices fit.
+__device__ __forceinline__ long long strided_index(long long e, long long n, int cols, long long h_stride) {
+    if (h_stride == cols) return e;
+    const long long row = n <= 0xffffffffll ? (long long)((unsigned)e / (unsigned)cols) : e / cols;
+    return row * h_stride + (e - row * cols);
+}
+
 template <class Act>
-__device__ __forceinline__ void gated_forward(const h16* gate, const h16* up, h16* h, long long n) {
-    const bool vec = aligned16(gate) && aligned16(up) && aligned16(h);
+__device__ __forceinline__ void gated_forward(const h16* gate, const h16* up, h16* h, long long n, int cols, long long h_stride) {
+    // 8 consecutive elements share a row of h when the rows are multiples of 8 (or h is dense).
+    const bool vec = aligned16(gate) && aligned16(up) && aligned16(h) && (h_stride == cols || ((cols & 7) == 0 && (h_stride & 7) == 0));
     GRID_STRIDE(g8, (n + 7) / 8) {
         const long long e0 = g8 * 8;
         if (vec && e0 + 8 <= n) {
@@ -58,10 +69,10 @@ __device__ __forceinline__ void gated_forward(const h16* gate, const h16* up, h1
             load_h16x8(up + e0, u);
 #pragma unroll
             for (int k = 0; k < 8; k++) o[k] = Act::forward(g[k], u[k]);
-            store_h16x8(h + e0, o);
+            store_h16x8(h + strided_index(e0, n, cols, h_stride), o);
         } else {
             for (long long e = e0; e < e0 + 8 && e < n; e++)
-                h[e] = float_to_h16(Act::forward(h16_to_float(gate[e]), h16_to_float(up[e])));
+                h[strided_index(e, n, cols, h_stride)] = float_to_h16(Act::forward(h16_to_float(gate[e]), h16_to_float(up[e])));
         }
     }
 }
@@ -91,16 +102,16 @@ __device__ __forceinline__ void gated_backward(const h16* dh, const h16* gate, c
     }
 }
 
-extern "C" __global__ void swiglu_forward(const h16* gate, const h16* up, h16* h, long long n) {
-    gated_forward<SiLU>(gate, up, h, n);
+extern "C" __global__ void swiglu_forward(const h16* gate, const h16* up, h16* h, long long n, int cols, long long h_stride) {
+    gated_forward<SiLU>(gate, up, h, n, cols, h_stride);
 }
 
 extern "C" __global__ void swiglu_backward(const h16* dh, const h16* gate, const h16* up, h16* dgate, h16* dup, long long n) {
     gated_backward<SiLU>(dh, gate, up, dgate, dup, n);
 }
 
-extern "C" __global__ void geglu_forward(const h16* gate, const h16* up, h16* h, long long n) {
-    gated_forward<GeluTanh>(gate, up, h, n);
+extern "C" __global__ void geglu_forward(const h16* gate, const h16* up, h16* h, long long n, int cols, long long h_stride) {
+    gated_forward<GeluTanh>(gate, up, h, n, cols, h_stride);
 }
 
 extern "C" __global__ void geglu_backward(const h16* dh, const h16* gate, const h16* up, h16* dgate, h16* dup, long long n) {

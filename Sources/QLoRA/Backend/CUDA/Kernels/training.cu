@@ -23,6 +23,10 @@
 // Fused projections (Phi-3's qkv_proj, gate_up_proj): copy_columns copies a [rows, columns] block of h16 values between
 // two row-major matrices of other widths, dst[r, c] = src[r, c] (row strides in elements): splitting q | k | v out of
 // the fused output, and joining dq | dk | dv back into it. 16 bytes per access when strides, width and pointers allow.
+// Folded LoRA (the trainer's y = [x | x·A_1ᵀ | … ]·[W | tail]ᵀ, CUDADecoderTrainer's "Folded LoRA"): lora_fold_tail
+// writes the `width` columns of W's scratch past its `in` columns (rows `ld` apart): its own s·B [out, r] (fp32
+// master, one rounding) at columns first … first+r−1 of the tail, zeros in the others (the other linears' x·Aᵀ):
+//   w[o, in + c] = (first ≤ c < first + r) ? h16(s · B[o, c − first]) : 0
 #include "qlora_prelude.cuh"
 
 __device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
@@ -116,5 +120,15 @@ extern "C" __global__ void copy_columns(const h16* __restrict__ src, long long s
             const long long r = e / columns, c = e % columns;
             dst[r * dst_stride + c] = src[r * src_stride + c];
         }
+    }
+}
+
+extern "C" __global__ void lora_fold_tail(const float* __restrict__ b, float scale, h16* __restrict__ w, int out, int in,
+                                          long long ld, int width, int first, int r) {
+    GRID_STRIDE(i, (long long)out * width) {
+        const long long o = i / width;
+        const int c = (int)(i - o * width);
+        const int k = c - first;
+        w[o * ld + in + c] = float_to_h16(k >= 0 && k < r ? scale * b[o * r + k] : 0.0f);
     }
 }

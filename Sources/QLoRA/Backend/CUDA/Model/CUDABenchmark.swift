@@ -33,12 +33,15 @@ public enum CUDABenchmark {
     /// Builds a random-weight trainer and runs `warmupSteps` then `steps` timed training steps (forward, backward,
     /// clipping at 1.0, AdamW) on random tokens, with LoRA dropout `dropout` (a new mask seed each step); one host
     /// synchronisation per timed run. `memory`: where checkpoints and the embedding live (nil: the automatic choice).
+    /// `optimizer`: the kind a `CUDAOptimizer` steps with, as the Trainer does (its state is its own, a paged kind's in
+    /// pinned host memory); nil: the trainer's own fused fp32 AdamW (`optimizerStep`).
     public static func training(context: CUDAContext, config: DecoderConfig, batch rows: Int, sequenceLength t: Int, rank: Int,
-                                dropout: Float = 0, memory: CUDATrainerMemoryOptions? = nil, warmupSteps: Int,
-                                steps: Int) throws -> CUDABenchmarkResult {
+                                dropout: Float = 0, memory: CUDATrainerMemoryOptions? = nil, optimizer kind: OptimizerKind? = nil,
+                                warmupSteps: Int, steps: Int) throws -> CUDABenchmarkResult {
         context.allocator.resetPeak()
         let trainer = try CUDADecoderTrainer(context: context, randomConfig: config, rank: rank, alpha: Double(2 * rank),
-                                           capacityTokens: rows * t, dropout: dropout, memory: memory)
+                                           capacityTokens: rows * t, dropout: dropout, memory: memory, optimizer: kind)
+        let optimizer = try kind.map { try CUDAOptimizer(context: context, kind: $0) }
         var rng = SeededGenerator(seed: 1)
         let tokens = (0..<(rows * t)).map { _ in Int(rng.next() % UInt64(config.vocabularySize)) }
         let batch = TrainingBatch(examples: (0..<rows).map { r in
@@ -48,7 +51,13 @@ public enum CUDABenchmark {
         func step() throws {
             stepIndex += 1
             try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: stepIndex)
-            try trainer.optimizerStep(learningRate: 2e-4, maxGradNorm: 1)
+            if let optimizer {
+                try trainer.clipGradients(maxNorm: 1)
+                try optimizer.step(trainer.parameterSlots(), learningRate: 2e-4)
+                try trainer.refreshParameterCopies()
+            } else {
+                try trainer.optimizerStep(learningRate: 2e-4, maxGradNorm: 1)
+            }
         }
         for _ in 0..<warmupSteps { try step() }
         let first = warmupSteps > 0 ? try trainer.lastLoss().mean : .nan

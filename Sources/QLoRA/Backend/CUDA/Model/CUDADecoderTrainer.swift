@@ -54,6 +54,14 @@
 // kept from the forward to the backward too (`droppedXA`, r/hidden of a checkpoint per linear), so the recomputation
 // reuses it. When the bits do not fit (`CUDATrainerMemoryOptions.keepDropoutMasks` off), dA hashes the mask again and
 // writes it into one linear's `dropoutMaskBits` for dx: twice a step.
+// Folded LoRA (`memory.foldLoRA`, LoRAFoldLayout.swift): norm1, norm2 and activated are written with rows of in + R,
+// each linear's x·Aᵀ GEMM writes into its columns past `in`, and the base GEMM reads [x | x·Aᵀ …] against the weight
+// scratch [W | 0 | s·B] (dequantized with rows of its K, the tail written by lora_fold_tail from the fp32 B):
+// y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ in one GEMM, y written once. Under dropout the fused kernels read x with its row stride and
+// write d(x)·Aᵀ into the block's own buffer as before, which is copied after x's rows (N·r values). The backward reads
+// the same buffers (dA's x with its row stride, dB's x·Aᵀ in place, W with rows of its K) and still adds s·dyB·A
+// apart; down_proj's dx is written densely over its strided input once dA and dB have read it (the activation's
+// backward reads it densely).
 // Linear biases (Qwen2's q, k, v) are frozen: written into y before the base GEMM accumulates onto it; no gradient.
 // Each linear has its own LoRA rank (its A, B and x·Aᵀ are sized by it; dy·B uses a scratch of the largest rank);
 // rank 0 is a linear without an adapter (PEFT's target_modules naming only some projections): the base alone.
@@ -92,6 +100,13 @@ struct TrainerLinear {
     var outFeatures: Int { weight.rows }
 }
 
+/// Where a linear reads its input in a folded block call (LoRAFoldLayout): the input's row stride, and its x·Aᵀ's
+/// first column past `in` (nil: the plain product, e.g. no adapter).
+struct FoldSite {
+    let stride: Int
+    let tail: Int?
+}
+
 struct TrainerBlock {
     let inputNorm: DeviceBuffer<UInt16>
     /// Before the MLP: Llama's `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`.
@@ -108,6 +123,8 @@ struct TrainerBlock {
     let attention: AttentionKind
     /// The layer's RoPE is the sliding layers' own (Gemma 3's local base).
     let slidingRope: Bool
+    /// Where the folded LoRA puts each linear's x·Aᵀ (used when `CUDATrainerMemoryOptions.foldLoRA`).
+    let fold: LoRAFoldLayout
     var fused: Bool { linears.count == 4 }
     /// Where o_proj, gate_proj (Phi-3: gate_up_proj) and down_proj sit in `linears`.
     var projectionIndices: (o: Int, gate: Int, down: Int) { fused ? (1, 2, 3) : (3, 4, 6) }
@@ -157,12 +174,13 @@ public final class CUDADecoderTrainer {
     let longInverseFrequencies: DeviceBuffer<Float>?
     let slidingInverseFrequencies: DeviceBuffer<Float>?
 
-    // LoRA state, flat: fp32 masters, bf16 copies for the GEMMs, fp32 gradients and AdamW moments.
+    // LoRA state, flat: fp32 masters, bf16 copies for the GEMMs, fp32 gradients, and the AdamW moments of
+    // `optimizerStep` (nil when the trainer was made for an external optimizer, which holds its own state).
     let params: DeviceBuffer<Float>
     let params16: DeviceBuffer<UInt16>
     let grads: DeviceBuffer<Float>
-    let moment1: DeviceBuffer<Float>
-    let moment2: DeviceBuffer<Float>
+    let moment1: DeviceBuffer<Float>?
+    let moment2: DeviceBuffer<Float>?
 
     // Activations (capacity N tokens).
     /// Device buffers of the gradient checkpoints, [N, H] each: x_l lives in `checkpointSlots[l % count]`. All
@@ -177,7 +195,16 @@ public final class CUDADecoderTrainer {
     let produced: [CUDAEvent], offloadDone: [CUDAEvent], slotFree: [CUDAEvent], fetched: [CUDAEvent]
     let norm1: DeviceBuffer<UInt16>, hidden: DeviceBuffer<UInt16>, norm2: DeviceBuffer<UInt16>
     let gradient: DeviceBuffer<UInt16>, dNorm: DeviceBuffer<UInt16>
-    let q: DeviceBuffer<UInt16>, attended: DeviceBuffer<UInt16>
+    let q: DeviceBuffer<UInt16>
+    /// The attention output o of the block in hand and its log-sum-exp: `attentionOutputSlots[l % S]` for block l
+    /// (see "Kept attention outputs" below).
+    private(set) var attended: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>
+    let attentionOutputSlots: [(o: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>)]
+    /// Blocks 0 ..< offloadedAttentionCount send their o and lse to `hostAttention` (o of every such block, then
+    /// their lse), with per slot: o written, its copy to the host done, the slot free again, its copy back done.
+    let offloadedAttentionCount: Int
+    let hostAttention: PinnedHostBuffer?
+    let attentionProduced: [CUDAEvent], attentionOffloadDone: [CUDAEvent], attentionSlotFree: [CUDAEvent], attentionFetched: [CUDAEvent]
     let k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>
     /// q_proj and k_proj outputs before the q/k norms (the norms' backward reads them); nil without q/k norms.
     let qProjected: DeviceBuffer<UInt16>?, kProjected: DeviceBuffer<UInt16>?
@@ -204,7 +231,7 @@ public final class CUDADecoderTrainer {
     /// The factor the gradient buffer holds: `lossScale` of the micro-batches since the gradients were zeroed, 1 after
     /// `unscaleGradients()`.
     public private(set) var gradientScale: Float = 1
-    let lse: DeviceBuffer<Float>, delta: DeviceBuffer<Float>
+    let delta: DeviceBuffer<Float>
     let dyB: DeviceBuffer<UInt16>
     /// The fused dropout's dA partial sums (loraDropoutScratchCount of the largest linear; nil when no linear has dropout).
     let dropoutPartials: DeviceBuffer<Float>?
@@ -222,6 +249,8 @@ public final class CUDADecoderTrainer {
     /// Whether weightSlots[j] holds linear j's weight of the block at work (kept weights only; reset by each block's
     /// forward or recomputation).
     private var weightSlotValid: [Bool]
+    /// The row stride of the weight in weightSlots[j] (in, or the folded K of its product: LoRAFoldLayout).
+    private var weightSlotStride: [Int]
     /// One loss chunk's logits [lossChunkRows, V] (a view into `blockScratch`, dead outside the loss).
     let logits: DeviceBuffer<UInt16>
     let lossChunkRows: Int
@@ -243,8 +272,10 @@ public final class CUDADecoderTrainer {
     /// dropout, become the trained parameters; its linear biases stay frozen). `memory`: where the checkpoints and the
     /// embedding live (nil: `CUDATrainerMemoryOptions.automatic(for:)`).
     /// `sharding`: shard the NF4 base over this communicator's ranks (every rank builds its trainer alike).
+    /// `optimizer`: the kind a `CUDAOptimizer` over `parameterSlots()` will step with (its state is its own: the
+    /// trainer then allocates no moments and the plan counts that kind's state); nil: `optimizerStep`'s fp32 AdamW.
     public convenience init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil,
-                            sharding: NCCLCollective? = nil) throws {
+                            sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil) throws {
         var ranks: [[Int]] = []
         var dropout: Float = 0
         for block in model.blocks {
@@ -264,7 +295,7 @@ public final class CUDADecoderTrainer {
         var config = model.config
         if model.head === model.embedding { config.tieWordEmbeddings = true }
         try self.init(context: context, config: config, ranks: ranks, alpha: nil, dropout: dropout > 0,
-                      capacityTokens: capacityTokens, memory: memory, source: .model(model), sharding: sharding)
+                      capacityTokens: capacityTokens, memory: memory, source: .model(model), sharding: sharding, optimizer: optimizer)
     }
 
     /// A trainer with random NF4 weights made on the GPU (for benchmarks: no checkpoint needed), LoRA rank `rank`
@@ -273,18 +304,18 @@ public final class CUDADecoderTrainer {
     /// multiplies by 1. The embedding is the same wherever it lives.
     public convenience init(context: CUDAContext, randomConfig config: DecoderConfig, rank: Int, alpha: Double, capacityTokens: Int,
                             dropout: Float = 0, seed: UInt64 = 0, memory: CUDATrainerMemoryOptions? = nil,
-                            sharding: NCCLCollective? = nil) throws {
+                            sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil) throws {
         guard dropout >= 0 && dropout < 1 else { throw UsageError("LoRA dropout \(dropout) is outside [0, 1)") }
         try self.init(context: context, config: config,
                       ranks: Array(repeating: Array(repeating: rank, count: CUDAMemoryPlan.linearShapes(config).count), count: config.layerCount),
                       alpha: alpha, dropout: dropout > 0, capacityTokens: capacityTokens, memory: memory,
-                      source: .random(seed: seed, dropout: dropout), sharding: sharding)
+                      source: .random(seed: seed, dropout: dropout), sharding: sharding, optimizer: optimizer)
     }
 
     /// `ranks[l][j]`: the LoRA rank of block l's linear j (q, k, v, o, gate, up, down, or Phi-3's qkv, o, gate_up,
     /// down; 0: no adapter); `dropout`: whether any linear drops out (then the d(x) scratch is allocated).
     init(context ctx: CUDAContext, config c: DecoderConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
-         memory: CUDATrainerMemoryOptions?, source: Source, sharding: NCCLCollective? = nil) throws {
+         memory: CUDATrainerMemoryOptions?, source: Source, sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil) throws {
         try c.checkTrainable()
         guard CUDAContext.attentionHeadDims.contains(c.headDim) else {
             throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels "
@@ -315,17 +346,12 @@ public final class CUDADecoderTrainer {
         self.embeddingScale = embeddingScale
         config = c
         capacityTokens = n
-        var plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory, shardedOver: sharding?.worldSize)
         let free = (try? ctx.availableBytes()) ?? Int.max
-        if dropout && plan.memory.keepDropoutMasks && plan.total > free - (256 << 20) {
-            // Every block's mask bits do not fit: the backward hashes the masks again instead.
-            var rehashing = plan.memory
-            rehashing.keepDropoutMasks = false
-            plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: rehashing,
-                                  shardedOver: sharding?.worldSize)
-        }
-        // Kept block weights only where they fit: else one scratch, and each product dequantizes its weight.
-        if plan.memory.keepBlockWeights && plan.total > free - (256 << 20) { plan = plan.withoutBlockWeights() }
+        // Kept block weights, then kept dropout masks, only where they fit (the plan's one rule): else one weight's
+        // scratch, each product dequantizing its weight, and masks hashed again by the backward.
+        let plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory, shardedOver: sharding?.worldSize,
+                                  optimizer: optimizer)
+            .fitting(budgetBytes: free, contextBytes: 0)
         self.plan = plan
         self.memory = plan.memory
         if plan.total > free - (256 << 20) {
@@ -355,9 +381,14 @@ public final class CUDADecoderTrainer {
             params = try a.buffer(Float.self, count: offset)
             params16 = try bf16(offset)
             grads = try a.buffer(Float.self, count: offset)
-            moment1 = try a.buffer(Float.self, count: offset)
-            moment2 = try a.buffer(Float.self, count: offset)
-            for buffer in [grads, moment1, moment2] { try buffer.fill(byte: 0) }
+            try grads.fill(byte: 0)
+            if optimizer == nil {
+                let m = try a.buffer(Float.self, count: offset), v = try a.buffer(Float.self, count: offset)
+                for buffer in [m, v] { try buffer.fill(byte: 0) }
+                (moment1, moment2) = (m, v)
+            } else {
+                (moment1, moment2) = (nil, nil)
+            }
 
             absmaxCode = try a.buffer(copying: DoubleQuantizedAbsmax.signedDynamicMap)
             func frequencies(_ rope: RopeParameters, long: Bool = false) throws -> DeviceBuffer<Float> {
@@ -456,7 +487,8 @@ public final class CUDADecoderTrainer {
                     qNorm: c.qkNorm ? try norm(cpu?.qNorm, c.headDim, "q") : nil,
                     kNorm: c.qkNorm ? try norm(cpu?.kNorm, c.headDim, "k") : nil,
                     linears: linears, attention: c.layerAttention[l],
-                    slidingRope: c.slidingRope != nil && c.rope(layer: l) == c.slidingRope))
+                    slidingRope: c.slidingRope != nil && c.rope(layer: l) == c.slidingRope,
+                    fold: LoRAFoldLayout(config: c, ranks: ranks[l])))
             }
             self.blocks = blocks
 
@@ -473,47 +505,66 @@ public final class CUDADecoderTrainer {
                     throw CUDAError(call: error.call, "could not pin \(DeviceAllocator.format(bytes)) of host memory for \(what): \(error.message)")
                 }
             }
+            func events(_ count: Int) throws -> [CUDAEvent] { try (0..<count).map { _ in try CUDAEvent(device: ctx.device, timing: false) } }
+            offloadedAttentionCount = plan.memory.offloadedAttentionOutputs(layers: c.layerCount)
+            copyStream = offloadedCount > 0 || offloadedAttentionCount > 0 ? try CUDAStream(device: ctx.device) : nil
             if offloadedCount > 0 {
                 hostCheckpoints = try pinned(offloadedCount * n * h * 2, "\(offloadedCount) offloaded gradient checkpoints")
-                copyStream = try CUDAStream(device: ctx.device)
-                func events() throws -> [CUDAEvent] { try (0..<slotCount).map { _ in try CUDAEvent(device: ctx.device, timing: false) } }
-                produced = try events(); offloadDone = try events(); slotFree = try events(); fetched = try events()
+                produced = try events(slotCount); offloadDone = try events(slotCount); slotFree = try events(slotCount); fetched = try events(slotCount)
             } else {
                 hostCheckpoints = nil
-                copyStream = nil
                 produced = []; offloadDone = []; slotFree = []; fetched = []
             }
-            norm1 = try bf16(n * h); hidden = try bf16(n * h); norm2 = try bf16(n * h)
+            let attentionSlotCount = plan.memory.attentionOutputSlots(layers: c.layerCount)
+            let attentionSlots = try (0..<attentionSlotCount).map { _ in
+                (o: try bf16(n * c.qDim), lse: try a.buffer(Float.self, count: n * c.headCount))
+            }
+            attentionOutputSlots = attentionSlots
+            (attended, lse) = attentionSlots[0]
+            if offloadedAttentionCount > 0 {
+                hostAttention = try pinned(offloadedAttentionCount * n * (2 * c.qDim + 4 * c.headCount),
+                                           "\(offloadedAttentionCount) blocks' kept attention outputs")
+                attentionProduced = try events(2); attentionOffloadDone = try events(2)
+                attentionSlotFree = try events(2); attentionFetched = try events(2)
+            } else {
+                hostAttention = nil
+                attentionProduced = []; attentionOffloadDone = []; attentionSlotFree = []; attentionFetched = []
+            }
+            // Folded LoRA: norm1, norm2 and activated hold rows of in + R (each block's x·Aᵀ after x).
+            let fold = plan.memory.foldLoRA ? LoRAFoldLayout.widestColumns(c, ranks: ranks) : [0, 0, 0]
+            let weightColumns = plan.memory.foldLoRA ? LoRAFoldLayout.widestK(c, ranks: ranks) : shapes.map(\.in)
+            norm1 = try bf16(n * (h + fold[0])); hidden = try bf16(n * h); norm2 = try bf16(n * (h + fold[1]))
             gradient = try bf16(n * h); dNorm = try bf16(n * h)
-            q = try bf16(n * c.qDim); attended = try bf16(n * c.qDim)
+            q = try bf16(n * c.qDim)
             k = try bf16(n * c.kvDim); v = try bf16(n * c.kvDim)
             qProjected = c.qkNorm ? try bf16(n * c.qDim) : nil
             kProjected = c.qkNorm ? try bf16(n * c.kvDim) : nil
             attentionProjected = c.sandwichNorms ? try bf16(n * h) : nil
             mlpProjected = c.sandwichNorms ? try bf16(n * h) : nil
             fusedOutput = c.fusedProjections ? try bf16(n * CUDAMemoryPlan.fusedWidth(c)) : nil
-            let scratch = BlockScratchLayout(config: c, tokens: n)
+            let scratch = BlockScratchLayout(config: c, tokens: n, foldedColumns: fold[2])
             blockScratch = try bf16(scratch.count)
             gate = blockScratch.view(at: scratch.gate, count: n * c.intermediateSize)
             up = blockScratch.view(at: scratch.up, count: n * c.intermediateSize)
-            activated = blockScratch.view(at: scratch.activated, count: n * c.intermediateSize)
+            activated = blockScratch.view(at: scratch.activated, count: n * (c.intermediateSize + fold[2]))
             dAttended = blockScratch.view(at: scratch.dAttended, count: n * c.qDim)
             dq = blockScratch.view(at: scratch.dq, count: n * c.qDim)
             dk = blockScratch.view(at: scratch.dk, count: n * c.kvDim)
             dv = blockScratch.view(at: scratch.dv, count: n * c.kvDim)
             dqAccumulator = blockScratch.view(as: Float.self, at: scratch.dqAccumulator, count: n * c.qDim)
-            lse = try a.buffer(Float.self, count: n * c.headCount)
             delta = try a.buffer(Float.self, count: n * c.headCount)
             dyB = try bf16(n * maxRank)
             dropoutPartials = dropout
                 ? try a.buffer(Float.self, count: CUDAMemoryPlan.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks)) : nil
             dropoutMaskBits = dropout && !keepMasks
                 ? try a.buffer(UInt8.self, count: CUDAMemoryPlan.dropoutMaskBytes(tokens: n, shapes: shapes)) : nil
-            let slots = CUDAMemoryPlan.blockWeightSlots(c)
+            let slots = CUDAMemoryPlan.blockWeightSlots(c, columns: weightColumns)
             let keep = plan.memory.keepBlockWeights
-            let weightScratch = try bf16(keep ? slots.count : shapes.map { $0.out * $0.in }.max() ?? 1)
-            weightSlots = shapes.indices.map { weightScratch.view(at: keep ? slots.offsets[$0] : 0, count: shapes[$0].out * shapes[$0].in) }
+            let slotCounts = shapes.indices.map { shapes[$0].out * weightColumns[$0] }
+            let weightScratch = try bf16(keep ? slots.count : slotCounts.max() ?? 1)
+            weightSlots = shapes.indices.map { weightScratch.view(at: keep ? slots.offsets[$0] : 0, count: slotCounts[$0]) }
             weightSlotValid = Array(repeating: false, count: shapes.count)
+            weightSlotStride = shapes.map(\.in)
             lossChunkRows = scratch.lossChunkRows
             logits = blockScratch.view(at: 0, count: lossChunkRows * c.vocabularySize)
             rowLoss = try a.buffer(Float.self, count: n)
@@ -618,23 +669,40 @@ public final class CUDADecoderTrainer {
 
     // MARK: - Linear layers with LoRA
 
-    /// Linear j's weight into its slot, unless the slot still holds it (kept weights: from the block's recomputation).
-    private func dequantize(_ l: TrainerLinear, _ j: Int) throws {
+    /// Linear j's weight into its slot, unless the slot still holds it (kept weights: from the block's recomputation),
+    /// with rows `rowStride` apart (folded LoRA: its product's K; nil: dense). `weightSlotStride[j]` says which.
+    private func dequantize(_ l: TrainerLinear, _ j: Int, rowStride: Int? = nil) throws {
         if memory.keepBlockWeights {
-            try dequantizeKept([(l, j)])
+            try dequantizeKept([(l, j, rowStride)])
         } else {
-            try context.dequantize(l.weight, into: weightSlots[j])
+            try context.dequantize([(l.weight, weightSlots[j], rowStride)])
+            weightSlotStride[j] = rowStride ?? l.inFeatures
         }
     }
 
     /// With kept weights, the linears' weights their slots do not hold yet, in as few launches as the tiles kernel
     /// takes (q, k, v in one); without, nothing (each product dequantizes its own weight into the one scratch).
-    private func dequantizeKept(_ linears: [(TrainerLinear, Int)]) throws {
+    private func dequantizeKept(_ linears: [(TrainerLinear, Int, Int?)]) throws {
         guard memory.keepBlockWeights else { return }
         let needed = linears.filter { !weightSlotValid[$0.1] }
         guard !needed.isEmpty else { return }
-        try context.dequantize(needed.map { ($0.0.weight, weightSlots[$0.1]) })
-        for (_, j) in needed { weightSlotValid[j] = true }
+        try context.dequantize(needed.map { ($0.0.weight, weightSlots[$0.1], $0.2) })
+        for (l, j, stride) in needed {
+            weightSlotValid[j] = true
+            weightSlotStride[j] = stride ?? l.inFeatures
+        }
+    }
+
+    /// Where linear j of `b` reads its input in a folded block call (nil: the call is not folded): the input's row
+    /// stride and, for a folded product, its x·Aᵀ's first column past `in`.
+    private func foldSite(_ b: TrainerBlock, _ j: Int, folding: Bool) -> FoldSite? {
+        folding ? FoldSite(stride: b.fold.inputStride[j], tail: b.linears[j].rank > 0 ? b.fold.tailStart[j] : nil) : nil
+    }
+
+    /// The folded K of `l`'s product at `site` (its weight's row stride): in + its tail's end.
+    private func foldedK(_ l: TrainerLinear, _ site: FoldSite?) -> Int? {
+        guard let site, let tail = site.tail else { return nil }
+        return l.inFeatures + tail + l.rank
     }
 
     /// The dropout mask seed of `l` in this step, or nil when its LoRA path reads x itself (no dropout on `l`, or
@@ -654,31 +722,55 @@ public final class CUDADecoderTrainer {
         seed != nil ? l.droppedXA ?? l.xa : l.xa
     }
 
+    /// Which part of a linear's forward to run: x·Aᵀ alone, the base product alone (folded: x·Aᵀ is in place), or both.
+    enum ForwardPart { case xa, base, all }
+
     /// y (+)= x·Wᵀ + b + s·(d(x)·Aᵀ)·Bᵀ for `n` tokens, keeping d(x)·Aᵀ in `xaBuffer` (d: dropout with mask `seed`, or
-    /// none). Without `base`, only d(x)·Aᵀ is computed. `recompute`: the recomputation before the block's backward,
+    /// none). `part`: x·Aᵀ alone, or the rest alone. `recompute`: the recomputation before the block's backward,
     /// which finds a dropped-out d(x)·Aᵀ where this step's forward left it (same x, same mask: the same bits).
-    private func linearForward(_ l: TrainerLinear, _ j: Int, x: CUdeviceptr, y: CUdeviceptr, n: Int, accumulate: Bool, base: Bool = true,
-                               recompute: Bool = false, seed: UInt64?) throws {
+    /// Folded (`site`, LoRAFoldLayout): x has rows `site.stride` apart; x·Aᵀ goes into its columns from in + tail, and
+    /// the base product is y (+)= [x | …]·[W | 0 | s·B]ᵀ over K = in + tail + r: one GEMM writes y (the group's
+    /// x·Aᵀ must all be written before its first base product reads them).
+    private func linearForward(_ l: TrainerLinear, _ j: Int, x: CUdeviceptr, y: CUdeviceptr, n: Int, accumulate: Bool, part: ForwardPart = .all,
+                               recompute: Bool = false, seed: UInt64?, site: FoldSite? = nil) throws {
         let blas = try context.blas()
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
         let xa = xaBuffer(l, seed: seed)
-        if l.rank > 0 {
+        let ldx = site?.stride ?? l.inFeatures
+        if l.rank > 0 && part != .base {
             if let mask = dropoutMask(l, seed: seed) {
                 if !recompute {
                     try context.loraDropoutXA(x: x, a: a16, into: xa.pointer, tokens: n, inFeatures: l.inFeatures, rank: l.rank, mask: mask,
-                                              maskBits: l.maskBits)
+                                              maskBits: l.maskBits, xStride: ldx)
                 }
+                // Folded: the block's own d(x)·Aᵀ (kept for the recomputation) copied after x's rows.
+                if let tail = site?.tail {
+                    try context.copyColumns(from: xa.pointer, sourceStride: l.rank, to: x + CUdeviceptr(2 * (l.inFeatures + tail)),
+                                            destinationStride: ldx, rows: n, columns: l.rank)
+                }
+            } else if let tail = site?.tail {
+                try blas.gemm(m: n, n: l.rank, k: l.inFeatures, a: x, b: a16, transB: true, c: x + CUdeviceptr(2 * (l.inFeatures + tail)),
+                              lda: ldx, ldc: ldx)
             } else {
-                try blas.gemm(m: n, n: l.rank, k: l.inFeatures, a: x, b: a16, transB: true, c: xa.pointer)
+                try blas.gemm(m: n, n: l.rank, k: l.inFeatures, a: x, b: a16, transB: true, c: xa.pointer, lda: ldx)
             }
         }
-        guard base else { return }
+        guard part != .xa else { return }
         if let bias = l.bias {
             try context.addRowVector(bias.pointer, to: y, rows: n, columns: l.outFeatures, overwrite: !accumulate)
         }
+        if let k = foldedK(l, site), let tail = site?.tail {
+            try dequantize(l, j, rowStride: k)
+            let w = weightSlots[j].pointer
+            try context.loraFoldTail(b: params.address(at: l.bOffset), scale: l.scale, into: w, out: l.outFeatures, in: l.inFeatures,
+                                     ld: k, width: tail + l.rank, first: tail, rank: l.rank)
+            try blas.gemm(m: n, n: l.outFeatures, k: k, a: x, b: w, transB: true, c: y, beta: accumulate || l.bias != nil ? 1 : 0,
+                          lda: ldx, ldb: k)
+            return
+        }
         try dequantize(l, j)
         try blas.gemm(m: n, n: l.outFeatures, k: l.inFeatures, a: x, b: weightSlots[j].pointer, transB: true, c: y,
-                      beta: accumulate || l.bias != nil ? 1 : 0)
+                      beta: accumulate || l.bias != nil ? 1 : 0, lda: ldx, ldb: weightSlotStride[j])
         guard l.rank > 0 else { return }
         try blas.gemm(m: n, n: l.outFeatures, k: l.rank, a: xa.pointer, b: b16, transB: true, c: y, alpha: l.scale, beta: 1)
     }
@@ -686,18 +778,22 @@ public final class CUDADecoderTrainer {
     /// dx (+)= dy·W + d(s·(dy·B)·A); dA += s·(dy·B)ᵀ·d(x); dB += s·dyᵀ·(d(x)·Aᵀ). dx may be x itself (x is read
     /// first). With a mask `seed`, d(x) is regenerated from x (the forward's mask: same seed, same indices).
     private func linearBackward(_ l: TrainerLinear, _ j: Int, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, n: Int, accumulate: Bool,
-                                seed: UInt64?) throws {
+                                seed: UInt64?, site: FoldSite? = nil) throws {
         let blas = try context.blas()
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
-        try dequantize(l, j)
-        let weight = weightSlots[j].pointer
+        // Folded: x has rows site.stride apart and x·Aᵀ sits in them; the weight has rows of its folded K, as the
+        // forward dequantized it (kept) or again (the same row stride either way: the same GEMMs, the same bits).
+        let ldx = site?.stride ?? l.inFeatures
+        try dequantize(l, j, rowStride: foldedK(l, site))
+        let weight = weightSlots[j].pointer, ldw = weightSlotStride[j]
         guard l.rank > 0 else {  // no adapter: dx (+)= dy·W alone
-            try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0)
+            try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0, ldb: ldw)
             return
         }
         // dB [out, r] += s·dyᵀ·xa
-        try blas.gemm(m: l.outFeatures, n: l.rank, k: n, a: dy, transA: true, b: xaBuffer(l, seed: seed).pointer, c: grads.address(at: l.bOffset),
-                      outputType: .float32, alpha: l.scale, beta: 1)
+        let xa = site?.tail.map { x + CUdeviceptr(2 * (l.inFeatures + $0)) } ?? xaBuffer(l, seed: seed).pointer
+        try blas.gemm(m: l.outFeatures, n: l.rank, k: n, a: dy, transA: true, b: xa, c: grads.address(at: l.bOffset),
+                      outputType: .float32, alpha: l.scale, beta: 1, ldb: site?.tail != nil ? ldx : nil)
         // dyB [n, r] = dy·B
         try blas.gemm(m: n, n: l.rank, k: l.outFeatures, a: dy, b: b16, c: dyB.pointer)
         // dA [r, in] += s·dyBᵀ·d(x), the mask read from the forward's bits, or hashed into dropoutMaskBits for dx (dx may
@@ -707,13 +803,13 @@ public final class CUDADecoderTrainer {
         if let mask, let dropoutPartials {
             try context.loraDropoutGradA(x: x, dyB: dyB.pointer, into: grads.address(at: l.aOffset), scratch: dropoutPartials, tokens: n,
                                          inFeatures: l.inFeatures, rank: l.rank, scale: l.scale, mask: mask,
-                                         maskBits: l.maskBits == nil ? dropoutMaskBits : nil, storedMaskBits: l.maskBits)
+                                         maskBits: l.maskBits == nil ? dropoutMaskBits : nil, storedMaskBits: l.maskBits, xStride: ldx)
         } else {
             try blas.gemm(m: l.rank, n: l.inFeatures, k: n, a: dyB.pointer, transA: true, b: x, c: grads.address(at: l.aOffset),
-                          outputType: .float32, alpha: l.scale, beta: 1)
+                          outputType: .float32, alpha: l.scale, beta: 1, ldb: ldx)
         }
-        // dx (+)= dy·W + d(s·dyB·A)
-        try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0)
+        // dx (+)= dy·W + d(s·dyB·A) (dense: the down_proj's dx over its strided input is read densely after)
+        try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0, ldb: ldw)
         if let mask {
             try context.loraDropoutAddDX(dyB: dyB.pointer, a: a16, into: dx, tokens: n, inFeatures: l.inFeatures, rank: l.rank,
                                          scale: l.scale, mask: mask, maskBits: maskBits)
@@ -760,9 +856,9 @@ public final class CUDADecoderTrainer {
     /// y = RMSNorm(x)·(w + offset) with the family's offset (Gemma: 1), over rows of `dim` (hidden, or head_dim for
     /// q/k norms); with `residual`, y = residual + that (Gemma's sandwich norms).
     private func norm(_ x: DeviceBuffer<UInt16>, _ w: DeviceBuffer<UInt16>, into y: DeviceBuffer<UInt16>, rows: Int, dim: Int,
-                      residual: DeviceBuffer<UInt16>? = nil) throws {
+                      residual: DeviceBuffer<UInt16>? = nil, outputStride: Int? = nil) throws {
         try context.rmsNormForward(x: x, weight: w, into: y, rows: rows, dim: dim, eps: config.rmsNormEps,
-                                   weightOffset: config.normWeightOffset, residual: residual)
+                                   weightOffset: config.normWeightOffset, residual: residual, outputStride: outputStride)
     }
 
     /// dx (= or += with `accumulate`) the norm's input gradient given dy (dx may be dy: each row is read first).
@@ -798,31 +894,49 @@ public final class CUDADecoderTrainer {
                               seeds: [UInt64]?) throws {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
         let L = b.linears
-        func forward(_ j: Int, x: CUdeviceptr, y: CUdeviceptr, accumulate: Bool, base: Bool = true) throws {
-            try linearForward(L[j], j, x: x, y: y, n: n, accumulate: accumulate, base: base, recompute: output == nil,
-                              seed: maskSeed(L[j], j, seeds))
+        let folding = memory.foldLoRA
+        func forward(_ j: Int, x: CUdeviceptr, y: CUdeviceptr, accumulate: Bool, part: ForwardPart = .all) throws {
+            try linearForward(L[j], j, x: x, y: y, n: n, accumulate: accumulate, part: part, recompute: output == nil,
+                              seed: maskSeed(L[j], j, seeds), site: foldSite(b, j, folding: folding))
         }
-        try norm(x, b.inputNorm, into: norm1, rows: n, dim: h)
+        /// Linears that read one input: folded, every x·Aᵀ first (each base product reads those before its own).
+        func group(_ js: [Int], x: CUdeviceptr, ys: [CUdeviceptr]) throws {
+            if folding {
+                for j in js { try forward(j, x: x, y: 0, accumulate: false, part: .xa) }
+                for (j, y) in zip(js, ys) { try forward(j, x: x, y: y, accumulate: false, part: .base) }
+            } else {
+                for (j, y) in zip(js, ys) { try forward(j, x: x, y: y, accumulate: false) }
+            }
+        }
+        /// Dequantizes kept weights in one launch, each with its folded row stride.
+        func keep(_ js: [Int]) throws {
+            try dequantizeKept(js.map { (L[$0], $0, foldedK(L[$0], foldSite(b, $0, folding: folding))) })
+        }
+        let (o, gateUp, down) = b.projectionIndices
+        // The inputs' row strides (folded: in + R, the group's x·Aᵀ after x).
+        let stride1 = folding ? b.fold.inputStride[0] : h, stride2 = folding ? b.fold.inputStride[gateUp] : h
+        let strideDown = folding ? b.fold.inputStride[down] : c.intermediateSize
+        try norm(x, b.inputNorm, into: norm1, rows: n, dim: h, outputStride: stride1)
         // q and k go through their norms from the projection buffers when there are q/k norms.
         let qOut = qProjected ?? q, kOut = kProjected ?? k
         weightSlotValid = weightSlotValid.map { _ in false }  // this block's weights from here on
         if b.fused {
-            try forward(0, x: norm1.pointer, y: fusedOutput!.pointer, accumulate: false)
+            try group([0], x: norm1.pointer, ys: [fusedOutput!.pointer])
             try splitColumns([(qOut, c.qDim), (kOut, c.kvDim), (v, c.kvDim)], tokens: n)
         } else {
-            try dequantizeKept([(L[0], 0), (L[1], 1), (L[2], 2)])  // one launch (kept weights only)
-            try forward(0, x: norm1.pointer, y: qOut.pointer, accumulate: false)
-            try forward(1, x: norm1.pointer, y: kOut.pointer, accumulate: false)
-            try forward(2, x: norm1.pointer, y: v.pointer, accumulate: false)
+            try keep([0, 1, 2])  // one launch (kept weights only)
+            try group([0, 1, 2], x: norm1.pointer, ys: [qOut.pointer, kOut.pointer, v.pointer])
         }
         if let qNorm = b.qNorm, let kNorm = b.kNorm {
             try norm(qOut, qNorm, into: q, rows: n * c.headCount, dim: c.headDim)
             try norm(kOut, kNorm, into: k, rows: n * c.kvHeadCount, dim: c.headDim)
         }
         try rope(b, q: q, k: k, tokens: n, backward: false)
-        try ctx.attentionForward(q: q, k: k, v: v, into: attended, lse: lse, segments: segments, shape: attentionShape(b, batch),
-                                 flash: !deterministic)
-        let (o, gateUp, down) = b.projectionIndices
+        // The recomputation finds o and lse kept from the forward (`keepAttentionOutputs`).
+        if output != nil || !memory.keepAttentionOutputs {
+            try ctx.attentionForward(q: q, k: k, v: v, into: attended, lse: lse, segments: segments, shape: attentionShape(b, batch),
+                                     flash: !deterministic)
+        }
         if let projected = attentionProjected, let outputNorm = b.attentionOutputNorm {
             try forward(o, x: attended.pointer, y: projected.pointer, accumulate: false)
             try norm(projected, outputNorm, into: hidden, rows: n, dim: h, residual: x)
@@ -830,16 +944,16 @@ public final class CUDADecoderTrainer {
             try ctx.device.copy(deviceTo: hidden.pointer, from: x.pointer, bytes: 2 * n * h)
             try forward(o, x: attended.pointer, y: hidden.pointer, accumulate: true)
         }
-        try norm(hidden, b.mlpInputNorm, into: norm2, rows: n, dim: h)
+        try norm(hidden, b.mlpInputNorm, into: norm2, rows: n, dim: h, outputStride: stride2)
         if b.fused {
-            try forward(gateUp, x: norm2.pointer, y: fusedOutput!.pointer, accumulate: false)
+            try group([gateUp], x: norm2.pointer, ys: [fusedOutput!.pointer])
             try splitColumns([(gate, c.intermediateSize), (up, c.intermediateSize)], tokens: n)
         } else {
-            try dequantizeKept([(L[4], 4), (L[5], 5)])
-            try forward(4, x: norm2.pointer, y: gate.pointer, accumulate: false)
-            try forward(5, x: norm2.pointer, y: up.pointer, accumulate: false)
+            try keep([4, 5])
+            try group([4, 5], x: norm2.pointer, ys: [gate.pointer, up.pointer])
         }
-        try ctx.gatedActivationForward(c.mlpActivation, gate: gate, up: up, into: activated, count: n * c.intermediateSize)
+        try ctx.gatedActivationForward(c.mlpActivation, gate: gate, up: up, into: activated, count: n * c.intermediateSize,
+                                       outputRows: (c.intermediateSize, strideDown))
         if let projected = mlpProjected, let outputNorm = b.mlpOutputNorm {
             // The backward reads down_proj's output (its norm's input), so the recomputation computes it too.
             try forward(down, x: activated.pointer, y: projected.pointer, accumulate: false)
@@ -848,7 +962,7 @@ public final class CUDADecoderTrainer {
             try ctx.device.copy(deviceTo: output.pointer, from: hidden.pointer, bytes: 2 * n * h)
             try forward(down, x: activated.pointer, y: output.pointer, accumulate: true)
         } else {
-            try forward(down, x: activated.pointer, y: 0, accumulate: true, base: false)
+            try forward(down, x: activated.pointer, y: 0, accumulate: true, part: .xa)
         }
     }
 
@@ -859,8 +973,10 @@ public final class CUDADecoderTrainer {
     private func blockBackward(_ b: TrainerBlock, x: DeviceBuffer<UInt16>, batch: TrainingBatch, seeds: [UInt64]?) throws {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
         let L = b.linears
+        let folding = memory.foldLoRA  // as the recomputation left norm1, norm2 and activated
         func backward(_ j: Int, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, accumulate: Bool) throws {
-            try linearBackward(L[j], j, x: x, dy: dy, dx: dx, n: n, accumulate: accumulate, seed: maskSeed(L[j], j, seeds))
+            try linearBackward(L[j], j, x: x, dy: dy, dx: dx, n: n, accumulate: accumulate, seed: maskSeed(L[j], j, seeds),
+                               site: foldSite(b, j, folding: folding))
         }
         let (o, gateUp, down) = b.projectionIndices
         if let projected = mlpProjected, let outputNorm = b.mlpOutputNorm {
@@ -941,10 +1057,12 @@ public final class CUDADecoderTrainer {
         try offload(0, tokens: n)
         for (l, block) in blocks.enumerated() {
             try awaitOffload(beforeWriting: l + 1)
+            try useAttentionSlot(of: l, forward: true)
             try shardedBase?.acquire(l, next: l + 1 < blocks.count ? l + 1 : nil)
             try blockForward(block, x: slot(l), output: slot(l + 1), batch: batch, seeds: blockDropoutSeeds(l))
             try shardedBase?.release(l)
             try offload(l + 1, tokens: n)
+            try offloadAttention(l, tokens: n)
         }
 
         // Final norm, head and cross-entropy a chunk of rows at a time; dNorm receives d/d(normed).
@@ -969,12 +1087,14 @@ public final class CUDADecoderTrainer {
         for l in stride(from: blocks.count - 1, through: 0, by: -1) {
             let seeds = blockDropoutSeeds(l)
             try awaitFetch(l)
+            try useAttentionSlot(of: l, forward: false)
             try shardedBase?.acquire(l, next: l > 0 ? l - 1 : nil)
             try blockForward(blocks[l], x: slot(l), output: nil, batch: batch, seeds: seeds)
             try blockBackward(blocks[l], x: slot(l), batch: batch, seeds: seeds)
             try shardedBase?.release(l)
             try afterBlockBackward?(l)
             try prefetch(l - checkpointSlots.count, tokens: n)
+            try prefetchAttention(l - 2, tokens: n)
         }
     }
 
@@ -1061,6 +1181,59 @@ public final class CUDADecoderTrainer {
         try context.device.stream.wait(for: fetched[l % checkpointSlots.count])
     }
 
+    // Kept attention outputs (`memory.keepAttentionOutputs`). Block l's o and lse live in attentionOutputSlots[l % S]
+    // from its forward to its backward, whose recomputation then skips the attention forward. Without offloading,
+    // S = L (each block its own, nothing to copy). With it, S = 2, and the blocks whose slot block l+2 overwrites
+    // (l < L − 2) go to pinned host memory and back on `copyStream`, ordered by events as the checkpoints are:
+    //   forward   o_l, lse_l written (main) → record attentionProduced[s] → copy waits, copies to the host →
+    //             attentionOffloadDone[s]; before block l+2's forward: main waits for attentionOffloadDone[s]
+    //   backward  blocks L−1 and L−2 find theirs still in their slots; after block l's backward, record
+    //             attentionSlotFree[s] (main) → copy waits, brings block l−2's back into slot s → attentionFetched[s];
+    //             before block l−2's recomputation: main waits for attentionFetched[s]
+    // The last fetch (block 0's or 1's) is waited for before its recomputation, so a step leaves no copy pending.
+
+    /// Points `attended` and `lse` at block l's slot; with offloading, first waits until the slot may be written
+    /// (forward: block l−2's copy out is done) or holds block l's values again (backward).
+    private func useAttentionSlot(of l: Int, forward: Bool) throws {
+        guard memory.keepAttentionOutputs else { return }
+        let s = l % attentionOutputSlots.count
+        (attended, lse) = attentionOutputSlots[s]
+        guard offloadedAttentionCount > 0 else { return }
+        if forward, l >= 2, l - 2 < offloadedAttentionCount {
+            try context.device.stream.wait(for: attentionOffloadDone[s])
+        } else if !forward, l < offloadedAttentionCount {
+            try context.device.stream.wait(for: attentionFetched[s])
+        }
+    }
+
+    /// Host offsets of block l's o and lse in `hostAttention` (room for the capacity's tokens).
+    private func hostAttentionOffsets(_ l: Int) -> (o: Int, lse: Int) {
+        let c = config, oBytes = 2 * capacityTokens * c.qDim
+        return (l * oBytes, offloadedAttentionCount * oBytes + l * 4 * capacityTokens * c.headCount)
+    }
+
+    /// After block l's forward: its o and lse to the host on the copy stream (when its slot will be overwritten).
+    private func offloadAttention(_ l: Int, tokens n: Int) throws {
+        guard l < offloadedAttentionCount, let copy = copyStream, let host = hostAttention else { return }
+        let s = l % attentionOutputSlots.count, (o, lse) = attentionOutputSlots[s], at = hostAttentionOffsets(l)
+        try attentionProduced[s].record(on: context.device.stream)
+        try copy.wait(for: attentionProduced[s])
+        try context.device.copy(toHost: host.pointer + at.o, from: o.pointer, bytes: 2 * n * config.qDim, stream: copy)
+        try context.device.copy(toHost: host.pointer + at.lse, from: lse.pointer, bytes: 4 * n * config.headCount, stream: copy)
+        try attentionOffloadDone[s].record(on: copy)
+    }
+
+    /// After block m+2's backward (the slot's last reader): block m's o and lse back into their slot.
+    private func prefetchAttention(_ m: Int, tokens n: Int) throws {
+        guard m >= 0, m < offloadedAttentionCount, let copy = copyStream, let host = hostAttention else { return }
+        let s = m % attentionOutputSlots.count, (o, lse) = attentionOutputSlots[s], at = hostAttentionOffsets(m)
+        try attentionSlotFree[s].record(on: context.device.stream)
+        try copy.wait(for: attentionSlotFree[s])
+        try context.device.copy(toDevice: o.pointer, from: host.pointer + at.o, bytes: 2 * n * config.qDim, stream: copy)
+        try context.device.copy(toDevice: lse.pointer, from: host.pointer + at.lse, bytes: 4 * n * config.headCount, stream: copy)
+        try attentionFetched[s].record(on: copy)
+    }
+
     /// The loss of one batch without gradients (evaluation): the forward alone, with the block outputs passed
     /// between two buffers instead of kept as checkpoints, the cross-entropy without its gradient and no backward.
     /// The gradients are left as they are. Queues the work without waiting; `lastLoss()` reads the loss sum and
@@ -1097,6 +1270,10 @@ public final class CUDADecoderTrainer {
     /// Clips the gradients to global norm `maxGradNorm` (when given), then one AdamW step at `learningRate`, then
     /// refreshes the bf16 copies. Queued without waiting.
     public func optimizerStep(learningRate: Float, weightDecay: Float = 0, maxGradNorm: Float? = 1) throws {
+        guard let moment1, let moment2 else {
+            throw UsageError("this GPU trainer was made for the optimizer \(plan.optimizerKind?.rawValue ?? "?") and holds no AdamW moments: "
+                             + "step with a CUDAOptimizer over parameterSlots()")
+        }
         try unscaleGradients()
         if let maxGradNorm { try context.clipGradients(grads, count: parameterCount, maxNorm: maxGradNorm, sumSquares: sumSquares) }
         optimizerSteps += 1

@@ -4,7 +4,13 @@
 // Device memory, N = tokens of a step, H = hidden, I = intermediate, L = blocks, V = vocabulary (bf16 unless said):
 //   weights      NF4 linears + absmax, the head [V, H], the embedding [V, H] unless it lives on the host (untied,
 //                `hostEmbedding`), the norms
-//   adapters     LoRA: fp32 masters + fp32 gradients + bf16 copies; optimizer: two fp32 moments
+//   adapters     LoRA: fp32 masters + fp32 gradients + bf16 copies
+//   optimizer    by the optimizer in use (CUDAOptimizer's layout, one region per LoRA tensor): adamw two fp32 moments;
+//                adamw_8bit two bytes per value and two fp32 absmax per 256 (tensors under 4096 values: fp32), and
+//                the two 8-bit code maps; the paged kinds keep all of it in pinned host memory and hold on the
+//                device only a staging buffer of the largest tensor's state (70B, r 16: 1.63 GiB of device memory
+//                that paged_adamw_8bit does not need). Without a kind (nil), the trainer's own fp32 AdamW
+//                (`CUDADecoderTrainer.optimizerStep`): two fp32 moments over the flat buffers.
 //   activations  gradient checkpoints: L + 1 of [N, H], or `checkpointSlots` of them when offloaded (the others
 //                wait in pinned host memory); one block's working set: 5 [N, H], q, attended, k, v, one shared
 //                region for the MLP's gate/up/activated (3 [N, I]) that the attention backward's dA, dq, dk, dv
@@ -28,7 +34,9 @@
 // of one whole block (the block in use and the next one being gathered); the embedding, head and norms stay whole on
 // every rank (bf16: the head of a 70B model is 2 × 128,256 × 8,192 bytes = 2 GiB, the same as 1/40 of its blocks).
 // Host memory (not in `total`): the offloaded checkpoints (pinned), the embedding table and its pinned staging
-// buffer for one step's rows.
+// buffer for one step's rows, a paged optimizer's state (pinned).
+// The optional savers of speed (`keepBlockWeights`, then `keepDropoutMasks`) are dropped by one rule, `fitting`,
+// which the trainer, `qlora plan` and the longest-sequence / largest-batch searches share.
 
 /// Where the GPU trainer keeps what a step does not need on the GPU all the time.
 public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvertible {
@@ -48,14 +56,25 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
     /// Keep each linear's dequantized weight of a block from its recomputation to its backward (one bf16 scratch
     /// per linear), when the plan has room for it: the same bits reach the same GEMMs, with fewer dequantizations.
     public var keepBlockWeights: Bool
+    /// Keep every block's attention output o and its log-sum-exp from the forward to the block's backward, so the
+    /// recomputation before it skips the attention forward (a third of the attention's time, most of a long
+    /// sequence's step): with offloaded checkpoints they go to pinned host memory beside them through two device
+    /// slots; without, each block keeps its own on the GPU.
+    public var keepAttentionOutputs: Bool
+    /// Fold the LoRA rank-r products into the base GEMMs by concatenating along K (LoRAFoldLayout.swift): the inputs
+    /// of q, k, v, gate, up and down get rows of in + R values (their x·Aᵀ after x), each weight scratch rows of
+    /// in + its tail (W, then s·B), and y is written once by one GEMM (o_proj apart; the backward's s·dyB·A apart).
+    public var foldLoRA: Bool
 
     public init(offloadCheckpoints: Bool, checkpointSlots: Int = 3, hostEmbedding: Bool, keepDropoutMasks: Bool = true,
-                keepBlockWeights: Bool = true) {
+                keepBlockWeights: Bool = true, keepAttentionOutputs: Bool = false, foldLoRA: Bool = false) {
+        self.foldLoRA = foldLoRA
         self.offloadCheckpoints = offloadCheckpoints
         self.checkpointSlots = checkpointSlots
         self.hostEmbedding = hostEmbedding
         self.keepDropoutMasks = keepDropoutMasks
         self.keepBlockWeights = keepBlockWeights
+        self.keepAttentionOutputs = keepAttentionOutputs
     }
 
     /// Everything on the GPU.
@@ -65,15 +84,29 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
     /// the host; neither every block's dropout masks nor a block's dequantized weights are kept (measured on the
     /// H100, 8B shape at 2 × 2048, session 7: each gains under 1% of tokens/s, within the run-to-run spread, for
     /// 0.62 and 0.30 GiB, which would put the 7B and 8B shapes above Unsloth's peak memory; `--keep-dropout-masks on`
-    /// and `--keep-block-weights on` choose them).
+    /// and `--keep-block-weights on` choose them). With offloaded checkpoints the blocks' attention outputs are
+    /// kept (offloaded too: +4.3% / +7.6% tokens/s on the 8B / 1B shapes at 2 / 4 × 2048, +22% at 1 × 32,768, for
+    /// one more [N, q] slot on the GPU), and LoRA is folded into the base GEMMs (+1.2% / +4.5%); session 8, H100.
     public static func automatic(for c: DecoderConfig) -> CUDATrainerMemoryOptions {
-        CUDATrainerMemoryOptions(offloadCheckpoints: c.layerCount + 1 > 3, checkpointSlots: 3, hostEmbedding: !c.tieWordEmbeddings,
-                                 keepDropoutMasks: false, keepBlockWeights: false)
+        let offload = c.layerCount + 1 > 3
+        return CUDATrainerMemoryOptions(offloadCheckpoints: offload, checkpointSlots: 3, hostEmbedding: !c.tieWordEmbeddings,
+                                        keepDropoutMasks: false, keepBlockWeights: false, keepAttentionOutputs: offload, foldLoRA: true)
     }
 
     /// Device buffers the trainer holds for checkpoints with `layers` blocks.
     func deviceCheckpoints(layers: Int) -> Int {
         offloadCheckpoints ? min(max(checkpointSlots, 2), layers + 1) : layers + 1
+    }
+
+    /// Device buffers for the blocks' attention outputs (o and lse): one without `keepAttentionOutputs` (the block
+    /// in hand's), two when they are offloaded, one per block when they stay on the GPU.
+    func attentionOutputSlots(layers: Int) -> Int {
+        keepAttentionOutputs ? (offloadCheckpoints ? min(2, layers) : max(layers, 1)) : 1
+    }
+
+    /// Blocks whose attention outputs go to host memory: those whose slot a later block's forward overwrites.
+    func offloadedAttentionOutputs(layers: Int) -> Int {
+        keepAttentionOutputs && offloadCheckpoints ? max(layers - 2, 0) : 0
     }
 
     /// Checkpoints x₀ … x_{count−1} that go to host memory: those the backward finds overwritten (the last
@@ -86,6 +119,8 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
         "checkpoints " + (offloadCheckpoints ? "offloaded to host (\(checkpointSlots) GPU slots)" : "on the GPU")
             + ", embedding " + (hostEmbedding ? "on the host" : "on the GPU")
             + (keepBlockWeights ? ", a block's dequantized weights kept for its backward" : "")
+            + (keepAttentionOutputs ? ", attention outputs kept" + (offloadCheckpoints ? " (offloaded)" : "") : "")
+            + (foldLoRA ? ", LoRA folded into the base GEMMs" : "")
     }
 }
 
@@ -108,7 +143,8 @@ struct BlockScratchLayout: Equatable {
     /// Elements of the whole region (the largest of the three phases).
     var count = 0
 
-    init(config c: DecoderConfig, tokens n: Int) {
+    /// `foldedColumns`: x·Aᵀ columns after each row of `activated` (folded LoRA: down_proj's R; rows of I + R).
+    init(config c: DecoderConfig, tokens n: Int, foldedColumns: Int = 0) {
         var end = 0
         func take(_ elements: Int) -> Int {
             let start = end
@@ -117,7 +153,7 @@ struct BlockScratchLayout: Equatable {
         }
         gate = take(n * c.intermediateSize)
         up = take(n * c.intermediateSize)
-        activated = take(n * c.intermediateSize)
+        activated = take(n * (c.intermediateSize + foldedColumns))
         let mlp = end
         end = 0
         dAttended = take(n * c.qDim)
@@ -139,8 +175,12 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     public var weights: Int
     /// LoRA matrices: fp32 master, bf16 compute copy, fp32 gradients.
     public var adapters: Int
-    /// AdamW moments (two fp32 values per LoRA parameter).
+    /// Optimizer state on the device, by `optimizerKind` (a paged kind: only its staging buffer).
     public var optimizer: Int
+    /// The optimizer the plan counts (nil: the trainer's own fp32 AdamW, `CUDADecoderTrainer.optimizerStep`).
+    public var optimizerKind: OptimizerKind?
+    /// Bytes of a paged optimizer's state in pinned host memory (part of `host`; 0 for the other kinds).
+    public var optimizerHost: Int = 0
     /// Gradient checkpoints on the GPU (all, or the offload slots) plus one block's working activations and gradients.
     public var activations: Int
     /// The bf16 scratch a linear weight is dequantized into (one per linear of a block with
@@ -160,6 +200,17 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     public var baseShards: Int = 0
     public var baseStaging: Int = 0
 
+    /// What the plan was made for, so that `fitting` can plan again with fewer savers.
+    struct Request: Sendable {
+        var config: DecoderConfig
+        var tokens: Int
+        var ranks: [[Int]]
+        var dropout: Bool
+        var world: Int?
+        var optimizer: OptimizerKind?
+    }
+    var request: Request
+
     /// Device memory: everything but `host`.
     public var total: Int { weights + adapters + optimizer + activations + workspace }
 
@@ -176,11 +227,12 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
 
     /// Element offsets of each linear's dequantized weight in the scratch that keeps a block's weights (each on a
     /// 256-byte boundary), and the scratch's elements.
-    static func blockWeightSlots(_ c: DecoderConfig) -> (offsets: [Int], count: Int) {
+    /// `columns[j]`: linear j's row length in its scratch (folded LoRA: LoRAFoldLayout.widestK; default `in`).
+    static func blockWeightSlots(_ c: DecoderConfig, columns: [Int]? = nil) -> (offsets: [Int], count: Int) {
         var end = 0
-        let offsets = linearShapes(c).map { shape -> Int in
+        let offsets = linearShapes(c).enumerated().map { (j, shape) -> Int in
             let start = end
-            end = (end + shape.out * shape.in + 127) / 128 * 128
+            end = (end + shape.out * (columns?[j] ?? shape.in) + 127) / 128 * 128
             return start
         }
         return (offsets, end)
@@ -195,9 +247,50 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         return plan
     }
 
-    /// This plan, or, when it keeps a block's dequantized weights and does not fit the budget, the plan without them.
+    /// This plan with the dropout masks hashed again by the backward instead of every block's kept from the forward
+    /// (`keepDropoutMasks` off).
+    public func withoutKeptDropoutMasks() -> CUDAMemoryPlan {
+        var options = memory
+        options.keepDropoutMasks = false
+        return replanned(memory: options)
+    }
+
+    /// The same request planned again with other options, sharding or optimizer (what a saving is measured against).
+    public func replanned(memory options: CUDATrainerMemoryOptions? = nil, shardedOver world: Int?? = nil,
+                          optimizer kind: OptimizerKind?? = nil, dropout: Bool? = nil) -> CUDAMemoryPlan {
+        let r = request
+        return CUDAMemoryPlan(config: r.config, tokens: r.tokens, ranks: r.ranks, dropout: dropout ?? r.dropout, memory: options ?? memory,
+                              shardedOver: world ?? r.world, optimizer: kind ?? r.optimizer)
+    }
+
+    /// The one rule for the optional savers of time that cost memory: while the plan does not fit the budget, drop
+    /// a block's kept dequantized weights first (0.30 GiB on the 8B shape, under 1% of tokens/s), then every block's
+    /// kept dropout masks (0.62 GiB there). The trainer, `qlora plan` and the searches all plan through it.
     public func fitting(budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes) -> CUDAMemoryPlan {
-        memory.keepBlockWeights && !fits(budgetBytes: budgetBytes, contextBytes: contextBytes) ? withoutBlockWeights() : self
+        var plan = self
+        if plan.memory.keepBlockWeights && !plan.fits(budgetBytes: budgetBytes, contextBytes: contextBytes) {
+            plan = plan.withoutBlockWeights()
+        }
+        if plan.request.dropout && plan.memory.keepDropoutMasks && !plan.fits(budgetBytes: budgetBytes, contextBytes: contextBytes) {
+            plan = plan.withoutKeptDropoutMasks()
+        }
+        return plan
+    }
+
+    /// Device and host bytes of the optimizer state for LoRA tensors of `tensors` values each, as CUDAOptimizer
+    /// allocates it (kind nil: the trainer's two fp32 moments over `flatCount` values).
+    static func optimizerBytes(_ kind: OptimizerKind?, tensors: [Int], flatCount: Int) -> (device: Int, host: Int) {
+        let s = DeviceAllocator.sizeClass
+        guard let kind else { return (2 * s(4 * flatCount), 0) }
+        let regions = tensors.map { CUDAOptimizer.TensorState.bytes(count: $0, is8bit: kind.is8bit && $0 >= AdamW8bit.minimum8bitSize) }
+        // The signed and unsigned code maps (256 fp32 each), uploaded once some tensor has 8-bit state.
+        let maps = kind.is8bit && tensors.contains(where: { $0 >= AdamW8bit.minimum8bitSize }) ? 2 * s(4 * 256) : 0
+        switch kind {
+        case .adamw, .adamw8bit:
+            return (regions.reduce(0) { $0 + s($1) } + maps, 0)
+        case .pagedAdamw8bit, .pagedAdamw32bit:
+            return ((regions.max().map(s) ?? 0) + maps, regions.reduce(0, +))
+        }
     }
 
     /// Columns of the widest fused projection output (Phi-3's qkv_proj or gate_up_proj), split after its GEMM.
@@ -247,9 +340,9 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
 
     /// The plan for LoRA rank `r` on every projection.
     public init(config c: DecoderConfig, tokens n: Int, rank r: Int, dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil,
-                shardedOver world: Int? = nil) {
+                shardedOver world: Int? = nil, optimizer: OptimizerKind? = nil) {
         self.init(config: c, tokens: n, ranks: Array(repeating: Array(repeating: r, count: Self.linearShapes(c).count), count: c.layerCount),
-                  dropout: dropout, memory: memory, shardedOver: world)
+                  dropout: dropout, memory: memory, shardedOver: world, optimizer: optimizer)
     }
 
     /// The sharded layout of one block's NF4 linears over `world` ranks (every block has the same shapes).
@@ -260,9 +353,12 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
 
     /// The plan for `ranks[l][j]`, the LoRA rank of block l's linear j (q, k, v, o, gate, up, down); `dropout`: some
     /// linear drops out (the fused dropout's fp32 dA scratch); `memory`: where checkpoints and the embedding
-    /// live (nil: `CUDATrainerMemoryOptions.automatic(for:)`; a tied embedding stays on the GPU whatever it says).
+    /// live (nil: `CUDATrainerMemoryOptions.automatic(for:)`; a tied embedding stays on the GPU whatever it says);
+    /// `optimizer`: the kind whose state is counted (nil: the trainer's own fp32 AdamW).
     public init(config c: DecoderConfig, tokens n: Int, ranks: [[Int]], dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil,
-                shardedOver world: Int? = nil) {
+                shardedOver world: Int? = nil, optimizer: OptimizerKind? = nil) {
+        request = Request(config: c, tokens: n, ranks: ranks, dropout: dropout, world: world, optimizer: optimizer)
+        optimizerKind = optimizer
         var memory = memory ?? .automatic(for: c)
         if c.tieWordEmbeddings { memory.hostEmbedding = false }
         self.memory = memory
@@ -281,9 +377,14 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
             baseStaging = 2 * s(layout.paddedBytes)
             w = baseShards + baseStaging
         }
+        // The trainer's flat LoRA buffers: every A and B on a multiple of 128 elements (CUDADecoderTrainer's layout).
         var loraParameters = 0
+        var tensors: [Int] = []  // A and B of every adapter, in the optimizer's order
         for layer in ranks {
-            for (j, r) in layer.enumerated() where j < shapes.count { loraParameters += r * (shapes[j].out + shapes[j].in) }
+            for (j, r) in layer.enumerated() where j < shapes.count && r > 0 {
+                loraParameters += (r * shapes[j].in + 127) / 128 * 128 + (shapes[j].out * r + 127) / 128 * 128
+                tensors += [r * shapes[j].in, shapes[j].out * r]
+            }
         }
         let xa = Self.largestRanks(ranks).reduce(0) { $0 + s(2 * n * $1) }
         let maxRank = ranks.joined().max() ?? 0
@@ -292,7 +393,9 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
             + ((c.sandwichNorms ? 4 : 2) * c.layerCount + 1) * s(2 * c.hiddenSize) + (c.qkNorm ? 2 * c.layerCount * s(2 * c.headDim) : 0)
         weights = w
         adapters = s(4 * loraParameters) * 2 + s(2 * loraParameters)
-        optimizer = s(4 * loraParameters) * 2
+        let state = Self.optimizerBytes(optimizer, tensors: tensors, flatCount: loraParameters)
+        self.optimizer = state.device
+        optimizerHost = state.host
         let h = 2 * n * c.hiddenSize, q = 2 * n * c.qDim, kv = 2 * n * c.kvDim
         // x·Aᵀ of one block's linears, dy·B, and the fused dropout's dA scratch.
         let droppedXA = ranks.joined().reduce(0) { $0 + ($1 > 0 ? s(2 * n * $1) : 0) }
@@ -301,27 +404,39 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         let lora = xa + s(2 * n * maxRank)
             + (dropout ? s(4 * Self.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks)) + s(maskBits) + droppedXA : 0)
         checkpoints = memory.deviceCheckpoints(layers: c.layerCount) * s(h)
-        let scratch = BlockScratchLayout(config: c, tokens: n)
+        // Folded LoRA: norm1, norm2 and activated have rows of in + R, each weight scratch rows of its widest K.
+        let foldColumns = memory.foldLoRA ? LoRAFoldLayout.widestColumns(c, ranks: ranks) : [0, 0, 0]
+        let weightColumns = memory.foldLoRA ? LoRAFoldLayout.widestK(c, ranks: ranks) : shapes.map(\.in)
+        largest = zip(shapes, weightColumns).map { $0.0.out * $0.1 }.max() ?? largest
+        let n1 = 2 * n * (c.hiddenSize + foldColumns[0]), n2 = 2 * n * (c.hiddenSize + foldColumns[1])
+        let scratch = BlockScratchLayout(config: c, tokens: n, foldedColumns: foldColumns[2])
         // norm1, hidden, norm2, gradient, dNorm; q, attended; k, v; the shared MLP / attention-gradient / logits region;
         // lse, delta; rowLoss, token ids, targets, positions, segments.
         // The variations' buffers: q and k before their norms; o_proj's and down_proj's outputs before the sandwich
         // norms; a fused projection's output before its split.
         let variations = (c.qkNorm ? s(q) + s(kv) : 0) + (c.sandwichNorms ? 2 * s(h) : 0)
             + (c.fusedProjections ? s(2 * n * Self.fusedWidth(c)) : 0)
-        activations = checkpoints + 5 * s(h) + 2 * s(q) + 2 * s(kv) + s(2 * scratch.count) + 2 * s(4 * n * c.headCount)
-            + lora + 5 * s(4 * n) + variations
+        // Kept attention outputs: slots beyond the one o and lse every block uses.
+        let attentionOutput = s(q) + s(4 * n * c.headCount)
+        let keptAttention = (memory.attentionOutputSlots(layers: c.layerCount) - 1) * attentionOutput
+        activations = checkpoints + 3 * s(h) + s(n1) + s(n2) + 2 * s(q) + 2 * s(kv) + s(2 * scratch.count) + 2 * s(4 * n * c.headCount)
+            + lora + 5 * s(4 * n) + variations + keptAttention
         let oneWeight = s(2 * largest)
-        blockWeightBytes = memory.keepBlockWeights ? s(2 * Self.blockWeightSlots(c).count) - oneWeight : 0
+        blockWeightBytes = memory.keepBlockWeights ? s(2 * Self.blockWeightSlots(c, columns: weightColumns).count) - oneWeight : 0
         workspace = oneWeight + blockWeightBytes + (32 << 20)
         host = memory.offloadedCheckpoints(layers: c.layerCount) * h
-            + (memory.hostEmbedding ? 2 * c.vocabularySize * c.hiddenSize + h : 0)
+            + memory.offloadedAttentionOutputs(layers: c.layerCount) * (q + 4 * n * c.headCount)
+            + (memory.hostEmbedding ? 2 * c.vocabularySize * c.hiddenSize + h : 0) + optimizerHost
     }
 
     public var description: String {
         let f = DeviceAllocator.format
         let sharded = shardedWorld > 1 || baseShards > 0
             ? " (base sharded over \(shardedWorld) ranks: shards \(f(baseShards)), staging \(f(baseStaging)))" : ""
-        return "weights \(f(weights))\(sharded), adapters \(f(adapters)), optimizer \(f(optimizer)), activations \(f(activations)) "
+        let state = optimizerKind.map { kind in
+            " (\(kind.rawValue)" + (optimizerHost > 0 ? ": state \(f(optimizerHost)) in pinned host memory, a staging buffer on the GPU)" : ")")
+        } ?? ""
+        return "weights \(f(weights))\(sharded), adapters \(f(adapters)), optimizer \(f(optimizer))\(state), activations \(f(activations)) "
             + "(checkpoints \(f(checkpoints))), workspace \(f(workspace)); total \(f(total)); host \(f(host)) (\(memory))"
     }
 }
@@ -348,11 +463,14 @@ extension CUDAMemoryPlan {
 
     /// The longest sequence (a multiple of `step`, at most `limit`) whose plan at `batch` rows fits the budget, or
     /// nil when not even `step` tokens do. The plan grows with the tokens of a step, so a binary search finds it.
+    /// `dropout`: LoRA dropout on (its scratch, mask bits and every block's d(x)·Aᵀ); `optimizer`: as in `init`.
     public static func longestSequence(config c: DecoderConfig, batch: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
                                        budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes,
-                                       step: Int = 256, limit: Int = 4 << 20, shardedOver world: Int? = nil) -> Int? {
+                                       step: Int = 256, limit: Int = 4 << 20, shardedOver world: Int? = nil,
+                                       dropout: Bool = false, optimizer: OptimizerKind? = nil) -> Int? {
         func fits(_ units: Int) -> Bool {
-            CUDAMemoryPlan(config: c, tokens: batch * units * step, rank: rank, memory: memory, shardedOver: world)
+            CUDAMemoryPlan(config: c, tokens: batch * units * step, rank: rank, dropout: dropout, memory: memory, shardedOver: world,
+                           optimizer: optimizer)
                 .fitting(budgetBytes: budgetBytes, contextBytes: contextBytes).fits(budgetBytes: budgetBytes, contextBytes: contextBytes)
         }
         guard fits(1) else { return nil }
@@ -367,11 +485,13 @@ extension CUDAMemoryPlan {
     /// The largest batch of `sequenceLength`-token rows that fits the budget (at most `limit`), or 0.
     public static func largestBatch(config c: DecoderConfig, sequenceLength t: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
                                     budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes,
-                                    limit: Int = 1024, shardedOver world: Int? = nil) -> Int {
+                                    limit: Int = 1024, shardedOver world: Int? = nil, dropout: Bool = false,
+                                    optimizer: OptimizerKind? = nil) -> Int {
         var lo = 0, hi = limit
         while lo < hi {
             let mid = (lo + hi + 1) / 2
-            if CUDAMemoryPlan(config: c, tokens: mid * t, rank: rank, memory: memory, shardedOver: world)
+            if CUDAMemoryPlan(config: c, tokens: mid * t, rank: rank, dropout: dropout, memory: memory, shardedOver: world,
+                              optimizer: optimizer)
                 .fitting(budgetBytes: budgetBytes, contextBytes: contextBytes).fits(budgetBytes: budgetBytes, contextBytes: contextBytes) {
                 lo = mid
             } else {

@@ -5,31 +5,42 @@
 // (Gemma 2: the `_cap` kernels, so that Llama's path has no tanh), and a sliding window (Mistral, Gemma, Qwen3 layer
 // types: key tiles wholly outside it are skipped, in the forward and the backward).
 // On Hopper (sm_90a kernels) the flash forward at head dimension 128 without soft-capping runs on wgmma
-// (Kernels/attention_wgmma.cu) by default; `kernel: .mma`, or QLORA_ATTENTION=mma for every call that does not name
-// one (the trainer's, so `qlora bench` and `qlora train`), keeps it on the mma.sync kernels. Every other shape and
-// card, and the backward, run the mma.sync kernels.
+// (Kernels/attention_wgmma.cu) by default, and the flash backward there too with `kernel: .wgmma` or
+// QLORA_ATTENTION=wgmma; `kernel: .mma`, or QLORA_ATTENTION=mma for every call that does not name one (the trainer's,
+// so `qlora bench` and `qlora train`), keeps both on the mma.sync kernels. Every other shape and card, and the
+// deterministic backward (`flash: false`), run the mma.sync kernels.
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// Which flash forward runs where the wgmma one applies (`CUDAContext.wgmmaAttentionApplies`).
+/// Which flash kernels run where the wgmma ones apply (`CUDAContext.wgmmaAttentionApplies`).
 public enum AttentionKernel: String, Sendable, CaseIterable {
-    /// attention_mma.cu's `attention_fa_forward` (mma.sync m16n8k16): every card and head dimension.
+    /// attention_mma.cu's `attention_fa_forward` and `attention_fa_backward` (mma.sync m16n8k16): every card and head
+    /// dimension.
     case mma
-    /// attention_wgmma.cu's `attention_wgmma_forward_d128` (wgmma m64n128k16): the default where it applies (H100,
-    /// session 7: the 8B shape trains 2.4% faster at 2 × 2048 and 6.2% at 1 × 32,768 than with mma).
+    /// attention_wgmma.cu's `attention_wgmma_forward_d128` (wgmma m64n128k16) with the mma.sync flash backward: the
+    /// default where it applies (H100, session 7: the 8B shape trains 2.4% faster at 2 × 2048 and 6.2% at 1 × 32,768
+    /// than with mma).
+    case wgmmaForward = "wgmma-forward"
+    /// Both wgmma kernels: the forward and `attention_wgmma_backward_d128` (wgmma m64n64k16 / m64n128k16).
     case wgmma
+
+    /// Whether the d128 flash forward runs on wgmma (where it applies).
+    public var forwardOnWGMMA: Bool { self != .mma }
+    /// Whether the d128 flash backward runs on wgmma (where it applies).
+    public var backwardOnWGMMA: Bool { self == .wgmma }
 
     /// A value of QLORA_ATTENTION.
     public init(parsing text: String) throws {
         guard let kernel = AttentionKernel(rawValue: text.lowercased()) else {
-            throw UsageError("QLORA_ATTENTION=\(text) is not an attention kernel (expected mma or wgmma)")
+            throw UsageError("QLORA_ATTENTION=\(text) is not an attention kernel (expected mma, wgmma-forward or wgmma)")
         }
         self = kernel
     }
 
-    /// QLORA_ATTENTION's choice: wgmma when it is unset or empty (the launcher runs mma where wgmma does not apply).
+    /// QLORA_ATTENTION's choice: wgmma-forward when it is unset or empty (the launcher runs mma where wgmma does not
+    /// apply).
     public static func fromEnvironment() throws -> AttentionKernel {
         guard let text = getenv("QLORA_ATTENTION").map({ String(cString: $0) }), !text.isEmpty else { return .wgmma }
         return try AttentionKernel(parsing: text)
@@ -102,13 +113,16 @@ extension CUDAContext {
     /// Shared memory of attention_wgmma.cu's forward (its WG_SHARED): Q and two stages of K and V (128 x 128 values
     /// each), two stages of key segments, and 1024 bytes to start the tiles on the swizzle pattern's 1024-byte boundary.
     static let wgmmaForwardShared = 5 * 128 * 128 * 2 + 2 * 128 * 4 + 1024
+    /// Shared memory of attention_wgmma.cu's backward (its WGB_SHARED): K and V (128 x 128 values), two stages of Q
+    /// and dO (64 x 128), dSᵀ (128 x 64), two stages of lse, delta and query segments (64 each), 1024 bytes of slack.
+    static let wgmmaBackwardShared = 2 * 128 * 128 * 2 + 4 * 64 * 128 * 2 + 128 * 64 * 2 + 3 * 2 * 64 * 4 + 1024
 
-    /// Whether the wgmma forward can run this shape: Hopper kernels (sm_90a cubins: wgmma is not in PTX for
+    /// Whether the wgmma forward and backward can run this shape: Hopper kernels (sm_90a cubins: wgmma is not in PTX for
     /// compute_90 nor on other cards), head dimension 128, no soft-capping. Windows and packed segments are supported.
     public func wgmmaAttentionApplies(_ s: AttentionShape) -> Bool {
         let target = compiler.target
         return target.major == 9 && target.minor == 0 && !target.isVirtual && s.headDim == 128 && s.softcap == nil
-            && Self.wgmmaForwardShared <= compiler.maxSharedMemoryPerBlock
+            && max(Self.wgmmaForwardShared, Self.wgmmaBackwardShared) <= compiler.maxSharedMemoryPerBlock
     }
 
     /// Threads of a flash forward block: 4 warps of 32 rows, or at d = 256 8 warps of 16 rows (the accumulators of
@@ -130,7 +144,7 @@ extension CUDAContext {
     /// q, o: [tokens, heads, headDim]; k, v: [tokens, kvHeads, headDim]; segments (optional): [tokens] ids that keep
     /// packed sequences apart. `flash` picks the 128-row flash kernel (default) over the 64-row one (tensor cores only)
     /// where the card's shared memory holds it (`flashAttentionFits`); `kernel` (nil: QLORA_ATTENTION, else mma) picks
-    /// the flash forward's instruction family where the wgmma kernel applies (`wgmmaAttentionApplies`).
+    /// the flash forward's instruction family where the wgmma kernel applies (`wgmmaAttentionApplies`): wgmma unless it is .mma.
     public func attentionForward(q: DeviceBuffer<UInt16>, k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>,
                                  into o: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>, segments: DeviceBuffer<Int32>? = nil,
                                  shape s: AttentionShape, tensorCores: Bool = true, flash: Bool = true,
@@ -140,7 +154,7 @@ extension CUDAContext {
         try require(q.count >= s.tokens * s.heads * s.headDim && o.count >= q.count && lse.count >= s.tokens * s.heads
                         && k.count >= s.tokens * s.kvHeads * s.headDim && v.count >= k.count, op, "buffers too small")
         let choice = try kernel ?? AttentionKernel.fromEnvironment()
-        if tensorCores && flash && choice == .wgmma && wgmmaAttentionApplies(s) {
+        if tensorCores && flash && choice.forwardOnWGMMA && wgmmaAttentionApplies(s) {
             // Grid as the mma.sync flash forward: (head, batch, query tile of 128), the last tiles first.
             let f = try compiler.function(KernelSources.attentionWGMMA, "attention_wgmma_forward_d128")
             try allowSharedMemory(f, bytes: Self.wgmmaForwardShared, op)
@@ -172,13 +186,16 @@ extension CUDAContext {
 
     /// dq, dk, dv from dout, given the forward's inputs, output and lse. `delta` is scratch of tokens * heads floats;
     /// `dqAccumulator` (flash kernel only) scratch of tokens * heads * headDim floats (both taken from the allocator
-    /// when not given). The flash backward adds dQ with fp32 atomics, so dq can differ in the last bits between runs.
+    /// when not given). The flash backward adds dQ with fp32 atomics, so dq can differ in the last bits between runs;
+    /// `kernel` (nil: QLORA_ATTENTION) runs it on wgmma where that applies and the choice is .wgmma. `flash: false`
+    /// (the 64-row kernels, no atomics) gives the same bits every run.
     public func attentionBackward(q: DeviceBuffer<UInt16>, k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>,
                                   o: DeviceBuffer<UInt16>, dout: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>,
                                   segments: DeviceBuffer<Int32>? = nil, dq: DeviceBuffer<UInt16>, dk: DeviceBuffer<UInt16>,
                                   dv: DeviceBuffer<UInt16>, delta: DeviceBuffer<Float>? = nil,
                                   dqAccumulator: DeviceBuffer<Float>? = nil, shape s: AttentionShape,
-                                  tensorCores: Bool = true, flash: Bool = true, stream: CUDAStream? = nil) throws {
+                                  tensorCores: Bool = true, flash: Bool = true, kernel: AttentionKernel? = nil,
+                                  stream: CUDAStream? = nil) throws {
         let op = "attentionBackward"
         try checkAttention(s, op)
         let qCount = s.tokens * s.heads * s.headDim, kCount = s.tokens * s.kvHeads * s.headDim
@@ -193,11 +210,14 @@ extension CUDAContext {
             try device.launch(compiler.function(KernelSources.attentionMMA, "attention_fa_prep"),
                               grid: ((rows * 32 + 255) / 256, 1, 1), block: (256, 1, 1), stream: stream,
                               [o.arg, dout.arg, deltaBuffer.arg, accumulator.arg, .int64(Int64(rows)), .int(s.headDim)])
-            // Grid: (batch x KV head, key block); key block 0 (the most query tiles) starts first.
-            let f = try compiler.function(KernelSources.attentionMMA, "attention_fa_backward\(s.kernelSuffix)")
-            let shared = Self.flashBackwardShared(s.headDim)
+            // Grid: (batch x KV head, key block); key block 0 (the most query tiles) starts first. Both kernels take the
+            // same arguments and add dQ to the accumulator the same way.
+            let wgmma = try (kernel ?? AttentionKernel.fromEnvironment()).backwardOnWGMMA && wgmmaAttentionApplies(s)
+            let f = try wgmma ? compiler.function(KernelSources.attentionWGMMA, "attention_wgmma_backward_d128")
+                              : compiler.function(KernelSources.attentionMMA, "attention_fa_backward\(s.kernelSuffix)")
+            let shared = wgmma ? Self.wgmmaBackwardShared : Self.flashBackwardShared(s.headDim)
             try allowSharedMemory(f, bytes: shared, op)
-            let keys = Self.flashBackwardKeys(s.headDim)
+            let keys = wgmma ? 128 : Self.flashBackwardKeys(s.headDim)
             try device.launch(f, grid: (s.batch * s.kvHeads, (s.seq + keys - 1) / keys, 1), block: (256, 1, 1), sharedMemory: shared,
                               stream: stream,
                               [q.arg, k.arg, v.arg, dout.arg, lse.arg, deltaBuffer.arg, .pointer(segments?.pointer ?? 0),

@@ -128,7 +128,7 @@ extension CUDAContext {
                                positions: CUdeviceptr, inverseFrequencies: CUdeviceptr, rows: Int, capacity: Int, heads: Int,
                                kvHeads: Int, headDim: Int, rotaryDim: Int? = nil, ropeScale: Float = 1, qNorm: CUdeviceptr = 0,
                                kNorm: CUdeviceptr = 0, normOffset: Float = 0, eps: Float = 0, longRows: CUdeviceptr = 0,
-                               programmaticDependency: Bool = false, stream: CUDAStream? = nil) throws {
+                               stream: CUDAStream? = nil) throws {
         let rotary = rotaryDim ?? headDim
         try require(headDim <= 256 && headDim % 2 == 0 && rotary % 2 == 0 && rotary > 0 && rotary <= headDim && (qNorm == 0) == (kNorm == 0)
                         && capacity > 0 && (kcache == 0) == (vcache == 0),
@@ -136,7 +136,7 @@ extension CUDAContext {
         guard rows > 0 else { return }
         // A block per 4 heads of a row (rope_append_rows), so a single decode row spreads over several SMs.
         try device.launch(compiler.function(KernelSources.decodeBatched, "rope_append_rows"), grid: (rows, (heads + kvHeads + 3) / 4, 1),
-                          block: (128, 1, 1), stream: stream, programmaticDependency: programmaticDependency && usesProgrammaticDependency,
+                          block: (128, 1, 1), stream: stream,
                           [.pointer(qkv), .int(stride), .pointer(kcache), .pointer(vcache), .pointer(slots), .pointer(positions),
                            .pointer(inverseFrequencies), .int(rows), .int(capacity), .int(heads), .int(kvHeads), .int(headDim),
                            .int(rotary), .float(ropeScale), .pointer(qNorm), .pointer(kNorm), .float(normOffset), .float(eps),

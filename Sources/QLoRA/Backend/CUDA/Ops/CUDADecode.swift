@@ -2,8 +2,8 @@
 import Glibc
 #endif
 
-// Launchers for Kernels/decode.cu: the fused NF4 GEMVs (rows, split-K, tensor cores, streaming), the bf16 GEMV, RoPE + KV-cache append for one token and
-// attention over the KV cache. They take raw device addresses, since generation works on rows inside larger
+// Launchers for Kernels/decode.cu: the fused NF4 GEMVs (rows, split-K, tensor cores, and the tensor-core one with its input op
+// and LoRA A product in the same launch), the bf16 GEMV and attention over the KV cache. They take raw device addresses, since generation works on rows inside larger
 // buffers (the KV cache, the fused q|k|v row); the shape checks are the caller's (CUDAInference).
 
 /// One matrix of an `nf4Gemv` launch (mirrors `struct Nf4GemvTask` in decode.cu): out = W x (+ s B xa) (+ residual).
@@ -103,30 +103,41 @@ extension CUDAContext {
                            .int(nestedBlocksize.trailingZeroBitCount)])
     }
 
-    /// nf4_gemv_stream: nf4GemvMMA's product and tasks (`NF4GemvTask.encode(tasks)`: `tiles` is its block count) on a
-    /// persistent grid of at most `blocksPerSM` blocks per SM that prefetches each 16-row tile into L2 before reading
-    /// it; where the kernels are built for Hopper (sm_90+) and the driver has cuLaunchKernelEx, launched with
-    /// programmatic stream serialization, so its prologue overlaps the previous kernel (decode.cu). Only where
-    /// `nf4GemvMMASupported` says so. `blocks` overrides the grid (the check runs many tiles per block with it).
-    public func nf4GemvStream(tasks: CUdeviceptr, taskCount: Int, tiles: Int, x: CUdeviceptr, cols: Int, blocksize: Int = 64,
-                              nestedBlocksize: Int = 256, blocksPerSM: Int = 3, blocks: Int? = nil, stream: CUDAStream? = nil) throws {
-        try require(nf4GemvMMASupported(cols: cols, blocksize: blocksize) && nestedBlocksize.nonzeroBitCount == 1
-                        && taskCount >= 1 && taskCount <= 8 && (1...3).contains(blocksPerSM) && (blocks ?? 1) >= 1, "nf4GemvStream",
-                    "cols \(cols) must be a multiple of 64, blocksize \(blocksize) a power of two of at least 64, nested blocksize \(nestedBlocksize) a power of two, 1...8 tasks (got \(taskCount)), 1...3 blocks per SM (got \(blocksPerSM)), a positive grid (got \(blocks ?? 1)), and bf16 needs sm_80 or newer")
-        let f = try compiler.function(KernelSources.decode, "nf4_gemv_stream")
-        let shared = Self.nf4GemvMMASharedBytes
-        try allowSharedMemory(f, bytes: shared, "nf4GemvStream")
-        try device.launch(f, grid: (min(tiles, blocks ?? blocksPerSM * device.multiprocessorCount), 1, 1), block: (256, 1, 1),
-                          sharedMemory: shared, stream: stream, programmaticDependency: usesProgrammaticDependency,
-                          [.pointer(tasks), .int(taskCount), .pointer(x), .int(cols), .int(blocksize.trailingZeroBitCount),
-                           .int(nestedBlocksize.trailingZeroBitCount), .int(tiles)])
+    /// nf4_gemv_fused: a projection group of a decode step in one launch. Every block makes the GEMV's input from x
+    /// (mode 0 in = x, 1 in = RMSNorm(x)·(normWeight + normOffset), 2 in = act(x)·x2, as `loraARows`); the first
+    /// ⌈loraRows / 8⌉ blocks compute the group's stacked LoRA A rows (xa[j] = A[j, :] · in, fp32, into `xa`, where the
+    /// tasks' xa point), the others nf4GemvMMA's product over the tasks (`NF4GemvTask.encode(tasks)`: `tiles` is its
+    /// block count), whose epilogue waits for xa. `sync` is two Int32 counters that are zero before the launch and zero
+    /// after it (the last block resets them); unused when loraRows is 0. Only where `nf4GemvFusedSupported` says so.
+    public func nf4GemvFused(tasks: CUdeviceptr, taskCount: Int, tiles: Int, x: CUdeviceptr, x2: CUdeviceptr = 0,
+                             normWeight: CUdeviceptr = 0, mode: Int, eps: Float = 0, normOffset: Float = 0,
+                             activation: MLPActivation = .silu, loraA: CUdeviceptr = 0, loraRows: Int = 0, xa: CUdeviceptr = 0,
+                             sync: CUdeviceptr = 0, cols: Int, blocksize: Int = 64, nestedBlocksize: Int = 256,
+                             stream: CUDAStream? = nil) throws {
+        try require(nf4GemvFusedSupported(cols: cols, blocksize: blocksize) && nestedBlocksize.nonzeroBitCount == 1
+                        && taskCount >= 1 && taskCount <= 8 && tiles >= 1 && (0...2).contains(mode) && (mode != 1 || normWeight != 0)
+                        && (mode != 2 || x2 != 0) && loraRows >= 0 && (loraRows == 0 || (loraA != 0 && xa != 0 && sync != 0)),
+                    "nf4GemvFused",
+                    "cols \(cols) must be a multiple of 64 whose input fits shared memory, blocksize \(blocksize) a power of two of at least 64, nested blocksize \(nestedBlocksize) a power of two, 1...8 tasks (got \(taskCount)), mode 0...2 (got \(mode)) with its norm weight or second input, LoRA rows \(loraRows) with A, xa and the counters, and bf16 needs sm_80 or newer")
+        let f = try compiler.function(KernelSources.decode, "nf4_gemv_fused")
+        let shared = Self.nf4GemvFusedSharedBytes(cols: cols)
+        // The limit raised to the card's maximum, not to this launch's size: one decode graph launches this kernel with
+        // several sizes (cols differ by group), and a limit lowered after a larger node was recorded must not apply to it.
+        try allowSharedMemory(f, bytes: compiler.maxSharedMemoryPerBlock, "nf4GemvFused")
+        let loraBlocks = (loraRows + 7) / 8  // a warp per row, 8 warps a block
+        try device.launch(f, grid: (loraBlocks + tiles, 1, 1), block: (256, 1, 1), sharedMemory: shared, stream: stream,
+                          [.pointer(tasks), .int(taskCount), .pointer(x), .pointer(x2), .pointer(normWeight), .int(mode), .float(eps),
+                           .float(normOffset), .int(activation.kernelCode), .pointer(loraA), .int(loraRows), .pointer(xa),
+                           .int(loraBlocks), .pointer(sync), .int(cols), .int(blocksize.trailingZeroBitCount),
+                           .int(nestedBlocksize.trailingZeroBitCount)])
     }
 
-    /// Whether kernels that wait with griddepcontrol.wait are launched with programmatic stream serialization: the wait
-    /// is compiled only for sm_90 and newer (decode.cu), and the driver must have cuLaunchKernelEx. QLORA_NO_PDL=1
-    /// turns it off (to measure what it gives).
-    var usesProgrammaticDependency: Bool {
-        compiler.target.major >= 9 && device.supportsProgrammaticDependency && getenv("QLORA_NO_PDL").map { String(cString: $0) } != "1"
+    /// nf4_gemv_fused's shared memory: nf4_gemv_mma's, 64 floats of reduction scratch, the input (cols h16 values).
+    static func nf4GemvFusedSharedBytes(cols: Int) -> Int { nf4GemvMMASharedBytes + 64 * 4 + cols * 2 }
+
+    /// Whether nf4_gemv_fused runs this shape here: where nf4_gemv_mma does and its input fits shared memory too.
+    public func nf4GemvFusedSupported(cols: Int, blocksize: Int) -> Bool {
+        nf4GemvMMASupported(cols: cols, blocksize: blocksize) && Self.nf4GemvFusedSharedBytes(cols: cols) <= compiler.maxSharedMemoryPerBlock
     }
 
     /// GEMV_MMA_SHARED in decode.cu: the replicated pair table (64 KiB), the absmax code map, the pairs, 8 × 16 partial sums.
@@ -154,11 +165,10 @@ extension CUDAContext {
     /// layer's ring of its window's rows; nil: `maxKeys`, the cache holds every position). `start` is read from
     /// `startPointer` (Int32) when that is not 0. `maxKeys` bounds start + tokens (it sizes shared memory). D is 32, 64,
     /// 96, 128 or 256. Scores are q·k · scale (default D^-½), soft-capped c·tanh(s / c) when softcap > 0.
-    /// `programmaticDependency`: launched as a dependent of the kernel before it (see `loraARows`).
     public func attentionCached(q: CUdeviceptr, qStride: Int, kcache: CUdeviceptr, vcache: CUdeviceptr, out: CUdeviceptr,
                                 startPointer: CUdeviceptr, start: Int, tokens: Int, heads: Int, kvHeads: Int, headDim: Int,
                                 maxKeys: Int, scale: Float? = nil, softcap: Float = 0, window: Int = 0, ring: Int? = nil,
-                                programmaticDependency: Bool = false, stream: CUDAStream? = nil) throws {
+                                stream: CUDAStream? = nil) throws {
         let ring = ring ?? maxKeys
         try require(Self.decodeHeadDims.contains(headDim) && kvHeads > 0 && heads % kvHeads == 0 && window >= 0
                         && ring > 0 && (ring >= maxKeys || (window > 0 && ring >= window)), "attentionCached",
@@ -167,7 +177,6 @@ extension CUDAContext {
         let shared = (9 * headDim + 64 + maxKeys) * 4
         try allowSharedMemory(f, bytes: shared, "attentionCached")
         try device.launch(f, grid: (tokens, heads, 1), block: (256, 1, 1), sharedMemory: shared, stream: stream,
-                          programmaticDependency: programmaticDependency && usesProgrammaticDependency,
                           [.pointer(q), .int(qStride), .pointer(kcache), .pointer(vcache), .pointer(out), .pointer(startPointer),
                            .int(start), .int(heads), .int(kvHeads), .float(scale ?? 1 / Float(headDim).squareRoot()), .float(softcap),
                            .int(window), .int(ring)])
@@ -178,16 +187,15 @@ extension CUDAContext {
 
     /// The LoRA A rows of a group (xa[b] = A[b, :] · in, fp32) with their input made in the same launch:
     /// mode 0 in = x, 1 in = RMSNorm(x)·(normWeight + normOffset), 2 in = act(x)·x2. `inOut` (when not 0) receives `in`
-    /// (bf16). rows may be 0 (then only `in` is written). `programmaticDependency`: launched as a dependent of the kernel
-    /// before it (it waits for that one before reading anything), where `usesProgrammaticDependency`.
+    /// (bf16). rows may be 0 (then only `in` is written).
     public func loraARows(a: CUdeviceptr, x: CUdeviceptr, x2: CUdeviceptr = 0, normWeight: CUdeviceptr = 0, inOut: CUdeviceptr,
                           xa: CUdeviceptr, rows: Int, cols: Int, mode: Int, eps: Float = 0, normOffset: Float = 0,
-                          activation: MLPActivation = .silu, programmaticDependency: Bool = false, stream: CUDAStream? = nil) throws {
+                          activation: MLPActivation = .silu, stream: CUDAStream? = nil) throws {
         try require(cols % 8 == 0 && (0...2).contains(mode), "loraARows", "cols \(cols) must be a multiple of 8, mode 0...2")
         // About 2 groups of 8 values per thread: each thread's loads then all go out at once (see lora_a_rows).
         let threads = min(1024, max(32, ((cols / 8 + 1) / 2 + 31) / 32 * 32))
         try device.launch(compiler.function(KernelSources.decode, "lora_a_rows"), grid: (max(rows, 1), 1, 1), block: (threads, 1, 1),
-                          stream: stream, programmaticDependency: programmaticDependency && usesProgrammaticDependency,
+                          stream: stream,
                           [.pointer(a), .pointer(x), .pointer(x2), .pointer(normWeight), .pointer(inOut), .pointer(xa), .int(rows),
                            .int(cols), .int(mode), .float(eps), .float(normOffset), .int(activation.kernelCode)])
     }

@@ -10,7 +10,7 @@
 // (`loraDropoutScratchCount` floats), so a run has the same bits every time. Hashing the mask is most of what these
 // kernels cost, so it can be hashed once a step: the forward's xa writes it as bits (`loraDropoutMaskBytes`: one bit
 // per element) and dA and dx read them; or, when the bits cannot be kept until the backward, dA hashes it again and
-// writes the bits for dx.
+// writes the bits for dx. x's rows may be `xStride` ≥ in apart (the trainer's folded LoRA: x·Aᵀ after each row).
 
 /// The LoRA dropout of one linear in one step: the mask's seed (`DropoutMask.linearSeed`) and keep = 1 − p (fp32).
 public struct LoRADropoutMask {
@@ -57,15 +57,18 @@ extension CUDAContext {
     /// xa [tokens, rank] = d(x)·Aᵀ for x [tokens, inFeatures] and A [rank, inFeatures] (h16 each); writes the mask into
     /// `maskBits` (`loraDropoutMaskBytes`) when given, for `loraDropoutGradA` and `loraDropoutAddDX`.
     public func loraDropoutXA(x: CUdeviceptr, a: CUdeviceptr, into xa: CUdeviceptr, tokens: Int, inFeatures: Int, rank: Int,
-                              mask: LoRADropoutMask, maskBits: DeviceBuffer<UInt8>? = nil, stream: CUDAStream? = nil) throws {
+                              mask: LoRADropoutMask, maskBits: DeviceBuffer<UInt8>? = nil, xStride: Int? = nil,
+                              stream: CUDAStream? = nil) throws {
         try checkLoRADropout("loraDropoutXA", tokens: tokens, inFeatures: inFeatures, rank: rank, mask: mask)
+        let ldx = xStride ?? inFeatures
+        try require(ldx >= inFeatures, "loraDropoutXA", "x's row stride \(ldx) is shorter than its \(inFeatures) columns")
         try checkMaskBits("loraDropoutXA", maskBits, tokens: tokens, inFeatures: inFeatures)
         // Ranks per block: 16, 32 or 64 (the kernel's NT = 2, 4, 8 mma tiles of 8); larger ranks in chunks of 64.
         let tile = rank <= 16 ? 16 : rank <= 32 ? 32 : 64
         try device.launch(compiler.function(KernelSources.loraDropout, "lora_dropout_xa_r\(tile)"),
                           grid: ((tokens + 15) / 16, (rank + tile - 1) / tile, 1), block: (256, 1, 1), stream: stream,
                           [.pointer(x), .pointer(a), .pointer(xa), .pointer(maskBits?.pointer ?? 0), .int(tokens), .int(inFeatures),
-                           .int(rank), .int64(Int64(bitPattern: mask.seed)), .float(mask.keep)])
+                           .int(rank), .int64(Int64(bitPattern: mask.seed)), .float(mask.keep), .int64(Int64(ldx))])
     }
 
     /// dA [rank, inFeatures] (fp32) += scale·dyBᵀ·d(x), through `scratch` (`loraDropoutScratchCount` floats). The mask:
@@ -73,8 +76,10 @@ extension CUDAContext {
     /// into `maskBits` (`loraDropoutMaskBytes`) when given, for `loraDropoutAddDX`.
     public func loraDropoutGradA(x: CUdeviceptr, dyB: CUdeviceptr, into dA: CUdeviceptr, scratch: DeviceBuffer<Float>, tokens: Int,
                                  inFeatures: Int, rank: Int, scale: Float, mask: LoRADropoutMask, maskBits: DeviceBuffer<UInt8>? = nil,
-                                 storedMaskBits: DeviceBuffer<UInt8>? = nil, stream: CUDAStream? = nil) throws {
+                                 storedMaskBits: DeviceBuffer<UInt8>? = nil, xStride: Int? = nil, stream: CUDAStream? = nil) throws {
         try checkLoRADropout("loraDropoutGradA", tokens: tokens, inFeatures: inFeatures, rank: rank, mask: mask)
+        let ldx = xStride ?? inFeatures
+        try require(ldx >= inFeatures, "loraDropoutGradA", "x's row stride \(ldx) is shorter than its \(inFeatures) columns")
         try require(maskBits == nil || storedMaskBits == nil, "loraDropoutGradA", "mask bits to write and to read: give one of them")
         try checkMaskBits("loraDropoutGradA", maskBits, tokens: tokens, inFeatures: inFeatures)
         try checkMaskBits("loraDropoutGradA", storedMaskBits, tokens: tokens, inFeatures: inFeatures)
@@ -86,7 +91,7 @@ extension CUDAContext {
                           grid: ((inFeatures + 255) / 256, splits, (rank + tile - 1) / tile), block: (128, 1, 1), stream: stream,
                           [.pointer(x), .pointer(dyB), scratch.arg, .pointer(storedMaskBits?.pointer ?? 0), .pointer(maskBits?.pointer ?? 0),
                            .int(tokens), .int(inFeatures), .int(rank), .int(splits),
-                           .int64(Int64(bitPattern: mask.seed)), .float(mask.keep)])
+                           .int64(Int64(bitPattern: mask.seed)), .float(mask.keep), .int64(Int64(ldx))])
         let count = rank * inFeatures
         try device.launch(compiler.function(KernelSources.loraDropout, "lora_dropout_da_finish"), grid: (gridSize(items: count), 1, 1),
                           block: (256, 1, 1), stream: stream,

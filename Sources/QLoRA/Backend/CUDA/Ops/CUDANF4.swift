@@ -13,7 +13,8 @@ public enum NF4Scales {
 }
 
 /// One double-quantized NF4 tensor of a `nf4DequantizeTiles` launch: its codes and scales (NF4Scales.doubleQuant),
-/// and where its `count` h16 values go (`out` from element `outOffset`).
+/// and where its `count` h16 values go (`out` from element `outOffset`): densely, or, with `rowStride`, as rows of
+/// `columns` values `rowStride` apart (the trainer's folded LoRA writes s·B into the columns past `columns`).
 public struct NF4DequantizeTask {
     public var packed: DeviceBuffer<UInt8>
     public var quantized: DeviceBuffer<UInt8>
@@ -25,9 +26,13 @@ public struct NF4DequantizeTask {
     public var count: Int
     public var out: DeviceBuffer<UInt16>
     public var outOffset: Int
+    /// Rows of `columns` values `rowStride` apart in `out` (nil: dense).
+    public var rowStride: (columns: Int, stride: Int)?
 
     public init(packed: DeviceBuffer<UInt8>, quantized: DeviceBuffer<UInt8>, code: DeviceBuffer<Float>, nestedAbsmax: DeviceBuffer<Float>,
-                offset: Float, blocksize: Int = 64, nestedBlocksize: Int = 256, count: Int, out: DeviceBuffer<UInt16>, outOffset: Int = 0) {
+                offset: Float, blocksize: Int = 64, nestedBlocksize: Int = 256, count: Int, out: DeviceBuffer<UInt16>, outOffset: Int = 0,
+                rowStride: (columns: Int, stride: Int)? = nil) {
+        self.rowStride = rowStride
         self.packed = packed
         self.quantized = quantized
         self.code = code
@@ -68,8 +73,13 @@ extension CUDAContext {
                         "tensor \(i) has blocksizes \(t.blocksize)/\(t.nestedBlocksize), tensor 0 \(blocksize)/\(nestedBlocksize): one launch takes one pair")
             try require(t.count >= 0 && t.outOffset >= 0, op, "tensor \(i): negative count \(t.count) or output offset \(t.outOffset)")
             try require(t.packed.count >= (t.count + 1) / 2, op, "tensor \(i): packed holds \(t.packed.count) bytes, \(t.count) values need \((t.count + 1) / 2)")
-            try require(t.out.count >= t.outOffset + t.count, op,
-                        "tensor \(i): output holds \(t.out.count) values, \(t.count) from element \(t.outOffset) need \(t.outOffset + t.count)")
+            // Rows of `columns` values `stride` apart: the last row ends at (rows − 1)·stride + columns.
+            let (columns, stride) = t.rowStride ?? (max(t.count, 1), max(t.count, 1))
+            try require(columns > 0 && stride >= columns && t.count % columns == 0 && columns <= Int(Int32.max), op,
+                        "tensor \(i): \(t.count) values do not make rows of \(columns) values \(stride) apart")
+            let extent = t.count == 0 ? 0 : (t.count / columns - 1) * stride + columns
+            try require(t.out.count >= t.outOffset + extent, op,
+                        "tensor \(i): output holds \(t.out.count) values, \(t.count) from element \(t.outOffset) need \(t.outOffset + extent)")
             try require(t.quantized.count >= blocks, op, "tensor \(i): quantized absmax holds \(t.quantized.count) codes, \(blocks) needed")
             try require(t.code.count == 256, op, "tensor \(i): the absmax code map must have 256 entries, not \(t.code.count)")
             try require(t.nestedAbsmax.count >= (blocks + nestedBlocksize - 1) / nestedBlocksize, op,
@@ -78,14 +88,14 @@ extension CUDAContext {
             let tiles = (t.count + Self.nf4TileElements - 1) / Self.nf4TileElements
             ctas += (tiles + Self.nf4TileWarps - 1) / Self.nf4TileWarps
             arguments += [t.packed.arg, t.quantized.arg, t.code.arg, t.nestedAbsmax.arg, .float(t.offset), .pointer(t.out.address(at: t.outOffset)),
-                          .int64(Int64(t.count))]
+                          .int64(Int64(t.count)), .int(columns), .int64(Int64(stride))]
         }
         try require(ctas < Int(Int32.max), op, "\(ctas) thread blocks exceed the grid")
         guard ctas > 0 else { return }
         // Absent tensors: count 0 and no thread blocks (their pointers are never read).
         for _ in tasks.count..<3 {
             ctaStarts.append(ctas)
-            arguments += [.pointer(0), .pointer(0), .pointer(0), .pointer(0), .float(0), .pointer(0), .int64(0)]
+            arguments += [.pointer(0), .pointer(0), .pointer(0), .pointer(0), .float(0), .pointer(0), .int64(0), .int(1), .int64(1)]
         }
         arguments += [.int(ctaStarts[1]), .int(ctaStarts[2]), .int(blocksize.trailingZeroBitCount), .int(nestedBlocksize.trailingZeroBitCount)]
         try device.launch(compiler.function(KernelSources.nf4, "nf4_dequantize_double_quant_tiles"), grid: (ctas, 1, 1),

@@ -5,11 +5,15 @@ extension CUDAContext {
     /// y = RMSNorm(x) · (weight + weightOffset) for `rows` rows of `dim` values (the rounding of rmsnorm.cu: HF
     /// LlamaRMSNorm's when the offset is 0, one rounding otherwise, as Gemma's norm). With `residual`,
     /// y = h16(residual + h16(norm)); `y` may be `residual` itself. Rows as short as a head (q/k norms over
-    /// rows = tokens · heads) take a warp each.
+    /// rows = tokens · heads) take a warp each. `outputStride`: y's rows that far apart (≥ dim; no residual then),
+    /// as the trainer's folded LoRA reads them (x·Aᵀ in the columns past dim).
     public func rmsNormForward(x: DeviceBuffer<UInt16>, weight: DeviceBuffer<UInt16>, into y: DeviceBuffer<UInt16>,
                                rows: Int, dim: Int, eps: Float, weightOffset: Float = 0, residual: DeviceBuffer<UInt16>? = nil,
-                               stream: CUDAStream? = nil) throws {
-        try require(x.count >= rows * dim && y.count >= rows * dim && weight.count >= dim
+                               outputStride: Int? = nil, stream: CUDAStream? = nil) throws {
+        let stride = outputStride ?? dim
+        try require(stride >= dim && (stride == dim || residual == nil), "rmsNormForward",
+                    "output stride \(stride) for rows of \(dim)\(residual == nil ? "" : " with a residual")")
+        try require(x.count >= rows * dim && y.count >= (rows - 1) * stride + dim && weight.count >= dim
                         && (residual?.count ?? Int.max) >= rows * dim, "rmsNormForward",
                     "buffers too small for \(rows) x \(dim)")
         guard rows > 0 else { return }
@@ -17,7 +21,7 @@ extension CUDAContext {
         try device.launch(compiler.function(KernelSources.rmsnorm, "rmsnorm_forward_rows"), grid: (grid, 1, 1),
                           block: (block, 1, 1), stream: stream,
                           [x.arg, weight.arg, .pointer(residual?.pointer ?? 0), y.arg, .int(rows), .int(dim), .float(eps),
-                           .float(weightOffset), .int(warpRows ? 1 : 0)])
+                           .float(weightOffset), .int(warpRows ? 1 : 0), .int64(Int64(stride))])
     }
 
     /// dx (= or += when `accumulate`) the gradient of RMSNorm (with weight + weightOffset) wrt its input, given dy.

@@ -2,15 +2,22 @@
 // (act = silu) and GeGLU (act = gelu with the tanh approximation).
 
 extension CUDAContext {
-    /// h = act(gate) · up over `count` values; `h` may be `gate`.
+    /// h = act(gate) · up over `count` values; `h` may be `gate` (when dense). `outputRows`: h as rows of `columns`
+    /// values `stride` apart (gate and up stay dense), as the trainer's folded LoRA reads down_proj's input.
     public func gatedActivationForward(_ activation: MLPActivation, gate: DeviceBuffer<UInt16>, up: DeviceBuffer<UInt16>,
-                                       into h: DeviceBuffer<UInt16>, count: Int, stream: CUDAStream? = nil) throws {
-        try require(gate.count >= count && up.count >= count && h.count >= count, "gatedActivationForward",
-                    "buffers shorter than \(count)")
+                                       into h: DeviceBuffer<UInt16>, count: Int, outputRows: (columns: Int, stride: Int)? = nil,
+                                       stream: CUDAStream? = nil) throws {
+        let (columns, stride) = outputRows ?? (max(count, 1), max(count, 1))
+        try require(columns > 0 && stride >= columns && count % columns == 0 && columns <= Int(Int32.max)
+                        && (stride == columns || h.pointer != gate.pointer), "gatedActivationForward",
+                    "\(count) values do not make rows of \(columns) values \(stride) apart (strided only out of place)")
+        let extent = count == 0 ? 0 : (count / columns - 1) * stride + columns
+        try require(gate.count >= count && up.count >= count && h.count >= extent, "gatedActivationForward",
+                    "buffers shorter than \(count) (h: \(extent))")
         guard count > 0 else { return }
         try device.launch(compiler.function(KernelSources.swiglu, Self.gatedKernel(activation, "forward")),
                           grid: (gridSize(items: (count + 7) / 8), 1, 1), block: (256, 1, 1), stream: stream,
-                          [gate.arg, up.arg, h.arg, .int64(Int64(count))])
+                          [gate.arg, up.arg, h.arg, .int64(Int64(count)), .int(columns), .int64(Int64(stride))])
     }
 
     /// dgate and dup from dh; dgate may be `gate` and dup may be `up` (in place).

@@ -116,4 +116,18 @@ extension CUDAContext {
                           [.pointer(src), .int64(Int64(sourceStride)), .pointer(dst), .int64(Int64(destinationStride)),
                            .int64(Int64(rows)), .int64(Int64(columns))])
     }
+
+    /// The folded LoRA's tail of a weight scratch (training.cu's lora_fold_tail): columns in … in+width−1 of each of
+    /// `out` rows `ld` apart get h16(scale·B) at tail columns first … first+r−1 (B [out, r] fp32) and zeros elsewhere.
+    public func loraFoldTail(b: CUdeviceptr, scale: Float, into w: CUdeviceptr, out: Int, in inFeatures: Int, ld: Int, width: Int,
+                             first: Int, rank: Int, stream: CUDAStream? = nil) throws {
+        try require(out >= 0 && inFeatures >= 0 && width >= 0 && first >= 0 && rank >= 0 && first + rank <= width && ld >= inFeatures + width
+                        && width <= Int(Int32.max) && inFeatures <= Int(Int32.max), "loraFoldTail",
+                    "tail of \(width) columns (rank \(rank) from \(first)) past \(inFeatures) in rows \(ld) apart")
+        guard out > 0, width > 0 else { return }
+        try device.launch(compiler.function(KernelSources.training, "lora_fold_tail"), grid: (gridSize(items: out * width), 1, 1),
+                          block: (256, 1, 1), stream: stream,
+                          [.pointer(b), .float(scale), .pointer(w), .int(out), .int(inFeatures), .int64(Int64(ld)), .int(width),
+                           .int(first), .int(rank)])
+    }
 }

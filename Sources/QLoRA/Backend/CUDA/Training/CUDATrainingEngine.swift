@@ -48,7 +48,8 @@ public final class CUDATrainingEngine: TrainingEngine {
                 sharding: NCCLCollective? = nil) throws {
         self.context = context
         self.model = model
-        trainer = try CUDADecoderTrainer(context: context, model: model, capacityTokens: capacityTokens, sharding: sharding)
+        // The optimizer keeps its own state (a paged kind in pinned host memory): the trainer allocates no moments.
+        trainer = try CUDADecoderTrainer(context: context, model: model, capacityTokens: capacityTokens, sharding: sharding, optimizer: kind)
         trainer.deterministic = deterministic
         optimizer = try CUDAOptimizer(context: context, kind: kind, hyperparameters)
         if context.computeDType == .fp16 { lossScaler = GradScaler(initialScale: try initialLossScale ?? Self.initialLossScale()) }

@@ -106,13 +106,22 @@ extension CUDAContext {
     /// tiles kernel takes their block sizes (a block's q, k, v; gate, up): the same bits as one
     /// `dequantize(_:into:)` each.
     public func dequantize(_ jobs: [(weight: CUDANF4Weight, out: DeviceBuffer<UInt16>)], stream: CUDAStream? = nil) throws {
+        try dequantize(jobs.map { ($0.weight, $0.out, nil) }, stream: stream)
+    }
+
+    /// As `dequantize(_:stream:)`, each weight's rows `rowStride` apart in its output when given (the trainer's folded
+    /// LoRA; only the tiles kernel takes a stride: a weight whose block sizes it does not take is refused).
+    public func dequantize(_ jobs: [(weight: CUDANF4Weight, out: DeviceBuffer<UInt16>, rowStride: Int?)], stream: CUDAStream? = nil) throws {
         var pending: [NF4DequantizeTask] = []
         func flush() throws {
             if !pending.isEmpty { try nf4DequantizeTiles(pending, stream: stream) }
             pending = []
         }
-        for (w, out) in jobs {
+        for (w, out, rowStride) in jobs {
             guard Self.nf4TilesTake(blocksize: w.blocksize, nestedBlocksize: w.nestedBlocksize) else {
+                if let rowStride, rowStride != w.columns {
+                    throw CUDAError(call: "dequantize", "a row stride needs block sizes the tiles kernel takes, not \(w.blocksize)/\(w.nestedBlocksize)")
+                }
                 try dequantize(w, into: out, stream: stream)
                 continue
             }
@@ -121,7 +130,7 @@ extension CUDAContext {
             }
             pending.append(NF4DequantizeTask(packed: w.packed, quantized: w.absmaxCodes, code: w.code, nestedAbsmax: w.nestedAbsmax,
                                              offset: w.offset, blocksize: w.blocksize, nestedBlocksize: w.nestedBlocksize, count: w.count,
-                                             out: out))
+                                             out: out, rowStride: rowStride.map { (w.columns, $0) }))
         }
         try flush()
     }

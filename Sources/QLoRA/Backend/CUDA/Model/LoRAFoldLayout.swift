@@ -1,0 +1,78 @@
+// Folded LoRA (issue 11): a linear's rank-r product folded into its base GEMM by concatenating along K,
+//   y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ = [x | x·Aᵀ]·[W | s·B]ᵀ,
+// so y is written once instead of written by the base GEMM and then read and written again by the rank-r one
+// (β = 1). The input buffer that holds x gets rows of in + R values: x in the first `in` columns, the x·Aᵀ of the
+// linears that read x side by side after it (q, k, v read norm1; gate, up read norm2; down reads the activation;
+// Phi-3: qkv; gate_up; down), R the sum of their ranks. Linear j's weight scratch holds W with rows in + t_j + r_j
+// apart and, in the columns past `in`, zeros under the x·Aᵀ of the linears before it and its own s·B (fp32 master ×
+// s, rounded once) under its x·Aᵀ; its product reads the first in + t_j + r_j columns of the input (K grows by
+// t_j + r_j: q, k, v at rank 16 of the 8B shape: (16 + 32 + 48)/3/4096 ≈ 0.8% more FLOPs). o_proj (its input is the
+// attention kernels' output) and linears without an adapter keep the plain product. The backward reads the same
+// buffers: x with its row stride for dA, x·Aᵀ in place for dB.
+//
+// Bytes saved per step (bf16, N tokens, per block): the rank-r GEMM re-read and re-wrote y (2 · 2N·out) for each
+// folded linear: 2 · 2N·(q + 2kv + 2I + H) per forward pass; two forward passes a step (the forward, the
+// recomputation, which skips down_proj's: 2N·(q + 2kv + 2I) more) — `scripts/count_step_work.py --fold`.
+
+/// Where one block's folded LoRA puts each x·Aᵀ (CUDADecoderTrainer with `CUDATrainerMemoryOptions.foldLoRA`).
+struct LoRAFoldLayout: Equatable {
+    /// The linears that read one input, in the order their x·Aᵀ sit after it: q, k, v; gate, up; down (Phi-3: qkv;
+    /// gate_up; down). o_proj is in none.
+    static func groups(_ c: DecoderConfig) -> [[Int]] {
+        c.fusedProjections ? [[0], [2], [3]] : [[0, 1, 2], [4, 5], [6]]
+    }
+
+    /// Per linear j: its x·Aᵀ's first column past `in` in its input (nil: not folded: o_proj, or no adapter).
+    let tailStart: [Int?]
+    /// Per linear j: its input's row stride (in + R of its group; `in` when not folded).
+    let inputStride: [Int]
+    /// Per group (`groups`): R, the x·Aᵀ columns past `in` of its input.
+    let groupColumns: [Int]
+
+    /// One block's layout for its linears' ranks (0: no adapter).
+    init(config c: DecoderConfig, ranks: [Int]) {
+        let shapes = CUDAMemoryPlan.linearShapes(c)
+        var tails = [Int?](repeating: nil, count: shapes.count)
+        var strides = shapes.map(\.in)
+        var columns: [Int] = []
+        for group in Self.groups(c) {
+            var r = 0
+            for j in group where j < ranks.count && ranks[j] > 0 {
+                tails[j] = r
+                r += ranks[j]
+            }
+            for j in group { strides[j] = shapes[j].in + r }
+            columns.append(r)
+        }
+        tailStart = tails
+        inputStride = strides
+        groupColumns = columns
+    }
+
+    /// K of linear j's folded product (its input's first columns): in + its tail's end; `in` when not folded.
+    func foldedK(_ j: Int, in inFeatures: Int, rank: Int) -> Int {
+        tailStart[j].map { inFeatures + $0 + rank } ?? inFeatures
+    }
+
+    /// Per group, the largest R over all blocks (what the trainer's input buffers are sized for).
+    static func widestColumns(_ c: DecoderConfig, ranks: [[Int]]) -> [Int] {
+        var widest = [Int](repeating: 0, count: groups(c).count)
+        for block in ranks {
+            for (g, r) in LoRAFoldLayout(config: c, ranks: block).groupColumns.enumerated() { widest[g] = max(widest[g], r) }
+        }
+        return widest
+    }
+
+    /// Per linear j, the largest folded K over all blocks (its weight scratch holds out × that).
+    static func widestK(_ c: DecoderConfig, ranks: [[Int]]) -> [Int] {
+        let shapes = CUDAMemoryPlan.linearShapes(c)
+        var widest = shapes.map(\.in)
+        for block in ranks {
+            let layout = LoRAFoldLayout(config: c, ranks: block)
+            for j in shapes.indices where j < block.count {
+                widest[j] = max(widest[j], layout.foldedK(j, in: shapes[j].in, rank: block[j]))
+            }
+        }
+        return widest
+    }
+}
