@@ -17,6 +17,7 @@
 #              shape at 2×2048 and 1×32,768 and the 1B at 4×2048 with QLORA_ATTENTION wgmma-forward / wgmma and
 #              --keep-attention off / on
 #   fold       the 8B and 1B shapes with --fold-lora off / on
+#   attnbench  the attention wgmma group's timings (forward and backward beside mma.sync) into $OUT/attn_bench.txt
 #   decode     bench-decode on the 8B shape (LoRA r16 unmerged, 128 tokens) with each GEMV in $GEMVS
 #   ab         the 8B and 1B benches with each value of $AB_FLAG in $AB_VALUES, twice, interleaved
 source "$(dirname "$0")/binaries.sh"
@@ -86,6 +87,10 @@ fold)
     step "--fold-lora $f ${a%:*}"
     $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 --fold-lora $f 2>/dev/null | tail -1
   done; done ;;
+attnbench)
+  step "attention wgmma timings"
+  $C --only "attention wgmma" > $OUT/attn_bench_full.txt 2>&1
+  grep -E "attention (forward|backward)|FAIL" $OUT/attn_bench_full.txt | tee $OUT/attn_bench.txt | head -20 ;;
 decode)
   for k in ${GEMVS:-rows mma fused}; do
     step "bench-decode 8B, r16 unmerged, --gemv $k"
