@@ -157,7 +157,7 @@ struct PlanCommand: ParsableCommand {
                         // Offloaded checkpoints (and a paged optimizer's state) wait in pinned host memory: the
                         // machine needs that much RAM too.
                         let host = CUDAMemoryPlan(config: config, tokens: longest, rank: rank, dropout: dropout, memory: memory,
-                                                  optimizer: optimizer).host
+                                                  optimizer: optimizer).fitting(budgetBytes: bytes).host
                         return "\(longest.formatted()) / \(widest)" + (offload ? " (host \(DeviceAllocator.formatGiB(host)))" : "")
                     }
                     print("| \(architecture.rawValue) | \(rank) | \(offload ? "host" : "GPU") | " + cells.joined(separator: " | ") + " |")

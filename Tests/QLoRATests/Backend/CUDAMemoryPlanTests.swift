@@ -140,6 +140,27 @@ final class CUDAMemoryPlanTests: XCTestCase {
         XCTAssertTrue(CUDATrainerMemoryOptions.automatic(for: c).keepAttentionOutputs, "on with offloaded checkpoints")
     }
 
+    /// The fitting rule drops the kept attention outputs last, only where the plan does not fit with them.
+    func testFittingDropsKeptAttentionOutputsWhereTheyDoNotFit() {
+        let c = Architecture.llama3_1_8b.config
+        let plan = CUDAMemoryPlan(config: c, tokens: 65_536, rank: 16)
+        XCTAssertTrue(plan.memory.keepAttentionOutputs)
+        var off = plan.memory
+        off.keepAttentionOutputs = false
+        let without = plan.replanned(memory: off)
+        var budget = 1 << 30
+        while !without.fits(budgetBytes: budget) { budget += 16 << 20 }
+        XCTAssertFalse(plan.fits(budgetBytes: budget), "the slot (512 MiB at 65,536 tokens) must not fit in 16 MiB")
+        let fitted = plan.fitting(budgetBytes: budget)
+        XCTAssertFalse(fitted.memory.keepAttentionOutputs)
+        XCTAssertEqual(fitted.total, without.total)
+        XCTAssertTrue(plan.fitting(budgetBytes: 80 << 30).memory.keepAttentionOutputs)
+        // Where the host would not hold the pinned copies (the trainer passes three quarters of the machine's RAM).
+        XCTAssertFalse(plan.fitting(budgetBytes: 80 << 30, hostBytes: without.host).memory.keepAttentionOutputs)
+        XCTAssertTrue(plan.fitting(budgetBytes: 80 << 30, hostBytes: plan.host).memory.keepAttentionOutputs)
+        XCTAssertGreaterThan(HostMemory.physicalBytes ?? 0, 1 << 30)
+    }
+
     /// A tied embedding stays on the GPU (the head reads it) whatever the options say; with no more checkpoints
     /// than slots nothing is offloaded, and the automatic choice leaves offloading off.
     func testTiedEmbeddingsAndShallowModelsStayOnTheGPU() {

@@ -347,11 +347,13 @@ public final class CUDADecoderTrainer {
         config = c
         capacityTokens = n
         let free = (try? ctx.availableBytes()) ?? Int.max
-        // Kept block weights, then kept dropout masks, only where they fit (the plan's one rule): else one weight's
-        // scratch, each product dequantizing its weight, and masks hashed again by the backward.
+        // Kept block weights, then kept dropout masks, then kept attention outputs, only where they fit (the plan's
+        // one rule; the attention outputs also only where three quarters of the machine's RAM holds the pinned host
+        // memory): else one weight's scratch, each product dequantizing its weight, masks hashed again by the
+        // backward, the attention forward recomputed.
         let plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory, shardedOver: sharding?.worldSize,
                                   optimizer: optimizer)
-            .fitting(budgetBytes: free, contextBytes: 0)
+            .fitting(budgetBytes: free, contextBytes: 0, hostBytes: HostMemory.physicalBytes.map { $0 / 4 * 3 })
         self.plan = plan
         self.memory = plan.memory
         if plan.total > free - (256 << 20) {

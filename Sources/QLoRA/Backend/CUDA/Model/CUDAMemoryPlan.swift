@@ -265,14 +265,23 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
 
     /// The one rule for the optional savers of time that cost memory: while the plan does not fit the budget, drop
     /// a block's kept dequantized weights first (0.30 GiB on the 8B shape, under 1% of tokens/s), then every block's
-    /// kept dropout masks (0.62 GiB there). The trainer, `qlora plan` and the searches all plan through it.
-    public func fitting(budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes) -> CUDAMemoryPlan {
+    /// kept dropout masks (0.62 GiB there), last the kept attention outputs (one [N, q] slot: 4–22% of tokens/s,
+    /// so a long sequence that fits only without it still trains). The trainer, `qlora plan` and the searches all
+    /// plan through it. `hostBytes` (the trainer: three quarters of the machine's RAM): the kept attention outputs,
+    /// which double the pinned host memory of offloaded checkpoints, are dropped too when the host would not hold them.
+    public func fitting(budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes, hostBytes: Int? = nil) -> CUDAMemoryPlan {
         var plan = self
         if plan.memory.keepBlockWeights && !plan.fits(budgetBytes: budgetBytes, contextBytes: contextBytes) {
             plan = plan.withoutBlockWeights()
         }
         if plan.request.dropout && plan.memory.keepDropoutMasks && !plan.fits(budgetBytes: budgetBytes, contextBytes: contextBytes) {
             plan = plan.withoutKeptDropoutMasks()
+        }
+        if plan.memory.keepAttentionOutputs
+            && (!plan.fits(budgetBytes: budgetBytes, contextBytes: contextBytes) || hostBytes.map { plan.host > $0 } == true) {
+            var options = plan.memory
+            options.keepAttentionOutputs = false
+            plan = plan.replanned(memory: options)
         }
         return plan
     }
