@@ -256,12 +256,7 @@ func checkDecodeGemvFused() throws {
                     check(name + ": task \(k + 1) (\(what))", relativeError(try downloadBF16(out), refs[k]), 1e-2)
                 }
                 if loraRows > 0 {
-                    var xaRef = [Float](repeating: 0, count: loraRows)
-                    for j in 0..<loraRows {
-                        var s = 0.0
-                        for i in 0..<cols { s += Double(stacked[j * cols + i]) * Double(input[i]) }
-                        xaRef[j] = Float(s)
-                    }
+                    let xaRef = referenceRowProducts(stacked, input, rows: loraRows, columns: cols)
                     check(name + ": xa", relativeError(Array(try xa.download()[0..<loraRows]), xaRef), 5e-3)
                     let counters = try sync.download()
                     checkTrue(name + ": counters back to zero", counters == [0, 0], "\(counters)")
@@ -292,12 +287,7 @@ func checkLoRAARows() throws {
             let name = "lora A rows, \(m.label), \(rows)x\(cols)"
             check(name + ": in", relativeError(try downloadBF16(inOut), inRef), 5e-3)
             if rows > 0 {
-                var xaRef = [Float](repeating: 0, count: rows)
-                for b in 0..<rows {
-                    var s = 0.0
-                    for i in 0..<cols { s += Double(a[b * cols + i]) * Double(inRef[i]) }
-                    xaRef[b] = Float(s)
-                }
+                let xaRef = referenceRowProducts(a, inRef, rows: rows, columns: cols)
                 check(name + ": xa", relativeError(Array(try xa.download()[0..<rows]), xaRef), 5e-3)
             }
         }
@@ -545,4 +535,13 @@ func checkAdamW8bit() throws {
     var worst32 = 0.0
     for (i, p) in p32.enumerated() { worst32 = max(worst32, relativeError(try slots32[i].values.download(), p.values)) }
     check("paged adamw32bit 3 steps: parameters vs CPU", worst32, 1e-6)
+}
+
+/// The CPU twin of the LoRA A rows: row j of `matrix` [rows, columns] dotted with `x`, summed in Double.
+func referenceRowProducts(_ matrix: [Float], _ x: [Float], rows: Int, columns: Int) -> [Float] {
+    (0..<rows).map { j in
+        var s = 0.0
+        for i in 0..<columns { s += Double(matrix[j * columns + i]) * Double(x[i]) }
+        return Float(s)
+    }
 }

@@ -8,3 +8,16 @@ done
 Q=$DIR/qlora; C=$DIR/qlora-gpu-check
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 step() { echo; echo "### $*"; }
+# The GPU check without benchmarks into $OUT/check.txt: its failures and summary.
+gpu_check() {
+  step "qlora-gpu-check --no-bench"
+  (time $C --no-bench) > $OUT/check.txt 2>&1
+  grep -E "FAIL|rror" $OUT/check.txt | head -60; grep -E "passed, " $OUT/check.txt; tail -3 $OUT/check.txt
+}
+# fp16, then compute_86 PTX, of the groups in $GROUPS (comma-separated).
+gpu_check_changed() {
+  step "fp16: $GROUPS"
+  $C --no-bench --compute-dtype fp16 --only "$GROUPS" > $OUT/fp16.txt 2>&1; grep -E "FAIL|passed, " $OUT/fp16.txt | head -30
+  step "compute_86 (bf16): $GROUPS"
+  $C --no-bench --arch compute_86 --only "$GROUPS" > $OUT/c86.txt 2>&1; grep -E "FAIL|passed, " $OUT/c86.txt | head -30
+}

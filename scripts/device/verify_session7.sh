@@ -16,15 +16,8 @@ source "$(dirname "$0")/binaries.sh"
 four() { for a in smollm2-135m:4 llama-3.2-1b:4 llama-2-7b:2 llama-3.1-8b:2; do
   $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 --warmup 2 2>/dev/null | tail -1; done; }
 case $PART in
-check)
-  step "qlora-gpu-check --no-bench"
-  (time $C --no-bench) > $OUT/check.txt 2>&1
-  grep -E "FAIL|rror" $OUT/check.txt | head -60; grep -E "passed, " $OUT/check.txt; tail -3 $OUT/check.txt ;;
-changed)
-  step "fp16: $GROUPS"
-  $C --no-bench --compute-dtype fp16 --only "$GROUPS" > $OUT/fp16.txt 2>&1; grep -E "FAIL|passed, " $OUT/fp16.txt | head -30
-  step "compute_86 (bf16): $GROUPS"
-  $C --no-bench --arch compute_86 --only "$GROUPS" > $OUT/c86.txt 2>&1; grep -E "FAIL|passed, " $OUT/c86.txt | head -30 ;;
+check) gpu_check ;;
+changed) gpu_check_changed ;;
 bench)
   step "benchmarks"
   $C --only benchmarks > $OUT/bench.txt 2>&1; grep -vE "^PASS" $OUT/bench.txt | tail -100 ;;
