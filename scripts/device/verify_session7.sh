@@ -5,7 +5,8 @@
 #   check      qlora-gpu-check --no-bench, bf16 on the card's own target
 #   changed    fp16 and compute_86 of the groups in $GROUPS (comma-separated names the helpers' branches added or changed)
 #   bench      qlora-gpu-check --only benchmarks (the kernels' microbenchmarks, old beside new)
-#   decode     bench-decode on the 8B shape (LoRA r16 unmerged, 128 tokens) with each GEMV in $GEMVS, stream without PDL
+#   decode     bench-decode on the 8B shape (LoRA r16 unmerged, 128 tokens) with each GEMV in $GEMVS (session 7 also ran
+#              `--gemv stream` with and without PDL: both removed in session 8, slower than mma)
 #   attention  the 8B shape at 2×2048 and 1×32,768 with each attention kernel in $ATTENTIONS (QLORA_ATTENTION)
 #   dropout    the 8B bench with LoRA dropout 0, 0.05 (masks kept) and 0.05 (rehashed), twice each, interleaved
 #   weights    the 8B and 1B benches with a block's dequantized weights kept (default) and dequantized again
@@ -22,12 +23,10 @@ bench)
   step "benchmarks"
   $C --only benchmarks > $OUT/bench.txt 2>&1; grep -vE "^PASS" $OUT/bench.txt | tail -100 ;;
 decode)
-  for k in ${GEMVS:-rows mma stream}; do
+  for k in ${GEMVS:-rows mma}; do
     step "bench-decode 8B, r16 unmerged, --gemv $k"
     $Q bench-decode --device cuda --arch llama-3.1-8b --lora-r 16 --tokens 128 --gemv $k 2>&1 | tail -1
-  done
-  step "bench-decode 8B, --gemv stream, QLORA_NO_PDL=1"
-  QLORA_NO_PDL=1 $Q bench-decode --device cuda --arch llama-3.1-8b --lora-r 16 --tokens 128 --gemv stream 2>&1 | tail -1 ;;
+  done ;;
 attention)
   for k in ${ATTENTIONS:-mma mma-k32 wgmma}; do
     step "QLORA_ATTENTION=$k: 8B 2×2048, then 1×32,768"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 8's verification on the lent GPU machine (no Swift, no internet), from the repository root. PARTS is a
+# The verification on the lent GPU machine (session 8's parts and those added since) (no Swift, no internet), from the repository root. PARTS is a
 # comma-separated list run in order (each writes its full output under $OUT and prints a summary).
 # Usage: scripts/device/verify_session8.sh DIR PARTS   (DIR holds qlora and qlora-gpu-check, xz'd or not)
 #   check      qlora-gpu-check --no-bench, bf16 on the card's own target
@@ -19,10 +19,12 @@
 #   fold       the 8B and 1B shapes with --fold-lora off / on
 #   attnbench  the attention wgmma group's timings (forward and backward beside mma.sync) into $OUT/attn_bench.txt
 #   decode     bench-decode on the 8B shape (LoRA r16 unmerged, 128 tokens) with each GEMV in $GEMVS
+#   optim      the 8B and 1B benches with the trainer's fused fp32 AdamW and with paged_adamw_8bit (the peers' optimizer)
 #   ab         the 8B and 1B benches with each value of $AB_FLAG in $AB_VALUES, twice, interleaved
 source "$(dirname "$0")/binaries.sh"
+# The four workloads of DESIGN.md's table; $FOUR_ARGS (e.g. "--optimizer paged_adamw_8bit") goes to each bench.
 four() { for a in smollm2-135m:4 llama-3.2-1b:4 llama-2-7b:2 llama-3.1-8b:2; do
-  $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 --warmup 2 2>/dev/null | tail -1; done; }
+  $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 --warmup 2 $FOUR_ARGS 2>/dev/null | tail -1; done; }
 for part in ${PART//,/ }; do case $part in
 check) gpu_check ;;
 changed) gpu_check_changed ;;
@@ -89,6 +91,11 @@ decode)
     step "bench-decode 8B, r16 unmerged, --gemv $k"
     $Q bench-decode --device cuda --arch llama-3.1-8b --lora-r 16 --tokens 128 --gemv $k 2>&1 | tail -1
   done ;;
+optim)
+  for a in llama-3.1-8b:2 llama-3.2-1b:4; do for o in "" "--optimizer paged_adamw_8bit"; do
+    step "${a%:*} ${o:-fused fp32 AdamW}"
+    $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 $o 2>/dev/null | tail -1
+  done; done ;;
 ab)
   for r in 1 2; do for a in llama-3.1-8b:2 llama-3.2-1b:4; do for v in $AB_VALUES; do
     step "$AB_FLAG $v ${a%:*}"
