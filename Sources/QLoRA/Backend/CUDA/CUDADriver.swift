@@ -97,10 +97,6 @@ public final class CUDADriver {
         Handle, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, Handle,
         UnsafeMutablePointer<UnsafeMutableRawPointer?>?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?
     ) -> Result
-    /// cuLaunchKernelEx (CUDA 12+), for launch attributes (programmatic dependent launch); nil when the driver lacks it.
-    let cuLaunchKernelEx: (@convention(c) (
-        UnsafeRawPointer, Handle, UnsafeMutablePointer<UnsafeMutableRawPointer?>?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?
-    ) -> Result)?
 
     /// The library names tried, in order.
     public static let defaultLibraryNames = ["libcuda.so.1", "libcuda.so"]
@@ -154,7 +150,6 @@ public final class CUDADriver {
             cuModuleGetFunction = try library.function("cuModuleGetFunction")
             cuFuncSetAttribute = try library.function("cuFuncSetAttribute")
             cuLaunchKernel = try library.function("cuLaunchKernel")
-            cuLaunchKernelEx = try? library.function("cuLaunchKernelEx")
         } catch let error as MissingSymbolError {
             throw CUDAError(call: "dlsym", "\(error); update the NVIDIA driver (CUDA 12 or newer is needed)")
         }
@@ -320,17 +315,11 @@ public final class CUDADevice {
     }
 
     /// Launches `function` on a grid of `grid` blocks of `block` threads.
-    /// Arguments are passed by value in the order of the kernel's parameters. With `programmaticDependency` (and a
-    /// driver with cuLaunchKernelEx) the launch carries CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: the
-    /// kernel may start before the previous one in the stream has finished (once that one's blocks have all run
-    /// griddepcontrol.launch_dependents or exited), so it must run griddepcontrol.wait before it reads anything that
-    /// kernel writes, and write nothing before it.
+    /// Arguments are passed by value in the order of the kernel's parameters.
     public func launch(_ function: CUDAFunction, grid: (Int, Int, Int), block: (Int, Int, Int),
-                       sharedMemory: Int = 0, stream: CUDAStream? = nil, programmaticDependency: Bool = false,
-                       _ arguments: [KernelArgument]) throws {
+                       sharedMemory: Int = 0, stream: CUDAStream? = nil, _ arguments: [KernelArgument]) throws {
         guard grid.0 > 0, grid.1 > 0, grid.2 > 0 else { return }  // nothing to do
         let handle = (stream ?? self.stream).handle
-        let call = "cuLaunchKernel\(programmaticDependency ? "Ex" : "")(\(function.name), grid \(grid), block \(block), smem \(sharedMemory))"
         // Each argument gets an 8-byte slot; cuLaunchKernel reads each parameter's size from the kernel's
         // signature at the slot's address (4-byte values sit in the low half: x86-64 and arm64 are little-endian).
         var slots = arguments.map { $0.bits }
@@ -339,43 +328,15 @@ public final class CUDADevice {
                 UnsafeMutableRawPointer(slotBuffer.baseAddress! + $0)
             }
             try pointers.withUnsafeMutableBufferPointer { params in
-                if programmaticDependency, let launchEx = driver.cuLaunchKernelEx {
-                    // CUlaunchAttribute (cuda.h): id (4 bytes) and 4 of padding, then a 64-byte value union whose
-                    // programmaticStreamSerializationAllowed is its first int. CUlaunchConfig: grid x, y, z, block x,
-                    // y, z, shared bytes (7 × UInt32), padding, hStream at 32, attrs at 40, numAttrs at 48; 56 bytes.
-                    var attribute = [UInt8](repeating: 0, count: 72)
-                    attribute.withUnsafeMutableBytes { b in
-                        b.storeBytes(of: UInt32(6).littleEndian, toByteOffset: 0, as: UInt32.self)  // ..._PROGRAMMATIC_STREAM_SERIALIZATION
-                        b.storeBytes(of: Int32(1).littleEndian, toByteOffset: 8, as: Int32.self)
-                    }
-                    try attribute.withUnsafeMutableBytes { attr in
-                        var config = [UInt8](repeating: 0, count: 56)
-                        config.withUnsafeMutableBytes { b in
-                            for (i, v) in [grid.0, grid.1, grid.2, block.0, block.1, block.2, sharedMemory].enumerated() {
-                                b.storeBytes(of: UInt32(v).littleEndian, toByteOffset: 4 * i, as: UInt32.self)
-                            }
-                            b.storeBytes(of: UInt(bitPattern: handle), toByteOffset: 32, as: UInt.self)
-                            b.storeBytes(of: UInt(bitPattern: attr.baseAddress), toByteOffset: 40, as: UInt.self)
-                            b.storeBytes(of: UInt32(1).littleEndian, toByteOffset: 48, as: UInt32.self)
-                        }
-                        try config.withUnsafeBytes { c in
-                            try driver.check(launchEx(c.baseAddress!, function.handle, params.baseAddress, nil), call)
-                        }
-                    }
-                } else {
-                    try driver.check(
-                        driver.cuLaunchKernel(
-                            function.handle, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2),
-                            UInt32(block.0), UInt32(block.1), UInt32(block.2), UInt32(sharedMemory),
-                            handle, params.baseAddress, nil),
-                        call)
-                }
+                try driver.check(
+                    driver.cuLaunchKernel(
+                        function.handle, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2),
+                        UInt32(block.0), UInt32(block.1), UInt32(block.2), UInt32(sharedMemory),
+                        handle, params.baseAddress, nil),
+                    "cuLaunchKernel(\(function.name), grid \(grid), block \(block), smem \(sharedMemory))")
             }
         }
     }
-
-    /// Whether launches can carry programmatic dependent launch (the driver has cuLaunchKernelEx).
-    public var supportsProgrammaticDependency: Bool { driver.cuLaunchKernelEx != nil }
 }
 
 /// One kernel parameter, passed by value.
