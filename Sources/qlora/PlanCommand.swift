@@ -32,6 +32,8 @@ struct PlanCommand: ParsableCommand {
     var loraDropout: Double = TrainingConfiguration().loraDropout
     @Flag(help: "The base sharded over the --gpus ranks (train --shard-base): each rank holds 1/N of the blocks and two gathered blocks. With one --gpu-memory, refuses (exit status 1) when a rank does not fit.")
     var shardBase = false
+    @Option(name: .customLong("host-memory"), parsing: .unconditional, help: "RAM of the machine that trains, in GiB (default: this machine's). Kept attention outputs are planned only where three quarters of it hold the pinned copies, as the trainer decides.")
+    var hostMemory: Double?
 
     func budgets() throws -> [Double] {
         let values = gpuMemory.split(separator: ",").map { Double($0.filter { !$0.isWhitespace }) }
@@ -50,6 +52,9 @@ struct PlanCommand: ParsableCommand {
             throw ValidationError("--lora-dropout must be in [0, 1), got \(loraDropout)")
         }
         let dropout = loraDropout > 0
+        if let hostMemory, !(hostMemory.isFinite && hostMemory > 0) {
+            throw ValidationError("--host-memory must be a positive number of GiB, got \(hostMemory)")
+        }
         if table { return printTable(budgets: budgets, dropout: dropout, optimizer: kind) }
         guard let architecture = Architecture(rawValue: arch) else {
             throw ValidationError("unknown --arch '\(arch)' (choose from \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")))")
@@ -80,7 +85,7 @@ struct PlanCommand: ParsableCommand {
             let widest = CUDAMemoryPlan.largestBatch(config: config, sequenceLength: seq, rank: loraR, memory: memory, budgetBytes: bytes,
                                                      shardedOver: world, dropout: dropout, optimizer: kind)
             // Without room for a block's dequantized weights the trainer drops back to dequantizing them again.
-            let fitted = plan.fitting(budgetBytes: bytes)
+            let fitted = plan.fitting(budgetBytes: bytes, hostBytes: pinnableHostBytes)
             var path = ""
             if fitted.fits(budgetBytes: bytes) && plan.memory.keepBlockWeights {
                 path += fitted.memory.keepBlockWeights ? ", a block's dequantized weights kept for its backward"
@@ -90,13 +95,21 @@ struct PlanCommand: ParsableCommand {
                 path += fitted.memory.keepDropoutMasks ? ", every block's dropout masks kept"
                     : ", dropout masks hashed again in the backward (no room to keep every block's)"
             }
+            if fitted.fits(budgetBytes: bytes) && plan.memory.keepAttentionOutputs {
+                let dropped = fitted.replanned(memory: { var m = fitted.memory; m.keepAttentionOutputs = true; return m }())
+                path += fitted.memory.keepAttentionOutputs ? ", attention outputs kept (pinned host \(DeviceAllocator.formatGiB(fitted.host)) GiB)"
+                    : dropped.fits(budgetBytes: bytes) && pinnableHostBytes.map({ dropped.host > $0 }) == true
+                        ? ", attention recomputed (keeping its outputs needs \(DeviceAllocator.formatGiB(dropped.host)) GiB of pinned host memory, "
+                            + "over three quarters of the host's \(DeviceAllocator.formatGiB(hostPhysicalBytes ?? 0)) GiB)"
+                        : ", attention recomputed (no room to keep its outputs)"
+            }
             print("  \(gib) GiB card: \(Self.verdict(fitted, budgetBytes: bytes))\(path); longest sequence at batch \(batch): "
                   + (longest.map { "\($0)" } ?? "none (the weights alone do not fit)") + "; largest batch of \(seq): \(widest)")
         }
         // One card size asked about a job: an answer a script can act on.
         if budgets.count == 1, gpus > 1 || shardBase {
             let bytes = Int(budgets[0] * Double(1 << 30))
-            let fitted = plan.fitting(budgetBytes: bytes)
+            let fitted = plan.fitting(budgetBytes: bytes, hostBytes: pinnableHostBytes)
             guard fitted.fits(budgetBytes: bytes) else {
                 // Not a usage mistake (no usage text): an answer, with the exit status a script can test.
                 throw UsageError("\(arch) at \(batch) x \(seq) does not fit \(gpus) card\(gpus > 1 ? "s" : "") of \(budgets[0]) GiB: "
@@ -108,6 +121,10 @@ struct PlanCommand: ParsableCommand {
             }
         }
     }
+
+    /// The RAM of the machine that trains: --host-memory, else this machine's.
+    var hostPhysicalBytes: Int? { hostMemory.map { Int($0 * Double(1 << 30)) } ?? HostMemory.physicalBytes }
+    var pinnableHostBytes: Int? { hostPhysicalBytes.map(HostMemory.pinnableBytes) }
 
     /// What the plan saves against the whole-state, whole-base layout, one line each (empty when nothing is saved).
     static func savings(_ plan: CUDAMemoryPlan) -> [String] {

@@ -11,4 +11,8 @@ public enum HostMemory {
         let pages = sysconf(Int32(_SC_PHYS_PAGES)), size = sysconf(Int32(_SC_PAGESIZE))
         return pages > 0 && size > 0 ? pages * size : nil
     }
+
+    /// How much of `physical` bytes of RAM the trainer lets pinned copies take (three quarters: the rest for the
+    /// process's own pageable memory and the system). The trainer and `qlora plan` share this rule.
+    public static func pinnableBytes(ofPhysical physical: Int) -> Int { physical / 4 * 3 }
 }

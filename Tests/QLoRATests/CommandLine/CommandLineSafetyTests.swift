@@ -20,6 +20,7 @@ final class CommandLineSafetyTests: XCTestCase {
             (["bench", "--gpu-memory", "0"], "--gpu-memory must be a positive number of GiB, got 0.0"),
             (["bench", "--arch", "llama-3.1-8b", "--layers", "40"], "--layers must be 1...32 for llama-3.1-8b, got 40"),
             (["plan", "--gpu-memory", "24,-1"], "--gpu-memory: expected positive numbers of GiB separated by commas, got '24,-1'"),
+            (["plan", "--host-memory", "0"], "--host-memory must be a positive number of GiB, got 0.0"),
         ]
         for (arguments, message) in cases {
             let result = try cli.qlora(arguments)
@@ -44,6 +45,19 @@ final class CommandLineSafetyTests: XCTestCase {
                                     "--decode-tokens", "0"])
         XCTAssertEqual(result.status, 0, result.err)
         XCTAssertTrue(result.out.contains(#""layers": 2,"#), result.out)
+    }
+
+    /// `qlora plan` keeps the attention outputs only where the training machine's RAM holds their pinned copies, by
+    /// the trainer's rule (three quarters of it), and says which way it went.
+    func testPlanKeepsAttentionOutputsOnlyWhereTheHostHoldsThem() throws {
+        let args = ["plan", "--arch", "llama-3.1-8b", "--batch", "1", "--seq", "65536", "--gpu-memory", "80"]
+        let roomy = try cli.qlora(args + ["--host-memory", "1024"])
+        XCTAssertEqual(roomy.status, 0, roomy.err)
+        XCTAssertTrue(roomy.out.contains("attention outputs kept (pinned host"), roomy.out)
+        let small = try cli.qlora(args + ["--host-memory", "16"])
+        XCTAssertEqual(small.status, 0, small.err)
+        XCTAssertTrue(small.out.contains("attention recomputed (keeping its outputs needs")
+                      && small.out.contains("over three quarters of the host's 16.00 GiB"), small.out)
     }
 
     func testAFolderGivenAsDataSaysSo() throws {

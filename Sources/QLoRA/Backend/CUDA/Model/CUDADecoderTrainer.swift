@@ -353,7 +353,7 @@ public final class CUDADecoderTrainer {
         // backward, the attention forward recomputed.
         let plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory, shardedOver: sharding?.worldSize,
                                   optimizer: optimizer)
-            .fitting(budgetBytes: free, contextBytes: 0, hostBytes: HostMemory.physicalBytes.map { $0 / 4 * 3 })
+            .fitting(budgetBytes: free, contextBytes: 0, hostBytes: HostMemory.physicalBytes.map(HostMemory.pinnableBytes))
         self.plan = plan
         self.memory = plan.memory
         if plan.total > free - (256 << 20) {
