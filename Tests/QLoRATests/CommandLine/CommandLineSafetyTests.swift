@@ -57,7 +57,7 @@ final class CommandLineSafetyTests: XCTestCase {
         let small = try cli.qlora(args + ["--host-memory", "16"])
         XCTAssertEqual(small.status, 0, small.err)
         XCTAssertTrue(small.out.contains("attention recomputed (keeping its outputs needs")
-                      && small.out.contains("over three quarters of the host's 16.00 GiB"), small.out)
+                      && small.out.contains("over three quarters of the host's 16.0 GiB"), small.out)
     }
 
     func testAFolderGivenAsDataSaysSo() throws {
