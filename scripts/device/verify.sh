@@ -19,6 +19,7 @@
 #   fold       the 8B and 1B shapes with --fold-lora off / on
 #   attnbench  the attention wgmma group's timings (forward and backward beside mma.sync) into $OUT/attn_bench.txt
 #   decode     bench-decode on the 8B shape (LoRA r16 unmerged, 128 tokens) with each GEMV in $GEMVS
+#   refdecode  the seeds' stack's batch-1 decode of the same shape (reference_decode.py; needs .refstack)
 #   optim      the 8B and 1B benches with the trainer's fused fp32 AdamW and with paged_adamw_8bit (the peers' optimizer)
 #   ab         the 8B and 1B benches with each value of $AB_FLAG in $AB_VALUES, twice, interleaved
 source "$(dirname "$0")/binaries.sh"
@@ -34,7 +35,7 @@ bench)
 seeds)
   [[ ",$PART," == *,unsloth,* ]] || { step "ours, four workloads"; four; }
   step "the seeds' stack (reference_qlora.py)"
-  python3 -m zipfile -e .refstack/bitsandbytes-0.50.2-cuda130-slim.zip /tmp/bnb
+  [ -d /tmp/bnb ] || python3 -m zipfile -e .refstack/bitsandbytes-0.50.2-cuda130-slim.zip /tmp/bnb
   PYTHONPATH=/tmp/bnb PYTHONUNBUFFERED=1 python3 .refstack/reference_qlora.py smollm2-135m,llama-3.2-1b,llama-2-7b,llama-3.1-8b 2>&1 | grep -E '^\{|rror' ;;
 unsloth)
   step "ours, four workloads"; four
@@ -87,7 +88,7 @@ attnbench)
   $C --only "attention wgmma" > $OUT/attn_bench_full.txt 2>&1
   grep -E "attention (forward|backward)|FAIL" $OUT/attn_bench_full.txt | tee $OUT/attn_bench.txt | head -20 ;;
 decode)
-  for k in ${GEMVS:-rows mma fused}; do
+  for k in ${GEMVS:-mma}; do
     step "bench-decode 8B, r16 unmerged, --gemv $k"
     $Q bench-decode --device cuda --arch llama-3.1-8b --lora-r 16 --tokens 128 --gemv $k 2>&1 | tail -1
   done ;;
@@ -96,6 +97,10 @@ optim)
     step "${a%:*} ${o:-fused fp32 AdamW}"
     $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 $o 2>/dev/null | tail -1
   done; done ;;
+refdecode)
+  step "the seeds' stack: batch-1 decode, 8B shape, r16 unmerged (reference_decode.py)"
+  [ -d /tmp/bnb ] || python3 -m zipfile -e .refstack/bitsandbytes-0.50.2-cuda130-slim.zip /tmp/bnb
+  PYTHONPATH=/tmp/bnb PYTHONUNBUFFERED=1 python3 .refstack/reference_decode.py llama-3.1-8b 2>&1 | grep -E '^\{|rror' ;;
 ab)
   for r in 1 2; do for a in llama-3.1-8b:2 llama-3.2-1b:4; do for v in $AB_VALUES; do
     step "$AB_FLAG $v ${a%:*}"
