@@ -10,7 +10,7 @@
 #   unsloth    ours on the four workloads, then Unsloth's run_unsloth.sh as it is (needs .refstack)
 #   seventy    the 70B shape at 2×2048 under --gpu-memory 48 and its plan
 #   longctx    the 8B shape at 1×32,768 (and 1×131,072 when LONG131=1: ~2.5 minutes a step) with $ATTENTIONS
-#   longseq    the 8B shape's planned longest sequences for 48 and 80 GiB cards (qlora plan) on its first 2 blocks
+#   longseq    the 8B shape's planned longest sequences for a 48 GiB budget and the whole card on its first 2 blocks
 #              (bench --layers 2: the same working set per block; the other 30 blocks add their weights, counted by
 #              the plan, and ~15× the time: a full step would take 8-25 minutes, past a call's limit)
 #   keepattn   the wgmma backward (QLORA_ATTENTION=wgmma) through the trainer's checks, fp16, its timings; then the 8B
@@ -56,9 +56,12 @@ longctx)
     fi
   done ;;
 longseq)
-  for gs in 48:249600 80:449280; do
-    step "8B, first 2 blocks, 1×${gs#*:} under --gpu-memory ${gs%:*}"
-    /usr/bin/time -f "host peak %M KiB, %e s" $Q bench --device cuda --arch llama-3.1-8b --layers 2 --batch 1 --seq ${gs#*:} --steps 1 --warmup 0 --gpu-memory ${gs%:*} 2>$OUT/longseq.err | tail -1
+  # The longest sequences qlora plan gives the 8B shape at dropout 0 (bench's default) on a 48 GiB budget and on the
+  # whole card, checkpoints offloaded as the 32-block run offloads them (2 blocks alone would keep them on the GPU).
+  for gs in 48:249344 card:449024; do
+    if [ "${gs%:*}" = card ]; then B=(); else B=(--gpu-memory ${gs%:*}); fi
+    step "8B, first 2 blocks, 1×${gs#*:} ${B[*]:-on the whole card}, checkpoints offloaded"
+    /usr/bin/time -f "host peak %M KiB, %e s" $Q bench --device cuda --arch llama-3.1-8b --layers 2 --batch 1 --seq ${gs#*:} --steps 1 --warmup 0 --offload-checkpoints on "${B[@]}" 2>$OUT/longseq.err | tail -1
     grep -E "rror|host peak" $OUT/longseq.err | head -5
   done ;;
 keepattn)
