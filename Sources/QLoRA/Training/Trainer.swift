@@ -15,6 +15,11 @@
 // micro-batches; logged losses and tokens are reduced over the ranks; evaluation is sharded (without padding) and its
 // loss sums reduced. Rank 0 alone writes files (metrics, TensorBoard, checkpoints, best/, the adapter, the report);
 // every rank restores a checkpoint on resume.
+// Sharded (shard_base, shard_adapters, shard_head; CPU ranks): the base's blocks are gathered around their use
+// (Parallel/ShardedBase.swift), each rank reduces, clips and steps only the LoRA tensors it owns and gathers the rest
+// (ZeRO-2, Parallel/ShardedAdapters.swift; its optimizer state comes to rank 0 for checkpoints), and the head's loss is
+// computed over vocabulary slices (Parallel/VocabularyParallelLoss.swift). The last two make every forward a collective
+// call, so evaluation pads a rank a batch short with a forward whose loss it drops.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -640,7 +645,12 @@ public final class Trainer {
         let c = model.config
         let weights = model.linearLayers.reduce(0) { $0 + $1.weight.storedBytes } + (model.shardedBase?.shardBytes ?? 0) + (model.embedding.count + (model.head === model.embedding ? 0 : model.head.count)) * 4
         let adapters = model.parameterCounts.trainable * 4
-        let optimizerBytes = (try? OptimizerKind.parse(configuration.optimizer).stateBytes(count: model.parameterCounts.trainable)) ?? 0
+        // State per tensor (8-bit AdamW's by tensor size), of this rank's own tensors when the adapters are sharded.
+        let slots = (engine as? CPUTrainingEngine)?.parameterSlots() ?? []
+        let owned = (engine as? CPUTrainingEngine)?.adapterSharding?.owned ?? slots.indices
+        let kind = try? OptimizerKind.parse(configuration.optimizer)
+        let optimizerBytes = slots.isEmpty ? (kind?.stateBytes(count: model.parameterCounts.trainable) ?? 0)
+            : owned.reduce(0) { $0 + (kind?.stateBytes(count: slots[$1].values.count) ?? 0) }
         let tokens = (train.map(\.tokenCount).max() ?? 0)
         let perBlock = tokens * (6 * c.hiddenSize + 3 * c.qDim + 4 * c.intermediateSize) * 4
         let activations = configuration.gradientCheckpointing ? tokens * c.hiddenSize * 4 * c.layerCount + perBlock : perBlock * c.layerCount

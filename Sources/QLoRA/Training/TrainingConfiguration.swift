@@ -105,7 +105,7 @@ public struct TrainingConfiguration: Sendable, Equatable {
         "full_determinism", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "output_dir", "early_stopping_patience",
         "resume", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "metric_for_best_model", "greater_is_better",
         "eval_metrics", "generation_eval_examples", "generation_max_new_tokens",
-        "bnb_4bit_compute_dtype", "compute_dtype", "bf16", "fp16",
+        "bnb_4bit_compute_dtype", "compute_dtype", "bf16", "fp16", "shard_base", "shard_adapters", "shard_head",
     ]
 
     public mutating func apply(_ object: JSONObject, file: String, lines: [String: Int] = [:]) throws {

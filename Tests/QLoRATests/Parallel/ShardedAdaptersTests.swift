@@ -66,6 +66,28 @@ final class ShardedAdaptersTests: XCTestCase {
         }
     }
 
+    /// shard_adapters and shard_head follow shard_base unless set; each can be set alone (YAML and flags).
+    func testShardingSwitchesFollowTheBaseUnlessSet() throws {
+        var c = TrainingConfiguration()
+        XCTAssertFalse(c.shardsAdapters || c.shardsHead)
+        c.shardBase = true
+        XCTAssertTrue(c.shardsAdapters && c.shardsHead)
+        let dir = try TestFixtures.temporaryDirectory("shard-switches")
+        try FileSystem.writeAtomically(dir + "/c.yaml", text: "model: m\ndataset: d.jsonl\nshard_base: true\nshard_adapters: false\n")
+        let yaml = try TrainingConfiguration(yamlFile: dir + "/c.yaml")
+        XCTAssertFalse(yaml.shardsAdapters)
+        XCTAssertTrue(yaml.shardsHead)
+        try FileSystem.writeAtomically(dir + "/d.yaml", text: "model: m\ndataset: d.jsonl\nshard_head: true\n")
+        let head = try TrainingConfiguration(yamlFile: dir + "/d.yaml")
+        XCTAssertFalse(head.shardsAdapters)
+        XCTAssertTrue(head.shardsHead)
+        try FileSystem.writeAtomically(dir + "/e.yaml", text: "model: m\ndataset: d.jsonl\nshard_head: maybe\n")
+        XCTAssertThrowsError(try TrainingConfiguration(yamlFile: dir + "/e.yaml")) { XCTAssertTrue("\($0)".contains("shard_head"), "\($0)") }
+        // A typo is told the nearest name.
+        try FileSystem.writeAtomically(dir + "/f.yaml", text: "model: m\ndataset: d.jsonl\nshard_adapter: true\n")
+        XCTAssertThrowsError(try TrainingConfiguration(yamlFile: dir + "/f.yaml")) { XCTAssertTrue("\($0)".contains("did you mean 'shard_adapters'"), "\($0)") }
+    }
+
     // MARK: Training
 
     static func configuration(_ output: String, optimizer: String, shardAdapters: Bool, shardHead: Bool = false,
