@@ -78,6 +78,10 @@ struct PlanCommand: ParsableCommand {
                   + "bits and every block's d(x)·Aᵀ, \(DeviceAllocator.formatGiB(cost)) GiB")
         }
         for line in Self.savings(plan) { print("  " + line) }
+        let projection = shardBase && gpus > 1 ? plan.shardingProjection(world: gpus) : nil
+        if let p = projection {
+            for line in Self.projectedSavings(p) { print("  " + line) }
+        }
         for gib in budgets {
             let bytes = Int(gib * Double(1 << 30))
             let longest = CUDAMemoryPlan.longestSequence(config: config, batch: batch, rank: loraR, memory: memory, budgetBytes: bytes,
@@ -105,6 +109,10 @@ struct PlanCommand: ParsableCommand {
             }
             print("  \(gib) GiB card: \(Self.verdict(fitted, budgetBytes: bytes))\(path); longest sequence at batch \(batch): "
                   + (longest.map { "\($0)" } ?? "none (the weights alone do not fit)") + "; largest batch of \(seq): \(widest)")
+            if let p = projection {
+                print("    with the adapters and the head sharded too (the CPU ranks' path, not yet the GPU trainer's): "
+                      + Self.verdict(spare: fitted.spareBytes(budgetBytes: bytes) + p.adapterSaving + p.headSaving))
+            }
         }
         // One card size asked about a job: an answer a script can act on.
         if budgets.count == 1, gpus > 1 || shardBase {
@@ -117,7 +125,10 @@ struct PlanCommand: ParsableCommand {
                                  + "(\(DeviceAllocator.formatGiB(CUDAMemoryPlan.typicalContextBytes + CUDAMemoryPlan.safetyMarginBytes)) GiB), "
                                  + "\(DeviceAllocator.formatGiB(-fitted.spareBytes(budgetBytes: bytes))) GiB too much. "
                                  + (shardBase ? "Use" : "Shard the base over the GPUs (--shard-base), use")
-                                 + " more GPUs, or lower --batch, --seq or --lora-r")
+                                 + " more GPUs, or lower --batch, --seq or --lora-r"
+                                 + (projection.map { p in
+                                     " (with the adapters (ZeRO-2) and the head (by vocabulary) sharded too, which the GPU trainer does not do yet: "
+                                     + Self.verdict(spare: fitted.spareBytes(budgetBytes: bytes) + p.adapterSaving + p.headSaving) + ")" } ?? ""))
             }
         }
     }
@@ -145,9 +156,27 @@ struct PlanCommand: ParsableCommand {
         return lines
     }
 
+    /// The two levers the CPU ranks pull and the GPU trainer does not yet (CUDAMemoryPlan+Sharding.swift), one line each.
+    static func projectedSavings(_ p: ShardingProjection) -> [String] {
+        let g = { (b: Int) in DeviceAllocator.formatGiB(b) + " GiB" }
+        var lines = ["next (on the CPU ranks now, not yet in the GPU trainer): \(g(p.adapterSaving)) of adapters by sharding them over \(p.world) ranks "
+                     + "(ZeRO-2: fp32 masters and gradients of its own LoRA tensors, \(g(p.ownedMasters + p.ownedGradients)), and one block's "
+                     + "gradient bucket, \(g(p.gradientBucket)), instead of every tensor's, \(g(p.wholeAdapters)))"]
+        if p.wholeHead > 0 {
+            lines.append("next: \(g(p.headSaving)) of head by sharding it by vocabulary (its slice \(g(p.headSlice)) of \(g(p.wholeHead)), "
+                         + "the other ranks' normed rows \(g(p.gatheredRows)), a chunk of fp32 d(hidden) \(g(p.hiddenGradientChunk)))")
+        } else {
+            lines.append("next: no head saving by vocabulary (tied embeddings: the table stays whole for the embedding)")
+        }
+        return lines
+    }
+
     /// "fits, 1.2 GiB to spare" or "does not fit, 3.4 GiB short".
     static func verdict(_ plan: CUDAMemoryPlan, budgetBytes: Int) -> String {
-        let spare = plan.spareBytes(budgetBytes: budgetBytes)
+        verdict(spare: plan.spareBytes(budgetBytes: budgetBytes))
+    }
+
+    static func verdict(spare: Int) -> String {
         return spare >= 0 ? "fits, \(DeviceAllocator.formatGiB(spare)) GiB to spare" : "does not fit, \(DeviceAllocator.formatGiB(-spare)) GiB short"
     }
 

@@ -43,6 +43,10 @@ struct TrainCommand: ParsableCommand {
     @Flag(help: "Bit-identical runs on the GPU (attention without atomics, about 2x slower attention); the CPU always is.") var fullDeterminism = false
     @Flag(help: "Shard the frozen base's blocks over the ranks of --world (FSDP's FULL_SHARD for the 4-bit base): each rank keeps 1/N of every block and gathers a block before its use.")
     var shardBase = false
+    @Option(help: "on or off: shard the adapters' gradients and optimizer state over the ranks (ZeRO-2; each rank steps the LoRA tensors it owns). Default: on with --shard-base.")
+    var shardAdapters: OnOff?
+    @Option(help: "on or off: shard the head's loss by vocabulary over the ranks (each rank its rows of lm_head for every rank's tokens). Default: on with --shard-base.")
+    var shardHead: OnOff?
     @Option(parsing: .unconditional, help: "Log every N steps.") var loggingSteps: Int?
     @Option(parsing: .unconditional, help: "Evaluate every N steps (0: each epoch).") var evalSteps: Int?
     @Option(parsing: .unconditional, help: "Save a checkpoint every N steps (0: each epoch).") var saveSteps: Int?
@@ -99,6 +103,8 @@ struct TrainCommand: ParsableCommand {
         if skipBadLines { c.skipBadLines = true }
         if fullDeterminism { c.fullDeterminism = true }
         if shardBase { c.shardBase = true }
+        if let shardAdapters { c.shardAdapters = shardAdapters == .on }
+        if let shardHead { c.shardHead = shardHead == .on }
         set(metricForBest, \.metricForBestModel)
         if let greaterIsBetter { c.greaterIsBetter = greaterIsBetter }
         if let evalMetrics { c.evalMetrics = evalMetrics.split(separator: ",").map { $0.filter { !$0.isWhitespace } } }
@@ -373,4 +379,9 @@ final class RankLog: @unchecked Sendable {
         fputs(text, file)
         fclose(file)
     }
+}
+
+/// A switch given as `on` or `off` (a flag whose default depends on another, such as --shard-adapters).
+enum OnOff: String, ExpressibleByArgument, CaseIterable {
+    case on, off
 }

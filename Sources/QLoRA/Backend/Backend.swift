@@ -124,6 +124,9 @@ public protocol TrainingEngine: AnyObject {
     func prepareGradientReduction(over collective: Collective) throws
     /// Data parallel: replaces the accumulated LoRA gradients by their sum over the ranks of `collective` (before `step`).
     func reduceGradients(over collective: Collective) throws
+    /// Every rank, before rank 0 writes a checkpoint: an engine whose ranks each hold part of the optimizer state
+    /// (sharded adapters) gathers it, so `optimizerState()` on rank 0 is the whole. (Default: nothing.)
+    func gatherStateForSave() throws
     /// The most memory this engine's device has held so far (the GPU allocator's high-water mark; on the CPU the
     /// process's peak resident memory), for the job summary.
     var peakMemoryBytes: Int { get }
@@ -137,6 +140,7 @@ extension TrainingEngine {
         return Int(usage.ru_maxrss) * 1024
     }
     public func prepareGradientReduction(over collective: Collective) throws {}
+    public func gatherStateForSave() throws {}
     public var lossScaler: GradScaler? { nil }
     public var lastStepSkipped: Bool { false }
     public func restoreLossScaler(scale: Float, growthTracker: Int, skippedSteps: Int) {}

@@ -144,6 +144,9 @@ public final class DecoderModel: @unchecked Sendable {
     /// Set when the ranks hold the blocks' base weights in shards (Parallel/ShardedBase.swift): training and
     /// evaluation gather each block around its use.
     public internal(set) var shardedBase: ShardedDecoderBase?
+    /// Set when the ranks share the head's loss by vocabulary (Parallel/VocabularyParallelLoss.swift): each rank computes
+    /// the logits of its slice of the vocabulary for every rank's tokens. Every rank then makes every forward together.
+    public internal(set) var vocabularyParallel: Collective?
 
     public init(config: DecoderConfig, embedding: Matrix, blocks: [DecoderBlock], finalNorm: [Float], head: Matrix) {
         self.config = config

@@ -6,6 +6,11 @@ public final class CPUTrainingEngine: TrainingEngine {
     public let model: DecoderModel
     public let gradients: LoRAGradients
     public let optimizer: Optimizer
+    /// ZeRO-2 over the data-parallel ranks (Parallel/ShardedAdapters.swift): this rank reduces, clips and steps only the
+    /// tensors it owns and keeps optimizer state only for them; nil: every rank steps every tensor.
+    public private(set) var adapterSharding: ShardedAdapters?
+    /// The whole optimizer state gathered from the owners for the next checkpoint (`gatherStateForSave`).
+    var gatheredState: [TensorRecord]?
 
     public init(model: DecoderModel, optimizer: Optimizer) {
         self.model = model
@@ -24,6 +29,14 @@ public final class CPUTrainingEngine: TrainingEngine {
 
     public func step(learningRate: Double, maxGradNorm: Double) throws -> Double {
         let slots = parameterSlots()
+        gatheredState = nil
+        if let sharding = adapterSharding {
+            let norm = try sharding.clip(slots.map { UnsafeMutableBufferPointer(mutating: $0.gradient) }, maxNorm: maxGradNorm)
+            guard norm.isFinite else { return norm }
+            try optimizer.step(Array(slots[sharding.owned]), learningRate: learningRate)
+            try sharding.allGather(slots.map(\.values))
+            return norm
+        }
         let norm = maxGradNorm > 0
             ? GradientClipping.clip(slots.map { UnsafeMutableBufferPointer(mutating: $0.gradient) }, maxNorm: maxGradNorm)
             : GradientClipping.globalNorm(slots.map(\.gradient))
@@ -37,8 +50,16 @@ public final class CPUTrainingEngine: TrainingEngine {
     public func copyWeightsToModel() throws {}
     public func loadWeightsFromModel() throws {}
     public func batchGenerator(model: DecoderModel) throws -> BatchGenerator { SessionBatchGenerator.cpu(model) }
-    public func optimizerState() throws -> [TensorRecord] { optimizer.state() }
-    public func loadOptimizerState(_ file: SafeTensorsFile) throws { try optimizer.load(state: file) }
+    public func optimizerState() throws -> [TensorRecord] { gatheredState ?? optimizer.state() }
+    public func loadOptimizerState(_ file: SafeTensorsFile) throws {
+        try optimizer.load(state: file)
+        gatheredState = nil
+        // Every rank reads the whole file and keeps its own tensors' state.
+        if let sharding = adapterSharding {
+            let names = parameterSlots().map(\.name)
+            optimizer.retainState(of: Set(sharding.owned.map { names[$0] }))
+        }
+    }
 
     func parameterSlots() -> [ParameterSlot] {
         model.linearLayers.compactMap { layer -> [ParameterSlot]? in
@@ -52,6 +73,19 @@ public final class CPUTrainingEngine: TrainingEngine {
 // MARK: - Data parallel
 
 extension CPUTrainingEngine {
+    /// Shards the adapters over `collective`'s ranks (ZeRO-2): from the next step on, this rank keeps optimizer state
+    /// only for its own tensors. Call before the first step (or before a checkpoint is restored).
+    public func shardAdapters(over collective: Collective) {
+        adapterSharding = ShardedAdapters(counts: parameterSlots().map(\.values.count), collective: collective)
+    }
+
+    /// Every rank: gathers the owners' optimizer state, so that `optimizerState()` is the whole state for rank 0's
+    /// checkpoint.
+    public func gatherStateForSave() throws {
+        guard let sharding = adapterSharding else { return }
+        gatheredState = try sharding.gatherState(optimizer.state(), tensorNames: parameterSlots().map(\.name))
+    }
+
     /// Floats summed per collective call: large enough that the per-call cost vanishes, small enough to bound the copy.
     static let bucketElements = 1 << 20
 
@@ -60,6 +94,11 @@ extension CPUTrainingEngine {
     public func reduceGradients(over collective: Collective) throws {
         guard !(collective is LocalCollective) else { return }
         let slots = parameterSlots()
+        if let sharding = adapterSharding {
+            precondition(sharding.collective === collective, "the adapters are sharded over another collective")
+            try sharding.reduceScatter(slots.map { UnsafeMutableBufferPointer(mutating: $0.gradient) })
+            return
+        }
         var bucket = [Float](repeating: 0, count: min(Self.bucketElements, max(1, slots.reduce(0) { $0 + $1.gradient.count })))
         var pending: [(slot: Int, start: Int, count: Int)] = []
         var filled = 0

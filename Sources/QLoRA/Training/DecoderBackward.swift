@@ -174,7 +174,7 @@ extension DecoderModel {
 
         // Head and loss, a chunk of rows at a time; dx receives the gradient of the final hidden state.
         let dx = Matrix(rows: n, columns: h)
-        let loss = headLossAndGradient(finalHidden: x, batch: batch, normalizer: normalizer, chunkRows: options.lossChunkRows, into: dx)
+        let loss = try headLossAndGradient(finalHidden: x, batch: batch, normalizer: normalizer, chunkRows: options.lossChunkRows, into: dx)
 
         // Backward through the blocks, last first.
         var gradient = dx
@@ -203,7 +203,7 @@ extension DecoderModel {
             x = blockForward(block, layer: l, input: x, batch: batch, dropoutSeed: nil).output
             shardedBase?.release(l)
         }
-        return headLossAndGradient(finalHidden: x, batch: batch, normalizer: 1, chunkRows: 64, into: nil)
+        return try headLossAndGradient(finalHidden: x, batch: batch, normalizer: 1, chunkRows: 64, into: nil)
     }
 
     // MARK: - Block forward
@@ -306,70 +306,32 @@ extension DecoderModel {
 extension DecoderModel {
     /// Final norm, head and cross-entropy, `chunkRows` tokens at a time. Writes d(loss/normalizer)/d(finalHidden)
     /// into `dx` when given. Returns the summed loss and the number of counted tokens.
-    func headLossAndGradient(finalHidden x: Matrix, batch: TrainingBatch, normalizer: Int, chunkRows: Int, into dx: Matrix?) -> LossSum {
+    func headLossAndGradient(finalHidden x: Matrix, batch: TrainingBatch, normalizer: Int, chunkRows: Int, into dx: Matrix?) throws -> LossSum {
         let c = config
-        let h = c.hiddenSize, vocab = c.vocabularySize
+        let h = c.hiddenSize
         let n = batch.tokenCount
         // target[i]: the label the logits of token i predict (the next label in the same row), or ignored.
         var targets = [Int32](repeating: TrainingBatch.ignoreIndex, count: n)
         for r in 0..<batch.rows { for t in 0..<(batch.length - 1) { targets[r * batch.length + t] = batch.labels[r * batch.length + t + 1] } }
         let normed = Matrix(rows: n, columns: h)
         CPUOps.rmsNorm(x.pointer, weight: finalNorm, offset: c.normWeightOffset, eps: c.rmsNormEps, rows: n, width: h, into: normed.pointer)
-        let scale = 1 / Float(max(normalizer, 1))
-        var total = 0.0
-        var counted = 0
-        let dNormed = Matrix(rows: n, columns: h)
-        // Only tokens whose target counts need logits: gather their rows, a chunk at a time.
+        // Only tokens whose target counts need logits: their rows, in order.
         let countedRows = (0..<n).filter { targets[$0] != TrainingBatch.ignoreIndex }
-        let logits = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * vocab)
-        let gathered = UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * h)
-        // With final-logit soft-capping: 1 − tanh² of each capped logit, the cap's derivative.
-        let capSlope = c.finalLogitSoftcap != nil ? UnsafeMutablePointer<Float>.allocate(capacity: chunkRows * vocab) : nil
-        defer { logits.deallocate(); gathered.deallocate(); capSlope?.deallocate() }
-        for chunkStart in stride(from: 0, to: countedRows.count, by: chunkRows) {
-            let chunk = countedRows[chunkStart..<min(countedRows.count, chunkStart + chunkRows)]
-            for (r, i) in chunk.enumerated() { (gathered + r * h).update(from: normed.pointer + i * h, count: h) }
-            CPUMatmul.gemmNT(gathered, head.pointer, logits, m: chunk.count, n: vocab, k: h)
-            if let cap = c.finalLogitSoftcap, let capSlope {
-                for j in 0..<(chunk.count * vocab) {
-                    let t = tanhf(logits[j] / cap)
-                    logits[j] = t * cap
-                    capSlope[j] = 1 - t * t
-                }
-            }
-            for (r, i) in chunk.enumerated() {
-                let row = logits + r * vocab
-                let target = Int(targets[i])
-                var maximum = -Float.infinity
-                for j in 0..<vocab { maximum = max(maximum, row[j]) }
-                let targetLogit = row[target]
-                // Keep e^(z - max) in place: the loss needs its sum, the gradient the values.
-                var sum: Double = 0
-                for j in 0..<vocab {
-                    let e = expf(row[j] - maximum)
-                    row[j] = e
-                    sum += Double(e)
-                }
-                total += Double(maximum) + log(sum) - Double(targetLogit)
-                counted += 1
-                if dx != nil {
-                    // d loss / d logit_j = softmax_j − [j = target], scaled by 1/normalizer.
-                    let factor = Float(1 / sum) * scale
-                    for j in 0..<vocab { row[j] *= factor }
-                    row[target] -= scale
-                }
-            }
-            if dx != nil {
-                if let capSlope { for j in 0..<(chunk.count * vocab) { logits[j] *= capSlope[j] } }
-                CPUMatmul.gemmNN(logits, head.pointer, gathered, m: chunk.count, n: h, k: vocab)
-                for (r, i) in chunk.enumerated() { (dNormed.pointer + i * h).update(from: gathered + r * h, count: h) }
-            }
-        }
-        if let dx {
+        let rows = Matrix(rows: max(countedRows.count, 1), columns: h)
+        for (r, i) in countedRows.enumerated() { (rows.pointer + r * h).update(from: normed.pointer + i * h, count: h) }
+        let dRows = dx == nil ? nil : Matrix(rows: max(countedRows.count, 1), columns: h)
+        // The cross-entropy over the whole vocabulary here, or over this rank's slice of it (Parallel/VocabularyParallelLoss.swift).
+        let total = try VocabularyParallelLoss.lossAndGradient(
+            rows: rows.pointer, count: countedRows.count, targets: countedRows.map { targets[$0] }, head: head.pointer, hidden: h,
+            vocab: c.vocabularySize, softcap: c.finalLogitSoftcap, normalizer: normalizer, chunkRows: chunkRows,
+            gradient: dRows?.pointer, collective: vocabularyParallel)
+        if let dx, let dRows {
+            let dNormed = Matrix(rows: n, columns: h)
+            for (r, i) in countedRows.enumerated() { (dNormed.pointer + i * h).update(from: dRows.pointer + r * h, count: h) }
             CPUOps.rmsNormBackward(x.pointer, weight: finalNorm, offset: c.normWeightOffset, eps: c.rmsNormEps, outputGradient: dNormed.pointer,
                                    rows: n, width: h, into: dx.pointer, accumulate: false)
         }
-        return LossSum(sum: total, count: counted)
+        return LossSum(sum: total, count: countedRows.count)
     }
 }
 

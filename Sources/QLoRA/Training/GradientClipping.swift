@@ -6,22 +6,37 @@
 
 /// Gradient clipping and gradient-buffer helpers.
 public enum GradientClipping {
-    /// The L2 norm over all buffers together.
+    /// The L2 norm over all buffers together: each buffer's sum of squares, then those sums in buffer order. The
+    /// adapters sharded over ranks (Parallel/ShardedAdapters.swift) get each tensor's sum from its owner and combine
+    /// them the same way, so the sharded and unsharded runs share the norm's bits.
     public static func globalNorm(_ gradients: [UnsafeBufferPointer<Float>]) -> Double {
+        combine(gradients.map(tensorSquares))
+    }
+
+    /// Σ g² of one buffer.
+    public static func tensorSquares(_ g: UnsafeBufferPointer<Float>) -> Double {
         var total = 0.0
-        for g in gradients {
-            // Float partial sums in chunks keep the loop vectorizable; Double across chunks keeps it accurate.
-            var i = 0
-            while i < g.count {
-                let end = min(g.count, i + 1024)
-                var partial = 0.0
-                for j in i..<end { let x = Double(g[j]); partial += x * x }
-                total += partial
-                i = end
-            }
+        // Float partial sums in chunks keep the loop vectorizable; Double across chunks keeps it accurate.
+        var i = 0
+        while i < g.count {
+            let end = min(g.count, i + 1024)
+            var partial = 0.0
+            for j in i..<end { let x = Double(g[j]); partial += x * x }
+            total += partial
+            i = end
         }
+        return total
+    }
+
+    /// √(Σ of the buffers' sums of squares), added in buffer order.
+    public static func combine(_ squares: [Double]) -> Double {
+        var total = 0.0
+        for s in squares { total += s }
         return total.squareRoot()
     }
+
+    /// What clip_grad_norm_ multiplies the gradients by: maxNorm / (norm + 1e-6), at most 1.
+    public static func coefficient(norm: Double, maxNorm: Double) -> Double { min(1.0, maxNorm / (norm + 1e-6)) }
 
     /// Scales all gradients so their global L2 norm is at most `maxNorm`; returns the norm before clipping.
     /// A non-finite norm leaves the gradients untouched (the caller decides whether to skip the step).
@@ -29,7 +44,7 @@ public enum GradientClipping {
     public static func clip(_ gradients: [UnsafeMutableBufferPointer<Float>], maxNorm: Double) -> Double {
         let total = globalNorm(gradients.map { UnsafeBufferPointer($0) })
         guard total.isFinite else { return total }
-        let coefficient = min(1.0, maxNorm / (total + 1e-6))
+        let coefficient = coefficient(norm: total, maxNorm: maxNorm)
         if coefficient < 1 {
             let c = Float(coefficient)
             for g in gradients { scale(g, by: c) }

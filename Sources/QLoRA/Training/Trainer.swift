@@ -15,6 +15,11 @@
 // micro-batches; logged losses and tokens are reduced over the ranks; evaluation is sharded (without padding) and its
 // loss sums reduced. Rank 0 alone writes files (metrics, TensorBoard, checkpoints, best/, the adapter, the report);
 // every rank restores a checkpoint on resume.
+// Sharded (shard_base, shard_adapters, shard_head; CPU ranks): the base's blocks are gathered around their use
+// (Parallel/ShardedBase.swift), each rank reduces, clips and steps only the LoRA tensors it owns and gathers the rest
+// (ZeRO-2, Parallel/ShardedAdapters.swift; its optimizer state comes to rank 0 for checkpoints), and the head's loss is
+// computed over vocabulary slices (Parallel/VocabularyParallelLoss.swift). The last two make every forward a collective
+// call, so evaluation pads a rank a batch short with a forward whose loss it drops.
 
 #if canImport(FoundationEssentials)
 import FoundationEssentials
@@ -157,9 +162,20 @@ public final class Trainer {
         }
         switch device {
         case .cpu:
-            engine = CPUTrainingEngine(model: model, optimizer: try optimizerKind.make(hyperparameters))
+            let cpu = CPUTrainingEngine(model: model, optimizer: try optimizerKind.make(hyperparameters))
+            engine = cpu
             if c.shardBase { _ = try ShardedDecoderBase(model: model, collective: collective) }
+            // A single process (LocalCollective) has nothing to shard; a world of one through a collective takes the path.
+            if !(collective is LocalCollective) {
+                if c.shardsAdapters { cpu.shardAdapters(over: collective) }
+                if c.shardsHead { model.vocabularyParallel = collective }
+            }
         case .cuda(let context):
+            // The GPU trainer keeps whole adapters and the whole head on every rank so far; asked for explicitly, say so.
+            for (asked, what) in [(c.shardAdapters, "shard_adapters (--shard-adapters on)"), (c.shardHead, "shard_head (--shard-head on)")] where asked == true {
+                throw UsageError("\(what) is built on the CPU ranks (--world N) only: the GPU trainer keeps the whole adapters and head on "
+                                 + "every rank; leave it off on the GPU")
+            }
             var sharding: NCCLCollective? = nil
             if c.shardBase {
                 guard let nccl = collective as? NCCLCollective else {
@@ -209,6 +225,19 @@ public final class Trainer {
                 + "\(c.batchSize * c.gradientAccumulationSteps * world) rows a step, \(DistributedSampling.itemsPerRank(count: train.count, worldSize: world)) micro-batches per rank and epoch")
         }
 
+        if let sharding = (engine as? CPUTrainingEngine)?.adapterSharding {
+            let o = sharding.ownership, owned = sharding.owned
+            log("sharded adapters: rank \(rank) owns LoRA tensors \(owned.lowerBound)..<\(owned.upperBound) of \(o.counts.count) "
+                + "(\(o.ownedCount(rank: rank)) of \(o.counts.reduce(0, +)) values): their summed gradients and optimizer state")
+        } else if c.shardsAdapters && world > 1 {
+            log("adapters: whole on every rank (the GPU trainer does not shard them yet)")
+        }
+        if model.vocabularyParallel != nil {
+            let v = VocabularyParallelLoss.slice(vocab: model.config.vocabularySize, rank: rank, worldSize: world)
+            log("vocabulary-parallel head: rank \(rank) computes the logits of vocabulary rows \(v.lowerBound)..<\(v.upperBound) for every rank's tokens")
+        } else if c.shardsHead && world > 1 {
+            log("head: whole on every rank (the GPU trainer does not shard it yet)")
+        }
         if let shards = model.shardedBase {
             func mib(_ b: Int) -> String { String(cFormat: "%.1f MiB", Double(b) / 1_048_576) }
             log("sharded base: rank \(rank) keeps \(mib(shards.shardBytes)) of the blocks' \(mib(shards.wholeBytes)), gathering each block "
@@ -349,6 +378,7 @@ public final class Trainer {
                 state.lossScaler = engine.lossScaler.map { ($0.scale, $0.growthTracker, $0.skippedSteps) }
                 try engine.copyWeightsToModel()
                 try requireFiniteAdapter(step: state.step)
+                try engine.gatherStateForSave()  // every rank: sharded optimizer state comes to rank 0
                 if collective.isMainRank {
                     let card = try modelCard(kind: .checkpoint(state.step), bestStep: state.bestStep)
                     try Checkpoints.save(step: state.step, state: state, model: model, loraConfig: loraConfig, engine: engine,
@@ -425,8 +455,8 @@ public final class Trainer {
         guard !(collective is LocalCollective) else { return try Evaluation.loss(engine: engine, batches: eval).mean }
         let mine = DistributedSampling.shardWithoutPadding(count: eval.count, rank: collective.rank, worldSize: world).map { eval[$0] }
         let part = try Evaluation.loss(engine: engine, batches: mine)
-        if configuration.shardBase, let first = eval.first {
-            // Every forward gathers blocks from every rank (the CPU model's shards or the GPU trainer's): a rank with
+        if configuration.shardBase || model.vocabularyParallel != nil, let first = eval.first {
+            // Every forward gathers blocks (the CPU model's shards or the GPU trainer's) or the head's rows from every rank: a rank with
             // a batch fewer makes one more forward, and drops its loss, so all ranks make the same all-gathers.
             for _ in mine.count..<DistributedSampling.itemsPerRank(count: eval.count, worldSize: world) { _ = try engine.loss(batch: first) }
         }
@@ -615,7 +645,12 @@ public final class Trainer {
         let c = model.config
         let weights = model.linearLayers.reduce(0) { $0 + $1.weight.storedBytes } + (model.shardedBase?.shardBytes ?? 0) + (model.embedding.count + (model.head === model.embedding ? 0 : model.head.count)) * 4
         let adapters = model.parameterCounts.trainable * 4
-        let optimizerBytes = (try? OptimizerKind.parse(configuration.optimizer).stateBytes(count: model.parameterCounts.trainable)) ?? 0
+        // State per tensor (8-bit AdamW's by tensor size), of this rank's own tensors when the adapters are sharded.
+        let slots = (engine as? CPUTrainingEngine)?.parameterSlots() ?? []
+        let owned = (engine as? CPUTrainingEngine)?.adapterSharding?.owned ?? slots.indices
+        let kind = try? OptimizerKind.parse(configuration.optimizer)
+        let optimizerBytes = slots.isEmpty ? (kind?.stateBytes(count: model.parameterCounts.trainable) ?? 0)
+            : owned.reduce(0) { $0 + (kind?.stateBytes(count: slots[$1].values.count) ?? 0) }
         let tokens = (train.map(\.tokenCount).max() ?? 0)
         let perBlock = tokens * (6 * c.hiddenSize + 3 * c.qDim + 4 * c.intermediateSize) * 4
         let activations = configuration.gradientCheckpointing ? tokens * c.hiddenSize * 4 * c.layerCount + perBlock : perBlock * c.layerCount

@@ -43,6 +43,16 @@ public struct TrainingConfiguration: Sendable, Equatable {
     /// Shard the frozen base's blocks over the data-parallel ranks (fsdp_qlora's FULL_SHARD for the 4-bit base): each
     /// rank keeps 1/W of every block and gathers a block just before its use (Parallel/ShardedBase.swift).
     public var shardBase = false
+    /// ZeRO-2 for the adapters (Parallel/ShardedAdapters.swift): each rank keeps summed gradients and optimizer state
+    /// only for the LoRA tensors it owns. nil: on with shard_base.
+    public var shardAdapters: Bool?
+    /// The head's loss sharded by vocabulary over the ranks (Parallel/VocabularyParallelLoss.swift). nil: on with
+    /// shard_base.
+    public var shardHead: Bool?
+    /// Whether the adapters are sharded when the run has several ranks (explicit, or following shard_base).
+    public var shardsAdapters: Bool { shardAdapters ?? shardBase }
+    /// Whether the head's loss is sharded by vocabulary when the run has several ranks.
+    public var shardsHead: Bool { shardHead ?? shardBase }
     /// The GPU's 16-bit compute type (`bnb_4bit_compute_dtype`, or TrainingArguments' `bf16: true` / `fp16: true`):
     /// auto is bf16 where the card has it (compute capability 8.0+), fp16 with loss scaling before (a T4).
     public var computeDType: ComputeDTypeChoice = .auto
@@ -95,7 +105,7 @@ public struct TrainingConfiguration: Sendable, Equatable {
         "full_determinism", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "output_dir", "early_stopping_patience",
         "resume", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "metric_for_best_model", "greater_is_better",
         "eval_metrics", "generation_eval_examples", "generation_max_new_tokens",
-        "bnb_4bit_compute_dtype", "compute_dtype", "bf16", "fp16",
+        "bnb_4bit_compute_dtype", "compute_dtype", "bf16", "fp16", "shard_base", "shard_adapters", "shard_head",
     ]
 
     public mutating func apply(_ object: JSONObject, file: String, lines: [String: Int] = [:]) throws {
@@ -159,6 +169,8 @@ public struct TrainingConfiguration: Sendable, Equatable {
                 seed = UInt64(v)
             case "full_determinism": fullDeterminism = try bool()
             case "shard_base": shardBase = try bool()
+            case "shard_adapters": shardAdapters = try bool()
+            case "shard_head": shardHead = try bool()
             case "logging_steps": loggingSteps = try int()
             case "report_to":
                 do { reportTo = try ReportTargets.parse(try strings()) } catch let error as UsageError { throw fail("\(ReportTargets.accepted), as a string or a list (\(error.message))") }
@@ -270,6 +282,7 @@ public struct TrainingConfiguration: Sendable, Equatable {
         "save_total_limit": "--save-total-limit", "early_stopping_patience": "--early-stopping-patience", "output_dir": "--output",
         "metric_for_best_model": "--metric-for-best", "eval_metrics": "--eval-metrics", "generation_eval_examples": "--generation-eval-examples",
         "generation_max_new_tokens": "--generation-max-new-tokens", "shard_base": "--shard-base",
+        "shard_adapters": "--shard-adapters", "shard_head": "--shard-head",
     ]
 
     /// The best-model metric: nil for the eval loss, else a task metric.

@@ -144,7 +144,12 @@ final class ShardedBaseTests: XCTestCase {
             }
             let dir = try TestFixtures.temporaryDirectory("shard-world\(world)")
             let sharded = try ThreadWorld.run(size: world) { collective -> (Trainer, Int, Bool) in
-                let t = try self.trainer(DataParallelTests.configuration(dir, accumulation: 6 / world, shardBase: true), collective: collective)
+                // The adapters sharded too (on by default with the base; the same bits); the head whole here, since its
+                // vocabulary-parallel loss adds its sums in another order (ShardedAdaptersTests).
+                var c = DataParallelTests.configuration(dir, accumulation: 6 / world, shardBase: true)
+                c.shardHead = false
+                let t = try self.trainer(c, collective: collective)
+                XCTAssertNotNil((t.engine as? CPUTrainingEngine)?.adapterSharding)
                 _ = try t.run()
                 let base = try XCTUnwrap(t.model.shardedBase)
                 return (t, base.gatherCount, t.model.linearLayers.allSatisfy(\.weight.isSharded))
@@ -295,7 +300,8 @@ final class ShardedBaseTests: XCTestCase {
 }
 
 /// `qlora train --world 3 --shard-base`: three CPU processes, each with a third of the NF4 base, gather over sockets
-/// and log one process's losses; ranks 1 and 2 keep their lines in OUTPUT/rank-R.log; the summary has each rank's peak.
+/// (the adapters' gradients reduce-scattered and their values gathered, the head's loss shared by vocabulary, both by
+/// default with the base) and log one process's losses; ranks 1 and 2 keep their lines in OUTPUT/rank-R.log; the summary has each rank's peak.
 extension CommandLineTests {
     func testTrainWorldWithAShardedBaseMatchesOneProcess() throws {
         let model = TestFixtures.path("tiny-llama/base")
@@ -309,6 +315,9 @@ extension CommandLineTests {
         let world = try qlora(common + ["--gradient-accumulation-steps", "1", "--output", worldDir, "--world", "3", "--shard-base"])
         XCTAssertEqual(world.status, 0, world.err)
         XCTAssertTrue(world.err.contains("sharded base: rank 0 keeps"), world.err)
+        // With the base, the adapters (ZeRO-2) and the head (by vocabulary) are sharded by default.
+        XCTAssertTrue(world.err.contains("sharded adapters: rank 0 owns LoRA tensors 0..<"), world.err)
+        XCTAssertTrue(world.err.contains("vocabulary-parallel head: rank 0 computes the logits of vocabulary rows 0..<"), world.err)
         XCTAssertTrue(world.out.contains("3 ranks (base sharded)") && world.out.contains("peak memory per rank"), world.out)
         let (a, b) = (try losses(singleDir), try losses(worldDir))
         XCTAssertEqual(a.count, 3)
@@ -317,6 +326,7 @@ extension CommandLineTests {
         for rank in 1...2 {
             let log = try FileSystem.readText(worldDir + "/rank-\(rank).log")
             XCTAssertTrue(log.contains("sharded base: rank \(rank) keeps") && log.contains("step 3/3"), log)
+            XCTAssertTrue(log.contains("sharded adapters: rank \(rank) owns") && log.contains("vocabulary-parallel head: rank \(rank)"), log)
         }
     }
 }

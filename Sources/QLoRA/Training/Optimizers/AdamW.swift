@@ -98,6 +98,8 @@ public final class AdamW: Optimizer {
         stepCount = step
     }
 
+    public func retainState(of names: Set<String>) { moments = moments.filter { names.contains($0.key) } }
+
     /// Reads every `state.<p>.exp_avg` / `exp_avg_sq` pair; other `state.` buffers must be in `allowing`.
     static func readMoments(_ file: SafeTensorsFile, allowing: Set<String>) throws -> [String: AdamMoments] {
         var avg: [String: [Float]] = [:], avgSq: [String: [Float]] = [:]

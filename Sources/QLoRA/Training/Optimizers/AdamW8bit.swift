@@ -131,6 +131,11 @@ public final class AdamW8bit: Optimizer {
         return records
     }
 
+    public func retainState(of names: Set<String>) {
+        quantized = quantized.filter { names.contains($0.key) }
+        small = small.filter { names.contains($0.key) }
+    }
+
     public func load(state file: SafeTensorsFile) throws {
         let step = try OptimizerStateRecords.readStep(file)
         let newSmall = try AdamW.readMoments(file, allowing: ["state1", "state2", "absmax1", "absmax2"])

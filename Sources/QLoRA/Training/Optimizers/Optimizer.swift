@@ -70,6 +70,8 @@ public protocol Optimizer: AnyObject {
     func state() -> [TensorRecord]
     /// Restores what `state()` returned (read back from a safetensors file). Replaces all current state.
     func load(state file: SafeTensorsFile) throws
+    /// Drops the state of every tensor not named in `names` (a rank of sharded adapters keeps its own tensors' state).
+    func retainState(of names: Set<String>)
 }
 
 extension Optimizer {
