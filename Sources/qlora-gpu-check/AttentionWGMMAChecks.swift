@@ -1,10 +1,11 @@
 // The Hopper flash kernels on wgmma (Kernels/attention_wgmma.cu: QLORA_ATTENTION=wgmma runs the forward and the
 // backward there, wgmma-pipelined their pipelined variants, wgmma-forward only the forward) against the Double CPU
-// twin (CPUReference.attentionForward / attentionBackward) and beside the mma.sync flash kernels: head dimension 128, lengths off their tiles (forward: 128
-// queries x 128 keys; backward: 128 keys x 64 queries; 1, 127, 129, 200, 600), GQA groups of 1, 2 and 4, several batch
-// rows, packed sequences, sliding windows that skip whole tiles, and a soft-capped call that must fall back to the
-// mma.sync kernels (bit-identical to them where they have no atomics). Each output starts poisoned (NaN), so an
-// unwritten row fails. The backward runs on the wgmma forward's o and lse, so a wrong lse shows in dq/dk/dv too.
+// twin (CPUReference.attentionForward / attentionBackward) and beside the mma.sync flash kernels: head dimension 128,
+// lengths off their tiles (forward: 128 queries x 128 keys; backward: 128 keys x 64 queries; 1, 127, 129, 200, 600),
+// GQA groups of 1, 2 and 4, several batch rows, packed sequences, sliding windows that skip whole tiles, and a
+// soft-capped call that must fall back to the mma.sync kernels (bit-identical to them where they have no atomics).
+// Each output starts poisoned (NaN), so an unwritten row fails. The backward runs on the wgmma forward's o and lse,
+// so a wrong lse shows in dq/dk/dv too.
 // The pipelined kernels make the same products in the same order per accumulator, so the forward's o and lse and the
 // backward's dk and dv must equal the simple wgmma kernels' bit for bit (dq only to the order of its fp32 additions).
 // Thresholds as the "attention" group: o 1e-2, lse 1e-4, dq/dk/dv 2e-2; every line also prints the largest error and
