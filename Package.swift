@@ -28,6 +28,7 @@ let package = Package(
             // CUDA kernels travel inside the binary as bytes (PackageResources.<file>_cu); NVRTC compiles them at run time.
             resources: [
                 .embedInCode("Backend/CUDA/Kernels/qlora_prelude.cuh"),
+                .embedInCode("Backend/CUDA/Kernels/attention_common.cuh"),
                 .embedInCode("Backend/CUDA/Kernels/nf4.cu"),
                 .embedInCode("Backend/CUDA/Kernels/rmsnorm.cu"),
                 .embedInCode("Backend/CUDA/Kernels/rope.cu"),

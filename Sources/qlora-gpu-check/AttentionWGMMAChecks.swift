@@ -1,10 +1,13 @@
 // The Hopper flash kernels on wgmma (Kernels/attention_wgmma.cu: QLORA_ATTENTION=wgmma runs the forward and the
-// backward there, wgmma-forward only the forward) against the Double CPU twin (CPUReference.attentionForward /
-// attentionBackward) and beside the mma.sync flash kernels: head dimension 128, lengths off their tiles (forward: 128
-// queries x 128 keys; backward: 128 keys x 64 queries; 1, 127, 129, 200, 600), GQA groups of 1, 2 and 4, several batch
-// rows, packed sequences, sliding windows that skip whole tiles, and a soft-capped call that must fall back to the
-// mma.sync kernels (bit-identical to them where they have no atomics). Each output starts poisoned (NaN), so an
-// unwritten row fails. The backward runs on the wgmma forward's o and lse, so a wrong lse shows in dq/dk/dv too.
+// backward there, wgmma-pipelined their pipelined variants, wgmma-forward only the forward) against the Double CPU
+// twin (CPUReference.attentionForward / attentionBackward) and beside the mma.sync flash kernels: head dimension 128,
+// lengths off their tiles (forward: 128 queries x 128 keys; backward: 128 keys x 64 queries; 1, 127, 129, 200, 600),
+// GQA groups of 1, 2 and 4, several batch rows, packed sequences, sliding windows that skip whole tiles, and a
+// soft-capped call that must fall back to the mma.sync kernels (bit-identical to them where they have no atomics).
+// Each output starts poisoned (NaN), so an unwritten row fails. The backward runs on the wgmma forward's o and lse,
+// so a wrong lse shows in dq/dk/dv too.
+// The pipelined kernels make the same products in the same order per accumulator, so the forward's o and lse and the
+// backward's dk and dv must equal the simple wgmma kernels' bit for bit (dq only to the order of its fp32 additions).
 // Thresholds as the "attention" group: o 1e-2, lse 1e-4, dq/dk/dv 2e-2; every line also prints the largest error and
 // the first element over the tolerance with where it is (batch row, token, head, column), so one run tells what to fix.
 
@@ -70,6 +73,21 @@ func checkAttentionWGMMA() throws {
               attentionErrorNote(oValues, ref.o, seq: seq, heads: heads, cols: d, tolerance: 0.05))
         check("\(name): lse", relativeError(lseValues, ref.lse), 1e-4,
               attentionErrorNote(lseValues, ref.lse, seq: seq, heads: heads, cols: 1, tolerance: 1e-2))
+        // The pipelined forward: against the CPU, and bit for bit the simple wgmma forward's o and lse (the same
+        // products in the same order per accumulator), or the fallback's where the launcher fell back.
+        let op = try poisoned(UInt16.self, qn), lsep = try poisoned(Float.self, shape.tokens * heads)
+        try ctx.attentionForward(q: qd, k: kd, v: vd, into: op, lse: lsep, segments: segd, shape: shape, kernel: .wgmmaPipelined)
+        let opValues = try downloadBF16(op), lsepValues = try lsep.download()
+        check("\(name): o (pipelined)", relativeError(opValues, ref.o), 1e-2,
+              attentionErrorNote(opValues, ref.o, seq: seq, heads: heads, cols: d, tolerance: 0.05))
+        check("\(name): lse (pipelined)", relativeError(lsepValues, ref.lse), 1e-4,
+              attentionErrorNote(lsepValues, ref.lse, seq: seq, heads: heads, cols: 1, tolerance: 1e-2))
+        for (output, got, want, cols) in [("o", opValues, oValues, d), ("lse", lsepValues, lseValues, 1)] {
+            let same = zip(got, want).filter { $0.bitPattern == $1.bitPattern }.count
+            checkTrue("\(name): pipelined forward \(output) bit-identical to the wgmma forward", same == got.count,
+                      "\(got.count - same) of \(got.count) values differ; "
+                        + attentionErrorNote(got, want, seq: seq, heads: heads, cols: cols, tolerance: 0))
+        }
         // Beside the mma.sync flash forward on the same inputs (bit-identical where the launcher fell back).
         let o2 = try poisoned(UInt16.self, qn), lse2 = try poisoned(Float.self, shape.tokens * heads)
         try ctx.attentionForward(q: qd, k: kd, v: vd, into: o2, lse: lse2, segments: segd, shape: shape, kernel: .mma)
@@ -84,35 +102,51 @@ func checkAttentionWGMMA() throws {
         // The backward on the wgmma forward's o and lse: the wgmma backward (or its fallback), then the mma.sync flash
         // backward on the same o and lse as a second opinion.
         var backward: [AttentionKernel: [Float]] = [:]
-        for kernel in [AttentionKernel.wgmma, .mma] {
+        for kernel in [AttentionKernel.wgmma, .wgmmaPipelined, .mma] {
             let dq = try poisoned(UInt16.self, qn), dk = try poisoned(UInt16.self, kn), dv = try poisoned(UInt16.self, kn)
             try ctx.attentionBackward(q: qd, k: kd, v: vd, o: o, dout: dd, lse: lse, segments: segd, dq: dq, dk: dk, dv: dv,
                                       shape: shape, kernel: kernel)
             let values = [try downloadBF16(dq), try downloadBF16(dk), try downloadBF16(dv)]
             backward[kernel] = values.flatMap { $0 }
-            let label = kernel == .wgmma ? (applies ? "wgmma backward" : "wgmma->flash backward") : "mma.sync flash backward"
+            let label = kernel == .mma ? "mma.sync flash backward"
+                : "\(kernel == .wgmma ? "wgmma" : "pipelined wgmma")\(applies ? "" : "->flash") backward"
             for (index, (gradient, want, h)) in [("dq", ref.dq, heads), ("dk", ref.dk, kvHeads), ("dv", ref.dv, kvHeads)].enumerated() {
                 check("\(name): \(gradient) (\(label))", relativeError(values[index], want), 2e-2,
                       attentionErrorNote(values[index], want, seq: seq, heads: h, cols: d, tolerance: 0.1))
             }
         }
-        // dk and dv have no atomics in either kernel: where the launcher fell back, the same bits.
-        if !applies, let a = backward[.wgmma], let b = backward[.mma] {
+        // dk and dv have no atomics in any of the kernels: where the launcher fell back, the same bits; the pipelined
+        // wgmma backward against the simple one: dk, dv the same bits, dq to its additions' order.
+        if !applies, let a = backward[.wgmma], let p = backward[.wgmmaPipelined], let b = backward[.mma] {
             checkTrue("\(name): backward fallback dk, dv bit-identical",
                       a[qn...].map(\.bitPattern) == b[qn...].map(\.bitPattern))
+            checkTrue("\(name): pipelined backward fallback dk, dv bit-identical",
+                      p[qn...].map(\.bitPattern) == b[qn...].map(\.bitPattern))
+        }
+        if applies, let a = backward[.wgmma], let p = backward[.wgmmaPipelined] {
+            for (gradient, start) in [("dk", qn), ("dv", qn + kn)] {
+                let (pg, ag) = (Array(p[start..<start + kn]), Array(a[start..<start + kn]))
+                let same = zip(pg, ag).filter { $0.bitPattern == $1.bitPattern }.count
+                checkTrue("\(name): pipelined backward \(gradient) bit-identical to the wgmma backward", same == pg.count,
+                          "\(pg.count - same) of \(pg.count) values differ; "
+                            + attentionErrorNote(pg, ag, seq: seq, heads: kvHeads, cols: d, tolerance: 0))
+            }
+            let (pq, aq) = (Array(p[..<qn]), Array(a[..<qn]))
+            check("\(name): dq pipelined vs wgmma backward", relativeError(pq, aq), 5e-3,
+                  attentionErrorNote(pq, aq, seq: seq, heads: heads, cols: d, tolerance: 0.05))
         }
     }
 }
 
-/// The forward and the backward at the Llama-3.1-8B shape (32 query heads over 8 KV heads, d 128, causal): b2 s2048
-/// and b1 s16384, the mma.sync flash kernels and the wgmma ones; useful TFLOP/s = 4 B H S² D / 2 over the forward's
-/// time, 2.5 times that over the backward's (delta, the dQ accumulator and its conversion included).
+/// The forward and the backward at the Llama-3.1-8B shape (32 query heads over 8 KV heads, d 128, causal): b2 s2048,
+/// b1 s16384 and b1 s32768, the mma.sync flash kernels, the wgmma ones and their pipelined variants; useful TFLOP/s =
+/// 4 B H S² D / 2 over the forward's time, 2.5 times that over the backward's (delta, the dQ accumulator and its conversion included).
 func timeAttentionWGMMA() throws {
     guard ctx.wgmmaAttentionApplies(AttentionShape(batch: 1, seq: 1, heads: 1, kvHeads: 1, headDim: 128)) else {
         print("  attention wgmma: skipped (needs sm_90a kernels; this run: \(ctx.compiler.target))")
         return
     }
-    for (batch, seq) in [(2, 2048), (1, 16_384)] {
+    for (batch, seq) in [(2, 2048), (1, 16_384), (1, 32_768)] {
         let shape = AttentionShape(batch: batch, seq: seq, heads: 32, kvHeads: 8, headDim: 128)
         let qn = shape.tokens * shape.heads * 128, kn = shape.tokens * shape.kvHeads * 128
         let q = try A.buffer(UInt16.self, count: qn), k = try A.buffer(UInt16.self, count: kn), v = try A.buffer(UInt16.self, count: kn)
@@ -123,23 +157,25 @@ func timeAttentionWGMMA() throws {
         let dq = try A.buffer(UInt16.self, count: qn), dk = try A.buffer(UInt16.self, count: kn), dv = try A.buffer(UInt16.self, count: kn)
         let delta = try A.buffer(Float.self, count: shape.tokens * shape.heads), accumulator = try A.buffer(Float.self, count: qn)
         let flops = 4 * Double(batch * shape.heads) * Double(seq) * Double(seq) * 128 / 2
-        let iterations = seq > 4096 ? 5 : 10
+        let iterations = seq > 16_384 ? 3 : seq > 4096 ? 5 : 10
         var line = "  attention forward b\(batch) s\(seq) h32/8 d128:"
-        for kernel in [AttentionKernel.mma, .wgmma] {
+        for kernel in [AttentionKernel.mma, .wgmma, .wgmmaPipelined] {
             let ms = try timeMedian(iterations, warmup: 1) {
                 try ctx.attentionForward(q: q, k: k, v: v, into: o, lse: lse, shape: shape, kernel: kernel)
             }
-            line += " \(kernel == .mma ? "mma.sync flash" : "wgmma") \(fmt(ms, 3)) ms = \(fmt(flops / (ms / 1000) / 1e12, 1)) TFLOP/s;"
+            let label = kernel == .mma ? "mma.sync flash" : kernel == .wgmma ? "wgmma" : "wgmma pipelined"
+            line += " \(label) \(fmt(ms, 3)) ms = \(fmt(flops / (ms / 1000) / 1e12, 1)) TFLOP/s;"
         }
         print(line)
         // dout = o (any bf16 tensor of the right size times the same).
         line = "  attention backward b\(batch) s\(seq) h32/8 d128:"
-        for kernel in [AttentionKernel.mma, .wgmma] {
+        for kernel in [AttentionKernel.mma, .wgmma, .wgmmaPipelined] {
             let ms = try timeMedian(iterations, warmup: 1) {
                 try ctx.attentionBackward(q: q, k: k, v: v, o: o, dout: o, lse: lse, dq: dq, dk: dk, dv: dv, delta: delta,
                                           dqAccumulator: accumulator, shape: shape, kernel: kernel)
             }
-            line += " \(kernel == .mma ? "mma.sync flash" : "wgmma") \(fmt(ms, 3)) ms = \(fmt(2.5 * flops / (ms / 1000) / 1e12, 1)) TFLOP/s;"
+            let label = kernel == .mma ? "mma.sync flash" : kernel == .wgmma ? "wgmma" : "wgmma pipelined"
+            line += " \(label) \(fmt(ms, 3)) ms = \(fmt(2.5 * flops / (ms / 1000) / 1e12, 1)) TFLOP/s;"
         }
         print(line)
     }

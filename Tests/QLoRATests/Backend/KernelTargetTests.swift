@@ -43,8 +43,9 @@ final class KernelTargetTests: XCTestCase {
         XCTAssertEqual(try AttentionKernel(parsing: "wgmma"), .wgmma)
         XCTAssertEqual(try AttentionKernel(parsing: "WGMMA-forward"), .wgmmaForward)
         XCTAssertEqual(try AttentionKernel(parsing: "MMA"), .mma)
-        XCTAssertEqual(AttentionKernel.allCases.map { [$0.forwardOnWGMMA, $0.backwardOnWGMMA] },
-                       [[false, false], [true, false], [true, true]])
+        XCTAssertEqual(try AttentionKernel(parsing: "wgmma-pipelined"), .wgmmaPipelined)
+        XCTAssertEqual(AttentionKernel.allCases.map { [$0.forwardOnWGMMA, $0.backwardOnWGMMA, $0.forwardPipelined, $0.backwardPipelined] },
+                       [[false, false, false, false], [true, false, false, false], [true, true, false, false], [true, true, true, true]])
         XCTAssertThrowsError(try AttentionKernel(parsing: "fa3")) { error in
             XCTAssertTrue(error is UsageError)
             XCTAssertTrue("\(error)".contains("QLORA_ATTENTION=fa3"), "\(error)")
@@ -71,5 +72,15 @@ final class KernelTargetTests: XCTestCase {
         XCTAssertTrue(KernelSources.attentionWGMMA.text.contains("#define WGB_QUERIES 64 "))
         XCTAssertEqual(CUDAContext.wgmmaBackwardShared, 150_016)
         XCTAssertLessThanOrEqual(CUDAContext.wgmmaBackwardShared, try KernelTarget(parsing: "sm_90a").maxSharedMemoryPerBlock)
+        // And the pipelined backward's WGBP_SHARED: two stages of 64 dQ rows of 544 bytes beside WGB_SHARED.
+        XCTAssertTrue(KernelSources.attentionWGMMA.text.contains("#define WGBP_SHARED (WGB_SHARED + 2 * WGBP_DQ_BYTES)"))
+        XCTAssertTrue(KernelSources.attentionWGMMA.text.contains("#define WGBP_DQ_BYTES (WGB_QUERIES * WGBP_DQ_STRIDE)"))
+        XCTAssertTrue(KernelSources.attentionWGMMA.text.contains("#define WGBP_DQ_STRIDE 544 "))
+        XCTAssertEqual(CUDAContext.wgmmaBackwardPipelinedShared, CUDAContext.wgmmaBackwardShared + 2 * 64 * 544)
+        // And the pipelined forward's WGF_PIPELINED_SHARED: a third stage of V.
+        XCTAssertTrue(KernelSources.attentionWGMMA.text.contains("#define WGF_PIPELINED_SHARED (6 * WG_TILE_BYTES + 2 * WG_KEYS * 4 + 1024)"))
+        XCTAssertEqual(CUDAContext.wgmmaForwardPipelinedShared, 198_656)
+        XCTAssertLessThanOrEqual(CUDAContext.wgmmaForwardPipelinedShared, try KernelTarget(parsing: "sm_90a").maxSharedMemoryPerBlock)
+        XCTAssertLessThanOrEqual(CUDAContext.wgmmaBackwardPipelinedShared, try KernelTarget(parsing: "sm_90a").maxSharedMemoryPerBlock)
     }
 }

@@ -84,6 +84,7 @@ public final class CUDAContext {
         let choice = (try? AttentionKernel.fromEnvironment()) ?? .mma
         let wgmma = wgmmaAttentionApplies(AttentionShape(batch: 1, seq: 1, heads: 1, kvHeads: 1, headDim: 128))
         let note = !wgmma || !choice.forwardOnWGMMA ? ""
+            : choice.backwardPipelined ? "; d128 flash forward and backward on wgmma, pipelined (QLORA_ATTENTION)"
             : choice.backwardOnWGMMA ? "; d128 flash forward and backward on wgmma (QLORA_ATTENTION)"
             : "; d128 flash forward on wgmma (QLORA_ATTENTION)"
         return "\(compiler.target.description), \(computeDType) compute, attention: \(compiler.target.attentionPath)" + note

@@ -3,9 +3,11 @@
 
 /// Every `.cu` file the CUDA backend compiles, one op family per file.
 public enum KernelSources {
-    /// Headers handed to NVRTC in memory; kernels `#include "qlora_prelude.cuh"`.
+    /// Headers handed to NVRTC in memory; kernels `#include "qlora_prelude.cuh"` (and the attention kernels
+    /// "attention_common.cuh").
     public static let headers: [(name: String, text: String)] = [
         ("qlora_prelude.cuh", String(decoding: PackageResources.qlora_prelude_cuh, as: UTF8.self)),
+        ("attention_common.cuh", String(decoding: PackageResources.attention_common_cuh, as: UTF8.self)),
     ]
 
     public static let nf4 = KernelSource(name: "nf4.cu", bytes: PackageResources.nf4_cu)

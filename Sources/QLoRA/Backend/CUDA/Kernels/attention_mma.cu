@@ -30,6 +30,7 @@
 //                            tiles of 32 from the diagonal on: Sᵀ = K Qᵀ, Pᵀ, dV += Pᵀ dO, dPᵀ = V dOᵀ,
 //                            dSᵀ = Pᵀ (dPᵀ - delta), dK += dSᵀ Q; dk = scale dK.
 #include "qlora_prelude.cuh"
+#include "attention_common.cuh"
 
 #define MMA_THREADS 128
 
@@ -642,13 +643,8 @@ __device__ __forceinline__ void fa_issue_query_tile(h16* qs, h16* dos, float* ls
     const int h = h0 + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * BQ;
     async_rows_shared<D, BQ>(qs + stage * QT, q, t0, i0, seq, heads, h);
     async_rows_shared<D, BQ>(dos + stage * QT, dout, t0, i0, seq, heads, h);
-    if (threadIdx.x < BQ) {
-        const int i = i0 + threadIdx.x;
-        const bool valid = i < seq;
-        lse_s[stage * BQ + threadIdx.x] = valid ? lse[(t0 + i) * heads + h] * 1.4426950408889634f : 0.0f;
-        delta_s[stage * BQ + threadIdx.x] = valid ? delta[(t0 + i) * heads + h] : 0.0f;
-        segq_s[stage * BQ + threadIdx.x] = (segments && valid) ? segments[t0 + i] : 0;
-    }
+    attention_stage_query_rows(lse_s + stage * BQ, delta_s + stage * BQ, segq_s + stage * BQ, lse, delta, segments, BQ, i0,
+                               h, t0, seq, heads);
 }
 
 /// What a flash backward block derives from its index: KV head hk of batch row b (token offset t0), keys k0..k0 + BN

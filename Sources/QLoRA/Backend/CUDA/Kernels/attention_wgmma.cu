@@ -32,6 +32,7 @@
 // wgmma.fence and closed by commit_group + wait_group 0, and the accumulator registers are pinned around them
 // (empty asm with "+f") so the compiler cannot move their reads or writes across the asynchronous product.
 #include "qlora_prelude.cuh"
+#include "attention_common.cuh"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -84,6 +85,9 @@ __device__ __forceinline__ void wg_pin(float (&v)[64]) {
 }
 
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 __device__ __forceinline__ void wg_commit_and_wait() {
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
@@ -115,15 +119,29 @@ __device__ __forceinline__ unsigned wg_pack(float lo, float hi) {
     return (unsigned)float_to_h16(lo) | ((unsigned)float_to_h16(hi) << 16);
 }
 
-extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
-attention_wgmma_forward_d128(const h16* q, const h16* k, const h16* v, h16* o, float* lse, const int* segments, int seq,
-                             int heads, int kv_heads, float scale, float softcap, int window) {
-    (void)softcap;  // soft-capped calls take the mma.sync kernels
+// attention_wgmma_forward_pipelined_d128 (QLORA_ATTENTION=wgmma-pipelined): the same tiles and math, with each
+// warpgroup's P V product of tile j − 1 on the tensor cores while it masks and exponentiates tile j (FA3's overlap
+// inside a warpgroup). Per key tile of a block the products take ~2,048 cycles (2 x 2 x 64 x 128 x 128 MACs at 2,048
+// a cycle) and the softmax ~1,000-1,500 (16,384 ex2 on 16 SFUs: 1,024, plus the max, the sums and the packing), which
+// the simple kernel runs with the tensor cores idle (both warpgroups meet at the tile's barrier and reach the softmax
+// together): up to ~35% on the forward, counted, not yet measured. Order in iteration j: Sⱼ = Q Kⱼᵀ, then
+// O += Pⱼ₋₁ Vⱼ₋₁, committed as two groups; wait for Sⱼ only; mask, row max, P = exp2(…) and sums; wait for the P V
+// product; O *= α; pack Pⱼ. The last P V follows the loop. Vⱼ₋₁ is read while tile j + 1 loads, so V has three
+// stages (K two): WGF_PIPELINED_SHARED = Q + 2 K + 3 V tiles + 2 stages of key segments + 1024 = 198,656 bytes.
+// O accumulates the same products in the same order and is scaled by the same α, so o and lse equal the simple
+// kernel's bit for bit.
+#define WGF_PIPELINED_SHARED (6 * WG_TILE_BYTES + 2 * WG_KEYS * 4 + 1024)
+
+template <bool PIPELINED>
+__device__ __forceinline__ void wgf_forward(const h16* q, const h16* k, const h16* v, h16* o, float* lse,
+                                            const int* segments, int seq, int heads, int kv_heads, float scale,
+                                            int window) {
+    constexpr int V_STAGES = PIPELINED ? 3 : 2;
     // The dynamic shared memory, from its first 1024-byte boundary.
     const unsigned raw = wg_shared_address(wg_shared);
     const unsigned pad = (1024u - (raw & 1023u)) & 1023u;
     const unsigned qs = raw + pad, ks = qs + WG_TILE_BYTES, vs = ks + 2 * WG_TILE_BYTES;  // shared addresses
-    int* segk = reinterpret_cast<int*>(wg_shared + pad + 5 * WG_TILE_BYTES);           // [2][WG_KEYS]
+    int* segk = reinterpret_cast<int*>(wg_shared + pad + (3 + V_STAGES) * WG_TILE_BYTES);  // [2][WG_KEYS]
 
     const int h = blockIdx.x, b = blockIdx.y, q0 = (gridDim.z - 1 - blockIdx.z) * WG_ROWS;  // longest rows first
     const int hk = h / (heads / kv_heads);
@@ -140,43 +158,65 @@ attention_wgmma_forward_d128(const h16* q, const h16* k, const h16* v, h16* o, f
     for (int x = 0; x < 64; x++) oacc[x] = 0.0f;
     float m[2] = {-QLORA_INFINITY, -QLORA_INFINITY}, l[2] = {0.0f, 0.0f};
     const float sl2 = scale * 1.4426950408889634f;  // logits to base 2
+    // PIPELINED: P of the tile whose P V is pending, as the A fragments of its 8 k-steps, and that tile's V stage
+    // (-1 before the first). The P V product is issued on every path (ptxas serializes wgmma issued under a branch it
+    // cannot prove uniform): before the first tile with P = 0 against a loaded V stage, which adds exact zeros.
+    unsigned pa[8][4];
+#pragma unroll
+    for (int kk = 0; kk < 8; kk++) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
+    int pending = -1;
 
     // Key tiles from the one holding the block's first row's first visible key (window) to the diagonal.
     const int key_end = min(seq, q0 + WG_ROWS), tiles = (key_end + WG_KEYS - 1) / WG_KEYS;
     const int first_tile = max(0, q0 - window + 1) / WG_KEYS;
-    auto issue = [&](int j, int stage) {
+    auto issue = [&](int j) {
+        const int stage = j & 1, vstage = j % V_STAGES;
         wg_async_rows<WG_KEYS>(ks + stage * WG_TILE_BYTES, k, t0, j * WG_KEYS, seq, kv_heads, hk);
-        wg_async_rows<WG_KEYS>(vs + stage * WG_TILE_BYTES, v, t0, j * WG_KEYS, seq, kv_heads, hk);
+        wg_async_rows<WG_KEYS>(vs + vstage * WG_TILE_BYTES, v, t0, j * WG_KEYS, seq, kv_heads, hk);
         if (segments && threadIdx.x < WG_KEYS) {
             const int key = j * WG_KEYS + threadIdx.x;
             segk[stage * WG_KEYS + threadIdx.x] = key < seq ? segments[t0 + key] : -1;
         }
     };
+    // O += P V for the V tile in stage vstage: k-step kk covers keys 16 kk..16 kk + 15 (P's s[8 kk .. 8 kk + 7]).
+    auto accumulate_pv = [&](int vstage) {
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++)
+            wgmma_rs(oacc, pa[kk], wg_descriptor(vs + vstage * WG_TILE_BYTES + kk * 2048, WG_TILE_BYTES / 2, 1024));
+    };
     wg_async_rows<WG_ROWS>(qs, q, t0, q0, seq, heads, h);
-    issue(first_tile, first_tile & 1);
+    issue(first_tile);
     asm volatile("cp.async.commit_group;\n" ::: "memory");
     for (int j = first_tile; j < tiles; j++) {
         // Tile j has landed for every thread and is visible to the tensor cores' (async) proxy; every warpgroup is
-        // done with tile j - 1, whose stage is refilled next.
+        // done with tile j - 1's K (and, PIPELINED, with tile j - 2's V), whose stages are refilled next.
         asm volatile("cp.async.wait_group 0;\n" ::: "memory");
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
-        if (j + 1 < tiles) issue(j + 1, (j + 1) & 1);
+        if (j + 1 < tiles) issue(j + 1);
         asm volatile("cp.async.commit_group;\n" ::: "memory");
         const int j0 = j * WG_KEYS, stage = j & 1;
         if (j0 > wg_last) continue;                      // every key is after every row of this warpgroup
         if (j0 + WG_KEYS - 1 <= wg_first - window) continue;  // every key is before every row's window
 
         // S = Q Kᵀ over d = 128: 8 k-steps, two per 16 values of each 64-value half.
-        const unsigned ktile = ks + stage * WG_TILE_BYTES, vtile = vs + stage * WG_TILE_BYTES;
+        const unsigned ktile = ks + stage * WG_TILE_BYTES;
         wg_pin(s);
+        if constexpr (PIPELINED) wg_pin(oacc);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 8; kk++) {
             const unsigned step = (kk >> 2) * WG_TILE_BYTES / 2 + (kk & 3) * 32;
             wgmma_ss(s, wg_descriptor(qs + 64 * wg * 128 + step, 16, 1024), wg_descriptor(ktile + step, 16, 1024), kk > 0);
         }
-        wg_commit_and_wait();
+        if constexpr (PIPELINED) {
+            wg_commit();  // group: S of tile j
+            accumulate_pv(pending >= 0 ? pending : j % V_STAGES);
+            wg_commit();  // group: P V of the previous tile (zeros before the first)
+            wg_wait<1>();
+        } else {
+            wg_commit_and_wait();
+        }
         wg_pin(s);
 
         // Mask where the tile crosses this warpgroup's diagonal or its window's lower edge (or segments apply).
@@ -193,19 +233,16 @@ attention_wgmma_forward_d128(const h16* q, const h16* k, const h16* v, h16* o, f
         float mx[2] = {-QLORA_INFINITY, -QLORA_INFINITY};
 #pragma unroll
         for (int x = 0; x < 64; x++) mx[(x >> 1) & 1] = fmaxf(mx[(x >> 1) & 1], s[x]);
-        float msub[2];
+        float msub[2], alpha[2];
 #pragma unroll
         for (int i = 0; i < 2; i++) {
             mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
             mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
             const float m_new = fmaxf(m[i], mx[i] * sl2);  // running max in base-2 units
             msub[i] = m_new == -QLORA_INFINITY ? 0.0f : m_new;
-            const float alpha = wg_exp2(m[i] - msub[i]);  // 0 on the first tile (m = -inf)
-            l[i] *= alpha;
+            alpha[i] = wg_exp2(m[i] - msub[i]);  // 0 on the first tile (m = -inf)
+            l[i] *= alpha[i];
             m[i] = m_new;
-#pragma unroll
-            for (int x = 0; x < 64; x++)
-                if (((x >> 1) & 1) == i) oacc[x] *= alpha;
         }
 #pragma unroll
         for (int x = 0; x < 64; x++) {
@@ -213,11 +250,15 @@ attention_wgmma_forward_d128(const h16* q, const h16* k, const h16* v, h16* o, f
             s[x] = p;
             l[(x >> 1) & 1] += p;
         }
+        if constexpr (PIPELINED) {
+            wg_wait<0>();  // the previous tile's P V: O and pa are free
+            wg_pin(oacc);
+        }
+#pragma unroll
+        for (int x = 0; x < 64; x++) oacc[x] *= alpha[(x >> 1) & 1];
 
-        // O += P V: k-step kk covers keys 16 kk..16 kk + 15, whose probabilities are s[8 kk .. 8 kk + 7].
         // All of P is packed before the products start (registers written between them would make ptxas insert
         // a warpgroup.arrive before each).
-        unsigned pa[8][4];
 #pragma unroll
         for (int kk = 0; kk < 8; kk++) {
             pa[kk][0] = wg_pack(s[8 * kk], s[8 * kk + 1]);
@@ -225,10 +266,21 @@ attention_wgmma_forward_d128(const h16* q, const h16* k, const h16* v, h16* o, f
             pa[kk][2] = wg_pack(s[8 * kk + 4], s[8 * kk + 5]);
             pa[kk][3] = wg_pack(s[8 * kk + 6], s[8 * kk + 7]);
         }
+        if constexpr (PIPELINED) {
+            pending = j % V_STAGES;  // issued with the next tile's S, or after the loop
+        } else {
+            wg_pin(oacc);
+            wg_fence();
+            accumulate_pv(j % V_STAGES);
+            wg_commit_and_wait();
+            wg_pin(oacc);
+        }
+    }
+    if constexpr (PIPELINED) {
+        // The last tile's P V (zeros against the last loaded stage where this warpgroup skipped every tile).
         wg_pin(oacc);
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < 8; kk++) wgmma_rs(oacc, pa[kk], wg_descriptor(vtile + kk * 2048, WG_TILE_BYTES / 2, 1024));
+        accumulate_pv(pending >= 0 ? pending : (tiles - 1) % V_STAGES);
         wg_commit_and_wait();
         wg_pin(oacc);
     }
@@ -247,6 +299,21 @@ attention_wgmma_forward_d128(const h16* q, const h16* k, const h16* v, h16* o, f
             *reinterpret_cast<unsigned*>(out + n * 8 + 2 * t) = wg_pack(oacc[4 * n + 2 * i] * inv, oacc[4 * n + 2 * i + 1] * inv);
         if (t == 0) lse[(t0 + row) * heads + h] = m[i] * 0.6931471805599453f + logf(sum);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+attention_wgmma_forward_d128(const h16* q, const h16* k, const h16* v, h16* o, float* lse, const int* segments, int seq,
+                             int heads, int kv_heads, float scale, float softcap, int window) {
+    (void)softcap;  // soft-capped calls take the mma.sync kernels
+    wgf_forward<false>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale, window);
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+attention_wgmma_forward_pipelined_d128(const h16* q, const h16* k, const h16* v, h16* o, float* lse,
+                                       const int* segments, int seq, int heads, int kv_heads, float scale,
+                                       float softcap, int window) {
+    (void)softcap;  // soft-capped calls take the mma.sync kernels
+    wgf_forward<true>(q, k, v, o, lse, segments, seq, heads, kv_heads, scale, window);
 }
 
 // MARK: - Backward
@@ -304,11 +371,45 @@ __device__ __forceinline__ unsigned wgb_ds_offset(int r, int x, int t) {
     return (unsigned)(r * 128 + ((x ^ (r & 7)) << 4) + 4 * t);
 }
 
-extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
-attention_wgmma_backward_d128(const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse,
-                              const float* delta, const int* segments, float* dq_accum, h16* dk, h16* dv, int seq,
-                              int heads, int kv_heads, float scale, float softcap, int window) {
-    (void)softcap;  // soft-capped calls take the mma.sync kernels
+// MARK: - Backward, pipelined
+//
+// attention_wgmma_backward_pipelined_d128 (QLORA_ATTENTION=wgmma-pipelined): the same block, tiles, products and
+// math as attention_wgmma_backward_d128, in an order that keeps the tensor cores fed. A query tile costs a block
+// ~11,500 cycles in the simple kernel (session 8's 1 × 32,768 step: 3.36 s of backward over ~15,900 tiles an SM)
+// against ~2,560 of tensor-core work (5 products of 64 x 64 x 128 per warpgroup at 2,048 MACs a cycle an SM). What
+// changes, and what each should gain (counted, not yet measured):
+//  1. The tile's lse, δ and segments come by 4-byte cp.async in the Q/dO group, raw lse scaled by log2 e where it is
+//     used: no thread waits on a global load at the top of a tile (there, warps 0-1 held warpgroup 0's first wgmma
+//     back by an L2 round trip, ~600-800 cycles a tile, 5-7%).
+//  2. Sᵀ = K Qᵀ and dPᵀ = V dOᵀ committed as two wgmma groups; P = exp2(…) (8,192 ex2 a tile on 16 SFUs: ~512
+//     cycles) runs while dPᵀ is still on the tensor cores (~512 cycles for both warpgroups): up to ~4%.
+//  3. dV += Pᵀ dO issued as soon as P is packed, before dSᵀ is formed, and dK += dSᵀ Q before the barrier that
+//     precedes dQ, both waited for only with dQ's group at the tile's end: the dS work (~200 cycles) and the
+//     barrier run under ~1,000 cycles of products: ~2-3%.
+//  4. dQ = dS K leaves through shared memory: each warpgroup writes its 64 x 64 fp32 half into a [64][128] tile
+//     (rows padded to 544 bytes: the float2 stores of a half-warp hit 16 distinct bank pairs), and after the next
+//     tile's top barrier threads 0..63 each add one 512-byte query row to the accumulator with one bulk reduction
+//     (cp.reduce.async.bulk .add.f32) instead of 4,096 red.global.add.v2 a tile (1,024 L2 sectors as scattered
+//     8-byte atomics, and 16 LSU issues a thread). Two tiles of staging, so tile n writes one while tile n − 1's
+//     leaves; a thread's bulk group is waited for (.read) at the top of the tile that rewrites its source. The gain
+//     depends on what the atomics cost today (the mma.sync backward's profile: 477 GB/s of L2 traffic, mostly dQ).
+// Shared memory: WGB_SHARED + 2 x 64 x 544 bytes of dQ staging = 219,648 bytes (Hopper's limit: 232,448).
+
+#define WGBP_DQ_STRIDE 544                                   // bytes per staged dQ row: 512 + 32 of padding
+#define WGBP_DQ_BYTES (WGB_QUERIES * WGBP_DQ_STRIDE)         // one stage of dQ rows
+#define WGBP_SHARED (WGB_SHARED + 2 * WGBP_DQ_BYTES)
+
+/// A 4-byte cp.async into shared memory; `valid` false writes 0 (src is then not read, but must be a valid address).
+__device__ __forceinline__ void wg_async_word(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
+}
+
+
+/// The flash backward on wgmma; PIPELINED picks the pipelined order described above (the simple kernel otherwise).
+template <bool PIPELINED>
+__device__ __forceinline__ void wgb_backward(const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse,
+                                             const float* delta, const int* segments, float* dq_accum, h16* dk, h16* dv,
+                                             int seq, int heads, int kv_heads, float scale, int window) {
     const unsigned raw = wg_shared_address(wg_shared);
     const unsigned pad = (1024u - (raw & 1023u)) & 1023u;
     const unsigned ks = raw + pad, vs = ks + WG_TILE_BYTES;                        // shared addresses
@@ -316,9 +417,11 @@ attention_wgmma_backward_d128(const h16* q, const h16* k, const h16* v, const h1
     const unsigned dss = dos + 2 * WGB_QTILE_BYTES;                                 // dSᵀ
     unsigned char* base = wg_shared + pad;
     unsigned char* ds_tile = base + (dss - ks);
-    float* lse_s = reinterpret_cast<float*>(ds_tile + WGB_DS_BYTES);  // [2][64], times log2 e
+    float* lse_s = reinterpret_cast<float*>(ds_tile + WGB_DS_BYTES);  // [2][64], times log2 e unless PIPELINED
     float* delta_s = lse_s + 2 * WGB_QUERIES;                          // [2][64]
     int* segq_s = reinterpret_cast<int*>(delta_s + 2 * WGB_QUERIES);   // [2][64]
+    unsigned char* dq_stage = reinterpret_cast<unsigned char*>(segq_s + 2 * WGB_QUERIES);  // PIPELINED: [2][64 rows]
+    const unsigned dq_stage_address = wg_shared_address(dq_stage);
 
     const int hk = blockIdx.x % kv_heads, b = blockIdx.x / kv_heads, k0 = blockIdx.y * WG_KEYS;
     const int group = heads / kv_heads;
@@ -342,12 +445,31 @@ attention_wgmma_backward_d128(const h16* q, const h16* k, const h16* v, const h1
         const int h = hk * group + n / tiles_per_head, i0 = k0 + (n % tiles_per_head) * WGB_QUERIES;
         wg_async_rows<WGB_QUERIES>(qs + stage * WGB_QTILE_BYTES, q, t0, i0, seq, heads, h);
         wg_async_rows<WGB_QUERIES>(dos + stage * WGB_QTILE_BYTES, dout, t0, i0, seq, heads, h);
+        if constexpr (PIPELINED) {
+            if (threadIdx.x < WGB_QUERIES) {
+                const int i = i0 + threadIdx.x, r = stage * WGB_QUERIES + threadIdx.x;
+                const bool valid = i < seq;
+                const long long row = valid ? (t0 + i) * heads + h : 0;
+                wg_async_word(wg_shared_address(lse_s + r), lse + row, valid);
+                wg_async_word(wg_shared_address(delta_s + r), delta + row, valid);
+                wg_async_word(wg_shared_address(segq_s + r), segments && valid ? (const void*)(segments + t0 + i) : (const void*)lse,
+                              segments && valid);
+            }
+        } else {
+            attention_stage_query_rows(lse_s + stage * WGB_QUERIES, delta_s + stage * WGB_QUERIES, segq_s + stage * WGB_QUERIES,
+                                       lse, delta, segments, WGB_QUERIES, i0, h, t0, seq, heads);
+        }
+    };
+    // PIPELINED: tile n's staged dQ rows (stage n & 1) added to the accumulator, one bulk reduction a query row.
+    auto reduce_dq = [&](int n) {
         if (threadIdx.x < WGB_QUERIES) {
-            const int i = i0 + threadIdx.x;
-            const bool valid = i < seq;
-            lse_s[stage * WGB_QUERIES + threadIdx.x] = valid ? lse[(t0 + i) * heads + h] * 1.4426950408889634f : 0.0f;
-            delta_s[stage * WGB_QUERIES + threadIdx.x] = valid ? delta[(t0 + i) * heads + h] : 0.0f;
-            segq_s[stage * WGB_QUERIES + threadIdx.x] = (segments && valid) ? segments[t0 + i] : 0;
+            const int h = hk * group + n / tiles_per_head, query = k0 + (n % tiles_per_head) * WGB_QUERIES + threadIdx.x;
+            if (query < seq) {
+                float* row = dq_accum + ((t0 + query) * heads + h) * 128;
+                asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], 512;\n" ::"l"(row),
+                             "r"(dq_stage_address + (n & 1) * WGBP_DQ_BYTES + threadIdx.x * WGBP_DQ_STRIDE) : "memory");
+            }
+            asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
         }
     };
     wg_async_rows<WG_KEYS>(ks, k, t0, k0, seq, kv_heads, hk);
@@ -356,10 +478,17 @@ attention_wgmma_backward_d128(const h16* q, const h16* k, const h16* v, const h1
     asm volatile("cp.async.commit_group;\n" ::: "memory");
     for (int n = 0; n < tiles; n++) {
         // Tile n has landed and is visible to the async proxy; every warpgroup is done with tile n - 1 (its stage,
-        // refilled next, and the dSᵀ tile, rewritten below).
+        // refilled next, and the dSᵀ tile, rewritten below). PIPELINED: tile n − 1's dQ rows are staged and visible
+        // to the async proxy, and tile n − 2's have been read out of the stage this tile rewrites.
         asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        if constexpr (PIPELINED) {
+            if (threadIdx.x < WGB_QUERIES) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+        }
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
+        if constexpr (PIPELINED) {
+            if (n > 0) reduce_dq(n - 1);
+        }
         if (n + 1 < tiles) issue(n + 1, (n + 1) & 1);
         asm volatile("cp.async.commit_group;\n" ::: "memory");
         const int stage = n & 1;
@@ -368,6 +497,23 @@ attention_wgmma_backward_d128(const h16* q, const h16* k, const h16* v, const h1
         const float* lse_t = lse_s + stage * WGB_QUERIES;
         const float* delta_t = delta_s + stage * WGB_QUERIES;
         const int* segq_t = segq_s + stage * WGB_QUERIES;
+        const float lse_unit = PIPELINED ? 1.4426950408889634f : 1.0f;  // staged lse to base 2
+        const bool masked = segments || i0 < wg_last || i0 + WGB_QUERIES > seq || i0 + WGB_QUERIES - 1 - window >= wg_first;
+        // Pᵀ (into st) where fragment value x is key row keys[(x >> 1) & 1], query column 8 (x >> 2) + 2 t + (x & 1).
+        auto probabilities = [&]() {
+#pragma unroll
+            for (int x = 0; x < 32; x++) {
+                const int cq = (x >> 2) * 8 + 2 * t + (x & 1);
+                float p = wg_exp2(fmaf(st[x], sl2, -lse_t[cq] * lse_unit));
+                if (masked) {
+                    const int i = (x >> 1) & 1, query = i0 + cq;
+                    const bool ok = query < seq && keys[i] <= query && keys[i] > query - window
+                                    && (!segments || segq_t[cq] == segk[i]);
+                    p = ok ? p : 0.0f;
+                }
+                st[x] = p;
+            }
+        };
 
         // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ over d = 128 (k-step kk: half kk / 4 of the rows, 32 bytes per 16 values).
         wg_pin32(st);
@@ -378,36 +524,56 @@ attention_wgmma_backward_d128(const h16* q, const h16* k, const h16* v, const h1
             const unsigned key_step = (kk >> 2) * (WG_TILE_BYTES / 2) + 64 * wg * 128 + (kk & 3) * 32;
             const unsigned query_step = (kk >> 2) * (WGB_QTILE_BYTES / 2) + (kk & 3) * 32;
             wgmma_ss_n64<0, 0>(st, wg_descriptor(ks + key_step, 16, 1024), wg_descriptor(qtile + query_step, 16, 1024), kk > 0);
-            wgmma_ss_n64<0, 0>(dpt, wg_descriptor(vs + key_step, 16, 1024), wg_descriptor(dotile + query_step, 16, 1024), kk > 0);
+            if constexpr (!PIPELINED)
+                wgmma_ss_n64<0, 0>(dpt, wg_descriptor(vs + key_step, 16, 1024), wg_descriptor(dotile + query_step, 16, 1024), kk > 0);
         }
-        wg_commit_and_wait();
-        wg_pin32(st);
-        wg_pin32(dpt);
-
-        // Pᵀ and dSᵀ: fragment value x is key row keys[(x >> 1) & 1], query column 8 (x >> 2) + 2 t + (x & 1).
-        const bool masked = segments || i0 < wg_last || i0 + WGB_QUERIES > seq || i0 + WGB_QUERIES - 1 - window >= wg_first;
-#pragma unroll
-        for (int x = 0; x < 32; x++) {
-            const int cq = (x >> 2) * 8 + 2 * t + (x & 1);
-            float p = wg_exp2(fmaf(st[x], sl2, -lse_t[cq]));
-            if (masked) {
-                const int i = (x >> 1) & 1, query = i0 + cq;
-                const bool ok = query < seq && keys[i] <= query && keys[i] > query - window
-                                && (!segments || segq_t[cq] == segk[i]);
-                p = ok ? p : 0.0f;
-            }
-            st[x] = p;                              // Pᵀ
-            dpt[x] = p * (dpt[x] - delta_t[cq]);    // dSᵀ
-        }
-        // A fragments of the k-steps over the tile's 64 queries, and dSᵀ (the same bf16 values) into shared memory.
         unsigned pa[4][4], sa[4][4];
+        if constexpr (PIPELINED) {
+            wg_commit();  // group: Sᵀ
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                pa[kk][r] = wg_pack(st[8 * kk + 2 * r], st[8 * kk + 2 * r + 1]);
-                sa[kk][r] = wg_pack(dpt[8 * kk + 2 * r], dpt[8 * kk + 2 * r + 1]);
+            for (int kk = 0; kk < 8; kk++) {
+                const unsigned key_step = (kk >> 2) * (WG_TILE_BYTES / 2) + 64 * wg * 128 + (kk & 3) * 32;
+                const unsigned query_step = (kk >> 2) * (WGB_QTILE_BYTES / 2) + (kk & 3) * 32;
+                wgmma_ss_n64<0, 0>(dpt, wg_descriptor(vs + key_step, 16, 1024), wg_descriptor(dotile + query_step, 16, 1024), kk > 0);
             }
+            wg_commit();  // group: dPᵀ
+            wg_wait<1>();  // Sᵀ (dPᵀ may still run)
+            wg_pin32(st);
+            probabilities();
+            // dV += Pᵀ dO now (B = the dO tile N-major, k-step = 16 queries); dSᵀ is formed while it runs.
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+                for (int r = 0; r < 4; r++) pa[kk][r] = wg_pack(st[8 * kk + 2 * r], st[8 * kk + 2 * r + 1]);
+            wg_pin(dva);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) wgmma_rs(dva, pa[kk], wg_descriptor(dotile + kk * 2048, WGB_QTILE_BYTES / 2, 1024));
+            wg_commit();  // group: dV
+            wg_wait<1>();  // dPᵀ (dV may still run)
+            wg_pin32(dpt);
+#pragma unroll
+            for (int x = 0; x < 32; x++) dpt[x] = st[x] * (dpt[x] - delta_t[(x >> 2) * 8 + 2 * t + (x & 1)]);  // dSᵀ
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+                for (int r = 0; r < 4; r++) sa[kk][r] = wg_pack(dpt[8 * kk + 2 * r], dpt[8 * kk + 2 * r + 1]);
+        } else {
+            wg_commit_and_wait();
+            wg_pin32(st);
+            wg_pin32(dpt);
+            probabilities();
+#pragma unroll
+            for (int x = 0; x < 32; x++) dpt[x] = st[x] * (dpt[x] - delta_t[(x >> 2) * 8 + 2 * t + (x & 1)]);  // dSᵀ
+            // A fragments of the k-steps over the tile's 64 queries, and dSᵀ (the same bf16 values) into shared memory.
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    pa[kk][r] = wg_pack(st[8 * kk + 2 * r], st[8 * kk + 2 * r + 1]);
+                    sa[kk][r] = wg_pack(dpt[8 * kk + 2 * r], dpt[8 * kk + 2 * r + 1]);
+                }
+        }
 #pragma unroll
         for (int kk = 0; kk < 4; kk++)
 #pragma unroll
@@ -417,18 +583,22 @@ attention_wgmma_backward_d128(const h16* q, const h16* k, const h16* v, const h1
                 *reinterpret_cast<unsigned*>(ds_tile + wgb_ds_offset(row, 2 * kk + (r >> 1), t)) = sa[kk][r];
             }
 
-        // dV += Pᵀ dO and dK += dSᵀ Q: B = the dO / Q tile N-major (d contiguous per query), k-step = 16 queries.
+        // dV += Pᵀ dO (unless issued above) and dK += dSᵀ Q: B = the dO / Q tile N-major (d contiguous per query).
         wg_pin(dva);
         wg_pin(dka);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
-            wgmma_rs(dva, pa[kk], wg_descriptor(dotile + kk * 2048, WGB_QTILE_BYTES / 2, 1024));
+            if constexpr (!PIPELINED) wgmma_rs(dva, pa[kk], wg_descriptor(dotile + kk * 2048, WGB_QTILE_BYTES / 2, 1024));
             wgmma_rs(dka, sa[kk], wg_descriptor(qtile + kk * 2048, WGB_QTILE_BYTES / 2, 1024));
         }
-        wg_commit_and_wait();
-        wg_pin(dva);
-        wg_pin(dka);
+        if constexpr (PIPELINED) {
+            wg_commit();  // group: dK, waited for with dQ's
+        } else {
+            wg_commit_and_wait();
+            wg_pin(dva);
+            wg_pin(dka);
+        }
 
         // Every warpgroup's dSᵀ is written and visible to the async proxy.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -442,18 +612,38 @@ attention_wgmma_backward_d128(const h16* q, const h16* k, const h16* v, const h1
                                wg_descriptor(ks + wg * (WG_TILE_BYTES / 2) + kk * 2048, WG_TILE_BYTES / 2, 1024), kk > 0);
         wg_commit_and_wait();
         wg_pin32(dqa);
+        if constexpr (PIPELINED) {
+            wg_pin(dva);
+            wg_pin(dka);
+            // Fragment value 4 nn + 2 i + c: query row 16 warp + g + 8 i, column 64 wg + 8 nn + 2 t + c.
+            unsigned char* rows = dq_stage + stage * WGBP_DQ_BYTES;
 #pragma unroll
-        for (int i = 0; i < 2; i++) {
-            const int query = i0 + 16 * warp + g + 8 * i;
-            if (query >= seq) continue;
-            float* row = dq_accum + ((t0 + query) * heads + h) * 128 + 64 * wg + 2 * t;
+            for (int i = 0; i < 2; i++)
 #pragma unroll
-            for (int nn = 0; nn < 8; nn++)
-                asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(row + 8 * nn), "f"(dqa[4 * nn + 2 * i]),
-                             "f"(dqa[4 * nn + 2 * i + 1]) : "memory");
+                for (int nn = 0; nn < 8; nn++)
+                    *reinterpret_cast<float2*>(rows + (16 * warp + g + 8 * i) * WGBP_DQ_STRIDE + (64 * wg + 8 * nn + 2 * t) * 4)
+                        = make_float2(dqa[4 * nn + 2 * i], dqa[4 * nn + 2 * i + 1]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const int query = i0 + 16 * warp + g + 8 * i;
+                if (query >= seq) continue;
+                float* row = dq_accum + ((t0 + query) * heads + h) * 128 + 64 * wg + 2 * t;
+#pragma unroll
+                for (int nn = 0; nn < 8; nn++)
+                    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(row + 8 * nn), "f"(dqa[4 * nn + 2 * i]),
+                                 "f"(dqa[4 * nn + 2 * i + 1]) : "memory");
+            }
         }
     }
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    if constexpr (PIPELINED) {
+        // The last tile's dQ rows, then every bulk reduction complete before the block's shared memory goes.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        if (tiles > 0) reduce_dq(tiles - 1);
+        if (threadIdx.x < WGB_QUERIES) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+    }
     // dk = scale·dK, dv = dV: fragment value 4 n + 2 i + c is key keys[i], column 8 n + 2 t + c.
 #pragma unroll
     for (int i = 0; i < 2; i++) {
@@ -466,6 +656,22 @@ attention_wgmma_backward_d128(const h16* q, const h16* k, const h16* v, const h1
             *reinterpret_cast<unsigned*>(outv + nn * 8 + 2 * t) = wg_pack(dva[4 * nn + 2 * i], dva[4 * nn + 2 * i + 1]);
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+attention_wgmma_backward_d128(const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse,
+                              const float* delta, const int* segments, float* dq_accum, h16* dk, h16* dv, int seq,
+                              int heads, int kv_heads, float scale, float softcap, int window) {
+    (void)softcap;  // soft-capped calls take the mma.sync kernels
+    wgb_backward<false>(q, k, v, dout, lse, delta, segments, dq_accum, dk, dv, seq, heads, kv_heads, scale, window);
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+attention_wgmma_backward_pipelined_d128(const h16* q, const h16* k, const h16* v, const h16* dout, const float* lse,
+                                        const float* delta, const int* segments, float* dq_accum, h16* dk, h16* dv,
+                                        int seq, int heads, int kv_heads, float scale, float softcap, int window) {
+    (void)softcap;  // soft-capped calls take the mma.sync kernels
+    wgb_backward<true>(q, k, v, dout, lse, delta, segments, dq_accum, dk, dv, seq, heads, kv_heads, scale, window);
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -6,7 +6,7 @@
 // types: key tiles wholly outside it are skipped, in the forward and the backward).
 // On Hopper (sm_90a kernels) the flash forward at head dimension 128 without soft-capping runs on wgmma
 // (Kernels/attention_wgmma.cu) by default, and the flash backward there too with `kernel: .wgmma` or
-// QLORA_ATTENTION=wgmma; `kernel: .mma`, or QLORA_ATTENTION=mma for every call that does not name one (the trainer's,
+// QLORA_ATTENTION=wgmma (or its pipelined variant with `.wgmmaPipelined`, QLORA_ATTENTION=wgmma-pipelined); `kernel: .mma`, or QLORA_ATTENTION=mma for every call that does not name one (the trainer's,
 // so `qlora bench` and `qlora train`), keeps both on the mma.sync kernels. Every other shape and card, and the
 // deterministic backward (`flash: false`), run the mma.sync kernels.
 
@@ -25,16 +25,24 @@ public enum AttentionKernel: String, Sendable, CaseIterable {
     case wgmmaForward = "wgmma-forward"
     /// Both wgmma kernels: the forward and `attention_wgmma_backward_d128` (wgmma m64n64k16 / m64n128k16).
     case wgmma
+    /// `attention_wgmma_forward_pipelined_d128` and `attention_wgmma_backward_pipelined_d128`: the same products in a
+    /// pipelined order (forward: each tile's P V on the tensor cores while the next tile's softmax runs; backward: wgmma
+    /// groups in flight while the P and dS work runs, the query tile's scalars by cp.async, dQ added by bulk
+    /// reductions; attention_wgmma.cu). Selectable until an H100 run shows them correct and faster.
+    case wgmmaPipelined = "wgmma-pipelined"
 
     /// Whether the d128 flash forward runs on wgmma (where it applies).
     public var forwardOnWGMMA: Bool { self != .mma }
     /// Whether the d128 flash backward runs on wgmma (where it applies).
-    public var backwardOnWGMMA: Bool { self == .wgmma }
+    public var backwardOnWGMMA: Bool { self == .wgmma || self == .wgmmaPipelined }
+    /// Whether the wgmma forward and backward are the pipelined ones.
+    public var forwardPipelined: Bool { self == .wgmmaPipelined }
+    public var backwardPipelined: Bool { self == .wgmmaPipelined }
 
     /// A value of QLORA_ATTENTION.
     public init(parsing text: String) throws {
         guard let kernel = AttentionKernel(rawValue: text.lowercased()) else {
-            throw UsageError("QLORA_ATTENTION=\(text) is not an attention kernel (expected mma, wgmma-forward or wgmma)")
+            throw UsageError("QLORA_ATTENTION=\(text) is not an attention kernel (expected mma, wgmma-forward, wgmma or wgmma-pipelined)")
         }
         self = kernel
     }
@@ -113,9 +121,14 @@ extension CUDAContext {
     /// Shared memory of attention_wgmma.cu's forward (its WG_SHARED): Q and two stages of K and V (128 x 128 values
     /// each), two stages of key segments, and 1024 bytes to start the tiles on the swizzle pattern's 1024-byte boundary.
     static let wgmmaForwardShared = 5 * 128 * 128 * 2 + 2 * 128 * 4 + 1024
+    /// Shared memory of the pipelined forward (its WGF_PIPELINED_SHARED): a third stage of V (198,656 bytes).
+    static let wgmmaForwardPipelinedShared = 6 * 128 * 128 * 2 + 2 * 128 * 4 + 1024
     /// Shared memory of attention_wgmma.cu's backward (its WGB_SHARED): K and V (128 x 128 values), two stages of Q
     /// and dO (64 x 128), dSᵀ (128 x 64), two stages of lse, delta and query segments (64 each), 1024 bytes of slack.
     static let wgmmaBackwardShared = 2 * 128 * 128 * 2 + 4 * 64 * 128 * 2 + 128 * 64 * 2 + 3 * 2 * 64 * 4 + 1024
+    /// Shared memory of the pipelined backward (its WGBP_SHARED): the backward's and two stages of 64 fp32 dQ rows of
+    /// 544 bytes (512 and 32 of padding): 219,648 bytes.
+    static let wgmmaBackwardPipelinedShared = wgmmaBackwardShared + 2 * 64 * 544
 
     /// Whether the wgmma forward and backward can run this shape: Hopper kernels (sm_90a cubins: wgmma is not in PTX for
     /// compute_90 nor on other cards), head dimension 128, no soft-capping. Windows and packed segments are supported.
@@ -144,7 +157,8 @@ extension CUDAContext {
     /// q, o: [tokens, heads, headDim]; k, v: [tokens, kvHeads, headDim]; segments (optional): [tokens] ids that keep
     /// packed sequences apart. `flash` picks the 128-row flash kernel (default) over the 64-row one (tensor cores only)
     /// where the card's shared memory holds it (`flashAttentionFits`); `kernel` (nil: QLORA_ATTENTION, else mma) picks
-    /// the flash forward's instruction family where the wgmma kernel applies (`wgmmaAttentionApplies`): wgmma unless it is .mma.
+    /// the flash forward's instruction family where the wgmma kernel applies (`wgmmaAttentionApplies`): wgmma unless it is .mma
+    /// (the pipelined wgmma kernel with .wgmmaPipelined).
     public func attentionForward(q: DeviceBuffer<UInt16>, k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>,
                                  into o: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>, segments: DeviceBuffer<Int32>? = nil,
                                  shape s: AttentionShape, tensorCores: Bool = true, flash: Bool = true,
@@ -156,10 +170,13 @@ extension CUDAContext {
         let choice = try kernel ?? AttentionKernel.fromEnvironment()
         if tensorCores && flash && choice.forwardOnWGMMA && wgmmaAttentionApplies(s) {
             // Grid as the mma.sync flash forward: (head, batch, query tile of 128), the last tiles first.
-            let f = try compiler.function(KernelSources.attentionWGMMA, "attention_wgmma_forward_d128")
-            try allowSharedMemory(f, bytes: Self.wgmmaForwardShared, op)
+            let pipelined = choice.forwardPipelined && Self.wgmmaForwardPipelinedShared <= compiler.maxSharedMemoryPerBlock
+            let f = try compiler.function(KernelSources.attentionWGMMA,
+                                          pipelined ? "attention_wgmma_forward_pipelined_d128" : "attention_wgmma_forward_d128")
+            let shared = pipelined ? Self.wgmmaForwardPipelinedShared : Self.wgmmaForwardShared
+            try allowSharedMemory(f, bytes: shared, op)
             try device.launch(f, grid: (s.heads, s.batch, (s.seq + 127) / 128), block: (256, 1, 1),
-                              sharedMemory: Self.wgmmaForwardShared, stream: stream,
+                              sharedMemory: shared, stream: stream,
                               [q.arg, k.arg, v.arg, o.arg, lse.arg, .pointer(segments?.pointer ?? 0), .int(s.seq), .int(s.heads),
                                .int(s.kvHeads)] + s.variationArguments)
             return
@@ -187,7 +204,8 @@ extension CUDAContext {
     /// dq, dk, dv from dout, given the forward's inputs, output and lse. `delta` is scratch of tokens * heads floats;
     /// `dqAccumulator` (flash kernel only) scratch of tokens * heads * headDim floats (both taken from the allocator
     /// when not given). The flash backward adds dQ with fp32 atomics, so dq can differ in the last bits between runs;
-    /// `kernel` (nil: QLORA_ATTENTION) runs it on wgmma where that applies and the choice is .wgmma. `flash: false`
+    /// `kernel` (nil: QLORA_ATTENTION) runs it on wgmma where that applies and the choice is .wgmma (or
+    /// .wgmmaPipelined: the pipelined wgmma kernel). `flash: false`
     /// (the 64-row kernels, no atomics) gives the same bits every run.
     public func attentionBackward(q: DeviceBuffer<UInt16>, k: DeviceBuffer<UInt16>, v: DeviceBuffer<UInt16>,
                                   o: DeviceBuffer<UInt16>, dout: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>,
@@ -212,10 +230,17 @@ extension CUDAContext {
                               [o.arg, dout.arg, deltaBuffer.arg, accumulator.arg, .int64(Int64(rows)), .int(s.headDim)])
             // Grid: (batch x KV head, key block); key block 0 (the most query tiles) starts first. Both kernels take the
             // same arguments and add dQ to the accumulator the same way.
-            let wgmma = try (kernel ?? AttentionKernel.fromEnvironment()).backwardOnWGMMA && wgmmaAttentionApplies(s)
-            let f = try wgmma ? compiler.function(KernelSources.attentionWGMMA, "attention_wgmma_backward_d128")
-                              : compiler.function(KernelSources.attentionMMA, "attention_fa_backward\(s.kernelSuffix)")
-            let shared = wgmma ? Self.wgmmaBackwardShared : Self.flashBackwardShared(s.headDim)
+            let choice = try kernel ?? AttentionKernel.fromEnvironment()
+            let wgmma = choice.backwardOnWGMMA && wgmmaAttentionApplies(s)
+            // The pipelined kernel adds dQ rows with 16-byte bulk reductions: it needs the accumulator 16-byte aligned
+            // (the allocator's buffers are) and Hopper's shared memory for its dQ staging; else the simple wgmma kernel.
+            let pipelined = wgmma && choice.backwardPipelined && accumulator.pointer % 16 == 0
+                && Self.wgmmaBackwardPipelinedShared <= compiler.maxSharedMemoryPerBlock
+            let f = try pipelined ? compiler.function(KernelSources.attentionWGMMA, "attention_wgmma_backward_pipelined_d128")
+                : wgmma ? compiler.function(KernelSources.attentionWGMMA, "attention_wgmma_backward_d128")
+                : compiler.function(KernelSources.attentionMMA, "attention_fa_backward\(s.kernelSuffix)")
+            let shared = pipelined ? Self.wgmmaBackwardPipelinedShared : wgmma ? Self.wgmmaBackwardShared
+                : Self.flashBackwardShared(s.headDim)
             try allowSharedMemory(f, bytes: shared, op)
             let keys = wgmma ? 128 : Self.flashBackwardKeys(s.headDim)
             try device.launch(f, grid: (s.batch * s.kvHeads, (s.seq + keys - 1) / keys, 1), block: (256, 1, 1), sharedMemory: shared,
