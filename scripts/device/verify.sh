@@ -17,6 +17,8 @@
 #              shape at 2×2048 and 1×32,768 and the 1B at 4×2048 with QLORA_ATTENTION wgmma-forward / wgmma and
 #              --keep-attention off / on
 #   fold       the 8B and 1B shapes with --fold-lora off / on
+#   attnpipe   the pipelined wgmma attention (session 9): the "attention wgmma" group in bf16 and fp16, then attention,
+#              training, families and memory with QLORA_ATTENTION=wgmma-pipelined (the new kernels in every trainer check)
 #   attnbench  the attention wgmma group's timings (forward and backward beside mma.sync) into $OUT/attn_bench.txt
 #   decode     bench-decode on the 8B shape (LoRA r16 unmerged, 128 tokens) with each GEMV in $GEMVS
 #   refdecode  the seeds' stack's batch-1 decode of the same shape (reference_decode.py; needs .refstack)
@@ -86,6 +88,13 @@ fold)
     step "--fold-lora $f ${a%:*}"
     $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 --fold-lora $f 2>/dev/null | tail -1
   done; done ;;
+attnpipe)
+  step "attention wgmma (bf16, fp16)"
+  $C --no-bench --only "attention wgmma" > $OUT/attnpipe_bf16.txt 2>&1; grep -E "FAIL|passed, " $OUT/attnpipe_bf16.txt | head -40
+  $C --no-bench --compute-dtype fp16 --only "attention wgmma" > $OUT/attnpipe_fp16.txt 2>&1; grep -E "FAIL|passed, " $OUT/attnpipe_fp16.txt | head -20
+  step "QLORA_ATTENTION=wgmma-pipelined: attention, training, families, memory"
+  QLORA_ATTENTION=wgmma-pipelined $C --no-bench --only "attention,training,families,memory" > $OUT/attnpipe_trainer.txt 2>&1
+  grep -E "FAIL|passed, " $OUT/attnpipe_trainer.txt | head -30 ;;
 attnbench)
   step "attention wgmma timings"
   $C --only "attention wgmma" > $OUT/attn_bench_full.txt 2>&1
