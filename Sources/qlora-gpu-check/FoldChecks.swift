@@ -10,6 +10,13 @@
 //                       loss 1e-2, each LoRA gradient (relative L2 per matrix, the worst) 5e-2, the adapter after an
 //                       AdamW step 2e-2 (the sums are reordered and s·B rounded to the compute type: not bit for bit);
 //                       each path bit for bit run to run (deterministic attention); the same with dropout 0.05.
+//                       Folded means both folds (forward and the backward's, `foldLoRABackward`); each is also
+//                       compared alone with the same tolerances ("forward fold", "backward fold"), and with the
+//                       backward's fold the residual gradient must have spare columns where o or down has an adapter
+//                       (no sandwich norms), so a fold that does not run fails. The backward's fold rounds s·dy·B once
+//                       (α = s in its GEMM) and dx once (not dy·W, then the s·dyB·A add): not bit for bit either.
+//   (kernels)           rmsnorm's backward with dy and dx row strides: bit for bit the dense kernel, dy's spare
+//                       columns not read, dx's not written, with and without accumulate; against its CPU twin.
 
 import QLoRA
 
@@ -47,6 +54,36 @@ func checkFoldKernels() throws {
         checkTrue("rmsnorm output stride \(rows)x\(dim) in rows of \(stride) = dense", mismatch == nil, mismatch ?? "bit for bit")
         check("rmsnorm output stride \(rows)x\(dim) vs CPU", relativeError(d.map(dt.decode),
               CPUReference.rmsNormForward(x: x, weight: w, rows: rows, dim: dim, eps: 1e-5, round: dt.round)), 1e-2)
+    }
+    // rmsnorm backward with dy and dx row strides (the backward fold's residual gradient): dy's spare columns hold
+    // large values (read, they would change dx), dx's the poison (written, the mismatch check sees it).
+    for (rows, dim, stride) in [(37, 2048, 2048 + 16), (9, 1000, 1000 + 21), (70, 128, 128 + 8)] {
+        let x = rng.floats(rows * dim).map(dt.round), w = rng.floats(dim, 0.5, 1.5).map(dt.round)
+        let dy = rng.floats(rows * dim).map(dt.round), start = rng.floats(rows * dim).map(dt.round)
+        var dyStrided = [UInt16](repeating: dt.encode(1000), count: rows * stride)
+        var startStrided = [UInt16](repeating: 0xFFFF, count: rows * stride)
+        for r in 0..<rows {
+            for c in 0..<dim {
+                dyStrided[r * stride + c] = dt.encode(dy[r * dim + c])
+                startStrided[r * stride + c] = dt.encode(start[r * dim + c])
+            }
+        }
+        let xd = try upload(x.map(dt.encode)), wd = try upload(w.map(dt.encode))
+        let dyDense = try upload(dy.map(dt.encode)), dyRows = try upload(dyStrided)
+        for accumulate in [false, true] {
+            let dense = try upload(start.map(dt.encode)), strided = try upload(startStrided)
+            try ctx.rmsNormBackward(x: xd, weight: wd, dy: dyDense, into: dense, rows: rows, dim: dim, eps: 1e-5, accumulate: accumulate)
+            try ctx.rmsNormBackward(x: xd, weight: wd, dy: dyRows, into: strided, rows: rows, dim: dim, eps: 1e-5, accumulate: accumulate,
+                                    dyStride: stride, dxStride: stride)
+            let d = try dense.download()
+            let mismatch = stridedMismatch(try strided.download(), dense: d, rows: rows, columns: dim, stride: stride)
+            checkTrue("rmsnorm backward dy, dx strides \(rows)x\(dim) in rows of \(stride)\(accumulate ? ", accumulate" : "") = dense",
+                      mismatch == nil, mismatch ?? "bit for bit")
+            if !accumulate {
+                check("rmsnorm backward strides \(rows)x\(dim) vs CPU", relativeError(d.map(dt.decode),
+                      CPUReference.rmsNormBackward(x: x, weight: w, dy: dy, rows: rows, dim: dim, eps: 1e-5)), 1e-2)
+            }
+        }
     }
     // The gated activations: 16-byte path (columns and stride multiples of 8) and element path.
     for activation in [MLPActivation.silu, .geluTanh] {
@@ -169,13 +206,22 @@ private struct FoldRun {
     }
 }
 
-private func foldRun(_ model: DecoderModel, _ batch: TrainingBatch, fold: Bool, dropoutSeed: UInt64?) throws -> FoldRun {
+private func foldRun(_ model: DecoderModel, _ batch: TrainingBatch, fold: Bool, backward: Bool = false, dropoutSeed: UInt64?) throws -> FoldRun {
     var memory = CUDATrainerMemoryOptions.allOnDevice
     memory.foldLoRA = fold
+    memory.foldLoRABackward = backward
     memory.keepBlockWeights = false
     let trainer = try CUDADecoderTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount, memory: memory)
     trainer.deterministic = true
-    guard trainer.memory.foldLoRA == fold else { throw UsageError("the trainer did not take foldLoRA = \(fold)") }
+    guard trainer.memory.foldLoRA == fold, trainer.memory.foldLoRABackward == backward else {
+        throw UsageError("the trainer did not take foldLoRA = \(fold), foldLoRABackward = \(backward)")
+    }
+    // The backward's fold needs the residual gradient's spare columns wherever o or down has an adapter.
+    let c = model.config, (o, down) = c.fusedProjections ? (1, 3) : (3, 6)
+    let foldable = backward && !c.sandwichNorms && model.blocks.contains { $0.linears[o].lora != nil || $0.linears[down].lora != nil }
+    guard (trainer.residualStride > c.hiddenSize) == foldable else {
+        throw UsageError("the residual gradient has rows of \(trainer.residualStride) for hidden \(c.hiddenSize) (backward fold \(foldable ? "expected" : "not expected"))")
+    }
     try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: dropoutSeed)
     let loss = try trainer.lastLoss()
     let gradients = try trainer.loraGradients()
@@ -194,8 +240,15 @@ func compareFolded(_ name: String, model: DecoderModel, batch: TrainingBatch) th
 }
 
 private func compareFolded(_ name: String, model: DecoderModel, batch: TrainingBatch, dropoutSeed: UInt64?) throws {
-    let folded = try foldRun(model, batch, fold: true, dropoutSeed: dropoutSeed)
     let plain = try foldRun(model, batch, fold: false, dropoutSeed: dropoutSeed)
+    try compareFolded(name, model: model, batch: batch, dropoutSeed: dropoutSeed, plain: plain, fold: true, backward: true)
+    try compareFolded(name + " (forward fold)", model: model, batch: batch, dropoutSeed: dropoutSeed, plain: plain, fold: true, backward: false)
+    try compareFolded(name + " (backward fold)", model: model, batch: batch, dropoutSeed: dropoutSeed, plain: plain, fold: false, backward: true)
+}
+
+private func compareFolded(_ name: String, model: DecoderModel, batch: TrainingBatch, dropoutSeed: UInt64?, plain: FoldRun,
+                           fold: Bool, backward: Bool) throws {
+    let folded = try foldRun(model, batch, fold: fold, backward: backward, dropoutSeed: dropoutSeed)
     check("\(name): folded loss (\(fmt(folded.loss.mean, 5)) vs \(fmt(plain.loss.mean, 5)))",
           abs(folded.loss.mean - plain.loss.mean) / abs(plain.loss.mean), 1e-2)
     check("\(name): folded evaluation loss after a step", abs(folded.evaluation.mean - plain.evaluation.mean) / abs(plain.evaluation.mean), 1e-2)
@@ -216,7 +269,7 @@ private func compareFolded(_ name: String, model: DecoderModel, batch: TrainingB
     // differs between the two sums moves by 2·lr, hence 2e-2 (a wrong gradient moves about half of them).
     check("\(name): folded adapter after a step", paramError, 2e-2,
           worstIndex.map { "largest difference at \($0): \(folded.parameters[$0]) vs \(plain.parameters[$0])" } ?? "")
-    let again = try foldRun(model, batch, fold: true, dropoutSeed: dropoutSeed)
+    let again = try foldRun(model, batch, fold: fold, backward: backward, dropoutSeed: dropoutSeed)
     let diff = firstDifference(again.bits, folded.bits)
     checkTrue("\(name): folded run to run, bit for bit", diff == nil, diff.map { "first difference at \($0) of \(folded.bits.count)" } ?? "")
 }

@@ -62,6 +62,11 @@
 // the same buffers (dA's x with its row stride, dB's x·Aᵀ in place, W with rows of its K) and still adds s·dyB·A
 // apart; down_proj's dx is written densely over its strided input once dA and dB have read it (the activation's
 // backward reads it densely).
+// The backward's fold (`memory.foldLoRABackward`, LoRAFoldLayout.swift's second part): the residual gradient
+// `gradient` has rows of hidden + R (`residualStride`; the RMSNorm backwards write and read it with that stride), so
+// o_proj's and down_proj's backward write s·dy·B into dy's spare columns, copy A's bf16 rows under W in the weight
+// scratch, and dx = [dy | s·dy·B]·[W ; A] is one GEMM (dA reads the scaled dy·B with α 1). Under dropout, and for the
+// other linears (and Gemma's sandwich norms, whose o/down dy is dNorm), the unfolded backward runs.
 // Linear biases (Qwen2's q, k, v) are frozen: written into y before the base GEMM accumulates onto it; no gradient.
 // Each linear has its own LoRA rank (its A, B and x·Aᵀ are sized by it; dy·B uses a scratch of the largest rank);
 // rank 0 is a linear without an adapter (PEFT's target_modules naming only some projections): the base alone.
@@ -195,6 +200,11 @@ public final class CUDADecoderTrainer {
     let produced: [CUDAEvent], offloadDone: [CUDAEvent], slotFree: [CUDAEvent], fetched: [CUDAEvent]
     let norm1: DeviceBuffer<UInt16>, hidden: DeviceBuffer<UInt16>, norm2: DeviceBuffer<UInt16>
     let gradient: DeviceBuffer<UInt16>, dNorm: DeviceBuffer<UInt16>
+    /// The row stride of the residual stream's gradient: hidden, plus the backward fold's spare columns
+    /// (`backwardFold.residualColumns`).
+    public let residualStride: Int
+    /// Which linears fold their backward, and their weight scratch's extra rows (LoRABackwardFold).
+    let backwardFold: LoRABackwardFold
     let q: DeviceBuffer<UInt16>
     /// The attention output o of the block in hand and its log-sum-exp: `attentionOutputSlots[l % S]` for block l
     /// (see "Kept attention outputs" below).
@@ -536,7 +546,10 @@ public final class CUDADecoderTrainer {
             let fold = plan.memory.foldLoRA ? LoRAFoldLayout.widestColumns(c, ranks: ranks) : [0, 0, 0]
             let weightColumns = plan.memory.foldLoRA ? LoRAFoldLayout.widestK(c, ranks: ranks) : shapes.map(\.in)
             norm1 = try bf16(n * (h + fold[0])); hidden = try bf16(n * h); norm2 = try bf16(n * (h + fold[1]))
-            gradient = try bf16(n * h); dNorm = try bf16(n * h)
+            let backwardFold = LoRABackwardFold(config: c, ranks: ranks, enabled: plan.memory.foldLoRABackward)
+            self.backwardFold = backwardFold
+            residualStride = h + backwardFold.residualColumns
+            gradient = try bf16(n * residualStride); dNorm = try bf16(n * h)
             q = try bf16(n * c.qDim)
             k = try bf16(n * c.kvDim); v = try bf16(n * c.kvDim)
             qProjected = c.qkNorm ? try bf16(n * c.qDim) : nil
@@ -560,9 +573,9 @@ public final class CUDADecoderTrainer {
                 ? try a.buffer(Float.self, count: CUDAMemoryPlan.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks)) : nil
             dropoutMaskBits = dropout && !keepMasks
                 ? try a.buffer(UInt8.self, count: CUDAMemoryPlan.dropoutMaskBytes(tokens: n, shapes: shapes)) : nil
-            let slots = CUDAMemoryPlan.blockWeightSlots(c, columns: weightColumns)
+            let slots = CUDAMemoryPlan.blockWeightSlots(c, columns: weightColumns, extraRows: backwardFold.extraRows)
             let keep = plan.memory.keepBlockWeights
-            let slotCounts = shapes.indices.map { shapes[$0].out * weightColumns[$0] }
+            let slotCounts = shapes.indices.map { (shapes[$0].out + backwardFold.extraRows[$0]) * weightColumns[$0] }
             let weightScratch = try bf16(keep ? slots.count : slotCounts.max() ?? 1)
             weightSlots = shapes.indices.map { weightScratch.view(at: keep ? slots.offsets[$0] : 0, count: slotCounts[$0]) }
             weightSlotValid = Array(repeating: false, count: shapes.count)
@@ -779,25 +792,42 @@ public final class CUDADecoderTrainer {
 
     /// dx (+)= dy·W + d(s·(dy·B)·A); dA += s·(dy·B)ᵀ·d(x); dB += s·dyᵀ·(d(x)·Aᵀ). dx may be x itself (x is read
     /// first). With a mask `seed`, d(x) is regenerated from x (the forward's mask: same seed, same indices).
+    /// `dyStride`: dy's rows that far apart (the residual gradient's); with room for r columns past `out` and the
+    /// backward's fold on for linear j (and no mask), dx = [dy | s·dy·B]·[W ; A] in one GEMM (LoRAFoldLayout.swift).
     private func linearBackward(_ l: TrainerLinear, _ j: Int, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, n: Int, accumulate: Bool,
-                                seed: UInt64?, site: FoldSite? = nil) throws {
+                                seed: UInt64?, site: FoldSite? = nil, dyStride: Int? = nil) throws {
         let blas = try context.blas()
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
         // Folded: x has rows site.stride apart and x·Aᵀ sits in them; the weight has rows of its folded K, as the
         // forward dequantized it (kept) or again (the same row stride either way: the same GEMMs, the same bits).
         let ldx = site?.stride ?? l.inFeatures
+        let ldy = dyStride ?? l.outFeatures
         try dequantize(l, j, rowStride: foldedK(l, site))
         let weight = weightSlots[j].pointer, ldw = weightSlotStride[j]
         guard l.rank > 0 else {  // no adapter: dx (+)= dy·W alone
-            try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0, ldb: ldw)
+            try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0, lda: ldy, ldb: ldw)
             return
         }
         // dB [out, r] += s·dyᵀ·xa
         let xa = site?.tail.map { x + CUdeviceptr(2 * (l.inFeatures + $0)) } ?? xaBuffer(l, seed: seed).pointer
         try blas.gemm(m: l.outFeatures, n: l.rank, k: n, a: dy, transA: true, b: xa, c: grads.address(at: l.bOffset),
-                      outputType: .float32, alpha: l.scale, beta: 1, ldb: site?.tail != nil ? ldx : nil)
+                      outputType: .float32, alpha: l.scale, beta: 1, lda: ldy, ldb: site?.tail != nil ? ldx : nil)
+        if seed == nil, backwardFold.folds[j], ldy >= l.outFeatures + l.rank, l.rank <= backwardFold.extraRows[j] {
+            // The backward's fold. dyB' = s·dy·B into dy's columns out … out + r − 1.
+            let dyB = dy + CUdeviceptr(2 * l.outFeatures)
+            try blas.gemm(m: n, n: l.rank, k: l.outFeatures, a: dy, b: b16, c: dyB, alpha: l.scale, lda: ldy, ldc: ldy)
+            // dA [r, in] += dyB'ᵀ·x (s is in dyB')
+            try blas.gemm(m: l.rank, n: l.inFeatures, k: n, a: dyB, transA: true, b: x, c: grads.address(at: l.aOffset),
+                          outputType: .float32, beta: 1, lda: ldy, ldb: ldx)
+            // A's bf16 rows under W (rows out … out + r − 1 of the scratch, W's row stride), then dx (+)= [dy | dyB']·[W ; A].
+            try context.copyColumns(from: a16, sourceStride: l.inFeatures, to: weight + CUdeviceptr(2 * l.outFeatures * ldw),
+                                    destinationStride: ldw, rows: l.rank, columns: l.inFeatures)
+            try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures + l.rank, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0,
+                          lda: ldy, ldb: ldw)
+            return
+        }
         // dyB [n, r] = dy·B
-        try blas.gemm(m: n, n: l.rank, k: l.outFeatures, a: dy, b: b16, c: dyB.pointer)
+        try blas.gemm(m: n, n: l.rank, k: l.outFeatures, a: dy, b: b16, c: dyB.pointer, lda: ldy)
         // dA [r, in] += s·dyBᵀ·d(x), the mask read from the forward's bits, or hashed into dropoutMaskBits for dx (dx may
         // be x: it is written after this)
         let mask = dropoutMask(l, seed: seed)
@@ -811,7 +841,7 @@ public final class CUDADecoderTrainer {
                           outputType: .float32, alpha: l.scale, beta: 1, ldb: ldx)
         }
         // dx (+)= dy·W + d(s·dyB·A) (dense: the down_proj's dx over its strided input is read densely after)
-        try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0, ldb: ldw)
+        try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0, lda: ldy, ldb: ldw)
         if let mask {
             try context.loraDropoutAddDX(dyB: dyB.pointer, a: a16, into: dx, tokens: n, inFeatures: l.inFeatures, rank: l.rank,
                                          scale: l.scale, mask: mask, maskBits: maskBits)
@@ -864,10 +894,11 @@ public final class CUDADecoderTrainer {
     }
 
     /// dx (= or += with `accumulate`) the norm's input gradient given dy (dx may be dy: each row is read first).
+    /// `dyStride`, `dxStride`: the rows of dy, dx that far apart (the residual gradient's `residualStride`).
     private func normBackward(_ x: DeviceBuffer<UInt16>, _ w: DeviceBuffer<UInt16>, dy: DeviceBuffer<UInt16>, into dx: DeviceBuffer<UInt16>,
-                              rows: Int, dim: Int, accumulate: Bool) throws {
+                              rows: Int, dim: Int, accumulate: Bool, dyStride: Int? = nil, dxStride: Int? = nil) throws {
         try context.rmsNormBackward(x: x, weight: w, dy: dy, into: dx, rows: rows, dim: dim, eps: config.rmsNormEps,
-                                    weightOffset: config.normWeightOffset, accumulate: accumulate)
+                                    weightOffset: config.normWeightOffset, accumulate: accumulate, dyStride: dyStride, dxStride: dxStride)
     }
 
     /// Splits a fused projection's output [n, Σ widths] (in `fusedOutput`) by columns into `parts`, or, with
@@ -976,16 +1007,17 @@ public final class CUDADecoderTrainer {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
         let L = b.linears
         let folding = memory.foldLoRA  // as the recomputation left norm1, norm2 and activated
-        func backward(_ j: Int, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, accumulate: Bool) throws {
+        func backward(_ j: Int, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, accumulate: Bool, dyStride: Int? = nil) throws {
             try linearBackward(L[j], j, x: x, dy: dy, dx: dx, n: n, accumulate: accumulate, seed: maskSeed(L[j], j, seeds),
-                               site: foldSite(b, j, folding: folding))
+                               site: foldSite(b, j, folding: folding), dyStride: dyStride)
         }
         let (o, gateUp, down) = b.projectionIndices
+        let rs = residualStride  // `gradient`'s rows
         if let projected = mlpProjected, let outputNorm = b.mlpOutputNorm {
-            try normBackward(projected, outputNorm, dy: gradient, into: dNorm, rows: n, dim: h, accumulate: false)
+            try normBackward(projected, outputNorm, dy: gradient, into: dNorm, rows: n, dim: h, accumulate: false, dyStride: rs)
             try backward(down, x: activated.pointer, dy: dNorm.pointer, dx: activated.pointer, accumulate: false)
         } else {
-            try backward(down, x: activated.pointer, dy: gradient.pointer, dx: activated.pointer, accumulate: false)
+            try backward(down, x: activated.pointer, dy: gradient.pointer, dx: activated.pointer, accumulate: false, dyStride: rs)
         }
         try ctx.gatedActivationBackward(c.mlpActivation, dh: activated, gate: gate, up: up, dgate: gate, dup: up, count: n * c.intermediateSize)
         if b.fused {
@@ -995,12 +1027,12 @@ public final class CUDADecoderTrainer {
             try backward(4, x: norm2.pointer, dy: gate.pointer, dx: dNorm.pointer, accumulate: false)
             try backward(5, x: norm2.pointer, dy: up.pointer, dx: dNorm.pointer, accumulate: true)
         }
-        try normBackward(hidden, b.mlpInputNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: true)
+        try normBackward(hidden, b.mlpInputNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: true, dxStride: rs)
         if let projected = attentionProjected, let outputNorm = b.attentionOutputNorm {
-            try normBackward(projected, outputNorm, dy: gradient, into: dNorm, rows: n, dim: h, accumulate: false)
+            try normBackward(projected, outputNorm, dy: gradient, into: dNorm, rows: n, dim: h, accumulate: false, dyStride: rs)
             try backward(o, x: attended.pointer, dy: dNorm.pointer, dx: dAttended.pointer, accumulate: false)
         } else {
-            try backward(o, x: attended.pointer, dy: gradient.pointer, dx: dAttended.pointer, accumulate: false)
+            try backward(o, x: attended.pointer, dy: gradient.pointer, dx: dAttended.pointer, accumulate: false, dyStride: rs)
         }
         try ctx.attentionBackward(q: q, k: k, v: v, o: attended, dout: dAttended, lse: lse, segments: segments, dq: dq, dk: dk, dv: dv,
                                   delta: delta, dqAccumulator: dqAccumulator, shape: attentionShape(b, batch), flash: !deterministic)
@@ -1017,7 +1049,7 @@ public final class CUDADecoderTrainer {
             try backward(1, x: norm1.pointer, dy: dk.pointer, dx: dNorm.pointer, accumulate: true)
             try backward(2, x: norm1.pointer, dy: dv.pointer, dx: dNorm.pointer, accumulate: true)
         }
-        try normBackward(x, b.inputNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: true)
+        try normBackward(x, b.inputNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: true, dxStride: rs)
     }
 
     // MARK: - Step
@@ -1082,7 +1114,7 @@ public final class CUDADecoderTrainer {
             try blas.gemm(m: rows, n: h, k: vocab, a: logits.pointer, b: head.pointer, c: dNorm.address(at: start * h))
         }
         try ctx.crossEntropyReduce(rowLoss: rowLoss, labels: targets, rows: n, into: lossOut)
-        try normBackward(last, finalNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: false)
+        try normBackward(last, finalNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: false, dxStride: residualStride)
 
         // x_L is dead: its slot takes the first checkpoint back from the host.
         try prefetch(blocks.count - checkpointSlots.count, tokens: n)
