@@ -9,10 +9,10 @@ Model/LoRAFoldLayout.swift): the forward and the recomputation no longer re-read
 down (o_proj stays apart), for K grown by each folded linear's tail (its x·Aᵀ and those before it in its group).
 
 With --fold-backward, also the backward's fold (CUDATrainerMemoryOptions.foldLoRABackward, LoRAFoldLayout.swift's
-second part): dx = [dy | s·dy·B]·[W ; A] for o_proj and down_proj (their dy is the residual gradient, whose writers
-leave r spare columns), so dx is written once instead of re-read and re-written by the rank-r add (2·2N·in bytes a
-linear), for the dx GEMM's K grown by r; and what folding q, k, v, gate, up too would add (their dy comes from the
-attention backward and the gated activation's backward, which would have to write rows of out + r).
+second part): dx = [dy | s·dy·B]·[W ; A] for o_proj, gate_proj, up_proj and down_proj (their dy is the residual
+gradient or gate/up, whose writers leave r spare columns), so dx is written once instead of re-read and re-written by
+the rank-r add (2·2N·in bytes a linear), for the dx GEMM's K grown by r; and what folding q, k, v too would add (their
+dy comes from the attention backward, which would have to write rows of out + r).
 
 Usage: python3 scripts/count_step_work.py [--fold] [--fold-backward] [--rank R]
 """
@@ -73,7 +73,7 @@ def shape(name, L, H, I, q, kv, V, N, hd, heads, B, S):
     # The backward's fold: per folded linear, dx's re-read and re-write by the rank-r add (2·i bytes a token each way)
     # go; the dy·B GEMM writes its r columns into dy's spare ones (as it wrote dyB); the dx GEMM's K grows by r; A's r
     # rows are copied under W (r·in read + written).
-    backward_folds = {"o, down": [3, 6], "all seven": list(range(7))}
+    backward_folds = {"o, gate, up, down": [3, 4, 5, 6], "all seven": list(range(7))}
     bwd_saved = {k: L*2*N*sum(2*lin[j][1] for j in js) for k, js in backward_folds.items()}
     bwd_flops = {k: L*2*N*R*sum(lin[j][1] for j in js) for k, js in backward_folds.items()}
     bwd_copy = {k: L*2*2*R*sum(lin[j][1] for j in js) for k, js in backward_folds.items()}

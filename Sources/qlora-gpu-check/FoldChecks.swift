@@ -16,7 +16,10 @@
 //                       (no sandwich norms), so a fold that does not run fails. The backward's fold rounds s·dy·B once
 //                       (α = s in its GEMM) and dx once (not dy·W, then the s·dyB·A add): not bit for bit either.
 //   (kernels)           rmsnorm's backward with dy and dx row strides: bit for bit the dense kernel, dy's spare
-//                       columns not read, dx's not written, with and without accumulate; against its CPU twin.
+//                       columns not read, dx's not written, with and without accumulate; against its CPU twin. The
+//                       gated activations (SwiGLU, GeGLU) with gate's and up's rows strided: the forward (h dense and
+//                       strided) and the backward (out of place and in place) bit for bit the dense kernels, the spare
+//                       columns neither read (they hold large values) nor written (poison).
 
 import QLoRA
 
@@ -96,6 +99,48 @@ func checkFoldKernels() throws {
             let mismatch = stridedMismatch(try strided.download(), dense: try dense.download(), rows: rows, columns: cols, stride: stride)
             checkTrue("\(activation == .silu ? "swiglu" : "geglu") output stride \(rows)x\(cols) in rows of \(stride) = dense",
                       mismatch == nil, mismatch ?? "bit for bit")
+        }
+    }
+    // The gated activations with gate's and up's rows strided (the backward fold's s·dy·B columns past them).
+    for activation in [MLPActivation.silu, .geluTanh] {
+        let name = activation == .silu ? "swiglu" : "geglu"
+        for (rows, cols, stride) in [(33, 1024, 1024 + 16), (7, 1000, 1000 + 5), (5, 64, 64 + 3)] {
+            let n = rows * cols
+            let g = rng.floats(n, -3, 3).map(dt.encode), u = rng.floats(n, -2, 2).map(dt.encode), dh = rng.floats(n, -1, 1).map(dt.encode)
+            func rowsOf(_ dense: [UInt16], spare: UInt16) -> [UInt16] {
+                var out = [UInt16](repeating: spare, count: rows * stride)
+                for r in 0..<rows { for c in 0..<cols { out[r * stride + c] = dense[r * cols + c] } }
+                return out
+            }
+            let big = dt.encode(1000)
+            let gd = try upload(g), ud = try upload(u), gs = try upload(rowsOf(g, spare: big)), us = try upload(rowsOf(u, spare: big))
+            // Forward: h dense, then h strided too.
+            let dense = try poisoned(UInt16.self, n), hDense = try poisoned(UInt16.self, n), hStrided = try poisoned(UInt16.self, rows * stride)
+            try ctx.gatedActivationForward(activation, gate: gd, up: ud, into: dense, count: n)
+            try ctx.gatedActivationForward(activation, gate: gs, up: us, into: hDense, count: n, outputRows: (cols, cols), inputStride: stride)
+            try ctx.gatedActivationForward(activation, gate: gs, up: us, into: hStrided, count: n, outputRows: (cols, stride), inputStride: stride)
+            let d = try dense.download()
+            checkTrue("\(name) forward, gate and up in rows of \(stride) (\(rows)x\(cols)) = dense", try hDense.download() == d, "bit for bit")
+            let mismatch = stridedMismatch(try hStrided.download(), dense: d, rows: rows, columns: cols, stride: stride)
+            checkTrue("\(name) forward, all strided (\(rows)x\(cols) in rows of \(stride)) = dense", mismatch == nil, mismatch ?? "bit for bit")
+            // Backward: dense reference, strided out of place (poisoned outputs), strided in place.
+            let dhd = try upload(dh)
+            let dgD = try poisoned(UInt16.self, n), duD = try poisoned(UInt16.self, n)
+            try ctx.gatedActivationBackward(activation, dh: dhd, gate: gd, up: ud, dgate: dgD, dup: duD, count: n)
+            let dgS = try poisoned(UInt16.self, rows * stride), duS = try poisoned(UInt16.self, rows * stride)
+            try ctx.gatedActivationBackward(activation, dh: dhd, gate: gs, up: us, dgate: dgS, dup: duS, count: n, rows: (cols, stride))
+            let dgRef = try dgD.download(), duRef = try duD.download()
+            let dgOut = try dgS.download(), duOut = try duS.download()
+            let outOfPlace = stridedMismatch(dgOut, dense: dgRef, rows: rows, columns: cols, stride: stride)
+                ?? stridedMismatch(duOut, dense: duRef, rows: rows, columns: cols, stride: stride)
+            checkTrue("\(name) backward, strided out of place (\(rows)x\(cols) in rows of \(stride)) = dense", outOfPlace == nil,
+                      outOfPlace ?? "bit for bit")
+            let gIn = try upload(rowsOf(g, spare: 0xFFFF)), uIn = try upload(rowsOf(u, spare: 0xFFFF))
+            try ctx.gatedActivationBackward(activation, dh: dhd, gate: gIn, up: uIn, dgate: gIn, dup: uIn, count: n, rows: (cols, stride))
+            let dgIn = try gIn.download(), duIn = try uIn.download()
+            let inPlace = stridedMismatch(dgIn, dense: dgRef, rows: rows, columns: cols, stride: stride)
+                ?? stridedMismatch(duIn, dense: duRef, rows: rows, columns: cols, stride: stride)
+            checkTrue("\(name) backward, strided in place (\(rows)x\(cols) in rows of \(stride)) = dense", inPlace == nil, inPlace ?? "bit for bit")
         }
     }
     // NF4 tiles with a row stride: one tensor (full tiles and a partial one), three in a launch, an element-path row.
@@ -216,11 +261,16 @@ private func foldRun(_ model: DecoderModel, _ batch: TrainingBatch, fold: Bool, 
     guard trainer.memory.foldLoRA == fold, trainer.memory.foldLoRABackward == backward else {
         throw UsageError("the trainer did not take foldLoRA = \(fold), foldLoRABackward = \(backward)")
     }
-    // The backward's fold needs the residual gradient's spare columns wherever o or down has an adapter.
+    // The backward's fold needs the residual gradient's spare columns wherever o or down has an adapter, and gate's
+    // and up's wherever one of them has (not Phi-3's fused gate_up).
     let c = model.config, (o, down) = c.fusedProjections ? (1, 3) : (3, 6)
     let foldable = backward && !c.sandwichNorms && model.blocks.contains { $0.linears[o].lora != nil || $0.linears[down].lora != nil }
     guard (trainer.residualStride > c.hiddenSize) == foldable else {
         throw UsageError("the residual gradient has rows of \(trainer.residualStride) for hidden \(c.hiddenSize) (backward fold \(foldable ? "expected" : "not expected"))")
+    }
+    let mlpFoldable = backward && !c.fusedProjections && model.blocks.contains { $0.linears[4].lora != nil || $0.linears[5].lora != nil }
+    guard (trainer.gateStride > c.intermediateSize) == mlpFoldable else {
+        throw UsageError("gate and up have rows of \(trainer.gateStride) for intermediate \(c.intermediateSize) (backward fold \(mlpFoldable ? "expected" : "not expected"))")
     }
     try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: dropoutSeed)
     let loss = try trainer.lastLoss()

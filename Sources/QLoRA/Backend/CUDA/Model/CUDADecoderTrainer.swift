@@ -63,10 +63,11 @@
 // apart; down_proj's dx is written densely over its strided input once dA and dB have read it (the activation's
 // backward reads it densely).
 // The backward's fold (`memory.foldLoRABackward`, LoRAFoldLayout.swift's second part): the residual gradient
-// `gradient` has rows of hidden + R (`residualStride`; the RMSNorm backwards write and read it with that stride), so
-// o_proj's and down_proj's backward write s·dy·B into dy's spare columns, copy A's bf16 rows under W in the weight
-// scratch, and dx = [dy | s·dy·B]·[W ; A] is one GEMM (dA reads the scaled dy·B with α 1). Under dropout, and for the
-// other linears (and Gemma's sandwich norms, whose o/down dy is dNorm), the unfolded backward runs.
+// `gradient` has rows of hidden + R (`residualStride`; the RMSNorm backwards write and read it with that stride), and
+// gate and up rows of I + R' (`gateStride`: their GEMMs, the split of Phi-3's gate_up and both activation kernels use
+// it), so o_proj's, down_proj's, gate_proj's and up_proj's backward write s·dy·B into dy's spare columns, copy A's bf16
+// rows under W in the weight scratch, and dx = [dy | s·dy·B]·[W ; A] is one GEMM (dA reads the scaled dy·B with α 1).
+// Under dropout, and for q, k, v, Phi-3's gate_up (and Gemma's o and down, whose dy is dNorm), the unfolded backward runs.
 // Linear biases (Qwen2's q, k, v) are frozen: written into y before the base GEMM accumulates onto it; no gradient.
 // Each linear has its own LoRA rank (its A, B and x·Aᵀ are sized by it; dy·B uses a scratch of the largest rank);
 // rank 0 is a linear without an adapter (PEFT's target_modules naming only some projections): the base alone.
@@ -205,6 +206,8 @@ public final class CUDADecoderTrainer {
     public let residualStride: Int
     /// Which linears fold their backward, and their weight scratch's extra rows (LoRABackwardFold).
     let backwardFold: LoRABackwardFold
+    /// The row stride of gate and up: intermediate, plus the backward fold's spare columns (`backwardFold.mlpColumns`).
+    public let gateStride: Int
     let q: DeviceBuffer<UInt16>
     /// The attention output o of the block in hand and its log-sum-exp: `attentionOutputSlots[l % S]` for block l
     /// (see "Kept attention outputs" below).
@@ -549,6 +552,7 @@ public final class CUDADecoderTrainer {
             let backwardFold = LoRABackwardFold(config: c, ranks: ranks, enabled: plan.memory.foldLoRABackward)
             self.backwardFold = backwardFold
             residualStride = h + backwardFold.residualColumns
+            gateStride = c.intermediateSize + backwardFold.mlpColumns
             gradient = try bf16(n * residualStride); dNorm = try bf16(n * h)
             q = try bf16(n * c.qDim)
             k = try bf16(n * c.kvDim); v = try bf16(n * c.kvDim)
@@ -557,10 +561,10 @@ public final class CUDADecoderTrainer {
             attentionProjected = c.sandwichNorms ? try bf16(n * h) : nil
             mlpProjected = c.sandwichNorms ? try bf16(n * h) : nil
             fusedOutput = c.fusedProjections ? try bf16(n * CUDAMemoryPlan.fusedWidth(c)) : nil
-            let scratch = BlockScratchLayout(config: c, tokens: n, foldedColumns: fold[2])
+            let scratch = BlockScratchLayout(config: c, tokens: n, foldedColumns: fold[2], gateColumns: backwardFold.mlpColumns)
             blockScratch = try bf16(scratch.count)
-            gate = blockScratch.view(at: scratch.gate, count: n * c.intermediateSize)
-            up = blockScratch.view(at: scratch.up, count: n * c.intermediateSize)
+            gate = blockScratch.view(at: scratch.gate, count: n * gateStride)
+            up = blockScratch.view(at: scratch.up, count: n * gateStride)
             activated = blockScratch.view(at: scratch.activated, count: n * (c.intermediateSize + fold[2]))
             dAttended = blockScratch.view(at: scratch.dAttended, count: n * c.qDim)
             dq = blockScratch.view(at: scratch.dq, count: n * c.qDim)
@@ -746,9 +750,13 @@ public final class CUDADecoderTrainer {
     /// Folded (`site`, LoRAFoldLayout): x has rows `site.stride` apart; x·Aᵀ goes into its columns from in + tail, and
     /// the base product is y (+)= [x | …]·[W | 0 | s·B]ᵀ over K = in + tail + r: one GEMM writes y (the group's
     /// x·Aᵀ must all be written before its first base product reads them).
+    /// `yStride`: y's rows that far apart (gate and up under the backward's fold; no bias then).
     private func linearForward(_ l: TrainerLinear, _ j: Int, x: CUdeviceptr, y: CUdeviceptr, n: Int, accumulate: Bool, part: ForwardPart = .all,
-                               recompute: Bool = false, seed: UInt64?, site: FoldSite? = nil) throws {
+                               recompute: Bool = false, seed: UInt64?, site: FoldSite? = nil, yStride: Int? = nil) throws {
         let blas = try context.blas()
+        if let yStride, yStride != l.outFeatures, l.bias != nil {
+            throw CUDAError(call: "linearForward", "\(l.name): a bias onto rows \(yStride) apart")
+        }
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
         let xa = xaBuffer(l, seed: seed)
         let ldx = site?.stride ?? l.inFeatures
@@ -780,14 +788,14 @@ public final class CUDADecoderTrainer {
             try context.loraFoldTail(b: params.address(at: l.bOffset), scale: l.scale, into: w, out: l.outFeatures, in: l.inFeatures,
                                      ld: k, width: tail + l.rank, first: tail, rank: l.rank)
             try blas.gemm(m: n, n: l.outFeatures, k: k, a: x, b: w, transB: true, c: y, beta: accumulate || l.bias != nil ? 1 : 0,
-                          lda: ldx, ldb: k)
+                          lda: ldx, ldb: k, ldc: yStride)
             return
         }
         try dequantize(l, j)
         try blas.gemm(m: n, n: l.outFeatures, k: l.inFeatures, a: x, b: weightSlots[j].pointer, transB: true, c: y,
-                      beta: accumulate || l.bias != nil ? 1 : 0, lda: ldx, ldb: weightSlotStride[j])
+                      beta: accumulate || l.bias != nil ? 1 : 0, lda: ldx, ldb: weightSlotStride[j], ldc: yStride)
         guard l.rank > 0 else { return }
-        try blas.gemm(m: n, n: l.outFeatures, k: l.rank, a: xa.pointer, b: b16, transB: true, c: y, alpha: l.scale, beta: 1)
+        try blas.gemm(m: n, n: l.outFeatures, k: l.rank, a: xa.pointer, b: b16, transB: true, c: y, alpha: l.scale, beta: 1, ldc: yStride)
     }
 
     /// dx (+)= dy·W + d(s·(dy·B)·A); dA += s·(dy·B)ᵀ·d(x); dB += s·dyᵀ·(d(x)·Aᵀ). dx may be x itself (x is read
@@ -902,18 +910,18 @@ public final class CUDADecoderTrainer {
     }
 
     /// Splits a fused projection's output [n, Σ widths] (in `fusedOutput`) by columns into `parts`, or, with
-    /// `join`, writes the parts side by side into it.
-    private func splitColumns(_ parts: [(DeviceBuffer<UInt16>, Int)], tokens n: Int, join: Bool = false) throws {
+    /// `join`, writes the parts side by side into it. `partStride`: the parts' rows that far apart (default: their width).
+    private func splitColumns(_ parts: [(DeviceBuffer<UInt16>, Int)], tokens n: Int, join: Bool = false, partStride: Int? = nil) throws {
         guard let fused = fusedOutput else { throw CUDAError(call: "CUDADecoderTrainer", "no fused projection buffer") }
         let width = parts.reduce(0) { $0 + $1.1 }
         var column = 0
         for (part, w) in parts {
             if join {
-                try context.copyColumns(from: part.pointer, sourceStride: w, to: fused.address(at: column), destinationStride: width,
-                                        rows: n, columns: w)
+                try context.copyColumns(from: part.pointer, sourceStride: partStride ?? w, to: fused.address(at: column),
+                                        destinationStride: width, rows: n, columns: w)
             } else {
-                try context.copyColumns(from: fused.address(at: column), sourceStride: width, to: part.pointer, destinationStride: w,
-                                        rows: n, columns: w)
+                try context.copyColumns(from: fused.address(at: column), sourceStride: width, to: part.pointer,
+                                        destinationStride: partStride ?? w, rows: n, columns: w)
             }
             column += w
         }
@@ -928,17 +936,18 @@ public final class CUDADecoderTrainer {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
         let L = b.linears
         let folding = memory.foldLoRA
-        func forward(_ j: Int, x: CUdeviceptr, y: CUdeviceptr, accumulate: Bool, part: ForwardPart = .all) throws {
+        func forward(_ j: Int, x: CUdeviceptr, y: CUdeviceptr, accumulate: Bool, part: ForwardPart = .all, yStride: Int? = nil) throws {
             try linearForward(L[j], j, x: x, y: y, n: n, accumulate: accumulate, part: part, recompute: output == nil,
-                              seed: maskSeed(L[j], j, seeds), site: foldSite(b, j, folding: folding))
+                              seed: maskSeed(L[j], j, seeds), site: foldSite(b, j, folding: folding), yStride: yStride)
         }
         /// Linears that read one input: folded, every x·Aᵀ first (each base product reads those before its own).
-        func group(_ js: [Int], x: CUdeviceptr, ys: [CUdeviceptr]) throws {
+        /// `yStride`: their outputs' rows that far apart.
+        func group(_ js: [Int], x: CUdeviceptr, ys: [CUdeviceptr], yStride: Int? = nil) throws {
             if folding {
                 for j in js { try forward(j, x: x, y: 0, accumulate: false, part: .xa) }
-                for (j, y) in zip(js, ys) { try forward(j, x: x, y: y, accumulate: false, part: .base) }
+                for (j, y) in zip(js, ys) { try forward(j, x: x, y: y, accumulate: false, part: .base, yStride: yStride) }
             } else {
-                for (j, y) in zip(js, ys) { try forward(j, x: x, y: y, accumulate: false) }
+                for (j, y) in zip(js, ys) { try forward(j, x: x, y: y, accumulate: false, yStride: yStride) }
             }
         }
         /// Dequantizes kept weights in one launch, each with its folded row stride.
@@ -980,13 +989,13 @@ public final class CUDADecoderTrainer {
         try norm(hidden, b.mlpInputNorm, into: norm2, rows: n, dim: h, outputStride: stride2)
         if b.fused {
             try group([gateUp], x: norm2.pointer, ys: [fusedOutput!.pointer])
-            try splitColumns([(gate, c.intermediateSize), (up, c.intermediateSize)], tokens: n)
+            try splitColumns([(gate, c.intermediateSize), (up, c.intermediateSize)], tokens: n, partStride: gateStride)
         } else {
             try keep([4, 5])
-            try group([4, 5], x: norm2.pointer, ys: [gate.pointer, up.pointer])
+            try group([4, 5], x: norm2.pointer, ys: [gate.pointer, up.pointer], yStride: gateStride)
         }
         try ctx.gatedActivationForward(c.mlpActivation, gate: gate, up: up, into: activated, count: n * c.intermediateSize,
-                                       outputRows: (c.intermediateSize, strideDown))
+                                       outputRows: (c.intermediateSize, strideDown), inputStride: gateStride)
         if let projected = mlpProjected, let outputNorm = b.mlpOutputNorm {
             // The backward reads down_proj's output (its norm's input), so the recomputation computes it too.
             try forward(down, x: activated.pointer, y: projected.pointer, accumulate: false)
@@ -1019,13 +1028,14 @@ public final class CUDADecoderTrainer {
         } else {
             try backward(down, x: activated.pointer, dy: gradient.pointer, dx: activated.pointer, accumulate: false, dyStride: rs)
         }
-        try ctx.gatedActivationBackward(c.mlpActivation, dh: activated, gate: gate, up: up, dgate: gate, dup: up, count: n * c.intermediateSize)
+        try ctx.gatedActivationBackward(c.mlpActivation, dh: activated, gate: gate, up: up, dgate: gate, dup: up, count: n * c.intermediateSize,
+                                        rows: (c.intermediateSize, gateStride))
         if b.fused {
-            try splitColumns([(gate, c.intermediateSize), (up, c.intermediateSize)], tokens: n, join: true)
+            try splitColumns([(gate, c.intermediateSize), (up, c.intermediateSize)], tokens: n, join: true, partStride: gateStride)
             try backward(gateUp, x: norm2.pointer, dy: fusedOutput!.pointer, dx: dNorm.pointer, accumulate: false)
         } else {
-            try backward(4, x: norm2.pointer, dy: gate.pointer, dx: dNorm.pointer, accumulate: false)
-            try backward(5, x: norm2.pointer, dy: up.pointer, dx: dNorm.pointer, accumulate: true)
+            try backward(4, x: norm2.pointer, dy: gate.pointer, dx: dNorm.pointer, accumulate: false, dyStride: gateStride)
+            try backward(5, x: norm2.pointer, dy: up.pointer, dx: dNorm.pointer, accumulate: true, dyStride: gateStride)
         }
         try normBackward(hidden, b.mlpInputNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: true, dxStride: rs)
         if let projected = attentionProjected, let outputNorm = b.attentionOutputNorm {

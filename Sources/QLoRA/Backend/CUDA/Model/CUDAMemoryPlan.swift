@@ -23,7 +23,9 @@
 //                backward so that a step hashes each mask once (L·Σ N·in/8, `keepDropoutMasks`), or one linear's,
 //                hashed again by the backward; the families'
 //                variations add q and k before their norms, o_proj's and down_proj's outputs before Gemma's
-//                sandwich norms, Phi-3's fused projection output before its split
+//                sandwich norms, Phi-3's fused projection output before its split; the folded LoRA (forward) widens
+//                norm1, norm2 and activated by their x·Aᵀ columns, the backward's fold the residual gradient by R and
+//                gate and up by R' columns (LoRABackwardFold) and each folded weight scratch by r rows
 //   workspace    the bf16 scratch a linear weight is dequantized into, cuBLASLt's workspace; with
 //                `keepBlockWeights` one scratch per linear of a block (8B: 7 weights, 436 MB instead of 117 MB), so the
 //                weights the recomputation dequantizes serve the block's backward too (only down_proj's, which the
@@ -66,9 +68,9 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
     /// in + its tail (W, then s·B), and y is written once by one GEMM (o_proj apart; the backward's s·dyB·A apart).
     public var foldLoRA: Bool
     /// Fold the backward's rank-r product into the base dx GEMM (LoRAFoldLayout.swift, LoRABackwardFold):
-    /// dx = [dy | s·dy·B]·[W ; A] for o_proj and down_proj, whose dy (the residual gradient) gets rows of hidden + R
-    /// and whose weight scratch r more rows. Off by default until a GPU has measured it (`qlora bench
-    /// --fold-lora-backward on`).
+    /// dx = [dy | s·dy·B]·[W ; A] for o_proj and down_proj, whose dy (the residual gradient) gets rows of hidden + R,
+    /// and gate_proj and up_proj, whose outputs (their dy's buffers) get rows of I + R'; each folded weight scratch
+    /// r more rows. Off by default until a GPU has measured it (`qlora bench --fold-lora-backward on`).
     public var foldLoRABackward: Bool
 
     public init(offloadCheckpoints: Bool, checkpointSlots: Int = 3, hostEmbedding: Bool, keepDropoutMasks: Bool = true,
@@ -128,7 +130,7 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
             + (keepBlockWeights ? ", a block's dequantized weights kept for its backward" : "")
             + (keepAttentionOutputs ? ", attention outputs kept" + (offloadCheckpoints ? " (offloaded)" : "") : "")
             + (foldLoRA ? ", LoRA folded into the base GEMMs" : "")
-            + (foldLoRABackward ? ", the LoRA backward folded into dx (o, down)" : "")
+            + (foldLoRABackward ? ", the LoRA backward folded into dx (o, gate, up, down)" : "")
     }
 }
 
@@ -152,15 +154,16 @@ struct BlockScratchLayout: Equatable {
     var count = 0
 
     /// `foldedColumns`: x·Aᵀ columns after each row of `activated` (folded LoRA: down_proj's R; rows of I + R).
-    init(config c: DecoderConfig, tokens n: Int, foldedColumns: Int = 0) {
+    /// `gateColumns`: spare columns after each row of gate and up (the backward's fold: s·dy·B; rows of I + R').
+    init(config c: DecoderConfig, tokens n: Int, foldedColumns: Int = 0, gateColumns: Int = 0) {
         var end = 0
         func take(_ elements: Int) -> Int {
             let start = end
             end = (end + elements + 127) / 128 * 128
             return start
         }
-        gate = take(n * c.intermediateSize)
-        up = take(n * c.intermediateSize)
+        gate = take(n * (c.intermediateSize + gateColumns))
+        up = take(n * (c.intermediateSize + gateColumns))
         activated = take(n * (c.intermediateSize + foldedColumns))
         let mlp = end
         end = 0
@@ -430,7 +433,7 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         let backwardFold = LoRABackwardFold(config: c, ranks: ranks, enabled: memory.foldLoRABackward)
         largest = shapes.indices.map { (shapes[$0].out + backwardFold.extraRows[$0]) * weightColumns[$0] }.max() ?? largest
         let n1 = 2 * n * (c.hiddenSize + foldColumns[0]), n2 = 2 * n * (c.hiddenSize + foldColumns[1])
-        let scratch = BlockScratchLayout(config: c, tokens: n, foldedColumns: foldColumns[2])
+        let scratch = BlockScratchLayout(config: c, tokens: n, foldedColumns: foldColumns[2], gateColumns: backwardFold.mlpColumns)
         // norm1, hidden, norm2, gradient, dNorm; q, attended; k, v; the shared MLP / attention-gradient / logits region;
         // lse, delta; rowLoss, token ids, targets, positions, segments.
         // The variations' buffers: q and k before their norms; o_proj's and down_proj's outputs before the sandwich

@@ -31,8 +31,12 @@
 //   - Under LoRA dropout nothing folds: dx = dy·W + d(s·(dy·B)·A) masks the A-side term element by element after the
 //     product (the mask is on the LoRA input, so its gradient is masked), which no K-concatenation expresses; those
 //     linears run the unfolded path (dyB in its own buffer, the fused masked add), reading dy with its stride.
-//   - q, k, v: dy comes from the attention backward's dq, dk, dv (not strided); gate, up: from the gated activation's
-//     backward, in place over gate and up; Gemma's sandwich norms put o/down's dy in dNorm: these stay unfolded.
+//   - gate_proj and up_proj fold: their dy is the gated activation's backward, written in place over gate and up,
+//     which therefore have rows of I + R' from the forward on (R' the largest gate/up rank: their GEMMs write with that
+//     row stride, both activation kernels read and write it). Phi-3's gate_up_proj stays unfolded (its dy is joined
+//     into the fused buffer; gate and up still have the stride).
+//   - q, k, v: dy comes from the attention backward's dq, dk, dv (attention_*.cu, not strided); Gemma's sandwich norms
+//     put o/down's dy in dNorm: these stay unfolded.
 //   Bytes saved per step (bf16): 2·2N·in per folded linear (dx re-read and re-written), i.e. 2·2N·(H + I) per block
 //   — `scripts/count_step_work.py --fold`.
 
@@ -103,10 +107,12 @@ struct LoRAFoldLayout: Equatable {
 /// the spare columns of the residual gradient, and the extra rows of each weight scratch.
 struct LoRABackwardFold: Equatable {
     /// Linear j folds its backward when it has an adapter (and, per step, no dropout): o_proj and down_proj, unless
-    /// the family's sandwich norms put their dy in dNorm.
+    /// the family's sandwich norms put their dy in dNorm; gate_proj and up_proj (not Phi-3's fused gate_up_proj).
     let folds: [Bool]
     /// R: columns past `hidden` in each row of the residual gradient (the largest o/down rank; 0 without a fold).
     let residualColumns: Int
+    /// R': columns past `intermediate` in each row of gate and up (the largest gate/up rank; 0 without a fold).
+    let mlpColumns: Int
     /// Per linear j, the rows its weight scratch holds past `out` (its largest rank when it folds).
     let extraRows: [Int]
 
@@ -118,9 +124,14 @@ struct LoRABackwardFold: Equatable {
             folds[o] = true
             folds[down] = true
         }
+        if enabled && !c.fusedProjections {
+            folds[4] = true  // gate
+            folds[5] = true  // up
+        }
         let largest = CUDAMemoryPlan.largestRanks(ranks)
         extraRows = shapes.indices.map { j in folds[j] && j < largest.count ? largest[j] : 0 }
-        residualColumns = extraRows.max() ?? 0
+        residualColumns = max(extraRows[o], extraRows[down])
+        mlpColumns = c.fusedProjections ? 0 : max(extraRows[4], extraRows[5])
         self.folds = folds
     }
 }

@@ -168,7 +168,9 @@ public final class CUDAOptimizer {
         }
         guard let upload = uploadStream, let download = downloadStream, let downloaded else { return }
         if pagedSlots.isEmpty || pagedSlots[0].count < slotBytes {
-            // Larger tensors than before: the old slots' copies must be over before they go back to the allocator.
+            // Larger tensors than before: the old slots' copies and updates must be over before they go back to the
+            // allocator (which does not order its blocks by stream).
+            try dev.stream.synchronize()
             try synchronizeCopies()
             pagedSlots = []
             pagedSlots = try (0..<2).map { _ in try context.allocator.buffer(UInt8.self, count: slotBytes) }
