@@ -15,6 +15,7 @@
 //                       backward's fold the residual gradient must have spare columns where o or down has an adapter
 //                       (no sandwich norms), so a fold that does not run fails. The backward's fold rounds s·dy·B once
 //                       (α = s in its GEMM) and dx once (not dy·W, then the s·dyB·A add): not bit for bit either.
+//   lora fold memory    the backward's fold: the peak's change = the plan's (one weight scratch, and kept weights).
 //   (kernels)           rmsnorm's backward with dy and dx row strides: bit for bit the dense kernel, dy's spare
 //                       columns not read, dx's not written, with and without accumulate; against its CPU twin. The
 //                       gated activations (SwiGLU, GeGLU) with gate's and up's rows strided: the forward (h dense and
@@ -324,8 +325,46 @@ private func compareFolded(_ name: String, model: DecoderModel, batch: TrainingB
     checkTrue("\(name): folded run to run, bit for bit", diff == nil, diff.map { "first difference at \($0) of \(folded.bits.count)" } ?? "")
 }
 
+/// The backward's fold allocates what the plan counts for it (the residual gradient's and gate's and up's spare
+/// columns, A's rows under each folded weight): the peak's change between the fold off and on = the plan's, with one
+/// weight scratch and with every linear's kept.
+func checkBackwardFoldPeak() throws {
+    var config = Architecture.smollm2_135m.config
+    config.tieWordEmbeddings = false
+    let rows = 2, length = 512, tokens = rows * length
+    let examples = randomExamples(count: rows, length: length, vocab: config.vocabularySize, seed: 3)
+    let batch = TrainingBatch(examples: examples.map { ($0.tokens, $0.labels) }, length: length, padID: 0)
+    _ = try ctx.blas()  // its workspace is made once per context, before any measurement
+    func peak(backward: Bool, keep: Bool) throws -> (bytes: Int, plan: CUDAMemoryPlan) {
+        var options = CUDATrainerMemoryOptions.allOnDevice
+        options.foldLoRA = true
+        options.keepBlockWeights = keep
+        options.foldLoRABackward = backward
+        try ctx.device.synchronize()
+        A.resetPeak()
+        let base = A.currentBytes
+        let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 64, alpha: 128, capacityTokens: tokens,
+                                           memory: options)
+        guard trainer.memory.foldLoRABackward == backward, trainer.memory.keepBlockWeights == keep else {
+            throw UsageError("the trainer did not take the options \(options)")
+        }
+        try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: nil)
+        try trainer.optimizerStep(learningRate: 1e-4)
+        try trainer.forwardLoss(batch: batch)
+        _ = try trainer.lastLoss()
+        return (A.peakBytes - base, trainer.plan)
+    }
+    for keep in [false, true] {
+        let off = try peak(backward: false, keep: keep), on = try peak(backward: true, keep: keep)
+        checkTrue("peak: the backward fold adds what the plan says\(keep ? " (block weights kept)" : "")",
+                  on.bytes - off.bytes == on.plan.total - off.plan.total,
+                  "peak \(off.bytes) -> \(on.bytes) bytes, plan \(off.plan.total) -> \(on.plan.total)")
+    }
+}
+
 func runFoldChecks() {
     group("lora fold kernels") { try checkFoldKernels() }
+    group("lora fold memory") { try checkBackwardFoldPeak() }
     group("lora fold trainer: llama fixture") {
         let directory = fixtureDirectory()
         let model = try loadFixtureModel(directory, quantization: .nf4)

@@ -77,7 +77,7 @@ struct BenchCommand: ParsableCommand {
         guard (0..<1).contains(loraDropout) else { throw ValidationError("--lora-dropout must be in [0, 1), got \(loraDropout)") }
         guard decodeTokens >= 0 else { throw ValidationError("--decode-tokens must be a non-negative integer (0: skip), got \(decodeTokens)") }
         if let gpuMemory, !(gpuMemory > 0 && gpuMemory.isFinite) { throw ValidationError("--gpu-memory must be a positive number of GiB, got \(gpuMemory)") }
-        do { _ = try optimizerKind() } catch { throw ValidationError("--optimizer: \(error)") }
+        do { _ = try optimizerKind() } catch { throw ValidationError("--optimizer: \(error), or \(Self.fusedAdamW) (the trainer's own fp32 AdamW)") }
         _ = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints")
         _ = try Self.parseSwitch(hostEmbedding, "host-embedding")
         _ = try Self.parseSwitch(keepDropoutMasks, "keep-dropout-masks")
