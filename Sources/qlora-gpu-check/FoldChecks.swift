@@ -11,7 +11,8 @@
 //                       AdamW step 2e-2 (the sums are reordered and s·B rounded to the compute type: not bit for bit);
 //                       each path bit for bit run to run (deterministic attention); the same with dropout 0.05.
 //                       Folded means both folds (forward and the backward's, `foldLoRABackward`); each is also
-//                       compared alone with the same tolerances ("forward fold", "backward fold"), and with the
+//                       compared alone with the same tolerances ("forward fold", "backward fold"), both with every
+//                       linear's dequantized weight kept in its own slot ("kept weights"), and with the
 //                       backward's fold the residual gradient must have spare columns where o or down has an adapter
 //                       (no sandwich norms), so a fold that does not run fails. The backward's fold rounds s·dy·B once
 //                       (α = s in its GEMM) and dx once (not dy·W, then the s·dyB·A add): not bit for bit either.
@@ -252,14 +253,15 @@ private struct FoldRun {
     }
 }
 
-private func foldRun(_ model: DecoderModel, _ batch: TrainingBatch, fold: Bool, backward: Bool = false, dropoutSeed: UInt64?) throws -> FoldRun {
+private func foldRun(_ model: DecoderModel, _ batch: TrainingBatch, fold: Bool, backward: Bool = false, keepWeights: Bool = false,
+                     dropoutSeed: UInt64?) throws -> FoldRun {
     var memory = CUDATrainerMemoryOptions.allOnDevice
     memory.foldLoRA = fold
     memory.foldLoRABackward = backward
-    memory.keepBlockWeights = false
+    memory.keepBlockWeights = keepWeights
     let trainer = try CUDADecoderTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount, memory: memory)
     trainer.deterministic = true
-    guard trainer.memory.foldLoRA == fold, trainer.memory.foldLoRABackward == backward else {
+    guard trainer.memory.foldLoRA == fold, trainer.memory.foldLoRABackward == backward, trainer.memory.keepBlockWeights == keepWeights else {
         throw UsageError("the trainer did not take foldLoRA = \(fold), foldLoRABackward = \(backward)")
     }
     // The backward's fold needs the residual gradient's spare columns wherever o or down has an adapter, and gate's
@@ -295,11 +297,14 @@ private func compareFolded(_ name: String, model: DecoderModel, batch: TrainingB
     try compareFolded(name, model: model, batch: batch, dropoutSeed: dropoutSeed, plain: plain, fold: true, backward: true)
     try compareFolded(name + " (forward fold)", model: model, batch: batch, dropoutSeed: dropoutSeed, plain: plain, fold: true, backward: false)
     try compareFolded(name + " (backward fold)", model: model, batch: batch, dropoutSeed: dropoutSeed, plain: plain, fold: false, backward: true)
+    // Kept block weights: A's rows go under W in each linear's own slot.
+    try compareFolded(name + " (kept weights)", model: model, batch: batch, dropoutSeed: dropoutSeed, plain: plain, fold: true, backward: true,
+                      keepWeights: true)
 }
 
 private func compareFolded(_ name: String, model: DecoderModel, batch: TrainingBatch, dropoutSeed: UInt64?, plain: FoldRun,
-                           fold: Bool, backward: Bool) throws {
-    let folded = try foldRun(model, batch, fold: fold, backward: backward, dropoutSeed: dropoutSeed)
+                           fold: Bool, backward: Bool, keepWeights: Bool = false) throws {
+    let folded = try foldRun(model, batch, fold: fold, backward: backward, keepWeights: keepWeights, dropoutSeed: dropoutSeed)
     check("\(name): folded loss (\(fmt(folded.loss.mean, 5)) vs \(fmt(plain.loss.mean, 5)))",
           abs(folded.loss.mean - plain.loss.mean) / abs(plain.loss.mean), 1e-2)
     check("\(name): folded evaluation loss after a step", abs(folded.evaluation.mean - plain.evaluation.mean) / abs(plain.evaluation.mean), 1e-2)
@@ -320,7 +325,7 @@ private func compareFolded(_ name: String, model: DecoderModel, batch: TrainingB
     // differs between the two sums moves by 2·lr, hence 2e-2 (a wrong gradient moves about half of them).
     check("\(name): folded adapter after a step", paramError, 2e-2,
           worstIndex.map { "largest difference at \($0): \(folded.parameters[$0]) vs \(plain.parameters[$0])" } ?? "")
-    let again = try foldRun(model, batch, fold: fold, backward: backward, dropoutSeed: dropoutSeed)
+    let again = try foldRun(model, batch, fold: fold, backward: backward, keepWeights: keepWeights, dropoutSeed: dropoutSeed)
     let diff = firstDifference(again.bits, folded.bits)
     checkTrue("\(name): folded run to run, bit for bit", diff == nil, diff.map { "first difference at \($0) of \(folded.bits.count)" } ?? "")
 }
