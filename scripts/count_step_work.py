@@ -8,10 +8,17 @@ With --fold, also the LoRA traffic with the rank-r products folded into the base
 Model/LoRAFoldLayout.swift): the forward and the recomputation no longer re-read and re-write y for q, k, v, gate, up,
 down (o_proj stays apart), for K grown by each folded linear's tail (its x·Aᵀ and those before it in its group).
 
-Usage: python3 scripts/count_step_work.py [--fold] [--rank R]
+With --fold-backward, also the backward's fold (CUDATrainerMemoryOptions.foldLoRABackward, LoRAFoldLayout.swift's
+second part): dx = [dy | s·dy·B]·[W ; A] for o_proj, gate_proj, up_proj and down_proj (their dy is the residual
+gradient or gate/up, whose writers leave r spare columns), so dx is written once instead of re-read and re-written by
+the rank-r add (2·2N·in bytes a linear), for the dx GEMM's K grown by r; and what folding q, k, v too would add (their
+dy comes from the attention backward, which would have to write rows of out + r).
+
+Usage: python3 scripts/count_step_work.py [--fold] [--fold-backward] [--rank R]
 """
 import sys
 FOLD = "--fold" in sys.argv
+FOLD_BACKWARD = "--fold-backward" in sys.argv
 R = int(sys.argv[sys.argv.index("--rank") + 1]) if "--rank" in sys.argv else 16
 
 def shape(name, L, H, I, q, kv, V, N, hd, heads, B, S):
@@ -63,8 +70,16 @@ def shape(name, L, H, I, q, kv, V, N, hd, heads, B, S):
     # rmsnorm: 2 per block fwd (+rec) read x write y, bwd read x, dy, (dx accum r/w) ~ 4
     rms = L*N*H*2*(2*2*2 + 2*5)
     rope = L*N*(q+kv)*2*2*3
+    # The backward's fold: per folded linear, dx's re-read and re-write by the rank-r add (2·i bytes a token each way)
+    # go; the dy·B GEMM writes its r columns into dy's spare ones (as it wrote dyB); the dx GEMM's K grows by r; A's r
+    # rows are copied under W (r·in read + written).
+    backward_folds = {"o, gate, up, down": [3, 4, 5, 6], "all seven": list(range(7))}
+    bwd_saved = {k: L*2*N*sum(2*lin[j][1] for j in js) for k, js in backward_folds.items()}
+    bwd_flops = {k: L*2*N*R*sum(lin[j][1] for j in js) for k, js in backward_folds.items()}
+    bwd_copy = {k: L*2*2*R*sum(lin[j][1] for j in js) for k, js in backward_folds.items()}
     return dict(name=name, base=base, head=head, att=att, lora=lora, ce=ce, dq_old=dq_old, dq_new=dq_new, sw=sw, rms=rms, rope=rope, N=N,
-                lora_folded=lora_folded, fold_flops=fold_flops, fold_tail_bytes=fold_tail_bytes)
+                lora_folded=lora_folded, fold_flops=fold_flops, fold_tail_bytes=fold_tail_bytes,
+                bwd_saved=bwd_saved, bwd_flops=bwd_flops, bwd_copy=bwd_copy)
 
 for s, step_ms, uns_ms in [(shape("llama-3.2-1b",16,2048,8192,2048,512,128256,8192,64,32,4,2048), 8192/47282*1e3, 8192/47732*1e3),
           (shape("llama-2-7b",32,4096,11008,4096,4096,32000,4096,128,32,2,2048), 4096/10583*1e3, 4096/10319*1e3),
@@ -92,3 +107,10 @@ for s, step_ms, uns_ms in [(shape("llama-3.2-1b",16,2048,8192,2048,512,128256,81
         print("  its cost: %.3f TFLOP more in the base GEMMs (%.1f ms at %.0f TFLOP/s, +%.2f%% of the base FLOPs), %.2f GB of weight tails (%.2f ms)"
               % (s['fold_flops']/1e12, s['fold_flops']/gemm_rate*1e3, gemm_rate/1e12, s['fold_flops']/s['base']*100,
                  s['fold_tail_bytes']/1e9, s['fold_tail_bytes']/bw*1e3))
+    if FOLD_BACKWARD:
+        for k in s['bwd_saved']:
+            saved = s['bwd_saved'][k]
+            print("  backward fold (%s, r %d): %.1f GB less LoRA traffic (%.1f ms at %.1f TB/s, %.1f%% of the step); its cost %.3f TFLOP "
+                  "(%.2f ms at %.0f TFLOP/s), %.3f GB of A rows (%.2f ms)"
+                  % (k, R, saved/1e9, saved/bw*1e3, bw/1e12, saved/bw*1e3/step_ms*100, s['bwd_flops'][k]/1e12,
+                     s['bwd_flops'][k]/gemm_rate*1e3, gemm_rate/1e12, s['bwd_copy'][k]/1e9, s['bwd_copy'][k]/bw*1e3))

@@ -10,6 +10,18 @@
 //                       loss 1e-2, each LoRA gradient (relative L2 per matrix, the worst) 5e-2, the adapter after an
 //                       AdamW step 2e-2 (the sums are reordered and s·B rounded to the compute type: not bit for bit);
 //                       each path bit for bit run to run (deterministic attention); the same with dropout 0.05.
+//                       Folded means both folds (forward and the backward's, `foldLoRABackward`); each is also
+//                       compared alone with the same tolerances ("forward fold", "backward fold"), both with every
+//                       linear's dequantized weight kept in its own slot ("kept weights"), and with the
+//                       backward's fold the residual gradient must have spare columns where o or down has an adapter
+//                       (no sandwich norms), so a fold that does not run fails. The backward's fold rounds s·dy·B once
+//                       (α = s in its GEMM) and dx once (not dy·W, then the s·dyB·A add): not bit for bit either.
+//   lora fold memory    the backward's fold: the peak's change = the plan's (one weight scratch, and kept weights).
+//   (kernels)           rmsnorm's backward with dy and dx row strides: bit for bit the dense kernel, dy's spare
+//                       columns not read, dx's not written, with and without accumulate; against its CPU twin. The
+//                       gated activations (SwiGLU, GeGLU) with gate's and up's rows strided: the forward (h dense and
+//                       strided) and the backward (out of place and in place) bit for bit the dense kernels, the spare
+//                       columns neither read (they hold large values) nor written (poison).
 
 import QLoRA
 
@@ -48,6 +60,36 @@ func checkFoldKernels() throws {
         check("rmsnorm output stride \(rows)x\(dim) vs CPU", relativeError(d.map(dt.decode),
               CPUReference.rmsNormForward(x: x, weight: w, rows: rows, dim: dim, eps: 1e-5, round: dt.round)), 1e-2)
     }
+    // rmsnorm backward with dy and dx row strides (the backward fold's residual gradient): dy's spare columns hold
+    // large values (read, they would change dx), dx's the poison (written, the mismatch check sees it).
+    for (rows, dim, stride) in [(37, 2048, 2048 + 16), (9, 1000, 1000 + 21), (70, 128, 128 + 8)] {
+        let x = rng.floats(rows * dim).map(dt.round), w = rng.floats(dim, 0.5, 1.5).map(dt.round)
+        let dy = rng.floats(rows * dim).map(dt.round), start = rng.floats(rows * dim).map(dt.round)
+        var dyStrided = [UInt16](repeating: dt.encode(1000), count: rows * stride)
+        var startStrided = [UInt16](repeating: 0xFFFF, count: rows * stride)
+        for r in 0..<rows {
+            for c in 0..<dim {
+                dyStrided[r * stride + c] = dt.encode(dy[r * dim + c])
+                startStrided[r * stride + c] = dt.encode(start[r * dim + c])
+            }
+        }
+        let xd = try upload(x.map(dt.encode)), wd = try upload(w.map(dt.encode))
+        let dyDense = try upload(dy.map(dt.encode)), dyRows = try upload(dyStrided)
+        for accumulate in [false, true] {
+            let dense = try upload(start.map(dt.encode)), strided = try upload(startStrided)
+            try ctx.rmsNormBackward(x: xd, weight: wd, dy: dyDense, into: dense, rows: rows, dim: dim, eps: 1e-5, accumulate: accumulate)
+            try ctx.rmsNormBackward(x: xd, weight: wd, dy: dyRows, into: strided, rows: rows, dim: dim, eps: 1e-5, accumulate: accumulate,
+                                    dyStride: stride, dxStride: stride)
+            let d = try dense.download()
+            let mismatch = stridedMismatch(try strided.download(), dense: d, rows: rows, columns: dim, stride: stride)
+            checkTrue("rmsnorm backward dy, dx strides \(rows)x\(dim) in rows of \(stride)\(accumulate ? ", accumulate" : "") = dense",
+                      mismatch == nil, mismatch ?? "bit for bit")
+            if !accumulate {
+                check("rmsnorm backward strides \(rows)x\(dim) vs CPU", relativeError(d.map(dt.decode),
+                      CPUReference.rmsNormBackward(x: x, weight: w, dy: dy, rows: rows, dim: dim, eps: 1e-5)), 1e-2)
+            }
+        }
+    }
     // The gated activations: 16-byte path (columns and stride multiples of 8) and element path.
     for activation in [MLPActivation.silu, .geluTanh] {
         for (rows, cols, stride) in [(33, 1024, 1024 + 16), (7, 1000, 1000 + 5), (5, 64, 64 + 3)] {
@@ -59,6 +101,48 @@ func checkFoldKernels() throws {
             let mismatch = stridedMismatch(try strided.download(), dense: try dense.download(), rows: rows, columns: cols, stride: stride)
             checkTrue("\(activation == .silu ? "swiglu" : "geglu") output stride \(rows)x\(cols) in rows of \(stride) = dense",
                       mismatch == nil, mismatch ?? "bit for bit")
+        }
+    }
+    // The gated activations with gate's and up's rows strided (the backward fold's s·dy·B columns past them).
+    for activation in [MLPActivation.silu, .geluTanh] {
+        let name = activation == .silu ? "swiglu" : "geglu"
+        for (rows, cols, stride) in [(33, 1024, 1024 + 16), (7, 1000, 1000 + 5), (5, 64, 64 + 3)] {
+            let n = rows * cols
+            let g = rng.floats(n, -3, 3).map(dt.encode), u = rng.floats(n, -2, 2).map(dt.encode), dh = rng.floats(n, -1, 1).map(dt.encode)
+            func rowsOf(_ dense: [UInt16], spare: UInt16) -> [UInt16] {
+                var out = [UInt16](repeating: spare, count: rows * stride)
+                for r in 0..<rows { for c in 0..<cols { out[r * stride + c] = dense[r * cols + c] } }
+                return out
+            }
+            let big = dt.encode(1000)
+            let gd = try upload(g), ud = try upload(u), gs = try upload(rowsOf(g, spare: big)), us = try upload(rowsOf(u, spare: big))
+            // Forward: h dense, then h strided too.
+            let dense = try poisoned(UInt16.self, n), hDense = try poisoned(UInt16.self, n), hStrided = try poisoned(UInt16.self, rows * stride)
+            try ctx.gatedActivationForward(activation, gate: gd, up: ud, into: dense, count: n)
+            try ctx.gatedActivationForward(activation, gate: gs, up: us, into: hDense, count: n, outputRows: (cols, cols), inputStride: stride)
+            try ctx.gatedActivationForward(activation, gate: gs, up: us, into: hStrided, count: n, outputRows: (cols, stride), inputStride: stride)
+            let d = try dense.download()
+            checkTrue("\(name) forward, gate and up in rows of \(stride) (\(rows)x\(cols)) = dense", try hDense.download() == d, "bit for bit")
+            let mismatch = stridedMismatch(try hStrided.download(), dense: d, rows: rows, columns: cols, stride: stride)
+            checkTrue("\(name) forward, all strided (\(rows)x\(cols) in rows of \(stride)) = dense", mismatch == nil, mismatch ?? "bit for bit")
+            // Backward: dense reference, strided out of place (poisoned outputs), strided in place.
+            let dhd = try upload(dh)
+            let dgD = try poisoned(UInt16.self, n), duD = try poisoned(UInt16.self, n)
+            try ctx.gatedActivationBackward(activation, dh: dhd, gate: gd, up: ud, dgate: dgD, dup: duD, count: n)
+            let dgS = try poisoned(UInt16.self, rows * stride), duS = try poisoned(UInt16.self, rows * stride)
+            try ctx.gatedActivationBackward(activation, dh: dhd, gate: gs, up: us, dgate: dgS, dup: duS, count: n, rows: (cols, stride))
+            let dgRef = try dgD.download(), duRef = try duD.download()
+            let dgOut = try dgS.download(), duOut = try duS.download()
+            let outOfPlace = stridedMismatch(dgOut, dense: dgRef, rows: rows, columns: cols, stride: stride)
+                ?? stridedMismatch(duOut, dense: duRef, rows: rows, columns: cols, stride: stride)
+            checkTrue("\(name) backward, strided out of place (\(rows)x\(cols) in rows of \(stride)) = dense", outOfPlace == nil,
+                      outOfPlace ?? "bit for bit")
+            let gIn = try upload(rowsOf(g, spare: 0xFFFF)), uIn = try upload(rowsOf(u, spare: 0xFFFF))
+            try ctx.gatedActivationBackward(activation, dh: dhd, gate: gIn, up: uIn, dgate: gIn, dup: uIn, count: n, rows: (cols, stride))
+            let dgIn = try gIn.download(), duIn = try uIn.download()
+            let inPlace = stridedMismatch(dgIn, dense: dgRef, rows: rows, columns: cols, stride: stride)
+                ?? stridedMismatch(duIn, dense: duRef, rows: rows, columns: cols, stride: stride)
+            checkTrue("\(name) backward, strided in place (\(rows)x\(cols) in rows of \(stride)) = dense", inPlace == nil, inPlace ?? "bit for bit")
         }
     }
     // NF4 tiles with a row stride: one tensor (full tiles and a partial one), three in a launch, an element-path row.
@@ -169,13 +253,28 @@ private struct FoldRun {
     }
 }
 
-private func foldRun(_ model: DecoderModel, _ batch: TrainingBatch, fold: Bool, dropoutSeed: UInt64?) throws -> FoldRun {
+private func foldRun(_ model: DecoderModel, _ batch: TrainingBatch, fold: Bool, backward: Bool = false, keepWeights: Bool = false,
+                     dropoutSeed: UInt64?) throws -> FoldRun {
     var memory = CUDATrainerMemoryOptions.allOnDevice
     memory.foldLoRA = fold
-    memory.keepBlockWeights = false
+    memory.foldLoRABackward = backward
+    memory.keepBlockWeights = keepWeights
     let trainer = try CUDADecoderTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount, memory: memory)
     trainer.deterministic = true
-    guard trainer.memory.foldLoRA == fold else { throw UsageError("the trainer did not take foldLoRA = \(fold)") }
+    guard trainer.memory.foldLoRA == fold, trainer.memory.foldLoRABackward == backward, trainer.memory.keepBlockWeights == keepWeights else {
+        throw UsageError("the trainer did not take foldLoRA = \(fold), foldLoRABackward = \(backward)")
+    }
+    // The backward's fold needs the residual gradient's spare columns wherever o or down has an adapter, and gate's
+    // and up's wherever one of them has (not Phi-3's fused gate_up).
+    let c = model.config, (o, down) = c.fusedProjections ? (1, 3) : (3, 6)
+    let foldable = backward && !c.sandwichNorms && model.blocks.contains { $0.linears[o].lora != nil || $0.linears[down].lora != nil }
+    guard (trainer.residualStride > c.hiddenSize) == foldable else {
+        throw UsageError("the residual gradient has rows of \(trainer.residualStride) for hidden \(c.hiddenSize) (backward fold \(foldable ? "expected" : "not expected"))")
+    }
+    let mlpFoldable = backward && !c.fusedProjections && model.blocks.contains { $0.linears[4].lora != nil || $0.linears[5].lora != nil }
+    guard (trainer.gateStride > c.intermediateSize) == mlpFoldable else {
+        throw UsageError("gate and up have rows of \(trainer.gateStride) for intermediate \(c.intermediateSize) (backward fold \(mlpFoldable ? "expected" : "not expected"))")
+    }
     try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: dropoutSeed)
     let loss = try trainer.lastLoss()
     let gradients = try trainer.loraGradients()
@@ -194,8 +293,18 @@ func compareFolded(_ name: String, model: DecoderModel, batch: TrainingBatch) th
 }
 
 private func compareFolded(_ name: String, model: DecoderModel, batch: TrainingBatch, dropoutSeed: UInt64?) throws {
-    let folded = try foldRun(model, batch, fold: true, dropoutSeed: dropoutSeed)
     let plain = try foldRun(model, batch, fold: false, dropoutSeed: dropoutSeed)
+    try compareFolded(name, model: model, batch: batch, dropoutSeed: dropoutSeed, plain: plain, fold: true, backward: true)
+    try compareFolded(name + " (forward fold)", model: model, batch: batch, dropoutSeed: dropoutSeed, plain: plain, fold: true, backward: false)
+    try compareFolded(name + " (backward fold)", model: model, batch: batch, dropoutSeed: dropoutSeed, plain: plain, fold: false, backward: true)
+    // Kept block weights: A's rows go under W in each linear's own slot.
+    try compareFolded(name + " (kept weights)", model: model, batch: batch, dropoutSeed: dropoutSeed, plain: plain, fold: true, backward: true,
+                      keepWeights: true)
+}
+
+private func compareFolded(_ name: String, model: DecoderModel, batch: TrainingBatch, dropoutSeed: UInt64?, plain: FoldRun,
+                           fold: Bool, backward: Bool, keepWeights: Bool = false) throws {
+    let folded = try foldRun(model, batch, fold: fold, backward: backward, keepWeights: keepWeights, dropoutSeed: dropoutSeed)
     check("\(name): folded loss (\(fmt(folded.loss.mean, 5)) vs \(fmt(plain.loss.mean, 5)))",
           abs(folded.loss.mean - plain.loss.mean) / abs(plain.loss.mean), 1e-2)
     check("\(name): folded evaluation loss after a step", abs(folded.evaluation.mean - plain.evaluation.mean) / abs(plain.evaluation.mean), 1e-2)
@@ -216,13 +325,51 @@ private func compareFolded(_ name: String, model: DecoderModel, batch: TrainingB
     // differs between the two sums moves by 2·lr, hence 2e-2 (a wrong gradient moves about half of them).
     check("\(name): folded adapter after a step", paramError, 2e-2,
           worstIndex.map { "largest difference at \($0): \(folded.parameters[$0]) vs \(plain.parameters[$0])" } ?? "")
-    let again = try foldRun(model, batch, fold: true, dropoutSeed: dropoutSeed)
+    let again = try foldRun(model, batch, fold: fold, backward: backward, keepWeights: keepWeights, dropoutSeed: dropoutSeed)
     let diff = firstDifference(again.bits, folded.bits)
     checkTrue("\(name): folded run to run, bit for bit", diff == nil, diff.map { "first difference at \($0) of \(folded.bits.count)" } ?? "")
 }
 
+/// The backward's fold allocates what the plan counts for it (the residual gradient's and gate's and up's spare
+/// columns, A's rows under each folded weight): the peak's change between the fold off and on = the plan's, with one
+/// weight scratch and with every linear's kept.
+func checkBackwardFoldPeak() throws {
+    var config = Architecture.smollm2_135m.config
+    config.tieWordEmbeddings = false
+    let rows = 2, length = 512, tokens = rows * length
+    let examples = randomExamples(count: rows, length: length, vocab: config.vocabularySize, seed: 3)
+    let batch = TrainingBatch(examples: examples.map { ($0.tokens, $0.labels) }, length: length, padID: 0)
+    _ = try ctx.blas()  // its workspace is made once per context, before any measurement
+    func peak(backward: Bool, keep: Bool) throws -> (bytes: Int, plan: CUDAMemoryPlan) {
+        var options = CUDATrainerMemoryOptions.allOnDevice
+        options.foldLoRA = true
+        options.keepBlockWeights = keep
+        options.foldLoRABackward = backward
+        try ctx.device.synchronize()
+        A.resetPeak()
+        let base = A.currentBytes
+        let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 64, alpha: 128, capacityTokens: tokens,
+                                           memory: options)
+        guard trainer.memory.foldLoRABackward == backward, trainer.memory.keepBlockWeights == keep else {
+            throw UsageError("the trainer did not take the options \(options)")
+        }
+        try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: nil)
+        try trainer.optimizerStep(learningRate: 1e-4)
+        try trainer.forwardLoss(batch: batch)
+        _ = try trainer.lastLoss()
+        return (A.peakBytes - base, trainer.plan)
+    }
+    for keep in [false, true] {
+        let off = try peak(backward: false, keep: keep), on = try peak(backward: true, keep: keep)
+        checkTrue("peak: the backward fold adds what the plan says\(keep ? " (block weights kept)" : "")",
+                  on.bytes - off.bytes == on.plan.total - off.plan.total,
+                  "peak \(off.bytes) -> \(on.bytes) bytes, plan \(off.plan.total) -> \(on.plan.total)")
+    }
+}
+
 func runFoldChecks() {
     group("lora fold kernels") { try checkFoldKernels() }
+    group("lora fold memory") { try checkBackwardFoldPeak() }
     group("lora fold trainer: llama fixture") {
         let directory = fixtureDirectory()
         let model = try loadFixtureModel(directory, quantization: .nf4)

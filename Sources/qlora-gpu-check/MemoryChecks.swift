@@ -217,7 +217,7 @@ func runMemoryChecks(_ ctx: CUDAContext) {
                       + "expected \(mib(expected)); host \(mib(measured.plan.host))")
         }
         // The optimizer in use keeps its own state: the trainer made for it holds no moments, and one step through
-        // CUDAOptimizer peaks where the plan says (paged: the largest tensor's staging buffer, the rest on the host).
+        // CUDAOptimizer peaks where the plan says (paged: two slots of the largest tensor's state, the rest on the host).
         for kind in [OptimizerKind.adamw, .pagedAdamw8bit] {
             try ctx.device.synchronize()
             A.resetPeak()

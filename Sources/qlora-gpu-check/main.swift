@@ -534,6 +534,7 @@ runQwen2Checks()  // ParityChecks.swift: linear biases in training and generatio
 runFamilyOpChecks()  // FamilyOpChecks.swift: the element-wise ops of Qwen3, Gemma 2/3 and Phi-3
 runFamilyTrainingChecks()  // FamilyTrainingChecks.swift: every family's variations in the GPU trainer
 runFoldChecks()  // FoldChecks.swift: the folded LoRA's strided kernels, and the folded trainer against the unfolded one
+runOptimizerChecks()  // OptimizerChecks.swift: the paged optimizers' streamed state against the state on the device
 runNCCLChecks(ctx)  // NCCLChecks.swift: NCCL in a world of one, the Trainer's data-parallel path
 
 // MARK: - Microbenchmarks

@@ -22,8 +22,8 @@ struct BenchCommand: ParsableCommand {
     var loraR: Int = 16
     @Option(name: .customLong("lora-dropout"), parsing: .unconditional, help: "LoRA dropout on the seven projections (qlora train's default is 0.05).")
     var loraDropout: Double = 0
-    @Option(help: "GPU: the optimizer to step with (adamw, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, as qlora train); without it, the trainer's own fused fp32 AdamW.")
-    var optimizer: String?
+    @Option(help: "GPU: the optimizer to step with: adamw, adamw_8bit, paged_adamw_8bit (qlora train's default, and so this one's), paged_adamw_32bit, or fused_adamw (the trainer's own fused fp32 AdamW).")
+    var optimizer: String = TrainingConfiguration().optimizer
     @Option(parsing: .unconditional, help: "Timed steps after the warm-up steps.")
     var steps: Int = 2
     @Option(parsing: .unconditional, help: "Warm-up steps before timing (GPU; the CPU does one).")
@@ -50,6 +50,9 @@ struct BenchCommand: ParsableCommand {
     @Option(name: .customLong("fold-lora"),
             help: "GPU: fold the LoRA rank-r products into the base GEMMs by concatenating along K (on, or auto: the default), or run them as their own GEMMs adding onto the output (off).")
     var foldLoRA: String = "auto"
+    @Option(name: .customLong("fold-lora-backward"),
+            help: "GPU: fold the LoRA backward's rank-r product into the dx GEMM of o_proj, gate_proj, up_proj and down_proj, dx = [dy | s·dy·B]·[W ; A] (on), or add it apart (off, or auto: the default until measured).")
+    var foldLoRABackward: String = "auto"
 
     /// "on", "off" or "auto" (nil).
     static func parseSwitch(_ value: String, _ option: String) throws -> Bool? {
@@ -74,13 +77,14 @@ struct BenchCommand: ParsableCommand {
         guard (0..<1).contains(loraDropout) else { throw ValidationError("--lora-dropout must be in [0, 1), got \(loraDropout)") }
         guard decodeTokens >= 0 else { throw ValidationError("--decode-tokens must be a non-negative integer (0: skip), got \(decodeTokens)") }
         if let gpuMemory, !(gpuMemory > 0 && gpuMemory.isFinite) { throw ValidationError("--gpu-memory must be a positive number of GiB, got \(gpuMemory)") }
-        if let optimizer { do { _ = try OptimizerKind.parse(optimizer) } catch { throw ValidationError("--optimizer: \(error)") } }
+        do { _ = try optimizerKind() } catch { throw ValidationError("--optimizer: \(error), or \(Self.fusedAdamW) (the trainer's own fp32 AdamW)") }
         _ = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints")
         _ = try Self.parseSwitch(hostEmbedding, "host-embedding")
         _ = try Self.parseSwitch(keepDropoutMasks, "keep-dropout-masks")
         _ = try Self.parseSwitch(keepBlockWeights, "keep-block-weights")
         _ = try Self.parseSwitch(keepAttention, "keep-attention")
         _ = try Self.parseSwitch(foldLoRA, "fold-lora")
+        _ = try Self.parseSwitch(foldLoRABackward, "fold-lora-backward")
         var chosen = device
         do {
             try architecture.config.checkCUDASupport(what: "bench --arch \(arch)")
@@ -127,13 +131,22 @@ struct BenchCommand: ParsableCommand {
         if let on = try Self.parseSwitch(keepBlockWeights, "keep-block-weights") { memory.keepBlockWeights = on }
         if let on = try Self.parseSwitch(keepAttention, "keep-attention") { memory.keepAttentionOutputs = on }
         if let on = try Self.parseSwitch(foldLoRA, "fold-lora") { memory.foldLoRA = on }
+        if let on = try Self.parseSwitch(foldLoRABackward, "fold-lora-backward") { memory.foldLoRABackward = on }
         let result = try CUDABenchmark.training(context: context, config: config, batch: batch, sequenceLength: seq,
                                                 rank: loraR, dropout: Float(loraDropout), memory: memory,
-                                                optimizer: try optimizer.map(OptimizerKind.parse), warmupSteps: warmup, steps: steps)
+                                                optimizer: try optimizerKind(), warmupSteps: warmup, steps: steps)
         let gib = { (b: Int) in rounded(Double(b) / Double(1 << 30)) }
         let used = result.plan.memory
-        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "layers": \#(config.layerCount), "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "optimizer": "\#(optimizer ?? "fused_adamw")", "dropout_masks_kept": \#(loraDropout > 0 && used.keepDropoutMasks), "block_weights_kept": \#(used.keepBlockWeights), "attention_outputs_kept": \#(used.keepAttentionOutputs), "lora_folded": \#(used.foldLoRA), "offload_checkpoints": \#(used.offloadCheckpoints), "host_embedding": \#(used.hostEmbedding), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "planned_host_gib": \#(gib(result.plan.host)), "context_gib": \#(gib(context.contextBytes)), "budget_gib": \#(context.memoryBudget.map { "\(gib($0))" } ?? "null"), "loss_first": \#(result.firstLoss.isFinite ? "\(rounded(result.firstLoss * 1000) / 1000)" : "null"), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
+        print(#"{"device": "cuda", "gpu": "\#(context.device.name)", "arch": "\#(arch)", "layers": \#(config.layerCount), "batch": \#(batch), "seq": \#(seq), "lora_r": \#(loraR), "lora_dropout": \#(loraDropout), "optimizer": "\#(optimizer)", "optimizer_ms": \#(rounded(result.optimizerSeconds * 1e5) / 100), "dropout_masks_kept": \#(loraDropout > 0 && used.keepDropoutMasks), "block_weights_kept": \#(used.keepBlockWeights), "attention_outputs_kept": \#(used.keepAttentionOutputs), "lora_folded": \#(used.foldLoRA), "lora_backward_folded": \#(used.foldLoRABackward), "offload_checkpoints": \#(used.offloadCheckpoints), "host_embedding": \#(used.hostEmbedding), "steps": \#(steps), "tokens_per_s": \#(rounded(result.tokensPerSecond)), "step_s": \#(rounded(result.stepSeconds * 1000) / 1000), "useful_tflops": \#(rounded(result.usefulTFLOPs)), "useful_tflops_ref_formula": \#(rounded(result.usefulTFLOPsReferenceFormula)), "peak_alloc_gib": \#(gib(result.peakAllocatedBytes)), "peak_reserved_gib": \#(gib(result.peakReservedBytes)), "driver_used_gib": \#(gib(result.driverUsedBytes)), "planned_gib": \#(gib(result.plan.total)), "planned_host_gib": \#(gib(result.plan.host)), "context_gib": \#(gib(context.contextBytes)), "budget_gib": \#(context.memoryBudget.map { "\(gib($0))" } ?? "null"), "loss_first": \#(result.firstLoss.isFinite ? "\(rounded(result.firstLoss * 1000) / 1000)" : "null"), "loss_last": \#(rounded(result.lastLoss * 1000) / 1000)}"#)
     }
 
     func rounded(_ x: Double) -> Double { (x * 100).rounded() / 100 }
+
+    /// The kind `--optimizer` names; nil: fused_adamw, the trainer's own.
+    func optimizerKind() throws -> OptimizerKind? {
+        optimizer.lowercased() == Self.fusedAdamW ? nil : try OptimizerKind.parse(optimizer)
+    }
+
+    static let fusedAdamW = "fused_adamw"
+
 }

@@ -295,7 +295,7 @@ final class ShardedBaseTests: XCTestCase {
         XCTAssertFalse(two.err.contains("Usage:"), two.err)
         let four = try cli.qlora(args + ["--gpus", "4"])
         XCTAssertEqual(four.status, 0, four.err)
-        XCTAssertTrue(four.out.contains("24.0 GiB card: fits, 7.47 GiB to spare"), four.out)
+        XCTAssertTrue(four.out.contains("24.0 GiB card: fits, 7.46 GiB to spare"), four.out)  // the paged state's two slots: 0.9 MiB more than one
     }
 }
 

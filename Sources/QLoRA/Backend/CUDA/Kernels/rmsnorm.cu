@@ -1,6 +1,7 @@
 // rmsnorm.cu: RMSNorm forward and input-gradient backward (the norm weight is frozen in QLoRA).
 //
-// x, y, dy, dx, residual: [rows, dim] h16 (the forward's y may have a longer row stride); w: [dim] h16. fp32 accumulation.
+// x, y, dy, dx, residual: [rows, dim] h16 (the forward's y, the backward's dy and dx may have longer row strides: the
+// trainer's folded LoRA keeps its columns past dim); w: [dim] h16. fp32 accumulation.
 // Forward, with r = 1 / sqrt(mean(x^2) + eps) per row and the weight offset o:
 //     o = 0 (HF LlamaRMSNorm, also Qwen3's q/k norms: normalise in fp32, round, then scale by the weight):
 //         n_i = h16( h16(x_i * r) * w_i )
@@ -113,14 +114,15 @@ extern "C" __global__ void rmsnorm_forward_rows(const h16* x, const h16* w, cons
     rmsnorm_forward_row(t, x, w, residual, y, dim, y_stride, eps, offset, scratch);
 }
 
+// dy's rows `dy_stride` apart, dx's `dx_stride` (≥ dim; the columns past dim are neither read nor written).
 extern "C" __global__ void rmsnorm_backward(const h16* x, const h16* w, const h16* dy, h16* dx, int rows, int dim, float eps,
-                                            float offset, int accumulate, int warp_rows) {
+                                            float offset, int accumulate, int warp_rows, long long dy_stride, long long dx_stride) {
     __shared__ float scratch[32];
     const RowThreads t = row_threads(warp_rows);
     if (t.warp && t.row >= rows) return;
     const h16* xr = x + t.row * dim;
-    const h16* dyr = dy + t.row * dim;
-    h16* dxr = dx + t.row * dim;
+    const h16* dyr = dy + t.row * dy_stride;
+    h16* dxr = dx + t.row * dx_stride;
     const bool vec = (dim & 7) == 0 && aligned16(xr) && aligned16(dyr) && aligned16(dxr) && aligned16(w);
     float ss = 0.0f, dot = 0.0f;
     if (vec) {

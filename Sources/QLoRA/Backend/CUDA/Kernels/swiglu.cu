@@ -1,7 +1,9 @@
 // swiglu.cu: the gated MLP activations, forward and backward: SwiGLU (Llama, Mistral, Qwen, Phi-3) and GeGLU (Gemma).
 // All tensors h16, n elements; h = act(g) * u. The forward's h may have rows of `cols` values `h_stride` apart
 // (the trainer's folded LoRA: x·Aᵀ of down_proj sits in the columns past cols); the forward may write h over g
-// only when it is dense.
+// only when it is dense. g and u (and the backward's dg, du) may have rows of `cols` values `g_stride` apart (the
+// trainer's backward fold: s·dy·B of gate_proj and up_proj sits in the columns past cols, neither read nor written
+// here); dh is dense. Dense callers pass cols = stride (any value: the index is then the element's).
 //
 // SwiGLU, with s = sigmoid(g), silu(g) = g s, and d silu/dg = s (1 + g (1 - s)):
 //     forward:   h  = g s u
@@ -57,63 +59,79 @@ __device__ __forceinline__ long long strided_index(long long e, long long n, int
     return row * h_stride + (e - row * cols);
 }
 
+/// Whether rows of `cols` values `stride` apart keep 8 consecutive elements (from a multiple of 8) in one row, at
+/// 16-byte offsets: dense, or both multiples of 8.
+__device__ __forceinline__ bool rows_of_8(int cols, long long stride) {
+    return stride == cols || ((cols & 7) == 0 && (stride & 7) == 0);
+}
+
 template <class Act>
-__device__ __forceinline__ void gated_forward(const h16* gate, const h16* up, h16* h, long long n, int cols, long long h_stride) {
-    // 8 consecutive elements share a row of h when the rows are multiples of 8 (or h is dense).
-    const bool vec = aligned16(gate) && aligned16(up) && aligned16(h) && (h_stride == cols || ((cols & 7) == 0 && (h_stride & 7) == 0));
+__device__ __forceinline__ void gated_forward(const h16* gate, const h16* up, h16* h, long long n, int cols, long long h_stride,
+                                              long long g_stride) {
+    const bool vec = aligned16(gate) && aligned16(up) && aligned16(h) && rows_of_8(cols, h_stride) && rows_of_8(cols, g_stride);
     GRID_STRIDE(g8, (n + 7) / 8) {
         const long long e0 = g8 * 8;
         if (vec && e0 + 8 <= n) {
             float g[8], u[8], o[8];
-            load_h16x8(gate + e0, g);
-            load_h16x8(up + e0, u);
+            const long long gi = strided_index(e0, n, cols, g_stride);
+            load_h16x8(gate + gi, g);
+            load_h16x8(up + gi, u);
 #pragma unroll
             for (int k = 0; k < 8; k++) o[k] = Act::forward(g[k], u[k]);
             store_h16x8(h + strided_index(e0, n, cols, h_stride), o);
         } else {
-            for (long long e = e0; e < e0 + 8 && e < n; e++)
-                h[strided_index(e, n, cols, h_stride)] = float_to_h16(Act::forward(h16_to_float(gate[e]), h16_to_float(up[e])));
-        }
-    }
-}
-
-template <class Act>
-__device__ __forceinline__ void gated_backward(const h16* dh, const h16* gate, const h16* up, h16* dgate, h16* dup, long long n) {
-    const bool vec = aligned16(dh) && aligned16(gate) && aligned16(up) && aligned16(dgate) && aligned16(dup);
-    GRID_STRIDE(g8, (n + 7) / 8) {
-        const long long e0 = g8 * 8;
-        if (vec && e0 + 8 <= n) {
-            float d[8], g[8], u[8], dg[8], du[8];
-            load_h16x8(dh + e0, d);
-            load_h16x8(gate + e0, g);
-            load_h16x8(up + e0, u);
-#pragma unroll
-            for (int k = 0; k < 8; k++) Act::backward(d[k], g[k], u[k], dg[k], du[k]);
-            store_h16x8(dgate + e0, dg);
-            store_h16x8(dup + e0, du);
-        } else {
             for (long long e = e0; e < e0 + 8 && e < n; e++) {
-                float dg, du;
-                Act::backward(h16_to_float(dh[e]), h16_to_float(gate[e]), h16_to_float(up[e]), dg, du);
-                dup[e] = float_to_h16(du);
-                dgate[e] = float_to_h16(dg);
+                const long long gi = strided_index(e, n, cols, g_stride);
+                h[strided_index(e, n, cols, h_stride)] = float_to_h16(Act::forward(h16_to_float(gate[gi]), h16_to_float(up[gi])));
             }
         }
     }
 }
 
-extern "C" __global__ void swiglu_forward(const h16* gate, const h16* up, h16* h, long long n, int cols, long long h_stride) {
-    gated_forward<SiLU>(gate, up, h, n, cols, h_stride);
+template <class Act>
+__device__ __forceinline__ void gated_backward(const h16* dh, const h16* gate, const h16* up, h16* dgate, h16* dup, long long n,
+                                               int cols, long long g_stride) {
+    const bool vec = aligned16(dh) && aligned16(gate) && aligned16(up) && aligned16(dgate) && aligned16(dup) && rows_of_8(cols, g_stride);
+    GRID_STRIDE(g8, (n + 7) / 8) {
+        const long long e0 = g8 * 8;
+        if (vec && e0 + 8 <= n) {
+            float d[8], g[8], u[8], dg[8], du[8];
+            const long long gi = strided_index(e0, n, cols, g_stride);
+            load_h16x8(dh + e0, d);
+            load_h16x8(gate + gi, g);
+            load_h16x8(up + gi, u);
+#pragma unroll
+            for (int k = 0; k < 8; k++) Act::backward(d[k], g[k], u[k], dg[k], du[k]);
+            store_h16x8(dgate + gi, dg);
+            store_h16x8(dup + gi, du);
+        } else {
+            for (long long e = e0; e < e0 + 8 && e < n; e++) {
+                float dg, du;
+                const long long gi = strided_index(e, n, cols, g_stride);
+                Act::backward(h16_to_float(dh[e]), h16_to_float(gate[gi]), h16_to_float(up[gi]), dg, du);
+                dup[gi] = float_to_h16(du);
+                dgate[gi] = float_to_h16(dg);
+            }
+        }
+    }
 }
 
-extern "C" __global__ void swiglu_backward(const h16* dh, const h16* gate, const h16* up, h16* dgate, h16* dup, long long n) {
-    gated_backward<SiLU>(dh, gate, up, dgate, dup, n);
+extern "C" __global__ void swiglu_forward(const h16* gate, const h16* up, h16* h, long long n, int cols, long long h_stride,
+                                          long long g_stride) {
+    gated_forward<SiLU>(gate, up, h, n, cols, h_stride, g_stride);
 }
 
-extern "C" __global__ void geglu_forward(const h16* gate, const h16* up, h16* h, long long n, int cols, long long h_stride) {
-    gated_forward<GeluTanh>(gate, up, h, n, cols, h_stride);
+extern "C" __global__ void swiglu_backward(const h16* dh, const h16* gate, const h16* up, h16* dgate, h16* dup, long long n, int cols,
+                                           long long g_stride) {
+    gated_backward<SiLU>(dh, gate, up, dgate, dup, n, cols, g_stride);
 }
 
-extern "C" __global__ void geglu_backward(const h16* dh, const h16* gate, const h16* up, h16* dgate, h16* dup, long long n) {
-    gated_backward<GeluTanh>(dh, gate, up, dgate, dup, n);
+extern "C" __global__ void geglu_forward(const h16* gate, const h16* up, h16* h, long long n, int cols, long long h_stride,
+                                         long long g_stride) {
+    gated_forward<GeluTanh>(gate, up, h, n, cols, h_stride, g_stride);
+}
+
+extern "C" __global__ void geglu_backward(const h16* dh, const h16* gate, const h16* up, h16* dgate, h16* dup, long long n, int cols,
+                                          long long g_stride) {
+    gated_backward<GeluTanh>(dh, gate, up, dgate, dup, n, cols, g_stride);
 }

@@ -7,6 +7,9 @@ import Glibc
 public struct CUDABenchmarkResult {
     public var tokensPerSecond: Double
     public var stepSeconds: Double
+    /// Device time of the optimizer's part of a step (clipping, the update, the bf16 copies; a paged kind's copies
+    /// that the device stream waits for), timed steps averaged (CUDA events).
+    public var optimizerSeconds: Double
     public var usefulTFLOPs: Double
     /// The same rate counted as ../shared/bench/reference_qlora.py counts it (attention 12·s·heads·D per token and
     /// layer, no causal halving), for a like-for-like column beside the reference stack.
@@ -48,9 +51,16 @@ public enum CUDABenchmark {
             (Array(tokens[(r * t)..<((r + 1) * t)]), Array(tokens[(r * t)..<((r + 1) * t)]))
         }, length: t, padID: 0)
         var stepIndex: UInt64 = 0
-        func step() throws {
+        // Per timed step: events before and after the optimizer's part on the device stream.
+        var marks: [(CUDAEvent, CUDAEvent)] = []
+        func step(timed: Bool = false) throws {
             stepIndex += 1
             try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: stepIndex)
+            if timed {
+                marks.append((try CUDAEvent(device: context.device), try CUDAEvent(device: context.device)))
+                try marks[marks.count - 1].0.record(on: context.device.stream)
+            }
+            defer { if timed { try? marks[marks.count - 1].1.record(on: context.device.stream) } }
             if let optimizer {
                 try trainer.clipGradients(maxNorm: 1)
                 try optimizer.step(trainer.parameterSlots(), learningRate: 2e-4)
@@ -63,14 +73,15 @@ public enum CUDABenchmark {
         let first = warmupSteps > 0 ? try trainer.lastLoss().mean : .nan
         try context.device.synchronize()
         let start = monotonicSeconds()
-        for _ in 0..<steps { try step() }
+        for _ in 0..<steps { try step(timed: true) }
         try context.device.synchronize()
         let seconds = (monotonicSeconds() - start) / Double(steps)
+        let optimizerSeconds = try marks.reduce(0.0) { $0 + (try $1.1.milliseconds(since: $1.0)) } / 1000 / Double(max(steps, 1))
         let last = try trainer.lastLoss().mean
         let info = try context.device.memoryInfo()
         let tokensPerSecond = Double(rows * t) / seconds
         return CUDABenchmarkResult(
-            tokensPerSecond: tokensPerSecond, stepSeconds: seconds,
+            tokensPerSecond: tokensPerSecond, stepSeconds: seconds, optimizerSeconds: optimizerSeconds,
             usefulTFLOPs: tokensPerSecond * CPUBenchmark.usefulFlopsPerToken(config: config, sequenceLength: t) / 1e12,
             usefulTFLOPsReferenceFormula: tokensPerSecond * referenceFlopsPerToken(config: config, sequenceLength: t) / 1e12,
             peakAllocatedBytes: context.allocator.peakBytes, peakReservedBytes: context.allocator.peakReservedBytes,

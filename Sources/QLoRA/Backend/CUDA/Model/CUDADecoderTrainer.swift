@@ -62,6 +62,12 @@
 // the same buffers (dA's x with its row stride, dB's x·Aᵀ in place, W with rows of its K) and still adds s·dyB·A
 // apart; down_proj's dx is written densely over its strided input once dA and dB have read it (the activation's
 // backward reads it densely).
+// The backward's fold (`memory.foldLoRABackward`, LoRAFoldLayout.swift's second part): the residual gradient
+// `gradient` has rows of hidden + R (`residualStride`; the RMSNorm backwards write and read it with that stride), and
+// gate and up rows of I + R' (`gateStride`: their GEMMs, the split of Phi-3's gate_up and both activation kernels use
+// it), so o_proj's, down_proj's, gate_proj's and up_proj's backward write s·dy·B into dy's spare columns, copy A's bf16
+// rows under W in the weight scratch, and dx = [dy | s·dy·B]·[W ; A] is one GEMM (dA reads the scaled dy·B with α 1).
+// Under dropout, and for q, k, v, Phi-3's gate_up (and Gemma's o and down, whose dy is dNorm), the unfolded backward runs.
 // Linear biases (Qwen2's q, k, v) are frozen: written into y before the base GEMM accumulates onto it; no gradient.
 // Each linear has its own LoRA rank (its A, B and x·Aᵀ are sized by it; dy·B uses a scratch of the largest rank);
 // rank 0 is a linear without an adapter (PEFT's target_modules naming only some projections): the base alone.
@@ -195,6 +201,13 @@ public final class CUDADecoderTrainer {
     let produced: [CUDAEvent], offloadDone: [CUDAEvent], slotFree: [CUDAEvent], fetched: [CUDAEvent]
     let norm1: DeviceBuffer<UInt16>, hidden: DeviceBuffer<UInt16>, norm2: DeviceBuffer<UInt16>
     let gradient: DeviceBuffer<UInt16>, dNorm: DeviceBuffer<UInt16>
+    /// The row stride of the residual stream's gradient: hidden, plus the backward fold's spare columns
+    /// (`backwardFold.residualColumns`).
+    public let residualStride: Int
+    /// Which linears fold their backward, and their weight scratch's extra rows (LoRABackwardFold).
+    let backwardFold: LoRABackwardFold
+    /// The row stride of gate and up: intermediate, plus the backward fold's spare columns (`backwardFold.mlpColumns`).
+    public let gateStride: Int
     let q: DeviceBuffer<UInt16>
     /// The attention output o of the block in hand and its log-sum-exp: `attentionOutputSlots[l % S]` for block l
     /// (see "Kept attention outputs" below).
@@ -536,7 +549,11 @@ public final class CUDADecoderTrainer {
             let fold = plan.memory.foldLoRA ? LoRAFoldLayout.widestColumns(c, ranks: ranks) : [0, 0, 0]
             let weightColumns = plan.memory.foldLoRA ? LoRAFoldLayout.widestK(c, ranks: ranks) : shapes.map(\.in)
             norm1 = try bf16(n * (h + fold[0])); hidden = try bf16(n * h); norm2 = try bf16(n * (h + fold[1]))
-            gradient = try bf16(n * h); dNorm = try bf16(n * h)
+            let backwardFold = LoRABackwardFold(config: c, ranks: ranks, enabled: plan.memory.foldLoRABackward)
+            self.backwardFold = backwardFold
+            residualStride = h + backwardFold.residualColumns
+            gateStride = c.intermediateSize + backwardFold.mlpColumns
+            gradient = try bf16(n * residualStride); dNorm = try bf16(n * h)
             q = try bf16(n * c.qDim)
             k = try bf16(n * c.kvDim); v = try bf16(n * c.kvDim)
             qProjected = c.qkNorm ? try bf16(n * c.qDim) : nil
@@ -544,10 +561,10 @@ public final class CUDADecoderTrainer {
             attentionProjected = c.sandwichNorms ? try bf16(n * h) : nil
             mlpProjected = c.sandwichNorms ? try bf16(n * h) : nil
             fusedOutput = c.fusedProjections ? try bf16(n * CUDAMemoryPlan.fusedWidth(c)) : nil
-            let scratch = BlockScratchLayout(config: c, tokens: n, foldedColumns: fold[2])
+            let scratch = BlockScratchLayout(config: c, tokens: n, foldedColumns: fold[2], gateColumns: backwardFold.mlpColumns)
             blockScratch = try bf16(scratch.count)
-            gate = blockScratch.view(at: scratch.gate, count: n * c.intermediateSize)
-            up = blockScratch.view(at: scratch.up, count: n * c.intermediateSize)
+            gate = blockScratch.view(at: scratch.gate, count: n * gateStride)
+            up = blockScratch.view(at: scratch.up, count: n * gateStride)
             activated = blockScratch.view(at: scratch.activated, count: n * (c.intermediateSize + fold[2]))
             dAttended = blockScratch.view(at: scratch.dAttended, count: n * c.qDim)
             dq = blockScratch.view(at: scratch.dq, count: n * c.qDim)
@@ -560,9 +577,9 @@ public final class CUDADecoderTrainer {
                 ? try a.buffer(Float.self, count: CUDAMemoryPlan.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks)) : nil
             dropoutMaskBits = dropout && !keepMasks
                 ? try a.buffer(UInt8.self, count: CUDAMemoryPlan.dropoutMaskBytes(tokens: n, shapes: shapes)) : nil
-            let slots = CUDAMemoryPlan.blockWeightSlots(c, columns: weightColumns)
+            let slots = CUDAMemoryPlan.blockWeightSlots(c, columns: weightColumns, extraRows: backwardFold.extraRows)
             let keep = plan.memory.keepBlockWeights
-            let slotCounts = shapes.indices.map { shapes[$0].out * weightColumns[$0] }
+            let slotCounts = shapes.indices.map { (shapes[$0].out + backwardFold.extraRows[$0]) * weightColumns[$0] }
             let weightScratch = try bf16(keep ? slots.count : slotCounts.max() ?? 1)
             weightSlots = shapes.indices.map { weightScratch.view(at: keep ? slots.offsets[$0] : 0, count: slotCounts[$0]) }
             weightSlotValid = Array(repeating: false, count: shapes.count)
@@ -733,9 +750,13 @@ public final class CUDADecoderTrainer {
     /// Folded (`site`, LoRAFoldLayout): x has rows `site.stride` apart; x·Aᵀ goes into its columns from in + tail, and
     /// the base product is y (+)= [x | …]·[W | 0 | s·B]ᵀ over K = in + tail + r: one GEMM writes y (the group's
     /// x·Aᵀ must all be written before its first base product reads them).
+    /// `yStride`: y's rows that far apart (gate and up under the backward's fold; no bias then).
     private func linearForward(_ l: TrainerLinear, _ j: Int, x: CUdeviceptr, y: CUdeviceptr, n: Int, accumulate: Bool, part: ForwardPart = .all,
-                               recompute: Bool = false, seed: UInt64?, site: FoldSite? = nil) throws {
+                               recompute: Bool = false, seed: UInt64?, site: FoldSite? = nil, yStride: Int? = nil) throws {
         let blas = try context.blas()
+        if let yStride, yStride != l.outFeatures, l.bias != nil {
+            throw CUDAError(call: "linearForward", "\(l.name): a bias onto rows \(yStride) apart")
+        }
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
         let xa = xaBuffer(l, seed: seed)
         let ldx = site?.stride ?? l.inFeatures
@@ -767,37 +788,54 @@ public final class CUDADecoderTrainer {
             try context.loraFoldTail(b: params.address(at: l.bOffset), scale: l.scale, into: w, out: l.outFeatures, in: l.inFeatures,
                                      ld: k, width: tail + l.rank, first: tail, rank: l.rank)
             try blas.gemm(m: n, n: l.outFeatures, k: k, a: x, b: w, transB: true, c: y, beta: accumulate || l.bias != nil ? 1 : 0,
-                          lda: ldx, ldb: k)
+                          lda: ldx, ldb: k, ldc: yStride)
             return
         }
         try dequantize(l, j)
         try blas.gemm(m: n, n: l.outFeatures, k: l.inFeatures, a: x, b: weightSlots[j].pointer, transB: true, c: y,
-                      beta: accumulate || l.bias != nil ? 1 : 0, lda: ldx, ldb: weightSlotStride[j])
+                      beta: accumulate || l.bias != nil ? 1 : 0, lda: ldx, ldb: weightSlotStride[j], ldc: yStride)
         guard l.rank > 0 else { return }
-        try blas.gemm(m: n, n: l.outFeatures, k: l.rank, a: xa.pointer, b: b16, transB: true, c: y, alpha: l.scale, beta: 1)
+        try blas.gemm(m: n, n: l.outFeatures, k: l.rank, a: xa.pointer, b: b16, transB: true, c: y, alpha: l.scale, beta: 1, ldc: yStride)
     }
 
     /// dx (+)= dy·W + d(s·(dy·B)·A); dA += s·(dy·B)ᵀ·d(x); dB += s·dyᵀ·(d(x)·Aᵀ). dx may be x itself (x is read
     /// first). With a mask `seed`, d(x) is regenerated from x (the forward's mask: same seed, same indices).
+    /// `dyStride`: dy's rows that far apart (the residual gradient's); with room for r columns past `out` and the
+    /// backward's fold on for linear j (and no mask), dx = [dy | s·dy·B]·[W ; A] in one GEMM (LoRAFoldLayout.swift).
     private func linearBackward(_ l: TrainerLinear, _ j: Int, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, n: Int, accumulate: Bool,
-                                seed: UInt64?, site: FoldSite? = nil) throws {
+                                seed: UInt64?, site: FoldSite? = nil, dyStride: Int? = nil) throws {
         let blas = try context.blas()
         let a16 = params16.address(at: l.aOffset), b16 = params16.address(at: l.bOffset)
         // Folded: x has rows site.stride apart and x·Aᵀ sits in them; the weight has rows of its folded K, as the
         // forward dequantized it (kept) or again (the same row stride either way: the same GEMMs, the same bits).
         let ldx = site?.stride ?? l.inFeatures
+        let ldy = dyStride ?? l.outFeatures
         try dequantize(l, j, rowStride: foldedK(l, site))
         let weight = weightSlots[j].pointer, ldw = weightSlotStride[j]
         guard l.rank > 0 else {  // no adapter: dx (+)= dy·W alone
-            try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0, ldb: ldw)
+            try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0, lda: ldy, ldb: ldw)
             return
         }
         // dB [out, r] += s·dyᵀ·xa
         let xa = site?.tail.map { x + CUdeviceptr(2 * (l.inFeatures + $0)) } ?? xaBuffer(l, seed: seed).pointer
         try blas.gemm(m: l.outFeatures, n: l.rank, k: n, a: dy, transA: true, b: xa, c: grads.address(at: l.bOffset),
-                      outputType: .float32, alpha: l.scale, beta: 1, ldb: site?.tail != nil ? ldx : nil)
+                      outputType: .float32, alpha: l.scale, beta: 1, lda: ldy, ldb: site?.tail != nil ? ldx : nil)
+        if seed == nil, backwardFold.folds[j], ldy >= l.outFeatures + l.rank, l.rank <= backwardFold.extraRows[j] {
+            // The backward's fold. dyB' = s·dy·B into dy's columns out … out + r − 1.
+            let dyB = dy + CUdeviceptr(2 * l.outFeatures)
+            try blas.gemm(m: n, n: l.rank, k: l.outFeatures, a: dy, b: b16, c: dyB, alpha: l.scale, lda: ldy, ldc: ldy)
+            // dA [r, in] += dyB'ᵀ·x (s is in dyB')
+            try blas.gemm(m: l.rank, n: l.inFeatures, k: n, a: dyB, transA: true, b: x, c: grads.address(at: l.aOffset),
+                          outputType: .float32, beta: 1, lda: ldy, ldb: ldx)
+            // A's bf16 rows under W (rows out … out + r − 1 of the scratch, W's row stride), then dx (+)= [dy | dyB']·[W ; A].
+            try context.copyColumns(from: a16, sourceStride: l.inFeatures, to: weight + CUdeviceptr(2 * l.outFeatures * ldw),
+                                    destinationStride: ldw, rows: l.rank, columns: l.inFeatures)
+            try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures + l.rank, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0,
+                          lda: ldy, ldb: ldw)
+            return
+        }
         // dyB [n, r] = dy·B
-        try blas.gemm(m: n, n: l.rank, k: l.outFeatures, a: dy, b: b16, c: dyB.pointer)
+        try blas.gemm(m: n, n: l.rank, k: l.outFeatures, a: dy, b: b16, c: dyB.pointer, lda: ldy)
         // dA [r, in] += s·dyBᵀ·d(x), the mask read from the forward's bits, or hashed into dropoutMaskBits for dx (dx may
         // be x: it is written after this)
         let mask = dropoutMask(l, seed: seed)
@@ -811,7 +849,7 @@ public final class CUDADecoderTrainer {
                           outputType: .float32, alpha: l.scale, beta: 1, ldb: ldx)
         }
         // dx (+)= dy·W + d(s·dyB·A) (dense: the down_proj's dx over its strided input is read densely after)
-        try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0, ldb: ldw)
+        try blas.gemm(m: n, n: l.inFeatures, k: l.outFeatures, a: dy, b: weight, c: dx, beta: accumulate ? 1 : 0, lda: ldy, ldb: ldw)
         if let mask {
             try context.loraDropoutAddDX(dyB: dyB.pointer, a: a16, into: dx, tokens: n, inFeatures: l.inFeatures, rank: l.rank,
                                          scale: l.scale, mask: mask, maskBits: maskBits)
@@ -864,25 +902,26 @@ public final class CUDADecoderTrainer {
     }
 
     /// dx (= or += with `accumulate`) the norm's input gradient given dy (dx may be dy: each row is read first).
+    /// `dyStride`, `dxStride`: the rows of dy, dx that far apart (the residual gradient's `residualStride`).
     private func normBackward(_ x: DeviceBuffer<UInt16>, _ w: DeviceBuffer<UInt16>, dy: DeviceBuffer<UInt16>, into dx: DeviceBuffer<UInt16>,
-                              rows: Int, dim: Int, accumulate: Bool) throws {
+                              rows: Int, dim: Int, accumulate: Bool, dyStride: Int? = nil, dxStride: Int? = nil) throws {
         try context.rmsNormBackward(x: x, weight: w, dy: dy, into: dx, rows: rows, dim: dim, eps: config.rmsNormEps,
-                                    weightOffset: config.normWeightOffset, accumulate: accumulate)
+                                    weightOffset: config.normWeightOffset, accumulate: accumulate, dyStride: dyStride, dxStride: dxStride)
     }
 
     /// Splits a fused projection's output [n, Σ widths] (in `fusedOutput`) by columns into `parts`, or, with
-    /// `join`, writes the parts side by side into it.
-    private func splitColumns(_ parts: [(DeviceBuffer<UInt16>, Int)], tokens n: Int, join: Bool = false) throws {
+    /// `join`, writes the parts side by side into it. `partStride`: the parts' rows that far apart (default: their width).
+    private func splitColumns(_ parts: [(DeviceBuffer<UInt16>, Int)], tokens n: Int, join: Bool = false, partStride: Int? = nil) throws {
         guard let fused = fusedOutput else { throw CUDAError(call: "CUDADecoderTrainer", "no fused projection buffer") }
         let width = parts.reduce(0) { $0 + $1.1 }
         var column = 0
         for (part, w) in parts {
             if join {
-                try context.copyColumns(from: part.pointer, sourceStride: w, to: fused.address(at: column), destinationStride: width,
-                                        rows: n, columns: w)
+                try context.copyColumns(from: part.pointer, sourceStride: partStride ?? w, to: fused.address(at: column),
+                                        destinationStride: width, rows: n, columns: w)
             } else {
-                try context.copyColumns(from: fused.address(at: column), sourceStride: width, to: part.pointer, destinationStride: w,
-                                        rows: n, columns: w)
+                try context.copyColumns(from: fused.address(at: column), sourceStride: width, to: part.pointer,
+                                        destinationStride: partStride ?? w, rows: n, columns: w)
             }
             column += w
         }
@@ -897,17 +936,18 @@ public final class CUDADecoderTrainer {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
         let L = b.linears
         let folding = memory.foldLoRA
-        func forward(_ j: Int, x: CUdeviceptr, y: CUdeviceptr, accumulate: Bool, part: ForwardPart = .all) throws {
+        func forward(_ j: Int, x: CUdeviceptr, y: CUdeviceptr, accumulate: Bool, part: ForwardPart = .all, yStride: Int? = nil) throws {
             try linearForward(L[j], j, x: x, y: y, n: n, accumulate: accumulate, part: part, recompute: output == nil,
-                              seed: maskSeed(L[j], j, seeds), site: foldSite(b, j, folding: folding))
+                              seed: maskSeed(L[j], j, seeds), site: foldSite(b, j, folding: folding), yStride: yStride)
         }
         /// Linears that read one input: folded, every x·Aᵀ first (each base product reads those before its own).
-        func group(_ js: [Int], x: CUdeviceptr, ys: [CUdeviceptr]) throws {
+        /// `yStride`: their outputs' rows that far apart.
+        func group(_ js: [Int], x: CUdeviceptr, ys: [CUdeviceptr], yStride: Int? = nil) throws {
             if folding {
                 for j in js { try forward(j, x: x, y: 0, accumulate: false, part: .xa) }
-                for (j, y) in zip(js, ys) { try forward(j, x: x, y: y, accumulate: false, part: .base) }
+                for (j, y) in zip(js, ys) { try forward(j, x: x, y: y, accumulate: false, part: .base, yStride: yStride) }
             } else {
-                for (j, y) in zip(js, ys) { try forward(j, x: x, y: y, accumulate: false) }
+                for (j, y) in zip(js, ys) { try forward(j, x: x, y: y, accumulate: false, yStride: yStride) }
             }
         }
         /// Dequantizes kept weights in one launch, each with its folded row stride.
@@ -949,13 +989,13 @@ public final class CUDADecoderTrainer {
         try norm(hidden, b.mlpInputNorm, into: norm2, rows: n, dim: h, outputStride: stride2)
         if b.fused {
             try group([gateUp], x: norm2.pointer, ys: [fusedOutput!.pointer])
-            try splitColumns([(gate, c.intermediateSize), (up, c.intermediateSize)], tokens: n)
+            try splitColumns([(gate, c.intermediateSize), (up, c.intermediateSize)], tokens: n, partStride: gateStride)
         } else {
             try keep([4, 5])
-            try group([4, 5], x: norm2.pointer, ys: [gate.pointer, up.pointer])
+            try group([4, 5], x: norm2.pointer, ys: [gate.pointer, up.pointer], yStride: gateStride)
         }
         try ctx.gatedActivationForward(c.mlpActivation, gate: gate, up: up, into: activated, count: n * c.intermediateSize,
-                                       outputRows: (c.intermediateSize, strideDown))
+                                       outputRows: (c.intermediateSize, strideDown), inputStride: gateStride)
         if let projected = mlpProjected, let outputNorm = b.mlpOutputNorm {
             // The backward reads down_proj's output (its norm's input), so the recomputation computes it too.
             try forward(down, x: activated.pointer, y: projected.pointer, accumulate: false)
@@ -976,31 +1016,33 @@ public final class CUDADecoderTrainer {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize
         let L = b.linears
         let folding = memory.foldLoRA  // as the recomputation left norm1, norm2 and activated
-        func backward(_ j: Int, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, accumulate: Bool) throws {
+        func backward(_ j: Int, x: CUdeviceptr, dy: CUdeviceptr, dx: CUdeviceptr, accumulate: Bool, dyStride: Int? = nil) throws {
             try linearBackward(L[j], j, x: x, dy: dy, dx: dx, n: n, accumulate: accumulate, seed: maskSeed(L[j], j, seeds),
-                               site: foldSite(b, j, folding: folding))
+                               site: foldSite(b, j, folding: folding), dyStride: dyStride)
         }
         let (o, gateUp, down) = b.projectionIndices
+        let rs = residualStride  // `gradient`'s rows
         if let projected = mlpProjected, let outputNorm = b.mlpOutputNorm {
-            try normBackward(projected, outputNorm, dy: gradient, into: dNorm, rows: n, dim: h, accumulate: false)
+            try normBackward(projected, outputNorm, dy: gradient, into: dNorm, rows: n, dim: h, accumulate: false, dyStride: rs)
             try backward(down, x: activated.pointer, dy: dNorm.pointer, dx: activated.pointer, accumulate: false)
         } else {
-            try backward(down, x: activated.pointer, dy: gradient.pointer, dx: activated.pointer, accumulate: false)
+            try backward(down, x: activated.pointer, dy: gradient.pointer, dx: activated.pointer, accumulate: false, dyStride: rs)
         }
-        try ctx.gatedActivationBackward(c.mlpActivation, dh: activated, gate: gate, up: up, dgate: gate, dup: up, count: n * c.intermediateSize)
+        try ctx.gatedActivationBackward(c.mlpActivation, dh: activated, gate: gate, up: up, dgate: gate, dup: up, count: n * c.intermediateSize,
+                                        rows: (c.intermediateSize, gateStride))
         if b.fused {
-            try splitColumns([(gate, c.intermediateSize), (up, c.intermediateSize)], tokens: n, join: true)
+            try splitColumns([(gate, c.intermediateSize), (up, c.intermediateSize)], tokens: n, join: true, partStride: gateStride)
             try backward(gateUp, x: norm2.pointer, dy: fusedOutput!.pointer, dx: dNorm.pointer, accumulate: false)
         } else {
-            try backward(4, x: norm2.pointer, dy: gate.pointer, dx: dNorm.pointer, accumulate: false)
-            try backward(5, x: norm2.pointer, dy: up.pointer, dx: dNorm.pointer, accumulate: true)
+            try backward(4, x: norm2.pointer, dy: gate.pointer, dx: dNorm.pointer, accumulate: false, dyStride: gateStride)
+            try backward(5, x: norm2.pointer, dy: up.pointer, dx: dNorm.pointer, accumulate: true, dyStride: gateStride)
         }
-        try normBackward(hidden, b.mlpInputNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: true)
+        try normBackward(hidden, b.mlpInputNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: true, dxStride: rs)
         if let projected = attentionProjected, let outputNorm = b.attentionOutputNorm {
-            try normBackward(projected, outputNorm, dy: gradient, into: dNorm, rows: n, dim: h, accumulate: false)
+            try normBackward(projected, outputNorm, dy: gradient, into: dNorm, rows: n, dim: h, accumulate: false, dyStride: rs)
             try backward(o, x: attended.pointer, dy: dNorm.pointer, dx: dAttended.pointer, accumulate: false)
         } else {
-            try backward(o, x: attended.pointer, dy: gradient.pointer, dx: dAttended.pointer, accumulate: false)
+            try backward(o, x: attended.pointer, dy: gradient.pointer, dx: dAttended.pointer, accumulate: false, dyStride: rs)
         }
         try ctx.attentionBackward(q: q, k: k, v: v, o: attended, dout: dAttended, lse: lse, segments: segments, dq: dq, dk: dk, dv: dv,
                                   delta: delta, dqAccumulator: dqAccumulator, shape: attentionShape(b, batch), flash: !deterministic)
@@ -1017,7 +1059,7 @@ public final class CUDADecoderTrainer {
             try backward(1, x: norm1.pointer, dy: dk.pointer, dx: dNorm.pointer, accumulate: true)
             try backward(2, x: norm1.pointer, dy: dv.pointer, dx: dNorm.pointer, accumulate: true)
         }
-        try normBackward(x, b.inputNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: true)
+        try normBackward(x, b.inputNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: true, dxStride: rs)
     }
 
     // MARK: - Step
@@ -1082,7 +1124,7 @@ public final class CUDADecoderTrainer {
             try blas.gemm(m: rows, n: h, k: vocab, a: logits.pointer, b: head.pointer, c: dNorm.address(at: start * h))
         }
         try ctx.crossEntropyReduce(rowLoss: rowLoss, labels: targets, rows: n, into: lossOut)
-        try normBackward(last, finalNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: false)
+        try normBackward(last, finalNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: false, dxStride: residualStride)
 
         // x_L is dead: its slot takes the first checkpoint back from the host.
         try prefetch(blocks.count - checkpointSlots.count, tokens: n)

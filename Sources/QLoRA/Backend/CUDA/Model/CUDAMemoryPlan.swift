@@ -8,8 +8,8 @@
 //   optimizer    by the optimizer in use (CUDAOptimizer's layout, one region per LoRA tensor): adamw two fp32 moments;
 //                adamw_8bit two bytes per value and two fp32 absmax per 256 (tensors under 4096 values: fp32), and
 //                the two 8-bit code maps; the paged kinds keep all of it in pinned host memory and hold on the
-//                device only a staging buffer of the largest tensor's state (70B, r 16: 1.63 GiB of device memory
-//                that paged_adamw_8bit does not need). Without a kind (nil), the trainer's own fp32 AdamW
+//                device only two slots of the largest tensor's state that it streams through (70B, r 16: 1.63 GiB of
+//                device memory that paged_adamw_8bit does not need). Without a kind (nil), the trainer's own fp32 AdamW
 //                (`CUDADecoderTrainer.optimizerStep`): two fp32 moments over the flat buffers.
 //   activations  gradient checkpoints: L + 1 of [N, H], or `checkpointSlots` of them when offloaded (the others
 //                wait in pinned host memory); one block's working set: 5 [N, H], q, attended, k, v, one shared
@@ -23,7 +23,9 @@
 //                backward so that a step hashes each mask once (L·Σ N·in/8, `keepDropoutMasks`), or one linear's,
 //                hashed again by the backward; the families'
 //                variations add q and k before their norms, o_proj's and down_proj's outputs before Gemma's
-//                sandwich norms, Phi-3's fused projection output before its split
+//                sandwich norms, Phi-3's fused projection output before its split; the folded LoRA (forward) widens
+//                norm1, norm2 and activated by their x·Aᵀ columns, the backward's fold the residual gradient by R and
+//                gate and up by R' columns (LoRABackwardFold) and each folded weight scratch by r rows
 //   workspace    the bf16 scratch a linear weight is dequantized into, cuBLASLt's workspace; with
 //                `keepBlockWeights` one scratch per linear of a block (8B: 7 weights, 436 MB instead of 117 MB), so the
 //                weights the recomputation dequantizes serve the block's backward too (only down_proj's, which the
@@ -65,10 +67,17 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
     /// of q, k, v, gate, up and down get rows of in + R values (their x·Aᵀ after x), each weight scratch rows of
     /// in + its tail (W, then s·B), and y is written once by one GEMM (o_proj apart; the backward's s·dyB·A apart).
     public var foldLoRA: Bool
+    /// Fold the backward's rank-r product into the base dx GEMM (LoRAFoldLayout.swift, LoRABackwardFold):
+    /// dx = [dy | s·dy·B]·[W ; A] for o_proj and down_proj, whose dy (the residual gradient) gets rows of hidden + R,
+    /// and gate_proj and up_proj, whose outputs (their dy's buffers) get rows of I + R'; each folded weight scratch
+    /// r more rows. Off by default until a GPU has measured it (`qlora bench --fold-lora-backward on`).
+    public var foldLoRABackward: Bool
 
     public init(offloadCheckpoints: Bool, checkpointSlots: Int = 3, hostEmbedding: Bool, keepDropoutMasks: Bool = true,
-                keepBlockWeights: Bool = true, keepAttentionOutputs: Bool = false, foldLoRA: Bool = false) {
+                keepBlockWeights: Bool = true, keepAttentionOutputs: Bool = false, foldLoRA: Bool = false,
+                foldLoRABackward: Bool = false) {
         self.foldLoRA = foldLoRA
+        self.foldLoRABackward = foldLoRABackward
         self.offloadCheckpoints = offloadCheckpoints
         self.checkpointSlots = checkpointSlots
         self.hostEmbedding = hostEmbedding
@@ -121,6 +130,7 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
             + (keepBlockWeights ? ", a block's dequantized weights kept for its backward" : "")
             + (keepAttentionOutputs ? ", attention outputs kept" + (offloadCheckpoints ? " (offloaded)" : "") : "")
             + (foldLoRA ? ", LoRA folded into the base GEMMs" : "")
+            + (foldLoRABackward ? ", the LoRA backward folded into dx (o, gate, up, down)" : "")
     }
 }
 
@@ -144,15 +154,16 @@ struct BlockScratchLayout: Equatable {
     var count = 0
 
     /// `foldedColumns`: x·Aᵀ columns after each row of `activated` (folded LoRA: down_proj's R; rows of I + R).
-    init(config c: DecoderConfig, tokens n: Int, foldedColumns: Int = 0) {
+    /// `gateColumns`: spare columns after each row of gate and up (the backward's fold: s·dy·B; rows of I + R').
+    init(config c: DecoderConfig, tokens n: Int, foldedColumns: Int = 0, gateColumns: Int = 0) {
         var end = 0
         func take(_ elements: Int) -> Int {
             let start = end
             end = (end + elements + 127) / 128 * 128
             return start
         }
-        gate = take(n * c.intermediateSize)
-        up = take(n * c.intermediateSize)
+        gate = take(n * (c.intermediateSize + gateColumns))
+        up = take(n * (c.intermediateSize + gateColumns))
         activated = take(n * (c.intermediateSize + foldedColumns))
         let mlp = end
         end = 0
@@ -175,7 +186,7 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     public var weights: Int
     /// LoRA matrices: fp32 master, bf16 compute copy, fp32 gradients.
     public var adapters: Int
-    /// Optimizer state on the device, by `optimizerKind` (a paged kind: only its staging buffer).
+    /// Optimizer state on the device, by `optimizerKind` (a paged kind: only the two slots it streams through).
     public var optimizer: Int
     /// The optimizer the plan counts (nil: the trainer's own fp32 AdamW, `CUDADecoderTrainer.optimizerStep`).
     public var optimizerKind: OptimizerKind?
@@ -228,11 +239,12 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     /// Element offsets of each linear's dequantized weight in the scratch that keeps a block's weights (each on a
     /// 256-byte boundary), and the scratch's elements.
     /// `columns[j]`: linear j's row length in its scratch (folded LoRA: LoRAFoldLayout.widestK; default `in`).
-    static func blockWeightSlots(_ c: DecoderConfig, columns: [Int]? = nil) -> (offsets: [Int], count: Int) {
+    /// `extraRows[j]`: rows past `out` (the backward's fold: A under W; default none).
+    static func blockWeightSlots(_ c: DecoderConfig, columns: [Int]? = nil, extraRows: [Int]? = nil) -> (offsets: [Int], count: Int) {
         var end = 0
         let offsets = linearShapes(c).enumerated().map { (j, shape) -> Int in
             let start = end
-            end = (end + shape.out * (columns?[j] ?? shape.in) + 127) / 128 * 128
+            end = (end + (shape.out + (extraRows?[j] ?? 0)) * (columns?[j] ?? shape.in) + 127) / 128 * 128
             return start
         }
         return (offsets, end)
@@ -298,7 +310,8 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         case .adamw, .adamw8bit:
             return (regions.reduce(0) { $0 + s($1) } + maps, 0)
         case .pagedAdamw8bit, .pagedAdamw32bit:
-            return ((regions.max().map(s) ?? 0) + maps, regions.reduce(0, +))
+            // Two slots of the largest tensor's state, which the state streams through (CUDAOptimizer's header).
+            return (2 * (regions.max().map(s) ?? 0) + maps, regions.reduce(0, +))
         }
     }
 
@@ -416,9 +429,11 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         // Folded LoRA: norm1, norm2 and activated have rows of in + R, each weight scratch rows of its widest K.
         let foldColumns = memory.foldLoRA ? LoRAFoldLayout.widestColumns(c, ranks: ranks) : [0, 0, 0]
         let weightColumns = memory.foldLoRA ? LoRAFoldLayout.widestK(c, ranks: ranks) : shapes.map(\.in)
-        largest = zip(shapes, weightColumns).map { $0.0.out * $0.1 }.max() ?? largest
+        // The backward's fold: the residual gradient's rows of hidden + R, r rows of A under o's and down's W.
+        let backwardFold = LoRABackwardFold(config: c, ranks: ranks, enabled: memory.foldLoRABackward)
+        largest = shapes.indices.map { (shapes[$0].out + backwardFold.extraRows[$0]) * weightColumns[$0] }.max() ?? largest
         let n1 = 2 * n * (c.hiddenSize + foldColumns[0]), n2 = 2 * n * (c.hiddenSize + foldColumns[1])
-        let scratch = BlockScratchLayout(config: c, tokens: n, foldedColumns: foldColumns[2])
+        let scratch = BlockScratchLayout(config: c, tokens: n, foldedColumns: foldColumns[2], gateColumns: backwardFold.mlpColumns)
         // norm1, hidden, norm2, gradient, dNorm; q, attended; k, v; the shared MLP / attention-gradient / logits region;
         // lse, delta; rowLoss, token ids, targets, positions, segments.
         // The variations' buffers: q and k before their norms; o_proj's and down_proj's outputs before the sandwich
@@ -428,10 +443,11 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         // Kept attention outputs: slots beyond the one o and lse every block uses.
         let attentionOutput = s(q) + s(4 * n * c.headCount)
         let keptAttention = (memory.attentionOutputSlots(layers: c.layerCount) - 1) * attentionOutput
-        activations = checkpoints + 3 * s(h) + s(n1) + s(n2) + 2 * s(q) + 2 * s(kv) + s(2 * scratch.count) + 2 * s(4 * n * c.headCount)
+        activations = checkpoints + 2 * s(h) + s(2 * n * (c.hiddenSize + backwardFold.residualColumns)) + s(n1) + s(n2) + 2 * s(q) + 2 * s(kv) + s(2 * scratch.count) + 2 * s(4 * n * c.headCount)
             + lora + 5 * s(4 * n) + variations + keptAttention
         let oneWeight = s(2 * largest)
-        blockWeightBytes = memory.keepBlockWeights ? s(2 * Self.blockWeightSlots(c, columns: weightColumns).count) - oneWeight : 0
+        blockWeightBytes = memory.keepBlockWeights
+            ? s(2 * Self.blockWeightSlots(c, columns: weightColumns, extraRows: backwardFold.extraRows).count) - oneWeight : 0
         workspace = oneWeight + blockWeightBytes + (32 << 20)
         host = memory.offloadedCheckpoints(layers: c.layerCount) * h
             + memory.offloadedAttentionOutputs(layers: c.layerCount) * (q + 4 * n * c.headCount)
@@ -443,7 +459,7 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         let sharded = shardedWorld > 1 || baseShards > 0
             ? " (base sharded over \(shardedWorld) ranks: shards \(f(baseShards)), staging \(f(baseStaging)))" : ""
         let state = optimizerKind.map { kind in
-            " (\(kind.rawValue)" + (optimizerHost > 0 ? ": state \(f(optimizerHost)) in pinned host memory, a staging buffer on the GPU)" : ")")
+            " (\(kind.rawValue)" + (optimizerHost > 0 ? ": state \(f(optimizerHost)) in pinned host memory, two slots on the GPU)" : ")")
         } ?? ""
         return "weights \(f(weights))\(sharded), adapters \(f(adapters)), optimizer \(f(optimizer))\(state), activations \(f(activations)) "
             + "(checkpoints \(f(checkpoints))), workspace \(f(workspace)); total \(f(total)); host \(f(host)) (\(memory))"

@@ -25,17 +25,23 @@ extension CUDAContext {
     }
 
     /// dx (= or += when `accumulate`) the gradient of RMSNorm (with weight + weightOffset) wrt its input, given dy.
+    /// `dyStride`, `dxStride`: dy's and dx's rows that far apart (≥ dim; default dim), as the trainer's residual
+    /// gradient has them when its LoRA backward is folded (dy·B in the columns past dim, left as they are). dx may be
+    /// dy with the same stride (each row is read first).
     public func rmsNormBackward(x: DeviceBuffer<UInt16>, weight: DeviceBuffer<UInt16>, dy: DeviceBuffer<UInt16>,
                                 into dx: DeviceBuffer<UInt16>, rows: Int, dim: Int, eps: Float, weightOffset: Float = 0,
-                                accumulate: Bool = false, stream: CUDAStream? = nil) throws {
-        try require(x.count >= rows * dim && dy.count >= rows * dim && dx.count >= rows * dim && weight.count >= dim,
+                                accumulate: Bool = false, dyStride: Int? = nil, dxStride: Int? = nil, stream: CUDAStream? = nil) throws {
+        let ldy = dyStride ?? dim, ldx = dxStride ?? dim
+        try require(ldy >= dim && ldx >= dim && (dy.pointer != dx.pointer || ldy == ldx), "rmsNormBackward",
+                    "row strides dy \(ldy), dx \(ldx) for rows of \(dim) (in place: equal)")
+        try require(x.count >= rows * dim && dy.count >= (rows - 1) * ldy + dim && dx.count >= (rows - 1) * ldx + dim && weight.count >= dim,
                     "rmsNormBackward", "buffers too small for \(rows) x \(dim)")
         guard rows > 0 else { return }
         let (grid, block, warpRows) = Self.rowLayout(rows: rows, dim: dim)
         try device.launch(compiler.function(KernelSources.rmsnorm, "rmsnorm_backward"), grid: (grid, 1, 1),
                           block: (block, 1, 1), stream: stream,
                           [x.arg, weight.arg, dy.arg, dx.arg, .int(rows), .int(dim), .float(eps), .float(weightOffset),
-                           .int(accumulate ? 1 : 0), .int(warpRows ? 1 : 0)])
+                           .int(accumulate ? 1 : 0), .int(warpRows ? 1 : 0), .int64(Int64(ldy)), .int64(Int64(ldx))])
     }
 
     /// Threads for a one-block-per-row kernel: a multiple of 32, about 8 values per thread, 32...1024.

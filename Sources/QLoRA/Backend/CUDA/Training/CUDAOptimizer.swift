@@ -7,10 +7,18 @@ import Glibc
 //   adamw             torch.optim.AdamW (adamw.cu), fp32 moments on the device
 //   adamw_8bit        bitsandbytes' blockwise 8-bit AdamW (adamw8bit.cu); tensors under 4096 elements keep fp32
 //                     moments with bitsandbytes' 32-bit arithmetic
-//   paged_adamw_8bit  the same, with the state in pinned host memory: before each tensor's update an asynchronous
-//                     copy brings its state into a device staging buffer, and one after the kernel takes it back
-//                     (all on the device's stream, so the staging buffer is reused in order). Device memory holds
-//                     only the largest tensor's state.
+//   paged_adamw_8bit  the same, with the state in pinned host memory, streamed through two device slots (each
+//                     the size of the largest tensor's state; a chunk = consecutive tensors that fit one slot):
+//                       upload stream    chunk c's states host → slot c % 2        then records loaded[s]
+//                       device stream    waits loaded[s], the update kernels       then records updated[s]
+//                       download stream  waits updated[s], slot → host             then records written[s]
+//                     and chunk c + 2's upload into the same slot waits written[s]. So chunk c + 1 arrives while
+//                     chunk c is updated and chunk c − 1 goes back (both copy directions at once), and the first two
+//                     chunks' uploads run under the end of the backward (they wait only for the previous step's
+//                     downloads, `downloaded`). The kernels, their arguments and the state bytes are the ones of the
+//                     unpaged kinds (bit for bit; qlora-gpu-check "paged optimizer streamed"). Device memory: the two
+//                     slots. Keeping the 8-bit state on the device instead would cost 2 bytes a LoRA value (8B, r 16:
+//                     80 MiB; the 7B shape's whole margin below Unsloth's peak is ~30 MiB), so the state stays paged.
 //   paged_adamw_32bit bitsandbytes' 32-bit AdamW arithmetic, paged the same way.
 // The CPU reference is Training/Optimizers/AdamW8bit.swift (and AdamW.swift); qlora-gpu-check compares them.
 
@@ -81,7 +89,12 @@ public final class CUDAOptimizer {
     }
 
     var states: [String: TensorState] = [:]
-    private var staging: DeviceBuffer<UInt8>?
+    /// Paged kinds: the two device slots the state streams through, the copy streams and their events (see the header).
+    private var pagedSlots: [DeviceBuffer<UInt8>] = []
+    private var uploadStream: CUDAStream?, downloadStream: CUDAStream?
+    private var loaded: [CUDAEvent] = [], updated: [CUDAEvent] = [], written: [CUDAEvent] = []
+    /// Recorded on the download stream after a step's last copy back: the next step's uploads (and the host) wait for it.
+    private var downloaded: CUDAEvent?
     private lazy var signedMap: DeviceBuffer<Float>? = try? context.allocator.buffer(copying: DynamicQuantizationMap.signed.values)
     private lazy var unsignedMap: DeviceBuffer<Float>? = try? context.allocator.buffer(copying: DynamicQuantizationMap.unsigned.values)
 
@@ -105,28 +118,109 @@ public final class CUDAOptimizer {
             }
         }
         let t = stepCount + 1
+        var work: [(CUDAParameterSlot, TensorState)] = []
         for s in slots {
             let is8bit = kind.is8bit && s.count >= AdamW8bit.minimum8bitSize
             let state = try states[s.name] ?? TensorState(count: s.count, is8bit: is8bit, context: context, paged: isPaged)
             states[s.name] = state
-            try update(s, state, step: t, lr: learningRate)
+            work.append((s, state))
+        }
+        if isPaged {
+            try pagedStep(work, step: t, lr: learningRate)
+        } else {
+            for (s, state) in work { try update(s, state, region: state.device!.pointer, step: t, lr: learningRate) }
         }
         stepCount = t
     }
 
-    private func update(_ s: CUDAParameterSlot, _ state: TensorState, step t: Int, lr: Double) throws {
-        let dev = context.device
-        let region: CUdeviceptr
-        if let host = state.host {
-            if staging == nil || staging!.count < state.byteCount {
-                staging = nil
-                staging = try context.allocator.buffer(UInt8.self, count: state.byteCount)
+    /// Byte offsets of state regions in a paged slot (each on 256 bytes, as the allocator aligns a buffer).
+    static func slotOffset(_ bytes: Int) -> Int { (bytes + 255) / 256 * 256 }
+
+    /// The paged kinds' chunks: consecutive tensors (indices into `regions`, the state bytes of each) whose regions fit
+    /// one slot of `slotBytes` together, each with its offset in the slot.
+    static func pagedChunks(_ regions: [Int], slotBytes: Int) -> [[(index: Int, offset: Int)]] {
+        var chunks: [[(index: Int, offset: Int)]] = []
+        var current: [(index: Int, offset: Int)] = [], end = 0
+        for (i, bytes) in regions.enumerated() {
+            if !current.isEmpty && end + bytes > slotBytes {
+                chunks.append(current)
+                current = []
+                end = 0
             }
-            region = staging!.pointer
-            try dev.copy(toDevice: region, from: host.pointer, bytes: state.byteCount)
-        } else {
-            region = state.device!.pointer
+            current.append((i, end))
+            end += slotOffset(bytes)
         }
+        if !current.isEmpty { chunks.append(current) }
+        return chunks
+    }
+
+    /// One update of every tensor with its state streamed through the two slots (the header's pipeline).
+    private func pagedStep(_ work: [(CUDAParameterSlot, TensorState)], step t: Int, lr: Double) throws {
+        let dev = context.device
+        let slotBytes = work.map(\.1.byteCount).max() ?? 0
+        guard slotBytes > 0 else { return }
+        if uploadStream == nil {
+            uploadStream = try CUDAStream(device: dev)
+            downloadStream = try CUDAStream(device: dev)
+            func events() throws -> [CUDAEvent] { try (0..<2).map { _ in try CUDAEvent(device: dev, timing: false) } }
+            loaded = try events(); updated = try events(); written = try events()
+            downloaded = try CUDAEvent(device: dev, timing: false)
+        }
+        guard let upload = uploadStream, let download = downloadStream, let downloaded else { return }
+        if pagedSlots.isEmpty || pagedSlots[0].count < slotBytes {
+            // Larger tensors than before: the old slots' copies and updates must be over before they go back to the
+            // allocator (which does not order its blocks by stream).
+            try dev.stream.synchronize()
+            try synchronizeCopies()
+            pagedSlots = []
+            pagedSlots = try (0..<2).map { _ in try context.allocator.buffer(UInt8.self, count: slotBytes) }
+        }
+        // The previous step's copies back must land before this step reads the host state again.
+        try upload.wait(for: downloaded)
+        let chunks = Self.pagedChunks(work.map(\.1.byteCount), slotBytes: slotBytes)
+        func load(_ c: Int) throws {
+            let s = c % 2
+            if c >= 2 { try upload.wait(for: written[s]) }  // chunk c − 2 has left the slot
+            for (i, offset) in chunks[c] {
+                let state = work[i].1
+                try dev.copy(toDevice: pagedSlots[s].pointer + UInt64(offset), from: state.host!.pointer, bytes: state.byteCount, stream: upload)
+            }
+            try loaded[s].record(on: upload)
+        }
+        for c in 0..<min(2, chunks.count) { try load(c) }
+        for c in chunks.indices {
+            let s = c % 2
+            try dev.stream.wait(for: loaded[s])
+            for (i, offset) in chunks[c] {
+                try update(work[i].0, work[i].1, region: pagedSlots[s].pointer + UInt64(offset), step: t, lr: lr)
+            }
+            try updated[s].record(on: dev.stream)
+            try download.wait(for: updated[s])
+            for (i, offset) in chunks[c] {
+                let state = work[i].1
+                try dev.copy(toHost: state.host!.pointer, from: pagedSlots[s].pointer + UInt64(offset), bytes: state.byteCount, stream: download)
+            }
+            try written[s].record(on: download)
+            if c + 2 < chunks.count { try load(c + 2) }
+        }
+        try downloaded.record(on: download)
+    }
+
+    /// Waits on the host until every paged copy queued so far has finished (before the host reads or writes the
+    /// pinned state, or the slots are freed).
+    private func synchronizeCopies() throws {
+        try uploadStream?.synchronize()
+        try downloadStream?.synchronize()
+    }
+
+    deinit {
+        // The pinned state goes with the optimizer: the copies that read or write it must be over first.
+        try? synchronizeCopies()
+    }
+
+    /// One tensor's update on the device's stream, its state at `region` (its own buffer, or a paged slot).
+    private func update(_ s: CUDAParameterSlot, _ state: TensorState, region: CUdeviceptr, step t: Int, lr: Double) throws {
+        let dev = context.device
         let n = s.count
         if kind == .adamw {
             let f = try context.compiler.function(KernelSources.adamw, "adamw_step")
@@ -155,14 +249,11 @@ public final class CUDAOptimizer {
                                [s.valuesArg, s.gradientArg, .pointer(region), .pointer(region + UInt64(4 * n)), .int64(Int64(n))] + scalars)
             }
         }
-        if let host = state.host {
-            try dev.copy(toHost: host.pointer, from: region, bytes: state.byteCount, stream: dev.stream)
-        }
     }
 
-    /// Bytes of optimizer state on the device now (the staging buffer when paged).
+    /// Bytes of optimizer state on the device now (the two slots when paged).
     public var deviceStateBytes: Int {
-        isPaged ? (staging?.byteCount ?? 0) : states.values.reduce(0) { $0 + $1.byteCount }
+        isPaged ? pagedSlots.reduce(0) { $0 + $1.byteCount } : states.values.reduce(0) { $0 + $1.byteCount }
     }
 
     // MARK: State
@@ -170,6 +261,7 @@ public final class CUDAOptimizer {
     /// A tensor's state region copied to the host (waits for the stream).
     private func hostBytes(_ state: TensorState) throws -> [UInt8] {
         try context.device.stream.synchronize()
+        try synchronizeCopies()
         if let host = state.host {
             return Array(UnsafeRawBufferPointer(start: host.pointer, count: state.byteCount))
         }
@@ -208,6 +300,9 @@ public final class CUDAOptimizer {
             guard let (parameter, buffer) = OptimizerStateRecords.split(info.name) else { continue }
             buffers[parameter, default: [:]][buffer] = info
         }
+        // Queued copies of the current state must not land on the host after it is replaced (nor read freed buffers).
+        try context.device.stream.synchronize()
+        try synchronizeCopies()
         var newStates: [String: TensorState] = [:]
         for (name, parts) in buffers {
             var region: [UInt8]
