@@ -22,7 +22,8 @@
 #   attnbench  the attention wgmma group's timings (forward and backward beside mma.sync) into $OUT/attn_bench.txt
 #   decode     bench-decode on the 8B shape (LoRA r16 unmerged, 128 tokens) with each GEMV in $GEMVS
 #   refdecode  the seeds' stack's batch-1 decode of the same shape (reference_decode.py; needs .refstack)
-#   optim      the 8B and 1B benches with the trainer's fused fp32 AdamW and with paged_adamw_8bit (the peers' optimizer)
+#   optim      the 8B and 1B benches with the trainer's fused fp32 AdamW and with bench's default paged_adamw_8bit (the
+#              peers' optimizer and qlora train's default since session 9)
 #   ab         the 8B and 1B benches with each value of $AB_FLAG in $AB_VALUES, twice, interleaved
 source "$(dirname "$0")/binaries.sh"
 # The four workloads of DESIGN.md's table; $FOUR_ARGS (e.g. "--optimizer paged_adamw_8bit") goes to each bench.
@@ -105,8 +106,8 @@ decode)
     $Q bench-decode --device cuda --arch llama-3.1-8b --lora-r 16 --tokens 128 --gemv $k 2>&1 | tail -1
   done ;;
 optim)
-  for a in llama-3.1-8b:2 llama-3.2-1b:4; do for o in "" "--optimizer paged_adamw_8bit"; do
-    step "${a%:*} ${o:-fused fp32 AdamW}"
+  for a in llama-3.1-8b:2 llama-3.2-1b:4; do for o in "--optimizer fused_adamw" ""; do
+    step "${a%:*} ${o:-paged_adamw_8bit (the default)}"
     $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 $o 2>/dev/null | tail -1
   done; done ;;
 refdecode)
