@@ -334,30 +334,21 @@ private func compareFolded(_ name: String, model: DecoderModel, batch: TrainingB
 /// columns, A's rows under each folded weight): the peak's change between the fold off and on = the plan's, with one
 /// weight scratch and with every linear's kept.
 func checkBackwardFoldPeak() throws {
-    var config = Architecture.smollm2_135m.config
-    config.tieWordEmbeddings = false
-    let rows = 2, length = 512, tokens = rows * length
-    let examples = randomExamples(count: rows, length: length, vocab: config.vocabularySize, seed: 3)
-    let batch = TrainingBatch(examples: examples.map { ($0.tokens, $0.labels) }, length: length, padID: 0)
-    _ = try ctx.blas()  // its workspace is made once per context, before any measurement
+    let measurement = try PeakMeasurement()
     func peak(backward: Bool, keep: Bool) throws -> (bytes: Int, plan: CUDAMemoryPlan) {
         var options = CUDATrainerMemoryOptions.allOnDevice
         options.foldLoRA = true
         options.keepBlockWeights = keep
         options.foldLoRABackward = backward
-        try ctx.device.synchronize()
-        A.resetPeak()
-        let base = A.currentBytes
-        let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 64, alpha: 128, capacityTokens: tokens,
-                                           memory: options)
-        guard trainer.memory.foldLoRABackward == backward, trainer.memory.keepBlockWeights == keep else {
-            throw UsageError("the trainer did not take the options \(options)")
+        let measured = try measurement.peak {
+            let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: measurement.config, rank: 64, alpha: 128,
+                                                 capacityTokens: measurement.tokens, memory: options)
+            guard trainer.memory.foldLoRABackward == backward, trainer.memory.keepBlockWeights == keep else {
+                throw UsageError("the trainer did not take the options \(options)")
+            }
+            return trainer
         }
-        try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: nil)
-        try trainer.optimizerStep(learningRate: 1e-4)
-        try trainer.forwardLoss(batch: batch)
-        _ = try trainer.lastLoss()
-        return (A.peakBytes - base, trainer.plan)
+        return (measured.bytes, measured.plan)
     }
     for keep in [false, true] {
         let off = try peak(backward: false, keep: keep), on = try peak(backward: true, keep: keep)

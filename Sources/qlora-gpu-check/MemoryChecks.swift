@@ -82,6 +82,39 @@ func firstRows(_ batch: TrainingBatch, _ rows: Int) -> TrainingBatch {
                          positions: Array(batch.positions[0..<n]), exampleStarts: Array(batch.exampleStarts[0..<n]))
 }
 
+/// The memory checks' measurement: a trainer's peak allocator bytes, above what was allocated before it, over a
+/// forward and backward, an optimizer step (the trainer's own unless `step` is given) and a forward-only loss, on a
+/// 2 × 512-token batch of the untied SmolLM2-135M shape (random weights) — what the plan must equal.
+struct PeakMeasurement {
+    let config: DecoderConfig
+    let tokens: Int
+    let batch: TrainingBatch
+
+    init() throws {
+        var config = Architecture.smollm2_135m.config
+        config.tieWordEmbeddings = false
+        let rows = 2, length = 512
+        let examples = randomExamples(count: rows, length: length, vocab: config.vocabularySize, seed: 3)
+        (self.config, tokens) = (config, rows * length)
+        batch = TrainingBatch(examples: examples.map { ($0.tokens, $0.labels) }, length: length, padID: 0)
+        _ = try ctx.blas()  // its workspace is made once per context, before any measurement
+    }
+
+    func peak(_ make: () throws -> CUDADecoderTrainer, dropoutSeed: UInt64? = nil,
+              step: ((CUDADecoderTrainer) throws -> Void)? = nil) throws -> (bytes: Int, plan: CUDAMemoryPlan, trainer: CUDADecoderTrainer) {
+        let A = ctx.allocator
+        try ctx.device.synchronize()
+        A.resetPeak()
+        let base = A.currentBytes
+        let trainer = try make()
+        try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: dropoutSeed)
+        if let step { try step(trainer) } else { try trainer.optimizerStep(learningRate: 1e-4) }
+        try trainer.forwardLoss(batch: batch)
+        _ = try trainer.lastLoss()
+        return (A.peakBytes - base, trainer.plan, trainer)
+    }
+}
+
 func runMemoryChecks(_ ctx: CUDAContext) {
     let directory = fixtureDirectory()
     let offload2 = CUDATrainerMemoryOptions(offloadCheckpoints: true, checkpointSlots: 2, hostEmbedding: false)
@@ -176,24 +209,13 @@ func runMemoryChecks(_ ctx: CUDAContext) {
     }
 
     group("memory: peak allocator bytes") {
-        var config = Architecture.smollm2_135m.config
-        config.tieWordEmbeddings = false
-        let rows = 2, length = 512, tokens = rows * length
-        let examples = randomExamples(count: rows, length: length, vocab: config.vocabularySize, seed: 3)
-        let batch = TrainingBatch(examples: examples.map { ($0.tokens, $0.labels) }, length: length, padID: 0)
-        _ = try ctx.blas()  // its workspace is made once per context, before any measurement
-        let A = ctx.allocator
+        let measurement = try PeakMeasurement()
+        let (config, tokens) = (measurement.config, measurement.tokens)
         func peak(_ options: CUDATrainerMemoryOptions, dropout: Float = 0) throws -> (bytes: Int, plan: CUDAMemoryPlan) {
-            try ctx.device.synchronize()
-            A.resetPeak()
-            let base = A.currentBytes
-            let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: tokens,
-                                               dropout: dropout, memory: options)
-            try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: dropout > 0 ? 5 : nil)
-            try trainer.optimizerStep(learningRate: 1e-4)
-            try trainer.forwardLoss(batch: batch)
-            _ = try trainer.lastLoss()
-            return (A.peakBytes - base, trainer.plan)
+            let measured = try measurement.peak({ try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16,
+                                                                         capacityTokens: tokens, dropout: dropout, memory: options) },
+                                                dropoutSeed: dropout > 0 ? 5 : nil)
+            return (measured.bytes, measured.plan)
         }
         let s = DeviceAllocator.sizeClass
         let checkpoint = s(2 * tokens * config.hiddenSize), table = s(2 * config.vocabularySize * config.hiddenSize)
@@ -219,19 +241,15 @@ func runMemoryChecks(_ ctx: CUDAContext) {
         // The optimizer in use keeps its own state: the trainer made for it holds no moments, and one step through
         // CUDAOptimizer peaks where the plan says (paged: two slots of the largest tensor's state, the rest on the host).
         for kind in [OptimizerKind.adamw, .pagedAdamw8bit] {
-            try ctx.device.synchronize()
-            A.resetPeak()
-            let base = A.currentBytes
-            let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: tokens,
-                                               memory: .allOnDevice, optimizer: kind)
             let optimizer = try CUDAOptimizer(context: ctx, kind: kind)
-            try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens, dropoutSeed: nil)
-            try trainer.clipGradients(maxNorm: 1)
-            try optimizer.step(trainer.parameterSlots(), learningRate: 1e-4)
-            try trainer.refreshParameterCopies()
-            try trainer.forwardLoss(batch: batch)
-            _ = try trainer.lastLoss()
-            let bytes = A.peakBytes - base
+            let (bytes, _, trainer) = try measurement.peak(
+                { try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: tokens,
+                                         memory: .allOnDevice, optimizer: kind) },
+                step: { trainer in
+                    try trainer.clipGradients(maxNorm: 1)
+                    try optimizer.step(trainer.parameterSlots(), learningRate: 1e-4)
+                    try trainer.refreshParameterCopies()
+                })
             let drop = device.bytes - bytes, planned = device.plan.total - trainer.plan.total
             checkTrue("peak: \(kind.rawValue) state as the plan says", drop == planned && optimizer.deviceStateBytes <= trainer.plan.optimizer,
                       "peak \(mib(device.bytes)) -> \(mib(bytes)): \(mib(drop)) less; plan \(mib(planned)) less "
