@@ -66,22 +66,22 @@ func checkAttentionWGMMA() throws {
             + (window.map { " window \($0)" } ?? "") + (softcap.map { " softcap \(Int($0))" } ?? "")
             + (starts.isEmpty ? "" : " packed \(starts.count + 1)")
         checkTrue("\(name): path", applies == (softcap == nil), applies ? "wgmma kernels" : "mma.sync flash kernels (fallback)")
-        let o = try poisoned(UInt16.self, qn), lse = try poisoned(Float.self, shape.tokens * heads)
-        try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape, kernel: .wgmma)
-        let oValues = try downloadBF16(o), lseValues = try lse.download()
-        check("\(name): o", relativeError(oValues, ref.o), 1e-2,
-              attentionErrorNote(oValues, ref.o, seq: seq, heads: heads, cols: d, tolerance: 0.05))
-        check("\(name): lse", relativeError(lseValues, ref.lse), 1e-4,
-              attentionErrorNote(lseValues, ref.lse, seq: seq, heads: heads, cols: 1, tolerance: 1e-2))
-        // The pipelined forward: against the CPU, and bit for bit the simple wgmma forward's o and lse (the same
-        // products in the same order per accumulator), or the fallback's where the launcher fell back.
-        let op = try poisoned(UInt16.self, qn), lsep = try poisoned(Float.self, shape.tokens * heads)
-        try ctx.attentionForward(q: qd, k: kd, v: vd, into: op, lse: lsep, segments: segd, shape: shape, kernel: .wgmmaPipelined)
-        let opValues = try downloadBF16(op), lsepValues = try lsep.download()
-        check("\(name): o (pipelined)", relativeError(opValues, ref.o), 1e-2,
-              attentionErrorNote(opValues, ref.o, seq: seq, heads: heads, cols: d, tolerance: 0.05))
-        check("\(name): lse (pipelined)", relativeError(lsepValues, ref.lse), 1e-4,
-              attentionErrorNote(lsepValues, ref.lse, seq: seq, heads: heads, cols: 1, tolerance: 1e-2))
+        // The wgmma forward, then the pipelined one, each against the CPU; below, the pipelined bit for bit the simple
+        // forward's o and lse (the same products in the same order per accumulator), or the fallback's.
+        var forward: [AttentionKernel: (o: DeviceBuffer<UInt16>, lse: DeviceBuffer<Float>, oValues: [Float], lseValues: [Float])] = [:]
+        for kernel in [AttentionKernel.wgmma, .wgmmaPipelined] {
+            let o = try poisoned(UInt16.self, qn), lse = try poisoned(Float.self, shape.tokens * heads)
+            try ctx.attentionForward(q: qd, k: kd, v: vd, into: o, lse: lse, segments: segd, shape: shape, kernel: kernel)
+            let oValues = try downloadBF16(o), lseValues = try lse.download()
+            let suffix = kernel == .wgmma ? "" : " (pipelined)"
+            check("\(name): o\(suffix)", relativeError(oValues, ref.o), 1e-2,
+                  attentionErrorNote(oValues, ref.o, seq: seq, heads: heads, cols: d, tolerance: 0.05))
+            check("\(name): lse\(suffix)", relativeError(lseValues, ref.lse), 1e-4,
+                  attentionErrorNote(lseValues, ref.lse, seq: seq, heads: heads, cols: 1, tolerance: 1e-2))
+            forward[kernel] = (o, lse, oValues, lseValues)
+        }
+        let (o, lse, oValues, lseValues) = forward[.wgmma]!
+        let (opValues, lsepValues) = (forward[.wgmmaPipelined]!.oValues, forward[.wgmmaPipelined]!.lseValues)
         for (output, got, want, cols) in [("o", opValues, oValues, d), ("lse", lsepValues, lseValues, 1)] {
             let same = zip(got, want).filter { $0.bitPattern == $1.bitPattern }.count
             checkTrue("\(name): pipelined forward \(output) bit-identical to the wgmma forward", same == got.count,
