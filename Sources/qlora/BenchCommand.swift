@@ -54,6 +54,21 @@ struct BenchCommand: ParsableCommand {
             help: "GPU: fold the LoRA backward's rank-r product into the dx GEMM of o_proj, gate_proj, up_proj and down_proj, dx = [dy | s·dy·B]·[W ; A] (on), or add it apart (off, or auto: the default until measured).")
     var foldLoRABackward: String = "auto"
 
+    /// Sets each memory option whose switch is on or off (auto leaves the automatic choice): one table, so a new
+    /// switch is named, checked and applied in one place.
+    func applyMemorySwitches(to memory: inout CUDATrainerMemoryOptions) throws {
+        let switches: [(option: String, value: String, field: WritableKeyPath<CUDATrainerMemoryOptions, Bool>)] = [
+            ("offload-checkpoints", offloadCheckpoints, \.offloadCheckpoints),
+            ("host-embedding", hostEmbedding, \.hostEmbedding),
+            ("keep-dropout-masks", keepDropoutMasks, \.keepDropoutMasks),
+            ("keep-block-weights", keepBlockWeights, \.keepBlockWeights),
+            ("keep-attention", keepAttention, \.keepAttentionOutputs),
+            ("fold-lora", foldLoRA, \.foldLoRA),
+            ("fold-lora-backward", foldLoRABackward, \.foldLoRABackward),
+        ]
+        for s in switches { if let on = try Self.parseSwitch(s.value, s.option) { memory[keyPath: s.field] = on } }
+    }
+
     /// "on", "off" or "auto" (nil).
     static func parseSwitch(_ value: String, _ option: String) throws -> Bool? {
         switch value.lowercased() {
@@ -78,13 +93,8 @@ struct BenchCommand: ParsableCommand {
         guard decodeTokens >= 0 else { throw ValidationError("--decode-tokens must be a non-negative integer (0: skip), got \(decodeTokens)") }
         if let gpuMemory, !(gpuMemory > 0 && gpuMemory.isFinite) { throw ValidationError("--gpu-memory must be a positive number of GiB, got \(gpuMemory)") }
         do { _ = try optimizerKind() } catch { throw ValidationError("--optimizer: \(error), or \(Self.fusedAdamW) (the trainer's own fp32 AdamW)") }
-        _ = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints")
-        _ = try Self.parseSwitch(hostEmbedding, "host-embedding")
-        _ = try Self.parseSwitch(keepDropoutMasks, "keep-dropout-masks")
-        _ = try Self.parseSwitch(keepBlockWeights, "keep-block-weights")
-        _ = try Self.parseSwitch(keepAttention, "keep-attention")
-        _ = try Self.parseSwitch(foldLoRA, "fold-lora")
-        _ = try Self.parseSwitch(foldLoRABackward, "fold-lora-backward")
+        var unused = CUDATrainerMemoryOptions.allOnDevice
+        try applyMemorySwitches(to: &unused)  // each switch's value checked before anything runs
         var chosen = device
         do {
             try architecture.config.checkCUDASupport(what: "bench --arch \(arch)")
@@ -125,13 +135,7 @@ struct BenchCommand: ParsableCommand {
         if let gpuMemory { try context.setMemoryBudget(gib: gpuMemory) }
         let config = config(architecture)
         var memory = CUDATrainerMemoryOptions.automatic(for: config)
-        if let on = try Self.parseSwitch(offloadCheckpoints, "offload-checkpoints") { memory.offloadCheckpoints = on }
-        if let on = try Self.parseSwitch(hostEmbedding, "host-embedding") { memory.hostEmbedding = on }
-        if let on = try Self.parseSwitch(keepDropoutMasks, "keep-dropout-masks") { memory.keepDropoutMasks = on }
-        if let on = try Self.parseSwitch(keepBlockWeights, "keep-block-weights") { memory.keepBlockWeights = on }
-        if let on = try Self.parseSwitch(keepAttention, "keep-attention") { memory.keepAttentionOutputs = on }
-        if let on = try Self.parseSwitch(foldLoRA, "fold-lora") { memory.foldLoRA = on }
-        if let on = try Self.parseSwitch(foldLoRABackward, "fold-lora-backward") { memory.foldLoRABackward = on }
+        try applyMemorySwitches(to: &memory)
         let result = try CUDABenchmark.training(context: context, config: config, batch: batch, sequenceLength: seq,
                                                 rank: loraR, dropout: Float(loraDropout), memory: memory,
                                                 optimizer: try optimizerKind(), warmupSteps: warmup, steps: steps)
