@@ -100,10 +100,10 @@ struct PlanCommand: ParsableCommand {
                     : ", dropout masks hashed again in the backward (no room to keep every block's)"
             }
             if fitted.fits(budgetBytes: bytes) && plan.memory.keepAttentionOutputs {
-                let dropped = fitted.replanned(memory: { var m = fitted.memory; m.keepAttentionOutputs = true; return m }())
+                let withKept = fitted.replanned(memory: { var m = fitted.memory; m.keepAttentionOutputs = true; return m }())
                 path += fitted.memory.keepAttentionOutputs ? ", attention outputs kept (pinned host \(DeviceAllocator.formatGiB(fitted.host)) GiB)"
-                    : dropped.fits(budgetBytes: bytes) && pinnableHostBytes.map({ dropped.host > $0 }) == true
-                        ? ", attention recomputed (keeping its outputs needs \(DeviceAllocator.formatGiB(dropped.host)) GiB of pinned host memory, "
+                    : withKept.fits(budgetBytes: bytes) && pinnableHostBytes.map({ withKept.host > $0 }) == true
+                        ? ", attention recomputed (keeping its outputs needs \(DeviceAllocator.formatGiB(withKept.host)) GiB of pinned host memory, "
                             + "over three quarters of the host's \(DeviceAllocator.formatGiB(hostPhysicalBytes ?? 0)) GiB)"
                         : ", attention recomputed (no room to keep its outputs)"
             }
