@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The verification on the lent GPU machine (session 8's parts and those added since) (no Swift, no internet), from the repository root. PARTS is a
 # comma-separated list run in order (each writes its full output under $OUT and prints a summary).
-# Usage: scripts/device/verify_session8.sh DIR PARTS   (DIR holds qlora and qlora-gpu-check, xz'd or not)
+# Usage: scripts/device/verify.sh DIR PARTS   (DIR holds qlora and qlora-gpu-check, xz'd or not)
 #   check      qlora-gpu-check --no-bench, bf16 on the card's own target
 #   changed    fp16 and compute_86 of the groups in $GROUPS (comma-separated)
 #   bench      qlora-gpu-check --only benchmarks (the kernels' microbenchmarks, old beside new)
@@ -25,6 +25,8 @@
 #   optim      the 8B and 1B benches with the trainer's fused fp32 AdamW and with bench's default paged_adamw_8bit (the
 #              peers' optimizer and qlora train's default since session 9)
 #   ab         the 8B and 1B benches with each value of $AB_FLAG in $AB_VALUES, twice, interleaved
+#   profattn   Nsight Compute on the wgmma attention kernels (forward and backward, simple and pipelined) inside one
+#              8B step at 1×16,384 (first 2 blocks): throughput, tensor-pipe use, warp stalls, into $OUT/prof_<kernel>.txt
 source "$(dirname "$0")/binaries.sh"
 # The four workloads of DESIGN.md's table; $FOUR_ARGS (e.g. "--optimizer paged_adamw_8bit") goes to each bench.
 four() { for a in smollm2-135m:4 llama-3.2-1b:4 llama-2-7b:2 llama-3.1-8b:2; do
@@ -119,5 +121,14 @@ ab)
     step "$AB_FLAG $v ${a%:*}"
     $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 $AB_FLAG $v 2>/dev/null | tail -1
   done; done; done ;;
+profattn)
+  SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats"
+  for k in wgmma:forward_d128 wgmma:backward_d128 wgmma-pipelined:forward_pipelined_d128 wgmma-pipelined:backward_pipelined_d128; do
+    step "ncu attention_wgmma_${k#*:} (QLORA_ATTENTION=${k%:*}, 8B 1×16,384)"
+    QLORA_ATTENTION=${k%:*} ncu --clock-control none -k regex:"attention_wgmma_${k#*:}\$" --launch-count 1 $SECTIONS \
+      --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,smsp__average_warp_latency_issue_stalled_barrier,smsp__average_warp_latency_issue_stalled_long_scoreboard,smsp__average_warp_latency_issue_stalled_wait \
+      $Q bench --device cuda --arch llama-3.1-8b --layers 2 --batch 1 --seq 16384 --steps 1 --warmup 0 > $OUT/prof_${k#*:}.txt 2>&1
+    grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|Shared|Registers Per|Achieved Occupancy|Issued Ipc|No Eligible|Warp Cycles Per Issued|gmma|stalled|Bank|Stall" $OUT/prof_${k#*:}.txt | head -40
+  done ;;
 *) echo "unknown part $part" ;;
 esac; done
