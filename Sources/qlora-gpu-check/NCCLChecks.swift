@@ -72,8 +72,13 @@ func runNCCLChecks(_ ctx: CUDAContext) {
             try world.reduceScatterDevice(source.pointer, into: part.pointer, count: parts.count, operation)
             try world.stream.synchronize()
             let out = try part.download()
-            let differing = zip(out, parts).filter { $0.bitPattern != $1.bitPattern }.count
-            checkTrue("ncclReduceScatter \(operation) of 250,007 floats (device)", differing == 0, "\(differing) values differ")
+            let differing = out.indices.filter { out[$0].bitPattern != parts[$0].bitPattern }
+            // Sessions 8-10: the out-of-place average differed in 23 values (250,007 mod 32 = 23) even after this
+            // wait; where they are and what they hold says whether it is NCCL's tail (the product never asks NCCL
+            // for an average: each rank divides its loss by the global batch's tokens and the ranks sum).
+            let detail = differing.isEmpty ? "" : "\(differing.count) values differ at \(differing.first!)...\(differing.last!) "
+                + "(first: \(out[differing.first!]) for \(parts[differing.first!]))"
+            checkTrue("ncclReduceScatter \(operation) of 250,007 floats (device)", differing.isEmpty, detail)
             try world.reduceScatterDevice(source.pointer, into: source.pointer, count: parts.count, operation)
             try world.stream.synchronize()
             checkTrue("ncclReduceScatter \(operation) in place (device)", try source.download().map(\.bitPattern) == parts.map(\.bitPattern))

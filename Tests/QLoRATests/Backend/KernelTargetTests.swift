@@ -38,8 +38,9 @@ final class KernelTargetTests: XCTestCase {
     }
 
     func testAttentionKernelChoice() throws {
-        // QLORA_ATTENTION=mma|wgmma-forward|wgmma picks the Hopper d128 flash kernels (mma: neither on wgmma,
-        // wgmma-forward: the forward, wgmma: both); anything else is a usage error naming it.
+        // QLORA_ATTENTION=mma|wgmma-forward|wgmma|wgmma-pipelined picks the Hopper d128 flash kernels (mma: neither on
+        // wgmma, wgmma-forward: the forward, wgmma: both, wgmma-pipelined: both pipelined); anything else is a usage
+        // error naming it.
         XCTAssertEqual(try AttentionKernel(parsing: "wgmma"), .wgmma)
         XCTAssertEqual(try AttentionKernel(parsing: "WGMMA-forward"), .wgmmaForward)
         XCTAssertEqual(try AttentionKernel(parsing: "MMA"), .mma)
@@ -54,7 +55,7 @@ final class KernelTargetTests: XCTestCase {
         defer { unsetenv("QLORA_ATTENTION") }
         XCTAssertEqual(try AttentionKernel.fromEnvironment(), .mma)
         setenv("QLORA_ATTENTION", "", 1)
-        XCTAssertEqual(try AttentionKernel.fromEnvironment(), .wgmma, "the wgmma forward and backward where they apply are the default")
+        XCTAssertEqual(try AttentionKernel.fromEnvironment(), .wgmmaPipelined, "the pipelined wgmma forward and backward where they apply are the default")
         setenv("QLORA_ATTENTION", "wgmma", 1)
         XCTAssertEqual(try AttentionKernel.fromEnvironment(), .wgmma)
         setenv("QLORA_ATTENTION", "flash3", 1)

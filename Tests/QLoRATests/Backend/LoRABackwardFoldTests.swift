@@ -45,7 +45,8 @@ final class LoRABackwardFoldTests: XCTestCase {
         let c = Architecture.llama3_1_8b.config, n = 4096, r = 16
         let s = DeviceAllocator.sizeClass
         var memory = CUDATrainerMemoryOptions.automatic(for: c)
-        XCTAssertFalse(memory.foldLoRABackward, "off by default until a GPU has measured it")
+        XCTAssertTrue(memory.foldLoRABackward, "on by default since session 10's H100 A/B")
+        memory.foldLoRABackward = false
         let plain = CUDAMemoryPlan(config: c, tokens: n, rank: r, memory: memory)
         memory.foldLoRABackward = true
         let folded = CUDAMemoryPlan(config: c, tokens: n, rank: r, memory: memory)

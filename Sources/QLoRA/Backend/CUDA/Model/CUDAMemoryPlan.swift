@@ -70,7 +70,7 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
     /// Fold the backward's rank-r product into the base dx GEMM (LoRAFoldLayout.swift, LoRABackwardFold):
     /// dx = [dy | s·dy·B]·[W ; A] for o_proj and down_proj, whose dy (the residual gradient) gets rows of hidden + R,
     /// and gate_proj and up_proj, whose outputs (their dy's buffers) get rows of I + R'; each folded weight scratch
-    /// r more rows. Off by default until a GPU has measured it (`qlora bench --fold-lora-backward on`).
+    /// r more rows. On by default since session 10 (`automatic(for:)`); inert under LoRA dropout.
     public var foldLoRABackward: Bool
 
     public init(offloadCheckpoints: Bool, checkpointSlots: Int = 3, hostEmbedding: Bool, keepDropoutMasks: Bool = true,
@@ -96,10 +96,13 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
     /// and `--keep-block-weights on` choose them). With offloaded checkpoints the blocks' attention outputs are
     /// kept (offloaded too: +4.3% / +7.6% tokens/s on the 8B / 1B shapes at 2 / 4 × 2048, +22% at 1 × 32,768, for
     /// one more [N, q] slot on the GPU), and LoRA is folded into the base GEMMs (+1.2% / +4.5%); session 8, H100.
+    /// The backward's fold too: +0.4-0.8% / +0.9-1.5% on the 8B / 1B shapes, the peak unchanged to 0.01 GiB (session
+    /// 10, H100, two interleaved runs of each).
     public static func automatic(for c: DecoderConfig) -> CUDATrainerMemoryOptions {
         let offload = c.layerCount + 1 > 3
         return CUDATrainerMemoryOptions(offloadCheckpoints: offload, checkpointSlots: 3, hostEmbedding: !c.tieWordEmbeddings,
-                                        keepDropoutMasks: false, keepBlockWeights: false, keepAttentionOutputs: offload, foldLoRA: true)
+                                        keepDropoutMasks: false, keepBlockWeights: false, keepAttentionOutputs: offload, foldLoRA: true,
+                                        foldLoRABackward: true)
     }
 
     /// Device buffers the trainer holds for checkpoints with `layers` blocks.
