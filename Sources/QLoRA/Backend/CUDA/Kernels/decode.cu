@@ -508,9 +508,9 @@ __device__ __forceinline__ void gemv_mma_step(float* c, const unsigned char* lut
 }
 
 #if QLORA_HALF || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // bf16 mma needs sm_80 (Turing runs fp16)
-/// A 16-row tile of nf4_gemv_mma as one warp sees it: addresses, the warp's groups [gb, ge), and the
-/// loads kept a cycle (4 groups) ahead: packed bytes, this lane's x piece, the absmax code and nested absmax of the
-/// group whose sums this lane scales (group c0 + t); and the epilogue's LoRA term and residual.
+/// A 16-row tile of nf4_gemv_mma as one warp sees it: addresses, the warp's groups [gb, ge), and the loads kept a cycle
+/// (4 groups) ahead: packed bytes, this lane's x piece, the absmax code and nested absmax of the group whose sums this
+/// lane scales (group c0 + t); and the epilogue's LoRA term and residual.
 struct GemvMmaTile {
     const unsigned char* pa;
     const unsigned char* pb;
