@@ -152,14 +152,6 @@ func checkFamilyGeneration(_ name: String, model: DecoderModel, quantized: [Stri
         try Generator.generate(inference: single, prompt: $0, maxTokens: maxTokens, sampling: SamplingOptions(), stopIDs: [])
     }
     try checkGreedy("\(name) batch-1", model: model, prompts: prompts, answers: answers, maxTokens: maxTokens)
-    // The same with nf4_gemv_fused (each group's input op and LoRA A inside its GEMV's launch), where it runs.
-    if ctx.nf4GemvFusedSupported(cols: 64, blocksize: 64) {
-        single.gemvKernel = .fused
-        let fused = try prompts.map {
-            try Generator.generate(inference: single, prompt: $0, maxTokens: maxTokens, sampling: SamplingOptions(), stopIDs: [])
-        }
-        try checkGreedy("\(name) batch-1, fused gemv", model: model, prompts: prompts, answers: fused, maxTokens: maxTokens)
-    }
     guard batched else { return }
     let weights = try CUDAInference(context: ctx, model: model, capacity: 1, quantized: quantized)
     let vocab = model.config.vocabularySize

@@ -1,9 +1,8 @@
 // GPU generation and GPU optimizer checks (called from main.swift's groups):
 //   decode gemv        nf4_gemv (+ LoRA + residual) and bf16_gemv against fp64 sums over the dequantized weight;
 //                      nf4_gemv_mma the same on weights with block scales spread 40x, over shapes that exercise its
-//                      partial cycles, idle warps, short blocks and blocksize 128 (checkDecodeGemvMMA); nf4_gemv_fused
-//                      with its input op in every mode and its LoRA A rows made in the same launch, over several tasks,
-//                      launched twice (checkDecodeGemvFused); lora_a_rows in every mode against the CPU (checkLoRAARows)
+//                      partial cycles, idle warps, short blocks and blocksize 128 (checkDecodeGemvMMA); lora_a_rows in
+//                      every mode against the CPU (checkLoRAARows)
 //   inference fixture  CUDAInference vs DecoderModel.forward on Tests/Fixtures/tiny-llama (+ its adapter), prefill and
 //                      decode logits, both with the same NF4 weights (the CPU model gets the dequantized values)
 //   inference random   the same on random weights of a larger shape (hidden 2048, GQA 16/4, head dim 128), r 16
@@ -147,7 +146,7 @@ func checkDecodeGemvMMA() throws {
     }
 }
 
-/// The input of a group's projection as lora_a_rows and nf4_gemv_fused make it, on the CPU: mode 0 x, 1 RMSNorm(x)·w
+/// The input of a group's projection as lora_a_rows makes it, on the CPU: mode 0 x, 1 RMSNorm(x)·w
 /// (bf16(bf16(x r) w), or bf16(x r (w + offset)) with a norm offset), 2 act(x)·x2 (SiLU or GELU-tanh), rounded to h16.
 func referenceDecodeInput(mode: Int, x: [Float], x2: [Float], w: [Float], offset: Float, activation: MLPActivation) -> [Float] {
     func round(_ v: Float) -> Float { dt.decode(dt.encode(v)) }
@@ -165,103 +164,6 @@ func referenceDecodeInput(mode: Int, x: [Float], x2: [Float], w: [Float], offset
             let act = activation == .silu ? g / (1 + expf(-g)) : 0.5 * g * (1 + tanhf(0.7978845608028654 * (g + 0.044715 * g * g * g)))
             return round(act * x2[i])
         default: return x[i]
-        }
-    }
-}
-
-/// nf4_gemv_fused against fp64 sums on the CPU: the group's input made in every block in each mode (plain x, RMSNorm
-/// without and with a norm offset, SwiGLU, GeGLU), the LoRA A rows made by the launch's first blocks (xa itself checked
-/// too) and waited for by the tiles' epilogues. Groups: three tasks (q|k|v-like, LoRA ranks 16 and 8 on the first two,
-/// none on the third, which adds a residual; 24 A rows = 3 LoRA blocks), one task of 64 · 37 columns (partial cycles),
-/// two tasks at blocksize 128 (24 A rows), one short task without LoRA (no LoRA blocks, no counters). Block scales spread
-/// 40x, as for nf4_gemv_mma. Each launch runs twice with xa and the outputs poisoned in between: a second launch that
-/// found the counters not reset to zero would read the poison (and the counters are read back: zero).
-func checkDecodeGemvFused() throws {
-    guard ctx.nf4GemvFusedSupported(cols: 64, blocksize: 64) else {
-        checkTrue("nf4 gemv fused: not run (\(dt) on \(ctx.compiler.target.nvrtcArchitecture) has no tensor-core path)", true)
-        return
-    }
-    let modes: [(mode: Int, offset: Float, activation: MLPActivation, label: String)] = [
-        (0, 0, .silu, "x"), (1, 0, .silu, "rmsnorm"), (1, 1, .silu, "rmsnorm (1 + w)"), (2, 0, .silu, "swiglu"), (2, 0, .geluTanh, "geglu"),
-    ]
-    let groups: [(rows: [Int], ranks: [Int], cols: Int, blocksize: Int)] = [
-        ([200, 72, 40], [16, 8, 0], 64 * 20, 64), ([77], [16], 64 * 37, 64), ([40, 24], [16, 8], 4096, 128), ([5], [0], 64, 64),
-    ]
-    let sync = try upload([Int32(0), Int32(0)])
-    for (rowsList, ranks, cols, blocksize) in groups {
-        var matrices: [GemvCase] = []
-        for (rows, rank) in zip(rowsList, ranks) {
-            var w = rng.floats(rows * cols, -1, 1)
-            for b in 0..<(rows * cols / 64) {
-                let s = rng.uniform(0.05, 2) * 0.05
-                for i in (b * 64)..<((b + 1) * 64) { w[i] *= s }
-            }
-            matrices.append(try GemvCase(w, rows: rows, cols: cols, blocksize: blocksize, rank: max(rank, 1)))
-        }
-        let loraRows = ranks.reduce(0, +)
-        // The group's A rows stacked (the tasks' xa point at their offsets), as CUDAInference stacks them.
-        var stacked: [Float] = [], offsets: [Int] = []
-        for (m, rank) in zip(matrices, ranks) {
-            offsets.append(stacked.count / cols)
-            stacked += m.a.prefix(rank * cols)
-        }
-        let ad = try upload(stacked.isEmpty ? [dt.encode(0)] : stacked.map(dt.encode))
-        let (xb, x) = rng.bf16(cols, -2, 2)
-        let (x2b, x2) = rng.bf16(cols, -1, 1)
-        let (wb, nw) = rng.bf16(cols, 0.5, 1.5)
-        let xd = try upload(xb), x2d = try upload(x2b), wd = try upload(wb)
-        let shape = "\(rowsList.map(String.init).joined(separator: "|"))x\(cols) blocksize \(blocksize)"
-        for m in modes {
-            let input = referenceDecodeInput(mode: m.mode, x: x, x2: x2, w: nw, offset: m.offset, activation: m.activation)
-            let xa = try poisoned(Float.self, max(loraRows, 1))
-            var outs: [DeviceBuffer<UInt16>] = [], tasks: [NF4GemvTask] = [], refs: [[Float]] = []
-            for (k, (c, rank)) in zip(matrices, ranks).enumerated() {
-                let rows = rowsList[k]
-                let residual = k == 2 ? c.residual : nil
-                let out = try residual != nil ? upload(c.residualBits) : poisoned(UInt16.self, rows)
-                var t = NF4GemvTask(packed: c.matrix.packed.pointer, absmaxCodes: c.matrix.absmaxCodes.pointer,
-                                    nestedAbsmax: c.matrix.nestedAbsmax.pointer, code: c.matrix.code.pointer, offset: c.matrix.offset,
-                                    rows: rows, out: out.pointer)
-                if residual != nil { t.residual = out.pointer }
-                if rank > 0 {
-                    t.loraB = c.bd.pointer  // [rows, 16]: the first `rank` columns are B when rank < 16
-                    t.xa = xa.address(at: offsets[k])
-                    t.loraScale = 2
-                    t.rank = rank
-                }
-                outs.append(out)
-                tasks.append(t)
-                // B as the kernel reads it: row r's entries at r · rank (a [rows, rank] matrix over the same buffer).
-                let b = Array(c.b.prefix(rows * rank))
-                refs.append(referenceGemv(c.wq, rows: rows, cols: cols, x: input, residual: residual,
-                                          lora: rank > 0 ? (Array(c.a.prefix(rank * cols)), b, rank, 2) : nil))
-            }
-            let (bytes, tiles) = NF4GemvTask.encode(tasks)
-            let td = try upload(bytes)
-            for launch in 1...2 {
-                if launch == 2 {
-                    try xa.fill(byte: 0xFF)
-                    for (k, out) in outs.enumerated() {
-                        if k == 2 { try out.upload(matrices[k].residualBits) } else { try out.fill(byte: 0xFF) }
-                    }
-                }
-                try ctx.nf4GemvFused(tasks: td.pointer, taskCount: tasks.count, tiles: tiles, x: xd.pointer, x2: x2d.pointer,
-                                     normWeight: wd.pointer, mode: m.mode, eps: 1e-5, normOffset: m.offset, activation: m.activation,
-                                     loraA: loraRows > 0 ? ad.pointer : 0, loraRows: loraRows, xa: loraRows > 0 ? xa.pointer : 0,
-                                     sync: loraRows > 0 ? sync.pointer : 0, cols: cols, blocksize: blocksize,
-                                     nestedBlocksize: matrices[0].matrix.nestedBlocksize)
-                let name = "nf4 gemv fused \(shape), \(m.label)\(launch == 2 ? ", second launch" : "")"
-                for (k, out) in outs.enumerated() {
-                    let what = ranks[k] > 0 ? "LoRA r\(ranks[k])" : k == 2 ? "residual" : "plain"
-                    check(name + ": task \(k + 1) (\(what))", relativeError(try downloadBF16(out), refs[k]), 1e-2)
-                }
-                if loraRows > 0 {
-                    let xaRef = referenceRowProducts(stacked, input, rows: loraRows, columns: cols)
-                    check(name + ": xa", relativeError(Array(try xa.download()[0..<loraRows]), xaRef), 5e-3)
-                    let counters = try sync.download()
-                    checkTrue(name + ": counters back to zero", counters == [0, 0], "\(counters)")
-                }
-            }
         }
     }
 }
@@ -313,11 +215,10 @@ func timeDecodeGemvs() throws {
     let loraB = try upload((0..<(28672 * rank)).map { _ in dt.encode(r.uniform(-0.05, 0.05)) })
     let xa = try upload((0..<64).map { _ in r.uniform(-1, 1) })
     let x = try upload((0..<14336).map { _ in dt.encode(r.uniform(-1, 1)) })
-    // The LoRA A rows and the input ops of the fused kernel and of lora_a_rows (the pair decode launches without it).
+    // The LoRA A rows and the input ops of lora_a_rows (launched before each GEMV in decode).
     let loraA = try upload((0..<(3 * rank * 14336)).map { _ in dt.encode(r.uniform(-0.05, 0.05)) })
     let normWeight = try upload((0..<14336).map { _ in dt.encode(r.uniform(0.5, 1.5)) })
     let inOut = try A.buffer(UInt16.self, count: 14336)
-    let sync = try upload([Int32(0), Int32(0)])
     let out = try A.buffer(UInt16.self, count: 28672), residual = try upload([UInt16](repeating: dt.encode(0.5), count: 4096))
     for (name, cols, parts) in shapes {
         let rows = parts.reduce(0, +)
@@ -351,8 +252,7 @@ func timeDecodeGemvs() throws {
         let weightBytes = Double(bytes) + Double(rows * cols) / 64 + Double(rows * cols) / 64 / 256 * 4
         // Each kernel alone (events around one launch: its latency counts in full) and 8 launches in a row, cycling the
         // copies (per launch: as in a decode step, where a launch follows another kernel). "lora A + mma" is the pair of
-        // launches decode makes without the fused kernel (lora_a_rows: the input op and xa; then the GEMV), "fused" the
-        // one launch that replaces them.
+        // launches decode makes for a group (lora_a_rows: the input op and xa; then the GEMV).
         var kernels: [(String, () throws -> Void)] = []
         var k = 0
         kernels.append(("rows", {
@@ -377,14 +277,6 @@ func timeDecodeGemvs() throws {
                                   xa: xa.pointer, rows: parts.count * rank, cols: cols, mode: mode, eps: 1e-5)
                 try ctx.nf4GemvMMA(tasks: perKernel[0].tasks[k % copies].pointer, taskCount: parts.count, blocks: perKernel[0].blocks,
                                    x: mode == 0 ? x.pointer : inOut.pointer, cols: cols)
-            }))
-        }
-        if ctx.nf4GemvFusedSupported(cols: cols, blocksize: 64) {
-            kernels.append(("fused", {
-                k += 1
-                try ctx.nf4GemvFused(tasks: perKernel[0].tasks[k % copies].pointer, taskCount: parts.count, tiles: perKernel[0].blocks,
-                                     x: x.pointer, x2: x.pointer, normWeight: normWeight.pointer, mode: mode, eps: 1e-5,
-                                     loraA: loraA.pointer, loraRows: parts.count * rank, xa: xa.pointer, sync: sync.pointer, cols: cols)
             }))
         }
         for (kernel, launch) in kernels {

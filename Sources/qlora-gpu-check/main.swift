@@ -505,7 +505,6 @@ group("lora linear") {
 group("decode gemv") {
     try checkDecodeGemv()
     try checkDecodeGemvMMA()
-    try checkDecodeGemvFused()
     try checkLoRAARows()
 }
 group("inference fixture") { try checkInferenceFixture() }

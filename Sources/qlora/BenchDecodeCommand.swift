@@ -28,7 +28,7 @@ struct BenchDecodeCommand: ParsableCommand {
     @Flag(help: "Launch the decode kernels one by one instead of replaying a CUDA graph.")
     var noGraph = false
 
-    @Option(help: "The fused NF4 GEMV: rows (4 rows per warp, x in shared memory), mma (pair lookup + tensor cores; rows where a shape does not allow it), fused (mma's product with each group's RMSNorm or gated activation and its LoRA A product in the same launch: one launch per group instead of two) or splitk (columns split over warps).")
+    @Option(help: "The fused NF4 GEMV: rows (4 rows per warp, x in shared memory), mma (pair lookup + tensor cores; rows where a shape does not allow it) or splitk (columns split over warps).")
     var gemv: String = "rows"
 
     @Option(parsing: .unconditional, help: "Also time batched generation with this many sequence slots (0: batch-1 only): --prompts random prompts of --prompt-tokens, --tokens new tokens each, greedy.")
@@ -44,6 +44,10 @@ struct BenchDecodeCommand: ParsableCommand {
     var profile = false
 
     func run() throws {
+        // Checked before anything touches the GPU (`fused` was removed in session 10: docs/PERFORMANCE.md).
+        guard let kernel = CUDAInference.GEMVKernel(rawValue: gemv) else {
+            throw ValidationError("unknown --gemv '\(gemv)' (choose from \(CUDAInference.GEMVKernel.allCases.map(\.rawValue).joined(separator: ", ")))")
+        }
         guard device == "cuda" || device == "auto" else { throw ValidationError("bench-decode runs on the GPU: use --device cuda") }
         guard let architecture = Architecture(rawValue: arch) else {
             throw ValidationError("unknown architecture '\(arch)' (choose from \(Architecture.allCases.map(\.rawValue).joined(separator: ", ")))")
@@ -58,7 +62,6 @@ struct BenchDecodeCommand: ParsableCommand {
         let config = architecture.config
         let inference = try CUDAInference(context: ctx, randomConfig: config, loraRank: loraR, capacity: promptTokens + tokens + 8)
         inference.useGraph = !noGraph
-        guard let kernel = CUDAInference.GEMVKernel(rawValue: gemv) else { throw ValidationError("--gemv is \(CUDAInference.GEMVKernel.allCases.map(\.rawValue).joined(separator: ", "))") }
         inference.gemvKernel = kernel
 
         // Copy bandwidth: 1 GiB device to device, bytes read + written, median of 10.

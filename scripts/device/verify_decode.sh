@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Batch-1 decode (branch `decode8`: nf4_gemv_fused, one launch per projection group with its input op and LoRA A) on
-# the lent GPU machine, from the repository root, in parts that each fit one device call.
+# Batch-1 decode (nf4_gemv_mma beside nf4_gemv, lora_a_rows before each GEMV) on the lent GPU machine, from the
+# repository root, in parts that each fit one device call.
 # Usage: scripts/device/verify_decode.sh DIR PART   (DIR holds qlora and qlora-gpu-check, xz'd or not)
 #   check    the decode groups: bf16 on the card's own target, fp16, compute_86 PTX
-#   bench    the GEMV microbenchmarks (qlora-gpu-check --only benchmarks, the nf4 gemv lines: rows, splitk, mma,
-#            "lora A + mma" (the two launches decode makes without the fused kernel) and fused, per 8B shape)
-#   speed    bench-decode on the 8B shape with each GEMV (rows, mma, fused), twice, interleaved
-#   profile  per-kernel split (--profile) with mma and fused, and Nsight Compute on nf4_gemv_fused beside nf4_gemv_mma
+#   bench    the GEMV microbenchmarks (qlora-gpu-check --only benchmarks, the nf4 gemv lines: rows, splitk, mma and
+#            "lora A + mma" (the two launches decode makes for a group), per 8B shape)
+#   speed    bench-decode on the 8B shape with each GEMV (rows, mma), twice, interleaved
+#   profile  per-kernel split (--profile) with mma, and Nsight Compute on nf4_gemv_mma and lora_a_rows
 source "$(dirname "$0")/binaries.sh"
 OUT=${OUT:-/tmp}
 D="decode gemv,inference fixture,inference random,batched,family generation"
@@ -24,19 +24,17 @@ bench)
   $C --only benchmarks > $OUT/decode_bench.txt 2>&1; grep -E "nf4 gemv|rror" $OUT/decode_bench.txt ;;
 speed)
   for round in 1 2; do
-    for k in rows mma fused; do
+    for k in rows mma; do
       step "bench-decode --gemv $k (round $round)"; $Q bench-decode $B --gemv $k 2>&1 | tail -1
     done
   done ;;
 profile)
-  for k in mma fused; do step "--profile, --gemv $k"; $Q bench-decode $B --gemv $k --profile 2>&1 | tail -25; done
-  step "ncu: nf4_gemv_fused and nf4_gemv_mma + lora_a_rows (layer 1's groups)"
-  for k in fused mma; do
-    ncu --clock-control none -k regex:'nf4_gemv|lora_a_rows' --launch-skip 8 --launch-count 8 \
-      --section SpeedOfLight --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
-      --section Occupancy --section LaunchStats \
-      $Q bench-decode --device cuda --arch llama-3.1-8b --lora-r 16 --tokens 2 --no-graph --gemv $k > $OUT/decode_ncu_$k.txt 2>&1
-    grep -E "nf4_gemv|lora_a_rows|Duration|DRAM Throughput|Achieved Occupancy|Issue Slots Busy|Eligible Warps|L2 Hit" \
-      $OUT/decode_ncu_$k.txt | head -80
-  done ;;
+  step "--profile, --gemv mma"; $Q bench-decode $B --gemv mma --profile 2>&1 | tail -25
+  step "ncu: nf4_gemv_mma + lora_a_rows (layer 1's groups)"
+  ncu --clock-control none -k regex:'nf4_gemv|lora_a_rows' --launch-skip 8 --launch-count 8 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
+    --section Occupancy --section LaunchStats \
+    $Q bench-decode --device cuda --arch llama-3.1-8b --lora-r 16 --tokens 2 --no-graph --gemv mma > $OUT/decode_ncu_mma.txt 2>&1
+  grep -E "nf4_gemv|lora_a_rows|Duration|DRAM Throughput|Achieved Occupancy|Issue Slots Busy|Eligible Warps|L2 Hit" \
+    $OUT/decode_ncu_mma.txt | head -80 ;;
 esac

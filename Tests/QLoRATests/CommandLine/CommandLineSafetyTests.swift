@@ -38,6 +38,14 @@ final class CommandLineSafetyTests: XCTestCase {
         XCTAssertTrue(help.out.contains("--temperature"), help.out)
     }
 
+    /// bench-decode's --gemv is checked before the GPU is touched: an unknown value (`fused`, removed in session 10)
+    /// names the choices.
+    func testBenchDecodeNamesTheGEMVChoices() throws {
+        let result = try cli.qlora(["bench-decode", "--gemv", "fused"])
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertTrue(result.err.contains("unknown --gemv 'fused' (choose from rows, splitk, mma)"), result.err)
+    }
+
     /// `bench --layers N` times the first N blocks of the architecture (the long-sequence working set without the
     /// other blocks' minutes).
     func testBenchLayersCutsTheArchitecture() throws {

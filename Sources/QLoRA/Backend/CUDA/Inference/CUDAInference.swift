@@ -20,11 +20,11 @@ import Glibc
 // appending, attends with the chunk's own keys read from its rows (writing them first would overwrite ring rows the
 // chunk's earlier queries still see), then appends the chunk's last `window` keys (kv_append_rows). A decode step
 // appends first: its one key lands on the row of position p − window, which its query no longer sees.
-// Decode (one token): per layer 10 kernels (12 with sandwich norms; 6 and 8 with `GEMVKernel.fused`), the projections by
-// nf4_gemv (or nf4_gemv_mma / nf4_gemv_fused, where a shape and the card allow it; `gemvKernel` picks), which reads the
-// 4-bit weights directly (q|k|v in one launch, gate|up in one, the residual added by o and down unless a sandwich norm
-// comes between), the LoRA A projections of a group stacked into one matrix: lora_a_rows makes a group's input
-// (RMSNorm, the gated activation) and xa before its GEMV, or nf4_gemv_fused does both inside the GEMV's launch.
+// Decode (one token): per layer 10 kernels (12 with sandwich norms), the projections by nf4_gemv (or nf4_gemv_mma,
+// where a shape and the card allow it; `gemvKernel` picks), which reads the 4-bit weights directly (q|k|v in one
+// launch, gate|up in one, the residual added by o and down unless a sandwich norm comes between), the LoRA A
+// projections of a group stacked into one matrix: lora_a_rows makes a group's input (RMSNorm, the gated activation)
+// and xa before its GEMV.
 // The whole step is recorded once
 // as a CUDA graph and replayed; the position and token live in device memory, and so do the RoPE frequencies (a
 // switch to longrope's long factors rewrites them in place).
@@ -118,10 +118,6 @@ public final class CUDAInference {
         /// nf4_gemv_mma: two codes per table load, the dot products on the tensor cores (rows where a group's shape or
         /// the card does not allow it: see `CUDAContext.nf4GemvMMASupported`).
         case mma
-        /// nf4_gemv_fused: nf4_gemv_mma's product with the op that makes the group's input (RMSNorm, the gated
-        /// activation) and its LoRA A product in the same launch: one launch per projection group instead of two (where
-        /// it does not run: mma, or rows, with lora_a_rows before).
-        case fused
     }
     /// Which NF4 GEMV decode uses; changing it re-records the graph. `rows` until `mma` measures faster: on the H100
     /// (session 6) mma was even on q|k|v, o and down and 15% slower on gate|up (docs/PERFORMANCE.md).
@@ -155,8 +151,6 @@ public final class CUDAInference {
     let projected: DeviceBuffer<UInt16>
     let xa: DeviceBuffer<Float>
     let logits: DeviceBuffer<Float>
-    /// nf4_gemv_fused's two counters (zero between launches).
-    let gemvSync: DeviceBuffer<Int32>
     private var graph: CUDAGraph?
 
     // MARK: Building
@@ -327,7 +321,6 @@ public final class CUDAInference {
         let maxRank = layers.flatMap { [$0.qkv, $0.o, $0.gateUp, $0.down] }.map(\.totalRank).max() ?? 0
         xa = try A.buffer(Float.self, count: max(maxRank, 1))
         logits = try A.buffer(Float.self, count: c.vocabularySize)
-        gemvSync = try A.buffer(copying: [Int32(0), Int32(0)])
         // Decode tasks: outputs at fixed addresses.
         let q = c.qDim, kv = c.kvDim, inter = c.intermediateSize
         for l in self.layers.indices {
@@ -492,11 +485,10 @@ public final class CUDAInference {
         }
         func gemv(_ g: ProjectionGroup, input: CUdeviceptr, _ name: String) throws {
             switch gemvKernel {
-            case .mma where ctx.nf4GemvMMASupported(cols: g.columns, blocksize: g.matrices[0].blocksize),
-                 .fused where ctx.nf4GemvMMASupported(cols: g.columns, blocksize: g.matrices[0].blocksize):
+            case .mma where ctx.nf4GemvMMASupported(cols: g.columns, blocksize: g.matrices[0].blocksize):
                 try ctx.nf4GemvMMA(tasks: g.tasks!.pointer, taskCount: g.matrices.count, blocks: g.blocks, x: input, cols: g.columns,
                                    blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
-            case .rows, .mma, .fused:
+            case .rows, .mma:
                 try ctx.nf4Gemv(tasks: g.tasks!.pointer, taskCount: g.matrices.count, blocks: g.blocks, x: input, cols: g.columns,
                                 blocksize: g.matrices[0].blocksize, nestedBlocksize: g.matrices[0].nestedBlocksize)
             case .splitK:
@@ -520,22 +512,12 @@ public final class CUDAInference {
             try mark("rmsnorm + residual")
         }
         /// A group's projection with the op that makes its input (mode as lora_a_rows: 0 in = `input`, 1 RMSNorm(input)·norm,
-        /// 2 act(input)·x2) and its LoRA A product: one nf4_gemv_fused launch where it runs, else lora_a_rows (writing the
-        /// input to `inOut` and xa) and the GEMV. `bias`: the group's output is the residual stream x (o, down), whose bias
-        /// is added to x first.
+        /// 2 act(input)·x2) and its LoRA A product: lora_a_rows (writing the input to `inOut` and xa) where there is an op or
+        /// a LoRA A, then the GEMV. `bias`: the group's output is the residual stream x (o, down), whose bias is added to x
+        /// first.
         func project(_ g: ProjectionGroup, mode: Int, input: CUdeviceptr, x2: CUdeviceptr = 0, norm: CUdeviceptr = 0, inOut: CUdeviceptr,
                      bias: Bool, _ name: String) throws {
             if bias { try residualBias(g) }
-            if gemvKernel == .fused, ctx.nf4GemvFusedSupported(cols: g.columns, blocksize: g.matrices[0].blocksize) {
-                try ctx.nf4GemvFused(tasks: g.tasks!.pointer, taskCount: g.matrices.count, tiles: g.blocks, x: input, x2: x2, normWeight: norm,
-                                     mode: mode, eps: c.rmsNormEps, normOffset: offset, activation: c.mlpActivation,
-                                     loraA: g.loraA?.pointer ?? 0, loraRows: g.loraA == nil ? 0 : g.totalRank, xa: xa.pointer,
-                                     sync: gemvSync.pointer, cols: g.columns, blocksize: g.matrices[0].blocksize,
-                                     nestedBlocksize: g.matrices[0].nestedBlocksize)
-                try mark(name + (mode == 1 ? " + rmsnorm" : mode == 2 ? " + \(c.mlpActivation == .silu ? "swiglu" : "geglu")" : "")
-                         + (g.loraA != nil ? " + lora A" : "") + " (fused)")
-                return
-            }
             if mode != 0 || g.loraA != nil { try loraA(g, mode: mode, x: input, x2: x2, norm: norm, inOut: mode == 0 ? 0 : inOut) }
             try gemv(g, input: mode == 0 ? input : inOut, name)
         }

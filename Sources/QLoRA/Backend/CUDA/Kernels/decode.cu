@@ -35,10 +35,6 @@
 //   above 2^-11), as bitsandbytes' kernels round their dequantized weights.
 //   Needs cols % 64 == 0, a blocksize of at least 64 (a power of two) and, for bf16, sm_80 (Turing runs fp16).
 //
-// nf4_gemv_fused — nf4_gemv_mma's tiles and product with the two things decode launched before each GEMV folded in:
-//   the op that makes the GEMV's input (RMSNorm or the gated activation, as lora_a_rows) and the group's LoRA A
-//   product xa = A·in; see its section. One launch per projection group instead of two.
-//
 // bf16_gemv — out[r] = scale * W[r, :] · x for bf16 W [rows, cols] and bf16 x, fp32 out (the LoRA A
 //   projections stacked into one matrix, and the output head).
 //
@@ -512,9 +508,9 @@ __device__ __forceinline__ void gemv_mma_step(float* c, const unsigned char* lut
 }
 
 #if QLORA_HALF || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // bf16 mma needs sm_80 (Turing runs fp16)
-/// A 16-row tile of nf4_gemv_mma / nf4_gemv_fused as one warp sees it: addresses, the warp's groups [gb, ge), and the
-/// loads kept a cycle (4 groups) ahead: packed bytes, this lane's x piece, the absmax code and nested absmax of the
-/// group whose sums this lane scales (group c0 + t); and the epilogue's LoRA term and residual.
+/// A 16-row tile of nf4_gemv_mma as one warp sees it: addresses, the warp's groups [gb, ge), and the loads kept a cycle
+/// (4 groups) ahead: packed bytes, this lane's x piece, the absmax code and nested absmax of the group whose sums this
+/// lane scales (group c0 + t); and the epilogue's LoRA term and residual.
 struct GemvMmaTile {
     const unsigned char* pa;
     const unsigned char* pb;
@@ -573,48 +569,40 @@ __device__ __forceinline__ void gemv_mma_begin_scales(GemvMmaTile& s, const Nf4G
 }
 
 /// x: lane (g, t) is the B operand of columns g only in step g / 2 of a cycle, so it needs one 16-value piece of x
-/// per cycle (group c0 + g / 2, values 16 t ...); the first cycle's piece is loaded here. X_SHARED: x is the block's
-/// shared copy (nf4_gemv_fused), else global memory read through the non-coherent cache.
-template <bool X_SHARED>
-__device__ __forceinline__ uint4 gemv_mma_load_x(const uint4* p) {
-    if (X_SHARED) return *p;
-    return __ldg(p);
-}
-
-template <bool X_SHARED>
+/// per cycle (group c0 + g / 2, values 16 t ...); the first cycle's piece is loaded here (through the non-coherent
+/// cache).
 __device__ __forceinline__ void gemv_mma_begin_x(GemvMmaTile& s, const h16* __restrict__ x, int lane) {
     const int t = lane & 3;
     s.xl = reinterpret_cast<const uint4*>(x + t * 16);
     s.xn0 = s.xn1 = make_uint4(0u, 0u, 0u, 0u);
     if (s.gb + s.my_step < s.ge) {
-        s.xn0 = gemv_mma_load_x<X_SHARED>(s.xl + (s.gb + s.my_step) * 8);
-        s.xn1 = gemv_mma_load_x<X_SHARED>(s.xl + (s.gb + s.my_step) * 8 + 1);
+        s.xn0 = __ldg(s.xl + (s.gb + s.my_step) * 8);
+        s.xn1 = __ldg(s.xl + (s.gb + s.my_step) * 8 + 1);
     }
 }
 
 /// The epilogue's LoRA term (B row entry `lane` times xa[lane], scaled) and residual of rows 2w, 2w + 1, which warp w
-/// finishes. XA_L2: xa read through L2 (__ldcg), as nf4_gemv_fused must (other blocks of the same launch wrote it).
-template <bool XA_L2>
+/// finishes.
 __device__ __forceinline__ void gemv_mma_epilogue_terms(GemvMmaTile& s, const Nf4GemvTask& task, int row0, int warp, int lane) {
 #pragma unroll
     for (int j = 0; j < 2; j++) {
         const int row = row0 + warp * 2 + j;
         s.lora_term[j] = s.residual[j] = 0.0f;
         if (task.lora_b != nullptr && lane < task.rank && row < task.rows) {
-            const float xa = XA_L2 ? __ldcg(task.xa + lane) : task.xa[lane];
+            const float xa = task.xa[lane];
             s.lora_term[j] = task.lora_scale * h16_to_float(task.lora_b[(long long)row * task.rank + lane]) * xa;
         }
         if (task.residual != nullptr && lane == 0 && row < task.rows) s.residual[j] = h16_to_float(task.residual[row]);
     }
 }
 
-/// All of the first cycle's loads of nf4_gemv_mma (x from global memory) and the epilogue's.
+/// All of the first cycle's loads of nf4_gemv_mma and the epilogue's.
 __device__ __forceinline__ void gemv_mma_begin(GemvMmaTile& s, const Nf4GemvTask& task, int row0, const h16* __restrict__ x,
                                                int cols, int blocksize_shift, int nested_shift, int warp, int lane) {
     gemv_mma_begin_weights(s, task, row0, cols, warp, lane);
-    gemv_mma_begin_x<false>(s, x, lane);
+    gemv_mma_begin_x(s, x, lane);
     gemv_mma_begin_scales(s, task, blocksize_shift, nested_shift, lane);
-    gemv_mma_epilogue_terms<false>(s, task, row0, warp, lane);
+    gemv_mma_epilogue_terms(s, task, row0, warp, lane);
 }
 
 /// The pair table: entry v = (NF4[v >> 4], NF4[v & 15]) as h16 in the low and high half, made once (pairs), then copied
@@ -632,7 +620,6 @@ __device__ __forceinline__ void gemv_mma_build_table(unsigned char* lut, unsigne
 }
 
 /// The warp's dot products over its groups of the tile: acc_a, acc_b = rows g and g + 8, groups ≡ t (mod 4), scaled.
-template <bool X_SHARED>
 __device__ __forceinline__ void gemv_mma_cycles(GemvMmaTile& s, float& acc_a, float& acc_b, const unsigned char* lut,
                                                 const float* code, const Nf4GemvTask& task, int blocksize_shift,
                                                 int nested_shift, int lane) {
@@ -649,8 +636,8 @@ __device__ __forceinline__ void gemv_mma_cycles(GemvMmaTile& s, float& acc_a, fl
         // This cycle's x piece and scales (from last cycle's loads), then the next cycle's loads.
         const uint4 x0 = s.xn0, x1 = s.xn1;
         if (c0 + 4 + my_step < ge) {
-            s.xn0 = gemv_mma_load_x<X_SHARED>(s.xl + (c0 + 4 + my_step) * 8);
-            s.xn1 = gemv_mma_load_x<X_SHARED>(s.xl + (c0 + 4 + my_step) * 8 + 1);
+            s.xn0 = __ldg(s.xl + (c0 + 4 + my_step) * 8);
+            s.xn1 = __ldg(s.xl + (c0 + 4 + my_step) * 8 + 1);
         }
         const bool scaled = c0 + t < ge;
         const float scale_a = code[s.qa] * s.na + offset, scale_b = code[s.qb] * s.nb + offset;
@@ -710,7 +697,7 @@ __device__ __forceinline__ void gemv_mma_finish(const GemvMmaTile& s, float acc_
     }
 }
 
-/// The task of grid block (or tile) `block`: tasks are dealt consecutive blocks in order.
+/// The task of grid block `block`: tasks are dealt consecutive blocks in order.
 __device__ __forceinline__ int gemv_task_of(const Nf4GemvTask* __restrict__ tasks, int ntasks, int block) {
     int ti = 0;
     while (ti + 1 < ntasks && block >= tasks[ti + 1].first_block) ti++;
@@ -733,150 +720,7 @@ nf4_gemv_mma(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __res
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
     gemv_mma_build_table(lut, pairs);
     float acc_a, acc_b;
-    gemv_mma_cycles<false>(s, acc_a, acc_b, lut, code, task, blocksize_shift, nested_shift, lane);
+    gemv_mma_cycles(s, acc_a, acc_b, lut, code, task, blocksize_shift, nested_shift, lane);
     gemv_mma_finish(s, acc_a, acc_b, partial, task, warp, lane);
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// nf4_gemv_fused: one launch per projection group of a decode step, where decode launched two (lora_a_rows, then the
-// GEMV): those small launches cost ~0.74 ms of a 4.4 ms token on the 8B shape (4 a layer, 4.5-7.4 us each, mostly
-// launch and latency). The grid is `a_blocks` LoRA blocks followed by one block per 16-row tile (nf4_gemv_mma's tiles,
-// tasks and product). Every block:
-//   1. issues its tile's first cycle of weight loads (they do not depend on the input);
-//   2. makes the GEMV's input into shared memory from x (in L2: 8-56 KB), as lora_a_rows does:
-//        mode 0 in = x;  1 in = RMSNorm(x)·w (bf16(bf16(x r) w), or bf16(x r (w + offset)) with a norm offset);
-//        2 in = act(x)·x2 (gate, up; SiLU or GELU-tanh);
-//      each block computes the same values in the same order, so every block holds the same `in`.
-//   LoRA blocks then compute xa[j] = A[j, :] · in for the group's stacked A rows (a warp per row, fp32 sums; the
-//   product uses in as rounded to h16, as lora_a_rows), store them, and publish: __threadfence, then one atomicAdd on
-//   sync[0] per block (release).
-//   Tile blocks run the tensor-core product with x from shared memory; before the epilogue adds s·B[row]·xa, a warp
-//   whose task has LoRA waits until sync[0] == a_blocks (acquire loads). The LoRA blocks come first in the grid, so
-//   they are dispatched before any tile block that could wait on them (blocks are dispatched in index order), and
-//   they wait on nothing: no deadlock. By the time a tile's product is done they have long finished (their work is
-//   a few KB per warp).
-//   Every block finally counts itself in sync[1]; the last one resets both counters to 0, so the next launch (a graph
-//   replay) starts from zero. sync may be null when a_blocks is 0 (then no block touches it).
-// Shared memory: nf4_gemv_mma's (table, code map, pairs, partial sums), 64 floats of reduction scratch, then `in`
-// (cols h16 values). Same bits of the product as nf4_gemv_mma for the same input.
-
-#define GEMV_FUSED_SHARED_FIXED (GEMV_MMA_SHARED + 64 * 4)
-
-/// in = the GEMV's input (see above) into sin, for the whole block; ends with a barrier.
-__device__ __forceinline__ void gemv_fused_input(h16* sin, float* red, const h16* __restrict__ x, const h16* __restrict__ x2,
-                                                 const h16* __restrict__ norm_w, int cols, int mode, float eps,
-                                                 float norm_offset, int activation) {
-    const int groups = cols / 8;
-    float r = 1.0f;
-    if (mode == 1) {
-        float ss = 0.0f;
-        for (int i = threadIdx.x; i < groups; i += blockDim.x) {
-            float f[8];
-            load_h16x8(x + i * 8, f);
-#pragma unroll
-            for (int e = 0; e < 8; e++) ss += f[e] * f[e];
-        }
-        ss = block_sum(ss, red);
-        r = rsqrtf(ss / cols + eps);
-    }
-    const h16* second = mode == 1 ? norm_w : x2;
-    for (int i = threadIdx.x; i < groups; i += blockDim.x) {
-        float f[8], g[8];
-        load_h16x8(x + i * 8, f);
-        if (mode != 0) load_h16x8(second + i * 8, g);
-        lora_a_input(f, g, mode, r, norm_offset, activation);
-        store_h16x8(sin + i * 8, f);
-    }
-    __syncthreads();
-}
-
-__device__ __forceinline__ int gemv_load_acquire(const int* p) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-/// xa[j] = A[j, :] · in for rows j = blockIdx.x · 8 + warp (< lora_rows): a warp per row, 8 independent 16-byte loads a
-/// lane in flight, fp32 sums.
-__device__ __forceinline__ void gemv_fused_lora_rows(const h16* __restrict__ lora_a, int lora_rows, const h16* sin, float* xa,
-                                                     int cols, int warp, int lane) {
-    const int j = (int)blockIdx.x * GEMV_MMA_WARPS + warp;
-    if (j >= lora_rows) return;
-    const uint4* ar = reinterpret_cast<const uint4*>(lora_a + (long long)j * cols);
-    const uint4* xs = reinterpret_cast<const uint4*>(sin);
-    const int pieces = cols / 8;
-    float s = 0.0f;
-    for (int base = 0; base < pieces; base += 32 * 8) {
-        uint4 w[8];
-#pragma unroll
-        for (int u = 0; u < 8; u++) {
-            const int i = base + u * 32 + lane;
-            w[u] = i < pieces ? __ldg(ar + i) : make_uint4(0u, 0u, 0u, 0u);
-        }
-#pragma unroll
-        for (int u = 0; u < 8; u++) {
-            const int i = base + u * 32 + lane;
-            if (i < pieces) {
-                const uint4 v = xs[i];
-                const unsigned ww[4] = {w[u].x, w[u].y, w[u].z, w[u].w}, vv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int k = 0; k < 4; k++) s += h16_low(ww[k]) * h16_low(vv[k]) + h16_high(ww[k]) * h16_high(vv[k]);
-            }
-        }
-    }
-    s = warp_sum(s);
-    if (lane == 0) {
-        xa[j] = s;
-        __threadfence();
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(GEMV_MMA_WARPS * 32, 3)
-nf4_gemv_fused(const Nf4GemvTask* __restrict__ tasks, int ntasks, const h16* __restrict__ x, const h16* __restrict__ x2,
-               const h16* __restrict__ norm_w, int mode, float eps, float norm_offset, int activation,
-               const h16* __restrict__ lora_a, int lora_rows, float* xa, int a_blocks, int* sync, int cols,
-               int blocksize_shift, int nested_shift) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    unsigned char* lut = smem_raw;
-    float* code = reinterpret_cast<float*>(smem_raw + GEMV_MMA_LUT_BYTES);  // 256
-    unsigned* pairs = reinterpret_cast<unsigned*>(code + 256);              // 256
-    float* partial = code + 512;                                            // [warp][16 rows]
-    float* red = reinterpret_cast<float*>(smem_raw + GEMV_MMA_SHARED);      // 64
-    h16* sin = reinterpret_cast<h16*>(smem_raw + GEMV_FUSED_SHARED_FIXED);  // cols
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if ((int)blockIdx.x < a_blocks) {
-        gemv_fused_input(sin, red, x, x2, norm_w, cols, mode, eps, norm_offset, activation);
-        gemv_fused_lora_rows(lora_a, lora_rows, sin, xa, cols, warp, lane);
-        __syncthreads();  // every xa of this block stored (and fenced)
-        if (threadIdx.x == 0) atomicAdd(sync, 1);
-    } else {
-        const int tile = (int)blockIdx.x - a_blocks;
-        const Nf4GemvTask task = tasks[gemv_task_of(tasks, ntasks, tile)];
-        GemvMmaTile s;
-        gemv_mma_begin_weights(s, task, (tile - task.first_block) * 16, cols, warp, lane);
-        gemv_mma_begin_scales(s, task, blocksize_shift, nested_shift, lane);
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = task.code[i];
-        gemv_fused_input(sin, red, x, x2, norm_w, cols, mode, eps, norm_offset, activation);
-        gemv_mma_begin_x<true>(s, sin, lane);
-        gemv_mma_build_table(lut, pairs);
-        float acc_a, acc_b;
-        gemv_mma_cycles<true>(s, acc_a, acc_b, lut, code, task, blocksize_shift, nested_shift, lane);
-        // xa comes from the LoRA blocks of this launch: wait for all of them (each lane acquires for itself).
-        if (a_blocks > 0 && task.lora_b != nullptr) {
-            while (gemv_load_acquire(sync) < a_blocks) {
-            }
-        }
-        gemv_mma_epilogue_terms<true>(s, task, s.row0, warp, lane);
-        gemv_mma_finish(s, acc_a, acc_b, partial, task, warp, lane);
-    }
-    if (a_blocks > 0) {
-        __syncthreads();  // every warp of this block is past its last read of sync[0]
-        if (threadIdx.x == 0 && atomicAdd(sync + 1, 1) == (int)gridDim.x - 1) {
-            // The last block: all others have counted themselves, so nobody reads the counters again in this launch.
-            sync[0] = 0;
-            sync[1] = 0;
-            __threadfence();
-        }
-    }
 }
 #endif

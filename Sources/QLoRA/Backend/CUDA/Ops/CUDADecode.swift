@@ -103,43 +103,6 @@ extension CUDAContext {
                            .int(nestedBlocksize.trailingZeroBitCount)])
     }
 
-    /// nf4_gemv_fused: a projection group of a decode step in one launch. Every block makes the GEMV's input from x
-    /// (mode 0 in = x, 1 in = RMSNorm(x)·(normWeight + normOffset), 2 in = act(x)·x2, as `loraARows`); the first
-    /// ⌈loraRows / 8⌉ blocks compute the group's stacked LoRA A rows (xa[j] = A[j, :] · in, fp32, into `xa`, where the
-    /// tasks' xa point), the others nf4GemvMMA's product over the tasks (`NF4GemvTask.encode(tasks)`: `tiles` is its
-    /// block count), whose epilogue waits for xa. `sync` is two Int32 counters that are zero before the launch and zero
-    /// after it (the last block resets them); unused when loraRows is 0. Only where `nf4GemvFusedSupported` says so.
-    public func nf4GemvFused(tasks: CUdeviceptr, taskCount: Int, tiles: Int, x: CUdeviceptr, x2: CUdeviceptr = 0,
-                             normWeight: CUdeviceptr = 0, mode: Int, eps: Float = 0, normOffset: Float = 0,
-                             activation: MLPActivation = .silu, loraA: CUdeviceptr = 0, loraRows: Int = 0, xa: CUdeviceptr = 0,
-                             sync: CUdeviceptr = 0, cols: Int, blocksize: Int = 64, nestedBlocksize: Int = 256,
-                             stream: CUDAStream? = nil) throws {
-        try require(nf4GemvFusedSupported(cols: cols, blocksize: blocksize) && nestedBlocksize.nonzeroBitCount == 1
-                        && taskCount >= 1 && taskCount <= 8 && tiles >= 1 && (0...2).contains(mode) && (mode != 1 || normWeight != 0)
-                        && (mode != 2 || x2 != 0) && loraRows >= 0 && (loraRows == 0 || (loraA != 0 && xa != 0 && sync != 0)),
-                    "nf4GemvFused",
-                    "cols \(cols) must be a multiple of 64 whose input fits shared memory, blocksize \(blocksize) a power of two of at least 64, nested blocksize \(nestedBlocksize) a power of two, 1...8 tasks (got \(taskCount)), mode 0...2 (got \(mode)) with its norm weight or second input, LoRA rows \(loraRows) with A, xa and the counters, and bf16 needs sm_80 or newer")
-        let f = try compiler.function(KernelSources.decode, "nf4_gemv_fused")
-        let shared = Self.nf4GemvFusedSharedBytes(cols: cols)
-        // The limit raised to the card's maximum, not to this launch's size: one decode graph launches this kernel with
-        // several sizes (cols differ by group), and a limit lowered after a larger node was recorded must not apply to it.
-        try allowSharedMemory(f, bytes: compiler.maxSharedMemoryPerBlock, "nf4GemvFused")
-        let loraBlocks = (loraRows + 7) / 8  // a warp per row, 8 warps a block
-        try device.launch(f, grid: (loraBlocks + tiles, 1, 1), block: (256, 1, 1), sharedMemory: shared, stream: stream,
-                          [.pointer(tasks), .int(taskCount), .pointer(x), .pointer(x2), .pointer(normWeight), .int(mode), .float(eps),
-                           .float(normOffset), .int(activation.kernelCode), .pointer(loraA), .int(loraRows), .pointer(xa),
-                           .int(loraBlocks), .pointer(sync), .int(cols), .int(blocksize.trailingZeroBitCount),
-                           .int(nestedBlocksize.trailingZeroBitCount)])
-    }
-
-    /// nf4_gemv_fused's shared memory: nf4_gemv_mma's, 64 floats of reduction scratch, the input (cols h16 values).
-    static func nf4GemvFusedSharedBytes(cols: Int) -> Int { nf4GemvMMASharedBytes + 64 * 4 + cols * 2 }
-
-    /// Whether nf4_gemv_fused runs this shape here: where nf4_gemv_mma does and its input fits shared memory too.
-    public func nf4GemvFusedSupported(cols: Int, blocksize: Int) -> Bool {
-        nf4GemvMMASupported(cols: cols, blocksize: blocksize) && Self.nf4GemvFusedSharedBytes(cols: cols) <= compiler.maxSharedMemoryPerBlock
-    }
-
     /// GEMV_MMA_SHARED in decode.cu: the replicated pair table (64 KiB), the absmax code map, the pairs, 8 × 16 partial sums.
     static let nf4GemvMMASharedBytes = 256 * 256 + 512 * 4 + 8 * 16 * 4
 
