@@ -8,6 +8,13 @@
 // against the plain path, bit for bit under full determinism; the sharded trainer's peak memory against its plan.
 // Reduce-scatter (ZeRO-style adapter sharding): a world of one through ncclReduceScatter, device (out of place and in
 // place) and host (staged), must return its one part bit for bit.
+// ZeRO-2 adapters on the GPU (CUDATrainingEngine's header): ncclReduce to a root and grouped broadcasts in a world of
+// one; the Trainer with its adapters sharded (gradient buckets reduced to their owners, the norm's per-tensor sums
+// all-reduced, the owners' step, the masters broadcast from their owners) against the plain path, bit for bit under
+// full determinism, with adamw and paged_adamw_8bit: losses, gradient norms, eval loss, the adapter's bytes and the
+// last checkpoint's optimizer.safetensors byte for byte; a sharded run stopped at step 3 and resumed = the straight
+// one; and each rank's optimizer state for a world of 2 and 3 (stepping its owned tensors on this one GPU) against the
+// plan's per-rank optimizer bytes.
 // What a world of one cannot check (sums over several GPUs, shards of several ranks, the launcher's processes) waits
 // for a machine with several GPUs: docs/MULTI_GPU.md.
 
@@ -85,6 +92,113 @@ func runNCCLChecks(_ ctx: CUDAContext) {
         }
         let hostParts = rng.floats(4099, -3, 3)
         checkTrue("reduceScatter of host floats (staged)", try world.reduceScatter(hostParts).map(\.bitPattern) == hostParts.map(\.bitPattern))
+        // ZeRO-2's calls: in-place ncclReduce of pieces to their owner (rank 0 here) and broadcasts, each set grouped,
+        // ordered after the compute stream by afterMainStream (no explicit synchronisation of the upload).
+        let grads = rng.floats(300_017, -3, 3)
+        let gradBuffer = try ctx.allocator.buffer(copying: grads)
+        try world.afterMainStream { nccl in
+            try nccl.group {
+                for piece in AdapterOwnership.pieces(of: 5..<300_000, spans: [0..<300_017]) {
+                    try nccl.reduceDevice(gradBuffer.address(at: piece.range.lowerBound), count: piece.range.count, root: piece.rank)
+                }
+            }
+        }
+        checkTrue("grouped ncclReduce to the owner, in place (device)", try gradBuffer.download().map(\.bitPattern) == grads.map(\.bitPattern))
+        let doubles = (0..<1121).map { Double($0) * 1.000001 - 3 }
+        let doubleBuffer = try ctx.allocator.buffer(copying: doubles)
+        try world.afterMainStream { try $0.reduceDoublesDevice(doubleBuffer.pointer, count: doubles.count, .sum) }
+        checkTrue("ncclAllReduce of 1,121 doubles (device, the norm's sums)", try doubleBuffer.download() == doubles)
+        try world.afterMainStream { nccl in
+            try nccl.group {
+                try nccl.broadcastDevice(gradBuffer.pointer, bytes: 4 * 1000, root: 0)
+                try nccl.broadcastDevice(gradBuffer.address(at: 1000), bytes: 4 * 299_017, root: 0)
+            }
+        }
+        checkTrue("grouped ncclBroadcast of two spans, in place (device)", try gradBuffer.download().map(\.bitPattern) == grads.map(\.bitPattern))
+    }
+
+    for optimizer in ["adamw", "paged_adamw_8bit"] {
+        group("nccl: Trainer with sharded adapters (world of one) = plain path (\(optimizer))") {
+            let directory = fixtureDirectory()
+            let train = randomExamples(count: 8, length: 48, vocab: 1000, seed: 7)
+            let eval = randomExamples(count: 3, length: 40, vocab: 1000, seed: 8)
+            let nccl = try NCCLLibrary()
+            let base = "/tmp/qlora-gpu-check-zero2-\(optimizer)-\(getpid())"
+            struct Run { var history: [StepRecord]; var evalLoss: Double; var adapter: [UInt8]; var state: [UInt8]; var owned: Range<Int>? }
+            func run(_ name: String, sharded: Bool, stopAt: Int? = nil, resume: Bool = false) throws -> Run {
+                let output = base + "-" + name
+                let collective: Collective = sharded
+                    ? try NCCLCollective(nccl: nccl, context: ctx, rank: 0, worldSize: 1, uniqueID: try nccl.uniqueID())
+                    : LocalCollective()
+                let trainer = try fixtureTrainer(directory, optimizer: optimizer, device: .cuda(ctx), output: output, train: train, eval: eval,
+                                                 resume: resume, dropout: 0.05, fullDeterminism: true, collective: collective,
+                                                 shardAdapters: sharded ? true : nil)
+                if let stopAt { trainer.shouldStop = { $0 == stopAt } }
+                let summary = try trainer.run()
+                let finished = stopAt == nil
+                return Run(history: trainer.history, evalLoss: summary.bestEvalLoss ?? .nan,
+                           adapter: finished ? try FileSystem.readFile(output + "/adapter_model.safetensors") : [],
+                           state: finished ? try FileSystem.readFile(output + "/checkpoint-6/optimizer.safetensors") : [],
+                           owned: (trainer.engine as? CUDATrainingEngine)?.adapterSharding?.owned)
+            }
+            let plain = try run("plain", sharded: false)
+            let sharded = try run("sharded", sharded: true)
+            _ = try run("resumed", sharded: true, stopAt: 3)
+            let resumed = try run("resumed", sharded: true, resume: true)
+            checkTrue("sharded adapters (\(optimizer)): the engine shards them (rank 0 owns every tensor)",
+                      plain.owned == nil && sharded.owned?.lowerBound == 0 && (sharded.owned?.count ?? 0) > 0,
+                      "owned \(sharded.owned.map { "\($0)" } ?? "none")")
+            func differing(_ a: [StepRecord], _ b: [StepRecord]) -> String {
+                let d = zip(a, b).filter { $0.loss.bitPattern != $1.loss.bitPattern || $0.gradientNorm.bitPattern != $1.gradientNorm.bitPattern }
+                return "\(d.count) of \(a.count) steps differ"
+                    + (d.first.map { ", e.g. step \($0.0.step): loss \($0.0.loss) vs \($0.1.loss), norm \($0.0.gradientNorm) vs \($0.1.gradientNorm)" } ?? "")
+            }
+            let same = { (a: [StepRecord], b: [StepRecord]) in
+                a.count == b.count && zip(a, b).allSatisfy { $0.loss.bitPattern == $1.loss.bitPattern && $0.gradientNorm.bitPattern == $1.gradientNorm.bitPattern }
+            }
+            checkTrue("sharded adapters (\(optimizer)): the plain path's losses and norms", same(plain.history, sharded.history) && plain.history.count == 6,
+                      differing(plain.history, sharded.history))
+            checkTrue("sharded adapters (\(optimizer)): the same eval loss", plain.evalLoss.bitPattern == sharded.evalLoss.bitPattern,
+                      "\(plain.evalLoss) and \(sharded.evalLoss)")
+            checkTrue("sharded adapters (\(optimizer)): the same adapter bytes", plain.adapter == sharded.adapter && !plain.adapter.isEmpty,
+                      "\(plain.adapter.count) and \(sharded.adapter.count) bytes")
+            checkTrue("sharded adapters (\(optimizer)): checkpoint-6's optimizer.safetensors byte for byte",
+                      plain.state == sharded.state && !plain.state.isEmpty, "\(plain.state.count) and \(sharded.state.count) bytes")
+            checkTrue("sharded adapters (\(optimizer)): stopped at 3 and resumed = straight", same(sharded.history, resumed.history)
+                      && sharded.adapter == resumed.adapter && sharded.state == resumed.state,
+                      differing(sharded.history, resumed.history) + ", adapter \(sharded.adapter == resumed.adapter ? "same" : "differs")"
+                      + ", optimizer file \(sharded.state == resumed.state ? "same" : "differs")")
+        }
+    }
+
+    // Each rank of a world of W steps only its own tensors: the state its optimizer allocates (measured by stepping
+    // each rank's owned slots on this GPU) must be what the plan counts for the rank that holds the most.
+    group("nccl: sharded adapters' optimizer state per rank = the plan's") {
+        var config = Architecture.smollm2_135m.config
+        config.tieWordEmbeddings = false
+        _ = try ctx.blas()
+        for kind in [OptimizerKind.adamw, .adamw8bit, .pagedAdamw8bit] {
+            for world in [2, 3] {
+                let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: 256,
+                                                     memory: .allOnDevice, optimizer: kind, adaptersShardedOver: world)
+                let slots = trainer.parameterSlots()
+                let ownership = AdapterOwnership(counts: slots.map(\.count), worldSize: world)
+                var measured: [Int] = []
+                for range in ownership.ranges {
+                    try ctx.device.synchronize()
+                    let before = ctx.allocator.currentBytes
+                    let optimizer = try CUDAOptimizer(context: ctx, kind: kind)
+                    try optimizer.step(Array(slots[range]), learningRate: 1e-4)
+                    try ctx.device.synchronize()
+                    measured.append(ctx.allocator.currentBytes - before)
+                    withExtendedLifetime(optimizer) {}
+                }
+                let mib = { (b: Int) in fmt(Double(b) / Double(1 << 20), 3) + " MiB" }
+                checkTrue("\(kind.rawValue), \(world) ranks: the largest rank's state = the plan's optimizer bytes",
+                          measured.max() == trainer.plan.optimizer && trainer.plan.adapterShardedWorld == world,
+                          "ranks \(measured.map(mib).joined(separator: ", ")); plan \(mib(trainer.plan.optimizer))")
+            }
+        }
     }
 
     for bucket in [CUDATrainingEngine.bucketElements, 1] {

@@ -178,7 +178,8 @@ func XUnwrap<T>(_ value: T?, _ what: String) throws -> T {
 /// 6 steps (`steps`) of 2 micro-batches of 2 rows, with evaluation at the end and checkpoints every 3 steps.
 func fixtureTrainer(_ directory: String, optimizer: String, device: ComputeDevice, output: String, train: [TokenizedExample],
                     eval: [TokenizedExample], resume: Bool = false, dropout: Float = 0, fullDeterminism: Bool = false,
-                    steps: Int = 6, collective: Collective = LocalCollective(), shardBase: Bool = false) throws -> Trainer {
+                    steps: Int = 6, collective: Collective = LocalCollective(), shardBase: Bool = false,
+                    shardAdapters: Bool? = nil) throws -> Trainer {
     let model = try ModelLoader.load(directory + "/base", quantization: .nf4).model
     let peft = try PEFTAdapter.load(directory: directory + "/adapter", into: model)
     for layer in model.linearLayers { layer.lora?.dropout = dropout }
@@ -204,6 +205,7 @@ func fixtureTrainer(_ directory: String, optimizer: String, device: ComputeDevic
     c.resume = resume
     c.fullDeterminism = fullDeterminism
     c.shardBase = shardBase
+    c.shardAdapters = shardAdapters
     let trainer = try Trainer(configuration: c, model: model, train: train, eval: eval, padID: 0, baseDirectory: nil, device: device,
                               collective: collective)
     trainer.log = { _ in }

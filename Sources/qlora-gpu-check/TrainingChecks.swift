@@ -41,6 +41,64 @@ func loadFixtureModel(_ directory: String, quantization: BaseQuantization) throw
 func runTrainingChecks(_ ctx: CUDAContext) {
     let directory = fixtureDirectory()
 
+    // The clipping norm as the trainer computes it (training.cu's tensor_sum_squares, norm_from_tensor_squares,
+    // clip_by_coefficient) against its CPU twin, GradientClipping: tensors of awkward sizes at aligned offsets with
+    // garbage in the gaps, the norm within Double summation order (1e-12), each tensor's sum too, the clipped values
+    // the CPU's bit for bit (the coefficient rounds to the same Float); no clipping at maxNorm ∞; a NaN leaves the
+    // values alone; a ZeRO-2 rank's owned subset (the others' sums 0) gives the norm of those tensors alone.
+    group("training: clipping norm per tensor = GradientClipping") {
+        var r = SeededGenerator(seed: 41)
+        let counts = [1, 5, 255, 256, 257, 4096, 100_003, 3000, 7]
+        var offsets: [Int] = [], end = 0
+        for n in counts { offsets.append(end); end = (end + n + 127) / 128 * 128 + 128 }  // a gap after every tensor
+        var flat = r.floats(end, -50, 50)  // the gaps keep these values: a kernel reading them would be wrong
+        func tensors(_ values: [Float]) -> [[Float]] { counts.indices.map { Array(values[offsets[$0]..<(offsets[$0] + counts[$0])]) } }
+        for t in counts.indices { for i in 0..<counts[t] { flat[offsets[t] + i] = r.uniform(-0.01, 0.01) * Float(t + 1) } }
+        let offsetBuffer = try ctx.allocator.buffer(copying: offsets.map { Int64($0) })
+        let countBuffer = try ctx.allocator.buffer(copying: counts.map { Int64($0) })
+        let squares = try ctx.allocator.buffer(Double.self, count: counts.count)
+        let result = try ctx.allocator.buffer(Double.self, count: 2)
+        func gpuClip(_ values: [Float], maxNorm: Double, owned: Range<Int>? = nil) throws -> (norm: Double, squares: [Double], values: [Float]) {
+            let grads = try ctx.allocator.buffer(copying: values)
+            try squares.fill(byte: 0)
+            try ctx.tensorSumSquares(grads, offsets: offsetBuffer, counts: countBuffer, tensors: owned ?? counts.indices, into: squares)
+            try ctx.normFromTensorSquares(squares, count: counts.count, maxNorm: maxNorm, into: result)
+            try ctx.clipByCoefficient(grads.pointer, count: values.count, result: result)
+            return (try result.download()[0], try squares.download(), try grads.download())
+        }
+        func cpuNorm(_ ts: [[Float]]) -> Double {
+            GradientClipping.combine(ts.map { t in t.withUnsafeBufferPointer { GradientClipping.tensorSquares($0) } })
+        }
+        let whole = tensors(flat)
+        let norm = cpuNorm(whole)
+        let cpuSquares = whole.map { t in t.withUnsafeBufferPointer { GradientClipping.tensorSquares($0) } }
+        let maxNorm = norm / 3
+        let gpu = try gpuClip(flat, maxNorm: maxNorm)
+        check("per-tensor norm (GPU \(fmt(gpu.norm, 6)), CPU \(fmt(norm, 6)))", abs(gpu.norm - norm) / norm, 1e-12)
+        check("each tensor's sum of squares", zip(gpu.squares, cpuSquares).map { abs($0 - $1) / max($1, 1e-300) }.max() ?? .infinity, 1e-12)
+        let coefficient = Float(GradientClipping.coefficient(norm: norm, maxNorm: maxNorm))
+        let expected = whole.map { $0.map { $0 * coefficient } }
+        let clipped = tensors(gpu.values)
+        let differing = zip(clipped.joined(), expected.joined()).filter { $0.bitPattern != $1.bitPattern }.count
+        checkTrue("clipped values = the CPU's (coefficient \(fmt(Double(coefficient), 6)))", differing == 0, "\(differing) values differ")
+        let gaps = (0..<end).filter { i in !counts.indices.contains { offsets[$0] <= i && i < offsets[$0] + counts[$0] } }
+        checkTrue("the gaps between tensors are scaled, never read", gaps.allSatisfy { gpu.values[$0] == flat[$0] * coefficient },
+                  "\(gaps.count) gap values")
+        let unclipped = try gpuClip(flat, maxNorm: .infinity)
+        checkTrue("maxNorm ∞ measures only: the values unchanged", unclipped.values.map(\.bitPattern) == flat.map(\.bitPattern)
+                  && abs(unclipped.norm - norm) / norm <= 1e-12)
+        var poisoned = flat
+        poisoned[offsets[5] + 17] = .nan
+        let nan = try gpuClip(poisoned, maxNorm: maxNorm)
+        checkTrue("a NaN gradient: a NaN norm, the values unchanged", nan.norm.isNaN
+                  && zip(nan.values, poisoned).allSatisfy { $0.bitPattern == $1.bitPattern })
+        let owned = 3..<7
+        let part = try gpuClip(flat, maxNorm: .infinity, owned: owned)
+        let ownedNorm = cpuNorm(Array(whole[owned]))
+        check("a rank's own tensors (3..<7; the others 0)", abs(part.norm - ownedNorm) / ownedNorm, 1e-12)
+        checkTrue("the others' sums are left 0", counts.indices.filter { !owned.contains($0) }.allSatisfy { part.squares[$0] == 0 })
+    }
+
     group("training: fixture loss and LoRA gradients vs CPU") {
         let batch = try fixtureBatch(directory)
         let reference = try loadFixtureModel(directory, quantization: .nf4)

@@ -68,8 +68,10 @@ struct PlanCommand: ParsableCommand {
         var memory = CUDATrainerMemoryOptions.automatic(for: config)
         if let on = try BenchCommand.parseSwitch(offloadCheckpoints, "offload-checkpoints") { memory.offloadCheckpoints = on }
         let world: Int? = shardBase ? gpus : nil
+        // train --shard-base shards the adapters' optimizer state too (ZeRO-2, on by default with it).
+        let adapterWorld: Int? = shardBase && gpus > 1 ? gpus : nil
         let plan = CUDAMemoryPlan(config: config, tokens: batch * seq, rank: loraR, dropout: dropout, memory: memory, shardedOver: world,
-                                  optimizer: kind)
+                                  optimizer: kind, adaptersShardedOver: adapterWorld)
         let job = gpus > 1 || shardBase ? " per rank of \(gpus) GPU\(gpus > 1 ? "s" : "")" + (shardBase ? ", base sharded" : ", whole base on each") : ""
         print("\(arch), \(batch) x \(seq) tokens\(job), LoRA r=\(loraR): \(plan)")
         if dropout {
@@ -85,9 +87,9 @@ struct PlanCommand: ParsableCommand {
         for gib in budgets {
             let bytes = Int(gib * Double(1 << 30))
             let longest = CUDAMemoryPlan.longestSequence(config: config, batch: batch, rank: loraR, memory: memory, budgetBytes: bytes,
-                                                         shardedOver: world, dropout: dropout, optimizer: kind)
+                                                         shardedOver: world, dropout: dropout, optimizer: kind, adaptersShardedOver: adapterWorld)
             let widest = CUDAMemoryPlan.largestBatch(config: config, sequenceLength: seq, rank: loraR, memory: memory, budgetBytes: bytes,
-                                                     shardedOver: world, dropout: dropout, optimizer: kind)
+                                                     shardedOver: world, dropout: dropout, optimizer: kind, adaptersShardedOver: adapterWorld)
             // Without room for a block's dequantized weights the trainer drops back to dequantizing them again.
             let fitted = plan.fitting(budgetBytes: bytes, hostBytes: pinnableHostBytes)
             var path = ""
@@ -110,7 +112,7 @@ struct PlanCommand: ParsableCommand {
             print("  \(gib) GiB card: \(Self.verdict(fitted, budgetBytes: bytes))\(path); longest sequence at batch \(batch): "
                   + (longest.map { "\($0)" } ?? "none (the weights alone do not fit)") + "; largest batch of \(seq): \(widest)")
             if let p = projection {
-                print("    with the adapters and the head sharded too (the CPU ranks' path, not yet the GPU trainer's): "
+                print("    with the adapters' masters and gradients and the head sharded too (the CPU ranks' path, not yet the GPU trainer's): "
                       + Self.verdict(spare: fitted.spareBytes(budgetBytes: bytes) + p.adapterSaving + p.headSaving))
             }
         }
@@ -127,7 +129,8 @@ struct PlanCommand: ParsableCommand {
                                  + (shardBase ? "Use" : "Shard the base over the GPUs (--shard-base), use")
                                  + " more GPUs, or lower --batch, --seq or --lora-r"
                                  + (projection.map { p in
-                                     " (with the adapters (ZeRO-2) and the head (by vocabulary) sharded too, which the GPU trainer does not do yet: "
+                                     " (with the adapters' masters and gradients (ZeRO-2) and the head (by vocabulary) sharded too, which the GPU "
+                                     + "trainer does not do yet: "
                                      + Self.verdict(spare: fitted.spareBytes(budgetBytes: bytes) + p.adapterSaving + p.headSaving) + ")" } ?? ""))
             }
         }
@@ -147,6 +150,17 @@ struct PlanCommand: ParsableCommand {
                          + (plan.optimizerHost > 0 ? "in pinned host memory (\(g(plan.optimizerHost)) there)" : "in 8 bits")
                          + " instead of adamw's fp32 moments on the GPU")
         }
+        if plan.adapterShardedWorld > 1 {
+            let whole = plan.replanned(adaptersShardedOver: .some(nil))
+            // The paged kinds keep their state on the host: there the saving is host memory (the device slots stay).
+            let parts = [(whole.optimizer - plan.optimizer, "of optimizer state on the GPU"),
+                         (whole.optimizerHost - plan.optimizerHost, "of pinned host memory")].filter { $0.0 > 0 }
+            if !parts.isEmpty {
+                lines.append("saved: " + parts.map { "\(g($0.0)) \($0.1)" }.joined(separator: " and ")
+                             + " by sharding the adapters over \(plan.adapterShardedWorld) ranks (ZeRO-2: each rank steps its own LoRA tensors "
+                             + "and holds their optimizer state only)")
+            }
+        }
         if plan.baseShards > 0 {
             let whole = plan.replanned(shardedOver: .some(nil))
             if whole.weights > plan.weights {
@@ -156,10 +170,12 @@ struct PlanCommand: ParsableCommand {
         return lines
     }
 
-    /// The two levers the CPU ranks pull and the GPU trainer does not yet (CUDAMemoryPlan+Sharding.swift), one line each.
+    /// The two levers the CPU ranks pull and the GPU trainer does not yet (CUDAMemoryPlan+Sharding.swift), one line each:
+    /// the adapters' fp32 masters and gradients (the GPU trainer shards their optimizer state only) and the head.
     static func projectedSavings(_ p: ShardingProjection) -> [String] {
         let g = { (b: Int) in DeviceAllocator.formatGiB(b) + " GiB" }
-        var lines = ["next (on the CPU ranks now, not yet in the GPU trainer): \(g(p.adapterSaving)) of adapters by sharding them over \(p.world) ranks "
+        var lines = ["next (on the CPU ranks now; the GPU trainer shards only their optimizer state so far): \(g(p.adapterSaving)) of adapters by "
+                     + "sharding their masters and gradients over \(p.world) ranks "
                      + "(ZeRO-2: fp32 masters and gradients of its own LoRA tensors, \(g(p.ownedMasters + p.ownedGradients)), and one block's "
                      + "gradient bucket, \(g(p.gradientBucket)), instead of every tensor's, \(g(p.wholeAdapters)))"]
         if p.wholeHead > 0 {

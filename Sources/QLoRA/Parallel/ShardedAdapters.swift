@@ -66,6 +66,40 @@ public struct AdapterOwnership: Equatable, Sendable {
 
     /// Elements rank r owns (without padding).
     public func ownedCount(rank: Int) -> Int { ranges[rank].reduce(0) { $0 + counts[$1] } }
+
+    // MARK: The flat layout (the GPU trainer's)
+    //
+    // The GPU trainer keeps every tensor in one flat buffer, in tensor order, each at `starts[t]` (aligned, so with
+    // gaps of zeros between them). There the owners' parts need no padded copy: rank r's part is one span of the flat
+    // buffer, from its first tensor's start to the next rank's first tensor's start (the gaps go with the tensor
+    // before them), and a range of the buffer (a block's gradient bucket) is reduced to the owners of its pieces.
+
+    /// Each rank's span of a flat buffer of `end` elements holding tensor t at `starts[t]` (increasing, each tensor
+    /// within its span): rank r's span runs from its first tensor's start to the next owning rank's first start; a
+    /// rank without tensors has an empty span. The spans cover [0, end) in rank order.
+    public func flatSpans(starts: [Int], end: Int) -> [Range<Int>] {
+        precondition(starts.count == counts.count, "flatSpans: \(starts.count) starts for \(counts.count) tensors")
+        precondition(zip(starts, starts.dropFirst()).allSatisfy { $0 < $1 } && (starts.last.map { $0 + counts.last! <= end } ?? true),
+                     "flatSpans: tensor starts must increase and the last tensor end by \(end)")
+        var spans: [Range<Int>] = []
+        var lower = 0
+        for (r, range) in ranges.enumerated() {
+            // The next rank that owns a tensor starts this span's end; the last rank's span runs to the end.
+            let next = ranges[(r + 1)...].first { !$0.isEmpty }.map { starts[$0.lowerBound] } ?? end
+            let upper = range.isEmpty ? lower : next
+            spans.append(lower..<upper)
+            lower = upper
+        }
+        return spans
+    }
+
+    /// The pieces of `range` (of the flat buffer whose rank spans are `spans`) by owner, in order, empty ones left out.
+    public static func pieces(of range: Range<Int>, spans: [Range<Int>]) -> [(rank: Int, range: Range<Int>)] {
+        spans.enumerated().compactMap { r, span in
+            let piece = max(span.lowerBound, range.lowerBound)..<max(min(span.upperBound, range.upperBound), max(span.lowerBound, range.lowerBound))
+            return piece.isEmpty ? nil : (r, piece)
+        }
+    }
 }
 
 /// The ZeRO-2 exchange of one rank: reduce-scatter of gradients, the sharded clipping norm, the all-gather of values.

@@ -15,7 +15,8 @@
 // micro-batches; logged losses and tokens are reduced over the ranks; evaluation is sharded (without padding) and its
 // loss sums reduced. Rank 0 alone writes files (metrics, TensorBoard, checkpoints, best/, the adapter, the report);
 // every rank restores a checkpoint on resume.
-// Sharded (shard_base, shard_adapters, shard_head; CPU ranks): the base's blocks are gathered around their use
+// Sharded (shard_base, shard_adapters, shard_head on CPU ranks; GPU ranks shard the base and the adapters, through
+// NCCL: Weights/CUDAShardedBase.swift, Training/CUDATrainingEngine.swift): the base's blocks are gathered around their use
 // (Parallel/ShardedBase.swift), each rank reduces, clips and steps only the LoRA tensors it owns and gathers the rest
 // (ZeRO-2, Parallel/ShardedAdapters.swift; its optimizer state comes to rank 0 for checkpoints), and the head's loss is
 // computed over vocabulary slices (Parallel/VocabularyParallelLoss.swift). The last two make every forward a collective
@@ -171,10 +172,19 @@ public final class Trainer {
                 if c.shardsHead { model.vocabularyParallel = collective }
             }
         case .cuda(let context):
-            // The GPU trainer keeps whole adapters and the whole head on every rank so far; asked for explicitly, say so.
-            for (asked, what) in [(c.shardAdapters, "shard_adapters (--shard-adapters on)"), (c.shardHead, "shard_head (--shard-head on)")] where asked == true {
-                throw UsageError("\(what) is built on the CPU ranks (--world N) only: the GPU trainer keeps the whole adapters and head on "
-                                 + "every rank; leave it off on the GPU")
+            // The GPU trainer keeps the whole head on every rank so far; asked for explicitly, say so.
+            if c.shardHead == true {
+                throw UsageError("shard_head (--shard-head on) is built on the CPU ranks (--world N) only: the GPU trainer keeps the whole head "
+                                 + "on every rank; leave it off on the GPU")
+            }
+            // ZeRO-2 adapters over NCCL ranks (CUDATrainingEngine's header); a single process has nothing to shard.
+            var adapterSharding: NCCLCollective? = nil
+            if c.shardsAdapters && !(collective is LocalCollective) {
+                guard let nccl = collective as? NCCLCollective else {
+                    throw UsageError("shard_adapters (--shard-adapters on) on the GPU shards the adapters over NCCL ranks: start the job with "
+                                     + "--gpus N (or a launcher), or train on the CPU ranks of --world N")
+                }
+                adapterSharding = nccl
             }
             var sharding: NCCLCollective? = nil
             if c.shardBase {
@@ -187,7 +197,8 @@ public final class Trainer {
             try model.config.checkCUDASupport(what: "training")
             let capacity = (self.train + self.eval).map(\.tokenCount).max() ?? 1
             engine = try CUDATrainingEngine(context: context, model: model, capacityTokens: capacity, optimizer: optimizerKind,
-                                            hyperparameters: hyperparameters, deterministic: c.fullDeterminism, sharding: sharding)
+                                            hyperparameters: hyperparameters, deterministic: c.fullDeterminism, sharding: sharding,
+                                            shardAdapters: adapterSharding)
         }
         schedule = try LearningRateSchedule(kind: try ScheduleKind.parse(c.scheduler), baseLearningRate: c.learningRate,
                                             trainingSteps: totalSteps, warmupSteps: c.warmupSteps, warmupRatio: c.warmupRatio)
@@ -225,12 +236,11 @@ public final class Trainer {
                 + "\(c.batchSize * c.gradientAccumulationSteps * world) rows a step, \(DistributedSampling.itemsPerRank(count: train.count, worldSize: world)) micro-batches per rank and epoch")
         }
 
-        if let sharding = (engine as? CPUTrainingEngine)?.adapterSharding {
+        if let sharding = (engine as? CPUTrainingEngine)?.adapterSharding ?? (engine as? CUDATrainingEngine)?.adapterSharding?.exchange {
             let o = sharding.ownership, owned = sharding.owned
             log("sharded adapters: rank \(rank) owns LoRA tensors \(owned.lowerBound)..<\(owned.upperBound) of \(o.counts.count) "
-                + "(\(o.ownedCount(rank: rank)) of \(o.counts.reduce(0, +)) values): their summed gradients and optimizer state")
-        } else if c.shardsAdapters && world > 1 {
-            log("adapters: whole on every rank (the GPU trainer does not shard them yet)")
+                + "(\(o.ownedCount(rank: rank)) of \(o.counts.reduce(0, +)) values): their summed gradients and optimizer state"
+                + (engine is CUDATrainingEngine ? " (on the GPU the fp32 masters and gradients stay whole on every rank)" : ""))
         }
         if model.vocabularyParallel != nil {
             let v = VocabularyParallelLoss.slice(vocab: model.config.vocabularySize, rank: rank, worldSize: world)

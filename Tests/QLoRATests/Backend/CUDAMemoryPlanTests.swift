@@ -405,6 +405,53 @@ final class CUDAMemoryPlanTests: XCTestCase {
 
     // MARK: Optimizer state, the savers' one rule, dropout in the searches
 
+    /// ZeRO-2 adapters (`adaptersShardedOver`, what the GPU engine does with --shard-adapters): the optimizer state is that
+    /// of the rank holding the most (AdapterOwnership over the A and B tensors in the trainer's order), for every kind;
+    /// nothing else in the plan changes; a world of one, or the trainer's own AdamW (no kind), is the unsharded plan.
+    /// By hand: the 8B shape's 32 identical blocks split 16 and 16 over two ranks, so adamw's moments and the paged
+    /// state on the host halve exactly, while the paged kinds' two device slots (the largest tensor's) stay.
+    func testShardedAdaptersCountEachRanksOptimizerState() {
+        let c = Architecture.llama3_1_8b.config
+        let shapes = CUDAMemoryPlan.linearShapes(c)
+        let tensors = (0..<c.layerCount).flatMap { _ in shapes.flatMap { [16 * $0.in, $0.out * 16] } }
+        for kind in [OptimizerKind.adamw, .adamw8bit, .pagedAdamw8bit, .pagedAdamw32bit] {
+            let whole = CUDAMemoryPlan(config: c, tokens: 2048, rank: 16, optimizer: kind)
+            let one = CUDAMemoryPlan(config: c, tokens: 2048, rank: 16, optimizer: kind, adaptersShardedOver: 1)
+            XCTAssertEqual(one.optimizer, whole.optimizer)
+            XCTAssertEqual(one.optimizerHost, whole.optimizerHost)
+            XCTAssertEqual(one.adapterShardedWorld, 1)
+            for world in [2, 3, 4] {
+                let plan = CUDAMemoryPlan(config: c, tokens: 2048, rank: 16, optimizer: kind, adaptersShardedOver: world)
+                let ownership = AdapterOwnership(counts: tensors, worldSize: world)
+                let perRank = ownership.ranges.map { CUDAMemoryPlan.optimizerBytes(kind, tensors: Array(tensors[$0]), flatCount: 0) }
+                XCTAssertEqual(plan.optimizer, perRank.map(\.device).max(), "\(kind) over \(world)")
+                XCTAssertEqual(plan.optimizerHost, perRank.map(\.host).max(), "\(kind) over \(world)")
+                XCTAssertEqual(plan.adapterShardedWorld, world)
+                XCTAssertEqual(plan.total - plan.optimizer, whole.total - whole.optimizer, "only the optimizer state changes")
+                XCTAssertEqual(plan.host - plan.optimizerHost, whole.host - whole.optimizerHost)
+                XCTAssertTrue("\(plan)".contains("(\(kind.rawValue), this rank's LoRA tensors of \(world)"), "\(plan)")
+            }
+            let two = CUDAMemoryPlan(config: c, tokens: 2048, rank: 16, optimizer: kind, adaptersShardedOver: 2)
+            switch kind {
+            case .adamw, .adamw8bit:
+                // adamw_8bit's two code maps are on each rank: half of the regions, plus the maps.
+                let maps = kind == .adamw8bit ? 2 * DeviceAllocator.sizeClass(4 * 256) : 0
+                XCTAssertEqual(2 * (two.optimizer - maps), whole.optimizer - maps, "\(kind): half the state a rank")
+            case .pagedAdamw8bit, .pagedAdamw32bit:
+                XCTAssertEqual(two.optimizer, whole.optimizer, "\(kind): the two slots of the largest tensor stay")
+                XCTAssertEqual(2 * two.optimizerHost, whole.optimizerHost, "\(kind): half the pinned state a rank")
+            }
+        }
+        // The trainer's own fp32 AdamW (no kind) is never sharded.
+        let own = CUDAMemoryPlan(config: c, tokens: 2048, rank: 16, adaptersShardedOver: 2)
+        XCTAssertEqual(own.optimizer, CUDAMemoryPlan(config: c, tokens: 2048, rank: 16).optimizer)
+        XCTAssertEqual(own.adapterShardedWorld, 1)
+        // replanned keeps the sharding unless told otherwise.
+        let paged = CUDAMemoryPlan(config: c, tokens: 2048, rank: 16, optimizer: .pagedAdamw8bit, adaptersShardedOver: 2)
+        XCTAssertEqual(paged.replanned(optimizer: .some(.adamw)).adapterShardedWorld, 2)
+        XCTAssertEqual(paged.replanned(adaptersShardedOver: .some(nil)).optimizerHost, 2 * paged.optimizerHost)
+    }
+
     /// The optimizer state counted as CUDAOptimizer allocates it, by kind: one region per LoRA tensor (A [r, in] and
     /// B [out, r] of each linear); the paged kinds hold only two slots of the largest tensor's region on the GPU (the
     /// state streams through them) and the rest in pinned host memory. 70B, r 16: paged_adamw_8bit saves the 1.63 GiB of fp32 moments.

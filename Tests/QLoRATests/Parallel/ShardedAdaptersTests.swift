@@ -32,6 +32,92 @@ final class ShardedAdaptersTests: XCTestCase {
         XCTAssertEqual(AdapterOwnership(counts: [5, 5], worldSize: 4).ranges.filter(\.isEmpty).count, 2)
     }
 
+    /// The GPU trainer's flat layout (CUDATrainingEngine's ZeRO-2): tensors at 128-aligned starts with gaps, each rank's
+    /// span of the flat buffer, and a block bucket's pieces by owner. W ranks emulated on the host with the same
+    /// functions the GPU path calls: the backward's buckets (blocks, last first) reduced piece by piece to their owners
+    /// in rank order give every owner the all-reduce's bits for its tensors, every tensor reduced exactly once; the
+    /// norm from the owners' per-tensor sums (zeros elsewhere, added over the ranks) is the unsharded norm's bits; the
+    /// spans broadcast from their owners rebuild the whole buffer.
+    func testFlatSpansAndBucketPiecesOfTheGPULayout() {
+        // Three blocks of (A, B) pairs of the trainer's shapes (r·in, out·r), on 128 elements each (the trainer's layout).
+        let linears = [(4, 96, 96), (4, 96, 32), (8, 96, 256), (0, 96, 96), (4, 256, 96)]  // (r, in, out); r 0: no adapter
+        var counts: [Int] = [], starts: [Int] = [], blockStarts: [Int] = []
+        var end = 0
+        func aligned(_ x: Int) -> Int { (x + 127) / 128 * 128 }
+        for _ in 0..<3 {
+            blockStarts.append(end)
+            for (r, inF, outF) in linears where r > 0 {
+                starts.append(end); counts.append(r * inF); end = aligned(end + r * inF)
+                starts.append(end); counts.append(outF * r); end = aligned(end + outF * r)
+            }
+        }
+        let blocks = (0..<3).map { blockStarts[$0]..<($0 + 1 < 3 ? blockStarts[$0 + 1] : end) }
+        for world in 1...7 {
+            let o = AdapterOwnership(counts: counts, worldSize: world)
+            let spans = o.flatSpans(starts: starts, end: end)
+            XCTAssertEqual(spans.count, world)
+            XCTAssertEqual(spans.first?.lowerBound, 0)
+            XCTAssertEqual(spans.last?.upperBound, end)
+            for r in 1..<world { XCTAssertEqual(spans[r].lowerBound, spans[r - 1].upperBound, "world \(world): spans in rank order") }
+            for t in counts.indices {
+                let span = spans[o.owner(ofTensor: t)]
+                XCTAssertTrue(span.contains(starts[t]) && starts[t] + counts[t] <= span.upperBound, "world \(world): tensor \(t) in its owner's span")
+            }
+            for r in 0..<world where o.ranges[r].isEmpty { XCTAssertTrue(spans[r].isEmpty, "world \(world): rank \(r) owns nothing") }
+
+            // Each rank's local gradients (the gaps zero, as the trainer keeps them), order-sensitive values.
+            var rng = SeededGenerator(seed: UInt64(world))
+            let local: [[Float]] = (0..<world).map { _ in
+                var g = [Float](repeating: 0, count: end)
+                for t in counts.indices { for i in 0..<counts[t] { g[starts[t] + i] = Float.random(in: -1...1, using: &rng) * (i % 3 == 0 ? 1e4 : 1e-3) } }
+                return g
+            }
+            var allReduced = local[0]
+            for r in 1..<world { for i in 0..<end { allReduced[i] += local[r][i] } }
+            // The buckets as the backward closes them (last block first), each reduced to the owners of its pieces.
+            var reduced = local
+            var touched = [Int](repeating: 0, count: end)
+            for block in blocks.reversed() {
+                let pieces = AdapterOwnership.pieces(of: block, spans: spans)
+                XCTAssertEqual(pieces.map(\.range.count).reduce(0, +), block.count, "world \(world): the pieces cover the bucket")
+                for (a, b) in zip(pieces, pieces.dropFirst()) { XCTAssertEqual(a.range.upperBound, b.range.lowerBound) }
+                for piece in pieces {
+                    XCTAssertTrue(spans[piece.rank].lowerBound <= piece.range.lowerBound && piece.range.upperBound <= spans[piece.rank].upperBound)
+                    for i in piece.range {
+                        var sum = local[0][i]
+                        for r in 1..<world { sum += local[r][i] }
+                        reduced[piece.rank][i] = sum
+                        touched[i] += 1
+                    }
+                }
+            }
+            XCTAssertTrue(touched.allSatisfy { $0 == 1 }, "world \(world): every element reduced once")
+            for t in counts.indices {
+                let owner = o.owner(ofTensor: t), range = starts[t]..<(starts[t] + counts[t])
+                XCTAssertEqual(reduced[owner][range].map(\.bitPattern), allReduced[range].map(\.bitPattern), "world \(world): tensor \(t)")
+            }
+            // The norm: each rank its own tensors' sums, zeros elsewhere, added over the ranks, combined in tensor order.
+            var squares = [Double](repeating: 0, count: counts.count)
+            for r in 0..<world {
+                for t in counts.indices {
+                    let mine: Double = o.ranges[r].contains(t)
+                        ? reduced[r][starts[t]..<(starts[t] + counts[t])].withUnsafeBufferPointer { GradientClipping.tensorSquares($0) } : 0
+                    squares[t] += mine
+                }
+            }
+            let whole = counts.indices.map { t in Array(allReduced[starts[t]..<(starts[t] + counts[t])]) }
+            let unsharded = GradientClipping.combine(whole.map { $0.withUnsafeBufferPointer { GradientClipping.tensorSquares($0) } })
+            XCTAssertEqual(GradientClipping.combine(squares).bitPattern, unsharded.bitPattern, "world \(world): the norm's bits")
+            // The spans broadcast from their owners: every rank's buffer is the owners' values.
+            var rebuilt = [Float](repeating: .nan, count: end)
+            for (r, span) in spans.enumerated() { for i in span { rebuilt[i] = reduced[r][i] } }
+            for t in counts.indices {
+                let range = starts[t]..<(starts[t] + counts[t])
+                XCTAssertEqual(rebuilt[range].map(\.bitPattern), allReduced[range].map(\.bitPattern))
+            }
+        }
+    }
+
     /// Over threads: every rank ends with every tensor's summed gradient where it owns it, the norm of all of them
     /// (the one-process sum's bits), and every owner's values after the gather.
     func testReduceScatterNormAndGatherOverThreads() throws {
@@ -227,9 +313,10 @@ final class ShardedAdaptersTests: XCTestCase {
         let out = try cli.qlora(["plan", "--arch", "llama-3.1-70b", "--shard-base", "--gpu-memory", "24", "--batch", "2", "--seq", "2048", "--gpus", "2"])
         XCTAssertEqual(out.status, 1, "the GPU trainer does not shard them yet: " + out.out + out.err)
         let adapters = DeviceAllocator.formatGiB(p.adapterSaving), head = DeviceAllocator.formatGiB(p.headSaving)
-        XCTAssertTrue(out.out.contains("next (on the CPU ranks now, not yet in the GPU trainer): \(adapters) GiB of adapters by sharding them over 2 ranks"), out.out)
+        XCTAssertTrue(out.out.contains("next (on the CPU ranks now; the GPU trainer shards only their optimizer state so far): \(adapters) GiB of "
+                                       + "adapters by sharding their masters and gradients over 2 ranks"), out.out)
         XCTAssertTrue(out.out.contains("next: \(head) GiB of head by sharding it by vocabulary"), out.out)
-        XCTAssertTrue(out.out.contains("with the adapters and the head sharded too (the CPU ranks' path, not yet the GPU trainer's): fits, "
+        XCTAssertTrue(out.out.contains("with the adapters' masters and gradients and the head sharded too (the CPU ranks' path, not yet the GPU trainer's): fits, "
                                        + DeviceAllocator.formatGiB(projected) + " GiB to spare"), out.out)
         XCTAssertTrue(out.err.contains("which the GPU trainer does not do yet: fits, " + DeviceAllocator.formatGiB(projected) + " GiB to spare)"), out.err)
     }

@@ -345,6 +345,7 @@ public enum KernelArgument {
     case int32(Int32)
     case int64(Int64)
     case float(Float)
+    case double(Double)
 
     /// Shorthand for an `Int` that the kernel takes as `int`.
     public static func int(_ v: Int) -> KernelArgument { .int32(Int32(truncatingIfNeeded: v)) }
@@ -355,6 +356,7 @@ public enum KernelArgument {
         case .int32(let v): return UInt64(UInt32(bitPattern: v))
         case .int64(let v): return UInt64(bitPattern: v)
         case .float(let v): return UInt64(v.bitPattern)
+        case .double(let v): return v.bitPattern
         }
     }
 }

@@ -32,6 +32,9 @@ public final class NCCLLibrary {
     /// ncclReduceScatter(sendbuff, recvbuff, recvcount, datatype, op, comm, stream): recvbuff = part `rank` (recvcount
     /// values) of the reduction of every rank's sendbuff (worldSize × recvcount values).
     let ncclReduceScatter: @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?, Int, Int32, Int32, Comm, OpaquePointer?) -> Result
+    /// ncclReduce(sendbuff, recvbuff, count, datatype, op, root, comm, stream): recvbuff on `root` = the reduction of
+    /// every rank's sendbuff (recvbuff is not written on the other ranks).
+    let ncclReduce: @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?, Int, Int32, Int32, Int32, Comm, OpaquePointer?) -> Result
     let ncclBroadcast: @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?, Int, Int32, Int32, Comm, OpaquePointer?) -> Result
     /// ncclAllGather(sendbuff, recvbuff, sendcount, datatype, comm, stream): recvbuff[r·sendcount ...] = rank r's sendbuff.
     let ncclAllGather: @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?, Int, Int32, Comm, OpaquePointer?) -> Result
@@ -94,6 +97,7 @@ public final class NCCLLibrary {
             ncclGetUniqueId = try library.function("ncclGetUniqueId")
             ncclAllReduce = try library.function("ncclAllReduce")
             ncclReduceScatter = try library.function("ncclReduceScatter")
+            ncclReduce = try library.function("ncclReduce")
             ncclBroadcast = try library.function("ncclBroadcast")
             ncclAllGather = try library.function("ncclAllGather")
             ncclGroupStart = try library.function("ncclGroupStart")
@@ -173,10 +177,59 @@ public final class NCCLCollective: Collective {
     /// Queues an in-place all-reduce of `count` fp32 values at `pointer` on `stream` (this collective's own stream
     /// when nil); returns without waiting.
     public func reduceDevice(_ pointer: CUdeviceptr, count: Int, _ operation: ReduceOperation, stream: CUDAStream? = nil) throws {
+        try allReduceDevice(pointer, count: count, type: NCCLLibrary.float32, "floats", operation, stream: stream)
+    }
+
+    /// Queues an in-place all-reduce of `count` fp64 values at `pointer` (the clipping norm's per-tensor sums).
+    public func reduceDoublesDevice(_ pointer: CUdeviceptr, count: Int, _ operation: ReduceOperation, stream: CUDAStream? = nil) throws {
+        try allReduceDevice(pointer, count: count, type: NCCLLibrary.float64, "doubles", operation, stream: stream)
+    }
+
+    private func allReduceDevice(_ pointer: CUdeviceptr, count: Int, type: Int32, _ what: String, _ operation: ReduceOperation,
+                                 stream: CUDAStream?) throws {
         guard count > 0 else { return }
         let p = UnsafeMutableRawPointer(bitPattern: UInt(pointer))
-        try nccl.check(nccl.ncclAllReduce(UnsafeRawPointer(p), p, count, NCCLLibrary.float32, operation == .sum ? NCCLLibrary.sum : NCCLLibrary.average,
-                                          comm, (stream ?? self.stream).handle), "ncclAllReduce(\(count) floats)", comm: comm)
+        try nccl.check(nccl.ncclAllReduce(UnsafeRawPointer(p), p, count, type, operation == .sum ? NCCLLibrary.sum : NCCLLibrary.average,
+                                          comm, (stream ?? self.stream).handle), "ncclAllReduce(\(count) \(what))", comm: comm)
+    }
+
+    /// Queues an in-place reduce (sum) of `count` fp32 values at `pointer` to `root` (ncclReduce: the sum lands on the
+    /// root only) on `stream` (default: this collective's). The ZeRO-2 gradients go to their owners this way.
+    public func reduceDevice(_ pointer: CUdeviceptr, count: Int, root: Int, stream: CUDAStream? = nil) throws {
+        guard count > 0 else { return }
+        guard (0..<worldSize).contains(root) else { throw UsageError("ncclReduce to rank \(root) in a world of \(worldSize)") }
+        let p = UnsafeMutableRawPointer(bitPattern: UInt(pointer))
+        try nccl.check(nccl.ncclReduce(UnsafeRawPointer(p), p, count, NCCLLibrary.float32, NCCLLibrary.sum, Int32(root), comm,
+                                       (stream ?? self.stream).handle), "ncclReduce(\(count) floats to rank \(root))", comm: comm)
+    }
+
+    private var mainDone: CUDAEvent?, collectiveDone: CUDAEvent?
+
+    /// Queues `body`'s collectives on this collective's stream after everything the compute stream has queued so far,
+    /// and makes the compute stream wait for them (events both ways; the host does not wait).
+    public func afterMainStream(_ body: (NCCLCollective) throws -> Void) throws {
+        let device = context.device
+        if mainDone == nil {
+            mainDone = try CUDAEvent(device: device, timing: false)
+            collectiveDone = try CUDAEvent(device: device, timing: false)
+        }
+        guard let mainDone, let collectiveDone else { return }
+        try mainDone.record(on: device.stream)
+        try stream.wait(for: mainDone)
+        try body(self)
+        try collectiveDone.record(on: stream)
+        try device.stream.wait(for: collectiveDone)
+    }
+
+    /// Queues the collectives `body` issues as one NCCL group (ncclGroupStart / ncclGroupEnd): several reduces or
+    /// broadcasts to different roots then run together instead of one after another.
+    public func group(_ body: () throws -> Void) throws {
+        try nccl.check(nccl.ncclGroupStart(), "ncclGroupStart", comm: comm)
+        var failure: Error?
+        do { try body() } catch { failure = error }
+        // The group is closed even when a call failed, so NCCL is not left inside it.
+        try nccl.check(nccl.ncclGroupEnd(), "ncclGroupEnd", comm: comm)
+        if let failure { throw failure }
     }
 
     /// Queues a reduce-scatter of `worldSize × count` fp32 values at `values` into this rank's part, `count` values at

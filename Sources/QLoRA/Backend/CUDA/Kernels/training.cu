@@ -7,11 +7,15 @@
 //   fill_random_bytes:   p[i] = low byte of hash(i)              (NF4 codes: uniform over the 16 values)
 //   fill_random_bf16:    p[i] = bf16(std * (u1 + u2 + u3 - 1.5) * 2)  (sum of uniforms, std `std`)
 //   fill_random_uniform: p[i] = lo + (hi - lo) * u                (fp32, e.g. Kaiming-uniform LoRA A)
-// Clipping, as torch.nn.utils.clip_grad_norm_ (norm type 2):
-//   sum_squares:     partial[b] = sum of g[i]^2 over block b's grid-stride share; then sum_partials (one block):
-//                    out[0] = sum_b partial[b], in a fixed order, so the norm has the same bits on every run
-//   clip_gradients:  total = sqrt(out[0]), coef = min(1, max_norm / (total + 1e-6)); g *= coef
-//                    (a non-finite total leaves g unchanged, as the CPU trainer does)
+// Clipping, as torch.nn.utils.clip_grad_norm_ (norm type 2), summed as the CPU's GradientClipping sums it: per LoRA
+// tensor, then those sums in tensor order, so the ZeRO-2 ranks (each summing its own tensors, the others' sums
+// all-reduced as exact zeros) and the unsharded run get the same bits:
+//   tensor_sum_squares:       s[t] = Σ_i double(g[i])² over tensor t (one block per tensor: a thread's strided share,
+//                             then a fixed tree over the block's threads; no atomics, the same bits on every run)
+//   norm_from_tensor_squares: one thread: norm = √(Σ_t s[t]) in tensor order (GradientClipping.combine);
+//                             coef = min(1, max_norm / (norm + 1e-6)) in double (GradientClipping.coefficient), 1 when
+//                             the norm is not finite; result = [norm, coef]
+//   clip_by_coefficient:      g[i] *= float(coef) when coef < 1 (a non-finite norm leaves g unchanged, as on the CPU)
 //   scale_values:    g[i] *= factor   (fp16 loss scaling: the gradients of S·loss times 1/S, before the norm)
 // LoRA dropout, with the prelude's dropout_keeps (the twin of Training/DropoutMask.swift, bit for bit); the trainer
 // fuses the mask into the LoRA products instead (lora_dropout.cu), these stay for checks and comparisons:
@@ -54,29 +58,42 @@ extern "C" __global__ void fill_random_uniform(float* p, long long n, unsigned l
     GRID_STRIDE(i, n) { p[i] = lo + (hi - lo) * uniform01(mix64(seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1))); }
 }
 
-extern "C" __global__ void sum_squares(const float* g, long long n, float* partial) {
-    __shared__ float scratch[32];
-    float s = 0.0f;
-    GRID_STRIDE(i, n) { s += g[i] * g[i]; }
-    s = block_sum(s, scratch);
-    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+extern "C" __global__ void tensor_sum_squares(const float* __restrict__ g, const long long* __restrict__ offsets,
+                                              const long long* __restrict__ counts, int first, double* __restrict__ squares) {
+    __shared__ double scratch[256];  // blockDim.x = 256
+    const int t = first + blockIdx.x;
+    const float* p = g + offsets[t];
+    const long long n = counts[t];
+    double s = 0.0;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+        const double x = (double)p[i];
+        s += x * x;
+    }
+    scratch[threadIdx.x] = s;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+        if (threadIdx.x < half) scratch[threadIdx.x] += scratch[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) squares[t] = scratch[0];
 }
 
-/// One block: out[0] = the sum of partial[0 ..< count].
-extern "C" __global__ void sum_partials(const float* partial, int count, float* out) {
-    __shared__ float scratch[32];
-    float s = 0.0f;
-    for (int i = threadIdx.x; i < count; i += blockDim.x) s += partial[i];
-    s = block_sum(s, scratch);
-    if (threadIdx.x == 0) out[0] = s;
+extern "C" __global__ void norm_from_tensor_squares(const double* __restrict__ squares, int count, double max_norm,
+                                                    double* __restrict__ result) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    double total = 0.0;
+    for (int t = 0; t < count; ++t) total += squares[t];
+    const double norm = sqrt(total);
+    const bool finite = norm <= 1.7976931348623157e308;  // false for inf and NaN
+    result[0] = norm;
+    result[1] = finite ? fmin(1.0, max_norm / (norm + 1e-6)) : 1.0;
 }
 
-extern "C" __global__ void clip_gradients(float* g, long long n, const float* sum_sq, float max_norm) {
-    const float total = sqrtf(sum_sq[0]);
-    if (!(total < QLORA_INFINITY)) return;  // NaN or inf: leave the gradients alone
-    const float coef = fminf(1.0f, max_norm / (total + 1e-6f));
-    if (coef >= 1.0f) return;
-    GRID_STRIDE(i, n) { g[i] *= coef; }
+extern "C" __global__ void clip_by_coefficient(float* g, long long n, const double* __restrict__ result) {
+    const double coef = result[1];
+    if (!(coef < 1.0)) return;
+    const float c = (float)coef;
+    GRID_STRIDE(i, n) { g[i] *= c; }
 }
 
 extern "C" __global__ void scale_values(float* g, long long n, float factor) {

@@ -71,6 +71,8 @@
 // Linear biases (Qwen2's q, k, v) are frozen: written into y before the base GEMM accumulates onto it; no gradient.
 // Each linear has its own LoRA rank (its A, B and x·Aᵀ are sized by it; dy·B uses a scratch of the largest rank);
 // rank 0 is a linear without an adapter (PEFT's target_modules naming only some projections): the base alone.
+// Clipping (`clipGradients`) sums as the CPU's GradientClipping does: Σ g² per LoRA tensor in Double, those sums in
+// tensor order, so the ZeRO-2 ranks (CUDATrainingEngine's header) and the unsharded run share the norm's bits.
 // Sharded base (`sharding`, Weights/CUDAShardedBase.swift): each rank keeps 1/W of every block's NF4 storage, and the
 // linears' weights are views into two staging buffers that each block is all-gathered into just before its forward,
 // its recomputation and backward, and its evaluation forward, the next block's gather overlapping on NCCL's stream.
@@ -269,7 +271,11 @@ public final class CUDADecoderTrainer {
     let lossChunkRows: Int
     let rowLoss: DeviceBuffer<Float>
     let lossOut: DeviceBuffer<Float>
-    let sumSquares: DeviceBuffer<Float>
+    /// The clipping norm's buffers (`clipGradients`): every LoRA tensor's element offset and count in the flat buffers
+    /// (`parameterSlots()` order), its sum of squares, and [norm, coefficient].
+    let tensorOffsets: DeviceBuffer<Int64>, tensorCounts: DeviceBuffer<Int64>
+    let tensorSquares: DeviceBuffer<Double>
+    let normResult: DeviceBuffer<Double>
     let tokenIDs: DeviceBuffer<Int32>, targets: DeviceBuffer<Int32>, positions: DeviceBuffer<Int32>, segments: DeviceBuffer<Int32>
 
     // MARK: - Construction
@@ -287,8 +293,10 @@ public final class CUDADecoderTrainer {
     /// `sharding`: shard the NF4 base over this communicator's ranks (every rank builds its trainer alike).
     /// `optimizer`: the kind a `CUDAOptimizer` over `parameterSlots()` will step with (its state is its own: the
     /// trainer then allocates no moments and the plan counts that kind's state); nil: `optimizerStep`'s fp32 AdamW.
+    /// `adaptersShardedOver`: that optimizer steps this rank's tensors of adapters sharded over so many ranks (ZeRO-2,
+    /// CUDATrainingEngine): the plan counts the largest rank's state.
     public convenience init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil,
-                            sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil) throws {
+                            sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil, adaptersShardedOver: Int? = nil) throws {
         var ranks: [[Int]] = []
         var dropout: Float = 0
         for block in model.blocks {
@@ -308,7 +316,8 @@ public final class CUDADecoderTrainer {
         var config = model.config
         if model.head === model.embedding { config.tieWordEmbeddings = true }
         try self.init(context: context, config: config, ranks: ranks, alpha: nil, dropout: dropout > 0,
-                      capacityTokens: capacityTokens, memory: memory, source: .model(model), sharding: sharding, optimizer: optimizer)
+                      capacityTokens: capacityTokens, memory: memory, source: .model(model), sharding: sharding, optimizer: optimizer,
+                      adaptersShardedOver: adaptersShardedOver)
     }
 
     /// A trainer with random NF4 weights made on the GPU (for benchmarks: no checkpoint needed), LoRA rank `rank`
@@ -317,18 +326,20 @@ public final class CUDADecoderTrainer {
     /// multiplies by 1. The embedding is the same wherever it lives.
     public convenience init(context: CUDAContext, randomConfig config: DecoderConfig, rank: Int, alpha: Double, capacityTokens: Int,
                             dropout: Float = 0, seed: UInt64 = 0, memory: CUDATrainerMemoryOptions? = nil,
-                            sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil) throws {
+                            sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil, adaptersShardedOver: Int? = nil) throws {
         guard dropout >= 0 && dropout < 1 else { throw UsageError("LoRA dropout \(dropout) is outside [0, 1)") }
         try self.init(context: context, config: config,
                       ranks: Array(repeating: Array(repeating: rank, count: CUDAMemoryPlan.linearShapes(config).count), count: config.layerCount),
                       alpha: alpha, dropout: dropout > 0, capacityTokens: capacityTokens, memory: memory,
-                      source: .random(seed: seed, dropout: dropout), sharding: sharding, optimizer: optimizer)
+                      source: .random(seed: seed, dropout: dropout), sharding: sharding, optimizer: optimizer,
+                      adaptersShardedOver: adaptersShardedOver)
     }
 
     /// `ranks[l][j]`: the LoRA rank of block l's linear j (q, k, v, o, gate, up, down, or Phi-3's qkv, o, gate_up,
     /// down; 0: no adapter); `dropout`: whether any linear drops out (then the d(x) scratch is allocated).
     init(context ctx: CUDAContext, config c: DecoderConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
-         memory: CUDATrainerMemoryOptions?, source: Source, sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil) throws {
+         memory: CUDATrainerMemoryOptions?, source: Source, sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil,
+         adaptersShardedOver: Int? = nil) throws {
         try c.checkTrainable()
         guard CUDAContext.attentionHeadDims.contains(c.headDim) else {
             throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels "
@@ -365,7 +376,7 @@ public final class CUDADecoderTrainer {
         // memory): else one weight's scratch, each product dequantizing its weight, masks hashed again by the
         // backward, the attention forward recomputed.
         let plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory, shardedOver: sharding?.worldSize,
-                                  optimizer: optimizer)
+                                  optimizer: optimizer, adaptersShardedOver: adaptersShardedOver)
             .fitting(budgetBytes: free, contextBytes: 0, hostBytes: HostMemory.physicalBytes.map(HostMemory.pinnableBytes))
         self.plan = plan
         self.memory = plan.memory
@@ -506,6 +517,12 @@ public final class CUDADecoderTrainer {
                     fold: LoRAFoldLayout(config: c, ranks: ranks[l])))
             }
             self.blocks = blocks
+            let tensors = blocks.flatMap { $0.linears.filter { $0.rank > 0 }.flatMap { l in
+                [(l.aOffset, l.rank * l.inFeatures), (l.bOffset, l.outFeatures * l.rank)] } }
+            tensorOffsets = try a.buffer(copying: tensors.map { Int64($0.0) })
+            tensorCounts = try a.buffer(copying: tensors.map { Int64($0.1) })
+            tensorSquares = try a.buffer(Double.self, count: tensors.count)
+            normResult = try a.buffer(Double.self, count: 2)
 
             // Activations first: the random embedding is made in the logits buffer when it goes to the host.
             let h = c.hiddenSize
@@ -588,7 +605,6 @@ public final class CUDADecoderTrainer {
             logits = blockScratch.view(at: 0, count: lossChunkRows * c.vocabularySize)
             rowLoss = try a.buffer(Float.self, count: n)
             lossOut = try a.buffer(Float.self, count: 2)
-            sumSquares = try a.buffer(Float.self, count: CUDAContext.clipScratchCount)
             tokenIDs = try a.buffer(Int32.self, count: n)
             targets = try a.buffer(Int32.self, count: n)
             positions = try a.buffer(Int32.self, count: n)
@@ -1318,8 +1334,7 @@ public final class CUDADecoderTrainer {
             throw UsageError("this GPU trainer was made for the optimizer \(plan.optimizerKind?.rawValue ?? "?") and holds no AdamW moments: "
                              + "step with a CUDAOptimizer over parameterSlots()")
         }
-        try unscaleGradients()
-        if let maxGradNorm { try context.clipGradients(grads, count: parameterCount, maxNorm: maxGradNorm, sumSquares: sumSquares) }
+        if let maxGradNorm { try clipGradients(maxNorm: Double(maxGradNorm)) } else { try unscaleGradients() }
         optimizerSteps += 1
         try context.adamwStep(params: params, grads: grads, m: moment1, v: moment2, count: parameterCount, step: optimizerSteps,
                               config: AdamWConfig(learningRate: learningRate, weightDecay: weightDecay))
@@ -1335,10 +1350,26 @@ public final class CUDADecoderTrainer {
     }
 
     /// Clips the gradients to global norm `maxNorm` (`.infinity`: only measures the norm; `lastGradientNorm()`
-    /// reads it). Queued without waiting. For use with an external optimizer (`CUDAOptimizer` over `parameterSlots()`).
-    public func clipGradients(maxNorm: Float) throws {
+    /// reads it), as `GradientClipping` does on the CPU: each tensor's Σ g² (in Double), then those sums added in
+    /// tensor order, the coefficient min(1, maxNorm / (norm + 1e-6)). Queued without waiting. For use with an external
+    /// optimizer (`CUDAOptimizer` over `parameterSlots()`).
+    /// `sharded` (ZeRO-2): this rank sums only its own tensors (`owned`, indices into `parameterSlots()`, lying in
+    /// `span` of the flat buffer) and puts 0 for the others; the sums are all-reduced over `collective` (x + 0 + … = x:
+    /// every rank gets the owners' sums, so the unsharded run's norm), and only `span` is scaled.
+    public func clipGradients(maxNorm: Double, sharded: (owned: Range<Int>, span: Range<Int>, collective: NCCLCollective)? = nil) throws {
         try unscaleGradients()
-        try context.clipGradients(grads, count: parameterCount, maxNorm: maxNorm, sumSquares: sumSquares)
+        let ctx = context, count = tensorCounts.count
+        let owned = sharded?.owned ?? 0..<count
+        if let sharded {
+            try tensorSquares.fill(byte: 0)
+            try ctx.tensorSumSquares(grads, offsets: tensorOffsets, counts: tensorCounts, tensors: owned, into: tensorSquares)
+            try sharded.collective.afterMainStream { try $0.reduceDoublesDevice(tensorSquares.pointer, count: count, .sum) }
+        } else {
+            try ctx.tensorSumSquares(grads, offsets: tensorOffsets, counts: tensorCounts, tensors: owned, into: tensorSquares)
+        }
+        try ctx.normFromTensorSquares(tensorSquares, count: count, maxNorm: maxNorm, into: normResult)
+        let span = sharded?.span ?? 0..<parameterCount
+        try ctx.clipByCoefficient(grads.address(at: span.lowerBound), count: span.count, result: normResult)
     }
 
     /// Every LoRA matrix as an optimizer slot into the flat buffers, named as the CPU trainer names them
@@ -1357,6 +1388,20 @@ public final class CUDADecoderTrainer {
     /// Refreshes the bf16 copies the GEMMs read after the fp32 masters changed (an external optimizer step).
     public func refreshParameterCopies() throws {
         try context.convertToBF16(params, into: params16, count: parameterCount)
+    }
+
+    /// ZeRO-2, after the owners stepped: every rank's fp32 masters of span r become rank r's (one in-place broadcast
+    /// per rank with tensors, grouped, on the collective's stream between the main stream's work before and after), then
+    /// the bf16 copies are refreshed from them (the same bits as the owner's own copies).
+    public func broadcastOwnedParameters(spans: [Range<Int>], over collective: NCCLCollective) throws {
+        try collective.afterMainStream { nccl in
+            try nccl.group {
+                for (r, span) in spans.enumerated() where !span.isEmpty {
+                    try nccl.broadcastDevice(params.address(at: span.lowerBound), bytes: 4 * span.count, root: r)
+                }
+            }
+        }
+        try refreshParameterCopies()
     }
 
     /// Replaces the fp32 masters (and bf16 copies) with `model`'s adapter weights (same layout as at creation).
@@ -1391,7 +1436,7 @@ public final class CUDADecoderTrainer {
     }
 
     /// The global gradient norm before the latest clipping (waits for the GPU).
-    public func lastGradientNorm() throws -> Double { Double(try sumSquares.download()[0]).squareRoot() }
+    public func lastGradientNorm() throws -> Double { try normResult.download()[0] }
 
     /// Every LoRA gradient, (module path, dA [r·in], dB [out·r]) in fp32 (waits for the GPU).
     /// The gradients of the loss itself: a buffer still holding the loss scale is divided by it here (not in place).

@@ -35,6 +35,9 @@
 // shard of every block (ShardedBlockLayout: 1/W of the block's bytes, padded to 16 per shard) and two staging buffers
 // of one whole block (the block in use and the next one being gathered); the embedding, head and norms stay whole on
 // every rank (bf16: the head of a 70B model is 2 × 128,256 × 8,192 bytes = 2 GiB, the same as 1/40 of its blocks).
+// With the adapters sharded as ZeRO-2 over W ranks (`adaptersShardedOver`, CUDATrainingEngine's header), the optimizer
+// state is that of the rank owning the most state (ownership by whole tensors, AdapterOwnership); the fp32 masters and
+// gradients stay whole (what sharding them would save more: CUDAMemoryPlan+Sharding.swift's projection).
 // Host memory (not in `total`): the offloaded checkpoints (pinned), the embedding table and its pinned staging
 // buffer for one step's rows, a paged optimizer's state (pinned).
 // The optional savers of speed (`keepBlockWeights`, then `keepDropoutMasks`) are dropped by one rule, `fitting`,
@@ -213,6 +216,9 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     /// With a sharded base: this rank's shards of the blocks and the two staging buffers (part of `weights`).
     public var baseShards: Int = 0
     public var baseStaging: Int = 0
+    /// The ranks the adapters are sharded over as ZeRO-2 (1: not sharded): the optimizer state is the largest rank's
+    /// own tensors' (CUDATrainingEngine's header; ownership by `AdapterOwnership`).
+    public var adapterShardedWorld: Int = 1
 
     /// What the plan was made for, so that `fitting` can plan again with fewer savers.
     struct Request: Sendable {
@@ -222,6 +228,7 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         var dropout: Bool
         var world: Int?
         var optimizer: OptimizerKind?
+        var adapterWorld: Int?
     }
     var request: Request
 
@@ -272,10 +279,10 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
 
     /// The same request planned again with other options, sharding or optimizer (what a saving is measured against).
     public func replanned(memory options: CUDATrainerMemoryOptions? = nil, shardedOver world: Int?? = nil,
-                          optimizer kind: OptimizerKind?? = nil, dropout: Bool? = nil) -> CUDAMemoryPlan {
+                          optimizer kind: OptimizerKind?? = nil, dropout: Bool? = nil, adaptersShardedOver adapterWorld: Int?? = nil) -> CUDAMemoryPlan {
         let r = request
         return CUDAMemoryPlan(config: r.config, tokens: r.tokens, ranks: r.ranks, dropout: dropout ?? r.dropout, memory: options ?? memory,
-                              shardedOver: world ?? r.world, optimizer: kind ?? r.optimizer)
+                              shardedOver: world ?? r.world, optimizer: kind ?? r.optimizer, adaptersShardedOver: adapterWorld ?? r.adapterWorld)
     }
 
     /// The one rule for the optional savers of time that cost memory: while the plan does not fit the budget, drop
@@ -365,9 +372,9 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
 
     /// The plan for LoRA rank `r` on every projection.
     public init(config c: DecoderConfig, tokens n: Int, rank r: Int, dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil,
-                shardedOver world: Int? = nil, optimizer: OptimizerKind? = nil) {
+                shardedOver world: Int? = nil, optimizer: OptimizerKind? = nil, adaptersShardedOver adapterWorld: Int? = nil) {
         self.init(config: c, tokens: n, ranks: Array(repeating: Array(repeating: r, count: Self.linearShapes(c).count), count: c.layerCount),
-                  dropout: dropout, memory: memory, shardedOver: world, optimizer: optimizer)
+                  dropout: dropout, memory: memory, shardedOver: world, optimizer: optimizer, adaptersShardedOver: adapterWorld)
     }
 
     /// The sharded layout of one block's NF4 linears over `world` ranks (every block has the same shapes).
@@ -379,10 +386,12 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     /// The plan for `ranks[l][j]`, the LoRA rank of block l's linear j (q, k, v, o, gate, up, down); `dropout`: some
     /// linear drops out (the fused dropout's fp32 dA scratch); `memory`: where checkpoints and the embedding
     /// live (nil: `CUDATrainerMemoryOptions.automatic(for:)`; a tied embedding stays on the GPU whatever it says);
-    /// `optimizer`: the kind whose state is counted (nil: the trainer's own fp32 AdamW).
+    /// `optimizer`: the kind whose state is counted (nil: the trainer's own fp32 AdamW). `adaptersShardedOver`: that
+    /// optimizer steps only this rank's LoRA tensors of adapters sharded over so many ranks (ZeRO-2); the plan counts
+    /// the state of the rank that holds the most.
     public init(config c: DecoderConfig, tokens n: Int, ranks: [[Int]], dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil,
-                shardedOver world: Int? = nil, optimizer: OptimizerKind? = nil) {
-        request = Request(config: c, tokens: n, ranks: ranks, dropout: dropout, world: world, optimizer: optimizer)
+                shardedOver world: Int? = nil, optimizer: OptimizerKind? = nil, adaptersShardedOver adapterWorld: Int? = nil) {
+        request = Request(config: c, tokens: n, ranks: ranks, dropout: dropout, world: world, optimizer: optimizer, adapterWorld: adapterWorld)
         optimizerKind = optimizer
         var memory = memory ?? .automatic(for: c)
         if c.tieWordEmbeddings { memory.hostEmbedding = false }
@@ -418,7 +427,14 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
             + ((c.sandwichNorms ? 4 : 2) * c.layerCount + 1) * s(2 * c.hiddenSize) + (c.qkNorm ? 2 * c.layerCount * s(2 * c.headDim) : 0)
         weights = w
         adapters = s(4 * loraParameters) * 2 + s(2 * loraParameters)
-        let state = Self.optimizerBytes(optimizer, tensors: tensors, flatCount: loraParameters)
+        var state = Self.optimizerBytes(optimizer, tensors: tensors, flatCount: loraParameters)
+        if let adapterWorld, adapterWorld > 1, optimizer != nil {
+            // ZeRO-2: each rank's optimizer holds its own tensors' state (the trainer's own AdamW is never sharded).
+            adapterShardedWorld = adapterWorld
+            let ownership = AdapterOwnership(counts: tensors, worldSize: adapterWorld)
+            let perRank = ownership.ranges.map { Self.optimizerBytes(optimizer, tensors: Array(tensors[$0]), flatCount: 0) }
+            state = (perRank.map(\.device).max() ?? 0, perRank.map(\.host).max() ?? 0)
+        }
         self.optimizer = state.device
         optimizerHost = state.host
         let h = 2 * n * c.hiddenSize, q = 2 * n * c.qDim, kv = 2 * n * c.kvDim
@@ -461,8 +477,9 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         let f = DeviceAllocator.format
         let sharded = shardedWorld > 1 || baseShards > 0
             ? " (base sharded over \(shardedWorld) ranks: shards \(f(baseShards)), staging \(f(baseStaging)))" : ""
+        let ownTensors = adapterShardedWorld > 1 ? ", this rank's LoRA tensors of \(adapterShardedWorld)" : ""
         let state = optimizerKind.map { kind in
-            " (\(kind.rawValue)" + (optimizerHost > 0 ? ": state \(f(optimizerHost)) in pinned host memory, two slots on the GPU)" : ")")
+            " (\(kind.rawValue)\(ownTensors)" + (optimizerHost > 0 ? ": state \(f(optimizerHost)) in pinned host memory, two slots on the GPU)" : ")")
         } ?? ""
         return "weights \(f(weights))\(sharded), adapters \(f(adapters)), optimizer \(f(optimizer))\(state), activations \(f(activations)) "
             + "(checkpoints \(f(checkpoints))), workspace \(f(workspace)); total \(f(total)); host \(f(host)) (\(memory))"
@@ -495,10 +512,10 @@ extension CUDAMemoryPlan {
     public static func longestSequence(config c: DecoderConfig, batch: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
                                        budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes,
                                        step: Int = 256, limit: Int = 4 << 20, shardedOver world: Int? = nil,
-                                       dropout: Bool = false, optimizer: OptimizerKind? = nil) -> Int? {
+                                       dropout: Bool = false, optimizer: OptimizerKind? = nil, adaptersShardedOver adapterWorld: Int? = nil) -> Int? {
         func fits(_ units: Int) -> Bool {
             CUDAMemoryPlan(config: c, tokens: batch * units * step, rank: rank, dropout: dropout, memory: memory, shardedOver: world,
-                           optimizer: optimizer)
+                           optimizer: optimizer, adaptersShardedOver: adapterWorld)
                 .fitting(budgetBytes: budgetBytes, contextBytes: contextBytes).fits(budgetBytes: budgetBytes, contextBytes: contextBytes)
         }
         guard fits(1) else { return nil }
@@ -514,12 +531,12 @@ extension CUDAMemoryPlan {
     public static func largestBatch(config c: DecoderConfig, sequenceLength t: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
                                     budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes,
                                     limit: Int = 1024, shardedOver world: Int? = nil, dropout: Bool = false,
-                                    optimizer: OptimizerKind? = nil) -> Int {
+                                    optimizer: OptimizerKind? = nil, adaptersShardedOver adapterWorld: Int? = nil) -> Int {
         var lo = 0, hi = limit
         while lo < hi {
             let mid = (lo + hi + 1) / 2
             if CUDAMemoryPlan(config: c, tokens: mid * t, rank: rank, dropout: dropout, memory: memory, shardedOver: world,
-                              optimizer: optimizer)
+                              optimizer: optimizer, adaptersShardedOver: adapterWorld)
                 .fitting(budgetBytes: budgetBytes, contextBytes: contextBytes).fits(budgetBytes: budgetBytes, contextBytes: contextBytes) {
                 lo = mid
             } else {

@@ -24,22 +24,33 @@ extension CUDAContext {
                           [.pointer(pointer), .int64(Int64(count)), .int64(Int64(bitPattern: seed)), .float(lo), .float(hi)])
     }
 
-    /// Floats `clipGradients` needs in its `sumSquares` buffer: the total and one partial sum per block.
-    public static let clipScratchCount = 1 + 1024
+    /// Σ g² of each LoRA tensor t in `tensors` (its `counts[t]` values at element `offsets[t]` of `grads`) into
+    /// `squares[t]`, in Double (training.cu's tensor_sum_squares; the twin of `GradientClipping.tensorSquares`, to
+    /// summation order). The other entries of `squares` are left as they are.
+    public func tensorSumSquares(_ grads: DeviceBuffer<Float>, offsets: DeviceBuffer<Int64>, counts: DeviceBuffer<Int64>,
+                                 tensors: Range<Int>, into squares: DeviceBuffer<Double>, stream: CUDAStream? = nil) throws {
+        try require(offsets.count == counts.count && squares.count >= counts.count && tensors.upperBound <= counts.count,
+                     "tensorSumSquares", "\(counts.count) tensors, \(offsets.count) offsets, \(squares.count) sums, tensors \(tensors)")
+        guard !tensors.isEmpty else { return }
+        try device.launch(compiler.function(KernelSources.training, "tensor_sum_squares"), grid: (tensors.count, 1, 1), block: (256, 1, 1),
+                          stream: stream, [grads.arg, offsets.arg, counts.arg, .int(tensors.lowerBound), squares.arg])
+    }
 
-    /// Scales `grads` so their global L2 norm is at most `maxNorm` (torch's clip_grad_norm_), entirely on the device.
-    /// `sumSquares` (`clipScratchCount` floats) receives the squared norm before clipping in element 0; the rest holds
-    /// per-block partial sums, added in a fixed order (no atomics), so the norm is the same on every run.
-    public func clipGradients(_ grads: DeviceBuffer<Float>, count: Int, maxNorm: Float, sumSquares: DeviceBuffer<Float>,
-                              stream: CUDAStream? = nil) throws {
-        try require(grads.count >= count && sumSquares.count >= CUDAContext.clipScratchCount, "clipGradients", "buffers too small")
-        let grid = max(1, min(gridSize(items: count), device.multiprocessorCount * 4, CUDAContext.clipScratchCount - 1))
-        try device.launch(compiler.function(KernelSources.training, "sum_squares"), grid: (grid, 1, 1), block: (256, 1, 1),
-                          stream: stream, [grads.arg, .int64(Int64(count)), .pointer(sumSquares.address(at: 1))])
-        try device.launch(compiler.function(KernelSources.training, "sum_partials"), grid: (1, 1, 1), block: (1024, 1, 1),
-                          stream: stream, [.pointer(sumSquares.address(at: 1)), .int(grid), sumSquares.arg])
-        try device.launch(compiler.function(KernelSources.training, "clip_gradients"), grid: (gridSize(items: count), 1, 1),
-                          block: (256, 1, 1), stream: stream, [grads.arg, .int64(Int64(count)), sumSquares.arg, .float(maxNorm)])
+    /// The global norm of `count` per-tensor sums of squares, added in tensor order (`GradientClipping.combine`), and
+    /// the clipping coefficient for `maxNorm` (`GradientClipping.coefficient`; `.infinity`: 1): result = [norm, coef].
+    public func normFromTensorSquares(_ squares: DeviceBuffer<Double>, count: Int, maxNorm: Double, into result: DeviceBuffer<Double>,
+                                      stream: CUDAStream? = nil) throws {
+        try require(squares.count >= count && result.count >= 2, "normFromTensorSquares", "buffers too small")
+        try device.launch(compiler.function(KernelSources.training, "norm_from_tensor_squares"), grid: (1, 1, 1), block: (32, 1, 1),
+                          stream: stream, [squares.arg, .int(count), .double(maxNorm), result.arg])
+    }
+
+    /// Multiplies `count` gradients at `pointer` by the coefficient in `result[1]` when it is below 1 (what
+    /// `normFromTensorSquares` wrote; a non-finite norm wrote 1, leaving them unchanged).
+    public func clipByCoefficient(_ pointer: CUdeviceptr, count: Int, result: DeviceBuffer<Double>, stream: CUDAStream? = nil) throws {
+        guard count > 0 else { return }
+        try device.launch(compiler.function(KernelSources.training, "clip_by_coefficient"), grid: (gridSize(items: count), 1, 1),
+                          block: (256, 1, 1), stream: stream, [.pointer(pointer), .int64(Int64(count)), result.arg])
     }
 
     /// x[i] *= factor for `count` fp32 values (the fp16 path's unscaling of the gradients by 1/S; inf and nan stay

@@ -293,11 +293,13 @@ public final class CUDAOptimizer {
     }
 
     /// Restores state saved by this or the CPU optimizer of the same layout (e.g. `Optimizer.save(to:)`).
-    public func load(state file: SafeTensorsFile) throws {
+    /// `keeping`: only these tensors' state is loaded (a ZeRO-2 rank's own tensors); nil: every tensor's.
+    public func load(state file: SafeTensorsFile, keeping names: Set<String>? = nil) throws {
         let step = try OptimizerStateRecords.readStep(file)
         var buffers: [String: [String: TensorInfo]] = [:]
         for info in file.tensors {
             guard let (parameter, buffer) = OptimizerStateRecords.split(info.name) else { continue }
+            if let names, !names.contains(parameter) { continue }
             buffers[parameter, default: [:]][buffer] = info
         }
         // Queued copies of the current state must not land on the host after it is replaced (nor read freed buffers).
