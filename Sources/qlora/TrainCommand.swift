@@ -228,7 +228,8 @@ struct TrainCommand: ParsableCommand {
         if collective.worldSize > 1 {
             // The job's summary: tokens of all ranks, and each rank's peak memory.
             let peaks = summary.rankPeakBytes.map { DeviceAllocator.formatGiB($0) }.joined(separator: ", ")
-            lines.append("\(collective.worldSize) ranks\(c.shardBase ? " (base sharded)" : ""), "
+            let sharded = c.shardedParts(onGPU: usedDevice.isCUDA)
+            lines.append("\(collective.worldSize) ranks\(sharded.isEmpty ? "" : " (\(sharded.joined(separator: ", ")) sharded)"), "
                          + "\(Int(summary.tokensPerSecond / Double(collective.worldSize))) tokens/s per rank, peak memory per rank \(peaks) GiB")
         }
         print(lines.joined(separator: "; "))

@@ -323,7 +323,7 @@ extension CommandLineTests {
         // With the base, the adapters (ZeRO-2) and the head (by vocabulary) are sharded by default.
         XCTAssertTrue(world.err.contains("sharded adapters: rank 0 owns LoRA tensors 0..<"), world.err)
         XCTAssertTrue(world.err.contains("vocabulary-parallel head: rank 0 computes the logits of vocabulary rows 0..<"), world.err)
-        XCTAssertTrue(world.out.contains("3 ranks (base sharded)") && world.out.contains("peak memory per rank"), world.out)
+        XCTAssertTrue(world.out.contains("3 ranks (base, adapters, head sharded)") && world.out.contains("peak memory per rank"), world.out)
         let (a, b) = (try losses(singleDir), try losses(worldDir))
         XCTAssertEqual(a.count, 3)
         XCTAssertEqual(b.count, 3)
