@@ -7,10 +7,13 @@ final class CUDAMemoryPlanTests: XCTestCase {
         let c = Architecture.llama3_1_8b.config
         let plan = CUDAMemoryPlan(config: c, tokens: 2 * 2048, rank: 16)
         // The default for this shape: checkpoints offloaded through 3 slots, the untied embedding on the host, no
-        // kept masks or block weights, the attention outputs kept (offloaded), LoRA folded into the base GEMMs.
+        // kept masks or block weights, the attention outputs kept (offloaded), LoRA folded into the base GEMMs, and
+        // (without dropout) into the backward's dx GEMMs.
         XCTAssertEqual(plan.memory, CUDATrainerMemoryOptions(offloadCheckpoints: true, checkpointSlots: 3, hostEmbedding: true,
                                                              keepDropoutMasks: false, keepBlockWeights: false,
-                                                             keepAttentionOutputs: true, foldLoRA: true))
+                                                             keepAttentionOutputs: true, foldLoRA: true, foldLoRABackward: true))
+        XCTAssertFalse(CUDAMemoryPlan(config: c, tokens: 2 * 2048, ranks: Array(repeating: Array(repeating: 16, count: 7), count: c.layerCount),
+                                      dropout: true).memory.foldLoRABackward, "nothing folds its backward under dropout")
         // 4-bit weights of the 32 blocks: about half a byte per parameter plus the scales (~0.52 bytes).
         let linear = 32 * (c.hiddenSize * (c.qDim + 2 * c.kvDim) + c.qDim * c.hiddenSize + 3 * c.hiddenSize * c.intermediateSize)
         let head = 2 * c.vocabularySize * c.hiddenSize  // the head in bf16; the embedding is on the host
@@ -239,9 +242,12 @@ final class CUDAMemoryPlanTests: XCTestCase {
     /// largest in] copy of d(x); per-projection ranks size the adapters per linear.
     func testDropoutScratchAndPerProjectionRanks() {
         let c = Architecture.llama3_1_8b.config, n = 4096
-        var keepingOptions = CUDATrainerMemoryOptions.automatic(for: c)
+        // Like for like: without dropout the plan folds the backward's LoRA product (its buffers), with dropout it cannot.
+        var unfolded = CUDATrainerMemoryOptions.automatic(for: c)
+        unfolded.foldLoRABackward = false
+        var keepingOptions = unfolded
         keepingOptions.keepDropoutMasks = true
-        let plain = CUDAMemoryPlan(config: c, tokens: n, rank: 16)
+        let plain = CUDAMemoryPlan(config: c, tokens: n, rank: 16, memory: unfolded)
         let dropout = CUDAMemoryPlan(config: c, tokens: n, rank: 16, dropout: true, memory: keepingOptions)
         XCTAssertFalse(CUDAMemoryPlan(config: c, tokens: n, rank: 16, dropout: true).memory.keepDropoutMasks, "off by default")
         // down_proj (in 14336, 56 blocks of 256 columns) takes 7 token splits, the others (in 4096) 24: 7·16·14336 floats.
@@ -256,7 +262,7 @@ final class CUDAMemoryPlanTests: XCTestCase {
         XCTAssertEqual(dropout.activations - plain.activations, scratch + s(keptBits) + droppedXA)
         // 59% of a checkpoint per block at this shape (38,912 input columns of the seven adapters against 4096 · 16 bits).
         XCTAssertLessThan(keptBits, c.layerCount * 2 * n * c.hiddenSize * 6 / 10)
-        var rehashingOptions = CUDATrainerMemoryOptions.automatic(for: c)
+        var rehashingOptions = unfolded
         rehashingOptions.keepDropoutMasks = false
         let rehashing = CUDAMemoryPlan(config: c, tokens: n, rank: 16, dropout: true, memory: rehashingOptions)
         XCTAssertEqual(rehashing.activations - plain.activations, scratch + s(n * c.intermediateSize / 8) + droppedXA)
@@ -270,10 +276,10 @@ final class CUDAMemoryPlanTests: XCTestCase {
         }
         // x·Aᵀ is kept for one block only (shared): one [n, largest rank of the linear] buffer per projection.
         // Rank 8 instead of 16 saves 7 of those buffers' halves, plus dy·B's.
-        let narrow = CUDAMemoryPlan(config: c, tokens: n, rank: 8)
+        let narrow = CUDAMemoryPlan(config: c, tokens: n, rank: 8, memory: unfolded)
         XCTAssertEqual(plain.activations - narrow.activations, 8 * (s(2 * n * 16) - s(2 * n * 8)))
         XCTAssertEqual(dropout.total - plain.total, dropout.activations - plain.activations)
-        let same = CUDAMemoryPlan(config: c, tokens: n, ranks: Array(repeating: Array(repeating: 16, count: 7), count: c.layerCount))
+        let same = CUDAMemoryPlan(config: c, tokens: n, ranks: Array(repeating: Array(repeating: 16, count: 7), count: c.layerCount), memory: unfolded)
         XCTAssertEqual(same.total, plain.total)
         // Rank 32 on down_proj only: its (hidden + intermediate) × 16 more parameters per block.
         let ranks = Array(repeating: [16, 16, 16, 16, 16, 16, 32], count: c.layerCount)
@@ -317,6 +323,7 @@ final class CUDAMemoryPlanTests: XCTestCase {
         let s = DeviceAllocator.sizeClass
         var off = CUDATrainerMemoryOptions.automatic(for: c)
         XCTAssertTrue(off.foldLoRA, "on by default")
+        off.foldLoRABackward = false  // the forward's fold alone here (LoRABackwardFoldTests counts the backward's)
         let on = off
         off.foldLoRA = false
         let folded = CUDAMemoryPlan(config: c, tokens: n, rank: 16, memory: on), plain = CUDAMemoryPlan(config: c, tokens: n, rank: 16, memory: off)

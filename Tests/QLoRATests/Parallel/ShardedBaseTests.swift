@@ -251,7 +251,7 @@ final class ShardedBaseTests: XCTestCase {
         XCTAssertEqual(whole.weights - two.weights, c.layerCount * blockBytes - two.baseShards - two.baseStaging)
         XCTAssertEqual(two.total - two.weights, whole.total - whole.weights, "only the base's bytes change")
         let gib = Double(1 << 30)
-        XCTAssertEqual(Double(two.total) / gib, 25.94, accuracy: 0.01)
+        XCTAssertEqual(Double(two.total) / gib, 25.95, accuracy: 0.01)  // 25.94 before the backward fold's buffers (session 10)
         XCTAssertEqual(Double(two.spareBytes(budgetBytes: 24 << 30)) / gib, -2.82, accuracy: 0.01)
         XCTAssertFalse(two.fits(budgetBytes: 24 << 30))
         XCTAssertTrue(two.fits(budgetBytes: 48 << 30))
@@ -288,10 +288,11 @@ final class ShardedBaseTests: XCTestCase {
         XCTAssertTrue(two.err.contains("does not fit 2 cards of 24.0 GiB") && two.err.contains("1.22 GiB too much")
                       && two.err.contains("more GPUs"), two.err)
         // The optimizer and dropout of the run to plan: adamw's fp32 moments on the GPU, no dropout; each rank's moments are
-        // its own tensors' (session 9, whole on every rank: 2.79 GiB short; 1.63 GiB of moments, 0.83 a rank now).
+        // its own tensors' (session 9, whole on every rank: 2.79 GiB short; 1.63 GiB of moments, 0.83 a rank now); without
+        // dropout the backward's fold adds its buffers (0.01 GiB).
         let fp32 = try cli.qlora(args + ["--gpus", "2", "--optimizer", "adamw", "--lora-dropout", "0"])
         XCTAssertEqual(fp32.status, 1)
-        XCTAssertTrue(fp32.out.contains("does not fit, 1.96 GiB short") && !fp32.out.contains("that paged_adamw_8bit keeps")
+        XCTAssertTrue(fp32.out.contains("does not fit, 1.97 GiB short") && !fp32.out.contains("that paged_adamw_8bit keeps")
                       && fp32.out.contains("saved: 0.83 GiB of optimizer state on the GPU by sharding the adapters over 2 ranks")
                       && !fp32.out.contains("counted: LoRA dropout"), fp32.out)
         let bad = try cli.qlora(args + ["--gpus", "2", "--optimizer", "sgd"])

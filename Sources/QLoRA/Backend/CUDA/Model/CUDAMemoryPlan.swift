@@ -73,7 +73,7 @@ public struct CUDATrainerMemoryOptions: Sendable, Equatable, CustomStringConvert
     /// Fold the backward's rank-r product into the base dx GEMM (LoRAFoldLayout.swift, LoRABackwardFold):
     /// dx = [dy | s·dy·B]·[W ; A] for o_proj and down_proj, whose dy (the residual gradient) gets rows of hidden + R,
     /// and gate_proj and up_proj, whose outputs (their dy's buffers) get rows of I + R'; each folded weight scratch
-    /// r more rows. On by default since session 10 (`automatic(for:)`); inert under LoRA dropout.
+    /// r more rows. On by default since session 10 (`automatic(for:)`); a plan with LoRA dropout turns it off.
     public var foldLoRABackward: Bool
 
     public init(offloadCheckpoints: Bool, checkpointSlots: Int = 3, hostEmbedding: Bool, keepDropoutMasks: Bool = true,
@@ -395,6 +395,9 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         optimizerKind = optimizer
         var memory = memory ?? .automatic(for: c)
         if c.tieWordEmbeddings { memory.hostEmbedding = false }
+        // Under LoRA dropout no linear folds its backward (LoRABackwardFold), so its spare columns and A's rows would
+        // be memory for nothing: the trainer, which allocates by this plan, leaves the fold off.
+        if dropout { memory.foldLoRABackward = false }
         self.memory = memory
         let s = DeviceAllocator.sizeClass
         let shapes = Self.linearShapes(c)
