@@ -152,6 +152,14 @@ func checkFamilyGeneration(_ name: String, model: DecoderModel, quantized: [Stri
         try Generator.generate(inference: single, prompt: $0, maxTokens: maxTokens, sampling: SamplingOptions(), stopIDs: [])
     }
     try checkGreedy("\(name) batch-1", model: model, prompts: prompts, answers: answers, maxTokens: maxTokens)
+    // The same with the tensor-core GEMV (nf4_gemv_mma), where the family's shapes allow it.
+    if ctx.nf4GemvMMASupported(cols: 64, blocksize: 64) {
+        single.gemvKernel = .mma
+        let mma = try prompts.map {
+            try Generator.generate(inference: single, prompt: $0, maxTokens: maxTokens, sampling: SamplingOptions(), stopIDs: [])
+        }
+        try checkGreedy("\(name) batch-1, mma gemv", model: model, prompts: prompts, answers: mma, maxTokens: maxTokens)
+    }
     guard batched else { return }
     let weights = try CUDAInference(context: ctx, model: model, capacity: 1, quantized: quantized)
     let vocab = model.config.vocabularySize

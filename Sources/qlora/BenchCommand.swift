@@ -51,7 +51,7 @@ struct BenchCommand: ParsableCommand {
             help: "GPU: fold the LoRA rank-r products into the base GEMMs by concatenating along K (on, or auto: the default), or run them as their own GEMMs adding onto the output (off).")
     var foldLoRA: String = "auto"
     @Option(name: .customLong("fold-lora-backward"),
-            help: "GPU: fold the LoRA backward's rank-r product into the dx GEMM of o_proj, gate_proj, up_proj and down_proj, dx = [dy | s·dy·B]·[W ; A] (on), or add it apart (off); auto: on, as the trainer's default (inert under LoRA dropout).")
+            help: "GPU: fold the LoRA backward's rank-r product into the dx GEMM of o_proj, gate_proj, up_proj and down_proj, dx = [dy | s·dy·B]·[W ; A] (on), or add it apart (off); auto: on, as the trainer's default. Under LoRA dropout nothing folds, and the plan leaves it off.")
     var foldLoRABackward: String = "auto"
 
     /// Sets each memory option whose switch is on or off (auto leaves the automatic choice): one table, so a new
