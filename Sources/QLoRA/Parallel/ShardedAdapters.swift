@@ -96,8 +96,8 @@ public struct AdapterOwnership: Equatable, Sendable {
     /// The pieces of `range` (of the flat buffer whose rank spans are `spans`) by owner, in order, empty ones left out.
     public static func pieces(of range: Range<Int>, spans: [Range<Int>]) -> [(rank: Int, range: Range<Int>)] {
         spans.enumerated().compactMap { r, span in
-            let piece = max(span.lowerBound, range.lowerBound)..<max(min(span.upperBound, range.upperBound), max(span.lowerBound, range.lowerBound))
-            return piece.isEmpty ? nil : (r, piece)
+            let lower = max(span.lowerBound, range.lowerBound), upper = min(span.upperBound, range.upperBound)
+            return lower < upper ? (r, lower..<upper) : nil
         }
     }
 }

@@ -517,10 +517,9 @@ public final class CUDADecoderTrainer {
                     fold: LoRAFoldLayout(config: c, ranks: ranks[l])))
             }
             self.blocks = blocks
-            let tensors = blocks.flatMap { $0.linears.filter { $0.rank > 0 }.flatMap { l in
-                [(l.aOffset, l.rank * l.inFeatures), (l.bOffset, l.outFeatures * l.rank)] } }
-            tensorOffsets = try a.buffer(copying: tensors.map { Int64($0.0) })
-            tensorCounts = try a.buffer(copying: tensors.map { Int64($0.1) })
+            let tensors = Self.loraTensors(blocks)
+            tensorOffsets = try a.buffer(copying: tensors.map { Int64($0.offset) })
+            tensorCounts = try a.buffer(copying: tensors.map { Int64($0.count) })
             tensorSquares = try a.buffer(Double.self, count: tensors.count)
             normResult = try a.buffer(Double.self, count: 2)
 
@@ -1375,12 +1374,17 @@ public final class CUDADecoderTrainer {
     /// Every LoRA matrix as an optimizer slot into the flat buffers, named as the CPU trainer names them
     /// (`<module>.lora_A.weight`, `<module>.lora_B.weight`), so optimizer state is interchangeable.
     public func parameterSlots() -> [CUDAParameterSlot] {
+        Self.loraTensors(blocks).map {
+            CUDAParameterSlot(name: $0.name, values: params, gradient: grads, count: $0.count, offset: $0.offset)
+        }
+    }
+
+    /// Every LoRA tensor in the trainer's order (each linear with an adapter: A, then B), its name and place in the
+    /// flat buffers: the optimizer's slots and the clipping norm's per-tensor sums must cover the same tensors.
+    static func loraTensors(_ blocks: [TrainerBlock]) -> [(name: String, offset: Int, count: Int)] {
         blocks.flatMap { block in
             block.linears.filter { $0.rank > 0 }.flatMap { l in
-                [CUDAParameterSlot(name: l.name + ".lora_A.weight", values: params, gradient: grads, count: l.rank * l.inFeatures,
-                                   offset: l.aOffset),
-                 CUDAParameterSlot(name: l.name + ".lora_B.weight", values: params, gradient: grads, count: l.outFeatures * l.rank,
-                                   offset: l.bOffset)]
+                [(l.name + ".lora_A.weight", l.aOffset, l.rank * l.inFeatures), (l.name + ".lora_B.weight", l.bOffset, l.outFeatures * l.rank)]
             }
         }
     }
