@@ -261,6 +261,10 @@ private func foldRun(_ model: DecoderModel, _ batch: TrainingBatch, fold: Bool, 
     memory.keepBlockWeights = keepWeights
     let trainer = try CUDADecoderTrainer(context: ctx, model: model, capacityTokens: batch.tokenCount, memory: memory)
     trainer.deterministic = true
+    // Under LoRA dropout the plan leaves the backward fold off (nothing folds there): the run asked for it is the
+    // unfolded backward's, which the comparison then checks.
+    let dropout = model.linearLayers.contains { ($0.lora?.dropout ?? 0) > 0 }
+    let backward = backward && !dropout
     guard trainer.memory.foldLoRA == fold, trainer.memory.foldLoRABackward == backward, trainer.memory.keepBlockWeights == keepWeights else {
         throw UsageError("the trainer did not take foldLoRA = \(fold), foldLoRABackward = \(backward)")
     }

@@ -25,6 +25,12 @@
 #   optim      the 8B and 1B benches with the trainer's fused fp32 AdamW and with bench's default paged_adamw_8bit (the
 #              peers' optimizer and qlora train's default since session 9)
 #   ab         the 8B and 1B benches with each value of $AB_FLAG in $AB_VALUES, twice, interleaved
+#   rows       issue 11's rows session 10 could not run: the 8B shape at 1×131,072 and the 70B shape at its planned
+#              longest sequence in 80 GB (both on their first 2 blocks, checkpoints offloaded), and LoRA dropout's cost
+#              (8B 2×2048 and 1B 4×2048 at --lora-dropout 0 and 0.05, twice, interleaved)
+#   profdrop   Nsight Compute's time of every kernel in one step of the 8B shape's first 4 blocks at 2×2048 (and the 1B
+#              shape's at 4×2048 when PROFDROP_1B=1), LoRA dropout 0 and 0.05, into $OUT/profdrop_<arch>_<p>.txt
+#              (what dropout's cost is made of: scripts/device/kernel_times.py compares two of them)
 #   profattn   Nsight Compute on the wgmma attention kernels (forward and backward, simple and pipelined) inside one
 #              8B step at 1×16,384 (first 2 blocks): throughput, tensor-pipe use, warp stalls, into $OUT/prof_<kernel>.txt
 source "$(dirname "$0")/binaries.sh"
@@ -121,6 +127,26 @@ ab)
     step "$AB_FLAG $v ${a%:*}"
     $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 $AB_FLAG $v 2>/dev/null | tail -1
   done; done; done ;;
+rows)
+  step "8B, first 2 blocks, 1×131,072 (one step after one warm-up), checkpoints offloaded, attention outputs kept"
+  /usr/bin/time -f "host peak %M KiB, %e s" $Q bench --device cuda --arch llama-3.1-8b --layers 2 --batch 1 --seq 131072 --steps 1 --warmup 1 --offload-checkpoints on --keep-attention on 2>$OUT/r131.err | tail -1
+  grep -E "rror|host peak" $OUT/r131.err | head -5
+  step "70B plan for 1×124,672 on the whole card"; $Q plan --arch llama-3.1-70b --batch 1 --seq 124672 --lora-dropout 0 --offload-checkpoints on 2>&1 | tail -4
+  step "70B, first 2 blocks, 1×124,672, checkpoints offloaded"
+  /usr/bin/time -f "host peak %M KiB, %e s" $Q bench --device cuda --arch llama-3.1-70b --layers 2 --batch 1 --seq 124672 --steps 1 --warmup 0 --offload-checkpoints on 2>$OUT/r70.err | tail -1
+  grep -E "rror|host peak" $OUT/r70.err | head -5
+  for r in 1 2; do for a in llama-3.1-8b:2 llama-3.2-1b:4; do for d in 0 0.05; do
+    step "--lora-dropout $d ${a%:*}"
+    $Q bench --device cuda --arch ${a%:*} --batch ${a#*:} --seq 2048 --lora-r 16 --steps 5 --lora-dropout $d 2>/dev/null | tail -1
+  done; done; done ;;
+profdrop)
+  for a in llama-3.1-8b:2 ${PROFDROP_1B:+llama-3.2-1b:4}; do for d in 0 0.05; do
+    step "ncu kernel times: ${a%:*} (first 4 blocks) ${a#*:}×2048, --lora-dropout $d"
+    ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+      $Q bench --device cuda --arch ${a%:*} --layers 4 --batch ${a#*:} --seq 2048 --lora-r 16 --steps 1 --warmup 0 --lora-dropout $d \
+      > $OUT/profdrop_${a%:*}_$d.txt 2>&1
+    tail -1 $OUT/profdrop_${a%:*}_$d.txt | cut -c1-200
+  done; done ;;
 profattn)
   SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats"
   for k in wgmma:forward_d128 wgmma:backward_d128 wgmma-pipelined:forward_pipelined_d128 wgmma-pipelined:backward_pipelined_d128; do

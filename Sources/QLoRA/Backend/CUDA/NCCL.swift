@@ -232,15 +232,15 @@ public final class NCCLCollective: Collective {
         if let failure { throw failure }
     }
 
-    /// Queues a reduce-scatter of `worldSize × count` fp32 values at `values` into this rank's part, `count` values at
-    /// `shard`, on `stream` (this collective's own when nil); returns without waiting. In place when `shard` is
-    /// `values + rank × count` floats, as NCCL allows.
-    public func reduceScatterDevice(_ values: CUdeviceptr, into shard: CUdeviceptr, count: Int, _ operation: ReduceOperation,
-                                    stream: CUDAStream? = nil) throws {
+    /// Queues a reduce-scatter (the sum) of `worldSize × count` fp32 values at `values` into this rank's part, `count`
+    /// values at `shard`, on `stream` (this collective's own when nil); returns without waiting. In place when `shard`
+    /// is `values + rank × count` floats, as NCCL allows. Sums only: NCCL 2.28.3's out-of-place ncclAvg reduce-scatter
+    /// over one rank left the last count mod 32 values of the output unwritten (sessions 8-11's GPU checks; the sum,
+    /// in place or not, was exact), so an average divides after the sum (`reduceScatter` below).
+    public func reduceScatterDevice(_ values: CUdeviceptr, into shard: CUdeviceptr, count: Int, stream: CUDAStream? = nil) throws {
         guard count > 0 else { return }
         try nccl.check(nccl.ncclReduceScatter(UnsafeRawPointer(bitPattern: UInt(values)), UnsafeMutableRawPointer(bitPattern: UInt(shard)),
-                                              count, NCCLLibrary.float32, operation == .sum ? NCCLLibrary.sum : NCCLLibrary.average,
-                                              comm, (stream ?? self.stream).handle),
+                                              count, NCCLLibrary.float32, NCCLLibrary.sum, comm, (stream ?? self.stream).handle),
                        "ncclReduceScatter(\(count) floats to each of \(worldSize) ranks)", comm: comm)
     }
 
@@ -298,9 +298,13 @@ public final class NCCLCollective: Collective {
         let buffer = try stagingBuffer(bytes: 4 * values.count)
         try context.device.copy(toDevice: buffer.pointer, from: source, bytes: 4 * values.count, stream: stream)
         let mine = buffer.pointer + CUdeviceptr(4 * rank * shard.count)
-        try reduceScatterDevice(buffer.pointer, into: mine, count: shard.count, operation)
+        try reduceScatterDevice(buffer.pointer, into: mine, count: shard.count)
         try context.device.copy(toHost: target, from: mine, bytes: 4 * shard.count, stream: stream)
         try stream.synchronize()
+        if operation == .average {
+            let w = Float(worldSize)
+            for i in 0..<shard.count { shard[i] /= w }
+        }
     }
 
     public func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws {
