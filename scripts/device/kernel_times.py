@@ -8,8 +8,8 @@ import re
 import sys
 from collections import defaultdict
 
-UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
-HEADER = re.compile(r"^\s{0,4}(\S[^(]*?)\s*\(.*Context \d+.*?(?:Invocations (\d+))?\s*$")
+UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6, "ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}
+HEADER = re.compile(r"^\s{0,4}(\S[^(]*?)\s*\(.*(?:Context|Device) \d+.*?(?:Invocations (\d+))?\s*$")
 
 
 def kernel_times(path):
@@ -18,7 +18,7 @@ def kernel_times(path):
     name, launches = None, 1
     for line in open(path, errors="replace"):
         header = HEADER.match(line)
-        if header and "Context" in line:
+        if header:
             name, launches = header.group(1).strip(), int(header.group(2) or 1)
             continue
         if name and "gpu__time_duration.sum" in line:

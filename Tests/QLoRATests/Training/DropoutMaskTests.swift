@@ -6,6 +6,7 @@ import XCTest
 /// qlora-gpu-check's "dropout mask" group holds the GPU to the Swift side bit for bit.
 final class DropoutMaskTests: XCTestCase {
     func testPinnedHashValues() {
+        // The seeds' hash: SplitMix64.
         let pinned: [(seed: UInt64, index: UInt64, hash: UInt64)] = [
             (0, 0, 0xE220_A839_7B1D_CDAF),  // SplitMix64's well-known first output for seed 0
             (0, 1, 0x6E78_9E6A_A1B9_65F4),
@@ -17,67 +18,99 @@ final class DropoutMaskTests: XCTestCase {
         for p in pinned {
             XCTAssertEqual(DropoutMask.hash(seed: p.seed, index: p.index), p.hash, "hash(\(p.seed), \(p.index))")
         }
-        XCTAssertEqual(DropoutMask.uniform(seed: 0, index: 0), Float(14_819_496) / 16_777_216)
-        XCTAssertEqual(DropoutMask.uniform(seed: 7, index: 12345), Float(10_237_005) / 16_777_216)
+        // The masks' pair hash (values from Python integers: fmix32 of the folded Weyl counter).
+        let pairs: [(seed: UInt64, pair: UInt64, hash: UInt32)] = [
+            (0, 0, 0x8FFD_0E06), (0, 1, 0x8633_EF6D), (7, 0, 0x1FB7_6C37), (7, 12345, 0x6C93_1624),
+            (0xDEAD_BEEF_CAFE_F00D, 3, 0x9441_A592), (123_456_789, 1 << 33, 0x9D92_E937),
+        ]
+        for p in pairs {
+            XCTAssertEqual(DropoutMask.pairHash(seed: p.seed, pair: p.pair), p.hash, "pairHash(\(p.seed), \(p.pair))")
+        }
+        XCTAssertEqual(DropoutMask.uniform16(seed: 0, index: 0), 3590)    // the low half of pair 0
+        XCTAssertEqual(DropoutMask.uniform16(seed: 0, index: 1), 36861)   // its high half
+        XCTAssertEqual(DropoutMask.uniform16(seed: 7, index: 24691), 27795)
         XCTAssertEqual(DropoutMask.linearSeed(stepSeed: 7, block: 1, linear: 4), 0x5847_9141_8A14_2DED)
         XCTAssertEqual(DropoutMask.blockSeed(stepSeed: 7, block: 1), DropoutMask.hash(seed: 7, index: 1))
-        // u(7, 0) = 0.3898…: kept at p = 0.5, dropped at p = 0.7.
+        // u(7, 0) = 27703 (0.4227 of 2¹⁶): kept at p = 0.5 (T = 32768), dropped at p = 0.7 (T = ⌈0.3·2¹⁶⌉ = 19661).
+        XCTAssertEqual(DropoutMask.uniform16(seed: 7, index: 0), 27703)
         XCTAssertTrue(DropoutMask.keeps(seed: 7, index: 0, keep: 0.5))
         XCTAssertFalse(DropoutMask.keeps(seed: 7, index: 0, keep: 0.3))
+        XCTAssertEqual(DropoutMask.threshold(keep: 1), 65536)
+        XCTAssertEqual(DropoutMask.threshold(keep: 0.3), 19661)
     }
 
-    /// The GPU evaluates the keep test with less integer work (Kernels/qlora_prelude.cuh: `dropout_high`,
-    /// `dropout_limit`, `dropout_keep8`): only the high word of the last product, the shifts as 32-bit multiplies'
-    /// high halves, an integer threshold, and the drop bits as the carries of hi(w) + ~limit. The same steps in 32-bit
-    /// Swift arithmetic give DropoutMask.keeps for every element, at keep probabilities from 2⁻²⁴ to 1 (the kernels'
-    /// checks hold the GPU to the same masks).
+    /// The GPU's formulation (Kernels/qlora_prelude.cuh: `dropout_limit`, `dropout_pair_bits`, `dropout_keep8`): an
+    /// integer limit T − 1, and eight elements' bits from 4 pair hashes (even first index) or 5 (odd), the counter
+    /// stepped by γ. The same steps in Swift give DropoutMask.keeps for every element, at keep probabilities from
+    /// 2⁻¹⁶ to 1 (the kernels' checks hold the GPU to the same masks).
     func testGPUFormulationEqualsTheDefinition() {
-        func umulhi(_ a: UInt32, _ b: UInt32) -> UInt32 { UInt32((UInt64(a) * UInt64(b)) >> 32) }
-        func high(_ z: UInt64) -> UInt32 {
-            let lo = UInt32(truncatingIfNeeded: z), hi = UInt32(z >> 32)
-            let xlo = lo ^ umulhi(lo, 4) ^ (hi << 2), xhi = hi ^ umulhi(hi, 4)
-            let p = UInt64(xlo) * 0x1CE4_E5B9
-            let z1lo = UInt32(truncatingIfNeeded: p), z1hi = UInt32(p >> 32) &+ xlo &* 0xBF58_476D &+ xhi &* 0x1CE4_E5B9
-            let ylo = z1lo ^ umulhi(z1lo, 32) ^ (z1hi << 5), yhi = z1hi ^ umulhi(z1hi, 32)
-            return umulhi(ylo, 0x1331_11EB) &+ ylo &* 0x94D0_49BB &+ yhi &* 0x1331_11EB
+        func fmix(_ z: UInt64) -> UInt32 {
+            var h = UInt32(truncatingIfNeeded: z) ^ UInt32(truncatingIfNeeded: z >> 32)
+            h ^= h >> 16; h = h &* 0x85EB_CA6B; h ^= h >> 13; h = h &* 0xC2B2_AE35
+            return h ^ (h >> 16)
         }
-        func limit(_ keep: Float) -> UInt32 { UInt32(truncatingIfNeeded: 256 * UInt64((keep * 16_777_216).rounded(.up)) - 1) }
+        func limit(_ keep: Float) -> UInt32 { UInt32((keep * 65536).rounded(.up)) - 1 }
+        func pairBits(_ h: UInt32, _ limit: UInt32) -> UInt32 { ((h & 0xFFFF) <= limit ? 1 : 0) | ((h >> 16) <= limit ? 2 : 0) }
         func keep8(seed: UInt64, index i0: Int, keep: Float) -> UInt8 {
-            let z0 = seed &+ DropoutMask.gamma &* UInt64(i0 + 1), above = ~limit(keep)
-            var drops: UInt32 = 0
-            for e in stride(from: 7, through: 0, by: -1) {
-                let carry: UInt32 = high(z0 &+ DropoutMask.gamma &* UInt64(e)).addingReportingOverflow(above).overflow ? 1 : 0
-                drops = drops &+ drops &+ carry
+            var z = seed &+ DropoutMask.gamma &* UInt64((i0 >> 1) + 1)
+            var bits: UInt32 = 0
+            for k in 0..<(i0 & 1 == 0 ? 4 : 5) {
+                bits |= pairBits(fmix(z), limit(keep)) << (2 * k)
+                z = z &+ DropoutMask.gamma
             }
-            return UInt8(truncatingIfNeeded: ~drops)
+            return UInt8(truncatingIfNeeded: i0 & 1 == 0 ? bits : bits >> 1)
         }
         var rng = SeededGenerator(seed: 11)
-        let keeps: [Float] = [0.95, 0.9, 0.5, 0.1, 1, 1 - 0x1p-24, 0x1p-24, 0.3]
-        var compared = 0
+        let keeps: [Float] = [0.95, 0.9, 0.5, 0.1, 1, 1 - 0x1p-16, 0x1p-16, 0.3]
+        var compared = 0, odd = 0
         for keep in keeps {
             for _ in 0..<500 {
                 let seed = rng.next(), i0 = Int(rng.next() >> 24)
+                if i0 & 1 == 1 { odd += 1 }
                 let bits = keep8(seed: seed, index: i0, keep: keep)
                 for e in 0..<8 {
                     let expected = DropoutMask.keeps(seed: seed, index: i0 + e, keep: keep)
                     XCTAssertEqual((bits >> e) & 1 == 1, expected, "seed \(seed), index \(i0 + e), keep \(keep)")
-                    XCTAssertEqual(high(seed &+ DropoutMask.gamma &* UInt64(i0 + e + 1)) <= limit(keep), expected)
                     compared += 1
                 }
             }
         }
         XCTAssertEqual(compared, keeps.count * 4000)
+        XCTAssertGreaterThan(odd, 1000)  // both of keep8's cases were compared
     }
 
-    /// hash(s, i) is the (i + 1)-th draw of SeededGenerator(seed: s): the masks the CPU drew before are unchanged.
+    /// The masks keep each element with probability T/2¹⁶ (within 2⁻¹⁶ of 1 − p), the two halves of a pair hash and
+    /// neighbouring pairs independently: over 2²⁰ elements the kept fraction is within 4.5 standard deviations, and
+    /// so is the fraction of (even, odd) neighbours both kept.
+    func testMaskStatistics() {
+        let n = 1 << 20
+        for (seed, keep) in [(UInt64(42), Float(0.95)), (0x1234_5678_9ABC_DEF0, 0.5), (3, 0.1)] {
+            let q = Double(DropoutMask.threshold(keep: keep)) / 65536
+            XCTAssertLessThan(q - Double(keep), 1.0 / 65536)
+            var kept = 0, both = 0, pairsAcross = 0
+            var previous = false
+            for i in 0..<n {
+                let k = DropoutMask.keeps(seed: seed, index: i, keep: keep)
+                if k { kept += 1 }
+                if i & 1 == 1, k, previous { both += 1 }           // the two halves of one hash
+                if i & 1 == 0, i > 0, k, previous { pairsAcross += 1 }  // the last of one pair, the first of the next
+                previous = k
+            }
+            let sd = (q * (1 - q) / Double(n)).squareRoot()
+            XCTAssertEqual(Double(kept) / Double(n), q, accuracy: 4.5 * sd, "keep \(keep)")
+            let sd2 = (q * q * (1 - q * q) / Double(n / 2)).squareRoot()
+            XCTAssertEqual(Double(both) / Double(n / 2), q * q, accuracy: 4.5 * sd2, "keep \(keep): halves of a pair")
+            XCTAssertEqual(Double(pairsAcross) / Double(n / 2 - 1), q * q, accuracy: 4.5 * sd2, "keep \(keep): across pairs")
+        }
+    }
+
+    /// hash(s, i), which draws the seeds, is the (i + 1)-th draw of SeededGenerator(seed: s).
     func testHashIsTheSeededGeneratorStream() {
         for seed: UInt64 in [0, 1, 42, 0xFFFF_FFFF_FFFF_FFFF] {
             var rng = SeededGenerator(seed: seed)
             for i in 0..<1000 {
                 XCTAssertEqual(DropoutMask.hash(seed: seed, index: UInt64(i)), rng.next())
             }
-            var floats = SeededGenerator(seed: seed)
-            for i in 0..<100 { XCTAssertEqual(DropoutMask.uniform(seed: seed, index: i), floats.nextFloat()) }
         }
     }
 

@@ -11,7 +11,7 @@
 //   lora_dropout_dx:        dx = h16(dx + m ⊙ (dyB·A) · s/keep)                 [tokens, in] (d/dx of the LoRA path),
 //                           m hashed again or read from the bits lora_dropout_da wrote
 // The mask bits: [tokens, ⌈in/8⌉] bytes, bit e of byte b of row t = m[t][8b + e] (0 past `in`): 1/16 of x's bytes.
-// The hash (about 18 integer operations an element) is what the fused kernels spend their time on, so the trainer
+// The hash (about 9 integer operations an element: one 32-bit hash a pair) is what the fused kernels spend their time on, so the trainer
 // hashes each element once a step: the forward's xa writes the bits, dA and dx read them, and the recomputation
 // reuses the forward's xa (when the bits do not fit in memory, dA hashes again and writes them for dx).
 // Each reads x (or dx) once with 16-byte loads and hashes each element at most once; the products run on the tensor cores

@@ -143,53 +143,52 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 
 // LoRA dropout's keep mask, the twin of Training/DropoutMask.swift (bit for bit; training.cu and lora_dropout.cu use it):
-//   hash(s, i) = mix(s + (i + 1)·γ)  (SplitMix64's finaliser, γ = 0x9E3779B97F4A7C15);  kept iff (hash >> 40)·2^-24 < keep
-// with keep = 1 − p in fp32. The fused kernels spend their time here, so it is evaluated with less integer work than
-// the definition, to the same bits:
-//   mix(z) = w ⊕ (w >> 31) with w = y·0x94D049BB133111EB; bits 40…63 of w >> 31 come from bits 71… of w, which are 0,
-//   so hash >> 40 = w >> 40 = hi(w) >> 8: only the high word of the last product is needed;
-//   u = hash >> 40 is an integer and keep·2^24 is exact in fp32 (a power-of-two scale), so
-//   u < keep·2^24  ⟺  u < T = ⌈keep·2^24⌉  ⟺  hi(w) < 256·T  ⟺  hi(w) ≤ limit = 256·T − 1  (keep 1: limit 2^32 − 1);
-//   in 32-bit halves, v >> k (k < 32) is (lo >> k | hi << (32 − k), hi >> k), and a >> k = umulhi(a, 2^(32 − k)): the
-//   shifts go to the multiply pipe, which the integer pipe (the xors, the counter's adds) would otherwise wait for.
+//   pairHash(s, j) = fmix32(lo(z) ^ hi(z)), z = s + (j + 1)·γ mod 2^64 (γ = 0x9E3779B97F4A7C15, MurmurHash3's fmix32);
+//   element i's 16 bits u = half (i & 1) of pairHash(s, i >> 1); kept iff u < T = ⌈keep·2^16⌉ (keep = 1 − p in fp32),
+//   i.e. u ≤ limit = T − 1. One 32-bit hash (two multiplies, a 64-bit counter step) serves two elements: the fused
+//   kernels spend their time hashing, and this is about half the integer work of the SplitMix64 per element it
+//   replaced (session 11).
 #define QLORA_DROPOUT_GAMMA 0x9e3779b97f4a7c15ull
 
-/// The largest hi(w) that keeps an element at keep probability `keep` in (0, 1].
+/// The largest u that keeps an element at keep probability `keep` in (0, 1]: T − 1, 0 … 65535.
 __device__ __forceinline__ unsigned dropout_limit(float keep) {
-    return (unsigned)(256ull * (unsigned long long)ceilf(keep * 16777216.0f) - 1ull);
+    return (unsigned)ceilf(keep * 65536.0f) - 1u;
 }
 
-/// hi(w): the high 32 bits of mix's last product for counter value z (hash(s, i) >> 40 = hi(w) >> 8).
-__device__ __forceinline__ unsigned dropout_high(unsigned long long z) {
-    const unsigned lo = (unsigned)z, hi = (unsigned)(z >> 32);
-    // x = z ⊕ (z >> 30)
-    const unsigned xlo = lo ^ __umulhi(lo, 4u) ^ (hi << 2), xhi = hi ^ __umulhi(hi, 4u);
-    // z1 = x·0xBF58476D1CE4E5B9 mod 2^64
-    const unsigned long long p = (unsigned long long)xlo * 0x1ce4e5b9u;
-    const unsigned z1lo = (unsigned)p, z1hi = (unsigned)(p >> 32) + xlo * 0xbf58476du + xhi * 0x1ce4e5b9u;
-    // y = z1 ⊕ (z1 >> 27)
-    const unsigned ylo = z1lo ^ __umulhi(z1lo, 32u) ^ (z1hi << 5), yhi = z1hi ^ __umulhi(z1hi, 32u);
-    // hi(y·M) with M = 0x94D049BB·2^32 + 0x133111EB: the carry of ylo·M_lo plus the cross terms
-    return __umulhi(ylo, 0x133111ebu) + ylo * 0x94d049bbu + yhi * 0x133111ebu;
+/// pairHash for counter value z = s + (j + 1)·γ.
+__device__ __forceinline__ unsigned dropout_pair_hash(unsigned long long z) {
+    unsigned h = (unsigned)z ^ (unsigned)(z >> 32);
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    return h ^ (h >> 16);
+}
+
+/// The keep bits of one pair: bit 0 its even element (the low half), bit 1 its odd one.
+__device__ __forceinline__ unsigned dropout_pair_bits(unsigned h, unsigned limit) {
+    return ((h & 0xffffu) <= limit ? 1u : 0u) | ((h >> 16) <= limit ? 2u : 0u);
 }
 
 __device__ __forceinline__ bool dropout_keeps(unsigned long long seed, long long i, float keep) {
-    return dropout_high(seed + QLORA_DROPOUT_GAMMA * (unsigned long long)(i + 1)) <= dropout_limit(keep);
+    const unsigned h = dropout_pair_hash(seed + QLORA_DROPOUT_GAMMA * (unsigned long long)((i >> 1) + 1));
+    return ((h >> (16 * (unsigned)(i & 1))) & 0xffffu) <= dropout_limit(keep);
 }
 
-/// The keep bits of elements i0 … i0 + 7 (bit e: element i0 + e); consecutive counters differ by γ. `limit`:
-/// dropout_limit(keep). Each element's drop bit is the carry of hi(w) + ~limit (set iff hi(w) > limit), shifted in
-/// with one add-with-carry, elements 7 down to 0.
+/// The keep bits of elements i0 … i0 + 7 (bit e: element i0 + e; i0 ≥ 0); consecutive pairs' counters differ by γ.
+/// `limit`: dropout_limit(keep). An even i0 (the vectorised kernels': 8 columns of a row whose length is a multiple
+/// of 8) takes 4 pair hashes, an odd one 5.
 __device__ __forceinline__ unsigned dropout_keep8(unsigned long long seed, long long i0, unsigned limit) {
-    const unsigned long long z0 = seed + QLORA_DROPOUT_GAMMA * (unsigned long long)(i0 + 1);
-    const unsigned above = ~limit;
-    unsigned drops = 0;
+    unsigned long long z = seed + QLORA_DROPOUT_GAMMA * (unsigned long long)((i0 >> 1) + 1);
+    unsigned bits = 0;
+    if ((i0 & 1) == 0) {
 #pragma unroll
-    for (int e = 7; e >= 0; e--) {
-        const unsigned h = dropout_high(z0 + QLORA_DROPOUT_GAMMA * (unsigned long long)e);
-        asm("{ .reg .u32 t; add.cc.u32 t, %1, %2; addc.u32 %0, %3, %3; }" : "=r"(drops) : "r"(h), "r"(above), "r"(drops));
+        for (int k = 0; k < 4; k++, z += QLORA_DROPOUT_GAMMA) bits |= dropout_pair_bits(dropout_pair_hash(z), limit) << (2 * k);
+        return bits;
     }
-    return ~drops & 0xffu;
+#pragma unroll
+    for (int k = 0; k < 5; k++, z += QLORA_DROPOUT_GAMMA) bits |= dropout_pair_bits(dropout_pair_hash(z), limit) << (2 * k);
+    return (bits >> 1) & 0xffu;  // element i0 is pair (i0 >> 1)'s odd one
 }
 
 /// The NF4 code book (bitsandbytes' levels, index 0..15). Kernels copy it to shared memory: lanes index it with

@@ -65,6 +65,9 @@ extern "C" __global__ void tensor_sum_squares(const float* __restrict__ g, const
     const float* p = g + offsets[t];
     const long long n = counts[t];
     double s = 0.0;
+    // Unrolled so that a thread has 8 loads in flight (one block per tensor: rolled, each iteration waited for its
+    // load, 0.36 ms for 229,376 values in session 11's profile); the additions stay in index order, the same bits.
+#pragma unroll 8
     for (long long i = threadIdx.x; i < n; i += blockDim.x) {
         const double x = (double)p[i];
         s += x * x;
