@@ -349,6 +349,7 @@ public final class Trainer {
             let endOfEpoch = state.step % stepsPerEpoch == 0 || state.step == totalSteps
             let evalDue = !eval.isEmpty && (c.evalSteps > 0 ? state.step % c.evalSteps == 0 || state.step == totalSteps : endOfEpoch)
             if evalDue {
+                try engine.gatherWeights()  // every rank: rank 0 alone may copy the adapter (generation, best/)
                 // A NaN or infinite adapter weight makes every eval output non-finite, so a finite eval loss also
                 // keeps best/ finite.
                 let evalLoss: Double
@@ -386,6 +387,7 @@ public final class Trainer {
                 state.evalHistory = evalHistory
                 state.metricHistory = metricHistory
                 state.lossScaler = engine.lossScaler.map { ($0.scale, $0.growthTracker, $0.skippedSteps) }
+                try engine.gatherWeights()
                 try engine.copyWeightsToModel()
                 try requireFiniteAdapter(step: state.step)
                 try engine.gatherStateForSave()  // every rank: sharded optimizer state comes to rank 0
@@ -407,6 +409,7 @@ public final class Trainer {
 
         // The result: the best adapter when there was evaluation, else the last (written by rank 0; the others wait, so
         // a failed save stops them with its error).
+        try engine.gatherWeights()
         if collective.isMainRank {
             if state.bestStep != nil, FileSystem.exists(c.outputDirectory + "/best/adapter_model.safetensors") {
                 try Checkpoints.loadAdapterWeights(from: c.outputDirectory + "/best", into: model)
