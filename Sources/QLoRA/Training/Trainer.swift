@@ -349,7 +349,6 @@ public final class Trainer {
             let endOfEpoch = state.step % stepsPerEpoch == 0 || state.step == totalSteps
             let evalDue = !eval.isEmpty && (c.evalSteps > 0 ? state.step % c.evalSteps == 0 || state.step == totalSteps : endOfEpoch)
             if evalDue {
-                try engine.gatherWeights()  // every rank: rank 0 alone may copy the adapter (generation, best/)
                 // A NaN or infinite adapter weight makes every eval output non-finite, so a finite eval loss also
                 // keeps best/ finite.
                 let evalLoss: Double
@@ -363,6 +362,7 @@ public final class Trainer {
                 var current = evalLoss
                 if !taskMetrics.isEmpty {
                     // Generation runs on rank 0 (it needs no gradients); the others take its metric.
+                    try engine.gatherWeights()  // every rank: rank 0 alone copies the adapter
                     if collective.isMainRank, let generation {
                         let values = try evaluateGeneration(generation, metrics: taskMetrics, step: state.step)
                         if let best = try c.bestModelMetric { current = values.first { $0.0 == best.evalKey }?.1 ?? .nan }
@@ -374,6 +374,7 @@ public final class Trainer {
                     state.bestMetric = current
                     state.bestStep = state.step
                     state.evaluationsWithoutImprovement = 0
+                    try engine.gatherWeights()  // every rank: rank 0 alone writes best/
                     if collective.isMainRank { try saveAdapter(to: c.outputDirectory + "/best", wholeFolder: true, step: state.step) }
                 } else {
                     state.evaluationsWithoutImprovement += 1

@@ -75,7 +75,8 @@
 // tensor order, so the ZeRO-2 ranks (CUDATrainingEngine's header) and the unsharded run share the norm's bits.
 // ZeRO-2 masters per owner (`ownedAdapters`, CUDADecoderTrainer+OwnedAdapters.swift): the fp32 masters and gradients
 // hold this rank's span of the flat layout only; the backward writes each block's LoRA gradients into one of two
-// buckets, which go to their owners; the bf16 copies stay whole; the forward's fold (fp32 B of every linear) is off.
+// buckets, which go to their owners every micro-batch; the bf16 copies stay whole; over several ranks the forward's
+// fold (it reads fp32 B of every linear) is off.
 // Sharded base (`sharding`, Weights/CUDAShardedBase.swift): each rank keeps 1/W of every block's NF4 storage, and the
 // linears' weights are views into two staging buffers that each block is all-gathered into just before its forward,
 // its recomputation and backward, and its evaluation forward, the next block's gather overlapping on NCCL's stream.
