@@ -72,11 +72,11 @@ public final class CUDATrainingEngine: TrainingEngine {
     /// (fp16 only): nil for `initialLossScale()`.
     public init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, optimizer kind: OptimizerKind,
                 hyperparameters: AdamWHyperparameters, deterministic: Bool = false, initialLossScale: Float? = nil,
-                sharding: NCCLCollective? = nil, shardAdapters: NCCLCollective? = nil, memory: CUDATrainerMemoryOptions? = nil) throws {
+                sharding: NCCLCollective? = nil, shardAdapters: NCCLCollective? = nil) throws {
         self.context = context
         self.model = model
         // The optimizer keeps its own state (a paged kind in pinned host memory): the trainer allocates no moments.
-        let trainer = try CUDADecoderTrainer(context: context, model: model, capacityTokens: capacityTokens, memory: memory, sharding: sharding,
+        let trainer = try CUDADecoderTrainer(context: context, model: model, capacityTokens: capacityTokens, sharding: sharding,
                                              optimizer: kind, adaptersShardedOver: shardAdapters?.worldSize, adapterRank: shardAdapters?.rank ?? 0)
         self.trainer = trainer
         trainer.ownedAdapters?.collective = shardAdapters
