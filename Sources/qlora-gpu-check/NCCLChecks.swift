@@ -9,11 +9,13 @@
 // Reduce-scatter (ZeRO-style adapter sharding): a world of one through ncclReduceScatter, device (out of place and in
 // place) and host (staged), must return its one part bit for bit.
 // ZeRO-2 adapters on the GPU (CUDATrainingEngine's header): ncclReduce to a root and grouped broadcasts in a world of
-// one; the Trainer with its adapters sharded (gradient buckets reduced to their owners, the norm's per-tensor sums
-// all-reduced, the owners' step, the masters broadcast from their owners) against the plain path, bit for bit under
-// full determinism, with adamw and paged_adamw_8bit: losses, gradient norms, eval loss, the adapter's bytes and the
-// last checkpoint's optimizer.safetensors byte for byte; a sharded run stopped at step 3 and resumed = the straight
-// one; and each rank's optimizer state for a world of 2 and 3 (stepping its owned tensors on this one GPU) against the
+// one; the Trainer with its adapters sharded (fp32 masters and gradients of its own span, each block's gradients
+// written into a bucket reduced to their owners every micro-batch, the norm's per-tensor sums all-reduced, the owners'
+// step, the bf16 copies broadcast from their owners, the adapter gathered for the write) against the plain path, bit
+// for bit under full determinism, with adamw and paged_adamw_8bit, accumulation 1 and 2, clipping: losses, gradient
+// norms, eval loss, the adapter's bytes and the last checkpoint's optimizer.safetensors byte for byte; a sharded run
+// stopped at step 3 and resumed = the straight one; and for each rank of a world of 2 and 3 (made on this one GPU):
+// its masters, gradients and buckets against the plan, and its optimizer state (stepping its own tensors) against the
 // plan's per-rank optimizer bytes.
 // What a world of one cannot check (sums over several GPUs, shards of several ranks, the launcher's processes) waits
 // for a machine with several GPUs: docs/MULTI_GPU.md.
@@ -115,14 +117,17 @@ func runNCCLChecks(_ ctx: CUDAContext) {
         checkTrue("grouped ncclBroadcast of two spans, in place (device)", try gradBuffer.download().map(\.bitPattern) == grads.map(\.bitPattern))
     }
 
-    for optimizer in ["adamw", "paged_adamw_8bit"] {
-        group("nccl: Trainer with sharded adapters (world of one) = plain path (\(optimizer))") {
+    for optimizer in ["adamw", "paged_adamw_8bit"] { for accumulation in [1, 2] {
+        group("nccl: Trainer with sharded adapters (world of one) = plain path (\(optimizer), accumulation \(accumulation))") {
             let directory = fixtureDirectory()
             let train = randomExamples(count: 8, length: 48, vocab: 1000, seed: 7)
             let eval = randomExamples(count: 3, length: 40, vocab: 1000, seed: 8)
             let nccl = try NCCLLibrary()
-            let base = "/tmp/qlora-gpu-check-zero2-\(optimizer)-\(getpid())"
-            struct Run { var history: [StepRecord]; var evalLoss: Double; var adapter: [UInt8]; var state: [UInt8]; var owned: Range<Int>? }
+            let base = "/tmp/qlora-gpu-check-zero2-\(optimizer)-\(accumulation)-\(getpid())"
+            struct Run {
+                var history: [StepRecord]; var evalLoss: Double; var adapter: [UInt8]; var state: [UInt8]; var owned: Range<Int>?
+                var window: Range<Int>?; var parameterCount: Int
+            }
             func run(_ name: String, sharded: Bool, stopAt: Int? = nil, resume: Bool = false) throws -> Run {
                 let output = base + "-" + name
                 let collective: Collective = sharded
@@ -130,22 +135,26 @@ func runNCCLChecks(_ ctx: CUDAContext) {
                     : LocalCollective()
                 let trainer = try fixtureTrainer(directory, optimizer: optimizer, device: .cuda(ctx), output: output, train: train, eval: eval,
                                                  resume: resume, dropout: 0.05, fullDeterminism: true, collective: collective,
-                                                 shardAdapters: sharded ? true : nil)
+                                                 shardAdapters: sharded ? true : nil, accumulation: accumulation)
                 if let stopAt { trainer.shouldStop = { $0 == stopAt } }
                 let summary = try trainer.run()
                 let finished = stopAt == nil
                 return Run(history: trainer.history, evalLoss: summary.bestEvalLoss ?? .nan,
                            adapter: finished ? try FileSystem.readFile(output + "/adapter_model.safetensors") : [],
                            state: finished ? try FileSystem.readFile(output + "/checkpoint-6/optimizer.safetensors") : [],
-                           owned: (trainer.engine as? CUDATrainingEngine)?.adapterSharding?.owned)
+                           owned: (trainer.engine as? CUDATrainingEngine)?.adapterSharding?.owned,
+                           window: (trainer.engine as? CUDATrainingEngine)?.trainer.ownedAdapters?.window,
+                           parameterCount: (trainer.engine as? CUDATrainingEngine)?.trainer.parameterCount ?? 0)
             }
             let plain = try run("plain", sharded: false)
             let sharded = try run("sharded", sharded: true)
             _ = try run("resumed", sharded: true, stopAt: 3)
             let resumed = try run("resumed", sharded: true, resume: true)
-            checkTrue("sharded adapters (\(optimizer)): the engine shards them (rank 0 owns every tensor)",
-                      plain.owned == nil && sharded.owned?.lowerBound == 0 && (sharded.owned?.count ?? 0) > 0,
-                      "owned \(sharded.owned.map { "\($0)" } ?? "none")")
+            let label = "sharded adapters (\(optimizer), accumulation \(accumulation))"
+            checkTrue("\(label): the engine shards them, masters and gradients per owner (rank 0 owns every tensor)",
+                      plain.owned == nil && plain.window == nil && sharded.owned?.lowerBound == 0 && (sharded.owned?.count ?? 0) > 0
+                          && sharded.window == 0..<sharded.parameterCount,
+                      "owned \(sharded.owned.map { "\($0)" } ?? "none"), window \(sharded.window.map { "\($0)" } ?? "none")")
             func differing(_ a: [StepRecord], _ b: [StepRecord]) -> String {
                 let d = zip(a, b).filter { $0.loss.bitPattern != $1.loss.bitPattern || $0.gradientNorm.bitPattern != $1.gradientNorm.bitPattern }
                 return "\(d.count) of \(a.count) steps differ"
@@ -154,47 +163,85 @@ func runNCCLChecks(_ ctx: CUDAContext) {
             let same = { (a: [StepRecord], b: [StepRecord]) in
                 a.count == b.count && zip(a, b).allSatisfy { $0.loss.bitPattern == $1.loss.bitPattern && $0.gradientNorm.bitPattern == $1.gradientNorm.bitPattern }
             }
-            checkTrue("sharded adapters (\(optimizer)): the plain path's losses and norms", same(plain.history, sharded.history) && plain.history.count == 6,
+            checkTrue("\(label): the plain path's losses and norms", same(plain.history, sharded.history) && plain.history.count == 6,
                       differing(plain.history, sharded.history))
-            checkTrue("sharded adapters (\(optimizer)): the same eval loss", plain.evalLoss.bitPattern == sharded.evalLoss.bitPattern,
+            checkTrue("\(label): the same eval loss", plain.evalLoss.bitPattern == sharded.evalLoss.bitPattern,
                       "\(plain.evalLoss) and \(sharded.evalLoss)")
-            checkTrue("sharded adapters (\(optimizer)): the same adapter bytes", plain.adapter == sharded.adapter && !plain.adapter.isEmpty,
+            checkTrue("\(label): the same adapter bytes", plain.adapter == sharded.adapter && !plain.adapter.isEmpty,
                       "\(plain.adapter.count) and \(sharded.adapter.count) bytes")
-            checkTrue("sharded adapters (\(optimizer)): checkpoint-6's optimizer.safetensors byte for byte",
+            checkTrue("\(label): checkpoint-6's optimizer.safetensors byte for byte",
                       plain.state == sharded.state && !plain.state.isEmpty, "\(plain.state.count) and \(sharded.state.count) bytes")
-            checkTrue("sharded adapters (\(optimizer)): stopped at 3 and resumed = straight", same(sharded.history, resumed.history)
+            checkTrue("\(label): stopped at 3 and resumed = straight", same(sharded.history, resumed.history)
                       && sharded.adapter == resumed.adapter && sharded.state == resumed.state,
                       differing(sharded.history, resumed.history) + ", adapter \(sharded.adapter == resumed.adapter ? "same" : "differs")"
                       + ", optimizer file \(sharded.state == resumed.state ? "same" : "differs")")
         }
-    }
+    } }
 
-    // Each rank of a world of W steps only its own tensors: the state its optimizer allocates (measured by stepping
-    // each rank's owned slots on this GPU) must be what the plan counts for the rank that holds the most.
-    group("nccl: sharded adapters' optimizer state per rank = the plan's") {
+    // Each rank of a world of W holds fp32 masters and gradients of its own span and two gradient buckets, and steps
+    // only its own tensors: each rank's trainer (made as that rank on this GPU) allocates the whole trainer's bytes
+    // less the masters and gradients it does not hold plus the buckets, the largest rank's = the plan's adapters; the
+    // state its optimizer allocates (stepping its own slots) for the rank holding the most = the plan's optimizer
+    // bytes. The trainers' random masters are the unsharded trainer's in every rank's span, and their bf16 copies whole.
+    group("nccl: sharded adapters' allocations per rank = the plan's") {
         var config = Architecture.smollm2_135m.config
         config.tieWordEmbeddings = false
         _ = try ctx.blas()
+        let mib = { (b: Int) in fmt(Double(b) / Double(1 << 20), 3) + " MiB" }
+        func made(_ kind: OptimizerKind, world: Int?, rank: Int = 0) throws -> (trainer: CUDADecoderTrainer, bytes: Int) {
+            try ctx.device.synchronize()
+            let before = ctx.allocator.currentBytes
+            let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: 256,
+                                                 memory: .allOnDevice, optimizer: kind, adaptersShardedOver: world, adapterRank: rank)
+            try ctx.device.synchronize()
+            return (trainer, ctx.allocator.currentBytes - before)
+        }
         for kind in [OptimizerKind.adamw, .adamw8bit, .pagedAdamw8bit] {
+            let whole = try made(kind, world: nil)
+            let wholeMasters = try whole.trainer.ownedMasterValues(), wholeCopies = try whole.trainer.parameterCopies()
+            let wholeBytes = whole.bytes, wholePlan = whole.trainer.plan
+            let count = whole.trainer.parameterCount
+            withExtendedLifetime(whole.trainer) {}
             for world in [2, 3] {
-                let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: 256,
-                                                     memory: .allOnDevice, optimizer: kind, adaptersShardedOver: world)
-                let slots = trainer.parameterSlots()
-                let ownership = AdapterOwnership(counts: slots.map(\.count), worldSize: world)
-                var measured: [Int] = []
-                for range in ownership.ranges {
+                var state: [Int] = [], bytes: [Int] = [], plans: [CUDAMemoryPlan] = []
+                var spansAgree = true, mastersAgree = true
+                for rank in 0..<world {
+                    let (trainer, allocated) = try made(kind, world: world, rank: rank)
+                    bytes.append(allocated)
+                    plans.append(trainer.plan)
+                    let owned = trainer.ownedAdapters
+                    spansAgree = spansAgree && owned?.spans == trainer.plan.loraLayout.ownerSpans(worldSize: world) && owned?.rank == rank
+                    // Its masters (gathered over a world of one would need every rank: read its own span here).
+                    if let window = owned?.window, !window.isEmpty {
+                        let mine = try trainer.ownedMasterValues()
+                        let expected = Array(wholeMasters[window])
+                        mastersAgree = mastersAgree && mine.map(\.bitPattern) == expected.map(\.bitPattern)
+                    }
+                    let copies = try trainer.parameterCopies()
+                    mastersAgree = mastersAgree && copies == wholeCopies
                     try ctx.device.synchronize()
                     let before = ctx.allocator.currentBytes
                     let optimizer = try CUDAOptimizer(context: ctx, kind: kind)
-                    try optimizer.step(Array(slots[range]), learningRate: 1e-4)
+                    try optimizer.step(trainer.parameterSlots(), learningRate: 1e-4)
                     try ctx.device.synchronize()
-                    measured.append(ctx.allocator.currentBytes - before)
-                    withExtendedLifetime(optimizer) {}
+                    state.append(ctx.allocator.currentBytes - before)
+                    withExtendedLifetime((optimizer, trainer)) {}
                 }
-                let mib = { (b: Int) in fmt(Double(b) / Double(1 << 20), 3) + " MiB" }
+                let plan = plans[0]
+                let s = DeviceAllocator.sizeClass
+                let expected = (0..<world).map { r in
+                    wholeBytes - 2 * s(4 * count) + 2 * s(4 * max(plan.loraLayout.ownerSpans(worldSize: world)[r].count, 1)) + plan.gradientBuckets
+                }
+                checkTrue("\(kind.rawValue), \(world) ranks: each rank allocates the whole trainer's bytes less the masters and gradients it does not hold, plus two buckets",
+                          bytes == expected, "ranks \(bytes.map(mib).joined(separator: ", ")); expected \(expected.map(mib).joined(separator: ", "))")
+                checkTrue("\(kind.rawValue), \(world) ranks: the largest rank's = the plan's adapters (whole \(mib(wholePlan.adapters)))",
+                          (bytes.max() ?? 0) - wholeBytes == plan.adapters - wholePlan.adapters && plans.allSatisfy { $0.total == plan.total },
+                          "largest rank \(mib((bytes.max() ?? 0) - wholeBytes)) more than the whole trainer; plan \(mib(plan.adapters - wholePlan.adapters))")
+                checkTrue("\(kind.rawValue), \(world) ranks: the trainers' spans are the plan's; each rank's random masters = the unsharded trainer's there, its bf16 copies whole",
+                          spansAgree && mastersAgree, "spans \(spansAgree ? "agree" : "differ"), masters \(mastersAgree ? "agree" : "differ")")
                 checkTrue("\(kind.rawValue), \(world) ranks: the largest rank's state = the plan's optimizer bytes",
-                          measured.max() == trainer.plan.optimizer && trainer.plan.adapterShardedWorld == world,
-                          "ranks \(measured.map(mib).joined(separator: ", ")); plan \(mib(trainer.plan.optimizer))")
+                          state.max() == plan.optimizer && plan.adapterShardedWorld == world,
+                          "ranks \(state.map(mib).joined(separator: ", ")); plan \(mib(plan.optimizer))")
             }
         }
     }

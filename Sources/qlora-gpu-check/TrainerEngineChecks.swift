@@ -175,11 +175,12 @@ func XUnwrap<T>(_ value: T?, _ what: String) throws -> T {
 }
 
 /// A Trainer on the fixture (NF4 base, the fixture adapter as the initial adapter, with LoRA dropout `dropout`) for
-/// 6 steps (`steps`) of 2 micro-batches of 2 rows, with evaluation at the end and checkpoints every 3 steps.
+/// 6 steps (`steps`) of 2 micro-batches (`accumulation`) of 2 rows, with evaluation at the end and checkpoints every 3
+/// steps.
 func fixtureTrainer(_ directory: String, optimizer: String, device: ComputeDevice, output: String, train: [TokenizedExample],
                     eval: [TokenizedExample], resume: Bool = false, dropout: Float = 0, fullDeterminism: Bool = false,
                     steps: Int = 6, collective: Collective = LocalCollective(), shardBase: Bool = false,
-                    shardAdapters: Bool? = nil) throws -> Trainer {
+                    shardAdapters: Bool? = nil, accumulation: Int = 2) throws -> Trainer {
     let model = try ModelLoader.load(directory + "/base", quantization: .nf4).model
     let peft = try PEFTAdapter.load(directory: directory + "/adapter", into: model)
     for layer in model.linearLayers { layer.lora?.dropout = dropout }
@@ -189,7 +190,7 @@ func fixtureTrainer(_ directory: String, optimizer: String, device: ComputeDevic
     c.loraAlpha = peft.alpha
     c.loraDropout = Double(dropout)
     c.batchSize = 2
-    c.gradientAccumulationSteps = 2
+    c.gradientAccumulationSteps = accumulation
     c.maxSteps = steps
     c.learningRate = 2e-3
     c.warmupSteps = 1

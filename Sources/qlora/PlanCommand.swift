@@ -82,7 +82,7 @@ struct PlanCommand: ParsableCommand {
         for line in Self.savings(plan) { print("  " + line) }
         let projection = shardBase && gpus > 1 ? plan.shardingProjection(world: gpus) : nil
         if let p = projection {
-            for line in Self.projectedSavings(p) { print("  " + line) }
+            for line in Self.projectedSavings(p, mastersSharded: plan.ownedAdapterElements != nil) { print("  " + line) }
         }
         for gib in budgets {
             let bytes = Int(gib * Double(1 << 30))
@@ -112,8 +112,8 @@ struct PlanCommand: ParsableCommand {
             print("  \(gib) GiB card: \(Self.verdict(fitted, budgetBytes: bytes))\(path); longest sequence at batch \(batch): "
                   + (longest.map { "\($0)" } ?? "none (the weights alone do not fit)") + "; largest batch of \(seq): \(widest)")
             if let p = projection {
-                print("    with the adapters' masters and gradients and the head sharded too (the CPU ranks' path, not yet the GPU trainer's): "
-                      + Self.verdict(spare: fitted.spareBytes(budgetBytes: bytes) + p.adapterSaving + p.headSaving))
+                print("    with the head sharded too (the CPU ranks' path, not yet the GPU trainer's): "
+                      + Self.verdict(spare: fitted.spareBytes(budgetBytes: bytes) + p.headSaving))
             }
         }
         // One card size asked about a job: an answer a script can act on.
@@ -129,9 +129,8 @@ struct PlanCommand: ParsableCommand {
                                  + (shardBase ? "Use" : "Shard the base over the GPUs (--shard-base), use")
                                  + " more GPUs, or lower --batch, --seq or --lora-r"
                                  + (projection.map { p in
-                                     " (with the adapters' masters and gradients (ZeRO-2) and the head (by vocabulary) sharded too, which the GPU "
-                                     + "trainer does not do yet: "
-                                     + Self.verdict(spare: fitted.spareBytes(budgetBytes: bytes) + p.adapterSaving + p.headSaving) + ")" } ?? ""))
+                                     " (with the head sharded by vocabulary too, which the GPU trainer does not do yet: "
+                                     + Self.verdict(spare: fitted.spareBytes(budgetBytes: bytes) + p.headSaving) + ")" } ?? ""))
             }
         }
     }
@@ -160,6 +159,11 @@ struct PlanCommand: ParsableCommand {
                              + " by sharding the adapters over \(plan.adapterShardedWorld) ranks (ZeRO-2: each rank steps its own LoRA tensors "
                              + "and holds their optimizer state only)")
             }
+            if whole.adapters > plan.adapters {
+                lines.append("saved: \(g(whole.adapters - plan.adapters)) of adapters by sharding their fp32 masters and gradients over "
+                             + "\(plan.adapterShardedWorld) ranks (ZeRO-2: each rank its own tensors', with two gradient buckets of a block, "
+                             + "\(g(plan.gradientBuckets)), the bf16 copies whole)")
+            }
         }
         if plan.baseShards > 0 {
             let whole = plan.replanned(shardedOver: .some(nil))
@@ -172,12 +176,16 @@ struct PlanCommand: ParsableCommand {
 
     /// The two levers the CPU ranks pull and the GPU trainer does not yet (CUDAMemoryPlan+Sharding.swift), one line each:
     /// the adapters' fp32 masters and gradients (the GPU trainer shards their optimizer state only) and the head.
-    static func projectedSavings(_ p: ShardingProjection) -> [String] {
+    /// `mastersSharded`: the plan counts the adapters' masters and gradients per owner already (the GPU trainer's
+    /// ZeRO-2 since session 11), so only the head is left to project.
+    static func projectedSavings(_ p: ShardingProjection, mastersSharded: Bool) -> [String] {
         let g = { (b: Int) in DeviceAllocator.formatGiB(b) + " GiB" }
-        var lines = ["next (on the CPU ranks now; the GPU trainer shards only their optimizer state so far): \(g(p.adapterSaving)) of adapters by "
-                     + "sharding their masters and gradients over \(p.world) ranks "
-                     + "(ZeRO-2: fp32 masters and gradients of its own LoRA tensors, \(g(p.ownedMasters + p.ownedGradients)), and one block's "
-                     + "gradient bucket, \(g(p.gradientBucket)), instead of every tensor's, \(g(p.wholeAdapters)))"]
+        var lines: [String] = []
+        if !mastersSharded {
+            lines.append("next (on the CPU ranks now): \(g(p.adapterSaving)) of adapters by sharding their masters and gradients over \(p.world) ranks "
+                         + "(ZeRO-2: fp32 masters and gradients of its own LoRA tensors, \(g(p.ownedMasters + p.ownedGradients)), and one block's "
+                         + "gradient bucket, \(g(p.gradientBucket)), instead of every tensor's, \(g(p.wholeAdapters)))")
+        }
         if p.wholeHead > 0 {
             lines.append("next: \(g(p.headSaving)) of head by sharding it by vocabulary (its slice \(g(p.headSlice)) of \(g(p.wholeHead)), "
                          + "the other ranks' normed rows \(g(p.gatheredRows)), a chunk of fp32 d(hidden) \(g(p.hiddenGradientChunk)))")

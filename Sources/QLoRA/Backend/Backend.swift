@@ -127,6 +127,10 @@ public protocol TrainingEngine: AnyObject {
     /// Every rank, before rank 0 writes a checkpoint: an engine whose ranks each hold part of the optimizer state
     /// (sharded adapters) gathers it, so `optimizerState()` on rank 0 is the whole. (Default: nothing.)
     func gatherStateForSave() throws
+    /// Every rank, where rank 0 may then copy the weights to the model alone (evaluation, checkpoints, the end): an
+    /// engine whose ranks each hold part of the masters (ZeRO-2 on the GPU) gathers them into the model, so that
+    /// `copyWeightsToModel` needs no other rank. (Default: nothing.)
+    func gatherWeights() throws
     /// The most memory this engine's device has held so far (the GPU allocator's high-water mark; on the CPU the
     /// process's peak resident memory), for the job summary.
     var peakMemoryBytes: Int { get }
@@ -141,6 +145,7 @@ extension TrainingEngine {
     }
     public func prepareGradientReduction(over collective: Collective) throws {}
     public func gatherStateForSave() throws {}
+    public func gatherWeights() throws {}
     public var lossScaler: GradScaler? { nil }
     public var lastStepSkipped: Bool { false }
     public func restoreLossScaler(scale: Float, growthTracker: Int, skippedSteps: Int) {}

@@ -362,6 +362,7 @@ public final class Trainer {
                 var current = evalLoss
                 if !taskMetrics.isEmpty {
                     // Generation runs on rank 0 (it needs no gradients); the others take its metric.
+                    try engine.gatherWeights()  // every rank: rank 0 alone copies the adapter
                     if collective.isMainRank, let generation {
                         let values = try evaluateGeneration(generation, metrics: taskMetrics, step: state.step)
                         if let best = try c.bestModelMetric { current = values.first { $0.0 == best.evalKey }?.1 ?? .nan }
@@ -373,6 +374,7 @@ public final class Trainer {
                     state.bestMetric = current
                     state.bestStep = state.step
                     state.evaluationsWithoutImprovement = 0
+                    try engine.gatherWeights()  // every rank: rank 0 alone writes best/
                     if collective.isMainRank { try saveAdapter(to: c.outputDirectory + "/best", wholeFolder: true, step: state.step) }
                 } else {
                     state.evaluationsWithoutImprovement += 1
@@ -386,6 +388,7 @@ public final class Trainer {
                 state.evalHistory = evalHistory
                 state.metricHistory = metricHistory
                 state.lossScaler = engine.lossScaler.map { ($0.scale, $0.growthTracker, $0.skippedSteps) }
+                try engine.gatherWeights()
                 try engine.copyWeightsToModel()
                 try requireFiniteAdapter(step: state.step)
                 try engine.gatherStateForSave()  // every rank: sharded optimizer state comes to rank 0
@@ -407,6 +410,7 @@ public final class Trainer {
 
         // The result: the best adapter when there was evaluation, else the last (written by rank 0; the others wait, so
         // a failed save stops them with its error).
+        try engine.gatherWeights()
         if collective.isMainRank {
             if state.bestStep != nil, FileSystem.exists(c.outputDirectory + "/best/adapter_model.safetensors") {
                 try Checkpoints.loadAdapterWeights(from: c.outputDirectory + "/best", into: model)

@@ -414,15 +414,21 @@ final class CUDAMemoryPlanTests: XCTestCase {
 
     /// ZeRO-2 adapters (`adaptersShardedOver`, what the GPU engine does with --shard-adapters): the optimizer state is that
     /// of the rank holding the most (AdapterOwnership over the A and B tensors in the trainer's order), for every kind;
-    /// nothing else in the plan changes; a world of one, or the trainer's own AdamW (no kind), is the unsharded plan.
+    /// besides it only the adapters change (each rank's masters, gradients and buckets:
+    /// OwnedAdapterMastersTests.testPlanCountsEachRanksMastersGradientsAndBuckets), and over several ranks the fold,
+    /// so the rest is compared with the unsharded plan without the fold; a world of one has the unsharded optimizer
+    /// state, and the trainer's own AdamW (no kind) is the unsharded plan.
     /// By hand: the 8B shape's 32 identical blocks split 16 and 16 over two ranks, so adamw's moments and the paged
     /// state on the host halve exactly, while the paged kinds' two device slots (the largest tensor's) stay.
     func testShardedAdaptersCountEachRanksOptimizerState() {
         let c = Architecture.llama3_1_8b.config
         let shapes = CUDAMemoryPlan.linearShapes(c)
         let tensors = (0..<c.layerCount).flatMap { _ in shapes.flatMap { [16 * $0.in, $0.out * 16] } }
+        var noFold = CUDATrainerMemoryOptions.automatic(for: c)
+        noFold.foldLoRA = false
         for kind in [OptimizerKind.adamw, .adamw8bit, .pagedAdamw8bit, .pagedAdamw32bit] {
             let whole = CUDAMemoryPlan(config: c, tokens: 2048, rank: 16, optimizer: kind)
+            let wholeNoFold = whole.replanned(memory: noFold)
             let one = CUDAMemoryPlan(config: c, tokens: 2048, rank: 16, optimizer: kind, adaptersShardedOver: 1)
             XCTAssertEqual(one.optimizer, whole.optimizer)
             XCTAssertEqual(one.optimizerHost, whole.optimizerHost)
@@ -434,7 +440,9 @@ final class CUDAMemoryPlanTests: XCTestCase {
                 XCTAssertEqual(plan.optimizer, perRank.map(\.device).max(), "\(kind) over \(world)")
                 XCTAssertEqual(plan.optimizerHost, perRank.map(\.host).max(), "\(kind) over \(world)")
                 XCTAssertEqual(plan.adapterShardedWorld, world)
-                XCTAssertEqual(plan.total - plan.optimizer, whole.total - whole.optimizer, "only the optimizer state changes")
+                XCTAssertEqual(plan.total - plan.optimizer - plan.adapters, wholeNoFold.total - wholeNoFold.optimizer - wholeNoFold.adapters,
+                               "only the optimizer state and the adapters change (and the fold is off)")
+                XCTAssertLessThan(plan.adapters, whole.adapters)
                 XCTAssertEqual(plan.host - plan.optimizerHost, whole.host - whole.optimizerHost)
                 XCTAssertTrue("\(plan)".contains("(\(kind.rawValue), this rank's LoRA tensors of \(world)"), "\(plan)")
             }

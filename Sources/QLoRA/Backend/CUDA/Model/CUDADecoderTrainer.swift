@@ -73,6 +73,10 @@
 // rank 0 is a linear without an adapter (PEFT's target_modules naming only some projections): the base alone.
 // Clipping (`clipGradients`) sums as the CPU's GradientClipping does: Σ g² per LoRA tensor in Double, those sums in
 // tensor order, so the ZeRO-2 ranks (CUDATrainingEngine's header) and the unsharded run share the norm's bits.
+// ZeRO-2 masters per owner (`ownedAdapters`, CUDADecoderTrainer+OwnedAdapters.swift): the fp32 masters and gradients
+// hold this rank's span of the flat layout only; the backward writes each block's LoRA gradients into one of two
+// buckets, which go to their owners every micro-batch; the bf16 copies stay whole; over several ranks the forward's
+// fold (it reads fp32 B of every linear) is off.
 // Sharded base (`sharding`, Weights/CUDAShardedBase.swift): each rank keeps 1/W of every block's NF4 storage, and the
 // linears' weights are views into two staging buffers that each block is all-gathered into just before its forward,
 // its recomputation and backward, and its evaluation forward, the next block's gather overlapping on NCCL's stream.
@@ -187,6 +191,10 @@ public final class CUDADecoderTrainer {
     let params: DeviceBuffer<Float>
     let params16: DeviceBuffer<UInt16>
     let grads: DeviceBuffer<Float>
+    /// ZeRO-2 masters and gradients per owner (CUDADecoderTrainer+OwnedAdapters.swift): `params` and `grads` then hold
+    /// this rank's span of the flat layout only, and the backward writes each block's gradients into a bucket. nil:
+    /// both hold every tensor.
+    public let ownedAdapters: CUDAOwnedAdapters?
     let moment1: DeviceBuffer<Float>?
     let moment2: DeviceBuffer<Float>?
 
@@ -294,9 +302,11 @@ public final class CUDADecoderTrainer {
     /// `optimizer`: the kind a `CUDAOptimizer` over `parameterSlots()` will step with (its state is its own: the
     /// trainer then allocates no moments and the plan counts that kind's state); nil: `optimizerStep`'s fp32 AdamW.
     /// `adaptersShardedOver`: that optimizer steps this rank's tensors of adapters sharded over so many ranks (ZeRO-2,
-    /// CUDATrainingEngine): the plan counts the largest rank's state.
+    /// CUDATrainingEngine), this trainer being rank `adapterRank` of them: it holds fp32 masters and gradients of its
+    /// own tensors only (`ownedAdapters`); the plan counts the largest rank's.
     public convenience init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil,
-                            sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil, adaptersShardedOver: Int? = nil) throws {
+                            sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil, adaptersShardedOver: Int? = nil,
+                            adapterRank: Int = 0) throws {
         var ranks: [[Int]] = []
         var dropout: Float = 0
         for block in model.blocks {
@@ -317,7 +327,7 @@ public final class CUDADecoderTrainer {
         if model.head === model.embedding { config.tieWordEmbeddings = true }
         try self.init(context: context, config: config, ranks: ranks, alpha: nil, dropout: dropout > 0,
                       capacityTokens: capacityTokens, memory: memory, source: .model(model), sharding: sharding, optimizer: optimizer,
-                      adaptersShardedOver: adaptersShardedOver)
+                      adaptersShardedOver: adaptersShardedOver, adapterRank: adapterRank)
     }
 
     /// A trainer with random NF4 weights made on the GPU (for benchmarks: no checkpoint needed), LoRA rank `rank`
@@ -326,20 +336,21 @@ public final class CUDADecoderTrainer {
     /// multiplies by 1. The embedding is the same wherever it lives.
     public convenience init(context: CUDAContext, randomConfig config: DecoderConfig, rank: Int, alpha: Double, capacityTokens: Int,
                             dropout: Float = 0, seed: UInt64 = 0, memory: CUDATrainerMemoryOptions? = nil,
-                            sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil, adaptersShardedOver: Int? = nil) throws {
+                            sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil, adaptersShardedOver: Int? = nil,
+                            adapterRank: Int = 0) throws {
         guard dropout >= 0 && dropout < 1 else { throw UsageError("LoRA dropout \(dropout) is outside [0, 1)") }
         try self.init(context: context, config: config,
                       ranks: Array(repeating: Array(repeating: rank, count: CUDAMemoryPlan.linearShapes(config).count), count: config.layerCount),
                       alpha: alpha, dropout: dropout > 0, capacityTokens: capacityTokens, memory: memory,
                       source: .random(seed: seed, dropout: dropout), sharding: sharding, optimizer: optimizer,
-                      adaptersShardedOver: adaptersShardedOver)
+                      adaptersShardedOver: adaptersShardedOver, adapterRank: adapterRank)
     }
 
     /// `ranks[l][j]`: the LoRA rank of block l's linear j (q, k, v, o, gate, up, down, or Phi-3's qkv, o, gate_up,
     /// down; 0: no adapter); `dropout`: whether any linear drops out (then the d(x) scratch is allocated).
     init(context ctx: CUDAContext, config c: DecoderConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
          memory: CUDATrainerMemoryOptions?, source: Source, sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil,
-         adaptersShardedOver: Int? = nil) throws {
+         adaptersShardedOver: Int? = nil, adapterRank: Int = 0) throws {
         try c.checkTrainable()
         guard CUDAContext.attentionHeadDims.contains(c.headDim) else {
             throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels "
@@ -384,29 +395,30 @@ public final class CUDADecoderTrainer {
             let budget = ctx.memoryBudget.map { ", a budget of \(DeviceAllocator.format($0)) (--gpu-memory)" } ?? ""
             throw CUDAOutOfMemoryError(plan: plan, freeBytes: free, detail: "checked before allocating\(budget)")
         }
+        var initialMasters: MasterValues? = nil
         do {
             let a = ctx.allocator
             func bf16(_ count: Int) throws -> DeviceBuffer<UInt16> { try a.buffer(UInt16.self, count: count) }
-            // LoRA layout: for each block, for each of the seven linears, A then B.
+            // LoRA layout: for each block, for each of the seven linears, A then B (LoRAFlatLayout).
             let shapes = CUDAMemoryPlan.linearShapes(c)
-            var offset = 0
-            var layout: [[(aOffset: Int, bOffset: Int)]] = []
-            for l in 0..<c.layerCount {
-                // Each matrix starts on a multiple of 128 elements (256 bytes in bf16): cuBLASLt's heuristics assume
-                // 256-byte aligned operands unless told otherwise.
-                func aligned(_ x: Int) -> Int { (x + 127) / 128 * 128 }
-                layout.append(shapes.enumerated().map { (j, shape) in
-                    let aOffset = offset
-                    offset = aligned(offset + ranks[l][j] * shape.in)
-                    let bOffset = offset
-                    offset = aligned(offset + shape.out * ranks[l][j])
-                    return (aOffset, bOffset)
-                })
-            }
+            let flat = LoRAFlatLayout(shapes: shapes, ranks: ranks)
+            let layout = (0..<c.layerCount).map { l in shapes.indices.map { (aOffset: flat.a[l][$0], bOffset: flat.b[l][$0]) } }
+            let offset = flat.count
             parameterCount = offset
-            params = try a.buffer(Float.self, count: offset)
+            // ZeRO-2 per owner: the fp32 masters and gradients of this rank's span only (plus two gradient buckets).
+            let owned = try adaptersShardedOver.map { world -> CUDAOwnedAdapters in
+                guard optimizer != nil else {
+                    throw UsageError("adapters sharded over ranks are stepped by a CUDAOptimizer over parameterSlots(); the trainer's own AdamW steps every tensor")
+                }
+                return try CUDAOwnedAdapters(allocator: a, device: ctx.device, layout: flat, worldSize: world, rank: adapterRank)
+            }
+            ownedAdapters = owned
+            if let owned, plan.memory.foldLoRA, owned.window != 0..<offset {
+                throw UsageError("the folded LoRA reads every linear's fp32 B, which a rank of sharded masters does not hold (the plan turns it off)")
+            }
+            params = try a.buffer(Float.self, count: owned.map { max($0.window.count, 1) } ?? offset)
             params16 = try bf16(offset)
-            grads = try a.buffer(Float.self, count: offset)
+            grads = try a.buffer(Float.self, count: owned.map { max($0.window.count, 1) } ?? offset)
             try grads.fill(byte: 0)
             if optimizer == nil {
                 let m = try a.buffer(Float.self, count: offset), v = try a.buffer(Float.self, count: offset)
@@ -518,7 +530,9 @@ public final class CUDADecoderTrainer {
             }
             self.blocks = blocks
             let tensors = Self.loraTensors(blocks)
-            tensorOffsets = try a.buffer(copying: tensors.map { Int64($0.offset) })
+            // Within `grads`, which starts at this rank's span under sharded masters (only its own tensors are summed).
+            let windowStart = owned?.window.lowerBound ?? 0
+            tensorOffsets = try a.buffer(copying: tensors.map { Int64($0.offset - windowStart) })
             tensorCounts = try a.buffer(copying: tensors.map { Int64($0.count) })
             tensorSquares = try a.buffer(Double.self, count: tensors.count)
             normResult = try a.buffer(Double.self, count: 2)
@@ -639,7 +653,7 @@ public final class CUDADecoderTrainer {
                         for i in 0..<lora.b.count { host[linear.bOffset + i] = lora.b.storage[i] }
                     }
                 }
-                try params.upload(host)
+                if owned != nil { initialMasters = .values(host) } else { try params.upload(host) }
             case .random(let seed, _):
                 // Made a chunk of rows at a time (each chunk its own seed), directly in the GPU table, or in the
                 // logits buffer and copied to the host: the same values either way.
@@ -671,17 +685,21 @@ public final class CUDADecoderTrainer {
                 }
                 finalNorm = try a.buffer(copying: [UInt16](repeating: unitNorm, count: c.hiddenSize))
                 // PEFT: A ~ Kaiming-uniform (a = √5), i.e. U(-1/√in, 1/√in); B = 0.
-                try params.fill(byte: 0)
-                for block in blocks {
-                    for linear in block.linears where linear.rank > 0 {
-                        let bound = 1 / Float(linear.inFeatures).squareRoot()
-                        try ctx.fillRandomUniform(params.address(at: linear.aOffset), count: linear.rank * linear.inFeatures,
-                                                  seed: seed &+ UInt64(linear.aOffset) &+ 303, lo: -bound, hi: bound)
+                if owned != nil {
+                    initialMasters = .random(seed: seed)
+                } else {
+                    try params.fill(byte: 0)
+                    for block in blocks {
+                        for linear in block.linears where linear.rank > 0 {
+                            try Self.fillKaimingUniform(linear, at: params.address(at: linear.aOffset), seed: seed, context: ctx)
+                        }
                     }
                 }
             }
-            try ctx.convertToBF16(params, into: params16, count: offset)
+            if owned == nil { try ctx.convertToBF16(params, into: params16, count: offset) }
             _ = try ctx.blas()
+            // Sharded masters: written a block at a time through a gradient bucket (no whole fp32 buffer on the GPU).
+            if let initialMasters { try writeMasters(initialMasters) }
         } catch let error as CUDAError where error.isOutOfMemory {
             throw CUDAOutOfMemoryError(plan: plan, freeBytes: (try? ctx.device.memoryInfo().free) ?? -1, detail: error.message)
         }
@@ -800,7 +818,7 @@ public final class CUDADecoderTrainer {
         if let k = foldedK(l, site), let tail = site?.tail {
             try dequantize(l, j, rowStride: k)
             let w = weightSlots[j].pointer
-            try context.loraFoldTail(b: params.address(at: l.bOffset), scale: l.scale, into: w, out: l.outFeatures, in: l.inFeatures,
+            try context.loraFoldTail(b: masterAddress(l.bOffset), scale: l.scale, into: w, out: l.outFeatures, in: l.inFeatures,
                                      ld: k, width: tail + l.rank, first: tail, rank: l.rank)
             try blas.gemm(m: n, n: l.outFeatures, k: k, a: x, b: w, transB: true, c: y, beta: accumulate || l.bias != nil ? 1 : 0,
                           lda: ldx, ldb: k, ldc: yStride)
@@ -833,14 +851,14 @@ public final class CUDADecoderTrainer {
         }
         // dB [out, r] += s·dyᵀ·xa
         let xa = site?.tail.map { x + CUdeviceptr(2 * (l.inFeatures + $0)) } ?? xaBuffer(l, seed: seed).pointer
-        try blas.gemm(m: l.outFeatures, n: l.rank, k: n, a: dy, transA: true, b: xa, c: grads.address(at: l.bOffset),
+        try blas.gemm(m: l.outFeatures, n: l.rank, k: n, a: dy, transA: true, b: xa, c: gradientAddress(l.bOffset),
                       outputType: .float32, alpha: l.scale, beta: 1, lda: ldy, ldb: site?.tail != nil ? ldx : nil)
         if seed == nil, backwardFold.folds[j], ldy >= l.outFeatures + l.rank, l.rank <= backwardFold.extraRows[j] {
             // The backward's fold. dyB' = s·dy·B into dy's columns out … out + r − 1.
             let dyB = dy + CUdeviceptr(2 * l.outFeatures)
             try blas.gemm(m: n, n: l.rank, k: l.outFeatures, a: dy, b: b16, c: dyB, alpha: l.scale, lda: ldy, ldc: ldy)
             // dA [r, in] += dyB'ᵀ·x (s is in dyB')
-            try blas.gemm(m: l.rank, n: l.inFeatures, k: n, a: dyB, transA: true, b: x, c: grads.address(at: l.aOffset),
+            try blas.gemm(m: l.rank, n: l.inFeatures, k: n, a: dyB, transA: true, b: x, c: gradientAddress(l.aOffset),
                           outputType: .float32, beta: 1, lda: ldy, ldb: ldx)
             // A's bf16 rows under W (rows out … out + r − 1 of the scratch, W's row stride), then dx (+)= [dy | dyB']·[W ; A].
             try context.copyColumns(from: a16, sourceStride: l.inFeatures, to: weight + CUdeviceptr(2 * l.outFeatures * ldw),
@@ -856,11 +874,11 @@ public final class CUDADecoderTrainer {
         let mask = dropoutMask(l, seed: seed)
         let maskBits = l.maskBits ?? dropoutMaskBits
         if let mask, let dropoutPartials {
-            try context.loraDropoutGradA(x: x, dyB: dyB.pointer, into: grads.address(at: l.aOffset), scratch: dropoutPartials, tokens: n,
+            try context.loraDropoutGradA(x: x, dyB: dyB.pointer, into: gradientAddress(l.aOffset), scratch: dropoutPartials, tokens: n,
                                          inFeatures: l.inFeatures, rank: l.rank, scale: l.scale, mask: mask,
                                          maskBits: l.maskBits == nil ? dropoutMaskBits : nil, storedMaskBits: l.maskBits, xStride: ldx)
         } else {
-            try blas.gemm(m: l.rank, n: l.inFeatures, k: n, a: dyB.pointer, transA: true, b: x, c: grads.address(at: l.aOffset),
+            try blas.gemm(m: l.rank, n: l.inFeatures, k: n, a: dyB.pointer, transA: true, b: x, c: gradientAddress(l.aOffset),
                           outputType: .float32, alpha: l.scale, beta: 1, ldb: ldx)
         }
         // dx (+)= dy·W + d(s·dyB·A) (dense: the down_proj's dx over its strided input is read densely after)
@@ -1149,12 +1167,15 @@ public final class CUDADecoderTrainer {
             try useAttentionSlot(of: l, forward: false)
             try shardedBase?.acquire(l, next: l > 0 ? l - 1 : nil)
             try blockForward(blocks[l], x: slot(l), output: nil, batch: batch, seeds: seeds)
+            try openGradientBucket(l)
             try blockBackward(blocks[l], x: slot(l), batch: batch, seeds: seeds)
             try shardedBase?.release(l)
-            try afterBlockBackward?(l)
+            // Sharded masters: the block's bucket goes to its owners every micro-batch (the trainer's own hook).
+            if ownedAdapters != nil { try closeGradientBucket(l) } else { try afterBlockBackward?(l) }
             try prefetch(l - checkpointSlots.count, tokens: n)
             try prefetchAttention(l - 2, tokens: n)
         }
+        try finishGradientBuckets()
     }
 
     // MARK: - Embedding and checkpoint offloading
@@ -1344,7 +1365,7 @@ public final class CUDADecoderTrainer {
     /// step call it first. Queued without waiting.
     public func unscaleGradients() throws {
         guard gradientScale != 1 else { return }
-        try context.scaleValues(grads, count: parameterCount, by: 1 / gradientScale)
+        try context.scaleValues(grads, count: grads.count, by: 1 / gradientScale)
         gradientScale = 1
     }
 
@@ -1355,7 +1376,12 @@ public final class CUDADecoderTrainer {
     /// `sharded` (ZeRO-2): this rank sums only its own tensors (`owned`, indices into `parameterSlots()`, lying in
     /// `span` of the flat buffer) and puts 0 for the others; the sums are all-reduced over `collective` (x + 0 + … = x:
     /// every rank gets the owners' sums, so the unsharded run's norm), and only `span` is scaled.
+    /// Under sharded masters (`ownedAdapters`) `span` must lie in this rank's window (the gradients it holds).
     public func clipGradients(maxNorm: Double, sharded: (owned: Range<Int>, span: Range<Int>, collective: NCCLCollective)? = nil) throws {
+        let window = ownedWindow, span = sharded?.span ?? 0..<parameterCount
+        guard window.lowerBound <= span.lowerBound, span.upperBound <= window.upperBound else {
+            throw UsageError("clipGradients: span \(span) of the LoRA gradients outside the \(window) this rank holds (sharded masters clip their own span)")
+        }
         try unscaleGradients()
         let ctx = context, count = tensorCounts.count
         let owned = sharded?.owned ?? 0..<count
@@ -1367,17 +1393,21 @@ public final class CUDADecoderTrainer {
             try ctx.tensorSumSquares(grads, offsets: tensorOffsets, counts: tensorCounts, tensors: owned, into: tensorSquares)
         }
         try ctx.normFromTensorSquares(tensorSquares, count: count, maxNorm: maxNorm, into: normResult)
-        let span = sharded?.span ?? 0..<parameterCount
-        try ctx.clipByCoefficient(grads.address(at: span.lowerBound), count: span.count, result: normResult)
+        try ctx.clipByCoefficient(grads.address(at: span.lowerBound - window.lowerBound), count: span.count, result: normResult)
     }
 
-    /// Every LoRA matrix as an optimizer slot into the flat buffers, named as the CPU trainer names them
-    /// (`<module>.lora_A.weight`, `<module>.lora_B.weight`), so optimizer state is interchangeable.
+    /// Every LoRA matrix whose masters this trainer holds (all; under sharded masters its own tensors) as an optimizer
+    /// slot into the flat buffers, named as the CPU trainer names them (`<module>.lora_A.weight`,
+    /// `<module>.lora_B.weight`), so optimizer state is interchangeable.
     public func parameterSlots() -> [CUDAParameterSlot] {
-        Self.loraTensors(blocks).map {
-            CUDAParameterSlot(name: $0.name, values: params, gradient: grads, count: $0.count, offset: $0.offset)
+        let window = ownedWindow
+        return Self.loraTensors(blocks).filter { window.contains($0.offset) }.map {
+            CUDAParameterSlot(name: $0.name, values: params, gradient: grads, count: $0.count, offset: $0.offset - window.lowerBound)
         }
     }
+
+    /// Every LoRA tensor's name and element count in the trainer's order (what ZeRO-2's ownership is made over).
+    public var loraTensorList: [(name: String, count: Int)] { Self.loraTensors(blocks).map { ($0.name, $0.count) } }
 
     /// Every LoRA tensor in the trainer's order (each linear with an adapter: A, then B), its name and place in the
     /// flat buffers: the optimizer's slots and the clipping norm's per-tensor sums must cover the same tensors.
@@ -1389,23 +1419,16 @@ public final class CUDADecoderTrainer {
         }
     }
 
-    /// Refreshes the bf16 copies the GEMMs read after the fp32 masters changed (an external optimizer step).
+    /// Refreshes the bf16 copies the GEMMs read after the fp32 masters changed (an external optimizer step); under
+    /// sharded masters, this rank's span (`publishOwnedParameters` then sends every span to every rank).
     public func refreshParameterCopies() throws {
-        try context.convertToBF16(params, into: params16, count: parameterCount)
-    }
-
-    /// ZeRO-2, after the owners stepped: every rank's fp32 masters of span r become rank r's (one in-place broadcast
-    /// per rank with tensors, grouped, on the collective's stream between the main stream's work before and after), then
-    /// the bf16 copies are refreshed from them (the same bits as the owner's own copies).
-    public func broadcastOwnedParameters(spans: [Range<Int>], over collective: NCCLCollective) throws {
-        try collective.afterMainStream { nccl in
-            try nccl.group {
-                for (r, span) in spans.enumerated() where !span.isEmpty {
-                    try nccl.broadcastDevice(params.address(at: span.lowerBound), bytes: 4 * span.count, root: r)
-                }
-            }
+        guard let owned = ownedAdapters else {
+            try context.convertToBF16(params, into: params16, count: parameterCount)
+            return
         }
-        try refreshParameterCopies()
+        let window = owned.window
+        guard !window.isEmpty else { return }
+        try context.convertToBF16(params, into: params16.view(as: UInt16.self, at: window.lowerBound, count: window.count), count: window.count)
     }
 
     /// Replaces the fp32 masters (and bf16 copies) with `model`'s adapter weights (same layout as at creation).
@@ -1421,6 +1444,7 @@ public final class CUDADecoderTrainer {
                 for i in 0..<lora.b.count { host[linear.bOffset + i] = lora.b.storage[i] }
             }
         }
+        if ownedAdapters != nil { try writeMasters(.values(host)); return }
         try params.upload(host)
         try refreshParameterCopies()
     }
@@ -1445,16 +1469,19 @@ public final class CUDADecoderTrainer {
     /// Every LoRA gradient, (module path, dA [r·in], dB [out·r]) in fp32 (waits for the GPU).
     /// The gradients of the loss itself: a buffer still holding the loss scale is divided by it here (not in place).
     public func loraGradients() throws -> [(name: String, a: [Float], b: [Float])] {
+        try requireWholeWindow("loraGradients")
         let scale = gradientScale
         return try slices(of: scale == 1 ? grads.download() : grads.download().map { $0 / scale })
     }
 
     /// Every LoRA matrix's fp32 master values, (module path, A, B).
+    /// Under sharded masters only in a world of one (else every rank calls `gatherLoRAParameters`).
     public func loraParameters() throws -> [(name: String, a: [Float], b: [Float])] {
-        try slices(of: params.download())
+        try requireWholeWindow("loraParameters")
+        return try slices(of: params.download())
     }
 
-    private func slices(of all: [Float]) -> [(name: String, a: [Float], b: [Float])] {
+    func slices(of all: [Float]) -> [(name: String, a: [Float], b: [Float])] {
         var result: [(name: String, a: [Float], b: [Float])] = []
         for block in blocks {
             for l in block.linears where l.rank > 0 {

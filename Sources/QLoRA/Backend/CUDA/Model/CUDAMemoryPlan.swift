@@ -36,8 +36,10 @@
 // of one whole block (the block in use and the next one being gathered); the embedding, head and norms stay whole on
 // every rank (bf16: the head of a 70B model is 2 × 128,256 × 8,192 bytes = 2 GiB, the same as 1/40 of its blocks).
 // With the adapters sharded as ZeRO-2 over W ranks (`adaptersShardedOver`, CUDATrainingEngine's header), the optimizer
-// state is that of the rank owning the most state (ownership by whole tensors, AdapterOwnership); the fp32 masters and
-// gradients stay whole (what sharding them would save more: CUDAMemoryPlan+Sharding.swift's projection).
+// state is that of the rank owning the most state (ownership by whole tensors, AdapterOwnership), and the adapters
+// hold the fp32 masters and gradients of the largest rank's span of the flat layout (LoRAFlatLayout.ownerSpans), the
+// whole bf16 copies and two fp32 gradient buckets of the largest block's elements (`gradientBuckets`); over more than
+// one rank the forward's fold is off (it reads fp32 B of every linear).
 // Host memory (not in `total`): the offloaded checkpoints (pinned), the embedding table and its pinned staging
 // buffer for one step's rows, a paged optimizer's state (pinned).
 // The optional savers of speed (`keepBlockWeights`, then `keepDropoutMasks`) are dropped by one rule, `fitting`,
@@ -190,8 +192,13 @@ struct BlockScratchLayout: Equatable {
 public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     /// NF4 codes + double-quantized absmax of the linear layers, bf16 head, embedding (unless on the host), norms.
     public var weights: Int
-    /// LoRA matrices: fp32 master, bf16 compute copy, fp32 gradients.
+    /// LoRA matrices: fp32 master, bf16 compute copy, fp32 gradients (ZeRO-2: this rank's masters and gradients, and
+    /// the two gradient buckets).
     public var adapters: Int
+    /// ZeRO-2: the two gradient buckets of the largest block (part of `adapters`; 0 when the masters are whole).
+    public var gradientBuckets: Int = 0
+    /// ZeRO-2: elements of the largest rank's span of fp32 masters (and gradients); nil when they are whole.
+    public var ownedAdapterElements: Int?
     /// Optimizer state on the device, by `optimizerKind` (a paged kind: only the two slots it streams through).
     public var optimizer: Int
     /// The optimizer the plan counts (nil: the trainer's own fp32 AdamW, `CUDADecoderTrainer.optimizerStep`).
@@ -231,6 +238,9 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         var adapterWorld: Int?
     }
     var request: Request
+
+    /// The trainer's flat LoRA layout for this plan's ranks (ZeRO-2's spans come from it).
+    public var loraLayout: LoRAFlatLayout { LoRAFlatLayout(shapes: Self.linearShapes(request.config), ranks: request.ranks) }
 
     /// Device memory: everything but `host`.
     public var total: Int { weights + adapters + optimizer + activations + workspace }
@@ -398,6 +408,9 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         // Under LoRA dropout no linear folds its backward (LoRABackwardFold), so its spare columns and A's rows would
         // be memory for nothing: the trainer, which allocates by this plan, leaves the fold off.
         if dropout { memory.foldLoRABackward = false }
+        // ZeRO-2 masters over several ranks: no rank holds every linear's fp32 B, which the forward's fold reads.
+        let shardsMasters = adapterWorld != nil && optimizer != nil
+        if shardsMasters && (adapterWorld ?? 1) > 1 { memory.foldLoRA = false }
         self.memory = memory
         let s = DeviceAllocator.sizeClass
         let shapes = Self.linearShapes(c)
@@ -414,15 +427,10 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
             baseStaging = 2 * s(layout.paddedBytes)
             w = baseShards + baseStaging
         }
-        // The trainer's flat LoRA buffers: every A and B on a multiple of 128 elements (CUDADecoderTrainer's layout).
-        var loraParameters = 0
-        var tensors: [Int] = []  // A and B of every adapter, in the optimizer's order
-        for layer in ranks {
-            for (j, r) in layer.enumerated() where j < shapes.count && r > 0 {
-                loraParameters += (r * shapes[j].in + 127) / 128 * 128 + (shapes[j].out * r + 127) / 128 * 128
-                tensors += [r * shapes[j].in, shapes[j].out * r]
-            }
-        }
+        // The trainer's flat LoRA buffers: every A and B on a multiple of 128 elements (LoRAFlatLayout).
+        let flat = LoRAFlatLayout(shapes: shapes, ranks: ranks)
+        let loraParameters = flat.count
+        let tensors = flat.tensorCounts  // A and B of every adapter, in the optimizer's order
         let xa = Self.largestRanks(ranks).reduce(0) { $0 + s(2 * n * $1) }
         let maxRank = ranks.joined().max() ?? 0
         let table = s(2 * c.vocabularySize * c.hiddenSize)
@@ -430,6 +438,13 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
             + ((c.sandwichNorms ? 4 : 2) * c.layerCount + 1) * s(2 * c.hiddenSize) + (c.qkNorm ? 2 * c.layerCount * s(2 * c.headDim) : 0)
         weights = w
         adapters = s(4 * loraParameters) * 2 + s(2 * loraParameters)
+        if shardsMasters, let adapterWorld {
+            // Each rank allocates its span (at least one element) twice and the buckets; the largest rank's counted.
+            let owned = max(flat.ownerSpans(worldSize: adapterWorld).map(\.count).max() ?? 0, 1)
+            ownedAdapterElements = owned
+            gradientBuckets = 2 * s(4 * max(flat.largestBlock, 1))
+            adapters = 2 * s(4 * owned) + s(2 * loraParameters) + gradientBuckets
+        }
         var state = Self.optimizerBytes(optimizer, tensors: tensors, flatCount: loraParameters)
         if let adapterWorld, adapterWorld > 1, optimizer != nil {
             // ZeRO-2: each rank's optimizer holds its own tensors' state (the trainer's own AdamW is never sharded).
@@ -484,7 +499,8 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         let state = optimizerKind.map { kind in
             " (\(kind.rawValue)\(ownTensors)" + (optimizerHost > 0 ? ": state \(f(optimizerHost)) in pinned host memory, two slots on the GPU)" : ")")
         } ?? ""
-        return "weights \(f(weights))\(sharded), adapters \(f(adapters)), optimizer \(f(optimizer))\(state), activations \(f(activations)) "
+        let ownMasters = ownedAdapterElements.map { " (ZeRO-2: fp32 masters and gradients of \($0) elements, gradient buckets \(f(gradientBuckets)))" } ?? ""
+        return "weights \(f(weights))\(sharded), adapters \(f(adapters))\(ownMasters), optimizer \(f(optimizer))\(state), activations \(f(activations)) "
             + "(checkpoints \(f(checkpoints))), workspace \(f(workspace)); total \(f(total)); host \(f(host)) (\(memory))"
     }
 }

@@ -14,19 +14,23 @@
 //
 // ZeRO-2 adapters (`adapterSharding`, over NCCL ranks; Parallel/ShardedAdapters.swift has the contract the CPU ranks
 // keep): ownership by whole LoRA tensors (`AdapterOwnership`, the CPU's), each rank's tensors one span of the flat
-// buffers (`AdapterOwnership.flatSpans`). A step:
-//   1. the last micro-batch's backward reduces each gradient bucket to its owners as it finishes (per bucket, one
-//      in-place ncclReduce per owner of a piece of it, grouped; the data-parallel buckets below, with reduces instead
-//      of all-reduces: no padding is sent, where a padded reduce-scatter would send W − 1 parts of zeros per block);
+// layout (`LoRAFlatLayout.ownerSpans`), and each rank holds fp32 masters and gradients of its span only
+// (CUDADecoderTrainer+OwnedAdapters.swift; the bf16 copies stay whole). A step:
+//   1. every micro-batch's backward writes each block's LoRA gradients into a bucket (two, alternating), which is
+//      reduced to its owners as the block finishes (one in-place ncclReduce per owner of a piece of it, grouped, on
+//      NCCL's stream: no padding is sent) and whose own piece is copied into the rank's gradients; before the block,
+//      the owner's running sum is put into its bucket, so accumulation is the plain path's arithmetic in a world of
+//      one (the trainer's header says why every micro-batch is reduced);
 //   2. the clipping norm: each rank sums its own tensors' squares (Double, per tensor), the T sums are all-reduced
 //      (the others add exact zeros) and added in tensor order on every rank: the unsharded run's norm, whose
 //      trainer sums it the same way (`CUDADecoderTrainer.clipGradients`); each rank scales its own span;
-//   3. the optimizer steps the owned tensors only, so its state (paged or not, 8-bit or fp32) exists for them only;
-//   4. every span's fp32 masters are broadcast from their owner (grouped) and the bf16 copies refreshed from them.
-// What stays whole on every rank: the fp32 masters and gradients (the backward's GEMMs accumulate each linear's LoRA
-// gradients into the flat buffer across micro-batches, and the folded forward reads B's fp32 masters), so the saving
-// is the optimizer state; see docs/MULTI_GPU.md. Checkpoints: the owners' optimizer records are gathered to every
-// rank before rank 0 writes (the unsharded run's file); a resumed rank loads its own tensors' state from the file.
+//   3. the optimizer steps the owned tensors only (`parameterSlots()` are those), so its state (paged or not, 8-bit
+//      or fp32) exists for them only;
+//   4. each owner converts its span to bf16 and broadcasts it (grouped): every rank's bf16 copies are whole again.
+// The folded forward (which reads fp32 B of every linear) is off over more than one rank (the plan turns it off).
+// Checkpoints: the owners' optimizer records are gathered to every rank before rank 0 writes (the unsharded run's
+// file); a resumed rank loads its own tensors' state from the file. The adapter: every rank gathers the masters into
+// the CPU model (`gatherWeights`) at the points where rank 0 may copy them (evaluation, checkpoints, the end).
 
 #if canImport(Glibc)
 import Glibc
@@ -49,6 +53,9 @@ public final class CUDATrainingEngine: TrainingEngine {
     public let adapterSharding: CUDAAdapterSharding?
     /// The whole optimizer state gathered from the owners for the next checkpoint (`gatherStateForSave`).
     var gatheredState: [TensorRecord]?
+    /// Sharded masters: the CPU model's adapter holds the current masters (gathered since the last step, or the
+    /// source of the latest load), so `copyWeightsToModel` has nothing to do.
+    var adapterInModel = true
 
     /// The fp16 path's first loss scale: torch's 2^16, or `QLORA_INITIAL_LOSS_SCALE` (a positive number; a huge one
     /// such as 1e30 makes the first steps overflow, to see the scaler skip and recover).
@@ -70,8 +77,9 @@ public final class CUDATrainingEngine: TrainingEngine {
         self.model = model
         // The optimizer keeps its own state (a paged kind in pinned host memory): the trainer allocates no moments.
         let trainer = try CUDADecoderTrainer(context: context, model: model, capacityTokens: capacityTokens, sharding: sharding,
-                                             optimizer: kind, adaptersShardedOver: shardAdapters?.worldSize)
+                                             optimizer: kind, adaptersShardedOver: shardAdapters?.worldSize, adapterRank: shardAdapters?.rank ?? 0)
         self.trainer = trainer
+        trainer.ownedAdapters?.collective = shardAdapters
         adapterSharding = try shardAdapters.map { try CUDAAdapterSharding(trainer: trainer, collective: $0) }
         trainer.deterministic = deterministic
         optimizer = try CUDAOptimizer(context: context, kind: kind, hyperparameters)
@@ -92,6 +100,7 @@ public final class CUDATrainingEngine: TrainingEngine {
     public func step(learningRate: Double, maxGradNorm: Double) throws -> Double {
         lastStepSkipped = false
         gatheredState = nil
+        adapterInModel = false
         try trainer.clipGradients(maxNorm: maxGradNorm > 0 ? maxGradNorm : .infinity,
                                   sharded: adapterSharding.map { (owned: $0.owned, span: $0.spans[$0.collective.rank], collective: $0.collective) })
         // Read before the update (the step waited for it anyway): a NaN or infinite norm applies nothing.
@@ -102,8 +111,9 @@ public final class CUDATrainingEngine: TrainingEngine {
         }
         guard norm.isFinite else { return norm }
         if let sharding = adapterSharding {
-            try optimizer.step(Array(trainer.parameterSlots()[sharding.owned]), learningRate: learningRate)
-            try trainer.broadcastOwnedParameters(spans: sharding.spans, over: sharding.collective)
+            // The trainer's slots are its own tensors' (sharded masters).
+            try optimizer.step(trainer.parameterSlots(), learningRate: learningRate)
+            try trainer.publishOwnedParameters(over: sharding.collective)
         } else {
             try optimizer.step(trainer.parameterSlots(), learningRate: learningRate)
             try trainer.refreshParameterCopies()
@@ -129,8 +139,25 @@ public final class CUDATrainingEngine: TrainingEngine {
     }
 
     public func copyWeightsToModel() throws {
+        guard adapterSharding == nil else {
+            guard adapterInModel else {
+                throw UsageError("the adapters' masters are sharded over the ranks: every rank gathers them (gatherWeights) before one copies them")
+            }
+            return
+        }
+        try copyToModel(try trainer.loraParameters())
+    }
+
+    /// Every rank, where rank 0 may copy the weights: sharded masters are gathered into the CPU model's adapter.
+    public func gatherWeights() throws {
+        guard let sharding = adapterSharding, !adapterInModel else { return }
+        try copyToModel(try trainer.gatherLoRAParameters(over: sharding.collective))
+        adapterInModel = true
+    }
+
+    private func copyToModel(_ parameters: [(name: String, a: [Float], b: [Float])]) throws {
         let layers = Dictionary(model.linearLayers.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
-        for (name, a, b) in try trainer.loraParameters() {
+        for (name, a, b) in parameters {
             guard let lora = layers[name]?.lora, lora.a.count == a.count, lora.b.count == b.count else {
                 throw UsageError("the GPU adapter \(name) has no CPU twin of its shape")
             }
@@ -139,13 +166,16 @@ public final class CUDATrainingEngine: TrainingEngine {
         }
     }
 
-    public func loadWeightsFromModel() throws { try trainer.setLoRAParameters(from: model) }
+    public func loadWeightsFromModel() throws {
+        try trainer.setLoRAParameters(from: model)
+        adapterInModel = true
+    }
     public func optimizerState() throws -> [TensorRecord] { try gatheredState ?? optimizer.state() }
 
     public func loadOptimizerState(_ file: SafeTensorsFile) throws {
         gatheredState = nil
         // Every rank reads the whole file and keeps its own tensors' state.
-        let names = adapterSharding.map { sharding in Set(trainer.parameterSlots()[sharding.owned].map(\.name)) }
+        let names = adapterSharding.map { _ in Set(trainer.parameterSlots().map(\.name)) }
         try optimizer.load(state: file, keeping: names)
     }
 
@@ -153,7 +183,7 @@ public final class CUDATrainingEngine: TrainingEngine {
     /// checkpoint (the unsharded run's records).
     public func gatherStateForSave() throws {
         guard let sharding = adapterSharding else { return }
-        gatheredState = try sharding.exchange.gatherState(optimizer.state(), tensorNames: trainer.parameterSlots().map(\.name))
+        gatheredState = try sharding.exchange.gatherState(optimizer.state(), tensorNames: trainer.loraTensorList.map(\.name))
     }
 }
 
@@ -163,16 +193,18 @@ public struct CUDAAdapterSharding {
     public let collective: NCCLCollective
     /// The ownership and the host exchange of optimizer state for checkpoints (the CPU ranks' own).
     public let exchange: ShardedAdapters
-    /// Each rank's elements of the trainer's flat LoRA buffers (`AdapterOwnership.flatSpans`).
+    /// Each rank's elements of the trainer's flat LoRA layout (`LoRAFlatLayout.ownerSpans`, the trainer's own).
     public let spans: [Range<Int>]
-    /// This rank's tensors (indices into `parameterSlots()`).
+    /// This rank's tensors (indices into `trainer.loraTensorList`).
     public var owned: Range<Int> { exchange.owned }
 
     init(trainer: CUDADecoderTrainer, collective: NCCLCollective) throws {
-        let slots = trainer.parameterSlots()
+        guard let owned = trainer.ownedAdapters, owned.spans.count == collective.worldSize, owned.rank == collective.rank else {
+            throw UsageError("sharded adapters: the trainer's masters are not sharded as rank \(collective.rank) of \(collective.worldSize)")
+        }
         self.collective = collective
-        exchange = ShardedAdapters(counts: slots.map(\.count), collective: collective)
-        spans = exchange.ownership.flatSpans(starts: slots.map(\.offset), end: trainer.parameterCount)
+        exchange = ShardedAdapters(counts: trainer.loraTensorList.map(\.count), collective: collective)
+        spans = owned.spans
     }
 }
 
@@ -183,7 +215,9 @@ public struct CUDAAdapterSharding {
 /// the flat buffer) are reduced in place on the collective's stream once they reach `bucketElements` (and at block 0),
 /// ordered after the main stream by an event (a sharded base's all-gathers share that stream, so every rank issues
 /// NCCL's calls on one stream in one order); `reduceGradients` makes the main stream wait for the last bucket. With
-/// another collective (threads, sockets) the gradients go through the host.
+/// another collective (threads, sockets) the gradients go through the host. With sharded adapters the trainer reduces
+/// its own per-block buckets to their owners every micro-batch (CUDADecoderTrainer+OwnedAdapters.swift), so nothing
+/// happens here.
 extension CUDATrainingEngine {
     /// 25 MiB of fp32 gradients per all-reduce, as torch's DDP buckets them.
     public static let bucketElements = 25 << 18
@@ -194,11 +228,8 @@ extension CUDATrainingEngine {
         let commDone: CUDAEvent
         /// Elements [pendingStart, pendingEnd) are final and not yet queued for reduction.
         var pendingEnd: Int
-        /// ZeRO-2: each rank's span of the flat buffer; a bucket's pieces are reduced to their owners (nil: all-reduced).
-        let ownerSpans: [Range<Int>]?
-        init(collective: NCCLCollective, parameterCount: Int, ownerSpans: [Range<Int>]?) throws {
+        init(collective: NCCLCollective, parameterCount: Int) throws {
             self.collective = collective
-            self.ownerSpans = ownerSpans
             mainDone = try CUDAEvent(device: collective.context.device, timing: false)
             commDone = try CUDAEvent(device: collective.context.device, timing: false)
             pendingEnd = parameterCount
@@ -207,7 +238,9 @@ extension CUDATrainingEngine {
 
     public func prepareGradientReduction(over collective: Collective) throws {
         guard let nccl = collective as? NCCLCollective else { return }
-        let reduction = try GradientReduction(collective: nccl, parameterCount: trainer.parameterCount, ownerSpans: try ownerSpans(nccl))
+        // Sharded masters: the trainer reduces every block's bucket to its owners itself, every micro-batch.
+        if try reducedByTheTrainer(nccl) { return }
+        let reduction = try GradientReduction(collective: nccl, parameterCount: trainer.parameterCount)
         overlappedReduction = reduction
         let bucket = max(1, gradientBucketElements)
         trainer.afterBlockBackward = { [unowned trainer = self.trainer] block in
@@ -217,30 +250,22 @@ extension CUDATrainingEngine {
         }
     }
 
-    /// ZeRO-2's owner spans when the adapters are sharded over `collective` (nil: not sharded).
-    func ownerSpans(_ collective: NCCLCollective) throws -> [Range<Int>]? {
-        guard let sharding = adapterSharding else { return nil }
+    /// Whether the adapters are sharded (then the trainer's backward reduces the gradients to their owners), over
+    /// `collective` and no other.
+    func reducedByTheTrainer(_ collective: NCCLCollective) throws -> Bool {
+        guard let sharding = adapterSharding else { return false }
         guard sharding.collective === collective else {
             throw UsageError("the adapters are sharded over another NCCL communicator than the one reducing the gradients")
         }
-        return sharding.spans
+        return true
     }
 
-    /// Queues the reduction of gradients [start, pendingEnd) after everything the main stream has queued so far: an
-    /// all-reduce, or with sharded adapters a grouped in-place reduce of each owner's piece to that owner.
+    /// Queues the all-reduce of gradients [start, pendingEnd) after everything the main stream has queued so far.
     static func queueBucket(_ r: GradientReduction, trainer: CUDADecoderTrainer, from start: Int) throws {
         guard r.pendingEnd > start else { return }
         try r.mainDone.record(on: r.collective.context.device.stream)
         try r.collective.stream.wait(for: r.mainDone)
-        if let spans = r.ownerSpans {
-            try r.collective.group {
-                for piece in AdapterOwnership.pieces(of: start..<r.pendingEnd, spans: spans) {
-                    try r.collective.reduceDevice(trainer.grads.address(at: piece.range.lowerBound), count: piece.range.count, root: piece.rank)
-                }
-            }
-        } else {
-            try r.collective.reduceDevice(trainer.grads.address(at: start), count: r.pendingEnd - start, .sum)
-        }
+        try r.collective.reduceDevice(trainer.grads.address(at: start), count: r.pendingEnd - start, .sum)
         r.pendingEnd = start
     }
 
@@ -248,8 +273,9 @@ extension CUDATrainingEngine {
         guard !(collective is LocalCollective) else { return }
         trainer.afterBlockBackward = nil
         if let nccl = collective as? NCCLCollective {
-            let r = try overlappedReduction
-                ?? GradientReduction(collective: nccl, parameterCount: trainer.parameterCount, ownerSpans: try ownerSpans(nccl))
+            // Sharded masters: reduced by the backward, which waited for its last bucket.
+            if try reducedByTheTrainer(nccl) { return }
+            let r = try overlappedReduction ?? GradientReduction(collective: nccl, parameterCount: trainer.parameterCount)
             overlappedReduction = nil
             try Self.queueBucket(r, trainer: trainer, from: 0)
             try r.commDone.record(on: nccl.stream)
