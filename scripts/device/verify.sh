@@ -31,6 +31,9 @@
 #   profdrop   Nsight Compute's time of every kernel in one step of the 8B shape's first 4 blocks at 2×2048 (and the 1B
 #              shape's at 4×2048 when PROFDROP_1B=1), LoRA dropout 0 and 0.05, into $OUT/profdrop_<arch>_<p>.txt
 #              (what dropout's cost is made of: scripts/device/kernel_times.py compares two of them)
+#   dropab     LoRA dropout's cost: the 8B (2×2048) and 1B (4×2048) benches at --lora-dropout 0 and 0.05 with this build,
+#              and at 0.05 with the build in $OLD (another DIR: its masks' hash), interleaved; then the "lora dropout
+#              fused" group's per-linear timings
 #   profattn   Nsight Compute on the wgmma attention kernels (forward and backward, simple and pipelined) inside one
 #              8B step at 1×16,384 (first 2 blocks): throughput, tensor-pipe use, warp stalls, into $OUT/prof_<kernel>.txt
 source "$(dirname "$0")/binaries.sh"
@@ -147,6 +150,16 @@ profdrop)
       > $OUT/profdrop_${a%:*}_$d.txt 2>&1
     tail -1 $OUT/profdrop_${a%:*}_$d.txt | cut -c1-200
   done; done ;;
+dropab)
+  OLDQ=$OLD/qlora; [ -e $OLDQ ] || xz -dk $OLDQ.xz; chmod +x $OLDQ
+  for run in llama-3.1-8b:2:new:0 llama-3.1-8b:2:new:0.05 llama-3.1-8b:2:old:0.05 llama-3.1-8b:2:new:0 llama-3.1-8b:2:new:0.05 \
+             llama-3.2-1b:4:new:0 llama-3.2-1b:4:new:0.05 llama-3.2-1b:4:old:0.05 llama-3.2-1b:4:new:0 llama-3.2-1b:4:new:0.05; do
+    IFS=: read -r a b which d <<< "$run"; if [ $which = new ]; then BIN=$Q; else BIN=$OLDQ; fi
+    step "$which build: $a ${b}×2048 --lora-dropout $d"
+    $BIN bench --device cuda --arch $a --batch $b --seq 2048 --lora-r 16 --steps 5 --lora-dropout $d 2>/dev/null | tail -1 | grep -oE '"tokens_per_s": [0-9.]+|"peak_alloc_gib": [0-9.]+' | tr '\n' ' '; echo
+  done
+  step "lora dropout fused: per-linear timings"
+  $C --only "lora dropout fused" > $OUT/dropout_bench.txt 2>&1; grep -vE "^PASS" $OUT/dropout_bench.txt | tail -20 ;;
 profattn)
   SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats"
   for k in wgmma:forward_d128 wgmma:backward_d128 wgmma-pipelined:forward_pipelined_d128 wgmma-pipelined:backward_pipelined_d128; do
