@@ -68,10 +68,11 @@ struct PlanCommand: ParsableCommand {
         var memory = CUDATrainerMemoryOptions.automatic(for: config)
         if let on = try BenchCommand.parseSwitch(offloadCheckpoints, "offload-checkpoints") { memory.offloadCheckpoints = on }
         let world: Int? = shardBase ? gpus : nil
-        // train --shard-base shards the adapters' optimizer state too (ZeRO-2, on by default with it).
+        // train --shard-base shards the adapters' optimizer state (ZeRO-2) and the head by vocabulary too (both on by default with it).
         let adapterWorld: Int? = shardBase && gpus > 1 ? gpus : nil
+        let headWorld = adapterWorld
         let plan = CUDAMemoryPlan(config: config, tokens: batch * seq, rank: loraR, dropout: dropout, memory: memory, shardedOver: world,
-                                  optimizer: kind, adaptersShardedOver: adapterWorld)
+                                  optimizer: kind, adaptersShardedOver: adapterWorld, headShardedOver: headWorld)
         let job = gpus > 1 || shardBase ? " per rank of \(gpus) GPU\(gpus > 1 ? "s" : "")" + (shardBase ? ", base sharded" : ", whole base on each") : ""
         print("\(arch), \(batch) x \(seq) tokens\(job), LoRA r=\(loraR): \(plan)")
         if dropout {
@@ -82,14 +83,16 @@ struct PlanCommand: ParsableCommand {
         for line in Self.savings(plan) { print("  " + line) }
         let projection = shardBase && gpus > 1 ? plan.shardingProjection(world: gpus) : nil
         if let p = projection {
-            for line in Self.projectedSavings(p) { print("  " + line) }
+            for line in Self.projectedSavings(p, plan) { print("  " + line) }
         }
         for gib in budgets {
             let bytes = Int(gib * Double(1 << 30))
             let longest = CUDAMemoryPlan.longestSequence(config: config, batch: batch, rank: loraR, memory: memory, budgetBytes: bytes,
-                                                         shardedOver: world, dropout: dropout, optimizer: kind, adaptersShardedOver: adapterWorld)
+                                                         shardedOver: world, dropout: dropout, optimizer: kind, adaptersShardedOver: adapterWorld,
+                                                         headShardedOver: headWorld)
             let widest = CUDAMemoryPlan.largestBatch(config: config, sequenceLength: seq, rank: loraR, memory: memory, budgetBytes: bytes,
-                                                     shardedOver: world, dropout: dropout, optimizer: kind, adaptersShardedOver: adapterWorld)
+                                                     shardedOver: world, dropout: dropout, optimizer: kind, adaptersShardedOver: adapterWorld,
+                                                     headShardedOver: headWorld)
             // Without room for a block's dequantized weights the trainer drops back to dequantizing them again.
             let fitted = plan.fitting(budgetBytes: bytes, hostBytes: pinnableHostBytes)
             var path = ""
@@ -112,8 +115,8 @@ struct PlanCommand: ParsableCommand {
             print("  \(gib) GiB card: \(Self.verdict(fitted, budgetBytes: bytes))\(path); longest sequence at batch \(batch): "
                   + (longest.map { "\($0)" } ?? "none (the weights alone do not fit)") + "; largest batch of \(seq): \(widest)")
             if let p = projection {
-                print("    with the adapters' masters and gradients and the head sharded too (the CPU ranks' path, not yet the GPU trainer's): "
-                      + Self.verdict(spare: fitted.spareBytes(budgetBytes: bytes) + p.adapterSaving + p.headSaving))
+                print("    with the adapters' masters and gradients sharded too (the CPU ranks' path, not yet the GPU trainer's): "
+                      + Self.verdict(spare: fitted.spareBytes(budgetBytes: bytes) + Self.projectedSaving(p, plan)))
             }
         }
         // One card size asked about a job: an answer a script can act on.
@@ -129,9 +132,9 @@ struct PlanCommand: ParsableCommand {
                                  + (shardBase ? "Use" : "Shard the base over the GPUs (--shard-base), use")
                                  + " more GPUs, or lower --batch, --seq or --lora-r"
                                  + (projection.map { p in
-                                     " (with the adapters' masters and gradients (ZeRO-2) and the head (by vocabulary) sharded too, which the GPU "
+                                     " (with the adapters' masters and gradients sharded too (ZeRO-2), which the GPU "
                                      + "trainer does not do yet: "
-                                     + Self.verdict(spare: fitted.spareBytes(budgetBytes: bytes) + p.adapterSaving + p.headSaving) + ")" } ?? ""))
+                                     + Self.verdict(spare: fitted.spareBytes(budgetBytes: bytes) + Self.projectedSaving(p, plan)) + ")" } ?? ""))
             }
         }
     }
@@ -161,6 +164,17 @@ struct PlanCommand: ParsableCommand {
                              + "and holds their optimizer state only)")
             }
         }
+        if plan.headShardedWorld > 1 {
+            let whole = plan.replanned(headShardedOver: .some(nil))
+            if whole.weights > plan.weights {
+                lines.append("saved: \(g(whole.total - plan.total)) of head by sharding it by vocabulary over \(plan.headShardedWorld) ranks "
+                             + "(its slice \(g(plan.headSlice)) of \(g(whole.weights - plan.weights + plan.headSlice)); counted: the other ranks' "
+                             + "normed rows, the statistics and a chunk of fp32 d(hidden), \(g(plan.headExchange)))")
+            } else {
+                lines.append("counted: \(g(plan.headExchange)) for the head's loss by vocabulary over \(plan.headShardedWorld) ranks "
+                             + "(tied embeddings: the table stays whole for the embedding, so the head saves nothing)")
+            }
+        }
         if plan.baseShards > 0 {
             let whole = plan.replanned(shardedOver: .some(nil))
             if whole.weights > plan.weights {
@@ -170,15 +184,24 @@ struct PlanCommand: ParsableCommand {
         return lines
     }
 
-    /// The two levers the CPU ranks pull and the GPU trainer does not yet (CUDAMemoryPlan+Sharding.swift), one line each:
-    /// the adapters' fp32 masters and gradients (the GPU trainer shards their optimizer state only) and the head.
-    static func projectedSavings(_ p: ShardingProjection) -> [String] {
+    /// What the projection saves beyond the plan: the adapters' masters and gradients, and the head unless the plan
+    /// shards it already (the GPU trainer does with --shard-base).
+    static func projectedSaving(_ p: ShardingProjection, _ plan: CUDAMemoryPlan) -> Int {
+        p.adapterSaving + (plan.headShardedWorld > 1 ? 0 : p.headSaving)
+    }
+
+    /// The lever the CPU ranks pull and the GPU trainer does not yet (CUDAMemoryPlan+Sharding.swift): the adapters'
+    /// fp32 masters and gradients (the GPU trainer shards their optimizer state only); the head too where the plan
+    /// does not shard it.
+    static func projectedSavings(_ p: ShardingProjection, _ plan: CUDAMemoryPlan) -> [String] {
         let g = { (b: Int) in DeviceAllocator.formatGiB(b) + " GiB" }
         var lines = ["next (on the CPU ranks now; the GPU trainer shards only their optimizer state so far): \(g(p.adapterSaving)) of adapters by "
                      + "sharding their masters and gradients over \(p.world) ranks "
                      + "(ZeRO-2: fp32 masters and gradients of its own LoRA tensors, \(g(p.ownedMasters + p.ownedGradients)), and one block's "
                      + "gradient bucket, \(g(p.gradientBucket)), instead of every tensor's, \(g(p.wholeAdapters)))"]
-        if p.wholeHead > 0 {
+        if plan.headShardedWorld > 1 {
+            // Counted in the plan (`saved:` above).
+        } else if p.wholeHead > 0 {
             lines.append("next: \(g(p.headSaving)) of head by sharding it by vocabulary (its slice \(g(p.headSlice)) of \(g(p.wholeHead)), "
                          + "the other ranks' normed rows \(g(p.gatheredRows)), a chunk of fp32 d(hidden) \(g(p.hiddenGradientChunk)))")
         } else {
