@@ -1,9 +1,10 @@
 // What the two remaining sharding levers would take off each rank's plan: the adapters' fp32 masters and gradients
 // sharded as ZeRO-2 (Parallel/ShardedAdapters.swift) and the head's loss sharded by vocabulary
 // (Parallel/VocabularyParallelLoss.swift). Both run on the CPU ranks (`qlora train --world N`); the GPU trainer shards
-// the adapters' optimizer state (counted in `total`: `CUDAMemoryPlan(adaptersShardedOver:)`) but keeps their masters
-// and gradients and the whole head on every rank so far, so these bytes are a projection by the layout the GPU path
-// would use and are not part of `total` (which is what the trainer allocates).
+// the adapters' optimizer state (counted in `total`: `CUDAMemoryPlan(adaptersShardedOver:)`) and, since session 11, the
+// head (in `total`: `CUDAMemoryPlan(headShardedOver:)`, which `qlora plan` then counts instead of this projection's head),
+// but keeps the adapters' masters and gradients on every rank so far, so these bytes are a projection by the layout the
+// GPU path would use and are not part of `total` (which is what the trainer allocates).
 //
 // Per rank of W, with P the LoRA elements (every A and B on 128 elements, the trainer's flat layout), Q the largest
 // rank's owned elements (AdapterOwnership over those tensors), B the largest block's LoRA elements:
