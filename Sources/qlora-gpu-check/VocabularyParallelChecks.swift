@@ -5,7 +5,9 @@
 // block's 4096 values, a rank without rows when V < W, rows whose target another slice holds, ignored rows), with and
 // without soft-capping; each kernel is fed the GPU's own output of the step before, so each is checked alone. A world of
 // one's slice (the whole vocabulary) through statistics, combination and gradient = cross_entropy_forward_backward's row
-// losses and d logits bit for bit.
+// losses and d logits bit for bit. The trainer's arithmetic over 1–3 ranks emulated on one GPU with its GEMMs (each
+// slice of the head, the fp32 partial products summed over the ranks in rank order, rounded once) = the whole head's
+// loss and d(normed); at W = 1 it also says whether the fp32-output GEMM rounded to bf16 is the bf16 GEMM's bits.
 // NCCL in a world of one: the Trainer with the head sharded by vocabulary = the plain path bit for bit (losses, gradient
 // norms, eval loss, adapter bytes, under full determinism); the same with d(normed) reduced in fp32 through ncclReduce
 // (the path of several ranks) within float rounding, saying whether its bits are the plain path's (whether cuBLASLt's
@@ -89,6 +91,74 @@ func runVocabularyParallelChecks(_ ctx: CUDAContext) {
                               try allLoss.download().map(\.bitPattern) == plainLoss.download().map(\.bitPattern))
                     let (a, b) = (try sliced.download(), try whole.download())
                     checkTrue(name + ": d logits = the whole kernel's bit for bit", a == b, "\(zip(a, b).filter { $0 != $1 }.count) values differ")
+                }
+            }
+        }
+    }
+
+    // The trainer's loss arithmetic over W ranks, emulated on one GPU with its GEMMs and kernels: each rank's slice of
+    // the head, its logits of every row, statistics, the rank-order combination, its slice's d logits and the fp32
+    // partial product d logits·slice, the partials summed over the ranks in rank order and rounded once = the whole
+    // head's loss and d(normed) (the plain path's GEMMs and kernel) within float rounding; in a world of one, whether
+    // the fp32-output GEMM rounded to bf16 is the bf16-output GEMM's bits (the trainer keeps the bf16 output there).
+    group("cross entropy: vocabulary slices through the head's GEMMs, ranks emulated") {
+        let rows = 300, hidden = 256, vocab = 5_003
+        let blas = try ctx.blas()
+        let (xBits, _) = rng.bf16(rows * hidden, -2, 2)
+        let (headBits, _) = rng.bf16(vocab * hidden, -0.5, 0.5)
+        var labels = (0..<rows).map { _ in Int32(rng.int(vocab)) }
+        for r in stride(from: 5, to: rows, by: 17) { labels[r] = -100 }
+        let scale = 1 / Float(labels.filter { $0 != -100 }.count)
+        let x = try upload(xBits), head = try upload(headBits), labelBuffer = try upload(labels)
+        for softcap: Float? in [nil, 30] {
+            // The plain path: logits, the whole-vocabulary kernel in place, d(normed) in bf16.
+            let logits = try A.buffer(UInt16.self, count: rows * vocab)
+            let plainLoss = try poisoned(Float.self, rows), plainHidden = try poisoned(UInt16.self, rows * hidden)
+            try blas.gemm(m: rows, n: vocab, k: hidden, a: x.pointer, b: head.pointer, transB: true, c: logits.pointer)
+            try ctx.crossEntropy(logits: logits, labels: labelBuffer, rows: rows, vocab: vocab, gradScale: scale, rowLoss: plainLoss,
+                                 dlogits: logits, softcap: softcap)
+            try blas.gemm(m: rows, n: hidden, k: vocab, a: logits.pointer, b: head.pointer, c: plainHidden.pointer)
+            let referenceLoss = try plainLoss.download(), referenceHidden = try downloadBF16(plainHidden)
+            for world in [1, 2, 3] {
+                let name = "head GEMMs over \(world) emulated ranks\(softcap.map { ", softcap \(Int($0))" } ?? "")"
+                let slices = (0..<world).map { VocabularyParallelLoss.slice(vocab: vocab, rank: $0, worldSize: world) }
+                let statistics = try poisoned(Float.self, 3 * world * rows)
+                for (q, s) in slices.enumerated() {
+                    try blas.gemm(m: rows, n: s.count, k: hidden, a: x.pointer, b: head.address(at: s.lowerBound * hidden), transB: true,
+                                  c: logits.pointer)
+                    try ctx.crossEntropySliceStatistics(logits: logits.pointer, labels: labelBuffer.pointer, rows: rows, width: s.count,
+                                                        columnStart: s.lowerBound, softcap: softcap, statistics: statistics.address(at: 3 * q * rows))
+                }
+                let lse = try poisoned(Float.self, rows), rowLoss = try poisoned(Float.self, rows)
+                try ctx.crossEntropyCombine(statistics: statistics.pointer, labels: labelBuffer.pointer, rows: rows, worldSize: world, vocab: vocab,
+                                            lse: lse.pointer, rowLoss: rowLoss.pointer, lossRows: 0..<rows)
+                let losses = try rowLoss.download()
+                if world == 1 {
+                    checkTrue(name + ": row losses = the plain path's bit for bit", losses.map(\.bitPattern) == referenceLoss.map(\.bitPattern))
+                } else {
+                    check(name + ": row losses", relativeError(losses, referenceLoss), 1e-5)
+                }
+                var summed = [Float](repeating: 0, count: rows * hidden)
+                let partial = try poisoned(Float.self, rows * hidden)
+                for s in slices {
+                    try blas.gemm(m: rows, n: s.count, k: hidden, a: x.pointer, b: head.address(at: s.lowerBound * hidden), transB: true,
+                                  c: logits.pointer)
+                    try ctx.crossEntropySliceGradient(logits: logits.pointer, labels: labelBuffer.pointer, lse: lse.pointer, rows: rows, width: s.count,
+                                                      columnStart: s.lowerBound, gradScale: scale, softcap: softcap)
+                    try blas.gemm(m: rows, n: hidden, k: s.count, a: logits.pointer, b: head.address(at: s.lowerBound * hidden),
+                                  c: partial.pointer, outputType: .float32)
+                    let values = try partial.download()
+                    for i in summed.indices { summed[i] += values[i] }
+                }
+                let rounded = summed.map { dt.decode(dt.encode($0)) }
+                if world == 1 {
+                    let plainBits = try plainHidden.download(), floatBits = summed.map { dt.encode($0) }
+                    let differing = zip(plainBits, floatBits).filter { $0 != $1 }.count
+                    // Informational: the trainer keeps the bf16-output GEMM at W = 1 whatever this says.
+                    checkTrue(name + ": fp32 GEMM rounded once ≈ the bf16 GEMM", relativeError(rounded, referenceHidden) <= 1e-2,
+                              differing == 0 ? "bit for bit" : "\(differing) of \(plainBits.count) values differ in their bits")
+                } else {
+                    check(name + ": d(normed), the ranks' fp32 partials summed then rounded", relativeError(rounded, referenceHidden), 1e-2)
                 }
             }
         }
