@@ -180,7 +180,7 @@ func XUnwrap<T>(_ value: T?, _ what: String) throws -> T {
 func fixtureTrainer(_ directory: String, optimizer: String, device: ComputeDevice, output: String, train: [TokenizedExample],
                     eval: [TokenizedExample], resume: Bool = false, dropout: Float = 0, fullDeterminism: Bool = false,
                     steps: Int = 6, collective: Collective = LocalCollective(), shardBase: Bool = false,
-                    shardAdapters: Bool? = nil, accumulation: Int = 2) throws -> Trainer {
+                    shardAdapters: Bool? = nil, shardHead: Bool? = nil, accumulation: Int = 2) throws -> Trainer {
     let model = try ModelLoader.load(directory + "/base", quantization: .nf4).model
     let peft = try PEFTAdapter.load(directory: directory + "/adapter", into: model)
     for layer in model.linearLayers { layer.lora?.dropout = dropout }
@@ -207,6 +207,7 @@ func fixtureTrainer(_ directory: String, optimizer: String, device: ComputeDevic
     c.fullDeterminism = fullDeterminism
     c.shardBase = shardBase
     c.shardAdapters = shardAdapters
+    c.shardHead = shardHead
     let trainer = try Trainer(configuration: c, model: model, train: train, eval: eval, padID: 0, baseDirectory: nil, device: device,
                               collective: collective)
     trainer.log = { _ in }

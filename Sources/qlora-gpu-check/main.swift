@@ -31,7 +31,8 @@
 // (offloaded checkpoints and the host embedding bit-identical, peak bytes; MemoryChecks.swift), qwen2 (trainer and
 // inference with biases), family rmsnorm / gated activation / rope / embedding / softcap / copy columns (the model
 // families' element-wise ops; FamilyOpChecks.swift), nccl (a world of one and the Trainer's data-parallel path;
-// NCCLChecks.swift), benchmarks.
+// NCCLChecks.swift), cross entropy: vocabulary slices and nccl: ... vocabulary-parallel head (VocabularyParallelChecks.swift),
+// benchmarks.
 
 import QLoRA
 #if canImport(Glibc)
@@ -535,6 +536,7 @@ runFamilyTrainingChecks()  // FamilyTrainingChecks.swift: every family's variati
 runFoldChecks()  // FoldChecks.swift: the folded LoRA's strided kernels, and the folded trainer against the unfolded one
 runOptimizerChecks()  // OptimizerChecks.swift: the paged optimizers' streamed state against the state on the device
 runNCCLChecks(ctx)  // NCCLChecks.swift: NCCL in a world of one, the Trainer's data-parallel path
+runVocabularyParallelChecks(ctx)  // VocabularyParallelChecks.swift: the head by vocabulary (kernels; the Trainer through NCCL)
 
 // MARK: - Microbenchmarks
 

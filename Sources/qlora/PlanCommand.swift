@@ -68,10 +68,11 @@ struct PlanCommand: ParsableCommand {
         var memory = CUDATrainerMemoryOptions.automatic(for: config)
         if let on = try BenchCommand.parseSwitch(offloadCheckpoints, "offload-checkpoints") { memory.offloadCheckpoints = on }
         let world: Int? = shardBase ? gpus : nil
-        // train --shard-base shards the adapters' optimizer state too (ZeRO-2, on by default with it).
+        // train --shard-base shards the adapters' optimizer state (ZeRO-2) and the head by vocabulary too (both on by default with it).
         let adapterWorld: Int? = shardBase && gpus > 1 ? gpus : nil
+        let headWorld = adapterWorld
         let plan = CUDAMemoryPlan(config: config, tokens: batch * seq, rank: loraR, dropout: dropout, memory: memory, shardedOver: world,
-                                  optimizer: kind, adaptersShardedOver: adapterWorld)
+                                  optimizer: kind, adaptersShardedOver: adapterWorld, headShardedOver: headWorld)
         let job = gpus > 1 || shardBase ? " per rank of \(gpus) GPU\(gpus > 1 ? "s" : "")" + (shardBase ? ", base sharded" : ", whole base on each") : ""
         print("\(arch), \(batch) x \(seq) tokens\(job), LoRA r=\(loraR): \(plan)")
         if dropout {
@@ -80,16 +81,14 @@ struct PlanCommand: ParsableCommand {
                   + "bits and every block's d(x)·Aᵀ, \(DeviceAllocator.formatGiB(cost)) GiB")
         }
         for line in Self.savings(plan) { print("  " + line) }
-        let projection = shardBase && gpus > 1 ? plan.shardingProjection(world: gpus) : nil
-        if let p = projection {
-            for line in Self.projectedSavings(p, mastersSharded: plan.ownedAdapterElements != nil) { print("  " + line) }
-        }
         for gib in budgets {
             let bytes = Int(gib * Double(1 << 30))
             let longest = CUDAMemoryPlan.longestSequence(config: config, batch: batch, rank: loraR, memory: memory, budgetBytes: bytes,
-                                                         shardedOver: world, dropout: dropout, optimizer: kind, adaptersShardedOver: adapterWorld)
+                                                         shardedOver: world, dropout: dropout, optimizer: kind, adaptersShardedOver: adapterWorld,
+                                                         headShardedOver: headWorld)
             let widest = CUDAMemoryPlan.largestBatch(config: config, sequenceLength: seq, rank: loraR, memory: memory, budgetBytes: bytes,
-                                                     shardedOver: world, dropout: dropout, optimizer: kind, adaptersShardedOver: adapterWorld)
+                                                     shardedOver: world, dropout: dropout, optimizer: kind, adaptersShardedOver: adapterWorld,
+                                                     headShardedOver: headWorld)
             // Without room for a block's dequantized weights the trainer drops back to dequantizing them again.
             let fitted = plan.fitting(budgetBytes: bytes, hostBytes: pinnableHostBytes)
             var path = ""
@@ -111,10 +110,6 @@ struct PlanCommand: ParsableCommand {
             }
             print("  \(gib) GiB card: \(Self.verdict(fitted, budgetBytes: bytes))\(path); longest sequence at batch \(batch): "
                   + (longest.map { "\($0)" } ?? "none (the weights alone do not fit)") + "; largest batch of \(seq): \(widest)")
-            if let p = projection {
-                print("    with the head sharded too (the CPU ranks' path, not yet the GPU trainer's): "
-                      + Self.verdict(spare: fitted.spareBytes(budgetBytes: bytes) + p.headSaving))
-            }
         }
         // One card size asked about a job: an answer a script can act on.
         if budgets.count == 1, gpus > 1 || shardBase {
@@ -127,10 +122,7 @@ struct PlanCommand: ParsableCommand {
                                  + "(\(DeviceAllocator.formatGiB(CUDAMemoryPlan.typicalContextBytes + CUDAMemoryPlan.safetyMarginBytes)) GiB), "
                                  + "\(DeviceAllocator.formatGiB(-fitted.spareBytes(budgetBytes: bytes))) GiB too much. "
                                  + (shardBase ? "Use" : "Shard the base over the GPUs (--shard-base), use")
-                                 + " more GPUs, or lower --batch, --seq or --lora-r"
-                                 + (projection.map { p in
-                                     " (with the head sharded by vocabulary too, which the GPU trainer does not do yet: "
-                                     + Self.verdict(spare: fitted.spareBytes(budgetBytes: bytes) + p.headSaving) + ")" } ?? ""))
+                                 + " more GPUs, or lower --batch, --seq or --lora-r")
             }
         }
     }
@@ -165,32 +157,22 @@ struct PlanCommand: ParsableCommand {
                              + "\(g(plan.gradientBuckets)), the bf16 copies whole)")
             }
         }
+        if plan.headShardedWorld > 1 {
+            let whole = plan.replanned(headShardedOver: .some(nil))
+            if whole.weights > plan.weights {
+                lines.append("saved: \(g(whole.total - plan.total)) of head by sharding it by vocabulary over \(plan.headShardedWorld) ranks "
+                             + "(its slice \(g(plan.headSlice)) of \(g(whole.weights - plan.weights + plan.headSlice)); counted: the other ranks' "
+                             + "normed rows, the statistics and a chunk of fp32 d(hidden), \(g(plan.headExchange)))")
+            } else {
+                lines.append("counted: \(g(plan.headExchange)) for the head's loss by vocabulary over \(plan.headShardedWorld) ranks "
+                             + "(tied embeddings: the table stays whole for the embedding, so the head saves nothing)")
+            }
+        }
         if plan.baseShards > 0 {
             let whole = plan.replanned(shardedOver: .some(nil))
             if whole.weights > plan.weights {
                 lines.append("saved: \(g(whole.weights - plan.weights)) of NF4 base by sharding its blocks over \(plan.shardedWorld) ranks")
             }
-        }
-        return lines
-    }
-
-    /// The two levers the CPU ranks pull and the GPU trainer does not yet (CUDAMemoryPlan+Sharding.swift), one line each:
-    /// the adapters' fp32 masters and gradients (the GPU trainer shards their optimizer state only) and the head.
-    /// `mastersSharded`: the plan counts the adapters' masters and gradients per owner already (the GPU trainer's
-    /// ZeRO-2 since session 11), so only the head is left to project.
-    static func projectedSavings(_ p: ShardingProjection, mastersSharded: Bool) -> [String] {
-        let g = { (b: Int) in DeviceAllocator.formatGiB(b) + " GiB" }
-        var lines: [String] = []
-        if !mastersSharded {
-            lines.append("next (on the CPU ranks now): \(g(p.adapterSaving)) of adapters by sharding their masters and gradients over \(p.world) ranks "
-                         + "(ZeRO-2: fp32 masters and gradients of its own LoRA tensors, \(g(p.ownedMasters + p.ownedGradients)), and one block's "
-                         + "gradient bucket, \(g(p.gradientBucket)), instead of every tensor's, \(g(p.wholeAdapters)))")
-        }
-        if p.wholeHead > 0 {
-            lines.append("next: \(g(p.headSaving)) of head by sharding it by vocabulary (its slice \(g(p.headSlice)) of \(g(p.wholeHead)), "
-                         + "the other ranks' normed rows \(g(p.gatheredRows)), a chunk of fp32 d(hidden) \(g(p.hiddenGradientChunk)))")
-        } else {
-            lines.append("next: no head saving by vocabulary (tied embeddings: the table stays whole for the embedding)")
         }
         return lines
     }

@@ -45,7 +45,7 @@ struct TrainCommand: ParsableCommand {
     var shardBase = false
     @Option(help: "on or off: shard the adapters' gradients and optimizer state over the ranks (ZeRO-2; each rank steps the LoRA tensors it owns). Default: on with --shard-base.")
     var shardAdapters: OnOff?
-    @Option(help: "on or off: shard the head's loss by vocabulary over the ranks (each rank its rows of lm_head for every rank's tokens). Default: on with --shard-base.")
+    @Option(help: "on or off: shard the head by vocabulary over the ranks (each rank keeps its rows of lm_head and computes their logits for every rank's tokens; on the GPU too). Default: on with --shard-base.")
     var shardHead: OnOff?
     @Option(parsing: .unconditional, help: "Log every N steps.") var loggingSteps: Int?
     @Option(parsing: .unconditional, help: "Evaluate every N steps (0: each epoch).") var evalSteps: Int?
@@ -228,7 +228,7 @@ struct TrainCommand: ParsableCommand {
         if collective.worldSize > 1 {
             // The job's summary: tokens of all ranks, and each rank's peak memory.
             let peaks = summary.rankPeakBytes.map { DeviceAllocator.formatGiB($0) }.joined(separator: ", ")
-            let sharded = c.shardedParts(onGPU: usedDevice.isCUDA)
+            let sharded = c.shardedParts
             lines.append("\(collective.worldSize) ranks\(sharded.isEmpty ? "" : " (\(sharded.joined(separator: ", ")) sharded)"), "
                          + "\(Int(summary.tokensPerSecond / Double(collective.worldSize))) tokens/s per rank, peak memory per rank \(peaks) GiB")
         }

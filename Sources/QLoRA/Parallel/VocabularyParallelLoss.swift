@@ -22,9 +22,9 @@ import Glibc
 #endif
 
 /// The head's cross-entropy over counted tokens, whole or sharded by vocabulary.
-enum VocabularyParallelLoss {
+public enum VocabularyParallelLoss {
     /// Rank r's rows of a vocabulary of `vocab` over `worldSize` ranks.
-    static func slice(vocab: Int, rank: Int, worldSize: Int) -> Range<Int> {
+    public static func slice(vocab: Int, rank: Int, worldSize: Int) -> Range<Int> {
         let base = vocab / worldSize, extra = vocab % worldSize
         let start = rank * base + min(rank, extra)
         return start..<(start + base + (rank < extra ? 1 : 0))

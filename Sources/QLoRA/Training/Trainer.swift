@@ -15,8 +15,8 @@
 // micro-batches; logged losses and tokens are reduced over the ranks; evaluation is sharded (without padding) and its
 // loss sums reduced. Rank 0 alone writes files (metrics, TensorBoard, checkpoints, best/, the adapter, the report);
 // every rank restores a checkpoint on resume.
-// Sharded (shard_base, shard_adapters, shard_head on CPU ranks; GPU ranks shard the base and the adapters, through
-// NCCL: Weights/CUDAShardedBase.swift, Training/CUDATrainingEngine.swift): the base's blocks are gathered around their use
+// Sharded (shard_base, shard_adapters, shard_head; GPU ranks through NCCL: Weights/CUDAShardedBase.swift,
+// Training/CUDATrainingEngine.swift, Model/CUDADecoderTrainer+VocabularyParallelHead.swift): the base's blocks are gathered around their use
 // (Parallel/ShardedBase.swift), each rank reduces, clips and steps only the LoRA tensors it owns and gathers the rest
 // (ZeRO-2, Parallel/ShardedAdapters.swift; its optimizer state comes to rank 0 for checkpoints), and the head's loss is
 // computed over vocabulary slices (Parallel/VocabularyParallelLoss.swift). The last two make every forward a collective
@@ -172,10 +172,14 @@ public final class Trainer {
                 if c.shardsHead { model.vocabularyParallel = collective }
             }
         case .cuda(let context):
-            // The GPU trainer keeps the whole head on every rank so far; asked for explicitly, say so.
-            if c.shardHead == true {
-                throw UsageError("shard_head (--shard-head on) is built on the CPU ranks (--world N) only: the GPU trainer keeps the whole head "
-                                 + "on every rank; leave it off on the GPU")
+            // The head by vocabulary over NCCL ranks (CUDADecoderTrainer+VocabularyParallelHead.swift); a single process has one head.
+            var headSharding: NCCLCollective? = nil
+            if c.shardsHead && !(collective is LocalCollective) {
+                guard let nccl = collective as? NCCLCollective else {
+                    throw UsageError("shard_head (--shard-head on) on the GPU shards the head over NCCL ranks: start the job with "
+                                     + "--gpus N (or a launcher), or train on the CPU ranks of --world N")
+                }
+                headSharding = nccl
             }
             // ZeRO-2 adapters over NCCL ranks (CUDATrainingEngine's header); a single process has nothing to shard.
             var adapterSharding: NCCLCollective? = nil
@@ -198,7 +202,7 @@ public final class Trainer {
             let capacity = (self.train + self.eval).map(\.tokenCount).max() ?? 1
             engine = try CUDATrainingEngine(context: context, model: model, capacityTokens: capacity, optimizer: optimizerKind,
                                             hyperparameters: hyperparameters, deterministic: c.fullDeterminism, sharding: sharding,
-                                            shardAdapters: adapterSharding)
+                                            shardAdapters: adapterSharding, shardHead: headSharding)
         }
         schedule = try LearningRateSchedule(kind: try ScheduleKind.parse(c.scheduler), baseLearningRate: c.learningRate,
                                             trainingSteps: totalSteps, warmupSteps: c.warmupSteps, warmupRatio: c.warmupRatio)
@@ -242,11 +246,10 @@ public final class Trainer {
                 + "(\(o.ownedCount(rank: rank)) of \(o.counts.reduce(0, +)) values): their summed gradients and optimizer state"
                 + (engine is CUDATrainingEngine ? " (on the GPU the fp32 masters and gradients stay whole on every rank)" : ""))
         }
-        if model.vocabularyParallel != nil {
-            let v = VocabularyParallelLoss.slice(vocab: model.config.vocabularySize, rank: rank, worldSize: world)
-            log("vocabulary-parallel head: rank \(rank) computes the logits of vocabulary rows \(v.lowerBound)..<\(v.upperBound) for every rank's tokens")
-        } else if c.shardsHead && world > 1 {
-            log("head: whole on every rank (the GPU trainer does not shard it yet)")
+        if let v = model.vocabularyParallel.map({ _ in VocabularyParallelLoss.slice(vocab: model.config.vocabularySize, rank: rank, worldSize: world) })
+            ?? (engine as? CUDATrainingEngine)?.trainer.headColumns {
+            log("vocabulary-parallel head: rank \(rank) computes the logits of vocabulary rows \(v.lowerBound)..<\(v.upperBound) for every rank's tokens"
+                + (engine is CUDATrainingEngine ? " and keeps only those rows of lm_head on its GPU" : ""))
         }
         if let shards = model.shardedBase {
             func mib(_ b: Int) -> String { String(cFormat: "%.1f MiB", Double(b) / 1_048_576) }
@@ -469,7 +472,8 @@ public final class Trainer {
         guard !(collective is LocalCollective) else { return try Evaluation.loss(engine: engine, batches: eval).mean }
         let mine = DistributedSampling.shardWithoutPadding(count: eval.count, rank: collective.rank, worldSize: world).map { eval[$0] }
         let part = try Evaluation.loss(engine: engine, batches: mine)
-        if configuration.shardBase || model.vocabularyParallel != nil, let first = eval.first {
+        if configuration.shardBase || model.vocabularyParallel != nil || (engine as? CUDATrainingEngine)?.trainer.headColumns != nil,
+           let first = eval.first {
             // Every forward gathers blocks (the CPU model's shards or the GPU trainer's) or the head's rows from every rank: a rank with
             // a batch fewer makes one more forward, and drops its loss, so all ranks make the same all-gathers.
             for _ in mine.count..<DistributedSampling.itemsPerRank(count: eval.count, worldSize: world) { _ = try engine.loss(batch: first) }

@@ -53,9 +53,9 @@ public struct TrainingConfiguration: Sendable, Equatable {
     public var shardsAdapters: Bool { shardAdapters ?? shardBase }
     /// Whether the head's loss is sharded by vocabulary when the run has several ranks.
     public var shardsHead: Bool { shardHead ?? shardBase }
-    /// What a job of several ranks shards, as its summary names it (the GPU trainer keeps the head whole so far).
-    public func shardedParts(onGPU: Bool) -> [String] {
-        (shardBase ? ["base"] : []) + (shardsAdapters ? ["adapters"] : []) + (shardsHead && !onGPU ? ["head"] : [])
+    /// What a job of several ranks shards, as its summary names it (the CPU ranks and the GPU trainer alike).
+    public var shardedParts: [String] {
+        (shardBase ? ["base"] : []) + (shardsAdapters ? ["adapters"] : []) + (shardsHead ? ["head"] : [])
     }
     /// The GPU's 16-bit compute type (`bnb_4bit_compute_dtype`, or TrainingArguments' `bf16: true` / `fp16: true`):
     /// auto is bf16 where the card has it (compute capability 8.0+), fp16 with loss scaling before (a T4).

@@ -310,19 +310,28 @@ final class ShardedAdaptersTests: XCTestCase {
         XCTAssertEqual(tied.headSaving, 0)
         XCTAssertGreaterThan(tied.adapterSaving, 0)
 
+        // Session 11: the GPU trainer pulls both levers, each counted in the plan's total. The head (by vocabulary,
+        // `headShardedOver`) saves what the projection said and 7.75 MiB more: norm1 is now the start of the gathered
+        // rows, whose buffer absorbs the size-class padding of norm1's own (the statistics, targets and lse take under
+        // 1 MiB back). The adapters' masters and gradients per owner (`adaptersShardedOver`) save the projection's less
+        // the second bucket, plus the fold's buffers (off over several ranks).
+        let headPlan = plan.replanned(headShardedOver: .some(2))
+        XCTAssertEqual(Double(plan.total - headPlan.total), Double(p.headSaving), accuracy: Double(8 << 20))
+        XCTAssertGreaterThanOrEqual(plan.total - headPlan.total, p.headSaving)
+        let both = headPlan.replanned(adaptersShardedOver: .some(2))
+        XCTAssertEqual(Double(headPlan.total - both.total) / gib, Double(p.adapterSaving) / gib, accuracy: 0.06)
+        let bothSpare = both.fitting(budgetBytes: 24 << 30).spareBytes(budgetBytes: 24 << 30)
+        XCTAssertGreaterThan(bothSpare, 0, "with both levers the GPU trainer's rank fits 24 GiB")
+
+        // `qlora plan` plans what `qlora train --gpus 2 --shard-base` runs: both levers, an answer that fits.
         let cli = CommandLineTests(name: "qlora", testClosure: { _ in })
         let out = try cli.qlora(["plan", "--arch", "llama-3.1-70b", "--shard-base", "--gpu-memory", "24", "--batch", "2", "--seq", "2048", "--gpus", "2"])
-        XCTAssertEqual(out.status, 1, "the GPU trainer does not shard the head yet: " + out.out + out.err)
-        // The plan qlora plan makes shards the masters (what the projection's adapter saving was, counted now).
-        let sharded = CUDAMemoryPlan(config: c, tokens: 4096, rank: 16, dropout: true, shardedOver: 2, optimizer: .pagedAdamw8bit, adaptersShardedOver: 2)
-        let shardedSpare = sharded.fitting(budgetBytes: 24 << 30).spareBytes(budgetBytes: 24 << 30)
-        XCTAssertEqual(Double(shardedSpare - spare) / gib, Double(p.adapterSaving) / gib, accuracy: 0.06,
-                       "the plan's saving is the projection's, less the second bucket, plus the fold's buffers")
-        let withHead = DeviceAllocator.formatGiB(shardedSpare + p.headSaving), head = DeviceAllocator.formatGiB(p.headSaving)
-        XCTAssertFalse(out.out.contains("GiB of adapters by sharding their masters and gradients"), out.out)
-        XCTAssertTrue(out.out.contains("next: \(head) GiB of head by sharding it by vocabulary"), out.out)
-        XCTAssertTrue(out.out.contains("with the head sharded too (the CPU ranks' path, not yet the GPU trainer's): fits, \(withHead) GiB to spare"), out.out)
-        XCTAssertTrue(out.err.contains("which the GPU trainer does not do yet: fits, \(withHead) GiB to spare)"), out.err)
+        XCTAssertEqual(out.status, 0, out.out + out.err)
+        XCTAssertTrue(out.out.contains("24.0 GiB card: fits, \(DeviceAllocator.formatGiB(bothSpare)) GiB to spare"), out.out)
+        XCTAssertTrue(out.out.contains("GiB of adapters by sharding their fp32 masters and gradients over 2 ranks"), out.out)
+        XCTAssertTrue(out.out.contains("saved: \(DeviceAllocator.formatGiB(plan.total - headPlan.total)) GiB of head by sharding it by vocabulary over 2 ranks"),
+                      out.out)
+        XCTAssertFalse(out.out.contains("next"), out.out)
     }
 
     // MARK: The vocabulary-parallel head

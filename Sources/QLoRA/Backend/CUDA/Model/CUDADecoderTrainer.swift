@@ -77,6 +77,9 @@
 // hold this rank's span of the flat layout only; the backward writes each block's LoRA gradients into one of two
 // buckets, which go to their owners every micro-batch; the bf16 copies stay whole; over several ranks the forward's
 // fold (it reads fp32 B of every linear) is off.
+// Head sharded by vocabulary (`vocabularyParallel`, CUDADecoderTrainer+VocabularyParallelHead.swift): `head` holds this
+// rank's rows of lm_head, and the loss gathers every rank's normed rows, combines the slices' log-sum-exp statistics
+// and reduces d(normed) to each row's owner.
 // Sharded base (`sharding`, Weights/CUDAShardedBase.swift): each rank keeps 1/W of every block's NF4 storage, and the
 // linears' weights are views into two staging buffers that each block is all-gathered into just before its forward,
 // its recomputation and backward, and its evaluation forward, the next block's gather overlapping on NCCL's stream.
@@ -168,7 +171,10 @@ public final class CUDADecoderTrainer {
     }
     /// The input embedding [V, H] bf16 on the GPU, or nil when it lives in `hostEmbedding`.
     let embedding: DeviceBuffer<UInt16>?
+    /// lm_head [V, H] bf16, or with the head sharded by vocabulary this rank's rows of it (`vocabularyParallel.columns`).
     let head: DeviceBuffer<UInt16>
+    /// The head sharded by vocabulary over NCCL ranks (CUDADecoderTrainer+VocabularyParallelHead.swift; nil: whole).
+    let vocabularyParallel: CUDAVocabularyParallelHead?
     /// The untied embedding in host memory: a step's rows are gathered into `embeddingStaging` (pinned, [N, H])
     /// and uploaded on the main stream; `stagingFree` marks the end of the latest upload, before which the host
     /// must not write the staging buffer again.
@@ -304,9 +310,10 @@ public final class CUDADecoderTrainer {
     /// `adaptersShardedOver`: that optimizer steps this rank's tensors of adapters sharded over so many ranks (ZeRO-2,
     /// CUDATrainingEngine), this trainer being rank `adapterRank` of them: it holds fp32 masters and gradients of its
     /// own tensors only (`ownedAdapters`); the plan counts the largest rank's.
+    /// `shardHead`: shard the head by vocabulary over this communicator's ranks (CUDADecoderTrainer+VocabularyParallelHead.swift).
     public convenience init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, memory: CUDATrainerMemoryOptions? = nil,
                             sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil, adaptersShardedOver: Int? = nil,
-                            adapterRank: Int = 0) throws {
+                            adapterRank: Int = 0, shardHead: NCCLCollective? = nil) throws {
         var ranks: [[Int]] = []
         var dropout: Float = 0
         for block in model.blocks {
@@ -327,7 +334,7 @@ public final class CUDADecoderTrainer {
         if model.head === model.embedding { config.tieWordEmbeddings = true }
         try self.init(context: context, config: config, ranks: ranks, alpha: nil, dropout: dropout > 0,
                       capacityTokens: capacityTokens, memory: memory, source: .model(model), sharding: sharding, optimizer: optimizer,
-                      adaptersShardedOver: adaptersShardedOver, adapterRank: adapterRank)
+                      adaptersShardedOver: adaptersShardedOver, adapterRank: adapterRank, shardHead: shardHead)
     }
 
     /// A trainer with random NF4 weights made on the GPU (for benchmarks: no checkpoint needed), LoRA rank `rank`
@@ -337,20 +344,20 @@ public final class CUDADecoderTrainer {
     public convenience init(context: CUDAContext, randomConfig config: DecoderConfig, rank: Int, alpha: Double, capacityTokens: Int,
                             dropout: Float = 0, seed: UInt64 = 0, memory: CUDATrainerMemoryOptions? = nil,
                             sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil, adaptersShardedOver: Int? = nil,
-                            adapterRank: Int = 0) throws {
+                            adapterRank: Int = 0, shardHead: NCCLCollective? = nil) throws {
         guard dropout >= 0 && dropout < 1 else { throw UsageError("LoRA dropout \(dropout) is outside [0, 1)") }
         try self.init(context: context, config: config,
                       ranks: Array(repeating: Array(repeating: rank, count: CUDAMemoryPlan.linearShapes(config).count), count: config.layerCount),
                       alpha: alpha, dropout: dropout > 0, capacityTokens: capacityTokens, memory: memory,
                       source: .random(seed: seed, dropout: dropout), sharding: sharding, optimizer: optimizer,
-                      adaptersShardedOver: adaptersShardedOver, adapterRank: adapterRank)
+                      adaptersShardedOver: adaptersShardedOver, adapterRank: adapterRank, shardHead: shardHead)
     }
 
     /// `ranks[l][j]`: the LoRA rank of block l's linear j (q, k, v, o, gate, up, down, or Phi-3's qkv, o, gate_up,
     /// down; 0: no adapter); `dropout`: whether any linear drops out (then the d(x) scratch is allocated).
     init(context ctx: CUDAContext, config c: DecoderConfig, ranks: [[Int]], alpha: Double?, dropout: Bool, capacityTokens n: Int,
          memory: CUDATrainerMemoryOptions?, source: Source, sharding: NCCLCollective? = nil, optimizer: OptimizerKind? = nil,
-         adaptersShardedOver: Int? = nil, adapterRank: Int = 0) throws {
+         adaptersShardedOver: Int? = nil, adapterRank: Int = 0, shardHead: NCCLCollective? = nil) throws {
         try c.checkTrainable()
         guard CUDAContext.attentionHeadDims.contains(c.headDim) else {
             throw UsageError("head dimension \(c.headDim) is not supported by the GPU attention kernels "
@@ -387,7 +394,7 @@ public final class CUDADecoderTrainer {
         // memory): else one weight's scratch, each product dequantizing its weight, masks hashed again by the
         // backward, the attention forward recomputed.
         let plan = CUDAMemoryPlan(config: c, tokens: n, ranks: ranks, dropout: dropout, memory: memory, shardedOver: sharding?.worldSize,
-                                  optimizer: optimizer, adaptersShardedOver: adaptersShardedOver)
+                                  optimizer: optimizer, adaptersShardedOver: adaptersShardedOver, headShardedOver: shardHead?.worldSize)
             .fitting(budgetBytes: free, contextBytes: 0, hostBytes: HostMemory.physicalBytes.map(HostMemory.pinnableBytes))
         self.plan = plan
         self.memory = plan.memory
@@ -578,7 +585,11 @@ public final class CUDADecoderTrainer {
             // Folded LoRA: norm1, norm2 and activated hold rows of in + R (each block's x·Aᵀ after x).
             let fold = plan.memory.foldLoRA ? LoRAFoldLayout.widestColumns(c, ranks: ranks) : [0, 0, 0]
             let weightColumns = plan.memory.foldLoRA ? LoRAFoldLayout.widestK(c, ranks: ranks) : shapes.map(\.in)
-            norm1 = try bf16(n * (h + fold[0])); hidden = try bf16(n * h); norm2 = try bf16(n * (h + fold[1]))
+            // With the head sharded by vocabulary, norm1 is the start of the gathered normed rows (dead outside the loss).
+            let headLayout = shardHead.map { VocabularyParallelHeadLayout(config: c, tokens: n, worldSize: $0.worldSize, normColumns: h + fold[0]) }
+            let gatheredRows = try headLayout.map { try bf16($0.rows) }
+            norm1 = try gatheredRows?.view(at: 0, count: n * (h + fold[0])) ?? bf16(n * (h + fold[0]))
+            hidden = try bf16(n * h); norm2 = try bf16(n * (h + fold[1]))
             let backwardFold = LoRABackwardFold(config: c, ranks: ranks, enabled: plan.memory.foldLoRABackward)
             self.backwardFold = backwardFold
             residualStride = h + backwardFold.residualColumns
@@ -622,6 +633,11 @@ public final class CUDADecoderTrainer {
             targets = try a.buffer(Int32.self, count: n)
             positions = try a.buffer(Int32.self, count: n)
             segments = try a.buffer(Int32.self, count: n)
+            vocabularyParallel = try shardHead.map { collective in
+                try CUDAVocabularyParallelHead(collective: collective, vocab: c.vocabularySize, rows: gatheredRows!, layout: headLayout!, allocator: a)
+            }
+            // This rank's rows of the head (all of them unless it is sharded by vocabulary).
+            let headColumns = vocabularyParallel?.columns ?? 0..<c.vocabularySize
 
             // The tables. An untied embedding goes to the host when the plan says so.
             let tableCount = c.vocabularySize * h
@@ -640,9 +656,12 @@ public final class CUDADecoderTrainer {
                 hostEmbedding = onHost ? Self.scaledRows(values, by: embeddingScale, ctx.computeDType) : nil
                 embedding = deviceTable
                 if model.head === model.embedding, let deviceTable {
-                    head = deviceTable
+                    head = deviceTable.view(at: headColumns.lowerBound * h, count: headColumns.count * h)
+                } else if headColumns.isEmpty {
+                    head = try bf16(1)  // a rank without vocabulary rows (V < W)
                 } else {
-                    head = try a.buffer(copying: model.head.values.map(ctx.computeDType.encode))
+                    head = try a.buffer(copying: model.head.values[(headColumns.lowerBound * h)..<(headColumns.upperBound * h)]
+                                                    .map(ctx.computeDType.encode))
                 }
                 finalNorm = try a.buffer(copying: model.finalNorm.map(ctx.computeDType.encode))
                 var host = [Float](repeating: 0, count: offset)
@@ -678,10 +697,13 @@ public final class CUDADecoderTrainer {
                 hostEmbedding = table.map { Self.scaledRows($0, by: embeddingScale, ctx.computeDType) }
                 embedding = deviceTable
                 if c.tieWordEmbeddings, let deviceTable {
-                    head = deviceTable
+                    head = deviceTable.view(at: headColumns.lowerBound * h, count: headColumns.count * h)
                 } else {
-                    head = try bf16(tableCount)
-                    try ctx.fillRandomBF16(head.pointer, count: tableCount, seed: seed &+ 202, std: 0.02)
+                    // A slice of several ranks' head is drawn from its own seed (random weights: benchmarks, memory checks).
+                    head = try bf16(max(headColumns.count * h, 1))
+                    if !headColumns.isEmpty {
+                        try ctx.fillRandomBF16(head.pointer, count: headColumns.count * h, seed: seed &+ 202 &+ UInt64(headColumns.lowerBound), std: 0.02)
+                    }
                 }
                 finalNorm = try a.buffer(copying: [UInt16](repeating: unitNorm, count: c.hiddenSize))
                 // PEFT: A ~ Kaiming-uniform (a = √5), i.e. U(-1/√in, 1/√in); B = 0.
@@ -1123,6 +1145,8 @@ public final class CUDADecoderTrainer {
     public func forwardBackward(batch: TrainingBatch, normalizer: Int, accumulate: Bool = false, dropoutSeed: UInt64? = nil) throws {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize, vocab = c.vocabularySize
         try upload(batch)
+        // The ranks' token counts, while NCCL's stream is idle (the vocabulary-parallel head's first exchange).
+        let headBatch = try vocabularyParallel?.exchangeCounts(n)
         stepDropoutSeed = dropoutSeed
         if !accumulate {
             try grads.fill(byte: 0)
@@ -1144,17 +1168,21 @@ public final class CUDADecoderTrainer {
 
         // Final norm, head and cross-entropy a chunk of rows at a time; dNorm receives d/d(normed).
         let last = slot(blocks.count)
-        try norm(last, finalNorm, into: norm1, rows: n, dim: h)
-        let blas = try ctx.blas()
         // The loss scale (fp16: GradScaler's S; else 1) enters here, at the start of the backward.
         let scale = lossScale / Float(max(normalizer, 1))
-        for start in stride(from: 0, to: n, by: lossChunkRows) {
-            let rows = min(lossChunkRows, n - start)
-            try blas.gemm(m: rows, n: vocab, k: h, a: norm1.address(at: start * h), b: head.pointer, transB: true, c: logits.pointer)
-            try ctx.crossEntropyRows(logits: logits.pointer, labels: targets.address(at: start), rows: rows, vocab: vocab,
-                                     gradScale: scale, rowLoss: rowLoss.address(at: start), withGradient: true,
-                                     softcap: c.finalLogitSoftcap)
-            try blas.gemm(m: rows, n: h, k: vocab, a: logits.pointer, b: head.pointer, c: dNorm.address(at: start * h))
+        if let vocabularyParallel, let headBatch {
+            try vocabularyParallelLoss(vocabularyParallel, batch: headBatch, last: last, gradientScale: scale)
+        } else {
+            try norm(last, finalNorm, into: norm1, rows: n, dim: h)
+            let blas = try ctx.blas()
+            for start in stride(from: 0, to: n, by: lossChunkRows) {
+                let rows = min(lossChunkRows, n - start)
+                try blas.gemm(m: rows, n: vocab, k: h, a: norm1.address(at: start * h), b: head.pointer, transB: true, c: logits.pointer)
+                try ctx.crossEntropyRows(logits: logits.pointer, labels: targets.address(at: start), rows: rows, vocab: vocab,
+                                         gradScale: scale, rowLoss: rowLoss.address(at: start), withGradient: true,
+                                         softcap: c.finalLogitSoftcap)
+                try blas.gemm(m: rows, n: h, k: vocab, a: logits.pointer, b: head.pointer, c: dNorm.address(at: start * h))
+            }
         }
         try ctx.crossEntropyReduce(rowLoss: rowLoss, labels: targets, rows: n, into: lossOut)
         try normBackward(last, finalNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: false, dxStride: residualStride)
@@ -1321,6 +1349,7 @@ public final class CUDADecoderTrainer {
     public func forwardLoss(batch: TrainingBatch) throws {
         let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize, vocab = c.vocabularySize
         try upload(batch)
+        let headBatch = try vocabularyParallel?.exchangeCounts(n)
         // Block l reads buffers[l % 2] and writes buffers[(l + 1) % 2] (checkpoint slots, free outside a step).
         let buffers = [checkpointSlots[0], checkpointSlots[min(1, checkpointSlots.count - 1)]]
         try embed(batch, into: buffers[0])
@@ -1329,14 +1358,18 @@ public final class CUDADecoderTrainer {
             try blockForward(block, x: buffers[l % 2], output: buffers[(l + 1) % 2], batch: batch, seeds: nil)  // no dropout
             try shardedBase?.release(l)
         }
-        try norm(buffers[blocks.count % 2], finalNorm, into: norm1, rows: n, dim: h)
-        let blas = try ctx.blas()
-        for start in stride(from: 0, to: n, by: lossChunkRows) {
-            let rows = min(lossChunkRows, n - start)
-            try blas.gemm(m: rows, n: vocab, k: h, a: norm1.address(at: start * h), b: head.pointer, transB: true, c: logits.pointer)
-            try ctx.crossEntropyRows(logits: logits.pointer, labels: targets.address(at: start), rows: rows, vocab: vocab,
-                                     gradScale: 0, rowLoss: rowLoss.address(at: start), withGradient: false,
-                                     softcap: c.finalLogitSoftcap)
+        if let vocabularyParallel, let headBatch {
+            try vocabularyParallelLoss(vocabularyParallel, batch: headBatch, last: buffers[blocks.count % 2], gradientScale: nil)
+        } else {
+            try norm(buffers[blocks.count % 2], finalNorm, into: norm1, rows: n, dim: h)
+            let blas = try ctx.blas()
+            for start in stride(from: 0, to: n, by: lossChunkRows) {
+                let rows = min(lossChunkRows, n - start)
+                try blas.gemm(m: rows, n: vocab, k: h, a: norm1.address(at: start * h), b: head.pointer, transB: true, c: logits.pointer)
+                try ctx.crossEntropyRows(logits: logits.pointer, labels: targets.address(at: start), rows: rows, vocab: vocab,
+                                         gradScale: 0, rowLoss: rowLoss.address(at: start), withGradient: false,
+                                         softcap: c.finalLogitSoftcap)
+            }
         }
         try ctx.crossEntropyReduce(rowLoss: rowLoss, labels: targets, rows: n, into: lossOut)
     }

@@ -1,11 +1,10 @@
 // What the two remaining sharding levers would take off each rank's plan: the adapters' fp32 masters and gradients
 // sharded as ZeRO-2 (Parallel/ShardedAdapters.swift) and the head's loss sharded by vocabulary
 // (Parallel/VocabularyParallelLoss.swift). Both run on the CPU ranks (`qlora train --world N`); the GPU trainer shards
-// the adapters' optimizer state (session 10) and their masters and gradients (session 11; both counted in `total`:
-// `CUDAMemoryPlan(adaptersShardedOver:)`, with two buckets where this projection counted one) but keeps the whole head
-// on every rank so far, so the head's bytes are a projection by the layout the GPU path would use and are not part of
-// `total` (which is what the trainer allocates); `qlora plan` prints the adapters' projection only for a plan that
-// does not shard their masters.
+// the adapters' optimizer state (session 10) and, since session 11, their masters and gradients and the head too, all
+// counted in `total` (what the trainer allocates): `CUDAMemoryPlan(adaptersShardedOver:)`, with two buckets where this
+// projection counts one, and `CUDAMemoryPlan(headShardedOver:)`. `qlora plan` prints a lever's projection only for a
+// plan that does not pull it.
 //
 // Per rank of W, with P the LoRA elements (every A and B on 128 elements, the trainer's flat layout), Q the largest
 // rank's owned elements (AdapterOwnership over those tensors), B the largest block's LoRA elements:

@@ -40,6 +40,11 @@
 // hold the fp32 masters and gradients of the largest rank's span of the flat layout (LoRAFlatLayout.ownerSpans), the
 // whole bf16 copies and two fp32 gradient buckets of the largest block's elements (`gradientBuckets`); over more than
 // one rank the forward's fold is off (it reads fp32 B of every linear).
+// With the head sharded by vocabulary over W ranks (`headShardedOver`, CUDADecoderTrainer+VocabularyParallelHead.swift):
+// the weights hold the largest rank's slice of the head [⌈V/W⌉, H] instead of [V, H] (tied embeddings: the table stays
+// whole), and the activations the exchange's buffers (`headExchange`): the gathered normed rows [W·N, H], of which
+// norm1 is the start, so (W − 1)·N·H more; targets and lse [W·N], the statistics [W][W·N][3] in fp32, and one loss
+// chunk of fp32 d(normed) [lossChunkRows, H].
 // Host memory (not in `total`): the offloaded checkpoints (pinned), the embedding table and its pinned staging
 // buffer for one step's rows, a paged optimizer's state (pinned).
 // The optional savers of speed (`keepBlockWeights`, then `keepDropoutMasks`) are dropped by one rule, `fitting`,
@@ -226,6 +231,13 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     /// The ranks the adapters are sharded over as ZeRO-2 (1: not sharded): the optimizer state is the largest rank's
     /// own tensors' (CUDATrainingEngine's header; ownership by `AdapterOwnership`).
     public var adapterShardedWorld: Int = 1
+    /// The ranks the head is sharded over by vocabulary (1: whole; CUDADecoderTrainer+VocabularyParallelHead.swift).
+    public var headShardedWorld: Int = 1
+    /// With the head sharded: the largest rank's slice of it (part of `weights`; with tied embeddings 0, the slice
+    /// being a view into the whole table) and what its exchange adds to the activations: the other ranks' normed rows
+    /// beyond norm1, the gathered targets, the statistics, lse and one chunk of fp32 d(normed).
+    public var headSlice: Int = 0
+    public var headExchange: Int = 0
 
     /// What the plan was made for, so that `fitting` can plan again with fewer savers.
     struct Request: Sendable {
@@ -236,6 +248,7 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         var world: Int?
         var optimizer: OptimizerKind?
         var adapterWorld: Int?
+        var headWorld: Int?
     }
     var request: Request
 
@@ -289,10 +302,12 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
 
     /// The same request planned again with other options, sharding or optimizer (what a saving is measured against).
     public func replanned(memory options: CUDATrainerMemoryOptions? = nil, shardedOver world: Int?? = nil,
-                          optimizer kind: OptimizerKind?? = nil, dropout: Bool? = nil, adaptersShardedOver adapterWorld: Int?? = nil) -> CUDAMemoryPlan {
+                          optimizer kind: OptimizerKind?? = nil, dropout: Bool? = nil, adaptersShardedOver adapterWorld: Int?? = nil,
+                          headShardedOver headWorld: Int?? = nil) -> CUDAMemoryPlan {
         let r = request
         return CUDAMemoryPlan(config: r.config, tokens: r.tokens, ranks: r.ranks, dropout: dropout ?? r.dropout, memory: options ?? memory,
-                              shardedOver: world ?? r.world, optimizer: kind ?? r.optimizer, adaptersShardedOver: adapterWorld ?? r.adapterWorld)
+                              shardedOver: world ?? r.world, optimizer: kind ?? r.optimizer, adaptersShardedOver: adapterWorld ?? r.adapterWorld,
+                              headShardedOver: headWorld ?? r.headWorld)
     }
 
     /// The one rule for the optional savers of time that cost memory: while the plan does not fit the budget, drop
@@ -382,9 +397,11 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
 
     /// The plan for LoRA rank `r` on every projection.
     public init(config c: DecoderConfig, tokens n: Int, rank r: Int, dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil,
-                shardedOver world: Int? = nil, optimizer: OptimizerKind? = nil, adaptersShardedOver adapterWorld: Int? = nil) {
+                shardedOver world: Int? = nil, optimizer: OptimizerKind? = nil, adaptersShardedOver adapterWorld: Int? = nil,
+                headShardedOver headWorld: Int? = nil) {
         self.init(config: c, tokens: n, ranks: Array(repeating: Array(repeating: r, count: Self.linearShapes(c).count), count: c.layerCount),
-                  dropout: dropout, memory: memory, shardedOver: world, optimizer: optimizer, adaptersShardedOver: adapterWorld)
+                  dropout: dropout, memory: memory, shardedOver: world, optimizer: optimizer, adaptersShardedOver: adapterWorld,
+                  headShardedOver: headWorld)
     }
 
     /// The sharded layout of one block's NF4 linears over `world` ranks (every block has the same shapes).
@@ -398,10 +415,13 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
     /// live (nil: `CUDATrainerMemoryOptions.automatic(for:)`; a tied embedding stays on the GPU whatever it says);
     /// `optimizer`: the kind whose state is counted (nil: the trainer's own fp32 AdamW). `adaptersShardedOver`: that
     /// optimizer steps only this rank's LoRA tensors of adapters sharded over so many ranks (ZeRO-2); the plan counts
-    /// the state of the rank that holds the most.
+    /// the state of the rank that holds the most. `headShardedOver`: the head sharded by vocabulary over so many ranks
+    /// (the largest slice, and the buffers of the exchange: `VocabularyParallelHeadLayout`).
     public init(config c: DecoderConfig, tokens n: Int, ranks: [[Int]], dropout: Bool = false, memory: CUDATrainerMemoryOptions? = nil,
-                shardedOver world: Int? = nil, optimizer: OptimizerKind? = nil, adaptersShardedOver adapterWorld: Int? = nil) {
-        request = Request(config: c, tokens: n, ranks: ranks, dropout: dropout, world: world, optimizer: optimizer, adapterWorld: adapterWorld)
+                shardedOver world: Int? = nil, optimizer: OptimizerKind? = nil, adaptersShardedOver adapterWorld: Int? = nil,
+                headShardedOver headWorld: Int? = nil) {
+        request = Request(config: c, tokens: n, ranks: ranks, dropout: dropout, world: world, optimizer: optimizer, adapterWorld: adapterWorld,
+                          headWorld: headWorld)
         optimizerKind = optimizer
         var memory = memory ?? .automatic(for: c)
         if c.tieWordEmbeddings { memory.hostEmbedding = false }
@@ -434,7 +454,14 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         let xa = Self.largestRanks(ranks).reduce(0) { $0 + s(2 * n * $1) }
         let maxRank = ranks.joined().max() ?? 0
         let table = s(2 * c.vocabularySize * c.hiddenSize)
-        w += table * (c.tieWordEmbeddings || !memory.hostEmbedding ? 1 : 0) + (c.tieWordEmbeddings ? 0 : table)
+        // The head: whole, or the largest rank's slice of it (tied: a view into the table).
+        let foldColumns = memory.foldLoRA ? LoRAFoldLayout.widestColumns(c, ranks: ranks) : [0, 0, 0]
+        let headLayout = headWorld.map { VocabularyParallelHeadLayout(config: c, tokens: n, worldSize: $0, normColumns: c.hiddenSize + foldColumns[0]) }
+        if let headWorld, let headLayout {
+            headShardedWorld = headWorld
+            headSlice = c.tieWordEmbeddings ? 0 : s(2 * headLayout.headSlice)
+        }
+        w += table * (c.tieWordEmbeddings || !memory.hostEmbedding ? 1 : 0) + (c.tieWordEmbeddings ? 0 : headLayout == nil ? table : headSlice)
             + ((c.sandwichNorms ? 4 : 2) * c.layerCount + 1) * s(2 * c.hiddenSize) + (c.qkNorm ? 2 * c.layerCount * s(2 * c.headDim) : 0)
         weights = w
         adapters = s(4 * loraParameters) * 2 + s(2 * loraParameters)
@@ -464,7 +491,6 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
             + (dropout ? s(4 * Self.dropoutScratchCount(tokens: n, shapes: shapes, ranks: ranks)) + s(maskBits) + droppedXA : 0)
         checkpoints = memory.deviceCheckpoints(layers: c.layerCount) * s(h)
         // Folded LoRA: norm1, norm2 and activated have rows of in + R, each weight scratch rows of its widest K.
-        let foldColumns = memory.foldLoRA ? LoRAFoldLayout.widestColumns(c, ranks: ranks) : [0, 0, 0]
         let weightColumns = memory.foldLoRA ? LoRAFoldLayout.widestK(c, ranks: ranks) : shapes.map(\.in)
         // The backward's fold: the residual gradient's rows of hidden + R, r rows of A under o's and down's W.
         let backwardFold = LoRABackwardFold(config: c, ranks: ranks, enabled: memory.foldLoRABackward)
@@ -480,8 +506,13 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         // Kept attention outputs: slots beyond the one o and lse every block uses.
         let attentionOutput = s(q) + s(4 * n * c.headCount)
         let keptAttention = (memory.attentionOutputSlots(layers: c.layerCount) - 1) * attentionOutput
+        // The vocabulary-parallel head: norm1 is the start of the gathered rows; the exchange's other buffers.
+        if let headLayout {
+            headExchange = s(2 * headLayout.rows) - s(n1) + s(4 * headLayout.targets) + s(4 * headLayout.statistics) + s(4 * headLayout.lse)
+                + s(4 * headLayout.hiddenGradient)
+        }
         activations = checkpoints + 2 * s(h) + s(2 * n * (c.hiddenSize + backwardFold.residualColumns)) + s(n1) + s(n2) + 2 * s(q) + 2 * s(kv) + s(2 * scratch.count) + 2 * s(4 * n * c.headCount)
-            + lora + 5 * s(4 * n) + variations + keptAttention
+            + lora + 5 * s(4 * n) + variations + keptAttention + headExchange
         let oneWeight = s(2 * largest)
         blockWeightBytes = memory.keepBlockWeights
             ? s(2 * Self.blockWeightSlots(c, columns: weightColumns, extraRows: backwardFold.extraRows).count) - oneWeight : 0
@@ -496,11 +527,13 @@ public struct CUDAMemoryPlan: Sendable, CustomStringConvertible {
         let sharded = shardedWorld > 1 || baseShards > 0
             ? " (base sharded over \(shardedWorld) ranks: shards \(f(baseShards)), staging \(f(baseStaging)))" : ""
         let ownTensors = adapterShardedWorld > 1 ? ", this rank's LoRA tensors of \(adapterShardedWorld)" : ""
+        let head = request.headWorld == nil ? ""
+            : " (head sharded by vocabulary over \(headShardedWorld) ranks: slice \(f(headSlice)), exchange \(f(headExchange)))"
         let state = optimizerKind.map { kind in
             " (\(kind.rawValue)\(ownTensors)" + (optimizerHost > 0 ? ": state \(f(optimizerHost)) in pinned host memory, two slots on the GPU)" : ")")
         } ?? ""
         let ownMasters = ownedAdapterElements.map { " (ZeRO-2: fp32 masters and gradients of \($0) elements, gradient buckets \(f(gradientBuckets)))" } ?? ""
-        return "weights \(f(weights))\(sharded), adapters \(f(adapters))\(ownMasters), optimizer \(f(optimizer))\(state), activations \(f(activations)) "
+        return "weights \(f(weights))\(sharded)\(head), adapters \(f(adapters))\(ownMasters), optimizer \(f(optimizer))\(state), activations \(f(activations)) "
             + "(checkpoints \(f(checkpoints))), workspace \(f(workspace)); total \(f(total)); host \(f(host)) (\(memory))"
     }
 }
@@ -531,10 +564,11 @@ extension CUDAMemoryPlan {
     public static func longestSequence(config c: DecoderConfig, batch: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
                                        budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes,
                                        step: Int = 256, limit: Int = 4 << 20, shardedOver world: Int? = nil,
-                                       dropout: Bool = false, optimizer: OptimizerKind? = nil, adaptersShardedOver adapterWorld: Int? = nil) -> Int? {
+                                       dropout: Bool = false, optimizer: OptimizerKind? = nil, adaptersShardedOver adapterWorld: Int? = nil,
+                                       headShardedOver headWorld: Int? = nil) -> Int? {
         func fits(_ units: Int) -> Bool {
             CUDAMemoryPlan(config: c, tokens: batch * units * step, rank: rank, dropout: dropout, memory: memory, shardedOver: world,
-                           optimizer: optimizer, adaptersShardedOver: adapterWorld)
+                           optimizer: optimizer, adaptersShardedOver: adapterWorld, headShardedOver: headWorld)
                 .fitting(budgetBytes: budgetBytes, contextBytes: contextBytes).fits(budgetBytes: budgetBytes, contextBytes: contextBytes)
         }
         guard fits(1) else { return nil }
@@ -550,12 +584,13 @@ extension CUDAMemoryPlan {
     public static func largestBatch(config c: DecoderConfig, sequenceLength t: Int, rank: Int, memory: CUDATrainerMemoryOptions?,
                                     budgetBytes: Int, contextBytes: Int = CUDAMemoryPlan.typicalContextBytes,
                                     limit: Int = 1024, shardedOver world: Int? = nil, dropout: Bool = false,
-                                    optimizer: OptimizerKind? = nil, adaptersShardedOver adapterWorld: Int? = nil) -> Int {
+                                    optimizer: OptimizerKind? = nil, adaptersShardedOver adapterWorld: Int? = nil,
+                                    headShardedOver headWorld: Int? = nil) -> Int {
         var lo = 0, hi = limit
         while lo < hi {
             let mid = (lo + hi + 1) / 2
             if CUDAMemoryPlan(config: c, tokens: mid * t, rank: rank, dropout: dropout, memory: memory, shardedOver: world,
-                              optimizer: optimizer, adaptersShardedOver: adapterWorld)
+                              optimizer: optimizer, adaptersShardedOver: adapterWorld, headShardedOver: headWorld)
                 .fitting(budgetBytes: budgetBytes, contextBytes: contextBytes).fits(budgetBytes: budgetBytes, contextBytes: contextBytes) {
                 lo = mid
             } else {

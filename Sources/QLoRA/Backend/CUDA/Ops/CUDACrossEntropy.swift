@@ -44,6 +44,51 @@ extension CUDAContext {
                           block: (256, 1, 1), stream: stream, [.pointer(x), .int64(Int64(count)), .float(cap)])
     }
 
+    // The vocabulary-parallel loss (cross_entropy.cu's second part; CUDADecoderTrainer+VocabularyParallelHead.swift).
+
+    /// statistics[3r ..< 3r + 3] = (m, s, t) of row r of a slice's bf16 logits [rows, width] (vocabulary columns
+    /// [columnStart, columnStart + width)): the max of the (soft-capped) logits, Σ e^(z − m) merged as the
+    /// whole-vocabulary kernel merges, and the target's logit when this slice holds it (else 0). width 0: (−∞, 0, 0).
+    public func crossEntropySliceStatistics(logits: CUdeviceptr, labels: CUdeviceptr, rows: Int, width: Int, columnStart: Int,
+                                            softcap: Float?, statistics: CUdeviceptr, stream: CUDAStream? = nil) throws {
+        try requireSoftcap(softcap)
+        try require(width >= 0 && columnStart >= 0, "crossEntropySliceStatistics", "a slice of \(width) columns at \(columnStart)")
+        guard rows > 0 else { return }
+        try device.launch(compiler.function(KernelSources.crossEntropy, "cross_entropy_slice_statistics"),
+                          grid: (rows, 1, 1), block: (512, 1, 1), stream: stream,
+                          [.pointer(logits), .pointer(labels), .int(width), .int(columnStart), .float(softcap ?? 0), .pointer(statistics)])
+    }
+
+    /// lse[r] for the `rows` gathered rows from every rank's statistics ([worldSize][rows][3]), combined in rank order
+    /// (M = max m, S = Σ s·e^(m − M) over the slices with columns, lse = M + log S), and rowLoss[r − lossRows.lowerBound]
+    /// = lse − the target's logit from the rank holding it (0 where the label is -100) for the rows `lossRows`.
+    public func crossEntropyCombine(statistics: CUdeviceptr, labels: CUdeviceptr, rows: Int, worldSize: Int, vocab: Int,
+                                    lse: CUdeviceptr, rowLoss: CUdeviceptr, lossRows: Range<Int>, stream: CUDAStream? = nil) throws {
+        try require(worldSize > 0 && vocab > 0 && lossRows.lowerBound >= 0 && lossRows.upperBound <= rows, "crossEntropyCombine",
+                    "rows \(lossRows) of \(rows), \(worldSize) ranks, a vocabulary of \(vocab)")
+        guard rows > 0 else { return }
+        try device.launch(compiler.function(KernelSources.crossEntropy, "cross_entropy_combine"),
+                          grid: ((rows + 255) / 256, 1, 1), block: (256, 1, 1), stream: stream,
+                          [.pointer(statistics), .pointer(labels), .int(rows), .int(worldSize), .int(vocab), .pointer(lse), .pointer(rowLoss),
+                           .int(lossRows.lowerBound), .int(lossRows.count)])
+    }
+
+    /// d logits of a slice's bf16 logits [rows, width] in place, given each row's lse: gradScale · (softmax −
+    /// onehot) (times the cap's 1 − tanh²), 0 on rows labelled -100: the whole-vocabulary kernel's pass 2.
+    public func crossEntropySliceGradient(logits: CUdeviceptr, labels: CUdeviceptr, lse: CUdeviceptr, rows: Int, width: Int,
+                                          columnStart: Int, gradScale: Float, softcap: Float?, stream: CUDAStream? = nil) throws {
+        try requireSoftcap(softcap)
+        guard rows > 0, width > 0 else { return }
+        try device.launch(compiler.function(KernelSources.crossEntropy, "cross_entropy_slice_gradient"),
+                          grid: (rows, 1, 1), block: (512, 1, 1), stream: stream,
+                          [.pointer(logits), .pointer(labels), .pointer(lse), .int(width), .int(columnStart), .float(gradScale),
+                           .float(softcap ?? 0)])
+    }
+
+    private func requireSoftcap(_ softcap: Float?) throws {
+        try require(softcap.map { $0.isFinite && $0 > 0 } ?? true, "crossEntropy", "soft-cap \(softcap ?? 0) must be a finite number > 0")
+    }
+
     /// out[0] = sum of rowLoss, out[1] = count of labels that are not -100 (deterministic order).
     public func crossEntropyReduce(rowLoss: DeviceBuffer<Float>, labels: DeviceBuffer<Int32>, rows: Int,
                                    into out: DeviceBuffer<Float>, stream: CUDAStream? = nil) throws {

@@ -69,15 +69,17 @@ public final class CUDATrainingEngine: TrainingEngine {
 
     /// An engine for `model` (adapters attached) holding batches of up to `capacityTokens` tokens.
     /// `deterministic`: the same bits on every run (see `CUDADecoderTrainer.deterministic`). `initialLossScale`
-    /// (fp16 only): nil for `initialLossScale()`.
+    /// (fp16 only): nil for `initialLossScale()`. `sharding`, `shardAdapters`, `shardHead`: the base, the adapters (ZeRO-2)
+    /// and the head (by vocabulary: CUDADecoderTrainer+VocabularyParallelHead.swift) sharded over these NCCL ranks.
     public init(context: CUDAContext, model: DecoderModel, capacityTokens: Int, optimizer kind: OptimizerKind,
                 hyperparameters: AdamWHyperparameters, deterministic: Bool = false, initialLossScale: Float? = nil,
-                sharding: NCCLCollective? = nil, shardAdapters: NCCLCollective? = nil) throws {
+                sharding: NCCLCollective? = nil, shardAdapters: NCCLCollective? = nil, shardHead: NCCLCollective? = nil) throws {
         self.context = context
         self.model = model
         // The optimizer keeps its own state (a paged kind in pinned host memory): the trainer allocates no moments.
         let trainer = try CUDADecoderTrainer(context: context, model: model, capacityTokens: capacityTokens, sharding: sharding,
-                                             optimizer: kind, adaptersShardedOver: shardAdapters?.worldSize, adapterRank: shardAdapters?.rank ?? 0)
+                                             optimizer: kind, adaptersShardedOver: shardAdapters?.worldSize, adapterRank: shardAdapters?.rank ?? 0,
+                                             shardHead: shardHead)
         self.trainer = trainer
         trainer.ownedAdapters?.collective = shardAdapters
         adapterSharding = try shardAdapters.map { try CUDAAdapterSharding(trainer: trainer, collective: $0) }
