@@ -318,26 +318,20 @@ func runNCCLChecks(_ ctx: CUDAContext) {
     }
 
     group("nccl: sharded base's memory = its plan (random weights, world of one)") {
-        var config = Architecture.smollm2_135m.config
-        config.tieWordEmbeddings = false
-        let rows = 2, length = 256, tokens = rows * length
-        let examples = randomExamples(count: rows, length: length, vocab: config.vocabularySize, seed: 3)
-        let batch = TrainingBatch(examples: examples.map { ($0.tokens, $0.labels) }, length: length, padID: 0)
-        _ = try ctx.blas()
-        let nccl = try NCCLLibrary()
-        let world = try NCCLCollective(nccl: nccl, context: ctx, rank: 0, worldSize: 1, uniqueID: try nccl.uniqueID())
-        let A = ctx.allocator
+        let setting = try PlanMemorySetting()
         func peak(_ sharding: NCCLCollective?) throws -> (bytes: Int, plan: CUDAMemoryPlan, loss: Double, gathers: Int) {
-            try ctx.device.synchronize()
-            A.resetPeak()
-            let base = A.currentBytes
-            let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: tokens,
-                                                 memory: .allOnDevice, sharding: sharding)
-            try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens)
-            try trainer.optimizerStep(learningRate: 1e-4)
-            try trainer.forwardLoss(batch: batch)
-            return (A.peakBytes - base, trainer.plan, try trainer.lastLoss().mean, trainer.baseGathers)
+            let run = try setting.peak { config, tokens in
+                try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: tokens, memory: .allOnDevice,
+                                       sharding: sharding)
+            } run: { trainer, batch in
+                try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens)
+                try trainer.optimizerStep(learningRate: 1e-4)
+                try trainer.forwardLoss(batch: batch)
+                return (try trainer.lastLoss().mean, trainer.baseGathers)
+            }
+            return (run.bytes, run.plan, run.result.0, run.result.1)
         }
+        let world = setting.world
         let plain = try peak(nil)
         let sharded = try peak(world)
         let mib = { (b: Int) in fmt(Double(b) / Double(1 << 20), 2) + " MiB" }
@@ -347,5 +341,39 @@ func runNCCLChecks(_ ctx: CUDAContext) {
                   plain.bytes - sharded.bytes == plain.plan.total - sharded.plan.total,
                   "peak \(mib(plain.bytes)) -> \(mib(sharded.bytes)); plan \(mib(plain.plan.total)) -> \(mib(sharded.plan.total)) "
                   + "(shards \(mib(sharded.plan.baseShards)), staging \(mib(sharded.plan.baseStaging)))")
+    }
+}
+
+/// The setting of the "memory = its plan" checks: SmolLM2's shape with an untied head, a random batch of 2 × 256
+/// tokens, NCCL's world of one (its staging buffer made before anything is measured).
+struct PlanMemorySetting {
+    var config = Architecture.smollm2_135m.config
+    let batch: TrainingBatch
+    let tokens: Int
+    let world: NCCLCollective
+
+    init() throws {
+        config.tieWordEmbeddings = false
+        let rows = 2, length = 256
+        tokens = rows * length
+        let examples = randomExamples(count: rows, length: length, vocab: config.vocabularySize, seed: 3)
+        batch = TrainingBatch(examples: examples.map { ($0.tokens, $0.labels) }, length: length, padID: 0)
+        _ = try ctx.blas()
+        let nccl = try NCCLLibrary()
+        world = try NCCLCollective(nccl: nccl, context: ctx, rank: 0, worldSize: 1, uniqueID: try nccl.uniqueID())
+        try world.barrier()
+    }
+
+    /// The allocator's peak above its level before `make` made the trainer and `run` ran it, the trainer's plan, and
+    /// what `run` returned.
+    func peak<R>(_ make: (DecoderConfig, Int) throws -> CUDADecoderTrainer,
+                 run: (CUDADecoderTrainer, TrainingBatch) throws -> R) throws -> (bytes: Int, plan: CUDAMemoryPlan, result: R) {
+        let A = ctx.allocator
+        try ctx.device.synchronize()
+        A.resetPeak()
+        let base = A.currentBytes
+        let trainer = try make(config, tokens)
+        let result = try run(trainer, batch)
+        return (A.peakBytes - base, trainer.plan, result)
     }
 }

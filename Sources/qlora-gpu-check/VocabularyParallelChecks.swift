@@ -211,27 +211,20 @@ func runVocabularyParallelChecks(_ ctx: CUDAContext) {
     }
 
     group("nccl: vocabulary-parallel head's memory = its plan (random weights, world of one)") {
-        var config = Architecture.smollm2_135m.config
-        config.tieWordEmbeddings = false
-        let rows = 2, length = 256, tokens = rows * length
-        let examples = randomExamples(count: rows, length: length, vocab: config.vocabularySize, seed: 3)
-        let batch = TrainingBatch(examples: examples.map { ($0.tokens, $0.labels) }, length: length, padID: 0)
-        _ = try ctx.blas()
-        let nccl = try NCCLLibrary()
-        let world = try NCCLCollective(nccl: nccl, context: ctx, rank: 0, worldSize: 1, uniqueID: try nccl.uniqueID())
-        try world.barrier()  // the collective's own staging buffer, before the peaks are measured
-        let A = ctx.allocator
+        let setting = try PlanMemorySetting()
         func peak(_ shardHead: NCCLCollective?) throws -> (bytes: Int, plan: CUDAMemoryPlan, loss: Double, eval: Double) {
-            try ctx.device.synchronize()
-            A.resetPeak()
-            let base = A.currentBytes
-            let trainer = try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: tokens,
-                                                 memory: .allOnDevice, shardHead: shardHead)
-            try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens)
-            let loss = try trainer.lastLoss().mean
-            try trainer.forwardLoss(batch: batch)
-            return (A.peakBytes - base, trainer.plan, loss, try trainer.lastLoss().mean)
+            let run = try setting.peak { config, tokens in
+                try CUDADecoderTrainer(context: ctx, randomConfig: config, rank: 8, alpha: 16, capacityTokens: tokens, memory: .allOnDevice,
+                                       shardHead: shardHead)
+            } run: { trainer, batch in
+                try trainer.forwardBackward(batch: batch, normalizer: batch.countedTokens)
+                let loss = try trainer.lastLoss().mean
+                try trainer.forwardLoss(batch: batch)
+                return (loss, try trainer.lastLoss().mean)
+            }
+            return (run.bytes, run.plan, run.result.0, run.result.1)
         }
+        let world = setting.world
         let plain = try peak(nil)
         let sharded = try peak(world)
         let mib = { (b: Int) in fmt(Double(b) / Double(1 << 20), 2) + " MiB" }

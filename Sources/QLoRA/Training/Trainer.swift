@@ -172,24 +172,20 @@ public final class Trainer {
                 if c.shardsHead { model.vocabularyParallel = collective }
             }
         case .cuda(let context):
-            // The head by vocabulary over NCCL ranks (CUDADecoderTrainer+VocabularyParallelHead.swift); a single process has one head.
-            var headSharding: NCCLCollective? = nil
-            if c.shardsHead && !(collective is LocalCollective) {
+            // The NCCL ranks a sharded part spreads over (nil: a single process, which has nothing to shard); another
+            // collective cannot carry the GPU's device buffers.
+            func ncclRanks(_ wanted: Bool, _ option: String, _ flag: String) throws -> NCCLCollective? {
+                guard wanted && !(collective is LocalCollective) else { return nil }
                 guard let nccl = collective as? NCCLCollective else {
-                    throw UsageError("shard_head (--shard-head on) on the GPU shards the head over NCCL ranks: start the job with "
+                    throw UsageError("\(option) (\(flag) on) on the GPU shards over NCCL ranks: start the job with "
                                      + "--gpus N (or a launcher), or train on the CPU ranks of --world N")
                 }
-                headSharding = nccl
+                return nccl
             }
-            // ZeRO-2 adapters over NCCL ranks (CUDATrainingEngine's header); a single process has nothing to shard.
-            var adapterSharding: NCCLCollective? = nil
-            if c.shardsAdapters && !(collective is LocalCollective) {
-                guard let nccl = collective as? NCCLCollective else {
-                    throw UsageError("shard_adapters (--shard-adapters on) on the GPU shards the adapters over NCCL ranks: start the job with "
-                                     + "--gpus N (or a launcher), or train on the CPU ranks of --world N")
-                }
-                adapterSharding = nccl
-            }
+            // The head by vocabulary (CUDADecoderTrainer+VocabularyParallelHead.swift) and ZeRO-2 adapters
+            // (CUDATrainingEngine's header).
+            let headSharding = try ncclRanks(c.shardsHead, "shard_head", "--shard-head")
+            let adapterSharding = try ncclRanks(c.shardsAdapters, "shard_adapters", "--shard-adapters")
             var sharding: NCCLCollective? = nil
             if c.shardBase {
                 guard let nccl = collective as? NCCLCollective else {
