@@ -14,10 +14,10 @@ gpu_check() {
   (time $C --no-bench) > $OUT/check.txt 2>&1
   grep -E "FAIL|rror" $OUT/check.txt | head -60; grep -E "passed, " $OUT/check.txt; tail -3 $OUT/check.txt
 }
-# fp16, then compute_86 PTX, of the groups in $GROUPS (comma-separated).
+# fp16, then compute_86 PTX, of the groups in $CHECK_GROUPS (comma-separated; not GROUPS, which bash keeps for the user's group ids and ignores assignments to).
 gpu_check_changed() {
-  step "fp16: $GROUPS"
-  $C --no-bench --compute-dtype fp16 --only "$GROUPS" > $OUT/fp16.txt 2>&1; grep -E "FAIL|passed, " $OUT/fp16.txt | head -30
-  step "compute_86 (bf16): $GROUPS"
-  $C --no-bench --arch compute_86 --only "$GROUPS" > $OUT/c86.txt 2>&1; grep -E "FAIL|passed, " $OUT/c86.txt | head -30
+  step "fp16: $CHECK_GROUPS"
+  $C --no-bench --compute-dtype fp16 --only "$CHECK_GROUPS" > $OUT/fp16.txt 2>&1; grep -E "FAIL|passed, " $OUT/fp16.txt | head -30
+  step "compute_86 (bf16): $CHECK_GROUPS"
+  $C --no-bench --arch compute_86 --only "$CHECK_GROUPS" > $OUT/c86.txt 2>&1; grep -E "FAIL|passed, " $OUT/c86.txt | head -30
 }

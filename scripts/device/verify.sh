@@ -3,7 +3,7 @@
 # comma-separated list run in order (each writes its full output under $OUT and prints a summary).
 # Usage: scripts/device/verify.sh DIR PARTS   (DIR holds qlora and qlora-gpu-check, xz'd or not)
 #   check      qlora-gpu-check --no-bench, bf16 on the card's own target
-#   changed    fp16 and compute_86 of the groups in $GROUPS (comma-separated)
+#   changed    fp16 and compute_86 of the groups in $CHECK_GROUPS (comma-separated)
 #   bench      qlora-gpu-check --only benchmarks (the kernels' microbenchmarks, old beside new)
 #   seeds      ours on the four workloads of DESIGN.md's table (unless unsloth ran them in this call), then the
 #              seeds' reference_qlora.py (needs .refstack)
