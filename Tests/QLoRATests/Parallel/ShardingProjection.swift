@@ -1,10 +1,10 @@
-// What the two remaining sharding levers would take off each rank's plan: the adapters' fp32 masters and gradients
-// sharded as ZeRO-2 (Parallel/ShardedAdapters.swift) and the head's loss sharded by vocabulary
-// (Parallel/VocabularyParallelLoss.swift). Both run on the CPU ranks (`qlora train --world N`); the GPU trainer shards
-// the adapters' optimizer state (session 10) and, since session 11, their masters and gradients and the head too, all
-// counted in `total` (what the trainer allocates): `CUDAMemoryPlan(adaptersShardedOver:)`, with two buckets where this
-// projection counts one, and `CUDAMemoryPlan(headShardedOver:)`. `qlora plan` prints a lever's projection only for a
-// plan that does not pull it.
+@testable import QLoRA
+
+// An independent count of what the two sharding levers take off each rank (the adapters' fp32 masters and gradients
+// as ZeRO-2, Parallel/ShardedAdapters.swift; the head's loss by vocabulary, Parallel/VocabularyParallelLoss.swift),
+// by the CPU ranks' layout: the tests hold CUDAMemoryPlan(adaptersShardedOver:headShardedOver:), which counts what the
+// GPU trainer allocates for both since session 11, to it. (Until then `qlora plan` printed it as the savings still to
+// come; the GPU plan's adapters have two buckets where this counts one.)
 //
 // Per rank of W, with P the LoRA elements (every A and B on 128 elements, the trainer's flat layout), Q the largest
 // rank's owned elements (AdapterOwnership over those tensors), B the largest block's LoRA elements:
@@ -17,29 +17,29 @@
 //             With tied embeddings the table stays whole for the embedding, so nothing is saved.
 
 /// Device bytes per rank that sharding the adapters and the head would save, and the buffers they would add.
-public struct ShardingProjection: Sendable, Equatable {
-    public var world: Int
+struct ShardingProjection: Sendable, Equatable {
+    var world: Int
     /// fp32 masters + gradients of every LoRA tensor on each rank now.
-    public var wholeAdapters: Int
+    var wholeAdapters: Int
     /// fp32 masters and gradients of this rank's tensors (the largest rank's), and the one-block gradient bucket.
-    public var ownedMasters: Int
-    public var ownedGradients: Int
-    public var gradientBucket: Int
+    var ownedMasters: Int
+    var ownedGradients: Int
+    var gradientBucket: Int
     /// The bf16 head now, its slice, the other ranks' normed rows, the fp32 d(hidden) chunk.
-    public var wholeHead: Int
-    public var headSlice: Int
-    public var gatheredRows: Int
-    public var hiddenGradientChunk: Int
+    var wholeHead: Int
+    var headSlice: Int
+    var gatheredRows: Int
+    var hiddenGradientChunk: Int
 
     /// Bytes the ZeRO-2 adapters take off a rank.
-    public var adapterSaving: Int { wholeAdapters - ownedMasters - ownedGradients - gradientBucket }
+    var adapterSaving: Int { wholeAdapters - ownedMasters - ownedGradients - gradientBucket }
     /// Bytes the vocabulary-parallel head takes off a rank (0 with tied embeddings).
-    public var headSaving: Int { wholeHead == 0 ? 0 : wholeHead - headSlice - gatheredRows - hiddenGradientChunk }
+    var headSaving: Int { wholeHead == 0 ? 0 : wholeHead - headSlice - gatheredRows - hiddenGradientChunk }
 }
 
 extension CUDAMemoryPlan {
     /// The projection for this plan's request over `world` ranks (at least 2).
-    public func shardingProjection(world: Int) -> ShardingProjection {
+    func shardingProjection(world: Int) -> ShardingProjection {
         let r = request, c = r.config
         let s = DeviceAllocator.sizeClass
         let shapes = Self.linearShapes(c)
