@@ -124,8 +124,7 @@ extension CUDADecoderTrainer {
 
         // 1. This rank's normed rows and targets into its part, then every rank's gathered in place.
         if n > 0 {
-            try ctx.rmsNormForward(x: last, weight: finalNorm, into: sharded.rows.view(at: mine * h, count: n * h), rows: n, dim: h,
-                                   eps: c.rmsNormEps, weightOffset: c.normWeightOffset)
+            try norm(last, finalNorm, into: sharded.rows.view(at: mine * h, count: n * h), rows: n, dim: h)
             try ctx.device.copy(deviceTo: sharded.targets.address(at: mine), from: targets.pointer, bytes: 4 * n)
         }
         try sharded.collective.afterMainStream { nccl in

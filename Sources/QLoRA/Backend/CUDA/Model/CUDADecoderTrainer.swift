@@ -950,7 +950,7 @@ public final class CUDADecoderTrainer {
 
     /// y = RMSNorm(x)·(w + offset) with the family's offset (Gemma: 1), over rows of `dim` (hidden, or head_dim for
     /// q/k norms); with `residual`, y = residual + that (Gemma's sandwich norms).
-    private func norm(_ x: DeviceBuffer<UInt16>, _ w: DeviceBuffer<UInt16>, into y: DeviceBuffer<UInt16>, rows: Int, dim: Int,
+    func norm(_ x: DeviceBuffer<UInt16>, _ w: DeviceBuffer<UInt16>, into y: DeviceBuffer<UInt16>, rows: Int, dim: Int,
                       residual: DeviceBuffer<UInt16>? = nil, outputStride: Int? = nil) throws {
         try context.rmsNormForward(x: x, weight: w, into: y, rows: rows, dim: dim, eps: config.rmsNormEps,
                                    weightOffset: config.normWeightOffset, residual: residual, outputStride: outputStride)
@@ -1143,7 +1143,7 @@ public final class CUDADecoderTrainer {
     /// = `dropoutSeed` (the same masks; nil: no dropout, as in evaluation). Queues the work without waiting;
     /// `lastLoss()` reads the loss sum and count.
     public func forwardBackward(batch: TrainingBatch, normalizer: Int, accumulate: Bool = false, dropoutSeed: UInt64? = nil) throws {
-        let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize, vocab = c.vocabularySize
+        let c = config, n = batch.tokenCount, h = c.hiddenSize
         try upload(batch)
         // The ranks' token counts, while NCCL's stream is idle (the vocabulary-parallel head's first exchange).
         let headBatch = try vocabularyParallel?.exchangeCounts(n)
@@ -1170,21 +1170,7 @@ public final class CUDADecoderTrainer {
         let last = slot(blocks.count)
         // The loss scale (fp16: GradScaler's S; else 1) enters here, at the start of the backward.
         let scale = lossScale / Float(max(normalizer, 1))
-        if let vocabularyParallel, let headBatch {
-            try vocabularyParallelLoss(vocabularyParallel, batch: headBatch, last: last, gradientScale: scale)
-        } else {
-            try norm(last, finalNorm, into: norm1, rows: n, dim: h)
-            let blas = try ctx.blas()
-            for start in stride(from: 0, to: n, by: lossChunkRows) {
-                let rows = min(lossChunkRows, n - start)
-                try blas.gemm(m: rows, n: vocab, k: h, a: norm1.address(at: start * h), b: head.pointer, transB: true, c: logits.pointer)
-                try ctx.crossEntropyRows(logits: logits.pointer, labels: targets.address(at: start), rows: rows, vocab: vocab,
-                                         gradScale: scale, rowLoss: rowLoss.address(at: start), withGradient: true,
-                                         softcap: c.finalLogitSoftcap)
-                try blas.gemm(m: rows, n: h, k: vocab, a: logits.pointer, b: head.pointer, c: dNorm.address(at: start * h))
-            }
-        }
-        try ctx.crossEntropyReduce(rowLoss: rowLoss, labels: targets, rows: n, into: lossOut)
+        try headLoss(last, tokens: n, headBatch: headBatch, gradientScale: scale)
         try normBackward(last, finalNorm, dy: dNorm, into: gradient, rows: n, dim: h, accumulate: false, dxStride: residualStride)
 
         // x_L is dead: its slot takes the first checkpoint back from the host.
@@ -1347,7 +1333,7 @@ public final class CUDADecoderTrainer {
     /// The gradients are left as they are. Queues the work without waiting; `lastLoss()` reads the loss sum and
     /// count, which equal what `forwardBackward` reports for the same batch (the same launches up to the loss).
     public func forwardLoss(batch: TrainingBatch) throws {
-        let c = config, ctx = context, n = batch.tokenCount, h = c.hiddenSize, vocab = c.vocabularySize
+        let n = batch.tokenCount
         try upload(batch)
         let headBatch = try vocabularyParallel?.exchangeCounts(n)
         // Block l reads buffers[l % 2] and writes buffers[(l + 1) % 2] (checkpoint slots, free outside a step).
@@ -1358,17 +1344,28 @@ public final class CUDADecoderTrainer {
             try blockForward(block, x: buffers[l % 2], output: buffers[(l + 1) % 2], batch: batch, seeds: nil)  // no dropout
             try shardedBase?.release(l)
         }
+        try headLoss(buffers[blocks.count % 2], tokens: n, headBatch: headBatch, gradientScale: nil)
+    }
+
+    /// The loss of x_L (`last`, n tokens) through the final norm and the head, a chunk of rows at a time: the row
+    /// losses, and with `gradientScale` (d loss sum / d row loss) d(normed) into dNorm; then their sum and count into
+    /// lossOut. With the head sharded by vocabulary (`headBatch` from `exchangeCounts`), `vocabularyParallelLoss`.
+    private func headLoss(_ last: DeviceBuffer<UInt16>, tokens n: Int, headBatch: VocabularyParallelBatch?, gradientScale: Float?) throws {
+        let c = config, ctx = context, h = c.hiddenSize, vocab = c.vocabularySize
         if let vocabularyParallel, let headBatch {
-            try vocabularyParallelLoss(vocabularyParallel, batch: headBatch, last: buffers[blocks.count % 2], gradientScale: nil)
+            try vocabularyParallelLoss(vocabularyParallel, batch: headBatch, last: last, gradientScale: gradientScale)
         } else {
-            try norm(buffers[blocks.count % 2], finalNorm, into: norm1, rows: n, dim: h)
+            try norm(last, finalNorm, into: norm1, rows: n, dim: h)
             let blas = try ctx.blas()
             for start in stride(from: 0, to: n, by: lossChunkRows) {
                 let rows = min(lossChunkRows, n - start)
                 try blas.gemm(m: rows, n: vocab, k: h, a: norm1.address(at: start * h), b: head.pointer, transB: true, c: logits.pointer)
                 try ctx.crossEntropyRows(logits: logits.pointer, labels: targets.address(at: start), rows: rows, vocab: vocab,
-                                         gradScale: 0, rowLoss: rowLoss.address(at: start), withGradient: false,
+                                         gradScale: gradientScale ?? 0, rowLoss: rowLoss.address(at: start), withGradient: gradientScale != nil,
                                          softcap: c.finalLogitSoftcap)
+                if gradientScale != nil {
+                    try blas.gemm(m: rows, n: h, k: vocab, a: logits.pointer, b: head.pointer, c: dNorm.address(at: start * h))
+                }
             }
         }
         try ctx.crossEntropyReduce(rowLoss: rowLoss, labels: targets, rows: n, into: lossOut)

@@ -85,7 +85,8 @@ extension CUDAContext {
                            .float(softcap ?? 0)])
     }
 
-    private func requireSoftcap(_ softcap: Float?) throws {
+    /// A soft-cap is a finite number > 0 (nil: none), for every cross-entropy launch.
+    func requireSoftcap(_ softcap: Float?) throws {
         try require(softcap.map { $0.isFinite && $0 > 0 } ?? true, "crossEntropy", "soft-cap \(softcap ?? 0) must be a finite number > 0")
     }
 

@@ -104,8 +104,7 @@ extension CUDAContext {
     /// The launch behind both: `dlogits` 0 for the loss alone.
     func crossEntropyRows(logits: CUdeviceptr, labels: CUdeviceptr, rows: Int, vocab: Int, gradScale: Float,
                           rowLoss: CUdeviceptr, dlogits: CUdeviceptr, softcap: Float?, stream: CUDAStream?) throws {
-        try require(softcap.map { $0.isFinite && $0 > 0 } ?? true, "crossEntropy",
-                    "soft-cap \(softcap ?? 0) must be a finite number > 0")
+        try requireSoftcap(softcap)
         guard rows > 0 else { return }
         try device.launch(compiler.function(KernelSources.crossEntropy, "cross_entropy_forward_backward"),
                           grid: (rows, 1, 1), block: (512, 1, 1), stream: stream,
